@@ -1,0 +1,190 @@
+"""The one typed configuration object, loaded from `<home>/pacs-edge.toml`.
+
+Every default lives here, in the dataclass fields. Loading walks the TOML
+against these dataclasses: an unknown key, a wrong type or a value out of
+range raises ConfigError naming the key, the bad value and what is valid.
+Relative paths are resolved against the data home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError, HomeError
+
+CONFIG_FILE = "pacs-edge.toml"
+PEERS_FILE = "peers.toml"
+HOME_ENV = "PACS_EDGE_HOME"
+DEFAULT_HOME = Path("data")
+
+
+def _check(check: Callable[[Any], bool], expected: str) -> dict[str, Any]:
+    return {"check": check, "expected": expected}
+
+
+def _ae_title_ok(value: str) -> bool:
+    return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value and (
+        all(c.isprintable() for c in value)
+    )
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = field(default="EDGE", metadata=_check(_ae_title_ok, "1-16 ASCII characters"))
+    host: str = "127.0.0.1"
+    port: int = field(default=11112, metadata=_check(lambda v: 0 <= v <= 65535, "0-65535"))
+    max_pdu: int = field(
+        default=1_048_576,
+        metadata=_check(lambda v: v == 0 or 4096 <= v <= 0x7FFFFFFF, "0 (unlimited) or >= 4096"),
+    )
+    max_associations: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
+    workers: int = field(default=1, metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))
+    acse_timeout: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    dimse_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    network_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    connect_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    suboperation_timeout: float = field(
+        default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds")
+    )
+    suboperation_retries: int = field(default=2, metadata=_check(lambda v: 0 <= v <= 10, "0-10"))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("store")
+    reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    path: Path = Path("index.sqlite3")
+    commit_window_ms: float = field(
+        default=2.0, metadata=_check(lambda v: 0 <= v <= 1000, "0-1000 milliseconds")
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(
+        default="info",
+        metadata=_check(lambda v: v in {"debug", "info", "warning", "error"},
+                        "one of debug, info, warning, error"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    dicom: DicomConfig = DicomConfig()
+    store: StoreConfig = StoreConfig()
+    index: IndexConfig = IndexConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @property
+    def peers_path(self) -> Path:
+        return self.home / PEERS_FILE
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Config:
+        """Return a copy with CLI overrides (`dicom={"port": 1}`), validated like TOML."""
+        updated: dict[str, Any] = {}
+        for name, values in sections.items():
+            values = {k: v for k, v in values.items() if v is not None}
+            if values:
+                current = dataclasses.asdict(getattr(self, name))
+                current.update(values)
+                updated[name] = _build(type(getattr(self, name)), current, name, "command line")
+        return dataclasses.replace(self, **updated)
+
+
+_SECTIONS: dict[str, type] = {
+    "dicom": DicomConfig,
+    "store": StoreConfig,
+    "index": IndexConfig,
+    "log": LogConfig,
+}
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    """`--home`, else $PACS_EDGE_HOME, else ./data."""
+    chosen = home or os.environ.get(HOME_ENV) or DEFAULT_HOME
+    return Path(chosen).expanduser().absolute()
+
+
+def load_config(home: Path) -> Config:
+    """Load `<home>/pacs-edge.toml`; a missing home is an error with a hint."""
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise HomeError(
+            f"no data home at {home} (missing {CONFIG_FILE})",
+            hint=f"run `pacs-edge init --home {home}` first",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
+    return config_from_mapping(home, raw, source=str(path))
+
+
+def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") -> Config:
+    sections: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, values, f"one of the sections {sorted(_SECTIONS)}",
+                              source=source)
+        if not isinstance(values, dict):
+            raise ConfigError(name, values, "a [table]", source=source)
+        sections[name] = _build(_SECTIONS[name], values, name, source)
+    config = Config(home=home, **sections)
+    return dataclasses.replace(
+        config,
+        store=dataclasses.replace(config.store, path=_under(home, config.store.path)),
+        index=dataclasses.replace(config.index, path=_under(home, config.index.path)),
+    )
+
+
+def _under(home: Path, path: Path) -> Path:
+    return path if path.is_absolute() else home / path
+
+
+def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(dotted, value, f"one of {sorted(fields)}", source=source)
+        kwargs[key] = _coerce(dotted, value, hints[key], fields[key].metadata, source)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is Path:
+        ok = isinstance(value, str | Path) and str(value) != ""
+        value = Path(value).expanduser() if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(key, value, f"a {getattr(kind, '__name__', kind)}", source=source)
+    check = meta.get("check")
+    if check is not None and not check(value):
+        raise ConfigError(key, value, meta["expected"], source=source)
+    return value

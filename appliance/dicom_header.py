@@ -1,0 +1,130 @@
+"""Read the attributes the index needs from a Part 10 file, without the pixel data.
+
+The file is never rewritten: this only decodes a copy of its header for the
+index. Values are decoded with the file's Specific Character Set, so names in
+any character set land in the index as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from appliance.errors import InvalidInstance
+from appliance.uids import is_valid_uid, normalise_uid
+
+INDEXED_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+    "StudyDescription", "ReferringPhysicianName",
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+    "SeriesDate", "SeriesTime",
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the index records about one instance (PHI: never log these values)."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    character_set: str
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part: str
+    series_date: str
+    series_time: str
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    transfer_syntax: str
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Parse `path`'s header; InvalidInstance (PHI-free reason) when it cannot be used."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(INDEXED_KEYWORDS))
+        ts = normalise_uid(ds.file_meta.get("TransferSyntaxUID", ""))
+        return header_from_dataset(ds, ts)
+    except InvalidInstance:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
+            AttributeError, NotImplementedError) as exc:
+        raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
+    uids = {
+        kw: normalise_uid(ds.get(kw, ""))
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    }
+    for keyword, value in uids.items():
+        if not value:
+            raise InvalidInstance(f"{keyword} is missing")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} is not a valid UID")
+    if not is_valid_uid(transfer_syntax):
+        raise InvalidInstance("transfer syntax UID is missing or invalid")
+    charset = ds.get("SpecificCharacterSet", "")
+    return InstanceHeader(
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+        study_uid=uids["StudyInstanceUID"],
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        character_set="\\".join(charset) if isinstance(charset, list | tuple) else str(charset),
+        series_uid=uids["SeriesInstanceUID"],
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        instance_number=_int(ds, "InstanceNumber"),
+        transfer_syntax=transfer_syntax,
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value: Any = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""Durable local storage: the file store (one file per instance) and the SQLite index."""

@@ -1,0 +1,89 @@
+"""The one durable-write discipline: temp file in the same folder, fsync, rename, fsync folder.
+
+A rename is atomic on POSIX file systems, but only the fsync of the folder
+makes the new name survive power loss; the file's own fsync makes its bytes
+survive. Temp files carry TEMP_SUFFIX so that a start-up sweep can remove
+what a crash left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from appliance.errors import OutOfSpace
+
+TEMP_SUFFIX = ".part"
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create `path` and parents, fsyncing each parent that gained an entry."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+        fsync_dir(folder.parent)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new file."""
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if is_no_space(exc):
+            raise OutOfSpace() from exc
+        raise
+
+
+def durable_rename(source: Path, target: Path) -> None:
+    """Move an fsynced file into place and make the new name durable."""
+    ensure_dir(target.parent)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+    if source.parent != target.parent:
+        fsync_dir(source.parent)
+
+
+def sweep_temp_files(root: Path, *, older_than: float = 0.0) -> int:
+    """Remove crash leftovers (`*.part`) under `root`; return how many went."""
+    if not root.exists():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for tmp in root.rglob(f"*{TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime <= cutoff:
+                tmp.unlink()
+                removed += 1
+    return removed

@@ -1,0 +1,313 @@
+"""The SQLite index: what is stored, where, and in which tiering state.
+
+All writes go through the group-committing Writer (see database.py); reads
+use a separate connection so a C-FIND never waits behind a commit. Counts
+(instances per series and study, series per study, bytes) are maintained in
+the same transaction as the instance row, so completeness survives restarts.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from appliance.dicom_header import InstanceHeader
+from appliance.store import database
+from appliance.store.times import time_key
+
+
+class RecordOutcome(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same dataset bytes: nothing changed
+    NEW_VERSION = "new_version"  # same SOP Instance UID, different bytes: old kept as version
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where and what an instance file is (path relative to the store root)."""
+
+    path: str
+    size: int
+    dataset_offset: int
+    sha256: str
+    received_at: float
+    source_ae: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceLocation:
+    """What a retrieve needs to send one instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    sha256: str
+    tier_state: str
+
+
+@dataclass(frozen=True)
+class IndexTotals:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+    versions: int
+    tier_states: dict[str, int]
+
+
+class Index:
+    """Async facade over the index database of one data home."""
+
+    def __init__(self, path: Path, *, commit_window_ms: float = 2.0) -> None:
+        self.path = path
+        self._window = commit_window_ms
+        self._writer_conn: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self.writer: database.Writer | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_conn = await database.connect(self.path)
+        await database.migrate(self._writer_conn)
+        self._reader = await database.connect(self.path)
+        self.writer = database.Writer(self._writer_conn, window_ms=self._window)
+        self.writer.start()
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.stop()
+        for conn in (self._reader, self._writer_conn):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer_conn = None
+
+    async def __aenter__(self) -> Index:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("index is not open")
+        return self._reader
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self.reader.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    # --- ingest -----------------------------------------------------------------
+
+    async def has_identical(self, sop_uid: str, sha256: str) -> bool:
+        row = await self.fetchone(
+            "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?", (sop_uid, sha256)
+        )
+        return row is not None
+
+    async def record_instance(self, header: InstanceHeader, stored: StoredFile) -> RecordOutcome:
+        """Commit the instance row (and its patient/study/series); durable on return."""
+        assert self.writer is not None
+        return await self.writer.submit(lambda conn: _record(conn, header, stored))
+
+    # --- retrieve ---------------------------------------------------------------
+
+    async def locate(
+        self,
+        *,
+        study_uids: Sequence[str] = (),
+        series_uids: Sequence[str] = (),
+        sop_uids: Sequence[str] = (),
+        patient_ids: Sequence[str] = (),
+    ) -> list[InstanceLocation]:
+        """Instances matching every non-empty UID/ID list (a C-MOVE/C-GET identifier)."""
+        where, params = [], []
+        for column, values in (
+            ("p.patient_id", patient_ids),
+            ("st.study_uid", study_uids),
+            ("se.series_uid", series_uids),
+            ("i.sop_uid", sop_uids),
+        ):
+            if values:
+                where.append(f"{column} IN ({','.join('?' * len(values))})")
+                params.extend(values)
+        if not where:
+            return []
+        rows = await self.fetchall(
+            "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
+            " i.path, i.size, i.sha256, st.tier_state"
+            " FROM instances i JOIN series se ON i.series_fk = se.id"
+            " JOIN studies st ON se.study_fk = st.id JOIN patients p ON st.patient_fk = p.id"
+            f" WHERE {' AND '.join(where)}"
+            " ORDER BY st.study_uid, se.series_number, se.series_uid, i.instance_number, i.sop_uid",
+            params,
+        )
+        return [InstanceLocation(*row) for row in rows]
+
+    async def touch_studies(self, study_uids: Sequence[str]) -> None:
+        """Record an access (retrieve) for eviction's least-recently-used order."""
+        if not study_uids:
+            return
+        assert self.writer is not None
+        now = time.time()
+        marks = ",".join("?" * len(study_uids))
+
+        async def touch(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                f"UPDATE studies SET last_access_at = ? WHERE study_uid IN ({marks})",
+                (now, *study_uids),
+            )
+
+        await self.writer.submit(touch)
+
+    # --- status and fsck --------------------------------------------------------
+
+    async def totals(self) -> IndexTotals:
+        row = await self.fetchone(
+            "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
+            " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
+            " (SELECT COALESCE(SUM(size), 0) FROM instances),"
+            " (SELECT COUNT(*) FROM instance_versions)"
+        )
+        assert row is not None
+        states = await self.fetchall(
+            "SELECT tier_state, COUNT(*) FROM studies GROUP BY tier_state ORDER BY tier_state"
+        )
+        return IndexTotals(*row, tier_states={state: count for state, count in states})
+
+    async def known_paths(self) -> dict[str, tuple[str, str]]:
+        """Every file path the index refers to -> (kind, tier_state); kind current|version."""
+        rows = await self.fetchall(
+            "SELECT i.path, 'current', st.tier_state FROM instances i"
+            " JOIN series se ON i.series_fk = se.id JOIN studies st ON se.study_fk = st.id"
+            " UNION ALL SELECT path, 'version', '' FROM instance_versions"
+        )
+        return {path: (kind, state) for path, kind, state in rows}
+
+    async def record_version(self, sop_uid: str, stored: StoredFile, transfer_syntax: str) -> None:
+        """Adopt a file as a prior version of `sop_uid` (fsck of a superseded file)."""
+        assert self.writer is not None
+
+        async def insert(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT OR IGNORE INTO instance_versions (sop_uid, path, size, sha256,"
+                " transfer_syntax, received_at, superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, stored.path, stored.size, stored.sha256, transfer_syntax,
+                 stored.received_at, time.time()),
+            )
+
+        await self.writer.submit(insert)
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> Any:
+    async with conn.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def _record(
+    conn: aiosqlite.Connection, h: InstanceHeader, stored: StoredFile
+) -> RecordOutcome:
+    async with conn.execute(
+        "SELECT id, series_fk, path, size, sha256, transfer_syntax, received_at"
+        " FROM instances WHERE sop_uid = ?",
+        (h.sop_uid,),
+    ) as cur:
+        existing = await cur.fetchone()
+    outcome = RecordOutcome.NEW
+    if existing is not None:
+        if existing["sha256"] == stored.sha256:
+            return RecordOutcome.DUPLICATE
+        await _supersede(conn, existing, h.sop_uid, stored.received_at)
+        outcome = RecordOutcome.NEW_VERSION
+
+    now = stored.received_at
+    await conn.execute(
+        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer) DO NOTHING",
+        (h.patient_id, h.issuer_of_patient_id, h.patient_name, h.birth_date, h.sex),
+    )
+    patient_fk = await _scalar(
+        conn, "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?",
+        (h.patient_id, h.issuer_of_patient_id),
+    )
+    await conn.execute(
+        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
+        " accession_number, study_id, study_description, referring_physician, character_set,"
+        " first_received_at, last_received_at, last_access_at, tier_changed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_uid) DO NOTHING",
+        (patient_fk, h.study_uid, h.study_date, h.study_time, time_key(h.study_time),
+         h.accession_number, h.study_id, h.study_description, h.referring_physician,
+         h.character_set, now, now, now, now),
+    )
+    study_fk = await _scalar(conn, "SELECT id FROM studies WHERE study_uid = ?", (h.study_uid,))
+    async with conn.execute(
+        "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
+        " body_part, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (series_uid) DO NOTHING",
+        (study_fk, h.series_uid, h.modality, h.series_number, h.series_description,
+         h.body_part, h.series_date, h.series_time),
+    ) as cur:
+        new_series = cur.rowcount == 1
+    series_fk = await _scalar(conn, "SELECT id FROM series WHERE series_uid = ?", (h.series_uid,))
+    await conn.execute(
+        "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
+        " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (series_fk, h.sop_uid, h.sop_class_uid, h.instance_number, h.transfer_syntax,
+         stored.path, stored.size, stored.dataset_offset, stored.sha256, now, stored.source_ae),
+    )
+    await conn.execute(
+        "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?", (series_fk,)
+    )
+    await conn.execute(
+        "UPDATE studies SET instance_count = instance_count + 1, total_bytes = total_bytes + ?,"
+        " series_count = series_count + ?, last_received_at = ? WHERE id = ?",
+        (stored.size, 1 if new_series else 0, now, study_fk),
+    )
+    return outcome
+
+
+async def _supersede(
+    conn: aiosqlite.Connection, old: aiosqlite.Row, sop_uid: str, now: float
+) -> None:
+    """Move the current row of `sop_uid` to instance_versions and undo its counts."""
+    await conn.execute(
+        "INSERT INTO instance_versions (sop_uid, path, size, sha256, transfer_syntax,"
+        " received_at, superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (sop_uid, old["path"], old["size"], old["sha256"], old["transfer_syntax"],
+         old["received_at"], now),
+    )
+    await conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
+    series_fk = old["series_fk"]
+    study_fk = await _scalar(conn, "SELECT study_fk FROM series WHERE id = ?", (series_fk,))
+    await conn.execute(
+        "UPDATE series SET instance_count = instance_count - 1 WHERE id = ?", (series_fk,)
+    )
+    await conn.execute(
+        "UPDATE studies SET instance_count = instance_count - 1, total_bytes = total_bytes - ?"
+        " WHERE id = ?",
+        (old["size"], study_fk),
+    )
+    remaining = await _scalar(conn, "SELECT instance_count FROM series WHERE id = ?", (series_fk,))
+    if remaining == 0:
+        await conn.execute("DELETE FROM series WHERE id = ?", (series_fk,))
+        await conn.execute(
+            "UPDATE studies SET series_count = series_count - 1 WHERE id = ?", (study_fk,)
+        )

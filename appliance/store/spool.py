@@ -1,0 +1,121 @@
+"""SpoolFile: where an incoming instance lands while it is being received.
+
+Both C-STORE (pynetdicom writes into it as P-DATA arrives) and `import`
+stream a DICOM Part 10 file into a SpoolFile in the store's spool folder, on
+the same file system as the final path, so that committing it is an fsync and
+a rename, never a copy.
+
+Two jobs beyond writing:
+- it hashes the dataset bytes (everything after the File Meta group) as they
+  arrive, so the SHA-256 costs no second read;
+- it swallows a full disk instead of raising inside pynetdicom's reactor
+  (which would abort the association): it records the error, drops further
+  data, and ingest answers Out of Resources (0xA700) for that instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from appliance.store.durable import TEMP_SUFFIX, is_no_space
+
+# 128-byte preamble + b"DICM" + (0002,0000) UL tag/VR/length header + 4-byte value
+_PREAMBLE = 132
+_GROUP_LENGTH_END = _PREAMBLE + 12
+_GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+class SpoolFile:
+    """A write-only temp file with a running SHA-256 of its dataset part.
+
+    The interface is the subset of NamedTemporaryFile that pynetdicom uses:
+    `name`, `write`, `file.flush()` and `close()`.
+    """
+
+    def __init__(self, spool_dir: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=spool_dir, prefix="rx-", suffix=TEMP_SUFFIX)
+        self.name = name
+        self.path = Path(name)
+        self.file = self
+        self._fh = os.fdopen(fd, "wb", buffering=0)
+        self._written = 0
+        self._head = bytearray()
+        self._meta_end: int | None = None
+        self._sha = hashlib.sha256()
+        self.error: OSError | None = None
+
+    @property
+    def size(self) -> int:
+        return self._written
+
+    @property
+    def meta_end(self) -> int | None:
+        """Offset of the first dataset byte, once the File Meta group was seen."""
+        return self._meta_end
+
+    @property
+    def dataset_sha256(self) -> str | None:
+        if self._meta_end is None or self._meta_end < 0:
+            return None
+        return self._sha.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        if self.error is None:
+            self._hash(view)
+            try:
+                self._fh.write(view)
+            except OSError as exc:
+                self._fail(exc)
+        self._written += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Unbuffered: nothing to flush. pynetdicom calls this after each fragment."""
+
+    def sync(self) -> None:
+        """Make the bytes durable; raises the recorded or a new OSError."""
+        if self.error is not None:
+            raise self.error
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        if is_no_space(exc):
+            # Give the space back at once: the instance will be refused anyway.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fh.fileno(), 0)
+
+    def _hash(self, view: memoryview) -> None:
+        if self._meta_end is None:
+            self._head += view
+            if len(self._head) < _GROUP_LENGTH_END:
+                return
+            header = bytes(self._head[_PREAMBLE + 0 : _PREAMBLE + 8])
+            if self._head[128:132] != b"DICM" or header != _GROUP_LENGTH_HEADER:
+                self._meta_end = -1  # not a Part 10 stream: ingest hashes it later
+                return
+            (group_length,) = struct.unpack("<I", self._head[_GROUP_LENGTH_END - 4 :
+                                                             _GROUP_LENGTH_END])
+            self._meta_end = _GROUP_LENGTH_END + group_length
+            self._sha.update(self._head[self._meta_end :])
+            self._head = bytearray()
+            return
+        if self._meta_end < 0:
+            return
+        start = self._meta_end - self._written
+        self._sha.update(view[start:] if start > 0 else view)
