@@ -7,6 +7,8 @@ any character set land in the index as text.
 
 from __future__ import annotations
 
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,19 +16,10 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from appliance.errors import InvalidInstance
 from appliance.uids import is_valid_uid, normalise_uid
-
-INDEXED_KEYWORDS = (
-    "SpecificCharacterSet",
-    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "StudyDescription", "ReferringPhysicianName",
-    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
-    "SeriesDate", "SeriesTime",
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
-)
 
 
 @dataclass(frozen=True)
@@ -59,17 +52,52 @@ class InstanceHeader:
     transfer_syntax: str
 
 
+# Values above this size are skipped (seeked over), not read: pixel data stays on disk.
+_DEFER_BYTES = 4096
+_SEQUENCE_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+
+
 def read_header(path: Path) -> InstanceHeader:
-    """Parse `path`'s header; InvalidInstance (PHI-free reason) when it cannot be used."""
+    """Parse `path`'s header and check it is complete.
+
+    Raises InvalidInstance with a PHI-free reason when the file is not DICOM,
+    is truncated, or lacks valid UIDs.
+    """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(INDEXED_KEYWORDS))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        if any("End of file" in str(w.message) for w in caught):
+            raise InvalidInstance("dataset is truncated")
         ts = normalise_uid(ds.file_meta.get("TransferSyntaxUID", ""))
+        if ts != DeflatedExplicitVRLittleEndian:
+            _check_complete(ds, path)
         return header_from_dataset(ds, ts)
     except InvalidInstance:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
-            AttributeError, NotImplementedError) as exc:
+            AttributeError, NotImplementedError, struct.error) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """pydicom seeks over deferred values, so a cut-off last element goes unnoticed:
+    check that the last top-level element ends exactly where the file does."""
+    if len(ds) == 0:
+        raise InvalidInstance("dataset is empty")
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    size = path.stat().st_size
+    tell = getattr(last, "value_tell", None)
+    length = getattr(last, "length", None)
+    if tell is None or length is None:
+        return
+    if length == 0xFFFFFFFF:
+        with path.open("rb") as fh:
+            fh.seek(max(size - 8, 0))
+            if fh.read(8) not in _SEQUENCE_DELIMITER:
+                raise InvalidInstance("dataset is truncated")
+    elif tell + length != size:
+        raise InvalidInstance("dataset is truncated")
 
 
 def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:

@@ -1,0 +1,1 @@
+"""Provisioning: creating a data home and its secrets. Imports neither appliance nor sync."""

@@ -20,6 +20,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 from appliance.store.durable import TEMP_SUFFIX, is_no_space
@@ -28,6 +29,16 @@ from appliance.store.durable import TEMP_SUFFIX, is_no_space
 _PREAMBLE = 132
 _GROUP_LENGTH_END = _PREAMBLE + 12
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a Part 10 file, from its first 144 bytes; -1 if unknown."""
+    if len(head) < _GROUP_LENGTH_END or head[128:132] != b"DICM":
+        return -1
+    if head[_PREAMBLE:_PREAMBLE + 8] != _GROUP_LENGTH_HEADER:
+        return -1
+    (group_length,) = struct.unpack("<I", head[_GROUP_LENGTH_END - 4:_GROUP_LENGTH_END])
+    return _GROUP_LENGTH_END + int(group_length)
 
 
 class SpoolFile:
@@ -48,6 +59,7 @@ class SpoolFile:
         self._meta_end: int | None = None
         self._sha = hashlib.sha256()
         self.error: OSError | None = None
+        self.last_write = time.monotonic()
 
     @property
     def size(self) -> int:
@@ -66,6 +78,7 @@ class SpoolFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
+        self.last_write = time.monotonic()
         if self.error is None:
             self._hash(view)
             try:
@@ -105,13 +118,9 @@ class SpoolFile:
             self._head += view
             if len(self._head) < _GROUP_LENGTH_END:
                 return
-            header = bytes(self._head[_PREAMBLE + 0 : _PREAMBLE + 8])
-            if self._head[128:132] != b"DICM" or header != _GROUP_LENGTH_HEADER:
-                self._meta_end = -1  # not a Part 10 stream: ingest hashes it later
-                return
-            (group_length,) = struct.unpack("<I", self._head[_GROUP_LENGTH_END - 4 :
-                                                             _GROUP_LENGTH_END])
-            self._meta_end = _GROUP_LENGTH_END + group_length
+            self._meta_end = dataset_offset(bytes(self._head[:_GROUP_LENGTH_END]))
+            if self._meta_end < 0:
+                return  # not a Part 10 stream with a group length: refused at ingest
             self._sha.update(self._head[self._meta_end :])
             self._head = bytearray()
             return

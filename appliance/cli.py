@@ -1,0 +1,304 @@
+"""The `pacs-edge` command line: parse, call a service, print the result.
+
+Expected failures (PacsEdgeError) become a one-line message, the operator
+hint and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from appliance import __version__
+from appliance.config import CONFIG_FILE, PEERS_FILE, Config, load_config, render_config_toml
+from appliance.config import resolve_home as _resolve_home
+from appliance.errors import PacsEdgeError
+from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from provisioning.home import init_home
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console()
+err = Console(stderr=True)
+
+
+def expected_errors(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PacsEdgeError as exc:
+            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            if exc.hint:
+                err.print(f"hint: {exc.hint}", highlight=False)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+home_option = click.option(
+    "--home", "home", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Data home (default: $PACS_EDGE_HOME, else ./data).",
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(home: Path | None) -> Config:
+    return load_config(_resolve_home(home))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pacs-edge")
+def main() -> None:
+    """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
+
+
+@main.command()
+@home_option
+@click.option("--ae-title", default=None, help="This box's AE title (default EDGE).")
+@click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
+@expected_errors
+def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> None:
+    """Create the data home with a commented config file; never overwrites anything."""
+    resolved = _resolve_home(home)
+    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port}}
+    # Validate the overrides exactly as the config loader would.
+    Config(home=resolved).with_overrides(**overrides)
+    report = init_home(
+        resolved,
+        config_file=CONFIG_FILE,
+        config_text=render_config_toml(**overrides),
+        extra_files={PEERS_FILE: PEERS_HEADER},
+    )
+    if report.changed:
+        out.print(f"initialised data home {resolved}")
+        for item in report.created:
+            out.print(f"  created {item}", highlight=False)
+    else:
+        out.print(f"data home {resolved} already initialised; nothing changed")
+        if ae_title or dicom_port:
+            out.print(f"  (edit {resolved / CONFIG_FILE} to change the AE title or port)")
+
+
+@main.command()
+@home_option
+@click.option("--dicom-port", type=int, default=None, help="Override [dicom] port.")
+@click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
+@expected_errors
+def serve(home: Path | None, dicom_port: int | None, ae_title: str | None) -> None:
+    """Run the DIMSE server until SIGTERM/SIGINT."""
+    from appliance.serve import serve as run
+
+    config = _config(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
+    setup_logging(config.log.level)
+    asyncio.run(run(config))
+
+
+@main.group()
+def peers() -> None:
+    """The allowlist of remote AEs (read live by a running server)."""
+
+
+@peers.command("add")
+@home_option
+@click.argument("name")
+@click.option("--ae-title", required=True)
+@click.option("--host", required=True)
+@click.option("--port", type=int, required=True)
+@click.option("--allow", default="store,find,move,get", show_default=True,
+              help="Comma-separated permissions: store, find, move, get.")
+@expected_errors
+def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
+              allow: str) -> None:
+    """Allow a remote AE."""
+    config = _config(home)
+    peer = Peer(name, ae_title, host, port, parse_permissions(allow))
+    Allowlist(config.peers_path).add(peer)
+    allowed = ",".join(sorted(peer.allow))
+    out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
+              " a running server picks it up at the next association", highlight=False)
+
+
+@peers.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def peers_list(home: Path | None, as_json: bool) -> None:
+    """Show the allowlist."""
+    listed = Allowlist(_config(home).peers_path).peers()
+    if as_json:
+        click.echo(json.dumps([
+            {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
+             "allow": sorted(p.allow)} for p in listed.values()
+        ], indent=2))
+        return
+    table = Table("name", "AE title", "host", "port", "allow")
+    for p in listed.values():
+        table.add_row(p.name, p.ae_title, p.host, str(p.port), ",".join(sorted(p.allow)))
+    out.print(table if listed else "no peers: every association is rejected until one is added")
+
+
+@peers.command("remove")
+@home_option
+@click.argument("name")
+@expected_errors
+def peers_remove(home: Path | None, name: str) -> None:
+    """Remove a peer; a running server refuses it from the next association."""
+    peer = Allowlist(_config(home).peers_path).remove(name)
+    out.print(f"removed peer {name} ({peer.ae_title})", highlight=False)
+
+
+@main.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def status(home: Path | None, as_json: bool) -> None:
+    """Studies, series, instances, disk use and tiering states."""
+    from appliance.store.index import Index
+
+    config = _config(home)
+
+    async def gather() -> dict[str, Any]:
+        async with Index(config.index.path) as index:
+            totals = await index.totals()
+        usage = shutil.disk_usage(config.store.path)
+        return {
+            "home": str(config.home),
+            "patients": totals.patients,
+            "studies": totals.studies,
+            "series": totals.series,
+            "instances": totals.instances,
+            "prior_versions": totals.versions,
+            "bytes_on_disk": totals.bytes,
+            "disk_free_bytes": usage.free,
+            "disk_total_bytes": usage.total,
+            "tier_states": {"local": 0, **totals.tier_states},
+        }
+
+    report = asyncio.run(gather())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("home", "patients", "studies", "series", "instances", "prior_versions"):
+        table.add_row(key.replace("_", " "), str(report[key]))
+    table.add_row("on disk", _human(report["bytes_on_disk"]))
+    table.add_row("disk free", f"{_human(report['disk_free_bytes'])} of "
+                  f"{_human(report['disk_total_bytes'])}")
+    for state, count in report["tier_states"].items():
+        table.add_row(f"studies {state}", str(count))
+    out.print(table)
+
+
+@main.command("import")
+@home_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@expected_errors
+def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
+    """Ingest DICOM files and folders (recursively) durably, like C-STORE."""
+    from appliance.importer import expand_paths, import_files
+    from appliance.ingest import IngestService
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+
+    config = _config(home)
+    files = sorted(set(expand_paths(paths)))
+
+    async def run() -> Any:
+        store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+        store.prepare()
+        async with Index(config.index.path) as index:
+            with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=err, transient=True) as progress:
+                task = progress.add_task("import", total=len(files))
+                return await import_files(IngestService(store, index), files,
+                                          on_progress=lambda _p: progress.advance(task))
+
+    summary = asyncio.run(run())
+    out.print(f"stored {summary.stored} ({_human(summary.bytes)}), "
+              f"already present {summary.duplicates}, new versions {summary.new_versions}, "
+              f"rejected {len(summary.rejected)}", highlight=False)
+    for path, reason in summary.rejected:
+        err.print(f"  rejected {path}: {reason}", highlight=False)
+    if summary.rejected:
+        sys.exit(1)
+
+
+@main.command()
+@home_option
+@click.option("--repair", is_flag=True, help="Adopt files that have no index row.")
+@expected_errors
+def fsck(home: Path | None, repair: bool) -> None:
+    """Check that the file store and the index agree."""
+    from appliance.fsck import fsck as run_fsck
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+
+    config = _config(home)
+
+    async def run() -> Any:
+        async with Index(config.index.path) as index:
+            return await run_fsck(FileStore(config.store.path), index, repair=repair)
+
+    report = asyncio.run(run())
+    for path in report.orphan_files:
+        verb = "adopted" if path in report.adopted else "file without index row"
+        out.print(f"{verb}: {path}", highlight=False)
+    for path, reason in report.unreadable:
+        out.print(f"unreadable, left in place: {path} ({reason})", highlight=False)
+    for path in report.missing_files:
+        out.print(f"index row without file: {path}", highlight=False)
+    if report.temp_files_removed:
+        out.print(f"removed {report.temp_files_removed} temp file(s)")
+    if report.clean:
+        out.print("store and index are consistent")
+    else:
+        hint = "" if repair else " (run with --repair to adopt files without rows)"
+        out.print(f"[red]inconsistencies found[/red]{hint}")
+        sys.exit(1)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("check")
+@home_option
+@expected_errors
+def config_check(home: Path | None) -> None:
+    """Validate the config file and the peer allowlist."""
+    config = _config(home)
+    peers_found = Allowlist(config.peers_path).peers()
+    out.print(f"{config.config_path}: ok; {len(peers_found)} peer(s)", highlight=False)
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+if __name__ == "__main__":
+    main()

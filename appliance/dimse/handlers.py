@@ -1,0 +1,144 @@
+"""DIMSE event handlers: translate pynetdicom events to service calls and results to statuses.
+
+No SQL, file I/O or status integers here: services decide, this module maps.
+Each handler runs in its association's thread and reaches the asyncio world
+only through the LoopBridge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from appliance.bridge import LoopBridge
+from appliance.config import DicomConfig
+from appliance.dimse.spooling import SpoolRouter
+from appliance.dimse.status import Status
+from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.ingest import ExpectedIdentity, IngestService
+from appliance.peers import Allowlist, Peer
+from appliance.query.find import QueryError, QueryModel, find
+from appliance.store.index import Index
+
+log = logging.getLogger(__name__)
+
+_FIND_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.1": QueryModel.PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.1": QueryModel.STUDY_ROOT,
+}
+
+
+@dataclass
+class Services:
+    """What the handlers may call: the services of one serving process."""
+
+    config: DicomConfig
+    allowlist: Allowlist
+    index: Index
+    ingest: IngestService
+    spools: SpoolRouter
+    bridge: LoopBridge
+
+
+def peer_label(assoc: Any) -> str:
+    """AE title and address of the association's requestor (not PHI)."""
+    return f"calling={assoc.requestor.ae_title!s} address={assoc.requestor.address}"
+
+
+class DimseHandlers:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    # --- association ---------------------------------------------------------
+
+    def on_requested(self, event: Any) -> None:
+        log.debug("association requested %s", peer_label(event.assoc))
+
+    def on_accepted(self, event: Any) -> None:
+        log.info("association accepted %s", peer_label(event.assoc))
+
+    def on_rejected(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        if self.s.allowlist.by_ae_title(calling) is None:
+            why = "calling AE title is not in the allowlist (pacs-edge peers add)"
+        elif called != self.s.config.ae_title:
+            why = f"called AE title {called!r} is not this box's {self.s.config.ae_title!r}"
+        else:
+            why = "association limit reached"
+        log.warning("association rejected %s reason=%s", peer_label(assoc), why)
+
+    def _permitted(self, event: Any, permission: str) -> Peer | None:
+        peer = self.s.allowlist.by_ae_title(str(event.assoc.requestor.ae_title))
+        if peer is None or not peer.may(permission):
+            log.warning("refused %s: peer lacks permission %r %s", event.__class__.__name__,
+                        permission, peer_label(event.assoc))
+            return None
+        return peer
+
+    # --- services ------------------------------------------------------------
+
+    def on_echo(self, event: Any) -> Status:
+        return Status.SUCCESS
+
+    def on_store(self, event: Any) -> Status:
+        spool = self.s.spools.claim(event.dataset_path)
+        if self._permitted(event, "store") is None:
+            spool.discard()
+            return Status.REFUSED_NOT_AUTHORIZED
+        request = event.request
+        expected = ExpectedIdentity(
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_uid=str(request.AffectedSOPInstanceUID),
+        )
+        try:
+            self.s.bridge.call(self.s.ingest.ingest_spool(
+                spool, source_ae=str(event.assoc.requestor.ae_title).strip(), expected=expected,
+            ))
+        except OutOfSpace as exc:
+            log.error("store refused: out of resources reason=%s %s", exc.reason,
+                      peer_label(event.assoc))
+            return Status.OUT_OF_RESOURCES
+        except InvalidInstance as exc:
+            log.warning("store refused: cannot understand reason=%s %s", exc.reason,
+                        peer_label(event.assoc))
+            if "differ from the request" in exc.reason:
+                return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return Status.CANNOT_UNDERSTAND
+        except PacsEdgeError as exc:
+            log.error("store failed reason=%s %s", exc.message, peer_label(event.assoc))
+            return Status.PROCESSING_FAILURE
+        return Status.SUCCESS
+
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if self._permitted(event, "find") is None:
+            yield Status.REFUSED_NOT_AUTHORIZED, None
+            return
+        model = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID))
+        if model is None:
+            yield Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None
+            return
+        try:
+            identifier = event.identifier
+            matches = self.s.bridge.call(
+                find(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title)
+            )
+        except QueryError as exc:
+            log.warning("find refused reason=%s %s", exc.message, peer_label(event.assoc))
+            yield exc.status, None
+            return
+        except Exception as exc:
+            log.error("find failed error=%s %s", type(exc).__name__, peer_label(event.assoc))
+            yield Status.UNABLE_TO_PROCESS, None
+            return
+        log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))
+        for match in matches:
+            if event.is_cancelled:
+                yield Status.CANCEL, None
+                return
+            yield Status.PENDING, match

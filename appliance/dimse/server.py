@@ -1,0 +1,177 @@
+"""The DIMSE listener: a pynetdicom AE with the appliance's contexts, sockets and limits.
+
+What this adds to pynetdicom's ThreadedAssociationServer:
+- TCP_NODELAY on every accepted socket (Nagle plus delayed ACK costs ~40 ms
+  per small C-STORE-RSP otherwise);
+- SO_REUSEPORT when several worker processes share the port;
+- the calling-AE allowlist read live from peers.toml (see AllowlistAE);
+- a graceful stop: stop accepting, let running associations finish for a
+  grace period, then abort what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance.config import DicomConfig
+from appliance.peers import Allowlist
+
+log = logging.getLogger(__name__)
+
+QUERY_RETRIEVE_CONTEXTS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+# An AE title no peer can have (17 characters): pynetdicom reads an empty
+# require_calling_aet as "admit everyone", the appliance as "admit no one".
+_NOBODY = "~" * 17
+
+
+class AllowlistAE(AE):
+    """An AE whose calling-AE allowlist is the live peers.toml."""
+
+    def __init__(self, ae_title: str, allowlist: Allowlist) -> None:
+        super().__init__(ae_title)
+        self._allowlist = allowlist
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        return self._allowlist.ae_titles() or [_NOBODY]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        raise AttributeError("the calling-AE allowlist comes from peers.toml")
+
+
+class EdgeAssociationServer(ThreadedAssociationServer):
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+
+def set_nodelay(assoc: Any) -> None:
+    """TCP_NODELAY on an association we requested (pynetdicom leaves Nagle on)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class DimseServer:
+    def __init__(
+        self,
+        config: DicomConfig,
+        allowlist: Allowlist,
+        handlers: Sequence[tuple[Any, Any]],
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.ae = AllowlistAE(config.ae_title, allowlist)
+        self.ae.require_called_aet = True
+        self.ae.maximum_associations = config.max_associations
+        self.ae.maximum_pdu_size = config.max_pdu
+        self.ae.acse_timeout = config.acse_timeout
+        self.ae.dimse_timeout = config.dimse_timeout
+        self.ae.network_timeout = config.network_timeout
+        self.ae.connection_timeout = config.connect_timeout
+        self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            # scu_role/scp_role: accept C-GET's role reversal on the storage contexts
+            self.ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
+        for uid in QUERY_RETRIEVE_CONTEXTS:
+            self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        self._handlers = list(handlers)
+        self._reuse_port = reuse_port
+        self._server: EdgeAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> tuple[str, int]:
+        server_class = type("Server", (EdgeAssociationServer,), {"reuse_port": self._reuse_port})
+        self._server = self.ae.make_server(
+            (self.config.host, self.config.port),
+            evt_handlers=self._handlers,
+            server_class=server_class,
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dimse-accept", daemon=True
+        )
+        self._thread.start()
+        return self.address
+
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop accepting, wait up to `grace_seconds` for associations to end, abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stops accepting and closes the listening socket only
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self.ae.active_associations)
+        if left:
+            log.warning("aborting associations still open after grace period count=%d", left)
+        self.ae.shutdown()
+        self._server = None
+
+
+def event_handlers(h: Any) -> list[tuple[Any, Any]]:
+    """pynetdicom event bindings for a handler object (see appliance.dimse.handlers)."""
+    return [
+        (evt.EVT_REQUESTED, h.on_requested),
+        (evt.EVT_REJECTED, h.on_rejected),
+        (evt.EVT_ACCEPTED, h.on_accepted),
+        (evt.EVT_C_ECHO, h.on_echo),
+        (evt.EVT_C_STORE, h.on_store),
+        (evt.EVT_C_FIND, h.on_find),
+    ]

@@ -1,0 +1,28 @@
+"""PHI-free references for log lines.
+
+Logs never carry names, patient IDs, birth dates or UIDs. When a line must
+say *which* study or instance, it carries `ref(uid)`: a short keyed hash.
+The key is the data home's log key (0600, created by `pacs-edge init`), so
+an operator with the home can map a reference back (`pacs-edge` commands
+accept no such lookup yet; SQL on the index can), and nobody else can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from pathlib import Path
+
+_key = secrets.token_bytes(32)
+
+
+def load_key(path: Path) -> None:
+    """Use the home's log key; without one, references are stable per process only."""
+    global _key
+    if path.is_file():
+        _key = path.read_bytes()
+
+
+def ref(value: str) -> str:
+    return hmac.new(_key, value.encode(), hashlib.sha256).hexdigest()[:12]

@@ -1,0 +1,75 @@
+"""`pacs-edge serve`: compose the serving process and run it until SIGTERM/SIGINT.
+
+One asyncio loop (this module's) owns the index; pynetdicom's threads reach
+it through the LoopBridge. On a signal the DIMSE server stops accepting,
+lets running associations finish for a grace period, and only then is the
+index closed, so no acknowledged instance is ever half-recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from appliance import logsafe
+from appliance.bridge import LoopBridge
+from appliance.config import Config
+from appliance.dimse.handlers import DimseHandlers, Services
+from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
+from appliance.dimse.spooling import SpoolRouter
+from appliance.ingest import IngestService
+from appliance.peers import Allowlist
+from appliance.store.files import FileStore
+from appliance.store.index import Index
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL = 30.0
+STOP_GRACE_SECONDS = 10.0
+
+
+async def serve(config: Config) -> None:
+    logsafe.load_key(config.home / "secrets" / "log.key")
+    configure_pynetdicom()
+    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
+    swept = files.prepare()
+    if swept:
+        log.info("removed temp files left by an earlier crash count=%d", swept)
+    async with Index(config.index.path, commit_window_ms=config.index.commit_window_ms) as index:
+        spools = SpoolRouter(files)
+        spools.install()
+        allowlist = Allowlist(config.peers_path)
+        services = Services(
+            config=config.dicom,
+            allowlist=allowlist,
+            index=index,
+            ingest=IngestService(files, index),
+            spools=spools,
+            bridge=LoopBridge(asyncio.get_running_loop()),
+        )
+        server = DimseServer(
+            config.dicom, allowlist, event_handlers(DimseHandlers(services)),
+            reuse_port=config.dicom.workers > 1,
+        )
+        host, port = await asyncio.to_thread(server.start)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("ready to accept associations ae_title=%s host=%s port=%d peers=%d",
+                 config.dicom.ae_title, host, port, len(allowlist.peers()))
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL)
+                dropped = spools.sweep(idle_seconds=2 * config.dicom.network_timeout)
+                if dropped:
+                    log.info("discarded spools of abandoned transfers count=%d", dropped)
+        finally:
+            log.info("stopping: no new associations; waiting for open ones to finish")
+            await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    log.info("stopped")

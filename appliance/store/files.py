@@ -1,0 +1,90 @@
+"""The file store: one Part 10 file per instance, on local disk.
+
+Layout (relative to the store root, `<home>/store` by default)::
+
+    <StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.<sha16>.dcm
+    .spool/rx-*.part     instances being received (same file system: commit is a rename)
+
+`sha16` is the first 16 hex digits of the SHA-256 of the dataset bytes, so a
+re-sent instance with different content gets its own file and the earlier
+one is kept as a prior version; identical content maps to the same name.
+UIDs are validated (digits and dots) before they become path components.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from appliance.dicom_header import InstanceHeader
+from appliance.errors import OutOfSpace
+from appliance.store.durable import (
+    TEMP_SUFFIX,
+    durable_rename,
+    ensure_dir,
+    fsync_dir,
+    is_no_space,
+    sweep_temp_files,
+)
+from appliance.store.spool import SpoolFile
+from appliance.uids import is_valid_uid
+
+SPOOL_DIR = ".spool"
+
+
+class FileStore:
+    def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
+        self.root = root
+        self.spool_dir = root / SPOOL_DIR
+        self.reserve_bytes = reserve_bytes
+
+    def prepare(self) -> int:
+        """Create the folders and remove crash leftovers; return how many were removed."""
+        ensure_dir(self.spool_dir)
+        return sweep_temp_files(self.root)
+
+    def new_spool(self) -> SpoolFile:
+        return SpoolFile(self.spool_dir)
+
+    def relative_path(self, header: InstanceHeader, sha256: str) -> str:
+        parts = (header.study_uid, header.series_uid, header.sop_uid)
+        if not all(is_valid_uid(p) for p in parts):  # read_header checked; defence in depth
+            raise ValueError("refusing a path from an invalid UID")
+        return f"{parts[0]}/{parts[1]}/{parts[2]}.{sha256[:16]}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def check_space(self) -> None:
+        if self.reserve_bytes and self.free_bytes() < self.reserve_bytes:
+            raise OutOfSpace("free space is below the configured store reserve")
+
+    def commit(self, spool: SpoolFile, relative: str) -> None:
+        """fsync the spooled file and move it to `relative`, durably."""
+        try:
+            spool.sync()
+            durable_rename(spool.path, self.absolute(relative))
+        except OSError as exc:
+            if is_no_space(exc):
+                raise OutOfSpace() from exc
+            raise
+
+    def remove(self, relative: str) -> None:
+        path = self.absolute(relative)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            fsync_dir(path.parent)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def iter_files(self) -> Iterator[str]:
+        """Every stored instance file (relative path), spool and temp files excluded."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d != SPOOL_DIR]
+            for name in filenames:
+                if name.endswith(".dcm") and not name.endswith(TEMP_SUFFIX):
+                    yield os.path.relpath(os.path.join(dirpath, name), self.root)

@@ -1,0 +1,67 @@
+"""Create a data home, idempotently: folders, config file and secrets.
+
+Nothing that exists is ever overwritten: running `init` again reports that
+the home is unchanged. Secrets are files with mode 0600 in a 0700 folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECRETS_DIR = "secrets"
+LOG_KEY = "log.key"
+
+
+@dataclass
+class InitReport:
+    home: Path
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created)
+
+
+def init_home(home: Path, *, config_file: str, config_text: str,
+              extra_files: dict[str, str] | None = None) -> InitReport:
+    """Create `home` with the config text, extra text files and the log key; keep what exists."""
+    report = InitReport(home)
+    for folder, mode in ((home, 0o750), (home / SECRETS_DIR, 0o700), (home / "store", 0o750)):
+        if not folder.exists():
+            folder.mkdir(parents=True, mode=mode)
+            report.created.append(f"{folder}/")
+    _create_file(home / config_file, config_text.encode(), 0o640, report)
+    for name, text in (extra_files or {}).items():
+        _create_file(home / name, text.encode(), 0o640, report)
+    _create_file(home / SECRETS_DIR / LOG_KEY, secrets.token_bytes(32), 0o600, report)
+    return report
+
+
+def _create_file(path: Path, data: bytes, mode: int, report: InitReport) -> None:
+    """Write `path` durably, only if it does not exist (O_EXCL-like via link)."""
+    if path.exists():
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)  # fails if another init won the race: never overwrite
+        report.created.append(str(path))
+    except FileExistsError:
+        pass
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
