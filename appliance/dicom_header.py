@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -51,6 +52,11 @@ class InstanceHeader:
     instance_number: int | None
     transfer_syntax: str
 
+
+# The appliance validates what it relies on (UIDs, completeness) itself and
+# stores everything else as sent. pydicom's own value checks would only add
+# warnings whose text can quote attribute values (PHI) into the log.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Values above this size are skipped (seeked over), not read: pixel data stays on disk.
 _DEFER_BYTES = 4096

@@ -1,0 +1,80 @@
+"""The typed config: defaults, validation errors that name the key, overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from appliance.config import (
+    Config,
+    config_from_mapping,
+    load_config,
+    render_config_toml,
+    resolve_home,
+)
+from appliance.errors import ConfigError, HomeError
+
+
+def test_defaults_resolve_paths_inside_home(tmp_path: Path) -> None:
+    config = config_from_mapping(tmp_path, {})
+    assert config.dicom.ae_title == "EDGE"
+    assert config.dicom.port == 11112
+    assert config.dicom.host == "127.0.0.1"
+    assert config.store.path == tmp_path / "store"
+    assert config.index.path == tmp_path / "index.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"dicom": {"port": "104"}}, "dicom.port"),
+        ({"dicom": {"port": 70000}}, "dicom.port"),
+        ({"dicom": {"ae_title": "A" * 17}}, "dicom.ae_title"),
+        ({"dicom": {"nonsense": 1}}, "dicom.nonsense"),
+        ({"log": {"level": "loud"}}, "log.level"),
+        ({"storage": {}}, "storage"),
+        ({"index": {"commit_window_ms": -1}}, "index.commit_window_ms"),
+    ],
+)
+def test_invalid_value_names_key_value_and_expectation(
+    tmp_path: Path, raw: dict[str, dict[str, object]], key: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(tmp_path, raw)
+    assert caught.value.key == key
+    assert key in caught.value.message
+    assert "expected" in caught.value.message
+
+
+def test_rendered_default_file_loads_back_to_the_defaults(tmp_path: Path) -> None:
+    text = render_config_toml(dicom={"ae_title": "CT_EDGE", "port": 4242})
+    assert "# This box's AE title" in text
+    loaded = config_from_mapping(tmp_path, tomllib.loads(text))
+    assert loaded.dicom.ae_title == "CT_EDGE"
+    assert loaded.dicom.port == 4242
+    assert loaded.store == config_from_mapping(tmp_path, {}).store
+
+
+def test_command_line_overrides_are_validated(tmp_path: Path) -> None:
+    config = Config(home=tmp_path)
+    assert config.with_overrides(dicom={"port": 5000, "ae_title": None}).dicom.port == 5000
+    with pytest.raises(ConfigError):
+        config.with_overrides(dicom={"port": -1})
+
+
+def test_missing_home_says_how_to_create_it(tmp_path: Path) -> None:
+    with pytest.raises(HomeError) as caught:
+        load_config(tmp_path / "nowhere")
+    assert caught.value.hint is not None and "pacs-edge init" in caught.value.hint
+
+
+def test_home_comes_from_flag_then_environment_then_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PACS_EDGE_HOME", str(tmp_path / "env"))
+    assert resolve_home(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_home(None) == tmp_path / "env"
+    monkeypatch.delenv("PACS_EDGE_HOME")
+    assert resolve_home(None) == Path("data").absolute()

@@ -1,0 +1,172 @@
+"""Ingest: byte-exact, durable, re-sends versioned, bad input refused without leftovers."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pydicom.config
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from appliance.errors import InvalidInstance
+from appliance.ingest import IngestService
+from appliance.store.files import FileStore
+from appliance.store.index import Index, RecordOutcome
+
+STUDY = "1.2.826.0.1.3680043.10.1234.1"
+SERIES = "1.2.826.0.1.3680043.10.1234.1.1"
+
+
+def write_instance(path: Path, sop: str, *, value: int = 0, study: str = STUDY,
+                   series: str = SERIES, name: str = "Müller^Jürgen") -> Path:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientName = name
+    ds.PatientID = "PID-1"
+    ds.Modality = "CT"
+    ds.InstanceNumber = 1
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = 16
+    ds.PixelData = np.full((16, 16), value, np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """Everything after the File Meta group: what byte-exact storage preserves."""
+    data = path.read_bytes()
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length :]
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[IngestService]:
+    files = FileStore(tmp_path / "store")
+    files.prepare()
+    async with Index(tmp_path / "index.sqlite3") as index:
+        yield IngestService(files, index)
+
+
+async def test_stored_file_is_byte_exact_and_indexed(service: IngestService, tmp_path: Path) -> None:
+    source = write_instance(tmp_path / "a.dcm", f"{SERIES}.1")
+    result = await service.ingest_file(source)
+    assert result.outcome is RecordOutcome.NEW
+    stored = service.files.absolute(result.path)
+    assert dataset_bytes(stored) == dataset_bytes(source)
+    row = await service.index.fetchone(
+        "SELECT p.patient_name, i.sha256, i.size FROM instances i JOIN series se ON"
+        " i.series_fk = se.id JOIN studies st ON se.study_fk = st.id"
+        " JOIN patients p ON st.patient_fk = p.id"
+    )
+    assert row is not None and row[0] == "Müller^Jürgen" and row[2] == stored.stat().st_size
+
+
+async def test_identical_resend_is_a_noop(service: IngestService, tmp_path: Path) -> None:
+    source = write_instance(tmp_path / "a.dcm", f"{SERIES}.1")
+    first = await service.ingest_file(source)
+    again = await service.ingest_file(source)
+    assert again.outcome is RecordOutcome.DUPLICATE
+    totals = await service.index.totals()
+    assert (totals.instances, totals.versions) == (1, 0)
+    assert list(service.files.iter_files()) == [first.path]
+
+
+async def test_changed_resend_becomes_current_and_keeps_the_prior_version(
+    service: IngestService, tmp_path: Path
+) -> None:
+    sop = f"{SERIES}.1"
+    old = await service.ingest_file(write_instance(tmp_path / "a.dcm", sop, value=1))
+    new = await service.ingest_file(write_instance(tmp_path / "b.dcm", sop, value=2))
+    assert new.outcome is RecordOutcome.NEW_VERSION
+    assert old.path != new.path
+    assert service.files.absolute(old.path).exists()
+    assert service.files.absolute(new.path).exists()
+    current = await service.index.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop,))
+    prior = await service.index.fetchone(
+        "SELECT path FROM instance_versions WHERE sop_uid = ?", (sop,)
+    )
+    assert current is not None and current[0] == new.path
+    assert prior is not None and prior[0] == old.path
+    totals = await service.index.totals()
+    assert (totals.studies, totals.instances, totals.versions) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("sop", "reason"),
+    [
+        ("1.2.3.4/../../etc", "not a valid UID"),
+        ("1.2.abc.4", "not a valid UID"),
+        ("1." + "2" * 70, "not a valid UID"),
+    ],
+)
+async def test_invalid_uids_never_reach_the_file_system(
+    service: IngestService, tmp_path: Path, sop: str, reason: str
+) -> None:
+    with pydicom.config.disable_value_validation():
+        source = write_instance(tmp_path / "bad.dcm", sop)
+    with pytest.raises(InvalidInstance, match=reason):
+        await service.ingest_file(source)
+    assert list(service.files.iter_files()) == []
+    assert list(service.files.spool_dir.iterdir()) == []
+
+
+async def test_truncated_dataset_is_refused_without_leftovers(
+    service: IngestService, tmp_path: Path
+) -> None:
+    source = write_instance(tmp_path / "a.dcm", f"{SERIES}.1")
+    source.write_bytes(source.read_bytes()[:-100])
+    with pytest.raises(InvalidInstance, match="truncated"):
+        await service.ingest_file(source)
+    assert (await service.index.totals()).instances == 0
+    assert list(service.files.spool_dir.iterdir()) == []
+
+
+async def test_non_dicom_payload_is_refused(service: IngestService, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"MZ\x90\x00" + b"\x00" * 500)
+    with pytest.raises(InvalidInstance):
+        await service.ingest_file(junk)
+
+
+async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:
+    files = FileStore(tmp_path / "store")
+    files.prepare()
+    async with Index(tmp_path / "index.sqlite3") as index:
+        service = IngestService(files, index)
+        for n in range(3):
+            await service.ingest_file(write_instance(tmp_path / f"{n}.dcm", f"{SERIES}.{n + 1}"))
+        await service.ingest_file(write_instance(
+            tmp_path / "x.dcm", f"{SERIES}.9.1", series=f"{SERIES}.9"))
+    async with Index(tmp_path / "index.sqlite3") as index:
+        row = await index.fetchone(
+            "SELECT instance_count, series_count, first_received_at <= last_received_at"
+            " FROM studies WHERE study_uid = ?", (STUDY,),
+        )
+    assert row is not None and tuple(row) == (4, 2, 1)
+
+
+async def test_index_commits_are_fsynced_wal(tmp_path: Path) -> None:
+    """The ack guarantee rests on WAL + synchronous=FULL on the writer connection."""
+    async with Index(tmp_path / "index.sqlite3") as index:
+        assert index.writer is not None
+        conn = index._writer_conn
+        assert conn is not None
+        async with conn.execute("PRAGMA journal_mode") as cur:
+            assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
+        async with conn.execute("PRAGMA synchronous") as cur:
+            assert (await cur.fetchone())[0] == 2  # type: ignore[index]  # FULL
+    raw = sqlite3.connect(tmp_path / "index.sqlite3")
+    assert raw.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] >= 1
+    raw.close()

@@ -1,0 +1,62 @@
+"""SpoolFile: hashes only the dataset bytes as they arrive, and survives a full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dsutils import create_file_meta
+
+from appliance.store.spool import SpoolFile, dataset_offset
+
+
+def _meta_bytes() -> bytes:
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    meta = create_file_meta(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.3.4",
+        transfer_syntax="1.2.840.10008.1.2.1",
+    )
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 144, 145, 4096, 1 << 20])
+def test_dataset_hash_ignores_file_meta_whatever_the_chunking(tmp_path: Path, chunk: int) -> None:
+    meta = _meta_bytes()
+    dataset = bytes(range(256)) * 300
+    stream = meta + dataset
+    spool = SpoolFile(tmp_path)
+    for start in range(0, len(stream), chunk):
+        spool.write(stream[start : start + chunk])
+    spool.sync()
+    assert spool.meta_end == len(meta) == dataset_offset(stream[:144])
+    assert spool.dataset_sha256 == hashlib.sha256(dataset).hexdigest()
+    assert Path(spool.name).read_bytes() == stream
+    spool.discard()
+    assert not Path(spool.name).exists()
+
+
+def test_non_part10_stream_has_no_dataset_hash(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(b"this is not DICOM" * 20)
+    assert spool.dataset_sha256 is None
+    spool.discard()
+
+
+def test_disk_full_is_recorded_not_raised(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    # /dev/full answers every write with ENOSPC: the kernel's own disk-full error.
+    spool._fh.close()
+    spool._fh = open("/dev/full", "wb", buffering=0)  # noqa: SIM115
+    assert spool.write(b"x" * 10) == 10
+    assert spool.error is not None and spool.error.errno == errno.ENOSPC
+    assert spool.write(b"more") == 4  # later fragments are dropped quietly
+    with pytest.raises(OSError):
+        spool.sync()
+    spool.discard()
