@@ -107,10 +107,14 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> Non
 def serve(home: Path | None, dicom_port: int | None, ae_title: str | None) -> None:
     """Run the DIMSE server until SIGTERM/SIGINT."""
     from appliance.serve import serve as run
+    from appliance.workers import run_workers
 
     config = _config(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
     setup_logging(config.log.level)
-    asyncio.run(run(config))
+    if config.dicom.workers > 1:
+        run_workers(config)
+    else:
+        asyncio.run(run(config))
 
 
 @main.group()

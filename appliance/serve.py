@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 from appliance import logsafe
 from appliance.bridge import LoopBridge
@@ -30,13 +31,18 @@ MAINTENANCE_INTERVAL = 30.0
 STOP_GRACE_SECONDS = 10.0
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config, *, worker: int | None = None, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. As one of several workers (`worker` set), leave the
+    start-up sweep to the supervisor: the spool folder holds the other workers' transfers."""
     logsafe.load_key(config.home / "secrets" / "log.key")
     configure_pynetdicom()
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
-    swept = files.prepare()
-    if swept:
-        log.info("removed temp files left by an earlier crash count=%d", swept)
+    if worker is None:
+        swept = files.prepare()
+        if swept:
+            log.info("removed temp files left by an earlier crash count=%d", swept)
     async with Index(config.index.path, commit_window_ms=config.index.commit_window_ms) as index:
         spools = SpoolRouter(files)
         spools.install()
@@ -58,8 +64,11 @@ async def serve(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("ready to accept associations ae_title=%s host=%s port=%d peers=%d",
-                 config.dicom.ae_title, host, port, len(allowlist.peers()))
+        if on_ready is not None:
+            on_ready(port)
+        if worker is None:
+            log.info("ready to accept associations ae_title=%s host=%s port=%d peers=%d",
+                     config.dicom.ae_title, host, port, len(allowlist.peers()))
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
