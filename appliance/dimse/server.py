@@ -1,9 +1,6 @@
 """The DIMSE listener: a pynetdicom AE with the appliance's contexts, sockets and limits.
 
-What this adds to pynetdicom's ThreadedAssociationServer:
-- TCP_NODELAY on every accepted socket (Nagle plus delayed ACK costs ~40 ms
-  per small C-STORE-RSP otherwise);
-- SO_REUSEPORT when several worker processes share the port;
+What this adds to pynetdicom (socket-level details in transport.py):
 - the calling-AE allowlist read live from peers.toml (see AllowlistAE);
 - a graceful stop: stop accepting, let running associations finish for a
   grace period, then abort what is left.
@@ -12,7 +9,6 @@ What this adds to pynetdicom's ThreadedAssociationServer:
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -29,9 +25,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import DicomConfig
+from appliance.dimse.transport import EdgeAssociationServer, EdgeRequestHandler
 from appliance.peers import Allowlist
 
 log = logging.getLogger(__name__)
@@ -63,29 +59,6 @@ class AllowlistAE(AE):
     @require_calling_aet.setter
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         raise AttributeError("the calling-AE allowlist comes from peers.toml")
-
-
-class EdgeAssociationServer(ThreadedAssociationServer):
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, address
-
-
-def set_nodelay(assoc: Any) -> None:
-    """TCP_NODELAY on an association we requested (pynetdicom leaves Nagle on)."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def configure_pynetdicom() -> None:
@@ -139,6 +112,7 @@ class DimseServer:
             (self.config.host, self.config.port),
             evt_handlers=self._handlers,
             server_class=server_class,
+            request_handler=EdgeRequestHandler,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dimse-accept", daemon=True

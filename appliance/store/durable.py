@@ -67,12 +67,14 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def durable_rename(source: Path, target: Path) -> None:
-    """Move an fsynced file into place and make the new name durable."""
+    """Move an fsynced file into place and make the new name durable.
+
+    Only the target folder is fsynced: if a crash resurrects the source name
+    too, it is a temp file that the start-up sweep removes.
+    """
     ensure_dir(target.parent)
     os.replace(source, target)
     fsync_dir(target.parent)
-    if source.parent != target.parent:
-        fsync_dir(source.parent)
 
 
 def sweep_temp_files(root: Path, *, older_than: float = 0.0) -> int:

@@ -69,7 +69,7 @@ class IndexTotals:
 class Index:
     """Async facade over the index database of one data home."""
 
-    def __init__(self, path: Path, *, commit_window_ms: float = 2.0) -> None:
+    def __init__(self, path: Path, *, commit_window_ms: float = 0.0) -> None:
         self.path = path
         self._window = commit_window_ms
         self._writer_conn: aiosqlite.Connection | None = None
@@ -237,49 +237,51 @@ async def _record(
         await _supersede(conn, existing, h.sop_uid, stored.received_at)
         outcome = RecordOutcome.NEW_VERSION
 
+    # One round trip per table: upserts return the row id (and the series'
+    # count, which says whether the series is new), so the common case is
+    # five statements.
     now = stored.received_at
-    await conn.execute(
+    patient_fk = await _scalar(
+        conn,
         "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer) DO NOTHING",
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
+        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
         (h.patient_id, h.issuer_of_patient_id, h.patient_name, h.birth_date, h.sex),
     )
-    patient_fk = await _scalar(
-        conn, "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?",
-        (h.patient_id, h.issuer_of_patient_id),
-    )
-    await conn.execute(
+    study_fk = await _scalar(
+        conn,
         "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
         " accession_number, study_id, study_description, referring_physician, character_set,"
-        " first_received_at, last_received_at, last_access_at, tier_changed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_uid) DO NOTHING",
+        " instance_count, total_bytes, first_received_at, last_received_at, last_access_at,"
+        " tier_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (study_uid) DO UPDATE SET instance_count = instance_count + 1,"
+        " total_bytes = total_bytes + excluded.total_bytes,"
+        " last_received_at = excluded.last_received_at RETURNING id",
         (patient_fk, h.study_uid, h.study_date, h.study_time, time_key(h.study_time),
          h.accession_number, h.study_id, h.study_description, h.referring_physician,
-         h.character_set, now, now, now, now),
+         h.character_set, stored.size, now, now, now, now),
     )
-    study_fk = await _scalar(conn, "SELECT id FROM studies WHERE study_uid = ?", (h.study_uid,))
     async with conn.execute(
         "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
-        " body_part, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (series_uid) DO NOTHING",
+        " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
+        " ON CONFLICT (series_uid) DO UPDATE SET instance_count = instance_count + 1"
+        " RETURNING id, instance_count",
         (study_fk, h.series_uid, h.modality, h.series_number, h.series_description,
          h.body_part, h.series_date, h.series_time),
     ) as cur:
-        new_series = cur.rowcount == 1
-    series_fk = await _scalar(conn, "SELECT id FROM series WHERE series_uid = ?", (h.series_uid,))
+        series_row = await cur.fetchone()
+    assert series_row is not None
+    series_fk, series_instances = series_row
+    if series_instances == 1:
+        await conn.execute(
+            "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
+        )
     await conn.execute(
         "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
         " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (series_fk, h.sop_uid, h.sop_class_uid, h.instance_number, h.transfer_syntax,
          stored.path, stored.size, stored.dataset_offset, stored.sha256, now, stored.source_ae),
-    )
-    await conn.execute(
-        "UPDATE series SET instance_count = instance_count + 1 WHERE id = ?", (series_fk,)
-    )
-    await conn.execute(
-        "UPDATE studies SET instance_count = instance_count + 1, total_bytes = total_bytes + ?,"
-        " series_count = series_count + ?, last_received_at = ? WHERE id = ?",
-        (stored.size, 1 if new_series else 0, now, study_fk),
     )
     return outcome
 
