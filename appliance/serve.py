@@ -22,6 +22,7 @@ from appliance.dimse.server import DimseServer, configure_pynetdicom, event_hand
 from appliance.dimse.spooling import SpoolRouter
 from appliance.ingest import IngestService
 from appliance.peers import Allowlist
+from appliance.recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 
@@ -39,11 +40,16 @@ async def serve(
     logsafe.load_key(config.home / "secrets" / "log.key")
     configure_pynetdicom()
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
+    first_start = not config.index.path.exists()
+    clean_start = (begin_run(config.home) or first_start) if worker is None else True
     if worker is None:
         swept = files.prepare()
         if swept:
             log.info("removed temp files left by an earlier crash count=%d", swept)
     async with Index(config.index.path, commit_window_ms=config.index.commit_window_ms) as index:
+        if not clean_start:
+            log.info("previous run did not stop cleanly: reconciling store and index")
+            await recover(files, index)
         spools = SpoolRouter(files)
         spools.install()
         allowlist = Allowlist(config.peers_path)
@@ -81,4 +87,6 @@ async def serve(
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+    if worker is None:
+        end_run(config.home)
     log.info("stopped")

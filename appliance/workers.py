@@ -14,6 +14,7 @@ passes the signal on and waits for the workers' graceful stop.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import multiprocessing
@@ -27,7 +28,9 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.errors import PacsEdgeError
+from appliance.recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
+from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,13 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def run_workers(config: Config) -> None:
     ctx = multiprocessing.get_context("spawn")
-    swept = FileStore(config.store.path).prepare()
+    files = FileStore(config.store.path)
+    swept = files.prepare()
     if swept:
         log.info("removed temp files left by an earlier crash count=%d", swept)
+    first_start = not config.index.path.exists()
+    if not begin_run(config.home) and not first_start:
+        asyncio.run(_recover(config, files))
     reservation = reserve_port(config.dicom.host, config.dicom.port)
     port = reservation.getsockname()[1]
     config = dataclasses.replace(config, dicom=dataclasses.replace(config.dicom, port=port))
@@ -103,7 +110,15 @@ def run_workers(config: Config) -> None:
                 process.kill()
                 process.join()
         reservation.close()
+        if all(p.exitcode == 0 for p in workers.values()):
+            end_run(config.home)
         log.info("stopped")
+
+
+async def _recover(config: Config, files: FileStore) -> None:
+    log.info("previous run did not stop cleanly: reconciling store and index")
+    async with Index(config.index.path) as index:
+        await recover(files, index)
 
 
 def _wait_ready(workers: dict[int, BaseProcess], ready: Any, stopping: Any) -> None:
