@@ -60,3 +60,13 @@ def test_disk_full_is_recorded_not_raised(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         spool.sync()
     spool.discard()
+
+
+def test_spool_that_cannot_be_created_refuses_instead_of_raising(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    spool = SpoolFile(missing)
+    assert spool.error is not None
+    assert spool.write(b"data") == 4
+    with pytest.raises(OSError):
+        spool.sync()
+    spool.discard()

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import struct
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from appliance.store.durable import TEMP_SUFFIX, is_no_space
@@ -49,16 +51,23 @@ class SpoolFile:
     """
 
     def __init__(self, spool_dir: Path) -> None:
-        fd, name = tempfile.mkstemp(dir=spool_dir, prefix="rx-", suffix=TEMP_SUFFIX)
+        self.file = self
+        self.error: OSError | None = None
+        self._fh: io.FileIO | None = None
+        try:
+            fd, name = tempfile.mkstemp(dir=spool_dir, prefix="rx-", suffix=TEMP_SUFFIX)
+            self._fh = os.fdopen(fd, "wb", buffering=0)
+        except OSError as exc:
+            # Even creating the file can fail on a full disk: behave as a spool
+            # whose first write failed, so the instance is refused, not crashed on.
+            name = str(spool_dir / f"rx-unwritable-{uuid.uuid4().hex}{TEMP_SUFFIX}")
+            self.error = exc
         self.name = name
         self.path = Path(name)
-        self.file = self
-        self._fh = os.fdopen(fd, "wb", buffering=0)
         self._written = 0
         self._head = bytearray()
         self._meta_end: int | None = None
         self._sha = hashlib.sha256()
-        self.error: OSError | None = None
         self.last_write = time.monotonic()
 
     @property
@@ -82,6 +91,7 @@ class SpoolFile:
         if self.error is None:
             self._hash(view)
             try:
+                assert self._fh is not None
                 self._fh.write(view)
             except OSError as exc:
                 self._fail(exc)
@@ -95,11 +105,13 @@ class SpoolFile:
         """Make the bytes durable; raises the recorded or a new OSError."""
         if self.error is not None:
             raise self.error
+        assert self._fh is not None
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fh.close()
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
 
     def discard(self) -> None:
         self.close()
@@ -108,7 +120,7 @@ class SpoolFile:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
-        if is_no_space(exc):
+        if is_no_space(exc) and self._fh is not None:
             # Give the space back at once: the instance will be refused anyway.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fh.fileno(), 0)
