@@ -1,0 +1,50 @@
+# Two commands for a fresh Debian machine (see README.md):
+#   make run    install the appliance into .venv and serve ./data on 127.0.0.1:11112
+#   make test   install what the tests need (venv, dcmtk) and run ruff and the suite
+# The install logic lives in scripts/ so that each step is idempotent and quiet.
+
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    ?= ./data
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast lint bench venv venv-test test-deps clean help
+
+help:
+	@echo "make run        install and start pacs-edge on $(DATA) (DICOM 127.0.0.1:11112)"
+	@echo "make test       install test dependencies, run ruff and the whole suite"
+	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make lint       ruff only"
+	@echo "make bench      the benchmark (bench/run.sh)"
+
+venv:
+	@scripts/setup-venv.sh
+
+venv-test:
+	@scripts/setup-venv.sh --test
+
+test-deps: venv-test
+	@scripts/setup-test-deps.sh
+
+run: venv
+	@test -f $(DATA)/pacs-edge.toml || $(BIN)/pacs-edge init --home $(DATA)
+	exec $(BIN)/pacs-edge serve --home $(DATA)
+
+lint: venv-test
+	$(BIN)/ruff check .
+
+test: test-deps lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: test-deps
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: test-deps
+	@if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then \
+		PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run.sh; \
+	else \
+		echo "bench/run.sh is not there yet"; \
+	fi
+
+clean:
+	rm -rf .pytest_cache .ruff_cache bench/out
