@@ -71,6 +71,18 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class DropFolderConfig:
+    enabled: bool = True
+    paths: tuple[Path, ...] = (Path("incoming"),)
+    stable_seconds: float = field(default=2.0, metadata=_check(lambda v: v >= 0, ">= 0 seconds"))
+    rescan_seconds: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    after_ingest: str = field(
+        default="delete",
+        metadata=_check(lambda v: v in {"delete", "move"}, "delete or move (to done/)"),
+    )
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = field(
         default="info",
@@ -85,6 +97,7 @@ class Config:
     dicom: DicomConfig = DicomConfig()
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
+    dropfolder: DropFolderConfig = DropFolderConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -111,6 +124,7 @@ _SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
     "store": StoreConfig,
     "index": IndexConfig,
+    "dropfolder": DropFolderConfig,
     "log": LogConfig,
 }
 
@@ -150,6 +164,9 @@ def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") ->
         config,
         store=dataclasses.replace(config.store, path=_under(home, config.store.path)),
         index=dataclasses.replace(config.index, path=_under(home, config.index.path)),
+        dropfolder=dataclasses.replace(
+            config.dropfolder, paths=tuple(_under(home, p) for p in config.dropfolder.paths)
+        ),
     )
 
 
@@ -180,10 +197,16 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
     elif kind is Path:
         ok = isinstance(value, str | Path) and str(value) != ""
         value = Path(value).expanduser() if ok else value
+    elif kind == tuple[Path, ...]:
+        ok = isinstance(value, list | tuple) and all(
+            isinstance(v, str | Path) and str(v) for v in value
+        )
+        value = tuple(Path(v).expanduser() for v in value) if ok else value
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(key, value, f"a {getattr(kind, '__name__', kind)}", source=source)
+        expected = "a list of paths" if kind == tuple[Path, ...] else f"a {kind.__name__}"
+        raise ConfigError(key, value, expected, source=source)
     check = meta.get("check")
     if check is not None and not check(value):
         raise ConfigError(key, value, meta["expected"], source=source)
@@ -211,6 +234,12 @@ _COMMENTS = {
     "index.path": "Index database file (relative paths are inside the data home).",
     "index.commit_window_ms": "Extra wait to batch stores; at 0, stores that arrive during a"
     " commit share the next one.",
+    "dropfolder": "Drop-folder ingest: files written into these folders are ingested.",
+    "dropfolder.enabled": "Watch the folders while `serve` runs.",
+    "dropfolder.paths": "Folders to watch, recursively (relative paths are inside the data home).",
+    "dropfolder.stable_seconds": "A file is ingested once its size and mtime held this long.",
+    "dropfolder.rescan_seconds": "Full rescan interval, for file systems without events (NFS/SMB).",
+    "dropfolder.after_ingest": "delete the original, or move it to done/ beside the folder.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }
@@ -231,6 +260,8 @@ def render_config_toml(**overrides: dict[str, Any]) -> str:
                   **{k: v for k, v in overrides.get(name, {}).items() if v is not None}}
         for key, value in values.items():
             table.add(tomlkit.comment(_COMMENTS[f"{name}.{key}"]))
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
             table.add(key, str(value) if isinstance(value, Path) else value)
         doc.add(name, table)
     return tomlkit.dumps(doc)
