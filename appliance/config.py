@@ -42,7 +42,7 @@ class DicomConfig:
     port: int = field(default=11112, metadata=_check(lambda v: 0 <= v <= 65535, "0-65535"))
     max_pdu: int = field(
         default=1_048_576,
-        metadata=_check(lambda v: v == 0 or 4096 <= v <= 0x7FFFFFFF, "0 (unlimited) or >= 4096"),
+        metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864 bytes"),
     )
     max_associations: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
     workers: int = field(default=1, metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))

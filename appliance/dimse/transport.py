@@ -7,22 +7,41 @@
 - EdgeAssociationSocket.recv: pynetdicom 3.0.4 reads a PDU in 4096-byte
   `recv()` calls, each appended to a growing bytearray (128 Python-level calls
   and copies for a 512 KiB CT slice); this reads into one preallocated buffer.
+  It also refuses a read longer than any PDU the association may carry:
+  pynetdicom trusts the PDU length field, so one P-DATA declaring ~2 GiB made
+  it buffer without bound. A refused read closes the connection (pynetdicom
+  handles it as Evt17, transport closed, and ends the association).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+log = logging.getLogger(__name__)
+
 _RECV_CHUNK = 1 << 20
+# Association negotiation PDUs are not bound by the negotiated maximum; an
+# A-ASSOCIATE-RQ proposing 128 contexts with many transfer syntaxes stays well below.
+NEGOTIATION_PDU_LIMIT = 1 << 18
+
+
+class OversizedPDU(OSError):
+    pass
 
 
 class EdgeAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly `nr_bytes` (fewer only if the peer closed the connection)."""
         assert self.socket is not None
+        limit = max(int(self.assoc.acceptor.maximum_length or 0), NEGOTIATION_PDU_LIMIT)
+        if nr_bytes > limit:
+            log.warning("aborting association: PDU of %d bytes exceeds the negotiated maximum"
+                        " %d address=%s", nr_bytes, limit, self.assoc.requestor.address)
+            raise OversizedPDU(f"PDU length {nr_bytes} exceeds {limit}")
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         received = 0
