@@ -1,0 +1,288 @@
+"""Shared fixtures: a real `pacs-edge serve` subprocess, its data home, dcmtk peers.
+
+Fixtures
+- free_port: a function returning a free TCP port on 127.0.0.1.
+- edge_home: an initialised data home (`pacs-edge init`) whose allowlist has the
+  default test peer TESTSCU (127.0.0.1, allowed store,find,move,get).
+- edge_server_factory: `make(home=None, *, start=True, peers=True, ae_title="EDGE")`
+  returns an EdgeServer; every server it made is stopped at teardown.
+- edge_server: one started EdgeServer on edge_home.
+- storescp: a started dcmtk StoreSCP (AE STORESCP) writing to tmp_path/"storescp".
+- small_study / syntax_set: session-wide generated data (read-only: do not modify).
+
+EdgeServer runs `pacs-edge serve --home DIR` in its own process group, on
+127.0.0.1 and a port the OS picks (the server logs it in its ready line); a
+restart reuses that port. Readiness is the `ready to accept associations` log
+line plus a C-ECHO from TESTSCU, polled with a deadline. Teardown sends SIGTERM,
+then SIGKILL to the group after a deadline. `kill()` is the power cut: SIGKILL
+to the whole group.
+
+Modules next to this file import by plain name (`import dicomgen`, `import
+dcmtk`): tests/ has no __init__.py, so pytest puts it on sys.path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dcmtk
+import dicomgen
+import pytest
+import tomlkit
+
+HOST = "127.0.0.1"
+TEST_AE = dcmtk.TEST_AE
+EDGE_AE = dcmtk.EDGE_AE
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+CLI_TIMEOUT = 120.0
+_READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
+
+
+def pacs_edge_command() -> list[str]:
+    """The console script next to this interpreter, else `python -m appliance.cli`."""
+    script = Path(sys.executable).with_name("pacs-edge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "appliance.cli"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PACS_EDGE_HOME"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_pacs_edge(*args: str, check: bool = True,
+                  timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run `pacs-edge ARGS`; with `check`, a non-zero exit fails the test with the output."""
+    proc = subprocess.run([*pacs_edge_command(), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=_env())
+    if check and proc.returncode != 0:
+        pytest.fail(f"pacs-edge {' '.join(args)} exited {proc.returncode}:\n"
+                    f"{proc.stdout}{proc.stderr}", pytrace=False)
+    return proc
+
+
+def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True) -> Path:
+    """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer."""
+    run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0")
+    if default_peer:
+        # Port 1: nothing listens there; a C-MOVE destination needs its own peer.
+        run_pacs_edge("peers", "add", "testscu", "--home", str(home), "--ae-title", TEST_AE,
+                      "--host", HOST, "--port", "1", "--allow", "store,find,move,get")
+    return home
+
+
+class EdgeServer:
+    """One `pacs-edge serve` subprocess on a data home."""
+
+    def __init__(self, home: Path, *, ae_title: str = EDGE_AE) -> None:
+        self.home = Path(home)
+        self.host = HOST
+        self.ae_title = ae_title
+        self.port = 0  # known after the first start()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.home.parent / f"{self.home.name}-serve.log"
+        self._log_offset = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self, *, timeout: float = READY_TIMEOUT, extra_args: tuple[str, ...] = ()
+              ) -> EdgeServer:
+        """Start serving and wait until ready; the port of an earlier start is kept."""
+        if self.running:
+            raise RuntimeError("already running")
+        args = [*pacs_edge_command(), "serve", "--home", str(self.home),
+                "--dicom-port", str(self.port), *extra_args]
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=_env(),
+                                         start_new_session=True)
+        self.port = self._wait_ready_line(timeout)
+        if self._has_test_peer():
+            self._wait_echo(timeout)
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM; SIGKILL to the process group after `timeout`. Returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._killpg()
+                proc.wait(timeout)
+        self._reap_group()
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started: a power cut, for the server."""
+        if self.proc is None:
+            return
+        self._killpg()
+        self.proc.wait(STOP_TIMEOUT)
+
+    def restart(self, *, timeout: float = READY_TIMEOUT) -> EdgeServer:
+        """Stop gracefully (if running) and start again on the same port."""
+        self.stop()
+        return self.start(timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # -- helpers --------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True,
+            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """`pacs-edge ARGS --home HOME` (click takes options after arguments)."""
+        return run_pacs_edge(*args, "--home", str(self.home), check=check, timeout=timeout)
+
+    def add_peer(self, name: str, ae_title: str, port: int, *, host: str = HOST,
+                 allow: str = "store,find,move,get") -> None:
+        self.cli("peers", "add", name, "--ae-title", ae_title, "--host", host,
+                 "--port", str(port), "--allow", allow)
+
+    def configure(self, **sections: dict[str, Any]) -> None:
+        """Edit pacs-edge.toml keeping its comments: configure(dicom={"max_pdu": 0}).
+        Takes effect at the next start()."""
+        path = self.home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+        for section, values in sections.items():
+            table = doc.setdefault(section, tomlkit.table())
+            for key, value in values.items():
+                table[key] = str(value) if isinstance(value, Path) else value
+        path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+
+    def log(self) -> str:
+        """Everything this server logged, across restarts."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def echo(self, *, aet: str = TEST_AE) -> dcmtk.ToolResult:
+        return dcmtk.echoscu(self.port, host=self.host, aet=aet, aec=self.ae_title)
+
+    def _has_test_peer(self) -> bool:
+        path = self.home / "peers.toml"
+        if not path.exists():
+            return False
+        peers = tomllib.loads(path.read_text(encoding="utf-8")).get("peers", {})
+        return any(peer.get("ae_title") == TEST_AE for peer in peers.values())
+
+    def _wait_ready_line(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self._log_since_start()
+            match = _READY.search(text)
+            if match:
+                return int(match.group(1))
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"pacs-edge serve exited {self.proc.returncode} before ready:\n"
+                            f"{text}", pytrace=False)
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"pacs-edge serve not ready after {timeout}s:\n{self._log_since_start()}",
+                    pytrace=False)
+
+    def _wait_echo(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.echo()
+            if result.ok:
+                return
+            if time.monotonic() > deadline or not self.running:
+                pytest.fail(f"C-ECHO to pacs-edge failed:\n{result.output}\n"
+                            f"{self._log_since_start()}", pytrace=False)
+            time.sleep(0.1)
+
+    def _log_since_start(self) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode(errors="replace")
+
+    def _killpg(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def _reap_group(self) -> None:
+        # Workers of a multi-process server live in the leader's process group;
+        # after the leader is gone, nothing of the group may outlive the test.
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        self._killpg()
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    return dcmtk.free_port
+
+
+@pytest.fixture
+def edge_home(tmp_path: Path) -> Path:
+    return init_home(tmp_path / "edge-home")
+
+
+@pytest.fixture
+def edge_server_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeServer]]:
+    servers: list[EdgeServer] = []
+
+    def make(home: Path | None = None, *, start: bool = True, peers: bool = True,
+             ae_title: str = EDGE_AE) -> EdgeServer:
+        if home is None:
+            home = init_home(tmp_path / f"edge-home-{len(servers)}", ae_title=ae_title,
+                             default_peer=peers)
+        server = EdgeServer(home, ae_title=ae_title)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def edge_server(edge_home: Path, edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
+    return edge_server_factory(edge_home)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[dcmtk.StoreSCP]:
+    with dcmtk.StoreSCP(tmp_path / "storescp", ae_title="STORESCP") as scp:
+        yield scp
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.GeneratedInstance]:
+    """One patient, one study: a CT and an MR series of 3 images each (read-only)."""
+    return dicomgen.make_study(tmp_path_factory.mktemp("small-study"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.GeneratedInstance]:
+    """One image per transfer syntax, keyed by TS UID (read-only)."""
+    return dicomgen.make_syntax_set(tmp_path_factory.mktemp("syntax-set"))

@@ -1,0 +1,576 @@
+"""Deterministic synthetic DICOM for the tests and the benchmark.
+
+Everything here is a pure function of its arguments and `seed`: the same call
+writes byte-identical files with the same UIDs, so a test can compute the
+answers it expects (for C-FIND, C-MOVE, ...) from the returned headers,
+independently of the server under test.
+
+- make_studies / make_study: Part 10 files of one or more patients, studies and
+  series (CT and MR by default, 64x64 16-bit images), with the attributes that
+  C-FIND matches on. Each file is returned as a GeneratedInstance whose
+  `header` is the file's dataset without Pixel Data.
+- make_syntax_set: one small image per transfer syntax a modality may send
+  (see TRANSFER_SYNTAXES); uncompressed ones are written by pydicom, big endian
+  and the JPEG / JPEG-LS / RLE ones by dcmtk's converters.
+- make_non_ascii_instance: a Patient's Name outside ASCII (ISO_IR 192 by default).
+- bad input: make_bad_uid_instance, make_truncated_instance, make_garbage_payload,
+  make_non_dicom_file.
+- make_ct_study: the benchmark's 300 x 512x512 CT series (~157 MB); on demand only.
+- dataset_bytes: the bytes after the File Meta group, to compare a retrieved file
+  with the sent one.
+
+Run it as a script to write data for manual use or the benchmark:
+`python tests/dicomgen.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import random
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1234."
+IMPLEMENTATION_CLASS_UID = UID_ROOT + "0.1"
+IMPLEMENTATION_VERSION = "PE_TESTGEN_1"
+TOOL_TIMEOUT = 120.0
+
+SOP_CLASSES = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "OT": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+}
+FAMILY = ("DOE", "SMITH", "NGUYEN", "GARCIA", "KOWALSKI", "OKAFOR", "TANAKA", "MARTIN",
+          "SILVA", "JOHANSSON")
+GIVEN = ("JOHN", "ANNA", "THI", "LUIS", "PIOTR", "CHIDI", "YUKI", "CLAIRE", "ANA", "ERIK")
+PHYSICIANS = ("WELBY^MARCUS", "HOUSE^GREGORY", "GREY^MEREDITH", "KILDARE^JAMES")
+BODY_PARTS = ("CHEST", "ABDOMEN", "HEAD", "PELVIS", "KNEE", "SPINE")
+
+# name -> UID of every transfer syntax make_syntax_set writes.
+TRANSFER_SYNTAXES: dict[str, UID] = {
+    "implicit-le": ImplicitVRLittleEndian,
+    "explicit-le": ExplicitVRLittleEndian,
+    "explicit-be": ExplicitVRBigEndian,
+    "deflated": DeflatedExplicitVRLittleEndian,
+    "jpeg-baseline": JPEGBaseline8Bit,
+    "jpeg-extended": JPEGExtended12Bit,
+    "jpeg-lossless": JPEGLossless,
+    "jpeg-lossless-sv1": JPEGLosslessSV1,
+    "jpeg-ls-lossless": JPEGLSLossless,
+    "jpeg-ls-near-lossless": JPEGLSNearLossless,
+    "rle": RLELossless,
+    "jpeg2000-lossless": JPEG2000Lossless,
+    "jpeg2000": JPEG2000,
+    "htj2k-lossless": HTJ2KLossless,
+    "htj2k-lossless-rpcl": HTJ2KLosslessRPCL,
+    "htj2k": HTJ2K,
+}
+# dcmtk converters: TS -> (tool, options). +un keeps the SOP Instance UID on lossy
+# compression (dcmtk assigns a new one by default), so the caller's UIDs stay valid.
+_DCMTK_CONVERT: dict[str, tuple[str, ...]] = {
+    ExplicitVRBigEndian: ("dcmconv", "+tb"),
+    JPEGBaseline8Bit: ("dcmcjpeg", "+eb", "+un"),
+    JPEGExtended12Bit: ("dcmcjpeg", "+ee", "+un"),
+    JPEGLossless: ("dcmcjpeg", "+el", "+un"),
+    JPEGLosslessSV1: ("dcmcjpeg", "+e1", "+un"),
+    JPEGLSLossless: ("dcmcjpls", "+el", "+un"),
+    JPEGLSNearLossless: ("dcmcjpls", "+en", "+un"),
+    RLELossless: ("dcmcrle",),
+}
+# dcmtk 3.6.7 can neither send nor receive these: use pynetdicom for them.
+HTJ2K_SYNTAXES = frozenset({HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+_J2K = {JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K}
+_LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
+
+
+@dataclass(frozen=True)
+class GeneratedInstance:
+    """One written file and its dataset without Pixel Data (as read back from the file)."""
+
+    path: Path
+    header: Dataset
+
+    @property
+    def transfer_syntax(self) -> str:
+        return str(self.header.file_meta.TransferSyntaxUID)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.header.SOPClassUID)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.header.SeriesInstanceUID)
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.header.StudyInstanceUID)
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.header.PatientID)
+
+
+def make_uid(seed: int, *parts: object) -> str:
+    """A valid UID under UID_ROOT, a pure function of `seed` and `parts`."""
+    return str(generate_uid(UID_ROOT, entropy_srcs=[f"pacs-edge-testgen:{seed}",
+                                                    *map(str, parts)]))
+
+
+def group_by(instances: Iterable[GeneratedInstance],
+             keyword: str) -> dict[str, list[GeneratedInstance]]:
+    """Instances keyed by the string value of a header attribute (e.g. StudyInstanceUID)."""
+    groups: dict[str, list[GeneratedInstance]] = {}
+    for inst in instances:
+        groups.setdefault(str(inst.header.get(keyword, "")), []).append(inst)
+    return groups
+
+
+# -- studies -------------------------------------------------------------------------
+
+def make_studies(
+    folder: Path,
+    *,
+    seed: int = 0,
+    patients: int = 1,
+    studies_per_patient: int = 1,
+    series_per_study: int = 2,
+    instances_per_series: int = 3,
+    modalities: Sequence[str] = ("CT", "MR"),
+    size: int = 64,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> list[GeneratedInstance]:
+    """Write patients x studies x series x instances Part 10 files under `folder`.
+
+    Series j of every study has modality `modalities[j % len(modalities)]`, so the
+    defaults give studies whose ModalitiesInStudy is CT\\MR. Patient, study and
+    series attributes vary deterministically with `seed` and the indices. Files
+    go to `folder/P<p>/S<s>/SE<j>/IM<k>.dcm`.
+    """
+    out: list[GeneratedInstance] = []
+    for p in range(patients):
+        patient = _patient_attrs(seed, p)
+        for s in range(studies_per_patient):
+            number = p * studies_per_patient + s
+            study = _study_attrs(seed, number, modalities[0])
+            for j in range(series_per_study):
+                modality = modalities[j % len(modalities)]
+                series = _series_attrs(seed, number, j, modality, study)
+                for k in range(instances_per_series):
+                    ds = _instance(seed, (number, j, k), k, patient, study, series,
+                                   modality, size, size, _bits_for(transfer_syntax))
+                    path = folder / f"P{p:03d}" / f"S{s:02d}" / f"SE{j:02d}" / f"IM{k:05d}.dcm"
+                    out.append(write_instance(ds, path, transfer_syntax))
+    return out
+
+
+def make_study(folder: Path, *, seed: int = 0, **kwargs: object) -> list[GeneratedInstance]:
+    """One patient, one study; by default a CT and an MR series of 3 images each."""
+    return make_studies(folder, seed=seed, patients=1, studies_per_patient=1, **kwargs)  # type: ignore[arg-type]
+
+
+def make_ct_study(folder: Path, n_slices: int = 300, size: int = 512, *,
+                  seed: int = 4242) -> list[GeneratedInstance]:
+    """The benchmark study: one CT series of `n_slices` size x size 16-bit slices.
+
+    300 x 512 x 512 x 2 bytes is about 157 MB; generate it on demand only.
+    """
+    return make_studies(folder, seed=seed, series_per_study=1, instances_per_series=n_slices,
+                        modalities=("CT",), size=size)
+
+
+def make_syntax_set(folder: Path, *, seed: int = 100, size: int = 64,
+                    syntaxes: Iterable[str] | None = None) -> dict[str, GeneratedInstance]:
+    """One CT image per transfer syntax, in one study and series; keyed by TS UID.
+
+    `syntaxes` takes names or UIDs from TRANSFER_SYNTAXES (default: all of them).
+    Baseline JPEG gets an 8-bit image and extended JPEG a 12-bit one, the most
+    those processes carry; every other syntax a 16-bit image.
+    """
+    wanted = [TRANSFER_SYNTAXES.get(s, s) for s in (syntaxes or TRANSFER_SYNTAXES.values())]
+    patient = _patient_attrs(seed, 0)
+    study = _study_attrs(seed, 0, "CT")
+    series = _series_attrs(seed, 0, 0, "CT", study)
+    out: dict[str, GeneratedInstance] = {}
+    for k, ts in enumerate(wanted):
+        ds = _instance(seed, (0, 0, k, ts), k, patient, study, series, "CT", size, size,
+                       _bits_for(ts))
+        out[str(ts)] = write_instance(ds, folder / f"TS{k:02d}_{ts}.dcm", ts)
+    return out
+
+
+def make_non_ascii_instance(folder: Path, *, seed: int = 200, name: str = "Müller^Jürgen",
+                            charset: str = "ISO_IR 192",
+                            transfer_syntax: str = ExplicitVRLittleEndian) -> GeneratedInstance:
+    """One MR image whose Patient's Name needs `charset` (UTF-8 by default)."""
+    patient = {**_patient_attrs(seed, 0), "PatientName": name}
+    study = _study_attrs(seed, 0, "MR")
+    study["StudyDescription"] = "Kopf nativ"  # ASCII on purpose: only the name is special
+    series = _series_attrs(seed, 0, 0, "MR", study)
+    ds = _instance(seed, (0, 0, 0), 0, patient, study, series, "MR", 32, 32, 16)
+    ds.SpecificCharacterSet = charset
+    return write_instance(ds, folder / "non_ascii.dcm", transfer_syntax)
+
+
+# -- bad input -----------------------------------------------------------------------
+
+def make_bad_uid_instance(folder: Path, *, kind: str = "traversal",
+                          keyword: str = "SOPInstanceUID", seed: int = 300) -> Path:
+    """A CT image whose UID `keyword` is not a UID: `kind` "traversal" puts `../` in
+    it, "letters" puts letters in it. The File Meta header repeats a bad SOP Instance
+    UID, as a careless modality would."""
+    bad = {"traversal": "../../../../tmp/pacs-edge-escape",
+           "letters": UID_ROOT + "abc.1"}[kind]
+    study = _study_attrs(seed, 0, "CT")
+    series = _series_attrs(seed, 0, 0, "CT", study)
+    ds = _instance(seed, (0, 0, 0, kind, keyword), 0, _patient_attrs(seed, 0), study, series,
+                   "CT", 16, 16, 16)
+    path = folder / f"bad_uid_{kind}_{keyword}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pydicom warns on invalid UI values when they are set: that is the point. An
+    # element keeps the validation mode it was created with, so recreate it.
+    with pydicom_config.disable_value_validation():
+        del ds[keyword]
+        setattr(ds, keyword, bad)
+        if keyword == "SOPInstanceUID":
+            del ds.file_meta.MediaStorageSOPInstanceUID
+            ds.file_meta.MediaStorageSOPInstanceUID = bad
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_truncated_instance(folder: Path, *, seed: int = 400, fraction: float = 0.5) -> Path:
+    """A CT file cut `fraction` of the way into its Pixel Data value."""
+    inst = make_study(folder / ".truncated-src", seed=seed, series_per_study=1,
+                      instances_per_series=1, modalities=("CT",))[0]
+    data = inst.path.read_bytes()
+    pixel_bytes = inst.header.Rows * inst.header.Columns * 2
+    cut = len(data) - pixel_bytes + int(pixel_bytes * fraction)
+    path = folder / "truncated.dcm"
+    path.write_bytes(data[:cut])
+    shutil.rmtree(folder / ".truncated-src")
+    return path
+
+
+def make_garbage_payload(folder: Path, *, seed: int = 500, size: int = 4096) -> Path:
+    """A valid File Meta header (CT, explicit VR LE) followed by bytes that are not a
+    data set: what a C-STORE of a corrupt or non-DICOM payload carries."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASSES["CT"]
+    meta.MediaStorageSOPInstanceUID = make_uid(seed, "garbage")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    buf = DicomBytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    text = b"%PDF-1.4 this is not a DICOM data set\n"
+    body = (text * (size // len(text) + 1))[:size]
+    path = folder / "garbage_payload.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
+    return path
+
+
+def make_non_dicom_file(folder: Path, name: str = "notes.txt") -> Path:
+    """A plain text file, for `import` and drop-folder tests."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a DICOM file\n")
+    return path
+
+
+# -- reading helpers -----------------------------------------------------------------
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a Part 10 file after its File Meta group (explicit VR LE, group 0002).
+
+    Walks the meta elements instead of trusting (0002,0000), which some writers omit.
+    """
+    data = Path(path).read_bytes()
+    if data[128:132] != b"DICM":
+        raise ValueError(f"{path}: no DICM prefix")
+    pos = 132
+    while pos + 8 <= len(data):
+        group, _elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8 + length
+    return data[pos:]
+
+
+def read_header(path: Path) -> Dataset:
+    """The file's dataset without Pixel Data, value validation off (bad input reads too)."""
+    with pydicom_config.disable_value_validation():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        # Elements are converted (and validated) lazily on first access: do it now.
+        for _ in (*ds.file_meta.iterall(), *ds.iterall()):
+            pass
+    return ds
+
+
+# -- writing -------------------------------------------------------------------------
+
+def write_instance(ds: Dataset, path: Path, transfer_syntax: str) -> GeneratedInstance:
+    """Write `ds` (uncompressed, little endian pixels) to `path` in `transfer_syntax`."""
+    ts = UID(transfer_syntax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.file_meta.TransferSyntaxUID = ts
+    if ts in (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.save_as(path, enforce_file_format=True)
+    elif ts in _J2K:
+        _write_fake_j2k(ds, path, ts)
+    elif ts in _DCMTK_CONVERT:
+        tool, *options = _DCMTK_CONVERT[ts]
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src = Path(tmp) / "src.dcm"
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(src, enforce_file_format=True)
+            _run(tool, *options, str(src), str(path))
+    else:
+        raise ValueError(f"no writer for transfer syntax {ts}")
+    return GeneratedInstance(path, read_header(path))
+
+
+def _write_fake_j2k(ds: Dataset, path: Path, ts: UID) -> None:
+    # No JPEG 2000 / HTJ2K encoder is installed. pacs-edge stores what it receives
+    # byte for byte and never decodes pixel data, so a well-formed encapsulation
+    # (offset table + one fragment per frame) under the right TS UID is all the
+    # tests need. The fragment starts with a real codestream header (SOC, SIZ with
+    # the image geometry; Rsiz flags HTJ2K) and ends with EOC, but is NOT decodable.
+    bits = int(ds.BitsStored)
+    rsiz = 0x4000 if ts in HTJ2K_SYNTAXES else 0
+    siz = struct.pack(">HHHIIIIIIIIHBBB", 0xFF51, 41, rsiz, ds.Columns, ds.Rows, 0, 0,
+                      ds.Columns, ds.Rows, 0, 0, 1, bits - 1, 1, 1)
+    body = hashlib.shake_256(bytes(ds.PixelData)).digest(len(ds.PixelData) // 3 // 2 * 2)
+    codestream = b"\xff\x4f" + siz + body.replace(b"\xff", b"\xfe") + b"\xff\xd9"
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    if ts in _LOSSY:
+        ds.LossyImageCompression = "01"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _run(tool: str, *args: str) -> None:
+    try:
+        subprocess.run([tool, *args], check=True, capture_output=True, timeout=TOOL_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{tool} not found: install dcmtk (make test does)") from exc
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{tool} {' '.join(args)} failed ({exc.returncode}): "
+                           f"{exc.stderr.decode(errors='replace')}") from exc
+
+
+def _bits_for(ts: str) -> int:
+    return {JPEGBaseline8Bit: 8, JPEGExtended12Bit: 12}.get(UID(ts), 16)
+
+
+# -- attributes ----------------------------------------------------------------------
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    return random.Random(":".join(map(str, (seed, *parts))))  # str seeds are stable
+
+
+def _date(base: dt.date, rng: random.Random, days: int) -> str:
+    return (base + dt.timedelta(days=rng.randrange(days))).strftime("%Y%m%d")
+
+
+def _patient_attrs(seed: int, p: int) -> dict[str, object]:
+    rng = _rng(seed, "patient", p)
+    i = p + seed
+    return {
+        "PatientName": f"{FAMILY[i % len(FAMILY)]}^{GIVEN[(i // len(FAMILY)) % len(GIVEN)]}",
+        "PatientID": f"PE{seed % 1000:03d}{p:05d}",
+        "PatientBirthDate": _date(dt.date(1940, 1, 1), rng, 70 * 365),
+        "PatientSex": "MFO"[p % 3],
+    }
+
+
+def _study_attrs(seed: int, number: int, first_modality: str) -> dict[str, object]:
+    rng = _rng(seed, "study", number)
+    body = BODY_PARTS[rng.randrange(len(BODY_PARTS))]
+    return {
+        "StudyInstanceUID": make_uid(seed, "study", number),
+        "StudyDate": _date(dt.date(2023, 1, 1), rng, 2 * 365),
+        "StudyTime": f"{rng.randrange(7, 20):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}",
+        "AccessionNumber": f"A{seed % 1000:03d}{number:06d}",
+        "StudyID": str(number + 1),
+        "StudyDescription": f"{first_modality} {body}",
+        "ReferringPhysicianName": PHYSICIANS[rng.randrange(len(PHYSICIANS))],
+        "_body": body,
+    }
+
+
+def _series_attrs(seed: int, number: int, j: int, modality: str,
+                  study: dict[str, object]) -> dict[str, object]:
+    return {
+        "SeriesInstanceUID": make_uid(seed, "series", number, j),
+        "Modality": modality,
+        "SeriesNumber": j + 1,
+        "SeriesDescription": f"{modality} {study['_body']} {j + 1}",
+        "BodyPartExamined": study["_body"],
+        "SeriesDate": study["StudyDate"],
+        "SeriesTime": study["StudyTime"],
+        "FrameOfReferenceUID": make_uid(seed, "for", number, j),
+    }
+
+
+def _instance(seed: int, key: tuple[object, ...], k: int, patient: dict[str, object],
+              study: dict[str, object], series: dict[str, object], modality: str,
+              rows: int, cols: int, bits: int) -> Dataset:
+    sop_class = SOP_CLASSES[modality]
+    sop_uid = make_uid(seed, "instance", *key)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    for attrs in (patient, study, series):
+        for keyword, value in attrs.items():
+            if not keyword.startswith("_"):
+                setattr(ds, keyword, value)
+    ds.ContentDate = study["StudyDate"]
+    ds.ContentTime = study["StudyTime"]
+    ds.Manufacturer = "PACS-EDGE TESTGEN"
+    ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1
+    ds.PatientPosition = "HFS"
+    ds.PositionReferenceIndicator = ""
+    ds.ImagePositionPatient = [-0.5 * cols, -0.5 * rows, 2.5 * k]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceThickness = 2.5
+    ds.SliceLocation = 2.5 * k
+    ds.PixelSpacing = [0.7, 0.7]
+    if modality == "CT":
+        ds.KVP = 120
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+    elif modality == "MR":
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.RepetitionTime = 500
+        ds.EchoTime = 15
+        ds.MagneticFieldStrength = 1.5
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 1 << (bits - 2)
+    ds.WindowWidth = 1 << (bits - 1)
+    ds.PixelData = _pixels(seed, key, rows, cols, bits)
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    return ds
+
+
+def _pixels(seed: int, key: tuple[object, ...], rows: int, cols: int, bits: int) -> bytes:
+    """A disc phantom plus seeded noise: compressible but not trivial."""
+    digest = hashlib.sha256(repr((seed, key)).encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    top = (1 << bits) - 1
+    y, x = np.ogrid[:rows, :cols]
+    disc = np.hypot(y - rows / 2, x - cols / 2) < 0.4 * min(rows, cols)
+    image = disc * (top // 2) + rng.integers(0, top // 16 + 1, size=(rows, cols))
+    dtype = "<u1" if bits == 8 else "<u2"
+    return np.clip(image, 0, top).astype(dtype).tobytes()
+
+
+# -- command line --------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dicomgen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    study = sub.add_parser("study", help="patients x studies x series x instances")
+    study.add_argument("folder", type=Path)
+    study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--patients", type=int, default=1)
+    study.add_argument("--studies", type=int, default=1, help="per patient")
+    study.add_argument("--series", type=int, default=2, help="per study")
+    study.add_argument("--instances", type=int, default=3, help="per series")
+    study.add_argument("--size", type=int, default=64)
+    study.add_argument("--modalities", default="CT,MR")
+    ct = sub.add_parser("ct-study", help="the benchmark CT series (default 300 x 512x512)")
+    ct.add_argument("folder", type=Path)
+    ct.add_argument("--slices", type=int, default=300)
+    ct.add_argument("--size", type=int, default=512)
+    ct.add_argument("--seed", type=int, default=4242)
+    syntaxes = sub.add_parser("syntaxes", help="one image per transfer syntax")
+    syntaxes.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "study":
+        written = make_studies(args.folder, seed=args.seed, patients=args.patients,
+                               studies_per_patient=args.studies, series_per_study=args.series,
+                               instances_per_series=args.instances, size=args.size,
+                               modalities=tuple(args.modalities.split(",")))
+    elif args.command == "ct-study":
+        written = make_ct_study(args.folder, args.slices, args.size, seed=args.seed)
+    else:
+        written = list(make_syntax_set(args.folder).values())
+    total = sum(inst.path.stat().st_size for inst in written)
+    print(f"wrote {len(written)} files, {total} bytes, under {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
