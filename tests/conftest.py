@@ -14,8 +14,9 @@ EdgeServer runs `pacs-edge serve --home DIR` in its own process group, on
 127.0.0.1 and a port the OS picks (the server logs it in its ready line); a
 restart reuses that port. Readiness is the `ready to accept associations` log
 line plus a C-ECHO from TESTSCU, polled with a deadline. Teardown sends SIGTERM,
-then SIGKILL to the group after a deadline. `kill()` is the power cut: SIGKILL
-to the whole group.
+then SIGKILL to the group after a deadline, and fails the test if any graceful
+stop exited non-zero or had to be killed. `kill()` is the power cut: SIGKILL to
+the whole group (not counted as unclean).
 
 Modules next to this file import by plain name (`import dicomgen`, `import
 dcmtk`): tests/ has no __init__.py, so pytest puts it on sys.path.
@@ -93,6 +94,9 @@ class EdgeServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.home.parent / f"{self.home.name}-serve.log"
         self._log_offset = 0
+        # Graceful stops (SIGTERM) that exited non-zero or needed SIGKILL; the
+        # fixtures fail the test at teardown when there are any.
+        self.unclean_stops: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -114,7 +118,8 @@ class EdgeServer:
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM; SIGKILL to the process group after `timeout`. Returns the exit code."""
+        """SIGTERM; SIGKILL to the process group after `timeout`. Returns the exit code
+        (None if never started; negative for a signal, as subprocess reports it)."""
         proc = self.proc
         if proc is None:
             return None
@@ -122,9 +127,13 @@ class EdgeServer:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
+                if proc.returncode != 0:
+                    self.unclean_stops.append(
+                        f"exited {proc.returncode} on SIGTERM:\n{self._log_since_start()[-4000:]}")
             except subprocess.TimeoutExpired:
                 self._killpg()
                 proc.wait(timeout)
+                self.unclean_stops.append(f"still running {timeout}s after SIGTERM: killed")
         self._reap_group()
         return proc.returncode
 
@@ -263,6 +272,10 @@ def edge_server_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeServer]]:
     yield make
     for server in servers:
         server.stop()
+    problems = [f"{s.home}: {problem}" for s in servers for problem in s.unclean_stops]
+    if problems:
+        pytest.fail("pacs-edge serve did not stop cleanly:\n" + "\n".join(problems),
+                    pytrace=False)
 
 
 @pytest.fixture
