@@ -9,6 +9,7 @@ What this adds to pynetdicom (socket-level details in transport.py):
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 import time
 from collections.abc import Sequence
@@ -128,7 +129,11 @@ class DimseServer:
         server = self._server
         if server is None:
             return
-        server.shutdown()  # stops accepting and closes the listening socket only
+        # Stop the accept loop and close the listening socket. Not server.shutdown():
+        # pynetdicom's version also unregisters from the AE, which make_server()
+        # never registered it with.
+        socketserver.BaseServer.shutdown(server)
+        server.server_close()
         deadline = time.monotonic() + grace_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
