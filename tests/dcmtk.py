@@ -45,6 +45,7 @@ from pathlib import Path
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.presentation import AllStoragePresentationContexts
 
@@ -87,8 +88,15 @@ class ToolResult:
         return self
 
     def store_responses(self) -> list[str]:
-        """storescu/movescu/getscu verbose lines `Received Store Response (...)`, in order."""
+        """storescu/movescu/getscu verbose (-v) lines `Received Store Response (...)`, in
+        order, e.g. "Success" or "Error: CannotUnderstand". Not printed with -d."""
         return re.findall(r"Received Store Response \(([^)]*)\)", self.output)
+
+    def dimse_statuses(self) -> list[int]:
+        """The status of every DIMSE response in a debug (-d) run, in order: the exact
+        code (0xA700, 0xC000, ...) that -v's names leave out."""
+        return [int(code, 16) for code in
+                re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", self.output)]
 
 
 @dataclass(frozen=True)
@@ -98,8 +106,16 @@ class FindResult(ToolResult):
     read_warnings: list[str] = field(default_factory=list)
 
     def values(self, keyword: str) -> list[str]:
-        """str() of `keyword` in every response (empty string when absent)."""
-        return [str(ds.get(keyword, "")) for ds in self.responses]
+        """`keyword` of every response as DICOM text: multiple values joined with a
+        backslash ("CT\\MR"), "" when absent or empty."""
+        out = []
+        for ds in self.responses:
+            value = ds.get(keyword, "")
+            if isinstance(value, MultiValue | list | tuple):
+                out.append("\\".join(str(v) for v in value))
+            else:
+                out.append("" if value is None else str(value))
+        return out
 
 
 def free_port(host: str = HOST) -> int:
