@@ -1,0 +1,263 @@
+"""One ready unit through the durable ingest path, and each file to its outcome.
+
+Runs as coroutines on the serving loop, next to the index: ingest is async
+already, and the blocking steps (reading a DICOMDIR, unpacking a ZIP member,
+moving files) go through `asyncio.to_thread`. See watcher.py for why the
+drop folder lives on the loop rather than behind the LoopBridge.
+
+Every instance goes through `IngestService.ingest_file`, exactly like
+`pacs-edge import`; the index row carries source `dropfolder`, which is what
+`pacs-edge status` counts. The file is cleared away only after ingest
+returned, i.e. after the instance is fsynced and its row committed.
+
+What each failure means here:
+
+    RejectedInstance (not DICOM, truncated, bad UIDs)   -> rejected/ + .reason
+    OutOfSpace, other PacsEdgeError, unexpected OSError -> left in place, RETRY later
+    the file changed while it was read                  -> CHANGED: watch it again
+    the file cannot be read or moved (permissions, RO)  -> STUCK: left until it changes
+
+Log lines carry counts and keyed references of relative paths, never names:
+a CD's file names can spell a patient's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import logsafe
+from appliance.dropfolder.layout import Root
+from appliance.dropfolder.outcomes import Outcomes
+from appliance.dropfolder.sources import (
+    Unit,
+    UnitKind,
+    ZipSource,
+    file_signature,
+    find_dicomdir,
+    is_zip,
+    read_media_index,
+)
+from appliance.errors import OutOfSpace, PacsEdgeError, RejectedInstance
+from appliance.ingest import IngestService
+from appliance.store.index import RecordOutcome
+
+log = logging.getLogger(__name__)
+
+SOURCE_AE = "dropfolder"
+Signature = tuple[int, int, int]  # size, mtime_ns, inode: see sources.file_signature
+
+
+class Verdict(enum.Enum):
+    DONE = "done"  # every file of the unit reached its outcome
+    RETRY = "retry"  # transient failure (disk full, index busy, stopping): try again later
+    CHANGED = "changed"  # written to while being ingested: not complete after all
+    STUCK = "stuck"  # cannot be read or cleared away: leave it until it changes
+
+
+@dataclass
+class Tally:
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    missing: int = 0  # DICOMDIR references to files that are not there
+
+    def add(self, other: Tally) -> None:
+        self.stored += other.stored
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.missing += other.missing
+
+
+class Processor:
+    def __init__(self, ingest: IngestService, outcomes: Outcomes, tmp: Path,
+                 stopping: Callable[[], bool]) -> None:
+        self.ingest = ingest
+        self.outcomes = outcomes
+        self.tmp = tmp
+        self.stopping = stopping
+
+    async def process(self, unit: Unit, tally: Tally) -> Verdict:
+        if unit.kind is UnitKind.MEDIA:
+            return await self._media(unit.path, unit.root, tally)
+        before = await asyncio.to_thread(file_signature, unit.path)
+        if before is None:
+            return Verdict.DONE  # gone meanwhile
+        try:
+            archive = await asyncio.to_thread(is_zip, unit.path)
+        except OSError as exc:
+            _warn("dropped file cannot be read", unit.path, unit.root, exc)
+            return Verdict.STUCK
+        if archive:
+            return await self._zip(unit.path, unit.root, before, tally)
+        return await self._instance(unit.path, unit.root, before, tally)
+
+    async def _instance(self, path: Path, root: Root, before: Signature,
+                        tally: Tally) -> Verdict:
+        if before[0] == 0:  # clearer for the operator than "not a DICOM Part 10 file"
+            return await self._reject(path, root, "file is empty", None, tally)
+        try:
+            result = await self.ingest.ingest_file(path, source_ae=SOURCE_AE)
+        except OutOfSpace as exc:
+            log.warning("drop folder ingest paused reason=%s", exc.reason)
+            return Verdict.RETRY
+        except RejectedInstance as exc:
+            if await self._changed(path, before):
+                return Verdict.CHANGED
+            return await self._reject(path, root, exc.reason, exc.hint, tally)
+        except FileNotFoundError:
+            return Verdict.DONE
+        except (PermissionError, IsADirectoryError) as exc:
+            _warn("dropped file cannot be read", path, root, exc)
+            return Verdict.STUCK
+        except (PacsEdgeError, OSError) as exc:
+            _warn("drop folder ingest failed; will retry", path, root, exc)
+            return Verdict.RETRY
+        if await self._changed(path, before):
+            # Written to after it looked complete: what was stored may be a
+            # prefix. Watch it again; the whole file supersedes it (a new version).
+            _warn("dropped file changed while ingested; watching it again", path, root, None)
+            return Verdict.CHANGED
+        if result.outcome is RecordOutcome.DUPLICATE:
+            tally.duplicates += 1
+        else:
+            tally.stored += 1
+        return await self._clear(path, root)
+
+    async def _media(self, folder: Path, root: Root, tally: Tally) -> Verdict:
+        dicomdir = await asyncio.to_thread(find_dicomdir, folder)
+        if dicomdir is None:
+            return Verdict.DONE  # its files are plain files now
+        try:
+            media = await asyncio.to_thread(read_media_index, dicomdir)
+        except RejectedInstance as exc:
+            return await self._reject(dicomdir, root, exc.reason, exc.hint, tally)
+        except OSError as exc:
+            _warn("DICOMDIR cannot be read", dicomdir, root, exc)
+            return Verdict.STUCK
+        tally.missing += media.missing + media.invalid
+        stuck = False
+        for path in media.files:
+            if self.stopping():
+                return Verdict.RETRY
+            before = await asyncio.to_thread(file_signature, path)
+            if before is None:
+                tally.missing += 1
+                continue
+            verdict = await self._instance(path, root, before, tally)
+            if verdict in (Verdict.RETRY, Verdict.CHANGED):
+                return verdict
+            stuck = stuck or verdict is Verdict.STUCK
+        if media.missing or media.invalid:
+            log.warning("DICOMDIR references files that are not there missing=%d invalid=%d"
+                        " media=%s", media.missing, media.invalid, _ref(folder, root))
+        verdict = await self._clear(dicomdir, root)
+        return Verdict.STUCK if stuck else verdict
+
+    async def _zip(self, path: Path, root: Root, before: Signature, tally: Tally) -> Verdict:
+        try:
+            source = await asyncio.to_thread(ZipSource, path)
+        except RejectedInstance as exc:
+            if await self._changed(path, before):
+                return Verdict.CHANGED
+            return await self._reject(path, root, exc.reason, exc.hint, tally)
+        broken: str | None = None
+        try:
+            for member in source.members:
+                if self.stopping():
+                    return Verdict.RETRY
+                if member.is_media_index:
+                    continue  # the members are ingested anyway; the index is no instance
+                try:
+                    temp = await asyncio.to_thread(source.extract, member, self.tmp)
+                except OutOfSpace as exc:
+                    log.warning("drop folder ingest paused reason=%s", exc.reason)
+                    return Verdict.RETRY
+                except RejectedInstance as exc:
+                    broken = broken or exc.reason  # the archive is damaged: keep it whole
+                    continue
+                try:
+                    verdict = await self._member(temp, member.parts, path, root, tally)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        temp.unlink()
+                if verdict is not Verdict.DONE:
+                    return verdict
+        finally:
+            await asyncio.to_thread(source.close)
+        if await self._changed(path, before):
+            return Verdict.CHANGED
+        if broken is not None:
+            return await self._reject(path, root, broken, None, tally)
+        return await self._clear(path, root)
+
+    async def _member(self, temp: Path, parts: tuple[str, ...], archive: Path, root: Root,
+                      tally: Tally) -> Verdict:
+        try:
+            result = await self.ingest.ingest_file(temp, source_ae=SOURCE_AE)
+        except OutOfSpace as exc:
+            log.warning("drop folder ingest paused reason=%s", exc.reason)
+            return Verdict.RETRY
+        except RejectedInstance as exc:
+            try:
+                await asyncio.to_thread(self.outcomes.rejected_member, temp, archive, root,
+                                        parts, exc.reason)
+            except OSError as move_error:
+                _warn("rejected ZIP member cannot be kept in rejected/", archive, root,
+                      move_error)
+                return Verdict.STUCK
+            tally.rejected += 1
+            log.warning("rejected ZIP member archive=%s reason=%s", _ref(archive, root),
+                        exc.reason)
+            return Verdict.DONE
+        except (PacsEdgeError, OSError) as exc:
+            _warn("drop folder ingest failed; will retry", archive, root, exc)
+            return Verdict.RETRY
+        if result.outcome is RecordOutcome.DUPLICATE:
+            tally.duplicates += 1
+        else:
+            tally.stored += 1
+        return Verdict.DONE
+
+    async def _reject(self, path: Path, root: Root, reason: str, hint: str | None,
+                      tally: Tally) -> Verdict:
+        try:
+            await asyncio.to_thread(self.outcomes.rejected, path, root, reason, hint=hint)
+        except FileNotFoundError:
+            return Verdict.DONE
+        except OSError as exc:
+            _warn("rejected file cannot be moved to rejected/", path, root, exc)
+            return Verdict.STUCK
+        tally.rejected += 1
+        log.warning("rejected dropped file file=%s reason=%s", _ref(path, root), reason)
+        return Verdict.DONE
+
+    async def _clear(self, path: Path, root: Root) -> Verdict:
+        try:
+            await asyncio.to_thread(self.outcomes.ingested, path, root)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _warn("ingested file cannot be removed or moved to done/", path, root, exc)
+            return Verdict.STUCK
+        return Verdict.DONE
+
+    @staticmethod
+    async def _changed(path: Path, before: Signature) -> bool:
+        after = await asyncio.to_thread(file_signature, path)
+        return after is not None and after != before
+
+
+def _ref(path: Path, root: Root) -> str:
+    """A keyed reference to a dropped file: file names may carry PHI, so never the name."""
+    return logsafe.ref(str(path.relative_to(root.path)))
+
+
+def _warn(event: str, path: Path, root: Root, exc: BaseException | None) -> None:
+    error = "" if exc is None else f" error={type(exc).__name__}"
+    log.warning("%s file=%s%s", event, _ref(path, root), error)

@@ -1,0 +1,282 @@
+"""What the drop folder ingests: plain files, DICOMDIR media sets, ZIP archives.
+
+A *unit* is what becomes ready and is processed as one:
+
+- a file, usually one instance; a file that starts with a ZIP signature is an
+  archive whose members are ingested one by one;
+- a *media set*: a folder holding a `DICOMDIR` (a CD/DVD copied in). Its
+  instances are the files its directory records reference (ReferencedFileID);
+  the DICOMDIR itself is an index, not an instance, and is never stored.
+  Every file below that folder belongs to the unit, which is ready only when
+  the whole tree is quiet: a half-copied CD is not read half-way. Files the
+  DICOMDIR does not reference stay where they are and, once the DICOMDIR is
+  gone, are handled as plain files (a DICOM file the DICOMDIR forgot is still
+  ingested; a viewer's EXE goes to rejected/).
+
+ZIP archives are read defensively. Member names never become paths while
+ingesting (each member is streamed to an anonymous temp file; names are only
+used, sanitised, below rejected/), so zip-slip has nothing to aim at. Bombs are
+bounded: member count, declared size per member and in total, actual bytes
+never beyond the declared size (zipfile stops there and checks the CRC; we
+count too), one member on disk at a time, and the free space checked first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from appliance.dropfolder.layout import Root, is_ignored
+from appliance.errors import InvalidInstance, OutOfSpace
+from appliance.store.durable import is_no_space
+
+DICOMDIR_NAMES = ("DICOMDIR", "dicomdir")
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+MAX_ZIP_MEMBERS = 100_000
+MAX_ZIP_MEMBER_BYTES = 16 << 30
+MAX_ZIP_TOTAL_BYTES = 256 << 30
+ZIP_SPACE_MARGIN = 256 << 20  # left free on the temp folder's file system while unpacking
+_CHUNK = 1 << 20
+
+
+class UnitKind(enum.Enum):
+    FILE = "file"
+    MEDIA = "media"
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: UnitKind
+    path: Path  # the file, or the folder holding the DICOMDIR
+    root: Root
+
+
+# --- finding units ---------------------------------------------------------------
+
+
+def find_dicomdir(folder: Path) -> Path | None:
+    for name in DICOMDIR_NAMES:
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def unit_for(path: Path, root: Root) -> Unit:
+    """The unit a file belongs to: the nearest enclosing media set, else the file itself."""
+    folder = path.parent
+    while True:
+        if find_dicomdir(folder) is not None:
+            return Unit(UnitKind.MEDIA, folder, root)
+        if folder == root.path or not folder.is_relative_to(root.path):
+            return Unit(UnitKind.FILE, path, root)
+        folder = folder.parent
+
+
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Regular, non-ignored files below `folder`; symlinks are neither followed nor listed."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        for name in sorted(filenames):
+            if not is_ignored(name):
+                yield Path(dirpath) / name
+
+
+def signature(unit: Unit) -> Hashable | None:
+    """What must stay unchanged for the unit to be complete; None when it is gone."""
+    if unit.kind is UnitKind.FILE:
+        return file_signature(unit.path)
+    if find_dicomdir(unit.path) is None:
+        return None
+    digest = hashlib.sha256()
+    for path in walk_files(unit.path):
+        sig = file_signature(path)
+        if sig is not None:
+            digest.update(f"{path}\0{sig}\0".encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# --- DICOMDIR ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediaIndex:
+    files: list[Path]  # referenced files that exist, in record order, each once
+    missing: int  # references to files that are not there (already ingested, or lost)
+    invalid: int  # references that would leave the media folder or are malformed
+
+
+def read_media_index(dicomdir: Path) -> MediaIndex:
+    """The files a DICOMDIR's records reference, resolved below its folder.
+
+    CD file systems are case-insensitive and may show ISO 9660 version
+    suffixes (`IM1;1`), so components are matched ignoring both.
+    """
+    try:
+        ds = pydicom.dcmread(dicomdir, force=False)
+        records = ds.DirectoryRecordSequence
+    except Exception as exc:  # pydicom raises many types for bad input
+        raise InvalidInstance(f"DICOMDIR cannot be parsed ({type(exc).__name__})") from exc
+    folder = dicomdir.parent
+    files: list[Path] = []
+    seen: set[Path] = set()
+    missing = invalid = 0
+    listings: dict[Path, dict[str, str]] = {}
+    for record in records:
+        file_id: Any = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        parts = [str(file_id)] if isinstance(file_id, str) else [str(p) for p in file_id]
+        if not all(_safe_component(p) for p in parts):
+            invalid += 1
+            continue
+        resolved = _resolve(folder, parts, listings)
+        if resolved is None:
+            missing += 1
+        elif resolved not in seen:
+            seen.add(resolved)
+            files.append(resolved)
+    return MediaIndex(files, missing, invalid)
+
+
+def _safe_component(part: str) -> bool:
+    return part not in ("", ".", "..") and not any(c in part for c in "/\\\0:")
+
+
+def _resolve(folder: Path, parts: list[str], listings: dict[Path, dict[str, str]]) -> Path | None:
+    current = folder
+    for part in parts:
+        if current not in listings:
+            try:
+                names = os.listdir(current)
+            except OSError:
+                return None
+            listings[current] = {_fold(n): n for n in sorted(names, reverse=True)}
+            listings[current].update({n: n for n in names})
+        name = listings[current].get(part) or listings[current].get(_fold(part))
+        if name is None:
+            return None
+        current = current / name
+    return current if file_signature(current) is not None else None
+
+
+def _fold(name: str) -> str:
+    return name.lower().removesuffix(";1")
+
+
+# --- ZIP ---------------------------------------------------------------------------
+
+
+def is_zip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) in ZIP_MAGIC
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    info: zipfile.ZipInfo
+    parts: tuple[str, ...]  # sanitised name components, for rejected/ only
+
+    @property
+    def is_media_index(self) -> bool:
+        return bool(self.parts) and self.parts[-1].upper() == "DICOMDIR"
+
+
+class ZipSource:
+    """A ZIP archive opened for reading its members one at a time (blocking calls)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+            raise InvalidInstance(f"ZIP archive cannot be read ({type(exc).__name__})") from exc
+        self.members = [
+            ZipMember(info, sanitise_member_name(info.filename, n))
+            for n, info in enumerate(self._zip.infolist())
+            if not info.is_dir()
+        ]
+        if len(self.members) > MAX_ZIP_MEMBERS:
+            self.close()
+            raise InvalidInstance(f"ZIP archive has more than {MAX_ZIP_MEMBERS} members")
+        total = sum(m.info.file_size for m in self.members)
+        if total > MAX_ZIP_TOTAL_BYTES:
+            self.close()
+            raise InvalidInstance("ZIP archive expands beyond the size limit")
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> ZipSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extract(self, member: ZipMember, tmp_dir: Path) -> Path:
+        """Stream one member to a fresh temp file in `tmp_dir`; the caller removes it."""
+        info = member.info
+        if info.flag_bits & 0x1:
+            raise InvalidInstance("ZIP member is encrypted")
+        if info.file_size > MAX_ZIP_MEMBER_BYTES:
+            raise InvalidInstance("ZIP member expands beyond the size limit")
+        if shutil.disk_usage(tmp_dir).free < info.file_size + ZIP_SPACE_MARGIN:
+            raise OutOfSpace("no space to unpack a ZIP member")
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="zip-", suffix=".member")
+        try:
+            with os.fdopen(fd, "wb") as out, self._zip.open(info) as src:
+                written = 0
+                while chunk := src.read(_CHUNK):
+                    written += len(chunk)
+                    if written > info.file_size:
+                        raise InvalidInstance("ZIP member is larger than declared")
+                    out.write(chunk)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            mapped = _zip_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        return Path(name)
+
+
+def _zip_error(exc: BaseException) -> BaseException:
+    """zipfile/zlib failures as a PHI-free rejection; a full disk as OutOfSpace (retried)."""
+    if is_no_space(exc):
+        return OutOfSpace("no space to unpack a ZIP member")
+    if isinstance(exc, NotImplementedError):
+        return InvalidInstance("ZIP member uses an unsupported compression method")
+    if isinstance(exc, zipfile.BadZipFile | zlib.error | EOFError | RuntimeError | ValueError):
+        return InvalidInstance(f"ZIP member is corrupt ({type(exc).__name__})")
+    return exc
+
+
+def sanitise_member_name(name: str, index: int) -> tuple[str, ...]:
+    """Member name as safe relative path components (no root, no `..`, no drive)."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    parts = [p.replace("\0", "_").replace(":", "_") for p in parts]
+    return tuple(parts) if parts else (f"member-{index}",)
