@@ -7,6 +7,7 @@ hint and exit code 2; a traceback means a bug.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -177,6 +178,7 @@ def peers_remove(home: Path | None, name: str) -> None:
 @expected_errors
 def status(home: Path | None, as_json: bool) -> None:
     """Studies, series, instances, disk use and tiering states."""
+    from appliance.dropfolder.status import drop_folder_counts
     from appliance.store.index import Index
 
     config = _config(home)
@@ -184,6 +186,7 @@ def status(home: Path | None, as_json: bool) -> None:
     async def gather() -> dict[str, Any]:
         async with Index(config.index.path) as index:
             totals = await index.totals()
+            dropped = await drop_folder_counts(config, index)
         usage = shutil.disk_usage(config.store.path)
         return {
             "home": str(config.home),
@@ -196,6 +199,7 @@ def status(home: Path | None, as_json: bool) -> None:
             "disk_free_bytes": usage.free,
             "disk_total_bytes": usage.total,
             "tier_states": {"local": 0, **totals.tier_states},
+            "dropfolder": dataclasses.asdict(dropped),
         }
 
     report = asyncio.run(gather())
@@ -210,6 +214,8 @@ def status(home: Path | None, as_json: bool) -> None:
                   f"{_human(report['disk_total_bytes'])}")
     for state, count in report["tier_states"].items():
         table.add_row(f"studies {state}", str(count))
+    for key, count in report["dropfolder"].items():
+        table.add_row(f"drop folder {key}", str(count))
     out.print(table)
 
 

@@ -20,6 +20,7 @@ from appliance.config import Config
 from appliance.dimse.handlers import DimseHandlers, Services
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
+from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
 from appliance.peers import Allowlist
 from appliance.recovery import begin_run, end_run, recover
@@ -66,6 +67,11 @@ async def serve(
             reuse_port=config.dicom.workers > 1,
         )
         host, port = await asyncio.to_thread(server.start)
+        # One watcher per data home: with several workers, worker 0 runs it.
+        watcher = None
+        if config.dropfolder.enabled and not worker:
+            watcher = DropFolderWatcher.from_config(config, services.ingest)
+            await watcher.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,6 +91,8 @@ async def serve(
         finally:
             log.info("stopping: no new associations; waiting for open ones to finish")
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            if watcher is not None:
+                await watcher.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     if worker is None:
