@@ -16,6 +16,7 @@ Two jobs beyond writing:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -91,12 +92,21 @@ class SpoolFile:
         if self.error is None:
             self._hash(view)
             try:
-                assert self._fh is not None
-                self._fh.write(view)
+                self._write_all(view)
             except OSError as exc:
                 self._fail(exc)
         self._written += len(view)
         return len(view)
+
+    def _write_all(self, view: memoryview) -> None:
+        """An unbuffered write may be short (a nearly full disk takes what fits):
+        loop until everything is written or the kernel reports the error."""
+        assert self._fh is not None
+        while view:
+            written = self._fh.write(view)
+            if not written:
+                raise OSError(errno.EIO, "write made no progress")
+            view = view[written:]
 
     def flush(self) -> None:
         """Unbuffered: nothing to flush. pynetdicom calls this after each fragment."""

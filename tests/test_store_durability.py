@@ -1,0 +1,98 @@
+"""A SIGKILL mid-transfer loses nothing that was acknowledged, and leaves a clean store."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer
+
+ACK_BEFORE_KILL = 40
+DEADLINE = 120.0
+
+
+def acknowledged_files(storescu_output: str) -> list[Path]:
+    """Files storescu saw Success for: `Sending file: X` followed by a Success response."""
+    acked: list[Path] = []
+    current: Path | None = None
+    for line in storescu_output.splitlines():
+        sending = re.search(r"Sending file: (.+)$", line)
+        if sending:
+            current = Path(sending.group(1).strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def stored_path(home: Path, sop_uid: str) -> Path | None:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+    finally:
+        db.close()
+    return home / "store" / row[0] if row else None
+
+
+@pytest.mark.slow
+def test_sigkill_mid_storescu_keeps_every_acknowledged_instance(
+    edge_server: EdgeServer, tmp_path: Path
+) -> None:
+    instances = dicomgen.make_studies(tmp_path / "study", seed=7, series_per_study=4,
+                                      instances_per_series=60, size=128)
+    by_path = {i.path: i for i in instances}
+    log_path = tmp_path / "storescu.log"
+    with log_path.open("w") as log:
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aet", dcmtk.TEST_AE, "-aec", edge_server.ae_title,
+             *dcmtk.NET_TIMEOUTS, "+sd", "+r", edge_server.host, str(edge_server.port),
+             str(tmp_path / "study")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + DEADLINE
+            while len(acknowledged_files(log_path.read_text())) < ACK_BEFORE_KILL:
+                assert sender.poll() is None, "storescu finished before the kill"
+                assert time.monotonic() < deadline, "storescu made no progress"
+                time.sleep(0.02)
+            edge_server.kill()
+            sender.wait(60)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait()
+    acked = acknowledged_files(log_path.read_text())
+    assert ACK_BEFORE_KILL <= len(acked) < len(instances), "the kill did not land mid-transfer"
+
+    edge_server.start()
+    for path in acked:
+        inst = by_path[path]
+        stored = stored_path(edge_server.home, inst.sop_instance_uid)
+        assert stored is not None, f"acknowledged {path.name} is missing after the crash"
+        assert dicomgen.dataset_bytes(stored) == dicomgen.dataset_bytes(path)
+    found = dcmtk.findscu(edge_server.port, {"StudyInstanceUID": instances[0].study_uid,
+                                              "SOPInstanceUID": None}, level="IMAGE")
+    found_uids = set(found.check().values("SOPInstanceUID"))
+    assert {by_path[p].sop_instance_uid for p in acked} <= found_uids
+
+    fsck = edge_server.cli("fsck", check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert "consistent" in fsck.stdout
+
+
+def test_sigkill_while_idle_then_restart_recovers_without_loss(
+    edge_server_factory: Callable[..., EdgeServer], small_study: list[dicomgen.GeneratedInstance]
+) -> None:
+    server = edge_server_factory()
+    dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+    server.kill()
+    server.start()
+    assert "did not stop cleanly" in server.log()
+    assert '"instances": 6' in server.cli("status", "--json").stdout
