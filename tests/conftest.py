@@ -231,19 +231,37 @@ class EdgeServer:
             return log.read().decode(errors="replace")
 
     def _killpg(self) -> None:
+        """SIGKILL the process group and wait until no live member is left."""
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _group_members(self.proc.pid):
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes of pacs-edge serve survived SIGKILL: "
+                            f"{_group_members(self.proc.pid)}", pytrace=False)
+            time.sleep(0.02)
 
     def _reap_group(self) -> None:
         # Workers of a multi-process server live in the leader's process group;
         # after the leader is gone, nothing of the group may outlive the test.
         assert self.proc is not None
+        if _group_members(self.proc.pid):
+            self._killpg()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(self.proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        self._killpg()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
 
 
 @pytest.fixture
