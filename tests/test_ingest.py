@@ -59,7 +59,9 @@ async def service(tmp_path: Path) -> AsyncIterator[IngestService]:
         yield IngestService(files, index)
 
 
-async def test_stored_file_is_byte_exact_and_indexed(service: IngestService, tmp_path: Path) -> None:
+async def test_stored_file_is_byte_exact_and_indexed(
+    service: IngestService, tmp_path: Path
+) -> None:
     source = write_instance(tmp_path / "a.dcm", f"{SERIES}.1")
     result = await service.ingest_file(source)
     assert result.outcome is RecordOutcome.NEW

@@ -121,6 +121,9 @@ class DimseServer:
         self._thread.start()
         return self.address
 
+    def _established(self) -> int:
+        return sum(1 for assoc in self.ae.active_associations if assoc.is_established)
+
     def active_associations(self) -> int:
         return len(self.ae.active_associations)
 
@@ -134,10 +137,12 @@ class DimseServer:
         # never registered it with.
         socketserver.BaseServer.shutdown(server)
         server.server_close()
+        # Only established associations can be mid-transfer; connections still
+        # negotiating (or left half-open by a broken peer) are aborted at once.
         deadline = time.monotonic() + grace_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while self._established() and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = len(self.ae.active_associations)
+        left = self._established()
         if left:
             log.warning("aborting associations still open after grace period count=%d", left)
         self.ae.shutdown()

@@ -1,0 +1,111 @@
+"""Bad input gets the right DICOM status or rejection, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import dicomgen
+import pydicom
+import pytest
+from conftest import EdgeServer
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, _config
+
+SUCCESS = 0x0000
+CANNOT_UNDERSTAND = 0xC000
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+
+
+@pytest.fixture
+def raw_sender() -> Iterator[None]:
+    """pynetdicom sends the file's dataset bytes as they are, without decoding them:
+    a truncated or non-DICOM payload reaches the server unchanged."""
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def send_raw(server: EdgeServer, path: Path) -> int:
+    with pydicom.config.disable_value_validation():
+        meta = read_file_meta_info(path)
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(path).Status)
+        finally:
+            assoc.release()
+
+
+def instance_count(server: EdgeServer) -> int:
+    return int(json.loads(server.cli("status", "--json").stdout)["instances"])
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: dicomgen.make_bad_uid_instance(d, kind="traversal"), CANNOT_UNDERSTAND),
+        (lambda d: dicomgen.make_bad_uid_instance(d, kind="letters"), CANNOT_UNDERSTAND),
+        (lambda d: dicomgen.make_bad_uid_instance(d, kind="letters",
+                                                  keyword="StudyInstanceUID"), CANNOT_UNDERSTAND),
+        (dicomgen.make_truncated_instance, CANNOT_UNDERSTAND),
+        (dicomgen.make_garbage_payload, CANNOT_UNDERSTAND),
+    ],
+    ids=["uid-traversal", "uid-letters", "study-uid-letters", "truncated", "non-dicom"],
+)
+def test_unusable_dataset_is_refused_and_nothing_is_kept(
+    edge_server: EdgeServer, raw_sender: None, tmp_path: Path, make: object, expected: int
+) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    assert send_raw(edge_server, path) == expected
+    assert instance_count(edge_server) == 0
+    assert not any((edge_server.home / "store").rglob("*.dcm"))
+    assert "cannot understand" in edge_server.log()
+    assert not Path("/tmp/pacs-edge-escape").exists()
+    assert edge_server.echo().ok
+
+
+def test_dataset_that_contradicts_its_request_is_refused(
+    edge_server: EdgeServer, raw_sender: None, tmp_path: Path,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    original = small_study[0].path
+    meta = read_file_meta_info(original)
+    meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(99, "forged")
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    forged = tmp_path / "forged.dcm"
+    forged.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue()
+                       + dicomgen.dataset_bytes(original))
+    assert send_raw(edge_server, forged) == DOES_NOT_MATCH_SOP_CLASS
+    assert instance_count(edge_server) == 0
+    assert send_raw(edge_server, small_study[0].path) == SUCCESS
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n",
+        b"\x09\x00\x00\x00\x00\x04abcd",  # unknown PDU type
+        b"\x04\x00\x00\x00\x00\x10\x00\x00",  # P-DATA before any association
+        b"\x01\x00",  # truncated header, then close
+    ],
+    ids=["http", "unknown-pdu", "pdata-first", "truncated-header"],
+)
+def test_malformed_traffic_is_dropped_and_the_server_keeps_serving(
+    edge_server: EdgeServer, payload: bytes
+) -> None:
+    with socket.create_connection((edge_server.host, edge_server.port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        while sock.recv(4096):  # the server answers (A-ABORT) or just closes; never hangs
+            pass
+    assert edge_server.echo().ok
