@@ -1,0 +1,342 @@
+"""Drop-folder ingest: real `pacs-edge serve`, real watchdog, real files; checked in the index.
+
+Every scenario ends with the same three questions: did each file end where it
+should (index, rejected/ with a reason, done/), was anything ingested twice
+(the server's own tally of duplicates, instance versions in the index), and
+was anything lost (incoming/ empty, counts match)?
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dicomgen
+import pydicom
+import pytest
+from conftest import EdgeServer
+
+from appliance.dropfolder.layout import Root
+from appliance.dropfolder.sources import ZipSource, read_media_index, sanitise_member_name
+from appliance.dropfolder.stability import StabilityTracker
+from appliance.errors import InvalidInstance
+
+STABLE_SECONDS = 0.5
+WAIT_SECONDS = 60.0
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def drop_server(edge_server_factory: Callable[..., EdgeServer]) -> Callable[..., EdgeServer]:
+    """A server whose drop folder reacts fast: stable after 0.5 s, rescans every 2 s."""
+
+    def make(*, start: bool = True, **dropfolder: Any) -> EdgeServer:
+        server = edge_server_factory(start=False)
+        server.configure(dropfolder={"stable_seconds": STABLE_SECONDS, "rescan_seconds": 2.0,
+                                     **dropfolder})
+        return server.start() if start else server
+
+    return make
+
+
+def incoming(server: EdgeServer) -> Path:
+    return server.home / "incoming"
+
+
+def status(server: EdgeServer) -> dict[str, int]:
+    report: dict[str, int] = json.loads(server.cli("status", "--json").stdout)["dropfolder"]
+    return report
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}", pytrace=False)
+        time.sleep(0.1)
+
+
+def wait_settled(server: EdgeServer, *, ingested: int, rejected: int = 0) -> dict[str, int]:
+    """Poll `pacs-edge status` until the drop folder reached the expected counts."""
+    expected = {"ingested": ingested, "rejected": rejected, "pending": 0}
+    seen: dict[str, int] = {}
+
+    def settled() -> bool:
+        nonlocal seen
+        seen = status(server)
+        return seen == expected
+
+    try:
+        wait_until(f"status shows {expected}", settled)
+    except pytest.fail.Exception:
+        pytest.fail(f"drop folder status {seen}, expected {expected}\n{server.log()[-3000:]}",
+                    pytrace=False)
+    return seen
+
+
+def instances(server: EdgeServer) -> dict[str, tuple[str, str]]:
+    """sop_uid -> (path relative to the store, source) from the index, read-only."""
+    with sqlite3.connect(f"file:{server.home / 'index.sqlite3'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT sop_uid, path, source_ae FROM instances").fetchall()
+        versions = db.execute("SELECT COUNT(*) FROM instance_versions").fetchone()[0]
+    assert versions == 0, "an instance was stored twice with different content"
+    return {sop: (path, source) for sop, path, source in rows}
+
+
+def assert_stored_exactly(server: EdgeServer,
+                          generated: list[dicomgen.GeneratedInstance]) -> None:
+    rows = instances(server)
+    assert sorted(rows) == sorted(g.sop_instance_uid for g in generated)
+    for g in generated:
+        path, source = rows[g.sop_instance_uid]
+        assert source == "dropfolder"
+        stored = server.home / "store" / path
+        assert dicomgen.dataset_bytes(stored) == dicomgen.dataset_bytes(g.path)
+
+
+def duplicates_logged(server: EdgeServer) -> int:
+    """Identical content handed to ingest again, as the server tallied it."""
+    total = 0
+    for line in server.log().splitlines():
+        if "drop folder ingested " in line:
+            total += int(line.split("duplicates=")[1].split()[0])
+    return total
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def make_cd(cd: Path, study: list[dicomgen.GeneratedInstance]
+            ) -> list[dicomgen.GeneratedInstance]:
+    """A CD layout: ISO 9660 file names under DICOM/, a DICOMDIR by dcmtk's dcmmkdir."""
+    folder = cd / "DICOM" / "ST000001"
+    folder.mkdir(parents=True)
+    copied = []
+    for n, g in enumerate(study):
+        target = folder / f"IM{n:06d}"
+        shutil.copy(g.path, target)
+        copied.append(dicomgen.GeneratedInstance(target, g.header))
+    subprocess.run(["dcmmkdir", "+r", "-Pgp", "+I", "DICOM"], cwd=cd, check=True,
+                   capture_output=True, timeout=60)
+    return copied
+
+
+def reason_of(server: EdgeServer, relative: str) -> str:
+    rejected = server.home / "incoming.rejected"
+    assert (rejected / relative).is_file(), files_under(rejected)
+    return (rejected / f"{relative}.reason").read_text().splitlines()[0]
+
+
+# --- scenarios with a server ----------------------------------------------------------
+
+
+def test_study_tree_copied_in_while_serving_is_ingested_once(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    study = dicomgen.make_study(tmp_path / "study", seed=11, instances_per_series=5)
+    shutil.copytree(tmp_path / "study", incoming(server) / "study")
+
+    wait_settled(server, ingested=len(study))
+    assert_stored_exactly(server, study)
+    assert files_under(incoming(server)) == []
+    assert not (server.home / "incoming.rejected").exists()
+    assert duplicates_logged(server) == 0
+
+
+def test_file_written_slowly_in_chunks_is_ingested_once_whole(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    [instance] = dicomgen.make_study(tmp_path / "src", seed=12, series_per_study=1,
+                                     instances_per_series=1, modalities=("CT",), size=128)
+    data = instance.path.read_bytes()
+    target = incoming(server) / "slow.dcm"
+    chunks = 10
+    step = -(-len(data) // chunks)
+    # Reopen for every chunk: each close is an inotify IN_CLOSE_WRITE, so a watcher
+    # trusting "closed after write" would ingest a prefix. Pauses stay below
+    # stable_seconds, as the configuration promises the writer does.
+    for n in range(chunks):
+        with target.open("ab") as fh:
+            fh.write(data[n * step:(n + 1) * step])
+        time.sleep(0.3)
+
+    wait_settled(server, ingested=1)
+    assert_stored_exactly(server, [instance])  # byte-identical, no prior (partial) version
+    assert not (server.home / "incoming.rejected").exists()
+    assert duplicates_logged(server) == 0
+
+
+def test_unusable_files_are_moved_to_rejected_with_a_reason(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    staging = tmp_path / "bad"
+    dicomgen.make_non_dicom_file(staging, "notes.txt")
+    (staging / "empty.dcm").write_bytes(b"")
+    dicomgen.make_truncated_instance(staging)
+    bad_uid = dicomgen.make_bad_uid_instance(staging, kind="letters")
+    (incoming(server) / "sub").mkdir()
+    for path in sorted(staging.iterdir()):
+        shutil.copy(path, incoming(server) / "sub" / path.name)
+
+    wait_settled(server, ingested=0, rejected=4)
+    assert reason_of(server, "sub/notes.txt") == "not a DICOM Part 10 file"
+    assert reason_of(server, "sub/empty.dcm") == "file is empty"
+    assert reason_of(server, "sub/truncated.dcm") == "dataset is truncated"
+    assert "not a valid UID" in reason_of(server, f"sub/{bad_uid.name}")
+    assert instances(server) == {}
+    assert files_under(incoming(server)) == []
+
+
+def test_dicomdir_media_is_ingested_through_its_records(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server(after_ingest="move")
+    cd = tmp_path / "cd"
+    study = make_cd(cd, dicomgen.make_study(tmp_path / "src", seed=13))
+    (cd / "README.TXT").write_text("viewer instructions\n")
+
+    shutil.copytree(cd, incoming(server) / "CD1")
+
+    wait_settled(server, ingested=len(study), rejected=1)
+    assert_stored_exactly(server, study)  # and nothing else: the DICOMDIR is no instance
+    done = server.home / "incoming.done" / "CD1"
+    assert (done / "DICOMDIR").is_file()
+    assert len(files_under(done / "DICOM")) == len(study)
+    assert reason_of(server, "CD1/README.TXT") == "not a DICOM Part 10 file"
+    assert files_under(incoming(server)) == []
+
+
+def test_zip_archive_is_ingested_member_by_member(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    study = dicomgen.make_study(tmp_path / "src", seed=14)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, g in enumerate(study):
+            # Names that would escape a naive extraction: never used as paths.
+            name = f"../../escape-{n}.dcm" if n % 2 else f"/abs/IM{n}.dcm"
+            zf.write(g.path, name)
+        zf.writestr("DICOMDIR", b"an index, not an instance")
+        zf.writestr("../../notes.txt", "not DICOM\n")
+    shutil.copy(archive, incoming(server) / "study.zip")
+
+    wait_settled(server, ingested=len(study), rejected=1)
+    assert_stored_exactly(server, study)
+    assert reason_of(server, "study.zip.contents/notes.txt") == "not a DICOM Part 10 file"
+    assert not list(server.home.parent.rglob("escape-*"))
+    assert files_under(incoming(server)) == []
+
+
+def test_files_waiting_before_a_restart_are_ingested_after_it(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    first = dicomgen.make_study(tmp_path / "first", seed=15)
+    shutil.copytree(tmp_path / "first", incoming(server) / "first")
+    wait_settled(server, ingested=len(first))
+    server.stop()
+
+    second = dicomgen.make_study(tmp_path / "second", seed=16)
+    shutil.copytree(tmp_path / "second", incoming(server) / "second")
+    shutil.copy(first[0].path, incoming(server) / "again.dcm")  # identical: a no-op
+    dicomgen.make_non_dicom_file(incoming(server), "notes.txt")
+    server.start()
+
+    wait_settled(server, ingested=len(first) + len(second), rejected=1)
+    assert_stored_exactly(server, first + second)
+    assert duplicates_logged(server) == 1
+    assert files_under(incoming(server)) == []
+
+
+def test_only_one_worker_watches_the_drop_folder(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server(start=False)
+    server.configure(dicom={"workers": 2})
+    server.start()
+    study = dicomgen.make_study(tmp_path / "study", seed=17)
+    shutil.copytree(tmp_path / "study", incoming(server) / "study")
+
+    wait_settled(server, ingested=len(study))
+    assert_stored_exactly(server, study)
+    assert server.log().count("drop folder watching") == 1
+    assert duplicates_logged(server) == 0
+
+
+# --- units without a server ------------------------------------------------------------
+
+
+def test_tracker_wants_two_observations_stable_seconds_apart() -> None:
+    tracker: StabilityTracker[str] = StabilityTracker(2.0)
+    tracker.observe("a", (10, 1), now=0.0)
+    assert tracker.pop_ready() == []
+    assert tracker.due(1.9) == [] and tracker.next_due() == 2.0
+    assert tracker.due(2.0) == ["a"]
+    tracker.observe("a", (10, 1), now=2.0)
+    assert tracker.pop_ready() == ["a"]
+    assert len(tracker) == 0
+
+
+def test_tracker_restarts_the_clock_on_every_change() -> None:
+    tracker: StabilityTracker[str] = StabilityTracker(2.0)
+    tracker.observe("a", (10, 1), now=0.0)
+    tracker.observe("a", (20, 2), now=1.5)  # still growing
+    tracker.observe("a", (20, 2), now=3.0)
+    assert tracker.pop_ready() == []
+    tracker.observe("a", (20, 2), now=3.5)
+    assert tracker.pop_ready() == ["a"]
+
+
+def test_zip_member_names_cannot_leave_their_folder() -> None:
+    assert sanitise_member_name("../../etc/passwd", 0) == ("etc", "passwd")
+    assert sanitise_member_name("/abs/x.dcm", 1) == ("abs", "x.dcm")
+    assert sanitise_member_name("..\\..\\C:\\win.ini", 2) == ("C_", "win.ini")
+    assert sanitise_member_name("../..", 3) == ("member-3",)
+
+
+def test_zip_member_larger_than_its_header_says_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "lying.zip"
+    payload = b"\0" * 100_000
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("IM1", payload)
+    # Make the central directory claim 1000 bytes: a bomb hiding its real size.
+    data = bytearray(archive.read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    data[central + 24:central + 28] = (1000).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+
+    with ZipSource(archive) as source:
+        [member] = source.members
+        assert member.info.file_size == 1000
+        with pytest.raises(InvalidInstance):
+            source.extract(member, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lying.zip"]
+
+
+def test_media_index_resolves_records_and_refuses_escapes(tmp_path: Path) -> None:
+    cd = tmp_path / "cd"
+    study = make_cd(cd, dicomgen.make_study(tmp_path / "src", seed=18))
+    ds = pydicom.dcmread(cd / "DICOMDIR")
+    images = [r for r in ds.DirectoryRecordSequence if "ReferencedFileID" in r]
+    images[0].ReferencedFileID = ["..", "..", "etc", "passwd"]
+    images[1].ReferencedFileID = ["dicom", "st000001", "im000001;1"]  # case, ISO version
+    ds.save_as(cd / "DICOMDIR")
+
+    media = read_media_index(cd / "DICOMDIR")
+    assert media.invalid == 1 and media.missing == 0
+    assert sorted(media.files) == sorted(g.path for g in study[1:])
+    assert all(Root(cd).contains(p) for p in media.files)
