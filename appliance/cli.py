@@ -31,8 +31,8 @@ from provisioning.home import init_home
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def expected_errors(func: F) -> F:

@@ -1,0 +1,122 @@
+"""The pacs-edge commands as an operator uses them: init, peers, status, import, fsck."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+from conftest import EdgeServer, run_pacs_edge
+
+
+def test_init_twice_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = run_pacs_edge("init", "--home", str(home), "--ae-title", "CT_EDGE")
+    assert "initialised" in first.stdout
+    config = (home / "pacs-edge.toml").read_text()
+    assert 'ae_title = "CT_EDGE"' in config
+    assert stat.S_IMODE((home / "secrets" / "log.key").stat().st_mode) == 0o600
+    second = run_pacs_edge("init", "--home", str(home), "--ae-title", "OTHER")
+    assert "nothing changed" in second.stdout
+    assert (home / "pacs-edge.toml").read_text() == config
+
+
+def test_home_comes_from_the_environment(tmp_path: Path) -> None:
+    home = tmp_path / "env-home"
+    env = {**os.environ, "PACS_EDGE_HOME": str(home)}
+    import subprocess
+
+    from conftest import pacs_edge_command
+
+    subprocess.run([*pacs_edge_command(), "init"], env=env, check=True, capture_output=True)
+    assert (home / "pacs-edge.toml").is_file()
+
+
+def test_commands_on_a_missing_home_explain_what_to_do(tmp_path: Path) -> None:
+    result = run_pacs_edge("status", "--home", str(tmp_path / "nope"), check=False)
+    assert result.returncode == 2
+    assert "pacs-edge init" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_value_names_the_key(edge_home: Path) -> None:
+    config = edge_home / "pacs-edge.toml"
+    config.write_text(config.read_text().replace("max_associations = 32",
+                                                 "max_associations = -3"))
+    result = run_pacs_edge("config", "check", "--home", str(edge_home), check=False)
+    assert result.returncode == 2
+    assert "dicom.max_associations" in result.stderr and "-3" in result.stderr
+
+
+def test_peer_changes_apply_to_a_running_server(edge_server: EdgeServer) -> None:
+    assert not edge_server.echo(aet="NEWWS").ok
+    edge_server.add_peer("new-ws", "NEWWS", 11113, allow="find")
+    listed = json.loads(edge_server.cli("peers", "list", "--json").stdout)
+    assert {p["name"] for p in listed} == {"testscu", "new-ws"}
+    assert edge_server.echo(aet="NEWWS").ok
+    edge_server.cli("peers", "remove", "new-ws")
+    assert not edge_server.echo(aet="NEWWS").ok
+    assert "calling AE title is not in the allowlist" in edge_server.log()
+
+
+def test_peer_without_store_permission_is_refused(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance]
+) -> None:
+    edge_server.add_peer("viewer", "VIEWER", 11114, allow="find")
+    result = dcmtk.storescu(edge_server.port, [small_study[0].path], aet="VIEWER",
+                            args=("-d",))
+    assert 0x0124 in result.dimse_statuses()
+    assert json.loads(edge_server.cli("status", "--json").stdout)["instances"] == 0
+    assert "lacks permission 'store'" in edge_server.log()
+
+
+def test_import_stores_folders_and_reports_each_rejected_file(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    study = dicomgen.make_study(tmp_path / "in" / "study", seed=31)
+    dicomgen.make_non_dicom_file(tmp_path / "in", "readme.txt")
+    dicomgen.make_truncated_instance(tmp_path / "in")
+    result = run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "in"),
+                           check=False)
+    assert result.returncode == 1
+    assert f"stored {len(study)}" in result.stdout
+    assert "rejected 2" in result.stdout
+    assert "readme.txt: not a DICOM Part 10 file" in result.stderr
+    assert "truncated.dcm: dataset is truncated" in result.stderr
+    again = run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "in" / "study"))
+    assert f"already present {len(study)}" in again.stdout
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
+    assert status["instances"] == len(study)
+    assert status["tier_states"] == {"local": 1}
+
+
+def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "study", seed=41)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    assert "consistent" in run_pacs_edge("fsck", "--home", str(edge_home)).stdout
+
+    files = sorted((edge_home / "store").rglob("*.dcm"))
+    orphan_home = tmp_path / "other"
+    shutil.copytree(edge_home, orphan_home)
+    # An orphan: a file whose index row was never committed.
+    files[0].unlink()
+    moved = orphan_home / "store" / files[0].relative_to(edge_home / "store")
+    report = run_pacs_edge("fsck", "--home", str(edge_home), check=False)
+    assert report.returncode == 1
+    assert "index row without file" in report.stdout
+
+    (orphan_home / "index.sqlite3").unlink()
+    for suffix in ("-wal", "-shm"):
+        (orphan_home / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+    unrepaired = run_pacs_edge("fsck", "--home", str(orphan_home), check=False)
+    assert unrepaired.returncode == 1 and "file without index row" in unrepaired.stdout
+    repaired = run_pacs_edge("fsck", "--repair", "--home", str(orphan_home))
+    assert repaired.stdout.count("adopted") == len(study)
+    assert moved.exists()
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(orphan_home)).stdout)
+    assert status["instances"] == len(study)
+    assert "consistent" in run_pacs_edge("fsck", "--home", str(orphan_home)).stdout
