@@ -1,0 +1,1 @@
+"""Blob stores: one interface (base.BlobStore), a local folder and Azure Blob Storage."""

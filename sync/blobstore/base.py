@@ -1,0 +1,136 @@
+"""The blob-store contract every backend implements.
+
+A blob store holds immutable, named byte strings. The sync agent writes each
+name once (packs and manifests are versioned, never overwritten) and reads
+them back whole or by range. Names are opaque, PHI-free strings made of
+`[a-z0-9/._-]` (see sync.naming); backends may rely on that.
+
+Semantics every backend must keep (the contract tests in
+tests/test_blobstore_contract.py check each one):
+
+- put(name, data) is atomic: a reader sees the whole blob or no blob, never
+  a prefix. Putting a name that exists raises BlobExists (nothing is
+  overwritten). `data` is an iterable of byte chunks so a pack streams
+  without being held in memory.
+- open_range(name, offset, length) returns exactly those bytes; a range past
+  the end raises BlobRangeError. Reading an archived blob raises BlobOffline.
+- stat(name) reports size, access tier, whether it can be read now
+  (online) and the backend's content hash when it keeps one.
+- list(prefix) yields every blob whose name starts with prefix, sorted.
+- delete(name) removes a blob; deleting a missing blob raises BlobNotFound.
+- set_tier(name, tier) moves a blob between Hot/Cool/Cold/Archive.
+  Moving out of Archive starts rehydration: request_online(name) does that
+  explicitly, and stat(name).online tells when it finished.
+
+Errors from vendor SDKs never cross this boundary: each backend maps them to
+the tree below where they arise.
+
+    BlobStoreError               base (operation, name, hint)
+    ├── BlobNotFound             no blob by that name
+    ├── BlobExists               put of a name that exists
+    ├── BlobRangeError           range outside the blob
+    ├── BlobOffline              archived: rehydrate first
+    └── BlobStoreUnavailable     the store cannot be reached or refused us
+        └── TransientBlobError   worth retrying (timeouts, 5xx, throttling)
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from appliance.errors import PacsEdgeError
+
+
+class Tier(enum.Enum):
+    HOT = "Hot"
+    COOL = "Cool"
+    COLD = "Cold"
+    ARCHIVE = "Archive"
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    name: str
+    size: int
+    tier: Tier
+    online: bool
+    content_md5: bytes | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class BlobStoreError(PacsEdgeError):
+    def __init__(self, operation: str, name: str, message: str, *,
+                 hint: str | None = None) -> None:
+        super().__init__(f"blob store {operation} {name!r}: {message}", hint=hint)
+        self.operation = operation
+        self.name = name
+
+
+class BlobNotFound(BlobStoreError):
+    pass
+
+
+class BlobExists(BlobStoreError):
+    pass
+
+
+class BlobRangeError(BlobStoreError):
+    pass
+
+
+class BlobOffline(BlobStoreError):
+    pass
+
+
+class BlobStoreUnavailable(BlobStoreError):
+    pass
+
+
+class TransientBlobError(BlobStoreUnavailable):
+    pass
+
+
+class BlobStore(ABC):
+    """Immutable named blobs; see the module docstring for the contract."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, name: str, data: Iterable[bytes], *,
+            metadata: dict[str, str] | None = None) -> BlobInfo:
+        """Write a new blob atomically from byte chunks; BlobExists if the name is taken."""
+
+    @abstractmethod
+    def open_range(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes [offset, offset+length) of a blob (to its end when length is None)."""
+
+    @abstractmethod
+    def iter_chunks(self, name: str, *, chunk_size: int = 4 << 20) -> Iterator[bytes]:
+        """The whole blob as a stream of chunks (recall of a full pack)."""
+
+    @abstractmethod
+    def stat(self, name: str) -> BlobInfo:
+        """Size, tier, online state and content hash of one blob."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Blobs whose names start with `prefix`, in name order."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove a blob; BlobNotFound when there is none."""
+
+    @abstractmethod
+    def set_tier(self, name: str, tier: Tier) -> None:
+        """Change the access tier; leaving Archive starts rehydration."""
+
+    @abstractmethod
+    def request_online(self, name: str) -> None:
+        """Start bringing an archived blob back online (no-op when it is online)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and clients."""
