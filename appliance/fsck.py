@@ -45,8 +45,7 @@ async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
     on_disk = set(await asyncio.to_thread(lambda: list(files.iter_files())))
     report.orphan_files = sorted(on_disk - set(known))
     report.missing_files = sorted(
-        path for path, (kind, state) in known.items()
-        if path not in on_disk and not (kind == "current" and state == "evicted")
+        path for path, must_be_local in known.items() if must_be_local and path not in on_disk
     )
     if repair:
         for relative in report.orphan_files:

@@ -18,7 +18,7 @@ from typing import Any
 import aiosqlite
 
 from appliance.dicom_header import InstanceHeader
-from appliance.store import database
+from appliance.store import database, tiering
 from appliance.store.times import time_key
 
 
@@ -191,14 +191,14 @@ class Index:
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
-    async def known_paths(self) -> dict[str, tuple[str, str]]:
-        """Every file path the index refers to -> (kind, tier_state); kind current|version."""
+    async def known_paths(self) -> dict[str, bool]:
+        """Every file path the index refers to -> whether the file must be on local disk
+        (False for evicted instances, whose only copy is in the cloud)."""
         rows = await self.fetchall(
-            "SELECT i.path, 'current', st.tier_state FROM instances i"
-            " JOIN series se ON i.series_fk = se.id JOIN studies st ON se.study_fk = st.id"
-            " UNION ALL SELECT path, 'version', '' FROM instance_versions"
+            "SELECT path, is_local FROM instances"
+            " UNION ALL SELECT path, 1 FROM instance_versions"
         )
-        return {path: (kind, state) for path, kind, state in rows}
+        return {path: bool(is_local) for path, is_local in rows}
 
     async def record_version(self, sop_uid: str, stored: StoredFile, transfer_syntax: str) -> None:
         """Adopt a file as a prior version of `sop_uid` (fsck of a superseded file)."""
@@ -261,6 +261,8 @@ async def _record(
          h.accession_number, h.study_id, h.study_description, h.referring_physician,
          h.character_set, stored.size, now, now, now, now),
     )
+    # New content for a study the cloud already holds: it needs a new pack version.
+    await tiering.apply(conn, study_fk, tiering.Trigger.NEW_INSTANCE)
     async with conn.execute(
         "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
         " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"

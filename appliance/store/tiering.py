@@ -1,0 +1,107 @@
+"""The per-study tiering state machine: one table of allowed transitions.
+
+    local ──replicate──▶ replicating ──verified──▶ replicated ──evict──▶ evicted
+      ▲                      │                      │   ▲                 │
+      └────────failed────────┘      new_instance ───┘   └──recalled── recalling ◀──recall──┘
+      ▲                                                                   │
+      └────────────────────────────── (recall) failed ──▶ evicted ◀──────┘
+
+A transition not in the table is refused (TierTransitionError), as
+pynetdicom's fsm.py refuses an event its state does not accept. Every
+applied transition is one committed row in `tier_transitions`, in the same
+transaction as the state change, so a crashed agent can tell on restart what
+it was doing: `replicating` rolls back to `local` (the pack is unverified and
+a fresh version is uploaded), `recalling` rolls back to `evicted`.
+
+Invariant the agent keeps: a study's local files are deleted only after its
+transition to `evicted` is committed, and that transition requires every
+instance to be in a verified pack.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import aiosqlite
+
+from appliance.errors import PacsEdgeError
+
+
+class TierState(enum.StrEnum):
+    LOCAL = "local"
+    REPLICATING = "replicating"
+    REPLICATED = "replicated"
+    EVICTED = "evicted"
+    RECALLING = "recalling"
+
+
+class Trigger(enum.StrEnum):
+    REPLICATE = "replicate"        # the agent starts uploading a new pack version
+    VERIFIED = "verified"          # the pack was read back and matches
+    FAILED = "failed"              # upload/recall failed, or a crash left it half done
+    NEW_INSTANCE = "new_instance"  # an instance arrived after the study was replicated
+    EVICT = "evict"                # local files are about to be deleted
+    RECALL = "recall"              # someone needs the files of an evicted study
+    RECALLED = "recalled"          # every instance is back on disk and verified
+
+
+TRANSITIONS: dict[tuple[TierState, Trigger], TierState] = {
+    (TierState.LOCAL, Trigger.REPLICATE): TierState.REPLICATING,
+    (TierState.REPLICATING, Trigger.VERIFIED): TierState.REPLICATED,
+    (TierState.REPLICATING, Trigger.FAILED): TierState.LOCAL,
+    (TierState.REPLICATING, Trigger.NEW_INSTANCE): TierState.REPLICATING,
+    (TierState.REPLICATED, Trigger.NEW_INSTANCE): TierState.LOCAL,
+    (TierState.REPLICATED, Trigger.EVICT): TierState.EVICTED,
+    (TierState.EVICTED, Trigger.RECALL): TierState.RECALLING,
+    (TierState.EVICTED, Trigger.NEW_INSTANCE): TierState.EVICTED,
+    (TierState.RECALLING, Trigger.RECALLED): TierState.REPLICATED,
+    (TierState.RECALLING, Trigger.FAILED): TierState.EVICTED,
+    (TierState.RECALLING, Trigger.NEW_INSTANCE): TierState.RECALLING,
+    (TierState.LOCAL, Trigger.NEW_INSTANCE): TierState.LOCAL,
+}
+
+
+class TierTransitionError(PacsEdgeError):
+    def __init__(self, state: str, trigger: str) -> None:
+        super().__init__(f"tiering: {trigger!r} is not allowed in state {state!r}",
+                         hint="another process changed the study meanwhile; retry the pass")
+        self.state = state
+        self.trigger = trigger
+
+
+def next_state(state: TierState | str, trigger: Trigger) -> TierState:
+    try:
+        return TRANSITIONS[(TierState(state), trigger)]
+    except (KeyError, ValueError):
+        raise TierTransitionError(str(state), trigger.value) from None
+
+
+async def apply(conn: aiosqlite.Connection, study_id: int, trigger: Trigger,
+                *, expect: TierState | None = None) -> TierState:
+    """Apply `trigger` to a study inside the caller's transaction; returns the new state.
+
+    With `expect`, refuse unless the study is in that state (a guard against a
+    concurrent change by the other process between read and write).
+    """
+    async with conn.execute("SELECT tier_state FROM studies WHERE id = ?", (study_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        raise PacsEdgeError(f"tiering: no study with id {study_id}")
+    current = TierState(row[0])
+    if expect is not None and current is not expect:
+        raise TierTransitionError(current.value, trigger.value)
+    target = next_state(current, trigger)
+    if target is current:
+        return current  # a self-loop (e.g. more instances while local) is not a transition
+    now = time.time()
+    await conn.execute(
+        "UPDATE studies SET tier_state = ?, tier_changed_at = ? WHERE id = ?",
+        (target.value, now, study_id),
+    )
+    await conn.execute(
+        "INSERT INTO tier_transitions (study_fk, from_state, to_state, trigger, at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (study_id, current.value, target.value, trigger.value, now),
+    )
+    return target
