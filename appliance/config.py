@@ -82,6 +82,41 @@ class DropFolderConfig:
     )
 
 
+_DAYS = ">= 0 days (0: never)"
+
+
+def _cloud_url_ok(value: str) -> bool:
+    return value == "" or value.startswith(("file:///", "azure://"))
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    url: str = field(default="", metadata=_check(
+        _cloud_url_ok, '"" (the data home\'s cloud/ folder), file:///ABSOLUTE/PATH or azure://CONTAINER'))
+    credentials_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    stable_after_seconds: float = field(default=300.0, metadata=_check(lambda v: v >= 0, ">= 0"))
+    replicate_interval_seconds: float = field(
+        default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    evict_after_days: float = field(default=30.0, metadata=_check(lambda v: v >= 0, ">= 0 days"))
+    disk_high_watermark_percent: float = field(
+        default=85.0, metadata=_check(lambda v: 0 < v <= 100, "1-100"))
+    disk_low_watermark_percent: float = field(
+        default=75.0, metadata=_check(lambda v: 0 < v <= 100, "1-100"))
+    cool_after_days: float = field(default=30.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    cold_after_days: float = field(default=90.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    archive_after_days: float = field(default=0.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    segment_size: int = field(
+        default=1 << 20, metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864"))
+    recall_poll_seconds: float = field(default=1.0, metadata=_check(lambda v: v > 0, "> 0"))
+    rehydrate_poll_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
+    recall_timeout_seconds: float = field(
+        default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(
@@ -98,7 +133,14 @@ class Config:
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
     dropfolder: DropFolderConfig = DropFolderConfig()
+    cloud: CloudConfig = CloudConfig()
+    sync: SyncConfig = SyncConfig()
     log: LogConfig = LogConfig()
+
+    @property
+    def cloud_url(self) -> str:
+        """The blob store URL; the default is a local folder inside the data home."""
+        return self.cloud.url or f"file://{self.home / 'cloud'}"
 
     @property
     def config_path(self) -> Path:
@@ -125,6 +167,8 @@ _SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "index": IndexConfig,
     "dropfolder": DropFolderConfig,
+    "cloud": CloudConfig,
+    "sync": SyncConfig,
     "log": LogConfig,
 }
 
@@ -167,6 +211,11 @@ def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") ->
         dropfolder=dataclasses.replace(
             config.dropfolder, paths=tuple(_under(home, p) for p in config.dropfolder.paths)
         ),
+        cloud=dataclasses.replace(
+            config.cloud,
+            credentials_file=_under(home, config.cloud.credentials_file)
+            if config.cloud.credentials_file else None,
+        ),
     )
 
 
@@ -194,6 +243,9 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif kind == Path | None:
+        ok = isinstance(value, str | Path)
+        value = (Path(value).expanduser() if str(value) else None) if ok else value
     elif kind is Path:
         ok = isinstance(value, str | Path) and str(value) != ""
         value = Path(value).expanduser() if ok else value
@@ -240,6 +292,24 @@ _COMMENTS = {
     "dropfolder.stable_seconds": "A file is ingested once its size and mtime held this long.",
     "dropfolder.rescan_seconds": "Full rescan interval, for file systems without events (NFS/SMB).",
     "dropfolder.after_ingest": "delete the original, or move it to done/ beside the folder.",
+    "cloud": "Where encrypted study packs go. Credentials never live in this file.",
+    "cloud.url": "\"\" = <home>/cloud (local folder); file:///PATH (e.g. a NAS); azure://CONTAINER.",
+    "cloud.credentials_file": "For azure://: a 0600 file holding the connection string (else"
+    " $AZURE_STORAGE_CONNECTION_STRING).",
+    "sync": "The sync agent (`pacs-edge sync`): replicate, evict, lifecycle, recall.",
+    "sync.stable_after_seconds": "A study is replicated once no instance arrived for this long.",
+    "sync.replicate_interval_seconds": "How often the agent looks for studies to replicate/evict.",
+    "sync.evict_after_days": "Evict replicated studies not accessed for this long (0: never).",
+    "sync.disk_high_watermark_percent": "Above this disk use, evict least recently used first...",
+    "sync.disk_low_watermark_percent": "...until disk use is below this.",
+    "sync.cool_after_days": "Move packs to the Cool tier after this many days (0: never).",
+    "sync.cold_after_days": "Move packs to the Cold tier after this many days (0: never).",
+    "sync.archive_after_days": "Move packs to Archive after this many days (0: never; recall"
+    " from Archive takes hours).",
+    "sync.segment_size": "Encryption segment size in bytes (range reads fetch whole segments).",
+    "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
+    "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
+    "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }
@@ -260,6 +330,9 @@ def render_config_toml(**overrides: dict[str, Any]) -> str:
                   **{k: v for k, v in overrides.get(name, {}).items() if v is not None}}
         for key, value in values.items():
             table.add(tomlkit.comment(_COMMENTS[f"{name}.{key}"]))
+            if value is None:
+                table.add(tomlkit.comment(f"{key} = \"\""))
+                continue
             if isinstance(value, tuple):
                 value = [str(v) for v in value]
             table.add(key, str(value) if isinstance(value, Path) else value)
