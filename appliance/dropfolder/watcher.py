@@ -75,7 +75,7 @@ from appliance.ingest import IngestService
 
 log = logging.getLogger(__name__)
 
-INGEST_CONCURRENCY = 8
+INGEST_CONCURRENCY = 4
 STOP_GRACE_SECONDS = 10.0
 PRUNE_QUIET_SECONDS = 60.0
 
