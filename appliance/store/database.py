@@ -68,11 +68,11 @@ async def migrate(conn: aiosqlite.Connection) -> int:
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
     await conn.execute("COMMIT")
-    async with conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
+    async with conn.execute("SELECT version FROM schema_migrations") as cur:
+        applied = {int(r[0]) for r in await cur.fetchall()}
+    current = max(applied, default=0)
     for version, name, sql in migration_scripts():
-        if version <= current:
+        if version in applied:
             continue
         await conn.execute("BEGIN IMMEDIATE")
         try:
@@ -92,7 +92,7 @@ async def migrate(conn: aiosqlite.Connection) -> int:
             await conn.execute("ROLLBACK")
             raise
         log.info("index migrated version=%d name=%s", version, name)
-        current = version
+        current = max(current, version)
     return current
 
 

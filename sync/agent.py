@@ -1,0 +1,129 @@
+"""`pacs-edge sync`: the agent process, its scheduled jobs, and one-shot passes.
+
+Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
+- replicate + evict, every `sync.replicate_interval_seconds`;
+- recall requests from the appliance, every `sync.recall_poll_seconds`;
+- cloud lifecycle, hourly.
+A job that fails logs the error and runs again at its next time; the agent
+itself only stops on SIGTERM/SIGINT. On start it rolls back work that an
+earlier, killed agent left half done (see replicate.recover_interrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from appliance.config import Config
+from appliance.errors import PacsEdgeError
+from sync.context import SyncContext, open_context
+from sync.evict import evict_study, eviction_candidates
+from sync.lifecycle import apply_lifecycle
+from sync.recall import serve_recall_requests
+from sync.replicate import Replicated, recover_interrupted, replicate_study, stable_studies
+
+log = logging.getLogger(__name__)
+
+LIFECYCLE_INTERVAL = 3600.0
+
+
+@dataclass
+class PassReport:
+    replicated: list[Replicated] = field(default_factory=list)
+    evicted: int = 0
+    bytes_freed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
+                    evict: bool = True) -> PassReport:
+    """One replicate-then-evict pass; failures of single studies are reported, not raised."""
+    assert ctx.index.writer is not None
+    started = time.time()
+    report = PassReport()
+    wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
+    for study in await stable_studies(ctx, wait):
+        try:
+            done = await replicate_study(ctx, study)
+        except PacsEdgeError as exc:
+            report.failures.append(f"replicate: {exc.message}")
+            continue
+        if done is not None:
+            report.replicated.append(done)
+    if evict:
+        for study in await eviction_candidates(ctx):
+            try:
+                report.bytes_freed += await evict_study(ctx, study)
+                report.evicted += 1
+            except PacsEdgeError as exc:
+                report.failures.append(f"evict: {exc.message}")
+    summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
+                          "evicted": report.evicted, "failures": report.failures})
+    await ctx.index.writer.submit(lambda c: c.execute(
+        "INSERT INTO sync_passes (started_at, finished_at, ok, summary) VALUES (?, ?, ?, ?)",
+        (started, time.time(), int(report.ok), summary)))
+    return report
+
+
+async def run_agent(config: Config) -> None:
+    async with open_context(config) as ctx:
+        await recover_interrupted(ctx)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        scheduler = AsyncIOScheduler(event_loop=loop)
+        sync = config.sync
+        jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
+            ("replicate-evict", lambda: sync_pass(ctx), sync.replicate_interval_seconds),
+            ("recall-requests", lambda: serve_recall_requests(ctx), sync.recall_poll_seconds),
+            ("lifecycle", lambda: apply_lifecycle(ctx), LIFECYCLE_INTERVAL),
+        ]
+        for name, job, seconds in jobs:
+            scheduler.add_job(_logged(name, job), "interval", seconds=seconds, id=name,
+                              max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+        scheduler.start()
+        log.info("sync agent ready cloud=%s", _redacted(config.cloud_url))
+        try:
+            await stop.wait()
+        finally:
+            log.info("sync agent stopping")
+            scheduler.shutdown(wait=False)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    log.info("sync agent stopped")
+
+
+def _logged(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        try:
+            await job()
+        except PacsEdgeError as exc:
+            log.error("job failed job=%s error=%s", name, exc.message)
+        except Exception:
+            log.exception("job crashed job=%s", name)
+
+    return run
+
+
+def _now() -> object:
+    from datetime import datetime
+
+    return datetime.now(UTC)
+
+
+def _redacted(url: str) -> str:
+    """Cloud URLs carry no secrets by design; keep only the scheme and the container."""
+    return url.split("?", 1)[0]

@@ -1,0 +1,36 @@
+"""What every sync job works with: config, index, file store, blob store and the pack codec."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from appliance.config import Config
+from appliance.store.files import FileStore
+from appliance.store.index import Index
+from sync.blobstore.base import BlobStore
+from sync.cloud import PackService
+
+
+@dataclass
+class SyncContext:
+    config: Config
+    index: Index
+    files: FileStore
+    store: BlobStore
+    packs: PackService
+
+
+@asynccontextmanager
+async def open_context(config: Config) -> AsyncIterator[SyncContext]:
+    from sync.blobstore.factory import open_blob_store
+
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    files = FileStore(config.store.path)
+    try:
+        async with Index(config.index.path) as index:
+            yield SyncContext(config, index, files, store,
+                              PackService.for_home(config, store, files))
+    finally:
+        store.close()

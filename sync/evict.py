@@ -1,0 +1,107 @@
+"""Evict: free local disk by deleting files of studies whose packs are verified in the cloud.
+
+The transition to `evicted` (and `is_local = 0` for every instance) is
+committed first, the files are deleted after: a crash in between leaves
+files the index no longer needs (harmless, and overwritten by the next
+recall), never an index row whose only copy was deleted. The index keeps
+every row, so C-FIND still answers (InstanceAvailability NEARLINE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+
+import aiosqlite
+
+from appliance import logsafe
+from appliance.errors import PacsEdgeError
+from appliance.store.tiering import TierState, Trigger, apply
+from sync.context import SyncContext
+from sync.records import StudyRow, studies_where
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+
+
+class NotEvictable(PacsEdgeError):
+    pass
+
+
+async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
+    """Evict one study; returns the bytes freed."""
+    assert ctx.index.writer is not None
+    if study.tier_state != TierState.REPLICATED:
+        raise NotEvictable(
+            f"study is {study.tier_state}, not replicated",
+            hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
+                 " verified in the cloud can be evicted",
+        )
+    paths = await ctx.index.writer.submit(lambda c: _mark_evicted(c, study.id))
+    freed = await drop_local_files(ctx, study.id, paths)
+    log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid), len(paths),
+             freed)
+    return freed
+
+
+async def drop_local_files(ctx: SyncContext, study_id: int, paths: Sequence[str]) -> int:
+    """Delete files whose instances are already marked non-local (after the commit)."""
+    def remove() -> int:
+        freed = 0
+        for relative in paths:
+            path = ctx.files.absolute(relative)
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        for relative in {str(ctx.files.absolute(p).parent) for p in paths}:
+            with contextlib.suppress(OSError):
+                ctx.files.absolute(relative).rmdir()  # only when empty
+        return freed
+
+    return await asyncio.to_thread(remove)
+
+
+async def _mark_evicted(conn: aiosqlite.Connection, study_id: int) -> list[str]:
+    async with conn.execute(
+        "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_fk = se.id"
+        " LEFT JOIN packs p ON i.pack_fk = p.id"
+        " WHERE se.study_fk = ? AND (p.id IS NULL OR p.state != 'verified')", (study_id,)
+    ) as cur:
+        row = await cur.fetchone()
+    if row and row[0]:
+        raise NotEvictable(f"{row[0]} instance(s) are not in a verified pack yet",
+                           hint="wait for the next replication pass")
+    await apply(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
+    async with conn.execute(
+        "UPDATE instances SET is_local = 0 WHERE series_fk IN"
+        " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,)
+    ) as cur:
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
+    """Replicated studies to evict now: idle past `evict_after_days`, then least recently
+    used ones while the store's disk is above the high watermark (down to the low one)."""
+    sync = ctx.config.sync
+    replicated = await studies_where(ctx.index, "st.tier_state = 'replicated'",
+                                     order="st.last_access_at")
+    chosen: list[StudyRow] = []
+    if sync.evict_after_days > 0:
+        cutoff = time.time() - sync.evict_after_days * DAY
+        chosen = [s for s in replicated if s.last_access_at < cutoff]
+    usage = await asyncio.to_thread(shutil.disk_usage, ctx.files.root)
+    used = usage.used - sum(s.total_bytes for s in chosen)
+    if used * 100 > usage.total * sync.disk_high_watermark_percent:
+        target = usage.total * sync.disk_low_watermark_percent / 100
+        for study in replicated:
+            if used <= target:
+                break
+            if study not in chosen:
+                chosen.append(study)
+                used -= study.total_bytes
+    return chosen

@@ -1,0 +1,51 @@
+"""Cloud lifecycle: move verified packs to cheaper access tiers as they age.
+
+Ages are counted from the pack's creation; a pack only ever moves towards
+colder tiers here (a recall of an archived pack rehydrates it, see
+PackService.ensure_online). Manifests and key objects stay Hot: listing and
+restoring need them quickly, and they are small.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sync.blobstore.base import Tier
+from sync.context import SyncContext
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+_ORDER = [Tier.HOT, Tier.COOL, Tier.COLD, Tier.ARCHIVE]
+
+
+def target_tier(age_days: float, *, cool: float, cold: float, archive: float) -> Tier:
+    tier = Tier.HOT
+    for limit, colder in ((cool, Tier.COOL), (cold, Tier.COLD), (archive, Tier.ARCHIVE)):
+        if limit > 0 and age_days >= limit:
+            tier = colder
+    return tier
+
+
+async def apply_lifecycle(ctx: SyncContext) -> int:
+    """Re-tier every verified pack that is older than its tier allows; returns moves made."""
+    assert ctx.index.writer is not None
+    sync = ctx.config.sync
+    now = time.time()
+    rows = await ctx.index.fetchall(
+        "SELECT id, pack_name, access_tier, created_at FROM packs WHERE state = 'verified'")
+    moved = 0
+    for pack_id, pack_name, current, created_at in rows:
+        target = target_tier((now - created_at) / DAY, cool=sync.cool_after_days,
+                             cold=sync.cold_after_days, archive=sync.archive_after_days)
+        if _ORDER.index(target) <= _ORDER.index(Tier(current)):
+            continue
+        await ctx.packs.set_tier(pack_name, target)
+        await ctx.index.writer.submit(
+            lambda c, p=pack_id, t=target.value: c.execute(
+                "UPDATE packs SET access_tier = ? WHERE id = ?", (t, p)))
+        moved += 1
+    if moved:
+        log.info("lifecycle moved packs=%d", moved)
+    return moved
