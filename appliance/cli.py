@@ -9,62 +9,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import shutil
 import sys
-from collections.abc import Callable
-from functools import wraps
+import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from appliance import __version__
-from appliance.config import CONFIG_FILE, PEERS_FILE, Config, load_config, render_config_toml
-from appliance.config import resolve_home as _resolve_home
-from appliance.errors import PacsEdgeError
+from appliance import cli_cloud as cloud_commands
+from appliance.cli_common import (
+    err,
+    expected_errors,
+    home_option,
+    human_size,
+    load,
+    out,
+    resolve_home,
+    setup_logging,
+)
+from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
 from provisioning.home import init_home
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def expected_errors(func: F) -> F:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except PacsEdgeError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
-            if exc.hint:
-                err.print(f"hint: {exc.hint}", highlight=False)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
-
-
-home_option = click.option(
-    "--home", "home", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Data home (default: $PACS_EDGE_HOME, else ./data).",
-)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _config(home: Path | None) -> Config:
-    return load_config(_resolve_home(home))
 
 
 @click.group()
@@ -80,7 +49,7 @@ def main() -> None:
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> None:
     """Create the data home with a commented config file; never overwrites anything."""
-    resolved = _resolve_home(home)
+    resolved = resolve_home(home)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
@@ -110,7 +79,7 @@ def serve(home: Path | None, dicom_port: int | None, ae_title: str | None) -> No
     from appliance.serve import serve as run
     from appliance.workers import run_workers
 
-    config = _config(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
+    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
     setup_logging(config.log.level)
     if config.dicom.workers > 1:
         run_workers(config)
@@ -135,7 +104,7 @@ def peers() -> None:
 def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
               allow: str) -> None:
     """Allow a remote AE."""
-    config = _config(home)
+    config = load(home)
     peer = Peer(name, ae_title, host, port, parse_permissions(allow))
     Allowlist(config.peers_path).add(peer)
     allowed = ",".join(sorted(peer.allow))
@@ -149,7 +118,7 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
 @expected_errors
 def peers_list(home: Path | None, as_json: bool) -> None:
     """Show the allowlist."""
-    listed = Allowlist(_config(home).peers_path).peers()
+    listed = Allowlist(load(home).peers_path).peers()
     if as_json:
         click.echo(json.dumps([
             {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
@@ -168,7 +137,7 @@ def peers_list(home: Path | None, as_json: bool) -> None:
 @expected_errors
 def peers_remove(home: Path | None, name: str) -> None:
     """Remove a peer; a running server refuses it from the next association."""
-    peer = Allowlist(_config(home).peers_path).remove(name)
+    peer = Allowlist(load(home).peers_path).remove(name)
     out.print(f"removed peer {name} ({peer.ae_title})", highlight=False)
 
 
@@ -181,12 +150,13 @@ def status(home: Path | None, as_json: bool) -> None:
     from appliance.dropfolder.status import drop_folder_counts
     from appliance.store.index import Index
 
-    config = _config(home)
+    config = load(home)
 
     async def gather() -> dict[str, Any]:
         async with Index(config.index.path) as index:
             totals = await index.totals()
             dropped = await drop_folder_counts(config, index)
+            synced = await index.sync_summary()
         usage = shutil.disk_usage(config.store.path)
         return {
             "home": str(config.home),
@@ -200,6 +170,7 @@ def status(home: Path | None, as_json: bool) -> None:
             "disk_total_bytes": usage.total,
             "tier_states": {"local": 0, **totals.tier_states},
             "dropfolder": dataclasses.asdict(dropped),
+            "sync": synced,
         }
 
     report = asyncio.run(gather())
@@ -209,13 +180,17 @@ def status(home: Path | None, as_json: bool) -> None:
     table = Table(show_header=False, box=None)
     for key in ("home", "patients", "studies", "series", "instances", "prior_versions"):
         table.add_row(key.replace("_", " "), str(report[key]))
-    table.add_row("on disk", _human(report["bytes_on_disk"]))
-    table.add_row("disk free", f"{_human(report['disk_free_bytes'])} of "
-                  f"{_human(report['disk_total_bytes'])}")
+    table.add_row("on disk", human_size(report["bytes_on_disk"]))
+    table.add_row("disk free", f"{human_size(report['disk_free_bytes'])} of "
+                  f"{human_size(report['disk_total_bytes'])}")
     for state, count in report["tier_states"].items():
         table.add_row(f"studies {state}", str(count))
     for key, count in report["dropfolder"].items():
         table.add_row(f"drop folder {key}", str(count))
+    table.add_row("waiting to replicate", human_size(report["sync"]["bytes_waiting_to_replicate"]))
+    last = report["sync"]["last_successful_pass_at"]
+    table.add_row("last sync pass", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+                  if last else "never")
     out.print(table)
 
 
@@ -230,7 +205,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
     from appliance.store.files import FileStore
     from appliance.store.index import Index
 
-    config = _config(home)
+    config = load(home)
     files = sorted(set(expand_paths(paths)))
 
     async def run() -> Any:
@@ -244,7 +219,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
                                           on_progress=lambda _p: progress.advance(task))
 
     summary = asyncio.run(run())
-    out.print(f"stored {summary.stored} ({_human(summary.bytes)}), "
+    out.print(f"stored {summary.stored} ({human_size(summary.bytes)}), "
               f"already present {summary.duplicates}, new versions {summary.new_versions}, "
               f"rejected {len(summary.rejected)}", highlight=False)
     for path, reason in summary.rejected:
@@ -263,7 +238,7 @@ def fsck(home: Path | None, repair: bool) -> None:
     from appliance.store.files import FileStore
     from appliance.store.index import Index
 
-    config = _config(home)
+    config = load(home)
 
     async def run() -> Any:
         async with Index(config.index.path) as index:
@@ -297,18 +272,14 @@ def config_group() -> None:
 @expected_errors
 def config_check(home: Path | None) -> None:
     """Validate the config file and the peer allowlist."""
-    config = _config(home)
+    config = load(home)
     peers_found = Allowlist(config.peers_path).peers()
     out.print(f"{config.config_path}: ok; {len(peers_found)} peer(s)", highlight=False)
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"
-
+main.add_command(cloud_commands.sync)
+main.add_command(cloud_commands.evict)
+main.add_command(cloud_commands.recall)
 
 if __name__ == "__main__":
     main()

@@ -191,6 +191,16 @@ class Index:
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
+    async def sync_summary(self) -> dict[str, float | int | None]:
+        """Bytes not yet in any pack, and when the last successful sync pass ended."""
+        row = await self.fetchone(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
+            "        WHERE pack_fk IS NULL AND is_local = 1),"
+            " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1)"
+        )
+        assert row is not None
+        return {"bytes_waiting_to_replicate": row[0], "last_successful_pass_at": row[1]}
+
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk
         (False for evicted instances, whose only copy is in the cloud)."""
