@@ -18,12 +18,14 @@ from appliance import logsafe
 from appliance.bridge import LoopBridge
 from appliance.config import Config
 from appliance.dimse.handlers import DimseHandlers, Services
+from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
 from appliance.peers import Allowlist
 from appliance.recovery import begin_run, end_run, recover
+from appliance.retrieve import RetrieveService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 
@@ -66,6 +68,9 @@ async def serve(
             config.dicom, allowlist, event_handlers(DimseHandlers(services)),
             reuse_port=config.dicom.workers > 1,
         )
+        # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
+        attach_retrieve(server.ae, RetrieveService(allowlist, index, files), services.bridge,
+                        config.dicom)
         host, port = await asyncio.to_thread(server.start)
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None

@@ -1,0 +1,489 @@
+"""C-MOVE end to end: a real `pacs-edge serve`, dcmtk movescu and pynetdicom as clients,
+dcmtk storescp and a pynetdicom Storage SCP as destinations.
+
+What is proven here: instances arrive byte-identical (dataset after the File Meta
+group) in the transfer syntax they were stored in; the allowlist gates both the
+requester (`move` permission, else 0x0124) and the destination (unknown: 0xA801);
+the identifier selects by level in both information models; pending responses
+count down; a destination that rejects a transfer syntax or does not answer gives
+the right counts and final status (0xB000, 0xA702); a lost C-STORE response is
+retried on a fresh association and counted once; C-CANCEL stops the move (0xFE00);
+hundreds of sub-operations arrive exactly once.
+
+dcmtk tools leave Nagle on unless the environment says TCP_NODELAY=1 (dcmtk reads
+that variable); with it off each sub-operation to storescp costs a delayed ACK
+(~40 ms), so every test here runs dcmtk with it set.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import HOST, TEST_AE, EdgeServer
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+MODELS = {
+    "patient": PatientRootQueryRetrieveInformationModelMove,
+    "study": StudyRootQueryRetrieveInformationModelMove,
+}
+SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
+REFUSED_NOT_AUTHORIZED, DESTINATION_UNKNOWN = 0x0124, 0xA801
+IDENTIFIER_DOES_NOT_MATCH, ALL_FAILED, SOME_FAILED = 0xA900, 0xA702, 0xB000
+MANY = 240
+
+
+@pytest.fixture(autouse=True)
+def dcmtk_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="module")
+def many_instances(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.GeneratedInstance]:
+    """One study of MANY small CT/MR images (two series)."""
+    return dicomgen.make_study(tmp_path_factory.mktemp("many"), seed=31, series_per_study=2,
+                               instances_per_series=MANY // 2, size=8)
+
+
+# --- peers -------------------------------------------------------------------------------
+
+class Destination:
+    """A pynetdicom Storage SCP that keeps the raw dataset bytes of every C-STORE it gets.
+
+    `stall(uid, nth_arrival)` returns how long to sit on the response (seconds),
+    which is how a test makes a C-STORE response go missing for the sender.
+    """
+
+    def __init__(self, ae_title: str = "PYDEST", *,
+                 transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
+                 stall: Callable[[str, int], float] | None = None) -> None:
+        self.ae_title = ae_title
+        self.ae = AE(ae_title)
+        self.ae.maximum_pdu_size = 0
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, list(transfer_syntaxes))
+        self.stall = stall
+        self.arrivals: dict[str, list[bytes]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self.port = 0
+
+    def __enter__(self) -> Destination:
+        server = self.ae.start_server((HOST, 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.port = int(server.server_address[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ae.shutdown()
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.arrivals[uid].append(event.encoded_dataset(include_meta=False))
+            nth = len(self.arrivals[uid])
+        delay = self.stall(uid, nth) if self.stall else 0.0
+        if delay:
+            time.sleep(delay)
+        return SUCCESS
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {uid: len(got) for uid, got in self.arrivals.items()}
+
+
+@pytest.fixture
+def destination() -> Iterator[Destination]:
+    with Destination() as dest:
+        yield dest
+
+
+def c_move(edge: EdgeServer, keys: dict[str, object], move_destination: str, *,
+           model: str = "study", aet: str = TEST_AE,
+           on_pending: Callable[[object, int, int], None] | None = None,
+           ) -> list[tuple[Dataset, Dataset | None]]:
+    """C-MOVE from pynetdicom; every (status, identifier) response, in order.
+    `on_pending(assoc, context_id, n)` runs after the n-th pending response."""
+    ae = AE(aet)
+    ae.dimse_timeout = 60
+    ae.add_requested_context(MODELS[model])
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established, "association with pacs-edge refused"
+    identifier = Dataset()
+    with pydicom_config.disable_value_validation():  # some tests send invalid UIDs
+        for keyword, value in keys.items():
+            setattr(identifier, keyword, value)
+    responses: list[tuple[Dataset, Dataset | None]] = []
+    try:
+        for status, ident in assoc.send_c_move(identifier, move_destination, MODELS[model]):
+            responses.append((status, ident))
+            if on_pending and status.get("Status") == PENDING:
+                on_pending(assoc, assoc.accepted_contexts[0].context_id, len(responses))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert responses and "Status" in responses[-1][0], "no final C-MOVE response"
+    return responses
+
+
+def final(responses: list[tuple[Dataset, Dataset | None]]) -> tuple[int, dict[str, int]]:
+    status = responses[-1][0]
+    counts = {key: int(status.get(f"NumberOf{key.capitalize()}Suboperations", -1))
+              for key in ("completed", "failed", "warning", "remaining")}
+    return int(status.Status), counts
+
+
+def failed_list(responses: list[tuple[Dataset, Dataset | None]]) -> set[str]:
+    ident = responses[-1][1]
+    assert ident is not None, "final response without an identifier"
+    value = ident.get("FailedSOPInstanceUIDList", [])
+    return {str(v) for v in ([value] if isinstance(value, str) else value)}
+
+
+def store(edge: EdgeServer, instances: Sequence[dicomgen.GeneratedInstance]) -> None:
+    result = dcmtk.storescu(edge.port, [i.path for i in instances], aec=edge.ae_title).check()
+    assert result.store_responses() == ["Success"] * len(instances)
+
+
+def assert_arrived_as_sent(dest: Destination,
+                           instances: Sequence[dicomgen.GeneratedInstance]) -> None:
+    assert set(dest.arrivals) == {i.sop_instance_uid for i in instances}
+    for inst in instances:
+        for received in dest.arrivals[inst.sop_instance_uid]:
+            assert received == dicomgen.dataset_bytes(inst.path), inst.path.name
+
+
+def index_rows(edge: EdgeServer, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+# --- dcmtk movescu -----------------------------------------------------------------------
+
+def test_movescu_sends_a_study_to_dcmtk_storescp_byte_exact(
+    edge_server: EdgeServer, storescp: dcmtk.StoreSCP,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("storescp", storescp.ae_title, storescp.port, allow="store")
+
+    result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                           storescp.ae_title, aec=edge_server.ae_title).check()
+
+    assert "Received Final Move Response (Success)" in result.output
+    assert len(re.findall(r"Received Move Response \d+ \(Pending\)", result.output)) == len(
+        small_study)
+    received = {str(dicomgen.read_header(p).SOPInstanceUID): p for p in storescp.files()}
+    assert set(received) == {i.sop_instance_uid for i in small_study}
+    for inst in small_study:
+        assert dicomgen.dataset_bytes(received[inst.sop_instance_uid]) == dicomgen.dataset_bytes(
+            inst.path)
+
+
+def test_unknown_move_destination_is_refused_with_a801(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                           "NOWHERE", aec=edge_server.ae_title, args=("-d",))
+    assert result.dimse_statuses()[-1] == DESTINATION_UNKNOWN
+    assert "move refused reason=move destination 'NOWHERE' is not a known peer" in (
+        edge_server.log())
+    assert edge_server.echo().ok
+
+
+def test_peer_without_move_permission_is_refused(
+    edge_server: EdgeServer, storescp: dcmtk.StoreSCP,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("storescp", storescp.ae_title, storescp.port, allow="store")
+    edge_server.add_peer("viewer", "VIEWER", 1, allow="find,store")
+
+    result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                           storescp.ae_title, aet="VIEWER", aec=edge_server.ae_title,
+                           args=("-d",))
+
+    assert result.dimse_statuses()[-1] == REFUSED_NOT_AUTHORIZED
+    assert storescp.files() == []
+    assert "move refused reason=peer lacks permission 'move' calling=VIEWER" in edge_server.log()
+
+
+@pytest.mark.parametrize("kind", ["dcmtk-storescp", "pynetdicom"])
+def test_hundreds_of_suboperations_each_arrive_exactly_once(
+    kind: str, edge_server: EdgeServer, tmp_path: Path,
+    many_instances: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, many_instances)
+    study = many_instances[0].study_uid
+    if kind == "pynetdicom":
+        with Destination() as dest:
+            edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
+            result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": study},
+                                   dest.ae_title, aec=edge_server.ae_title).check()
+        assert dest.counts() == {i.sop_instance_uid: 1 for i in many_instances}
+        assert_arrived_as_sent(dest, many_instances)
+    else:
+        with dcmtk.StoreSCP(tmp_path / "scp", ae_title="STORESCP") as scp:
+            edge_server.add_peer("dest", scp.ae_title, scp.port, allow="store")
+            result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": study},
+                                   scp.ae_title, aec=edge_server.ae_title).check()
+        assert scp.log().count("Received Store Request") == MANY
+        received = sorted(str(dicomgen.read_header(p).SOPInstanceUID) for p in scp.files())
+        assert received == sorted(i.sop_instance_uid for i in many_instances)
+
+    assert "Received Final Move Response (Success)" in result.output
+    assert f"move finished status=0x0000 completed={MANY} failed=0 warning=0" in (
+        edge_server.log())
+
+
+# --- pynetdicom client -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "level", "pick"), [
+    ("patient", "PATIENT", "all"),
+    ("patient", "STUDY", "all"),
+    ("study", "STUDY", "all"),
+    ("study", "SERIES", "mr-series"),
+    ("study", "IMAGE", "two-ct-images"),
+])
+def test_identifier_selects_by_level_and_pending_responses_count_down(
+    model: str, level: str, pick: str, edge_server: EdgeServer, destination: Destination,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    first = small_study[0]
+    keys: dict[str, object] = {"QueryRetrieveLevel": level}
+    if model == "patient":
+        keys["PatientID"] = first.patient_id
+    if level != "PATIENT":
+        keys["StudyInstanceUID"] = first.study_uid
+    expected = list(small_study)
+    if pick == "mr-series":
+        expected = [i for i in small_study if i.header.Modality == "MR"]
+        keys["SeriesInstanceUID"] = expected[0].series_uid
+    elif pick == "two-ct-images":
+        expected = [i for i in small_study if i.header.Modality == "CT"][:2]
+        keys["SeriesInstanceUID"] = expected[0].series_uid
+        keys["SOPInstanceUID"] = [i.sop_instance_uid for i in expected]
+
+    responses = c_move(edge_server, keys, destination.ae_title, model=model)
+
+    status, counts = final(responses)
+    assert status == SUCCESS
+    assert counts["completed"] == len(expected)
+    assert (counts["failed"], counts["warning"]) == (0, 0)
+    pending = [s for s, _ in responses[:-1]]
+    assert [int(s.Status) for s in pending] == [PENDING] * len(expected)
+    assert [int(s.NumberOfRemainingSuboperations) for s in pending] == list(
+        range(len(expected) - 1, -1, -1))
+    assert [int(s.NumberOfCompletedSuboperations) for s in pending] == list(
+        range(1, len(expected) + 1))
+    assert destination.counts() == {i.sop_instance_uid: 1 for i in expected}
+    assert_arrived_as_sent(destination, expected)
+
+
+def test_nothing_matched_is_success_with_no_suboperations(
+    edge_server: EdgeServer, destination: Destination,
+) -> None:
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": "1.2.3.4.5"}, destination.ae_title)
+    assert final(responses)[0] == SUCCESS
+    assert len(responses) == 1
+    assert destination.counts() == {}
+
+
+@pytest.mark.parametrize(("model", "keys"), [
+    ("study", {"QueryRetrieveLevel": "PATIENT", "PatientID": "X"}),
+    ("study", {"QueryRetrieveLevel": "STUDY"}),
+    ("study", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.abc"}),
+    ("study", {"StudyInstanceUID": "1.2.3"}),
+    ("patient", {"QueryRetrieveLevel": "PATIENT"}),
+    ("study", {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": ["1.2.3", "1.2.4"],
+               "SeriesInstanceUID": "1.2.3.1"}),
+], ids=["patient-level-in-study-root", "no-study-uid", "uid-with-letters", "no-level",
+        "no-patient-id", "list-above-the-level"])
+def test_identifier_that_does_not_fit_the_model_is_refused_with_a900(
+    model: str, keys: dict[str, object], edge_server: EdgeServer,
+) -> None:
+    # TESTSCU is a known peer (nothing listens on its port): the refusal comes first.
+    responses = c_move(edge_server, keys, TEST_AE, model=model)
+    assert final(responses)[0] == IDENTIFIER_DOES_NOT_MATCH
+    assert "move refused reason=" in edge_server.log()
+    assert edge_server.echo().ok
+
+
+def test_destination_rejecting_stored_transfer_syntaxes_gives_b000_with_counts(
+    edge_server: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
+) -> None:
+    chosen = [syntax_set[str(dicomgen.TRANSFER_SYNTAXES[name])]
+              for name in ("implicit-le", "explicit-le", "jpeg-lossless", "rle")]
+    store(edge_server, chosen)
+    explicit = syntax_set[str(ExplicitVRLittleEndian)]
+    rejected = {i.sop_instance_uid for i in chosen if i is not explicit}
+    with Destination(transfer_syntaxes=[ExplicitVRLittleEndian]) as dest:
+        edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        some = c_move(edge_server, {"QueryRetrieveLevel": "SERIES",
+                                    "StudyInstanceUID": explicit.study_uid,
+                                    "SeriesInstanceUID": explicit.series_uid}, dest.ae_title)
+        one_rejected = next(i for i in chosen if i.sop_instance_uid in rejected)
+        none = c_move(edge_server, {"QueryRetrieveLevel": "IMAGE",
+                                    "StudyInstanceUID": explicit.study_uid,
+                                    "SeriesInstanceUID": explicit.series_uid,
+                                    "SOPInstanceUID": one_rejected.sop_instance_uid},
+                      dest.ae_title)
+
+    status, counts = final(some)
+    assert status == SOME_FAILED
+    assert (counts["completed"], counts["failed"], counts["warning"]) == (1, 3, 0)
+    assert failed_list(some) == rejected
+    assert_arrived_as_sent(dest, [explicit])
+
+    status, counts = final(none)
+    assert status == ALL_FAILED
+    assert (counts["completed"], counts["failed"]) == (0, 1)
+    assert failed_list(none) == {one_rejected.sop_instance_uid}
+    assert "destination does not accept the stored transfer syntax (not transcoding)" in (
+        edge_server.log())
+
+
+def test_destination_that_does_not_answer_fails_every_suboperation(
+    edge_server: EdgeServer, free_port: Callable[[], int],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("gone", "GONE", free_port(), allow="store")
+    started = time.monotonic()
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": small_study[0].study_uid}, "GONE")
+    status, counts = final(responses)
+    assert status == ALL_FAILED
+    assert (counts["completed"], counts["failed"]) == (0, len(small_study))
+    assert failed_list(responses) == {i.sop_instance_uid for i in small_study}
+    assert "move destination did not answer" in edge_server.log()
+    # One failed connection attempt, not one per instance.
+    assert time.monotonic() - started < 10
+
+
+def test_instance_whose_file_is_gone_fails_alone(
+    edge_server: EdgeServer, destination: Destination,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    lost = small_study[2]
+    [(path,)] = index_rows(edge_server, "SELECT path FROM instances WHERE sop_uid = "
+                           f"'{lost.sop_instance_uid}'")
+    (edge_server.home / "store" / str(path)).unlink()
+
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": lost.study_uid}, destination.ae_title)
+
+    status, counts = final(responses)
+    assert status == SOME_FAILED
+    assert (counts["completed"], counts["failed"]) == (len(small_study) - 1, 1)
+    assert failed_list(responses) == {lost.sop_instance_uid}
+    assert_arrived_as_sent(destination, [i for i in small_study if i is not lost])
+    assert "not on local disk" in edge_server.log()
+
+
+def test_lost_store_response_is_retried_on_a_fresh_association_and_counted_once(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"suboperation_timeout": 1.0, "suboperation_retries": 2})
+    edge.start()
+    store(edge, small_study)
+    victim = small_study[3].sop_instance_uid
+    # The first C-STORE of `victim` gets its response only after the sender gave up.
+    with Destination(stall=lambda uid, nth: 3.0 if uid == victim and nth == 1 else 0.0) as dest:
+        edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": small_study[0].study_uid}, dest.ae_title)
+
+    status, counts = final(responses)
+    assert status == SUCCESS
+    assert (counts["completed"], counts["failed"], counts["warning"]) == (len(small_study), 0, 0)
+    expected = {i.sop_instance_uid: 1 for i in small_study} | {victim: 2}
+    assert dest.counts() == expected
+    assert_arrived_as_sent(dest, small_study)
+    assert "move sub-operation got no C-STORE response attempt=1 of 3" in edge.log()
+    assert "failed after" not in edge.log()
+
+
+def test_store_response_that_never_comes_fails_after_the_retries(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"suboperation_timeout": 1.0, "suboperation_retries": 1})
+    edge.start()
+    store(edge, small_study)
+    victim = small_study[1].sop_instance_uid
+    with Destination(stall=lambda uid, nth: 2.0 if uid == victim else 0.0) as dest:
+        edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": small_study[0].study_uid}, dest.ae_title)
+
+    status, counts = final(responses)
+    assert status == SOME_FAILED
+    assert (counts["completed"], counts["failed"]) == (len(small_study) - 1, 1)
+    assert failed_list(responses) == {victim}
+    assert dest.counts()[victim] == 2
+    assert "move sub-operation failed after 2 attempts" in edge.log()
+
+
+def test_cancel_stops_the_move_with_fe00_and_counts(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    with Destination(stall=lambda uid, nth: 0.5) as dest:
+        edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
+
+        def cancel_after_first(assoc: object, context_id: int, n: int) -> None:
+            if n == 1:
+                assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
+
+        responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                         "StudyInstanceUID": small_study[0].study_uid},
+                           dest.ae_title, on_pending=cancel_after_first)
+
+    status, counts = final(responses)
+    assert status == CANCEL
+    assert counts["remaining"] >= 1
+    assert counts["completed"] + counts["failed"] + counts["remaining"] == len(small_study)
+    assert sum(dest.counts().values()) == counts["completed"]
+
+
+def test_move_stamps_the_study_access_time(
+    edge_server: EdgeServer, destination: Destination,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    store(edge_server, small_study)
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    sql = "SELECT last_access_at FROM studies"
+    [(before,)] = index_rows(edge_server, sql)
+    c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                         "StudyInstanceUID": small_study[0].study_uid}, destination.ae_title)
+    [(after,)] = index_rows(edge_server, sql)
+    assert float(after) > float(before)  # type: ignore[arg-type]
