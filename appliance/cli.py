@@ -34,6 +34,7 @@ from appliance.cli_common import (
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
 from provisioning.home import init_home
+from provisioning.keys import create_site_secrets
 
 
 @click.group()
@@ -59,6 +60,7 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> Non
         config_text=render_config_toml(**overrides),
         extra_files={PEERS_FILE: PEERS_HEADER},
     )
+    report.created += [str(path) for path in create_site_secrets(resolved)]
     if report.changed:
         out.print(f"initialised data home {resolved}")
         for item in report.created:

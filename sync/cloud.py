@@ -1,0 +1,237 @@
+"""PackService: the one place where the sync agent meets the cloud format and the blob store.
+
+Uploads a study version (pack + manifest + site key object), verifies it,
+and reads single instances back for a recall. Blob-store calls block, so
+each public coroutine runs its I/O in a worker thread.
+
+Verification after upload, before anything may be evicted:
+- `stat` of pack, manifest and key object: each exists with the size written;
+- the backend's content MD5, when it reports one, equals the MD5 of the
+  bytes we streamed;
+- the manifest and the site key object are read back, unwrapped and
+  decrypted (they are small), and the manifest's pack hash and size match
+  what the writer produced;
+- the pack's first and last segments are read back by range and
+  authenticated: a truncated or foreign blob cannot pass.
+A full read-back of the pack would double the transfer; the AEAD segments
+make every later read self-verifying anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from appliance import logsafe
+from appliance.config import Config
+from appliance.store.files import FileStore
+from provisioning.keys import load_name_secret, load_site_key
+from sync.blobstore.base import BlobNotFound, BlobStore, Tier
+from sync.pack import naming
+from sync.pack.errors import PackIntegrityError
+from sync.pack.keys import new_data_key, new_pack_id, unwrap_with_site, wrap_for_site
+from sync.pack.manifest import (
+    InstanceAttributes,
+    Manifest,
+    SeriesAttributes,
+    StudyAttributes,
+    manifest_pack_id,
+    open_manifest,
+    seal_manifest,
+)
+from sync.pack.reader import iter_instance
+from sync.pack.segments import PackHeader, decrypt_range, plan_range
+from sync.pack.writer import PackWriter
+from sync.records import InstanceRow, PackRow, StudyRow
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_CACHE = 16
+
+
+@dataclass(frozen=True)
+class UploadedPack:
+    version: int
+    pack_name: str
+    manifest_name: str
+    pack_size: int
+    pack_sha256: str
+    offsets: dict[int, tuple[int, int]]  # instance row id -> (plaintext offset, length)
+
+
+class PackService:
+    def __init__(self, store: BlobStore, files: FileStore, *, site_key: bytes,
+                 name_secret: bytes, segment_size: int, rehydrate_poll: float) -> None:
+        self.store = store
+        self.files = files
+        self._site_key = site_key
+        self._name_secret = name_secret
+        self._segment_size = segment_size
+        self._rehydrate_poll = rehydrate_poll
+        self._opened: dict[str, tuple[bytes, Manifest]] = {}
+
+    @classmethod
+    def for_home(cls, config: Config, store: BlobStore, files: FileStore) -> PackService:
+        return cls(store, files, site_key=load_site_key(config.home),
+                   name_secret=load_name_secret(config.home),
+                   segment_size=config.sync.segment_size,
+                   rehydrate_poll=config.sync.rehydrate_poll_seconds)
+
+    def names(self, study_uid: str, version: int) -> tuple[str, str]:
+        key = naming.study_key(self._name_secret, study_uid)
+        return naming.pack_name(key, version), naming.manifest_name(key, version)
+
+    def _key_name(self, study_uid: str, version: int) -> str:
+        return naming.site_key_name(naming.study_key(self._name_secret, study_uid), version)
+
+    # --- upload ----------------------------------------------------------------
+
+    async def upload(self, study: StudyRow, instances: list[InstanceRow],
+                     version: int) -> UploadedPack:
+        return await asyncio.to_thread(self._upload, study, instances, version)
+
+    def _upload(self, study: StudyRow, instances: list[InstanceRow],
+                version: int) -> UploadedPack:
+        pack_name, manifest_name = self.names(study.study_uid, version)
+        data_key, pack_id = new_data_key(), new_pack_id()
+        writer = PackWriter(data_key, pack_id, self._segment_size)
+        offsets = {}
+        for row in instances:
+            slot = writer.feed_file(self.files.absolute(row.path), _instance_attributes(row),
+                                    dataset_offset=row.dataset_offset, dataset_sha256=row.sha256)
+            offsets[row.id] = (slot.offset, slot.length)
+        md5 = hashlib.md5(usedforsecurity=False)
+        self.store.put(pack_name, _tee(writer.chunks(), md5))
+        result = writer.result
+        manifest = writer.manifest(_study_attributes(study), study_version=version,
+                                   created_at=time.time())
+        sealed = seal_manifest(manifest, data_key)
+        wrapped = wrap_for_site(self._site_key, pack_id, data_key)
+        key_name = self._key_name(study.study_uid, version)
+        self.store.put(manifest_name, [sealed])
+        self.store.put(key_name, [wrapped])
+        self._verify(pack_name, manifest_name, key_name, result.pack_size, result.pack_sha256,
+                     md5.digest(), {manifest_name: len(sealed), key_name: len(wrapped)})
+        return UploadedPack(version, pack_name, manifest_name, result.pack_size,
+                            result.pack_sha256, offsets)
+
+    def _verify(self, pack_name: str, manifest_name: str, key_name: str, pack_size: int,
+                pack_sha256: str, pack_md5: bytes, small: dict[str, int]) -> None:
+        info = self.store.stat(pack_name)
+        if info.size != pack_size:
+            raise PackIntegrityError(f"uploaded pack has {info.size} bytes, wrote {pack_size}")
+        if info.content_md5 is not None and info.content_md5 != pack_md5:
+            raise PackIntegrityError("uploaded pack's content MD5 differs from what was sent")
+        for name, size in small.items():
+            if self.store.stat(name).size != size:
+                raise PackIntegrityError("uploaded manifest or key object has the wrong size")
+        data_key, manifest = self._open(pack_name, manifest_name, key_name, use_cache=False)
+        if manifest.pack_size != pack_size or manifest.pack_sha256 != pack_sha256:
+            raise PackIntegrityError("manifest read back does not describe the uploaded pack")
+        header = PackHeader(manifest.pack_id, manifest.segment_size)
+        for offset in {0, max(manifest.plaintext_size - 1, 0)}:
+            plan = plan_range(offset, min(1, manifest.plaintext_size), segment_size=
+                              manifest.segment_size, plaintext_size=manifest.plaintext_size)
+            decrypt_range(data_key, header, plan,
+                          self.store.open_range(pack_name, plan.blob_offset, plan.blob_length))
+
+    async def delete_version(self, study_uid: str, version: int) -> None:
+        """Remove whatever exists of a version (a failed or interrupted upload)."""
+        pack_name, manifest_name = self.names(study_uid, version)
+        names = [pack_name, manifest_name, self._key_name(study_uid, version)]
+
+        def delete() -> None:
+            for name in names:
+                with contextlib.suppress(BlobNotFound):
+                    self.store.delete(name)
+
+        await asyncio.to_thread(delete)
+
+    # --- recall ----------------------------------------------------------------
+
+    async def ensure_online(self, pack: PackRow) -> None:
+        """Wait until an archived pack is rehydrated (requested here when needed)."""
+        info = await asyncio.to_thread(self.store.stat, pack.pack_name)
+        if info.online:
+            return
+        log.info("pack is archived; rehydration requested pack=%s", pack.pack_name)
+        await asyncio.to_thread(self.store.request_online, pack.pack_name)
+        while not (await asyncio.to_thread(self.store.stat, pack.pack_name)).online:
+            await asyncio.sleep(self._rehydrate_poll)
+        log.info("pack back online pack=%s", pack.pack_name)
+
+    async def recall_instance(self, pack: PackRow, row: InstanceRow) -> None:
+        """Fetch, decrypt, verify and durably write one instance to its store path."""
+        await asyncio.to_thread(self._recall_instance, pack, row)
+
+    def _recall_instance(self, pack: PackRow, row: InstanceRow) -> None:
+        study_prefix = pack.pack_name.rsplit("/", 1)[0]
+        key_name = f"{study_prefix}/keys/site"
+        data_key, manifest = self._open(pack.pack_name, pack.manifest_name, key_name)
+        entry = next((e for e in manifest.instances if e.instance.sop_uid == row.sop_uid), None)
+        if entry is None or entry.sha256 != row.sha256:
+            raise PackIntegrityError(
+                "the pack's manifest does not hold this instance with the indexed content",
+                hint="the cloud copy was replaced or the index is out of date")
+
+        def fetch(offset: int, length: int) -> bytes:
+            return self.store.open_range(pack.pack_name, offset, length)
+
+        spool = self.files.new_spool()
+        try:
+            for piece in iter_instance(fetch, data_key, manifest, entry):
+                spool.write(piece)
+            self.files.commit(spool, row.path)
+        finally:
+            spool.discard()
+        log.debug("recalled instance=%s", logsafe.ref(row.sop_uid))
+
+    def _open(self, pack_name: str, manifest_name: str, key_name: str, *,
+              use_cache: bool = True) -> tuple[bytes, Manifest]:
+        cached = self._opened.get(pack_name) if use_cache else None
+        if cached is not None:
+            return cached
+        sealed = self.store.open_range(manifest_name)
+        wrapped = self.store.open_range(key_name)
+        pack_id = manifest_pack_id(sealed)
+        data_key = unwrap_with_site(self._site_key, pack_id, wrapped)
+        opened = (data_key, open_manifest(sealed, data_key, expected_pack_id=pack_id))
+        if len(self._opened) >= _MANIFEST_CACHE:
+            self._opened.pop(next(iter(self._opened)))
+        self._opened[pack_name] = opened
+        return opened
+
+    async def set_tier(self, pack_name: str, tier: Tier) -> None:
+        await asyncio.to_thread(self.store.set_tier, pack_name, tier)
+
+
+def _tee(chunks: Iterable[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+def _study_attributes(study: StudyRow) -> StudyAttributes:
+    return StudyAttributes(
+        patient_id=study.patient_id, issuer_of_patient_id=study.issuer,
+        patient_name=study.patient_name, birth_date=study.birth_date, sex=study.sex,
+        study_uid=study.study_uid, study_date=study.study_date, study_time=study.study_time,
+        accession_number=study.accession_number, study_id=study.study_id,
+        study_description=study.study_description,
+        referring_physician=study.referring_physician, character_set=study.character_set,
+    )
+
+
+def _instance_attributes(row: InstanceRow) -> InstanceAttributes:
+    return InstanceAttributes(
+        SeriesAttributes(row.series_uid, row.modality, row.series_number,
+                         row.series_description, row.body_part, row.series_date,
+                         row.series_time),
+        sop_uid=row.sop_uid, sop_class_uid=row.sop_class_uid,
+        instance_number=row.instance_number, transfer_syntax=row.transfer_syntax,
+    )
