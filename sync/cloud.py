@@ -170,8 +170,11 @@ class PackService:
         await asyncio.to_thread(self._recall_instance, pack, row)
 
     def _recall_instance(self, pack: PackRow, row: InstanceRow) -> None:
-        study_prefix = pack.pack_name.rsplit("/", 1)[0]
-        key_name = f"{study_prefix}/keys/site"
+        parsed = naming.parse_blob_name(pack.pack_name)
+        if parsed is None:
+            raise PackIntegrityError(f"index names a pack blob this format does not make: "
+                                     f"{pack.pack_name!r}")
+        key_name = naming.site_key_name(parsed.study_key, parsed.version)
         data_key, manifest = self._open(pack.pack_name, pack.manifest_name, key_name)
         entry = next((e for e in manifest.instances if e.instance.sop_uid == row.sop_uid), None)
         if entry is None or entry.sha256 != row.sha256:
@@ -201,6 +204,8 @@ class PackService:
         pack_id = manifest_pack_id(sealed)
         data_key = unwrap_with_site(self._site_key, pack_id, wrapped)
         opened = (data_key, open_manifest(sealed, data_key, expected_pack_id=pack_id))
+        if not use_cache:
+            return opened
         if len(self._opened) >= _MANIFEST_CACHE:
             self._opened.pop(next(iter(self._opened)))
         self._opened[pack_name] = opened
