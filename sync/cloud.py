@@ -32,6 +32,7 @@ from appliance.config import Config
 from appliance.store.files import FileStore
 from provisioning.keys import load_name_secret, load_site_key
 from sync.blobstore.base import BlobNotFound, BlobStore, Tier
+from sync.crashpoints import crash_point
 from sync.pack import naming
 from sync.pack.errors import PackIntegrityError
 from sync.pack.keys import new_data_key, new_pack_id, unwrap_with_site, wrap_for_site
@@ -107,6 +108,7 @@ class PackService:
             offsets[row.id] = (slot.offset, slot.length)
         md5 = hashlib.md5(usedforsecurity=False)
         self.store.put(pack_name, _tee(writer.chunks(), md5))
+        crash_point("upload:after-pack")
         result = writer.result
         manifest = writer.manifest(_study_attributes(study), study_version=version,
                                    created_at=time.time())
@@ -114,6 +116,7 @@ class PackService:
         wrapped = wrap_for_site(self._site_key, pack_id, data_key)
         key_name = self._key_name(study.study_uid, version)
         self.store.put(manifest_name, [sealed])
+        crash_point("upload:after-manifest")
         self.store.put(key_name, [wrapped])
         self._verify(pack_name, manifest_name, key_name, result.pack_size, result.pack_sha256,
                      md5.digest(), {manifest_name: len(sealed), key_name: len(wrapped)})
@@ -216,8 +219,10 @@ class PackService:
 
 
 def _tee(chunks: Iterable[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
-    for chunk in chunks:
+    for number, chunk in enumerate(chunks):
         digest.update(chunk)
+        if number == 2:
+            crash_point("upload:mid-pack")
         yield chunk
 
 

@@ -22,6 +22,7 @@ from appliance import logsafe
 from appliance.errors import PacsEdgeError
 from appliance.store.tiering import TierState, Trigger, apply
 from sync.context import SyncContext
+from sync.crashpoints import crash_point
 from sync.records import StudyRow, studies_where
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
                  " verified in the cloud can be evicted",
         )
     paths = await ctx.index.writer.submit(lambda c: _mark_evicted(c, study.id))
+    crash_point("evict:after-commit")
     freed = await drop_local_files(ctx, study.id, paths)
     log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid), len(paths),
              freed)
@@ -58,6 +60,7 @@ async def drop_local_files(ctx: SyncContext, study_id: int, paths: Sequence[str]
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size
                 path.unlink()
+                crash_point("evict:mid-delete")
         for relative in {str(ctx.files.absolute(p).parent) for p in paths}:
             with contextlib.suppress(OSError):
                 ctx.files.absolute(relative).rmdir()  # only when empty

@@ -26,6 +26,7 @@ from appliance import logsafe
 from appliance.errors import PacsEdgeError
 from appliance.store.tiering import TierState, Trigger, apply
 from sync.context import SyncContext
+from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.records import StudyRow, instances_of, packs_of, study_by_id
 
@@ -57,6 +58,7 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
                                    hint="run pacs-edge fsck; the index is inconsistent")
             await ctx.packs.recall_instance(packs[instance.pack_fk], instance)
             written.append(instance.path)
+            crash_point("recall:mid-instances")
             on_progress(len(written), len(missing))
     except BaseException as exc:
         await drop_local_files(ctx, study.id, written)
@@ -65,6 +67,7 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
         log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                   getattr(exc, "message", type(exc).__name__))
         raise
+    crash_point("recall:before-commit")
     await writer.submit(lambda c: _mark_recalled(c, study.id))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
     return len(missing)

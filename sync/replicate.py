@@ -22,6 +22,7 @@ from appliance import logsafe
 from appliance.store.tiering import TierState, Trigger, apply
 from sync.cloud import UploadedPack
 from sync.context import SyncContext
+from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.records import StudyRow, instances_of, studies_where
 
@@ -67,6 +68,7 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
     pack_name, manifest_name = ctx.packs.names(study.study_uid, version)
     pack_id = await writer.submit(lambda c: _insert_pack(c, study.id, version, pack_name,
                                                          manifest_name))
+    crash_point("replicate:before-upload")
     try:
         uploaded = await ctx.packs.upload(study, instances, version)
     except BaseException:
@@ -76,7 +78,9 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
         await writer.submit(lambda c: _forget_pack(c, pack_id, study.id,
                                                    roll_back=not evicted))
         raise
+    crash_point("replicate:before-commit")
     await writer.submit(lambda c: _commit_pack(c, pack_id, study.id, uploaded, evicted))
+    crash_point("replicate:after-commit")
     if evicted:
         await drop_local_files(ctx, study.id, [i.path for i in instances])
     log.info("replicated study=%s version=%d instances=%d bytes=%d",
@@ -99,6 +103,11 @@ async def recover_interrupted(ctx: SyncContext) -> int:
     stuck = await studies_where(ctx.index, "st.tier_state IN ('replicating', 'recalling')")
     for study in stuck:
         await ctx.index.writer.submit(lambda c, s=study: apply(c, s.id, Trigger.FAILED))
+    leftovers = await ctx.index.fetchall("SELECT path FROM instances WHERE is_local = 0")
+    freed = await drop_local_files(ctx, 0, [row[0] for row in leftovers])
+    if freed:
+        log.warning("removed files an interrupted eviction or recall left behind bytes=%d",
+                    freed)
     touched = len(rows) + len(stuck)
     if touched:
         log.warning("rolled back work interrupted by an earlier stop studies=%d", touched)
