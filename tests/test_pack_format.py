@@ -470,3 +470,23 @@ def test_study_key_depends_on_the_secret_and_refuses_padded_uids():
         naming.study_key(b"a" * 32, STUDY_UID + "\x00")
     with pytest.raises(ValueError):
         naming.pack_name(a, 0)
+
+
+def test_known_answer_vectors_of_the_spec():
+    """The test vectors printed in docs/cloud-format.md, for a second reader."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sync.pack.segments import encrypt_segment, segment_aad, segment_nonce
+
+    uid = "1.2.840.113619.2.55.3.604688119.969.1268071029.320"
+    key = naming.study_key(bytes(range(32)), uid)
+    assert key == "baead581801757bea8d4d977569fcb0a"
+    assert naming.pack_name(key, 3) == f"studies/{key}/v000003.pack"
+    assert naming.reader_id(bytes(range(32))) == "630dcd2966c43366"
+    header = PackHeader(bytes(range(16)), 1 << 20).to_bytes()
+    assert header == b"PEPACK01" + bytes(range(16)) + bytes.fromhex("0010000000000000")
+    assert segment_nonce(2).hex() == "000000000000000000000002"
+    assert segment_aad(header, 4, True) == header + bytes.fromhex("000000000000000401")
+    segment = encrypt_segment(AESGCM(bytes(range(32))), header, 0, True, b"hello")
+    assert segment.hex() == "66d9d9b2dae367c5e3b6ae9f6aabad381c71dd3e54"
+    assert b"".join(decrypt_pack(bytes(range(32)), [header + segment])) == b"hello"
