@@ -11,10 +11,13 @@ which decodes the request, sends the files and reports counts. Here:
   the unique key of the requested level is required (a UID list is fine),
   unique keys of the levels above narrow the match when present.
 - Matched instances whose study is not on local disk (evicted or being
-  recalled) or whose file is gone are returned as `unavailable`: the wire
-  side counts them as failed sub-operations. Recall on demand will plug in
-  here (an injected recaller, see DESIGN.md "Recall"); until then, an
-  evicted study answers C-FIND but fails to retrieve, with a log line.
+  recalled) name their study in `recall_studies`: `await_recall()` asks the
+  sync agent for them (a row in `recall_requests`, see sync/recall.py) and
+  waits, while the wire side sends Pending responses; the caller then plans
+  again. The appliance never talks to the cloud itself: cloud credentials
+  stay in the sync agent's process. Instances still not on disk after that
+  (recall failed or timed out, or a file is gone) are `unavailable` and the
+  wire side counts them as failed sub-operations.
 - `record_access()` stamps the studies' last access time, which eviction
   uses to pick the least recently used studies.
 
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # Tiering states whose files are not (completely) on local disk.
 NOT_LOCAL_STATES = frozenset({"evicted", "recalling"})
+RECALL_POLL_SECONDS = 0.2
 # Number Of ... Sub-operations are US (PS3.7 E.1): a retrieve cannot report more.
 MAX_SUBOPERATIONS = 65535
 
@@ -95,11 +99,18 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class RecallWait:
+    done: bool  # every requested study is back on local disk
+    errors: tuple[str, ...]  # why recalls failed (PHI-free)
+
+
+@dataclass(frozen=True)
 class Plan:
     requester: Peer
     destination: Peer | None  # C-MOVE only
     instances: tuple[Instance, ...]  # to send, in study/series/instance order
     unavailable: tuple[Instance, ...]  # matched but not on local disk: failed sub-operations
+    recall_studies: tuple[str, ...] = ()  # evicted studies a recall would make available
 
     @property
     def total(self) -> int:
@@ -156,10 +167,12 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
 
 
 class RetrieveService:
-    def __init__(self, allowlist: Allowlist, index: Index, files: FileStore) -> None:
+    def __init__(self, allowlist: Allowlist, index: Index, files: FileStore, *,
+                 recall_timeout: float = 600.0) -> None:
         self.allowlist = allowlist
         self.index = index
         self.files = files
+        self.recall_timeout = recall_timeout
 
     async def plan(
         self,
@@ -200,10 +213,19 @@ class RetrieveService:
             )
         # One stat per instance: off the loop, which serves every association's queries.
         ready, unavailable = await asyncio.to_thread(self._split, rows)
-        if unavailable:
-            log.warning("retrieve: matched instances not on local disk (evicted or missing) "
-                        "count=%d; recall on demand is not available yet", len(unavailable))
-        return Plan(requester, destination, tuple(ready), tuple(unavailable))
+        recall = tuple(sorted({row.study_uid for row in rows
+                               if row.tier_state in NOT_LOCAL_STATES}))
+        return Plan(requester, destination, tuple(ready), tuple(unavailable), recall)
+
+    async def await_recall(self, plan: Plan, *, requested_by: str, wait: float) -> RecallWait:
+        """Ask for the plan's evicted studies and wait up to `wait` seconds for them."""
+        await self.index.request_recall(plan.recall_studies, requested_by)
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            waiting, errors = await self.index.recall_progress(plan.recall_studies)
+            if not waiting or errors or asyncio.get_running_loop().time() >= deadline:
+                return RecallWait(done=not waiting, errors=tuple(errors))
+            await asyncio.sleep(RECALL_POLL_SECONDS)
 
     async def record_access(self, plan: Plan) -> None:
         """Stamp the last access time of the retrieved studies (eviction order)."""

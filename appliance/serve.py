@@ -69,8 +69,9 @@ async def serve(
             reuse_port=config.dicom.workers > 1,
         )
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
-        attach_retrieve(server.ae, RetrieveService(allowlist, index, files), services.bridge,
-                        config.dicom)
+        retrieve = RetrieveService(allowlist, index, files,
+                                   recall_timeout=config.sync.recall_timeout_seconds)
+        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom)
         host, port = await asyncio.to_thread(server.start)
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None

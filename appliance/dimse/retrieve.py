@@ -107,6 +107,7 @@ _REFUSAL_STATUS = {
 }
 MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2)
 _GATE_WAIT = 1.0  # seconds for a sub-association's reactor to park
+RECALL_PENDING_INTERVAL = 2.0  # seconds between Pending responses while a recall runs
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,8 @@ class _Retrieval:
 
     def move(self) -> None:
         plan = self._plan(move_destination=str(self.req.MoveDestination))
+        if plan is not None and plan.recall_studies:
+            plan = self._after_recall(plan, move_destination=str(self.req.MoveDestination))
         if plan is None:
             return
         assert plan.destination is not None
@@ -222,6 +225,8 @@ class _Retrieval:
 
     def get(self) -> None:
         plan = self._plan()
+        if plan is not None and plan.recall_studies:
+            plan = self._after_recall(plan)
         if plan is None:
             return
         tally = self._start(plan, "")
@@ -282,6 +287,31 @@ class _Retrieval:
             log.error("%s failed error=%s %s", name, type(exc).__name__, self.label)
             self._respond(Status.UNABLE_TO_PROCESS)
         return None
+
+    def _after_recall(self, plan: Plan, *, move_destination: str | None = None) -> Plan | None:
+        """Wait for the sync agent to recall the plan's evicted studies, sending Pending
+        responses meanwhile, then plan again (what is still missing then fails)."""
+        service = self.att.service
+        log.info("%s waits for a recall studies=%d %s", self.action.value,
+                 len(plan.recall_studies), self.label)
+        tally = _Tally(remaining=plan.total)
+        deadline = time.monotonic() + service.recall_timeout
+        while True:
+            wait = min(RECALL_PENDING_INTERVAL, max(0.0, deadline - time.monotonic()))
+            result = self.att.bridge.call(service.await_recall(
+                plan, requested_by=self.calling_ae, wait=wait))
+            if result.done or result.errors or time.monotonic() >= deadline:
+                break
+            if self.sc.is_cancelled(int(self.req.MessageID)) or not self.sc.assoc.is_established:
+                break
+            self._respond(Status.PENDING, tally)
+        if result.errors:
+            log.error("%s: recall failed reason=%s %s", self.action.value,
+                      "; ".join(result.errors), self.label)
+        elif not result.done:
+            log.error("%s: recall not finished after %.0f s (is `pacs-edge sync` running?) %s",
+                      self.action.value, service.recall_timeout, self.label)
+        return self._plan(move_destination=move_destination)
 
     def _start(self, plan: Plan, extra: str) -> _Tally:
         tally = _Tally(remaining=plan.total)

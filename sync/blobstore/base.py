@@ -3,7 +3,7 @@
 A blob store holds immutable, named byte strings. The sync agent writes each
 name once (packs and manifests are versioned, never overwritten) and reads
 them back whole or by range. Names are opaque, PHI-free strings made of
-`[a-z0-9/._-]` (see sync.naming); backends may rely on that.
+`[a-z0-9/._-]` (see sync.pack.naming); backends may rely on that.
 
 Semantics every backend must keep (the contract tests in
 tests/test_blobstore_contract.py check each one):
