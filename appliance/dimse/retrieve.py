@@ -317,6 +317,10 @@ class _Retrieval:
         tally = _Tally(remaining=plan.total)
         for instance in plan.unavailable:
             tally.fail(instance)
+        if plan.unavailable:
+            log.warning("%s: matched instances not on local disk fail (file missing, or study "
+                        "evicted and not recalled) count=%d %s", self.action.value,
+                        len(plan.unavailable), self.label)
         log.info("%s started instances=%d unavailable=%d %s %s", self.action.value,
                  len(plan.instances), len(plan.unavailable), extra, self.label)
         return tally
