@@ -27,6 +27,7 @@ from pathlib import Path
 
 import dcmtk
 import dicomgen
+import pydicom
 import pytest
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import config as pydicom_config
@@ -160,6 +161,20 @@ def store(edge: EdgeServer, instances: Sequence[dicomgen.GeneratedInstance]) -> 
     assert result.store_responses() == ["Success"] * len(instances)
 
 
+def store_with_pynetdicom(edge: EdgeServer,
+                          instances: Sequence[dicomgen.GeneratedInstance]) -> None:
+    ae = AE(TEST_AE)
+    for inst in instances:
+        ae.add_requested_context(inst.sop_class_uid, inst.transfer_syntax)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(pydicom.dcmread(i.path)).Status) for i in instances]
+    finally:
+        assoc.release()
+    assert statuses == [SUCCESS] * len(instances)
+
+
 def assert_arrived_as_sent(dest: Destination,
                            instances: Sequence[dicomgen.GeneratedInstance]) -> None:
     assert set(dest.arrivals) == {i.sop_instance_uid for i in instances}
@@ -253,6 +268,41 @@ def test_hundreds_of_suboperations_each_arrive_exactly_once(
     assert "Received Final Move Response (Success)" in result.output
     assert f"move finished status=0x0000 completed={MANY} failed=0 warning=0" in (
         edge_server.log())
+
+
+def test_every_stored_syntax_moves_byte_exact_and_htj2k_fails_alone_at_dcmtk(
+    edge_server: EdgeServer, tmp_path: Path, destination: Destination,
+    syntax_set: dict[str, dicomgen.GeneratedInstance],
+) -> None:
+    everything = list(syntax_set.values())
+    htj2k = [i for i in everything if i.transfer_syntax in dcmtk.HTJ2K_SYNTAXES]
+    store(edge_server, [i for i in everything if i not in htj2k])
+    store_with_pynetdicom(edge_server, htj2k)  # dcmtk 3.6.7 cannot send HTJ2K
+    series = everything[0]
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series.study_uid,
+            "SeriesInstanceUID": series.series_uid}
+
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    status, counts = final(c_move(edge_server, keys, destination.ae_title))
+    assert (status, counts["completed"]) == (SUCCESS, len(everything))
+    assert_arrived_as_sent(destination, everything)
+
+    # dcmtk's storescp cannot take HTJ2K: those fail, nothing is transcoded.
+    with dcmtk.StoreSCP(tmp_path / "scp", ae_title="STORESCP") as scp:
+        edge_server.add_peer("storescp", scp.ae_title, scp.port, allow="store")
+        result = dcmtk.movescu(edge_server.port, {k: v for k, v in keys.items()
+                                                  if k != "QueryRetrieveLevel"},
+                               scp.ae_title, level="SERIES", aec=edge_server.ae_title,
+                               args=("-d",))
+        received = {str(dicomgen.read_header(p).SOPInstanceUID): p for p in scp.files()}
+    assert result.dimse_statuses()[-1] == SOME_FAILED
+    assert set(received) == {i.sop_instance_uid for i in everything if i not in htj2k}
+    for inst in everything:
+        if inst not in htj2k:
+            assert dicomgen.dataset_bytes(received[inst.sop_instance_uid]) == (
+                dicomgen.dataset_bytes(inst.path)), inst.transfer_syntax
+    assert (f"completed={len(everything) - len(htj2k)} failed={len(htj2k)}"
+            in edge_server.log())
 
 
 # --- pynetdicom client -------------------------------------------------------------------
