@@ -45,6 +45,8 @@ class DicomConfig:
         metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864 bytes"),
     )
     max_associations: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
+    idle_connection_limit: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+    connections_per_address: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
     workers: int = field(default=1, metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))
     acse_timeout: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     dimse_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
@@ -272,6 +274,9 @@ _COMMENTS = {
     "dicom.port": "DICOM port (104 is the standard one and needs CAP_NET_BIND_SERVICE).",
     "dicom.max_pdu": "Largest PDU we accept, bytes; larger PDUs mean fewer round trips.",
     "dicom.max_associations": "Concurrent associations before new ones are rejected (busy).",
+    "dicom.idle_connection_limit": "Connections that have not asked for an association yet;"
+    " beyond it the oldest is closed.",
+    "dicom.connections_per_address": "Open connections allowed from one remote address.",
     "dicom.workers": "Processes accepting on the port (SO_REUSEPORT); >1 uses more cores.",
     "dicom.acse_timeout": "Seconds to wait for association negotiation messages.",
     "dicom.dimse_timeout": "Seconds to wait for a DIMSE message on an open association.",

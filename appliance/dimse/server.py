@@ -28,7 +28,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomConfig
-from appliance.dimse.transport import EdgeAssociationServer, EdgeRequestHandler
+from appliance.dimse.transport import (
+    ConnectionGuard,
+    EdgeAssociationServer,
+    EdgeRequestHandler,
+    SupportedContexts,
+)
 from appliance.peers import Allowlist
 
 log = logging.getLogger(__name__)
@@ -108,13 +113,17 @@ class DimseServer:
         return str(host), int(port)
 
     def start(self) -> tuple[str, int]:
-        server_class = type("Server", (EdgeAssociationServer,), {"reuse_port": self._reuse_port})
+        guard = ConnectionGuard(idle_limit=self.config.idle_connection_limit,
+                                per_address_limit=self.config.connections_per_address)
+        server_class = type("Server", (EdgeAssociationServer,),
+                            {"reuse_port": self._reuse_port, "guard": guard})
         self._server = self.ae.make_server(
             (self.config.host, self.config.port),
             evt_handlers=self._handlers,
             server_class=server_class,
             request_handler=EdgeRequestHandler,
         )
+        self._server.contexts = SupportedContexts(self._server.contexts)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dimse-accept", daemon=True
         )
