@@ -23,6 +23,7 @@ from appliance.dimse.server import DimseServer, configure_pynetdicom, event_hand
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
+from appliance.notify import Notifier
 from appliance.peers import Allowlist
 from appliance.recovery import begin_run, end_run, recover
 from appliance.retrieve import RetrieveService
@@ -84,17 +85,22 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         if on_ready is not None:
             on_ready(port)
+        # Workers stay silent: their supervisor speaks for the service (workers.py).
+        notifier = Notifier(silent=worker is not None)
         if worker is None:
             log.info("ready to accept associations ae_title=%s host=%s port=%d peers=%d",
                      config.dicom.ae_title, host, port, len(allowlist.peers()))
+            notifier.ready(f"accepting associations on port {port}")
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL)
+                    await asyncio.wait_for(stop.wait(), notifier.interval(MAINTENANCE_INTERVAL))
+                notifier.watchdog()
                 dropped = spools.sweep(idle_seconds=2 * config.dicom.network_timeout)
                 if dropped:
                     log.info("discarded spools of abandoned transfers count=%d", dropped)
         finally:
+            notifier.stopping()
             log.info("stopping: no new associations; waiting for open ones to finish")
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
             if watcher is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from appliance.config import Config
 from appliance.errors import PacsEdgeError
+from appliance.notify import Notifier
 from appliance.recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
@@ -86,12 +87,18 @@ def run_workers(config: Config) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     workers = {n: start(n) for n in range(config.dicom.workers)}
+    notifier = Notifier()
     try:
         _wait_ready(workers, ready, lambda: stopping)
         log.info("ready to accept associations ae_title=%s host=%s port=%d workers=%d",
                  config.dicom.ae_title, config.dicom.host, port, len(workers))
+        notifier.ready(f"accepting associations on port {port} with {len(workers)} workers")
+        next_ping = 0.0
         while not stopping:
             time.sleep(0.5)
+            if time.monotonic() >= next_ping:
+                notifier.watchdog()
+                next_ping = time.monotonic() + notifier.interval(READY_TIMEOUT)
             for number, process in list(workers.items()):
                 if not process.is_alive() and not stopping:
                     log.error("worker exited unexpectedly worker=%d exitcode=%s; restarting",
@@ -99,6 +106,7 @@ def run_workers(config: Config) -> None:
                     time.sleep(RESTART_BACKOFF)
                     workers[number] = start(number)
     finally:
+        notifier.stopping()
         log.info("stopping workers count=%d", len(workers))
         for process in workers.values():
             if process.is_alive() and process.pid is not None:

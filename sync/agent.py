@@ -12,6 +12,7 @@ earlier, killed agent left half done (see replicate.recover_interrupted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -24,6 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from appliance.config import Config
 from appliance.errors import PacsEdgeError
+from appliance.notify import Notifier
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
@@ -96,9 +98,15 @@ async def run_agent(config: Config) -> None:
                               max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
         scheduler.start()
         log.info("sync agent ready cloud=%s", _redacted(config.cloud_url))
+        notifier = Notifier()
+        notifier.ready("sync agent running")
         try:
-            await stop.wait()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), notifier.interval(LIFECYCLE_INTERVAL))
+                notifier.watchdog()
         finally:
+            notifier.stopping()
             log.info("sync agent stopping")
             scheduler.shutdown(wait=False)
             for sig in (signal.SIGTERM, signal.SIGINT):
