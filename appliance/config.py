@@ -120,6 +120,21 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    site_id: str = ""
+    flush_seconds: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 60, "0-60 s"))
+    batch_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    anchor_interval_seconds: float = field(
+        default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    syslog_host: str = ""
+    syslog_port: int = field(default=6514, metadata=_check(lambda v: 0 < v <= 65535, "1-65535"))
+    syslog_ca_file: Path | None = None
+    syslog_cert_file: Path | None = None
+    syslog_key_file: Path | None = None
+    syslog_retry_seconds: float = field(default=2.0, metadata=_check(lambda v: v > 0, "> 0"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = field(
         default="info",
@@ -137,6 +152,7 @@ class Config:
     dropfolder: DropFolderConfig = DropFolderConfig()
     cloud: CloudConfig = CloudConfig()
     sync: SyncConfig = SyncConfig()
+    audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -171,6 +187,7 @@ _SECTIONS: dict[str, type] = {
     "dropfolder": DropFolderConfig,
     "cloud": CloudConfig,
     "sync": SyncConfig,
+    "audit": AuditConfig,
     "log": LogConfig,
 }
 
@@ -315,6 +332,18 @@ _COMMENTS = {
     "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
     "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
+    "audit": "Audit trail: <home>/audit/audit.log (0600, hash-chained; holds PHI by design).",
+    "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
+    "audit.flush_seconds": "Audit records are written at association end or after this long.",
+    "audit.batch_seconds": "Import and drop-folder ingest: one audit record per study per window.",
+    "audit.anchor_interval_seconds": "How often the sync agent anchors the log head in the cloud.",
+    "audit.syslog_host": "Forward audit records to this syslog collector over TLS (\"\": off).",
+    "audit.syslog_port": "Collector port (6514 is syslog over TLS).",
+    "audit.syslog_ca_file": "CA certificate(s) that signed the collector's certificate"
+    " (\"\": the system's).",
+    "audit.syslog_cert_file": "Client certificate for mutual TLS (\"\": none).",
+    "audit.syslog_key_file": "Its private key, a 0600 file.",
+    "audit.syslog_retry_seconds": "While the collector is down, retry this often.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }
