@@ -1,0 +1,517 @@
+"""The one facade the rest of the code calls: one method per audited event.
+
+Call sites pass what they know in their own terms (a pynetdicom association,
+an ingested instance's header, a study row); this module turns that into a
+PS3.15 record (records.py) and hands it to the log (log.py).
+
+What an audit record guarantees, and when:
+- Security alerts, access refusals and admin actions are appended and
+  fsync'd before the call returns.
+- Everything else is buffered in memory and written, one write and one fsync
+  per batch, at the end of the association it belongs to or at the latest
+  every `[audit] flush_seconds` (default 1 s), and at shutdown. A C-STORE is
+  acknowledged without waiting for its audit record: the hot path costs a
+  dict update, never an fsync. A power cut can therefore lose the audit
+  records of the last `flush_seconds` and of associations still open; the
+  instances themselves are in the index with their source AE and time.
+- Instances stored over one association are one record per study (counts per
+  SOP class), written when the association closes; import and drop-folder
+  ingest are one record per study every `[audit] batch_seconds`.
+- If the log cannot be written (disk full), records stay buffered (up to
+  MAX_PENDING, then the oldest are dropped and counted in an error line) and
+  are retried at the next flush.
+
+Nothing here logs record content: log lines carry counts and error types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from appliance.audit.log import AuditLog, AuditLogError
+from appliance.audit.records import (
+    Action,
+    AuditRecord,
+    AuditSource,
+    Code,
+    EventID,
+    EventType,
+    ObjectIDType,
+    ObjectRole,
+    ObjectType,
+    Outcome,
+    Participant,
+    ParticipantObject,
+    Role,
+    patient_object,
+    study_object,
+)
+
+if TYPE_CHECKING:
+    from appliance.audit.syslog import SyslogForwarder
+    from appliance.config import Config
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 100_000
+
+
+class InstanceFacts(Protocol):
+    """What an ingested instance tells the audit (appliance.dicom_header.InstanceHeader)."""
+
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    sop_class_uid: str
+    accession_number: str
+
+
+class StudyFacts(Protocol):
+    """What a study row tells the audit (sync.records.StudyRow)."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+
+
+@dataclass(frozen=True)
+class Requestor:
+    ae_title: str
+    address: str
+    called_ae: str = ""
+
+
+def requestor_of(assoc: Any) -> Requestor:
+    """The remote AE of a pynetdicom association (duck-typed: no pynetdicom import)."""
+    requestor = assoc.requestor
+    primitive = getattr(requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", "") if primitive is not None else ""
+    return Requestor(str(requestor.ae_title).strip(), str(requestor.address),
+                     str(called or "").strip())
+
+
+@dataclass
+class _Study:
+    patient_id: str
+    patient_name: str
+    accession: str
+    sop_classes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Batch:
+    """Instances received in one association (or one rolling import window), per study."""
+
+    event_id: Code
+    participants: tuple[Participant, ...]
+    started: float = field(default_factory=time.monotonic)
+    studies: dict[str, _Study] = field(default_factory=dict)
+
+    def add(self, instance: InstanceFacts) -> None:
+        study = self.studies.get(instance.study_uid)
+        if study is None:
+            study = self.studies[instance.study_uid] = _Study(
+                instance.patient_id, instance.patient_name, instance.accession_number)
+        study.sop_classes[instance.sop_class_uid] += 1
+
+
+class Auditor:
+    """Builds records and writes them; thread-safe (pynetdicom calls from many threads)."""
+
+    def __init__(self, audit_log: AuditLog, *, ae_title: str, process: str,
+                 site_id: str = "", flush_seconds: float = 1.0, batch_seconds: float = 60.0,
+                 index_path: Path | None = None, cloud: str = "") -> None:
+        self.log = audit_log
+        self.process = process
+        self.source = AuditSource(ae_title, site_id)
+        self.flush_seconds = flush_seconds
+        self.batch_seconds = batch_seconds
+        self.index_path = index_path
+        self.cloud = cloud
+        self.box = Participant(ae_title, requestor=False, roles=(Role.APPLICATION,),
+                               alternative_user_id=str(os.getpid()),
+                               user_name=f"pacs-edge {process}")
+        self.on_flush: Callable[[], None] = lambda: None
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # _pending and the batches
+        self._write_lock = threading.Lock()  # keeps flushes in order
+        self._sessions: dict[int, _Batch] = {}
+        self._imports: dict[str, _Batch] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dropped = 0
+        self._application = False
+        self.forwarder: SyslogForwarder | None = None
+
+    @classmethod
+    def for_home(cls, config: Config, *, process: str) -> Auditor:
+        """The auditor of one process on a data home; syslog forwarding as configured."""
+        settings = config.audit
+        auditor = cls(AuditLog.for_home(config.home), ae_title=config.dicom.ae_title,
+                      process=process, site_id=settings.site_id,
+                      flush_seconds=settings.flush_seconds,
+                      batch_seconds=settings.batch_seconds, index_path=config.index.path,
+                      cloud=config.cloud_url.split("?", 1)[0])
+        if settings.syslog_host:
+            from appliance.audit.syslog import SyslogForwarder, SyslogTarget
+
+            def under_home(path: Path | None) -> Path | None:
+                return None if path is None else config.home / path  # absolute stays absolute
+
+            auditor.forwarder = SyslogForwarder(auditor.log, SyslogTarget(
+                settings.syslog_host, settings.syslog_port, under_home(settings.syslog_ca_file),
+                under_home(settings.syslog_cert_file), under_home(settings.syslog_key_file)),
+                retry_seconds=settings.syslog_retry_seconds)
+        return auditor
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def start(self, *, application: bool = False) -> Auditor:
+        """Start the background flusher (and syslog forwarding, when configured); with
+        `application`, record Application Start. Long-running processes call this;
+        a one-shot command does not, and then every record is written at once."""
+        if application:
+            self._application = True
+            self.application(started=True)
+        self._thread = threading.Thread(target=self._run, name="audit-flush", daemon=True)
+        self._thread.start()
+        if self.forwarder is not None:
+            self.on_flush = self.forwarder.wake
+            self.forwarder.start()
+        return self
+
+    def close(self) -> None:
+        """Write every open batch and everything buffered (Application Stop first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        if self._application:
+            self._application = False
+            self.application(started=False)
+        with self._lock:
+            batches = [*self._sessions.values(), *self._imports.values()]
+            self._sessions.clear()
+            self._imports.clear()
+        for batch in batches:
+            self._emit_batch(batch)
+        self.flush()
+        if self.forwarder is not None:
+            self.forwarder.stop()
+
+    def __enter__(self) -> Auditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- events: the application and its operators ------------------------------------
+
+    def application(self, *, started: bool) -> None:
+        launcher = Participant(_os_user(), requestor=True, roles=(Role.APPLICATION_LAUNCHER,))
+        self._record(EventID.APPLICATION_ACTIVITY, Action.EXECUTE, Outcome.SUCCESS,
+                     (self.box, launcher),
+                     event_types=(EventType.APPLICATION_START if started
+                                  else EventType.APPLICATION_STOP,),
+                     urgent=True)
+
+    def peer_changed(self, change: str, *, name: str, ae_title: str, host: str = "",
+                     port: int = 0, allow: Iterable[str] = ()) -> None:
+        """An allowlist entry was added, changed or removed by an operator."""
+        details = [("Action", change), ("Name", name)]
+        if host:
+            details += [("Host", host), ("Port", str(port))]
+        if allow:
+            details.append(("Allow", ",".join(sorted(allow))))
+        subject = ParticipantObject(ae_title, ObjectIDType.USER_IDENTIFIER,
+                                    ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_USER_ENTITY,
+                                    name=name, details=tuple(details))
+        self._operator_alert(EventType.USER_SECURITY_ATTRIBUTES_CHANGED, subject)
+
+    def configuration_changed(self, what: str, *, security: bool = True) -> None:
+        """An operator changed configuration, keys or readers (`what` names it, no values)."""
+        subject = ParticipantObject(what, ObjectIDType.URI, ObjectType.SYSTEM_OBJECT,
+                                    ObjectRole.SECURITY_RESOURCE, name=what)
+        self._operator_alert(EventType.SECURITY_CONFIGURATION if security
+                             else EventType.SOFTWARE_CONFIGURATION, subject)
+
+    def audit_log_used(self, purpose: str) -> None:
+        subject = ParticipantObject(str(self.log.path), ObjectIDType.URI,
+                                    ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_RESOURCE,
+                                    name="Security Audit Log", details=(("Purpose", purpose),))
+        operator = Participant(_os_user(), requestor=True)
+        self._record(EventID.AUDIT_LOG_USED, Action.READ, Outcome.SUCCESS,
+                     (operator, self.box), objects=(subject,), urgent=True)
+
+    # --- events: DIMSE ------------------------------------------------------------------
+
+    def association(self, assoc: Any, *, accepted: bool, reason: str = "") -> None:
+        """An association was accepted (Login) or rejected (failed Login, with why)."""
+        peer = requestor_of(assoc)
+        box = Participant(peer.called_ae or self.source.source_id, requestor=False,
+                          roles=(Role.DESTINATION,))
+        self._record(EventID.USER_AUTHENTICATION, Action.EXECUTE,
+                     Outcome.SUCCESS if accepted else Outcome.MINOR_FAILURE,
+                     (self._peer(peer, Role.SOURCE), box), event_types=(EventType.LOGIN,),
+                     description=reason)
+
+    def refused(self, assoc: Any, service: str, reason: str) -> None:
+        """A known peer asked for a service it is not permitted (access control)."""
+        peer = requestor_of(assoc)
+        subject = ParticipantObject(peer.ae_title, ObjectIDType.USER_IDENTIFIER,
+                                    ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_USER_ENTITY,
+                                    details=(("Service", service),))
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
+                     (self._peer(peer), self.box), objects=(subject,),
+                     event_types=(EventType.USE_OF_RESTRICTED_FUNCTION,), description=reason,
+                     urgent=True)
+
+    def stored(self, assoc: Any, instance: InstanceFacts) -> None:
+        """One instance stored over `assoc`; recorded per study when the association ends."""
+        with self._lock:
+            batch = self._sessions.get(id(assoc))
+            if batch is None:
+                peer = requestor_of(assoc)
+                box = Participant(self.source.source_id, requestor=False,
+                                  roles=(Role.DESTINATION,))
+                batch = self._sessions[id(assoc)] = _Batch(
+                    EventID.INSTANCES_TRANSFERRED, (self._peer(peer, Role.SOURCE), box))
+            batch.add(instance)
+
+    def association_closed(self, assoc: Any) -> None:
+        """The association ended (released, aborted or dropped): write what it stored."""
+        with self._lock:
+            batch = self._sessions.pop(id(assoc), None)
+        if batch is not None:
+            self._emit_batch(batch)
+            self.flush()
+
+    def queried(self, assoc: Any, *, sop_class_uid: str, identifier: bytes,
+                transfer_syntax: str, matches: int | None, reason: str = "") -> None:
+        """A C-FIND: the query itself is the participant object (base64 in exports)."""
+        peer = requestor_of(assoc)
+        query = ParticipantObject(
+            sop_class_uid, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
+            ObjectRole.REPORT, query=identifier,
+            details=(("TransferSyntax", transfer_syntax),
+                     *((("Matches", str(matches)),) if matches is not None else ())))
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        self._record(EventID.QUERY, Action.EXECUTE,
+                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
+                     (self._peer(peer, Role.SOURCE), box), objects=(query,), description=reason)
+
+    def retrieved(self, assoc: Any, *, action: str, study_uids: Iterable[str],
+                  destination: tuple[str, str] | None = None, completed: int = 0,
+                  failed: int = 0, reason: str = "") -> None:
+        """A C-MOVE (`destination` = (AE title, host)) or C-GET, finished or refused."""
+        peer = requestor_of(assoc)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.SOURCE,))
+        if destination is None:  # C-GET: the requestor receives
+            participants: tuple[Participant, ...] = (self._peer(peer, Role.DESTINATION), box)
+        else:
+            target = Participant(destination[0], requestor=destination[0] == peer.ae_title,
+                                 roles=(Role.DESTINATION,), address=destination[1])
+            participants = (box, target)
+            if destination[0] != peer.ae_title:
+                participants += (self._peer(peer),)
+        description = reason or (f"{action}: completed={completed} failed={failed}"
+                                 if failed else "")
+        outcome = Outcome.MINOR_FAILURE if reason or failed else Outcome.SUCCESS
+        self._record(EventID.INSTANCES_TRANSFERRED, Action.READ, outcome, participants,
+                     objects=self._study_objects(study_uids), description=description,
+                     urgent=bool(reason))
+
+    def node_authentication_failed(self, address: str, reason: str) -> None:
+        """A TLS handshake or certificate check failed (for the TLS listener)."""
+        remote = Participant(address or "unknown", requestor=True, address=address)
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
+                     (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
+                     description=reason, urgent=True)
+
+    # --- events: ingest from files ----------------------------------------------------
+
+    def imported(self, source: str, instance: InstanceFacts) -> None:
+        """One instance ingested from files (`import`, the drop folder); per study and window."""
+        with self._lock:
+            batch = self._imports.get(source)
+            if batch is None:
+                importer = Participant(source if source == "dropfolder" else _os_user(),
+                                       requestor=True, roles=(Role.SOURCE,),
+                                       user_name=source)
+                box = Participant(self.source.source_id, requestor=False,
+                                  roles=(Role.DESTINATION,))
+                batch = self._imports[source] = _Batch(EventID.IMPORT, (importer, box))
+            batch.add(instance)
+
+    # --- events: the sync agent ----------------------------------------------------------
+
+    def exported(self, study: StudyFacts, count: int) -> None:
+        """A study version was replicated (encrypted) to the cloud."""
+        self._cloud_transfer(EventID.EXPORT, Action.READ, study, count, to_cloud=True)
+
+    def recalled(self, study: StudyFacts, count: int, *, error: str = "") -> None:
+        """Evicted instances were brought back from the cloud (or the recall failed)."""
+        self._cloud_transfer(EventID.INSTANCES_TRANSFERRED, Action.CREATE, study, count,
+                             to_cloud=False, error=error)
+
+    def evicted(self, study: StudyFacts, count: int) -> None:
+        """Local copies deleted; the verified cloud copy remains."""
+        self._record(EventID.INSTANCES_ACCESSED, Action.DELETE, Outcome.SUCCESS,
+                     (self._box_requestor(),), objects=self._objects(study, count),
+                     description="local copies evicted; cloud copy kept")
+
+    def deleted(self, study: StudyFacts, count: int) -> None:
+        """A study was deleted from the box (an operator action)."""
+        operator = Participant(_os_user(), requestor=True)
+        self._record(EventID.STUDY_DELETED, Action.DELETE, Outcome.SUCCESS,
+                     (operator, self.box), objects=self._objects(study, count), urgent=True)
+
+    def integrity_failure(self, study: StudyFacts, reason: str) -> None:
+        """A cloud blob failed authentication (tampered or damaged): a security alert."""
+        cloud = Participant(self.cloud or "cloud", requestor=False, roles=(Role.SOURCE,))
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.SERIOUS_FAILURE,
+                     (self._box_requestor(), cloud), objects=self._objects(study, 0),
+                     event_types=(EventType.INTEGRITY_FAILURE,), description=reason,
+                     urgent=True)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Append everything buffered, in order, with one write and one fsync."""
+        with self._write_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+            if not pending:
+                return
+            try:
+                self.log.append(pending)
+            except AuditLogError as exc:
+                with self._lock:
+                    self._pending[:0] = pending
+                    excess = len(self._pending) - MAX_PENDING
+                    if excess > 0:
+                        del self._pending[:excess]
+                        self._dropped += excess
+                log.error("audit records not written; kept in memory pending=%d dropped=%d"
+                          " error=%s", len(self._pending), self._dropped, exc.message)
+                return
+        self.on_flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            now = time.monotonic()
+            with self._lock:
+                due = [k for k, b in self._imports.items()
+                       if now - b.started >= self.batch_seconds]
+                batches = [self._imports.pop(k) for k in due]
+            for batch in batches:
+                self._emit_batch(batch)
+            with contextlib.suppress(Exception):  # the flusher must outlive any bug
+                self.flush()
+
+    def _emit_batch(self, batch: _Batch) -> None:
+        for study_uid, study in batch.studies.items():
+            objects = (study_object(study_uid, dict(study.sop_classes), study.accession),
+                       patient_object(study.patient_id, study.patient_name))
+            self._record(batch.event_id, Action.CREATE, Outcome.SUCCESS, batch.participants,
+                         objects=objects)
+
+    def _record(self, event_id: Code, action: Action, outcome: Outcome,
+                participants: tuple[Participant, ...], *,
+                objects: tuple[ParticipantObject, ...] = (), event_types: tuple[Code, ...] = (),
+                description: str = "", urgent: bool = False) -> None:
+        record = AuditRecord(event_id, action, outcome, participants, self.source, objects,
+                             event_types, description)
+        with self._lock:
+            self._pending.append(record.to_dict())
+        if urgent or self._thread is None:
+            self.flush()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _peer(self, peer: Requestor, role: Code | None = None) -> Participant:
+        return Participant(peer.ae_title, requestor=True, roles=(role,) if role else (),
+                           address=peer.address)
+
+    def _box_requestor(self) -> Participant:
+        return Participant(self.box.user_id, requestor=True, roles=self.box.roles,
+                           alternative_user_id=self.box.alternative_user_id,
+                           user_name=self.box.user_name)
+
+    def _operator_alert(self, event_type: Code, subject: ParticipantObject) -> None:
+        operator = Participant(_os_user(), requestor=True)
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.SUCCESS,
+                     (operator, self.box), objects=(subject,), event_types=(event_type,),
+                     urgent=True)
+
+    def _cloud_transfer(self, event_id: Code, action: Action, study: StudyFacts, count: int,
+                        *, to_cloud: bool, error: str = "") -> None:
+        cloud = Participant(self.cloud or "cloud", requestor=False,
+                            roles=(Role.DESTINATION if to_cloud else Role.SOURCE,))
+        box = Participant(self.box.user_id, requestor=True,
+                          roles=(Role.SOURCE if to_cloud else Role.DESTINATION,),
+                          alternative_user_id=self.box.alternative_user_id,
+                          user_name=self.box.user_name)
+        self._record(event_id, action, Outcome.SERIOUS_FAILURE if error else Outcome.SUCCESS,
+                     (box, cloud), objects=self._objects(study, count), description=error,
+                     urgent=bool(error))
+
+    @staticmethod
+    def _objects(study: StudyFacts, count: int) -> tuple[ParticipantObject, ...]:
+        about = study_object(study.study_uid, {}, study.accession_number)
+        if count:
+            about = replace(about, details=(("NumberOfInstances", str(count)),))
+        return about, patient_object(study.patient_id, study.patient_name)
+
+    def _study_objects(self, study_uids: Iterable[str]) -> tuple[ParticipantObject, ...]:
+        """Study and patient objects for retrieved studies (patients read from the index)."""
+        uids = sorted(set(study_uids))
+        known = self._lookup(uids)
+        objects: list[ParticipantObject] = []
+        patients: dict[str, str] = {}
+        for uid in uids:
+            patient_id, patient_name, accession = known.get(uid, ("", "", ""))
+            objects.append(study_object(uid, {}, accession))
+            if patient_id:
+                patients.setdefault(patient_id, patient_name)
+        objects += [patient_object(pid, name) for pid, name in patients.items()]
+        return tuple(objects)
+
+    def _lookup(self, study_uids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """Patient ID, name and accession per study, from a read-only index connection."""
+        if not study_uids or self.index_path is None or not self.index_path.exists():
+            return {}
+        marks = ",".join("?" * len(study_uids))
+        try:
+            db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True, timeout=5.0)
+            try:
+                rows = db.execute(
+                    "SELECT st.study_uid, p.patient_id, p.patient_name, st.accession_number"
+                    " FROM studies st JOIN patients p ON st.patient_fk = p.id"
+                    f" WHERE st.study_uid IN ({marks})", study_uids).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log.warning("audit: patients of retrieved studies not found error=%s",
+                        type(exc).__name__)
+            return {}
+        return {uid: (pid, name, accession) for uid, pid, name, accession in rows}
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
