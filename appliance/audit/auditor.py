@@ -70,20 +70,29 @@ MAX_PENDING = 100_000
 class InstanceFacts(Protocol):
     """What an ingested instance tells the audit (appliance.dicom_header.InstanceHeader)."""
 
-    patient_id: str
-    patient_name: str
-    study_uid: str
-    sop_class_uid: str
-    accession_number: str
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def patient_name(self) -> str: ...
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
 
 
 class StudyFacts(Protocol):
     """What a study row tells the audit (sync.records.StudyRow)."""
 
-    study_uid: str
-    patient_id: str
-    patient_name: str
-    accession_number: str
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def patient_name(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
 
 
 @dataclass(frozen=True)
