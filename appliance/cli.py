@@ -20,7 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from appliance import __version__
+from appliance import cli_audit as audit_commands
 from appliance import cli_cloud as cloud_commands
+from appliance.audit import Auditor
 from appliance.cli_common import (
     err,
     expected_errors,
@@ -109,6 +111,9 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
     config = load(home)
     peer = Peer(name, ae_title, host, port, parse_permissions(allow))
     Allowlist(config.peers_path).add(peer)
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
+                             allow=peer.allow)
     allowed = ",".join(sorted(peer.allow))
     out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
@@ -139,7 +144,10 @@ def peers_list(home: Path | None, as_json: bool) -> None:
 @expected_errors
 def peers_remove(home: Path | None, name: str) -> None:
     """Remove a peer; a running server refuses it from the next association."""
-    peer = Allowlist(load(home).peers_path).remove(name)
+    config = load(home)
+    peer = Allowlist(config.peers_path).remove(name)
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.peer_changed("remove", name=name, ae_title=peer.ae_title)
     out.print(f"removed peer {name} ({peer.ae_title})", highlight=False)
 
 
@@ -202,6 +210,7 @@ def status(home: Path | None, as_json: bool) -> None:
 @expected_errors
 def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
     """Ingest DICOM files and folders (recursively) durably, like C-STORE."""
+    from appliance.audit.ingest import AuditedIngest
     from appliance.importer import expand_paths, import_files
     from appliance.ingest import IngestService
     from appliance.store.files import FileStore
@@ -215,9 +224,11 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
         store.prepare()
         async with Index(config.index.path) as index:
             with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=err, transient=True) as progress:
+                          TimeRemainingColumn(), console=err, transient=True) as progress, \
+                    Auditor.for_home(config, process="cli") as auditor:
                 task = progress.add_task("import", total=len(files))
-                return await import_files(IngestService(store, index), files,
+                ingest = AuditedIngest(IngestService(store, index), auditor, "import")
+                return await import_files(ingest, files,
                                           on_progress=lambda _p: progress.advance(task))
 
     summary = asyncio.run(run())
@@ -282,6 +293,7 @@ def config_check(home: Path | None) -> None:
 main.add_command(cloud_commands.sync)
 main.add_command(cloud_commands.evict)
 main.add_command(cloud_commands.recall)
+main.add_command(audit_commands.audit)
 
 if __name__ == "__main__":
     main()
