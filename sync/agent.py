@@ -86,6 +86,8 @@ async def run_agent(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # APScheduler logs every run at INFO: a recall poll every second would flood the log.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         scheduler = AsyncIOScheduler(event_loop=loop)
         sync = config.sync
         jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [

@@ -159,6 +159,7 @@ class EdgeRequestHandler(RequestHandler):
         dul._run_loop_delay = PRE_ASSOCIATION_POLL
         assoc.bind(evt.EVT_REQUESTED, lambda _event: setattr(dul, "_run_loop_delay",
                                                              ASSOCIATION_POLL))
+        assoc.bind(evt.EVT_REQUESTED, _prefer_requestor_syntaxes)
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
         guard = getattr(self.server, "guard", None)
         if guard is not None:
@@ -166,6 +167,28 @@ class EdgeRequestHandler(RequestHandler):
             assoc.bind(evt.EVT_REQUESTED, lambda _event: guard.negotiating(sock))
             assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: guard.closed(sock, address))
         return assoc
+
+
+def _prefer_requestor_syntaxes(event: Any) -> None:
+    """Accept, per presentation context, the first transfer syntax the *requestor* lists.
+
+    pynetdicom accepts the first syntax in the acceptor's own list that the
+    requestor offered, so a modality offering [Explicit VR LE, Implicit VR LE]
+    would be told Implicit and have to re-encode its dataset. The requestor
+    knows what its data is in; its order wins. Runs on the association's own
+    copy of the supported contexts, before negotiation.
+    """
+    assoc = event.assoc
+    preferred: dict[str, list[str]] = {}
+    for proposed in assoc.requestor.primitive.presentation_context_definition_list:
+        preferred.setdefault(str(proposed.abstract_syntax),
+                             [str(ts) for ts in proposed.transfer_syntax])
+    for context in assoc.acceptor.supported_contexts:
+        wanted = preferred.get(str(context.abstract_syntax))
+        if wanted:
+            ours = [str(ts) for ts in context.transfer_syntax]
+            context.transfer_syntax = ([ts for ts in wanted if ts in ours]
+                                       + [ts for ts in ours if ts not in wanted])
 
 
 def _release_waiting_acceptor(event: Any) -> None:
