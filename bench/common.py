@@ -1,0 +1,417 @@
+"""Bench plumbing: dcmtk tools, servers under test, data, timing, medians, output.
+
+Rules every bench script keeps (see docs/benchmarks.md):
+- each figure is the median of `repeats()` runs (BENCH_REPEATS, default 5), and
+  is printed next to a reference measured in the same run, as a ratio;
+- runs of the compared servers are interleaved (round robin), so a burst of
+  load from another tenant hits both sides, not one;
+- every dcmtk process runs with TCP_NODELAY=1: dcmtk leaves Nagle's algorithm
+  on otherwise, and storescu -> storescp then takes ~14 s instead of ~0.5 s;
+- servers listen on 127.0.0.1, on free ports, in their own process group, and
+  are stopped with SIGTERM, then SIGKILL to the group after a deadline.
+
+The venv's bin/ (first on PATH under `make bench`) holds pynetdicom's apps with
+dcmtk's names (storescu, findscu, ...): dcmtk() resolves the real dcmtk binary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+DATA = OUT / "data"  # generated inputs, kept between runs (deterministic)
+WORK = OUT / "work"  # data homes and received files, removed after each run
+HOST = "127.0.0.1"
+BENCH_AE = "BENCH"
+EDGE_AE = "EDGE"
+MB = 1_000_000
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+_READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
+
+sys.path.insert(0, str(ROOT / "tests"))  # dicomgen: the project's deterministic generator
+# Wide enough for the tables when the output is a file or a pipe (make bench | tee).
+console = Console(width=None if sys.stdout.isatty() else 132)
+
+
+class BenchError(RuntimeError):
+    """A run failed (tool exit, missing instances, server not ready): no figure."""
+
+
+def repeats() -> int:
+    return int(os.environ.get("BENCH_REPEATS", "5"))
+
+
+# --- tools ---------------------------------------------------------------------------
+
+def dcmtk(tool: str) -> str:
+    """Path of dcmtk's `tool`, skipping same-named pynetdicom apps in the venv."""
+    venv_bin = Path(sys.prefix) / "bin"
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if folder and Path(folder).resolve() != venv_bin.resolve():
+            candidate = Path(folder) / tool
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    raise BenchError(f"dcmtk's {tool} not found (make test-deps installs dcmtk)")
+
+
+def pacs_edge() -> list[str]:
+    script = Path(sys.executable).with_name("pacs-edge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "appliance.cli"]
+
+
+def tool_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PACS_EDGE_HOME"}
+    env["TCP_NODELAY"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(argv: Sequence[str], *, timeout: float = 600.0, cwd: Path | None = None) -> str:
+    """Run to completion; BenchError with the output on a non-zero exit."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=tool_env(), cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{' '.join(argv)} still running after {timeout}s") from exc
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n"
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def timed(argv: Sequence[str], **kwargs: Any) -> float:
+    """Wall-clock seconds of one tool run (process start to exit)."""
+    start = time.perf_counter()
+    run(argv, **kwargs)
+    return time.perf_counter() - start
+
+
+def timed_parallel(argvs: Sequence[Sequence[str]], *, timeout: float = 600.0) -> float:
+    """Start every command at once; seconds until the last one exits. All must succeed."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(list(a), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=tool_env()) for a in argvs]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    elapsed = time.perf_counter() - start
+    for argv, proc, output in zip(argvs, procs, outputs, strict=True):
+        if proc.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n"
+                             f"{output.decode(errors='replace')[-3000:]}")
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def echo_argv(port: int, aec: str, aet: str = BENCH_AE) -> list[str]:
+    return [dcmtk("echoscu"), "-aet", aet, "-aec", aec, "-to", "5", "-ta", "10", HOST, str(port)]
+
+
+# --- servers -------------------------------------------------------------------------
+
+class Server:
+    """A server subprocess in its own process group, logging to `log_path`."""
+
+    def __init__(self, name: str, ae_title: str, port: int, log_path: Path) -> None:
+        self.name = name
+        self.ae_title = ae_title
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: Sequence[str], cwd: Path | None = None) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=tool_env(), cwd=cwd,
+                                         start_new_session=True)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def wait_echo(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited {self.proc.returncode}:\n"
+                                 f"{self.log()[-3000:]}")
+            with contextlib.suppress(BenchError):
+                run(echo_argv(self.port, self.ae_title), timeout=15)
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} not answering C-ECHO:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM; SIGKILL to the whole group if it is still there after a deadline."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                console.print(f"[yellow]{self.name} ignored SIGTERM: killed[/yellow]")
+        # Forked children (storescp --fork, dcmqrscp, edge workers) share the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+        self.proc = None
+
+
+class EdgeServer(Server):
+    """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer."""
+
+    def __init__(self, home: Path, *, workers: int = 1) -> None:
+        super().__init__(f"pacs-edge workers={workers}", EDGE_AE, free_port(),
+                         home.parent / f"{home.name}-serve.log")
+        self.home = home
+        run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
+             "--dicom-port", str(self.port)])
+        self.add_peer("bench", BENCH_AE, 1)
+        if workers != 1:
+            self.configure("dicom", "workers", workers)
+
+    def add_peer(self, name: str, ae_title: str, port: int) -> None:
+        run([*pacs_edge(), "peers", "add", name, "--home", str(self.home), "--ae-title",
+             ae_title, "--host", HOST, "--port", str(port), "--allow", "store,find,move,get"])
+
+    def configure(self, section: str, key: str, value: object) -> None:
+        import tomlkit
+
+        path = self.home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+        doc[section][key] = value  # type: ignore[index]
+        path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+
+    def start(self) -> EdgeServer:
+        self.spawn([*pacs_edge(), "serve", "--home", str(self.home)])
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _READY.search(self.log()):
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"pacs-edge serve not ready:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        self.wait_echo()
+        return self
+
+    def instances(self) -> int:
+        status = json.loads(run([*pacs_edge(), "status", "--home", str(self.home), "--json"]))
+        return int(status["instances"])
+
+
+def dcmqrscp(folder: Path, files: Sequence[Path], *, ae_title: str = "QRSCP",
+             destinations: dict[str, int] | None = None) -> Server:
+    """dcmtk dcmqrscp serving `files` (indexed in place with dcmqridx) from a fresh
+    storage area in `folder`; `destinations` maps C-MOVE destination AEs to ports.
+    Its index holds at most 500 studies per storage area (DB_UpperMaxStudies)."""
+    area = fresh_dir(folder / "area")
+    for start in range(0, len(files), 200):  # one call per file is quadratic
+        run([dcmtk("dcmqridx"), "-q", str(area), *map(str, files[start:start + 200])])
+    port = free_port()
+    hosts = [f"dest{n} = ({ae}, {HOST}, {p})"
+             for n, (ae, p) in enumerate((destinations or {}).items())]
+    # No UserName/GroupName: dcmqrscp would switch to that user when run as root.
+    config = "\n".join([
+        f"NetworkTCPPort = {port}", "MaxPDUSize = 131072", "MaxAssociations = 16",
+        "HostTable BEGIN", *hosts, "HostTable END", "VendorTable BEGIN", "VendorTable END",
+        "AETable BEGIN", f"{ae_title} {area} RW (500, 1024mb) ANY", "AETable END", ""])
+    cfg = folder / "dcmqrscp.cfg"
+    cfg.write_text(config)
+    server = Server("dcmqrscp", ae_title, port, folder / "dcmqrscp.log")
+    server.spawn([dcmtk("dcmqrscp"), "-c", str(cfg), str(port)])
+    server.wait_echo()
+    return server
+
+
+def populate(home: Path, files: Sequence[Path], *, concurrency: int = 32) -> None:
+    """Ingest `files` into a (stopped) data home through the project's own durable
+    ingest path (spool, fsync, rename, group-committed index row), many at once:
+    `pacs-edge import` does one at a time and needs ~3 min for 10,000 files."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.config import load_config
+    from appliance.ingest import IngestService
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+
+    config = load_config(home)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(concurrency))
+        store = FileStore(config.store.path)
+        store.prepare()
+        gate = asyncio.Semaphore(concurrency)
+        async with Index(config.index.path) as index:
+            ingest = IngestService(store, index)
+
+            async def one(path: Path) -> None:
+                async with gate:
+                    await ingest.ingest_file(path, source_ae="bench")
+
+            await asyncio.gather(*(one(p) for p in files))
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- data ----------------------------------------------------------------------------
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def ct_study(slices: int) -> Path:
+    """The benchmark CT series (slices x 512x512 16-bit), generated once and cached."""
+    import dicomgen
+
+    folder = DATA / f"ct-{slices}"
+    if len(files_under(folder)) != slices:
+        shutil.rmtree(folder, ignore_errors=True)
+        console.print(f"generating the CT study ({slices} slices) in {folder}")
+        dicomgen.make_ct_study(folder, n_slices=slices, size=512)
+    return folder
+
+
+def small_studies(count: int) -> list[Path]:
+    """`count` studies of one 8x8 instance each (10 studies per patient, seed 77),
+    generated once and cached; pydicom writes ~90 files/s, so 10,000 take ~2 min."""
+    import dicomgen
+
+    folder = DATA / f"studies-{count}"
+    files = files_under(folder)
+    if len(files) != count:
+        shutil.rmtree(folder, ignore_errors=True)
+        console.print(f"generating {count} one-instance studies in {folder} (once)")
+        dicomgen.make_studies(folder, seed=77, patients=count // 10, studies_per_patient=10,
+                              series_per_study=1, instances_per_series=1, modalities=("CT",),
+                              size=8)
+        files = files_under(folder)
+    return files
+
+
+def total_bytes(files: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in files)
+
+
+def scu_profile(files: Sequence[Path], path: Path) -> Path:
+    """A storescu association profile proposing each file's own (SOP class, TS), so
+    storescu sends the files' bytes as they are (see tests/dcmtk.py)."""
+    import pydicom
+
+    pairs: dict[tuple[str, str], None] = {}
+    for f in files:
+        meta = pydicom.filereader.read_file_meta_info(f)
+        pairs[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
+    syntaxes = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for n, ts in enumerate(syntaxes):
+        lines += [f"[TS{n}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Files]"]
+    lines += [f"PresentationContext{n} = {sop}\\TS{syntaxes.index(ts)}"
+              for n, (sop, ts) in enumerate(pairs, 1)]
+    lines += ["[[Profiles]]", "[Default]", "PresentationContexts = Files", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# --- figures -------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """One measured quantity: its samples, and the reference it is compared with."""
+
+    name: str
+    subject: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    reference: Figure | None = None
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def ratio(self) -> float | None:
+        """This median over the reference's (higher is better) or the inverse."""
+        ref = self.reference.median if self.reference else None
+        mine = self.median
+        if ref is None or mine is None or ref <= 0 or mine <= 0:
+            return None
+        return mine / ref if self.higher_is_better else ref / mine
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "subject": self.subject, "unit": self.unit,
+                "median": self.median, "samples": self.samples,
+                "reference": self.reference.subject if self.reference else None,
+                "reference_median": self.reference.median if self.reference else None,
+                "ratio": self.ratio, "note": self.note}
+
+
+def report(title: str, name: str, figures: Sequence[Figure], meta: dict[str, Any]) -> None:
+    """Print a table and write bench/out/<name>.json."""
+    table = Table(title=title)
+    for col in ("measure", "server", "median", "reference", "ref. median", "ratio", "runs"):
+        table.add_column(col, justify="right" if col in ("median", "ref. median", "ratio",
+                                                         "runs") else "left")
+    for f in figures:
+        ref = f.reference
+        table.add_row(f.name, f.subject, _fmt(f.median, f.unit), ref.subject if ref else "-",
+                      _fmt(ref.median if ref else None, f.unit),
+                      f"{f.ratio:.2f}x" if f.ratio is not None else "-",
+                      str(len(f.samples)) + (f" {f.note}" if f.note else ""))
+    console.print(table)
+    OUT.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "repeats": repeats(), "cpus": os.cpu_count(), **meta,
+               "figures": [f.as_json() for f in figures]}
+    (OUT / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} {unit}" if abs(value) >= 10 else f"{value:.2f} {unit}"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
+# Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder]   (default: all)
+# Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
+#        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries).
+# Results: bench/out/<name>.json and a table per benchmark; a summary at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TCP_NODELAY=1  # dcmtk leaves Nagle on without it (~14 s instead of ~0.5 s)
+py=.venv/bin/python
+[ -x "$py" ] || py=python3
+scripts=("$@")
+if [ ${#scripts[@]} -eq 0 ]; then
+  scripts=(store find retrieve)
+  [ -f bench/dropfolder.py ] && scripts+=(dropfolder)
+fi
+status=0
+for name in "${scripts[@]}"; do
+  "$py" "bench/$name.py" || { echo "bench/$name.py failed" >&2; status=1; }
+done
+"$py" bench/summary.py || status=1
+exit $status

@@ -1,0 +1,59 @@
+"""One table of pacs-edge's figures from bench/out/*.json, against issue 2's targets."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from common import OUT, console
+from rich.table import Table
+
+# (benchmark file, measure, unit) -> (kind, bound): "ratio" >= bound, or "ms" < bound.
+TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
+    ("store", "store x1 assoc", "MB/s"): ("ratio", 0.5),
+    ("store", "store x4 assoc", "MB/s"): ("ratio", 0.4),
+    ("retrieve", "C-MOVE", "MB/s"): ("ratio", 0.8),
+    ("retrieve", "C-GET", "MB/s"): ("ratio", 0.8),
+}
+FIND_TARGET_MS = 10.0
+
+
+def target(bench: str, fig: dict[str, Any], studies: int) -> str:
+    if bench == "find" and fig["name"].startswith("C-FIND") and str(studies) in fig["subject"]:
+        ok = fig["median"] is not None and fig["median"] < FIND_TARGET_MS
+        return f"< {FIND_TARGET_MS:.0f} ms: {'met' if ok else 'MISSED'}"
+    kind_bound = TARGETS.get((bench, fig["name"], fig["unit"]))
+    if kind_bound is None:
+        return ""
+    ratio = fig["ratio"]
+    ok = ratio is not None and ratio >= kind_bound[1]
+    return f">= {kind_bound[1]}x: {'met' if ok else 'MISSED'}"
+
+
+def main() -> None:
+    table = Table(title="pacs-edge against its references (medians; ratio > 1 is better)")
+    for col in ("bench", "measure", "pacs-edge", "median", "reference", "ref. median",
+                "ratio", "target"):
+        table.add_column(col)
+    for path in sorted(OUT.glob("*.json")):
+        data = json.loads(path.read_text())
+        studies = data.get("studies", 0)
+        for fig in data.get("figures", []):
+            if not str(fig.get("subject", "")).startswith("pacs-edge"):
+                continue
+            unit = fig["unit"]
+            ratio = fig.get("ratio")
+            table.add_row(path.stem, fig["name"], fig["subject"].removeprefix("pacs-edge "),
+                          _fmt(fig["median"], unit), fig.get("reference") or "-",
+                          _fmt(fig.get("reference_median"), unit),
+                          "-" if ratio is None else f"{ratio:.2f}x",
+                          target(path.stem, fig, studies) or fig.get("note", ""))
+    console.print(table)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.1f} {unit}"
+
+
+if __name__ == "__main__":
+    main()
