@@ -1,0 +1,90 @@
+"""A real `pacs-edge sync` agent subprocess for tests, and cloud helpers.
+
+SyncAgent runs the agent on a data home (its own process group), waits for
+its ready line, and stops it with SIGTERM (SIGKILL after a deadline).
+`sync_once` runs one `pacs-edge sync --once` pass. `cloud_blobs` lists what
+the configured blob store holds, through the product's own blob-store code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+
+READY = re.compile(r"sync agent ready")
+TIMEOUT = 60.0
+
+
+class SyncAgent:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = home.parent / f"{home.name}-sync.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SyncAgent:
+        with open(self.log_path, "ab") as log:
+            offset = log.tell()
+            self.proc = subprocess.Popen(
+                [*pacs_edge_command(), "sync", "--home", str(self.home)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if READY.search(text):
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sync agent exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("sync agent not ready in time")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(TIMEOUT)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def sync_once(home: Path, *, env: dict[str, str] | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*pacs_edge_command(), "sync", "--once", "--stable-after", "0", "--home", str(home)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sync --once exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def tier_state(server: EdgeServer, study_uid: str) -> str:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{server.home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT tier_state FROM studies WHERE study_uid = ?",
+                         (study_uid,)).fetchone()
+    finally:
+        db.close()
+    return str(row[0])
+
+
+def evict(home: Path, study_uid: str) -> None:
+    run_pacs_edge("evict", study_uid, "--home", str(home))

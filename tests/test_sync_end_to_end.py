@@ -1,0 +1,137 @@
+"""Replicate, evict, find NEARLINE, retrieve by recall on demand: end to end, real processes.
+
+Runs against the embedded local-folder cloud and against a real Azurite
+(the `cloud` fixture), with a real `pacs-edge serve`, a real `pacs-edge
+sync` agent and dcmtk peers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer, run_pacs_edge
+from syncagent import SyncAgent, evict, sync_once, tier_state
+
+
+def pack_rows(home: Path) -> list[tuple[int, str]]:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT version, pack_name FROM packs ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def cloud_blob_editor() -> Callable[[Path, str, Callable[[bytes], bytes]], bytes]:
+    """Change a blob behind the agent's back, as someone with access to the container
+    could; returns the original bytes."""
+
+    def edit(home: Path, name: str, change: Callable[[bytes], bytes]) -> bytes:
+        path = home / "cloud" / name
+        original = path.read_bytes()
+        path.chmod(0o644)
+        path.write_bytes(change(original))
+        return original
+
+    return edit
+
+
+@pytest.fixture
+def synced_edge(edge_server: EdgeServer) -> Iterator[tuple[EdgeServer, SyncAgent]]:
+    """A serving edge whose agent serves recall requests (and replicates nothing by itself:
+    the tests drive replication with `sync --once`)."""
+    edge_server.stop()
+    edge_server.configure(sync={"stable_after_seconds": 3600.0, "recall_poll_seconds": 0.2,
+                                "evict_after_days": 0.0, "recall_timeout_seconds": 60.0})
+    edge_server.start()
+    agent = SyncAgent(edge_server.home).start()
+    yield edge_server, agent
+    assert agent.stop() == 0, agent.log()
+
+
+def test_replicate_evict_find_nearline_and_retrieve_by_recall(
+    synced_edge: tuple[EdgeServer, SyncAgent], small_study: list[dicomgen.GeneratedInstance],
+    tmp_path: Path, storescp: dcmtk.StoreSCP,
+) -> None:
+    server, agent = synced_edge
+    study_uid = small_study[0].study_uid
+    dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+    assert "replicated 1 study version" in sync_once(server.home).stdout
+    assert tier_state(server, study_uid) == "replicated"
+
+    evict(server.home, study_uid)
+    assert tier_state(server, study_uid) == "evicted"
+    assert not list((server.home / "store").rglob("*.dcm"))
+    found = dcmtk.findscu(server.port, {"StudyInstanceUID": study_uid,
+                                        "InstanceAvailability": None}).check()
+    assert found.values("InstanceAvailability") == ["NEARLINE"]
+
+    got = dcmtk.getscu(server.port, {"StudyInstanceUID": study_uid}, tmp_path / "got").check()
+    assert got.output.count("Sending C-STORE Response (Success)") == len(small_study)
+    received = {dicomgen.dataset_bytes(p) for p in (tmp_path / "got").iterdir()}
+    assert received == {dicomgen.dataset_bytes(i.path) for i in small_study}
+    assert tier_state(server, study_uid) == "replicated"
+    assert "recalled study=" in agent.log()
+
+    # A second eviction needs no upload: the verified packs are still in the cloud.
+    packs_before = pack_rows(server.home)
+    assert "replicated 0 study version" in sync_once(server.home).stdout
+    evict(server.home, study_uid)
+    assert pack_rows(server.home) == packs_before
+
+    server.add_peer("dest", storescp.ae_title, storescp.port, allow="store")
+    moved = dcmtk.movescu(server.port, {"StudyInstanceUID": study_uid}, storescp.ae_title)
+    moved.check()
+    assert {dicomgen.dataset_bytes(p) for p in storescp.files()} == {
+        dicomgen.dataset_bytes(i.path) for i in small_study}
+    assert run_pacs_edge("fsck", "--home", str(server.home)).returncode == 0
+
+
+def test_new_instances_make_a_second_pack_version_and_recall_merges_both(
+    synced_edge: tuple[EdgeServer, SyncAgent], tmp_path: Path,
+) -> None:
+    server, _agent = synced_edge
+    study = dicomgen.make_studies(tmp_path / "study", seed=51, series_per_study=2,
+                                  instances_per_series=3)
+    first, later = study[:3], study[3:]
+    dcmtk.storescu(server.port, [i.path for i in first]).check()
+    sync_once(server.home)
+    dcmtk.storescu(server.port, [i.path for i in later]).check()
+    assert tier_state(server, study[0].study_uid) == "local"
+    sync_once(server.home)
+    assert [v for v, _ in pack_rows(server.home)] == [1, 2]
+
+    evict(server.home, study[0].study_uid)
+    got = dcmtk.getscu(server.port, {"StudyInstanceUID": study[0].study_uid},
+                       tmp_path / "got").check()
+    assert got.output.count("Sending C-STORE Response (Success)") == len(study)
+    assert {dicomgen.dataset_bytes(p) for p in (tmp_path / "got").iterdir()} == {
+        dicomgen.dataset_bytes(i.path) for i in study}
+
+
+def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+    cloud_blob_editor: Callable[[Path, str, Callable[[bytes], bytes]], bytes],
+) -> None:
+    study_uid = small_study[0].study_uid
+    dcmtk.storescu(edge_server.port, [i.path for i in small_study]).check()
+    sync_once(edge_server.home)
+    (_, pack_name), = pack_rows(edge_server.home)
+    evict(edge_server.home, study_uid)
+    for damage in (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:],  # one flipped bit
+                   lambda b: b[: len(b) - 7000]):  # truncated
+        original = cloud_blob_editor(edge_server.home, pack_name, damage)
+        result = run_pacs_edge("recall", study_uid, "--home", str(edge_server.home),
+                               check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "error:" in result.stderr and "Traceback" not in result.stderr
+        assert tier_state(edge_server, study_uid) == "evicted"
+        assert not list((edge_server.home / "store").rglob("*.dcm"))
+        cloud_blob_editor(edge_server.home, pack_name, lambda _b, o=original: o)
+    run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
+    assert tier_state(edge_server, study_uid) == "replicated"
