@@ -18,6 +18,7 @@ from appliance import logsafe
 from appliance.bridge import LoopBridge
 from appliance.config import Config
 from appliance.dimse.handlers import DimseHandlers, Services
+from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
@@ -68,6 +69,7 @@ async def serve(
         server = DimseServer(
             config.dicom, allowlist, event_handlers(DimseHandlers(services)),
             reuse_port=config.dicom.workers > 1,
+            stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
         )
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
         retrieve = RetrieveService(allowlist, index, files,

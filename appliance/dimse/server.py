@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.config import DicomConfig
+from appliance.dimse.negotiation import StoredCounts
 from appliance.dimse.transport import (
     ConnectionGuard,
     EdgeAssociationServer,
@@ -83,6 +84,7 @@ class DimseServer:
         handlers: Sequence[tuple[Any, Any]],
         *,
         reuse_port: bool = False,
+        stored_syntaxes: StoredCounts | None = None,
     ) -> None:
         self.config = config
         self.ae = AllowlistAE(config.ae_title, allowlist)
@@ -103,6 +105,7 @@ class DimseServer:
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         self._handlers = list(handlers)
         self._reuse_port = reuse_port
+        self._stored_syntaxes = stored_syntaxes
         self._server: EdgeAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -116,7 +119,8 @@ class DimseServer:
         guard = ConnectionGuard(idle_limit=self.config.idle_connection_limit,
                                 per_address_limit=self.config.connections_per_address)
         server_class = type("Server", (EdgeAssociationServer,),
-                            {"reuse_port": self._reuse_port, "guard": guard})
+                            {"reuse_port": self._reuse_port, "guard": guard,
+                             "stored_syntaxes": self._stored_syntaxes})
         self._server = self.ae.make_server(
             (self.config.host, self.config.port),
             evt_handlers=self._handlers,

@@ -35,6 +35,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from appliance.dimse.negotiation import StoredCounts, order_syntaxes
+
 log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 1 << 20
@@ -159,7 +161,8 @@ class EdgeRequestHandler(RequestHandler):
         dul._run_loop_delay = PRE_ASSOCIATION_POLL
         assoc.bind(evt.EVT_REQUESTED, lambda _event: setattr(dul, "_run_loop_delay",
                                                              ASSOCIATION_POLL))
-        assoc.bind(evt.EVT_REQUESTED, _prefer_requestor_syntaxes)
+        stored = getattr(self.server, "stored_syntaxes", None)
+        assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
         guard = getattr(self.server, "guard", None)
         if guard is not None:
@@ -167,28 +170,6 @@ class EdgeRequestHandler(RequestHandler):
             assoc.bind(evt.EVT_REQUESTED, lambda _event: guard.negotiating(sock))
             assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: guard.closed(sock, address))
         return assoc
-
-
-def _prefer_requestor_syntaxes(event: Any) -> None:
-    """Accept, per presentation context, the first transfer syntax the *requestor* lists.
-
-    pynetdicom accepts the first syntax in the acceptor's own list that the
-    requestor offered, so a modality offering [Explicit VR LE, Implicit VR LE]
-    would be told Implicit and have to re-encode its dataset. The requestor
-    knows what its data is in; its order wins. Runs on the association's own
-    copy of the supported contexts, before negotiation.
-    """
-    assoc = event.assoc
-    preferred: dict[str, list[str]] = {}
-    for proposed in assoc.requestor.primitive.presentation_context_definition_list:
-        preferred.setdefault(str(proposed.abstract_syntax),
-                             [str(ts) for ts in proposed.transfer_syntax])
-    for context in assoc.acceptor.supported_contexts:
-        wanted = preferred.get(str(context.abstract_syntax))
-        if wanted:
-            ours = [str(ts) for ts in context.transfer_syntax]
-            context.transfer_syntax = ([ts for ts in wanted if ts in ours]
-                                       + [ts for ts in ours if ts not in wanted])
 
 
 def _release_waiting_acceptor(event: Any) -> None:
@@ -207,6 +188,7 @@ def _release_waiting_acceptor(event: Any) -> None:
 class EdgeAssociationServer(ThreadedAssociationServer):
     reuse_port = False
     guard: ConnectionGuard | None = None
+    stored_syntaxes: StoredCounts | None = None
     # socketserver's default backlog of 5 drops the SYNs of a burst of
     # connections (each retried after 1 s by the client's kernel).
     request_queue_size = 128

@@ -160,6 +160,12 @@ class Index:
         )
         return [InstanceLocation(*row) for row in rows]
 
+    async def syntax_counts(self) -> dict[tuple[str, str], int]:
+        """(SOP class, transfer syntax) -> number of current instances stored so."""
+        rows = await self.fetchall(
+            "SELECT sop_class_uid, transfer_syntax, COUNT(*) FROM instances GROUP BY 1, 2")
+        return {(sop_class, syntax): count for sop_class, syntax, count in rows}
+
     async def touch_studies(self, study_uids: Sequence[str]) -> None:
         """Record an access (retrieve) for eviction's least-recently-used order."""
         if not study_uids:

@@ -1,0 +1,68 @@
+"""Which transfer syntax to accept in each presentation context.
+
+pynetdicom accepts the first syntax in the *acceptor's* list that the
+requestor offered. The appliance decides differently, per context:
+
+- storage from a modality (the requestor keeps the SCU role): the
+  requestor's order wins, it knows what its data is in; pynetdicom's order
+  would make a modality offering [Explicit VR LE, Implicit VR LE] re-encode
+  its dataset as Implicit;
+- storage contexts for C-GET (the requestor asks for the SCP role, we send):
+  the syntax most of our stored instances of that SOP class are in wins,
+  since we never transcode and an instance whose syntax was not accepted
+  fails; ties keep the requestor's order.
+
+The counts come from the index through a small cache (refreshed at most every
+STORED_REFRESH seconds): negotiation must stay cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+STORED_REFRESH = 30.0
+
+StoredCounts = Callable[[], Mapping[tuple[str, str], int]]
+
+
+class StoredSyntaxes:
+    """A cached view of (SOP class, transfer syntax) -> stored instance count."""
+
+    def __init__(self, load: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._counts: Mapping[tuple[str, str], int] = {}
+        self._loaded_at = float("-inf")
+
+    def __call__(self) -> Mapping[tuple[str, str], int]:
+        with self._lock:
+            if time.monotonic() - self._loaded_at > STORED_REFRESH:
+                self._counts = self._load()
+                self._loaded_at = time.monotonic()
+            return self._counts
+
+
+def order_syntaxes(event: Any, stored: StoredCounts | None) -> None:
+    """EVT_REQUESTED handler: reorder this association's copy of the supported
+    contexts' transfer syntaxes before negotiation (see the module docstring)."""
+    assoc = event.assoc
+    scp_role = {str(uid) for uid, item in assoc.requestor.role_selection.items()
+                if item.scp_role}
+    offered: dict[str, list[str]] = {}
+    for proposed in assoc.requestor.primitive.presentation_context_definition_list:
+        offered.setdefault(str(proposed.abstract_syntax),
+                           [str(ts) for ts in proposed.transfer_syntax])
+    counts = stored() if stored is not None and scp_role else {}
+    for context in assoc.acceptor.supported_contexts:
+        sop_class = str(context.abstract_syntax)
+        wanted = offered.get(sop_class)
+        if not wanted:
+            continue
+        if sop_class in scp_role:
+            wanted = sorted(wanted, key=lambda ts: -counts.get((sop_class, ts), 0))
+        ours = [str(ts) for ts in context.transfer_syntax]
+        context.transfer_syntax = ([ts for ts in wanted if ts in ours]
+                                   + [ts for ts in ours if ts not in wanted])
