@@ -15,6 +15,8 @@ import signal
 from collections.abc import Callable
 
 from appliance import logsafe
+from appliance.audit import Auditor
+from appliance.audit.ingest import AuditedIngest
 from appliance.bridge import LoopBridge
 from appliance.config import Config
 from appliance.dimse.handlers import DimseHandlers, Services
@@ -57,6 +59,7 @@ async def serve(
             await recover(files, index)
         spools = SpoolRouter(files)
         spools.install()
+        auditor = Auditor.for_home(config, process="serve").start(application=True)
         allowlist = Allowlist(config.peers_path)
         services = Services(
             config=config.dicom,
@@ -65,6 +68,7 @@ async def serve(
             ingest=IngestService(files, index),
             spools=spools,
             bridge=LoopBridge(asyncio.get_running_loop()),
+            audit=auditor,
         )
         server = DimseServer(
             config.dicom, allowlist, event_handlers(DimseHandlers(services)),
@@ -74,12 +78,13 @@ async def serve(
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
         retrieve = RetrieveService(allowlist, index, files,
                                    recall_timeout=config.sync.recall_timeout_seconds)
-        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom)
+        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor)
         host, port = await asyncio.to_thread(server.start)
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None
         if config.dropfolder.enabled and not worker:
-            watcher = DropFolderWatcher.from_config(config, services.ingest)
+            watcher = DropFolderWatcher.from_config(
+                config, AuditedIngest(services.ingest, auditor, "dropfolder"))
             await watcher.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -107,6 +112,7 @@ async def serve(
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
             if watcher is not None:
                 await watcher.stop()
+            await asyncio.to_thread(auditor.close)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     if worker is None:

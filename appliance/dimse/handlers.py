@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 
+from appliance.audit import Auditor
 from appliance.bridge import LoopBridge
 from appliance.config import DicomConfig
 from appliance.dimse.spooling import SpoolRouter
@@ -42,6 +44,7 @@ class Services:
     ingest: IngestService
     spools: SpoolRouter
     bridge: LoopBridge
+    audit: Auditor
 
 
 def peer_label(assoc: Any) -> str:
@@ -60,6 +63,9 @@ class DimseHandlers:
 
     def on_accepted(self, event: Any) -> None:
         log.info("association accepted %s", peer_label(event.assoc))
+        self.s.audit.association(event.assoc, accepted=True)
+        # Released, aborted or dropped: the audit writes what the association stored.
+        event.assoc.bind(evt.EVT_CONN_CLOSE, lambda e: self.s.audit.association_closed(e.assoc))
 
     def on_rejected(self, event: Any) -> None:
         assoc = event.assoc
@@ -72,12 +78,14 @@ class DimseHandlers:
         else:
             why = "association limit reached"
         log.warning("association rejected %s reason=%s", peer_label(assoc), why)
+        self.s.audit.association(assoc, accepted=False, reason=why)
 
     def _permitted(self, event: Any, permission: str) -> Peer | None:
         peer = self.s.allowlist.by_ae_title(str(event.assoc.requestor.ae_title))
         if peer is None or not peer.may(permission):
             log.warning("refused %s: peer lacks permission %r %s", event.__class__.__name__,
                         permission, peer_label(event.assoc))
+            self.s.audit.refused(event.assoc, permission, f"peer lacks permission {permission!r}")
             return None
         return peer
 
@@ -97,7 +105,7 @@ class DimseHandlers:
             sop_uid=str(request.AffectedSOPInstanceUID),
         )
         try:
-            self.s.bridge.call(self.s.ingest.ingest_spool(
+            result = self.s.bridge.call(self.s.ingest.ingest_spool(
                 spool, source_ae=str(event.assoc.requestor.ae_title).strip(), expected=expected,
             ))
         except OutOfSpace as exc:
@@ -113,6 +121,7 @@ class DimseHandlers:
         except PacsEdgeError as exc:
             log.error("store failed reason=%s %s", exc.message, peer_label(event.assoc))
             return Status.PROCESSING_FAILURE
+        self.s.audit.stored(event.assoc, result.header)  # buffered: no I/O per instance
         return Status.SUCCESS
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
@@ -130,6 +139,7 @@ class DimseHandlers:
             )
         except QueryError as exc:
             log.warning("find refused reason=%s %s", exc.message, peer_label(event.assoc))
+            self._audit_query(event, None, exc.message)
             yield exc.status, None
             return
         except Exception as exc:
@@ -137,8 +147,16 @@ class DimseHandlers:
             yield Status.UNABLE_TO_PROCESS, None
             return
         log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))
+        self._audit_query(event, len(matches))
         for match in matches:
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
             yield Status.PENDING, match
+
+    def _audit_query(self, event: Any, matches: int | None, reason: str = "") -> None:
+        raw = event.request.Identifier
+        self.s.audit.queried(
+            event.assoc, sop_class_uid=str(event.request.AffectedSOPClassUID),
+            identifier=raw.getvalue() if raw is not None else b"",
+            transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)

@@ -74,6 +74,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from appliance import logsafe
+from appliance.audit import Auditor
 from appliance.bridge import LoopBridge
 from appliance.config import DicomConfig
 from appliance.dimse.handlers import peer_label
@@ -115,16 +116,18 @@ class _Attachment:
     service: RetrieveService
     bridge: LoopBridge
     config: DicomConfig
+    audit: Auditor | None = None
 
 
 _attached: weakref.WeakKeyDictionary[AE, _Attachment] = weakref.WeakKeyDictionary()
 _install_lock = threading.Lock()
 
 
-def attach(ae: AE, service: RetrieveService, bridge: LoopBridge, config: DicomConfig) -> None:
+def attach(ae: AE, service: RetrieveService, bridge: LoopBridge, config: DicomConfig, *,
+           audit: Auditor | None = None) -> None:
     """Serve C-MOVE/C-GET for `ae` with `service` (installs the class seam once)."""
     install_service_class()
-    _attached[ae] = _Attachment(service, bridge, config)
+    _attached[ae] = _Attachment(service, bridge, config, audit)
 
 
 def install_service_class() -> None:
@@ -282,6 +285,7 @@ class _Retrieval:
             ))
         except RetrieveRefused as exc:
             log.warning("%s refused reason=%s %s", name, exc.reason, self.label)
+            self._audit_refusal(exc)
             self._respond(_REFUSAL_STATUS[exc.refusal])
         except Exception as exc:
             log.error("%s failed error=%s %s", name, type(exc).__name__, self.label)
@@ -365,6 +369,7 @@ class _Retrieval:
         return None
 
     def _finish(self, plan: Plan, tally: _Tally, cancelled: bool) -> None:
+        self._audit(plan, tally, cancelled)
         try:
             self.att.bridge.call(self.att.service.record_access(plan))
         except Exception as exc:  # an access stamp is not worth failing a retrieve for
@@ -376,6 +381,27 @@ class _Retrieval:
                  "seconds=%.2f %s", self.action.value, status, tally.completed, tally.failed,
                  tally.warning, tally.remaining, time.monotonic() - self.started, self.label)
         self._respond(status, tally, final=True)
+
+    def _audit(self, plan: Plan, tally: _Tally, cancelled: bool) -> None:
+        """One audit record per retrieve: studies, destination, counts (PS3.15 A.5.3.4)."""
+        if self.att.audit is None:
+            return
+        target = plan.destination
+        self.att.audit.retrieved(
+            self.sc.assoc, action=self.action.value,
+            study_uids={i.study_uid for i in (*plan.instances, *plan.unavailable)},
+            destination=(target.ae_title, target.host) if target is not None else None,
+            completed=tally.completed + tally.warning, failed=tally.failed,
+            reason="cancelled by the requestor" if cancelled else "")
+
+    def _audit_refusal(self, exc: RetrieveRefused) -> None:
+        if self.att.audit is None:
+            return
+        if exc.refusal in (Refusal.NOT_PERMITTED, Refusal.UNKNOWN_DESTINATION):
+            self.att.audit.refused(self.sc.assoc, self.action.value, exc.reason)
+        else:
+            self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),
+                                     reason=exc.reason)
 
     def _respond(self, status: Status, tally: _Tally | None = None, *, final: bool = False) -> None:
         """Send one C-MOVE/C-GET response (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
