@@ -178,6 +178,27 @@ def test_file_written_slowly_in_chunks_is_ingested_once_whole(
     assert duplicates_logged(server) == 0
 
 
+def test_writer_pausing_longer_than_stable_seconds_is_not_rejected_half_way(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    [instance] = dicomgen.make_study(tmp_path / "src", seed=20, series_per_study=1,
+                                     instances_per_series=1, modalities=("CT",), size=128)
+    data = instance.path.read_bytes()
+    step = -(-len(data) // 4)
+    # Pauses of twice stable_seconds: each prefix is read and refused as truncated,
+    # but a refusal stands only after 5 x stable_seconds of quiet; so the file waits.
+    with (incoming(server) / "paused.dcm").open("wb") as fh:
+        for n in range(4):
+            fh.write(data[n * step:(n + 1) * step])
+            fh.flush()
+            time.sleep(2 * STABLE_SECONDS)
+
+    wait_settled(server, ingested=1)
+    assert_stored_exactly(server, [instance])
+    assert not (server.home / "incoming.rejected").exists()
+
+
 def test_unusable_files_are_moved_to_rejected_with_a_reason(
     drop_server: Callable[..., EdgeServer], tmp_path: Path
 ) -> None:

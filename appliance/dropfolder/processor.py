@@ -12,7 +12,8 @@ returned, i.e. after the instance is fsynced and its row committed.
 
 What each failure means here:
 
-    RejectedInstance (not DICOM, truncated, bad UIDs)   -> rejected/ + .reason
+    RejectedInstance (not DICOM, truncated, bad UIDs)   -> rejected/ + .reason, or WAIT
+                                                           while quiet for too short a time
     OutOfSpace, other PacsEdgeError, unexpected OSError -> left in place, RETRY later
     the file changed while it was read                  -> CHANGED: watch it again
     the file cannot be read or moved (permissions, RO)  -> STUCK: left until it changes
@@ -58,6 +59,7 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # transient failure (disk full, index busy, stopping): try again later
     CHANGED = "changed"  # written to while being ingested: not complete after all
     STUCK = "stuck"  # cannot be read or cleared away: leave it until it changes
+    WAIT = "wait"  # refused, but quiet too briefly to be sure it was finished: try again
 
 
 @dataclass
@@ -74,6 +76,20 @@ class Tally:
         self.missing += other.missing
 
 
+@dataclass
+class Job:
+    """One unit's processing: where it is, what happened, and whether a refusal may stand.
+
+    `may_reject` is False while the unit has been quiet for less than the
+    rejection grace: a refusal then (truncated, not DICOM yet) most likely
+    means a writer paused longer than stable_seconds, so the file stays.
+    """
+
+    root: Root
+    tally: Tally
+    may_reject: bool = True
+
+
 class Processor:
     def __init__(self, ingest: IngestService, outcomes: Outcomes, tmp: Path,
                  stopping: Callable[[], bool]) -> None:
@@ -82,9 +98,9 @@ class Processor:
         self.tmp = tmp
         self.stopping = stopping
 
-    async def process(self, unit: Unit, tally: Tally) -> Verdict:
+    async def process(self, unit: Unit, job: Job) -> Verdict:
         if unit.kind is UnitKind.MEDIA:
-            return await self._media(unit.path, unit.root, tally)
+            return await self._media(unit.path, job)
         before = await asyncio.to_thread(file_signature, unit.path)
         if before is None:
             return Verdict.DONE  # gone meanwhile
@@ -94,13 +110,13 @@ class Processor:
             _warn("dropped file cannot be read", unit.path, unit.root, exc)
             return Verdict.STUCK
         if archive:
-            return await self._zip(unit.path, unit.root, before, tally)
-        return await self._instance(unit.path, unit.root, before, tally)
+            return await self._zip(unit.path, before, job)
+        return await self._instance(unit.path, before, job)
 
-    async def _instance(self, path: Path, root: Root, before: Signature,
-                        tally: Tally) -> Verdict:
+    async def _instance(self, path: Path, before: Signature, job: Job) -> Verdict:
+        root, tally = job.root, job.tally
         if before[0] == 0:  # clearer for the operator than "not a DICOM Part 10 file"
-            return await self._reject(path, root, "file is empty", None, tally)
+            return await self._reject(path, "file is empty", None, job)
         try:
             result = await self.ingest.ingest_file(path, source_ae=SOURCE_AE)
         except OutOfSpace as exc:
@@ -109,7 +125,7 @@ class Processor:
         except RejectedInstance as exc:
             if await self._changed(path, before):
                 return Verdict.CHANGED
-            return await self._reject(path, root, exc.reason, exc.hint, tally)
+            return await self._reject(path, exc.reason, exc.hint, job)
         except FileNotFoundError:
             return Verdict.DONE
         except (PermissionError, IsADirectoryError) as exc:
@@ -129,14 +145,15 @@ class Processor:
             tally.stored += 1
         return await self._clear(path, root)
 
-    async def _media(self, folder: Path, root: Root, tally: Tally) -> Verdict:
+    async def _media(self, folder: Path, job: Job) -> Verdict:
+        root, tally = job.root, job.tally
         dicomdir = await asyncio.to_thread(find_dicomdir, folder)
         if dicomdir is None:
             return Verdict.DONE  # its files are plain files now
         try:
             media = await asyncio.to_thread(read_media_index, dicomdir)
         except RejectedInstance as exc:
-            return await self._reject(dicomdir, root, exc.reason, exc.hint, tally)
+            return await self._reject(dicomdir, exc.reason, exc.hint, job)
         except OSError as exc:
             _warn("DICOMDIR cannot be read", dicomdir, root, exc)
             return Verdict.STUCK
@@ -149,8 +166,8 @@ class Processor:
             if before is None:
                 tally.missing += 1
                 continue
-            verdict = await self._instance(path, root, before, tally)
-            if verdict in (Verdict.RETRY, Verdict.CHANGED):
+            verdict = await self._instance(path, before, job)
+            if verdict in (Verdict.RETRY, Verdict.CHANGED, Verdict.WAIT):
                 return verdict
             stuck = stuck or verdict is Verdict.STUCK
         if media.missing or media.invalid:
@@ -159,13 +176,14 @@ class Processor:
         verdict = await self._clear(dicomdir, root)
         return Verdict.STUCK if stuck else verdict
 
-    async def _zip(self, path: Path, root: Root, before: Signature, tally: Tally) -> Verdict:
+    async def _zip(self, path: Path, before: Signature, job: Job) -> Verdict:
+        root = job.root
         try:
             source = await asyncio.to_thread(ZipSource, path)
         except RejectedInstance as exc:
             if await self._changed(path, before):
                 return Verdict.CHANGED
-            return await self._reject(path, root, exc.reason, exc.hint, tally)
+            return await self._reject(path, exc.reason, exc.hint, job)
         broken: str | None = None
         try:
             for member in source.members:
@@ -182,7 +200,7 @@ class Processor:
                     broken = broken or exc.reason  # the archive is damaged: keep it whole
                     continue
                 try:
-                    verdict = await self._member(temp, member.parts, path, root, tally)
+                    verdict = await self._member(temp, member.parts, path, job)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         temp.unlink()
@@ -193,11 +211,12 @@ class Processor:
         if await self._changed(path, before):
             return Verdict.CHANGED
         if broken is not None:
-            return await self._reject(path, root, broken, None, tally)
+            return await self._reject(path, broken, None, job)
         return await self._clear(path, root)
 
-    async def _member(self, temp: Path, parts: tuple[str, ...], archive: Path, root: Root,
-                      tally: Tally) -> Verdict:
+    async def _member(self, temp: Path, parts: tuple[str, ...], archive: Path,
+                      job: Job) -> Verdict:
+        root, tally = job.root, job.tally
         try:
             result = await self.ingest.ingest_file(temp, source_ae=SOURCE_AE)
         except OutOfSpace as exc:
@@ -224,8 +243,10 @@ class Processor:
             tally.stored += 1
         return Verdict.DONE
 
-    async def _reject(self, path: Path, root: Root, reason: str, hint: str | None,
-                      tally: Tally) -> Verdict:
+    async def _reject(self, path: Path, reason: str, hint: str | None, job: Job) -> Verdict:
+        if not job.may_reject:
+            return Verdict.WAIT
+        root, tally = job.root, job.tally
         try:
             await asyncio.to_thread(self.outcomes.rejected, path, root, reason, hint=hint)
         except FileNotFoundError:

@@ -30,6 +30,8 @@ observation of it is set aside. A file that changed while it was ingested
 (CHANGED) or could not be cleared away (STUCK, remembered with its
 signature) is not handed out again until it changes; a transient failure
 (RETRY: disk full, index busy, stopping) is retried after `rescan_seconds`.
+A refusal of a unit quiet for less than REJECT_QUIET_FACTOR x stable_seconds
+(WAIT) is retried once it has been quiet that long: only then is it rejected.
 
 Stopping lets in-flight units finish (a multi-file unit stops between files)
 for a grace period before cancelling: cancelling `ingest_file` between the
@@ -68,7 +70,7 @@ from watchdog.observers.api import BaseObserver
 from appliance.config import Config, DropFolderConfig
 from appliance.dropfolder.layout import DropLayout, Root, is_ignored
 from appliance.dropfolder.outcomes import Outcomes, prune_empty_dirs
-from appliance.dropfolder.processor import Processor, Tally, Verdict
+from appliance.dropfolder.processor import Job, Processor, Tally, Verdict
 from appliance.dropfolder.sources import Unit, UnitKind, signature, unit_for, walk_files
 from appliance.dropfolder.stability import StabilityTracker
 from appliance.ingest import IngestService
@@ -78,6 +80,10 @@ log = logging.getLogger(__name__)
 INGEST_CONCURRENCY = 4
 STOP_GRACE_SECONDS = 10.0
 PRUNE_QUIET_SECONDS = 60.0
+# A refusal stands only once the unit was quiet this many times stable_seconds:
+# a writer that pauses a little longer than promised gets its file ingested
+# whole instead of a truncated prefix in rejected/. Good files are not delayed.
+REJECT_QUIET_FACTOR = 5.0
 
 # Our own reads open and close files too: only events that can mean "new or
 # changed content" are subscribed (no FileOpenedEvent / FileClosedNoWriteEvent).
@@ -135,6 +141,8 @@ class DropFolderWatcher:
         self._units: dict[Path, Unit] = {}  # tracked units by key
         self._in_flight: set[Path] = set()
         self._handled: dict[Path, Hashable] = {}  # STUCK units: signature when given up
+        self._quiet: dict[Path, tuple[Hashable, float]] = {}  # signature, unchanged since
+        self._reject_quiet = REJECT_QUIET_FACTOR * settings.stable_seconds
         self._retry: dict[Path, tuple[Unit, float]] = {}
         self._queue: asyncio.Queue[Unit | None] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -316,12 +324,15 @@ class DropFolderWatcher:
                 self._tracker.forget(key)
                 self._units.pop(key, None)
                 self._handled.pop(key, None)
+                self._quiet.pop(key, None)
                 if unit.kind is UnitKind.MEDIA and unit.path.is_dir():
                     self.inbox.add(unit.path)  # DICOMDIR gone: leftovers are plain files
                 continue
             if self._handled.get(key) == sig:
                 continue
             self._handled.pop(key, None)
+            if self._quiet.get(key, (None,))[0] != sig:
+                self._quiet[key] = (sig, now)
             self._tracker.observe(key, sig, now)
             self._units[key] = unit
         for key in self._tracker.pop_ready():
@@ -332,9 +343,12 @@ class DropFolderWatcher:
 
     async def _consume(self) -> None:
         while (unit := await self._queue.get()) is not None:
+            quiet_since = self._quiet.get(unit.path, (None, time.monotonic()))[1]
             tally = Tally()
+            job = Job(unit.root, tally,
+                      may_reject=time.monotonic() - quiet_since >= self._reject_quiet)
             try:
-                verdict = await self.processor.process(unit, tally)
+                verdict = await self.processor.process(unit, job)
             except Exception as exc:  # a bug: keep watching, retry the unit later
                 log.error("drop folder unit failed kind=%s error=%s", unit.kind.value,
                           type(exc).__name__)
@@ -345,12 +359,18 @@ class DropFolderWatcher:
         assert self.inbox is not None
         self.total.add(tally)
         self._batch.add(tally)
+        now = time.monotonic()
         if verdict is Verdict.RETRY:
-            self._retry[unit.path] = (unit, time.monotonic() + self.settings.rescan_seconds)
+            self._retry[unit.path] = (unit, now + self.settings.rescan_seconds)
+        elif verdict is Verdict.WAIT:
+            since = self._quiet.get(unit.path, (None, now))[1]
+            self._retry[unit.path] = (unit, max(since + self._reject_quiet, now))
         elif verdict is Verdict.STUCK:
             sig = await asyncio.to_thread(signature, unit)
             if sig is not None:
                 self._handled[unit.path] = sig
+        if verdict not in (Verdict.RETRY, Verdict.WAIT):
+            self._quiet.pop(unit.path, None)
         self._in_flight.discard(unit.path)
         if verdict is not Verdict.STUCK:
             self.inbox.add(unit.path)  # gone, changed, or a media set's leftovers
