@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from appliance import __version__
+from appliance import cli_admin as admin_commands
 from appliance import cli_audit as audit_commands
 from appliance import cli_cloud as cloud_commands
 from appliance.audit import Auditor
@@ -35,6 +36,7 @@ from appliance.cli_common import (
 )
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
 from provisioning.keys import create_site_secrets
 
@@ -49,9 +51,19 @@ def main() -> None:
 @home_option
 @click.option("--ae-title", default=None, help="This box's AE title (default EDGE).")
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
+@click.option("--cert-days", type=int, default=DEFAULT_NODE_DAYS, show_default=True,
+              help="Lifetime of the node certificate.")
+@click.option("--ca-days", type=int, default=DEFAULT_CA_DAYS, show_default=True,
+              help="Lifetime of the site CA.")
+@admin_commands.san_option
+@click.option("--force-new-keys", is_flag=True,
+              help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
-def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> None:
-    """Create the data home with a commented config file; never overwrites anything."""
+def init(home: Path | None, ae_title: str | None, dicom_port: int | None, cert_days: int,
+         ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
+    """Create the data home: config, secrets, site CA and node certificate.
+
+    Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port}}
     # Validate the overrides exactly as the config loader would.
@@ -62,6 +74,9 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None) -> Non
         config_text=render_config_toml(**overrides),
         extra_files={PEERS_FILE: PEERS_HEADER},
     )
+    report.created += admin_commands.provision_on_init(
+        resolved, force_new_keys=force_new_keys, cert_days=cert_days, ca_days=ca_days,
+        sans=sans)
     report.created += [str(path) for path in create_site_secrets(resolved)]
     if report.changed:
         out.print(f"initialised data home {resolved}")
@@ -293,6 +308,8 @@ def config_check(home: Path | None) -> None:
 main.add_command(cloud_commands.sync)
 main.add_command(cloud_commands.evict)
 main.add_command(cloud_commands.recall)
+main.add_command(admin_commands.certs)
+main.add_command(admin_commands.keys)
 main.add_command(audit_commands.audit)
 
 if __name__ == "__main__":

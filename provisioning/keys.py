@@ -25,6 +25,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from provisioning.errors import ProvisioningError
+
 SECRETS_DIR = "secrets"
 SITE_KEY = "site.key"
 NAMES_KEY = "names.key"
@@ -32,14 +34,12 @@ READER_KEY = "reader.key"  # a remote reader's X25519 private key (raw 32 bytes)
 KEY_BYTES = 32
 
 
-class KeyFileError(Exception):
+class KeyFileError(ProvisioningError):
     """A secret file is missing, unsafe or malformed; `hint` says what to do."""
 
     def __init__(self, path: Path, message: str, *, hint: str) -> None:
-        super().__init__(f"{path}: {message}")
+        super().__init__(f"{path}: {message}", hint=hint)
         self.path = path
-        self.message = f"{path}: {message}"
-        self.hint = hint
 
 
 def secrets_dir(home: Path) -> Path:

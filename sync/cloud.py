@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from appliance import logsafe
 from appliance.config import Config
 from appliance.store.files import FileStore
-from provisioning.keys import load_name_secret, load_site_key
+from provisioning.keyring import SiteKeyring
+from provisioning.keys import load_name_secret
 from sync.blobstore.base import BlobNotFound, BlobStore, Tier
 from sync.crashpoints import crash_point
 from sync.pack import naming
 from sync.pack.errors import PackIntegrityError
-from sync.pack.keys import new_data_key, new_pack_id, unwrap_with_site, wrap_for_site
+from sync.pack.keys import new_data_key, new_pack_id, wrap_for_site
 from sync.pack.manifest import (
     InstanceAttributes,
     Manifest,
@@ -49,6 +50,7 @@ from sync.pack.reader import iter_instance
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
 from sync.records import InstanceRow, PackRow, StudyRow
+from sync.sitekeys import load_ring, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,13 @@ class UploadedPack:
 
 class PackService:
     def __init__(self, store: BlobStore, files: FileStore, *, site_key: bytes,
-                 name_secret: bytes, segment_size: int, rehydrate_poll: float) -> None:
+                 name_secret: bytes, segment_size: int, rehydrate_poll: float,
+                 older_site_keys: tuple[bytes, ...] = ()) -> None:
         self.store = store
         self.files = files
         self._site_key = site_key
+        # Older keys: a pending key rotation's (see sync.sitekeys), for reading only.
+        self._site_ring = SiteKeyring(site_key, older_site_keys)
         self._name_secret = name_secret
         self._segment_size = segment_size
         self._rehydrate_poll = rehydrate_poll
@@ -78,7 +83,8 @@ class PackService:
 
     @classmethod
     def for_home(cls, config: Config, store: BlobStore, files: FileStore) -> PackService:
-        return cls(store, files, site_key=load_site_key(config.home),
+        ring = load_ring(config.home)
+        return cls(store, files, site_key=ring.current, older_site_keys=ring.older,
                    name_secret=load_name_secret(config.home),
                    segment_size=config.sync.segment_size,
                    rehydrate_poll=config.sync.rehydrate_poll_seconds)
@@ -203,9 +209,8 @@ class PackService:
         if cached is not None:
             return cached
         sealed = self.store.open_range(manifest_name)
-        wrapped = self.store.open_range(key_name)
         pack_id = manifest_pack_id(sealed)
-        data_key = unwrap_with_site(self._site_key, pack_id, wrapped)
+        data_key = unwrap_site_object(self.store, key_name, pack_id, self._site_ring)
         opened = (data_key, open_manifest(sealed, data_key, expected_pack_id=pack_id))
         if not use_cache:
             return opened

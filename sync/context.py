@@ -6,11 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from appliance.audit import Auditor
 from appliance.config import Config
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from sync.blobstore.base import BlobStore
 from sync.cloud import PackService
+from sync.sitekeys import site_keys_in_use
 
 
 @dataclass
@@ -20,6 +22,7 @@ class SyncContext:
     files: FileStore
     store: BlobStore
     packs: PackService
+    audit: Auditor
 
 
 @asynccontextmanager
@@ -28,9 +31,12 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
 
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     files = FileStore(config.store.path)
+    audit = Auditor.for_home(config, process="sync")  # run_agent starts its flusher
     try:
         async with Index(config.index.path) as index:
-            yield SyncContext(config, index, files, store,
-                              PackService.for_home(config, store, files))
+            with site_keys_in_use(config.home):  # no key rotation meanwhile
+                yield SyncContext(config, index, files, store,
+                                  PackService.for_home(config, store, files), audit)
     finally:
+        audit.close()
         store.close()

@@ -5,6 +5,8 @@
     studies/<study_key>/v<version:06d>.pack                 the pack
     studies/<study_key>/v<version:06d>.manifest             its manifest
     studies/<study_key>/v<version:06d>.keys/site            data key for the site
+    studies/<study_key>/v<version:06d>.keys/site-<kid>      the same, re-wrapped by a site
+                                                            key rotation (kid: key id)
     studies/<study_key>/v<version:06d>.keys/reader-<rid>    data key for one reader
     rid = hex(SHA-256(reader public key, 32 raw bytes))[:16]
 
@@ -29,7 +31,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HEX = re.compile(r"^[0-9a-f]+$")
 _NAME = re.compile(
     r"^studies/(?P<study>[0-9a-f]{32})/v(?P<version>[0-9]{6})"
-    r"(?:\.(?P<kind>pack|manifest)|\.keys/(?:(?P<site>site)|reader-(?P<reader>[0-9a-f]{16})))$"
+    r"(?:\.(?P<kind>pack|manifest)|\.keys/(?:(?P<site>site(?:-(?P<kid>[0-9a-f]{16}))?)"
+    r"|reader-(?P<reader>[0-9a-f]{16})))$"
 )
 
 
@@ -72,8 +75,13 @@ def manifest_name(key: str, version: int) -> str:
     return version_prefix(key, version) + "manifest"
 
 
-def site_key_name(key: str, version: int) -> str:
-    return version_prefix(key, version) + "keys/site"
+def site_key_name(key: str, version: int, key_id: str | None = None) -> str:
+    """`keys/site` as uploaded; `keys/site-<key_id>` once a key rotation re-wrapped it."""
+    if key_id is None:
+        return version_prefix(key, version) + "keys/site"
+    if len(key_id) != 16 or not _HEX.match(key_id):
+        raise ValueError("a site key id is 16 lowercase hex digits")
+    return version_prefix(key, version) + f"keys/site-{key_id}"
 
 
 def reader_key_name(key: str, version: int, reader: str) -> str:
@@ -90,6 +98,7 @@ class BlobName:
     version: int
     kind: str
     reader_id: str | None = None
+    site_key_id: str | None = None  # set for a rotated site key object only
 
 
 def parse_blob_name(name: str) -> BlobName | None:
@@ -98,7 +107,7 @@ def parse_blob_name(name: str) -> BlobName | None:
     if match is None:
         return None
     kind = match["kind"] or ("site-key" if match["site"] else "reader-key")
-    return BlobName(match["study"], int(match["version"]), kind, match["reader"])
+    return BlobName(match["study"], int(match["version"]), kind, match["reader"], match["kid"])
 
 
 def _check_study_key(key: str) -> str:
