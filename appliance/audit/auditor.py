@@ -370,10 +370,14 @@ class Auditor:
         """A study version was replicated (encrypted) to the cloud."""
         self._cloud_transfer(EventID.EXPORT, Action.READ, study, count, to_cloud=True)
 
-    def recalled(self, study: StudyFacts, count: int, *, error: str = "") -> None:
-        """Evicted instances were brought back from the cloud (or the recall failed)."""
+    def recalled(self, study: StudyFacts, count: int, *, error: str = "",
+                 tampered: bool = False) -> None:
+        """Evicted instances were brought back from the cloud, or the recall failed; a
+        blob that failed authentication is also a security alert."""
         self._cloud_transfer(EventID.INSTANCES_TRANSFERRED, Action.CREATE, study, count,
                              to_cloud=False, error=error)
+        if tampered:
+            self.integrity_failure(study, error)
 
     def evicted(self, study: StudyFacts, count: int) -> None:
         """Local copies deleted; the verified cloud copy remains."""
