@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from appliance.audit.anchor import AnchorJob
 from appliance.config import Config
 from appliance.errors import PacsEdgeError
 from appliance.notify import Notifier
@@ -81,6 +82,7 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
 
 async def run_agent(config: Config) -> None:
     async with open_context(config) as ctx:
+        ctx.audit.start(application=True)  # open_context closes it (Application Stop)
         await recover_interrupted(ctx)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -94,6 +96,8 @@ async def run_agent(config: Config) -> None:
             ("replicate-evict", lambda: sync_pass(ctx), sync.replicate_interval_seconds),
             ("recall-requests", lambda: serve_recall_requests(ctx), sync.recall_poll_seconds),
             ("lifecycle", lambda: apply_lifecycle(ctx), LIFECYCLE_INTERVAL),
+            ("audit-anchor", AnchorJob(config.home, ctx.store).run,
+             config.audit.anchor_interval_seconds),
         ]
         for name, job, seconds in jobs:
             scheduler.add_job(_logged(name, job), "interval", seconds=seconds, id=name,

@@ -48,6 +48,7 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     freed = await drop_local_files(ctx, study.id, paths)
     log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid), len(paths),
              freed)
+    ctx.audit.evicted(study, len(paths))
     return freed
 
 

@@ -28,6 +28,7 @@ from appliance.store.tiering import TierState, Trigger, apply
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
+from sync.pack.errors import PackIntegrityError
 from sync.records import StudyRow, instances_of, packs_of, study_by_id
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,13 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
                                             expect=TierState.RECALLING))
         log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                   getattr(exc, "message", type(exc).__name__))
+        ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
+                           tampered=isinstance(exc, PackIntegrityError))
         raise
     crash_point("recall:before-commit")
     await writer.submit(lambda c: _mark_recalled(c, study.id))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
+    ctx.audit.recalled(study, len(missing))
     return len(missing)
 
 

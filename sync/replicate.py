@@ -85,6 +85,7 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
         await drop_local_files(ctx, study.id, [i.path for i in instances])
     log.info("replicated study=%s version=%d instances=%d bytes=%d",
              logsafe.ref(study.study_uid), version, len(instances), uploaded.pack_size)
+    ctx.audit.exported(study, len(instances))
     return Replicated(logsafe.ref(study.study_uid), version, len(instances), uploaded.pack_size)
 
 
