@@ -12,6 +12,7 @@ from appliance.store.files import FileStore
 from appliance.store.index import Index
 from sync.blobstore.base import BlobStore
 from sync.cloud import PackService
+from sync.sitekeys import site_keys_in_use
 
 
 @dataclass
@@ -33,8 +34,9 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
     audit = Auditor.for_home(config, process="sync")  # run_agent starts its flusher
     try:
         async with Index(config.index.path) as index:
-            yield SyncContext(config, index, files, store,
-                              PackService.for_home(config, store, files), audit)
+            with site_keys_in_use(config.home):  # no key rotation meanwhile
+                yield SyncContext(config, index, files, store,
+                                  PackService.for_home(config, store, files), audit)
     finally:
         audit.close()
         store.close()
