@@ -92,8 +92,9 @@ def walk_files(folder: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         for name in sorted(filenames):
-            if not is_ignored(name):
-                yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            if not is_ignored(name) and not path.is_symlink():
+                yield path
 
 
 def signature(unit: Unit) -> Hashable | None:
