@@ -166,6 +166,21 @@ class Server:
                 raise BenchError(f"{self.name} not answering C-ECHO:\n{self.log()[-3000:]}")
             time.sleep(0.1)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, reaped children included) of the server's process
+        group so far: forked children and worker processes belong to it."""
+        if self.proc is None:
+            return 0.0
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.proc.pid:  # fields[2]: process group
+                ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """SIGTERM; SIGKILL to the whole group if it is still there after a deadline."""
         proc = self.proc

@@ -89,6 +89,7 @@ def main() -> None:
     servers: list[Server] = []
     seconds: dict[tuple[str, str], list[float]] = {}
     failures: dict[tuple[str, str], str] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     try:
         dest = destination(fresh_dir(dest_dir))
         servers.append(dest)
@@ -107,7 +108,10 @@ def main() -> None:
                     if key in failures:
                         continue
                     try:
+                        before = server.cpu_seconds()
                         s, received = do(server)
+                        time.sleep(0.2)  # forked children exit and are reaped
+                        used = server.cpu_seconds() - before
                         if received != len(files):
                             raise BenchError(f"{received} of {len(files)} instances arrived")
                     except BenchError as exc:
@@ -115,6 +119,7 @@ def main() -> None:
                         console.print(f"[red]{op} from {server.name} failed:[/red] {exc}")
                         continue
                     seconds.setdefault(key, []).append(s)
+                    cpu.setdefault(key, []).append(used)
                     console.print(f"run {rep + 1}/{args.repeats} {op} {server.name}: "
                                   f"{s:.2f} s, {size / MB / s:.1f} MB/s")
     finally:
@@ -128,7 +133,12 @@ def main() -> None:
         ref = _figure(op, "dcmqrscp", seconds, failures, size)
         mine = _figure(op, "pacs-edge workers=1", seconds, failures, size)
         mine.reference = ref.reference = ref
-        figures += [ref, mine]
+        ref_cpu = Figure(f"{op} server CPU", "dcmqrscp", "CPU-s", cpu.get((op, "dcmqrscp"), []),
+                         higher_is_better=False)
+        mine_cpu = Figure(ref_cpu.name, mine.subject, "CPU-s", cpu.get((op, mine.subject), []),
+                          ref_cpu, higher_is_better=False)
+        ref_cpu.reference = ref_cpu
+        figures += [ref, mine, ref_cpu, mine_cpu]
     report(f"Retrieve of {len(files)} CT slices ({size / MB:.0f} MB): movescu to storescp, "
            "getscu to a folder (target: >= 0.8x dcmqrscp)", "retrieve", figures,
            {"instances": len(files), "bytes": size, "failures": {

@@ -14,6 +14,8 @@ import argparse
 import hashlib
 import os
 import shutil
+import sqlite3
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,13 +96,14 @@ def storescp(out: Path) -> Server:
     return server
 
 
-def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> float:
-    """Seconds to send the study once to a fresh server of `case`; checks the count."""
+def run_case(case: Case, folders: list[Path], profile: Path,
+             expected: int) -> tuple[float, float]:
+    """Seconds to send the study once to a fresh server of `case`, and the server's CPU
+    seconds meanwhile; checks that every instance was stored."""
     if case.server == "storescp":
         out = fresh_dir(WORK / "storescp")
         with serving(storescp(out)) as server:
-            seconds = timed_parallel([storescu_argv(server.port, server.ae_title, f, profile)
-                                      for f in folders])
+            seconds, cpu = _send(server, folders, profile)
         received = len(files_under(out))
         shutil.rmtree(out, ignore_errors=True)
     else:
@@ -108,13 +111,20 @@ def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> f
         shutil.rmtree(home, ignore_errors=True)
         edge = EdgeServer(home, workers=case.workers)
         with serving(edge.start()):
-            seconds = timed_parallel([storescu_argv(edge.port, edge.ae_title, f, profile)
-                                      for f in folders])
+            seconds, cpu = _send(edge, folders, profile)
         received = edge.instances()
         shutil.rmtree(home, ignore_errors=True)
     if received != expected:
         raise BenchError(f"{case.label}: {received} of {expected} instances stored")
-    return seconds
+    return seconds, cpu
+
+
+def _send(server: Server, folders: list[Path], profile: Path) -> tuple[float, float]:
+    before = server.cpu_seconds()
+    seconds = timed_parallel([storescu_argv(server.port, server.ae_title, f, profile)
+                              for f in folders])
+    time.sleep(0.2)  # let storescp's forked children exit and be reaped
+    return seconds, server.cpu_seconds() - before
 
 
 def sha256_seconds(files: list[Path]) -> float:
@@ -125,6 +135,40 @@ def sha256_seconds(files: list[Path]) -> float:
     for blob in blobs:
         hashlib.sha256(blob).hexdigest()
     return time.perf_counter() - start
+
+
+def durable_floor_seconds(instance_bytes: int, folder: Path, count: int = 30) -> float:
+    """Median seconds of the durable part of one ingest done the plain way on this disk:
+    write a file of `instance_bytes`, fsync, rename, fsync the folder, and commit one row
+    in SQLite (WAL, synchronous=FULL). storescp does none of it; pacs-edge must before
+    each acknowledgement, so on one association 1/this caps its instances/s."""
+    folder = fresh_dir(folder)
+    data = os.urandom(instance_bytes)
+    db = sqlite3.connect(folder / "floor.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (n INTEGER)")
+    dir_fd = os.open(folder, os.O_RDONLY)
+    times = []
+    try:
+        for n in range(count):
+            start = time.perf_counter()
+            tmp = folder / f"{n}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.rename(folder / f"{n}.dcm")
+            os.fsync(dir_fd)
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t VALUES (?)", (n,))
+            db.execute("COMMIT")
+            times.append(time.perf_counter() - start)
+    finally:
+        os.close(dir_fd)
+        db.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -141,32 +185,46 @@ def main() -> None:
     cases = [Case("storescp", 1), Case("edge", 1), Case("edge", 1, workers=2),
              Case("storescp", 4), Case("edge", 4), Case("edge", 4, workers=2)]
     seconds: dict[Case, list[float]] = {c: [] for c in cases}
+    cpu: dict[Case, list[float]] = {c: [] for c in cases}
     hashing: list[float] = []
+    floor: list[float] = []
     for rep in range(args.repeats):  # round robin: noise lands on every case alike
         hashing.append(sha256_seconds(files))
+        floor.append(durable_floor_seconds(size // len(files), WORK / "floor"))
         for case in cases:
             folders = split(study, case.associations)
-            s = run_case(case, folders, profile, len(files))
+            s, c = run_case(case, folders, profile, len(files))
             seconds[case].append(s)
+            cpu[case].append(c)
             console.print(f"run {rep + 1}/{args.repeats} {case.label} x{case.associations}: "
-                          f"{s:.2f} s, {size / MB / s:.1f} MB/s")
+                          f"{s:.2f} s, {size / MB / s:.1f} MB/s, server CPU {c:.2f} s")
 
     figures: list[Figure] = []
     for assoc in (1, 4):
         ref = Case("storescp", assoc)
         per_s = _figures(ref, seconds[ref], assoc, len(files), size, None)
-        figures += per_s
+        ref_cpu = Figure(f"server CPU x{assoc} assoc", ref.label, "CPU-s", cpu[ref],
+                         higher_is_better=False)
+        ref_cpu.reference = ref_cpu
+        figures += [*per_s, ref_cpu]
         for case in cases:
             if case.server == "edge" and case.associations == assoc:
                 figures += _figures(case, seconds[case], assoc, len(files), size, per_s)
+                figures.append(Figure(ref_cpu.name, case.label, "CPU-s", cpu[case], ref_cpu,
+                                      higher_is_better=False))
     sha = Figure("SHA-256 of the study", "hashlib, one core", "MB/s",
                  [size / MB / s for s in hashing], figures[1],
                  note="(files in memory: a cap on one association)")
-    figures += [sha, _orthanc_note()]
+    durable = Figure("durable-write floor, serial", "write+fsync+rename+dir fsync+commit",
+                     "inst/s", [1 / s for s in floor], figures[0],
+                     note="(a cap on one association)")
+    figures += [sha, durable, _orthanc_note()]
     report(f"C-STORE of {len(files)} CT slices ({size / MB:.0f} MB), dcmtk storescu",
            "store", figures, {"instances": len(files), "bytes": size,
                               "seconds": {f"{c.label} x{c.associations}": s
-                                          for c, s in seconds.items()}})
+                                          for c, s in seconds.items()},
+                              "server_cpu_seconds": {f"{c.label} x{c.associations}": s
+                                                     for c, s in cpu.items()}})
 
 
 def _figures(case: Case, secs: list[float], assoc: int, count: int, size: int,
