@@ -6,12 +6,11 @@ they were stored in and byte-identical (dataset after the File Meta group).
 An instance whose stored syntax has no such context fails on its own, with a
 clear log line; the `get` permission gates the service; C-CANCEL stops it.
 
-getscu proposes one context per storage SOP class listing explicit VR (local
-byte order first), big endian and implicit VR; the server, as acceptor, picks
-the first of *its* supported syntaxes in that list (pynetdicom negotiates in
-acceptor order), which is implicit VR little endian. So getscu can only receive
-instances stored as implicit VR little endian here; the getscu test uses such
-a study and pynetdicom covers every other syntax with one context per syntax.
+getscu proposes one context per storage SOP class listing several syntaxes; the
+server accepts, for such a C-GET context, the syntax most stored instances of
+that SOP class are in (appliance/dimse/negotiation.py), so a study stored in one
+syntax comes back whole. pynetdicom covers every other syntax, with one context
+per syntax.
 
 dcmtk tools leave Nagle on unless the environment says TCP_NODELAY=1.
 """
@@ -158,24 +157,27 @@ def assert_arrived_as_sent(result: GetResult,
 
 # --- dcmtk getscu ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("syntax", ["explicit", "implicit"])
 def test_getscu_retrieves_a_study_byte_exact(
-    edge_server: EdgeServer, tmp_path: Path, implicit_study: list[dicomgen.GeneratedInstance],
+    syntax: str, edge_server: EdgeServer, tmp_path: Path,
+    small_study: list[dicomgen.GeneratedInstance],
+    implicit_study: list[dicomgen.GeneratedInstance],
 ) -> None:
-    store(edge_server, implicit_study)
+    study = small_study if syntax == "explicit" else implicit_study
+    store(edge_server, study)
     out = tmp_path / "got"
-    result = dcmtk.getscu(edge_server.port, {"StudyInstanceUID": implicit_study[0].study_uid},
+    result = dcmtk.getscu(edge_server.port, {"StudyInstanceUID": study[0].study_uid},
                           out, aec=edge_server.ae_title, args=("-v", "+B")).check()
 
     assert "Received C-GET Response (Success)" in result.output
-    assert result.output.count("Sending C-STORE Response (Success)") == len(implicit_study)
+    assert result.output.count("Sending C-STORE Response (Success)") == len(study)
     received = {str(dicomgen.read_header(p).SOPInstanceUID): p
                 for p in out.iterdir() if p.is_file()}
-    assert set(received) == {i.sop_instance_uid for i in implicit_study}
-    for inst in implicit_study:
+    assert set(received) == {i.sop_instance_uid for i in study}
+    for inst in study:
         assert dicomgen.dataset_bytes(received[inst.sop_instance_uid]) == dicomgen.dataset_bytes(
             inst.path)
-    assert (f"get finished status=0x0000 completed={len(implicit_study)} failed=0"
-            in edge_server.log())
+    assert f"get finished status=0x0000 completed={len(study)} failed=0" in edge_server.log()
 
 
 def test_getscu_without_get_permission_is_refused(
