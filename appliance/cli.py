@@ -51,6 +51,8 @@ def main() -> None:
 @home_option
 @click.option("--ae-title", default=None, help="This box's AE title (default EDGE).")
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
+@click.option("--tls-port", type=int, default=None,
+              help="DICOM TLS port (default 2762); 0 turns TLS off.")
 @click.option("--cert-days", type=int, default=DEFAULT_NODE_DAYS, show_default=True,
               help="Lifetime of the node certificate.")
 @click.option("--ca-days", type=int, default=DEFAULT_CA_DAYS, show_default=True,
@@ -59,13 +61,14 @@ def main() -> None:
 @click.option("--force-new-keys", is_flag=True,
               help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
-def init(home: Path | None, ae_title: str | None, dicom_port: int | None, cert_days: int,
+def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
+         tls_port: int | None, cert_days: int,
          ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
-    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port}}
+    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
     report = init_home(

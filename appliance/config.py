@@ -40,6 +40,11 @@ class DicomConfig:
     ae_title: str = field(default="EDGE", metadata=_check(_ae_title_ok, "1-16 ASCII characters"))
     host: str = "127.0.0.1"
     port: int = field(default=11112, metadata=_check(lambda v: 0 <= v <= 65535, "0-65535"))
+    plain_enabled: bool = True
+    tls_port: int = field(default=2762, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                         "0 (TLS off) or 1-65535"))
+    tls_require_client_cert: bool = True
+    tls_handshake_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0"))
     max_pdu: int = field(
         default=1_048_576,
         metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864 bytes"),
@@ -289,6 +294,11 @@ _COMMENTS = {
     "dicom.ae_title": "This box's AE title; peers must call it by this name.",
     "dicom.host": "Listen address. 127.0.0.1 keeps the box private; 0.0.0.0 opens it to the LAN.",
     "dicom.port": "DICOM port (104 is the standard one and needs CAP_NET_BIND_SERVICE).",
+    "dicom.plain_enabled": "Listen on the plain (unencrypted) port as well as the TLS one.",
+    "dicom.tls_port": "DICOM TLS port (2762 is the standard one); 0 turns TLS off.",
+    "dicom.tls_require_client_cert": "Mutual TLS: peers need a certificate from the site CA"
+    " (pacs-edge certs issue).",
+    "dicom.tls_handshake_timeout": "Seconds a TLS client has to finish its handshake.",
     "dicom.max_pdu": "Largest PDU we accept, bytes; larger PDUs mean fewer round trips.",
     "dicom.max_associations": "Concurrent associations before new ones are rejected (busy).",
     "dicom.idle_connection_limit": "Connections that have not asked for an association yet;"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 
 from appliance import logsafe
@@ -24,6 +25,7 @@ from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
+from appliance.dimse.tls import server_context
 from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
 from appliance.notify import Notifier
@@ -32,11 +34,21 @@ from appliance.recovery import begin_run, end_run, recover
 from appliance.retrieve import RetrieveService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from provisioning.certs import TlsPaths
 
 log = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL = 30.0
 STOP_GRACE_SECONDS = 10.0
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    """The DICOM TLS context from the certificates `pacs-edge init` made; None when off."""
+    if not config.dicom.tls_port:
+        return None
+    paths = TlsPaths(config.home)
+    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                          require_client_cert=config.dicom.tls_require_client_cert)
 
 
 async def serve(
@@ -74,12 +86,14 @@ async def serve(
             config.dicom, allowlist, event_handlers(DimseHandlers(services)),
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
+            tls_context=_tls_context(config),
+            on_tls_failure=auditor.node_authentication_failed,
         )
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
         retrieve = RetrieveService(allowlist, index, files,
                                    recall_timeout=config.sync.recall_timeout_seconds)
         attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor)
-        host, port = await asyncio.to_thread(server.start)
+        ports = await asyncio.to_thread(server.start)
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None
         if config.dropfolder.enabled and not worker:
@@ -91,13 +105,14 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if on_ready is not None:
-            on_ready(port)
+            on_ready(ports.get("plain", ports.get("tls", 0)))
         # Workers stay silent: their supervisor speaks for the service (workers.py).
         notifier = Notifier(silent=worker is not None)
         if worker is None:
-            log.info("ready to accept associations ae_title=%s host=%s port=%d peers=%d",
-                     config.dicom.ae_title, host, port, len(allowlist.peers()))
-            notifier.ready(f"accepting associations on port {port}")
+            log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
+                     " peers=%d", config.dicom.ae_title, config.dicom.host,
+                     ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
+            notifier.ready(f"accepting associations on ports {ports}")
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -8,3 +8,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_command storescu dcmtk
 need_command systemd-analyze systemd
+"$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"

@@ -40,6 +40,7 @@ import dcmtk
 import dicomgen
 import pytest
 import tomlkit
+from azurite import azurite  # noqa: F401
 
 HOST = "127.0.0.1"
 TEST_AE = dcmtk.TEST_AE
@@ -75,7 +76,9 @@ def run_pacs_edge(*args: str, check: bool = True,
 
 def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True) -> Path:
     """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer."""
-    run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0")
+    # TLS off unless a test turns it on: its fixed port (2762) would collide.
+    run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
+                  "--tls-port", "0")
     if default_peer:
         # Port 1: nothing listens there; a C-MOVE destination needs its own peer.
         run_pacs_edge("peers", "add", "testscu", "--home", str(home), "--ae-title", TEST_AE,

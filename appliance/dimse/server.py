@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import socketserver
+import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
@@ -35,6 +36,7 @@ from appliance.dimse.transport import (
     EdgeRequestHandler,
     SupportedContexts,
 )
+from appliance.errors import PacsEdgeError
 from appliance.peers import Allowlist
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class DimseServer:
         *,
         reuse_port: bool = False,
         stored_syntaxes: StoredCounts | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        on_tls_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         self.ae = AllowlistAE(config.ae_title, allowlist)
@@ -106,33 +110,47 @@ class DimseServer:
         self._handlers = list(handlers)
         self._reuse_port = reuse_port
         self._stored_syntaxes = stored_syntaxes
-        self._server: EdgeAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._tls_context = tls_context
+        self._on_tls_failure = on_tls_failure
+        self._servers: dict[str, EdgeAssociationServer] = {}
 
     @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+    def ports(self) -> dict[str, int]:
+        """Bound port per listener: "plain" and/or "tls"."""
+        return {name: int(server.server_address[1]) for name, server in self._servers.items()}
 
-    def start(self) -> tuple[str, int]:
+    def start(self) -> dict[str, int]:
+        """Start the plain and/or TLS listeners; returns their bound ports."""
         guard = ConnectionGuard(idle_limit=self.config.idle_connection_limit,
                                 per_address_limit=self.config.connections_per_address)
-        server_class = type("Server", (EdgeAssociationServer,),
-                            {"reuse_port": self._reuse_port, "guard": guard,
-                             "stored_syntaxes": self._stored_syntaxes})
-        self._server = self.ae.make_server(
-            (self.config.host, self.config.port),
-            evt_handlers=self._handlers,
-            server_class=server_class,
-            request_handler=EdgeRequestHandler,
-        )
-        self._server.contexts = SupportedContexts(self._server.contexts)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dimse-accept", daemon=True
-        )
-        self._thread.start()
-        return self.address
+        listeners: list[tuple[str, int, ssl.SSLContext | None]] = []
+        if self.config.plain_enabled:
+            listeners.append(("plain", self.config.port, None))
+        if self._tls_context is not None:
+            listeners.append(("tls", self.config.tls_port, self._tls_context))
+        if not listeners:
+            raise PacsEdgeError("no DICOM listener: the plain port is off and TLS is off",
+                                hint="set [dicom] plain_enabled = true or a tls_port")
+        for name, port, context in listeners:
+            server_class = type("Server", (EdgeAssociationServer,), {
+                "reuse_port": self._reuse_port, "guard": guard,
+                "stored_syntaxes": self._stored_syntaxes,
+                "handshake_timeout": self.config.tls_handshake_timeout,
+                "on_tls_failure": staticmethod(self._on_tls_failure)
+                if self._on_tls_failure else None,
+            })
+            server = self.ae.make_server(
+                (self.config.host, port),
+                evt_handlers=self._handlers,
+                server_class=server_class,
+                request_handler=EdgeRequestHandler,
+                ssl_context=context,
+            )
+            server.contexts = SupportedContexts(server.contexts)
+            threading.Thread(target=server.serve_forever, name=f"dimse-accept-{name}",
+                             daemon=True).start()
+            self._servers[name] = server
+        return self.ports
 
     def _established(self) -> int:
         return sum(1 for assoc in self.ae.active_associations if assoc.is_established)
@@ -142,14 +160,14 @@ class DimseServer:
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop accepting, wait up to `grace_seconds` for associations to end, abort the rest."""
-        server = self._server
-        if server is None:
+        if not self._servers:
             return
-        # Stop the accept loop and close the listening socket. Not server.shutdown():
-        # pynetdicom's version also unregisters from the AE, which make_server()
-        # never registered it with.
-        socketserver.BaseServer.shutdown(server)
-        server.server_close()
+        for server in self._servers.values():
+            # Stop the accept loop and close the listening socket. Not server.shutdown():
+            # pynetdicom's version also unregisters from the AE, which make_server()
+            # never registered it with.
+            socketserver.BaseServer.shutdown(server)
+            server.server_close()
         # Only established associations can be mid-transfer; connections still
         # negotiating (or left half-open by a broken peer) are aborted at once.
         deadline = time.monotonic() + grace_seconds
@@ -159,7 +177,7 @@ class DimseServer:
         if left:
             log.warning("aborting associations still open after grace period count=%d", left)
         self.ae.shutdown()
-        self._server = None
+        self._servers = {}
 
 
 def event_handlers(h: Any) -> list[tuple[Any, Any]]:

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import logging
 import socket
+import ssl
 import threading
 from collections import Counter, OrderedDict
 from typing import Any
@@ -149,6 +150,34 @@ def _peer_ip(sock: socket.socket) -> str:
 
 
 class EdgeRequestHandler(RequestHandler):
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+            return
+        super().handle()
+
+    def _handshake(self) -> bool:
+        """TLS handshake with a deadline, in this connection's thread."""
+        sock = self.request
+        timeout = getattr(self.server, "handshake_timeout", 10.0)
+        address = str(self.client_address[0])
+        try:
+            sock.settimeout(timeout)
+            sock.do_handshake()
+            sock.settimeout(self.server.ae.network_timeout)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("TLS handshake failed address=%s reason=%s", address, reason)
+            alert = getattr(self.server, "on_tls_failure", None)
+            if alert is not None:
+                alert(address, str(reason))
+            with contextlib.suppress(OSError):
+                sock.close()
+            guard = getattr(self.server, "guard", None)
+            if guard is not None:
+                guard.closed(sock, address)
+            return False
+        return True
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # A second AssociationSocket would queue a second "connection open"
@@ -187,6 +216,8 @@ def _release_waiting_acceptor(event: Any) -> None:
 
 class EdgeAssociationServer(ThreadedAssociationServer):
     reuse_port = False
+    handshake_timeout = 10.0
+    on_tls_failure: Any = None
     guard: ConnectionGuard | None = None
     stored_syntaxes: StoredCounts | None = None
     # socketserver's default backlog of 5 drops the SYNs of a burst of
@@ -207,7 +238,11 @@ class EdgeAssociationServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
+            # pynetdicom handshakes here, on the accept loop: one client that never
+            # sends a ClientHello blocks every new TLS connection. The handshake runs
+            # in the connection's own thread instead (EdgeRequestHandler.handle).
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
         return client, address
 
 

@@ -14,6 +14,12 @@ tests/test_blobstore_contract.py check each one):
   without being held in memory.
 - open_range(name, offset, length) returns exactly those bytes; a range past
   the end raises BlobRangeError. Reading an archived blob raises BlobOffline.
+  The empty range at the end ([size, size)) is allowed and returns b"".
+- Names and metadata follow sync.blobstore.names in every backend (metadata
+  keys `[a-z_][a-z0-9_]*`: Azure keys are C# identifiers). Breaking those
+  rules is a caller bug and raises ValueError, not a BlobStoreError.
+- Retries live in one wrapper (sync.blobstore.retry), composed by
+  sync.blobstore.factory.open_blob_store; backends never retry by themselves.
 - stat(name) reports size, access tier, whether it can be read now
   (online) and the backend's content hash when it keeps one.
 - list(prefix) yields every blob whose name starts with prefix, sorted.
@@ -30,8 +36,9 @@ the tree below where they arise.
     ├── BlobExists               put of a name that exists
     ├── BlobRangeError           range outside the blob
     ├── BlobOffline              archived: rehydrate first
-    └── BlobStoreUnavailable     the store cannot be reached or refused us
-        └── TransientBlobError   worth retrying (timeouts, 5xx, throttling)
+    ├── BlobStoreUnavailable     the store cannot be reached or refused us
+    │   └── TransientBlobError   worth retrying (timeouts, 5xx, throttling)
+    └── factory.CredentialsError no usable Azure connection string
 """
 
 from __future__ import annotations

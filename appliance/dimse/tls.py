@@ -1,0 +1,35 @@
+"""The DICOM TLS server context: BCP 195 (RFC 8996 profile) with mutual authentication.
+
+TLS 1.2 and 1.3 only; for TLS 1.2 only ECDHE key exchange with AEAD ciphers
+(AES-GCM, ChaCha20-Poly1305), TLS 1.3 suites are all AEAD. The box presents
+its node certificate (`pacs-edge init`, `pacs-edge certs renew`); with mutual
+TLS (the default) a peer must present a certificate issued by the site CA
+(`pacs-edge certs issue NAME`).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from appliance.errors import PacsEdgeError
+
+BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def server_context(*, cert: Path, key: Path, ca: Path, require_client_cert: bool
+                   ) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise PacsEdgeError(
+            f"DICOM TLS cannot load its certificate, key or CA ({type(exc).__name__}: {exc})",
+            hint="run `pacs-edge init` (creates them) or `pacs-edge certs renew`; or set"
+                 " [dicom] tls_port = 0 to turn TLS off") from exc
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return context
