@@ -13,7 +13,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -157,7 +157,7 @@ def test_ranges_outside_the_blob_are_refused(store: BlobStore, offset: int,
 
 def test_a_missing_blob_is_not_found_by_every_operation(store: BlobStore) -> None:
     store.put("present", [TEXT])  # the container exists; only the blob is missing
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "stat": lambda: store.stat("absent/x"),
         "open_range": lambda: store.open_range("absent/x", 0, 1),
         "iter_chunks": lambda: store.iter_chunks("absent/x"),

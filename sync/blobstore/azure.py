@@ -61,6 +61,7 @@ from azure.storage.blob import (
     BlobProperties,
     ContainerClient,
     ContentSettings,
+    RehydratePriority,
     StorageStreamDownloader,
 )
 
@@ -254,7 +255,8 @@ class AzureBlobStore(BlobStore):
         try:
             with _mapped("request_online", name):
                 self._client.get_blob_client(name).set_standard_blob_tier(
-                    self.rehydrate_to.value, rehydrate_priority=self.rehydrate_priority)
+                    self.rehydrate_to.value,
+                    rehydrate_priority=RehydratePriority(self.rehydrate_priority))
         except BlobOffline:
             return  # another caller started the rehydration in between
 

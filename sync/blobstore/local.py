@@ -48,7 +48,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +102,19 @@ class LocalFolderStore(BlobStore):
         check_name(name)
         meta = check_metadata(metadata)
         path = self._path(name)
-        if path.exists():
+        if path.is_file():
             raise _exists(name)
         try:
             durable.ensure_dir(path.parent)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise BlobStoreError("put", name, "a blob is in the way of its folder",
-                                 hint="a local folder cannot hold both 'a' and 'a/b'; "
-                                 "this is a naming bug") from exc
+        except (FileExistsError, NotADirectoryError):
+            pass  # reported just below
         except OSError as exc:
             raise _os_error("put", name, exc, self.root) from exc
+        if path.exists() or not path.parent.is_dir():
+            raise BlobStoreError("put", name, "a blob is in the way of its folder, or a "
+                                 "folder of longer names is in the way of the blob",
+                                 hint="a local folder cannot hold both 'a' and 'a/b'; "
+                                 "this is a naming bug")
         md5 = hashlib.md5(usedforsecurity=False)
         size = 0
         tmp = ""
@@ -357,7 +360,7 @@ class LocalFolderStore(BlobStore):
         except OSError as exc:
             raise _os_error("iter_chunks", name, exc, self.root) from exc
 
-    def _infos(self, names: list[str]) -> Iterator[BlobInfo]:
+    def _infos(self, names: Sequence[str]) -> Iterator[BlobInfo]:
         for name in names:
             try:
                 yield self.stat(name)
