@@ -142,7 +142,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self, argv: Sequence[str], cwd: Path | None = None) -> None:
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=tool_env(), cwd=cwd,
                                          start_new_session=True)
@@ -204,11 +204,13 @@ class EdgeServer(Server):
     """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer."""
 
     def __init__(self, home: Path, *, workers: int = 1) -> None:
-        super().__init__(f"pacs-edge workers={workers}", EDGE_AE, free_port(),
+        # Port 0: the server binds a port the OS picks and logs it in its ready line
+        # (a port picked here could be taken by another process while we populate).
+        super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
                          home.parent / f"{home.name}-serve.log")
         self.home = home
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
-             "--dicom-port", str(self.port)])
+             "--dicom-port", "0"])
         self.add_peer("bench", BENCH_AE, 1)
         if workers != 1:
             self.configure("dicom", "workers", workers)
@@ -228,12 +230,13 @@ class EdgeServer(Server):
     def start(self) -> EdgeServer:
         self.spawn([*pacs_edge(), "serve", "--home", str(self.home)])
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _READY.search(self.log()):
+        while not (ready := _READY.search(self.log())):
             assert self.proc is not None
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise BenchError(f"pacs-edge serve not ready:\n{self.log()[-3000:]}")
             time.sleep(0.05)
+        self.port = int(ready.group(1))
         self.wait_echo()
         return self
 

@@ -16,6 +16,7 @@ if [ ${#scripts[@]} -eq 0 ]; then
 fi
 status=0
 for name in "${scripts[@]}"; do
+  rm -f "bench/out/$name.json"  # a failed run must not leave an older figure behind
   "$py" "bench/$name.py" || { echo "bench/$name.py failed" >&2; status=1; }
 done
 "$py" bench/summary.py || status=1

@@ -186,6 +186,7 @@ def main() -> None:
              Case("storescp", 4), Case("edge", 4), Case("edge", 4, workers=2)]
     seconds: dict[Case, list[float]] = {c: [] for c in cases}
     cpu: dict[Case, list[float]] = {c: [] for c in cases}
+    failures: dict[Case, int] = {}
     hashing: list[float] = []
     floor: list[float] = []
     for rep in range(args.repeats):  # round robin: noise lands on every case alike
@@ -193,7 +194,13 @@ def main() -> None:
         floor.append(durable_floor_seconds(size // len(files), WORK / "floor"))
         for case in cases:
             folders = split(study, case.associations)
-            s, c = run_case(case, folders, profile, len(files))
+            try:
+                s, c = run_case(case, folders, profile, len(files))
+            except BenchError as exc:  # recorded, and the other cases go on
+                failures[case] = failures.get(case, 0) + 1
+                console.print(f"[red]run {rep + 1} {case.label} x{case.associations} "
+                              f"failed:[/red] {str(exc)[-1500:]}")
+                continue
             seconds[case].append(s)
             cpu[case].append(c)
             console.print(f"run {rep + 1}/{args.repeats} {case.label} x{case.associations}: "
@@ -202,14 +209,16 @@ def main() -> None:
     figures: list[Figure] = []
     for assoc in (1, 4):
         ref = Case("storescp", assoc)
-        per_s = _figures(ref, seconds[ref], assoc, len(files), size, None)
+        per_s = _figures(ref, seconds[ref], assoc, len(files), size, None,
+                         failures.get(ref, 0))
         ref_cpu = Figure(f"server CPU x{assoc} assoc", ref.label, "CPU-s", cpu[ref],
                          higher_is_better=False)
         ref_cpu.reference = ref_cpu
         figures += [*per_s, ref_cpu]
         for case in cases:
             if case.server == "edge" and case.associations == assoc:
-                figures += _figures(case, seconds[case], assoc, len(files), size, per_s)
+                figures += _figures(case, seconds[case], assoc, len(files), size, per_s,
+                                    failures.get(case, 0))
                 figures.append(Figure(ref_cpu.name, case.label, "CPU-s", cpu[case], ref_cpu,
                                       higher_is_better=False))
     sha = Figure("SHA-256 of the study", "hashlib, one core", "MB/s",
@@ -228,9 +237,10 @@ def main() -> None:
 
 
 def _figures(case: Case, secs: list[float], assoc: int, count: int, size: int,
-             ref: list[Figure] | None) -> list[Figure]:
+             ref: list[Figure] | None, failed: int) -> list[Figure]:
     def make(unit: str, per: Callable[[float], float]) -> Figure:
-        return Figure(f"store x{assoc} assoc", case.label, unit, [per(s) for s in secs])
+        return Figure(f"store x{assoc} assoc", case.label, unit, [per(s) for s in secs],
+                      note=f"({failed} failed)" if failed else "")
 
     inst, mbs = make("inst/s", lambda s: count / s), make("MB/s", lambda s: size / MB / s)
     if ref is None:

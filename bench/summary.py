@@ -35,12 +35,14 @@ def main() -> None:
     for col in ("bench", "measure", "pacs-edge", "median", "reference", "ref. median",
                 "ratio", "target"):
         table.add_column(col)
+    stamps: list[str] = []
     for path in sorted(OUT.glob("*.json")):
         data = json.loads(path.read_text())
         studies = data.get("studies", 0)
+        stamps.append(f"{path.stem} {data.get('time', '?')}")
         for fig in data.get("figures", []):
-            if not str(fig.get("subject", "")).startswith("pacs-edge"):
-                continue
+            if not str(fig.get("subject", "")).startswith("pacs-edge") or "median" not in fig:
+                continue  # references, and files of other benchmarks' formats
             unit = fig["unit"]
             ratio = fig.get("ratio")
             table.add_row(path.stem, fig["name"], fig["subject"].removeprefix("pacs-edge "),
@@ -48,6 +50,7 @@ def main() -> None:
                           _fmt(fig.get("reference_median"), unit),
                           "-" if ratio is None else f"{ratio:.2f}x",
                           target(path.stem, fig, studies) or fig.get("note", ""))
+    table.caption = "measured: " + ", ".join(stamps)
     console.print(table)
 
 
