@@ -1,0 +1,146 @@
+"""DICOM TLS with real dcmtk peers: the BCP 195 profile works, everything else is refused.
+
+The edge listens with TLS on its own port; clients get their key and
+certificate from `pacs-edge certs issue`. A silent TLS client (connects, never
+sends a ClientHello) must not block anyone else's handshake.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+TLS_PROFILE = "--profile-bcp195-nd"
+
+
+@pytest.fixture
+def tls_edge(edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+             tmp_path: Path) -> tuple[EdgeServer, int, Path]:
+    server = edge_server_factory(start=False)
+    tls_port = free_port()
+    server.configure(dicom={"tls_port": tls_port})
+    server.start()
+    server.cli("certs", "issue", "ws1", "--out", str(tmp_path / "ws1"))
+    return server, tls_port, tmp_path / "ws1"
+
+
+def tls_args(client: Path, *, ca: Path | None = None, cert: bool = True) -> list[str]:
+    args = ["+tls", str(client / "ws1.key"), str(client / "ws1.pem")] if cert else ["+tla"]
+    return [*args, "+cf", str(ca or client / "ca.pem"), TLS_PROFILE]
+
+
+def other_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA the edge does not trust, with a client certificate of its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def make(name: str, issuer_key: ec.EllipticCurvePrivateKey | None,
+             issuer: x509.Name | None, ca: bool) -> tuple[ec.EllipticCurvePrivateKey,
+                                                          x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (x509.CertificateBuilder().subject_name(subject)
+                .issuer_name(issuer or subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(issuer_key or key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = make("rogue CA", None, None, True)
+    key, cert = make("ws1", ca_key, ca_cert.subject, False)
+    paths = folder / "ws1.key", folder / "ws1.pem", folder / "ca.pem"
+    paths[0].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[0].chmod(0o600)
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def test_bcp195_echo_store_find_succeed(
+    tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance]
+) -> None:
+    _server, port, client = tls_edge
+    dcmtk.echoscu(port, args=tls_args(client)).check()
+    stored = dcmtk.storescu(port, [i.path for i in small_study],
+                            args=["-v", *tls_args(client)]).check()
+    assert stored.store_responses() == ["Success"] * len(small_study)
+    found = dcmtk.findscu(port, {"StudyInstanceUID": small_study[0].study_uid},
+                          args=tls_args(client)).check()
+    assert found.values("StudyInstanceUID") == [small_study[0].study_uid]
+
+
+def test_client_without_certificate_is_refused(tls_edge: tuple[EdgeServer, int, Path]) -> None:
+    server, port, client = tls_edge
+    assert not dcmtk.echoscu(port, args=tls_args(client, cert=False)).ok
+    assert "TLS handshake failed" in server.log()
+    assert server.echo().ok
+
+
+def test_certificate_from_another_ca_is_refused(
+    tls_edge: tuple[EdgeServer, int, Path], tmp_path: Path
+) -> None:
+    server, port, client = tls_edge
+    key, cert, _ = other_ca(tmp_path / "rogue")
+    args = ["+tls", str(key), str(cert), "+cf", str(client / "ca.pem"), TLS_PROFILE]
+    assert not dcmtk.echoscu(port, args=args).ok
+    assert "TLS handshake failed" in server.log()
+
+
+def test_client_trusting_another_ca_refuses_the_server(
+    tls_edge: tuple[EdgeServer, int, Path], tmp_path: Path
+) -> None:
+    _server, port, client = tls_edge
+    _, _, rogue_ca = other_ca(tmp_path / "rogue")
+    assert not dcmtk.echoscu(port, args=tls_args(client, ca=rogue_ca)).ok
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_versions_are_refused(
+    tls_edge: tuple[EdgeServer, int, Path], version: ssl.TLSVersion
+) -> None:
+    server, port, client = tls_edge
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():  # Python deprecates these versions, as we do
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = version
+        context.maximum_version = version
+    context.load_cert_chain(client / "ws1.pem", client / "ws1.key")
+    with (socket.create_connection((server.host, port), timeout=10) as raw,
+          pytest.raises((ssl.SSLError, ConnectionResetError))):
+        context.wrap_socket(raw).do_handshake()
+    assert dcmtk.echoscu(port, args=tls_args(client)).ok
+
+
+def test_silent_tls_client_does_not_block_other_handshakes(
+    tls_edge: tuple[EdgeServer, int, Path]
+) -> None:
+    server, port, client = tls_edge
+    silent = [socket.create_connection((server.host, port), timeout=10) for _ in range(5)]
+    try:
+        start = time.monotonic()
+        dcmtk.echoscu(port, args=tls_args(client)).check()
+        assert time.monotonic() - start < 2.0
+    finally:
+        for sock in silent:
+            sock.close()
