@@ -41,9 +41,8 @@ import hashlib
 import re
 import secrets
 import threading
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, NoReturn
 
 from azure.core.exceptions import (
@@ -143,7 +142,7 @@ class AzureBlobStore(BlobStore):
                 raise _exists(name)
         md5 = hashlib.md5(usedforsecurity=False)
         block_ids: list[str] = []
-        in_flight: deque[Future[Any]] = deque()
+        in_flight: set[Future[Any]] = set()
         buffer = bytearray()
 
         # Block ids are per put: two writers racing for one name stage separate
@@ -153,9 +152,13 @@ class AzureBlobStore(BlobStore):
         def stage(block: bytes) -> None:
             block_id = f"{token}-{len(block_ids):0{_BLOCK_ID_DIGITS}d}"
             block_ids.append(block_id)
-            while len(in_flight) >= self.max_concurrency:
-                in_flight.popleft().result()
-            in_flight.append(pool.submit(blob.stage_block, block_id, block, len(block)))
+            if len(in_flight) >= self.max_concurrency:
+                # Wait for any block, not the oldest: one slow request must not idle the rest.
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                in_flight.difference_update(done)
+                for future in done:
+                    future.result()
+            in_flight.add(pool.submit(blob.stage_block, block_id, block, len(block)))
 
         with ThreadPoolExecutor(self.max_concurrency,
                                 thread_name_prefix="blob-put") as pool, _mapped("put", name):
@@ -164,13 +167,12 @@ class AzureBlobStore(BlobStore):
                     md5.update(chunk)
                     buffer += chunk
                     while len(buffer) >= self.block_size:
-                        stage(bytes(buffer[:self.block_size]))
-                        del buffer[:self.block_size]
+                        stage(_take(buffer, self.block_size))
                 if buffer:
                     stage(bytes(buffer))
                     buffer.clear()
-                while in_flight:
-                    in_flight.popleft().result()
+                for future in in_flight:
+                    future.result()
             except BaseException:
                 for future in in_flight:
                     future.cancel()
@@ -295,8 +297,7 @@ class AzureBlobStore(BlobStore):
             for chunk in chunks:
                 buffer += chunk
                 while len(buffer) >= chunk_size:
-                    yield bytes(buffer[:chunk_size])
-                    del buffer[:chunk_size]
+                    yield _take(buffer, chunk_size)
         if buffer:
             yield bytes(buffer)
 
@@ -370,6 +371,14 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
                              "log line") from exc
     raise BlobStoreUnavailable(operation, name, f"Azure client failed ({type(exc).__name__})",
                                hint="check the storage account and the network") from exc
+
+
+def _take(buffer: bytearray, n: int) -> bytes:
+    """Remove and return the first `n` bytes of `buffer`, copying them once."""
+    with memoryview(buffer) as view:
+        head = bytes(view[:n])
+    del buffer[:n]
+    return head
 
 
 def _release_if_empty(downloader: StorageStreamDownloader[bytes]) -> None:
