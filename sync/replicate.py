@@ -24,6 +24,7 @@ from sync.cloud import UploadedPack
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
+from sync.readers import grant_study
 from sync.records import StudyRow, instances_of, studies_where
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
     crash_point("replicate:before-commit")
     await writer.submit(lambda c: _commit_pack(c, pack_id, study.id, uploaded, evicted))
     crash_point("replicate:after-commit")
+    # Remote readers in scope get a key object for the new version (never fails the pass).
+    await grant_study(ctx.config.home, ctx.index, ctx.store, study.id)
     if evicted:
         await drop_local_files(ctx, study.id, [i.path for i in instances])
     log.info("replicated study=%s version=%d instances=%d bytes=%d",
