@@ -9,7 +9,7 @@ import pytest
 
 from appliance.errors import ConfigError
 from sync.blobstore.azure import AzureBlobStore
-from sync.blobstore.base import BlobStoreUnavailable
+from sync.blobstore.base import BlobStoreUnavailable, Tier
 from sync.blobstore.factory import CONNECTION_STRING_ENV, CredentialsError, open_blob_store
 from sync.blobstore.local import LocalFolderStore
 from sync.blobstore.retry import RetryingBlobStore
@@ -26,6 +26,14 @@ def test_a_file_url_opens_a_local_folder_with_retries(tmp_path: Path) -> None:
     assert store.inner.root == tmp_path / "cloud dir"
     store.put("x", [b"1"])
     assert (tmp_path / "cloud dir" / "x").read_bytes() == b"1"
+
+
+def test_a_file_url_can_slow_down_rehydration_for_tests(tmp_path: Path) -> None:
+    store = open_blob_store(tmp_path.as_uri(), rehydrate_delay=60)
+    store.put("x", [b"1"])
+    store.set_tier("x", Tier.ARCHIVE)
+    store.request_online("x")
+    assert store.stat("x").online is False
 
 
 @pytest.mark.parametrize("url", [

@@ -42,8 +42,14 @@ class CredentialsError(BlobStoreError):
         super().__init__("open", source, message, hint=hint)
 
 
-def open_blob_store(url: str, *, credentials_file: Path | None = None) -> BlobStore:
-    """The store for `url`, wrapped with retries; ConfigError names a bad URL."""
+def open_blob_store(url: str, *, credentials_file: Path | None = None,
+                    rehydrate_delay: float = 0.0) -> BlobStore:
+    """The store for `url`, wrapped with retries; ConfigError names a bad URL.
+
+    `rehydrate_delay` (seconds, file:// only) makes leaving the Archive tier take
+    that long in the local folder, so that tests of the agent (run as a real
+    process) can watch a recall wait for rehydration; Azure sets its own pace.
+    """
     parts = urlsplit(url)
     # Show the URL without query or fragment: a pasted SAS token must not reach a log.
     shown = url.split("?", 1)[0].split("#", 1)[0]
@@ -54,7 +60,7 @@ def open_blob_store(url: str, *, credentials_file: Path | None = None) -> BlobSt
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
             raise ConfigError(URL_KEY, shown, f"{EXPECTED}; a file URL needs an absolute "
                               "path and no host (three slashes)")
-        store: BlobStore = LocalFolderStore(Path(path))
+        store: BlobStore = LocalFolderStore(Path(path), rehydrate_delay=rehydrate_delay)
     elif parts.scheme == "azure":
         from sync.blobstore.azure import CONTAINER_NAME, AzureBlobStore
 

@@ -228,6 +228,11 @@ class LocalFolderStore(BlobStore):
             raise _os_error("delete", name, exc, self.root) from exc
 
     def set_tier(self, name: str, tier: Tier) -> None:
+        """Change the tier label; leaving Archive with a rehydrate_delay starts the clock.
+
+        Unlike Azure, which refuses tier changes while a rehydration runs (409,
+        raised as BlobOffline), a pending rehydration here only changes its target.
+        """
         check_name(name)
         path = self._path(name)
         try:
