@@ -8,8 +8,10 @@ sync` agent and dcmtk peers.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dcmtk
 import dicomgen
@@ -26,23 +28,68 @@ def pack_rows(home: Path) -> list[tuple[int, str]]:
         db.close()
 
 
-@pytest.fixture
-def cloud_blob_editor() -> Callable[[Path, str, Callable[[bytes], bytes]], bytes]:
-    """Change a blob behind the agent's back, as someone with access to the container
-    could; returns the original bytes."""
+class Cloud:
+    """The edge's blob store as an outsider sees it: names, metadata, raw bytes."""
 
-    def edit(home: Path, name: str, change: Callable[[bytes], bytes]) -> bytes:
-        path = home / "cloud" / name
-        original = path.read_bytes()
-        path.chmod(0o644)
-        path.write_bytes(change(original))
+    def __init__(self, kind: str, home: Path, connection_string: str = "",
+                 container: str = "") -> None:
+        self.kind = kind
+        self.home = home
+        self.connection_string = connection_string
+        self.container = container
+
+    def blobs(self) -> dict[str, dict[str, str]]:
+        """Every blob name with its metadata (local: the store's sidecar files too)."""
+        if self.kind == "local":
+            root = self.home / "cloud"
+            return {str(p.relative_to(root)): ({"sidecar": p.read_text(errors="replace")}
+                                               if p.name.startswith(".") else {})
+                    for p in root.rglob("*") if p.is_file()}
+        client = self._container()
+        return {b.name: {**dict(b.metadata or {}), "tags": str(b.tags or "")}
+                for b in client.list_blobs(include=["metadata", "tags"])}
+
+    def overwrite(self, name: str, change: Callable[[bytes], bytes]) -> bytes:
+        """Change a blob behind the agent's back, as someone with write access to the
+        container could; returns the original bytes."""
+        if self.kind == "local":
+            path = self.home / "cloud" / name
+            original = path.read_bytes()
+            path.chmod(0o644)
+            path.write_bytes(change(original))
+            return original
+        blob = self._container().get_blob_client(name)
+        original = blob.download_blob().readall()
+        blob.upload_blob(change(original), overwrite=True)
         return original
 
-    return edit
+    def _container(self) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(self.connection_string)
+        return service.get_container_client(self.container)
+
+
+@pytest.fixture(params=["local", "azurite"])
+def cloud(request: pytest.FixtureRequest, edge_server: EdgeServer) -> Cloud:
+    """The edge serving with its cloud in a local folder, or in a real Azurite."""
+    if request.param == "local":
+        return Cloud("local", edge_server.home)
+    connection_string = request.getfixturevalue("azurite")
+    container = f"edge-{uuid.uuid4().hex[:12]}"
+    credentials = edge_server.home / "secrets" / "azure.conn"
+    credentials.write_text(connection_string)
+    credentials.chmod(0o600)
+    edge_server.stop()
+    edge_server.configure(cloud={"url": f"azure://{container}",
+                                 "credentials_file": str(credentials)})
+    edge_server.start()
+    return Cloud("azurite", edge_server.home, connection_string, container)
 
 
 @pytest.fixture
-def synced_edge(edge_server: EdgeServer) -> Iterator[tuple[EdgeServer, SyncAgent]]:
+def synced_edge(edge_server: EdgeServer, cloud: Cloud
+                ) -> Iterator[tuple[EdgeServer, SyncAgent, Cloud]]:
     """A serving edge whose agent serves recall requests (and replicates nothing by itself:
     the tests drive replication with `sync --once`)."""
     edge_server.stop()
@@ -50,15 +97,15 @@ def synced_edge(edge_server: EdgeServer) -> Iterator[tuple[EdgeServer, SyncAgent
                                 "evict_after_days": 0.0, "recall_timeout_seconds": 60.0})
     edge_server.start()
     agent = SyncAgent(edge_server.home).start()
-    yield edge_server, agent
+    yield edge_server, agent, cloud
     assert agent.stop() == 0, agent.log()
 
 
 def test_replicate_evict_find_nearline_and_retrieve_by_recall(
-    synced_edge: tuple[EdgeServer, SyncAgent], small_study: list[dicomgen.GeneratedInstance],
-    tmp_path: Path, storescp: dcmtk.StoreSCP,
+    synced_edge: tuple[EdgeServer, SyncAgent, Cloud],
+    small_study: list[dicomgen.GeneratedInstance], tmp_path: Path, storescp: dcmtk.StoreSCP,
 ) -> None:
-    server, agent = synced_edge
+    server, agent, cloud = synced_edge
     study_uid = small_study[0].study_uid
     dcmtk.storescu(server.port, [i.path for i in small_study]).check()
     assert "replicated 1 study version" in sync_once(server.home).stdout
@@ -90,12 +137,30 @@ def test_replicate_evict_find_nearline_and_retrieve_by_recall(
     assert {dicomgen.dataset_bytes(p) for p in storescp.files()} == {
         dicomgen.dataset_bytes(i.path) for i in small_study}
     assert run_pacs_edge("fsck", "--home", str(server.home)).returncode == 0
+    assert_no_phi_in_the_cloud(cloud, small_study)
+
+
+def assert_no_phi_in_the_cloud(cloud: Cloud, study: list[dicomgen.GeneratedInstance]) -> None:
+    """No patient name, ID, birth date or DICOM UID in any blob name or metadata."""
+    blobs = cloud.blobs()
+    assert any(name.endswith("pack") for name in blobs), sorted(blobs)
+    secrets: set[str] = set()
+    for inst in study:
+        header = inst.header
+        secrets |= {str(header.PatientName), str(header.PatientID),
+                    str(header.get("PatientBirthDate", "")), inst.study_uid, inst.series_uid,
+                    inst.sop_instance_uid}
+        secrets |= {part for part in str(header.PatientName).split("^") if len(part) > 2}
+    secrets.discard("")
+    visible = " ".join(f"{name} {meta}" for name, meta in blobs.items()).lower()
+    leaked = sorted(s for s in secrets if s.lower() in visible)
+    assert not leaked, f"PHI or UIDs visible in the cloud: {leaked}"
 
 
 def test_new_instances_make_a_second_pack_version_and_recall_merges_both(
-    synced_edge: tuple[EdgeServer, SyncAgent], tmp_path: Path,
+    synced_edge: tuple[EdgeServer, SyncAgent, Cloud], tmp_path: Path,
 ) -> None:
-    server, _agent = synced_edge
+    server, _agent, _cloud = synced_edge
     study = dicomgen.make_studies(tmp_path / "study", seed=51, series_per_study=2,
                                   instances_per_series=3)
     first, later = study[:3], study[3:]
@@ -115,8 +180,7 @@ def test_new_instances_make_a_second_pack_version_and_recall_merges_both(
 
 
 def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
-    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
-    cloud_blob_editor: Callable[[Path, str, Callable[[bytes], bytes]], bytes],
+    edge_server: EdgeServer, cloud: Cloud, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     study_uid = small_study[0].study_uid
     dcmtk.storescu(edge_server.port, [i.path for i in small_study]).check()
@@ -125,13 +189,13 @@ def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
     evict(edge_server.home, study_uid)
     for damage in (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:],  # one flipped bit
                    lambda b: b[: len(b) - 7000]):  # truncated
-        original = cloud_blob_editor(edge_server.home, pack_name, damage)
+        original = cloud.overwrite(pack_name, damage)
         result = run_pacs_edge("recall", study_uid, "--home", str(edge_server.home),
                                check=False)
         assert result.returncode == 2, result.stdout + result.stderr
         assert "error:" in result.stderr and "Traceback" not in result.stderr
         assert tier_state(edge_server, study_uid) == "evicted"
         assert not list((edge_server.home / "store").rglob("*.dcm"))
-        cloud_blob_editor(edge_server.home, pack_name, lambda _b, o=original: o)
+        cloud.overwrite(pack_name, lambda _b, o=original: o)
     run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
     assert tier_state(edge_server, study_uid) == "replicated"
