@@ -1,0 +1,417 @@
+"""The remote reader's side: find granted studies in the cloud, pull and verify them.
+
+A reader holds three things and never the site key or the name secret:
+the cloud URL, credentials that can read the container (for azure://), and
+its X25519 private key. Its home (`pacs-edge reader init --home DIR`)::
+
+    DIR/reader.toml          cloud_url = "...", credentials_file = "..." (optional)
+    DIR/secrets/reader.key   the private key, 32 raw bytes, 0600
+
+Finding studies: list `studies/`, keep the names `...keys/reader-<rid>` with
+this reader's id, unwrap each (the data key of one pack version), read and
+open that version's manifest. Versions of one study share the `study_key`
+part of their names; the study is the union of its granted versions, a SOP
+Instance UID in several versions taking its content from the highest.
+
+Pulling: each instance is range-read (only its segments), decrypted and
+checked against the manifest (length and SHA-256 of the dataset bytes), then
+written as `<to>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm` with the durable
+write (temp file, fsync, rename, fsync folder): what is there is always whole
+and verified. A second pull skips files already present whose bytes verify,
+so an interrupted pull resumes where it stopped.
+
+Errors (ReaderClientError, each with a hint):
+    NotGranted               no granted version of that study for this reader
+    ReaderIntegrityError     a key object, manifest or pack failed verification
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import PacsEdgeError
+from appliance.store.durable import TEMP_SUFFIX, ensure_dir, fsync_dir, sweep_temp_files
+from appliance.uids import is_valid_uid
+from provisioning.errors import ProvisioningError
+from provisioning.keys import create_reader_key, load_reader_key
+from sync.blobstore.base import BlobStore
+from sync.pack import naming
+from sync.pack.errors import PackError, PackIntegrityError
+from sync.pack.keys import format_reader_public_key, reader_public_key, unwrap_with_reader
+from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
+from sync.pack.reader import iter_instance, verify_instance
+
+CONFIG_FILE = "reader.toml"
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+_TAMPER_HINT = ("the cloud copy was modified or damaged, or was not written by your site; "
+                "nothing unverified was written. Tell the site's administrator (the edge can "
+                "check and re-replicate the study)")
+
+
+class ReaderClientError(PacsEdgeError):
+    pass
+
+
+class NotGranted(ReaderClientError):
+    pass
+
+
+class ReaderIntegrityError(ReaderClientError):
+    pass
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    home: Path
+    cloud_url: str
+    credentials_file: Path | None = None
+
+
+def init_reader(home: Path, cloud_url: str, credentials_file: Path | None = None
+                ) -> tuple[str, list[str]]:
+    """Create the reader's key (kept if present) and config; (public key text, created)."""
+    if not cloud_url.startswith(("file:///", "azure://")):
+        raise ReaderClientError(f"unsupported cloud URL {cloud_url.split('?', 1)[0]!r}",
+                                hint="use file:///ABSOLUTE/PATH or azure://CONTAINER, as the "
+                                "edge's [cloud] url")
+    home = Path(home)
+    created = []
+    try:
+        if create_reader_key(home):
+            created.append(str(home / "secrets" / "reader.key"))
+        private = load_reader_key(home)
+    except ProvisioningError as exc:
+        raise ReaderClientError(exc.message, hint=exc.hint) from exc
+    config = home / CONFIG_FILE
+    lines = [f"cloud_url = {json.dumps(cloud_url)}"]
+    if credentials_file is not None:
+        lines.append(f"credentials_file = {json.dumps(str(Path(credentials_file).resolve()))}")
+    text = "\n".join(lines) + "\n"
+    if not config.exists():
+        from appliance.store.durable import atomic_write
+
+        atomic_write(config, text.encode(), mode=0o640)
+        created.append(str(config))
+    elif config.read_text(encoding="utf-8") != text:
+        raise ReaderClientError(f"{config} exists with another cloud URL or credentials",
+                                hint="edit it, or use another --home")
+    return format_reader_public_key(reader_public_key(private)), created
+
+
+def load_reader_config(home: Path) -> ReaderConfig:
+    path = Path(home) / CONFIG_FILE
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        url = str(data["cloud_url"])
+    except FileNotFoundError:
+        raise ReaderClientError(f"{path} is missing",
+                                hint="run `pacs-edge reader init --home DIR --cloud URL` "
+                                "first") from None
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise ReaderClientError(f"{path}: cannot be read ({exc})",
+                                hint="fix it, or init a new reader home") from exc
+    creds = data.get("credentials_file")
+    return ReaderConfig(Path(home), url, Path(creds) if creds else None)
+
+
+@dataclass
+class GrantedVersion:
+    study_key: str
+    version: int
+    pack_name: str
+    data_key: bytes
+    manifest: Manifest
+
+
+@dataclass
+class RemoteStudy:
+    """A granted study: the union of its granted versions."""
+
+    study_key: str
+    versions: list[GrantedVersion] = field(default_factory=list)
+
+    @property
+    def attributes(self) -> StudyAttributes:
+        return self.versions[-1].manifest.study
+
+    def current(self) -> list[tuple[GrantedVersion, ManifestEntry]]:
+        """(version, entry) of every instance, highest version winning, in series order."""
+        latest: dict[str, tuple[GrantedVersion, ManifestEntry]] = {}
+        for version in sorted(self.versions, key=lambda v: v.version):
+            for entry in version.manifest.instances:
+                latest[entry.instance.sop_uid] = (version, entry)
+        return sorted(latest.values(), key=lambda ve: (
+            ve[1].instance.series.series_number or 0, ve[1].instance.series.series_uid,
+            ve[1].instance.instance_number or 0, ve[1].instance.sop_uid))
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({e.instance.series.modality for _, e in self.current()} - {""})
+
+    def summary(self) -> dict[str, object]:
+        s = self.attributes
+        current = self.current()
+        return {
+            "study_uid": s.study_uid, "patient_name": s.patient_name,
+            "patient_id": s.patient_id, "birth_date": s.birth_date,
+            "study_date": s.study_date, "study_time": s.study_time,
+            "accession_number": s.accession_number,
+            "study_description": s.study_description,
+            "referring_physician": s.referring_physician,
+            "modalities": self.modalities,
+            "series": len({e.instance.series.series_uid for _, e in current}),
+            "instances": len(current), "bytes": sum(e.length for _, e in current),
+            "versions": [v.version for v in self.versions],
+        }
+
+
+@dataclass
+class Catalogue:
+    studies: dict[str, RemoteStudy]
+    failures: dict[str, list[str]]  # study_key -> what failed verification
+
+    def find(self, study_uid: str) -> RemoteStudy:
+        for study in self.studies.values():
+            if study.attributes.study_uid == study_uid:
+                if study.study_key in self.failures:
+                    raise ReaderIntegrityError(
+                        "a granted version of this study failed verification: "
+                        + "; ".join(self.failures[study.study_key]), hint=_TAMPER_HINT)
+                return study
+        if self.failures:
+            raise ReaderIntegrityError(
+                f"the study is not among the readable grants, and {len(self.failures)} "
+                "granted study(ies) failed verification (it may be one of them)",
+                hint=_TAMPER_HINT)
+        raise NotGranted("no grant for this study",
+                         hint="ask the site's administrator to add you as a reader with a "
+                         "scope that covers it (`pacs-edge readers add`); after that, new "
+                         "studies appear here as they are replicated")
+
+
+@dataclass
+class PullReport:
+    written: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    files: list[tuple[Path, ManifestEntry]] = field(default_factory=list)
+
+
+class ReaderClient:
+    def __init__(self, config: ReaderConfig, store: BlobStore, private_key: bytes) -> None:
+        self.config = config
+        self.store = store
+        self._private = private_key
+        self.reader_id = naming.reader_id(reader_public_key(private_key))
+
+    @classmethod
+    def open(cls, home: Path) -> ReaderClient:
+        from sync.blobstore.factory import open_blob_store
+
+        config = load_reader_config(home)
+        try:
+            key = load_reader_key(config.home)
+        except ProvisioningError as exc:
+            raise ReaderClientError(exc.message, hint=exc.hint) from exc
+        return cls(config, open_blob_store(config.cloud_url,
+                                           credentials_file=config.credentials_file), key)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ReaderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- finding ------------------------------------------------------------------------
+
+    def catalogue(self) -> Catalogue:
+        """Every granted study (key objects of this reader, unwrapped, manifests opened)."""
+        cat = Catalogue({}, {})
+        for name in self._my_key_objects():
+            parsed = naming.parse_blob_name(name)
+            assert parsed is not None
+            try:
+                version = self._open_version(name, parsed.study_key, parsed.version)
+            except PackError as exc:
+                cat.failures.setdefault(parsed.study_key, []).append(
+                    f"version {parsed.version}: {exc.message}")
+                continue
+            cat.studies.setdefault(parsed.study_key, RemoteStudy(parsed.study_key)) \
+                .versions.append(version)
+        for study in cat.studies.values():
+            study.versions.sort(key=lambda v: v.version)
+        return cat
+
+    def _my_key_objects(self) -> Iterator[str]:
+        for info in self.store.list(naming.STUDIES_PREFIX):
+            parsed = naming.parse_blob_name(info.name)
+            if parsed is not None and parsed.kind == "reader-key" \
+                    and parsed.reader_id == self.reader_id:
+                yield info.name
+
+    def _open_version(self, key_name: str, study_key: str, version: int) -> GrantedVersion:
+        blob = self.store.open_range(key_name)
+        pack_id = blob[8:24]  # magic (7) | kind (1) | pack_id (16); checked by the unwrap
+        data_key = unwrap_with_reader(self._private, pack_id, blob)
+        manifest = open_manifest(self.store.open_range(naming.manifest_name(study_key, version)),
+                                 data_key, expected_pack_id=pack_id)
+        if manifest.study_version != version:
+            raise PackIntegrityError("manifest names another study version than its blob")
+        return GrantedVersion(study_key, version, naming.pack_name(study_key, version),
+                              data_key, manifest)
+
+    # --- pulling ------------------------------------------------------------------------
+
+    def pull(self, study: RemoteStudy, to: Path, *, on_progress: Progress | None = None
+             ) -> PullReport:
+        """Download, decrypt and verify every current instance of `study` into `to`."""
+        to = Path(to)
+        ensure_dir(to)
+        sweep_temp_files(to)
+        current = study.current()
+        total = sum(entry.length for _, entry in current)
+        report = PullReport()
+        for version, entry in current:
+            inst = entry.instance
+            if not (is_valid_uid(inst.series.series_uid) and is_valid_uid(inst.sop_uid)):
+                raise ReaderIntegrityError("a manifest names an invalid UID", hint=_TAMPER_HINT)
+            path = to / inst.series.series_uid / f"{inst.sop_uid}.dcm"
+            if _verified(path, entry):
+                report.skipped += 1
+            else:
+                self._download(version, entry, path)
+                report.written += 1
+            report.bytes += entry.length
+            report.files.append((path, entry))
+            if on_progress is not None:
+                on_progress(report.bytes, total)
+        return report
+
+    def _download(self, version: GrantedVersion, entry: ManifestEntry, path: Path) -> None:
+        ensure_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                def fetch(offset: int, length: int) -> bytes:
+                    return self.store.open_range(version.pack_name, offset, length)
+
+                for piece in iter_instance(fetch, version.data_key, version.manifest, entry):
+                    fh.write(piece)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except PackIntegrityError as exc:
+            raise ReaderIntegrityError(
+                f"study version {version.version}, {exc.message}", hint=_TAMPER_HINT) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _verified(path: Path, entry: ManifestEntry) -> bool:
+    """The file is there with exactly the manifest's length and dataset SHA-256."""
+    try:
+        if path.stat().st_size != entry.length:
+            return False
+        verify_instance(entry, path.read_bytes())
+    except (OSError, PackIntegrityError):
+        return False
+    return True
+
+
+def matches(summary: dict[str, object], *, patient: str | None, date: str | None,
+            modality: str | None) -> bool:
+    """The `reader list` filters: patient (name or ID, substring, any case), date
+    (YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD, YYYYMMDD-) and modality."""
+    if patient:
+        wanted = patient.casefold()
+        if not any(wanted in str(summary[k]).casefold() for k in ("patient_name", "patient_id")):
+            return False
+    if date:
+        low, sep, high = date.partition("-")
+        value = str(summary["study_date"])
+        if not sep:
+            high = low
+        if (low and value < low) or (high and value > high) or not value:
+            return False
+    if modality:
+        modalities = summary["modalities"]
+        assert isinstance(modalities, list)
+        if modality.upper() not in modalities:
+            return False
+    return True
+
+
+# --- sending to the reader's workstation ---------------------------------------------------
+
+_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class SendReport:
+    sent: int
+    failed: list[str]
+
+
+def parse_address(text: str) -> tuple[str, str, int]:
+    """AE@HOST:PORT -> (AE title, host, port)."""
+    match = _ADDRESS.match(text.strip())
+    if match is None or not 0 < int(match["port"]) < 65536 or not match["ae"].strip():
+        raise ReaderClientError(f"invalid destination {text!r}",
+                                hint="write it as AE_TITLE@HOST:PORT, e.g. "
+                                "WORKSTATION@127.0.0.1:104")
+    return match["ae"].strip(), match["host"].strip("[]"), int(match["port"])
+
+
+def send_files(files: list[tuple[Path, ManifestEntry]], address: str, *, calling_ae: str,
+               on_progress: Progress | None = None) -> SendReport:
+    """C-STORE the pulled files' bytes as they are (no decode, no re-encode) to AE@HOST:PORT."""
+    from pynetdicom import AE, _config
+
+    ae_title, host, port = parse_address(address)
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream each file's dataset bytes as stored
+    ae = AE(ae_title=calling_ae)
+    contexts = sorted({(e.instance.sop_class_uid, e.instance.transfer_syntax) for _, e in files})
+    if len(contexts) > 128:
+        raise ReaderClientError("the study needs more than 128 presentation contexts",
+                                hint="send it with a DICOM tool that opens several associations")
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        raise ReaderClientError(f"association with {ae_title} at {host}:{port} was not "
+                                "established (rejected, aborted or nobody listening)",
+                                hint="check the workstation's AE title, address and that it "
+                                f"accepts calls from {calling_ae}")
+    sent, failed = 0, []
+    try:
+        for done, (path, _entry) in enumerate(files, 1):
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
+                sent += 1
+            else:
+                failed.append(f"{path.name}: status "
+                              f"{'none (connection lost)' if code is None else hex(code)}")
+            if on_progress is not None:
+                on_progress(done, len(files))
+            if not assoc.is_established:
+                failed.append("association ended early")
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return SendReport(sent, failed)

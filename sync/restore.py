@@ -1,0 +1,235 @@
+"""`pacs-edge restore`: rebuild a lost box's index from the cloud manifests.
+
+Needs a data home with the escrowed secrets (`pacs-edge keys recover`, then
+`pacs-edge init`) and the cloud container the old box replicated to. It
+lists `studies/`, and for every `v<NNNNNN>.manifest` the index does not hold
+yet (by pack name), in name order (so a study's versions in version order):
+
+1. unwrap the data key from the version's site key object (whichever ring key
+   wrapped it, see sync.sitekeys) and open the manifest: authenticated, so a
+   modified manifest is refused, never half-imported;
+2. stat the pack: it must exist with the manifest's `pack_size`;
+3. one transaction: patient (upsert by PatientID + issuer), study (inserted
+   `evicted`), series, instances (`is_local = 0`, pointing at the pack with
+   their plaintext offset and length; path as the store would name it) and the
+   `packs` row (`verified`). Counts are recomputed from the rows.
+
+A SOP Instance UID already in the index (an earlier version of the same
+study) takes the later version's content: the row is updated in place;
+earlier content is not kept as an `instance_versions` row (it is not local).
+A study inserted by restore starts in `evicted` without a transition row:
+nothing happened to it on this box yet. The first retrieve recalls it.
+
+Running restore again skips every pack the index already holds, so it
+changes nothing; one interrupted half way resumes at the first missing pack.
+Versions that cannot be read (no manifest, no site key object, a pack of the
+wrong size, authentication failure) are reported and skipped; the report
+names the blob, never PHI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+from appliance.errors import PacsEdgeError
+from appliance.store.index import Index
+from appliance.store.times import time_key
+from appliance.uids import is_valid_uid
+from provisioning.keyring import SiteKeyring
+from sync.blobstore.base import BlobNotFound, BlobStore
+from sync.pack import naming
+from sync.pack.errors import PackFormatError, PackIntegrityError
+from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
+from sync.sitekeys import unwrap_site_object
+
+log = logging.getLogger(__name__)
+
+
+class RestoreConflict(PacsEdgeError):
+    """A cloud version belongs to a study this box holds locally (not a fresh home)."""
+
+
+@dataclass
+class RestoreReport:
+    manifests: int = 0
+    restored: int = 0  # pack versions added to the index
+    already: int = 0   # pack versions the index held already
+    instances: int = 0
+    studies: set[str] = field(default_factory=set)  # study keys touched (no PHI)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class _Version:
+    pack_name: str
+    manifest_name: str
+    manifest: Manifest
+    access_tier: str
+
+
+async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
+                        on_progress: Callable[[int, int], None] | None = None
+                        ) -> RestoreReport:
+    """Add every cloud pack version the index lacks; see the module docstring."""
+    assert index.writer is not None
+    names = await asyncio.to_thread(_manifest_names, store)
+    known = {row[0] for row in await index.fetchall("SELECT manifest_name FROM packs")}
+    report = RestoreReport(manifests=len(names))
+    for done, name in enumerate(names, 1):
+        if name in known:
+            report.already += 1
+        else:
+            try:
+                version = await asyncio.to_thread(_read_version, store, ring, name)
+                await index.writer.submit(functools.partial(_insert_version, version=version))
+            except (PacsEdgeError, ValueError) as exc:
+                message = getattr(exc, "message", str(exc))
+                report.failures.append(f"{name}: {message}")
+                log.error("restore skipped manifest=%s error=%s", name, message)
+            else:
+                report.restored += 1
+                report.instances += len(version.manifest.instances)
+                parsed = naming.parse_blob_name(name)
+                assert parsed is not None
+                report.studies.add(parsed.study_key)
+        if on_progress is not None:
+            on_progress(done, len(names))
+    return report
+
+
+def _manifest_names(store: BlobStore) -> list[str]:
+    names = []
+    for info in store.list(naming.STUDIES_PREFIX):
+        parsed = naming.parse_blob_name(info.name)
+        if parsed is not None and parsed.kind == "manifest":
+            names.append(info.name)
+    return names
+
+
+def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str) -> _Version:
+    parsed = naming.parse_blob_name(manifest_name)
+    assert parsed is not None
+    sealed = store.open_range(manifest_name)
+    pack_id = manifest_pack_id(sealed)
+    data_key = unwrap_site_object(store, naming.site_key_name(parsed.study_key, parsed.version),
+                                  pack_id, ring)
+    manifest = open_manifest(sealed, data_key, expected_pack_id=pack_id)
+    if manifest.study_version != parsed.version:
+        raise PackIntegrityError("manifest names another study version than its blob name")
+    study = manifest.study
+    uids = [study.study_uid, *(e.instance.series.series_uid for e in manifest.instances),
+            *(e.instance.sop_uid for e in manifest.instances)]
+    if not all(is_valid_uid(uid) for uid in uids):
+        raise PackFormatError("manifest holds an invalid UID")
+    pack_name = naming.pack_name(parsed.study_key, parsed.version)
+    try:
+        info = store.stat(pack_name)
+    except BlobNotFound:
+        raise PackIntegrityError("the pack of this manifest is missing",
+                                 hint="the cloud copy of this version is incomplete; "
+                                 "restore the blob from soft delete or versioning") from None
+    if info.size != manifest.pack_size:
+        raise PackIntegrityError(f"the pack has {info.size} bytes, its manifest says "
+                                 f"{manifest.pack_size}")
+    return _Version(pack_name, manifest_name, manifest, info.tier.value)
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str, params: tuple[object, ...]) -> object:
+    async with conn.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def _insert_version(conn: aiosqlite.Connection, version: _Version) -> None:
+    m, s = version.manifest, version.manifest.study
+    now = time.time()
+    patient_fk = await _scalar(
+        conn,
+        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
+        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
+        (s.patient_id, s.issuer_of_patient_id, s.patient_name, s.birth_date, s.sex))
+    received = [e.instance.received_at or m.created_at for e in m.instances] or [m.created_at]
+    study_fk = await _scalar(
+        conn,
+        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
+        " accession_number, study_id, study_description, referring_physician, character_set,"
+        " first_received_at, last_received_at, last_access_at, tier_state, tier_changed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'evicted', ?)"
+        " ON CONFLICT (study_uid) DO UPDATE SET"
+        " last_received_at = max(last_received_at, excluded.last_received_at) RETURNING id",
+        (patient_fk, s.study_uid, s.study_date, s.study_time, time_key(s.study_time),
+         s.accession_number, s.study_id, s.study_description, s.referring_physician,
+         s.character_set, min(received), max(received), max(received), now))
+    state = await _scalar(conn, "SELECT tier_state FROM studies WHERE id = ?", (study_fk,))
+    if state != "evicted":
+        raise RestoreConflict(f"the study of this version is {state} on this box",
+                              hint="restore fills a new data home; this box already holds "
+                              "the study locally, so its sync agent replicates it itself")
+    pack_fk = await _scalar(
+        conn,
+        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, pack_size, pack_sha256,"
+        " instance_count, state, access_tier, created_at, verified_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?, ?) RETURNING id",
+        (study_fk, m.study_version, version.pack_name, version.manifest_name, m.pack_size,
+         m.pack_sha256, len(m.instances), version.access_tier, m.created_at, now))
+    for entry in m.instances:
+        inst, se = entry.instance, entry.instance.series
+        series_fk = await _scalar(
+            conn,
+            "INSERT INTO series (study_fk, series_uid, modality, series_number,"
+            " series_description, body_part, series_date, series_time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (series_uid) DO UPDATE SET modality = excluded.modality RETURNING id",
+            (study_fk, se.series_uid, se.modality, se.series_number, se.series_description,
+             se.body_part, se.series_date, se.series_time))
+        path = f"{s.study_uid}/{se.series_uid}/{inst.sop_uid}.{entry.sha256[:16]}.dcm"
+        values = (series_fk, inst.sop_class_uid, inst.instance_number, inst.transfer_syntax,
+                  path, entry.length, entry.dataset_offset, entry.sha256,
+                  inst.received_at or m.created_at, inst.source_ae, pack_fk, entry.offset,
+                  entry.length)
+        await conn.execute(
+            "INSERT INTO instances (series_fk, sop_class_uid, instance_number, transfer_syntax,"
+            " path, size, dataset_offset, sha256, received_at, source_ae, pack_fk, pack_offset,"
+            " pack_length, is_local, sop_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+            " ON CONFLICT (sop_uid) DO UPDATE SET series_fk = excluded.series_fk,"
+            " sop_class_uid = excluded.sop_class_uid,"
+            " instance_number = excluded.instance_number,"
+            " transfer_syntax = excluded.transfer_syntax, path = excluded.path,"
+            " size = excluded.size, dataset_offset = excluded.dataset_offset,"
+            " sha256 = excluded.sha256, received_at = excluded.received_at,"
+            " source_ae = excluded.source_ae, pack_fk = excluded.pack_fk,"
+            " pack_offset = excluded.pack_offset, pack_length = excluded.pack_length,"
+            " is_local = 0",
+            (*values, inst.sop_uid))
+    assert isinstance(study_fk, int)
+    await _recount(conn, study_fk)
+
+
+async def _recount(conn: aiosqlite.Connection, study_fk: int) -> None:
+    await conn.execute(
+        "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances i"
+        " WHERE i.series_fk = series.id) WHERE study_fk = ?", (study_fk,))
+    with contextlib.suppress(aiosqlite.IntegrityError):
+        await conn.execute("DELETE FROM series WHERE study_fk = ? AND instance_count = 0",
+                           (study_fk,))
+    await conn.execute(
+        "UPDATE studies SET"
+        " series_count = (SELECT COUNT(*) FROM series WHERE study_fk = studies.id),"
+        " instance_count = (SELECT COUNT(*) FROM instances i JOIN series se"
+        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id),"
+        " total_bytes = (SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series se"
+        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id)"
+        " WHERE id = ?", (study_fk,))
