@@ -23,6 +23,7 @@ from appliance import __version__
 from appliance import cli_admin as admin_commands
 from appliance import cli_audit as audit_commands
 from appliance import cli_cloud as cloud_commands
+from appliance import cli_readers as reader_commands
 from appliance.audit import Auditor
 from appliance.cli_common import (
     err,
@@ -314,6 +315,11 @@ main.add_command(cloud_commands.recall)
 main.add_command(admin_commands.certs)
 main.add_command(admin_commands.keys)
 main.add_command(audit_commands.audit)
+main.add_command(reader_commands.readers)
+main.add_command(reader_commands.reader)
+main.add_command(reader_commands.restore)
+admin_commands.keys.add_command(reader_commands.keys_escrow)
+admin_commands.keys.add_command(reader_commands.keys_recover)
 
 if __name__ == "__main__":
     main()
