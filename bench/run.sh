@@ -13,6 +13,7 @@ scripts=("$@")
 if [ ${#scripts[@]} -eq 0 ]; then
   scripts=(store find retrieve)
   [ -f bench/dropfolder.py ] && scripts+=(dropfolder)
+  [ -f bench/sync.py ] && scripts+=(sync)
 fi
 status=0
 for name in "${scripts[@]}"; do
