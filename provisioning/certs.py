@@ -39,7 +39,6 @@ import os
 import re
 import socket
 import stat
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.errors import CertificateError
+from provisioning.files import write_file
 from provisioning.keys import SECRETS_DIR, create_secret_file
 
 SITE_ID_FILE = "site-id"
@@ -421,29 +421,4 @@ def _ensure_dir(folder: Path, mode: int) -> None:
 
 
 def _write(path: Path, data: bytes, mode: int, *, replace: bool) -> bool:
-    """Write `path` durably with `mode`; without `replace`, False if it already exists."""
-    if not replace and (path.exists() or path.is_symlink()):
-        return False
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the name exists: never overwrite
-        written = True
-    except FileExistsError:
-        written = False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return written
+    return write_file(path, data, mode, replace=replace)

@@ -6,12 +6,11 @@ the home is unchanged. Secrets are files with mode 0600 in a 0700 folder.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from provisioning.files import write_file
 
 SECRETS_DIR = "secrets"
 LOG_KEY = "log.key"
@@ -43,25 +42,6 @@ def init_home(home: Path, *, config_file: str, config_text: str,
 
 
 def _create_file(path: Path, data: bytes, mode: int, report: InitReport) -> None:
-    """Write `path` durably, only if it does not exist (O_EXCL-like via link)."""
-    if path.exists():
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # fails if another init won the race: never overwrite
+    """Create `path` unless it exists; never overwrite (a concurrent init may have won)."""
+    if write_file(path, data, mode):
         report.created.append(str(path))
-    except FileExistsError:
-        pass
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -22,10 +22,10 @@ import contextlib
 import os
 import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 from provisioning.errors import ProvisioningError
+from provisioning.files import fsync_dir, write_file
 
 SECRETS_DIR = "secrets"
 SITE_KEY = "site.key"
@@ -64,26 +64,7 @@ def create_reader_key(home: Path) -> bool:
 
 def create_secret_file(path: Path, data: bytes) -> bool:
     """Write `data` to `path` with mode 0600, durably; False (and no change) if it exists."""
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        return False
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0600.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask did
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # atomic, and never replaces an existing name
-        created = True
-    except FileExistsError:
-        created = False  # a concurrent init won: keep its key
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-    return created
+    return write_file(Path(path), data, 0o600)
 
 
 def load_site_key(home: Path) -> bytes:
@@ -138,13 +119,7 @@ def _ensure_secrets_dir(home: Path) -> Path:
         Path(home).mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             folder.mkdir(mode=0o700)
-        _fsync_dir(Path(home))
+        fsync_dir(Path(home))
     return folder
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
