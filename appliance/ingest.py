@@ -86,7 +86,13 @@ class IngestService:
             await asyncio.to_thread(self.files.commit, spool, relative)
             committed_path = relative
             stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
-            outcome = await self.index.record_instance(header, stored)
+            try:
+                outcome = await self.index.record_instance(header, stored)
+            except asyncio.CancelledError:
+                # The writer may still commit the row: keep the file either way
+                # (a file without a row is adopted by fsck; the reverse must not exist).
+                committed_path = None
+                raise
             committed_path = None  # the row owns the file now
             if outcome is RecordOutcome.NEW_VERSION:
                 log.warning(
