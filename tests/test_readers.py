@@ -1,0 +1,232 @@
+"""Remote readers end to end: real `pacs-edge serve`, `sync --once`, reader commands, storescp.
+
+An edge with three readers (one scoped to a referring physician, one with
+scope all, one never granted) replicates to a local-folder cloud and to a
+real Azurite; each reader lists and pulls exactly what it may, byte for byte
+what the modality sent, and the ungranted one gets nothing and a clear
+message. Adding readers after replication uploads no pack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer, run_pacs_edge
+from syncagent import sync_once
+
+from sync.blobstore.factory import open_blob_store
+
+
+@dataclass(frozen=True)
+class Cloud:
+    url: str
+    credentials_file: Path | None = None
+
+    def blob_names(self, suffix: str = "") -> list[str]:
+        store = open_blob_store(self.url, credentials_file=self.credentials_file)
+        try:
+            return [b.name for b in store.list("studies/") if b.name.endswith(suffix)]
+        finally:
+            store.close()
+
+
+@pytest.fixture(params=["local", "azure"])
+def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Cloud:
+    if request.param == "local":
+        return Cloud(f"file://{tmp_path / 'cloud'}")
+    connection_string = request.getfixturevalue("azurite")
+    secret = tmp_path / "azure.secret"
+    secret.write_text(connection_string)
+    secret.chmod(0o600)
+    return Cloud(f"azure://readers-{uuid.uuid4().hex[:12]}", secret)
+
+
+@pytest.fixture
+def edge(edge_server: EdgeServer, cloud: Cloud) -> Iterator[EdgeServer]:
+    edge_server.stop()
+    settings: dict[str, object] = {"url": cloud.url}
+    if cloud.credentials_file is not None:
+        settings["credentials_file"] = cloud.credentials_file
+    edge_server.configure(cloud=settings, sync={"stable_after_seconds": 3600.0})
+    edge_server.start()
+    yield edge_server
+
+
+def reader_init(home: Path, cloud: Cloud) -> str:
+    args = ["reader", "init", "--home", str(home), "--cloud", cloud.url]
+    if cloud.credentials_file is not None:
+        args += ["--credentials-file", str(cloud.credentials_file)]
+    result = run_pacs_edge(*args)
+    assert (home / "secrets" / "reader.key").stat().st_mode & 0o777 == 0o600
+    return result.stdout.strip().splitlines()[-1]
+
+
+def reader(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_pacs_edge("reader", *args, "--home", str(home), check=check)
+
+
+def listed(home: Path, *filters: str) -> set[str]:
+    rows = json.loads(reader(home, "list", "--json", *filters).stdout)
+    return {row["study_uid"] for row in rows}
+
+
+def sent_bytes(instances: list[dicomgen.GeneratedInstance]) -> set[bytes]:
+    return {dicomgen.dataset_bytes(i.path) for i in instances}
+
+
+def pulled_bytes(folder: Path) -> set[bytes]:
+    return {dicomgen.dataset_bytes(p) for p in folder.rglob("*.dcm")}
+
+
+def test_each_reader_lists_and_pulls_exactly_its_grants_byte_identical(
+    edge: EdgeServer, cloud: Cloud, tmp_path: Path, storescp: dcmtk.StoreSCP,
+) -> None:
+    instances = dicomgen.make_studies(tmp_path / "sent", seed=7, patients=4,
+                                      series_per_study=2, instances_per_series=2)
+    studies = dicomgen.group_by(instances, "StudyInstanceUID")
+    referring = {uid: str(items[0].header.ReferringPhysicianName)
+                 for uid, items in studies.items()}
+    doctor = referring[instances[0].study_uid]
+    in_scope = {uid for uid, name in referring.items() if name == doctor}
+    assert 0 < len(in_scope) < len(studies), "the seed must give a scope that splits studies"
+
+    dcmtk.storescu(edge.port, [i.path for i in instances]).check()
+    sync_once(edge.home)
+    packs_before = cloud.blob_names(".pack")
+    assert len(packs_before) == len(studies)
+
+    keys = {name: reader_init(tmp_path / name, cloud) for name in ("scoped", "everything",
+                                                                     "stranger")}
+    added = edge.cli("readers", "add", "scoped", keys["scoped"], "--scope",
+                     f"referring:{doctor.split('^')[0]}^*")
+    assert f"granted {len(in_scope)} pack version(s)" in added.stdout
+    edge.cli("readers", "add", "everything", keys["everything"])
+    # Granting is key objects only: no pack (or manifest) was uploaded again.
+    assert cloud.blob_names(".pack") == packs_before
+    assert len(cloud.blob_names(".manifest")) == len(studies)
+    registered = json.loads(edge.cli("readers", "list", "--json").stdout)
+    assert {(r["name"], r["scope"]) for r in registered} == {
+        ("scoped", f"referring:{doctor.split('^')[0]}^*"), ("everything", "all")}
+
+    assert listed(tmp_path / "scoped") == in_scope
+    assert listed(tmp_path / "everything") == set(studies)
+    assert listed(tmp_path / "stranger") == set()
+    nothing = reader(tmp_path / "stranger", "list")
+    assert "no studies are granted to this reader" in nothing.stderr
+
+    # Search filters work on the decrypted manifests.
+    first = instances[0].header
+    assert listed(tmp_path / "everything", "--patient", str(first.PatientName)[:4].lower()) \
+        >= {first.StudyInstanceUID}
+    assert listed(tmp_path / "everything", "--date",
+                  f"{first.StudyDate}-{first.StudyDate}") >= {first.StudyInstanceUID}
+    assert listed(tmp_path / "everything", "--modality", "MR") == set(studies)
+    assert listed(tmp_path / "everything", "--modality", "US") == set()
+
+    for name, allowed in (("scoped", in_scope), ("everything", set(studies))):
+        for uid in sorted(allowed):
+            target = tmp_path / f"{name}-{uid}"
+            out = reader(tmp_path / name, "pull", uid, "--to", str(target)).stdout
+            assert f"{len(studies[uid])} downloaded and verified" in out
+            assert pulled_bytes(target) == sent_bytes(studies[uid])
+    outside = sorted(set(studies) - in_scope)[0]
+    for name in ("scoped", "stranger"):
+        refused = reader(tmp_path / name, "pull", outside, "--to", str(tmp_path / "x"),
+                         check=False)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "no grant for this study" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not list((tmp_path / "x").rglob("*.dcm"))
+
+    # Resume: whole verified files are kept, a missing and a damaged one fetched again.
+    uid = instances[0].study_uid
+    target = tmp_path / f"everything-{uid}"
+    files = sorted(target.rglob("*.dcm"))
+    files[0].unlink()
+    files[1].write_bytes(files[1].read_bytes()[:-10])
+    again = reader(tmp_path / "everything", "pull", uid, "--to", str(target)).stdout
+    assert f"2 downloaded and verified, {len(studies[uid]) - 2} already there" in again
+    assert pulled_bytes(target) == sent_bytes(studies[uid])
+
+    # Pull and send to the reader's workstation.
+    sent = reader(tmp_path / "everything", "pull", uid, "--to", str(target), "--send",
+                  f"{storescp.ae_title}@127.0.0.1:{storescp.port}").stdout
+    assert f"sent {len(studies[uid])} instance(s)" in sent
+    assert {dicomgen.dataset_bytes(p) for p in storescp.files()} == sent_bytes(studies[uid])
+
+    # A study replicated after the readers were added is granted by the agent's pass.
+    later = dicomgen.make_studies(tmp_path / "later", seed=8, patients=1)
+    dcmtk.storescu(edge.port, [i.path for i in later]).check()
+    sync_once(edge.home)
+    assert later[0].study_uid in listed(tmp_path / "everything")
+
+    # Removal deletes the reader's key objects; the others keep theirs.
+    removed = edge.cli("readers", "remove", "everything").stdout
+    assert f"deleted {len(studies) + 1} key object(s)" in removed
+    assert listed(tmp_path / "everything") == set()
+    assert listed(tmp_path / "scoped") == in_scope
+    refused = reader(tmp_path / "everything", "pull", uid, "--to", str(tmp_path / "y"),
+                     check=False)
+    assert "no grant for this study" in refused.stderr
+
+
+def test_tampered_manifest_or_pack_fails_verification_with_a_hint(
+    edge: EdgeServer, cloud: Cloud, tmp_path: Path, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    if not cloud.url.startswith("file://"):
+        pytest.skip("blobs are edited on disk: the local-folder cloud")
+    root = Path(cloud.url.removeprefix("file://"))
+    dcmtk.storescu(edge.port, [i.path for i in small_study]).check()
+    sync_once(edge.home)
+    key = reader_init(tmp_path / "r", cloud)
+    edge.cli("readers", "add", "r", key)
+    uid = small_study[0].study_uid
+
+    def flip(name: str, at: int) -> bytes:
+        path = root / name
+        original = path.read_bytes()
+        os.chmod(path, 0o644)
+        path.write_bytes(original[:at] + bytes([original[at] ^ 1]) + original[at + 1:])
+        return original
+
+    pack, = cloud.blob_names(".pack")
+    original = flip(pack, 200)
+    failed = reader(tmp_path / "r", "pull", uid, "--to", str(tmp_path / "p"), check=False)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "error:" in failed.stderr and "hint: the cloud copy was modified" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    (root / pack).write_bytes(original)
+
+    manifest, = cloud.blob_names(".manifest")
+    original = flip(manifest, 60)
+    for args in (("list",), ("pull", uid, "--to", str(tmp_path / "p"))):
+        failed = reader(tmp_path / "r", *args, check=False)
+        assert failed.returncode == 2, failed.stdout + failed.stderr
+        assert "failed verification" in failed.stderr
+        assert "hint: the cloud copy was modified" in failed.stderr
+    (root / manifest).write_bytes(original)
+    reader(tmp_path / "r", "pull", uid, "--to", str(tmp_path / "p"))
+    assert pulled_bytes(tmp_path / "p") == sent_bytes(small_study)
+
+
+def test_readers_add_refuses_a_mistyped_key_and_a_bad_scope(edge: EdgeServer,
+                                                           tmp_path: Path,
+                                                           cloud: Cloud) -> None:
+    if not cloud.url.startswith("file://"):
+        pytest.skip("no cloud access needed")
+    key = reader_init(tmp_path / "r", cloud)
+    typo = key[:-3] + ("A" if key[-3] != "A" else "B") + key[-2:]
+    bad = edge.cli("readers", "add", "r", typo, check=False)
+    assert bad.returncode == 2 and "check digits" in bad.stderr
+    bad = edge.cli("readers", "add", "r", key, "--scope", "physician:X", check=False)
+    assert bad.returncode == 2 and "invalid reader scope" in bad.stderr
+    assert "no readers" in edge.cli("readers", "list").stdout
