@@ -7,13 +7,15 @@ advances the cursor (fsync'd). While the collector is down, records simply
 wait in the log; when it is back they go out oldest first. Nothing is
 dropped and no second copy of PHI is kept on disk.
 
-Delivery is at least once: RFC 5425 has no acknowledgement, so a record that
-was written into a connection the collector was closing at that moment is
-indistinguishable from a delivered one. Two defences: before each batch the
-forwarder checks that the collector has not closed the connection (a
-collector never sends data, so a readable socket means close), and a batch
-whose send fails is sent again on a new connection. Each message carries its
-seq (and chain hash) in structured data, so a collector can drop repeats.
+Delivery guarantees: RFC 5425 has no acknowledgement, so "sent" means the
+collector's TCP stack took the bytes. Before each batch the forwarder checks
+that the collector has not closed the connection (a collector never sends
+data, so a readable socket means close), which covers a collector that was
+stopped or restarted. A batch whose send fails is sent again on a new
+connection, so a collector may see a repeat; a collector that crashes with
+records received but unread loses those (they stay in the audit log). Each
+message carries its seq (and chain hash) in structured data, so a collector
+can drop repeats and see gaps; `pacs-edge audit export` fills a gap.
 
 Only one process forwards: serve and the sync agent both run a forwarder,
 and the one holding `flock` on `audit/syslog.lock` delivers (the other
