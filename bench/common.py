@@ -212,6 +212,9 @@ class EdgeServer(Server):
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
              "--dicom-port", "0"])
         self.add_peer("bench", BENCH_AE, 1)
+        # Plain DICOM only: the TLS listener's fixed default port (2762) would clash
+        # between the servers a benchmark runs side by side.
+        self.configure("dicom", "tls_port", 0, only_if_present=True)
         if workers != 1:
             self.configure("dicom", "workers", workers)
 
@@ -219,11 +222,14 @@ class EdgeServer(Server):
         run([*pacs_edge(), "peers", "add", name, "--home", str(self.home), "--ae-title",
              ae_title, "--host", HOST, "--port", str(port), "--allow", "store,find,move,get"])
 
-    def configure(self, section: str, key: str, value: object) -> None:
+    def configure(self, section: str, key: str, value: object, *,
+                  only_if_present: bool = False) -> None:
         import tomlkit
 
         path = self.home / "pacs-edge.toml"
         doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+        if only_if_present and key not in doc.get(section, {}):
+            return
         doc[section][key] = value  # type: ignore[index]
         path.write_text(tomlkit.dumps(doc), encoding="utf-8")
 
