@@ -112,7 +112,9 @@ async def serve(
             log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
                      " peers=%d", config.dicom.ae_title, config.dicom.host,
                      ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
-            notifier.ready(f"accepting associations on ports {ports}")
+            listening = " and ".join(
+                f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
+            notifier.ready(f"accepting associations on {listening}")
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):

@@ -28,6 +28,7 @@ from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
 
+_SERVICE = {"store": "C-STORE", "find": "C-FIND", "move": "C-MOVE", "get": "C-GET"}
 _FIND_MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.1": QueryModel.PATIENT_ROOT,
     "1.2.840.10008.5.1.4.1.2.2.1": QueryModel.STUDY_ROOT,
@@ -83,7 +84,7 @@ class DimseHandlers:
     def _permitted(self, event: Any, permission: str) -> Peer | None:
         peer = self.s.allowlist.by_ae_title(str(event.assoc.requestor.ae_title))
         if peer is None or not peer.may(permission):
-            log.warning("refused %s: peer lacks permission %r %s", event.__class__.__name__,
+            log.warning("refused %s: peer lacks permission %r %s", _SERVICE[permission],
                         permission, peer_label(event.assoc))
             self.s.audit.refused(event.assoc, permission, f"peer lacks permission {permission!r}")
             return None
