@@ -1,0 +1,164 @@
+"""Restore a lost box: escrow the keys, destroy the home, recover, restore, compare.
+
+Real processes throughout: `pacs-edge serve`, `sync --once`, `keys escrow`,
+`keys recover`, `init`, `restore`, a `pacs-edge sync` agent serving the
+recalls that C-GET triggers, and dcmtk findscu/getscu. The cloud is a local
+folder outside the data home (the default one inside it would die with it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer, init_home, run_pacs_edge
+from syncagent import SyncAgent, evict, sync_once
+
+PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                "NumberOfPatientRelatedInstances"]
+STUDY_KEYS = [*PATIENT_KEYS[:4], "StudyInstanceUID", "StudyDate", "StudyTime",
+              "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+              "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances", "InstanceAvailability"]
+SERIES_KEYS = ["SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
+               "BodyPartExamined", "NumberOfSeriesRelatedInstances", "InstanceAvailability"]
+IMAGE_KEYS = ["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+              "InstanceAvailability"]
+PASSPHRASE = "correct horse battery staple"
+
+
+def answers(result: dcmtk.FindResult) -> set[frozenset[tuple[str, str]]]:
+    """Every response as a set of (attribute, value): comparable across boxes."""
+    return {frozenset((e.keyword or str(e.tag), str(e.value)) for e in ds)
+            for ds in result.responses}
+
+
+Answers = set[frozenset[tuple[str, str]]]
+
+
+def find_everything(port: int, study_uids: list[str]) -> dict[str, Answers]:
+    """C-FIND at every level: patients, studies, series of each study, images of each."""
+    found: dict[str, Answers] = {
+        "patients": answers(dcmtk.findscu(port, dict.fromkeys(PATIENT_KEYS), level="PATIENT",
+                                          model="patient").check()),
+        "studies": answers(dcmtk.findscu(port, dict.fromkeys(STUDY_KEYS)).check()),
+    }
+    for uid in study_uids:
+        found[f"series {uid}"] = answers(dcmtk.findscu(
+            port, {"StudyInstanceUID": uid, **dict.fromkeys(SERIES_KEYS)},
+            level="SERIES").check())
+        found[f"images {uid}"] = answers(dcmtk.findscu(
+            port, {"StudyInstanceUID": uid, **dict.fromkeys(IMAGE_KEYS)},
+            level="IMAGE").check())
+    return found
+
+
+def index_dump(home: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
+def test_lost_box_is_restored_from_escrow_and_cloud(
+    edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
+) -> None:
+    cloud = f"file://{tmp_path / 'cloud'}"
+    old = edge_server_factory(start=False)
+    old.configure(cloud={"url": cloud}, sync={"stable_after_seconds": 3600.0})
+    old.start()
+    instances = dicomgen.make_studies(tmp_path / "sent", seed=31, patients=3,
+                                      studies_per_patient=2, series_per_study=2,
+                                      instances_per_series=2)
+    late = dicomgen.make_studies(tmp_path / "late", seed=32, patients=1,
+                                 series_per_study=1, instances_per_series=2)
+    first, later = late[:1], late[1:]
+    dcmtk.storescu(old.port, [i.path for i in [*instances, *first]]).check()
+    sync_once(old.home)
+    dcmtk.storescu(old.port, [i.path for i in later]).check()  # a second pack version
+    sync_once(old.home)
+    everything = [*instances, *late]
+    studies = dicomgen.group_by(everything, "StudyInstanceUID")
+    for uid in studies:
+        evict(old.home, uid)
+    before = find_everything(old.port, sorted(studies))
+    assert len(before["studies"]) == len(studies) and len(before["patients"]) == 4
+    assert ("InstanceAvailability", "NEARLINE") in next(iter(before["studies"]))
+
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    escrow = tmp_path / "offline" / "site.escrow"
+    escrow.parent.mkdir()
+    old.cli("keys", "escrow", "--out", str(escrow), "--passphrase-file", str(passphrase))
+    assert escrow.stat().st_mode & 0o777 == 0o600
+    assert PASSPHRASE.encode() not in escrow.read_bytes()
+
+    old.stop()
+    shutil.rmtree(old.home)  # the box is lost; the cloud and the escrow file are not
+
+    new_home = tmp_path / "new-home"
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase at all")
+    refused = run_pacs_edge("keys", "recover", "--home", str(new_home), "--from", str(escrow),
+                            "--passphrase-file", str(wrong), check=False)
+    assert refused.returncode == 2 and "passphrase is wrong" in refused.stderr
+    run_pacs_edge("keys", "recover", "--home", str(new_home), "--from", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    for name in ("site.key", "names.key", "log.key"):
+        assert (new_home / "secrets" / name).stat().st_mode & 0o777 == 0o600
+    again = run_pacs_edge("keys", "recover", "--home", str(new_home), "--from", str(escrow),
+                          "--passphrase-file", str(passphrase), check=False)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+    init_home(new_home)
+    restored = run_pacs_edge("restore", "--home", str(new_home), "--cloud", cloud).stdout
+    assert f"restored {len(studies) + 1} pack version(s) of {len(studies)} study(ies)" in restored
+    dump = index_dump(new_home)
+    second = run_pacs_edge("restore", "--home", str(new_home), "--cloud", cloud).stdout
+    assert f"restored 0 pack version(s) of 0 study(ies), 0 instance(s); {len(studies) + 1} " \
+           "already in the index" in second
+    assert index_dump(new_home) == dump
+
+    new = edge_server_factory(new_home, start=False)
+    new.configure(sync={"stable_after_seconds": 3600.0, "recall_poll_seconds": 0.2,
+                        "evict_after_days": 0.0, "recall_timeout_seconds": 60.0})
+    new.start()
+    assert find_everything(new.port, sorted(studies)) == before
+
+    agent = SyncAgent(new_home).start()
+    try:
+        for uid, items in studies.items():
+            got = tmp_path / f"got-{uid}"
+            dcmtk.getscu(new.port, {"StudyInstanceUID": uid}, got).check()
+            assert {dicomgen.dataset_bytes(p) for p in got.iterdir()} == {
+                dicomgen.dataset_bytes(i.path) for i in items}
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert run_pacs_edge("fsck", "--home", str(new_home)).returncode == 0
+    # Nothing was uploaded again: recalled studies are replicated, not local.
+    assert "replicated 0 study version" in sync_once(new_home).stdout
+
+
+def test_restore_refuses_a_home_that_is_not_initialised(tmp_path: Path) -> None:
+    result = run_pacs_edge("restore", "--home", str(tmp_path / "nothing"), "--cloud",
+                           f"file://{tmp_path / 'cloud'}", check=False)
+    assert result.returncode == 2
+    assert "not an initialised data home" in result.stderr and "keys recover" in result.stderr
+
+
+@pytest.mark.parametrize("passphrase", ["short"])
+def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
+                                           passphrase: str) -> None:
+    file = tmp_path / "p"
+    file.write_text(passphrase)
+    result = run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out",
+                           str(tmp_path / "e"), "--passphrase-file", str(file), check=False)
+    assert result.returncode == 2 and "at least 12" in result.stderr
+    assert not (tmp_path / "e").exists()
