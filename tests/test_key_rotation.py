@@ -1,0 +1,210 @@
+"""`pacs-edge keys rotate`, end to end, on the local-folder cloud and on a real Azurite.
+
+Studies are imported, replicated with `pacs-edge sync --once` and evicted,
+so the only copy is the cloud's; after a rotation (also one killed half way
+and resumed) they are recalled with the new key alone. Pack and manifest
+blobs must come out of it untouched: only the small site key objects change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import dicomgen
+import pytest
+import tomlkit
+from conftest import init_home, pacs_edge_command, run_pacs_edge
+from syncagent import SyncAgent, evict, sync_once
+
+from provisioning.keyring import key_id
+from sync.blobstore.base import BlobStore
+from sync.blobstore.factory import open_blob_store
+from sync.pack import naming
+from sync.pack.errors import WrongKeyError
+from sync.pack.keys import site_key_id, unwrap_with_site
+from sync.pack.manifest import manifest_pack_id
+
+CRASH_ENV = "PACS_EDGE_CRASH_AT"
+
+pytestmark = pytest.mark.slow  # every case replicates, evicts and recalls real studies
+
+
+@pytest.fixture(params=["local", "azurite"])
+def cloud_home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A data home with two replicated, evicted studies in its cloud."""
+    home = init_home(tmp_path / "home")
+    if request.param == "azurite":
+        connection = request.getfixturevalue("azurite")
+        credentials = home / "azure.conn"
+        credentials.write_text(connection)
+        credentials.chmod(0o600)
+        path = home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text())
+        doc["cloud"]["url"] = f"azure://rotate-{secrets.token_hex(6)}"  # type: ignore[index]
+        doc["cloud"]["credentials_file"] = str(credentials)  # type: ignore[index]
+        path.write_text(tomlkit.dumps(doc))
+    studies = [dicomgen.make_study(tmp_path / f"study-{n}", seed=700 + n) for n in (1, 2)]
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for s in studies for i in s))
+    assert "replicated 2 study version" in sync_once(home).stdout
+    for study in studies:
+        evict(home, study[0].study_uid)
+    home.joinpath("studies.txt").write_text("\n".join(s[0].study_uid for s in studies))
+    yield home
+
+
+def _store(home: Path) -> BlobStore:
+    from appliance.config import load_config
+
+    config = load_config(home)
+    return open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+
+
+def _blobs(home: Path) -> dict[str, str]:
+    """name -> SHA-256 of every blob in the home's cloud."""
+    store = _store(home)
+    try:
+        return {info.name: hashlib.sha256(store.open_range(info.name)).hexdigest()
+                for info in store.list(naming.STUDIES_PREFIX)}
+    finally:
+        store.close()
+
+
+def _site_key(home: Path, name: str = "site.key") -> bytes:
+    return (home / "secrets" / name).read_bytes()
+
+
+def _study_uids(home: Path) -> list[str]:
+    return home.joinpath("studies.txt").read_text().split()
+
+
+def _recall_all(home: Path) -> None:
+    for uid in _study_uids(home):
+        out = run_pacs_edge("recall", uid, "--home", str(home)).stdout
+        assert "recalled 6 instance(s)" in out
+        evict(home, uid)
+
+
+def _rotate(home: Path, *, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("PACS_EDGE_HOME", None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run([*pacs_edge_command(), "keys", "rotate", "--home", str(home)],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def _pack_count(home: Path) -> int:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM packs").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_rotation_rewraps_every_pack_and_leaves_pack_data_untouched(cloud_home: Path) -> None:
+    home = cloud_home
+    old_key = _site_key(home)
+    before = _blobs(home)
+    site_objects = sorted(n for n in before if n.endswith(".keys/site"))
+    assert len(site_objects) == _pack_count(home) == 2
+
+    proc = _rotate(home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    new_key = _site_key(home)
+    new_id = key_id(new_key)
+    assert new_key != old_key and new_id == site_key_id(new_key)
+    assert f"new site key {new_id}: re-wrapped 2 pack(s)" in proc.stdout
+    assert f"retired the old site key(s): {key_id(old_key)}" in proc.stdout
+    assert sorted(p.name for p in (home / "secrets").glob("site.key*")) == ["site.key"]
+
+    after = _blobs(home)
+    # Packs and manifests: same names, same bytes. Site objects: renamed, re-wrapped.
+    assert {n: h for n, h in after.items() if ".keys/" not in n} == {
+        n: h for n, h in before.items() if ".keys/" not in n}
+    assert sorted(n for n in after if ".keys/" in n) == [f"{n}-{new_id}" for n in site_objects]
+
+    store = _store(home)
+    try:
+        for name in site_objects:
+            manifest = name.removesuffix("keys/site") + "manifest"
+            pack_id = manifest_pack_id(store.open_range(manifest))
+            wrapped = store.open_range(f"{name}-{new_id}")
+            unwrap_with_site(new_key, pack_id, wrapped)
+            with pytest.raises(WrongKeyError):
+                unwrap_with_site(old_key, pack_id, wrapped)
+    finally:
+        store.close()
+    _recall_all(home)
+
+    # A second rotation re-wraps the rotated objects again and retires the first new key.
+    proc = _rotate(home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    newest = key_id(_site_key(home))
+    assert sorted(n for n in _blobs(home) if ".keys/" in n) == [
+        f"{n}-{newest}" for n in site_objects]
+    _recall_all(home)
+
+
+@pytest.mark.parametrize("crash_at", ["rotate:after-new-key", "rotate:after-new-wrap",
+                                      "rotate:before-retire"])
+def test_rotation_killed_half_way_resumes_and_packs_stay_readable(
+        cloud_home: Path, crash_at: str) -> None:
+    home = cloud_home
+    old_id = key_id(_site_key(home))
+    proc = _rotate(home, crash_at=crash_at)
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    new_id = key_id(_site_key(home))
+    assert new_id != old_id
+    # The old key is still on the box while any wrap may need it ...
+    assert (home / "secrets" / f"site.key.{old_id}").exists()
+    # ... and every study can be recalled in the middle of the rotation.
+    _recall_all(home)
+
+    proc = _rotate(home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resumed the interrupted rotation to site key {new_id}" in proc.stdout
+    assert not (home / "secrets" / f"site.key.{old_id}").exists()
+    assert sorted(n for n in _blobs(home) if ".keys/" in n) == sorted(
+        f"{n}-{new_id}" for n, _ in _site_names(home))
+    _recall_all(home)
+
+
+def test_rotation_is_refused_while_the_sync_agent_runs(cloud_home: Path) -> None:
+    agent = SyncAgent(cloud_home).start()
+    try:
+        proc = _rotate(cloud_home)
+    finally:
+        assert agent.stop() == 0
+    assert proc.returncode == 2
+    assert "the sync agent" in proc.stderr and "systemctl stop pacs-edge-sync" in proc.stderr
+    assert sorted(p.name for p in (cloud_home / "secrets").glob("site.key*")) == ["site.key"]
+
+
+def test_force_new_keys_is_refused_while_packs_are_in_the_cloud(cloud_home: Path) -> None:
+    old = _site_key(cloud_home)
+    proc = run_pacs_edge("init", "--home", str(cloud_home), "--force-new-keys", check=False)
+    assert proc.returncode == 2
+    assert "refusing --force-new-keys" in proc.stderr and "keys rotate" in proc.stderr
+    assert _site_key(cloud_home) == old
+
+
+def _site_names(home: Path) -> list[tuple[str, int]]:
+    """The `keys/site` name of every pack row (whatever its object is called now)."""
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        names = [r[0] for r in db.execute("SELECT pack_name FROM packs ORDER BY id")]
+    finally:
+        db.close()
+    result = []
+    for name in names:
+        parsed = naming.parse_blob_name(name)
+        assert parsed is not None
+        result.append((naming.site_key_name(parsed.study_key, parsed.version), parsed.version))
+    return result
