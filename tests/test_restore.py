@@ -42,20 +42,23 @@ def answers(result: dcmtk.FindResult) -> set[frozenset[tuple[str, str]]]:
 Answers = set[frozenset[tuple[str, str]]]
 
 
+def find(port: int, keys: dict[str, str | None], *, level: str = "STUDY",
+         model: str = "study") -> Answers:
+    result = dcmtk.findscu(port, keys, level=level, model=model)
+    result.check()
+    return answers(result)
+
+
 def find_everything(port: int, study_uids: list[str]) -> dict[str, Answers]:
     """C-FIND at every level: patients, studies, series of each study, images of each."""
-    found: dict[str, Answers] = {
-        "patients": answers(dcmtk.findscu(port, dict.fromkeys(PATIENT_KEYS), level="PATIENT",
-                                          model="patient").check()),
-        "studies": answers(dcmtk.findscu(port, dict.fromkeys(STUDY_KEYS)).check()),
-    }
+    found = {"patients": find(port, dict.fromkeys(PATIENT_KEYS), level="PATIENT",
+                              model="patient"),
+             "studies": find(port, dict.fromkeys(STUDY_KEYS))}
     for uid in study_uids:
-        found[f"series {uid}"] = answers(dcmtk.findscu(
-            port, {"StudyInstanceUID": uid, **dict.fromkeys(SERIES_KEYS)},
-            level="SERIES").check())
-        found[f"images {uid}"] = answers(dcmtk.findscu(
-            port, {"StudyInstanceUID": uid, **dict.fromkeys(IMAGE_KEYS)},
-            level="IMAGE").check())
+        found[f"series {uid}"] = find(port, {"StudyInstanceUID": uid,
+                                             **dict.fromkeys(SERIES_KEYS)}, level="SERIES")
+        found[f"images {uid}"] = find(port, {"StudyInstanceUID": uid,
+                                             **dict.fromkeys(IMAGE_KEYS)}, level="IMAGE")
     return found
 
 
