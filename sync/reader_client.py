@@ -42,7 +42,7 @@ from appliance.store.durable import TEMP_SUFFIX, ensure_dir, fsync_dir, sweep_te
 from appliance.uids import is_valid_uid
 from provisioning.errors import ProvisioningError
 from provisioning.keys import create_reader_key, load_reader_key
-from sync.blobstore.base import BlobStore
+from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.errors import PackError, PackIntegrityError
 from sync.pack.keys import format_reader_public_key, reader_public_key, unwrap_with_reader
@@ -244,7 +244,7 @@ class ReaderClient:
             assert parsed is not None
             try:
                 version = self._open_version(name, parsed.study_key, parsed.version)
-            except PackError as exc:
+            except (PackError, BlobNotFound) as exc:  # a manifest missing: incomplete copy
                 cat.failures.setdefault(parsed.study_key, []).append(
                     f"version {parsed.version}: {exc.message}")
                 continue
