@@ -123,12 +123,14 @@ def peers() -> None:
 @click.option("--port", type=int, required=True)
 @click.option("--allow", default="store,find,move,get", show_default=True,
               help="Comma-separated permissions: store, find, move, get.")
+@click.option("--bind-host", is_flag=True,
+              help="Accept this AE title only from the addresses of --host.")
 @expected_errors
 def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
-              allow: str) -> None:
+              allow: str, bind_host: bool) -> None:
     """Allow a remote AE."""
     config = load(home)
-    peer = Peer(name, ae_title, host, port, parse_permissions(allow))
+    peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host)
     Allowlist(config.peers_path).add(peer)
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
@@ -148,7 +150,7 @@ def peers_list(home: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([
             {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
-             "allow": sorted(p.allow)} for p in listed.values()
+             "allow": sorted(p.allow), "bind_host": p.bind_host} for p in listed.values()
         ], indent=2))
         return
     table = Table("name", "AE title", "host", "port", "allow")

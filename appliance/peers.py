@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -41,9 +42,20 @@ class Peer:
     host: str
     port: int
     allow: frozenset[str]
+    bind_host: bool = False  # only accept this AE title from `host`'s addresses
 
     def may(self, permission: str) -> bool:
         return permission in self.allow
+
+    def accepts_address(self, address: str) -> bool:
+        """True unless the peer is bound to its host and `address` is not one of its IPs."""
+        if not self.bind_host:
+            return True
+        try:
+            infos = socket.getaddrinfo(self.host, None)
+        except OSError:
+            return False
+        return address in {info[4][0] for info in infos}
 
 
 def parse_permissions(text: str) -> frozenset[str]:
@@ -106,6 +118,8 @@ class Allowlist:
         entry["host"] = peer.host
         entry["port"] = peer.port
         entry["allow"] = sorted(peer.allow)
+        if peer.bind_host:
+            entry["bind_host"] = True
         table[peer.name] = entry
         atomic_write(self.path, tomlkit.dumps(doc).encode())
 
@@ -149,6 +163,7 @@ def _load(path: Path) -> dict[str, Peer]:
                 host=str(entry["host"]),
                 port=int(entry["port"]),
                 allow=frozenset(str(p) for p in entry.get("allow", [])),
+                bind_host=bool(entry.get("bind_host", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(key, entry, "a table with ae_title, host, port and allow",

@@ -120,3 +120,16 @@ def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: 
     status = json.loads(run_pacs_edge("status", "--json", "--home", str(orphan_home)).stdout)
     assert status["instances"] == len(study)
     assert "consistent" in run_pacs_edge("fsck", "--home", str(orphan_home)).stdout
+
+
+def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: EdgeServer) -> None:
+    edge_server.add_peer("bound-elsewhere", "BOUNDWS", 11115, host="192.0.2.7")
+    edge_server.cli("peers", "remove", "bound-elsewhere")
+    edge_server.cli("peers", "add", "bound-elsewhere", "--ae-title", "BOUNDWS", "--host",
+                    "192.0.2.7", "--port", "11115", "--allow", "find", "--bind-host")
+    assert not edge_server.echo(aet="BOUNDWS").ok
+    assert "AE title is bound to host '192.0.2.7'" in edge_server.log()
+    edge_server.cli("peers", "remove", "bound-elsewhere")
+    edge_server.cli("peers", "add", "bound-here", "--ae-title", "BOUNDWS", "--host",
+                    "127.0.0.1", "--port", "11115", "--allow", "find", "--bind-host")
+    assert edge_server.echo(aet="BOUNDWS").ok

@@ -60,7 +60,20 @@ class DimseHandlers:
     # --- association ---------------------------------------------------------
 
     def on_requested(self, event: Any) -> None:
-        log.debug("association requested %s", peer_label(event.assoc))
+        assoc = event.assoc
+        # pynetdicom copies the calling AE title to requestor.ae_title only later,
+        # during negotiation: read it from the A-ASSOCIATE-RQ itself.
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        log.debug("association requested calling=%s address=%s", calling,
+                  assoc.requestor.address)
+        peer = self.s.allowlist.by_ae_title(calling)
+        if peer is not None and not peer.accepts_address(str(assoc.requestor.address)):
+            # Rejected as an unknown calling AE: from this address, it is one.
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            why = f"AE title is bound to host {peer.host!r}, not this address"
+            log.warning("association rejected calling=%s address=%s reason=%s", calling,
+                        assoc.requestor.address, why)
+            self.s.audit.association(assoc, accepted=False, reason=why)
 
     def on_accepted(self, event: Any) -> None:
         log.info("association accepted %s", peer_label(event.assoc))
