@@ -125,12 +125,15 @@ def peers() -> None:
               help="Comma-separated permissions: store, find, move, get.")
 @click.option("--bind-host", is_flag=True,
               help="Accept this AE title only from the addresses of --host.")
+@click.option("--tls", "use_tls", is_flag=True,
+              help="Send C-MOVE sub-operations to this peer over DICOM TLS.")
 @expected_errors
 def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
-              allow: str, bind_host: bool) -> None:
+              allow: str, bind_host: bool, use_tls: bool) -> None:
     """Allow a remote AE."""
     config = load(home)
-    peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host)
+    peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host,
+                tls=use_tls)
     Allowlist(config.peers_path).add(peer)
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
@@ -150,7 +153,8 @@ def peers_list(home: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([
             {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
-             "allow": sorted(p.allow), "bind_host": p.bind_host} for p in listed.values()
+             "allow": sorted(p.allow), "bind_host": p.bind_host, "tls": p.tls}
+            for p in listed.values()
         ], indent=2))
         return
     table = Table("name", "AE title", "host", "port", "allow")

@@ -43,6 +43,7 @@ class Peer:
     port: int
     allow: frozenset[str]
     bind_host: bool = False  # only accept this AE title from `host`'s addresses
+    tls: bool = False  # C-MOVE sub-associations to this peer use DICOM TLS
 
     def may(self, permission: str) -> bool:
         return permission in self.allow
@@ -120,6 +121,8 @@ class Allowlist:
         entry["allow"] = sorted(peer.allow)
         if peer.bind_host:
             entry["bind_host"] = True
+        if peer.tls:
+            entry["tls"] = True
         table[peer.name] = entry
         atomic_write(self.path, tomlkit.dumps(doc).encode())
 
@@ -164,6 +167,7 @@ def _load(path: Path) -> dict[str, Peer]:
                 port=int(entry["port"]),
                 allow=frozenset(str(p) for p in entry.get("allow", [])),
                 bind_host=bool(entry.get("bind_host", False)),
+                tls=bool(entry.get("tls", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(key, entry, "a table with ae_title, host, port and allow",

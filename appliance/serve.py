@@ -25,7 +25,7 @@ from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
-from appliance.dimse.tls import server_context
+from appliance.dimse.tls import client_context, server_context
 from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
 from appliance.notify import Notifier
@@ -49,6 +49,14 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     paths = TlsPaths(config.home)
     return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
                           require_client_cert=config.dicom.tls_require_client_cert)
+
+
+def _tls_client_context(config: Config) -> ssl.SSLContext | None:
+    """For C-MOVE destinations marked TLS; None when this box has TLS off."""
+    if not config.dicom.tls_port:
+        return None
+    paths = TlsPaths(config.home)
+    return client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
 
 
 async def serve(
@@ -92,7 +100,8 @@ async def serve(
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/retrieve.py)
         retrieve = RetrieveService(allowlist, index, files,
                                    recall_timeout=config.sync.recall_timeout_seconds)
-        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor)
+        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
+                        tls_client=_tls_client_context(config))
         ports = await asyncio.to_thread(server.start)
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None

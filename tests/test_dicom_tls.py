@@ -8,8 +8,10 @@ sends a ClientHello) must not block anyone else's handshake.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
+import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from conftest import EdgeServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TLS_PROFILE = "--profile-bcp195-nd"
 
@@ -72,6 +74,33 @@ def other_ca(folder: Path) -> tuple[Path, Path, Path]:
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return paths
+
+
+def site_signed_server_cert(home: Path, folder: Path) -> None:
+    """A workstation's server certificate from the site CA (what an admin would
+    provision for a TLS C-MOVE destination): dest.key, dest.pem, ca.pem."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_cert = x509.load_pem_x509_certificate((home / "tls" / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((home / "secrets" / "ca.key").read_bytes(),
+                                                password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dest")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    (folder / "dest.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (folder / "dest.key").chmod(0o600)
+    (folder / "dest.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
 
 def test_bcp195_echo_store_find_succeed(
@@ -144,3 +173,34 @@ def test_silent_tls_client_does_not_block_other_handshakes(
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_move_to_a_peer_marked_tls_goes_over_tls(
+    tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance],
+    free_port: Callable[[], int], tmp_path: Path,
+) -> None:
+    server = tls_edge[0]
+    dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+    dest, port, received = tmp_path / "dest", free_port(), tmp_path / "received"
+    site_signed_server_cert(server.home, dest)
+    received.mkdir()
+    tls = ["+tls", str(dest / "dest.key"), str(dest / "dest.pem"), "+cf", str(dest / "ca.pem"),
+           TLS_PROFILE]
+    scp = subprocess.Popen(["storescp", *tls, "-aet", "TLSDEST", "+B", "-od", str(received),
+                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while not dcmtk.echoscu(port, aec="TLSDEST", args=tls).ok:
+            assert time.monotonic() < deadline and scp.poll() is None, "TLS storescp not ready"
+            time.sleep(0.2)
+        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+                   "--port", str(port), "--allow", "store", "--tls")
+        moved = dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                              "TLSDEST")
+        moved.check()
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    assert {dicomgen.dataset_bytes(p) for p in received.iterdir()} == {
+        dicomgen.dataset_bytes(i.path) for i in small_study}

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
 import weakref
@@ -117,6 +118,7 @@ class _Attachment:
     bridge: LoopBridge
     config: DicomConfig
     audit: Auditor | None = None
+    tls_client: ssl.SSLContext | None = None  # for destinations marked TLS
 
 
 _attached: weakref.WeakKeyDictionary[AE, _Attachment] = weakref.WeakKeyDictionary()
@@ -124,10 +126,10 @@ _install_lock = threading.Lock()
 
 
 def attach(ae: AE, service: RetrieveService, bridge: LoopBridge, config: DicomConfig, *,
-           audit: Auditor | None = None) -> None:
+           audit: Auditor | None = None, tls_client: ssl.SSLContext | None = None) -> None:
     """Serve C-MOVE/C-GET for `ae` with `service` (installs the class seam once)."""
     install_service_class()
-    _attached[ae] = _Attachment(service, bridge, config, audit)
+    _attached[ae] = _Attachment(service, bridge, config, audit, tls_client)
 
 
 def install_service_class() -> None:
@@ -333,7 +335,8 @@ class _Retrieval:
         """Send every instance to the destination; True if the requestor cancelled."""
         retries = self.att.config.suboperation_retries
         for batch, pairs in _batches(plan.instances):
-            sub = _SubAssociation(self.sc.ae, destination, pairs, self.att.config, self.label)
+            sub = _SubAssociation(self.sc.ae, destination, pairs, self.att.config, self.label,
+                                  tls_client=self.att.tls_client)
             try:
                 for instance in batch:
                     if self.sc.is_cancelled(int(self.req.MessageID)):
@@ -442,8 +445,9 @@ class _SubAssociation:
     """
 
     def __init__(self, ae: AE, peer: Peer, pairs: list[tuple[str, str]], config: DicomConfig,
-                 label: str) -> None:
+                 label: str, *, tls_client: ssl.SSLContext | None = None) -> None:
         self.ae = ae
+        self.tls_client = tls_client
         self.peer = peer
         self.pairs = pairs
         self.config = config
@@ -461,8 +465,17 @@ class _SubAssociation:
         if self.down:
             return False
         contexts = [build_context(sop_class, [ts]) for sop_class, ts in self.pairs]
+        tls_args = None
+        if self.peer.tls:
+            if self.tls_client is None:
+                self.down = True
+                log.error("move destination %s is marked TLS but this box has no TLS context"
+                          " (set [dicom] tls_port) %s", self.peer.name, self.label)
+                return False
+            tls_args = (self.tls_client, None)
         assoc = self.ae.associate(self.peer.host, self.peer.port, contexts=contexts,
-                                  ae_title=self.peer.ae_title, max_pdu=self.config.max_pdu)
+                                  ae_title=self.peer.ae_title, max_pdu=self.config.max_pdu,
+                                  tls_args=tls_args)
         if not assoc.is_established:
             self.down = True
             why = ("rejected the association" if assoc.is_rejected

@@ -33,3 +33,17 @@ def server_context(*, cert: Path, key: Path, ca: Path, require_client_cert: bool
                  " [dicom] tls_port = 0 to turn TLS off") from exc
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
     return context
+
+
+def client_context(*, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """For C-MOVE sub-associations to peers marked TLS: the same profile, the node
+    certificate as client certificate, and the peer's certificate checked against
+    the site CA (peers are addressed by IP as often as by name: no host-name check)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_TLS12_CIPHERS)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(ca)
+    return context
