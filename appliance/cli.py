@@ -54,6 +54,9 @@ def main() -> None:
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
 @click.option("--tls-port", type=int, default=None,
               help="DICOM TLS port (default 2762); 0 turns TLS off.")
+@click.option("--cloud", "cloud_url", default=None,
+              help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
+                   " (default: <home>/cloud).")
 @click.option("--cert-days", type=int, default=DEFAULT_NODE_DAYS, show_default=True,
               help="Lifetime of the node certificate.")
 @click.option("--ca-days", type=int, default=DEFAULT_CA_DAYS, show_default=True,
@@ -63,13 +66,14 @@ def main() -> None:
               help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
-         tls_port: int | None, cert_days: int,
+         tls_port: int | None, cloud_url: str | None, cert_days: int,
          ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
-    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port}}
+    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
+                 "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
     report = init_home(

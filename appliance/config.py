@@ -268,8 +268,9 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind == Path | None:
-        ok = isinstance(value, str | Path)
-        value = (Path(value).expanduser() if str(value) else None) if ok else value
+        ok = value is None or isinstance(value, str | Path)
+        value = Path(value).expanduser() if ok and value not in (None, "") else (
+            None if ok else value)
     elif kind is Path:
         ok = isinstance(value, str | Path) and str(value) != ""
         value = Path(value).expanduser() if ok else value
@@ -281,7 +282,8 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        expected = "a list of paths" if kind == tuple[Path, ...] else f"a {kind.__name__}"
+        expected = ("a list of paths" if kind == tuple[Path, ...]
+                    else f"a {getattr(kind, '__name__', 'path')}")
         raise ConfigError(key, value, expected, source=source)
     check = meta.get("check")
     if check is not None and not check(value):

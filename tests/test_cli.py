@@ -133,3 +133,11 @@ def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: Edg
     edge_server.cli("peers", "add", "bound-here", "--ae-title", "BOUNDWS", "--host",
                     "127.0.0.1", "--port", "11115", "--allow", "find", "--bind-host")
     assert edge_server.echo(aet="BOUNDWS").ok
+
+
+def test_init_sets_the_cloud_url_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    run_pacs_edge("init", "--home", str(tmp_path / "a"), "--cloud", "azure://site-a")
+    assert 'url = "azure://site-a"' in (tmp_path / "a" / "pacs-edge.toml").read_text()
+    bad = run_pacs_edge("init", "--home", str(tmp_path / "b"), "--cloud", "ftp://x", check=False)
+    assert bad.returncode == 2 and "cloud.url" in bad.stderr
+    assert not (tmp_path / "b").exists()

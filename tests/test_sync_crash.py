@@ -121,3 +121,24 @@ def test_agent_killed_during_recall_rolls_back_and_recalls_again(
     assert not list((path / "store").rglob("*.dcm"))
     assert_consistent(path, hashes, study_uid)
     assert study_state(path)[0] == "replicated"
+
+
+def test_recall_of_an_archived_pack_requests_rehydration_first(
+    home: tuple[Path, dict[str, str], str]
+) -> None:
+    """The lifecycle moved the pack to Archive: a recall asks for it back online, waits
+    (poll interval from [sync]) and then restores every instance."""
+    from sync.blobstore.base import Tier
+    from sync.blobstore.local import LocalFolderStore
+
+    path, hashes, study_uid = home
+    sync_once(path)
+    run_pacs_edge("evict", study_uid, "--home", str(path))
+    store = LocalFolderStore(path / "cloud")
+    pack = next(info.name for info in store.list() if info.name.endswith("pack"))
+    store.set_tier(pack, Tier.ARCHIVE)
+    assert not store.stat(pack).online
+    result = run_pacs_edge("recall", study_uid, "--home", str(path))
+    assert "recalled" in result.stdout
+    assert store.stat(pack).online
+    assert local_hashes(path) == hashes
