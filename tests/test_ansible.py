@@ -1,0 +1,239 @@
+"""The Ansible role `pacs_edge`, converged for real with ansible-playbook on two local "hosts".
+
+Both hosts are this machine (connection local), each installed under its own
+root prefix with its own AE title and port, from a wheel and a wheelhouse the
+fixture builds (`pip wheel`), through the example playbook ansible/playbook.yml.
+The role creates a real system user (removed at the end), so the module runs
+as root only. Services are not started by the role here (no systemd as PID 1,
+and a prefixed install never starts them): the test starts each host's
+`pacs-edge serve` from the deployed venv as the service user and sends C-ECHO.
+
+Converging again must change nothing; changing one host's variable must
+change that host only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dcmtk
+import pytest
+import yaml
+
+# Builds a wheelhouse and installs two venvs: minutes, not seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE_DIR = ROOT / "ansible"
+BIN = Path(sys.executable).parent
+USER = "pacsedge-test"
+HOST_PYTHON = Path("/usr/bin/python3")
+HOSTS = ("edge-a", "edge-b")
+_RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                    re.MULTILINE)
+KEY_FILES = ("site.key", "names.key", "log.key", "ca.key", "node.key")
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the role creates a system user: run as root"
+    if not (BIN / "ansible-playbook").exists():
+        return "ansible-core is not installed (pip install -e '.[test]')"
+    if not HOST_PYTHON.exists():
+        return f"needs {HOST_PYTHON} (with python3-venv) on the host"
+    return None
+
+
+if _why_not():
+    pytestmark.append(pytest.mark.skip(reason=_why_not() or ""))
+
+
+@dataclass
+class Fleet:
+    base: Path
+    inventory: Path
+    hosts: dict[str, dict[str, object]]
+
+    def prefix(self, host: str) -> Path:
+        return self.base / host
+
+    def home(self, host: str) -> Path:
+        return self.prefix(host) / "var/lib/pacs-edge"
+
+    def venv(self, host: str) -> Path:
+        return self.prefix(host) / "opt/pacs-edge/venv"
+
+    def write_inventory(self, wheel: Path, wheelhouse: Path) -> None:
+        doc = {"pacs_edge": {
+            "vars": {
+                "ansible_connection": "local",
+                # The host's own Python: the service user cannot reach this venv's.
+                "ansible_python_interpreter": str(HOST_PYTHON),
+                "ansible_become_method": "ansible.builtin.su",
+                "ansible_become_flags": "-s /bin/sh",  # the service user has no login shell
+                "pacs_edge_wheel": str(wheel),
+                "pacs_edge_wheelhouse": str(wheelhouse),
+                "pacs_edge_user": USER,
+                "pacs_edge_group": USER,
+                "pacs_edge_python": str(HOST_PYTHON),
+                "pacs_edge_dicom_host": "127.0.0.1",
+                "pacs_edge_sync_evict_after_days": 14,
+                "pacs_edge_peers": [{"name": "testscu", "ae_title": dcmtk.TEST_AE,
+                                     "host": "127.0.0.1", "port": 1,
+                                     "allow": ["store", "find"]}],
+            },
+            "hosts": self.hosts,
+        }}
+        self.inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def converge(self) -> dict[str, tuple[int, int]]:
+        """Run the example playbook; {host: (changed, failed)} from the recap."""
+        env = {**os.environ, "ANSIBLE_HOME": str(self.base / ".ansible"),
+               "ANSIBLE_LOCAL_TEMP": str(self.base / ".ansible/tmp"),
+               "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
+               "ANSIBLE_RETRY_FILES_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        env.pop("PACS_EDGE_HOME", None)
+        # One host at a time: both are this machine and share its user database.
+        proc = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(self.inventory), "--forks", "1",
+             str(ANSIBLE_DIR / "playbook.yml")],
+            capture_output=True, text=True, timeout=900, env=env, cwd=ANSIBLE_DIR,
+            stdin=subprocess.DEVNULL)
+        recap = {m[1]: (int(m[3]), int(m[5]) + int(m[4])) for m in _RECAP.finditer(proc.stdout)}
+        assert proc.returncode == 0 and set(recap) == set(self.hosts), (
+            proc.stdout[-8000:] + proc.stderr[-4000:])
+        return {host: recap[host] for host in self.hosts}
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    base = Path(tempfile.mkdtemp(prefix="pacs-edge-ansible-", dir="/tmp"))
+    base.chmod(0o755)  # the service user must reach its prefix
+    try:
+        wheelhouse = base / "wheelhouse"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                        "-w", str(wheelhouse), str(ROOT)], check=True, timeout=900,
+                       capture_output=True)
+        wheel = next(wheelhouse.glob("pacs_edge-*.whl"))
+        hosts: dict[str, dict[str, object]] = {
+            host: {"pacs_edge_root_prefix": str(base / host),
+                   "pacs_edge_ae_title": host.upper().replace("-", "_"),
+                   "pacs_edge_dicom_port": dcmtk.free_port(),
+                   "pacs_edge_dicom_tls_port": dcmtk.free_port()}
+            for host in HOSTS}
+        fleet = Fleet(base, base / "inventory.yml", hosts)
+        fleet.write_inventory(wheel, wheelhouse)
+        fleet.first_recap = fleet.converge()  # type: ignore[attr-defined]
+        yield fleet
+    finally:
+        subprocess.run(["userdel", USER], capture_output=True, check=False)
+        subprocess.run(["groupdel", USER], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_first_converge_changes_both_hosts(fleet: Fleet) -> None:
+    recap = fleet.first_recap  # type: ignore[attr-defined]
+    assert all(changed > 0 and failed == 0 for changed, failed in recap.values()), recap
+
+
+def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
+    uid = pwd.getpwnam(USER).pw_uid
+    for host, variables in fleet.hosts.items():
+        home = fleet.home(host)
+        for name in KEY_FILES:
+            info = (home / "secrets" / name).stat()
+            assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == uid, (host, name)
+        assert stat.S_IMODE((home / "secrets").stat().st_mode) == 0o700
+        assert home.stat().st_uid == uid and stat.S_IMODE(home.stat().st_mode) == 0o750
+        for cert in ("tls/ca.pem", "tls/node.pem", "site-id"):
+            assert (home / cert).stat().st_uid == uid
+        config = fleet.prefix(host) / "etc/pacs-edge/pacs-edge.toml"
+        assert (home / "pacs-edge.toml").resolve() == config
+        assert stat.S_IMODE(config.stat().st_mode) == 0o640
+        text = config.read_text()
+        assert text.startswith("#") and "Ansible managed" in text.splitlines()[0]
+        assert f'ae_title = "{variables["pacs_edge_ae_title"]}"' in text
+        assert f'\nport = {variables["pacs_edge_dicom_port"]}\n' in text
+        assert f'\ntls_port = {variables["pacs_edge_dicom_tls_port"]}\n' in text
+        assert "evict_after_days = 14" in text
+        peers = (home / "peers.toml").read_text()
+        assert '[peers.testscu]' in peers and 'allow = ["find", "store"]' in peers
+        units = fleet.prefix(host) / "etc/systemd/system"
+        assert all((units / u).exists() for u in ("pacs-edge.service", "pacs-edge-sync.service"))
+        assert not (units / "pacs-edge.service.d/privileged-port.conf").exists()  # port >= 1024
+        check = subprocess.run([str(fleet.venv(host) / "bin/pacs-edge"), "config", "check",
+                                "--home", str(home)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+
+
+def test_deployed_units_are_the_systemd_folders_units(fleet: Fleet) -> None:
+    """The role's unit templates cannot drift from systemd/: rendered with the default
+    paths and user they are the same files, but for the `Ansible managed` line."""
+    host = HOSTS[0]
+    for unit in ("pacs-edge.service", "pacs-edge-sync.service"):
+        deployed = (fleet.prefix(host) / "etc/systemd/system" / unit).read_text()
+        header, body = deployed.split("\n", 1)
+        assert "Ansible managed" in header
+        body = body.replace(str(fleet.prefix(host)), "").replace(USER, "pacs-edge")
+        assert body == (ROOT / "systemd" / unit).read_text()
+
+
+def test_each_host_answers_c_echo_from_its_deployed_venv(fleet: Fleet) -> None:
+    for host, variables in fleet.hosts.items():
+        log_path = fleet.base / f"{host}-serve.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(  # as the service user, as the unit would run it
+                [str(fleet.venv(host) / "bin/pacs-edge"), "serve", "--home", str(fleet.home(host))],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/", user=USER, group=USER, extra_groups=[])
+        try:
+            port = int(str(variables["pacs_edge_dicom_port"]))
+            deadline = time.monotonic() + 60
+            while "ready to accept associations" not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            dcmtk.echoscu(port, aec=str(variables["pacs_edge_ae_title"])).check()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0, log_path.read_text()
+
+
+def test_second_converge_changes_nothing(fleet: Fleet) -> None:
+    recap = fleet.converge()
+    assert recap == {host: (0, 0) for host in HOSTS}
+
+
+def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None:
+    fleet.hosts["edge-b"]["pacs_edge_ae_title"] = "EDGE_B_RENAMED"
+    wheel_vars = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]
+    fleet.write_inventory(Path(wheel_vars["pacs_edge_wheel"]),
+                          Path(wheel_vars["pacs_edge_wheelhouse"]))
+    recap = fleet.converge()
+    assert recap["edge-a"] == (0, 0)
+    assert recap["edge-b"][0] > 0 and recap["edge-b"][1] == 0
+    config = fleet.prefix("edge-b") / "etc/pacs-edge/pacs-edge.toml"
+    assert 'ae_title = "EDGE_B_RENAMED"' in config.read_text()
+
+
+def test_ansible_lint_passes_with_the_production_profile() -> None:
+    proc = subprocess.run([str(BIN / "ansible-lint"), "--nocolor"], capture_output=True,
+                          text=True, timeout=600, cwd=ANSIBLE_DIR,
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+                               "ANSIBLE_HOME": tempfile.mkdtemp(prefix="ansible-lint-")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
