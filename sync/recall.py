@@ -29,7 +29,7 @@ from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.pack.errors import PackIntegrityError
-from sync.records import StudyRow, instances_of, packs_of, study_by_id
+from sync.records import InstanceRow, StudyRow, instances_of, packs_of, study_by_id
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,18 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
     try:
         for pack_id in sorted({i.pack_fk for i in missing if i.pack_fk is not None}):
             await ctx.packs.ensure_online(packs[pack_id])
-        for instance in missing:
-            if instance.pack_fk not in packs:
-                raise RecallFailed("an evicted instance has no verified pack",
-                                   hint="run pacs-edge fsck; the index is inconsistent")
-            await ctx.packs.recall_instance(packs[instance.pack_fk], instance)
+        if any(instance.pack_fk not in packs for instance in missing):
+            raise RecallFailed("an evicted instance has no verified pack",
+                               hint="run pacs-edge fsck; the index is inconsistent")
+
+        def landed(instance: InstanceRow) -> None:
             written.append(instance.path)
             crash_point("recall:mid-instances")
             on_progress(len(written), len(missing))
+
+        for pack_id in sorted({i.pack_fk for i in missing if i.pack_fk is not None}):
+            rows = [i for i in missing if i.pack_fk == pack_id]
+            await ctx.packs.recall_pack(packs[pack_id], rows, on_written=landed)
     except BaseException as exc:
         await drop_local_files(ctx, study.id, written)
         await writer.submit(lambda c: apply(c, study.id, Trigger.FAILED,
