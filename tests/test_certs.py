@@ -1,0 +1,157 @@
+"""The site PKI from `pacs-edge init`, `certs issue` and `certs renew`.
+
+Certificates are checked by what uses them: a real mutual-TLS handshake with
+Python's ssl (OpenSSL) between the node certificate and an issued client
+certificate, both trusting only the site CA.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import run_pacs_edge
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from provisioning import certs
+from provisioning.errors import CertificateError
+
+SECRET_FILES = ("ca.key", "node.key", "site.key", "names.key", "log.key")
+
+
+def _init(home: Path, *args: str) -> str:
+    return run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", *args).stdout
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _sans(cert: x509.Certificate) -> set[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {f"DNS:{v}" for v in ext.get_values_for_type(x509.DNSName)} | {
+        f"IP:{v}" for v in ext.get_values_for_type(x509.IPAddress)}
+
+
+def test_init_creates_site_id_ca_and_node_certificate_once(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = _init(home, "--cert-days", "30", "--ca-days", "400", "--san", "pacs.example.org",
+                  "--san", "10.9.8.7")
+    for name in ("site-id", "secrets/ca.key", "tls/ca.pem", "secrets/node.key", "tls/node.pem"):
+        assert f"created {home / name}" in first
+    for name in SECRET_FILES:
+        assert stat.S_IMODE((home / "secrets" / name).stat().st_mode) == 0o600, name
+    site = (home / "site-id").read_text().strip()
+    ca, node = _cert(home / "tls/ca.pem"), _cert(home / "tls/node.pem")
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert f"site {site}" in ca.subject.rfc4514_string()
+    node.verify_directly_issued_by(ca)
+    assert isinstance(node.public_key(), ec.EllipticCurvePublicKey)
+    assert node.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert node.signature_hash_algorithm is not None
+    assert node.signature_hash_algorithm.name == "sha256"
+    assert (node.not_valid_after_utc - node.not_valid_before_utc).days == 30
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == 400
+    assert {"DNS:localhost", "IP:127.0.0.1", "IP:::1", f"DNS:{socket.gethostname().lower()}",
+            "DNS:pacs.example.org", "IP:10.9.8.7"} <= _sans(node)
+    usages = node.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    again = _init(home)
+    assert "nothing changed" in again
+    assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+
+
+def test_issued_client_and_node_certificates_complete_a_mutual_tls_handshake(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _init(home)
+    out = tmp_path / "ct1"
+    issued = run_pacs_edge("certs", "issue", "ct-scanner-1", "--out", str(out), "--home",
+                           str(home)).stdout
+    assert "issued client certificate for ct-scanner-1" in issued
+    assert stat.S_IMODE((out / "ct-scanner-1.key").stat().st_mode) == 0o600
+    assert (out / "ca.pem").read_bytes() == (home / "tls/ca.pem").read_bytes()
+    client_cert = _cert(out / "ct-scanner-1.pem")
+    assert list(client_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(home / "tls/node.pem", home / "secrets/node.key")
+    server_ctx.load_verify_locations(home / "tls/ca.pem")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cafile=out / "ca.pem")
+    client_ctx.load_cert_chain(out / "ct-scanner-1.pem", out / "ct-scanner-1.key")
+    peer: dict[str, object] = {}
+    left, right = socket.socketpair()
+
+    def serve() -> None:
+        with server_ctx.wrap_socket(left, server_side=True) as tls:
+            peer.update(tls.getpeercert() or {})
+            tls.sendall(b"ok")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_ctx.wrap_socket(right, server_hostname="localhost") as tls:
+        assert tls.recv(2) == b"ok"
+    thread.join(10)
+    assert ((("commonName", "ct-scanner-1"),) in peer["subject"])  # type: ignore[operator]
+
+    again = run_pacs_edge("certs", "issue", "ct-scanner-1", "--out", str(out), "--home",
+                          str(home), check=False)
+    assert again.returncode == 2 and "would overwrite" in again.stderr
+
+
+def test_renew_reissues_from_the_same_ca_and_says_what_changed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _init(home, "--cert-days", "90", "--san", "old.example.org")
+    old = _cert(home / "tls/node.pem")
+    key_before = (home / "secrets/node.key").read_bytes()
+    report = run_pacs_edge("certs", "renew", "--home", str(home), "--san",
+                           "new.example.org").stdout
+    new = _cert(home / "tls/node.pem")
+    new.verify_directly_issued_by(_cert(home / "tls/ca.pem"))
+    assert f"serial: {old.serial_number:x} -> {new.serial_number:x}" in report
+    assert "subjectAltName added: DNS:new.example.org" in report
+    assert "subjectAltName removed: DNS:old.example.org" in report
+    assert "key: kept" in report and (home / "secrets/node.key").read_bytes() == key_before
+    assert (new.not_valid_after_utc - new.not_valid_before_utc).days == 90  # lifetime kept
+
+    report = run_pacs_edge("certs", "renew", "--home", str(home), "--new-key",
+                           "--days", "10").stdout
+    assert "key: new node key" in report and "public key: changed" in report
+    assert stat.S_IMODE((home / "secrets/node.key").stat().st_mode) == 0o600
+    newest = _cert(home / "tls/node.pem")
+    assert (newest.not_valid_after_utc - newest.not_valid_before_utc).days == 10
+
+
+def test_unsafe_ca_key_and_bad_names_fail_with_a_hint(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _init(home)
+    (home / "secrets/ca.key").chmod(0o644)
+    proc = run_pacs_edge("certs", "issue", "ws1", "--out", str(tmp_path / "ws1"), "--home",
+                         str(home), check=False)
+    assert proc.returncode == 2 and "mode 0644" in proc.stderr and "chmod 600" in proc.stderr
+    (home / "secrets/ca.key").chmod(0o600)
+    proc = run_pacs_edge("certs", "issue", "../evil", "--out", str(tmp_path / "x"), "--home",
+                         str(home), check=False)
+    assert proc.returncode == 2 and "is not 1-64 letters" in proc.stderr
+    proc = run_pacs_edge("certs", "renew", "--san", "not a name!", "--home", str(home),
+                         check=False)
+    assert proc.returncode == 2 and "neither an IP address nor a DNS name" in proc.stderr
+    with pytest.raises(CertificateError, match="--days 0 is out of range"):
+        certs.issue_client(home, "ws1", tmp_path / "ws1", days=0)
+
+
+def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    certs.provision_tls(home, ca_days=5, node_days=365)
+    ca, node = _cert(home / "tls/ca.pem"), _cert(home / "tls/node.pem")
+    assert node.not_valid_after_utc == ca.not_valid_after_utc
