@@ -40,11 +40,7 @@ test-fast: test-deps
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: test-deps
-	@if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then \
-		PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run.sh; \
-	else \
-		echo "bench/run.sh is not there yet"; \
-	fi
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run.sh
 
 clean:
 	rm -rf .pytest_cache .ruff_cache bench/out
