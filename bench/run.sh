@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
-# Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder]   (default: all)
+# Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers]
+#        (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
 #        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries).
 # Results: bench/out/<name>.json and a table per benchmark; a summary at the end.
@@ -14,6 +15,7 @@ if [ ${#scripts[@]} -eq 0 ]; then
   scripts=(store find retrieve)
   [ -f bench/dropfolder.py ] && scripts+=(dropfolder)
   [ -f bench/sync.py ] && scripts+=(sync)
+  [ -f bench/readers.py ] && scripts+=(readers)
 fi
 status=0
 for name in "${scripts[@]}"; do
