@@ -28,6 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
 from appliance import logsafe
+from appliance.bridge import LoopBridge
 from appliance.dicom_header import InstanceHeader, read_header
 from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.store.durable import is_no_space
@@ -67,7 +68,27 @@ class IngestService:
         source_ae: str = "",
         expected: ExpectedIdentity | None = None,
     ) -> IngestResult:
-        """Make a fully spooled instance durable; the spool is consumed either way."""
+        """Make a fully spooled instance durable; the spool is consumed either way.
+
+        The work runs in a worker thread (`ingest_spool_blocking`), which finishes
+        even if this coroutine is cancelled: a file and its row never part ways.
+        """
+        bridge = LoopBridge(asyncio.get_running_loop())
+        return await asyncio.to_thread(self.ingest_spool_blocking, spool, bridge,
+                                       source_ae=source_ae, expected=expected)
+
+    def ingest_spool_blocking(
+        self,
+        spool: SpoolFile,
+        bridge: LoopBridge,
+        *,
+        source_ae: str = "",
+        expected: ExpectedIdentity | None = None,
+    ) -> IngestResult:
+        """`ingest_spool` from a thread that is not the event loop's (a DIMSE association
+        thread): header, fsync and rename run here; only the two index calls go to the
+        loop, through `bridge`. Every hop between threads sits on the C-STORE critical
+        path (the peer sends the next instance after our response), so there are two."""
         committed_path: str | None = None
         try:
             if spool.error is not None:
@@ -75,24 +96,18 @@ class IngestService:
                     raise OutOfSpace()
                 raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
             self.files.check_space()
-            header, sha256, offset = await asyncio.to_thread(_inspect, spool)
+            header, sha256, offset = _inspect(spool)
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
             ):
                 raise InvalidInstance("dataset SOP Class/Instance UID differ from the request")
-            if await self.index.has_identical(header.sop_uid, sha256):
+            if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
-            await asyncio.to_thread(self.files.commit, spool, relative)
+            self.files.commit(spool, relative)
             committed_path = relative
             stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
-            try:
-                outcome = await self.index.record_instance(header, stored)
-            except asyncio.CancelledError:
-                # The writer may still commit the row: keep the file either way
-                # (a file without a row is adopted by fsck; the reverse must not exist).
-                committed_path = None
-                raise
+            outcome = bridge.call(self.index.record_instance(header, stored))
             committed_path = None  # the row owns the file now
             if outcome is RecordOutcome.NEW_VERSION:
                 log.warning(
@@ -104,7 +119,7 @@ class IngestService:
         finally:
             spool.discard()
             if committed_path is not None:
-                await asyncio.to_thread(self.files.remove, committed_path)
+                self.files.remove(committed_path)
 
     async def ingest_file(self, source: Path, *, source_ae: str = "") -> IngestResult:
         """Ingest a file from disk (import, drop folder) through the same path as C-STORE."""

@@ -119,9 +119,11 @@ class DimseHandlers:
             sop_uid=str(request.AffectedSOPInstanceUID),
         )
         try:
-            result = self.s.bridge.call(self.s.ingest.ingest_spool(
-                spool, source_ae=str(event.assoc.requestor.ae_title).strip(), expected=expected,
-            ))
+            # In this association's thread: only the index calls go through the bridge.
+            result = self.s.ingest.ingest_spool_blocking(
+                spool, self.s.bridge, source_ae=str(event.assoc.requestor.ae_title).strip(),
+                expected=expected,
+            )
         except OutOfSpace as exc:
             log.error("store refused: out of resources reason=%s %s", exc.reason,
                       peer_label(event.assoc))

@@ -8,6 +8,12 @@ within `commit_window_ms` of each other share one transaction and one fsync
 (group commit); each runs inside its own SAVEPOINT so one failing operation
 does not undo its neighbours.
 
+Thread hops: every awaited aiosqlite call is a round trip to the connection's
+thread and back through the event loop. Hot operations (recording an ingested
+instance) are therefore plain functions of the sqlite3 connection, submitted
+with `Writer.submit_sync` and run by `run_sync` in aiosqlite's thread: a batch
+made only of those is BEGIN, every operation and COMMIT in one hop.
+
 Two processes (the appliance and the sync agent) share the file, so the
 connections set a busy timeout instead of failing on a lock.
 """
@@ -19,7 +25,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Operation = Callable[[aiosqlite.Connection], Awaitable[Any]]
+SyncOperation = Callable[[sqlite3.Connection], Any]
 
 BUSY_TIMEOUT_MS = 30_000
 MAX_BATCH = 256
@@ -101,6 +108,26 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(sqlite3_connection, *args)` in `conn`'s own thread: one hop for many statements.
+
+    aiosqlite (pinned at 0.22.1) has no public call for this; `_execute` is the
+    queue every public method goes through, and `_conn` is the sqlite3
+    connection its thread owns (created there, used nowhere else).
+    """
+    return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-any-return]
+
+
+def query_one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first row of `sql` or None; the statement is reset at once (no read
+    transaction left open by an unfinished cursor)."""
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchone()
+    finally:
+        cur.close()
+
+
 def map_sqlite_error(exc: BaseException) -> Exception:
     """SQLite's disk-full becomes OutOfSpace; other failures IndexUnavailable."""
     if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
@@ -112,80 +139,166 @@ def map_sqlite_error(exc: BaseException) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
+class _Sync:
+    """A queued operation that runs in the connection's thread (see Writer.submit_sync)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: SyncOperation) -> None:
+        self.fn = fn
+
+
+_Queued = tuple[Operation | _Sync, asyncio.Future[Any]]
+_STOP: Any = object()  # queued by Writer.stop: commit what came before, then end
+STOP_TIMEOUT = 60.0  # seconds stop() waits for the last batch (busy_timeout is 30 s)
+
+
 class Writer:
     """The single writer of one process, batching operations into group commits."""
 
     def __init__(self, conn: aiosqlite.Connection, *, window_ms: float) -> None:
         self._conn = conn
         self._window = window_ms / 1000.0
-        self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Any]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name="index-writer")
 
     async def stop(self) -> None:
+        """Commit what is queued, then stop; a batch is never cut off mid-commit (its
+        callers could not tell whether it committed)."""
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._queue.put_nowait(_STOP)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
+        # Nothing queued may wait forever (a caller in another thread would hang).
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not _STOP and not item[1].done():
+                item[1].set_exception(IndexUnavailable("index writer stopped"))
 
     async def submit(self, operation: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `operation` in a committed transaction; return its result once durable."""
-        if self._task is None:
+        return await self._enqueue(operation)  # type: ignore[no-any-return]
+
+    async def submit_sync(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """As `submit`, for a plain function of the sqlite3 connection, run in the
+        connection's thread: it must not touch the event loop."""
+        return await self._enqueue(_Sync(operation))  # type: ignore[no-any-return]
+
+    async def _enqueue(self, item: Operation | _Sync) -> Any:
+        if self._task is None or self._stopping:
             raise IndexUnavailable("index writer is not running")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put((operation, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
         return await future
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            if self._window > 0:
-                deadline = asyncio.get_running_loop().time() + self._window
-                while len(batch) < MAX_BATCH:
-                    remaining = deadline - asyncio.get_running_loop().time()
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = [first], False
+            deadline = loop.time() + self._window
+            while len(batch) < MAX_BATCH and not stop:
+                if not self._queue.empty():
+                    item = self._queue.get_nowait()
+                else:
+                    remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
                     try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
                     except TimeoutError:
                         break
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        conn = self._conn
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
-                await conn.execute("SAVEPOINT op")
-                try:
-                    result = await operation(conn)
-                except Exception as exc:
-                    await conn.execute("ROLLBACK TO op")
-                    await conn.execute("RELEASE op")
-                    outcomes.append((future, None, map_sqlite_error(exc)))
+                if item is _STOP:
+                    stop = True
                 else:
-                    await conn.execute("RELEASE op")
-                    outcomes.append((future, result, None))
-            await conn.execute("COMMIT")
+                    batch.append(item)
+            await self._commit(batch)
+            if stop:
+                return
+
+    async def _commit(self, batch: list[_Queued]) -> None:
+        try:
+            if all(isinstance(item, _Sync) for item, _ in batch):
+                fns = [item.fn for item, _ in batch]  # type: ignore[union-attr]
+                outcomes = await run_sync(self._conn, _commit_sync, fns)
+            else:
+                outcomes = await self._commit_mixed(batch)
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
             error = map_sqlite_error(exc)
             log.error("index commit failed batch=%d error=%s", len(batch), type(error).__name__)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        for future, result, error in outcomes:
+        for (_, future), (result, op_error) in zip(batch, outcomes, strict=True):
             if future.done():
                 continue
-            if error is not None:
-                future.set_exception(error)
+            if op_error is not None:
+                future.set_exception(map_sqlite_error(op_error))
             else:
                 future.set_result(result)
+
+    async def _commit_mixed(self, batch: list[_Queued]) -> list[tuple[Any, Exception | None]]:
+        outcomes: list[tuple[Any, Exception | None]] = []
+        conn = self._conn
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            for item, _ in batch:
+                await conn.execute("SAVEPOINT op")
+                try:
+                    if isinstance(item, _Sync):
+                        result = await run_sync(conn, item.fn)
+                    else:
+                        result = await item(conn)
+                except Exception as exc:
+                    await conn.execute("ROLLBACK TO op")
+                    await conn.execute("RELEASE op")
+                    outcomes.append((None, exc))
+                else:
+                    await conn.execute("RELEASE op")
+                    outcomes.append((result, None))
+            await conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+
+def _commit_sync(
+    conn: sqlite3.Connection, operations: list[SyncOperation]
+) -> list[tuple[Any, Exception | None]]:
+    """One group commit of plain operations, in the connection's thread."""
+    outcomes: list[tuple[Any, Exception | None]] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for operation in operations:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = operation(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((None, exc))
+            else:
+                conn.execute("RELEASE op")
+                outcomes.append((result, None))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes

@@ -9,6 +9,7 @@ the same transaction as the instance row, so completeness survives restarts.
 from __future__ import annotations
 
 import enum
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,15 +117,16 @@ class Index:
     # --- ingest -----------------------------------------------------------------
 
     async def has_identical(self, sop_uid: str, sha256: str) -> bool:
-        row = await self.fetchone(
-            "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?", (sop_uid, sha256)
+        row = await database.run_sync(  # one hop to the reader's thread, not three
+            self.reader, database.query_one,
+            "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?", (sop_uid, sha256),
         )
         return row is not None
 
     async def record_instance(self, header: InstanceHeader, stored: StoredFile) -> RecordOutcome:
         """Commit the instance row (and its patient/study/series); durable on return."""
         assert self.writer is not None
-        return await self.writer.submit(lambda conn: _record(conn, header, stored))
+        return await self.writer.submit_sync(lambda conn: _record(conn, header, stored))
 
     # --- retrieve ---------------------------------------------------------------
 
@@ -265,40 +267,38 @@ class Index:
         await self.writer.submit(insert)
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> Any:
-    async with conn.execute(sql, params) as cur:
-        row = await cur.fetchone()
+def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    row = database.query_one(conn, sql, params)
     return row[0] if row else None
 
 
-async def _record(
-    conn: aiosqlite.Connection, h: InstanceHeader, stored: StoredFile
-) -> RecordOutcome:
-    async with conn.execute(
+def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> RecordOutcome:
+    """Insert one instance and its patient/study/series, in the writer's thread
+    (Writer.submit_sync: the whole transaction is one hop from the event loop)."""
+    existing = database.query_one(
+        conn,
         "SELECT id, series_fk, path, size, sha256, transfer_syntax, received_at"
         " FROM instances WHERE sop_uid = ?",
         (h.sop_uid,),
-    ) as cur:
-        existing = await cur.fetchone()
+    )
     outcome = RecordOutcome.NEW
     if existing is not None:
         if existing["sha256"] == stored.sha256:
             return RecordOutcome.DUPLICATE
-        await _supersede(conn, existing, h.sop_uid, stored.received_at)
+        _supersede(conn, existing, h.sop_uid, stored.received_at)
         outcome = RecordOutcome.NEW_VERSION
 
-    # One round trip per table: upserts return the row id (and the series'
-    # count, which says whether the series is new), so the common case is
-    # five statements.
+    # Upserts return the row id (and the series' count, which says whether the
+    # series is new), so the common case is five statements.
     now = stored.received_at
-    patient_fk = await _scalar(
+    patient_fk = _scalar(
         conn,
         "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
         " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
         (h.patient_id, h.issuer_of_patient_id, h.patient_name, h.birth_date, h.sex),
     )
-    study_fk = await _scalar(
+    study_fk = _scalar(
         conn,
         "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
         " accession_number, study_id, study_description, referring_physician, character_set,"
@@ -312,23 +312,23 @@ async def _record(
          h.character_set, stored.size, now, now, now, now),
     )
     # New content for a study the cloud already holds: it needs a new pack version.
-    await tiering.apply(conn, study_fk, tiering.Trigger.NEW_INSTANCE)
-    async with conn.execute(
+    tiering.apply_sync(conn, study_fk, tiering.Trigger.NEW_INSTANCE)
+    series_row = database.query_one(
+        conn,
         "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
         " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
         " ON CONFLICT (series_uid) DO UPDATE SET instance_count = instance_count + 1"
         " RETURNING id, instance_count",
         (study_fk, h.series_uid, h.modality, h.series_number, h.series_description,
          h.body_part, h.series_date, h.series_time),
-    ) as cur:
-        series_row = await cur.fetchone()
+    )
     assert series_row is not None
     series_fk, series_instances = series_row
     if series_instances == 1:
-        await conn.execute(
+        conn.execute(
             "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
         )
-    await conn.execute(
+    conn.execute(
         "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
         " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -338,30 +338,28 @@ async def _record(
     return outcome
 
 
-async def _supersede(
-    conn: aiosqlite.Connection, old: aiosqlite.Row, sop_uid: str, now: float
-) -> None:
+def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
     """Move the current row of `sop_uid` to instance_versions and undo its counts."""
-    await conn.execute(
+    conn.execute(
         "INSERT INTO instance_versions (sop_uid, path, size, sha256, transfer_syntax,"
         " received_at, superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (sop_uid, old["path"], old["size"], old["sha256"], old["transfer_syntax"],
          old["received_at"], now),
     )
-    await conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
+    conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
     series_fk = old["series_fk"]
-    study_fk = await _scalar(conn, "SELECT study_fk FROM series WHERE id = ?", (series_fk,))
-    await conn.execute(
+    study_fk = _scalar(conn, "SELECT study_fk FROM series WHERE id = ?", (series_fk,))
+    conn.execute(
         "UPDATE series SET instance_count = instance_count - 1 WHERE id = ?", (series_fk,)
     )
-    await conn.execute(
+    conn.execute(
         "UPDATE studies SET instance_count = instance_count - 1, total_bytes = total_bytes - ?"
         " WHERE id = ?",
         (old["size"], study_fk),
     )
-    remaining = await _scalar(conn, "SELECT instance_count FROM series WHERE id = ?", (series_fk,))
+    remaining = _scalar(conn, "SELECT instance_count FROM series WHERE id = ?", (series_fk,))
     if remaining == 0:
-        await conn.execute("DELETE FROM series WHERE id = ?", (series_fk,))
-        await conn.execute(
+        conn.execute("DELETE FROM series WHERE id = ?", (series_fk,))
+        conn.execute(
             "UPDATE studies SET series_count = series_count - 1 WHERE id = ?", (study_fk,)
         )

@@ -21,11 +21,13 @@ instance to be in a verified pack.
 from __future__ import annotations
 
 import enum
+import sqlite3
 import time
 
 import aiosqlite
 
 from appliance.errors import PacsEdgeError
+from appliance.store import database
 
 
 class TierState(enum.StrEnum):
@@ -84,8 +86,13 @@ async def apply(conn: aiosqlite.Connection, study_id: int, trigger: Trigger,
     With `expect`, refuse unless the study is in that state (a guard against a
     concurrent change by the other process between read and write).
     """
-    async with conn.execute("SELECT tier_state FROM studies WHERE id = ?", (study_id,)) as cur:
-        row = await cur.fetchone()
+    return await database.run_sync(conn, apply_sync, study_id, trigger, expect)
+
+
+def apply_sync(conn: sqlite3.Connection, study_id: int, trigger: Trigger,
+               expect: TierState | None = None) -> TierState:
+    """`apply` on the sqlite3 connection itself, in its thread (Writer.submit_sync)."""
+    row = database.query_one(conn, "SELECT tier_state FROM studies WHERE id = ?", (study_id,))
     if row is None:
         raise PacsEdgeError(f"tiering: no study with id {study_id}")
     current = TierState(row[0])
@@ -95,11 +102,11 @@ async def apply(conn: aiosqlite.Connection, study_id: int, trigger: Trigger,
     if target is current:
         return current  # a self-loop (e.g. more instances while local) is not a transition
     now = time.time()
-    await conn.execute(
+    conn.execute(
         "UPDATE studies SET tier_state = ?, tier_changed_at = ? WHERE id = ?",
         (target.value, now, study_id),
     )
-    await conn.execute(
+    conn.execute(
         "INSERT INTO tier_transitions (study_fk, from_state, to_state, trigger, at)"
         " VALUES (?, ?, ?, ?, ?)",
         (study_id, current.value, target.value, trigger.value, now),
