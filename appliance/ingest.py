@@ -4,7 +4,8 @@ Order, which is the acknowledgement contract:
  1. the instance is fully spooled (a SpoolFile in the store's spool folder);
  2. its header is parsed and checked: complete, UIDs valid, matching the request;
  3. identical content already stored -> no-op success;
- 4. fsync the file, rename it into place, fsync the folder;
+ 4. fsync the file (started in the background at step 2), rename it into place,
+    fsync the folder;
  5. commit the index row (group commit, synchronous=FULL);
  6. only then does the caller acknowledge (C-STORE Success).
 A failure at any step leaves neither a file nor a row behind (a crash between
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import shutil
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from appliance.store.spool import SpoolFile
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
+# fsyncs of spooled instances, one per association storing at a time (more wait).
+_FSYNC_POOL = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
 
 @dataclass(frozen=True)
@@ -90,12 +94,16 @@ class IngestService:
         loop, through `bridge`. Every hop between threads sits on the C-STORE critical
         path (the peer sends the next instance after our response), so there are two."""
         committed_path: str | None = None
+        syncing: futures.Future[None] | None = None
         try:
             if spool.error is not None:
                 if is_no_space(spool.error):
                     raise OutOfSpace()
                 raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
             self.files.check_space()
+            # The file's fsync (the slowest step) runs while the header is parsed and
+            # the index asked for a duplicate; it is joined before the rename.
+            syncing = _FSYNC_POOL.submit(spool.sync)
             header, sha256, offset = _inspect(spool)
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
@@ -104,7 +112,7 @@ class IngestService:
             if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
-            self.files.commit(spool, relative)
+            self.files.commit(spool, relative, synced=syncing)
             committed_path = relative
             stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
             outcome = bridge.call(self.index.record_instance(header, stored))
@@ -117,6 +125,9 @@ class IngestService:
                 )
             return IngestResult(outcome, header, relative)
         finally:
+            if syncing is not None:
+                # Never close the spool under a running fsync (its fd could be reused).
+                futures.wait([syncing])
             spool.discard()
             if committed_path is not None:
                 self.files.remove(committed_path)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 from appliance.dicom_header import InstanceHeader
@@ -62,10 +63,15 @@ class FileStore:
         if self.reserve_bytes and self.free_bytes() < self.reserve_bytes:
             raise OutOfSpace("free space is below the configured store reserve")
 
-    def commit(self, spool: SpoolFile, relative: str) -> None:
-        """fsync the spooled file and move it to `relative`, durably."""
+    def commit(self, spool: SpoolFile, relative: str,
+               *, synced: Future[None] | None = None) -> None:
+        """fsync the spooled file and move it to `relative`, durably. `synced`: an fsync
+        of the spool already under way (its result, or error, is awaited here)."""
         try:
-            spool.sync()
+            if synced is not None:
+                synced.result()
+            else:
+                spool.sync()
             durable_rename(spool.path, self.absolute(relative))
         except OSError as exc:
             if is_no_space(exc):
