@@ -36,6 +36,7 @@ from appliance.cli_common import (
     setup_logging,
 )
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
+from appliance.config_check import check_home
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
 from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
@@ -313,10 +314,20 @@ def config_group() -> None:
 @home_option
 @expected_errors
 def config_check(home: Path | None) -> None:
-    """Validate the config file and the peer allowlist."""
+    """Validate the config file and every file it names (secrets, certificates, credentials)."""
     config = load(home)
-    peers_found = Allowlist(config.peers_path).peers()
-    out.print(f"{config.config_path}: ok; {len(peers_found)} peer(s)", highlight=False)
+    findings = check_home(config)
+    for finding in findings:
+        if finding.ok:
+            out.print(f"ok     {finding.what}", highlight=False, markup=False)
+        else:
+            err.print(f"error  {finding.what}: {finding.problem}", highlight=False,
+                      markup=False)
+            if finding.hint:
+                err.print(f"       hint: {finding.hint}", highlight=False, markup=False)
+    if not all(f.ok for f in findings):
+        raise click.exceptions.Exit(2)
+    out.print(f"{config.config_path}: ok", highlight=False)
 
 
 main.add_command(cloud_commands.sync)

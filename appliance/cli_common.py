@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from appliance.config import Config, load_config, resolve_home
 from appliance.errors import PacsEdgeError
@@ -27,9 +28,10 @@ def expected_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PacsEdgeError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            # Messages quote config sections ("[cloud] url"): never read them as markup.
+            err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err.print(f"hint: {exc.hint}", highlight=False)
+                err.print(f"hint: {exc.hint}", highlight=False, markup=False)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

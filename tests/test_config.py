@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import run_pacs_edge
 
 from appliance.config import (
     Config,
@@ -78,3 +79,32 @@ def test_home_comes_from_flag_then_environment_then_default(
     assert resolve_home(None) == tmp_path / "env"
     monkeypatch.delenv("PACS_EDGE_HOME")
     assert resolve_home(None) == Path("data").absolute()
+
+
+def test_config_check_passes_on_a_fresh_home_and_names_every_bad_file(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0")
+    fresh = run_pacs_edge("config", "check", "--home", str(home))
+    assert "DICOM TLS certificates: node certificate valid until" in fresh.stdout
+    assert fresh.stdout.rstrip().endswith("pacs-edge.toml: ok")
+
+    (home / "secrets/site.key").chmod(0o644)
+    (home / "secrets/names.key").write_bytes(b"short")
+    (home / "tls/node.pem").write_text("not a certificate\n")
+    credentials = tmp_path / "azure.txt"
+    credentials.write_text("UseDevelopmentStorage=true\n")
+    credentials.chmod(0o644)
+    config = home / "pacs-edge.toml"
+    text = config.read_text().replace('# credentials_file = ""',
+                                      f'credentials_file = "{credentials}"')
+    config.write_text(text.replace('url = ""', 'url = "azure://packs"', 1))
+
+    bad = run_pacs_edge("config", "check", "--home", str(home), check=False)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "ok     peer allowlist" in bad.stdout and "ok     log key" in bad.stdout
+    assert "site.key: secret file has mode 0644" in bad.stderr
+    assert "names.key: secret file holds 5 bytes, expected 32" in bad.stderr
+    assert "error  DICOM TLS certificates: DICOM TLS cannot load" in bad.stderr
+    assert f"error  cloud: blob store open '{credentials}'" in bad.stderr
+    assert f"chmod 600 {credentials}" in bad.stderr
+    assert "Traceback" not in bad.stderr
