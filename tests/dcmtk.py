@@ -25,6 +25,10 @@ dcmtk 3.6.7 quirks worth knowing:
 - storescp has no option to bind one address: it listens on all interfaces.
   Tests use it on 127.0.0.1 only.
 - an association profile holds at most 128 presentation contexts.
+
+pynetdicom installs its own apps under dcmtk's names (echoscu, storescp, ...)
+in the venv's bin/: `dcmtk_tool` resolves dcmtk's binary past them, so the
+suite runs the same with the venv activated or not.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -127,8 +133,8 @@ def free_port(host: str = HOST) -> int:
 
 def run_tool(tool: str, *args: str, timeout: float = DEFAULT_TIMEOUT,
              cwd: Path | None = None) -> ToolResult:
-    """Run `tool args...` with no stdin; raise ToolError if it outlives `timeout`."""
-    argv = [tool, *args]
+    """Run dcmtk's `tool args...` with no stdin; raise ToolError if it outlives `timeout`."""
+    argv = [dcmtk_tool(tool), *args]
     start = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=timeout, cwd=cwd,
@@ -141,6 +147,14 @@ def run_tool(tool: str, *args: str, timeout: float = DEFAULT_TIMEOUT,
         raise ToolError(f"{tool} not found: install dcmtk (make test does)") from exc
     return ToolResult(argv, proc.returncode, proc.stdout.decode(errors="replace"),
                       proc.stderr.decode(errors="replace"), time.monotonic() - start)
+
+
+def dcmtk_tool(tool: str) -> str:
+    """dcmtk's `tool` on PATH, skipping the venv's same-named pynetdicom apps."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    folders = [f for f in os.environ.get("PATH", "").split(os.pathsep)
+               if f and Path(f).resolve() != venv_bin]
+    return shutil.which(tool, path=os.pathsep.join(folders)) or tool
 
 
 def _net(aet: str, aec: str, args: Iterable[str]) -> list[str]:
@@ -318,8 +332,8 @@ class StoreSCP:
         cfg.write_text(_scp_profile(self.sop_classes))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                ["storescp", "-v", "-aet", self.ae_title, "-xf", str(cfg), "Default", "+B",
-                 "-dhl", "-od", str(self.folder), *self.args, str(self.port)],
+                [dcmtk_tool("storescp"), "-v", "-aet", self.ae_title, "-xf", str(cfg),
+                 "Default", "+B", "-dhl", "-od", str(self.folder), *self.args, str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + self.ready_timeout

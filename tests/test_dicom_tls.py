@@ -186,8 +186,9 @@ def test_move_to_a_peer_marked_tls_goes_over_tls(
     received.mkdir()
     tls = ["+tls", str(dest / "dest.key"), str(dest / "dest.pem"), "+cf", str(dest / "ca.pem"),
            TLS_PROFILE]
-    scp = subprocess.Popen(["storescp", *tls, "-aet", "TLSDEST", "+B", "-od", str(received),
-                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    scp = subprocess.Popen([dcmtk.dcmtk_tool("storescp"), *tls, "-aet", "TLSDEST", "+B",
+                            "-od", str(received), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "TCP_NODELAY": "1"})
     try:
         deadline = time.monotonic() + 30

@@ -51,7 +51,8 @@ def test_sigkill_mid_storescu_keeps_every_acknowledged_instance(
     log_path = tmp_path / "storescu.log"
     with log_path.open("w") as log:
         sender = subprocess.Popen(
-            ["storescu", "-v", "-aet", dcmtk.TEST_AE, "-aec", edge_server.ae_title,
+            [dcmtk.dcmtk_tool("storescu"), "-v", "-aet", dcmtk.TEST_AE,
+             "-aec", edge_server.ae_title,
              *dcmtk.NET_TIMEOUTS, "+sd", "+r", edge_server.host, str(edge_server.port),
              str(tmp_path / "study")],
             stdout=log, stderr=subprocess.STDOUT,
