@@ -46,7 +46,7 @@ from sync.pack.manifest import (
     open_manifest,
     seal_manifest,
 )
-from sync.pack.reader import iter_instance, unpack_instances
+from sync.pack.reader import read_instances
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
 from sync.records import InstanceRow, PackRow, StudyRow
@@ -180,63 +180,45 @@ class PackService:
 
         Most of a pack: one streamed read of the whole blob (authenticated end to
         end, truncation included). A few instances of a big pack: range reads of
-        only their segments. `on_written` runs after each instance is durable.
+        only their segments (sync.pack.reader.read_instances decides, for the
+        reader's pull as well). `on_written` runs after each instance is durable.
         """
         await asyncio.to_thread(self._recall_pack, pack, rows, on_written)
 
     def _recall_pack(self, pack: PackRow, rows: list[InstanceRow],
                      on_written: Callable[[InstanceRow], None]) -> None:
         data_key, manifest = self._open_pack(pack)
-        wanted = {row.sop_uid: row for row in rows}
-        for entry in manifest.instances:
-            row = wanted.get(entry.instance.sop_uid)
-            if row is not None and entry.sha256 != row.sha256:
+        by_uid = {entry.instance.sop_uid: entry for entry in manifest.instances}
+        wanted: dict[int, InstanceRow] = {}  # manifest entry offset -> row
+        for row in rows:
+            entry = by_uid.get(row.sop_uid)
+            if entry is None or entry.sha256 != row.sha256:
                 raise PackIntegrityError(
-                    "the pack's manifest holds other content than the index for an instance",
+                    "the pack's manifest does not hold this instance with the indexed content",
                     hint="the cloud copy was replaced or the index is out of date")
-        if len(wanted) * 2 < len(manifest.instances):
-            for row in rows:
-                self._recall_instance(pack, row)
-                on_written(row)
-            return
-        spool = None
-        try:
-            for piece in unpack_instances(data_key, self.store.iter_chunks(pack.pack_name),
-                                          manifest):
-                row = wanted.get(piece.entry.instance.sop_uid)
-                if row is None:
-                    continue
-                if spool is None:
-                    spool = self.files.new_spool()
-                spool.write(piece.data)
-                if piece.last:  # length and SHA-256 verified against the manifest
-                    self.files.commit(spool, row.path)
-                    spool.discard()
-                    spool = None
-                    on_written(row)
-        finally:
-            if spool is not None:
-                spool.discard()
-
-    def _recall_instance(self, pack: PackRow, row: InstanceRow) -> None:
-        data_key, manifest = self._open_pack(pack)
-        entry = next((e for e in manifest.instances if e.instance.sop_uid == row.sop_uid), None)
-        if entry is None or entry.sha256 != row.sha256:
-            raise PackIntegrityError(
-                "the pack's manifest does not hold this instance with the indexed content",
-                hint="the cloud copy was replaced or the index is out of date")
+            wanted[entry.offset] = row
+        entries = [e for e in manifest.instances if e.offset in wanted]
 
         def fetch(offset: int, length: int) -> bytes:
             return self.store.open_range(pack.pack_name, offset, length)
 
-        spool = self.files.new_spool()
+        spool = None
         try:
-            for piece in iter_instance(fetch, data_key, manifest, entry):
-                spool.write(piece)
-            self.files.commit(spool, row.path)
+            for piece in read_instances(fetch, lambda: self.store.iter_chunks(pack.pack_name),
+                                        data_key, manifest, entries):
+                if spool is None:
+                    spool = self.files.new_spool()
+                spool.write(piece.data)
+                if piece.last:  # length and SHA-256 verified against the manifest
+                    row = wanted[piece.entry.offset]
+                    self.files.commit(spool, row.path)
+                    spool.discard()
+                    spool = None
+                    log.debug("recalled instance=%s", logsafe.ref(row.sop_uid))
+                    on_written(row)
         finally:
-            spool.discard()
-        log.debug("recalled instance=%s", logsafe.ref(row.sop_uid))
+            if spool is not None:
+                spool.discard()
 
     def _open_pack(self, pack: PackRow) -> tuple[bytes, Manifest]:
         parsed = naming.parse_blob_name(pack.pack_name)

@@ -13,11 +13,14 @@ open that version's manifest. Versions of one study share the `study_key`
 part of their names; the study is the union of its granted versions, a SOP
 Instance UID in several versions taking its content from the highest.
 
-Pulling: each instance is range-read (only its segments), decrypted and
-checked against the manifest (length and SHA-256 of the dataset bytes), then
-written as `<to>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm` with the durable
-write (temp file, fsync, rename, fsync folder): what is there is always whole
-and verified. A second pull skips files already present whose bytes verify,
+Pulling: the instances not already there are read per pack version as the
+edge's recall reads them (sync.pack.reader.read_instances): when at least
+half of a pack's instances are wanted, the whole pack is streamed once and
+decrypted segment by segment; else each is range-read (only its segments).
+Each is checked against the manifest (length and SHA-256 of the dataset
+bytes), then written as `<to>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm` with
+the durable write (temp file, fsync, rename, fsync folder): what is there is
+always whole and verified. A second pull skips files already present whose bytes verify,
 so an interrupted pull resumes where it stopped.
 
 Errors (ReaderClientError, each with a hint):
@@ -36,6 +39,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.errors import PacsEdgeError
 from appliance.store.durable import TEMP_SUFFIX, ensure_dir, fsync_dir, sweep_temp_files
@@ -47,7 +51,7 @@ from sync.pack import naming
 from sync.pack.errors import PackError, PackIntegrityError
 from sync.pack.keys import format_reader_public_key, reader_public_key, unwrap_with_reader
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
-from sync.pack.reader import iter_instance, verify_instance
+from sync.pack.reader import read_instances, verify_instance
 
 CONFIG_FILE = "reader.toml"
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -283,42 +287,74 @@ class ReaderClient:
         current = study.current()
         total = sum(entry.length for _, entry in current)
         report = PullReport()
+        missing: dict[int, list[ManifestEntry]] = {}  # version -> entries still to fetch
+        versions = {version.version: version for version, _ in current}
         for version, entry in current:
-            inst = entry.instance
-            if not (is_valid_uid(inst.series.series_uid) and is_valid_uid(inst.sop_uid)):
-                raise ReaderIntegrityError("a manifest names an invalid UID", hint=_TAMPER_HINT)
-            path = to / inst.series.series_uid / f"{inst.sop_uid}.dcm"
+            path = _target(to, entry)
+            report.files.append((path, entry))
             if _verified(path, entry):
                 report.skipped += 1
+                report.bytes += entry.length
             else:
-                self._download(version, entry, path)
+                missing.setdefault(version.version, []).append(entry)
+        if on_progress is not None:
+            on_progress(report.bytes, total)
+        for number in sorted(missing):
+            for entry in self._fetch_version(versions[number], missing[number], to):
                 report.written += 1
-            report.bytes += entry.length
-            report.files.append((path, entry))
-            if on_progress is not None:
-                on_progress(report.bytes, total)
+                report.bytes += entry.length
+                if on_progress is not None:
+                    on_progress(report.bytes, total)
         return report
 
-    def _download(self, version: GrantedVersion, entry: ManifestEntry, path: Path) -> None:
-        ensure_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                def fetch(offset: int, length: int) -> bytes:
-                    return self.store.open_range(version.pack_name, offset, length)
+    def _fetch_version(self, version: GrantedVersion, entries: list[ManifestEntry],
+                       to: Path) -> Iterator[ManifestEntry]:
+        """Write `entries` of one pack version under `to`; yields each once it is durable.
 
-                for piece in iter_instance(fetch, version.data_key, version.manifest, entry):
-                    fh.write(piece)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+        sync.pack.reader.read_instances reads them as the edge's recall does: the
+        whole pack streamed once when at least half of it is wanted, else range
+        reads of only their segments."""
+        def fetch(offset: int, length: int) -> bytes:
+            return self.store.open_range(version.pack_name, offset, length)
+
+        pieces = read_instances(fetch, lambda: self.store.iter_chunks(version.pack_name),
+                                version.data_key, version.manifest, entries)
+        fh: BinaryIO | None = None
+        tmp = ""
+        try:
+            for piece in pieces:
+                path = _target(to, piece.entry)
+                if fh is None:
+                    ensure_dir(path.parent)
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                               suffix=TEMP_SUFFIX)
+                    fh = os.fdopen(fd, "wb")
+                fh.write(piece.data)
+                if piece.last:  # length and SHA-256 verified against the manifest
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    fh.close()
+                    fh = None
+                    os.replace(tmp, path)
+                    fsync_dir(path.parent)
+                    yield piece.entry
         except PackIntegrityError as exc:
             raise ReaderIntegrityError(
                 f"study version {version.version}, {exc.message}", hint=_TAMPER_HINT) from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if fh is not None:
+                fh.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+
+def _target(to: Path, entry: ManifestEntry) -> Path:
+    """`<to>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`; the UIDs checked first (they
+    come from an authenticated manifest, but name a path on this disk)."""
+    inst = entry.instance
+    if not (is_valid_uid(inst.series.series_uid) and is_valid_uid(inst.sop_uid)):
+        raise ReaderIntegrityError("a manifest names an invalid UID", hint=_TAMPER_HINT)
+    return to / inst.series.series_uid / f"{inst.sop_uid}.dcm"
 
 
 def _verified(path: Path, entry: ManifestEntry) -> bool:

@@ -4,6 +4,10 @@ Nothing here does I/O. A full recall feeds the blob's chunks (e.g.
 `BlobStore.iter_chunks`) to `unpack_instances`; a single instance is read with
 `iter_instance(fetch, ...)`, where `fetch(offset, length)` is the caller's
 range read (e.g. `lambda o, n: store.open_range(name, o, n)`).
+`read_instances(fetch, stream, ...)` chooses between the two for a set of
+wanted instances of one pack (the edge's recall and the reader's pull both
+use it): at least half the pack's instances wanted, one streamed read of the
+whole blob; fewer, range reads of only their segments.
 
 What a consumer may trust, and when:
 - every plaintext byte yielded comes from a segment that authenticated, at
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,6 +42,7 @@ from sync.pack.segments import (
 )
 
 Fetch = Callable[[int, int], bytes]
+Stream = Callable[[], Iterable[bytes]]  # the whole blob as chunks (e.g. BlobStore.iter_chunks)
 
 
 class PackDecryptor:
@@ -250,3 +255,45 @@ def read_instance(fetch: Fetch, data_key: bytes, manifest: Manifest,
                   entry: ManifestEntry) -> bytes:
     """One verified instance file in memory (see iter_instance for the streaming form)."""
     return b"".join(iter_instance(fetch, data_key, manifest, entry))
+
+
+def streams_whole_pack(manifest: Manifest, wanted: int) -> bool:
+    """Whether reading `wanted` instances of this pack streams the whole blob.
+
+    At least half the instances: one sequential read (fewer round trips, each
+    segment fetched once) beats a range read per instance, which also fetches
+    the segments shared by neighbouring instances again."""
+    return wanted * 2 >= len(manifest.instances)
+
+
+def read_instances(fetch: Fetch, stream: Stream, data_key: bytes, manifest: Manifest,
+                   entries: Sequence[ManifestEntry]) -> Iterator[InstancePiece]:
+    """Verified pieces of the wanted `entries` of one pack, in manifest order.
+
+    Streams the whole pack (`stream()`, authenticated end to end, its SHA-256
+    checked at the end) when `streams_whole_pack`; else range-reads each entry
+    with `fetch`. Either way an instance's piece with `last=True` comes only
+    after its length and dataset SHA-256 matched the manifest, so a consumer
+    writes pieces to a temp file and commits it then. `entries` must be
+    entries of `manifest` (ValueError otherwise).
+    """
+    listed = {entry.offset: entry for entry in manifest.instances}
+    wanted = {entry.offset for entry in entries}
+    if any(listed.get(entry.offset) != entry for entry in entries):
+        raise ValueError("read_instances: an entry is not one of the manifest's")
+    if not wanted:
+        return
+    if streams_whole_pack(manifest, len(wanted)):
+        for piece in unpack_instances(data_key, stream(), manifest):
+            if piece.entry.offset in wanted:
+                yield piece
+        return
+    for offset in sorted(wanted):
+        entry = listed[offset]
+        pending: bytes | None = None
+        for data in iter_instance(fetch, data_key, manifest, entry):
+            if pending is not None:
+                yield InstancePiece(entry, pending, False)
+            pending = data
+        assert pending is not None  # iter_instance yields at least one piece
+        yield InstancePiece(entry, pending, True)
