@@ -68,7 +68,6 @@ CONCURRENCY = 4
 # Per process: two runs at once (make bench while someone tries a change) must not
 # share data homes, Azurite folders or /usr/bin/time's output.
 RUN = WORK / f"sync-{os.getpid()}"
-TAG_SIZE = 16  # sync.pack.segments.TAG_SIZE (AES-GCM); see the docstring on imports
 _TIME_FIELDS = {
     "rss_kb": re.compile(r"Maximum resident set size \(kbytes\): (\d+)"),
     "user": re.compile(r"User time \(seconds\): ([\d.]+)"),
@@ -183,27 +182,6 @@ def store_hashes(home: Path) -> dict[str, str]:
     return {p: hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths}
 
 
-def recall_fetch_bytes(home: Path) -> int:
-    """Bytes that range-reading every instance on its own asks for: whole segments
-    (+ tags) around each instance (sync.pack.reader.iter_instance). `pacs-edge reader
-    pull` reads this way; `pacs-edge recall` did until it learned to stream the whole
-    pack (one sequential read of pack_bytes) when at least half of it is wanted, as in
-    this benchmark's full-study recall."""
-    from appliance.config import load_config
-
-    segment = load_config(home).sync.segment_size
-    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT pack_offset, pack_length FROM instances").fetchall()
-    finally:
-        db.close()
-    total = 0
-    for offset, length in rows:
-        first, last = offset // segment, (offset + max(length, 1) - 1) // segment
-        total += (last - first + 1) * (segment + TAG_SIZE)
-    return total
-
-
 def pack_bytes(home: Path) -> int:
     db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
     try:
@@ -259,7 +237,7 @@ def one_run(tag: str, study: Path, uid: str, sides: dict[str, Side], azurite_pid
             azurite_pid, expect="replicated 0 study version(s)"))
         sides["noop"].add(plain("noop", ref, credentials, listing, azurite_pid))
         before = store_hashes(home)
-        extra = {"pack_bytes": pack_bytes(home), "recall_fetch_bytes": recall_fetch_bytes(home)}
+        extra = {"pack_bytes": pack_bytes(home)}
         run([*edge, "evict", uid, "--home", str(home)])
 
         def recall() -> None:

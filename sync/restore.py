@@ -2,13 +2,15 @@
 
 Needs a data home with the escrowed secrets (`pacs-edge keys recover`, then
 `pacs-edge init`) and the cloud container the old box replicated to. It
-lists `studies/`, and for every `v<NNNNNN>.manifest` the index does not hold
-yet (by pack name), in name order (so a study's versions in version order):
+lists `studies/` once, and for every `v<NNNNNN>.manifest` the index does not
+hold yet (by manifest name), study by study (READ_CONCURRENCY studies at once,
+a study's versions in version order; the index writer group-commits them):
 
 1. unwrap the data key from the version's site key object (whichever ring key
    wrapped it, see sync.sitekeys) and open the manifest: authenticated, so a
    modified manifest is refused, never half-imported;
-2. stat the pack: it must exist with the manifest's `pack_size`;
+2. check the pack in the listing: it must exist with the manifest's `pack_size`
+   (its access tier comes from there too);
 3. one transaction: patient (upsert by PatientID + issuer), study (inserted
    `evicted`), series, instances (`is_local = 0`, pointing at the pack with
    their plaintext offset and length; path as the store would name it) and the
@@ -44,13 +46,17 @@ from appliance.store.index import Index
 from appliance.store.times import time_key
 from appliance.uids import is_valid_uid
 from provisioning.keyring import SiteKeyring
-from sync.blobstore.base import BlobNotFound, BlobStore
+from sync.blobstore.base import BlobInfo, BlobStore
 from sync.pack import naming
 from sync.pack.errors import PackFormatError, PackIntegrityError
 from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
 from sync.sitekeys import unwrap_site_object
 
 log = logging.getLogger(__name__)
+
+# Studies read at once. Each version costs two GETs (manifest, site key object),
+# so the wall time is mostly round trips; their order matters only within a study.
+READ_CONCURRENCY = 8
 
 
 class RestoreConflict(PacsEdgeError):
@@ -83,42 +89,81 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
                         on_progress: Callable[[int, int], None] | None = None
                         ) -> RestoreReport:
     """Add every cloud pack version the index lacks; see the module docstring."""
-    assert index.writer is not None
-    names = await asyncio.to_thread(_manifest_names, store)
+    writer = index.writer
+    assert writer is not None
+    listing = await asyncio.to_thread(_list_studies, store)
     known = {row[0] for row in await index.fetchall("SELECT manifest_name FROM packs")}
-    report = RestoreReport(manifests=len(names))
-    for done, name in enumerate(names, 1):
-        if name in known:
-            report.already += 1
+    names = listing.manifests
+    report = RestoreReport(manifests=len(names), already=sum(n in known for n in names))
+    done = report.already
+    if on_progress is not None:
+        on_progress(done, len(names))
+
+    async def restore_version(name: str) -> None:
+        try:
+            version = await asyncio.to_thread(_read_version, store, ring, name, listing.packs)
+            await writer.submit(functools.partial(_insert_version, version=version))
+        except (PacsEdgeError, ValueError) as exc:
+            message = getattr(exc, "message", str(exc))
+            report.failures.append(f"{name}: {message}")
+            log.error("restore skipped manifest=%s error=%s", name, message)
         else:
-            try:
-                version = await asyncio.to_thread(_read_version, store, ring, name)
-                await index.writer.submit(functools.partial(_insert_version, version=version))
-            except (PacsEdgeError, ValueError) as exc:
-                message = getattr(exc, "message", str(exc))
-                report.failures.append(f"{name}: {message}")
-                log.error("restore skipped manifest=%s error=%s", name, message)
-            else:
-                report.restored += 1
-                report.instances += len(version.manifest.instances)
-                parsed = naming.parse_blob_name(name)
-                assert parsed is not None
-                report.studies.add(parsed.study_key)
-        if on_progress is not None:
-            on_progress(done, len(names))
+            report.restored += 1
+            report.instances += len(version.manifest.instances)
+            parsed = naming.parse_blob_name(name)
+            assert parsed is not None
+            report.studies.add(parsed.study_key)
+
+    studies = iter(_by_study([n for n in names if n not in known]))
+
+    async def worker() -> None:
+        nonlocal done
+        for versions in studies:  # shared: each study goes to one worker
+            for name in versions:
+                await restore_version(name)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, len(names))
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(READ_CONCURRENCY):
+            group.create_task(worker())
+    report.failures.sort()
     return report
 
 
-def _manifest_names(store: BlobStore) -> list[str]:
-    names = []
+@dataclass(frozen=True)
+class _Listing:
+    manifests: list[str]  # in name order: a study's versions in version order
+    packs: dict[str, BlobInfo]  # pack blob name -> its listing entry
+
+
+def _list_studies(store: BlobStore) -> _Listing:
+    """One listing of `studies/`: the manifests, and the packs' sizes and tiers (so
+    restore needs no request per pack)."""
+    listing = _Listing([], {})
     for info in store.list(naming.STUDIES_PREFIX):
         parsed = naming.parse_blob_name(info.name)
         if parsed is not None and parsed.kind == "manifest":
-            names.append(info.name)
-    return names
+            listing.manifests.append(info.name)
+        elif parsed is not None and parsed.kind == "pack":
+            listing.packs[info.name] = info
+    listing.manifests.sort()
+    return listing
 
 
-def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str) -> _Version:
+def _by_study(manifests: list[str]) -> list[list[str]]:
+    """Manifest names grouped by study, each group in version order."""
+    groups: dict[str, list[str]] = {}
+    for name in manifests:
+        parsed = naming.parse_blob_name(name)
+        assert parsed is not None
+        groups.setdefault(parsed.study_key, []).append(name)
+    return list(groups.values())
+
+
+def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str,
+                  packs: dict[str, BlobInfo]) -> _Version:
     parsed = naming.parse_blob_name(manifest_name)
     assert parsed is not None
     sealed = store.open_range(manifest_name)
@@ -134,12 +179,11 @@ def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str) -> _V
     if not all(is_valid_uid(uid) for uid in uids):
         raise PackFormatError("manifest holds an invalid UID")
     pack_name = naming.pack_name(parsed.study_key, parsed.version)
-    try:
-        info = store.stat(pack_name)
-    except BlobNotFound:
+    info = packs.get(pack_name)
+    if info is None:
         raise PackIntegrityError("the pack of this manifest is missing",
                                  hint="the cloud copy of this version is incomplete; "
-                                 "restore the blob from soft delete or versioning") from None
+                                 "restore the blob from soft delete or versioning")
     if info.size != manifest.pack_size:
         raise PackIntegrityError(f"the pack has {info.size} bytes, its manifest says "
                                  f"{manifest.pack_size}")

@@ -165,3 +165,42 @@ def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
                            str(tmp_path / "e"), "--passphrase-file", str(file), check=False)
     assert result.returncode == 2 and "at least 12" in result.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud"
+    old = tmp_path / "old"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=41, patients=4,
+                                 series_per_study=1, instances_per_series=2)
+    run_pacs_edge("import", "--home", str(old), str(tmp_path / "sent"))
+    sync_once(old)
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    packs = sorted(cloud.rglob("*.pack"))
+    assert len(packs) == 4
+    packs[0].unlink()
+    with packs[1].open("ab") as fh:
+        fh.write(b"\0")
+    manifest = packs[2].with_suffix(".manifest")
+    sealed = bytearray(manifest.read_bytes())
+    sealed[-1] ^= 0x01
+    manifest.write_bytes(bytes(sealed))
+
+    new = tmp_path / "new"
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+    result = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}",
+                           check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "restored 1 pack version(s) of 1 study(ies), 2 instance(s); 0 already in the " \
+           "index; 3 failed" in result.stdout
+    assert "the pack of this manifest is missing" in result.stderr
+    assert "the pack has" in result.stderr and "its manifest says" in result.stderr
+    assert result.stderr.count("  failed: studies/") == 3
+    patient_ids = {str(i.header.PatientID) for i in sent}
+    assert not any(pid in result.stdout + result.stderr for pid in patient_ids)
