@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 export TCP_NODELAY=1  # dcmtk leaves Nagle on without it (~14 s instead of ~0.5 s)
 py=.venv/bin/python
 [ -x "$py" ] || py=python3
+# A wheel install has its modules compiled by pip; this editable checkout, under
+# PYTHONDONTWRITEBYTECODE=1, would compile them again in every timed process.
+"$py" -m compileall -q appliance sync provisioning >/dev/null
 scripts=("$@")
 if [ ${#scripts[@]} -eq 0 ]; then
   scripts=(store find retrieve)

@@ -26,9 +26,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance import logsafe
 from appliance.config import Config
+from appliance.store.durable import fsync_dir
 from appliance.store.files import FileStore
 from provisioning.keyring import SiteKeyring
 from provisioning.keys import load_name_secret
@@ -181,7 +183,9 @@ class PackService:
         Most of a pack: one streamed read of the whole blob (authenticated end to
         end, truncation included). A few instances of a big pack: range reads of
         only their segments (sync.pack.reader.read_instances decides, for the
-        reader's pull as well). `on_written` runs after each instance is durable.
+        reader's pull as well). `on_written` runs after each instance's file is
+        fsynced and renamed into place; the folders are fsynced once each before
+        this returns (the caller's index commit comes after).
         """
         await asyncio.to_thread(self._recall_pack, pack, rows, on_written)
 
@@ -203,6 +207,7 @@ class PackService:
             return self.store.open_range(pack.pack_name, offset, length)
 
         spool = None
+        folders: set[Path] = set()
         try:
             for piece in read_instances(fetch, lambda: self.store.iter_chunks(pack.pack_name),
                                         data_key, manifest, entries):
@@ -211,7 +216,8 @@ class PackService:
                 spool.write(piece.data)
                 if piece.last:  # length and SHA-256 verified against the manifest
                     row = wanted[piece.entry.offset]
-                    self.files.commit(spool, row.path)
+                    self.files.commit(spool, row.path, sync_folder=False)
+                    folders.add(self.files.absolute(row.path).parent)
                     spool.discard()
                     spool = None
                     log.debug("recalled instance=%s", logsafe.ref(row.sop_uid))
@@ -219,6 +225,8 @@ class PackService:
         finally:
             if spool is not None:
                 spool.discard()
+        for folder in sorted(folders):  # once per folder, before the index says local
+            fsync_dir(folder)
 
     def _open_pack(self, pack: PackRow) -> tuple[bytes, Manifest]:
         parsed = naming.parse_blob_name(pack.pack_name)

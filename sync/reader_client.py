@@ -309,7 +309,9 @@ class ReaderClient:
 
     def _fetch_version(self, version: GrantedVersion, entries: list[ManifestEntry],
                        to: Path) -> Iterator[ManifestEntry]:
-        """Write `entries` of one pack version under `to`; yields each once it is durable.
+        """Write `entries` of one pack version under `to`; yields each once its file is
+        fsynced and renamed into place (a folder is fsynced once, when the pull moves
+        on to the next folder or ends).
 
         sync.pack.reader.read_instances reads them as the edge's recall does: the
         whole pack streamed once when at least half of it is wanted, else range
@@ -321,6 +323,7 @@ class ReaderClient:
                                 version.data_key, version.manifest, entries)
         fh: BinaryIO | None = None
         tmp = ""
+        folder: Path | None = None  # renamed into, not yet fsynced
         try:
             for piece in pieces:
                 path = _target(to, piece.entry)
@@ -336,8 +339,12 @@ class ReaderClient:
                     fh.close()
                     fh = None
                     os.replace(tmp, path)
-                    fsync_dir(path.parent)
+                    if folder is not None and folder != path.parent:
+                        fsync_dir(folder)
+                    folder = path.parent
                     yield piece.entry
+            if folder is not None:
+                fsync_dir(folder)
         except PackIntegrityError as exc:
             raise ReaderIntegrityError(
                 f"study version {version.version}, {exc.message}", hint=_TAMPER_HINT) from exc

@@ -66,15 +66,19 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise
 
 
-def durable_rename(source: Path, target: Path) -> None:
+def durable_rename(source: Path, target: Path, *, sync_folder: bool = True) -> None:
     """Move an fsynced file into place and make the new name durable.
 
     Only the target folder is fsynced: if a crash resurrects the source name
-    too, it is a temp file that the start-up sweep removes.
+    too, it is a temp file that the start-up sweep removes. `sync_folder=False`
+    leaves that fsync to the caller, who writes many files and fsyncs each
+    folder once before anything depends on the names (a recall, before its
+    index commit).
     """
     ensure_dir(target.parent)
     os.replace(source, target)
-    fsync_dir(target.parent)
+    if sync_folder:
+        fsync_dir(target.parent)
 
 
 def sweep_temp_files(root: Path, *, older_than: float = 0.0) -> int:

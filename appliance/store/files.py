@@ -63,16 +63,17 @@ class FileStore:
         if self.reserve_bytes and self.free_bytes() < self.reserve_bytes:
             raise OutOfSpace("free space is below the configured store reserve")
 
-    def commit(self, spool: SpoolFile, relative: str,
-               *, synced: Future[None] | None = None) -> None:
+    def commit(self, spool: SpoolFile, relative: str, *, synced: Future[None] | None = None,
+               sync_folder: bool = True) -> None:
         """fsync the spooled file and move it to `relative`, durably. `synced`: an fsync
-        of the spool already under way (its result, or error, is awaited here)."""
+        of the spool already under way (its result, or error, is awaited here).
+        `sync_folder=False`: the caller fsyncs the folder later (see durable_rename)."""
         try:
             if synced is not None:
                 synced.result()
             else:
                 spool.sync()
-            durable_rename(spool.path, self.absolute(relative))
+            durable_rename(spool.path, self.absolute(relative), sync_folder=sync_folder)
         except OSError as exc:
             if is_no_space(exc):
                 raise OutOfSpace() from exc
