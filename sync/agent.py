@@ -84,6 +84,9 @@ async def run_agent(config: Config) -> None:
     async with open_context(config) as ctx:
         ctx.audit.start(application=True)  # open_context closes it (Application Stop)
         await recover_interrupted(ctx)
+        swept = await asyncio.to_thread(ctx.store.sweep_interrupted_writes)
+        if swept:
+            log.info("removed temp files of interrupted cloud writes count=%d", swept)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -88,10 +88,10 @@ def test_temp_files_of_interrupted_puts_are_never_listed_and_are_swept(tmp_path:
     leftover = tmp_path / "nas" / "packs" / ".q.x1y2.part"
     leftover.write_bytes(b"half a pack")
     assert [info.name for info in store.list()] == ["packs/p"]
-    assert store.sweep_temp_files(older_than=3600) == 0  # could be a put still running
+    assert store.sweep_interrupted_writes(older_than=3600) == 0  # could be a put still running
     old = time.time() - 7200
     os.utime(leftover, (old, old))
-    assert store.sweep_temp_files(older_than=3600) == 1
+    assert store.sweep_interrupted_writes(older_than=3600) == 1
     assert not leftover.exists()
 
 

@@ -7,7 +7,9 @@ sync` agent and dcmtk peers.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -199,3 +201,26 @@ def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
         cloud.overwrite(pack_name, lambda _b, o=original: o)
     run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
     assert tier_state(edge_server, study_uid) == "replicated"
+
+
+def test_agent_start_removes_temp_files_of_interrupted_local_cloud_writes(
+    edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
+) -> None:
+    cloud = tmp_path / "cloud"
+    server = edge_server_factory(start=False)
+    server.configure(cloud={"url": f"file://{cloud}"})
+    leftover = cloud / "studies" / "0123abcd" / ".v000001.pack.x1y2.part"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half a pack")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(leftover, (hours_ago, hours_ago))
+    running = cloud / "studies" / "0123abcd" / ".v000002.pack.z9.part"
+    running.write_bytes(b"a put still running elsewhere")
+
+    agent = SyncAgent(server.home).start()
+    try:
+        assert not leftover.exists()
+        assert running.exists()
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert "removed temp files of interrupted cloud writes count=1" in agent.log()

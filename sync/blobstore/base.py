@@ -141,3 +141,10 @@ class BlobStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections and clients."""
+
+    def sweep_interrupted_writes(self) -> int:
+        """Remove what puts cut off by a crash left behind; return how many went.
+
+        The sync agent calls it at start-up. Nothing by default: Azure discards
+        uncommitted blocks by itself."""
+        return 0

@@ -263,10 +263,11 @@ class LocalFolderStore(BlobStore):
 
     # -- local-only -------------------------------------------------------------------
 
-    def sweep_temp_files(self, *, older_than: float = 3600.0) -> int:
+    def sweep_interrupted_writes(self, *, older_than: float = 3600.0) -> int:
         """Remove temp files of puts that a crash interrupted; the agent calls it at start-up.
 
-        `older_than` keeps the temp files of a put that is still running elsewhere.
+        `older_than` keeps the temp files of a put that is still running elsewhere
+        (another box or process writing to the same folder).
         """
         return durable.sweep_temp_files(self.root, older_than=older_than)
 

@@ -140,6 +140,9 @@ class RetryingBlobStore(BlobStore):
     def close(self) -> None:
         self.inner.close()
 
+    def sweep_interrupted_writes(self) -> int:
+        return self.inner.sweep_interrupted_writes()
+
     # -- helpers --------------------------------------------------------------------
 
     def _call(self, operation: str, name: str, fn: Callable[[], T]) -> T:
