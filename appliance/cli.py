@@ -36,7 +36,6 @@ from appliance.cli_common import (
     setup_logging,
 )
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
-from appliance.config_check import check_home
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
 from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
@@ -315,6 +314,8 @@ def config_group() -> None:
 @expected_errors
 def config_check(home: Path | None) -> None:
     """Validate the config file and every file it names (secrets, certificates, credentials)."""
+    from appliance.config_check import check_home  # TLS, cloud SDK: only this command
+
     config = load(home)
     findings = check_home(config)
     for finding in findings:

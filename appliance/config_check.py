@@ -89,15 +89,15 @@ def _tls(config: Config) -> str:
     server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
                    require_client_cert=config.dicom.tls_require_client_cert)
     now = datetime.datetime.now(datetime.UTC)
+    expiries = {}
     for name, path in (("node certificate", paths.node_cert), ("site CA", paths.ca_cert)):
-        cert = load_certificate(path)
-        if cert.not_valid_after_utc <= now:
+        expiries[name] = load_certificate(path).not_valid_after_utc
+        if expiries[name] <= now:
             raise PacsEdgeError(
-                f"the {name} {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}",
+                f"the {name} {path} expired on {expiries[name]:%Y-%m-%d}",
                 hint="`pacs-edge certs renew` re-issues the node certificate"
                 if name == "node certificate" else "the site CA must be re-created")
-    expires = load_certificate(paths.node_cert).not_valid_after_utc
-    return f"node certificate valid until {expires:%Y-%m-%d}"
+    return f"node certificate valid until {expiries['node certificate']:%Y-%m-%d}"
 
 
 def _cloud(config: Config) -> str:

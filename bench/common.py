@@ -62,6 +62,19 @@ def repeats() -> int:
 
 # --- tools ---------------------------------------------------------------------------
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system, reaped children too) of a process group so far."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields[2]: process group
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def dcmtk(tool: str) -> str:
     """Path of dcmtk's `tool`, skipping same-named pynetdicom apps in the venv."""
     venv_bin = Path(sys.prefix) / "bin"
@@ -167,19 +180,9 @@ class Server:
             time.sleep(0.1)
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system, reaped children included) of the server's process
-        group so far: forked children and worker processes belong to it."""
-        if self.proc is None:
-            return 0.0
-        ticks = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == self.proc.pid:  # fields[2]: process group
-                ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-        return ticks / os.sysconf("SC_CLK_TCK")
+        """CPU time of the server's process group so far: forked children and worker
+        processes belong to it (see group_cpu)."""
+        return 0.0 if self.proc is None else group_cpu(self.proc.pid)
 
     def stop(self) -> None:
         """SIGTERM; SIGKILL to the whole group if it is still there after a deadline."""

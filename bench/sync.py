@@ -55,6 +55,7 @@ from common import (
     ct_study,
     files_under,
     fresh_dir,
+    group_cpu,
     pacs_edge,
     report,
     run,
@@ -105,19 +106,6 @@ SIDES = ("replicate", "upload", "recall", "download", "idle", "noop")
 
 
 # --- processes ---------------------------------------------------------------------
-
-def group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system, reaped children too) of a process group so far."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:
-            ticks += sum(int(f) for f in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
 
 def measured(argv: list[str], azurite_pid: int, *, expect: str = "") -> Measured:
     """Run `argv` under /usr/bin/time -v: wall clock, its peak RSS and CPU."""

@@ -50,8 +50,12 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
     missing = await instances_of(ctx.index, study.id, "i.is_local = 0")
     packs = {p.id: p for p in await packs_of(ctx.index, study.id)}
     written: list[str] = []
+    by_pack: dict[int, list[InstanceRow]] = {}
+    for instance in missing:
+        if instance.pack_fk is not None:
+            by_pack.setdefault(instance.pack_fk, []).append(instance)
     try:
-        for pack_id in sorted({i.pack_fk for i in missing if i.pack_fk is not None}):
+        for pack_id in sorted(by_pack):
             await ctx.packs.ensure_online(packs[pack_id])
         if any(instance.pack_fk not in packs for instance in missing):
             raise RecallFailed("an evicted instance has no verified pack",
@@ -62,9 +66,8 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
             crash_point("recall:mid-instances")
             on_progress(len(written), len(missing))
 
-        for pack_id in sorted({i.pack_fk for i in missing if i.pack_fk is not None}):
-            rows = [i for i in missing if i.pack_fk == pack_id]
-            await ctx.packs.recall_pack(packs[pack_id], rows, on_written=landed)
+        for pack_id in sorted(by_pack):
+            await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
     except BaseException as exc:
         await drop_local_files(ctx, study.id, written)
         await writer.submit(lambda c: apply(c, study.id, Trigger.FAILED,

@@ -99,7 +99,7 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
     if on_progress is not None:
         on_progress(done, len(names))
 
-    async def restore_version(name: str) -> None:
+    async def restore_version(study_key: str, name: str) -> None:
         try:
             version = await asyncio.to_thread(_read_version, store, ring, name, listing.packs)
             await writer.submit(functools.partial(_insert_version, version=version))
@@ -110,17 +110,15 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
         else:
             report.restored += 1
             report.instances += len(version.manifest.instances)
-            parsed = naming.parse_blob_name(name)
-            assert parsed is not None
-            report.studies.add(parsed.study_key)
+            report.studies.add(study_key)
 
-    studies = iter(_by_study([n for n in names if n not in known]))
+    studies = iter(_by_study([n for n in names if n not in known]).items())
 
     async def worker() -> None:
         nonlocal done
-        for versions in studies:  # shared: each study goes to one worker
+        for study_key, versions in studies:  # shared: each study goes to one worker
             for name in versions:
-                await restore_version(name)
+                await restore_version(study_key, name)
                 done += 1
                 if on_progress is not None:
                     on_progress(done, len(names))
@@ -152,14 +150,14 @@ def _list_studies(store: BlobStore) -> _Listing:
     return listing
 
 
-def _by_study(manifests: list[str]) -> list[list[str]]:
-    """Manifest names grouped by study, each group in version order."""
+def _by_study(manifests: list[str]) -> dict[str, list[str]]:
+    """Manifest names by study key, each study's in version order."""
     groups: dict[str, list[str]] = {}
     for name in manifests:
         parsed = naming.parse_blob_name(name)
         assert parsed is not None
         groups.setdefault(parsed.study_key, []).append(name)
-    return list(groups.values())
+    return groups
 
 
 def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str,
