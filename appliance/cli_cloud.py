@@ -36,7 +36,7 @@ def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
     """Run the sync agent (replicate, evict, lifecycle, recall) until SIGTERM."""
     from sync.agent import run_agent, sync_pass
     from sync.context import open_context
-    from sync.replicate import recover_interrupted
+    from sync.rollback import sweep_leftover_files
 
     config = load(home)
     setup_logging(config.log.level)
@@ -46,7 +46,7 @@ def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
 
     async def one_pass() -> Any:
         async with open_context(config) as ctx:
-            await recover_interrupted(ctx)
+            await sweep_leftover_files(ctx)
             return await sync_pass(ctx, stable_after=stable_after)
 
     report = asyncio.run(one_pass())

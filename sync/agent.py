@@ -5,8 +5,11 @@ Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
 - recall requests from the appliance, every `sync.recall_poll_seconds`;
 - cloud lifecycle, hourly.
 A job that fails logs the error and runs again at its next time; the agent
-itself only stops on SIGTERM/SIGINT. On start it rolls back work that an
-earlier, killed agent left half done (see replicate.recover_interrupted).
+itself only stops on SIGTERM/SIGINT. Jobs run concurrently on the loop; a
+per-study lease (appliance.store.leases) keeps two of them, or a CLI command,
+off the same study. Every pass first rolls back work that died half done
+(sync.rollback); at start the agent also removes files an interrupted
+eviction left.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from appliance.audit.anchor import AnchorJob
 from appliance.config import Config
 from appliance.errors import PacsEdgeError
 from appliance.notify import Notifier
+from appliance.store.leases import StudyBusy
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
 from sync.recall import serve_recall_requests
-from sync.replicate import Replicated, recover_interrupted, replicate_study, stable_studies
+from sync.replicate import Replicated, replicate_study, stable_studies
+from sync.rollback import recover_stuck, sweep_leftover_files
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class PassReport:
     replicated: list[Replicated] = field(default_factory=list)
     evicted: int = 0
     bytes_freed: int = 0
+    busy: int = 0  # studies skipped because another operation held them (next pass)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -56,10 +62,14 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     assert ctx.index.writer is not None
     started = time.time()
     report = PassReport()
+    await recover_stuck(ctx)
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
     for study in await stable_studies(ctx, wait):
         try:
             done = await replicate_study(ctx, study)
+        except StudyBusy:
+            report.busy += 1
+            continue
         except PacsEdgeError as exc:
             report.failures.append(f"replicate: {exc.message}")
             continue
@@ -70,10 +80,13 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
             try:
                 report.bytes_freed += await evict_study(ctx, study)
                 report.evicted += 1
+            except StudyBusy:
+                report.busy += 1
             except PacsEdgeError as exc:
                 report.failures.append(f"evict: {exc.message}")
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
-                          "evicted": report.evicted, "failures": report.failures})
+                          "evicted": report.evicted, "busy": report.busy,
+                          "failures": report.failures})
     await ctx.index.writer.submit(lambda c: c.execute(
         "INSERT INTO sync_passes (started_at, finished_at, ok, summary) VALUES (?, ?, ?, ?)",
         (started, time.time(), int(report.ok), summary)))
@@ -83,7 +96,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
 async def run_agent(config: Config) -> None:
     async with open_context(config) as ctx:
         ctx.audit.start(application=True)  # open_context closes it (Application Stop)
-        await recover_interrupted(ctx)
+        await recover_stuck(ctx)
+        await sweep_leftover_files(ctx)
         swept = await asyncio.to_thread(ctx.store.sweep_interrupted_writes)
         if swept:
             log.info("removed temp files of interrupted cloud writes count=%d", swept)
@@ -133,12 +147,6 @@ def _logged(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awa
             log.exception("job crashed job=%s", name)
 
     return run
-
-
-def _now() -> object:
-    from datetime import datetime
-
-    return datetime.now(UTC)
 
 
 def _redacted(url: str) -> str:

@@ -1,10 +1,12 @@
 """Evict: free local disk by deleting files of studies whose packs are verified in the cloud.
 
 The transition to `evicted` (and `is_local = 0` for every instance) is
-committed first, the files are deleted after: a crash in between leaves
-files the index no longer needs (harmless, and overwritten by the next
-recall), never an index row whose only copy was deleted. The index keeps
-every row, so C-FIND still answers (InstanceAvailability NEARLINE).
+committed first, in the transaction that takes the study's lease; the files
+are deleted after, fenced by that lease, so no recall of the same study can
+write them in between. A crash in between leaves files the index no longer
+needs (removed when the agent starts, see sync.rollback), never an index row
+whose only copy was deleted. The index keeps every row, so C-FIND still
+answers (InstanceAvailability NEARLINE).
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Sequence
 
-import aiosqlite
-
 from appliance import logsafe
 from appliance.errors import PacsEdgeError
-from appliance.store.tiering import TierState, Trigger, apply
+from appliance.store import database
+from appliance.store.leases import StudyLease
+from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.records import StudyRow, studies_where
@@ -43,17 +46,22 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
             hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
                  " verified in the cloud can be evicted",
         )
-    paths = await ctx.index.writer.submit(lambda c: _mark_evicted(c, study.id))
-    crash_point("evict:after-commit")
-    freed = await drop_local_files(ctx, study.id, paths)
+    lease = StudyLease(ctx.index.writer, study.id, "evict")
+    paths = await ctx.index.writer.submit_sync(lambda c: _mark_evicted(c, lease, study.id))
+    async with lease.kept():
+        crash_point("evict:after-commit")
+        freed = await drop_local_files(ctx, lease, paths)
     log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid), len(paths),
              freed)
     ctx.audit.evicted(study, len(paths))
     return freed
 
 
-async def drop_local_files(ctx: SyncContext, study_id: int, paths: Sequence[str]) -> int:
-    """Delete files whose instances are already marked non-local (after the commit)."""
+async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[str]) -> int:
+    """Delete files whose instances are already marked non-local (after the commit), while
+    `lease` is still held: the fence comes right before the first unlink."""
+    await lease.check()
+
     def remove() -> int:
         freed = 0
         for relative in paths:
@@ -70,22 +78,21 @@ async def drop_local_files(ctx: SyncContext, study_id: int, paths: Sequence[str]
     return await asyncio.to_thread(remove)
 
 
-async def _mark_evicted(conn: aiosqlite.Connection, study_id: int) -> list[str]:
-    async with conn.execute(
+def _mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> list[str]:
+    lease.take(conn)
+    row = database.query_one(
+        conn,
         "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_fk = se.id"
         " LEFT JOIN packs p ON i.pack_fk = p.id"
-        " WHERE se.study_fk = ? AND (p.id IS NULL OR p.state != 'verified')", (study_id,)
-    ) as cur:
-        row = await cur.fetchone()
+        " WHERE se.study_fk = ? AND (p.id IS NULL OR p.state != 'verified')", (study_id,))
     if row and row[0]:
         raise NotEvictable(f"{row[0]} instance(s) are not in a verified pack yet",
                            hint="wait for the next replication pass")
-    await apply(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
-    async with conn.execute(
+    apply_sync(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
+    cur = conn.execute(
         "UPDATE instances SET is_local = 0 WHERE series_fk IN"
-        " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,)
-    ) as cur:
-        return [r[0] for r in await cur.fetchall()]
+        " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,))
+    return [r[0] for r in cur.fetchall()]
 
 
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:

@@ -1,9 +1,11 @@
 """Recall: bring an evicted study's files back from the cloud, verified, then mark it local.
 
-`evicted -> recalling` is committed first; every instance is fetched (a range
-read of only its segments), decrypted and checked against the SHA-256 the
-index holds, then written with the store's atomic write. Only when every
-instance is on disk does one transaction set them local and commit
+`evicted -> recalling` is committed first, in the transaction that takes the
+study's lease (no eviction or replication of the study runs meanwhile); every
+non-local instance is fetched (a range read of only its segments, or the
+whole pack), decrypted and checked against the SHA-256 the index holds, then
+written with the store's atomic write. Only when every instance is on disk
+does one transaction, fenced by the lease, set them local and commit
 `recalling -> replicated`. A tampered or truncated blob fails the recall with
 a clear error: the written files are removed, the study goes back to
 `evicted`, and neither the index rows nor the cloud are changed.
@@ -17,6 +19,7 @@ so concurrent requests share one recall.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -24,12 +27,13 @@ import aiosqlite
 
 from appliance import logsafe
 from appliance.errors import PacsEdgeError
-from appliance.store.tiering import TierState, Trigger, apply
+from appliance.store.leases import StudyBusy, StudyLease
+from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.pack.errors import PackIntegrityError
-from sync.records import InstanceRow, StudyRow, instances_of, packs_of, study_by_id
+from sync.records import InstanceRow, StudyRow, instance_rows, packs_of, study_by_id
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,24 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
     if study.tier_state != TierState.EVICTED:
         raise RecallFailed(f"study is {study.tier_state}, not evicted",
                            hint="only evicted studies need a recall")
-    await writer.submit(lambda c: apply(c, study.id, Trigger.RECALL, expect=TierState.EVICTED))
-    missing = await instances_of(ctx.index, study.id, "i.is_local = 0")
+    lease = StudyLease(writer, study.id, "recall")
+    missing = await writer.submit_sync(lambda c: _begin_recall(c, lease, study.id))
+    async with lease.kept():
+        return await _recall_under_lease(ctx, study, lease, missing, on_progress)
+
+
+def _begin_recall(conn: sqlite3.Connection, lease: StudyLease,
+                  study_id: int) -> list[InstanceRow]:
+    lease.take(conn)
+    apply_sync(conn, study_id, Trigger.RECALL, expect=TierState.EVICTED)
+    return instance_rows(conn, study_id, "i.is_local = 0")
+
+
+async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLease,
+                              missing: list[InstanceRow],
+                              on_progress: Callable[[int, int], None]) -> int:
+    assert ctx.index.writer is not None
+    writer = ctx.index.writer
     packs = {p.id: p for p in await packs_of(ctx.index, study.id)}
     written: list[str] = []
     by_pack: dict[int, list[InstanceRow]] = {}
@@ -69,29 +89,34 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
         for pack_id in sorted(by_pack):
             await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
     except BaseException as exc:
-        await drop_local_files(ctx, study.id, written)
-        await writer.submit(lambda c: apply(c, study.id, Trigger.FAILED,
-                                            expect=TierState.RECALLING))
+        await drop_local_files(ctx, lease, written)
+        await writer.submit_sync(lambda c: _fail_recall(c, lease, study.id))
         log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                   getattr(exc, "message", type(exc).__name__))
         ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
                            tampered=isinstance(exc, PackIntegrityError))
         raise
     crash_point("recall:before-commit")
-    await writer.submit(lambda c: _mark_recalled(c, study.id))
+    await writer.submit_sync(lambda c: _mark_recalled(c, lease, study.id, missing))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
     ctx.audit.recalled(study, len(missing))
     return len(missing)
 
 
-async def _mark_recalled(conn: aiosqlite.Connection, study_id: int) -> None:
-    await conn.execute(
-        "UPDATE instances SET is_local = 1 WHERE series_fk IN"
-        " (SELECT id FROM series WHERE study_fk = ?)", (study_id,))
-    await apply(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
+def _fail_recall(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
+    lease.fence(conn)
+    apply_sync(conn, study_id, Trigger.FAILED, expect=TierState.RECALLING)
+
+
+def _mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
+                   recalled: list[InstanceRow]) -> None:
+    lease.fence(conn)
+    conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ?",
+                     [(row.id,) for row in recalled])
+    apply_sync(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
     now = time.time()
-    await conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
-    await conn.execute(
+    conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
+    conn.execute(
         "UPDATE recall_requests SET state = 'done', finished_at = ?, error = ''"
         " WHERE study_fk = ? AND state = 'pending'", (now, study_id))
 
@@ -106,12 +131,16 @@ async def serve_recall_requests(ctx: SyncContext) -> int:
         study = await study_by_id(ctx.index, study_id)
         if study is None:
             continue
+        if study.tier_state == TierState.RECALLING:
+            continue  # another process is recalling it; the request stays pending
         if study.tier_state != TierState.EVICTED:
             # Already back (or never gone): the request is satisfied.
             await ctx.index.writer.submit(lambda c, s=study_id: _finish(c, s, "done", ""))
             continue
         try:
             await recall_study(ctx, study)
+        except StudyBusy:
+            continue  # another operation holds the study; the request stays pending
         except PacsEdgeError as exc:
             await ctx.index.writer.submit(
                 lambda c, s=study_id, m=exc.message: _finish(c, s, "failed", m))

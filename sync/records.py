@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 
+from appliance.store import database
 from appliance.store.index import Index
 
 _INSTANCE_COLUMNS = (
@@ -102,12 +104,19 @@ async def studies_where(index: Index, where: str, params: tuple[object, ...] = (
 
 async def instances_of(index: Index, study_id: int, where: str = "1",
                        params: tuple[object, ...] = ()) -> list[InstanceRow]:
-    rows = await index.fetchall(
+    return await database.run_sync(index.reader, instance_rows, study_id, where, params)
+
+
+def instance_rows(conn: sqlite3.Connection, study_id: int, where: str = "1",
+                  params: tuple[object, ...] = ()) -> list[InstanceRow]:
+    """`instances_of` on a plain connection: inside a writer transaction, the rows the
+    transaction sees (a tiering step reads what it is about to change)."""
+    rows = conn.execute(
         f"SELECT {_INSTANCE_COLUMNS} FROM instances i JOIN series se ON i.series_fk = se.id"
         f" WHERE se.study_fk = ? AND ({where})"
         " ORDER BY se.series_number, se.series_uid, i.instance_number, i.sop_uid",
         (study_id, *params),
-    )
+    ).fetchall()
     return [InstanceRow(*row[:12], bool(row[12]), *row[13:]) for row in rows]
 
 

@@ -1,0 +1,115 @@
+"""Roll back tiering work that a killed or failed operation left half done.
+
+What can be left behind, and what undoes it:
+- a study in `replicating` or `recalling` whose lease has no live holder:
+  `failed` moves it back to `local` or `evicted` (tiering.TRANSITIONS);
+- a pack row still `uploading` (an upload that crashed, or whose clean-up
+  the cloud refused): its blobs are deleted, then the row;
+- files of instances marked non-local (an eviction killed between its commit
+  and the last unlink, a recall killed before its commit): deleted.
+
+Every study is handled under its lease, taken only when no live holder has
+it, so a pass never touches work that is still running (another job of the
+agent, a CLI command). `recover_stuck` runs at the start of every sync pass,
+so a study stuck by a cloud outage is rolled back without a restart;
+`sweep_leftover_files`, which stats every evicted file, only at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+from appliance import logsafe
+from appliance.store import database
+from appliance.store.leases import StudyBusy, StudyLease
+from appliance.store.tiering import TierState, Trigger, apply_sync
+from sync.context import SyncContext
+from sync.evict import drop_local_files
+from sync.replicate import delete_abandoned_pack
+
+log = logging.getLogger(__name__)
+
+
+async def recover_stuck(ctx: SyncContext) -> int:
+    """Roll back every study whose tiering operation died; returns how many were touched."""
+    rows = await ctx.index.fetchall(
+        "SELECT st.id, st.study_uid FROM studies st"
+        " WHERE st.tier_state IN ('replicating', 'recalling')"
+        " OR EXISTS (SELECT 1 FROM packs p WHERE p.study_fk = st.id AND p.state = 'uploading')"
+        " ORDER BY st.id")
+    touched = 0
+    for study_id, study_uid in rows:
+        try:
+            touched += await _recover_study(ctx, study_id, study_uid)
+        except StudyBusy:
+            continue  # still running somewhere: not stuck
+    if touched:
+        log.warning("rolled back interrupted tiering work studies=%d", touched)
+    return touched
+
+
+async def _recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
+    assert ctx.index.writer is not None
+    lease = StudyLease(ctx.index.writer, study_id, "recover")
+    was, packs, leftovers = await ctx.index.writer.submit_sync(
+        lambda c: _take_and_roll_back(c, lease, study_id))
+    async with lease.kept():
+        for pack_id, version in packs:
+            await delete_abandoned_pack(ctx, study_uid, pack_id, version)
+        if leftovers:
+            await drop_local_files(ctx, lease, leftovers)
+    log.info("rolled back study=%s was=%s unverified_packs=%d", logsafe.ref(study_uid), was,
+             len(packs))
+    return 1
+
+
+def _take_and_roll_back(conn: sqlite3.Connection, lease: StudyLease, study_id: int
+                        ) -> tuple[str, list[tuple[int, int]], list[str]]:
+    """Take the lease and undo the state; returns (state found, unverified packs as
+    (id, version), files of non-local instances a killed recall may have written)."""
+    lease.take(conn)
+    state = TierState(database.query_one(
+        conn, "SELECT tier_state FROM studies WHERE id = ?", (study_id,))[0])
+    leftovers: list[str] = []
+    if state in (TierState.REPLICATING, TierState.RECALLING):
+        apply_sync(conn, study_id, Trigger.FAILED)
+    if state is TierState.RECALLING:
+        leftovers = [row[0] for row in conn.execute(
+            "SELECT i.path FROM instances i JOIN series se ON i.series_fk = se.id"
+            " WHERE se.study_fk = ? AND i.is_local = 0", (study_id,)).fetchall()]
+    packs = [(int(r[0]), int(r[1])) for r in conn.execute(
+        "SELECT id, version FROM packs WHERE study_fk = ? AND state = 'uploading'",
+        (study_id,)).fetchall()]
+    return state.value, packs, leftovers
+
+
+async def sweep_leftover_files(ctx: SyncContext) -> int:
+    """Delete files of non-local instances (an eviction killed mid-way); returns bytes freed."""
+    rows = await ctx.index.fetchall(
+        "SELECT se.study_fk, i.path FROM instances i JOIN series se ON i.series_fk = se.id"
+        " WHERE i.is_local = 0")
+    present = await asyncio.to_thread(
+        lambda: [(s, p) for s, p in rows if ctx.files.absolute(p).exists()])
+    by_study: dict[int, list[str]] = {}
+    for study_id, path in present:
+        by_study.setdefault(study_id, []).append(path)
+    assert ctx.index.writer is not None
+    freed = 0
+    for study_id, paths in by_study.items():
+        lease = StudyLease(ctx.index.writer, study_id, "sweep")
+        try:
+            await ctx.index.writer.submit_sync(lease.take)
+        except StudyBusy:
+            continue  # a recall is writing them: they are not leftovers
+        async with lease.kept():
+            # Re-read under the lease: only rows still non-local are leftovers.
+            still = await ctx.index.fetchall(
+                "SELECT i.path FROM instances i JOIN series se ON i.series_fk = se.id"
+                " WHERE se.study_fk = ? AND i.is_local = 0", (study_id,))
+            wanted = set(paths) & {row[0] for row in still}
+            freed += await drop_local_files(ctx, lease, sorted(wanted))
+    if freed:
+        log.warning("removed files an interrupted eviction left behind bytes=%d", freed)
+    return freed
