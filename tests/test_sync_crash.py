@@ -15,6 +15,8 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dicomgen
@@ -142,3 +144,68 @@ def test_recall_of_an_archived_pack_requests_rehydration_first(
     assert "recalled" in result.stdout
     assert store.stat(pack).online
     assert local_hashes(path) == hashes
+
+
+@pytest.mark.slow
+def test_upload_failure_whose_clean_up_also_fails_is_rolled_back_by_the_running_agent(
+    tmp_path: Path,
+) -> None:
+    """A cloud outage mid-upload: the upload fails and so does the removal of what it left.
+    The study must not stay `replicating` until the agent restarts: the running agent
+    retries the clean-up on its next passes and replicates the study once the cloud is
+    back, leaving exactly one verified version in the container."""
+    import tomlkit
+    from azurite import AzuriteServer
+    from syncagent import SyncAgent
+
+    from sync.blobstore.azure import AzureBlobStore
+
+    home = init_home(tmp_path / "home")
+    dicomgen.make_studies(tmp_path / "study", seed=63, series_per_study=1,
+                          instances_per_series=4, size=96)
+    run_pacs_edge("import", "--home", str(home), str(tmp_path / "study"))
+    azurite = AzuriteServer(tmp_path / "azurite").start()
+    try:
+        credentials = home / "secrets" / "azure.conn"
+        credentials.write_text(azurite.connection_string)
+        credentials.chmod(0o600)
+        config = home / "pacs-edge.toml"
+        doc = tomlkit.parse(config.read_text())
+        doc["cloud"]["url"] = "azure://outage"  # type: ignore[index]
+        doc["cloud"]["credentials_file"] = str(credentials)  # type: ignore[index]
+        for key, value in {"segment_size": 8192, "stable_after_seconds": 0.0,
+                           "replicate_interval_seconds": 1.0, "evict_after_days": 0.0}.items():
+            doc["sync"][key] = value  # type: ignore[index]
+        config.write_text(tomlkit.dumps(doc))
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        agent = SyncAgent(home, env={"PACS_EDGE_PAUSE_AT": "upload:mid-pack",
+                                     "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+        try:
+            wait_for(lambda: (barrier / "reached").exists(), "the upload to start")
+            azurite.stop()
+            (barrier / "go").touch()
+            wait_for(lambda: "clean-up of an unverified pack deferred" in agent.log(),
+                     "the failed clean-up")
+            state, packs = study_state(home)
+            assert state == "local" and packs and all(s == "uploading" for _, s in packs)
+            azurite.start()
+            wait_for(lambda: study_state(home)[0] == "replicated", "replication after the outage")
+        finally:
+            agent.stop()
+        state, packs = study_state(home)
+        assert [s for _, s in packs] == ["verified"]
+        store = AzureBlobStore("outage", azurite.connection_string)
+        try:
+            assert len(list(store.list("studies/"))) == 3
+        finally:
+            store.close()
+    finally:
+        azurite.stop()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

@@ -1,0 +1,210 @@
+"""One tiering operation at a time per study, across processes (appliance/store/leases.py).
+
+The interleaving tests stop one real `pacs-edge` process at a named step
+(PACS_EDGE_PAUSE_AT, a barrier in sync/crashpoints.py), run a second operation
+on the same study at exactly that step, then let the first one go on. Without
+the lease each of these loses or breaks something: a recall whose files an
+eviction then deletes, a late instance deleted under a recall, an upload
+rolled back under its own feet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dicomgen
+import pytest
+from conftest import init_home, pacs_edge_command, run_pacs_edge
+from syncagent import sync_once
+
+from appliance.store.index import Index
+from appliance.store.leases import Holder, LeaseLost, StudyBusy, StudyLease, is_free
+
+PAUSE_TIMEOUT = 120.0
+
+
+@contextmanager
+def paused(home: Path, point: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Run `pacs-edge ARGS` until it reaches `point`; on exit let it go on and finish."""
+    barrier = home.parent / f"barrier-{point.replace(':', '-')}"
+    barrier.mkdir()
+    proc = subprocess.Popen(
+        [*pacs_edge_command(), *args, "--home", str(home)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PACS_EDGE_PAUSE_AT": point, "PACS_EDGE_PAUSE_DIR": str(barrier)})
+    try:
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        while not (barrier / "reached").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"{args} ended before {point}:\n{proc.stdout.read()}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"{args} never reached {point}"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        (barrier / "go").touch()
+        output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
+    assert proc.returncode == 0, output
+
+
+def local_hashes(home: Path) -> dict[str, str]:
+    return {str(dicomgen.read_header(p).SOPInstanceUID):
+            hashlib.sha256(dicomgen.dataset_bytes(p)).hexdigest()
+            for p in (home / "store").rglob("*.dcm")}
+
+
+def expected(instances: list[dicomgen.GeneratedInstance]) -> dict[str, str]:
+    return {i.sop_instance_uid: hashlib.sha256(dicomgen.dataset_bytes(i.path)).hexdigest()
+            for i in instances}
+
+
+def db_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def assert_fsck_clean(home: Path) -> None:
+    fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
+    assert fsck.returncode == 0, fsck.stdout
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> tuple[Path, list[dicomgen.GeneratedInstance]]:
+    home = init_home(tmp_path / "home")
+    instances = dicomgen.make_study(tmp_path / "study", seed=73, series_per_study=2,
+                                    instances_per_series=2, size=32)
+    config = home / "pacs-edge.toml"  # small segments: the upload streams in many chunks
+    config.write_text(config.read_text().replace("segment_size = 1048576",
+                                                 "segment_size = 8192"))
+    return home, instances
+
+
+def import_files(home: Path, *instances: dicomgen.GeneratedInstance) -> None:
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in instances))
+
+
+def test_recall_is_refused_while_an_eviction_deletes_the_files(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]],
+) -> None:
+    home, instances = study
+    uid = instances[0].study_uid
+    import_files(home, *instances)
+    sync_once(home)
+    with paused(home, "evict:after-commit", "evict", uid):
+        recall = run_pacs_edge("recall", uid, "--home", str(home), check=False)
+        assert recall.returncode != 0
+        assert "busy: evict is running" in recall.stdout + recall.stderr
+    assert local_hashes(home) == {}
+    assert_fsck_clean(home)
+    assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert local_hashes(home) == expected(instances)
+
+
+def test_recall_is_refused_while_late_instances_leave_local_disk(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]],
+) -> None:
+    home, instances = study
+    uid = instances[0].study_uid
+    import_files(home, *instances[:3])
+    sync_once(home)
+    run_pacs_edge("evict", uid, "--home", str(home))
+    import_files(home, instances[3])
+    with paused(home, "replicate:after-commit", "sync", "--once", "--stable-after", "0"):
+        recall = run_pacs_edge("recall", uid, "--home", str(home), check=False)
+        assert recall.returncode != 0
+        assert "busy: replicate is running" in recall.stdout + recall.stderr
+    assert local_hashes(home) == {}
+    assert_fsck_clean(home)
+    assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert local_hashes(home) == expected(instances)
+
+
+def test_a_second_pass_leaves_a_running_upload_alone(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]],
+) -> None:
+    """Roll-back runs on every pass now; it must only touch work whose holder is gone."""
+    home, instances = study
+    import_files(home, *instances)
+    with paused(home, "upload:mid-pack", "sync", "--once", "--stable-after", "0"):
+        sync_once(home)  # finds the study replicating, its lease live: skips it
+        assert db_rows(home, "SELECT tier_state FROM studies") == [("replicating",)]
+        assert db_rows(home, "SELECT version, state FROM packs") == [(1, "uploading")]
+    assert db_rows(home, "SELECT tier_state FROM studies") == [("replicated",)]
+    assert db_rows(home, "SELECT version, state FROM packs") == [(1, "verified")]
+    assert_fsck_clean(home)
+
+
+# --- the lease rules, in process ---------------------------------------------------------
+
+async def _seeded_index(path: Path) -> Index:
+    index = Index(path)
+    await index.open()
+    assert index.writer is not None
+
+    def seed(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO patients (patient_id) VALUES ('p')")
+        conn.execute("INSERT INTO studies (patient_fk, study_uid, first_received_at,"
+                     " last_received_at, last_access_at, tier_changed_at)"
+                     " VALUES (1, '1.2', 0, 0, 0, 0)")
+
+    await index.writer.submit_sync(seed)
+    return index
+
+
+async def test_a_live_lease_refuses_a_second_operation(tmp_path: Path) -> None:
+    index = await _seeded_index(tmp_path / "index.sqlite3")
+    try:
+        assert index.writer is not None
+        first = StudyLease(index.writer, 1, "evict")
+        await index.writer.submit_sync(first.take)
+        second = StudyLease(index.writer, 1, "recall")  # same process, another operation
+        with pytest.raises(StudyBusy) as busy:
+            await index.writer.submit_sync(second.take)
+        assert busy.value.operation == "evict" and busy.value.pid == os.getpid()
+        async with first.kept():
+            await first.check()
+        assert await index.writer.submit_sync(lambda c: is_free(c, 1))
+        await index.writer.submit_sync(second.take)
+    finally:
+        await index.close()
+
+
+async def test_a_dead_holders_lease_is_taken_over_at_once(tmp_path: Path) -> None:
+    index = await _seeded_index(tmp_path / "index.sqlite3")
+    try:
+        assert index.writer is not None
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        holder = Holder(Holder.new().boot_id, dead.pid, "1", "killed")
+        await index.writer.submit_sync(lambda c: c.execute(
+            "INSERT INTO study_leases (study_fk, operation, holder, acquired_at, expires_at)"
+            " VALUES (1, 'evict', ?, ?, ?)", (str(holder), time.time(), time.time() + 3600)))
+        assert await index.writer.submit_sync(lambda c: is_free(c, 1))
+        await index.writer.submit_sync(StudyLease(index.writer, 1, "recover").take)
+    finally:
+        await index.close()
+
+
+async def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(tmp_path: Path) -> None:
+    index = await _seeded_index(tmp_path / "index.sqlite3")
+    try:
+        assert index.writer is not None
+        stalled = StudyLease(index.writer, 1, "replicate", seconds=0.01)
+        await index.writer.submit_sync(stalled.take)
+        deadline = time.monotonic() + 10
+        while not await index.writer.submit_sync(lambda c: is_free(c, 1)):
+            assert time.monotonic() < deadline
+        await index.writer.submit_sync(StudyLease(index.writer, 1, "recall").take)
+        with pytest.raises(LeaseLost):
+            await stalled.check()
+    finally:
+        await index.close()
