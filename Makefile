@@ -7,13 +7,16 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    ?= ./data
 PYTEST_ARGS ?=
+SOAK_STEPS  ?= 600
+SOAK_SEEDS  ?= 1 2 3 4
 
-.PHONY: run test test-fast lint bench venv venv-test test-deps clean help
+.PHONY: run test test-fast soak lint bench venv venv-test test-deps clean help
 
 help:
 	@echo "make run        install and start pacs-edge on $(DATA) (DICOM 127.0.0.1:11112)"
 	@echo "make test       install test dependencies, run ruff and the whole suite"
 	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make soak       long randomized tiering runs (several seeds, $(SOAK_STEPS) steps each)"
 	@echo "make lint       ruff only"
 	@echo "make bench      the benchmark (bench/run.sh)"
 
@@ -38,6 +41,16 @@ test: test-deps lint
 
 test-fast: test-deps
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The randomized tiering test with many more operations than the suite runs, one seed after
+# another; a failure names its seed (PACS_EDGE_RANDOM_SEED replays it).
+soak: test-deps
+	@for seed in $(SOAK_SEEDS); do \
+		echo "soak: seed $$seed, $(SOAK_STEPS) steps"; \
+		PACS_EDGE_RANDOM_SEED=$$seed PACS_EDGE_RANDOM_STEPS=$(SOAK_STEPS) \
+			$(BIN)/pytest tests/test_tiering_random.py -x -q -o timeout=3600 $(PYTEST_ARGS) \
+			|| { echo "soak: failed with PACS_EDGE_RANDOM_SEED=$$seed"; exit 1; }; \
+	done
 
 bench: test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run.sh

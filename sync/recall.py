@@ -34,6 +34,7 @@ from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.pack.errors import PackIntegrityError
 from sync.records import InstanceRow, StudyRow, instance_rows, packs_of, study_by_id
+from sync.rollback import recover_study
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,15 @@ async def serve_recall_requests(ctx: SyncContext) -> int:
         if study is None:
             continue
         if study.tier_state == TierState.RECALLING:
-            continue  # another process is recalling it; the request stays pending
+            # Another process recalls it (the request waits), or one died doing so:
+            # roll that back now rather than at the next replication pass.
+            try:
+                await recover_study(ctx, study.id, study.study_uid)
+            except StudyBusy:
+                continue
+            study = await study_by_id(ctx.index, study_id)
+            if study is None:
+                continue
         if study.tier_state != TierState.EVICTED:
             # Already back (or never gone): the request is satisfied.
             await ctx.index.writer.submit(lambda c, s=study_id: _finish(c, s, "done", ""))

@@ -42,7 +42,7 @@ async def recover_stuck(ctx: SyncContext) -> int:
     touched = 0
     for study_id, study_uid in rows:
         try:
-            touched += await _recover_study(ctx, study_id, study_uid)
+            touched += await recover_study(ctx, study_id, study_uid)
         except StudyBusy:
             continue  # still running somewhere: not stuck
     if touched:
@@ -50,7 +50,8 @@ async def recover_stuck(ctx: SyncContext) -> int:
     return touched
 
 
-async def _recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
+async def recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
+    """Roll back one study's dead operation; StudyBusy when a live holder still runs it."""
     assert ctx.index.writer is not None
     lease = StudyLease(ctx.index.writer, study_id, "recover")
     was, packs, leftovers = await ctx.index.writer.submit_sync(

@@ -159,7 +159,7 @@ class StudyLease:
             holder = Holder.parse(row["holder"])
             raise StudyBusy(row["operation"], holder.pid if holder else 0)
         if row is not None and row["holder"] != str(self.holder):
-            log.warning("took over an orphaned study lease operation=%s was=%s",
+            log.warning("took over an orphaned study lease from=%s by=%s",
                         row["operation"], self.operation)
         conn.execute(
             "INSERT INTO study_leases (study_fk, operation, holder, acquired_at, expires_at)"
