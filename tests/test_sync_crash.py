@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,9 +39,16 @@ def study_state(home: Path) -> tuple[str, list[tuple[int, str]]]:
 
 
 def cloud_blobs(home: Path) -> list[str]:
-    root = home / "cloud"
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and not p.name.startswith("."))
+    """Study blobs in the home's cloud, listed through the product's own blob store."""
+    from appliance.config import load_config
+    from sync.blobstore.factory import open_blob_store
+
+    config = load_config(home)
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        return sorted(info.name for info in store.list("studies/"))
+    finally:
+        store.close()
 
 
 def local_hashes(home: Path) -> dict[str, str]:
@@ -55,16 +63,26 @@ def crash(home: Path, point: str, *args: str) -> None:
     assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr)
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> tuple[Path, dict[str, str], str]:
+@pytest.fixture(params=["local", "azurite"])
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[str, str], str]:
+    """A data home holding one imported study, its cloud a local folder or a real Azurite."""
+    import tomlkit
+
     home = init_home(tmp_path / "home")
     study = dicomgen.make_studies(tmp_path / "study", seed=61, series_per_study=2,
                                   instances_per_series=4, size=96)
     run_pacs_edge("import", "--home", str(home), str(tmp_path / "study"))
-    # Small segments: the pack streams in many chunks, so "mid-pack" is mid-pack.
     config = home / "pacs-edge.toml"
-    config.write_text(config.read_text().replace("segment_size = 1048576",
-                                                 "segment_size = 8192"))
+    doc = tomlkit.parse(config.read_text())
+    # Small segments: the pack streams in many chunks, so "mid-pack" is mid-pack.
+    doc["sync"]["segment_size"] = 8192  # type: ignore[index]
+    if request.param == "azurite":
+        credentials = home / "secrets" / "azure.conn"
+        credentials.write_text(request.getfixturevalue("azurite"))
+        credentials.chmod(0o600)
+        doc["cloud"]["url"] = f"azure://crash-{uuid.uuid4().hex[:12]}"  # type: ignore[index]
+        doc["cloud"]["credentials_file"] = str(credentials)  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
     return home, local_hashes(home), study[0].study_uid
 
 
@@ -125,6 +143,7 @@ def test_agent_killed_during_recall_rolls_back_and_recalls_again(
     assert study_state(path)[0] == "replicated"
 
 
+@pytest.mark.parametrize("home", ["local"], indirect=True)  # Azurite rehydrates at once
 def test_recall_of_an_archived_pack_requests_rehydration_first(
     home: tuple[Path, dict[str, str], str]
 ) -> None:
