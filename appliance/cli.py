@@ -188,6 +188,7 @@ def status(home: Path | None, as_json: bool) -> None:
     """Studies, series, instances, disk use and tiering states."""
     from appliance.dropfolder.status import drop_folder_counts
     from appliance.store.index import Index
+    from provisioning.escrow_state import ESCROW_HINT, escrow_status
 
     config = load(home)
 
@@ -210,9 +211,17 @@ def status(home: Path | None, as_json: bool) -> None:
             "tier_states": {"local": 0, **totals.tier_states},
             "dropfolder": dataclasses.asdict(dropped),
             "sync": synced,
+            "escrow": {**escrow_status(config.home).as_dict(),
+                       "evict_without_escrow": config.sync.evict_without_escrow},
         }
 
     report = asyncio.run(gather())
+    escrow = report["escrow"]
+    if escrow["problem"]:  # eviction waits for an escrow: say so, in both forms
+        what = ("evicting anyway ([sync] evict_without_escrow)"
+                if escrow["evict_without_escrow"] else "eviction is refused until then")
+        err.print(f"warning: {escrow['problem']}; {what}", highlight=False, markup=False)
+        err.print(f"hint: {ESCROW_HINT}", highlight=False, markup=False)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -230,6 +239,8 @@ def status(home: Path | None, as_json: bool) -> None:
     last = report["sync"]["last_successful_pass_at"]
     table.add_row("last sync pass", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
                   if last else "never")
+    table.add_row("site key escrow", f"{escrow['escrowed_key_id']} on {escrow['escrowed_at']}"
+                  if escrow["ok"] else "MISSING (see the warning)")
     out.print(table)
 
 
@@ -319,7 +330,11 @@ def config_check(home: Path | None) -> None:
     config = load(home)
     findings = check_home(config)
     for finding in findings:
-        if finding.ok:
+        if finding.ok and finding.warning:
+            err.print(f"warn   {finding.what}: {finding.warning}", highlight=False,
+                      markup=False)
+            err.print(f"       hint: {finding.hint}", highlight=False, markup=False)
+        elif finding.ok:
             out.print(f"ok     {finding.what}", highlight=False, markup=False)
         else:
             err.print(f"error  {finding.what}: {finding.problem}", highlight=False,

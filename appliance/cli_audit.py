@@ -22,7 +22,7 @@ from appliance.cli_common import err, expected_errors, home_option, load, out
 from appliance.errors import PacsEdgeError
 
 if TYPE_CHECKING:
-    from appliance.audit.anchor import Anchor
+    from appliance.audit.anchor import Anchors
     from appliance.config import Config
 
 
@@ -44,7 +44,8 @@ def verify(home: Path | None, local_only: bool) -> None:
 
     config = load(home)
     # Anchors first: the log only grows, so every anchor read now is within it.
-    anchors = [] if local_only else _anchors(config)
+    found = None if local_only else _anchors(config)
+    anchors = found.own if found is not None else []
     report = verify_log(AuditLog.for_home(config.home), anchors)
     if report.problem is not None:
         err.print(f"[red]audit log damaged:[/red] {report.problem}", highlight=False)
@@ -56,6 +57,10 @@ def verify(home: Path | None, local_only: bool) -> None:
     where = "not checked (--local-only)" if local_only else f"{len(anchors)} checked{latest}"
     out.print(f"audit log intact: {report.records} record(s), head {report.head_hash[:16]};"
               f" anchors {where}", highlight=False)
+    if found is not None and found.base:
+        out.print(f"this home was restored: its anchors start above position {found.base};"
+                  f" {len(found.predecessors)} anchor(s) of the lost box's log authenticated"
+                  " (its records are not on this box)", highlight=False)
 
 
 @audit.command("export")
@@ -99,7 +104,7 @@ def export(home: Path | None, since: str | None, until: str | None, fmt: str,
 @expected_errors
 def anchor(home: Path | None) -> None:
     """Anchor the log head in the cloud container now (the sync agent does it periodically)."""
-    from appliance.audit.anchor import load_key, write_anchor
+    from appliance.audit.anchor import load_base, load_key, write_anchor
     from appliance.audit.log import AuditLog
     from sync.blobstore.factory import open_blob_store
 
@@ -107,21 +112,22 @@ def anchor(home: Path | None) -> None:
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     try:
         made = write_anchor(AuditLog.for_home(config.home), store,
-                            load_key(config.home, create=True))
+                            load_key(config.home, create=True), base=load_base(config.home))
     finally:
         store.close()
     out.print("audit log is empty: nothing to anchor" if made is None
               else f"anchored record {made.seq}", highlight=False)
 
 
-def _anchors(config: Config) -> list[Anchor]:
-    from appliance.audit.anchor import ANCHOR_PREFIX, load_key, read_anchors
+def _anchors(config: Config) -> Anchors:
+    from appliance.audit.anchor import ANCHOR_PREFIX, Anchors, load_base, load_key, read_anchors
     from sync.blobstore.factory import open_blob_store
 
+    base = load_base(config.home)
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     try:
         if next(iter(store.list(ANCHOR_PREFIX)), None) is None:
-            return []  # never anchored: no key needed yet
-        return read_anchors(store, load_key(config.home))
+            return Anchors(base, [], [])  # never anchored: no key needed yet
+        return read_anchors(store, load_key(config.home), base=base)
     finally:
         store.close()

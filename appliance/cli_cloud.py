@@ -63,13 +63,23 @@ def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
 @click.command()
 @home_option
 @click.argument("study_uid")
+@click.option("--without-escrow", is_flag=True,
+              help="Evict even though the current site key is not escrowed: if this box is "
+              "lost, the study is lost with it ([sync] evict_without_escrow, for this once).")
 @expected_errors
-def evict(home: Path | None, study_uid: str) -> None:
-    """Delete a replicated study's local files (its verified packs stay in the cloud)."""
+def evict(home: Path | None, study_uid: str, without_escrow: bool) -> None:
+    """Delete a replicated study's local files (its verified packs stay in the cloud).
+
+    Refused until the current site key is escrowed (`pacs-edge keys escrow`)."""
+    import dataclasses
+
     from sync.context import open_context
     from sync.evict import evict_study
 
     config = load(home)
+    if without_escrow:
+        config = dataclasses.replace(
+            config, sync=dataclasses.replace(config.sync, evict_without_escrow=True))
 
     async def run() -> int:
         async with open_context(config) as ctx:

@@ -317,12 +317,17 @@ def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None)
 def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> None:
     """Put escrowed site secrets into a new data home (never overwrites)."""
     from provisioning.escrow import recover_escrow
+    from provisioning.home import AUDIT_KEY
 
     passphrase = _passphrase(passphrase_file, confirm=False)
     with _provisioning_errors():
         written = recover_escrow(from_file, home, passphrase)
     for path in written:
         out.print(f"wrote {path}", highlight=False)
+    if not any(path.name == AUDIT_KEY for path in written):
+        err.print("note: this escrow file (format version 1) holds no audit anchor key: the "
+                  "lost box's audit anchors cannot be authenticated on this box",
+                  highlight=False)
     out.print(f"next: pacs-edge init --home {home}, then pacs-edge restore --home {home} "
               "--cloud URL", highlight=False)
 
@@ -339,10 +344,12 @@ def restore(home: Path, cloud_url: str | None) -> None:
     """Rebuild the index from the cloud manifests; every study comes back evicted.
 
     Run after `keys recover` and `init`. Running it again changes nothing."""
+    from appliance.audit.anchor import set_base_after_restore
     from appliance.store.index import Index
+    from provisioning.keys import load_name_secret
     from sync.blobstore.factory import open_blob_store
     from sync.restore import restore_index
-    from sync.sitekeys import load_ring, site_keys_in_use
+    from sync.sitekeys import load_ring, provisioning_errors, site_keys_in_use
 
     if not (home / CONFIG_FILE).exists():
         raise PacsEdgeError(f"{home} is not an initialised data home",
@@ -358,18 +365,25 @@ def restore(home: Path, cloud_url: str | None) -> None:
     async def run(progress: Callable[[int, int], None]) -> Any:
         with site_keys_in_use(config.home):
             ring = load_ring(config.home)
+            with provisioning_errors():
+                name_secret = load_name_secret(config.home)
             async with Index(config.index.path) as index:
-                return await restore_index(index, store, ring, on_progress=progress)
+                return await restore_index(index, store, ring, name_secret=name_secret,
+                                           on_progress=progress)
 
     try:
         with _bar("restoring") as progress:
             report = asyncio.run(run(progress))
+        # This box's audit log starts again at 1: its anchors go above the lost box's.
+        set_base_after_restore(config.home, store)
     finally:
         store.close()
     _audit(config, "index restored from the cloud")
     out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
               f"{report.instances} instance(s); {report.already} already in the index; "
-              f"{len(report.failures)} failed", highlight=False)
+              f"{len(report.failures)} failed"
+              + (f" ({len(report.misfiled)} study folder(s) hold another study's manifest)"
+                 if report.misfiled else ""), highlight=False)
     for failure in report.failures:
         err.print(f"  failed: {failure}", highlight=False)
     if report.failures:

@@ -122,6 +122,7 @@ class SyncConfig:
     rehydrate_poll_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
     recall_timeout_seconds: float = field(
         default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    evict_without_escrow: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,8 @@ _COMMENTS = {
     "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
     "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
+    "sync.evict_without_escrow": "Evict even before the site key is escrowed (`keys escrow`):"
+    " a lost box then loses every evicted study.",
     "audit": "Audit trail: <home>/audit/audit.log (0600, hash-chained; holds PHI by design).",
     "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
     "audit.flush_seconds": "Audit records are written at association end or after this long.",

@@ -24,6 +24,7 @@ from appliance.errors import PacsEdgeError
 from appliance.peers import Allowlist
 from provisioning.certs import TlsPaths, load_certificate
 from provisioning.errors import ProvisioningError
+from provisioning.escrow_state import ESCROW_HINT, escrow_status
 from provisioning.home import LOG_KEY
 from provisioning.keyring import load_keyring
 from provisioning.keys import load_name_secret, load_secret_file, secrets_dir
@@ -37,6 +38,7 @@ class Finding:
     what: str
     problem: str = ""
     hint: str = ""
+    warning: str = ""  # passed, but the operator should act (e.g. no key escrow yet)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +65,18 @@ def check_home(config: Config) -> list[Finding]:
             findings.append(Finding(what, str(exc), exc.hint or ""))
         else:
             findings.append(Finding(f"{what}: {detail}" if detail else what))
+    findings.append(_escrow(config))
     return findings
+
+
+def _escrow(config: Config) -> Finding:
+    """A warning, not an error: the box runs without an escrow, it only refuses to evict."""
+    status = escrow_status(config.home)
+    if status.problem is None:
+        return Finding(f"site key escrow: {status.escrowed_key_id} on {status.escrowed_at}")
+    what = ("evicting anyway ([sync] evict_without_escrow = true)"
+            if config.sync.evict_without_escrow else "eviction is refused until then")
+    return Finding("site key escrow", warning=f"{status.problem}; {what}", hint=ESCROW_HINT)
 
 
 def _quiet(load: Callable[[Path], object], path: Path) -> str:

@@ -226,7 +226,7 @@ def one_run(tag: str, study: Path, uid: str, sides: dict[str, Side], azurite_pid
         sides["noop"].add(plain("noop", ref, credentials, listing, azurite_pid))
         before = store_hashes(home)
         extra = {"pack_bytes": pack_bytes(home)}
-        run([*edge, "evict", uid, "--home", str(home)])
+        run([*edge, "evict", uid, "--without-escrow", "--home", str(home)])
 
         def recall() -> None:
             sides["recall"].add(measured([*edge, "recall", uid, "--home", str(home)],

@@ -1,14 +1,17 @@
 """Key escrow: the site secrets in one passphrase-encrypted file, and back into a new home.
 
 What the file holds (all from `<home>/secrets/`): the site key (`site.key`,
-wraps every pack's data key), the name secret (`names.key`, names the blobs)
-and the audit log key (`log.key`). With them and the cloud container a new
-box rebuilds its index (`pacs-edge restore`). The site CA and node
-certificate are not in it: a new box gets new ones at `init`.
+wraps every pack's data key), the name secret (`names.key`, names the blobs),
+the audit log key (`log.key`) and, from version 2 on, the audit anchor key
+(`audit.key`, the HMAC key of the log's cloud anchors; made here if the box
+never anchored yet). With them and the cloud container a new box rebuilds its
+index (`pacs-edge restore`) and can still authenticate the old box's anchors.
+The site CA and node certificate are not in it: a new box gets new ones at
+`init`.
 
 File format (UTF-8 JSON, one object)::
 
-    {"format": "pacs-edge-escrow", "version": 1,
+    {"format": "pacs-edge-escrow", "version": 2,
      "site_key_id": "<16 hex>",                       public fingerprint, for the label
      "kdf": {"name": "scrypt", "n": 131072, "r": 8, "p": 1, "salt": "<b64, 16 bytes>"},
      "nonce": "<b64, 12 bytes>",
@@ -16,8 +19,13 @@ File format (UTF-8 JSON, one object)::
 
     key        = scrypt(passphrase UTF-8, salt, n, r, p, length 32)
     ciphertext = AES-256-GCM(key, nonce, JSON {"site.key": b64, "names.key": b64,
-                                               "log.key": b64}, aad)
-    aad        = b"pacs-edge-escrow v1|" | site_key_id ASCII
+                                               "log.key": b64, "audit.key": b64}, aad)
+    aad        = b"pacs-edge-escrow v2|" | site_key_id ASCII
+
+Version 1 (written before the anchor key was escrowed) is the same without
+"audit.key" and with aad b"pacs-edge-escrow v1|"; it is still read, and
+recovering from it leaves `audit.key` to be made anew (the old anchors then no
+longer authenticate: escrow again to get a version 2 file).
 
 A wrong passphrase and a modified file both fail the GCM tag: they cannot be
 told apart, and the error says so. The KDF parameters are read from the file
@@ -25,6 +33,8 @@ told apart, and the error says so. The KDF parameters are read from the file
 
 Escrow is refused while a site key rotation is pending: the file would hold
 a key that is about to be retired. Recovering never overwrites a secret file.
+Both record the escrowed key id in the home (provisioning.escrow_state), which
+eviction waits for.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from provisioning.errors import ProvisioningError
-from provisioning.home import LOG_KEY
+from provisioning.escrow_state import record_escrow
+from provisioning.home import AUDIT_KEY, LOG_KEY
 from provisioning.keyring import key_id, load_keyring
 from provisioning.keys import (
     KEY_BYTES,
@@ -53,12 +64,12 @@ from provisioning.keys import (
 )
 
 FORMAT = "pacs-edge-escrow"
-VERSION = 1
-SECRET_FILES = (SITE_KEY, NAMES_KEY, LOG_KEY)
+VERSION = 2
+# The secret files each format version holds, in the order they are written back.
+SECRET_FILES = {1: (SITE_KEY, NAMES_KEY, LOG_KEY), 2: (SITE_KEY, NAMES_KEY, LOG_KEY, AUDIT_KEY)}
 MIN_PASSPHRASE = 12
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1  # 128 MiB, about half a second
 _MAX_N = 1 << 20
-_AAD = b"pacs-edge-escrow v1|"
 
 
 class EscrowError(ProvisioningError):
@@ -90,7 +101,11 @@ def export_escrow(home: Path, out: Path, passphrase: str) -> str:
     if ring.rotation_pending or (secrets_dir(home) / f"{SITE_KEY}.next").exists():
         raise EscrowError("a site key rotation is pending",
                           hint="finish it with `pacs-edge keys rotate`, then escrow the new key")
-    secrets = {name: load_secret_file(secrets_dir(home) / name) for name in SECRET_FILES}
+    # The anchor key is made on first use; escrow it even before the first anchor
+    # (create never replaces a key the agent made meanwhile).
+    create_secret_file(secrets_dir(home) / AUDIT_KEY, os.urandom(KEY_BYTES))
+    secrets = {name: load_secret_file(secrets_dir(home) / name)
+               for name in SECRET_FILES[VERSION]}
     kid = key_id(secrets[SITE_KEY])
     salt, nonce = os.urandom(16), os.urandom(12)
     payload = json.dumps({name: _b64(data) for name, data in secrets.items()}).encode()
@@ -100,7 +115,7 @@ def export_escrow(home: Path, out: Path, passphrase: str) -> str:
         "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
                 "salt": _b64(salt)},
         "nonce": _b64(nonce),
-        "ciphertext": _b64(AESGCM(key).encrypt(nonce, payload, _AAD + kid.encode())),
+        "ciphertext": _b64(AESGCM(key).encrypt(nonce, payload, _aad(VERSION, kid))),
     }
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -108,20 +123,24 @@ def export_escrow(home: Path, out: Path, passphrase: str) -> str:
                           "never overwritten")
     if not create_secret_file(out, (json.dumps(document, indent=1) + "\n").encode()):
         raise EscrowError(f"{out} exists", hint="choose a new file name")
+    record_escrow(home, kid, how="escrow")
     return kid
 
 
 def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
-    """The secrets in an escrow file: {file name: 32 bytes}."""
+    """The secrets in an escrow file of any version: {file name: 32 bytes}."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EscrowError(f"{path}: not a readable escrow file ({exc})",
                           hint="name the file written by `pacs-edge keys escrow`") from exc
     try:
-        if document["format"] != FORMAT or document["version"] != VERSION:
-            raise EscrowError(f"{path}: not a pacs-edge escrow file of version {VERSION}",
-                              hint="name the file written by `pacs-edge keys escrow`")
+        version = document["version"]
+        if document["format"] != FORMAT or version not in SECRET_FILES:
+            raise EscrowError(f"{path}: not a pacs-edge escrow file of version "
+                              f"{' or '.join(map(str, SECRET_FILES))}",
+                              hint="name the file written by `pacs-edge keys escrow`; a "
+                              "newer pacs-edge may have written it")
         kdf = document["kdf"]
         n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
         if kdf["name"] != "scrypt" or not (2 <= n <= _MAX_N and 1 <= r <= 32 and 1 <= p <= 16):
@@ -130,7 +149,7 @@ def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
         kid = str(document["site_key_id"])
         key = _derive(passphrase, _unb64(kdf["salt"]), n, r, p)
         payload = AESGCM(key).decrypt(_unb64(document["nonce"]),
-                                      _unb64(document["ciphertext"]), _AAD + kid.encode())
+                                      _unb64(document["ciphertext"]), _aad(version, kid))
         secrets = {name: _unb64(value) for name, value in json.loads(payload).items()}
     except InvalidTag:
         raise EscrowError(f"{path}: the passphrase is wrong or the file was modified",
@@ -139,7 +158,8 @@ def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
     except (KeyError, TypeError, ValueError) as exc:
         raise EscrowError(f"{path}: the escrow file is damaged ({type(exc).__name__})",
                           hint="use another copy of the escrow file") from exc
-    if set(secrets) != set(SECRET_FILES) or any(len(v) != KEY_BYTES for v in secrets.values()):
+    if set(secrets) != set(SECRET_FILES[version]) or any(len(v) != KEY_BYTES
+                                                         for v in secrets.values()):
         raise EscrowError(f"{path}: the escrow file does not hold the expected secrets",
                           hint="use another copy of the escrow file")
     if key_id(secrets[SITE_KEY]) != kid:
@@ -149,22 +169,29 @@ def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
 
 
 def recover_escrow(path: Path, home: Path, passphrase: str) -> list[Path]:
-    """Write the escrowed secrets into `home/secrets/` (0600); refuse if any exists."""
+    """Write the escrowed secrets into `home/secrets/` (0600); refuse if any exists.
+
+    Returns the files written: a version 1 escrow has no `audit.key`."""
     secrets = open_escrow(path, passphrase)
     folder = secrets_dir(home)
-    existing = [folder / name for name in SECRET_FILES if (folder / name).exists()]
+    existing = [folder / name for name in secrets if (folder / name).exists()]
     if existing:
         raise EscrowError(f"{existing[0]} exists: refusing to overwrite a secret",
                           hint="recover into a new, empty data home, before `pacs-edge init`")
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(stat.S_IRWXU)
     written = []
-    for name in SECRET_FILES:
+    for name in secrets:
         if not create_secret_file(folder / name, secrets[name]):
             raise EscrowError(f"{folder / name} appeared meanwhile: refusing to overwrite",
                               hint="recover into a new, empty data home")
         written.append(folder / name)
+    record_escrow(home, key_id(secrets[SITE_KEY]), how="recover")
     return written
+
+
+def _aad(version: int, kid: str) -> bytes:
+    return f"pacs-edge-escrow v{version}|{kid}".encode("ascii")
 
 
 def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:

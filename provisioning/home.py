@@ -14,6 +14,7 @@ from provisioning.files import write_file
 
 SECRETS_DIR = "secrets"
 LOG_KEY = "log.key"
+AUDIT_KEY = "audit.key"  # the audit anchors' HMAC key, made on first use (escrowed)
 
 
 @dataclass

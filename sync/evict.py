@@ -26,6 +26,7 @@ from appliance.store.leases import StudyLease
 from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
+from sync.escrow_gate import eviction_allowed, require_escrow
 from sync.records import StudyRow, studies_where
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class NotEvictable(PacsEdgeError):
 async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     """Evict one study; returns the bytes freed."""
     assert ctx.index.writer is not None
+    require_escrow(ctx)
     if study.tier_state != TierState.REPLICATED:
         raise NotEvictable(
             f"study is {study.tier_state}, not replicated",
@@ -98,6 +100,8 @@ def _mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) ->
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
     """Replicated studies to evict now: idle past `evict_after_days`, then least recently
     used ones while the store's disk is above the high watermark (down to the low one)."""
+    if not eviction_allowed(ctx):
+        return []
     sync = ctx.config.sync
     replicated = await studies_where(ctx.index, "st.tier_state = 'replicated'",
                                      order="st.last_access_at")

@@ -20,8 +20,10 @@ decrypted segment by segment; else each is range-read (only its segments).
 Each is checked against the manifest (length and SHA-256 of the dataset
 bytes), then written as `<to>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm` with
 the durable write (temp file, fsync, rename, fsync folder): what is there is
-always whole and verified. A second pull skips files already present whose bytes verify,
-so an interrupted pull resumes where it stopped.
+always whole and verified. Temp files are named as this pull's and only those
+are swept (sync.pull_temp): other files in the folder are never touched. A
+second pull skips files already present whose bytes verify, so an
+interrupted pull resumes where it stopped.
 
 Errors (ReaderClientError, each with a hint):
     NotGranted               no granted version of that study for this reader
@@ -34,7 +36,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,10 +43,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from appliance.errors import PacsEdgeError
-from appliance.store.durable import TEMP_SUFFIX, ensure_dir, fsync_dir, sweep_temp_files
+from appliance.store.durable import ensure_dir, fsync_dir
 from appliance.uids import is_valid_uid
 from provisioning.errors import ProvisioningError
 from provisioning.keys import create_reader_key, load_reader_key
+from sync import pull_temp
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.errors import PackError, PackIntegrityError
@@ -283,7 +285,7 @@ class ReaderClient:
         """Download, decrypt and verify every current instance of `study` into `to`."""
         to = Path(to)
         ensure_dir(to)
-        sweep_temp_files(to)
+        pull_temp.sweep(to)
         current = study.current()
         total = sum(entry.length for _, entry in current)
         report = PullReport()
@@ -329,8 +331,7 @@ class ReaderClient:
                 path = _target(to, piece.entry)
                 if fh is None:
                     ensure_dir(path.parent)
-                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                               suffix=TEMP_SUFFIX)
+                    fd, tmp = pull_temp.create(path)
                     fh = os.fdopen(fd, "wb")
                 fh.write(piece.data)
                 if piece.last:  # length and SHA-256 verified against the manifest

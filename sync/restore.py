@@ -8,7 +8,13 @@ a study's versions in version order; the index writer group-commits them):
 
 1. unwrap the data key from the version's site key object (whichever ring key
    wrapped it, see sync.sitekeys) and open the manifest: authenticated, so a
-   modified manifest is refused, never half-imported;
+   modified manifest is refused, never half-imported; then check that the
+   study key in its blob name is the keyed hash of the StudyInstanceUID it
+   holds (sync.pack.naming.study_key). The manifest authenticates its pack and
+   key object, not its folder: a version moved whole into another study's
+   folder opens fine, and would be restored under a name the box never uses
+   for that study (so its next version, its recall and its eviction would look
+   elsewhere). Such a version is refused and counted as misfiled;
 2. check the pack in the listing: it must exist with the manifest's `pack_size`
    (its access tier comes from there too);
 3. one transaction: patient (upsert by PatientID + issuer), study (inserted
@@ -63,6 +69,10 @@ class RestoreConflict(PacsEdgeError):
     """A cloud version belongs to a study this box holds locally (not a fresh home)."""
 
 
+class MisfiledManifest(PackIntegrityError):
+    """A manifest's StudyInstanceUID does not hash to the study key of its blob name."""
+
+
 @dataclass
 class RestoreReport:
     manifests: int = 0
@@ -71,6 +81,7 @@ class RestoreReport:
     instances: int = 0
     studies: set[str] = field(default_factory=set)  # study keys touched (no PHI)
     failures: list[str] = field(default_factory=list)
+    misfiled: set[str] = field(default_factory=set)  # study keys holding another's manifest
 
     @property
     def ok(self) -> bool:
@@ -86,9 +97,12 @@ class _Version:
 
 
 async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
+                        name_secret: bytes,
                         on_progress: Callable[[int, int], None] | None = None
                         ) -> RestoreReport:
-    """Add every cloud pack version the index lacks; see the module docstring."""
+    """Add every cloud pack version the index lacks; see the module docstring.
+
+    `name_secret` is the site's (escrowed) names.key: it checks each manifest's folder."""
     writer = index.writer
     assert writer is not None
     listing = await asyncio.to_thread(_list_studies, store)
@@ -101,8 +115,13 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
 
     async def restore_version(study_key: str, name: str) -> None:
         try:
-            version = await asyncio.to_thread(_read_version, store, ring, name, listing.packs)
+            version = await asyncio.to_thread(_read_version, store, ring, name_secret, name,
+                                              listing.packs)
             await writer.submit(functools.partial(_insert_version, version=version))
+        except MisfiledManifest as exc:
+            report.failures.append(f"{name}: {exc.message}")
+            report.misfiled.add(study_key)
+            log.error("restore skipped manifest=%s error=misfiled", name)
         except (PacsEdgeError, ValueError) as exc:
             message = getattr(exc, "message", str(exc))
             report.failures.append(f"{name}: {message}")
@@ -160,7 +179,7 @@ def _by_study(manifests: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str,
+def _read_version(store: BlobStore, ring: SiteKeyring, name_secret: bytes, manifest_name: str,
                   packs: dict[str, BlobInfo]) -> _Version:
     parsed = naming.parse_blob_name(manifest_name)
     assert parsed is not None
@@ -176,6 +195,12 @@ def _read_version(store: BlobStore, ring: SiteKeyring, manifest_name: str,
             *(e.instance.sop_uid for e in manifest.instances)]
     if not all(is_valid_uid(uid) for uid in uids):
         raise PackFormatError("manifest holds an invalid UID")
+    if naming.study_key(name_secret, study.study_uid) != parsed.study_key:
+        raise MisfiledManifest(
+            "the manifest's study does not belong under this study key (a version moved "
+            "from another study's folder); skipped",
+            hint="the container was modified: compare it with its soft-deleted or versioned "
+            "blobs; do not move blobs between study folders")
     pack_name = naming.pack_name(parsed.study_key, parsed.version)
     info = packs.get(pack_name)
     if info is None:

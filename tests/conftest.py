@@ -74,11 +74,18 @@ def run_pacs_edge(*args: str, check: bool = True,
     return proc
 
 
-def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True) -> Path:
-    """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer."""
+def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
+              evict_without_escrow: bool = True) -> Path:
+    """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer.
+
+    Test homes accept the no-escrow risk ([sync] evict_without_escrow) so that tests of
+    other things can evict without a (slow, scrypt) `keys escrow`; the escrow gate's
+    own tests pass evict_without_escrow=False."""
     # TLS off unless a test turns it on: its fixed port (2762) would collide.
     run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
                   "--tls-port", "0")
+    if evict_without_escrow:
+        EdgeServer(home).configure(sync={"evict_without_escrow": True})
     if default_peer:
         # Port 1: nothing listens there; a C-MOVE destination needs its own peer.
         run_pacs_edge("peers", "add", "testscu", "--home", str(home), "--ae-title", TEST_AE,

@@ -230,3 +230,32 @@ def test_readers_add_refuses_a_mistyped_key_and_a_bad_scope(edge: EdgeServer,
     bad = edge.cli("readers", "add", "r", key, "--scope", "physician:X", check=False)
     assert bad.returncode == 2 and "invalid reader scope" in bad.stderr
     assert "no readers" in edge.cli("readers", "list").stdout
+
+
+def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -> None:
+    cloud = Cloud(f"file://{tmp_path / 'cloud'}")
+    EdgeServer(edge_home).configure(cloud={"url": cloud.url})
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=9, patients=1, series_per_study=1,
+                                 instances_per_series=2)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "sent"))
+    sync_once(edge_home)
+    run_pacs_edge("readers", "add", "home", reader_init(tmp_path / "reader", cloud),
+                  "--home", str(edge_home))
+    target = tmp_path / "Downloads"
+    series = target / sent[0].header.SeriesInstanceUID
+    series.mkdir(parents=True)
+    foreign = [target / "film.mkv.part", series / "notes.part",
+               series / f".{sent[0].header.SOPInstanceUID}.dcm.abc123.part"]
+    for path in foreign:
+        path.write_bytes(b"not the puller's")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has exited: a pull killed earlier
+    leftover = series / f".{sent[0].header.SOPInstanceUID}.dcm.{gone.pid}.x1y2z3.pull-part"
+    leftover.write_bytes(b"half an instance")
+
+    out = reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target)).stdout
+    assert "2 downloaded and verified" in out
+    assert pulled_bytes(target) == sent_bytes(sent)
+    assert all(path.read_bytes() == b"not the puller's" for path in foreign)
+    assert not leftover.exists()
+    assert not list(target.rglob("*.pull-part"))

@@ -8,8 +8,12 @@ folder outside the data home (the default one inside it would die with it).
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +21,11 @@ import dcmtk
 import dicomgen
 import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from syncagent import SyncAgent, evict, sync_once
+
+from provisioning.keyring import key_id
 
 PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
@@ -204,3 +212,108 @@ def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> N
     assert result.stderr.count("  failed: studies/") == 3
     patient_ids = {str(i.header.PatientID) for i in sent}
     assert not any(pid in result.stdout + result.stderr for pid in patient_ids)
+
+
+def _lose_and_recover(old: Path, new: Path, escrow: Path, passphrase: Path
+                      ) -> subprocess.CompletedProcess[str]:
+    shutil.rmtree(old)
+    recovered = run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
+                              "--passphrase-file", str(passphrase))
+    init_home(new)
+    return recovered
+
+
+def test_audit_anchors_survive_a_restore(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud"
+    old = tmp_path / "old"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    for n in range(3):
+        run_pacs_edge("peers", "add", f"ws{n}", "--home", str(old), "--ae-title", f"WS{n}",
+                      "--host", "127.0.0.1", "--port", "104", "--allow", "find")
+    assert "anchored record 3" in run_pacs_edge("audit", "anchor", "--home", str(old)).stdout
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    assert json.loads((tmp_path / "escrow").read_text())["version"] == 2
+
+    new = tmp_path / "new"
+    recovered = _lose_and_recover(old, new, tmp_path / "escrow", passphrase)
+    assert (new / "secrets" / "audit.key").stat().st_mode & 0o777 == 0o600
+    assert "format version 1" not in recovered.stderr
+    run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    # The new log starts again at record 1 (init_home's peer, the restore); one more
+    # record brings its head to 3, the seq the lost box anchored.
+    run_pacs_edge("peers", "add", "ws9", "--home", str(new), "--ae-title", "WS9",
+                  "--host", "127.0.0.1", "--port", "104", "--allow", "find")
+    assert "anchored record 3" in run_pacs_edge("audit", "anchor", "--home", str(new)).stdout
+    assert sorted(p.name for p in (cloud / "audit" / "anchors").iterdir()
+                  if not p.name.startswith(".")) == ["000000000003", "000000000006"]
+    run_pacs_edge("restore", "--home", str(new))  # again (record 4): the base stays
+    verified = run_pacs_edge("audit", "verify", "--home", str(new))
+    assert "audit log intact: 4 record(s)" in verified.stdout
+    assert "anchors 1 checked, latest at record 3" in verified.stdout
+    assert "1 anchor(s) of the lost box's log authenticated" in verified.stdout
+
+
+def test_recover_reads_a_version_1_escrow_file(tmp_path: Path) -> None:
+    """A file written before the anchor key was escrowed, built from docs/cloud-format."""
+    secrets = {name: os.urandom(32) for name in ("site.key", "names.key", "log.key")}
+    kid = key_id(secrets["site.key"])
+    salt, nonce = os.urandom(16), os.urandom(12)
+    key = Scrypt(salt=salt, length=32, n=1 << 14, r=8, p=1).derive(PASSPHRASE.encode())
+    payload = json.dumps({k: base64.b64encode(v).decode() for k, v in secrets.items()})
+    sealed = AESGCM(key).encrypt(nonce, payload.encode(), f"pacs-edge-escrow v1|{kid}".encode())
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    (tmp_path / "v1.escrow").write_text(json.dumps({
+        "format": "pacs-edge-escrow", "version": 1, "site_key_id": kid,
+        "kdf": {"name": "scrypt", "n": 1 << 14, "r": 8, "p": 1, "salt": b64(salt)},
+        "nonce": b64(nonce), "ciphertext": b64(sealed)}))
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE)
+
+    home = tmp_path / "home"
+    result = run_pacs_edge("keys", "recover", "--home", str(home), "--from",
+                           str(tmp_path / "v1.escrow"), "--passphrase-file", str(passphrase))
+    assert {name: (home / "secrets" / name).read_bytes() for name in secrets} == secrets
+    assert not (home / "secrets" / "audit.key").exists()
+    assert "format version 1" in result.stderr and "audit anchor key" in result.stderr
+    assert json.loads((home / "escrow.json").read_text())["site_key_id"] == kid
+
+
+def test_restore_refuses_manifests_swapped_between_studies(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud"
+    old = tmp_path / "old"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=43, patients=3,
+                                 series_per_study=1, instances_per_series=1)
+    run_pacs_edge("import", "--home", str(old), str(tmp_path / "sent"))
+    sync_once(old)
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    # Swap two studies' folders whole (pack, manifest, key objects): each manifest still
+    # opens with its own key object, but now sits under the other study's key.
+    first, second, _ = sorted((cloud / "studies").iterdir())
+    first.rename(cloud / "studies" / "swap")
+    second.rename(first)
+    (cloud / "studies" / "swap").rename(second)
+
+    new = tmp_path / "new"
+    _lose_and_recover(old, new, tmp_path / "escrow", passphrase)
+    result = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}",
+                           check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "restored 1 pack version(s) of 1 study(ies), 1 instance(s); 0 already in the " \
+           "index; 2 failed (2 study folder(s) hold another study's manifest)" in result.stdout
+    assert result.stderr.count("does not belong under this study key") == 2
+    assert "Traceback" not in result.stderr
+    for item in sent:
+        for value in (str(item.header.PatientID), item.study_uid, str(item.header.PatientName)):
+            assert value not in result.stdout + result.stderr
+    restored = index_dump(new)
+    assert sum(item.study_uid in line for item in sent for line in restored
+               if line.startswith('INSERT INTO "studies"')) == 1
