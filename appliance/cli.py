@@ -37,6 +37,7 @@ from appliance.cli_common import (
 )
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from appliance.undumpable import make_undumpable
 from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
 from provisioning.keys import create_site_secrets
@@ -46,6 +47,7 @@ from provisioning.keys import create_site_secrets
 @click.version_option(__version__, prog_name="pacs-edge")
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
+    make_undumpable()  # before any key is read (appliance/undumpable.py says why)
 
 
 @main.command()
