@@ -150,6 +150,9 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
     allowed = ",".join(sorted(peer.allow))
     out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
+    if tls_only and not config.dicom.tls_port:
+        err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"
+                  " TLS-only, so it cannot associate until TLS is on", highlight=False)
 
 
 @peers.command("list")
