@@ -37,6 +37,7 @@ from appliance.cli_common import (
 )
 from appliance.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from appliance.undumpable import make_undumpable
 from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
 from provisioning.keys import create_site_secrets
@@ -46,6 +47,7 @@ from provisioning.keys import create_site_secrets
 @click.version_option(__version__, prog_name="pacs-edge")
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
+    make_undumpable()  # before any key is read (appliance/undumpable.py says why)
 
 
 @main.command()
@@ -131,20 +133,26 @@ def peers() -> None:
               help="Accept this AE title only from the addresses of --host.")
 @click.option("--tls", "use_tls", is_flag=True,
               help="Send C-MOVE sub-operations to this peer over DICOM TLS.")
+@click.option("--tls-only", is_flag=True,
+              help="Refuse this peer on the plain port: it must call over TLS with the"
+                   " certificate issued for NAME (pacs-edge certs issue NAME).")
 @expected_errors
 def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
-              allow: str, bind_host: bool, use_tls: bool) -> None:
+              allow: str, bind_host: bool, use_tls: bool, tls_only: bool) -> None:
     """Allow a remote AE."""
     config = load(home)
     peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host,
-                tls=use_tls)
+                tls=use_tls, tls_only=tls_only)
     Allowlist(config.peers_path).add(peer)
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
-                             allow=peer.allow)
+                             allow=peer.allow, flags=peer.flags)
     allowed = ",".join(sorted(peer.allow))
     out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
+    if tls_only and not config.dicom.tls_port:
+        err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"
+                  " TLS-only, so it cannot associate until TLS is on", highlight=False)
 
 
 @peers.command("list")
@@ -157,13 +165,15 @@ def peers_list(home: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([
             {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
-             "allow": sorted(p.allow), "bind_host": p.bind_host, "tls": p.tls}
+             "allow": sorted(p.allow), "bind_host": p.bind_host, "tls": p.tls,
+             "tls_only": p.tls_only}
             for p in listed.values()
         ], indent=2))
         return
-    table = Table("name", "AE title", "host", "port", "allow")
+    table = Table("name", "AE title", "host", "port", "allow", "flags")
     for p in listed.values():
-        table.add_row(p.name, p.ae_title, p.host, str(p.port), ",".join(sorted(p.allow)))
+        table.add_row(p.name, p.ae_title, p.host, str(p.port), ",".join(sorted(p.allow)),
+                      ",".join(p.flags))
     out.print(table if listed else "no peers: every association is rejected until one is added")
 
 

@@ -103,17 +103,30 @@ def certs() -> None:
               help="Folder for NAME.key (0600), NAME.pem and ca.pem; never overwritten.")
 @click.option("--days", type=int, default=site_certs.DEFAULT_CLIENT_DAYS, show_default=True,
               help="Lifetime of the client certificate.")
+@click.option("--server", is_flag=True,
+              help="Also for TLS servers (serverAuth): a TLS C-MOVE destination's certificate.")
+@click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
+              help="With --server: a subjectAltName (repeatable), a DNS name or an IP.")
 @expected_errors
 @_provisioning_errors
-def certs_issue(home: Path | None, name: str, out_dir: Path, days: int) -> None:
-    """Issue a client key and certificate for a modality or workstation."""
+def certs_issue(home: Path | None, name: str, out_dir: Path, days: int, server: bool,
+                sans: tuple[str, ...]) -> None:
+    """Issue a key and certificate for the peer NAME (a modality or workstation).
+
+    The box accepts the certificate only from the peer named NAME in the
+    allowlist (`pacs-edge peers add NAME ...`), calling with that peer's AE title.
+    """
     config = load(home)
-    written = site_certs.issue_client(config.home, name, out_dir, days=days)
-    out.print(f"issued client certificate for {name}, signed by the site CA:", highlight=False)
+    written = site_certs.issue_client(config.home, name, out_dir, days=days, server=server,
+                                      sans=sans)
+    kind = "client and server" if server else "client"
+    out.print(f"issued {kind} certificate for {name}, signed by the site CA:", highlight=False)
     for path in written:
         out.print(f"  wrote {path}", highlight=False)
     out.print("install the key and certificate on the device and ca.pem as its trusted CA;"
               " the key file is secret", highlight=False)
+    out.print(f"the box accepts it only from the peer named {name} (pacs-edge peers add"
+              f" {name} ...), calling with that peer's AE title", highlight=False)
 
 
 @certs.command("renew")

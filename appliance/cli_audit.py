@@ -86,17 +86,36 @@ def export(home: Path | None, since: str | None, until: str | None, fmt: str,
     except ValueError as exc:
         raise PacsEdgeError(f"not an ISO 8601 date or date-time: {exc}",
                             hint="e.g. --since 2026-01-31 or --since 2026-01-31T08:00") from exc
+    fd = None if out_path is None else _create_export_file(out_path)
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.audit_log_used(f"export {fmt}")
     entries = entries_between(AuditLog.for_home(config.home), start, end)
     chunks: Iterator[str] = export_json(entries) if fmt == "json" else export_xml(entries)
-    if out_path is None:
+    if fd is None:
         for chunk in chunks:
             sys.stdout.write(chunk)
         return
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.writelines(chunks)
+
+
+def _create_export_file(path: Path) -> int:
+    """A new 0600 file at `path`, opened for writing.
+
+    The export holds PHI: it never overwrites a file (O_EXCL), and never
+    writes through a symlink planted at `path` (O_EXCL refuses any existing
+    name, a symlink included; O_NOFOLLOW says so again).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        kind = "a symlink" if path.is_symlink() else "a file"
+        raise PacsEdgeError(f"{path} exists ({kind}): an export never overwrites",
+                            hint="give --out a new file name") from None
+    except OSError as exc:
+        raise PacsEdgeError(f"cannot create {path}: {exc.strerror}",
+                            hint="give --out a file in a folder you can write") from exc
 
 
 @audit.command("anchor")

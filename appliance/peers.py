@@ -6,6 +6,15 @@ file when its modification time or size changes (checked at each new
 association), so edits apply without a restart.
 
 An empty allowlist admits nobody: the box is closed until peers are added.
+
+Identity at association time (`Peer.refusal`): a peer's AE title is its
+name on the wire, not a credential. What binds it to the device:
+- `bind_host`: the AE title is accepted only from the addresses of `host`;
+- on the TLS port, a client certificate (from `pacs-edge certs issue NAME`)
+  names the peer: its common name or a DNS subjectAltName must be the peer's
+  NAME, so the certificate of peer A cannot call with peer B's AE title;
+- `tls_only`: the peer is refused on the plain port, and on the TLS port
+  without a certificate that names it.
 """
 
 from __future__ import annotations
@@ -44,6 +53,13 @@ class Peer:
     allow: frozenset[str]
     bind_host: bool = False  # only accept this AE title from `host`'s addresses
     tls: bool = False  # C-MOVE sub-associations to this peer use DICOM TLS
+    tls_only: bool = False  # refused unless it calls over TLS with its own certificate
+
+    @property
+    def flags(self) -> list[str]:
+        """The identity and transport options that are on, by their peers.toml keys."""
+        return [key for key, on in (("bind_host", self.bind_host), ("tls", self.tls),
+                                    ("tls_only", self.tls_only)) if on]
 
     def may(self, permission: str) -> bool:
         return permission in self.allow
@@ -57,6 +73,36 @@ class Peer:
         except OSError:
             return False
         return address in {info[4][0] for info in infos}
+
+    def refusal(self, *, address: str, over_tls: bool,
+                certificate: CertificateIdentity | None) -> str | None:
+        """Why this peer may not associate from `address` as it called, or None.
+
+        `certificate` is the verified client certificate of a TLS association
+        (None on the plain port, or when mutual TLS is off and none was sent).
+        """
+        if not self.accepts_address(address):
+            return f"AE title is bound to host {self.host!r}, not this address"
+        if certificate is not None and not certificate.names(self.name):
+            return (f"TLS certificate of {certificate.common_name!r} may not call as peer"
+                    f" {self.name!r} (certificate and AE title belong to different peers)")
+        if self.tls_only and not over_tls:
+            return "peer is TLS-only and called on the plain port"
+        if self.tls_only and certificate is None:
+            return "peer is TLS-only and presented no client certificate"
+        return None
+
+
+@dataclass(frozen=True)
+class CertificateIdentity:
+    """The names a verified peer certificate carries (see `Peer.refusal`)."""
+
+    common_name: str
+    dns_names: frozenset[str] = frozenset()
+
+    def names(self, peer_name: str) -> bool:
+        # Exact match: peer names are case-sensitive keys of peers.toml.
+        return peer_name == self.common_name or peer_name in self.dns_names
 
 
 def parse_permissions(text: str) -> frozenset[str]:
@@ -123,6 +169,8 @@ class Allowlist:
             entry["bind_host"] = True
         if peer.tls:
             entry["tls"] = True
+        if peer.tls_only:
+            entry["tls_only"] = True
         table[peer.name] = entry
         atomic_write(self.path, tomlkit.dumps(doc).encode())
 
@@ -168,6 +216,7 @@ def _load(path: Path) -> dict[str, Peer]:
                 allow=frozenset(str(p) for p in entry.get("allow", [])),
                 bind_host=bool(entry.get("bind_host", False)),
                 tls=bool(entry.get("tls", False)),
+                tls_only=bool(entry.get("tls_only", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(key, entry, "a table with ae_title, host, port and allow",

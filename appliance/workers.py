@@ -45,7 +45,9 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str) -> Non
 
     from appliance.cli import setup_logging
     from appliance.serve import serve
+    from appliance.undumpable import make_undumpable
 
+    make_undumpable()  # a spawned worker is a new program: dumpable again
     setup_logging(log_level)
     asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
 

@@ -18,7 +18,11 @@ serial and a validity that starts five minutes early (clock skew):
   plus any the operator adds; extendedKeyUsage serverAuth + clientAuth (the
   box also calls out, for C-MOVE); one year by default;
 - a client (a modality or workstation, for DICOM TLS mutual authentication):
-  its name as the common name, extendedKeyUsage clientAuth; one year.
+  its name as the common name, extendedKeyUsage clientAuth; one year. The box
+  binds the name to the peer of the same name (docs/security.md);
+- a server (`server=True`: a workstation that is a TLS C-MOVE destination):
+  as a client, plus serverAuth (TLS clients, the box included, refuse a
+  server certificate without it) and the subjectAltNames the operator gives.
 
 `renew_node` re-issues the node certificate from the same CA (keeping the node
 key unless asked for a new one) and reports what changed. Files are written
@@ -158,14 +162,23 @@ def read_site_id(home: Path) -> str:
 # --- client certificates ------------------------------------------------------------
 
 
-def issue_client(home: Path, name: str, out_dir: Path, *,
-                 days: int = DEFAULT_CLIENT_DAYS) -> list[Path]:
-    """Write `<name>.key` (0600), `<name>.pem` and `ca.pem` into `out_dir`; never overwrite."""
+def issue_client(home: Path, name: str, out_dir: Path, *, days: int = DEFAULT_CLIENT_DAYS,
+                 server: bool = False, sans: tuple[str, ...] = ()) -> list[Path]:
+    """Write `<name>.key` (0600), `<name>.pem` and `ca.pem` into `out_dir`; never overwrite.
+
+    With `server`, the certificate may also serve TLS (serverAuth), named by `sans`.
+    """
+    if sans and not server:
+        raise CertificateError("--san applies to server certificates only",
+                               hint="add --server, or leave out --san")
     if not _CLIENT_NAME.match(name):
         raise CertificateError(f"client name {name!r} is not 1-64 letters, digits, '.', '_' "
                                "or '-' (starting with a letter or digit)",
                                hint="use the device's host name or AE title, e.g. ct-scanner-1")
     _check_days(days, "--days")
+    alt_names = [san for san in (parse_san(value) for value in sans) if san is not None]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server \
+        else [ExtendedKeyUsageOID.CLIENT_AUTH]
     paths = TlsPaths(Path(home))
     ca_key, ca_cert = _load_ca(paths)
     out_dir = Path(out_dir)
@@ -179,7 +192,7 @@ def issue_client(home: Path, name: str, out_dir: Path, *,
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     cert = _issue(ca_key, ca_cert, key.public_key(), _subject(read_site_id(paths.home), name),
-                  days, sans=[], usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+                  days, sans=alt_names, usages=usages)
     create_secret_file(targets[0], key_pem)
     _write(targets[1], cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=False)
     _write(targets[2], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=False)

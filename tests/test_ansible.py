@@ -10,6 +10,11 @@ and a prefixed install never starts them): the test starts each host's
 
 Converging again must change nothing; changing one host's variable must
 change that host only.
+
+edge-b runs DICOM TLS only (pacs_edge_dicom_plain_enabled false); peers left
+to the role's defaults get least privilege (store only, AE title bound to the
+host). Each serve runs in the file-system view of its deployed unit
+(tests/unitsandbox.py): it sees only the secrets it reads.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import dcmtk
 import pytest
+import unitsandbox
 import yaml
 
 # Builds a wheelhouse and installs two venvs: minutes, not seconds.
@@ -45,6 +52,8 @@ HOSTS = ("edge-a", "edge-b")
 _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
                     re.MULTILINE)
 KEY_FILES = ("site.key", "names.key", "log.key", "ca.key", "node.key")
+SERVE_READS = ("log.key", "node.key")
+TLS_ONLY_HOST = "edge-b"
 
 
 def _why_not() -> str | None:
@@ -91,9 +100,14 @@ class Fleet:
                 "pacs_edge_python": str(HOST_PYTHON),
                 "pacs_edge_dicom_host": "127.0.0.1",
                 "pacs_edge_sync_evict_after_days": 14,
-                "pacs_edge_peers": [{"name": "testscu", "ae_title": dcmtk.TEST_AE,
-                                     "host": "127.0.0.1", "port": 1,
-                                     "allow": ["store", "find"]}],
+                "pacs_edge_peers": [
+                    {"name": "testscu", "ae_title": dcmtk.TEST_AE, "host": "127.0.0.1",
+                     "port": 1, "allow": ["store", "find"]},
+                    {"name": "ct1", "ae_title": "CT1", "host": "127.0.0.1", "port": 104},
+                    {"name": "ws1", "ae_title": "WS1", "host": "127.0.0.1", "port": 104,
+                     "allow": ["find", "move"], "bind_host": False, "tls": True,
+                     "tls_only": True},
+                ],
             },
             "hosts": self.hosts,
         }}
@@ -134,6 +148,7 @@ def fleet() -> Iterator[Fleet]:
                    "pacs_edge_dicom_port": dcmtk.free_port(),
                    "pacs_edge_dicom_tls_port": dcmtk.free_port()}
             for host in HOSTS}
+        hosts[TLS_ONLY_HOST]["pacs_edge_dicom_plain_enabled"] = False
         fleet = Fleet(base, base / "inventory.yml", hosts)
         fleet.write_inventory(wheel, wheelhouse)
         fleet.first_recap = fleet.converge()  # type: ignore[attr-defined]
@@ -169,8 +184,17 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert f'\nport = {variables["pacs_edge_dicom_port"]}\n' in text
         assert f'\ntls_port = {variables["pacs_edge_dicom_tls_port"]}\n' in text
         assert "evict_after_days = 14" in text
-        peers = (home / "peers.toml").read_text()
-        assert '[peers.testscu]' in peers and 'allow = ["find", "store"]' in peers
+        plain = "false" if host == TLS_ONLY_HOST else "true"
+        assert f"\nplain_enabled = {plain}\n" in text
+        peers = tomllib.loads((home / "peers.toml").read_text())["peers"]
+        assert peers["testscu"]["allow"] == ["find", "store"]
+        # Every field is written; what the inventory leaves out is least privilege.
+        assert peers["ct1"] == {"ae_title": "CT1", "host": "127.0.0.1", "port": 104,
+                                "allow": ["store"], "bind_host": True, "tls": False,
+                                "tls_only": False}
+        assert peers["ws1"] == {"ae_title": "WS1", "host": "127.0.0.1", "port": 104,
+                                "allow": ["find", "move"], "bind_host": False, "tls": True,
+                                "tls_only": True}
         units = fleet.prefix(host) / "etc/systemd/system"
         assert all((units / u).exists() for u in ("pacs-edge.service", "pacs-edge-sync.service"))
         assert not (units / "pacs-edge.service.d/privileged-port.conf").exists()  # port >= 1024
@@ -191,22 +215,52 @@ def test_deployed_units_are_the_systemd_folders_units(fleet: Fleet) -> None:
         assert body == (ROOT / "systemd" / unit).read_text()
 
 
-def test_each_host_answers_c_echo_from_its_deployed_venv(fleet: Fleet) -> None:
+def test_each_host_serves_from_its_deployed_unit_with_only_the_secrets_it_reads(
+    fleet: Fleet,
+) -> None:
+    """serve from the deployed venv, as the service user, in the deployed unit's view;
+    edge-a answers on its plain port and refuses the TLS-only peer there; edge-b has no
+    plain port and answers over TLS with a certificate its own CA issued."""
+    pw = pwd.getpwnam(USER)
     for host, variables in fleet.hosts.items():
-        log_path = fleet.base / f"{host}-serve.log"
+        home, venv = fleet.home(host), fleet.venv(host)
+        certs = fleet.base / f"{host}-certs"
+        certs.mkdir(exist_ok=True)
+        os.chown(certs, pw.pw_uid, pw.pw_gid)
+        if not (certs / "testscu").exists():
+            subprocess.run([str(venv / "bin/pacs-edge"), "certs", "issue", "testscu", "--out",
+                            str(certs / "testscu"), "--home", str(home)], check=True,
+                           capture_output=True, user=USER, group=USER, extra_groups=[], cwd="/")
+        log_path, report = fleet.base / f"{host}-serve.log", fleet.base / f"{host}-report"
+        probes = sorted((home / "secrets").iterdir())
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(  # as the service user, as the unit would run it
-                [str(fleet.venv(host) / "bin/pacs-edge"), "serve", "--home", str(fleet.home(host))],
+            proc = unitsandbox.start(
+                fleet.prefix(host) / "etc/systemd/system/pacs-edge.service",
+                [str(venv / "bin/pacs-edge"), "serve", "--home", str(home)], user=USER,
+                group=USER, probes=probes, report=report, stage=fleet.base / f"{host}-stage",
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd="/", user=USER, group=USER, extra_groups=[])
+                start_new_session=True, cwd="/")
         try:
-            port = int(str(variables["pacs_edge_dicom_port"]))
             deadline = time.monotonic() + 60
             while "ready to accept associations" not in log_path.read_text(errors="replace"):
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)
-            dcmtk.echoscu(port, aec=str(variables["pacs_edge_ae_title"])).check()
+            seen = unitsandbox.read_report(report)
+            assert {p for p, state in seen.items() if state == "readable"} == {
+                str(home / "secrets" / name) for name in SERVE_READS}, seen
+            aec = str(variables["pacs_edge_ae_title"])
+            port = int(str(variables["pacs_edge_dicom_port"]))
+            tls_port = int(str(variables["pacs_edge_dicom_tls_port"]))
+            client = certs / "testscu"
+            tls = ["+tls", str(client / "testscu.key"), str(client / "testscu.pem"),
+                   "+cf", str(client / "ca.pem"), "--profile-bcp195-nd"]
+            dcmtk.echoscu(tls_port, aec=aec, args=tls).check()
+            if host == TLS_ONLY_HOST:
+                assert not dcmtk.echoscu(port, aec=aec).ok  # nothing listens there
+            else:
+                dcmtk.echoscu(port, aec=aec).check()
+                assert not dcmtk.echoscu(port, aet="WS1", aec=aec).ok  # TLS-only peer
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -25,6 +25,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -273,6 +274,28 @@ def test_export_selects_by_event_time(edge_home: Path) -> None:
     assert [json.loads(x)["record"]["EventIdentification"]["EventID"]["csd-code"]
             for x in lines] == ["110113", "110101", "110101"]
     assert [json.loads(x)["seq"] for x in lines] == [1, 2, 3]
+
+
+def test_export_out_never_overwrites_nor_follows_a_symlink(edge_home: Path,
+                                                            tmp_path: Path) -> None:
+    """The export holds PHI: --out makes a new 0600 file or fails, whatever is at the path."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted = tmp_path / "planted.json"
+    planted.symlink_to(victim)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "made-through-the-link")
+    for target in (planted, dangling, victim):
+        proc = run_pacs_edge("audit", "export", "--out", str(target), "--home", str(edge_home),
+                             check=False)
+        assert proc.returncode == 2 and "an export never overwrites" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "made-through-the-link").exists()
+    fresh = tmp_path / "export.json"
+    run_pacs_edge("audit", "export", "--out", str(fresh), "--home", str(edge_home))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    assert [json.loads(x)["seq"] for x in fresh.read_text().splitlines()] == [1, 2]
 
 
 # --- tamper detection -------------------------------------------------------------------

@@ -109,6 +109,26 @@ def test_issued_client_and_node_certificates_complete_a_mutual_tls_handshake(
     assert again.returncode == 2 and "would overwrite" in again.stderr
 
 
+def test_server_certificate_adds_server_auth_and_its_sans(tmp_path: Path) -> None:
+    """For a TLS C-MOVE destination: serverAuth (TLS clients refuse a server
+    certificate without it) beside clientAuth, and the names it is reached by."""
+    home = tmp_path / "home"
+    _init(home)
+    out = tmp_path / "ws1"
+    issued = run_pacs_edge("certs", "issue", "ws1", "--server", "--san", "ws1.example.org",
+                           "--san", "10.0.0.7", "--out", str(out), "--home", str(home)).stdout
+    assert "issued client and server certificate for ws1" in issued
+    cert = _cert(out / "ws1.pem")
+    cert.verify_directly_issued_by(_cert(home / "tls/ca.pem"))
+    assert set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == {
+        ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert _sans(cert) == {"DNS:ws1.example.org", "IP:10.0.0.7"}
+    proc = run_pacs_edge("certs", "issue", "ws2", "--san", "ws2.example.org", "--out",
+                         str(tmp_path / "ws2"), "--home", str(home), check=False)
+    assert proc.returncode == 2 and "--san applies to server certificates only" in proc.stderr
+    assert not (tmp_path / "ws2").exists()
+
+
 def test_renew_reissues_from_the_same_ca_and_says_what_changed(tmp_path: Path) -> None:
     home = tmp_path / "home"
     _init(home, "--cert-days", "90", "--san", "old.example.org")

@@ -63,6 +63,17 @@ def test_peer_changes_apply_to_a_running_server(edge_server: EdgeServer) -> None
     assert "calling AE title is not in the allowlist" in edge_server.log()
 
 
+def test_tls_only_peer_is_listed_and_flagged_on_a_box_without_tls(edge_home: Path) -> None:
+    added = run_pacs_edge("peers", "add", "ws2", "--ae-title", "WS2", "--host", "127.0.0.1",
+                          "--port", "104", "--allow", "find", "--tls-only", "--home",
+                          str(edge_home))
+    assert "ws2 is TLS-only, so it cannot associate until TLS is on" in added.stderr
+    listed = json.loads(run_pacs_edge("peers", "list", "--json", "--home",
+                                      str(edge_home)).stdout)
+    assert [(p["name"], p["tls_only"]) for p in listed] == [("testscu", False), ("ws2", True)]
+    assert "tls_only" in run_pacs_edge("peers", "list", "--home", str(edge_home)).stdout
+
+
 def test_peer_without_store_permission_is_refused(
     edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance]
 ) -> None:

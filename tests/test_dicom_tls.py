@@ -7,14 +7,16 @@ sends a ClientHello) must not block anyone else's handshake.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import shutil
 import socket
 import ssl
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dcmtk
@@ -24,7 +26,7 @@ from conftest import EdgeServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 TLS_PROFILE = "--profile-bcp195-nd"
 
@@ -36,12 +38,16 @@ def tls_edge(edge_server_factory: Callable[..., EdgeServer], free_port: Callable
     tls_port = free_port()
     server.configure(dicom={"tls_port": tls_port})
     server.start()
-    server.cli("certs", "issue", "ws1", "--out", str(tmp_path / "ws1"))
-    return server, tls_port, tmp_path / "ws1"
+    # The certificate of the peer "testscu" (the default peer, AE title TESTSCU).
+    server.cli("certs", "issue", "testscu", "--out", str(tmp_path / "testscu"))
+    return server, tls_port, tmp_path / "testscu"
 
 
 def tls_args(client: Path, *, ca: Path | None = None, cert: bool = True) -> list[str]:
-    args = ["+tls", str(client / "ws1.key"), str(client / "ws1.pem")] if cert else ["+tla"]
+    """dcmtk's TLS options with the key and certificate in `client` (named after the folder)."""
+    name = client.name
+    args = ["+tls", str(client / f"{name}.key"), str(client / f"{name}.pem")] if cert \
+        else ["+tla"]
     return [*args, "+cf", str(ca or client / "ca.pem"), TLS_PROFILE]
 
 
@@ -74,33 +80,6 @@ def other_ca(folder: Path) -> tuple[Path, Path, Path]:
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return paths
-
-
-def site_signed_server_cert(home: Path, folder: Path) -> None:
-    """A workstation's server certificate from the site CA (what an admin would
-    provision for a TLS C-MOVE destination): dest.key, dest.pem, ca.pem."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ca_cert = x509.load_pem_x509_certificate((home / "tls" / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((home / "secrets" / "ca.key").read_bytes(),
-                                                password=None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dest")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    (folder / "dest.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (folder / "dest.key").chmod(0o600)
-    (folder / "dest.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
 
 def test_bcp195_echo_store_find_succeed(
@@ -154,7 +133,7 @@ def test_old_tls_versions_are_refused(
         warnings.simplefilter("ignore", DeprecationWarning)
         context.minimum_version = version
         context.maximum_version = version
-    context.load_cert_chain(client / "ws1.pem", client / "ws1.key")
+    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
     with (socket.create_connection((server.host, port), timeout=10) as raw,
           pytest.raises((ssl.SSLError, ConnectionResetError))):
         context.wrap_socket(raw).do_handshake()
@@ -175,33 +154,108 @@ def test_silent_tls_client_does_not_block_other_handshakes(
             sock.close()
 
 
+@contextlib.contextmanager
+def tls_storescp(cert: Path, port: int, received: Path) -> Iterator[None]:
+    """dcmtk's storescp as a TLS C-MOVE destination (AE TLSDEST) with the key and
+    certificate in `cert` (from `certs issue`)."""
+    received.mkdir()
+    tls = tls_args(cert)
+    scp = subprocess.Popen([dcmtk.dcmtk_tool("storescp"), *tls, "-aet", "TLSDEST", "+B",
+                            "-od", str(received), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        # Ready when it accepts a connection (a TLS echo would need a server certificate).
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline and scp.poll() is None, "TLS storescp not ready"
+            time.sleep(0.2)
+        yield
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
 def test_move_to_a_peer_marked_tls_goes_over_tls(
     tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance],
     free_port: Callable[[], int], tmp_path: Path,
 ) -> None:
     server = tls_edge[0]
     dcmtk.storescu(server.port, [i.path for i in small_study]).check()
-    dest, port, received = tmp_path / "dest", free_port(), tmp_path / "received"
-    site_signed_server_cert(server.home, dest)
-    received.mkdir()
-    tls = ["+tls", str(dest / "dest.key"), str(dest / "dest.pem"), "+cf", str(dest / "ca.pem"),
-           TLS_PROFILE]
-    scp = subprocess.Popen([dcmtk.dcmtk_tool("storescp"), *tls, "-aet", "TLSDEST", "+B",
-                            "-od", str(received), str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "TCP_NODELAY": "1"})
-    try:
-        deadline = time.monotonic() + 30
-        while not dcmtk.echoscu(port, aec="TLSDEST", args=tls).ok:
-            assert time.monotonic() < deadline and scp.poll() is None, "TLS storescp not ready"
-            time.sleep(0.2)
-        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
-                   "--port", str(port), "--allow", "store", "--tls")
-        moved = dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
-                              "TLSDEST")
-        moved.check()
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    port, received = free_port(), tmp_path / "received"
+    server.cli("certs", "issue", "tlsdest", "--server", "--san", "127.0.0.1",
+               "--out", str(tmp_path / "tlsdest"))
+    server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+               "--port", str(port), "--allow", "store", "--tls")
+    with tls_storescp(tmp_path / "tlsdest", port, received):
+        dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                      "TLSDEST").check()
     assert {dicomgen.dataset_bytes(p) for p in received.iterdir()} == {
         dicomgen.dataset_bytes(i.path) for i in small_study}
+
+
+def test_move_refuses_a_destination_whose_certificate_is_not_for_servers(
+    tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance],
+    free_port: Callable[[], int], tmp_path: Path,
+) -> None:
+    """A client certificate (clientAuth only) does not authenticate a TLS server:
+    the box's handshake to such a destination fails, and nothing is sent."""
+    server = tls_edge[0]
+    dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+    port, received = free_port(), tmp_path / "received"
+    server.cli("certs", "issue", "tlsdest", "--out", str(tmp_path / "tlsdest"))
+    server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+               "--port", str(port), "--allow", "store", "--tls")
+    with tls_storescp(tmp_path / "tlsdest", port, received):
+        moved = dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
+                              "TLSDEST", args=("-d",))
+    assert moved.dimse_statuses() and moved.dimse_statuses()[-1] != 0x0000
+    assert list(received.iterdir()) == []
+
+
+# --- identity: a certificate names its peer ---------------------------------------------
+
+
+def test_certificate_of_one_peer_cannot_call_as_another(
+    tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance],
+    tmp_path: Path,
+) -> None:
+    server, port, testscu = tls_edge
+    dcmtk.storescu(port, [i.path for i in small_study], args=tls_args(testscu)).check()
+    server.add_peer("ct1", "CT1", 104, allow="store")
+    server.cli("certs", "issue", "ct1", "--out", str(tmp_path / "ct1"))
+    ct1 = tmp_path / "ct1"
+    # ct1's certificate calling as TESTSCU (which may find and retrieve): refused.
+    assert not dcmtk.echoscu(port, aet=dcmtk.TEST_AE, args=tls_args(ct1)).ok
+    assert not dcmtk.findscu(port, {"StudyInstanceUID": small_study[0].study_uid},
+                             aet=dcmtk.TEST_AE, args=tls_args(ct1)).ok
+    assert ("association rejected calling=TESTSCU address=127.0.0.1 reason=TLS certificate"
+            " of 'ct1' may not call as peer 'testscu'") in server.log()
+    # The box's own node certificate (CN = its host name) is no peer's either.
+    node = tmp_path / "node"
+    node.mkdir()
+    shutil.copy(server.home / "tls/node.pem", node / "node.pem")
+    shutil.copy(server.home / "secrets/node.key", node / "node.key")
+    shutil.copy(server.home / "tls/ca.pem", node / "ca.pem")
+    assert not dcmtk.echoscu(port, aet=dcmtk.TEST_AE, args=tls_args(node)).ok
+    # Each certificate still works for its own peer, and what was stored is there.
+    dcmtk.echoscu(port, aet="CT1", args=tls_args(ct1)).check()
+    found = dcmtk.findscu(port, {"StudyInstanceUID": small_study[0].study_uid},
+                          args=tls_args(testscu)).check()
+    assert found.values("StudyInstanceUID") == [small_study[0].study_uid]
+
+
+def test_tls_only_peer_is_refused_on_the_plain_port(
+    tls_edge: tuple[EdgeServer, int, Path], tmp_path: Path,
+) -> None:
+    server, port, _ = tls_edge
+    server.cli("peers", "add", "ws2", "--ae-title", "WS2", "--host", "127.0.0.1", "--port",
+               "104", "--allow", "find", "--tls-only")
+    server.cli("certs", "issue", "ws2", "--out", str(tmp_path / "ws2"))
+    assert not dcmtk.echoscu(server.port, aet="WS2").ok
+    assert ("association rejected calling=WS2 address=127.0.0.1 reason=peer is TLS-only and"
+            " called on the plain port") in server.log()
+    dcmtk.echoscu(port, aet="WS2", args=tls_args(tmp_path / "ws2")).check()
+    assert server.echo().ok  # a peer that is not TLS-only keeps the plain port

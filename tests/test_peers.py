@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import PeerError
-from appliance.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from appliance.peers import (
+    PEERS_HEADER,
+    Allowlist,
+    CertificateIdentity,
+    Peer,
+    parse_permissions,
+)
 
 
 def _peer(name: str = "ct1", title: str = "CT1") -> Peer:
@@ -57,3 +63,39 @@ def test_permissions_parse_case_and_spaces() -> None:
 def test_invalid_peers_are_refused(tmp_path: Path, peer: Peer) -> None:
     with pytest.raises(PeerError):
         Allowlist(tmp_path / "peers.toml").add(peer)
+
+
+def test_tls_only_and_other_flags_survive_a_reload(tmp_path: Path) -> None:
+    path = tmp_path / "peers.toml"
+    peer = Peer("ws2", "WS2", "127.0.0.1", 104, frozenset({"find"}), bind_host=True, tls=True,
+                tls_only=True)
+    Allowlist(path).add(peer)
+    assert Allowlist(path).by_ae_title("WS2") == peer
+    assert "tls_only = true" in path.read_text()
+
+
+_CT1 = CertificateIdentity("ct1")
+
+
+@pytest.mark.parametrize(
+    ("tls_only", "over_tls", "certificate", "refused"),
+    [
+        (False, False, None, None),  # plain port, no certificate: the AE title (and host)
+        (False, True, None, None),  # TLS without mutual authentication
+        (False, True, _CT1, None),  # its own certificate
+        (False, True, CertificateIdentity("box", frozenset({"ct1"})), None),  # a DNS SAN
+        (False, True, CertificateIdentity("CT1"), "may not call as peer 'ct1'"),  # exact
+        (False, True, CertificateIdentity("ws1"), "may not call as peer 'ct1'"),
+        (True, False, None, "called on the plain port"),
+        (True, True, None, "presented no client certificate"),
+        (True, True, _CT1, None),
+        (True, True, CertificateIdentity("ws1"), "may not call as peer 'ct1'"),
+    ],
+)
+def test_refusal_binds_certificate_transport_and_peer(
+    tls_only: bool, over_tls: bool, certificate: CertificateIdentity | None,
+    refused: str | None,
+) -> None:
+    peer = Peer("ct1", "CT1", "127.0.0.1", 104, frozenset({"store"}), tls_only=tls_only)
+    why = peer.refusal(address="127.0.0.1", over_tls=over_tls, certificate=certificate)
+    assert (why is None) if refused is None else (why is not None and refused in why)

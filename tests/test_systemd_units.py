@@ -6,16 +6,32 @@ etc/systemd/system, a copy of the host's own units (sysinit.target and the
 rest that every service depends on) under usr/lib/systemd/system, and a stub
 executable where ExecStart expects the venv. No systemd needs to be running.
 The exposure figures are recorded in docs/security.md.
+
+The privilege split (docs/security.md): serve's unit leaves it only the
+secrets it reads, shown by running a real serve in the unit's file-system view
+(tests/unitsandbox.py) with dcmtk peers; the sync agent's unit hides the CA
+and node keys; and no pacs-edge process can be inspected by another process of
+its own user (/proc/PID/root would reach into the sync agent's view).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import dcmtk
+import dicomgen
 import pytest
+import unitsandbox
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("pacs-edge.service", "pacs-edge-sync.service")
@@ -125,3 +141,105 @@ def _groups(path: Path) -> list[list[str]]:
         elif section == "[Service]" and "=" in line and not line.startswith("#"):
             groups[-1].append(line.split("=", 1)[0])
     return [g for g in groups if g]
+
+
+# --- privilege split ------------------------------------------------------------------
+
+NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
+SERVE_READS = ("log.key", "node.key")  # the secrets `pacs-edge serve` needs
+UNIT_HOME, UNIT_CONFIG = "/var/lib/pacs-edge", "/etc/pacs-edge"
+_READY = re.compile(r"ready to accept associations .* port=(\d+) tls_port=(\d+)")
+
+
+def _secrets_home(base: Path) -> tuple[Path, Path, list[Path]]:
+    """An initialised home with every kind of secret, and the role's credentials file."""
+    home = init_home(base / "home")
+    (home / "secrets/audit.key").write_bytes(secrets.token_bytes(32))
+    (home / "secrets/audit.key").chmod(0o600)
+    config = base / "etc"
+    config.mkdir()
+    (config / "cloud-credentials").write_text("DefaultEndpointsProtocol=https;AccountKey=x\n")
+    (config / "cloud-credentials").chmod(0o600)
+    probes = [*sorted((home / "secrets").iterdir()), config / "cloud-credentials"]
+    return home, config, probes
+
+
+def test_serve_unit_sees_only_the_secrets_it_reads_and_still_serves(
+    tmp_path: Path, free_port: Callable[[], int],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    home, config, probes = _secrets_home(tmp_path)
+    tls_port = free_port()
+    EdgeServer(home).configure(dicom={"tls_port": tls_port})
+    run_pacs_edge("certs", "issue", "testscu", "--out", str(tmp_path / "testscu"),
+                  "--home", str(home))
+    report, log_path = tmp_path / "report", tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = unitsandbox.start(
+            SYSTEMD_DIR / "pacs-edge.service", [*pacs_edge_command(), "serve", "--home",
+                                                str(home)],
+            user="root", group="root", probes=probes, report=report, stage=tmp_path / "stage",
+            path_map={UNIT_HOME: str(home), UNIT_CONFIG: str(config)},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready := _READY.search(log_path.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        # Even root, in serve's view, finds no other secret (they are not there).
+        seen = unitsandbox.read_report(report)
+        assert seen == {**{str(p): "missing" for p in probes},
+                        **{str(home / "secrets" / name): "readable" for name in SERVE_READS},
+                        str(config / "cloud-credentials"): "unreadable"}, seen
+        plain = int(ready[1])
+        tls = ["+tls", str(tmp_path / "testscu/testscu.key"),
+               str(tmp_path / "testscu/testscu.pem"), "+cf", str(tmp_path / "testscu/ca.pem"),
+               "--profile-bcp195-nd"]
+        dcmtk.echoscu(tls_port, args=tls).check()
+        dcmtk.storescu(tls_port, [i.path for i in small_study], args=tls).check()
+        found = dcmtk.findscu(plain, {"StudyInstanceUID": small_study[0].study_uid}).check()
+        assert found.values("StudyInstanceUID") == [small_study[0].study_uid]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log_path.read_text()
+
+
+def test_sync_unit_cannot_read_the_ca_and_node_keys(tmp_path: Path) -> None:
+    home, config, probes = _secrets_home(tmp_path)
+    report = tmp_path / "report"
+    proc = unitsandbox.start(
+        SYSTEMD_DIR / "pacs-edge-sync.service", ["true"], user="root", group="root",
+        probes=probes, report=report, stage=tmp_path / "stage",
+        path_map={UNIT_HOME: str(home), UNIT_CONFIG: str(config)})
+    assert proc.wait(60) == 0
+    seen = unitsandbox.read_report(report)
+    hidden = {str(home / "secrets" / name) for name in ("ca.key", "node.key")}
+    assert {path for path, state in seen.items() if state != "readable"} == hidden, seen
+
+
+def test_a_pacs_edge_process_cannot_be_inspected_by_its_own_user(tmp_path: Path) -> None:
+    """Through /proc/PID/root a process of the same user would open files in the sync
+    agent's view (the site key), through /proc/PID/environ or mem read its memory.
+    Both processes run as this user without capabilities, as the units run them
+    (CapabilityBoundingSet= empty): then only the dumpable flag decides."""
+    home = init_home(tmp_path / "home")
+    log_path = tmp_path / "sync.log"
+    with open(log_path, "wb") as log:
+        agent = subprocess.Popen([*NO_CAPABILITIES, *pacs_edge_command(), "sync", "--home",
+                                  str(home)], stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "sync agent ready" not in log_path.read_text(errors="replace"):
+            assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        for target in (f"/proc/{agent.pid}/root{home}/secrets/site.key",
+                       f"/proc/{agent.pid}/environ"):
+            peek = subprocess.run([*NO_CAPABILITIES, sys.executable, "-c",
+                                   f"open({target!r}, 'rb').read()"],
+                                  capture_output=True, text=True)
+            assert peek.returncode != 0 and "PermissionError" in peek.stderr, (target, peek)
+    finally:
+        os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(60)

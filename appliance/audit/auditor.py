@@ -237,13 +237,16 @@ class Auditor:
                      urgent=True)
 
     def peer_changed(self, change: str, *, name: str, ae_title: str, host: str = "",
-                     port: int = 0, allow: Iterable[str] = ()) -> None:
+                     port: int = 0, allow: Iterable[str] = (),
+                     flags: Iterable[str] = ()) -> None:
         """An allowlist entry was added, changed or removed by an operator."""
         details = [("Action", change), ("Name", name)]
         if host:
             details += [("Host", host), ("Port", str(port))]
         if allow:
             details.append(("Allow", ",".join(sorted(allow))))
+        if flags:
+            details.append(("Flags", ",".join(sorted(flags))))
         subject = ParticipantObject(ae_title, ObjectIDType.USER_IDENTIFIER,
                                     ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_USER_ENTITY,
                                     name=name, details=tuple(details))

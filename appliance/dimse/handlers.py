@@ -20,6 +20,7 @@ from appliance.bridge import LoopBridge
 from appliance.config import DicomConfig
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.status import Status
+from appliance.dimse.tls import is_tls, peer_identity
 from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.ingest import ExpectedIdentity, IngestService
 from appliance.peers import Allowlist, Peer
@@ -67,10 +68,15 @@ class DimseHandlers:
         log.debug("association requested calling=%s address=%s", calling,
                   assoc.requestor.address)
         peer = self.s.allowlist.by_ae_title(calling)
-        if peer is not None and not peer.accepts_address(str(assoc.requestor.address)):
-            # Rejected as an unknown calling AE: from this address, it is one.
+        if peer is None:
+            return  # pynetdicom rejects it (AllowlistAE.require_calling_aet)
+        sock = assoc.dul.socket.socket
+        why = peer.refusal(address=str(assoc.requestor.address), over_tls=is_tls(sock),
+                           certificate=peer_identity(sock))
+        if why is not None:
+            # Rejected as an unknown calling AE: from this address, over this
+            # transport or with this certificate, it is one.
             assoc.acse.send_reject(0x01, 0x01, 0x03)
-            why = f"AE title is bound to host {peer.host!r}, not this address"
             log.warning("association rejected calling=%s address=%s reason=%s", calling,
                         assoc.requestor.address, why)
             self.s.audit.association(assoc, accepted=False, reason=why)

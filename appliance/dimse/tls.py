@@ -4,15 +4,18 @@ TLS 1.2 and 1.3 only; for TLS 1.2 only ECDHE key exchange with AEAD ciphers
 (AES-GCM, ChaCha20-Poly1305), TLS 1.3 suites are all AEAD. The box presents
 its node certificate (`pacs-edge init`, `pacs-edge certs renew`); with mutual
 TLS (the default) a peer must present a certificate issued by the site CA
-(`pacs-edge certs issue NAME`).
+(`pacs-edge certs issue NAME`), and `peer_identity` reads the names in it
+so that the association can be bound to the peer NAME (appliance.peers).
 """
 
 from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import PacsEdgeError
+from appliance.peers import CertificateIdentity
 
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -47,3 +50,25 @@ def client_context(*, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     context.load_cert_chain(cert, key)
     context.load_verify_locations(ca)
     return context
+
+
+def is_tls(sock: Any) -> bool:
+    return isinstance(sock, ssl.SSLSocket)
+
+
+def peer_identity(sock: Any) -> CertificateIdentity | None:
+    """The names of the client certificate the handshake verified; None without one.
+
+    `getpeercert()` returns the parsed certificate only once it was verified
+    against the site CA (mutual TLS); a plain socket, or TLS without a
+    client certificate, has no identity.
+    """
+    if not is_tls(sock):
+        return None
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    common = [value for rdn in cert.get("subject", ()) for key, value in rdn
+              if key == "commonName"]
+    dns = frozenset(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
+    return CertificateIdentity(common[-1] if common else "", dns)
