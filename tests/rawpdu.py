@@ -71,6 +71,17 @@ def c_store_pdus(context_id: int, dataset_size: int, *, max_pdu: int = 16384) ->
     return pdus
 
 
+def context_results(ac_body: bytes) -> dict[int, int]:
+    """Presentation context ID -> result (0 = acceptance) from an A-ASSOCIATE-AC body."""
+    results, offset = {}, 68  # protocol version, reserved, AE titles, reserved
+    while offset + 4 <= len(ac_body):
+        item_type, _, length = struct.unpack(">BBH", ac_body[offset:offset + 4])
+        if item_type == 0x21:
+            results[ac_body[offset + 4]] = ac_body[offset + 6]
+        offset += 4 + length
+    return results
+
+
 def connect(port: int, *, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
     """A TCP connection from `source` (any 127.x.y.z works on Linux loopback)."""
     return socket.create_connection((host, port), timeout=30, source_address=(source, 0))
@@ -98,11 +109,18 @@ def _read_exactly(sock: socket.socket, count: int) -> bytes:
 def established(port: int, calling: str, called: str, *, source: str = "127.0.0.1",
                 contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)) -> socket.socket:
     """A connection with an accepted association (fails the test otherwise)."""
+    return negotiate(port, calling, called, source=source, contexts=contexts)[0]
+
+
+def negotiate(port: int, calling: str, called: str, *, source: str = "127.0.0.1",
+              contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)
+              ) -> tuple[socket.socket, dict[int, int]]:
+    """An accepted association and its context results (fails the test if rejected)."""
     sock = connect(port, source=source)
     sock.sendall(associate_rq(calling, called, contexts))
-    pdu_type, _ = read_pdu(sock)
+    pdu_type, body = read_pdu(sock)
     assert pdu_type == A_ASSOCIATE_AC, f"association not accepted: PDU type {pdu_type:#x}"
-    return sock
+    return sock, context_results(body)
 
 
 @dataclass

@@ -230,3 +230,47 @@ def test_an_association_request_over_256_kib_is_refused_before_buffering(
     assert item.closed_after is not None
     assert "PDU of 307200 bytes exceeds the maximum 262144" in edge_server.log()
     assert timed_echo(edge_server) < ECHO_DEADLINE
+
+
+def spool_bytes(server: EdgeServer) -> int:
+    return sum(p.stat().st_size for p in (server.home / "store" / ".spool").iterdir()
+               if p.is_file())
+
+
+def test_a_peer_without_store_permission_cannot_spool_a_byte(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    server = short_timeouts_server
+    server.add_peer("viewer", "VIEWER", 1, allow="find")
+    # The storage context it proposes is refused at negotiation ...
+    sock, results = rawpdu.negotiate(
+        server.port, "VIEWER", server.ae_title, source=HOSTILE,
+        contexts=((1, rawpdu.VERIFICATION), (3, rawpdu.CT_IMAGE_STORAGE)))
+    sockets.append(sock)
+    assert results == {1: 0, 3: 3}  # 3: abstract syntax not supported
+    # ... and a C-STORE of 32 MiB smuggled in on the Verification context is
+    # aborted at its first PDU: nothing reaches the spool folder.
+    pdus = rawpdu.c_store_pdus(1, 32 << 20)
+    sent, largest_spool = 0, 0
+    for number, pdu in enumerate(pdus):
+        try:
+            sock.sendall(pdu)
+        except OSError:
+            break
+        sent += len(pdu)
+        if number % 64 == 0:
+            largest_spool = max(largest_spool, spool_bytes(server))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert largest_spool == 0 and spool_bytes(server) == 0
+    # After its A-ABORT the server reads 64 KiB more at most: the peer is held up by
+    # TCP flow control (socket buffers) until the server closes at ARTIM expiry.
+    assert sent < 16 << 20, f"{sent} bytes accepted before the abort"
+    assert "aborting association: C-STORE on presentation context 1" in server.log()
+    # The peer keeps what it may do; a peer with store permission is served.
+    assert dcmtk.findscu(server.port, {"StudyInstanceUID": ""}, aet="VIEWER",
+                         aec=server.ae_title).ok
+    dcmtk.storescu(server.port, [small_study[2].path]).check()
+    assert instances(server) == 3

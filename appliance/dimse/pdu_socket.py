@@ -26,10 +26,11 @@ A-ABORT and a log line that says why:
   far below it), then the negotiated maximum. pynetdicom trusts the length
   field: one P-DATA declaring ~2 GiB made it buffer without bound;
 - in Sta13 (an A-ABORT, A-ASSOCIATE-RJ or A-RELEASE-RP sent, waiting for the
-  peer to close) nothing more is parsed: incoming bytes are discarded until
-  the peer closes or the ARTIM timer expires, and then the socket is closed
-  (PS3.8 AA-1, AR-5). pynetdicom instead parses each further 6 bytes as a
-  PDU, answers each with another A-ABORT, and blocks on a short tail.
+  peer to close) nothing more is parsed: up to 64 KiB of incoming bytes are
+  discarded, then reading stops, until the peer closes or the ARTIM timer
+  expires, and then the socket is closed (PS3.8 AA-1, AR-5). pynetdicom
+  instead parses each further 6 bytes as a PDU, answers each with another
+  A-ABORT, and blocks on a short tail.
 
 A refused read raises TransportAborted (an OSError): the DUL handles it as
 Evt17, transport closed, and the association ends.
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 1 << 20
 _DRAIN_CHUNK = 1 << 16
+_DRAIN_LIMIT = 1 << 16  # bytes read (and dropped) after an A-ABORT before reading stops
 # How often a connection waiting for bytes checks whether the server is stopping.
 _POLL = 0.5
 # Association negotiation PDUs are not bound by the negotiated maximum; an
@@ -171,20 +173,27 @@ class EdgeAssociationSocket(AssociationSocket):
         raise TransportAborted(why)
 
     def _await_close(self) -> None:
-        """Sta13: discard what arrives until the peer closes, the ARTIM timer
-        expires or the server stops; the DUL then closes the socket (AR-5)."""
+        """Sta13: discard what arrives (up to _DRAIN_LIMIT, then stop reading, so a
+        peer that sends on is held up by TCP flow control) until the peer closes,
+        the ARTIM timer expires or the server stops; the DUL then closes (AR-5)."""
         sock = self.socket
         artim = self.assoc.dul.artim_timer
+        drained = 0
         while sock is not None and artim.remaining > 0:
             if self.stopping is not None and self.stopping.is_set():
                 return
             wait = max(min(artim.remaining, _POLL), 0.0)
+            if drained >= _DRAIN_LIMIT:
+                time.sleep(wait)
+                continue
             try:
                 readable, _, _ = select.select([sock], [], [], wait)
                 if readable:
                     sock.settimeout(wait or _POLL)  # a partial TLS record
-                    if not sock.recv(_DRAIN_CHUNK):
+                    chunk = sock.recv(_DRAIN_CHUNK)
+                    if not chunk:
                         return
+                    drained += len(chunk)
             except TimeoutError:
                 continue
             except (OSError, ValueError):  # closed under us (e.g. after a reject)
