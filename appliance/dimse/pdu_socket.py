@@ -187,8 +187,9 @@ class EdgeAssociationSocket(AssociationSocket):
                 time.sleep(wait)
                 continue
             try:
-                readable, _, _ = select.select([sock], [], [], wait)
-                if readable:
+                poller = select.poll()  # not select(): it fails on descriptors >= 1024
+                poller.register(sock, select.POLLIN)
+                if poller.poll(wait * 1000):
                     sock.settimeout(wait or _POLL)  # a partial TLS record
                     chunk = sock.recv(_DRAIN_CHUNK)
                     if not chunk:
