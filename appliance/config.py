@@ -130,6 +130,8 @@ class AuditConfig:
     site_id: str = ""
     flush_seconds: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 60, "0-60 s"))
     batch_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    rejection_window_seconds: float = field(
+        default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     anchor_interval_seconds: float = field(
         default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     syslog_host: str = ""
@@ -351,6 +353,8 @@ _COMMENTS = {
     "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
     "audit.flush_seconds": "Audit records are written at association end or after this long.",
     "audit.batch_seconds": "Import and drop-folder ingest: one audit record per study per window.",
+    "audit.rejection_window_seconds": "Rejected associations: one full record per address per"
+    " window, then one count.",
     "audit.anchor_interval_seconds": "How often the sync agent anchors the log head in the cloud.",
     "audit.syslog_host": "Forward audit records to this syslog collector over TLS (\"\": off).",
     "audit.syslog_port": "Collector port (6514 is syslog over TLS).",

@@ -37,6 +37,7 @@ import dcmtk
 import dicomgen
 import pydicom
 import pytest
+import rawpdu
 from conftest import EdgeServer, init_home, run_pacs_edge
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -296,6 +297,73 @@ def test_export_out_never_overwrites_nor_follows_a_symlink(edge_home: Path,
     run_pacs_edge("audit", "export", "--out", str(fresh), "--home", str(edge_home))
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
     assert [json.loads(x)["seq"] for x in fresh.read_text().splitlines()] == [1, 2]
+
+
+WINDOW = 5.0  # [audit] rejection_window_seconds in the test (300 s by default)
+
+
+def rejected_count(record: dict[str, Any]) -> int | None:
+    """RejectedAssociations of a rejection summary record; None for any other record."""
+    for obj in record["ParticipantObjectIdentification"]:
+        for detail in obj.get("ParticipantObjectDetail", ()):
+            if detail["type"] == "RejectedAssociations":
+                return int(detail["value"])
+    return None
+
+
+def test_a_rejection_scan_is_counted_per_source_and_the_log_stays_small(
+    edge_server_factory: Callable[..., EdgeServer], small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    server = edge_server_factory(start=False)
+    home = server.home
+    # Every connection must reach negotiation, so that each one is a rejection to count.
+    server.configure(audit={"flush_seconds": 0.2, "rejection_window_seconds": WINDOW},
+                     dicom={"connections_per_address": 1000})
+    server.start()
+    dcmtk.storescu(server.port, [small_study[0].path]).check()
+    wait_for(home, "110104")
+    before = audit_log(home).stat().st_size
+    # 300 rejected associations: 200 with unknown calling AE titles from one address,
+    # 100 calling the wrong AE title from another; a legitimate peer in the middle.
+    started = time.monotonic()
+    for n in range(300):
+        source, calling, called = (("127.0.0.2", f"SCAN{n % 5}", server.ae_title) if n < 200
+                                   else ("127.0.0.3", dcmtk.TEST_AE, "WRONG"))
+        with rawpdu.connect(server.port, source=source) as sock:
+            sock.sendall(rawpdu.associate_rq(calling, called))
+            assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_RJ
+        if n == 150:
+            assert server.echo().ok
+    windows = (time.monotonic() - started) // WINDOW + 1  # per address, at most
+
+    def accounted(address: str) -> int:
+        """Rejections from `address` in the log: full records plus summary counts."""
+        found = [r for r in matching(home, "110114", lambda r: outcome(r) == 4)
+                 if any(p.get("NetworkAccessPointID") == address
+                        for p in r["ActiveParticipant"] if p["UserIsRequestor"])]
+        return sum(rejected_count(r) or 1 for r in found)
+
+    deadline = time.monotonic() + DEADLINE
+    while accounted("127.0.0.2") < 200 or accounted("127.0.0.3") < 100:
+        assert time.monotonic() < deadline, "rejections missing from the audit log"
+        time.sleep(0.1)
+    assert (accounted("127.0.0.2"), accounted("127.0.0.3")) == (200, 100)  # none lost
+    rejections = matching(home, "110114", lambda r: outcome(r) == 4)
+    # Per address and window: the first rejection in full, the others as one count.
+    assert len(rejections) <= 2 * 2 * windows
+    summary = next(r for r in rejections if rejected_count(r) and any(
+        p.get("NetworkAccessPointID") == "127.0.0.2" for p in r["ActiveParticipant"]))
+    details = {d["type"]: d["value"] for o in summary["ParticipantObjectIdentification"]
+               for d in o.get("ParticipantObjectDetail", ())}
+    assert set(details["CallingAETitles"].split(",")) <= {f"SCAN{k}" for k in range(5)}
+    assert "not in the allowlist" in details["Reasons"]
+    assert details["FirstTime"] <= details["LastTime"]
+    # 300 full records were ~330 KB; what is written is ~1 KB per record above.
+    assert audit_log(home).stat().st_size - before < len(rejections) * 2048
+    verified = run_pacs_edge("audit", "verify", "--local-only", "--home", str(home))
+    assert "audit log intact" in verified.stdout
+    assert server.echo().ok
+    assert matching(home, "110104"), "the record of the instance stored before is kept"
 
 
 # --- tamper detection -------------------------------------------------------------------

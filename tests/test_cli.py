@@ -80,9 +80,12 @@ def test_peer_without_store_permission_is_refused(
     edge_server.add_peer("viewer", "VIEWER", 11114, allow="find")
     result = dcmtk.storescu(edge_server.port, [small_study[0].path], aet="VIEWER",
                             args=("-d",))
-    assert 0x0124 in result.dimse_statuses()
+    # Refused at negotiation: no storage context, so not a byte of the dataset is sent.
+    assert not result.ok
+    assert result.store_responses() == []
     assert json.loads(edge_server.cli("status", "--json").stdout)["instances"] == 0
-    assert "lacks permission 'store'" in edge_server.log()
+    assert "storage contexts refused: peer lacks permission 'store' count=1" in (
+        edge_server.log())
 
 
 def test_import_stores_folders_and_reports_each_rejected_file(

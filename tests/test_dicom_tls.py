@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -22,6 +23,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pytest
+import rawpdu
 from conftest import EdgeServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -259,3 +261,38 @@ def test_tls_only_peer_is_refused_on_the_plain_port(
             " called on the plain port") in server.log()
     dcmtk.echoscu(port, aet="WS2", args=tls_args(tmp_path / "ws2")).check()
     assert server.echo().ok  # a peer that is not TLS-only keeps the plain port
+
+
+def test_a_trickled_pdu_over_tls_is_aborted_within_network_timeout(
+    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+    tmp_path: Path, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    # The TLS port's sockets get the same per-PDU deadline as the plain port's.
+    server = edge_server_factory(start=False)
+    tls_port = free_port()
+    server.configure(dicom={"tls_port": tls_port, "network_timeout": 2.0, "acse_timeout": 2.0})
+    server.start()
+    server.cli("certs", "issue", "ws1", "--out", str(tmp_path / "ws1"))
+    client = tmp_path / "ws1"
+    dcmtk.storescu(tls_port, [small_study[0].path], args=tls_args(client)).check()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client / "ca.pem")
+    context.load_cert_chain(client / "ws1.pem", client / "ws1.key")
+    with context.wrap_socket(rawpdu.connect(tls_port)) as sock:
+        sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title))
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC
+        sock.sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000))
+        # Trickle a byte every 0.2 s (never silent for network_timeout) until the
+        # server answers: the A-ABORT, then the close.
+        deadline = time.monotonic() + 30.0
+        while not select.select([sock], [], [], 0.2)[0] and not sock.pending():
+            assert time.monotonic() < deadline, "trickling TLS association left open"
+            sock.sendall(b"\0")
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ABORT
+        assert rawpdu.read_pdu(sock) == (0, b"")
+    assert "aborting association: PDU not complete within network_timeout=2s" in server.log()
+    dcmtk.echoscu(tls_port, args=tls_args(client)).check()
+    assert dcmtk.findscu(tls_port, {"StudyInstanceUID": small_study[0].study_uid},
+                         args=tls_args(client)).check().values("StudyInstanceUID") == [
+        small_study[0].study_uid]

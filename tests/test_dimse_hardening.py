@@ -1,31 +1,83 @@
-"""Hostile or broken peers cannot lock modalities out or exhaust memory.
+"""Hostile or broken peers cannot lock modalities out, exhaust memory or hold threads.
 
-Raw-socket reproductions of two pynetdicom 3.0.4 weaknesses the appliance must
-not inherit: idle connections holding association slots, and PDU lengths
-trusted without a bound. During each attack a legitimate C-ECHO must succeed
-within 2 s and the server's RSS must grow by less than 50 MB.
+Raw-socket reproductions of pynetdicom 3.0.4 weaknesses the appliance must not
+inherit: idle connections holding association slots, PDU lengths trusted
+without a bound, stalled or trickled PDUs that held an association (and two
+threads) for ever, garbage before an association left open after its
+A-ABORT, and a peer without store permission spooling a dataset to disk.
+For each attack: the attack is refused or bounded (time, sockets, threads,
+bytes), a legitimate peer (dcmtk) is served during and after, and instances
+acknowledged before are still there.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dcmtk
+import dicomgen
 import pytest
+import rawpdu
 from conftest import EdgeServer
+from rawpdu import Watched
 
 ECHO_DEADLINE = 2.0
 RSS_BUDGET_KB = 50 * 1024
 
 
-def rss_kb(pid: int) -> int:
+# Short limits, so the attacks end within seconds; the defaults are 60 s and 30 s.
+NETWORK_TIMEOUT = 2.0
+ACSE_TIMEOUT = 2.0
+PER_ADDRESS = 4
+HOSTILE = "127.0.0.2"  # the attacker's address; legitimate peers call from 127.0.0.1
+# How long a test waits for the server to close a hostile connection before
+# calling it left open: far beyond the limits above, so a slow machine passes.
+CLOSE_DEADLINE = 30.0
+
+
+def _proc_status(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {key}")
+
+
+def rss_kb(pid: int) -> int:
+    return _proc_status(pid, "VmRSS")
+
+
+def threads(pid: int) -> int:
+    return _proc_status(pid, "Threads")
+
+
+def wait_for_threads(pid: int, at_most: int) -> int:
+    """Poll until the server runs at most `at_most` threads (or a deadline); returns the count."""
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    while threads(pid) > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return threads(pid)
+
+
+def instances(server: EdgeServer) -> int:
+    return int(json.loads(server.cli("status", "--json").stdout)["instances"])
+
+
+@pytest.fixture
+def short_timeouts_server(edge_server_factory: Callable[..., EdgeServer],
+                          small_study: list[dicomgen.GeneratedInstance]) -> EdgeServer:
+    """A server with short network and ACSE timeouts, holding two acknowledged instances."""
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"network_timeout": NETWORK_TIMEOUT, "acse_timeout": ACSE_TIMEOUT,
+                            "connections_per_address": PER_ADDRESS})
+    server.start()
+    dcmtk.storescu(server.port, [i.path for i in small_study[:2]]).check()
+    assert instances(server) == 2
+    return server
 
 
 def timed_echo(server: EdgeServer) -> float:
@@ -69,4 +121,156 @@ def test_oversized_pdu_aborts_without_buffering(
             pass
         assert timed_echo(edge_server) < ECHO_DEADLINE
     assert rss_kb(edge_server.pid) - before < RSS_BUDGET_KB
-    assert "exceeds the negotiated maximum" in edge_server.log()
+    assert "exceeds the maximum" in edge_server.log()
+
+
+def test_stalled_and_trickled_pdus_are_aborted_and_free_their_slots(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    server = short_timeouts_server
+    baseline_threads = threads(server.pid)
+    # Established associations from one address: two promise a 1000-byte P-DATA and
+    # go silent after 10 bytes, one sends a P-DATA header only, one trickles a byte
+    # every 0.2 s into its PDU (a slowloris never silent for long).
+    attackers = [rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
+                                    source=HOSTILE) for _ in range(PER_ADDRESS)]
+    sockets.extend(attackers)
+    for sock in attackers[:2]:
+        sock.sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000) + b"\0" * 10)
+    attackers[2].sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000))
+    attackers[3].sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000))
+    # The per-address cap holds for established associations: one more is refused.
+    extra = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(extra)
+    assert rawpdu.read_pdu(extra) == (0, b"")
+    # A legitimate peer is served during the attack.
+    assert server.echo().ok
+
+    watched = [Watched(sock) for sock in attackers[:3]] + [Watched(attackers[3], trickle=True)]
+    rawpdu.watch_until_closed(watched, deadline_seconds=CLOSE_DEADLINE)
+    for item in watched:
+        assert item.closed_after is not None, "stalled association left open"
+        assert item.first_pdu_type == rawpdu.A_ABORT
+    assert "aborting association: PDU not complete within network_timeout=2s" in server.log()
+    # Their threads are gone and their slots free: the address may connect again.
+    assert wait_for_threads(server.pid, baseline_threads) <= baseline_threads
+    sockets.extend(rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
+                                      source=HOSTILE) for _ in range(PER_ADDRESS))
+    assert server.echo().ok
+    assert instances(server) == 2
+
+
+def test_a_silent_established_association_is_aborted_after_network_timeout(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    server = short_timeouts_server
+    silent = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+    sockets.append(silent)
+    item = Watched(silent)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.closed_after is not None
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert "aborting association: no PDU within network_timeout=2s" in server.log()
+    assert server.echo().ok
+    assert instances(server) == 2
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: edge\r\nUser-Agent: scanner\r\n\r\n", id="http"),
+    pytest.param(rawpdu.pdu_header(0x09, 100) + b"\0" * 10, id="unknown-pdu-type"),
+])
+def test_garbage_before_an_association_is_aborted_and_closed_within_artim(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], garbage: bytes
+) -> None:
+    server = short_timeouts_server
+    assert len(garbage) % 6, "a tail shorter than a PDU header is what kept the socket open"
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(garbage)  # and keep the connection open, as a scanner does
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert item.closed_after is not None, "socket left open after the A-ABORT"
+    assert item.received.count(bytes([rawpdu.A_ABORT])) == 1, "one A-ABORT, not one per 6 bytes"
+    assert server.echo().ok
+    assert instances(server) == 2
+
+
+def test_a_garbage_flood_is_cut_off_when_artim_expires(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    server = short_timeouts_server
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.settimeout(1.0)
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    sent = 0
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(b"\xff" * 4096)  # never stops sending
+        except TimeoutError:
+            continue
+        except OSError:
+            break  # closed by the server
+    else:
+        pytest.fail(f"garbage flood still accepted after {CLOSE_DEADLINE}s ({sent} bytes)")
+    assert server.echo().ok
+    assert instances(server) == 2
+
+
+def test_an_association_request_over_256_kib_is_refused_before_buffering(
+    edge_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # Below max_pdu (1 MiB), above the pre-negotiation limit: refused at its header.
+    sock = rawpdu.connect(edge_server.port)
+    sockets.append(sock)
+    sock.sendall(rawpdu.pdu_header(0x01, 300 * 1024))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.closed_after is not None
+    assert "PDU of 307200 bytes exceeds the maximum 262144" in edge_server.log()
+    assert timed_echo(edge_server) < ECHO_DEADLINE
+
+
+def spool_bytes(server: EdgeServer) -> int:
+    return sum(p.stat().st_size for p in (server.home / "store" / ".spool").iterdir()
+               if p.is_file())
+
+
+def test_a_peer_without_store_permission_cannot_spool_a_byte(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    server = short_timeouts_server
+    server.add_peer("viewer", "VIEWER", 1, allow="find")
+    # The storage context it proposes is refused at negotiation ...
+    sock, results = rawpdu.negotiate(
+        server.port, "VIEWER", server.ae_title, source=HOSTILE,
+        contexts=((1, rawpdu.VERIFICATION), (3, rawpdu.CT_IMAGE_STORAGE)))
+    sockets.append(sock)
+    assert results == {1: 0, 3: 3}  # 3: abstract syntax not supported
+    # ... and a C-STORE of 32 MiB smuggled in on the Verification context is
+    # aborted at its first PDU: nothing reaches the spool folder.
+    pdus = rawpdu.c_store_pdus(1, 32 << 20)
+    sent, largest_spool = 0, 0
+    for number, pdu in enumerate(pdus):
+        try:
+            sock.sendall(pdu)
+        except OSError:
+            break
+        sent += len(pdu)
+        if number % 64 == 0:
+            largest_spool = max(largest_spool, spool_bytes(server))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert largest_spool == 0 and spool_bytes(server) == 0
+    # After its A-ABORT the server reads 64 KiB more at most: the peer is held up by
+    # TCP flow control (socket buffers) until the server closes at ARTIM expiry.
+    assert sent < 16 << 20, f"{sent} bytes accepted before the abort"
+    assert "aborting association: C-STORE on presentation context 1" in server.log()
+    # The peer keeps what it may do; a peer with store permission is served.
+    assert dcmtk.findscu(server.port, {"StudyInstanceUID": ""}, aet="VIEWER",
+                         aec=server.ae_title).ok
+    dcmtk.storescu(server.port, [small_study[2].path]).check()
+    assert instances(server) == 3

@@ -193,6 +193,22 @@ def test_getscu_without_get_permission_is_refused(
     assert "get refused reason=peer lacks permission 'get' calling=VIEWER" in edge_server.log()
 
 
+def test_a_peer_allowed_get_but_not_store_still_gets_the_study(
+    edge_server: EdgeServer, tmp_path: Path, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    # Storage contexts are refused to a peer without `store` (it cannot send a dataset),
+    # except in the SCP role that C-GET needs (the box sends, the peer receives).
+    store(edge_server, small_study)
+    edge_server.add_peer("viewer", "VIEWER", 1, allow="find,get")
+    out = tmp_path / "got"
+    dcmtk.getscu(edge_server.port, {"StudyInstanceUID": small_study[0].study_uid}, out,
+                 aet="VIEWER", aec=edge_server.ae_title).check()
+    assert len([p for p in out.iterdir() if p.is_file()]) == len(small_study)
+    result = c_get(edge_server, study_keys(small_study[0]), pairs(small_study), aet="VIEWER")
+    assert result.status == SUCCESS
+    assert_arrived_as_sent(result, small_study)
+
+
 # --- pynetdicom client -------------------------------------------------------------------
 
 def test_every_stored_syntax_comes_back_byte_exact_on_its_own_context(

@@ -3,6 +3,7 @@
     records.py   audit message content as typed records (PHI lives here only)
     log.py       the append-only, hash-chained log file `<home>/audit/audit.log`
     auditor.py   the facade every call site uses: one method per event
+    rejections.py  repeated association rejections counted per source (scans)
     anchor.py    chain-head anchors in the cloud container (truncation, rewrites)
     verify.py    `pacs-edge audit verify`: the first bad record and why
     export.py    `pacs-edge audit export`: JSON Lines or DICOM audit XML

@@ -17,6 +17,9 @@ What an audit record guarantees, and when:
 - Instances stored over one association are one record per study (counts per
   SOP class), written when the association closes; import and drop-folder
   ingest are one record per study every `[audit] batch_seconds`.
+- Rejected associations are recorded in full once per remote address and
+  window (`[audit] rejection_window_seconds`), further ones as one count per
+  window (rejections.py): a scan cannot flood the log.
 - If the log cannot be written (disk full), records stay buffered (up to
   MAX_PENDING, then the oldest are dropped and counted in an error line) and
   are retried at the next flush.
@@ -36,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,6 +61,7 @@ from appliance.audit.records import (
     patient_object,
     study_object,
 )
+from appliance.audit.rejections import OTHER_SOURCES, RejectionTally, Tally
 
 if TYPE_CHECKING:
     from appliance.audit.syslog import SyslogForwarder
@@ -141,7 +146,8 @@ class Auditor:
 
     def __init__(self, audit_log: AuditLog, *, ae_title: str, process: str,
                  site_id: str = "", flush_seconds: float = 1.0, batch_seconds: float = 60.0,
-                 index_path: Path | None = None, cloud: str = "") -> None:
+                 rejection_window_seconds: float = 300.0, index_path: Path | None = None,
+                 cloud: str = "") -> None:
         self.log = audit_log
         self.process = process
         self.source = AuditSource(ae_title, site_id)
@@ -158,6 +164,7 @@ class Auditor:
         self._write_lock = threading.Lock()  # keeps flushes in order
         self._sessions: dict[int, _Batch] = {}
         self._imports: dict[str, _Batch] = {}
+        self._rejections = RejectionTally(rejection_window_seconds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped = 0
@@ -171,7 +178,9 @@ class Auditor:
         auditor = cls(AuditLog.for_home(config.home), ae_title=config.dicom.ae_title,
                       process=process, site_id=settings.site_id,
                       flush_seconds=settings.flush_seconds,
-                      batch_seconds=settings.batch_seconds, index_path=config.index.path,
+                      batch_seconds=settings.batch_seconds,
+                      rejection_window_seconds=settings.rejection_window_seconds,
+                      index_path=config.index.path,
                       cloud=config.cloud_url.split("?", 1)[0])
         if settings.syslog_host:
             from appliance.audit.syslog import SyslogForwarder, SyslogTarget
@@ -216,6 +225,8 @@ class Auditor:
             self._imports.clear()
         for batch in batches:
             self._emit_batch(batch)
+        for tally in self._rejections.drain():
+            self._rejection_summary(tally)
         self.flush()
         if self.forwarder is not None:
             self.forwarder.stop()
@@ -270,14 +281,37 @@ class Auditor:
     # --- events: DIMSE ------------------------------------------------------------------
 
     def association(self, assoc: Any, *, accepted: bool, reason: str = "") -> None:
-        """An association was accepted (Login) or rejected (failed Login, with why)."""
+        """An association was accepted (Login) or rejected (failed Login, with why;
+        repeated rejections from one address are counted, see rejections.py)."""
         peer = requestor_of(assoc)
+        if not accepted and not self._rejections.note(peer.address, peer.ae_title, reason):
+            return
         box = Participant(peer.called_ae or self.source.source_id, requestor=False,
                           roles=(Role.DESTINATION,))
         self._record(EventID.USER_AUTHENTICATION, Action.EXECUTE,
                      Outcome.SUCCESS if accepted else Outcome.MINOR_FAILURE,
                      (self._peer(peer, Role.SOURCE), box), event_types=(EventType.LOGIN,),
                      description=reason)
+
+    def _rejection_summary(self, tally: Tally) -> None:
+        """One record for the rejections a source made in a window beyond its first."""
+        assert tally.first is not None and tally.last is not None
+        first = tally.first.isoformat(timespec="seconds")
+        last = tally.last.isoformat(timespec="seconds")
+        source = Participant(",".join(tally.ae_titles), requestor=True, roles=(Role.SOURCE,),
+                             address="" if tally.address == OTHER_SOURCES else tally.address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        node = ParticipantObject(
+            tally.address, ObjectIDType.NODE_ID, ObjectType.SYSTEM_OBJECT,
+            ObjectRole.SECURITY_USER_ENTITY,
+            details=(("RejectedAssociations", str(tally.count)), ("FirstTime", first),
+                     ("LastTime", last), ("CallingAETitles", ",".join(tally.ae_titles)),
+                     ("Reasons", "; ".join(tally.reasons))))
+        self._record(EventID.USER_AUTHENTICATION, Action.EXECUTE, Outcome.MINOR_FAILURE,
+                     (source, box), objects=(node,), event_types=(EventType.LOGIN,),
+                     description=f"{tally.count} more association(s) rejected from"
+                                 f" {tally.address} between {first} and {last}",
+                     when=tally.last)
 
     def refused(self, assoc: Any, service: str, reason: str) -> None:
         """A known peer asked for a service it is not permitted (access control)."""
@@ -434,6 +468,8 @@ class Auditor:
                 batches = [self._imports.pop(k) for k in due]
             for batch in batches:
                 self._emit_batch(batch)
+            for tally in self._rejections.due():
+                self._rejection_summary(tally)
             with contextlib.suppress(Exception):  # the flusher must outlive any bug
                 self.flush()
 
@@ -447,9 +483,11 @@ class Auditor:
     def _record(self, event_id: Code, action: Action, outcome: Outcome,
                 participants: tuple[Participant, ...], *,
                 objects: tuple[ParticipantObject, ...] = (), event_types: tuple[Code, ...] = (),
-                description: str = "", urgent: bool = False) -> None:
+                description: str = "", urgent: bool = False,
+                when: datetime | None = None) -> None:
         record = AuditRecord(event_id, action, outcome, participants, self.source, objects,
-                             event_types, description)
+                             event_types, description,
+                             **({"time": when} if when is not None else {}))
         with self._lock:
             self._pending.append(record.to_dict())
         if urgent or self._thread is None:

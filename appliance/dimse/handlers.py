@@ -18,6 +18,7 @@ from pynetdicom import evt
 from appliance.audit import Auditor
 from appliance.bridge import LoopBridge
 from appliance.config import DicomConfig
+from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.status import Status
 from appliance.dimse.tls import is_tls, peer_identity
@@ -69,7 +70,7 @@ class DimseHandlers:
                   assoc.requestor.address)
         peer = self.s.allowlist.by_ae_title(calling)
         if peer is None:
-            return  # pynetdicom rejects it (AllowlistAE.require_calling_aet)
+            return  # pynetdicom rejects it (calling AE not recognised): see on_rejected
         sock = assoc.dul.socket.socket
         why = peer.refusal(address=str(assoc.requestor.address), over_tls=is_tls(sock),
                            certificate=peer_identity(sock))
@@ -80,6 +81,16 @@ class DimseHandlers:
             log.warning("association rejected calling=%s address=%s reason=%s", calling,
                         assoc.requestor.address, why)
             self.s.audit.association(assoc, accepted=False, reason=why)
+            return
+        # Refused at negotiation, before a byte of a dataset is sent: a peer that
+        # may not store cannot fill the disk (the C-STORE check comes too late).
+        refused = restrict_storage(assoc, may_store=peer.may("store"), may_get=peer.may("get"))
+        if refused:
+            log.warning("storage contexts refused: peer lacks permission 'store' count=%d"
+                        " calling=%s address=%s", refused, calling, assoc.requestor.address)
+            # Audited once accepted: only then does pynetdicom fill in requestor.ae_title.
+            why = "storage contexts refused: peer lacks permission 'store'"
+            assoc.bind(evt.EVT_ACCEPTED, lambda e: self.s.audit.refused(e.assoc, "store", why))
 
     def on_accepted(self, event: Any) -> None:
         log.info("association accepted %s", peer_label(event.assoc))
@@ -116,6 +127,8 @@ class DimseHandlers:
 
     def on_store(self, event: Any) -> Status:
         spool = self.s.spools.claim(event.dataset_path)
+        if spool is None:  # refused before a byte was spooled; the association is aborted
+            return Status.REFUSED_NOT_AUTHORIZED
         if self._permitted(event, "store") is None:
             spool.discard()
             return Status.REFUSED_NOT_AUTHORIZED

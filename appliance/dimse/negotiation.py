@@ -14,6 +14,11 @@ requestor offered. The appliance decides differently, per context:
 
 The counts come from the index through a small cache (refreshed at most every
 STORED_REFRESH seconds): negotiation must stay cheap.
+
+Who may store is decided here too (restrict_storage): a peer without the
+`store` permission is offered no storage context in which it would send, so
+it cannot push a single dataset byte; with `get` it keeps the storage
+contexts it proposes in the SCP role (C-GET's role reversal: we send).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pynetdicom.presentation import AllStoragePresentationContexts
+
 STORED_REFRESH = 30.0
+STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 StoredCounts = Callable[[], Mapping[tuple[str, str], int]]
 
@@ -66,3 +74,28 @@ def order_syntaxes(event: Any, stored: StoredCounts | None) -> None:
         ours = [str(ts) for ts in context.transfer_syntax]
         context.transfer_syntax = ([ts for ts in wanted if ts in ours]
                                    + [ts for ts in ours if ts not in wanted])
+
+
+def restrict_storage(assoc: Any, *, may_store: bool, may_get: bool) -> int:
+    """EVT_REQUESTED: for a peer that may not store, drop (this association's copy of)
+    the storage contexts it could send in; returns how many it proposed that way.
+
+    With `may_get`, a storage context the peer proposes in the SCP role is kept
+    with our roles set to (requestor SCU: no, requestor SCP: yes), so pynetdicom
+    accepts it only with the roles inverted (we send, it receives)."""
+    if may_store:
+        return 0
+    scp_role = {str(uid) for uid, item in assoc.requestor.role_selection.items()
+                if item.scp_role}
+    proposed = {str(cx.abstract_syntax)
+                for cx in assoc.requestor.primitive.presentation_context_definition_list}
+    kept = []
+    for context in assoc.acceptor.supported_contexts:
+        sop_class = str(context.abstract_syntax)
+        if sop_class not in STORAGE_SOP_CLASSES:
+            kept.append(context)
+        elif may_get and sop_class in scp_role:
+            context.scu_role, context.scp_role = False, True
+            kept.append(context)
+    assoc.acceptor.supported_contexts[:] = kept
+    return len((proposed & STORAGE_SOP_CLASSES) - (scp_role if may_get else set()))

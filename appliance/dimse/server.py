@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.config import DicomConfig
 from appliance.dimse.negotiation import StoredCounts
+from appliance.dimse.pdu_socket import TransportAborted
 from appliance.dimse.transport import (
     ConnectionGuard,
     EdgeAssociationServer,
@@ -76,6 +77,15 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.STORE_SEND_CHUNKED_DATASET = True
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if _not_our_abort not in dul_log.filters:
+        dul_log.addFilter(_not_our_abort)
+
+
+def _not_our_abort(record: logging.LogRecord) -> bool:
+    """Drop the traceback pynetdicom logs for a connection the edge ended itself
+    (EdgeAssociationSocket has already logged why, in one line)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], TransportAborted))
 
 
 class DimseServer:
@@ -113,6 +123,7 @@ class DimseServer:
         self._tls_context = tls_context
         self._on_tls_failure = on_tls_failure
         self._servers: dict[str, EdgeAssociationServer] = {}
+        self._stopping = threading.Event()
 
     @property
     def ports(self) -> dict[str, int]:
@@ -123,6 +134,7 @@ class DimseServer:
         """Start the plain and/or TLS listeners; returns their bound ports."""
         guard = ConnectionGuard(idle_limit=self.config.idle_connection_limit,
                                 per_address_limit=self.config.connections_per_address)
+        self._stopping.clear()
         listeners: list[tuple[str, int, ssl.SSLContext | None]] = []
         if self.config.plain_enabled:
             listeners.append(("plain", self.config.port, None))
@@ -136,6 +148,7 @@ class DimseServer:
                 "reuse_port": self._reuse_port, "guard": guard,
                 "stored_syntaxes": self._stored_syntaxes,
                 "handshake_timeout": self.config.tls_handshake_timeout,
+                "stopping": self._stopping,
                 "on_tls_failure": staticmethod(self._on_tls_failure)
                 if self._on_tls_failure else None,
             })
@@ -176,6 +189,8 @@ class DimseServer:
         left = self._established()
         if left:
             log.warning("aborting associations still open after grace period count=%d", left)
+        # Connections mid-PDU or waiting for their peer's close give up at once.
+        self._stopping.set()
         self.ae.shutdown()
         self._servers = {}
 

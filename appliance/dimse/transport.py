@@ -3,21 +3,21 @@
 - EdgeAssociationServer: TCP_NODELAY on every accepted socket (Nagle plus
   delayed ACK costs ~40 ms per small response), SO_REUSEPORT when several
   worker processes share the port, and our request handler.
-- EdgeRequestHandler: gives each association an EdgeAssociationSocket and
-  tells the ConnectionGuard when the peer starts negotiating and when it leaves.
+- EdgeRequestHandler: gives each association an EdgeAssociationSocket
+  (pdu_socket.py: read deadlines, PDU size limits, the close in Sta13) and an
+  EdgeAssociation, and tells the ConnectionGuard when the peer starts
+  negotiating and when the association has ended.
 - ConnectionGuard: in pynetdicom 3.0.4 a TCP connection that never sends an
   A-ASSOCIATE-RQ holds an association slot until the ARTIM timer expires, so
   a few hundred idle sockets lock every modality out. The guard caps
   connections that have not started negotiating (closing the oldest idle one
   when a new connection needs room) and connections per remote address, so
-  a peer that negotiates always finds a free slot.
-- EdgeAssociationSocket.recv: pynetdicom 3.0.4 reads a PDU in 4096-byte
-  `recv()` calls, each appended to a growing bytearray (128 Python-level calls
-  and copies for a 512 KiB CT slice); this reads into one preallocated buffer.
-  It also refuses a read longer than any PDU the association may carry:
-  pynetdicom trusts the PDU length field, so one P-DATA declaring ~2 GiB made
-  it buffer without bound. A refused read closes the connection (pynetdicom
-  handles it as Evt17, transport closed, and ends the association).
+  a peer that negotiates always finds a free slot. A connection counts
+  against its address until its association thread has ended (not merely
+  until its socket closed), so established associations count too.
+- EdgeAssociation: runs callbacks when the association's thread ends.
+- Every accepted socket, plain or TLS, has `network_timeout` as its socket
+  timeout, so no send or receive blocks for longer.
 """
 
 from __future__ import annotations
@@ -29,48 +29,34 @@ import socket
 import ssl
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
+from appliance.dimse.pdu_socket import EdgeAssociationSocket
 
 log = logging.getLogger(__name__)
 
-_RECV_CHUNK = 1 << 20
 PRE_ASSOCIATION_POLL = 0.02  # seconds between DUL polls before an A-ASSOCIATE-RQ
 ASSOCIATION_POLL = 0.001  # pynetdicom's default, once negotiating
-# Association negotiation PDUs are not bound by the negotiated maximum; an
-# A-ASSOCIATE-RQ proposing 128 contexts with many transfer syntaxes stays well below.
-NEGOTIATION_PDU_LIMIT = 1 << 18
 
 
-class OversizedPDU(OSError):
-    pass
+class EdgeAssociation(Association):
+    """An acceptor association that says when its thread has ended."""
 
+    on_end: list[Callable[[], None]]
 
-class EdgeAssociationSocket(AssociationSocket):
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly `nr_bytes` (fewer only if the peer closed the connection)."""
-        assert self.socket is not None
-        limit = max(int(self.assoc.acceptor.maximum_length or 0), NEGOTIATION_PDU_LIMIT)
-        if nr_bytes > limit:
-            log.warning("aborting association: PDU of %d bytes exceeds the negotiated maximum"
-                        " %d address=%s", nr_bytes, limit, self.assoc.requestor.address)
-            raise OversizedPDU(f"PDU length {nr_bytes} exceeds {limit}")
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], min(nr_bytes - received, _RECV_CHUNK))
-            if count == 0:
-                del view
-                return buffer[:received]
-            received += count
-        return buffer
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            for callback in self.on_end:
+                callback()
 
 
 class SupportedContexts(list[PresentationContext]):
@@ -101,6 +87,7 @@ class ConnectionGuard:
         self.per_address_limit = per_address_limit
         self._lock = threading.Lock()
         self._idle: OrderedDict[socket.socket, str] = OrderedDict()
+        self._open: dict[socket.socket, str] = {}
         self._per_address: Counter[str] = Counter()
 
     def admit(self, sock: socket.socket, address: str) -> bool:
@@ -117,6 +104,7 @@ class ConnectionGuard:
             while len(self._idle) >= self.idle_limit:
                 evict.append(self._forget_idle(next(iter(self._idle))))
             self._idle[sock] = address
+            self._open[sock] = address
             self._per_address[address] += 1
         for idle in evict:
             log.warning("closing a connection that never asked for an association"
@@ -129,12 +117,15 @@ class ConnectionGuard:
         with self._lock:
             self._idle.pop(sock, None)
 
-    def closed(self, sock: socket.socket, address: str) -> None:
+    def closed(self, sock: socket.socket) -> None:
+        """The connection's association has ended; a second call changes nothing."""
         with self._lock:
             self._idle.pop(sock, None)
-            if self._per_address[address] > 0:
-                self._per_address[address] -= 1
-            if not self._per_address[address]:
+            address = self._open.pop(sock, None)
+            if address is None:
+                return
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
                 del self._per_address[address]
 
     def _forget_idle(self, sock: socket.socket) -> socket.socket:
@@ -151,9 +142,17 @@ def _peer_ip(sock: socket.socket) -> str:
 
 class EdgeRequestHandler(RequestHandler):
     def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
-            return
-        super().handle()
+        started = False
+        try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._handshake():
+                return
+            super().handle()  # creates and starts the association
+            started = True
+        finally:
+            # A started association releases its guard entry when its thread ends.
+            guard = getattr(self.server, "guard", None)
+            if guard is not None and not started:
+                guard.closed(self.request)
 
     def _handshake(self) -> bool:
         """TLS handshake with a deadline, in this connection's thread."""
@@ -172,17 +171,20 @@ class EdgeRequestHandler(RequestHandler):
                 alert(address, str(reason))
             with contextlib.suppress(OSError):
                 sock.close()
-            guard = getattr(self.server, "guard", None)
-            if guard is not None:
-                guard.closed(sock, address)
             return False
         return True
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # A second AssociationSocket would queue a second "connection open"
-        # event; the subclass only overrides methods, so retype the one made.
-        assoc.dul.socket.__class__ = EdgeAssociationSocket
+        # event, a second Association a second thread; the subclasses only
+        # override methods, so retype the objects made.
+        assoc.__class__ = EdgeAssociation
+        assoc.on_end = []
+        dul_socket = assoc.dul.socket
+        dul_socket.__class__ = EdgeAssociationSocket
+        dul_socket.network_timeout = float(self.server.ae.network_timeout or 60.0)
+        dul_socket.stopping = getattr(self.server, "stopping", None)
         # pynetdicom's DUL polls its socket every millisecond: ~2% of a core per
         # connection. Until the peer asks for an association, poll slowly, so
         # idle or hostile connections cost little; then at full speed.
@@ -193,11 +195,13 @@ class EdgeRequestHandler(RequestHandler):
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
+        assoc.bind(evt.EVT_CONN_CLOSE, _log_silent_connection)
+        assoc.bind(evt.EVT_ABORTED, _log_network_timeout)
         guard = getattr(self.server, "guard", None)
         if guard is not None:
-            sock, address = self.request, str(self.client_address[0])
+            sock = self.request
             assoc.bind(evt.EVT_REQUESTED, lambda _event: guard.negotiating(sock))
-            assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: guard.closed(sock, address))
+            assoc.on_end.append(lambda: guard.closed(sock))
         return assoc
 
 
@@ -214,12 +218,34 @@ def _release_waiting_acceptor(event: Any) -> None:
         assoc.dul.to_user_queue.put(None)
 
 
+def _log_silent_connection(event: Any) -> None:
+    """PS3.8 closes a connection without an A-ASSOCIATE-RQ when ARTIM expires
+    (AA-2, no A-ABORT); say so, since pynetdicom does not."""
+    assoc = event.assoc
+    artim = assoc.dul.artim_timer
+    if assoc.requestor.primitive is None and artim.expired:
+        log.warning("closing connection: no A-ASSOCIATE-RQ within acse_timeout=%gs address=%s",
+                    artim.timeout, assoc.requestor.address)
+
+
+def _log_network_timeout(event: Any) -> None:
+    """pynetdicom aborts an established association after `network_timeout` without a
+    PDU, logging only "Network timeout reached": name the peer and the limit."""
+    assoc = event.assoc
+    if assoc.dul.idle_timer_expired():
+        log.warning("aborting association: no PDU within network_timeout=%gs address=%s",
+                    assoc.network_timeout, assoc.requestor.address)
+
+
 class EdgeAssociationServer(ThreadedAssociationServer):
     reuse_port = False
     handshake_timeout = 10.0
     on_tls_failure: Any = None
     guard: ConnectionGuard | None = None
     stored_syntaxes: StoredCounts | None = None
+    # Set when the server stops: connections waiting for their peer to close
+    # after an A-ABORT (Sta13) close at once instead of at ARTIM expiry.
+    stopping: threading.Event | None = None
     # socketserver's default backlog of 5 drops the SYNs of a burst of
     # connections (each retried after 1 s by the client's kernel).
     request_queue_size = 128
@@ -237,6 +263,10 @@ class EdgeAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # accept() returns a blocking socket without a timeout, whatever the
+        # listening socket's: without this, a silent peer blocks a send or
+        # receive for ever.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             # pynetdicom handshakes here, on the accept loop: one client that never
             # sends a ClientHello blocks every new TLS connection. The handshake runs

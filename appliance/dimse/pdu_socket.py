@@ -1,0 +1,210 @@
+"""EdgeAssociationSocket: how an accepted connection's PDUs are read, and when it gives up.
+
+pynetdicom 3.0.4's DUL thread reads a PDU with blocking `recv()` calls on a
+socket that has no timeout (Python's `accept()` returns blocking sockets
+whatever the listening socket's timeout is), and its timers cannot help:
+
+- a peer that sends a P-DATA header promising 1000 bytes and goes silent
+  blocks the DUL thread in `recv()` for ever. The association's network
+  timeout then fires, but the A-ABORT it queues is never sent (only the
+  blocked DUL thread sends) and `Association.kill()` spins waiting for the
+  DUL to return to Sta1: the association and its two threads live until the
+  peer leaves;
+- the ARTIM timer is only looked at between PDUs, so garbage before an
+  association (an HTTP request, a port scanner's probe) whose tail is
+  shorter than a PDU header keeps the socket open for as long as the peer
+  likes, after pynetdicom has answered it with an A-ABORT (AA-1, Sta13).
+
+This socket bounds every read, and ends the connection itself, with an
+A-ABORT and a log line that says why:
+
+- every PDU must arrive in full within `network_timeout` of its first byte
+  (a peer that trickles one byte at a time gains nothing); before the
+  A-ASSOCIATE-RQ has arrived (Sta1-2), also within the ARTIM timer;
+- a read longer than any PDU this side accepts is refused before buffering:
+  256 KiB before negotiation (an A-ASSOCIATE-RQ proposing 128 contexts stays
+  far below it), then the negotiated maximum. pynetdicom trusts the length
+  field: one P-DATA declaring ~2 GiB made it buffer without bound;
+- in Sta13 (an A-ABORT, A-ASSOCIATE-RJ or A-RELEASE-RP sent, waiting for the
+  peer to close) nothing more is parsed: up to 64 KiB of incoming bytes are
+  discarded, then reading stops, until the peer closes or the ARTIM timer
+  expires, and then the socket is closed (PS3.8 AA-1, AR-5). pynetdicom
+  instead parses each further 6 bytes as a PDU, answers each with another
+  A-ABORT, and blocks on a short tail.
+
+A refused read raises TransportAborted (an OSError): the DUL handles it as
+Evt17, transport closed, and the association ends.
+
+The reads also go into one preallocated buffer with `recv_into()` (pynetdicom
+appends 4096-byte `recv()`s to a growing bytearray: 128 Python-level calls
+and copies for a 512 KiB CT slice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import struct
+import threading
+import time
+from typing import NoReturn
+
+from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger(__name__)
+
+_RECV_CHUNK = 1 << 20
+_DRAIN_CHUNK = 1 << 16
+_DRAIN_LIMIT = 1 << 16  # bytes read (and dropped) after an A-ABORT before reading stops
+# How often a connection waiting for bytes checks whether the server is stopping.
+_POLL = 0.5
+# Association negotiation PDUs are not bound by the negotiated maximum; an
+# A-ASSOCIATE-RQ proposing 128 contexts with several transfer syntaxes each
+# stays well below this.
+NEGOTIATION_PDU_LIMIT = 1 << 18
+# A-ABORT PDU (PS3.8 9.3.8): source 2 = service provider, reason 0 = not specified.
+_A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 0)
+
+
+class TransportAborted(OSError):
+    """The edge ended the connection (its reason is in the log line before)."""
+
+
+class EdgeAssociationSocket(AssociationSocket):
+    # Set by the request handler for each accepted connection.
+    network_timeout: float = 60.0
+    stopping: threading.Event | None = None
+    _pdu_deadline: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True when a PDU starts arriving (which starts its deadline), and always in
+        Sta13, where recv() waits for the peer's close instead of parsing."""
+        if self._closing():
+            return self.socket is not None
+        if not self.assoc.dul.event_queue.empty():
+            # Let the state machine act on what was read before reading on:
+            # pynetdicom reads ahead, so one garbage PDU was parsed (and
+            # answered with an A-ABORT) after the one that ended the association.
+            return False
+        ready = bool(super().ready)
+        if ready:
+            self._pdu_deadline = time.monotonic() + self.network_timeout
+        return ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly `nr_bytes` within the PDU's deadline (fewer only if the peer
+        closed the connection); in Sta13, wait for the close and return nothing."""
+        if self._closing():
+            self._await_close()
+            return bytearray()
+        sock = self.socket
+        assert sock is not None
+        limit = self._pdu_limit()
+        if nr_bytes > limit:
+            self._abort(f"PDU of {nr_bytes} bytes exceeds the maximum {limit}")
+        deadline, cause = self._deadline()
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        try:
+            while received < nr_bytes:
+                if self.stopping is not None and self.stopping.is_set():
+                    self._abort("the server is stopping")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._abort(f"{cause}: {received} of {nr_bytes} bytes received")
+                # Wait in slices, to notice a stopping server; the socket's own
+                # timeout (network_timeout, which also bounds sends) is restored below.
+                sock.settimeout(min(remaining, _POLL))
+                try:
+                    count = sock.recv_into(view[received:],
+                                           min(nr_bytes - received, _RECV_CHUNK))
+                except TimeoutError:
+                    continue
+                if count == 0:
+                    return buffer[:received]
+                received += count
+        finally:
+            del view
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.network_timeout)
+        return buffer
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _state(self) -> str:
+        return str(self.assoc.dul.state_machine.current_state)
+
+    def _closing(self) -> bool:
+        return self._state() == "Sta13"
+
+    def _before_request(self) -> bool:
+        """No A-ASSOCIATE-RQ yet. Sta1 too: the DUL may read the first PDU before
+        it has processed the "connection open" event that moves it to Sta2."""
+        return self._state() in ("Sta1", "Sta2")
+
+    def _pdu_limit(self) -> int:
+        if self._before_request():
+            return NEGOTIATION_PDU_LIMIT
+        return max(int(self.assoc.acceptor.maximum_length or 0), NEGOTIATION_PDU_LIMIT)
+
+    def _deadline(self) -> tuple[float, str]:
+        """When the PDU being read must be complete, and how to say why it was not."""
+        deadline = self._pdu_deadline or time.monotonic() + self.network_timeout
+        cause = f"PDU not complete within network_timeout={self.network_timeout:g}s"
+        if self._before_request():
+            artim = self.assoc.dul.artim_timer
+            artim_deadline = time.monotonic() + max(float(artim.remaining), 0.0)
+            if artim_deadline < deadline:
+                deadline = artim_deadline
+                cause = f"A-ASSOCIATE-RQ not complete within acse_timeout={artim.timeout:g}s"
+        return deadline, cause
+
+    def _abort(self, why: str) -> NoReturn:
+        """Send an A-ABORT, log why, and end the connection (raises)."""
+        log.warning("aborting association: %s address=%s", why, self._peer_address())
+        sock = self.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(min(self.network_timeout, 5.0))
+                sock.sendall(_A_ABORT)
+        raise TransportAborted(why)
+
+    def _await_close(self) -> None:
+        """Sta13: discard what arrives (up to _DRAIN_LIMIT, then stop reading, so a
+        peer that sends on is held up by TCP flow control) until the peer closes,
+        the ARTIM timer expires or the server stops; the DUL then closes (AR-5)."""
+        sock = self.socket
+        artim = self.assoc.dul.artim_timer
+        drained = 0
+        while sock is not None and artim.remaining > 0:
+            if self.stopping is not None and self.stopping.is_set():
+                return
+            wait = max(min(artim.remaining, _POLL), 0.0)
+            if drained >= _DRAIN_LIMIT:
+                time.sleep(wait)
+                continue
+            try:
+                poller = select.poll()  # not select(): it fails on descriptors >= 1024
+                poller.register(sock, select.POLLIN)
+                if poller.poll(wait * 1000):
+                    sock.settimeout(wait or _POLL)  # a partial TLS record
+                    chunk = sock.recv(_DRAIN_CHUNK)
+                    if not chunk:
+                        return
+                    drained += len(chunk)
+            except TimeoutError:
+                continue
+            except (OSError, ValueError):  # closed under us (e.g. after a reject)
+                return
+
+    def _peer_address(self) -> str:
+        address = getattr(self.assoc.requestor, "address", "") or ""
+        if address:
+            return str(address)
+        try:
+            return str(self.socket.getpeername()[0]) if self.socket else "?"
+        except OSError:
+            return "?"

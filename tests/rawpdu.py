@@ -1,0 +1,166 @@
+"""Hand-made DICOM upper-layer PDUs on raw sockets, for hostile-peer tests.
+
+A well-behaved peer is a dcmtk tool or a pynetdicom client; these helpers
+play the peer that stops mid-PDU, trickles, sends garbage or sends what it
+was not allowed to. PDU layouts: PS3.8 9.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA, A_ABORT = 0x02, 0x03, 0x04, 0x07
+
+
+def _item(item_type: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
+
+
+def _uid(item_type: int, uid: str) -> bytes:
+    return _item(item_type, uid.encode("ascii"))
+
+
+def associate_rq(calling: str, called: str,
+                 contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)) -> bytes:
+    """An A-ASSOCIATE-RQ proposing each (context ID, abstract syntax) in Implicit VR LE."""
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
+    body += b"\0" * 32 + _uid(0x10, APPLICATION_CONTEXT)
+    for context_id, abstract_syntax in contexts:
+        body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0)
+                      + _uid(0x30, abstract_syntax) + _uid(0x40, IMPLICIT_VR_LE))
+    user_info = _item(0x51, struct.pack(">L", 16384)) + _uid(0x52, "1.2.826.0.1.3680043.9.9")
+    body += _item(0x50, user_info)
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def pdu_header(pdu_type: int, length: int) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def c_store_pdus(context_id: int, dataset_size: int, *, max_pdu: int = 16384) -> list[bytes]:
+    """A C-STORE-RQ for a CT image whose dataset is `dataset_size` zero bytes, as encoded
+    P-DATA-TF PDUs (pynetdicom's own encoder: the framing is right, the data junk)."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.9.9.1"
+    request.Priority = 2
+    request.DataSet = io.BytesIO(b"\0" * dataset_size)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return pdus
+
+
+def context_results(ac_body: bytes) -> dict[int, int]:
+    """Presentation context ID -> result (0 = acceptance) from an A-ASSOCIATE-AC body."""
+    results, offset = {}, 68  # protocol version, reserved, AE titles, reserved
+    while offset + 4 <= len(ac_body):
+        item_type, _, length = struct.unpack(">BBH", ac_body[offset:offset + 4])
+        if item_type == 0x21:
+            results[ac_body[offset + 4]] = ac_body[offset + 6]
+        offset += 4 + length
+    return results
+
+
+def connect(port: int, *, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection from `source` (any 127.x.y.z works on Linux loopback)."""
+    return socket.create_connection((host, port), timeout=30, source_address=(source, 0))
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """One PDU: (type, body); (0, b"") if the connection closed first."""
+    header = _read_exactly(sock, 6)
+    if len(header) < 6:
+        return 0, b""
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    return pdu_type, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def established(port: int, calling: str, called: str, *, source: str = "127.0.0.1",
+                contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)) -> socket.socket:
+    """A connection with an accepted association (fails the test otherwise)."""
+    return negotiate(port, calling, called, source=source, contexts=contexts)[0]
+
+
+def negotiate(port: int, calling: str, called: str, *, source: str = "127.0.0.1",
+              contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)
+              ) -> tuple[socket.socket, dict[int, int]]:
+    """An accepted association and its context results (fails the test if rejected)."""
+    sock = connect(port, source=source)
+    sock.sendall(associate_rq(calling, called, contexts))
+    pdu_type, body = read_pdu(sock)
+    assert pdu_type == A_ASSOCIATE_AC, f"association not accepted: PDU type {pdu_type:#x}"
+    return sock, context_results(body)
+
+
+@dataclass
+class Watched:
+    """What the server sent on one hostile connection, and when it closed it."""
+
+    sock: socket.socket
+    trickle: bool = False
+    received: bytes = b""
+    closed_after: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def first_pdu_type(self) -> int:
+        return self.received[0] if self.received else 0
+
+
+def watch_until_closed(watched: list[Watched], *, deadline_seconds: float,
+                       trickle_every: float = 0.2) -> None:
+    """Poll every connection until the server closes it or the deadline passes; a
+    trickling one sends one more byte every `trickle_every` seconds until the server
+    answers (sending on after an A-ABORT would draw a reset that can discard it)."""
+    deadline = time.monotonic() + deadline_seconds
+    for item in watched:
+        item.sock.setblocking(False)
+    while time.monotonic() < deadline:
+        open_ = [w for w in watched if w.closed_after is None]
+        if not open_:
+            return
+        readable, _, _ = select.select([w.sock for w in open_], [], [], trickle_every)
+        for item in open_:
+            if item.sock in readable:
+                try:
+                    chunk = item.sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    item.closed_after = time.monotonic() - item.started
+                    continue
+                item.received += chunk
+            if item.trickle and item.closed_after is None and not item.received:
+                with contextlib.suppress(OSError):  # gone: the next recv sees the close
+                    item.sock.send(b"\0")
