@@ -20,7 +20,7 @@ from appliance.bridge import LoopBridge
 from appliance.config import DicomConfig
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.status import Status
-from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.ingest import ExpectedIdentity, IngestService
 from appliance.peers import Allowlist, Peer
 from appliance.query.find import QueryError, QueryModel, find
@@ -108,7 +108,7 @@ class DimseHandlers:
     def on_echo(self, event: Any) -> Status:
         return Status.SUCCESS
 
-    def on_store(self, event: Any) -> Status:
+    def on_store(self, event: Any) -> Status | Dataset:
         spool = self.s.spools.claim(event.dataset_path)
         if self._permitted(event, "store") is None:
             spool.discard()
@@ -128,6 +128,10 @@ class DimseHandlers:
             log.error("store refused: out of resources reason=%s %s", exc.reason,
                       peer_label(event.assoc))
             return Status.OUT_OF_RESOURCES
+        except InflateLimitExceeded as exc:
+            log.warning("store refused: deflated dataset inflates beyond the limit"
+                        " limit_mb=%d %s", exc.limit >> 20, peer_label(event.assoc))
+            return _failure(Status.OUT_OF_RESOURCES, "deflated data set inflates beyond limit")
         except InvalidInstance as exc:
             log.warning("store refused: cannot understand reason=%s %s", exc.reason,
                         peer_label(event.assoc))
@@ -176,3 +180,13 @@ class DimseHandlers:
             event.assoc, sop_class_uid=str(event.request.AffectedSOPClassUID),
             identifier=raw.getvalue() if raw is not None else b"",
             transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)
+
+
+def _failure(status: Status, comment: str) -> Dataset:
+    """A failure status with an Error Comment (0000,0902, LO: at most 64 characters) that
+    tells the peer's operator why, where the status alone would mislead (0xA700 is also
+    a full disk)."""
+    response = Dataset()
+    response.Status = int(status)
+    response.ErrorComment = comment[:64]
+    return response
