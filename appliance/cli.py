@@ -277,7 +277,9 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
                           TimeRemainingColumn(), console=err, transient=True) as progress, \
                     Auditor.for_home(config, process="cli") as auditor:
                 task = progress.add_task("import", total=len(files))
-                ingest = AuditedIngest(IngestService(store, index), auditor, "import")
+                service = IngestService(store, index,
+                                        max_inflated=config.store.max_inflated_mb << 20)
+                ingest = AuditedIngest(service, auditor, "import")
                 return await import_files(ingest, files,
                                           on_progress=lambda _p: progress.advance(task))
 

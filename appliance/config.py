@@ -67,6 +67,8 @@ class DicomConfig:
 class StoreConfig:
     path: Path = Path("store")
     reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
+    max_inflated_mb: int = field(default=512, metadata=_check(lambda v: 1 <= v <= 1 << 20,
+                                                              "1 to 1048576 MB"))
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,8 @@ _COMMENTS = {
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",
+    "store.max_inflated_mb": "Refuse (0xA700) a deflated instance that inflates beyond this"
+    " (deflate bombs); the header is read in bounded chunks whatever the size.",
     "index": "SQLite index (WAL mode, synchronous=FULL).",
     "index.path": "Index database file (relative paths are inside the data home).",
     "index.commit_window_ms": "Extra wait to batch stores; at 0, stores that arrive during a"

@@ -2,23 +2,30 @@
 
 The file is never rewritten: this only decodes a copy of its header for the
 index. Values are decoded with the file's Specific Character Set, so names in
-any character set land in the index as text.
+any character set land in the index as text. A deflated dataset is read by
+appliance.deflated, which inflates it in bounded chunks and keeps only the
+elements in INDEX_KEYWORDS.
 """
 
 from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 import pydicom.config
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from appliance.deflated import read_deflated_elements
 from appliance.errors import InvalidInstance
 from appliance.uids import is_valid_uid, normalise_uid
 
@@ -61,29 +68,56 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 # Values above this size are skipped (seeked over), not read: pixel data stays on disk.
 _DEFER_BYTES = 4096
 _SEQUENCE_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+# What a deflated dataset may inflate to unless the caller says otherwise (store.max_inflated_mb).
+DEFAULT_MAX_INFLATED = 512 << 20
+
+# Every attribute header_from_dataset reads, and the character set that decodes them.
+INDEX_KEYWORDS: Sequence[str] = (
+    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "PatientName",
+    "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+    "SeriesDate", "SeriesTime", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+)
+_INDEX_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEX_KEYWORDS)
 
 
-def read_header(path: Path) -> InstanceHeader:
+def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> InstanceHeader:
     """Parse `path`'s header and check it is complete.
 
     Raises InvalidInstance with a PHI-free reason when the file is not DICOM,
-    is truncated, or lacks valid UIDs.
+    is truncated, or lacks valid UIDs; InflateLimitExceeded when its dataset is
+    deflated and inflates beyond `max_inflated` bytes.
     """
     try:
+        with path.open("rb") as fh:
+            read_preamble(fh, force=False)
+            meta = _read_file_meta_info(fh)
+            ts = normalise_uid(meta.get("TransferSyntaxUID", ""))
+            if ts == DeflatedExplicitVRLittleEndian:
+                return header_from_dataset(_read_deflated(fh, max_inflated), ts)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
         if any("End of file" in str(w.message) for w in caught):
             raise InvalidInstance("dataset is truncated")
-        ts = normalise_uid(ds.file_meta.get("TransferSyntaxUID", ""))
-        if ts != DeflatedExplicitVRLittleEndian:
-            _check_complete(ds, path)
+        _check_complete(ds, path)
         return header_from_dataset(ds, ts)
     except InvalidInstance:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
             AttributeError, NotImplementedError, struct.error) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _read_deflated(fh: BinaryIO, max_inflated: int) -> Dataset:
+    """The indexed elements of the deflated dataset at `fh`'s position, decoded."""
+    kept = read_deflated_elements(fh, _INDEX_TAGS, limit=max_inflated)
+    # The walk kept whole elements, so nothing here can run short; pydicom's remarks
+    # on odd encodings could quote values (PHI), so they go nowhere.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_dataset(DicomBytesIO(kept), is_implicit_VR=False, is_little_endian=True)
 
 
 def _check_complete(ds: Dataset, path: Path) -> None:

@@ -8,8 +8,10 @@ Tree::
     ├── PeerError                 allowlist edits that cannot be applied
     ├── RejectedInstance          ingest refused an instance (reason -> DICOM status)
     │   ├── InvalidInstance       cannot be parsed, bad UIDs, inconsistent headers
+    │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
     │   └── OutOfSpace            disk full: the store or the index could not grow
-    └── IndexUnavailable          SQLite failed for a reason other than disk full
+    ├── IndexUnavailable          SQLite failed for a reason other than disk full
+    └── UnsafePath                a dropped file's path crosses a symlink: left alone
 
 The CLI turns these into an exit code, a one-line message and the hint; a
 traceback is only ever shown for a bug.
@@ -60,6 +62,17 @@ class InvalidInstance(RejectedInstance):
     """The data cannot be understood: not DICOM, truncated, or invalid UIDs."""
 
 
+class InflateLimitExceeded(RejectedInstance):
+    """A deflated dataset inflates beyond the configured limit (a deflate bomb, or an
+    instance larger than the site allows); it was refused before that much was inflated."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"deflated dataset inflates beyond the limit of {limit / (1 << 20):g} MB",
+                         hint="if a modality really sends deflated instances this large, "
+                         "raise store.max_inflated_mb")
+        self.limit = limit
+
+
 class OutOfSpace(RejectedInstance):
     """The store or index ran out of disk space; nothing partial was kept."""
 
@@ -70,3 +83,8 @@ class OutOfSpace(RejectedInstance):
 
 class IndexUnavailable(PacsEdgeError):
     pass
+
+
+class UnsafePath(PacsEdgeError):
+    """A path in the drop folder crosses or is a symbolic link (or is no regular file):
+    nothing it points to is read, moved or deleted."""

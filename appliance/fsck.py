@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.dicom_header import read_header
-from appliance.errors import InvalidInstance
+from appliance.errors import InvalidInstance, RejectedInstance
 from appliance.ingest import hash_dataset
 from appliance.store.durable import sweep_temp_files
 from appliance.store.files import FileStore
@@ -51,7 +51,7 @@ async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
         for relative in report.orphan_files:
             try:
                 await _adopt(files, index, relative)
-            except InvalidInstance as exc:
+            except RejectedInstance as exc:  # InvalidInstance, or beyond the inflate limit
                 report.unreadable.append((relative, exc.reason))
             else:
                 report.adopted.append(relative)

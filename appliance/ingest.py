@@ -20,8 +20,10 @@ import logging
 import shutil
 import time
 from concurrent import futures
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 # pydicom's public read_file_meta_info() does not say where the dataset starts;
 # the private reader leaves the file positioned there.
@@ -31,7 +33,7 @@ from pynetdicom.dsutils import create_file_meta
 
 from appliance import logsafe
 from appliance.bridge import LoopBridge
-from appliance.dicom_header import InstanceHeader, read_header
+from appliance.dicom_header import DEFAULT_MAX_INFLATED, InstanceHeader, read_header
 from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.store.durable import is_no_space
 from appliance.store.files import FileStore
@@ -61,9 +63,11 @@ class ExpectedIdentity:
 
 
 class IngestService:
-    def __init__(self, files: FileStore, index: Index) -> None:
+    def __init__(self, files: FileStore, index: Index, *,
+                 max_inflated: int = DEFAULT_MAX_INFLATED) -> None:
         self.files = files
         self.index = index
+        self.max_inflated = max_inflated  # bytes a deflated dataset may inflate to
 
     async def ingest_spool(
         self,
@@ -104,7 +108,7 @@ class IngestService:
             # The file's fsync (the slowest step) runs while the header is parsed and
             # the index asked for a duplicate; it is joined before the rename.
             syncing = _FSYNC_POOL.submit(spool.sync)
-            header, sha256, offset = _inspect(spool)
+            header, sha256, offset = _inspect(spool, self.max_inflated)
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
             ):
@@ -132,17 +136,20 @@ class IngestService:
             if committed_path is not None:
                 self.files.remove(committed_path)
 
-    async def ingest_file(self, source: Path, *, source_ae: str = "") -> IngestResult:
-        """Ingest a file from disk (import, drop folder) through the same path as C-STORE."""
+    async def ingest_file(self, source: Path | BinaryIO, *, source_ae: str = "") -> IngestResult:
+        """Ingest a file from disk (import, drop folder) through the same path as C-STORE:
+        a path, or a file already open (the drop folder opens its files without following
+        symlinks; the caller closes it)."""
         spool = await asyncio.to_thread(self._spool_from_file, source)
         return await self.ingest_spool(spool, source_ae=source_ae)
 
-    def _spool_from_file(self, source: Path) -> SpoolFile:
+    def _spool_from_file(self, source: Path | BinaryIO) -> SpoolFile:
         """Copy `source` into a spool file: a fresh File Meta header, then its dataset bytes
         exactly as they are in the source file."""
         spool = self.files.new_spool()
         try:
-            with source.open("rb") as fh:
+            opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
+            with opened as fh:
                 meta = _file_meta(fh)
                 spool.write(b"\x00" * 128 + b"DICM")
                 write_file_meta_info(spool, meta, enforce_standard=True)  # type: ignore[arg-type]
@@ -170,9 +177,9 @@ def _file_meta(fh: object) -> object:
         raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax") from exc
 
 
-def _inspect(spool: SpoolFile) -> tuple[InstanceHeader, str, int]:
+def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, int]:
     """Header, dataset SHA-256 and dataset offset of a spooled Part 10 file."""
-    header = read_header(spool.path)
+    header = read_header(spool.path, max_inflated=max_inflated)
     sha256 = spool.dataset_sha256
     offset = spool.meta_end
     if sha256 is None or offset is None or offset < 0:

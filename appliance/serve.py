@@ -85,7 +85,7 @@ async def serve(
             config=config.dicom,
             allowlist=allowlist,
             index=index,
-            ingest=IngestService(files, index),
+            ingest=IngestService(files, index, max_inflated=config.store.max_inflated_mb << 20),
             spools=spools,
             bridge=LoopBridge(asyncio.get_running_loop()),
             audit=auditor,

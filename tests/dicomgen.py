@@ -33,6 +33,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -312,6 +313,74 @@ def make_garbage_payload(folder: Path, *, seed: int = 500, size: int = 4096) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
     return path
+
+
+def make_deflate_bomb(folder: Path, *, inflated_bytes: int = 800 << 20, seed: int = 600,
+                      bulk: str = "pixels") -> Path:
+    """A Deflated Explicit VR LE CT image whose dataset inflates to about `inflated_bytes`
+    (zeros deflate ~1000:1: 800 MB make a file of ~0.8 MB). `bulk` says where the zeros
+    sit: "pixels" (the Pixel Data value, after everything the index reads), "private"
+    (a private OB element in group 0009, before the patient and study attributes) or
+    "items" (an undefined-length private sequence of empty items, also before them).
+    Written as a stream: neither this process nor the file ever holds the zeros."""
+    study = _study_attrs(seed, 0, "CT")
+    series = _series_attrs(seed, 0, 0, "CT", study)
+    ds = _instance(seed, (0, 0, 0, "bomb", bulk), 0, _patient_attrs(seed, 0), study, series,
+                   "CT", 16, 16, 16)
+    del ds.PixelData
+    head, tail = Dataset(), Dataset()
+    for elem in ds:
+        (head if elem.tag.group < 0x0009 else tail).add(elem)
+    chunk = b"\0" * (1 << 20)
+    if bulk == "items":
+        chunk = b"\xfe\xff\x00\xe0\xff\xff\xff\xff\xfe\xff\x0d\xe0\x00\x00\x00\x00" * (1 << 16)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [deflate.compress(_encode_explicit_le(head))]
+    if bulk == "private":
+        parts.append(deflate.compress(_encode_explicit_le_private_block(inflated_bytes)))
+    elif bulk == "items":
+        parts.append(deflate.compress(b"\x09\x00\x10\x00LO\x08\x00PE BOMB "
+                                      b"\x09\x00\x01\x10SQ\x00\x00\xff\xff\xff\xff"))
+    if bulk != "pixels":
+        for _ in range(inflated_bytes // len(chunk)):
+            parts.append(deflate.compress(chunk))
+        if bulk == "items":
+            parts.append(deflate.compress(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"))
+    parts.append(deflate.compress(_encode_explicit_le(tail)))
+    if bulk == "pixels":
+        parts.append(deflate.compress(b"\xe0\x7f\x10\x00OW\x00\x00"
+                                      + struct.pack("<I", inflated_bytes)))
+        for _ in range(inflated_bytes // len(chunk)):
+            parts.append(deflate.compress(chunk))
+    parts.append(deflate.flush())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    buf = DicomBytesIO()
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path = folder / f"deflate_bomb_{bulk}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = b"".join(parts)
+    if len(body) % 2:
+        body += b"\0"  # PS3.5 A.5: an odd deflated stream gets one trailing null byte
+    path.write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
+    return path
+
+
+def _encode_explicit_le(ds: Dataset) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def _encode_explicit_le_private_block(length: int) -> bytes:
+    """Private creator (0009,0010) and the header of an OB element (0009,1001) of `length`."""
+    return (b"\x09\x00\x10\x00LO\x08\x00PE BOMB "
+            + b"\x09\x00\x01\x10OB\x00\x00" + struct.pack("<I", length))
 
 
 def make_non_dicom_file(folder: Path, name: str = "notes.txt") -> Path:

@@ -9,8 +9,10 @@ was anything lost (incoming/ empty, counts match)?
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import time
 import zipfile
@@ -23,10 +25,12 @@ import pydicom
 import pytest
 from conftest import EdgeServer
 
+from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root
+from appliance.dropfolder.outcomes import Outcomes
 from appliance.dropfolder.sources import ZipSource, read_media_index, sanitise_member_name
 from appliance.dropfolder.stability import StabilityTracker
-from appliance.errors import InvalidInstance
+from appliance.errors import InvalidInstance, UnsafePath
 
 STABLE_SECONDS = 0.5
 WAIT_SECONDS = 60.0
@@ -363,7 +367,7 @@ def test_zip_member_larger_than_its_header_says_is_refused(tmp_path: Path) -> No
     data[central + 24:central + 28] = (1000).to_bytes(4, "little")
     archive.write_bytes(bytes(data))
 
-    with ZipSource(archive) as source:
+    with ZipSource(tmp_path, archive) as source:
         [member] = source.members
         assert member.info.file_size == 1000
         with pytest.raises(InvalidInstance):
@@ -380,7 +384,177 @@ def test_media_index_resolves_records_and_refuses_escapes(tmp_path: Path) -> Non
     images[1].ReferencedFileID = ["dicom", "st000001", "im000001;1"]  # case, ISO version
     ds.save_as(cd / "DICOMDIR")
 
-    media = read_media_index(cd / "DICOMDIR")
+    media = read_media_index(cd / "DICOMDIR", cd)
     assert media.invalid == 1 and media.missing == 0
     assert sorted(media.files) == sorted(g.path for g in study[1:])
     assert all(Root(cd).contains(p) for p in media.files)
+
+
+# --- symlinks and archive names: nothing outside the drop folder is touched -----------
+
+
+def fingerprint(paths: list[Path]) -> dict[Path, tuple[bytes, int, int]]:
+    """Bytes, inode and mtime of each file: what "untouched" means."""
+    out = {}
+    for path in paths:
+        st = path.lstat()
+        out[path] = (path.read_bytes(), st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def assert_untouched(before: dict[Path, tuple[bytes, int, int]]) -> None:
+    assert fingerprint(list(before)) == before
+
+
+def drop_atomically(built: Path, target: Path) -> None:
+    """Move a tree built elsewhere into the drop folder in one rename (symlinks kept)."""
+    built.rename(target)
+
+
+@pytest.mark.parametrize("linked", ["DICOM/ST000001", "DICOM", "DICOM/ST000001/IM000001"],
+                         ids=["referenced-folder", "folder-mid-path", "referenced-file"])
+def test_dicomdir_reference_through_a_symlink_never_touches_the_outside_file(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path, linked: str
+) -> None:
+    server = drop_server(after_ingest="move")
+    acknowledged = dicomgen.make_study(tmp_path / "first", seed=31)
+    shutil.copytree(tmp_path / "first", incoming(server) / "first")
+    wait_settled(server, ingested=len(acknowledged))
+
+    # The attack: a CD whose DICOMDIR references files through a symlink to a folder
+    # outside the drop folder; a legitimate CD arrives beside it.
+    cd = tmp_path / "evil-cd"
+    evil = dicomgen.make_study(tmp_path / "evil-src", seed=32)
+    on_cd = make_cd(cd, evil)
+    # Files of the evil CD not behind the link are ordinary dropped files.
+    inside = [g for g, c in zip(evil, on_cd, strict=True) if not c.path.is_relative_to(cd / linked)]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(cd / linked, outside / Path(linked).name)
+    (cd / linked).symlink_to(outside / Path(linked).name)
+    victims = fingerprint(sorted(p for p in outside.rglob("*") if p.is_file()))
+    assert victims
+    legit_cd = tmp_path / "legit-cd"
+    legit = dicomgen.make_study(tmp_path / "legit-src", seed=33)
+    make_cd(legit_cd, legit)
+    legit += inside
+    drop_atomically(cd, incoming(server) / "CD1")
+    drop_atomically(legit_cd, incoming(server) / "CD2")
+
+    wait_settled(server, ingested=len(acknowledged) + len(legit))
+    wait_until("the evil DICOMDIR is dealt with",
+               lambda: not (incoming(server) / "CD1" / "DICOMDIR").exists())
+    assert_untouched(victims)
+    assert (incoming(server) / "CD1" / linked).is_symlink()  # the link itself is left alone
+    assert_stored_exactly(server, acknowledged + legit)
+    assert "invalid=" in server.log()
+
+    after = dicomgen.make_study(tmp_path / "after", seed=34)
+    shutil.copytree(tmp_path / "after", incoming(server) / "after")
+    wait_settled(server, ingested=len(acknowledged) + len(legit) + len(after))
+    assert_stored_exactly(server, acknowledged + legit + after)
+    assert_untouched(victims)
+
+
+def test_symlinks_and_escaping_zip_names_never_touch_outside_files(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    acknowledged = dicomgen.make_study(tmp_path / "first", seed=35)
+    shutil.copytree(tmp_path / "first", incoming(server) / "first")
+    wait_settled(server, ingested=len(acknowledged))
+
+    outside = tmp_path / "outside"
+    outside_study = dicomgen.make_study(outside / "study", seed=36)
+    victim = outside / "victim.dcm"
+    shutil.copy(outside_study[0].path, victim)
+    victims = fingerprint(sorted(p for p in outside.rglob("*") if p.is_file()))
+    (incoming(server) / "linked-folder").symlink_to(outside / "study")
+    (incoming(server) / "linked-file.dcm").symlink_to(victim)
+    zipped = dicomgen.make_study(tmp_path / "zipped", seed=37)
+    escape = os.path.relpath(victim, incoming(server))
+    with zipfile.ZipFile(tmp_path / "slip.zip", "w") as zf:
+        # ZipInfo keeps names as given (ZipFile.write would strip a leading /).
+        zf.writestr(zipfile.ZipInfo(escape), zipped[0].path.read_bytes())  # ../../outside/..
+        zf.writestr(zipfile.ZipInfo(str(victim)), zipped[1].path.read_bytes())  # absolute
+        zf.writestr(zipfile.ZipInfo("../" * 12 + "tmp/pacs-edge-slip.dcm"),
+                    zipped[2].path.read_bytes())
+    with zipfile.ZipFile(tmp_path / "linked.zip", "w") as zf:
+        link = zipfile.ZipInfo("IM-LINK")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, str(victim))
+        zf.write(zipped[3].path, "IM3")
+    shutil.copy(tmp_path / "slip.zip", incoming(server) / "slip.zip")
+    shutil.copy(tmp_path / "linked.zip", incoming(server) / "linked.zip")
+
+    wait_settled(server, ingested=len(acknowledged) + 4, rejected=1)
+    assert_untouched(victims)
+    assert (incoming(server) / "linked-folder").is_symlink()
+    assert (incoming(server) / "linked-file.dcm").is_symlink()
+    assert not Path("/tmp/pacs-edge-slip.dcm").exists()
+    assert reason_of(server, "linked.zip") == "ZIP member is a symbolic link"
+    assert_stored_exactly(server, acknowledged + zipped[:4])
+
+    after = dicomgen.make_study(tmp_path / "after", seed=38)
+    shutil.copytree(tmp_path / "after", incoming(server) / "after")
+    wait_settled(server, ingested=len(acknowledged) + 4 + len(after), rejected=1)
+    assert_stored_exactly(server, acknowledged + zipped[:4] + after)
+    assert_untouched(victims)
+
+
+@pytest.mark.parametrize("after_ingest", ["delete", "move"])
+def test_folder_swapped_for_a_symlink_after_the_check_is_refused_at_use(
+    tmp_path: Path, after_ingest: str
+) -> None:
+    """The processor checks nothing first and trusts nothing after: every open, move
+    and delete walks the path again without following links (a writer may swap a
+    folder for a link between a listing and the operation)."""
+    root = Root(tmp_path / "incoming")
+    outside = tmp_path / "outside"
+    (outside / "SE1").mkdir(parents=True)
+    victim = outside / "SE1" / "IM1"
+    victim.write_bytes(b"an instance outside the drop folder")
+    (root.path / "SE1").mkdir(parents=True)
+    (root.path / "SE1" / "IM1").write_bytes(b"dropped")
+    shutil.rmtree(root.path / "SE1")
+    (root.path / "SE1").symlink_to(outside / "SE1")  # the swap
+    victims = fingerprint([victim])
+
+    path = root.path / "SE1" / "IM1"
+    outcomes = Outcomes(after_ingest)
+    with pytest.raises(UnsafePath):
+        confine.open_file(root.path, path)
+    with pytest.raises(UnsafePath):
+        outcomes.ingested(path, root)
+    with pytest.raises(UnsafePath):
+        outcomes.rejected(path, root, "not a DICOM Part 10 file")
+    with pytest.raises(UnsafePath):
+        ZipSource(root.path, path)
+    assert_untouched(victims)
+    assert not root.done.exists() or not any(root.done.rglob("IM1"))
+    assert not root.rejected.exists() or not any(root.rejected.rglob("IM1"))
+
+
+def test_link_planted_in_rejected_is_not_written_through(tmp_path: Path) -> None:
+    root = Root(tmp_path / "incoming")
+    root.path.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "passwd"
+    victim.write_text("root:x:0:0\n")
+    root.rejected.mkdir()
+    (root.rejected / "CD1").symlink_to(outside)  # a folder of the target path
+    (root.rejected / "notes.txt.reason").symlink_to(victim)  # the reason file itself
+    victims = fingerprint([victim])
+    (root.path / "CD1").mkdir()
+    (root.path / "CD1" / "passwd").write_text("dropped\n")
+    (root.path / "notes.txt").write_text("dropped\n")
+
+    outcomes = Outcomes("delete")
+    with pytest.raises(UnsafePath):
+        outcomes.rejected(root.path / "CD1" / "passwd", root, "not a DICOM Part 10 file")
+    moved = outcomes.rejected(root.path / "notes.txt", root, "not a DICOM Part 10 file")
+    assert moved == root.rejected / "notes~1.txt"
+    assert (root.rejected / "notes~1.txt.reason").read_text().startswith("not a DICOM")
+    assert_untouched(victims)
+    assert sorted(p.name for p in outside.iterdir()) == ["passwd"]

@@ -10,6 +10,7 @@ data was received again, which is an access worth recording.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.audit.auditor import Auditor
 from appliance.ingest import IngestResult, IngestService
@@ -17,11 +18,11 @@ from appliance.ingest import IngestResult, IngestService
 
 class AuditedIngest(IngestService):
     def __init__(self, inner: IngestService, auditor: Auditor, source: str) -> None:
-        super().__init__(inner.files, inner.index)
+        super().__init__(inner.files, inner.index, max_inflated=inner.max_inflated)
         self.auditor = auditor
         self.source = source
 
-    async def ingest_file(self, source: Path, *, source_ae: str = "") -> IngestResult:
+    async def ingest_file(self, source: Path | BinaryIO, *, source_ae: str = "") -> IngestResult:
         result = await super().ingest_file(source, source_ae=source_ae)
         self.auditor.imported(self.source, result.header)
         return result

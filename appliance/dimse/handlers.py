@@ -22,7 +22,7 @@ from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.status import Status
 from appliance.dimse.tls import is_tls, peer_identity
-from appliance.errors import InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.ingest import ExpectedIdentity, IngestService
 from appliance.peers import Allowlist, Peer
 from appliance.query.find import QueryError, QueryModel, find
@@ -125,7 +125,7 @@ class DimseHandlers:
     def on_echo(self, event: Any) -> Status:
         return Status.SUCCESS
 
-    def on_store(self, event: Any) -> Status:
+    def on_store(self, event: Any) -> Status | Dataset:
         spool = self.s.spools.claim(event.dataset_path)
         if spool is None:  # refused before a byte was spooled; the association is aborted
             return Status.REFUSED_NOT_AUTHORIZED
@@ -147,6 +147,10 @@ class DimseHandlers:
             log.error("store refused: out of resources reason=%s %s", exc.reason,
                       peer_label(event.assoc))
             return Status.OUT_OF_RESOURCES
+        except InflateLimitExceeded as exc:
+            log.warning("store refused: deflated dataset inflates beyond the limit"
+                        " limit_mb=%d %s", exc.limit >> 20, peer_label(event.assoc))
+            return _failure(Status.OUT_OF_RESOURCES, "deflated data set inflates beyond limit")
         except InvalidInstance as exc:
             log.warning("store refused: cannot understand reason=%s %s", exc.reason,
                         peer_label(event.assoc))
@@ -195,3 +199,13 @@ class DimseHandlers:
             event.assoc, sop_class_uid=str(event.request.AffectedSOPClassUID),
             identifier=raw.getvalue() if raw is not None else b"",
             transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)
+
+
+def _failure(status: Status, comment: str) -> Dataset:
+    """A failure status with an Error Comment (0000,0902, LO: at most 64 characters) that
+    tells the peer's operator why, where the status alone would mislead (0xA700 is also
+    a full disk)."""
+    response = Dataset()
+    response.Status = int(status)
+    response.ErrorComment = comment[:64]
+    return response

@@ -13,6 +13,11 @@ Relative paths below the root are kept; a name already taken gets `~1`,
 `~2`, ... before its suffix. None of these steps is fsynced, on purpose: the
 instance is durable in the store before any of them runs, so a delete or move
 lost in a crash only means the file is seen again and ingested as a no-op.
+
+Every step goes through `confine`: the file is moved or deleted through its
+folder's descriptor, reached without following a symlink below the root, and
+the target folders and reason files are made the same way (a link planted in
+done/ or rejected/ is refused, not followed).
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from appliance.dropfolder import confine
 from appliance.dropfolder.layout import REASON_SUFFIX, Root
+from appliance.errors import UnsafePath
 
 AFTER_INGEST_MOVE = "move"
 
@@ -37,34 +45,30 @@ class Outcomes:
     def ingested(self, path: Path, root: Root) -> None:
         """The instance (or the DICOMDIR of an ingested set) is dealt with: clear it away."""
         if self.move_done:
-            _move(path, _free_name(root.done / path.relative_to(root.path)))
+            _move(root.path, path, root.done, root.done / path.relative_to(root.path))
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                confine.unlink(root.path, path)
 
     def rejected(self, path: Path, root: Root, reason: str, *, hint: str | None = None) -> Path:
         """Move `path` to rejected/ and write its reason; returns the new location."""
-        target = _free_name(root.rejected / path.relative_to(root.path))
-        _move(path, target)
-        write_reason(target, reason, hint)
-        return target
+        return _move(root.path, path, root.rejected, root.rejected / path.relative_to(root.path),
+                     reason=_reason_text(reason, hint))
 
     def rejected_member(self, temp: Path, archive: Path, root: Root, parts: Iterable[str],
                         reason: str) -> Path:
         """Keep a refused ZIP member's bytes (from its temp file) under rejected/."""
         base = root.rejected / archive.relative_to(root.path)
-        target = _free_name(base.with_name(base.name + ".contents").joinpath(*parts))
-        _move(temp, target)
-        write_reason(target, reason, None)
-        return target
+        target = base.with_name(base.name + ".contents").joinpath(*parts)
+        return _move(temp.parent, temp, root.rejected, target, reason=_reason_text(reason, None))
 
 
-def write_reason(target: Path, reason: str, hint: str | None) -> None:
+def _reason_text(reason: str, hint: str | None) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     lines = [reason, f"rejected_at: {stamp}"]
     if hint:
         lines.append(f"hint: {hint}")
-    target.with_name(target.name + REASON_SUFFIX).write_text("\n".join(lines) + "\n",
-                                                             encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def count_rejected(root: Root) -> int:
@@ -93,29 +97,48 @@ def prune_empty_dirs(root: Root, *, quiet_seconds: float) -> int:
                 quiet.append(folder)
     removed = 0
     for folder in reversed(quiet):  # children first; their removal is ours, not a writer's
-        with contextlib.suppress(OSError):  # not empty
-            folder.rmdir()
+        with contextlib.suppress(OSError, UnsafePath):  # not empty; swapped for a symlink
+            confine.rmdir(root.path, folder)
             removed += 1
     return removed
 
 
-def _free_name(target: Path) -> Path:
-    """`target`, or `stem~N.suffix` if that or its reason file is taken."""
-    candidate = target
-    n = 0
-    while candidate.exists() or candidate.with_name(candidate.name + REASON_SUFFIX).exists():
+def _move(source_base: Path, source: Path, target_base: Path, target: Path, *,
+          reason: str | None = None) -> Path:
+    """Move `source` to a free name at `target` (each below its base, see confine) and
+    write `reason` beside it; returns where it went."""
+    with confine.parent_of(source_base, source) as src, \
+            confine.parent_of(target_base, target, create=True) as dst:
+        name = _free_name(dst, target)
+        try:
+            os.rename(source.name, name, src_dir_fd=src, dst_dir_fd=dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Outcome folder on another file system (a watched mount point):
+            # copy, then remove the original.
+            _copy(src, source.name, dst, name)
+            os.unlink(source.name, dir_fd=src)
+        if reason is not None:
+            with confine.create_file(dst, name + REASON_SUFFIX) as out:
+                out.write(reason.encode("utf-8"))
+    return target.with_name(name)
+
+
+def _free_name(folder: int, target: Path) -> str:
+    """`target`'s name, or `stem~N.suffix` if that or its reason file is taken in `folder`."""
+    name, n = target.name, 0
+    while confine.lexists(folder, name) or confine.lexists(folder, name + REASON_SUFFIX):
         n += 1
-        candidate = target.with_name(f"{target.stem}~{n}{target.suffix}")
-    return candidate
+        name = f"{target.stem}~{n}{target.suffix}"
+    return name
 
 
-def _move(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # Outcome folder on another file system (a watched mount point):
-        # copy, then remove the original.
-        shutil.move(source, target)
+def _copy(src: int, name: str, dst: int, new_name: str) -> None:
+    """Copy the regular file `name` (never a link) to a new file, with its mode and times."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
+    with os.fdopen(fd, "rb") as fin, confine.create_file(dst, new_name) as fout:
+        shutil.copyfileobj(fin, fout)
+        st = os.fstat(fin.fileno())
+        os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
+        os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))

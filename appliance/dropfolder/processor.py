@@ -17,6 +17,8 @@ What each failure means here:
     OutOfSpace, other PacsEdgeError, unexpected OSError -> left in place, RETRY later
     the file changed while it was read                  -> CHANGED: watch it again
     the file cannot be read or moved (permissions, RO)  -> STUCK: left until it changes
+    its path crosses a symlink (UnsafePath)             -> STUCK: left alone; what the
+                                                           link points to is never touched
 
 Log lines carry counts and keyed references of relative paths, never names:
 a CD's file names can spell a patient's name.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import logsafe
+from appliance.dropfolder.confine import open_file
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
 from appliance.dropfolder.sources import (
@@ -44,7 +47,7 @@ from appliance.dropfolder.sources import (
     is_zip,
     read_media_index,
 )
-from appliance.errors import OutOfSpace, PacsEdgeError, RejectedInstance
+from appliance.errors import OutOfSpace, PacsEdgeError, RejectedInstance, UnsafePath
 from appliance.ingest import IngestService
 from appliance.store.index import RecordOutcome
 
@@ -105,7 +108,9 @@ class Processor:
         if before is None:
             return Verdict.DONE  # gone meanwhile
         try:
-            archive = await asyncio.to_thread(is_zip, unit.path)
+            archive = await asyncio.to_thread(is_zip, unit.root.path, unit.path)
+        except UnsafePath as exc:
+            return _unsafe(unit.path, unit.root, exc)
         except OSError as exc:
             _warn("dropped file cannot be read", unit.path, unit.root, exc)
             return Verdict.STUCK
@@ -118,7 +123,10 @@ class Processor:
         if before[0] == 0:  # clearer for the operator than "not a DICOM Part 10 file"
             return await self._reject(path, "file is empty", None, job)
         try:
-            result = await self.ingest.ingest_file(path, source_ae=SOURCE_AE)
+            with await asyncio.to_thread(open_file, root.path, path) as fh:
+                result = await self.ingest.ingest_file(fh, source_ae=SOURCE_AE)
+        except UnsafePath as exc:
+            return _unsafe(path, root, exc)
         except OutOfSpace as exc:
             log.warning("drop folder ingest paused reason=%s", exc.reason)
             return Verdict.RETRY
@@ -151,7 +159,9 @@ class Processor:
         if dicomdir is None:
             return Verdict.DONE  # its files are plain files now
         try:
-            media = await asyncio.to_thread(read_media_index, dicomdir)
+            media = await asyncio.to_thread(read_media_index, dicomdir, root.path)
+        except UnsafePath as exc:
+            return _unsafe(dicomdir, root, exc)
         except RejectedInstance as exc:
             return await self._reject(dicomdir, exc.reason, exc.hint, job)
         except OSError as exc:
@@ -171,15 +181,21 @@ class Processor:
                 return verdict
             stuck = stuck or verdict is Verdict.STUCK
         if media.missing or media.invalid:
-            log.warning("DICOMDIR references files that are not there missing=%d invalid=%d"
-                        " media=%s", media.missing, media.invalid, _ref(folder, root))
+            log.warning("DICOMDIR references files that are not there or lead outside its"
+                        " folder (.., symlinks) missing=%d invalid=%d media=%s", media.missing,
+                        media.invalid, _ref(folder, root))
         verdict = await self._clear(dicomdir, root)
         return Verdict.STUCK if stuck else verdict
 
     async def _zip(self, path: Path, before: Signature, job: Job) -> Verdict:
         root = job.root
         try:
-            source = await asyncio.to_thread(ZipSource, path)
+            source = await asyncio.to_thread(ZipSource, root.path, path)
+        except UnsafePath as exc:
+            return _unsafe(path, root, exc)
+        except OSError as exc:
+            _warn("dropped file cannot be read", path, root, exc)
+            return Verdict.STUCK
         except RejectedInstance as exc:
             if await self._changed(path, before):
                 return Verdict.CHANGED
@@ -251,6 +267,8 @@ class Processor:
             await asyncio.to_thread(self.outcomes.rejected, path, root, reason, hint=hint)
         except FileNotFoundError:
             return Verdict.DONE
+        except UnsafePath as exc:
+            return _unsafe(path, root, exc)
         except OSError as exc:
             _warn("rejected file cannot be moved to rejected/", path, root, exc)
             return Verdict.STUCK
@@ -263,6 +281,8 @@ class Processor:
             await asyncio.to_thread(self.outcomes.ingested, path, root)
         except FileNotFoundError:
             pass
+        except UnsafePath as exc:
+            return _unsafe(path, root, exc)
         except OSError as exc:
             _warn("ingested file cannot be removed or moved to done/", path, root, exc)
             return Verdict.STUCK
@@ -282,3 +302,9 @@ def _ref(path: Path, root: Root) -> str:
 def _warn(event: str, path: Path, root: Root, exc: BaseException | None) -> None:
     error = "" if exc is None else f" error={type(exc).__name__}"
     log.warning("%s file=%s%s", event, _ref(path, root), error)
+
+
+def _unsafe(path: Path, root: Root, exc: UnsafePath) -> Verdict:
+    """A path that crosses a symlink: leave it, and what it points to, alone."""
+    log.warning("dropped file left alone: %s file=%s", exc.message, _ref(path, root))
+    return Verdict.STUCK

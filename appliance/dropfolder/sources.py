@@ -15,10 +15,15 @@ A *unit* is what becomes ready and is processed as one:
 
 ZIP archives are read defensively. Member names never become paths while
 ingesting (each member is streamed to an anonymous temp file; names are only
-used, sanitised, below rejected/), so zip-slip has nothing to aim at. Bombs are
+used, sanitised, below rejected/), so zip-slip has nothing to aim at; a member
+that is a symlink is refused (the archive goes to rejected/). Bombs are
 bounded: member count, declared size per member and in total, actual bytes
 never beyond the declared size (zipfile stops there and checks the CRC; we
 count too), one member on disk at a time, and the free space checked first.
+
+Symlinks are never followed (see confine): files, DICOMDIRs and archives are
+opened through a descriptor walk from the watched root, and a DICOMDIR record
+whose path crosses a symlink counts as invalid, like one that says `..`.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from typing import Any
 
 import pydicom
 
+from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root, is_ignored
-from appliance.errors import InvalidInstance, OutOfSpace
+from appliance.errors import InvalidInstance, OutOfSpace, UnsafePath
 from appliance.store.durable import is_no_space
 
 DICOMDIR_NAMES = ("DICOMDIR", "dicomdir")
@@ -71,7 +77,7 @@ class Unit:
 def find_dicomdir(folder: Path) -> Path | None:
     for name in DICOMDIR_NAMES:
         candidate = folder / name
-        if candidate.is_file():
+        if file_signature(candidate) is not None:  # a regular file, not a symlink
             return candidate
     return None
 
@@ -128,18 +134,23 @@ def file_signature(path: Path) -> tuple[int, int, int] | None:
 class MediaIndex:
     files: list[Path]  # referenced files that exist, in record order, each once
     missing: int  # references to files that are not there (already ingested, or lost)
-    invalid: int  # references that would leave the media folder or are malformed
+    invalid: int  # references that would leave the media folder (.., a symlink) or are malformed
 
 
-def read_media_index(dicomdir: Path) -> MediaIndex:
+def read_media_index(dicomdir: Path, root: Path) -> MediaIndex:
     """The files a DICOMDIR's records reference, resolved below its folder.
 
     CD file systems are case-insensitive and may show ISO 9660 version
-    suffixes (`IM1;1`), so components are matched ignoring both.
+    suffixes (`IM1;1`), so components are matched ignoring both. A reference
+    through a symlink is invalid: its file is not listed (and so never read,
+    moved or deleted). The DICOMDIR is opened from `root` (see confine).
     """
     try:
-        ds = pydicom.dcmread(dicomdir, force=False)
+        with confine.open_file(root, dicomdir) as fh:
+            ds = pydicom.dcmread(fh, force=False)
         records = ds.DirectoryRecordSequence
+    except (OSError, UnsafePath):
+        raise
     except Exception as exc:  # pydicom raises many types for bad input
         raise InvalidInstance(f"DICOMDIR cannot be parsed ({type(exc).__name__})") from exc
     folder = dicomdir.parent
@@ -158,6 +169,8 @@ def read_media_index(dicomdir: Path) -> MediaIndex:
         resolved = _resolve(folder, parts, listings)
         if resolved is None:
             missing += 1
+        elif resolved is _THROUGH_SYMLINK:
+            invalid += 1
         elif resolved not in seen:
             seen.add(resolved)
             files.append(resolved)
@@ -168,9 +181,16 @@ def _safe_component(part: str) -> bool:
     return part not in ("", ".", "..") and not any(c in part for c in "/\\\0:")
 
 
+_THROUGH_SYMLINK = Path("/")  # _resolve's answer for a path that crosses a symlink
+
+
 def _resolve(folder: Path, parts: list[str], listings: dict[Path, dict[str, str]]) -> Path | None:
+    """The existing regular file `parts` names below `folder`, None if there is none,
+    _THROUGH_SYMLINK if a component is a symlink. Each component is lstat'ed before
+    the next is looked up in it; the processor opens the file through confine, which
+    also catches a folder swapped for a symlink after this check."""
     current = folder
-    for part in parts:
+    for depth, part in enumerate(parts, 1):
         if current not in listings:
             try:
                 names = os.listdir(current)
@@ -182,7 +202,16 @@ def _resolve(folder: Path, parts: list[str], listings: dict[Path, dict[str, str]
         if name is None:
             return None
         current = current / name
-    return current if file_signature(current) is not None else None
+        try:
+            mode = current.lstat().st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(mode):
+            return _THROUGH_SYMLINK
+        wanted = stat.S_ISREG if depth == len(parts) else stat.S_ISDIR
+        if not wanted(mode):
+            return None
+    return current
 
 
 def _fold(name: str) -> str:
@@ -192,8 +221,8 @@ def _fold(name: str) -> str:
 # --- ZIP ---------------------------------------------------------------------------
 
 
-def is_zip(path: Path) -> bool:
-    with path.open("rb") as fh:
+def is_zip(root: Path, path: Path) -> bool:
+    with confine.open_file(root, path) as fh:
         return fh.read(4) in ZIP_MAGIC
 
 
@@ -208,12 +237,15 @@ class ZipMember:
 
 
 class ZipSource:
-    """A ZIP archive opened for reading its members one at a time (blocking calls)."""
+    """A ZIP archive below `root` opened for reading its members one at a time
+    (blocking calls)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, root: Path, path: Path) -> None:
+        self._file = confine.open_file(root, path)
         try:
-            self._zip = zipfile.ZipFile(path)
+            self._zip = zipfile.ZipFile(self._file)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+            self._file.close()
             raise InvalidInstance(f"ZIP archive cannot be read ({type(exc).__name__})") from exc
         self.members = [
             ZipMember(info, sanitise_member_name(info.filename, n))
@@ -230,6 +262,7 @@ class ZipSource:
 
     def close(self) -> None:
         self._zip.close()
+        self._file.close()
 
     def __enter__(self) -> ZipSource:
         return self
@@ -242,6 +275,9 @@ class ZipSource:
         info = member.info
         if info.flag_bits & 0x1:
             raise InvalidInstance("ZIP member is encrypted")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            # Unpacked by another tool it would point anywhere; here it is never followed.
+            raise InvalidInstance("ZIP member is a symbolic link")
         if info.file_size > MAX_ZIP_MEMBER_BYTES:
             raise InvalidInstance("ZIP member expands beyond the size limit")
         if shutil.disk_usage(tmp_dir).free < info.file_size + ZIP_SPACE_MARGIN:
