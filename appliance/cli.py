@@ -230,6 +230,9 @@ def status(home: Path | None, as_json: bool) -> None:
     last = report["sync"]["last_successful_pass_at"]
     table.add_row("last sync pass", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
                   if last else "never")
+    if report["sync"]["studies_at_risk"]:
+        table.add_row("[red]studies at risk[/red]", f"{report['sync']['studies_at_risk']} "
+                      "(damaged cloud copy, no local copy: see `pacs-edge scrub`)")
     out.print(table)
 
 
@@ -334,6 +337,7 @@ def config_check(home: Path | None) -> None:
 main.add_command(cloud_commands.sync)
 main.add_command(cloud_commands.evict)
 main.add_command(cloud_commands.recall)
+main.add_command(cloud_commands.scrub)
 main.add_command(admin_commands.certs)
 main.add_command(admin_commands.keys)
 main.add_command(audit_commands.audit)

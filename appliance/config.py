@@ -122,6 +122,8 @@ class SyncConfig:
     rehydrate_poll_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
     recall_timeout_seconds: float = field(
         default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    scrub_fraction_per_day: float = field(
+        default=0.01, metadata=_check(lambda v: 0 <= v <= 1, "0 (off) to 1"))
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,8 @@ _COMMENTS = {
     "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
     "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
+    "sync.scrub_fraction_per_day": "Share of the cloud packs read back and verified per day"
+                                   " (0.01: each pack every ~100 days; 0: off).",
     "audit": "Audit trail: <home>/audit/audit.log (0600, hash-chained; holds PHI by design).",
     "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
     "audit.flush_seconds": "Audit records are written at association end or after this long.",

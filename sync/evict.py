@@ -24,6 +24,7 @@ from appliance.store.tiering import TierState, Trigger, apply
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.records import StudyRow, studies_where
+from sync.scrub import confirm_cloud_copy, refuse_if_at_risk
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ class NotEvictable(PacsEdgeError):
 async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     """Evict one study; returns the bytes freed."""
     assert ctx.index.writer is not None
+    await refuse_if_at_risk(ctx, study)  # a damaged only copy: keep whatever is local
     if study.tier_state != TierState.REPLICATED:
         raise NotEvictable(
             f"study is {study.tier_state}, not replicated",
             hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
                  " verified in the cloud can be evicted",
         )
+    await confirm_cloud_copy(ctx, study)  # HEAD every pack; refuse a damaged or changed one
     paths = await ctx.index.writer.submit(lambda c: _mark_evicted(c, study.id))
     crash_point("evict:after-commit")
     freed = await drop_local_files(ctx, study.id, paths)

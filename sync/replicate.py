@@ -150,8 +150,9 @@ async def _commit_pack(conn: aiosqlite.Connection, pack_id: int, study_id: int,
                        uploaded: UploadedPack, evicted: bool) -> None:
     await conn.execute(
         "UPDATE packs SET state = 'verified', verified_at = ?, pack_size = ?, pack_sha256 = ?,"
-        " instance_count = ? WHERE id = ?",
-        (time.time(), uploaded.pack_size, uploaded.pack_sha256, len(uploaded.offsets), pack_id),
+        " instance_count = ?, pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
+        (time.time(), uploaded.pack_size, uploaded.pack_sha256, len(uploaded.offsets),
+         uploaded.pack_etag, uploaded.manifest_etag, uploaded.manifest_size, pack_id),
     )
     await conn.executemany(
         "UPDATE instances SET pack_fk = ?, pack_offset = ?, pack_length = ? WHERE id = ?",
