@@ -45,7 +45,7 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
             hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
                  " verified in the cloud can be evicted",
         )
-    await confirm_cloud_copy(ctx, study)  # HEAD every pack; refuse a damaged or changed one
+    await confirm_cloud_copy(ctx, study)  # HEAD every pack: refuse a missing or changed one
     paths = await ctx.index.writer.submit(lambda c: _mark_evicted(c, study.id))
     crash_point("evict:after-commit")
     freed = await drop_local_files(ctx, study.id, paths)
