@@ -251,6 +251,9 @@ def status(home: Path | None, as_json: bool) -> None:
                   if last else "never")
     table.add_row("site key escrow", f"{escrow['escrowed_key_id']} on {escrow['escrowed_at']}"
                   if escrow["ok"] else "MISSING (see the warning)")
+    if report["sync"]["studies_at_risk"]:
+        table.add_row("[red]studies at risk[/red]", f"{report['sync']['studies_at_risk']} "
+                      "(damaged cloud copy, no local copy: see `pacs-edge scrub`)")
     out.print(table)
 
 
@@ -361,6 +364,7 @@ def config_check(home: Path | None) -> None:
 main.add_command(cloud_commands.sync)
 main.add_command(cloud_commands.evict)
 main.add_command(cloud_commands.recall)
+main.add_command(cloud_commands.scrub)
 main.add_command(admin_commands.certs)
 main.add_command(admin_commands.keys)
 main.add_command(audit_commands.audit)

@@ -1,4 +1,4 @@
-"""Commands of the sync agent: `sync`, `evict`, `recall`.
+"""Commands of the sync agent: `sync`, `evict`, `recall`, `scrub`.
 
 The command line is the composition root, so it is the one appliance module
 that may reach into the sync package; the serving process never does (it
@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from appliance.cli_common import (
     err,
@@ -113,6 +120,54 @@ def recall(home: Path | None, study_uid: str) -> None:
 
     count = asyncio.run(run())
     out.print(f"recalled {count} instance(s)")
+
+
+@click.command()
+@home_option
+@click.option("--all", "everything", is_flag=True,
+              help="Read back every pack in use (the default).")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              metavar="F", help="Read back only the least recently checked F of the packs "
+              "(0 < F <= 1).")
+@expected_errors
+def scrub(home: Path | None, everything: bool, fraction: float | None) -> None:
+    """Read packs back from the cloud and authenticate every byte; exit 1 if any is damaged.
+
+    A damaged pack of a study still on local disk is uploaded again as a new
+    version by the next sync pass; one whose instances exist only in the cloud
+    marks its study at risk (status, audit log; evict refuses it).
+    """
+    from sync.context import open_context
+    from sync.scrub import scrub_packs, select_packs
+
+    if everything and fraction is not None:
+        raise click.UsageError("--all and --fraction exclude each other")
+    config = load(home)
+
+    async def run() -> Any:
+        async with open_context(config) as ctx:
+            packs = await select_packs(ctx, fraction=fraction)
+            with Progress(TextColumn("scrubbing"), BarColumn(), DownloadColumn(),
+                          TimeRemainingColumn(), console=err, transient=True,
+                          disable=not err.is_terminal) as progress:
+                task = progress.add_task("scrub", total=sum(p.pack_size for p in packs))
+                return await scrub_packs(ctx, packs,
+                                         on_bytes=lambda n: progress.advance(task, n))
+
+    report = asyncio.run(run())
+    for damaged in report.damaged:
+        outcome = (f"{damaged.at_risk} instance(s) have no other copy: study AT RISK"
+                   if damaged.at_risk else
+                   f"{damaged.requeued} instance(s) will be uploaded again from local disk")
+        out.print(f"damaged {damaged.pack_name}: {damaged.reason}; {outcome}",
+                  highlight=False, markup=False)
+    for name, why in report.skipped:
+        out.print(f"skipped {name}: {why}", highlight=False, markup=False)
+    out.print(f"scrubbed {report.ok + len(report.damaged)} pack(s) "
+              f"({human_size(report.bytes_read)} read): ok {report.ok}, damaged "
+              f"{len(report.damaged)}, skipped {len(report.skipped)}", highlight=False)
+    if report.damaged:
+        raise SystemExit(1)
 
 
 async def _study(ctx: Any, study_uid: str) -> Any:

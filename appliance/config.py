@@ -125,6 +125,8 @@ class SyncConfig:
     recall_timeout_seconds: float = field(
         default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     evict_without_escrow: bool = False
+    scrub_fraction_per_day: float = field(
+        default=0.01, metadata=_check(lambda v: 0 <= v <= 1, "0 (off) to 1"))
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,8 @@ _COMMENTS = {
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
     "sync.evict_without_escrow": "Evict even before the site key is escrowed (`keys escrow`):"
     " a lost box then loses every evicted study.",
+    "sync.scrub_fraction_per_day": "Share of the cloud packs read back and verified per day"
+                                   " (0.01: each pack every ~100 days; 0: off).",
     "audit": "Audit trail: <home>/audit/audit.log (0600, hash-chained; holds PHI by design).",
     "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
     "audit.flush_seconds": "Audit records are written at association end or after this long.",

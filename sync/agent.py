@@ -3,7 +3,8 @@
 Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
 - replicate + evict, every `sync.replicate_interval_seconds`;
 - recall requests from the appliance, every `sync.recall_poll_seconds`;
-- cloud lifecycle, hourly.
+- cloud lifecycle, hourly;
+- scrub: a share of `sync.scrub_fraction_per_day` of the packs, hourly (sync.scrub).
 A job that fails logs the error and runs again at its next time; the agent
 itself only stops on SIGTERM/SIGINT. Jobs run concurrently on the loop; a
 per-study lease (appliance.store.leases) keeps two of them, or a CLI command,
@@ -37,6 +38,7 @@ from sync.lifecycle import apply_lifecycle
 from sync.recall import serve_recall_requests
 from sync.replicate import Replicated, replicate_study, stable_studies
 from sync.rollback import recover_stuck, sweep_leftover_files
+from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ async def run_agent(config: Config) -> None:
             ("replicate-evict", lambda: sync_pass(ctx), sync.replicate_interval_seconds),
             ("recall-requests", lambda: serve_recall_requests(ctx), sync.recall_poll_seconds),
             ("lifecycle", lambda: apply_lifecycle(ctx), LIFECYCLE_INTERVAL),
+            ("scrub", lambda: scheduled_scrub(ctx), SCRUB_INTERVAL),
             ("audit-anchor", AnchorJob(config.home, ctx.store).run,
              config.audit.anchor_interval_seconds),
         ]

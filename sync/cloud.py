@@ -4,24 +4,30 @@ Uploads a study version (pack + manifest + site key object), verifies it,
 and reads single instances back for a recall. Blob-store calls block, so
 each public coroutine runs its I/O in a worker thread.
 
-Verification after upload, before anything may be evicted:
-- `stat` of pack, manifest and key object: each exists with the size written;
-- the backend's content MD5, when it reports one, equals the MD5 of the
-  bytes we streamed;
+Verification at upload, before anything may be evicted:
+- the store checks what it stored (sync.blobstore.base): Azure verifies the
+  transactional MD5 of every staged block, the local folder reads its file
+  back after fsync; put returns the committed blob's ETag;
+- `stat` of pack, manifest and key object: each exists with the size
+  written, and pack and manifest still carry the ETag their put returned;
 - the manifest and the site key object are read back, unwrapped and
   decrypted (they are small), and the manifest's pack hash and size match
   what the writer produced;
 - the pack's first and last segments are read back by range and
   authenticated: a truncated or foreign blob cannot pass.
-A full read-back of the pack would double the transfer; the AEAD segments
-make every later read self-verifying anyway.
+The pack's and manifest's sizes and ETags go into the index with the pack
+(UploadedPack). A full read-back of the pack would double the transfer; the
+store's own checks cover the bytes, and the scrub reads packs back later.
+
+Before evict deletes a local copy, `confirm_unchanged` HEADs the pack and
+manifest (same size and ETag as recorded) and finds the site key object;
+`scrub` streams a whole pack back and authenticates every byte of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,14 +36,15 @@ from pathlib import Path
 
 from appliance import logsafe
 from appliance.config import Config
+from appliance.errors import PacsEdgeError
 from appliance.store.durable import fsync_dir
 from appliance.store.files import FileStore
 from provisioning.keyring import SiteKeyring
 from provisioning.keys import load_name_secret
-from sync.blobstore.base import BlobNotFound, BlobStore, Tier
+from sync.blobstore.base import BlobNotFound, BlobOffline, BlobRangeError, BlobStore, Tier
 from sync.crashpoints import crash_point
 from sync.pack import naming
-from sync.pack.errors import PackIntegrityError
+from sync.pack.errors import PackError, PackIntegrityError
 from sync.pack.keys import new_data_key, new_pack_id, wrap_for_site
 from sync.pack.manifest import (
     InstanceAttributes,
@@ -48,11 +55,11 @@ from sync.pack.manifest import (
     open_manifest,
     seal_manifest,
 )
-from sync.pack.reader import read_instances
+from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
 from sync.records import InstanceRow, PackRow, StudyRow
-from sync.sitekeys import load_ring, unwrap_site_object
+from sync.sitekeys import load_ring, site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,30 @@ class UploadedPack:
     pack_size: int
     pack_sha256: str
     offsets: dict[int, tuple[int, int]]  # instance row id -> (plaintext offset, length)
+    pack_etag: str = ""
+    manifest_etag: str = ""
+    manifest_size: int = 0
+
+
+class CloudCopyChanged(PacsEdgeError):
+    """The cloud copy of a pack is not the one verified at upload (missing, or replaced)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, hint="nothing was deleted; run `pacs-edge scrub --all` to "
+                         "read the packs back: an intact pack is recorded again, a damaged one "
+                         "is uploaded again from the local copy")
+
+
+@dataclass(frozen=True)
+class ScrubVerdict:
+    """What reading one pack back found. state: ok | damaged | skipped (not readable now:
+    archived, or replaced while it was read; tried again at the next scrub)."""
+
+    state: str
+    reason: str = ""
+    pack_etag: str = ""
+    manifest_etag: str = ""
+    manifest_size: int = 0
 
 
 class PackService:
@@ -114,8 +145,7 @@ class PackService:
             slot = writer.feed_file(self.files.absolute(row.path), _instance_attributes(row),
                                     dataset_offset=row.dataset_offset, dataset_sha256=row.sha256)
             offsets[row.id] = (slot.offset, slot.length)
-        md5 = hashlib.md5(usedforsecurity=False)
-        self.store.put(pack_name, _tee(writer.chunks(), md5))
+        pack_info = self.store.put(pack_name, _with_crash_point(writer.chunks()))
         crash_point("upload:after-pack")
         result = writer.result
         manifest = writer.manifest(_study_attributes(study), study_version=version,
@@ -123,24 +153,28 @@ class PackService:
         sealed = seal_manifest(manifest, data_key)
         wrapped = wrap_for_site(self._site_key, pack_id, data_key)
         key_name = self._key_name(study.study_uid, version)
-        self.store.put(manifest_name, [sealed])
+        manifest_info = self.store.put(manifest_name, [sealed])
         crash_point("upload:after-manifest")
         self.store.put(key_name, [wrapped])
         self._verify(pack_name, manifest_name, key_name, result.pack_size, result.pack_sha256,
-                     md5.digest(), {manifest_name: len(sealed), key_name: len(wrapped)})
+                     {pack_name: pack_info.etag, manifest_name: manifest_info.etag},
+                     {manifest_name: len(sealed), key_name: len(wrapped)})
         return UploadedPack(version, pack_name, manifest_name, result.pack_size,
-                            result.pack_sha256, offsets)
+                            result.pack_sha256, offsets, pack_info.etag, manifest_info.etag,
+                            len(sealed))
 
     def _verify(self, pack_name: str, manifest_name: str, key_name: str, pack_size: int,
-                pack_sha256: str, pack_md5: bytes, small: dict[str, int]) -> None:
+                pack_sha256: str, etags: dict[str, str], small: dict[str, int]) -> None:
         info = self.store.stat(pack_name)
         if info.size != pack_size:
             raise PackIntegrityError(f"uploaded pack has {info.size} bytes, wrote {pack_size}")
-        if info.content_md5 is not None and info.content_md5 != pack_md5:
-            raise PackIntegrityError("uploaded pack's content MD5 differs from what was sent")
         for name, size in small.items():
             if self.store.stat(name).size != size:
                 raise PackIntegrityError("uploaded manifest or key object has the wrong size")
+        for name, etag in etags.items():
+            if self.store.stat(name).etag != etag:
+                raise PackIntegrityError("an uploaded blob was replaced right after its put",
+                                         hint="another writer has access to the cloud store")
         data_key, manifest = self._open(pack_name, manifest_name, key_name, use_cache=False)
         if manifest.pack_size != pack_size or manifest.pack_sha256 != pack_sha256:
             raise PackIntegrityError("manifest read back does not describe the uploaded pack")
@@ -150,6 +184,87 @@ class PackService:
                               manifest.segment_size, plaintext_size=manifest.plaintext_size)
             decrypt_range(data_key, header, plan,
                           self.store.open_range(pack_name, plan.blob_offset, plan.blob_length))
+
+    # --- checks of what is in the cloud now -------------------------------------------
+
+    async def confirm_unchanged(self, pack: PackRow) -> None:
+        """HEAD the pack and its manifest: there, with the size and ETag recorded at
+        upload (a pack from before migration 5 has no ETag yet: size only), and a site
+        key object to open them; CloudCopyChanged otherwise."""
+        await asyncio.to_thread(self._confirm_unchanged, pack)
+
+    def _confirm_unchanged(self, pack: PackRow) -> None:
+        for what, name, size, etag in (
+                ("pack", pack.pack_name, pack.pack_size, pack.pack_etag),
+                ("manifest", pack.manifest_name, pack.manifest_size, pack.manifest_etag)):
+            try:
+                info = self.store.stat(name)
+            except BlobNotFound:
+                raise CloudCopyChanged(f"the {what} {name} is missing from the cloud") from None
+            if (size and info.size != size) or (etag and info.etag != etag):
+                raise CloudCopyChanged(f"the {what} {name} in the cloud is not the one verified "
+                                       f"at upload ({info.size} bytes, was {size}; ETag "
+                                       f"{info.etag}, was {etag or 'not recorded'})")
+        key_name = self._pack_key_name(pack)
+        for name in site_object_names(key_name, self._site_ring):
+            with contextlib.suppress(BlobNotFound):
+                self.store.stat(name)
+                return
+        raise CloudCopyChanged(f"no site key object for {pack.pack_name} in the cloud")
+
+    async def scrub(self, pack: PackRow, rows: list[InstanceRow], *,
+                    on_bytes: Callable[[int], None] = lambda n: None) -> ScrubVerdict:
+        """Read a whole pack back and authenticate it (see sync.scrub for what is checked).
+
+        Damage is a verdict, not an exception; a store that cannot be reached raises
+        (BlobStoreUnavailable), since then nothing is known about the pack."""
+        return await asyncio.to_thread(self._scrub, pack, rows, on_bytes)
+
+    def _scrub(self, pack: PackRow, rows: list[InstanceRow],
+               on_bytes: Callable[[int], None]) -> ScrubVerdict:
+        try:
+            before = self.store.stat(pack.pack_name)
+            if not before.online:
+                return ScrubVerdict("skipped", "archived: not read (rehydration costs)")
+            manifest_info = self.store.stat(pack.manifest_name)
+            if before.size != pack.pack_size:
+                raise PackIntegrityError(f"pack has {before.size} bytes, the index says "
+                                         f"{pack.pack_size}")
+            data_key, manifest = self._open(pack.pack_name, pack.manifest_name,
+                                            self._pack_key_name(pack), use_cache=False)
+            if manifest.pack_size != pack.pack_size or manifest.pack_sha256 != pack.pack_sha256:
+                raise PackIntegrityError("the manifest describes another pack than the index")
+            listed = {entry.instance.sop_uid: entry.sha256 for entry in manifest.instances}
+            if any(listed.get(row.sop_uid) != row.sha256 for row in rows):
+                raise PackIntegrityError("the manifest does not list an indexed instance "
+                                         "with its indexed content")
+
+            def chunks() -> Iterator[bytes]:
+                for chunk in self.store.iter_chunks(pack.pack_name):
+                    on_bytes(len(chunk))
+                    crash_point("scrub:mid-pack")  # a chunk read, not yet authenticated
+                    yield chunk
+
+            # Every segment authenticated, the blob's SHA-256 and every instance's
+            # length and SHA-256 checked against the manifest; nothing is kept.
+            for _ in unpack_instances(data_key, chunks(), manifest):
+                pass
+            if self.store.stat(pack.pack_name).etag != before.etag:
+                return ScrubVerdict("skipped", "replaced while it was read")
+        except (PackError, BlobNotFound, BlobRangeError) as exc:
+            return ScrubVerdict("damaged", exc.message)
+        except BlobOffline:
+            return ScrubVerdict("skipped", "archived while it was read")
+        return ScrubVerdict("ok", "", before.etag, manifest_info.etag, manifest_info.size)
+
+    def _pack_key_name(self, pack: PackRow) -> str:
+        parsed = naming.parse_blob_name(pack.pack_name)
+        if parsed is None:
+            raise PackIntegrityError(f"index names a pack blob this format does not make: "
+                                     f"{pack.pack_name!r}")
+        return naming.site_key_name(parsed.study_key, parsed.version)
+
+    # --- clean-up ----------------------------------------------------------------------
 
     async def delete_version(self, study_uid: str, version: int) -> None:
         """Remove whatever exists of a version (a failed or interrupted upload)."""
@@ -229,12 +344,7 @@ class PackService:
             fsync_dir(folder)
 
     def _open_pack(self, pack: PackRow) -> tuple[bytes, Manifest]:
-        parsed = naming.parse_blob_name(pack.pack_name)
-        if parsed is None:
-            raise PackIntegrityError(f"index names a pack blob this format does not make: "
-                                     f"{pack.pack_name!r}")
-        key_name = naming.site_key_name(parsed.study_key, parsed.version)
-        return self._open(pack.pack_name, pack.manifest_name, key_name)
+        return self._open(pack.pack_name, pack.manifest_name, self._pack_key_name(pack))
 
     def _open(self, pack_name: str, manifest_name: str, key_name: str, *,
               use_cache: bool = True) -> tuple[bytes, Manifest]:
@@ -256,9 +366,8 @@ class PackService:
         await asyncio.to_thread(self.store.set_tier, pack_name, tier)
 
 
-def _tee(chunks: Iterable[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+def _with_crash_point(chunks: Iterable[bytes]) -> Iterator[bytes]:
     for number, chunk in enumerate(chunks):
-        digest.update(chunk)
         if number == 2:
             crash_point("upload:mid-pack")
         yield chunk

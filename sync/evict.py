@@ -28,6 +28,7 @@ from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.escrow_gate import eviction_allowed, require_escrow
 from sync.records import StudyRow, studies_where
+from sync.scrub import confirm_cloud_copy, refuse_if_at_risk
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,14 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     """Evict one study; returns the bytes freed."""
     assert ctx.index.writer is not None
     require_escrow(ctx)
+    await refuse_if_at_risk(ctx, study)  # a damaged only copy: keep whatever is local
     if study.tier_state != TierState.REPLICATED:
         raise NotEvictable(
             f"study is {study.tier_state}, not replicated",
             hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
                  " verified in the cloud can be evicted",
         )
+    await confirm_cloud_copy(ctx, study)  # HEAD every pack: refuse a missing or changed one
     lease = StudyLease(ctx.index.writer, study.id, "evict")
     paths = await ctx.index.writer.submit_sync(lambda c: _mark_evicted(c, lease, study.id))
     async with lease.kept():

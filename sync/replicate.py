@@ -169,8 +169,9 @@ def _commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, pla
     lease.fence(conn)
     conn.execute(
         "UPDATE packs SET state = 'verified', verified_at = ?, pack_size = ?, pack_sha256 = ?,"
-        " instance_count = ? WHERE id = ?",
+        " instance_count = ?, pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
         (time.time(), uploaded.pack_size, uploaded.pack_sha256, len(uploaded.offsets),
+         uploaded.pack_etag, uploaded.manifest_etag, uploaded.manifest_size,
          plan.pack_id),
     )
     # An evicted study's late instances leave local disk in this same transaction. A row

@@ -45,6 +45,16 @@ def test_the_designed_lifecycle_is_reachable() -> None:
                                        "recalling", "replicated", "evicted"]
 
 
+def test_a_damaged_pack_sends_a_replicated_study_back_to_replication() -> None:
+    """Scrub's trigger: a replicated study replicates again; in every other state it is
+    accepted and changes nothing (a scrub's commit never fails on the study's state)."""
+    assert next_state(TierState.REPLICATED, Trigger.DAMAGED) is TierState.LOCAL
+    for state in set(TierState) - {TierState.REPLICATED}:
+        assert next_state(state, Trigger.DAMAGED) is state
+    assert next_state(next_state(TierState.REPLICATED, Trigger.DAMAGED),
+                      Trigger.REPLICATE) is TierState.REPLICATING
+
+
 def test_eviction_needs_a_verified_pack_first() -> None:
     for state in (TierState.LOCAL, TierState.REPLICATING, TierState.RECALLING):
         with pytest.raises(TierTransitionError):

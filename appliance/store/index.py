@@ -233,15 +233,24 @@ class Index:
                   if request == "failed" and state == "evicted"]
         return waiting, errors
 
-    async def sync_summary(self) -> dict[str, float | int | None]:
-        """Bytes not yet in any pack, and when the last successful sync pass ended."""
+    async def sync_summary(self) -> dict[str, Any]:
+        """Bytes not yet in any pack, when the last successful sync pass ended, the last
+        scrub, and the packs a scrub found damaged that are the only copy of some
+        instances (by blob name: a keyed hash, no PHI), i.e. the studies at risk."""
         row = await self.fetchone(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
-            " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1)"
+            " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1),"
+            " (SELECT MAX(scrubbed_at) FROM packs)"
         )
         assert row is not None
-        return {"bytes_waiting_to_replicate": row[0], "last_successful_pass_at": row[1]}
+        at_risk = await self.fetchall(
+            "SELECT p.pack_name, p.study_fk FROM packs p WHERE p.scrub_state = 'damaged'"
+            " AND EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id AND i.is_local = 0)"
+            " ORDER BY p.pack_name")
+        return {"bytes_waiting_to_replicate": row[0], "last_successful_pass_at": row[1],
+                "last_scrub_at": row[2], "studies_at_risk": len({r[1] for r in at_risk}),
+                "at_risk_packs": [r[0] for r in at_risk]}
 
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk

@@ -25,6 +25,10 @@ apart.
 
 Ingest takes no lease, by design: it never deletes a file, and NEW_INSTANCE
 is allowed in every tiering state, so a modality never waits behind an upload.
+Neither does a scrub that finds a pack damaged (sync.scrub): it deletes no
+file either, and its one transaction (local instances leave the pack, the
+study takes DAMAGED, allowed in every state) is consistent with every step of
+a lease holder, which re-reads what it changes inside its own transactions.
 """
 
 from __future__ import annotations

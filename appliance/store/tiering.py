@@ -5,6 +5,8 @@
       └────────failed────────┘      new_instance ───┘   └──recalled── recalling ◀──recall──┘
       ▲                                                                   │
       └────────────────────────────── (recall) failed ──▶ evicted ◀──────┘
+      ▲                                                     │
+      └──damaged (scrub: a pack holding local files)── replicated
 
 A transition not in the table is refused (TierTransitionError), as
 pynetdicom's fsm.py refuses an event its state does not accept. Every
@@ -46,6 +48,7 @@ class Trigger(enum.StrEnum):
     EVICT = "evict"                # local files are about to be deleted
     RECALL = "recall"              # someone needs the files of an evicted study
     RECALLED = "recalled"          # every instance is back on disk and verified
+    DAMAGED = "damaged"            # scrub found a pack damaged; local instances re-upload
 
 
 TRANSITIONS: dict[tuple[TierState, Trigger], TierState] = {
@@ -61,6 +64,13 @@ TRANSITIONS: dict[tuple[TierState, Trigger], TierState] = {
     (TierState.RECALLING, Trigger.FAILED): TierState.EVICTED,
     (TierState.RECALLING, Trigger.NEW_INSTANCE): TierState.RECALLING,
     (TierState.LOCAL, Trigger.NEW_INSTANCE): TierState.LOCAL,
+    # A scrub found a pack damaged and took its local instances out of it: they
+    # need a new version, as new instances do. Evicted instances stay (at risk).
+    (TierState.REPLICATED, Trigger.DAMAGED): TierState.LOCAL,
+    (TierState.LOCAL, Trigger.DAMAGED): TierState.LOCAL,
+    (TierState.REPLICATING, Trigger.DAMAGED): TierState.REPLICATING,
+    (TierState.EVICTED, Trigger.DAMAGED): TierState.EVICTED,
+    (TierState.RECALLING, Trigger.DAMAGED): TierState.RECALLING,
 }
 
 

@@ -12,10 +12,14 @@ worth knowing:
   never replaced. Block ids are a random per-put token plus a counter, all of
   one length as Azure requires across a blob's uncommitted blocks: a put that
   failed half-way does not break the next attempt, and racing writers of one
-  name never commit each other's blocks. The MD5 of the whole blob, computed
-  while streaming, is stored as Content-MD5: Azure computes none for a
-  block-list blob, and the agent's verification and the retry wrapper compare
-  it.
+  name never commit each other's blocks. Every block is staged with a
+  transactional MD5 (validate_content): the service checks each block as it
+  arrives, so a block damaged in transit is refused (BlobIntegrityError), never
+  committed. The MD5 of the whole blob, computed while streaming, is stored
+  as Content-MD5 (Azure computes none for a block-list blob): a record of
+  what the client sent that the retry wrapper compares, not a check by the
+  service. put returns the committed blob's ETag (and refuses when a stat
+  right after the commit sees another one).
 - The SDK's own retries are off (retry_total=0): retries are one wrapper,
   sync.blobstore.retry, so that backoff and logging happen in one place and a
   dead endpoint does not hide behind the SDK's minute of silent retries.
@@ -67,6 +71,7 @@ from azure.storage.blob import (
 from sync.blobstore.base import (
     BlobExists,
     BlobInfo,
+    BlobIntegrityError,
     BlobNotFound,
     BlobOffline,
     BlobRangeError,
@@ -158,7 +163,11 @@ class AzureBlobStore(BlobStore):
                 in_flight.difference_update(done)
                 for future in done:
                     future.result()
-            in_flight.add(pool.submit(blob.stage_block, block_id, block, len(block)))
+            # validate_content: the SDK sends the block's MD5 and the service refuses a
+            # block whose bytes arrived otherwise (Md5Mismatch), so what is committed is
+            # what we sent, checked by the service, not only by us.
+            in_flight.add(pool.submit(blob.stage_block, block_id, block, len(block),
+                                      validate_content=True))
 
         with ThreadPoolExecutor(self.max_concurrency,
                                 thread_name_prefix="blob-put") as pool, _mapped("put", name):
@@ -177,11 +186,16 @@ class AzureBlobStore(BlobStore):
                 for future in in_flight:
                     future.cancel()
                 raise
-            blob.commit_block_list(
+            committed = blob.commit_block_list(
                 [BlobBlock(block_id) for block_id in block_ids],
                 content_settings=ContentSettings(content_md5=bytearray(md5.digest())),
                 metadata=meta, if_none_match="*")
-        return self.stat(name)
+        info = self.stat(name)
+        if info.etag != str(committed.get("etag") or "").strip('"'):
+            raise BlobStoreError("put", name, "the blob changed right after it was committed",
+                                 hint="another writer has access to the container; check "
+                                 "who holds its keys")
+        return info
 
     def open_range(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_name(name)
@@ -316,7 +330,9 @@ def _info(props: BlobProperties) -> BlobInfo:
     return BlobInfo(name=props.name, size=int(props.size), tier=tier,
                     online=tier is not Tier.ARCHIVE,
                     content_md5=bytes(md5) if md5 else None,
-                    metadata=dict(props.metadata or {}))
+                    metadata=dict(props.metadata or {}),
+                    # Get Properties quotes the ETag, List Blobs does not: compare bare values.
+                    etag=str(props.etag or "").strip('"'))
 
 
 @contextlib.contextmanager
@@ -345,6 +361,12 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
             hint="check the network path to the storage account; the agent retries") from exc
     if code in _OFFLINE_CODES:
         raise _offline(operation, name) from exc
+    if code == "Md5Mismatch" or (status == 400 and "md5" in str(exc).lower()):
+        # Azure answers Md5Mismatch; Azurite InvalidOperation "Provided contentMD5 ...".
+        raise BlobIntegrityError(
+            operation, name, f"a block arrived damaged: its MD5 did not match ({what})",
+            hint="the network path corrupted data in transit; nothing was committed and "
+            "the next pass sends it again") from exc
     if isinstance(exc, ResourceNotFoundError):
         if code == "ContainerNotFound":
             raise BlobStoreUnavailable(

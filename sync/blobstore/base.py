@@ -12,6 +12,16 @@ tests/test_blobstore_contract.py check each one):
   a prefix. Putting a name that exists raises BlobExists (nothing is
   overwritten). `data` is an iterable of byte chunks so a pack streams
   without being held in memory.
+- put stores exactly the bytes streamed, checked by the store itself, or
+  fails with BlobIntegrityError and publishes nothing: Azure verifies a
+  transactional MD5 of every staged block; the local folder reads the temp
+  file back after fsync and compares it with what was streamed.
+- stat/list/put report an `etag`: an opaque string that changes whenever the
+  blob's bytes are replaced, and stays the same across reads and tier
+  changes. Azure: the service's ETag (unquoted). Local folder: the put's
+  random id with the data file's inode, size and mtime (ns), which any
+  rewrite or replacement of the file changes (a copy of the folder elsewhere
+  changes it too; a scrub then re-records it).
 - open_range(name, offset, length) returns exactly those bytes; a range past
   the end raises BlobRangeError. Reading an archived blob raises BlobOffline.
   The empty range at the end ([size, size)) is allowed and returns b"".
@@ -21,7 +31,8 @@ tests/test_blobstore_contract.py check each one):
 - Retries live in one wrapper (sync.blobstore.retry), composed by
   sync.blobstore.factory.open_blob_store; backends never retry by themselves.
 - stat(name) reports size, access tier, whether it can be read now
-  (online) and the backend's content hash when it keeps one.
+  (online), the etag, and the backend's content hash when it keeps one (on
+  Azure the Content-MD5 the client set at put: a record, not a check).
 - list(prefix) yields every blob whose name starts with prefix, sorted.
 - delete(name) removes a blob; deleting a missing blob raises BlobNotFound.
 - set_tier(name, tier) moves a blob between Hot/Cool/Cold/Archive.
@@ -38,6 +49,7 @@ the tree below where they arise.
     ├── BlobOffline              archived: rehydrate first
     ├── BlobStoreUnavailable     the store cannot be reached or refused us
     │   └── TransientBlobError   worth retrying (timeouts, 5xx, throttling)
+    │       └── BlobIntegrityError  the store did not keep what put sent
     └── factory.CredentialsError no usable Azure connection string
 """
 
@@ -66,6 +78,7 @@ class BlobInfo:
     online: bool
     content_md5: bytes | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    etag: str = ""  # changes when the bytes are replaced; see the module docstring
 
 
 class BlobStoreError(PacsEdgeError):
@@ -98,6 +111,12 @@ class BlobStoreUnavailable(BlobStoreError):
 
 class TransientBlobError(BlobStoreUnavailable):
     pass
+
+
+class BlobIntegrityError(TransientBlobError):
+    """The bytes the store received or wrote differ from those put sent (a damaged
+    block in transit, a disk or NAS that did not keep the write). The put published
+    nothing; sending the data again may succeed."""
 
 
 class BlobStore(ABC):

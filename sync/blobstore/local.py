@@ -8,14 +8,15 @@ whatever the backend.
 Layout under `root` (names map to sub-folders by `/`)::
 
     packs/ab/ab12.pack          the blob's bytes, exactly as put
-    packs/ab/.ab12.pack.meta    sidecar: JSON {tier, md5, metadata, rehydrate}
+    packs/ab/.ab12.pack.meta    sidecar: JSON {tier, md5, metadata, rehydrate, put_id}
     packs/ab/.ab12.pack.*.part  a put in progress (or a crash leftover)
 
 Names never start a segment with a dot (sync.blobstore.names), so dot-files
 are the store's own and list() skips them.
 
 Atomic, no-overwrite put: the bytes go to a temp file in the target folder,
-are fsynced, and then `os.link(temp, final)` publishes them; link fails when
+are fsynced, read back and compared with what was streamed (MD5, page cache
+dropped first), and then `os.link(temp, final)` publishes them; link fails when
 the name exists, so a put can never replace a blob, even against a racing
 writer. The sidecar is written after the link (temp, fsync, rename) and the
 folder is fsynced. A crash between link and sidecar leaves a blob with no
@@ -46,6 +47,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +59,7 @@ from appliance.store import durable
 from sync.blobstore.base import (
     BlobExists,
     BlobInfo,
+    BlobIntegrityError,
     BlobNotFound,
     BlobOffline,
     BlobRangeError,
@@ -136,6 +139,7 @@ class LocalFolderStore(BlobStore):
                     size += len(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
+            _check_written(name, Path(tmp), size, md5.digest())
             self._publish(name, Path(tmp), path)
         except OSError as exc:
             if in_caller:
@@ -146,7 +150,7 @@ class LocalFolderStore(BlobStore):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
         sidecar = {"tier": Tier.HOT.value, "md5": _b64(md5.digest()), "metadata": meta,
-                   "rehydrate": None}
+                   "rehydrate": None, "put_id": secrets.token_hex(8)}
         try:
             self._write_sidecar(name, sidecar)  # fsyncs the folder: link and sidecar durable
         except BaseException:
@@ -154,7 +158,11 @@ class LocalFolderStore(BlobStore):
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        return BlobInfo(name, size, Tier.HOT, True, md5.digest(), meta)
+        try:
+            etag = _etag(sidecar, path.stat())
+        except OSError as exc:
+            raise _os_error("put", name, exc, self.root) from exc
+        return BlobInfo(name, size, Tier.HOT, True, md5.digest(), meta, etag)
 
     def open_range(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         fd = self._open_online("open_range", name)
@@ -189,13 +197,14 @@ class LocalFolderStore(BlobStore):
         check_name(name)
         path = self._path(name)
         try:
-            size = self._data_stat(operation, name, path).st_size
+            st = self._data_stat(operation, name, path)
             side = self._sidecar(name, path)
         except OSError as exc:
             raise _os_error(operation, name, exc, self.root) from exc
         tier, online = self._effective(side)
         md5 = base64.b64decode(side["md5"]) if side.get("md5") else None
-        return BlobInfo(name, size, tier, online, md5, dict(side.get("metadata") or {}))
+        return BlobInfo(name, st.st_size, tier, online, md5, dict(side.get("metadata") or {}),
+                        _etag(side, st))
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         check_prefix(prefix)
@@ -315,7 +324,7 @@ class LocalFolderStore(BlobStore):
             while block := fh.read(_READ_BLOCK):
                 md5.update(block)
         side = {"tier": Tier.HOT.value, "md5": _b64(md5.digest()), "metadata": {},
-                "rehydrate": None}
+                "rehydrate": None, "put_id": secrets.token_hex(8)}
         with contextlib.suppress(BlobStoreError):  # a read-only mount still answers stat
             self._write_sidecar(name, side)
         return side
@@ -372,6 +381,41 @@ class LocalFolderStore(BlobStore):
                 yield self.stat(name)
             except BlobNotFound:
                 continue  # deleted while listing
+
+
+def _etag(side: dict[str, Any], st: os.stat_result) -> str:
+    """The blob's identity: the put's random id (sidecar), and the data file's inode,
+    size and mtime in ns (as HTTP file servers do).
+
+    A rewrite of the file in place changes the mtime, a replacing rename the
+    inode, a delete and put the id (even when the file system recycles the inode
+    within one timestamp tick). set_tier rewrites only the sidecar and keeps the
+    id. Hashing the content would also catch an edit that restores the mtime,
+    but would cost a full read per stat: the scrub reads the content instead."""
+    return f"{side.get('put_id', '')}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _check_written(name: str, tmp: Path, size: int, md5: bytes) -> None:
+    """Read the fsynced temp file back and compare it with what was streamed.
+
+    The file's cached pages are dropped first (posix_fadvise DONTNEED: after
+    fsync they are clean), so on Linux the read comes from the disk or the NAS,
+    not from the page cache that the write filled. BlobIntegrityError when the
+    file does not hold exactly the streamed bytes; the caller then publishes
+    nothing and removes the temp file."""
+    digest = hashlib.md5(usedforsecurity=False)
+    seen = 0
+    with open(tmp, "rb") as fh:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        while block := fh.read(_READ_BLOCK):
+            digest.update(block)
+            seen += len(block)
+    if seen != size or digest.digest() != md5:
+        raise BlobIntegrityError(
+            "put", name, f"read back {seen} bytes that differ from the {size} bytes written",
+            hint="the folder's disk or network mount did not keep what was written; check "
+            "its health (dmesg, SMART, NAS logs); the put published nothing")
 
 
 def _check_range(name: str, offset: int, length: int | None, size: int) -> int:

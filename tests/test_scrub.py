@@ -1,0 +1,334 @@
+"""Scrub and the cloud checks before eviction, against the local folder and a real Azurite.
+
+Real processes throughout (`pacs-edge import/sync/scrub/evict/recall/status`,
+the agent); the cloud copy is damaged behind the agent's back as bit rot or
+an intruder would: a flipped byte in the local folder's blob file, or a
+block of the Azure blob overwritten through the SDK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dicomgen
+import pytest
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
+from syncagent import SyncAgent, sync_once
+
+CRASH_ENV = "PACS_EDGE_CRASH_AT"
+TIMEOUT = 60.0
+
+
+class Cloud:
+    """The box's blob store as an outsider with write access sees it."""
+
+    def __init__(self, home: Path, connection_string: str = "", container: str = "") -> None:
+        self.home = home
+        self.connection_string = connection_string
+        self.container = container
+
+    @property
+    def kind(self) -> str:
+        return "azurite" if self.container else "local"
+
+    def read(self, name: str) -> bytes:
+        if self.kind == "local":
+            return (self.home / "cloud" / name).read_bytes()
+        return bytes(self._blob(name).download_blob().readall())
+
+    def etag(self, name: str) -> str:
+        """The blob's etag as the product's own blob store reports it."""
+        from sync.blobstore.azure import AzureBlobStore
+        from sync.blobstore.base import BlobStore
+        from sync.blobstore.local import LocalFolderStore
+
+        store: BlobStore = (LocalFolderStore(self.home / "cloud") if self.kind == "local"
+                            else AzureBlobStore(self.container, self.connection_string))
+        try:
+            return store.stat(name).etag
+        finally:
+            store.close()
+
+    def flip_byte(self, name: str, offset: int) -> None:
+        """Local: one bit flipped in the blob file, in place. Azure: the block holding
+        `offset` replaced by a copy with that bit flipped (Put Block + Put Block List)."""
+        if self.kind == "local":
+            path = self.home / "cloud" / name
+            path.chmod(0o644)
+            with open(path, "r+b") as fh:
+                fh.seek(offset)
+                byte = fh.read(1)
+                fh.seek(offset)
+                fh.write(bytes([byte[0] ^ 0x01]))
+            return
+        from azure.storage.blob import BlobBlock
+
+        blob = self._blob(name)
+        committed, _ = blob.get_block_list("committed")
+        start = 0
+        blocks = []
+        for block in committed:
+            if start <= offset < start + block.size:
+                data = bytearray(blob.download_blob(offset=start, length=block.size).readall())
+                data[offset - start] ^= 0x01
+                new_id = "f" * (len(block.id) - 7) + "-999999"
+                blob.stage_block(new_id, bytes(data))
+                blocks.append(BlobBlock(new_id))
+            else:
+                blocks.append(BlobBlock(block.id))
+            start += block.size
+        blob.commit_block_list(blocks)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Put `data` back under `name` (a restore from soft delete or versioning)."""
+        if self.kind == "local":
+            (self.home / "cloud" / name).write_bytes(data)
+            return
+        self._blob(name).upload_blob(data, overwrite=True)
+
+    def delete(self, name: str) -> None:
+        if self.kind == "local":
+            (self.home / "cloud" / name).unlink()
+            return
+        self._blob(name).delete_blob()
+
+    def _blob(self, name: str) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(self.connection_string)
+        return service.get_blob_client(self.container, name)
+
+
+@pytest.fixture(params=["local", "azurite"])
+def box(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Cloud, Any]:
+    """A home holding one imported study (2 series of 4), its cloud local or on Azurite."""
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_studies(tmp_path / "study", seed=83, series_per_study=2,
+                                  instances_per_series=4, size=96)
+    run_pacs_edge("import", "--home", str(home), str(tmp_path / "study"))
+    settings: dict[str, Any] = {"segment_size": 8192}
+    cloud = Cloud(home)
+    if request.param == "azurite":
+        connection_string = request.getfixturevalue("azurite")
+        container = f"scrub-{uuid.uuid4().hex[:12]}"
+        credentials = home / "secrets" / "azure.conn"
+        credentials.write_text(connection_string)
+        credentials.chmod(0o600)
+        EdgeServer(home).configure(cloud={"url": f"azure://{container}",
+                                          "credentials_file": str(credentials)})
+        cloud = Cloud(home, connection_string, container)
+    EdgeServer(home).configure(sync=settings)
+    return home, cloud, study
+
+
+def query(home: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def packs(home: Path) -> list[tuple[Any, ...]]:
+    """(version, pack_name, manifest_name, pack_etag, scrub_state) of every pack row."""
+    return query(home, "SELECT version, pack_name, manifest_name, pack_etag, scrub_state"
+                       " FROM packs ORDER BY version")
+
+
+def tier_state(home: Path) -> str:
+    return str(query(home, "SELECT tier_state FROM studies")[0][0])
+
+
+def local_hashes(home: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(dicomgen.dataset_bytes(p)).hexdigest()
+            for p in (home / "store").rglob("*.dcm")}
+
+
+def scrub(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_pacs_edge("scrub", "--home", str(home), *args, check=False)
+
+
+def assert_no_phi(text: str, study: list[dicomgen.GeneratedInstance]) -> None:
+    header = study[0].header
+    for phi in (header.StudyInstanceUID, str(header.PatientName), header.PatientID):
+        assert phi not in text
+    for instance in study:
+        assert instance.header.SOPInstanceUID not in text
+
+
+def assert_recall_is_byte_identical(home: Path, study_uid: str,
+                                    hashes: dict[str, str]) -> None:
+    run_pacs_edge("evict", study_uid, "--home", str(home))
+    assert not list((home / "store").rglob("*.dcm"))
+    run_pacs_edge("recall", study_uid, "--home", str(home))
+    assert local_hashes(home) == hashes
+    fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
+    assert fsck.returncode == 0, fsck.stdout
+
+
+def test_scrub_of_intact_packs_exits_0_and_records_each_result(
+        box: tuple[Path, Cloud, Any]) -> None:
+    home, cloud, _ = box
+    sync_once(home)
+    [(_, pack, manifest, etag, state)] = packs(home)
+    assert (etag, state) == (cloud.etag(pack), "")  # the committed blob's, at upload
+    result = scrub(home, "--all")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok 1, damaged 0" in result.stdout
+    [(checked_at, scrub_state, manifest_etag)] = query(
+        home, "SELECT scrubbed_at, scrub_state, manifest_etag FROM packs")
+    assert checked_at and scrub_state == "ok" and manifest_etag == cloud.etag(manifest)
+
+
+def test_scrub_finds_a_damaged_pack_of_a_local_study_and_it_is_uploaded_again(
+        box: tuple[Path, Cloud, Any]) -> None:
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    sync_once(home)
+    [(_, pack, *_)] = packs(home)
+    cloud.flip_byte(pack, len(cloud.read(pack)) // 2)
+    result = scrub(home, "--fraction", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"damaged {pack}:" in result.stdout
+    assert "uploaded again from local disk" in result.stdout
+    assert_no_phi(result.stdout + result.stderr, study)
+    assert tier_state(home) == "local"
+    assert [row[4] for row in packs(home)] == ["damaged"]
+    sync_once(home)  # the replication path uploads version 2 with every instance
+    assert [(v, s) for v, _, _, _, s in packs(home)] == [(1, "damaged"), (2, "")]
+    assert tier_state(home) == "replicated"
+    again = scrub(home, "--all")  # version 1 holds nothing the index needs any more
+    assert again.returncode == 0 and "ok 1, damaged 0" in again.stdout, again.stdout
+    assert_recall_is_byte_identical(home, study[0].study_uid, hashes)
+
+
+def test_a_study_whose_only_copy_is_damaged_is_at_risk_and_evict_refuses_it(
+        box: tuple[Path, Cloud, Any]) -> None:
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    study_uid = study[0].study_uid
+    sync_once(home)
+    run_pacs_edge("evict", study_uid, "--home", str(home))
+    [(_, pack, *_)] = packs(home)
+    original = cloud.read(pack)
+    cloud.flip_byte(pack, 40)  # inside segment 0
+    result = scrub(home)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"damaged {pack}:" in result.stdout and "AT RISK" in result.stdout
+    assert_no_phi(result.stdout + result.stderr, study)
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert report["sync"]["studies_at_risk"] == 1
+    assert report["sync"]["at_risk_packs"] == [pack]
+    audit = (home / "audit" / "audit.log").read_text()
+    assert "scrub: pack version 1 is damaged" in audit and "study at risk" in audit
+    refused = run_pacs_edge("evict", study_uid, "--home", str(home), check=False)
+    assert refused.returncode == 2
+    assert "damaged" in refused.stderr and "hint:" in refused.stderr
+    assert scrub(home).returncode == 1  # still damaged: still reported
+    cloud.write(pack, original)  # restored from the account's soft delete
+    healed = scrub(home)
+    assert healed.returncode == 0, healed.stdout
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert report["sync"]["studies_at_risk"] == 0
+    run_pacs_edge("recall", study_uid, "--home", str(home))
+    assert local_hashes(home) == hashes
+
+
+@pytest.mark.parametrize("what", ["pack changed", "manifest missing"])
+def test_evict_refuses_when_the_cloud_copy_is_not_the_one_verified(
+        box: tuple[Path, Cloud, Any], what: str) -> None:
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    sync_once(home)
+    [(_, pack, manifest, *_)] = packs(home)
+    if what == "pack changed":
+        cloud.flip_byte(pack, 100)
+    else:
+        cloud.delete(manifest)
+    refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert ("not the one verified at upload" if what == "pack changed"
+            else "missing from the cloud") in refused.stderr
+    assert "pacs-edge scrub --all" in refused.stderr
+    assert tier_state(home) == "replicated"
+    assert local_hashes(home) == hashes  # nothing deleted
+
+
+def test_an_intact_pack_with_a_new_etag_is_recorded_again_by_scrub(
+        box: tuple[Path, Cloud, Any]) -> None:
+    """A container copied to new storage: same bytes, new ETags. Eviction refuses until
+    a scrub has read the pack back and recorded its new identity."""
+    home, cloud, study = box
+    sync_once(home)
+    [(_, pack, *_)] = packs(home)
+    cloud.write(pack, cloud.read(pack))
+    refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
+    assert refused.returncode == 2 and "not the one verified" in refused.stderr
+    assert scrub(home, "--all").returncode == 0
+    assert packs(home)[0][3] == cloud.etag(pack)
+    run_pacs_edge("evict", study[0].study_uid, "--home", str(home))
+    assert tier_state(home) == "evicted"
+
+
+def crash(home: Path, point: str, *args: str) -> None:
+    proc = subprocess.run([*pacs_edge_command(), *args, "--home", str(home)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, CRASH_ENV: point})
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("point", ["scrub:mid-pack", "scrub:before-commit",
+                                   "scrub:after-commit"])
+def test_scrub_killed_at_each_step_loses_nothing_and_the_damage_is_still_repaired(
+        box: tuple[Path, Cloud, Any], point: str) -> None:
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    sync_once(home)
+    [(_, pack, *_)] = packs(home)
+    cloud.flip_byte(pack, len(cloud.read(pack)) - 5)  # inside the final segment
+    crash(home, point, "scrub", "--all")
+    if point != "scrub:mid-pack":  # the verdict was known: its audit record is written
+        assert "scrub: pack version 1 is damaged" in (home / "audit" / "audit.log").read_text()
+    committed = point == "scrub:after-commit"
+    assert tier_state(home) == ("local" if committed else "replicated")
+    assert scrub(home, "--all").returncode == (0 if committed else 1)
+    assert tier_state(home) == "local"
+    sync_once(home)
+    assert tier_state(home) == "replicated"
+    assert scrub(home, "--all").returncode == 0
+    assert local_hashes(home) == hashes
+    assert_recall_is_byte_identical(home, study[0].study_uid, hashes)
+
+
+def test_the_agent_scrubs_its_daily_share_and_finds_the_damage(
+        box: tuple[Path, Cloud, Any]) -> None:
+    home, cloud, _ = box
+    EdgeServer(home).configure(sync={"scrub_fraction_per_day": 1.0,
+                                     "stable_after_seconds": 3600.0})
+    sync_once(home)
+    [(_, pack, *_)] = packs(home)
+    cloud.flip_byte(pack, 60)
+    db = sqlite3.connect(home / "index.sqlite3")
+    try:  # uploaded two days ago: due again under a fraction of 1 per day
+        with db:
+            db.execute("UPDATE packs SET verified_at = verified_at - 2 * 86400")
+    finally:
+        db.close()
+    agent = SyncAgent(home).start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while packs(home)[0][4] != "damaged":
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert "scrub found a damaged pack" in agent.log()
