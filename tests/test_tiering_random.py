@@ -8,8 +8,9 @@ with the same PACS_EDGE_RANDOM_SEED):
 
 - store a new instance into a random study over C-STORE (a new study now
   and then, a duplicate once a study's pool is used up);
-- a sync pass (replicate), an eviction, a recall, run in this process through
-  the sync package, as the CLI runs them;
+- a sync pass (replicate), an eviction, a recall, a scrub of a random share
+  of the packs (which must find nothing damaged), run in this process
+  through the sync package, as the CLI runs them;
 - the same three as real `pacs-edge` processes SIGKILLed at a random crash
   point (sync/crashpoints.py);
 - SIGKILL the running sync agent and start a new one.
@@ -52,6 +53,7 @@ from sync.context import SyncContext, open_context
 from sync.evict import evict_study
 from sync.recall import recall_study
 from sync.records import study_by_uid
+from sync.scrub import scrub_packs, select_packs
 
 STEPS = int(os.environ.get("PACS_EDGE_RANDOM_STEPS", "120"))
 SEED = int(os.environ.get("PACS_EDGE_RANDOM_SEED", "20261203"))
@@ -62,9 +64,10 @@ CRASH_POINTS = {
              "evict:mid-delete"],
     "evict": ["evict:after-commit", "evict:mid-delete"],
     "recall": ["recall:mid-instances", "recall:before-commit"],
+    "scrub": ["scrub:mid-pack", "scrub:before-commit", "scrub:after-commit"],
 }
-OPERATIONS = [("store", 40), ("sync", 14), ("evict", 14), ("recall", 8), ("crash", 12),
-              ("restart-agent", 4)]
+OPERATIONS = [("store", 38), ("sync", 14), ("evict", 14), ("recall", 8), ("scrub", 5),
+              ("crash", 12), ("restart-agent", 4)]
 
 pytestmark = [pytest.mark.slow]
 
@@ -192,6 +195,12 @@ class Run:
         self.log.append(f"sync -> {len(report.replicated)} replicated, busy {report.busy}")
         assert report.ok, report.failures
 
+    async def scrub(self, _uid: str) -> None:
+        packs = await select_packs(self.ctx, fraction=self.rng.choice([0.3, 1.0]))
+        report = await scrub_packs(self.ctx, packs)
+        self.log.append(f"scrub {len(packs)} pack(s) -> {report.ok} ok")
+        assert not report.damaged, report.damaged
+
     async def evict(self, uid: str) -> None:
         await self._tiering("evict", uid, evict_study)
 
@@ -210,8 +219,8 @@ class Run:
     async def crash(self, uid: str) -> None:
         command = self.rng.choice(sorted(CRASH_POINTS))
         point = self.rng.choice(CRASH_POINTS[command])
-        args = {"sync": ["sync", "--once", "--stable-after", "0"],
-                "evict": ["evict", uid], "recall": ["recall", uid]}[command]
+        args = {"sync": ["sync", "--once", "--stable-after", "0"], "evict": ["evict", uid],
+                "recall": ["recall", uid], "scrub": ["scrub", "--all"]}[command]
         proc = await asyncio.to_thread(
             subprocess.run, [*pacs_edge_command(), *args, "--home", str(self.edge.home)],
             capture_output=True, text=True, timeout=300,
