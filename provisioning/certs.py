@@ -52,9 +52,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.errors import CertificateError
-from provisioning.files import write_file
-from provisioning.keys import SECRETS_DIR, create_secret_file
+from appliance.base.durable import write_file
+from provisioning.provisioning_errors import CertificateError
+from provisioning.site_secrets import SECRETS_DIR, create_secret_file
 
 SITE_ID_FILE = "site-id"
 TLS_DIR = "tls"

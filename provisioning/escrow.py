@@ -50,11 +50,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from provisioning.errors import ProvisioningError
 from provisioning.escrow_state import record_escrow
 from provisioning.home import AUDIT_KEY, LOG_KEY
 from provisioning.keyring import key_id, load_keyring
-from provisioning.keys import (
+from provisioning.provisioning_errors import ProvisioningError
+from provisioning.site_secrets import (
     KEY_BYTES,
     NAMES_KEY,
     SITE_KEY,

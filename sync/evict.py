@@ -19,15 +19,15 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-from appliance import logsafe
-from appliance.errors import PacsEdgeError
+from appliance.base import logsafe
+from appliance.base.errors import PacsEdgeError
 from appliance.store import database
 from appliance.store.leases import StudyLease
+from appliance.store.study_rows import StudyRow, studies_where
 from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.escrow_gate import eviction_allowed, require_escrow
-from sync.records import StudyRow, studies_where
 from sync.scrub import confirm_cloud_copy, refuse_if_at_risk
 
 log = logging.getLogger(__name__)

@@ -42,17 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from appliance.errors import PacsEdgeError
-from appliance.store.durable import ensure_dir, fsync_dir
-from appliance.uids import is_valid_uid
-from provisioning.errors import ProvisioningError
-from provisioning.keys import create_reader_key, load_reader_key
+from appliance.base.durable import ensure_dir, fsync_dir
+from appliance.base.errors import PacsEdgeError
+from appliance.base.uids import is_valid_uid
+from provisioning.provisioning_errors import ProvisioningError
+from provisioning.site_secrets import create_reader_key, load_reader_key
 from sync import pull_temp
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
-from sync.pack.errors import PackError, PackIntegrityError
-from sync.pack.keys import format_reader_public_key, reader_public_key, unwrap_with_reader
+from sync.pack.data_keys import format_reader_public_key, reader_public_key, unwrap_with_reader
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
+from sync.pack.pack_errors import PackError, PackIntegrityError
 from sync.pack.reader import read_instances, verify_instance
 
 CONFIG_FILE = "reader.toml"
@@ -103,7 +103,7 @@ def init_reader(home: Path, cloud_url: str, credentials_file: Path | None = None
         lines.append(f"credentials_file = {json.dumps(str(Path(credentials_file).resolve()))}")
     text = "\n".join(lines) + "\n"
     if not config.exists():
-        from appliance.store.durable import atomic_write
+        from appliance.base.durable import atomic_write
 
         atomic_write(config, text.encode(), mode=0o640)
         created.append(str(config))

@@ -46,15 +46,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.errors import PacsEdgeError
-from appliance.store.durable import atomic_write
+from appliance.base.durable import atomic_write
+from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from provisioning.keyring import SiteKeyring
 from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore
 from sync.pack import naming
-from sync.pack.errors import PackError
-from sync.pack.keys import format_reader_public_key, parse_reader_public_key, wrap_for_reader
+from sync.pack.data_keys import format_reader_public_key, parse_reader_public_key, wrap_for_reader
 from sync.pack.manifest import manifest_pack_id, open_manifest
+from sync.pack.pack_errors import PackError
 from sync.sitekeys import load_ring, unwrap_site_object
 
 log = logging.getLogger(__name__)

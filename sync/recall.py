@@ -25,15 +25,15 @@ from collections.abc import Callable
 
 import aiosqlite
 
-from appliance import logsafe
-from appliance.errors import PacsEdgeError
+from appliance.base import logsafe
+from appliance.base.errors import PacsEdgeError
 from appliance.store.leases import StudyBusy, StudyLease
+from appliance.store.study_rows import InstanceRow, StudyRow, instance_rows, packs_of, study_by_id
 from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
-from sync.pack.errors import PackIntegrityError
-from sync.records import InstanceRow, StudyRow, instance_rows, packs_of, study_by_id
+from sync.pack.pack_errors import PackIntegrityError
 from sync.rollback import recover_study
 
 log = logging.getLogger(__name__)

@@ -24,16 +24,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance import logsafe
+from appliance.base import logsafe
 from appliance.store import database
 from appliance.store.leases import StudyLease
+from appliance.store.study_rows import InstanceRow, StudyRow, instance_rows, studies_where
 from appliance.store.tiering import TierState, Trigger, apply_sync
 from sync.cloud import UploadedPack
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.readers import grant_study
-from sync.records import InstanceRow, StudyRow, instance_rows, studies_where
 
 log = logging.getLogger(__name__)
 

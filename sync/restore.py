@@ -47,15 +47,15 @@ from dataclasses import dataclass, field
 
 import aiosqlite
 
-from appliance.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError
+from appliance.base.uids import is_valid_uid
 from appliance.store.index import Index
 from appliance.store.times import time_key
-from appliance.uids import is_valid_uid
 from provisioning.keyring import SiteKeyring
 from sync.blobstore.base import BlobInfo, BlobStore
 from sync.pack import naming
-from sync.pack.errors import PackFormatError, PackIntegrityError
 from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
+from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.sitekeys import unwrap_site_object
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import sqlite3
 
-from appliance import logsafe
+from appliance.base import logsafe
 from appliance.store import database
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.tiering import TierState, Trigger, apply_sync

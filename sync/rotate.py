@@ -30,16 +30,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.config import Config
-from appliance.errors import PacsEdgeError
+from appliance.base.config import Config
+from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from provisioning.keyring import SiteKeyring, begin_rotation, key_lock, retire_older_keys
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.crashpoints import crash_point
 from sync.pack import naming
-from sync.pack.errors import PackIntegrityError
-from sync.pack.keys import unwrap_with_site, wrap_for_site
+from sync.pack.data_keys import unwrap_with_site, wrap_for_site
 from sync.pack.manifest import manifest_pack_id, open_manifest
+from sync.pack.pack_errors import PackIntegrityError
 from sync.sitekeys import provisioning_errors, site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ SCRUB_INTERVAL and takes, of the packs not checked for 1/F days (F =
 `[sync] scrub_fraction_per_day`), at most its share of F * N per day: every
 pack is read about every 1/F days, a steady F of the store per day.
 
-What a verdict does (one transaction per pack, sync.records):
+What a verdict does (one transaction per pack, appliance.store.study_rows):
 - ok: `scrubbed_at`, state ok, and the blobs' current ETags and manifest size
   (a container copied to new storage gets new ETags; the content was just
   proved to be the uploaded one, so evict's HEAD check trusts them again);
@@ -46,12 +46,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance import logsafe
-from appliance.errors import PacsEdgeError
-from sync.cloud import ScrubVerdict
-from sync.context import SyncContext
-from sync.crashpoints import crash_point
-from sync.records import (
+from appliance.base import logsafe
+from appliance.base.errors import PacsEdgeError
+from appliance.store.study_rows import (
     PackRow,
     StudyRow,
     damaged_packs_in_use,
@@ -63,6 +60,9 @@ from sync.records import (
     record_scrub_ok,
     study_by_id,
 )
+from sync.cloud import ScrubVerdict
+from sync.context import SyncContext
+from sync.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 

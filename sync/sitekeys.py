@@ -20,11 +20,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.errors import PacsEdgeError
-from provisioning.errors import ProvisioningError
+from appliance.base.errors import PacsEdgeError
 from provisioning.keyring import SiteKeyring, key_lock, load_keyring
+from provisioning.provisioning_errors import ProvisioningError
 from sync.blobstore.base import BlobNotFound, BlobStore
-from sync.pack.keys import parse_key_object, unwrap_with_site
+from sync.pack.data_keys import parse_key_object, unwrap_with_site
 
 
 class SiteKeyError(PacsEdgeError):

@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from appliance.errors import InvalidInstance
-from appliance.ingest import IngestService
+from appliance.base.errors import InvalidInstance
+from appliance.services.ingest import IngestService
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome
 

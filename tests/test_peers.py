@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import PeerError
-from appliance.peers import (
+from appliance.base.errors import PeerError
+from appliance.services.peers import (
     PEERS_HEADER,
     Allowlist,
     CertificateIdentity,

@@ -26,8 +26,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode, encode
 
-from appliance.dicom_header import InstanceHeader
-from appliance.query.find import QueryError, QueryModel, QueryStatus, find
+from appliance.services.dicom_header import InstanceHeader
+from appliance.services.query.find import QueryError, QueryModel, QueryStatus, find
 from appliance.store.index import Index, StoredFile
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

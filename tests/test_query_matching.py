@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.query.errors import QueryError, QueryStatus
-from appliance.query.matching import (
+from appliance.services.query.matching import (
     Condition,
     Match,
     combined_datetime,
     condition,
     register_functions,
 )
+from appliance.services.query.query_errors import QueryError, QueryStatus
 from appliance.store.index import Index
 
 

@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.audit.log import AUDIT_DIR, AuditLog, canonical
-from appliance.errors import PacsEdgeError
-from appliance.store.durable import atomic_write
+from appliance.base.durable import atomic_write
+from appliance.base.errors import PacsEdgeError
 from provisioning.home import AUDIT_KEY
-from provisioning.keys import (
+from provisioning.site_secrets import (
     KeyFileError,
     create_secret_file,
     load_secret_file,

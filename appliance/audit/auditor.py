@@ -65,7 +65,7 @@ from appliance.audit.rejections import OTHER_SOURCES, RejectionTally, Tally
 
 if TYPE_CHECKING:
     from appliance.audit.syslog import SyslogForwarder
-    from appliance.config import Config
+    from appliance.base.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ MAX_PENDING = 100_000
 
 
 class InstanceFacts(Protocol):
-    """What an ingested instance tells the audit (appliance.dicom_header.InstanceHeader)."""
+    """What an ingested instance tells the audit (services.dicom_header.InstanceHeader)."""
 
     @property
     def patient_id(self) -> str: ...
@@ -88,7 +88,7 @@ class InstanceFacts(Protocol):
 
 
 class StudyFacts(Protocol):
-    """What a study row tells the audit (sync.records.StudyRow)."""
+    """What a study row tells the audit (appliance.store.study_rows.StudyRow)."""
 
     @property
     def study_uid(self) -> str: ...

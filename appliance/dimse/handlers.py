@@ -16,16 +16,16 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from appliance.audit import Auditor
-from appliance.bridge import LoopBridge
-from appliance.config import DicomConfig
+from appliance.base.config import DicomConfig
+from appliance.base.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.dimse.dicom_status import Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
-from appliance.dimse.status import Status
 from appliance.dimse.tls import is_tls, peer_identity
-from appliance.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
-from appliance.ingest import ExpectedIdentity, IngestService
-from appliance.peers import Allowlist, Peer
-from appliance.query.find import QueryError, QueryModel, find
+from appliance.process.bridge import LoopBridge
+from appliance.services.ingest import ExpectedIdentity, IngestService
+from appliance.services.peers import Allowlist, Peer
+from appliance.services.query.find import QueryError, QueryModel, find
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)

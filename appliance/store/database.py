@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from appliance.errors import IndexUnavailable, OutOfSpace
+from appliance.base.errors import IndexUnavailable, OutOfSpace
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiosqlite
 
-from appliance.dicom_header import InstanceHeader
+from appliance.services.dicom_header import InstanceHeader
 from appliance.store import database, tiering
 from appliance.store.times import time_key
 

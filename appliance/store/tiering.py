@@ -28,7 +28,7 @@ import time
 
 import aiosqlite
 
-from appliance.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError
 from appliance.store import database
 
 
