@@ -30,7 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from appliance.audit.anchor import AnchorJob
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
-from appliance.process.notify import Notifier
+from appliance.base.notify import Notifier
 from appliance.store.leases import StudyBusy
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates

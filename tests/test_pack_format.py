@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.services.dicom_header import InstanceHeader
+from appliance.store.instance_header import InstanceHeader
 from sync.pack import naming
 from sync.pack.data_keys import new_data_key, new_pack_id
 from sync.pack.manifest import (

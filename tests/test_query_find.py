@@ -26,9 +26,9 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode, encode
 
-from appliance.services.dicom_header import InstanceHeader
 from appliance.services.query.find import QueryError, QueryModel, QueryStatus, find
 from appliance.store.index import Index, StoredFile
+from appliance.store.instance_header import InstanceHeader
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

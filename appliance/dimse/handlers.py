@@ -16,13 +16,13 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from appliance.audit import Auditor
+from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
 from appliance.base.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import is_tls, peer_identity
-from appliance.process.bridge import LoopBridge
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist, Peer
 from appliance.services.query.find import QueryError, QueryModel, find

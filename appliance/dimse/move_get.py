@@ -76,11 +76,11 @@ from pynetdicom.status import code_to_category
 
 from appliance.audit import Auditor
 from appliance.base import logsafe
+from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
 from appliance.dimse.transport import set_nodelay
-from appliance.process.bridge import LoopBridge
 from appliance.services.peers import Peer
 from appliance.services.retrieve import (
     Action,

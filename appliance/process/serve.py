@@ -18,7 +18,9 @@ from collections.abc import Callable
 from appliance.audit import Auditor
 from appliance.audit.audited_ingest import AuditedIngest
 from appliance.base import logsafe
+from appliance.base.bridge import LoopBridge
 from appliance.base.config import Config
+from appliance.base.notify import Notifier
 from appliance.dimse.handlers import DimseHandlers, Services
 from appliance.dimse.move_get import attach as attach_retrieve
 from appliance.dimse.negotiation import StoredSyntaxes
@@ -26,8 +28,6 @@ from appliance.dimse.server import DimseServer, configure_pynetdicom, event_hand
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
 from appliance.dropfolder import DropFolderWatcher
-from appliance.process.bridge import LoopBridge
-from appliance.process.notify import Notifier
 from appliance.services.ingest import IngestService
 from appliance.services.peers import Allowlist
 from appliance.services.retrieve import RetrieveService

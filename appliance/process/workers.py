@@ -28,7 +28,7 @@ from typing import Any
 
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
-from appliance.process.notify import Notifier
+from appliance.base.notify import Notifier
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index

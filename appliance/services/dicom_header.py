@@ -12,7 +12,6 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,37 +27,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from appliance.base.errors import InvalidInstance
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.deflated import read_deflated_elements
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """What the index records about one instance (PHI: never log these values)."""
-
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    birth_date: str
-    sex: str
-    study_uid: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_id: str
-    study_description: str
-    referring_physician: str
-    character_set: str
-    series_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    body_part: str
-    series_date: str
-    series_time: str
-    sop_uid: str
-    sop_class_uid: str
-    instance_number: int | None
-    transfer_syntax: str
-
+from appliance.store.instance_header import InstanceHeader
 
 # The appliance validates what it relies on (UIDs, completeness) itself and
 # stores everything else as sent. pydicom's own value checks would only add

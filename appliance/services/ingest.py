@@ -32,12 +32,13 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import logsafe
+from appliance.base.bridge import LoopBridge
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError
-from appliance.process.bridge import LoopBridge
-from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, InstanceHeader, read_header
+from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome, StoredFile
+from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
 
 log = logging.getLogger(__name__)

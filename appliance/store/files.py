@@ -30,7 +30,7 @@ from appliance.base.durable import (
 )
 from appliance.base.errors import OutOfSpace
 from appliance.base.uids import is_valid_uid
-from appliance.services.dicom_header import InstanceHeader
+from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
 
 SPOOL_DIR = ".spool"

@@ -18,8 +18,8 @@ from typing import Any
 
 import aiosqlite
 
-from appliance.services.dicom_header import InstanceHeader
 from appliance.store import database, tiering
+from appliance.store.instance_header import InstanceHeader
 from appliance.store.times import time_key
 
 
