@@ -54,18 +54,16 @@ def ensure_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file."""
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp = _synced_temp(path, data, mode)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fsync_dir(path.parent)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if is_no_space(exc):
             raise OutOfSpace() from exc
         raise
@@ -78,20 +76,14 @@ def write_file(path: Path, data: bytes, mode: int, *, replace: bool = False) -> 
     never replaces a file another process created meanwhile (a secret written
     twice by two `init`s must stay the first one)."""
     path = Path(path)
-    if not replace and (path.exists() or path.is_symlink()):
+    if replace:
+        atomic_write(path, data, mode=mode)
+        return True
+    if path.exists() or path.is_symlink():
         return False
-    # mkstemp opens with O_CREAT | O_EXCL and mode 0600; fchmod sets the final mode.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    tmp = _synced_temp(path, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
+        os.link(tmp, path)
         written = True
     except FileExistsError:
         written = False  # a concurrent writer won: keep its file
@@ -100,6 +92,23 @@ def write_file(path: Path, data: bytes, mode: int, *, replace: bool = False) -> 
             os.unlink(tmp)
     fsync_dir(path.parent)
     return written
+
+
+def _synced_temp(path: Path, data: bytes, mode: int) -> str:
+    """A temp file beside `path` holding `data` with `mode`, fsynced; the caller publishes
+    it. mkstemp opens with O_CREAT | O_EXCL and mode 0600; fchmod sets the final mode."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def durable_rename(source: Path, target: Path, *, sync_folder: bool = True) -> None:
