@@ -272,13 +272,14 @@ def test_a_trickled_pdu_over_tls_is_aborted_within_network_timeout(
     tls_port = free_port()
     server.configure(dicom={"tls_port": tls_port, "network_timeout": 2.0, "acse_timeout": 2.0})
     server.start()
-    server.cli("certs", "issue", "ws1", "--out", str(tmp_path / "ws1"))
-    client = tmp_path / "ws1"
+    # The certificate names the peer the client calls as (TESTSCU is the peer `testscu`).
+    server.cli("certs", "issue", "testscu", "--out", str(tmp_path / "testscu"))
+    client = tmp_path / "testscu"
     dcmtk.storescu(tls_port, [small_study[0].path], args=tls_args(client)).check()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.load_verify_locations(client / "ca.pem")
-    context.load_cert_chain(client / "ws1.pem", client / "ws1.key")
+    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
     with context.wrap_socket(rawpdu.connect(tls_port)) as sock:
         sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title))
         assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC
