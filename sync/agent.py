@@ -36,7 +36,7 @@ from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
 from sync.recall import serve_recall_requests
-from sync.replicate import Replicated, replicate_study, stable_studies
+from sync.replicate import Replicated, replicate_study, replication_candidates
 from sync.rollback import recover_stuck, sweep_leftover_files
 from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
 
@@ -66,7 +66,7 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     report = PassReport()
     await recover_stuck(ctx)
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
-    for study in await stable_studies(ctx, wait):
+    for study in await replication_candidates(ctx, wait):
         try:
             done = await replicate_study(ctx, study)
         except StudyBusy:
