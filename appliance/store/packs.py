@@ -36,6 +36,16 @@ class PackRow:
     scrub_state: str = ""     # '' never scrubbed | ok | damaged
 
 
+@dataclass(frozen=True)
+class PackGrant:
+    """What a reader grant decides on: a verified pack and its study's scope attributes."""
+
+    pack_name: str
+    manifest_name: str
+    referring_physician: str
+    modalities: frozenset[str]  # of every series of the study
+
+
 _PACK_SQL = (
     "SELECT p.id, p.study_fk, p.version, p.pack_name, p.manifest_name, p.pack_size,"
     " p.pack_sha256, p.state, p.access_tier, p.created_at, p.pack_etag, p.manifest_etag,"
@@ -60,6 +70,17 @@ async def packs_of(index: Index, study_id: int, *, verified_only: bool = True) -
         (study_id,))
 
 
+async def all_packs(index: Index) -> list[PackRow]:
+    """Every pack row, `uploading` ones too, in id order."""
+    return await database.run_sync(index.reader, _packs, f"{_PACK_SQL} ORDER BY p.id")
+
+
+async def verified_packs(index: Index) -> list[PackRow]:
+    """Every verified pack, in id order (the lifecycle's round)."""
+    return await database.run_sync(
+        index.reader, _packs, f"{_PACK_SQL} WHERE p.state = 'verified' ORDER BY p.id")
+
+
 def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[tuple[int, int]]:
     """(id, version) of a study's pack rows still `uploading`: unverified versions that a
     failed or killed upload left (their blobs may exist in part)."""
@@ -67,6 +88,37 @@ def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[tuple[int, 
         "SELECT id, version FROM packs WHERE study_fk = ? AND state = 'uploading'",
         (study_id,)).fetchall()
     return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def set_access_tier(conn: sqlite3.Connection, pack_id: int, tier: str) -> None:
+    """Record the access tier the blob store moved the pack to."""
+    conn.execute("UPDATE packs SET access_tier = ? WHERE id = ?", (tier, pack_id))
+
+
+# --- reader grants ----------------------------------------------------------------------
+
+_GRANT_SQL = (
+    "SELECT p.pack_name, p.manifest_name, st.referring_physician,"
+    " (SELECT group_concat(DISTINCT se.modality) FROM series se WHERE se.study_fk = st.id)"
+    " FROM packs p JOIN studies st ON p.study_fk = st.id WHERE p.state = 'verified'"
+)
+
+
+def _grants(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[PackGrant]:
+    return [PackGrant(pack, manifest, referring, frozenset((mods or "").split(",")) - {""})
+            for pack, manifest, referring, mods in conn.execute(sql, params).fetchall()]
+
+
+async def pack_grants(index: Index) -> list[PackGrant]:
+    """Every verified pack with its study's scope attributes, in pack id order."""
+    return await database.run_sync(index.reader, _grants, f"{_GRANT_SQL} ORDER BY p.id", ())
+
+
+async def study_pack_grants(index: Index, study_id: int) -> list[PackGrant]:
+    """The verified packs of one study with its scope attributes, in version order."""
+    return await database.run_sync(index.reader, _grants,
+                                   f"{_GRANT_SQL} AND st.id = ? ORDER BY p.version",
+                                   (study_id,))
 
 
 # --- scrub ------------------------------------------------------------------------------
