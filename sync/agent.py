@@ -32,6 +32,7 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.process.notify import Notifier
 from appliance.store.leases import StudyBusy
+from appliance.store.sync_passes import record_pass
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
@@ -89,9 +90,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
                           "evicted": report.evicted, "busy": report.busy,
                           "failures": report.failures})
-    await ctx.index.writer.submit(lambda c: c.execute(
-        "INSERT INTO sync_passes (started_at, finished_at, ok, summary) VALUES (?, ?, ?, ?)",
-        (started, time.time(), int(report.ok), summary)))
+    await ctx.index.writer.submit_sync(lambda c: record_pass(
+        c, started_at=started, finished_at=time.time(), ok=report.ok, summary=summary))
     return report
 
 
