@@ -199,40 +199,6 @@ class Index:
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
-    async def request_recall(self, study_uids: Sequence[str], requested_by: str) -> None:
-        """Ask the sync agent to recall these studies; joins a pending request if any
-        (one recall per study however many retrieves wait for it)."""
-        if not study_uids:
-            return
-        assert self.writer is not None
-        now = time.time()
-        marks = ",".join("?" * len(study_uids))
-
-        async def insert(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                "INSERT INTO recall_requests (study_fk, requested_at, requested_by)"
-                f" SELECT id, ?, ? FROM studies WHERE study_uid IN ({marks})"
-                " ON CONFLICT (study_fk) DO UPDATE SET state = 'pending', error = '',"
-                " requested_at = excluded.requested_at, finished_at = NULL"
-                " WHERE recall_requests.state != 'pending'",
-                (now, requested_by, *study_uids),
-            )
-
-        await self.writer.submit(insert)
-
-    async def recall_progress(self, study_uids: Sequence[str]) -> tuple[int, list[str]]:
-        """(studies still not local, errors of failed recall requests) for these studies."""
-        marks = ",".join("?" * len(study_uids))
-        rows = await self.fetchall(
-            "SELECT st.tier_state, r.state, r.error FROM studies st"
-            " LEFT JOIN recall_requests r ON r.study_fk = st.id"
-            f" WHERE st.study_uid IN ({marks})", tuple(study_uids),
-        )
-        waiting = sum(1 for state, _, _ in rows if state in ("evicted", "recalling"))
-        errors = [error or "recall failed" for state, request, error in rows
-                  if request == "failed" and state == "evicted"]
-        return waiting, errors
-
     async def sync_summary(self) -> dict[str, Any]:
         """Bytes not yet in any pack, when the last successful sync pass ended, the last
         scrub, and the packs a scrub found damaged that are the only copy of some
