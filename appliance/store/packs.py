@@ -90,9 +90,32 @@ def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[tuple[int, 
     return [(int(r[0]), int(r[1])) for r in rows]
 
 
+def _manifest_names(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT manifest_name FROM packs").fetchall()}
+
+
+async def manifest_names(index: Index) -> set[str]:
+    """The manifest blob name of every pack row (restore skips the versions it holds)."""
+    return await database.run_sync(index.reader, _manifest_names)
+
+
 def set_access_tier(conn: sqlite3.Connection, pack_id: int, tier: str) -> None:
     """Record the access tier the blob store moved the pack to."""
     conn.execute("UPDATE packs SET access_tier = ? WHERE id = ?", (tier, pack_id))
+
+
+def insert_verified_pack(conn: sqlite3.Connection, study_id: int, version: int, *,
+                         pack_name: str, manifest_name: str, pack_size: int,
+                         pack_sha256: str, instance_count: int, access_tier: str,
+                         created_at: float, verified_at: float) -> int:
+    """A pack row for a version found verified in the cloud (restore); returns its id."""
+    return int(database.query_one(
+        conn,
+        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, pack_size, pack_sha256,"
+        " instance_count, state, access_tier, created_at, verified_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?, ?) RETURNING id",
+        (study_id, version, pack_name, manifest_name, pack_size, pack_sha256,
+         instance_count, access_tier, created_at, verified_at))[0])
 
 
 # --- reader grants ----------------------------------------------------------------------
