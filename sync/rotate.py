@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
+from appliance.store.packs import all_packs
 from provisioning.keyring import SiteKeyring, begin_rotation, key_lock, retire_older_keys
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.crashpoints import crash_point
@@ -71,18 +72,17 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
         log.info("site key rotation new_key=%s older=%s resumed=%s", ring.current_id,
                  ",".join(ring.older_ids), resumed)
         async with Index(config.index.path) as index:
-            rows = await index.fetchall(
-                "SELECT pack_name, manifest_name, state FROM packs ORDER BY id")
-        for done, (pack_name, manifest_name, state) in enumerate(rows, 1):
-            if state != "verified":
+            rows = await all_packs(index)
+        for done, pack in enumerate(rows, 1):
+            if pack.state != "verified":
                 report.skipped_uploading += 1
                 continue
             try:
-                changed = await asyncio.to_thread(_rewrap, store, ring, pack_name,
-                                                  manifest_name)
+                changed = await asyncio.to_thread(_rewrap, store, ring, pack.pack_name,
+                                                  pack.manifest_name)
             except PacsEdgeError as exc:
-                report.failures.append(f"{pack_name}: {exc.message}")
-                log.error("re-wrap failed pack=%s error=%s", pack_name, exc.message)
+                report.failures.append(f"{pack.pack_name}: {exc.message}")
+                log.error("re-wrap failed pack=%s error=%s", pack.pack_name, exc.message)
             else:
                 if changed:
                     report.migrated += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,9 +14,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.base.errors import InvalidInstance
+from appliance.services.fsck import fsck
 from appliance.services.ingest import IngestService
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome
+from appliance.store.study_rows import study_by_uid
 
 STUDY = "1.2.826.0.1.3680043.10.1234.1"
 SERIES = "1.2.826.0.1.3680043.10.1234.1.1"
@@ -157,6 +160,24 @@ async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:
             " FROM studies WHERE study_uid = ?", (STUDY,),
         )
     assert row is not None and tuple(row) == (4, 2, 1)
+
+
+async def test_adopting_an_older_file_does_not_move_the_last_arrival_back(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """fsck adopts an orphan with its file's mtime as arrival time; a study that received
+    something since must not look quiet since then (the sync agent's "stable" test)."""
+    await service.ingest_file(write_instance(tmp_path / "a.dcm", f"{SERIES}.1"))
+    before = await study_by_uid(service.index, STUDY)
+    assert before is not None
+    orphan = service.files.absolute(f"{STUDY}/{SERIES}/{SERIES}.2.dcm")
+    write_instance(orphan, f"{SERIES}.2")
+    os.utime(orphan, (before.last_received_at - 3600,) * 2)
+    report = await fsck(service.files, service.index, repair=True)
+    assert report.adopted == [f"{STUDY}/{SERIES}/{SERIES}.2.dcm"]
+    after = await study_by_uid(service.index, STUDY)
+    assert after is not None and after.instance_count == 2
+    assert after.last_received_at == before.last_received_at
 
 
 async def test_index_commits_are_fsynced_wal(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.peers import Allowlist, Peer
+from appliance.store import recall_requests
 from appliance.store.files import FileStore
 from appliance.store.index import Index, InstanceLocation
 
@@ -219,10 +220,11 @@ class RetrieveService:
 
     async def await_recall(self, plan: Plan, *, requested_by: str, wait: float) -> RecallWait:
         """Ask for the plan's evicted studies and wait up to `wait` seconds for them."""
-        await self.index.request_recall(plan.recall_studies, requested_by)
+        await recall_requests.request_recall(self.index, plan.recall_studies, requested_by)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            waiting, errors = await self.index.recall_progress(plan.recall_studies)
+            waiting, errors = await recall_requests.recall_progress(self.index,
+                                                                    plan.recall_studies)
             if not waiting or errors or asyncio.get_running_loop().time() >= deadline:
                 return RecallWait(done=not waiting, errors=tuple(errors))
             await asyncio.sleep(RECALL_POLL_SECONDS)

@@ -18,9 +18,8 @@ from typing import Any
 
 import aiosqlite
 
-from appliance.store import database, tiering
+from appliance.store import database, hierarchy, tiering
 from appliance.store.instance_header import InstanceHeader
-from appliance.store.times import time_key
 
 
 class RecordOutcome(enum.Enum):
@@ -199,40 +198,6 @@ class Index:
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
-    async def request_recall(self, study_uids: Sequence[str], requested_by: str) -> None:
-        """Ask the sync agent to recall these studies; joins a pending request if any
-        (one recall per study however many retrieves wait for it)."""
-        if not study_uids:
-            return
-        assert self.writer is not None
-        now = time.time()
-        marks = ",".join("?" * len(study_uids))
-
-        async def insert(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                "INSERT INTO recall_requests (study_fk, requested_at, requested_by)"
-                f" SELECT id, ?, ? FROM studies WHERE study_uid IN ({marks})"
-                " ON CONFLICT (study_fk) DO UPDATE SET state = 'pending', error = '',"
-                " requested_at = excluded.requested_at, finished_at = NULL"
-                " WHERE recall_requests.state != 'pending'",
-                (now, requested_by, *study_uids),
-            )
-
-        await self.writer.submit(insert)
-
-    async def recall_progress(self, study_uids: Sequence[str]) -> tuple[int, list[str]]:
-        """(studies still not local, errors of failed recall requests) for these studies."""
-        marks = ",".join("?" * len(study_uids))
-        rows = await self.fetchall(
-            "SELECT st.tier_state, r.state, r.error FROM studies st"
-            " LEFT JOIN recall_requests r ON r.study_fk = st.id"
-            f" WHERE st.study_uid IN ({marks})", tuple(study_uids),
-        )
-        waiting = sum(1 for state, _, _ in rows if state in ("evicted", "recalling"))
-        errors = [error or "recall failed" for state, request, error in rows
-                  if request == "failed" and state == "evicted"]
-        return waiting, errors
-
     async def sync_summary(self) -> dict[str, Any]:
         """Bytes not yet in any pack, when the last successful sync pass ended, the last
         scrub, and the packs a scrub found damaged that are the only copy of some
@@ -300,50 +265,19 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     # Upserts return the row id (and the series' count, which says whether the
     # series is new), so the common case is five statements.
     now = stored.received_at
-    patient_fk = _scalar(
-        conn,
-        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
-        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
-        (h.patient_id, h.issuer_of_patient_id, h.patient_name, h.birth_date, h.sex),
-    )
-    study_fk = _scalar(
-        conn,
-        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
-        " accession_number, study_id, study_description, referring_physician, character_set,"
-        " instance_count, total_bytes, first_received_at, last_received_at, last_access_at,"
-        " tier_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (study_uid) DO UPDATE SET instance_count = instance_count + 1,"
-        " total_bytes = total_bytes + excluded.total_bytes,"
-        " last_received_at = excluded.last_received_at RETURNING id",
-        (patient_fk, h.study_uid, h.study_date, h.study_time, time_key(h.study_time),
-         h.accession_number, h.study_id, h.study_description, h.referring_physician,
-         h.character_set, stored.size, now, now, now, now),
-    )
+    patient_fk = hierarchy.upsert_patient(conn, h)
+    study_fk = hierarchy.upsert_study(
+        conn, patient_fk, h, instances=1, size=stored.size, first_received_at=now,
+        last_received_at=now, last_access_at=now, tier_state=tiering.TierState.LOCAL,
+        tier_changed_at=now)
     # New content for a study the cloud already holds: it needs a new pack version.
     tiering.apply_sync(conn, study_fk, tiering.Trigger.NEW_INSTANCE)
-    series_row = database.query_one(
-        conn,
-        "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
-        " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
-        " ON CONFLICT (series_uid) DO UPDATE SET instance_count = instance_count + 1"
-        " RETURNING id, instance_count",
-        (study_fk, h.series_uid, h.modality, h.series_number, h.series_description,
-         h.body_part, h.series_date, h.series_time),
-    )
-    assert series_row is not None
-    series_fk, series_instances = series_row
+    series_fk, series_instances = hierarchy.upsert_series(conn, study_fk, h, instances=1)
     if series_instances == 1:
         conn.execute(
             "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
         )
-    conn.execute(
-        "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
-        " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (series_fk, h.sop_uid, h.sop_class_uid, h.instance_number, h.transfer_syntax,
-         stored.path, stored.size, stored.dataset_offset, stored.sha256, now, stored.source_ae),
-    )
+    hierarchy.put_instance(conn, series_fk, h, stored)
     return outcome
 
 
