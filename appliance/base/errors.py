@@ -6,6 +6,7 @@ Tree::
     ├── ConfigError               a config key has a bad value (key, value, expected)
     ├── HomeError                 the data home is missing or unusable
     ├── PeerError                 allowlist edits that cannot be applied
+    ├── NotAuthorized             a peer asked for a service it may not use (ae_title, permission)
     ├── RejectedInstance          ingest refused an instance (reason -> DICOM status)
     │   ├── InvalidInstance       cannot be parsed, bad UIDs, inconsistent headers
     │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
@@ -48,6 +49,19 @@ class HomeError(PacsEdgeError):
 
 class PeerError(PacsEdgeError):
     pass
+
+
+class NotAuthorized(PacsEdgeError):
+    """A calling peer lacks the permission a service needs (or is not in the allowlist).
+
+    Raised by the one permission check, `Allowlist.authorize`; every edge maps it to
+    its protocol's refusal (DICOM 0x0124) and audits it."""
+
+    def __init__(self, permission: str, *, ae_title: str) -> None:
+        super().__init__(f"peer lacks permission {permission!r}",
+                         hint=f"pacs-edge peers add ... --allow {permission}")
+        self.permission = permission
+        self.ae_title = ae_title
 
 
 class RejectedInstance(PacsEdgeError):

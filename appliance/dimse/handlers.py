@@ -1,6 +1,8 @@
 """DIMSE event handlers: translate pynetdicom events to service calls and results to statuses.
 
 No SQL, file I/O or status integers here: services decide, this module maps.
+Who may use a service is the allowlist's decision (`Allowlist.authorize`);
+a handler asks it and maps its NotAuthorized to 0x0124.
 Each handler runs in its association's thread and reaches the asyncio world
 only through the LoopBridge.
 """
@@ -17,14 +19,20 @@ from pynetdicom import evt
 
 from appliance.audit import Auditor
 from appliance.base.config import DicomConfig
-from appliance.base.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.base.errors import (
+    InflateLimitExceeded,
+    InvalidInstance,
+    NotAuthorized,
+    OutOfSpace,
+    PacsEdgeError,
+)
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import is_tls, peer_identity
 from appliance.process.bridge import LoopBridge
 from appliance.services.ingest import ExpectedIdentity, IngestService
-from appliance.services.peers import Allowlist, Peer
+from appliance.services.peers import Allowlist
 from appliance.services.query.find import QueryError, QueryModel, find
 from appliance.store.index import Index
 
@@ -111,14 +119,16 @@ class DimseHandlers:
         log.warning("association rejected %s reason=%s", peer_label(assoc), why)
         self.s.audit.association(assoc, accepted=False, reason=why)
 
-    def _permitted(self, event: Any, permission: str) -> Peer | None:
-        peer = self.s.allowlist.by_ae_title(str(event.assoc.requestor.ae_title))
-        if peer is None or not peer.may(permission):
-            log.warning("refused %s: peer lacks permission %r %s", _SERVICE[permission],
-                        permission, peer_label(event.assoc))
-            self.s.audit.refused(event.assoc, permission, f"peer lacks permission {permission!r}")
-            return None
-        return peer
+    def _authorized(self, event: Any, permission: str) -> bool:
+        """Ask the allowlist (the one permission check); a refusal is logged and audited."""
+        try:
+            self.s.allowlist.authorize(str(event.assoc.requestor.ae_title), permission)
+        except NotAuthorized as exc:
+            log.warning("refused %s: %s %s", _SERVICE[exc.permission], exc.message,
+                        peer_label(event.assoc))
+            self.s.audit.refused(event.assoc, exc.permission, exc.message)
+            return False
+        return True
 
     # --- services ------------------------------------------------------------
 
@@ -129,7 +139,7 @@ class DimseHandlers:
         spool = self.s.spools.claim(event.dataset_path)
         if spool is None:  # refused before a byte was spooled; the association is aborted
             return Status.REFUSED_NOT_AUTHORIZED
-        if self._permitted(event, "store") is None:
+        if not self._authorized(event, "store"):
             spool.discard()
             return Status.REFUSED_NOT_AUTHORIZED
         request = event.request
@@ -164,7 +174,7 @@ class DimseHandlers:
         return Status.SUCCESS
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
-        if self._permitted(event, "find") is None:
+        if not self._authorized(event, "find"):
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return
         model = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID))

@@ -77,6 +77,7 @@ from pynetdicom.status import code_to_category
 from appliance.audit import Auditor
 from appliance.base import logsafe
 from appliance.base.config import DicomConfig
+from appliance.base.errors import NotAuthorized
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
 from appliance.dimse.transport import set_nodelay
@@ -102,7 +103,6 @@ _ROUTED = {
 }
 # 0xA900 is "Identifier does not match SOP Class" for Q/R (PS3.4 C.4.2.1.5).
 _REFUSAL_STATUS = {
-    Refusal.NOT_PERMITTED: Status.REFUSED_NOT_AUTHORIZED,
     Refusal.UNKNOWN_DESTINATION: Status.MOVE_DESTINATION_UNKNOWN,
     Refusal.INVALID_IDENTIFIER: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     Refusal.TOO_MANY_MATCHES: Status.OUT_OF_RESOURCES_MATCHES,
@@ -285,6 +285,11 @@ class _Retrieval:
                 calling_ae=self.calling_ae, action=self.action, model=self.model,
                 identifier=identifier, move_destination=move_destination,
             ))
+        except NotAuthorized as exc:
+            log.warning("%s refused reason=%s %s", name, exc.message, self.label)
+            if self.att.audit is not None:
+                self.att.audit.refused(self.sc.assoc, name, exc.message)
+            self._respond(Status.REFUSED_NOT_AUTHORIZED)
         except RetrieveRefused as exc:
             log.warning("%s refused reason=%s %s", name, exc.reason, self.label)
             self._audit_refusal(exc)
@@ -400,7 +405,7 @@ class _Retrieval:
     def _audit_refusal(self, exc: RetrieveRefused) -> None:
         if self.att.audit is None:
             return
-        if exc.refusal in (Refusal.NOT_PERMITTED, Refusal.UNKNOWN_DESTINATION):
+        if exc.refusal is Refusal.UNKNOWN_DESTINATION:
             self.att.audit.refused(self.sc.assoc, self.action.value, exc.reason)
         else:
             self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),

@@ -4,7 +4,8 @@ This is the service half of retrieve; the wire half is appliance/dimse/move_get.
 which decodes the request, sends the files and reports counts. Here:
 
 - `plan()` answers "may this peer do this, and what exactly is to be sent?":
-  the calling AE must hold the permission (`move` or `get`), a C-MOVE
+  the calling AE must hold the permission (`move` or `get`: decided by
+  `Allowlist.authorize`, which raises NotAuthorized), a C-MOVE
   destination must be a known peer (the allowlist is also the address book:
   the box never sends to an AE it was not told about), and the identifier
   is mapped to index rows by hierarchical retrieve rules (PS3.4 C.4.2.2.1):
@@ -21,8 +22,9 @@ which decodes the request, sends the files and reports counts. Here:
 - `record_access()` stamps the studies' last access time, which eviction
   uses to pick the least recently used studies.
 
-A request that cannot be served at all raises RetrieveRefused; its `refusal`
-says why in domain terms and the edge maps that to a DICOM status.
+A request that cannot be served at all raises NotAuthorized or RetrieveRefused;
+the latter's `refusal` says why in domain terms and the edge maps that to a
+DICOM status.
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ class Action(enum.Enum):
 
 
 class Refusal(enum.Enum):
-    NOT_PERMITTED = "peer lacks the permission"
     UNKNOWN_DESTINATION = "move destination is not a known peer"
     INVALID_IDENTIFIER = "identifier does not fit the information model"
     TOO_MANY_MATCHES = "more matches than a retrieve can report"
@@ -183,13 +184,8 @@ class RetrieveService:
         identifier: Dataset,
         move_destination: str | None = None,
     ) -> Plan:
-        """Decide whether and what to retrieve; raises RetrieveRefused."""
-        requester = self.allowlist.by_ae_title(calling_ae)
-        if requester is None or not requester.may(action.value):
-            raise RetrieveRefused(
-                Refusal.NOT_PERMITTED, f"peer lacks permission {action.value!r}",
-                hint=f"pacs-edge peers add ... --allow {action.value}",
-            )
+        """Decide whether and what to retrieve; raises NotAuthorized or RetrieveRefused."""
+        requester = self.allowlist.authorize(calling_ae, action.value)
         destination = None
         if action is Action.MOVE:
             destination = self.allowlist.by_ae_title(move_destination or "")
