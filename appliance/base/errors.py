@@ -7,18 +7,27 @@ Tree::
     ├── HomeError                 the data home is missing or unusable
     ├── PeerError                 allowlist edits that cannot be applied
     ├── NotAuthorized             a peer asked for a service it may not use (ae_title, permission)
-    ├── RejectedInstance          ingest refused an instance (reason -> DICOM status)
-    │   ├── InvalidInstance       cannot be parsed, bad UIDs, inconsistent headers
+    ├── RejectedInstance          ingest refused an instance (kind: Rejection)
+    │   ├── InvalidInstance       cannot be parsed, bad UIDs, not what the request announced
     │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
     │   └── OutOfSpace            disk full: the store or the index could not grow
+    ├── QueryError                a query identifier cannot be answered (kind: QueryRefusal)
+    ├── RetrieveRefused           a retrieve cannot be served at all (kind: RetrieveRefusal)
     ├── IndexUnavailable          SQLite failed for a reason other than disk full
     └── UnsafePath                a dropped file's path crosses a symlink: left alone
+
+Errors that a network edge answers carry a `kind` (an enum): the edge maps the
+kind to its protocol's status with a table (appliance/dimse/handlers.py and
+move_get.py for DICOM), never by reading the message, which is for people.
+Messages and hints name no patient data and no UIDs.
 
 The CLI turns these into an exit code, a one-line message and the hint; a
 traceback is only ever shown for a bug.
 """
 
 from __future__ import annotations
+
+import enum
 
 
 class PacsEdgeError(Exception):
@@ -64,16 +73,30 @@ class NotAuthorized(PacsEdgeError):
         self.ae_title = ae_title
 
 
+class Rejection(enum.Enum):
+    """Why ingest refused an instance, whatever the edge it came through."""
+
+    INVALID = "not valid DICOM: cannot be parsed, truncated, bad UIDs"
+    NOT_AS_REQUESTED = "the dataset is not the instance its request announced"
+    INFLATE_LIMIT = "a deflated dataset inflates beyond the configured limit"
+    OUT_OF_SPACE = "no space left for the file or the index"
+
+
 class RejectedInstance(PacsEdgeError):
     """Ingest refused an instance; `reason` is a short, PHI-free explanation."""
 
-    def __init__(self, reason: str, *, hint: str | None = None) -> None:
+    def __init__(self, reason: str, *, kind: Rejection, hint: str | None = None) -> None:
         super().__init__(reason, hint=hint)
         self.reason = reason
+        self.kind = kind
 
 
 class InvalidInstance(RejectedInstance):
-    """The data cannot be understood: not DICOM, truncated, or invalid UIDs."""
+    """The data cannot be understood (not DICOM, truncated, invalid UIDs), or, with
+    kind NOT_AS_REQUESTED, is not the instance its C-STORE request announced."""
+
+    def __init__(self, reason: str, *, kind: Rejection = Rejection.INVALID) -> None:
+        super().__init__(reason, kind=kind)
 
 
 class InflateLimitExceeded(RejectedInstance):
@@ -82,6 +105,7 @@ class InflateLimitExceeded(RejectedInstance):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"deflated dataset inflates beyond the limit of {limit / (1 << 20):g} MB",
+                         kind=Rejection.INFLATE_LIMIT,
                          hint="if a modality really sends deflated instances this large, "
                          "raise store.max_inflated_mb")
         self.limit = limit
@@ -91,8 +115,45 @@ class OutOfSpace(RejectedInstance):
     """The store or index ran out of disk space; nothing partial was kept."""
 
     def __init__(self, reason: str = "no space left on the store's file system") -> None:
-        super().__init__(reason, hint="free disk space or evict studies; ingest resumes "
-                         "without a restart")
+        super().__init__(reason, kind=Rejection.OUT_OF_SPACE,
+                         hint="free disk space or evict studies; ingest resumes without a restart")
+
+
+class QueryRefusal(enum.Enum):
+    """Why a query identifier cannot be answered."""
+
+    NOT_IN_MODEL = "the identifier does not fit the information model (level, keys)"
+    MALFORMED_KEY = "a matching key's value is malformed (date, time, range, integer)"
+
+
+class QueryError(PacsEdgeError):
+    """A query identifier the appliance refuses. The message names the attribute or
+    level at fault, never a value from the identifier: values can be patient data."""
+
+    def __init__(self, kind: QueryRefusal, message: str) -> None:
+        super().__init__(
+            message,
+            hint="the querying application sent an identifier outside the appliance's "
+            "conformance; check its query settings",
+        )
+        self.kind = kind
+
+
+class RetrieveRefusal(enum.Enum):
+    """Why a retrieve (C-MOVE, C-GET, later WADO) cannot be served at all."""
+
+    UNKNOWN_DESTINATION = "move destination is not a known peer"
+    INVALID_IDENTIFIER = "identifier does not fit the information model"
+    TOO_MANY_MATCHES = "more matches than a retrieve can report"
+
+
+class RetrieveRefused(PacsEdgeError):
+    """The retrieve cannot be served at all; `reason` is PHI-free and loggable."""
+
+    def __init__(self, kind: RetrieveRefusal, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(reason, hint=hint)
+        self.kind = kind
+        self.reason = reason
 
 
 class IndexUnavailable(PacsEdgeError):

@@ -77,7 +77,7 @@ from pynetdicom.status import code_to_category
 from appliance.audit import Auditor
 from appliance.base import logsafe
 from appliance.base.config import DicomConfig
-from appliance.base.errors import NotAuthorized
+from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
 from appliance.dimse.transport import set_nodelay
@@ -87,9 +87,7 @@ from appliance.services.retrieve import (
     Action,
     Instance,
     Plan,
-    Refusal,
     RetrieveModel,
-    RetrieveRefused,
     RetrieveService,
 )
 
@@ -102,10 +100,10 @@ _ROUTED = {
     StudyRootQueryRetrieveInformationModelGet: (Action.GET, RetrieveModel.STUDY_ROOT),
 }
 # 0xA900 is "Identifier does not match SOP Class" for Q/R (PS3.4 C.4.2.1.5).
-_REFUSAL_STATUS = {
-    Refusal.UNKNOWN_DESTINATION: Status.MOVE_DESTINATION_UNKNOWN,
-    Refusal.INVALID_IDENTIFIER: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    Refusal.TOO_MANY_MATCHES: Status.OUT_OF_RESOURCES_MATCHES,
+REFUSAL_STATUS = {
+    RetrieveRefusal.UNKNOWN_DESTINATION: Status.MOVE_DESTINATION_UNKNOWN,
+    RetrieveRefusal.INVALID_IDENTIFIER: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    RetrieveRefusal.TOO_MANY_MATCHES: Status.OUT_OF_RESOURCES_MATCHES,
 }
 MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2)
 _GATE_WAIT = 1.0  # seconds for a sub-association's reactor to park
@@ -293,7 +291,7 @@ class _Retrieval:
         except RetrieveRefused as exc:
             log.warning("%s refused reason=%s %s", name, exc.reason, self.label)
             self._audit_refusal(exc)
-            self._respond(_REFUSAL_STATUS[exc.refusal])
+            self._respond(REFUSAL_STATUS[exc.kind])
         except Exception as exc:
             log.error("%s failed error=%s %s", name, type(exc).__name__, self.label)
             self._respond(Status.UNABLE_TO_PROCESS)
@@ -405,7 +403,7 @@ class _Retrieval:
     def _audit_refusal(self, exc: RetrieveRefused) -> None:
         if self.att.audit is None:
             return
-        if exc.refusal is Refusal.UNKNOWN_DESTINATION:
+        if exc.kind is RetrieveRefusal.UNKNOWN_DESTINATION:
             self.att.audit.refused(self.sc.assoc, self.action.value, exc.reason)
         else:
             self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),

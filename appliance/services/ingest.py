@@ -33,7 +33,7 @@ from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import logsafe
 from appliance.base.durable import is_no_space
-from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
 from appliance.process.bridge import LoopBridge
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, InstanceHeader, read_header
 from appliance.store.files import FileStore
@@ -112,7 +112,8 @@ class IngestService:
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
             ):
-                raise InvalidInstance("dataset SOP Class/Instance UID differ from the request")
+                raise InvalidInstance("dataset SOP Class/Instance UID differ from the request",
+                                      kind=Rejection.NOT_AS_REQUESTED)
             if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)

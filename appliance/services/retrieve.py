@@ -22,9 +22,9 @@ which decodes the request, sends the files and reports counts. Here:
 - `record_access()` stamps the studies' last access time, which eviction
   uses to pick the least recently used studies.
 
-A request that cannot be served at all raises NotAuthorized or RetrieveRefused;
-the latter's `refusal` says why in domain terms and the edge maps that to a
-DICOM status.
+A request that cannot be served at all raises NotAuthorized or RetrieveRefused
+(appliance.base.errors); the latter's `kind` says why in domain terms and the
+edge maps that to a DICOM status.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import RetrieveRefusal, RetrieveRefused
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.peers import Allowlist, Peer
 from appliance.store.files import FileStore
@@ -61,21 +61,6 @@ class RetrieveModel(enum.Enum):
 class Action(enum.Enum):
     MOVE = "move"
     GET = "get"
-
-
-class Refusal(enum.Enum):
-    UNKNOWN_DESTINATION = "move destination is not a known peer"
-    INVALID_IDENTIFIER = "identifier does not fit the information model"
-    TOO_MANY_MATCHES = "more matches than a retrieve can report"
-
-
-class RetrieveRefused(PacsEdgeError):
-    """The retrieve cannot be served at all; `reason` is PHI-free and loggable."""
-
-    def __init__(self, refusal: Refusal, reason: str, *, hint: str | None = None) -> None:
-        super().__init__(reason, hint=hint)
-        self.refusal = refusal
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -141,7 +126,7 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
     level = _single(identifier, "QueryRetrieveLevel").upper()
     if level not in levels:
         raise RetrieveRefused(
-            Refusal.INVALID_IDENTIFIER,
+            RetrieveRefusal.INVALID_IDENTIFIER,
             f"query/retrieve level {level or '(missing)'!r} is not one of {', '.join(levels)} "
             f"in the {model.value} model",
         )
@@ -151,13 +136,14 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
     for keyword in list(levels.values())[: list(levels).index(level) + 1]:
         found = _values(identifier, keyword)
         if keyword != required and len(found) > 1:
-            raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+            raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                                   f"{keyword} above the retrieve level must be a single value")
         if keyword in _UID_KEYS and not all(is_valid_uid(v) for v in found):
-            raise RetrieveRefused(Refusal.INVALID_IDENTIFIER, f"{keyword} is not a valid UID")
+            raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
+                                  f"{keyword} is not a valid UID")
         values[keyword] = found
     if not values[required]:
-        raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+        raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                               f"{required} is required at the {level} level")
     return RetrieveKeys(
         patient_ids=values.get("PatientID", ()),
@@ -191,7 +177,7 @@ class RetrieveService:
             destination = self.allowlist.by_ae_title(move_destination or "")
             if destination is None:
                 raise RetrieveRefused(
-                    Refusal.UNKNOWN_DESTINATION,
+                    RetrieveRefusal.UNKNOWN_DESTINATION,
                     f"move destination {(move_destination or '').strip()!r} is not a known peer",
                     hint="add it with `pacs-edge peers add` (its host and port are where "
                     "the box sends)",
@@ -203,7 +189,7 @@ class RetrieveService:
         )
         if len(rows) > MAX_SUBOPERATIONS:
             raise RetrieveRefused(
-                Refusal.TOO_MANY_MATCHES,
+                RetrieveRefusal.TOO_MANY_MATCHES,
                 f"{len(rows)} instances match; at most {MAX_SUBOPERATIONS} per retrieve",
                 hint="retrieve at STUDY or SERIES level in several requests",
             )
@@ -250,7 +236,7 @@ def _values(identifier: Dataset, keyword: str) -> tuple[str, ...]:
     try:
         value = identifier.get(keyword)
     except Exception as exc:  # a malformed element: pydicom converts lazily
-        raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+        raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                               f"{keyword} cannot be decoded") from exc
     if value is None or value == "":
         return ()
