@@ -1,5 +1,8 @@
 """Errors of the appliance, each carrying what an operator needs.
 
+Every error class of the appliance package is in this tree; those defined in
+another module name it (a test keeps the tree and the classes in step).
+
 Tree::
 
     PacsEdgeError                 base: message + optional operator hint
@@ -14,7 +17,22 @@ Tree::
     ├── QueryError                a query identifier cannot be answered (kind: QueryRefusal)
     ├── RetrieveRefused           a retrieve cannot be served at all (kind: RetrieveRefusal)
     ├── IndexUnavailable          SQLite failed for a reason other than disk full
-    └── UnsafePath                a dropped file's path crosses a symlink: left alone
+    ├── UnsafePath                a dropped file's path crosses a symlink: left alone
+    ├── StudyBusy                 another process runs a tiering operation on the study
+    │                             (operation, pid; store/leases.py)
+    ├── LeaseLost                 the study's lease expired mid-operation (store/leases.py)
+    ├── TierTransitionError       a trigger the study's tiering state does not allow
+    │                             (state, trigger; store/tiering.py)
+    ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
+    └── AnchorError               an audit anchor cannot be written or read, or contradicts
+                                  the log (audit/anchor.py)
+
+    OSError
+    └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL
+                                  reads it as "transport closed" (dimse/pdu_socket.py)
+
+The other packages root their trees in PacsEdgeError too: provisioning in
+provisioning/provisioning_errors.py, the sync agent in sync/__init__.py.
 
 Errors that a network edge answers carry a `kind` (an enum): the edge maps the
 kind to its protocol's status with a table (appliance/dimse/handlers.py and
