@@ -12,10 +12,11 @@ Why not pynetdicom's (3.0.4) built-in C-MOVE/C-GET SCP (`service_class.py`
 - it sets Move Originator AE Title to its own AE title (PS3.7 9.1.1.1:
   it is the AE that *invoked* the C-MOVE).
 
-The seam (one, documented): `Association._serve_request` picks a service
-class through the module-level name `pynetdicom.association.uid_to_service_class`.
-`attach()` wraps that name once per process so the four Patient/Study Root
-Move and Get SOP classes get RetrieveServiceClass; everything else, C-FIND
+The seam (one, in appliance/base/compat.py with the other patches of library
+internals): `Association._serve_request` picks a service class through the
+module-level name `pynetdicom.association.uid_to_service_class`. `attach()`
+wraps that name once per process (compat.route_service_classes) so the four
+Patient/Study Root Move and Get SOP classes get RetrieveServiceClass; everything else, C-FIND
 included, is pynetdicom's as before. The class serves only AEs that were
 attached (the serving process's AE, see appliance/process/serve.py) and falls back
 to pynetdicom's behaviour for any other AE in the process.
@@ -29,7 +30,8 @@ that race the reactor takes the C-STORE-RSP off the queue ("Received
 unexpected C-STORE service message") and the send times out with an empty
 status. Two defences:
 - prevention: each outbound sub-association gets a ReactorGate as its
-  checkpoint, which knows when the reactor is really parked; a sub-operation
+  checkpoint (compat.replace_reactor_checkpoint), which knows when the reactor
+  is really parked; a sub-operation
   starts only then (measured here: 0 losses in 15,000 sends, against 8 in
   9,000 without);
 - recovery: a send that returns no Status (timeout, abort, lost response) or
@@ -58,7 +60,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
-import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
@@ -75,7 +76,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from appliance.audit import Auditor
-from appliance.base import logsafe
+from appliance.base import compat, logsafe
 from appliance.base.config import DicomConfig
 from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
 from appliance.dimse.dicom_status import Status
@@ -120,28 +121,13 @@ class _Attachment:
 
 
 _attached: weakref.WeakKeyDictionary[AE, _Attachment] = weakref.WeakKeyDictionary()
-_install_lock = threading.Lock()
 
 
 def attach(ae: AE, service: RetrieveService, bridge: LoopBridge, config: DicomConfig, *,
            audit: Auditor | None = None, tls_client: ssl.SSLContext | None = None) -> None:
     """Serve C-MOVE/C-GET for `ae` with `service` (installs the class seam once)."""
-    install_service_class()
+    compat.route_service_classes(_ROUTED, RetrieveServiceClass)
     _attached[ae] = _Attachment(service, bridge, config, audit, tls_client)
-
-
-def install_service_class() -> None:
-    """Route the Patient/Study Root Move and Get SOP classes to RetrieveServiceClass."""
-    with _install_lock:
-        original = pynetdicom.association.uid_to_service_class
-        if getattr(original, "pacs_edge_retrieve", False):
-            return
-
-        def pick(uid: str) -> Any:
-            return RetrieveServiceClass if uid in _ROUTED else original(uid)
-
-        pick.pacs_edge_retrieve = True  # type: ignore[attr-defined]
-        pynetdicom.association.uid_to_service_class = pick
 
 
 class RetrieveServiceClass(QueryRetrieveServiceClass):
@@ -550,11 +536,9 @@ class _ReactorGate:
 
     @classmethod
     def install(cls, assoc: Any) -> _ReactorGate | None:
-        if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
-            return None  # pynetdicom changed: rely on the retry alone
         gate = cls()
-        assoc._reactor_checkpoint = gate
-        return gate
+        # False when pynetdicom changed: rely on the retry alone.
+        return gate if compat.replace_reactor_checkpoint(assoc, gate) else None
 
     def is_set(self) -> bool:
         return self._open

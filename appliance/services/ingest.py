@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-# pydicom's public read_file_meta_info() does not say where the dataset starts;
-# the private reader leaves the file positioned there.
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
-from appliance.base import logsafe
+from appliance.base import compat, logsafe
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
 from appliance.process.bridge import LoopBridge
@@ -165,7 +163,7 @@ def _file_meta(fh: object) -> object:
     """The File Meta to store with an imported file; leaves `fh` at its dataset."""
     try:
         read_preamble(fh, force=False)  # type: ignore[arg-type]
-        source_meta = _read_file_meta_info(fh)  # type: ignore[arg-type]
+        source_meta = compat.read_file_meta(fh)  # type: ignore[arg-type]
     except Exception as exc:
         raise InvalidInstance("not a DICOM Part 10 file") from exc
     try:
