@@ -41,7 +41,7 @@ from sync.pack import naming
 from sync.pack.data_keys import unwrap_with_site, wrap_for_site
 from sync.pack.manifest import manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackIntegrityError
-from sync.sitekeys import provisioning_errors, site_object_names, unwrap_site_object
+from sync.sitekeys import site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
                           on_progress: Callable[[int, int], None] | None = None
                           ) -> RotationReport:
     """Rotate (or finish rotating) the site key of `config.home`; see the module docstring."""
-    with provisioning_errors(), key_lock(config.home, exclusive=True):
+    with key_lock(config.home, exclusive=True):
         ring, resumed = begin_rotation(config.home)
         crash_point("rotate:after-new-key")
         report = RotationReport(ring.current_id, resumed)

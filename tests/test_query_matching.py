@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.base.errors import QueryError, QueryRefusal
 from appliance.services.query.matching import (
     Condition,
     Match,
@@ -18,7 +19,6 @@ from appliance.services.query.matching import (
     condition,
     register_functions,
 )
-from appliance.services.query.query_errors import QueryError, QueryStatus
 from appliance.store.index import Index
 
 
@@ -189,7 +189,7 @@ def test_malformed_values_are_unable_to_process_without_quoting_them(
 ) -> None:
     with pytest.raises(QueryError) as caught:
         condition(kind, "v", [request_value])
-    assert caught.value.status == QueryStatus.UNABLE_TO_PROCESS == 0xC000
+    assert caught.value.kind is QueryRefusal.MALFORMED_KEY
     assert request_value not in caught.value.message
 
 

@@ -41,14 +41,14 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
+from appliance.base.errors import QueryError, QueryRefusal
 from appliance.services.query import columns as keys
 from appliance.services.query import matching
 from appliance.services.query.columns import Key, Level
 from appliance.services.query.matching import Condition
-from appliance.services.query.query_errors import QueryError, QueryStatus
 from appliance.store.index import Index
 
-__all__ = ["QueryError", "QueryModel", "QueryStatus", "find"]
+__all__ = ["QueryError", "QueryModel", "QueryRefusal", "find"]
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,15 @@ class _Plan:
 def _level(model: QueryModel, identifier: Dataset) -> Level:
     element = identifier.get(_QUERY_LEVEL)
     if element is None or not element.value:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          "QueryRetrieveLevel is missing")
     try:
         level = Level[str(element.value).strip()]
     except KeyError:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          "QueryRetrieveLevel is not PATIENT, STUDY, SERIES or IMAGE") from None
     if level not in _LEVELS[model]:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          f"the {model.value} root model has no {level.name} level")
     return level
 

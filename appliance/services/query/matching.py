@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import aiosqlite
 
-from appliance.services.query.query_errors import QueryError, QueryStatus
+from appliance.base.errors import QueryError, QueryRefusal
 from appliance.store.times import time_key
 
 
@@ -178,7 +178,7 @@ def _integer(column: str, value: str) -> Condition:
     try:
         number = int(value)
     except ValueError:
-        raise QueryError(QueryStatus.UNABLE_TO_PROCESS, "an integer key is malformed") from None
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "an integer key is malformed") from None
     return Condition(f"{column} = ?", (number,))
 
 
@@ -212,22 +212,22 @@ def _between(column: str, low: str, high: str) -> Condition:
 def _range(value: str, check: Callable[[str], str]) -> tuple[str, str]:
     first, sep, last = value.partition("-")
     if not sep or "-" in last:
-        raise QueryError(QueryStatus.UNABLE_TO_PROCESS, "a range key is malformed")
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a range key is malformed")
     first, last = first.strip(), last.strip()
     if not first and not last:
-        raise QueryError(QueryStatus.UNABLE_TO_PROCESS, "a range key has no bound")
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a range key has no bound")
     return (check(first) if first else "", check(last) if last else "")
 
 
 def _check_date(value: str) -> str:
     if not _DATE.fullmatch(value):
-        raise QueryError(QueryStatus.UNABLE_TO_PROCESS, "a date key is not YYYYMMDD")
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key is not YYYYMMDD")
     return value
 
 
 def _check_time(value: str) -> str:
     if not time_key(value):
-        raise QueryError(QueryStatus.UNABLE_TO_PROCESS, "a time key is not HHMMSS.FFFFFF")
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is not HHMMSS.FFFFFF")
     return value
 
 
