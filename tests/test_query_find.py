@@ -600,7 +600,7 @@ async def test_values_travel_as_parameters_never_as_sql(index: Index) -> None:
 
 
 async def test_queries_log_counts_only(index: Index, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="appliance.query")
+    caplog.set_level(logging.DEBUG, logger="appliance.services.query")
     query = identifier("STUDY", {"PatientName": "müller*", "PatientID": "PID-001"},
                        "AccessionNumber", "StudyDate")
     assert await find(index, QueryModel.STUDY_ROOT, query)
