@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,6 +104,28 @@ async def test_changed_resend_becomes_current_and_keeps_the_prior_version(
     assert prior is not None and prior[0] == old.path
     totals = await service.index.totals()
     assert (totals.studies, totals.instances, totals.versions) == (1, 1, 1)
+
+
+async def test_index_names_current_hash_and_counts_instances_by_source(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """The named reads fsck, status and `init --force-new-keys` rely on."""
+    sop = f"{SERIES}.1"
+    index = service.index
+    assert await index.current_sha256(sop) is None
+    assert (await index.instance_count_from("DROPPER"), await index.pack_count()) == (0, 0)
+    await service.ingest_file(write_instance(tmp_path / "a.dcm", sop, value=1),
+                              source_ae="DROPPER")
+    await service.ingest_file(write_instance(tmp_path / "b.dcm", f"{SERIES}.2"),
+                              source_ae="OTHER")
+    newer = await service.ingest_file(write_instance(tmp_path / "c.dcm", sop, value=2),
+                                      source_ae="OTHER")
+    stored = service.files.absolute(newer.path)
+    assert await index.current_sha256(sop) == hashlib.sha256(dataset_bytes(stored)).hexdigest()
+    # The replaced instance counts for its new source only.
+    assert await index.instance_count_from("DROPPER") == 0
+    assert await index.instance_count_from("OTHER") == 2
+    assert await index.pack_count() == 0
 
 
 @pytest.mark.parametrize(

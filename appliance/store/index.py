@@ -275,6 +275,27 @@ class Index:
 
         await self.writer.submit(insert)
 
+    # --- named reads for fsck, status and commands -----------------------------------
+
+    async def current_sha256(self, sop_uid: str) -> str | None:
+        """The dataset hash of the current version of `sop_uid`; None when it is not indexed
+        (fsck adopts a file as the instance, or as a prior version when this differs)."""
+        return await self._value("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,))
+
+    async def instance_count_from(self, source_ae: str) -> int:
+        """Current instances whose recorded source is `source_ae` (e.g. the drop folder)."""
+        count = await self._value("SELECT COUNT(*) FROM instances WHERE source_ae = ?",
+                                  (source_ae,))
+        return int(count or 0)
+
+    async def pack_count(self) -> int:
+        """Packs the index records, in any state: cloud objects wrapped with the site key."""
+        return int(await self._value("SELECT COUNT(*) FROM packs") or 0)
+
+    async def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first column of the first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, _scalar, sql, params)
+
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
     row = database.query_one(conn, sql, params)
