@@ -7,9 +7,10 @@ Contract for the query service::
 
 returns, per matching entity of `level`, a tuple of the `returned` keys'
 values in that order (None or '' when unknown; a `multi` key's values joined
-with a backslash). Every criterion must hold. No order: DICOM sets none, and
-an ORDER BY would steer SQLite away from the index that best narrows the
-query. The statement and the fetch are one hop to the reader's thread.
+with a backslash; an empty tuple when nothing is returned). Every criterion
+must hold. No order: DICOM sets none, and an ORDER BY would steer SQLite away
+from the index that best narrows the query. The statement and the fetch are
+one hop to the reader's thread.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ async def search(
     if reader not in _prepared:
         await database.run_sync(reader, register_functions)
         _prepared.add(reader)
-    return await database.run_sync(reader, _select, sql, params)
+    rows = await database.run_sync(reader, _select, sql, params)
+    # With nothing to return the SELECT lists the row id (SQL needs one column):
+    # the caller still gets one empty tuple per entity.
+    return rows if returned else [() for _ in rows]
 
 
 def statement(
