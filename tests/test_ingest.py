@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom.config
@@ -15,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.base.errors import InvalidInstance
 from appliance.services.ingest import IngestService
+from appliance.store import database
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome
 
@@ -52,6 +54,11 @@ def dataset_bytes(path: Path) -> bytes:
     return data[144 + group_length :]
 
 
+async def row_of(index: Index, sql: str, params: tuple[object, ...] = ()) -> Any:
+    """The first row of `sql` on the index's reader, or None (what the test inspects)."""
+    return await database.run_sync(index.reader, database.query_one, sql, params)
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[IngestService]:
     files = FileStore(tmp_path / "store")
@@ -68,7 +75,8 @@ async def test_stored_file_is_byte_exact_and_indexed(
     assert result.outcome is RecordOutcome.NEW
     stored = service.files.absolute(result.path)
     assert dataset_bytes(stored) == dataset_bytes(source)
-    row = await service.index.fetchone(
+    row = await row_of(
+        service.index,
         "SELECT p.patient_name, i.sha256, i.size FROM instances i JOIN series se ON"
         " i.series_fk = se.id JOIN studies st ON se.study_fk = st.id"
         " JOIN patients p ON st.patient_fk = p.id"
@@ -96,8 +104,9 @@ async def test_changed_resend_becomes_current_and_keeps_the_prior_version(
     assert old.path != new.path
     assert service.files.absolute(old.path).exists()
     assert service.files.absolute(new.path).exists()
-    current = await service.index.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop,))
-    prior = await service.index.fetchone(
+    current = await row_of(service.index, "SELECT path FROM instances WHERE sop_uid = ?", (sop,))
+    prior = await row_of(
+        service.index,
         "SELECT path FROM instance_versions WHERE sop_uid = ?", (sop,)
     )
     assert current is not None and current[0] == new.path
@@ -175,7 +184,8 @@ async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:
         await service.ingest_file(write_instance(
             tmp_path / "x.dcm", f"{SERIES}.9.1", series=f"{SERIES}.9"))
     async with Index(tmp_path / "index.sqlite3") as index:
-        row = await index.fetchone(
+        row = await row_of(
+            index,
             "SELECT instance_count, series_count, first_received_at <= last_received_at"
             " FROM studies WHERE study_uid = ?", (STUDY,),
         )

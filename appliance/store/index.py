@@ -151,7 +151,7 @@ class Index:
                 params.extend(values)
         if not where:
             return []
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
             " i.path, i.size, i.sha256, st.tier_state"
             " FROM instances i JOIN series se ON i.series_fk = se.id"
@@ -164,7 +164,7 @@ class Index:
 
     async def syntax_counts(self) -> dict[tuple[str, str], int]:
         """(SOP class, transfer syntax) -> number of current instances stored so."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT sop_class_uid, transfer_syntax, COUNT(*) FROM instances GROUP BY 1, 2")
         return {(sop_class, syntax): count for sop_class, syntax, count in rows}
 
@@ -187,14 +187,14 @@ class Index:
     # --- status and fsck --------------------------------------------------------
 
     async def totals(self) -> IndexTotals:
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
             " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
             " (SELECT COUNT(*) FROM instance_versions)"
         )
         assert row is not None
-        states = await self.fetchall(
+        states = await self._rows(
             "SELECT tier_state, COUNT(*) FROM studies GROUP BY tier_state ORDER BY tier_state"
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
@@ -237,14 +237,14 @@ class Index:
         """Bytes not yet in any pack, when the last successful sync pass ended, the last
         scrub, and the packs a scrub found damaged that are the only copy of some
         instances (by blob name: a keyed hash, no PHI), i.e. the studies at risk."""
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
             " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1),"
             " (SELECT MAX(scrubbed_at) FROM packs)"
         )
         assert row is not None
-        at_risk = await self.fetchall(
+        at_risk = await self._rows(
             "SELECT p.pack_name, p.study_fk FROM packs p WHERE p.scrub_state = 'damaged'"
             " AND EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id AND i.is_local = 0)"
             " ORDER BY p.pack_name")
@@ -255,7 +255,7 @@ class Index:
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk
         (False for evicted instances, whose only copy is in the cloud)."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT path, is_local FROM instances"
             " UNION ALL SELECT path, 1 FROM instance_versions"
         )
@@ -295,6 +295,22 @@ class Index:
     async def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """The first column of the first row of `sql` on the reader, or None; one hop."""
         return await database.run_sync(self.reader, _scalar, sql, params)
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """The first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, database.query_one, sql, params)
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Every row of `sql` on the reader; one hop."""
+        return await database.run_sync(self.reader, _all, sql, params)
+
+
+def _all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
