@@ -40,10 +40,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
@@ -57,6 +57,9 @@ from sync.pack import naming
 from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.sitekeys import unwrap_site_object
+
+if TYPE_CHECKING:  # the transaction body below only passes the connection on
+    import sqlite3
 
 log = logging.getLogger(__name__)
 

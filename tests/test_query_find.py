@@ -562,6 +562,23 @@ async def test_instance_availability_follows_the_tiering_state(tmp_path: Path) -
         assert set(availability.values()) == {"ONLINE"}
 
 
+@pytest.mark.parametrize(("model", "level"), MODEL_LEVELS)
+@pytest.mark.parametrize("unknown", [(), ("PatientComments",)])
+async def test_an_identifier_without_known_keys_answers_every_entity_with_its_level(
+    index: Index, model: QueryModel, level: str, unknown: tuple[str, ...]
+) -> None:
+    query = Dataset()
+    put(query, "QueryRetrieveLevel", level)
+    for keyword in unknown:
+        put(query, keyword, "")
+    answered = await find(index, model, query)
+    assert len(answered) == len(entities(HEADERS, level))
+    for response in answered:
+        assert [e.keyword for e in response] == sorted(["QueryRetrieveLevel", *unknown],
+                                                       key=tag_for_keyword)
+        assert response.QueryRetrieveLevel == level
+
+
 # --- refusals -----------------------------------------------------------------------
 
 

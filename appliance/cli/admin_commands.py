@@ -57,8 +57,7 @@ async def _pack_count(home: Path) -> int:
     if not index_path.exists():
         return 0
     async with Index(index_path) as index:
-        row = await index.fetchone("SELECT count(*) FROM packs")
-    return int(row[0]) if row else 0
+        return await index.pack_count()
 
 
 # --- certs --------------------------------------------------------------------------

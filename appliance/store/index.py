@@ -105,14 +105,6 @@ class Index:
             raise RuntimeError("index is not open")
         return self._reader
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.reader.execute(sql, params) as cur:
-            return list(await cur.fetchall())
-
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self.reader.execute(sql, params) as cur:
-            return await cur.fetchone()
-
     # --- ingest -----------------------------------------------------------------
 
     async def has_identical(self, sop_uid: str, sha256: str) -> bool:
@@ -150,7 +142,7 @@ class Index:
                 params.extend(values)
         if not where:
             return []
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
             " i.path, i.size, i.sha256, st.tier_state"
             " FROM instances i JOIN series se ON i.series_fk = se.id"
@@ -163,7 +155,7 @@ class Index:
 
     async def syntax_counts(self) -> dict[tuple[str, str], int]:
         """(SOP class, transfer syntax) -> number of current instances stored so."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT sop_class_uid, transfer_syntax, COUNT(*) FROM instances GROUP BY 1, 2")
         return {(sop_class, syntax): count for sop_class, syntax, count in rows}
 
@@ -186,14 +178,14 @@ class Index:
     # --- status and fsck --------------------------------------------------------
 
     async def totals(self) -> IndexTotals:
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
             " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
             " (SELECT COUNT(*) FROM instance_versions)"
         )
         assert row is not None
-        states = await self.fetchall(
+        states = await self._rows(
             "SELECT tier_state, COUNT(*) FROM studies GROUP BY tier_state ORDER BY tier_state"
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
@@ -202,14 +194,14 @@ class Index:
         """Bytes not yet in any pack, when the last successful sync pass ended, the last
         scrub, and the packs a scrub found damaged that are the only copy of some
         instances (by blob name: a keyed hash, no PHI), i.e. the studies at risk."""
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
             " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1),"
             " (SELECT MAX(scrubbed_at) FROM packs)"
         )
         assert row is not None
-        at_risk = await self.fetchall(
+        at_risk = await self._rows(
             "SELECT p.pack_name, p.study_fk FROM packs p WHERE p.scrub_state = 'damaged'"
             " AND EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id AND i.is_local = 0)"
             " ORDER BY p.pack_name")
@@ -220,7 +212,7 @@ class Index:
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk
         (False for evicted instances, whose only copy is in the cloud)."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT path, is_local FROM instances"
             " UNION ALL SELECT path, 1 FROM instance_versions"
         )
@@ -239,6 +231,43 @@ class Index:
             )
 
         await self.writer.submit(insert)
+
+    # --- named reads for fsck, status and commands -----------------------------------
+
+    async def current_sha256(self, sop_uid: str) -> str | None:
+        """The dataset hash of the current version of `sop_uid`; None when it is not indexed
+        (fsck adopts a file as the instance, or as a prior version when this differs)."""
+        return await self._value("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,))
+
+    async def instance_count_from(self, source_ae: str) -> int:
+        """Current instances whose recorded source is `source_ae` (e.g. the drop folder)."""
+        count = await self._value("SELECT COUNT(*) FROM instances WHERE source_ae = ?",
+                                  (source_ae,))
+        return int(count or 0)
+
+    async def pack_count(self) -> int:
+        """Packs the index records, in any state: cloud objects wrapped with the site key."""
+        return int(await self._value("SELECT COUNT(*) FROM packs") or 0)
+
+    async def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first column of the first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, _scalar, sql, params)
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """The first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, database.query_one, sql, params)
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Every row of `sql` on the reader; one hop."""
+        return await database.run_sync(self.reader, _all, sql, params)
+
+
+def _all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
