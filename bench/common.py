@@ -285,8 +285,8 @@ def populate(home: Path, files: Sequence[Path], *, concurrency: int = 32) -> Non
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from appliance.config import load_config
-    from appliance.ingest import IngestService
+    from appliance.base.config import load_config
+    from appliance.services.ingest import IngestService
     from appliance.store.files import FileStore
     from appliance.store.index import Index
 

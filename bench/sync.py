@@ -159,7 +159,7 @@ def new_home(home: Path, study: Path, container: str, credentials: Path) -> None
 
 def store_hashes(home: Path) -> dict[str, str]:
     """SHA-256 of every indexed instance file of a data home, by relative path."""
-    from appliance.config import load_config
+    from appliance.base.config import load_config
 
     root = load_config(home).store.path
     db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)

@@ -1,1 +1,5 @@
-"""Provisioning: creating a data home and its secrets. Imports neither appliance nor sync."""
+"""Provisioning: creating a data home and its secrets.
+
+Imports only the base floor (appliance.base: errors, the durable write), never
+the appliance's store, services or edges, nor the sync agent.
+"""

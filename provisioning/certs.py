@@ -31,7 +31,8 @@ place, so a crash leaves the old or the new file, never half of one. Should a
 crash fall between replacing the node key and its certificate, the next
 `renew_node` sees the mismatch and issues a certificate for the key on disk.
 
-This module imports neither appliance nor sync; failures raise CertificateError.
+This module imports only the base floor (appliance.base); failures raise
+CertificateError.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning.errors import CertificateError
-from provisioning.files import write_file
-from provisioning.keys import SECRETS_DIR, create_secret_file
+from appliance.base.durable import write_file
+from provisioning.provisioning_errors import CertificateError
+from provisioning.site_secrets import SECRETS_DIR, create_secret_file
 
 SITE_ID_FILE = "site-id"
 TLS_DIR = "tls"

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from provisioning.errors import ProvisioningError
-from provisioning.files import write_file
+from appliance.base.durable import write_file
 from provisioning.keyring import load_keyring
+from provisioning.provisioning_errors import ProvisioningError
 
 RECORD_FILE = "escrow.json"
 ESCROW_HINT = ("run `pacs-edge keys escrow --out FILE` and keep the file offline; a lab that "

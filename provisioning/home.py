@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioning.files import write_file
+from appliance.base.durable import write_file
 
 SECRETS_DIR = "secrets"
 LOG_KEY = "log.key"

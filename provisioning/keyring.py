@@ -42,8 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioning.errors import KeyRotationError
-from provisioning.keys import (
+from appliance.base.durable import fsync_dir
+from provisioning.provisioning_errors import KeyRotationError
+from provisioning.site_secrets import (
     KEY_BYTES,
     NAMES_KEY,
     SITE_KEY,
@@ -54,7 +55,7 @@ from provisioning.keys import (
 
 NEXT_KEY = f"{SITE_KEY}.next"
 LOCK_FILE = "site-key.lock"
-# Must equal sync.pack.keys.site_key_id (provisioning cannot import sync;
+# Must equal sync.pack.data_keys.site_key_id (provisioning cannot import sync;
 # tests/test_key_rotation.py checks that the two agree).
 _KEY_ID_INFO = b"pacs-edge site key id v1"
 _OLDER = re.compile(rf"^{re.escape(SITE_KEY)}\.(?P<id>[0-9a-f]{{16}})$")
@@ -122,7 +123,7 @@ def begin_rotation(home: Path) -> tuple[SiteKeyring, bool]:
             os.replace(next_path, folder / SITE_KEY)
         else:  # crashed after the rename, before the next file was gone
             next_path.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return load_keyring(home), resumed
 
 
@@ -135,7 +136,7 @@ def retire_older_keys(home: Path) -> list[str]:
         if match is not None:
             path.unlink()
             retired.append(match["id"])
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return retired
 
 
@@ -158,7 +159,7 @@ def replace_site_secrets(home: Path) -> list[Path]:
         create_secret_file(tmp, secrets.token_bytes(KEY_BYTES))
         os.replace(tmp, path)
         replaced.append(path)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return replaced
 
 
@@ -183,13 +184,5 @@ def key_lock(home: Path, *, exclusive: bool) -> Iterator[None]:
                 "a site key rotation is running (`pacs-edge keys rotate`)",
                 hint="wait until it finishes; the agent can start again then") from None
         yield
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

@@ -34,18 +34,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import logsafe
-from appliance.config import Config
-from appliance.errors import PacsEdgeError
-from appliance.store.durable import fsync_dir
+from appliance.base import logsafe
+from appliance.base.config import Config
+from appliance.base.durable import fsync_dir
+from appliance.base.errors import PacsEdgeError
 from appliance.store.files import FileStore
+from appliance.store.packs import PackRow
+from appliance.store.study_rows import InstanceRow, StudyRow
 from provisioning.keyring import SiteKeyring
-from provisioning.keys import load_name_secret
+from provisioning.site_secrets import load_name_secret
 from sync.blobstore.base import BlobNotFound, BlobOffline, BlobRangeError, BlobStore, Tier
 from sync.crashpoints import crash_point
 from sync.pack import naming
-from sync.pack.errors import PackError, PackIntegrityError
-from sync.pack.keys import new_data_key, new_pack_id, wrap_for_site
+from sync.pack.data_keys import new_data_key, new_pack_id, wrap_for_site
 from sync.pack.manifest import (
     InstanceAttributes,
     Manifest,
@@ -55,10 +56,10 @@ from sync.pack.manifest import (
     open_manifest,
     seal_manifest,
 )
+from sync.pack.pack_errors import PackError, PackIntegrityError
 from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
-from sync.records import InstanceRow, PackRow, StudyRow
 from sync.sitekeys import load_ring, site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)

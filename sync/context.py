@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from appliance.audit import Auditor
-from appliance.config import Config
+from appliance.base.config import Config
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from sync.blobstore.base import BlobStore

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from appliance.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError
 from provisioning.escrow_state import ESCROW_HINT, escrow_status
 from sync.context import SyncContext
 

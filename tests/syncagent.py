@@ -9,13 +9,16 @@ the configured blob store holds, through the product's own blob-store code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
+import dicomgen
 from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
 
 READY = re.compile(r"sync agent ready")
@@ -88,3 +91,26 @@ def tier_state(server: EdgeServer, study_uid: str) -> str:
 
 def evict(home: Path, study_uid: str) -> None:
     run_pacs_edge("evict", study_uid, "--home", str(home))
+
+
+
+def import_files(home: Path, *instances: dicomgen.GeneratedInstance) -> None:
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in instances))
+
+
+def stored_hashes(home: Path) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the dataset bytes, for every file in the store."""
+    return {str(dicomgen.read_header(p).SOPInstanceUID):
+            hashlib.sha256(dicomgen.dataset_bytes(p)).hexdigest()
+            for p in (home / "store").rglob("*.dcm")}
+
+
+def sent_hashes(instances: Iterable[dicomgen.GeneratedInstance]) -> dict[str, str]:
+    """The same for generated instances: what the box was sent."""
+    return {i.sop_instance_uid: hashlib.sha256(dicomgen.dataset_bytes(i.path)).hexdigest()
+            for i in instances}
+
+
+def assert_fsck_clean(home: Path) -> None:
+    fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
+    assert fsck.returncode == 0, fsck.stdout

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from faultproxy import CorruptingProxy
 
-from appliance.store import durable
+from appliance.base import durable
 from sync.blobstore.azure import AzureBlobStore
 from sync.blobstore.base import (
     BlobExists,

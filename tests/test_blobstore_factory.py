@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ConfigError
+from appliance.base.errors import ConfigError
 from sync.blobstore.azure import AzureBlobStore
 from sync.blobstore.base import BlobStoreUnavailable, Tier
 from sync.blobstore.factory import CONNECTION_STRING_ENV, CredentialsError, open_blob_store

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from provisioning import certs
-from provisioning.errors import CertificateError
+from provisioning.provisioning_errors import CertificateError
 
 SECRET_FILES = ("ca.key", "node.key", "site.key", "names.key", "log.key")
 

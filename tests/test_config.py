@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from conftest import run_pacs_edge
 
-from appliance.config import (
+from appliance.base.config import (
     Config,
     config_from_mapping,
     load_config,
     render_config_toml,
     resolve_home,
 )
-from appliance.errors import ConfigError, HomeError
+from appliance.base.errors import ConfigError, HomeError
 
 
 def test_defaults_resolve_paths_inside_home(tmp_path: Path) -> None:

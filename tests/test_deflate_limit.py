@@ -30,9 +30,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
-from appliance.deflated import MAX_DEPTH
-from appliance.dicom_header import read_header
-from appliance.errors import InflateLimitExceeded, InvalidInstance
+from appliance.base.errors import InflateLimitExceeded, InvalidInstance
+from appliance.services.deflated import MAX_DEPTH
+from appliance.services.dicom_header import read_header
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000

@@ -25,12 +25,12 @@ import pydicom
 import pytest
 from conftest import EdgeServer
 
+from appliance.base.errors import InvalidInstance, UnsafePath
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
 from appliance.dropfolder.sources import ZipSource, read_media_index, sanitise_member_name
 from appliance.dropfolder.stability import StabilityTracker
-from appliance.errors import InvalidInstance, UnsafePath
 
 STABLE_SECONDS = 0.5
 WAIT_SECONDS = 60.0

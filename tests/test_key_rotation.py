@@ -26,9 +26,9 @@ from provisioning.keyring import key_id
 from sync.blobstore.base import BlobStore
 from sync.blobstore.factory import open_blob_store
 from sync.pack import naming
-from sync.pack.errors import WrongKeyError
-from sync.pack.keys import site_key_id, unwrap_with_site
+from sync.pack.data_keys import site_key_id, unwrap_with_site
 from sync.pack.manifest import manifest_pack_id
+from sync.pack.pack_errors import WrongKeyError
 
 CRASH_ENV = "PACS_EDGE_CRASH_AT"
 
@@ -59,7 +59,7 @@ def cloud_home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]
 
 
 def _store(home: Path) -> BlobStore:
-    from appliance.config import load_config
+    from appliance.base.config import load_config
 
     config = load_config(home)
     return open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)

@@ -8,20 +8,18 @@ others and fsck never sees an index row without its file.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 
 import dicomgen
 import pytest
 from conftest import init_home, run_pacs_edge
-from syncagent import sync_once
-
-
-def local_hashes(home: Path) -> dict[str, str]:
-    return {str(dicomgen.read_header(p).SOPInstanceUID):
-            hashlib.sha256(dicomgen.dataset_bytes(p)).hexdigest()
-            for p in (home / "store").rglob("*.dcm")}
+from syncagent import (
+    import_files,
+    sent_hashes,
+    stored_hashes,
+    sync_once,
+)
 
 
 def rows(home: Path) -> list[tuple[str, int, int | None]]:
@@ -49,13 +47,8 @@ def study(tmp_path: Path) -> tuple[Path, list[dicomgen.GeneratedInstance]]:
     return home, instances
 
 
-def import_files(home: Path, *instances: dicomgen.GeneratedInstance) -> None:
-    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in instances))
 
 
-def expected(instances: list[dicomgen.GeneratedInstance]) -> dict[str, str]:
-    return {i.sop_instance_uid: hashlib.sha256(dicomgen.dataset_bytes(i.path)).hexdigest()
-            for i in instances}
 
 
 def test_late_instance_of_evicted_study_is_recalled_with_the_others(
@@ -77,7 +70,7 @@ def test_late_instance_of_evicted_study_is_recalled_with_the_others(
 
     result = run_pacs_edge("recall", uid, "--home", str(home))
     assert "recalled 4 instance(s)" in result.stdout
-    assert local_hashes(home) == expected(instances)
+    assert stored_hashes(home) == sent_hashes(instances)
     assert run_pacs_edge("fsck", "--home", str(home), check=False).returncode == 0
 
 
@@ -93,11 +86,11 @@ def test_late_instance_of_evicted_study_stays_local_until_replicated(
     run_pacs_edge("evict", uid, "--home", str(home))
     import_files(home, instances[3])
     assert tier_state(home) == "evicted"
-    assert local_hashes(home) == expected(instances[3:])
+    assert stored_hashes(home) == sent_hashes(instances[3:])
     result = run_pacs_edge("recall", uid, "--home", str(home))
     assert "recalled 3 instance(s)" in result.stdout
-    assert local_hashes(home) == expected(instances)
+    assert stored_hashes(home) == sent_hashes(instances)
     sync_once(home)  # the late one now goes to the cloud; nothing is deleted
     assert tier_state(home) == "replicated"
-    assert local_hashes(home) == expected(instances)
+    assert stored_hashes(home) == sent_hashes(instances)
     assert run_pacs_edge("fsck", "--home", str(home), check=False).returncode == 0

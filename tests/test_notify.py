@@ -19,7 +19,7 @@ import tomlkit
 from conftest import EdgeServer
 from syncagent import SyncAgent
 
-from appliance.notify import Notifier
+from appliance.base.notify import Notifier
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 DEADLINE = 30.0

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.dicom_header import InstanceHeader
+from appliance.store.instance_header import InstanceHeader
 from sync.pack import naming
-from sync.pack.errors import (
-    PackFormatError,
-    PackIntegrityError,
-    PackSourceError,
-    TruncatedPackError,
-)
-from sync.pack.keys import new_data_key, new_pack_id
+from sync.pack.data_keys import new_data_key, new_pack_id
 from sync.pack.manifest import (
     InstanceAttributes,
     Manifest,
@@ -30,6 +24,12 @@ from sync.pack.manifest import (
     StudyAttributes,
     open_manifest,
     seal_manifest,
+)
+from sync.pack.pack_errors import (
+    PackFormatError,
+    PackIntegrityError,
+    PackSourceError,
+    TruncatedPackError,
 )
 from sync.pack.reader import (
     decrypt_pack,

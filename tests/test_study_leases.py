@@ -10,7 +10,6 @@ rolled back under its own feet.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import subprocess
@@ -22,7 +21,13 @@ from pathlib import Path
 import dicomgen
 import pytest
 from conftest import init_home, pacs_edge_command, run_pacs_edge
-from syncagent import sync_once
+from syncagent import (
+    assert_fsck_clean,
+    import_files,
+    sent_hashes,
+    stored_hashes,
+    sync_once,
+)
 
 from appliance.store.index import Index
 from appliance.store.leases import Holder, LeaseLost, StudyBusy, StudyLease, is_free
@@ -53,15 +58,8 @@ def paused(home: Path, point: str, *args: str) -> Iterator[subprocess.Popen[str]
     assert proc.returncode == 0, output
 
 
-def local_hashes(home: Path) -> dict[str, str]:
-    return {str(dicomgen.read_header(p).SOPInstanceUID):
-            hashlib.sha256(dicomgen.dataset_bytes(p)).hexdigest()
-            for p in (home / "store").rglob("*.dcm")}
 
 
-def expected(instances: list[dicomgen.GeneratedInstance]) -> dict[str, str]:
-    return {i.sop_instance_uid: hashlib.sha256(dicomgen.dataset_bytes(i.path)).hexdigest()
-            for i in instances}
 
 
 def db_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
@@ -72,9 +70,6 @@ def db_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
         db.close()
 
 
-def assert_fsck_clean(home: Path) -> None:
-    fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
-    assert fsck.returncode == 0, fsck.stdout
 
 
 @pytest.fixture
@@ -88,8 +83,6 @@ def study(tmp_path: Path) -> tuple[Path, list[dicomgen.GeneratedInstance]]:
     return home, instances
 
 
-def import_files(home: Path, *instances: dicomgen.GeneratedInstance) -> None:
-    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in instances))
 
 
 def test_recall_is_refused_while_an_eviction_deletes_the_files(
@@ -103,10 +96,10 @@ def test_recall_is_refused_while_an_eviction_deletes_the_files(
         recall = run_pacs_edge("recall", uid, "--home", str(home), check=False)
         assert recall.returncode != 0
         assert "busy: evict is running" in recall.stdout + recall.stderr
-    assert local_hashes(home) == {}
+    assert stored_hashes(home) == {}
     assert_fsck_clean(home)
     assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
-    assert local_hashes(home) == expected(instances)
+    assert stored_hashes(home) == sent_hashes(instances)
 
 
 def test_recall_is_refused_while_late_instances_leave_local_disk(
@@ -122,10 +115,10 @@ def test_recall_is_refused_while_late_instances_leave_local_disk(
         recall = run_pacs_edge("recall", uid, "--home", str(home), check=False)
         assert recall.returncode != 0
         assert "busy: replicate is running" in recall.stdout + recall.stderr
-    assert local_hashes(home) == {}
+    assert stored_hashes(home) == {}
     assert_fsck_clean(home)
     assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
-    assert local_hashes(home) == expected(instances)
+    assert stored_hashes(home) == sent_hashes(instances)
 
 
 def test_a_second_pass_leaves_a_running_upload_alone(

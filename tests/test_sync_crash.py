@@ -40,7 +40,7 @@ def study_state(home: Path) -> tuple[str, list[tuple[int, str]]]:
 
 def cloud_blobs(home: Path) -> list[str]:
     """Study blobs in the home's cloud, listed through the product's own blob store."""
-    from appliance.config import load_config
+    from appliance.base.config import load_config
     from sync.blobstore.factory import open_blob_store
 
     config = load_config(home)

@@ -45,14 +45,14 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 from syncagent import SyncAgent
 
-from appliance.config import load_config
-from appliance.errors import PacsEdgeError
-from appliance.fsck import fsck
+from appliance.base.config import load_config
+from appliance.base.errors import PacsEdgeError
+from appliance.services.fsck import fsck
+from appliance.store.study_rows import study_by_uid
 from sync.agent import sync_pass
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study
 from sync.recall import recall_study
-from sync.records import study_by_uid
 from sync.scrub import scrub_packs, select_packs
 
 STEPS = int(os.environ.get("PACS_EDGE_RANDOM_STEPS", "120"))

@@ -37,8 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import PacsEdgeError
-from appliance.store.durable import ensure_dir, fsync_dir
+from appliance.base.durable import ensure_dir, fsync_dir
+from appliance.base.errors import PacsEdgeError
 
 log = logging.getLogger(__name__)
 

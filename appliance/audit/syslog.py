@@ -53,7 +53,7 @@ from pathlib import Path
 
 from appliance.audit.export import audit_message_xml
 from appliance.audit.log import AuditLog, Entry
-from appliance.store.durable import atomic_write
+from appliance.base.durable import atomic_write
 
 log = logging.getLogger(__name__)
 

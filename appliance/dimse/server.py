@@ -28,7 +28,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from appliance.config import DicomConfig
+from appliance.base.config import DicomConfig
+from appliance.base.errors import PacsEdgeError
 from appliance.dimse.negotiation import StoredCounts
 from appliance.dimse.pdu_socket import TransportAborted
 from appliance.dimse.transport import (
@@ -37,8 +38,7 @@ from appliance.dimse.transport import (
     EdgeRequestHandler,
     SupportedContexts,
 )
-from appliance.errors import PacsEdgeError
-from appliance.peers import Allowlist
+from appliance.services.peers import Allowlist
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ TLS 1.2 and 1.3 only; for TLS 1.2 only ECDHE key exchange with AEAD ciphers
 its node certificate (`pacs-edge init`, `pacs-edge certs renew`); with mutual
 TLS (the default) a peer must present a certificate issued by the site CA
 (`pacs-edge certs issue NAME`), and `peer_identity` reads the names in it
-so that the association can be bound to the peer NAME (appliance.peers).
+so that the association can be bound to the peer NAME (appliance.services.peers).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import PacsEdgeError
-from appliance.peers import CertificateIdentity
+from appliance.base.errors import PacsEdgeError
+from appliance.services.peers import CertificateIdentity
 
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 

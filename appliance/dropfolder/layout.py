@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import Config
+from appliance.base.config import Config
 
 DONE_SUFFIX = ".done"
 REJECTED_SUFFIX = ".rejected"

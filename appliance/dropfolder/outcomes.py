@@ -31,9 +31,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from appliance.base.errors import UnsafePath
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import REASON_SUFFIX, Root
-from appliance.errors import UnsafePath
 
 AFTER_INGEST_MOVE = "move"
 

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import logsafe
+from appliance.base import logsafe
+from appliance.base.errors import OutOfSpace, PacsEdgeError, RejectedInstance, UnsafePath
 from appliance.dropfolder.confine import open_file
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
@@ -47,8 +48,7 @@ from appliance.dropfolder.sources import (
     is_zip,
     read_media_index,
 )
-from appliance.errors import OutOfSpace, PacsEdgeError, RejectedInstance, UnsafePath
-from appliance.ingest import IngestService
+from appliance.services.ingest import IngestService
 from appliance.store.index import RecordOutcome
 
 log = logging.getLogger(__name__)

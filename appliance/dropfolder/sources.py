@@ -44,10 +44,10 @@ from typing import Any
 
 import pydicom
 
+from appliance.base.durable import is_no_space
+from appliance.base.errors import InvalidInstance, OutOfSpace, UnsafePath
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root, is_ignored
-from appliance.errors import InvalidInstance, OutOfSpace, UnsafePath
-from appliance.store.durable import is_no_space
 
 DICOMDIR_NAMES = ("DICOMDIR", "dicomdir")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")

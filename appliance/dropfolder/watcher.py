@@ -67,13 +67,13 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from appliance.config import Config, DropFolderConfig
+from appliance.base.config import Config, DropFolderConfig
 from appliance.dropfolder.layout import DropLayout, Root, is_ignored
 from appliance.dropfolder.outcomes import Outcomes, prune_empty_dirs
 from appliance.dropfolder.processor import Job, Processor, Tally, Verdict
 from appliance.dropfolder.sources import Unit, UnitKind, signature, unit_for, walk_files
 from appliance.dropfolder.stability import StabilityTracker
-from appliance.ingest import IngestService
+from appliance.services.ingest import IngestService
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
-from appliance.dicom_header import InstanceHeader
-from appliance.errors import OutOfSpace
-from appliance.store.durable import (
+from appliance.base.durable import (
     TEMP_SUFFIX,
     durable_rename,
     ensure_dir,
@@ -30,8 +28,10 @@ from appliance.store.durable import (
     is_no_space,
     sweep_temp_files,
 )
+from appliance.base.errors import OutOfSpace
+from appliance.base.uids import is_valid_uid
+from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
-from appliance.uids import is_valid_uid
 
 SPOOL_DIR = ".spool"
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from appliance.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError
 from appliance.store import database
 
 log = logging.getLogger(__name__)

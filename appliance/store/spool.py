@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from appliance.store.durable import TEMP_SUFFIX, is_no_space
+from appliance.base.durable import TEMP_SUFFIX, is_no_space
 
 # 128-byte preamble + b"DICM" + (0002,0000) UL tag/VR/length header + 4-byte value
 _PREAMBLE = 132

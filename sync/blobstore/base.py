@@ -60,7 +60,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from appliance.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError
 
 
 class Tier(enum.Enum):

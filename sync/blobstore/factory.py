@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from appliance.errors import ConfigError
+from appliance.base.errors import ConfigError
 from sync.blobstore.base import BlobStore, BlobStoreError
 from sync.blobstore.local import LocalFolderStore
 from sync.blobstore.retry import RetryingBlobStore

@@ -54,8 +54,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import OutOfSpace
-from appliance.store import durable
+from appliance.base import durable
+from appliance.base.errors import OutOfSpace
 from sync.blobstore.base import (
     BlobExists,
     BlobInfo,

@@ -12,15 +12,7 @@ bytes and get bytes back.
     errors     the error tree
 """
 
-from sync.pack.errors import (
-    PackError,
-    PackFormatError,
-    PackIntegrityError,
-    PackSourceError,
-    TruncatedPackError,
-    WrongKeyError,
-)
-from sync.pack.keys import (
+from sync.pack.data_keys import (
     format_reader_public_key,
     new_data_key,
     new_pack_id,
@@ -40,6 +32,14 @@ from sync.pack.manifest import (
     StudyAttributes,
     open_manifest,
     seal_manifest,
+)
+from sync.pack.pack_errors import (
+    PackError,
+    PackFormatError,
+    PackIntegrityError,
+    PackSourceError,
+    TruncatedPackError,
+    WrongKeyError,
 )
 from sync.pack.reader import (
     InstancePiece,

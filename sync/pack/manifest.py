@@ -30,7 +30,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sync.pack.errors import PackFormatError, PackIntegrityError
+from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.pack.segments import PACK_ID_SIZE, check_data_key, check_pack_id, pack_size
 
 FORMAT_VERSION = 1
@@ -41,7 +41,7 @@ _PREFIX_SIZE = len(MANIFEST_MAGIC) + PACK_ID_SIZE + _NONCE_SIZE
 # An authenticated manifest is ours, but a bound keeps a bug from eating memory.
 MAX_MANIFEST_JSON = 256 << 20
 
-# Python field -> DICOM keyword. Field names match appliance.dicom_header.InstanceHeader.
+# Python field -> DICOM keyword. Field names match appliance.services.dicom_header.InstanceHeader.
 _STUDY_KEYWORDS = {
     "patient_id": "PatientID",
     "issuer_of_patient_id": "IssuerOfPatientID",

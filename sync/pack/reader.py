@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sync.pack.errors import PackError, PackIntegrityError, TruncatedPackError
 from sync.pack.manifest import Manifest, ManifestEntry
+from sync.pack.pack_errors import PackError, PackIntegrityError, TruncatedPackError
 from sync.pack.segments import (
     HEADER_SIZE,
     TAG_SIZE,

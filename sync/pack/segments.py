@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sync.pack.errors import PackFormatError, PackIntegrityError
+from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 
 PACK_MAGIC = b"PEPACK01"
 HEADER_SIZE = 32

@@ -34,7 +34,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.store.spool import dataset_offset as spool_dataset_offset
-from sync.pack.errors import PackError, PackSourceError
 from sync.pack.manifest import (
     FORMAT_VERSION,
     InstanceAttributes,
@@ -42,6 +41,7 @@ from sync.pack.manifest import (
     ManifestEntry,
     StudyAttributes,
 )
+from sync.pack.pack_errors import PackError, PackSourceError
 from sync.pack.segments import (
     DEFAULT_SEGMENT_SIZE,
     PackHeader,

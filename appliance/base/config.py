@@ -1,0 +1,401 @@
+"""The one typed configuration object, loaded from `<home>/pacs-edge.toml`.
+
+Every default lives here, in the dataclass fields. Loading walks the TOML
+against these dataclasses: an unknown key, a wrong type or a value out of
+range raises ConfigError naming the key, the bad value and what is valid.
+Relative paths are resolved against the data home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.base.errors import ConfigError, HomeError
+
+CONFIG_FILE = "pacs-edge.toml"
+PEERS_FILE = "peers.toml"
+HOME_ENV = "PACS_EDGE_HOME"
+DEFAULT_HOME = Path("data")
+
+
+def _check(check: Callable[[Any], bool], expected: str) -> dict[str, Any]:
+    return {"check": check, "expected": expected}
+
+
+def _ae_title_ok(value: str) -> bool:
+    return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value and (
+        all(c.isprintable() for c in value)
+    )
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = field(default="EDGE", metadata=_check(_ae_title_ok, "1-16 ASCII characters"))
+    host: str = "127.0.0.1"
+    port: int = field(default=11112, metadata=_check(lambda v: 0 <= v <= 65535, "0-65535"))
+    plain_enabled: bool = True
+    tls_port: int = field(default=2762, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                         "0 (TLS off) or 1-65535"))
+    tls_require_client_cert: bool = True
+    tls_handshake_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0"))
+    max_pdu: int = field(
+        default=1_048_576,
+        metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864 bytes"),
+    )
+    max_associations: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
+    idle_connection_limit: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+    connections_per_address: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
+    workers: int = field(default=1, metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))
+    acse_timeout: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    dimse_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    network_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    connect_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    suboperation_timeout: float = field(
+        default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds")
+    )
+    suboperation_retries: int = field(default=2, metadata=_check(lambda v: 0 <= v <= 10, "0-10"))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("store")
+    reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
+    max_inflated_mb: int = field(default=512, metadata=_check(lambda v: 1 <= v <= 1 << 20,
+                                                              "1 to 1048576 MB"))
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    path: Path = Path("index.sqlite3")
+    commit_window_ms: float = field(
+        default=0.0, metadata=_check(lambda v: 0 <= v <= 1000, "0-1000 milliseconds")
+    )
+
+
+@dataclass(frozen=True)
+class DropFolderConfig:
+    enabled: bool = True
+    paths: tuple[Path, ...] = (Path("incoming"),)
+    stable_seconds: float = field(default=2.0, metadata=_check(lambda v: v >= 0, ">= 0 seconds"))
+    rescan_seconds: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    after_ingest: str = field(
+        default="delete",
+        metadata=_check(lambda v: v in {"delete", "move"}, "delete or move (to done/)"),
+    )
+
+
+_DAYS = ">= 0 days (0: never)"
+
+
+def _cloud_url_ok(value: str) -> bool:
+    return value == "" or value.startswith(("file:///", "azure://"))
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    url: str = field(default="", metadata=_check(
+        _cloud_url_ok, '"" (the data home\'s cloud/ folder), file:///ABSOLUTE/PATH or azure://CONTAINER'))
+    credentials_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    stable_after_seconds: float = field(default=300.0, metadata=_check(lambda v: v >= 0, ">= 0"))
+    replicate_interval_seconds: float = field(
+        default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    evict_after_days: float = field(default=30.0, metadata=_check(lambda v: v >= 0, ">= 0 days"))
+    disk_high_watermark_percent: float = field(
+        default=85.0, metadata=_check(lambda v: 0 < v <= 100, "1-100"))
+    disk_low_watermark_percent: float = field(
+        default=75.0, metadata=_check(lambda v: 0 < v <= 100, "1-100"))
+    cool_after_days: float = field(default=30.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    cold_after_days: float = field(default=90.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    archive_after_days: float = field(default=0.0, metadata=_check(lambda v: v >= 0, _DAYS))
+    segment_size: int = field(
+        default=1 << 20, metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864"))
+    recall_poll_seconds: float = field(default=1.0, metadata=_check(lambda v: v > 0, "> 0"))
+    rehydrate_poll_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
+    recall_timeout_seconds: float = field(
+        default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    evict_without_escrow: bool = False
+    scrub_fraction_per_day: float = field(
+        default=0.01, metadata=_check(lambda v: 0 <= v <= 1, "0 (off) to 1"))
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    site_id: str = ""
+    flush_seconds: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 60, "0-60 s"))
+    batch_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    rejection_window_seconds: float = field(
+        default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    anchor_interval_seconds: float = field(
+        default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    syslog_host: str = ""
+    syslog_port: int = field(default=6514, metadata=_check(lambda v: 0 < v <= 65535, "1-65535"))
+    syslog_ca_file: Path | None = None
+    syslog_cert_file: Path | None = None
+    syslog_key_file: Path | None = None
+    syslog_retry_seconds: float = field(default=2.0, metadata=_check(lambda v: v > 0, "> 0"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(
+        default="info",
+        metadata=_check(lambda v: v in {"debug", "info", "warning", "error"},
+                        "one of debug, info, warning, error"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    dicom: DicomConfig = DicomConfig()
+    store: StoreConfig = StoreConfig()
+    index: IndexConfig = IndexConfig()
+    dropfolder: DropFolderConfig = DropFolderConfig()
+    cloud: CloudConfig = CloudConfig()
+    sync: SyncConfig = SyncConfig()
+    audit: AuditConfig = AuditConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def cloud_url(self) -> str:
+        """The blob store URL; the default is a local folder inside the data home."""
+        return self.cloud.url or f"file://{self.home / 'cloud'}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @property
+    def peers_path(self) -> Path:
+        return self.home / PEERS_FILE
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Config:
+        """Return a copy with CLI overrides (`dicom={"port": 1}`), validated like TOML."""
+        updated: dict[str, Any] = {}
+        for name, values in sections.items():
+            values = {k: v for k, v in values.items() if v is not None}
+            if values:
+                current = dataclasses.asdict(getattr(self, name))
+                current.update(values)
+                updated[name] = _build(type(getattr(self, name)), current, name, "command line")
+        return dataclasses.replace(self, **updated)
+
+
+_SECTIONS: dict[str, type] = {
+    "dicom": DicomConfig,
+    "store": StoreConfig,
+    "index": IndexConfig,
+    "dropfolder": DropFolderConfig,
+    "cloud": CloudConfig,
+    "sync": SyncConfig,
+    "audit": AuditConfig,
+    "log": LogConfig,
+}
+
+
+def resolve_home(home: str | os.PathLike[str] | None) -> Path:
+    """`--home`, else $PACS_EDGE_HOME, else ./data."""
+    chosen = home or os.environ.get(HOME_ENV) or DEFAULT_HOME
+    return Path(chosen).expanduser().absolute()
+
+
+def load_config(home: Path) -> Config:
+    """Load `<home>/pacs-edge.toml`; a missing home is an error with a hint."""
+    path = home / CONFIG_FILE
+    if not path.is_file():
+        raise HomeError(
+            f"no data home at {home} (missing {CONFIG_FILE})",
+            hint=f"run `pacs-edge init --home {home}` first",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
+    return config_from_mapping(home, raw, source=str(path))
+
+
+def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") -> Config:
+    sections: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, values, f"one of the sections {sorted(_SECTIONS)}",
+                              source=source)
+        if not isinstance(values, dict):
+            raise ConfigError(name, values, "a [table]", source=source)
+        sections[name] = _build(_SECTIONS[name], values, name, source)
+    config = Config(home=home, **sections)
+    return dataclasses.replace(
+        config,
+        store=dataclasses.replace(config.store, path=_under(home, config.store.path)),
+        index=dataclasses.replace(config.index, path=_under(home, config.index.path)),
+        dropfolder=dataclasses.replace(
+            config.dropfolder, paths=tuple(_under(home, p) for p in config.dropfolder.paths)
+        ),
+        cloud=dataclasses.replace(
+            config.cloud,
+            credentials_file=_under(home, config.cloud.credentials_file)
+            if config.cloud.credentials_file else None,
+        ),
+    )
+
+
+def _under(home: Path, path: Path) -> Path:
+    return path if path.is_absolute() else home / path
+
+
+def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise ConfigError(dotted, value, f"one of {sorted(fields)}", source=source)
+        kwargs[key] = _coerce(dotted, value, hints[key], fields[key].metadata, source)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind == Path | None:
+        ok = value is None or isinstance(value, str | Path)
+        value = Path(value).expanduser() if ok and value not in (None, "") else (
+            None if ok else value)
+    elif kind is Path:
+        ok = isinstance(value, str | Path) and str(value) != ""
+        value = Path(value).expanduser() if ok else value
+    elif kind == tuple[Path, ...]:
+        ok = isinstance(value, list | tuple) and all(
+            isinstance(v, str | Path) and str(v) for v in value
+        )
+        value = tuple(Path(v).expanduser() for v in value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = ("a list of paths" if kind == tuple[Path, ...]
+                    else f"a {getattr(kind, '__name__', 'path')}")
+        raise ConfigError(key, value, expected, source=source)
+    check = meta.get("check")
+    if check is not None and not check(value):
+        raise ConfigError(key, value, meta["expected"], source=source)
+    return value
+
+
+_COMMENTS = {
+    "dicom": "DICOM network service (DIMSE).",
+    "dicom.ae_title": "This box's AE title; peers must call it by this name.",
+    "dicom.host": "Listen address. 127.0.0.1 keeps the box private; 0.0.0.0 opens it to the LAN.",
+    "dicom.port": "DICOM port (104 is the standard one and needs CAP_NET_BIND_SERVICE).",
+    "dicom.plain_enabled": "Listen on the plain (unencrypted) port as well as the TLS one.",
+    "dicom.tls_port": "DICOM TLS port (2762 is the standard one); 0 turns TLS off.",
+    "dicom.tls_require_client_cert": "Mutual TLS: peers need a certificate from the site CA"
+    " (pacs-edge certs issue).",
+    "dicom.tls_handshake_timeout": "Seconds a TLS client has to finish its handshake.",
+    "dicom.max_pdu": "Largest PDU we accept, bytes; larger PDUs mean fewer round trips.",
+    "dicom.max_associations": "Concurrent associations before new ones are rejected (busy).",
+    "dicom.idle_connection_limit": "Connections that have not asked for an association yet;"
+    " beyond it the oldest is closed.",
+    "dicom.connections_per_address": "Open connections allowed from one remote address.",
+    "dicom.workers": "Processes accepting on the port (SO_REUSEPORT); >1 uses more cores.",
+    "dicom.acse_timeout": "Seconds to wait for association negotiation messages.",
+    "dicom.dimse_timeout": "Seconds to wait for a DIMSE message on an open association.",
+    "dicom.network_timeout": "Seconds of network silence before an association is dropped.",
+    "dicom.connect_timeout": "Seconds to connect to a C-MOVE destination.",
+    "dicom.suboperation_timeout": "Seconds to wait for a C-STORE response during C-MOVE.",
+    "dicom.suboperation_retries": "Retries of a C-MOVE sub-operation on a fresh association.",
+    "store": "Local instance files.",
+    "store.path": "Folder of instance files (relative paths are inside the data home).",
+    "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",
+    "store.max_inflated_mb": "Refuse (0xA700) a deflated instance that inflates beyond this"
+    " (deflate bombs); the header is read in bounded chunks whatever the size.",
+    "index": "SQLite index (WAL mode, synchronous=FULL).",
+    "index.path": "Index database file (relative paths are inside the data home).",
+    "index.commit_window_ms": "Extra wait to batch stores; at 0, stores that arrive during a"
+    " commit share the next one.",
+    "dropfolder": "Drop-folder ingest: files written into these folders are ingested.",
+    "dropfolder.enabled": "Watch the folders while `serve` runs.",
+    "dropfolder.paths": "Folders to watch, recursively (relative paths are inside the data home).",
+    "dropfolder.stable_seconds": "A file is ingested once its size and mtime held this long.",
+    "dropfolder.rescan_seconds": "Full rescan interval, for file systems without events (NFS/SMB).",
+    "dropfolder.after_ingest": "delete the original, or move it to done/ beside the folder.",
+    "cloud": "Where encrypted study packs go. Credentials never live in this file.",
+    "cloud.url": "\"\" = <home>/cloud (local folder); file:///PATH (e.g. a NAS); azure://CONTAINER.",
+    "cloud.credentials_file": "For azure://: a 0600 file holding the connection string (else"
+    " $AZURE_STORAGE_CONNECTION_STRING).",
+    "sync": "The sync agent (`pacs-edge sync`): replicate, evict, lifecycle, recall.",
+    "sync.stable_after_seconds": "A study is replicated once no instance arrived for this long.",
+    "sync.replicate_interval_seconds": "How often the agent looks for studies to replicate/evict.",
+    "sync.evict_after_days": "Evict replicated studies not accessed for this long (0: never).",
+    "sync.disk_high_watermark_percent": "Above this disk use, evict least recently used first...",
+    "sync.disk_low_watermark_percent": "...until disk use is below this.",
+    "sync.cool_after_days": "Move packs to the Cool tier after this many days (0: never).",
+    "sync.cold_after_days": "Move packs to the Cold tier after this many days (0: never).",
+    "sync.archive_after_days": "Move packs to Archive after this many days (0: never; recall"
+    " from Archive takes hours).",
+    "sync.segment_size": "Encryption segment size in bytes (range reads fetch whole segments).",
+    "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
+    "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
+    "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
+    "sync.evict_without_escrow": "Evict even before the site key is escrowed (`keys escrow`):"
+    " a lost box then loses every evicted study.",
+    "sync.scrub_fraction_per_day": "Share of the cloud packs read back and verified per day"
+                                   " (0.01: each pack every ~100 days; 0: off).",
+    "audit": "Audit trail: <home>/audit/audit.log (0600, hash-chained; holds PHI by design).",
+    "audit.site_id": "AuditEnterpriseSiteID in every audit message (e.g. the hospital's name).",
+    "audit.flush_seconds": "Audit records are written at association end or after this long.",
+    "audit.batch_seconds": "Import and drop-folder ingest: one audit record per study per window.",
+    "audit.rejection_window_seconds": "Rejected associations: one full record per address per"
+    " window, then one count.",
+    "audit.anchor_interval_seconds": "How often the sync agent anchors the log head in the cloud.",
+    "audit.syslog_host": "Forward audit records to this syslog collector over TLS (\"\": off).",
+    "audit.syslog_port": "Collector port (6514 is syslog over TLS).",
+    "audit.syslog_ca_file": "CA certificate(s) that signed the collector's certificate"
+    " (\"\": the system's).",
+    "audit.syslog_cert_file": "Client certificate for mutual TLS (\"\": none).",
+    "audit.syslog_key_file": "Its private key, a 0600 file.",
+    "audit.syslog_retry_seconds": "While the collector is down, retry this often.",
+    "log": "Logging (never contains patient data).",
+    "log.level": "One of debug, info, warning, error.",
+}
+
+
+def render_config_toml(**overrides: dict[str, Any]) -> str:
+    """The commented config file `pacs-edge init` writes: every key at its default."""
+    import tomlkit
+
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("pacs-edge configuration. Every key is shown at its default;"))
+    doc.add(tomlkit.comment("`pacs-edge config check` validates edits."))
+    for name, cls in _SECTIONS.items():
+        doc.add(tomlkit.nl())
+        table = tomlkit.table()
+        table.comment(_COMMENTS[name])
+        values = {**{f.name: f.default for f in dataclasses.fields(cls)},
+                  **{k: v for k, v in overrides.get(name, {}).items() if v is not None}}
+        for key, value in values.items():
+            table.add(tomlkit.comment(_COMMENTS[f"{name}.{key}"]))
+            if value is None:
+                table.add(tomlkit.comment(f"{key} = \"\""))
+                continue
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
+            table.add(key, str(value) if isinstance(value, Path) else value)
+        doc.add(name, table)
+    return tomlkit.dumps(doc)

@@ -1,0 +1,160 @@
+"""`pacs-edge config check`: the config file and every file it makes the services read.
+
+Loading the config already validates each value (key, bad value, what would
+be valid). This goes on to what a service would trip over only at start or,
+worse, hours later: the peer allowlist, the site secrets (present, 0600, the
+right length), the TLS certificate chain when TLS is on (loadable, matching
+key, not expired), the cloud URL and its credentials, the syslog TLS files and
+the folders the services write. Each check runs through the same loader the
+service uses, so a check that passes means the service will load it too.
+Every problem is reported, not just the first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.base.config import Config
+from appliance.base.errors import PacsEdgeError
+from appliance.dimse.tls import server_context
+from appliance.services.peers import Allowlist
+from provisioning.certs import TlsPaths, load_certificate
+from provisioning.escrow_state import ESCROW_HINT, escrow_status
+from provisioning.home import LOG_KEY
+from provisioning.keyring import load_keyring
+from provisioning.site_secrets import load_name_secret, load_secret_file, secrets_dir
+from sync.blobstore.factory import open_blob_store
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: what was checked, and the problem (empty when it passed)."""
+
+    what: str
+    problem: str = ""
+    hint: str = ""
+    warning: str = ""  # passed, but the operator should act (e.g. no key escrow yet)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def check_home(config: Config) -> list[Finding]:
+    """Run every check against `config` (already loaded, so its values are valid)."""
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("peer allowlist", lambda: _peers(config)),
+        ("site key(s)", lambda: _site_keys(config.home)),
+        ("name secret", lambda: _quiet(load_name_secret, config.home)),
+        ("log key", lambda: _quiet(load_secret_file, secrets_dir(config.home) / LOG_KEY)),
+        ("DICOM TLS certificates", lambda: _tls(config)),
+        ("cloud", lambda: _cloud(config)),
+        ("audit syslog TLS files", lambda: _syslog_files(config)),
+        ("writable folders", lambda: _folders(config)),
+    ]
+    findings = []
+    for what, check in checks:
+        try:
+            detail = check()
+        except PacsEdgeError as exc:
+            findings.append(Finding(what, str(exc), exc.hint or ""))
+        else:
+            findings.append(Finding(f"{what}: {detail}" if detail else what))
+    findings.append(_escrow(config))
+    return findings
+
+
+def _escrow(config: Config) -> Finding:
+    """A warning, not an error: the box runs without an escrow, it only refuses to evict."""
+    status = escrow_status(config.home)
+    if status.problem is None:
+        return Finding(f"site key escrow: {status.escrowed_key_id} on {status.escrowed_at}")
+    what = ("evicting anyway ([sync] evict_without_escrow = true)"
+            if config.sync.evict_without_escrow else "eviction is refused until then")
+    return Finding("site key escrow", warning=f"{status.problem}; {what}", hint=ESCROW_HINT)
+
+
+def _quiet(load: Callable[[Path], object], path: Path) -> str:
+    load(path)
+    return ""
+
+
+def _peers(config: Config) -> str:
+    return f"{len(Allowlist(config.peers_path).peers())} peer(s)"
+
+
+def _site_keys(home: Path) -> str:
+    ring = load_keyring(home)
+    older = len(ring.older_ids)
+    return f"current {ring.current_id}" + (
+        f", {older} older kept until a rotation finishes" if older else "")
+
+
+def _tls(config: Config) -> str:
+    if not config.dicom.tls_port:
+        return "off ([dicom] tls_port = 0)"
+    paths = TlsPaths(config.home)
+    server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                   require_client_cert=config.dicom.tls_require_client_cert)
+    now = datetime.datetime.now(datetime.UTC)
+    expiries = {}
+    for name, path in (("node certificate", paths.node_cert), ("site CA", paths.ca_cert)):
+        expiries[name] = load_certificate(path).not_valid_after_utc
+        if expiries[name] <= now:
+            raise PacsEdgeError(
+                f"the {name} {path} expired on {expiries[name]:%Y-%m-%d}",
+                hint="`pacs-edge certs renew` re-issues the node certificate"
+                if name == "node certificate" else "the site CA must be re-created")
+    return f"node certificate valid until {expiries['node certificate']:%Y-%m-%d}"
+
+
+def _cloud(config: Config) -> str:
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    store.close()
+    return config.cloud_url.split("?", 1)[0]
+
+
+def _syslog_files(config: Config) -> str:
+    audit = config.audit
+    if not audit.syslog_host:
+        return "syslog forwarding off"
+    named = {"audit.syslog_ca_file": audit.syslog_ca_file,
+             "audit.syslog_cert_file": audit.syslog_cert_file,
+             "audit.syslog_key_file": audit.syslog_key_file}
+    for key, path in named.items():
+        if path is None:
+            continue
+        full = config.home / path  # an absolute path stays absolute
+        if key == "audit.syslog_key_file":
+            _private_file(key, full)
+        elif not os.access(full, os.R_OK) or not full.is_file():
+            raise PacsEdgeError(f"{key} = {str(path)!r}: no readable file there",
+                                hint="fix the path in pacs-edge.toml")
+    return f"{audit.syslog_host}:{audit.syslog_port}"
+
+
+def _private_file(key: str, path: Path) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError as exc:
+        raise PacsEdgeError(f"{key} = {str(path)!r}: {exc.strerror}",
+                            hint="fix the path in pacs-edge.toml") from exc
+    if mode & 0o077:
+        raise PacsEdgeError(f"{key} = {str(path)!r} has mode {mode:04o}: group or others "
+                            "can access it", hint=f"chmod 600 {path}")
+
+
+def _folders(config: Config) -> str:
+    folders = [("store.path", config.store.path), ("index.path", config.index.path.parent),
+               *(("dropfolder.paths", path) for path in config.dropfolder.paths)]
+    for key, folder in folders:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PacsEdgeError(f"{key}: {existing} is not a folder this user can write",
+                                hint="fix the path in pacs-edge.toml, or the folder's owner "
+                                "and mode")
+    return ""

@@ -1,0 +1,404 @@
+"""Commands for remote readers and for restoring a lost box.
+
+Edge side:     readers add | list | remove       (sync.readers)
+Reader side:   reader init | list | pull         (sync.reader_client; no site key)
+Restore:       keys escrow | keys recover        (provisioning.escrow)
+               restore                           (sync.restore)
+
+The command line is the composition root (see cli_cloud), so it wires the
+sync package, provisioning and the config together here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from appliance.audit import Auditor
+from appliance.base.config import CONFIG_FILE, Config
+from appliance.base.errors import PacsEdgeError
+from appliance.base.logsetup import setup_logging
+from appliance.cli.common import err, expected_errors, home_option, load, out
+
+
+def _audit(config: Config, what: str) -> None:
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.configuration_changed(what)
+
+
+# --- edge: readers -------------------------------------------------------------------
+
+
+@click.group()
+def readers() -> None:
+    """Remote readers who may pull studies from the cloud with their own key."""
+
+
+@readers.command("add")
+@home_option
+@click.argument("name")
+@click.argument("public_key")
+@click.option("--scope", default="all", show_default=True,
+              help="all, referring:NAME (wildcards * ?) or modality:CT,MR")
+@expected_errors
+def readers_add(home: Path | None, name: str, public_key: str, scope: str) -> None:
+    """Add a reader and grant it every replicated study in scope (no re-upload).
+
+    Running it again for the same reader repairs grants that are missing."""
+    from sync.readers import add_reader, grant_reader
+
+    config = load(home)
+    reader, new = add_reader(config.home, name, public_key, scope)
+    if new:
+        _audit(config, f"reader {name} added")
+
+    async def grant(progress: Callable[[int, int], None]) -> Any:
+        from appliance.store.index import Index
+        from sync.blobstore.factory import open_blob_store
+        from sync.sitekeys import load_ring, site_keys_in_use
+
+        store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+        try:
+            with site_keys_in_use(config.home):
+                async with Index(config.index.path) as index:
+                    return await grant_reader(index, store, load_ring(config.home), reader,
+                                              on_progress=progress)
+        finally:
+            store.close()
+
+    with _bar("granting") as progress:
+        report = asyncio.run(grant(progress))
+    verb = "added" if new else "reader exists unchanged:"
+    out.print(f"{verb} reader {name} (id {reader.reader_id}, scope {reader.scope}); granted "
+              f"{report.granted} pack version(s), {report.already} already granted",
+              highlight=False)
+    for failure in report.failures or []:
+        err.print(f"  grant failed: {failure}", highlight=False)
+    if report.failures:
+        err.print("run the same command again to retry the failed grants", highlight=False)
+        raise SystemExit(1)
+
+
+@readers.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def readers_list(home: Path | None, as_json: bool) -> None:
+    """Show the registered readers."""
+    from sync.readers import load_readers
+
+    listed = load_readers(load(home).home)
+    rows = [{"name": r.name, "reader_id": r.reader_id, "scope": str(r.scope),
+             "public_key": r.public_text} for r in listed.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "id", "scope", "public key")
+    for row in rows:
+        table.add_row(row["name"], row["reader_id"], row["scope"], row["public_key"])
+    out.print(table if rows else "no readers")
+
+
+@readers.command("remove")
+@home_option
+@click.argument("name")
+@expected_errors
+def readers_remove(home: Path | None, name: str) -> None:
+    """Remove a reader: no new grants, and every key object it had is deleted.
+
+    What the reader already downloaded stays with the reader."""
+    from sync.blobstore.factory import open_blob_store
+    from sync.readers import forget_reader, load_readers, revoke_reader
+
+    config = load(home)
+    reader = load_readers(config.home).get(name)
+    if reader is None:
+        forget_reader(config.home, name)  # raises the "no reader" error with its hint
+        return
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        deleted = revoke_reader(store, reader.reader_id)
+        forget_reader(config.home, name)
+        deleted += revoke_reader(store, reader.reader_id)  # a grant that raced the removal
+    finally:
+        store.close()
+    _audit(config, f"reader {name} removed")
+    out.print(f"removed reader {name}; deleted {deleted} key object(s). Files the reader "
+              "already pulled cannot be taken back", highlight=False)
+
+
+# --- reader side ---------------------------------------------------------------------
+
+
+@click.group()
+def reader() -> None:
+    """For a remote reader: find and pull the studies granted to your key."""
+
+
+_reader_home = click.option("--home", "home", required=True,
+                            type=click.Path(file_okay=False, path_type=Path),
+                            help="The reader's home (key and config).")
+
+
+@reader.command("init")
+@_reader_home
+@click.option("--cloud", "cloud_url", required=True,
+              help="The site's cloud URL: file:///PATH or azure://CONTAINER.")
+@click.option("--credentials-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="For azure://: a 0600 file with a connection string that "
+              "can read the container (else $AZURE_STORAGE_CONNECTION_STRING).")
+@expected_errors
+def reader_init(home: Path, cloud_url: str, credentials_file: Path | None) -> None:
+    """Make this reader's key pair and config; print the public key (last line)."""
+    from sync.reader_client import init_reader
+
+    public, created = init_reader(home, cloud_url, credentials_file)
+    for item in created:
+        out.print(f"created {item}", highlight=False)
+    out.print("give the site's administrator this public key (the private key stays here):",
+              highlight=False)
+    click.echo(public)
+
+
+_DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
+@reader.command("list")
+@_reader_home
+@click.option("--patient", default=None, help="Part of the patient's name or ID.")
+@click.option("--date", default=None, help="YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-.")
+@click.option("--modality", default=None, help="A modality in the study, e.g. CT.")
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def reader_list(home: Path, patient: str | None, date: str | None, modality: str | None,
+                as_json: bool) -> None:
+    """The studies granted to this reader, searchable."""
+    from sync.reader_client import ReaderClient, matches
+
+    if date is not None and (not _DATE.match(date) or date in ("", "-")):
+        raise PacsEdgeError(f"invalid --date {date!r}",
+                            hint="use YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-")
+    with ReaderClient.open(home) as client:
+        catalogue = client.catalogue()
+    rows = [s.summary() for s in catalogue.studies.values()
+            if s.study_key not in catalogue.failures]
+    rows = sorted((r for r in rows if matches(r, patient=patient, date=date, modality=modality)),
+                  key=lambda r: (str(r["study_date"]), str(r["study_time"])))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif rows:
+        table = Table("date", "patient", "patient id", "modalities", "description",
+                      "instances", "study uid")
+        for r in rows:
+            mods = r["modalities"]
+            assert isinstance(mods, list)
+            table.add_row(str(r["study_date"]), str(r["patient_name"]), str(r["patient_id"]),
+                          ",".join(mods), str(r["study_description"]), str(r["instances"]),
+                          str(r["study_uid"]))
+        out.print(table)
+    else:
+        err.print("no granted studies match" if catalogue.studies else
+                  "no studies are granted to this reader (yet)", highlight=False)
+    if catalogue.failures:
+        err.print(f"[red]error:[/red] {len(catalogue.failures)} granted study(ies) failed "
+                  "verification and are not listed", highlight=False)
+        err.print("hint: the cloud copy was modified or damaged; tell the site's administrator",
+                  highlight=False)
+        raise SystemExit(2)
+
+
+@reader.command("pull")
+@_reader_home
+@click.argument("study_uid")
+@click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the Part 10 files (default: HOME/studies/STUDY_UID).")
+@click.option("--send", "send", default=None, metavar="AE@HOST:PORT",
+              help="Then C-STORE every file to this workstation.")
+@click.option("--calling-ae", default="PEREADER", show_default=True,
+              help="Our AE title when sending.")
+@expected_errors
+def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
+                calling_ae: str) -> None:
+    """Download, decrypt and verify a granted study; resumes an interrupted pull."""
+    from sync.reader_client import ReaderClient, parse_address, send_files
+
+    if send is not None:
+        parse_address(send)  # a typo fails before the download
+    with ReaderClient.open(home) as client:
+        study = client.catalogue().find(study_uid)
+        target = to if to is not None else Path(home) / "studies" / study_uid
+        with Progress(TextColumn("pulling"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                      transient=True) as progress:
+            task = progress.add_task("pull", total=None)
+            report = client.pull(study, target, on_progress=lambda done, total: progress.update(
+                task, completed=done, total=total))
+    out.print(f"pulled {report.written + report.skipped} instance(s) to {target}: "
+              f"{report.written} downloaded and verified, {report.skipped} already there",
+              highlight=False)
+    if send is None:
+        return
+    with _bar("sending") as progress_cb:
+        sent = send_files(report.files, send, calling_ae=calling_ae, on_progress=progress_cb)
+    out.print(f"sent {sent.sent} instance(s) to {send}", highlight=False)
+    for failure in sent.failed:
+        err.print(f"  not stored: {failure}", highlight=False)
+    if sent.failed:
+        raise SystemExit(1)
+
+
+# --- keys escrow / recover -----------------------------------------------------------
+
+
+def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str:
+    from provisioning.escrow import read_passphrase_file
+
+    if passphrase_file is not None:
+        return read_passphrase_file(passphrase_file)
+    return str(click.prompt("escrow passphrase", hide_input=True,
+                            confirmation_prompt=confirm, err=True))
+
+
+@click.command("escrow")
+@home_option
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False,
+                                                                  path_type=Path),
+              help="The escrow file to write (0600, never overwritten).")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Read the passphrase from this file (else prompted).")
+@expected_errors
+def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None) -> None:
+    """Export the site key, name secret and log key, encrypted with a passphrase."""
+    from provisioning.escrow import check_passphrase, export_escrow
+
+    config = load(home)
+    passphrase = _passphrase(passphrase_file, confirm=True)
+    check_passphrase(passphrase)
+    kid = export_escrow(config.home, out_file, passphrase)
+    _audit(config, "site key escrowed")
+    out.print(f"wrote {out_file} (site key {kid}); keep it offline, and the passphrase "
+              "somewhere else", highlight=False)
+
+
+@click.command("recover")
+@click.option("--home", "home", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The new data home (its secrets must not exist yet).")
+@click.option("--from", "from_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Read the passphrase from this file (else prompted).")
+@expected_errors
+def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> None:
+    """Put escrowed site secrets into a new data home (never overwrites)."""
+    from provisioning.escrow import recover_escrow
+    from provisioning.home import AUDIT_KEY
+
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    written = recover_escrow(from_file, home, passphrase)
+    for path in written:
+        out.print(f"wrote {path}", highlight=False)
+    if not any(path.name == AUDIT_KEY for path in written):
+        err.print("note: this escrow file (format version 1) holds no audit anchor key: the "
+                  "lost box's audit anchors cannot be authenticated on this box",
+                  highlight=False)
+    out.print(f"next: pacs-edge init --home {home}, then pacs-edge restore --home {home} "
+              "--cloud URL", highlight=False)
+
+
+# --- restore -------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--home", "home", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cloud", "cloud_url", default=None,
+              help="The lost box's cloud URL (default: the home's [cloud] url).")
+@expected_errors
+def restore(home: Path, cloud_url: str | None) -> None:
+    """Rebuild the index from the cloud manifests; every study comes back evicted.
+
+    Run after `keys recover` and `init`. Running it again changes nothing."""
+    from appliance.audit.anchor import set_base_after_restore
+    from appliance.store.index import Index
+    from provisioning.site_secrets import load_name_secret
+    from sync.blobstore.factory import open_blob_store
+    from sync.restore import restore_index
+    from sync.sitekeys import load_ring, site_keys_in_use
+
+    if not (home / CONFIG_FILE).exists():
+        raise PacsEdgeError(f"{home} is not an initialised data home",
+                            hint=f"run `pacs-edge keys recover --home {home} --from FILE`, "
+                            f"then `pacs-edge init --home {home}`")
+    config = load(home)
+    setup_logging("warning")
+    if cloud_url is not None and cloud_url != config.cloud_url:
+        _set_cloud_url(config, cloud_url)
+        config = load(home)
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+
+    async def run(progress: Callable[[int, int], None]) -> Any:
+        with site_keys_in_use(config.home):
+            ring = load_ring(config.home)
+            name_secret = load_name_secret(config.home)
+            async with Index(config.index.path) as index:
+                return await restore_index(index, store, ring, name_secret=name_secret,
+                                           on_progress=progress)
+
+    try:
+        with _bar("restoring") as progress:
+            report = asyncio.run(run(progress))
+        # This box's audit log starts again at 1: its anchors go above the lost box's.
+        set_base_after_restore(config.home, store)
+    finally:
+        store.close()
+    _audit(config, "index restored from the cloud")
+    out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
+              f"{report.instances} instance(s); {report.already} already in the index; "
+              f"{len(report.failures)} failed"
+              + (f" ({len(report.misfiled)} study folder(s) hold another study's manifest)"
+                 if report.misfiled else ""), highlight=False)
+    for failure in report.failures:
+        err.print(f"  failed: {failure}", highlight=False)
+    if report.failures:
+        raise SystemExit(1)
+
+
+def _set_cloud_url(config: Config, cloud_url: str) -> None:
+    """Record the restored-from cloud URL in the home's config (comments kept)."""
+    import tomlkit
+
+    from appliance.base.durable import atomic_write
+    from sync.blobstore.factory import open_blob_store
+
+    if config.cloud.url:
+        raise PacsEdgeError(f"{config.config_path} already names another cloud",
+                            hint="edit [cloud] url there, or pass the same --cloud")
+    open_blob_store(cloud_url, credentials_file=config.cloud.credentials_file).close()
+    doc = tomlkit.parse(config.config_path.read_text(encoding="utf-8"))
+    table = doc.setdefault("cloud", tomlkit.table())
+    table["url"] = cloud_url
+    atomic_write(config.config_path, tomlkit.dumps(doc).encode("utf-8"), mode=0o640)
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)

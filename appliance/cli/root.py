@@ -1,0 +1,374 @@
+"""The `pacs-edge` command line: parse, call a service, print the result.
+
+Expected failures (PacsEdgeError) become a one-line message, the operator
+hint and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from appliance import __version__
+from appliance.audit import Auditor
+from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
+from appliance.base.logsetup import setup_logging
+from appliance.cli import admin_commands, audit_commands, reader_commands
+from appliance.cli import sync_commands as cloud_commands
+from appliance.cli.common import (
+    err,
+    expected_errors,
+    home_option,
+    human_size,
+    load,
+    out,
+    resolve_home,
+)
+from appliance.process.undumpable import make_undumpable
+from appliance.services.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
+from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
+from provisioning.home import init_home
+from provisioning.site_secrets import create_site_secrets
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pacs-edge")
+def main() -> None:
+    """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
+    make_undumpable()  # before any key is read (appliance/process/undumpable.py says why)
+
+
+@main.command()
+@home_option
+@click.option("--ae-title", default=None, help="This box's AE title (default EDGE).")
+@click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
+@click.option("--tls-port", type=int, default=None,
+              help="DICOM TLS port (default 2762); 0 turns TLS off.")
+@click.option("--cloud", "cloud_url", default=None,
+              help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
+                   " (default: <home>/cloud).")
+@click.option("--cert-days", type=int, default=DEFAULT_NODE_DAYS, show_default=True,
+              help="Lifetime of the node certificate.")
+@click.option("--ca-days", type=int, default=DEFAULT_CA_DAYS, show_default=True,
+              help="Lifetime of the site CA.")
+@admin_commands.san_option
+@click.option("--force-new-keys", is_flag=True,
+              help="Replace the site key and name secret (refused once packs are in the cloud).")
+@expected_errors
+def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
+         tls_port: int | None, cloud_url: str | None, cert_days: int,
+         ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
+    """Create the data home: config, secrets, site CA and node certificate.
+
+    Never overwrites anything (but --force-new-keys)."""
+    resolved = resolve_home(home)
+    overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
+                 "cloud": {"url": cloud_url}}
+    # Validate the overrides exactly as the config loader would.
+    Config(home=resolved).with_overrides(**overrides)
+    report = init_home(
+        resolved,
+        config_file=CONFIG_FILE,
+        config_text=render_config_toml(**overrides),
+        extra_files={PEERS_FILE: PEERS_HEADER},
+    )
+    report.created += admin_commands.provision_on_init(
+        resolved, force_new_keys=force_new_keys, cert_days=cert_days, ca_days=ca_days,
+        sans=sans)
+    report.created += [str(path) for path in create_site_secrets(resolved)]
+    if report.changed:
+        out.print(f"initialised data home {resolved}")
+        for item in report.created:
+            out.print(f"  created {item}", highlight=False)
+    else:
+        out.print(f"data home {resolved} already initialised; nothing changed")
+        if ae_title or dicom_port:
+            out.print(f"  (edit {resolved / CONFIG_FILE} to change the AE title or port)")
+
+
+@main.command()
+@home_option
+@click.option("--dicom-port", type=int, default=None, help="Override [dicom] port.")
+@click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
+@expected_errors
+def serve(home: Path | None, dicom_port: int | None, ae_title: str | None) -> None:
+    """Run the DIMSE server until SIGTERM/SIGINT."""
+    from appliance.process.serve import serve as run
+    from appliance.process.workers import run_workers
+
+    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
+    setup_logging(config.log.level)
+    if config.dicom.workers > 1:
+        run_workers(config)
+    else:
+        asyncio.run(run(config))
+
+
+@main.group()
+def peers() -> None:
+    """The allowlist of remote AEs (read live by a running server)."""
+
+
+@peers.command("add")
+@home_option
+@click.argument("name")
+@click.option("--ae-title", required=True)
+@click.option("--host", required=True)
+@click.option("--port", type=int, required=True)
+@click.option("--allow", default="store,find,move,get", show_default=True,
+              help="Comma-separated permissions: store, find, move, get.")
+@click.option("--bind-host", is_flag=True,
+              help="Accept this AE title only from the addresses of --host.")
+@click.option("--tls", "use_tls", is_flag=True,
+              help="Send C-MOVE sub-operations to this peer over DICOM TLS.")
+@click.option("--tls-only", is_flag=True,
+              help="Refuse this peer on the plain port: it must call over TLS with the"
+                   " certificate issued for NAME (pacs-edge certs issue NAME).")
+@expected_errors
+def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
+              allow: str, bind_host: bool, use_tls: bool, tls_only: bool) -> None:
+    """Allow a remote AE."""
+    config = load(home)
+    peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host,
+                tls=use_tls, tls_only=tls_only)
+    Allowlist(config.peers_path).add(peer)
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
+                             allow=peer.allow, flags=peer.flags)
+    allowed = ",".join(sorted(peer.allow))
+    out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
+              " a running server picks it up at the next association", highlight=False)
+    if tls_only and not config.dicom.tls_port:
+        err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"
+                  " TLS-only, so it cannot associate until TLS is on", highlight=False)
+
+
+@peers.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def peers_list(home: Path | None, as_json: bool) -> None:
+    """Show the allowlist."""
+    listed = Allowlist(load(home).peers_path).peers()
+    if as_json:
+        click.echo(json.dumps([
+            {"name": p.name, "ae_title": p.ae_title, "host": p.host, "port": p.port,
+             "allow": sorted(p.allow), "bind_host": p.bind_host, "tls": p.tls,
+             "tls_only": p.tls_only}
+            for p in listed.values()
+        ], indent=2))
+        return
+    table = Table("name", "AE title", "host", "port", "allow", "flags")
+    for p in listed.values():
+        table.add_row(p.name, p.ae_title, p.host, str(p.port), ",".join(sorted(p.allow)),
+                      ",".join(p.flags))
+    out.print(table if listed else "no peers: every association is rejected until one is added")
+
+
+@peers.command("remove")
+@home_option
+@click.argument("name")
+@expected_errors
+def peers_remove(home: Path | None, name: str) -> None:
+    """Remove a peer; a running server refuses it from the next association."""
+    config = load(home)
+    peer = Allowlist(config.peers_path).remove(name)
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.peer_changed("remove", name=name, ae_title=peer.ae_title)
+    out.print(f"removed peer {name} ({peer.ae_title})", highlight=False)
+
+
+@main.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def status(home: Path | None, as_json: bool) -> None:
+    """Studies, series, instances, disk use and tiering states."""
+    from appliance.dropfolder.counts import drop_folder_counts
+    from appliance.store.index import Index
+    from provisioning.escrow_state import ESCROW_HINT, escrow_status
+
+    config = load(home)
+
+    async def gather() -> dict[str, Any]:
+        async with Index(config.index.path) as index:
+            totals = await index.totals()
+            dropped = await drop_folder_counts(config, index)
+            synced = await index.sync_summary()
+        usage = shutil.disk_usage(config.store.path)
+        return {
+            "home": str(config.home),
+            "patients": totals.patients,
+            "studies": totals.studies,
+            "series": totals.series,
+            "instances": totals.instances,
+            "prior_versions": totals.versions,
+            "bytes_on_disk": totals.bytes,
+            "disk_free_bytes": usage.free,
+            "disk_total_bytes": usage.total,
+            "tier_states": {"local": 0, **totals.tier_states},
+            "dropfolder": dataclasses.asdict(dropped),
+            "sync": synced,
+            "escrow": {**escrow_status(config.home).as_dict(),
+                       "evict_without_escrow": config.sync.evict_without_escrow},
+        }
+
+    report = asyncio.run(gather())
+    escrow = report["escrow"]
+    if escrow["problem"]:  # eviction waits for an escrow: say so, in both forms
+        what = ("evicting anyway ([sync] evict_without_escrow)"
+                if escrow["evict_without_escrow"] else "eviction is refused until then")
+        err.print(f"warning: {escrow['problem']}; {what}", highlight=False, markup=False)
+        err.print(f"hint: {ESCROW_HINT}", highlight=False, markup=False)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("home", "patients", "studies", "series", "instances", "prior_versions"):
+        table.add_row(key.replace("_", " "), str(report[key]))
+    table.add_row("on disk", human_size(report["bytes_on_disk"]))
+    table.add_row("disk free", f"{human_size(report['disk_free_bytes'])} of "
+                  f"{human_size(report['disk_total_bytes'])}")
+    for state, count in report["tier_states"].items():
+        table.add_row(f"studies {state}", str(count))
+    for key, count in report["dropfolder"].items():
+        table.add_row(f"drop folder {key}", str(count))
+    table.add_row("waiting to replicate", human_size(report["sync"]["bytes_waiting_to_replicate"]))
+    last = report["sync"]["last_successful_pass_at"]
+    table.add_row("last sync pass", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+                  if last else "never")
+    table.add_row("site key escrow", f"{escrow['escrowed_key_id']} on {escrow['escrowed_at']}"
+                  if escrow["ok"] else "MISSING (see the warning)")
+    if report["sync"]["studies_at_risk"]:
+        table.add_row("[red]studies at risk[/red]", f"{report['sync']['studies_at_risk']} "
+                      "(damaged cloud copy, no local copy: see `pacs-edge scrub`)")
+    out.print(table)
+
+
+@main.command("import")
+@home_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@expected_errors
+def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
+    """Ingest DICOM files and folders (recursively) durably, like C-STORE."""
+    from appliance.audit.audited_ingest import AuditedIngest
+    from appliance.services.importer import expand_paths, import_files
+    from appliance.services.ingest import IngestService
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+
+    config = load(home)
+    files = sorted(set(expand_paths(paths)))
+
+    async def run() -> Any:
+        store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+        store.prepare()
+        async with Index(config.index.path) as index:
+            with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=err, transient=True) as progress, \
+                    Auditor.for_home(config, process="cli") as auditor:
+                task = progress.add_task("import", total=len(files))
+                service = IngestService(store, index,
+                                        max_inflated=config.store.max_inflated_mb << 20)
+                ingest = AuditedIngest(service, auditor, "import")
+                return await import_files(ingest, files,
+                                          on_progress=lambda _p: progress.advance(task))
+
+    summary = asyncio.run(run())
+    out.print(f"stored {summary.stored} ({human_size(summary.bytes)}), "
+              f"already present {summary.duplicates}, new versions {summary.new_versions}, "
+              f"rejected {len(summary.rejected)}", highlight=False)
+    for path, reason in summary.rejected:
+        err.print(f"  rejected {path}: {reason}", highlight=False)
+    if summary.rejected:
+        sys.exit(1)
+
+
+@main.command()
+@home_option
+@click.option("--repair", is_flag=True, help="Adopt files that have no index row.")
+@expected_errors
+def fsck(home: Path | None, repair: bool) -> None:
+    """Check that the file store and the index agree."""
+    from appliance.services.fsck import fsck as run_fsck
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+
+    config = load(home)
+
+    async def run() -> Any:
+        async with Index(config.index.path) as index:
+            return await run_fsck(FileStore(config.store.path), index, repair=repair)
+
+    report = asyncio.run(run())
+    for path in report.orphan_files:
+        verb = "adopted" if path in report.adopted else "file without index row"
+        out.print(f"{verb}: {path}", highlight=False)
+    for path, reason in report.unreadable:
+        out.print(f"unreadable, left in place: {path} ({reason})", highlight=False)
+    for path in report.missing_files:
+        out.print(f"index row without file: {path}", highlight=False)
+    if report.temp_files_removed:
+        out.print(f"removed {report.temp_files_removed} temp file(s)")
+    if report.clean:
+        out.print("store and index are consistent")
+    else:
+        hint = "" if repair else " (run with --repair to adopt files without rows)"
+        out.print(f"[red]inconsistencies found[/red]{hint}")
+        sys.exit(1)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("check")
+@home_option
+@expected_errors
+def config_check(home: Path | None) -> None:
+    """Validate the config file and every file it names (secrets, certificates, credentials)."""
+    from appliance.cli.config_check import check_home  # TLS, cloud SDK: only this command
+
+    config = load(home)
+    findings = check_home(config)
+    for finding in findings:
+        if finding.ok and finding.warning:
+            err.print(f"warn   {finding.what}: {finding.warning}", highlight=False,
+                      markup=False)
+            err.print(f"       hint: {finding.hint}", highlight=False, markup=False)
+        elif finding.ok:
+            out.print(f"ok     {finding.what}", highlight=False, markup=False)
+        else:
+            err.print(f"error  {finding.what}: {finding.problem}", highlight=False,
+                      markup=False)
+            if finding.hint:
+                err.print(f"       hint: {finding.hint}", highlight=False, markup=False)
+    if not all(f.ok for f in findings):
+        raise click.exceptions.Exit(2)
+    out.print(f"{config.config_path}: ok", highlight=False)
+
+
+main.add_command(cloud_commands.sync)
+main.add_command(cloud_commands.evict)
+main.add_command(cloud_commands.recall)
+main.add_command(cloud_commands.scrub)
+main.add_command(admin_commands.certs)
+main.add_command(admin_commands.keys)
+main.add_command(audit_commands.audit)
+main.add_command(reader_commands.readers)
+main.add_command(reader_commands.reader)
+main.add_command(reader_commands.restore)
+admin_commands.keys.add_command(reader_commands.keys_escrow)
+admin_commands.keys.add_command(reader_commands.keys_recover)
+

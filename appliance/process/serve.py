@@ -1,0 +1,146 @@
+"""`pacs-edge serve`: compose the serving process and run it until SIGTERM/SIGINT.
+
+One asyncio loop (this module's) owns the index; pynetdicom's threads reach
+it through the LoopBridge. On a signal the DIMSE server stops accepting,
+lets running associations finish for a grace period, and only then is the
+index closed, so no acknowledged instance is ever half-recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+
+from appliance.audit import Auditor
+from appliance.audit.audited_ingest import AuditedIngest
+from appliance.base import logsafe
+from appliance.base.bridge import LoopBridge
+from appliance.base.config import Config
+from appliance.base.notify import Notifier
+from appliance.dimse.handlers import DimseHandlers, Services
+from appliance.dimse.move_get import attach as attach_retrieve
+from appliance.dimse.negotiation import StoredSyntaxes
+from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
+from appliance.dimse.spooling import SpoolRouter
+from appliance.dimse.tls import client_context, server_context
+from appliance.dropfolder import DropFolderWatcher
+from appliance.services.ingest import IngestService
+from appliance.services.peers import Allowlist
+from appliance.services.retrieve import RetrieveService
+from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.store.files import FileStore
+from appliance.store.index import Index
+from provisioning.certs import TlsPaths
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_INTERVAL = 30.0
+STOP_GRACE_SECONDS = 10.0
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    """The DICOM TLS context from the certificates `pacs-edge init` made; None when off."""
+    if not config.dicom.tls_port:
+        return None
+    paths = TlsPaths(config.home)
+    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                          require_client_cert=config.dicom.tls_require_client_cert)
+
+
+def _tls_client_context(config: Config) -> ssl.SSLContext | None:
+    """For C-MOVE destinations marked TLS; None when this box has TLS off."""
+    if not config.dicom.tls_port:
+        return None
+    paths = TlsPaths(config.home)
+    return client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+
+
+async def serve(
+    config: Config, *, worker: int | None = None, on_ready: Callable[[int], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. As one of several workers (`worker` set), leave the
+    start-up sweep to the supervisor: the spool folder holds the other workers' transfers."""
+    logsafe.load_key(config.home / "secrets" / "log.key")
+    configure_pynetdicom()
+    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
+    first_start = not config.index.path.exists()
+    clean_start = (begin_run(config.home) or first_start) if worker is None else True
+    if worker is None:
+        swept = files.prepare()
+        if swept:
+            log.info("removed temp files left by an earlier crash count=%d", swept)
+    async with Index(config.index.path, commit_window_ms=config.index.commit_window_ms) as index:
+        if not clean_start:
+            log.info("previous run did not stop cleanly: reconciling store and index")
+            await recover(files, index)
+        spools = SpoolRouter(files)
+        spools.install()
+        auditor = Auditor.for_home(config, process="serve").start(application=True)
+        allowlist = Allowlist(config.peers_path)
+        services = Services(
+            config=config.dicom,
+            allowlist=allowlist,
+            index=index,
+            ingest=IngestService(files, index, max_inflated=config.store.max_inflated_mb << 20),
+            spools=spools,
+            bridge=LoopBridge(asyncio.get_running_loop()),
+            audit=auditor,
+        )
+        server = DimseServer(
+            config.dicom, allowlist, event_handlers(DimseHandlers(services)),
+            reuse_port=config.dicom.workers > 1,
+            stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
+            tls_context=_tls_context(config),
+            on_tls_failure=auditor.node_authentication_failed,
+        )
+        # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/move_get.py)
+        retrieve = RetrieveService(allowlist, index, files,
+                                   recall_timeout=config.sync.recall_timeout_seconds)
+        attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
+                        tls_client=_tls_client_context(config))
+        ports = await asyncio.to_thread(server.start)
+        # One watcher per data home: with several workers, worker 0 runs it.
+        watcher = None
+        if config.dropfolder.enabled and not worker:
+            watcher = DropFolderWatcher.from_config(
+                config, AuditedIngest(services.ingest, auditor, "dropfolder"))
+            await watcher.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            on_ready(ports.get("plain", ports.get("tls", 0)))
+        # Workers stay silent: their supervisor speaks for the service (workers.py).
+        notifier = Notifier(silent=worker is not None)
+        if worker is None:
+            log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
+                     " peers=%d", config.dicom.ae_title, config.dicom.host,
+                     ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
+            listening = " and ".join(
+                f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
+            notifier.ready(f"accepting associations on {listening}")
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), notifier.interval(MAINTENANCE_INTERVAL))
+                notifier.watchdog()
+                dropped = spools.sweep(idle_seconds=2 * config.dicom.network_timeout)
+                if dropped:
+                    log.info("discarded spools of abandoned transfers count=%d", dropped)
+        finally:
+            notifier.stopping()
+            log.info("stopping: no new associations; waiting for open ones to finish")
+            await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            if watcher is not None:
+                await watcher.stop()
+            await asyncio.to_thread(auditor.close)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    if worker is None:
+        end_run(config.home)
+    log.info("stopped")

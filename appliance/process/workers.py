@@ -1,0 +1,149 @@
+"""Several DIMSE worker processes on one port (SO_REUSEPORT), supervised.
+
+pynetdicom runs every association in a thread of one process, so one GIL
+caps a single process at roughly one core however many modalities send at
+once. With `[dicom] workers = N` the supervisor starts N `serve` processes
+that all accept on the same port; the kernel spreads new connections across
+them. Each worker has its own index writer (SQLite serialises them with
+BEGIN IMMEDIATE and a busy timeout) and its own spool files.
+
+The supervisor sweeps crash leftovers before any worker starts, reports
+ready once every worker is, restarts a worker that dies, and on SIGTERM
+passes the signal on and waits for the workers' graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from appliance.base.config import Config
+from appliance.base.errors import PacsEdgeError
+from appliance.base.notify import Notifier
+from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.store.files import FileStore
+from appliance.store.index import Index
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+RESTART_BACKOFF = 2.0
+
+
+def _worker_main(config: Config, number: int, ready: Any, log_level: str) -> None:
+    import asyncio
+
+    from appliance.base.logsetup import setup_logging
+    from appliance.process.serve import serve
+    from appliance.process.undumpable import make_undumpable
+
+    make_undumpable()  # a spawned worker is a new program: dumpable again
+    setup_logging(log_level)
+    asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) with SO_REUSEPORT so port 0 resolves once for every worker."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def run_workers(config: Config) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    files = FileStore(config.store.path)
+    swept = files.prepare()
+    if swept:
+        log.info("removed temp files left by an earlier crash count=%d", swept)
+    first_start = not config.index.path.exists()
+    if not begin_run(config.home) and not first_start:
+        asyncio.run(_recover(config, files))
+    reservation = reserve_port(config.dicom.host, config.dicom.port)
+    port = reservation.getsockname()[1]
+    config = dataclasses.replace(config, dicom=dataclasses.replace(config.dicom, port=port))
+    ready: Any = ctx.Queue()
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def start(number: int) -> BaseProcess:
+        process = ctx.Process(target=_worker_main, name=f"pacs-edge-worker-{number}",
+                              args=(config, number, ready, config.log.level))
+        process.start()
+        return process
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    workers = {n: start(n) for n in range(config.dicom.workers)}
+    notifier = Notifier()
+    try:
+        _wait_ready(workers, ready, lambda: stopping)
+        log.info("ready to accept associations ae_title=%s host=%s port=%d workers=%d",
+                 config.dicom.ae_title, config.dicom.host, port, len(workers))
+        notifier.ready(f"accepting associations on port {port} with {len(workers)} workers")
+        next_ping = 0.0
+        while not stopping:
+            time.sleep(0.5)
+            if time.monotonic() >= next_ping:
+                notifier.watchdog()
+                next_ping = time.monotonic() + notifier.interval(READY_TIMEOUT)
+            for number, process in list(workers.items()):
+                if not process.is_alive() and not stopping:
+                    log.error("worker exited unexpectedly worker=%d exitcode=%s; restarting",
+                              number, process.exitcode)
+                    time.sleep(RESTART_BACKOFF)
+                    workers[number] = start(number)
+    finally:
+        notifier.stopping()
+        log.info("stopping workers count=%d", len(workers))
+        for process in workers.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        reservation.close()
+        if all(p.exitcode == 0 for p in workers.values()):
+            end_run(config.home)
+        log.info("stopped")
+
+
+async def _recover(config: Config, files: FileStore) -> None:
+    log.info("previous run did not stop cleanly: reconciling store and index")
+    async with Index(config.index.path) as index:
+        await recover(files, index)
+
+
+def _wait_ready(workers: dict[int, BaseProcess], ready: Any, stopping: Any) -> None:
+    waiting = set(workers)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while waiting and not stopping():
+        if time.monotonic() > deadline:
+            raise PacsEdgeError(f"workers {sorted(waiting)} did not start within "
+                                f"{READY_TIMEOUT:.0f} s", hint="see the log lines above")
+        dead = [n for n in waiting if not workers[n].is_alive()]
+        if dead:
+            raise PacsEdgeError(f"worker {dead[0]} exited during start-up",
+                                hint="see the log lines above")
+        try:
+            number, _port = ready.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        waiting.discard(number)

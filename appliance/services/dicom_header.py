@@ -1,0 +1,168 @@
+"""Read the attributes the index needs from a Part 10 file, without the pixel data.
+
+The file is never rewritten: this only decodes a copy of its header for the
+index. Values are decoded with the file's Specific Character Set, so names in
+any character set land in the index as text. A deflated dataset is read by
+appliance.services.deflated, which inflates it in bounded chunks and keeps only the
+elements in INDEX_KEYWORDS.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+import pydicom.config
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from appliance.base import compat
+from appliance.base.errors import InvalidInstance
+from appliance.base.uids import is_valid_uid, normalise_uid
+from appliance.services.deflated import read_deflated_elements
+from appliance.store.instance_header import InstanceHeader
+
+# The appliance validates what it relies on (UIDs, completeness) itself and
+# stores everything else as sent. pydicom's own value checks would only add
+# warnings whose text can quote attribute values (PHI) into the log.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# Values above this size are skipped (seeked over), not read: pixel data stays on disk.
+_DEFER_BYTES = 4096
+_SEQUENCE_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+# What a deflated dataset may inflate to unless the caller says otherwise (store.max_inflated_mb).
+DEFAULT_MAX_INFLATED = 512 << 20
+
+# Every attribute header_from_dataset reads, and the character set that decodes them.
+INDEX_KEYWORDS: Sequence[str] = (
+    "SpecificCharacterSet", "PatientID", "IssuerOfPatientID", "PatientName",
+    "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
+    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+    "SeriesDate", "SeriesTime", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+)
+_INDEX_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEX_KEYWORDS)
+
+
+def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> InstanceHeader:
+    """Parse `path`'s header and check it is complete.
+
+    Raises InvalidInstance with a PHI-free reason when the file is not DICOM,
+    is truncated, or lacks valid UIDs; InflateLimitExceeded when its dataset is
+    deflated and inflates beyond `max_inflated` bytes.
+    """
+    try:
+        with path.open("rb") as fh:
+            read_preamble(fh, force=False)
+            meta = compat.read_file_meta(fh)
+            ts = normalise_uid(meta.get("TransferSyntaxUID", ""))
+            if ts == DeflatedExplicitVRLittleEndian:
+                return header_from_dataset(_read_deflated(fh, max_inflated), ts)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        if any("End of file" in str(w.message) for w in caught):
+            raise InvalidInstance("dataset is truncated")
+        _check_complete(ds, path)
+        return header_from_dataset(ds, ts)
+    except InvalidInstance:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
+            AttributeError, NotImplementedError, struct.error) as exc:
+        raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _read_deflated(fh: BinaryIO, max_inflated: int) -> Dataset:
+    """The indexed elements of the deflated dataset at `fh`'s position, decoded."""
+    kept = read_deflated_elements(fh, _INDEX_TAGS, limit=max_inflated)
+    # The walk kept whole elements, so nothing here can run short; pydicom's remarks
+    # on odd encodings could quote values (PHI), so they go nowhere.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_dataset(DicomBytesIO(kept), is_implicit_VR=False, is_little_endian=True)
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """pydicom seeks over deferred values, so a cut-off last element goes unnoticed:
+    check that the last top-level element ends exactly where the file does."""
+    if len(ds) == 0:
+        raise InvalidInstance("dataset is empty")
+    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    size = path.stat().st_size
+    tell = getattr(last, "value_tell", None)
+    length = getattr(last, "length", None)
+    if tell is None or length is None:
+        return
+    if length == 0xFFFFFFFF:
+        with path.open("rb") as fh:
+            fh.seek(max(size - 8, 0))
+            if fh.read(8) not in _SEQUENCE_DELIMITER:
+                raise InvalidInstance("dataset is truncated")
+    elif tell + length != size:
+        raise InvalidInstance("dataset is truncated")
+
+
+def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
+    uids = {
+        kw: normalise_uid(ds.get(kw, ""))
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    }
+    for keyword, value in uids.items():
+        if not value:
+            raise InvalidInstance(f"{keyword} is missing")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} is not a valid UID")
+    if not is_valid_uid(transfer_syntax):
+        raise InvalidInstance("transfer syntax UID is missing or invalid")
+    charset = ds.get("SpecificCharacterSet", "")
+    return InstanceHeader(
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+        study_uid=uids["StudyInstanceUID"],
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        character_set="\\".join(charset) if isinstance(charset, list | tuple) else str(charset),
+        series_uid=uids["SeriesInstanceUID"],
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        instance_number=_int(ds, "InstanceNumber"),
+        transfer_syntax=transfer_syntax,
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value: Any = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,80 @@
+"""`pacs-edge fsck`: reconcile the file store with the index.
+
+- A file without an index row (a crash between the rename and the commit) is
+  reported, and with `--repair` adopted: as the current instance when its SOP
+  Instance UID is unknown, as a prior version when the index holds other content.
+- An index row without its file is flagged for every study that is not
+  evicted: that must never happen, and fsck does not paper over it.
+- With `--repair`, temp files left by a crash are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.base.durable import sweep_temp_files
+from appliance.base.errors import InvalidInstance, RejectedInstance
+from appliance.services.dicom_header import read_header
+from appliance.services.ingest import hash_dataset
+from appliance.store.files import FileStore
+from appliance.store.index import Index, StoredFile
+from appliance.store.spool import dataset_offset
+
+
+@dataclass
+class FsckReport:
+    orphan_files: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+    temp_files_removed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        unresolved = set(self.orphan_files) - set(self.adopted)
+        return not (unresolved or self.missing_files)
+
+
+async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
+    report = FsckReport()
+    if repair:
+        report.temp_files_removed = sweep_temp_files(files.root)
+    known = await index.known_paths()
+    on_disk = set(await asyncio.to_thread(lambda: list(files.iter_files())))
+    report.orphan_files = sorted(on_disk - set(known))
+    report.missing_files = sorted(
+        path for path, must_be_local in known.items() if must_be_local and path not in on_disk
+    )
+    if repair:
+        for relative in report.orphan_files:
+            try:
+                await _adopt(files, index, relative)
+            except RejectedInstance as exc:  # InvalidInstance, or beyond the inflate limit
+                report.unreadable.append((relative, exc.reason))
+            else:
+                report.adopted.append(relative)
+    return report
+
+
+async def _adopt(files: FileStore, index: Index, relative: str) -> None:
+    path = files.absolute(relative)
+    header = await asyncio.to_thread(read_header, path)
+    offset = _read_offset(path)
+    sha256 = await asyncio.to_thread(hash_dataset, path, offset)
+    st = path.stat()
+    stored = StoredFile(relative, st.st_size, offset, sha256, st.st_mtime, source_ae="fsck")
+    current = await index.current_sha256(header.sop_uid)
+    if current is None or current == sha256:
+        await index.record_instance(header, stored)
+    else:
+        await index.record_version(header.sop_uid, stored, header.transfer_syntax)
+
+
+def _read_offset(path: Path) -> int:
+    with path.open("rb") as fh:
+        offset = dataset_offset(fh.read(144))
+    if offset < 0:
+        raise InvalidInstance("File Meta group length is missing")
+    return offset

@@ -1,0 +1,199 @@
+"""Ingest: the one durable path every instance takes (C-STORE, import, drop folder).
+
+Order, which is the acknowledgement contract:
+ 1. the instance is fully spooled (a SpoolFile in the store's spool folder);
+ 2. its header is parsed and checked: complete, UIDs valid, matching the request;
+ 3. identical content already stored -> no-op success;
+ 4. fsync the file (started in the background at step 2), rename it into place,
+    fsync the folder;
+ 5. commit the index row (group commit, synchronous=FULL);
+ 6. only then does the caller acknowledge (C-STORE Success).
+A failure at any step leaves neither a file nor a row behind (a crash between
+4 and 5 leaves a file that `fsck --repair` adopts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import time
+from concurrent import futures
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.filereader import read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dsutils import create_file_meta
+
+from appliance.base import compat, logsafe
+from appliance.base.bridge import LoopBridge
+from appliance.base.durable import is_no_space
+from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
+from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
+from appliance.store.files import FileStore
+from appliance.store.index import Index, RecordOutcome, StoredFile
+from appliance.store.instance_header import InstanceHeader
+from appliance.store.spool import SpoolFile
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 20
+# fsyncs of spooled instances, one per association storing at a time (more wait).
+_FSYNC_POOL = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: RecordOutcome
+    header: InstanceHeader
+    path: str
+
+
+@dataclass(frozen=True)
+class ExpectedIdentity:
+    """What the C-STORE request said the dataset is (Affected SOP Class/Instance UID)."""
+
+    sop_class_uid: str
+    sop_uid: str
+
+
+class IngestService:
+    def __init__(self, files: FileStore, index: Index, *,
+                 max_inflated: int = DEFAULT_MAX_INFLATED) -> None:
+        self.files = files
+        self.index = index
+        self.max_inflated = max_inflated  # bytes a deflated dataset may inflate to
+
+    async def ingest_spool(
+        self,
+        spool: SpoolFile,
+        *,
+        source_ae: str = "",
+        expected: ExpectedIdentity | None = None,
+    ) -> IngestResult:
+        """Make a fully spooled instance durable; the spool is consumed either way.
+
+        The work runs in a worker thread (`ingest_spool_blocking`), which finishes
+        even if this coroutine is cancelled: a file and its row never part ways.
+        """
+        bridge = LoopBridge(asyncio.get_running_loop())
+        return await asyncio.to_thread(self.ingest_spool_blocking, spool, bridge,
+                                       source_ae=source_ae, expected=expected)
+
+    def ingest_spool_blocking(
+        self,
+        spool: SpoolFile,
+        bridge: LoopBridge,
+        *,
+        source_ae: str = "",
+        expected: ExpectedIdentity | None = None,
+    ) -> IngestResult:
+        """`ingest_spool` from a thread that is not the event loop's (a DIMSE association
+        thread): header, fsync and rename run here; only the two index calls go to the
+        loop, through `bridge`. Every hop between threads sits on the C-STORE critical
+        path (the peer sends the next instance after our response), so there are two."""
+        committed_path: str | None = None
+        syncing: futures.Future[None] | None = None
+        try:
+            if spool.error is not None:
+                if is_no_space(spool.error):
+                    raise OutOfSpace()
+                raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
+            self.files.check_space()
+            # The file's fsync (the slowest step) runs while the header is parsed and
+            # the index asked for a duplicate; it is joined before the rename.
+            syncing = _FSYNC_POOL.submit(spool.sync)
+            header, sha256, offset = _inspect(spool, self.max_inflated)
+            if expected is not None and (
+                header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
+            ):
+                raise InvalidInstance("dataset SOP Class/Instance UID differ from the request",
+                                      kind=Rejection.NOT_AS_REQUESTED)
+            if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
+                return IngestResult(RecordOutcome.DUPLICATE, header, "")
+            relative = self.files.relative_path(header, sha256)
+            self.files.commit(spool, relative, synced=syncing)
+            committed_path = relative
+            stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
+            outcome = bridge.call(self.index.record_instance(header, stored))
+            committed_path = None  # the row owns the file now
+            if outcome is RecordOutcome.NEW_VERSION:
+                log.warning(
+                    "instance re-sent with different content; previous kept as prior version"
+                    " instance=%s study=%s", logsafe.ref(header.sop_uid),
+                    logsafe.ref(header.study_uid),
+                )
+            return IngestResult(outcome, header, relative)
+        finally:
+            if syncing is not None:
+                # Never close the spool under a running fsync (its fd could be reused).
+                futures.wait([syncing])
+            spool.discard()
+            if committed_path is not None:
+                self.files.remove(committed_path)
+
+    async def ingest_file(self, source: Path | BinaryIO, *, source_ae: str = "") -> IngestResult:
+        """Ingest a file from disk (import, drop folder) through the same path as C-STORE:
+        a path, or a file already open (the drop folder opens its files without following
+        symlinks; the caller closes it)."""
+        spool = await asyncio.to_thread(self._spool_from_file, source)
+        return await self.ingest_spool(spool, source_ae=source_ae)
+
+    def _spool_from_file(self, source: Path | BinaryIO) -> SpoolFile:
+        """Copy `source` into a spool file: a fresh File Meta header, then its dataset bytes
+        exactly as they are in the source file."""
+        spool = self.files.new_spool()
+        try:
+            opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
+            with opened as fh:
+                meta = _file_meta(fh)
+                spool.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(spool, meta, enforce_standard=True)  # type: ignore[arg-type]
+                shutil.copyfileobj(fh, spool, _COPY_CHUNK)  # type: ignore[misc]
+        except BaseException:
+            spool.discard()
+            raise
+        return spool
+
+
+def _file_meta(fh: object) -> object:
+    """The File Meta to store with an imported file; leaves `fh` at its dataset."""
+    try:
+        read_preamble(fh, force=False)  # type: ignore[arg-type]
+        source_meta = compat.read_file_meta(fh)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise InvalidInstance("not a DICOM Part 10 file") from exc
+    try:
+        return create_file_meta(
+            sop_class_uid=source_meta.MediaStorageSOPClassUID,
+            sop_instance_uid=source_meta.MediaStorageSOPInstanceUID,
+            transfer_syntax=source_meta.TransferSyntaxUID,
+        )
+    except AttributeError as exc:
+        raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax") from exc
+
+
+def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, int]:
+    """Header, dataset SHA-256 and dataset offset of a spooled Part 10 file."""
+    header = read_header(spool.path, max_inflated=max_inflated)
+    sha256 = spool.dataset_sha256
+    offset = spool.meta_end
+    if sha256 is None or offset is None or offset < 0:
+        raise InvalidInstance("File Meta group length is missing")
+    return header, sha256, offset
+
+
+def hash_dataset(path: Path, offset: int) -> str:
+    """SHA-256 of a stored file's dataset bytes (fsck, verification)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+

@@ -1,0 +1,247 @@
+"""The peer allowlist: which AEs may talk to the box, from where, and for what.
+
+Stored in `<home>/peers.toml`, edited by `pacs-edge peers add/remove` with
+tomlkit so that operator comments survive. A running server re-reads the
+file when its modification time or size changes (checked at each new
+association), so edits apply without a restart.
+
+An empty allowlist admits nobody: the box is closed until peers are added.
+
+Identity at association time (`Peer.refusal`): a peer's AE title is its
+name on the wire, not a credential. What binds it to the device:
+- `bind_host`: the AE title is accepted only from the addresses of `host`;
+- on the TLS port, a client certificate (from `pacs-edge certs issue NAME`)
+  names the peer: its common name or a DNS subjectAltName must be the peer's
+  NAME, so the certificate of peer A cannot call with peer B's AE title;
+- `tls_only`: the peer is refused on the plain port, and on the TLS port
+  without a certificate that names it.
+
+Authorization (`Allowlist.authorize`): the one place that decides whether a
+calling AE may use a service (store, find, move, get). Services call it with
+the caller an edge identified and raise its NotAuthorized; edges only map that
+to their protocol's refusal and audit it, so no edge holds its own check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from appliance.base.durable import atomic_write
+from appliance.base.errors import ConfigError, NotAuthorized, PeerError
+
+PERMISSIONS = ("store", "find", "move", "get")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+PEERS_HEADER = """\
+# pacs-edge peer allowlist. Edit with `pacs-edge peers add|remove|list`.
+# Each [peers.NAME] table is one remote AE: its AE title, where it listens
+# (used as the C-MOVE destination), and the services it may use
+# (store, find, move, get). An AE not listed here is rejected at association.
+"""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    allow: frozenset[str]
+    bind_host: bool = False  # only accept this AE title from `host`'s addresses
+    tls: bool = False  # C-MOVE sub-associations to this peer use DICOM TLS
+    tls_only: bool = False  # refused unless it calls over TLS with its own certificate
+
+    @property
+    def flags(self) -> list[str]:
+        """The identity and transport options that are on, by their peers.toml keys."""
+        return [key for key, on in (("bind_host", self.bind_host), ("tls", self.tls),
+                                    ("tls_only", self.tls_only)) if on]
+
+    def may(self, permission: str) -> bool:
+        return permission in self.allow
+
+    def accepts_address(self, address: str) -> bool:
+        """True unless the peer is bound to its host and `address` is not one of its IPs."""
+        if not self.bind_host:
+            return True
+        try:
+            infos = socket.getaddrinfo(self.host, None)
+        except OSError:
+            return False
+        return address in {info[4][0] for info in infos}
+
+    def refusal(self, *, address: str, over_tls: bool,
+                certificate: CertificateIdentity | None) -> str | None:
+        """Why this peer may not associate from `address` as it called, or None.
+
+        `certificate` is the verified client certificate of a TLS association
+        (None on the plain port, or when mutual TLS is off and none was sent).
+        """
+        if not self.accepts_address(address):
+            return f"AE title is bound to host {self.host!r}, not this address"
+        if certificate is not None and not certificate.names(self.name):
+            return (f"TLS certificate of {certificate.common_name!r} may not call as peer"
+                    f" {self.name!r} (certificate and AE title belong to different peers)")
+        if self.tls_only and not over_tls:
+            return "peer is TLS-only and called on the plain port"
+        if self.tls_only and certificate is None:
+            return "peer is TLS-only and presented no client certificate"
+        return None
+
+
+@dataclass(frozen=True)
+class CertificateIdentity:
+    """The names a verified peer certificate carries (see `Peer.refusal`)."""
+
+    common_name: str
+    dns_names: frozenset[str] = frozenset()
+
+    def names(self, peer_name: str) -> bool:
+        # Exact match: peer names are case-sensitive keys of peers.toml.
+        return peer_name == self.common_name or peer_name in self.dns_names
+
+
+def parse_permissions(text: str) -> frozenset[str]:
+    wanted = {p.strip().lower() for p in text.split(",") if p.strip()}
+    unknown = wanted - set(PERMISSIONS)
+    if unknown or not wanted:
+        raise PeerError(
+            f"unknown permission(s) {sorted(unknown) or text!r}",
+            hint=f"use a comma-separated subset of {','.join(PERMISSIONS)}",
+        )
+    return frozenset(wanted)
+
+
+def validate_peer(peer: Peer) -> None:
+    if not _NAME.match(peer.name):
+        raise PeerError(f"invalid peer name {peer.name!r}",
+                        hint="use 1-64 letters, digits, '.', '_' or '-'")
+    title = peer.ae_title
+    if not (0 < len(title.strip()) <= 16) or not title.isascii() or "\\" in title:
+        raise PeerError(f"invalid AE title {title!r}", hint="use 1-16 ASCII characters")
+    if not (0 < peer.port <= 65535):
+        raise PeerError(f"invalid port {peer.port}", hint="use 1-65535")
+    if not peer.host.strip():
+        raise PeerError("empty host", hint="give the peer's host name or IP address")
+
+
+class Allowlist:
+    """Thread-safe view of peers.toml that reloads itself when the file changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._peers: dict[str, Peer] = {}
+
+    def peers(self) -> dict[str, Peer]:
+        stamp = self._file_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._peers = _load(self.path) if stamp is not None else {}
+                self._stamp = stamp
+            return dict(self._peers)
+
+    def by_ae_title(self, ae_title: str) -> Peer | None:
+        title = ae_title.strip()
+        return next((p for p in self.peers().values() if p.ae_title == title), None)
+
+    def authorize(self, ae_title: str, permission: str) -> Peer:
+        """The peer calling as `ae_title` if it holds `permission`; else NotAuthorized.
+
+        An AE title not in the allowlist (removed since it associated) is refused
+        the same way as a listed peer without the permission.
+        """
+        if permission not in PERMISSIONS:
+            raise ValueError(f"unknown permission {permission!r}")  # a bug, not a peer's doing
+        peer = self.by_ae_title(ae_title)
+        if peer is None or not peer.may(permission):
+            raise NotAuthorized(permission, ae_title=ae_title.strip())
+        return peer
+
+    def ae_titles(self) -> list[str]:
+        return sorted({p.ae_title for p in self.peers().values()})
+
+    def add(self, peer: Peer) -> None:
+        validate_peer(peer)
+        doc = self._document()
+        table = doc.setdefault("peers", tomlkit.table(is_super_table=True))
+        if peer.name in table:
+            raise PeerError(f"peer {peer.name!r} already exists",
+                            hint=f"remove it first: pacs-edge peers remove {peer.name}")
+        entry = tomlkit.table()
+        entry["ae_title"] = peer.ae_title
+        entry["host"] = peer.host
+        entry["port"] = peer.port
+        entry["allow"] = sorted(peer.allow)
+        if peer.bind_host:
+            entry["bind_host"] = True
+        if peer.tls:
+            entry["tls"] = True
+        if peer.tls_only:
+            entry["tls_only"] = True
+        table[peer.name] = entry
+        atomic_write(self.path, tomlkit.dumps(doc).encode())
+
+    def remove(self, name: str) -> Peer:
+        current = self.peers()
+        if name not in current:
+            raise PeerError(f"no peer named {name!r}", hint="see `pacs-edge peers list`")
+        doc = self._document()
+        del doc["peers"][name]  # type: ignore[union-attr]
+        atomic_write(self.path, tomlkit.dumps(doc).encode())
+        return current[name]
+
+    def _document(self) -> tomlkit.TOMLDocument:
+        if not self.path.exists():
+            return tomlkit.parse(PEERS_HEADER)
+        try:
+            return tomlkit.parse(self.path.read_text(encoding="utf-8"))
+        except TOMLKitError as exc:
+            raise ConfigError(str(self.path), "<file>", f"valid TOML ({exc})") from exc
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+
+def _load(path: Path) -> dict[str, Peer]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
+    peers: dict[str, Peer] = {}
+    for name, entry in raw.get("peers", {}).items():
+        key = f"peers.{name}"
+        try:
+            peer = Peer(
+                name=name,
+                ae_title=str(entry["ae_title"]),
+                host=str(entry["host"]),
+                port=int(entry["port"]),
+                allow=frozenset(str(p) for p in entry.get("allow", [])),
+                bind_host=bool(entry.get("bind_host", False)),
+                tls=bool(entry.get("tls", False)),
+                tls_only=bool(entry.get("tls_only", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(key, entry, "a table with ae_title, host, port and allow",
+                              source=str(path)) from exc
+        unknown = peer.allow - set(PERMISSIONS)
+        if unknown:
+            raise ConfigError(f"{key}.allow", sorted(peer.allow),
+                              f"a subset of {list(PERMISSIONS)}", source=str(path))
+        peers[name] = peer
+    return peers

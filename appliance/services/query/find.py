@@ -1,0 +1,196 @@
+"""C-FIND: answer a query identifier from the SQLite index alone.
+
+Contract for the DIMSE edge::
+
+    matches = await find(index, QueryModel.STUDY_ROOT, identifier,
+                         retrieve_ae_title="EDGE")
+
+returns one complete response identifier per match, or raises QueryError
+whose `.kind` the edge maps to the C-FIND failure status. No file is opened:
+evicted studies answer like any other, with InstanceAvailability NEARLINE.
+
+Each response holds QueryRetrieveLevel, every key of the request (values
+from the index, empty when unknown), RetrieveAETitle when asked for, and
+SpecificCharacterSet "ISO_IR 192" when a value is not ASCII (the index keeps
+decoded text, so UTF-8 can say everything).
+
+Levels and models (PS3.4 C.6): Patient Root answers PATIENT, STUDY, SERIES
+and IMAGE; Study Root has no PATIENT level and refuses it (0xA900), as it
+refuses a missing or unknown level. Keys of the query level and the levels
+above match relationally in both models: unique keys of upper levels are not
+required, and when given they restrict (a Patient Root STUDY query with
+PatientID answers that patient's studies). Keys the appliance does not know,
+keys of levels below the query level, sequences and private attributes are
+returned empty and do not restrict. Matching rules are in matching.py; the
+key table, the SQL and its execution are the store's (appliance.store.cfind).
+
+Logging: counts only, at debug level; never a value of the identifier.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom import config
+from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+
+from appliance.base.errors import QueryError, QueryRefusal
+from appliance.services.query import matching
+from appliance.store.cfind import attributes
+from appliance.store.cfind.attributes import Key, Level
+from appliance.store.cfind.search import Criterion, PeriodCriterion, search
+from appliance.store.index import Index
+
+__all__ = ["QueryError", "QueryModel", "QueryRefusal", "find"]
+
+log = logging.getLogger(__name__)
+
+
+class QueryModel(enum.Enum):
+    PATIENT_ROOT = "patient"
+    STUDY_ROOT = "study"
+
+
+_LEVELS = {
+    QueryModel.PATIENT_ROOT: frozenset(Level),
+    QueryModel.STUDY_ROOT: frozenset({Level.STUDY, Level.SERIES, Level.IMAGE}),
+}
+_QUERY_LEVEL = Tag(0x0008, 0x0052)
+_CHARACTER_SET = Tag(0x0008, 0x0005)
+_RETRIEVE_AE = Tag(0x0008, 0x0054)
+_UTF8 = "ISO_IR 192"
+
+# Date and time keys that combined date-time matching reads as one moment.
+DATETIME_PAIRS = {"StudyDate": "StudyTime", "SeriesDate": "SeriesTime"}
+
+
+async def find(
+    index: Index,
+    model: QueryModel,
+    identifier: Dataset,
+    *,
+    retrieve_ae_title: str = "",
+    combined_datetime: bool = False,
+) -> list[Dataset]:
+    """The response identifiers matching `identifier`, in no particular order.
+
+    `combined_datetime` is the C-FIND extended negotiation option of that
+    name: when the SCU asked for it, a date range and a time range of the
+    same pair bound one period instead of matching separately.
+    """
+    level = _level(model, identifier)
+    plan = _plan(level, identifier, retrieve_ae_title, combined_datetime)
+    rows = await search(index, level, plan.columns, plan.criteria)
+    log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
+              len(rows))
+    return [_response(level, plan, row) for row in rows]
+
+
+@dataclass
+class _Plan:
+    criteria: list[Criterion | PeriodCriterion] = field(default_factory=list)
+    columns: list[Key] = field(default_factory=list)  # one per returned value
+    fixed: list[tuple[BaseTag, str, str]] = field(default_factory=list)  # (tag, VR, value)
+
+
+def _level(model: QueryModel, identifier: Dataset) -> Level:
+    element = identifier.get(_QUERY_LEVEL)
+    if element is None or not element.value:
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
+                         "QueryRetrieveLevel is missing")
+    try:
+        level = Level[str(element.value).strip()]
+    except KeyError:
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
+                         "QueryRetrieveLevel is not PATIENT, STUDY, SERIES or IMAGE") from None
+    if level not in _LEVELS[model]:
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
+                         f"the {model.value} root model has no {level.name} level")
+    return level
+
+
+def _plan(level: Level, identifier: Dataset, retrieve_ae_title: str, combined: bool) -> _Plan:
+    plan = _Plan()
+    wanted: dict[str, tuple[Key, list[str]]] = {}
+    for element in identifier:
+        tag = element.tag
+        if tag in (_QUERY_LEVEL, _CHARACTER_SET) or tag.element == 0:
+            continue  # answered separately; group lengths are not keys
+        if tag == _RETRIEVE_AE:
+            plan.fixed.append((tag, "AE", retrieve_ae_title))
+            continue
+        key = attributes.lookup(tag, level)
+        if key is None:
+            plan.fixed.append((tag, element.VR, ""))
+            continue
+        plan.columns.append(key)
+        wanted[key.keyword] = (key, _values(element))
+
+    if combined:
+        for date_keyword, time_keyword in DATETIME_PAIRS.items():
+            pair = _single_values(wanted, date_keyword, time_keyword)
+            if pair is None:
+                continue
+            (date_key, date_value), (time_key, time_value) = pair
+            period = matching.combined_datetime(date_value, time_value)
+            if period is not None:
+                plan.criteria.append(PeriodCriterion(date_key, time_key, period))
+                del wanted[date_keyword], wanted[time_keyword]
+    for key, values in wanted.values():
+        found = matching.term(key.match, values)
+        if found is not None:
+            plan.criteria.append(Criterion(key, found))
+    return plan
+
+
+def _single_values(
+    wanted: dict[str, tuple[Key, list[str]]], date_keyword: str, time_keyword: str
+) -> tuple[tuple[Key, str], tuple[Key, str]] | None:
+    """Both keys of a date-time pair when each carries exactly one value."""
+    if date_keyword not in wanted or time_keyword not in wanted:
+        return None
+    (date_key, dates), (time_key, times) = wanted[date_keyword], wanted[time_keyword]
+    if len(dates) != 1 or len(times) != 1:
+        return None
+    return (date_key, dates[0]), (time_key, times[0])
+
+
+def _values(element: DataElement) -> list[str]:
+    """The request values of a key as text; several for a multi-valued key."""
+    value = element.value
+    if value is None or element.VR == "SQ" or isinstance(value, bytes | bytearray):
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(item) for item in value]
+    return [str(value)]
+
+
+def _element(tag: BaseTag, vr: str, value: object) -> DataElement:
+    # Values come from the index as stored; pydicom's value checks would only
+    # warn, quoting the value (possibly PHI) in the warning text.
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
+def _response(level: Level, plan: _Plan, row: Sequence[object]) -> Dataset:
+    response = Dataset()
+    response[_QUERY_LEVEL] = _element(_QUERY_LEVEL, "CS", level.name)
+    non_ascii = False
+    for key, value in zip(plan.columns, row, strict=True):
+        if isinstance(value, str):
+            non_ascii = non_ascii or not value.isascii()
+            if key.multi:
+                value = value.split("\\")
+        if value is None or value == "":
+            value = empty_value_for_VR(key.vr)
+        response[key.tag] = _element(key.tag, key.vr, value)
+    for tag, vr, text in plan.fixed:
+        response[tag] = _element(tag, vr, text or empty_value_for_VR(vr))
+    if non_ascii:
+        response[_CHARACTER_SET] = _element(_CHARACTER_SET, "CS", _UTF8)
+    return response

@@ -1,0 +1,165 @@
+"""DICOM attribute matching (PS3.4 C.2.2.2): what a request value selects.
+
+Every function returns a matching term of the store
+(appliance.store.cfind.conditions: plain values, no SQL) or None for universal
+matching; the store turns terms into SQL, with request values only ever as
+parameters.
+
+Rules, per kind of attribute:
+
+- Universal: an empty value, or a value made only of `*`, matches everything.
+  A key with several values (backslash-separated) matches when any value does,
+  which for UIDs is List of UID matching.
+- TEXT (SH, LO, CS ...): case-sensitive. Without wildcards it is an equality;
+  with `*` / `?` it is a wildcard pattern (any other character is literal).
+- PERSON_NAME (PN): case-insensitive, because many modalities send names in
+  upper case and a workstation user types `mueller*` or `Müller*`. Both sides
+  are compared after Unicode case folding (`str.casefold`), so `MÜLLER`
+  matches `Müller`. The whole PN string is matched, component groups
+  (`alphabetic=ideographic=phonetic`) included; `Yamada*` finds
+  `Yamada^Tarou=山田^太郎`.
+- DATE (DA): `YYYYMMDD`, or a range `A-`, `-B`, `A-B` (inclusive).
+- TIME (TM): compared as normalised keys (`appliance.store.times`). A value
+  with reduced precision stands for its whole period: `1015` matches
+  10:15:00 to 10:15:59.999999, and `-1015` ends at 10:15:59.999999.
+- UID: list of UID matching; no wildcards (a `*` in a UID is a literal).
+- INTEGER (IS): equality.
+- Entities whose value is empty never match a non-universal key.
+- Combined date-time matching (an extended negotiation option): when both
+  the date and the time of a pair are ranges, they bound one period, e.g.
+  `20240105-20240107` with `1000-1800` is 5 Jan 10:00 to 7 Jan 18:00.
+
+Malformed dates, times and integers raise QueryError 0xC000.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from appliance.base.errors import QueryError, QueryRefusal
+from appliance.store.cfind.attributes import Match
+from appliance.store.cfind.conditions import (
+    AnyOf,
+    Between,
+    Equals,
+    FoldedWildcard,
+    OneOf,
+    Period,
+    Term,
+    Wildcard,
+)
+from appliance.store.times import time_key
+
+__all__ = ["Match", "combined_datetime", "term"]
+
+_DATE = re.compile("[0-9]{8}")
+_DAY_START, _DAY_END = "000000.000000", "235959.999999"
+
+
+def term(kind: Match, values: Sequence[str]) -> Term | None:
+    """What a key of `kind` sent with `values` selects; None when it matches everything."""
+    wanted = [v.strip() for v in values if v.strip()]
+    if kind is Match.RETURN_ONLY or not wanted or any(_universal(v) for v in wanted):
+        return None
+    if kind is Match.UID:
+        return OneOf(tuple(wanted))
+    build = _BUILDERS[kind]
+    terms = [build(value) for value in wanted]
+    return terms[0] if len(terms) == 1 else AnyOf(tuple(terms))
+
+
+def combined_datetime(date_value: str, time_value: str) -> Period | None:
+    """One period bounded by a date range and a time range; None unless both are ranges.
+
+    An open side of the time range is the start or the end of its day.
+    """
+    date_value, time_value = date_value.strip(), time_value.strip()
+    if not (_is_range(date_value) and _is_range(time_value)):
+        return None
+    first_day, last_day = _range(date_value, _check_date)
+    first_time, last_time = _range(time_value, _check_time)
+    return Period(
+        first_day=first_day,
+        first_time=time_key(first_time) if first_time else _DAY_START,
+        last_day=last_day,
+        last_time=_time_upper(last_time) if last_time else _DAY_END,
+    )
+
+
+def _is_range(value: str) -> bool:
+    return "-" in value
+
+
+def _universal(value: str) -> bool:
+    return set(value) == {"*"}
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _text(value: str) -> Term:
+    return Wildcard(value) if _has_wildcard(value) else Equals(value)
+
+
+def _person_name(value: str) -> Term:
+    return FoldedWildcard(value.casefold())
+
+
+def _integer(value: str) -> Term:
+    try:
+        return Equals(int(value))
+    except ValueError:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "an integer key is malformed") from None
+
+
+def _date(value: str) -> Term:
+    if not _is_range(value):
+        return Equals(_check_date(value))
+    return Between(*_range(value, _check_date))
+
+
+def _time(value: str) -> Term:
+    if not _is_range(value):
+        _check_time(value)
+        return Between(time_key(value), _time_upper(value))
+    first, last = _range(value, _check_time)
+    return Between(time_key(first) if first else "", _time_upper(last) if last else "")
+
+
+def _range(value: str, check: Callable[[str], str]) -> tuple[str, str]:
+    first, sep, last = value.partition("-")
+    if not sep or "-" in last:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a range key is malformed")
+    first, last = first.strip(), last.strip()
+    if not first and not last:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a range key has no bound")
+    return (check(first) if first else "", check(last) if last else "")
+
+
+def _check_date(value: str) -> str:
+    if not _DATE.fullmatch(value):
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key is not YYYYMMDD")
+    return value
+
+
+def _check_time(value: str) -> str:
+    if not time_key(value):
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is not HHMMSS.FFFFFF")
+    return value
+
+
+def _time_upper(value: str) -> str:
+    """The last moment a reduced-precision time stands for, as a time key."""
+    whole, _, fraction = value.strip().replace(":", "").partition(".")
+    return f"{whole[:6]:9<6}.{fraction[:6]:9<6}"
+
+
+_BUILDERS: dict[Match, Callable[[str], Term]] = {
+    Match.TEXT: _text,
+    Match.PERSON_NAME: _person_name,
+    Match.DATE: _date,
+    Match.TIME: _time,
+    Match.INTEGER: _integer,
+}
