@@ -24,6 +24,7 @@ from appliance import cli_admin as admin_commands
 from appliance import cli_audit as audit_commands
 from appliance import cli_cloud as cloud_commands
 from appliance import cli_readers as reader_commands
+from appliance import cli_worklist as worklist_commands
 from appliance.audit import Auditor
 from appliance.cli_common import (
     err,
@@ -56,6 +57,8 @@ def main() -> None:
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
 @click.option("--tls-port", type=int, default=None,
               help="DICOM TLS port (default 2762); 0 turns TLS off.")
+@click.option("--hl7-port", type=int, default=None,
+              help="HL7 MLLP port for RIS orders (default 2575); 0 turns it off.")
 @click.option("--cloud", "cloud_url", default=None,
               help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
                    " (default: <home>/cloud).")
@@ -68,13 +71,14 @@ def main() -> None:
               help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
-         tls_port: int | None, cloud_url: str | None, cert_days: int,
+         tls_port: int | None, hl7_port: int | None, cloud_url: str | None, cert_days: int,
          ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
+                 "hl7": {"port": hl7_port},
                  "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
@@ -126,9 +130,11 @@ def peers() -> None:
 @click.argument("name")
 @click.option("--ae-title", required=True)
 @click.option("--host", required=True)
-@click.option("--port", type=int, required=True)
+@click.option("--port", type=int, default=0,
+              help="Where the peer listens (required unless --allow is only hl7).")
 @click.option("--allow", default="store,find,move,get", show_default=True,
-              help="Comma-separated permissions: store, find, move, get.")
+              help="Comma-separated permissions: store, find, move, get, hl7 (may send"
+                   " HL7 orders from --host).")
 @click.option("--bind-host", is_flag=True,
               help="Accept this AE title only from the addresses of --host.")
 @click.option("--tls", "use_tls", is_flag=True,
@@ -371,6 +377,7 @@ main.add_command(audit_commands.audit)
 main.add_command(reader_commands.readers)
 main.add_command(reader_commands.reader)
 main.add_command(reader_commands.restore)
+main.add_command(worklist_commands.worklist)
 admin_commands.keys.add_command(reader_commands.keys_escrow)
 admin_commands.keys.add_command(reader_commands.keys_recover)
 

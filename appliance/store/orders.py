@@ -58,8 +58,10 @@ index's reader through ``database.run_sync``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 
 from appliance.store import database
@@ -263,6 +265,20 @@ def merges_of(conn: sqlite3.Connection, prior: PatientKey) -> list[PatientKey]:
 
 
 # --- writes (inside Writer.submit_sync) -------------------------------------------
+
+@contextlib.contextmanager
+def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """All or nothing inside the writer's transaction: a failure rolls back only what
+    ran inside (the caller may still record why, in the same transaction)."""
+    conn.execute("SAVEPOINT orders_apply")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO orders_apply")
+        conn.execute("RELEASE orders_apply")
+        raise
+    conn.execute("RELEASE orders_apply")
+
 
 def insert_order(conn: sqlite3.Connection, *, accession_number: str, placer_order_number: str,
                  filler_order_number: str, study_uid: str, details: OrderDetails,
