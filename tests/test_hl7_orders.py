@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import selectors
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,6 +115,36 @@ def test_second_new_order_with_the_same_accession_is_refused(
     ack = hl7peer.send(port, hl7peer.orm("N2", accession="ACC1", name="OTHER^NAME"))
     assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "205")
     assert show(server, "ACC1")["patient_name"] == "DOE^JANE"
+
+
+def _audit_records(server: EdgeServer) -> list[dict[str, Any]]:
+    path = server.home / "audit" / "audit.log"
+    if not path.exists():
+        return []
+    return [json.loads(line)["record"] for line in path.read_text().splitlines()]
+
+
+def test_orders_and_patient_changes_are_audited_and_never_logged(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    canary = {"patient_id": "HL7CANARY7", "name": "KANARIE^HELGA"}
+    assert hl7peer.send(port, hl7peer.orm("AU1", accession="ACCCANARY", **canary)).code == "AA"
+    assert hl7peer.send(port, hl7peer.orm("AU2", "CA", accession="ACCCANARY")).code == "AA"
+    assert hl7peer.send(port, hl7peer.adt("AU3", "A08", **canary)).code == "AA"
+    wanted = {("110109", "C"), ("110109", "D"), ("110110", "U")}
+    deadline = time.monotonic() + 60
+    seen: set[tuple[str, str]] = set()
+    while not wanted <= seen and time.monotonic() < deadline:
+        seen = {(r["EventIdentification"]["EventID"]["csd-code"],
+                 r["EventIdentification"]["EventActionCode"]) for r in _audit_records(server)}
+        time.sleep(0.2)  # polling the buffered audit log, not synchronising on time
+    assert wanted <= seen
+    audit_text = (server.home / "audit" / "audit.log").read_text()
+    assert "HL7CANARY7" in audit_text and "ACCCANARY" in audit_text
+    log = server.log()
+    for phi in ("HL7CANARY7", "KANARIE", "ACCCANARY", show(server, "ACCCANARY")["study_uid"]):
+        assert phi not in log
+    assert "audit log intact" in server.cli("audit", "verify").stdout
 
 
 # --- idempotence and durability -----------------------------------------------------
@@ -266,6 +298,41 @@ def test_connection_from_a_host_not_allowed_is_closed_unanswered(
     sock.close()
     assert worklist(server) == []
     assert "host is not an hl7 peer address=127.0.0.2" in server.log()
+
+
+def _closed_unanswered(sock: socket.socket, data: bytes) -> bool:
+    try:
+        sock.sendall(data)
+        return sock.recv(4096) == b""
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def test_mllp_over_tls_needs_a_certificate_from_the_site_ca(
+        edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+        tmp_path: Path) -> None:
+    server = edge_server_factory(start=False)
+    port = free_port()
+    server.configure(hl7={"port": port, "tls": True})
+    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
+               "--allow", "hl7")
+    server.start()
+    server.cli("certs", "issue", "ris", "--out", str(tmp_path / "ris"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(server.home / "tls" / "ca.pem")
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+    with (socket.create_connection((hl7peer.HOST, port), timeout=hl7peer.TIMEOUT) as plain,
+          anonymous.wrap_socket(plain) as tls):
+        # TLS 1.3: a missing client certificate is refused just after the handshake.
+        assert _closed_unanswered(tls, hl7peer.frame(hl7peer.orm("TLS0", accession="NOCERT")))
+    context.load_cert_chain(tmp_path / "ris" / "ris.pem", tmp_path / "ris" / "ris.key")
+    with (socket.create_connection((hl7peer.HOST, port), timeout=hl7peer.TIMEOUT) as plain,
+          context.wrap_socket(plain) as tls):
+        tls.sendall(hl7peer.frame(hl7peer.orm("TLS1", accession="TLS1")))
+        assert hl7peer.read_ack(tls).code == "AA"  # type: ignore[arg-type]
+    assert [o["accession_number"] for o in worklist(server)] == ["TLS1"]
 
 
 # --- patients -------------------------------------------------------------------------

@@ -83,11 +83,10 @@ class Parsed:
 
     header: MessageHeader
     request: Request
-    encoding: str = "utf-8"
 
 
-def read_header(raw: bytes) -> tuple[MessageHeader, str, hl7.Message]:
-    """Check and decode MSH; return the header, the codec and the parsed message."""
+def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
+    """Check MSH, decode in its character set; return the header and the parsed message."""
     if not raw.startswith(b"MSH"):
         raise Hl7Error("message does not start with an MSH segment", "MSH-1",
                        ErrorCode.SEGMENT_SEQUENCE, reject=True)
@@ -146,12 +145,12 @@ def read_header(raw: bytes) -> tuple[MessageHeader, str, hl7.Message]:
             f"message type {code}^{event} is not supported", "MSH-9",
             ErrorCode.UNSUPPORTED_EVENT if known_code else ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
             reject=True, header=header)
-    return header, codec, message
+    return header, message
 
 
 def parse(raw: bytes) -> Parsed:
     """Translate one MLLP block; raises Hl7Error naming the field at fault."""
-    header, codec, message = read_header(raw)
+    header, message = read_header(raw)
     try:
         if header.message_code == "ADT":
             request = _adt(message, header)
@@ -160,7 +159,7 @@ def parse(raw: bytes) -> Parsed:
     except Hl7Error as exc:
         exc.header = header
         raise
-    return Parsed(header, request, codec)
+    return Parsed(header, request)
 
 
 # --- field access ------------------------------------------------------------------
