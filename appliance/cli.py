@@ -154,7 +154,8 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
         auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
                              allow=peer.allow, flags=peer.flags)
     allowed = ",".join(sorted(peer.allow))
-    out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
+    where = f"{host}:{port}" if port else host
+    out.print(f"added peer {name} ({ae_title} at {where}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
     if tls_only and not config.dicom.tls_port:
         err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"

@@ -73,6 +73,10 @@ def worklist_list(home: Path | None, status: str | None, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps([_order_json(o) for o in orders]))
         return
+    if not orders:
+        err.print("no orders" + (f" in status {wanted.value}" if wanted else ""),
+                  highlight=False)
+        return
     table = Table("Accession", "Status", "Scheduled", "Modality", "Station", "Patient ID",
                   "Patient name", "Procedure", "Images")
     for o in orders:
@@ -81,9 +85,6 @@ def worklist_list(home: Path | None, status: str | None, as_json: bool) -> None:
                       o.demographics.patient_name, o.details.requested_procedure_desc,
                       str(o.images_received))
     out.print(table)
-    if not orders:
-        err.print("no orders" + (f" in status {wanted.value}" if wanted else ""),
-                  highlight=False)
 
 
 @worklist.command("show")
