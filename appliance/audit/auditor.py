@@ -100,6 +100,28 @@ class StudyFacts(Protocol):
     def accession_number(self) -> str: ...
 
 
+class PatientFacts(Protocol):
+    @property
+    def patient_id(self) -> str: ...
+
+
+class OrderFacts(Protocol):
+    """An applied HL7 change (appliance.services.orders.Effect)."""
+
+    @property
+    def action(self) -> str: ...
+    @property
+    def patient(self) -> PatientFacts: ...
+    @property
+    def patient_name(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def prior(self) -> PatientFacts | None: ...
+
+
 @dataclass(frozen=True)
 class Requestor:
     ae_title: str
@@ -385,6 +407,47 @@ class Auditor:
         self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
                      (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
                      description=reason, urgent=True)
+
+    # --- events: HL7 orders and patients ------------------------------------------------
+
+    def order_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
+        """An HL7 order was created, changed, cancelled or discontinued (Order Record)."""
+        action = {"create": Action.CREATE, "cancel": Action.DELETE,
+                  "discontinue": Action.DELETE}.get(effect.action, Action.UPDATE)
+        objects = (study_object(effect.study_uid, {}, effect.accession_number),
+                   patient_object(effect.patient.patient_id, effect.patient_name))
+        self._record(EventID.ORDER_RECORD, action, Outcome.SUCCESS,
+                     self._hl7_participants(sender, address), objects=objects,
+                     description=f"order {effect.action}")
+
+    def patient_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
+        """An HL7 ADT registered, updated or merged a patient (Patient Record)."""
+        objects: tuple[ParticipantObject, ...] = (
+            patient_object(effect.patient.patient_id, effect.patient_name),)
+        if effect.prior is not None:
+            prior = replace(patient_object(effect.prior.patient_id),
+                            details=(("MergedInto", effect.patient.patient_id),))
+            objects += (prior,)
+        action = Action.CREATE if effect.action == "register" else Action.UPDATE
+        self._record(EventID.PATIENT_RECORD, action, Outcome.SUCCESS,
+                     self._hl7_participants(sender, address), objects=objects,
+                     description=f"patient {effect.action}")
+
+    def hl7_connection_refused(self, address: str, reason: str) -> None:
+        """An MLLP connection from a host that may not send HL7; repeated refusals from
+        one address are counted, as rejected associations are (rejections.py)."""
+        if not self._rejections.note(address, "HL7", reason):
+            return
+        remote = Participant(address or "unknown", requestor=True, address=address)
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
+                     (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
+                     description=reason, urgent=True)
+
+    def _hl7_participants(self, sender: str, address: str) -> tuple[Participant, ...]:
+        peer = Participant(sender or address, requestor=True, roles=(Role.SOURCE,),
+                           address=address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        return peer, box
 
     # --- events: ingest from files ----------------------------------------------------
 

@@ -60,6 +60,8 @@ class EventID:
     STUDY_DELETED = _dcm("110105", "DICOM Study Deleted")
     EXPORT = _dcm("110106", "Export")
     IMPORT = _dcm("110107", "Import")
+    ORDER_RECORD = _dcm("110109", "Order Record")
+    PATIENT_RECORD = _dcm("110110", "Patient Record")
     QUERY = _dcm("110112", "Query")
     SECURITY_ALERT = _dcm("110113", "Security Alert")
     USER_AUTHENTICATION = _dcm("110114", "User Authentication")

@@ -64,6 +64,22 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class Hl7Config:
+    """The HL7 v2 order feed over MLLP (appliance/hl7/listener.py)."""
+
+    port: int = field(default=2575, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                     "0 (off) or 1-65535"))
+    host: str = "127.0.0.1"
+    tls: bool = False
+    tls_require_client_cert: bool = True
+    max_message_bytes: int = field(
+        default=1_048_576, metadata=_check(lambda v: 1024 <= v <= 64 << 20,
+                                           "1024 to 67108864 bytes"))
+    idle_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    max_connections: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("store")
     reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
@@ -159,6 +175,7 @@ class LogConfig:
 class Config:
     home: Path
     dicom: DicomConfig = DicomConfig()
+    hl7: Hl7Config = Hl7Config()
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
     dropfolder: DropFolderConfig = DropFolderConfig()
@@ -194,6 +211,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
+    "hl7": Hl7Config,
     "store": StoreConfig,
     "index": IndexConfig,
     "dropfolder": DropFolderConfig,
@@ -320,6 +338,15 @@ _COMMENTS = {
     "dicom.connect_timeout": "Seconds to connect to a C-MOVE destination.",
     "dicom.suboperation_timeout": "Seconds to wait for a C-STORE response during C-MOVE.",
     "dicom.suboperation_retries": "Retries of a C-MOVE sub-operation on a fresh association.",
+    "hl7": "HL7 v2 orders and patient updates from the RIS over MLLP (docs/workflow.md).",
+    "hl7.port": "MLLP port (2575 is the usual one); 0 turns the listener off.",
+    "hl7.host": "Listen address (0.0.0.0 opens it to the LAN). Senders need a peer with"
+    " permission hl7 for their host.",
+    "hl7.tls": "MLLP over TLS with the site CA's certificates (as DICOM TLS).",
+    "hl7.tls_require_client_cert": "With tls: senders need a certificate from the site CA.",
+    "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
+    "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
+    "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",

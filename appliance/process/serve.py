@@ -28,7 +28,9 @@ from appliance.dimse.server import DimseServer, configure_pynetdicom, event_hand
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
 from appliance.dropfolder import DropFolderWatcher
+from appliance.hl7.listener import Hl7Listener
 from appliance.services.ingest import IngestService
+from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import begin_run, end_run, recover
@@ -57,6 +59,15 @@ def _tls_client_context(config: Config) -> ssl.SSLContext | None:
         return None
     paths = TlsPaths(config.home)
     return client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+
+
+def _hl7_tls_context(config: Config) -> ssl.SSLContext | None:
+    """MLLP over TLS with the site CA's certificates; None when [hl7] tls is off."""
+    if not config.hl7.tls:
+        return None
+    paths = TlsPaths(config.home)
+    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                          require_client_cert=config.hl7.tls_require_client_cert)
 
 
 async def serve(
@@ -109,6 +120,13 @@ async def serve(
             watcher = DropFolderWatcher.from_config(
                 config, AuditedIngest(services.ingest, auditor, "dropfolder"))
             await watcher.start()
+        # One HL7 listener per data home, like the watcher (worker 0 with several).
+        hl7 = None
+        if config.hl7.port and not worker:
+            hl7 = Hl7Listener(config.hl7, allowlist, OrderService(index, auditor),
+                              tls_context=_hl7_tls_context(config),
+                              on_refused=auditor.hl7_connection_refused)
+            await hl7.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -135,6 +153,8 @@ async def serve(
         finally:
             notifier.stopping()
             log.info("stopping: no new associations; waiting for open ones to finish")
+            if hl7 is not None:
+                await hl7.stop()
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
             if watcher is not None:
                 await watcher.stop()
