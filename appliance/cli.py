@@ -128,7 +128,8 @@ def peers() -> None:
 @click.option("--host", required=True)
 @click.option("--port", type=int, required=True)
 @click.option("--allow", default="store,find,move,get", show_default=True,
-              help="Comma-separated permissions: store, find, move, get.")
+              help="Comma-separated permissions: store, find, move, get, commit (Storage"
+              " Commitment), mpps, worklist.")
 @click.option("--bind-host", is_flag=True,
               help="Accept this AE title only from the addresses of --host.")
 @click.option("--tls", "use_tls", is_flag=True,

@@ -33,14 +33,15 @@ from tomlkit.exceptions import TOMLKitError
 from appliance.errors import ConfigError, PeerError
 from appliance.store.durable import atomic_write
 
-PERMISSIONS = ("store", "find", "move", "get")
+PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 PEERS_HEADER = """\
 # pacs-edge peer allowlist. Edit with `pacs-edge peers add|remove|list`.
 # Each [peers.NAME] table is one remote AE: its AE title, where it listens
 # (used as the C-MOVE destination), and the services it may use
-# (store, find, move, get). An AE not listed here is rejected at association.
+# (store, find, move, get, commit, mpps, worklist). An AE not listed here is
+# rejected at association.
 """
 
 

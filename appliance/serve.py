@@ -20,6 +20,8 @@ from appliance.audit import Auditor
 from appliance.audit.ingest import AuditedIngest
 from appliance.bridge import LoopBridge
 from appliance.config import Config
+from appliance.dimse.commitment_report import CommitmentReporter
+from appliance.dimse.commitment_scp import attach as attach_commitment
 from appliance.dimse.handlers import DimseHandlers, Services
 from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.retrieve import attach as attach_retrieve
@@ -32,6 +34,7 @@ from appliance.notify import Notifier
 from appliance.peers import Allowlist
 from appliance.recovery import begin_run, end_run, recover
 from appliance.retrieve import RetrieveService
+from appliance.services.commitment import CommitmentService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from provisioning.certs import TlsPaths
@@ -102,7 +105,17 @@ async def serve(
                                    recall_timeout=config.sync.recall_timeout_seconds)
         attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
                         tls_client=_tls_client_context(config))
+        # Storage Commitment: reports a requesting association did not take go out on a
+        # new one; one reporter per data home (worker 0), like the drop folder watcher.
+        commitment = CommitmentService(index, files, allowlist, config.workflow)
+        reporter = CommitmentReporter(server.ae, commitment, allowlist, services.bridge,
+                                      auditor, config.dicom,
+                                      tls_client=_tls_client_context(config))
+        attach_commitment(server.ae, commitment, services.bridge, auditor, reporter.wake,
+                          config.dicom)
         ports = await asyncio.to_thread(server.start)
+        if not worker:
+            reporter.start()
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None
         if config.dropfolder.enabled and not worker:
@@ -136,6 +149,7 @@ async def serve(
             notifier.stopping()
             log.info("stopping: no new associations; waiting for open ones to finish")
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            await asyncio.to_thread(reporter.stop)
             if watcher is not None:
                 await watcher.stop()
             await asyncio.to_thread(auditor.close)

@@ -379,6 +379,20 @@ class Auditor:
                      objects=self._study_objects(study_uids), description=description,
                      urgent=bool(reason))
 
+    def commitment_answered(self, *, peer_ae: str, address: str, study_uids: Iterable[str],
+                            committed: int, failed: int, reason: str = "") -> None:
+        """A Storage Commitment report was delivered to `peer_ae`: the box took responsibility
+        for `committed` instances of these studies; with `reason`, it gave up delivering."""
+        peer = Participant(peer_ae, requestor=True, roles=(Role.DESTINATION,), address=address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.SOURCE,))
+        counts = f"storage commitment: committed={committed} failed={failed}"
+        outcome = (Outcome.SERIOUS_FAILURE if reason
+                   else Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS)
+        self._record(EventID.INSTANCES_ACCESSED, Action.READ, outcome, (peer, box),
+                     objects=self._study_objects(study_uids),
+                     description=f"{reason} ({counts})" if reason else counts,
+                     urgent=True)
+
     def node_authentication_failed(self, address: str, reason: str) -> None:
         """A TLS handshake or certificate check failed (for the TLS listener)."""
         remote = Participant(address or "unknown", requestor=True, address=address)
