@@ -23,6 +23,8 @@ from appliance.config import Config
 from appliance.dimse.commitment_report import CommitmentReporter
 from appliance.dimse.commitment_scp import attach as attach_commitment
 from appliance.dimse.handlers import DimseHandlers, Services
+from appliance.dimse.mpps_scp import MppsScp
+from appliance.dimse.mpps_scp import event_handlers as mpps_handlers
 from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
@@ -35,6 +37,7 @@ from appliance.peers import Allowlist
 from appliance.recovery import begin_run, end_run, recover
 from appliance.retrieve import RetrieveService
 from appliance.services.commitment import CommitmentService
+from appliance.services.mpps import MppsService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from provisioning.certs import TlsPaths
@@ -94,7 +97,9 @@ async def serve(
             audit=auditor,
         )
         server = DimseServer(
-            config.dicom, allowlist, event_handlers(DimseHandlers(services)),
+            config.dicom, allowlist,
+            [*event_handlers(DimseHandlers(services)),
+             *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
             tls_context=_tls_context(config),

@@ -19,6 +19,7 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -52,7 +53,7 @@ QUERY_RETRIEVE_CONTEXTS = (
     StudyRootQueryRetrieveInformationModelGet,
 )
 # Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
-WORKFLOW_CONTEXTS = (StorageCommitmentPushModel,)
+WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep)
 # An AE title no peer can have (17 characters): pynetdicom reads an empty
 # require_calling_aet as "admit everyone", the appliance as "admit no one".
 _NOBODY = "~" * 17
