@@ -30,6 +30,7 @@ from appliance.dimse.retrieve import attach as attach_retrieve
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
+from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.ingest import IngestService
 from appliance.notify import Notifier
@@ -38,6 +39,7 @@ from appliance.recovery import begin_run, end_run, recover
 from appliance.retrieve import RetrieveService
 from appliance.services.commitment import CommitmentService
 from appliance.services.mpps import MppsService
+from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from provisioning.certs import TlsPaths
@@ -98,7 +100,8 @@ async def serve(
         )
         server = DimseServer(
             config.dicom, allowlist,
-            [*event_handlers(DimseHandlers(services)),
+            [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
+                WorklistService(index, allowlist), services.bridge, auditor))),
              *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),

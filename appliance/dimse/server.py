@@ -20,6 +20,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -53,7 +54,8 @@ QUERY_RETRIEVE_CONTEXTS = (
     StudyRootQueryRetrieveInformationModelGet,
 )
 # Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
-WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep)
+WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep,
+                     ModalityWorklistInformationFind)
 # An AE title no peer can have (17 characters): pynetdicom reads an empty
 # require_calling_aet as "admit everyone", the appliance as "admit no one".
 _NOBODY = "~" * 17

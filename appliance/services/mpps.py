@@ -12,13 +12,16 @@
   Comment, PS3.4 F.7.2.2.4.2).
 - Both are committed (fsync + WAL commit) before the success is returned.
 
-Linking to orders: each step keeps the keys of its Scheduled Step Attributes
-Sequence items (Study Instance UID, Accession Number, Requested Procedure ID,
-Scheduled Procedure Step ID) in `mpps_step_refs`. FOLLOW-UP (issue 15, "the
-worklist item follows the step's status"): once the orders table of the HL7
-side (migration 0006) is merged, `link_step_to_orders` belongs here, called
-after each committed create/update, setting the order's status from the
-step's by those keys.
+Linking to orders ("the worklist item follows the step's status"): each step
+keeps the keys of its Scheduled Step Attributes Sequence items (Study
+Instance UID, Accession Number, Requested Procedure ID, Scheduled Procedure
+Step ID) in `mpps_step_refs`, and in the same transaction as the step
+`link_step_to_orders` moves each order it names (by Study Instance UID, else
+Accession Number) through the order state table (services/order_states.py):
+N-CREATE starts it, N-SET COMPLETED / DISCONTINUED completes / discontinues
+it. An order that cannot take the move (cancelled by the RIS meanwhile, or
+already final) keeps its status: the step is still recorded, since it reports
+what happened at the modality, and a warning is logged.
 
 Every refusal is an MppsRefused whose `kind` the edge maps to a DICOM status.
 """
@@ -27,8 +30,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
@@ -38,7 +42,9 @@ from pynetdicom.dsutils import decode, encode
 
 from appliance.errors import PacsEdgeError
 from appliance.peers import Allowlist
+from appliance.services.order_states import OrderTransitionError, OrderTrigger, apply_sync
 from appliance.store import database, mpps
+from appliance.store import orders as order_store
 from appliance.store.index import Index
 from appliance.store.mpps import (
     DuplicateStep,
@@ -66,6 +72,8 @@ _REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
                        "Modality")
 _REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
 _MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
+_ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
+                  MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
 
 
 class Kind(enum.Enum):
@@ -125,10 +133,15 @@ class MppsService:
         encoded = _encode(attributes)
         now = self.clock()
         assert self.index.writer is not None
+        refs = _refs(attributes)
+
+        def create(conn: sqlite3.Connection) -> None:
+            mpps.create(conn, sop_uid=sop_uid, calling_ae=calling_ae,
+                        fields=_fields(attributes), dataset=encoded, refs=refs, now=now)
+            link_step_to_orders(conn, refs, OrderTrigger.START, now)
+
         try:
-            await self.index.writer.submit_sync(lambda conn: mpps.create(
-                conn, sop_uid=sop_uid, calling_ae=calling_ae, fields=_fields(attributes),
-                dataset=encoded, refs=_refs(attributes), now=now))
+            await self.index.writer.submit_sync(create)
         except DuplicateStep:
             raise MppsRefused(Kind.DUPLICATE) from None
         step = await self._load(sop_uid)
@@ -159,10 +172,12 @@ class MppsService:
             encoded = _encode(merged)
             now = self.clock()
             assert self.index.writer is not None
+            change = partial(mpps.update, sop_uid=sop_uid, expect_dataset=step.dataset,
+                             trigger=trigger, fields=_fields(merged), dataset=encoded, now=now)
+            order_trigger = _ORDER_TRIGGER.get(trigger)
             try:
                 await self.index.writer.submit_sync(partial(
-                    mpps.update, sop_uid=sop_uid, expect_dataset=step.dataset,
-                    trigger=trigger, fields=_fields(merged), dataset=encoded, now=now))
+                    _update_and_link, change, step.refs, order_trigger, now))
             except NoSuchStep:
                 raise MppsRefused(Kind.NO_SUCH_STEP) from None
             except MppsTransitionError:
@@ -176,6 +191,35 @@ class MppsService:
 
     async def _load(self, sop_uid: str) -> Step | None:
         return await database.run_sync(self.index.reader, mpps.load, sop_uid)
+
+
+def link_step_to_orders(conn: sqlite3.Connection, refs: Sequence[StepRef],
+                        trigger: OrderTrigger, at: float) -> int:
+    """Move the orders a step names by `trigger`, in the step's transaction; returns how
+    many moved. An order found by neither key, or that cannot take the move, is left."""
+    moved = 0
+    for ref in refs:
+        order = order_store.find_order_by_study(conn, ref.study_uid) if ref.study_uid else None
+        if order is None and ref.accession_number:
+            order = order_store.find_order(conn, ref.accession_number)
+        if order is None:
+            continue
+        try:
+            apply_sync(conn, order, trigger, source="mpps", at=at)
+        except OrderTransitionError as exc:
+            log.warning("procedure step leaves its order unchanged: %s order=%d", exc.message,
+                        order.id)
+            continue
+        moved += 1
+    return moved
+
+
+def _update_and_link(change: Callable[[sqlite3.Connection], MppsState],
+                     refs: Sequence[StepRef], trigger: OrderTrigger | None, at: float,
+                     conn: sqlite3.Connection) -> None:
+    change(conn)
+    if trigger is not None:
+        link_step_to_orders(conn, refs, trigger, at)
 
 
 def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
