@@ -60,6 +60,7 @@ WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"  # the one SOP Instance of the pu
 REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 EVENT_ALL_COMMITTED = 1  # Event Type IDs (PS3.4 J.3.3.1)
 EVENT_FAILURES_EXIST = 2
+SAME_ASSOCIATION_WAIT = 10.0  # seconds for the N-EVENT-REPORT response on the request's association
 
 FAILURE_REASON = {  # Failure Reason (0008,1197) per verdict, PS3.4 J.3.2.1.1.2.4
     Verdict.UNKNOWN: Status.NO_SUCH_SOP_INSTANCE,
@@ -228,7 +229,14 @@ class _Request:
             return "requesting association is being released"
         # In the reactor thread, inside the service class: the reactor cannot take
         # the response off the queue (pynetdicom marks it paused while SCP() runs).
-        return send_report(assoc, report, ae_title=str(assoc.acceptor.ae_title).strip())
+        # A modality that released right after the N-ACTION response ignores a report
+        # that crossed its A-RELEASE-RQ: wait less than a full DIMSE timeout for it.
+        previous = assoc.dimse_timeout
+        assoc.dimse_timeout = min(previous or SAME_ASSOCIATION_WAIT, SAME_ASSOCIATION_WAIT)
+        try:
+            return send_report(assoc, report, ae_title=str(assoc.acceptor.ae_title).strip())
+        finally:
+            assoc.dimse_timeout = previous
 
 
 def _parse(info: Dataset) -> tuple[str, list[RequestedItem]]:
