@@ -31,7 +31,14 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
-from appliance.store.orders import Demographics, OrderDetails, PatientKey, insert_order
+from appliance.services.order_states import OrderTrigger, apply_sync
+from appliance.store.orders import (
+    Demographics,
+    OrderDetails,
+    PatientKey,
+    find_order,
+    insert_order,
+)
 
 MODALITY = "MODALITY"
 REFUSED_NOT_AUTHORIZED = 0x0124
@@ -235,6 +242,62 @@ def test_started_order_leaves_the_worklist_and_follows_its_step(
         assoc.release()
     completed = {f"{SPS}ScheduledProcedureStepStatus": "COMPLETED"}
     assert _accessions(_query(edge.port, completed)) == ["ACC001"]
+
+
+def test_worklist_answers_on_the_tls_port(edge_server_factory: Callable[..., EdgeServer],
+                                          study_uids: dict[str, str], tmp_path: Path) -> None:
+    edge = edge_server_factory(start=False)
+    tls_port = dcmtk.free_port()
+    edge.configure(dicom={"tls_port": tls_port})
+    edge.start()
+    edge.add_peer("modality", MODALITY, 1, allow="worklist")
+    schedule(edge.home, study_uids)
+    certs = tmp_path / "modality"
+    edge.cli("certs", "issue", "modality", "--out", str(certs))
+    tls = ["+tls", str(certs / "modality.key"), str(certs / "modality.pem"),
+           "+cf", str(certs / "ca.pem"), "--profile-bcp195-nd"]
+    result = dcmtk.findscu(tls_port, {**dict.fromkeys(RETURN_KEYS, ""),
+                                      f"{SPS}Modality": "MR"},
+                           model="worklist", aet=MODALITY, args=tls).check()
+    assert _accessions(result) == ["ACC003", "ACC005"]
+
+
+def test_step_of_a_cancelled_order_is_recorded_and_the_order_stays_cancelled(
+        worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
+    edge = worklist_edge()
+    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        order = find_order(db, "ACC002")
+        assert order is not None
+        apply_sync(db, order, OrderTrigger.CANCEL, source="test")
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        item = Dataset()
+        item.StudyInstanceUID = study_uids["ACC002"]
+        item.AccessionNumber = "ACC002"
+        attrs = Dataset()
+        attrs.ScheduledStepAttributesSequence = [item]
+        attrs.PerformedProcedureStepID = "PPS2"
+        attrs.PerformedStationAETitle = "CT01"
+        attrs.PerformedProcedureStepStartDate = "20240105"
+        attrs.PerformedProcedureStepStartTime = "101600"
+        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
+        attrs.Modality = "CT"
+        status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep,
+                                        str(generate_uid()))
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    discontinued = {f"{SPS}ScheduledProcedureStepStatus": "DISCONTINUED"}
+    assert _accessions(_query(edge.port, discontinued)) == ["ACC002"]
+    assert "procedure step leaves its order unchanged" in edge.log()
 
 
 def test_worklist_refused_to_a_peer_without_worklist_permission(
