@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,7 @@ class _Attachment:
     service: CommitmentService
     bridge: LoopBridge
     audit: Auditor
-    wake_reporter: Any  # () -> None: a report is due on a new association
+    wake_reporter: Callable[[], None]  # a report is due on a new association
     hold_seconds: float  # how long the first attempt may take (see report_hold_seconds)
 
 
@@ -89,7 +90,7 @@ _install_lock = threading.Lock()
 
 
 def attach(ae: AE, service: CommitmentService, bridge: LoopBridge, audit: Auditor,
-           wake_reporter: Any, config: DicomConfig) -> None:
+           wake_reporter: Callable[[], None], config: DicomConfig) -> None:
     """Serve Storage Commitment for `ae` (installs the service-class seam once)."""
     install_service_class()
     _attached[ae] = _Attachment(service, bridge, audit, wake_reporter,

@@ -128,7 +128,8 @@ class WorklistService:
 
 
 def _find(conn: sqlite3.Connection, conditions: list[Condition]) -> list[WorklistItem]:
-    return worklist_store.find_items(conn, conditions, limit=MAX_ITEMS)
+    return worklist_store.find_items(conn, [(c.sql, c.params) for c in conditions],
+                                     limit=MAX_ITEMS)
 
 
 def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:

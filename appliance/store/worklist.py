@@ -4,7 +4,9 @@ The orders table holds one scheduled procedure step per row with every
 attribute a worklist answers, so a worklist query is one SELECT on it with
 no join. `COLUMNS` names the column each matching key is compared with
 (the service builds the conditions with appliance/query/matching.py; column
-names never come from a request, values only travel as parameters).
+names never come from a request, values only travel as parameters). The
+conditions arrive as (SQL, parameters) pairs: this floor does not import the
+query package that builds them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from appliance.query.matching import Condition
 
 # DICOM keyword -> the orders column a matching key is compared with.
 COLUMNS: dict[str, str] = {
@@ -82,12 +82,12 @@ _SELECT = "SELECT " + ", ".join(
      "birth_date", "sex", "status")) + " FROM orders"
 
 
-def find_items(conn: sqlite3.Connection, conditions: Sequence[Condition], *,
-               limit: int) -> list[WorklistItem]:
-    """Orders meeting every condition, by scheduled start; at most `limit` (+1, so the
-    caller can tell that there were more)."""
-    where = " AND ".join(f"({c.sql})" for c in conditions) or "1"
-    params = [p for c in conditions for p in c.params]
+def find_items(conn: sqlite3.Connection, conditions: Sequence[tuple[str, Sequence[object]]],
+               *, limit: int) -> list[WorklistItem]:
+    """Orders meeting every (SQL condition on COLUMNS, parameters), by scheduled start;
+    at most `limit` (+1, so the caller can tell that there were more)."""
+    where = " AND ".join(f"({sql})" for sql, _ in conditions) or "1"
+    params = [p for _, values in conditions for p in values]
     cur = conn.execute(f"{_SELECT} WHERE {where}"
                        " ORDER BY sps_start_date, sps_start_time_key, id LIMIT ?",
                        (*params, limit + 1))
