@@ -401,6 +401,37 @@ class Auditor:
                      objects=self._study_objects(study_uids), description=description,
                      urgent=bool(reason))
 
+    def commitment_answered(self, *, peer_ae: str, address: str, study_uids: Iterable[str],
+                            committed: int, failed: int, reason: str = "") -> None:
+        """A Storage Commitment report was delivered to `peer_ae`: the box took responsibility
+        for `committed` instances of these studies; with `reason`, it gave up delivering."""
+        peer = Participant(peer_ae, requestor=True, roles=(Role.DESTINATION,), address=address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.SOURCE,))
+        counts = f"storage commitment: committed={committed} failed={failed}"
+        outcome = (Outcome.SERIOUS_FAILURE if reason
+                   else Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS)
+        self._record(EventID.INSTANCES_ACCESSED, Action.READ, outcome, (peer, box),
+                     objects=self._study_objects(study_uids),
+                     description=f"{reason} ({counts})" if reason else counts,
+                     urgent=True)
+
+    def procedure_step(self, assoc: Any, *, created: bool, state: str, patient_id: str,
+                       study_uids: Iterable[str], accession_numbers: Iterable[str] = (),
+                       reason: str = "") -> None:
+        """An MPPS N-CREATE (`created`) or N-SET, committed or refused with `reason`
+        (PS3.15 A.5.3.9 Procedure Record). Written before the response: a few per exam."""
+        peer = requestor_of(assoc)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        accessions = tuple(a for a in accession_numbers if a)
+        objects = tuple(replace(study_object(uid, {}), accession_numbers=accessions)
+                        for uid in sorted({u for u in study_uids if u}))
+        if patient_id:
+            objects += (patient_object(patient_id),)
+        self._record(EventID.PROCEDURE_RECORD, Action.CREATE if created else Action.UPDATE,
+                     Outcome.MINOR_FAILURE if reason else Outcome.SUCCESS,
+                     (self._peer(peer, Role.SOURCE), box), objects=objects,
+                     description=reason or f"procedure step {state}", urgent=True)
+
     def node_authentication_failed(self, address: str, reason: str) -> None:
         """A TLS handshake or certificate check failed (for the TLS listener)."""
         remote = Participant(address or "unknown", requestor=True, address=address)

@@ -57,6 +57,7 @@ class EventID:
     AUDIT_LOG_USED = _dcm("110101", "Audit Log Used")
     INSTANCES_ACCESSED = _dcm("110103", "DICOM Instances Accessed")
     INSTANCES_TRANSFERRED = _dcm("110104", "DICOM Instances Transferred")
+    PROCEDURE_RECORD = _dcm("110109", "Procedure Record")
     STUDY_DELETED = _dcm("110105", "DICOM Study Deleted")
     EXPORT = _dcm("110106", "Export")
     IMPORT = _dcm("110107", "Import")

@@ -163,6 +163,16 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class WorkflowConfig:
+    """Storage Commitment, MPPS and worklist (docs/workflow.md)."""
+
+    commit_requires_cloud: bool = False
+    commit_cloud_wait_hours: float = field(default=24.0, metadata=_check(lambda v: v > 0, "> 0"))
+    commit_retry_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
+    commit_give_up_hours: float = field(default=72.0, metadata=_check(lambda v: v > 0, "> 0"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = field(
         default="info",
@@ -182,6 +192,7 @@ class Config:
     cloud: CloudConfig = CloudConfig()
     sync: SyncConfig = SyncConfig()
     audit: AuditConfig = AuditConfig()
+    workflow: WorkflowConfig = WorkflowConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -218,6 +229,7 @@ _SECTIONS: dict[str, type] = {
     "cloud": CloudConfig,
     "sync": SyncConfig,
     "audit": AuditConfig,
+    "workflow": WorkflowConfig,
     "log": LogConfig,
 }
 
@@ -398,6 +410,14 @@ _COMMENTS = {
     "audit.syslog_cert_file": "Client certificate for mutual TLS (\"\": none).",
     "audit.syslog_key_file": "Its private key, a 0600 file.",
     "audit.syslog_retry_seconds": "While the collector is down, retry this often.",
+    "workflow": "Storage Commitment, MPPS and Modality Worklist (docs/workflow.md).",
+    "workflow.commit_requires_cloud": "Commit an instance only once it is also in a verified"
+    " cloud pack (the report waits for the sync agent).",
+    "workflow.commit_cloud_wait_hours": "With commit_requires_cloud: instances not in a verified"
+    " pack after this long are reported failed (0x0110).",
+    "workflow.commit_retry_seconds": "Retry interval for a commitment report the requesting"
+    " peer did not take.",
+    "workflow.commit_give_up_hours": "Stop trying to deliver a commitment report after this long.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }

@@ -130,8 +130,8 @@ def peers() -> None:
 @click.option("--port", type=int, default=0,
               help="Where the peer listens (required unless --allow is only hl7).")
 @click.option("--allow", default="store,find,move,get", show_default=True,
-              help="Comma-separated permissions: store, find, move, get, hl7 (may send"
-                   " HL7 orders from --host).")
+              help="Comma-separated permissions: store, find, move, get, commit (Storage"
+                   " Commitment), mpps, worklist, hl7 (may send HL7 orders from --host).")
 @click.option("--bind-host", is_flag=True,
               help="Accept this AE title only from the addresses of --host.")
 @click.option("--tls", "use_tls", is_flag=True,

@@ -23,6 +23,7 @@ from appliance.dimse.dicom_status import Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import is_tls, peer_identity
+from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist, Peer
 from appliance.services.query.find import QueryError, QueryModel, find
@@ -56,8 +57,9 @@ def peer_label(assoc: Any) -> str:
 
 
 class DimseHandlers:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, worklist: WorklistScp | None = None) -> None:
         self.s = services
+        self.worklist = worklist
 
     # --- association ---------------------------------------------------------
 
@@ -164,6 +166,10 @@ class DimseHandlers:
         return Status.SUCCESS
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if (self.worklist is not None
+                and str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND):
+            yield from self.worklist.on_find(event, peer_label(event.assoc))
+            return
         if self._permitted(event, "find") is None:
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return

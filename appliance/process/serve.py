@@ -21,19 +21,27 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import Config
 from appliance.base.notify import Notifier
+from appliance.dimse.commitment_report import CommitmentReporter
+from appliance.dimse.commitment_scp import attach as attach_commitment
 from appliance.dimse.handlers import DimseHandlers, Services
 from appliance.dimse.move_get import attach as attach_retrieve
+from appliance.dimse.mpps_scp import MppsScp
+from appliance.dimse.mpps_scp import event_handlers as mpps_handlers
 from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
+from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.hl7.listener import Hl7Listener
+from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
+from appliance.services.mpps import MppsService
 from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from provisioning.certs import TlsPaths
@@ -102,7 +110,10 @@ async def serve(
             audit=auditor,
         )
         server = DimseServer(
-            config.dicom, allowlist, event_handlers(DimseHandlers(services)),
+            config.dicom, allowlist,
+            [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
+                WorklistService(index, allowlist), services.bridge, auditor))),
+             *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
             tls_context=_tls_context(config),
@@ -113,7 +124,17 @@ async def serve(
                                    recall_timeout=config.sync.recall_timeout_seconds)
         attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
                         tls_client=_tls_client_context(config))
+        # Storage Commitment: reports a requesting association did not take go out on a
+        # new one; one reporter per data home (worker 0), like the drop folder watcher.
+        commitment = CommitmentService(index, files, allowlist, config.workflow)
+        reporter = CommitmentReporter(server.ae, commitment, allowlist, services.bridge,
+                                      auditor, config.dicom,
+                                      tls_client=_tls_client_context(config))
+        attach_commitment(server.ae, commitment, services.bridge, auditor, reporter.wake,
+                          config.dicom)
         ports = await asyncio.to_thread(server.start)
+        if not worker:
+            reporter.start()
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None
         if config.dropfolder.enabled and not worker:
@@ -156,6 +177,7 @@ async def serve(
             if hl7 is not None:
                 await hl7.stop()
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            await asyncio.to_thread(reporter.stop)
             if watcher is not None:
                 await watcher.stop()
             await asyncio.to_thread(auditor.close)

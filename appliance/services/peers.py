@@ -33,7 +33,7 @@ from tomlkit.exceptions import TOMLKitError
 from appliance.base.durable import atomic_write
 from appliance.base.errors import ConfigError, PeerError
 
-PERMISSIONS = ("store", "find", "move", "get", "hl7")
+PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist", "hl7")
 # A sender of HL7 orders (permission hl7) is known by its host alone; it
 # needs no port (the box never calls it), so such a peer may have port 0.
 PORTLESS = frozenset({"hl7"})
@@ -43,8 +43,8 @@ PEERS_HEADER = """\
 # pacs-edge peer allowlist. Edit with `pacs-edge peers add|remove|list`.
 # Each [peers.NAME] table is one remote AE: its AE title, where it listens
 # (used as the C-MOVE destination), and the services it may use
-# (store, find, move, get; hl7: may send HL7 orders from host).
-# An AE not listed here is rejected at association.
+# (store, find, move, get, commit, mpps, worklist; hl7: may send HL7 orders from
+# host). An AE not listed here is rejected at association.
 """
 
 
