@@ -33,8 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from appliance.base.errors import PacsEdgeError
-from appliance.query import matching
 from appliance.services.peers import Allowlist
+from appliance.services.query import matching
 from appliance.services.query.matching import Condition, Match
 from appliance.services.query.query_errors import QueryError, QueryStatus
 from appliance.store import database
