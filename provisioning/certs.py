@@ -31,7 +31,8 @@ place, so a crash leaves the old or the new file, never half of one. Should a
 crash fall between replacing the node key and its certificate, the next
 `renew_node` sees the mismatch and issues a certificate for the key on disk.
 
-This module imports neither appliance nor sync; failures raise CertificateError.
+This module imports only the base floor (appliance.base); failures raise
+CertificateError.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from provisioning.escrow_state import record_escrow
 from provisioning.home import AUDIT_KEY, LOG_KEY
 from provisioning.keyring import key_id, load_keyring
-from provisioning.provisioning_errors import ProvisioningError
+from provisioning.provisioning_errors import EscrowError
 from provisioning.site_secrets import (
     KEY_BYTES,
     NAMES_KEY,
@@ -70,10 +70,6 @@ SECRET_FILES = {1: (SITE_KEY, NAMES_KEY, LOG_KEY), 2: (SITE_KEY, NAMES_KEY, LOG_
 MIN_PASSPHRASE = 12
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1  # 128 MiB, about half a second
 _MAX_N = 1 << 20
-
-
-class EscrowError(ProvisioningError):
-    """The escrow file cannot be written, read or opened; `hint` says what to do."""
 
 
 def check_passphrase(passphrase: str) -> None:

@@ -13,7 +13,7 @@ fsynced: a crash leaves either no key or a whole key, never a short one.
 
 Loading refuses a file that the group or others can access (mode & 0o077),
 or that is not a regular file of exactly 32 bytes, with a hint the operator
-can follow. This layer imports neither appliance nor sync.
+can follow. This layer imports only the base floor (appliance.base).
 """
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ import stat
 from pathlib import Path
 
 from appliance.base.durable import fsync_dir, write_file
-from provisioning.provisioning_errors import ProvisioningError
+from provisioning.provisioning_errors import KeyFileError
 
 SECRETS_DIR = "secrets"
 SITE_KEY = "site.key"
 NAMES_KEY = "names.key"
 READER_KEY = "reader.key"  # a remote reader's X25519 private key (raw 32 bytes)
 KEY_BYTES = 32
-
-
-class KeyFileError(ProvisioningError):
-    """A secret file is missing, unsafe or malformed; `hint` says what to do."""
-
-    def __init__(self, path: Path, message: str, *, hint: str) -> None:
-        super().__init__(f"{path}: {message}", hint=hint)
-        self.path = path
 
 
 def secrets_dir(home: Path) -> Path:

@@ -32,11 +32,12 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.notify import Notifier
 from appliance.store.leases import StudyBusy
+from appliance.store.sync_passes import record_pass
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
 from sync.recall import serve_recall_requests
-from sync.replicate import Replicated, replicate_study, stable_studies
+from sync.replicate import Replicated, replicate_study, replication_candidates
 from sync.rollback import recover_stuck, sweep_leftover_files
 from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
 
@@ -66,7 +67,7 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     report = PassReport()
     await recover_stuck(ctx)
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
-    for study in await stable_studies(ctx, wait):
+    for study in await replication_candidates(ctx, wait):
         try:
             done = await replicate_study(ctx, study)
         except StudyBusy:
@@ -89,9 +90,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
                           "evicted": report.evicted, "busy": report.busy,
                           "failures": report.failures})
-    await ctx.index.writer.submit(lambda c: c.execute(
-        "INSERT INTO sync_passes (started_at, finished_at, ok, summary) VALUES (?, ?, ?, ?)",
-        (started, time.time(), int(report.ok), summary)))
+    await ctx.index.writer.submit_sync(lambda c: record_pass(
+        c, started_at=started, finished_at=time.time(), ok=report.ok, summary=summary))
     return report
 
 

@@ -39,7 +39,8 @@ from appliance.base.config import Config
 from appliance.base.durable import fsync_dir
 from appliance.base.errors import PacsEdgeError
 from appliance.store.files import FileStore
-from appliance.store.study_rows import InstanceRow, PackRow, StudyRow
+from appliance.store.packs import PackRow
+from appliance.store.study_rows import InstanceRow, StudyRow
 from provisioning.keyring import SiteKeyring
 from provisioning.site_secrets import load_name_secret
 from sync.blobstore.base import BlobNotFound, BlobOffline, BlobRangeError, BlobStore, Tier

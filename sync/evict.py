@@ -15,16 +15,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Sequence
 
 from appliance.base import logsafe
-from appliance.base.errors import PacsEdgeError
-from appliance.store import database
 from appliance.store.leases import StudyLease
-from appliance.store.study_rows import StudyRow, studies_where
-from appliance.store.tiering import TierState, Trigger, apply_sync
+from appliance.store.study_rows import StudyRow, replicated_by_last_access
+from appliance.store.tier_steps import NotEvictable, mark_evicted
+from appliance.store.tiering import TierState
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.escrow_gate import eviction_allowed, require_escrow
@@ -33,10 +31,6 @@ from sync.scrub import confirm_cloud_copy, refuse_if_at_risk
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
-
-
-class NotEvictable(PacsEdgeError):
-    pass
 
 
 async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
@@ -52,7 +46,7 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
         )
     await confirm_cloud_copy(ctx, study)  # HEAD every pack: refuse a missing or changed one
     lease = StudyLease(ctx.index.writer, study.id, "evict")
-    paths = await ctx.index.writer.submit_sync(lambda c: _mark_evicted(c, lease, study.id))
+    paths = await ctx.index.writer.submit_sync(lambda c: mark_evicted(c, lease, study.id))
     async with lease.kept():
         crash_point("evict:after-commit")
         freed = await drop_local_files(ctx, lease, paths)
@@ -83,31 +77,13 @@ async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[
     return await asyncio.to_thread(remove)
 
 
-def _mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> list[str]:
-    lease.take(conn)
-    row = database.query_one(
-        conn,
-        "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_fk = se.id"
-        " LEFT JOIN packs p ON i.pack_fk = p.id"
-        " WHERE se.study_fk = ? AND (p.id IS NULL OR p.state != 'verified')", (study_id,))
-    if row and row[0]:
-        raise NotEvictable(f"{row[0]} instance(s) are not in a verified pack yet",
-                           hint="wait for the next replication pass")
-    apply_sync(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
-    cur = conn.execute(
-        "UPDATE instances SET is_local = 0 WHERE series_fk IN"
-        " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,))
-    return [r[0] for r in cur.fetchall()]
-
-
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
     """Replicated studies to evict now: idle past `evict_after_days`, then least recently
     used ones while the store's disk is above the high watermark (down to the low one)."""
     if not eviction_allowed(ctx):
         return []
     sync = ctx.config.sync
-    replicated = await studies_where(ctx.index, "st.tier_state = 'replicated'",
-                                     order="st.last_access_at")
+    replicated = await replicated_by_last_access(ctx.index)
     chosen: list[StudyRow] = []
     if sync.evict_after_days > 0:
         cutoff = time.time() - sync.evict_after_days * DAY

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from appliance.store.packs import set_access_tier, verified_packs
 from sync.blobstore.base import Tier
 from sync.context import SyncContext
 
@@ -33,18 +34,15 @@ async def apply_lifecycle(ctx: SyncContext) -> int:
     assert ctx.index.writer is not None
     sync = ctx.config.sync
     now = time.time()
-    rows = await ctx.index.fetchall(
-        "SELECT id, pack_name, access_tier, created_at FROM packs WHERE state = 'verified'")
     moved = 0
-    for pack_id, pack_name, current, created_at in rows:
-        target = target_tier((now - created_at) / DAY, cool=sync.cool_after_days,
+    for pack in await verified_packs(ctx.index):
+        target = target_tier((now - pack.created_at) / DAY, cool=sync.cool_after_days,
                              cold=sync.cold_after_days, archive=sync.archive_after_days)
-        if _ORDER.index(target) <= _ORDER.index(Tier(current)):
+        if _ORDER.index(target) <= _ORDER.index(Tier(pack.access_tier)):
             continue
-        await ctx.packs.set_tier(pack_name, target)
-        await ctx.index.writer.submit(
-            lambda c, p=pack_id, t=target.value: c.execute(
-                "UPDATE packs SET access_tier = ? WHERE id = ?", (t, p)))
+        await ctx.packs.set_tier(pack.pack_name, target)
+        await ctx.index.writer.submit_sync(
+            lambda c, p=pack.id, t=target.value: set_access_tier(c, p, t))
         moved += 1
     if moved:
         log.info("lifecycle moved packs=%d", moved)

@@ -25,9 +25,10 @@ are swept (sync.pull_temp): other files in the folder are never touched. A
 second pull skips files already present whose bytes verify, so an
 interrupted pull resumes where it stopped.
 
-Errors (ReaderClientError, each with a hint):
+Errors (ReaderClientError, each with a hint; see the tree in sync/__init__.py):
     NotGranted               no granted version of that study for this reader
     ReaderIntegrityError     a key object, manifest or pack failed verification
+A missing or unsafe reader key raises provisioning's KeyFileError.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from typing import BinaryIO
 from appliance.base.durable import ensure_dir, fsync_dir
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
-from provisioning.provisioning_errors import ProvisioningError
 from provisioning.site_secrets import create_reader_key, load_reader_key
 from sync import pull_temp
 from sync.blobstore.base import BlobNotFound, BlobStore
@@ -91,12 +91,9 @@ def init_reader(home: Path, cloud_url: str, credentials_file: Path | None = None
                                 "edge's [cloud] url")
     home = Path(home)
     created = []
-    try:
-        if create_reader_key(home):
-            created.append(str(home / "secrets" / "reader.key"))
-        private = load_reader_key(home)
-    except ProvisioningError as exc:
-        raise ReaderClientError(exc.message, hint=exc.hint) from exc
+    if create_reader_key(home):
+        created.append(str(home / "secrets" / "reader.key"))
+    private = load_reader_key(home)
     config = home / CONFIG_FILE
     lines = [f"cloud_url = {json.dumps(cloud_url)}"]
     if credentials_file is not None:
@@ -224,10 +221,7 @@ class ReaderClient:
         from sync.blobstore.factory import open_blob_store
 
         config = load_reader_config(home)
-        try:
-            key = load_reader_key(config.home)
-        except ProvisioningError as exc:
-            raise ReaderClientError(exc.message, hint=exc.hint) from exc
+        key = load_reader_key(config.home)
         return cls(config, open_blob_store(config.cloud_url,
                                            credentials_file=config.credentials_file), key)
 

@@ -42,13 +42,14 @@ import logging
 import re
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.base.durable import atomic_write
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
+from appliance.store.packs import pack_grants, study_pack_grants
 from provisioning.keyring import SiteKeyring
 from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore
 from sync.pack import naming
@@ -97,7 +98,7 @@ class Scope:
             return "modality:" + ",".join(sorted(self.modalities))
         return "all"
 
-    def matches(self, referring_physician: str, modalities: set[str]) -> bool:
+    def matches(self, referring_physician: str, modalities: Set[str]) -> bool:
         if self.kind == "all":
             return True
         if self.kind == "referring":
@@ -202,19 +203,11 @@ class GrantReport:
     failures: list[str] | None = None
 
 
-_PACKS_SQL = (
-    "SELECT p.pack_name, p.manifest_name, st.referring_physician,"
-    " (SELECT group_concat(DISTINCT se.modality) FROM series se WHERE se.study_fk = st.id)"
-    " FROM packs p JOIN studies st ON p.study_fk = st.id WHERE p.state = 'verified'"
-)
-
-
 async def grant_reader(index: Index, store: BlobStore, ring: SiteKeyring, reader: Reader, *,
                        on_progress: Callable[[int, int], None] | None = None) -> GrantReport:
     """Give `reader` a key object for every verified pack of every study in its scope."""
-    rows = await index.fetchall(f"{_PACKS_SQL} ORDER BY p.id")
-    todo = [(pack, manifest) for pack, manifest, referring, mods in rows
-            if reader.scope.matches(referring, set((mods or "").split(",")) - {""})]
+    todo = [(grant.pack_name, grant.manifest_name) for grant in await pack_grants(index)
+            if reader.scope.matches(grant.referring_physician, grant.modalities)]
     report = GrantReport(failures=[])
     for done, (pack_name, manifest_name) in enumerate(todo, 1):
         try:
@@ -243,24 +236,23 @@ async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int)
         readers = load_readers(home)
         if not readers:
             return 0
-        rows = await index.fetchall(f"{_PACKS_SQL} AND st.id = ? ORDER BY p.version",
-                                    (study_id,))
+        grants = await study_pack_grants(index, study_id)
         ring = load_ring(home)
     except PacsEdgeError as exc:
         log.error("reader grants skipped error=%s", exc.message)
         return 0
     made = 0
     for reader in readers.values():
-        for pack_name, manifest_name, referring, mods in rows:
-            if not reader.scope.matches(referring, set((mods or "").split(",")) - {""}):
+        for grant in grants:
+            if not reader.scope.matches(grant.referring_physician, grant.modalities):
                 continue
             try:
-                made += await asyncio.to_thread(_grant_pack, store, ring, reader, pack_name,
-                                                manifest_name)
+                made += await asyncio.to_thread(_grant_pack, store, ring, reader,
+                                                grant.pack_name, grant.manifest_name)
             except Exception as exc:  # the pack is safe in the cloud: never fail replication
                 log.error("reader grant failed reader=%s pack=%s error=%s; run `pacs-edge "
                           "readers add` for this reader again to repair", reader.name,
-                          pack_name, getattr(exc, "message", type(exc).__name__))
+                          grant.pack_name, getattr(exc, "message", type(exc).__name__))
     if made:
         log.info("granted readers key objects=%d", made)
     return made

@@ -11,7 +11,8 @@ a clear error: the written files are removed, the study goes back to
 `evicted`, and neither the index rows nor the cloud are changed.
 
 Requests: the appliance never talks to the cloud. For a C-MOVE/C-GET of an
-evicted study it inserts (or joins) a row in `recall_requests`; the agent
+evicted study it inserts (or joins) a row in `recall_requests`
+(appliance.store.recall_requests); the agent
 picks pending rows up every `sync.recall_poll_seconds`. One row per study,
 so concurrent requests share one recall.
 """
@@ -19,17 +20,17 @@ so concurrent requests share one recall.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
-
-import aiosqlite
 
 from appliance.base import logsafe
 from appliance.base.errors import PacsEdgeError
 from appliance.store.leases import StudyBusy, StudyLease
-from appliance.store.study_rows import InstanceRow, StudyRow, instance_rows, packs_of, study_by_id
-from appliance.store.tiering import TierState, Trigger, apply_sync
+from appliance.store.packs import packs_of
+from appliance.store.recall_requests import finish_request, pending_recalls
+from appliance.store.study_rows import InstanceRow, StudyRow, study_by_id
+from appliance.store.tier_steps import begin_recall, fail_recall, mark_recalled
+from appliance.store.tiering import TierState
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
@@ -52,16 +53,9 @@ async def recall_study(ctx: SyncContext, study: StudyRow, *,
         raise RecallFailed(f"study is {study.tier_state}, not evicted",
                            hint="only evicted studies need a recall")
     lease = StudyLease(writer, study.id, "recall")
-    missing = await writer.submit_sync(lambda c: _begin_recall(c, lease, study.id))
+    missing = await writer.submit_sync(lambda c: begin_recall(c, lease, study.id))
     async with lease.kept():
         return await _recall_under_lease(ctx, study, lease, missing, on_progress)
-
-
-def _begin_recall(conn: sqlite3.Connection, lease: StudyLease,
-                  study_id: int) -> list[InstanceRow]:
-    lease.take(conn)
-    apply_sync(conn, study_id, Trigger.RECALL, expect=TierState.EVICTED)
-    return instance_rows(conn, study_id, "i.is_local = 0")
 
 
 async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLease,
@@ -91,44 +85,24 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
             await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
     except BaseException as exc:
         await drop_local_files(ctx, lease, written)
-        await writer.submit_sync(lambda c: _fail_recall(c, lease, study.id))
+        await writer.submit_sync(lambda c: fail_recall(c, lease, study.id))
         log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                   getattr(exc, "message", type(exc).__name__))
         ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
                            tampered=isinstance(exc, PackIntegrityError))
         raise
     crash_point("recall:before-commit")
-    await writer.submit_sync(lambda c: _mark_recalled(c, lease, study.id, missing))
+    await writer.submit_sync(lambda c: mark_recalled(c, lease, study.id, missing))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
     ctx.audit.recalled(study, len(missing))
     return len(missing)
 
 
-def _fail_recall(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
-    lease.fence(conn)
-    apply_sync(conn, study_id, Trigger.FAILED, expect=TierState.RECALLING)
-
-
-def _mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
-                   recalled: list[InstanceRow]) -> None:
-    lease.fence(conn)
-    conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ?",
-                     [(row.id,) for row in recalled])
-    apply_sync(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
-    now = time.time()
-    conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
-    conn.execute(
-        "UPDATE recall_requests SET state = 'done', finished_at = ?, error = ''"
-        " WHERE study_fk = ? AND state = 'pending'", (now, study_id))
-
-
 async def serve_recall_requests(ctx: SyncContext) -> int:
     """Run every pending recall request; returns how many were served."""
     assert ctx.index.writer is not None
-    rows = await ctx.index.fetchall(
-        "SELECT study_fk FROM recall_requests WHERE state = 'pending' ORDER BY requested_at")
     served = 0
-    for (study_id,) in rows:
+    for study_id in await pending_recalls(ctx.index):
         study = await study_by_id(ctx.index, study_id)
         if study is None:
             continue
@@ -144,20 +118,16 @@ async def serve_recall_requests(ctx: SyncContext) -> int:
                 continue
         if study.tier_state != TierState.EVICTED:
             # Already back (or never gone): the request is satisfied.
-            await ctx.index.writer.submit(lambda c, s=study_id: _finish(c, s, "done", ""))
+            await ctx.index.writer.submit_sync(
+                lambda c, s=study_id: finish_request(c, s, "done", "", at=time.time()))
             continue
         try:
             await recall_study(ctx, study)
         except StudyBusy:
             continue  # another operation holds the study; the request stays pending
         except PacsEdgeError as exc:
-            await ctx.index.writer.submit(
-                lambda c, s=study_id, m=exc.message: _finish(c, s, "failed", m))
+            await ctx.index.writer.submit_sync(
+                lambda c, s=study_id, m=exc.message: finish_request(c, s, "failed", m,
+                                                                    at=time.time()))
         served += 1
     return served
-
-
-async def _finish(conn: aiosqlite.Connection, study_id: int, state: str, error: str) -> None:
-    await conn.execute(
-        "UPDATE recall_requests SET state = ?, error = ?, finished_at = ?"
-        " WHERE study_fk = ? AND state = 'pending'", (state, error, time.time(), study_id))

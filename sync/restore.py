@@ -38,25 +38,28 @@ names the blob, never PHI.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
-from appliance.store.index import Index
-from appliance.store.times import time_key
+from appliance.store import hierarchy
+from appliance.store.index import Index, StoredFile
+from appliance.store.packs import insert_verified_pack, manifest_names
+from appliance.store.tiering import TierState, state_of
 from provisioning.keyring import SiteKeyring
 from sync.blobstore.base import BlobInfo, BlobStore
 from sync.pack import naming
 from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.sitekeys import unwrap_site_object
+
+if TYPE_CHECKING:  # the transaction body below only passes the connection on
+    import sqlite3
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
     writer = index.writer
     assert writer is not None
     listing = await asyncio.to_thread(_list_studies, store)
-    known = {row[0] for row in await index.fetchall("SELECT manifest_name FROM packs")}
+    known = await manifest_names(index)
     names = listing.manifests
     report = RestoreReport(manifests=len(names), already=sum(n in known for n in names))
     done = report.already
@@ -117,7 +120,7 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
         try:
             version = await asyncio.to_thread(_read_version, store, ring, name_secret, name,
                                               listing.packs)
-            await writer.submit(functools.partial(_insert_version, version=version))
+            await writer.submit_sync(functools.partial(_insert_version, version=version))
         except MisfiledManifest as exc:
             report.failures.append(f"{name}: {exc.message}")
             report.misfiled.add(study_key)
@@ -213,90 +216,33 @@ def _read_version(store: BlobStore, ring: SiteKeyring, name_secret: bytes, manif
     return _Version(pack_name, manifest_name, manifest, info.tier.value)
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str, params: tuple[object, ...]) -> object:
-    async with conn.execute(sql, params) as cur:
-        row = await cur.fetchone()
-    return row[0] if row else None
-
-
-async def _insert_version(conn: aiosqlite.Connection, version: _Version) -> None:
+def _insert_version(conn: sqlite3.Connection, version: _Version) -> None:
+    """Step 3 of the module docstring: one version's rows, in one transaction."""
     m, s = version.manifest, version.manifest.study
     now = time.time()
-    patient_fk = await _scalar(
-        conn,
-        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
-        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
-        (s.patient_id, s.issuer_of_patient_id, s.patient_name, s.birth_date, s.sex))
+    patient_fk = hierarchy.upsert_patient(conn, s)
     received = [e.instance.received_at or m.created_at for e in m.instances] or [m.created_at]
-    study_fk = await _scalar(
-        conn,
-        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
-        " accession_number, study_id, study_description, referring_physician, character_set,"
-        " first_received_at, last_received_at, last_access_at, tier_state, tier_changed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'evicted', ?)"
-        " ON CONFLICT (study_uid) DO UPDATE SET"
-        " last_received_at = max(last_received_at, excluded.last_received_at) RETURNING id",
-        (patient_fk, s.study_uid, s.study_date, s.study_time, time_key(s.study_time),
-         s.accession_number, s.study_id, s.study_description, s.referring_physician,
-         s.character_set, min(received), max(received), max(received), now))
-    state = await _scalar(conn, "SELECT tier_state FROM studies WHERE id = ?", (study_fk,))
-    if state != "evicted":
+    study_fk = hierarchy.upsert_study(
+        conn, patient_fk, s, instances=0, size=0, first_received_at=min(received),
+        last_received_at=max(received), last_access_at=max(received),
+        tier_state=TierState.EVICTED, tier_changed_at=now)
+    state = state_of(conn, study_fk)
+    if state is not TierState.EVICTED:
         raise RestoreConflict(f"the study of this version is {state} on this box",
                               hint="restore fills a new data home; this box already holds "
                               "the study locally, so its sync agent replicates it itself")
-    pack_fk = await _scalar(
-        conn,
-        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, pack_size, pack_sha256,"
-        " instance_count, state, access_tier, created_at, verified_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?, ?) RETURNING id",
-        (study_fk, m.study_version, version.pack_name, version.manifest_name, m.pack_size,
-         m.pack_sha256, len(m.instances), version.access_tier, m.created_at, now))
+    pack_fk = insert_verified_pack(
+        conn, study_fk, m.study_version, pack_name=version.pack_name,
+        manifest_name=version.manifest_name, pack_size=m.pack_size,
+        pack_sha256=m.pack_sha256, instance_count=len(m.instances),
+        access_tier=version.access_tier, created_at=m.created_at, verified_at=now)
     for entry in m.instances:
         inst, se = entry.instance, entry.instance.series
-        series_fk = await _scalar(
-            conn,
-            "INSERT INTO series (study_fk, series_uid, modality, series_number,"
-            " series_description, body_part, series_date, series_time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (series_uid) DO UPDATE SET modality = excluded.modality RETURNING id",
-            (study_fk, se.series_uid, se.modality, se.series_number, se.series_description,
-             se.body_part, se.series_date, se.series_time))
+        series_fk, _ = hierarchy.upsert_series(conn, study_fk, se, instances=0)
         path = f"{s.study_uid}/{se.series_uid}/{inst.sop_uid}.{entry.sha256[:16]}.dcm"
-        values = (series_fk, inst.sop_class_uid, inst.instance_number, inst.transfer_syntax,
-                  path, entry.length, entry.dataset_offset, entry.sha256,
-                  inst.received_at or m.created_at, inst.source_ae, pack_fk, entry.offset,
-                  entry.length)
-        await conn.execute(
-            "INSERT INTO instances (series_fk, sop_class_uid, instance_number, transfer_syntax,"
-            " path, size, dataset_offset, sha256, received_at, source_ae, pack_fk, pack_offset,"
-            " pack_length, is_local, sop_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
-            " ON CONFLICT (sop_uid) DO UPDATE SET series_fk = excluded.series_fk,"
-            " sop_class_uid = excluded.sop_class_uid,"
-            " instance_number = excluded.instance_number,"
-            " transfer_syntax = excluded.transfer_syntax, path = excluded.path,"
-            " size = excluded.size, dataset_offset = excluded.dataset_offset,"
-            " sha256 = excluded.sha256, received_at = excluded.received_at,"
-            " source_ae = excluded.source_ae, pack_fk = excluded.pack_fk,"
-            " pack_offset = excluded.pack_offset, pack_length = excluded.pack_length,"
-            " is_local = 0",
-            (*values, inst.sop_uid))
-    assert isinstance(study_fk, int)
-    await _recount(conn, study_fk)
-
-
-async def _recount(conn: aiosqlite.Connection, study_fk: int) -> None:
-    await conn.execute(
-        "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances i"
-        " WHERE i.series_fk = series.id) WHERE study_fk = ?", (study_fk,))
-    with contextlib.suppress(aiosqlite.IntegrityError):
-        await conn.execute("DELETE FROM series WHERE study_fk = ? AND instance_count = 0",
-                           (study_fk,))
-    await conn.execute(
-        "UPDATE studies SET"
-        " series_count = (SELECT COUNT(*) FROM series WHERE study_fk = studies.id),"
-        " instance_count = (SELECT COUNT(*) FROM instances i JOIN series se"
-        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id),"
-        " total_bytes = (SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series se"
-        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id)"
-        " WHERE id = ?", (study_fk,))
+        stored = StoredFile(path, entry.length, entry.dataset_offset, entry.sha256,
+                            inst.received_at or m.created_at, inst.source_ae)
+        hierarchy.put_instance(conn, series_fk, inst, stored, pack_fk=pack_fk,
+                               pack_offset=entry.offset, pack_length=entry.length,
+                               is_local=False)
+    hierarchy.recount_study(conn, study_fk)

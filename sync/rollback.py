@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 
 from appliance.base import logsafe
-from appliance.store import database
 from appliance.store.leases import StudyBusy, StudyLease
-from appliance.store.tiering import TierState, Trigger, apply_sync
+from appliance.store.study_rows import (
+    evicted_instances_of,
+    non_local_files,
+    studies_in_transient_state,
+)
+from appliance.store.tier_steps import take_and_roll_back
 from sync.context import SyncContext
 from sync.evict import drop_local_files
 from sync.replicate import delete_abandoned_pack
@@ -34,15 +37,10 @@ log = logging.getLogger(__name__)
 
 async def recover_stuck(ctx: SyncContext) -> int:
     """Roll back every study whose tiering operation died; returns how many were touched."""
-    rows = await ctx.index.fetchall(
-        "SELECT st.id, st.study_uid FROM studies st"
-        " WHERE st.tier_state IN ('replicating', 'recalling')"
-        " OR EXISTS (SELECT 1 FROM packs p WHERE p.study_fk = st.id AND p.state = 'uploading')"
-        " ORDER BY st.id")
     touched = 0
-    for study_id, study_uid in rows:
+    for study in await studies_in_transient_state(ctx.index):
         try:
-            touched += await recover_study(ctx, study_id, study_uid)
+            touched += await recover_study(ctx, study.id, study.study_uid)
         except StudyBusy:
             continue  # still running somewhere: not stuck
     if touched:
@@ -54,43 +52,20 @@ async def recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
     """Roll back one study's dead operation; StudyBusy when a live holder still runs it."""
     assert ctx.index.writer is not None
     lease = StudyLease(ctx.index.writer, study_id, "recover")
-    was, packs, leftovers = await ctx.index.writer.submit_sync(
-        lambda c: _take_and_roll_back(c, lease, study_id))
+    undone = await ctx.index.writer.submit_sync(lambda c: take_and_roll_back(c, lease, study_id))
     async with lease.kept():
-        for pack_id, version in packs:
+        for pack_id, version in undone.packs:
             await delete_abandoned_pack(ctx, study_uid, pack_id, version)
-        if leftovers:
-            await drop_local_files(ctx, lease, leftovers)
-    log.info("rolled back study=%s was=%s unverified_packs=%d", logsafe.ref(study_uid), was,
-             len(packs))
+        if undone.leftovers:
+            await drop_local_files(ctx, lease, undone.leftovers)
+    log.info("rolled back study=%s was=%s unverified_packs=%d", logsafe.ref(study_uid),
+             undone.was, len(undone.packs))
     return 1
-
-
-def _take_and_roll_back(conn: sqlite3.Connection, lease: StudyLease, study_id: int
-                        ) -> tuple[str, list[tuple[int, int]], list[str]]:
-    """Take the lease and undo the state; returns (state found, unverified packs as
-    (id, version), files of non-local instances a killed recall may have written)."""
-    lease.take(conn)
-    state = TierState(database.query_one(
-        conn, "SELECT tier_state FROM studies WHERE id = ?", (study_id,))[0])
-    leftovers: list[str] = []
-    if state in (TierState.REPLICATING, TierState.RECALLING):
-        apply_sync(conn, study_id, Trigger.FAILED)
-    if state is TierState.RECALLING:
-        leftovers = [row[0] for row in conn.execute(
-            "SELECT i.path FROM instances i JOIN series se ON i.series_fk = se.id"
-            " WHERE se.study_fk = ? AND i.is_local = 0", (study_id,)).fetchall()]
-    packs = [(int(r[0]), int(r[1])) for r in conn.execute(
-        "SELECT id, version FROM packs WHERE study_fk = ? AND state = 'uploading'",
-        (study_id,)).fetchall()]
-    return state.value, packs, leftovers
 
 
 async def sweep_leftover_files(ctx: SyncContext) -> int:
     """Delete files of non-local instances (an eviction killed mid-way); returns bytes freed."""
-    rows = await ctx.index.fetchall(
-        "SELECT se.study_fk, i.path FROM instances i JOIN series se ON i.series_fk = se.id"
-        " WHERE i.is_local = 0")
+    rows = await non_local_files(ctx.index)
     present = await asyncio.to_thread(
         lambda: [(s, p) for s, p in rows if ctx.files.absolute(p).exists()])
     by_study: dict[int, list[str]] = {}
@@ -106,10 +81,8 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
             continue  # a recall is writing them: they are not leftovers
         async with lease.kept():
             # Re-read under the lease: only rows still non-local are leftovers.
-            still = await ctx.index.fetchall(
-                "SELECT i.path FROM instances i JOIN series se ON i.series_fk = se.id"
-                " WHERE se.study_fk = ? AND i.is_local = 0", (study_id,))
-            wanted = set(paths) & {row[0] for row in still}
+            still = await evicted_instances_of(ctx.index, study_id)
+            wanted = set(paths) & {row.path for row in still}
             freed += await drop_local_files(ctx, lease, sorted(wanted))
     if freed:
         log.warning("removed files an interrupted eviction left behind bytes=%d", freed)

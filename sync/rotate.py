@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
+from appliance.store.packs import all_packs
 from provisioning.keyring import SiteKeyring, begin_rotation, key_lock, retire_older_keys
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.crashpoints import crash_point
@@ -40,7 +41,7 @@ from sync.pack import naming
 from sync.pack.data_keys import unwrap_with_site, wrap_for_site
 from sync.pack.manifest import manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackIntegrityError
-from sync.sitekeys import provisioning_errors, site_object_names, unwrap_site_object
+from sync.sitekeys import site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +65,24 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
                           on_progress: Callable[[int, int], None] | None = None
                           ) -> RotationReport:
     """Rotate (or finish rotating) the site key of `config.home`; see the module docstring."""
-    with provisioning_errors(), key_lock(config.home, exclusive=True):
+    with key_lock(config.home, exclusive=True):
         ring, resumed = begin_rotation(config.home)
         crash_point("rotate:after-new-key")
         report = RotationReport(ring.current_id, resumed)
         log.info("site key rotation new_key=%s older=%s resumed=%s", ring.current_id,
                  ",".join(ring.older_ids), resumed)
         async with Index(config.index.path) as index:
-            rows = await index.fetchall(
-                "SELECT pack_name, manifest_name, state FROM packs ORDER BY id")
-        for done, (pack_name, manifest_name, state) in enumerate(rows, 1):
-            if state != "verified":
+            rows = await all_packs(index)
+        for done, pack in enumerate(rows, 1):
+            if pack.state != "verified":
                 report.skipped_uploading += 1
                 continue
             try:
-                changed = await asyncio.to_thread(_rewrap, store, ring, pack_name,
-                                                  manifest_name)
+                changed = await asyncio.to_thread(_rewrap, store, ring, pack.pack_name,
+                                                  pack.manifest_name)
             except PacsEdgeError as exc:
-                report.failures.append(f"{pack_name}: {exc.message}")
-                log.error("re-wrap failed pack=%s error=%s", pack_name, exc.message)
+                report.failures.append(f"{pack.pack_name}: {exc.message}")
+                log.error("re-wrap failed pack=%s error=%s", pack.pack_name, exc.message)
             else:
                 if changed:
                     report.migrated += 1

@@ -19,7 +19,7 @@ SCRUB_INTERVAL and takes, of the packs not checked for 1/F days (F =
 `[sync] scrub_fraction_per_day`), at most its share of F * N per day: every
 pack is read about every 1/F days, a steady F of the store per day.
 
-What a verdict does (one transaction per pack, appliance.store.study_rows):
+What a verdict does (one transaction per pack, appliance.store.tier_steps):
 - ok: `scrubbed_at`, state ok, and the blobs' current ETags and manifest size
   (a container copied to new storage gets new ETags; the content was just
   proved to be the uploaded one, so evict's HEAD check trusts them again);
@@ -48,18 +48,15 @@ from dataclasses import dataclass, field
 
 from appliance.base import logsafe
 from appliance.base.errors import PacsEdgeError
-from appliance.store.study_rows import (
+from appliance.store.packs import (
     PackRow,
-    StudyRow,
     damaged_packs_in_use,
-    instances_of,
     packs_in_use_count,
     packs_of,
     packs_to_scrub,
-    record_scrub_damaged,
-    record_scrub_ok,
-    study_by_id,
 )
+from appliance.store.study_rows import StudyRow, instances_in_pack, instances_of, study_by_id
+from appliance.store.tier_steps import record_scrub_damaged, record_scrub_ok
 from sync.cloud import ScrubVerdict
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
@@ -127,7 +124,7 @@ async def scrub_packs(ctx: SyncContext, packs: list[PackRow], *,
         study = await study_by_id(ctx.index, pack.study_fk)
         if study is None:
             continue
-        rows = await instances_of(ctx.index, study.id, "i.pack_fk = ?", (pack.id,))
+        rows = await instances_in_pack(ctx.index, study.id, pack.id)
         verdict = await ctx.packs.scrub(pack, rows, on_bytes=counted)
         if verdict.state == "skipped":
             report.skipped.append((pack.pack_name, verdict.reason))
@@ -149,7 +146,7 @@ async def _record_ok(ctx: SyncContext, pack: PackRow, verdict: ScrubVerdict) -> 
         log.warning("pack blob was replaced by identical content; new ETag recorded pack=%s",
                     pack.pack_name)
     crash_point("scrub:before-commit")
-    await ctx.index.writer.submit(lambda c: record_scrub_ok(
+    await ctx.index.writer.submit_sync(lambda c: record_scrub_ok(
         c, pack.id, at=time.time(), pack_etag=verdict.pack_etag,
         manifest_etag=verdict.manifest_etag, manifest_size=verdict.manifest_size))
     crash_point("scrub:after-commit")
@@ -164,7 +161,7 @@ async def _record_damaged(ctx: SyncContext, study: StudyRow, pack: PackRow, reas
     ctx.audit.integrity_failure(
         study, f"scrub: pack version {pack.version} is damaged ({reason}); {outcome}")
     crash_point("scrub:before-commit")
-    marked = await ctx.index.writer.submit(lambda c: record_scrub_damaged(
+    marked = await ctx.index.writer.submit_sync(lambda c: record_scrub_damaged(
         c, pack.id, study.id, at=time.time(), error=reason))
     crash_point("scrub:after-commit")
     log.error("scrub found a damaged pack pack=%s study=%s requeued=%d at_risk=%d error=%s",

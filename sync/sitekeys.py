@@ -20,41 +20,24 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.base.errors import PacsEdgeError
 from provisioning.keyring import SiteKeyring, key_lock, load_keyring
-from provisioning.provisioning_errors import ProvisioningError
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack.data_keys import parse_key_object, unwrap_with_site
 
 
-class SiteKeyError(PacsEdgeError):
-    """A site key file or the site key lock (provisioning) failed; message and hint kept."""
-
-
 def load_ring(home: Path) -> SiteKeyring:
     """The current site key and any older ones a pending rotation keeps."""
-    with provisioning_errors():
-        return load_keyring(home)
+    return load_keyring(home)
 
 
 @contextlib.contextmanager
 def site_keys_in_use(home: Path) -> Iterator[None]:
     """Hold the site key lock shared (a rotation cannot start meanwhile).
 
-    Fails at once while a rotation runs. Key-file failures inside the block
-    surface as SiteKeyError, so the command line prints them with their hint.
+    Fails at once (KeyRotationError) while a rotation runs.
     """
-    with provisioning_errors(), key_lock(home, exclusive=False):
+    with key_lock(home, exclusive=False):
         yield
-
-
-@contextlib.contextmanager
-def provisioning_errors() -> Iterator[None]:
-    """Re-raise provisioning's errors as the appliance's, keeping message and hint."""
-    try:
-        yield
-    except ProvisioningError as exc:
-        raise SiteKeyError(exc.message, hint=exc.hint) from exc
 
 
 def site_object_names(key_name: str, ring: SiteKeyring) -> list[str]:

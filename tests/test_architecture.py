@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,11 +67,15 @@ def modules() -> dict[str, Path]:
 KNOWN = modules()
 
 
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    return {id(node) for stmt in ast.walk(tree) if isinstance(stmt, ast.If)
+            and "TYPE_CHECKING" in ast.unparse(stmt.test) for node in ast.walk(stmt)}
+
+
 def imports(path: Path, name: str, *, top_level_only: bool = False) -> Iterator[tuple[int, str]]:
     """(line, imported module) for every import of a project module in `path`."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {id(node) for stmt in ast.walk(tree) if isinstance(stmt, ast.If)
-               and "TYPE_CHECKING" in ast.unparse(stmt.test) for node in ast.walk(stmt)}
+    skipped = _type_checking_nodes(tree)
     nodes = tree.body if top_level_only else ast.walk(tree)
     for node in nodes:
         if id(node) in skipped:
@@ -160,3 +165,44 @@ def test_no_two_modules_share_a_name() -> None:
             seen.setdefault(path.name, []).append(name)
     shared = {file: names for file, names in seen.items() if len(names) > 1}
     assert not shared, shared
+
+
+SQL_CALLS = {"execute", "executemany", "executescript", "fetchall", "fetchone", "fetchmany"}
+SQL_TEXT = re.compile(
+    r"\s*\(?\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|WITH)\s")
+SQL_FREE = ("appliance", "sync")  # packages whose SQL lives in appliance/store/ alone
+# The one module that may touch aiosqlite's internals (its patch, checked by test_compat).
+SQL_EXEMPT = ("appliance.base.compat",)
+
+
+def sql_uses(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, what) for every call of a cursor method, import of an SQLite driver or string
+    that reads as an SQL statement in `path` (a driver imported for type hints only, under
+    `if TYPE_CHECKING:`, does not count)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = _type_checking_nodes(tree)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in SQL_CALLS):
+            yield node.lineno, f".{node.func.attr}()"
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
+                node.module or ""]
+            yield from ((node.lineno, f"import {n}") for n in names
+                        if n.split(".")[0] in ("sqlite3", "aiosqlite"))
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and SQL_TEXT.match(node.value)):
+            yield node.lineno, "SQL text"
+
+
+def test_only_the_store_holds_sql() -> None:
+    """Services, edges and commands call named store operations that return typed values;
+    the schema has one owner."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {what}"
+                 for name, path in sorted(KNOWN.items())
+                 if name.split(".")[0] in SQL_FREE and not name.startswith("appliance.store")
+                 and name not in SQL_EXEMPT
+                 for line, what in sql_uses(path)]
+    assert not offenders, "SQL outside appliance/store/:\n" + "\n".join(offenders)

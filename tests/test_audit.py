@@ -46,6 +46,10 @@ from cryptography.x509.oid import NameOID
 from syncagent import SyncAgent, evict, sync_once
 
 from appliance.audit.log import canonical, chain_hash
+from appliance.base.errors import IndexUnavailable
+from appliance.store.audit_reads import StudySubject, study_subjects
+from appliance.store.index import Index, StoredFile
+from appliance.store.instance_header import InstanceHeader
 
 CANARY_NAME = "Kanarienvogel^Quirinus"
 CANARY_ID = "CANARY-7Q4X9"
@@ -262,6 +266,52 @@ def test_every_access_event_is_audited_and_the_canary_is_only_in_the_audit_log(
     assert [m.get("csd-code") for m in messages[-1].iter("EventID")] == ["110101"]
     assert {s.get("AuditSourceID") for m in messages
             for s in m.iter("AuditSourceIdentification")} == {"EDGE"}
+
+
+# --- what the audit reads from the index ------------------------------------------------
+
+
+def _header(study_uid: str, patient_id: str, patient_name: str, accession: str) -> InstanceHeader:
+    return InstanceHeader(
+        patient_id=patient_id, issuer_of_patient_id="", patient_name=patient_name,
+        birth_date="", sex="", study_uid=study_uid, study_date="", study_time="",
+        accession_number=accession, study_id="", study_description="",
+        referring_physician="", character_set="ISO_IR 192", series_uid=f"{study_uid}.1",
+        modality="CT", series_number=1, series_description="", body_part="", series_date="",
+        series_time="", sop_uid=f"{study_uid}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        instance_number=1, transfer_syntax="1.2.840.10008.1.2.1")
+
+
+async def test_retrieve_audit_reads_patient_and_accession_of_known_studies(
+        tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    async with Index(path) as index:
+        for header in (_header("1.2.3.1", CANARY_ID, CANARY_NAME, "ACC-1"),
+                       _header("1.2.3.2", "OTHER-1", "Other^Pat", "")):
+            await index.record_instance(header, StoredFile(f"{header.sop_uid}.dcm", 10, 0,
+                                                           header.sop_uid, 0.0))
+        # The serving process holds the index open while the audit reads it.
+        assert study_subjects(path, ["1.2.3.1", "1.2.3.2", "1.2.3.9"]) == {
+            "1.2.3.1": StudySubject("1.2.3.1", CANARY_ID, CANARY_NAME, "ACC-1"),
+            "1.2.3.2": StudySubject("1.2.3.2", "OTHER-1", "Other^Pat", ""),
+        }
+    assert study_subjects(path, []) == {}
+
+
+def test_retrieve_audit_reads_nothing_and_creates_nothing_without_an_index(
+        tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    assert study_subjects(path, ["1.2.3.1"]) == {}
+    assert not path.exists()
+
+
+def test_retrieve_audit_of_a_damaged_index_raises_index_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(IndexUnavailable) as caught:
+        study_subjects(path, ["1.2.3.1"])
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    assert caught.value.hint
 
 
 def test_export_selects_by_event_time(edge_home: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom.config
@@ -13,9 +16,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.base.errors import InvalidInstance
+from appliance.services.fsck import fsck
 from appliance.services.ingest import IngestService
+from appliance.store import database
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome
+from appliance.store.study_rows import study_by_uid
 
 STUDY = "1.2.826.0.1.3680043.10.1234.1"
 SERIES = "1.2.826.0.1.3680043.10.1234.1.1"
@@ -51,6 +57,11 @@ def dataset_bytes(path: Path) -> bytes:
     return data[144 + group_length :]
 
 
+async def row_of(index: Index, sql: str, params: tuple[object, ...] = ()) -> Any:
+    """The first row of `sql` on the index's reader, or None (what the test inspects)."""
+    return await database.run_sync(index.reader, database.query_one, sql, params)
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[IngestService]:
     files = FileStore(tmp_path / "store")
@@ -67,7 +78,8 @@ async def test_stored_file_is_byte_exact_and_indexed(
     assert result.outcome is RecordOutcome.NEW
     stored = service.files.absolute(result.path)
     assert dataset_bytes(stored) == dataset_bytes(source)
-    row = await service.index.fetchone(
+    row = await row_of(
+        service.index,
         "SELECT p.patient_name, i.sha256, i.size FROM instances i JOIN series se ON"
         " i.series_fk = se.id JOIN studies st ON se.study_fk = st.id"
         " JOIN patients p ON st.patient_fk = p.id"
@@ -95,14 +107,37 @@ async def test_changed_resend_becomes_current_and_keeps_the_prior_version(
     assert old.path != new.path
     assert service.files.absolute(old.path).exists()
     assert service.files.absolute(new.path).exists()
-    current = await service.index.fetchone("SELECT path FROM instances WHERE sop_uid = ?", (sop,))
-    prior = await service.index.fetchone(
+    current = await row_of(service.index, "SELECT path FROM instances WHERE sop_uid = ?", (sop,))
+    prior = await row_of(
+        service.index,
         "SELECT path FROM instance_versions WHERE sop_uid = ?", (sop,)
     )
     assert current is not None and current[0] == new.path
     assert prior is not None and prior[0] == old.path
     totals = await service.index.totals()
     assert (totals.studies, totals.instances, totals.versions) == (1, 1, 1)
+
+
+async def test_index_names_current_hash_and_counts_instances_by_source(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """The named reads fsck, status and `init --force-new-keys` rely on."""
+    sop = f"{SERIES}.1"
+    index = service.index
+    assert await index.current_sha256(sop) is None
+    assert (await index.instance_count_from("DROPPER"), await index.pack_count()) == (0, 0)
+    await service.ingest_file(write_instance(tmp_path / "a.dcm", sop, value=1),
+                              source_ae="DROPPER")
+    await service.ingest_file(write_instance(tmp_path / "b.dcm", f"{SERIES}.2"),
+                              source_ae="OTHER")
+    newer = await service.ingest_file(write_instance(tmp_path / "c.dcm", sop, value=2),
+                                      source_ae="OTHER")
+    stored = service.files.absolute(newer.path)
+    assert await index.current_sha256(sop) == hashlib.sha256(dataset_bytes(stored)).hexdigest()
+    # The replaced instance counts for its new source only.
+    assert await index.instance_count_from("DROPPER") == 0
+    assert await index.instance_count_from("OTHER") == 2
+    assert await index.pack_count() == 0
 
 
 @pytest.mark.parametrize(
@@ -152,11 +187,30 @@ async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:
         await service.ingest_file(write_instance(
             tmp_path / "x.dcm", f"{SERIES}.9.1", series=f"{SERIES}.9"))
     async with Index(tmp_path / "index.sqlite3") as index:
-        row = await index.fetchone(
+        row = await row_of(
+            index,
             "SELECT instance_count, series_count, first_received_at <= last_received_at"
             " FROM studies WHERE study_uid = ?", (STUDY,),
         )
     assert row is not None and tuple(row) == (4, 2, 1)
+
+
+async def test_adopting_an_older_file_does_not_move_the_last_arrival_back(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """fsck adopts an orphan with its file's mtime as arrival time; a study that received
+    something since must not look quiet since then (the sync agent's "stable" test)."""
+    await service.ingest_file(write_instance(tmp_path / "a.dcm", f"{SERIES}.1"))
+    before = await study_by_uid(service.index, STUDY)
+    assert before is not None
+    orphan = service.files.absolute(f"{STUDY}/{SERIES}/{SERIES}.2.dcm")
+    write_instance(orphan, f"{SERIES}.2")
+    os.utime(orphan, (before.last_received_at - 3600,) * 2)
+    report = await fsck(service.files, service.index, repair=True)
+    assert report.adopted == [f"{STUDY}/{SERIES}/{SERIES}.2.dcm"]
+    after = await study_by_uid(service.index, STUDY)
+    assert after is not None and after.instance_count == 2
+    assert after.last_received_at == before.last_received_at
 
 
 async def test_index_commits_are_fsynced_wal(tmp_path: Path) -> None:

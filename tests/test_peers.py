@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.base.errors import PeerError
+from appliance.base.errors import NotAuthorized, PeerError
 from appliance.services.peers import (
     PEERS_HEADER,
     Allowlist,
@@ -39,6 +39,25 @@ def test_duplicate_and_unknown_names_are_explained(tmp_path: Path) -> None:
         allowlist.add(_peer())
     with pytest.raises(PeerError, match="no peer named"):
         allowlist.remove("ghost")
+
+
+def test_authorize_returns_the_calling_peer_when_it_holds_the_permission(
+        tmp_path: Path) -> None:
+    allowlist = Allowlist(tmp_path / "peers.toml")
+    allowlist.add(_peer())
+    assert allowlist.authorize("CT1  ", "store") == _peer()
+
+
+@pytest.mark.parametrize(("ae_title", "permission"), [("CT1", "find"), ("GHOST", "store")])
+def test_authorize_refuses_a_missing_permission_or_an_unlisted_ae_with_its_fields(
+        tmp_path: Path, ae_title: str, permission: str) -> None:
+    allowlist = Allowlist(tmp_path / "peers.toml")
+    allowlist.add(_peer())
+    with pytest.raises(NotAuthorized) as caught:
+        allowlist.authorize(ae_title, permission)
+    assert (caught.value.ae_title, caught.value.permission) == (ae_title, permission)
+    assert caught.value.message == f"peer lacks permission {permission!r}"
+    assert f"--allow {permission}" in (caught.value.hint or "")
 
 
 @pytest.mark.parametrize("text", ["", "store,delete", "everything"])

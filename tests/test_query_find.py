@@ -26,7 +26,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode, encode
 
-from appliance.services.query.find import QueryError, QueryModel, QueryStatus, find
+from appliance.services.query.find import QueryError, QueryModel, QueryRefusal, find
 from appliance.store.index import Index, StoredFile
 from appliance.store.instance_header import InstanceHeader
 
@@ -562,13 +562,30 @@ async def test_instance_availability_follows_the_tiering_state(tmp_path: Path) -
         assert set(availability.values()) == {"ONLINE"}
 
 
+@pytest.mark.parametrize(("model", "level"), MODEL_LEVELS)
+@pytest.mark.parametrize("unknown", [(), ("PatientComments",)])
+async def test_an_identifier_without_known_keys_answers_every_entity_with_its_level(
+    index: Index, model: QueryModel, level: str, unknown: tuple[str, ...]
+) -> None:
+    query = Dataset()
+    put(query, "QueryRetrieveLevel", level)
+    for keyword in unknown:
+        put(query, keyword, "")
+    answered = await find(index, model, query)
+    assert len(answered) == len(entities(HEADERS, level))
+    for response in answered:
+        assert [e.keyword for e in response] == sorted(["QueryRetrieveLevel", *unknown],
+                                                       key=tag_for_keyword)
+        assert response.QueryRetrieveLevel == level
+
+
 # --- refusals -----------------------------------------------------------------------
 
 
 async def test_study_root_has_no_patient_level(index: Index) -> None:
     with pytest.raises(QueryError) as caught:
         await find(index, QueryModel.STUDY_ROOT, identifier("PATIENT"))
-    assert caught.value.status == QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS == 0xA900
+    assert caught.value.kind is QueryRefusal.NOT_IN_MODEL
 
 
 @pytest.mark.parametrize("level", [None, "", "STUDIES", "study", "FRAME"])
@@ -580,14 +597,14 @@ async def test_missing_or_unknown_level_is_refused(index: Index, level: str | No
     for model in QueryModel:
         with pytest.raises(QueryError) as caught:
             await find(index, model, query)
-        assert caught.value.status == 0xA900
+        assert caught.value.kind is QueryRefusal.NOT_IN_MODEL
 
 
 async def test_malformed_range_is_unable_to_process(index: Index) -> None:
     with pytest.raises(QueryError) as caught:
         await find(index, QueryModel.STUDY_ROOT,
                    identifier("STUDY", {"StudyDate": "2024-01-01"}))
-    assert caught.value.status == QueryStatus.UNABLE_TO_PROCESS == 0xC000
+    assert caught.value.kind is QueryRefusal.MALFORMED_KEY
     assert "2024" not in caught.value.message
 
 
@@ -600,7 +617,7 @@ async def test_values_travel_as_parameters_never_as_sql(index: Index) -> None:
 
 
 async def test_queries_log_counts_only(index: Index, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="appliance.query")
+    caplog.set_level(logging.DEBUG, logger="appliance.services.query")
     query = identifier("STUDY", {"PatientName": "müller*", "PatientID": "PID-001"},
                        "AccessionNumber", "StudyDate")
     assert await find(index, QueryModel.STUDY_ROOT, query)

@@ -1,32 +1,49 @@
 """DICOM matching (PS3.4 C.2.2.2) as SQL: every rule checked on a real index database.
 
 Each case lists stored values and says which of them a request value must
-select; the condition is run by SQLite on the index's reader connection.
+select: the query service's term (services/query/matching.py) becomes the
+store's SQL condition (store/cfind/conditions.py), run by SQLite on the
+index's reader connection.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from appliance.services.query.matching import (
+from appliance.base.errors import QueryError, QueryRefusal
+from appliance.services.query.matching import Match, combined_datetime, term
+from appliance.store import database
+from appliance.store.cfind.conditions import (
     Condition,
-    Match,
-    combined_datetime,
-    condition,
+    period_condition,
     register_functions,
 )
-from appliance.services.query.query_errors import QueryError, QueryStatus
+from appliance.store.cfind.conditions import condition as sql_condition
 from appliance.store.index import Index
 
 
 @pytest.fixture
 async def index(tmp_path: Path) -> AsyncIterator[Index]:
     async with Index(tmp_path / "index.sqlite3") as index:
-        await register_functions(index.reader)
+        await database.run_sync(index.reader, register_functions)
         yield index
+
+
+def condition(kind: Match, column: str, values: Sequence[str]) -> Condition | None:
+    """The SQL condition for request `values` of a key of `kind` on `column`."""
+    found = term(kind, values)
+    return None if found is None else sql_condition(found, column)
+
+
+async def rows_of(index: Index, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+    def run(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
+        return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+
+    return await database.run_sync(index.reader, run)
 
 
 async def selected(index: Index, found: Condition | None, stored: Sequence[object]) -> list[object]:
@@ -35,7 +52,8 @@ async def selected(index: Index, found: Condition | None, stored: Sequence[objec
         return list(stored)
     rows = ", ".join("(?, ?)" for _ in stored)
     flat = [item for pair in enumerate(stored) for item in pair]
-    result = await index.fetchall(
+    result = await rows_of(
+        index,
         f"WITH t(n, v) AS (VALUES {rows}) SELECT v FROM t WHERE {found.sql} ORDER BY n",
         [*flat, *found.params],
     )
@@ -189,7 +207,7 @@ def test_malformed_values_are_unable_to_process_without_quoting_them(
 ) -> None:
     with pytest.raises(QueryError) as caught:
         condition(kind, "v", [request_value])
-    assert caught.value.status == QueryStatus.UNABLE_TO_PROCESS == 0xC000
+    assert caught.value.kind is QueryRefusal.MALFORMED_KEY
     assert request_value not in caught.value.message
 
 
@@ -243,11 +261,13 @@ MOMENTS = [
 ]
 
 
-async def combined(index: Index, date_value: str, time_value: str) -> list[tuple[str, str]]:
-    found = combined_datetime("d", "pacs_time_key(tm)", date_value, time_value)
-    assert found is not None
+async def combined(index: Index, date_value: str, time_value: str) -> list[tuple[object, ...]]:
+    period = combined_datetime(date_value, time_value)
+    assert period is not None
+    found = period_condition(period, "d", "pacs_time_key(tm)")
     rows = ", ".join("(?, ?)" for _ in MOMENTS)
-    result = await index.fetchall(
+    result = await rows_of(
+        index,
         f"WITH t(d, tm) AS (VALUES {rows}) SELECT d, tm FROM t WHERE {found.sql}",
         [*(item for moment in MOMENTS for item in moment), *found.params],
     )
@@ -274,4 +294,4 @@ async def test_combined_date_and_time_ranges_bound_one_period(
 @pytest.mark.parametrize(("date_value", "time_value"),
                          [("20240105", "1000-1800"), ("20240105-", "1000"), ("", "1000-")])
 def test_combined_matching_needs_two_ranges(date_value: str, time_value: str) -> None:
-    assert combined_datetime("d", "t", date_value, time_value) is None
+    assert combined_datetime(date_value, time_value) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,13 @@ async def test_each_transition_is_one_committed_row(tmp_path: Path) -> None:
         with pytest.raises(TierTransitionError):
             await index.writer.submit(
                 lambda conn: apply(conn, 1, Trigger.EVICT, expect=TierState.LOCAL))
-        rows = await index.fetchall(
-            "SELECT from_state, to_state, trigger FROM tier_transitions ORDER BY id")
-        state = await index.fetchone("SELECT tier_state FROM studies WHERE id = 1")
-    assert [tuple(r) for r in rows] == [("local", "replicating", "replicate"),
-                                        ("replicating", "replicated", "verified")]
-    assert state is not None and state[0] == "replicated"
+    db = sqlite3.connect(f"file:{tmp_path / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT from_state, to_state, trigger FROM tier_transitions ORDER BY id").fetchall()
+        state = db.execute("SELECT tier_state FROM studies WHERE id = 1").fetchone()
+    finally:
+        db.close()
+    assert rows == [("local", "replicating", "replicate"),
+                    ("replicating", "replicated", "verified")]
+    assert state == ("replicated",)

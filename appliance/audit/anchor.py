@@ -58,12 +58,7 @@ from appliance.audit.log import AUDIT_DIR, AuditLog, canonical
 from appliance.base.durable import atomic_write
 from appliance.base.errors import PacsEdgeError
 from provisioning.home import AUDIT_KEY
-from provisioning.site_secrets import (
-    KeyFileError,
-    create_secret_file,
-    load_secret_file,
-    secrets_dir,
-)
+from provisioning.site_secrets import create_secret_file, load_secret_file, secrets_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +133,12 @@ def set_base_after_restore(home: Path, store: AnchorStore) -> int:
 def load_key(home: Path, *, create: bool = False) -> bytes:
     """The anchor HMAC key; with `create`, made on first use (never replaced)."""
     path = secrets_dir(home) / KEY_FILE
-    try:
-        if create and not path.exists():
-            import secrets
+    if create and not path.exists():
+        import secrets
 
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            create_secret_file(path, secrets.token_bytes(32))
-        return load_secret_file(path)
-    except KeyFileError as exc:
-        raise AnchorError(exc.message, hint=exc.hint) from exc
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_secret_file(path, secrets.token_bytes(32))
+    return load_secret_file(path)  # KeyFileError (a PacsEdgeError) for a bad file
 
 
 @dataclass(frozen=True)

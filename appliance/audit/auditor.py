@@ -33,7 +33,6 @@ import contextlib
 import getpass
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -62,6 +61,8 @@ from appliance.audit.records import (
     study_object,
 )
 from appliance.audit.rejections import OTHER_SOURCES, RejectionTally, Tally
+from appliance.base.errors import IndexUnavailable
+from appliance.store.audit_reads import StudySubject, study_subjects
 
 if TYPE_CHECKING:
     from appliance.audit.syslog import SyslogForwarder
@@ -630,32 +631,24 @@ class Auditor:
         objects: list[ParticipantObject] = []
         patients: dict[str, str] = {}
         for uid in uids:
-            patient_id, patient_name, accession = known.get(uid, ("", "", ""))
-            objects.append(study_object(uid, {}, accession))
-            if patient_id:
-                patients.setdefault(patient_id, patient_name)
+            subject = known.get(uid)
+            objects.append(study_object(uid, {}, subject.accession_number if subject else ""))
+            if subject is not None and subject.patient_id:
+                patients.setdefault(subject.patient_id, subject.patient_name)
         objects += [patient_object(pid, name) for pid, name in patients.items()]
         return tuple(objects)
 
-    def _lookup(self, study_uids: list[str]) -> dict[str, tuple[str, str, str]]:
-        """Patient ID, name and accession per study, from a read-only index connection."""
-        if not study_uids or self.index_path is None or not self.index_path.exists():
+    def _lookup(self, study_uids: list[str]) -> dict[str, StudySubject]:
+        """Patient and accession per study, read from the index (read-only, bounded wait);
+        nothing when the index cannot say: the record is written without them."""
+        if self.index_path is None:
             return {}
-        marks = ",".join("?" * len(study_uids))
         try:
-            db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True, timeout=5.0)
-            try:
-                rows = db.execute(
-                    "SELECT st.study_uid, p.patient_id, p.patient_name, st.accession_number"
-                    " FROM studies st JOIN patients p ON st.patient_fk = p.id"
-                    f" WHERE st.study_uid IN ({marks})", study_uids).fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error as exc:
+            return study_subjects(self.index_path, study_uids)
+        except IndexUnavailable as exc:
             log.warning("audit: patients of retrieved studies not found error=%s",
-                        type(exc).__name__)
+                        type(exc.__cause__).__name__)
             return {}
-        return {uid: (pid, name, accession) for uid, pid, name, accession in rows}
 
 
 def _os_user() -> str:

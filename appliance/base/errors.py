@@ -1,23 +1,67 @@
 """Errors of the appliance, each carrying what an operator needs.
 
+Every error class of the appliance package is in this tree; those defined in
+another module name it (a test keeps the tree and the classes in step).
+
 Tree::
 
     PacsEdgeError                 base: message + optional operator hint
     ├── ConfigError               a config key has a bad value (key, value, expected)
     ├── HomeError                 the data home is missing or unusable
     ├── PeerError                 allowlist edits that cannot be applied
-    ├── RejectedInstance          ingest refused an instance (reason -> DICOM status)
-    │   ├── InvalidInstance       cannot be parsed, bad UIDs, inconsistent headers
+    ├── NotAuthorized             a peer asked for a service it may not use (ae_title, permission)
+    ├── RejectedInstance          ingest refused an instance (kind: Rejection)
+    │   ├── InvalidInstance       cannot be parsed, bad UIDs, not what the request announced
     │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
     │   └── OutOfSpace            disk full: the store or the index could not grow
+    ├── QueryError                a query identifier cannot be answered (kind: QueryRefusal)
+    ├── RetrieveRefused           a retrieve cannot be served at all (kind: RetrieveRefusal)
     ├── IndexUnavailable          SQLite failed for a reason other than disk full
-    └── UnsafePath                a dropped file's path crosses a symlink: left alone
+    ├── UnsafePath                a dropped file's path crosses a symlink: left alone
+    ├── StudyBusy                 another process runs a tiering operation on the study
+    │                             (operation, pid; store/leases.py)
+    ├── LeaseLost                 the study's lease expired mid-operation (store/leases.py)
+    ├── NotEvictable              a study's instances are not all in verified packs
+    │                             (store/tier_steps.py)
+    ├── TierTransitionError       a trigger the study's tiering state does not allow
+    │                             (state, trigger; store/tiering.py)
+    ├── OrderTransitionError      an order status change the state table refuses
+    │                             (services/order_states.py)
+    ├── WorklistRefused           a peer may not query the worklist (services/worklist.py)
+    ├── MppsRefused               an MPPS request is refused (services/mpps.py)
+    ├── MppsTransitionError       a step change PS3.4 F.7 does not allow (store/mpps_rows.py)
+    ├── DuplicateStep             N-CREATE of a step that exists (store/mpps_rows.py)
+    ├── NoSuchStep                N-SET of a step never created (store/mpps_rows.py)
+    ├── CommitmentRefused         a Storage Commitment request is refused
+    │                             (services/commitment.py)
+    ├── CommitmentTransitionError a commitment state change the table refuses
+    │                             (store/commitment_rows.py)
+    ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
+    └── AnchorError               an audit anchor cannot be written or read, or contradicts
+                                  the log (audit/anchor.py)
+
+    MessageRefused                an HL7 message the order service refuses: becomes an
+                                  AE/AR acknowledgement, never leaves services/orders.py
+
+    OSError
+    └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL
+                                  reads it as "transport closed" (dimse/pdu_socket.py)
+
+The other packages root their trees in PacsEdgeError too: provisioning in
+provisioning/provisioning_errors.py, the sync agent in sync/__init__.py.
+
+Errors that a network edge answers carry a `kind` (an enum): the edge maps the
+kind to its protocol's status with a table (appliance/dimse/handlers.py and
+move_get.py for DICOM), never by reading the message, which is for people.
+Messages and hints name no patient data and no UIDs.
 
 The CLI turns these into an exit code, a one-line message and the hint; a
 traceback is only ever shown for a bug.
 """
 
 from __future__ import annotations
+
+import enum
 
 
 class PacsEdgeError(Exception):
@@ -50,16 +94,43 @@ class PeerError(PacsEdgeError):
     pass
 
 
+class NotAuthorized(PacsEdgeError):
+    """A calling peer lacks the permission a service needs (or is not in the allowlist).
+
+    Raised by the one permission check, `Allowlist.authorize`; every edge maps it to
+    its protocol's refusal (DICOM 0x0124) and audits it."""
+
+    def __init__(self, permission: str, *, ae_title: str) -> None:
+        super().__init__(f"peer lacks permission {permission!r}",
+                         hint=f"pacs-edge peers add ... --allow {permission}")
+        self.permission = permission
+        self.ae_title = ae_title
+
+
+class Rejection(enum.Enum):
+    """Why ingest refused an instance, whatever the edge it came through."""
+
+    INVALID = "not valid DICOM: cannot be parsed, truncated, bad UIDs"
+    NOT_AS_REQUESTED = "the dataset is not the instance its request announced"
+    INFLATE_LIMIT = "a deflated dataset inflates beyond the configured limit"
+    OUT_OF_SPACE = "no space left for the file or the index"
+
+
 class RejectedInstance(PacsEdgeError):
     """Ingest refused an instance; `reason` is a short, PHI-free explanation."""
 
-    def __init__(self, reason: str, *, hint: str | None = None) -> None:
+    def __init__(self, reason: str, *, kind: Rejection, hint: str | None = None) -> None:
         super().__init__(reason, hint=hint)
         self.reason = reason
+        self.kind = kind
 
 
 class InvalidInstance(RejectedInstance):
-    """The data cannot be understood: not DICOM, truncated, or invalid UIDs."""
+    """The data cannot be understood (not DICOM, truncated, invalid UIDs), or, with
+    kind NOT_AS_REQUESTED, is not the instance its C-STORE request announced."""
+
+    def __init__(self, reason: str, *, kind: Rejection = Rejection.INVALID) -> None:
+        super().__init__(reason, kind=kind)
 
 
 class InflateLimitExceeded(RejectedInstance):
@@ -68,6 +139,7 @@ class InflateLimitExceeded(RejectedInstance):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"deflated dataset inflates beyond the limit of {limit / (1 << 20):g} MB",
+                         kind=Rejection.INFLATE_LIMIT,
                          hint="if a modality really sends deflated instances this large, "
                          "raise store.max_inflated_mb")
         self.limit = limit
@@ -77,8 +149,45 @@ class OutOfSpace(RejectedInstance):
     """The store or index ran out of disk space; nothing partial was kept."""
 
     def __init__(self, reason: str = "no space left on the store's file system") -> None:
-        super().__init__(reason, hint="free disk space or evict studies; ingest resumes "
-                         "without a restart")
+        super().__init__(reason, kind=Rejection.OUT_OF_SPACE,
+                         hint="free disk space or evict studies; ingest resumes without a restart")
+
+
+class QueryRefusal(enum.Enum):
+    """Why a query identifier cannot be answered."""
+
+    NOT_IN_MODEL = "the identifier does not fit the information model (level, keys)"
+    MALFORMED_KEY = "a matching key's value is malformed (date, time, range, integer)"
+
+
+class QueryError(PacsEdgeError):
+    """A query identifier the appliance refuses. The message names the attribute or
+    level at fault, never a value from the identifier: values can be patient data."""
+
+    def __init__(self, kind: QueryRefusal, message: str) -> None:
+        super().__init__(
+            message,
+            hint="the querying application sent an identifier outside the appliance's "
+            "conformance; check its query settings",
+        )
+        self.kind = kind
+
+
+class RetrieveRefusal(enum.Enum):
+    """Why a retrieve (C-MOVE, C-GET, later WADO) cannot be served at all."""
+
+    UNKNOWN_DESTINATION = "move destination is not a known peer"
+    INVALID_IDENTIFIER = "identifier does not fit the information model"
+    TOO_MANY_MATCHES = "more matches than a retrieve can report"
+
+
+class RetrieveRefused(PacsEdgeError):
+    """The retrieve cannot be served at all; `reason` is PHI-free and loggable."""
+
+    def __init__(self, kind: RetrieveRefusal, reason: str, *, hint: str | None = None) -> None:
+        super().__init__(reason, hint=hint)
+        self.kind = kind
+        self.reason = reason
 
 
 class IndexUnavailable(PacsEdgeError):

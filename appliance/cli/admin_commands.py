@@ -1,19 +1,14 @@
 """Admin commands: `certs issue`, `certs renew`, `keys rotate`, and init's provisioning step.
 
 The command line is the composition root: it wires provisioning (which
-imports neither appliance nor sync) to the config, the index and the blob
-store, and turns provisioning's errors into the appliance's one-line message,
-hint and exit code.
+imports only the base floor) to the config, the index and the blob store.
+Provisioning's errors are PacsEdgeErrors: expected_errors shows them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -24,31 +19,10 @@ from appliance.base.logsetup import setup_logging
 from appliance.cli.common import err, expected_errors, home_option, load, out
 from provisioning import certs as site_certs
 from provisioning.keyring import replace_site_secrets
-from provisioning.provisioning_errors import ProvisioningError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 san_option = click.option(
     "--san", "sans", multiple=True, metavar="NAME_OR_IP",
     help="Another subjectAltName for the node certificate (repeatable): a DNS name or an IP.")
-
-
-@contextmanager
-def provisioning_errors() -> Iterator[None]:
-    """Provisioning's errors, shown like every other expected failure."""
-    try:
-        yield
-    except ProvisioningError as exc:
-        raise PacsEdgeError(exc.message, hint=exc.hint) from exc
-
-
-def _provisioning_errors(func: F) -> F:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with provisioning_errors():
-            return func(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 # --- init ---------------------------------------------------------------------------
@@ -59,19 +33,18 @@ def provision_on_init(home: Path, *, force_new_keys: bool, cert_days: int, ca_da
     """init's provisioning: the site id, CA and node certificate, and with `force_new_keys`
     a new site key and name secret (refused while the index records packs in the cloud)."""
     created: list[str] = []
-    with provisioning_errors():
-        if force_new_keys:
-            packs = asyncio.run(_pack_count(home))
-            if packs:
-                raise PacsEdgeError(
-                    f"refusing --force-new-keys: the cloud holds {packs} pack(s) wrapped "
-                    "with the current site key, which a new key could not open",
-                    hint="rotate instead: `pacs-edge keys rotate` makes a new site key and "
-                    "re-wraps every pack under it")
-            created += [f"{path} (new; the old key is gone)"
-                        for path in replace_site_secrets(home)]
-        created += [str(path) for path in site_certs.provision_tls(
-            home, ca_days=ca_days, node_days=cert_days, extra_sans=sans)]
+    if force_new_keys:
+        packs = asyncio.run(_pack_count(home))
+        if packs:
+            raise PacsEdgeError(
+                f"refusing --force-new-keys: the cloud holds {packs} pack(s) wrapped "
+                "with the current site key, which a new key could not open",
+                hint="rotate instead: `pacs-edge keys rotate` makes a new site key and "
+                "re-wraps every pack under it")
+        created += [f"{path} (new; the old key is gone)"
+                    for path in replace_site_secrets(home)]
+    created += [str(path) for path in site_certs.provision_tls(
+        home, ca_days=ca_days, node_days=cert_days, extra_sans=sans)]
     return created
 
 
@@ -84,8 +57,7 @@ async def _pack_count(home: Path) -> int:
     if not index_path.exists():
         return 0
     async with Index(index_path) as index:
-        row = await index.fetchone("SELECT count(*) FROM packs")
-    return int(row[0]) if row else 0
+        return await index.pack_count()
 
 
 # --- certs --------------------------------------------------------------------------
@@ -109,7 +81,6 @@ def certs() -> None:
 @click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
               help="With --server: a subjectAltName (repeatable), a DNS name or an IP.")
 @expected_errors
-@_provisioning_errors
 def certs_issue(home: Path | None, name: str, out_dir: Path, days: int, server: bool,
                 sans: tuple[str, ...]) -> None:
     """Issue a key and certificate for the peer NAME (a modality or workstation).
@@ -137,7 +108,6 @@ def certs_issue(home: Path | None, name: str, out_dir: Path, days: int, server: 
 @san_option
 @click.option("--new-key", is_flag=True, help="Also replace the node's private key.")
 @expected_errors
-@_provisioning_errors
 def certs_renew(home: Path | None, days: int | None, sans: tuple[str, ...],
                 new_key: bool) -> None:
     """Re-issue this box's node certificate from the same site CA; say what changed."""

@@ -26,7 +26,6 @@ from provisioning.certs import TlsPaths, load_certificate
 from provisioning.escrow_state import ESCROW_HINT, escrow_status
 from provisioning.home import LOG_KEY
 from provisioning.keyring import load_keyring
-from provisioning.provisioning_errors import ProvisioningError
 from provisioning.site_secrets import load_name_secret, load_secret_file, secrets_dir
 from sync.blobstore.factory import open_blob_store
 
@@ -61,7 +60,7 @@ def check_home(config: Config) -> list[Finding]:
     for what, check in checks:
         try:
             detail = check()
-        except (PacsEdgeError, ProvisioningError) as exc:
+        except PacsEdgeError as exc:
             findings.append(Finding(what, str(exc), exc.hint or ""))
         else:
             findings.append(Finding(f"{what}: {detail}" if detail else what))

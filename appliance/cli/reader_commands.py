@@ -36,15 +36,6 @@ from appliance.base.config import CONFIG_FILE, Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import err, expected_errors, home_option, load, out
-from provisioning.provisioning_errors import ProvisioningError
-
-
-@contextmanager
-def _provisioning_errors() -> Iterator[None]:
-    try:
-        yield
-    except ProvisioningError as exc:
-        raise PacsEdgeError(exc.message, hint=exc.hint) from exc
 
 
 def _audit(config: Config, what: str) -> None:
@@ -299,9 +290,8 @@ def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None)
 
     config = load(home)
     passphrase = _passphrase(passphrase_file, confirm=True)
-    with _provisioning_errors():
-        check_passphrase(passphrase)
-        kid = export_escrow(config.home, out_file, passphrase)
+    check_passphrase(passphrase)
+    kid = export_escrow(config.home, out_file, passphrase)
     _audit(config, "site key escrowed")
     out.print(f"wrote {out_file} (site key {kid}); keep it offline, and the passphrase "
               "somewhere else", highlight=False)
@@ -321,8 +311,7 @@ def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> N
     from provisioning.home import AUDIT_KEY
 
     passphrase = _passphrase(passphrase_file, confirm=False)
-    with _provisioning_errors():
-        written = recover_escrow(from_file, home, passphrase)
+    written = recover_escrow(from_file, home, passphrase)
     for path in written:
         out.print(f"wrote {path}", highlight=False)
     if not any(path.name == AUDIT_KEY for path in written):
@@ -350,7 +339,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
     from provisioning.site_secrets import load_name_secret
     from sync.blobstore.factory import open_blob_store
     from sync.restore import restore_index
-    from sync.sitekeys import load_ring, provisioning_errors, site_keys_in_use
+    from sync.sitekeys import load_ring, site_keys_in_use
 
     if not (home / CONFIG_FILE).exists():
         raise PacsEdgeError(f"{home} is not an initialised data home",
@@ -366,8 +355,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
     async def run(progress: Callable[[int, int], None]) -> Any:
         with site_keys_in_use(config.home):
             ring = load_ring(config.home)
-            with provisioning_errors():
-                name_secret = load_name_secret(config.home)
+            name_secret = load_name_secret(config.home)
             async with Index(config.index.path) as index:
                 return await restore_index(index, store, ring, name_secret=name_secret,
                                            on_progress=progress)

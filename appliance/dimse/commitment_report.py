@@ -33,7 +33,7 @@ from appliance.dimse.commitment_scp import (
     report_hold_seconds,
     send_report,
 )
-from appliance.dimse.move_get import _ReactorGate
+from appliance.dimse.move_get import ReactorGate
 from appliance.dimse.transport import set_nodelay
 from appliance.services.commitment import CommitmentService, Report
 from appliance.services.peers import Allowlist, Peer
@@ -136,7 +136,7 @@ class CommitmentReporter:
         set_nodelay(assoc)
         # The reactor must be parked before the send, or it may take the response
         # off the queue (the race described in retrieve.py).
-        gate = _ReactorGate.install(assoc)
+        gate = ReactorGate.install(assoc)
         if gate is not None:
             gate.hold(_GATE_WAIT)
         try:

@@ -6,8 +6,8 @@ it sends the response and offers no hook after it, and a report sent from
 another thread would race the association's reactor for the response (see
 appliance/dimse/move_get.py on the lost C-STORE response). So, as for
 C-MOVE/C-GET, the appliance serves the SOP class with its own service class,
-through the same documented seam (`pynetdicom.association.uid_to_service_class`,
-wrapped once per process; every other SOP class keeps pynetdicom's class).
+through the same seam (`compat.route_service_classes`; every other SOP class
+keeps pynetdicom's class).
 In the association's reactor thread, in order:
 
 1. permission and request checks (the service decides; statuses here);
@@ -22,13 +22,11 @@ In the association's reactor thread, in order:
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pynetdicom.association
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import N_ACTION
@@ -39,6 +37,7 @@ from pynetdicom.service_class_n import StorageCommitmentServiceClass
 from pynetdicom.status import code_to_category
 
 from appliance.audit import Auditor
+from appliance.base import compat
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
 from appliance.base.errors import OutOfSpace, PacsEdgeError
@@ -86,7 +85,6 @@ class _Attachment:
 
 
 _attached: weakref.WeakKeyDictionary[AE, _Attachment] = weakref.WeakKeyDictionary()
-_install_lock = threading.Lock()
 
 
 def attach(ae: AE, service: CommitmentService, bridge: LoopBridge, audit: Auditor,
@@ -106,18 +104,7 @@ def report_hold_seconds(config: DicomConfig, service: CommitmentService) -> floa
 
 
 def install_service_class() -> None:
-    with _install_lock:
-        original = pynetdicom.association.uid_to_service_class
-        if getattr(original, "pacs_edge_commitment", False):
-            return
-
-        def pick(uid: str) -> Any:
-            return CommitmentServiceClass if uid == STORAGE_COMMITMENT_PUSH else original(uid)
-
-        pick.pacs_edge_commitment = True  # type: ignore[attr-defined]
-        # Keep the marker of a seam installed before this one (retrieve.py's).
-        pick.pacs_edge_retrieve = getattr(original, "pacs_edge_retrieve", False)  # type: ignore[attr-defined]
-        pynetdicom.association.uid_to_service_class = pick
+    compat.route_service_classes({STORAGE_COMMITMENT_PUSH}, CommitmentServiceClass)
 
 
 class CommitmentServiceClass(StorageCommitmentServiceClass):

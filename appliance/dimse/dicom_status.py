@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from appliance.base.errors import QueryRefusal
+
 
 class Status(enum.IntEnum):
     SUCCESS = 0x0000
@@ -33,3 +35,11 @@ class Status(enum.IntEnum):
     CANCEL = 0xFE00
     PENDING = 0xFF00
     PENDING_WARNING = 0xFF01
+
+
+# Why a C-FIND (or a worklist query) is refused -> the failure status it answers.
+QUERY_STATUS = {
+    QueryRefusal.NOT_IN_MODEL: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    # C-FIND's "unable to process" (0xC000) shares its code with Storage's.
+    QueryRefusal.MALFORMED_KEY: Status.CANNOT_UNDERSTAND,
+}

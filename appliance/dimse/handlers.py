@@ -1,6 +1,8 @@
 """DIMSE event handlers: translate pynetdicom events to service calls and results to statuses.
 
 No SQL, file I/O or status integers here: services decide, this module maps.
+Who may use a service is the allowlist's decision (`Allowlist.authorize`);
+a handler asks it and maps its NotAuthorized to 0x0124.
 Each handler runs in its association's thread and reaches the asyncio world
 only through the LoopBridge.
 """
@@ -18,20 +20,34 @@ from pynetdicom import evt
 from appliance.audit import Auditor
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
-from appliance.base.errors import InflateLimitExceeded, InvalidInstance, OutOfSpace, PacsEdgeError
-from appliance.dimse.dicom_status import Status
+from appliance.base.errors import (
+    InflateLimitExceeded,
+    NotAuthorized,
+    PacsEdgeError,
+    QueryError,
+    RejectedInstance,
+    Rejection,
+)
+from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import is_tls, peer_identity
 from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
-from appliance.services.peers import Allowlist, Peer
-from appliance.services.query.find import QueryError, QueryModel, find
+from appliance.services.peers import Allowlist
+from appliance.services.query.find import QueryModel, find
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
 
 _SERVICE = {"store": "C-STORE", "find": "C-FIND", "move": "C-MOVE", "get": "C-GET"}
+# Ingest's and the query's refusals by kind (PS3.4 B.2.3, C.4.1.1.4), never by message.
+REJECTION_STATUS = {
+    Rejection.INVALID: Status.CANNOT_UNDERSTAND,
+    Rejection.NOT_AS_REQUESTED: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Rejection.INFLATE_LIMIT: Status.OUT_OF_RESOURCES,
+    Rejection.OUT_OF_SPACE: Status.OUT_OF_RESOURCES,
+}
 _FIND_MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.1": QueryModel.PATIENT_ROOT,
     "1.2.840.10008.5.1.4.1.2.2.1": QueryModel.STUDY_ROOT,
@@ -113,14 +129,16 @@ class DimseHandlers:
         log.warning("association rejected %s reason=%s", peer_label(assoc), why)
         self.s.audit.association(assoc, accepted=False, reason=why)
 
-    def _permitted(self, event: Any, permission: str) -> Peer | None:
-        peer = self.s.allowlist.by_ae_title(str(event.assoc.requestor.ae_title))
-        if peer is None or not peer.may(permission):
-            log.warning("refused %s: peer lacks permission %r %s", _SERVICE[permission],
-                        permission, peer_label(event.assoc))
-            self.s.audit.refused(event.assoc, permission, f"peer lacks permission {permission!r}")
-            return None
-        return peer
+    def _authorized(self, event: Any, permission: str) -> bool:
+        """Ask the allowlist (the one permission check); a refusal is logged and audited."""
+        try:
+            self.s.allowlist.authorize(str(event.assoc.requestor.ae_title), permission)
+        except NotAuthorized as exc:
+            log.warning("refused %s: %s %s", _SERVICE[exc.permission], exc.message,
+                        peer_label(event.assoc))
+            self.s.audit.refused(event.assoc, exc.permission, exc.message)
+            return False
+        return True
 
     # --- services ------------------------------------------------------------
 
@@ -131,7 +149,7 @@ class DimseHandlers:
         spool = self.s.spools.claim(event.dataset_path)
         if spool is None:  # refused before a byte was spooled; the association is aborted
             return Status.REFUSED_NOT_AUTHORIZED
-        if self._permitted(event, "store") is None:
+        if not self._authorized(event, "store"):
             spool.discard()
             return Status.REFUSED_NOT_AUTHORIZED
         request = event.request
@@ -145,20 +163,8 @@ class DimseHandlers:
                 spool, self.s.bridge, source_ae=str(event.assoc.requestor.ae_title).strip(),
                 expected=expected,
             )
-        except OutOfSpace as exc:
-            log.error("store refused: out of resources reason=%s %s", exc.reason,
-                      peer_label(event.assoc))
-            return Status.OUT_OF_RESOURCES
-        except InflateLimitExceeded as exc:
-            log.warning("store refused: deflated dataset inflates beyond the limit"
-                        " limit_mb=%d %s", exc.limit >> 20, peer_label(event.assoc))
-            return _failure(Status.OUT_OF_RESOURCES, "deflated data set inflates beyond limit")
-        except InvalidInstance as exc:
-            log.warning("store refused: cannot understand reason=%s %s", exc.reason,
-                        peer_label(event.assoc))
-            if "differ from the request" in exc.reason:
-                return Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
-            return Status.CANNOT_UNDERSTAND
+        except RejectedInstance as exc:
+            return self._rejected(event, exc)
         except PacsEdgeError as exc:
             log.error("store failed reason=%s %s", exc.message, peer_label(event.assoc))
             return Status.PROCESSING_FAILURE
@@ -170,7 +176,7 @@ class DimseHandlers:
                 and str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND):
             yield from self.worklist.on_find(event, peer_label(event.assoc))
             return
-        if self._permitted(event, "find") is None:
+        if not self._authorized(event, "find"):
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return
         model = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID))
@@ -185,7 +191,7 @@ class DimseHandlers:
         except QueryError as exc:
             log.warning("find refused reason=%s %s", exc.message, peer_label(event.assoc))
             self._audit_query(event, None, exc.message)
-            yield exc.status, None
+            yield QUERY_STATUS[exc.kind], None
             return
         except Exception as exc:
             log.error("find failed error=%s %s", type(exc).__name__, peer_label(event.assoc))
@@ -198,6 +204,20 @@ class DimseHandlers:
                 yield Status.CANCEL, None
                 return
             yield Status.PENDING, match
+
+    def _rejected(self, event: Any, exc: RejectedInstance) -> Status | Dataset:
+        """The C-STORE failure status for ingest's refusal, chosen by its kind."""
+        status = REJECTION_STATUS[exc.kind]
+        label = peer_label(event.assoc)
+        if isinstance(exc, InflateLimitExceeded):
+            log.warning("store refused: deflated dataset inflates beyond the limit"
+                        " limit_mb=%d %s", exc.limit >> 20, label)
+            return _failure(status, "deflated data set inflates beyond limit")
+        if exc.kind is Rejection.OUT_OF_SPACE:
+            log.error("store refused: out of resources reason=%s %s", exc.reason, label)
+        else:
+            log.warning("store refused: cannot understand reason=%s %s", exc.reason, label)
+        return status
 
     def _audit_query(self, event: Any, matches: int | None, reason: str = "") -> None:
         raw = event.request.Identifier

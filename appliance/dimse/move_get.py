@@ -12,10 +12,11 @@ Why not pynetdicom's (3.0.4) built-in C-MOVE/C-GET SCP (`service_class.py`
 - it sets Move Originator AE Title to its own AE title (PS3.7 9.1.1.1:
   it is the AE that *invoked* the C-MOVE).
 
-The seam (one, documented): `Association._serve_request` picks a service
-class through the module-level name `pynetdicom.association.uid_to_service_class`.
-`attach()` wraps that name once per process so the four Patient/Study Root
-Move and Get SOP classes get RetrieveServiceClass; everything else, C-FIND
+The seam (one, in appliance/base/compat.py with the other patches of library
+internals): `Association._serve_request` picks a service class through the
+module-level name `pynetdicom.association.uid_to_service_class`. `attach()`
+wraps that name once per process (compat.route_service_classes) so the four
+Patient/Study Root Move and Get SOP classes get RetrieveServiceClass; everything else, C-FIND
 included, is pynetdicom's as before. The class serves only AEs that were
 attached (the serving process's AE, see appliance/process/serve.py) and falls back
 to pynetdicom's behaviour for any other AE in the process.
@@ -29,7 +30,8 @@ that race the reactor takes the C-STORE-RSP off the queue ("Received
 unexpected C-STORE service message") and the send times out with an empty
 status. Two defences:
 - prevention: each outbound sub-association gets a ReactorGate as its
-  checkpoint, which knows when the reactor is really parked; a sub-operation
+  checkpoint (compat.replace_reactor_checkpoint), which knows when the reactor
+  is really parked; a sub-operation
   starts only then (measured here: 0 losses in 15,000 sends, against 8 in
   9,000 without);
 - recovery: a send that returns no Status (timeout, abort, lost response) or
@@ -58,7 +60,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
-import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
@@ -75,9 +76,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from appliance.audit import Auditor
-from appliance.base import logsafe
+from appliance.base import compat, logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
+from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
 from appliance.dimse.transport import set_nodelay
@@ -86,9 +88,7 @@ from appliance.services.retrieve import (
     Action,
     Instance,
     Plan,
-    Refusal,
     RetrieveModel,
-    RetrieveRefused,
     RetrieveService,
 )
 
@@ -101,11 +101,10 @@ _ROUTED = {
     StudyRootQueryRetrieveInformationModelGet: (Action.GET, RetrieveModel.STUDY_ROOT),
 }
 # 0xA900 is "Identifier does not match SOP Class" for Q/R (PS3.4 C.4.2.1.5).
-_REFUSAL_STATUS = {
-    Refusal.NOT_PERMITTED: Status.REFUSED_NOT_AUTHORIZED,
-    Refusal.UNKNOWN_DESTINATION: Status.MOVE_DESTINATION_UNKNOWN,
-    Refusal.INVALID_IDENTIFIER: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    Refusal.TOO_MANY_MATCHES: Status.OUT_OF_RESOURCES_MATCHES,
+REFUSAL_STATUS = {
+    RetrieveRefusal.UNKNOWN_DESTINATION: Status.MOVE_DESTINATION_UNKNOWN,
+    RetrieveRefusal.INVALID_IDENTIFIER: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    RetrieveRefusal.TOO_MANY_MATCHES: Status.OUT_OF_RESOURCES_MATCHES,
 }
 MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2)
 _GATE_WAIT = 1.0  # seconds for a sub-association's reactor to park
@@ -122,28 +121,13 @@ class _Attachment:
 
 
 _attached: weakref.WeakKeyDictionary[AE, _Attachment] = weakref.WeakKeyDictionary()
-_install_lock = threading.Lock()
 
 
 def attach(ae: AE, service: RetrieveService, bridge: LoopBridge, config: DicomConfig, *,
            audit: Auditor | None = None, tls_client: ssl.SSLContext | None = None) -> None:
     """Serve C-MOVE/C-GET for `ae` with `service` (installs the class seam once)."""
-    install_service_class()
+    compat.route_service_classes(_ROUTED, RetrieveServiceClass)
     _attached[ae] = _Attachment(service, bridge, config, audit, tls_client)
-
-
-def install_service_class() -> None:
-    """Route the Patient/Study Root Move and Get SOP classes to RetrieveServiceClass."""
-    with _install_lock:
-        original = pynetdicom.association.uid_to_service_class
-        if getattr(original, "pacs_edge_retrieve", False):
-            return
-
-        def pick(uid: str) -> Any:
-            return RetrieveServiceClass if uid in _ROUTED else original(uid)
-
-        pick.pacs_edge_retrieve = True  # type: ignore[attr-defined]
-        pynetdicom.association.uid_to_service_class = pick
 
 
 class RetrieveServiceClass(QueryRetrieveServiceClass):
@@ -285,10 +269,15 @@ class _Retrieval:
                 calling_ae=self.calling_ae, action=self.action, model=self.model,
                 identifier=identifier, move_destination=move_destination,
             ))
+        except NotAuthorized as exc:
+            log.warning("%s refused reason=%s %s", name, exc.message, self.label)
+            if self.att.audit is not None:
+                self.att.audit.refused(self.sc.assoc, name, exc.message)
+            self._respond(Status.REFUSED_NOT_AUTHORIZED)
         except RetrieveRefused as exc:
             log.warning("%s refused reason=%s %s", name, exc.reason, self.label)
             self._audit_refusal(exc)
-            self._respond(_REFUSAL_STATUS[exc.refusal])
+            self._respond(REFUSAL_STATUS[exc.kind])
         except Exception as exc:
             log.error("%s failed error=%s %s", name, type(exc).__name__, self.label)
             self._respond(Status.UNABLE_TO_PROCESS)
@@ -400,7 +389,7 @@ class _Retrieval:
     def _audit_refusal(self, exc: RetrieveRefused) -> None:
         if self.att.audit is None:
             return
-        if exc.refusal in (Refusal.NOT_PERMITTED, Refusal.UNKNOWN_DESTINATION):
+        if exc.kind is RetrieveRefusal.UNKNOWN_DESTINATION:
             self.att.audit.refused(self.sc.assoc, self.action.value, exc.reason)
         else:
             self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),
@@ -453,7 +442,7 @@ class _SubAssociation:
         self.config = config
         self.label = label
         self.assoc: Any = None
-        self.gate: _ReactorGate | None = None
+        self.gate: ReactorGate | None = None
         self.accepted: set[tuple[str, str]] = set()
         self.down = False
         self._refused_logged: set[tuple[str, str]] = set()
@@ -488,7 +477,7 @@ class _SubAssociation:
             return False
         set_nodelay(assoc)
         assoc.dimse_timeout = self.config.suboperation_timeout
-        self.gate = _ReactorGate.install(assoc)
+        self.gate = ReactorGate.install(assoc)
         self.assoc = assoc
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                          for cx in assoc.accepted_contexts}
@@ -531,7 +520,7 @@ class _SubAssociation:
         self.assoc = None
 
 
-class _ReactorGate:
+class ReactorGate:
     """A stand-in for `Association._reactor_checkpoint` (a threading.Event).
 
     The association's reactor calls `wait()` at the top of every loop; `hold()`
@@ -546,12 +535,10 @@ class _ReactorGate:
         self._parked = False
 
     @classmethod
-    def install(cls, assoc: Any) -> _ReactorGate | None:
-        if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event):
-            return None  # pynetdicom changed: rely on the retry alone
+    def install(cls, assoc: Any) -> ReactorGate | None:
         gate = cls()
-        assoc._reactor_checkpoint = gate
-        return gate
+        # False when pynetdicom changed: rely on the retry alone.
+        return gate if compat.replace_reactor_checkpoint(assoc, gate) else None
 
     def is_set(self) -> bool:
         return self._open

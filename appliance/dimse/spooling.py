@@ -2,8 +2,9 @@
 
 With `_config.STORE_RECV_CHUNKED_DATASET`, pynetdicom writes each incoming
 dataset, as it arrives and without decoding it, to a file it creates with
-`tempfile.NamedTemporaryFile` (module `pynetdicom.dimse_messages`). We point
-that name at a factory of SpoolFiles in the store's spool folder: the data
+`tempfile.NamedTemporaryFile`. `install()` points that (through
+appliance.base.compat, which keeps every patch of a library's internals) at a
+factory of SpoolFiles in the store's spool folder: the data
 lands on the store's file system (commit is a rename), is hashed on the fly,
 and a full disk is recorded rather than raised inside the reactor thread.
 
@@ -29,9 +30,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import _config, dimse_messages
 from pynetdicom.dul import DULServiceProvider
 
+from appliance.base import compat
 from appliance.dimse.negotiation import STORAGE_SOP_CLASSES
 from appliance.store.files import FileStore
 from appliance.store.spool import SpoolFile
@@ -67,8 +68,7 @@ class SpoolRouter:
         self._refused: dict[str, float] = {}  # sink name -> when refused
 
     def install(self) -> None:
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        dimse_messages.NamedTemporaryFile = self._create  # type: ignore[assignment]
+        compat.set_receive_spool(self._create)
 
     def claim(self, path: Path) -> SpoolFile | None:
         """The SpoolFile behind `event.dataset_path`, which the caller now owns;
@@ -113,7 +113,8 @@ def _refused_here() -> bool:
     assoc = thread.assoc
     message = assoc.dimse.message
     context_id = getattr(message, "context_id", None)
-    context = assoc._accepted_cx.get(context_id)
+    context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
+                   None)
     if (context is not None and context.as_scp
             and str(context.abstract_syntax) in STORAGE_SOP_CLASSES):
         return False

@@ -37,6 +37,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from appliance.base import compat
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
 from appliance.dimse.pdu_socket import EdgeAssociationSocket
 
@@ -189,9 +190,9 @@ class EdgeRequestHandler(RequestHandler):
         # connection. Until the peer asks for an association, poll slowly, so
         # idle or hostile connections cost little; then at full speed.
         dul = assoc.dul
-        dul._run_loop_delay = PRE_ASSOCIATION_POLL
-        assoc.bind(evt.EVT_REQUESTED, lambda _event: setattr(dul, "_run_loop_delay",
-                                                             ASSOCIATION_POLL))
+        compat.set_poll_delay(dul, PRE_ASSOCIATION_POLL)
+        assoc.bind(evt.EVT_REQUESTED,
+                   lambda _event: compat.set_poll_delay(dul, ASSOCIATION_POLL))
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)

@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset
 
 from appliance.audit import Auditor
 from appliance.base.bridge import LoopBridge
-from appliance.dimse.dicom_status import Status
-from appliance.services.query.query_errors import QueryError
+from appliance.base.errors import QueryError
+from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.services.worklist import WorklistRefused, WorklistService
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class WorklistScp:
         except QueryError as exc:
             log.warning("worklist query refused reason=%s %s", exc.message, label)
             self._audit(event, None, exc.message)
-            yield exc.status, None
+            yield QUERY_STATUS[exc.kind], None
             return
         except Exception as exc:
             log.error("worklist query failed error=%s %s", type(exc).__name__, label)

@@ -34,10 +34,9 @@ class DropFolderCounts:
 
 
 async def drop_folder_counts(config: Config, index: Index) -> DropFolderCounts:
-    row = await index.fetchone("SELECT COUNT(*) FROM instances WHERE source_ae = ?",
-                               (SOURCE_AE,))
+    ingested = await index.instance_count_from(SOURCE_AE)
     rejected, pending = await asyncio.to_thread(_disk_counts, DropLayout.from_config(config))
-    return DropFolderCounts(int(row[0]) if row else 0, rejected, pending)
+    return DropFolderCounts(ingested, rejected, pending)
 
 
 def _disk_counts(layout: DropLayout) -> tuple[int, int]:

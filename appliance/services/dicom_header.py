@@ -21,9 +21,10 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from appliance.base import compat
 from appliance.base.errors import InvalidInstance
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.deflated import read_deflated_elements
@@ -61,7 +62,7 @@ def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> Inst
     try:
         with path.open("rb") as fh:
             read_preamble(fh, force=False)
-            meta = _read_file_meta_info(fh)
+            meta = compat.read_file_meta(fh)
             ts = normalise_uid(meta.get("TransferSyntaxUID", ""))
             if ts == DeflatedExplicitVRLittleEndian:
                 return header_from_dataset(_read_deflated(fh, max_inflated), ts)

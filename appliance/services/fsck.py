@@ -65,10 +65,8 @@ async def _adopt(files: FileStore, index: Index, relative: str) -> None:
     sha256 = await asyncio.to_thread(hash_dataset, path, offset)
     st = path.stat()
     stored = StoredFile(relative, st.st_size, offset, sha256, st.st_mtime, source_ae="fsck")
-    current = await index.fetchone(
-        "SELECT sha256 FROM instances WHERE sop_uid = ?", (header.sop_uid,)
-    )
-    if current is None or current[0] == sha256:
+    current = await index.current_sha256(header.sop_uid)
+    if current is None or current == sha256:
         await index.record_instance(header, stored)
     else:
         await index.record_version(header.sop_uid, stored, header.transfer_syntax)

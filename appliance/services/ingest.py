@@ -25,16 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-# pydicom's public read_file_meta_info() does not say where the dataset starts;
-# the private reader leaves the file positioned there.
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
-from appliance.base import logsafe
+from appliance.base import compat, logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.durable import is_no_space
-from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError
+from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome, StoredFile
@@ -113,7 +111,8 @@ class IngestService:
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
             ):
-                raise InvalidInstance("dataset SOP Class/Instance UID differ from the request")
+                raise InvalidInstance("dataset SOP Class/Instance UID differ from the request",
+                                      kind=Rejection.NOT_AS_REQUESTED)
             if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
@@ -165,7 +164,7 @@ def _file_meta(fh: object) -> object:
     """The File Meta to store with an imported file; leaves `fh` at its dataset."""
     try:
         read_preamble(fh, force=False)  # type: ignore[arg-type]
-        source_meta = _read_file_meta_info(fh)  # type: ignore[arg-type]
+        source_meta = compat.read_file_meta(fh)  # type: ignore[arg-type]
     except Exception as exc:
         raise InvalidInstance("not a DICOM Part 10 file") from exc
     try:

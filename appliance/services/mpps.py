@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import enum
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
@@ -58,6 +58,9 @@ from appliance.store.mpps_rows import (
     StepFields,
     StepRef,
 )
+
+if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
+    import sqlite3
 
 log = logging.getLogger(__name__)
 

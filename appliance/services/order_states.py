@@ -21,12 +21,15 @@ same transaction as the status (store/orders.py `set_status`).
 from __future__ import annotations
 
 import enum
-import sqlite3
 import time
+from typing import TYPE_CHECKING
 
 from appliance.base.errors import PacsEdgeError
 from appliance.store import order_rows as order_store
 from appliance.store.order_rows import OrderStatus
+
+if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
+    import sqlite3
 
 
 class OrderTrigger(enum.StrEnum):

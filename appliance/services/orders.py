@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import enum
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom.uid import generate_uid
 
@@ -54,6 +53,9 @@ from appliance.services.order_states import (
 from appliance.store import order_rows as store
 from appliance.store.index import Index
 from appliance.store.order_rows import Demographics, MessageRecord, OrderDetails, PatientKey
+
+if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
+    import sqlite3
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ class OrderAudit(Protocol):
     def patient_recorded(self, sender: str, address: str, effect: Effect) -> None: ...
 
 
-class _Refused(Exception):
+class MessageRefused(Exception):
     def __init__(self, refusal: Refusal, text: str, location: str) -> None:
         super().__init__(text)
         self.refusal = refusal
@@ -211,7 +213,7 @@ def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) ->
     try:
         with store.savepoint(conn):
             effects = _effects(conn, request, now)
-    except _Refused as refused:
+    except MessageRefused as refused:
         store.record_message(conn, _record(header, "AE", f"{refused.refusal.value}: "
                                            f"{refused.text}", refused.location), now)
         return Outcome(accepted=False, refusal=refused.refusal,
@@ -234,7 +236,7 @@ def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Eff
                        request.demographics.patient_name)]
     if isinstance(request, PatientMerge):
         if request.prior == request.surviving:
-            raise _Refused(Refusal.NOT_ALLOWED, "prior and surviving patient are the same",
+            raise MessageRefused(Refusal.NOT_ALLOWED, "prior and surviving patient are the same",
                            "MRG-1")
         store.merge_patient(conn, request.prior, request.surviving, now)
         store.update_demographics(conn, request.surviving, request.demographics, now)
@@ -249,7 +251,7 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
     order = (store.find_order(conn, request.accession_number)
              or store.find_order_by_placer(conn, request.placer_order_number))
     if order is None:
-        raise _Refused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
+        raise MessageRefused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
                        request.key_field)
     trigger = _TRIGGERS[request.control]
     try:
@@ -259,7 +261,7 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
         else:
             apply_sync(conn, order, trigger, source="hl7", at=now)
     except OrderTransitionError as exc:
-        raise _Refused(Refusal.NOT_ALLOWED, exc.message, "ORC-1") from None
+        raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-1") from None
     log.info("order %s order=%s", trigger.value, logsafe.ref(order.accession_number))
     return Effect({"cancel": "cancel", "discontinue": "discontinue"}.get(trigger.value,
                                                                           "change"),
@@ -269,11 +271,11 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
 
 def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
     if store.find_order(conn, request.accession_number) is not None:
-        raise _Refused(Refusal.DUPLICATE_ORDER, "an order with this accession number exists",
+        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number exists",
                        request.key_field)
     study_uid = request.study_uid or generate_uid()
     if request.study_uid and store.find_order_by_study(conn, study_uid) is not None:
-        raise _Refused(Refusal.DUPLICATE_ORDER,
+        raise MessageRefused(Refusal.DUPLICATE_ORDER,
                        "an order with this Study Instance UID exists", request.study_field)
     store.insert_order(conn, accession_number=request.accession_number,
                        placer_order_number=request.placer_order_number,

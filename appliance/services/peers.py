@@ -15,6 +15,11 @@ name on the wire, not a credential. What binds it to the device:
   NAME, so the certificate of peer A cannot call with peer B's AE title;
 - `tls_only`: the peer is refused on the plain port, and on the TLS port
   without a certificate that names it.
+
+Authorization (`Allowlist.authorize`): the one place that decides whether a
+calling AE may use a service (store, find, move, get). Services call it with
+the caller an edge identified and raise its NotAuthorized; edges only map that
+to their protocol's refusal and audit it, so no edge holds its own check.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from appliance.base.durable import atomic_write
-from appliance.base.errors import ConfigError, PeerError
+from appliance.base.errors import ConfigError, NotAuthorized, PeerError
 
 PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist", "hl7")
 # A sender of HL7 orders (permission hl7) is known by its host alone; it
@@ -170,6 +175,19 @@ class Allowlist:
             if address in _addresses(peer.host):
                 return peer
         return None
+
+    def authorize(self, ae_title: str, permission: str) -> Peer:
+        """The peer calling as `ae_title` if it holds `permission`; else NotAuthorized.
+
+        An AE title not in the allowlist (removed since it associated) is refused
+        the same way as a listed peer without the permission.
+        """
+        if permission not in PERMISSIONS:
+            raise ValueError(f"unknown permission {permission!r}")  # a bug, not a peer's doing
+        peer = self.by_ae_title(ae_title)
+        if peer is None or not peer.may(permission):
+            raise NotAuthorized(permission, ae_title=ae_title.strip())
+        return peer
 
     def ae_titles(self) -> list[str]:
         return sorted({p.ae_title for p in self.peers().values()})

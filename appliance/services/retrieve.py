@@ -4,7 +4,8 @@ This is the service half of retrieve; the wire half is appliance/dimse/move_get.
 which decodes the request, sends the files and reports counts. Here:
 
 - `plan()` answers "may this peer do this, and what exactly is to be sent?":
-  the calling AE must hold the permission (`move` or `get`), a C-MOVE
+  the calling AE must hold the permission (`move` or `get`: decided by
+  `Allowlist.authorize`, which raises NotAuthorized), a C-MOVE
   destination must be a known peer (the allowlist is also the address book:
   the box never sends to an AE it was not told about), and the identifier
   is mapped to index rows by hierarchical retrieve rules (PS3.4 C.4.2.2.1):
@@ -21,8 +22,9 @@ which decodes the request, sends the files and reports counts. Here:
 - `record_access()` stamps the studies' last access time, which eviction
   uses to pick the least recently used studies.
 
-A request that cannot be served at all raises RetrieveRefused; its `refusal`
-says why in domain terms and the edge maps that to a DICOM status.
+A request that cannot be served at all raises NotAuthorized or RetrieveRefused
+(appliance.base.errors); the latter's `kind` says why in domain terms and the
+edge maps that to a DICOM status.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import RetrieveRefusal, RetrieveRefused
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.peers import Allowlist, Peer
+from appliance.store import recall_requests
 from appliance.store.files import FileStore
 from appliance.store.index import Index, InstanceLocation
 
@@ -59,22 +62,6 @@ class RetrieveModel(enum.Enum):
 class Action(enum.Enum):
     MOVE = "move"
     GET = "get"
-
-
-class Refusal(enum.Enum):
-    NOT_PERMITTED = "peer lacks the permission"
-    UNKNOWN_DESTINATION = "move destination is not a known peer"
-    INVALID_IDENTIFIER = "identifier does not fit the information model"
-    TOO_MANY_MATCHES = "more matches than a retrieve can report"
-
-
-class RetrieveRefused(PacsEdgeError):
-    """The retrieve cannot be served at all; `reason` is PHI-free and loggable."""
-
-    def __init__(self, refusal: Refusal, reason: str, *, hint: str | None = None) -> None:
-        super().__init__(reason, hint=hint)
-        self.refusal = refusal
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -140,7 +127,7 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
     level = _single(identifier, "QueryRetrieveLevel").upper()
     if level not in levels:
         raise RetrieveRefused(
-            Refusal.INVALID_IDENTIFIER,
+            RetrieveRefusal.INVALID_IDENTIFIER,
             f"query/retrieve level {level or '(missing)'!r} is not one of {', '.join(levels)} "
             f"in the {model.value} model",
         )
@@ -150,13 +137,14 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
     for keyword in list(levels.values())[: list(levels).index(level) + 1]:
         found = _values(identifier, keyword)
         if keyword != required and len(found) > 1:
-            raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+            raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                                   f"{keyword} above the retrieve level must be a single value")
         if keyword in _UID_KEYS and not all(is_valid_uid(v) for v in found):
-            raise RetrieveRefused(Refusal.INVALID_IDENTIFIER, f"{keyword} is not a valid UID")
+            raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
+                                  f"{keyword} is not a valid UID")
         values[keyword] = found
     if not values[required]:
-        raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+        raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                               f"{required} is required at the {level} level")
     return RetrieveKeys(
         patient_ids=values.get("PatientID", ()),
@@ -183,19 +171,14 @@ class RetrieveService:
         identifier: Dataset,
         move_destination: str | None = None,
     ) -> Plan:
-        """Decide whether and what to retrieve; raises RetrieveRefused."""
-        requester = self.allowlist.by_ae_title(calling_ae)
-        if requester is None or not requester.may(action.value):
-            raise RetrieveRefused(
-                Refusal.NOT_PERMITTED, f"peer lacks permission {action.value!r}",
-                hint=f"pacs-edge peers add ... --allow {action.value}",
-            )
+        """Decide whether and what to retrieve; raises NotAuthorized or RetrieveRefused."""
+        requester = self.allowlist.authorize(calling_ae, action.value)
         destination = None
         if action is Action.MOVE:
             destination = self.allowlist.by_ae_title(move_destination or "")
             if destination is None:
                 raise RetrieveRefused(
-                    Refusal.UNKNOWN_DESTINATION,
+                    RetrieveRefusal.UNKNOWN_DESTINATION,
                     f"move destination {(move_destination or '').strip()!r} is not a known peer",
                     hint="add it with `pacs-edge peers add` (its host and port are where "
                     "the box sends)",
@@ -207,7 +190,7 @@ class RetrieveService:
         )
         if len(rows) > MAX_SUBOPERATIONS:
             raise RetrieveRefused(
-                Refusal.TOO_MANY_MATCHES,
+                RetrieveRefusal.TOO_MANY_MATCHES,
                 f"{len(rows)} instances match; at most {MAX_SUBOPERATIONS} per retrieve",
                 hint="retrieve at STUDY or SERIES level in several requests",
             )
@@ -219,10 +202,11 @@ class RetrieveService:
 
     async def await_recall(self, plan: Plan, *, requested_by: str, wait: float) -> RecallWait:
         """Ask for the plan's evicted studies and wait up to `wait` seconds for them."""
-        await self.index.request_recall(plan.recall_studies, requested_by)
+        await recall_requests.request_recall(self.index, plan.recall_studies, requested_by)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            waiting, errors = await self.index.recall_progress(plan.recall_studies)
+            waiting, errors = await recall_requests.recall_progress(self.index,
+                                                                    plan.recall_studies)
             if not waiting or errors or asyncio.get_running_loop().time() >= deadline:
                 return RecallWait(done=not waiting, errors=tuple(errors))
             await asyncio.sleep(RECALL_POLL_SECONDS)
@@ -254,7 +238,7 @@ def _values(identifier: Dataset, keyword: str) -> tuple[str, ...]:
     try:
         value = identifier.get(keyword)
     except Exception as exc:  # a malformed element: pydicom converts lazily
-        raise RetrieveRefused(Refusal.INVALID_IDENTIFIER,
+        raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                               f"{keyword} cannot be decoded") from exc
     if value is None or value == "":
         return ()

@@ -22,23 +22,20 @@ Character Set is ISO_IR 192 when a value is not ASCII.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import weakref
 from collections.abc import Callable
 
-import aiosqlite
 from pydicom import config
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError, QueryError, QueryRefusal
 from appliance.services.peers import Allowlist
 from appliance.services.query import matching
-from appliance.services.query.matching import Condition, Match
-from appliance.services.query.query_errors import QueryError, QueryStatus
 from appliance.store import database
 from appliance.store import worklist_rows as worklist_store
+from appliance.store.cfind.attributes import Match
+from appliance.store.cfind.conditions import Term
 from appliance.store.index import Index
 from appliance.store.worklist_rows import WorklistItem
 
@@ -88,9 +85,6 @@ _VALUES: dict[str, Callable[[WorklistItem], str]] = {
     "ScheduledProcedureStepStatus": lambda i: _ORDER_STATUS.get(i.status, ""),
 }
 
-_prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
-
-
 class WorklistRefused(PacsEdgeError):
     """The peer may not query the worklist."""
 
@@ -109,27 +103,19 @@ class WorklistService:
         """The response identifiers for a worklist query; QueryError for a bad one."""
         self.permitted(calling_ae)
         keys = _matching_keys(identifier)
-        conditions = [_status_condition(keys.pop("ScheduledProcedureStepStatus", []))]
+        statuses = _statuses(keys.pop("ScheduledProcedureStepStatus", []))
+        terms: list[tuple[str, Term]] = []
         for keyword, values in keys.items():
-            found = matching.condition(_KINDS.get(keyword, Match.TEXT),
-                                       worklist_store.COLUMNS[keyword], values)
+            found = matching.term(_KINDS.get(keyword, Match.TEXT), values)
             if found is not None:
-                conditions.append(found)
-        reader = self.index.reader
-        if reader not in _prepared:
-            await matching.register_functions(reader)
-            _prepared.add(reader)
-        items = await database.run_sync(reader, _find, conditions)
+                terms.append((keyword, found))
+        items = await database.run_sync(self.index.reader, worklist_store.find_items, terms,
+                                        statuses, MAX_ITEMS)
         if len(items) > MAX_ITEMS:
-            raise QueryError(QueryStatus.UNABLE_TO_PROCESS,
+            raise QueryError(QueryRefusal.MALFORMED_KEY,
                              f"more than {MAX_ITEMS} worklist items match")
         log.debug("worklist answered keys=%d matches=%d", len(keys), len(items))
         return [_response(identifier, item) for item in items]
-
-
-def _find(conn: sqlite3.Connection, conditions: list[Condition]) -> list[WorklistItem]:
-    return worklist_store.find_items(conn, [(c.sql, c.params) for c in conditions],
-                                     limit=MAX_ITEMS)
 
 
 def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:
@@ -146,14 +132,13 @@ def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:
     return found
 
 
-def _status_condition(values: list[str]) -> Condition:
+def _statuses(values: list[str]) -> list[str]:
+    """The order statuses a request's SPS Status values select: SCHEDULED when it gives
+    none; no status at all (nothing matches) when none of its values is known."""
     wanted = [v.strip() for v in values if v.strip()]
     if not wanted:
-        return Condition("status = ?", ("SCHEDULED",))
-    statuses = [_SPS_STATUS[v] for v in wanted if v in _SPS_STATUS]
-    if not statuses:
-        return Condition("0", ())
-    return Condition(f"status IN ({','.join('?' * len(statuses))})", tuple(statuses))
+        return ["SCHEDULED"]
+    return [_SPS_STATUS[v] for v in wanted if v in _SPS_STATUS]
 
 
 def _values(element: DataElement) -> list[str]:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from appliance.base import compat
 from appliance.base.errors import IndexUnavailable, OutOfSpace
 
 log = logging.getLogger(__name__)
@@ -109,13 +110,9 @@ def _statements(sql: str) -> list[str]:
 
 
 async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(sqlite3_connection, *args)` in `conn`'s own thread: one hop for many statements.
-
-    aiosqlite (pinned at 0.22.1) has no public call for this; `_execute` is the
-    queue every public method goes through, and `_conn` is the sqlite3
-    connection its thread owns (created there, used nowhere else).
-    """
-    return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-any-return]
+    """Run `fn(sqlite3_connection, *args)` in `conn`'s own thread: one hop for many statements
+    (aiosqlite has no public call for this: see appliance.base.compat)."""
+    return await compat.run_in_connection_thread(conn, fn, *args)
 
 
 def query_one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -18,9 +18,8 @@ from typing import Any
 
 import aiosqlite
 
-from appliance.store import database, tiering
+from appliance.store import database, hierarchy, tiering
 from appliance.store.instance_header import InstanceHeader
-from appliance.store.times import time_key
 
 
 class RecordOutcome(enum.Enum):
@@ -106,14 +105,6 @@ class Index:
             raise RuntimeError("index is not open")
         return self._reader
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.reader.execute(sql, params) as cur:
-            return list(await cur.fetchall())
-
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self.reader.execute(sql, params) as cur:
-            return await cur.fetchone()
-
     # --- ingest -----------------------------------------------------------------
 
     async def has_identical(self, sop_uid: str, sha256: str) -> bool:
@@ -151,7 +142,7 @@ class Index:
                 params.extend(values)
         if not where:
             return []
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,"
             " i.path, i.size, i.sha256, st.tier_state"
             " FROM instances i JOIN series se ON i.series_fk = se.id"
@@ -164,7 +155,7 @@ class Index:
 
     async def syntax_counts(self) -> dict[tuple[str, str], int]:
         """(SOP class, transfer syntax) -> number of current instances stored so."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT sop_class_uid, transfer_syntax, COUNT(*) FROM instances GROUP BY 1, 2")
         return {(sop_class, syntax): count for sop_class, syntax, count in rows}
 
@@ -187,64 +178,30 @@ class Index:
     # --- status and fsck --------------------------------------------------------
 
     async def totals(self) -> IndexTotals:
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
             " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
             " (SELECT COUNT(*) FROM instance_versions)"
         )
         assert row is not None
-        states = await self.fetchall(
+        states = await self._rows(
             "SELECT tier_state, COUNT(*) FROM studies GROUP BY tier_state ORDER BY tier_state"
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
-
-    async def request_recall(self, study_uids: Sequence[str], requested_by: str) -> None:
-        """Ask the sync agent to recall these studies; joins a pending request if any
-        (one recall per study however many retrieves wait for it)."""
-        if not study_uids:
-            return
-        assert self.writer is not None
-        now = time.time()
-        marks = ",".join("?" * len(study_uids))
-
-        async def insert(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                "INSERT INTO recall_requests (study_fk, requested_at, requested_by)"
-                f" SELECT id, ?, ? FROM studies WHERE study_uid IN ({marks})"
-                " ON CONFLICT (study_fk) DO UPDATE SET state = 'pending', error = '',"
-                " requested_at = excluded.requested_at, finished_at = NULL"
-                " WHERE recall_requests.state != 'pending'",
-                (now, requested_by, *study_uids),
-            )
-
-        await self.writer.submit(insert)
-
-    async def recall_progress(self, study_uids: Sequence[str]) -> tuple[int, list[str]]:
-        """(studies still not local, errors of failed recall requests) for these studies."""
-        marks = ",".join("?" * len(study_uids))
-        rows = await self.fetchall(
-            "SELECT st.tier_state, r.state, r.error FROM studies st"
-            " LEFT JOIN recall_requests r ON r.study_fk = st.id"
-            f" WHERE st.study_uid IN ({marks})", tuple(study_uids),
-        )
-        waiting = sum(1 for state, _, _ in rows if state in ("evicted", "recalling"))
-        errors = [error or "recall failed" for state, request, error in rows
-                  if request == "failed" and state == "evicted"]
-        return waiting, errors
 
     async def sync_summary(self) -> dict[str, Any]:
         """Bytes not yet in any pack, when the last successful sync pass ended, the last
         scrub, and the packs a scrub found damaged that are the only copy of some
         instances (by blob name: a keyed hash, no PHI), i.e. the studies at risk."""
-        row = await self.fetchone(
+        row = await self._row(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
             " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1),"
             " (SELECT MAX(scrubbed_at) FROM packs)"
         )
         assert row is not None
-        at_risk = await self.fetchall(
+        at_risk = await self._rows(
             "SELECT p.pack_name, p.study_fk FROM packs p WHERE p.scrub_state = 'damaged'"
             " AND EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id AND i.is_local = 0)"
             " ORDER BY p.pack_name")
@@ -255,7 +212,7 @@ class Index:
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk
         (False for evicted instances, whose only copy is in the cloud)."""
-        rows = await self.fetchall(
+        rows = await self._rows(
             "SELECT path, is_local FROM instances"
             " UNION ALL SELECT path, 1 FROM instance_versions"
         )
@@ -274,6 +231,43 @@ class Index:
             )
 
         await self.writer.submit(insert)
+
+    # --- named reads for fsck, status and commands -----------------------------------
+
+    async def current_sha256(self, sop_uid: str) -> str | None:
+        """The dataset hash of the current version of `sop_uid`; None when it is not indexed
+        (fsck adopts a file as the instance, or as a prior version when this differs)."""
+        return await self._value("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,))
+
+    async def instance_count_from(self, source_ae: str) -> int:
+        """Current instances whose recorded source is `source_ae` (e.g. the drop folder)."""
+        count = await self._value("SELECT COUNT(*) FROM instances WHERE source_ae = ?",
+                                  (source_ae,))
+        return int(count or 0)
+
+    async def pack_count(self) -> int:
+        """Packs the index records, in any state: cloud objects wrapped with the site key."""
+        return int(await self._value("SELECT COUNT(*) FROM packs") or 0)
+
+    async def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first column of the first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, _scalar, sql, params)
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """The first row of `sql` on the reader, or None; one hop."""
+        return await database.run_sync(self.reader, database.query_one, sql, params)
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Every row of `sql` on the reader; one hop."""
+        return await database.run_sync(self.reader, _all, sql, params)
+
+
+def _all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    cur = conn.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
@@ -300,50 +294,19 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     # Upserts return the row id (and the series' count, which says whether the
     # series is new), so the common case is five statements.
     now = stored.received_at
-    patient_fk = _scalar(
-        conn,
-        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
-        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
-        (h.patient_id, h.issuer_of_patient_id, h.patient_name, h.birth_date, h.sex),
-    )
-    study_fk = _scalar(
-        conn,
-        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
-        " accession_number, study_id, study_description, referring_physician, character_set,"
-        " instance_count, total_bytes, first_received_at, last_received_at, last_access_at,"
-        " tier_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (study_uid) DO UPDATE SET instance_count = instance_count + 1,"
-        " total_bytes = total_bytes + excluded.total_bytes,"
-        " last_received_at = excluded.last_received_at RETURNING id",
-        (patient_fk, h.study_uid, h.study_date, h.study_time, time_key(h.study_time),
-         h.accession_number, h.study_id, h.study_description, h.referring_physician,
-         h.character_set, stored.size, now, now, now, now),
-    )
+    patient_fk = hierarchy.upsert_patient(conn, h)
+    study_fk = hierarchy.upsert_study(
+        conn, patient_fk, h, instances=1, size=stored.size, first_received_at=now,
+        last_received_at=now, last_access_at=now, tier_state=tiering.TierState.LOCAL,
+        tier_changed_at=now)
     # New content for a study the cloud already holds: it needs a new pack version.
     tiering.apply_sync(conn, study_fk, tiering.Trigger.NEW_INSTANCE)
-    series_row = database.query_one(
-        conn,
-        "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
-        " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)"
-        " ON CONFLICT (series_uid) DO UPDATE SET instance_count = instance_count + 1"
-        " RETURNING id, instance_count",
-        (study_fk, h.series_uid, h.modality, h.series_number, h.series_description,
-         h.body_part, h.series_date, h.series_time),
-    )
-    assert series_row is not None
-    series_fk, series_instances = series_row
+    series_fk, series_instances = hierarchy.upsert_series(conn, study_fk, h, instances=1)
     if series_instances == 1:
         conn.execute(
             "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
         )
-    conn.execute(
-        "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
-        " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (series_fk, h.sop_uid, h.sop_class_uid, h.instance_number, h.transfer_syntax,
-         stored.path, stored.size, stored.dataset_offset, stored.sha256, now, stored.source_ae),
-    )
+    hierarchy.put_instance(conn, series_fk, h, stored)
     return outcome
 
 

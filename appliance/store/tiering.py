@@ -99,13 +99,18 @@ async def apply(conn: aiosqlite.Connection, study_id: int, trigger: Trigger,
     return await database.run_sync(conn, apply_sync, study_id, trigger, expect)
 
 
-def apply_sync(conn: sqlite3.Connection, study_id: int, trigger: Trigger,
-               expect: TierState | None = None) -> TierState:
-    """`apply` on the sqlite3 connection itself, in its thread (Writer.submit_sync)."""
+def state_of(conn: sqlite3.Connection, study_id: int) -> TierState:
+    """The study's tiering state as the caller's transaction sees it."""
     row = database.query_one(conn, "SELECT tier_state FROM studies WHERE id = ?", (study_id,))
     if row is None:
         raise PacsEdgeError(f"tiering: no study with id {study_id}")
-    current = TierState(row[0])
+    return TierState(row[0])
+
+
+def apply_sync(conn: sqlite3.Connection, study_id: int, trigger: Trigger,
+               expect: TierState | None = None) -> TierState:
+    """`apply` on the sqlite3 connection itself, in its thread (Writer.submit_sync)."""
+    current = state_of(conn, study_id)
     if expect is not None and current is not expect:
         raise TierTransitionError(current.value, trigger.value)
     target = next_state(current, trigger)

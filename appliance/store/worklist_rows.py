@@ -2,11 +2,11 @@
 
 The orders table holds one scheduled procedure step per row with every
 attribute a worklist answers, so a worklist query is one SELECT on it with
-no join. `COLUMNS` names the column each matching key is compared with
-(the service builds the conditions with appliance/services/query/matching.py; column
-names never come from a request, values only travel as parameters). The
-conditions arrive as (SQL, parameters) pairs: this floor does not import the
-query package that builds them.
+no join. `COLUMNS` names the column each matching key is compared with.
+The service says what a request value means with matching terms
+(appliance/services/query/matching.py); this module turns them into SQL with
+the same code C-FIND uses (store/cfind/conditions.py): column names never
+come from a request, values only travel as parameters.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from appliance.store.cfind.conditions import Condition, Term, condition, register_functions
 
 # DICOM keyword -> the orders column a matching key is compared with.
 COLUMNS: dict[str, str] = {
@@ -82,12 +84,16 @@ _SELECT = "SELECT " + ", ".join(
      "birth_date", "sex", "status")) + " FROM orders"
 
 
-def find_items(conn: sqlite3.Connection, conditions: Sequence[tuple[str, Sequence[object]]],
-               *, limit: int) -> list[WorklistItem]:
-    """Orders meeting every (SQL condition on COLUMNS, parameters), by scheduled start;
-    at most `limit` (+1, so the caller can tell that there were more)."""
-    where = " AND ".join(f"({sql})" for sql, _ in conditions) or "1"
-    params = [p for _, values in conditions for p in values]
+def find_items(conn: sqlite3.Connection, terms: Sequence[tuple[str, Term]],
+               statuses: Sequence[str], limit: int) -> list[WorklistItem]:
+    """Orders whose status is one of `statuses` and that meet every (keyword, term), by
+    scheduled start; at most `limit` (+1, so the caller can tell that there were more)."""
+    register_functions(conn)  # the folded-wildcard matching functions, on this connection
+    conditions = [Condition(f"status IN ({','.join('?' * len(statuses))})", tuple(statuses))
+                  if statuses else Condition("0", ())]
+    conditions += [condition(term, COLUMNS[keyword]) for keyword, term in terms]
+    where = " AND ".join(f"({c.sql})" for c in conditions)
+    params = [p for c in conditions for p in c.params]
     cur = conn.execute(f"{_SELECT} WHERE {where}"
                        " ORDER BY sps_start_date, sps_start_time_key, id LIMIT ?",
                        (*params, limit + 1))

@@ -6,7 +6,7 @@ Contract for the DIMSE edge::
                          retrieve_ae_title="EDGE")
 
 returns one complete response identifier per match, or raises QueryError
-whose `.status` is the C-FIND failure status to send. No file is opened:
+whose `.kind` the edge maps to the C-FIND failure status. No file is opened:
 evicted studies answer like any other, with InstanceAvailability NEARLINE.
 
 Each response holds QueryRetrieveLevel, every key of the request (values
@@ -21,7 +21,8 @@ above match relationally in both models: unique keys of upper levels are not
 required, and when given they restrict (a Patient Root STUDY query with
 PatientID answers that patient's studies). Keys the appliance does not know,
 keys of levels below the query level, sequences and private attributes are
-returned empty and do not restrict. Matching rules are in matching.py.
+returned empty and do not restrict. Matching rules are in matching.py; the
+key table, the SQL and its execution are the store's (appliance.store.cfind).
 
 Logging: counts only, at debug level; never a value of the identifier.
 """
@@ -30,25 +31,23 @@ from __future__ import annotations
 
 import enum
 import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiosqlite
 from pydicom import config
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
-from appliance.services.query import columns as keys
+from appliance.base.errors import QueryError, QueryRefusal
 from appliance.services.query import matching
-from appliance.services.query.columns import Key, Level
-from appliance.services.query.matching import Condition
-from appliance.services.query.query_errors import QueryError, QueryStatus
+from appliance.store.cfind import attributes
+from appliance.store.cfind.attributes import Key, Level
+from appliance.store.cfind.search import Criterion, PeriodCriterion, search
 from appliance.store.index import Index
 
-__all__ = ["QueryError", "QueryModel", "QueryStatus", "find"]
+__all__ = ["QueryError", "QueryModel", "QueryRefusal", "find"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,8 @@ _CHARACTER_SET = Tag(0x0008, 0x0005)
 _RETRIEVE_AE = Tag(0x0008, 0x0054)
 _UTF8 = "ISO_IR 192"
 
-# Reader connections that have the SQL functions of matching.py registered.
-_prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
+# Date and time keys that combined date-time matching reads as one moment.
+DATETIME_PAIRS = {"StudyDate": "StudyTime", "SeriesDate": "SeriesTime"}
 
 
 async def find(
@@ -87,11 +86,7 @@ async def find(
     """
     level = _level(model, identifier)
     plan = _plan(level, identifier, retrieve_ae_title, combined_datetime)
-    reader = index.reader
-    if reader not in _prepared:
-        await matching.register_functions(reader)
-        _prepared.add(reader)
-    rows = await index.fetchall(plan.sql, plan.params)
+    rows = await search(index, level, plan.columns, plan.criteria)
     log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
               len(rows))
     return [_response(level, plan, row) for row in rows]
@@ -99,24 +94,23 @@ async def find(
 
 @dataclass
 class _Plan:
-    sql: str = ""
-    params: list[object] = field(default_factory=list)
-    columns: list[Key] = field(default_factory=list)  # one per selected column
+    criteria: list[Criterion | PeriodCriterion] = field(default_factory=list)
+    columns: list[Key] = field(default_factory=list)  # one per returned value
     fixed: list[tuple[BaseTag, str, str]] = field(default_factory=list)  # (tag, VR, value)
 
 
 def _level(model: QueryModel, identifier: Dataset) -> Level:
     element = identifier.get(_QUERY_LEVEL)
     if element is None or not element.value:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          "QueryRetrieveLevel is missing")
     try:
         level = Level[str(element.value).strip()]
     except KeyError:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          "QueryRetrieveLevel is not PATIENT, STUDY, SERIES or IMAGE") from None
     if level not in _LEVELS[model]:
-        raise QueryError(QueryStatus.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
                          f"the {model.value} root model has no {level.name} level")
     return level
 
@@ -131,39 +125,27 @@ def _plan(level: Level, identifier: Dataset, retrieve_ae_title: str, combined: b
         if tag == _RETRIEVE_AE:
             plan.fixed.append((tag, "AE", retrieve_ae_title))
             continue
-        key = keys.lookup(tag, level)
+        key = attributes.lookup(tag, level)
         if key is None:
             plan.fixed.append((tag, element.VR, ""))
             continue
         plan.columns.append(key)
         wanted[key.keyword] = (key, _values(element))
 
-    conditions: list[Condition] = []
     if combined:
-        for date_keyword, time_keyword in keys.DATETIME_PAIRS.items():
+        for date_keyword, time_keyword in DATETIME_PAIRS.items():
             pair = _single_values(wanted, date_keyword, time_keyword)
             if pair is None:
                 continue
             (date_key, date_value), (time_key, time_value) = pair
-            both = matching.combined_datetime(
-                date_key.compared, time_key.compared, date_value, time_value
-            )
-            if both is not None:
-                conditions.append(both)
+            period = matching.combined_datetime(date_value, time_value)
+            if period is not None:
+                plan.criteria.append(PeriodCriterion(date_key, time_key, period))
                 del wanted[date_keyword], wanted[time_keyword]
     for key, values in wanted.values():
-        found = matching.condition(key.match, key.compared, values)
-        if found is not None and key.exists:
-            found = Condition(key.exists.format(found.sql), found.params)
+        found = matching.term(key.match, values)
         if found is not None:
-            conditions.append(found)
-
-    selected = ", ".join(key.column for key in plan.columns) or keys.ROW_ID[level]
-    where = " AND ".join(f"({c.sql})" for c in conditions) or "1"
-    # No ORDER BY: DICOM sets no order, and sorting would steer SQLite away
-    # from the index that best narrows the query.
-    plan.sql = f"SELECT {selected} FROM {keys.SOURCES[level]} WHERE {where}"
-    plan.params = [param for c in conditions for param in c.params]
+            plan.criteria.append(Criterion(key, found))
     return plan
 
 

@@ -4,7 +4,11 @@ A key belongs to the level that owns the attribute (PS3.4 C.6.1.1 and
 C.6.2.1) and can be matched and returned at that level and every level below
 it: a SERIES query may carry PatientID or StudyDate, which restricts it to the
 series of those patients or studies. Keys of a level below the query level
-are not answered (see find.py).
+are not answered (see appliance/services/query/find.py).
+
+The query service reads a key's keyword, level, kind of matching and VR; the
+SQL expressions (`column`, `match_column`, `exists`) are the store's alone
+(conditions.py and search.py turn them into statements).
 
 Column expressions use fixed aliases: p (patients), st (studies), se (series),
 i (instances). Counts come from the columns the index maintains on every
@@ -19,8 +23,6 @@ from dataclasses import dataclass, field
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
 
-from appliance.services.query.matching import Match
-
 
 class Level(enum.IntEnum):
     """Query/Retrieve levels, top down; a key is defined at its level and below."""
@@ -29,6 +31,18 @@ class Level(enum.IntEnum):
     STUDY = 1
     SERIES = 2
     IMAGE = 3
+
+
+class Match(enum.Enum):
+    """How a key's request values select entities (the rules: services/query/matching.py)."""
+
+    TEXT = "text"
+    PERSON_NAME = "person_name"
+    DATE = "date"
+    TIME = "time"
+    UID = "uid"
+    INTEGER = "integer"
+    RETURN_ONLY = "return_only"  # counts, availability: returned, never matched
 
 
 # The rows a query at each level returns, joined up to the patient.
@@ -125,9 +139,6 @@ KEYS: tuple[Key, ...] = (
     Key("SOPClassUID", _L.IMAGE, _M.UID, "i.sop_class_uid"),
     Key("InstanceNumber", _L.IMAGE, _M.INTEGER, "i.instance_number"),
 )
-
-# Date and time keys that combined date-time matching reads as one moment.
-DATETIME_PAIRS = {"StudyDate": "StudyTime", "SeriesDate": "SeriesTime"}
 
 _BY_TAG: dict[BaseTag, list[Key]] = {}
 for _key in KEYS:

@@ -1,0 +1,108 @@
+"""Run a C-FIND search on the index: one SELECT on the reader connection.
+
+Contract for the query service::
+
+    rows = await search(index, Level.STUDY, returned=[key, ...],
+                        criteria=[Criterion(key, Equals("PID-1")), ...])
+
+returns, per matching entity of `level`, a tuple of the `returned` keys'
+values in that order (None or '' when unknown; a `multi` key's values joined
+with a backslash; an empty tuple when nothing is returned). Every criterion
+must hold. No order: DICOM sets none, and an ORDER BY would steer SQLite away
+from the index that best narrows the query. The statement and the fetch are
+one hop to the reader's thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+
+from appliance.store import database
+from appliance.store.cfind.attributes import ROW_ID, SOURCES, Key, Level
+from appliance.store.cfind.conditions import (
+    Condition,
+    Period,
+    Term,
+    condition,
+    period_condition,
+    register_functions,
+)
+from appliance.store.index import Index
+
+Row = tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """`term` holds for the value `key` matches on."""
+
+    key: Key
+    term: Term
+
+
+@dataclass(frozen=True)
+class PeriodCriterion:
+    """The moment made of the `date` and `time` keys' values lies in `period`."""
+
+    date: Key
+    time: Key
+    period: Period
+
+
+# Reader connections that have the SQL functions of conditions.py registered.
+_prepared: weakref.WeakSet[aiosqlite.Connection] = weakref.WeakSet()
+
+
+async def search(
+    index: Index,
+    level: Level,
+    returned: Sequence[Key],
+    criteria: Sequence[Criterion | PeriodCriterion],
+) -> list[Row]:
+    """The `returned` values of every entity of `level` that meets all `criteria`."""
+    sql, params = statement(level, returned, criteria)
+    reader = index.reader
+    if reader not in _prepared:
+        await database.run_sync(reader, register_functions)
+        _prepared.add(reader)
+    rows = await database.run_sync(reader, _select, sql, params)
+    # With nothing to return the SELECT lists the row id (SQL needs one column):
+    # the caller still gets one empty tuple per entity.
+    return rows if returned else [() for _ in rows]
+
+
+def statement(
+    level: Level, returned: Sequence[Key], criteria: Sequence[Criterion | PeriodCriterion]
+) -> tuple[str, list[object]]:
+    """The SELECT of `search` and its parameters."""
+    conditions = [_condition(each) for each in criteria]
+    selected = ", ".join(key.column for key in returned) or ROW_ID[level]
+    where = " AND ".join(f"({c.sql})" for c in conditions) or "1"
+    return (f"SELECT {selected} FROM {SOURCES[level]} WHERE {where}",
+            [param for c in conditions for param in c.params])
+
+
+def _condition(criterion: Criterion | PeriodCriterion) -> Condition:
+    if isinstance(criterion, PeriodCriterion):
+        return period_condition(criterion.period, criterion.date.compared,
+                                criterion.time.compared)
+    found = condition(criterion.term, criterion.key.compared)
+    if criterion.key.exists:  # the value lives in rows below: match through a subquery
+        return Condition(criterion.key.exists.format(found.sql), found.params)
+    return found
+
+
+def _select(conn: sqlite3.Connection, sql: str, params: list[object]) -> list[Row]:
+    """The rows of `sql`, in the reader's thread; the cursor is closed at once (no read
+    transaction left open)."""
+    cur = conn.execute(sql, params)
+    try:
+        cur.row_factory = None  # plain tuples: the caller reads values by position
+        return cur.fetchall()
+    finally:
+        cur.close()

@@ -1,0 +1,199 @@
+"""The patient / study / series / instance rows, as ingest and restore write them.
+
+Both ways a study enters the index go through these upserts: an instance
+received (appliance.store.index, one instance at a time, counts kept in the
+same transaction) and a pack version restored from the cloud (sync.restore,
+evicted instances pointing at their pack, counts recomputed after). One
+statement per table, so a column added to the schema is added once.
+
+The attributes come from whatever describes the instance: an InstanceHeader
+read from the file, or a restored manifest's attributes; both carry the same
+names, which the protocols below spell out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Protocol
+
+from appliance.store import database
+from appliance.store.tiering import TierState
+from appliance.store.times import time_key
+
+
+class PatientFields(Protocol):
+    @property
+    def patient_id(self) -> str: ...
+    @property
+    def issuer_of_patient_id(self) -> str: ...
+    @property
+    def patient_name(self) -> str: ...
+    @property
+    def birth_date(self) -> str: ...
+    @property
+    def sex(self) -> str: ...
+
+
+class StudyFields(Protocol):
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def study_date(self) -> str: ...
+    @property
+    def study_time(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
+    @property
+    def study_id(self) -> str: ...
+    @property
+    def study_description(self) -> str: ...
+    @property
+    def referring_physician(self) -> str: ...
+    @property
+    def character_set(self) -> str: ...
+
+
+class SeriesFields(Protocol):
+    @property
+    def series_uid(self) -> str: ...
+    @property
+    def modality(self) -> str: ...
+    @property
+    def series_number(self) -> int | None: ...
+    @property
+    def series_description(self) -> str: ...
+    @property
+    def body_part(self) -> str: ...
+    @property
+    def series_date(self) -> str: ...
+    @property
+    def series_time(self) -> str: ...
+
+
+class InstanceFields(Protocol):
+    @property
+    def sop_uid(self) -> str: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def instance_number(self) -> int | None: ...
+    @property
+    def transfer_syntax(self) -> str: ...
+
+
+class InstanceFile(Protocol):
+    """Where and what the instance's Part 10 file is (appliance.store.index.StoredFile)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def dataset_offset(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def received_at(self) -> float: ...
+    @property
+    def source_ae(self) -> str: ...
+
+
+def upsert_patient(conn: sqlite3.Connection, p: PatientFields) -> int:
+    """The patient's row id (PatientID + issuer), inserted if new; a known patient's
+    other attributes stay as first recorded."""
+    return int(database.query_one(
+        conn,
+        "INSERT INTO patients (patient_id, issuer, patient_name, birth_date, sex)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer)"
+        " DO UPDATE SET patient_id = excluded.patient_id RETURNING id",
+        (p.patient_id, p.issuer_of_patient_id, p.patient_name, p.birth_date, p.sex),
+    )[0])
+
+
+def upsert_study(conn: sqlite3.Connection, patient_fk: int, s: StudyFields, *,
+                 instances: int, size: int, first_received_at: float,
+                 last_received_at: float, last_access_at: float, tier_state: TierState,
+                 tier_changed_at: float) -> int:
+    """The study's row id, inserted if new (in `tier_state`, with these counts and
+    times); a known study adds `instances` and `size` to its counts and keeps the
+    later of its last arrival and this one. Its attributes and state stay."""
+    return int(database.query_one(
+        conn,
+        "INSERT INTO studies (patient_fk, study_uid, study_date, study_time, study_time_key,"
+        " accession_number, study_id, study_description, referring_physician, character_set,"
+        " instance_count, total_bytes, first_received_at, last_received_at, last_access_at,"
+        " tier_state, tier_changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (study_uid) DO UPDATE SET"
+        " instance_count = instance_count + excluded.instance_count,"
+        " total_bytes = total_bytes + excluded.total_bytes,"
+        " last_received_at = max(last_received_at, excluded.last_received_at) RETURNING id",
+        (patient_fk, s.study_uid, s.study_date, s.study_time, time_key(s.study_time),
+         s.accession_number, s.study_id, s.study_description, s.referring_physician,
+         s.character_set, instances, size, first_received_at, last_received_at,
+         last_access_at, tier_state.value, tier_changed_at),
+    )[0])
+
+
+def upsert_series(conn: sqlite3.Connection, study_fk: int, s: SeriesFields, *,
+                  instances: int) -> tuple[int, int]:
+    """(row id, instance count after) of the series, inserted if new; a known series
+    adds `instances` to its count (an instance count of `instances` says it is new)."""
+    row = database.query_one(
+        conn,
+        "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
+        " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (series_uid) DO UPDATE SET"
+        " instance_count = instance_count + excluded.instance_count"
+        " RETURNING id, instance_count",
+        (study_fk, s.series_uid, s.modality, s.series_number, s.series_description,
+         s.body_part, s.series_date, s.series_time, instances),
+    )
+    return int(row[0]), int(row[1])
+
+
+def put_instance(conn: sqlite3.Connection, series_fk: int, i: InstanceFields,
+                 f: InstanceFile, *, pack_fk: int | None = None, pack_offset: int | None = None,
+                 pack_length: int | None = None, is_local: bool = True) -> None:
+    """Insert the instance row, or replace a row of the same SOP Instance UID in place.
+
+    Ingest never replaces: it moves a current row to instance_versions first, in
+    the same transaction. Restore does, for an instance that a later version of
+    the study holds too (the later content wins; counts are recomputed after)."""
+    conn.execute(
+        "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
+        " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae,"
+        " pack_fk, pack_offset, pack_length, is_local)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (sop_uid) DO UPDATE SET series_fk = excluded.series_fk,"
+        " sop_class_uid = excluded.sop_class_uid,"
+        " instance_number = excluded.instance_number,"
+        " transfer_syntax = excluded.transfer_syntax, path = excluded.path,"
+        " size = excluded.size, dataset_offset = excluded.dataset_offset,"
+        " sha256 = excluded.sha256, received_at = excluded.received_at,"
+        " source_ae = excluded.source_ae, pack_fk = excluded.pack_fk,"
+        " pack_offset = excluded.pack_offset, pack_length = excluded.pack_length,"
+        " is_local = excluded.is_local",
+        (series_fk, i.sop_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax,
+         f.path, f.size, f.dataset_offset, f.sha256, f.received_at, f.source_ae,
+         pack_fk, pack_offset, pack_length, int(is_local)),
+    )
+
+
+def recount_study(conn: sqlite3.Connection, study_fk: int) -> None:
+    """Recompute a study's and its series' counts from the instance rows; a series left
+    empty (its instances moved to another series UID) goes."""
+    conn.execute(
+        "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances i"
+        " WHERE i.series_fk = series.id) WHERE study_fk = ?", (study_fk,))
+    with contextlib.suppress(sqlite3.IntegrityError):
+        conn.execute("DELETE FROM series WHERE study_fk = ? AND instance_count = 0",
+                     (study_fk,))
+    conn.execute(
+        "UPDATE studies SET"
+        " series_count = (SELECT COUNT(*) FROM series WHERE study_fk = studies.id),"
+        " instance_count = (SELECT COUNT(*) FROM instances i JOIN series se"
+        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id),"
+        " total_bytes = (SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series se"
+        "   ON i.series_fk = se.id WHERE se.study_fk = studies.id)"
+        " WHERE id = ?", (study_fk,))

@@ -1,0 +1,178 @@
+"""Pack rows: one per uploaded (or uploading) study version, as the sync agent reads them.
+
+A pack row is written by the tiering steps (appliance.store.tier_steps:
+inserted `uploading`, made `verified`, forgotten when abandoned), by restore
+(inserted `verified`) and by the lifecycle (its access tier). The reads here
+serve recall, scrub, lifecycle, key rotation, restore and the readers'
+grants; each is a plain function of a sqlite3 connection with an `Index`
+form that runs it on the reader connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from appliance.store import database
+from appliance.store.index import Index
+
+
+@dataclass(frozen=True)
+class PackRow:
+    id: int
+    study_fk: int
+    version: int
+    pack_name: str
+    manifest_name: str
+    pack_size: int
+    pack_sha256: str
+    state: str
+    access_tier: str
+    created_at: float
+    pack_etag: str = ""       # as committed and verified at upload ('' before migration 5)
+    manifest_etag: str = ""
+    manifest_size: int = 0
+    scrubbed_at: float | None = None
+    scrub_state: str = ""     # '' never scrubbed | ok | damaged
+
+
+@dataclass(frozen=True)
+class PackGrant:
+    """What a reader grant decides on: a verified pack and its study's scope attributes."""
+
+    pack_name: str
+    manifest_name: str
+    referring_physician: str
+    modalities: frozenset[str]  # of every series of the study
+
+
+_PACK_SQL = (
+    "SELECT p.id, p.study_fk, p.version, p.pack_name, p.manifest_name, p.pack_size,"
+    " p.pack_sha256, p.state, p.access_tier, p.created_at, p.pack_etag, p.manifest_etag,"
+    " p.manifest_size, p.scrubbed_at, p.scrub_state FROM packs p"
+)
+# A pack the index still needs: some instance row points at it (a version whose
+# instances all moved to a later one is history, and not scrubbed).
+_IN_USE = "EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id)"
+# When a pack's bytes were last checked: by a scrub, else at upload.
+_CHECKED_AT = "COALESCE(p.scrubbed_at, p.verified_at, p.created_at)"
+
+
+def _packs(conn: sqlite3.Connection, sql: str, params: tuple[object, ...] = ()
+           ) -> list[PackRow]:
+    return [PackRow(*row) for row in conn.execute(sql, params).fetchall()]
+
+
+async def packs_of(index: Index, study_id: int, *, verified_only: bool = True) -> list[PackRow]:
+    state = "AND p.state = 'verified'" if verified_only else ""
+    return await database.run_sync(
+        index.reader, _packs, f"{_PACK_SQL} WHERE p.study_fk = ? {state} ORDER BY p.version",
+        (study_id,))
+
+
+async def all_packs(index: Index) -> list[PackRow]:
+    """Every pack row, `uploading` ones too, in id order."""
+    return await database.run_sync(index.reader, _packs, f"{_PACK_SQL} ORDER BY p.id")
+
+
+async def verified_packs(index: Index) -> list[PackRow]:
+    """Every verified pack, in id order (the lifecycle's round)."""
+    return await database.run_sync(
+        index.reader, _packs, f"{_PACK_SQL} WHERE p.state = 'verified' ORDER BY p.id")
+
+
+def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[tuple[int, int]]:
+    """(id, version) of a study's pack rows still `uploading`: unverified versions that a
+    failed or killed upload left (their blobs may exist in part)."""
+    rows = conn.execute(
+        "SELECT id, version FROM packs WHERE study_fk = ? AND state = 'uploading'",
+        (study_id,)).fetchall()
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def _manifest_names(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT manifest_name FROM packs").fetchall()}
+
+
+async def manifest_names(index: Index) -> set[str]:
+    """The manifest blob name of every pack row (restore skips the versions it holds)."""
+    return await database.run_sync(index.reader, _manifest_names)
+
+
+def set_access_tier(conn: sqlite3.Connection, pack_id: int, tier: str) -> None:
+    """Record the access tier the blob store moved the pack to."""
+    conn.execute("UPDATE packs SET access_tier = ? WHERE id = ?", (tier, pack_id))
+
+
+def insert_verified_pack(conn: sqlite3.Connection, study_id: int, version: int, *,
+                         pack_name: str, manifest_name: str, pack_size: int,
+                         pack_sha256: str, instance_count: int, access_tier: str,
+                         created_at: float, verified_at: float) -> int:
+    """A pack row for a version found verified in the cloud (restore); returns its id."""
+    return int(database.query_one(
+        conn,
+        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, pack_size, pack_sha256,"
+        " instance_count, state, access_tier, created_at, verified_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?, ?) RETURNING id",
+        (study_id, version, pack_name, manifest_name, pack_size, pack_sha256,
+         instance_count, access_tier, created_at, verified_at))[0])
+
+
+# --- reader grants ----------------------------------------------------------------------
+
+_GRANT_SQL = (
+    "SELECT p.pack_name, p.manifest_name, st.referring_physician,"
+    " (SELECT group_concat(DISTINCT se.modality) FROM series se WHERE se.study_fk = st.id)"
+    " FROM packs p JOIN studies st ON p.study_fk = st.id WHERE p.state = 'verified'"
+)
+
+
+def _grants(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[PackGrant]:
+    return [PackGrant(pack, manifest, referring, frozenset((mods or "").split(",")) - {""})
+            for pack, manifest, referring, mods in conn.execute(sql, params).fetchall()]
+
+
+async def pack_grants(index: Index) -> list[PackGrant]:
+    """Every verified pack with its study's scope attributes, in pack id order."""
+    return await database.run_sync(index.reader, _grants, f"{_GRANT_SQL} ORDER BY p.id", ())
+
+
+async def study_pack_grants(index: Index, study_id: int) -> list[PackGrant]:
+    """The verified packs of one study with its scope attributes, in version order."""
+    return await database.run_sync(index.reader, _grants,
+                                   f"{_GRANT_SQL} AND st.id = ? ORDER BY p.version",
+                                   (study_id,))
+
+
+# --- scrub ------------------------------------------------------------------------------
+
+
+async def packs_to_scrub(index: Index, *, limit: int | None = None,
+                         checked_before: float | None = None) -> list[PackRow]:
+    """Verified packs in use, least recently checked first; at most `limit`, and with
+    `checked_before` only those not checked since then."""
+    where = f"p.state = 'verified' AND {_IN_USE}"
+    params: list[object] = []
+    if checked_before is not None:
+        where += f" AND {_CHECKED_AT} <= ?"
+        params.append(checked_before)
+    sql = f"{_PACK_SQL} WHERE {where} ORDER BY {_CHECKED_AT}, p.id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return await database.run_sync(index.reader, _packs, sql, tuple(params))
+
+
+async def packs_in_use_count(index: Index) -> int:
+    row = await database.run_sync(
+        index.reader, database.query_one,
+        f"SELECT COUNT(*) FROM packs p WHERE p.state = 'verified' AND {_IN_USE}")
+    return int(row[0]) if row else 0
+
+
+async def damaged_packs_in_use(index: Index, study_id: int) -> list[PackRow]:
+    """Packs of a study that a scrub found damaged and that still hold instances."""
+    return await database.run_sync(
+        index.reader, _packs,
+        f"{_PACK_SQL} WHERE p.study_fk = ? AND p.scrub_state = 'damaged' AND {_IN_USE}"
+        " ORDER BY p.version", (study_id,))

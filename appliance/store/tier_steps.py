@@ -1,0 +1,256 @@
+"""The committed steps of the tiering operations: replicate, evict, recall, roll back, scrub.
+
+Each step is one transaction (a plain function of the sqlite3 connection, run
+through `Writer.submit_sync`): the state change of appliance.store.tiering
+together with the rows it concerns. The steps that belong to an operation on
+a study take its StudyLease (appliance.store.leases): the first step takes
+it, every later one fences first, so a holder that lost its lease changes
+nothing. The orchestration around the steps (cloud and file I/O between
+them, crash points, logging, audit) is the sync agent's (sync/); the order
+of steps, and why it is safe, is written there, in each operation's module.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.base.errors import PacsEdgeError
+from appliance.store import database
+from appliance.store.leases import StudyLease
+from appliance.store.packs import uploading_packs
+from appliance.store.recall_requests import finish_request
+from appliance.store.study_rows import InstanceRow, evicted_instances, instances_to_pack
+from appliance.store.tiering import TierState, Trigger, apply_sync, state_of
+
+
+class NotEvictable(PacsEdgeError):
+    pass
+
+
+# --- replicate --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """What `begin_upload` committed: the pack row to fill and the instances to put in it."""
+
+    pack_id: int
+    version: int
+    evicted: bool
+    instances: list[InstanceRow]
+
+
+class UploadResult(Protocol):
+    """What a verified upload reports (sync.cloud.UploadedPack)."""
+
+    @property
+    def pack_size(self) -> int: ...
+    @property
+    def pack_sha256(self) -> str: ...
+    @property
+    def offsets(self) -> dict[int, tuple[int, int]]: ...  # instance id -> (offset, length)
+    @property
+    def pack_etag(self) -> str: ...
+    @property
+    def manifest_etag(self) -> str: ...
+    @property
+    def manifest_size(self) -> int: ...
+
+
+def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
+                 names: Callable[[int], tuple[str, str]]) -> UploadPlan | None:
+    """Take the lease, move `local -> replicating` (an evicted study stays `evicted`: only
+    its late instances are uploaded), insert the `uploading` pack row a crash leaves for
+    the roll-back, and read the instances to upload; None when there is nothing to do.
+
+    `names(version)` gives the pack's and the manifest's blob names."""
+    lease.take(conn)
+    instances = instances_to_pack(conn, study_id)
+    if not instances:
+        lease.release(conn)
+        return None
+    state = state_of(conn, study_id)
+    if state is TierState.REPLICATED:
+        state = apply_sync(conn, study_id, Trigger.NEW_INSTANCE)
+    evicted = state is TierState.EVICTED
+    if not evicted:
+        apply_sync(conn, study_id, Trigger.REPLICATE, expect=TierState.LOCAL)
+    version = int(database.query_one(
+        conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM packs WHERE study_fk = ?",
+        (study_id,))[0])
+    pack_name, manifest_name = names(version)
+    pack_id = database.query_one(
+        conn,
+        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, created_at)"
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (study_id, version, pack_name, manifest_name, time.time()))[0]
+    return UploadPlan(int(pack_id), version, evicted, instances)
+
+
+def abandon_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
+    """After a failed upload: `replicating -> local` at once (the pack row stays
+    `uploading` until its blobs are gone)."""
+    lease.fence(conn)
+    apply_sync(conn, study_id, Trigger.FAILED, expect=TierState.REPLICATING)
+
+
+def forget_pack(conn: sqlite3.Connection, pack_id: int) -> None:
+    """Drop an unverified pack's row (its blobs are gone); no instance points at it."""
+    conn.execute("DELETE FROM packs WHERE id = ? AND state = 'uploading'", (pack_id,))
+
+
+def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan: UploadPlan,
+                uploaded: UploadResult) -> list[str]:
+    """Pack `verified`, instances point at it, `replicating -> replicated`; returns the
+    paths of files that are no longer needed locally (evicted study)."""
+    lease.fence(conn)
+    conn.execute(
+        "UPDATE packs SET state = 'verified', verified_at = ?, pack_size = ?, pack_sha256 = ?,"
+        " instance_count = ?, pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
+        (time.time(), uploaded.pack_size, uploaded.pack_sha256, len(uploaded.offsets),
+         uploaded.pack_etag, uploaded.manifest_etag, uploaded.manifest_size,
+         plan.pack_id),
+    )
+    # An evicted study's late instances leave local disk in this same transaction. A row
+    # superseded during the upload (new content, same SOP Instance UID) is not updated, so
+    # its file, now a prior version, is kept.
+    gone = []
+    for instance_id, (offset, length) in uploaded.offsets.items():
+        row = database.query_one(
+            conn, "UPDATE instances SET pack_fk = ?, pack_offset = ?, pack_length = ?,"
+            " is_local = ? WHERE id = ? RETURNING path",
+            (plan.pack_id, offset, length, 0 if plan.evicted else 1, instance_id))
+        if row is not None and plan.evicted:
+            gone.append(row[0])
+    if plan.evicted:
+        return gone
+    apply_sync(conn, study_id, Trigger.VERIFIED, expect=TierState.REPLICATING)
+    if database.query_one(
+        conn,
+        "SELECT 1 FROM instances i JOIN series se ON i.series_fk = se.id"
+        " WHERE se.study_fk = ? AND i.pack_fk IS NULL LIMIT 1", (study_id,),
+    ):  # instances arrived during the upload: not done yet
+        apply_sync(conn, study_id, Trigger.NEW_INSTANCE)
+    return []
+
+
+# --- evict ------------------------------------------------------------------------------
+
+
+def mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> list[str]:
+    """Take the lease, refuse (NotEvictable) unless every instance is in a verified pack,
+    commit `replicated -> evicted` and `is_local = 0`; returns the files to delete."""
+    lease.take(conn)
+    row = database.query_one(
+        conn,
+        "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_fk = se.id"
+        " LEFT JOIN packs p ON i.pack_fk = p.id"
+        " WHERE se.study_fk = ? AND (p.id IS NULL OR p.state != 'verified')", (study_id,))
+    if row and row[0]:
+        raise NotEvictable(f"{row[0]} instance(s) are not in a verified pack yet",
+                           hint="wait for the next replication pass")
+    apply_sync(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
+    cur = conn.execute(
+        "UPDATE instances SET is_local = 0 WHERE series_fk IN"
+        " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,))
+    return [r[0] for r in cur.fetchall()]
+
+
+# --- recall -----------------------------------------------------------------------------
+
+
+def begin_recall(conn: sqlite3.Connection, lease: StudyLease,
+                 study_id: int) -> list[InstanceRow]:
+    """Take the lease, `evicted -> recalling`; returns the instances to bring back."""
+    lease.take(conn)
+    apply_sync(conn, study_id, Trigger.RECALL, expect=TierState.EVICTED)
+    return evicted_instances(conn, study_id)
+
+
+def fail_recall(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
+    """`recalling -> evicted` (the files written are already removed)."""
+    lease.fence(conn)
+    apply_sync(conn, study_id, Trigger.FAILED, expect=TierState.RECALLING)
+
+
+def mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
+                  recalled: list[InstanceRow]) -> None:
+    """Every recalled instance is on disk, verified: set them local, commit
+    `recalling -> replicated`, count it as an access and close a pending request."""
+    lease.fence(conn)
+    conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ?",
+                     [(row.id,) for row in recalled])
+    apply_sync(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
+    now = time.time()
+    conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
+    finish_request(conn, study_id, "done", "", at=now)
+
+
+# --- roll back --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    was: str                             # the state found
+    packs: list[tuple[int, int]]         # unverified packs as (id, version)
+    leftovers: list[str]                 # files of non-local instances a killed recall wrote
+
+
+def take_and_roll_back(conn: sqlite3.Connection, lease: StudyLease,
+                       study_id: int) -> RolledBack:
+    """Take the lease and undo the state of a dead operation; returns what is left to
+    clean up in the cloud and on disk."""
+    lease.take(conn)
+    state = state_of(conn, study_id)
+    leftovers: list[str] = []
+    if state in (TierState.REPLICATING, TierState.RECALLING):
+        apply_sync(conn, study_id, Trigger.FAILED)
+    if state is TierState.RECALLING:
+        leftovers = [row.path for row in evicted_instances(conn, study_id)]
+    return RolledBack(state.value, uploading_packs(conn, study_id), leftovers)
+
+
+# --- scrub ------------------------------------------------------------------------------
+
+
+def record_scrub_ok(conn: sqlite3.Connection, pack_id: int, *, at: float,
+                    pack_etag: str, manifest_etag: str, manifest_size: int) -> None:
+    """The pack read back whole and authentic: record when, and the blobs' identities
+    (which a copy of the container to new storage changes; the content is the same)."""
+    conn.execute(
+        "UPDATE packs SET scrubbed_at = ?, scrub_state = 'ok', scrub_error = '',"
+        " pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
+        (at, pack_etag, manifest_etag, manifest_size, pack_id))
+
+
+@dataclass(frozen=True)
+class DamageMarked:
+    requeued: int  # instances with a local file: packed again by the next replication
+    at_risk: int   # instances whose only copy is the damaged pack
+
+
+def record_scrub_damaged(conn: sqlite3.Connection, pack_id: int, study_id: int, *,
+                         at: float, error: str) -> DamageMarked:
+    """Mark a pack damaged, in one transaction with what follows from it.
+
+    Instances still on local disk leave the pack (pack_fk NULL), so the next
+    replication pass uploads them again as a new version; the study takes the
+    `damaged` trigger (replicated -> local). Instances not on local disk stay:
+    the damaged pack is their only copy, and the study is at risk.
+    """
+    conn.execute(
+        "UPDATE packs SET scrubbed_at = ?, scrub_state = 'damaged', scrub_error = ?"
+        " WHERE id = ?", (at, error, pack_id))
+    row = database.query_one(
+        conn, "SELECT COUNT(*) FROM instances WHERE pack_fk = ? AND is_local = 0", (pack_id,))
+    at_risk = int(row[0]) if row else 0
+    requeued = conn.execute(
+        "UPDATE instances SET pack_fk = NULL, pack_offset = NULL, pack_length = NULL"
+        " WHERE pack_fk = ? AND is_local = 1", (pack_id,)).rowcount
+    if requeued:
+        apply_sync(conn, study_id, Trigger.DAMAGED)
+    return DamageMarked(requeued, at_risk)

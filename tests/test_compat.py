@@ -1,0 +1,193 @@
+"""The library internals appliance/base/compat.py patches are still there, as it read them.
+
+Each test fails when upstream changes under a patch: a version other than the
+one the patch was checked against, a patched name gone, or a different shape
+(signature, type, the call site the patch relies on). Fix compat.py against the
+new upstream code, then move the pin in compat.PINNED and pyproject.toml together.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import tomllib
+from importlib.metadata import version
+from io import BytesIO
+from pathlib import Path
+
+import aiosqlite
+import pydicom
+import pynetdicom.association
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_preamble
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pynetdicom import AE, _config, dimse_messages, sop_class
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
+from pynetdicom.transport import RequestHandler
+
+from appliance.base import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+# How each patch reaches into its library; only appliance/base/compat.py may.
+PATCH_PATTERNS = [
+    r"\._execute\(", r"\b_read_file_meta_info\b", r"\._reactor_checkpoint\s*=",
+    r"\._run_loop_delay\b", r"dimse_messages\.NamedTemporaryFile\s*=",
+    r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
+]
+
+
+def _parameters(func: object) -> list[str]:
+    return list(inspect.signature(func).parameters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "pinned"), sorted(compat.PINNED.items()))
+def test_installed_libraries_are_the_versions_the_patches_were_checked_against(
+        name: str, pinned: str) -> None:
+    assert version(name) == pinned
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    assert f"{name}=={pinned}" in dependencies, "compat.PINNED and pyproject.toml differ"
+
+
+def test_library_internals_are_patched_only_in_compat() -> None:
+    compat_path = ROOT / "appliance" / "base" / "compat.py"
+    found = []
+    for path in sorted([*ROOT.glob("appliance/**/*.py"), *ROOT.glob("sync/**/*.py"),
+                        *ROOT.glob("provisioning/**/*.py")]):
+        if path == compat_path:
+            continue
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.relative_to(ROOT)}: {pattern}" for pattern in PATCH_PATTERNS
+                  if re.search(pattern, text)]
+    assert not found
+
+
+def test_importing_the_store_does_not_load_pynetdicom() -> None:
+    """compat imports pynetdicom only when a pynetdicom patch is applied: the sync
+    agent and most commands import the store and never speak DIMSE."""
+    code = ("import sys, appliance.store.database, appliance.base.compat; "
+            "sys.exit('pynetdicom' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+# --- pynetdicom ---------------------------------------------------------------------
+
+
+def test_pynetdicom_spools_received_datasets_through_the_patched_name() -> None:
+    source = inspect.getsource(dimse_messages)
+    assert re.search(r"^from tempfile import NamedTemporaryFile$", source, re.M)
+    assert 'NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")' in source
+    assert dimse_messages.NamedTemporaryFile in (tempfile.NamedTemporaryFile, *_installed())
+
+
+def _installed() -> tuple[object, ...]:
+    """A spool factory another test of this process may have set (serve in process)."""
+    current = dimse_messages.NamedTemporaryFile
+    return (current,) if current is not tempfile.NamedTemporaryFile else ()
+
+
+def test_pynetdicom_picks_service_classes_through_the_wrapped_name() -> None:
+    assert "uid_to_service_class(" in inspect.getsource(Association._serve_request)
+    assert "from pynetdicom.sop_class import" in inspect.getsource(pynetdicom.association)
+    assert _parameters(sop_class.uid_to_service_class) == ["uid"]
+
+
+def test_route_service_classes_wraps_once_and_serves_every_routed_uid(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class Marker(QueryRetrieveServiceClass):
+        pass
+
+    # pynetdicom's own lookup for this test; the monkeypatch puts back what was there.
+    monkeypatch.setattr(pynetdicom.association, "uid_to_service_class",
+                        sop_class.uid_to_service_class)
+    compat.route_service_classes({"1.2.3.4.5"}, Marker)
+    lookup = pynetdicom.association.uid_to_service_class
+    compat.route_service_classes({"1.2.3.4.6"}, Marker)  # adds to the table, wraps no more
+    assert pynetdicom.association.uid_to_service_class is lookup
+    assert lookup("1.2.3.4.5") is Marker
+    assert lookup("1.2.3.4.6") is Marker
+    assert lookup("1.2.840.10008.1.1") is VerificationServiceClass
+
+
+def test_the_reactor_parks_on_an_event_the_gate_can_replace() -> None:
+    assoc = Association(AE(), "requestor")
+    assert isinstance(assoc._reactor_checkpoint, threading.Event)
+    source = inspect.getsource(Association)
+    assert "self._reactor_checkpoint.wait()" in source
+    gate = threading.Event()
+    assert compat.replace_reactor_checkpoint(assoc, gate)
+    assert assoc._reactor_checkpoint is gate
+    assert not compat.replace_reactor_checkpoint(object(), gate)
+
+
+def test_the_dul_sleeps_its_poll_delay_between_polls() -> None:
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider)
+    dul = Association(AE(), "requestor").dul
+    assert dul._run_loop_delay == 0.001
+    compat.set_poll_delay(dul, 0.02)
+    assert dul._run_loop_delay == 0.02
+
+
+@pytest.mark.parametrize(("owner", "hook", "parameters"), [
+    (RequestHandler, "_create_association", ["self"]),
+    (QueryRetrieveServiceClass, "_move_scp", ["self", "req", "context"]),
+    (QueryRetrieveServiceClass, "_get_scp", ["self", "req", "context"]),
+])
+def test_overridden_pynetdicom_hooks_keep_their_signatures(
+        owner: type, hook: str, parameters: list[str]) -> None:
+    assert _parameters(getattr(owner, hook)) == parameters
+
+
+@pytest.mark.parametrize("flag", [
+    "STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET",
+    "LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS",
+])
+def test_configuration_flags_the_appliance_sets_exist(flag: str) -> None:
+    assert isinstance(getattr(_config, flag), bool)
+
+
+# --- aiosqlite ----------------------------------------------------------------------
+
+
+async def test_run_in_connection_thread_runs_on_aiosqlites_own_connection() -> None:
+    assert _parameters(aiosqlite.Connection._execute) == ["self", "fn", "args", "kwargs"]
+    loop_thread = threading.get_ident()
+
+    def work(conn: sqlite3.Connection, value: int) -> tuple[int, bool]:
+        (row,) = conn.execute("SELECT ? + 1", (value,)).fetchall()
+        return row[0], threading.get_ident() != loop_thread
+
+    async with aiosqlite.connect(":memory:") as conn:
+        assert isinstance(conn._conn, sqlite3.Connection)
+        assert await compat.run_in_connection_thread(conn, work, 41) == (42, True)
+
+
+# --- pydicom ------------------------------------------------------------------------
+
+
+def test_read_file_meta_leaves_the_file_at_the_dataset() -> None:
+    assert _parameters(pydicom.filereader._read_file_meta_info) == ["fp"]
+    ds = Dataset()
+    ds.PatientID = "COMPAT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.preamble = b"\0" * 128
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    encoded = buffer.getvalue()
+    fp = BytesIO(encoded)
+    read_preamble(fp, force=False)
+    meta = compat.read_file_meta(fp)
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    # The rest is the dataset: (0010,0020) Patient ID, explicit VR little endian.
+    assert encoded[fp.tell():].startswith(b"\x10\x00\x20\x00LO")

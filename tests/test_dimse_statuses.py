@@ -1,0 +1,74 @@
+"""The DIMSE edge answers each refusal with a named status chosen by the error's kind.
+
+Services raise errors with a `kind` (appliance.base.errors); the edge maps kinds to
+DICOM statuses with tables, never by reading a message. Every kind must have a
+status, and the statuses must reach a real peer (C-STORE and C-MOVE/C-GET refusals
+are proven on the wire in test_store_bad_input, test_deflate_limit and the retrieve
+tests; C-FIND's here).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import pytest
+from conftest import HOST, EdgeServer
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from appliance.base.errors import QueryRefusal, Rejection, RetrieveRefusal
+from appliance.dimse.dicom_status import Status
+from appliance.dimse.handlers import QUERY_STATUS, REJECTION_STATUS
+from appliance.dimse.move_get import REFUSAL_STATUS
+
+REFUSED_NOT_AUTHORIZED, IDENTIFIER_DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0x0124, 0xA900, 0xC000
+
+
+@pytest.mark.parametrize(("kinds", "table"), [
+    (Rejection, REJECTION_STATUS),
+    (QueryRefusal, QUERY_STATUS),
+    (RetrieveRefusal, REFUSAL_STATUS),
+], ids=["store", "find", "move-get"])
+def test_every_refusal_kind_has_a_named_failure_status(
+        kinds: type[enum.Enum], table: Mapping[enum.Enum, Status]) -> None:
+    assert set(table) == set(kinds)
+    for status in table.values():
+        assert isinstance(status, Status)
+        assert status not in (Status.SUCCESS, Status.PENDING, Status.PENDING_WARNING)
+
+
+def _find_statuses(edge: EdgeServer, aet: str, keys: dict[str, str]) -> list[int]:
+    ae = AE(aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established, "association with pacs-edge refused"
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    try:
+        return [int(status.Status) for status, _ in
+                assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_find_refusals_reach_the_peer_as_their_named_statuses(edge_server: EdgeServer) -> None:
+    edge_server.add_peer("storeonly", "STOREONLY", 1, allow="store")
+    assert _find_statuses(edge_server, "STOREONLY", {"QueryRetrieveLevel": "STUDY",
+                                                     "StudyInstanceUID": ""}) == [
+        REFUSED_NOT_AUTHORIZED]
+    # The study root model has no PATIENT level: not in the model.
+    assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "PATIENT",
+                                                   "PatientID": ""}) == [
+        IDENTIFIER_DOES_NOT_MATCH]
+    # A date range with a malformed bound: a malformed key.
+    assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "STUDY",
+                                                   "StudyDate": "2024-01-01"}) == [
+        UNABLE_TO_PROCESS]
+    assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "STUDY",
+                                                   "StudyInstanceUID": ""}) == [0x0000]
