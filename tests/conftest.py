@@ -81,9 +81,10 @@ def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
     Test homes accept the no-escrow risk ([sync] evict_without_escrow) so that tests of
     other things can evict without a (slow, scrypt) `keys escrow`; the escrow gate's
     own tests pass evict_without_escrow=False."""
-    # TLS off unless a test turns it on: its fixed port (2762) would collide.
+    # TLS and HL7 off unless a test turns them on: their fixed ports (2762, 2575) would
+    # collide.
     run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
-                  "--tls-port", "0")
+                  "--tls-port", "0", "--hl7-port", "0")
     if evict_without_escrow:
         EdgeServer(home).configure(sync={"evict_without_escrow": True})
     if default_peer:

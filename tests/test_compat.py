@@ -100,7 +100,7 @@ def test_pynetdicom_picks_service_classes_through_the_wrapped_name() -> None:
     assert _parameters(sop_class.uid_to_service_class) == ["uid"]
 
 
-def test_route_service_classes_serves_routed_uids_once_and_leaves_the_rest(
+def test_route_service_classes_wraps_once_and_serves_every_routed_uid(
         monkeypatch: pytest.MonkeyPatch) -> None:
     class Marker(QueryRetrieveServiceClass):
         pass
@@ -109,10 +109,11 @@ def test_route_service_classes_serves_routed_uids_once_and_leaves_the_rest(
     monkeypatch.setattr(pynetdicom.association, "uid_to_service_class",
                         sop_class.uid_to_service_class)
     compat.route_service_classes({"1.2.3.4.5"}, Marker)
-    compat.route_service_classes({"1.2.3.4.6"}, Marker)  # once per process: a no-op
     lookup = pynetdicom.association.uid_to_service_class
+    compat.route_service_classes({"1.2.3.4.6"}, Marker)  # adds to the table, wraps no more
+    assert pynetdicom.association.uid_to_service_class is lookup
     assert lookup("1.2.3.4.5") is Marker
-    assert lookup("1.2.3.4.6") is not Marker
+    assert lookup("1.2.3.4.6") is Marker
     assert lookup("1.2.840.10008.1.1") is VerificationServiceClass
 
 

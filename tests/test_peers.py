@@ -118,3 +118,21 @@ def test_refusal_binds_certificate_transport_and_peer(
     peer = Peer("ct1", "CT1", "127.0.0.1", 104, frozenset({"store"}), tls_only=tls_only)
     why = peer.refusal(address="127.0.0.1", over_tls=over_tls, certificate=certificate)
     assert (why is None) if refused is None else (why is not None and refused in why)
+
+
+def test_hl7_sender_needs_no_port_but_a_dicom_peer_does(tmp_path: Path) -> None:
+    allowlist = Allowlist(tmp_path / "peers.toml")
+    allowlist.add(Peer("ris", "RIS", "127.0.0.1", 0, frozenset({"hl7"})))
+    with pytest.raises(PeerError, match="invalid port 0"):
+        allowlist.add(Peer("ct", "CT", "127.0.0.1", 0, frozenset({"store", "hl7"})))
+    assert Allowlist(tmp_path / "peers.toml").peers()["ris"].port == 0
+
+
+def test_hl7_sender_is_found_by_host_and_only_with_permission_hl7(tmp_path: Path) -> None:
+    allowlist = Allowlist(tmp_path / "peers.toml")
+    allowlist.add(Peer("ct", "CT", "127.0.0.3", 104, frozenset({"store"})))
+    allowlist.add(Peer("ris", "RIS", "localhost", 0, frozenset({"hl7"})))
+    sender = allowlist.hl7_sender("127.0.0.1")  # localhost resolves to it
+    assert sender is not None and sender.name == "ris"
+    assert allowlist.hl7_sender("127.0.0.3") is None  # a DICOM peer may not send HL7
+    assert allowlist.hl7_sender("127.0.0.2") is None

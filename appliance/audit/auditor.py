@@ -101,6 +101,28 @@ class StudyFacts(Protocol):
     def accession_number(self) -> str: ...
 
 
+class PatientFacts(Protocol):
+    @property
+    def patient_id(self) -> str: ...
+
+
+class OrderFacts(Protocol):
+    """An applied HL7 change (appliance.services.orders.Effect)."""
+
+    @property
+    def action(self) -> str: ...
+    @property
+    def patient(self) -> PatientFacts: ...
+    @property
+    def patient_name(self) -> str: ...
+    @property
+    def accession_number(self) -> str: ...
+    @property
+    def study_uid(self) -> str: ...
+    @property
+    def prior(self) -> PatientFacts | None: ...
+
+
 @dataclass(frozen=True)
 class Requestor:
     ae_title: str
@@ -380,12 +402,84 @@ class Auditor:
                      objects=self._study_objects(study_uids), description=description,
                      urgent=bool(reason))
 
+    def commitment_answered(self, *, peer_ae: str, address: str, study_uids: Iterable[str],
+                            committed: int, failed: int, reason: str = "") -> None:
+        """A Storage Commitment report was delivered to `peer_ae`: the box took responsibility
+        for `committed` instances of these studies; with `reason`, it gave up delivering."""
+        peer = Participant(peer_ae, requestor=True, roles=(Role.DESTINATION,), address=address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.SOURCE,))
+        counts = f"storage commitment: committed={committed} failed={failed}"
+        outcome = (Outcome.SERIOUS_FAILURE if reason
+                   else Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS)
+        self._record(EventID.INSTANCES_ACCESSED, Action.READ, outcome, (peer, box),
+                     objects=self._study_objects(study_uids),
+                     description=f"{reason} ({counts})" if reason else counts,
+                     urgent=True)
+
+    def procedure_step(self, assoc: Any, *, created: bool, state: str, patient_id: str,
+                       study_uids: Iterable[str], accession_numbers: Iterable[str] = (),
+                       reason: str = "") -> None:
+        """An MPPS N-CREATE (`created`) or N-SET, committed or refused with `reason`
+        (PS3.15 A.5.3.9 Procedure Record). Written before the response: a few per exam."""
+        peer = requestor_of(assoc)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        accessions = tuple(a for a in accession_numbers if a)
+        objects = tuple(replace(study_object(uid, {}), accession_numbers=accessions)
+                        for uid in sorted({u for u in study_uids if u}))
+        if patient_id:
+            objects += (patient_object(patient_id),)
+        self._record(EventID.PROCEDURE_RECORD, Action.CREATE if created else Action.UPDATE,
+                     Outcome.MINOR_FAILURE if reason else Outcome.SUCCESS,
+                     (self._peer(peer, Role.SOURCE), box), objects=objects,
+                     description=reason or f"procedure step {state}", urgent=True)
+
     def node_authentication_failed(self, address: str, reason: str) -> None:
         """A TLS handshake or certificate check failed (for the TLS listener)."""
         remote = Participant(address or "unknown", requestor=True, address=address)
         self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
                      (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
                      description=reason, urgent=True)
+
+    # --- events: HL7 orders and patients ------------------------------------------------
+
+    def order_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
+        """An HL7 order was created, changed, cancelled or discontinued (Order Record)."""
+        action = {"create": Action.CREATE, "cancel": Action.DELETE,
+                  "discontinue": Action.DELETE}.get(effect.action, Action.UPDATE)
+        objects = (study_object(effect.study_uid, {}, effect.accession_number),
+                   patient_object(effect.patient.patient_id, effect.patient_name))
+        self._record(EventID.ORDER_RECORD, action, Outcome.SUCCESS,
+                     self._hl7_participants(sender, address), objects=objects,
+                     description=f"order {effect.action}")
+
+    def patient_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
+        """An HL7 ADT registered, updated or merged a patient (Patient Record)."""
+        objects: tuple[ParticipantObject, ...] = (
+            patient_object(effect.patient.patient_id, effect.patient_name),)
+        if effect.prior is not None:
+            prior = replace(patient_object(effect.prior.patient_id),
+                            details=(("MergedInto", effect.patient.patient_id),))
+            objects += (prior,)
+        action = Action.CREATE if effect.action == "register" else Action.UPDATE
+        self._record(EventID.PATIENT_RECORD, action, Outcome.SUCCESS,
+                     self._hl7_participants(sender, address), objects=objects,
+                     description=f"patient {effect.action}")
+
+    def hl7_connection_refused(self, address: str, reason: str) -> None:
+        """An MLLP connection from a host that may not send HL7; repeated refusals from
+        one address are counted, as rejected associations are (rejections.py)."""
+        if not self._rejections.note(address, "HL7", reason):
+            return
+        remote = Participant(address or "unknown", requestor=True, address=address)
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
+                     (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
+                     description=reason, urgent=True)
+
+    def _hl7_participants(self, sender: str, address: str) -> tuple[Participant, ...]:
+        peer = Participant(sender or address, requestor=True, roles=(Role.SOURCE,),
+                           address=address)
+        box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
+        return peer, box
 
     # --- events: ingest from files ----------------------------------------------------
 

@@ -71,22 +71,27 @@ def route_service_classes(uids: Collection[str], service_class: type) -> None:
 
     `Association._serve_request` picks the service class of a request through the
     module-level function `pynetdicom.association.uid_to_service_class`; AE offers no
-    hook for it. The name is wrapped once per process (later calls are no-ops);
-    every other SOP class keeps pynetdicom's own class.
+    hook for it. The name is wrapped once per process; later calls add their SOP
+    classes to the same table (C-MOVE/C-GET, Storage Commitment); every other SOP
+    class keeps pynetdicom's own class.
     """
     import pynetdicom.association  # not at import: the store imports compat
 
-    routed = frozenset(uids)
     with _route_lock:
+        _ROUTES.update(dict.fromkeys(uids, service_class))
         original = pynetdicom.association.uid_to_service_class
         if getattr(original, "pacs_edge_routed", False):
             return
 
         def pick(uid: str) -> Any:
-            return service_class if uid in routed else original(uid)
+            routed = _ROUTES.get(uid)
+            return routed if routed is not None else original(uid)
 
         pick.pacs_edge_routed = True  # type: ignore[attr-defined]
         pynetdicom.association.uid_to_service_class = pick
+
+
+_ROUTES: dict[str, type] = {}
 
 
 def replace_reactor_checkpoint(assoc: Any, checkpoint: Any) -> bool:

@@ -64,6 +64,22 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class Hl7Config:
+    """The HL7 v2 order feed over MLLP (appliance/hl7/listener.py)."""
+
+    port: int = field(default=2575, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                     "0 (off) or 1-65535"))
+    host: str = "127.0.0.1"
+    tls: bool = False
+    tls_require_client_cert: bool = True
+    max_message_bytes: int = field(
+        default=1_048_576, metadata=_check(lambda v: 1024 <= v <= 64 << 20,
+                                           "1024 to 67108864 bytes"))
+    idle_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    max_connections: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("store")
     reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
@@ -147,6 +163,16 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class WorkflowConfig:
+    """Storage Commitment, MPPS and worklist (docs/workflow.md)."""
+
+    commit_requires_cloud: bool = False
+    commit_cloud_wait_hours: float = field(default=24.0, metadata=_check(lambda v: v > 0, "> 0"))
+    commit_retry_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
+    commit_give_up_hours: float = field(default=72.0, metadata=_check(lambda v: v > 0, "> 0"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = field(
         default="info",
@@ -159,12 +185,14 @@ class LogConfig:
 class Config:
     home: Path
     dicom: DicomConfig = DicomConfig()
+    hl7: Hl7Config = Hl7Config()
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
     dropfolder: DropFolderConfig = DropFolderConfig()
     cloud: CloudConfig = CloudConfig()
     sync: SyncConfig = SyncConfig()
     audit: AuditConfig = AuditConfig()
+    workflow: WorkflowConfig = WorkflowConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -194,12 +222,14 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
+    "hl7": Hl7Config,
     "store": StoreConfig,
     "index": IndexConfig,
     "dropfolder": DropFolderConfig,
     "cloud": CloudConfig,
     "sync": SyncConfig,
     "audit": AuditConfig,
+    "workflow": WorkflowConfig,
     "log": LogConfig,
 }
 
@@ -320,6 +350,15 @@ _COMMENTS = {
     "dicom.connect_timeout": "Seconds to connect to a C-MOVE destination.",
     "dicom.suboperation_timeout": "Seconds to wait for a C-STORE response during C-MOVE.",
     "dicom.suboperation_retries": "Retries of a C-MOVE sub-operation on a fresh association.",
+    "hl7": "HL7 v2 orders and patient updates from the RIS over MLLP (docs/workflow.md).",
+    "hl7.port": "MLLP port (2575 is the usual one); 0 turns the listener off.",
+    "hl7.host": "Listen address (0.0.0.0 opens it to the LAN). Senders need a peer with"
+    " permission hl7 for their host.",
+    "hl7.tls": "MLLP over TLS with the site CA's certificates (as DICOM TLS).",
+    "hl7.tls_require_client_cert": "With tls: senders need a certificate from the site CA.",
+    "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
+    "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
+    "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",
@@ -371,6 +410,14 @@ _COMMENTS = {
     "audit.syslog_cert_file": "Client certificate for mutual TLS (\"\": none).",
     "audit.syslog_key_file": "Its private key, a 0600 file.",
     "audit.syslog_retry_seconds": "While the collector is down, retry this often.",
+    "workflow": "Storage Commitment, MPPS and Modality Worklist (docs/workflow.md).",
+    "workflow.commit_requires_cloud": "Commit an instance only once it is also in a verified"
+    " cloud pack (the report waits for the sync agent).",
+    "workflow.commit_cloud_wait_hours": "With commit_requires_cloud: instances not in a verified"
+    " pack after this long are reported failed (0x0110).",
+    "workflow.commit_retry_seconds": "Retry interval for a commitment report the requesting"
+    " peer did not take.",
+    "workflow.commit_give_up_hours": "Stop trying to deliver a commitment report after this long.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }

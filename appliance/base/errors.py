@@ -25,9 +25,23 @@ Tree::
     │                             (store/tier_steps.py)
     ├── TierTransitionError       a trigger the study's tiering state does not allow
     │                             (state, trigger; store/tiering.py)
+    ├── OrderTransitionError      an order status change the state table refuses
+    │                             (services/order_states.py)
+    ├── WorklistRefused           a peer may not query the worklist (services/worklist.py)
+    ├── MppsRefused               an MPPS request is refused (services/mpps.py)
+    ├── MppsTransitionError       a step change PS3.4 F.7 does not allow (store/mpps_rows.py)
+    ├── DuplicateStep             N-CREATE of a step that exists (store/mpps_rows.py)
+    ├── NoSuchStep                N-SET of a step never created (store/mpps_rows.py)
+    ├── CommitmentRefused         a Storage Commitment request is refused
+    │                             (services/commitment.py)
+    ├── CommitmentTransitionError a commitment state change the table refuses
+    │                             (store/commitment_rows.py)
     ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
     └── AnchorError               an audit anchor cannot be written or read, or contradicts
                                   the log (audit/anchor.py)
+
+    MessageRefused                an HL7 message the order service refuses: becomes an
+                                  AE/AR acknowledgement, never leaves services/orders.py
 
     OSError
     └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL

@@ -23,7 +23,7 @@ from appliance import __version__
 from appliance.audit import Auditor
 from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.base.logsetup import setup_logging
-from appliance.cli import admin_commands, audit_commands, reader_commands
+from appliance.cli import admin_commands, audit_commands, reader_commands, worklist_commands
 from appliance.cli import sync_commands as cloud_commands
 from appliance.cli.common import (
     err,
@@ -54,6 +54,8 @@ def main() -> None:
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default 11112).")
 @click.option("--tls-port", type=int, default=None,
               help="DICOM TLS port (default 2762); 0 turns TLS off.")
+@click.option("--hl7-port", type=int, default=None,
+              help="HL7 MLLP port for RIS orders (default 2575); 0 turns it off.")
 @click.option("--cloud", "cloud_url", default=None,
               help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
                    " (default: <home>/cloud).")
@@ -66,13 +68,14 @@ def main() -> None:
               help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
-         tls_port: int | None, cloud_url: str | None, cert_days: int,
+         tls_port: int | None, hl7_port: int | None, cloud_url: str | None, cert_days: int,
          ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
+                 "hl7": {"port": hl7_port},
                  "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
@@ -124,9 +127,11 @@ def peers() -> None:
 @click.argument("name")
 @click.option("--ae-title", required=True)
 @click.option("--host", required=True)
-@click.option("--port", type=int, required=True)
+@click.option("--port", type=int, default=0,
+              help="Where the peer listens (required unless --allow is only hl7).")
 @click.option("--allow", default="store,find,move,get", show_default=True,
-              help="Comma-separated permissions: store, find, move, get.")
+              help="Comma-separated permissions: store, find, move, get, commit (Storage"
+                   " Commitment), mpps, worklist, hl7 (may send HL7 orders from --host).")
 @click.option("--bind-host", is_flag=True,
               help="Accept this AE title only from the addresses of --host.")
 @click.option("--tls", "use_tls", is_flag=True,
@@ -146,7 +151,8 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
         auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
                              allow=peer.allow, flags=peer.flags)
     allowed = ",".join(sorted(peer.allow))
-    out.print(f"added peer {name} ({ae_title} at {host}:{port}, allow {allowed});"
+    where = f"{host}:{port}" if port else host
+    out.print(f"added peer {name} ({ae_title} at {where}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
     if tls_only and not config.dicom.tls_port:
         err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"
@@ -369,6 +375,7 @@ main.add_command(audit_commands.audit)
 main.add_command(reader_commands.readers)
 main.add_command(reader_commands.reader)
 main.add_command(reader_commands.restore)
+main.add_command(worklist_commands.worklist)
 admin_commands.keys.add_command(reader_commands.keys_escrow)
 admin_commands.keys.add_command(reader_commands.keys_recover)
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import enum
 
+from appliance.base.errors import QueryRefusal
+
 
 class Status(enum.IntEnum):
     SUCCESS = 0x0000
     # General (PS3.7 C)
     REFUSED_NOT_AUTHORIZED = 0x0124
     PROCESSING_FAILURE = 0x0110
+    # DIMSE-N (PS3.7 C.5, 10.1): N-ACTION, N-CREATE, N-SET, N-EVENT-REPORT
+    INVALID_ATTRIBUTE_VALUE = 0x0106
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    NO_SUCH_SOP_INSTANCE = 0x0112  # also Failure Reason "no such object instance" (J.3.2.1)
+    INVALID_ARGUMENT_VALUE = 0x0115
+    CLASS_INSTANCE_CONFLICT = 0x0119  # also a Storage Commitment Failure Reason
+    MISSING_ATTRIBUTE = 0x0120
+    MISSING_ATTRIBUTE_VALUE = 0x0121
+    NO_SUCH_ACTION = 0x0123
+    RESOURCE_LIMITATION = 0x0213
     # Storage (PS3.4 B.2.3)
     OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
@@ -23,3 +35,11 @@ class Status(enum.IntEnum):
     CANCEL = 0xFE00
     PENDING = 0xFF00
     PENDING_WARNING = 0xFF01
+
+
+# Why a C-FIND (or a worklist query) is refused -> the failure status it answers.
+QUERY_STATUS = {
+    QueryRefusal.NOT_IN_MODEL: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    # C-FIND's "unable to process" (0xC000) shares its code with Storage's.
+    QueryRefusal.MALFORMED_KEY: Status.CANNOT_UNDERSTAND,
+}

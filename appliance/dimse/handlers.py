@@ -25,14 +25,14 @@ from appliance.base.errors import (
     NotAuthorized,
     PacsEdgeError,
     QueryError,
-    QueryRefusal,
     RejectedInstance,
     Rejection,
 )
-from appliance.dimse.dicom_status import Status
+from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import is_tls, peer_identity
+from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist
 from appliance.services.query.find import QueryModel, find
@@ -47,11 +47,6 @@ REJECTION_STATUS = {
     Rejection.NOT_AS_REQUESTED: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     Rejection.INFLATE_LIMIT: Status.OUT_OF_RESOURCES,
     Rejection.OUT_OF_SPACE: Status.OUT_OF_RESOURCES,
-}
-QUERY_STATUS = {
-    QueryRefusal.NOT_IN_MODEL: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    # C-FIND's "unable to process" (0xC000) shares its code with Storage's.
-    QueryRefusal.MALFORMED_KEY: Status.CANNOT_UNDERSTAND,
 }
 _FIND_MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.1": QueryModel.PATIENT_ROOT,
@@ -78,8 +73,9 @@ def peer_label(assoc: Any) -> str:
 
 
 class DimseHandlers:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, *, worklist: WorklistScp | None = None) -> None:
         self.s = services
+        self.worklist = worklist
 
     # --- association ---------------------------------------------------------
 
@@ -176,6 +172,10 @@ class DimseHandlers:
         return Status.SUCCESS
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if (self.worklist is not None
+                and str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND):
+            yield from self.worklist.on_find(event, peer_label(event.assoc))
+            return
         if not self._authorized(event, "find"):
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return

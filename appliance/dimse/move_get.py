@@ -442,7 +442,7 @@ class _SubAssociation:
         self.config = config
         self.label = label
         self.assoc: Any = None
-        self.gate: _ReactorGate | None = None
+        self.gate: ReactorGate | None = None
         self.accepted: set[tuple[str, str]] = set()
         self.down = False
         self._refused_logged: set[tuple[str, str]] = set()
@@ -477,7 +477,7 @@ class _SubAssociation:
             return False
         set_nodelay(assoc)
         assoc.dimse_timeout = self.config.suboperation_timeout
-        self.gate = _ReactorGate.install(assoc)
+        self.gate = ReactorGate.install(assoc)
         self.assoc = assoc
         self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                          for cx in assoc.accepted_contexts}
@@ -520,7 +520,7 @@ class _SubAssociation:
         self.assoc = None
 
 
-class _ReactorGate:
+class ReactorGate:
     """A stand-in for `Association._reactor_checkpoint` (a threading.Event).
 
     The association's reactor calls `wait()` at the top of every loop; `hold()`
@@ -535,7 +535,7 @@ class _ReactorGate:
         self._parked = False
 
     @classmethod
-    def install(cls, assoc: Any) -> _ReactorGate | None:
+    def install(cls, assoc: Any) -> ReactorGate | None:
         gate = cls()
         # False when pynetdicom changed: rely on the retry alone.
         return gate if compat.replace_reactor_checkpoint(assoc, gate) else None

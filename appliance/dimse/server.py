@@ -19,9 +19,12 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -50,6 +53,9 @@ QUERY_RETRIEVE_CONTEXTS = (
     StudyRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
 )
+# Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
+WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep,
+                     ModalityWorklistInformationFind)
 # An AE title no peer can have (17 characters): pynetdicom reads an empty
 # require_calling_aet as "admit everyone", the appliance as "admit no one".
 _NOBODY = "~" * 17
@@ -117,6 +123,8 @@ class DimseServer:
             )
         for uid in QUERY_RETRIEVE_CONTEXTS:
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        for uid in WORKFLOW_CONTEXTS:
+            self.ae.add_supported_context(uid)
         self._handlers = list(handlers)
         self._reuse_port = reuse_port
         self._stored_syntaxes = stored_syntaxes

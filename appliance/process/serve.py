@@ -21,17 +21,27 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import Config
 from appliance.base.notify import Notifier
+from appliance.dimse.commitment_report import CommitmentReporter
+from appliance.dimse.commitment_scp import attach as attach_commitment
 from appliance.dimse.handlers import DimseHandlers, Services
 from appliance.dimse.move_get import attach as attach_retrieve
+from appliance.dimse.mpps_scp import MppsScp
+from appliance.dimse.mpps_scp import event_handlers as mpps_handlers
 from appliance.dimse.negotiation import StoredSyntaxes
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
+from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
+from appliance.hl7.listener import Hl7Listener
+from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
+from appliance.services.mpps import MppsService
+from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from provisioning.certs import TlsPaths
@@ -57,6 +67,15 @@ def _tls_client_context(config: Config) -> ssl.SSLContext | None:
         return None
     paths = TlsPaths(config.home)
     return client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+
+
+def _hl7_tls_context(config: Config) -> ssl.SSLContext | None:
+    """MLLP over TLS with the site CA's certificates; None when [hl7] tls is off."""
+    if not config.hl7.tls:
+        return None
+    paths = TlsPaths(config.home)
+    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                          require_client_cert=config.hl7.tls_require_client_cert)
 
 
 async def serve(
@@ -91,7 +110,10 @@ async def serve(
             audit=auditor,
         )
         server = DimseServer(
-            config.dicom, allowlist, event_handlers(DimseHandlers(services)),
+            config.dicom, allowlist,
+            [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
+                WorklistService(index, allowlist), services.bridge, auditor))),
+             *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
             tls_context=_tls_context(config),
@@ -102,13 +124,30 @@ async def serve(
                                    recall_timeout=config.sync.recall_timeout_seconds)
         attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
                         tls_client=_tls_client_context(config))
+        # Storage Commitment: reports a requesting association did not take go out on a
+        # new one; one reporter per data home (worker 0), like the drop folder watcher.
+        commitment = CommitmentService(index, files, allowlist, config.workflow)
+        reporter = CommitmentReporter(server.ae, commitment, allowlist, services.bridge,
+                                      auditor, config.dicom,
+                                      tls_client=_tls_client_context(config))
+        attach_commitment(server.ae, commitment, services.bridge, auditor, reporter.wake,
+                          config.dicom)
         ports = await asyncio.to_thread(server.start)
+        if not worker:
+            reporter.start()
         # One watcher per data home: with several workers, worker 0 runs it.
         watcher = None
         if config.dropfolder.enabled and not worker:
             watcher = DropFolderWatcher.from_config(
                 config, AuditedIngest(services.ingest, auditor, "dropfolder"))
             await watcher.start()
+        # One HL7 listener per data home, like the watcher (worker 0 with several).
+        hl7 = None
+        if config.hl7.port and not worker:
+            hl7 = Hl7Listener(config.hl7, allowlist, OrderService(index, auditor),
+                              tls_context=_hl7_tls_context(config),
+                              on_refused=auditor.hl7_connection_refused)
+            await hl7.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -135,7 +174,10 @@ async def serve(
         finally:
             notifier.stopping()
             log.info("stopping: no new associations; waiting for open ones to finish")
+            if hl7 is not None:
+                await hl7.stop()
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            await asyncio.to_thread(reporter.stop)
             if watcher is not None:
                 await watcher.stop()
             await asyncio.to_thread(auditor.close)

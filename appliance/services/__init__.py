@@ -1,0 +1,1 @@
+"""Services: the decisions every edge shares (permissions, state rules, durability)."""

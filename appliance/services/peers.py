@@ -38,14 +38,18 @@ from tomlkit.exceptions import TOMLKitError
 from appliance.base.durable import atomic_write
 from appliance.base.errors import ConfigError, NotAuthorized, PeerError
 
-PERMISSIONS = ("store", "find", "move", "get")
+PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist", "hl7")
+# A sender of HL7 orders (permission hl7) is known by its host alone; it
+# needs no port (the box never calls it), so such a peer may have port 0.
+PORTLESS = frozenset({"hl7"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 PEERS_HEADER = """\
 # pacs-edge peer allowlist. Edit with `pacs-edge peers add|remove|list`.
 # Each [peers.NAME] table is one remote AE: its AE title, where it listens
 # (used as the C-MOVE destination), and the services it may use
-# (store, find, move, get). An AE not listed here is rejected at association.
+# (store, find, move, get, commit, mpps, worklist; hl7: may send HL7 orders from
+# host). An AE not listed here is rejected at association.
 """
 
 
@@ -73,11 +77,7 @@ class Peer:
         """True unless the peer is bound to its host and `address` is not one of its IPs."""
         if not self.bind_host:
             return True
-        try:
-            infos = socket.getaddrinfo(self.host, None)
-        except OSError:
-            return False
-        return address in {info[4][0] for info in infos}
+        return address in _addresses(self.host)
 
     def refusal(self, *, address: str, over_tls: bool,
                 certificate: CertificateIdentity | None) -> str | None:
@@ -110,6 +110,14 @@ class CertificateIdentity:
         return peer_name == self.common_name or peer_name in self.dns_names
 
 
+def _addresses(host: str) -> set[str]:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
 def parse_permissions(text: str) -> frozenset[str]:
     wanted = {p.strip().lower() for p in text.split(",") if p.strip()}
     unknown = wanted - set(PERMISSIONS)
@@ -128,8 +136,9 @@ def validate_peer(peer: Peer) -> None:
     title = peer.ae_title
     if not (0 < len(title.strip()) <= 16) or not title.isascii() or "\\" in title:
         raise PeerError(f"invalid AE title {title!r}", hint="use 1-16 ASCII characters")
-    if not (0 < peer.port <= 65535):
-        raise PeerError(f"invalid port {peer.port}", hint="use 1-65535")
+    if not (0 < peer.port <= 65535) and not (peer.port == 0 and peer.allow <= PORTLESS):
+        raise PeerError(f"invalid port {peer.port}",
+                        hint="use 1-65535 (only an hl7-only peer may leave out its port)")
     if not peer.host.strip():
         raise PeerError("empty host", hint="give the peer's host name or IP address")
 
@@ -154,6 +163,18 @@ class Allowlist:
     def by_ae_title(self, ae_title: str) -> Peer | None:
         title = ae_title.strip()
         return next((p for p in self.peers().values() if p.ae_title == title), None)
+
+    def hl7_sender(self, address: str) -> Peer | None:
+        """The peer allowed to send HL7 from `address` (its host resolves to it), or None.
+        May resolve host names: call it off the event loop."""
+        senders = [p for p in self.peers().values() if p.may("hl7")]
+        for peer in senders:
+            if peer.host == address:
+                return peer
+        for peer in senders:
+            if address in _addresses(peer.host):
+                return peer
+        return None
 
     def authorize(self, ae_title: str, permission: str) -> Peer:
         """The peer calling as `ae_title` if it holds `permission`; else NotAuthorized.
@@ -230,7 +251,7 @@ def _load(path: Path) -> dict[str, Peer]:
                 name=name,
                 ae_title=str(entry["ae_title"]),
                 host=str(entry["host"]),
-                port=int(entry["port"]),
+                port=int(entry.get("port", 0)),
                 allow=frozenset(str(p) for p in entry.get("allow", [])),
                 bind_host=bool(entry.get("bind_host", False)),
                 tls=bool(entry.get("tls", False)),

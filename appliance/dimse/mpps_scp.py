@@ -1,0 +1,106 @@
+"""MPPS SCP on the wire (Modality Performed Procedure Step SOP Class, PS3.4 F.7): N-CREATE, N-SET.
+
+Thin: decode the attribute list, call the MPPS service through the bridge,
+map its refusal kind to a named status (with an Error Comment where PS3.4
+asks for one, or where the status alone would not tell the modality's
+operator what to fix), audit every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+
+from appliance.audit import Auditor
+from appliance.base.bridge import LoopBridge
+from appliance.base.errors import OutOfSpace, PacsEdgeError
+from appliance.dimse.dicom_status import Status
+from appliance.dimse.handlers import peer_label
+from appliance.services.mpps import Kind, MppsRefused, MppsService, StepResult
+
+log = logging.getLogger(__name__)
+
+MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
+
+_STATUS = {
+    Kind.NOT_PERMITTED: Status.REFUSED_NOT_AUTHORIZED,
+    Kind.DUPLICATE: Status.DUPLICATE_SOP_INSTANCE,
+    Kind.NO_SUCH_STEP: Status.NO_SUCH_SOP_INSTANCE,
+    Kind.FINAL: Status.PROCESSING_FAILURE,
+    Kind.MISSING_ATTRIBUTE: Status.MISSING_ATTRIBUTE,
+    Kind.MISSING_VALUE: Status.MISSING_ATTRIBUTE_VALUE,
+    Kind.INVALID_VALUE: Status.INVALID_ATTRIBUTE_VALUE,
+}
+
+
+class MppsScp:
+    def __init__(self, service: MppsService, bridge: LoopBridge, audit: Auditor) -> None:
+        self.service = service
+        self.bridge = bridge
+        self.audit = audit
+
+    def on_n_create(self, event: Any) -> tuple[Status | Dataset, Dataset | None]:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        return self._serve(event, "create", lambda attrs: self.service.create(
+            calling, sop_uid, attrs), lambda: event.attribute_list)
+
+    def on_n_set(self, event: Any) -> tuple[Status | Dataset, Dataset | None]:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sop_uid = str(event.request.RequestedSOPInstanceUID or "")
+        return self._serve(event, "set", lambda attrs: self.service.update(
+            calling, sop_uid, attrs), lambda: event.modification_list)
+
+    def _serve(self, event: Any, what: str, call: Any, attributes: Any
+               ) -> tuple[Status | Dataset, Dataset | None]:
+        label = peer_label(event.assoc)
+        request = event.request
+        sop_class = (getattr(request, "AffectedSOPClassUID", None)
+                     or getattr(request, "RequestedSOPClassUID", None) or "")
+        if str(sop_class) != MPPS_SOP_CLASS:
+            return Status.PROCESSING_FAILURE, None
+        try:
+            self.service.permitted(str(event.assoc.requestor.ae_title).strip())
+            try:
+                decoded = attributes()
+            except Exception as exc:
+                log.warning("mpps %s refused: attribute list cannot be decoded error=%s %s",
+                            what, type(exc).__name__, label)
+                return _failure(Status.INVALID_ATTRIBUTE_VALUE,
+                                "attribute list cannot be decoded"), None
+            result: StepResult = self.bridge.call(call(decoded))
+        except MppsRefused as exc:
+            log.warning("mpps %s refused reason=%s %s", what, exc.reason, label)
+            if exc.kind is Kind.NOT_PERMITTED:
+                self.audit.refused(event.assoc, "mpps", exc.reason)
+                return Status.REFUSED_NOT_AUTHORIZED, None
+            self.audit.procedure_step(event.assoc, created=what == "create", state="refused",
+                                      patient_id="", study_uids=(), reason=exc.reason)
+            return _failure(_STATUS[exc.kind], exc.reason), None
+        except OutOfSpace:
+            log.error("mpps %s refused: no space for the index %s", what, label)
+            return Status.RESOURCE_LIMITATION, None
+        except PacsEdgeError as exc:
+            log.error("mpps %s failed reason=%s %s", what, exc.message, label)
+            return Status.PROCESSING_FAILURE, None
+        step = result.step
+        self.audit.procedure_step(
+            event.assoc, created=result.created, state=step.state.value,
+            patient_id=step.fields.patient_id, study_uids=[r.study_uid for r in step.refs],
+            accession_numbers=[r.accession_number for r in step.refs])
+        return Status.SUCCESS, None
+
+
+def event_handlers(scp: MppsScp) -> list[tuple[Any, Any]]:
+    return [(evt.EVT_N_CREATE, scp.on_n_create), (evt.EVT_N_SET, scp.on_n_set)]
+
+
+def _failure(status: Status, comment: str) -> Dataset:
+    """A failure status with an Error Comment (LO: at most 64 characters)."""
+    response = Dataset()
+    response.Status = int(status)
+    response.ErrorComment = comment[:64]
+    return response

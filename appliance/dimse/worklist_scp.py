@@ -1,0 +1,66 @@
+"""Modality Worklist SCP on the wire (C-FIND on 1.2.840.10008.5.1.4.31, PS3.4 K.6).
+
+Thin, like the Query/Retrieve C-FIND handler it sits beside: permission and
+matching are the worklist service's; this maps its results to statuses,
+streams the matches as Pending responses and audits the query.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from appliance.audit import Auditor
+from appliance.base.bridge import LoopBridge
+from appliance.base.errors import QueryError
+from appliance.dimse.dicom_status import QUERY_STATUS, Status
+from appliance.services.worklist import WorklistRefused, WorklistService
+
+log = logging.getLogger(__name__)
+
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
+
+class WorklistScp:
+    def __init__(self, service: WorklistService, bridge: LoopBridge, audit: Auditor) -> None:
+        self.service = service
+        self.bridge = bridge
+        self.audit = audit
+
+    def on_find(self, event: Any, label: str) -> Iterator[tuple[int, Dataset | None]]:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            self.service.permitted(calling)
+        except WorklistRefused as exc:
+            log.warning("worklist refused reason=%s %s", exc.message, label)
+            self.audit.refused(event.assoc, "worklist", exc.message)
+            yield Status.REFUSED_NOT_AUTHORIZED, None
+            return
+        try:
+            matches = self.bridge.call(self.service.find(calling, event.identifier))
+        except QueryError as exc:
+            log.warning("worklist query refused reason=%s %s", exc.message, label)
+            self._audit(event, None, exc.message)
+            yield QUERY_STATUS[exc.kind], None
+            return
+        except Exception as exc:
+            log.error("worklist query failed error=%s %s", type(exc).__name__, label)
+            yield Status.UNABLE_TO_PROCESS, None
+            return
+        log.info("worklist answered matches=%d %s", len(matches), label)
+        self._audit(event, len(matches))
+        for match in matches:
+            if event.is_cancelled:
+                yield Status.CANCEL, None
+                return
+            yield Status.PENDING, match
+
+    def _audit(self, event: Any, matches: int | None, reason: str = "") -> None:
+        raw = event.request.Identifier
+        self.audit.queried(
+            event.assoc, sop_class_uid=MODALITY_WORKLIST_FIND,
+            identifier=raw.getvalue() if raw is not None else b"",
+            transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)

@@ -1,0 +1,218 @@
+"""The MLLP listener: HL7 v2 messages in, ACKs out, on the serving process's loop.
+
+Thin edge: it frames (python-hl7's asyncio MLLP server and stream reader),
+checks the sender's host against the allowlist (permission ``hl7``),
+translates with messages.py, calls the order service and maps its outcome
+to an ACK (ack.py). The AA is written only after the service returned, i.e.
+after the effect was committed (fsync of the WAL).
+
+Bounds, so a slow, silent or hostile sender cannot exhaust the box:
+- a message (one MLLP block) is at most ``[hl7] max_message_bytes``: the
+  stream reader's limit, so at most about twice that is buffered per
+  connection; a larger one is answered AR and the connection closed;
+- every read and write waits at most ``[hl7] idle_timeout`` seconds (a
+  silent peer, or a frame that never ends, is disconnected);
+- at most ``[hl7] max_connections`` connections are open: a new one closes
+  the connection that has been idle longest (one busy with a message is
+  never cut), or is itself closed when all are busy;
+- a connection from a host that is not an hl7 peer is closed before a byte
+  is read (the refusal is audited, counted per address).
+
+Messages on one connection are answered in order, one at a time (HL7
+original mode); connections are served concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hl7.mllp import HL7StreamReader, HL7StreamWriter, InvalidBlockError, start_hl7_server
+
+from appliance.base.config import Hl7Config
+from appliance.base.errors import PacsEdgeError
+from appliance.hl7 import messages
+from appliance.hl7.ack import AckCode, build_ack
+from appliance.hl7.messages import ErrorCode, Hl7Error
+from appliance.services.orders import OrderService, Outcome, Refusal
+from appliance.services.peers import Allowlist
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 10.0  # seconds stop() lets messages being applied finish
+
+_REFUSAL_CODES = {
+    Refusal.UNKNOWN_ORDER: ErrorCode.UNKNOWN_KEY,
+    Refusal.DUPLICATE_ORDER: ErrorCode.DUPLICATE_KEY,
+    Refusal.NOT_ALLOWED: ErrorCode.INTERNAL,
+}
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: HL7StreamWriter
+    address: str
+    last_active: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+
+class Hl7Listener:
+    def __init__(self, config: Hl7Config, allowlist: Allowlist, service: OrderService, *,
+                 tls_context: ssl.SSLContext | None = None,
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
+        self.config = config
+        self.allowlist = allowlist
+        self.service = service
+        self.tls_context = tls_context
+        self.on_refused = on_refused
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()  # admitted: counted against the cap
+        self._open: set[_Connection] = set()  # every accepted connection
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        try:
+            self._server = await start_hl7_server(
+                self._accepted, self.config.host, self.config.port,
+                limit=self.config.max_message_bytes, ssl=self.tls_context,
+                ssl_handshake_timeout=self.config.idle_timeout if self.tls_context else None,
+                reuse_address=True)
+        except OSError as exc:
+            raise PacsEdgeError(
+                f"cannot listen for HL7 on {self.config.host}:{self.config.port}:"
+                f" {exc.strerror or exc}",
+                hint="choose another [hl7] port, or set it to 0 to turn HL7 off") from exc
+        port = int(self._server.sockets[0].getsockname()[1])
+        log.info("hl7 listener ready host=%s port=%d tls=%s", self.config.host, port,
+                 self.tls_context is not None)
+        return port
+
+    async def stop(self) -> None:
+        """Stop accepting, let messages being applied finish, close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._open):
+            if not connection.busy:
+                connection.writer.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=min(self.config.idle_timeout, STOP_GRACE))
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        self._server = None
+
+    def _accepted(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        # python-hl7 does not keep the task of a coroutine callback: keep it here.
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_room(self) -> bool:
+        """Below the connection cap, or made so by closing the longest-idle connection."""
+        if len(self._connections) < self.config.max_connections:
+            return True
+        idle = [c for c in self._connections if not c.busy]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_active)
+        self._connections.discard(oldest)
+        oldest.writer.close()
+        log.info("hl7 connection closed to admit a new one address=%s", oldest.address)
+        return True
+
+    async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if peername else ""
+        connection = _Connection(writer, address)
+        self._open.add(connection)
+        try:
+            peer = await asyncio.to_thread(self.allowlist.hl7_sender, address)
+            if peer is None:
+                log.warning("hl7 connection refused: host is not an hl7 peer address=%s",
+                            address)
+                if self.on_refused is not None:
+                    self.on_refused(address, "host is not allowed to send HL7 (permission hl7)")
+                return
+            if not self._make_room():
+                log.warning("hl7 connection refused: every connection is busy address=%s",
+                            address)
+                return
+            self._connections.add(connection)
+            await self._messages(reader, connection, sender=peer.name)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # the peer went away or stalled: nothing to answer
+        finally:
+            self._connections.discard(connection)
+            self._open.discard(connection)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _messages(self, reader: HL7StreamReader, connection: _Connection, *,
+                        sender: str) -> None:
+        timeout = self.config.idle_timeout
+        while True:
+            try:
+                block = await asyncio.wait_for(reader.readblock(), timeout)
+            except TimeoutError:
+                log.info("hl7 connection idle, closed address=%s", connection.address)
+                return
+            except ValueError:  # python-hl7: the stream limit was reached
+                log.warning("hl7 message too large, connection closed address=%s limit=%d",
+                            connection.address, self.config.max_message_bytes)
+                await self._send(connection, build_ack(
+                    AckCode.REJECT, None, location="MSH", error=ErrorCode.DATA_TYPE,
+                    text=f"message exceeds {self.config.max_message_bytes} bytes"), timeout)
+                return
+            except InvalidBlockError:
+                log.warning("hl7 frame without start block address=%s", connection.address)
+                await self._send(connection, build_ack(
+                    AckCode.REJECT, None, location="MSH", error=ErrorCode.SEGMENT_SEQUENCE,
+                    text="MLLP block does not begin with <VT>"), timeout)
+                continue
+            connection.busy = True
+            try:
+                ack = await self._answer(block, sender=sender, address=connection.address)
+                await self._send(connection, ack, timeout)
+            finally:
+                connection.busy = False
+                connection.last_active = time.monotonic()
+
+    async def _answer(self, block: bytes, *, sender: str, address: str) -> str:
+        try:
+            parsed = messages.parse(block)
+        except Hl7Error as exc:
+            log.info("hl7 message %s field=%s code=%d", "rejected" if exc.reject else "refused",
+                     exc.location, exc.code)
+            return build_ack(AckCode.REJECT if exc.reject else AckCode.ERROR, exc.header,
+                             text=exc.text, location=exc.location, error=exc.code)
+        try:
+            outcome = await self.service.apply(parsed.header, parsed.request, sender=sender,
+                                               address=address)
+        except PacsEdgeError as exc:
+            log.error("hl7 message not applied type=%s error=%s", parsed.header.message_type,
+                      type(exc).__name__)
+            return build_ack(AckCode.REJECT, parsed.header, error=ErrorCode.INTERNAL,
+                             text="the box could not apply the message now; resend it")
+        return _ack_for(outcome, parsed)
+
+    async def _send(self, connection: _Connection, ack: str, timeout: float) -> None:
+        connection.writer.writeblock(ack.encode("utf-8"))
+        await asyncio.wait_for(connection.writer.drain(), timeout)
+
+
+def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> str:
+    if outcome.accepted:
+        return build_ack(AckCode.ACCEPT, parsed.header,
+                         text="duplicate: already applied" if outcome.duplicate else "")
+    assert outcome.refusal is not None
+    return build_ack(AckCode.ERROR, parsed.header, text=outcome.text, location=outcome.location,
+                     error=_REFUSAL_CODES[outcome.refusal])

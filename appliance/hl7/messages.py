@@ -1,0 +1,324 @@
+"""HL7 v2 bytes -> the order service's requests: framing checks, decoding, field mapping.
+
+This module only translates. It checks what HL7 itself requires of a
+message (MSH first, valid encoding characters, a message type and a control
+ID), decodes the text in the character set MSH-18 names, parses it with
+python-hl7, and maps the fields the box uses (docs/workflow.md has the
+table) into the service's typed requests. Anything it cannot translate is
+an Hl7Error naming the field, which the listener answers with AR (a problem
+of the message header: type, control ID, encoding) or AE (content).
+
+What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, CA, DC, XO; one order per
+ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+
+import hl7
+from hl7.exceptions import HL7Exception
+
+from appliance.base.uids import is_valid_uid
+from appliance.services.orders import (
+    MessageHeader,
+    OrderControl,
+    OrderRequest,
+    PatientMerge,
+    PatientUpdate,
+    Request,
+)
+from appliance.store.order_rows import Demographics, OrderDetails, PatientKey
+
+SUPPORTED = {
+    ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A04"), ("ADT", "A08"), ("ADT", "A40"),
+}
+# MSH-18 -> Python codec. Empty means ASCII by the standard; UTF-8 is read
+# instead, since it is a superset and what most senders really use.
+CHARSETS = {
+    "": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
+    "8859/1": "latin-1", "8859/15": "iso8859-15",
+}
+_PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
+               "C": "MEDIUM"}
+
+
+class ErrorCode(enum.IntEnum):
+    """HL7 table 0357, message error condition codes."""
+
+    SEGMENT_SEQUENCE = 100
+    REQUIRED_FIELD_MISSING = 101
+    DATA_TYPE = 102
+    TABLE_VALUE_NOT_FOUND = 103
+    UNSUPPORTED_MESSAGE_TYPE = 200
+    UNSUPPORTED_EVENT = 201
+    UNSUPPORTED_VERSION = 203
+    UNKNOWN_KEY = 204
+    DUPLICATE_KEY = 205
+    INTERNAL = 207
+
+
+class Hl7Error(Exception):
+    """The message cannot be applied; `location` is the field (e.g. ``ORC-1``).
+
+    `reject` is True for header problems (answered AR), False for content
+    (answered AE). `header` is what could be read of MSH, for the ACK.
+    """
+
+    def __init__(self, text: str, location: str, code: ErrorCode, *, reject: bool,
+                 header: MessageHeader | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.location = location
+        self.code = code
+        self.reject = reject
+        self.header = header
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A decoded message: its header, and its request for the service."""
+
+    header: MessageHeader
+    request: Request
+
+
+def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
+    """Check MSH, decode in its character set; return the header and the parsed message."""
+    if not raw.startswith(b"MSH"):
+        raise Hl7Error("message does not start with an MSH segment", "MSH-1",
+                       ErrorCode.SEGMENT_SEQUENCE, reject=True)
+    first_line = raw.split(b"\r", 1)[0]
+    if len(first_line) < 8:
+        raise Hl7Error("MSH segment is truncated", "MSH-2", ErrorCode.DATA_TYPE, reject=True)
+    separator = first_line[3:4]
+    end = first_line.find(separator, 4)
+    encoding_chars = first_line[4:end] if end > 0 else b""
+    specials = separator + encoding_chars
+    if (separator.isalnum() or separator in b"\r\n " or len(encoding_chars) not in (4, 5)
+            or len(set(specials)) != len(specials) or any(
+                chr(c).isalnum() or chr(c).isspace() for c in encoding_chars)):
+        raise Hl7Error("MSH-1/MSH-2 are not valid field separator and encoding characters",
+                       "MSH-2", ErrorCode.DATA_TYPE, reject=True)
+    charset_field = first_line.split(separator)[17:18]
+    charset = charset_field[0].decode("ascii", "replace").strip().upper() if charset_field \
+        else ""
+    codec = CHARSETS.get(charset)
+    if codec is None:
+        raise Hl7Error(f"character set {charset!r} is not supported", "MSH-18",
+                       ErrorCode.TABLE_VALUE_NOT_FOUND, reject=True)
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError:
+        raise Hl7Error(f"message is not valid {codec}", "MSH-18", ErrorCode.DATA_TYPE,
+                       reject=True) from None
+    # One segment terminator: CR (some senders use LF or CRLF).
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
+    try:
+        message = hl7.parse(text)
+    except (HL7Exception, ValueError, IndexError) as exc:
+        raise Hl7Error(f"message cannot be parsed ({type(exc).__name__})", "MSH",
+                       ErrorCode.DATA_TYPE, reject=True) from None
+    msh = message.segment("MSH")
+    code, event = _get(msh, 9, 1), _get(msh, 9, 2)
+    header = MessageHeader(
+        sending_application=_get(msh, 3), sending_facility=_get(msh, 4),
+        receiving_application=_get(msh, 5), receiving_facility=_get(msh, 6),
+        control_id=_get(msh, 10), message_code=code, trigger_event=event,
+        processing_id=_get(msh, 11), version=_get(msh, 12),
+        sha256=hashlib.sha256(raw).hexdigest(),
+    )
+    if not code:
+        raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,
+                       reject=True, header=header)
+    if not header.control_id:
+        raise Hl7Error("message control ID is missing", "MSH-10",
+                       ErrorCode.REQUIRED_FIELD_MISSING, reject=True, header=header)
+    if header.version and not header.version.startswith("2."):
+        raise Hl7Error(f"HL7 version {header.version!r} is not supported (2.x is)", "MSH-12",
+                       ErrorCode.UNSUPPORTED_VERSION, reject=True, header=header)
+    if (code, event) not in SUPPORTED:
+        known_code = code in {c for c, _ in SUPPORTED}
+        raise Hl7Error(
+            f"message type {code}^{event} is not supported", "MSH-9",
+            ErrorCode.UNSUPPORTED_EVENT if known_code else ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            reject=True, header=header)
+    return header, message
+
+
+def parse(raw: bytes) -> Parsed:
+    """Translate one MLLP block; raises Hl7Error naming the field at fault."""
+    header, message = read_header(raw)
+    try:
+        if header.message_code == "ADT":
+            request = _adt(message, header)
+        else:
+            request = _orders(message, header)
+    except Hl7Error as exc:
+        exc.header = header
+        raise
+    return Parsed(header, request)
+
+
+# --- field access ------------------------------------------------------------------
+
+def _get(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1,
+         repeat: int = 1) -> str:
+    """A field's value, '' when absent (python-hl7 raises on paths past a leaf)."""
+    try:
+        value = segment.extract_field(1, field_num, repeat, component, sub)
+    except (IndexError, KeyError):
+        return ""
+    return str(value).strip()
+
+
+def _segment(message: hl7.Message, name: str) -> hl7.Segment:
+    try:
+        return message.segment(name)
+    except KeyError:
+        raise Hl7Error(f"{name} segment is missing", name, ErrorCode.SEGMENT_SEQUENCE,
+                       reject=False) from None
+
+
+def _person_name(segment: hl7.Segment, field_num: int, *, offset: int = 0) -> str:
+    """XPN (family^given^middle^suffix^prefix) -> DICOM PN (family^given^middle^prefix^
+    suffix); with offset 1, an XCN (id^family^given^...)."""
+    parts = [_get(segment, field_num, offset + n) for n in (1, 2, 3, 5, 4)]
+    return "^".join(parts).rstrip("^")
+
+
+def _date(value: str, location: str) -> str:
+    day = value[:8]
+    if day and not (day.isdigit() and len(day) == 8):
+        raise Hl7Error(f"{location} is not a date (YYYYMMDD...)", location,
+                       ErrorCode.DATA_TYPE, reject=False)
+    return day
+
+
+def _patient(message: hl7.Message) -> tuple[PatientKey, Demographics]:
+    pid = _segment(message, "PID")
+    patient_id = _get(pid, 3)
+    if not patient_id:
+        raise Hl7Error("patient identifier is missing", "PID-3",
+                       ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
+    sex = _get(pid, 8).upper()
+    demographics = Demographics(
+        patient_name=_person_name(pid, 5), birth_date=_date(_get(pid, 7), "PID-7"),
+        sex={"M": "M", "F": "F", "O": "O", "U": "O", "A": "O", "N": "O"}.get(sex, ""))
+    return PatientKey(patient_id, _get(pid, 3, 4)), demographics
+
+
+# --- ADT ---------------------------------------------------------------------------
+
+def _adt(message: hl7.Message, header: MessageHeader) -> Request:
+    patient, demographics = _patient(message)
+    if header.trigger_event != "A40":
+        return PatientUpdate(patient, demographics, register=header.trigger_event == "A04")
+    mrg = _segment(message, "MRG")
+    prior = PatientKey(_get(mrg, 1), _get(mrg, 1, 4))
+    if not prior.patient_id:
+        raise Hl7Error("prior patient identifier is missing", "MRG-1",
+                       ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
+    return PatientMerge(prior=prior, surviving=patient, demographics=demographics)
+
+
+# --- ORM^O01 / OMI^O23 -------------------------------------------------------------
+
+def _groups(message: hl7.Message) -> list[dict[str, hl7.Segment]]:
+    """One dict per ORC group: the ORC and the first OBR, TQ1, IPC and ZDS after it."""
+    groups: list[dict[str, hl7.Segment]] = []
+    for segment in message:
+        name = str(segment[0][0])
+        if name == "ORC":
+            groups.append({"ORC": segment})
+        elif groups and name in ("OBR", "TQ1", "IPC", "ZDS"):
+            groups[-1].setdefault(name, segment)
+    return groups
+
+
+def _orders(message: hl7.Message, header: MessageHeader) -> Request:
+    patient, demographics = _patient(message)
+    groups = _groups(message)
+    if not groups:
+        raise Hl7Error("ORC segment is missing", "ORC", ErrorCode.SEGMENT_SEQUENCE,
+                       reject=False)
+    try:
+        referring = _person_name(message.segment("PV1"), 8, offset=1)
+    except KeyError:
+        referring = ""
+    omi = header.message_code == "OMI"
+    return tuple(_order(group, patient, demographics, referring, omi=omi) for group in groups)
+
+
+def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Demographics,
+           referring: str, *, omi: bool) -> OrderRequest:
+    orc = group["ORC"]
+    obr = group.get("OBR")
+    if obr is None:
+        raise Hl7Error("OBR segment is missing", "OBR", ErrorCode.SEGMENT_SEQUENCE,
+                       reject=False)
+    ipc = group.get("IPC")
+    if omi and ipc is None:
+        raise Hl7Error("IPC segment is missing", "IPC", ErrorCode.SEGMENT_SEQUENCE,
+                       reject=False)
+    control_code = _get(orc, 1).upper()
+    try:
+        control = OrderControl(control_code)
+    except ValueError:
+        raise Hl7Error(f"order control {control_code!r} is not supported (NW, CA, DC, XO)",
+                       "ORC-1", ErrorCode.TABLE_VALUE_NOT_FOUND, reject=False) from None
+    placer = _get(orc, 2) or _get(obr, 2)
+    filler = _get(orc, 3) or _get(obr, 3)
+    if ipc is not None:
+        key_field, accession = "IPC-1", _get(ipc, 1)
+        procedure_id, study_uid, sps_id = _get(ipc, 2), _get(ipc, 3), _get(ipc, 4)
+        study_field = "IPC-3"
+        modality, station_name = _get(ipc, 5), _get(ipc, 7)
+        location, station_ae = _get(ipc, 8), _get(ipc, 9)
+    else:
+        zds = group.get("ZDS")
+        key_field, accession = "OBR-18", _get(obr, 18)
+        procedure_id, sps_id = _get(obr, 19), _get(obr, 20)
+        study_uid, study_field = (_get(zds, 1) if zds is not None else ""), "ZDS-1"
+        modality, station_ae = _get(obr, 24), _get(obr, 21)
+        station_name, location = "", ""
+    if not accession:
+        key_field, accession = "ORC-3", filler
+    if not accession:
+        raise Hl7Error("accession number is missing", "IPC-1" if ipc is not None else "OBR-18",
+                       ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
+    if study_uid and not is_valid_uid(study_uid):
+        raise Hl7Error("Study Instance UID is not a valid UID", study_field,
+                       ErrorCode.DATA_TYPE, reject=False)
+    start = _start(group)
+    details = OrderDetails(
+        requested_procedure_id=procedure_id or accession,
+        requested_procedure_desc=_get(obr, 4, 2),
+        procedure_code_value=_get(obr, 4, 1), procedure_code_scheme=_get(obr, 4, 3),
+        procedure_code_meaning=_get(obr, 4, 2),
+        priority=_PRIORITIES.get(_get(orc, 7, 6).upper() or _get(obr, 27, 6).upper(), ""),
+        sps_id=sps_id or procedure_id or accession,
+        sps_description=_get(obr, 4, 2), modality=modality.upper()[:16],
+        station_ae_title=station_ae[:16], station_name=station_name, sps_location=location,
+        sps_start_date=_date(start[:8], "TQ1-7"), sps_start_time=start[8:14],
+        referring_physician=referring,
+        requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),
+    )
+    return OrderRequest(control=control, accession_number=accession,
+                        placer_order_number=placer, filler_order_number=filler,
+                        study_uid=study_uid, details=details, patient=patient,
+                        demographics=demographics, key_field=key_field,
+                        study_field=study_field)
+
+
+def _start(group: dict[str, hl7.Segment]) -> str:
+    """Scheduled start: TQ1-7, else ORC-7.4 / OBR-27.4 (quantity/timing), else OBR-36."""
+    candidates = []
+    if "TQ1" in group:
+        candidates.append(_get(group["TQ1"], 7))
+    candidates.append(_get(group["ORC"], 7, 4))
+    obr = group["OBR"]
+    candidates += [_get(obr, 27, 4), _get(obr, 36), _get(obr, 7)]
+    return next((value for value in candidates if value), "")

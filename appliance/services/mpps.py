@@ -1,0 +1,267 @@
+"""MPPS decisions (PS3.4 Annex F): who may report a procedure step, and which changes it takes.
+
+- N-CREATE makes a step IN PROGRESS. The attributes PS3.4 Table F.7.2-1 makes
+  Type 1 for N-CREATE must be present with a value (Scheduled Step Attributes
+  Sequence: present), and the status must be IN PROGRESS; a second N-CREATE
+  of the same SOP Instance UID is refused (Duplicate SOP Instance).
+- N-SET merges the modification list into the step (a sequence replaces the
+  whole sequence, as PS3.4 F.7.2.2 says); the new Performed Procedure Step
+  Status picks the transition of the state table (appliance/store/mpps_rows.py).
+  COMPLETED and DISCONTINUED need an end date and time. A step that is
+  COMPLETED or DISCONTINUED takes no change at all (0x0110 with an Error
+  Comment, PS3.4 F.7.2.2.4.2).
+- Both are committed (fsync + WAL commit) before the success is returned.
+
+Linking to orders ("the worklist item follows the step's status"): each step
+keeps the keys of its Scheduled Step Attributes Sequence items (Study
+Instance UID, Accession Number, Requested Procedure ID, Scheduled Procedure
+Step ID) in `mpps_step_refs`, and in the same transaction as the step
+`link_step_to_orders` moves each order it names (by Study Instance UID, else
+Accession Number) through the order state table (services/order_states.py):
+N-CREATE starts it, N-SET COMPLETED / DISCONTINUED completes / discontinues
+it. An order that cannot take the move (cancelled by the RIS meanwhile, or
+already final) keeps its status: the step is still recorded, since it reports
+what happened at the modality, and a warning is logged.
+
+Every refusal is an MppsRefused whose `kind` the edge maps to a DICOM status.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from io import BytesIO
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import decode, encode
+
+from appliance.base.errors import PacsEdgeError
+from appliance.base.uids import is_valid_uid, normalise_uid
+from appliance.services.order_states import OrderTransitionError, OrderTrigger, apply_sync
+from appliance.services.peers import Allowlist
+from appliance.store import database
+from appliance.store import mpps_rows as mpps
+from appliance.store import order_rows as order_store
+from appliance.store.index import Index
+from appliance.store.mpps_rows import (
+    DuplicateStep,
+    MppsState,
+    MppsTransitionError,
+    MppsTrigger,
+    NoSuchStep,
+    Step,
+    StepFields,
+    StepRef,
+)
+
+if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
+    import sqlite3
+
+log = logging.getLogger(__name__)
+
+PERMISSION = "mpps"
+_STATUS_TRIGGER = {
+    "IN PROGRESS": MppsTrigger.UPDATE,
+    "COMPLETED": MppsTrigger.COMPLETE,
+    "DISCONTINUED": MppsTrigger.DISCONTINUE,
+}
+# Type 1 for N-CREATE (PS3.4 Table F.7.2-1), besides the status and the sequence.
+_REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
+                       "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                       "Modality")
+_REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
+_MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
+_ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
+                  MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
+
+
+class Kind(enum.Enum):
+    NOT_PERMITTED = "peer lacks permission 'mpps'"
+    DUPLICATE = "a step with this SOP Instance UID exists"
+    NO_SUCH_STEP = "no step with this SOP Instance UID"
+    FINAL = "Performed Procedure Step Object may no longer be updated"
+    MISSING_ATTRIBUTE = "a required attribute is missing"
+    MISSING_VALUE = "a required attribute has no value"
+    INVALID_VALUE = "an attribute has an invalid value"
+
+
+class MppsRefused(PacsEdgeError):
+    """The request is refused; `reason` is PHI-free (attribute keywords, states)."""
+
+    def __init__(self, kind: Kind, reason: str = "") -> None:
+        super().__init__(reason or kind.value)
+        self.kind = kind
+        self.reason = reason or kind.value
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A committed create or update: what the audit and the edge need."""
+
+    step: Step
+    created: bool
+
+
+class MppsService:
+    def __init__(self, index: Index, allowlist: Allowlist, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.index = index
+        self.allowlist = allowlist
+        self.clock = clock
+
+    def permitted(self, calling_ae: str) -> None:
+        peer = self.allowlist.by_ae_title(calling_ae)
+        if peer is None or not peer.may(PERMISSION):
+            raise MppsRefused(Kind.NOT_PERMITTED)
+
+    async def create(self, calling_ae: str, sop_uid: str, attributes: Dataset) -> StepResult:
+        self.permitted(calling_ae)
+        sop_uid = normalise_uid(sop_uid)
+        if not is_valid_uid(sop_uid):
+            raise MppsRefused(Kind.INVALID_VALUE, "Affected SOP Instance UID is not a valid UID")
+        status = str(attributes.get("PerformedProcedureStepStatus", "") or "").strip()
+        if "PerformedProcedureStepStatus" not in attributes:
+            raise MppsRefused(Kind.MISSING_ATTRIBUTE, "PerformedProcedureStepStatus is missing")
+        if status != "IN PROGRESS":
+            raise MppsRefused(Kind.INVALID_VALUE, "N-CREATE must set PerformedProcedureStep"
+                              "Status to IN PROGRESS")
+        if "ScheduledStepAttributesSequence" not in attributes:
+            raise MppsRefused(Kind.MISSING_ATTRIBUTE,
+                              "ScheduledStepAttributesSequence is missing")
+        _require(attributes, _REQUIRED_ON_CREATE)
+        encoded = _encode(attributes)
+        now = self.clock()
+        assert self.index.writer is not None
+        refs = _refs(attributes)
+
+        def create(conn: sqlite3.Connection) -> None:
+            mpps.create(conn, sop_uid=sop_uid, calling_ae=calling_ae,
+                        fields=_fields(attributes), dataset=encoded, refs=refs, now=now)
+            link_step_to_orders(conn, refs, OrderTrigger.START, now)
+
+        try:
+            await self.index.writer.submit_sync(create)
+        except DuplicateStep:
+            raise MppsRefused(Kind.DUPLICATE) from None
+        step = await self._load(sop_uid)
+        assert step is not None
+        log.info("procedure step created step=%d calling=%s", step.id, calling_ae)
+        return StepResult(step, created=True)
+
+    async def update(self, calling_ae: str, sop_uid: str, modification: Dataset) -> StepResult:
+        self.permitted(calling_ae)
+        sop_uid = normalise_uid(sop_uid)
+        for _ in range(_MERGE_ATTEMPTS):
+            step = await self._load(sop_uid)
+            if step is None:
+                raise MppsRefused(Kind.NO_SUCH_STEP)
+            if step.state is not MppsState.IN_PROGRESS:
+                raise MppsRefused(Kind.FINAL)
+            merged = _decode(step.dataset)
+            for element in modification:
+                if element.tag.group > 0x0002:  # never the command or file meta groups
+                    merged[element.tag] = element
+            status = str(merged.get("PerformedProcedureStepStatus", "") or "").strip()
+            trigger = _STATUS_TRIGGER.get(status)
+            if trigger is None:
+                raise MppsRefused(Kind.INVALID_VALUE, "PerformedProcedureStepStatus must be"
+                                  " IN PROGRESS, COMPLETED or DISCONTINUED")
+            if trigger is not MppsTrigger.UPDATE:
+                _require(merged, _REQUIRED_WHEN_FINAL)
+            encoded = _encode(merged)
+            now = self.clock()
+            assert self.index.writer is not None
+            change = partial(mpps.update, sop_uid=sop_uid, expect_dataset=step.dataset,
+                             trigger=trigger, fields=_fields(merged), dataset=encoded, now=now)
+            order_trigger = _ORDER_TRIGGER.get(trigger)
+            try:
+                await self.index.writer.submit_sync(partial(
+                    _update_and_link, change, step.refs, order_trigger, now))
+            except NoSuchStep:
+                raise MppsRefused(Kind.NO_SUCH_STEP) from None
+            except MppsTransitionError:
+                continue  # changed meanwhile: merge again from what is stored now
+            updated = await self._load(sop_uid)
+            assert updated is not None
+            log.info("procedure step updated step=%d state=%s calling=%s", updated.id,
+                     updated.state.value, calling_ae)
+            return StepResult(updated, created=False)
+        raise PacsEdgeError("procedure step kept changing under concurrent N-SETs")
+
+    async def _load(self, sop_uid: str) -> Step | None:
+        return await database.run_sync(self.index.reader, mpps.load, sop_uid)
+
+
+def link_step_to_orders(conn: sqlite3.Connection, refs: Sequence[StepRef],
+                        trigger: OrderTrigger, at: float) -> int:
+    """Move the orders a step names by `trigger`, in the step's transaction; returns how
+    many moved. An order found by neither key, or that cannot take the move, is left."""
+    moved = 0
+    for ref in refs:
+        order = order_store.find_order_by_study(conn, ref.study_uid) if ref.study_uid else None
+        if order is None and ref.accession_number:
+            order = order_store.find_order(conn, ref.accession_number)
+        if order is None:
+            continue
+        try:
+            apply_sync(conn, order, trigger, source="mpps", at=at)
+        except OrderTransitionError as exc:
+            log.warning("procedure step leaves its order unchanged: %s order=%d", exc.message,
+                        order.id)
+            continue
+        moved += 1
+    return moved
+
+
+def _update_and_link(change: Callable[[sqlite3.Connection], MppsState],
+                     refs: Sequence[StepRef], trigger: OrderTrigger | None, at: float,
+                     conn: sqlite3.Connection) -> None:
+    change(conn)
+    if trigger is not None:
+        link_step_to_orders(conn, refs, trigger, at)
+
+
+def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
+    for keyword in keywords:
+        if keyword not in ds:
+            raise MppsRefused(Kind.MISSING_ATTRIBUTE, f"{keyword} is missing")
+        if ds.get(keyword) in (None, ""):
+            raise MppsRefused(Kind.MISSING_VALUE, f"{keyword} has no value")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _fields(ds: Dataset) -> StepFields:
+    return StepFields(
+        station_ae=_text(ds, "PerformedStationAETitle"), modality=_text(ds, "Modality"),
+        patient_id=_text(ds, "PatientID"), step_id=_text(ds, "PerformedProcedureStepID"),
+        start_date=_text(ds, "PerformedProcedureStepStartDate"),
+        start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        end_date=_text(ds, "PerformedProcedureStepEndDate"),
+        end_time=_text(ds, "PerformedProcedureStepEndTime"))
+
+
+def _refs(ds: Dataset) -> list[StepRef]:
+    return [StepRef(normalise_uid(item.get("StudyInstanceUID", "")),
+                    _text(item, "AccessionNumber"), _text(item, "RequestedProcedureID"),
+                    _text(item, "ScheduledProcedureStepID"))
+            for item in ds.get("ScheduledStepAttributesSequence", [])]
+
+
+def _encode(ds: Dataset) -> bytes:
+    encoded = encode(ds, False, True)  # Explicit VR Little Endian
+    if encoded is None:
+        raise MppsRefused(Kind.INVALID_VALUE, "the attribute list cannot be encoded")
+    return encoded
+
+
+def _decode(data: bytes) -> Dataset:
+    return decode(BytesIO(data), False, True)

@@ -1,0 +1,287 @@
+"""The order service: apply an HL7 order or patient message, once, durably.
+
+Contract for an edge (the MLLP listener)::
+
+    outcome = await service.apply(header, request, sender="ris@10.0.0.5")
+
+returns an Outcome once the effect is committed (WAL fsynced, as a C-STORE
+is): the edge may then answer AA (outcome.accepted) or AE (a refusal, with
+the field at fault). Failures of the box itself (index unavailable, disk
+full) raise PacsEdgeError: nothing was applied and nothing recorded, so the
+edge answers AR and the sender may resend.
+
+Rules:
+- Idempotence: a message is known by (MSH-3, MSH-4, MSH-10). Its decided
+  outcome (accepted or refused) is recorded in the same transaction as its
+  effect; a resent message gets the recorded outcome (duplicate=True) and
+  changes nothing.
+- Orders (ORC-1): NW creates a SCHEDULED order, refused if the accession
+  number or Study Instance UID exists; the Study Instance UID is the
+  message's (ZDS-1 / IPC-3) or generated now, so images, MPPS and the order
+  share it. CA, DC and XO find the order by accession number (else by the
+  placer order number) and move it through order_states.py's table: CA only
+  while SCHEDULED, DC while SCHEDULED or IN PROGRESS, XO (new details) only
+  while SCHEDULED. A message with several ORC groups is applied whole or not
+  at all.
+- Patients: A04/A08 set name, birth date and sex (non-empty fields only) in
+  the index's patient row, which future C-FIND answers use, and on the
+  patient's orders. A40 moves the prior patient's studies and orders to the
+  surviving patient (store/orders.py merge_patient). Stored files are never
+  rewritten.
+- Every applied order and patient change is audited (after the commit).
+- Logs carry message types, control codes and counts, never patient data:
+  orders appear as logsafe refs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pydicom.uid import generate_uid
+
+from appliance.base import logsafe
+from appliance.services.order_states import (
+    OrderTransitionError,
+    OrderTrigger,
+    apply_sync,
+    next_state,
+)
+from appliance.store import order_rows as store
+from appliance.store.index import Index
+from appliance.store.order_rows import Demographics, MessageRecord, OrderDetails, PatientKey
+
+if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
+    import sqlite3
+
+log = logging.getLogger(__name__)
+
+
+class OrderControl(enum.StrEnum):
+    """ORC-1 order control codes the box acts on."""
+
+    NEW = "NW"
+    CANCEL = "CA"
+    DISCONTINUE = "DC"
+    CHANGE = "XO"
+
+
+_TRIGGERS = {OrderControl.CANCEL: OrderTrigger.CANCEL,
+             OrderControl.DISCONTINUE: OrderTrigger.DISCONTINUE,
+             OrderControl.CHANGE: OrderTrigger.CHANGE}
+
+
+@dataclass(frozen=True)
+class MessageHeader:
+    """What MSH says, and the SHA-256 of the whole message as received."""
+
+    sending_application: str
+    sending_facility: str
+    receiving_application: str
+    receiving_facility: str
+    control_id: str
+    message_code: str
+    trigger_event: str
+    processing_id: str
+    version: str
+    sha256: str
+
+    @property
+    def message_type(self) -> str:
+        return f"{self.message_code}^{self.trigger_event}"
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """One ORC group. `key_field` names where the accession number came from."""
+
+    control: OrderControl
+    accession_number: str
+    placer_order_number: str
+    filler_order_number: str
+    study_uid: str
+    details: OrderDetails
+    patient: PatientKey
+    demographics: Demographics
+    key_field: str = "OBR-18"
+    study_field: str = "ZDS-1"  # where the Study Instance UID came from (IPC-3 in OMI)
+
+
+@dataclass(frozen=True)
+class PatientUpdate:
+    patient: PatientKey
+    demographics: Demographics
+    register: bool = False  # A04 (register) rather than A08 (update)
+
+
+@dataclass(frozen=True)
+class PatientMerge:
+    prior: PatientKey
+    surviving: PatientKey
+    demographics: Demographics
+
+
+Request = tuple[OrderRequest, ...] | PatientUpdate | PatientMerge
+
+
+class Refusal(enum.Enum):
+    """Why a well-formed message was not applied (the edge maps it to its error code)."""
+
+    UNKNOWN_ORDER = "unknown_order"
+    DUPLICATE_ORDER = "duplicate_order"
+    NOT_ALLOWED = "not_allowed"  # the order's status forbids it
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One applied change, for the audit trail (holds PHI: never logged)."""
+
+    action: str  # create | cancel | discontinue | change | register | update | merge
+    patient: PatientKey
+    patient_name: str = ""
+    accession_number: str = ""
+    study_uid: str = ""
+    prior: PatientKey | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: bool
+    duplicate: bool = False
+    refusal: Refusal | None = None
+    text: str = ""
+    location: str = ""
+    effects: tuple[Effect, ...] = field(default_factory=tuple)
+
+
+class OrderAudit(Protocol):
+    """The audit methods the service calls (appliance.audit.Auditor)."""
+
+    def order_recorded(self, sender: str, address: str, effect: Effect) -> None: ...
+    def patient_recorded(self, sender: str, address: str, effect: Effect) -> None: ...
+
+
+class MessageRefused(Exception):
+    def __init__(self, refusal: Refusal, text: str, location: str) -> None:
+        super().__init__(text)
+        self.refusal = refusal
+        self.text = text
+        self.location = location
+
+
+class OrderService:
+    def __init__(self, index: Index, audit: OrderAudit | None = None) -> None:
+        self.index = index
+        self.audit = audit
+
+    async def apply(self, header: MessageHeader, request: Request, *, sender: str = "",
+                    address: str = "") -> Outcome:
+        """Apply `request` once; durable when this returns (see the module docstring)."""
+        writer = self.index.writer
+        assert writer is not None
+        outcome = await writer.submit_sync(lambda conn: _apply(conn, header, request))
+        log.info("hl7 message %s type=%s effects=%d%s", "duplicate" if outcome.duplicate else
+                 "applied" if outcome.accepted else "refused", header.message_type,
+                 len(outcome.effects),
+                 f" refusal={outcome.refusal.value} field={outcome.location}"
+                 if outcome.refusal else "")
+        if self.audit is not None and not outcome.duplicate:
+            for effect in outcome.effects:
+                if effect.accession_number:
+                    self.audit.order_recorded(sender, address, effect)
+                else:
+                    self.audit.patient_recorded(sender, address, effect)
+        return outcome
+
+
+def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) -> Outcome:
+    """In the writer's transaction: look the message up, apply it, record its outcome."""
+    known = store.find_message(conn, header.sending_application, header.sending_facility,
+                               header.control_id)
+    if known is not None:
+        if known.content_sha256 != header.sha256:
+            log.warning("hl7 control id reused with different content type=%s",
+                        header.message_type)
+        return Outcome(accepted=known.ack_code == "AA", duplicate=True, text=known.ack_text,
+                       location=known.error_location,
+                       refusal=Refusal(known.ack_text.split(":", 1)[0])
+                       if known.ack_code != "AA" else None)
+    now = time.time()
+    try:
+        with store.savepoint(conn):
+            effects = _effects(conn, request, now)
+    except MessageRefused as refused:
+        store.record_message(conn, _record(header, "AE", f"{refused.refusal.value}: "
+                                           f"{refused.text}", refused.location), now)
+        return Outcome(accepted=False, refusal=refused.refusal,
+                       text=f"{refused.refusal.value}: {refused.text}",
+                       location=refused.location)
+    store.record_message(conn, _record(header, "AA", "", ""), now)
+    return Outcome(accepted=True, effects=tuple(effects))
+
+
+def _record(header: MessageHeader, code: str, text: str, location: str) -> MessageRecord:
+    return MessageRecord(header.sending_application, header.sending_facility,
+                         header.control_id, header.message_type, header.sha256, code, text,
+                         location)
+
+
+def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Effect]:
+    if isinstance(request, PatientUpdate):
+        store.update_demographics(conn, request.patient, request.demographics, now)
+        return [Effect("register" if request.register else "update", request.patient,
+                       request.demographics.patient_name)]
+    if isinstance(request, PatientMerge):
+        if request.prior == request.surviving:
+            raise MessageRefused(Refusal.NOT_ALLOWED, "prior and surviving patient are the same",
+                           "MRG-1")
+        store.merge_patient(conn, request.prior, request.surviving, now)
+        store.update_demographics(conn, request.surviving, request.demographics, now)
+        return [Effect("merge", request.surviving, request.demographics.patient_name,
+                       prior=request.prior)]
+    return [_order_effect(conn, order, now) for order in request]
+
+
+def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
+    if request.control is OrderControl.NEW:
+        return _create(conn, request, now)
+    order = (store.find_order(conn, request.accession_number)
+             or store.find_order_by_placer(conn, request.placer_order_number))
+    if order is None:
+        raise MessageRefused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
+                       request.key_field)
+    trigger = _TRIGGERS[request.control]
+    try:
+        if trigger is OrderTrigger.CHANGE:
+            next_state(order.status, trigger)
+            store.update_order_details(conn, order.id, request.details, now)
+        else:
+            apply_sync(conn, order, trigger, source="hl7", at=now)
+    except OrderTransitionError as exc:
+        raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-1") from None
+    log.info("order %s order=%s", trigger.value, logsafe.ref(order.accession_number))
+    return Effect({"cancel": "cancel", "discontinue": "discontinue"}.get(trigger.value,
+                                                                          "change"),
+                  order.patient, order.demographics.patient_name, order.accession_number,
+                  order.study_uid)
+
+
+def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
+    if store.find_order(conn, request.accession_number) is not None:
+        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number exists",
+                       request.key_field)
+    study_uid = request.study_uid or generate_uid()
+    if request.study_uid and store.find_order_by_study(conn, study_uid) is not None:
+        raise MessageRefused(Refusal.DUPLICATE_ORDER,
+                       "an order with this Study Instance UID exists", request.study_field)
+    store.insert_order(conn, accession_number=request.accession_number,
+                       placer_order_number=request.placer_order_number,
+                       filler_order_number=request.filler_order_number, study_uid=study_uid,
+                       details=request.details, patient=request.patient,
+                       demographics=request.demographics, at=now)
+    log.info("order created order=%s", logsafe.ref(request.accession_number))
+    return Effect("create", request.patient, request.demographics.patient_name,
+                  request.accession_number, study_uid)

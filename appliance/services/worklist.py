@@ -1,0 +1,197 @@
+"""Modality Worklist decisions (PS3.4 K.6): who may ask, which items match, what is returned.
+
+Matching keys (PS3.4 K.6.1.2, Table K.6-1), at the top level and in the one
+item of the Scheduled Procedure Step Sequence (sequence matching, K.6.1.2.1
+and C.2.2.2.6), follow the rules of appliance/services/query/matching.py, the same
+code C-FIND uses: Scheduled Station AE Title, Modality, Scheduled Procedure
+Step Start Date and Time (single values and ranges, separately), Patient
+Name (wildcards, case-insensitive), Patient ID, Accession Number, Requested
+Procedure ID, Study Instance UID (UID lists) and the other keys of the table
+below. An item is one order (one requested procedure, one scheduled step).
+
+Scheduled Procedure Step Status: without a value in the request, only
+SCHEDULED orders are returned (what a modality may start); with one,
+SCHEDULED, STARTED (the order is IN PROGRESS), COMPLETED or DISCONTINUED
+match the order's status.
+
+Return keys are filled from the order; a key the box does not keep is
+returned empty (zero length), a sequence it does not keep empty. Specific
+Character Set is ISO_IR 192 when a value is not ASCII.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pydicom import config
+from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from appliance.base.errors import PacsEdgeError, QueryError, QueryRefusal
+from appliance.services.peers import Allowlist
+from appliance.services.query import matching
+from appliance.store import database
+from appliance.store import worklist_rows as worklist_store
+from appliance.store.cfind.attributes import Match
+from appliance.store.cfind.conditions import Term
+from appliance.store.index import Index
+from appliance.store.worklist_rows import WorklistItem
+
+log = logging.getLogger(__name__)
+
+PERMISSION = "worklist"
+MAX_ITEMS = 10_000  # more matches than this answer 0xA700 (narrow the query)
+_UTF8 = "ISO_IR 192"
+
+_KINDS: dict[str, Match] = {
+    "PatientName": Match.PERSON_NAME,
+    "ReferringPhysicianName": Match.PERSON_NAME,
+    "RequestingPhysician": Match.PERSON_NAME,
+    "ScheduledPerformingPhysicianName": Match.PERSON_NAME,
+    "PatientBirthDate": Match.DATE,
+    "ScheduledProcedureStepStartDate": Match.DATE,
+    "ScheduledProcedureStepStartTime": Match.TIME,
+    "StudyInstanceUID": Match.UID,
+}
+# SPS status values (0040,0020) <-> order status.
+_SPS_STATUS = {"SCHEDULED": "SCHEDULED", "STARTED": "IN PROGRESS",
+               "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
+_ORDER_STATUS = {order: sps for sps, order in _SPS_STATUS.items()}
+
+_VALUES: dict[str, Callable[[WorklistItem], str]] = {
+    "PatientName": lambda i: i.patient_name,
+    "PatientID": lambda i: i.patient_id,
+    "IssuerOfPatientID": lambda i: i.issuer,
+    "PatientBirthDate": lambda i: i.birth_date,
+    "PatientSex": lambda i: i.sex,
+    "AccessionNumber": lambda i: i.accession_number,
+    "RequestedProcedureID": lambda i: i.requested_procedure_id,
+    "RequestedProcedureDescription": lambda i: i.requested_procedure_desc,
+    "RequestedProcedurePriority": lambda i: i.priority,
+    "StudyInstanceUID": lambda i: i.study_uid,
+    "ReferringPhysicianName": lambda i: i.referring_physician,
+    "RequestingPhysician": lambda i: i.requesting_physician,
+    "ScheduledStationAETitle": lambda i: i.station_ae_title,
+    "ScheduledStationName": lambda i: i.station_name,
+    "ScheduledProcedureStepLocation": lambda i: i.sps_location,
+    "ScheduledProcedureStepStartDate": lambda i: i.sps_start_date,
+    "ScheduledProcedureStepStartTime": lambda i: i.sps_start_time,
+    "Modality": lambda i: i.modality,
+    "ScheduledPerformingPhysicianName": lambda i: i.performing_physician,
+    "ScheduledProcedureStepDescription": lambda i: i.sps_description,
+    "ScheduledProcedureStepID": lambda i: i.sps_id,
+    "ScheduledProcedureStepStatus": lambda i: _ORDER_STATUS.get(i.status, ""),
+}
+
+class WorklistRefused(PacsEdgeError):
+    """The peer may not query the worklist."""
+
+
+class WorklistService:
+    def __init__(self, index: Index, allowlist: Allowlist) -> None:
+        self.index = index
+        self.allowlist = allowlist
+
+    def permitted(self, calling_ae: str) -> None:
+        peer = self.allowlist.by_ae_title(calling_ae)
+        if peer is None or not peer.may(PERMISSION):
+            raise WorklistRefused(f"peer lacks permission {PERMISSION!r}")
+
+    async def find(self, calling_ae: str, identifier: Dataset) -> list[Dataset]:
+        """The response identifiers for a worklist query; QueryError for a bad one."""
+        self.permitted(calling_ae)
+        keys = _matching_keys(identifier)
+        statuses = _statuses(keys.pop("ScheduledProcedureStepStatus", []))
+        terms: list[tuple[str, Term]] = []
+        for keyword, values in keys.items():
+            found = matching.term(_KINDS.get(keyword, Match.TEXT), values)
+            if found is not None:
+                terms.append((keyword, found))
+        items = await database.run_sync(self.index.reader, worklist_store.find_items, terms,
+                                        statuses, MAX_ITEMS)
+        if len(items) > MAX_ITEMS:
+            raise QueryError(QueryRefusal.MALFORMED_KEY,
+                             f"more than {MAX_ITEMS} worklist items match")
+        log.debug("worklist answered keys=%d matches=%d", len(keys), len(items))
+        return [_response(identifier, item) for item in items]
+
+
+def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:
+    """keyword -> request values of every key the box can match on."""
+    found: dict[str, list[str]] = {}
+    elements = list(identifier)
+    sps = identifier.get("ScheduledProcedureStepSequence")
+    if sps:
+        elements += list(sps[0])
+    for element in elements:
+        keyword = element.keyword
+        if keyword in worklist_store.COLUMNS and element.VR != "SQ":
+            found[keyword] = _values(element)
+    return found
+
+
+def _statuses(values: list[str]) -> list[str]:
+    """The order statuses a request's SPS Status values select: SCHEDULED when it gives
+    none; no status at all (nothing matches) when none of its values is known."""
+    wanted = [v.strip() for v in values if v.strip()]
+    if not wanted:
+        return ["SCHEDULED"]
+    return [_SPS_STATUS[v] for v in wanted if v in _SPS_STATUS]
+
+
+def _values(element: DataElement) -> list[str]:
+    value = element.value
+    if value is None or isinstance(value, bytes | bytearray):
+        return []
+    if isinstance(value, MultiValue | list | tuple):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _element(tag: object, vr: str, value: object) -> DataElement:
+    # Values come from the index as stored; pydicom's checks would only warn, quoting them.
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)  # type: ignore[arg-type]
+
+
+def _fill(request: Dataset, item: WorklistItem, texts: list[str]) -> Dataset:
+    """A response level: each requested key with the item's value, or empty."""
+    out = Dataset()
+    for element in request:
+        keyword = element.keyword
+        if element.tag == 0x00080005 or element.tag.element == 0:
+            continue
+        if element.VR == "SQ":
+            out[element.tag] = _element(element.tag, "SQ", _sequence(keyword, element, item,
+                                                                       texts))
+            continue
+        getter = _VALUES.get(keyword)
+        value = getter(item) if getter is not None else ""
+        texts.append(value)
+        out[element.tag] = _element(element.tag, element.VR,
+                                    value if value else empty_value_for_VR(element.VR))
+    return out
+
+
+def _sequence(keyword: str, element: DataElement, item: WorklistItem,
+              texts: list[str]) -> list[Dataset]:
+    if keyword == "ScheduledProcedureStepSequence":
+        template = element.value[0] if element.value else Dataset()
+        return [_fill(template, item, texts)]
+    if keyword == "RequestedProcedureCodeSequence" and item.procedure_code_value:
+        code = Dataset()
+        code.CodeValue = item.procedure_code_value
+        code.CodingSchemeDesignator = item.procedure_code_scheme
+        code.CodeMeaning = item.procedure_code_meaning
+        texts.append(item.procedure_code_meaning)
+        return [code]
+    return []
+
+
+def _response(identifier: Dataset, item: WorklistItem) -> Dataset:
+    texts: list[str] = []
+    response = _fill(identifier, item, texts)
+    if not all(text.isascii() for text in texts):
+        response.SpecificCharacterSet = _UTF8
+    return response

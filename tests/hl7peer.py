@@ -1,0 +1,149 @@
+"""A real HL7 sender for the tests: python-hl7's MLLP client, and raw MLLP frames.
+
+`orm(...)`, `omi(...)`, `adt(...)` build messages as a RIS would; `send`
+sends one with python-hl7's MLLPClient and returns the parsed ACK; `raw`
+opens a plain socket (optionally from another loopback source address) for
+frames no library would produce.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import hl7
+from hl7.client import MLLPClient
+
+HOST = "127.0.0.1"
+TIMEOUT = 30.0
+SB, EB, CR = b"\x0b", b"\x1c", b"\r"
+
+
+@dataclass(frozen=True)
+class Ack:
+    code: str  # MSA-1
+    control_id: str  # MSA-2
+    text: str  # MSA-3
+    error_location: str  # ERR-2, e.g. "ORC^1^1"
+    error_code: str  # ERR-3.1
+
+    @property
+    def error_field(self) -> str:
+        """ERR-2 as "ORC-1"."""
+        parts = self.error_location.split("^")
+        return f"{parts[0]}-{parts[2]}" if len(parts) > 2 and parts[2] else parts[0]
+
+
+def parse_ack(data: bytes) -> Ack:
+    assert data.startswith(SB) and data.endswith(EB + CR), data[:80]
+    message = hl7.parse(data[1:-2].decode("utf-8"))
+    msa = message.segment("MSA")
+    try:
+        err = message.segment("ERR")
+        location, code = str(err(2)), str(err.extract_field(1, 3, 1, 1, 1))
+    except KeyError:
+        location, code = "", ""
+    return Ack(str(msa(1)), str(msa(2)), str(msa(3)) if len(msa) > 3 else "", location, code)
+
+
+def msh(control_id: str, message_type: str, *, sender: str = "RIS",
+        charset: str = "") -> str:
+    fields = ["MSH", "^~\\&", sender, "HOSP", "PACS-EDGE", "IMAGING", "20240102083000", "",
+              message_type, control_id, "P", "2.5"]
+    if charset:
+        fields += ["", "", "", "", "", charset]
+    return "|".join(fields)
+
+
+def pid(patient_id: str = "PAT1", name: str = "DOE^JANE", birth: str = "19700101",
+        sex: str = "F", issuer: str = "HOSP") -> str:
+    return f"PID|1||{patient_id}^^^{issuer}||{name}||{birth}|{sex}"
+
+
+def orm(control_id: str, control: str = "NW", *, accession: str = "ACC1",
+        patient_id: str = "PAT1", name: str = "DOE^JANE", study_uid: str = "",
+        start: str = "202401021030", modality: str = "CT", station: str = "CT1",
+        procedure: str = "CTHEAD^CT head^LOCAL") -> str:
+    segments = [
+        msh(control_id, "ORM^O01^ORM_O01"), pid(patient_id, name),
+        "PV1|1|O||||||1234^WELBY^MARCUS",
+        f"ORC|{control}|PL{accession}|FL{accession}||||^^^{start}^^R",
+        f"OBR|1|PL{accession}|FL{accession}|{procedure}||||||||||||||{accession}|RP{accession}"
+        f"|SPS{accession}|{station}|||{modality}",
+    ]
+    if study_uid:
+        segments.append(f"ZDS|{study_uid}^PACS^Application^DICOM")
+    return "\r".join(segments) + "\r"
+
+
+def omi(control_id: str, control: str = "NW", *, accession: str = "ACC2",
+        patient_id: str = "PAT1", study_uid: str = "1.2.826.0.1.3680043.8.498.77",
+        station: str = "MR1") -> str:
+    return "\r".join([
+        msh(control_id, "OMI^O23^OMI_O23"), pid(patient_id),
+        f"ORC|{control}|PL{accession}|FL{accession}",
+        "TQ1|1||||||20240103141500",
+        f"OBR|1|PL{accession}|FL{accession}|MRKNEE^MR knee^LOCAL",
+        f"IPC|{accession}|RP{accession}|{study_uid}|SPS{accession}|MR||MRSTATION|ROOM2|{station}",
+    ]) + "\r"
+
+
+def adt(control_id: str, event: str, *, patient_id: str = "PAT1", name: str = "DOE^JANE",
+        birth: str = "19700101", sex: str = "F", prior: str = "", issuer: str = "HOSP") -> str:
+    segments = [msh(control_id, f"ADT^{event}^ADT_A01"), "EVN|" + event,
+                pid(patient_id, name, birth, sex, issuer)]
+    if prior:
+        segments.append(f"MRG|{prior}^^^{issuer}")
+    return "\r".join(segments) + "\r"
+
+
+def send(port: int, message: str | bytes) -> Ack:
+    """One message with python-hl7's MLLP client; the ACK parsed."""
+    with MLLPClient(HOST, port) as client:
+        client.socket.settimeout(TIMEOUT)
+        return parse_ack(_complete(client.socket, client.send_message(message)))
+
+
+def _complete(sock: socket.socket, data: bytes) -> bytes:
+    """MLLPClient reads once; read on until the end of the block."""
+    deadline = time.monotonic() + TIMEOUT
+    while not data.endswith(EB + CR) and time.monotonic() < deadline:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def frame(message: str | bytes) -> bytes:
+    body = message.encode("utf-8") if isinstance(message, str) else message
+    return SB + body + EB + CR
+
+
+def raw(port: int, *, source: str = "") -> socket.socket:
+    """A plain TCP connection to the listener, from `source` if given."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    if source:
+        sock.bind((source, 0))
+    sock.connect((HOST, port))
+    return sock
+
+
+def read_ack(sock: socket.socket) -> Ack:
+    return parse_ack(_complete(sock, sock.recv(4096)))
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
+    """True when the server closes the connection (EOF or reset) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False

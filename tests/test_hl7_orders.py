@@ -1,0 +1,384 @@
+"""HL7 orders over MLLP into a real `pacs-edge serve`: ACK rules, idempotence,
+durability, hostile input. The sender is python-hl7's MLLP client (hl7peer.send) or
+raw frames (hl7peer.raw) for what no library would send."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dcmtk
+import dicomgen
+import hl7peer
+import pytest
+from conftest import EdgeServer
+
+IDLE_CONNECTIONS = 200
+MAX_CONNECTIONS = 8
+
+
+@pytest.fixture
+def hl7_edge(edge_server_factory: Callable[..., EdgeServer],
+             free_port: Callable[[], int]) -> Iterator[tuple[EdgeServer, int]]:
+    """A started server with the HL7 listener on a free port and the RIS (127.0.0.1)
+    allowed to send HL7."""
+    server = edge_server_factory(start=False)
+    port = free_port()
+    server.configure(hl7={"port": port, "max_message_bytes": 16384, "idle_timeout": 30.0,
+                          "max_connections": MAX_CONNECTIONS})
+    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
+               "--allow", "hl7")
+    server.start()
+    yield server, port
+
+
+def worklist(server: EdgeServer, *args: str) -> list[dict[str, Any]]:
+    return json.loads(server.cli("worklist", "list", "--json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def show(server: EdgeServer, accession: str) -> dict[str, Any]:
+    return json.loads(server.cli("worklist", "show", accession, "--json").stdout)  # type: ignore[no-any-return]
+
+
+# --- each message type, applied and acknowledged ------------------------------------
+
+def test_new_order_is_acknowledged_and_scheduled_with_a_study_uid(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    ack = hl7peer.send(port, hl7peer.orm("MSG1", accession="ACC1"))
+    assert (ack.code, ack.control_id) == ("AA", "MSG1")
+    [order] = worklist(server)
+    assert order["accession_number"] == "ACC1" and order["status"] == "SCHEDULED"
+    assert order["patient_id"] == "PAT1" and order["issuer"] == "HOSP"
+    assert order["patient_name"] == "DOE^JANE" and order["birth_date"] == "19700101"
+    assert (order["modality"], order["station_ae_title"]) == ("CT", "CT1")
+    assert (order["sps_start_date"], order["sps_start_time"]) == ("20240102", "1030")
+    assert order["requested_procedure_id"] == "RPACC1" and order["sps_id"] == "SPSACC1"
+    assert order["requested_procedure_desc"] == "CT head"
+    assert order["referring_physician"] == "WELBY^MARCUS"
+    assert order["study_uid"] and order["study_uid"].replace(".", "").isdigit()
+
+
+def test_omi_order_keeps_the_ris_study_uid_and_scheduled_station(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    assert hl7peer.send(port, hl7peer.omi("OMI1", accession="ACC2", study_uid=uid)).code == "AA"
+    order = show(server, "ACC2")
+    assert order["study_uid"] == uid
+    assert (order["station_ae_title"], order["station_name"], order["sps_location"]) == (
+        "MR1", "MRSTATION", "ROOM2")
+    assert (order["sps_start_date"], order["sps_start_time"]) == ("20240103", "141500")
+
+
+def test_change_cancel_and_discontinue_follow_the_order_state_table(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    for n, accession in enumerate(("A1", "A2")):
+        assert hl7peer.send(port, hl7peer.orm(f"N{n}", accession=accession)).code == "AA"
+    change = hl7peer.send(port, hl7peer.orm("X1", "XO", accession="A1", modality="MR",
+                                            station="MR9"))
+    assert change.code == "AA"
+    changed = show(server, "A1")
+    assert (changed["modality"], changed["station_ae_title"], changed["status"]) == (
+        "MR", "MR9", "SCHEDULED")
+    assert hl7peer.send(port, hl7peer.orm("C1", "CA", accession="A1")).code == "AA"
+    assert hl7peer.send(port, hl7peer.orm("D1", "DC", accession="A2")).code == "AA"
+    assert {o["accession_number"]: o["status"] for o in worklist(server)} == {
+        "A1": "DISCONTINUED", "A2": "DISCONTINUED"}
+    # No move out of a final state: the answer names ORC-1.
+    again = hl7peer.send(port, hl7peer.orm("C2", "XO", accession="A1"))
+    assert (again.code, again.error_field) == ("AE", "ORC-1")
+    history = show(server, "A1")["history"]
+    assert [(h["from_state"], h["to_state"], h["trigger"]) for h in history] == [
+        ("SCHEDULED", "DISCONTINUED", "cancel")]
+    assert worklist(server, "--status", "SCHEDULED") == []
+
+
+def test_cancel_of_an_unknown_order_is_an_application_error(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    _, port = hl7_edge
+    ack = hl7peer.send(port, hl7peer.orm("C9", "CA", accession="NOPE"))
+    assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "204")
+
+
+def test_second_new_order_with_the_same_accession_is_refused(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("N1", accession="ACC1")).code == "AA"
+    ack = hl7peer.send(port, hl7peer.orm("N2", accession="ACC1", name="OTHER^NAME"))
+    assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "205")
+    assert show(server, "ACC1")["patient_name"] == "DOE^JANE"
+
+
+def _audit_records(server: EdgeServer) -> list[dict[str, Any]]:
+    path = server.home / "audit" / "audit.log"
+    if not path.exists():
+        return []
+    return [json.loads(line)["record"] for line in path.read_text().splitlines()]
+
+
+def test_orders_and_patient_changes_are_audited_and_never_logged(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    canary = {"patient_id": "HL7CANARY7", "name": "KANARIE^HELGA"}
+    assert hl7peer.send(port, hl7peer.orm("AU1", accession="ACCCANARY", **canary)).code == "AA"
+    assert hl7peer.send(port, hl7peer.orm("AU2", "CA", accession="ACCCANARY")).code == "AA"
+    assert hl7peer.send(port, hl7peer.adt("AU3", "A08", **canary)).code == "AA"
+    wanted = {("110109", "C"), ("110109", "D"), ("110110", "U")}
+    deadline = time.monotonic() + 60
+    seen: set[tuple[str, str]] = set()
+    while not wanted <= seen and time.monotonic() < deadline:
+        seen = {(r["EventIdentification"]["EventID"]["csd-code"],
+                 r["EventIdentification"]["EventActionCode"]) for r in _audit_records(server)}
+        time.sleep(0.2)  # polling the buffered audit log, not synchronising on time
+    assert wanted <= seen
+    audit_text = (server.home / "audit" / "audit.log").read_text()
+    assert "HL7CANARY7" in audit_text and "ACCCANARY" in audit_text
+    log = server.log()
+    for phi in ("HL7CANARY7", "KANARIE", "ACCCANARY", show(server, "ACCCANARY")["study_uid"]):
+        assert phi not in log
+    assert "audit log intact" in server.cli("audit", "verify").stdout
+
+
+# --- idempotence and durability -----------------------------------------------------
+
+def test_duplicate_control_id_is_acknowledged_without_applying_twice(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("DUP1", accession="ACC1")).code == "AA"
+    assert hl7peer.send(port, hl7peer.orm("DUP2", "CA", accession="ACC1")).code == "AA"
+    # The RIS resends both (it lost our ACKs): same answers, nothing applied again
+    # (a second NW would have been refused as a duplicate accession).
+    assert hl7peer.send(port, hl7peer.orm("DUP1", accession="ACC1")).code == "AA"
+    assert hl7peer.send(port, hl7peer.orm("DUP2", "CA", accession="ACC1")).code == "AA"
+    assert len(worklist(server)) == 1
+    assert len(show(server, "ACC1")["history"]) == 1
+    # A refused message resent gets the same refusal.
+    first = hl7peer.send(port, hl7peer.orm("DUP3", "CA", accession="ACC1"))
+    second = hl7peer.send(port, hl7peer.orm("DUP3", "CA", accession="ACC1"))
+    assert (first.code, first.error_field) == (second.code, second.error_field) == (
+        "AE", "ORC-1")
+
+
+def test_acknowledged_order_survives_sigkill_right_after_the_aa(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    sock = hl7peer.raw(port)
+    sock.sendall(hl7peer.frame(hl7peer.orm("K1", accession="KILL1")))
+    ack = hl7peer.read_ack(sock)
+    server.kill()  # the power cut, right after the AA arrived
+    sock.close()
+    assert ack.code == "AA"
+    server.start()
+    assert show(server, "KILL1")["status"] == "SCHEDULED"
+    # And the resent message (the RIS never saw... or did see the ACK) is not applied twice.
+    assert hl7peer.send(port, hl7peer.orm("K1", accession="KILL1")).code == "AA"
+    assert len(worklist(server)) == 1
+
+
+# --- bad input ----------------------------------------------------------------------
+
+def test_wrong_encoding_characters_are_rejected_naming_msh2(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    good = hl7peer.orm("E1", accession="ENC1")
+    header = "MSH|^~\\&|"
+    for bad in (good.replace(header, "MSH|^~|", 1), good.replace(header, "MSH|^^\\&|", 1),
+                good.replace(header, "MSHA^~\\&A", 1)):
+        ack = hl7peer.send(port, bad)
+        assert (ack.code, ack.error_field) == ("AR", "MSH-2"), bad[:20]
+    assert worklist(server) == []
+
+
+def test_missing_control_id_is_rejected_naming_msh10(hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    ack = hl7peer.send(port, hl7peer.orm("", accession="NOID"))
+    assert (ack.code, ack.error_field, ack.error_code) == ("AR", "MSH-10", "101")
+    assert worklist(server) == []
+
+
+@pytest.mark.parametrize(("message_type", "code"), [("ORU^R01^ORU_R01", "200"),
+                                                    ("ADT^A99^ADT_A01", "201"),
+                                                    ("", "101")])
+def test_unsupported_message_types_are_rejected_naming_msh9(
+        hl7_edge: tuple[EdgeServer, int], message_type: str, code: str) -> None:
+    _, port = hl7_edge
+    text = hl7peer.orm("T1").replace("ORM^O01^ORM_O01", message_type, 1)
+    ack = hl7peer.send(port, text)
+    assert (ack.code, ack.control_id, ack.error_field, ack.error_code) == (
+        "AR", "T1", "MSH-9", code)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda m: m.replace("ORC|NW|", "ORC|ZZ|"), "ORC-1"),
+    (lambda m: m.replace("PID|1||PAT1^^^HOSP|", "PID|1|||"), "PID-3"),
+    (lambda m: m + "ZDS|not-a-uid\r", "ZDS-1"),
+    (lambda m: m.replace("|ACC1|RPACC1|", "||RPACC1|").replace("FLACC1", ""), "OBR-18"),
+])
+def test_content_errors_are_application_errors_naming_the_field(
+        hl7_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str) -> None:
+    server, port = hl7_edge
+    ack = hl7peer.send(port, edit(hl7peer.orm("B1", accession="ACC1")))
+    assert (ack.code, ack.error_field) == ("AE", field)
+    assert worklist(server) == []
+
+
+def test_truncated_frames_are_never_applied_and_the_listener_keeps_serving(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    whole = hl7peer.frame(hl7peer.orm("TR1", accession="TRUNC"))
+    cut = hl7peer.raw(port)  # the sender dies mid-message
+    cut.sendall(whole[: len(whole) // 2])
+    cut.close()
+    no_start = hl7peer.raw(port)  # a frame without <VT>: rejected, connection kept
+    no_start.sendall(whole[1:])
+    assert hl7peer.read_ack(no_start).code == "AR"
+    no_start.sendall(whole)
+    assert hl7peer.read_ack(no_start).code == "AA"
+    no_start.close()
+    assert [o["accession_number"] for o in worklist(server)] == ["TRUNC"]
+
+
+def test_oversized_message_is_rejected_and_its_connection_closed(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    big = hl7peer.orm("BIG1", accession="BIG") + "NTE|1||" + "x" * 200_000 + "\r"
+    sock = hl7peer.raw(port)
+    sock.sendall(hl7peer.frame(big))
+    ack = hl7peer.read_ack(sock)
+    assert (ack.code, ack.control_id) == ("AR", "")
+    assert hl7peer.closed_by_peer(sock)
+    sock.close()
+    assert hl7peer.send(port, hl7peer.orm("OK1", accession="OK")).code == "AA"
+    assert [o["accession_number"] for o in worklist(server)] == ["OK"]
+
+
+def test_idle_connections_are_capped_and_the_listener_keeps_serving(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    _, port = hl7_edge
+    idle = [hl7peer.raw(port) for _ in range(IDLE_CONNECTIONS)]
+    try:
+        assert hl7peer.send(port, hl7peer.orm("IDLE1", accession="IDLE")).code == "AA"
+        # All but at most MAX_CONNECTIONS of the silent ones were closed by the box.
+        selector = selectors.DefaultSelector()
+        for sock in idle:
+            selector.register(sock, selectors.EVENT_READ)
+        closed: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(closed) < IDLE_CONNECTIONS - MAX_CONNECTIONS and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=1.0):
+                sock = key.fileobj
+                try:
+                    data = sock.recv(4096)  # type: ignore[union-attr]
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    closed.add(id(sock))
+                    selector.unregister(sock)
+        selector.close()
+        assert len(closed) >= IDLE_CONNECTIONS - MAX_CONNECTIONS
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_connection_from_a_host_not_allowed_is_closed_unanswered(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    sock = hl7peer.raw(port, source="127.0.0.2")
+    sock.sendall(hl7peer.frame(hl7peer.orm("EVIL1", accession="EVIL")))
+    assert hl7peer.closed_by_peer(sock)
+    sock.close()
+    assert worklist(server) == []
+    assert "host is not an hl7 peer address=127.0.0.2" in server.log()
+
+
+def _closed_unanswered(sock: socket.socket, data: bytes) -> bool:
+    try:
+        sock.sendall(data)
+        return sock.recv(4096) == b""
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def test_mllp_over_tls_needs_a_certificate_from_the_site_ca(
+        edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+        tmp_path: Path) -> None:
+    server = edge_server_factory(start=False)
+    port = free_port()
+    server.configure(hl7={"port": port, "tls": True})
+    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
+               "--allow", "hl7")
+    server.start()
+    server.cli("certs", "issue", "ris", "--out", str(tmp_path / "ris"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(server.home / "tls" / "ca.pem")
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
+    with (socket.create_connection((hl7peer.HOST, port), timeout=hl7peer.TIMEOUT) as plain,
+          anonymous.wrap_socket(plain) as tls):
+        # TLS 1.3: a missing client certificate is refused just after the handshake.
+        assert _closed_unanswered(tls, hl7peer.frame(hl7peer.orm("TLS0", accession="NOCERT")))
+    context.load_cert_chain(tmp_path / "ris" / "ris.pem", tmp_path / "ris" / "ris.key")
+    with (socket.create_connection((hl7peer.HOST, port), timeout=hl7peer.TIMEOUT) as plain,
+          context.wrap_socket(plain) as tls):
+        tls.sendall(hl7peer.frame(hl7peer.orm("TLS1", accession="TLS1")))
+        assert hl7peer.read_ack(tls).code == "AA"  # type: ignore[arg-type]
+    assert [o["accession_number"] for o in worklist(server)] == ["TLS1"]
+
+
+# --- patients -------------------------------------------------------------------------
+
+def _study_of(tmp_path: Path, server: EdgeServer, seed: int) -> list[dicomgen.GeneratedInstance]:
+    study = dicomgen.make_study(tmp_path / f"study{seed}", seed=seed, series_per_study=1,
+                                instances_per_series=1)
+    dcmtk.storescu(server.port, [i.path for i in study]).check()
+    return study
+
+
+def _find(server: EdgeServer, patient_id: str) -> dcmtk.FindResult:
+    return dcmtk.findscu(server.port, {"PatientID": patient_id, "PatientName": None,
+                                       "PatientBirthDate": None, "StudyInstanceUID": None},
+                         level="STUDY", model="patient")
+
+
+def test_patient_update_changes_future_queries_and_orders(
+        hl7_edge: tuple[EdgeServer, int], tmp_path: Path) -> None:
+    server, port = hl7_edge
+    [instance] = _study_of(tmp_path, server, seed=61)
+    patient_id = instance.patient_id
+    order = hl7peer.orm("P0", accession="PA1").replace("PAT1^^^HOSP", f"{patient_id}^^^")
+    assert hl7peer.send(port, order).code == "AA"
+    update = hl7peer.adt("P1", "A08", patient_id=patient_id, name="NEWNAME^ANNA",
+                         birth="19800202", issuer="")
+    assert hl7peer.send(port, update).code == "AA"
+    found = _find(server, patient_id)
+    assert found.values("PatientName") == ["NEWNAME^ANNA"]
+    assert found.values("PatientBirthDate") == ["19800202"]
+    assert show(server, "PA1")["patient_name"] == "NEWNAME^ANNA"
+    assert hl7peer.send(port, hl7peer.adt("P2", "A04", patient_id="NEWCOMER")).code == "AA"
+
+
+def test_patient_merge_moves_studies_and_orders_to_the_surviving_id(
+        hl7_edge: tuple[EdgeServer, int], tmp_path: Path) -> None:
+    server, port = hl7_edge
+    [old] = _study_of(tmp_path, server, seed=62)
+    [kept] = _study_of(tmp_path, server, seed=63)
+    order = hl7peer.orm("M0", accession="MA1").replace("PAT1^^^HOSP", f"{old.patient_id}^^^")
+    assert hl7peer.send(port, order).code == "AA"
+    merge = hl7peer.adt("M1", "A40", patient_id=kept.patient_id, name="KEPT^NAME",
+                        prior=old.patient_id, issuer="")
+    assert hl7peer.send(port, merge).code == "AA"
+    assert _find(server, old.patient_id).responses == []
+    found = _find(server, kept.patient_id)
+    assert sorted(found.values("StudyInstanceUID")) == sorted([old.study_uid, kept.study_uid])
+    assert set(found.values("PatientName")) == {"KEPT^NAME"}
+    assert show(server, "MA1")["patient_id"] == kept.patient_id

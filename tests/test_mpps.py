@@ -1,0 +1,231 @@
+"""MPPS SCP end to end: a real `pacs-edge serve`, pynetdicom as the modality (N-CREATE, N-SET;
+dcmtk has no MPPS SCU).
+
+What is proven here: a step goes IN PROGRESS -> COMPLETED or DISCONTINUED and is a
+committed row with the keys that link it to its order; PS3.4 F.7 state rules:
+no change after a final state (0x0110 with an Error Comment), a duplicate
+N-CREATE is 0x0111, N-CREATE must be IN PROGRESS, a final state needs its end
+date/time, an N-SET of an unknown step is 0x0112; a peer without `mpps` is
+refused (0x0124); every step is audited as a Procedure Record.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import HOST, EdgeServer
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+from appliance.store.mpps_rows import (
+    TRANSITIONS,
+    MppsState,
+    MppsTransitionError,
+    MppsTrigger,
+    next_state,
+)
+
+MODALITY = "MODALITY"
+SUCCESS, REFUSED_NOT_AUTHORIZED, PROCESSING_FAILURE = 0x0000, 0x0124, 0x0110
+DUPLICATE, NO_SUCH_INSTANCE = 0x0111, 0x0112
+INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, MISSING_VALUE = 0x0106, 0x0120, 0x0121
+
+
+class MppsScu:
+    """A modality's MPPS SCU on one association (pynetdicom)."""
+
+    def __init__(self, edge: EdgeServer, ae_title: str = MODALITY) -> None:
+        ae = AE(ae_title)
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        self.assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+        assert self.assoc.is_established
+
+    def create(self, sop_uid: str, attrs: Dataset) -> Dataset:
+        status, _ = self.assoc.send_n_create(attrs, ModalityPerformedProcedureStep, sop_uid)
+        return status
+
+    def set(self, sop_uid: str, modification: Dataset) -> Dataset:
+        status, _ = self.assoc.send_n_set(modification, ModalityPerformedProcedureStep, sop_uid)
+        return status
+
+    def release(self) -> None:
+        self.assoc.release()
+
+
+def in_progress(study_uid: str = "", accession: str = "ACC100") -> Dataset:
+    """An N-CREATE attribute list as a modality sends it for a scheduled step."""
+    item = Dataset()
+    item.StudyInstanceUID = study_uid or str(generate_uid())
+    item.AccessionNumber = accession
+    item.RequestedProcedureID = "RP100"
+    item.ScheduledProcedureStepID = "SPS100"
+    ds = Dataset()
+    ds.ScheduledStepAttributesSequence = [item]
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID100"
+    ds.PerformedProcedureStepID = "PPS100"
+    ds.PerformedStationAETitle = MODALITY
+    ds.PerformedProcedureStepStartDate = "20240105"
+    ds.PerformedProcedureStepStartTime = "101500"
+    ds.PerformedProcedureStepEndDate = ""
+    ds.PerformedProcedureStepEndTime = ""
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.Modality = "CT"
+    ds.PerformedSeriesSequence = []
+    return ds
+
+
+def final(status: str = "COMPLETED", *, with_end: bool = True) -> Dataset:
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = status
+    if with_end:
+        ds.PerformedProcedureStepEndDate = "20240105"
+        ds.PerformedProcedureStepEndTime = "103000"
+    return ds
+
+
+@pytest.fixture
+def mpps_edge(edge_server_factory: Callable[..., EdgeServer]) -> Callable[..., EdgeServer]:
+    def make(*, allow: str = "store,mpps") -> EdgeServer:
+        server = edge_server_factory(start=False)
+        server.add_peer("modality", MODALITY, 1, allow=allow)
+        return server.start()
+
+    return make
+
+
+@pytest.fixture
+def scu(mpps_edge: Callable[..., EdgeServer]) -> Iterator[tuple[EdgeServer, MppsScu]]:
+    edge = mpps_edge()
+    client = MppsScu(edge)
+    yield edge, client
+    client.release()
+
+
+def _step(edge: EdgeServer, sop_uid: str) -> dict[str, Any] | None:
+    db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        row = db.execute("SELECT * FROM mpps_steps WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        if row is None:
+            return None
+        refs = db.execute("SELECT * FROM mpps_step_refs WHERE step_fk = ?", (row["id"],))
+        return {**dict(row), "refs": [dict(r) for r in refs]}
+    finally:
+        db.close()
+
+
+def _audit_events(edge: EdgeServer) -> list[dict[str, Any]]:
+    path = edge.home / "audit" / "audit.log"
+    return [json.loads(line)["record"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("status", ["COMPLETED", "DISCONTINUED"])
+def test_step_goes_in_progress_then_to_its_final_state(
+        scu: tuple[EdgeServer, MppsScu], status: str) -> None:
+    edge, client = scu
+    sop_uid, study_uid = str(generate_uid()), str(generate_uid())
+    assert client.create(sop_uid, in_progress(study_uid)).Status == SUCCESS
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "in_progress"
+    assert step["refs"][0]["study_uid"] == study_uid
+    assert step["refs"][0]["accession_number"] == "ACC100"
+    update = Dataset()
+    update.PerformedProcedureStepDescription = "CT head"
+    assert client.set(sop_uid, update).Status == SUCCESS
+    assert client.set(sop_uid, final(status)).Status == SUCCESS
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == status.lower()
+    assert (step["end_date"], step["end_time"]) == ("20240105", "103000")
+    client.release()
+    records = [r for r in _audit_events(edge)
+               if r["EventIdentification"]["EventID"]["csd-code"] == "110109"]
+    assert [r["EventIdentification"]["EventActionCode"] for r in records] == ["C", "U", "U"]
+
+
+@pytest.mark.parametrize("status", ["COMPLETED", "DISCONTINUED"])
+def test_no_change_after_a_final_state(scu: tuple[EdgeServer, MppsScu], status: str) -> None:
+    edge, client = scu
+    sop_uid = str(generate_uid())
+    client.create(sop_uid, in_progress())
+    assert client.set(sop_uid, final(status)).Status == SUCCESS
+    for change in (final("IN PROGRESS", with_end=False), final("COMPLETED"),
+                   final("DISCONTINUED")):
+        refused = client.set(sop_uid, change)
+        assert refused.Status == PROCESSING_FAILURE
+        assert "may no longer be updated" in str(refused.ErrorComment)
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == status.lower()
+
+
+def test_duplicate_create_is_refused(scu: tuple[EdgeServer, MppsScu]) -> None:
+    _, client = scu
+    sop_uid = str(generate_uid())
+    assert client.create(sop_uid, in_progress()).Status == SUCCESS
+    assert client.create(sop_uid, in_progress()).Status == DUPLICATE
+
+
+def test_create_must_be_in_progress(scu: tuple[EdgeServer, MppsScu]) -> None:
+    edge, client = scu
+    attrs = in_progress()
+    attrs.PerformedProcedureStepStatus = "COMPLETED"
+    sop_uid = str(generate_uid())
+    assert client.create(sop_uid, attrs).Status == INVALID_ATTRIBUTE_VALUE
+    assert _step(edge, sop_uid) is None
+
+
+def test_create_without_a_required_attribute_is_refused(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    _, client = scu
+    attrs = in_progress()
+    del attrs.PerformedStationAETitle
+    refused = client.create(str(generate_uid()), attrs)
+    assert refused.Status == MISSING_ATTRIBUTE
+    assert "PerformedStationAETitle" in str(refused.ErrorComment)
+
+
+def test_final_state_needs_its_end_date_and_time(scu: tuple[EdgeServer, MppsScu]) -> None:
+    edge, client = scu
+    sop_uid = str(generate_uid())
+    client.create(sop_uid, in_progress())
+    assert client.set(sop_uid, final("COMPLETED", with_end=False)).Status == MISSING_VALUE
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "in_progress"
+
+
+def test_set_of_an_unknown_step_is_refused(scu: tuple[EdgeServer, MppsScu]) -> None:
+    _, client = scu
+    assert client.set(str(generate_uid()), final()).Status == NO_SUCH_INSTANCE
+
+
+def test_mpps_refused_to_a_peer_without_mpps_permission(
+        mpps_edge: Callable[..., EdgeServer]) -> None:
+    edge = mpps_edge(allow="store")
+    client = MppsScu(edge)
+    sop_uid = str(generate_uid())
+    try:
+        assert client.create(sop_uid, in_progress()).Status == REFUSED_NOT_AUTHORIZED
+    finally:
+        client.release()
+    assert _step(edge, sop_uid) is None
+
+
+# --- the state table (in process: a pure function) ------------------------------------------
+
+@pytest.mark.parametrize("state", list(MppsState))
+@pytest.mark.parametrize("trigger", list(MppsTrigger))
+def test_mpps_state_table_allows_only_its_pairs(state: MppsState,
+                                                trigger: MppsTrigger) -> None:
+    if (state, trigger) in TRANSITIONS:
+        assert next_state(state, trigger) is TRANSITIONS[(state, trigger)]
+    else:
+        assert state is not MppsState.IN_PROGRESS  # final states accept nothing
+        with pytest.raises(MppsTransitionError):
+            next_state(state, trigger)

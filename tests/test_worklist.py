@@ -1,0 +1,309 @@
+"""Modality Worklist SCP end to end: a real `pacs-edge serve` answering dcmtk `findscu -W`, and
+dcmtk `wlmscpfs`, fed the same items, as the reference answer.
+
+What is proven here: PS3.4 K.6 matching on the keys a modality uses (Scheduled
+Station AE Title, Modality, Scheduled Procedure Step Start Date/Time with
+ranges, Patient Name wildcards, Accession Number, Requested Procedure ID)
+returns the same items as wlmscpfs for each query; return keys are filled
+from the order; only SCHEDULED orders are offered unless the query asks for
+a status, and an order follows its procedure step (MPPS); a peer without
+`worklist` is refused (0x0124).
+
+Orders are written with the orders store (appliance/store/order_rows.py) into the
+home's index before the query: the HL7 listener that normally writes them is
+tested on its own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dcmtk
+import pytest
+from conftest import HOST, EdgeServer
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+from appliance.services.order_states import OrderTrigger, apply_sync
+from appliance.store.order_rows import (
+    Demographics,
+    OrderDetails,
+    PatientKey,
+    find_order,
+    insert_order,
+)
+
+MODALITY = "MODALITY"
+REFUSED_NOT_AUTHORIZED = 0x0124
+
+# (accession, station, modality, date, time, patient name, patient id, procedure id)
+ORDERS = [
+    ("ACC001", "CT01", "CT", "20240105", "080000", "Doe^Jane", "P001", "RP001"),
+    ("ACC002", "CT01", "CT", "20240105", "101500", "Doe^John", "P002", "RP002"),
+    ("ACC003", "MR01", "MR", "20240105", "120000", "Smith^Anna", "P003", "RP003"),
+    ("ACC004", "CT01", "CT", "20240106", "090000", "Brown^Bob", "P004", "RP004"),
+    ("ACC005", "MR01", "MR", "20240106", "153000", "Doe^Alice", "P005", "RP005"),
+    ("ACC006", "CT02", "CT", "20240107", "070000", "Green^Carl", "P006", "RP006"),
+]
+
+RETURN_KEYS = ["PatientName", "PatientID", "AccessionNumber", "RequestedProcedureID",
+               "StudyInstanceUID", "ScheduledProcedureStepSequence[0].Modality",
+               "ScheduledProcedureStepSequence[0].ScheduledStationAETitle",
+               "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate",
+               "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime"]
+
+SPS = "ScheduledProcedureStepSequence[0]."
+QUERIES: dict[str, dict[str, str]] = {
+    "station": {f"{SPS}ScheduledStationAETitle": "CT01"},
+    "modality": {f"{SPS}Modality": "MR"},
+    "date": {f"{SPS}ScheduledProcedureStepStartDate": "20240105"},
+    "date_range": {f"{SPS}ScheduledProcedureStepStartDate": "20240106-20240107"},
+    "open_date_range": {f"{SPS}ScheduledProcedureStepStartDate": "-20240105"},
+    "station_and_date": {f"{SPS}ScheduledStationAETitle": "CT01",
+                         f"{SPS}ScheduledProcedureStepStartDate": "20240105"},
+    "time_range": {f"{SPS}ScheduledProcedureStepStartTime": "0800-1200"},
+    "name_wildcard": {"PatientName": "Doe^*"},
+    "name_question_mark": {"PatientName": "Doe^Jan?"},
+    "accession": {"AccessionNumber": "ACC003"},
+    "procedure_id": {"RequestedProcedureID": "RP005"},
+    "no_match": {"AccessionNumber": "NOPE"},
+    "everything": {},
+}
+
+
+def _order_keys(study_uids: dict[str, str]) -> Iterator[tuple[str, OrderDetails, PatientKey,
+                                                              Demographics, str]]:
+    for acc, station, modality, date, tm, name, pid, rp in ORDERS:
+        details = OrderDetails(requested_procedure_id=rp, requested_procedure_desc="Exam",
+                               sps_id=f"SPS{acc[3:]}", sps_description="Step",
+                               modality=modality, station_ae_title=station,
+                               sps_start_date=date, sps_start_time=tm)
+        yield acc, details, PatientKey(pid), Demographics(name, "19700101", "F"), \
+            study_uids[acc]
+
+
+def schedule(home: Path, study_uids: dict[str, str]) -> None:
+    """Write ORDERS into the index of a home whose server has migrated it."""
+    db = sqlite3.connect(home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for acc, details, patient, demographics, study_uid in _order_keys(study_uids):
+            insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
+                         filler_order_number="", study_uid=study_uid, details=details,
+                         patient=patient, demographics=demographics, at=time.time())
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def worklist_files(folder: Path, study_uids: dict[str, str]) -> None:
+    """The same items as wlmscpfs worklist files (<folder>/<AE>/*.wl plus its lockfile)."""
+    folder.mkdir(parents=True)
+    (folder / "lockfile").touch()
+    for acc, details, patient, demographics, study_uid in _order_keys(study_uids):
+        step = Dataset()
+        step.ScheduledStationAETitle = details.station_ae_title
+        step.ScheduledProcedureStepStartDate = details.sps_start_date
+        step.ScheduledProcedureStepStartTime = details.sps_start_time
+        step.Modality = details.modality
+        step.ScheduledPerformingPhysicianName = ""
+        step.ScheduledProcedureStepDescription = details.sps_description
+        step.ScheduledProcedureStepID = details.sps_id
+        step.ScheduledProcedureStepStatus = "SCHEDULED"
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = demographics.patient_name
+        ds.PatientID = patient.patient_id
+        ds.PatientBirthDate = demographics.birth_date
+        ds.PatientSex = demographics.sex
+        ds.AccessionNumber = acc
+        ds.RequestedProcedureID = details.requested_procedure_id
+        ds.RequestedProcedureDescription = details.requested_procedure_desc
+        ds.StudyInstanceUID = study_uid
+        ds.ScheduledProcedureStepSequence = [step]
+        # A bare dataset (no File Meta), as dump2dcm -F would write it; dcmtk detects it.
+        dcmwrite(folder / f"{acc}.wl", ds, implicit_vr=False, little_endian=True)
+
+
+@pytest.fixture(scope="module")
+def study_uids() -> dict[str, str]:
+    return {order[0]: str(generate_uid()) for order in ORDERS}
+
+
+@pytest.fixture
+def worklist_edge(edge_server_factory: Callable[..., EdgeServer], study_uids: dict[str, str]
+                  ) -> Callable[..., EdgeServer]:
+    def make(*, allow: str = "store,worklist,mpps") -> EdgeServer:
+        server = edge_server_factory()
+        server.add_peer("modality", MODALITY, 1, allow=allow)
+        schedule(server.home, study_uids)
+        return server
+
+    return make
+
+
+@pytest.fixture
+def reference(tmp_path: Path, study_uids: dict[str, str]) -> Iterator[int]:
+    """dcmtk wlmscpfs on a free port, serving the same items under AE title EDGE."""
+    worklist_files(tmp_path / "wlm" / "EDGE", study_uids)
+    port = dcmtk.free_port()
+    proc = subprocess.Popen([dcmtk.dcmtk_tool("wlmscpfs"), "-dfr", "-dfp",
+                             str(tmp_path / "wlm"), "--single-process", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not dcmtk.echoscu(port, aet=MODALITY).ok:
+        assert proc.poll() is None and time.monotonic() < deadline, "wlmscpfs did not start"
+        time.sleep(0.1)
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def _query(port: int, keys: dict[str, str]) -> dcmtk.FindResult:
+    wanted = {**dict.fromkeys(RETURN_KEYS, ""), **keys}
+    return dcmtk.findscu(port, wanted, model="worklist", aet=MODALITY)
+
+
+def _accessions(result: dcmtk.FindResult) -> list[str]:
+    return sorted(result.values("AccessionNumber"))
+
+
+def test_worklist_answers_what_wlmscpfs_answers(
+        worklist_edge: Callable[..., EdgeServer], reference: int) -> None:
+    edge = worklist_edge()
+    for name, keys in QUERIES.items():
+        ours, theirs = _query(edge.port, keys).check(), _query(reference, keys).check()
+        assert _accessions(ours) == _accessions(theirs), name
+    assert _accessions(_query(edge.port, QUERIES["station_and_date"])) == ["ACC001", "ACC002"]
+
+
+def test_return_keys_are_filled_from_the_order(
+        worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
+    edge = worklist_edge()
+    result = _query(edge.port, {"AccessionNumber": "ACC003"}).check()
+    assert len(result.responses) == 1
+    item = result.responses[0]
+    assert str(item.PatientName) == "Smith^Anna" and item.PatientID == "P003"
+    assert item.StudyInstanceUID == study_uids["ACC003"]
+    assert item.RequestedProcedureID == "RP003"
+    step = item.ScheduledProcedureStepSequence[0]
+    assert (step.Modality, step.ScheduledStationAETitle) == ("MR", "MR01")
+    assert (step.ScheduledProcedureStepStartDate,
+            step.ScheduledProcedureStepStartTime) == ("20240105", "120000")
+
+
+def test_patient_name_matching_ignores_case(worklist_edge: Callable[..., EdgeServer]) -> None:
+    edge = worklist_edge()
+    assert _accessions(_query(edge.port, {"PatientName": "doe^*"})) == [
+        "ACC001", "ACC002", "ACC005"]
+
+
+def test_started_order_leaves_the_worklist_and_follows_its_step(
+        worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
+    edge = worklist_edge()
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        item = Dataset()
+        item.StudyInstanceUID = study_uids["ACC001"]
+        item.AccessionNumber = "ACC001"
+        attrs = Dataset()
+        attrs.ScheduledStepAttributesSequence = [item]
+        attrs.PatientID = "P001"
+        attrs.PerformedProcedureStepID = "PPS1"
+        attrs.PerformedStationAETitle = "CT01"
+        attrs.PerformedProcedureStepStartDate = "20240105"
+        attrs.PerformedProcedureStepStartTime = "080500"
+        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
+        attrs.Modality = "CT"
+        sop_uid = str(generate_uid())
+        status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+        station = {f"{SPS}ScheduledStationAETitle": "CT01"}
+        assert _accessions(_query(edge.port, station)) == ["ACC002", "ACC004"]
+        started = {**station, f"{SPS}ScheduledProcedureStepStatus": "STARTED"}
+        assert _accessions(_query(edge.port, started)) == ["ACC001"]
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate = "20240105"
+        done.PerformedProcedureStepEndTime = "083000"
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    completed = {f"{SPS}ScheduledProcedureStepStatus": "COMPLETED"}
+    assert _accessions(_query(edge.port, completed)) == ["ACC001"]
+
+
+def test_worklist_answers_on_the_tls_port(edge_server_factory: Callable[..., EdgeServer],
+                                          study_uids: dict[str, str], tmp_path: Path) -> None:
+    edge = edge_server_factory(start=False)
+    tls_port = dcmtk.free_port()
+    edge.configure(dicom={"tls_port": tls_port})
+    edge.start()
+    edge.add_peer("modality", MODALITY, 1, allow="worklist")
+    schedule(edge.home, study_uids)
+    certs = tmp_path / "modality"
+    edge.cli("certs", "issue", "modality", "--out", str(certs))
+    tls = ["+tls", str(certs / "modality.key"), str(certs / "modality.pem"),
+           "+cf", str(certs / "ca.pem"), "--profile-bcp195-nd"]
+    result = dcmtk.findscu(tls_port, {**dict.fromkeys(RETURN_KEYS, ""),
+                                      f"{SPS}Modality": "MR"},
+                           model="worklist", aet=MODALITY, args=tls).check()
+    assert _accessions(result) == ["ACC003", "ACC005"]
+
+
+def test_step_of_a_cancelled_order_is_recorded_and_the_order_stays_cancelled(
+        worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
+    edge = worklist_edge()
+    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        order = find_order(db, "ACC002")
+        assert order is not None
+        apply_sync(db, order, OrderTrigger.CANCEL, source="test")
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        item = Dataset()
+        item.StudyInstanceUID = study_uids["ACC002"]
+        item.AccessionNumber = "ACC002"
+        attrs = Dataset()
+        attrs.ScheduledStepAttributesSequence = [item]
+        attrs.PerformedProcedureStepID = "PPS2"
+        attrs.PerformedStationAETitle = "CT01"
+        attrs.PerformedProcedureStepStartDate = "20240105"
+        attrs.PerformedProcedureStepStartTime = "101600"
+        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
+        attrs.Modality = "CT"
+        status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep,
+                                        str(generate_uid()))
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    discontinued = {f"{SPS}ScheduledProcedureStepStatus": "DISCONTINUED"}
+    assert _accessions(_query(edge.port, discontinued)) == ["ACC002"]
+    assert "procedure step leaves its order unchanged" in edge.log()
+
+
+def test_worklist_refused_to_a_peer_without_worklist_permission(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    edge = worklist_edge(allow="store")
+    result = dcmtk.findscu(edge.port, dict.fromkeys(RETURN_KEYS, ""), model="worklist",
+                           aet=MODALITY, args=("-d",))
+    assert result.responses == []
+    assert REFUSED_NOT_AUTHORIZED in result.dimse_statuses()
