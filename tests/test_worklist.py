@@ -205,6 +205,22 @@ def test_patient_name_matching_ignores_case(worklist_edge: Callable[..., EdgeSer
         "ACC001", "ACC002", "ACC005"]
 
 
+def in_progress(study_uid: str, accession: str, step_id: str, start_time: str) -> Dataset:
+    """An MPPS N-CREATE data set: a CT step at CT01, IN PROGRESS, for one order."""
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.AccessionNumber = accession
+    attrs = Dataset()
+    attrs.ScheduledStepAttributesSequence = [item]
+    attrs.PerformedProcedureStepID = step_id
+    attrs.PerformedStationAETitle = "CT01"
+    attrs.PerformedProcedureStepStartDate = "20240105"
+    attrs.PerformedProcedureStepStartTime = start_time
+    attrs.PerformedProcedureStepStatus = "IN PROGRESS"
+    attrs.Modality = "CT"
+    return attrs
+
+
 def test_started_order_leaves_the_worklist_and_follows_its_step(
         worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
     edge = worklist_edge()
@@ -213,18 +229,8 @@ def test_started_order_leaves_the_worklist_and_follows_its_step(
     assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
     assert assoc.is_established
     try:
-        item = Dataset()
-        item.StudyInstanceUID = study_uids["ACC001"]
-        item.AccessionNumber = "ACC001"
-        attrs = Dataset()
-        attrs.ScheduledStepAttributesSequence = [item]
+        attrs = in_progress(study_uids["ACC001"], "ACC001", "PPS1", "080500")
         attrs.PatientID = "P001"
-        attrs.PerformedProcedureStepID = "PPS1"
-        attrs.PerformedStationAETitle = "CT01"
-        attrs.PerformedProcedureStepStartDate = "20240105"
-        attrs.PerformedProcedureStepStartTime = "080500"
-        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
-        attrs.Modality = "CT"
         sop_uid = str(generate_uid())
         status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep, sop_uid)
         assert status.Status == 0
@@ -279,17 +285,7 @@ def test_step_of_a_cancelled_order_is_recorded_and_the_order_stays_cancelled(
     assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
     assert assoc.is_established
     try:
-        item = Dataset()
-        item.StudyInstanceUID = study_uids["ACC002"]
-        item.AccessionNumber = "ACC002"
-        attrs = Dataset()
-        attrs.ScheduledStepAttributesSequence = [item]
-        attrs.PerformedProcedureStepID = "PPS2"
-        attrs.PerformedStationAETitle = "CT01"
-        attrs.PerformedProcedureStepStartDate = "20240105"
-        attrs.PerformedProcedureStepStartTime = "101600"
-        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
-        attrs.Modality = "CT"
+        attrs = in_progress(study_uids["ACC002"], "ACC002", "PPS2", "101600")
         status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep,
                                         str(generate_uid()))
         assert status.Status == 0
