@@ -98,8 +98,10 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run(argv: Sequence[str], *, timeout: float = 600.0, cwd: Path | None = None) -> str:
-    """Run to completion; BenchError with the output on a non-zero exit."""
+def run(argv: Sequence[str], *, timeout: float = 600.0, cwd: Path | None = None,
+        stdout_only: bool = False) -> str:
+    """Run to completion; BenchError with the output on a non-zero exit. The output is
+    stdout and stderr (dcmtk reports on stderr), or stdout alone when it is data."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, env=tool_env(), cwd=cwd)
@@ -108,7 +110,7 @@ def run(argv: Sequence[str], *, timeout: float = 600.0, cwd: Path | None = None)
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n"
                          f"{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def timed(argv: Sequence[str], **kwargs: Any) -> float:
@@ -212,8 +214,9 @@ class EdgeServer(Server):
         super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
                          home.parent / f"{home.name}-serve.log")
         self.home = home
+        # HL7 off: its fixed default port (2575) would clash like TLS's (below).
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
-             "--dicom-port", "0"])
+             "--dicom-port", "0", "--hl7-port", "0"])
         self.add_peer("bench", BENCH_AE, 1)
         # Plain DICOM only: the TLS listener's fixed default port (2762) would clash
         # between the servers a benchmark runs side by side.
@@ -250,7 +253,8 @@ class EdgeServer(Server):
         return self
 
     def instances(self) -> int:
-        status = json.loads(run([*pacs_edge(), "status", "--home", str(self.home), "--json"]))
+        status = json.loads(run([*pacs_edge(), "status", "--home", str(self.home), "--json"],
+                                stdout_only=True))
         return int(status["instances"])
 
 

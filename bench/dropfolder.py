@@ -48,7 +48,8 @@ def pacs_edge() -> list[str]:
 
 
 def init_home(home: Path, stable_seconds: float) -> None:
-    subprocess.run([*pacs_edge(), "init", "--home", str(home), "--dicom-port", "0"],
+    subprocess.run([*pacs_edge(), "init", "--home", str(home), "--dicom-port", "0",
+                    "--hl7-port", "0"],
                    check=True, capture_output=True)
     config = home / "pacs-edge.toml"
     text = config.read_text()
