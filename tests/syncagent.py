@@ -114,3 +114,14 @@ def sent_hashes(instances: Iterable[dicomgen.GeneratedInstance]) -> dict[str, st
 def assert_fsck_clean(home: Path) -> None:
     fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def index_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
+    """Rows of a read-only query on the home's index, as a test inspects it from outside."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()

@@ -8,7 +8,6 @@ others and fsck never sees an index row without its file.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import dicomgen
@@ -16,27 +15,15 @@ import pytest
 from conftest import init_home, run_pacs_edge
 from syncagent import (
     import_files,
+    index_rows,
     sent_hashes,
     stored_hashes,
     sync_once,
 )
 
 
-def rows(home: Path) -> list[tuple[str, int, int | None]]:
-    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT sop_uid, is_local, pack_fk FROM instances"
-                          " ORDER BY sop_uid").fetchall()
-    finally:
-        db.close()
-
-
 def tier_state(home: Path) -> str:
-    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
-    try:
-        return str(db.execute("SELECT tier_state FROM studies").fetchone()[0])
-    finally:
-        db.close()
+    return str(index_rows(home, "SELECT tier_state FROM studies")[0][0])
 
 
 @pytest.fixture
@@ -64,7 +51,8 @@ def test_late_instance_of_evicted_study_is_recalled_with_the_others(
     sync_once(home)  # uploads the late instance as version 2, then frees its file
     assert tier_state(home) == "evicted"
     assert not list((home / "store").rglob("*.dcm"))
-    assert all(is_local == 0 and pack is not None for _, is_local, pack in rows(home))
+    rows = index_rows(home, "SELECT is_local, pack_fk FROM instances")
+    assert all(is_local == 0 and pack is not None for is_local, pack in rows)
     fsck = run_pacs_edge("fsck", "--home", str(home), check=False)
     assert fsck.returncode == 0, fsck.stdout
 

@@ -24,6 +24,7 @@ from conftest import init_home, pacs_edge_command, run_pacs_edge
 from syncagent import (
     assert_fsck_clean,
     import_files,
+    index_rows,
     sent_hashes,
     stored_hashes,
     sync_once,
@@ -56,20 +57,6 @@ def paused(home: Path, point: str, *args: str) -> Iterator[subprocess.Popen[str]
         (barrier / "go").touch()
         output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
     assert proc.returncode == 0, output
-
-
-
-
-
-
-def db_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
-    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
-
-
 
 
 @pytest.fixture
@@ -129,10 +116,10 @@ def test_a_second_pass_leaves_a_running_upload_alone(
     import_files(home, *instances)
     with paused(home, "upload:mid-pack", "sync", "--once", "--stable-after", "0"):
         sync_once(home)  # finds the study replicating, its lease live: skips it
-        assert db_rows(home, "SELECT tier_state FROM studies") == [("replicating",)]
-        assert db_rows(home, "SELECT version, state FROM packs") == [(1, "uploading")]
-    assert db_rows(home, "SELECT tier_state FROM studies") == [("replicated",)]
-    assert db_rows(home, "SELECT version, state FROM packs") == [(1, "verified")]
+        assert index_rows(home, "SELECT tier_state FROM studies") == [("replicating",)]
+        assert index_rows(home, "SELECT version, state FROM packs") == [(1, "uploading")]
+    assert index_rows(home, "SELECT tier_state FROM studies") == [("replicated",)]
+    assert index_rows(home, "SELECT version, state FROM packs") == [(1, "verified")]
     assert_fsck_clean(home)
 
 
