@@ -41,7 +41,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.store.files import FileStore
 from appliance.store.packs import PackRow
 from appliance.store.study_rows import InstanceRow, StudyRow
-from provisioning.keyring import SiteKeyring
+from provisioning.keyring import SiteKeyring, load_keyring
 from provisioning.site_secrets import load_name_secret
 from sync.blobstore.base import BlobNotFound, BlobOffline, BlobRangeError, BlobStore, Tier
 from sync.crashpoints import crash_point
@@ -60,7 +60,7 @@ from sync.pack.pack_errors import PackError, PackIntegrityError
 from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
-from sync.sitekeys import load_ring, site_object_names, unwrap_site_object
+from sync.sitekeys import site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class PackService:
 
     @classmethod
     def for_home(cls, config: Config, store: BlobStore, files: FileStore) -> PackService:
-        ring = load_ring(config.home)
+        ring = load_keyring(config.home)
         return cls(store, files, site_key=ring.current, older_site_keys=ring.older,
                    name_secret=load_name_secret(config.home),
                    segment_size=config.sync.segment_size,

@@ -50,13 +50,13 @@ from appliance.base.durable import atomic_write
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from appliance.store.packs import pack_grants, study_pack_grants
-from provisioning.keyring import SiteKeyring
+from provisioning.keyring import SiteKeyring, load_keyring
 from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.data_keys import format_reader_public_key, parse_reader_public_key, wrap_for_reader
 from sync.pack.manifest import manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackError
-from sync.sitekeys import load_ring, unwrap_site_object
+from sync.sitekeys import unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int)
         if not readers:
             return 0
         grants = await study_pack_grants(index, study_id)
-        ring = load_ring(home)
+        ring = load_keyring(home)
     except PacsEdgeError as exc:
         log.error("reader grants skipped error=%s", exc.message)
         return 0

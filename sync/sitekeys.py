@@ -20,14 +20,9 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from provisioning.keyring import SiteKeyring, key_lock, load_keyring
+from provisioning.keyring import SiteKeyring, key_lock
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack.data_keys import parse_key_object, unwrap_with_site
-
-
-def load_ring(home: Path) -> SiteKeyring:
-    """The current site key and any older ones a pending rotation keeps."""
-    return load_keyring(home)
 
 
 @contextlib.contextmanager

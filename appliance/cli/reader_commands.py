@@ -71,14 +71,15 @@ def readers_add(home: Path | None, name: str, public_key: str, scope: str) -> No
 
     async def grant(progress: Callable[[int, int], None]) -> Any:
         from appliance.store.index import Index
+        from provisioning.keyring import load_keyring
         from sync.blobstore.factory import open_blob_store
-        from sync.sitekeys import load_ring, site_keys_in_use
+        from sync.sitekeys import site_keys_in_use
 
         store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
         try:
             with site_keys_in_use(config.home):
                 async with Index(config.index.path) as index:
-                    return await grant_reader(index, store, load_ring(config.home), reader,
+                    return await grant_reader(index, store, load_keyring(config.home), reader,
                                               on_progress=progress)
         finally:
             store.close()
@@ -336,10 +337,11 @@ def restore(home: Path, cloud_url: str | None) -> None:
     Run after `keys recover` and `init`. Running it again changes nothing."""
     from appliance.audit.anchor import set_base_after_restore
     from appliance.store.index import Index
+    from provisioning.keyring import load_keyring
     from provisioning.site_secrets import load_name_secret
     from sync.blobstore.factory import open_blob_store
     from sync.restore import restore_index
-    from sync.sitekeys import load_ring, site_keys_in_use
+    from sync.sitekeys import site_keys_in_use
 
     if not (home / CONFIG_FILE).exists():
         raise PacsEdgeError(f"{home} is not an initialised data home",
@@ -354,7 +356,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
 
     async def run(progress: Callable[[int, int], None]) -> Any:
         with site_keys_in_use(config.home):
-            ring = load_ring(config.home)
+            ring = load_keyring(config.home)
             name_secret = load_name_secret(config.home)
             async with Index(config.index.path) as index:
                 return await restore_index(index, store, ring, name_secret=name_secret,
