@@ -173,6 +173,21 @@ class WorkflowConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Web users: passwords, lock-out, sessions and launch links (docs/web.md)."""
+
+    min_password_length: int = field(default=12, metadata=_check(lambda v: 8 <= v <= 1024,
+                                                                 "8-1024 characters"))
+    max_failed_logins: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
+    lockout_minutes: float = field(default=15.0, metadata=_check(lambda v: v > 0, "> 0 minutes"))
+    session_idle_minutes: float = field(default=30.0, metadata=_check(lambda v: v > 0,
+                                                                      "> 0 minutes"))
+    session_max_hours: float = field(default=12.0, metadata=_check(lambda v: v > 0, "> 0 hours"))
+    link_max_ttl_minutes: float = field(default=60.0, metadata=_check(
+        lambda v: 0 < v <= 10080, "> 0 and at most 10080 minutes (a week)"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = field(
         default="info",
@@ -193,6 +208,7 @@ class Config:
     sync: SyncConfig = SyncConfig()
     audit: AuditConfig = AuditConfig()
     workflow: WorkflowConfig = WorkflowConfig()
+    auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -230,6 +246,7 @@ _SECTIONS: dict[str, type] = {
     "sync": SyncConfig,
     "audit": AuditConfig,
     "workflow": WorkflowConfig,
+    "auth": AuthConfig,
     "log": LogConfig,
 }
 
@@ -418,6 +435,13 @@ _COMMENTS = {
     "workflow.commit_retry_seconds": "Retry interval for a commitment report the requesting"
     " peer did not take.",
     "workflow.commit_give_up_hours": "Stop trying to deliver a commitment report after this long.",
+    "auth": "Web users: passwords, lock-out, sessions, launch links (docs/web.md).",
+    "auth.min_password_length": "Shortest password `users add` and `users passwd` accept.",
+    "auth.max_failed_logins": "Consecutive failed logins that lock a user out...",
+    "auth.lockout_minutes": "...for this long (`pacs-edge users unlock` ends it early).",
+    "auth.session_idle_minutes": "A web session ends after this long without a request...",
+    "auth.session_max_hours": "...and this long after login, however active.",
+    "auth.link_max_ttl_minutes": "Longest validity `pacs-edge link --ttl` may give a launch link.",
     "log": "Logging (never contains patient data).",
     "log.level": "One of debug, info, warning, error.",
 }
