@@ -16,6 +16,9 @@ Tree::
     │   └── OutOfSpace            disk full: the store or the index could not grow
     ├── QueryError                a query identifier cannot be answered (kind: QueryRefusal)
     ├── RetrieveRefused           a retrieve cannot be served at all (kind: RetrieveRefusal)
+    ├── AuthenticationError       a web user, session or launch link is refused
+    │                             (kind: AuthFailure; services/users.py)
+    ├── UserError                 a user account edit that cannot be applied (services/users.py)
     ├── IndexUnavailable          SQLite failed for a reason other than disk full
     ├── UnsafePath                a dropped file's path crosses a symlink: left alone
     ├── StudyBusy                 another process runs a tiering operation on the study
@@ -197,3 +200,28 @@ class IndexUnavailable(PacsEdgeError):
 class UnsafePath(PacsEdgeError):
     """A path in the drop folder crosses or is a symbolic link (or is no regular file):
     nothing it points to is read, moved or deleted."""
+
+
+class AuthFailure(enum.Enum):
+    """Why a web user, session or launch link was refused (the HTTP edge maps it)."""
+
+    BAD_CREDENTIALS = "unknown user or wrong password"
+    LOCKED_OUT = "too many failed logins: the account is locked for a while"
+    EXPIRED = "no session, or the session expired or was ended"
+    LINK_INVALID = "the launch link is malformed, forged or for an unknown user"
+    LINK_EXPIRED = "the launch link's time ran out"
+    LINK_USED = "the launch link was already used"
+
+
+class AuthenticationError(PacsEdgeError):
+    """A login, session or launch link is refused. The message is the same for an unknown
+    user and a wrong password (no user enumeration) and never names a password."""
+
+    def __init__(self, kind: AuthFailure, *, hint: str | None = None) -> None:
+        super().__init__(kind.value, hint=hint)
+        self.kind = kind
+
+
+class UserError(PacsEdgeError):
+    """A user account edit that cannot be applied (duplicate name, unknown user, a password
+    too short, a referring user without a name to match)."""

@@ -1,0 +1,265 @@
+"""Web users: accounts, password logins with lock-out, sessions, launch links.
+
+The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
+
+- A login is refused with one message whether the user is unknown or the password
+  wrong, and it costs the same time either way (a dummy hash for unknown users,
+  constant-time comparison), so neither the answer nor its timing tells which.
+- [auth] max_failed_logins consecutive failures lock the user for lockout_minutes;
+  while locked even the right password is refused (LOCKED_OUT) and not counted. A
+  success resets the count; `users unlock` and `users passwd` lift a lock.
+- A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
+  session ends after session_idle_minutes without use or session_max_hours after
+  login, when the user is removed, and when their password changes.
+- Launch links (services/launch_links.py) open once: the nonce of a redeemed link is
+  committed before the link is honoured.
+
+No password, token or name goes to the log: log lines carry a keyed reference of
+the user name (logsafe.ref) and the client address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from appliance.base import logsafe
+from appliance.base.config import Config
+from appliance.base.errors import AuthenticationError, AuthFailure, UserError
+from appliance.services import launch_links, passwords
+from appliance.services.access import Principal, Role
+from appliance.store import database
+from appliance.store import user_rows as rows
+from appliance.store.index import Index
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from appliance.store.user_rows import UserRow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_NAME_CHARS = 64
+MAX_PASSWORD_CHARS = 1024  # longer input is refused before it is hashed
+HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _principal(user: UserRow) -> Principal:
+    return Principal(name=user.name, role=Role(user.role), referring_name=user.referring_name)
+
+
+def check_name(name: str) -> str:
+    """User names: 1-64 printable ASCII characters without spaces or ':' (HTTP Basic
+    splits on the first colon)."""
+    if not (0 < len(name) <= MAX_NAME_CHARS and name.isascii() and name.isprintable()
+            and " " not in name and ":" not in name):
+        raise UserError("a user name is 1-64 printable ASCII characters without spaces or ':'",
+                        hint="e.g. jdoe or dr.smith")
+    return name
+
+
+class UserService:
+    def __init__(self, index: Index, config: Config) -> None:
+        self.index = index
+        self.config = config
+        self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
+        self._link_key: bytes | None = None
+
+    # --- accounts (the CLI) ------------------------------------------------------------
+
+    def check_password(self, password: str) -> None:
+        shortest = self.config.auth.min_password_length
+        if len(password) < shortest:
+            raise UserError(f"the password is shorter than {shortest} characters",
+                            hint="choose a longer one ([auth] min_password_length)")
+        if len(password) > MAX_PASSWORD_CHARS:
+            raise UserError(f"the password is longer than {MAX_PASSWORD_CHARS} characters")
+
+    async def add_user(self, name: str, role: Role, password: str, *,
+                       referring_name: str = "") -> None:
+        check_name(name)
+        if role is Role.REFERRING and not referring_name.strip("^ "):
+            raise UserError("a referring user needs the name their studies carry",
+                            hint="add --referring 'LAST^FIRST' (the Referring Physician's "
+                            "Name as the RIS writes it)")
+        if role is not Role.REFERRING and referring_name:
+            raise UserError("--referring is only for --role referring",
+                            hint="admins and radiologists see every study")
+        self.check_password(password)
+        hashed = await self._hash(password)
+        now = time.time()
+        await self._write(lambda conn: rows.insert_user(
+            conn, name=name, role=role.value, referring_name=referring_name,
+            password_hash=hashed, now=now))
+        log.info("user added user=%s role=%s", logsafe.ref(name), role.value)
+
+    async def list_users(self) -> list[UserRow]:
+        return await database.run_sync(self.index.reader, rows.list_users)
+
+    async def remove_user(self, name: str) -> None:
+        if not await self._write(lambda conn: rows.delete_user(conn, name)):
+            raise _unknown(name)
+        log.info("user removed user=%s", logsafe.ref(name))
+
+    async def set_password(self, name: str, password: str) -> None:
+        """New password; every session of the user ends and a lock-out is lifted."""
+        self.check_password(password)
+        hashed = await self._hash(password)
+        now = time.time()
+        if not await self._write(lambda conn: rows.set_password(conn, name, hashed, now)):
+            raise _unknown(name)
+        log.info("user password changed user=%s", logsafe.ref(name))
+
+    async def unlock(self, name: str) -> None:
+        if not await self._write(lambda conn: rows.unlock(conn, name)):
+            raise _unknown(name)
+        log.info("user unlocked user=%s", logsafe.ref(name))
+
+    # --- logins and sessions (the web) -------------------------------------------------
+
+    async def authenticate(self, name: str, password: str, *, address: str) -> Principal:
+        """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT."""
+        now = time.time()
+        user = None
+        if 0 < len(name) <= MAX_NAME_CHARS:
+            user = await database.run_sync(self.index.reader, rows.find_user, name)
+        if user is not None and user.locked_until > now:
+            log.warning("login refused reason=locked_out user=%s address=%s",
+                        logsafe.ref(user.name), address)
+            raise AuthenticationError(AuthFailure.LOCKED_OUT,
+                                      hint="wait, or ask an administrator to unlock the user")
+        if len(password) > MAX_PASSWORD_CHARS:
+            password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
+        async with self._hashing:
+            if user is None:
+                await asyncio.to_thread(passwords.dummy_password_check, password)
+                ok = False
+            else:
+                ok = await asyncio.to_thread(passwords.verify_password, password,
+                                             user.password_hash)
+        if user is not None and ok:
+            user_id = user.id
+            await self._write(lambda conn: rows.record_success(conn, user_id, now=now))
+            return _principal(user)
+        locked = False
+        if user is not None:
+            user_id, auth = user.id, self.config.auth
+            locked = await self._write(lambda conn: rows.record_failure(
+                conn, user_id, now=now, limit=auth.max_failed_logins,
+                lockout_seconds=auth.lockout_minutes * 60))
+        log.warning("login refused reason=bad_credentials user=%s address=%s locked=%s",
+                    logsafe.ref(user.name if user else name), address, locked)
+        if locked:
+            raise AuthenticationError(AuthFailure.LOCKED_OUT,
+                                      hint="wait, or ask an administrator to unlock the user")
+        raise AuthenticationError(AuthFailure.BAD_CREDENTIALS,
+                                  hint="check the user name and password")
+
+    async def open_session(self, principal: Principal, *, address: str) -> str:
+        """A new session for an authenticated principal; returns the token (the cookie)."""
+        user = await database.run_sync(self.index.reader, rows.find_user, principal.name)
+        if user is None:
+            raise AuthenticationError(AuthFailure.BAD_CREDENTIALS)
+        token = secrets.token_urlsafe(32)
+        digest, user_id, now, auth = _token_hash(token), user.id, time.time(), self.config.auth
+
+        def store(conn: sqlite3.Connection) -> None:
+            rows.prune_sessions(conn, idle_before=now - auth.session_idle_minutes * 60,
+                                created_before=now - auth.session_max_hours * 3600)
+            rows.insert_session(conn, token_hash=digest, user_id=user_id, now=now)
+
+        await self._write(store)
+        log.info("session opened user=%s address=%s", logsafe.ref(user.name), address)
+        return token
+
+    async def session(self, token: str) -> Principal:
+        """The Principal of a live session; AuthenticationError EXPIRED otherwise.
+
+        Use is recorded (for the idle limit) at most once a minute per session, not on
+        every request: a viewer fetching hundreds of frames costs no hundred commits."""
+        expired = AuthenticationError(AuthFailure.EXPIRED, hint="log in again")
+        if not token or len(token) > 256:
+            raise expired
+        digest = _token_hash(token)
+        found = await database.run_sync(self.index.reader, rows.find_session, digest)
+        if found is None:
+            raise expired
+        now, auth = time.time(), self.config.auth
+        idle = auth.session_idle_minutes * 60
+        if (now - found.last_seen_at > idle
+                or now - found.created_at > auth.session_max_hours * 3600):
+            await self._write(lambda conn: rows.delete_session(conn, digest))
+            raise expired
+        if now - found.last_seen_at >= min(60.0, idle / 10):
+            await self._write(lambda conn: rows.touch_session(conn, digest, now))
+        return _principal(found.user)
+
+    async def close_session(self, token: str) -> None:
+        if token and len(token) <= 256:
+            digest = _token_hash(token)
+            await self._write(lambda conn: rows.delete_session(conn, digest))
+
+    # --- launch links ------------------------------------------------------------------
+
+    def link_key(self) -> bytes:
+        if self._link_key is None:
+            self._link_key = launch_links.load_link_key(self.config.home)
+        return self._link_key
+
+    async def sign_link(self, name: str, study_uid: str, *, ttl_seconds: int) -> str:
+        """A launch-link token for an existing user; the TTL is bounded by the config."""
+        longest = self.config.auth.link_max_ttl_minutes * 60
+        if not 0 < ttl_seconds <= longest:
+            raise UserError(f"a link may live 1 s to {longest / 60:g} minutes",
+                            hint="shorten --ttl, or raise [auth] link_max_ttl_minutes")
+        if await database.run_sync(self.index.reader, rows.find_user, name) is None:
+            raise _unknown(name)
+        try:
+            return launch_links.sign(self.link_key(), user=name, study_uid=study_uid,
+                                     ttl_seconds=ttl_seconds, now=time.time())
+        except ValueError:
+            raise UserError("not a valid Study Instance UID",
+                            hint="digits and dots, at most 64 characters") from None
+
+    async def redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
+        """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
+        AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
+        now = time.time()
+        claims = launch_links.verify(self.link_key(), url_token, now=now,
+                                     max_ttl_seconds=self.config.auth.link_max_ttl_minutes * 60)
+        user = await database.run_sync(self.index.reader, rows.find_user, claims.user)
+        if user is None:
+            log.warning("link refused reason=unknown_user address=%s", address)
+            raise AuthenticationError(AuthFailure.LINK_INVALID)
+        fresh = await self._write(lambda conn: rows.redeem_nonce(
+            conn, claims.nonce, expires_at=claims.expires_at, now=now))
+        if not fresh:
+            log.warning("link refused reason=used user=%s address=%s", logsafe.ref(user.name),
+                        address)
+            raise AuthenticationError(AuthFailure.LINK_USED,
+                                      hint="a launch link opens once: ask for a new one")
+        return _principal(user), claims.study_uid
+
+    # --- helpers -----------------------------------------------------------------------
+
+    async def _hash(self, password: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(passwords.hash_password, password)
+
+    async def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        assert self.index.writer is not None, "index is not open"
+        return await self.index.writer.submit_sync(operation)
+
+
+def _unknown(name: str) -> UserError:
+    return UserError(f"no user {name!r}", hint="`pacs-edge users list` shows the users")
