@@ -14,7 +14,7 @@ from aiohttp import web
 
 from appliance.audit import Auditor
 from appliance.base.config import Config
-from appliance.http import auth
+from appliance.http import auth, viewer
 from appliance.services.ingest import IngestService
 from appliance.services.retrieve import RetrieveService
 from appliance.store.files import FileStore
@@ -42,4 +42,8 @@ def build_app(services: WebServices) -> web.Application:
     app = web.Application(middlewares=[auth.middleware(services.users)],
                           client_max_size=1 << 20, handler_args=None)
     app[SERVICES] = services
+    # Last: the viewer's single-page fallback answers every GET no other route took.
+    viewer.add_routes(app, viewer.viewer_root(services.config.http.viewer_root,
+                                              services.config.home),
+                      box_name=services.config.dicom.ae_title)
     return app
