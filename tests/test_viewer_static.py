@@ -11,6 +11,7 @@ Login in front of these routes is the auth middleware's, checked against a real
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import subprocess
@@ -75,10 +76,10 @@ async def served(build: Path) -> AsyncIterator[str]:
         yield url
 
 
-async def curl(url: str) -> Curl:
+async def curl(url: str, *options: str) -> Curl:
     """GET with curl, off the event loop the server runs on."""
     proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--http1.1", "--path-as-is", "-D", "-", "--max-time", "60", url,
+        "curl", "-sS", "--http1.1", "--path-as-is", "-D", "-", "--max-time", "60", *options, url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
     assert proc.returncode == 0, err.decode()
@@ -228,6 +229,23 @@ def test_installed_build_has_no_demo_servers_source_maps_or_ai_runtime() -> None
     # Every script index.html loads is in the build (app-config.js comes from the box).
     for src in re.findall(r'src="/([^"]+)"', (build / "index.html").read_text()):
         assert src == "app-config.js" or (build / src).is_file(), src
+
+
+async def test_installed_bundles_cross_the_wire_gzipped_to_browsers_that_accept_it() -> None:
+    subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], check=True, timeout=600)
+    build = viewer.default_viewer_root()
+    [bundle] = build.glob("app.bundle.*.js")
+    app = web.Application()
+    viewer.add_routes(app, build)
+    async with _serve(app) as url:
+        zipped = await curl(f"{url}/{bundle.name}", "-H", "Accept-Encoding: gzip")
+        plain = await curl(f"{url}/{bundle.name}")
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert zipped.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert zipped.headers["cache-control"] == "private, max-age=31536000, immutable"
+    assert len(zipped.body) < bundle.stat().st_size // 3
+    assert gzip.decompress(zipped.body) == plain.body == bundle.read_bytes()
+    assert "content-encoding" not in plain.headers
 
 
 def test_viewer_files_require_a_login(tmp_path: Path, free_port: Callable[[], int],
