@@ -188,6 +188,8 @@ async def test_without_a_build_the_page_tells_the_operator_to_install_it(
             assert answer.status == 503
             assert answer.headers["content-type"].startswith("text/html")
             assert b"scripts/install-ohif.sh" in answer.body
+            assert str(tmp_path).encode() not in answer.body  # no paths of the box
+        assert (await curl(url + "/dicom-web/studies")).status == 404
 
 
 async def test_an_empty_viewer_root_turns_the_viewer_off(tmp_path: Path) -> None:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from pathlib import Path, PurePosixPath
 
 from aiohttp import web
 
 from appliance.http.auth import DICOMWEB_PREFIX
+
+log = logging.getLogger(__name__)
 
 # Keep in step with scripts/install-ohif.sh OHIF_VERSION (a test checks both).
 OHIF_VERSION = "3.13.2"
@@ -182,14 +185,14 @@ class _Viewer:
         )
 
     async def static(self, request: web.Request) -> web.StreamResponse:
-        root = self._root.resolve()
-        index = root / "index.html"
-        if not index.is_file():
-            return _not_installed(self._root)
-        tail = request.match_info["tail"]
         if _is_dicomweb(request.path):
             # Not a viewer route: a DICOMweb path no route took is a 404, never a page.
             raise web.HTTPNotFound()
+        root = self._root.resolve()
+        index = root / "index.html"
+        if not index.is_file():
+            return _not_installed()
+        tail = request.match_info["tail"]
         target = _confine(root, tail)
         if target is None:
             raise web.HTTPNotFound()
@@ -230,15 +233,16 @@ def _file(path: Path) -> web.FileResponse:
     return web.FileResponse(path, headers=headers)
 
 
-def _not_installed(root: Path) -> web.Response:
+def _not_installed() -> web.Response:
+    # The folder is in serve's log, not on the page: users need not learn the box's paths.
     return _page(
         503,
         "The viewer is not installed",
-        "<p>This box serves the OHIF viewer from "
-        f"<code>{html.escape(str(root))}</code>, which holds no viewer.</p>"
+        "<p>This box has no OHIF viewer installed yet.</p>"
         "<p>Operator: run <code>scripts/install-ohif.sh</code> (or <code>make viewer</code>) "
         "in the pacs-edge folder, or set <code>[http] viewer_root</code> to the folder of an "
-        "installed build. DICOMweb at <code>/dicom-web</code> works without it.</p>",
+        "installed build (serve logs the folder it looks in). DICOMweb at "
+        "<code>/dicom-web</code> works without it.</p>",
     )
 
 
@@ -257,6 +261,9 @@ def add_routes(app: web.Application, viewer_root: Path | None, *, box_name: str 
     if viewer_root is None:
         app.router.add_get("/", _viewer_off)
         return
+    if not (viewer_root / "index.html").is_file():
+        log.warning("viewer not installed root=%s hint=%s", viewer_root,
+                    "run scripts/install-ohif.sh or set [http] viewer_root")
     viewer = _Viewer(viewer_root, box_name or "pacs-edge")
     app.router.add_get("/app-config.js", viewer.app_config)
     app.router.add_get("/{tail:.*}", viewer.static)
