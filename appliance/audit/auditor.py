@@ -293,6 +293,31 @@ class Auditor:
         self._operator_alert(EventType.SECURITY_CONFIGURATION if security
                              else EventType.SOFTWARE_CONFIGURATION, subject)
 
+    def user_changed(self, change: str, *, name: str, role: str = "",
+                     study_uid: str = "") -> None:
+        """An operator added, removed, re-passworded or unlocked a web user, or issued a
+        launch link for one (`study_uid`: the study it opens)."""
+        details = [("Action", change)] + ([("Role", role)] if role else [])
+        if study_uid:
+            details.append(("StudyInstanceUID", study_uid))
+        subject = ParticipantObject(name, ObjectIDType.USER_IDENTIFIER, ObjectType.PERSON,
+                                    ObjectRole.SECURITY_USER_ENTITY, name=name,
+                                    details=tuple(details))
+        self._operator_alert(EventType.USER_SECURITY_ATTRIBUTES_CHANGED, subject)
+
+    def user_authentication(self, name: str, address: str, *, logout: bool = False,
+                            failure: str = "", via: str = "password") -> None:
+        """A web user logged in or out (PS3.15 A.5.3.8 User Authentication); `failure`
+        says why a login was refused (bad credentials, locked out, expired link...).
+        `name` is what the user typed, bounded: it is audited even when no such user
+        exists, as PS3.15 asks for failed attempts."""
+        user = Participant(name[:64] or "unknown", requestor=True, address=address,
+                           user_name=via)
+        self._record(EventID.USER_AUTHENTICATION, Action.EXECUTE,
+                     Outcome.MINOR_FAILURE if failure else Outcome.SUCCESS, (user, self.box),
+                     event_types=(EventType.LOGOUT if logout else EventType.LOGIN,),
+                     description=failure, urgent=bool(failure))
+
     def audit_log_used(self, purpose: str) -> None:
         subject = ParticipantObject(str(self.log.path), ObjectIDType.URI,
                                     ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_RESOURCE,

@@ -69,9 +69,12 @@ def check_name(name: str) -> str:
 
 
 class UserService:
-    def __init__(self, index: Index, config: Config) -> None:
+    def __init__(self, index: Index, config: Config, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        """`clock` is the wall clock (epoch seconds); tests pass one they can advance."""
         self.index = index
         self.config = config
+        self._clock = clock
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
         self._link_key: bytes | None = None
 
@@ -97,7 +100,7 @@ class UserService:
                             hint="admins and radiologists see every study")
         self.check_password(password)
         hashed = await self._hash(password)
-        now = time.time()
+        now = self._clock()
         await self._write(lambda conn: rows.insert_user(
             conn, name=name, role=role.value, referring_name=referring_name,
             password_hash=hashed, now=now))
@@ -115,7 +118,7 @@ class UserService:
         """New password; every session of the user ends and a lock-out is lifted."""
         self.check_password(password)
         hashed = await self._hash(password)
-        now = time.time()
+        now = self._clock()
         if not await self._write(lambda conn: rows.set_password(conn, name, hashed, now)):
             raise _unknown(name)
         log.info("user password changed user=%s", logsafe.ref(name))
@@ -129,7 +132,7 @@ class UserService:
 
     async def authenticate(self, name: str, password: str, *, address: str) -> Principal:
         """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT."""
-        now = time.time()
+        now = self._clock()
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
@@ -171,7 +174,7 @@ class UserService:
         if user is None:
             raise AuthenticationError(AuthFailure.BAD_CREDENTIALS)
         token = secrets.token_urlsafe(32)
-        digest, user_id, now, auth = _token_hash(token), user.id, time.time(), self.config.auth
+        digest, user_id, now, auth = _token_hash(token), user.id, self._clock(), self.config.auth
 
         def store(conn: sqlite3.Connection) -> None:
             rows.prune_sessions(conn, idle_before=now - auth.session_idle_minutes * 60,
@@ -194,7 +197,7 @@ class UserService:
         found = await database.run_sync(self.index.reader, rows.find_session, digest)
         if found is None:
             raise expired
-        now, auth = time.time(), self.config.auth
+        now, auth = self._clock(), self.config.auth
         idle = auth.session_idle_minutes * 60
         if (now - found.last_seen_at > idle
                 or now - found.created_at > auth.session_max_hours * 3600):
@@ -226,7 +229,7 @@ class UserService:
             raise _unknown(name)
         try:
             return launch_links.sign(self.link_key(), user=name, study_uid=study_uid,
-                                     ttl_seconds=ttl_seconds, now=time.time())
+                                     ttl_seconds=ttl_seconds, now=self._clock())
         except ValueError:
             raise UserError("not a valid Study Instance UID",
                             hint="digits and dots, at most 64 characters") from None
@@ -234,7 +237,7 @@ class UserService:
     async def redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
         AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
-        now = time.time()
+        now = self._clock()
         claims = launch_links.verify(self.link_key(), url_token, now=now,
                                      max_ttl_seconds=self.config.auth.link_max_ttl_minutes * 60)
         user = await database.run_sync(self.index.reader, rows.find_user, claims.user)
