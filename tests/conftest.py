@@ -49,6 +49,7 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 120.0
 _READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
+_HTTPS_READY = re.compile(r"https server ready\b.*?\bport=(\d+)")
 
 
 def pacs_edge_command() -> list[str]:
@@ -75,16 +76,16 @@ def run_pacs_edge(*args: str, check: bool = True,
 
 
 def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
-              evict_without_escrow: bool = True) -> Path:
+              evict_without_escrow: bool = True, http_port: int = 0) -> Path:
     """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer.
 
     Test homes accept the no-escrow risk ([sync] evict_without_escrow) so that tests of
     other things can evict without a (slow, scrypt) `keys escrow`; the escrow gate's
-    own tests pass evict_without_escrow=False."""
-    # TLS and HL7 off unless a test turns them on: their fixed ports (2762, 2575) would
-    # collide.
+    own tests pass evict_without_escrow=False. Web tests pass a free `http_port`."""
+    # TLS, HL7 and HTTPS off unless a test turns them on: their fixed ports (2762, 2575,
+    # 8443) would collide.
     run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
-                  "--tls-port", "0", "--hl7-port", "0")
+                  "--tls-port", "0", "--hl7-port", "0", "--http-port", str(http_port))
     if evict_without_escrow:
         EdgeServer(home).configure(sync={"evict_without_escrow": True})
     if default_peer:
@@ -159,6 +160,14 @@ class EdgeServer:
         """Stop gracefully (if running) and start again on the same port."""
         self.stop()
         return self.start(timeout=timeout)
+
+    @property
+    def http_port(self) -> int:
+        """The HTTPS port of the running server (init_home(..., http_port=N))."""
+        match = _HTTPS_READY.search(self._log_since_start())
+        if match is None:
+            raise RuntimeError("this server has no HTTPS port (init_home(http_port=...))")
+        return int(match.group(1))
 
     @property
     def running(self) -> bool:

@@ -80,6 +80,20 @@ class Hl7Config:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTPS server: DICOMweb, the viewer and its login (appliance/http/, docs/web.md)."""
+
+    port: int = field(default=8443, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                     "0 (off) or 1-65535"))
+    host: str = "127.0.0.1"
+    max_connections: int = field(default=64, metadata=_check(lambda v: v >= 1, ">= 1"))
+    max_request_mb: int = field(default=2048, metadata=_check(lambda v: 1 <= v <= 1 << 20,
+                                                              "1 to 1048576 MB"))
+    idle_timeout: float = field(default=75.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    head_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("store")
     reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
@@ -201,6 +215,7 @@ class Config:
     home: Path
     dicom: DicomConfig = DicomConfig()
     hl7: Hl7Config = Hl7Config()
+    http: HttpConfig = HttpConfig()
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
     dropfolder: DropFolderConfig = DropFolderConfig()
@@ -239,6 +254,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
     "hl7": Hl7Config,
+    "http": HttpConfig,
     "store": StoreConfig,
     "index": IndexConfig,
     "dropfolder": DropFolderConfig,
@@ -376,6 +392,16 @@ _COMMENTS = {
     "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
     "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
     "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
+    "http": "HTTPS server: DICOMweb at /dicom-web, the viewer and its login (docs/web.md).",
+    "http.port": "HTTPS port; 0 turns the web server off.",
+    "http.host": "Listen address. 127.0.0.1 keeps it private (or behind a reverse proxy);"
+    " 0.0.0.0 opens it to the LAN.",
+    "http.max_connections": "Open connections at most; beyond it new ones are closed at once.",
+    "http.max_request_mb": "Largest request body (a STOW-RS upload), MB; larger ones get 413.",
+    "http.idle_timeout": "Seconds a kept-alive connection may sit idle, and a request body"
+    " may stall, before it is closed.",
+    "http.head_timeout": "Seconds a client has to send a request's line and headers"
+    " (slow-header attacks are dropped).",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",

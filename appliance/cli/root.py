@@ -60,6 +60,8 @@ def main() -> None:
               help="DICOM TLS port (default 2762); 0 turns TLS off.")
 @click.option("--hl7-port", type=int, default=None,
               help="HL7 MLLP port for RIS orders (default 2575); 0 turns it off.")
+@click.option("--http-port", type=int, default=None,
+              help="HTTPS port for DICOMweb and the viewer (default 8443); 0 turns it off.")
 @click.option("--cloud", "cloud_url", default=None,
               help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
                    " (default: <home>/cloud).")
@@ -72,14 +74,16 @@ def main() -> None:
               help="Replace the site key and name secret (refused once packs are in the cloud).")
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
-         tls_port: int | None, hl7_port: int | None, cloud_url: str | None, cert_days: int,
-         ca_days: int, sans: tuple[str, ...], force_new_keys: bool) -> None:
+         tls_port: int | None, hl7_port: int | None, http_port: int | None,
+         cloud_url: str | None, cert_days: int, ca_days: int, sans: tuple[str, ...],
+         force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
                  "hl7": {"port": hl7_port},
+                 "http": {"port": http_port},
                  "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
@@ -109,13 +113,16 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
 @home_option
 @click.option("--dicom-port", type=int, default=None, help="Override [dicom] port.")
 @click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
+@click.option("--http-port", type=int, default=None, help="Override [http] port.")
 @expected_errors
-def serve(home: Path | None, dicom_port: int | None, ae_title: str | None) -> None:
+def serve(home: Path | None, dicom_port: int | None, ae_title: str | None,
+          http_port: int | None) -> None:
     """Run the DIMSE server until SIGTERM/SIGINT."""
     from appliance.process.serve import serve as run
     from appliance.process.workers import run_workers
 
-    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title})
+    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title},
+                                       http={"port": http_port})
     setup_logging(config.log.level)
     if config.dicom.workers > 1:
         run_workers(config)

@@ -34,6 +34,8 @@ from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.hl7.listener import Hl7Listener
+from appliance.http.app import WebServices, build_app
+from appliance.http.https_server import HttpServer, tls_context
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
 from appliance.services.mpps import MppsService
@@ -41,6 +43,7 @@ from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.services.users import UserService
 from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
@@ -148,6 +151,15 @@ async def serve(
                               tls_context=_hl7_tls_context(config),
                               on_refused=auditor.hl7_connection_refused)
             await hl7.start()
+        # One HTTPS server per data home, like the HL7 listener (worker 0 with several).
+        http = None
+        if config.http.port and not worker:
+            paths = TlsPaths(config.home)
+            http = HttpServer(config.http, build_app(WebServices(
+                config=config, users=UserService(index, config), index=index, files=files,
+                ingest=services.ingest, retrieve=retrieve, auditor=auditor)),
+                ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
+            await http.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,6 +188,8 @@ async def serve(
             log.info("stopping: no new associations; waiting for open ones to finish")
             if hl7 is not None:
                 await hl7.stop()
+            if http is not None:
+                await http.stop()  # before the index closes: requests still use it
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
             await asyncio.to_thread(reporter.stop)
             if watcher is not None:

@@ -1,0 +1,120 @@
+"""Who is asking: the one middleware every request of the web server passes through.
+
+A request carries its user in one of two ways, both checked by the user service
+(appliance/services/users.py), never here:
+- HTTP Basic (``Authorization: Basic``), for tools and scripts speaking DICOMweb;
+  only ever over TLS, since the server speaks nothing else;
+- the session cookie ``pacs_edge_session`` the login page sets (web browsers).
+
+The Principal the service answers is put on the request (``request[PRINCIPAL]``)
+for the routes, which hand it to the services (scope is a service rule). A
+request without valid credentials gets, under /dicom-web, ``401`` with a
+``WWW-Authenticate: Basic`` challenge, and elsewhere a redirect to the login
+page; paths registered with `allow_anonymous` (the login page itself, launch
+links) pass without a user.
+
+The middleware also tells the connection guard (https_server.py) when a
+request's head has arrived, which stops the slow-head timer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from aiohttp import web
+
+from appliance.base.errors import AuthenticationError, IndexUnavailable
+from appliance.http.https_server import guard_of
+from appliance.services.access import Principal
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "pacs_edge_session"
+DICOMWEB_PREFIX = "/dicom-web"
+LOGIN_PATH = "/login"
+REALM = 'Basic realm="pacs-edge", charset="UTF-8"'
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+_ANONYMOUS: web.AppKey[set[str]] = web.AppKey("pacs_edge_anonymous_paths", set)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Authenticator(Protocol):
+    """The part of appliance.services.users.UserService this middleware needs."""
+
+    async def authenticate(self, name: str, password: str, *, address: str) -> Principal: ...
+
+    async def session(self, token: str) -> Principal: ...
+
+
+def allow_anonymous(app: web.Application, *paths: str) -> None:
+    """Let requests for exactly these paths through without a user (login, launch)."""
+    app.setdefault(_ANONYMOUS, set()).update(paths)
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The peer's IP address (behind a reverse proxy: the proxy's; see docs/web.md)."""
+    return request.remote or ""
+
+
+def middleware(users: Authenticator) -> Any:
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guard = guard_of(request)
+        if guard is not None:
+            guard.request_started()
+        try:
+            if request.path in request.app.get(_ANONYMOUS, ()):
+                return await handler(request)
+            principal = await _principal(request, users)
+            if principal is None:
+                return _challenge(request)
+            request[PRINCIPAL] = principal
+            return await handler(request)
+        finally:
+            if guard is not None:
+                guard.request_finished()
+
+    return authenticate
+
+
+async def _principal(request: web.Request, users: Authenticator) -> Principal | None:
+    address = client_address(request)
+    try:
+        basic = _basic_credentials(request.headers.get("Authorization", ""))
+        if basic is not None:
+            return await users.authenticate(basic[0], basic[1], address=address)
+        token = request.cookies.get(SESSION_COOKIE, "")
+        if token:
+            return await users.session(token)
+    except AuthenticationError as exc:
+        log.info("http request not authenticated kind=%s address=%s", exc.kind.name, address)
+        return None
+    except IndexUnavailable as exc:
+        raise web.HTTPServiceUnavailable(reason="index unavailable") from exc
+    return None
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ("", "")  # malformed: checked like a wrong password, so it fails the same way
+    name, _, password = decoded.partition(":")
+    return name, password
+
+
+def _challenge(request: web.Request) -> web.StreamResponse:
+    if request.path == DICOMWEB_PREFIX or request.path.startswith(DICOMWEB_PREFIX + "/"):
+        return web.Response(status=401, text="authentication required\n",
+                            headers={"WWW-Authenticate": REALM})
+    target = request.rel_url.path_qs
+    raise web.HTTPSeeOther(f"{LOGIN_PATH}?next={quote(target, safe='')}")

@@ -1,0 +1,198 @@
+"""The HTTPS server: aiohttp on the serving process's own loop, behind a connection guard.
+
+aiohttp serves the application (app.py); this module owns the socket and the
+bounds a hostile or broken client must not be able to push past:
+
+- TLS with the node certificate the site CA issued (`pacs-edge init`), TLS 1.2+
+  with the BCP 195 AEAD suites, as on the DICOM TLS port; a client that does not
+  finish its handshake within ``[http] head_timeout`` is dropped;
+- at most ``[http] max_connections`` open connections: the next one is answered
+  ``503`` with ``Connection: close`` at once, so a flood cannot exhaust file
+  descriptors or memory;
+- a request's line and headers must arrive within ``[http] head_timeout`` of
+  the connection, or of the request's first byte on a kept-alive connection
+  (a slowloris client dribbling header bytes is closed); header lines are
+  bounded by aiohttp (8190 bytes each);
+- a kept-alive connection idle for ``[http] idle_timeout`` is closed (aiohttp's
+  keep-alive timer), and request bodies are bounded and timed by the routes
+  that read them (dicomweb_stow.py) against ``[http] max_request_mb``.
+
+The guard is a thin asyncio protocol in front of aiohttp's own: it counts
+connections and runs the head timer; the auth middleware tells it when a request
+head was parsed (`request_started`) and when the answer is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from appliance.base.config import HttpConfig
+from appliance.base.errors import PacsEdgeError
+
+log = logging.getLogger(__name__)
+
+BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+STOP_GRACE_SECONDS = 10.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\n\r\n")
+_GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
+
+
+def tls_context(*, cert: Path, key: Path) -> ssl.SSLContext:
+    """The HTTPS server context: the node certificate, TLS 1.2+, AEAD suites only."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(BCP195_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise PacsEdgeError(
+            f"the HTTPS server cannot load the node certificate or key ({type(exc).__name__})",
+            hint="run `pacs-edge init` (creates them) or `pacs-edge certs renew`; or set"
+                 " [http] port = 0 to turn the web server off") from exc
+    return context
+
+
+class _Guard(asyncio.Protocol):
+    """One connection: counted against the cap, head-timed, then handed to aiohttp."""
+
+    def __init__(self, server: HttpServer, inner: RequestHandler) -> None:
+        self.server = server
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.admitted = False
+        self.in_request = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if len(self.server.guards) >= self.server.config.max_connections:
+            log.warning("http connection refused: connection limit reached limit=%d",
+                        self.server.config.max_connections)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self.admitted = True
+        self.server.guards[transport] = self
+        self._arm()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        if not self.in_request and self._timer is None:
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if not self.admitted:
+            return
+        self.server.guards.pop(self.transport, None)  # type: ignore[arg-type]
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def request_started(self) -> None:
+        self.in_request = True
+        self._disarm()
+
+    def request_finished(self) -> None:
+        self.in_request = False
+
+    def _arm(self) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.server.config.head_timeout, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_late(self) -> None:
+        self._timer = None
+        if not self.in_request and self.transport is not None:
+            log.info("http connection closed: request head not received in time"
+                     " timeout=%.1f", self.server.config.head_timeout)
+            self.transport.abort()
+
+
+def guard_of(request: web.BaseRequest) -> _Guard | None:
+    """The connection guard of a request (None for a request not served by HttpServer)."""
+    transport = request.transport
+    server = request.app.get(_GUARD_KEY) if isinstance(request, web.Request) else None
+    return server.guards.get(transport) if server and transport else None
+
+
+class HttpServer:
+    """Start and stop the HTTPS listener for one application."""
+
+    def __init__(self, config: HttpConfig, app: web.Application, *,
+                 ssl_context: ssl.SSLContext) -> None:
+        self.config = config
+        self.app = app
+        self.ssl_context = ssl_context
+        self.guards: dict[asyncio.Transport, _Guard] = {}
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        app[_GUARD_KEY] = self
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.config.idle_timeout,
+                                     shutdown_timeout=STOP_GRACE_SECONDS)
+        await self._runner.setup()
+        handler_factory: Any = self._runner.server
+        assert handler_factory is not None
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: _Guard(self, handler_factory()), self.config.host, self.config.port,
+                ssl=self.ssl_context, ssl_handshake_timeout=self.config.head_timeout,
+                reuse_address=True, backlog=128)
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise PacsEdgeError(
+                f"cannot listen for HTTPS on {self.config.host}:{self.config.port}:"
+                f" {exc.strerror or exc}",
+                hint="choose another [http] port, or set it to 0 to turn the web server off"
+            ) from exc
+        port = int(self._server.sockets[0].getsockname()[1])
+        log.info("https server ready host=%s port=%d", self.config.host, port)
+        return port
+
+    async def stop(self) -> None:
+        """Stop accepting, let running requests finish for a grace period, close the rest."""
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            # Closes idle keep-alive connections, waits for running handlers (grace),
+            # then cancels them.
+            await self._runner.cleanup()
+        for transport in list(self.guards):
+            transport.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        self._server = None
+        self._runner = None

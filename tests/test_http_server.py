@@ -1,0 +1,104 @@
+"""The HTTPS server inside `serve`: TLS with the site's certificate, authentication, limits.
+
+A real `pacs-edge serve` with [http] on a free port; clients are curl, requests
+and raw TLS sockets, all verifying the site CA.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import webpeer
+from conftest import EdgeServer
+
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def web_server(tmp_path: Path, free_port: Callable[[], int],
+               edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
+    return edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port()))
+
+
+def test_https_presents_the_node_certificate_of_the_site_ca(web_server: EdgeServer) -> None:
+    context = ssl.create_default_context(cafile=str(webpeer.ca_file(web_server)))
+    with socket.create_connection((web_server.host, web_server.http_port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert tls.selected_alpn_protocol() in (None, "http/1.1")
+
+
+def test_dicomweb_without_credentials_is_401_with_a_basic_challenge(
+        web_server: EdgeServer) -> None:
+    answer = webpeer.curl(web_server, "/dicom-web/studies")
+    assert answer.status == 401
+    assert answer.headers["www-authenticate"].startswith("Basic ")
+
+
+def test_pages_without_a_session_redirect_to_login(web_server: EdgeServer) -> None:
+    answer = webpeer.curl(web_server, "/")
+    assert answer.status == 303
+    assert answer.headers["location"].startswith("/login")
+
+
+def test_plain_http_on_the_https_port_gets_no_answer(web_server: EdgeServer) -> None:
+    proc = subprocess.run(["curl", "-sS", "--max-time", "30",
+                           f"http://127.0.0.1:{web_server.http_port}/dicom-web/studies"],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert b"200 OK" not in proc.stdout
+
+
+def test_http_port_zero_turns_the_server_off(edge_server: EdgeServer) -> None:
+    assert "https server ready" not in edge_server.log()
+    with pytest.raises(RuntimeError):
+        _ = edge_server.http_port
+
+
+def test_slow_request_head_is_dropped(tmp_path: Path, free_port: Callable[[], int],
+                                      edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),
+                                                  head_timeout=1.0))
+    with webpeer.tls_socket(server) as tls:
+        tls.sendall(b"GET /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n")
+        deadline = time.monotonic() + DEADLINE
+        closed = False
+        while time.monotonic() < deadline and not closed:
+            tls.sendall(b"X-Slow: 1\r\n")  # a slowloris keeps dribbling header lines
+            tls.settimeout(0.5)
+            try:
+                closed = tls.recv(1024) == b""
+            except TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+        assert closed, "a client that never finishes its request head stayed connected"
+    assert "request head not received in time" in server.log()
+
+
+def test_connection_cap_answers_503_until_a_connection_closes(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),
+                                                  max_connections=2, head_timeout=300.0))
+    held = [webpeer.tls_socket(server) for _ in range(2)]
+    try:
+        _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 503)
+        held.pop().close()
+        _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 401)
+    finally:
+        for tls in held:
+            tls.close()
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.1)

@@ -1,0 +1,118 @@
+"""Talking to the box's HTTPS server as real clients do: curl, requests and dicomweb-client.
+
+- web_home(path, port): an initialised data home with the HTTPS server on `port`.
+- add_user(server, name, role, ...): `pacs-edge users add` with a 0600 password file.
+- session(server, user): a requests.Session that verifies the site CA and sends HTTP Basic.
+- dicomweb(server, user): a dicomweb_client.DICOMwebClient on that session.
+- curl(server, path, ...): curl's raw answer (status line, headers, body) as Curl.
+
+Every client verifies the server's certificate against the site CA of the data
+home (<home>/tls/ca.pem) and calls it by `localhost`, a name the node certificate
+carries; nothing is ever sent without TLS.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from conftest import EdgeServer, init_home
+from dicomweb_client.api import DICOMwebClient
+
+HOST = "localhost"
+PASSWORD = "correct horse battery staple"
+
+
+def web_home(path: Path, port: int, **http: object) -> Path:
+    """A data home with HTTPS on `port` (and any other [http] keys given)."""
+    home = init_home(path, http_port=port)
+    if http:
+        EdgeServer(home).configure(http=dict(http))
+    return home
+
+
+def ca_file(server: EdgeServer) -> Path:
+    return server.home / "tls" / "ca.pem"
+
+
+def base_url(server: EdgeServer) -> str:
+    return f"https://{HOST}:{server.http_port}"
+
+
+def add_user(server: EdgeServer, name: str, role: str, *, referring: str = "",
+             password: str = PASSWORD) -> None:
+    secret = server.home.parent / f"{name}.password"
+    secret.write_text(password + "\n", encoding="utf-8")
+    os.chmod(secret, 0o600)
+    args = ["users", "add", name, "--role", role, "--password-file", str(secret)]
+    if referring:
+        args += ["--referring", referring]
+    server.cli(*args)
+
+
+def session(server: EdgeServer, user: str | None, *, password: str = PASSWORD
+            ) -> requests.Session:
+    http = requests.Session()
+    http.verify = str(ca_file(server))
+    if user is not None:
+        http.auth = (user, password)
+    return http
+
+
+def dicomweb(server: EdgeServer, user: str, *, password: str = PASSWORD) -> DICOMwebClient:
+    return DICOMwebClient(f"{base_url(server)}/dicom-web",
+                          session=session(server, user, password=password))
+
+
+@dataclass
+class Curl:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+def curl(server: EdgeServer, path: str, *, user: str | None = None,
+         password: str = PASSWORD, method: str = "GET", headers: dict[str, str] | None = None,
+         data_file: Path | None = None, timeout: float = 120.0) -> Curl:
+    """One request with curl (its own HTTP stack), verifying the site CA."""
+    args = ["curl", "-sS", "--http1.1", "-D", "-", "--cacert", str(ca_file(server)),
+            "-X", method, "--max-time", str(timeout)]
+    if user is not None:
+        args += ["-u", f"{user}:{password}"]
+    for key, value in (headers or {}).items():
+        args += ["-H", f"{key}: {value}"]
+    if data_file is not None:
+        args += ["--data-binary", f"@{data_file}"]
+    proc = subprocess.run([*args, base_url(server) + path], capture_output=True,
+                          timeout=timeout + 10, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"curl failed ({proc.returncode}): {proc.stderr.decode()}")
+    return parse_response(proc.stdout)
+
+
+def parse_response(raw: bytes) -> Curl:
+    """Split curl -D - output (possibly after a 100 Continue) into status, headers, body."""
+    while True:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if status != 100:
+            break
+        raw = rest
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return Curl(status, headers, rest)
+
+
+def tls_socket(server: EdgeServer) -> ssl.SSLSocket:
+    """A raw TLS connection to the HTTPS port (handshake done, nothing sent)."""
+    context = ssl.create_default_context(cafile=str(ca_file(server)))
+    raw = socket.create_connection((server.host, server.http_port), timeout=60)
+    return context.wrap_socket(raw, server_hostname=HOST)
