@@ -21,7 +21,7 @@ from aiohttp import web
 
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import CHUNK, DICOM_JSON, accepts_json, file_chunks
-from appliance.http.dicomweb_wado import locate
+from appliance.http.dicomweb_wado import locate, stored_syntaxes
 from appliance.services.series_metadata import (
     SeriesMetadataCache,
     instance_json,
@@ -38,6 +38,7 @@ def add_routes(app: web.Application) -> None:
 
 
 async def metadata(request: web.Request) -> web.StreamResponse:
+    await stored_syntaxes(request)  # 404 before 406: a 406 must not reveal a study
     if not accepts_json(request.headers.get("Accept")):
         raise common.not_acceptable("metadata")
     found = await locate(request, "metadata")

@@ -96,11 +96,11 @@ def accepted_syntaxes(header: str | None) -> set[str]:
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
+    # Scope first, media types second, on the index's answer before anything is read.
+    stored = await stored_syntaxes(request)
     syntaxes = accepted_syntaxes(request.headers.get("Accept"))
     if not syntaxes:
         raise common.not_acceptable("instances")
-    # Media types are checked on the index's answer before anything is read or sent.
-    stored = await stored_syntaxes(request)
     if ANY_SYNTAX not in syntaxes and not stored <= syntaxes:
         raise common.not_acceptable("an instance in its stored transfer syntax")
     found = await locate(request, "instances")
