@@ -14,7 +14,7 @@ from aiohttp import web
 
 from appliance.audit import Auditor
 from appliance.base.config import Config
-from appliance.http import auth
+from appliance.http import auth, login
 from appliance.services.ingest import IngestService
 from appliance.services.retrieve import RetrieveService
 from appliance.store.files import FileStore
@@ -42,4 +42,5 @@ def build_app(services: WebServices) -> web.Application:
     app = web.Application(middlewares=[auth.middleware(services.users)],
                           client_max_size=1 << 20, handler_args=None)
     app[SERVICES] = services
+    login.add_routes(app, services.users, auditor=services.auditor)  # type: ignore[arg-type]
     return app
