@@ -13,6 +13,9 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   login, when the user is removed, and when their password changes.
 - Launch links (services/launch_links.py) open once: the nonce of a redeemed link is
   committed before the link is honoured.
+- HTTP Basic sends the password with every DICOMweb request: a password verified in
+  the last few minutes is recognised without another scrypt (VerifiedCredentials),
+  for as long as the stored hash is unchanged and the user not locked.
 
 No password, token or name goes to the log: log lines carry a keyed reference of
 the user name (logsafe.ref) and the client address.
