@@ -306,6 +306,41 @@ def test_failed_logins_of_an_unknown_user_lock_nobody_out(home: Path) -> None:
     with_service(home, scenario, max_failed_logins=2)
 
 
+def test_a_remembered_password_ends_when_another_process_changes_it(home: Path,
+                                                                    tmp_path: Path) -> None:
+    new_password = password_file(tmp_path, OTHER_PASSWORD)
+
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        for _ in range(2):  # the second check is answered from memory
+            await service.authenticate("rad1", PASSWORD, address="t")
+        run_pacs_edge("users", "passwd", "rad1", "--password-file", str(new_password),
+                      "--home", str(home))
+        with pytest.raises(AuthenticationError) as caught:
+            await service.authenticate("rad1", PASSWORD, address="t")
+        assert caught.value.kind is AuthFailure.BAD_CREDENTIALS
+        await service.authenticate("rad1", OTHER_PASSWORD, address="t")
+        run_pacs_edge("users", "remove", "rad1", "--home", str(home))
+        with pytest.raises(AuthenticationError):
+            await service.authenticate("rad1", OTHER_PASSWORD, address="t")
+
+    with_service(home, scenario)
+
+
+def test_a_remembered_password_does_not_pass_a_lockout(home: Path) -> None:
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        await service.authenticate("rad1", PASSWORD, address="t")
+        for _ in range(2):
+            with pytest.raises(AuthenticationError):
+                await service.authenticate("rad1", "wrong password!", address="t")
+        with pytest.raises(AuthenticationError) as caught:
+            await service.authenticate("rad1", PASSWORD, address="t")
+        assert caught.value.kind is AuthFailure.LOCKED_OUT
+
+    with_service(home, scenario, max_failed_logins=2)
+
+
 # --- the service: sessions --------------------------------------------------------------
 
 def test_session_ends_after_the_idle_limit(home: Path) -> None:

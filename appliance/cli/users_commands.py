@@ -191,8 +191,7 @@ def users_unlock(home: Path | None, name: str) -> None:
 
 def default_base_url(config: Config) -> str:
     """https://<this host's name>:<[http] port>, what a browser on the LAN would open."""
-    port = getattr(getattr(config, "http", None), "port", 8443)
-    return f"https://{socket.getfqdn()}:{port}"
+    return f"https://{socket.getfqdn()}:{config.http.port}"
 
 
 @click.command()

@@ -17,6 +17,7 @@ from appliance.http import (
     dicomweb_qido,
     dicomweb_stow,
     dicomweb_wado,
+    login,
 )
 from appliance.http.web_context import METADATA, READS, SERVICES, WebServices
 from appliance.services.series_metadata import SeriesMetadataCache
@@ -38,4 +39,5 @@ def build_app(services: WebServices) -> web.Application:
     dicomweb_wado.add_routes(app)
     dicomweb_metadata.add_routes(app)
     dicomweb_stow.add_routes(app)
+    login.add_routes(app, services.users, auditor=services.auditor)  # type: ignore[arg-type]
     return app
