@@ -34,7 +34,11 @@ from appliance.cli.common import (
     out,
     resolve_home,
 )
+from appliance.cli.users_commands import link as link_command
+from appliance.cli.users_commands import users as users_group
 from appliance.process.undumpable import make_undumpable
+from appliance.services.launch_links import ensure_link_key
+from appliance.services.launch_links import key_path as link_key_path
 from appliance.services.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
 from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
 from provisioning.home import init_home
@@ -93,6 +97,8 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
         resolved, force_new_keys=force_new_keys, cert_days=cert_days, ca_days=ca_days,
         sans=sans)
     report.created += [str(path) for path in create_site_secrets(resolved)]
+    if ensure_link_key(resolved):
+        report.created.append(str(link_key_path(resolved)))
     if report.changed:
         out.print(f"initialised data home {resolved}")
         for item in report.created:
@@ -383,6 +389,8 @@ main.add_command(reader_commands.readers)
 main.add_command(reader_commands.reader)
 main.add_command(reader_commands.restore)
 main.add_command(worklist_commands.worklist)
+main.add_command(users_group)
+main.add_command(link_command)
 admin_commands.keys.add_command(reader_commands.keys_escrow)
 admin_commands.keys.add_command(reader_commands.keys_recover)
 

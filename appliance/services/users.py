@@ -13,6 +13,9 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   login, when the user is removed, and when their password changes.
 - Launch links (services/launch_links.py) open once: the nonce of a redeemed link is
   committed before the link is honoured.
+- HTTP Basic sends the password with every DICOMweb request: a password verified in
+  the last few minutes is recognised without another scrypt (VerifiedCredentials),
+  for as long as the stored hash is unchanged and the user not locked.
 
 No password, token or name goes to the log: log lines carry a keyed reference of
 the user name (logsafe.ref) and the client address.
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -48,6 +53,8 @@ T = TypeVar("T")
 MAX_NAME_CHARS = 64
 MAX_PASSWORD_CHARS = 1024  # longer input is refused before it is hashed
 HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
+VERIFIED_SECONDS = 300.0
+VERIFIED_ENTRIES = 1024
 
 
 def _token_hash(token: str) -> str:
@@ -69,11 +76,15 @@ def check_name(name: str) -> str:
 
 
 class UserService:
-    def __init__(self, index: Index, config: Config) -> None:
+    def __init__(self, index: Index, config: Config, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        """`clock` is the wall clock (epoch seconds); tests pass one they can advance."""
         self.index = index
         self.config = config
+        self._clock = clock
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
         self._link_key: bytes | None = None
+        self._verified = VerifiedCredentials()
 
     # --- accounts (the CLI) ------------------------------------------------------------
 
@@ -97,7 +108,7 @@ class UserService:
                             hint="admins and radiologists see every study")
         self.check_password(password)
         hashed = await self._hash(password)
-        now = time.time()
+        now = self._clock()
         await self._write(lambda conn: rows.insert_user(
             conn, name=name, role=role.value, referring_name=referring_name,
             password_hash=hashed, now=now))
@@ -115,7 +126,7 @@ class UserService:
         """New password; every session of the user ends and a lock-out is lifted."""
         self.check_password(password)
         hashed = await self._hash(password)
-        now = time.time()
+        now = self._clock()
         if not await self._write(lambda conn: rows.set_password(conn, name, hashed, now)):
             raise _unknown(name)
         log.info("user password changed user=%s", logsafe.ref(name))
@@ -129,7 +140,7 @@ class UserService:
 
     async def authenticate(self, name: str, password: str, *, address: str) -> Principal:
         """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT."""
-        now = time.time()
+        now = self._clock()
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
@@ -140,6 +151,8 @@ class UserService:
                                       hint="wait, or ask an administrator to unlock the user")
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
+        if user is not None and self._verified.recall(user, password, now):
+            return _principal(user)
         async with self._hashing:
             if user is None:
                 await asyncio.to_thread(passwords.dummy_password_check, password)
@@ -150,6 +163,7 @@ class UserService:
         if user is not None and ok:
             user_id = user.id
             await self._write(lambda conn: rows.record_success(conn, user_id, now=now))
+            self._verified.remember(user, password, now)
             return _principal(user)
         locked = False
         if user is not None:
@@ -171,7 +185,7 @@ class UserService:
         if user is None:
             raise AuthenticationError(AuthFailure.BAD_CREDENTIALS)
         token = secrets.token_urlsafe(32)
-        digest, user_id, now, auth = _token_hash(token), user.id, time.time(), self.config.auth
+        digest, user_id, now, auth = _token_hash(token), user.id, self._clock(), self.config.auth
 
         def store(conn: sqlite3.Connection) -> None:
             rows.prune_sessions(conn, idle_before=now - auth.session_idle_minutes * 60,
@@ -194,7 +208,7 @@ class UserService:
         found = await database.run_sync(self.index.reader, rows.find_session, digest)
         if found is None:
             raise expired
-        now, auth = time.time(), self.config.auth
+        now, auth = self._clock(), self.config.auth
         idle = auth.session_idle_minutes * 60
         if (now - found.last_seen_at > idle
                 or now - found.created_at > auth.session_max_hours * 3600):
@@ -226,7 +240,7 @@ class UserService:
             raise _unknown(name)
         try:
             return launch_links.sign(self.link_key(), user=name, study_uid=study_uid,
-                                     ttl_seconds=ttl_seconds, now=time.time())
+                                     ttl_seconds=ttl_seconds, now=self._clock())
         except ValueError:
             raise UserError("not a valid Study Instance UID",
                             hint="digits and dots, at most 64 characters") from None
@@ -234,7 +248,7 @@ class UserService:
     async def redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
         AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
-        now = time.time()
+        now = self._clock()
         claims = launch_links.verify(self.link_key(), url_token, now=now,
                                      max_ttl_seconds=self.config.auth.link_max_ttl_minutes * 60)
         user = await database.run_sync(self.index.reader, rows.find_user, claims.user)
@@ -259,6 +273,37 @@ class UserService:
     async def _write(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         assert self.index.writer is not None, "index is not open"
         return await self.index.writer.submit_sync(operation)
+
+
+class VerifiedCredentials:
+    """Passwords this process verified recently, so HTTP Basic (sent with every DICOMweb
+    request) costs one scrypt per user and VERIFIED_SECONDS, not one per request.
+
+    Kept in memory only, keyed by an HMAC of name and password under a per-process
+    random key (the password is not kept), and valid only while the user's stored hash
+    is still the one it was checked against: `users passwd` or `users remove` in another
+    process ends it at the next request. A hit only ever happens for the right password,
+    so its speed tells a guesser nothing.
+    """
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    def _digest(self, user: UserRow, password: str) -> bytes:
+        text = f"{user.id}\0{password}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, text, hashlib.sha256).digest()
+
+    def recall(self, user: UserRow, password: str, now: float) -> bool:
+        entry = self._entries.get(self._digest(user, password))
+        return (entry is not None and entry[1] > now
+                and hmac.compare_digest(entry[0], user.password_hash))
+
+    def remember(self, user: UserRow, password: str, now: float) -> None:
+        self._entries[self._digest(user, password)] = (user.password_hash,
+                                                       now + VERIFIED_SECONDS)
+        while len(self._entries) > VERIFIED_ENTRIES:
+            self._entries.popitem(last=False)
 
 
 def _unknown(name: str) -> UserError:

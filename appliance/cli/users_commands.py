@@ -1,0 +1,216 @@
+"""`pacs-edge users` (web accounts) and `pacs-edge link` (launch links for an EHR).
+
+Passwords come from a 0600 file (`--password-file`, `-` for standard input, for
+scripts and Ansible) or from a prompt asked twice; they are never an argument,
+which would land in shell history and `ps`. Every change is audited as a User
+Security Attributes Changed alert; the commands work while `serve` runs (the
+index is shared, and a running server reads users from it on every login).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import click
+from rich.table import Table
+
+from appliance.audit import Auditor
+from appliance.base.config import Config
+from appliance.base.errors import UserError
+from appliance.cli.common import err, expected_errors, home_option, load, out
+from appliance.services.access import Role
+from appliance.services.users import UserService
+from appliance.store.index import Index
+
+T = TypeVar("T")
+_ROLES = [role.value for role in Role]
+_TTL = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
+
+password_file_option = click.option(
+    "--password-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    default=None, help="Read the password from this 0600 file (its first line), or '-' for"
+    " standard input; without it you are prompted twice.")
+
+
+def _run(config: Config, action: Callable[[UserService], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with Index(config.index.path) as index:
+            return await action(UserService(index, config))
+
+    return asyncio.run(go())
+
+
+def read_password(path: Path | None) -> str:
+    """The new password: from the file (refused if others may read it), '-' or a prompt."""
+    if path is None:
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    if str(path) == "-":
+        text = sys.stdin.readline()
+    else:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                raise UserError(f"password file {path} has mode {mode:04o}: group or others "
+                                "can read it", hint=f"chmod 600 {path}")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read password file {path}: "
+                            f"{getattr(exc, 'strerror', None) or exc}",
+                            hint="give a readable UTF-8 text file") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise UserError("the password file's first line is empty",
+                        hint="write the password on the file's first line")
+    return password
+
+
+def _when(at: float | None) -> str:
+    if not at:
+        return ""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def parse_ttl(text: str) -> int:
+    """'15m', '900s', '1h' -> seconds."""
+    match = _TTL.match(text.strip())
+    if match is None:
+        raise UserError(f"--ttl {text!r} is not a duration",
+                        hint="a number and a unit: 900s, 15m or 1h")
+    return int(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+@click.group()
+def users() -> None:
+    """Web users of the viewer and DICOMweb: admin, radiologist, referring."""
+
+
+@users.command("add")
+@home_option
+@click.argument("name")
+@click.option("--role", type=click.Choice(_ROLES, case_sensitive=False), required=True,
+              help="admin and radiologist see every study; referring sees only the studies"
+              " whose Referring Physician's Name is --referring.")
+@click.option("--referring", "referring_name", default="",
+              help="For --role referring: the name as the studies carry it, 'LAST^FIRST'.")
+@password_file_option
+@expected_errors
+def users_add(home: Path | None, name: str, role: str, referring_name: str,
+              password_file: Path | None) -> None:
+    """Create a web user."""
+    config = load(home)
+    chosen = Role(role.lower())
+    password = read_password(password_file)
+    _run(config, lambda s: s.add_user(name, chosen, password, referring_name=referring_name))
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed("add", name=name, role=chosen.value)
+    scope = f", sees studies referred by {referring_name}" if referring_name else ""
+    out.print(f"added user {name} (role {chosen.value}{scope})", highlight=False)
+
+
+@users.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@expected_errors
+def users_list(home: Path | None, as_json: bool) -> None:
+    """The web users, their role and whether they are locked out."""
+    import time
+
+    listed = _run(load(home), lambda s: s.list_users())
+    now = time.time()
+    rows: list[dict[str, Any]] = [
+        {"name": u.name, "role": u.role, "referring": u.referring_name,
+         "locked_until": _when(u.locked_until) if u.locked_until > now else "",
+         "last_login": _when(u.last_login_at), "created": _when(u.created_at)}
+        for u in listed]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    if not rows:
+        err.print("no users: add one with `pacs-edge users add NAME --role ...`",
+                  highlight=False)
+        return
+    table = Table("name", "role", "referring", "locked until", "last login")
+    for row in rows:
+        table.add_row(row["name"], row["role"], row["referring"], row["locked_until"],
+                      row["last_login"])
+    out.print(table)
+
+
+@users.command("remove")
+@home_option
+@click.argument("name")
+@expected_errors
+def users_remove(home: Path | None, name: str) -> None:
+    """Delete a web user; their sessions end at once."""
+    config = load(home)
+    _run(config, lambda s: s.remove_user(name))
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed("remove", name=name)
+    out.print(f"removed user {name}", highlight=False)
+
+
+@users.command("passwd")
+@home_option
+@click.argument("name")
+@password_file_option
+@expected_errors
+def users_passwd(home: Path | None, name: str, password_file: Path | None) -> None:
+    """Set a new password; the user's sessions end and a lock-out is lifted."""
+    config = load(home)
+    password = read_password(password_file)
+    _run(config, lambda s: s.set_password(name, password))
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed("passwd", name=name)
+    out.print(f"changed the password of {name}; their sessions have ended", highlight=False)
+
+
+@users.command("unlock")
+@home_option
+@click.argument("name")
+@expected_errors
+def users_unlock(home: Path | None, name: str) -> None:
+    """End a lock-out after failed logins now, rather than when it runs out."""
+    config = load(home)
+    _run(config, lambda s: s.unlock(name))
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed("unlock", name=name)
+    out.print(f"unlocked user {name}", highlight=False)
+
+
+def default_base_url(config: Config) -> str:
+    """https://<this host's name>:<[http] port>, what a browser on the LAN would open."""
+    return f"https://{socket.getfqdn()}:{config.http.port}"
+
+
+@click.command()
+@home_option
+@click.argument("study_uid")
+@click.option("--user", "name", required=True, help="The web user the link logs in.")
+@click.option("--ttl", default="15m", show_default=True,
+              help="How long the link stays valid (s, m or h; at most [auth]"
+              " link_max_ttl_minutes). It opens once.")
+@click.option("--base-url", default=None,
+              help="Where browsers reach the box, e.g. https://pacs.example.org:8443"
+              " (default: this host's name and the [http] port).")
+@expected_errors
+def link(home: Path | None, study_uid: str, name: str, ttl: str, base_url: str | None) -> None:
+    """Print a signed, expiring, one-time URL that opens STUDY_UID for a user."""
+    config = load(home)
+    seconds = parse_ttl(ttl)
+    token = _run(config, lambda s: s.sign_link(name, study_uid, ttl_seconds=seconds))
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed("link", name=name, study_uid=study_uid)
+    base = (base_url or default_base_url(config)).rstrip("/")
+    click.echo(f"{base}/launch?t={quote(token, safe='')}")

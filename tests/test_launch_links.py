@@ -1,0 +1,186 @@
+"""Launch links: `pacs-edge link` signs, UserService.redeem_link honours a link once.
+
+Links are made by the real CLI on a real home and redeemed by the service on that
+home's index (the HTTP side, /launch, is in tests/test_web_login.py). Expiry is
+tested with a clock the test advances, never by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from conftest import init_home, run_pacs_edge
+
+from appliance.base.config import config_from_mapping, load_config
+from appliance.base.errors import AuthenticationError, AuthFailure
+from appliance.services import launch_links
+from appliance.services.access import Principal, Role
+from appliance.services.users import UserService
+from appliance.store.index import Index
+
+T = TypeVar("T")
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    home = init_home(tmp_path / "home", default_peer=False)
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD, encoding="utf-8")
+    pw.chmod(0o600)
+    run_pacs_edge("users", "add", "ref1", "--role", "referring", "--referring", "DOE^JOHN",
+                  "--password-file", str(pw), "--home", str(home))
+    return home
+
+
+def with_service(home: Path, action: Callable[[UserService], Awaitable[T]], *,
+                 clock: Callable[[], float] | None = None, **auth: object) -> T:
+    config = config_from_mapping(home, {"auth": auth}) if auth else load_config(home)
+
+    async def go() -> T:
+        async with Index(config.index.path) as index:
+            return await action(UserService(index, config, **({"clock": clock} if clock else {})))
+
+    return asyncio.run(go())
+
+
+def make_link(home: Path, *args: str, study: str = STUDY) -> str:
+    url = run_pacs_edge("link", study, "--user", "ref1", "--base-url", "https://pacs.test:8443",
+                        "--home", str(home), *args).stdout.strip()
+    return url
+
+
+def token_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["t"][0]
+
+
+def claims_of(token: str) -> dict[str, object]:
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+
+
+def redeem(home: Path, token: str, **kwargs: object) -> tuple[Principal, str]:
+    return with_service(home, lambda s: s.redeem_link(token, address="t"), **kwargs)  # type: ignore[arg-type]
+
+
+def refusal(home: Path, token: str, **kwargs: object) -> AuthFailure:
+    with pytest.raises(AuthenticationError) as caught:
+        redeem(home, token, **kwargs)
+    return caught.value.kind
+
+
+def test_link_opens_the_study_for_its_user_once(home: Path) -> None:
+    url = make_link(home)
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.netloc, parts.path) == ("https", "pacs.test:8443", "/launch")
+    token = token_of(url)
+    assert token.startswith("v1.")
+    principal, study = redeem(home, token)
+    assert principal == Principal("ref1", Role.REFERRING, "DOE^JOHN") and study == STUDY
+    assert refusal(home, token) is AuthFailure.LINK_USED
+    audit = (home / "audit" / "audit.log").read_text(encoding="utf-8")
+    assert "User Security Attributes Changed" in audit and STUDY in audit
+
+
+def test_link_claims_are_the_documented_ones(home: Path) -> None:
+    claims = claims_of(token_of(make_link(home, "--ttl", "10m")))
+    assert set(claims) == {"u", "s", "iat", "exp", "n"}
+    assert claims["u"] == "ref1" and claims["s"] == STUDY
+    assert claims["exp"] - claims["iat"] == 600 and len(claims["n"]) == 32
+
+
+def test_expired_link_refused(home: Path) -> None:
+    token = token_of(make_link(home, "--ttl", "2m"))
+    expires = float(claims_of(token)["exp"])  # type: ignore[arg-type]
+    assert refusal(home, token, clock=lambda: expires) is AuthFailure.LINK_EXPIRED
+    principal, _ = redeem(home, token, clock=lambda: expires - 1)
+    assert principal.name == "ref1"
+
+
+def test_forged_signature_refused(home: Path) -> None:
+    token = token_of(make_link(home))
+    version, body, mac = token.split(".")
+    flipped = mac[:-2] + ("A" if mac[-2] != "A" else "B") + mac[-1]
+    assert refusal(home, f"{version}.{body}.{flipped}") is AuthFailure.LINK_INVALID
+    claims = claims_of(token)
+    claims["s"] = "1.2.3.4"  # another study under the genuine signature
+    other = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    assert refusal(home, f"{version}.{other}.{mac}") is AuthFailure.LINK_INVALID
+    assert redeem(home, token)[1] == STUDY  # the genuine link still works once
+
+
+def test_link_signed_by_another_box_refused(home: Path, tmp_path: Path) -> None:
+    other = init_home(tmp_path / "other", default_peer=False)
+    pw = tmp_path / "pw"
+    run_pacs_edge("users", "add", "ref1", "--role", "referring", "--referring", "DOE^JOHN",
+                  "--password-file", str(pw), "--home", str(other))
+    token = token_of(make_link(other))
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+
+
+def test_link_lifetime_beyond_the_configured_maximum_refused(home: Path) -> None:
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--ttl", "2h", "--home", str(home),
+                         check=False)
+    assert proc.returncode == 2 and "hint:" in proc.stderr and "Traceback" not in proc.stderr
+    # Signed with the box's own key but a longer life than the box allows: refused.
+    token = launch_links.sign(launch_links.load_link_key(home), user="ref1", study_uid=STUDY,
+                              ttl_seconds=2 * 3600, now=time.time())
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+    assert redeem(home, token, link_max_ttl_minutes=180.0)[1] == STUDY
+
+
+@pytest.mark.parametrize("args", [
+    ("link", STUDY, "--user", "nobody"),
+    ("link", "1.2.abc", "--user", "ref1"),
+    ("link", STUDY, "--user", "ref1", "--ttl", "15"),
+    ("link", STUDY, "--user", "ref1", "--ttl", "-5m"),
+])
+def test_link_command_refuses_bad_arguments_with_a_hint(home: Path,
+                                                        args: tuple[str, ...]) -> None:
+    proc = run_pacs_edge(*args, "--home", str(home), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_link_of_a_removed_user_refused(home: Path) -> None:
+    token = token_of(make_link(home))
+    run_pacs_edge("users", "remove", "ref1", "--home", str(home))
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+
+
+@pytest.mark.parametrize("token", [
+    "", "v1", "v1..", "v2.e30.AAAA", "v1.e30." + "A" * 43, "v1.!!!.???", "x" * 5000,
+    "v1.e30.AAAA.extra", "ünïcode",
+])
+def test_malformed_link_refused(home: Path, token: str) -> None:
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+
+
+def test_init_creates_the_link_key_0600(home: Path) -> None:
+    key = home / "secrets" / "link.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+
+
+def test_older_home_gets_a_link_key_on_first_use(home: Path) -> None:
+    key = home / "secrets" / "link.key"
+    key.unlink()
+    token = token_of(make_link(home))
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert redeem(home, token)[1] == STUDY
+
+
+def test_link_key_others_can_read_is_refused(home: Path) -> None:
+    key = home / "secrets" / "link.key"
+    key.chmod(0o644)
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--home", str(home), check=False)
+    assert proc.returncode == 2 and "chmod 600" in proc.stderr and proc.stdout == ""

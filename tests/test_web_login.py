@@ -1,0 +1,206 @@
+"""The login page, logout and launch links over real HTTPS against a running `serve`.
+
+Clients are requests (verifying the site CA) and curl; users and links are made
+with the real CLI. Nothing here waits on time: lock-out is reached by counting
+failures, and audit records are polled for with a deadline.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import webpeer
+from conftest import EdgeServer
+
+STUDY = "1.2.826.0.1.3680043.8.498.7"
+PASSWORD = webpeer.PASSWORD
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def web_server(tmp_path: Path, free_port: Callable[[], int],
+               edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
+    home = webpeer.web_home(tmp_path / "web-home", free_port())
+    EdgeServer(home).configure(auth={"max_failed_logins": 3})
+    server = edge_server_factory(home)
+    webpeer.add_user(server, "rad1", "radiologist")
+    webpeer.add_user(server, "ref1", "referring", referring="DOE^JOHN")
+    return server
+
+
+def client(server: EdgeServer) -> requests.Session:
+    """requests verifying the site CA. trust_env off: requests lets $REQUESTS_CA_BUNDLE
+    override Session.verify (psf/requests#3829), which would drop the site CA."""
+    http = webpeer.session(server, None)
+    http.trust_env = False
+    return http
+
+
+def browser(server: EdgeServer) -> requests.Session:
+    """A session that behaves like a browser on the box's own pages (Origin header)."""
+    http = client(server)
+    http.headers["Origin"] = webpeer.base_url(server)
+    return http
+
+
+def post_login(http: requests.Session, server: EdgeServer, name: str, password: str,
+               next_path: str = "/") -> requests.Response:
+    return http.post(f"{webpeer.base_url(server)}/login", allow_redirects=False, timeout=60,
+                     data={"name": name, "password": password, "next": next_path})
+
+
+def set_cookie(response: requests.Response) -> str:
+    return response.headers.get("Set-Cookie", "")
+
+
+def audit_text(server: EdgeServer, needle: str) -> str:
+    path = server.home / "audit" / "audit.log"
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+def is_login_redirect(response: requests.Response) -> bool:
+    return response.status_code == 303 and response.headers["Location"].startswith("/login")
+
+
+def test_login_form_is_plain_html_that_is_never_cached_or_framed(web_server: EdgeServer) -> None:
+    answer = webpeer.curl(web_server, "/login")
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/html")
+    assert b'method="post"' in answer.body and b"<script" not in answer.body
+    assert answer.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+
+
+def test_login_sets_a_secure_httponly_strict_session_cookie(web_server: EdgeServer) -> None:
+    http = browser(web_server)
+    answer = post_login(http, web_server, "rad1", PASSWORD, next_path="/dicom-web/studies")
+    assert answer.status_code == 303 and answer.headers["Location"] == "/dicom-web/studies"
+    cookie = set_cookie(answer)
+    assert cookie.startswith("pacs_edge_session=")
+    flags = {part.strip().split("=")[0].lower(): part.strip() for part in cookie.split(";")}
+    assert {"secure", "httponly", "samesite", "path", "max-age"} <= set(flags)
+    assert flags["samesite"].lower() == "samesite=strict" and flags["path"] == "Path=/"
+    token = http.cookies["pacs_edge_session"]
+    assert len(token) >= 43 and PASSWORD not in cookie
+    # The session opens pages the middleware would otherwise send to /login...
+    assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}/",
+                                          allow_redirects=False, timeout=60))
+    # ...until logout ends it, on the server and not only in this client.
+    out = http.post(f"{webpeer.base_url(web_server)}/logout", allow_redirects=False, timeout=60)
+    assert out.status_code == 303 and out.headers["Location"] == "/login"
+    replay = client(web_server)
+    replay.cookies.set("pacs_edge_session", token)
+    assert is_login_redirect(replay.get(f"{webpeer.base_url(web_server)}/",
+                                        allow_redirects=False, timeout=60))
+    audit = audit_text(web_server, "Logout")
+    assert "User Authentication" in audit and "Logout" in audit and PASSWORD not in audit
+
+
+def test_wrong_password_and_unknown_user_get_the_same_401_page(web_server: EdgeServer) -> None:
+    http = browser(web_server)
+    wrong = post_login(http, web_server, "rad1", "not the password")
+    unknown = post_login(http, web_server, "nobody", "not the password")
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.text == unknown.text and "Wrong user name or password." in wrong.text
+    assert "pacs_edge_session" not in set_cookie(wrong) + set_cookie(unknown)
+    audit = audit_text(web_server, "nobody")
+    assert audit.count("unknown user or wrong password") >= 2
+    log = web_server.log()
+    assert "not the password" not in log and "rad1" not in log and "nobody" not in log
+
+
+def test_lockout_over_https_refuses_the_right_password_until_unlocked(
+        web_server: EdgeServer) -> None:
+    http = browser(web_server)
+    for _ in range(3):
+        assert post_login(http, web_server, "rad1", "not the password").status_code == 401
+    locked = post_login(http, web_server, "rad1", PASSWORD)
+    assert locked.status_code == 401 and "locked" in locked.text
+    assert "pacs_edge_session" not in set_cookie(locked)
+    # HTTP Basic on DICOMweb is the same account: locked there too.
+    assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1").status == 401
+    assert "too many failed logins" in audit_text(web_server, "too many failed logins")
+    web_server.cli("users", "unlock", "rad1")
+    assert post_login(http, web_server, "rad1", PASSWORD).status_code == 303
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Origin": "https://evil.example"}, {"Origin": "null"},
+    {"Referer": "https://evil.example/page"}, {"Origin": "http://localhost"},
+])
+def test_login_post_from_another_origin_is_refused(web_server: EdgeServer,
+                                                   headers: dict[str, str]) -> None:
+    http = client(web_server)
+    answer = http.post(f"{webpeer.base_url(web_server)}/login", headers=headers, timeout=60,
+                       data={"name": "rad1", "password": PASSWORD}, allow_redirects=False)
+    assert answer.status_code == 403 and "pacs_edge_session" not in set_cookie(answer)
+
+
+def test_login_with_a_same_origin_referer_and_no_origin_is_accepted(
+        web_server: EdgeServer) -> None:
+    http = client(web_server)
+    answer = http.post(f"{webpeer.base_url(web_server)}/login", timeout=60,
+                       headers={"Referer": f"{webpeer.base_url(web_server)}/login"},
+                       data={"name": "rad1", "password": PASSWORD}, allow_redirects=False)
+    assert answer.status_code == 303
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "/\\evil",
+                                    "javascript:alert(1)"])
+def test_login_never_redirects_off_the_box(web_server: EdgeServer, target: str) -> None:
+    answer = post_login(browser(web_server), web_server, "rad1", PASSWORD, next_path=target)
+    assert answer.status_code == 303 and answer.headers["Location"] == "/"
+
+
+def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer) -> None:
+    url = web_server.cli("link", STUDY, "--user", "ref1", "--base-url",
+                         webpeer.base_url(web_server)).stdout.strip()
+    assert urlsplit(url).path == "/launch"
+    http = client(web_server)  # a browser arriving from the EHR: no Origin
+    first = http.get(url, allow_redirects=False, timeout=60)
+    assert first.status_code == 200
+    viewer = f"/viewer?StudyInstanceUIDs={STUDY}"
+    assert re.search(rf'http-equiv="refresh" content="0;url={re.escape(viewer)}"', first.text)
+    cookie = set_cookie(first)
+    assert "pacs_edge_session=" in cookie and "SameSite=Strict" in cookie
+    assert first.headers["Referrer-Policy"] == "no-referrer"
+    assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}{viewer}",
+                                          allow_redirects=False, timeout=60))
+    again = client(web_server).get(url, allow_redirects=False, timeout=60)
+    assert again.status_code == 401 and "already used" in again.text
+    assert "pacs_edge_session" not in set_cookie(again)
+    audit = audit_text(web_server, "launch link")
+    assert "launch link" in audit and "the launch link was already used" in audit
+    assert STUDY not in web_server.log() and "ref1" not in web_server.log()
+
+
+@pytest.mark.parametrize("token", ["", "v1.e30.AAAA", "garbage", "v1." + "A" * 2000])
+def test_bad_launch_links_are_refused_with_401(web_server: EdgeServer, token: str) -> None:
+    answer = webpeer.curl(web_server, f"/launch?t={token}")
+    assert answer.status == 401 and b"not valid" in answer.body
+    assert "set-cookie" not in answer.headers
+
+
+def test_session_cookie_of_another_box_is_refused(
+        web_server: EdgeServer, tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    other = edge_server_factory(webpeer.web_home(tmp_path / "other-home", free_port()))
+    webpeer.add_user(other, "rad1", "radiologist")
+    http = browser(other)
+    assert post_login(http, other, "rad1", PASSWORD).status_code == 303
+    stolen = client(web_server)
+    stolen.cookies.set("pacs_edge_session", http.cookies["pacs_edge_session"])
+    assert is_login_redirect(stolen.get(f"{webpeer.base_url(web_server)}/",
+                                        allow_redirects=False, timeout=60))
+    answer = stolen.get(f"{webpeer.base_url(web_server)}/dicom-web/studies", timeout=60)
+    assert answer.status_code == 401
