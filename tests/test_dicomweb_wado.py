@@ -190,9 +190,13 @@ def test_bad_uids_traversal_and_unknown_studies(
                  "/dicom-web/studies/1.2.3/series/1.2/instances/01.2/frames/1"):
         answer = webpeer.curl(web, path, user="rad")
         assert answer.status == 400, path
-    traversal = webpeer.curl(web, "/dicom-web/studies/../../../../etc/passwd", user="rad")
-    assert traversal.status in (400, 404)
-    assert b"root:" not in traversal.body
+    for path in ("/dicom-web/studies/../../../../etc/passwd",
+                 "/dicom-web/studies/1.2.3/series/../../../../../etc/passwd",
+                 "/dicom-web/studies/%2e%2e%2f%2e%2e%2fetc%2fpasswd/metadata"):
+        traversal = webpeer.curl(web, path, user="rad", as_is=True,
+                                 headers={"Accept": ANY})
+        assert traversal.status in (400, 404), path
+        assert b"root:" not in traversal.body, path
     unknown = webpeer.curl(web, "/dicom-web/studies/1.2.3.4.5", user="rad",
                            headers={"Accept": ANY})
     assert unknown.status == 404

@@ -10,12 +10,13 @@ import socket
 import ssl
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import webpeer
-from conftest import EdgeServer
+from conftest import EdgeServer, run_pacs_edge
 
 DEADLINE = 60.0
 
@@ -54,6 +55,26 @@ def test_wrong_password_and_malformed_basic_are_401(web_server: EdgeServer) -> N
     garbled = webpeer.curl(web_server, "/dicom-web/studies",
                            headers={"Authorization": "Basic !!!not-base64"})
     assert garbled.status == 401
+
+
+def test_https_port_in_use_stops_serve_with_a_one_line_error(
+        tmp_path: Path, free_port: Callable[[], int]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        home = webpeer.web_home(tmp_path / "web-home", taken.getsockname()[1])
+        proc = run_pacs_edge("serve", "--home", str(home), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot listen for HTTPS" in proc.stderr
+    assert "[http] port" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_init_writes_the_http_port(tmp_path: Path) -> None:
+    home = webpeer.web_home(tmp_path / "web-home", 9443)
+    config = tomllib.loads((home / "pacs-edge.toml").read_text())
+    assert config["http"]["port"] == 9443
+    assert config["http"]["host"] == "127.0.0.1"
 
 
 def test_oversized_upload_is_413_before_it_is_read(
