@@ -18,7 +18,7 @@ import pytest
 import webpeer
 from conftest import EdgeServer
 from pydicom import encaps
-from syncagent import SyncAgent, evict, import_files, sync_once, tier_state
+from syncagent import SyncAgent, evict, import_files, index_rows, sync_once, tier_state
 
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -236,3 +236,17 @@ def test_evicted_study_comes_back_by_wado(tmp_path: Path,
             assert tier_state(server, study_uid) == "replicated"
         finally:
             assert agent.stop() == 0, agent.log()
+
+
+def test_a_wado_read_stamps_the_study_last_access_for_eviction(
+        web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "touch", seed=83, series_per_study=1,
+                                instances_per_series=1)
+    dcmtk.storescu(web.port, [study[0].path]).check()
+    query = f"SELECT last_access_at FROM studies WHERE study_uid = '{study[0].study_uid}'"
+    ((before,),) = index_rows(web.home, query)
+    for _ in range(3):  # stamped once, however many reads follow
+        got = webpeer.session(web, "rad").get(_url(web, study[0], "/metadata"))
+        assert got.status_code == 200
+    ((after,),) = index_rows(web.home, query)
+    assert after > before
