@@ -64,6 +64,24 @@ def test_every_transfer_syntax_round_trips_stow_to_wado_byte_identical(
         assert dicomgen.dataset_bytes(stored) == dicomgen.dataset_bytes(sent.path), ts
 
 
+def test_instances_larger_than_the_buffered_head_round_trip_identical(
+        web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "big", seed=77, series_per_study=1,
+                                instances_per_series=2, size=512)  # 512 KiB each
+    status, answer = _post(web, [i.path for i in study])
+    assert status == 200, answer
+    got = webpeer.session(web, "rad").get(
+        f"{webpeer.base_url(web)}/dicom-web/studies/{study[0].study_uid}",
+        headers={"Accept": ANY})
+    assert got.status_code == 200
+    received = set()
+    for _, payload in webpeer.parts(got.headers["Content-Type"], got.content):
+        path = tmp_path / "part.dcm"
+        path.write_bytes(payload)
+        received.add(dicomgen.dataset_bytes(path))
+    assert received == {dicomgen.dataset_bytes(i.path) for i in study}
+
+
 def test_stowed_study_comes_back_by_cget_identical(
         web: EdgeServer, small_study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
     status, answer = _post(web, [i.path for i in small_study])

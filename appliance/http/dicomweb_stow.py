@@ -3,9 +3,10 @@
 Each part is streamed to a spool file in the store (bounded memory, counted
 against `[http] max_request_mb`: a larger upload is 413, announced by
 Content-Length or found while reading; a body that stalls for `[http]
-idle_timeout` is 408), then goes through the one durable ingest path of
-C-STORE (IngestService.ingest_file: fresh File Meta, dataset bytes unchanged,
-fsync, rename, index commit). The answer is given only once every stored
+idle_timeout` is 408): the box's own File Meta, then the uploaded dataset bytes
+unchanged, written once as they arrive; then it goes through the one durable
+ingest path of C-STORE (IngestService.ingest_spool: header check, fsync,
+rename, index commit). The answer is given only once every stored
 instance is durable, as a C-STORE acknowledgement is.
 
 The answer is the PS3.18 Store Instances Response (application/dicom+json):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.uids import is_valid_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
+from appliance.services.ingest import IngestService
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
 
@@ -47,6 +50,7 @@ CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 NOT_THIS_STUDY = 0xA900
 _REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES}
+HEAD_BYTES = 64 << 10  # of a part, kept in memory to find the end of its File Meta
 
 
 @dataclass
@@ -106,11 +110,16 @@ def _check_content_type(header: str) -> None:
 
 async def _store_part(request: web.Request, part: BodyPartReader, target: str,
                       budget: list[int], idle: float, outcome: _Outcome) -> None:
-    services = common.services(request)
-    part_type = MediaRange.parse_all(part.headers.get("Content-Type", DICOM))[0]
-    spool = await asyncio.to_thread(services.files.new_spool)
+    """Stream one part into a spool: its first HEAD_BYTES are kept to write the box's own
+    File Meta (IngestService.start_spool), the dataset bytes after them go to disk as
+    they arrive. One write per byte, as for C-STORE; nothing of the part is kept beyond
+    one CHUNK in memory."""
+    ingest = common.services(request).ingest
+    is_dicom = MediaRange.parse_all(part.headers.get("Content-Type", DICOM))[0].media_type == DICOM
+    head = bytearray()
+    spool: SpoolFile | None = None
+    refused = not is_dicom  # read to its end, store nothing
     try:
-        buffer = bytearray()
         while True:
             async with asyncio.timeout(idle):
                 chunk = await part.read_chunk(CHUNK)
@@ -121,33 +130,58 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
                 raise web.HTTPRequestEntityTooLarge(
                     max_size=common.services(request).config.http.max_request_mb << 20,
                     actual_size=-1, text="the upload exceeds [http] max_request_mb\n")
-            buffer += chunk
-            if len(buffer) >= CHUNK:
-                await asyncio.to_thread(spool.write, bytes(buffer))
-                buffer.clear()
-        if buffer:
-            await asyncio.to_thread(spool.write, bytes(buffer))
-        await asyncio.to_thread(spool.close)
-        if part_type.media_type != DICOM:
-            outcome.failed.append(("", "", CANNOT_UNDERSTAND))
-            return
-        await _ingest(request, spool, target, outcome)
-    finally:
-        await asyncio.to_thread(spool.discard)
+            if refused:
+                continue
+            head += chunk
+            if spool is None and len(head) < HEAD_BYTES:
+                continue
+            if spool is None:
+                spool = await asyncio.to_thread(_start, ingest, bytes(head))
+                refused = spool is None
+            else:
+                await asyncio.to_thread(spool.write, bytes(head))
+            head.clear()
+        if not refused and spool is None:  # a part shorter than HEAD_BYTES
+            spool = await asyncio.to_thread(_start, ingest, bytes(head))
+            refused = spool is None
+        elif spool is not None and head:
+            await asyncio.to_thread(spool.write, bytes(head))
+    except BaseException:
+        if spool is not None:
+            await asyncio.to_thread(spool.discard)
+        raise
+    if spool is None:
+        outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+        return
+    await _ingest(request, spool, target, outcome)
+
+
+def _start(ingest: IngestService, head: bytes) -> SpoolFile | None:
+    """A spool with the box's File Meta and the dataset bytes found in `head`; None when
+    `head` does not begin a Part 10 file (or its File Meta does not fit in it)."""
+    fh = io.BytesIO(head)
+    try:
+        spool = ingest.start_spool(fh)
+    except RejectedInstance:
+        return None
+    if fh.tell() >= len(head) and len(head) >= HEAD_BYTES:
+        spool.discard()  # File Meta of 64 KiB or more: not something a modality writes
+        return None
+    spool.write(head[fh.tell():])
+    return spool
 
 
 async def _ingest(request: web.Request, spool: SpoolFile, target: str,
                   outcome: _Outcome) -> None:
+    """Make the spooled instance durable (the spool is consumed either way)."""
     services = common.services(request)
-    if spool.error is not None:
-        outcome.failed.append(("", "", OUT_OF_RESOURCES))
-        return
     sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool)
     if target and study != target:
+        await asyncio.to_thread(spool.discard)
         outcome.failed.append((sop_class, sop_uid, NOT_THIS_STUDY))
         return
     try:
-        result = await services.ingest.ingest_file(spool.path, source_ae=_SOURCE)
+        result = await services.ingest.ingest_spool(spool, source_ae=_SOURCE)
     except OutOfSpace:
         outcome.failed.append((sop_class, sop_uid, OUT_OF_RESOURCES))
         return

@@ -146,14 +146,26 @@ class IngestService:
     def _spool_from_file(self, source: Path | BinaryIO) -> SpoolFile:
         """Copy `source` into a spool file: a fresh File Meta header, then its dataset bytes
         exactly as they are in the source file."""
+        opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
+        with opened as fh:
+            spool = self.start_spool(fh)
+            try:
+                shutil.copyfileobj(fh, spool, _COPY_CHUNK)  # type: ignore[misc]
+            except BaseException:
+                spool.discard()
+                raise
+        return spool
+
+    def start_spool(self, fh: BinaryIO) -> SpoolFile:
+        """A new spool holding the preamble and a fresh File Meta for the Part 10 file at
+        `fh`, which is left at its first dataset byte: the caller writes the dataset bytes
+        as they are (a file's rest, or an upload as it streams in: STOW-RS), then calls
+        `ingest_spool`. Raises InvalidInstance for data that is not Part 10."""
+        meta = _file_meta(fh)
         spool = self.files.new_spool()
         try:
-            opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
-            with opened as fh:
-                meta = _file_meta(fh)
-                spool.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(spool, meta, enforce_standard=True)  # type: ignore[arg-type]
-                shutil.copyfileobj(fh, spool, _COPY_CHUNK)  # type: ignore[misc]
+            spool.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(spool, meta, enforce_standard=True)  # type: ignore[arg-type]
         except BaseException:
             spool.discard()
             raise
