@@ -75,9 +75,26 @@ def test_stored_syntax_not_accepted_is_406_and_default_means_explicit_le(
     plain = syntax_set["1.2.840.10008.1.2.1"]
     default = 'multipart/related; type="application/dicom"'
     assert http.get(_url(web, jpeg), headers={"Accept": default}).status_code == 406
+    assert http.get(_url(web, syntax_set["1.2.840.10008.1.2.2"]),
+                    headers={"Accept": default}).status_code == 406  # big endian: no
     assert http.get(_url(web, plain), headers={"Accept": default}).status_code == 200
     named = f'{default}; transfer-syntax=1.2.840.10008.1.2.4.50'
     assert http.get(_url(web, jpeg), headers={"Accept": named}).status_code == 200
+
+
+def test_implicit_and_deflated_instances_are_reencoded_for_clients_wanting_explicit_le(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    client = webpeer.dicomweb(web, "rad")
+    for ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"):
+        sent = syntax_set[ts]
+        # No transfer-syntax parameter: PS3.18's default, Explicit VR Little Endian.
+        got = client.retrieve_instance(sent.study_uid, str(sent.header.SeriesInstanceUID),
+                                       sent.sop_instance_uid, media_types=("application/dicom",))
+        assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1", ts
+        original = pydicom.dcmread(sent.path)
+        assert got.PixelData == original.PixelData, ts
+        assert got.PatientName == original.PatientName, ts
+        assert got.SOPInstanceUID == original.SOPInstanceUID, ts
 
 
 def test_series_metadata_has_bulkdata_uris_and_is_cached_until_the_series_grows(

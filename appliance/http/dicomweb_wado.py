@@ -4,8 +4,10 @@
   type="application/dicom", one part per instance, each the stored Part 10 file
   byte for byte, streamed from disk. The stored transfer syntax is sent when the
   Accept header allows it (`transfer-syntax=*`, or that syntax named); without a
-  transfer-syntax parameter PS3.18 means Explicit VR Little Endian. Nothing is
-  transcoded: an instance stored in a syntax the client does not accept is 406.
+  transfer-syntax parameter PS3.18 means Explicit VR Little Endian, and
+  instances stored in Implicit VR LE or Deflated are re-encoded to it
+  (transcode.py). Nothing else is transcoded: an instance stored in another
+  syntax the client does not accept is 406.
 - `.../instances/{i}/frames/{n}[,{n}...]`: one part per frame (pixel_frames.py):
   uncompressed frames as application/octet-stream (Explicit VR Little Endian),
   encapsulated ones in their stored syntax, as its image media type
@@ -45,6 +47,7 @@ from appliance.services.pixel_frames import (
     is_encapsulated,
     read_frames,
 )
+from appliance.services.transcode import TRANSCODABLE, explicit_little
 from appliance.services.web_retrieve import Located
 
 MAX_FRAMES_PER_REQUEST = 4096
@@ -101,13 +104,19 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     syntaxes = accepted_syntaxes(request.headers.get("Accept"))
     if not syntaxes:
         raise common.not_acceptable("instances")
-    if ANY_SYNTAX not in syntaxes and not stored <= syntaxes:
+    as_stored = ANY_SYNTAX in syntaxes
+    if not as_stored and not all(ts in syntaxes or (
+            ts in TRANSCODABLE and EXPLICIT_LITTLE in syntaxes) for ts in stored):
         raise common.not_acceptable("an instance in its stored transfer syntax")
     found = await locate(request, "instances")
     stream = MultipartStream(request, DICOM)
     for item in found.instances:
-        await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
-                          file_chunks(item.path))
+        if as_stored or item.transfer_syntax in syntaxes:
+            await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
+                              file_chunks(item.path))
+        else:  # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py)
+            await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}",
+                              await asyncio.to_thread(explicit_little, item.path))
     return await stream.finish()
 
 
