@@ -43,7 +43,9 @@ from selenium.webdriver.remote.webelement import WebElement
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-USER = "reader"
+USER = "reader"  # a radiologist: sees every study
+REFERRING = "welby"  # a referring physician: sees the CT (referred by WELBY^MARCUS) only
+OTHER_STUDY_SEED = 1  # dicomgen.make_study(seed=1): SMITH^JOHN, referred by KILDARE^JAMES
 SLICES = 40
 # Generous: a cold OHIF load parses ~20 MB of JavaScript with a software renderer.
 PAGE_DEADLINE = 240.0
@@ -78,12 +80,17 @@ def spki_hash(cert_pem: bytes) -> str:
 @pytest.fixture
 def box(tmp_path: Path, free_port: Callable[[], int],
         edge_server_factory: Callable[..., EdgeServer]) -> tuple[EdgeServer, list[Any]]:
-    """A running box with the user and the stored CT series."""
+    """A running box with the users, the stored CT series and another study (in this
+    order in the returned list: the CT's instances, then the other study's)."""
     server = edge_server_factory(webpeer.web_home(tmp_path / "home", free_port()))
     webpeer.add_user(server, USER, "radiologist")
     series = dicomgen.make_ct_phantom_series(tmp_path / "ct", SLICES)
-    dcmtk.storescu(server.port, [i.path for i in series], aec=server.ae_title).check()
-    return server, series
+    other = dicomgen.make_study(tmp_path / "other", seed=OTHER_STUDY_SEED)
+    assert series[0].header.ReferringPhysicianName != other[0].header.ReferringPhysicianName
+    webpeer.add_user(server, REFERRING, "referring",
+                     referring=str(series[0].header.ReferringPhysicianName))
+    dcmtk.storescu(server.port, [i.path for i in series + other], aec=server.ae_title).check()
+    return server, series + other
 
 
 @pytest.fixture
@@ -147,18 +154,33 @@ def rendered(driver: webdriver.Chrome) -> np.ndarray | None:
     return pixels if pixels.std() > 20 else None
 
 
-def dicomweb_responses(driver: webdriver.Chrome) -> list[tuple[str, int]]:
-    """(path, status) of every /dicom-web response the page got, from the performance log."""
-    seen = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] != "Network.responseReceived":
-            continue
-        response = message["params"]["response"]
-        path = urlsplit(response["url"]).path
-        if path.startswith("/dicom-web/"):
-            seen.append((path, int(response["status"])))
-    return seen
+class NetworkLog:
+    """The /dicom-web responses a browser got, from Chrome's performance log (which
+    get_log drains: this keeps what every call returned)."""
+
+    def __init__(self, driver: webdriver.Chrome) -> None:
+        self._driver = driver
+        self._seen: list[tuple[str, int]] = []
+
+    def dicomweb(self) -> list[tuple[str, int]]:
+        """(path?query, status) of every /dicom-web response so far."""
+        for entry in self._driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] != "Network.responseReceived":
+                continue
+            response = message["params"]["response"]
+            url = urlsplit(response["url"])
+            if url.path.startswith("/dicom-web/"):
+                where = f"{url.path}?{url.query}" if url.query else url.path
+                self._seen.append((where, int(response["status"])))
+        return list(self._seen)
+
+
+def fetch_status(driver: webdriver.Chrome, path: str) -> int | str:
+    """The status of a fetch() the page makes itself (its session cookie goes along)."""
+    return driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));", path)
 
 
 def diagnosis(driver: webdriver.Chrome, folder: Path) -> str:
@@ -168,25 +190,90 @@ def diagnosis(driver: webdriver.Chrome, folder: Path) -> str:
     errors = [e["message"][:300] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     return (f"url: {driver.current_url}\npage text: {text_of(driver)[:1500]}\n"
             f"console errors: {errors[:20]}\n"
-            f"dicomweb: {dicomweb_responses(driver)[:40]}\n"
+            f"dicomweb: {NetworkLog(driver).dicomweb()[-40:]}\n"
             f"screenshot: {folder / 'failure.png'}")
 
 
-def login(driver: webdriver.Chrome, base: str) -> None:
+def login(driver: webdriver.Chrome, base: str, user: str = USER) -> None:
     driver.get(base + "/")
     poll("the login page", lambda: "/login" in driver.current_url
          and bool(driver.find_elements(By.CSS_SELECTOR, "input[type=password]")))
-    driver.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(USER)
+    driver.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(user)
     driver.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(webpeer.PASSWORD)
     driver.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
 
 
-def test_radiologist_logs_in_opens_the_ct_and_scrolls_through_it(
-        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+def in_the_list(driver: webdriver.Chrome, header: Any) -> bool:
+    """Whether the study list shows the study of `header` (patient as OHIF writes it)."""
+    family, given = str(header.PatientName).split("^")
+    text = text_of(driver)
+    return f"{family}, {given}" in text and header.StudyDescription in text
+
+
+def diagnosed(browser: webdriver.Chrome, tmp_path: Path, steps: Callable[[], None]) -> None:
     try:
-        read_the_ct(box, browser, tmp_path)
+        steps()
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{diagnosis(browser, tmp_path)}") from exc
+
+
+def test_radiologist_logs_in_opens_the_ct_and_scrolls_through_it(
+        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    diagnosed(browser, tmp_path, lambda: read_the_ct(box, browser, tmp_path))
+
+
+def test_referring_physician_sees_only_their_studies_in_the_viewer(
+        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    server, instances = box
+    mine, other = instances[0].header, instances[-1].header
+    network = NetworkLog(browser)
+
+    def steps() -> None:
+        login(browser, webpeer.base_url(server), REFERRING)
+        poll("their study in the study list", lambda: in_the_list(browser, mine))
+        assert not in_the_list(browser, other)
+        assert str(other.PatientName).split("^")[0] not in text_of(browser)
+        # Asking the viewer for the other study by its UID shows nothing: QIDO finds no
+        # series in it, OHIF says the study is not available, and no retrieve succeeded.
+        browser.get(f"{webpeer.base_url(server)}/viewer?StudyInstanceUIDs="
+                    f"{other.StudyInstanceUID}")
+        poll("the study-not-available page", lambda: "/notfoundstudy" in browser.current_url)
+        assert "not available" in text_of(browser)
+        assert rendered(browser) is None
+        retrieved = [(where, status) for where, status in network.dicomweb()
+                     if other.StudyInstanceUID in where and status < 400
+                     and any(part in where for part in ("/metadata", "/frames", "/rendered",
+                                                         "/thumbnail", "/bulkdata"))]
+        assert not retrieved, retrieved
+        assert str(other.PatientName).split("^")[0] not in text_of(browser)
+        # Nor can the page's own session fetch it: out of scope is 404, like no such study.
+        metadata = (f"/dicom-web/studies/{other.StudyInstanceUID}/series/"
+                    f"{other.SeriesInstanceUID}/metadata")
+        assert fetch_status(browser, metadata) == 404
+        assert fetch_status(browser, f"/dicom-web/studies/{mine.StudyInstanceUID}/series/"
+                                     f"{mine.SeriesInstanceUID}/metadata") == 200
+
+    diagnosed(browser, tmp_path, steps)
+
+
+def test_launch_link_opens_the_study_in_the_viewer_without_a_login(
+        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    server, instances = box
+    header = instances[0].header
+    url = server.cli("link", header.StudyInstanceUID, "--user", REFERRING, "--base-url",
+                     webpeer.base_url(server)).stdout.strip()
+
+    def steps() -> None:
+        browser.get(url)  # as the EHR opens it: no session yet
+        poll("the viewer on the linked study", lambda: "/viewer?StudyInstanceUIDs="
+             f"{header.StudyInstanceUID}" in browser.current_url)
+        click_button(browser, "Confirm and hide")
+        assert poll("the linked image", lambda: rendered(browser)).std() > 20
+        (tmp_path / "launched.png").write_bytes(browser.get_screenshot_as_png())
+        failed = [(w, s) for w, s in NetworkLog(browser).dicomweb() if s >= 400]
+        assert not failed, failed
+
+    diagnosed(browser, tmp_path, steps)
 
 
 def read_the_ct(box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome,
@@ -194,14 +281,13 @@ def read_the_ct(box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome,
     server, series = box
     header = series[0].header
     base = webpeer.base_url(server)
+    network = NetworkLog(browser)
     login(browser, base)
 
     # The study list (OHIF at /) shows the study: its patient and its description.
-    family, given = str(header.PatientName).split("^")
-    poll("the study in the study list",
-         lambda: f"{family}, {given}" in text_of(browser) and header.StudyDescription
-         in text_of(browser))
+    poll("the study in the study list", lambda: in_the_list(browser, header))
     click_button(browser, "Confirm and hide")  # OHIF's investigational-use notice
+    family, given = str(header.PatientName).split("^")
     row = browser.find_element(By.XPATH, f"//tr[.//*[text()='{family}, {given}']]")
     row.click()
     poll("the Basic Viewer button", lambda: click_button(browser, "Basic Viewer"))
@@ -229,9 +315,9 @@ def read_the_ct(box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome,
     assert np.abs(after - before).mean() > 1.0, "scrolling did not change the image"
 
     # Every DICOMweb request the browser made succeeded, and frames were among them.
-    responses = dicomweb_responses(browser)
+    responses = network.dicomweb()
     assert responses, "the viewer made no DICOMweb request"
     failed = [(path, status) for path, status in responses if status >= 400]
     assert not failed, failed
-    assert any("/frames/" in path for path, _ in responses)
-    assert any(path.endswith("/metadata") for path, _ in responses)
+    assert any("/frames/" in where for where, _ in responses)
+    assert any(where.endswith("/metadata") for where, _ in responses)

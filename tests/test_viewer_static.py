@@ -250,7 +250,7 @@ async def test_installed_bundles_cross_the_wire_gzipped_to_browsers_that_accept_
     assert "content-encoding" not in plain.headers
 
 
-def test_viewer_files_require_a_login(tmp_path: Path, free_port: Callable[[], int],
+def test_viewer_files_require_a_login_but_the_manifest(tmp_path: Path, free_port: Callable[[], int],
                                       edge_server_factory: Callable[..., EdgeServer]) -> None:
     server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port()))
     for path in ("/app-config.js", f"/{HASHED_JS}", "/viewer?StudyInstanceUIDs=1.2.3"):
@@ -258,3 +258,7 @@ def test_viewer_files_require_a_login(tmp_path: Path, free_port: Callable[[], in
         assert answer.status == 303, path
         assert answer.headers["location"].startswith("/login?next=")
         assert b"dicom-web" not in answer.body
+    # Browsers fetch the web app manifest without cookies: it alone is public.
+    manifest = webpeer.curl(server, "/manifest.json")
+    assert manifest.status == 200
+    assert json.loads(manifest.body)["name"] == "OHIF Viewer"
