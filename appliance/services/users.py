@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from appliance.base import logsafe
 from appliance.base.config import Config
-from appliance.base.errors import AuthenticationError, AuthFailure, UserError
+from appliance.base.errors import AuthenticationError, AuthFailure, PacsEdgeError, UserError
 from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
 from appliance.store import database
@@ -225,9 +225,10 @@ class UserService:
 
     # --- launch links ------------------------------------------------------------------
 
-    def link_key(self) -> bytes:
+    def link_key(self, *, create: bool = False) -> bytes:
+        """The home's link key (kept once read); `create` makes it if missing (signing)."""
         if self._link_key is None:
-            self._link_key = launch_links.load_link_key(self.config.home)
+            self._link_key = launch_links.load_link_key(self.config.home, create=create)
         return self._link_key
 
     async def sign_link(self, name: str, study_uid: str, *, ttl_seconds: int) -> str:
@@ -239,7 +240,7 @@ class UserService:
         if await database.run_sync(self.index.reader, rows.find_user, name) is None:
             raise _unknown(name)
         try:
-            return launch_links.sign(self.link_key(), user=name, study_uid=study_uid,
+            return launch_links.sign(self.link_key(create=True), user=name, study_uid=study_uid,
                                      ttl_seconds=ttl_seconds, now=self._clock())
         except ValueError:
             raise UserError("not a valid Study Instance UID",
@@ -249,7 +250,12 @@ class UserService:
         """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
         AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
         now = self._clock()
-        claims = launch_links.verify(self.link_key(), url_token, now=now,
+        try:
+            key = self.link_key()
+        except PacsEdgeError as exc:  # no key yet: this box signed no link it can check
+            log.error("launch link key unusable error=%s", exc.message)
+            raise AuthenticationError(AuthFailure.LINK_INVALID) from None
+        claims = launch_links.verify(key, url_token, now=now,
                                      max_ttl_seconds=self.config.auth.link_max_ttl_minutes * 60)
         user = await database.run_sync(self.index.reader, rows.find_user, claims.user)
         if user is None:
