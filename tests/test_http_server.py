@@ -47,6 +47,30 @@ def test_pages_without_a_session_redirect_to_login(web_server: EdgeServer) -> No
     assert answer.headers["location"].startswith("/login")
 
 
+def test_wrong_password_and_malformed_basic_are_401(web_server: EdgeServer) -> None:
+    webpeer.add_user(web_server, "rad", "radiologist")
+    wrong = webpeer.curl(web_server, "/dicom-web/studies", user="rad", password="nope" * 4)
+    assert wrong.status == 401
+    garbled = webpeer.curl(web_server, "/dicom-web/studies",
+                           headers={"Authorization": "Basic !!!not-base64"})
+    assert garbled.status == 401
+
+
+def test_oversized_upload_is_413_before_it_is_read(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),
+                                                  max_request_mb=1))
+    webpeer.add_user(server, "rad", "radiologist")
+    body = tmp_path / "big.bin"
+    body.write_bytes(b"\0" * (2 << 20))
+    answer = webpeer.curl(server, "/dicom-web/studies", user="rad", method="POST",
+                          headers={"Content-Type":
+                                   'multipart/related; type="application/dicom"; boundary=xx'},
+                          data_file=body)
+    assert answer.status == 413
+
+
 def test_plain_http_on_the_https_port_gets_no_answer(web_server: EdgeServer) -> None:
     proc = subprocess.run(["curl", "-sS", "--max-time", "30",
                            f"http://127.0.0.1:{web_server.http_port}/dicom-web/studies"],

@@ -5,6 +5,9 @@
 - session(server, user): a requests.Session that verifies the site CA and sends HTTP Basic.
 - dicomweb(server, user): a dicomweb_client.DICOMwebClient on that session.
 - curl(server, path, ...): curl's raw answer (status line, headers, body) as Curl.
+- running_web_server(folder): a module-wide started server with a radiologist `rad`.
+- multipart_body(paths) / parts(response): build a STOW-RS body from files as they are
+  on disk; split a multipart/related answer into (headers, bytes) parts.
 
 Every client verifies the server's certificate against the site CA of the data
 home (<home>/tls/ca.pem) and calls it by `localhost`, a name the node certificate
@@ -13,13 +16,18 @@ carries; nothing is ever sent without TLS.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
 import ssl
 import subprocess
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dcmtk
 import requests
 from conftest import EdgeServer, init_home
 from dicomweb_client.api import DICOMwebClient
@@ -58,6 +66,8 @@ def add_user(server: EdgeServer, name: str, role: str, *, referring: str = "",
 def session(server: EdgeServer, user: str | None, *, password: str = PASSWORD
             ) -> requests.Session:
     http = requests.Session()
+    # Not the environment's CA bundle or proxies (REQUESTS_CA_BUNDLE would override verify).
+    http.trust_env = False
     http.verify = str(ca_file(server))
     if user is not None:
         http.auth = (user, password)
@@ -116,3 +126,72 @@ def tls_socket(server: EdgeServer) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(ca_file(server)))
     raw = socket.create_connection((server.host, server.http_port), timeout=60)
     return context.wrap_socket(raw, server_hostname=HOST)
+
+
+@contextlib.contextmanager
+def running_web_server(folder: Path, **http: object) -> Iterator[EdgeServer]:
+    """A started server with HTTPS and a radiologist `rad`; stopped (cleanly) at exit."""
+    server = EdgeServer(web_home(folder / "web-home", dcmtk.free_port(), **http))
+    server.start()
+    try:
+        add_user(server, "rad", "radiologist")
+        yield server
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
+
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary={}'
+
+
+def multipart_body(paths: Iterable[Path], *, part_type: str = "application/dicom"
+                   ) -> tuple[bytes, str]:
+    """(body, Content-Type) of a STOW-RS request carrying the files byte for byte."""
+    boundary = secrets.token_hex(12)
+    body = bytearray()
+    for path in paths:
+        body += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+        body += path.read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), STOW_TYPE.format(boundary)
+
+
+def parts(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer: ({header: value}, payload bytes).
+
+    Split by hand on the boundary (RFC 2046 5.1.1): the email package would
+    reinterpret line endings inside binary payloads."""
+    params = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p)
+    boundary = params["boundary"].strip('"').encode()
+    delimiter = b"\r\n--" + boundary
+    assert body.startswith(b"--" + boundary), body[:80]
+    found = []
+    for segment in (b"\r\n" + body).split(delimiter)[1:]:
+        if segment.startswith(b"--"):
+            break
+        head, _, payload = segment[2:].partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        found.append((headers, payload))
+    return found
+
+
+def audit_lines(server: EdgeServer, *needles: str) -> list[str]:
+    """Lines of the audit log holding every needle (records are written within
+    [audit] flush_seconds, so callers poll)."""
+    path = server.home / "audit" / "audit.log"
+    text = path.read_text() if path.exists() else ""
+    return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+
+def audit_line(server: EdgeServer, *needles: str, timeout: float = 30.0) -> str:
+    """The first audit line holding every needle, polled for up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = audit_lines(server, *needles)
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no audit record with {needles}"
+        time.sleep(0.1)

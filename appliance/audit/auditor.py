@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 class InstanceFacts(Protocol):
@@ -520,6 +521,49 @@ class Auditor:
                                   roles=(Role.DESTINATION,))
                 batch = self._imports[source] = _Batch(EventID.IMPORT, (importer, box))
             batch.add(instance)
+
+    # --- events: DICOMweb (appliance/http) ------------------------------------------------
+
+    def web_queried(self, user: str, address: str, *, level: str, query: str,
+                    matches: int | None, reason: str = "") -> None:
+        """A QIDO-RS search by a web user: the query string is the participant object."""
+        # Identified like a C-FIND: by the Study Root FIND SOP class.
+        search = ParticipantObject(STUDY_ROOT_FIND, ObjectIDType.SOP_CLASS_UID,
+                                   ObjectType.SYSTEM_OBJECT, ObjectRole.REPORT,
+                                   query=query.encode("utf-8"),
+                                   details=(("Protocol", "QIDO-RS"), ("QueryLevel", level),
+                                            *((("Matches", str(matches)),)
+                                              if matches is not None else ())))
+        self._record(EventID.QUERY, Action.EXECUTE,
+                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
+                     (self._web_user(user, address, Role.SOURCE), self._web_box(Role.DESTINATION)),
+                     objects=(search,), description=reason)
+
+    def web_retrieved(self, user: str, address: str, *, what: str, study_uids: Iterable[str],
+                      reason: str = "") -> None:
+        """A WADO-RS read by a web user (`what`: instances, metadata, frames, bulkdata):
+        one record per request, naming the studies and their patients; blocking (it reads
+        the index): call it off the event loop."""
+        self._record(EventID.INSTANCES_TRANSFERRED, Action.READ,
+                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
+                     (self._web_box(Role.SOURCE), self._web_user(user, address, Role.DESTINATION)),
+                     objects=self._study_objects(study_uids),
+                     description=reason or f"WADO-RS {what}")
+
+    def web_stored(self, user: str, address: str, instances: Iterable[InstanceFacts]) -> None:
+        """Instances a STOW-RS request stored: one record per study, written at once."""
+        batch = _Batch(EventID.INSTANCES_TRANSFERRED, (self._web_user(user, address, Role.SOURCE),
+                                                      self._web_box(Role.DESTINATION)))
+        for instance in instances:
+            batch.add(instance)
+        self._emit_batch(batch)
+
+    def _web_user(self, user: str, address: str, role: Code) -> Participant:
+        return Participant(user, requestor=True, roles=(role,), address=address,
+                           user_name=f"web user {user}")
+
+    def _web_box(self, role: Code) -> Participant:
+        return Participant(self.source.source_id, requestor=False, roles=(role,))
 
     # --- events: the sync agent ----------------------------------------------------------
 

@@ -19,6 +19,8 @@ Tree::
     ├── AuthenticationError       a web user, session or launch link is refused
     │                             (kind: AuthFailure; services/users.py)
     ├── UserError                 a user account edit that cannot be applied (services/users.py)
+    ├── FrameError                an instance has no such frame or no usable pixel data
+    │                             (services/pixel_frames.py)
     ├── IndexUnavailable          SQLite failed for a reason other than disk full
     ├── UnsafePath                a dropped file's path crosses a symlink: left alone
     ├── StudyBusy                 another process runs a tiering operation on the study

@@ -202,11 +202,16 @@ class RetrieveService:
 
     async def await_recall(self, plan: Plan, *, requested_by: str, wait: float) -> RecallWait:
         """Ask for the plan's evicted studies and wait up to `wait` seconds for them."""
-        await recall_requests.request_recall(self.index, plan.recall_studies, requested_by)
+        return await self.await_studies(plan.recall_studies, requested_by=requested_by,
+                                        wait=wait)
+
+    async def await_studies(self, study_uids: Sequence[str], *, requested_by: str,
+                            wait: float) -> RecallWait:
+        """Ask for these evicted studies (C-MOVE/C-GET or WADO-RS) and wait for them."""
+        await recall_requests.request_recall(self.index, study_uids, requested_by)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            waiting, errors = await recall_requests.recall_progress(self.index,
-                                                                    plan.recall_studies)
+            waiting, errors = await recall_requests.recall_progress(self.index, study_uids)
             if not waiting or errors or asyncio.get_running_loop().time() >= deadline:
                 return RecallWait(done=not waiting, errors=tuple(errors))
             await asyncio.sleep(RECALL_POLL_SECONDS)

@@ -1,0 +1,173 @@
+"""QIDO-RS (PS3.18 10.6): search for studies, series and instances.
+
+The query string becomes a C-FIND identifier and WebQueryService answers it
+with the C-FIND matcher (same wildcards, ranges and UID lists as DIMSE), scoped
+to the user, then paged. Supported parameters:
+
+- `{attributeID}={value}`: a keyword (PatientID) or tag (00100020); UID lists
+  separated by commas or backslashes; repeated keys are refused (400);
+- `includefield={attributeID}[,...]` (repeatable) or `includefield=all`;
+- `limit`, `offset` (non-negative integers);
+- `fuzzymatching=true` is not supported: matching stays exact and a
+  `Warning: 299` header says so (PS3.18 8.3.4.4).
+
+Answers are application/dicom+json (200 with `[]` when nothing matches); an
+identifier C-FIND would refuse is 400. Each search is audited (who, from
+where, the query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiohttp import web
+from pydicom import config
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+
+from appliance.base.errors import QueryError
+from appliance.http import dicomweb_common as common
+from appliance.http.dicomweb_media import accepts_json
+from appliance.services.web_query import WebQueryService
+
+_STUDY_KEYS = (
+    "SpecificCharacterSet", "StudyDate", "StudyTime", "AccessionNumber",
+    "InstanceAvailability", "ModalitiesInStudy", "ReferringPhysicianName", "PatientName",
+    "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+    "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+)
+_SERIES_KEYS = (
+    "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID", "SeriesDate",
+    "SeriesTime", "BodyPartExamined", "NumberOfSeriesRelatedInstances", "StudyInstanceUID",
+)
+_INSTANCE_KEYS = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "InstanceNumber",
+    "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "BitsAllocated",
+    "NumberOfFrames",
+)
+_RESERVED = {"includefield", "limit", "offset", "fuzzymatching"}
+_LEVEL_TAG = Tag(0x0008, 0x0052)
+_WARN_FUZZY = '299 pacs-edge "fuzzymatching is not supported: matching is exact"'
+_WARN_MORE = '299 pacs-edge "there are more results: ask with a larger offset"'
+
+
+def add_routes(app: web.Application) -> None:
+    p = common.PREFIX
+    app.router.add_get(f"{p}/studies", studies)
+    app.router.add_get(f"{p}/series", series)
+    app.router.add_get(f"{p}/instances", instances)
+    app.router.add_get(f"{p}/studies/{{study}}/series", series)
+    app.router.add_get(f"{p}/studies/{{study}}/instances", instances)
+    app.router.add_get(f"{p}/studies/{{study}}/series/{{series}}/instances", instances)
+
+
+async def studies(request: web.Request) -> web.Response:
+    return await _search(request, "STUDY", _STUDY_KEYS)
+
+
+async def series(request: web.Request) -> web.Response:
+    defaults = _SERIES_KEYS if "study" in request.match_info else _STUDY_KEYS + _SERIES_KEYS
+    return await _search(request, "SERIES", defaults)
+
+
+async def instances(request: web.Request) -> web.Response:
+    defaults = (_INSTANCE_KEYS if "study" in request.match_info
+                else _STUDY_KEYS + _SERIES_KEYS + _INSTANCE_KEYS)
+    return await _search(request, "IMAGE", defaults)
+
+
+async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> web.Response:
+    if not accepts_json(request.headers.get("Accept")):
+        raise common.not_acceptable("a search")
+    identifier = _identifier(request, level, defaults)
+    offset = _count(request, "offset", 0)
+    limit = _count(request, "limit", None)
+    service = common.services(request)
+    user, address = common.who(request)
+    query = WebQueryService(service.index, retrieve_ae_title=service.config.dicom.ae_title)
+    try:
+        page = await query.search(common.principal(request), identifier, offset=offset,
+                                  limit=limit)
+    except QueryError as exc:
+        await asyncio.to_thread(service.auditor.web_queried, user, address, level=level,
+                                query=request.query_string, matches=None, reason=exc.message)
+        raise web.HTTPBadRequest(text=f"{exc.message}\n") from exc
+    await asyncio.to_thread(service.auditor.web_queried, user, address, level=level,
+                            query=request.query_string, matches=len(page.matches))
+    warnings = []
+    if request.query.get("fuzzymatching", "").lower() == "true":
+        warnings.append(_WARN_FUZZY)
+    if page.truncated:
+        warnings.append(_WARN_MORE)
+    body = []
+    for match in page.matches:
+        if _LEVEL_TAG in match:
+            del match[_LEVEL_TAG]
+        body.append(match.to_json_dict())
+    headers = {"Warning": ", ".join(warnings)} if warnings else None
+    return common.json_response(body, headers=headers)
+
+
+def _identifier(request: web.Request, level: str, defaults: Iterable[str]) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword in defaults:
+        _set(identifier, Tag(tag_for_keyword(keyword)), "")
+    fields = [f for value in request.query.getall("includefield", [])
+              for f in value.split(",") if f.strip()]
+    if any(f.strip().lower() == "all" for f in fields):
+        fields = []  # every key the index knows is among the defaults of the level
+    for name in fields:
+        tag = _tag(name.strip())
+        if tag not in identifier:
+            _set(identifier, tag, "")
+    seen: set[str] = set()
+    for key, value in request.query.items():
+        if key in _RESERVED:
+            continue
+        if key in seen:
+            raise web.HTTPBadRequest(text=f"query key {key} is given more than once\n")
+        seen.add(key)
+        _set(identifier, _tag(key), value)
+    for name, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
+        if name in request.match_info:
+            _set(identifier, Tag(tag_for_keyword(keyword)), common.uid(request, name))
+    return identifier
+
+
+def _tag(name: str) -> BaseTag:
+    """A keyword or an 8-digit hex tag; 400 for anything else (sequence paths too)."""
+    found = tag_for_keyword(name)
+    if found is None and len(name) == 8:
+        try:
+            found = int(name, 16)
+        except ValueError:
+            found = None
+    if found is None or keyword_for_tag(found) == "":
+        raise web.HTTPBadRequest(text="a query key is not a DICOM attribute keyword or tag\n")
+    return Tag(found)
+
+
+def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
+    vr = dictionary_VR(tag).split(" ")[0]
+    if vr == "SQ":
+        raise web.HTTPBadRequest(text="sequence attributes cannot be query keys\n")
+    text: object = value
+    if vr == "UI" and value:
+        text = [v for v in value.replace("\\", ",").split(",") if v]
+    elif "\\" in value:
+        text = value.split("\\")
+    # Values are the user's (maybe PHI): no pydicom validation warning may quote them.
+    identifier[tag] = DataElement(tag, vr, text, validation_mode=config.IGNORE)
+
+
+def _count(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise web.HTTPBadRequest(text=f"{name} must be a non-negative integer\n")
+    return int(raw)

@@ -1,0 +1,210 @@
+"""STOW-RS (PS3.18 10.5): store instances uploaded as multipart/related application/dicom.
+
+Each part is streamed to a spool file in the store (bounded memory, counted
+against `[http] max_request_mb`: a larger upload is 413, announced by
+Content-Length or found while reading; a body that stalls for `[http]
+idle_timeout` is 408), then goes through the one durable ingest path of
+C-STORE (IngestService.ingest_file: fresh File Meta, dataset bytes unchanged,
+fsync, rename, index commit). The answer is given only once every stored
+instance is durable, as a C-STORE acknowledgement is.
+
+The answer is the PS3.18 Store Instances Response (application/dicom+json):
+ReferencedSOPSequence for the stored instances (with their RetrieveURL),
+FailedSOPSequence with a FailureReason for the others; 200 when all were
+stored, 202 when some failed, 409 when none could be. Failure reasons:
+0xC000 cannot be understood, 0xA700 out of resources, 0xA900 the data set
+does not belong to the study of the URL (POST /studies/{study}). Duplicates are
+success (idempotent). A request that is not multipart/related;
+type="application/dicom" is 415; a body that is not valid multipart is 400.
+
+Storing needs a role that sees every study (admin, radiologist): a referring
+physician's upload is 403. Stored instances are audited per study (who, from
+where).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
+from appliance.base.uids import is_valid_uid
+from appliance.http import dicomweb_common as common
+from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
+from appliance.store.instance_header import InstanceHeader
+from appliance.store.spool import SpoolFile
+
+log = logging.getLogger(__name__)
+
+CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700
+NOT_THIS_STUDY = 0xA900
+_REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES}
+
+
+@dataclass
+class _Outcome:
+    stored: list[tuple[str, str, InstanceHeader]]  # (class, instance, header)
+    failed: list[tuple[str, str, int]]  # (class, instance, reason)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post(f"{common.PREFIX}/studies", store)
+    app.router.add_post(f"{common.PREFIX}/studies/{{study}}", store)
+
+
+async def store(request: web.Request) -> web.Response:
+    target = common.uid(request, "study") if "study" in request.match_info else ""
+    config = common.services(request).config.http
+    limit = config.max_request_mb << 20
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text="the upload exceeds [http] max_request_mb\n")
+    _check_content_type(request.headers.get("Content-Type", ""))
+    if not common.principal(request).sees_all():
+        raise web.HTTPForbidden(text="storing needs the admin or radiologist role\n")
+    outcome = _Outcome([], [])
+    # Instances stored before a later part fails (413, 400, 408) stay stored and audited:
+    # each was durable on its own, as over a C-STORE association that is then aborted.
+    try:
+        reader = MultipartReader(request.headers, request.content)
+        budget = [limit]
+        while True:
+            async with asyncio.timeout(config.idle_timeout):
+                part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise ValueError("nested multipart is not a DICOM part")
+            await _store_part(request, part, target, budget, config.idle_timeout, outcome)
+    except TimeoutError as exc:
+        raise web.HTTPRequestTimeout(text="the upload stalled\n") from exc
+    except ValueError as exc:  # aiohttp's multipart parser: malformed body
+        raise web.HTTPBadRequest(text="the body is not valid multipart/related\n") from exc
+    finally:
+        await _audit(request, outcome)
+    if not outcome.stored and not outcome.failed:
+        raise web.HTTPBadRequest(text="the body holds no instance\n")
+    return _answer(request, target, outcome)
+
+
+def _check_content_type(header: str) -> None:
+    (media,) = MediaRange.parse_all(header)[:1] or [MediaRange("")]
+    if media.media_type != MULTIPART or media.part_type != DICOM:
+        raise web.HTTPUnsupportedMediaType(
+            text='STOW-RS takes multipart/related; type="application/dicom"\n')
+    if not media.params.get("boundary"):
+        raise web.HTTPBadRequest(text="multipart/related without a boundary\n")
+
+
+async def _store_part(request: web.Request, part: BodyPartReader, target: str,
+                      budget: list[int], idle: float, outcome: _Outcome) -> None:
+    services = common.services(request)
+    part_type = MediaRange.parse_all(part.headers.get("Content-Type", DICOM))[0]
+    spool = await asyncio.to_thread(services.files.new_spool)
+    try:
+        buffer = bytearray()
+        while True:
+            async with asyncio.timeout(idle):
+                chunk = await part.read_chunk(CHUNK)
+            if not chunk:
+                break
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise web.HTTPRequestEntityTooLarge(
+                    max_size=common.services(request).config.http.max_request_mb << 20,
+                    actual_size=-1, text="the upload exceeds [http] max_request_mb\n")
+            buffer += chunk
+            if len(buffer) >= CHUNK:
+                await asyncio.to_thread(spool.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await asyncio.to_thread(spool.write, bytes(buffer))
+        await asyncio.to_thread(spool.close)
+        if part_type.media_type != DICOM:
+            outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+            return
+        await _ingest(request, spool, target, outcome)
+    finally:
+        await asyncio.to_thread(spool.discard)
+
+
+async def _ingest(request: web.Request, spool: SpoolFile, target: str,
+                  outcome: _Outcome) -> None:
+    services = common.services(request)
+    if spool.error is not None:
+        outcome.failed.append(("", "", OUT_OF_RESOURCES))
+        return
+    sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool)
+    if target and study != target:
+        outcome.failed.append((sop_class, sop_uid, NOT_THIS_STUDY))
+        return
+    try:
+        result = await services.ingest.ingest_file(spool.path, source_ae=_SOURCE)
+    except OutOfSpace:
+        outcome.failed.append((sop_class, sop_uid, OUT_OF_RESOURCES))
+        return
+    except RejectedInstance as exc:
+        log.info("stow-rs instance refused reason=%s", exc.kind.name)
+        outcome.failed.append((sop_class, sop_uid, _REASONS.get(exc.kind, CANNOT_UNDERSTAND)))
+        return
+    header = result.header
+    outcome.stored.append((header.sop_class_uid, header.sop_uid, header))
+
+
+_SOURCE = "DICOMWEB"
+
+
+def _identity(spool: SpoolFile) -> tuple[str, str, str]:
+    """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file, "" if unreadable;
+    only valid UIDs are kept (they go back into the answer)."""
+    with contextlib.suppress(InvalidDicomError, OSError, ValueError, TypeError, KeyError,
+                             AttributeError, EOFError):
+        ds = dcmread(spool.path, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+        values = [str(ds.get(k, "") or "") for k in
+                  ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+        return tuple(v if is_valid_uid(v) else "" for v in values)  # type: ignore[return-value]
+    return "", "", ""
+
+
+async def _audit(request: web.Request, outcome: _Outcome) -> None:
+    if outcome.stored:
+        user, address = common.who(request)
+        await asyncio.to_thread(common.services(request).auditor.web_stored, user, address,
+                                [header for _, _, header in outcome.stored])
+
+
+def _answer(request: web.Request, target: str, outcome: _Outcome) -> web.Response:
+    base = common.base_url(request)
+    body: dict[str, Any] = {}
+    if target:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}{common.PREFIX}/studies/{target}"]}
+    if outcome.failed:
+        body["00081198"] = {"vr": "SQ", "Value": [
+            {**_reference(sop_class, sop_uid),
+             "00081197": {"vr": "US", "Value": [reason]}}
+            for sop_class, sop_uid, reason in outcome.failed]}
+    if outcome.stored:
+        body["00081199"] = {"vr": "SQ", "Value": [
+            {**_reference(sop_class, sop_uid),
+             "00081190": {"vr": "UR", "Value": [
+                 f"{base}{common.PREFIX}/studies/{h.study_uid}/series/{h.series_uid}"
+                 f"/instances/{h.sop_uid}"]}}
+            for sop_class, sop_uid, h in outcome.stored]}
+    status = 200 if not outcome.failed else 202 if outcome.stored else 409
+    return common.json_response(body, status=status)
+
+
+def _reference(sop_class: str, sop_uid: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["00081150"] = {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"}
+    out["00081155"] = {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"}
+    return out

@@ -1,0 +1,229 @@
+"""WADO-RS (PS3.18 10.4): instances, frames and bulk data of stored studies.
+
+- `GET /studies/{s}[/series/{se}[/instances/{i}]]`: multipart/related;
+  type="application/dicom", one part per instance, each the stored Part 10 file
+  byte for byte, streamed from disk. The stored transfer syntax is sent when the
+  Accept header allows it (`transfer-syntax=*`, or that syntax named); without a
+  transfer-syntax parameter PS3.18 means Explicit VR Little Endian. Nothing is
+  transcoded: an instance stored in a syntax the client does not accept is 406.
+- `.../instances/{i}/frames/{n}[,{n}...]`: one part per frame (pixel_frames.py):
+  uncompressed frames as application/octet-stream (Explicit VR Little Endian),
+  encapsulated ones in their stored syntax, as its image media type
+  (image/jpeg, image/jls, image/jp2, image/dicom-rle, ...) or as
+  application/octet-stream when `transfer-syntax=*` or that syntax is named.
+- `.../instances/{i}/bulkdata/{tag}`: a top-level bulk element's value named by a
+  metadata BulkDataURI; Pixel Data answers its frames.
+
+A study that is evicted is recalled first (web_retrieve.py), like C-GET; if the
+recall fails or times out the answer is 503 with Retry-After. Unknown and
+out-of-scope studies are both 404. Every answer that hands out patient data is
+audited: who, which study, from where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from pydicom import dcmread
+from pydicom.tag import Tag
+
+from appliance.http import dicomweb_common as common
+from appliance.http.dicomweb_media import (
+    ANY_SYNTAX,
+    DICOM,
+    FRAME_MEDIA_TYPES,
+    MULTIPART,
+    OCTET_STREAM,
+    MediaRange,
+    MultipartStream,
+    file_chunks,
+)
+from appliance.services.pixel_frames import (
+    EXPLICIT_LITTLE,
+    FrameError,
+    is_encapsulated,
+    read_frames,
+)
+from appliance.services.web_retrieve import Located
+
+MAX_FRAMES_PER_REQUEST = 4096
+RETRY_AFTER_SECONDS = "60"
+
+
+def add_routes(app: web.Application) -> None:
+    p = f"{common.PREFIX}/studies/{{study}}"
+    app.router.add_get(p, retrieve)
+    app.router.add_get(f"{p}/series/{{series}}", retrieve)
+    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}", retrieve)
+    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}/frames/{{frames}}",
+                       frames)
+    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}/bulkdata/{{tag}}",
+                       bulkdata)
+
+
+async def locate(request: web.Request, what: str) -> Located:
+    """The request's instances, all on local disk; 404 / 503 otherwise. Audited."""
+    study = common.uid(request, "study")
+    series = common.uid(request, "series") if "series" in request.match_info else ""
+    instance = common.uid(request, "instance") if "instance" in request.match_info else ""
+    found = await common.reads(request).locate(common.principal(request), study_uid=study,
+                                               series_uid=series, sop_uid=instance)
+    if found is None:
+        raise common.not_found()
+    user, address = common.who(request)
+    auditor = common.services(request).auditor
+    if found.unavailable:
+        await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
+                                study_uids=[study], reason="study could not be recalled")
+        raise web.HTTPServiceUnavailable(
+            text="the study is not on local disk and could not be recalled in time\n",
+            headers={"Retry-After": RETRY_AFTER_SECONDS})
+    await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
+                            study_uids=[study])
+    return found
+
+
+def accepted_syntaxes(header: str | None) -> set[str]:
+    """Transfer syntaxes acceptable for application/dicom parts ("*": any)."""
+    found: set[str] = set()
+    for media in MediaRange.parse_all(header):
+        if media.media_type == MULTIPART and media.part_type in (DICOM, ""):
+            found.add(media.transfer_syntax or EXPLICIT_LITTLE)
+        elif media.media_type in ("*/*", "multipart/*"):
+            found.add(EXPLICIT_LITTLE)
+    return found
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    # Scope first, media types second, on the index's answer before anything is read.
+    stored = await stored_syntaxes(request)
+    syntaxes = accepted_syntaxes(request.headers.get("Accept"))
+    if not syntaxes:
+        raise common.not_acceptable("instances")
+    if ANY_SYNTAX not in syntaxes and not stored <= syntaxes:
+        raise common.not_acceptable("an instance in its stored transfer syntax")
+    found = await locate(request, "instances")
+    stream = MultipartStream(request, DICOM)
+    for item in found.instances:
+        await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
+                          file_chunks(item.path))
+    return await stream.finish()
+
+
+async def stored_syntaxes(request: web.Request) -> set[str]:
+    """Stored syntaxes of what the URL names, from the index; 404 when nothing matches
+    or the study is out of the user's scope (checked before any media type, so a 406
+    cannot tell a referring physician that a study exists)."""
+    index = common.services(request).index
+    study = common.uid(request, "study")
+    rows = await index.locate(
+        study_uids=[study],
+        series_uids=[common.uid(request, "series")] if "series" in request.match_info else [],
+        sop_uids=[common.uid(request, "instance")] if "instance" in request.match_info else [])
+    if not rows or not await common.reads(request).in_scope(common.principal(request), study):
+        raise common.not_found()
+    return {row.transfer_syntax for row in rows}
+
+
+def frame_part_type(header: str | None, stored: str) -> str | None:
+    """The Content-Type of frame parts for an instance stored in `stored`; None: 406."""
+    encapsulated = is_encapsulated(stored)
+    image_type = FRAME_MEDIA_TYPES.get(stored)
+    for media in MediaRange.parse_all(header):
+        if media.media_type == MULTIPART:
+            part, syntax = media.part_type or OCTET_STREAM, media.transfer_syntax
+        elif media.media_type in ("*/*", "multipart/*"):
+            part, syntax = OCTET_STREAM, ""
+        else:
+            continue
+        if not encapsulated:
+            if part in (OCTET_STREAM, "*/*") and syntax in ("", EXPLICIT_LITTLE, ANY_SYNTAX):
+                return f"{OCTET_STREAM}; transfer-syntax={EXPLICIT_LITTLE}"
+            continue
+        if syntax not in ("", stored, ANY_SYNTAX) and part != OCTET_STREAM:
+            continue
+        if image_type is not None and MediaRange(part).matches(image_type) and (
+                part != OCTET_STREAM and part != "*/*"):
+            return f"{image_type}; transfer-syntax={stored}"
+        if part in (OCTET_STREAM, "*/*") and syntax in (stored, ANY_SYNTAX):
+            return f"{OCTET_STREAM}; transfer-syntax={stored}"
+    return None
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    numbers = _frame_numbers(request.match_info["frames"])
+    return await _send_frames(request, numbers, "frames")
+
+
+async def _send_frames(request: web.Request, numbers: list[int] | None, what: str
+                       ) -> web.StreamResponse:
+    (stored,) = await stored_syntaxes(request)
+    part_type = frame_part_type(request.headers.get("Accept"), stored)
+    if part_type is None:
+        raise common.not_acceptable("frames in the stored transfer syntax")
+    found = await locate(request, what)
+    item = found.instances[0]
+    try:
+        if numbers is None:  # all frames (bulk data of Pixel Data)
+            numbers = await asyncio.to_thread(_all_frames, item.path)
+        read = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax, numbers)
+    except FrameError as exc:
+        raise web.HTTPNotFound(text=f"{exc.message}\n") from exc
+    stream = MultipartStream(request, part_type.split(";")[0])
+    for frame in read.frames:
+        await stream.part(part_type, frame)
+    return await stream.finish()
+
+
+def _all_frames(path: object) -> list[int]:
+    ds = dcmread(path, stop_before_pixels=True)  # type: ignore[arg-type]
+    try:
+        count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        count = 1
+    return list(range(1, min(count, MAX_FRAMES_PER_REQUEST) + 1))
+
+
+def _frame_numbers(text: str) -> list[int]:
+    parts = text.split(",")
+    if len(parts) > MAX_FRAMES_PER_REQUEST or not all(p.isdigit() and len(p) <= 9
+                                                       for p in parts):
+        raise web.HTTPBadRequest(text="frames must be a comma-separated list of numbers\n")
+    numbers = [int(p) for p in parts]
+    if any(n < 1 for n in numbers):
+        raise web.HTTPBadRequest(text="frame numbers start at 1\n")
+    return numbers
+
+
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    text = request.match_info["tag"]
+    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise web.HTTPBadRequest(text="bulk data is named by an 8-digit hex tag\n")
+    tag = Tag(int(text, 16))
+    if tag == Tag(0x7FE0, 0x0010):
+        return await _send_frames(request, None, "bulkdata")
+    await stored_syntaxes(request)
+    if not any(m.media_type in ("*/*", "multipart/*") or (
+            m.media_type == MULTIPART and m.part_type in (OCTET_STREAM, "", "*/*"))
+               for m in MediaRange.parse_all(request.headers.get("Accept"))):
+        raise common.not_acceptable("bulk data")
+    found = await locate(request, "bulkdata")
+    value = await asyncio.to_thread(_element_bytes, found.instances[0].path, tag)
+    if value is None:
+        raise web.HTTPNotFound(text="the instance has no such bulk data element\n")
+    stream = MultipartStream(request, OCTET_STREAM)
+    await stream.part(OCTET_STREAM, value)
+    return await stream.finish()
+
+
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def _element_bytes(path: object, tag: Tag) -> bytes | None:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=[tag])  # type: ignore[arg-type]
+    element = ds.get(tag)
+    if element is None or element.VR not in _BULK_VRS or not isinstance(
+            element.value, bytes | bytearray):
+        return None
+    return bytes(element.value)

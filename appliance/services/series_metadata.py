@@ -1,0 +1,163 @@
+"""WADO-RS metadata: DICOM JSON (PS3.18 F.2) of stored instances, cached per series.
+
+`instance_json` reads one stored file's header (never its pixel data) and
+answers the PS3.18 JSON model; Pixel Data and every other top-level bulk
+element (OB, OW, OF, OD, OL, OV, UN longer than BULK_THRESHOLD bytes) become a
+`BulkDataURI` under the instance's URL (`.../bulkdata/GGGGEEEE`); small binary
+values are inline. Nested bulk values (an icon image in a sequence) stay
+inline: they are small by nature.
+
+`SeriesMetadataCache` keeps each series' JSON array gzipped on disk under
+`<home>/cache/metadata/`, so the second opening of a 500-slice series reads
+one small file instead of 500 headers. The file name holds a digest of the
+series' instances (SOP Instance UID and content SHA-256 of each) and of the
+URL base the BulkDataURIs were written with: when the series gains (or
+changes) an instance, or is reached under another host name, the name changes,
+the old file is removed and a new one built. No invalidation hook in ingest is
+needed, and a stale answer cannot be served. Files are written to a temp file
+and renamed (a reader never sees half a file); a crash leaves at worst a temp
+file, removed by a later build of that series once it is an hour old.
+
+Building streams one instance at a time into the gzip stream: memory stays
+bounded by the largest single header, whatever the series size. Blocking:
+callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+
+log = logging.getLogger(__name__)
+
+BULK_THRESHOLD = 1024
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_IMPLICIT = "1.2.840.10008.1.2"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_UNDEFINED = 0xFFFFFFFF
+_TEMP_PREFIX = ".building-"
+STALE_TEMP_SECONDS = 3600.0
+
+
+def instance_url(base: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
+    return f"{base}/dicom-web/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+
+def instance_json(path: Path, transfer_syntax: str, url: str) -> dict[str, Any]:
+    """The DICOM JSON object of one stored instance, bulk data as URIs under `url`."""
+    with path.open("rb") as fh:
+        if transfer_syntax == _DEFLATED:  # inflated in memory by pydicom: no file position
+            ds = dcmread(fh, defer_size=BULK_THRESHOLD)
+            pixel_vr = ds["PixelData"].VR if "PixelData" in ds else None
+            if pixel_vr is not None:
+                del ds[PIXEL_DATA]
+        else:
+            ds = dcmread(fh, stop_before_pixels=True, defer_size=BULK_THRESHOLD)
+            pixel_vr = _pixel_vr(fh, implicit=transfer_syntax == _IMPLICIT,
+                                 big_endian=transfer_syntax == _BIG_ENDIAN)
+    out: dict[str, Any] = {}
+    for tag in sorted(ds.keys()):
+        out[f"{tag:08X}"] = _element_json(ds, tag, url)
+    if pixel_vr is not None:
+        out[f"{PIXEL_DATA:08X}"] = {"vr": pixel_vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    return out
+
+
+def _pixel_vr(fh: BinaryIO, *, implicit: bool, big_endian: bool) -> str | None:
+    """The VR of the Pixel Data element where pydicom stopped; None if there is none."""
+    header = fh.read(6)
+    order = ">HH" if big_endian else "<HH"
+    if len(header) < 4 or struct.unpack(order, header[:4]) != (0x7FE0, 0x0010):
+        return None
+    if implicit:
+        return "OW"
+    vr = header[4:6].decode("ascii", "replace")
+    return vr if vr in ("OB", "OW") else "OB"
+
+
+def _element_json(ds: Dataset, tag: BaseTag, url: str) -> dict[str, Any]:
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
+    if vr in BULK_VRS:
+        length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")
+        if length == _UNDEFINED or length > BULK_THRESHOLD:
+            return {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
+    try:
+        return ds[tag].to_json_dict(None, BULK_THRESHOLD)
+    except Exception:  # a malformed value: answer the element empty rather than fail
+        log.debug("metadata element could not be encoded tag=%08X", tag)
+        return {"vr": vr}
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return dictionary_VR(tag).split(" ")[0]
+    except KeyError:
+        return "UN"
+
+
+class SeriesMetadataCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def series_file(self, series_uid: str, instances: Iterable[tuple[str, str, Path, str]],
+                    base: str, study_uid: str) -> Path:
+        """The gzipped JSON array of a series, built if missing or stale.
+
+        `instances` are (SOP Instance UID, content SHA-256, path, transfer syntax),
+        all on local disk."""
+        members = sorted(instances)
+        key = hashlib.sha256(series_uid.encode()).hexdigest()[:32]
+        digest = hashlib.sha256(base.encode())
+        for sop_uid, sha256, _, _ in members:
+            digest.update(f"\n{sop_uid}:{sha256}".encode())
+        folder = self.root / key[:2]
+        target = folder / f"{key}-{digest.hexdigest()[:32]}.json.gz"
+        if target.is_file():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f"{_TEMP_PREFIX}{key}-")
+        try:
+            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
+                                                           compresslevel=6, mtime=0) as out:
+                out.write(b"[")
+                for number, (sop_uid, _, path, syntax) in enumerate(members):
+                    url = instance_url(base, study_uid, series_uid, sop_uid)
+                    if number:
+                        out.write(b",")
+                    out.write(json.dumps(instance_json(path, syntax, url),
+                                         separators=(",", ":")).encode())
+                out.write(b"]")
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        for stale in folder.glob(f"{key}-*.json.gz"):
+            if stale != target:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        cutoff = time.time() - STALE_TEMP_SECONDS  # a crashed build's leftovers, not a running one
+        for left in folder.glob(f"{_TEMP_PREFIX}{key}-*"):
+            with contextlib.suppress(OSError):
+                if left.stat().st_mtime < cutoff:
+                    left.unlink()
+        return target

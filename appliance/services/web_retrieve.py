@@ -1,0 +1,101 @@
+"""WADO-RS reads: which stored files a web user may read, recalled first when evicted.
+
+The contract for the edge (appliance/http/dicomweb_wado.py and friends)::
+
+    found = await service.locate(principal, study_uid=..., series_uid=..., sop_uid=...)
+
+answers None when nothing matches *or* the study is outside the user's scope
+(the edge says 404 for both: a referring physician cannot learn that a study
+exists). Otherwise it lists the matched instances in study/series/instance
+order, split into those on local disk and those that are not. A study that is
+evicted is recalled first, exactly as C-GET does it (RetrieveService
+.await_studies: a request row the sync agent picks up, one recall per study
+however many wait), for up to `[sync] recall_timeout_seconds`.
+
+Files are located only through the index: a path never comes from a URL.
+Each located study's last access time is stamped (eviction picks the least
+recently used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.services.access import Principal
+from appliance.services.retrieve import NOT_LOCAL_STATES, RetrieveService
+from appliance.store.files import FileStore
+from appliance.store.index import Index, InstanceLocation
+from appliance.store.study_rows import study_by_uid
+
+REQUESTED_BY = "dicomweb"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    sha256: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Located:
+    instances: tuple[StoredInstance, ...]  # on local disk, in index order
+    unavailable: tuple[StoredInstance, ...]  # matched but not on disk (recall failed)
+    recall_errors: tuple[str, ...] = ()
+
+
+class WebRetrieveService:
+    def __init__(self, index: Index, files: FileStore, retrieve: RetrieveService, *,
+                 recall_timeout: float) -> None:
+        self.index = index
+        self.files = files
+        self.retrieve = retrieve
+        self.recall_timeout = recall_timeout
+
+    async def locate(self, principal: Principal, *, study_uid: str, series_uid: str = "",
+                     sop_uid: str = "") -> Located | None:
+        """The instances of a study, series or instance the principal may read; UIDs
+        must be valid (the edge checks them)."""
+        rows = await self._rows(study_uid, series_uid, sop_uid)
+        if not rows or not await self.in_scope(principal, study_uid):
+            return None
+        errors: tuple[str, ...] = ()
+        if any(row.tier_state in NOT_LOCAL_STATES for row in rows):
+            wait = await self.retrieve.await_studies([study_uid], requested_by=REQUESTED_BY,
+                                                     wait=self.recall_timeout)
+            errors = wait.errors
+            rows = await self._rows(study_uid, series_uid, sop_uid)
+        ready, missing = await asyncio.to_thread(self._split, rows)
+        await self.index.touch_studies([study_uid])
+        return Located(tuple(ready), tuple(missing), errors)
+
+    async def in_scope(self, principal: Principal, study_uid: str) -> bool:
+        if principal.sees_all():
+            return True
+        study = await study_by_uid(self.index, study_uid)
+        return study is not None and principal.may_see(study.referring_physician)
+
+    async def _rows(self, study_uid: str, series_uid: str, sop_uid: str
+                    ) -> list[InstanceLocation]:
+        return await self.index.locate(study_uids=[study_uid],
+                                       series_uids=[series_uid] if series_uid else [],
+                                       sop_uids=[sop_uid] if sop_uid else [])
+
+    def _split(self, rows: Sequence[InstanceLocation]
+               ) -> tuple[list[StoredInstance], list[StoredInstance]]:
+        ready: list[StoredInstance] = []
+        missing: list[StoredInstance] = []
+        for row in rows:
+            instance = StoredInstance(row.study_uid, row.series_uid, row.sop_uid,
+                                      row.sop_class_uid, row.transfer_syntax, row.sha256,
+                                      self.files.absolute(row.path))
+            local = row.tier_state not in NOT_LOCAL_STATES and instance.path.is_file()
+            (ready if local else missing).append(instance)
+        return ready, missing

@@ -1,0 +1,164 @@
+"""STOW-RS: uploads go through the durable ingest path and come back byte for byte.
+
+One real `pacs-edge serve` with HTTPS for the module; clients are requests (raw
+multipart bodies, so the files travel exactly as they are on disk),
+dicomweb-client, and dcmtk's getscu for the C-GET round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pydicom
+import pytest
+import webpeer
+from conftest import EdgeServer
+
+STOW = "/dicom-web/studies"
+ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
+    with webpeer.running_web_server(tmp_path_factory.mktemp("stow")) as server:
+        yield server
+
+
+def _post(server: EdgeServer, paths: list[Path], *, url: str = STOW, user: str = "rad"
+          ) -> tuple[int, dict]:
+    body, content_type = webpeer.multipart_body(paths)
+    answer = webpeer.session(server, user).post(
+        webpeer.base_url(server) + url, data=body,
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+    is_json = answer.headers.get("Content-Type", "").startswith("application/dicom+json")
+    return answer.status_code, answer.json() if is_json else {}
+
+
+def _referenced(answer: dict) -> list[str]:
+    return [item["00081155"]["Value"][0] for item in answer.get("00081199", {}).get("Value", [])]
+
+
+def _failures(answer: dict) -> list[int]:
+    return [item["00081197"]["Value"][0] for item in answer.get("00081198", {}).get("Value", [])]
+
+
+def test_every_transfer_syntax_round_trips_stow_to_wado_byte_identical(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    instances = list(syntax_set.values())
+    status, answer = _post(web, [i.path for i in instances])
+    assert status == 200, answer
+    assert sorted(_referenced(answer)) == sorted(i.sop_instance_uid for i in instances)
+    http = webpeer.session(web, "rad")
+    for ts, sent in syntax_set.items():
+        url = (f"{webpeer.base_url(web)}/dicom-web/studies/{sent.study_uid}/series/"
+               f"{sent.header.SeriesInstanceUID}/instances/{sent.sop_instance_uid}")
+        got = http.get(url, headers={"Accept": ANY})
+        assert got.status_code == 200, (ts, got.text)
+        ((headers, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
+        assert headers["content-type"] == f"application/dicom; transfer-syntax={ts}"
+        stored = web.home.parent / "got.dcm"
+        stored.write_bytes(payload)
+        assert dicomgen.dataset_bytes(stored) == dicomgen.dataset_bytes(sent.path), ts
+
+
+def test_stowed_study_comes_back_by_cget_identical(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
+    status, answer = _post(web, [i.path for i in small_study])
+    assert status == 200, answer
+    got = dcmtk.getscu(web.port, {"StudyInstanceUID": small_study[0].study_uid},
+                       tmp_path / "got").check()
+    assert got.output.count("Sending C-STORE Response (Success)") == len(small_study)
+    received = {dicomgen.dataset_bytes(p) for p in (tmp_path / "got").iterdir()}
+    assert received == {dicomgen.dataset_bytes(i.path) for i in small_study}
+
+
+def test_dicomweb_client_stores_and_a_second_store_is_idempotent(
+        web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "study", seed=71, series_per_study=1,
+                                instances_per_series=2)
+    client = webpeer.dicomweb(web, "rad")
+    datasets = [pydicom.dcmread(i.path) for i in study]
+    first = client.store_instances(datasets)
+    again = client.store_instances(datasets)
+    for answer in (first, again):
+        uids = [item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence]
+        assert sorted(uids) == sorted(i.sop_instance_uid for i in study)
+    found = client.search_for_instances(study_instance_uid=study[0].study_uid)
+    assert len(found) == len(study)
+
+
+def test_partly_failed_upload_is_202_with_failure_reasons(web: EdgeServer,
+                                                           tmp_path: Path) -> None:
+    (good,) = dicomgen.make_study(tmp_path / "study", seed=72, series_per_study=1,
+                                  instances_per_series=1)
+    garbage = dicomgen.make_garbage_payload(tmp_path)
+    status, answer = _post(web, [good.path, garbage])
+    assert status == 202, answer
+    assert _referenced(answer) == [good.sop_instance_uid]
+    assert _failures(answer) == [0xC000]
+
+
+def test_nothing_stored_is_409(web: EdgeServer, tmp_path: Path) -> None:
+    status, answer = _post(web, [dicomgen.make_truncated_instance(tmp_path)])
+    assert status == 409, answer
+    assert _failures(answer) == [0xC000]
+
+
+def test_instance_of_another_study_than_the_url_names_is_refused(
+        web: EdgeServer, tmp_path: Path) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=73, series_per_study=1,
+                                      instances_per_series=1)
+    other = dicomgen.make_uid(73, "another-study")
+    status, answer = _post(web, [instance.path], url=f"{STOW}/{other}")
+    assert status == 409, answer
+    assert _failures(answer) == [0xA900]
+    assert answer["00081198"]["Value"][0]["00081155"]["Value"] == [instance.sop_instance_uid]
+
+
+def test_bad_uid_instance_is_refused_and_nothing_lands_outside_the_store(
+        web: EdgeServer, tmp_path: Path) -> None:
+    bad = dicomgen.make_bad_uid_instance(tmp_path, kind="traversal")
+    status, answer = _post(web, [bad])
+    assert status == 409, answer
+    assert not list(web.home.parent.glob("**/passwd*"))
+
+
+def test_wrong_content_types_are_415(web: EdgeServer, tmp_path: Path) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=74, series_per_study=1,
+                                      instances_per_series=1)
+    for content_type in ("application/dicom", "application/json",
+                         'multipart/related; type="application/dicom+json"; boundary=x'):
+        answer = webpeer.curl(web, STOW, user="rad", method="POST", data_file=instance.path,
+                              headers={"Content-Type": content_type})
+        assert answer.status == 415, content_type
+
+
+def test_malformed_multipart_is_400(web: EdgeServer, tmp_path: Path) -> None:
+    body = tmp_path / "body"
+    body.write_bytes(b"this is not multipart at all\r\n")
+    answer = webpeer.curl(web, STOW, user="rad", method="POST", data_file=body,
+                          headers={"Content-Type": webpeer.STOW_TYPE.format("abc")})
+    assert answer.status == 400
+    missing = webpeer.curl(web, STOW, user="rad", method="POST", data_file=body,
+                           headers={"Content-Type": 'multipart/related; type="application/dicom"'})
+    assert missing.status == 400
+
+
+def test_referring_physician_may_not_store(web: EdgeServer, tmp_path: Path) -> None:
+    webpeer.add_user(web, "ref-stow", "referring", referring="WHO^EVER")
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=75, series_per_study=1,
+                                      instances_per_series=1)
+    status, _ = _post(web, [instance.path], user="ref-stow")
+    assert status == 403
+
+
+def test_stow_is_audited_with_user_and_address(web: EdgeServer, tmp_path: Path) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=76, series_per_study=1,
+                                      instances_per_series=1)
+    status, _ = _post(web, [instance.path])
+    assert status == 200
+    line = webpeer.audit_line(web, instance.study_uid, "web user rad")
+    assert "127.0.0.1" in line

@@ -1,0 +1,234 @@
+"""WADO-RS: stored bytes out unchanged, metadata with bulk data URIs, frames, recall.
+
+Real `pacs-edge serve` with HTTPS; data goes in with dcmtk's storescu (C-STORE)
+and comes out through requests, dicomweb-client and curl.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pydicom
+import pytest
+import webpeer
+from conftest import EdgeServer
+from pydicom import encaps
+from syncagent import SyncAgent, evict, import_files, sync_once, tier_state
+
+ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory,
+        syntax_set: dict[str, dicomgen.GeneratedInstance],
+        small_study: list[dicomgen.GeneratedInstance]) -> Iterator[EdgeServer]:
+    with webpeer.running_web_server(tmp_path_factory.mktemp("wado")) as server:
+        dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+        import_files(server.home, *syntax_set.values())  # dcmtk cannot send HTJ2K
+        yield server
+
+
+def _url(server: EdgeServer, instance: dicomgen.GeneratedInstance, suffix: str = "") -> str:
+    return (f"{webpeer.base_url(server)}/dicom-web/studies/{instance.study_uid}/series/"
+            f"{instance.header.SeriesInstanceUID}/instances/{instance.sop_instance_uid}{suffix}")
+
+
+def _dataset_bytes(folder: Path, payload: bytes) -> bytes:
+    path = folder / "part.dcm"
+    path.write_bytes(payload)
+    return dicomgen.dataset_bytes(path)
+
+
+def test_storescu_study_comes_back_by_wado_identical(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
+    got = webpeer.session(web, "rad").get(
+        f"{webpeer.base_url(web)}/dicom-web/studies/{small_study[0].study_uid}",
+        headers={"Accept": ANY})
+    assert got.status_code == 200, got.text
+    assert got.headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
+    received = {_dataset_bytes(tmp_path, payload)
+                for _, payload in webpeer.parts(got.headers["Content-Type"], got.content)}
+    assert received == {dicomgen.dataset_bytes(i.path) for i in small_study}
+
+
+def test_dicomweb_client_retrieves_a_series(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    client = webpeer.dicomweb(web, "rad")
+    series_uid = str(small_study[0].header.SeriesInstanceUID)
+    instances = client.retrieve_series(small_study[0].study_uid, series_uid,
+                                       media_types=(("application/dicom", "*"),))
+    expected = {i.sop_instance_uid for i in small_study
+                if str(i.header.SeriesInstanceUID) == series_uid}
+    assert {str(ds.SOPInstanceUID) for ds in instances} == expected
+
+
+def test_stored_syntax_not_accepted_is_406_and_default_means_explicit_le(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    http = webpeer.session(web, "rad")
+    jpeg = syntax_set["1.2.840.10008.1.2.4.50"]
+    plain = syntax_set["1.2.840.10008.1.2.1"]
+    default = 'multipart/related; type="application/dicom"'
+    assert http.get(_url(web, jpeg), headers={"Accept": default}).status_code == 406
+    assert http.get(_url(web, plain), headers={"Accept": default}).status_code == 200
+    named = f'{default}; transfer-syntax=1.2.840.10008.1.2.4.50'
+    assert http.get(_url(web, jpeg), headers={"Accept": named}).status_code == 200
+
+
+def test_series_metadata_has_bulkdata_uris_and_is_cached_until_the_series_grows(
+        web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "grow", seed=81, series_per_study=1,
+                                instances_per_series=3)
+    dcmtk.storescu(web.port, [i.path for i in study[:2]]).check()
+    http = webpeer.session(web, "rad")
+    url = (f"{webpeer.base_url(web)}/dicom-web/studies/{study[0].study_uid}/series/"
+           f"{study[0].header.SeriesInstanceUID}/metadata")
+    first = http.get(url, headers={"Accept": "application/dicom+json"})
+    assert first.status_code == 200, first.text
+    assert first.headers["Content-Encoding"] == "gzip"  # the cache file as it is
+    body = first.json()
+    assert len(body) == 2
+    for item in body:
+        assert item["00100010"]["vr"] == "PN"
+        assert item["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    cached = list((web.home / "cache" / "metadata").rglob("*.json.gz"))
+    assert any(json.loads(gzip.decompress(p.read_bytes())) == body for p in cached)
+
+    dcmtk.storescu(web.port, [study[2].path]).check()
+    grown = http.get(url, headers={"Accept": "application/dicom+json"}).json()
+    assert {i["00080018"]["Value"][0] for i in grown} == {i.sop_instance_uid for i in study}
+    plain = http.get(url, headers={"Accept": "application/dicom+json",
+                                   "Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    assert plain.json() == grown
+
+
+def test_study_and_instance_metadata(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    client = webpeer.dicomweb(web, "rad")
+    study = client.retrieve_study_metadata(small_study[0].study_uid)
+    assert sorted(i["00080018"]["Value"][0] for i in study) == sorted(
+        i.sop_instance_uid for i in small_study)
+    one = small_study[0]
+    instance = client.retrieve_instance_metadata(
+        one.study_uid, str(one.header.SeriesInstanceUID), one.sop_instance_uid)
+    assert instance["0020000D"]["Value"] == [one.study_uid]
+
+
+def test_frames_of_uncompressed_and_encapsulated_instances(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    http = webpeer.session(web, "rad")
+    for ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+               "1.2.840.10008.1.2.1.99"):
+        sent = pydicom.dcmread(syntax_set["1.2.840.10008.1.2.1"].path)
+        got = http.get(_url(web, syntax_set[ts], "/frames/1"), headers={"Accept": OCTETS})
+        assert got.status_code == 200, (ts, got.text)
+        ((headers, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
+        assert headers["content-type"] == (
+            "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1")
+        original = pydicom.dcmread(syntax_set[ts].path)
+        assert payload == _little_endian(original), ts
+        assert len(payload) == len(sent.PixelData)
+    for ts, media in (("1.2.840.10008.1.2.4.50", "image/jpeg"),
+                      ("1.2.840.10008.1.2.4.80", "image/jls"),
+                      ("1.2.840.10008.1.2.5", "image/dicom-rle"),
+                      ("1.2.840.10008.1.2.4.90", "image/jp2")):
+        original = pydicom.dcmread(syntax_set[ts].path)
+        expected = encaps.get_frame(original.PixelData, 0, number_of_frames=1)
+        for accept, part_type in ((f'multipart/related; type="{media}"', media),
+                                  (OCTETS, "application/octet-stream")):
+            got = http.get(_url(web, syntax_set[ts], "/frames/1"), headers={"Accept": accept})
+            assert got.status_code == 200, (ts, got.text)
+            ((headers, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
+            assert headers["content-type"] == f"{part_type}; transfer-syntax={ts}"
+            assert payload == expected, ts
+        plain = http.get(_url(web, syntax_set[ts], "/frames/1"),
+                         headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+        assert plain.status_code == 406, ts
+
+
+def _little_endian(ds: pydicom.Dataset) -> bytes:
+    data = bytes(ds.PixelData)
+    if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2":
+        out = bytearray(data)
+        out[0::2], out[1::2] = data[1::2], data[0::2]
+        return bytes(out)
+    return data
+
+
+def test_frame_out_of_range_is_404_and_malformed_frame_list_400(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    http = webpeer.session(web, "rad")
+    instance = syntax_set["1.2.840.10008.1.2.1"]
+    assert http.get(_url(web, instance, "/frames/2"), headers={"Accept": OCTETS}
+                    ).status_code == 404
+    for bad in ("0", "a", "1;2", "-1"):
+        assert http.get(_url(web, instance, f"/frames/{bad}"), headers={"Accept": OCTETS}
+                        ).status_code == 400, bad
+
+
+def test_bulkdata_uri_of_the_metadata_answers_the_pixel_data(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
+    instance = syntax_set["1.2.840.10008.1.2.1"]
+    http = webpeer.session(web, "rad")
+    (meta,) = http.get(_url(web, instance, "/metadata")).json()
+    got = http.get(meta["7FE00010"]["BulkDataURI"], headers={"Accept": OCTETS})
+    assert got.status_code == 200, got.text
+    ((_, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
+    assert payload == bytes(pydicom.dcmread(instance.path).PixelData)
+
+
+def test_bad_uids_traversal_and_unknown_studies(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    for path in ("/dicom-web/studies/1.2.abc", "/dicom-web/studies/1.2.3/series/..%2F..",
+                 "/dicom-web/studies/" + "1." * 40 + "1/metadata",
+                 "/dicom-web/studies/1.2.3/series/1.2/instances/01.2/frames/1"):
+        answer = webpeer.curl(web, path, user="rad")
+        assert answer.status == 400, path
+    traversal = webpeer.curl(web, "/dicom-web/studies/../../../../etc/passwd", user="rad")
+    assert traversal.status in (400, 404)
+    assert b"root:" not in traversal.body
+    unknown = webpeer.curl(web, "/dicom-web/studies/1.2.3.4.5", user="rad",
+                           headers={"Accept": ANY})
+    assert unknown.status == 404
+
+
+def test_every_wado_read_is_audited_with_user_study_and_address(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    one = small_study[0]
+    client = webpeer.dicomweb(web, "rad")
+    client.retrieve_instance_metadata(one.study_uid, str(one.header.SeriesInstanceUID),
+                                      one.sop_instance_uid)
+    line = webpeer.audit_line(web, "WADO-RS metadata", one.study_uid, "web user rad")
+    assert "127.0.0.1" in line
+
+
+def test_evicted_study_comes_back_by_wado(tmp_path: Path,
+                                         small_study: list[dicomgen.GeneratedInstance]) -> None:
+    with webpeer.running_web_server(tmp_path) as server:
+        server.stop()
+        server.configure(sync={"stable_after_seconds": 3600.0, "recall_poll_seconds": 0.2,
+                               "evict_after_days": 0.0, "recall_timeout_seconds": 60.0})
+        server.start()
+        agent = SyncAgent(server.home).start()
+        try:
+            study_uid = small_study[0].study_uid
+            dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+            assert "replicated 1 study version" in sync_once(server.home).stdout
+            evict(server.home, study_uid)
+            assert tier_state(server, study_uid) == "evicted"
+            got = webpeer.session(server, "rad").get(
+                f"{webpeer.base_url(server)}/dicom-web/studies/{study_uid}",
+                headers={"Accept": ANY}, timeout=120)
+            assert got.status_code == 200, got.text
+            received = {_dataset_bytes(tmp_path, payload) for _, payload
+                        in webpeer.parts(got.headers["Content-Type"], got.content)}
+            assert received == {dicomgen.dataset_bytes(i.path) for i in small_study}
+            assert tier_state(server, study_uid) == "replicated"
+        finally:
+            assert agent.stop() == 0, agent.log()
