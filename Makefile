@@ -1,5 +1,6 @@
 # Two commands for a fresh Debian machine (see README.md):
-#   make run    install the appliance into .venv and serve ./data on 127.0.0.1:11112
+#   make run    install the appliance into .venv (and the OHIF viewer into .cache/ohif),
+#               then serve ./data on 127.0.0.1:11112
 #   make test   install what the tests need (venv, dcmtk) and run ruff and the suite
 # The install logic lives in scripts/ so that each step is idempotent and quiet.
 
@@ -10,7 +11,7 @@ PYTEST_ARGS ?=
 SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
 
-.PHONY: run test test-fast soak lint bench venv venv-test test-deps clean help
+.PHONY: run test test-fast soak lint bench venv venv-test viewer test-deps clean help
 
 help:
 	@echo "make run        install and start pacs-edge on $(DATA) (DICOM 127.0.0.1:11112)"
@@ -26,10 +27,14 @@ venv:
 venv-test:
 	@scripts/setup-venv.sh --test
 
+# The OHIF viewer that serve publishes at / (npm registry, pinned; see docs/web.md).
+viewer:
+	@scripts/install-ohif.sh
+
 test-deps: venv-test
 	@scripts/setup-test-deps.sh
 
-run: venv
+run: venv viewer
 	@test -f $(DATA)/pacs-edge.toml || $(BIN)/pacs-edge init --home $(DATA)
 	exec $(BIN)/pacs-edge serve --home $(DATA)
 

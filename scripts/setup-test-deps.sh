@@ -4,8 +4,14 @@
 # dcmtk (echoscu, storescu, findscu, movescu, getscu, storescp, dcmconv,
 # dcmcjpeg, dcmcjpls, dcmcrle, dcmdump) comes from Debian; apt is skipped when
 # storescu is already on PATH. Quiet when everything is present.
+# The browser tests drive Debian's chromium through chromium-driver (selenium is told
+# where the driver is, so nothing downloads a browser) against the OHIF viewer that
+# install-ohif.sh puts in .cache/ohif.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_command storescu dcmtk
 need_command systemd-analyze systemd
+need_command chromium chromium
+need_command chromedriver chromium-driver
 "$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"
+"$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"

@@ -182,6 +182,7 @@ def make_studies(
     modalities: Sequence[str] = ("CT", "MR"),
     size: int = 64,
     transfer_syntax: str = ExplicitVRLittleEndian,
+    phantom: bool = False,
 ) -> list[GeneratedInstance]:
     """Write patients x studies x series x instances Part 10 files under `folder`.
 
@@ -202,6 +203,8 @@ def make_studies(
                 for k in range(instances_per_series):
                     ds = _instance(seed, (number, j, k), k, patient, study, series,
                                    modality, size, size, _bits_for(transfer_syntax))
+                    if phantom:
+                        _use_ct_phantom(ds, k, instances_per_series)
                     path = folder / f"P{p:03d}" / f"S{s:02d}" / f"SE{j:02d}" / f"IM{k:05d}.dcm"
                     out.append(write_instance(ds, path, transfer_syntax))
     return out
@@ -220,6 +223,18 @@ def make_ct_study(folder: Path, n_slices: int = 300, size: int = 512, *,
     """
     return make_studies(folder, seed=seed, series_per_study=1, instances_per_series=n_slices,
                         modalities=("CT",), size=size)
+
+
+def make_ct_phantom_series(folder: Path, n_slices: int = 40, size: int = 256, *,
+                           seed: int = 4343) -> list[GeneratedInstance]:
+    """One CT series that looks like a chest and changes from slice to slice (for viewers).
+
+    12-bit stored values in Hounsfield units + 1024 (air, soft tissue, lungs, spine) with a
+    lung window; the lungs and a nodule grow and shrink along the series, so scrolling
+    visibly changes the image.
+    """
+    return make_studies(folder, seed=seed, series_per_study=1, instances_per_series=n_slices,
+                        modalities=("CT",), size=size, phantom=True)
 
 
 def make_syntax_set(folder: Path, *, seed: int = 100, size: int = 64,
@@ -591,6 +606,32 @@ def _instance(seed: int, key: tuple[object, ...], k: int, patient: dict[str, obj
     ds.PixelData = _pixels(seed, key, rows, cols, bits)
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
     return ds
+
+
+def _use_ct_phantom(ds: Dataset, k: int, n_slices: int) -> None:
+    """Replace the noise disc of `ds` with slice k of a chest-like phantom (see
+    make_ct_phantom_series)."""
+    rows, cols = ds.Rows, ds.Columns
+    t = (k + 0.5) / n_slices  # 0 at the first slice, 1 at the last
+    y, x = np.ogrid[:rows, :cols]
+    y = (y - rows / 2) / (rows / 2)
+    x = (x - cols / 2) / (cols / 2)
+    hu = np.full((rows, cols), -1000.0)  # air
+    hu[(x / 0.9) ** 2 + (y / 0.65) ** 2 < 1] = 40  # soft tissue
+    lung = 0.2 + 0.5 * np.sin(np.pi * t)  # lungs grow towards the middle of the series
+    for side in (-1, 1):
+        hu[((x - side * 0.42) / (0.3 * lung + 0.05)) ** 2 + (y / (0.45 * lung + 0.05)) ** 2
+           < 1] = -850
+    hu[(x / 0.12) ** 2 + ((y - 0.45) / 0.12) ** 2 < 1] = 700  # vertebra
+    nodule = 0.12 * max(0.0, 1 - abs(t - 0.5) * 4)  # a sphere around the middle slices
+    hu[((x - 0.4) ** 2 + y ** 2) < nodule ** 2] = 60
+    rng = np.random.default_rng(k)
+    stored = np.clip(hu + 1024 + rng.normal(0, 8, size=hu.shape), 0, 4095)
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.WindowCenter = -400
+    ds.WindowWidth = 1500
+    ds.PixelData = stored.astype("<u2").tobytes()
 
 
 def _pixels(seed: int, key: tuple[object, ...], rows: int, cols: int, bits: int) -> bytes:

@@ -134,6 +134,18 @@ def test_ct_study_is_one_series_of_full_size_slices(tmp_path: Path) -> None:
     assert len(ds.PixelData) == 128 * 128 * 2
 
 
+def test_ct_phantom_is_12_bit_hounsfield_and_changes_along_the_series(tmp_path: Path) -> None:
+    made = dicomgen.make_ct_phantom_series(tmp_path, n_slices=12, size=64)
+    assert len(made) == 12 and len({i.series_uid for i in made}) == 1
+    slices = [pydicom.dcmread(i.path) for i in made]
+    first, middle = slices[0], slices[6]
+    assert (first.BitsStored, first.RescaleIntercept, first.WindowCenter) == (12, -1024, -400)
+    hu = first.pixel_array.astype(int) - 1024
+    assert hu.min() < -900 and hu.max() > 600  # air and bone in the same slice
+    change = abs(middle.pixel_array.astype(int) - first.pixel_array.astype(int))
+    assert (change > 300).mean() > 0.02  # lungs and nodule differ, not just noise
+
+
 def test_command_line_writes_a_study(tmp_path: Path) -> None:
     dicomgen.main(["study", str(tmp_path), "--patients", "2", "--instances", "1"])
     assert len(list(tmp_path.rglob("*.dcm"))) == 2 * 2 * 1

@@ -91,6 +91,7 @@ class HttpConfig:
                                                               "1 to 1048576 MB"))
     idle_timeout: float = field(default=75.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     head_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    viewer_root: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,8 @@ _COMMENTS = {
     " may stall, before it is closed.",
     "http.head_timeout": "Seconds a client has to send a request's line and headers"
     " (slow-header attacks are dropped).",
+    "http.viewer_root": "The OHIF viewer served at /: \"auto\" = what scripts/install-ohif.sh"
+    " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",

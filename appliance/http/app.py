@@ -18,6 +18,7 @@ from appliance.http import (
     dicomweb_stow,
     dicomweb_wado,
     login,
+    viewer,
 )
 from appliance.http.web_context import METADATA, READS, SERVICES, WebServices
 from appliance.services.series_metadata import SeriesMetadataCache
@@ -40,4 +41,8 @@ def build_app(services: WebServices) -> web.Application:
     dicomweb_metadata.add_routes(app)
     dicomweb_stow.add_routes(app)
     login.add_routes(app, services.users, auditor=services.auditor)  # type: ignore[arg-type]
+    # Last: the viewer's single-page fallback answers every GET no other route took.
+    viewer.add_routes(app, viewer.viewer_root(services.config.http.viewer_root,
+                                              services.config.home),
+                      box_name=services.config.dicom.ae_title)
     return app
