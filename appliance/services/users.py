@@ -75,6 +75,21 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_account(name: str, role: Role, referring_name: str) -> None:
+    """A new account's name and scope, checked before anyone is asked for a password."""
+    check_name(name)
+    if role is Role.REFERRING and not referring_name.strip("^ "):
+        raise UserError("a referring user needs the name their studies carry",
+                        hint="add --referring 'LAST^FIRST' (the Referring Physician's "
+                        "Name as the RIS writes it)")
+    if role is not Role.REFERRING and referring_name:
+        raise UserError("--referring is only for --role referring",
+                        hint="admins and radiologists see every study")
+    if len(referring_name) > 64 * 5 or not referring_name.isprintable():
+        raise UserError("--referring is not a person name",
+                        hint="'LAST^FIRST' as the studies carry it")
+
+
 class UserService:
     def __init__(self, index: Index, config: Config, *,
                  clock: Callable[[], float] = time.time) -> None:
@@ -98,14 +113,7 @@ class UserService:
 
     async def add_user(self, name: str, role: Role, password: str, *,
                        referring_name: str = "") -> None:
-        check_name(name)
-        if role is Role.REFERRING and not referring_name.strip("^ "):
-            raise UserError("a referring user needs the name their studies carry",
-                            hint="add --referring 'LAST^FIRST' (the Referring Physician's "
-                            "Name as the RIS writes it)")
-        if role is not Role.REFERRING and referring_name:
-            raise UserError("--referring is only for --role referring",
-                            hint="admins and radiologists see every study")
+        check_account(name, role, referring_name)
         self.check_password(password)
         hashed = await self._hash(password)
         now = self._clock()
