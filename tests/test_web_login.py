@@ -69,6 +69,18 @@ def audit_text(server: EdgeServer, needle: str) -> str:
         time.sleep(0.1)
 
 
+def wait_for_records(server: EdgeServer, needle: str, count: int) -> list[str]:
+    """The audit records holding `needle`, once there are `count` (they are flushed in
+    the background); fails if more appear or too few by the deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        records = [line for line in audit_text(server, "").splitlines() if needle in line]
+        if len(records) >= count or time.monotonic() > deadline:
+            assert len(records) == count, records
+            return records
+        time.sleep(0.1)
+
+
 def is_login_redirect(response: requests.Response) -> bool:
     return response.status_code == 303 and response.headers["Location"].startswith("/login")
 
@@ -144,6 +156,16 @@ def test_login_post_from_another_origin_is_refused(web_server: EdgeServer,
     answer = http.post(f"{webpeer.base_url(web_server)}/login", headers=headers, timeout=60,
                        data={"name": "rad1", "password": PASSWORD}, allow_redirects=False)
     assert answer.status_code == 403 and "pacs_edge_session" not in set_cookie(answer)
+
+
+def test_http_basic_failures_and_logins_are_audited_like_the_form(web_server: EdgeServer) -> None:
+    assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1",
+                        password="not the password").status == 401
+    for _ in range(2):  # the second request is recognised from memory: one Login record
+        assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1").status in (200, 204)
+    records = wait_for_records(web_server, '"UserName":"HTTP Basic"', 2)
+    assert "unknown user or wrong password" in records[0] and "rad1" in records[0]
+    assert "not the password" not in audit_text(web_server, "")
 
 
 def test_login_with_a_same_origin_referer_and_no_origin_is_accepted(

@@ -45,6 +45,7 @@ from appliance.store.index import Index
 if TYPE_CHECKING:
     import sqlite3
 
+    from appliance.audit import Auditor
     from appliance.store.user_rows import UserRow
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ T = TypeVar("T")
 MAX_NAME_CHARS = 64
 MAX_PASSWORD_CHARS = 1024  # longer input is refused before it is hashed
 HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
+LINK_VIA = "launch link"
 VERIFIED_SECONDS = 300.0
 VERIFIED_ENTRIES = 1024
 
@@ -92,11 +94,15 @@ def check_account(name: str, role: Role, referring_name: str) -> None:
 
 class UserService:
     def __init__(self, index: Index, config: Config, *,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`clock` is the wall clock (epoch seconds); tests pass one they can advance."""
+                 clock: Callable[[], float] = time.time,
+                 auditor: Auditor | None = None) -> None:
+        """`clock` is the wall clock (epoch seconds); tests pass one they can advance.
+        `auditor` records logins and link uses (serve passes its own; the CLI, which
+        only edits accounts and audits those edits itself, passes none)."""
         self.index = index
         self.config = config
         self._clock = clock
+        self._auditor = auditor
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
         self._link_key: bytes | None = None
         self._verified = VerifiedCredentials()
@@ -146,8 +152,24 @@ class UserService:
 
     # --- logins and sessions (the web) -------------------------------------------------
 
-    async def authenticate(self, name: str, password: str, *, address: str) -> Principal:
-        """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT."""
+    async def authenticate(self, name: str, password: str, *, address: str,
+                           via: str = "HTTP Basic") -> Principal:
+        """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT.
+
+        Audited (User Authentication) whatever the edge: every refusal, and each success
+        that needed a password check (a password recognised from memory is the same
+        client's next request, not a new login)."""
+        try:
+            principal, checked = await self._authenticate(name, password, address=address)
+        except AuthenticationError as exc:
+            await self._audit(name, address, failure=exc.kind.value, via=via)
+            raise
+        if checked:
+            await self._audit(principal.name, address, via=via)
+        return principal
+
+    async def _authenticate(self, name: str, password: str, *,
+                            address: str) -> tuple[Principal, bool]:
         now = self._clock()
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
@@ -160,7 +182,7 @@ class UserService:
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
         if user is not None and self._verified.recall(user, password, now):
-            return _principal(user)
+            return _principal(user), False
         async with self._hashing:
             if user is None:
                 await asyncio.to_thread(passwords.dummy_password_check, password)
@@ -172,7 +194,7 @@ class UserService:
             user_id = user.id
             await self._write(lambda conn: rows.record_success(conn, user_id, now=now))
             self._verified.remember(user, password, now)
-            return _principal(user)
+            return _principal(user), True
         locked = False
         if user is not None:
             user_id, auth = user.id, self.config.auth
@@ -256,7 +278,16 @@ class UserService:
 
     async def redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
-        AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
+        AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise. Audited."""
+        try:
+            principal, study_uid = await self._redeem_link(url_token, address=address)
+        except AuthenticationError as exc:
+            await self._audit("", address, failure=exc.kind.value, via=LINK_VIA)
+            raise
+        await self._audit(principal.name, address, via=LINK_VIA)
+        return principal, study_uid
+
+    async def _redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         now = self._clock()
         try:
             key = self.link_key()
@@ -279,6 +310,12 @@ class UserService:
         return _principal(user), claims.study_uid
 
     # --- helpers -----------------------------------------------------------------------
+
+    async def _audit(self, name: str, address: str, *, failure: str = "",
+                     via: str) -> None:
+        if self._auditor is not None:  # a refusal is flushed at once: off the loop
+            await asyncio.to_thread(self._auditor.user_authentication, name, address,
+                                    failure=failure, via=via)
 
     async def _hash(self, password: str) -> str:
         async with self._hashing:
