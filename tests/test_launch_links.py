@@ -193,3 +193,15 @@ def test_redeeming_without_a_link_key_refuses_and_creates_none(home: Path) -> No
     key.unlink()
     assert refusal(home, token) is AuthFailure.LINK_INVALID
     assert not key.exists()
+
+
+def test_config_check_reports_the_link_key(home: Path) -> None:
+    fresh = run_pacs_edge("config", "check", "--home", str(home))
+    assert "ok     launch-link key\n" in fresh.stdout
+    key = home / "secrets" / "link.key"
+    key.chmod(0o644)
+    bad = run_pacs_edge("config", "check", "--home", str(home), check=False)
+    assert bad.returncode == 2 and "link.key: secret file has mode 0644" in bad.stderr
+    key.unlink()
+    older = run_pacs_edge("config", "check", "--home", str(home))
+    assert "launch-link key: none yet" in older.stdout
