@@ -81,6 +81,12 @@ def wait_for_records(server: EdgeServer, needle: str, count: int) -> list[str]:
         time.sleep(0.1)
 
 
+def login_token(server: EdgeServer, name: str) -> str:
+    http = browser(server)
+    assert post_login(http, server, name, PASSWORD).status_code == 303
+    return http.cookies["pacs_edge_session"]
+
+
 def is_login_redirect(response: requests.Response) -> bool:
     return response.status_code == 303 and response.headers["Location"].startswith("/login")
 
@@ -189,6 +195,10 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
                          webpeer.base_url(web_server)).stdout.strip()
     assert urlsplit(url).path == "/launch"
     http = client(web_server)  # a browser arriving from the EHR: no Origin
+    http.cookies.set("pacs_edge_session", login_token(web_server, "rad1"))
+    checked = http.head(url, allow_redirects=False, timeout=60)  # a link checker's HEAD...
+    assert "pacs_edge_session" not in set_cookie(checked)  # ...does not use the link up
+    earlier = http.cookies["pacs_edge_session"]
     first = http.get(url, allow_redirects=False, timeout=60)
     assert first.status_code == 200
     viewer = f"/viewer?StudyInstanceUIDs={STUDY}"
@@ -198,6 +208,10 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
     assert first.headers["Referrer-Policy"] == "no-referrer"
     assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}{viewer}",
                                           allow_redirects=False, timeout=60))
+    replay = client(web_server)  # the session the browser had before the link has ended
+    replay.cookies.set("pacs_edge_session", earlier)
+    assert is_login_redirect(replay.get(f"{webpeer.base_url(web_server)}/",
+                                        allow_redirects=False, timeout=60))
     again = client(web_server).get(url, allow_redirects=False, timeout=60)
     assert again.status_code == 401 and "already used" in again.text
     assert "pacs_edge_session" not in set_cookie(again)

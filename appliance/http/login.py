@@ -77,7 +77,8 @@ def add_routes(app: web.Application, users: UserService, *, auditor: Auditor) ->
     app.router.add_get(LOGIN_PATH, login_form)
     app.router.add_post(LOGIN_PATH, login)
     app.router.add_post(LOGOUT_PATH, logout)
-    app.router.add_get(LAUNCH_PATH, launch)
+    # No HEAD: a link checker's HEAD must not use up a one-time link.
+    app.router.add_get(LAUNCH_PATH, launch, allow_head=False)
     auth.allow_anonymous(app, LOGIN_PATH, LAUNCH_PATH)
 
 
@@ -198,6 +199,9 @@ async def launch(request: web.Request) -> web.StreamResponse:
     except IndexUnavailable:
         return _page("pacs-edge", "<p>The server is busy; try the link again.</p>",
                      status=503)
+    old = request.cookies.get(auth.SESSION_COOKIE, "")
+    if old:  # the browser was logged in (perhaps as someone else): that session ends
+        await users.close_session(old)
     viewer = html.escape(f"{VIEWER_PATH}?StudyInstanceUIDs={quote(study_uid, safe='')}")
     response = _page("pacs-edge: opening the study",
                      f'<p><a href="{viewer}">Open the study</a></p>',
