@@ -22,7 +22,7 @@ SameSite=Strict cookie on a redirect that continues a cross-site navigation.
 /launch therefore answers a small page that moves on to the viewer itself (a
 meta refresh, and a link): that navigation starts on this origin, so the new
 cookie goes with it. The page and the login form are no-store, never framed,
-and send no Referer (the token must not leak).
+and send no Referer off the box (the token must not leak).
 
 Every login, failed login and link use is audited by UserService, logouts
 here (PS3.15 User Authentication); log lines carry no name, password or token.
@@ -102,7 +102,7 @@ def _page(title: str, body: str, *, status: int = 200, head: str = "") -> web.Re
 
 def _form(next_path: str, *, error: str = "", status: int = 200) -> web.Response:
     notice = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    return _page("pacs-edge: log in", (
+    response = _page("pacs-edge: log in", (
         f"<h1>pacs-edge</h1>{notice}"
         f'<form method="post" action="{LOGIN_PATH}">'
         f'<input type="hidden" name="next" value="{html.escape(next_path)}">'
@@ -112,6 +112,10 @@ def _form(next_path: str, *, error: str = "", status: int = 200) -> web.Response
         '<input id="password" name="password" type="password"'
         ' autocomplete="current-password" required>'
         '<button type="submit">Log in</button></form>'), status=status)
+    # Under no-referrer a browser sends `Origin: null` with the form's POST, which
+    # same_origin() refuses: nobody could log in. same-origin still tells no other site.
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
 
 
 def same_origin(request: web.Request) -> bool:
