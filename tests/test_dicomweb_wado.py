@@ -18,7 +18,7 @@ import pytest
 import webpeer
 from conftest import EdgeServer
 from pydicom import encaps
-from syncagent import SyncAgent, evict, import_files, sync_once, tier_state
+from syncagent import SyncAgent, evict, import_files, index_rows, sync_once, tier_state
 
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
@@ -190,9 +190,13 @@ def test_bad_uids_traversal_and_unknown_studies(
                  "/dicom-web/studies/1.2.3/series/1.2/instances/01.2/frames/1"):
         answer = webpeer.curl(web, path, user="rad")
         assert answer.status == 400, path
-    traversal = webpeer.curl(web, "/dicom-web/studies/../../../../etc/passwd", user="rad")
-    assert traversal.status in (400, 404)
-    assert b"root:" not in traversal.body
+    for path in ("/dicom-web/studies/../../../../etc/passwd",
+                 "/dicom-web/studies/1.2.3/series/../../../../../etc/passwd",
+                 "/dicom-web/studies/%2e%2e%2f%2e%2e%2fetc%2fpasswd/metadata"):
+        traversal = webpeer.curl(web, path, user="rad", as_is=True,
+                                 headers={"Accept": ANY})
+        assert traversal.status in (400, 404), path
+        assert b"root:" not in traversal.body, path
     unknown = webpeer.curl(web, "/dicom-web/studies/1.2.3.4.5", user="rad",
                            headers={"Accept": ANY})
     assert unknown.status == 404
@@ -232,3 +236,17 @@ def test_evicted_study_comes_back_by_wado(tmp_path: Path,
             assert tier_state(server, study_uid) == "replicated"
         finally:
             assert agent.stop() == 0, agent.log()
+
+
+def test_a_wado_read_stamps_the_study_last_access_for_eviction(
+        web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "touch", seed=83, series_per_study=1,
+                                instances_per_series=1)
+    dcmtk.storescu(web.port, [study[0].path]).check()
+    query = f"SELECT last_access_at FROM studies WHERE study_uid = '{study[0].study_uid}'"
+    ((before,),) = index_rows(web.home, query)
+    for _ in range(3):  # stamped once, however many reads follow
+        got = webpeer.session(web, "rad").get(_url(web, study[0], "/metadata"))
+        assert got.status_code == 200
+    ((after,),) = index_rows(web.home, query)
+    assert after > before

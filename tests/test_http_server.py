@@ -6,16 +6,20 @@ and raw TLS sockets, all verifying the site CA.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import webpeer
-from conftest import EdgeServer
+from conftest import EdgeServer, run_pacs_edge
+
+from appliance.base.durable import TEMP_SUFFIX
 
 DEADLINE = 60.0
 
@@ -56,6 +60,26 @@ def test_wrong_password_and_malformed_basic_are_401(web_server: EdgeServer) -> N
     assert garbled.status == 401
 
 
+def test_https_port_in_use_stops_serve_with_a_one_line_error(
+        tmp_path: Path, free_port: Callable[[], int]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        home = webpeer.web_home(tmp_path / "web-home", taken.getsockname()[1])
+        proc = run_pacs_edge("serve", "--home", str(home), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot listen for HTTPS" in proc.stderr
+    assert "[http] port" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_init_writes_the_http_port(tmp_path: Path) -> None:
+    home = webpeer.web_home(tmp_path / "web-home", 9443)
+    config = tomllib.loads((home / "pacs-edge.toml").read_text())
+    assert config["http"]["port"] == 9443
+    assert config["http"]["host"] == "127.0.0.1"
+
+
 def test_oversized_upload_is_413_before_it_is_read(
         tmp_path: Path, free_port: Callable[[], int],
         edge_server_factory: Callable[..., EdgeServer]) -> None:
@@ -83,6 +107,35 @@ def test_http_port_zero_turns_the_server_off(edge_server: EdgeServer) -> None:
     assert "https server ready" not in edge_server.log()
     with pytest.raises(RuntimeError):
         _ = edge_server.http_port
+
+
+def test_stalled_upload_is_answered_408_and_its_spool_removed(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),
+                                                  idle_timeout=1.0))
+    webpeer.add_user(server, "rad", "radiologist")
+    credentials = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
+    with webpeer.tls_socket(server) as tls:
+        tls.sendall(("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Authorization: Basic {credentials}\r\n"
+                     f"Content-Type: {webpeer.STOW_TYPE.format('b0undary')}\r\n"
+                     "Content-Length: 1000000\r\n\r\n"
+                     "--b0undary\r\nContent-Type: application/dicom\r\n\r\n").encode()
+                    + b"\0" * 4096)
+        answer = b""
+        deadline = time.monotonic() + DEADLINE
+        while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+            tls.settimeout(1.0)
+            try:
+                chunk = tls.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    _wait_for(lambda: not list((server.home / "store").rglob(f"*{TEMP_SUFFIX}")))
 
 
 def test_slow_request_head_is_dropped(tmp_path: Path, free_port: Callable[[], int],

@@ -88,10 +88,11 @@ class Curl:
 
 def curl(server: EdgeServer, path: str, *, user: str | None = None,
          password: str = PASSWORD, method: str = "GET", headers: dict[str, str] | None = None,
-         data_file: Path | None = None, timeout: float = 120.0) -> Curl:
-    """One request with curl (its own HTTP stack), verifying the site CA."""
+         data_file: Path | None = None, timeout: float = 120.0, as_is: bool = False) -> Curl:
+    """One request with curl (its own HTTP stack), verifying the site CA; `as_is` sends
+    the path without squashing `..` segments (curl's --path-as-is)."""
     args = ["curl", "-sS", "--http1.1", "-D", "-", "--cacert", str(ca_file(server)),
-            "-X", method, "--max-time", str(timeout)]
+            "-X", method, "--max-time", str(timeout), *(["--path-as-is"] if as_is else [])]
     if user is not None:
         args += ["-u", f"{user}:{password}"]
     for key, value in (headers or {}).items():

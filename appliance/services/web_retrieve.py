@@ -14,12 +14,15 @@ however many wait), for up to `[sync] recall_timeout_seconds`.
 
 Files are located only through the index: a path never comes from a URL.
 Each located study's last access time is stamped (eviction picks the least
-recently used).
+recently used), at most once a minute per study: a viewer asks for every frame
+of a series separately, and eviction counts in days, so one index write per
+frame would be all cost and no information.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ from appliance.store.index import Index, InstanceLocation
 from appliance.store.study_rows import study_by_uid
 
 REQUESTED_BY = "dicomweb"
+TOUCH_INTERVAL = 60.0  # seconds between two last-access stamps of one study
+_TOUCHED_KEPT = 10_000  # studies remembered before old entries are dropped
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class WebRetrieveService:
         self.files = files
         self.retrieve = retrieve
         self.recall_timeout = recall_timeout
+        self._touched: dict[str, float] = {}  # study UID -> monotonic time of the last stamp
 
     async def locate(self, principal: Principal, *, study_uid: str, series_uid: str = "",
                      sop_uid: str = "") -> Located | None:
@@ -73,8 +79,18 @@ class WebRetrieveService:
             errors = wait.errors
             rows = await self._rows(study_uid, series_uid, sop_uid)
         ready, missing = await asyncio.to_thread(self._split, rows)
-        await self.index.touch_studies([study_uid])
+        await self._touch(study_uid)
         return Located(tuple(ready), tuple(missing), errors)
+
+    async def _touch(self, study_uid: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(study_uid, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+            return
+        if len(self._touched) >= _TOUCHED_KEPT:
+            self._touched = {uid: t for uid, t in self._touched.items()
+                             if now - t < TOUCH_INTERVAL}
+        self._touched[study_uid] = now
+        await self.index.touch_studies([study_uid])
 
     async def in_scope(self, principal: Principal, study_uid: str) -> bool:
         if principal.sees_all():
