@@ -218,6 +218,9 @@ def test_install_script_pins_the_version_the_server_looks_for() -> None:
 
 def test_installed_build_has_no_demo_servers_source_maps_or_ai_runtime() -> None:
     subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], check=True, timeout=600)
+    again = subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], capture_output=True,
+                           check=True, timeout=60)
+    assert again.stdout == again.stderr == b"", "a second install must be silent"
     build = viewer.default_viewer_root()
     assert (build / "index.html").is_file()
     for name in ("app-config.js", "google.js", "sw.js", "oidc-client.min.js", "serve.json"):
