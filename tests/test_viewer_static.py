@@ -149,6 +149,13 @@ async def test_files_have_their_content_type_and_only_hashed_ones_are_immutable(
     assert answer.headers["x-content-type-options"] == "nosniff"
 
 
+async def test_revalidated_pages_answer_304_when_unchanged(served: str) -> None:
+    first = await curl(served + "/viewer?StudyInstanceUIDs=1.2.3")
+    again = await curl(served + "/", "-H", f"If-None-Match: {first.headers['etag']}")
+    assert again.status == 304
+    assert again.body == b""
+
+
 async def test_app_config_points_at_the_same_origin_dicomweb(served: str) -> None:
     answer = await curl(served + "/app-config.js")
     assert answer.status == 200
