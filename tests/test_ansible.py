@@ -51,8 +51,8 @@ HOST_PYTHON = Path("/usr/bin/python3")
 HOSTS = ("edge-a", "edge-b")
 _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
                     re.MULTILINE)
-KEY_FILES = ("site.key", "names.key", "log.key", "ca.key", "node.key")
-SERVE_READS = ("log.key", "node.key")
+KEY_FILES = ("link.key", "site.key", "names.key", "log.key", "ca.key", "node.key")
+SERVE_READS = ("link.key", "log.key", "node.key")
 TLS_ONLY_HOST = "edge-b"
 
 

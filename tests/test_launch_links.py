@@ -184,3 +184,24 @@ def test_link_key_others_can_read_is_refused(home: Path) -> None:
     key.chmod(0o644)
     proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--home", str(home), check=False)
     assert proc.returncode == 2 and "chmod 600" in proc.stderr and proc.stdout == ""
+
+
+def test_redeeming_without_a_link_key_refuses_and_creates_none(home: Path) -> None:
+    """serve's unit shows it a read-only secrets/: it must not try to make the key."""
+    token = token_of(make_link(home))
+    key = home / "secrets" / "link.key"
+    key.unlink()
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+    assert not key.exists()
+
+
+def test_config_check_reports_the_link_key(home: Path) -> None:
+    fresh = run_pacs_edge("config", "check", "--home", str(home))
+    assert "ok     launch-link key\n" in fresh.stdout
+    key = home / "secrets" / "link.key"
+    key.chmod(0o644)
+    bad = run_pacs_edge("config", "check", "--home", str(home), check=False)
+    assert bad.returncode == 2 and "link.key: secret file has mode 0644" in bad.stderr
+    key.unlink()
+    older = run_pacs_edge("config", "check", "--home", str(home))
+    assert "launch-link key: none yet" in older.stdout

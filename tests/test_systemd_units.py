@@ -146,7 +146,7 @@ def _groups(path: Path) -> list[list[str]]:
 # --- privilege split ------------------------------------------------------------------
 
 NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
-SERVE_READS = ("log.key", "node.key")  # the secrets `pacs-edge serve` needs
+SERVE_READS = ("link.key", "log.key", "node.key")  # the secrets `pacs-edge serve` needs
 UNIT_HOME, UNIT_CONFIG = "/var/lib/pacs-edge", "/etc/pacs-edge"
 _READY = re.compile(r"ready to accept associations .* port=(\d+) tls_port=(\d+)")
 

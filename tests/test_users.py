@@ -107,6 +107,11 @@ def test_users_add_referring_requires_referring_name(home: Path, tmp_path: Path)
     assert users_json(home) == []
 
 
+def test_users_add_checks_role_arguments_before_asking_for_a_password(home: Path) -> None:
+    refused(run_pacs_edge("users", "add", "ref1", "--role", "referring", "--home", str(home),
+                          check=False), "a referring user needs the name their studies carry")
+
+
 def test_users_add_referring_name_refused_for_other_roles(home: Path, tmp_path: Path) -> None:
     pw = password_file(tmp_path, PASSWORD)
     refused(run_pacs_edge("users", "add", "rad1", "--role", "radiologist", "--referring",

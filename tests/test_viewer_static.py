@@ -149,6 +149,13 @@ async def test_files_have_their_content_type_and_only_hashed_ones_are_immutable(
     assert answer.headers["x-content-type-options"] == "nosniff"
 
 
+async def test_revalidated_pages_answer_304_when_unchanged(served: str) -> None:
+    first = await curl(served + "/viewer?StudyInstanceUIDs=1.2.3")
+    again = await curl(served + "/", "-H", f"If-None-Match: {first.headers['etag']}")
+    assert again.status == 304
+    assert again.body == b""
+
+
 async def test_app_config_points_at_the_same_origin_dicomweb(served: str) -> None:
     answer = await curl(served + "/app-config.js")
     assert answer.status == 200
@@ -218,6 +225,9 @@ def test_install_script_pins_the_version_the_server_looks_for() -> None:
 
 def test_installed_build_has_no_demo_servers_source_maps_or_ai_runtime() -> None:
     subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], check=True, timeout=600)
+    again = subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], capture_output=True,
+                           check=True, timeout=60)
+    assert again.stdout == again.stderr == b"", "a second install must be silent"
     build = viewer.default_viewer_root()
     assert (build / "index.html").is_file()
     for name in ("app-config.js", "google.js", "sw.js", "oidc-client.min.js", "serve.json"):
@@ -250,7 +260,7 @@ async def test_installed_bundles_cross_the_wire_gzipped_to_browsers_that_accept_
     assert "content-encoding" not in plain.headers
 
 
-def test_viewer_files_require_a_login(tmp_path: Path, free_port: Callable[[], int],
+def test_viewer_files_require_a_login_but_the_manifest(tmp_path: Path, free_port: Callable[[], int],
                                       edge_server_factory: Callable[..., EdgeServer]) -> None:
     server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port()))
     for path in ("/app-config.js", f"/{HASHED_JS}", "/viewer?StudyInstanceUIDs=1.2.3"):
@@ -258,3 +268,7 @@ def test_viewer_files_require_a_login(tmp_path: Path, free_port: Callable[[], in
         assert answer.status == 303, path
         assert answer.headers["location"].startswith("/login?next=")
         assert b"dicom-web" not in answer.body
+    # Browsers fetch the web app manifest without cookies: it alone is public.
+    manifest = webpeer.curl(server, "/manifest.json")
+    assert manifest.status == 200
+    assert json.loads(manifest.body)["name"] == "OHIF Viewer"

@@ -69,6 +69,24 @@ def audit_text(server: EdgeServer, needle: str) -> str:
         time.sleep(0.1)
 
 
+def wait_for_records(server: EdgeServer, needle: str, count: int) -> list[str]:
+    """The audit records holding `needle`, once there are `count` (they are flushed in
+    the background); fails if more appear or too few by the deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        records = [line for line in audit_text(server, "").splitlines() if needle in line]
+        if len(records) >= count or time.monotonic() > deadline:
+            assert len(records) == count, records
+            return records
+        time.sleep(0.1)
+
+
+def login_token(server: EdgeServer, name: str) -> str:
+    http = browser(server)
+    assert post_login(http, server, name, PASSWORD).status_code == 303
+    return http.cookies["pacs_edge_session"]
+
+
 def is_login_redirect(response: requests.Response) -> bool:
     return response.status_code == 303 and response.headers["Location"].startswith("/login")
 
@@ -146,6 +164,16 @@ def test_login_post_from_another_origin_is_refused(web_server: EdgeServer,
     assert answer.status_code == 403 and "pacs_edge_session" not in set_cookie(answer)
 
 
+def test_http_basic_failures_and_logins_are_audited_like_the_form(web_server: EdgeServer) -> None:
+    assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1",
+                        password="not the password").status == 401
+    for _ in range(2):  # the second request is recognised from memory: one Login record
+        assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1").status in (200, 204)
+    records = wait_for_records(web_server, '"UserName":"HTTP Basic"', 2)
+    assert "unknown user or wrong password" in records[0] and "rad1" in records[0]
+    assert "not the password" not in audit_text(web_server, "")
+
+
 def test_login_with_a_same_origin_referer_and_no_origin_is_accepted(
         web_server: EdgeServer) -> None:
     http = client(web_server)
@@ -167,6 +195,10 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
                          webpeer.base_url(web_server)).stdout.strip()
     assert urlsplit(url).path == "/launch"
     http = client(web_server)  # a browser arriving from the EHR: no Origin
+    http.cookies.set("pacs_edge_session", login_token(web_server, "rad1"))
+    checked = http.head(url, allow_redirects=False, timeout=60)  # a link checker's HEAD...
+    assert "pacs_edge_session" not in set_cookie(checked)  # ...does not use the link up
+    earlier = http.cookies["pacs_edge_session"]
     first = http.get(url, allow_redirects=False, timeout=60)
     assert first.status_code == 200
     viewer = f"/viewer?StudyInstanceUIDs={STUDY}"
@@ -176,6 +208,10 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
     assert first.headers["Referrer-Policy"] == "no-referrer"
     assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}{viewer}",
                                           allow_redirects=False, timeout=60))
+    replay = client(web_server)  # the session the browser had before the link has ended
+    replay.cookies.set("pacs_edge_session", earlier)
+    assert is_login_redirect(replay.get(f"{webpeer.base_url(web_server)}/",
+                                        allow_redirects=False, timeout=60))
     again = client(web_server).get(url, allow_redirects=False, timeout=60)
     assert again.status_code == 401 and "already used" in again.text
     assert "pacs_edge_session" not in set_cookie(again)

@@ -21,6 +21,7 @@ from pathlib import Path
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.dimse.tls import server_context
+from appliance.services import launch_links
 from appliance.services.peers import Allowlist
 from provisioning.certs import TlsPaths, load_certificate
 from provisioning.escrow_state import ESCROW_HINT, escrow_status
@@ -51,6 +52,7 @@ def check_home(config: Config) -> list[Finding]:
         ("site key(s)", lambda: _site_keys(config.home)),
         ("name secret", lambda: _quiet(load_name_secret, config.home)),
         ("log key", lambda: _quiet(load_secret_file, secrets_dir(config.home) / LOG_KEY)),
+        ("launch-link key", lambda: _link_key(config.home)),
         ("DICOM TLS certificates", lambda: _tls(config)),
         ("cloud", lambda: _cloud(config)),
         ("audit syslog TLS files", lambda: _syslog_files(config)),
@@ -66,6 +68,14 @@ def check_home(config: Config) -> list[Finding]:
             findings.append(Finding(f"{what}: {detail}" if detail else what))
     findings.append(_escrow(config))
     return findings
+
+
+def _link_key(home: Path) -> str:
+    """Optional in a home older than launch links: the first `pacs-edge link` makes it."""
+    if not launch_links.key_path(home).exists():
+        return "none yet (the first `pacs-edge link` creates it; restart serve then)"
+    load_secret_file(launch_links.key_path(home))
+    return ""
 
 
 def _escrow(config: Config) -> Finding:

@@ -30,7 +30,7 @@ from appliance.base.config import Config
 from appliance.base.errors import UserError
 from appliance.cli.common import err, expected_errors, home_option, load, out
 from appliance.services.access import Role
-from appliance.services.users import UserService
+from appliance.services.users import UserService, check_account
 from appliance.store.index import Index
 
 T = TypeVar("T")
@@ -111,6 +111,7 @@ def users_add(home: Path | None, name: str, role: str, referring_name: str,
     """Create a web user."""
     config = load(home)
     chosen = Role(role.lower())
+    check_account(name, chosen, referring_name)
     password = read_password(password_file)
     _run(config, lambda s: s.add_user(name, chosen, password, referring_name=referring_name))
     with Auditor.for_home(config, process="cli") as auditor:

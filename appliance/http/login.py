@@ -22,10 +22,10 @@ SameSite=Strict cookie on a redirect that continues a cross-site navigation.
 /launch therefore answers a small page that moves on to the viewer itself (a
 meta refresh, and a link): that navigation starts on this origin, so the new
 cookie goes with it. The page and the login form are no-store, never framed,
-and send no Referer (the token must not leak).
+and send no Referer off the box (the token must not leak).
 
-Every login, failed login, logout and link use is audited (PS3.15 User
-Authentication); log lines carry no name, password or token.
+Every login, failed login and link use is audited by UserService, logouts
+here (PS3.15 User Authentication); log lines carry no name, password or token.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ LOGOUT_PATH = "/logout"
 LAUNCH_PATH = "/launch"
 VIEWER_PATH = "/viewer"
 MAX_FIELD_CHARS = 1024
+FORM_VIA = "login page"
 _USERS: web.AppKey[UserService] = web.AppKey("pacs_edge_login_users", UserService)
 _AUDITOR: web.AppKey[Auditor] = web.AppKey("pacs_edge_login_auditor", Auditor)
 _HEADERS = {
@@ -76,7 +77,8 @@ def add_routes(app: web.Application, users: UserService, *, auditor: Auditor) ->
     app.router.add_get(LOGIN_PATH, login_form)
     app.router.add_post(LOGIN_PATH, login)
     app.router.add_post(LOGOUT_PATH, logout)
-    app.router.add_get(LAUNCH_PATH, launch)
+    # No HEAD: a link checker's HEAD must not use up a one-time link.
+    app.router.add_get(LAUNCH_PATH, launch, allow_head=False)
     auth.allow_anonymous(app, LOGIN_PATH, LAUNCH_PATH)
 
 
@@ -100,7 +102,7 @@ def _page(title: str, body: str, *, status: int = 200, head: str = "") -> web.Re
 
 def _form(next_path: str, *, error: str = "", status: int = 200) -> web.Response:
     notice = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    return _page("pacs-edge: log in", (
+    response = _page("pacs-edge: log in", (
         f"<h1>pacs-edge</h1>{notice}"
         f'<form method="post" action="{LOGIN_PATH}">'
         f'<input type="hidden" name="next" value="{html.escape(next_path)}">'
@@ -110,6 +112,10 @@ def _form(next_path: str, *, error: str = "", status: int = 200) -> web.Response
         '<input id="password" name="password" type="password"'
         ' autocomplete="current-password" required>'
         '<button type="submit">Log in</button></form>'), status=status)
+    # Under no-referrer a browser sends `Origin: null` with the form's POST, which
+    # same_origin() refuses: nobody could log in. same-origin still tells no other site.
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
 
 
 def same_origin(request: web.Request) -> bool:
@@ -134,11 +140,9 @@ def _set_session(response: web.StreamResponse, request: web.Request, token: str)
                         max_age=int(request.app[_USERS].config.auth.session_max_hours * 3600))
 
 
-async def _audit(request: web.Request, name: str, *, failure: str = "", logout: bool = False,
-                 via: str = "password") -> None:
-    auditor = request.app[_AUDITOR]
-    await asyncio.to_thread(auditor.user_authentication, name, auth.client_address(request),
-                            logout=logout, failure=failure, via=via)
+async def _audit_logout(request: web.Request, name: str) -> None:
+    await asyncio.to_thread(request.app[_AUDITOR].user_authentication, name,
+                            auth.client_address(request), logout=True, via=FORM_VIA)
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
@@ -155,15 +159,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     target = safe_next(target)
     users, address = request.app[_USERS], auth.client_address(request)
     try:
-        principal = await users.authenticate(name, password, address=address)
+        principal = await users.authenticate(name, password, address=address, via=FORM_VIA)
         token = await users.open_session(principal, address=address)
     except AuthenticationError as exc:
-        await _audit(request, name, failure=exc.kind.value)
         return _form(target, error=_MESSAGES.get(exc.kind, exc.message), status=401)
     except IndexUnavailable:
         return _form(target, error="The server cannot check logins right now; try again.",
                      status=503)
-    await _audit(request, principal.name)
     old = request.cookies.get(auth.SESSION_COOKIE, "")
     if old:
         await users.close_session(old)
@@ -179,7 +181,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(auth.SESSION_COOKIE, "")
     if token:
         await request.app[_USERS].close_session(token)
-    await _audit(request, principal.name, logout=True)
+    await _audit_logout(request, principal.name)
     response = web.HTTPSeeOther(LOGIN_PATH, headers=_HEADERS)
     response.del_cookie(auth.SESSION_COOKIE, path="/", secure=True, httponly=True,
                         samesite="Strict")
@@ -193,7 +195,6 @@ async def launch(request: web.Request) -> web.StreamResponse:
                                                        address=address)
         token = await users.open_session(principal, address=address)
     except AuthenticationError as exc:
-        await _audit(request, "", failure=exc.kind.value, via="launch link")
         message = _MESSAGES.get(exc.kind, exc.message)
         return _page("pacs-edge: link refused", (
             f"<h1>pacs-edge</h1><p class=\"error\">{html.escape(message)}</p>"
@@ -202,7 +203,9 @@ async def launch(request: web.Request) -> web.StreamResponse:
     except IndexUnavailable:
         return _page("pacs-edge", "<p>The server is busy; try the link again.</p>",
                      status=503)
-    await _audit(request, principal.name, via="launch link")
+    old = request.cookies.get(auth.SESSION_COOKIE, "")
+    if old:  # the browser was logged in (perhaps as someone else): that session ends
+        await users.close_session(old)
     viewer = html.escape(f"{VIEWER_PATH}?StudyInstanceUIDs={quote(study_uid, safe='')}")
     response = _page("pacs-edge: opening the study",
                      f'<p><a href="{viewer}">Open the study</a></p>',

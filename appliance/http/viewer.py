@@ -18,7 +18,8 @@ bundles, wasm codecs, icons) are served as they are. What the box adds:
 - A missing build is a page telling the operator what to run (503), never a 500.
 
 Login is not this module's business: the auth middleware of appliance/http/auth.py redirects
-pages to /login before a request reaches these handlers. The routes here are a catch-all, so
+pages to /login before a request reaches these handlers (all but /manifest.json, which
+browsers fetch without cookies). The routes here are a catch-all, so
 build_app registers them after every other route module.
 """
 
@@ -32,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from aiohttp import web
 
-from appliance.http.auth import DICOMWEB_PREFIX
+from appliance.http.auth import DICOMWEB_PREFIX, allow_anonymous
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ _CSP = (
 )
 
 DATA_SOURCE = "pacs-edge"
+MANIFEST = "/manifest.json"
 
 
 AUTO = "auto"
@@ -265,5 +267,8 @@ def add_routes(app: web.Application, viewer_root: Path | None, *, box_name: str 
         log.warning("viewer not installed root=%s hint=%s", viewer_root,
                     "run scripts/install-ohif.sh or set [http] viewer_root")
     viewer = _Viewer(viewer_root, box_name or "pacs-edge")
+    # Browsers fetch the web app manifest without cookies (no crossorigin attribute on
+    # index.html's <link rel=manifest>); it names icons, nothing of the box or its users.
+    allow_anonymous(app, MANIFEST)
     app.router.add_get("/app-config.js", viewer.app_config)
     app.router.add_get("/{tail:.*}", viewer.static)

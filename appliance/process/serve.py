@@ -156,8 +156,8 @@ async def serve(
         if config.http.port and not worker:
             paths = TlsPaths(config.home)
             http = HttpServer(config.http, build_app(WebServices(
-                config=config, users=UserService(index, config), index=index, files=files,
-                ingest=services.ingest, retrieve=retrieve, auditor=auditor)),
+                config=config, users=UserService(index, config, auditor=auditor), index=index,
+                files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor)),
                 ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
             await http.start()
         stop = asyncio.Event()

@@ -11,7 +11,7 @@ Token (docs/web.md, "Launch links", is the integrators' copy of this contract)::
     mac     base64url (no padding) of HMAC-SHA256(link.key, "v1." + claims)
 
 The key is 32 random bytes in `<home>/secrets/link.key` (0600), created by `init`
-or on first use in an older home. It never leaves the box, so a link made by
+or by the first `pacs-edge link` in an older home. It never leaves the box, so a link made by
 another box (another key) is refused. The MAC is checked, in constant time,
 before anything in the claims is read; then the expiry, then the lifetime
 (exp - iat may not exceed [auth] link_max_ttl_minutes, whatever the signer
@@ -58,9 +58,12 @@ def ensure_link_key(home: Path) -> bool:
     return create_secret_file(key_path(home), secrets.token_bytes(32))
 
 
-def load_link_key(home: Path) -> bytes:
-    """The link key, created on first use for homes made before launch links existed."""
-    ensure_link_key(home)
+def load_link_key(home: Path, *, create: bool = False) -> bytes:
+    """The link key; with `create` (the signing command) it is made on first use for
+    homes older than launch links. `serve` never creates it: under its systemd unit
+    `secrets/` is a read-only view holding only the keys it reads."""
+    if create:
+        ensure_link_key(home)
     return load_secret_file(key_path(home))
 
 

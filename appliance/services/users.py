@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from appliance.base import logsafe
 from appliance.base.config import Config
-from appliance.base.errors import AuthenticationError, AuthFailure, UserError
+from appliance.base.errors import AuthenticationError, AuthFailure, PacsEdgeError, UserError
 from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
 from appliance.store import database
@@ -45,6 +45,7 @@ from appliance.store.index import Index
 if TYPE_CHECKING:
     import sqlite3
 
+    from appliance.audit import Auditor
     from appliance.store.user_rows import UserRow
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ T = TypeVar("T")
 MAX_NAME_CHARS = 64
 MAX_PASSWORD_CHARS = 1024  # longer input is refused before it is hashed
 HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
+LINK_VIA = "launch link"
 VERIFIED_SECONDS = 300.0
 VERIFIED_ENTRIES = 1024
 
@@ -75,13 +77,32 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_account(name: str, role: Role, referring_name: str) -> None:
+    """A new account's name and scope, checked before anyone is asked for a password."""
+    check_name(name)
+    if role is Role.REFERRING and not referring_name.strip("^ "):
+        raise UserError("a referring user needs the name their studies carry",
+                        hint="add --referring 'LAST^FIRST' (the Referring Physician's "
+                        "Name as the RIS writes it)")
+    if role is not Role.REFERRING and referring_name:
+        raise UserError("--referring is only for --role referring",
+                        hint="admins and radiologists see every study")
+    if len(referring_name) > 64 * 5 or not referring_name.isprintable():
+        raise UserError("--referring is not a person name",
+                        hint="'LAST^FIRST' as the studies carry it")
+
+
 class UserService:
     def __init__(self, index: Index, config: Config, *,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`clock` is the wall clock (epoch seconds); tests pass one they can advance."""
+                 clock: Callable[[], float] = time.time,
+                 auditor: Auditor | None = None) -> None:
+        """`clock` is the wall clock (epoch seconds); tests pass one they can advance.
+        `auditor` records logins and link uses (serve passes its own; the CLI, which
+        only edits accounts and audits those edits itself, passes none)."""
         self.index = index
         self.config = config
         self._clock = clock
+        self._auditor = auditor
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
         self._link_key: bytes | None = None
         self._verified = VerifiedCredentials()
@@ -98,14 +119,7 @@ class UserService:
 
     async def add_user(self, name: str, role: Role, password: str, *,
                        referring_name: str = "") -> None:
-        check_name(name)
-        if role is Role.REFERRING and not referring_name.strip("^ "):
-            raise UserError("a referring user needs the name their studies carry",
-                            hint="add --referring 'LAST^FIRST' (the Referring Physician's "
-                            "Name as the RIS writes it)")
-        if role is not Role.REFERRING and referring_name:
-            raise UserError("--referring is only for --role referring",
-                            hint="admins and radiologists see every study")
+        check_account(name, role, referring_name)
         self.check_password(password)
         hashed = await self._hash(password)
         now = self._clock()
@@ -138,8 +152,24 @@ class UserService:
 
     # --- logins and sessions (the web) -------------------------------------------------
 
-    async def authenticate(self, name: str, password: str, *, address: str) -> Principal:
-        """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT."""
+    async def authenticate(self, name: str, password: str, *, address: str,
+                           via: str = "HTTP Basic") -> Principal:
+        """The user's Principal, or AuthenticationError BAD_CREDENTIALS / LOCKED_OUT.
+
+        Audited (User Authentication) whatever the edge: every refusal, and each success
+        that needed a password check (a password recognised from memory is the same
+        client's next request, not a new login)."""
+        try:
+            principal, checked = await self._authenticate(name, password, address=address)
+        except AuthenticationError as exc:
+            await self._audit(name, address, failure=exc.kind.value, via=via)
+            raise
+        if checked:
+            await self._audit(principal.name, address, via=via)
+        return principal
+
+    async def _authenticate(self, name: str, password: str, *,
+                            address: str) -> tuple[Principal, bool]:
         now = self._clock()
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
@@ -152,7 +182,7 @@ class UserService:
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
         if user is not None and self._verified.recall(user, password, now):
-            return _principal(user)
+            return _principal(user), False
         async with self._hashing:
             if user is None:
                 await asyncio.to_thread(passwords.dummy_password_check, password)
@@ -164,7 +194,7 @@ class UserService:
             user_id = user.id
             await self._write(lambda conn: rows.record_success(conn, user_id, now=now))
             self._verified.remember(user, password, now)
-            return _principal(user)
+            return _principal(user), True
         locked = False
         if user is not None:
             user_id, auth = user.id, self.config.auth
@@ -225,9 +255,10 @@ class UserService:
 
     # --- launch links ------------------------------------------------------------------
 
-    def link_key(self) -> bytes:
+    def link_key(self, *, create: bool = False) -> bytes:
+        """The home's link key (kept once read); `create` makes it if missing (signing)."""
         if self._link_key is None:
-            self._link_key = launch_links.load_link_key(self.config.home)
+            self._link_key = launch_links.load_link_key(self.config.home, create=create)
         return self._link_key
 
     async def sign_link(self, name: str, study_uid: str, *, ttl_seconds: int) -> str:
@@ -239,7 +270,7 @@ class UserService:
         if await database.run_sync(self.index.reader, rows.find_user, name) is None:
             raise _unknown(name)
         try:
-            return launch_links.sign(self.link_key(), user=name, study_uid=study_uid,
+            return launch_links.sign(self.link_key(create=True), user=name, study_uid=study_uid,
                                      ttl_seconds=ttl_seconds, now=self._clock())
         except ValueError:
             raise UserError("not a valid Study Instance UID",
@@ -247,9 +278,23 @@ class UserService:
 
     async def redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         """(principal, study UID) of a genuine, unexpired, unused link; the link is used up.
-        AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise."""
+        AuthenticationError LINK_INVALID, LINK_EXPIRED or LINK_USED otherwise. Audited."""
+        try:
+            principal, study_uid = await self._redeem_link(url_token, address=address)
+        except AuthenticationError as exc:
+            await self._audit("", address, failure=exc.kind.value, via=LINK_VIA)
+            raise
+        await self._audit(principal.name, address, via=LINK_VIA)
+        return principal, study_uid
+
+    async def _redeem_link(self, url_token: str, *, address: str) -> tuple[Principal, str]:
         now = self._clock()
-        claims = launch_links.verify(self.link_key(), url_token, now=now,
+        try:
+            key = self.link_key()
+        except PacsEdgeError as exc:  # no key yet: this box signed no link it can check
+            log.error("launch link key unusable error=%s", exc.message)
+            raise AuthenticationError(AuthFailure.LINK_INVALID) from None
+        claims = launch_links.verify(key, url_token, now=now,
                                      max_ttl_seconds=self.config.auth.link_max_ttl_minutes * 60)
         user = await database.run_sync(self.index.reader, rows.find_user, claims.user)
         if user is None:
@@ -265,6 +310,12 @@ class UserService:
         return _principal(user), claims.study_uid
 
     # --- helpers -----------------------------------------------------------------------
+
+    async def _audit(self, name: str, address: str, *, failure: str = "",
+                     via: str) -> None:
+        if self._auditor is not None:  # a refusal is flushed at once: off the loop
+            await asyncio.to_thread(self._auditor.user_authentication, name, address,
+                                    failure=failure, via=via)
 
     async def _hash(self, password: str) -> str:
         async with self._hashing:

@@ -1,0 +1,135 @@
+"""A launch link clicked in a real browser on another site (the EHR) opens the viewer
+logged in: the SameSite=Strict session cookie reaches the viewer and DICOMweb.
+
+The EHR is a page served over plain HTTP from 127.0.0.1 (another site than the
+box's https://localhost); Debian's headless chromium clicks its link, driven by
+selenium through Debian's chromium-driver (Selenium Manager never runs). Chromium
+trusts exactly the box's certificate (its SPKI hash).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import webpeer
+from conftest import EdgeServer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+STUDY = "1.2.826.0.1.3680043.8.498.42"
+DEADLINE = 90.0
+
+
+def spki_hash(cert_pem: bytes) -> str:
+    """Chromium's --ignore-certificate-errors-spki-list form: base64(sha256(SPKI))."""
+    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def wait_for(probe: Callable[[], object], what: str) -> object:
+    end = time.monotonic() + DEADLINE
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)  # polling interval, not synchronisation
+
+
+@pytest.fixture
+def box(tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "home", free_port()))
+    webpeer.add_user(server, "ref1", "referring", referring="DOE^JOHN")
+    return server
+
+
+@pytest.fixture
+def ehr(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A plain web server on 127.0.0.1 (another site): (its folder, its base URL)."""
+    folder = tmp_path / "ehr"
+    folder.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, box: EdgeServer,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    cert = (box.home / "tls" / "node.pem").read_bytes()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                f"--ignore-certificate-errors-spki-list={spki_hash(cert)}",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(DEADLINE)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def fetch_status(driver: webdriver.Chrome, path: str) -> int:
+    """The status of a same-origin fetch made by the page (it carries the page's cookies)."""
+    return int(driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {credentials: 'same-origin', redirect: 'manual'})"
+        ".then(r => done(r.status), () => done(-1));", path))
+
+
+def test_launch_link_clicked_on_the_ehr_opens_the_viewer_logged_in(
+        box: EdgeServer, ehr: tuple[Path, str], browser: webdriver.Chrome) -> None:
+    url = box.cli("link", STUDY, "--user", "ref1", "--base-url",
+                  webpeer.base_url(box)).stdout.strip()
+    folder, ehr_url = ehr
+    (folder / "ehr.html").write_text(
+        f'<!doctype html><a id="open" href="{html.escape(url)}">Open images</a>',
+        encoding="utf-8")
+    browser.get(f"{ehr_url}/ehr.html")
+    browser.find_element(By.ID, "open").click()
+    wait_for(lambda: urlsplit(browser.current_url).path == "/viewer",
+             f"the viewer (at {browser.current_url})")
+    landed = urlsplit(browser.current_url)
+    assert landed.netloc == urlsplit(webpeer.base_url(box)).netloc
+    assert landed.query == f"StudyInstanceUIDs={STUDY}"
+    cookie = browser.get_cookie("pacs_edge_session")
+    assert cookie is not None and cookie["httpOnly"] and cookie["secure"]
+    assert cookie["sameSite"] == "Strict"
+    # The viewer's own requests carry the session: DICOMweb answers, no 401, no login.
+    assert fetch_status(browser, "/dicom-web/studies") in (200, 204)
+    # The same link clicked again is refused: it opens once.
+    browser.get(f"{ehr_url}/ehr.html")
+    browser.find_element(By.ID, "open").click()
+    wait_for(lambda: "already used" in browser.find_element(By.TAG_NAME, "body").text,
+             "the refusal page")
