@@ -1,7 +1,8 @@
 """A real HL7 sender for the tests: python-hl7's MLLP client, and raw MLLP frames.
 
 `orm(...)`, `omi(...)`, `adt(...)` build messages as a RIS would; `send`
-sends one with python-hl7's MLLPClient and returns the parsed ACK; `raw`
+sends one with python-hl7's MLLPClient and returns the parsed ACK (`send_many`:
+several, one after the other on one connection, as a RIS does); `raw`
 opens a plain socket (optionally from another loopback source address) for
 frames no library would produce.
 """
@@ -103,6 +104,14 @@ def send(port: int, message: str | bytes) -> Ack:
     with MLLPClient(HOST, port) as client:
         client.socket.settimeout(TIMEOUT)
         return parse_ack(_complete(client.socket, client.send_message(message)))
+
+
+def send_many(port: int, messages: list[str]) -> list[Ack]:
+    """Messages on one MLLP connection (python-hl7's client), each ACK awaited in turn."""
+    with MLLPClient(HOST, port) as client:
+        client.socket.settimeout(TIMEOUT)
+        return [parse_ack(_complete(client.socket, client.send_message(message)))
+                for message in messages]
 
 
 def _complete(sock: socket.socket, data: bytes) -> bytes:

@@ -382,3 +382,37 @@ def test_patient_merge_moves_studies_and_orders_to_the_surviving_id(
     assert sorted(found.values("StudyInstanceUID")) == sorted([old.study_uid, kept.study_uid])
     assert set(found.values("PatientName")) == {"KEPT^NAME"}
     assert show(server, "MA1")["patient_id"] == kept.patient_id
+
+
+def test_images_sent_with_a_merged_away_id_join_the_surviving_patient(
+        hl7_edge: tuple[EdgeServer, int], tmp_path: Path) -> None:
+    server, port = hl7_edge
+    # Two studies of the prior patient, two instances each; one study of the surviving one.
+    first, second = dicomgen.group_by(dicomgen.make_studies(
+        tmp_path / "prior", seed=64, studies_per_patient=2, series_per_study=1,
+        instances_per_series=2), "StudyInstanceUID").values()
+    [kept] = _study_of(tmp_path, server, seed=65)
+    prior_id = first[0].patient_id
+    dcmtk.storescu(server.port, [first[0].path]).check()
+    accession = str(second[0].header.AccessionNumber)
+    order = hl7peer.orm("G0", accession=accession).replace("PAT1^^^HOSP", f"{prior_id}^^^")
+    assert hl7peer.send(port, order).code == "AA"
+    merge = hl7peer.adt("G1", "A40", patient_id=kept.patient_id, name="KEPT^NAME",
+                        prior=prior_id, issuer="")
+    assert hl7peer.send(port, merge).code == "AA"
+    # After the merge the modality still sends the prior ID: a late instance of the merged
+    # study, and a new study for the order (its accession, not its Study Instance UID).
+    dcmtk.storescu(server.port, [first[1].path, *(i.path for i in second)]).check()
+    patients = dcmtk.findscu(server.port, {"PatientID": prior_id}, level="PATIENT",
+                             model="patient")
+    assert patients.check().responses == []  # no row of the prior patient came back
+    found = dcmtk.findscu(server.port, {"PatientID": kept.patient_id, "PatientName": None,
+                                        "StudyInstanceUID": None,
+                                        "NumberOfStudyRelatedInstances": None},
+                          level="STUDY", model="patient").check()
+    studies = dict(zip(found.values("StudyInstanceUID"),
+                       found.values("NumberOfStudyRelatedInstances"), strict=True))
+    assert studies == {first[0].study_uid: "2", second[0].study_uid: "2", kept.study_uid: "1"}
+    assert set(found.values("PatientName")) == {"KEPT^NAME"}
+    linked = show(server, accession)
+    assert (linked["patient_id"], linked["images_received"]) == (kept.patient_id, 2)

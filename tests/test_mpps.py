@@ -1,12 +1,13 @@
-"""MPPS SCP end to end: a real `pacs-edge serve`, pynetdicom as the modality (N-CREATE, N-SET;
-dcmtk has no MPPS SCU).
+"""MPPS SCP end to end: a real `pacs-edge serve`, pynetdicom as the modality (N-CREATE, N-SET,
+N-GET; dcmtk has no MPPS SCU).
 
 What is proven here: a step goes IN PROGRESS -> COMPLETED or DISCONTINUED and is a
 committed row with the keys that link it to its order; PS3.4 F.7 state rules:
 no change after a final state (0x0110 with an Error Comment), a duplicate
 N-CREATE is 0x0111, N-CREATE must be IN PROGRESS, a final state needs its end
-date/time, an N-SET of an unknown step is 0x0112; a peer without `mpps` is
-refused (0x0124); every step is audited as a Procedure Record.
+date/time, an N-SET of an unknown step is 0x0112; N-GET (MPPS Retrieve, F.8)
+answers the requested attributes of the step as it stands; a peer without
+`mpps` is refused (0x0124); every step is audited as a Procedure Record.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from typing import Any
 import pytest
 from conftest import HOST, EdgeServer
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
+)
 
 from appliance.store.mpps_rows import (
     TRANSITIONS,
@@ -43,6 +48,7 @@ class MppsScu:
     def __init__(self, edge: EdgeServer, ae_title: str = MODALITY) -> None:
         ae = AE(ae_title)
         ae.add_requested_context(ModalityPerformedProcedureStep)
+        ae.add_requested_context(ModalityPerformedProcedureStepRetrieve)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         self.assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
         assert self.assoc.is_established
@@ -54,6 +60,13 @@ class MppsScu:
     def set(self, sop_uid: str, modification: Dataset) -> Dataset:
         status, _ = self.assoc.send_n_set(modification, ModalityPerformedProcedureStep, sop_uid)
         return status
+
+    def get(self, sop_uid: str, keywords: list[str], *,
+            sop_class: Any = ModalityPerformedProcedureStepRetrieve
+            ) -> tuple[Dataset, Dataset | None]:
+        tags = [Tag(keyword) for keyword in keywords]
+        status, attributes = self.assoc.send_n_get(tags, sop_class, sop_uid)
+        return status, attributes
 
     def release(self) -> None:
         self.assoc.release()
@@ -205,6 +218,43 @@ def test_set_of_an_unknown_step_is_refused(scu: tuple[EdgeServer, MppsScu]) -> N
     assert client.set(str(generate_uid()), final()).Status == NO_SUCH_INSTANCE
 
 
+def test_get_answers_the_requested_attributes_of_the_step_as_it_stands(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    edge, client = scu
+    sop_uid, study_uid = str(generate_uid()), str(generate_uid())
+    assert client.create(sop_uid, in_progress(study_uid)).Status == SUCCESS
+    update = Dataset()
+    update.PerformedProcedureStepDescription = "CT head"
+    assert client.set(sop_uid, update).Status == SUCCESS
+    status, found = client.get(sop_uid, [
+        "PerformedProcedureStepStatus", "PerformedProcedureStepDescription",
+        "ScheduledStepAttributesSequence", "PerformedProcedureStepEndDate", "SOPInstanceUID",
+        "CommentsOnThePerformedProcedureStep"])
+    assert status.Status == SUCCESS and found is not None
+    assert found.PerformedProcedureStepStatus == "IN PROGRESS"
+    assert found.PerformedProcedureStepDescription == "CT head"
+    assert found.ScheduledStepAttributesSequence[0].StudyInstanceUID == study_uid
+    assert found.SOPInstanceUID == sop_uid
+    # Held without a value, or not held at all: returned empty.
+    assert found.PerformedProcedureStepEndDate == ""
+    assert found.CommentsOnThePerformedProcedureStep == ""
+    assert "PatientID" not in found  # only what was asked for
+    assert client.set(sop_uid, final("DISCONTINUED")).Status == SUCCESS
+    # No list: every attribute; and on the MPPS context too, where some SCUs send it.
+    status, everything = client.get(sop_uid, [], sop_class=ModalityPerformedProcedureStep)
+    assert status.Status == SUCCESS and everything is not None
+    assert everything.PerformedProcedureStepStatus == "DISCONTINUED"
+    assert (everything.PatientID, everything.PerformedProcedureStepEndTime) == (
+        "PID100", "103000")
+    status, _ = client.get(str(generate_uid()), ["PerformedProcedureStepStatus"])
+    assert status.Status == NO_SUCH_INSTANCE
+    client.release()
+    records = [r for r in _audit_events(edge)
+               if r["EventIdentification"]["EventID"]["csd-code"] == "110109"]
+    assert [r["EventIdentification"]["EventActionCode"] for r in records] == [
+        "C", "U", "R", "U", "R"]
+
+
 def test_mpps_refused_to_a_peer_without_mpps_permission(
         mpps_edge: Callable[..., EdgeServer]) -> None:
     edge = mpps_edge(allow="store")
@@ -212,6 +262,8 @@ def test_mpps_refused_to_a_peer_without_mpps_permission(
     sop_uid = str(generate_uid())
     try:
         assert client.create(sop_uid, in_progress()).Status == REFUSED_NOT_AUTHORIZED
+        status, found = client.get(sop_uid, ["PerformedProcedureStepStatus"])
+        assert (status.Status, found) == (REFUSED_NOT_AUTHORIZED, None)
     finally:
         client.release()
     assert _step(edge, sop_uid) is None

@@ -81,3 +81,31 @@ def test_status_outside_the_four_is_refused_by_the_schema(tmp_path: Path) -> Non
                     "UPDATE orders SET status = 'CANCELLED' WHERE id = ?", (order_id,)))
 
     asyncio.run(scenario())
+
+
+def test_merged_away_patient_resolves_along_merges_in_their_order(tmp_path: Path) -> None:
+    a, b, c, d = (PatientKey(p, "HOSP") for p in "ABCD")
+
+    async def scenario() -> None:
+        async with Index(tmp_path / "index.db") as index:
+            writer = index.writer
+            assert writer is not None
+
+            async def merge(prior: PatientKey, surviving: PatientKey) -> None:
+                await writer.submit_sync(
+                    lambda conn: store.merge_patient(conn, prior, surviving, 1.0))
+
+            async def current(*keys: PatientKey) -> list[PatientKey | None]:
+                return [await database.run_sync(index.reader, store.surviving_patient, key)
+                        for key in keys]
+
+            assert await current(a) == [None]
+            await merge(a, b)
+            await merge(b, c)  # a chain: A -> B -> C
+            assert await current(a, b, c) == [c, c, None]
+            await merge(c, a)  # A named as the surviving one later: current again
+            assert await current(a, b, c) == [None, a, a]
+            await merge(d, PatientKey("D"))  # identity is ID and issuer
+            assert await current(d, PatientKey("D")) == [PatientKey("D"), None]
+
+    asyncio.run(scenario())

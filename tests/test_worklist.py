@@ -184,6 +184,31 @@ def test_worklist_answers_what_wlmscpfs_answers(
     assert _accessions(_query(edge.port, QUERIES["station_and_date"])) == ["ACC001", "ACC002"]
 
 
+# Start Date and Start Time both ranges: one period (PS3.4 C.2.2.2.5), as wlmscpfs reads them.
+COMBINED_QUERIES: dict[str, tuple[dict[str, str], list[str]]] = {
+    "closed_period": ({f"{SPS}ScheduledProcedureStepStartDate": "20240105-20240106",
+                       f"{SPS}ScheduledProcedureStepStartTime": "1000-1300"},
+                      ["ACC002", "ACC003", "ACC004"]),
+    "open_period": ({f"{SPS}ScheduledProcedureStepStartDate": "20240106-",
+                     f"{SPS}ScheduledProcedureStepStartTime": "1200-"}, ["ACC005", "ACC006"]),
+    "period_ending": ({f"{SPS}ScheduledProcedureStepStartDate": "-20240106",
+                       f"{SPS}ScheduledProcedureStepStartTime": "-0900"},
+                      ["ACC001", "ACC002", "ACC003", "ACC004"]),
+    # A single date with a time range is not a period: each key matches on its own.
+    "day_and_time_range": ({f"{SPS}ScheduledProcedureStepStartDate": "20240105",
+                            f"{SPS}ScheduledProcedureStepStartTime": "1000-1300"},
+                           ["ACC002", "ACC003"]),
+}
+
+
+def test_start_date_and_time_ranges_match_as_one_period_as_wlmscpfs_does(
+        worklist_edge: Callable[..., EdgeServer], reference: int) -> None:
+    edge = worklist_edge()
+    for name, (keys, expected) in COMBINED_QUERIES.items():
+        ours, theirs = _query(edge.port, keys).check(), _query(reference, keys).check()
+        assert _accessions(ours) == _accessions(theirs) == expected, name
+
+
 def test_return_keys_are_filled_from_the_order(
         worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
     edge = worklist_edge()

@@ -444,9 +444,10 @@ class Auditor:
 
     def procedure_step(self, assoc: Any, *, created: bool, state: str, patient_id: str,
                        study_uids: Iterable[str], accession_numbers: Iterable[str] = (),
-                       reason: str = "") -> None:
-        """An MPPS N-CREATE (`created`) or N-SET, committed or refused with `reason`
-        (PS3.15 A.5.3.9 Procedure Record). Written before the response: a few per exam."""
+                       reason: str = "", read: bool = False) -> None:
+        """An MPPS N-CREATE (`created`) or N-SET, committed or refused with `reason`, or
+        an N-GET (`read`) (PS3.15 A.5.3.9 Procedure Record). Written before the
+        response: a few per exam."""
         peer = requestor_of(assoc)
         box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
         accessions = tuple(a for a in accession_numbers if a)
@@ -454,7 +455,8 @@ class Auditor:
                         for uid in sorted({u for u in study_uids if u}))
         if patient_id:
             objects += (patient_object(patient_id),)
-        self._record(EventID.PROCEDURE_RECORD, Action.CREATE if created else Action.UPDATE,
+        action = Action.READ if read else Action.CREATE if created else Action.UPDATE
+        self._record(EventID.PROCEDURE_RECORD, action,
                      Outcome.MINOR_FAILURE if reason else Outcome.SUCCESS,
                      (self._peer(peer, Role.SOURCE), box), objects=objects,
                      description=reason or f"procedure step {state}", urgent=True)

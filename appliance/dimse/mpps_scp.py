@@ -1,4 +1,6 @@
-"""MPPS SCP on the wire (Modality Performed Procedure Step SOP Class, PS3.4 F.7): N-CREATE, N-SET.
+"""MPPS SCP on the wire: N-CREATE and N-SET (Modality Performed Procedure Step SOP Class,
+PS3.4 F.7), N-GET (Modality Performed Procedure Step Retrieve SOP Class, F.8; also
+taken on the MPPS context, where some SCUs send it).
 
 Thin: decode the attribute list, call the MPPS service through the bridge,
 map its refusal kind to a named status (with an Error Comment where PS3.4
@@ -13,17 +15,19 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.sop_class import ModalityPerformedProcedureStepRetrieve  # type: ignore[attr-defined]
 
 from appliance.audit import Auditor
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import OutOfSpace, PacsEdgeError
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
-from appliance.services.mpps import Kind, MppsRefused, MppsService, StepResult
+from appliance.services.mpps import SOP_CLASS_UID, Kind, MppsRefused, MppsService, StepResult
 
 log = logging.getLogger(__name__)
 
-MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
+MPPS_SOP_CLASS = SOP_CLASS_UID
+MPPS_RETRIEVE_SOP_CLASS = str(ModalityPerformedProcedureStepRetrieve)  # 1.2.840.10008.3.1.2.3.4
 
 _STATUS = {
     Kind.NOT_PERMITTED: Status.REFUSED_NOT_AUTHORIZED,
@@ -53,6 +57,33 @@ class MppsScp:
         sop_uid = str(event.request.RequestedSOPInstanceUID or "")
         return self._serve(event, "set", lambda attrs: self.service.update(
             calling, sop_uid, attrs), lambda: event.modification_list)
+
+    def on_n_get(self, event: Any) -> tuple[Status | Dataset, Dataset | None]:
+        label = peer_label(event.assoc)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        request = event.request
+        if str(request.RequestedSOPClassUID or "") not in (MPPS_SOP_CLASS,
+                                                            MPPS_RETRIEVE_SOP_CLASS):
+            return Status.PROCESSING_FAILURE, None
+        try:
+            tags = event.attribute_identifiers
+            step, found = self.bridge.call(self.service.get(
+                calling, str(request.RequestedSOPInstanceUID or ""), tags))
+        except MppsRefused as exc:
+            log.warning("mpps get refused reason=%s %s", exc.reason, label)
+            if exc.kind is Kind.NOT_PERMITTED:
+                self.audit.refused(event.assoc, "mpps", exc.reason)
+                return Status.REFUSED_NOT_AUTHORIZED, None
+            return _failure(_STATUS[exc.kind], exc.reason), None
+        except PacsEdgeError as exc:
+            log.error("mpps get failed reason=%s %s", exc.message, label)
+            return Status.PROCESSING_FAILURE, None
+        log.info("mpps get answered step=%d attributes=%d %s", step.id, len(found), label)
+        self.audit.procedure_step(
+            event.assoc, created=False, read=True, state=step.state.value,
+            patient_id=step.fields.patient_id, study_uids=[r.study_uid for r in step.refs],
+            accession_numbers=[r.accession_number for r in step.refs])
+        return Status.SUCCESS, found
 
     def _serve(self, event: Any, what: str, call: Any, attributes: Any
                ) -> tuple[Status | Dataset, Dataset | None]:
@@ -95,7 +126,8 @@ class MppsScp:
 
 
 def event_handlers(scp: MppsScp) -> list[tuple[Any, Any]]:
-    return [(evt.EVT_N_CREATE, scp.on_n_create), (evt.EVT_N_SET, scp.on_n_set)]
+    return [(evt.EVT_N_CREATE, scp.on_n_create), (evt.EVT_N_SET, scp.on_n_set),
+            (evt.EVT_N_GET, scp.on_n_get)]
 
 
 def _failure(status: Status, comment: str) -> Dataset:

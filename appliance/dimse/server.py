@@ -20,6 +20,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -55,7 +56,7 @@ QUERY_RETRIEVE_CONTEXTS = (
 )
 # Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
 WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep,
-                     ModalityWorklistInformationFind)
+                     ModalityPerformedProcedureStepRetrieve, ModalityWorklistInformationFind)
 # An AE title no peer can have (17 characters): pynetdicom reads an empty
 # require_calling_aet as "admit everyone", the appliance as "admit no one".
 _NOBODY = "~" * 17

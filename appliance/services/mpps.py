@@ -23,6 +23,14 @@ it. An order that cannot take the move (cancelled by the RIS meanwhile, or
 already final) keeps its status: the step is still recorded, since it reports
 what happened at the modality, and a warning is logged.
 
+N-GET (the Modality Performed Procedure Step Retrieve SOP Class, PS3.4
+F.8) reads a step back, for a RIS or a second modality that asks what was
+performed: the attributes it names, as the step holds them after its last
+N-SET (a sequence whole); a requested attribute the step does not hold comes
+back empty; no list means every attribute. SOP Class and SOP Instance UID
+are answered too. Reading needs `mpps` like writing; an unknown step is
+NO_SUCH_STEP.
+
 Every refusal is an MppsRefused whose `kind` the edge maps to a DICOM status.
 """
 
@@ -37,7 +45,11 @@ from functools import partial
 from io import BytesIO
 from typing import TYPE_CHECKING
 
+from pydicom import config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pynetdicom.dsutils import decode, encode
 
 from appliance.base.errors import PacsEdgeError
@@ -65,6 +77,7 @@ if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
 log = logging.getLogger(__name__)
 
 PERMISSION = "mpps"
+SOP_CLASS_UID = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step
 _STATUS_TRIGGER = {
     "IN PROGRESS": MppsTrigger.UPDATE,
     "COMPLETED": MppsTrigger.COMPLETE,
@@ -193,6 +206,15 @@ class MppsService:
             return StepResult(updated, created=False)
         raise PacsEdgeError("procedure step kept changing under concurrent N-SETs")
 
+    async def get(self, calling_ae: str, sop_uid: str, tags: Sequence[BaseTag]
+                  ) -> tuple[Step, Dataset]:
+        """The step and the attributes `tags` name (every attribute when empty)."""
+        self.permitted(calling_ae)
+        step = await self._load(normalise_uid(sop_uid))
+        if step is None:
+            raise MppsRefused(Kind.NO_SUCH_STEP)
+        return step, _requested(step, tags)
+
     async def _load(self, sop_uid: str) -> Step | None:
         return await database.run_sync(self.index.reader, mpps.load, sop_uid)
 
@@ -224,6 +246,29 @@ def _update_and_link(change: Callable[[sqlite3.Connection], MppsState],
     change(conn)
     if trigger is not None:
         link_step_to_orders(conn, refs, trigger, at)
+
+
+def _requested(step: Step, tags: Sequence[BaseTag]) -> Dataset:
+    held = _decode(step.dataset)
+    held.SOPClassUID = SOP_CLASS_UID
+    held.SOPInstanceUID = step.sop_uid
+    if not tags:
+        return held
+    out = Dataset()
+    if "SpecificCharacterSet" in held:  # how the text values below are encoded
+        out.SpecificCharacterSet = held.SpecificCharacterSet
+    for tag in tags:
+        if tag in held:
+            out[tag] = held[tag]
+        elif not tag.is_private and tag.element != 0:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue  # not a standard attribute: nothing to answer with
+            # Values come from the step as stored; pydicom's checks would only warn.
+            out[tag] = DataElement(tag, vr, empty_value_for_VR(vr),
+                                   validation_mode=config.IGNORE)
+    return out
 
 
 def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:

@@ -26,8 +26,9 @@ Rules:
 - Patients: A04/A08 set name, birth date and sex (non-empty fields only) in
   the index's patient row, which future C-FIND answers use, and on the
   patient's orders. A40 moves the prior patient's studies and orders to the
-  surviving patient (store/orders.py merge_patient). Stored files are never
-  rewritten.
+  surviving patient (store/order_rows.py merge_patient); instances that
+  arrive later with the prior ID join the surviving patient at ingest
+  (store/hierarchy.py current_patient). Stored files are never rewritten.
 - Every applied order and patient change is audited (after the commit).
 - Logs carry message types, control codes and counts, never patient data:
   orders appear as logsafe refs.

@@ -4,10 +4,18 @@ Matching keys (PS3.4 K.6.1.2, Table K.6-1), at the top level and in the one
 item of the Scheduled Procedure Step Sequence (sequence matching, K.6.1.2.1
 and C.2.2.2.6), follow the rules of appliance/services/query/matching.py, the same
 code C-FIND uses: Scheduled Station AE Title, Modality, Scheduled Procedure
-Step Start Date and Time (single values and ranges, separately), Patient
-Name (wildcards, case-insensitive), Patient ID, Accession Number, Requested
+Step Start Date and Time (single values and ranges), Patient Name
+(wildcards, case-insensitive), Patient ID, Accession Number, Requested
 Procedure ID, Study Instance UID (UID lists) and the other keys of the table
 below. An item is one order (one requested procedure, one scheduled step).
+
+Start Date and Start Time: when both are ranges they bound one period
+(combined date-time range matching, PS3.4 C.2.2.2.5): `20240105-20240106`
+with `1000-1300` is 5 Jan 10:00 to 6 Jan 13:00, so a step on 6 Jan at 09:00
+matches. Modalities ask "from now until tonight" this way, and dcmtk's
+wlmscpfs answers so, without extended negotiation (C-FIND's own option of
+that name is for Query/Retrieve). Any other pair (a single date with a time
+range, say) matches each key on its own.
 
 Scheduled Procedure Step Status: without a value in the request, only
 SCHEDULED orders are returned (what a modality may start); with one,
@@ -35,7 +43,7 @@ from appliance.services.query import matching
 from appliance.store import database
 from appliance.store import worklist_rows as worklist_store
 from appliance.store.cfind.attributes import Match
-from appliance.store.cfind.conditions import Term
+from appliance.store.cfind.conditions import Period, Term
 from appliance.store.index import Index
 from appliance.store.worklist_rows import WorklistItem
 
@@ -55,6 +63,7 @@ _KINDS: dict[str, Match] = {
     "ScheduledProcedureStepStartTime": Match.TIME,
     "StudyInstanceUID": Match.UID,
 }
+_START_DATE, _START_TIME = "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime"
 # SPS status values (0040,0020) <-> order status.
 _SPS_STATUS = {"SCHEDULED": "SCHEDULED", "STARTED": "IN PROGRESS",
                "COMPLETED": "COMPLETED", "DISCONTINUED": "DISCONTINUED"}
@@ -104,13 +113,14 @@ class WorklistService:
         self.permitted(calling_ae)
         keys = _matching_keys(identifier)
         statuses = _statuses(keys.pop("ScheduledProcedureStepStatus", []))
+        period = _combined_start(keys)
         terms: list[tuple[str, Term]] = []
         for keyword, values in keys.items():
             found = matching.term(_KINDS.get(keyword, Match.TEXT), values)
             if found is not None:
                 terms.append((keyword, found))
         items = await database.run_sync(self.index.reader, worklist_store.find_items, terms,
-                                        statuses, MAX_ITEMS)
+                                        statuses, MAX_ITEMS, period)
         if len(items) > MAX_ITEMS:
             raise QueryError(QueryRefusal.MALFORMED_KEY,
                              f"more than {MAX_ITEMS} worklist items match")
@@ -130,6 +140,18 @@ def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:
         if keyword in worklist_store.COLUMNS and element.VR != "SQ":
             found[keyword] = _values(element)
     return found
+
+
+def _combined_start(keys: dict[str, list[str]]) -> Period | None:
+    """The period a Start Date range and a Start Time range bound together; both keys are
+    taken out of `keys` then. None (keys left as they are) for any other pair."""
+    dates, times = keys.get(_START_DATE, []), keys.get(_START_TIME, [])
+    if len(dates) != 1 or len(times) != 1:
+        return None
+    period = matching.combined_datetime(dates[0], times[0])
+    if period is not None:
+        del keys[_START_DATE], keys[_START_TIME]
+    return period
 
 
 def _statuses(values: list[str]) -> list[str]:

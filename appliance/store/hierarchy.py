@@ -5,6 +5,8 @@ received (appliance.store.index, one instance at a time, counts kept in the
 same transaction) and a pack version restored from the cloud (sync.restore,
 evicted instances pointing at their pack, counts recomputed after). One
 statement per table, so a column added to the schema is added once.
+Ingest first asks `current_patient` which patient row an instance joins (a
+patient merge may have made its Patient ID obsolete).
 
 The attributes come from whatever describes the instance: an InstanceHeader
 read from the file, or a restored manifest's attributes; both carry the same
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from dataclasses import dataclass
 from typing import Protocol
 
-from appliance.store import database
+from appliance.store import database, order_rows
 from appliance.store.tiering import TierState
 from appliance.store.times import time_key
 
@@ -97,6 +100,32 @@ class InstanceFile(Protocol):
     def received_at(self) -> float: ...
     @property
     def source_ae(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Patient attributes not read from a file (PatientFields)."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+
+
+def current_patient(conn: sqlite3.Connection, p: PatientFields) -> PatientFields:
+    """The patient an arriving instance belongs to in the index: `p`, unless ADT^A40
+    merged p's ID (and issuer) away; then the surviving patient, named as the RIS
+    last named them (their newest order), else as the file does. Only the index
+    row is chosen so: the file keeps the ID it was sent with."""
+    surviving = order_rows.surviving_patient(
+        conn, order_rows.PatientKey(p.patient_id, p.issuer_of_patient_id))
+    if surviving is None:
+        return p
+    known = order_rows.latest_demographics(conn, surviving) or order_rows.Demographics()
+    return Patient(surviving.patient_id, surviving.issuer,
+                   known.patient_name or p.patient_name, known.birth_date or p.birth_date,
+                   known.sex or p.sex)
 
 
 def upsert_patient(conn: sqlite3.Connection, p: PatientFields) -> int:

@@ -294,7 +294,8 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     # Upserts return the row id (and the series' count, which says whether the
     # series is new), so the common case is five statements.
     now = stored.received_at
-    patient_fk = hierarchy.upsert_patient(conn, h)
+    # An ID that a patient merge (ADT^A40) made obsolete joins the surviving patient.
+    patient_fk = hierarchy.upsert_patient(conn, hierarchy.current_patient(conn, h))
     study_fk = hierarchy.upsert_study(
         conn, patient_fk, h, instances=1, size=stored.size, first_received_at=now,
         last_received_at=now, last_access_at=now, tier_state=tiering.TierState.LOCAL,

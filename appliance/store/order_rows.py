@@ -253,15 +253,35 @@ def find_message(conn: sqlite3.Connection, sending_application: str, sending_fac
     return MessageRecord(*row) if row is not None else None
 
 
-def merges_of(conn: sqlite3.Connection, prior: PatientKey) -> list[PatientKey]:
-    """The patients `prior` was merged into, oldest first."""
-    cur = conn.execute(
-        "SELECT patient_id, issuer FROM patient_merges WHERE prior_patient_id = ?"
-        " AND prior_issuer = ? ORDER BY id", (prior.patient_id, prior.issuer))
-    try:
-        return [PatientKey(*row) for row in cur.fetchall()]
-    finally:
-        cur.close()
+def surviving_patient(conn: sqlite3.Connection, patient: PatientKey) -> PatientKey | None:
+    """The patient that ADT^A40 merges made of `patient`, or None if none did.
+
+    Follows the merges in the order they came: from `patient`, the first merge
+    of it, then the first later merge of the patient it went to, and so on; ids
+    only grow, so this ends. A patient named as the surviving one of a later
+    merge is current again (A into B, then B into A: A is current). This is
+    where merge_patient put the prior patient's studies, so instances that
+    arrive later with an obsolete ID land with them.
+    """
+    current, since = patient, 0
+    while True:
+        row = database.query_one(
+            conn, "SELECT id, patient_id, issuer FROM patient_merges WHERE prior_patient_id = ?"
+            " AND prior_issuer = ? AND id > ? ORDER BY id LIMIT 1",
+            (current.patient_id, current.issuer, since))
+        if row is None:
+            return None if current == patient else current
+        since, current = int(row[0]), PatientKey(str(row[1]), str(row[2]))
+
+
+def latest_demographics(conn: sqlite3.Connection, patient: PatientKey) -> Demographics | None:
+    """The patient's demographics as the RIS last sent them: those of their most
+    recently changed order (A08 and A40 keep them current); None without orders."""
+    row = database.query_one(
+        conn, "SELECT patient_name, birth_date, sex FROM orders WHERE patient_id = ?"
+        " AND issuer = ? ORDER BY updated_at DESC, id DESC LIMIT 1",
+        (patient.patient_id, patient.issuer))
+    return Demographics(*map(str, row)) if row is not None else None
 
 
 # --- writes (inside Writer.submit_sync) -------------------------------------------

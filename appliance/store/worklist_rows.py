@@ -15,7 +15,14 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.store.cfind.conditions import Condition, Term, condition, register_functions
+from appliance.store.cfind.conditions import (
+    Condition,
+    Period,
+    Term,
+    condition,
+    period_condition,
+    register_functions,
+)
 
 # DICOM keyword -> the orders column a matching key is compared with.
 COLUMNS: dict[str, str] = {
@@ -85,13 +92,19 @@ _SELECT = "SELECT " + ", ".join(
 
 
 def find_items(conn: sqlite3.Connection, terms: Sequence[tuple[str, Term]],
-               statuses: Sequence[str], limit: int) -> list[WorklistItem]:
-    """Orders whose status is one of `statuses` and that meet every (keyword, term), by
-    scheduled start; at most `limit` (+1, so the caller can tell that there were more)."""
+               statuses: Sequence[str], limit: int,
+               start_period: Period | None = None) -> list[WorklistItem]:
+    """Orders whose status is one of `statuses`, that meet every (keyword, term) and
+    whose scheduled start (date and time read as one moment) lies in `start_period`
+    when given; by scheduled start, at most `limit` (+1, so the caller can tell that
+    there were more)."""
     register_functions(conn)  # the folded-wildcard matching functions, on this connection
     conditions = [Condition(f"status IN ({','.join('?' * len(statuses))})", tuple(statuses))
                   if statuses else Condition("0", ())]
     conditions += [condition(term, COLUMNS[keyword]) for keyword, term in terms]
+    if start_period is not None:
+        conditions.append(period_condition(start_period, COLUMNS["ScheduledProcedureStepStartDate"],
+                                           COLUMNS["ScheduledProcedureStepStartTime"]))
     where = " AND ".join(f"({c.sql})" for c in conditions)
     params = [p for c in conditions for p in c.params]
     cur = conn.execute(f"{_SELECT} WHERE {where}"
