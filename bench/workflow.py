@@ -341,11 +341,13 @@ def main() -> None:
                         default=int(os.environ.get("BENCH_WORKLIST_ITEMS", "5000")))
     parser.add_argument("--slices", type=int, default=int(os.environ.get("BENCH_SLICES", "300")))
     parser.add_argument("-n", type=int, default=int(os.environ.get("BENCH_FIND_N", "20")))
-    # No default list here: argparse checks a nargs="*" default against the choices as a
-    # whole (and refuses it); none given means every part.
-    parser.add_argument("parts", nargs="*", choices=PARTS)
+    # No `choices`: Python 3.11's argparse checks an empty nargs="*" list against them
+    # as a whole and refuses it. None given means every part.
+    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)} (default: all)")
     args = parser.parse_args()
     parts = args.parts or PARTS
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}: use {', '.join(PARTS)}")
     WORK.mkdir(parents=True, exist_ok=True)
     load = [round(x, 2) for x in os.getloadavg()]
     figures: list[Figure] = []
