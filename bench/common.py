@@ -208,25 +208,28 @@ class Server:
 class EdgeServer(Server):
     """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer."""
 
-    def __init__(self, home: Path, *, workers: int = 1) -> None:
+    def __init__(self, home: Path, *, workers: int = 1, hl7_port: int = 0,
+                 allow: str = "store,find,move,get") -> None:
         # Port 0: the server binds a port the OS picks and logs it in its ready line
         # (a port picked here could be taken by another process while we populate).
         super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
                          home.parent / f"{home.name}-serve.log")
         self.home = home
-        # HL7 off: its fixed default port (2575) would clash like TLS's (below).
+        # HL7 off unless a (free) port is given: its fixed default port (2575) would
+        # clash like TLS's (below).
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
-             "--dicom-port", "0", "--hl7-port", "0"])
-        self.add_peer("bench", BENCH_AE, 1)
+             "--dicom-port", "0", "--hl7-port", str(hl7_port)])
+        self.add_peer("bench", BENCH_AE, 1, allow=allow)
         # Plain DICOM only: the TLS listener's fixed default port (2762) would clash
         # between the servers a benchmark runs side by side.
         self.configure("dicom", "tls_port", 0, only_if_present=True)
         if workers != 1:
             self.configure("dicom", "workers", workers)
 
-    def add_peer(self, name: str, ae_title: str, port: int) -> None:
+    def add_peer(self, name: str, ae_title: str, port: int, *,
+                 allow: str = "store,find,move,get") -> None:
         run([*pacs_edge(), "peers", "add", name, "--home", str(self.home), "--ae-title",
-             ae_title, "--host", HOST, "--port", str(port), "--allow", "store,find,move,get"])
+             ae_title, "--host", HOST, "--port", str(port), "--allow", allow])
 
     def configure(self, section: str, key: str, value: object, *,
                   only_if_present: bool = False) -> None:

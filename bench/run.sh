@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
-# Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers]
+# Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers] [workflow]
 #        (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
-#        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries).
+#        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries),
+#        BENCH_ORDERS (500 HL7 orders), BENCH_WORKLIST_ITEMS (5000 scheduled items).
 # Results: bench/out/<name>.json and a table per benchmark; a summary at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,7 @@ if [ ${#scripts[@]} -eq 0 ]; then
   [ -f bench/dropfolder.py ] && scripts+=(dropfolder)
   [ -f bench/sync.py ] && scripts+=(sync)
   [ -f bench/readers.py ] && scripts+=(readers)
+  [ -f bench/workflow.py ] && scripts+=(workflow)
 fi
 status=0
 for name in "${scripts[@]}"; do

@@ -1,4 +1,5 @@
-"""One table of pacs-edge's figures from bench/out/*.json, against issue 2's targets."""
+"""One table of pacs-edge's figures from bench/out/*.json, against the issues' targets
+(issue 2: storage, query, retrieve; issue 15: the order workflow)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,22 @@ TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
     ("retrieve", "C-GET", "MB/s"): ("ratio", 0.8),
 }
 FIND_TARGET_MS = 10.0
+# (benchmark file, measure) -> an upper bound in the figure's own unit (issue 15's goals).
+BELOW: dict[tuple[str, str], float] = {
+    ("workflow", "orders over 1 MLLP connection"): 5.0,  # s, 500 orders
+    ("workflow", "worklist C-FIND beyond C-ECHO"): 50.0,  # ms
+    ("workflow", "commitment N-ACTION to report"): 2000.0,  # ms, 300 instances
+}
 
 
 def target(bench: str, fig: dict[str, Any], studies: int) -> str:
     if bench == "find" and fig["name"].startswith("C-FIND") and str(studies) in fig["subject"]:
         ok = fig["median"] is not None and fig["median"] < FIND_TARGET_MS
         return f"< {FIND_TARGET_MS:.0f} ms: {'met' if ok else 'MISSED'}"
+    bound = BELOW.get((bench, fig["name"]))
+    if bound is not None:
+        ok = fig["median"] is not None and fig["median"] < bound
+        return f"< {bound:g} {fig['unit']}: {'met' if ok else 'MISSED'}"
     kind_bound = TARGETS.get((bench, fig["name"], fig["unit"]))
     if kind_bound is None:
         return ""

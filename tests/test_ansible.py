@@ -107,6 +107,7 @@ class Fleet:
                     {"name": "ws1", "ae_title": "WS1", "host": "127.0.0.1", "port": 104,
                      "allow": ["find", "move"], "bind_host": False, "tls": True,
                      "tls_only": True},
+                    {"name": "ris", "ae_title": "RIS", "host": "127.0.0.1", "allow": ["hl7"]},
                 ],
             },
             "hosts": self.hosts,
@@ -146,9 +147,11 @@ def fleet() -> Iterator[Fleet]:
             host: {"pacs_edge_root_prefix": str(base / host),
                    "pacs_edge_ae_title": host.upper().replace("-", "_"),
                    "pacs_edge_dicom_port": dcmtk.free_port(),
-                   "pacs_edge_dicom_tls_port": dcmtk.free_port()}
+                   "pacs_edge_dicom_tls_port": dcmtk.free_port(),
+                   "pacs_edge_hl7_port": dcmtk.free_port()}
             for host in HOSTS}
         hosts[TLS_ONLY_HOST]["pacs_edge_dicom_plain_enabled"] = False
+        hosts[TLS_ONLY_HOST]["pacs_edge_hl7_tls"] = True
         fleet = Fleet(base, base / "inventory.yml", hosts)
         fleet.write_inventory(wheel, wheelhouse)
         fleet.first_recap = fleet.converge()  # type: ignore[attr-defined]
@@ -186,6 +189,10 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert "evict_after_days = 14" in text
         plain = "false" if host == TLS_ONLY_HOST else "true"
         assert f"\nplain_enabled = {plain}\n" in text
+        assert tomllib.loads(text)["hl7"] == {
+            "port": variables["pacs_edge_hl7_port"], "host": "127.0.0.1",
+            "tls": host == TLS_ONLY_HOST, "tls_require_client_cert": True,
+            "max_message_bytes": 1048576, "idle_timeout": 60.0, "max_connections": 16}
         peers = tomllib.loads((home / "peers.toml").read_text())["peers"]
         assert peers["testscu"]["allow"] == ["find", "store"]
         # Every field is written; what the inventory leaves out is least privilege.
@@ -195,6 +202,10 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert peers["ws1"] == {"ae_title": "WS1", "host": "127.0.0.1", "port": 104,
                                 "allow": ["find", "move"], "bind_host": False, "tls": True,
                                 "tls_only": True}
+        # An HL7 sender is known by its host: no port of its own.
+        assert peers["ris"] == {"ae_title": "RIS", "host": "127.0.0.1", "port": 0,
+                                "allow": ["hl7"], "bind_host": True, "tls": False,
+                                "tls_only": False}
         units = fleet.prefix(host) / "etc/systemd/system"
         assert all((units / u).exists() for u in ("pacs-edge.service", "pacs-edge-sync.service"))
         assert not (units / "pacs-edge.service.d/privileged-port.conf").exists()  # port >= 1024
@@ -246,6 +257,9 @@ def test_each_host_serves_from_its_deployed_unit_with_only_the_secrets_it_reads(
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)
+            hl7_ready = (f"hl7 listener ready host=127.0.0.1 port={variables['pacs_edge_hl7_port']}"
+                         f" tls={host == TLS_ONLY_HOST}")
+            assert hl7_ready in log_path.read_text(errors="replace")
             seen = unitsandbox.read_report(report)
             assert {p for p, state in seen.items() if state == "readable"} == {
                 str(home / "secrets" / name) for name in SERVE_READS}, seen

@@ -206,3 +206,12 @@ def test_only_the_store_holds_sql() -> None:
                  and name not in SQL_EXEMPT
                  for line, what in sql_uses(path)]
     assert not offenders, "SQL outside appliance/store/:\n" + "\n".join(offenders)
+
+
+def test_every_package_folder_is_a_regular_package() -> None:
+    """A folder of modules without __init__.py is a namespace package: it imports from a
+    checkout, but tools that look for packages (linters, type checkers, some packagers)
+    skip it, and a stray folder of the same name elsewhere on the path merges into it."""
+    folders = {path.parent for path in KNOWN.values()}
+    missing = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"package folders without __init__.py: {missing}"
