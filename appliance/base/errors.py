@@ -47,6 +47,8 @@ Tree::
 
     MessageRefused                an HL7 message the order service refuses: becomes an
                                   AE/AR acknowledgement, never leaves services/orders.py
+    Hl7Error                      an HL7 message that cannot be parsed or applied (location
+                                  = the field): becomes an AE/AR, never leaves appliance/hl7
 
     OSError
     └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL
