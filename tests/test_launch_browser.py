@@ -9,48 +9,27 @@ trusts exactly the box's certificate (its SPKI hash).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import http.server
 import threading
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import chromium
 import pytest
 import webpeer
 from conftest import EdgeServer
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 STUDY = "1.2.826.0.1.3680043.8.498.42"
 DEADLINE = 90.0
 
 
-def spki_hash(cert_pem: bytes) -> str:
-    """Chromium's --ignore-certificate-errors-spki-list form: base64(sha256(SPKI))."""
-    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
 def wait_for(probe: Callable[[], object], what: str) -> object:
-    end = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)  # polling interval, not synchronisation
+    return chromium.poll(what, probe, DEADLINE)
 
 
 @pytest.fixture
@@ -80,24 +59,10 @@ def ehr(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 
 
 @pytest.fixture
-def browser(tmp_path: Path, box: EdgeServer,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    cert = (box.home / "tls" / "node.pem").read_bytes()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'chromium'}",
-                f"--ignore-certificate-errors-spki-list={spki_hash(cert)}",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(DEADLINE)
-    try:
+def browser(tmp_path: Path, box: EdgeServer) -> Iterator[webdriver.Chrome]:
+    with chromium.chrome(tmp_path / "chromium", box.home / "tls" / "node.pem",
+                         deadline=DEADLINE) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def fetch_status(driver: webdriver.Chrome, path: str) -> int:

@@ -14,35 +14,27 @@ image is kept in the test's tmp_path (viewer.png, and viewer-scrolled.png).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import chromium
 import dcmtk
 import dicomgen
 import numpy as np
 import pytest
 import webpeer
 from conftest import EdgeServer
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 USER = "reader"  # a radiologist: sees every study
 REFERRING = "welby"  # a referring physician: sees the CT (referred by WELBY^MARCUS) only
 OTHER_STUDY_SEED = 1  # dicomgen.make_study(seed=1): SMITH^JOHN, referred by KILDARE^JAMES
@@ -52,29 +44,6 @@ PAGE_DEADLINE = 240.0
 T = TypeVar("T")
 
 pytestmark = pytest.mark.slow
-
-
-def poll(what: str, probe: Callable[[], T | None], deadline: float = PAGE_DEADLINE) -> T:
-    """probe() until it returns neither None nor False; fail naming `what` at the deadline."""
-    end = time.monotonic() + deadline
-    last: Exception | None = None
-    while True:
-        try:
-            value = probe()
-            if value is not None and value is not False:
-                return value
-        except WebDriverException as exc:  # the page is still being rebuilt
-            last = exc
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}") from last
-        time.sleep(0.25)  # polling interval, not synchronisation
-
-
-def spki_hash(cert_pem: bytes) -> str:
-    """Chromium's --ignore-certificate-errors-spki-list form: base64(sha256(SPKI))."""
-    spki = x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 @pytest.fixture
@@ -94,26 +63,17 @@ def box(tmp_path: Path, free_port: Callable[[], int],
 
 
 @pytest.fixture
-def browser(tmp_path: Path, box: tuple[EdgeServer, list[Any]],
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
+def browser(tmp_path: Path, box: tuple[EdgeServer, list[Any]]) -> Iterator[webdriver.Chrome]:
     server, _ = box
-    monkeypatch.setenv("SE_OFFLINE", "true")  # belt and braces: Selenium Manager stays offline
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    cert = (server.home / "tls" / "node.pem").read_bytes()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}",
-                f"--ignore-certificate-errors-spki-list={spki_hash(cert)}",
-                "--enable-unsafe-swiftshader", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(PAGE_DEADLINE)
-    try:
+    with chromium.chrome(tmp_path / "chromium", server.home / "tls" / "node.pem",
+                         deadline=PAGE_DEADLINE, performance_log=True,
+                         extra_args=("--window-size=1280,900", "--enable-unsafe-swiftshader"),
+                         ) as driver:
         yield driver
-    finally:
-        driver.quit()
+
+
+def poll(what: str, probe: Callable[[], T | None], deadline: float = PAGE_DEADLINE) -> T:
+    return chromium.poll(what, probe, deadline)
 
 
 def text_of(driver: webdriver.Chrome) -> str:
