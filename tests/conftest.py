@@ -328,3 +328,17 @@ def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.Gener
 def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.GeneratedInstance]:
     """One image per transfer syntax, keyed by TS UID (read-only)."""
     return dicomgen.make_syntax_set(tmp_path_factory.mktemp("syntax-set"))
+
+
+# Modules holding the longest single tests (30 s and more in `--durations`), longest first.
+# `make test` runs the suite on several workers (pytest-xdist, --dist loadgroup), which take
+# tests in collection order: these start at once, so that the run does not end with one
+# worker busy on a long test while the others idle.
+SLOW_MODULES_FIRST = ("test_ansible.py", "test_tiering_random.py", "test_readers.py",
+                      "test_restore.py", "test_key_rotation.py", "test_audit.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests of SLOW_MODULES_FIRST ahead; each module's own order is kept."""
+    rank = {name: n for n, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -40,8 +40,10 @@ import pytest
 import unitsandbox
 import yaml
 
-# Builds a wheelhouse and installs two venvs: minutes, not seconds.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+# Builds a wheelhouse and installs two venvs: minutes, not seconds. Under `make test`'s
+# workers the module stays on one worker: the fleet fixture is built once, and two
+# converges at a time would fight over the one service user (USER) of this machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("ansible")]
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
