@@ -8,11 +8,13 @@ BIN     := $(VENV)/bin
 DATA    ?= ./data
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist): the suite mostly waits on subprocesses and sockets, so the
-# 2-core machine runs 4 workers well (measured: docs/architecture.md, "Running the tests").
-# --dist loadgroup keeps tests marked xdist_group("name") on one worker. TEST_WORKERS=0,
-# or PYTEST_ARGS="-n 0" (the last -n wins), runs the suite serially in one process.
+# 2-core machine runs 4 workers well (measured: README.md, "Running the tests").
+# --dist loadfile gives each module whole to one worker (module fixtures are built once;
+# the Ansible fleet must be); --no-loadscope-reorder keeps the collection order, longest
+# modules first (tests/conftest.py). TEST_WORKERS=0, or PYTEST_ARGS="-n 0" (the last -n
+# wins), runs the suite serially in one process.
 TEST_WORKERS ?= 4
-PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
 

@@ -330,12 +330,19 @@ def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.G
     return dicomgen.make_syntax_set(tmp_path_factory.mktemp("syntax-set"))
 
 
-# Modules holding the longest single tests (30 s and more in `--durations`), longest first.
-# `make test` runs the suite on several workers (pytest-xdist, --dist loadgroup), which take
-# tests in collection order: these start at once, so that the run does not end with one
-# worker busy on a long test while the others idle.
-SLOW_MODULES_FIRST = ("test_ansible.py", "test_tiering_random.py", "test_readers.py",
-                      "test_restore.py", "test_key_rotation.py", "test_audit.py")
+# The modules that take longest in all (50 s and more summed over their tests in a loaded
+# serial run's `--durations`), longest first. `make test` runs the suite on several
+# workers (pytest-xdist, --dist loadfile --no-loadscope-reorder): each module goes whole to
+# one worker, in collection order. Starting the long ones first keeps the run from ending
+# with one worker busy on a long module while the others idle.
+SLOW_MODULES_FIRST = (
+    "test_ansible.py", "test_scrub.py", "test_sync_crash.py", "test_hl7_orders.py",
+    "test_key_rotation.py", "test_dropfolder.py", "test_retrieve_move.py",
+    "test_dimse_hardening.py", "test_readers.py", "test_dicom_tls.py", "test_audit.py",
+    "test_restore.py", "test_storage_commitment.py", "test_sync_end_to_end.py",
+    "test_store_bad_input.py", "test_retrieve_get.py", "test_worklist.py",
+    "test_tiering_random.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -40,10 +40,11 @@ import pytest
 import unitsandbox
 import yaml
 
-# Builds a wheelhouse and installs two venvs: minutes, not seconds. Under `make test`'s
-# workers the module stays on one worker: the fleet fixture is built once, and two
-# converges at a time would fight over the one service user (USER) of this machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("ansible")]
+# Builds a wheelhouse and installs two venvs: minutes, not seconds. The module must stay on
+# one worker (`make test` distributes whole modules, --dist loadfile): the fleet is built
+# once, and fleets built side by side fight over the one service user (USER) and the
+# in-tree `pip wheel` build of ROOT.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
