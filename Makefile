@@ -8,6 +8,14 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    ?= ./data
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): the suite mostly waits on subprocesses and sockets, so the
+# 2-core machine runs 4 workers well (measured: README.md, "Running the tests").
+# --dist loadfile gives each module whole to one worker (module fixtures are built once;
+# the Ansible fleet must be); --no-loadscope-reorder keeps the collection order, longest
+# modules first (tests/conftest.py). TEST_WORKERS=0, or PYTEST_ARGS="-n 0" (the last -n
+# wins), runs the suite serially in one process.
+TEST_WORKERS ?= 4
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
 
@@ -15,7 +23,7 @@ SOAK_SEEDS  ?= 1 2 3 4
 
 help:
 	@echo "make run        install and start pacs-edge on $(DATA) (DICOM 127.0.0.1:11112)"
-	@echo "make test       install test dependencies, run ruff and the whole suite"
+	@echo "make test       install test dependencies, run ruff and the whole suite ($(TEST_WORKERS) workers)"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make soak       long randomized tiering runs (several seeds, $(SOAK_STEPS) steps each)"
 	@echo "make lint       ruff only"
@@ -42,10 +50,10 @@ lint: venv-test
 	$(BIN)/ruff check .
 
 test: test-deps lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PARALLEL) $(PYTEST_ARGS)
 
 test-fast: test-deps
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 # The randomized tiering test with many more operations than the suite runs, one seed after
 # another; a failure names its seed (PACS_EDGE_RANDOM_SEED replays it).

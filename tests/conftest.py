@@ -337,3 +337,24 @@ def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.Gener
 def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.GeneratedInstance]:
     """One image per transfer syntax, keyed by TS UID (read-only)."""
     return dicomgen.make_syntax_set(tmp_path_factory.mktemp("syntax-set"))
+
+
+# The modules that take longest in all (50 s and more summed over their tests in a loaded
+# serial run's `--durations`), longest first. `make test` runs the suite on several
+# workers (pytest-xdist, --dist loadfile --no-loadscope-reorder): each module goes whole to
+# one worker, in collection order. Starting the long ones first keeps the run from ending
+# with one worker busy on a long module while the others idle.
+SLOW_MODULES_FIRST = (
+    "test_ansible.py", "test_scrub.py", "test_sync_crash.py", "test_hl7_orders.py",
+    "test_key_rotation.py", "test_dropfolder.py", "test_retrieve_move.py",
+    "test_dimse_hardening.py", "test_readers.py", "test_dicom_tls.py", "test_audit.py",
+    "test_restore.py", "test_storage_commitment.py", "test_sync_end_to_end.py",
+    "test_store_bad_input.py", "test_retrieve_get.py", "test_worklist.py",
+    "test_tiering_random.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the tests of SLOW_MODULES_FIRST ahead; each module's own order is kept."""
+    rank = {name: n for n, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

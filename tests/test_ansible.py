@@ -40,7 +40,10 @@ import pytest
 import unitsandbox
 import yaml
 
-# Builds a wheelhouse and installs two venvs: minutes, not seconds.
+# Builds a wheelhouse and installs two venvs: minutes, not seconds. The module must stay on
+# one worker (`make test` distributes whole modules, --dist loadfile): the fleet is built
+# once, and fleets built side by side fight over the one service user (USER) and the
+# in-tree `pip wheel` build of ROOT.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
