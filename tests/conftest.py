@@ -350,7 +350,8 @@ SLOW_MODULES_FIRST = (
     "test_dimse_hardening.py", "test_readers.py", "test_dicom_tls.py", "test_audit.py",
     "test_restore.py", "test_storage_commitment.py", "test_sync_end_to_end.py",
     "test_store_bad_input.py", "test_retrieve_get.py", "test_worklist.py",
-    "test_tiering_random.py",
+    "test_tiering_random.py", "test_viewer_browser.py", "test_workflow_day.py",
+    "test_web_login.py", "test_dicomweb_wado.py", "test_dicomweb_stow.py",
 )
 
 
