@@ -87,6 +87,21 @@ def connect(port: int, *, source: str = "127.0.0.1", host: str = "127.0.0.1") ->
     return socket.create_connection((host, port), timeout=30, source_address=(source, 0))
 
 
+def still_open(sock: socket.socket) -> bool:
+    """True while the server has neither closed nor reset the connection (nothing is read:
+    the peek sees pending bytes, an end of stream, or that nothing has come yet)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     """One PDU: (type, body); (0, b"") if the connection closed first."""
     header = _read_exactly(sock, 6)

@@ -422,7 +422,6 @@ def test_destination_that_does_not_answer_fails_every_suboperation(
 ) -> None:
     store(edge_server, small_study)
     edge_server.add_peer("gone", "GONE", free_port(), allow="store")
-    started = time.monotonic()
     responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
                                      "StudyInstanceUID": small_study[0].study_uid}, "GONE")
     status, counts = final(responses)
@@ -431,7 +430,7 @@ def test_destination_that_does_not_answer_fails_every_suboperation(
     assert failed_list(responses) == {i.sop_instance_uid for i in small_study}
     assert "move destination did not answer" in edge_server.log()
     # One failed connection attempt, not one per instance.
-    assert time.monotonic() - started < 10
+    assert edge_server.log().count("move destination did not answer") == 1
 
 
 def test_instance_whose_file_is_gone_fails_alone(
