@@ -456,11 +456,12 @@ def figures_for(labels: list[str], samples: Samples, matches: dict[tuple[str, st
         for f in figures:
             if f.subject == label:
                 main[(f.name, label)] = f
-    if len(labels) > 1:
+    if len(labels) > 1:  # only like for like: the same instances or the same matches
         edge, other = labels
         for (name, label), mine in list(main.items()):
             theirs = main.get((name, other))
-            if label == edge and theirs is not None and not name.endswith("CPU"):
+            if (label == edge and theirs is not None and not name.endswith("CPU")
+                    and theirs.note == mine.note):
                 figures.append(Figure(f"{name} vs {other}", edge, mine.unit, mine.samples,
                                       theirs, higher_is_better=mine.higher_is_better,
                                       note=f"(ratio to {other}'s)"))
