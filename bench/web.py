@@ -515,6 +515,7 @@ def main() -> None:
         for folder in ("web-edge", "web-orthanc", "web-get"):
             shutil.rmtree(WORK / folder, ignore_errors=True)
         (WORK / "web-wado.bin").unlink(missing_ok=True)
+        (WORK / f"web-edge-{USER}.password").unlink(missing_ok=True)
 
     figures = figures_for([t.label for t in targets], samples, matches, len(ct))
     load_after = [round(x, 2) for x in os.getloadavg()]
