@@ -208,17 +208,18 @@ class Server:
 class EdgeServer(Server):
     """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer."""
 
-    def __init__(self, home: Path, *, workers: int = 1, hl7_port: int = 0,
+    def __init__(self, home: Path, *, workers: int = 1, hl7_port: int = 0, http_port: int = 0,
                  allow: str = "store,find,move,get") -> None:
         # Port 0: the server binds a port the OS picks and logs it in its ready line
         # (a port picked here could be taken by another process while we populate).
         super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
                          home.parent / f"{home.name}-serve.log")
         self.home = home
-        # HL7 off unless a (free) port is given: its fixed default port (2575) would
-        # clash like TLS's (below).
+        # HL7 and HTTPS off unless a (free) port is given: their fixed default ports
+        # (2575, 8443) would clash like TLS's (below).
+        self.http_port = http_port
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
-             "--dicom-port", "0", "--hl7-port", str(hl7_port)])
+             "--dicom-port", "0", "--hl7-port", str(hl7_port), "--http-port", str(http_port)])
         self.add_peer("bench", BENCH_AE, 1, allow=allow)
         # Plain DICOM only: the TLS listener's fixed default port (2762) would clash
         # between the servers a benchmark runs side by side.

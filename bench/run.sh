@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
 # Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers] [workflow]
-#        (default: all)
+#        [web]  (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
 #        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries),
 #        BENCH_ORDERS (500 HL7 orders), BENCH_WORKLIST_ITEMS (5000 scheduled items).
@@ -21,6 +21,15 @@ if [ ${#scripts[@]} -eq 0 ]; then
   [ -f bench/sync.py ] && scripts+=(sync)
   [ -f bench/readers.py ] && scripts+=(readers)
   [ -f bench/workflow.py ] && scripts+=(workflow)
+  [ -f bench/web.py ] && scripts+=(web)
+fi
+# web compares with Orthanc's DICOMweb plugin when Debian's packages install (as root);
+# otherwise bench/web.py says Orthanc was not measured and measures pacs-edge alone.
+if [[ " ${scripts[*]} " == *" web "* ]] && ! dpkg -s orthanc-dicomweb >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  mkdir -p bench/out
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb \
+    >bench/out/orthanc-apt.log 2>&1 || echo "orthanc did not install (bench/out/orthanc-apt.log)"
 fi
 status=0
 for name in "${scripts[@]}"; do

@@ -1,5 +1,5 @@
 """One table of pacs-edge's figures from bench/out/*.json, against the issues' targets
-(issue 2: storage, query, retrieve; issue 15: the order workflow)."""
+(issue 2: storage, query, retrieve; issue 15: the order workflow; issue 16: the web)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
     ("store", "store x4 assoc", "MB/s"): ("ratio", 0.4),
     ("retrieve", "C-MOVE", "MB/s"): ("ratio", 0.8),
     ("retrieve", "C-GET", "MB/s"): ("ratio", 0.8),
+    ("web", "WADO-RS study (transfer-syntax=*)", "MB/s"): ("ratio", 0.8),  # to C-GET
 }
 FIND_TARGET_MS = 10.0
 # (benchmark file, measure) -> an upper bound in the figure's own unit (issue 15's goals).
@@ -22,6 +23,8 @@ BELOW: dict[tuple[str, str], float] = {
     ("workflow", "orders over 1 MLLP connection"): 5.0,  # s, 500 orders
     ("workflow", "worklist C-FIND beyond C-ECHO"): 50.0,  # ms
     ("workflow", "commitment N-ACTION to report"): 2000.0,  # ms, 300 instances
+    ("web", "series metadata, cold"): 500.0,  # ms, 300-slice CT (issue 16)
+    ("web", "series metadata, cached"): 50.0,  # ms
 }
 
 
