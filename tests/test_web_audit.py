@@ -20,6 +20,8 @@ import pytest
 import webpeer
 from conftest import EdgeServer
 
+from appliance.audit.web_access import AccessKey, AccessWindows
+
 OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 RETRIEVE = "110104"  # DICOM Instances Transferred
 QUERY = "110112"
@@ -191,6 +193,34 @@ def test_repeated_searches_are_one_query_record(
     searches = [r for r in web_records(web, QUERY, "rad")
                 if len(r["ParticipantObjectIdentification"]) == 1]
     assert len(searches) == 1
+
+
+def test_uploads_of_one_study_are_one_store_record(web: EdgeServer, tmp_path: Path) -> None:
+    study = dicomgen.make_study(tmp_path / "stow", seed=78, series_per_study=1,
+                                instances_per_series=3)
+    http = webpeer.session(web, "rad")
+    for item in study:  # one STOW-RS request per instance, as some tools send
+        body, content_type = webpeer.multipart_body([item.path])
+        got = http.post(f"{webpeer.base_url(web)}/dicom-web/studies", data=body, timeout=60,
+                        headers={"Content-Type": content_type,
+                                 "Accept": "application/dicom+json"})
+        assert got.status_code == 200, got.text
+    stored = [r for r in web_records(web, RETRIEVE, "rad", study=study[0].study_uid)
+              if r["EventIdentification"]["EventActionCode"] == "C"]
+    assert len(stored) == 1
+    sop_classes = stored[0]["ParticipantObjectIdentification"][0][
+        "ParticipantObjectDescription"]["SOPClass"]
+    assert [c["NumberOfInstances"] for c in sop_classes] == [1]
+
+
+def test_beyond_max_windows_every_access_is_recorded_in_full() -> None:
+    windows = AccessWindows(3600.0, max_windows=2)
+    keys = [AccessKey("retrieve", "rad", "radiologist", "127.0.0.1", study_uid=f"1.2.{n}")
+            for n in range(3)]
+    assert [windows.note(k) for k in keys] == [True, True, True]
+    assert [windows.note(k) for k in keys] == [False, False, True]  # the third never folds
+    assert [(w.key.study_uid, w.requests) for w in windows.drain()] == [("1.2.0", 1),
+                                                                       ("1.2.1", 1)]
 
 
 def test_a_new_window_writes_again_and_the_last_is_summarised_at_stop(
