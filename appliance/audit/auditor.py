@@ -20,6 +20,12 @@ What an audit record guarantees, and when:
 - Rejected associations are recorded in full once per remote address and
   window (`[audit] rejection_window_seconds`), further ones as one count per
   window (rejections.py): a scan cannot flood the log.
+- Web accesses (DICOMweb, the viewer) are recorded in full, and fsync'd, at the
+  first access per user, role, address, study and kind (query, retrieve,
+  store) in a window of `[audit] access_window_seconds`; the rest of the
+  window becomes one summary with counts (web_access.py). A viewer opening a
+  500-slice series is one record, not 500. Refused web accesses and failed
+  web logins are windowed per user (or name typed), address and reason.
 - If the log cannot be written (disk full), records stay buffered (up to
   MAX_PENDING, then the oldest are dropped and counted in an error line) and
   are retried at the next flush.
@@ -38,7 +44,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,8 +66,10 @@ from appliance.audit.records import (
     Role,
     patient_object,
     study_object,
+    web_role,
 )
 from appliance.audit.rejections import OTHER_SOURCES, RejectionTally, Tally
+from appliance.audit.web_access import AccessKey, AccessWindows, Window
 from appliance.base.errors import IndexUnavailable
 from appliance.store.audit_reads import StudySubject, study_subjects
 
@@ -124,6 +133,29 @@ class OrderFacts(Protocol):
     def prior(self) -> PatientFacts | None: ...
 
 
+class WebUser(Protocol):
+    """A web user as the audit names them (appliance.services.access.Principal)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+
+
+@dataclass
+class _WebEvent:
+    """The parts of a web access's first record, kept with its window for the summary."""
+
+    event_id: Code
+    action: Action
+    description: str
+    participants: tuple[Participant, ...]
+    lookup: Callable[[], tuple[ParticipantObject, ...]]
+    label: str  # what the summary says was repeated: "WADO-RS", a refusal reason...
+    event_types: tuple[Code, ...] = ()
+    objects: tuple[ParticipantObject, ...] = ()  # lookup()'s answer, once asked
+
+
 @dataclass(frozen=True)
 class Requestor:
     ae_title: str
@@ -171,7 +203,7 @@ class Auditor:
     def __init__(self, audit_log: AuditLog, *, ae_title: str, process: str,
                  site_id: str = "", flush_seconds: float = 1.0, batch_seconds: float = 60.0,
                  rejection_window_seconds: float = 300.0, index_path: Path | None = None,
-                 cloud: str = "") -> None:
+                 cloud: str = "", access_window_seconds: float = 300.0) -> None:
         self.log = audit_log
         self.process = process
         self.source = AuditSource(ae_title, site_id)
@@ -189,6 +221,7 @@ class Auditor:
         self._sessions: dict[int, _Batch] = {}
         self._imports: dict[str, _Batch] = {}
         self._rejections = RejectionTally(rejection_window_seconds)
+        self._web_windows = AccessWindows(access_window_seconds)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped = 0
@@ -204,6 +237,7 @@ class Auditor:
                       flush_seconds=settings.flush_seconds,
                       batch_seconds=settings.batch_seconds,
                       rejection_window_seconds=settings.rejection_window_seconds,
+                      access_window_seconds=settings.access_window_seconds,
                       index_path=config.index.path,
                       cloud=config.cloud_url.split("?", 1)[0])
         if settings.syslog_host:
@@ -251,6 +285,8 @@ class Auditor:
             self._emit_batch(batch)
         for tally in self._rejections.drain():
             self._rejection_summary(tally)
+        for window in self._web_windows.drain():
+            self._web_summary(window)
         self.flush()
         if self.forwarder is not None:
             self.forwarder.stop()
@@ -311,13 +347,21 @@ class Auditor:
         """A web user logged in or out (PS3.15 A.5.3.8 User Authentication); `failure`
         says why a login was refused (bad credentials, locked out, expired link...).
         `name` is what the user typed, bounded: it is audited even when no such user
-        exists, as PS3.15 asks for failed attempts."""
+        exists, as PS3.15 asks for failed attempts. Failures are windowed per name,
+        address, way in and reason (web_access.py): the first is written at once, the
+        rest counted, so a password-guessing client costs two records per window."""
         user = Participant(name[:64] or "unknown", requestor=True, address=address,
                            user_name=via)
+        event = _WebEvent(EventID.USER_AUTHENTICATION, Action.EXECUTE, failure,
+                          (user, self.box), partial(tuple, ()), failure,
+                          event_types=(EventType.LOGOUT if logout else EventType.LOGIN,))
+        if failure:
+            key = AccessKey("login", user.user_id, via, address, refused=failure)
+            if not self._web_windows.note(key, context=event):
+                return
         self._record(EventID.USER_AUTHENTICATION, Action.EXECUTE,
                      Outcome.MINOR_FAILURE if failure else Outcome.SUCCESS, (user, self.box),
-                     event_types=(EventType.LOGOUT if logout else EventType.LOGIN,),
-                     description=failure, urgent=bool(failure))
+                     event_types=event.event_types, description=failure, urgent=bool(failure))
 
     def audit_log_used(self, purpose: str) -> None:
         subject = ParticipantObject(str(self.log.path), ObjectIDType.URI,
@@ -525,10 +569,17 @@ class Auditor:
             batch.add(instance)
 
     # --- events: DICOMweb (appliance/http) ------------------------------------------------
+    # One record per user, role, address, study and kind of access per window, written
+    # at the first access; what follows in the window is counted into one summary
+    # (web_access.py). Refusals are windowed per user, address and reason.
 
-    def web_queried(self, user: str, address: str, *, level: str, query: str,
-                    matches: int | None, reason: str = "") -> None:
-        """A QIDO-RS search by a web user: the query string is the participant object."""
+    def web_queried(self, user: WebUser, address: str, *, level: str, query: str,
+                    matches: int | None, reason: str = "", study_uid: str = "") -> None:
+        """A QIDO-RS search by a web user: the query string is the participant object,
+        and the study too when the search is under one (its series or instances)."""
+        key = AccessKey("query", user.name, str(user.role), address,
+                        study_uid="" if reason else study_uid,
+                        search="" if reason or study_uid else query, refused=reason)
         # Identified like a C-FIND: by the Study Root FIND SOP class.
         search = ParticipantObject(STUDY_ROOT_FIND, ObjectIDType.SOP_CLASS_UID,
                                    ObjectType.SYSTEM_OBJECT, ObjectRole.REPORT,
@@ -536,33 +587,89 @@ class Auditor:
                                    details=(("Protocol", "QIDO-RS"), ("QueryLevel", level),
                                             *((("Matches", str(matches)),)
                                               if matches is not None else ())))
-        self._record(EventID.QUERY, Action.EXECUTE,
-                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
-                     (self._web_user(user, address, Role.SOURCE), self._web_box(Role.DESTINATION)),
-                     objects=(search,), description=reason)
+        objects = (search, study_object(study_uid)) if study_uid else (search,)
+        self._web_access(key, _WebEvent(
+            EventID.QUERY, Action.EXECUTE, reason or "QIDO-RS search",
+            (self._web_user(user, address, Role.SOURCE), self._web_box(Role.DESTINATION)),
+            partial(tuple, objects), reason or "QIDO-RS"), study_uid=study_uid)
 
-    def web_retrieved(self, user: str, address: str, *, what: str, study_uids: Iterable[str],
+    def web_retrieved(self, user: WebUser, address: str, *, what: str,
+                      study_uids: Iterable[str], instances: int = 0,
                       reason: str = "") -> None:
-        """A WADO-RS read by a web user (`what`: instances, metadata, frames, bulkdata):
-        one record per request, naming the studies and their patients; blocking (it reads
-        the index): call it off the event loop."""
-        self._record(EventID.INSTANCES_TRANSFERRED, Action.READ,
-                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
-                     (self._web_box(Role.SOURCE), self._web_user(user, address, Role.DESTINATION)),
-                     objects=self._study_objects(study_uids),
-                     description=reason or f"WADO-RS {what}")
+        """A WADO-RS read by a web user (`what`: instances, metadata, frames, bulkdata) of
+        `instances` instances, or its refusal (`reason`). The first of a window names
+        the studies and their patients, read from the index: blocking, call it off the
+        event loop."""
+        uids = sorted(set(study_uids))
+        participants = (self._web_box(Role.SOURCE),
+                        self._web_user(user, address, Role.DESTINATION))
+        for uid in uids:
+            key = AccessKey("retrieve", user.name, str(user.role), address,
+                            study_uid="" if reason else uid, refused=reason)
+            self._web_access(key, _WebEvent(
+                EventID.INSTANCES_TRANSFERRED, Action.READ, reason or f"WADO-RS {what}",
+                participants, partial(self._study_objects, [uid]), reason or "WADO-RS"),
+                what=what, instances=instances, study_uid=uid)
 
-    def web_stored(self, user: str, address: str, instances: Iterable[InstanceFacts]) -> None:
-        """Instances a STOW-RS request stored: one record per study, written at once."""
+    def web_stored(self, user: WebUser, address: str, instances: Iterable[InstanceFacts]) -> None:
+        """Instances a STOW-RS request stored, per study: the first upload of a window is
+        recorded at once with its SOP classes, later ones are counted."""
         batch = _Batch(EventID.INSTANCES_TRANSFERRED, (self._web_user(user, address, Role.SOURCE),
                                                       self._web_box(Role.DESTINATION)))
         for instance in instances:
             batch.add(instance)
-        self._emit_batch(batch)
+        for uid, study in batch.studies.items():
+            objects = (study_object(uid, dict(study.sop_classes), study.accession),
+                       patient_object(study.patient_id, study.patient_name))
+            key = AccessKey("store", user.name, str(user.role), address, study_uid=uid)
+            self._web_access(key, _WebEvent(
+                EventID.INSTANCES_TRANSFERRED, Action.CREATE, "STOW-RS",
+                batch.participants, partial(tuple, objects), "STOW-RS"),
+                what="stored", instances=sum(study.sop_classes.values()), study_uid=uid)
 
-    def _web_user(self, user: str, address: str, role: Code) -> Participant:
-        return Participant(user, requestor=True, roles=(role,), address=address,
-                           user_name=f"web user {user}")
+    def _web_access(self, key: AccessKey, event: _WebEvent, *, what: str = "",
+                    instances: int = 0, study_uid: str = "") -> None:
+        """Record the first access of `key`'s window at once (fsync'd), count the rest."""
+        if not self._web_windows.note(key, what=what, instances=instances,
+                                      study_uid=study_uid, context=event):
+            return
+        objects = event.objects = event.lookup()  # the summary names the same ones
+        self._record(event.event_id, event.action,
+                     Outcome.MINOR_FAILURE if key.refused else Outcome.SUCCESS,
+                     event.participants, objects=_with_details(objects, (
+                         ("Requests", "1"), ("Instances", str(instances)),
+                         ("AccessWindowSeconds", f"{self._web_windows.window_seconds:g}"))),
+                     description=event.description, urgent=True)
+
+    def _web_summary(self, window: Window) -> None:
+        """What a window counted beyond its first access, as one record."""
+        event: _WebEvent = window.context
+        first = _iso(window.first or datetime.now(UTC))
+        last = _iso(window.last or datetime.now(UTC))
+        details = [("Requests", str(window.requests)), ("Instances", str(window.instances)),
+                   ("FirstTime", first), ("LastTime", last)]
+        if window.what:
+            details.append(("Accessed", ",".join(f"{k}={n}" for k, n in
+                                                 sorted(window.what.items()))))
+        if window.key.refused and window.studies:
+            details.append(("StudyInstanceUIDs", ",".join(window.studies)))
+        if window.key.kind == "login":
+            objects: tuple[ParticipantObject, ...] = (ParticipantObject(
+                window.key.address, ObjectIDType.NODE_ID, ObjectType.SYSTEM_OBJECT,
+                ObjectRole.SECURITY_USER_ENTITY, details=tuple(details)),)
+        else:
+            objects = _with_details(event.objects or event.lookup(), tuple(details))
+        self._record(event.event_id, event.action,
+                     Outcome.MINOR_FAILURE if window.key.refused else Outcome.SUCCESS,
+                     event.participants, objects=objects, event_types=event.event_types,
+                     description=f"{event.label}: {window.requests} more"
+                                 f" {'attempt' if window.key.kind == 'login' else 'request'}(s)"
+                                 f" between {first} and {last}",
+                     when=window.last)
+
+    def _web_user(self, user: WebUser, address: str, role: Code) -> Participant:
+        return Participant(user.name, requestor=True, roles=(role, web_role(str(user.role))),
+                           address=address, user_name=f"web user {user.name} ({user.role})")
 
     def _web_box(self, role: Code) -> Participant:
         return Participant(self.source.source_id, requestor=False, roles=(role,))
@@ -636,6 +743,8 @@ class Auditor:
                 self._emit_batch(batch)
             for tally in self._rejections.due():
                 self._rejection_summary(tally)
+            for window in self._web_windows.due():
+                self._web_summary(window)
             with contextlib.suppress(Exception):  # the flusher must outlive any bug
                 self.flush()
 
@@ -720,6 +829,19 @@ class Auditor:
             log.warning("audit: patients of retrieved studies not found error=%s",
                         type(exc.__cause__).__name__)
             return {}
+
+
+def _with_details(objects: tuple[ParticipantObject, ...], details: tuple[tuple[str, str], ...]
+                  ) -> tuple[ParticipantObject, ...]:
+    """`objects` with `details` added to the first (the study, or the query)."""
+    if not objects:
+        return objects
+    head = objects[0]
+    return (replace(head, details=head.details + details), *objects[1:])
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _os_user() -> str:

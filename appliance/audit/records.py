@@ -18,7 +18,8 @@ the DICOM XML export (export.py) all read the same structure.
 Codes: event IDs are CID 400 (DCM 1101xx), event types CID 401-403, role IDs
 CID 402, participant object ID types CID 404 and RFC 3881. DICOM has no code
 for "a stored object failed its integrity check"; that alert uses a private
-code (scheme 99PACSEDGE), as PS3.16 allows for extensible context groups.
+code (scheme 99PACSEDGE), as PS3.16 allows for extensible context groups; so
+does a web user's role (admin, radiologist, referring).
 """
 
 from __future__ import annotations
@@ -314,6 +315,12 @@ class AuditRecord:
 def patient_object(patient_id: str, patient_name: str = "") -> ParticipantObject:
     return ParticipantObject(patient_id, ObjectIDType.PATIENT_NUMBER, ObjectType.PERSON,
                              ObjectRole.PATIENT, name=patient_name)
+
+
+def web_role(role: str) -> Code:
+    """A web user's role (admin, radiologist, referring) as an extra RoleIDCode of their
+    ActiveParticipant: CID 402 has no codes for clinical roles, so a private scheme."""
+    return Code(role, "99PACSEDGE", f"Web user role: {role}")
 
 
 def study_object(study_uid: str, sop_classes: dict[str, int] | None = None,

@@ -169,6 +169,8 @@ class AuditConfig:
         default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     anchor_interval_seconds: float = field(
         default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    access_window_seconds: float = field(
+        default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     syslog_host: str = ""
     syslog_port: int = field(default=6514, metadata=_check(lambda v: 0 < v <= 65535, "1-65535"))
     syslog_ca_file: Path | None = None
@@ -448,6 +450,8 @@ _COMMENTS = {
     "audit.batch_seconds": "Import and drop-folder ingest: one audit record per study per window.",
     "audit.rejection_window_seconds": "Rejected associations: one full record per address per"
     " window, then one count.",
+    "audit.access_window_seconds": "Web access (DICOMweb, viewer): one record per user, study,"
+                                   " address and kind of access per window, then a count.",
     "audit.anchor_interval_seconds": "How often the sync agent anchors the log head in the cloud.",
     "audit.syslog_host": "Forward audit records to this syslog collector over TLS (\"\": off).",
     "audit.syslog_port": "Collector port (6514 is syslog over TLS).",

@@ -39,9 +39,9 @@ def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-def who(request: web.Request) -> tuple[str, str]:
-    """(user name, client address) for the audit trail."""
-    return principal(request).name, client_address(request)
+def who(request: web.Request) -> tuple[Principal, str]:
+    """(user, client address) for the audit trail (it names the user and their role)."""
+    return principal(request), client_address(request)
 
 
 def uid(request: web.Request, name: str) -> str:

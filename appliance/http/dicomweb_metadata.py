@@ -38,7 +38,7 @@ def add_routes(app: web.Application) -> None:
 
 
 async def metadata(request: web.Request) -> web.StreamResponse:
-    await stored_syntaxes(request)  # 404 before 406: a 406 must not reveal a study
+    await stored_syntaxes(request, "metadata")  # 404 before 406: a 406 must not reveal a study
     if not accepts_json(request.headers.get("Accept")):
         raise common.not_acceptable("metadata")
     found = await locate(request, "metadata")

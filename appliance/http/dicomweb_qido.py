@@ -87,16 +87,19 @@ async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> 
     limit = _count(request, "limit", None)
     service = common.services(request)
     user, address = common.who(request)
+    study = common.uid(request, "study") if "study" in request.match_info else ""
     query = WebQueryService(service.index, retrieve_ae_title=service.config.dicom.ae_title)
     try:
         page = await query.search(common.principal(request), identifier, offset=offset,
                                   limit=limit)
     except QueryError as exc:
         await asyncio.to_thread(service.auditor.web_queried, user, address, level=level,
-                                query=request.query_string, matches=None, reason=exc.message)
+                                query=request.query_string, matches=None, reason=exc.message,
+                                study_uid=study)
         raise web.HTTPBadRequest(text=f"{exc.message}\n") from exc
     await asyncio.to_thread(service.auditor.web_queried, user, address, level=level,
-                            query=request.query_string, matches=len(page.matches))
+                            query=request.query_string, matches=len(page.matches),
+                            study_uid=study)
     warnings = []
     if request.query.get("fuzzymatching", "").lower() == "true":
         warnings.append(_WARN_FUZZY)

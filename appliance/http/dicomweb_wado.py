@@ -19,7 +19,9 @@
 A study that is evicted is recalled first (web_retrieve.py), like C-GET; if the
 recall fails or times out the answer is 503 with Retry-After. Unknown and
 out-of-scope studies are both 404. Every answer that hands out patient data is
-audited: who, which study, from where.
+audited, and every 404 and 503 too: who, in which role, which study, from where
+(the auditor folds a viewer's hundreds of requests into one record per user,
+study and address per window: appliance/audit/web_access.py).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ async def locate(request: web.Request, what: str) -> Located:
     found = await common.reads(request).locate(common.principal(request), study_uid=study,
                                                series_uid=series, sop_uid=instance)
     if found is None:
-        raise common.not_found()
+        raise await refused(request, what)
     user, address = common.who(request)
     auditor = common.services(request).auditor
     if found.unavailable:
@@ -83,8 +85,18 @@ async def locate(request: web.Request, what: str) -> Located:
             text="the study is not on local disk and could not be recalled in time\n",
             headers={"Retry-After": RETRY_AFTER_SECONDS})
     await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
-                            study_uids=[study])
+                            study_uids=[study], instances=len(found.instances))
     return found
+
+
+async def refused(request: web.Request, what: str) -> web.HTTPNotFound:
+    """The 404 for a study that is unknown or out of the user's scope, audited (a
+    referring physician probing studies is what the trail is for)."""
+    user, address = common.who(request)
+    await asyncio.to_thread(common.services(request).auditor.web_retrieved, user, address,
+                            what=what, study_uids=[common.uid(request, "study")],
+                            reason="no such study or not in the user's scope")
+    return common.not_found()
 
 
 def accepted_syntaxes(header: str | None) -> set[str]:
@@ -100,7 +112,7 @@ def accepted_syntaxes(header: str | None) -> set[str]:
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
     # Scope first, media types second, on the index's answer before anything is read.
-    stored = await stored_syntaxes(request)
+    stored = await stored_syntaxes(request, "instances")
     syntaxes = accepted_syntaxes(request.headers.get("Accept"))
     if not syntaxes:
         raise common.not_acceptable("instances")
@@ -120,7 +132,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     return await stream.finish()
 
 
-async def stored_syntaxes(request: web.Request) -> set[str]:
+async def stored_syntaxes(request: web.Request, what: str) -> set[str]:
     """Stored syntaxes of what the URL names, from the index; 404 when nothing matches
     or the study is out of the user's scope (checked before any media type, so a 406
     cannot tell a referring physician that a study exists)."""
@@ -131,7 +143,7 @@ async def stored_syntaxes(request: web.Request) -> set[str]:
         series_uids=[common.uid(request, "series")] if "series" in request.match_info else [],
         sop_uids=[common.uid(request, "instance")] if "instance" in request.match_info else [])
     if not rows or not await common.reads(request).in_scope(common.principal(request), study):
-        raise common.not_found()
+        raise await refused(request, what)
     return {row.transfer_syntax for row in rows}
 
 
@@ -167,7 +179,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
 
 async def _send_frames(request: web.Request, numbers: list[int] | None, what: str
                        ) -> web.StreamResponse:
-    (stored,) = await stored_syntaxes(request)
+    (stored,) = await stored_syntaxes(request, what)
     part_type = frame_part_type(request.headers.get("Accept"), stored)
     if part_type is None:
         raise common.not_acceptable("frames in the stored transfer syntax")
@@ -212,7 +224,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     tag = Tag(int(text, 16))
     if tag == Tag(0x7FE0, 0x0010):
         return await _send_frames(request, None, "bulkdata")
-    await stored_syntaxes(request)
+    await stored_syntaxes(request, "bulkdata")
     if not any(m.media_type in ("*/*", "multipart/*") or (
             m.media_type == MULTIPART and m.part_type in (OCTET_STREAM, "", "*/*"))
                for m in MediaRange.parse_all(request.headers.get("Accept"))):
