@@ -15,6 +15,11 @@ edge-b runs DICOM TLS only (pacs_edge_dicom_plain_enabled false); peers left
 to the role's defaults get least privilege (store only, AE title bound to the
 host). Each serve runs in the file-system view of its deployed unit
 (tests/unitsandbox.py): it sees only the secrets it reads.
+
+The web: each host gets its own HTTPS port and the OHIF viewer build that
+scripts/install-ohif.sh installed here (the controller), packed and copied by
+the role into a versioned folder that `[http] viewer_root` names; serve answers
+/login over TLS on that port and serves the viewer's files from that folder.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ import pwd
 import re
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +57,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 BIN = Path(sys.executable).parent
-USER = "pacsedge-test"
+# Per run: two runs at once (other worktrees) must not delete each other's user.
+USER = f"pacsedge-t{os.getpid()}"
 HOST_PYTHON = Path("/usr/bin/python3")
 HOSTS = ("edge-a", "edge-b")
 _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
@@ -57,6 +66,7 @@ _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\
 KEY_FILES = ("link.key", "site.key", "names.key", "log.key", "ca.key", "node.key")
 SERVE_READS = ("link.key", "log.key", "node.key")
 TLS_ONLY_HOST = "edge-b"
+VIEWER_BUILD = ROOT / ".cache" / "ohif" / "3.13.2"
 
 
 def _why_not() -> str | None:
@@ -71,6 +81,21 @@ def _why_not() -> str | None:
 
 if _why_not():
     pytestmark.append(pytest.mark.skip(reason=_why_not() or ""))
+
+
+def _play(inventory: Path, base: Path) -> subprocess.CompletedProcess[str]:
+    """ansible-playbook with the example playbook, its state kept under `base`."""
+    env = {**os.environ, "ANSIBLE_HOME": str(base / ".ansible"),
+           "ANSIBLE_LOCAL_TEMP": str(base / ".ansible/tmp"),
+           "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_RETRY_FILES_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("PACS_EDGE_HOME", None)
+    # One host at a time: both are this machine and share its user database.
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--forks", "1",
+         str(ANSIBLE_DIR / "playbook.yml")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ANSIBLE_DIR,
+        stdin=subprocess.DEVNULL)
 
 
 @dataclass
@@ -88,6 +113,9 @@ class Fleet:
     def venv(self, host: str) -> Path:
         return self.prefix(host) / "opt/pacs-edge/venv"
 
+    def viewers(self, host: str) -> Path:
+        return self.prefix(host) / "opt/pacs-edge/viewer"
+
     def write_inventory(self, wheel: Path, wheelhouse: Path) -> None:
         doc = {"pacs_edge": {
             "vars": {
@@ -102,6 +130,10 @@ class Fleet:
                 "pacs_edge_group": USER,
                 "pacs_edge_python": str(HOST_PYTHON),
                 "pacs_edge_dicom_host": "127.0.0.1",
+                "pacs_edge_http_host": "127.0.0.1",
+                "pacs_edge_viewer_build": str(VIEWER_BUILD),
+                # The packed viewer stays in the run's folder, not in the shared .cache.
+                "pacs_edge_viewer_archive_dir": str(self.base),
                 "pacs_edge_sync_evict_after_days": 14,
                 "pacs_edge_peers": [
                     {"name": "testscu", "ae_title": dcmtk.TEST_AE, "host": "127.0.0.1",
@@ -119,17 +151,7 @@ class Fleet:
 
     def converge(self) -> dict[str, tuple[int, int]]:
         """Run the example playbook; {host: (changed, failed)} from the recap."""
-        env = {**os.environ, "ANSIBLE_HOME": str(self.base / ".ansible"),
-               "ANSIBLE_LOCAL_TEMP": str(self.base / ".ansible/tmp"),
-               "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
-               "ANSIBLE_RETRY_FILES_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}"}
-        env.pop("PACS_EDGE_HOME", None)
-        # One host at a time: both are this machine and share its user database.
-        proc = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", str(self.inventory), "--forks", "1",
-             str(ANSIBLE_DIR / "playbook.yml")],
-            capture_output=True, text=True, timeout=900, env=env, cwd=ANSIBLE_DIR,
-            stdin=subprocess.DEVNULL)
+        proc = _play(self.inventory, self.base)
         recap = {m[1]: (int(m[3]), int(m[5]) + int(m[4])) for m in _RECAP.finditer(proc.stdout)}
         assert proc.returncode == 0 and set(recap) == set(self.hosts), (
             proc.stdout[-8000:] + proc.stderr[-4000:])
@@ -146,14 +168,19 @@ def fleet() -> Iterator[Fleet]:
                         "-w", str(wheelhouse), str(ROOT)], check=True, timeout=900,
                        capture_output=True)
         wheel = next(wheelhouse.glob("pacs_edge-*.whl"))
+        # The controller's viewer build (a no-op when installed, as it is after set-up).
+        subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], check=True, timeout=600)
         hosts: dict[str, dict[str, object]] = {
             host: {"pacs_edge_root_prefix": str(base / host),
                    "pacs_edge_ae_title": host.upper().replace("-", "_"),
                    "pacs_edge_dicom_port": dcmtk.free_port(),
                    "pacs_edge_dicom_tls_port": dcmtk.free_port(),
-                   "pacs_edge_hl7_port": dcmtk.free_port()}
+                   "pacs_edge_hl7_port": dcmtk.free_port(),
+                   "pacs_edge_http_port": dcmtk.free_port()}
             for host in HOSTS}
         hosts[TLS_ONLY_HOST]["pacs_edge_dicom_plain_enabled"] = False
+        hosts[TLS_ONLY_HOST]["pacs_edge_http_max_request_mb"] = 64
+        hosts[TLS_ONLY_HOST]["pacs_edge_auth_max_failed_logins"] = 3
         hosts[TLS_ONLY_HOST]["pacs_edge_hl7_tls"] = True
         fleet = Fleet(base, base / "inventory.yml", hosts)
         fleet.write_inventory(wheel, wheelhouse)
@@ -196,6 +223,18 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "port": variables["pacs_edge_hl7_port"], "host": "127.0.0.1",
             "tls": host == TLS_ONLY_HOST, "tls_require_client_cert": True,
             "max_message_bytes": 1048576, "idle_timeout": 60.0, "max_connections": 16}
+        web = tomllib.loads(text)
+        assert web["http"] == {
+            "port": variables["pacs_edge_http_port"], "host": "127.0.0.1",
+            "max_connections": 64, "max_request_mb": variables.get(
+                "pacs_edge_http_max_request_mb", 2048),
+            "idle_timeout": 75.0, "head_timeout": 10.0,
+            "viewer_root": str(_delivered_viewer(fleet, host))}
+        assert web["auth"] == {
+            "min_password_length": 12,
+            "max_failed_logins": variables.get("pacs_edge_auth_max_failed_logins", 5),
+            "lockout_minutes": 15.0, "session_idle_minutes": 30.0, "session_max_hours": 12.0,
+            "link_max_ttl_minutes": 60.0}
         peers = tomllib.loads((home / "peers.toml").read_text())["peers"]
         assert peers["testscu"]["allow"] == ["find", "store"]
         # Every field is written; what the inventory leaves out is least privilege.
@@ -215,6 +254,46 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         check = subprocess.run([str(fleet.venv(host) / "bin/pacs-edge"), "config", "check",
                                 "--home", str(home)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+
+
+def _delivered_viewer(fleet: Fleet, host: str) -> Path:
+    """The one versioned viewer folder on the host (nothing else is left beside it)."""
+    folders = list(fleet.viewers(host).iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith(VIEWER_BUILD.name + "-"), folders
+    return folders[0]
+
+
+def test_viewer_build_is_on_each_host_whole_without_source_maps(fleet: Fleet) -> None:
+    """Every file of the controller's build reached the host (root's, readable by the
+    service user), no source map did, and the stamp records the archive's checksum."""
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    built = files(VIEWER_BUILD)
+    assert "index.html" in built
+    for host in fleet.hosts:
+        viewer = _delivered_viewer(fleet, host)
+        delivered = files(viewer)
+        assert delivered == {f for f in built if not f.endswith(".map")} | {
+            ".pacs-edge-delivered"}, host
+        assert not [f for f in delivered if f.endswith(".map")]
+        assert (viewer / "index.html").read_bytes() == (VIEWER_BUILD / "index.html").read_bytes()
+        assert re.fullmatch(r"[0-9a-f]{64}\n", (viewer / ".pacs-edge-delivered").read_text())
+        for path in [viewer, *viewer.rglob("*")]:
+            info = path.stat()
+            assert info.st_uid == 0 and info.st_mode & 0o004, path  # root's, world-readable
+            assert not info.st_mode & 0o022, path  # and only root writes
+
+
+def _https_get(port: int, path: str, ca: Path) -> tuple[int, bytes]:
+    """GET over TLS, verifying the box's certificate against its site CA."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context,
+                                    timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 def test_deployed_units_are_the_systemd_folders_units(fleet: Fleet) -> None:
@@ -263,6 +342,18 @@ def test_each_host_serves_from_its_deployed_unit_with_only_the_secrets_it_reads(
             hl7_ready = (f"hl7 listener ready host=127.0.0.1 port={variables['pacs_edge_hl7_port']}"
                          f" tls={host == TLS_ONLY_HOST}")
             assert hl7_ready in log_path.read_text(errors="replace")
+            http_port = int(str(variables["pacs_edge_http_port"]))
+            https_ready = f"https server ready host=127.0.0.1 port={http_port}"
+            while https_ready not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            status, body = _https_get(http_port, "/login", home / "tls/ca.pem")
+            assert status == 200 and b"<form" in body, (status, body[:500])
+            # The viewer's manifest (served without a login) comes from the delivered build.
+            status, body = _https_get(http_port, "/manifest.json", home / "tls/ca.pem")
+            assert status == 200
+            assert body == (_delivered_viewer(fleet, host) / "manifest.json").read_bytes()
             seen = unitsandbox.read_report(report)
             assert {p for p, state in seen.items() if state == "readable"} == {
                 str(home / "secrets" / name) for name in SERVE_READS}, seen
@@ -308,3 +399,51 @@ def test_ansible_lint_passes_with_the_production_profile() -> None:
                                "ANSIBLE_HOME": tempfile.mkdtemp(prefix="ansible-lint-")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
+
+
+def test_preflight_refuses_bad_web_settings_before_changing_anything(tmp_path: Path) -> None:
+    """An HTTPS port that is a DICOM port, and a viewer folder that install-ohif.sh did not
+    make, each stop their host at the preflight with a message naming the variable."""
+    wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
+    wheel.touch()  # the preflight checks the name; nothing gets installed
+    not_a_build = tmp_path / "viewer"
+    not_a_build.mkdir()
+    (not_a_build / "app.bundle.js.map").touch()
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"pacs_edge": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
+                 "pacs_edge_wheel": str(wheel),
+                 "pacs_edge_root_prefix": str(tmp_path / "root")},
+        "hosts": {"same-port": {"pacs_edge_http_port": 11112},
+                  "no-build": {"pacs_edge_viewer_build": str(not_a_build)}}}}))
+    proc = _play(inventory, tmp_path)
+    recap = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode != 0 and recap == {"same-port": 1, "no-build": 1}, proc.stdout
+    assert "pacs_edge_http_port must be 0 (off) or 1-65535 and not a DICOM or HL7 port (is 11112)" \
+        in proc.stdout
+    assert "pacs_edge_viewer_build must name the folder scripts/install-ohif.sh installed" \
+        in proc.stdout
+    assert not (tmp_path / "root").exists()
+
+
+def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> None:
+    """The role's own expression, evaluated by ansible: 443 needs the drop-in (like DICOM
+    port 104), 8443 and 0 (off) do not."""
+    role = ANSIBLE_DIR / "roles/pacs_edge"
+    play = tmp_path / "play.yml"
+    play.write_text(yaml.safe_dump([{
+        "hosts": "localhost", "gather_facts": False, "connection": "local",
+        "vars_files": [str(role / "defaults/main.yml"), str(role / "vars/main.yml")],
+        "tasks": [{"ansible.builtin.debug": {
+            "msg": "privileged {{ port }}={{ pacs_edge__privileged_port | bool }}"},
+            "vars": {"pacs_edge_http_port": "{{ port }}"},
+            "loop": [443, 8443, 0], "loop_control": {"loop_var": "port"}}]}]))
+    proc = subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", "localhost,", str(play)], capture_output=True,
+        text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path / ".ansible"), "ANSIBLE_NOCOLOR": "1",
+             "ANSIBLE_PYTHON_INTERPRETER": str(HOST_PYTHON),
+             "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = dict(re.findall(r'"privileged (\d+)=(\w+)"', proc.stdout))
+    assert found == {"443": "True", "8443": "False", "0": "False"}, proc.stdout
