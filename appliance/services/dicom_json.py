@@ -50,16 +50,25 @@ def dictionary_vr(tag: int) -> str | None:
     return None if " " in vr else vr
 
 
-def element_json(elem: RawDataElement | DataElement, codec: str | None
-                 ) -> dict[str, Any] | None:
-    """The DICOM JSON of `elem` as pydicom's to_json_dict (no bulk handler) gives it.
+def dataset_element_json(ds: Dataset, tag: int, codec: str | None) -> dict[str, Any]:
+    """The DICOM JSON of `ds`'s element `tag`, as pydicom's to_json_dict (no bulk handler).
 
     `codec` is the Python codec of the dataset's character set (a value of CODECS;
-    None if it has no such codec: text in that set is left to pydicom).
-    None: not a case decoded here; ask pydicom."""
-    if isinstance(elem, DataElement):
-        if elem.VR == "SQ":
-            return _sequence_json(elem.value, codec)
+    None if it has no such codec: text in that set is left to pydicom). A
+    sequence is parsed by pydicom and its items' elements encoded here."""
+    found = element_json(ds.get_item(tag), codec)
+    if found is not None:
+        return found
+    elem = ds[tag]
+    if elem.VR == "SQ":
+        found = _sequence_json(elem.value, codec)
+    return elem.to_json_dict(None, 1024) if found is None else found
+
+
+def element_json(elem: RawDataElement | DataElement, codec: str | None
+                 ) -> dict[str, Any] | None:
+    """The DICOM JSON of a raw element; None: not a case decoded here, ask pydicom."""
+    if not isinstance(elem, RawDataElement):
         return None
     value = elem.value
     if value is None:
@@ -155,9 +164,6 @@ def _sequence_json(items: list[Dataset], codec: str | None) -> dict[str, Any] | 
     for item in items:
         if "SpecificCharacterSet" in item:
             return None
-        out: dict[str, Any] = {}
-        for tag, elem in item.items():
-            found = element_json(elem, codec)
-            out[f"{tag:08X}"] = item[tag].to_json_dict(None, 1024) if found is None else found
-        values.append(out)
+        values.append({f"{tag:08X}": dataset_element_json(item, tag, codec)
+                       for tag in tuple(item.keys())})
     return {"vr": "SQ", "Value": values}

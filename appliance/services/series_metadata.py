@@ -44,7 +44,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
-from appliance.services.dicom_json import CODECS, element_json
+from appliance.services.dicom_json import CODECS, dataset_element_json
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def _element_json(ds: Dataset, tag: BaseTag, url: str, codec: str | None) -> dic
         if length == _UNDEFINED or length > BULK_THRESHOLD:
             return {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
     try:
-        fast = element_json(raw, codec)
-        return ds[tag].to_json_dict(None, BULK_THRESHOLD) if fast is None else fast
+        return dataset_element_json(ds, tag, codec)
     except Exception:  # a malformed value: answer the element empty rather than fail
         log.debug("metadata element could not be encoded tag=%08X", tag)
         return {"vr": vr}
