@@ -176,12 +176,15 @@ def test_metadata_json_equals_pydicoms_for_a_multiframe_instance_with_odd_raw_el
     ds.add_new(0x00181063, "DS", "33.3")
     head = _write(ds, tmp_path / "head.dcm", ExplicitVRLittleEndian).read_bytes()
     pixel_at = head.rindex(b"\xe0\x7f\x10\x00")
-    odd = (b"\x09\x00\x10\x00LO\x04\x00ODD "  # private creator, then odd-length values
-           + b"\x09\x00\x01\x10UN\x00\x00" + struct.pack("<I", 3) + b"abc"
-           + b"\x09\x00\x02\x10LO\x03\x00xyz"
-           + b"\x09\x00\x03\x10DS\x03\x001.5"
-           + b"\x09\x00\x04\x10DS\x06\x001.5.5 "  # not a number
-           + b"\x09\x00\x05\x10IS\x04\x001.0 ")
+    un_odd = struct.pack("<HH2sHI", 0x7FDF, 0x1001, b"UN", 0, 3) + b"abc"
+    odd = b"".join(  # a private block right before Pixel Data, values as a writer may send them
+        struct.pack("<HH2sH", 0x7FDF, element, vr, len(value)) + value
+        + (un_odd if element == 0x0010 else b"")
+        for element, vr, value in (
+            (0x0010, b"LO", b"ODD "), (0x1002, b"LO", b"xyz"), (0x1003, b"DS", b"1.5"),
+            (0x1004, b"DS", b"1.5.5 "), (0x1005, b"IS", b"1.0 "), (0x1006, b"LO", b"  "),
+            (0x1007, b"UI", b"\0\0"), (0x1008, b"DS", b"  "), (0x1009, b"PN", b"^^ "),
+            (0x100A, b"AE", b"  "), (0x100B, b"US", b"\1\0\2"), (0x100C, b"AT", b"\x10\x00")))
     path = tmp_path / "multiframe.dcm"
     path.write_bytes(head[:pixel_at] + odd + head[pixel_at:])
     fast, slow = _both(path, ExplicitVRLittleEndian, monkeypatch)

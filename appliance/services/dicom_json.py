@@ -86,7 +86,7 @@ def element_json(elem: RawDataElement | DataElement, codec: str | None
         return None
     if found is _INLINE:
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode()}
-    return {"vr": vr, "Value": found}
+    return {"vr": vr, "Value": found} if found else {"vr": vr}  # padding only: empty
 
 
 _INLINE: list[Any] = []  # marker: binary value, inline
