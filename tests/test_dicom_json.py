@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dicomgen
+import pydicom.data
 import pytest
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -191,6 +192,22 @@ def test_metadata_json_equals_pydicoms_for_a_multiframe_instance_with_odd_raw_el
     assert fast == slow
     assert fast["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{URL}/bulkdata/7FE00010"}
     assert fast["00280008"]["Value"] == [3]
+
+
+def test_metadata_json_equals_pydicoms_for_the_files_pydicom_ships(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom's own test files: odd writers, big endian, ISO 2022 character sets, ..."""
+    data = Path(pydicom.data.__file__).parent
+    compared = 0
+    for path in sorted([*data.glob("test_files/*.dcm"), *data.glob("charset_files/*.dcm")]):
+        try:
+            syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        except Exception:  # no file meta or not readable: not a stored instance
+            continue
+        fast, slow = _both(path, syntax, monkeypatch)
+        assert fast == slow, path.name
+        compared += 1
+    assert compared > 50
 
 
 def test_dicom_json_elements_are_decoded_without_pydicom_values() -> None:
