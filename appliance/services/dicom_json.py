@@ -9,9 +9,9 @@ binary numbers, AT, sequences item by item) with exactly pydicom's rules
 (padding stripped, backslash split, the same character sets), and answers
 None for anything else: a deferred or already converted value, implicit
 private tags, UN, ambiguous VRs, an unusual character set, an empty value in
-a multi-valued element, a number pydicom would parse differently. The caller
-then uses pydicom, so the output is pydicom's in every case (tests compare
-both on a wide set of files).
+a multi-valued element, a number pydicom would parse differently.
+`dataset_element_json` then asks pydicom, so the output is pydicom's in every
+case (tests compare both on a wide set of files, pydicom's own among them).
 """
 
 from __future__ import annotations
