@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from reportinbox import ReportInbox
 from syncagent import evict, sync_once
 
 from appliance.store.commitment_rows import (
@@ -78,12 +79,12 @@ class Modality:
         # Reports on a new association: the box calls in the SCP role.
         self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 30
-        self.reports: queue.Queue[Received] = queue.Queue()
+        self.reports = ReportInbox(self._received)
         self.port = dcmtk.free_port()
         self._requesting: set[int] = set()
         self._server = self.ae.start_server(
             (HOST, self.port), block=False, ssl_context=self._tls(ssl.Purpose.CLIENT_AUTH),
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+            evt_handlers=self.reports.handlers)
 
     def _tls(self, purpose: ssl.Purpose) -> ssl.SSLContext | None:
         if self.certs is None:
@@ -99,11 +100,10 @@ class Modality:
         self._server.shutdown()
         self.ae.shutdown()
 
-    def _on_report(self, event: evt.Event) -> tuple[int, None]:
-        self.reports.put(Received(int(event.request.EventTypeID), event.event_information,
-                                  id(event.assoc) in self._requesting,
-                                  isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket)))
-        return SUCCESS, None
+    def _received(self, event: evt.Event) -> Received:
+        return Received(int(event.request.EventTypeID), event.event_information,
+                        id(event.assoc) in self._requesting,
+                        isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket))
 
     def request(self, edge: EdgeServer, items: list[tuple[str, str]], *,
                 transaction_uid: str | None = None, keep_open: bool = True,
@@ -117,7 +117,7 @@ class Modality:
         info = Dataset()
         info.TransactionUID = transaction_uid
         info.ReferencedSOPSequence = [_item(c, u) for c, u in items]
-        handlers = [(evt.EVT_N_EVENT_REPORT, self._on_report)] if keep_open else []
+        handlers = self.reports.handlers if keep_open else []
         tls = (self._tls(ssl.Purpose.SERVER_AUTH), None) if tls_port else None
         assoc = self.ae.associate(HOST, tls_port or edge.port, ae_title=edge.ae_title,
                                   evt_handlers=handlers, tls_args=tls)

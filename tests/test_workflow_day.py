@@ -34,12 +34,13 @@ import pytest
 from conftest import HOST, EdgeServer, init_home
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     StorageCommitmentPushModel,
 )
+from reportinbox import ReportInbox
 
 DAYS = ("20240311", "20240312")
 STATIONS = (("CT1", "CT"), ("MR1", "MR"), ("CT2", "CT"), ("US1", "US"))
@@ -127,15 +128,12 @@ class Modality:
         ae.add_requested_context(StorageCommitmentPushModel)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         self.ae_title = ae_title
-        self.reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+        self.reports = ReportInbox(
+            lambda event: (int(event.request.EventTypeID), event.event_information))
         self.assoc: Association = ae.associate(
             HOST, edge.port, ae_title=edge.ae_title,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+            evt_handlers=self.reports.handlers)
         assert self.assoc.is_established
-
-    def _on_report(self, event: evt.Event) -> tuple[int, None]:
-        self.reports.put((int(event.request.EventTypeID), event.event_information))
-        return SUCCESS, None
 
     def start(self, item: Dataset, step_id: str) -> str:
         """N-CREATE IN PROGRESS for the worklist item, its keys copied; the step's UID."""
