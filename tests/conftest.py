@@ -25,6 +25,7 @@ dcmtk`): tests/ has no __init__.py, so pytest puts it on sys.path.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -282,6 +283,18 @@ def _group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(stat.parent.name))
     return members
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_after_module() -> Iterator[None]:
+    """Collect what a module left unreachable before the next module starts.
+
+    An object a test leaked (a socket nobody closed, say) warns only when the
+    garbage collector finds it; with warnings as errors, that failed whichever
+    test of another module the collector happened to run in. Collected here,
+    it fails the last test of the module that leaked it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

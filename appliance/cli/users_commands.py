@@ -52,6 +52,14 @@ def _run(config: Config, action: Callable[[UserService], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
+def _change(config: Config, action: str, name: str,
+            change: Callable[[UserService], Awaitable[object]], **details: str) -> None:
+    """Apply one change to a user account and audit it (PS3.15: who changed whom)."""
+    _run(config, change)
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.user_changed(action, name=name, **details)
+
+
 def read_password(path: Path | None) -> str:
     """The new password: from the file (refused if others may read it), '-' or a prompt."""
     if path is None:
@@ -113,9 +121,9 @@ def users_add(home: Path | None, name: str, role: str, referring_name: str,
     chosen = Role(role.lower())
     check_account(name, chosen, referring_name)
     password = read_password(password_file)
-    _run(config, lambda s: s.add_user(name, chosen, password, referring_name=referring_name))
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.user_changed("add", name=name, role=chosen.value)
+    _change(config, "add", name,
+            lambda s: s.add_user(name, chosen, password, referring_name=referring_name),
+            role=chosen.value)
     scope = f", sees studies referred by {referring_name}" if referring_name else ""
     out.print(f"added user {name} (role {chosen.value}{scope})", highlight=False)
 
@@ -155,10 +163,7 @@ def users_list(home: Path | None, as_json: bool) -> None:
 @expected_errors
 def users_remove(home: Path | None, name: str) -> None:
     """Delete a web user; their sessions end at once."""
-    config = load(home)
-    _run(config, lambda s: s.remove_user(name))
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.user_changed("remove", name=name)
+    _change(load(home), "remove", name, lambda s: s.remove_user(name))
     out.print(f"removed user {name}", highlight=False)
 
 
@@ -171,9 +176,7 @@ def users_passwd(home: Path | None, name: str, password_file: Path | None) -> No
     """Set a new password; the user's sessions end and a lock-out is lifted."""
     config = load(home)
     password = read_password(password_file)
-    _run(config, lambda s: s.set_password(name, password))
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.user_changed("passwd", name=name)
+    _change(config, "passwd", name, lambda s: s.set_password(name, password))
     out.print(f"changed the password of {name}; their sessions have ended", highlight=False)
 
 
@@ -183,10 +186,7 @@ def users_passwd(home: Path | None, name: str, password_file: Path | None) -> No
 @expected_errors
 def users_unlock(home: Path | None, name: str) -> None:
     """End a lock-out after failed logins now, rather than when it runs out."""
-    config = load(home)
-    _run(config, lambda s: s.unlock(name))
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.user_changed("unlock", name=name)
+    _change(load(home), "unlock", name, lambda s: s.unlock(name))
     out.print(f"unlocked user {name}", highlight=False)
 
 
