@@ -215,11 +215,12 @@ class EdgeServer(Server):
         super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
                          home.parent / f"{home.name}-serve.log")
         self.home = home
-        # HL7 and HTTPS off unless a (free) port is given: their fixed default ports
-        # (2575, 8443) would clash like TLS's (below).
+        # HL7, HTTPS and the metrics listener off unless a (free) port is given: their
+        # fixed default ports (2575, 8443, 9464) would clash like TLS's (below).
         self.http_port = http_port
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
-             "--dicom-port", "0", "--hl7-port", str(hl7_port), "--http-port", str(http_port)])
+             "--dicom-port", "0", "--hl7-port", str(hl7_port), "--http-port", str(http_port),
+             "--metrics-port", "0"])
         self.add_peer("bench", BENCH_AE, 1, allow=allow)
         # Plain DICOM only: the TLS listener's fixed default port (2762) would clash
         # between the servers a benchmark runs side by side.

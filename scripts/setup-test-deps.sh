@@ -6,12 +6,14 @@
 # storescu is already on PATH. Quiet when everything is present.
 # The browser tests drive Debian's chromium through chromium-driver (selenium is told
 # where the driver is, so nothing downloads a browser) against the OHIF viewer that
-# install-ohif.sh puts in .cache/ohif.
+# install-ohif.sh puts in .cache/ohif. promtool comes with Debian's prometheus package.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_command storescu dcmtk
 need_command systemd-analyze systemd
 need_command chromium chromium
 need_command chromedriver chromium-driver
+# promtool checks the /metrics text and the example alert rules (docs/operations.md).
+need_command promtool prometheus
 "$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"
 "$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"

@@ -83,10 +83,11 @@ def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
     Test homes accept the no-escrow risk ([sync] evict_without_escrow) so that tests of
     other things can evict without a (slow, scrypt) `keys escrow`; the escrow gate's
     own tests pass evict_without_escrow=False. Web tests pass a free `http_port`."""
-    # TLS, HL7 and HTTPS off unless a test turns them on: their fixed ports (2762, 2575,
-    # 8443) would collide.
+    # TLS, HL7, HTTPS and the metrics listener off unless a test turns them on: their
+    # fixed ports (2762, 2575, 8443, 9464) would collide.
     run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
-                  "--tls-port", "0", "--hl7-port", "0", "--http-port", str(http_port))
+                  "--tls-port", "0", "--hl7-port", "0", "--http-port", str(http_port),
+                  "--metrics-port", "0")
     if evict_without_escrow:
         EdgeServer(home).configure(sync={"evict_without_escrow": True})
     if default_peer:

@@ -104,6 +104,23 @@ def _hostname() -> str:
     return cleaned or "-"
 
 
+def cursor_path(audit_log: AuditLog) -> Path:
+    """Where the forwarder records the last record the collector took."""
+    return audit_log.path.parent / "syslog.cursor"
+
+
+def read_cursor(audit_log: AuditLog) -> tuple[int, int]:
+    """(seq, file offset) of the last forwarded record; (0, 0) before the first."""
+    try:
+        raw = json.loads(cursor_path(audit_log).read_text(encoding="utf-8"))
+        return int(raw["seq"]), int(raw["offset"])
+    except FileNotFoundError:
+        return 0, 0
+    except (ValueError, KeyError, TypeError):
+        log.warning("audit syslog cursor unreadable; starting over")
+        return 0, 0
+
+
 class SyslogForwarder:
     """The forwarding thread; see the module docstring for the guarantees."""
 
@@ -114,7 +131,7 @@ class SyslogForwarder:
         self.retry_seconds = retry_seconds
         self.poll_seconds = poll_seconds
         folder = audit_log.path.parent
-        self.cursor_path = folder / "syslog.cursor"
+        self.cursor_path = cursor_path(audit_log)
         self.lock_path = folder / "syslog.lock"
         self._hostname = _hostname()
         self._wake = threading.Event()
@@ -280,14 +297,7 @@ class SyslogForwarder:
     # --- cursor ------------------------------------------------------------------------
 
     def _load_cursor(self) -> tuple[int, int]:
-        try:
-            raw = json.loads(self.cursor_path.read_text(encoding="utf-8"))
-            return int(raw["seq"]), int(raw["offset"])
-        except FileNotFoundError:
-            return 0, 0
-        except (ValueError, KeyError, TypeError):
-            log.warning("audit syslog cursor unreadable; starting over")
-            return 0, 0
+        return read_cursor(self.log)
 
     def _save_cursor(self, seq: int, offset: int) -> None:
         atomic_write(self.cursor_path, json.dumps({"seq": seq, "offset": offset}).encode(),

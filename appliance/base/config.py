@@ -9,6 +9,7 @@ Relative paths are resolved against the data home.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -92,6 +93,27 @@ class HttpConfig:
     idle_timeout: float = field(default=75.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     head_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     viewer_root: str = "auto"
+
+
+def _networks_ok(values: tuple[str, ...]) -> bool:
+    try:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics and health endpoints (docs/operations.md)."""
+
+    enabled: bool = True
+    allow: tuple[str, ...] = field(default=("127.0.0.1/32", "::1/128"), metadata=_check(
+        _networks_ok, "a list of addresses or networks such as \"10.0.0.0/8\""))
+    host: str = "127.0.0.1"
+    port: int = field(default=9464, metadata=_check(lambda v: 0 <= v <= 65535,
+                                                    "0-65535 (0: no listener of its own)"))
 
 
 @dataclass(frozen=True)
@@ -219,6 +241,7 @@ class Config:
     dicom: DicomConfig = DicomConfig()
     hl7: Hl7Config = Hl7Config()
     http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
     index: IndexConfig = IndexConfig()
     dropfolder: DropFolderConfig = DropFolderConfig()
@@ -258,6 +281,7 @@ _SECTIONS: dict[str, type] = {
     "dicom": DicomConfig,
     "hl7": Hl7Config,
     "http": HttpConfig,
+    "metrics": MetricsConfig,
     "store": StoreConfig,
     "index": IndexConfig,
     "dropfolder": DropFolderConfig,
@@ -347,6 +371,9 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
     elif kind is Path:
         ok = isinstance(value, str | Path) and str(value) != ""
         value = Path(value).expanduser() if ok else value
+    elif kind == tuple[str, ...]:
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value)
+        value = tuple(value) if ok else value
     elif kind == tuple[Path, ...]:
         ok = isinstance(value, list | tuple) and all(
             isinstance(v, str | Path) and str(v) for v in value
@@ -356,6 +383,7 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
         ok = isinstance(value, str)
     if not ok:
         expected = ("a list of paths" if kind == tuple[Path, ...]
+                    else "a list of strings" if kind == tuple[str, ...]
                     else f"a {getattr(kind, '__name__', 'path')}")
         raise ConfigError(key, value, expected, source=source)
     check = meta.get("check")
@@ -407,6 +435,13 @@ _COMMENTS = {
     " (slow-header attacks are dropped).",
     "http.viewer_root": "The OHIF viewer served at /: \"auto\" = what scripts/install-ohif.sh"
     " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
+    "metrics": "Prometheus metrics at /metrics, /healthz and /readyz (docs/operations.md).",
+    "metrics.enabled": "Serve /metrics (no patient data, no UIDs).",
+    "metrics.allow": "Addresses or networks that may read /metrics on the HTTPS port"
+    " (a Prometheus server); others get 403.",
+    "metrics.host": "With [http] port = 0: address of a plain-HTTP listener of its own for"
+    " /metrics, /healthz and /readyz (loopback keeps it private).",
+    "metrics.port": "Its port (9464); 0: none. Unused while the HTTPS server runs.",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
     "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",

@@ -44,11 +44,3 @@ home_option = click.option(
 
 def load(home: Path | None) -> Config:
     return load_config(resolve_home(home))
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size} B"

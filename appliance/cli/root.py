@@ -9,27 +9,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from appliance import __version__
 from appliance.audit import Auditor
 from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
+from appliance.base.human import human_size, human_time
 from appliance.base.logsetup import setup_logging
+from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli import admin_commands, audit_commands, reader_commands, worklist_commands
 from appliance.cli import sync_commands as cloud_commands
 from appliance.cli.common import (
     err,
     expected_errors,
     home_option,
-    human_size,
     load,
     out,
     resolve_home,
@@ -62,6 +62,9 @@ def main() -> None:
               help="HL7 MLLP port for RIS orders (default 2575); 0 turns it off.")
 @click.option("--http-port", type=int, default=None,
               help="HTTPS port for DICOMweb and the viewer (default 8443); 0 turns it off.")
+@click.option("--metrics-port", type=int, default=None,
+              help="With the HTTPS server off: port of a plain listener for /metrics and the"
+                   " health probes (default 9464); 0 turns it off.")
 @click.option("--cloud", "cloud_url", default=None,
               help="Blob store for the sync agent: file:///PATH or azure://CONTAINER"
                    " (default: <home>/cloud).")
@@ -75,8 +78,8 @@ def main() -> None:
 @expected_errors
 def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
          tls_port: int | None, hl7_port: int | None, http_port: int | None,
-         cloud_url: str | None, cert_days: int, ca_days: int, sans: tuple[str, ...],
-         force_new_keys: bool) -> None:
+         metrics_port: int | None, cloud_url: str | None, cert_days: int, ca_days: int,
+         sans: tuple[str, ...], force_new_keys: bool) -> None:
     """Create the data home: config, secrets, site CA and node certificate.
 
     Never overwrites anything (but --force-new-keys)."""
@@ -84,6 +87,7 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
                  "hl7": {"port": hl7_port},
                  "http": {"port": http_port},
+                 "metrics": {"port": metrics_port},
                  "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
@@ -118,11 +122,14 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
 def serve(home: Path | None, dicom_port: int | None, ae_title: str | None,
           http_port: int | None) -> None:
     """Run the DIMSE server until SIGTERM/SIGINT."""
+    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title},
+                                       http={"port": http_port})
+    # Before the server's modules load prometheus-client (appliance/base/metrics_dir.py).
+    use_metrics_dir(config.home, fresh=True)
+
     from appliance.process.serve import serve as run
     from appliance.process.workers import run_workers
 
-    config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title},
-                                       http={"port": http_port})
     setup_logging(config.log.level)
     if config.dicom.workers > 1:
         run_workers(config)
@@ -212,66 +219,66 @@ def peers_remove(home: Path | None, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @expected_errors
 def status(home: Path | None, as_json: bool) -> None:
-    """Studies, series, instances, disk use and tiering states."""
+    """One screen: studies, disk, tiering, replication, certificates, and warnings."""
     from appliance.dropfolder.counts import drop_folder_counts
+    from appliance.services.box_health import HealthReport, gather
     from appliance.store.index import Index
-    from provisioning.escrow_state import ESCROW_HINT, escrow_status
+    from provisioning.escrow_state import ESCROW_HINT
 
     config = load(home)
 
-    async def gather() -> dict[str, Any]:
+    async def report() -> HealthReport:
         async with Index(config.index.path) as index:
-            totals = await index.totals()
-            dropped = await drop_folder_counts(config, index)
-            synced = await index.sync_summary()
-        usage = shutil.disk_usage(config.store.path)
-        return {
-            "home": str(config.home),
-            "patients": totals.patients,
-            "studies": totals.studies,
-            "series": totals.series,
-            "instances": totals.instances,
-            "prior_versions": totals.versions,
-            "bytes_on_disk": totals.bytes,
-            "disk_free_bytes": usage.free,
-            "disk_total_bytes": usage.total,
-            "tier_states": {"local": 0, **totals.tier_states},
-            "dropfolder": dataclasses.asdict(dropped),
-            "sync": synced,
-            "escrow": {**escrow_status(config.home).as_dict(),
-                       "evict_without_escrow": config.sync.evict_without_escrow},
-        }
+            async def dropped() -> dict[str, int]:
+                return dataclasses.asdict(await drop_folder_counts(config, index))
 
-    report = asyncio.run(gather())
-    escrow = report["escrow"]
-    if escrow["problem"]:  # eviction waits for an escrow: say so, in both forms
-        what = ("evicting anyway ([sync] evict_without_escrow)"
-                if escrow["evict_without_escrow"] else "eviction is refused until then")
-        err.print(f"warning: {escrow['problem']}; {what}", highlight=False, markup=False)
-        err.print(f"hint: {ESCROW_HINT}", highlight=False, markup=False)
+            return await gather(config, index, dropfolder=dropped)
+
+    health = asyncio.run(report())
+    for warning in health.warnings:  # on stderr in both forms: scripts see them too
+        err.print(f"warning: {warning.message}", highlight=False, markup=False)
+        if warning.code == "no_escrow":
+            what = ("evicting anyway ([sync] evict_without_escrow)"
+                    if config.sync.evict_without_escrow else "eviction is refused until then")
+            err.print(f"hint: {what}; {ESCROW_HINT}", highlight=False, markup=False)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(health.as_dict(config), indent=2))
         return
-    table = Table(show_header=False, box=None)
-    for key in ("home", "patients", "studies", "series", "instances", "prior_versions"):
-        table.add_row(key.replace("_", " "), str(report[key]))
-    table.add_row("on disk", human_size(report["bytes_on_disk"]))
-    table.add_row("disk free", f"{human_size(report['disk_free_bytes'])} of "
-                  f"{human_size(report['disk_total_bytes'])}")
-    for state, count in report["tier_states"].items():
-        table.add_row(f"studies {state}", str(count))
-    for key, count in report["dropfolder"].items():
-        table.add_row(f"drop folder {key}", str(count))
-    table.add_row("waiting to replicate", human_size(report["sync"]["bytes_waiting_to_replicate"]))
-    last = report["sync"]["last_successful_pass_at"]
-    table.add_row("last sync pass", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
-                  if last else "never")
-    table.add_row("site key escrow", f"{escrow['escrowed_key_id']} on {escrow['escrowed_at']}"
-                  if escrow["ok"] else "MISSING (see the warning)")
-    if report["sync"]["studies_at_risk"]:
-        table.add_row("[red]studies at risk[/red]", f"{report['sync']['studies_at_risk']} "
-                      "(damaged cloud copy, no local copy: see `pacs-edge scrub`)")
-    out.print(table)
+    out.print(_status_table(config, health))
+
+
+def _status_table(config: Config, health: Any) -> Table:
+    totals = health.totals
+    table = Table(title=f"pacs-edge {config.dicom.ae_title}", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("home", str(config.home)),
+        ("patients / studies", f"{totals.patients} / {totals.studies}"),
+        ("series / instances", f"{totals.series} / {totals.instances}"
+         f" ({totals.versions} prior versions)"),
+        ("on disk", human_size(totals.bytes)),
+        ("disk", f"{health.disk_used_percent:.0f}% used, {human_size(health.disk_free_bytes)}"
+         f" free of {human_size(health.disk_total_bytes)}"),
+        ("tiering", ", ".join(f"{state} {count}" for state, count
+                              in {"local": 0, **totals.tier_states}.items())),
+        ("drop folder", ", ".join(f"{k} {v}" for k, v in health.dropfolder.items())),
+        ("waiting to replicate", human_size(health.sync["bytes_waiting_to_replicate"])),
+        ("recalls waiting", str(health.backlog.recalls_pending)),
+        ("last sync pass", human_time(health.sync["last_successful_pass_at"])),
+        ("site key escrow", f"{health.escrow.escrowed_key_id} on {health.escrow.escrowed_at}"
+         if health.escrow.ok else "MISSING (see the warning)"),
+        *[(f"{cert.name} certificate", f"expires {human_time(cert.not_after)}")
+          for cert in health.certificates],
+    ]
+    if health.audit_forwarding is not None:
+        rows.append(("audit to syslog", f"{health.audit_forwarding.backlog} records waiting"))
+    for key, value in rows:
+        table.add_row(key, value)
+    for warning in health.warnings:
+        table.add_row("[red]warning[/red]", f"[red]{escape(warning.message)}[/red]")
+    return table
 
 
 @main.command("import")

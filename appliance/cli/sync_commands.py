@@ -22,12 +22,13 @@ from rich.progress import (
 )
 
 from appliance.base.errors import PacsEdgeError
+from appliance.base.human import human_size
 from appliance.base.logsetup import setup_logging
+from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli.common import (
     err,
     expected_errors,
     home_option,
-    human_size,
     load,
     out,
 )
@@ -41,11 +42,13 @@ from appliance.cli.common import (
 @expected_errors
 def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
     """Run the sync agent (replicate, evict, lifecycle, recall) until SIGTERM."""
+    config = load(home)
+    use_metrics_dir(config.home)  # before the agent's modules load prometheus-client
+
     from sync.agent import run_agent, sync_pass
     from sync.context import open_context
     from sync.rollback import sweep_leftover_files
 
-    config = load(home)
     setup_logging(config.log.level)
     if not once:
         asyncio.run(run_agent(config))
@@ -102,10 +105,12 @@ def evict(home: Path | None, study_uid: str, without_escrow: bool) -> None:
 @expected_errors
 def recall(home: Path | None, study_uid: str) -> None:
     """Bring an evicted study back from the cloud, verified."""
+    config = load(home)
+    use_metrics_dir(config.home)
+
     from sync.context import open_context
     from sync.recall import recall_study
 
-    config = load(home)
 
     async def run() -> int:
         async with open_context(config) as ctx:

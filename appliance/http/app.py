@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from appliance.base.config import MetricsConfig
 from appliance.http import (
     auth,
     dicomweb_metadata,
@@ -18,9 +19,12 @@ from appliance.http import (
     dicomweb_stow,
     dicomweb_wado,
     login,
+    ops_routes,
     viewer,
 )
+from appliance.http.https_server import head_timer
 from appliance.http.web_context import METADATA, READS, SERVICES, WebServices
+from appliance.services.box_health import HealthSources
 from appliance.services.series_metadata import SeriesMetadataCache
 from appliance.services.web_retrieve import WebRetrieveService
 
@@ -30,7 +34,8 @@ __all__ = ["WebServices", "build_app"]
 def build_app(services: WebServices) -> web.Application:
     # Bodies the routes read whole (forms) stay small; STOW-RS streams its upload
     # and bounds it itself against [http] max_request_mb.
-    app = web.Application(middlewares=[auth.middleware(services.users)],
+    app = web.Application(middlewares=[head_timer, ops_routes.count_requests,
+                                       auth.middleware(services.users)],
                           client_max_size=1 << 20)
     app[SERVICES] = services
     app[READS] = WebRetrieveService(services.index, services.files, services.retrieve,
@@ -41,8 +46,17 @@ def build_app(services: WebServices) -> web.Application:
     dicomweb_metadata.add_routes(app)
     dicomweb_stow.add_routes(app)
     login.add_routes(app, services.users, auditor=services.auditor)  # type: ignore[arg-type]
+    ops_routes.add_routes(app, services.health, services.config.metrics, status_page=True)
     # Last: the viewer's single-page fallback answers every GET no other route took.
     viewer.add_routes(app, viewer.viewer_root(services.config.http.viewer_root,
                                               services.config.home),
                       box_name=services.config.dicom.ae_title)
+    return app
+
+
+def build_ops_app(sources: HealthSources, metrics: MetricsConfig) -> web.Application:
+    """/metrics and the probes alone, for the listener of a box whose web server is off."""
+    app = web.Application(middlewares=[head_timer, ops_routes.count_requests],
+                          client_max_size=1 << 10)
+    ops_routes.add_routes(app, sources, metrics, status_page=False)
     return app

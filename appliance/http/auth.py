@@ -11,10 +11,7 @@ for the routes, which hand it to the services (scope is a service rule). A
 request without valid credentials gets, under /dicom-web, ``401`` with a
 ``WWW-Authenticate: Basic`` challenge, and elsewhere a redirect to the login
 page; paths registered with `allow_anonymous` (the login page itself, launch
-links) pass without a user.
-
-The middleware also tells the connection guard (https_server.py) when a
-request's head has arrived, which stops the slow-head timer.
+links, the health probes and /metrics) pass without a user.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from urllib.parse import quote
 from aiohttp import web
 
 from appliance.base.errors import AuthenticationError, IndexUnavailable
-from appliance.http.https_server import guard_of
 from appliance.services.access import Principal
 
 log = logging.getLogger(__name__)
@@ -65,20 +61,13 @@ def client_address(request: web.BaseRequest) -> str:
 def middleware(users: Authenticator) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        guard = guard_of(request)
-        if guard is not None:
-            guard.request_started()
-        try:
-            if request.path in request.app.get(_ANONYMOUS, ()):
-                return await handler(request)
-            principal = await _principal(request, users)
-            if principal is None:
-                return _challenge(request)
-            request[PRINCIPAL] = principal
+        if request.path in request.app.get(_ANONYMOUS, ()):
             return await handler(request)
-        finally:
-            if guard is not None:
-                guard.request_finished()
+        principal = await _principal(request, users)
+        if principal is None:
+            return _challenge(request)
+        request[PRINCIPAL] = principal
+        return await handler(request)
 
     return authenticate
 

@@ -18,8 +18,8 @@ bounds a hostile or broken client must not be able to push past:
   that read them (dicomweb_stow.py) against ``[http] max_request_mb``.
 
 The guard is a thin asyncio protocol in front of aiohttp's own: it counts
-connections and runs the head timer; the auth middleware tells it when a request
-head was parsed (`request_started`) and when the answer is done.
+connections and runs the head timer; the `head_timer` middleware tells it when a
+request head was parsed (`request_started`) and when the answer is done.
 """
 
 from __future__ import annotations
@@ -136,6 +136,20 @@ class _Guard(asyncio.Protocol):
             self.transport.abort()
 
 
+@web.middleware
+async def head_timer(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Tell the connection's guard that a request head arrived (its timer stops) and
+    when the answer is done: the first middleware of every application served here."""
+    guard = guard_of(request)
+    if guard is not None:
+        guard.request_started()
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        if guard is not None:
+            guard.request_finished()
+
+
 def guard_of(request: web.BaseRequest) -> _Guard | None:
     """The connection guard of a request (None for a request not served by HttpServer)."""
     transport = request.transport
@@ -144,10 +158,11 @@ def guard_of(request: web.BaseRequest) -> _Guard | None:
 
 
 class HttpServer:
-    """Start and stop the HTTPS listener for one application."""
+    """Start and stop the HTTPS listener for one application (plain HTTP without a
+    context: the metrics listener of a box whose web server is off)."""
 
     def __init__(self, config: HttpConfig, app: web.Application, *,
-                 ssl_context: ssl.SSLContext) -> None:
+                 ssl_context: ssl.SSLContext | None) -> None:
         self.config = config
         self.app = app
         self.ssl_context = ssl_context
@@ -168,17 +183,20 @@ class HttpServer:
         try:
             self._server = await loop.create_server(
                 lambda: _Guard(self, handler_factory()), self.config.host, self.config.port,
-                ssl=self.ssl_context, ssl_handshake_timeout=self.config.head_timeout,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.config.head_timeout if self.ssl_context else None,
                 reuse_address=True, backlog=128)
         except OSError as exc:
             await self._runner.cleanup()
             raise PacsEdgeError(
-                f"cannot listen for HTTPS on {self.config.host}:{self.config.port}:"
+                f"cannot listen for HTTP{'S' if self.ssl_context else ''} on"
+                f" {self.config.host}:{self.config.port}:"
                 f" {exc.strerror or exc}",
                 hint="choose another [http] port, or set it to 0 to turn the web server off"
             ) from exc
         port = int(self._server.sockets[0].getsockname()[1])
-        log.info("https server ready host=%s port=%d", self.config.host, port)
+        log.info("http%s server ready host=%s port=%d", "s" if self.ssl_context else "",
+                 self.config.host, port)
         return port
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.http.auth import Authenticator
+from appliance.services.box_health import HealthSources
 from appliance.services.ingest import IngestService
 from appliance.services.retrieve import RetrieveService
 from appliance.services.series_metadata import SeriesMetadataCache
@@ -32,6 +33,7 @@ class WebServices:
     ingest: IngestService
     retrieve: RetrieveService
     auditor: Auditor
+    health: HealthSources
 
     @property
     def metadata_cache(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -19,7 +20,7 @@ from appliance.audit import Auditor
 from appliance.audit.audited_ingest import AuditedIngest
 from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
-from appliance.base.config import Config
+from appliance.base.config import Config, HttpConfig
 from appliance.base.notify import Notifier
 from appliance.dimse.commitment_report import CommitmentReporter
 from appliance.dimse.commitment_scp import attach as attach_commitment
@@ -33,9 +34,11 @@ from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
+from appliance.dropfolder.counts import drop_folder_counts
 from appliance.hl7.listener import Hl7Listener
-from appliance.http.app import WebServices, build_app
+from appliance.http.app import WebServices, build_app, build_ops_app
 from appliance.http.https_server import HttpServer, tls_context
+from appliance.services.box_health import DropCounts, HealthSources
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
 from appliance.services.mpps import MppsService
@@ -79,6 +82,19 @@ def _hl7_tls_context(config: Config) -> ssl.SSLContext | None:
     paths = TlsPaths(config.home)
     return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
                           require_client_cert=config.hl7.tls_require_client_cert)
+
+
+def _drop_counts(config: Config, index: Index) -> DropCounts:
+    async def counts() -> dict[str, int]:
+        return dataclasses.asdict(await drop_folder_counts(config, index))
+
+    return counts
+
+
+def _metrics_listener(config: Config) -> HttpConfig:
+    """The metrics listener's bounds: as the web server's, for a handful of scrapers."""
+    return dataclasses.replace(config.http, host=config.metrics.host, port=config.metrics.port,
+                               max_connections=8)
 
 
 async def serve(
@@ -151,14 +167,22 @@ async def serve(
                               tls_context=_hl7_tls_context(config),
                               on_refused=auditor.hl7_connection_refused)
             await hl7.start()
+        health = HealthSources(config, index, files, listening=lambda: bool(server.ports),
+                               dropfolder=_drop_counts(config, index))
         # One HTTPS server per data home, like the HL7 listener (worker 0 with several).
         http = None
         if config.http.port and not worker:
             paths = TlsPaths(config.home)
             http = HttpServer(config.http, build_app(WebServices(
                 config=config, users=UserService(index, config, auditor=auditor), index=index,
-                files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor)),
+                files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
+                health=health)),
                 ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
+            await http.start()
+        elif config.metrics.enabled and config.metrics.port and not worker:
+            # No web server: /metrics and the probes get a small plain listener of their own.
+            http = HttpServer(_metrics_listener(config), build_ops_app(health, config.metrics),
+                              ssl_context=None)
             await http.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

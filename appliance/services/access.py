@@ -7,7 +7,7 @@ share it, so a referring physician cannot reach a study through a route that for
 the check (an out-of-scope study answers 404 at the edge, never 403).
 
 Roles:
-    admin        sees every study (and, later, administers the box from the web)
+    admin        sees every study and the box's status page
     radiologist  sees every study
     referring    sees only the studies whose Referring Physician's Name matches
                  the user's `referring_name`
@@ -48,6 +48,10 @@ class Principal:
     def sees_all(self) -> bool:
         """Admins and radiologists read every study on the box."""
         return self.role in (Role.ADMIN, Role.RADIOLOGIST)
+
+    def may_administer(self) -> bool:
+        """Admins see the box's status page (no patient data on it)."""
+        return self.role is Role.ADMIN
 
     def may_see(self, referring_physician: str) -> bool:
         """Whether a study whose Referring Physician's Name is `referring_physician` is in

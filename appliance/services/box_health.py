@@ -1,0 +1,274 @@
+"""The box's health in one report: what `status`, the status page, /metrics and /readyz show.
+
+Everything here is derived when asked, from the index, the data home and the
+certificates, never kept in a counter: the serve workers, the sync agent and
+the CLI may each have changed it, and a derived figure cannot drift. Warnings
+are the conditions an operator must act on (docs/operations.md lists them
+with the alert rules that watch the same facts in Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from appliance.audit.log import AuditLog, Entry
+from appliance.audit.syslog import read_cursor
+from appliance.base.config import Config
+from appliance.base.errors import PacsEdgeError
+from appliance.store.files import FileStore
+from appliance.store.health_reads import Backlog, backlog
+from appliance.store.index import Index, IndexTotals
+from provisioning.certs import TlsPaths
+from provisioning.escrow_state import EscrowStatus, escrow_status
+
+CERT_WARN_DAYS = 30
+REPLICATION_LAG_WARN_SECONDS = 6 * 3600.0  # beyond [sync] stable_after_seconds
+SYNC_AGENT_SILENT_SECONDS = 3600.0  # beyond three replicate intervals
+AUDIT_FORWARD_LATE_SECONDS = 600.0
+
+DropCounts = Callable[[], Awaitable[dict[str, int]]]
+
+
+@dataclass(frozen=True)
+class HealthWarning:
+    """A condition to act on: a stable code (alerts, tests) and one line for people."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CertificateExpiry:
+    name: str  # node, ca, syslog-client
+    not_after: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class AuditForwarding:
+    """Records in the audit log not yet taken by the syslog collector."""
+
+    backlog: int
+    oldest_unsent_at: float | None
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    at: float
+    totals: IndexTotals
+    disk_free_bytes: int
+    disk_total_bytes: int
+    sync: dict[str, Any]
+    backlog: Backlog
+    dropfolder: dict[str, int]
+    escrow: EscrowStatus
+    certificates: list[CertificateExpiry]
+    audit_forwarding: AuditForwarding | None  # None: no syslog collector configured
+    warnings: list[HealthWarning] = field(default_factory=list)
+
+    @property
+    def disk_used_percent(self) -> float:
+        if not self.disk_total_bytes:
+            return 0.0
+        return 100.0 * (self.disk_total_bytes - self.disk_free_bytes) / self.disk_total_bytes
+
+    def as_dict(self, config: Config) -> dict[str, Any]:
+        """The JSON of `pacs-edge status --json` (keys kept stable for scripts)."""
+        totals = self.totals
+        return {
+            "home": str(config.home),
+            "patients": totals.patients,
+            "studies": totals.studies,
+            "series": totals.series,
+            "instances": totals.instances,
+            "prior_versions": totals.versions,
+            "bytes_on_disk": totals.bytes,
+            "disk_free_bytes": self.disk_free_bytes,
+            "disk_total_bytes": self.disk_total_bytes,
+            "tier_states": {"local": 0, **totals.tier_states},
+            "dropfolder": self.dropfolder,
+            "sync": self.sync,
+            "backlog": asdict(self.backlog),
+            "escrow": {**self.escrow.as_dict(),
+                       "evict_without_escrow": config.sync.evict_without_escrow},
+            "certificates": {c.name: c.not_after for c in self.certificates},
+            "audit_forwarding": asdict(self.audit_forwarding)
+            if self.audit_forwarding else None,
+            "warnings": [asdict(w) for w in self.warnings],
+        }
+
+
+async def gather(config: Config, index: Index, *,
+                 dropfolder: DropCounts | None = None) -> HealthReport:
+    """The report for this moment (a handful of indexed reads and stat calls)."""
+    totals = await index.totals()
+    synced = await index.sync_summary()
+    behind = await backlog(index)
+    dropped = await dropfolder() if dropfolder is not None else {}
+    usage, escrow, certificates, forwarding = await asyncio.to_thread(_from_disk, config)
+    report = HealthReport(
+        at=time.time(), totals=totals, disk_free_bytes=usage.free,
+        disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
+        escrow=escrow, certificates=certificates, audit_forwarding=forwarding)
+    return HealthReport(**{**report.__dict__, "warnings": warnings(config, report)})
+
+
+def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpiry],
+                                          AuditForwarding | None]:
+    usage = shutil.disk_usage(config.store.path if config.store.path.exists() else config.home)
+    return usage, escrow_status(config.home), certificates(config), audit_forwarding(config)
+
+
+def certificates(config: Config) -> list[CertificateExpiry]:
+    """Expiry of the certificates this box presents or trusts (those present on disk)."""
+    paths = TlsPaths(config.home)
+    found = []
+    for name, path in (("node", paths.node_cert), ("ca", paths.ca_cert),
+                       ("syslog-client", config.audit.syslog_cert_file)):
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        except (OSError, ValueError):
+            found.append(CertificateExpiry(name, 0.0))  # unreadable: as good as expired
+            continue
+        found.append(CertificateExpiry(name, cert.not_valid_after_utc.timestamp()))
+    return found
+
+
+def audit_forwarding(config: Config) -> AuditForwarding | None:
+    """How far the syslog forwarder's cursor is behind the audit log's head."""
+    if not config.audit.syslog_host:
+        return None
+    log = AuditLog.for_home(config.home)
+    seq, offset = read_cursor(log)
+    head = log.head()
+    oldest = None
+    if head.seq > seq:
+        for _number, _end, line in log.entries(start=offset):
+            try:
+                oldest = _entry_time(Entry.parse(line))
+            except ValueError:
+                oldest = None
+            break
+    return AuditForwarding(max(0, head.seq - seq), oldest)
+
+
+def _entry_time(entry: Entry) -> float:
+    return datetime.fromisoformat(entry.time).timestamp()
+
+
+def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
+    """The conditions to act on, most urgent first."""
+    now = report.at
+    found: list[HealthWarning] = []
+    if report.sync.get("studies_at_risk"):
+        found.append(HealthWarning(
+            "studies_at_risk", f"{report.sync['studies_at_risk']} studies have a damaged cloud"
+            " copy and no local copy (see `pacs-edge scrub`)"))
+    high = config.sync.disk_high_watermark_percent
+    if report.disk_used_percent >= high:
+        found.append(HealthWarning(
+            "disk_high", f"disk {report.disk_used_percent:.0f}% used, above the high watermark"
+            f" of {high:.0f}% ([sync] disk_high_watermark_percent)"))
+    oldest = report.backlog.oldest_unreplicated_at
+    lag_limit = config.sync.stable_after_seconds + REPLICATION_LAG_WARN_SECONDS
+    if oldest is not None and now - oldest > lag_limit:
+        found.append(HealthWarning(
+            "replication_lagging", f"the oldest instance not in the cloud arrived"
+            f" {_ago(now - oldest)} ago (is `pacs-edge sync` running? see its log)"))
+    last_pass = report.sync.get("last_successful_pass_at")
+    silent = 3 * config.sync.replicate_interval_seconds + SYNC_AGENT_SILENT_SECONDS
+    if report.totals.studies and (last_pass is None or now - last_pass > silent):
+        found.append(HealthWarning(
+            "sync_agent_silent", "the sync agent has never completed a pass" if last_pass is None
+            else f"the sync agent's last successful pass was {_ago(now - last_pass)} ago"))
+    for cert in report.certificates:
+        left = cert.not_after - now
+        if left < CERT_WARN_DAYS * 86400:
+            found.append(HealthWarning(
+                "certificate_expiring", f"the {cert.name} certificate "
+                + (f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
+                + " (`pacs-edge certs renew`)"))
+    if report.escrow.problem:
+        found.append(HealthWarning("no_escrow", report.escrow.problem))
+    forwarding = report.audit_forwarding
+    if (forwarding and forwarding.oldest_unsent_at is not None
+            and now - forwarding.oldest_unsent_at > AUDIT_FORWARD_LATE_SECONDS):
+        found.append(HealthWarning(
+            "audit_forwarding_failing", f"{forwarding.backlog} audit records wait for the syslog"
+            f" collector, the oldest for {_ago(now - forwarding.oldest_unsent_at)}"))
+    return found
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+READY_MIN_FREE_BYTES = 64 << 20  # below this no study fits, whatever the reserve says
+READY_INDEX_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the box can accept a study now; `problems` says why not, one line each."""
+
+    problems: list[str]
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+
+async def readiness(index: Index, files: FileStore, *, listening: Callable[[], bool]) -> Readiness:
+    """Disk room above the reserve, an index that takes a write, listeners bound."""
+    problems = []
+    free = await asyncio.to_thread(files.free_bytes)
+    if free < max(files.reserve_bytes, READY_MIN_FREE_BYTES):
+        problems.append(f"disk: {free >> 20} MB free, below the reserve")
+    try:
+        if index.writer is None:
+            raise PacsEdgeError("the index is open read-only")
+        await asyncio.wait_for(index.writer.submit_sync(_take_write_lock),
+                               READY_INDEX_TIMEOUT)
+    except (TimeoutError, PacsEdgeError) as exc:
+        problems.append(f"index: not writable ({type(exc).__name__})")
+    if not listening():
+        problems.append("listeners: no DICOM port is bound")
+    return Readiness(problems)
+
+
+def _take_write_lock(_conn: object) -> None:
+    """Nothing to write: the writer's transaction around it proves the lock is ours."""
+
+
+@dataclass(frozen=True)
+class HealthSources:
+    """What the web edge and the metrics listener ask for the report and readiness."""
+
+    config: Config
+    index: Index
+    files: FileStore
+    listening: Callable[[], bool]
+    dropfolder: DropCounts | None = None
+
+    async def report(self) -> HealthReport:
+        return await gather(self.config, self.index, dropfolder=self.dropfolder)
+
+    async def readiness(self) -> Readiness:
+        return await readiness(self.index, self.files, listening=self.listening)

@@ -1,0 +1,160 @@
+"""/metrics, /healthz, /readyz and the admin's /status page, against a real `serve`.
+
+Clients are curl (the HTTPS port, verifying the site CA) and plain urllib (the metrics
+listener of a box whose web server is off); the text /metrics returns is parsed with
+prometheus-client's own parser and checked by `promtool check metrics`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import dcmtk
+import pytest
+from conftest import EdgeServer, init_home
+from dicomgen import dataset_bytes, make_studies, read_header
+from prometheus_client.parser import text_string_to_metric_families
+from webpeer import add_user, curl, web_home
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition by (name, sorted labels)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def phi_or_uids(text: str, files: list[Path]) -> set[str]:
+    """The patient names, IDs and UIDs of `files` that appear in `text`."""
+    found = set()
+    for path in files:
+        ds = read_header(path)
+        for value in (str(ds.PatientName), str(ds.PatientName).split("^")[0], ds.PatientID,
+                      ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID):
+            if value in text:
+                found.add(value)
+    return found
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("studies")
+    return [i.path for i in make_studies(folder, patients=2, studies_per_patient=1,
+                                         series_per_study=1, instances_per_series=2)]
+
+
+@pytest.fixture(scope="module")
+def web_box(tmp_path_factory: pytest.TempPathFactory, stored: list[Path]
+            ) -> Iterator[EdgeServer]:
+    home = web_home(tmp_path_factory.mktemp("web") / "home", dcmtk.free_port())
+    server = EdgeServer(home).start()
+    try:
+        dcmtk.storescu(server.port, stored).check()
+        add_user(server, "boss", "admin")
+        add_user(server, "rad", "radiologist")
+        yield server
+    finally:
+        server.stop()
+
+
+def test_probes_answer_without_a_login(web_box: EdgeServer) -> None:
+    assert curl(web_box, "/healthz").body == b"ok\n"
+    ready = curl(web_box, "/readyz")
+    assert (ready.status, ready.body) == (200, b"ready\n")
+    assert ready.headers["cache-control"] == "no-store"
+
+
+def test_metrics_show_the_stored_studies_and_no_uid(web_box: EdgeServer,
+                                                    stored: list[Path]) -> None:
+    answer = curl(web_box, "/metrics")
+    assert answer.status == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = answer.body.decode()
+    values = samples(text)
+    assert values[("pacs_edge_studies", (("state", "local"),))] == 2
+    assert values[("pacs_edge_instances", ())] == 4
+    # Whole Part 10 files as stored: the sent datasets plus the box's own File Meta.
+    assert values[("pacs_edge_store_bytes", ())] > sum(len(dataset_bytes(p)) for p in stored)
+    assert values[("pacs_edge_disk_free_bytes", ())] > 0
+    assert values[("pacs_edge_certificate_expiry_timestamp_seconds", (("cert", "node"),))] > 0
+    assert not phi_or_uids(text, stored)
+
+
+def test_metrics_text_passes_promtool(web_box: EdgeServer, tmp_path: Path) -> None:
+    exposition = tmp_path / "metrics.txt"
+    exposition.write_bytes(curl(web_box, "/metrics").body)
+    with exposition.open("rb") as text:
+        check = subprocess.run(["promtool", "check", "metrics"], stdin=text,
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_status_page_is_for_admins(web_box: EdgeServer, stored: list[Path]) -> None:
+    page = curl(web_box, "/status", user="boss")
+    assert page.status == 200
+    text = page.body.decode()
+    assert "Last 50 studies received" in text and text.count("<td>local</td>") == 2
+    assert "the site key was never escrowed" in text  # the same warnings as `status`
+    assert not phi_or_uids(text, stored)
+    assert curl(web_box, "/status", user="rad").status == 403
+    assert curl(web_box, "/status").status == 303  # anonymous: to the login page
+
+
+def test_metrics_are_refused_to_addresses_not_allowed(tmp_path: Path) -> None:
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(metrics={"allow": ["10.0.0.0/8"]})
+    server.start()
+    try:
+        assert curl(server, "/metrics").status == 403
+        assert curl(server, "/healthz").status == 200
+    finally:
+        server.stop()
+
+
+def test_readyz_says_why_the_box_cannot_take_studies(tmp_path: Path) -> None:
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(store={"reserve_mb": 1 << 30})  # more than any disk here has free
+    server.start()
+    try:
+        ready = curl(server, "/readyz")
+        assert ready.status == 503
+        assert ready.body.decode().startswith("disk: ")
+    finally:
+        server.stop()
+
+
+def test_a_box_without_web_server_serves_metrics_on_its_own_port(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    port = dcmtk.free_port()
+    server = EdgeServer(home)
+    server.configure(metrics={"port": port})
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/healthz", timeout=30) as answer:
+            assert answer.read() == b"ok\n"
+        with urllib.request.urlopen(f"{base}/readyz", timeout=30) as answer:
+            assert answer.read() == b"ready\n"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as answer:
+            assert ("pacs_edge_studies", (("state", "local"),)) in samples(answer.read().decode())
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/status", timeout=30)
+        missing.value.close()
+        assert missing.value.code == 404  # the status page needs the web login
+    finally:
+        server.stop()
+
+
+def test_status_warns_of_a_certificate_about_to_expire(edge_home: Path) -> None:
+    edge = EdgeServer(edge_home)
+    edge.cli("certs", "renew", "--days", "10")
+    status = edge.cli("status")
+    assert "warning: the node certificate expires in 10 days" in status.stderr
+    assert "certs renew" in status.stderr
+    report = edge.cli("status", "--json")
+    assert '"code": "certificate_expiring"' in report.stdout
