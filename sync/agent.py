@@ -30,6 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from appliance.audit.anchor import AnchorJob
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
+from appliance.base.metrics import SYNC_PASSES
 from appliance.base.notify import Notifier
 from appliance.store.leases import StudyBusy
 from appliance.store.sync_passes import record_pass
@@ -92,6 +93,7 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
                           "failures": report.failures})
     await ctx.index.writer.submit_sync(lambda c: record_pass(
         c, started_at=started, finished_at=time.time(), ok=report.ok, summary=summary))
+    SYNC_PASSES.labels("ok" if report.ok else "failed").inc()
     return report
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from appliance.base import logsafe
 from appliance.base.errors import PacsEdgeError
+from appliance.base.metrics import RECALL_SECONDS, RECALLED_BYTES, RECALLS
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.packs import packs_of
 from appliance.store.recall_requests import finish_request, pending_recalls
@@ -64,6 +65,7 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
     assert ctx.index.writer is not None
     writer = ctx.index.writer
     packs = {p.id: p for p in await packs_of(ctx.index, study.id)}
+    started = time.monotonic()
     written: list[str] = []
     by_pack: dict[int, list[InstanceRow]] = {}
     for instance in missing:
@@ -90,10 +92,14 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
                   getattr(exc, "message", type(exc).__name__))
         ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
                            tampered=isinstance(exc, PackIntegrityError))
+        RECALLS.labels("failed").inc()
         raise
     crash_point("recall:before-commit")
     await writer.submit_sync(lambda c: mark_recalled(c, lease, study.id, missing))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
+    RECALLS.labels("ok").inc()
+    RECALLED_BYTES.inc(sum(instance.size for instance in missing))
+    RECALL_SECONDS.observe(time.monotonic() - started)
     ctx.audit.recalled(study, len(missing))
     return len(missing)
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from appliance.base import logsafe
+from appliance.base.metrics import REPLICATED_BYTES, REPLICATION_SECONDS, REPLICATIONS
 from appliance.store.leases import StudyLease
 from appliance.store.study_rows import StudyRow, stable_studies
 from appliance.store.tier_steps import (
@@ -61,6 +62,7 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
         lambda c: begin_upload(c, lease, study.id, lambda v: ctx.packs.names(study.study_uid, v)))
     if plan is None:
         return None  # another pass packed them meanwhile
+    started = time.monotonic()
     async with lease.kept():
         crash_point("replicate:before-upload")
         try:
@@ -68,6 +70,7 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
         except BaseException:
             log.error("replication failed; rolling back study=%s version=%d",
                       logsafe.ref(study.study_uid), plan.version)
+            REPLICATIONS.labels("failed").inc()
             await _abandon(ctx, lease, study, plan)
             raise
         crash_point("replicate:before-commit")
@@ -80,6 +83,9 @@ async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | Non
             await drop_local_files(ctx, lease, gone)
     log.info("replicated study=%s version=%d instances=%d bytes=%d",
              logsafe.ref(study.study_uid), plan.version, len(plan.instances), uploaded.pack_size)
+    REPLICATIONS.labels("ok").inc()
+    REPLICATED_BYTES.inc(uploaded.pack_size)
+    REPLICATION_SECONDS.observe(time.monotonic() - started)
     ctx.audit.exported(study, len(plan.instances))
     return Replicated(logsafe.ref(study.study_uid), plan.version, len(plan.instances),
                       uploaded.pack_size)

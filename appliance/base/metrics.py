@@ -75,9 +75,10 @@ RECALLS = Counter(
     "pacs_edge_recalls", "Study recalls from the cloud, by outcome.", ["outcome"])
 RECALLED_BYTES = Counter(
     "pacs_edge_recalled_bytes", "Bytes of packs downloaded by recalls.")
-RECALL_WAIT_SECONDS = Histogram(
-    "pacs_edge_recall_wait_seconds",
-    "Time from a recall request to the study being local again.", buckets=_SYNC_BUCKETS)
+RECALL_SECONDS = Histogram(
+    "pacs_edge_recall_duration_seconds",
+    "Time to bring one study back from the cloud, verified (Archive tier: hours).",
+    buckets=_SYNC_BUCKETS)
 SYNC_PASSES = Counter(
     "pacs_edge_sync_passes", "Replicate-and-evict passes of the sync agent, by outcome.",
     ["outcome"])

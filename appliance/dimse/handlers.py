@@ -28,6 +28,7 @@ from appliance.base.errors import (
     RejectedInstance,
     Rejection,
 )
+from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
@@ -96,6 +97,7 @@ class DimseHandlers:
             # Rejected as an unknown calling AE: from this address, over this
             # transport or with this certificate, it is one.
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            ASSOCIATIONS.labels("rejected", "peer-refused").inc()
             log.warning("association rejected calling=%s address=%s reason=%s", calling,
                         assoc.requestor.address, why)
             self.s.audit.association(assoc, accepted=False, reason=why)
@@ -112,20 +114,29 @@ class DimseHandlers:
 
     def on_accepted(self, event: Any) -> None:
         log.info("association accepted %s", peer_label(event.assoc))
+        ASSOCIATIONS.labels("accepted", "").inc()
+        ASSOCIATIONS_ACTIVE.inc()
         self.s.audit.association(event.assoc, accepted=True)
-        # Released, aborted or dropped: the audit writes what the association stored.
-        event.assoc.bind(evt.EVT_CONN_CLOSE, lambda e: self.s.audit.association_closed(e.assoc))
+        event.assoc.bind(evt.EVT_CONN_CLOSE, self._closed)
+
+    def _closed(self, event: Any) -> None:
+        """Released, aborted or dropped: the audit writes what the association stored."""
+        ASSOCIATIONS_ACTIVE.dec()
+        self.s.audit.association_closed(event.assoc)
 
     def on_rejected(self, event: Any) -> None:
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title).strip()
         called = str(assoc.requestor.primitive.called_ae_title).strip()
         if self.s.allowlist.by_ae_title(calling) is None:
-            why = "calling AE title is not in the allowlist (pacs-edge peers add)"
+            reason, why = "unknown-calling-ae", (
+                "calling AE title is not in the allowlist (pacs-edge peers add)")
         elif called != self.s.config.ae_title:
-            why = f"called AE title {called!r} is not this box's {self.s.config.ae_title!r}"
+            reason, why = "wrong-called-ae", (
+                f"called AE title {called!r} is not this box's {self.s.config.ae_title!r}")
         else:
-            why = "association limit reached"
+            reason, why = "busy", "association limit reached"
+        ASSOCIATIONS.labels("rejected", reason).inc()
         log.warning("association rejected %s reason=%s", peer_label(assoc), why)
         self.s.audit.association(assoc, accepted=False, reason=why)
 

@@ -49,6 +49,11 @@ def control_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d%H%M%S}{os.getpid() % 100000:05d}{next(_counter):06d}"
 
 
+def ack_code(ack: str) -> str:
+    """MSA-1 of an ACK that build_ack made (its second segment): AA, AE or AR."""
+    return ack.split("\r", 2)[1].split("|", 2)[1]
+
+
 def build_ack(code: AckCode, header: MessageHeader | None, *, text: str = "",
               location: str = "", error: ErrorCode | None = None) -> str:
     """The ACK message as text (segments joined by CR)."""

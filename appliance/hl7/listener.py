@@ -36,8 +36,9 @@ from hl7.mllp import HL7StreamReader, HL7StreamWriter, InvalidBlockError, start_
 
 from appliance.base.config import Hl7Config
 from appliance.base.errors import PacsEdgeError
+from appliance.base.metrics import HL7_MESSAGES
 from appliance.hl7 import messages
-from appliance.hl7.ack import AckCode, build_ack
+from appliance.hl7.ack import AckCode, ack_code, build_ack
 from appliance.hl7.messages import ErrorCode, Hl7Error
 from appliance.services.orders import OrderService, Outcome, Refusal
 from appliance.services.peers import Allowlist
@@ -205,6 +206,7 @@ class Hl7Listener:
         return _ack_for(outcome, parsed)
 
     async def _send(self, connection: _Connection, ack: str, timeout: float) -> None:
+        HL7_MESSAGES.labels(ack_code(ack)).inc()
         connection.writer.writeblock(ack.encode("utf-8"))
         await asyncio.wait_for(connection.writer.drain(), timeout)
 

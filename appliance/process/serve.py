@@ -22,6 +22,7 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import Config, HttpConfig
 from appliance.base.notify import Notifier
+from appliance.dimse import op_metrics
 from appliance.dimse.commitment_report import CommitmentReporter
 from appliance.dimse.commitment_scp import attach as attach_commitment
 from appliance.dimse.handlers import DimseHandlers, Services
@@ -132,6 +133,7 @@ async def serve(
             config.dicom, allowlist,
             [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
                 WorklistService(index, allowlist), services.bridge, auditor))),
+             *op_metrics.event_handlers(),
              *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),

@@ -1,0 +1,76 @@
+"""/metrics counts a scripted load exactly, across serve's worker processes and the agent.
+
+The box runs two DIMSE worker processes (the kernel spreads associations between
+them) and the sync agent runs as its own process; each counts in its own files
+and one scrape must add them up to what dcmtk's clients and the agent did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dcmtk
+from conftest import EdgeServer
+from dicomgen import make_studies
+from prometheus_client.parser import text_string_to_metric_families
+from webpeer import curl, web_home
+
+STORE_RUNS = 3  # associations that store
+FINDS = 4
+REJECTED = 5
+
+
+def scrape(server: EdgeServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    answer = curl(server, "/metrics")
+    assert answer.status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.body.decode())
+            for s in family.samples}
+
+
+def delta(after: dict, before: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Path) -> None:
+    studies = make_studies(tmp_path / "studies", patients=3, studies_per_patient=1,
+                           series_per_study=1, instances_per_series=4)
+    files = [i.path for i in studies]
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(dicom={"workers": 2})
+    server.start()
+    try:
+        before = scrape(server)
+        for run in range(STORE_RUNS):
+            dcmtk.storescu(server.port, files[run::STORE_RUNS]).check()
+        for _ in range(FINDS):
+            dcmtk.findscu(server.port, {"PatientID": "*", "StudyInstanceUID": None}).check()
+        for _ in range(REJECTED):
+            assert not dcmtk.echoscu(server.port, aet="NOBODY").ok
+        server.cli("sync", "--once", "--stable-after", "0")
+        after = scrape(server)
+    finally:
+        server.stop()
+
+    assert delta(after, before, "pacs_edge_dimse_operations_total",
+                 service="C-STORE", status="success") == len(files)
+    assert delta(after, before, "pacs_edge_dimse_operations_total",
+                 service="C-FIND", status="success") == FINDS
+    assert delta(after, before, "pacs_edge_dimse_duration_seconds_count",
+                 service="C-STORE") == len(files)
+    assert delta(after, before, "pacs_edge_associations_total",
+                 outcome="accepted", reason="") == STORE_RUNS + FINDS
+    assert delta(after, before, "pacs_edge_associations_total",
+                 outcome="rejected", reason="unknown-calling-ae") == REJECTED
+    assert after[("pacs_edge_associations_active", ())] == 0
+    # The agent's pass, counted in its own process and file.
+    assert delta(after, before, "pacs_edge_replications_total", outcome="ok") == len(
+        {i.study_uid for i in studies})
+    assert delta(after, before, "pacs_edge_sync_passes_total", outcome="ok") == 1
+    assert delta(after, before, "pacs_edge_replicated_bytes_total") > 0
+    # State derived from the index agrees.
+    assert after[("pacs_edge_studies", (("state", "replicated"),))] == 3
+    assert after[("pacs_edge_instances", ())] == len(files)
+    assert after[("pacs_edge_replication_waiting_bytes", ())] == 0
