@@ -211,6 +211,32 @@ class WorkflowConfig:
     commit_give_up_hours: float = field(default=72.0, metadata=_check(lambda v: v > 0, "> 0"))
 
 
+def _clock_ok(value: str) -> bool:
+    hours, sep, minutes = value.partition(":")
+    return value == "" or (sep == ":" and len(hours) == 2 and len(minutes) == 2
+                           and hours.isdigit() and minutes.isdigit()
+                           and int(hours) < 24 and int(minutes) < 60)
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """Prefetch of prior studies before the patient arrives (docs/workflow.md)."""
+
+    enabled: bool = True
+    modalities: tuple[str, ...] = field(default=("same",), metadata=_check(
+        lambda v: len(v) > 0 and all(m == m.strip() and len(m) <= 16 for m in v),
+        'a non-empty list of modality codes, "same" (the order\'s) or "any"'))
+    body_part: str = field(default="same", metadata=_check(lambda v: v in {"same", "any"},
+                                                           "same or any"))
+    max_priors: int = field(default=3, metadata=_check(lambda v: 1 <= v <= 50, "1-50"))
+    max_age_years: float = field(default=5.0, metadata=_check(lambda v: v >= 0,
+                                                              ">= 0 years (0: any age)"))
+    keep_local_days: float = field(default=7.0, metadata=_check(lambda v: v > 0, "> 0 days"))
+    nightly_at: str = field(default="20:00", metadata=_check(_clock_ok,
+                                                             'HH:MM (local time) or "" (off)'))
+    remote_archive: str = ""
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     """Web users: passwords, lock-out, sessions and launch links (docs/web.md)."""
@@ -249,6 +275,7 @@ class Config:
     sync: SyncConfig = SyncConfig()
     audit: AuditConfig = AuditConfig()
     workflow: WorkflowConfig = WorkflowConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
 
@@ -289,6 +316,7 @@ _SECTIONS: dict[str, type] = {
     "sync": SyncConfig,
     "audit": AuditConfig,
     "workflow": WorkflowConfig,
+    "prefetch": PrefetchConfig,
     "auth": AuthConfig,
     "log": LogConfig,
 }
@@ -503,6 +531,20 @@ _COMMENTS = {
     "workflow.commit_retry_seconds": "Retry interval for a commitment report the requesting"
     " peer did not take.",
     "workflow.commit_give_up_hours": "Stop trying to deliver a commitment report after this long.",
+    "prefetch": "Prefetch of prior studies when an order arrives, and nightly for tomorrow's"
+    " worklist (docs/workflow.md).",
+    "prefetch.enabled": "Prefetch priors for new orders and tomorrow's worklist.",
+    "prefetch.modalities": "Priors of these modalities: \"same\" = the order's, \"any\", or"
+    " codes such as \"CT\", \"MR\".",
+    "prefetch.body_part": "same: only priors of the body part the order's procedure names"
+    " (when it names one); any: every body part.",
+    "prefetch.max_priors": "The newest matching priors, at most this many per order.",
+    "prefetch.max_age_years": "Priors older than this are not fetched (0: any age).",
+    "prefetch.keep_local_days": "Prefetched priors are not evicted until this long after the"
+    " scheduled time.",
+    "prefetch.nightly_at": "Local time of the nightly run for tomorrow's worklist (\"\": off).",
+    "prefetch.remote_archive": "Peer (find, move) to C-MOVE priors from that the box does not"
+    " hold (\"\": none).",
     "auth": "Web users: passwords, lock-out, sessions, launch links (docs/web.md).",
     "auth.min_password_length": "Shortest password `users add` and `users passwd` accept.",
     "auth.max_failed_logins": "Consecutive failed logins that lock a user out...",

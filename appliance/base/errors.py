@@ -41,6 +41,10 @@ Tree::
     │                             (services/commitment.py)
     ├── CommitmentTransitionError a commitment state change the table refuses
     │                             (store/commitment_rows.py)
+    ├── PrefetchTransitionError   a prior's state change the prefetch table refuses
+    │                             (store/prefetch_rows.py)
+    ├── RemoteArchiveError        the remote archive could not answer a prefetch
+    │                             (kind: PrefetchFailure; dimse/remote_archive.py raises it)
     ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
     └── AnchorError               an audit anchor cannot be written or read, or contradicts
                                   the log (audit/anchor.py)
@@ -229,3 +233,23 @@ class AuthenticationError(PacsEdgeError):
 class UserError(PacsEdgeError):
     """A user account edit that cannot be applied (duplicate name, unknown user, a password
     too short, a referring user without a name to match)."""
+
+
+class PrefetchFailure(enum.StrEnum):
+    """Why a prefetch request or prior failed (prefetch_priors.failure_kind)."""
+
+    NOT_FOUND = "not_found"                    # the study left the index or the archive
+    RECALL_FAILED = "recall_failed"            # the cloud recall failed
+    NO_REMOTE_ARCHIVE = "no_remote_archive"    # [prefetch] remote_archive is no usable peer
+    REMOTE_UNREACHABLE = "remote_unreachable"  # no association, or the C-FIND failed
+    MOVE_FAILED = "move_failed"                # the C-MOVE failed or sent nothing
+    MOVE_INCOMPLETE = "move_incomplete"        # some instances did not arrive
+
+
+class RemoteArchiveError(PacsEdgeError):
+    """The remote archive could not answer a prefetch's C-FIND or C-MOVE. The message
+    names the peer and the DICOM status, never a patient or a UID."""
+
+    def __init__(self, kind: PrefetchFailure, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind

@@ -1,0 +1,193 @@
+"""Prefetch: which priors the rules choose, the priors' state table, and their rows.
+
+The end-to-end runs (an HL7 order, Azurite, dcmqrscp as the remote archive) are in
+tests/test_prefetch.py; here the choice itself, case by case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from appliance.base.config import PrefetchConfig, config_from_mapping
+from appliance.base.errors import ConfigError
+from appliance.services.prefetch_rules import Candidate, OrderContext, choose_priors, regions
+from appliance.store.index import Index
+from appliance.store.order_rows import PatientKey
+from appliance.store.prefetch_rows import (
+    TRANSITIONS,
+    NewPrior,
+    PrefetchTransitionError,
+    PriorState,
+    PriorTrigger,
+    RequestTrigger,
+    Source,
+    advance,
+    held_study_uids,
+    insert_request,
+    mark_planned,
+    next_state,
+    priors_of,
+    resume_interrupted,
+    retry_failed,
+    transitions_of,
+)
+
+TODAY = date(2026, 12, 4)
+RULES = PrefetchConfig()
+CT_HEAD = OrderContext(modality="CT", procedure="CT HEAD W/O CONTRAST", exclude_study_uid="1.9")
+
+
+def study(uid: str, when: str, modalities: tuple[str, ...] = ("CT",),
+          parts: tuple[str, ...] = ("HEAD",), description: str = "",
+          source: Source = Source.LOCAL) -> Candidate:
+    return Candidate(uid, when, modalities, parts, description, source)
+
+
+def chosen(candidates: list[Candidate], order: OrderContext = CT_HEAD,
+           **rules: object) -> list[str]:
+    config = dataclasses.replace(RULES, **rules)  # type: ignore[arg-type]
+    return [c.study_uid for c in choose_priors(candidates, order, config, today=TODAY)]
+
+
+def test_the_newest_matching_priors_up_to_max_priors() -> None:
+    candidates = [study("1.1", "20200101"), study("1.2", "20251103"), study("1.3", "20240607"),
+                  study("1.4", "20230101")]
+    assert chosen(candidates) == ["1.2", "1.3", "1.4"]
+    assert chosen(candidates, max_priors=1) == ["1.2"]
+
+
+def test_the_ordered_study_is_never_its_own_prior() -> None:
+    assert chosen([study("1.9", "20261204"), study("1.1", "20250101")]) == ["1.1"]
+
+
+def test_same_modality_means_the_orders_modality() -> None:
+    candidates = [study("1.1", "20250101", ("MR",)), study("1.2", "20240101", ("CT", "SR"))]
+    assert chosen(candidates) == ["1.2"]
+    assert chosen(candidates, modalities=("any",)) == ["1.1", "1.2"]
+    assert chosen(candidates, modalities=("MR", "PT")) == ["1.1"]
+    # An order without a modality: "same" cannot narrow.
+    assert chosen(candidates, OrderContext(procedure="HEAD")) == ["1.1", "1.2"]
+
+
+def test_body_part_region_of_the_procedure_text() -> None:
+    candidates = [study("1.1", "20250101", parts=("CHEST",)),
+                  study("1.2", "20240101", parts=("BRAIN",)),
+                  study("1.3", "20230101", parts=(), description="CT CRANIUM"),
+                  study("1.4", "20220101", parts=(), description="outside study")]
+    # BRAIN and CRANIUM are the head; a prior that names no body part is kept.
+    assert chosen(candidates, max_priors=10) == ["1.2", "1.3", "1.4"]
+    assert chosen(candidates, max_priors=10, body_part="any") == ["1.1", "1.2", "1.3", "1.4"]
+    # A procedure that names no region does not narrow.
+    unnamed = OrderContext(modality="CT", procedure="FOLLOW-UP")
+    assert chosen(candidates, unnamed, max_priors=10) == ["1.1", "1.2", "1.3", "1.4"]
+
+
+def test_regions_group_the_words_for_one_part_of_the_body() -> None:
+    assert regions("MR BRAIN") == regions("HEAD") == {"head"}
+    assert regions("ABDOMEN PELVIS") == {"abdomen", "pelvis"}
+    assert regions("XR knee left") == {"lower limb"}
+    assert regions("FOLLOW-UP") == set()
+
+
+def test_age_limit_and_undated_priors_last() -> None:
+    candidates = [study("1.1", "20150101"), study("1.2", ""), study("1.3", "20250101")]
+    assert chosen(candidates) == ["1.3", "1.2"]
+    assert chosen(candidates, max_age_years=0.0) == ["1.3", "1.1", "1.2"]
+
+
+def test_the_index_copy_wins_over_the_remote_archives() -> None:
+    candidates = [study("1.1", "20250101", source=Source.REMOTE),
+                  study("1.1", "20250101", source=Source.CLOUD),
+                  study("1.2", "20240101", source=Source.REMOTE)]
+    picked = choose_priors(candidates, CT_HEAD, RULES, today=TODAY)
+    assert [(c.study_uid, c.source) for c in picked] == [("1.1", Source.CLOUD),
+                                                         ("1.2", Source.REMOTE)]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("modalities", []), ("body_part", "left"), ("max_priors", 0), ("keep_local_days", 0),
+    ("nightly_at", "25:00"), ("nightly_at", "7pm"), ("max_age_years", -1),
+])
+def test_bad_prefetch_config_names_the_key(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(tmp_path, {"prefetch": {key: value}})
+    assert caught.value.key == f"prefetch.{key}"
+
+
+def test_prefetch_is_on_by_default() -> None:
+    assert RULES.enabled and RULES.modalities == ("same",) and RULES.nightly_at == "20:00"
+
+
+# --- the priors' state table -----------------------------------------------------------
+
+ALL_PAIRS = list(itertools.product(PriorState, PriorTrigger))
+
+
+@pytest.mark.parametrize(("state", "trigger"), [p for p in ALL_PAIRS if p in TRANSITIONS],
+                         ids=str)
+def test_allowed_prior_pair_moves_to_its_target(state: PriorState,
+                                                trigger: PriorTrigger) -> None:
+    assert next_state(state, trigger) is TRANSITIONS[(state, trigger)]
+
+
+@pytest.mark.parametrize(("state", "trigger"), [p for p in ALL_PAIRS if p not in TRANSITIONS],
+                         ids=str)
+def test_missing_prior_pair_is_refused(state: PriorState, trigger: PriorTrigger) -> None:
+    with pytest.raises(PrefetchTransitionError):
+        next_state(state, trigger)
+
+
+def test_done_is_final_and_failed_only_retries() -> None:
+    assert [t for t in PriorTrigger if (PriorState.DONE, t) in TRANSITIONS] == []
+    assert [t for t in PriorTrigger if (PriorState.FAILED, t) in TRANSITIONS] == [
+        PriorTrigger.RETRY]
+
+
+async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
+    patient = PatientKey("P1", "HOSP")
+    async with Index(tmp_path / "index.sqlite3") as index:
+        writer = index.writer
+        assert writer is not None
+
+        def plan(conn: sqlite3.Connection) -> int:
+            request = insert_request(conn, patient, RequestTrigger.MANUAL, hold_until=2000.0,
+                                     at=1000.0)
+            assert request is not None
+            mark_planned(conn, request, [
+                NewPrior("1.1", "20250101", ("CT",), Source.LOCAL),
+                NewPrior("1.2", "20240101", ("CT",), Source.CLOUD),
+                NewPrior("1.3", "20230101", ("CT",), Source.REMOTE)], at=1000.0)
+            return request
+
+        request = await writer.submit_sync(plan)
+        priors = {p.study_uid: p for p in await writer.submit_sync(
+            lambda c: priors_of(c, [request]))}
+        await writer.submit_sync(lambda c: advance(c, priors["1.1"].id, PriorTrigger.LOCAL))
+        await writer.submit_sync(lambda c: advance(c, priors["1.2"].id,
+                                                   PriorTrigger.REHYDRATE))
+        await writer.submit_sync(lambda c: advance(c, priors["1.3"].id, PriorTrigger.MOVE))
+        await writer.submit_sync(lambda c: advance(
+            c, priors["1.3"].id, PriorTrigger.FAIL, failure_kind="move_failed", error="x"))
+        # The cloud prior's process died mid-way: it starts over; the remote one retries.
+        assert await writer.submit_sync(lambda c: resume_interrupted(c, Source.CLOUD)) == 1
+        assert await writer.submit_sync(retry_failed) == (0, 1)
+        with pytest.raises(PrefetchTransitionError):
+            await writer.submit_sync(lambda c: advance(
+                c, priors["1.1"].id, PriorTrigger.RECALL))
+        after = {p.study_uid: p for p in await writer.submit_sync(
+            lambda c: priors_of(c, [request]))}
+        assert {uid: p.state for uid, p in after.items()} == {
+            "1.1": "done", "1.2": "pending", "1.3": "pending"}
+        assert after["1.2"].rehydrate_requested_at is not None
+        assert await writer.submit_sync(lambda c: transitions_of(c, priors["1.2"].id)) == [
+            ("pending", "rehydrating", "rehydrate"), ("rehydrating", "pending", "resume")]
+        # Held until hold_until, whatever their state (but failed).
+        assert await writer.submit_sync(lambda c: held_study_uids(c, 1999.0)) == {
+            "1.1", "1.2", "1.3"}
+        assert await writer.submit_sync(lambda c: held_study_uids(c, 2000.0)) == set()
