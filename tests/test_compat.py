@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pynetdicom import AE, _config, dimse_messages, sop_class
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from appliance.base import compat
 
@@ -42,6 +43,7 @@ PATCH_PATTERNS = [
     r"\._execute\(", r"\b_read_file_meta_info\b", r"\._reactor_checkpoint\s*=",
     r"\._run_loop_delay\b", r"dimse_messages\.NamedTemporaryFile\s*=",
     r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
+    r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
 ]
 
 
@@ -134,6 +136,47 @@ def test_the_dul_sleeps_its_poll_delay_between_polls() -> None:
     assert dul._run_loop_delay == 0.001
     compat.set_poll_delay(dul, 0.02)
     assert dul._run_loop_delay == 0.02
+
+
+def test_the_dul_reads_pdus_in_one_gated_place_and_writes_through_socket_send() -> None:
+    loop = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "self._is_transport_event()" in loop
+    reader = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "pdu, event = self._decode_pdu(bytestream)" in reader
+    assert "self.event_queue.put(event)" in reader
+    assert "self._recv_pdu.put(pdu)" in reader
+    assert "self.socket.send(" in inspect.getsource(DULServiceProvider._send)
+    assert _parameters(AssociationSocket.send) == ["self", "bytestream"]
+    assoc = Association(AE(), "requestor")
+    dul = assoc.dul
+    assert hasattr(dul._idle_timer, "restart")
+    gate = threading.Lock()
+    compat.gate_transport_reads(dul, gate)
+    with gate:
+        assert dul._is_transport_event() is False  # held: the DUL reads nothing
+    compat.note_transport_activity(dul)
+    compat.hand_pdu_to_dul(dul, bytes.fromhex("070000000004" "00000200"))  # A-ABORT
+    assert dul.event_queue.get_nowait() == "Evt16"
+    assert type(dul._recv_pdu.get_nowait()).__name__ == "A_ABORT_RQ"
+    compat.hand_pdu_to_dul(dul, b"\x07\x00")
+    assert dul.event_queue.get_nowait() == "Evt19"
+    compat.transport_closed(dul)
+    assert dul.event_queue.get_nowait() == "Evt17"
+
+
+def test_share_send_lock_wraps_one_socket_once() -> None:
+    assoc = Association(AE(), "requestor")
+    near, far = socket.socketpair()
+    sock = AssociationSocket(assoc, client_socket=near)
+    try:
+        assoc.dul.socket = sock
+        lock = compat.share_send_lock(assoc.dul)
+        assert compat.share_send_lock(assoc.dul) is lock
+        sock.send(b"pdu")
+        assert far.recv(16) == b"pdu" and not lock.locked()
+    finally:
+        near.close()
+        far.close()
 
 
 @pytest.mark.parametrize(("owner", "hook", "parameters"), [

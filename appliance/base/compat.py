@@ -15,6 +15,8 @@ What is touched, and who uses it:
       association.uid_to_service_class      our C-MOVE/C-GET SCP     (dimse/move_get.py)
       Association._reactor_checkpoint       lost C-STORE-RSP race    (dimse/move_get.py)
       DULServiceProvider._run_loop_delay    idle poll before A-ASSOCIATE-RQ (dimse/transport.py)
+      DULServiceProvider._is_transport_event, _decode_pdu, _recv_pdu, _idle_timer,
+      event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
       RequestHandler._create_association    (dimse/transport.py)
       QueryRetrieveServiceClass._move_scp/_get_scp (dimse/move_get.py)
@@ -116,6 +118,81 @@ def set_poll_delay(dul: Any, seconds: float) -> None:
     ~2% of a core per connection); it has no setting for it.
     """
     dul._run_loop_delay = seconds
+
+
+def share_send_lock(dul: Any) -> threading.Lock:
+    """A lock every write of the DUL's socket takes; the store lane writes under it too.
+
+    pynetdicom writes a PDU with `AssociationSocket.send(bytes)`, from its DUL
+    thread only. The store lane (dimse/store_lane.py) writes C-STORE messages to
+    the same socket from another thread; holding this lock for a whole message
+    keeps the DUL's PDUs (a C-GET pending response, an A-ABORT) from landing
+    inside it. `send` is wrapped on this socket object only; a second call
+    returns the same lock.
+    """
+    sock = dul.socket
+    lock: threading.Lock | None = getattr(sock, "pacs_edge_send_lock", None)
+    if lock is not None:
+        return lock
+    lock = threading.Lock()
+    unlocked = sock.send
+
+    def send(bytestream: bytes) -> None:
+        with lock:
+            unlocked(bytestream)
+
+    sock.send = send
+    sock.pacs_edge_send_lock = lock
+    return lock
+
+
+def gate_transport_reads(dul: Any, gate: threading.Lock) -> None:
+    """The DUL reads its socket only while it can take `gate` (the lane holds it while
+    it reads the C-STORE responses itself).
+
+    `DULServiceProvider._is_transport_event()` is the DUL loop's one place that
+    reads a PDU off the socket (it returns False when nothing was read). It is
+    replaced on this DUL object only: while another thread holds `gate` it
+    reads nothing, and a PDU it is in the middle of reading finishes first.
+    """
+    if getattr(dul, "pacs_edge_read_gate", None) is gate:
+        return
+    reads = dul._is_transport_event
+
+    def gated() -> bool:
+        if not gate.acquire(blocking=False):
+            return False
+        try:
+            return bool(reads())
+        finally:
+            gate.release()
+
+    dul._is_transport_event = gated
+    dul.pacs_edge_read_gate = gate
+
+
+def note_transport_activity(dul: Any) -> None:
+    """Restart the DUL's idle timer, as its own read of a PDU does: the association's
+    network timeout must not fire while the lane is the one reading."""
+    dul._idle_timer.restart()
+
+
+def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
+    """Give a PDU the lane read but does not handle (an A-ABORT, a C-CANCEL, an
+    A-RELEASE-RQ) to the DUL's state machine, as `_read_pdu_data()` does with one it
+    read: decode, event on `event_queue`, PDU on `_recv_pdu`; Evt19 if undecodable."""
+    try:
+        pdu, event = dul._decode_pdu(bytearray(raw))
+    except Exception:
+        dul.event_queue.put("Evt19")
+        return
+    dul.event_queue.put(event)
+    dul._recv_pdu.put(pdu)
+
+
+def transport_closed(dul: Any) -> None:
+    """Tell the DUL its connection is gone (Evt17), as its own read does on EOF."""
+    dul.event_queue.put("Evt17")
 
 
 # --- aiosqlite 0.22.1 ---------------------------------------------------------------

@@ -3,10 +3,10 @@
 Why not pynetdicom's (3.0.4) built-in C-MOVE/C-GET SCP (`service_class.py`
 `_move_scp` / `_get_scp`):
 - it wants the handler to yield decoded pydicom Datasets and re-encodes
-  them: slow, and not byte-exact. Here each sub-operation is
-  `send_c_store(path)` with `_config.STORE_SEND_CHUNKED_DATASET` (set by
-  `configure_pynetdicom()`): the stored dataset bytes go out as they are,
-  in the transfer syntax they were stored in, never transcoded;
+  them: slow, and not byte-exact. Here the sub-operations go through a
+  StoreLane (store_lane.py): the stored dataset bytes go out as they are,
+  framed straight from the file, in the transfer syntax they were stored
+  in, never transcoded, and the lane reads the C-STORE responses itself;
 - it opens the C-MOVE sub-association itself: Nagle left on (about 40 ms
   per instance), no retry, one destination association whatever fails;
 - it sets Move Originator AE Title to its own AE title (PS3.7 9.1.1.1:
@@ -22,27 +22,23 @@ attached (the serving process's AE, see appliance/process/serve.py) and falls ba
 to pynetdicom's behaviour for any other AE in the process.
 
 The lost C-STORE response (pynetdicom 3.0.4 as SCU, seen on loopback about
-once per thousand sub-operations): an association's reactor thread parks
-on `_reactor_checkpoint` while `send_*()` waits for a response, but
-`send_c_store()` only spins until `_is_paused` is True, which the reactor
-also sets on its way *through* an open checkpoint. When the sender wins
-that race the reactor takes the C-STORE-RSP off the queue ("Received
-unexpected C-STORE service message") and the send times out with an empty
-status. Two defences:
-- prevention: each outbound sub-association gets a ReactorGate as its
-  checkpoint (compat.replace_reactor_checkpoint), which knows when the reactor
-  is really parked; a sub-operation
-  starts only then (measured here: 0 losses in 15,000 sends, against 8 in
-  9,000 without);
-- recovery: a send that returns no Status (timeout, abort, lost response) or
-  raises is retried on a fresh sub-association, up to `suboperation_retries`
-  times; the instance is counted once, completed or failed. The destination
-  may then hold the instance twice over the wire; storage is idempotent by
-  SOP Instance UID.
+once per thousand sub-operations with `send_c_store()`): an association's
+reactor thread parks on `_reactor_checkpoint` while `send_*()` waits for a
+response, but `send_c_store()` only spins until `_is_paused` is True, which
+the reactor also sets on its way *through* an open checkpoint; when the
+sender wins that race the reactor takes the C-STORE-RSP off the queue.
+The lane reads its responses off the socket, so they never reach that
+queue; the ReactorGate (compat.replace_reactor_checkpoint) still guards the
+A-RELEASE of a sub-association. Recovery stays: a send that gets no Status
+(timeout, abort, broken connection) is retried on a fresh sub-association,
+up to `suboperation_retries` times; the instance is counted once,
+completed or failed. The destination may then hold the instance twice over
+the wire; storage is idempotent by SOP Instance UID.
 
 C-GET sends over the requesting association from inside its own reactor
-thread, so the race cannot happen there; a missing response means that
-association is gone (pynetdicom aborts it), and the instance counts failed.
+thread; a missing response means that association is unusable: it is
+aborted (as pynetdicom's `send_c_store()` does), and the instance counts
+failed.
 
 Decisions (permission, destination, which instances) are appliance/services/retrieve.py's.
 """
@@ -55,9 +51,10 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -82,6 +79,7 @@ from appliance.base.config import DicomConfig
 from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
+from appliance.dimse.store_lane import StoreLane, storage_contexts
 from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 from appliance.services.retrieve import (
@@ -221,35 +219,43 @@ class _Retrieval:
         tally = self._start(plan, "")
         assoc = self.sc.assoc
         # Contexts the requestor accepted us to use as Storage SCU (role selection).
-        usable = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                  for cx in assoc.accepted_contexts if cx.as_scu}
+        contexts = storage_contexts(assoc)
+        sendable = [i for i in plan.instances
+                    if (i.sop_class_uid, i.transfer_syntax) in contexts]
+        upcoming = dict(zip((i.sop_uid for i in sendable),
+                            (i.path for i in sendable[1:]), strict=False))
         refused: set[tuple[str, str]] = set()
         cancelled = False
         msg_ids = _message_ids(int(self.req.MessageID))
-        for instance in plan.instances:
-            if self.sc.is_cancelled(int(self.req.MessageID)):
-                cancelled = True
-                break
-            pair = (instance.sop_class_uid, instance.transfer_syntax)
-            if pair not in usable:
-                if pair not in refused:
-                    refused.add(pair)
-                    log.warning("get sub-operation failed: no storage context with SCP role "
-                                "for the stored transfer syntax (not transcoding) %s %s",
-                                _pair_label(pair), self.label)
-                tally.fail(instance)
-            else:
-                status = _store(lambda i=instance: assoc.send_c_store(i.path, msg_id=next(msg_ids)))
-                if status is None:
+        with StoreLane(assoc, contexts, timeout=assoc.dimse_timeout) as lane:
+            for instance in plan.instances:
+                if self.sc.is_cancelled(int(self.req.MessageID)):
+                    cancelled = True
+                    break
+                pair = (instance.sop_class_uid, instance.transfer_syntax)
+                if pair not in contexts:
+                    if pair not in refused:
+                        refused.add(pair)
+                        log.warning("get sub-operation failed: no storage context with SCP "
+                                    "role for the stored transfer syntax (not transcoding) %s %s",
+                                    _pair_label(pair), self.label)
                     tally.fail(instance)
-                    log.warning("get sub-operation got no C-STORE response instance=%s %s",
-                                logsafe.ref(instance.sop_uid), self.label)
                 else:
-                    tally.record(instance, status)
-            if not assoc.is_established:
-                log.warning("get stopped: requesting association ended %s", self.label)
-                break
-            self._respond(Status.PENDING, tally)
+                    status = _lane_store(lane, instance, msg_id=next(msg_ids),
+                                         upcoming=upcoming.get(instance.sop_uid))
+                    if status is None:
+                        tally.fail(instance)
+                        log.warning("get sub-operation got no C-STORE response instance=%s %s",
+                                    logsafe.ref(instance.sop_uid), self.label)
+                    else:
+                        tally.record(instance, status)
+                if lane.broken or not assoc.is_established:
+                    break
+                self._respond(Status.PENDING, tally)
+        if lane.broken and assoc.is_established:
+            assoc.abort()
+        if not assoc.is_established:
+            log.warning("get stopped: requesting association ended %s", self.label)
         self._finish(plan, tally, cancelled)
 
     # --- steps ------------------------------------------------------------------
@@ -326,6 +332,8 @@ class _Retrieval:
         for batch, pairs in _batches(plan.instances):
             sub = _SubAssociation(self.sc.ae, destination, pairs, self.att.config, self.label,
                                   tls_client=self.att.tls_client)
+            upcoming = dict(zip((i.sop_uid for i in batch), (i.path for i in batch[1:]),
+                                strict=False))
             try:
                 for instance in batch:
                     if self.sc.is_cancelled(int(self.req.MessageID)):
@@ -333,7 +341,8 @@ class _Retrieval:
                     if not self.sc.assoc.is_established:
                         log.warning("move stopped: requesting association ended %s", self.label)
                         return False
-                    status = self._move_one(sub, instance, retries)
+                    status = self._move_one(sub, instance, retries,
+                                            upcoming.get(instance.sop_uid))
                     if status is None:
                         tally.fail(instance)
                     else:
@@ -343,13 +352,17 @@ class _Retrieval:
                 sub.close()
         return False
 
-    def _move_one(self, sub: _SubAssociation, instance: Instance, retries: int) -> int | None:
+    def _move_one(self, sub: _SubAssociation, instance: Instance, retries: int,
+                  upcoming: Path | None) -> int | None:
         """Status of one C-STORE sub-operation, None if it failed without one."""
         for attempt in range(1, retries + 2):
             if not sub.open() or not sub.accepts(instance):
                 return None
-            status = sub.send(instance, originator_aet=self.calling_ae,
-                              originator_id=int(self.req.MessageID))
+            try:
+                status = sub.send(instance, originator_aet=self.calling_ae,
+                                  originator_id=int(self.req.MessageID), upcoming=upcoming)
+            except _Unreadable:
+                return None
             if status is not None:
                 return status
             sub.abort()
@@ -443,6 +456,7 @@ class _SubAssociation:
         self.label = label
         self.assoc: Any = None
         self.gate: ReactorGate | None = None
+        self.lane: StoreLane | None = None
         self.accepted: set[tuple[str, str]] = set()
         self.down = False
         self._refused_logged: set[tuple[str, str]] = set()
@@ -479,8 +493,10 @@ class _SubAssociation:
         assoc.dimse_timeout = self.config.suboperation_timeout
         self.gate = ReactorGate.install(assoc)
         self.assoc = assoc
-        self.accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                         for cx in assoc.accepted_contexts}
+        contexts = storage_contexts(assoc)
+        self.accepted = set(contexts)
+        self.lane = StoreLane(assoc, contexts, timeout=self.config.suboperation_timeout)
+        self.lane.open()
         return True
 
     def accepts(self, instance: Instance) -> bool:
@@ -494,22 +510,29 @@ class _SubAssociation:
                         self.peer.name, _pair_label(pair))
         return False
 
-    def send(self, instance: Instance, *, originator_aet: str, originator_id: int) -> int | None:
-        assoc = self.assoc
-        if self.gate is not None:
-            self.gate.hold(_GATE_WAIT)
-        return _store(lambda: assoc.send_c_store(
-            instance.path, msg_id=next(self._msg_ids),
-            originator_aet=originator_aet, originator_id=originator_id,
-        ))
+    def send(self, instance: Instance, *, originator_aet: str, originator_id: int,
+             upcoming: Path | None = None) -> int | None:
+        """The C-STORE's Status; None without one (then abort and retry); raises
+        _Unreadable when the stored file cannot be read (nothing was sent)."""
+        assert self.lane is not None
+        return _lane_store(self.lane, instance, msg_id=next(self._msg_ids),
+                           originator_aet=originator_aet, originator_id=originator_id,
+                           upcoming=upcoming, unreadable=_Unreadable)
+
+    def _close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
 
     def abort(self) -> None:
+        self._close_lane()
         if self.assoc is not None:
             with contextlib.suppress(Exception):
                 self.assoc.abort()
         self.assoc = None
 
     def close(self) -> None:
+        self._close_lane()
         if self.assoc is not None and self.assoc.is_established:
             if self.gate is not None:
                 self.gate.hold(_GATE_WAIT)
@@ -567,15 +590,28 @@ class ReactorGate:
             return self._cond.wait_for(lambda: self._parked, timeout)
 
 
-def _store(send: Callable[[], Dataset]) -> int | None:
-    """Run one C-STORE; its Status, or None when there was none (timeout, abort, error)."""
+class _Unreadable(Exception):
+    """A stored file could not be read: its sub-operation fails, the association is fine."""
+
+
+def _lane_store(lane: StoreLane, instance: Instance, *, msg_id: int,
+                originator_aet: str | None = None, originator_id: int | None = None,
+                upcoming: Path | None = None,
+                unreadable: type[Exception] | None = None) -> int | None:
+    """One C-STORE through the lane; its Status, or None when there was none.
+    A file that cannot be read fails alone, or raises `unreadable` when given."""
     try:
-        rsp = send()
-    except Exception as exc:
-        log.warning("c-store sub-operation raised error=%s", type(exc).__name__)
+        payload = lane.payload(instance.path)
+    except (OSError, ValueError) as exc:
+        log.warning("c-store sub-operation failed: stored file unreadable error=%s instance=%s",
+                    type(exc).__name__, logsafe.ref(instance.sop_uid))
+        if unreadable is not None:
+            raise unreadable from exc
         return None
-    status = rsp.get("Status") if isinstance(rsp, Dataset) else None
-    return None if status is None else int(status)
+    return lane.store(payload, sop_class=instance.sop_class_uid,
+                      transfer_syntax=instance.transfer_syntax, sop_instance=instance.sop_uid,
+                      msg_id=msg_id, originator_aet=originator_aet,
+                      originator_id=originator_id, upcoming=upcoming)
 
 
 _Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)

@@ -1,0 +1,418 @@
+"""StoreLane: C-STORE sub-operations written straight from the stored files.
+
+pynetdicom's `send_c_store(path)` (even with STORE_SEND_CHUNKED_DATASET)
+reads the File Meta with pydicom, encodes the command set with pydicom, and
+hands every fragment of the dataset to the DUL thread as a P-DATA primitive
+that is queued, run through the state machine, turned into a PDU object and
+encoded: ~3.5 ms of CPU per instance sent, most of a retrieve's cost. Its
+response then travels back through the DUL's 1 ms poll and the DIMSE queue.
+
+The lane instead, on an established association:
+
+- frames each C-STORE-RQ itself: the command set is encoded here (Implicit
+  VR Little Endian, PS3.7 6.3.1), the file's dataset bytes (everything after
+  its File Meta group, exactly as stored) go out in PDVs as large as the
+  peer's maximum PDU allows, the whole message in one `sendmsg()`;
+- reads the next file while the previous C-STORE is in flight (`store(...,
+  upcoming=...)`);
+- reads the C-STORE-RSPs itself. While the lane is open the DUL does not
+  read the socket (compat.gate_transport_reads); a PDU the lane reads that
+  is not its response (an A-ABORT, an A-RELEASE-RQ, a C-CANCEL-RQ on a
+  C-GET association) goes to the DUL's state machine as if the DUL had read
+  it (compat.hand_pdu_to_dul), so everything but the C-STORE exchange still
+  runs through pynetdicom;
+- writes under the lock the DUL's own writes take (compat.share_send_lock),
+  so a PDU the DUL sends meanwhile (a C-GET pending response) never lands
+  inside a C-STORE message. Reads take it too: an SSL socket must not be
+  read and written by two threads at once.
+
+A send that gets no response within `timeout`, or whose connection broke,
+returns None and leaves the lane `broken`: the caller aborts the
+association (and a C-MOVE retries on a fresh one, move_get.py). Reading a
+file can fail before anything is sent (OSError from `payload()`): the
+association is still good.
+
+Where the lane reads: the socket itself, exactly the bytes of one PDU at a
+time (a 6-byte header, then its length), so no byte meant for the DUL is
+consumed. This relies on the association socket not buffering ahead of what
+pynetdicom asked for (appliance/dimse/pdu_socket.py reads exactly too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from appliance.base import compat
+
+log = logging.getLogger(__name__)
+
+_PDATA = 0x04
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LBB")
+_ELEMENT = struct.Struct("<HHL")
+_COMMAND, _LAST = 0x01, 0x02
+C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+# A peer announcing no maximum (0) still gets PDUs of at most this size.
+UNLIMITED_PDU = 1 << 22
+_IOV_BATCH = 512  # buffers per sendmsg() call (IOV_MAX is 1024 on Linux)
+_TLS_WRITE = 1 << 18  # bytes joined per TLS write
+_FILE_META = 132  # 128-byte preamble and "DICM"
+_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+# The largest PDU read before the association is refused as broken; never below this.
+MIN_READ_LIMIT = 1 << 18
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A stored file's dataset bytes, exactly as stored after its File Meta group."""
+
+    path: Path
+    dataset: bytes
+
+
+def read_payload(path: Path) -> Payload:
+    """The dataset bytes of the Part 10 file at `path` (raises OSError or ValueError)."""
+    with open(path, "rb", buffering=0) as fp:
+        data = fp.read()
+    return Payload(path, data[_dataset_offset(data, path):])
+
+
+def _dataset_offset(data: bytes, path: Path) -> int:
+    """Where the dataset starts: after (0002,0000) File Meta Information Group Length's
+    worth of File Meta; the ingest path always writes that element. Anything else
+    goes through pydicom's File Meta reader."""
+    if (data[128:_FILE_META] == b"DICM"
+            and data[_FILE_META:_FILE_META + 8] == _GROUP_LENGTH_TAG):
+        end = _FILE_META + 12 + struct.unpack_from("<L", data, _FILE_META + 8)[0]
+        if end + 2 <= len(data) and data[end:end + 2] != b"\x02\x00":
+            return end
+    if data[128:_FILE_META] != b"DICM":
+        raise ValueError(f"not a DICOM Part 10 file: {path.name}")
+    fp = BytesIO(data)
+    fp.seek(_FILE_META)
+    compat.read_file_meta(fp)
+    return fp.tell()
+
+
+def c_store_rq(*, msg_id: int, sop_class: str, sop_instance: str, priority: int = 0,
+               originator_aet: str | None = None, originator_id: int | None = None) -> bytes:
+    """An encoded C-STORE-RQ command set (PS3.7 9.3.1.1), with a data set to follow."""
+    body = [
+        _element(0x0002, _ui(sop_class)),
+        _element(0x0100, _us(C_STORE_RQ)),
+        _element(0x0110, _us(msg_id)),
+        _element(0x0700, _us(priority)),
+        _element(0x0800, _us(0x0001)),  # any value but 0x0101: a data set follows
+        _element(0x1000, _ui(sop_instance)),
+    ]
+    if originator_aet:
+        aet = originator_aet.encode("ascii")
+        body.append(_element(0x1030, aet + b" " * (len(aet) % 2)))
+    if originator_id is not None:
+        body.append(_element(0x1031, _us(originator_id)))
+    encoded = b"".join(body)
+    return _element(0x0000, struct.pack("<L", len(encoded))) + encoded
+
+
+def parse_command(data: bytes) -> dict[int, bytes]:
+    """Element number -> value of an encoded command set (group 0000, Implicit VR LE)."""
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(data):
+        group, element, length = _ELEMENT.unpack_from(data, offset)
+        offset += 8
+        if group != 0 or offset + length > len(data):
+            raise ValueError("malformed command set")
+        values[element] = data[offset:offset + length]
+        offset += length
+    if offset != len(data):
+        raise ValueError("malformed command set")
+    return values
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0, element, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" * (len(raw) % 2)
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+class StoreLane:
+    """C-STORE requests over one established association; see the module docstring.
+
+    Use as a context manager: the DUL does not read the socket in between.
+    `contexts` maps (SOP class UID, transfer syntax UID) to the presentation
+    context ID to send in (only contexts in which this side is the Storage SCU).
+    """
+
+    def __init__(self, assoc: Any, contexts: dict[tuple[str, str], int], *,
+                 timeout: float | None) -> None:
+        self.assoc = assoc
+        self.contexts = contexts
+        self.timeout = timeout
+        self.broken = False
+        dul = assoc.dul
+        self._dul = dul
+        self._sock: socket.socket = dul.socket.socket
+        self._tls = isinstance(self._sock, ssl.SSLSocket)
+        peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+        max_pdu = int(peer.maximum_length or 0) or UNLIMITED_PDU
+        # A PDU of one PDV: 6 bytes of PDU header, 6 of PDV header, then data.
+        self._fragment = max(min(max_pdu, UNLIMITED_PDU) - 12, 1)
+        ours = assoc.requestor if assoc.is_requestor else assoc.acceptor
+        self._read_limit = max(int(ours.maximum_length or 0), MIN_READ_LIMIT)
+        self._gate = threading.Lock()
+        self._wire = compat.share_send_lock(dul)
+        self._held: list[bytes] = []  # PDUs of a command message not (yet) known ours
+        self._command = bytearray()
+        self._upcoming: Payload | None = None
+        self._saved_timeout: float | None = None
+
+    def __enter__(self) -> StoreLane:
+        self.open()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Take over reading the socket from the DUL."""
+        compat.gate_transport_reads(self._dul, self._gate)
+        self._gate.acquire()
+        self._saved_timeout = self._sock.gettimeout()
+        # Bounded writes: pynetdicom leaves a requested association's socket blocking
+        # without a timeout, and a peer that stops reading would hold a send for ever.
+        self._sock.settimeout(float(self.assoc.network_timeout or 60.0))
+
+    def close(self) -> None:
+        """Give reading back to the DUL (with any PDU read but not handled)."""
+        for raw in self._held:  # part of a message that is the DUL's to finish
+            compat.hand_pdu_to_dul(self._dul, raw)
+        self._held.clear()
+        with contextlib.suppress(OSError):
+            self._sock.settimeout(self._saved_timeout)
+        self._gate.release()
+
+    # --- sending ------------------------------------------------------------------------
+
+    def payload(self, path: Path) -> Payload:
+        """The file's dataset bytes, read ahead by the previous `store()` if it could."""
+        upcoming, self._upcoming = self._upcoming, None
+        if upcoming is not None and upcoming.path == path:
+            return upcoming
+        return read_payload(path)
+
+    def store(self, payload: Payload, *, sop_class: str, transfer_syntax: str,
+              sop_instance: str, msg_id: int, originator_aet: str | None = None,
+              originator_id: int | None = None, upcoming: Path | None = None) -> int | None:
+        """Send one C-STORE-RQ and return the response's Status; None when there was none
+        (the lane is then `broken`). `upcoming` is read while the peer stores."""
+        cx_id = self.contexts[(sop_class, transfer_syntax)]
+        command = c_store_rq(msg_id=msg_id, sop_class=sop_class, sop_instance=sop_instance,
+                             originator_aet=originator_aet, originator_id=originator_id)
+        try:
+            self._send(self._frames(cx_id, command, payload.dataset))
+        except OSError as exc:
+            log.warning("c-store send failed error=%s", type(exc).__name__)
+            self._fail(closed=True)
+            return None
+        compat.note_transport_activity(self._dul)
+        if upcoming is not None:
+            with contextlib.suppress(OSError, ValueError):  # payload() reads it again, and fails
+                self._upcoming = read_payload(upcoming)
+        return self._response(msg_id)
+
+    def _frames(self, cx_id: int, command: bytes, dataset: bytes) -> list[bytes | memoryview]:
+        """The message's PDUs as buffers: the command in one PDV, the dataset in
+        PDVs of at most `_fragment` bytes, one PDV per P-DATA-TF PDU."""
+        frames: list[bytes | memoryview] = [self._header(cx_id, _COMMAND | _LAST, len(command)),
+                                            command]
+        view = memoryview(dataset)
+        size = len(dataset)
+        start = 0
+        while True:
+            end = min(start + self._fragment, size)
+            frames.append(self._header(cx_id, _LAST if end == size else 0, end - start))
+            frames.append(view[start:end])
+            if end == size:
+                return frames
+            start = end
+
+    @staticmethod
+    def _header(cx_id: int, control: int, length: int) -> bytes:
+        return (_PDU_HEADER.pack(_PDATA, 0, length + 6)
+                + _PDV_HEADER.pack(length + 2, cx_id, control))
+
+    def _send(self, frames: list[bytes | memoryview]) -> None:
+        sock = self._sock
+        with self._wire:
+            if self._tls:
+                chunk: list[bytes | memoryview] = []
+                size = 0
+                for frame in frames:
+                    chunk.append(frame)
+                    size += len(frame)
+                    if size >= _TLS_WRITE:
+                        sock.sendall(b"".join(chunk))
+                        chunk, size = [], 0
+                if chunk:
+                    sock.sendall(b"".join(chunk))
+                return
+            pending = [memoryview(frame) for frame in frames]
+            while pending:
+                sent = sock.sendmsg(pending[:_IOV_BATCH])
+                while sent:
+                    if sent >= len(pending[0]):
+                        sent -= len(pending.pop(0))
+                    else:
+                        pending[0] = pending[0][sent:]
+                        sent = 0
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def _response(self, msg_id: int) -> int | None:
+        """Read PDUs until the C-STORE-RSP to `msg_id`; hand every other PDU to the DUL."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                raw = self._read_pdu(deadline)
+            except TimeoutError:
+                log.warning("no c-store response within timeout=%gs", self.timeout or 0)
+                self._fail(closed=False)
+                return None
+            except OSError as exc:
+                log.warning("connection ended while waiting for a c-store response error=%s",
+                            type(exc).__name__)
+                self._fail(closed=True)
+                return None
+            compat.note_transport_activity(self._dul)
+            if raw[0] != _PDATA:  # A-ABORT, A-RELEASE-RQ, ...: the association is ending
+                self._release_held()
+                compat.hand_pdu_to_dul(self._dul, raw)
+                self._fail(closed=False)
+                return None
+            status = self._take(raw, msg_id)
+            if status is not None:
+                return status
+
+    def _take(self, raw: bytes, msg_id: int) -> int | None:
+        """Collect a P-DATA-TF's command fragments; the Status once they make our response."""
+        try:
+            pdvs = _pdvs(raw)
+        except ValueError:
+            pdvs = []
+        if not pdvs or any(not control & _COMMAND for control, _ in pdvs):
+            self._release_held()  # a data set: not a C-STORE-RSP, which has none
+            compat.hand_pdu_to_dul(self._dul, raw)
+            return None
+        self._held.append(raw)
+        for control, data in pdvs:
+            self._command += data
+            if not control & _LAST:
+                continue
+            try:
+                values = parse_command(bytes(self._command))
+                field = struct.unpack("<H", values[0x0100])[0]
+                responding_to = struct.unpack("<H", values.get(0x0120, b"\0\0"))[0]
+                status = values.get(0x0900)
+            except (ValueError, KeyError, struct.error):
+                field, responding_to, status = None, None, None
+            if field != C_STORE_RSP:
+                self._release_held()
+                return None
+            self._held.clear()
+            self._command.clear()
+            if responding_to == msg_id and status is not None and len(status) == 2:
+                return int(struct.unpack("<H", status)[0])
+            log.warning("c-store response ignored: not for the request in flight")
+        return None
+
+    def _release_held(self) -> None:
+        for held in self._held:
+            compat.hand_pdu_to_dul(self._dul, held)
+        self._held.clear()
+        self._command.clear()
+
+    def _read_pdu(self, deadline: float | None) -> bytes:
+        """One whole PDU; TimeoutError when none started before `deadline`."""
+        self._wait_readable(deadline)
+        with self._wire:
+            header = self._read_exactly(6)
+            length = _PDU_HEADER.unpack(header)[2]
+            if length > self._read_limit:
+                raise ConnectionAbortedError(f"PDU of {length} bytes")
+            return header + self._read_exactly(length)
+
+    def _wait_readable(self, deadline: float | None) -> None:
+        sock = self._sock
+        if self._tls and sock.pending():  # type: ignore[attr-defined]
+            return
+        poller = select.poll()  # not select(): it fails on descriptors >= 1024
+        poller.register(sock, select.POLLIN)
+        while True:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if poller.poll(None if wait is None else wait * 1000):
+                return
+            if wait is not None and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError
+
+    def _read_exactly(self, count: int) -> bytes:
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        received = 0
+        while received < count:
+            got = self._sock.recv_into(view[received:], count - received)
+            if not got:
+                raise ConnectionResetError("peer closed the connection")
+            received += got
+        return bytes(buffer)
+
+    def _fail(self, *, closed: bool) -> None:
+        self.broken = True
+        self._release_held()
+        if closed:
+            compat.transport_closed(self._dul)
+
+
+def _pdvs(raw: bytes) -> list[tuple[int, bytes]]:
+    """(message control header, fragment) of each PDV in a P-DATA-TF PDU."""
+    items = []
+    offset, end = 6, len(raw)
+    while offset < end:
+        if offset + 6 > end:
+            raise ValueError("truncated PDV")
+        length, _, control = _PDV_HEADER.unpack_from(raw, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise ValueError("bad PDV length")
+        items.append((control, raw[offset + 6:offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def storage_contexts(assoc: Any) -> dict[tuple[str, str], int]:
+    """(SOP class, transfer syntax) -> context ID of the accepted contexts in which this
+    side may send C-STORE requests."""
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
+            for cx in assoc.accepted_contexts if cx.as_scu}
+
