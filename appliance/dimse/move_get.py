@@ -194,6 +194,7 @@ class _Retrieval:
         self.label = peer_label(sc.assoc)
         self.calling_ae = str(sc.assoc.requestor.ae_title).strip()
         self.started = time.monotonic()
+        self.requestor_gone = False  # the requestor ended the association mid-retrieve
 
     # --- the two services -------------------------------------------------------
 
@@ -252,9 +253,13 @@ class _Retrieval:
                 if lane.broken or not assoc.is_established:
                     break
                 self._respond(Status.PENDING, tally)
-        if lane.broken and assoc.is_established:
-            assoc.abort()
-        if not assoc.is_established:
+        if lane.broken:
+            # Ended by the peer: pynetdicom's reactor (this thread, once we return)
+            # finishes it, and no final response can go out.
+            self.requestor_gone = lane.ended
+            if not lane.ended and assoc.is_established:
+                assoc.abort()
+        if self.requestor_gone or not assoc.is_established:
             log.warning("get stopped: requesting association ended %s", self.label)
         self._finish(plan, tally, cancelled)
 
@@ -379,7 +384,7 @@ class _Retrieval:
             self.att.bridge.call(self.att.service.record_access(plan))
         except Exception as exc:  # an access stamp is not worth failing a retrieve for
             log.warning("could not record study access error=%s", type(exc).__name__)
-        if not self.sc.assoc.is_established:
+        if self.requestor_gone or not self.sc.assoc.is_established:
             return
         status = Status.CANCEL if cancelled else tally.final_status()
         log.info("%s finished status=0x%04X completed=%d failed=%d warning=%d remaining=%d "

@@ -27,8 +27,9 @@ The lane instead, on an established association:
   read and written by two threads at once.
 
 A send that gets no response within `timeout`, or whose connection broke,
-returns None and leaves the lane `broken`: the caller aborts the
-association (and a C-MOVE retries on a fresh one, move_get.py). Reading a
+returns None and leaves the lane `broken`; `ended` when it was the peer
+that ended the association (its A-ABORT or close went to the DUL), else
+the caller aborts it (and a C-MOVE retries on a fresh one, move_get.py). Reading a
 file can fail before anything is sent (OSError from `payload()`): the
 association is still good.
 
@@ -171,6 +172,7 @@ class StoreLane:
         self.contexts = contexts
         self.timeout = timeout
         self.broken = False
+        self.ended = False  # the peer ended the association (A-ABORT, release, close)
         dul = assoc.dul
         self._dul = dul
         self._sock: socket.socket = dul.socket.socket
@@ -311,6 +313,7 @@ class StoreLane:
                 self._release_held()
                 compat.hand_pdu_to_dul(self._dul, raw)
                 self._fail(closed=False)
+                self.ended = True
                 return None
             status = self._take(raw, msg_id)
             if status is not None:
@@ -392,6 +395,7 @@ class StoreLane:
         self.broken = True
         self._release_held()
         if closed:
+            self.ended = True
             compat.transport_closed(self._dul)
 
 

@@ -1,0 +1,270 @@
+"""The C-STORE send path of C-MOVE and C-GET (appliance/dimse/store_lane.py) against
+real peers: a `pacs-edge serve` subprocess, pynetdicom and dcmtk.
+
+What is proven here: the command set the lane encodes is the one pydicom decodes;
+instances arrive byte-identical whatever maximum PDU the peer announces (4096 and
+16384 split each dataset into many PDVs); a destination that aborts mid-study gets
+the instance again on a fresh association, counted once; a C-GET requestor that
+aborts mid-study or never answers a C-STORE ends that C-GET alone and the server
+keeps serving. A peer that does not accept a stored transfer syntax (nothing is
+transcoded: those instances fail alone) is covered in test_retrieve_move.py and
+test_retrieve_get.py, which also send every stored syntax through the lane.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from io import BytesIO
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import HOST, TEST_AE, EdgeServer
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.dsutils import decode
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from appliance.dimse.store_lane import c_store_rq, parse_command
+
+MOVE, GET = StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet
+SUCCESS, PENDING = 0x0000, 0xFF00
+
+
+@pytest.fixture(autouse=True)
+def dcmtk_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCP_NODELAY", "1")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.GeneratedInstance]:
+    """Eight 128 x 128 images (32 KiB of pixels each: many PDVs at a 4 KiB PDU)."""
+    return dicomgen.make_study(tmp_path_factory.mktemp("send-path"), seed=71,
+                               series_per_study=2, instances_per_series=4, size=128)
+
+
+class Peer:
+    """A pynetdicom Storage SCP (C-MOVE destination) keeping every dataset's raw bytes.
+
+    `on_store(uid, nth)` runs in the handler; returning True aborts the association
+    instead of answering.
+    """
+
+    def __init__(self, *, max_pdu: int = 0,
+                 abort_on: Callable[[str, int], bool] | None = None) -> None:
+        self.ae_title = "SENDPEER"
+        self.ae = AE(self.ae_title)
+        self.ae.maximum_pdu_size = max_pdu
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.abort_on = abort_on
+        self.arrivals: dict[str, list[bytes]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self.port = 0
+
+    def __enter__(self) -> Peer:
+        server = self.ae.start_server((HOST, 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self.port = int(server.server_address[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ae.shutdown()
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.arrivals[uid].append(event.encoded_dataset(include_meta=False))
+            nth = len(self.arrivals[uid])
+        if self.abort_on is not None and self.abort_on(uid, nth):
+            event.assoc.abort()
+        return SUCCESS
+
+
+@pytest.fixture
+def edge(edge_server_factory: Callable[..., EdgeServer],
+         study: list[dicomgen.GeneratedInstance]) -> Iterator[EdgeServer]:
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"suboperation_timeout": 2.0, "dimse_timeout": 2.0})
+    server.start()
+    result = dcmtk.storescu(server.port, [i.path for i in study], aec=server.ae_title).check()
+    assert result.store_responses() == ["Success"] * len(study)
+    yield server
+
+
+def identifier(instance: dicomgen.GeneratedInstance) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = instance.study_uid
+    return ds
+
+
+def c_move(edge: EdgeServer, instance: dicomgen.GeneratedInstance, destination: str) -> Dataset:
+    ae = AE(TEST_AE)
+    ae.add_requested_context(MOVE)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [status for status, _ in assoc.send_c_move(identifier(instance), destination,
+                                                              MOVE)]
+    finally:
+        assoc.release()
+    return statuses[-1]
+
+
+class Getter:
+    """A pynetdicom C-GET requestor; `on_store(uid, nth, event)` may stall or abort."""
+
+    def __init__(self, instances: Sequence[dicomgen.GeneratedInstance], *, max_pdu: int = 0,
+                 on_store: Callable[[str, int, evt.Event], None] | None = None) -> None:
+        self.instances = instances
+        self.max_pdu = max_pdu
+        self.on_store = on_store
+        self.arrivals: dict[str, list[bytes]] = defaultdict(list)
+
+    def _store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.arrivals[uid].append(event.encoded_dataset(include_meta=False))
+        if self.on_store is not None:
+            self.on_store(uid, len(self.arrivals[uid]), event)
+        return SUCCESS
+
+    def get(self, edge: EdgeServer) -> list[Dataset]:
+        ae = AE(TEST_AE)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.dimse_timeout = 10  # how long a requestor that aborted waits on its own C-GET
+        ae.add_requested_context(GET)
+        pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax) for i in self.instances)
+        for sop_class, ts in pairs:
+            ae.add_requested_context(sop_class, [ts])
+        roles = [build_role(sop, scp_role=True) for sop in dict.fromkeys(s for s, _ in pairs)]
+        assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title, ext_neg=roles,
+                             evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert assoc.is_established
+        try:
+            return [status for status, _ in assoc.send_c_get(identifier(self.instances[0]), GET)
+                    if "Status" in status]
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def assert_byte_exact(arrivals: dict[str, list[bytes]],
+                      instances: Sequence[dicomgen.GeneratedInstance]) -> None:
+    assert set(arrivals) == {i.sop_instance_uid for i in instances}
+    for inst in instances:
+        for received in arrivals[inst.sop_instance_uid]:
+            assert received == dicomgen.dataset_bytes(inst.path), inst.path.name
+
+
+def counts(status: Dataset) -> tuple[int, int, int]:
+    return (int(status.NumberOfCompletedSuboperations), int(status.NumberOfFailedSuboperations),
+            int(status.NumberOfWarningSuboperations))
+
+
+def test_the_encoded_c_store_request_is_the_command_set_pydicom_decodes() -> None:
+    encoded = c_store_rq(msg_id=7, sop_class="1.2.840.10008.5.1.4.1.1.2",
+                         sop_instance="1.2.3.45", originator_aet="MOVER", originator_id=3)
+    command = decode(BytesIO(encoded), True, True)
+    assert command.CommandGroupLength == len(encoded) - 12
+    assert (command.CommandField, command.MessageID, command.Priority) == (1, 7, 0)
+    assert command.CommandDataSetType != 0x0101
+    assert command.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert command.AffectedSOPInstanceUID == "1.2.3.45"
+    assert command.MoveOriginatorApplicationEntityTitle.strip() == "MOVER"
+    assert command.MoveOriginatorMessageID == 3
+    assert parse_command(encoded)[0x0110] == b"\x07\x00"
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16384])
+def test_move_is_byte_exact_at_a_small_peer_maximum_pdu(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance], max_pdu: int) -> None:
+    with Peer(max_pdu=max_pdu) as peer:
+        edge.add_peer("peer", peer.ae_title, peer.port, allow="store")
+        status = c_move(edge, study[0], peer.ae_title)
+    assert int(status.Status) == SUCCESS
+    assert counts(status) == (len(study), 0, 0)
+    assert_byte_exact(peer.arrivals, study)
+    assert all(len(got) == 1 for got in peer.arrivals.values())
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16384])
+def test_get_is_byte_exact_at_a_small_peer_maximum_pdu(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance], max_pdu: int) -> None:
+    getter = Getter(study, max_pdu=max_pdu)
+    statuses = getter.get(edge)
+    assert int(statuses[-1].Status) == SUCCESS
+    assert counts(statuses[-1]) == (len(study), 0, 0)
+    assert [int(s.Status) for s in statuses[:-1]] == [PENDING] * len(study)
+    assert_byte_exact(getter.arrivals, study)
+
+
+def test_getscu_at_a_4096_byte_pdu_gets_the_study_byte_exact(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    dcmtk.getscu(edge.port, {"StudyInstanceUID": study[0].study_uid}, out,
+                 aec=edge.ae_title, args=("-v", "+B", "-pdu", "4096")).check()
+    received = {str(dicomgen.read_header(p).SOPInstanceUID): dicomgen.dataset_bytes(p)
+                for p in out.iterdir() if p.is_file()}
+    assert received == {i.sop_instance_uid: dicomgen.dataset_bytes(i.path) for i in study}
+
+
+def test_destination_aborting_mid_study_gets_the_instance_again_on_a_fresh_association(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
+    victim = study[3].sop_instance_uid
+    with Peer(max_pdu=16384, abort_on=lambda uid, nth: uid == victim and nth == 1) as peer:
+        edge.add_peer("peer", peer.ae_title, peer.port, allow="store")
+        status = c_move(edge, study[0], peer.ae_title)
+    assert int(status.Status) == SUCCESS
+    assert counts(status) == (len(study), 0, 0)
+    assert_byte_exact(peer.arrivals, study)
+    assert {uid: len(got) for uid, got in peer.arrivals.items()} == (
+        {i.sop_instance_uid: 1 for i in study} | {victim: 2})
+    assert "move sub-operation got no C-STORE response attempt=1 of 3" in edge.log()
+    assert "Traceback" not in edge.log()
+
+
+def test_get_requestor_aborting_mid_study_ends_that_get_and_the_server_serves_on(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
+    def abort_third(uid: str, nth: int, event: evt.Event) -> None:
+        if uid == study[2].sop_instance_uid:
+            event.assoc.abort()
+
+    Getter(study, on_store=abort_third).get(edge)
+    assert _eventually(lambda: "get stopped: requesting association ended" in edge.log())
+    getter = Getter(study)
+    assert int(getter.get(edge)[-1].Status) == SUCCESS
+    assert_byte_exact(getter.arrivals, study)
+    assert "Traceback" not in edge.log()
+
+
+def test_get_requestor_that_never_answers_a_store_is_aborted_after_the_timeout(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
+    def stall_second(uid: str, nth: int, event: evt.Event) -> None:
+        if uid == study[1].sop_instance_uid:
+            time.sleep(4.0)  # dimse_timeout is 2 s
+
+    statuses = Getter(study, on_store=stall_second).get(edge)
+    assert all(int(s.Status) == PENDING for s in statuses)  # no final response
+    assert _eventually(lambda: "no c-store response within timeout=2s" in edge.log())
+    getter = Getter(study)
+    assert int(getter.get(edge)[-1].Status) == SUCCESS
+    assert_byte_exact(getter.arrivals, study)
+    assert "Traceback" not in edge.log()
+
+
+def _eventually(check: Callable[[], bool], deadline: float = 10.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
