@@ -4,7 +4,9 @@ Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
 - replicate + evict, every `sync.replicate_interval_seconds`;
 - recall requests from the appliance, every `sync.recall_poll_seconds`;
 - cloud lifecycle, hourly;
-- scrub: a share of `sync.scrub_fraction_per_day` of the packs, hourly (sync.scrub).
+- scrub: a share of `sync.scrub_fraction_per_day` of the packs, hourly (sync.scrub);
+- prefetch: evicted priors chosen for an order, recalled (archived packs
+  rehydrated early), every `sync.recall_poll_seconds` (sync.prefetch_rehydrate).
 A job that fails logs the error and runs again at its next time; the agent
 itself only stops on SIGTERM/SIGINT. Jobs run concurrently on the loop; a
 per-study lease (appliance.store.leases) keeps two of them, or a CLI command,
@@ -37,6 +39,7 @@ from appliance.store.sync_passes import record_pass
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
+from sync.prefetch_rehydrate import PrefetchRecalls
 from sync.recall import serve_recall_requests
 from sync.replicate import Replicated, replicate_study, replication_candidates
 from sync.rollback import recover_stuck, sweep_leftover_files
@@ -118,6 +121,7 @@ async def run_agent(config: Config) -> None:
             ("recall-requests", lambda: serve_recall_requests(ctx), sync.recall_poll_seconds),
             ("lifecycle", lambda: apply_lifecycle(ctx), LIFECYCLE_INTERVAL),
             ("scrub", lambda: scheduled_scrub(ctx), SCRUB_INTERVAL),
+            ("prefetch", PrefetchRecalls(ctx).run, sync.recall_poll_seconds),
             ("audit-anchor", AnchorJob(config.home, ctx.store).run,
              config.audit.anchor_interval_seconds),
         ]

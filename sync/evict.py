@@ -19,7 +19,9 @@ import time
 from collections.abc import Sequence
 
 from appliance.base import logsafe
+from appliance.store import database
 from appliance.store.leases import StudyLease
+from appliance.store.prefetch_rows import held_study_uids
 from appliance.store.study_rows import StudyRow, replicated_by_last_access
 from appliance.store.tier_steps import NotEvictable, mark_evicted
 from appliance.store.tiering import TierState
@@ -79,11 +81,15 @@ async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[
 
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
     """Replicated studies to evict now: idle past `evict_after_days`, then least recently
-    used ones while the store's disk is above the high watermark (down to the low one)."""
+    used ones while the store's disk is above the high watermark (down to the low one).
+    Priors a prefetch chose stay until their hold ends (appliance/services/prefetch.py):
+    the radiologist reads them next to the new study."""
     if not eviction_allowed(ctx):
         return []
     sync = ctx.config.sync
-    replicated = await replicated_by_last_access(ctx.index)
+    held = await database.run_sync(ctx.index.reader, held_study_uids, time.time())
+    replicated = [s for s in await replicated_by_last_access(ctx.index)
+                  if s.study_uid not in held]
     chosen: list[StudyRow] = []
     if sync.evict_after_days > 0:
         cutoff = time.time() - sync.evict_after_days * DAY

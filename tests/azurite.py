@@ -7,7 +7,10 @@ Fixture
 
 AzuriteServer is the server itself, for tests that must stop and restart it
 (the retry tests): `with AzuriteServer(folder) as server: ... server.stop();
-server.start()`; a restart keeps the port and the data.
+server.start()`; a restart keeps the port and the data. With `debug_log`,
+Azurite writes every request it received (headers and the parameters it
+parsed) to that file: how a test sees what the box asked for when Azurite's
+answer cannot show it (a rehydration priority: Azurite rehydrates at once).
 
 The blob service runs on 127.0.0.1 and a free port, with --disableTelemetry
 (by default Azurite reports usage to an Internet endpoint), --loose and
@@ -50,8 +53,9 @@ def connection_string(port: int) -> str:
 class AzuriteServer:
     """One azurite-blob process with its data in `location`."""
 
-    def __init__(self, location: Path, *, port: int = 0) -> None:
+    def __init__(self, location: Path, *, port: int = 0, debug_log: Path | None = None) -> None:
         self.location = Path(location)
+        self.debug_log = debug_log
         self.port = port or dcmtk.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.location / "azurite.log"
@@ -78,7 +82,8 @@ class AzuriteServer:
             self.proc = subprocess.Popen(
                 [str(AZURITE_BLOB), "--blobHost", HOST, "--blobPort", str(self.port),
                  "--location", str(self.location), "--silent", "--skipApiVersionCheck",
-                 "--loose", "--disableTelemetry"],
+                 "--loose", "--disableTelemetry",
+                 *(["--debug", str(self.debug_log)] if self.debug_log else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
         deadline = began + timeout

@@ -34,6 +34,7 @@ from appliance.cli.common import (
     out,
     resolve_home,
 )
+from appliance.cli.prefetch_commands import prefetch as prefetch_group
 from appliance.cli.users_commands import link as link_command
 from appliance.cli.users_commands import users as users_group
 from appliance.process.undumpable import make_undumpable
@@ -396,6 +397,7 @@ main.add_command(reader_commands.readers)
 main.add_command(reader_commands.reader)
 main.add_command(reader_commands.restore)
 main.add_command(worklist_commands.worklist)
+main.add_command(prefetch_group)
 main.add_command(users_group)
 main.add_command(link_command)
 admin_commands.keys.add_command(reader_commands.keys_escrow)

@@ -30,6 +30,7 @@ from appliance.dimse.move_get import attach as attach_retrieve
 from appliance.dimse.mpps_scp import MppsScp
 from appliance.dimse.mpps_scp import event_handlers as mpps_handlers
 from appliance.dimse.negotiation import StoredSyntaxes
+from appliance.dimse.remote_archive import configured_archive
 from appliance.dimse.server import DimseServer, configure_pynetdicom, event_handlers
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context, server_context
@@ -45,6 +46,7 @@ from appliance.services.ingest import IngestService
 from appliance.services.mpps import MppsService
 from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
+from appliance.services.prefetch import PrefetchService, PrefetchWorker
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.services.users import UserService
@@ -162,10 +164,19 @@ async def serve(
             watcher = DropFolderWatcher.from_config(
                 config, AuditedIngest(services.ingest, auditor, "dropfolder"))
             await watcher.start()
+        # Prefetch of priors: one worker per data home (worker 0), started once the
+        # server listens, since the remote archive's C-MOVE sends instances to it.
+        prefetch = None
+        if config.prefetch.enabled and not worker:
+            prefetch = PrefetchWorker(PrefetchService(
+                index, config.prefetch, archive=configured_archive(config, allowlist)))
+            await prefetch.start()
         # One HL7 listener per data home, like the watcher (worker 0 with several).
         hl7 = None
         if config.hl7.port and not worker:
-            hl7 = Hl7Listener(config.hl7, allowlist, OrderService(index, auditor),
+            orders = OrderService(index, auditor, on_new_order=prefetch.service.on_new_order
+                                  if prefetch is not None else None)
+            hl7 = Hl7Listener(config.hl7, allowlist, orders,
                               tls_context=_hl7_tls_context(config),
                               on_refused=auditor.hl7_connection_refused)
             await hl7.start()
@@ -214,6 +225,8 @@ async def serve(
             log.info("stopping: no new associations; waiting for open ones to finish")
             if hl7 is not None:
                 await hl7.stop()
+            if prefetch is not None:
+                await prefetch.stop()
             if http is not None:
                 await http.stop()  # before the index closes: requests still use it
             await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)

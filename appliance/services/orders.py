@@ -39,12 +39,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pydicom.uid import generate_uid
 
 from appliance.base import logsafe
+from appliance.base.errors import PacsEdgeError
 from appliance.services.order_states import (
     OrderTransitionError,
     OrderTrigger,
@@ -173,10 +175,17 @@ class MessageRefused(Exception):
         self.location = location
 
 
+# Called with the accession number of each new order once it is committed (the
+# prefetch of priors: services/prefetch.py). Its failure never changes the ACK.
+NewOrderHook = Callable[[str], Awaitable[object]]
+
+
 class OrderService:
-    def __init__(self, index: Index, audit: OrderAudit | None = None) -> None:
+    def __init__(self, index: Index, audit: OrderAudit | None = None, *,
+                 on_new_order: NewOrderHook | None = None) -> None:
         self.index = index
         self.audit = audit
+        self.on_new_order = on_new_order
 
     async def apply(self, header: MessageHeader, request: Request, *, sender: str = "",
                     address: str = "") -> Outcome:
@@ -195,7 +204,19 @@ class OrderService:
                     self.audit.order_recorded(sender, address, effect)
                 else:
                     self.audit.patient_recorded(sender, address, effect)
+        if self.on_new_order is not None and not outcome.duplicate:
+            for effect in outcome.effects:
+                if effect.action == "create":
+                    await self._new_order(effect.accession_number)
         return outcome
+
+    async def _new_order(self, accession_number: str) -> None:
+        assert self.on_new_order is not None
+        try:
+            await self.on_new_order(accession_number)
+        except PacsEdgeError as exc:  # the order stands; the nightly run catches up
+            log.error("new order hook failed order=%s error=%s", logsafe.ref(accession_number),
+                      exc.message)
 
 
 def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) -> Outcome:

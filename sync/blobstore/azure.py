@@ -264,15 +264,21 @@ class AzureBlobStore(BlobStore):
         with _mapped("set_tier", name):
             self._client.get_blob_client(name).set_standard_blob_tier(tier.value)
 
-    def request_online(self, name: str) -> None:
+    def request_online(self, name: str, *, early: bool = False) -> None:
         props = self._properties("request_online", name)
-        if _info(props).online or props.archive_status:
-            return  # online, or a rehydration is already under way
+        priority = "High" if early else self.rehydrate_priority
+        if _info(props).online:
+            return
+        # A rehydration under way is left alone, unless it runs at Standard and the
+        # caller needs it early: Azure lets a pending Standard one be raised to High.
+        if props.archive_status and not (
+                early and str(getattr(props, "rehydrate_priority", "") or "") != "High"):
+            return
         try:
             with _mapped("request_online", name):
                 self._client.get_blob_client(name).set_standard_blob_tier(
                     self.rehydrate_to.value,
-                    rehydrate_priority=RehydratePriority(self.rehydrate_priority))
+                    rehydrate_priority=RehydratePriority(priority))
         except BlobOffline:
             return  # another caller started the rehydration in between
 

@@ -37,7 +37,10 @@ tests/test_blobstore_contract.py check each one):
 - delete(name) removes a blob; deleting a missing blob raises BlobNotFound.
 - set_tier(name, tier) moves a blob between Hot/Cool/Cold/Archive.
   Moving out of Archive starts rehydration: request_online(name) does that
-  explicitly, and stat(name).online tells when it finished.
+  explicitly, and stat(name).online tells when it finished. With early=True
+  the caller needs the blob by a deadline (a prefetch before the patient
+  arrives): Azure rehydrates with High priority (under an hour for most
+  blobs, at a higher price) instead of Standard (up to 15 hours).
 
 Errors from vendor SDKs never cross this boundary: each backend maps them to
 the tree below where they arise.
@@ -154,8 +157,9 @@ class BlobStore(ABC):
         """Change the access tier; leaving Archive starts rehydration."""
 
     @abstractmethod
-    def request_online(self, name: str) -> None:
-        """Start bringing an archived blob back online (no-op when it is online)."""
+    def request_online(self, name: str, *, early: bool = False) -> None:
+        """Start bringing an archived blob back online (no-op when it is online or a
+        rehydration is under way); `early`: at the backend's faster, dearer pace."""
 
     @abstractmethod
     def close(self) -> None:

@@ -261,7 +261,8 @@ class LocalFolderStore(BlobStore):
                         rehydrate={"tier": tier.value, "ready_at": ready_at})
         self._write_sidecar(name, side)
 
-    def request_online(self, name: str) -> None:
+    def request_online(self, name: str, *, early: bool = False) -> None:
+        """`early` changes nothing here: a folder has one pace (rehydrate_delay)."""
         info = self._info("request_online", name)
         if info.online or self._rehydrating(name):
             return

@@ -134,8 +134,9 @@ class RetryingBlobStore(BlobStore):
     def set_tier(self, name: str, tier: Tier) -> None:
         self._call("set_tier", name, functools.partial(self.inner.set_tier, name, tier))
 
-    def request_online(self, name: str) -> None:
-        self._call("request_online", name, functools.partial(self.inner.request_online, name))
+    def request_online(self, name: str, *, early: bool = False) -> None:
+        self._call("request_online", name,
+                   functools.partial(self.inner.request_online, name, early=early))
 
     def close(self) -> None:
         self.inner.close()

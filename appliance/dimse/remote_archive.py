@@ -1,0 +1,246 @@
+"""The remote archive a prefetch asks for priors the box does not hold: C-FIND, then C-MOVE.
+
+`[prefetch] remote_archive` names a peer of the allowlist (an older PACS, a
+regional archive). For a patient, the box asks it at STUDY level of the Study
+Root model for every study of the Patient ID, and, for the studies whose
+answer has no Modalities in Study (dcmqrscp and many older archives do not
+keep it), at SERIES level for their modalities and body parts, which the
+rules need. A prior it chooses is moved with a C-MOVE whose destination is
+the box's own AE title: the archive sends the instances to the box like any
+modality, through the same ingest (durable before each acknowledgement), so
+when the C-MOVE's final response arrives, every instance it counts as
+completed is in the index.
+
+The peer needs a port (where it listens) and permission `store` (its
+sub-operations are C-STOREs to the box); its own configuration must know the
+box's AE title, host and port as a move destination.
+
+Issuer of Patient ID: the C-FIND sends the issuer as a return key only; an
+archive that answers an issuer other than the request's is not the same
+patient and its studies are dropped; an answer without an issuer is kept
+(older archives hold one issuer and do not record it).
+
+Every call is blocking (pynetdicom): the prefetch service runs them in a
+thread. Failures raise RemoteArchiveError with a PrefetchFailure kind; the
+messages name the peer and the status, never a patient or a UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from appliance.base.config import Config, DicomConfig
+from appliance.base.errors import PrefetchFailure, RemoteArchiveError
+from appliance.dimse.tls import client_context
+from appliance.services.peers import Allowlist, Peer
+from appliance.services.prefetch import ArchiveFactory, MoveOutcome
+from appliance.services.prefetch_rules import Candidate
+from appliance.store.order_rows import PatientKey
+from appliance.store.prefetch_rows import Source
+from provisioning.certs import TlsPaths
+
+log = logging.getLogger(__name__)
+
+_PENDING = (0xFF00, 0xFF01)
+_SUCCESS = 0x0000
+_WARNING = 0xB000
+
+
+class RemoteArchive:
+    """One remote archive peer, seen from the box as a C-FIND / C-MOVE SCU."""
+
+    def __init__(self, peer: Peer, config: DicomConfig, *,
+                 tls_client: ssl.SSLContext | None = None) -> None:
+        self.peer = peer
+        self.config = config
+        self.tls_client = tls_client
+
+    @classmethod
+    def from_allowlist(cls, name: str, allowlist: Allowlist, config: DicomConfig, *,
+                       tls_client: ssl.SSLContext | None = None) -> RemoteArchive:
+        """The peer named `name`; RemoteArchiveError (NO_REMOTE_ARCHIVE) when it cannot
+        serve as one."""
+        peer = allowlist.peers().get(name)
+        if peer is None or not peer.port:
+            raise RemoteArchiveError(
+                PrefetchFailure.NO_REMOTE_ARCHIVE,
+                f"remote archive {name!r} is not a peer with a port",
+                hint=f"pacs-edge peers add {name} --ae-title AE --host HOST --port PORT"
+                     " --allow store (or fix [prefetch] remote_archive)")
+        if not peer.may("store"):
+            raise RemoteArchiveError(
+                PrefetchFailure.NO_REMOTE_ARCHIVE,
+                f"remote archive {name!r} may not store to this box: its C-MOVE would fail",
+                hint=f"give peer {name} permission store (pacs-edge peers add ... --allow store)")
+        return cls(peer, config, tls_client=tls_client)
+
+    # --- C-FIND -----------------------------------------------------------------------
+
+    def find_priors(self, patient: PatientKey) -> list[Candidate]:
+        """Every study the archive holds for the patient, as prior candidates."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = patient.patient_id
+        query.IssuerOfPatientID = ""
+        for keyword in ("StudyInstanceUID", "StudyDate", "StudyDescription",
+                        "ModalitiesInStudy"):
+            setattr(query, keyword, "")
+        with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
+            answers = self._find(assoc, query)
+            found = []
+            for answer in answers:
+                issuer = str(answer.get("IssuerOfPatientID", "") or "")
+                uid = str(answer.get("StudyInstanceUID", "") or "")
+                if not uid or (issuer and issuer != patient.issuer):
+                    continue
+                modalities = _values(answer.get("ModalitiesInStudy"))
+                parts: tuple[str, ...] = ()
+                if not modalities:
+                    modalities, parts = self._series_of(assoc, uid)
+                found.append(Candidate(uid, str(answer.get("StudyDate", "") or ""), modalities,
+                                       parts, str(answer.get("StudyDescription", "") or ""),
+                                       Source.REMOTE))
+        log.info("remote archive answered peer=%s studies=%d", self.peer.name, len(found))
+        return found
+
+    def _series_of(self, assoc: Any, study_uid: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = ""
+        query.Modality = ""
+        query.BodyPartExamined = ""
+        modalities, parts = set(), set()
+        for answer in self._find(assoc, query):
+            modalities.update(_values(answer.get("Modality")))
+            parts.update(_values(answer.get("BodyPartExamined")))
+        return tuple(sorted(modalities)), tuple(sorted(parts))
+
+    def _find(self, assoc: Any, query: Dataset) -> list[Dataset]:
+        answers = []
+        for status, identifier in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind):
+            code = _status(status)
+            if code in _PENDING:
+                if identifier is not None:
+                    answers.append(identifier)
+            elif code != _SUCCESS:
+                raise RemoteArchiveError(
+                    PrefetchFailure.REMOTE_UNREACHABLE,
+                    f"remote archive {self.peer.name!r} answered the C-FIND with status"
+                    f" {_hex(code)}", hint="check the archive's log")
+        return answers
+
+    # --- C-MOVE -----------------------------------------------------------------------
+
+    def move_study(self, study_uid: str) -> MoveOutcome:
+        """Ask the archive to send one study to this box; the final counts."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        final: Dataset | None = None
+        code = None
+        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
+            for status, _ in assoc.send_c_move(query, self.config.ae_title,
+                                               StudyRootQueryRetrieveInformationModelMove):
+                code = _status(status)
+                if code not in _PENDING:
+                    final = status
+        if final is None or code is None:
+            raise RemoteArchiveError(
+                PrefetchFailure.MOVE_FAILED,
+                f"remote archive {self.peer.name!r} ended the C-MOVE without a final status",
+                hint="the association was aborted or timed out; see the archive's log")
+        outcome = MoveOutcome(
+            status=code, completed=int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+            failed=int(final.get("NumberOfFailedSuboperations", 0) or 0),
+            warning=int(final.get("NumberOfWarningSuboperations", 0) or 0))
+        log.info("remote archive moved peer=%s status=%s completed=%d failed=%d warning=%d",
+                 self.peer.name, _hex(code), outcome.completed, outcome.failed,
+                 outcome.warning)
+        if code not in (_SUCCESS, _WARNING):
+            raise RemoteArchiveError(
+                PrefetchFailure.MOVE_FAILED,
+                f"remote archive {self.peer.name!r} answered the C-MOVE with status"
+                f" {_hex(code)} (completed {outcome.completed}, failed {outcome.failed})",
+                hint="the archive must know this box's AE title, host and port as a move"
+                     " destination")
+        return outcome
+
+    # --- association ------------------------------------------------------------------
+
+    @contextmanager
+    def _association(self, context: Any) -> Iterator[Any]:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
+        ae.connection_timeout = self.config.connect_timeout
+        ae.add_requested_context(context)
+        tls_args = None
+        if self.peer.tls:
+            if self.tls_client is None:
+                raise RemoteArchiveError(
+                    PrefetchFailure.NO_REMOTE_ARCHIVE,
+                    f"remote archive {self.peer.name!r} is marked TLS but this box has TLS off",
+                    hint="set [dicom] tls_port")
+            tls_args = (self.tls_client, None)
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
+                             max_pdu=self.config.max_pdu, tls_args=tls_args)
+        if not assoc.is_established:
+            ae.shutdown()
+            raise RemoteArchiveError(
+                PrefetchFailure.REMOTE_UNREACHABLE,
+                f"remote archive {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
+                " refused or did not answer the association",
+                hint="check that it runs and knows this box's AE title")
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+
+
+def configured_archive(config: Config, allowlist: Allowlist) -> ArchiveFactory:
+    """The `[prefetch] remote_archive` peer, looked up at each use (peers change live);
+    None when none is configured."""
+    name = config.prefetch.remote_archive
+    if not name:
+        return None
+
+    def archive() -> RemoteArchive:
+        tls = None
+        if config.dicom.tls_port:
+            paths = TlsPaths(config.home)
+            tls = client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+        return RemoteArchive.from_allowlist(name, allowlist, config.dicom, tls_client=tls)
+
+    return archive
+
+
+def _status(status: Dataset | None) -> int:
+    return int(getattr(status, "Status", 0xC000)) if status else 0xC000
+
+
+def _hex(code: int) -> str:
+    return f"0x{code:04X}"
+
+
+def _values(value: Any) -> tuple[str, ...]:
+    """A CS value of one or several items (pydicom: str or MultiValue) as sorted codes."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(sorted({str(v).strip().upper() for v in items if str(v).strip()}))

@@ -1,0 +1,313 @@
+"""Prefetch of priors: make a patient's relevant earlier studies local before they arrive.
+
+Three triggers make a request (appliance/store/prefetch_rows.py holds them):
+a new order (the order service calls `on_new_order` after the order is
+committed), the nightly run for tomorrow's worklist (`[prefetch] nightly_at`,
+local time, once a day: every SCHEDULED order of tomorrow without a request
+gets one) and `pacs-edge prefetch --patient-id` (manual).
+
+Then, in the serving process (`PrefetchWorker`, one per data home):
+
+1. choose: the patient's studies in the index and, with `[prefetch]
+   remote_archive`, in the remote archive (a C-FIND) are the candidates;
+   prefetch_rules.py picks the priors; each is recorded with its source:
+   `local` (on disk: done at once), `cloud` (evicted: the sync agent recalls
+   it, asking early rehydration for archived packs: sync/prefetch_rehydrate.py,
+   because only the agent holds cloud credentials) or `remote`;
+2. move: each `remote` prior is C-MOVEd from the remote archive to the box's
+   own AE title (appliance/dimse/remote_archive.py, injected here as a
+   RemoteArchivePort so that this floor holds no DICOM networking).
+
+A request that cannot ask the remote archive still records the priors the
+index has, and is `failed` with the reason; `pacs-edge prefetch retry` asks
+again. Chosen priors are held on local disk until `hold_until`: the order's
+scheduled start (or now) plus `keep_local_days` (sync/evict.py skips them).
+
+Logs name requests by id and studies by logsafe refs: never a patient ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from appliance.base import logsafe
+from appliance.base.config import PrefetchConfig
+from appliance.base.errors import PacsEdgeError, PrefetchFailure, RemoteArchiveError
+from appliance.services.prefetch_rules import Candidate, OrderContext, choose_priors
+from appliance.store import database
+from appliance.store import prefetch_rows as rows
+from appliance.store.index import Index
+from appliance.store.order_rows import PatientKey
+from appliance.store.prefetch_rows import (
+    NewPrior,
+    PrefetchRequest,
+    PriorState,
+    PriorTrigger,
+    RequestTrigger,
+    ScheduledOrder,
+    Source,
+)
+
+if TYPE_CHECKING:  # transaction bodies take the writer's connection
+    import sqlite3
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+# The worker looks this often (three small reads when idle); a new order wakes it at once,
+# a request from the command line (another process) waits for the next look.
+POLL_SECONDS = 5.0
+_IN_INDEX = ("local", "replicating", "replicated")
+
+
+@dataclass(frozen=True)
+class MoveOutcome:
+    """The final C-MOVE response's status and sub-operation counts."""
+
+    status: int
+    completed: int
+    failed: int
+    warning: int
+
+
+class RemoteArchivePort(Protocol):
+    """What the prefetch needs of a remote archive (appliance/dimse/remote_archive.py)."""
+
+    def find_priors(self, patient: PatientKey) -> list[Candidate]: ...
+    def move_study(self, study_uid: str) -> MoveOutcome: ...
+
+
+# The configured archive, looked up when needed (the allowlist is edited live); raises
+# RemoteArchiveError when it is no usable peer. None: no remote archive configured.
+ArchiveFactory = Callable[[], RemoteArchivePort] | None
+
+
+@dataclass(frozen=True)
+class Planned:
+    request_id: int
+    priors: list[Candidate]
+    error: str = ""
+
+
+def scheduled_time(sps_date: str, sps_time: str) -> float | None:
+    """An order's scheduled start (DICOM DA + TM, local time) as epoch seconds."""
+    try:
+        day = datetime.strptime(sps_date[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    digits = "".join(c for c in sps_time.split(".")[0] if c.isdigit())[:6].ljust(6, "0")
+    try:
+        return day.replace(hour=int(digits[:2]), minute=int(digits[2:4]),
+                           second=int(digits[4:6])).timestamp()
+    except ValueError:
+        return day.timestamp()
+
+
+class PrefetchService:
+    def __init__(self, index: Index, config: PrefetchConfig, *,
+                 archive: ArchiveFactory = None) -> None:
+        self.index = index
+        self.config = config
+        self.archive = archive
+        self.wake = asyncio.Event()
+
+    @property
+    def writer(self) -> database.Writer:
+        assert self.index.writer is not None
+        return self.index.writer
+
+    # --- requests -------------------------------------------------------------------
+
+    async def on_new_order(self, accession_number: str) -> int | None:
+        """The hook the order service calls after a new order is committed."""
+        if not self.config.enabled:
+            return None
+        order = await database.run_sync(self.index.reader, rows.order_for_prefetch,
+                                        accession_number)
+        if order is None:
+            return None
+        request = await self._request_for(order, RequestTrigger.ORDER)
+        if request is not None:
+            log.info("prefetch requested request=%d trigger=order order=%s", request,
+                     logsafe.ref(accession_number))
+            self.wake.set()
+        return request
+
+    async def request_manual(self, patient: PatientKey) -> int:
+        now = time.time()
+        request = await self.writer.submit_sync(lambda c: rows.insert_request(
+            c, patient, RequestTrigger.MANUAL, hold_until=now + self.config.keep_local_days * DAY,
+            at=now))
+        assert request is not None  # only order requests are unique
+        log.info("prefetch requested request=%d trigger=manual", request)
+        self.wake.set()
+        return request
+
+    async def _request_for(self, order: ScheduledOrder, trigger: RequestTrigger) -> int | None:
+        now = time.time()
+        needed = scheduled_time(order.sps_start_date, order.sps_start_time)
+        hold = max(needed or now, now) + self.config.keep_local_days * DAY
+        return await self.writer.submit_sync(lambda c: rows.insert_request(
+            c, order.patient, trigger, hold_until=hold, order_id=order.id,
+            exclude_study_uid=order.study_uid, modality=order.modality,
+            procedure=order.procedure, needed_at=needed, at=now))
+
+    async def nightly(self, now: datetime | None = None) -> int | None:
+        """Once a day from `nightly_at` on: a request for every SCHEDULED order of
+        tomorrow that has none; returns how many, None when it is not time."""
+        if not self.config.enabled or not self.config.nightly_at:
+            return None
+        now = now or datetime.now()
+        hours, minutes = (int(v) for v in self.config.nightly_at.split(":"))
+        today = now.strftime("%Y%m%d")
+        if (now.hour, now.minute) < (hours, minutes) or await database.run_sync(
+                self.index.reader, rows.nightly_ran, today):
+            return None
+        tomorrow = (now.date() + timedelta(days=1)).strftime("%Y%m%d")
+        orders = await database.run_sync(self.index.reader, rows.orders_scheduled_on, tomorrow)
+        made = 0
+        for order in orders:
+            if await self._request_for(order, RequestTrigger.NIGHTLY) is not None:
+                made += 1
+        await self.writer.submit_sync(
+            lambda c: rows.record_nightly_run(c, today, made, time.time()))
+        log.info("prefetch nightly run day=%s orders=%d requests=%d", tomorrow, len(orders), made)
+        return made
+
+    # --- choosing priors ------------------------------------------------------------
+
+    async def plan_pending(self, *, today: date | None = None) -> list[Planned]:
+        """Choose the priors of every pending request."""
+        pending = await database.run_sync(self.index.reader, rows.pending_requests)
+        return [await self.plan(request, today=today) for request in pending]
+
+    async def plan(self, request: PrefetchRequest, *, today: date | None = None) -> Planned:
+        indexed = await database.run_sync(self.index.reader, rows.patient_studies,
+                                          request.patient)
+        candidates = [Candidate(s.study_uid, s.study_date, s.modalities, s.body_parts,
+                                s.study_description,
+                                Source.LOCAL if s.tier_state in _IN_INDEX else Source.CLOUD)
+                      for s in indexed]
+        error_kind, error = "", ""
+        if self.archive is not None:
+            try:
+                archive = self.archive()
+                candidates += await asyncio.to_thread(archive.find_priors, request.patient)
+            except RemoteArchiveError as exc:
+                error_kind, error = exc.kind.value, exc.message
+        order = OrderContext(request.modality, request.procedure, request.exclude_study_uid)
+        chosen = choose_priors(candidates, order, self.config, today=today or date.today())
+        new = [NewPrior(c.study_uid, c.study_date, c.modalities, c.source) for c in chosen]
+        await self.writer.submit_sync(lambda c: rows.mark_planned(
+            c, request.id, new, error_kind=error_kind, error=error))
+        await self._finish_local(request.id)
+        log.info("prefetch planned request=%d priors=%d local=%d cloud=%d remote=%d%s",
+                 request.id, len(chosen), *(sum(c.source is s for c in chosen) for s in Source),
+                 f" error={error_kind}" if error_kind else "")
+        return Planned(request.id, chosen, error)
+
+    async def _finish_local(self, request_id: int) -> None:
+        """Priors found on local disk need no fetching: done, and held from now on."""
+        def finish(conn: sqlite3.Connection) -> None:
+            for prior in rows.priors_of(conn, [request_id]):
+                if prior.source == Source.LOCAL and prior.state == PriorState.PENDING:
+                    rows.advance(conn, prior.id, PriorTrigger.LOCAL)
+
+        await self.writer.submit_sync(finish)
+
+    # --- moving remote priors -------------------------------------------------------
+
+    async def move_remote(self) -> int:
+        """C-MOVE every remote prior that waits; returns how many were tried."""
+        waiting = await database.run_sync(self.index.reader, rows.priors_to_work, Source.REMOTE)
+        tried = 0
+        for prior in waiting:
+            if prior.state != PriorState.PENDING:
+                continue  # another pass of this process runs it (resume_interrupted at start)
+            tried += 1
+            await self._move(prior)
+        return tried
+
+    async def _move(self, prior: rows.PrefetchPrior) -> None:
+        state = await database.run_sync(self.index.reader, rows.study_tier_state,
+                                        prior.study_uid)
+        if state in _IN_INDEX:
+            await self._advance(prior.id, PriorTrigger.LOCAL)
+            return
+        if self.archive is None:
+            await self._fail(prior.id, PrefetchFailure.NO_REMOTE_ARCHIVE,
+                             "no remote archive is configured ([prefetch] remote_archive)")
+            return
+        await self._advance(prior.id, PriorTrigger.MOVE)
+        try:
+            archive = self.archive()
+            outcome = await asyncio.to_thread(archive.move_study, prior.study_uid)
+        except RemoteArchiveError as exc:
+            await self._fail(prior.id, exc.kind, exc.message)
+            return
+        if outcome.completed == 0:
+            await self._fail(prior.id, PrefetchFailure.MOVE_FAILED,
+                             "the remote archive sent no instance")
+        elif outcome.failed:
+            await self._fail(prior.id, PrefetchFailure.MOVE_INCOMPLETE,
+                             f"{outcome.failed} of {outcome.completed + outcome.failed}"
+                             " instances did not arrive")
+        else:
+            await self._advance(prior.id, PriorTrigger.MOVED)
+            log.info("prefetch moved study=%s instances=%d", logsafe.ref(prior.study_uid),
+                     outcome.completed)
+
+    async def _advance(self, prior_id: int, trigger: PriorTrigger) -> None:
+        await self.writer.submit_sync(lambda c: rows.advance(c, prior_id, trigger))
+
+    async def _fail(self, prior_id: int, kind: PrefetchFailure, error: str) -> None:
+        log.warning("prefetch prior failed prior=%d kind=%s", prior_id, kind.value)
+        await self.writer.submit_sync(lambda c: rows.advance(
+            c, prior_id, PriorTrigger.FAIL, failure_kind=kind.value, error=error))
+
+
+class PrefetchWorker:
+    """The serving process's prefetch loop: nightly run, choosing, moving."""
+
+    def __init__(self, service: PrefetchService, *, poll: float = POLL_SECONDS) -> None:
+        self.service = service
+        self.poll = poll
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        writer = self.service.writer
+        resumed = await writer.submit_sync(lambda c: rows.resume_interrupted(c, Source.REMOTE))
+        if resumed:
+            log.info("prefetch moves resumed after a restart count=%d", resumed)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="prefetch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run_once(self) -> None:
+        await self.service.nightly()
+        await self.service.plan_pending()
+        await self.service.move_remote()
+
+    async def _run(self) -> None:
+        while True:
+            self.service.wake.clear()
+            try:
+                await self.run_once()
+            except PacsEdgeError as exc:
+                log.error("prefetch pass failed error=%s", exc.message)
+            except Exception:
+                log.exception("prefetch pass crashed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.service.wake.wait(), self.poll)

@@ -1,0 +1,265 @@
+"""Prefetch of priors, end to end, with real peers.
+
+- An HL7 order arrives over a real MLLP socket at `pacs-edge serve`; the
+  patient's three CT priors were evicted to Azure (Azurite), one of them with
+  its pack on the Archive tier; the running `pacs-edge sync` agent brings all
+  three back before the order's scheduled start, and asks the archived pack's
+  rehydration early, with High priority.
+  What Azurite does, and so what this proves: Azurite keeps the Archive tier
+  (a read is refused 409 BlobArchived, as on Azure), but a Set Blob Tier out of
+  Archive finishes at once and Azurite neither reports a pending rehydration
+  nor the priority. So the test checks the box's side: the prior went through
+  `rehydrating`, Azurite received Set Blob Tier with rehydratePriority High
+  for that pack (its request log, --debug), and the instances came back
+  byte-identical. The hours-long wait of a real rehydration is covered by
+  test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done, on
+  the local folder store whose rehydration takes as long as the test says.
+- dcmtk's dcmqrscp stands in as the remote archive for priors the box never
+  held: C-FIND for the patient, C-MOVE to the box's own AE title; while it is
+  down, the request fails with a reason and `prefetch retry` completes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import dcmtk
+import dicomgen
+import hl7peer
+import pydicom
+from azurite import AzuriteServer
+from conftest import EdgeServer, init_home, run_pacs_edge
+from qrarchive import QrArchive
+from syncagent import SyncAgent, evict, index_rows, sent_hashes, stored_hashes, sync_once
+
+PATIENT = "PREFETCH-PAT-7"  # distinctive: the logs must never contain it
+ISSUER = "HOSP"
+DEADLINE = 120.0
+
+
+def make_prior(folder: Path, seed: int, *, days_ago: int, modality: str = "CT",
+               body_part: str = "HEAD", patient: str = PATIENT,
+               issuer: str = ISSUER) -> list[dicomgen.GeneratedInstance]:
+    """One study of the patient, `days_ago` old, of one modality and body part."""
+    instances = dicomgen.make_studies(folder / f"study-{seed}", seed=seed, series_per_study=1,
+                                      instances_per_series=3, modalities=(modality,), size=64)
+    when = (date.today() - timedelta(days=days_ago)).strftime("%Y%m%d")
+    for instance in instances:
+        ds = pydicom.dcmread(instance.path)
+        ds.PatientID, ds.IssuerOfPatientID = patient, issuer
+        ds.StudyDate = ds.SeriesDate = when
+        ds.BodyPartExamined = body_part
+        ds.StudyDescription = f"{modality} {body_part}"
+        ds.save_as(instance.path, enforce_file_format=True)
+    return [dicomgen.GeneratedInstance(i.path, dicomgen.read_header(i.path)) for i in instances]
+
+
+def prefetch_status(home: Path) -> list[dict[str, Any]]:
+    result = run_pacs_edge("prefetch", "status", "--json", "--home", str(home))
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def wait_for(what: str, check: Callable[[], Any], *logs: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not reached in {DEADLINE}s\n" +
+                         "\n".join(log()[-3000:] for log in logs))
+
+
+def all_done(home: Path, count: int) -> list[dict[str, Any]] | None:
+    requests = prefetch_status(home)
+    priors = [p for r in requests for p in r["priors"]]
+    return requests if len(priors) == count and all(p["state"] == "done"
+                                                    for p in priors) else None
+
+
+def test_an_order_brings_three_evicted_priors_back_before_the_patient_arrives(
+        tmp_path: Path) -> None:
+    from sync.blobstore.azure import AzureBlobStore
+    from sync.blobstore.base import Tier
+
+    debug_log = tmp_path / "azurite-requests.log"
+    azurite = AzuriteServer(tmp_path / "azurite", debug_log=debug_log).start()
+    server = agent = None
+    try:
+        home = init_home(tmp_path / "home")
+        credentials = home / "secrets" / "azure.conn"
+        credentials.write_text(azurite.connection_string)
+        credentials.chmod(0o600)
+        hl7_port = dcmtk.free_port()
+        server = EdgeServer(home)
+        server.configure(
+            cloud={"url": "azure://prefetch", "credentials_file": str(credentials)},
+            sync={"stable_after_seconds": 0.0, "recall_poll_seconds": 0.2,
+                  "rehydrate_poll_seconds": 0.2, "segment_size": 8192},
+            hl7={"port": hl7_port}, prefetch={"nightly_at": ""})
+        server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
+                   "--allow", "hl7")
+        priors = [make_prior(tmp_path, 701, days_ago=30), make_prior(tmp_path, 702, days_ago=400),
+                  make_prior(tmp_path, 703, days_ago=900)]
+        other = make_prior(tmp_path, 704, days_ago=10, modality="MR")  # not the order's modality
+        run_pacs_edge("import", "--home", str(home),
+                      *(str(i.path) for study in [*priors, other] for i in study))
+        sync_once(home)
+        for study in priors:
+            evict(home, study[0].study_uid)
+        archived = priors[1][0].study_uid
+        [(pack,)] = index_rows(home, "SELECT p.pack_name FROM packs p JOIN studies s"
+                               f" ON s.id = p.study_fk WHERE s.study_uid = '{archived}'")
+        store = AzureBlobStore("prefetch", azurite.connection_string)
+        store.set_tier(pack, Tier.ARCHIVE)
+        assert not store.stat(pack).online
+
+        server.start()
+        agent = SyncAgent(home).start()
+        tomorrow = (date.today() + timedelta(days=1)).strftime("%Y%m%d")
+        ack = hl7peer.send(hl7_port, hl7peer.orm(
+            "PF-1", accession="ACC-PF-1", patient_id=PATIENT, start=f"{tomorrow}0900",
+            modality="CT", procedure="CTHEAD^CT head without contrast^LOCAL"))
+        assert ack.code == "AA", ack
+
+        [request] = wait_for("three priors done", lambda: all_done(home, 3), server.log,
+                             agent.log)
+        assert (request["trigger"], request["accession_number"], request["state"]) == (
+            "order", "ACC-PF-1", "planned")
+        chosen = {p["study_uid"]: p for p in request["priors"]}
+        assert set(chosen) == {study[0].study_uid for study in priors}
+        assert all(p["source"] == "cloud" and p["in_time"] for p in chosen.values())
+        assert request["needed_at"] is not None  # in_time compares with it
+        assert [uid for uid, p in chosen.items() if p["rehydrate_requested_at"]] == [archived]
+        [(prior_id,)] = index_rows(home, "SELECT id FROM prefetch_priors WHERE study_uid ="
+                                   f" '{archived}'")
+        assert index_rows(home, "SELECT from_state, to_state FROM prefetch_transitions"
+                          f" WHERE prior_fk = {prior_id} ORDER BY id") == [
+            ("pending", "rehydrating"), ("rehydrating", "recalling"), ("recalling", "done")]
+        # What Azurite was asked: the archived pack out of Archive, with High priority.
+        requests = debug_log.read_text(errors="replace")
+        assert '"rehydratePriority":"High"' in requests
+        assert store.stat(pack).tier is Tier.HOT
+        store.close()
+        for study in priors:
+            assert index_rows(home, "SELECT tier_state FROM studies WHERE study_uid ="
+                              f" '{study[0].study_uid}'") == [("replicated",)]
+        assert sent_hashes(i for s in priors for i in s).items() <= stored_hashes(home).items()
+
+        # Held: an eviction pass that takes every idle study spares the priors.
+        agent.stop()
+        server.configure(sync={"evict_after_days": 1e-9})
+        sync_once(home)
+        states = dict(index_rows(home, "SELECT study_uid, tier_state FROM studies"))
+        assert states[other[0].study_uid] == "evicted"
+        assert {states[s[0].study_uid] for s in priors} == {"replicated"}
+        assert PATIENT not in server.log() and PATIENT not in agent.log()
+    finally:
+        if agent is not None:
+            agent.stop()
+        if server is not None:
+            server.stop()
+        azurite.stop()
+
+
+def test_priors_not_in_the_box_come_from_the_remote_archive(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["CT"], "remote_archive": "archive",
+                               "nightly_at": ""})
+    local = make_prior(tmp_path, 711, days_ago=20)
+    remote = [make_prior(tmp_path, 712, days_ago=200, body_part="BRAIN"),
+              make_prior(tmp_path, 713, days_ago=800, body_part="CHEST")]
+    unwanted = [make_prior(tmp_path, 714, days_ago=5, modality="MR"),
+                make_prior(tmp_path, 715, days_ago=50, issuer="OTHER")]
+    run_pacs_edge("import", "--home", str(server.home), *(str(i.path) for i in local))
+    server.start()
+    archive = QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port})
+    archive.load(i.path for study in [*remote, *unwanted] for i in study)
+    server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+    try:
+        # The archive is down: the local prior is held at once, the request fails.
+        out = server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER).stdout
+        assert "1 prior(s)" in out and "remote archive not asked" in out
+        [request] = prefetch_status(server.home)
+        assert (request["state"], request["error_kind"]) == ("failed", "remote_unreachable")
+        assert [(p["source"], p["state"]) for p in request["priors"]] == [("local", "done")]
+
+        archive.start()
+        assert "retrying 1 request(s)" in server.cli("prefetch", "retry").stdout
+        [request] = wait_for("remote priors moved", lambda: all_done(server.home, 3),
+                             server.log, archive.log)
+        assert request["state"] == "planned"
+        assert [(p["study_uid"], p["source"]) for p in request["priors"]] == [
+            (local[0].study_uid, "local"), (remote[0][0].study_uid, "remote"),
+            (remote[1][0].study_uid, "remote")]
+        # Byte-identical to the archive's copies; the MR study and the other issuer's
+        # study (same Patient ID) were not fetched.
+        assert sent_hashes(i for s in remote for i in s).items() <= \
+            stored_hashes(server.home).items()
+        stored = {uid for (uid,) in index_rows(server.home, "SELECT study_uid FROM studies")}
+        assert stored == {local[0].study_uid, remote[0][0].study_uid, remote[1][0].study_uid}
+        table = server.cli("prefetch", "status").stdout
+        assert "done 3" in table and "failed 0" in table
+    finally:
+        archive.stop()
+
+
+async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
+        tmp_path: Path) -> None:
+    """The slow path Azurite cannot show: the pack stays offline for as long as the
+    folder store's rehydration says (here: until the test finishes it); the prior waits
+    in `rehydrating`, polled every rehydrate_poll_seconds, the study still evicted; once
+    online, the next round recalls it."""
+    from appliance.base.config import load_config
+    from appliance.services.prefetch import PrefetchService
+    from appliance.store import database
+    from appliance.store import prefetch_rows as rows
+    from appliance.store.order_rows import PatientKey
+    from sync.blobstore.base import Tier
+    from sync.blobstore.local import LocalFolderStore
+    from sync.cloud import PackService
+    from sync.context import open_context
+    from sync.prefetch_rehydrate import PrefetchRecalls
+
+    home = init_home(tmp_path / "home")
+    EdgeServer(home).configure(sync={"rehydrate_poll_seconds": 0.001})
+    prior = make_prior(tmp_path, 721, days_ago=60)
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in prior))
+    sync_once(home)
+    evict(home, prior[0].study_uid)
+    cloud = home / "cloud"
+    pack = next(i.name for i in LocalFolderStore(cloud).list() if i.name.endswith("pack"))
+    LocalFolderStore(cloud).set_tier(pack, Tier.ARCHIVE)
+
+    config = load_config(home)
+    async with open_context(config) as opened:
+        slow = LocalFolderStore(cloud, rehydrate_delay=3600.0)  # hours, as on Azure
+        ctx = dataclasses.replace(opened, store=slow,
+                                  packs=PackService.for_home(config, slow, opened.files))
+        service = PrefetchService(ctx.index, config.prefetch)
+        request = await service.request_manual(PatientKey(PATIENT, ISSUER))
+        [pending] = await database.run_sync(ctx.index.reader, rows.pending_requests)
+        await service.plan(pending)
+        job = PrefetchRecalls(ctx)
+
+        async def state() -> tuple[str, str]:
+            [prior_row] = await database.run_sync(ctx.index.reader, rows.priors_of, [request])
+            tier = await database.run_sync(ctx.index.reader, rows.study_tier_state,
+                                           prior[0].study_uid)
+            return prior_row.state, tier
+
+        for _ in range(3):  # asked once, then polled: still offline
+            assert await job.run() == 0
+            assert await state() == ("rehydrating", "evicted")
+        assert slow.stat(pack).tier is Tier.ARCHIVE and not slow.stat(pack).online
+        LocalFolderStore(cloud).set_tier(pack, Tier.HOT)  # the cloud finished
+        assert await job.run() == 1
+        assert await state() == ("done", "replicated")
+    assert sent_hashes(prior).items() <= stored_hashes(home).items()
