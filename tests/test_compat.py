@@ -182,11 +182,16 @@ def test_share_send_lock_wraps_one_socket_once() -> None:
 @pytest.mark.parametrize(("owner", "hook", "parameters"), [
     (RequestHandler, "_create_association", ["self"]),
     (QueryRetrieveServiceClass, "_move_scp", ["self", "req", "context"]),
+    (QueryRetrieveServiceClass, "_c_find_scp", ["self", "req", "context"]),
     (QueryRetrieveServiceClass, "_get_scp", ["self", "req", "context"]),
 ])
 def test_overridden_pynetdicom_hooks_keep_their_signatures(
         owner: type, hook: str, parameters: list[str]) -> None:
     assert _parameters(getattr(owner, hook)) == parameters
+
+
+def test_the_query_retrieve_class_answers_c_find_through_the_overridden_hook() -> None:
+    assert "self._c_find_scp(req, context)" in inspect.getsource(QueryRetrieveServiceClass.SCP)
 
 
 @pytest.mark.parametrize("flag", [

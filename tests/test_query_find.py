@@ -26,7 +26,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.dsutils import decode, encode
 
-from appliance.services.query.find import QueryError, QueryModel, QueryRefusal, find
+from appliance.services.query.find import QueryError, QueryModel, QueryRefusal, answer, find
 from appliance.store.index import Index, StoredFile
 from appliance.store.instance_header import InstanceHeader
 
@@ -531,6 +531,72 @@ async def test_non_ascii_values_are_sent_as_utf8(index: Index) -> None:
         wire = encode(response, True, True)
         assert wire is not None
         assert str(decode(BytesIO(wire), True, True).PatientName) == name
+
+
+def pydicom_wire(dataset: Dataset, implicit_vr: bool) -> bytes:
+    wire = encode(dataset, implicit_vr, True)
+    assert wire is not None
+    return wire
+
+
+def every_key(level: str) -> list[str]:
+    depth = LEVELS.index(level)
+    return [k for lvl in LEVELS[: depth + 1] for k in (*LEVEL_KEYS[lvl], *RETURN_KEYS[lvl])]
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False], ids=["implicit", "explicit"])
+@pytest.mark.parametrize(("model", "level"), MODEL_LEVELS)
+async def test_encoded_identifiers_are_byte_identical_to_pydicoms(
+    index: Index, model: QueryModel, level: str, implicit_vr: bool
+) -> None:
+    # Every key of the level and above, plus keys answered with a constant value:
+    # RetrieveAETitle, an unknown key, a sequence, a private block, a lower level's key.
+    query = identifier(level, None, *every_key(level), "PatientComments", "RetrieveAETitle")
+    query.ReferencedStudySequence = Sequence([Dataset()])
+    query.add_new(0x00090010, "LO", "ACME 1.0")
+    query.add_new(0x00091001, "LO", "x")
+    if level != "IMAGE":
+        put(query, "SOPInstanceUID", "")
+    found = await answer(index, model, query, retrieve_ae_title="EDGE1")
+    datasets = found.datasets()
+    encoded = list(found.encoded(implicit_vr=implicit_vr))
+    assert len(encoded) == len(datasets) == len(entities(HEADERS, level))
+    assert encoded == [pydicom_wire(ds, implicit_vr) for ds in datasets]
+    assert any("SpecificCharacterSet" in ds for ds in datasets)  # UTF-8 rows are covered
+    assert not all("SpecificCharacterSet" in ds for ds in datasets)  # and ASCII ones
+
+
+SCRIPT_NAMES = [
+    "Иванов^Иван", "홍^길동=洪^吉童=홍^길동", "Ñúñez^José", "Ωμέγα", "王^小明", "𠀋𠀌^X",
+    "ﬀ^Kelvin", "odd", "even", "A^B^^^", "trailing ", "two\\values", "עברית^שם", "",
+]
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False], ids=["implicit", "explicit"])
+async def test_encoded_identifiers_match_pydicom_in_many_scripts(
+    tmp_path: Path, implicit_vr: bool
+) -> None:
+    headers = [
+        InstanceHeader(
+            patient_id=f"P{n}", issuer_of_patient_id="", patient_name=name,
+            birth_date="19700101" if n % 2 else "", sex="MFO"[n % 3],
+            study_uid=f"{ROOT}.7.{n}", study_date="20240101", study_time="0815" if n % 2 else "",
+            accession_number=f"A{n}" * (n % 3), study_id=str(n), study_description=name[::-1],
+            referring_physician=name.upper(), character_set="ISO_IR 192",
+            series_uid=f"{ROOT}.7.{n}.1", modality="CT", series_number=n or None,
+            series_description="", body_part="", series_date="", series_time="",
+            sop_uid=f"{ROOT}.7.{n}.1.1", sop_class_uid=SOP_CLASSES[n % 3], instance_number=n,
+            transfer_syntax="1.2.840.10008.1.2.1")
+        for n, name in enumerate(SCRIPT_NAMES)
+    ]
+    async with Index(tmp_path / "index.sqlite3") as scripts:
+        await fill(scripts, headers)
+        for level in LEVELS[1:]:
+            query = identifier(level, None, *every_key(level))
+            found = await answer(scripts, QueryModel.PATIENT_ROOT, query)
+            assert len(found) == len(headers)
+            assert list(found.encoded(implicit_vr=implicit_vr)) == [
+                pydicom_wire(ds, implicit_vr) for ds in found.datasets()]
 
 
 async def test_instance_availability_follows_the_tiering_state(tmp_path: Path) -> None:

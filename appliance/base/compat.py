@@ -20,6 +20,7 @@ What is touched, and who uses it:
       subclassed hooks (overridden, not assigned; their signatures are checked too):
       RequestHandler._create_association    (dimse/transport.py)
       QueryRetrieveServiceClass._move_scp/_get_scp (dimse/move_get.py)
+      ServiceClass._c_find_scp              (dimse/find_scp.py)
     aiosqlite 0.22.1
       Connection._execute, Connection._conn several statements in one thread hop
                                             (store/database.py run_sync)

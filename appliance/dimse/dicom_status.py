@@ -31,6 +31,9 @@ class Status(enum.IntEnum):
     OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
     MOVE_DESTINATION_UNKNOWN = 0xA801
     UNABLE_TO_PROCESS = 0xC001
+    # pynetdicom's "unable to process" codes, kept where the appliance answers instead
+    HANDLER_FAILED = 0xC311
+    IDENTIFIER_NOT_ENCODED = 0xC312
     SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
     CANCEL = 0xFE00
     PENDING = 0xFF00

@@ -10,11 +10,12 @@ only through the LoopBridge.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 
 from appliance.audit import Auditor
@@ -36,7 +37,7 @@ from appliance.dimse.tls import is_tls, peer_identity
 from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist
-from appliance.services.query.find import QueryModel, find
+from appliance.services.query.find import Answer, QueryModel, answer
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class DimseHandlers:
         self.s.audit.stored(event.assoc, result.header)  # buffered: no I/O per instance
         return Status.SUCCESS
 
-    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def on_find(self, event: Any) -> Iterator[tuple[int, bytes | Dataset | None]]:
         if (self.worklist is not None
                 and str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND):
             yield from self.worklist.on_find(event, peer_label(event.assoc))
@@ -197,7 +198,7 @@ class DimseHandlers:
         try:
             identifier = event.identifier
             matches = self.s.bridge.call(
-                find(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title)
+                answer(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title)
             )
         except QueryError as exc:
             log.warning("find refused reason=%s %s", exc.message, peer_label(event.assoc))
@@ -210,7 +211,7 @@ class DimseHandlers:
             return
         log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))
         self._audit_query(event, len(matches))
-        for match in matches:
+        for match in _identifiers(matches, UID(event.context.transfer_syntax)):
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
@@ -236,6 +237,14 @@ class DimseHandlers:
             event.assoc, sop_class_uid=str(event.request.AffectedSOPClassUID),
             identifier=raw.getvalue() if raw is not None else b"",
             transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)
+
+
+def _identifiers(matches: Answer, syntax: UID) -> Iterable[bytes | Dataset]:
+    """The response identifiers, encoded by the query service in the Little Endian
+    syntaxes (dimse/find_scp.py sends them as they are); pynetdicom encodes the others."""
+    if syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        return matches.encoded(implicit_vr=syntax.is_implicit_VR)
+    return matches.datasets()
 
 
 def _failure(status: Status, comment: str) -> Dataset:

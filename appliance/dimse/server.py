@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.base.config import DicomConfig
 from appliance.base.errors import PacsEdgeError
+from appliance.dimse import find_scp
 from appliance.dimse.negotiation import StoredCounts
 from appliance.dimse.pdu_socket import TransportAborted
 from appliance.dimse.transport import (
@@ -124,6 +125,7 @@ class DimseServer:
             )
         for uid in QUERY_RETRIEVE_CONTEXTS:
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        find_scp.install()  # C-FIND matches go out pre-encoded, one PDU each
         for uid in WORKFLOW_CONTEXTS:
             self.ae.add_supported_context(uid)
         self._handlers = list(handlers)

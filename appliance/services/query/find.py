@@ -1,12 +1,14 @@
 """C-FIND: answer a query identifier from the SQLite index alone.
 
-Contract for the DIMSE edge::
+Contract for the edges::
 
     matches = await find(index, QueryModel.STUDY_ROOT, identifier,
                          retrieve_ae_title="EDGE")
 
 returns one complete response identifier per match, or raises QueryError
-whose `.kind` the edge maps to the C-FIND failure status. No file is opened:
+whose `.kind` the edge maps to the C-FIND failure status. `answer()` returns
+the same matches as index rows, which the DIMSE edge encodes without building
+a Dataset per match (`Answer.encoded`, see identifiers.py). No file is opened:
 evicted studies answer like any other, with InstanceAvailability NEARLINE.
 
 Each response holds QueryRetrieveLevel, every key of the request (values
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom import config
@@ -42,12 +44,13 @@ from pydicom.tag import BaseTag, Tag
 
 from appliance.base.errors import QueryError, QueryRefusal
 from appliance.services.query import matching
+from appliance.services.query.identifiers import CHARACTER_SET, UTF8, Template
 from appliance.store.cfind import attributes
 from appliance.store.cfind.attributes import Key, Level
 from appliance.store.cfind.search import Criterion, PeriodCriterion, search
 from appliance.store.index import Index
 
-__all__ = ["QueryError", "QueryModel", "QueryRefusal", "find"]
+__all__ = ["Answer", "QueryError", "QueryModel", "QueryRefusal", "answer", "find"]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,7 @@ _LEVELS = {
     QueryModel.STUDY_ROOT: frozenset({Level.STUDY, Level.SERIES, Level.IMAGE}),
 }
 _QUERY_LEVEL = Tag(0x0008, 0x0052)
-_CHARACTER_SET = Tag(0x0008, 0x0005)
 _RETRIEVE_AE = Tag(0x0008, 0x0054)
-_UTF8 = "ISO_IR 192"
 
 # Date and time keys that combined date-time matching reads as one moment.
 DATETIME_PAIRS = {"StudyDate": "StudyTime", "SeriesDate": "SeriesTime"}
@@ -84,12 +85,26 @@ async def find(
     name: when the SCU asked for it, a date range and a time range of the
     same pair bound one period instead of matching separately.
     """
+    found = await answer(index, model, identifier, retrieve_ae_title=retrieve_ae_title,
+                         combined_datetime=combined_datetime)
+    return found.datasets()
+
+
+async def answer(
+    index: Index,
+    model: QueryModel,
+    identifier: Dataset,
+    *,
+    retrieve_ae_title: str = "",
+    combined_datetime: bool = False,
+) -> Answer:
+    """The matches of `identifier` as index rows; `find` with the encoding left to the caller."""
     level = _level(model, identifier)
     plan = _plan(level, identifier, retrieve_ae_title, combined_datetime)
     rows = await search(index, level, plan.columns, plan.criteria)
     log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
               len(rows))
-    return [_response(level, plan, row) for row in rows]
+    return Answer(level, plan, rows)
 
 
 @dataclass
@@ -97,6 +112,34 @@ class _Plan:
     criteria: list[Criterion | PeriodCriterion] = field(default_factory=list)
     columns: list[Key] = field(default_factory=list)  # one per returned value
     fixed: list[tuple[BaseTag, str, str]] = field(default_factory=list)  # (tag, VR, value)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The matches of one query, as the index rows they are read from."""
+
+    level: Level
+    plan: _Plan
+    rows: list[Sequence[object]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def datasets(self) -> list[Dataset]:
+        return [_response(self.level, self.plan, row) for row in self.rows]
+
+    def encoded(self, *, implicit_vr: bool) -> Iterator[bytes]:
+        """Each match's identifier encoded in Implicit or Explicit VR Little Endian,
+        byte for byte what pydicom makes of the Dataset `datasets()` holds."""
+        constant = Dataset()
+        constant[_QUERY_LEVEL] = _element(_QUERY_LEVEL, "CS", self.level.name)
+        for tag, vr, text in self.plan.fixed:
+            constant[tag] = _element(tag, vr, text or empty_value_for_VR(vr))
+        template = Template(constant, [(key.tag, key.vr) for key in self.plan.columns],
+                            implicit=implicit_vr,
+                            fallback=lambda row: _response(self.level, self.plan, row))
+        for row in self.rows:
+            yield template.encode(row)
 
 
 def _level(model: QueryModel, identifier: Dataset) -> Level:
@@ -120,7 +163,7 @@ def _plan(level: Level, identifier: Dataset, retrieve_ae_title: str, combined: b
     wanted: dict[str, tuple[Key, list[str]]] = {}
     for element in identifier:
         tag = element.tag
-        if tag in (_QUERY_LEVEL, _CHARACTER_SET) or tag.element == 0:
+        if tag in (_QUERY_LEVEL, CHARACTER_SET) or tag.element == 0:
             continue  # answered separately; group lengths are not keys
         if tag == _RETRIEVE_AE:
             plan.fixed.append((tag, "AE", retrieve_ae_title))
@@ -192,5 +235,5 @@ def _response(level: Level, plan: _Plan, row: Sequence[object]) -> Dataset:
     for tag, vr, text in plan.fixed:
         response[tag] = _element(tag, vr, text or empty_value_for_VR(vr))
     if non_ascii:
-        response[_CHARACTER_SET] = _element(_CHARACTER_SET, "CS", _UTF8)
+        response[CHARACTER_SET] = _element(CHARACTER_SET, "CS", UTF8)
     return response

@@ -1,0 +1,83 @@
+"""C-FIND on the wire (dimse/find_scp.py): pre-encoded identifiers, one PDU per match.
+
+A real `pacs-edge serve` answers a pynetdicom SCU; the identifiers must decode to
+the same datasets whatever the transfer syntax and however small the SCU's
+maximum PDU (which splits a response into several PDUs), and the operation
+ends with Success.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import HOST, EdgeServer
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+)
+
+PENDING, SUCCESS = 0xFF00, 0x0000
+KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
+        "StudyDescription", "ModalitiesInStudy", "SeriesInstanceUID", "Modality",
+        "SeriesNumber", "SOPInstanceUID", "InstanceNumber", "RetrieveAETitle",
+        "PatientComments")
+
+
+def image_query() -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    for keyword in KEYS:
+        setattr(query, keyword, "")
+    return query
+
+
+def answers(edge: EdgeServer, syntax: str, max_pdu: int) -> tuple[list[Dataset], list[int]]:
+    ae = AE("TESTSCU")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind, [syntax])
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        results = list(assoc.send_c_find(image_query(),
+                                          PatientRootQueryRetrieveInformationModelFind))
+    finally:
+        assoc.release()
+    statuses = [int(status.Status) for status, _ in results]
+    return [ds for _, ds in results if ds is not None], statuses
+
+
+@pytest.fixture
+def served(edge_server: EdgeServer, tmp_path: Path,
+           small_study: list[dicomgen.GeneratedInstance]) -> EdgeServer:
+    special = dicomgen.make_non_ascii_instance(tmp_path, name="Yamada^Tarou=山田^太郎")
+    dcmtk.storescu(edge_server.port, [*(i.path for i in small_study), special.path]).check()
+    return edge_server
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+                         ids=["implicit", "explicit"])
+def test_matches_arrive_whole_in_any_syntax_and_pdu_size(
+        served: EdgeServer, small_study: list[dicomgen.GeneratedInstance], syntax: str) -> None:
+    whole, statuses = answers(served, syntax, 0)
+    assert statuses == [PENDING] * (len(small_study) + 1) + [SUCCESS]
+    split, statuses = answers(served, syntax, 128)  # identifiers span several PDUs
+    assert statuses == [PENDING] * (len(small_study) + 1) + [SUCCESS]
+    key = "SOPInstanceUID"
+    assert sorted(whole, key=lambda ds: ds[key].value) == sorted(
+        split, key=lambda ds: ds[key].value)
+    by_uid = {ds.SOPInstanceUID: ds for ds in whole}
+    assert set(by_uid) == {i.sop_instance_uid for i in small_study} | {
+        ds.SOPInstanceUID for ds in whole if "SpecificCharacterSet" in ds}
+    [special] = [ds for ds in whole if "SpecificCharacterSet" in ds]
+    assert special.SpecificCharacterSet == "ISO_IR 192"
+    assert str(special.PatientName) == "Yamada^Tarou=山田^太郎"
+    for ds in whole:
+        assert ds.QueryRetrieveLevel == "IMAGE"
+        assert ds.RetrieveAETitle == served.ae_title
+        assert ds.PatientComments == ""
+        assert set(KEYS) <= set(ds.dir())
