@@ -263,3 +263,47 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
         assert await job.run() == 1
         assert await state() == ("done", "replicated")
     assert sent_hashes(prior).items() <= stored_hashes(home).items()
+
+
+async def test_the_nightly_run_requests_tomorrows_orders_once(tmp_path: Path) -> None:
+    """From nightly_at on, once a day: a request for every SCHEDULED order of tomorrow
+    that has none (the order hook's request counts), with the order's start as needed_at
+    and the hold keep_local_days after it."""
+    from datetime import datetime
+
+    from appliance.base.config import PrefetchConfig
+    from appliance.services.prefetch import PrefetchService, scheduled_time
+    from appliance.store import database
+    from appliance.store import prefetch_rows as rows
+    from appliance.store.index import Index
+    from appliance.store.order_rows import Demographics, OrderDetails, PatientKey, insert_order
+
+    evening = datetime.combine(date.today(), datetime.min.time()).replace(hour=21)
+    tomorrow, later = ((date.today() + timedelta(days=n)).strftime("%Y%m%d") for n in (1, 2))
+    async with Index(tmp_path / "index.sqlite3") as index:
+        assert index.writer is not None
+
+        def order(conn: Any, accession: str, day: str) -> int:
+            return insert_order(
+                conn, accession_number=accession, placer_order_number="",
+                filler_order_number="", study_uid=f"1.2.3.{len(accession)}.{day}",
+                details=OrderDetails(modality="CT", sps_start_date=day, sps_start_time="0930",
+                                     requested_procedure_desc="CT HEAD"),
+                patient=PatientKey(PATIENT, ISSUER), demographics=Demographics(), at=0.0)
+
+        for accession, day in (("N-1", tomorrow), ("N-22", tomorrow), ("N-333", later)):
+            await index.writer.submit_sync(lambda c, a=accession, d=day: order(c, a, d))
+        service = PrefetchService(index, PrefetchConfig(nightly_at="20:00"))
+        assert await service.on_new_order("N-1") is not None  # the hook came first
+        assert await service.nightly(evening.replace(hour=19, minute=59)) is None
+        assert await service.nightly(evening) == 1  # N-22; N-1 has one, N-333 is later
+        assert await service.nightly(evening.replace(hour=23)) is None  # once a day
+        requests = await database.run_sync(index.reader, rows.recent_requests)
+        assert sorted((r.accession_number, r.trigger) for r in requests) == [
+            ("N-1", "order"), ("N-22", "nightly")]
+        needed = scheduled_time(tomorrow, "0930")  # after now: the hold counts from it
+        assert needed is not None
+        assert {r.needed_at for r in requests} == {needed}
+        assert {r.hold_until for r in requests} == {needed + 7 * 86400}
+        assert {(r.modality, r.procedure, r.exclude_study_uid[:6]) for r in requests} == {
+            ("CT", "CT HEAD", "1.2.3.")}
