@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,49 @@ def group_cpu(pgid: int) -> float:
         if int(fields[2]) == pgid:  # fields[2]: process group
             ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_peak_rss(pgid: int) -> float:
+    """The largest peak resident set (VmHWM, MB) of any process of a group alive now:
+    one server process, or one worker of a server with several."""
+    peak = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if hwm:
+            peak = max(peak, int(hwm.group(1)))
+    return peak * 1024 / MB
+
+
+class PeakRss:
+    """Polls group_peak_rss in a thread while in use (every 50 ms: short-lived forked
+    children such as storescp's are caught too); `.mb` is the largest seen."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while True:
+            self.mb = max(self.mb, group_peak_rss(self.pgid))
+            if self._done.wait(0.05):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.mb = max(self.mb, group_peak_rss(self.pgid))
 
 
 def dcmtk(tool: str) -> str:
@@ -186,6 +230,11 @@ class Server:
         processes belong to it (see group_cpu)."""
         return 0.0 if self.proc is None else group_cpu(self.proc.pid)
 
+    def peak_rss(self) -> PeakRss:
+        """A sampler of the group's peak RSS per process (use it as a context manager)."""
+        assert self.proc is not None
+        return PeakRss(self.proc.pid)
+
     def stop(self) -> None:
         """SIGTERM; SIGKILL to the whole group if it is still there after a deadline."""
         proc = self.proc
@@ -206,10 +255,11 @@ class Server:
 
 
 class EdgeServer(Server):
-    """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer."""
+    """`pacs-edge serve` on a fresh data home, with BENCH as an allowed peer (or on a home
+    made so earlier: init=False)."""
 
     def __init__(self, home: Path, *, workers: int = 1, hl7_port: int = 0, http_port: int = 0,
-                 allow: str = "store,find,move,get") -> None:
+                 allow: str = "store,find,move,get", init: bool = True) -> None:
         # Port 0: the server binds a port the OS picks and logs it in its ready line
         # (a port picked here could be taken by another process while we populate).
         super().__init__(f"pacs-edge workers={workers}", EDGE_AE, 0,
@@ -218,6 +268,8 @@ class EdgeServer(Server):
         # HL7, HTTPS and the metrics listener off unless a (free) port is given: their
         # fixed default ports (2575, 8443, 9464) would clash like TLS's (below).
         self.http_port = http_port
+        if not init:  # a home made earlier (by this class), e.g. a cached copy
+            return
         run([*pacs_edge(), "init", "--home", str(home), "--ae-title", EDGE_AE,
              "--dicom-port", "0", "--hl7-port", str(hl7_port), "--http-port", str(http_port),
              "--metrics-port", "0"])

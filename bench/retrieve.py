@@ -1,13 +1,17 @@
 """Retrieve: C-MOVE (dcmtk movescu, to a dcmtk storescp destination) and C-GET
 (dcmtk getscu into a folder) of the CT study from pacs-edge, next to dcmtk
-dcmqrscp serving the same files, in the same run.
+dcmqrscp and Orthanc (bench/orthanc.py) serving the same files, in the same run,
+on 1 association and on 4 (4 clients started at once, each pulling the whole
+study).
 
 pacs-edge's data home is filled through its own ingest path (see
-common.populate); dcmqrscp indexes the generated files in place (dcmqridx).
-Each retrieve runs `repeats()` times per server, interleaved; the figure is
-MB/s (10^6 bytes of the study's Part 10 files over the movescu / getscu wall
-time) and the ratio of medians to dcmqrscp's. Every run checks that every
-instance arrived.
+common.populate); dcmqrscp indexes the generated files in place (dcmqridx);
+Orthanc gets them over its REST API. Each retrieve runs `repeats()` times per
+server, interleaved; the figure is MB/s (10^6 bytes of the study's Part 10 files
+times the clients, over the wall time from starting the movescu / getscu
+processes to the last one exiting) and the ratio of medians to dcmqrscp's; and
+the server's CPU per instance sent. Every run checks that every instance arrived
+(the destination storescp writes unique file names: 4 C-MOVEs bring 4 copies).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+import orthanc
 import pydicom
 from common import (
     BENCH_AE,
@@ -38,7 +43,7 @@ from common import (
     populate,
     repeats,
     report,
-    timed,
+    timed_parallel,
     total_bytes,
 )
 
@@ -47,10 +52,11 @@ NET = ["-to", "10", "-ta", "30", "-td", "120"]
 
 
 def destination(out: Path) -> Server:
-    """The C-MOVE destination: dcmtk storescp as in store.py (fork, +B, 128 KiB PDU)."""
+    """The C-MOVE destination: dcmtk storescp as in store.py (fork, +B, 128 KiB PDU),
+    with unique file names."""
     server = Server("storescp", DEST_AE, free_port(), out.parent / "retrieve-dest.log")
     server.spawn([dcmtk("storescp"), "--fork", "-aet", DEST_AE, "-pdu", "131072", "+B",
-                  "-dhl", "-od", str(out), str(server.port)])
+                  "+uf", "-dhl", "-od", str(out), str(server.port)])
     server.wait_echo()
     return server
 
@@ -59,17 +65,21 @@ def keys(study_uid: str) -> list[str]:
     return ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
 
 
-def move(server: Server, study_uid: str, out: Path) -> tuple[float, int]:
+def move(server: Server, study_uid: str, out: Path, clients: int) -> tuple[float, int]:
     fresh_dir(out)
-    seconds = timed([dcmtk("movescu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title,
-                     "-aem", DEST_AE, *NET, *keys(study_uid), HOST, str(server.port)])
+    argv = [dcmtk("movescu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title,
+            "-aem", DEST_AE, *NET, *keys(study_uid), HOST, str(server.port)]
+    seconds = timed_parallel([argv] * clients)
+    time.sleep(0.2)  # the destination's forked children finish writing
     return seconds, len(files_under(out))
 
 
-def get(server: Server, study_uid: str, out: Path) -> tuple[float, int]:
+def get(server: Server, study_uid: str, out: Path, clients: int) -> tuple[float, int]:
     fresh_dir(out)
-    seconds = timed([dcmtk("getscu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title,
-                     *NET, "-od", str(out), *keys(study_uid), HOST, str(server.port)])
+    seconds = timed_parallel([
+        [dcmtk("getscu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title, *NET,
+         "-od", str(fresh_dir(out / str(n))), *keys(study_uid), HOST, str(server.port)]
+        for n in range(clients)])
     return seconds, len(files_under(out))
 
 
@@ -90,6 +100,8 @@ def main() -> None:
     seconds: dict[tuple[str, str], list[float]] = {}
     failures: dict[tuple[str, str], str] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
+    orthanc_note = orthanc.missing()
+    load = [round(x, 2) for x in os.getloadavg()]
     try:
         dest = destination(fresh_dir(dest_dir))
         servers.append(dest)
@@ -99,56 +111,76 @@ def main() -> None:
         servers.append(edge.start())
         servers.append(dcmqrscp(WORK / "retrieve-dcmqrscp", files,
                                 destinations={DEST_AE: dest.port}))
-        ops = {"C-MOVE": lambda s: move(s, study_uid, dest_dir),
-               "C-GET": lambda s: get(s, study_uid, get_dir)}
+        if not orthanc_note:
+            other = orthanc.Orthanc(fresh_dir(WORK / "retrieve-orthanc"),
+                                    destinations={DEST_AE: dest.port},
+                                    log_name="retrieve-orthanc.log")
+            servers.append(other.start())
+            other.upload(files)
+            other.name = f"Orthanc {orthanc.version()}"
+        ops = {f"{op} x{n} assoc": (do, n) for n in (1, 4)
+               for op, do in (("C-MOVE", lambda s, n: move(s, study_uid, dest_dir, n)),
+                              ("C-GET", lambda s, n: get(s, study_uid, get_dir, n)))}
         for rep in range(args.repeats):
-            for op, do in ops.items():
+            for op, (do, clients) in ops.items():
                 for server in servers[1:]:
                     key = (op, server.name)
                     if key in failures:
                         continue
                     try:
                         before = server.cpu_seconds()
-                        s, received = do(server)
+                        s, received = do(server, clients)
                         time.sleep(0.2)  # forked children exit and are reaped
                         used = server.cpu_seconds() - before
-                        if received != len(files):
-                            raise BenchError(f"{received} of {len(files)} instances arrived")
+                        if received != clients * len(files):
+                            raise BenchError(f"{received} of {clients * len(files)} "
+                                             "instances arrived")
                     except BenchError as exc:
                         failures[key] = str(exc).strip().splitlines()[-1][:120]
                         console.print(f"[red]{op} from {server.name} failed:[/red] {exc}")
                         continue
                     seconds.setdefault(key, []).append(s)
-                    cpu.setdefault(key, []).append(used)
+                    cpu.setdefault(key, []).append(1000 * used / (clients * len(files)))
                     console.print(f"run {rep + 1}/{args.repeats} {op} {server.name}: "
-                                  f"{s:.2f} s, {size / MB / s:.1f} MB/s")
+                                  f"{s:.2f} s, {clients * size / MB / s:.1f} MB/s")
     finally:
         for server in reversed(servers):
             server.stop()
-        for folder in (dest_dir, get_dir, home, WORK / "retrieve-dcmqrscp"):
+        for folder in (dest_dir, get_dir, home, WORK / "retrieve-dcmqrscp",
+                       WORK / "retrieve-orthanc"):
             shutil.rmtree(folder, ignore_errors=True)
+    load_after = [round(x, 2) for x in os.getloadavg()]
 
     figures: list[Figure] = []
-    for op in ("C-MOVE", "C-GET"):
-        ref = _figure(op, "dcmqrscp", seconds, failures, size)
-        mine = _figure(op, "pacs-edge workers=1", seconds, failures, size)
-        mine.reference = ref.reference = ref
-        ref_cpu = Figure(f"{op} server CPU", "dcmqrscp", "CPU-s", cpu.get((op, "dcmqrscp"), []),
-                         higher_is_better=False)
-        mine_cpu = Figure(ref_cpu.name, mine.subject, "CPU-s", cpu.get((op, mine.subject), []),
-                          ref_cpu, higher_is_better=False)
+    names = [s.name for s in servers[1:]]  # pacs-edge, dcmqrscp, Orthanc
+    for op, (_, clients) in ops.items():
+        ref = _figure(op, "dcmqrscp", seconds, failures, clients * size)
+        ref.reference = ref
+        ref_cpu = Figure(f"{op} server CPU per instance", "dcmqrscp", "CPU-ms",
+                         cpu.get((op, "dcmqrscp"), []), higher_is_better=False)
         ref_cpu.reference = ref_cpu
-        figures += [ref, mine, ref_cpu, mine_cpu]
-    report(f"Retrieve of {len(files)} CT slices ({size / MB:.0f} MB): movescu to storescp, "
-           "getscu to a folder (target: >= 0.8x dcmqrscp)", "retrieve", figures,
-           {"instances": len(files), "bytes": size, "failures": {
-               f"{op} {name}": why for (op, name), why in failures.items()}})
+        figures += [ref, ref_cpu]
+        for name in names:
+            if name == "dcmqrscp":
+                continue
+            figures += [_figure(op, name, seconds, failures, clients * size, ref),
+                        Figure(ref_cpu.name, name, "CPU-ms", cpu.get((op, name), []), ref_cpu,
+                               higher_is_better=False)]
+    if orthanc_note:
+        console.print(f"[yellow]{orthanc_note}[/yellow]")
+    report(f"Retrieve of {len(files)} CT slices ({size / MB:.0f} MB) by 1 and 4 clients at "
+           f"once: movescu to storescp, getscu to a folder (target: >= 0.8x dcmqrscp); load "
+           f"{load[0]} -> {load_after[0]}", "retrieve", figures,
+           {"instances": len(files), "bytes": size, "load_before": load,
+            "load_after": load_after, "orthanc": orthanc_note or names[-1],
+            "failures": {f"{op} {name}": why for (op, name), why in failures.items()}})
 
 
 def _figure(op: str, name: str, seconds: dict[tuple[str, str], list[float]],
-            failures: dict[tuple[str, str], str], size: int) -> Figure:
+            failures: dict[tuple[str, str], str], size: int,
+            ref: Figure | None = None) -> Figure:
     samples = [size / MB / s for s in seconds.get((op, name), [])]
-    return Figure(op, name, "MB/s", samples, note=failures.get((op, name), ""))
+    return Figure(op, name, "MB/s", samples, ref, note=failures.get((op, name), ""))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 # Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers] [workflow]
 #        [web]  (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
+#        BENCH_SMALL_STUDIES (2000 one-instance studies stored over 4 associations),
 #        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries),
+#        BENCH_FIND_LARGE=1 (C-FIND at BENCH_FIND_LARGE_STUDIES, 100000, too),
 #        BENCH_ORDERS (500 HL7 orders), BENCH_WORKLIST_ITEMS (5000 scheduled items).
 # Results: bench/out/<name>.json and a table per benchmark; a summary at the end.
 set -uo pipefail
@@ -23,9 +25,11 @@ if [ ${#scripts[@]} -eq 0 ]; then
   [ -f bench/workflow.py ] && scripts+=(workflow)
   [ -f bench/web.py ] && scripts+=(web)
 fi
-# web compares with Orthanc's DICOMweb plugin when Debian's packages install (as root);
-# otherwise bench/web.py says Orthanc was not measured and measures pacs-edge alone.
-if [[ " ${scripts[*]} " == *" web "* ]] && ! dpkg -s orthanc-dicomweb >/dev/null 2>&1 \
+# store, find, retrieve (issue 17) and web (issue 16, its DICOMweb plugin) compare with
+# Orthanc when Debian's packages install (as root): a reference, not a dependency of the
+# product (bench/orthanc.py runs it). Otherwise the scripts say Orthanc was not measured.
+if [[ " ${scripts[*]} " =~ \ (store|find|retrieve|web)\  ]] \
+    && ! dpkg -s orthanc orthanc-dicomweb >/dev/null 2>&1 \
     && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   mkdir -p bench/out
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb \

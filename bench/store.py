@@ -1,11 +1,19 @@
-"""Storage: the CT study sent with dcmtk storescu, on 1 and 4 associations, to
-pacs-edge (workers=1; and workers=2 on 4) and, in the same run, to dcmtk storescp
-writing to disk (and Orthanc when it is installed; it is not installed here).
+"""Storage: dcmtk storescu sending to pacs-edge (workers=1; and workers=2 on 4
+associations), to dcmtk storescp writing to disk and to Orthanc (bench/orthanc.py:
+fsync per file, like the box), in the same run, servers interleaved:
+
+- the CT study (BENCH_SLICES, 300 slices) on 1 association and on 4 (its files
+  split round robin into 4 folders, one storescu each, all started at once);
+- many small studies: BENCH_SMALL_STUDIES (2000) one-instance studies over 4
+  associations (0 skips it).
 
 Each run gets a fresh server and a fresh data home / output folder; the time
 is from starting the storescu process(es) to the last one exiting. Figures:
 instances/s and MB/s (10^6 bytes of Part 10 files), each as a median of the
-runs, and the ratio to storescp's median on the same number of associations.
+runs, and the ratio to storescp's median in the same case; the server's CPU
+per instance (user+system of its process group from /proc, before and after)
+and its peak RSS per process (VmHWM, sampled; per worker for pacs-edge).
+Every run checks that every instance was stored.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ import shutil
 import sqlite3
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import orthanc
 from common import (
     BENCH_AE,
     DATA,
@@ -41,24 +49,34 @@ from common import (
     report,
     scu_profile,
     serving,
+    small_studies,
     timed_parallel,
     total_bytes,
 )
 
 STORESCP_AE = "STORESCP"
+CT, SMALL = "CT", "small studies"
 
 
 @dataclass(frozen=True)
 class Case:
-    server: str  # "storescp" or "edge"
+    server: str  # "storescp", "edge" or "orthanc"
     associations: int
     workers: int = 1
+    data: str = CT
 
     @property
     def label(self) -> str:
         if self.server == "storescp":
             return "dcmtk storescp"
+        if self.server == "orthanc":
+            return f"Orthanc {orthanc.version()}"
         return f"pacs-edge workers={self.workers}"
+
+    @property
+    def measure(self) -> str:
+        return f"store x{self.associations} assoc" if self.data == CT else \
+            f"small studies x{self.associations} assoc"
 
 
 def split(folder: Path, parts: int) -> list[Path]:
@@ -96,35 +114,48 @@ def storescp(out: Path) -> Server:
     return server
 
 
-def run_case(case: Case, folders: list[Path], profile: Path,
-             expected: int) -> tuple[float, float]:
-    """Seconds to send the study once to a fresh server of `case`, and the server's CPU
-    seconds meanwhile; checks that every instance was stored."""
+@dataclass
+class Sample:
+    seconds: float
+    cpu: float  # server CPU seconds during the send
+    rss: float  # MB, the largest peak RSS of one server process
+
+
+def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> Sample:
+    """Send the files once to a fresh server of `case`; checks that every instance was
+    stored."""
     if case.server == "storescp":
         out = fresh_dir(WORK / "storescp")
         with serving(storescp(out)) as server:
-            seconds, cpu = _send(server, folders, profile)
+            sample = _send(server, folders, profile)
         received = len(files_under(out))
         shutil.rmtree(out, ignore_errors=True)
+    elif case.server == "orthanc":
+        folder = fresh_dir(WORK / "store-orthanc")
+        with serving(orthanc.Orthanc(folder, log_name="store-orthanc.log").start()) as server:
+            sample = _send(server, folders, profile)
+            received = server.instances()
+        shutil.rmtree(folder, ignore_errors=True)
     else:
         home = WORK / "edge-home"
         shutil.rmtree(home, ignore_errors=True)
         edge = EdgeServer(home, workers=case.workers)
         with serving(edge.start()):
-            seconds, cpu = _send(edge, folders, profile)
+            sample = _send(edge, folders, profile)
         received = edge.instances()
         shutil.rmtree(home, ignore_errors=True)
     if received != expected:
         raise BenchError(f"{case.label}: {received} of {expected} instances stored")
-    return seconds, cpu
+    return sample
 
 
-def _send(server: Server, folders: list[Path], profile: Path) -> tuple[float, float]:
+def _send(server: Server, folders: list[Path], profile: Path) -> Sample:
     before = server.cpu_seconds()
-    seconds = timed_parallel([storescu_argv(server.port, server.ae_title, f, profile)
-                              for f in folders])
-    time.sleep(0.2)  # let storescp's forked children exit and be reaped
-    return seconds, server.cpu_seconds() - before
+    with server.peak_rss() as rss:
+        seconds = timed_parallel([storescu_argv(server.port, server.ae_title, f, profile)
+                                  for f in folders])
+        time.sleep(0.2)  # let storescp's forked children exit and be reaped
+    return Sample(seconds, server.cpu_seconds() - before, rss.mb)
 
 
 def sha256_seconds(files: list[Path]) -> float:
@@ -174,6 +205,8 @@ def durable_floor_seconds(instance_bytes: int, folder: Path, count: int = 30) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=int(os.environ.get("BENCH_SLICES", "300")))
+    parser.add_argument("--small", type=int,
+                        default=int(os.environ.get("BENCH_SMALL_STUDIES", "2000")))
     parser.add_argument("--repeats", type=int, default=repeats())
     args = parser.parse_args()
 
@@ -181,80 +214,89 @@ def main() -> None:
     files = files_under(study)
     size = total_bytes(files)
     WORK.mkdir(parents=True, exist_ok=True)
-    profile = scu_profile(files[:1], WORK / "storescu.cfg")
-    # workers=2 only on 4 associations: one association is served by one worker.
-    cases = [Case("storescp", 1), Case("edge", 1),
-             Case("storescp", 4), Case("edge", 4), Case("edge", 4, workers=2)]
-    seconds: dict[Case, list[float]] = {c: [] for c in cases}
-    cpu: dict[Case, list[float]] = {c: [] for c in cases}
+    data: dict[str, tuple[Path, list[Path], Path]] = {
+        CT: (study, files, scu_profile(files[:1], WORK / "storescu.cfg"))}
+    if args.small:
+        small = small_studies(args.small)
+        data[SMALL] = (DATA / f"studies-{args.small}", small,
+                       scu_profile(small, WORK / "storescu-small.cfg"))
+    orthanc_note = orthanc.missing()
+    servers = ["storescp", "edge"] + ([] if orthanc_note else ["orthanc"])
+    cases = [Case(s, 1) for s in servers]
+    cases += [Case(s, 4) for s in servers] + [Case("edge", 4, workers=2)]
+    if args.small:
+        cases += [Case(s, 4, data=SMALL) for s in servers]
+    samples: dict[Case, list[Sample]] = {c: [] for c in cases}
     failures: dict[Case, int] = {}
     hashing: list[float] = []
     floor: list[float] = []
+    load = [round(x, 2) for x in os.getloadavg()]
     for rep in range(args.repeats):  # round robin: noise lands on every case alike
         hashing.append(sha256_seconds(files))
         floor.append(durable_floor_seconds(size // len(files), WORK / "floor"))
         for case in cases:
-            folders = split(study, case.associations)
+            folder, sent, profile = data[case.data]
             try:
-                s, c = run_case(case, folders, profile, len(files))
+                sample = run_case(case, split(folder, case.associations), profile, len(sent))
             except BenchError as exc:  # recorded, and the other cases go on
                 failures[case] = failures.get(case, 0) + 1
-                console.print(f"[red]run {rep + 1} {case.label} x{case.associations} "
+                console.print(f"[red]run {rep + 1} {case.label} {case.measure} "
                               f"failed:[/red] {str(exc)[-1500:]}")
                 continue
-            seconds[case].append(s)
-            cpu[case].append(c)
-            console.print(f"run {rep + 1}/{args.repeats} {case.label} x{case.associations}: "
-                          f"{s:.2f} s, {size / MB / s:.1f} MB/s, server CPU {c:.2f} s")
+            samples[case].append(sample)
+            console.print(f"run {rep + 1}/{args.repeats} {case.label} {case.measure}: "
+                          f"{sample.seconds:.2f} s, {len(sent) / sample.seconds:.0f} inst/s, "
+                          f"server CPU {sample.cpu:.2f} s, peak RSS {sample.rss:.0f} MB")
+    load_after = [round(x, 2) for x in os.getloadavg()]
 
     figures: list[Figure] = []
-    for assoc in (1, 4):
-        ref = Case("storescp", assoc)
-        per_s = _figures(ref, seconds[ref], assoc, len(files), size, None,
-                         failures.get(ref, 0))
-        ref_cpu = Figure(f"server CPU x{assoc} assoc", ref.label, "CPU-s", cpu[ref],
-                         higher_is_better=False)
-        ref_cpu.reference = ref_cpu
-        figures += [*per_s, ref_cpu]
-        for case in cases:
-            if case.server == "edge" and case.associations == assoc:
-                figures += _figures(case, seconds[case], assoc, len(files), size, per_s,
-                                    failures.get(case, 0))
-                figures.append(Figure(ref_cpu.name, case.label, "CPU-s", cpu[case], ref_cpu,
-                                      higher_is_better=False))
+    for group in dict.fromkeys((c.data, c.associations) for c in cases):
+        count, nbytes = len(data[group[0]][1]), total_bytes(data[group[0]][1])
+        group_cases = [c for c in cases if (c.data, c.associations) == group]
+        ref = group_cases[0]  # storescp
+        ref_figs = _figures(ref, samples[ref], count, nbytes, None, failures.get(ref, 0))
+        figures += ref_figs
+        for case in group_cases[1:]:
+            figures += _figures(case, samples[case], count, nbytes, ref_figs,
+                                failures.get(case, 0))
     sha = Figure("SHA-256 of the study", "hashlib, one core", "MB/s",
                  [size / MB / s for s in hashing], figures[1],
                  note="(files in memory: a cap on one association)")
     durable = Figure("durable-write floor, serial", "write+fsync+rename+dir fsync+commit",
                      "inst/s", [1 / s for s in floor], figures[0],
                      note="(a cap on one association)")
-    figures += [sha, durable, _orthanc_note()]
-    report(f"C-STORE of {len(files)} CT slices ({size / MB:.0f} MB), dcmtk storescu",
-           "store", figures, {"instances": len(files), "bytes": size,
-                              "seconds": {f"{c.label} x{c.associations}": s
-                                          for c, s in seconds.items()},
-                              "server_cpu_seconds": {f"{c.label} x{c.associations}": s
-                                                     for c, s in cpu.items()}})
+    figures += [sha, durable]
+    if orthanc_note:
+        console.print(f"[yellow]{orthanc_note}[/yellow]")
+    report(f"C-STORE by dcmtk storescu: {len(files)} CT slices ({size / MB:.0f} MB) on 1 and "
+           f"4 associations, {args.small} one-instance studies on 4; load {load[0]} -> "
+           f"{load_after[0]}", "store", figures,
+           {"instances": len(files), "bytes": size, "small_studies": args.small,
+            "orthanc": orthanc_note or f"Orthanc {orthanc.version()}",
+            "load_before": load, "load_after": load_after,
+            "seconds": {f"{c.label} {c.measure}": [s.seconds for s in v]
+                        for c, v in samples.items()},
+            "server_cpu_seconds": {f"{c.label} {c.measure}": [s.cpu for s in v]
+                                   for c, v in samples.items()}})
 
 
-def _figures(case: Case, secs: list[float], assoc: int, count: int, size: int,
+def _figures(case: Case, runs: list[Sample], count: int, size: int,
              ref: list[Figure] | None, failed: int) -> list[Figure]:
-    def make(unit: str, per: Callable[[float], float]) -> Figure:
-        return Figure(f"store x{assoc} assoc", case.label, unit, [per(s) for s in secs],
-                      note=f"({failed} failed)" if failed else "")
-
-    inst, mbs = make("inst/s", lambda s: count / s), make("MB/s", lambda s: size / MB / s)
-    if ref is None:
-        inst.reference, mbs.reference = inst, mbs  # the reference row: ratio 1.00
-        return [inst, mbs]
-    inst.reference, mbs.reference = ref
-    return [inst, mbs]
-
-
-def _orthanc_note() -> Figure:
-    found = shutil.which("Orthanc")
-    note = "installed but not wired in" if found else "not installed: skipped"
-    return Figure("store (Orthanc)", "Orthanc", "MB/s", [], None, note=note)
+    """inst/s, MB/s, server CPU per instance and peak RSS of one case, each with its
+    storescp reference (`ref`, in this order), or as the reference when `ref` is None."""
+    note = f"({failed} failed)" if failed else ""
+    suffix = case.measure.removeprefix("store ")
+    made = [
+        Figure(case.measure, case.label, "inst/s", [count / r.seconds for r in runs], note=note),
+        Figure(case.measure, case.label, "MB/s", [size / MB / r.seconds for r in runs],
+               note=note),
+        Figure(f"server CPU per instance {suffix}", case.label, "CPU-ms",
+               [1000 * r.cpu / count for r in runs], higher_is_better=False, note=note),
+        Figure(f"peak RSS per process {suffix}", case.label, "MB", [r.rss for r in runs],
+               higher_is_better=False, note=note)]
+    for n, fig in enumerate(made):
+        fig.reference = fig if ref is None else ref[n]
+    return made
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ against the home's site CA, the server called `localhost`). Three parts:
   dcmtk findscu, beyond echoscu, as bench/find.py measures them.
 
 Orthanc (`apt-get install orthanc orthanc-dicomweb`, done by bench/run.sh,
-not here) gets the same files by storescu and the same requests, interleaved
+not here; started by bench/orthanc.py) gets the same files over its REST API and
+the same requests, interleaved
 with pacs-edge's, over plain HTTP (see orthanc_target); if its binary or plugin
 is missing or it does not start, the output says so and its rows are absent.
 Server CPU is the process group's, from /proc (common.group_cpu).
@@ -36,13 +37,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orthanc
 import pydicom
 import requests
 from common import (
@@ -88,9 +89,6 @@ FIND_KEYS = {
     "PatientName wildcard": ["PatientName=TANAKA^YU*"],
     "StudyDate range": ["PatientID", "StudyDate=20230301-20230303"],
 }
-ORTHANC_BIN = "/usr/sbin/Orthanc"
-ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-ORTHANC_AE = "ORTHANC"
 NET = ["-to", "10", "-ta", "30", "-td", "120"]
 CHUNK = 1 << 20
 # Cached metadata: requests per run after the cold one. CPU is read from /proc in clock
@@ -153,59 +151,23 @@ def edge_target(home: Path, files: list[Path]) -> WebTarget:
     return target
 
 
-def orthanc_missing() -> str:
-    """Why Orthanc cannot be measured here, or "" when it can."""
-    missing = [p for p in (ORTHANC_BIN, ORTHANC_PLUGIN) if not Path(p).exists()]
-    if missing:
-        return (f"Orthanc not measured: {', '.join(missing)} missing (apt-get install "
-                "orthanc orthanc-dicomweb)")
-    return ""
-
-
 def orthanc_target(folder: Path, files: list[Path]) -> WebTarget:
-    """Orthanc with its DICOMweb plugin on free ports, HTTP Basic, C-ECHO/FIND/GET/STORE
-    for BENCH from 127.0.0.1 only (Orthanc 1.10 cannot bind to one address: it refuses
-    other hosts instead). Filled by storescu.
+    """Orthanc with its DICOMweb plugin (bench/orthanc.py), HTTP Basic, filled over its
+    REST API.
 
     Plain HTTP on loopback, not HTTPS: Debian's Orthanc 1.10.1 resets every TLS
     connection here (SslEnabled with an EC or an RSA certificate alike), so Orthanc is
     spared the TLS work pacs-edge does; the comparison leans in Orthanc's favour."""
-    fresh_dir(folder)
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "bench", "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "index"), "StorageCompression": False,
-        "MaximumStorageCacheSize": 0, "Plugins": [ORTHANC_PLUGIN],
-        "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "SslEnabled": False, "KeepAlive": True, "TcpNoDelay": True,
-        "DicomServerEnabled": True, "DicomAet": ORTHANC_AE, "DicomPort": dicom_port,
-        "DicomCheckCalledAet": False, "DicomCheckModalityHost": True,
-        "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False,
-        "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False,
-        "DicomModalities": {"bench": {"AET": BENCH_AE, "Host": HOST, "Port": 1,
-                                      "AllowEcho": True, "AllowFind": True,
-                                      "AllowGet": True, "AllowMove": False,
-                                      "AllowStore": True}},
-        "SaveJobs": False, "StableAge": 1,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False,
-                     "Host": f"{HOST}:{http_port}", "Ssl": False},
-    }
-    cfg = folder / "orthanc.json"
-    cfg.write_text(json.dumps(config, indent=2))
-    server = Server("Orthanc", ORTHANC_AE, dicom_port, folder.parent / "web-orthanc.log")
-    server.spawn([ORTHANC_BIN, str(cfg)], cwd=folder)
-    target = WebTarget("Orthanc", server, f"http://{HOST}:{http_port}", None, None)
+    server = orthanc.Orthanc(fresh_dir(folder), users={USER: PASSWORD}, dicomweb=True,
+                             log_name="web-orthanc.log").start()
+    target = WebTarget("Orthanc", server, server.base, None, None)
     try:
-        server.wait_echo()
         start = time.monotonic()
-        for at in range(0, len(files), 2000):  # argv length
-            run([dcmtk("storescu"), "-aet", BENCH_AE, "-aec", ORTHANC_AE, *NET,
-                 HOST, str(dicom_port), *map(str, files[at:at + 2000])], timeout=1800)
+        server.upload(files)
         console.print(f"populated Orthanc: {len(files)} instances in "
                       f"{time.monotonic() - start:.0f} s")
         target.wait_ready()
-    except BenchError:
+    except (BenchError, requests.RequestException):
         server.stop()
         raise
     return target
@@ -484,7 +446,8 @@ def main() -> None:
     files = [*ct, *small_studies(args.studies)]
     WORK.mkdir(parents=True, exist_ok=True)
     load = [round(x, 2) for x in os.getloadavg()]
-    orthanc_note = "Orthanc not measured: --no-orthanc" if args.no_orthanc else orthanc_missing()
+    orthanc_note = ("Orthanc not measured: --no-orthanc" if args.no_orthanc
+                    else orthanc.missing(dicomweb=True))
     targets: list[WebTarget] = []
     samples = Samples()
     matches: dict[tuple[str, str], int] = {}
