@@ -1,7 +1,8 @@
 """The C-STORE send path of C-MOVE and C-GET (appliance/dimse/store_lane.py) against
 real peers: a `pacs-edge serve` subprocess, pynetdicom and dcmtk.
 
-What is proven here: the command set the lane encodes is the one pydicom decodes;
+What is proven here: the command sets the lane encodes (C-STORE-RQ, the Pending
+C-MOVE/C-GET responses written straight to the socket) are the ones pydicom decodes;
 instances arrive byte-identical whatever maximum PDU the peer announces (4096 and
 16384 split each dataset into many PDVs); a destination that aborts mid-study gets
 the instance again on a fresh association, counted once; a C-GET requestor that
@@ -33,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.dimse.store_lane import c_store_rq, parse_command
+from appliance.dimse.store_lane import c_store_rq, parse_command, pending_rsp
 
 MOVE, GET = StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet
 SUCCESS, PENDING = 0x0000, 0xFF00
@@ -182,6 +183,19 @@ def test_the_encoded_c_store_request_is_the_command_set_pydicom_decodes() -> Non
     assert command.MoveOriginatorApplicationEntityTitle.strip() == "MOVER"
     assert command.MoveOriginatorMessageID == 3
     assert parse_command(encoded)[0x0110] == b"\x07\x00"
+
+
+def test_the_encoded_pending_response_is_the_command_set_pydicom_decodes() -> None:
+    encoded = pending_rsp(command_field=0x8021, sop_class=MOVE, responding_to=9, remaining=5,
+                          completed=3, failed=1, warning=2)
+    command = decode(BytesIO(encoded), True, True)
+    assert command.CommandGroupLength == len(encoded) - 12
+    assert (command.CommandField, command.MessageIDBeingRespondedTo) == (0x8021, 9)
+    assert (command.CommandDataSetType, command.Status) == (0x0101, PENDING)
+    assert command.AffectedSOPClassUID == MOVE
+    assert (command.NumberOfRemainingSuboperations, command.NumberOfCompletedSuboperations,
+            command.NumberOfFailedSuboperations, command.NumberOfWarningSuboperations) == (
+        5, 3, 1, 2)
 
 
 @pytest.mark.parametrize("max_pdu", [4096, 16384])

@@ -79,7 +79,14 @@ from appliance.base.config import DicomConfig
 from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import peer_label
-from appliance.dimse.store_lane import StoreLane, storage_contexts
+from appliance.dimse.store_lane import (
+    C_GET_RSP,
+    C_MOVE_RSP,
+    StoreLane,
+    pending_rsp,
+    storage_contexts,
+    write_command,
+)
 from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 from appliance.services.retrieve import (
@@ -195,6 +202,7 @@ class _Retrieval:
         self.calling_ae = str(sc.assoc.requestor.ae_title).strip()
         self.started = time.monotonic()
         self.requestor_gone = False  # the requestor ended the association mid-retrieve
+        self.in_lane = False  # a C-GET's StoreLane holds the requesting association's reads
 
     # --- the two services -------------------------------------------------------
 
@@ -229,6 +237,7 @@ class _Retrieval:
         cancelled = False
         msg_ids = _message_ids(int(self.req.MessageID))
         with StoreLane(assoc, contexts, timeout=assoc.dimse_timeout) as lane:
+            self.in_lane = True
             for instance in plan.instances:
                 if self.sc.is_cancelled(int(self.req.MessageID)):
                     cancelled = True
@@ -253,6 +262,7 @@ class _Retrieval:
                 if lane.broken or not assoc.is_established:
                     break
                 self._respond(Status.PENDING, tally)
+            self.in_lane = False
         if lane.broken:
             # Ended by the peer: pynetdicom's reactor (this thread, once we return)
             # finishes it, and no final response can go out.
@@ -415,6 +425,8 @@ class _Retrieval:
 
     def _respond(self, status: Status, tally: _Tally | None = None, *, final: bool = False) -> None:
         """Send one C-MOVE/C-GET response (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+        if status == Status.PENDING and tally is not None and self._pending_direct(tally):
+            return
         rsp = C_MOVE() if self.action is Action.MOVE else C_GET()
         rsp.MessageIDBeingRespondedTo = self.req.MessageID
         rsp.AffectedSOPClassUID = self.req.AffectedSOPClassUID
@@ -429,6 +441,21 @@ class _Retrieval:
             if final and status != Status.SUCCESS:
                 rsp.Identifier = self._failed_list(tally.failed_uids)
         self.sc.dimse.send_msg(rsp, self.cx_id)
+
+    def _pending_direct(self, tally: _Tally) -> bool:
+        """A Pending response encoded here and written to the socket: one per
+        sub-operation, and pynetdicom's encoding of it cost more than the C-STORE."""
+        command = pending_rsp(
+            command_field=C_MOVE_RSP if self.action is Action.MOVE else C_GET_RSP,
+            sop_class=str(self.req.AffectedSOPClassUID),
+            responding_to=int(self.req.MessageID), remaining=tally.remaining,
+            completed=tally.completed, failed=tally.failed, warning=tally.warning)
+        try:
+            return write_command(self.sc.assoc, self.cx_id, command,
+                                 reads_gated=self.action is Action.GET and self.in_lane)
+        except OSError as exc:
+            log.warning("pending response not sent error=%s %s", type(exc).__name__, self.label)
+            return True
 
     def _failed_list(self, uids: list[str]) -> BytesIO | None:
         ds = Dataset()

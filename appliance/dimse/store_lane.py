@@ -65,6 +65,8 @@ _PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")
 _COMMAND, _LAST = 0x01, 0x02
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
+PENDING = 0xFF00
 # A peer announcing no maximum (0) still gets PDUs of at most this size.
 UNLIMITED_PDU = 1 << 22
 _IOV_BATCH = 512  # buffers per sendmsg() call (IOV_MAX is 1024 on Linux)
@@ -127,6 +129,41 @@ def c_store_rq(*, msg_id: int, sop_class: str, sop_instance: str, priority: int 
         body.append(_element(0x1031, _us(originator_id)))
     encoded = b"".join(body)
     return _element(0x0000, struct.pack("<L", len(encoded))) + encoded
+
+
+def pending_rsp(*, command_field: int, sop_class: str, responding_to: int, remaining: int,
+                completed: int, failed: int, warning: int) -> bytes:
+    """An encoded Pending C-MOVE-RSP or C-GET-RSP command set, no identifier
+    (PS3.7 9.3.3.2, 9.3.4.2): what pynetdicom would encode, ~1 ms cheaper."""
+    body = b"".join([
+        _element(0x0002, _ui(sop_class)),
+        _element(0x0100, _us(command_field)),
+        _element(0x0120, _us(responding_to)),
+        _element(0x0800, _us(0x0101)),  # no data set
+        _element(0x0900, _us(PENDING)),
+        _element(0x1020, _us(remaining)),
+        _element(0x1021, _us(completed)),
+        _element(0x1022, _us(failed)),
+        _element(0x1023, _us(warning)),
+    ])
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def write_command(assoc: Any, cx_id: int, command: bytes, *, reads_gated: bool) -> bool:
+    """Write a command-only message straight to the association's socket, under the
+    DUL's send lock; False when it must go through pynetdicom instead: an SSL socket
+    whose reads the DUL still does (one SSL object, two threads), or a command
+    larger than the peer's maximum PDU."""
+    peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    max_pdu = int(peer.maximum_length or 0) or UNLIMITED_PDU
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is None or len(command) + 12 > max_pdu:
+        return False
+    if isinstance(sock, ssl.SSLSocket) and not reads_gated:
+        return False
+    with compat.share_send_lock(assoc.dul):
+        sock.sendall(StoreLane.header(cx_id, _COMMAND | _LAST, len(command)) + command)
+    return True
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:
@@ -248,21 +285,21 @@ class StoreLane:
     def _frames(self, cx_id: int, command: bytes, dataset: bytes) -> list[bytes | memoryview]:
         """The message's PDUs as buffers: the command in one PDV, the dataset in
         PDVs of at most `_fragment` bytes, one PDV per P-DATA-TF PDU."""
-        frames: list[bytes | memoryview] = [self._header(cx_id, _COMMAND | _LAST, len(command)),
+        frames: list[bytes | memoryview] = [self.header(cx_id, _COMMAND | _LAST, len(command)),
                                             command]
         view = memoryview(dataset)
         size = len(dataset)
         start = 0
         while True:
             end = min(start + self._fragment, size)
-            frames.append(self._header(cx_id, _LAST if end == size else 0, end - start))
+            frames.append(self.header(cx_id, _LAST if end == size else 0, end - start))
             frames.append(view[start:end])
             if end == size:
                 return frames
             start = end
 
     @staticmethod
-    def _header(cx_id: int, control: int, length: int) -> bytes:
+    def header(cx_id: int, control: int, length: int) -> bytes:
         return (_PDU_HEADER.pack(_PDATA, 0, length + 6)
                 + _PDV_HEADER.pack(length + 2, cx_id, control))
 
