@@ -3,7 +3,7 @@ studies in its index, next to Orthanc (bench/orthanc.py) holding the same 10,000
 studies and dcmtk dcmqrscp (whose index holds at most 500 studies, so it gets
 the first 500, and pacs-edge gets the same 500 in a second data home for a
 like-for-like pair). With BENCH_FIND_LARGE=1, a third pacs-edge holds 100,000
-studies (BENCH_FIND_LARGE_STUDIES): the goal is latency growing with the number
+studies (BENCH_FIND_LARGE_STUDIES; large_studies): the goal is latency growing with the number
 of matches, not with the index size.
 
 Queries: an exact PatientID (10 studies), a name wildcard (DOE^J*) and a
@@ -36,6 +36,7 @@ from common import (
     HOST,
     ROOT,
     WORK,
+    BenchError,
     EdgeServer,
     Figure,
     Server,
@@ -43,6 +44,7 @@ from common import (
     dcmqrscp,
     dcmtk,
     echo_argv,
+    files_under,
     populate,
     report,
     run,
@@ -86,6 +88,39 @@ def edge_with(files: list[Path], home: Path) -> EdgeServer:
     console.print(f"populated {home.name}: {len(files)} studies in "
                   f"{time.monotonic() - start:.0f} s")
     return edge.start()
+
+
+def large_studies(count: int, base: list[Path]) -> list[Path]:
+    """`count` one-instance studies made of `base` (the 10,000) and copies of it, cached in
+    bench/out/data. Copy k (1, 2, ...) is each base file with its bytes rewritten at the
+    same length: the generator's UID root ...10.1234. becomes ...10.<1234 + k>. (new
+    study, series and instance UIDs) and the PatientID prefix PE077 becomes X<k:04>
+    (new patients). Names, dates and modalities repeat, so a name wildcard or a date
+    range matches `count / len(base)` times as many studies; an exact PatientID matches
+    the same 10. pydicom would need ~20 min for 100,000 files; this takes seconds."""
+    folder = DATA / f"studies-{count}"
+    copies = -(-count // len(base))
+    if not 1 <= copies <= 1000:
+        raise BenchError(f"{count} studies: not 1-1000 copies of {len(base)}")
+    files = files_under(folder)
+    if len(files) != count:
+        shutil.rmtree(folder, ignore_errors=True)
+        console.print(f"making {count} studies from {copies} copies of {len(base)} in {folder}")
+        root = DATA / f"studies-{len(base)}"
+        for k in range(copies):
+            for path in base[:count - k * len(base)]:
+                target = folder / f"c{k:03d}" / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = path.read_bytes()
+                if k:
+                    data = data.replace(UID_ROOT, UID_ROOT[:-5] + f"{1234 + k}.".encode())
+                    data = data.replace(b"PE077", f"X{k:04d}".encode())
+                target.write_bytes(data)
+        files = files_under(folder)
+    return files
+
+
+UID_ROOT = b"1.2.826.0.1.3680043.10.1234."  # tests/dicomgen.py's
 
 
 def edge_cached(files: list[Path], home: Path) -> EdgeServer:
@@ -137,8 +172,8 @@ def main() -> None:
         servers[f"pacs-edge {args.studies}"] = edge_with(files, WORK / "find-edge-all")
         servers[f"pacs-edge {len(few)}"] = edge_with(few, WORK / "find-edge-few")
         if args.large:
-            servers[f"pacs-edge {args.large}"] = edge_cached(small_studies(args.large),
-                                                             WORK / "find-edge-large")
+            servers[f"pacs-edge {args.large}"] = edge_cached(
+                large_studies(args.large, files), WORK / "find-edge-large")
         servers[f"dcmqrscp {len(few)}"] = dcmqrscp(WORK / "find-dcmqrscp", few)
         if not orthanc_note:
             servers[f"Orthanc {orthanc.version()} {args.studies}"] = orthanc.filled(

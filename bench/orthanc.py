@@ -21,6 +21,7 @@ comparison needs it:
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -60,6 +61,7 @@ def missing(*, dicomweb: bool = False) -> str:
     return ""
 
 
+@functools.cache
 def version() -> str:
     """Orthanc's version ("1.10.1"), or "?" when it does not say."""
     try:

@@ -22,7 +22,8 @@ TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
     ("retrieve", "C-GET x4 assoc", "MB/s"): ("ratio", 0.8),
     ("web", "WADO-RS study (transfer-syntax=*)", "MB/s"): ("ratio", 0.8),  # to C-GET
 }
-FIND_TARGET_MS = 10.0
+FIND_TARGET_MS = 10.0  # an exact ID (issue 17)
+FIND_WIDE_TARGET_MS = 20.0  # a name wildcard or a date range (issue 17)
 # (benchmark file, measure) -> an upper bound in the figure's own unit (issue 15's goals).
 BELOW: dict[tuple[str, str], float] = {
     ("workflow", "orders over 1 MLLP connection"): 5.0,  # s, 500 orders
@@ -34,9 +35,11 @@ BELOW: dict[tuple[str, str], float] = {
 
 
 def target(bench: str, fig: dict[str, Any], studies: int) -> str:
-    if bench == "find" and fig["name"].startswith("C-FIND") and str(studies) in fig["subject"]:
-        ok = fig["median"] is not None and fig["median"] < FIND_TARGET_MS
-        return f"< {FIND_TARGET_MS:.0f} ms: {'met' if ok else 'MISSED'}"
+    if bench == "find" and fig["name"].startswith("C-FIND") \
+            and fig["subject"] == f"pacs-edge {studies}":
+        bound = FIND_TARGET_MS if "PatientID" in fig["name"] else FIND_WIDE_TARGET_MS
+        ok = fig["median"] is not None and fig["median"] < bound
+        return f"< {bound:.0f} ms: {'met' if ok else 'MISSED'}"
     bound = BELOW.get((bench, fig["name"]))
     if bound is not None:
         ok = fig["median"] is not None and fig["median"] < bound
