@@ -237,6 +237,30 @@ class PrefetchConfig:
     remote_archive: str = ""
 
 
+def _window_ok(value: str) -> bool:
+    start, sep, end = value.partition("-")
+    return value == "" or (sep == "-" and start != "" and end != ""
+                           and _clock_ok(start) and _clock_ok(end) and start != end)
+
+
+@dataclass(frozen=True)
+class MigrateConfig:
+    """`pacs-edge migrate`: pulling a legacy archive into the box (docs/operator-guide.md).
+    Defaults of the run options; `migrate start` options override them per run."""
+
+    via: str = field(default="move", metadata=_check(lambda v: v in {"move", "get"},
+                                                      "move or get"))
+    associations: int = field(default=4, metadata=_check(lambda v: 1 <= v <= 32, "1-32"))
+    rate_per_hour: int = field(default=0, metadata=_check(lambda v: v >= 0,
+                                                          ">= 0 studies per hour (0: no limit)"))
+    window: str = field(default="", metadata=_check(
+        _window_ok, '"" (any time) or HH:MM-HH:MM (local time, may span midnight)'))
+    query_limit: int = field(default=500, metadata=_check(lambda v: v >= 2, ">= 2 answers"))
+    max_attempts: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
+    retry_base_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0,
+                                                                    "> 0 seconds"))
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     """Web users: passwords, lock-out, sessions and launch links (docs/web.md)."""
@@ -276,6 +300,7 @@ class Config:
     audit: AuditConfig = AuditConfig()
     workflow: WorkflowConfig = WorkflowConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
+    migrate: MigrateConfig = MigrateConfig()
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
 
@@ -317,6 +342,7 @@ _SECTIONS: dict[str, type] = {
     "audit": AuditConfig,
     "workflow": WorkflowConfig,
     "prefetch": PrefetchConfig,
+    "migrate": MigrateConfig,
     "auth": AuthConfig,
     "log": LogConfig,
 }
@@ -545,6 +571,21 @@ _COMMENTS = {
     "prefetch.nightly_at": "Local time of the nightly run for tomorrow's worklist (\"\": off).",
     "prefetch.remote_archive": "Peer (find, move) to C-MOVE priors from that the box does not"
     " hold (\"\": none).",
+    "migrate": "`pacs-edge migrate`: pull a legacy PACS into the box (docs/operator-guide.md);"
+    " the defaults of `migrate start`'s options.",
+    "migrate.via": "move: C-MOVE each study to this box (the legacy PACS must know this box's"
+    " AE title, host and port); get: C-GET it over the migration's own association.",
+    "migrate.associations": "Studies transferred at once, one association to the legacy PACS"
+    " each.",
+    "migrate.rate_per_hour": "Start at most this many studies per hour (0: no limit).",
+    "migrate.window": "Transfer only in this local time window, e.g. 20:00-06:00 (\"\": any"
+    " time).",
+    "migrate.query_limit": "Most answers the legacy PACS gives to one C-FIND: a query that"
+    " gets this many is split (by time of day, then by modality).",
+    "migrate.max_attempts": "Attempts per study (and per day's query) before it is listed as"
+    " failed.",
+    "migrate.retry_base_seconds": "Wait before the first retry; doubled at each attempt, at"
+    " most an hour.",
     "auth": "Web users: passwords, lock-out, sessions, launch links (docs/web.md).",
     "auth.min_password_length": "Shortest password `users add` and `users passwd` accept.",
     "auth.max_failed_logins": "Consecutive failed logins that lock a user out...",

@@ -45,6 +45,9 @@ Tree::
     │                             (store/prefetch_rows.py)
     ├── RemoteArchiveError        the remote archive could not answer a prefetch
     │                             (kind: PrefetchFailure; dimse/remote_archive.py raises it)
+    ├── MigrationError            `pacs-edge migrate` cannot start, resume or change a run
+    ├── LegacyPeerError           the legacy PACS of a migration failed a C-FIND, C-MOVE or
+    │                             C-GET (kind: MigrationFailure; dimse/legacy_scu.py raises it)
     ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
     └── AnchorError               an audit anchor cannot be written or read, or contradicts
                                   the log (audit/anchor.py)
@@ -251,5 +254,29 @@ class RemoteArchiveError(PacsEdgeError):
     names the peer and the DICOM status, never a patient or a UID."""
 
     def __init__(self, kind: PrefetchFailure, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+class MigrationError(PacsEdgeError):
+    """A migration run cannot be started, resumed, paused or cancelled as asked (no such
+    run, one already unfinished, a peer that may not be migrated from, a bad option)."""
+
+
+class MigrationFailure(enum.StrEnum):
+    """Why a day's query or a study's transfer failed (migration_studies.error_kind)."""
+
+    UNREACHABLE = "unreachable"      # no connection, or the association was rejected/aborted
+    QUERY_FAILED = "query_failed"    # the C-FIND ended with a failure status
+    RETRIEVE_FAILED = "retrieve_failed"  # the C-MOVE/C-GET ended with a failure status
+    INCOMPLETE = "incomplete"        # fewer instances in the box than the legacy PACS listed
+    NOT_FOUND = "not_found"          # the legacy PACS no longer lists the study
+
+
+class LegacyPeerError(PacsEdgeError):
+    """The legacy PACS could not answer a migration's C-FIND, C-MOVE or C-GET. The message
+    names the peer and the DICOM status, never a patient or a UID."""
+
+    def __init__(self, kind: MigrationFailure, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.kind = kind

@@ -1,0 +1,356 @@
+"""Rows of `pacs-edge migrate`: runs, the days they list, the studies they transfer.
+
+Functions of a sqlite3 connection: writes run through `Writer.submit_sync` (one
+committed transaction each), reads through `database.run_sync` on the reader.
+The walk's decisions (what to query, when to retry) are
+appliance/services/legacy_migration.py's; this module only keeps them.
+
+A run's state is a table (RUN_STATES): running -> paused | cancelled | done,
+paused -> running | cancelled; a missing pair is refused with MigrationError.
+A study or day is pending, done or failed; a failure is retried after a backoff
+until max_attempts, then stays failed until `migrate resume --retry-failed`.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.base.errors import MigrationError, MigrationFailure
+
+
+class RunState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    DONE = "done"
+
+
+class RunTrigger(enum.StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    CANCEL = "cancel"
+    FINISH = "finish"
+
+
+RUN_STATES: dict[tuple[RunState, RunTrigger], RunState] = {
+    (RunState.RUNNING, RunTrigger.PAUSE): RunState.PAUSED,
+    (RunState.RUNNING, RunTrigger.CANCEL): RunState.CANCELLED,
+    (RunState.RUNNING, RunTrigger.FINISH): RunState.DONE,
+    (RunState.RUNNING, RunTrigger.RESUME): RunState.RUNNING,
+    (RunState.PAUSED, RunTrigger.RESUME): RunState.RUNNING,
+    (RunState.PAUSED, RunTrigger.CANCEL): RunState.CANCELLED,
+}
+UNFINISHED = (RunState.RUNNING, RunState.PAUSED)
+RETRY_CAP_SECONDS = 3600.0
+
+
+def next_run_state(state: RunState, trigger: RunTrigger) -> RunState:
+    try:
+        return RUN_STATES[(state, trigger)]
+    except KeyError:
+        raise MigrationError(f"a {state.value} migration cannot {trigger.value}",
+                             hint="`pacs-edge migrate status` shows the run's state") from None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What `migrate start` was asked for; `migrate resume` runs with the same."""
+
+    peer: str
+    via: str
+    since_day: str
+    until_day: str
+    modalities: tuple[str, ...]
+    associations: int
+    rate_per_hour: int
+    time_window: str
+    query_limit: int
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    settings: RunSettings
+    state: RunState
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """A study a day's C-FIND listed, with the instance count it announced (or None)."""
+
+    study_uid: str
+    expected_instances: int | None
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    id: int
+    study_uid: str
+    day: str
+    expected_instances: int | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    what: str  # "day" or "study"
+    day: str
+    study_uid: str
+    attempts: int
+    error_kind: str
+    last_error: str
+    expected_instances: int | None
+    received_instances: int
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    days_total: int
+    days_done: int
+    days_failed: int
+    studies_found: int
+    studies_done: int
+    studies_failed: int
+    instances_expected: int
+    instances_received: int
+    shared_instances: int
+    next_attempt_at: float | None  # earliest retry waiting, if any
+
+    @property
+    def days_pending(self) -> int:
+        return self.days_total - self.days_done - self.days_failed
+
+    @property
+    def studies_pending(self) -> int:
+        return self.studies_found - self.studies_done - self.studies_failed
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to try: every day listed or failed, every study done or failed."""
+        return self.days_pending == 0 and self.studies_pending == 0
+
+
+def backoff(attempts: int, base_seconds: float) -> float:
+    """Seconds before attempt `attempts + 1`: base, doubled per attempt, at most an hour."""
+    return float(min(base_seconds * (2 ** max(attempts - 1, 0)), RETRY_CAP_SECONDS))
+
+
+# --- runs ---------------------------------------------------------------------------
+
+def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[str]) -> int:
+    """A new running run with a pending row per day; refused while another is unfinished."""
+    unfinished = conn.execute(
+        "SELECT id FROM migration_runs WHERE state IN (?, ?)", UNFINISHED).fetchone()
+    if unfinished is not None:
+        raise MigrationError(
+            f"migration run {unfinished[0]} is not finished",
+            hint="`pacs-edge migrate resume` continues it; `pacs-edge migrate cancel` ends it")
+    now = time.time()
+    cur = conn.execute(
+        "INSERT INTO migration_runs (peer, via, since_day, until_day, modalities, associations,"
+        " rate_per_hour, time_window, query_limit, state, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (settings.peer, settings.via, settings.since_day, settings.until_day,
+         ",".join(settings.modalities), settings.associations, settings.rate_per_hour,
+         settings.time_window, settings.query_limit, RunState.RUNNING, now, now))
+    run_id = int(cur.lastrowid or 0)
+    conn.executemany("INSERT INTO migration_days (run_fk, day) VALUES (?, ?)",
+                     [(run_id, day) for day in days])
+    return run_id
+
+
+_RUN_COLUMNS = ("id, peer, via, since_day, until_day, modalities, associations, rate_per_hour,"
+                " time_window, query_limit, state, created_at, updated_at, finished_at")
+
+
+def _run(row: Any) -> Run:
+    settings = RunSettings(row[1], row[2], row[3], row[4],
+                           tuple(m for m in str(row[5]).split(",") if m), int(row[6]),
+                           int(row[7]), row[8], int(row[9]))
+    return Run(int(row[0]), settings, RunState(row[10]), float(row[11]), float(row[12]),
+               None if row[13] is None else float(row[13]))
+
+
+def latest_run(conn: sqlite3.Connection) -> Run | None:
+    """The most recent run, finished or not."""
+    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM migration_runs ORDER BY id DESC LIMIT 1"
+                       ).fetchone()
+    return None if row is None else _run(row)
+
+
+def run_by_id(conn: sqlite3.Connection, run_id: int) -> Run | None:
+    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM migration_runs WHERE id = ?",
+                       (run_id,)).fetchone()
+    return None if row is None else _run(row)
+
+
+def change_run(conn: sqlite3.Connection, run_id: int, trigger: RunTrigger) -> RunState:
+    """Apply `trigger` to the run (RUN_STATES); returns the new state."""
+    run = run_by_id(conn, run_id)
+    if run is None:
+        raise MigrationError(f"no migration run {run_id}")
+    state = next_run_state(run.state, trigger)
+    now = time.time()
+    finished = now if state in (RunState.DONE, RunState.CANCELLED) else None
+    conn.execute("UPDATE migration_runs SET state = ?, updated_at = ?, finished_at = ?"
+                 " WHERE id = ?", (state, now, finished, run_id))
+    return state
+
+
+def retry_failed(conn: sqlite3.Connection, run_id: int) -> int:
+    """Make the run's failed days and studies pending again, attempts reset; returns how
+    many. A done run becomes running again when there was something to retry."""
+    now = time.time()
+    changed = 0
+    for table in ("migration_days", "migration_studies"):
+        changed += conn.execute(
+            f"UPDATE {table} SET state = 'pending', attempts = 0, next_attempt_at = 0"
+            " WHERE run_fk = ? AND state = 'failed'", (run_id,)).rowcount
+    if changed:
+        conn.execute("UPDATE migration_runs SET state = ?, updated_at = ?, finished_at = NULL"
+                     " WHERE id = ? AND state = ?", (RunState.RUNNING, now, run_id, RunState.DONE))
+    return changed
+
+
+# --- days ---------------------------------------------------------------------------
+
+def due_days(conn: sqlite3.Connection, run_id: int, now: float) -> list[str]:
+    """Pending days whose next attempt is due, newest first (recent studies matter most)."""
+    return [str(r[0]) for r in conn.execute(
+        "SELECT day FROM migration_days WHERE run_fk = ? AND state = 'pending'"
+        " AND next_attempt_at <= ? ORDER BY day DESC", (run_id, now)).fetchall()]
+
+
+def list_day(conn: sqlite3.Connection, run_id: int, day: str, found: Iterable[FoundStudy],
+             queries: int) -> None:
+    """Record every study of `day` and mark the day done, in one transaction. A study
+    listed again (a crash before this commit, or a retry) keeps its row and state."""
+    now = time.time()
+    rows = [(run_id, day, s.study_uid, s.expected_instances, now) for s in found]
+    conn.executemany(
+        "INSERT INTO migration_studies (run_fk, day, study_uid, expected_instances, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_fk, study_uid) DO UPDATE SET"
+        " expected_instances = COALESCE(migration_studies.expected_instances,"
+        " excluded.expected_instances)", rows)
+    conn.execute("UPDATE migration_days SET state = 'done', queries = ?, studies = ?,"
+                 " error_kind = '', last_error = '' WHERE run_fk = ? AND day = ?",
+                 (queries, len(rows), run_id, day))
+
+
+def fail_day(conn: sqlite3.Connection, run_id: int, day: str, kind: MigrationFailure,
+             error: str, *, max_attempts: int, retry_base_seconds: float) -> bool:
+    """Count a failed listing of `day`; True when it is now failed for good."""
+    return _fail("migration_days", "run_fk = ? AND day = ?", (run_id, day), conn, kind, error,
+                 max_attempts=max_attempts, retry_base_seconds=retry_base_seconds)
+
+
+# --- studies ------------------------------------------------------------------------
+
+def due_studies(conn: sqlite3.Connection, run_id: int, now: float, limit: int) -> list[StudyTask]:
+    """Pending studies whose next attempt is due: newest day first, first tries first."""
+    return [StudyTask(int(r[0]), str(r[1]), str(r[2]), None if r[3] is None else int(r[3]),
+                      int(r[4])) for r in conn.execute(
+        "SELECT id, study_uid, day, expected_instances, attempts FROM migration_studies"
+        " WHERE run_fk = ? AND state = 'pending' AND next_attempt_at <= ?"
+        " ORDER BY attempts, day DESC, id LIMIT ?", (run_id, now, limit)).fetchall()]
+
+
+def study_done(conn: sqlite3.Connection, study_id: int, *, expected: int, received: int,
+               shared: int) -> None:
+    conn.execute(
+        "UPDATE migration_studies SET state = 'done', attempts = attempts + 1,"
+        " expected_instances = ?, received_instances = ?, shared_instances = ?,"
+        " error_kind = '', last_error = '', updated_at = ? WHERE id = ?",
+        (expected, received, shared, time.time(), study_id))
+
+
+def study_failed(conn: sqlite3.Connection, study_id: int, kind: MigrationFailure, error: str,
+                 *, received: int, max_attempts: int, retry_base_seconds: float) -> bool:
+    """Count a failed attempt; True when the study is now failed for good."""
+    conn.execute("UPDATE migration_studies SET received_instances = ? WHERE id = ?",
+                 (received, study_id))
+    return _fail("migration_studies", "id = ?", (study_id,), conn, kind, error,
+                 max_attempts=max_attempts, retry_base_seconds=retry_base_seconds)
+
+
+def _fail(table: str, where: str, key: tuple[object, ...], conn: sqlite3.Connection,
+          kind: MigrationFailure, error: str, *, max_attempts: int,
+          retry_base_seconds: float) -> bool:
+    row = conn.execute(f"SELECT attempts FROM {table} WHERE {where}", key).fetchone()
+    attempts = int(row[0]) + 1 if row else 1
+    final = attempts >= max_attempts
+    now = time.time()
+    conn.execute(
+        f"UPDATE {table} SET attempts = ?, state = ?, next_attempt_at = ?, error_kind = ?,"
+        f" last_error = ?{', updated_at = ?' if table == 'migration_studies' else ''}"
+        f" WHERE {where}",
+        (attempts, "failed" if final else "pending", now + backoff(attempts, retry_base_seconds),
+         kind.value, error[:500], *((now,) if table == "migration_studies" else ()), *key))
+    return final
+
+
+# --- reads --------------------------------------------------------------------------
+
+def summary(conn: sqlite3.Connection, run_id: int) -> RunSummary:
+    days = conn.execute(
+        "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'failed'),"
+        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END)"
+        " FROM migration_days WHERE run_fk = ?", (run_id,)).fetchone()
+    studies = conn.execute(
+        "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'failed'),"
+        " SUM(COALESCE(expected_instances, 0)), SUM(received_instances),"
+        " SUM(shared_instances),"
+        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END)"
+        " FROM migration_studies WHERE run_fk = ?", (run_id,)).fetchone()
+    waits = [w for w in (days[3], studies[6]) if w is not None]
+    return RunSummary(int(days[0]), int(days[1] or 0), int(days[2] or 0), int(studies[0]),
+                      int(studies[1] or 0), int(studies[2] or 0), int(studies[3] or 0),
+                      int(studies[4] or 0), int(studies[5] or 0),
+                      min(waits) if waits else None)
+
+
+def failures(conn: sqlite3.Connection, run_id: int, *, include_retrying: bool = True
+             ) -> list[Failure]:
+    """Failed days and studies, and (with include_retrying) those waiting for a retry."""
+    states = ("failed", "pending") if include_retrying else ("failed", "failed")
+    out = [Failure("day", str(r[0]), "", int(r[1]), str(r[2]), str(r[3]), None, 0)
+           for r in conn.execute(
+               "SELECT day, attempts, error_kind, last_error FROM migration_days"
+               " WHERE run_fk = ? AND state IN (?, ?) AND error_kind != '' ORDER BY day DESC",
+               (run_id, *states)).fetchall()]
+    out += [Failure("study", str(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]),
+                    None if r[5] is None else int(r[5]), int(r[6]))
+            for r in conn.execute(
+                "SELECT day, study_uid, attempts, error_kind, last_error, expected_instances,"
+                " received_instances FROM migration_studies WHERE run_fk = ? AND state IN (?, ?)"
+                " AND error_kind != '' ORDER BY day DESC, id", (run_id, *states)).fetchall()]
+    return out
+
+
+def box_instance_count(conn: sqlite3.Connection, study_uid: str) -> int:
+    """Instances of the study the box holds now (0 when it holds none)."""
+    row = conn.execute("SELECT instance_count FROM studies WHERE study_uid = ?",
+                       (study_uid,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def held_sop_uids(conn: sqlite3.Connection, sop_uids: Sequence[str]) -> set[str]:
+    """Which of `sop_uids` the box holds, as a current instance of any study or as a
+    prior version (a UID two legacy studies share is held once, plus its versions)."""
+    held: set[str] = set()
+    for start in range(0, len(sop_uids), 500):
+        chunk = list(sop_uids[start:start + 500])
+        marks = ",".join("?" * len(chunk))
+        held.update(str(r[0]) for r in conn.execute(
+            f"SELECT sop_uid FROM instances WHERE sop_uid IN ({marks})"
+            f" UNION SELECT sop_uid FROM instance_versions WHERE sop_uid IN ({marks})",
+            (*chunk, *chunk)).fetchall())
+    return held
