@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 
-from appliance.base import logsafe
+from appliance.base import logsafe, metrics
 from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
 from appliance.store.leases import StudyBusy
@@ -131,6 +131,9 @@ class PrefetchRecalls:
                        failure_kind: str = "", error: str = "") -> None:
         writer = self.ctx.index.writer
         assert writer is not None
-        await writer.submit_sync(lambda c: advance(c, prior.id, trigger,
-                                                   failure_kind=failure_kind, error=error))
+        state = await writer.submit_sync(lambda c: advance(
+            c, prior.id, trigger, failure_kind=failure_kind, error=error))
+        if state in (PriorState.DONE, PriorState.FAILED):
+            metrics.PREFETCH_PRIORS.labels(source="cloud",
+                                           outcome=failure_kind or state.value).inc()
 

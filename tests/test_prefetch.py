@@ -228,6 +228,12 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
     from sync.context import open_context
     from sync.prefetch_rehydrate import PrefetchRecalls
 
+    from prometheus_client import REGISTRY
+
+    def recalled_count() -> float:
+        return REGISTRY.get_sample_value("pacs_edge_prefetch_priors_total",
+                                         {"source": "cloud", "outcome": "done"}) or 0.0
+
     home = init_home(tmp_path / "home")
     EdgeServer(home).configure(sync={"rehydrate_poll_seconds": 0.001})
     prior = make_prior(tmp_path, 721, days_ago=60)
@@ -260,8 +266,10 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
             assert await state() == ("rehydrating", "evicted")
         assert slow.stat(pack).tier is Tier.ARCHIVE and not slow.stat(pack).online
         LocalFolderStore(cloud).set_tier(pack, Tier.HOT)  # the cloud finished
+        counted = recalled_count()
         assert await job.run() == 1
         assert await state() == ("done", "replicated")
+        assert recalled_count() == counted + 1  # pacs_edge_prefetch_priors_total
     assert sent_hashes(prior).items() <= stored_hashes(home).items()
 
 

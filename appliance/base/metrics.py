@@ -79,6 +79,10 @@ RECALL_SECONDS = Histogram(
     "pacs_edge_recall_duration_seconds",
     "Time to bring one study back from the cloud, verified (Archive tier: hours).",
     buckets=_SYNC_BUCKETS)
+PREFETCH_PRIORS = Counter(
+    "pacs_edge_prefetch_priors",
+    "Prefetched priors finished, by source (local, cloud, remote) and outcome (done or the"
+    " failure kind).", ["source", "outcome"])
 SYNC_PASSES = Counter(
     "pacs_edge_sync_passes", "Replicate-and-evict passes of the sync agent, by outcome.",
     ["outcome"])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.base import logsafe
+from appliance.base import logsafe, metrics
 from appliance.base.config import PrefetchConfig
 from appliance.base.errors import PacsEdgeError, PrefetchFailure, RemoteArchiveError
 from appliance.services.prefetch_rules import Candidate, OrderContext, choose_priors
@@ -215,12 +215,17 @@ class PrefetchService:
 
     async def _finish_local(self, request_id: int) -> None:
         """Priors found on local disk need no fetching: done, and held from now on."""
-        def finish(conn: sqlite3.Connection) -> None:
+        def finish(conn: sqlite3.Connection) -> int:
+            done = 0
             for prior in rows.priors_of(conn, [request_id]):
                 if prior.source == Source.LOCAL and prior.state == PriorState.PENDING:
                     rows.advance(conn, prior.id, PriorTrigger.LOCAL)
+                    done += 1
+            return done
 
-        await self.writer.submit_sync(finish)
+        done = await self.writer.submit_sync(finish)
+        if done:
+            metrics.PREFETCH_PRIORS.labels(source="local", outcome="done").inc(done)
 
     # --- moving remote priors -------------------------------------------------------
 
@@ -240,6 +245,7 @@ class PrefetchService:
                                         prior.study_uid)
         if state in _IN_INDEX:
             await self._advance(prior.id, PriorTrigger.LOCAL)
+            metrics.PREFETCH_PRIORS.labels(source="remote", outcome="done").inc()
             return
         if self.archive is None:
             await self._fail(prior.id, PrefetchFailure.NO_REMOTE_ARCHIVE,
@@ -261,6 +267,7 @@ class PrefetchService:
                              " instances did not arrive")
         else:
             await self._advance(prior.id, PriorTrigger.MOVED)
+            metrics.PREFETCH_PRIORS.labels(source="remote", outcome="done").inc()
             log.info("prefetch moved study=%s instances=%d", logsafe.ref(prior.study_uid),
                      outcome.completed)
 
@@ -271,6 +278,7 @@ class PrefetchService:
         log.warning("prefetch prior failed prior=%d kind=%s", prior_id, kind.value)
         await self.writer.submit_sync(lambda c: rows.advance(
             c, prior_id, PriorTrigger.FAIL, failure_kind=kind.value, error=error))
+        metrics.PREFETCH_PRIORS.labels(source="remote", outcome=kind.value).inc()
 
 
 class PrefetchWorker:
