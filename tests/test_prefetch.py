@@ -217,6 +217,8 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
     folder store's rehydration says (here: until the test finishes it); the prior waits
     in `rehydrating`, polled every rehydrate_poll_seconds, the study still evicted; once
     online, the next round recalls it."""
+    from prometheus_client import REGISTRY
+
     from appliance.base.config import load_config
     from appliance.services.prefetch import PrefetchService
     from appliance.store import database
@@ -227,8 +229,6 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
     from sync.cloud import PackService
     from sync.context import open_context
     from sync.prefetch_rehydrate import PrefetchRecalls
-
-    from prometheus_client import REGISTRY
 
     def recalled_count() -> float:
         return REGISTRY.get_sample_value("pacs_edge_prefetch_priors_total",
