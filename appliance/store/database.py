@@ -45,10 +45,17 @@ BUSY_TIMEOUT_MS = 30_000
 MAX_BATCH = 256
 
 
+# SQL functions the schema itself calls (triggers, migrations): registered on every
+# connection, since a write to patients without them fails.
+SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold}
+
+
 async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
     conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
     conn.row_factory = aiosqlite.Row
+    for name, func in SCHEMA_FUNCTIONS.items():
+        await conn.create_function(name, 1, func, deterministic=True)
     await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     await conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
@@ -105,8 +112,20 @@ async def migrate(conn: aiosqlite.Connection) -> int:
 
 
 def _statements(sql: str) -> list[str]:
+    """The statements of a migration script. A `;` ends one only where SQLite says the
+    statement is complete (sqlite3.complete_statement): not inside a trigger's BEGIN ...
+    END, a string or a comment."""
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    statements, pending = [], ""
+    for piece in "\n".join(lines).split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip().removesuffix(";").strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        statements.append(pending.strip().removesuffix(";").strip())
+    return statements
 
 
 async def run_sync(conn: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:

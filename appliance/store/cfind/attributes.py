@@ -66,6 +66,7 @@ class Key:
     match_column: str = ""  # what matching compares, when not `column`
     exists: str = ""  # match through a subquery: SQL with {} for the condition
     multi: bool = False  # `column` is a backslash-joined list of values
+    folded: str = ""  # the value case-folded, indexed (person names: see conditions.py)
     tag: BaseTag = field(init=False)
     vr: str = field(init=False)
 
@@ -88,7 +89,8 @@ _STUDY_INSTANCES = (
 )
 
 KEYS: tuple[Key, ...] = (
-    Key("PatientName", _L.PATIENT, _M.PERSON_NAME, "p.patient_name"),
+    Key("PatientName", _L.PATIENT, _M.PERSON_NAME, "p.patient_name",
+        folded="p.patient_name_folded"),
     Key("PatientID", _L.PATIENT, _M.TEXT, "p.patient_id"),
     Key("IssuerOfPatientID", _L.PATIENT, _M.TEXT, "p.issuer"),
     Key("PatientBirthDate", _L.PATIENT, _M.DATE, "p.birth_date"),

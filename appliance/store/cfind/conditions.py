@@ -15,7 +15,10 @@ SQL details that are the store's business, not DICOM's:
 - Case-folded matching: SQLite's own `lower()` folds ASCII only, so the exact
   test is a Python function (`pacs_fold`); a cheap prefilter in C (pure-ASCII
   values against an ASCII-folded pattern) runs first so the Python function
-  sees only candidates and non-ASCII values.
+  sees only candidates and non-ASCII values. A key with a `folded` column (the
+  patient's name: kept case-folded by the schema, migration 0012) is matched
+  with a plain GLOB on that column instead, which uses its index for a literal
+  prefix.
 - A list of values is one JSON parameter (`json_each`): no limit on host
   parameters, however long the list.
 - Ranges never select an empty value (`'' <= high` would).
@@ -118,14 +121,17 @@ def register_functions(conn: sqlite3.Connection) -> None:
         conn.create_function(name, 1, func, deterministic=True)
 
 
-def condition(term: Term, column: str) -> Condition:
-    """The SQL condition that `term` holds for the value of `column` (an SQL expression)."""
+def condition(term: Term, column: str, *, folded: str = "") -> Condition:
+    """The SQL condition that `term` holds for the value of `column` (an SQL expression);
+    `folded`, when given, is a column holding that value case-folded."""
     match term:
         case Equals(value):
             return Condition(f"{column} = ?", (value,))
         case Wildcard(pattern):
             return Condition(f"{column} GLOB ?", (_glob(pattern),))
         case FoldedWildcard(pattern):
+            if folded:
+                return Condition(f"{folded} GLOB ?", (_glob(pattern),))
             # For a pure-ASCII value, lower() equals casefold(); a non-ASCII character
             # of the pattern can then match nothing, so standing in `*` keeps a superset.
             ascii_pattern = _glob(_NON_ASCII_RUN.sub("*", pattern))
@@ -141,7 +147,7 @@ def condition(term: Term, column: str) -> Condition:
             return Condition(f"{column} IN (SELECT value FROM json_each(?))",
                              (json.dumps(list(values)),))
         case AnyOf(terms):
-            return _any([condition(each, column) for each in terms])
+            return _any([condition(each, column, folded=folded) for each in terms])
     raise TypeError(f"not a matching term: {type(term).__name__}")
 
 

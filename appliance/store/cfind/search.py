@@ -91,7 +91,7 @@ def _condition(criterion: Criterion | PeriodCriterion) -> Condition:
     if isinstance(criterion, PeriodCriterion):
         return period_condition(criterion.period, criterion.date.compared,
                                 criterion.time.compared)
-    found = condition(criterion.term, criterion.key.compared)
+    found = condition(criterion.term, criterion.key.compared, folded=criterion.key.folded)
     if criterion.key.exists:  # the value lives in rows below: match through a subquery
         return Condition(criterion.key.exists.format(found.sql), found.params)
     return found
