@@ -127,6 +127,10 @@ def test_an_order_brings_three_evicted_priors_back_before_the_patient_arrives(
             "PF-1", accession="ACC-PF-1", patient_id=PATIENT, start=f"{tomorrow}0900",
             modality="CT", procedure="CTHEAD^CT head without contrast^LOCAL"))
         assert ack.code == "AA", ack
+        resent = hl7peer.send(hl7_port, hl7peer.orm(
+            "PF-1", accession="ACC-PF-1", patient_id=PATIENT, start=f"{tomorrow}0900",
+            modality="CT", procedure="CTHEAD^CT head without contrast^LOCAL"))
+        assert resent.code == "AA"  # a duplicate: answered again, no second request
 
         [request] = wait_for("three priors done", lambda: all_done(home, 3), server.log,
                              agent.log)
@@ -209,6 +213,30 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         assert "done 3" in table and "failed 0" in table
     finally:
         archive.stop()
+
+
+def test_a_remote_archive_that_does_not_know_the_box_fails_the_move_with_its_status(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"remote_archive": "archive", "nightly_at": ""})
+    remote = make_prior(tmp_path, 731, days_ago=100)
+    server.start()
+    with QrArchive(tmp_path / "qr") as archive:  # no move destinations configured
+        archive.load(i.path for i in remote)
+        server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+        out = server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER).stdout
+        assert "1 prior(s)" in out and "(remote)" in out
+
+        def failed() -> dict[str, Any] | None:
+            [request] = prefetch_status(server.home)
+            [prior] = request["priors"]
+            return prior if prior["state"] == "failed" else None
+
+        prior = wait_for("the move failed", failed, server.log, archive.log)
+    assert prior["failure_kind"] == "move_failed"
+    assert "0xA801" in prior["error"]  # Refused: Move Destination unknown
+    assert index_rows(server.home, "SELECT COUNT(*) FROM studies") == [(0,)]
+    assert "failed 1" in server.cli("prefetch", "status").stdout
 
 
 async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
