@@ -292,6 +292,13 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
         for _ in range(3):  # asked once, then polled: still offline
             assert await job.run() == 0
             assert await state() == ("rehydrating", "evicted")
+        job = PrefetchRecalls(ctx)  # the agent restarted: the prior resumes, still waiting
+        assert await job.run() == 0
+        assert await state() == ("rehydrating", "evicted")
+        [prior_row] = await database.run_sync(ctx.index.reader, rows.priors_of, [request])
+        assert await database.run_sync(ctx.index.reader, rows.transitions_of, prior_row.id) == [
+            ("pending", "rehydrating", "rehydrate"), ("rehydrating", "pending", "resume"),
+            ("pending", "rehydrating", "rehydrate")]
         assert slow.stat(pack).tier is Tier.ARCHIVE and not slow.stat(pack).online
         LocalFolderStore(cloud).set_tier(pack, Tier.HOT)  # the cloud finished
         counted = recalled_count()
