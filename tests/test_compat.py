@@ -9,6 +9,7 @@ new upstream code, then move the pin in compat.PINNED and pyproject.toml togethe
 from __future__ import annotations
 
 import inspect
+import queue
 import re
 import socket
 import sqlite3
@@ -130,12 +131,44 @@ def test_the_reactor_parks_on_an_event_the_gate_can_replace() -> None:
     assert not compat.replace_reactor_checkpoint(object(), gate)
 
 
-def test_the_dul_sleeps_its_poll_delay_between_polls() -> None:
-    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider)
-    dul = Association(AE(), "requestor").dul
-    assert dul._run_loop_delay == 0.001
-    compat.set_poll_delay(dul, 0.02)
-    assert dul._run_loop_delay == 0.02
+def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
+    """run_dul_reactor and run_association_reactor repeat upstream's passes; these are
+    the steps and names they copy."""
+    dul_loop = inspect.getsource(DULServiceProvider.run_reactor)
+    for step in ("self._idle_timer.start()", "self.assoc._dul_ready.set()",
+                 "time.sleep(self._run_loop_delay)", "if self._kill_thread:",
+                 'self.event_queue.put("Evt18")', "self._process_recv_primitive()",
+                 "elif self._is_transport_event():", "self._idle_timer.restart()",
+                 "self.event_queue.get(block=False)", "self.state_machine.do_action(event)"):
+        assert step in dul_loop, step
+    assert "target=make_target(self.run_reactor)" in inspect.getsource(DULServiceProvider)
+    assert "self._kill_thread = True" in inspect.getsource(DULServiceProvider.stop_dul)
+    assert "self._kill_thread = True" in inspect.getsource(DULServiceProvider.kill_dul)
+    assoc_loop = inspect.getsource(Association._run_reactor)
+    for step in ("time.sleep(0.001)", "self._reactor_checkpoint.wait()",
+                 "self.dimse.get_msg(block=False)", "self._serve_request(msg",
+                 "self.acse.is_release_requested()", "self.acse.send_release(is_response=True)",
+                 "evt.EVT_RELEASED", "self.acse.is_aborted()", "evt.EVT_ABORTED",
+                 "self.dul.is_alive()", "self.dul.idle_timer_expired()",
+                 'self.network_timeout_response == "A-RELEASE"'):
+        assert step in assoc_loop, step
+    assert "self._run_reactor()" in inspect.getsource(Association.run_reactor)
+    assoc = Association(AE(), "acceptor")
+    for name in ("_kill", "_is_paused", "_dul_ready", "_reactor_checkpoint"):
+        assert hasattr(assoc, name), name
+    for name in ("_kill_thread", "_idle_timer", "event_queue", "to_user_queue"):
+        assert hasattr(assoc.dul, name), name
+    assert isinstance(assoc.dimse.msg_queue, queue.Queue)
+
+
+def test_a_wakeup_set_after_close_touches_no_descriptor() -> None:
+    wakeup = compat.Wakeup()
+    wakeup.set()
+    wakeup.drain()
+    wakeup.close()
+    wakeup.set()
+    wakeup.drain()
+    wakeup.close()
 
 
 def test_the_dul_reads_pdus_in_one_gated_place_and_writes_through_socket_send() -> None:
@@ -181,6 +214,12 @@ def test_share_send_lock_wraps_one_socket_once() -> None:
 
 @pytest.mark.parametrize(("owner", "hook", "parameters"), [
     (RequestHandler, "_create_association", ["self"]),
+    (Association, "_run_reactor", ["self"]),
+    (Association, "kill", ["self"]),
+    (DULServiceProvider, "run", ["self"]),
+    (DULServiceProvider, "send_pdu", ["self", "primitive"]),
+    (DULServiceProvider, "stop_dul", ["self"]),
+    (DULServiceProvider, "kill_dul", ["self"]),
     (QueryRetrieveServiceClass, "_move_scp", ["self", "req", "context"]),
     (QueryRetrieveServiceClass, "_c_find_scp", ["self", "req", "context"]),
     (QueryRetrieveServiceClass, "_get_scp", ["self", "req", "context"]),

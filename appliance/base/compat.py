@@ -14,7 +14,11 @@ What is touched, and who uses it:
       dimse_messages.NamedTemporaryFile     receive spool of C-STORE (dimse/spooling.py)
       association.uid_to_service_class      our C-MOVE/C-GET SCP     (dimse/move_get.py)
       Association._reactor_checkpoint       lost C-STORE-RSP race    (dimse/move_get.py)
-      DULServiceProvider._run_loop_delay    idle poll before A-ASSOCIATE-RQ (dimse/transport.py)
+      DULServiceProvider.run_reactor, Association._run_reactor: replaced by loops that
+        block until there is work (run_dul_reactor, run_association_reactor), read
+        through DULServiceProvider._kill_thread, _idle_timer, _process_recv_primitive,
+        _is_transport_event, Association._kill, _is_paused, _dul_ready
+                                            reactors               (dimse/reactors.py)
       DULServiceProvider._is_transport_event, _decode_pdu, _recv_pdu, _idle_timer,
       event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
@@ -23,7 +27,8 @@ What is touched, and who uses it:
       ServiceClass._c_find_scp              (dimse/find_scp.py)
     aiosqlite 0.22.1
       Connection._execute, Connection._conn several statements in one thread hop
-                                            (store/database.py run_sync)
+                                            (store/database.py run_sync), group
+                                            commits from other threads (Writer)
     pydicom 3.0.2
       filereader._read_file_meta_info       where the dataset starts (services/ingest.py,
                                             services/dicom_header.py)
@@ -35,7 +40,15 @@ flags the appliance sets exist, since setting a renamed one would do nothing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import queue
+import select
+import sqlite3
+import ssl
 import threading
+import time
 from collections.abc import Callable, Collection
 from typing import Any, BinaryIO, TypeVar
 
@@ -44,6 +57,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 PINNED = {"pynetdicom": "3.0.4", "pydicom": "3.0.2", "aiosqlite": "0.22.1"}
 
@@ -112,13 +126,201 @@ def replace_reactor_checkpoint(assoc: Any, checkpoint: Any) -> bool:
     return True
 
 
-def set_poll_delay(dul: Any, seconds: float) -> None:
-    """How long the DUL thread sleeps between polls of its socket and queues.
+class Wakeup:
+    """An eventfd a DUL reactor blocks on, beside its socket, until another thread has
+    work for it (a primitive to send, a PDU handed over). `set()` after `close()` does
+    nothing: the descriptor number could already belong to another file."""
 
-    pynetdicom polls every `DULServiceProvider._run_loop_delay` seconds (0.001,
-    ~2% of a core per connection); it has no setting for it.
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
+
+    def drain(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+
+
+# How long an idle reactor blocks before it looks at its timers again (ARTIM, the
+# network timeout); every other reason to wake up wakes it at once.
+REACTOR_IDLE_WAIT = 0.25
+# pynetdicom's own poll delay, kept where blocking is impossible (no socket yet or any
+# more) or pointless (the socket is readable but another reader holds it: the C-STORE
+# send lane's gate, see gate_transport_reads).
+_POLL_DELAY = 0.001
+
+
+def run_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
+    """`DULServiceProvider.run_reactor`, blocking while idle instead of sleeping 1 ms.
+
+    pynetdicom's loop sleeps `_run_loop_delay` (1 ms) whenever a pass found nothing
+    to do: ~2% of a core per connection, and up to 1 ms of latency for every PDU
+    sent or received. This loop does what one pass of upstream's does, in the same
+    order, but when idle it blocks in poll() on the socket and `wakeup` (set when a
+    primitive is queued or a PDU handed over) for at most REACTOR_IDLE_WAIT or the
+    ARTIM timer's remaining time. The DUL thread's `run()` calls it in place of
+    `run_reactor` (whose bound method pynetdicom made the thread's target).
     """
-    dul._run_loop_delay = seconds
+    from pynetdicom.pdu import A_ABORT_RQ  # not at import: the store imports compat
+
+    dul._idle_timer.start()
+    idle = False
+    readable = False
+    try:
+        while True:
+            if not dul.assoc._dul_ready.is_set():
+                dul.assoc._dul_ready.set()
+            if idle:
+                readable = _wait_for_work(dul, wakeup, stalled=readable)
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    readable = False
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+                    readable = False
+            except Exception as exc:  # upstream's handling, unchanged
+                log.error("Exception in DUL.run(), aborting association")
+                log.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                dul.socket.send(abort_pdu.encode())
+                dul.assoc.is_aborted = True
+                dul.assoc.is_established = False
+                dul.assoc._kill = True
+                dul._kill_thread = True
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            dul.state_machine.do_action(event)
+            idle = False
+            readable = False
+    finally:
+        wakeup.close()
+
+
+def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
+    """Block until the socket has data, `wakeup` is set or a timer may have expired;
+    True when the socket was readable. `stalled`: the socket was readable last time and
+    nothing could be read (another reader holds it): sleep like upstream instead."""
+    sock = getattr(dul.socket, "socket", None) if dul.socket is not None else None
+    if sock is None or stalled:
+        time.sleep(_POLL_DELAY)
+        return False
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # decrypted bytes already buffered: poll() cannot see them
+    try:
+        fd = sock.fileno()
+    except OSError:
+        fd = -1
+    if fd < 0:
+        time.sleep(_POLL_DELAY)
+        return False
+    timeout = max(0.0, min(REACTOR_IDLE_WAIT, float(dul.artim_timer.remaining)))
+    poller = select.poll()  # not select(): it fails on descriptors >= 1024
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    poller.register(wakeup.fd, select.POLLIN)
+    events = poller.poll(timeout * 1000)
+    wakeup.drain()
+    return any(ready == fd for ready, _ in events)
+
+
+def run_association_reactor(assoc: Any, wake: threading.Event) -> None:
+    """`Association._run_reactor` (an acceptor's loop once established), blocking on
+    `wake` instead of sleeping 1 ms between passes.
+
+    `wake` must be set whenever the DIMSE message queue or the DUL's user queue gets
+    an item, the DUL thread ends, or the association is killed (see
+    dimse/reactors.py). Each pass does upstream's checks in upstream's order; while
+    it waits it counts as paused (`_is_paused`), so a `send_*()` call that pauses the
+    reactor through `_reactor_checkpoint` does not wait for the timeout.
+    """
+    from pynetdicom import evt  # not at import: the store imports compat
+
+    assoc._is_paused = False
+    while not assoc._kill:
+        wake.clear()
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+            continue
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            log.info("Association Released")
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+        if assoc.acse.is_aborted():
+            message = "Association Aborted"
+            if assoc.acse.is_aborted("a-p-abort"):
+                message += " (A-P-ABORT)"
+            log.info(message)
+            assoc.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+        if assoc.dul.idle_timer_expired():
+            log.error("Network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
+        assoc._is_paused = True
+        wake.wait(REACTOR_IDLE_WAIT)
+        assoc._is_paused = False
+
+
+def stop_dul_reactor(dul: Any, wakeup: Wakeup) -> bool:
+    """`DULServiceProvider.stop_dul` for a reactor that blocks: stop it in Sta1 only (as
+    upstream), waking it so it sees `_kill_thread` now rather than after its wait."""
+    if dul.state_machine.current_state != "Sta1":
+        return False
+    dul._kill_thread = True
+    wakeup.set()
+    while dul.is_alive() and dul is not threading.current_thread():
+        time.sleep(_POLL_DELAY)
+    return True
+
+
+def kill_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
+    """`DULServiceProvider.kill_dul`, waking the reactor."""
+    dul._kill_thread = True
+    wakeup.set()
 
 
 def share_send_lock(dul: Any) -> threading.Lock:
@@ -208,6 +410,16 @@ async def run_in_connection_thread(conn: aiosqlite.Connection, fn: Callable[...,
     (created there, used nowhere else).
     """
     return await conn._execute(fn, conn._conn, *args)  # type: ignore[no-any-return]
+
+
+def sqlite_connection(conn: aiosqlite.Connection) -> sqlite3.Connection:
+    """The sqlite3 connection under `conn`, for a caller in another thread.
+
+    `Connection._conn` (see run_in_connection_thread). The caller must keep
+    `conn`'s own thread off it meanwhile and must have opened it with
+    check_same_thread=False (the index writer: store/database.py Writer).
+    """
+    return conn._conn
 
 
 # --- pydicom 3.0.2 ------------------------------------------------------------------

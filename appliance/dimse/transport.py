@@ -15,7 +15,8 @@
   a peer that negotiates always finds a free slot. A connection counts
   against its address until its association thread has ended (not merely
   until its socket closed), so established associations count too.
-- EdgeAssociation: runs callbacks when the association's thread ends.
+- EdgeAssociation: runs callbacks when the association's thread ends; its
+  reactor, and its DUL's, block until there is work (reactors.py).
 - Every accepted socket, plain or TLS, has `network_timeout` as its socket
   timeout, so no send or receive blocks for longer.
 """
@@ -40,17 +41,17 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from appliance.base import compat
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
 from appliance.dimse.pdu_socket import EdgeAssociationSocket
+from appliance.dimse.reactors import make_waiting
 
 log = logging.getLogger(__name__)
 
-PRE_ASSOCIATION_POLL = 0.02  # seconds between DUL polls before an A-ASSOCIATE-RQ
-ASSOCIATION_POLL = 0.001  # pynetdicom's default, once negotiating
-
 
 class EdgeAssociation(Association):
-    """An acceptor association that says when its thread has ended."""
+    """An acceptor association that says when its thread has ended, and whose reactor
+    blocks until there is work (reactors.py)."""
 
     on_end: list[Callable[[], None]]
+    pacs_edge_wake: threading.Event
 
     def run(self) -> None:
         try:
@@ -58,6 +59,13 @@ class EdgeAssociation(Association):
         finally:
             for callback in self.on_end:
                 callback()
+
+    def _run_reactor(self) -> None:
+        compat.run_association_reactor(self, self.pacs_edge_wake)
+
+    def kill(self) -> None:
+        self.pacs_edge_wake.set()
+        super().kill()
 
 
 class SupportedContexts(list[PresentationContext]):
@@ -186,13 +194,7 @@ class EdgeRequestHandler(RequestHandler):
         dul_socket.__class__ = EdgeAssociationSocket
         dul_socket.network_timeout = float(self.server.ae.network_timeout or 60.0)
         dul_socket.stopping = getattr(self.server, "stopping", None)
-        # pynetdicom's DUL polls its socket every millisecond: ~2% of a core per
-        # connection. Until the peer asks for an association, poll slowly, so
-        # idle or hostile connections cost little; then at full speed.
-        dul = assoc.dul
-        compat.set_poll_delay(dul, PRE_ASSOCIATION_POLL)
-        assoc.bind(evt.EVT_REQUESTED,
-                   lambda _event: compat.set_poll_delay(dul, ASSOCIATION_POLL))
+        assoc.pacs_edge_wake = make_waiting(assoc)
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
