@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,60 @@ def durable_rename(source: Path, target: Path, *, sync_folder: bool = True) -> N
     os.replace(source, target)
     if sync_folder:
         fsync_dir(target.parent)
+
+
+class SharedFolderSync:
+    """fsync of a folder shared by the threads that renamed into it at the same time.
+
+    A rename is durable once an fsync of its folder *that started after the rename*
+    has returned. A thread that asks while an fsync of that folder is already under
+    way cannot use it (it may have started before the rename), but every thread that
+    asks during it can share the next one: so concurrent writers into one folder
+    (several associations storing one series) pay about one folder fsync between
+    them instead of one each, and each still returns only once its own rename is
+    durable. An fsync that fails raises in the thread that ran it; the threads it
+    would have covered run their own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._folders: dict[Path, _FolderState] = {}
+
+    def sync(self, folder: Path) -> None:
+        with self._lock:
+            state = self._folders.setdefault(folder, _FolderState())
+            state.users += 1
+            state.asked += 1
+            ticket = state.asked
+            try:
+                while state.synced < ticket:
+                    if state.running:
+                        self._lock.wait()
+                        continue
+                    state.running = True
+                    covers = state.asked  # every rename asked about so far precedes this fsync
+                    self._lock.release()
+                    try:
+                        fsync_dir(folder)
+                    finally:
+                        self._lock.acquire()
+                        state.running = False
+                        self._lock.notify_all()
+                    state.synced = max(state.synced, covers)
+            finally:
+                state.users -= 1
+                if not state.users and not state.running:
+                    del self._folders[folder]
+
+
+class _FolderState:
+    __slots__ = ("asked", "running", "synced", "users")
+
+    def __init__(self) -> None:
+        self.asked = 0  # tickets handed out: one per rename whose thread asked
+        self.synced = 0  # every ticket up to this one is durable
+        self.running = False
+        self.users = 0
 
 
 def sweep_temp_files(root: Path, *, older_than: float = 0.0) -> int:

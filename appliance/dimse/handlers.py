@@ -170,9 +170,9 @@ class DimseHandlers:
             sop_uid=str(request.AffectedSOPInstanceUID),
         )
         try:
-            # In this association's thread: only the index calls go through the bridge.
+            # In this association's thread, the index calls too (no hop through the loop).
             result = self.s.ingest.ingest_spool_blocking(
-                spool, self.s.bridge, source_ae=str(event.assoc.requestor.ae_title).strip(),
+                spool, source_ae=str(event.assoc.requestor.ae_title).strip(),
                 expected=expected,
             )
         except RejectedInstance as exc:

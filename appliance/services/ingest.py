@@ -30,7 +30,6 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import compat, logsafe
-from appliance.base.bridge import LoopBridge
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
@@ -80,22 +79,21 @@ class IngestService:
         The work runs in a worker thread (`ingest_spool_blocking`), which finishes
         even if this coroutine is cancelled: a file and its row never part ways.
         """
-        bridge = LoopBridge(asyncio.get_running_loop())
-        return await asyncio.to_thread(self.ingest_spool_blocking, spool, bridge,
+        return await asyncio.to_thread(self.ingest_spool_blocking, spool,
                                        source_ae=source_ae, expected=expected)
 
     def ingest_spool_blocking(
         self,
         spool: SpoolFile,
-        bridge: LoopBridge,
         *,
         source_ae: str = "",
         expected: ExpectedIdentity | None = None,
     ) -> IngestResult:
         """`ingest_spool` from a thread that is not the event loop's (a DIMSE association
-        thread): header, fsync and rename run here; only the two index calls go to the
-        loop, through `bridge`. Every hop between threads sits on the C-STORE critical
-        path (the peer sends the next instance after our response), so there are two."""
+        thread): everything runs here, the index calls too (Index.*_blocking: a read on
+        a pooled connection, then this thread's share of a group commit). Every hop
+        between threads sits on the C-STORE critical path (the peer sends the next
+        instance after our response), so there is none."""
         committed_path: str | None = None
         syncing: futures.Future[None] | None = None
         try:
@@ -113,13 +111,13 @@ class IngestService:
             ):
                 raise InvalidInstance("dataset SOP Class/Instance UID differ from the request",
                                       kind=Rejection.NOT_AS_REQUESTED)
-            if bridge.call(self.index.has_identical(header.sop_uid, sha256)):
+            if self.index.has_identical_blocking(header.sop_uid, sha256):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
             self.files.commit(spool, relative, synced=syncing)
             committed_path = relative
             stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
-            outcome = bridge.call(self.index.record_instance(header, stored))
+            outcome = self.index.record_instance_blocking(header, stored)
             committed_path = None  # the row owns the file now
             if outcome is RecordOutcome.NEW_VERSION:
                 log.warning(

@@ -14,6 +14,15 @@ instance) are therefore plain functions of the sqlite3 connection, submitted
 with `Writer.submit_sync` and run by `run_sync` in aiosqlite's thread: a batch
 made only of those is BEGIN, every operation and COMMIT in one hop.
 
+Threads that are not the event loop's (a DIMSE association's) commit with
+`Writer.commit_blocking` without a hop through the loop: the threads waiting
+to commit form a group; one of them (the leader) runs BEGIN, every waiting
+operation and COMMIT on the writer connection while the others wait, and the
+ones that arrive meanwhile form the next group (leader/follower group commit:
+one WAL fsync acknowledges all of a group). A lock makes these groups and the
+loop's batches take turns on the connection, so it still has one transaction
+at a time, as if all went through one queue.
+
 Two processes (the appliance and the sync agent) share the file, so the
 connections set a busy timeout instead of failing on a lock.
 """
@@ -24,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -52,7 +62,10 @@ SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold}
 
 async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-    conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+    # check_same_thread off: the writer's group commits also run in the threads that
+    # wait for them (Writer.commit_blocking), one at a time under the Writer's lock.
+    conn = await aiosqlite.connect(uri, uri=True, isolation_level=None,
+                                   check_same_thread=readonly)
     conn.row_factory = aiosqlite.Row
     for name, func in SCHEMA_FUNCTIONS.items():
         await conn.create_function(name, 1, func, deterministic=True)
@@ -169,6 +182,18 @@ _STOP: Any = object()  # queued by Writer.stop: commit what came before, then en
 STOP_TIMEOUT = 60.0  # seconds stop() waits for the last batch (busy_timeout is 30 s)
 
 
+class _Waiting:
+    """An operation of a thread waiting in Writer.commit_blocking, and its outcome."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: SyncOperation) -> None:
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class Writer:
     """The single writer of one process, batching operations into group commits."""
 
@@ -178,6 +203,12 @@ class Writer:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # One transaction at a time on the connection: the loop's batches and the
+        # threads' groups (commit_blocking) take turns.
+        self._turn = threading.Lock()
+        self._group = threading.Condition(threading.Lock())
+        self._waiting: list[_Waiting] = []
+        self._leading = False
 
     def start(self) -> None:
         self._stopping = False
@@ -201,6 +232,57 @@ class Writer:
             item = self._queue.get_nowait()
             if item is not _STOP and not item[1].done():
                 item[1].set_exception(IndexUnavailable("index writer stopped"))
+        # A group committing in another thread finishes before the connection closes.
+        await asyncio.to_thread(self._wait_for_turn)
+
+    def _wait_for_turn(self) -> None:
+        with self._turn:
+            pass
+
+    def commit_blocking(self, operation: SyncOperation) -> Any:
+        """As `submit_sync`, from a thread that is not the event loop's: blocks until
+        the operation is committed and durable, and returns its result (or raises
+        its error, mapped as `submit`'s are). See the module docstring."""
+        if self._task is None or self._stopping:
+            raise IndexUnavailable("index writer is not running")
+        mine = _Waiting(operation)
+        with self._group:
+            self._waiting.append(mine)
+            while not mine.done:
+                if self._leading:
+                    self._group.wait()
+                    continue
+                self._leading = True
+                group, self._waiting = self._waiting, []
+                self._group.release()
+                try:
+                    self._commit_group(group)
+                finally:
+                    self._group.acquire()
+                    self._leading = False
+                    for waiting in group:
+                        waiting.done = True
+                    self._group.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
+
+    def _commit_group(self, group: list[_Waiting]) -> None:
+        conn = compat.sqlite_connection(self._conn)
+        try:
+            with self._turn:
+                if self._stopping and self._task is None:
+                    raise IndexUnavailable("index writer stopped")
+                outcomes = _commit_sync(conn, [waiting.fn for waiting in group])
+        except Exception as exc:
+            error = map_sqlite_error(exc)
+            log.error("index commit failed batch=%d error=%s", len(group), type(error).__name__)
+            for waiting in group:
+                waiting.error = error
+            return
+        for waiting, (result, op_error) in zip(group, outcomes, strict=True):
+            waiting.result = result
+            waiting.error = map_sqlite_error(op_error) if op_error is not None else None
 
     async def submit(self, operation: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `operation` in a committed transaction; return its result once durable."""
@@ -249,9 +331,13 @@ class Writer:
         try:
             if all(isinstance(item, _Sync) for item, _ in batch):
                 fns = [item.fn for item, _ in batch]  # type: ignore[union-attr]
-                outcomes = await run_sync(self._conn, _commit_sync, fns)
+                outcomes = await run_sync(self._conn, self._commit_in_turn, fns)
             else:
-                outcomes = await self._commit_mixed(batch)
+                await run_sync(self._conn, lambda _conn: self._turn.acquire())
+                try:
+                    outcomes = await self._commit_mixed(batch)
+                finally:
+                    self._turn.release()
         except Exception as exc:
             error = map_sqlite_error(exc)
             log.error("index commit failed batch=%d error=%s", len(batch), type(error).__name__)
@@ -266,6 +352,11 @@ class Writer:
                 future.set_exception(map_sqlite_error(op_error))
             else:
                 future.set_result(result)
+
+    def _commit_in_turn(self, conn: sqlite3.Connection,
+                        operations: list[SyncOperation]) -> list[tuple[Any, Exception | None]]:
+        with self._turn:
+            return _commit_sync(conn, operations)
 
     async def _commit_mixed(self, batch: list[_Queued]) -> list[tuple[Any, Exception | None]]:
         outcomes: list[tuple[Any, Exception | None]] = []

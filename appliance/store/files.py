@@ -22,6 +22,7 @@ from pathlib import Path
 
 from appliance.base.durable import (
     TEMP_SUFFIX,
+    SharedFolderSync,
     durable_rename,
     ensure_dir,
     fsync_dir,
@@ -41,6 +42,7 @@ class FileStore:
         self.root = root
         self.spool_dir = root / SPOOL_DIR
         self.reserve_bytes = reserve_bytes
+        self._folder_syncs = SharedFolderSync()
 
     def prepare(self) -> int:
         """Create the folders and remove crash leftovers; return how many were removed."""
@@ -67,13 +69,17 @@ class FileStore:
                sync_folder: bool = True) -> None:
         """fsync the spooled file and move it to `relative`, durably. `synced`: an fsync
         of the spool already under way (its result, or error, is awaited here).
-        `sync_folder=False`: the caller fsyncs the folder later (see durable_rename)."""
+        `sync_folder=False`: the caller fsyncs the folder later (see durable_rename).
+        Concurrent commits into one folder share its fsync (SharedFolderSync)."""
+        target = self.absolute(relative)
         try:
             if synced is not None:
                 synced.result()
             else:
                 spool.sync()
-            durable_rename(spool.path, self.absolute(relative), sync_folder=sync_folder)
+            durable_rename(spool.path, target, sync_folder=False)
+            if sync_folder:
+                self._folder_syncs.sync(target.parent)
         except OSError as exc:
             if is_no_space(exc):
                 raise OutOfSpace() from exc

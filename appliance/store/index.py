@@ -8,10 +8,12 @@ the same transaction as the instance row, so completeness survives restarts.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ class Index:
         self._writer_conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self.writer: database.Writer | None = None
+        self._thread_readers: _ThreadReaders | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +86,14 @@ class Index:
         self._reader = await database.connect(self.path)
         self.writer = database.Writer(self._writer_conn, window_ms=self._window)
         self.writer.start()
+        self._thread_readers = _ThreadReaders(self.path)
 
     async def close(self) -> None:
         if self.writer is not None:
             await self.writer.stop()
+        if self._thread_readers is not None:
+            self._thread_readers.close()
+            self._thread_readers = None
         for conn in (self._reader, self._writer_conn):
             if conn is not None:
                 await conn.close()
@@ -118,6 +125,28 @@ class Index:
         """Commit the instance row (and its patient/study/series); durable on return."""
         assert self.writer is not None
         return await self.writer.submit_sync(lambda conn: _record(conn, header, stored))
+
+    # Blocking twins of the two calls above, for a thread that is not the event loop's
+    # (a DIMSE association's): no hop through the loop on the C-STORE critical path.
+
+    def has_identical_blocking(self, sop_uid: str, sha256: str) -> bool:
+        readers = self._thread_readers
+        if readers is None:
+            raise RuntimeError("index is not open")
+        with readers.borrow() as conn:
+            row = database.query_one(
+                conn, "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?",
+                (sop_uid, sha256))
+        return row is not None
+
+    def record_instance_blocking(self, header: InstanceHeader,
+                                 stored: StoredFile) -> RecordOutcome:
+        """`record_instance` in the calling thread's group commit (Writer.commit_blocking)."""
+        if self.writer is None:
+            raise RuntimeError("index is not open")
+        outcome: RecordOutcome = self.writer.commit_blocking(
+            lambda conn: _record(conn, header, stored))
+        return outcome
 
     # --- retrieve ---------------------------------------------------------------
 
@@ -260,6 +289,44 @@ class Index:
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Every row of `sql` on the reader; one hop."""
         return await database.run_sync(self.reader, _all, sql, params)
+
+
+class _ThreadReaders:
+    """Read-only connections lent to threads that are not the event loop's, one at a
+    time each; opened on first need, closed with the index."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("index is not open")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {database.BUSY_TIMEOUT_MS}")
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = not self._closed
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:

@@ -116,7 +116,9 @@ class SpoolFile:
         if self.error is not None:
             raise self.error
         assert self._fh is not None
-        os.fsync(self._fh.fileno())
+        # fdatasync: the data and what reading it back needs (size, block map); the
+        # timestamps it skips are nothing a recovered instance depends on.
+        os.fdatasync(self._fh.fileno())
 
     def close(self) -> None:
         if self._fh is not None:
