@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +27,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from appliance.base import compat
 from appliance.base.errors import InvalidInstance
 from appliance.base.uids import is_valid_uid, normalise_uid
+from appliance.services import header_scan
 from appliance.services.deflated import read_deflated_elements
 from appliance.store.instance_header import InstanceHeader
 
@@ -50,6 +51,7 @@ INDEX_KEYWORDS: Sequence[str] = (
     "SeriesDate", "SeriesTime", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
 )
 _INDEX_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEX_KEYWORDS)
+_SCAN_TAGS = header_scan.wanted(INDEX_KEYWORDS)
 
 
 def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> InstanceHeader:
@@ -58,8 +60,15 @@ def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> Inst
     Raises InvalidInstance with a PHI-free reason when the file is not DICOM,
     is truncated, or lacks valid UIDs; InflateLimitExceeded when its dataset is
     deflated and inflates beyond `max_inflated` bytes.
+
+    The common case (little endian, plain ASCII values) is read by header_scan
+    without pydicom; pydicom reads everything else.
     """
     try:
+        scanned = header_scan.scan(path, _SCAN_TAGS)
+        if scanned is not None:
+            values, syntax = scanned
+            return header_from_dataset(values, syntax)
         with path.open("rb") as fh:
             read_preamble(fh, force=False)
             meta = compat.read_file_meta(fh)
@@ -110,7 +119,8 @@ def _check_complete(ds: Dataset, path: Path) -> None:
         raise InvalidInstance("dataset is truncated")
 
 
-def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
+def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -> InstanceHeader:
+    """The InstanceHeader of a Dataset, or of plain values by keyword (header_scan)."""
     uids = {
         kw: normalise_uid(ds.get(kw, ""))
         for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
@@ -151,7 +161,7 @@ def header_from_dataset(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
     )
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
     value: Any = ds.get(keyword, "")
     if value is None:
         return ""
@@ -160,7 +170,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(ds: Dataset | Mapping[str, Any], keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
         return int(value) if value not in (None, "") else None

@@ -1,0 +1,197 @@
+"""The index's attributes of a Part 10 file by walking its element headers, no pydicom.
+
+pydicom's dcmread builds a Dataset of every element and converts each value the
+index reads: ~1 ms of CPU for a CT slice, on the C-STORE critical path. The index
+needs a handful of short text values. This walks the top-level element headers
+(values are skipped, sequences of undefined length walked without building
+anything), keeps the raw values of INDEX tags, and checks on the way that the
+dataset is complete: every element ends within the file and the last one ends
+exactly where the file does.
+
+Only the plain case is decoded here: Little Endian (explicit or implicit VR), every
+kept value ASCII, single-valued, with the VR the dictionary gives. Then each value
+is what pydicom's conversion would give, trailing padding removed as pydicom
+removes it (tests/test_header_scan.py compares both on pydicom's own test files).
+Anything else (big endian, another character repertoire, multiple values, an odd
+VR, a malformed header, a dataset that does not end where the file does) returns
+None and the caller asks pydicom, which also words the error for a truncated
+file or one that is not DICOM at all.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_WINDOW = 1 << 16
+_MAX_DEPTH = 64
+_MAX_VALUE = 1 << 12  # an index value longer than this is not plain: pydicom decides
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
+                       "UC", "UI", "UT", "IS"})
+
+
+class _NotPlain(Exception):
+    """The walk met something only pydicom should judge (a value past the end of the
+    file, an implausible VR)."""
+
+
+class _Source:
+    """Positioned reads of a file through one window: a header costs no system call."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._start = 0
+        self._data = b""
+
+    def read(self, pos: int, length: int) -> bytes:
+        if pos + length > self.size:
+            raise _NotPlain
+        offset = pos - self._start
+        if offset < 0 or offset + length > len(self._data):
+            self._start = pos
+            self._data = os.pread(self.fd, max(length, _WINDOW), pos)
+            offset = 0
+        return self._data[offset:offset + length]
+
+
+class _Walker:
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+
+    def header(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
+        """(tag, VR or b"", value length, value position) of the element at `pos`."""
+        head = self.source.read(pos, 8)
+        group, element = struct.unpack_from("<HH", head)
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:
+            return tag, b"", struct.unpack_from("<I", head, 4)[0], pos + 8
+        vr = head[4:6]
+        if not (vr.isalpha() and vr.isupper()):
+            raise _NotPlain  # implicit VR where explicit was declared: an odd writer
+        if vr in _LONG_VRS:
+            length = struct.unpack("<I", self.source.read(pos + 8, 4))[0]
+            return tag, vr, length, pos + 12
+        return tag, vr, struct.unpack_from("<H", head, 6)[0], pos + 8
+
+    def skip_sequence(self, pos: int, implicit: bool, depth: int) -> int:
+        """Past the sequence delimiter of an undefined-length value starting at `pos`."""
+        if depth > _MAX_DEPTH:
+            raise ValueError("sequences nested too deep")
+        while True:
+            tag, _, length, start = self.header(pos, True)
+            if tag == _SEQUENCE_END:
+                return start
+            if tag != _ITEM:
+                raise ValueError("not an item in a sequence")
+            pos = (self.skip_items_elements(start, implicit, depth + 1)
+                   if length == _UNDEFINED else start + length)
+
+    def skip_items_elements(self, pos: int, implicit: bool, depth: int) -> int:
+        """Past the item delimiter of an undefined-length item starting at `pos`."""
+        while True:
+            tag, vr, length, start = self.header(pos, implicit)
+            if tag == _ITEM_END:
+                return start
+            if length == _UNDEFINED:
+                pos = self.skip_sequence(start, implicit or vr == b"UN", depth)
+            else:
+                pos = start + length
+
+
+def wanted(keywords: Iterable[str]) -> dict[int, tuple[str, str]]:
+    """tag -> (keyword, dictionary VR) for the index's keywords."""
+    table = {}
+    for keyword in keywords:
+        tag = int(tag_for_keyword(keyword) or 0)
+        table[tag] = (keyword, dictionary_VR(tag))
+    return table
+
+
+def scan(path: Path, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, Any], str] | None:
+    """({keyword: plain value}, transfer syntax UID) of a complete `path`, or None when
+    this is not the plain case (see the module docstring)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        source = _Source(fd, os.fstat(fd).st_size)
+        try:
+            return _scan(source, tags)
+        except (_NotPlain, ValueError, struct.error, UnicodeDecodeError):
+            return None
+    finally:
+        os.close(fd)
+
+
+def _scan(source: _Source, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, Any], str] | None:
+    if source.size < 144 or source.read(128, 4) != b"DICM":
+        return None
+    walker = _Walker(source)
+    head = source.read(132, 12)
+    if head[:8] != b"\x02\x00\x00\x00UL\x04\x00":  # File Meta Information Group Length
+        return None
+    meta_end = 144 + struct.unpack_from("<I", head, 8)[0]
+    pos = 144
+    syntax = None
+    while pos < meta_end:  # File Meta: always explicit VR little endian
+        tag, _, length, start = walker.header(pos, False)
+        if tag >> 16 != 2 or length == _UNDEFINED:
+            return None
+        if tag == 0x00020010:
+            syntax = source.read(start, length).decode("ascii").rstrip("\0 ")
+        pos = start + length
+    if pos != meta_end:
+        return None
+    if syntax is None or syntax == _EXPLICIT_BE or syntax.startswith("1.2.840.10008.1.2.1.99"):
+        return None
+    implicit = syntax == _IMPLICIT_LE
+    values: dict[str, Any] = {}
+    elements = 0
+    while pos < source.size:
+        tag, vr, length, start = walker.header(pos, implicit)
+        elements += 1
+        if tag in tags:
+            keyword, expected_vr = tags[tag]
+            if (vr and vr.decode("ascii") != expected_vr) or length > _MAX_VALUE:
+                return None
+            value = _plain(source.read(start, length), expected_vr)
+            if value is None:
+                return None
+            values[keyword] = value
+        if length == _UNDEFINED:
+            pos = walker.skip_sequence(start, implicit or vr == b"UN", 1)
+        else:
+            pos = start + length
+    if pos != source.size or not elements:
+        raise _NotPlain
+    return values, syntax
+
+
+def _plain(raw: bytes, vr: str) -> Any:
+    """The value as pydicom converts it, for one ASCII value; None otherwise."""
+    if vr not in _TEXT_VRS or not raw.isascii() or b"\\" in raw or b"\x1b" in raw:
+        return None
+    text = raw.decode("ascii")
+    if vr == "PN" and "=" in text:
+        return None
+    text = text.rstrip("\0 ")
+    if vr == "IS":
+        digits = text.strip()
+        if not digits:
+            return ""
+        if not digits.lstrip("+-").isdigit():
+            return None
+        return int(digits)
+    return text

@@ -1,0 +1,92 @@
+"""header_scan reads what pydicom reads, for the index, on every file pydicom ships.
+
+read_header takes header_scan's answer in the plain case and pydicom's otherwise;
+both must give the same InstanceHeader (or both refuse the file), and the plain
+case must be the common one (else the scan would not save anything).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from appliance.base.errors import InvalidInstance
+from appliance.services import dicom_header, header_scan
+from appliance.services.dicom_header import read_header
+from appliance.store.instance_header import InstanceHeader
+
+
+def _both(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    def outcome() -> object:
+        try:
+            return read_header(path)
+        except InvalidInstance as exc:
+            return ("refused", exc.message)
+
+    fast = outcome()
+    with monkeypatch.context() as patched:
+        patched.setattr(header_scan, "scan", lambda *_args: None)
+        slow = outcome()
+    return fast, slow
+
+
+def test_the_scan_reads_what_pydicom_reads_for_the_files_pydicom_ships(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = Path(pydicom.data.__file__).parent
+    compared = plain = 0
+    for path in sorted([*data.glob("test_files/*.dcm"), *data.glob("charset_files/*.dcm")]):
+        fast, slow = _both(path, monkeypatch)
+        if isinstance(slow, InstanceHeader):
+            assert fast == slow, path.name
+            compared += 1
+            plain += header_scan.scan(path, dicom_header._SCAN_TAGS) is not None
+        elif isinstance(fast, InstanceHeader):  # pydicom refused it: so must the scan
+            pytest.fail(f"{path.name}: scan accepted what pydicom refused: {slow}")
+    assert compared > 40
+    assert plain > compared // 2
+
+
+def _instance(path: Path, syntax: str) -> bytes:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane "
+    ds.PatientID = "ID 7"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = " 12"
+    ds.InstanceNumber = "3"
+    ds.Modality = "CT"
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = generate_uid()
+    ds.ReferencedImageSequence = [item, item]
+    ds.BitsAllocated = 8
+    ds.PixelData = b"\0" * 4096
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.preamble = b"\0" * 128
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_scan_reads_a_plain_instance_and_refuses_it_cut_short(
+        tmp_path: Path, syntax: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "one.dcm"
+    encoded = _instance(path, syntax)
+    assert header_scan.scan(path, dicom_header._SCAN_TAGS) is not None
+    fast, slow = _both(path, monkeypatch)
+    assert fast == slow
+    assert isinstance(fast, InstanceHeader)
+    assert (fast.patient_name, fast.series_number, fast.instance_number) == ("Doe^Jane", 12, 3)
+    for cut in (1, 7, 4096, len(encoded) - 1300):
+        path.write_bytes(encoded[:-cut])
+        with pytest.raises(InvalidInstance, match="truncated"):
+            read_header(path)
