@@ -31,6 +31,7 @@ from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, _config, dimse_messages, sop_class
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler
@@ -220,6 +221,7 @@ def test_share_send_lock_wraps_one_socket_once() -> None:
     (DULServiceProvider, "send_pdu", ["self", "primitive"]),
     (DULServiceProvider, "stop_dul", ["self"]),
     (DULServiceProvider, "kill_dul", ["self"]),
+    (DIMSEServiceProvider, "send_msg", ["self", "primitive", "context_id"]),
     (QueryRetrieveServiceClass, "_move_scp", ["self", "req", "context"]),
     (QueryRetrieveServiceClass, "_c_find_scp", ["self", "req", "context"]),
     (QueryRetrieveServiceClass, "_get_scp", ["self", "req", "context"]),
@@ -239,6 +241,11 @@ def test_the_query_retrieve_class_answers_c_find_through_the_overridden_hook() -
 ])
 def test_configuration_flags_the_appliance_sets_exist(flag: str) -> None:
     assert isinstance(getattr(_config, flag), bool)
+
+
+def test_the_log_handler_level_flag_still_decides_the_default_handlers() -> None:
+    assert isinstance(_config.LOG_HANDLER_LEVEL, str)
+    assert '_config.LOG_HANDLER_LEVEL == "standard"' in inspect.getsource(Association)
 
 
 # --- aiosqlite ----------------------------------------------------------------------

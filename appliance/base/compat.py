@@ -241,8 +241,13 @@ def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
     poller.register(fd, select.POLLIN | select.POLLPRI)
     poller.register(wakeup.fd, select.POLLIN)
     events = poller.poll(timeout * 1000)
-    wakeup.drain()
-    return any(ready == fd for ready, _ in events)
+    readable = False
+    for ready, _ in events:
+        if ready == fd:
+            readable = True
+        else:
+            wakeup.drain()
+    return readable
 
 
 def run_association_reactor(assoc: Any, wake: threading.Event) -> None:

@@ -80,8 +80,11 @@ class AllowlistAE(AE):
 
 
 def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw."""
+    """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw,
+    no per-message log handlers (they format at INFO/DEBUG what the WARNING level below
+    drops: CPU on every PDU and DIMSE message for nothing)."""
     _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.STORE_SEND_CHUNKED_DATASET = True
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

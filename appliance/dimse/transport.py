@@ -16,7 +16,8 @@
   against its address until its association thread has ended (not merely
   until its socket closed), so established associations count too.
 - EdgeAssociation: runs callbacks when the association's thread ends; its
-  reactor, and its DUL's, block until there is work (reactors.py).
+  reactor, and its DUL's, block until there is work (reactors.py); its DIMSE
+  provider encodes plain C-STORE responses itself (store_response.py).
 - Every accepted socket, plain or TLS, has `network_timeout` as its socket
   timeout, so no send or receive blocks for longer.
 """
@@ -42,6 +43,7 @@ from appliance.base import compat
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
 from appliance.dimse.pdu_socket import EdgeAssociationSocket
 from appliance.dimse.reactors import make_waiting
+from appliance.dimse.store_response import EdgeDIMSE
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,7 @@ class EdgeRequestHandler(RequestHandler):
         dul_socket.network_timeout = float(self.server.ae.network_timeout or 60.0)
         dul_socket.stopping = getattr(self.server, "stopping", None)
         assoc.pacs_edge_wake = make_waiting(assoc)
+        assoc.dimse.__class__ = EdgeDIMSE  # plain C-STORE-RSPs encoded directly
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
