@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
 # Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers] [workflow]
-#        [web]  (default: all)
+#        [web] [metrics]  (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
 #        BENCH_SMALL_STUDIES (2000 one-instance studies stored over 4 associations),
 #        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries),
@@ -24,6 +24,7 @@ if [ ${#scripts[@]} -eq 0 ]; then
   [ -f bench/readers.py ] && scripts+=(readers)
   [ -f bench/workflow.py ] && scripts+=(workflow)
   [ -f bench/web.py ] && scripts+=(web)
+  [ -f bench/metrics.py ] && scripts+=(metrics)
 fi
 # store, find, retrieve (issue 17) and web (issue 16, its DICOMweb plugin) compare with
 # Orthanc when Debian's packages install (as root): a reference, not a dependency of the

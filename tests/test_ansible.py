@@ -25,6 +25,7 @@ the role into a versioned folder that `[http] viewer_root` names; serve answers
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -116,6 +117,10 @@ class Fleet:
     def viewers(self, host: str) -> Path:
         return self.prefix(host) / "opt/pacs-edge/viewer"
 
+    @property
+    def file_sd(self) -> Path:
+        return self.base / "prometheus" / "pacs-edge.json"
+
     def write_inventory(self, wheel: Path, wheelhouse: Path) -> None:
         doc = {"pacs_edge": {
             "vars": {
@@ -135,6 +140,9 @@ class Fleet:
                 # The packed viewer stays in the run's folder, not in the shared .cache.
                 "pacs_edge_viewer_archive_dir": str(self.base),
                 "pacs_edge_sync_evict_after_days": 14,
+                # Register both boxes with a Prometheus on the controller (file_sd).
+                "pacs_edge_prometheus_file_sd": str(self.file_sd),
+                "pacs_edge_metrics_allow": ["127.0.0.1/32", "10.0.0.0/8"],
                 "pacs_edge_peers": [
                     {"name": "testscu", "ae_title": dcmtk.TEST_AE, "host": "127.0.0.1",
                      "port": 1, "allow": ["store", "find"]},
@@ -294,6 +302,26 @@ def _https_get(port: int, path: str, ca: Path) -> tuple[int, bytes]:
             return answer.status, answer.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def test_prometheus_file_sd_lists_every_box_and_promtool_accepts_it(fleet: Fleet) -> None:
+    targets = json.loads(fleet.file_sd.read_text())
+    assert targets == [
+        {"targets": [f"{host}:{fleet.hosts[host]['pacs_edge_http_port']}"],
+         "labels": {"job": "pacs-edge", "box": host, "__scheme__": "https"}}
+        for host in HOSTS]
+    for host in HOSTS:
+        config = tomllib.loads((fleet.prefix(host) / "etc/pacs-edge/pacs-edge.toml").read_text())
+        assert config["metrics"]["allow"] == ["127.0.0.1/32", "10.0.0.0/8"]
+    prometheus = fleet.base / "prometheus" / "prometheus.yml"
+    prometheus.write_text(yaml.safe_dump({"scrape_configs": [{
+        "job_name": "pacs-edge", "tls_config": {"ca_file": "site-ca.pem"},
+        "file_sd_configs": [{"files": [str(fleet.file_sd)]}]}]}))
+    (prometheus.parent / "site-ca.pem").write_bytes(
+        (fleet.home(HOSTS[0]) / "tls" / "ca.pem").read_bytes())
+    check = subprocess.run(["promtool", "check", "config", str(prometheus)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_deployed_units_are_the_systemd_folders_units(fleet: Fleet) -> None:

@@ -490,7 +490,7 @@ _COMMENTS = {
     "http.viewer_root": "The OHIF viewer served at /: \"auto\" = what scripts/install-ohif.sh"
     " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
     "metrics": "Prometheus metrics at /metrics, /healthz and /readyz (docs/operations.md).",
-    "metrics.enabled": "Serve /metrics (no patient data, no UIDs).",
+    "metrics.enabled": "Count events and serve /metrics (no patient data, no UIDs).",
     "metrics.allow": "Addresses or networks that may read /metrics on the HTTPS port"
     " (a Prometheus server); others get 403.",
     "metrics.host": "With [http] port = 0: address of a plain-HTTP listener of its own for"

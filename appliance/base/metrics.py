@@ -123,3 +123,22 @@ class _Fixed(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return self._families
+
+
+def _declare_series() -> None:
+    """Export the everyday series at 0 from the start: an alert on `increase(...)` or a
+    dashboard panel then sees a series before the first event, not an absent one."""
+    ASSOCIATIONS.labels("accepted", "")
+    for reason in ("unknown-calling-ae", "wrong-called-ae", "busy", "peer-refused"):
+        ASSOCIATIONS.labels("rejected", reason)
+    for service in ("C-ECHO", "C-STORE", "C-FIND", "C-MOVE", "C-GET"):
+        DIMSE_OPERATIONS.labels(service, "success")
+        DIMSE_OPERATIONS.labels(service, "failure")
+    for counter in (REPLICATIONS, RECALLS, SYNC_PASSES):
+        counter.labels("ok")
+        counter.labels("failed")
+    for ack in ("AA", "AE", "AR"):
+        HL7_MESSAGES.labels(ack)
+
+
+_declare_series()

@@ -125,8 +125,9 @@ def serve(home: Path | None, dicom_port: int | None, ae_title: str | None,
     """Run the DIMSE server until SIGTERM/SIGINT."""
     config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title},
                                        http={"port": http_port})
-    # Before the server's modules load prometheus-client (appliance/base/metrics_dir.py).
-    use_metrics_dir(config.home, fresh=True)
+    if config.metrics.enabled:
+        # Before the server's modules load prometheus-client (appliance/base/metrics_dir.py).
+        use_metrics_dir(config.home, fresh=True)
 
     from appliance.process.serve import serve as run
     from appliance.process.workers import run_workers

@@ -135,7 +135,7 @@ async def serve(
             config.dicom, allowlist,
             [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
                 WorklistService(index, allowlist), services.bridge, auditor))),
-             *op_metrics.event_handlers(),
+             *(op_metrics.event_handlers() if config.metrics.enabled else ()),
              *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),

@@ -1,0 +1,61 @@
+"""The example alert rules and Grafana dashboard of docs/operations.md are sound.
+
+`promtool check rules` and `promtool test rules` (Debian's prometheus package) check
+the rules and that they fire on the series a failing box exports; every metric the
+rules and the dashboard name is one a running box really exports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import dcmtk
+from conftest import EdgeServer, init_home
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+RULES = DOCS / "prometheus" / "pacs-edge-alerts.yml"
+RULE_TESTS = DOCS / "prometheus" / "pacs-edge-alerts.test.yml"
+DASHBOARD = DOCS / "grafana" / "pacs-edge-dashboard.json"
+_NAME = re.compile(r"\bpacs_edge_[a-z_]+")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120,
+                          check=False, cwd=RULES.parent)
+
+
+def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
+    check = promtool("check", "rules", RULES.name)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 10 rules found" in check.stdout
+    tested = promtool("test", "rules", RULE_TESTS.name)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_rules_and_dashboard_name_only_metrics_a_box_exports(tmp_path: Path) -> None:
+    used = set(_NAME.findall(RULES.read_text()))
+    for expr in dashboard_expressions():
+        used |= set(_NAME.findall(expr))
+    assert len(used) > 15
+    home = init_home(tmp_path / "home")
+    port = dcmtk.free_port()
+    server = EdgeServer(home)
+    server.configure(metrics={"port": port})
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+    finally:
+        server.stop()
+    exported = set(re.findall(r"^# TYPE (\S+)", text, re.MULTILINE))
+    exported |= set(re.findall(r"^(pacs_edge_[a-z_]+)", text, re.MULTILINE))
+    assert used <= exported, sorted(used - exported)
