@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dcmtk
 from conftest import EdgeServer
-from dicomgen import make_studies
+from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
 from webpeer import curl, web_home
 
@@ -49,6 +49,8 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
             dcmtk.findscu(server.port, {"PatientID": "*", "StudyInstanceUID": None}).check()
         for _ in range(REJECTED):
             assert not dcmtk.echoscu(server.port, aet="NOBODY").ok
+        first = studies[0].study_uid
+        dcmtk.getscu(server.port, {"StudyInstanceUID": first}, tmp_path / "got").check()
         server.cli("sync", "--once", "--stable-after", "0")
         after = scrape(server)
     finally:
@@ -61,10 +63,14 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
     assert delta(after, before, "pacs_edge_dimse_duration_seconds_count",
                  service="C-STORE") == len(files)
     assert delta(after, before, "pacs_edge_associations_total",
-                 outcome="accepted", reason="") == STORE_RUNS + FINDS
+                 outcome="accepted", reason="") == STORE_RUNS + FINDS + 1
     assert delta(after, before, "pacs_edge_associations_total",
                  outcome="rejected", reason="unknown-calling-ae") == REJECTED
     assert after[("pacs_edge_associations_active", ())] == 0
+    assert delta(after, before, "pacs_edge_dimse_operations_total",
+                 service="C-GET", status="success") == 1
+    assert delta(after, before, "pacs_edge_sent_bytes_total", edge="dicom") == sum(
+        len(dataset_bytes(i.path)) for i in studies if i.study_uid == first)
     # The agent's pass, counted in its own process and file.
     assert delta(after, before, "pacs_edge_replications_total", outcome="ok") == len(
         {i.study_uid for i in studies})

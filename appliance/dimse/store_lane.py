@@ -56,6 +56,7 @@ from types import TracebackType
 from typing import Any
 
 from appliance.base import compat
+from appliance.base.metrics import SENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ class StoreLane:
             self._fail(closed=True)
             return None
         compat.note_transport_activity(self._dul)
+        SENT_BYTES.labels("dicom").inc(len(payload.dataset))
         if upcoming is not None:
             with contextlib.suppress(OSError, ValueError):  # payload() reads it again, and fails
                 self._upcoming = read_payload(upcoming)
