@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -282,40 +282,51 @@ class PrefetchService:
 
 
 class PrefetchWorker:
-    """The serving process's prefetch loop: nightly run, choosing, moving."""
+    """The serving process's prefetch: two loops, so that a long C-MOVE never delays
+    choosing the priors of the next order. One runs the nightly run and chooses priors
+    (woken by a new order), the other moves remote priors (woken when priors were
+    chosen); each also looks every `poll` seconds, for requests from the command line."""
 
     def __init__(self, service: PrefetchService, *, poll: float = POLL_SECONDS) -> None:
         self.service = service
         self.poll = poll
-        self._task: asyncio.Task[None] | None = None
+        self._moves = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         writer = self.service.writer
         resumed = await writer.submit_sync(lambda c: rows.resume_interrupted(c, Source.REMOTE))
         if resumed:
             log.info("prefetch moves resumed after a restart count=%d", resumed)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="prefetch")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._loop("choose", self.service.wake, self._choose),
+                             name="prefetch-choose"),
+            loop.create_task(self._loop("move", self._moves, self.service.move_remote),
+                             name="prefetch-move")]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
 
-    async def run_once(self) -> None:
+    async def _choose(self) -> None:
         await self.service.nightly()
-        await self.service.plan_pending()
-        await self.service.move_remote()
+        if await self.service.plan_pending():
+            self._moves.set()
 
-    async def _run(self) -> None:
+    async def _loop(self, name: str, wake: asyncio.Event,
+                    step: Callable[[], Awaitable[object]]) -> None:
         while True:
-            self.service.wake.clear()
+            wake.clear()
             try:
-                await self.run_once()
+                await step()
             except PacsEdgeError as exc:
-                log.error("prefetch pass failed error=%s", exc.message)
+                log.error("prefetch %s pass failed error=%s", name, exc.message)
             except Exception:
-                log.exception("prefetch pass crashed")
+                log.exception("prefetch %s pass crashed", name)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.service.wake.wait(), self.poll)
+                await asyncio.wait_for(wake.wait(), self.poll)
