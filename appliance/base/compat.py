@@ -328,6 +328,11 @@ def kill_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
     wakeup.set()
 
 
+def poll_delay(dul: Any) -> float:
+    """The DUL's current poll delay (see set_poll_delay), to put back later."""
+    return float(dul._run_loop_delay)
+
+
 def share_send_lock(dul: Any) -> threading.Lock:
     """A lock every write of the DUL's socket takes; the store lane writes under it too.
 

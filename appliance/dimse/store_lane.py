@@ -21,6 +21,7 @@ The lane instead, on an established association:
   C-GET association) goes to the DUL's state machine as if the DUL had read
   it (compat.hand_pdu_to_dul), so everything but the C-STORE exchange still
   runs through pynetdicom;
+- slows the DUL's poll loop while it reads for it (LANE_POLL);
 - writes under the lock the DUL's own writes take (compat.share_send_lock),
   so a PDU the DUL sends meanwhile (a C-GET pending response) never lands
   inside a C-STORE message. Reads take it too: an SSL socket must not be
@@ -72,6 +73,9 @@ PENDING = 0xFF00
 UNLIMITED_PDU = 1 << 22
 _IOV_BATCH = 512  # buffers per sendmsg() call (IOV_MAX is 1024 on Linux)
 _TLS_WRITE = 1 << 18  # bytes joined per TLS write
+# The DUL's poll delay while the lane reads for it: it has nothing to read then, and
+# pynetdicom's 1 ms loop costs ~2% of a core per association (see move_get.py too).
+LANE_POLL = 0.02
 _FILE_META = 132  # 128-byte preamble and "DICM"
 _GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
 
@@ -227,6 +231,7 @@ class StoreLane:
         self._command = bytearray()
         self._upcoming: Payload | None = None
         self._saved_timeout: float | None = None
+        self._saved_poll = 0.0
 
     def __enter__(self) -> StoreLane:
         self.open()
@@ -240,6 +245,8 @@ class StoreLane:
         """Take over reading the socket from the DUL."""
         compat.gate_transport_reads(self._dul, self._gate)
         self._gate.acquire()
+        self._saved_poll = compat.poll_delay(self._dul)
+        compat.set_poll_delay(self._dul, max(self._saved_poll, LANE_POLL))
         self._saved_timeout = self._sock.gettimeout()
         # Bounded writes: pynetdicom leaves a requested association's socket blocking
         # without a timeout, and a peer that stops reading would hold a send for ever.
@@ -252,6 +259,7 @@ class StoreLane:
         self._held.clear()
         with contextlib.suppress(OSError):
             self._sock.settimeout(self._saved_timeout)
+        compat.set_poll_delay(self._dul, self._saved_poll)
         self._gate.release()
 
     # --- sending ------------------------------------------------------------------------
