@@ -80,3 +80,7 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
     assert after[("pacs_edge_studies", (("state", "replicated"),))] == 3
     assert after[("pacs_edge_instances", ())] == len(files)
     assert after[("pacs_edge_replication_waiting_bytes", ())] == 0
+    # Every instance received once, as the Part 10 file the box stored.
+    assert delta(after, before, "pacs_edge_received_bytes_total", edge="dicom") == after[
+        ("pacs_edge_store_bytes", ())]
+    assert after[("pacs_edge_ingest_in_progress", ())] == 0

@@ -29,7 +29,7 @@ from appliance.base.errors import (
     RejectedInstance,
     Rejection,
 )
-from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE
+from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_BYTES
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
@@ -161,6 +161,7 @@ class DimseHandlers:
         spool = self.s.spools.claim(event.dataset_path)
         if spool is None:  # refused before a byte was spooled; the association is aborted
             return Status.REFUSED_NOT_AUTHORIZED
+        RECEIVED_BYTES.labels("dicom").inc(spool.size)
         if not self._authorized(event, "store"):
             spool.discard()
             return Status.REFUSED_NOT_AUTHORIZED

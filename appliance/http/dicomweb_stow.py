@@ -37,6 +37,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
+from appliance.base.metrics import RECEIVED_BYTES
 from appliance.base.uids import is_valid_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
@@ -175,6 +176,7 @@ async def _ingest(request: web.Request, spool: SpoolFile, target: str,
                   outcome: _Outcome) -> None:
     """Make the spooled instance durable (the spool is consumed either way)."""
     services = common.services(request)
+    RECEIVED_BYTES.labels("dicomweb").inc(spool.size)
     sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool)
     if target and study != target:
         await asyncio.to_thread(spool.discard)

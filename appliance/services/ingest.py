@@ -32,6 +32,7 @@ from pynetdicom.dsutils import create_file_meta
 from appliance.base import compat, logsafe
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
+from appliance.base.metrics import INGEST_IN_PROGRESS
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome, StoredFile
@@ -96,6 +97,7 @@ class IngestService:
         instance after our response), so there is none."""
         committed_path: str | None = None
         syncing: futures.Future[None] | None = None
+        INGEST_IN_PROGRESS.inc()
         try:
             if spool.error is not None:
                 if is_no_space(spool.error):
@@ -127,6 +129,7 @@ class IngestService:
                 )
             return IngestResult(outcome, header, relative)
         finally:
+            INGEST_IN_PROGRESS.dec()
             if syncing is not None:
                 # Never close the spool under a running fsync (its fd could be reused).
                 futures.wait([syncing])
