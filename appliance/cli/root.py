@@ -34,6 +34,7 @@ from appliance.cli.common import (
     out,
     resolve_home,
 )
+from appliance.cli.migrate_commands import migrate as migrate_group
 from appliance.cli.prefetch_commands import prefetch as prefetch_group
 from appliance.cli.users_commands import link as link_command
 from appliance.cli.users_commands import users as users_group
@@ -398,6 +399,7 @@ main.add_command(reader_commands.readers)
 main.add_command(reader_commands.reader)
 main.add_command(reader_commands.restore)
 main.add_command(worklist_commands.worklist)
+main.add_command(migrate_group)
 main.add_command(prefetch_group)
 main.add_command(users_group)
 main.add_command(link_command)

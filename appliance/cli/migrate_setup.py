@@ -1,0 +1,53 @@
+"""Compose the legacy PACS of a migration: its SCU edge, TLS, and for C-GET the ingest.
+
+Kept apart from migrate_commands.py so that `migrate status` never loads
+pynetdicom. For C-GET this process receives the instances itself: it routes
+pynetdicom's receive spool into the store's spool folder (as `serve` does) and
+ingests each instance through the same IngestService before answering it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from appliance.audit import Auditor
+from appliance.base.bridge import LoopBridge
+from appliance.base.config import Config
+from appliance.base.errors import MigrationError
+from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer
+from appliance.dimse.server import configure_pynetdicom
+from appliance.dimse.spooling import SpoolRouter
+from appliance.dimse.tls import client_context
+from appliance.services.ingest import IngestService
+from appliance.services.legacy_migration import check_peer
+from appliance.services.peers import Allowlist
+from appliance.store.files import FileStore
+from appliance.store.index import Index
+from appliance.store.migration_rows import RunSettings
+from provisioning.certs import TlsPaths
+
+
+def legacy_source(config: Config, settings: RunSettings, index: Index,
+                  auditor: Auditor) -> LegacyPeer:
+    """The run's peer as it is in the allowlist now (checked again: peers change)."""
+    configure_pynetdicom()
+    peer = Allowlist(config.peers_path).peers().get(settings.peer)
+    if peer is None:
+        raise MigrationError(f"peer {settings.peer!r} of this migration left the allowlist",
+                             hint=f"pacs-edge peers add {settings.peer} ...")
+    check_peer(peer, settings.via)
+    tls = None
+    if peer.tls and config.dicom.tls_port:
+        paths = TlsPaths(config.home)
+        tls = client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+    receiver = None
+    if settings.via == "get":
+        files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+        files.prepare()
+        spools = SpoolRouter(files)
+        spools.install()
+        receiver = GetReceiver(
+            spools, IngestService(files, index, max_inflated=config.store.max_inflated_mb << 20),
+            LoopBridge(asyncio.get_running_loop()), source_ae=peer.ae_title,
+            on_stored=lambda result: auditor.imported("migrate", result.header))
+    return LegacyPeer(peer, config.dicom, tls_client=tls, on_store=receiver)

@@ -1,0 +1,315 @@
+"""The box as a Query/Retrieve SCU of a legacy PACS: what `pacs-edge migrate` sends.
+
+One `LegacySession` is one association to the legacy PACS (Study Root C-FIND and
+C-MOVE), kept open for many requests: a migration worker lists, counts and moves
+study after study on it, so the association set-up is paid once per worker, not
+once per study (docs/conformance.md, "SCU roles").
+
+C-MOVE sends each study to the box's own AE title: the legacy PACS opens its own
+association to `pacs-edge serve` and the instances take the ordinary C-STORE
+ingest (durable, byte-exact, prior versions). So the peer needs a port, the
+permissions find, move and store (store: its sub-operations are C-STOREs to the
+box), and its own configuration must know the box as a move destination.
+
+C-GET (`--via get`) receives the instances over the migration's association:
+each C-STORE sub-operation is spooled by pynetdicom into the store's spool folder
+(SpoolRouter) and ingested by the same IngestService before it is acknowledged.
+The contexts are proposed per SOP class of the study, one transfer syntax each,
+in `GET_SYNTAXES` order: a PACS that looks for a context in the syntax an instance
+is stored in sends it unchanged. dcmqrscp does not: it takes the first context it
+accepted for the SOP class and converts (tests/legacypacs.py says how the tests
+configure it). The peer needs permissions find and get.
+
+Every call blocks (pynetdicom); the migration service runs them in worker
+threads. Failures raise LegacyPeerError with a MigrationFailure kind; messages
+name the peer and the DICOM status, never a patient or a UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from appliance.base.bridge import LoopBridge
+from appliance.base.config import DicomConfig
+from appliance.base.errors import (
+    LegacyPeerError,
+    MigrationError,
+    MigrationFailure,
+    PacsEdgeError,
+    RejectedInstance,
+)
+from appliance.dimse.dicom_status import Status
+from appliance.dimse.handlers import REJECTION_STATUS
+from appliance.dimse.spooling import SpoolRouter
+from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
+from appliance.services.legacy_migration import FindResult, RetrieveOutcome, StudyAnswer
+from appliance.services.peers import Peer
+
+log = logging.getLogger(__name__)
+
+_PENDING = (0xFF00, 0xFF01)
+_SUCCESS = 0x0000
+_WARNING = 0xB000
+_CANCEL = 0xFE00
+MAX_CONTEXTS = 127  # presentation contexts an association can carry, less the C-GET one
+# Uncompressed first, then the compressed syntaxes pynetdicom knows: see the docstring.
+GET_SYNTAXES = tuple(dict.fromkeys([
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, *ALL_TRANSFER_SYNTAXES]))
+
+# A C-STORE sub-operation of a C-GET: (event) -> status to answer.
+StoreHandler = Callable[[Any], int]
+
+
+class LegacyPeer:
+    """The legacy PACS of a migration, seen from the box as an SCU."""
+
+    def __init__(self, peer: Peer, config: DicomConfig, *,
+                 tls_client: ssl.SSLContext | None = None,
+                 on_store: StoreHandler | None = None) -> None:
+        if peer.tls and tls_client is None:
+            raise MigrationError(f"peer {peer.name!r} is marked TLS but this box has TLS off",
+                                 hint="set [dicom] tls_port (pacs-edge config check)")
+        self.peer = peer
+        self.config = config
+        self.tls_client = tls_client
+        self.on_store = on_store
+
+    @contextmanager
+    def session(self) -> Iterator[LegacySession]:
+        """One association for C-FIND and C-MOVE requests, released at the end."""
+        with self._association([Verification, StudyRootQueryRetrieveInformationModelFind,
+                                StudyRootQueryRetrieveInformationModelMove]) as assoc:
+            yield LegacySession(self, assoc)
+
+    def get_study(self, study_uid: str, sop_classes: Sequence[str]) -> RetrieveOutcome:
+        """C-GET one study on its own association, whose storage contexts are those of
+        its SOP classes; the `on_store` handler answers each C-STORE sub-operation."""
+        if self.on_store is None:
+            raise MigrationError("this legacy peer was set up for C-MOVE only")
+        on_store = self.on_store
+        classes = list(dict.fromkeys(sop_classes))
+        per_class = max(1, min(len(GET_SYNTAXES), MAX_CONTEXTS // max(len(classes), 1)))
+        if len(classes) > MAX_CONTEXTS:
+            raise LegacyPeerError(MigrationFailure.RETRIEVE_FAILED,
+                                  f"study has {len(classes)} SOP classes: more than one C-GET"
+                                  " association can carry", hint="migrate it --via move")
+        contexts: list[tuple[str, list[str]]] = [
+            (sop, [str(ts)]) for sop in classes for ts in GET_SYNTAXES[:per_class]]
+        roles = [build_role(sop, scp_role=True) for sop in classes]
+        query = _identifier("STUDY", StudyInstanceUID=study_uid)
+        with self._association([StudyRootQueryRetrieveInformationModelGet], extra=contexts,
+                               roles=roles,
+                               handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+            return self._retrieve(assoc.send_c_get(query,
+                                                   StudyRootQueryRetrieveInformationModelGet),
+                                  "C-GET")
+
+    @contextmanager
+    def _association(self, requested: Sequence[Any], *,
+                     extra: Sequence[tuple[str, list[str]]] = (),
+                     roles: Sequence[Any] = (),
+                     handlers: Sequence[tuple[Any, Any]] = ()) -> Iterator[Any]:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.acse_timeout = self.config.acse_timeout
+        ae.dimse_timeout = self.config.dimse_timeout
+        ae.network_timeout = self.config.network_timeout
+        ae.connection_timeout = self.config.connect_timeout
+        ae.maximum_pdu_size = self.config.max_pdu
+        for context in requested:
+            ae.add_requested_context(context)
+        for sop, syntaxes in extra:
+            ae.add_requested_context(sop, syntaxes)
+        tls_args = (self.tls_client, None) if self.peer.tls else None
+        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
+                             max_pdu=self.config.max_pdu, tls_args=tls_args,
+                             ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)
+        if not assoc.is_established:
+            ae.shutdown()
+            why = "rejected" if assoc.is_rejected else "did not answer or aborted"
+            raise LegacyPeerError(
+                MigrationFailure.UNREACHABLE,
+                f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}"
+                " the association",
+                hint=f"check that it runs and knows this box's AE title {self.config.ae_title!r}"
+                     " as a calling AE")
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+
+    def _retrieve(self, responses: Iterator[tuple[Dataset, Dataset | None]],
+                  service: str) -> RetrieveOutcome:
+        final: Dataset | None = None
+        for status, _ in responses:
+            if status is None or "Status" not in status:
+                break
+            if int(status.Status) not in _PENDING:
+                final = status
+        if final is None:
+            raise LegacyPeerError(
+                MigrationFailure.UNREACHABLE,
+                f"legacy PACS {self.peer.name!r} ended the {service} without a final status",
+                hint="the association was aborted or timed out: see the legacy PACS's log")
+        return RetrieveOutcome(int(final.Status),
+                               int(final.get("NumberOfCompletedSuboperations", 0) or 0),
+                               int(final.get("NumberOfFailedSuboperations", 0) or 0),
+                               int(final.get("NumberOfWarningSuboperations", 0) or 0))
+
+
+class LegacySession:
+    """Requests on one open association to the legacy PACS."""
+
+    def __init__(self, legacy: LegacyPeer, assoc: Any) -> None:
+        self.legacy = legacy
+        self.assoc = assoc
+        self.name = legacy.peer.name
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    def find_studies(self, day: str, *, time_range: str = "", modality: str = "",
+                     limit: int) -> FindResult:
+        """Studies of `day` (YYYYMMDD), within `time_range` (HHMMSS-HHMMSS) and of
+        `modality` when given. `limited` when `limit` answers came, or the peer ended
+        the query with a failure after some answers (its way of saying "too many")."""
+        query = _identifier("STUDY", StudyDate=day, StudyTime=time_range,
+                            ModalitiesInStudy=modality, StudyInstanceUID="",
+                            NumberOfStudyRelatedInstances="")
+        answers, failed = self._find(query)
+        if failed is not None and not answers:
+            raise LegacyPeerError(MigrationFailure.QUERY_FAILED,
+                                  f"legacy PACS {self.name!r} answered a study C-FIND with"
+                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log")
+        studies = [StudyAnswer(str(a.get("StudyInstanceUID", "") or ""),
+                               str(a.get("StudyTime", "") or ""),
+                               _values(a.get("ModalitiesInStudy")),
+                               _integer(a.get("NumberOfStudyRelatedInstances")))
+                   for a in answers]
+        return FindResult([s for s in studies if s.study_uid],
+                          limited=failed is not None or len(answers) >= limit)
+
+    def series_of(self, study_uid: str) -> list[tuple[str, int | None]]:
+        """(modality, NumberOfSeriesRelatedInstances or None) of each series of the study."""
+        query = _identifier("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="",
+                            Modality="", NumberOfSeriesRelatedInstances="")
+        return [(str(a.get("Modality", "") or "").strip().upper(),
+                 _integer(a.get("NumberOfSeriesRelatedInstances")))
+                for a in self._checked_find(query, "series")]
+
+    def instances_of(self, study_uid: str) -> list[tuple[str, str]]:
+        """(SOP Instance UID, SOP Class UID) of every instance of the study."""
+        query = _identifier("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID="",
+                            SOPInstanceUID="", SOPClassUID="")
+        return [(str(a.get("SOPInstanceUID", "") or ""), str(a.get("SOPClassUID", "") or ""))
+                for a in self._checked_find(query, "image")]
+
+    def move_study(self, study_uid: str, destination: str) -> RetrieveOutcome:
+        query = _identifier("STUDY", StudyInstanceUID=study_uid)
+        return self.legacy._retrieve(self.assoc.send_c_move(
+            query, destination, StudyRootQueryRetrieveInformationModelMove), "C-MOVE")
+
+    def _checked_find(self, query: Dataset, level: str) -> list[Dataset]:
+        answers, failed = self._find(query)
+        if failed is not None:
+            raise LegacyPeerError(MigrationFailure.QUERY_FAILED,
+                                  f"legacy PACS {self.name!r} answered a {level} C-FIND with"
+                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log")
+        return answers
+
+    def _find(self, query: Dataset) -> tuple[list[Dataset], int | None]:
+        """Answers, and the final status when it was not Success."""
+        answers: list[Dataset] = []
+        for status, identifier in self.assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind):
+            if status is None or "Status" not in status:
+                raise LegacyPeerError(
+                    MigrationFailure.UNREACHABLE,
+                    f"legacy PACS {self.name!r} ended a C-FIND without a final status",
+                    hint="the association was aborted or timed out: see its log")
+            code = int(status.Status)
+            if code in _PENDING:
+                if identifier is not None:
+                    answers.append(identifier)
+            elif code != _SUCCESS:
+                return answers, code
+        return answers, None
+
+
+def _identifier(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _integer(value: Any) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _values(value: Any) -> tuple[str, ...]:
+    """A CS value of one or several items (pydicom: str or MultiValue) as sorted codes."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(sorted({str(v).strip().upper() for v in items if str(v).strip()}))
+
+
+class GetReceiver:
+    """The C-STORE sub-operations of a migration's C-GETs: each spooled instance goes
+    through the box's ingest (durable before the response), as a C-STORE to the server
+    would; `on_stored` hears of each stored one (the audit)."""
+
+    def __init__(self, spools: SpoolRouter, ingest: IngestService, bridge: LoopBridge, *,
+                 source_ae: str, on_stored: Callable[[IngestResult], None]) -> None:
+        self.spools = spools
+        self.ingest = ingest
+        self.bridge = bridge
+        self.source_ae = source_ae
+        self.on_stored = on_stored
+
+    def __call__(self, event: Any) -> int:
+        spool = self.spools.claim(event.dataset_path)
+        if spool is None:  # came on a context not accepted for storage: already aborted
+            return int(Status.REFUSED_NOT_AUTHORIZED)
+        request = event.request
+        expected = ExpectedIdentity(sop_class_uid=str(request.AffectedSOPClassUID),
+                                    sop_uid=str(request.AffectedSOPInstanceUID))
+        try:
+            result = self.ingest.ingest_spool_blocking(spool, self.bridge,
+                                                       source_ae=self.source_ae,
+                                                       expected=expected)
+        except RejectedInstance as exc:
+            log.warning("migrated instance refused reason=%s", exc.reason)
+            return int(REJECTION_STATUS[exc.kind])
+        except PacsEdgeError as exc:
+            log.error("migrated instance not stored reason=%s", exc.message)
+            return int(Status.PROCESSING_FAILURE)
+        self.on_stored(result)
+        return int(Status.SUCCESS)

@@ -1,0 +1,478 @@
+"""`pacs-edge migrate`: walk a legacy PACS day by day and pull every study into the box.
+
+The walk, for one run (store/migration_rows.py keeps every step):
+1. List: for each pending day of the range (newest first), C-FIND at STUDY level.
+   A query that gets the peer's result limit (`query_limit` answers, or a failure
+   status after some answers) may be missing studies, so it is split: the day
+   into hours, an hour into halves down to one minute (StudyTime ranges), a
+   minute by modality (with --modality). Every study found, and the day itself,
+   are committed together; a crash mid-day lists the day again.
+2. Transfer, `associations` studies at once, each worker on its own association
+   (LegacySession) for many studies: count what the study should hold
+   (NumberOfStudyRelatedInstances, else the series' NumberOfSeriesRelatedInstances,
+   else its image-level answers), skip it when the box already holds that many
+   (a resumed run never fetches a complete study again), else C-MOVE it to the
+   box's AE (or C-GET it), then verify. The box counts the study's instances; if
+   short, the image-level answers say which SOP Instance UIDs the box lacks: a UID
+   that another study also uses is held once (with the other copy as a prior
+   version) and counts as shared, not missing.
+3. A failure (no association, a failure status, missing instances) is retried
+   after a backoff (`retry_base_seconds`, doubled, at most an hour) up to
+   `max_attempts`, then listed by `migrate failures` with its kind and reason.
+
+Throttling, so that the old PACS keeps serving its users: `associations` at once,
+study starts spaced to at most `rate_per_hour`, and only inside `time_window`
+(local time, e.g. 20:00-06:00); outside it the run waits. `migrate pause` and
+`migrate cancel` change the run's row; workers read it before each study.
+
+The SCU is an edge (appliance/dimse/legacy_scu.py) handed in by the command line
+(the LegacySource protocol): this module decides, the edge speaks DICOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Protocol
+
+from appliance.base import logsafe
+from appliance.base.bridge import LoopBridge
+from appliance.base.errors import LegacyPeerError, MigrationError, MigrationFailure
+from appliance.services.peers import Peer
+from appliance.store import database
+from appliance.store import migration_rows as rows
+from appliance.store.index import Index
+
+log = logging.getLogger(__name__)
+
+_SUCCESS, _WARNING = 0x0000, 0xB000
+STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
+_MINUTES = 24 * 60
+
+
+@dataclass(frozen=True)
+class StudyAnswer:
+    study_uid: str
+    study_time: str
+    modalities: tuple[str, ...]
+    instances: int | None  # NumberOfStudyRelatedInstances, when the peer answers it
+
+
+@dataclass(frozen=True)
+class FindResult:
+    answers: list[StudyAnswer]
+    limited: bool  # the peer's result limit was hit: the answers may be incomplete
+
+
+@dataclass(frozen=True)
+class RetrieveOutcome:
+    status: int
+    completed: int
+    failed: int
+    warning: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (_SUCCESS, _WARNING)
+
+
+class LegacySession(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+    def find_studies(self, day: str, *, time_range: str = "", modality: str = "",
+                     limit: int) -> FindResult: ...
+
+    def series_of(self, study_uid: str) -> list[tuple[str, int | None]]: ...
+
+    def instances_of(self, study_uid: str) -> list[tuple[str, str]]: ...
+
+    def move_study(self, study_uid: str, destination: str) -> RetrieveOutcome: ...
+
+
+class LegacySource(Protocol):
+    """The legacy PACS as the walk uses it (appliance/dimse/legacy_scu.LegacyPeer)."""
+
+    def session(self) -> AbstractContextManager[LegacySession]: ...
+
+    def get_study(self, study_uid: str, sop_classes: Sequence[str]) -> RetrieveOutcome: ...
+
+
+def check_peer(peer: Peer, via: str) -> None:
+    """Refuse a peer that a migration `via` move or get cannot use, saying what to fix.
+    Move needs store too: the legacy PACS's sub-operations are C-STOREs to this box."""
+    needed = ("find", "move", "store") if via == "move" else ("find", "get")
+    missing = [p for p in needed if not peer.may(p)]
+    if not peer.port or missing:
+        what = f"permission {','.join(missing)}" if missing else "a port"
+        raise MigrationError(
+            f"peer {peer.name!r} lacks {what} for a migration via C-{via.upper()}",
+            hint=f"pacs-edge peers add {peer.name} --ae-title {peer.ae_title} --host"
+                 f" {peer.host} --port PORT --allow {','.join(sorted(set(needed) | peer.allow))}")
+
+
+def days_between(since: str, until: str) -> list[str]:
+    """Every day from `since` to `until` (YYYYMMDD, inclusive)."""
+    first, last = _day(since, "--since"), _day(until, "--until")
+    if first > last:
+        raise MigrationError(f"--since {since} is after --until {until}")
+    return [(first + timedelta(days=n)).strftime("%Y%m%d") for n in range((last - first).days + 1)]
+
+
+def _day(value: str, option: str) -> date:
+    try:
+        return datetime.strptime(value.replace("-", ""), "%Y%m%d").date()
+    except ValueError:
+        raise MigrationError(f"{option} {value!r} is not a date",
+                             hint="write dates as YYYY-MM-DD or YYYYMMDD") from None
+
+
+@dataclass(frozen=True)
+class Window:
+    """A local time window HH:MM-HH:MM, which may span midnight; empty = always open."""
+
+    text: str = ""
+
+    def _bounds(self) -> tuple[int, int]:
+        start, _, end = self.text.partition("-")
+        return _minute(start), _minute(end)
+
+    def seconds_until_open(self, now: datetime) -> float:
+        if not self.text:
+            return 0.0
+        start, end = self._bounds()
+        minute = now.hour * 60 + now.minute
+        inside = start <= minute < end if start < end else (minute >= start or minute < end)
+        if inside:
+            return 0.0
+        wait = (start - minute) % _MINUTES
+        return wait * 60.0 - now.second
+
+
+def _clock(minute: int) -> str:
+    """HHMM of a minute of the day."""
+    return f"{minute // 60:02d}{minute % 60:02d}"
+
+
+def _minute(text: str) -> int:
+    hours, _, minutes = text.partition(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class Throttle:
+    """Spaces study starts to at most `rate_per_hour` (0: no spacing) across workers."""
+
+    def __init__(self, rate_per_hour: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 3600.0 / rate_per_hour if rate_per_hour else 0.0
+        self.clock = clock
+        self._next = clock()
+        self._lock = threading.Lock()
+
+    def slot(self) -> float:
+        """Claim the next start; returns how long to wait for it."""
+        with self._lock:
+            now = self.clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+            return start - now
+
+
+@dataclass
+class _Work:
+    """The studies one transfer round hands to its workers."""
+
+    tasks: list[rows.StudyTask]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self) -> rows.StudyTask | None:
+        with self.lock:
+            return self.tasks.pop(0) if self.tasks else None
+
+
+class Migration:
+    """One run of a migration, driven until it is done, paused or cancelled."""
+
+    def __init__(self, index: Index, run: rows.Run, source: LegacySource, *, box_ae: str,
+                 max_attempts: int, retry_base_seconds: float) -> None:
+        self.index = index
+        self.run = run
+        self.settings = run.settings
+        self.source = source
+        self.box_ae = box_ae
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base_seconds
+        self.window = Window(run.settings.time_window)
+        self.throttle = Throttle(run.settings.rate_per_hour)
+        self._bridge: LoopBridge | None = None
+        self._stopping = threading.Event()
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def drive(self) -> rows.RunState:
+        """List and transfer until nothing is left (the run is then done) or the run is
+        paused or cancelled; returns the state it ended in."""
+        self._bridge = LoopBridge(asyncio.get_running_loop())
+        log.info("migration running run=%d peer=%s via=%s", self.run.id, self.settings.peer,
+                 self.settings.via)
+        while True:
+            state = await self._state()
+            if state is not rows.RunState.RUNNING:
+                return state
+            wait = self.window.seconds_until_open(datetime.now())
+            if wait > 0:
+                await asyncio.sleep(min(wait, STATE_CHECK_SECONDS))
+                continue
+            now = time.time()
+            days = await database.run_sync(self.index.reader, rows.due_days, self.run.id, now)
+            if days:
+                await asyncio.to_thread(self._list_days, days)
+                continue
+            tasks = await database.run_sync(self.index.reader, rows.due_studies, self.run.id,
+                                            now, 10_000)
+            if tasks:
+                work = _Work(tasks)
+                workers = min(self.settings.associations, len(tasks))
+                await asyncio.gather(*(asyncio.to_thread(self._worker, work)
+                                       for _ in range(workers)))
+                continue
+            summary = await database.run_sync(self.index.reader, rows.summary, self.run.id)
+            if summary.finished:
+                state = await self._write(rows.change_run, self.run.id, rows.RunTrigger.FINISH)
+                log.info("migration finished run=%d studies_done=%d studies_failed=%d"
+                         " days_failed=%d", self.run.id, summary.studies_done,
+                         summary.studies_failed, summary.days_failed)
+                return state
+            wait = (summary.next_attempt_at or now) - now
+            await asyncio.sleep(max(0.05, min(wait, STATE_CHECK_SECONDS)))
+
+    async def _state(self) -> rows.RunState:
+        run = await database.run_sync(self.index.reader, rows.run_by_id, self.run.id)
+        if run is None:
+            raise MigrationError(f"migration run {self.run.id} vanished from the index")
+        return run.state
+
+    async def _write(self, fn: Callable[..., rows.RunState], *args: object) -> rows.RunState:
+        assert self.index.writer is not None
+        return await self.index.writer.submit_sync(lambda conn: fn(conn, *args))
+
+    def _call(self, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        """A store write from a worker thread, through the loop's writer."""
+        assert self._bridge is not None and self.index.writer is not None
+        writer = self.index.writer
+        return self._bridge.call(writer.submit_sync(lambda conn: fn(conn, *args, **kwargs)))
+
+    def _read(self, fn: Callable[..., object], *args: object) -> object:
+        assert self._bridge is not None
+        return self._bridge.call(database.run_sync(self.index.reader, fn, *args))
+
+    def _running(self) -> bool:
+        if self._stopping.is_set():
+            return False
+        run = self._read(rows.run_by_id, self.run.id)
+        running = isinstance(run, rows.Run) and run.state is rows.RunState.RUNNING
+        if not running:
+            self._stopping.set()
+        return running
+
+    # --- listing -------------------------------------------------------------------
+
+    def _list_days(self, days: Sequence[str]) -> None:
+        """List days on one association (in a worker thread), committing each day."""
+        try:
+            with self.source.session() as session:
+                for day in days:
+                    if not self._running():
+                        return
+                    if not session.alive:
+                        return  # the next round opens a new association
+                    try:
+                        found, queries = _DayWalk(session, day, self.settings).walk()
+                    except LegacyPeerError as exc:
+                        self._day_failed(day, exc)
+                        continue
+                    self._call(rows.list_day, self.run.id, day, found, queries)
+                    log.info("migration day listed run=%d day=%s studies=%d queries=%d",
+                             self.run.id, day, len(found), queries)
+        except LegacyPeerError as exc:
+            for day in days[:1]:  # no association at all: count it against the first day
+                self._day_failed(day, exc)
+
+    def _day_failed(self, day: str, exc: LegacyPeerError) -> None:
+        final = self._call(rows.fail_day, self.run.id, day, exc.kind, exc.message,
+                           max_attempts=self.max_attempts, retry_base_seconds=self.retry_base)
+        log.warning("migration day failed run=%d day=%s kind=%s final=%s reason=%s",
+                    self.run.id, day, exc.kind.value, final, exc.message)
+
+    # --- transfer ------------------------------------------------------------------
+
+    def _worker(self, work: _Work) -> None:
+        """Transfer studies from `work` on one association until none is left."""
+        while not self._stopping.is_set():
+            try:
+                with self.source.session() as session:
+                    while session.alive:
+                        task = work.take()
+                        if task is None or not self._wait_for_slot():
+                            return
+                        self._transfer(session, task)
+            except LegacyPeerError as exc:
+                task = work.take()
+                if task is None:
+                    return
+                self._study_failed(task, exc, received=self._box_count(task.study_uid))
+
+    def _wait_for_slot(self) -> bool:
+        """Sleep for the throttle and the window; False when the run stopped meanwhile."""
+        wait = self.throttle.slot()
+        while True:
+            if not self._running():
+                return False
+            wait = max(wait, self.window.seconds_until_open(datetime.now()))
+            if wait <= 0:
+                return True
+            step = min(wait, STATE_CHECK_SECONDS)
+            time.sleep(step)
+            wait -= step
+
+    def _transfer(self, session: LegacySession, task: rows.StudyTask) -> None:
+        uid = task.study_uid
+        try:
+            expected, instances = self._expected(session, task)
+            # Already complete (a run killed after the transfer, before its row): no fetch.
+            if self._box_count(uid) and self._complete(session, task, expected, instances):
+                return
+            if self.settings.via == "get":
+                if instances is None:
+                    instances = session.instances_of(uid)
+                outcome = self.source.get_study(uid, sorted({c for _, c in instances if c}))
+            else:
+                outcome = session.move_study(uid, self.box_ae)
+            if self._complete(session, task, expected, instances):
+                return
+            verb = "C-GET" if self.settings.via == "get" else "C-MOVE"
+            raise LegacyPeerError(
+                MigrationFailure.INCOMPLETE if outcome.ok else MigrationFailure.RETRIEVE_FAILED,
+                f"{expected - self._box_count(uid)} of {expected} instances not in the box after"
+                f" the {verb} (status 0x{outcome.status:04X}, completed {outcome.completed},"
+                f" failed {outcome.failed})")
+        except LegacyPeerError as exc:
+            self._study_failed(task, exc, received=self._box_count(uid))
+
+    def _complete(self, session: LegacySession, task: rows.StudyTask, expected: int,
+                  instances: list[tuple[str, str]] | None) -> bool:
+        """Record the study done if the box holds all of it: as many instances as the
+        legacy PACS listed, or else every one of its SOP Instance UIDs (some held under
+        another study that shares them)."""
+        received = self._box_count(task.study_uid)
+        if received >= expected:
+            self._call(rows.study_done, task.id, expected=expected, received=received, shared=0)
+            return True
+        if instances is None:
+            instances = session.instances_of(task.study_uid)
+        sops = [sop for sop, _ in instances if sop]
+        held = self._read(rows.held_sop_uids, sops)
+        if not sops or any(sop not in held for sop in sops):  # type: ignore[operator]
+            return False
+        self._call(rows.study_done, task.id, expected=expected, received=received,
+                   shared=len(sops) - received)
+        return True
+
+    def _expected(self, session: LegacySession, task: rows.StudyTask
+                  ) -> tuple[int, list[tuple[str, str]] | None]:
+        """How many instances the study holds in the legacy PACS, and its image-level
+        answers when they had to be asked for that."""
+        if task.expected_instances is not None:
+            return task.expected_instances, None
+        series = session.series_of(task.study_uid)
+        counts = [n for _, n in series]
+        if series and all(n is not None for n in counts):
+            return sum(n or 0 for n in counts), None
+        instances = session.instances_of(task.study_uid)
+        if not instances:
+            raise LegacyPeerError(MigrationFailure.NOT_FOUND,
+                                  "the legacy PACS lists no instances for the study")
+        return len(instances), instances
+
+    def _box_count(self, study_uid: str) -> int:
+        return int(self._read(rows.box_instance_count, study_uid))  # type: ignore[call-overload]
+
+    def _study_failed(self, task: rows.StudyTask, exc: LegacyPeerError, *, received: int) -> None:
+        final = self._call(rows.study_failed, task.id, exc.kind, exc.message, received=received,
+                           max_attempts=self.max_attempts, retry_base_seconds=self.retry_base)
+        log.warning("migration study failed run=%d study=%s kind=%s final=%s reason=%s",
+                    self.run.id, logsafe.ref(task.study_uid), exc.kind.value, final, exc.message)
+
+
+class _DayWalk:
+    """The C-FINDs that list one day, split wherever the peer's limit was hit."""
+
+    def __init__(self, session: LegacySession, day: str, settings: rows.RunSettings) -> None:
+        self.session = session
+        self.day = day
+        self.settings = settings
+        self.queries = 0
+        self.found: dict[str, StudyAnswer] = {}
+
+    def walk(self) -> tuple[list[rows.FoundStudy], int]:
+        result = self._find("")
+        if result.limited:
+            for hour in range(24):
+                self._range(hour * 60, hour * 60 + 59)
+        else:
+            self._keep(result.answers)
+        wanted = {m.upper() for m in self.settings.modalities}
+        studies = [a for a in self.found.values() if not wanted or self._has(a, wanted)]
+        return [rows.FoundStudy(a.study_uid, a.instances) for a in studies], self.queries
+
+    def _range(self, first: int, last: int) -> None:
+        result = self._find(f"{_clock(first)}00-{_clock(last)}59")
+        if not result.limited:
+            self._keep(result.answers)
+        elif last > first:
+            middle = (first + last) // 2
+            self._range(first, middle)
+            self._range(middle + 1, last)
+        else:
+            self._by_modality(first)
+
+    def _by_modality(self, minute: int) -> None:
+        when = f"{_clock(minute)}00-{_clock(minute)}59"
+        if not self.settings.modalities:
+            raise LegacyPeerError(
+                MigrationFailure.QUERY_FAILED,
+                f"the legacy PACS returns its result limit ({self.settings.query_limit}) for"
+                f" studies of a single minute on {self.day}",
+                hint="raise --query-limit to the legacy PACS's real limit, or run with"
+                     " --modality to split the minute by modality")
+        for modality in self.settings.modalities:
+            result = self._find(when, modality)
+            if result.limited:
+                raise LegacyPeerError(
+                    MigrationFailure.QUERY_FAILED,
+                    f"the legacy PACS returns its result limit for {modality} studies of a"
+                    f" single minute on {self.day}",
+                    hint="raise --query-limit to the legacy PACS's real limit")
+            self._keep(result.answers)
+
+    def _find(self, time_range: str, modality: str = "") -> FindResult:
+        self.queries += 1
+        return self.session.find_studies(self.day, time_range=time_range, modality=modality,
+                                         limit=self.settings.query_limit)
+
+    def _keep(self, answers: Sequence[StudyAnswer]) -> None:
+        for answer in answers:
+            self.found.setdefault(answer.study_uid, answer)
+
+    def _has(self, answer: StudyAnswer, wanted: set[str]) -> bool:
+        """Whether the study has a wanted modality: from ModalitiesInStudy, else from its
+        series (many legacy PACS, dcmqrscp among them, do not keep ModalitiesInStudy)."""
+        modalities: Iterator[str] | tuple[str, ...] = answer.modalities
+        if not modalities:
+            modalities = (m for m, _ in self.session.series_of(answer.study_uid))
+        return any(m in wanted for m in modalities)

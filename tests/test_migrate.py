@@ -1,0 +1,237 @@
+"""`pacs-edge migrate` end to end: dcmqrscp as the legacy PACS, a real `pacs-edge serve`.
+
+The legacy archive (tests/legacypacs.py) holds generated studies over a few days:
+multi-series and mixed CT/MR studies, one transfer syntax per SOP class (explicit
+and implicit VR, deflated, JPEG lossless, JPEG-LS, RLE: the box stores each as
+received), and two studies that share a SOP Instance UID. A proxy gives the
+archive a C-FIND result limit that one day exceeds, within one hour, so the walk
+must split the day by hour and the hour down to minutes.
+
+What is proven: the migration process is SIGKILLed three times mid-run and
+resumed each time; in the end every instance of the legacy archive is in the box
+exactly once (as a current instance or, for the shared UID, a prior version) and
+byte-identical to the legacy file, and `migrate status` says done. A peer without
+the permissions, and an archive that does not answer, give clear errors and listed
+failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dicomgen
+import pydicom
+import pytest
+from conftest import HOST, EdgeServer, _env, pacs_edge_command
+from legacypacs import FindLimitProxy, LegacyPacs
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+SYNTAX_BY_CLASS = {
+    dicomgen.SOP_CLASSES["CT"]: str(ExplicitVRLittleEndian),
+    dicomgen.SOP_CLASSES["MR"]: str(JPEGLSLossless),
+    dicomgen.SOP_CLASSES["US"]: str(RLELossless),
+    dicomgen.SOP_CLASSES["CR"]: str(JPEGLosslessSV1),
+    dicomgen.SOP_CLASSES["DX"]: str(ImplicitVRLittleEndian),
+    dicomgen.SOP_CLASSES["OT"]: str(DeflatedExplicitVRLittleEndian),
+}
+KINDS = (("CT", "CT"), ("CT", "MR"), ("US",), ("CR",), ("DX",), ("OT",), ("MR",))
+DAYS = ("20240301", "20240302", "20240303")
+QUERY_LIMIT = 4
+RUN_TIMEOUT = 600.0
+
+
+def make_archive(folder: Path, studies: int, *, busy_day_studies: int) -> list[Path]:
+    """`studies` studies over DAYS (the first `busy_day_studies` on DAYS[0], within one
+    hour), kinds cycling through KINDS; the second study's first instance reuses the
+    SOP Instance UID of the first study's first instance."""
+    files: list[Path] = []
+    shared_uid = ""
+    for n in range(studies):
+        kind = KINDS[n % len(KINDS)]
+        made = dicomgen.make_study(folder / f"study{n:04d}", seed=5000 + n,
+                                   series_per_study=len(kind) if len(kind) > 1 else 2,
+                                   instances_per_series=2, modalities=kind, size=16)
+        if n < busy_day_studies:
+            day, at = DAYS[0], f"10{(n * 7) % 60:02d}{n % 60:02d}"
+        else:
+            day = DAYS[1 + n % (len(DAYS) - 1)]
+            at = f"{8 + n % 10:02d}{(n * 13) % 60:02d}00"
+        for k, inst in enumerate(made):
+            ds = pydicom.dcmread(inst.path)
+            ds.StudyDate, ds.StudyTime = day, at
+            if k == 0 and n == 0:
+                shared_uid = str(ds.SOPInstanceUID)
+            if k == 0 and n == 1:
+                ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = dicomgen.SOP_CLASSES["CT"]
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = shared_uid
+            dicomgen.write_instance(ds, inst.path, SYNTAX_BY_CLASS[str(ds.SOPClassUID)])
+            files.append(inst.path)
+    return files
+
+
+def dataset_digest(data: bytes) -> str:
+    """SHA-256 of a Part 10 file's data set: the bytes after the File Meta group."""
+    group_length = struct.unpack_from("<I", data, 132 + 8)[0]
+    return hashlib.sha256(data[132 + 12 + group_length:]).hexdigest()
+
+
+def box_digests(home: Path) -> Counter[str]:
+    """Data set digests of every file the box holds: current instances and prior versions."""
+    with sqlite3.connect(home / "index.sqlite3") as conn:
+        paths = [r[0] for r in conn.execute(
+            "SELECT path FROM instances UNION ALL SELECT path FROM instance_versions")]
+    return Counter(dataset_digest((home / "store" / p).read_bytes()) for p in paths)
+
+
+def done_studies(home: Path) -> int:
+    with sqlite3.connect(home / "index.sqlite3") as conn:
+        row = conn.execute("SELECT COUNT(*) FROM migration_studies WHERE state = 'done'"
+                           ).fetchone()
+    return int(row[0])
+
+
+class MigrateProcess:
+    """`pacs-edge migrate ARGS` in its own process group, killable like a power cut."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        self.log = home.parent / "migrate.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*pacs_edge_command(), "migrate", *args, "--home", str(home)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                start_new_session=True)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(RUN_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            self.kill()
+            raise AssertionError(
+                f"migrate still running:\n{self.log.read_text()[-4000:]}") from exc
+
+
+def wait_until(check: Callable[[], bool], what: str, proc: MigrateProcess) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not check():
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"migrate exited before {what}:\n{proc.log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {RUN_TIMEOUT}s")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def legacy_factory(tmp_path: Path) -> Iterator[Callable[..., LegacyPacs]]:
+    started: list[LegacyPacs] = []
+
+    def make(files: list[Path], *, box: EdgeServer | None = None) -> LegacyPacs:
+        pacs = LegacyPacs(tmp_path / f"legacy{len(started)}", SYNTAX_BY_CLASS)
+        if box is not None:
+            pacs.know(box.ae_title, box.port)
+        pacs.load(files)
+        started.append(pacs)
+        return pacs.start()
+
+    yield make
+    for pacs in started:
+        pacs.stop()
+
+
+def migrate_status(box: EdgeServer) -> dict[str, object]:
+    return json.loads(box.cli("migrate", "status", "--json").stdout)  # type: ignore[no-any-return]
+
+
+def run_with_kills(box: EdgeServer, start_args: list[str], kills_after: list[int]) -> None:
+    """Start the migration, SIGKILL it once `kills_after[i]` studies are done, resume."""
+    proc = MigrateProcess(box.home, "start", *start_args)
+    for threshold in kills_after:
+        wait_until(lambda t=threshold: done_studies(box.home) >= t, f"{threshold} studies", proc)
+        proc.kill()
+        proc = MigrateProcess(box.home, "resume")
+    assert proc.wait() == 0, proc.log.read_text()[-4000:]
+
+
+def test_migration_killed_three_times_ends_with_every_instance_once_and_byte_identical(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    files = make_archive(tmp_path / "archive", 16, busy_day_studies=8)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.2})
+    legacy = legacy_factory(files, box=box)
+    with FindLimitProxy(legacy.port, QUERY_LIMIT) as proxy:
+        box.add_peer("legacy", legacy.ae_title, proxy.port, allow="find,move,store")
+        run_with_kills(box, ["--from", "legacy", "--since", "2024-03-01", "--until",
+                             "2024-03-03", "--associations", "2", "--rate", "7200",
+                             "--query-limit", str(QUERY_LIMIT)], [3, 7, 11])
+        assert proxy.truncated > 0  # the busy day hit the limit and was split
+
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+    report = migrate_status(box)
+    assert report["state"] == "done"
+    assert report["studies"] == {"found": 16, "done": 16, "failed": 0, "remaining": 0}
+    assert report["days"] == {"total": 3, "listed": 3, "failed": 0, "pending": 0}
+    assert "no failures" in box.cli("migrate", "failures").stdout
+
+
+def test_peer_without_store_permission_is_refused_with_the_fix(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    box = edge_server_factory(start=False)
+    box.add_peer("legacy", "LEGACY", 104, allow="find,move")
+    result = box.cli("migrate", "start", "--from", "legacy", check=False)
+    assert result.returncode == 2
+    assert "lacks permission store" in result.stderr
+    assert "--allow find,move,store" in result.stderr
+
+
+def test_unreachable_archive_is_retried_then_listed_as_failed(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    box.add_peer("legacy", "LEGACY", 1, host=HOST, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+                     "20240301", check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1
+    failures = json.loads(box.cli("migrate", "failures", "--json").stdout)
+    assert [(f["what"], f["day"], f["error_kind"], f["attempts"]) for f in failures] == [
+        ("day", "20240301", "unreachable", 2)]
+    resumed = box.cli("migrate", "resume", check=False)
+    assert resumed.returncode == 2 and "is done" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_migration_of_a_few_hundred_studies_survives_kills(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    files = make_archive(tmp_path / "archive", 300, busy_day_studies=60)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.2})
+    legacy = legacy_factory(files, box=box)
+    with FindLimitProxy(legacy.port, 20) as proxy:
+        box.add_peer("legacy", legacy.ae_title, proxy.port, allow="find,move,store")
+        run_with_kills(box, ["--from", "legacy", "--since", "2024-03-01", "--until",
+                             "2024-03-03", "--query-limit", "20"], [40, 120, 220])
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+    report = migrate_status(box)
+    assert report["state"] == "done"
+    assert report["studies"] == {"found": 300, "done": 300, "failed": 0, "remaining": 0}
