@@ -296,9 +296,11 @@ class EdgeServer(Server):
         doc[section][key] = value  # type: ignore[index]
         path.write_text(tomlkit.dumps(doc), encoding="utf-8")
 
-    def start(self) -> EdgeServer:
+    def start(self, ready_timeout: float = READY_TIMEOUT) -> EdgeServer:
+        """Serve; `ready_timeout` for the ready line (longer for a first start after
+        common.populate on a large home: it reconciles the store with the index)."""
         self.spawn([*pacs_edge(), "serve", "--home", str(self.home)])
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + ready_timeout
         while not (ready := _READY.search(self.log())):
             assert self.proc is not None
             if self.proc.poll() is not None or time.monotonic() > deadline:
