@@ -23,6 +23,7 @@ contexts it proposes in the SCP role (C-GET's role reversal: we send).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -54,26 +55,39 @@ class StoredSyntaxes:
 
 
 def order_syntaxes(event: Any, stored: StoredCounts | None) -> None:
-    """EVT_REQUESTED handler: reorder this association's copy of the supported
-    contexts' transfer syntaxes before negotiation (see the module docstring)."""
+    """EVT_REQUESTED handler: before negotiation, give each supported context that the
+    requestor proposed the syntaxes it offered, in the order the appliance prefers (see
+    the module docstring).
+
+    The contexts are shared by every association (transport.SupportedContexts): a
+    changed one replaces the original in this association's list. Only the offered
+    syntaxes are kept, since negotiation can pick no other: a handful of UIDs to
+    validate per context instead of the 45 the appliance supports."""
     assoc = event.assoc
     scp_role = {str(uid) for uid, item in assoc.requestor.role_selection.items()
                 if item.scp_role}
-    offered: dict[str, list[str]] = {}
+    # Every syntax offered for a SOP class, in the order offered: a requestor may
+    # propose one SOP class in several contexts (one per syntax, as storescu does).
+    offered: dict[str, dict[str, None]] = {}
     for proposed in assoc.requestor.primitive.presentation_context_definition_list:
-        offered.setdefault(str(proposed.abstract_syntax),
-                           [str(ts) for ts in proposed.transfer_syntax])
+        offered.setdefault(str(proposed.abstract_syntax), {}).update(
+            dict.fromkeys(str(ts) for ts in proposed.transfer_syntax))
     counts = stored() if stored is not None and scp_role else {}
-    for context in assoc.acceptor.supported_contexts:
+    contexts = assoc.acceptor.supported_contexts
+    for i, context in enumerate(contexts):
         sop_class = str(context.abstract_syntax)
         wanted = offered.get(sop_class)
         if not wanted:
             continue
+        ours = set(context.transfer_syntax)
+        kept = [ts for ts in wanted if ts in ours]
+        if not kept:
+            continue  # negotiation refuses it as before: no syntax in common
         if sop_class in scp_role:
-            wanted = sorted(wanted, key=lambda ts: -counts.get((sop_class, ts), 0))
-        ours = [str(ts) for ts in context.transfer_syntax]
-        context.transfer_syntax = ([ts for ts in wanted if ts in ours]
-                                   + [ts for ts in ours if ts not in wanted])
+            kept.sort(key=lambda ts: -counts.get((sop_class, ts), 0))
+        changed = copy.copy(context)
+        changed.transfer_syntax = kept
+        contexts[i] = changed
 
 
 def restrict_storage(assoc: Any, *, may_store: bool, may_get: bool) -> int:
@@ -95,7 +109,8 @@ def restrict_storage(assoc: Any, *, may_store: bool, may_get: bool) -> int:
         if sop_class not in STORAGE_SOP_CLASSES:
             kept.append(context)
         elif may_get and sop_class in scp_role:
-            context.scu_role, context.scp_role = False, True
-            kept.append(context)
+            changed = copy.copy(context)  # shared by every association: change a copy
+            changed.scu_role, changed.scp_role = False, True
+            kept.append(changed)
     assoc.acceptor.supported_contexts[:] = kept
     return len((proposed & STORAGE_SOP_CLASSES) - (scp_role if may_get else set()))
