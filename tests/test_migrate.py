@@ -10,9 +10,9 @@ must split the day by hour and the hour down to minutes.
 What is proven: the migration process is SIGKILLed three times mid-run and
 resumed each time; in the end every instance of the legacy archive is in the box
 exactly once (as a current instance or, for the shared UID, a prior version) and
-byte-identical to the legacy file, and `migrate status` says done. A peer without
-the permissions, and an archive that does not answer, give clear errors and listed
-failures.
+byte-identical to the legacy file, and `migrate status` says done. C-GET does the
+same with no server running. A peer without the permissions, and an archive that
+does not answer, give clear errors and listed failures.
 """
 
 from __future__ import annotations
@@ -192,6 +192,21 @@ def test_migration_killed_three_times_ends_with_every_instance_once_and_byte_ide
     assert report["studies"] == {"found": 16, "done": 16, "failed": 0, "remaining": 0}
     assert report["days"] == {"total": 3, "listed": 3, "failed": 0, "pending": 0}
     assert "no failures" in box.cli("migrate", "failures").stdout
+
+
+def test_migration_via_get_needs_no_server_and_is_byte_identical(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    files = make_archive(tmp_path / "archive", 7, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 0.2, "max_attempts": 2})
+    legacy = legacy_factory(files)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    result = box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since",
+                     "20240301", "--until", "20240303", timeout=RUN_TIMEOUT)
+    assert "7 studies done, 0 failed" in result.stdout
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+    assert migrate_status(box)["state"] == "done"
 
 
 def test_peer_without_store_permission_is_refused_with_the_fix(

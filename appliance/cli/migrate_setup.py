@@ -8,10 +8,7 @@ ingests each instance through the same IngestService before answering it.
 
 from __future__ import annotations
 
-import asyncio
-
 from appliance.audit import Auditor
-from appliance.base.bridge import LoopBridge
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
 from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer
@@ -48,6 +45,6 @@ def legacy_source(config: Config, settings: RunSettings, index: Index,
         spools.install()
         receiver = GetReceiver(
             spools, IngestService(files, index, max_inflated=config.store.max_inflated_mb << 20),
-            LoopBridge(asyncio.get_running_loop()), source_ae=peer.ae_title,
+            source_ae=peer.ae_title,
             on_stored=lambda result: auditor.imported("migrate", result.header))
     return LegacyPeer(peer, config.dicom, tls_client=tls, on_store=receiver)

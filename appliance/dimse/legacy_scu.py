@@ -35,10 +35,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -48,7 +54,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
 from appliance.base.errors import (
     LegacyPeerError,
@@ -71,10 +76,21 @@ _SUCCESS = 0x0000
 _WARNING = 0xB000
 _CANCEL = 0xFE00
 MAX_CONTEXTS = 127  # presentation contexts an association can carry, less the C-GET one
-# Uncompressed first, then the compressed syntaxes pynetdicom knows: see the docstring.
+# Uncompressed first, then the compressed syntaxes archives use most, then the rest
+# pynetdicom knows: see the docstring.
 GET_SYNTAXES = tuple(dict.fromkeys([
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian, *ALL_TRANSFER_SYNTAXES]))
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless,
+    JPEG2000Lossless, JPEG2000, *ALL_TRANSFER_SYNTAXES]))
+# When the legacy PACS does not say a study's SOP classes (dcmqrscp answers no SOP Class
+# UID at image level): the image classes of the usual modalities, 10 syntaxes each.
+DEFAULT_GET_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.20",
+    "1.2.840.10008.5.1.4.1.1.128",
+)
 
 # A C-STORE sub-operation of a C-GET: (event) -> status to answer.
 StoreHandler = Callable[[Any], int]
@@ -107,7 +123,7 @@ class LegacyPeer:
         if self.on_store is None:
             raise MigrationError("this legacy peer was set up for C-MOVE only")
         on_store = self.on_store
-        classes = list(dict.fromkeys(sop_classes))
+        classes = list(dict.fromkeys(sop_classes)) or list(DEFAULT_GET_CLASSES)
         per_class = max(1, min(len(GET_SYNTAXES), MAX_CONTEXTS // max(len(classes), 1)))
         if len(classes) > MAX_CONTEXTS:
             raise LegacyPeerError(MigrationFailure.RETRIEVE_FAILED,
@@ -286,11 +302,10 @@ class GetReceiver:
     through the box's ingest (durable before the response), as a C-STORE to the server
     would; `on_stored` hears of each stored one (the audit)."""
 
-    def __init__(self, spools: SpoolRouter, ingest: IngestService, bridge: LoopBridge, *,
-                 source_ae: str, on_stored: Callable[[IngestResult], None]) -> None:
+    def __init__(self, spools: SpoolRouter, ingest: IngestService, *, source_ae: str,
+                 on_stored: Callable[[IngestResult], None]) -> None:
         self.spools = spools
         self.ingest = ingest
-        self.bridge = bridge
         self.source_ae = source_ae
         self.on_stored = on_stored
 
@@ -302,8 +317,7 @@ class GetReceiver:
         expected = ExpectedIdentity(sop_class_uid=str(request.AffectedSOPClassUID),
                                     sop_uid=str(request.AffectedSOPInstanceUID))
         try:
-            result = self.ingest.ingest_spool_blocking(spool, self.bridge,
-                                                       source_ae=self.source_ae,
+            result = self.ingest.ingest_spool_blocking(spool, source_ae=self.source_ae,
                                                        expected=expected)
         except RejectedInstance as exc:
             log.warning("migrated instance refused reason=%s", exc.reason)
