@@ -15,10 +15,10 @@ from pathlib import Path
 
 import dcmtk
 import pytest
-from conftest import EdgeServer, init_home
+from conftest import EdgeServer
 from dicomgen import dataset_bytes, make_studies, read_header
 from prometheus_client.parser import text_string_to_metric_families
-from webpeer import add_user, curl, web_home
+from webpeer import add_user, curl, metrics_listener_box, web_home
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -129,13 +129,7 @@ def test_readyz_says_why_the_box_cannot_take_studies(tmp_path: Path) -> None:
 
 
 def test_a_box_without_web_server_serves_metrics_on_its_own_port(tmp_path: Path) -> None:
-    home = init_home(tmp_path / "home")
-    port = dcmtk.free_port()
-    server = EdgeServer(home)
-    server.configure(metrics={"port": port})
-    server.start()
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with metrics_listener_box(tmp_path) as base:
         with urllib.request.urlopen(f"{base}/healthz", timeout=30) as answer:
             assert answer.read() == b"ok\n"
         with urllib.request.urlopen(f"{base}/readyz", timeout=30) as answer:
@@ -146,8 +140,6 @@ def test_a_box_without_web_server_serves_metrics_on_its_own_port(tmp_path: Path)
             urllib.request.urlopen(f"{base}/status", timeout=30)
         missing.value.close()
         assert missing.value.code == 404  # the status page needs the web login
-    finally:
-        server.stop()
 
 
 def test_status_warns_of_a_certificate_about_to_expire(edge_home: Path) -> None:

@@ -13,8 +13,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-import dcmtk
-from conftest import EdgeServer, init_home
+from webpeer import metrics_listener_box
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RULES = DOCS / "prometheus" / "pacs-edge-alerts.yml"
@@ -46,16 +45,9 @@ def test_rules_and_dashboard_name_only_metrics_a_box_exports(tmp_path: Path) -> 
     for expr in dashboard_expressions():
         used |= set(_NAME.findall(expr))
     assert len(used) > 15
-    home = init_home(tmp_path / "home")
-    port = dcmtk.free_port()
-    server = EdgeServer(home)
-    server.configure(metrics={"port": port})
-    server.start()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
-            text = answer.read().decode()
-    finally:
-        server.stop()
+    with metrics_listener_box(tmp_path) as base, \
+            urllib.request.urlopen(f"{base}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
     exported = set(re.findall(r"^# TYPE (\S+)", text, re.MULTILINE))
     exported |= set(re.findall(r"^(pacs_edge_[a-z_]+)", text, re.MULTILINE))
     assert used <= exported, sorted(used - exported)

@@ -6,6 +6,7 @@
 - dicomweb(server, user): a dicomweb_client.DICOMwebClient on that session.
 - curl(server, path, ...): curl's raw answer (status line, headers, body) as Curl.
 - running_web_server(folder): a module-wide started server with a radiologist `rad`.
+- metrics_listener_box(folder): a started server with HTTPS off and its own /metrics port.
 - multipart_body(paths) / parts(response): build a STOW-RS body from files as they are
   on disk; split a multipart/related answer into (headers, bytes) parts.
 
@@ -143,6 +144,20 @@ def running_web_server(folder: Path, **http: object) -> Iterator[EdgeServer]:
 
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary={}'
+
+
+@contextlib.contextmanager
+def metrics_listener_box(folder: Path) -> Iterator[str]:
+    """A started box with the web server off and /metrics on a plain listener of its
+    own ([metrics] port); yields the listener's base URL, stops the box at exit."""
+    port = dcmtk.free_port()
+    server = EdgeServer(init_home(folder / "home"))
+    server.configure(metrics={"port": port})
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 def multipart_body(paths: Iterable[Path], *, part_type: str = "application/dicom"
