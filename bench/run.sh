@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # `make bench`: the storage, C-FIND and retrieve benchmarks (docs/benchmarks.md).
 # Usage: bash bench/run.sh [store] [find] [retrieve] [dropfolder] [sync] [readers] [workflow]
-#        [web] [metrics]  (default: all)
+#        [web] [metrics] [migrate]  (default: all)
 # Knobs: BENCH_REPEATS (5 runs per figure), BENCH_SLICES (300 CT slices),
 #        BENCH_SMALL_STUDIES (2000 one-instance studies stored over 4 associations),
 #        BENCH_STUDIES (10000 in the C-FIND index), BENCH_FIND_N (20 queries),
 #        BENCH_FIND_LARGE=1 (C-FIND at BENCH_FIND_LARGE_STUDIES, 100000, too),
-#        BENCH_ORDERS (500 HL7 orders), BENCH_WORKLIST_ITEMS (5000 scheduled items).
+#        BENCH_ORDERS (500 HL7 orders), BENCH_WORKLIST_ITEMS (5000 scheduled items),
+#        BENCH_MIGRATE_STUDIES (100 studies migrated from dcmqrscp).
 # Results: bench/out/<name>.json and a table per benchmark; a summary at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ if [ ${#scripts[@]} -eq 0 ]; then
   [ -f bench/workflow.py ] && scripts+=(workflow)
   [ -f bench/web.py ] && scripts+=(web)
   [ -f bench/metrics.py ] && scripts+=(metrics)
+  [ -f bench/migrate.py ] && scripts+=(migrate)
 fi
 # store, find, retrieve (issue 17) and web (issue 16, its DICOMweb plugin) compare with
 # Orthanc when Debian's packages install (as root): a reference, not a dependency of the

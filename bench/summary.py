@@ -21,6 +21,8 @@ TARGETS: dict[tuple[str, str, str], tuple[str, float]] = {
     ("retrieve", "C-MOVE x4 assoc", "MB/s"): ("ratio", 0.8),
     ("retrieve", "C-GET x4 assoc", "MB/s"): ("ratio", 0.8),
     ("web", "WADO-RS study (transfer-syntax=*)", "MB/s"): ("ratio", 0.8),  # to C-GET
+    ("migrate", "migrate via C-MOVE x4", "MB/s"): ("ratio", 0.5),  # to storescu (issue 18)
+    ("migrate", "migrate via C-GET x4", "MB/s"): ("ratio", 0.5),
 }
 FIND_TARGET_MS = 10.0  # an exact ID (issue 17)
 FIND_WIDE_TARGET_MS = 20.0  # a name wildcard or a date range (issue 17)

@@ -211,6 +211,7 @@ class Migration:
         self.throttle = Throttle(run.settings.rate_per_hour)
         self._bridge: LoopBridge | None = None
         self._stopping = threading.Event()
+        self._no_series_counts = threading.Event()  # one C-FIND per study saved
 
     # --- the loop ------------------------------------------------------------------
 
@@ -389,10 +390,13 @@ class Migration:
         answers when they had to be asked for that."""
         if task.expected_instances is not None:
             return task.expected_instances, None
-        series = session.series_of(task.study_uid)
-        counts = [n for _, n in series]
-        if series and all(n is not None for n in counts):
-            return sum(n or 0 for n in counts), None
+        if not self._no_series_counts.is_set():
+            series = session.series_of(task.study_uid)
+            counts = [n for _, n in series]
+            if series and all(n is not None for n in counts):
+                return sum(n or 0 for n in counts), None
+            if series:  # the peer does not count series: ask it at image level from now on
+                self._no_series_counts.set()
         instances = session.instances_of(task.study_uid)
         if not instances:
             raise LegacyPeerError(MigrationFailure.NOT_FOUND,
