@@ -93,6 +93,14 @@ def test_regions_group_the_words_for_one_part_of_the_body() -> None:
     assert regions("ABDOMEN PELVIS") == {"abdomen", "pelvis"}
     assert regions("XR knee left") == {"lower limb"}
     assert regions("FOLLOW-UP") == set()
+    # The lumbar spine is spine and abdomen: an L-spine MR finds an abdomen CT's LSPINE
+    # series, and a spine order finds every part of the spine.
+    assert regions("LSPINE") == regions("L-SPINE") == {"abdomen", "spine"}
+    assert regions("MR L-SPINE") == {"spine"}
+    assert regions("CSPINE") & regions("MR WHOLE SPINE")
+    spine = OrderContext(modality="MR", procedure="MR L-SPINE")
+    assert chosen([study("1.1", "20250101", ("MR",), ("LSPINE",)),
+                   study("1.2", "20240101", ("MR",), ("KNEE",))], spine) == ["1.1"]
 
 
 def test_age_limit_and_undated_priors_last() -> None:

@@ -34,18 +34,22 @@ from datetime import date, timedelta
 from appliance.base.config import PrefetchConfig
 from appliance.store.prefetch_rows import Source
 
+# A word may name two regions: the lumbar spine is spine and lies in the abdomen.
 _REGIONS: dict[str, tuple[str, ...]] = {
     "head": ("HEAD", "BRAIN", "SKULL", "CRANIUM", "IAC", "ORBIT", "SINUS", "FACE"),
     "neck": ("NECK", "CSPINE", "THYROID", "LARYNX"),
     "chest": ("CHEST", "THORAX", "LUNG", "LUNGS", "HEART", "RIBS", "TSPINE", "BREAST"),
     "abdomen": ("ABDOMEN", "ABD", "LIVER", "KIDNEY", "PANCREAS", "LSPINE", "ABDOMENPELVIS"),
-    "pelvis": ("PELVIS", "HIP", "SACRUM", "BLADDER", "PROSTATE"),
+    "pelvis": ("PELVIS", "HIP", "SACRUM", "SSPINE", "BLADDER", "PROSTATE", "ABDOMENPELVIS"),
     "upper limb": ("SHOULDER", "ARM", "ELBOW", "FOREARM", "WRIST", "HAND", "FINGER",
                    "CLAVICLE", "HUMERUS"),
     "lower limb": ("KNEE", "LEG", "FEMUR", "ANKLE", "FOOT", "TOE", "TIBIA", "CALF"),
-    "spine": ("SPINE", "WHOLESPINE"),
+    "spine": ("SPINE", "WHOLESPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE"),
 }
-_REGION_OF = {word: region for region, words in _REGIONS.items() for word in words}
+_REGION_OF: dict[str, set[str]] = {}
+for _region, _words in _REGIONS.items():
+    for _word in _words:
+        _REGION_OF.setdefault(_word, set()).add(_region)
 _WORD = re.compile(r"[A-Z]+")
 
 
@@ -73,10 +77,11 @@ class OrderContext:
 def regions(text: str) -> set[str]:
     """The body regions a Body Part Examined value or a procedure text names."""
     upper = text.upper()
-    found = {_REGION_OF[w] for w in _WORD.findall(upper) if w in _REGION_OF}
-    joined = upper.replace(" ", "").replace("_", "")
-    if joined in _REGION_OF:  # "ABDOMEN PELVIS" -> ABDOMENPELVIS, "WHOLE SPINE"
-        found.add(_REGION_OF[joined])
+    found: set[str] = set()
+    for word in _WORD.findall(upper):
+        found |= _REGION_OF.get(word, set())
+    # "ABDOMEN PELVIS" -> ABDOMENPELVIS, "WHOLE SPINE", "L-SPINE" -> LSPINE
+    found |= _REGION_OF.get(re.sub(r"[^A-Z]", "", upper), set())
     return found
 
 
