@@ -132,6 +132,14 @@ def test_the_reactor_parks_on_an_event_the_gate_can_replace() -> None:
     assert not compat.replace_reactor_checkpoint(object(), gate)
 
 
+def test_a_requested_associations_dul_sleeps_its_poll_delay_between_polls() -> None:
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider)
+    dul = Association(AE(), "requestor").dul
+    assert compat.poll_delay(dul) == 0.001
+    compat.set_poll_delay(dul, 0.02)
+    assert dul._run_loop_delay == compat.poll_delay(dul) == 0.02
+
+
 def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
     """run_dul_reactor and run_association_reactor repeat upstream's passes; these are
     the steps and names they copy."""

@@ -328,6 +328,17 @@ def kill_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
     wakeup.set()
 
 
+def set_poll_delay(dul: Any, seconds: float) -> None:
+    """How long a pynetdicom DUL thread (one this box requested: a C-MOVE
+    sub-association) sleeps between polls of its socket and queues.
+
+    pynetdicom polls every `DULServiceProvider._run_loop_delay` seconds (0.001,
+    ~2% of a core per connection); it has no setting for it. (Accepted
+    associations run run_dul_reactor instead, which blocks while idle.)
+    """
+    dul._run_loop_delay = seconds
+
+
 def poll_delay(dul: Any) -> float:
     """The DUL's current poll delay (see set_poll_delay), to put back later."""
     return float(dul._run_loop_delay)

@@ -114,7 +114,6 @@ REFUSAL_STATUS = {
 MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2)
 _GATE_WAIT = 1.0  # seconds for a sub-association's reactor to park
 RECALL_PENDING_INTERVAL = 2.0  # seconds between Pending responses while a recall runs
-MOVE_POLL = 0.01  # seconds between DUL polls of a requesting association during a C-MOVE
 
 
 @dataclass(frozen=True)
@@ -344,17 +343,6 @@ class _Retrieval:
 
     def _move_all(self, plan: Plan, destination: Peer, tally: _Tally) -> bool:
         """Send every instance to the destination; True if the requestor cancelled."""
-        # Meanwhile the requesting association's DUL only waits for a C-CANCEL (Pending
-        # responses go out from here): its 1 ms poll loop need not spin.
-        dul = self.sc.assoc.dul
-        poll = compat.poll_delay(dul)
-        compat.set_poll_delay(dul, max(poll, MOVE_POLL))
-        try:
-            return self._move_batches(plan, destination, tally)
-        finally:
-            compat.set_poll_delay(dul, poll)
-
-    def _move_batches(self, plan: Plan, destination: Peer, tally: _Tally) -> bool:
         retries = self.att.config.suboperation_retries
         for batch, pairs in _batches(plan.instances):
             sub = _SubAssociation(self.sc.ae, destination, pairs, self.att.config, self.label,
