@@ -36,7 +36,7 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AddressInformation, RequestHandler, ThreadedAssociationServer
 
 from appliance.base import compat
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
@@ -148,6 +148,17 @@ def _peer_ip(sock: socket.socket) -> str:
 
 
 class EdgeRequestHandler(RequestHandler):
+    @property
+    def local(self) -> AddressInformation:
+        """The listening address, worked out once per server: pynetdicom's resolves it
+        with getaddrinfo() for every connection (a quarter millisecond of CPU each)."""
+        server = self.server
+        known: AddressInformation | None = getattr(server, "local_address", None)
+        if known is None:
+            known = AddressInformation.from_tuple(server.server_address)
+            server.local_address = known
+        return known
+
     def handle(self) -> None:
         started = False
         try:
@@ -241,6 +252,7 @@ def _log_network_timeout(event: Any) -> None:
 
 class EdgeAssociationServer(ThreadedAssociationServer):
     reuse_port = False
+    local_address: AddressInformation | None = None  # EdgeRequestHandler.local
     handshake_timeout = 10.0
     on_tls_failure: Any = None
     guard: ConnectionGuard | None = None
