@@ -235,6 +235,7 @@ def test_unreachable_archive_is_retried_then_listed_as_failed(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_migration_of_a_few_hundred_studies_survives_kills(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:
