@@ -24,7 +24,7 @@ TREES = {
     "sync": "sync",
     "provisioning": "provisioning.provisioning_errors",
 }
-_NODE = re.compile(r"^(?P<indent>(?:│   |    )*)(?P<glyph>├── |└── )?(?P<name>[A-Za-z]\w*)")
+_NODE = re.compile(r"^(?P<indent>(?:│   |    )*)(?P<glyph>├── |└── )?(?P<name>[A-Za-z_]\w*)")
 
 
 def _modules(package: str) -> list[ModuleType]:

@@ -56,6 +56,10 @@ Tree::
                                   AE/AR acknowledgement, never leaves services/orders.py
     Hl7Error                      an HL7 message that cannot be parsed or applied (location
                                   = the field): becomes an AE/AR, never leaves appliance/hl7
+    _NotPlain                     a header the fast scan cannot walk: the ingest falls back to
+                                  pydicom, never leaves services/header_scan.py
+    _Unreadable                   a stored file unreadable before anything was sent: the
+                                  sub-operation fails, never leaves dimse/move_get.py
 
     OSError
     └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL
