@@ -30,6 +30,17 @@ def _check(check: Callable[[Any], bool], expected: str) -> dict[str, Any]:
     return {"check": check, "expected": expected}
 
 
+def default_workers() -> int:
+    """One DIMSE worker process per two cores this process may run on, 1 to 4.
+
+    Measured on 2 cores (docs/benchmarks.md, C-STORE receive path): a second worker
+    gained nothing over one on 4 associations, a fourth lost a third, since the
+    kernel's share of each instance (copies, fsyncs) and the sync agent need the
+    other core. An association is served by one worker whatever their number.
+    """
+    return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
+
+
 def _ae_title_ok(value: str) -> bool:
     return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value and (
         all(c.isprintable() for c in value)
@@ -53,7 +64,8 @@ class DicomConfig:
     max_associations: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
     idle_connection_limit: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
     connections_per_address: int = field(default=32, metadata=_check(lambda v: v >= 1, ">= 1"))
-    workers: int = field(default=1, metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))
+    workers: int = field(default_factory=default_workers,
+                         metadata=_check(lambda v: 1 <= v <= 64, "1-64 processes"))
     acse_timeout: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     dimse_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     network_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
@@ -461,7 +473,8 @@ _COMMENTS = {
     "dicom.idle_connection_limit": "Connections that have not asked for an association yet;"
     " beyond it the oldest is closed.",
     "dicom.connections_per_address": "Open connections allowed from one remote address.",
-    "dicom.workers": "Processes accepting on the port (SO_REUSEPORT); >1 uses more cores.",
+    "dicom.workers": "Processes accepting on the port (SO_REUSEPORT); >1 uses more cores."
+                     " Default: one per two cores, 1 to 4.",
     "dicom.acse_timeout": "Seconds to wait for association negotiation messages.",
     "dicom.dimse_timeout": "Seconds to wait for a DIMSE message on an open association.",
     "dicom.network_timeout": "Seconds of network silence before an association is dropped.",
@@ -598,6 +611,13 @@ _COMMENTS = {
 }
 
 
+def _default(field_: dataclasses.Field[Any]) -> Any:
+    """A field's default; one that depends on the machine (dicom.workers) as computed now."""
+    if field_.default_factory is not dataclasses.MISSING:
+        return field_.default_factory()
+    return field_.default
+
+
 def render_config_toml(**overrides: dict[str, Any]) -> str:
     """The commented config file `pacs-edge init` writes: every key at its default."""
     import tomlkit
@@ -609,7 +629,7 @@ def render_config_toml(**overrides: dict[str, Any]) -> str:
         doc.add(tomlkit.nl())
         table = tomlkit.table()
         table.comment(_COMMENTS[name])
-        values = {**{f.name: f.default for f in dataclasses.fields(cls)},
+        values = {**{f.name: _default(f) for f in dataclasses.fields(cls)},
                   **{k: v for k, v in overrides.get(name, {}).items() if v is not None}}
         for key, value in values.items():
             table.add(tomlkit.comment(_COMMENTS[f"{name}.{key}"]))
