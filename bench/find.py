@@ -153,7 +153,7 @@ def edge_cached(files: list[Path], home: Path) -> EdgeServer:
 def _copy_home(cache: Path, home: Path) -> None:
     """`cache` copied to `home`: instance files hard-linked (C-FIND does not touch them),
     the index and everything else copied. cp -al is ~10x faster than shutil.copytree."""
-    shutil.rmtree(home, ignore_errors=True)
+    run(["rm", "-rf", str(home)])  # shutil.rmtree takes minutes for 100,000 files here
     run(["cp", "-al", str(cache), str(home)])
     (home / "complete").unlink(missing_ok=True)
     for path in home.rglob("*"):
@@ -203,9 +203,8 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
-    for home in ("find-edge-all", "find-edge-few", "find-edge-large", "find-dcmqrscp",
-                 "find-orthanc"):
-        shutil.rmtree(WORK / home, ignore_errors=True)
+    run(["rm", "-rf", *(str(WORK / home) for home in (
+        "find-edge-all", "find-edge-few", "find-edge-large", "find-dcmqrscp", "find-orthanc"))])
     load_after = [round(x, 2) for x in os.getloadavg()]
 
     labels = list(servers)
