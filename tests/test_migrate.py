@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import dicomgen
@@ -94,16 +95,19 @@ def dataset_digest(data: bytes) -> str:
 
 def box_digests(home: Path) -> Counter[str]:
     """Data set digests of every file the box holds: current instances and prior versions."""
-    with sqlite3.connect(home / "index.sqlite3") as conn:
+    with closing(sqlite3.connect(home / "index.sqlite3")) as conn:
         paths = [r[0] for r in conn.execute(
             "SELECT path FROM instances UNION ALL SELECT path FROM instance_versions")]
     return Counter(dataset_digest((home / "store" / p).read_bytes()) for p in paths)
 
 
 def done_studies(home: Path) -> int:
-    with sqlite3.connect(home / "index.sqlite3") as conn:
-        row = conn.execute("SELECT COUNT(*) FROM migration_studies WHERE state = 'done'"
-                           ).fetchone()
+    with closing(sqlite3.connect(home / "index.sqlite3")) as conn:
+        try:
+            row = conn.execute("SELECT COUNT(*) FROM migration_studies WHERE state = 'done'"
+                               ).fetchone()
+        except sqlite3.OperationalError:  # the first process has not created the index yet
+            return 0
     return int(row[0])
 
 
@@ -234,6 +238,35 @@ def test_unreachable_archive_is_retried_then_listed_as_failed(
     assert resumed.returncode == 2 and "is done" in resumed.stderr
 
 
+def test_pause_stops_a_running_migration_and_cancel_ends_it(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 600.0})
+    box.add_peer("legacy", "LEGACY", 1, host=HOST, allow="find,move,store")
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240301")
+
+    def attempted() -> bool:
+        with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
+            try:
+                row = conn.execute("SELECT attempts FROM migration_days").fetchone()
+            except sqlite3.OperationalError:  # not created yet
+                return False
+        return bool(row and row[0])
+
+    try:
+        wait_until(attempted, "a first attempt", proc)  # now waiting 600 s for the retry
+        assert "paused" in box.cli("migrate", "pause").stdout
+        assert proc.wait() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert migrate_status(box)["state"] == "paused"
+    assert "cancelled" in box.cli("migrate", "cancel").stdout
+    resumed = box.cli("migrate", "resume", check=False)
+    assert resumed.returncode == 2 and "cancelled migration cannot resume" in resumed.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_migration_of_a_few_hundred_studies_survives_kills(
@@ -251,3 +284,64 @@ def test_migration_of_a_few_hundred_studies_survives_kills(
     report = migrate_status(box)
     assert report["state"] == "done"
     assert report["studies"] == {"found": 300, "done": 300, "failed": 0, "remaining": 0}
+
+
+# --- the walk's rules, without peers -------------------------------------------------
+
+@pytest.mark.parametrize(("window", "now", "wait"), [
+    ("", "12:00:00", 0.0),
+    ("20:00-06:00", "21:30:00", 0.0),       # inside, before midnight
+    ("20:00-06:00", "05:59:00", 0.0),       # inside, after midnight
+    ("20:00-06:00", "06:00:00", 14 * 3600.0),  # closes at 06:00
+    ("20:00-06:00", "19:59:30", 30.0),
+    ("08:00-17:00", "17:30:00", 14.5 * 3600),
+])
+def test_window_says_how_long_until_it_opens(window: str, now: str, wait: float) -> None:
+    from datetime import datetime
+
+    from appliance.services.legacy_migration import Window
+
+    at = datetime.strptime(f"2024-03-01 {now}", "%Y-%m-%d %H:%M:%S")
+    assert Window(window).seconds_until_open(at) == wait
+
+
+def test_throttle_spaces_study_starts_across_workers() -> None:
+    from appliance.services.legacy_migration import Throttle
+
+    clock = [100.0]
+    throttle = Throttle(7200, clock=lambda: clock[0])  # one start every 0.5 s
+    assert [throttle.slot() for _ in range(3)] == [0.0, 0.5, 1.0]
+    clock[0] = 110.0  # idle for a while: no burst of saved-up starts beyond one
+    assert [throttle.slot() for _ in range(2)] == [0.0, 0.5]
+    assert Throttle(0, clock=lambda: 0.0).slot() == 0.0
+
+
+def test_date_options_are_checked() -> None:
+    from appliance.base.errors import MigrationError
+    from appliance.services.legacy_migration import days_between
+
+    assert days_between("2024-02-28", "20240301") == ["20240228", "20240229", "20240301"]
+    with pytest.raises(MigrationError, match="after --until"):
+        days_between("20240302", "20240301")
+    with pytest.raises(MigrationError, match="is not a date"):
+        days_between("yesterday", "20240301")
+
+
+def _run_transitions() -> list[tuple[object, object, object]]:
+    from appliance.store.migration_rows import RUN_STATES, RunState, RunTrigger
+
+    return [(state, trigger, RUN_STATES.get((state, trigger)))
+            for state in RunState for trigger in RunTrigger]
+
+
+@pytest.mark.parametrize(("state", "trigger", "allowed"), _run_transitions())
+def test_run_state_table_refuses_every_missing_pair(state: object, trigger: object,
+                                                    allowed: object) -> None:
+    from appliance.base.errors import MigrationError
+    from appliance.store.migration_rows import next_run_state
+
+    if allowed is None:
+        with pytest.raises(MigrationError, match="cannot"):
+            next_run_state(state, trigger)  # type: ignore[arg-type]
+    else:
+        assert next_run_state(state, trigger) is allowed  # type: ignore[arg-type]
