@@ -89,6 +89,7 @@ def start(home: Path | None, peer_name: str, since: str, until: str | None, moda
                 lambda conn: rows.create_run(conn, settings, days))
 
     run_id = asyncio.run(create())
+    _audit(config, f"migration run {run_id} started from peer {peer_name}")
     out.print(f"migration run {run_id}: {len(days)} days from {days[0]} to {days[-1]} from"
               f" {peer_name} via C-{options.via.upper()}", highlight=False)
     _drive(config, run_id)
@@ -124,7 +125,15 @@ def resume(home: Path | None, retry_failed: bool) -> None:
                 lambda conn: rows.change_run(conn, run.id, rows.RunTrigger.RESUME))
             return run.id
 
-    _drive(config, asyncio.run(prepare()))
+    run_id = asyncio.run(prepare())
+    _audit(config, f"migration run {run_id} resumed")
+    _drive(config, run_id)
+
+
+def _audit(config: Config, what: str) -> None:
+    """An operator's change to a migration: an admin action for the audit trail."""
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.configuration_changed(what, security=False)
 
 
 def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
@@ -141,6 +150,7 @@ def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
             return run.id, state
 
     run_id, state = asyncio.run(change())
+    _audit(config, f"migration run {run_id} {state.value}")
     out.print(f"migration run {run_id} {state.value}; a running `migrate` process stops"
               " after the studies it is transferring", highlight=False)
 
