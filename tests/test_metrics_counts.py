@@ -47,6 +47,8 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
             dcmtk.storescu(server.port, files[run::STORE_RUNS]).check()
         for _ in range(FINDS):
             dcmtk.findscu(server.port, {"PatientID": "*", "StudyInstanceUID": None}).check()
+        # A worklist query from a peer not allowed `worklist`: refused (0x0124).
+        dcmtk.findscu(server.port, {"PatientID": None}, model="worklist")
         for _ in range(REJECTED):
             assert not dcmtk.echoscu(server.port, aet="NOBODY").ok
         first = studies[0].study_uid
@@ -60,10 +62,12 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
                  service="C-STORE", status="success") == len(files)
     assert delta(after, before, "pacs_edge_dimse_operations_total",
                  service="C-FIND", status="success") == FINDS
+    assert delta(after, before, "pacs_edge_dimse_operations_total",
+                 service="C-FIND-MWL", status="failure") == 1
     assert delta(after, before, "pacs_edge_dimse_duration_seconds_count",
                  service="C-STORE") == len(files)
     assert delta(after, before, "pacs_edge_associations_total",
-                 outcome="accepted", reason="") == STORE_RUNS + FINDS + 1
+                 outcome="accepted", reason="") == STORE_RUNS + FINDS + 2
     assert delta(after, before, "pacs_edge_associations_total",
                  outcome="rejected", reason="unknown-calling-ae") == REJECTED
     assert after[("pacs_edge_associations_active", ())] == 0

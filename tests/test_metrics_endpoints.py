@@ -7,6 +7,7 @@ prometheus-client's own parser and checked by `promtool check metrics`.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from pathlib import Path
 import dcmtk
 import pytest
 from conftest import EdgeServer
+from cryptography import x509
 from dicomgen import dataset_bytes, make_studies, read_header
 from prometheus_client.parser import text_string_to_metric_families
 from webpeer import add_user, curl, metrics_listener_box, web_home
@@ -150,3 +152,23 @@ def test_status_warns_of_a_certificate_about_to_expire(edge_home: Path) -> None:
     assert "certs renew" in status.stderr
     report = edge.cli("status", "--json")
     assert '"code": "certificate_expiring"' in report.stdout
+
+
+def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Path) -> None:
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(dicom={"tls_port": dcmtk.free_port()})
+    server.start()
+    try:
+        client = tmp_path / "testscu"
+        server.cli("certs", "issue", "testscu", "--out", str(client), "--days", "20")
+        tls_port = int(re.search(r"tls_port=(\d+)", server.log()).group(1))  # type: ignore[union-attr]
+        dcmtk.echoscu(tls_port, args=["+tls", str(client / "testscu.key"),
+                                      str(client / "testscu.pem"), "+cf", str(client / "ca.pem"),
+                                      "--profile-bcp195-nd"]).check()
+        values = samples(curl(server, "/metrics").body.decode())
+    finally:
+        server.stop()
+    expiry = x509.load_pem_x509_certificate((client / "testscu.pem").read_bytes())
+    assert values[("pacs_edge_peer_certificate_expiry_timestamp_seconds",
+                   (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()

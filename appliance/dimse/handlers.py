@@ -29,7 +29,12 @@ from appliance.base.errors import (
     RejectedInstance,
     Rejection,
 )
-from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_BYTES
+from appliance.base.metrics import (
+    ASSOCIATIONS,
+    ASSOCIATIONS_ACTIVE,
+    PEER_CERTIFICATE_EXPIRY,
+    RECEIVED_BYTES,
+)
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
@@ -92,8 +97,9 @@ class DimseHandlers:
         if peer is None:
             return  # pynetdicom rejects it (calling AE not recognised): see on_rejected
         sock = assoc.dul.socket.socket
+        certificate = peer_identity(sock)
         why = peer.refusal(address=str(assoc.requestor.address), over_tls=is_tls(sock),
-                           certificate=peer_identity(sock))
+                           certificate=certificate)
         if why is not None:
             # Rejected as an unknown calling AE: from this address, over this
             # transport or with this certificate, it is one.
@@ -103,6 +109,8 @@ class DimseHandlers:
                         assoc.requestor.address, why)
             self.s.audit.association(assoc, accepted=False, reason=why)
             return
+        if certificate is not None and certificate.not_after:
+            PEER_CERTIFICATE_EXPIRY.labels(peer.name).set(certificate.not_after)
         # Refused at negotiation, before a byte of a dataset is sent: a peer that
         # may not store cannot fill the disk (the C-STORE check comes too late).
         refused = restrict_storage(assoc, may_store=peer.may("store"), may_get=peer.may("get"))

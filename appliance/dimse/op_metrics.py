@@ -2,10 +2,10 @@
 
 Every request the box receives and every final response it sends passes
 pynetdicom's EVT_DIMSE_RECV / EVT_DIMSE_SENT notifications, so one pair of
-handlers counts C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET and the N- services
-(MPPS, Storage Commitment) alike, by status class, with the time from request
-to final response. Pending responses (C-FIND matches, C-MOVE progress) are not
-final and are not counted.
+handlers counts C-ECHO, C-STORE, C-FIND (worklist queries as C-FIND-MWL),
+C-MOVE, C-GET and the N- services (MPPS, Storage Commitment) alike, by status
+class, with the time from request to final response. Pending responses
+(C-FIND matches, C-MOVE progress) are not final and are not counted.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import weakref
 from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from appliance.base.metrics import DIMSE_OPERATIONS, DIMSE_SECONDS, status_class
 
@@ -35,9 +36,13 @@ def on_request(event: Any) -> None:
     message = event.message
     if not type(message).__name__.endswith("_RQ"):
         return
+    command = message.command_set
+    service = _service(message)
+    if service == "C-FIND" and command.AffectedSOPClassUID == ModalityWorklistInformationFind:
+        service = "C-FIND-MWL"  # a modality's worklist query, not a Q/R query
     with _lock:
-        _started.setdefault(event.assoc, {})[int(message.command_set.MessageID)] = (
-            _service(message), time.monotonic())
+        _started.setdefault(event.assoc, {})[int(command.MessageID)] = (
+            service, time.monotonic())
 
 
 def on_response(event: Any) -> None:

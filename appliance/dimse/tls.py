@@ -71,4 +71,6 @@ def peer_identity(sock: Any) -> CertificateIdentity | None:
     common = [value for rdn in cert.get("subject", ()) for key, value in rdn
               if key == "commonName"]
     dns = frozenset(value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS")
-    return CertificateIdentity(common[-1] if common else "", dns)
+    expiry = cert.get("notAfter")
+    return CertificateIdentity(common[-1] if common else "", dns,
+                               ssl.cert_time_to_seconds(expiry) if expiry else 0.0)

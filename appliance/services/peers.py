@@ -104,6 +104,7 @@ class CertificateIdentity:
 
     common_name: str
     dns_names: frozenset[str] = frozenset()
+    not_after: float = 0.0  # expiry, epoch seconds (for the metrics)
 
     def names(self, peer_name: str) -> bool:
         # Exact match: peer names are case-sensitive keys of peers.toml.
