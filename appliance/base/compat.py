@@ -157,9 +157,10 @@ class Wakeup:
 # How long an idle reactor blocks before it looks at its timers again (ARTIM, the
 # network timeout); every other reason to wake up wakes it at once.
 REACTOR_IDLE_WAIT = 0.25
-# pynetdicom's own poll delay, kept where blocking is impossible (no socket yet or any
-# more) or pointless (the socket is readable but another reader holds it: the C-STORE
-# send lane's gate, see gate_transport_reads).
+# How often stop_dul_reactor looks whether the DUL thread has ended (upstream's poll
+# delay). Where blocking is impossible (no socket yet or any more) or pointless (the
+# socket is readable but another reader holds it: the C-STORE send lane's gate, see
+# gate_transport_reads) the reactor sleeps the DUL's own poll delay, as upstream.
 _POLL_DELAY = 0.001
 
 
@@ -225,7 +226,9 @@ def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
     nothing could be read (another reader holds it): sleep like upstream instead."""
     sock = getattr(dul.socket, "socket", None) if dul.socket is not None else None
     if sock is None or stalled:
-        time.sleep(_POLL_DELAY)
+        # Upstream's poll delay: 1 ms, or what the C-STORE send lane set while it
+        # holds the socket's reads (set_poll_delay).
+        time.sleep(dul._run_loop_delay)
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True  # decrypted bytes already buffered: poll() cannot see them
@@ -234,7 +237,7 @@ def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
     except OSError:
         fd = -1
     if fd < 0:
-        time.sleep(_POLL_DELAY)
+        time.sleep(dul._run_loop_delay)
         return False
     timeout = max(0.0, min(REACTOR_IDLE_WAIT, float(dul.artim_timer.remaining)))
     poller = select.poll()  # not select(): it fails on descriptors >= 1024
