@@ -217,7 +217,15 @@ class Migration:
 
     async def drive(self) -> rows.RunState:
         """List and transfer until nothing is left (the run is then done) or the run is
-        paused or cancelled; returns the state it ended in."""
+        paused or cancelled; returns the state it ended in. Cancelled (Ctrl-C), it lets
+        the workers finish the studies they are transferring and start no other."""
+        try:
+            return await self._drive()
+        except asyncio.CancelledError:
+            self._stopping.set()
+            raise
+
+    async def _drive(self) -> rows.RunState:
         self._bridge = LoopBridge(asyncio.get_running_loop())
         log.info("migration running run=%d peer=%s via=%s", self.run.id, self.settings.peer,
                  self.settings.via)
