@@ -81,3 +81,17 @@ def test_matches_arrive_whole_in_any_syntax_and_pdu_size(
         assert ds.RetrieveAETitle == served.ae_title
         assert ds.PatientComments == ""
         assert set(KEYS) <= set(ds.dir())
+
+
+def test_one_pdu_is_what_pynetdicom_encodes_for_the_same_message() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    from appliance.dimse.find_scp import c_find_rsp, one_pdu, pdus
+
+    command = c_find_rsp(msg_id=7, sop_class="1.2.840.10008.5.1.4.1.2.2.1", status=PENDING)
+    identifier = b"\x08\x00\x52\x00CS\x06\x00STUDY "
+    [primitive] = list(pdus(3, command, identifier, 16384))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    assert one_pdu(3, command, identifier, 16384) == pdu.encode()
+    assert one_pdu(3, command, identifier, len(command) + len(identifier)) is None

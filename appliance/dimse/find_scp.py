@@ -7,10 +7,14 @@ identifier encoding, ~1 ms of CPU per match. Here the EVT_C_FIND handler
 (appliance/dimse/handlers.py, which decides everything) yields identifiers
 already encoded (services/query/identifiers.py), and each pending response goes
 out as one P-DATA-TF PDU holding the command PDV (framed here, Implicit VR
-Little Endian, PS3.7 6.3.1) and the identifier PDV, split only when the peer's
-maximum PDU length requires it. The PDUs still go through the DUL's queue and
-state machine, so their order with everything else the association sends holds.
-A handler may still yield a Dataset; it is encoded by pynetdicom as before.
+Little Endian, PS3.7 6.3.1) and the identifier PDV. On a plain TCP socket the
+PDUs are written straight to it under the DUL's send lock (compat.share_send_lock,
+as the retrieve path writes its pending responses), several per write; an SSL
+socket, whose reads the DUL does in its own thread, or a response larger than
+the peer's maximum PDU (split into several PDUs) goes through the DUL's queue and
+state machine instead, and from then on the rest of that C-FIND too, so the
+order of everything the association sends holds. A handler may still yield a
+Dataset; it is encoded by pynetdicom as before.
 
 Final responses (Success, Cancel, failures) go through pynetdicom's
 `send_msg`, so EVT_DIMSE_SENT (the operation metrics, appliance/dimse/op_metrics.py)
@@ -21,6 +25,7 @@ class; the seam is compat.route_service_classes, as for C-MOVE/C-GET.
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +53,9 @@ _ELEMENT = struct.Struct("<HHL")
 _PENDING = frozenset({0xFF00, 0xFF01})
 _COMMAND_LAST, _DATASET_LAST, _DATASET_MORE = b"\x03", b"\x02", b"\x00"
 _PDV_OVERHEAD = 6  # item length (4), context ID, message control header
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LBB")
+_WRITE_BATCH = 1 << 16  # bytes of pending responses gathered per socket write
 UNLIMITED_PDU = 1 << 22  # a peer announcing no maximum still gets PDUs of at most this
 
 
@@ -96,6 +104,20 @@ def pdus(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> Iterato
     yield _p_data(batch)
 
 
+def one_pdu(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> bytes | None:
+    """The message as one encoded P-DATA-TF PDU (command PDV, then identifier PDV), as
+    pynetdicom would encode the single primitive of `pdus()`; None when it exceeds
+    `max_pdu` (0: no limit)."""
+    length = 2 * _PDV_OVERHEAD + len(command) + len(identifier)
+    if length > min(max_pdu or UNLIMITED_PDU, UNLIMITED_PDU):
+        return None
+    return b"".join((
+        _PDU_HEADER.pack(0x04, 0, length),
+        _PDV_HEADER.pack(len(command) + 2, cx_id, 0x03), command,
+        _PDV_HEADER.pack(len(identifier) + 2, cx_id, 0x02), identifier,
+    ))
+
+
 def _p_data(pdvs: list[tuple[int, bytes]]) -> P_DATA:
     primitive = P_DATA()
     primitive.presentation_data_value_list.extend(pdvs)  # as pynetdicom's encode_msg does
@@ -124,6 +146,7 @@ class FindServiceClass(QueryRetrieveServiceClass):
         msg_id = int(req.MessageID or 0)
         max_pdu = int(self.dimse.maximum_pdu_size or 0)
         acse = self.assoc.acse
+        direct = _DirectWriter.for_association(self.assoc)
         try:
             for status, identifier in results or ():
                 if acse.is_aborted() or acse.is_release_requested() \
@@ -132,17 +155,26 @@ class FindServiceClass(QueryRetrieveServiceClass):
                 rsp = self.validate_status(status, rsp)
                 code = int(rsp.Status)
                 if code not in _PENDING:
+                    direct = _flush(direct)
                     self._final(rsp, code, cx_id)
                     return
                 encoded = self._encoded(identifier, syntax)
                 if encoded is None:
+                    direct = _flush(direct)
                     self._final(rsp, Status.IDENTIFIER_NOT_ENCODED, cx_id)
                     return
                 command = c_find_rsp(msg_id=msg_id, sop_class=sop_class, status=code)
+                framed = one_pdu(cx_id, command, encoded, max_pdu) if direct else None
+                if framed is not None and direct is not None:
+                    direct.add(framed)
+                    continue
+                direct = _flush(direct)  # from here on, everything through the DUL
                 for pdu in pdus(cx_id, command, encoded, max_pdu):
                     self.dimse.dul.send_pdu(pdu)
+            direct = _flush(direct)
         except Exception as exc:
             log.error("c-find handler failed error=%s", type(exc).__name__)
+            _flush(direct, quiet=True)
             self._final(rsp, Status.HANDLER_FAILED, cx_id)
             return
         if self.assoc.is_established:
@@ -162,3 +194,47 @@ class FindServiceClass(QueryRetrieveServiceClass):
         rsp.Identifier = None
         rsp.Status = int(status)
         self.dimse.send_msg(rsp, cx_id)
+
+
+class _DirectWriter:
+    """Pending responses written straight to a plain TCP socket, in batches, under the
+    lock every write of the DUL takes."""
+
+    def __init__(self, assoc: Any, sock: Any) -> None:
+        self.assoc = assoc
+        self.sock = sock
+        self.buffer: list[bytes] = []
+        self.size = 0
+
+    @classmethod
+    def for_association(cls, assoc: Any) -> _DirectWriter | None:
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is None or isinstance(sock, ssl.SSLSocket):
+            return None
+        return cls(assoc, sock)
+
+    def add(self, pdu: bytes) -> None:
+        self.buffer.append(pdu)
+        self.size += len(pdu)
+        if self.size >= _WRITE_BATCH:
+            self.write()
+
+    def write(self) -> None:
+        if not self.buffer:
+            return
+        data, self.buffer, self.size = b"".join(self.buffer), [], 0
+        with compat.share_send_lock(self.assoc.dul):
+            self.sock.sendall(data)
+        compat.note_transport_activity(self.assoc.dul)
+
+
+def _flush(direct: _DirectWriter | None, *, quiet: bool = False) -> None:
+    """Write what `direct` holds; returns None, the writer's place from then on (the
+    rest of the C-FIND goes through the DUL). A broken socket is the DUL's to notice."""
+    if direct is not None:
+        try:
+            direct.write()
+        except OSError as exc:
+            if not quiet:
+                log.warning("c-find responses not sent error=%s", type(exc).__name__)
+    return None
