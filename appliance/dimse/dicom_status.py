@@ -40,6 +40,10 @@ class Status(enum.IntEnum):
     PENDING_WARNING = 0xFF01
 
 
+# Responses that are not final: C-FIND matches, C-MOVE/C-GET progress.
+PENDING_CODES = frozenset({Status.PENDING, Status.PENDING_WARNING})
+
+
 # Why a C-FIND (or a worklist query) is refused -> the failure status it answers.
 QUERY_STATUS = {
     QueryRefusal.NOT_IN_MODEL: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,

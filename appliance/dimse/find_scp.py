@@ -43,14 +43,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.base import compat
-from appliance.dimse.dicom_status import Status
+from appliance.dimse.dicom_status import PENDING_CODES, Status
 
 log = logging.getLogger(__name__)
 
 ROUTED = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 C_FIND_RSP = 0x8020
 _ELEMENT = struct.Struct("<HHL")
-_PENDING = frozenset({0xFF00, 0xFF01})
 _COMMAND_LAST, _DATASET_LAST, _DATASET_MORE = b"\x03", b"\x02", b"\x00"
 _PDV_OVERHEAD = 6  # item length (4), context ID, message control header
 _PDU_HEADER = struct.Struct(">BBL")
@@ -154,7 +153,7 @@ class FindServiceClass(QueryRetrieveServiceClass):
                     return  # the association ends; pynetdicom answers the peer
                 rsp = self.validate_status(status, rsp)
                 code = int(rsp.Status)
-                if code not in _PENDING:
+                if code not in PENDING_CODES:
                     direct = _flush(direct)
                     self._final(rsp, code, cx_id)
                     return

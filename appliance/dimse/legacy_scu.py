@@ -62,7 +62,7 @@ from appliance.base.errors import (
     PacsEdgeError,
     RejectedInstance,
 )
-from appliance.dimse.dicom_status import Status
+from appliance.dimse.dicom_status import PENDING_CODES, Status
 from appliance.dimse.handlers import REJECTION_STATUS
 from appliance.dimse.spooling import SpoolRouter
 from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
@@ -71,10 +71,6 @@ from appliance.services.peers import Peer
 
 log = logging.getLogger(__name__)
 
-_PENDING = (0xFF00, 0xFF01)
-_SUCCESS = 0x0000
-_WARNING = 0xB000
-_CANCEL = 0xFE00
 MAX_CONTEXTS = 127  # presentation contexts an association can carry, less the C-GET one
 # Uncompressed first, then the compressed syntaxes archives use most, then the rest
 # pynetdicom knows: see the docstring.
@@ -181,7 +177,7 @@ class LegacyPeer:
         for status, _ in responses:
             if status is None or "Status" not in status:
                 break
-            if int(status.Status) not in _PENDING:
+            if int(status.Status) not in PENDING_CODES:
                 final = status
         if final is None:
             raise LegacyPeerError(
@@ -266,10 +262,10 @@ class LegacySession:
                     f"legacy PACS {self.name!r} ended a C-FIND without a final status",
                     hint="the association was aborted or timed out: see its log")
             code = int(status.Status)
-            if code in _PENDING:
+            if code in PENDING_CODES:
                 if identifier is not None:
                     answers.append(identifier)
-            elif code != _SUCCESS:
+            elif code != Status.SUCCESS:
                 return answers, code
         return answers, None
 

@@ -19,8 +19,8 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from appliance.base.metrics import DIMSE_OPERATIONS, DIMSE_SECONDS, status_class
+from appliance.dimse.dicom_status import PENDING_CODES
 
-_PENDING = (0xFF00, 0xFF01)
 # Requests waiting for their final response, per association, by message ID.
 _started: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, float]]] = (
     weakref.WeakKeyDictionary())
@@ -51,7 +51,7 @@ def on_response(event: Any) -> None:
         return
     command = message.command_set
     status = int(command.Status)
-    if status in _PENDING:
+    if status in PENDING_CODES:
         return
     with _lock:
         begun = _started.get(event.assoc, {}).pop(int(command.MessageIDBeingRespondedTo), None)

@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.base.config import Config, DicomConfig
 from appliance.base.errors import PrefetchFailure, RemoteArchiveError
+from appliance.dimse.dicom_status import PENDING_CODES, Status
 from appliance.dimse.tls import client_context
 from appliance.services.peers import Allowlist, Peer
 from appliance.services.prefetch import ArchiveFactory, MoveOutcome
@@ -52,9 +53,6 @@ from provisioning.certs import TlsPaths
 
 log = logging.getLogger(__name__)
 
-_PENDING = (0xFF00, 0xFF01)
-_SUCCESS = 0x0000
-_WARNING = 0xB000
 
 
 class RemoteArchive:
@@ -132,10 +130,10 @@ class RemoteArchive:
         for status, identifier in assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind):
             code = _status(status)
-            if code in _PENDING:
+            if code in PENDING_CODES:
                 if identifier is not None:
                     answers.append(identifier)
-            elif code != _SUCCESS:
+            elif code != Status.SUCCESS:
                 raise RemoteArchiveError(
                     PrefetchFailure.REMOTE_UNREACHABLE,
                     f"remote archive {self.peer.name!r} answered the C-FIND with status"
@@ -155,7 +153,7 @@ class RemoteArchive:
             for status, _ in assoc.send_c_move(query, self.config.ae_title,
                                                StudyRootQueryRetrieveInformationModelMove):
                 code = _status(status)
-                if code not in _PENDING:
+                if code not in PENDING_CODES:
                     final = status
         if final is None or code is None:
             raise RemoteArchiveError(
@@ -169,7 +167,7 @@ class RemoteArchive:
         log.info("remote archive moved peer=%s status=%s completed=%d failed=%d warning=%d",
                  self.peer.name, _hex(code), outcome.completed, outcome.failed,
                  outcome.warning)
-        if code not in (_SUCCESS, _WARNING):
+        if code not in (Status.SUCCESS, Status.SUBOPERATIONS_COMPLETE_WITH_FAILURES):
             raise RemoteArchiveError(
                 PrefetchFailure.MOVE_FAILED,
                 f"remote archive {self.peer.name!r} answered the C-MOVE with status"
