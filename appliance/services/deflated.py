@@ -28,19 +28,19 @@ import zlib
 from typing import BinaryIO
 
 from appliance.base.errors import InflateLimitExceeded, InvalidInstance
+from appliance.services.element_encoding import (
+    ITEM,
+    ITEM_END,
+    LONG_VRS,
+    SEQUENCE_END,
+    UNDEFINED_LENGTH,
+)
 
 CHUNK = 1 << 20
 MAX_VALUE = 64 << 10
 MAX_ELEMENTS = 1_000_000
 MAX_DEPTH = 64
 
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
 _SEQUENCE, _ITEM_DATASET = "sequence", "item"
 
 
@@ -60,11 +60,11 @@ def read_deflated_elements(fh: BinaryIO, wanted: frozenset[int], *, limit: int) 
         if tag > last:
             break
         if tag in wanted:
-            if length == _UNDEFINED or length > MAX_VALUE:
+            if length == UNDEFINED_LENGTH or length > MAX_VALUE:
                 raise InvalidInstance("an indexed attribute is too long")
             kept += raw
             kept += source.read_exactly(length)
-        elif length == _UNDEFINED:
+        elif length == UNDEFINED_LENGTH:
             walker.skip_undefined()
         else:
             source.skip(length)
@@ -154,7 +154,7 @@ class _Walker:
                                   " attributes")
         group, element = struct.unpack_from("<HH", raw)
         vr = raw[4:6]
-        if vr in _LONG_VRS and group != 0xFFFE:
+        if vr in LONG_VRS and group != 0xFFFE:
             extra = self._source.read_exactly(4)
             return group << 16 | element, struct.unpack("<I", extra)[0], raw + extra
         if group == 0xFFFE or not (vr.isalpha() and vr.isupper()):
@@ -174,15 +174,15 @@ class _Walker:
                 raise InvalidInstance("dataset is truncated")
             tag, length, _raw = element
             if open_values[-1] == _SEQUENCE:
-                if tag == _SEQUENCE_END:
+                if tag == SEQUENCE_END:
                     open_values.pop()
                     continue
-                if tag != _ITEM:
+                if tag != ITEM:
                     raise InvalidInstance("a sequence holds something other than items")
-            elif tag == _ITEM_END:
+            elif tag == ITEM_END:
                 open_values.pop()
                 continue
-            if length != _UNDEFINED:
+            if length != UNDEFINED_LENGTH:
                 self._source.skip(length)
                 continue
             open_values.append(_ITEM_DATASET if open_values[-1] == _SEQUENCE else _SEQUENCE)

@@ -28,12 +28,14 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+from appliance.services.element_encoding import (
+    ITEM,
+    ITEM_END,
+    LONG_VRS,
+    SEQUENCE_END,
+    UNDEFINED_LENGTH,
+)
+
 _WINDOW = 1 << 16
 _MAX_DEPTH = 64
 _MAX_VALUE = 1 << 12  # an index value longer than this is not plain: pydicom decides
@@ -82,7 +84,7 @@ class _Walker:
         vr = head[4:6]
         if not (vr.isalpha() and vr.isupper()):
             raise _NotPlain  # implicit VR where explicit was declared: an odd writer
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length = struct.unpack("<I", self.source.read(pos + 8, 4))[0]
             return tag, vr, length, pos + 12
         return tag, vr, struct.unpack_from("<H", head, 6)[0], pos + 8
@@ -93,20 +95,20 @@ class _Walker:
             raise ValueError("sequences nested too deep")
         while True:
             tag, _, length, start = self.header(pos, True)
-            if tag == _SEQUENCE_END:
+            if tag == SEQUENCE_END:
                 return start
-            if tag != _ITEM:
+            if tag != ITEM:
                 raise ValueError("not an item in a sequence")
             pos = (self.skip_items_elements(start, implicit, depth + 1)
-                   if length == _UNDEFINED else start + length)
+                   if length == UNDEFINED_LENGTH else start + length)
 
     def skip_items_elements(self, pos: int, implicit: bool, depth: int) -> int:
         """Past the item delimiter of an undefined-length item starting at `pos`."""
         while True:
             tag, vr, length, start = self.header(pos, implicit)
-            if tag == _ITEM_END:
+            if tag == ITEM_END:
                 return start
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 pos = self.skip_sequence(start, implicit or vr == b"UN", depth)
             else:
                 pos = start + length
@@ -147,7 +149,7 @@ def _scan(source: _Source, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, 
     syntax = None
     while pos < meta_end:  # File Meta: always explicit VR little endian
         tag, _, length, start = walker.header(pos, False)
-        if tag >> 16 != 2 or length == _UNDEFINED:
+        if tag >> 16 != 2 or length == UNDEFINED_LENGTH:
             return None
         if tag == 0x00020010:
             syntax = source.read(start, length).decode("ascii").rstrip("\0 ")
@@ -170,7 +172,7 @@ def _scan(source: _Source, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, 
             if value is None:
                 return None
             values[keyword] = value
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             pos = walker.skip_sequence(start, implicit or vr == b"UN", 1)
         else:
             pos = start + length
