@@ -13,7 +13,7 @@ import asyncio
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ async def gather(config: Config, index: Index, *,
         at=time.time(), totals=totals, disk_free_bytes=usage.free,
         disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding)
-    return HealthReport(**{**report.__dict__, "warnings": warnings(config, report)})
+    return replace(report, warnings=warnings(config, report))
 
 
 def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpiry],
