@@ -8,6 +8,7 @@ prometheus-client's own parser and checked by `promtool check metrics`.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import dcmtk
 import pytest
-from conftest import EdgeServer
+from conftest import EdgeServer, init_home
 from cryptography import x509
 from dicomgen import dataset_bytes, make_studies, read_header
 from prometheus_client.parser import text_string_to_metric_families
@@ -172,3 +173,30 @@ def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Pat
     expiry = x509.load_pem_x509_certificate((client / "testscu.pem").read_bytes())
     assert values[("pacs_edge_peer_certificate_expiry_timestamp_seconds",
                    (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
+
+
+def test_the_metrics_listener_drops_slow_heads_and_caps_connections(tmp_path: Path) -> None:
+    """A hostile client of the plain listener: a request head that never ends is closed
+    at [http] head_timeout; beyond 8 open connections the next one gets 503 at once."""
+    port = dcmtk.free_port()
+    server = EdgeServer(init_home(tmp_path / "home"))
+    server.configure(metrics={"port": port}, http={"head_timeout": 1.0})
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.append(slow)
+        slow.sendall(b"GET /metr")
+        assert slow.recv(1024) == b""  # closed by the box, not by our 30 s timeout
+        for _ in range(8):
+            idle = socket.create_connection(("127.0.0.1", port), timeout=30)
+            held.append(idle)
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(1024).startswith(b"HTTP/1.1 200")  # kept alive, still open
+        refused = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.append(refused)
+        assert refused.recv(1024).startswith(b"HTTP/1.1 503")
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
