@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from appliance.base import compat
 from appliance.base.durable import ensure_dir, fsync_dir
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
@@ -428,6 +429,7 @@ def send_files(files: list[tuple[Path, ManifestEntry]], address: str, *, calling
                                 hint="send it with a DICOM tool that opens several associations")
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, [syntax])
+    compat.close_requestor_reactor_race()
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
         raise ReaderClientError(f"association with {ae_title} at {host}:{port} was not "

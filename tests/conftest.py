@@ -18,6 +18,9 @@ then SIGKILL to the group after a deadline, and fails the test if any graceful
 stop exited non-zero or had to be killed. `kill()` is the power cut: SIGKILL to
 the whole group (not counted as unclean).
 
+Importing this module gives the tests' pynetdicom clients the appliance's fix for
+pynetdicom's requestor race (compat.close_requestor_reactor_race).
+
 Modules next to this file import by plain name (`import dicomgen`, `import
 dcmtk`): tests/ has no __init__.py, so pytest puts it on sys.path.
 """
@@ -43,6 +46,8 @@ import pytest
 import tomlkit
 from azurite import azurite  # noqa: F401
 
+from appliance.base import compat
+
 HOST = "127.0.0.1"
 TEST_AE = dcmtk.TEST_AE
 EDGE_AE = dcmtk.EDGE_AE
@@ -51,6 +56,11 @@ STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 120.0
 _READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
 _HTTPS_READY = re.compile(r"https server ready\b.*?\bport=(\d+)")
+
+# The tests' pynetdicom clients get the fix the appliance's own SCUs have: without it
+# pynetdicom 3.0.4's requestor reactor can, under load, take a response meant for
+# send_c_store() and the test fails on a DIMSE timeout (compat.run_association_reactor).
+compat.close_requestor_reactor_race()
 
 
 def pacs_edge_command() -> list[str]:

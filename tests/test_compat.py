@@ -132,6 +132,36 @@ def test_the_reactor_parks_on_an_event_the_gate_can_replace() -> None:
     assert not compat.replace_reactor_checkpoint(object(), gate)
 
 
+def test_a_sender_that_pauses_the_reactor_as_it_passes_keeps_its_response() -> None:
+    """pynetdicom's race (compat.run_association_reactor): the checkpoint was open when
+    the reactor passed it, a sender closes it at once and its response arrives. The
+    reactor must park again, not read the DIMSE queue."""
+    assoc = Association(AE(), "requestor")
+
+    class SenderArrivesAsTheReactorPasses(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            if self.is_set():
+                self.clear()
+                assoc.dimse.msg_queue.put((1, "the sender's response"))
+            else:
+                assoc._kill = True  # parked on the closed checkpoint: end the test's loop
+            return True
+
+    checkpoint = SenderArrivesAsTheReactorPasses()
+    checkpoint.set()
+    assert compat.replace_reactor_checkpoint(assoc, checkpoint)
+    compat.run_association_reactor(assoc, threading.Event(), idle_wait=0.001)
+    assert assoc.dimse.msg_queue.get_nowait() == (1, "the sender's response")
+
+
+def test_requested_associations_get_the_race_free_reactor() -> None:
+    compat.close_requestor_reactor_race()
+    compat.close_requestor_reactor_race()
+    upstream = Association._run_reactor.upstream  # type: ignore[attr-defined]
+    assert not hasattr(upstream, "upstream")
+    assert "compat.run_association_reactor" not in inspect.getsource(upstream)
+
+
 def test_a_requested_associations_dul_sleeps_its_poll_delay_between_polls() -> None:
     assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider)
     dul = Association(AE(), "requestor").dul
@@ -153,7 +183,8 @@ def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
     assert "target=make_target(self.run_reactor)" in inspect.getsource(DULServiceProvider)
     assert "self._kill_thread = True" in inspect.getsource(DULServiceProvider.stop_dul)
     assert "self._kill_thread = True" in inspect.getsource(DULServiceProvider.kill_dul)
-    assoc_loop = inspect.getsource(Association._run_reactor)
+    upstream = getattr(Association._run_reactor, "upstream", Association._run_reactor)
+    assoc_loop = inspect.getsource(upstream)
     for step in ("time.sleep(0.001)", "self._reactor_checkpoint.wait()",
                  "self.dimse.get_msg(block=False)", "self._serve_request(msg",
                  "self.acse.is_release_requested()", "self.acse.send_release(is_response=True)",

@@ -19,6 +19,8 @@ What is touched, and who uses it:
         through DULServiceProvider._kill_thread, _idle_timer, _process_recv_primitive,
         _is_transport_event, Association._kill, _is_paused, _dul_ready
                                             reactors               (dimse/reactors.py)
+      Association._run_reactor (assigned)   requestors' checkpoint race
+                                            (close_requestor_reactor_race)
       DULServiceProvider._is_transport_event, _decode_pdu, _recv_pdu, _idle_timer,
       event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
@@ -253,15 +255,25 @@ def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
     return readable
 
 
-def run_association_reactor(assoc: Any, wake: threading.Event) -> None:
-    """`Association._run_reactor` (an acceptor's loop once established), blocking on
-    `wake` instead of sleeping 1 ms between passes.
+def run_association_reactor(assoc: Any, wake: threading.Event,
+                            idle_wait: float = REACTOR_IDLE_WAIT) -> None:
+    """`Association._run_reactor`, blocking on `wake` (for at most `idle_wait`
+    seconds) between passes instead of sleeping 1 ms, and without upstream's race.
 
     `wake` must be set whenever the DIMSE message queue or the DUL's user queue gets
     an item, the DUL thread ends, or the association is killed (see
     dimse/reactors.py). Each pass does upstream's checks in upstream's order; while
     it waits it counts as paused (`_is_paused`), so a `send_*()` call that pauses the
     reactor through `_reactor_checkpoint` does not wait for the timeout.
+
+    The race (pynetdicom 3.0.4, upstream issue 875): `send_*()` clears the
+    checkpoint and then only waits for `_is_paused`, which upstream's reactor
+    sets on its way *through* an open checkpoint too; when the sender reads it in
+    that moment, its request goes out while the reactor is about to read the
+    DIMSE queue, and under load (a descheduled reactor thread) the reactor takes
+    the response: "Received unexpected C-STORE service message", then a DIMSE
+    timeout and an abort. Here the reactor looks at the checkpoint again once it
+    no longer counts as paused, and parks again if a sender closed it meanwhile.
     """
     from pynetdicom import evt  # not at import: the store imports compat
 
@@ -271,6 +283,8 @@ def run_association_reactor(assoc: Any, wake: threading.Event) -> None:
         assoc._is_paused = True
         assoc._reactor_checkpoint.wait()
         assoc._is_paused = False
+        if not assoc._reactor_checkpoint.is_set():
+            continue
         context_id, msg = assoc.dimse.get_msg(block=False)
         if msg:
             assoc._serve_request(msg, context_id)
@@ -309,8 +323,30 @@ def run_association_reactor(assoc: Any, wake: threading.Event) -> None:
             assoc.kill()
             return
         assoc._is_paused = True
-        wake.wait(REACTOR_IDLE_WAIT)
+        wake.wait(idle_wait)
         assoc._is_paused = False
+
+
+def close_requestor_reactor_race() -> None:
+    """Give every requested association (`AE.associate()`) in this process the race-free
+    loop of run_association_reactor, polling every 1 ms as upstream's does.
+
+    Idempotent; called before the appliance's own SCUs associate (the acceptor's
+    associations have their own reactor, dimse/transport.py) and by the tests for
+    their pynetdicom clients. Upstream's loop stays reachable as
+    `Association._run_reactor.upstream` (tests/test_compat.py reads its steps).
+    """
+    from pynetdicom.association import Association
+
+    if hasattr(Association._run_reactor, "upstream"):
+        return
+    upstream = Association._run_reactor
+
+    def _run_reactor(self: Any) -> None:
+        run_association_reactor(self, threading.Event(), idle_wait=_POLL_DELAY)
+
+    _run_reactor.upstream = upstream  # type: ignore[attr-defined]
+    Association._run_reactor = _run_reactor  # type: ignore[method-assign]
 
 
 def stop_dul_reactor(dul: Any, wakeup: Wakeup) -> bool:

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, build_role
 
 from appliance.audit import Auditor
+from appliance.base import compat
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
 from appliance.dimse.commitment_scp import (
@@ -123,6 +124,7 @@ class CommitmentReporter:
             tls_args = (self.tls_client, None)
         contexts = [build_context(STORAGE_COMMITMENT_PUSH,
                                   [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+        compat.close_requestor_reactor_race()
         assoc: Any = self.ae.associate(
             peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title,
             max_pdu=self.config.max_pdu, tls_args=tls_args,

@@ -54,6 +54,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import (
     LegacyPeerError,
@@ -152,6 +153,7 @@ class LegacyPeer:
         for sop, syntaxes in extra:
             ae.add_requested_context(sop, syntaxes)
         tls_args = (self.tls_client, None) if self.peer.tls else None
+        compat.close_requestor_reactor_race()
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
                              max_pdu=self.config.max_pdu, tls_args=tls_args,
                              ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)

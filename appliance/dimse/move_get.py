@@ -29,7 +29,8 @@ the reactor also sets on its way *through* an open checkpoint; when the
 sender wins that race the reactor takes the C-STORE-RSP off the queue.
 The lane reads its responses off the socket, so they never reach that
 queue; the ReactorGate (compat.replace_reactor_checkpoint) still guards the
-A-RELEASE of a sub-association. Recovery stays: a send that gets no Status
+A-RELEASE of a sub-association, and every requested association's reactor
+re-checks the checkpoint (compat.close_requestor_reactor_race). Recovery stays: a send that gets no Status
 (timeout, abort, broken connection) is retried on a fresh sub-association,
 up to `suboperation_retries` times; the instance is counted once,
 completed or failed. The destination may then hold the instance twice over
@@ -508,6 +509,7 @@ class _SubAssociation:
                           " (set [dicom] tls_port) %s", self.peer.name, self.label)
                 return False
             tls_args = (self.tls_client, None)
+        compat.close_requestor_reactor_race()
         assoc = self.ae.associate(self.peer.host, self.peer.port, contexts=contexts,
                                   ae_title=self.peer.ae_title, max_pdu=self.config.max_pdu,
                                   tls_args=tls_args)

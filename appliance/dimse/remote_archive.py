@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from appliance.base import compat
 from appliance.base.config import Config, DicomConfig
 from appliance.base.errors import PrefetchFailure, RemoteArchiveError
 from appliance.dimse.dicom_status import PENDING_CODES, Status
@@ -194,6 +195,7 @@ class RemoteArchive:
                     f"remote archive {self.peer.name!r} is marked TLS but this box has TLS off",
                     hint="set [dicom] tls_port")
             tls_args = (self.tls_client, None)
+        compat.close_requestor_reactor_race()
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
                              max_pdu=self.config.max_pdu, tls_args=tls_args)
         if not assoc.is_established:
