@@ -30,11 +30,12 @@ sender wins that race the reactor takes the C-STORE-RSP off the queue.
 The lane reads its responses off the socket, so they never reach that
 queue; the ReactorGate (compat.replace_reactor_checkpoint) still guards the
 A-RELEASE of a sub-association, and every requested association's reactor
-re-checks the checkpoint (compat.close_requestor_reactor_race). Recovery stays: a send that gets no Status
-(timeout, abort, broken connection) is retried on a fresh sub-association,
-up to `suboperation_retries` times; the instance is counted once,
-completed or failed. The destination may then hold the instance twice over
-the wire; storage is idempotent by SOP Instance UID.
+re-checks the checkpoint (compat.close_requestor_reactor_race). Recovery
+stays: a send that gets no Status (timeout, abort, broken connection) is
+retried on a fresh sub-association, up to `suboperation_retries` times;
+the instance is counted once, completed or failed. The destination may
+then hold the instance twice over the wire; storage is idempotent by SOP
+Instance UID.
 
 C-GET sends over the requesting association from inside its own reactor
 thread; a missing response means that association is unusable: it is
