@@ -1,4 +1,5 @@
-"""Where pacs-edge spends its CPU while receiving the CT study (not part of `make bench`).
+"""Where pacs-edge spends its CPU while receiving the CT study, or `--small N` one-instance
+studies (not part of `make bench`).
 
 Starts `pacs-edge serve` (workers=1) on a fresh data home, attaches py-spy
 (`.venv/bin/pip install py-spy`; it is not a project dependency) in --gil
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-from common import OUT, WORK, EdgeServer, console, ct_study, files_under, run, scu_profile, serving
+from common import (
+    OUT,
+    WORK,
+    EdgeServer,
+    console,
+    ct_study,
+    files_under,
+    run,
+    scu_profile,
+    serving,
+    small_studies,
+)
 from store import storescu_argv
 
 
@@ -47,6 +60,8 @@ def summarize(raw: Path, top: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--small", type=int, default=0,
+                        help="send this many one-instance studies instead of the CT study")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--wall", action="store_true",
                         help="sample every thread, waiting ones too (--idle), per thread")
@@ -55,7 +70,7 @@ def main() -> None:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(pyspy).exists():
         sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
-    files = files_under(ct_study(args.slices))
+    files = small_studies(args.small) if args.small else files_under(ct_study(args.slices))
     WORK.mkdir(parents=True, exist_ok=True)
     profile = scu_profile(files[:1], WORK / "storescu.cfg")
     home = WORK / "profile-edge"
@@ -69,7 +84,8 @@ def main() -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches
         start = time.perf_counter()
-        run(storescu_argv(edge.port, edge.ae_title, ct_study(args.slices), profile))
+        source = Path(os.path.commonpath(files)) if args.small else ct_study(args.slices)
+        run(storescu_argv(edge.port, edge.ae_title, source, profile))
         console.print(f"sent in {time.perf_counter() - start:.2f} s under py-spy")
         spy.send_signal(signal.SIGINT)
         spy.wait(30)

@@ -92,6 +92,15 @@ def test_pynetdicom_spools_received_datasets_through_the_patched_name() -> None:
     assert dimse_messages.NamedTemporaryFile in (tempfile.NamedTemporaryFile, *_installed())
 
 
+def test_pynetdicom_writes_the_file_meta_through_the_two_patched_names() -> None:
+    source = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "write_file_meta_info(" in source and "create_file_meta(" in source
+    for keyword in ("sop_class_uid=", "sop_instance_uid=", "transfer_syntax="):
+        assert keyword in source, keyword
+    assert re.search(r"^from pydicom.filewriter import write_file_meta_info$",
+                     inspect.getsource(dimse_messages), re.M)
+
+
 def _installed() -> tuple[object, ...]:
     """A spool factory another test of this process may have set (serve in process)."""
     current = dimse_messages.NamedTemporaryFile

@@ -12,6 +12,8 @@ What is touched, and who uses it:
 
     pynetdicom 3.0.4
       dimse_messages.NamedTemporaryFile     receive spool of C-STORE (dimse/spooling.py)
+      dimse_messages.create_file_meta, write_file_meta_info
+                                            its File Meta from a template (dimse/file_meta.py)
       association.uid_to_service_class      our C-MOVE/C-GET SCP     (dimse/move_get.py)
       Association._reactor_checkpoint       lost C-STORE-RSP race    (dimse/move_get.py)
       DULServiceProvider.run_reactor, Association._run_reactor: replaced by loops that
@@ -69,8 +71,14 @@ _route_lock = threading.Lock()
 # --- pynetdicom 3.0.4 ---------------------------------------------------------------
 
 
-def set_receive_spool(factory: Callable[..., Any]) -> None:
-    """Spool every received C-STORE dataset, undecoded, into what `factory` returns.
+class _EncodedFileMeta(bytes):
+    """A File Meta group already encoded (see set_receive_spool)."""
+
+
+def set_receive_spool(factory: Callable[..., Any],
+                      encode_file_meta: Callable[[Any, Any, Any], bytes | None]) -> None:
+    """Spool every received C-STORE dataset, undecoded, into what `factory` returns,
+    behind a File Meta group that `encode_file_meta` encodes.
 
     With `_config.STORE_RECV_CHUNKED_DATASET`, pynetdicom writes a dataset as its
     P-DATA arrives into `NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`,
@@ -78,11 +86,39 @@ def set_receive_spool(factory: Callable[..., Any]) -> None:
     (imported there from tempfile). No option says where that file goes; replacing
     the name does. `factory` gets the same arguments and returns an object with
     `name`, `write`, `file.flush()` and `close()` (the subset pynetdicom uses).
+
+    Ahead of the dataset, `DIMSEMessage.decode_msg` writes
+    `write_file_meta_info(file, create_file_meta(sop_class_uid=..., sop_instance_uid=...,
+    transfer_syntax=...))`, both module-level names in dimse_messages. They are
+    replaced by a pair that writes `encode_file_meta(sop_class, sop_instance, syntax)`
+    in one piece, and falls back to upstream's pair where it returns None.
     """
     from pynetdicom import _config, dimse_messages  # not at import: the store imports compat
 
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
+    create = getattr(dimse_messages.create_file_meta, "upstream", dimse_messages.create_file_meta)
+    write = getattr(dimse_messages.write_file_meta_info, "upstream",
+                    dimse_messages.write_file_meta_info)
+
+    def create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any,
+                         transfer_syntax: Any) -> Any:
+        encoded = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax)
+        if encoded is None:
+            return create(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                          transfer_syntax=transfer_syntax)
+        return _EncodedFileMeta(encoded)
+
+    def write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(file_meta, _EncodedFileMeta):
+            fp.write(file_meta)
+        else:
+            write(fp, file_meta, *args, **kwargs)
+
+    create_file_meta.upstream = create  # type: ignore[attr-defined]
+    write_file_meta_info.upstream = write  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = create_file_meta  # type: ignore[assignment]
+    dimse_messages.write_file_meta_info = write_file_meta_info  # type: ignore[assignment]
 
 
 def route_service_classes(uids: Collection[str], service_class: type) -> None:

@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.base.errors import OutOfSpace
@@ -41,15 +42,28 @@ def fsync_dir(path: Path) -> None:
 
 def ensure_dir(path: Path) -> None:
     """Create `path` and parents, fsyncing each parent that gained an entry."""
+    for folder in make_dirs(path):
+        fsync_dir(folder)
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create `path` and its missing parents without fsyncing them; the folders that
+    gained an entry (each created folder's parent), deepest first.
+
+    The caller fsyncs those before anything depends on the new names. Fsyncing
+    them after all the creations, deepest first, lets a journaling file system
+    commit every new entry at the first fsync (ext4 commits its running
+    transaction), where fsyncing after each mkdir commits once per level.
+    """
     missing: list[Path] = []
     probe = path
-    while not probe.exists():
+    while not os.path.exists(probe):
         missing.append(probe)
         probe = probe.parent
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-        fsync_dir(folder.parent)
+            os.mkdir(folder)
+    return [folder.parent for folder in missing]
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -112,19 +126,22 @@ def _synced_temp(path: Path, data: bytes, mode: int) -> str:
     return tmp
 
 
-def durable_rename(source: Path, target: Path, *, sync_folder: bool = True) -> None:
+def durable_rename(source: Path, target: Path, *, sync_folder: bool = True,
+                   folder_sync: Callable[[Path], None] = fsync_dir) -> None:
     """Move an fsynced file into place and make the new name durable.
 
-    Only the target folder is fsynced: if a crash resurrects the source name
-    too, it is a temp file that the start-up sweep removes. `sync_folder=False`
-    leaves that fsync to the caller, who writes many files and fsyncs each
-    folder once before anything depends on the names (a recall, before its
-    index commit).
+    Only the target folder is fsynced (and the folders that gained a new
+    subfolder on the way to it, after the rename: see make_dirs): if a crash
+    resurrects the source name too, it is a temp file that the start-up sweep
+    removes. `sync_folder=False` leaves the target folder's fsync to the caller,
+    who writes many files and fsyncs each folder once before anything depends on
+    the names (a recall, before its index commit). `folder_sync` does the fsyncs
+    (SharedFolderSync.sync shares them between concurrent writers).
     """
-    ensure_dir(target.parent)
+    gained = make_dirs(target.parent)
     os.replace(source, target)
-    if sync_folder:
-        fsync_dir(target.parent)
+    for folder in ([target.parent] if sync_folder else []) + gained:
+        folder_sync(folder)
 
 
 class SharedFolderSync:

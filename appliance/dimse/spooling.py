@@ -33,6 +33,7 @@ from typing import Any
 from pynetdicom.dul import DULServiceProvider
 
 from appliance.base import compat
+from appliance.dimse.file_meta import encode_file_meta
 from appliance.dimse.negotiation import STORAGE_SOP_CLASSES
 from appliance.store.files import FileStore
 from appliance.store.spool import SpoolFile
@@ -68,7 +69,7 @@ class SpoolRouter:
         self._refused: dict[str, float] = {}  # sink name -> when refused
 
     def install(self) -> None:
-        compat.set_receive_spool(self._create)
+        compat.set_receive_spool(self._create, encode_file_meta)
 
     def claim(self, path: Path) -> SpoolFile | None:
         """The SpoolFile behind `event.dataset_path`, which the caller now owns;

@@ -77,9 +77,8 @@ class FileStore:
                 synced.result()
             else:
                 spool.sync()
-            durable_rename(spool.path, target, sync_folder=False)
-            if sync_folder:
-                self._folder_syncs.sync(target.parent)
+            durable_rename(spool.path, target, sync_folder=sync_folder,
+                           folder_sync=self._folder_syncs.sync)
         except OSError as exc:
             if is_no_space(exc):
                 raise OutOfSpace() from exc
