@@ -29,10 +29,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-from pynetdicom import AE, _config, dimse_messages, sop_class
+from pynetdicom import AE, _config, dimse_messages, fsm, sop_class
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import QueryRetrieveServiceClass, VerificationServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -210,6 +211,21 @@ def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
     assert isinstance(assoc.dimse.msg_queue, queue.Queue)
 
 
+def test_a_p_data_in_sta6_is_what_read_pdu_hands_to_dimse_directly() -> None:
+    """compat.read_pdu skips DT-2 for a P-DATA-TF in Sta6: that is all DT-2 does."""
+    assert fsm.TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+    dt_2 = inspect.getsource(fsm.DT_2)
+    assert "dul.assoc.dimse.receive_primitive(" in dt_2 and 'return "Sta6"' in dt_2
+    read = inspect.getsource(DULServiceProvider._read_pdu_data)
+    for step in ("self.socket.recv(6)", "self.socket.recv(pdu_length)",
+                 "self._decode_pdu(bytestream)", "self._recv_pdu.put(pdu)"):
+        assert step in read, step
+    primitive = P_DATA()
+    assert primitive._presentation_data_value_list == []
+    assert "in primitive.presentation_data_value_list:" in inspect.getsource(
+        dimse_messages.DIMSEMessage.decode_msg)
+
+
 def test_a_wakeup_set_after_close_touches_no_descriptor() -> None:
     wakeup = compat.Wakeup()
     wakeup.set()
@@ -267,6 +283,7 @@ def test_share_send_lock_wraps_one_socket_once() -> None:
     (Association, "kill", ["self"]),
     (DULServiceProvider, "run", ["self"]),
     (DULServiceProvider, "send_pdu", ["self", "primitive"]),
+    (DULServiceProvider, "_read_pdu_data", ["self"]),
     (DULServiceProvider, "stop_dul", ["self"]),
     (DULServiceProvider, "kill_dul", ["self"]),
     (DIMSEServiceProvider, "send_msg", ["self", "primitive", "context_id"]),

@@ -271,3 +271,27 @@ def test_a_peer_without_store_permission_cannot_spool_a_byte(
                          aec=server.ae_title).ok
     dcmtk.storescu(server.port, [small_study[2].path]).check()
     assert instances(server) == 3
+
+
+@pytest.mark.parametrize("pdv", [
+    struct.pack(">L", 1) + b"\x01",  # shorter than its context ID and header byte
+    struct.pack(">L", 4096) + b"\x01\x03" + b"\0" * 16,  # runs past the end of its PDU
+    b"\0\0\0",  # a PDV length field cut short
+], ids=["pdv-too-short", "pdv-past-its-pdu", "pdv-header-cut"])
+def test_a_p_data_whose_pdvs_do_not_fit_is_aborted_and_stores_nothing(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], pdv: bytes,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    server = short_timeouts_server
+    sock = rawpdu.established(server.port, "TESTSCU", server.ae_title,
+                              contexts=((1, rawpdu.CT_IMAGE_STORAGE),))
+    sockets.append(sock)
+    command, *_ = rawpdu.c_store_pdus(1, 1024)  # a valid C-STORE-RQ command first
+    sock.sendall(command + rawpdu.pdu_header(0x04, len(pdv)) + pdv)
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert "invalid P-DATA-TF PDU" in server.log()
+    assert instances(server) == 2
+    dcmtk.storescu(server.port, [small_study[2].path]).check()
+    assert instances(server) == 3

@@ -17,6 +17,10 @@ loops, which reach into pynetdicom's internals):
   DIMSE message, an A-RELEASE/A-ABORT indication from the DUL, the DUL ending,
   `kill()`.
 
+The DUL also hands a received P-DATA-TF straight to DIMSE, without
+pynetdicom's PDU objects and a pass through its state machine
+(compat.read_pdu).
+
 Both still wake every compat.REACTOR_IDLE_WAIT seconds to look at their timers
 (ARTIM, the network timeout), as upstream's passes did every millisecond.
 """
@@ -65,6 +69,9 @@ class EdgeDUL(DULServiceProvider):
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         self.pacs_edge_wakeup.set()
+
+    def _read_pdu_data(self) -> None:
+        compat.read_pdu(self)
 
     def stop_dul(self) -> bool:
         return compat.stop_dul_reactor(self, self.pacs_edge_wakeup)
