@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=0,
                         help="send this many one-instance studies instead of the CT study")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--wall", action="store_true",
                         help="sample every thread, waiting ones too (--idle), per thread")
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     with serving(edge.start()):
         assert edge.proc is not None
         spy = subprocess.Popen([pyspy, "record", "--pid", str(edge.proc.pid), *mode,
-                                "--rate", "250", "--format", "raw", "-o", str(raw)],
+                                "--rate", str(args.rate), "--format", "raw", "-o", str(raw)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches
         start = time.perf_counter()
