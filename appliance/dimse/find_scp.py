@@ -25,7 +25,6 @@ class; the seam is compat.route_service_classes, as for C-MOVE/C-GET.
 from __future__ import annotations
 
 import logging
-import ssl
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from appliance.base import compat
 from appliance.dimse.dicom_status import PENDING_CODES, Status
+from appliance.dimse.direct_writer import PDU_HEADER, PDV_HEADER, PDV_OVERHEAD, DirectWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ ROUTED = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveIn
 C_FIND_RSP = 0x8020
 _ELEMENT = struct.Struct("<HHL")
 _COMMAND_LAST, _DATASET_LAST, _DATASET_MORE = b"\x03", b"\x02", b"\x00"
-_PDV_OVERHEAD = 6  # item length (4), context ID, message control header
-_PDU_HEADER = struct.Struct(">BBL")
-_PDV_HEADER = struct.Struct(">LBB")
-_WRITE_BATCH = 1 << 16  # bytes of pending responses gathered per socket write
 UNLIMITED_PDU = 1 << 22  # a peer announcing no maximum still gets PDUs of at most this
 
 
@@ -85,7 +81,7 @@ def pdus(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> Iterato
     """The P-DATA primitives of one message: its PDVs (each at most `max_pdu` with its
     header), packed into as few PDUs as `max_pdu` allows; one for a typical match."""
     limit = min(max_pdu or UNLIMITED_PDU, UNLIMITED_PDU)
-    room = max(limit - _PDV_OVERHEAD, 1)
+    room = max(limit - PDV_OVERHEAD, 1)
     pdvs = [_COMMAND_LAST + command[i:i + room] if i + room >= len(command)
             else b"\x01" + command[i:i + room] for i in range(0, len(command), room)]
     for i in range(0, len(identifier), room):
@@ -94,7 +90,7 @@ def pdus(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> Iterato
     batch: list[tuple[int, bytes]] = []
     size = 0
     for pdv in pdvs:
-        length = len(pdv) - 1 + _PDV_OVERHEAD
+        length = len(pdv) - 1 + PDV_OVERHEAD
         if batch and size + length > limit:
             yield _p_data(batch)
             batch, size = [], 0
@@ -107,13 +103,13 @@ def one_pdu(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> byte
     """The message as one encoded P-DATA-TF PDU (command PDV, then identifier PDV), as
     pynetdicom would encode the single primitive of `pdus()`; None when it exceeds
     `max_pdu` (0: no limit)."""
-    length = 2 * _PDV_OVERHEAD + len(command) + len(identifier)
+    length = 2 * PDV_OVERHEAD + len(command) + len(identifier)
     if length > min(max_pdu or UNLIMITED_PDU, UNLIMITED_PDU):
         return None
     return b"".join((
-        _PDU_HEADER.pack(0x04, 0, length),
-        _PDV_HEADER.pack(len(command) + 2, cx_id, 0x03), command,
-        _PDV_HEADER.pack(len(identifier) + 2, cx_id, 0x02), identifier,
+        PDU_HEADER.pack(0x04, 0, length),
+        PDV_HEADER.pack(len(command) + 2, cx_id, 0x03), command,
+        PDV_HEADER.pack(len(identifier) + 2, cx_id, 0x02), identifier,
     ))
 
 
@@ -145,7 +141,7 @@ class FindServiceClass(QueryRetrieveServiceClass):
         msg_id = int(req.MessageID or 0)
         max_pdu = int(self.dimse.maximum_pdu_size or 0)
         acse = self.assoc.acse
-        direct = _DirectWriter.for_association(self.assoc)
+        direct = DirectWriter.for_association(self.assoc)
         try:
             for status, identifier in results or ():
                 if acse.is_aborted() or acse.is_release_requested() \
@@ -195,39 +191,7 @@ class FindServiceClass(QueryRetrieveServiceClass):
         self.dimse.send_msg(rsp, cx_id)
 
 
-class _DirectWriter:
-    """Pending responses written straight to a plain TCP socket, in batches, under the
-    lock every write of the DUL takes."""
-
-    def __init__(self, assoc: Any, sock: Any) -> None:
-        self.assoc = assoc
-        self.sock = sock
-        self.buffer: list[bytes] = []
-        self.size = 0
-
-    @classmethod
-    def for_association(cls, assoc: Any) -> _DirectWriter | None:
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is None or isinstance(sock, ssl.SSLSocket):
-            return None
-        return cls(assoc, sock)
-
-    def add(self, pdu: bytes) -> None:
-        self.buffer.append(pdu)
-        self.size += len(pdu)
-        if self.size >= _WRITE_BATCH:
-            self.write()
-
-    def write(self) -> None:
-        if not self.buffer:
-            return
-        data, self.buffer, self.size = b"".join(self.buffer), [], 0
-        with compat.share_send_lock(self.assoc.dul):
-            self.sock.sendall(data)
-        compat.note_transport_activity(self.assoc.dul)
-
-
-def _flush(direct: _DirectWriter | None, *, quiet: bool = False) -> None:
+def _flush(direct: DirectWriter | None, *, quiet: bool = False) -> None:
     """Write what `direct` holds; returns None, the writer's place from then on (the
     rest of the C-FIND goes through the DUL). A broken socket is the DUL's to notice."""
     if direct is not None:

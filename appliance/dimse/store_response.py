@@ -9,16 +9,20 @@ Little Endian), so EdgeDIMSE writes it here; a response carrying an Error
 Comment or Offending Element, and every other message, goes through pynetdicom
 as before. tests/test_store_response.py checks the bytes against pynetdicom's.
 
-EVT_DIMSE_SENT still fires before the response is queued, with a SentResponse
-whose class name and `command_set` fields are those of pynetdicom's message
-(what appliance/dimse/op_metrics.py reads), so every request still ends in one
-place with its status. pynetdicom's own logging handlers know only their own
+On a plain TCP socket the response PDU is written by the association's own
+thread (direct_writer.py) instead of being queued for the DUL thread, a
+wake-up and a state-machine pass less between the durable commit and the
+peer's next request. EVT_DIMSE_SENT still fires before the response is sent,
+with a SentResponse whose class name and `command_set` fields are those of
+pynetdicom's message (what appliance/dimse/op_metrics.py reads), so every
+request still ends in one place with its status. pynetdicom's own logging handlers know only their own
 classes: with them bound (`_config.LOG_HANDLER_LEVEL` "standard"; the server
 sets "none") every response goes through pynetdicom.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +31,10 @@ from pynetdicom import _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+
+from appliance.dimse.direct_writer import DirectWriter, command_pdu
+
+log = logging.getLogger(__name__)
 
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
@@ -102,6 +110,14 @@ class EdgeDIMSE(DIMSEServiceProvider):
         command_bytes, command = encoded
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT,
                     {"message": C_STORE_RSP(command, context_id)})
+        direct = DirectWriter.for_association(self.assoc)
+        if direct is not None:
+            direct.add(command_pdu(context_id, command_bytes))
+            try:
+                direct.write()
+            except OSError as exc:  # the peer is gone: the DUL's read will say so
+                log.warning("c-store response not sent error=%s", type(exc).__name__)
+            return
         pdata = P_DATA()
         pdata.presentation_data_value_list = [[context_id, _LAST_COMMAND_FRAGMENT + command_bytes]]
         self.dul.send_pdu(pdata)
