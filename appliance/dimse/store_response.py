@@ -15,9 +15,10 @@ wake-up and a state-machine pass less between the durable commit and the
 peer's next request. EVT_DIMSE_SENT still fires before the response is sent,
 with a SentResponse whose class name and `command_set` fields are those of
 pynetdicom's message (what appliance/dimse/op_metrics.py reads), so every
-request still ends in one place with its status. pynetdicom's own logging handlers know only their own
-classes: with them bound (`_config.LOG_HANDLER_LEVEL` "standard"; the server
-sets "none") every response goes through pynetdicom.
+request still ends in one place with its status. pynetdicom's own logging
+handlers know only their own classes: with them bound
+(`_config.LOG_HANDLER_LEVEL` "standard"; the server sets "none") every
+response goes through pynetdicom.
 """
 
 from __future__ import annotations
