@@ -222,8 +222,12 @@ def test_a_p_data_in_sta6_is_what_read_pdu_hands_to_dimse_directly() -> None:
         assert step in read, step
     primitive = P_DATA()
     assert primitive._presentation_data_value_list == []
-    assert "in primitive.presentation_data_value_list:" in inspect.getsource(
-        dimse_messages.DIMSEMessage.decode_msg)
+    decode = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    assert "in primitive.presentation_data_value_list:" in decode
+    assert "self._data_set_file.write(data[1:])" in decode  # the spool read_pdu hands on
+    receive = inspect.getsource(DIMSEServiceProvider.receive_primitive)
+    assert "self.message._data_set_file = None" in receive  # hence read before the call
+    assert "self.message = None" in receive
 
 
 def test_a_wakeup_set_after_close_touches_no_descriptor() -> None:

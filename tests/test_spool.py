@@ -70,3 +70,21 @@ def test_spool_that_cannot_be_created_refuses_instead_of_raising(tmp_path: Path)
     with pytest.raises(OSError):
         spool.sync()
     spool.discard()
+
+
+def test_a_sync_started_early_is_the_one_ingest_joins_and_close_waits_for_it(
+        tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(_meta_bytes() + b"dataset")
+    started = spool.start_sync()
+    assert spool.start_sync() is started  # the DUL's and ingest's call share one fsync
+    spool.close()
+    assert started.done() and started.exception() is None
+    assert Path(spool.name).read_bytes().endswith(b"dataset")
+
+
+def test_an_early_sync_of_a_failed_spool_carries_its_error(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path / "missing")  # cannot be created: recorded, not raised
+    failed = spool.start_sync()
+    spool.close()
+    assert isinstance(failed.exception(), OSError)

@@ -493,7 +493,7 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def read_pdu(dul: Any) -> None:
+def read_pdu(dul: Any, on_dataset_end: Callable[[Any], None]) -> None:
     """`DULServiceProvider._read_pdu_data` (read one PDU and act on it), with a
     P-DATA-TF in Sta6 handed straight to DIMSE.
 
@@ -508,6 +508,11 @@ def read_pdu(dul: Any) -> None:
     Stricter than upstream: a PDV whose length runs past its PDU, or is shorter
     than its two header bytes, is an invalid PDU (Evt19: A-ABORT). Every other PDU,
     and a P-DATA-TF in any other state, goes upstream's way (hand_pdu_to_dul).
+
+    `on_dataset_end(file)` is called with the file pynetdicom spooled a C-STORE
+    data set into (`DIMSEMessage._data_set_file`, whatever the spool factory of
+    set_receive_spool made) once this PDU carried its last fragment, and before
+    the association thread can have picked the request up.
     """
     from pynetdicom.pdu_primitives import P_DATA  # not at import: the store imports compat
 
@@ -539,11 +544,16 @@ def read_pdu(dul: Any) -> None:
         return
     primitive = P_DATA()
     primitive._presentation_data_value_list = pdvs  # views: the setter wants bytes
+    message = dul.assoc.dimse.message  # None until a PDU starts the next message
+    spooled = getattr(message, "_data_set_file", None)
     try:
         dul.assoc.dimse.receive_primitive(primitive)
     except Exception as exc:  # as the state machine treats a failing DT-2
         log.error("could not process a received P-DATA-TF: %s", exc)
         dul.kill_dul()
+        return
+    if spooled is not None and any(data[0] & 0x03 == 0x02 for _, data in pdvs):
+        on_dataset_end(spooled)
 
 
 def _split_pdvs(body: memoryview) -> list[list[Any]] | None:

@@ -19,7 +19,8 @@ loops, which reach into pynetdicom's internals):
 
 The DUL also hands a received P-DATA-TF straight to DIMSE, without
 pynetdicom's PDU objects and a pass through its state machine
-(compat.read_pdu).
+(compat.read_pdu), and starts the fsync of a C-STORE's spool file as soon as
+its last fragment is written.
 
 Both still wake every compat.REACTOR_IDLE_WAIT seconds to look at their timers
 (ARTIM, the network timeout), as upstream's passes did every millisecond.
@@ -35,6 +36,7 @@ from typing import Any
 from pynetdicom.dul import DULServiceProvider
 
 from appliance.base import compat
+from appliance.store.spool import SpoolFile
 
 
 class WakingQueue(queue.Queue[Any]):
@@ -71,13 +73,20 @@ class EdgeDUL(DULServiceProvider):
         self.pacs_edge_wakeup.set()
 
     def _read_pdu_data(self) -> None:
-        compat.read_pdu(self)
+        compat.read_pdu(self, _start_sync)
 
     def stop_dul(self) -> bool:
         return compat.stop_dul_reactor(self, self.pacs_edge_wakeup)
 
     def kill_dul(self) -> None:
         compat.kill_dul_reactor(self, self.pacs_edge_wakeup)
+
+
+def _start_sync(spooled: Any) -> None:
+    """A C-STORE data set is complete: its fsync starts now, while the request goes
+    to the association thread and its handler (ingest joins it before the rename)."""
+    if isinstance(spooled, SpoolFile) and spooled.error is None:
+        spooled.start_sync()
 
 
 def make_waiting(assoc: Any) -> threading.Event:

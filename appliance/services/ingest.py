@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
 # fsyncs of spooled instances, one per association storing at a time (more wait).
-_FSYNC_POOL = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
 
 @dataclass(frozen=True)
@@ -105,8 +104,9 @@ class IngestService:
                 raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
             self.files.check_space()
             # The file's fsync (the slowest step) runs while the header is parsed and
-            # the index asked for a duplicate; it is joined before the rename.
-            syncing = _FSYNC_POOL.submit(spool.sync)
+            # the index asked for a duplicate (the DUL may have started it already,
+            # dimse/reactors.py); it is joined before the rename.
+            syncing = spool.start_sync()
             header, sha256, offset = _inspect(spool, self.max_inflated)
             if expected is not None and (
                 header.sop_uid != expected.sop_uid or header.sop_class_uid != expected.sop_class_uid
@@ -130,10 +130,7 @@ class IngestService:
             return IngestResult(outcome, header, relative)
         finally:
             INGEST_IN_PROGRESS.dec()
-            if syncing is not None:
-                # Never close the spool under a running fsync (its fd could be reused).
-                futures.wait([syncing])
-            spool.discard()
+            spool.discard()  # after its fsync, if one runs
             if committed_path is not None:
                 self.files.remove(committed_path)
 

@@ -24,6 +24,7 @@ import struct
 import tempfile
 import time
 import uuid
+from concurrent import futures
 from pathlib import Path
 
 from appliance.base.durable import TEMP_SUFFIX, is_no_space
@@ -32,6 +33,8 @@ from appliance.base.durable import TEMP_SUFFIX, is_no_space
 _PREAMBLE = 132
 _GROUP_LENGTH_END = _PREAMBLE + 12
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+# Where spools are made durable while their receiver goes on (see SpoolFile.start_sync).
+_SYNC_POOL = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
 
 def dataset_offset(head: bytes) -> int:
@@ -69,6 +72,7 @@ class SpoolFile:
         self._head = bytearray()
         self._meta_end: int | None = None
         self._sha = hashlib.sha256()
+        self._syncing: futures.Future[None] | None = None
         self.last_write = time.monotonic()
 
     @property
@@ -120,7 +124,18 @@ class SpoolFile:
         # timestamps it skips are nothing a recovered instance depends on.
         os.fdatasync(self._fh.fileno())
 
+    def start_sync(self) -> futures.Future[None]:
+        """`sync()` in a background thread, started once: the first caller (the DUL
+        thread, once the last fragment is written, or ingest) starts it, every caller
+        gets the same future. Nothing may be written after it started."""
+        if self._syncing is None:
+            self._syncing = _SYNC_POOL.submit(self.sync)
+        return self._syncing
+
     def close(self) -> None:
+        if self._syncing is not None:
+            # Never close under a running fsync: the descriptor could be reused.
+            futures.wait([self._syncing])
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
