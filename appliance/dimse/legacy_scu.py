@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -46,7 +46,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -54,7 +54,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import (
     LegacyPeerError,
@@ -65,6 +64,7 @@ from appliance.base.errors import (
 )
 from appliance.dimse.dicom_status import PENDING_CODES, Status
 from appliance.dimse.handlers import REJECTION_STATUS
+from appliance.dimse.scu import requested_association
 from appliance.dimse.spooling import SpoolRouter
 from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
 from appliance.services.legacy_migration import FindResult, RetrieveOutcome, StudyAnswer
@@ -137,41 +137,23 @@ class LegacyPeer:
                                                    StudyRootQueryRetrieveInformationModelGet),
                                   "C-GET")
 
-    @contextmanager
     def _association(self, requested: Sequence[Any], *,
                      extra: Sequence[tuple[str, list[str]]] = (),
                      roles: Sequence[Any] = (),
-                     handlers: Sequence[tuple[Any, Any]] = ()) -> Iterator[Any]:
-        ae = AE(ae_title=self.config.ae_title)
-        ae.acse_timeout = self.config.acse_timeout
-        ae.dimse_timeout = self.config.dimse_timeout
-        ae.network_timeout = self.config.network_timeout
-        ae.connection_timeout = self.config.connect_timeout
-        ae.maximum_pdu_size = self.config.max_pdu
-        for context in requested:
-            ae.add_requested_context(context)
-        for sop, syntaxes in extra:
-            ae.add_requested_context(sop, syntaxes)
-        tls_args = (self.tls_client, None) if self.peer.tls else None
-        compat.close_requestor_reactor_race()
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
-                             max_pdu=self.config.max_pdu, tls_args=tls_args,
-                             ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)
-        if not assoc.is_established:
-            ae.shutdown()
-            why = "rejected" if assoc.is_rejected else "did not answer or aborted"
-            raise LegacyPeerError(
-                MigrationFailure.UNREACHABLE,
-                f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}"
-                " the association",
-                hint=f"check that it runs and knows this box's AE title {self.config.ae_title!r}"
-                     " as a calling AE")
-        try:
-            yield assoc
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
+                     handlers: Sequence[tuple[Any, Any]] = ()) -> AbstractContextManager[Any]:
+        return requested_association(
+            self.config, self.peer, [*((context, None) for context in requested), *extra],
+            tls_client=self.tls_client if self.peer.tls else None, refused=self._refused,
+            roles=roles, handlers=handlers)
+
+    def _refused(self, assoc: Any) -> LegacyPeerError:
+        why = "rejected" if assoc.is_rejected else "did not answer or aborted"
+        return LegacyPeerError(
+            MigrationFailure.UNREACHABLE,
+            f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}"
+            " the association",
+            hint=f"check that it runs and knows this box's AE title {self.config.ae_title!r}"
+                 " as a calling AE")
 
     def _retrieve(self, responses: Iterator[tuple[Dataset, Dataset | None]],
                   service: str) -> RetrieveOutcome:

@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.base import compat
 from appliance.base.config import Config, DicomConfig
 from appliance.base.errors import PrefetchFailure, RemoteArchiveError
 from appliance.dimse.dicom_status import PENDING_CODES, Status
+from appliance.dimse.scu import requested_association
 from appliance.dimse.tls import client_context
 from appliance.services.peers import Allowlist, Peer
 from appliance.services.prefetch import ArchiveFactory, MoveOutcome
@@ -179,38 +177,22 @@ class RemoteArchive:
 
     # --- association ------------------------------------------------------------------
 
-    @contextmanager
-    def _association(self, context: Any) -> Iterator[Any]:
-        ae = AE(ae_title=self.config.ae_title)
-        ae.acse_timeout = self.config.acse_timeout
-        ae.dimse_timeout = self.config.dimse_timeout
-        ae.network_timeout = self.config.network_timeout
-        ae.connection_timeout = self.config.connect_timeout
-        ae.add_requested_context(context)
-        tls_args = None
-        if self.peer.tls:
-            if self.tls_client is None:
-                raise RemoteArchiveError(
-                    PrefetchFailure.NO_REMOTE_ARCHIVE,
-                    f"remote archive {self.peer.name!r} is marked TLS but this box has TLS off",
-                    hint="set [dicom] tls_port")
-            tls_args = (self.tls_client, None)
-        compat.close_requestor_reactor_race()
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
-                             max_pdu=self.config.max_pdu, tls_args=tls_args)
-        if not assoc.is_established:
-            ae.shutdown()
+    def _association(self, context: Any) -> AbstractContextManager[Any]:
+        if self.peer.tls and self.tls_client is None:
             raise RemoteArchiveError(
-                PrefetchFailure.REMOTE_UNREACHABLE,
-                f"remote archive {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
-                " refused or did not answer the association",
-                hint="check that it runs and knows this box's AE title")
-        try:
-            yield assoc
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
+                PrefetchFailure.NO_REMOTE_ARCHIVE,
+                f"remote archive {self.peer.name!r} is marked TLS but this box has TLS off",
+                hint="set [dicom] tls_port")
+        return requested_association(
+            self.config, self.peer, [(context, None)],
+            tls_client=self.tls_client if self.peer.tls else None, refused=self._refused)
+
+    def _refused(self, assoc: Any) -> RemoteArchiveError:
+        return RemoteArchiveError(
+            PrefetchFailure.REMOTE_UNREACHABLE,
+            f"remote archive {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
+            " refused or did not answer the association",
+            hint="check that it runs and knows this box's AE title")
 
 
 def configured_archive(config: Config, allowlist: Allowlist) -> ArchiveFactory:

@@ -1,0 +1,53 @@
+"""An association the box requests from a peer (migrate's legacy PACS, prefetch's
+remote archive): one AE with the box's timeouts and PDU size, released and shut down
+however the work on it ends."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from pynetdicom import AE
+
+from appliance.base import compat
+from appliance.base.config import DicomConfig
+from appliance.services.peers import Peer
+
+# An abstract syntax, with the transfer syntaxes to propose (None: pynetdicom's default).
+Requested = tuple[Any, Sequence[str] | None]
+
+
+@contextmanager
+def requested_association(
+    config: DicomConfig, peer: Peer, requested: Sequence[Requested], *,
+    tls_client: ssl.SSLContext | None, refused: Callable[[Any], Exception],
+    roles: Sequence[Any] = (), handlers: Sequence[tuple[Any, Any]] = (),
+) -> Iterator[Any]:
+    """An established association to `peer` (over TLS with `tls_client` when given);
+    raises `refused(assoc)` when it was rejected, aborted or not answered."""
+    ae = AE(ae_title=config.ae_title)
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.connection_timeout = config.connect_timeout
+    ae.maximum_pdu_size = config.max_pdu
+    for abstract, syntaxes in requested:
+        if syntaxes is None:
+            ae.add_requested_context(abstract)
+        else:
+            ae.add_requested_context(abstract, list(syntaxes))
+    compat.close_requestor_reactor_race()
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=config.max_pdu,
+                         tls_args=(tls_client, None) if tls_client is not None else None,
+                         ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)
+    if not assoc.is_established:
+        ae.shutdown()
+        raise refused(assoc)
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
