@@ -33,10 +33,13 @@ def _check(check: Callable[[Any], bool], expected: str) -> dict[str, Any]:
 def default_workers() -> int:
     """One DIMSE worker process per two cores this process may run on, 1 to 4.
 
-    Measured on 2 cores (docs/benchmarks.md, C-STORE receive path): a second worker
-    gained nothing over one on 4 associations, a fourth lost a third, since the
-    kernel's share of each instance (copies, fsyncs) and the sync agent need the
-    other core. An association is served by one worker whatever their number.
+    Measured on 2 cores (docs/benchmarks.md, C-STORE receive path): a fourth
+    worker lost a third of the throughput; after the second receive-path round a
+    second worker gains 7-18% on 4 associations of CT (five runs) and nothing on
+    one, for another ~100 MB of memory. The default leaves the other core to the
+    kernel's share of each instance (copies, fsyncs), the sync agent's encryption
+    and the web server; a site whose modalities send several studies at once may
+    set `workers = 2`. An association is served by one worker whatever their number.
     """
     return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
 
