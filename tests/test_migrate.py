@@ -70,7 +70,10 @@ def make_archive(folder: Path, studies: int, *, busy_day_studies: int) -> list[P
                                    series_per_study=len(kind) if len(kind) > 1 else 2,
                                    instances_per_series=2, modalities=kind, size=16)
         if n < busy_day_studies:
-            day, at = DAYS[0], f"10{(n * 7) % 60:02d}{n % 60:02d}"
+            # One study in the last second of its minute, with a fraction: a range
+            # ending at ...59 leaves it out (dcmqrscp compares times as times).
+            seconds = "59.5" if n == 2 else f"{n % 60:02d}"
+            day, at = DAYS[0], f"10{(n * 7) % 60:02d}{seconds}"
         else:
             day = DAYS[1 + n % (len(DAYS) - 1)]
             at = f"{8 + n % 10:02d}{(n * 13) % 60:02d}00"

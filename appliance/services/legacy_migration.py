@@ -4,9 +4,12 @@ The walk, for one run (store/migration_rows.py keeps every step):
 1. List: for each pending day of the range (newest first), C-FIND at STUDY level.
    A query that gets the peer's result limit (`query_limit` answers, or a failure
    status after some answers) may be missing studies, so it is split: the day
-   into hours, an hour into halves down to one minute (StudyTime ranges), a
-   minute by modality (with --modality). Every study found, and the day itself,
-   are committed together; a crash mid-day lists the day again.
+   into hours, an hour into halves down to one minute (StudyTime ranges up to
+   the last fraction of a second), a minute by modality (with --modality). A
+   study without a StudyTime matches no range (PS3.4 C.2.2.2.5): on a day
+   that had to be split it is not found, and the log says so for that day.
+   Every study found, and the day itself, are committed together; a crash
+   mid-day lists the day again.
 2. Transfer, `associations` studies at once, each worker on its own association
    (LegacySession) for many studies: count what the study should hold
    (NumberOfStudyRelatedInstances, else the series' NumberOfSeriesRelatedInstances,
@@ -153,6 +156,13 @@ class Window:
             return 0.0
         wait = (start - minute) % _MINUTES
         return wait * 60.0 - now.second
+
+
+def _time_range(first: int, last: int) -> str:
+    """A StudyTime range from the start of minute `first` to the end of minute `last`,
+    fractions included: an archive compares times as times, and "103059.5" is after
+    "103059" (dcmqrscp leaves it out of "103000-103059")."""
+    return f"{_clock(first)}00-{_clock(last)}59.999999"
 
 
 def _clock(minute: int) -> str:
@@ -434,6 +444,9 @@ class _DayWalk:
     def walk(self) -> tuple[list[rows.FoundStudy], int]:
         result = self._find("")
         if result.limited:
+            log.warning("migration day listed by StudyTime ranges: it hit the result limit;"
+                        " a study of that day without a StudyTime matches no range"
+                        " day=%s limit=%d", self.day, self.settings.query_limit)
             for hour in range(24):
                 self._range(hour * 60, hour * 60 + 59)
         else:
@@ -443,7 +456,7 @@ class _DayWalk:
         return [rows.FoundStudy(a.study_uid, a.instances) for a in studies], self.queries
 
     def _range(self, first: int, last: int) -> None:
-        result = self._find(f"{_clock(first)}00-{_clock(last)}59")
+        result = self._find(_time_range(first, last))
         if not result.limited:
             self._keep(result.answers)
         elif last > first:
@@ -454,7 +467,7 @@ class _DayWalk:
             self._by_modality(first)
 
     def _by_modality(self, minute: int) -> None:
-        when = f"{_clock(minute)}00-{_clock(minute)}59"
+        when = _time_range(minute, minute)
         if not self.settings.modalities:
             raise LegacyPeerError(
                 MigrationFailure.QUERY_FAILED,
