@@ -64,6 +64,8 @@ import aiosqlite
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info
 
+from appliance.base.dicom_wire import split_pdvs
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -537,9 +539,10 @@ def read_pdu(dul: Any, on_dataset_end: Callable[[Any], None]) -> None:
     if pdu_type != 0x04 or dul.state_machine.current_state != "Sta6":
         hand_pdu_to_dul(dul, header + bytes(body))
         return
-    pdvs = _split_pdvs(memoryview(body))
-    if pdvs is None:
-        log.error("invalid P-DATA-TF PDU: a PDV length does not fit its PDU")
+    try:
+        pdvs = split_pdvs(memoryview(body))
+    except ValueError as exc:
+        log.error("invalid P-DATA-TF PDU: %s", exc)
         dul.event_queue.put("Evt19")
         return
     primitive = P_DATA()
@@ -554,22 +557,6 @@ def read_pdu(dul: Any, on_dataset_end: Callable[[Any], None]) -> None:
         return
     if spooled is not None and any(data[0] & 0x03 == 0x02 for _, data in pdvs):
         on_dataset_end(spooled)
-
-
-def _split_pdvs(body: memoryview) -> list[list[Any]] | None:
-    """A P-DATA-TF's PDVs as [context ID, data] (data starting with the message
-    control header byte, as upstream's), views of `body`; None if malformed."""
-    pdvs: list[list[Any]] = []
-    offset, end = 0, len(body)
-    while offset < end:
-        if end - offset < 6:
-            return None
-        length = int.from_bytes(body[offset:offset + 4], "big")
-        if length < 2 or offset + 4 + length > end:
-            return None
-        pdvs.append([body[offset + 4], body[offset + 5:offset + 4 + length]])
-        offset += 4 + length
-    return pdvs
 
 
 def transport_closed(dul: Any) -> None:

@@ -17,22 +17,11 @@ pynetdicom as before.
 from __future__ import annotations
 
 import ssl
-import struct
 from typing import Any
 
 from appliance.base import compat
 
-PDU_HEADER = struct.Struct(">BBL")
-PDV_HEADER = struct.Struct(">LBB")
-PDV_OVERHEAD = 6  # item length (4), context ID, message control header
-LAST_COMMAND_FRAGMENT = 0x03  # message control header: command, last fragment
 WRITE_BATCH = 1 << 16  # bytes of pending responses gathered per socket write
-
-
-def command_pdu(cx_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF PDU holding a whole command set and no data set."""
-    return b"".join((PDU_HEADER.pack(0x04, 0, len(command) + PDV_OVERHEAD),
-                     PDV_HEADER.pack(len(command) + 2, cx_id, LAST_COMMAND_FRAGMENT), command))
 
 
 class DirectWriter:

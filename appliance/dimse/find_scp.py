@@ -25,7 +25,6 @@ class; the seam is compat.route_service_classes, as for C-MOVE/C-GET.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,16 +41,27 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.base import compat
+from appliance.base.dicom_wire import (
+    COMMAND,
+    LAST,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDV_HEADER,
+    PDV_OVERHEAD,
+    UNLIMITED_PDU,
+    command_set,
+    element,
+    ui,
+    us,
+)
 from appliance.dimse.dicom_status import PENDING_CODES, Status
-from appliance.dimse.direct_writer import PDU_HEADER, PDV_HEADER, PDV_OVERHEAD, DirectWriter
+from appliance.dimse.direct_writer import DirectWriter
 
 log = logging.getLogger(__name__)
 
 ROUTED = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 C_FIND_RSP = 0x8020
-_ELEMENT = struct.Struct("<HHL")
 _COMMAND_LAST, _DATASET_LAST, _DATASET_MORE = b"\x03", b"\x02", b"\x00"
-UNLIMITED_PDU = 1 << 22  # a peer announcing no maximum still gets PDUs of at most this
 
 
 def install() -> None:
@@ -62,19 +72,13 @@ def install() -> None:
 def c_find_rsp(*, msg_id: int, sop_class: str, status: int) -> bytes:
     """A C-FIND-RSP command set with an identifier to follow (PS3.7 9.3.2.2), encoded as
     pynetdicom encodes it."""
-    uid = sop_class.encode("ascii")
-    body = b"".join((
-        _element(0x0002, uid + b"\0" * (len(uid) % 2)),
-        _element(0x0100, struct.pack("<H", C_FIND_RSP)),
-        _element(0x0120, struct.pack("<H", msg_id)),
-        _element(0x0800, struct.pack("<H", 0x0001)),  # any value but 0x0101: data set follows
-        _element(0x0900, struct.pack("<H", status)),
-    ))
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0, element, len(value)) + value
+    return command_set(
+        element(0x0002, ui(sop_class)),
+        element(0x0100, us(C_FIND_RSP)),
+        element(0x0120, us(msg_id)),
+        element(0x0800, us(0x0001)),  # any value but 0x0101: an identifier follows
+        element(0x0900, us(status)),
+    )
 
 
 def pdus(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> Iterator[P_DATA]:
@@ -107,9 +111,9 @@ def one_pdu(cx_id: int, command: bytes, identifier: bytes, max_pdu: int) -> byte
     if length > min(max_pdu or UNLIMITED_PDU, UNLIMITED_PDU):
         return None
     return b"".join((
-        PDU_HEADER.pack(0x04, 0, length),
-        PDV_HEADER.pack(len(command) + 2, cx_id, 0x03), command,
-        PDV_HEADER.pack(len(identifier) + 2, cx_id, 0x02), identifier,
+        PDU_HEADER.pack(P_DATA_TF, 0, length),
+        PDV_HEADER.pack(len(command) + 2, cx_id, COMMAND | LAST), command,
+        PDV_HEADER.pack(len(identifier) + 2, cx_id, LAST), identifier,
     ))
 
 

@@ -24,7 +24,6 @@ response goes through pynetdicom.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +32,21 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from appliance.dimse.direct_writer import DirectWriter, command_pdu
+from appliance.base.dicom_wire import (
+    COMMAND,
+    LAST,
+    NO_DATA_SET,
+    command_pdu,
+    command_set,
+    element,
+    ui,
+    us,
+)
+from appliance.dimse.direct_writer import DirectWriter
 
 log = logging.getLogger(__name__)
 
 _C_STORE_RSP = 0x8001
-_NO_DATA_SET = 0x0101
-_LAST_COMMAND_FRAGMENT = b"\x03"  # message control header: command, last fragment
 # Parameters a C-STORE-RSP may carry beyond the ones encoded here.
 _EXTRA = ("OffendingElement", "ErrorComment")
 
@@ -76,28 +83,16 @@ def encode_store_response(primitive: Any) -> tuple[bytes, CommandSet] | None:
         return None
     if any(getattr(primitive, name, None) is not None for name in _EXTRA):
         return None
-    command = CommandSet(str(sop_class), _C_STORE_RSP, int(msg_id), _NO_DATA_SET, int(status),
+    command = CommandSet(str(sop_class), _C_STORE_RSP, int(msg_id), NO_DATA_SET, int(status),
                          str(sop_instance))
-    body = b"".join((
-        _uid(0x0002, command.AffectedSOPClassUID),
-        _us(0x0100, _C_STORE_RSP),
-        _us(0x0120, command.MessageIDBeingRespondedTo),
-        _us(0x0800, _NO_DATA_SET),
-        _us(0x0900, command.Status),
-        _uid(0x1000, command.AffectedSOPInstanceUID),
-    ))
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body, command
-
-
-def _us(element: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0, element, 2, value)
-
-
-def _uid(element: int, uid: str) -> bytes:
-    value = uid.encode("ascii")
-    if len(value) % 2:
-        value += b"\0"
-    return struct.pack("<HHI", 0, element, len(value)) + value
+    return command_set(
+        element(0x0002, ui(command.AffectedSOPClassUID)),
+        element(0x0100, us(_C_STORE_RSP)),
+        element(0x0120, us(command.MessageIDBeingRespondedTo)),
+        element(0x0800, us(NO_DATA_SET)),
+        element(0x0900, us(command.Status)),
+        element(0x1000, ui(command.AffectedSOPInstanceUID)),
+    ), command
 
 
 class EdgeDIMSE(DIMSEServiceProvider):
@@ -120,5 +115,5 @@ class EdgeDIMSE(DIMSEServiceProvider):
                 log.warning("c-store response not sent error=%s", type(exc).__name__)
             return
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, _LAST_COMMAND_FRAGMENT + command_bytes]]
+        pdata.presentation_data_value_list = [[context_id, bytes([COMMAND | LAST]) + command_bytes]]
         self.dul.send_pdu(pdata)

@@ -1,0 +1,75 @@
+"""DIMSE command sets and P-DATA-TF framing by hand (PS3.7 6.3.1, PS3.8 9.3.5).
+
+The fixed-layout messages the box sends on its hot paths (C-STORE-RQ and
+Pending C-MOVE/C-GET-RSP in the send lane, C-STORE-RSP, C-FIND-RSP) are encoded
+here instead of through pydicom Datasets and pynetdicom PDU objects (each
+user's tests compare the bytes with pynetdicom's), and received P-DATA-TF PDUs
+are split into their PDVs (the DUL's read, compat.read_pdu; the send lane's
+responses). Command sets are always Implicit VR Little Endian, group 0000, led
+by their group length.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+P_DATA_TF = 0x04
+PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+PDV_HEADER = struct.Struct(">LBB")  # item length, context ID, message control header
+PDV_OVERHEAD = 6  # a PDV's item length (4), context ID and message control header
+ELEMENT = struct.Struct("<HHL")  # group, element, value length
+COMMAND, LAST = 0x01, 0x02  # message control header bits: command (else data set), last
+NO_DATA_SET = 0x0101  # CommandDataSetType: nothing follows; any other value: a data set
+# A peer announcing no maximum PDU (0) still gets PDUs of at most this size.
+UNLIMITED_PDU = 1 << 22
+
+
+def command_set(*elements: bytes) -> bytes:
+    """A command set of `elements` (in tag order), led by its group length."""
+    body = b"".join(elements)
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def element(number: int, value: bytes) -> bytes:
+    return ELEMENT.pack(0, number, len(value)) + value
+
+
+def ui(uid: str) -> bytes:
+    """A UID value, padded with NUL to an even length."""
+    raw = uid.encode("ascii")
+    return raw + b"\0" * (len(raw) % 2)
+
+
+def us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def pdv_frame(cx_id: int, control: int, length: int) -> bytes:
+    """The PDU and PDV headers of a P-DATA-TF holding one PDV of `length` bytes."""
+    return (PDU_HEADER.pack(P_DATA_TF, 0, length + PDV_OVERHEAD)
+            + PDV_HEADER.pack(length + 2, cx_id, control))
+
+
+def command_pdu(cx_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF holding a whole command set and nothing else."""
+    return pdv_frame(cx_id, COMMAND | LAST, len(command)) + command
+
+
+def split_pdvs(body: Any) -> list[tuple[int, Any]]:
+    """The PDVs of a P-DATA-TF's body (the bytes after its 6-byte header) as
+    (context ID, data), data starting with the message control header byte as in
+    pynetdicom's P-DATA primitives; slices of `body` (views, for a memoryview).
+    Raises ValueError when a PDV is cut short, shorter than its two header bytes,
+    or runs past the end."""
+    pdvs: list[tuple[int, Any]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < PDV_OVERHEAD:
+            raise ValueError("truncated PDV")
+        length = int.from_bytes(body[offset:offset + 4], "big")
+        if length < 2 or offset + 4 + length > end:
+            raise ValueError("PDV length does not fit its PDU")
+        pdvs.append((body[offset + 4], body[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return pdvs
