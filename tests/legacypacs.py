@@ -33,12 +33,12 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import dcmtk
+from tcpproxy import TcpProxy
 
 HOST = "127.0.0.1"
 QR_CLASSES = (
@@ -152,57 +152,17 @@ def _command(data: bytes) -> dict[int, int]:
     return out
 
 
-class FindLimitProxy:
+class FindLimitProxy(TcpProxy):
     """Forwards 127.0.0.1:`port` to `upstream_port`, answering at most `limit` C-FIND
     matches per query (see the module docstring). `truncated` counts cut queries."""
 
     def __init__(self, upstream_port: int, limit: int) -> None:
-        self.upstream_port = upstream_port
         self.limit = limit
         self.truncated = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server((HOST, 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def __enter__(self) -> FindLimitProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((HOST, self.upstream_port))
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._filter, args=(upstream, client), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while chunk := source.recv(1 << 16):
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
+    def to_client(self, source: socket.socket, sink: socket.socket) -> None:
+        self._filter(source, sink)
 
     def _filter(self, source: socket.socket, sink: socket.socket) -> None:
         reader = source.makefile("rb")
