@@ -54,8 +54,10 @@ _INDEX_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEX_KEYWORDS)
 _SCAN_TAGS = header_scan.wanted(INDEX_KEYWORDS)
 
 
-def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> InstanceHeader:
-    """Parse `path`'s header and check it is complete.
+def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
+                fd: int | None = None) -> InstanceHeader:
+    """Parse `path`'s header and check it is complete. `fd`: a descriptor of `path` open
+    for reading that the caller keeps (a spool's: no open and close of the path).
 
     Raises InvalidInstance with a PHI-free reason when the file is not DICOM,
     is truncated, or lacks valid UIDs; InflateLimitExceeded when its dataset is
@@ -65,7 +67,7 @@ def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED) -> Inst
     without pydicom; pydicom reads everything else.
     """
     try:
-        scanned = header_scan.scan(path, _SCAN_TAGS)
+        scanned = header_scan.scan(path, _SCAN_TAGS, fd=fd)
         if scanned is not None:
             values, syntax = scanned
             return header_from_dataset(values, syntax)

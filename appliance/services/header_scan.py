@@ -41,6 +41,12 @@ _MAX_DEPTH = 64
 _MAX_VALUE = 1 << 12  # an index value longer than this is not plain: pydicom decides
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_SHORT_HEADER = 8  # tag, then VR and 16-bit length (explicit) or 32-bit length
+_LONG_HEADER = 12  # tag, VR, 2 reserved bytes, 32-bit length
+_TAG_LENGTH = struct.Struct("<HHI")
+_LENGTH = struct.Struct("<I")
+# What an explicit VR may look like here: two upper-case ASCII letters.
+_VR_SHAPES = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91))
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM",
                        "UC", "UI", "UT", "IS"})
 
@@ -56,18 +62,23 @@ class _Source:
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
-        self._start = 0
-        self._data = b""
+        self.start = 0  # file position of data[0]
+        self.data = b""
 
     def read(self, pos: int, length: int) -> bytes:
         if pos + length > self.size:
             raise _NotPlain
-        offset = pos - self._start
-        if offset < 0 or offset + length > len(self._data):
-            self._start = pos
-            self._data = os.pread(self.fd, max(length, _WINDOW), pos)
+        offset = pos - self.start
+        if offset < 0 or offset + length > len(self.data):
+            self.load(pos, length)
             offset = 0
-        return self._data[offset:offset + length]
+        return self.data[offset:offset + length]
+
+    def load(self, pos: int, length: int = 0) -> None:
+        """Move the window to start at `pos` (it holds `length` bytes at least, or up to
+        the end of the file)."""
+        self.start = pos
+        self.data = os.pread(self.fd, max(length, _WINDOW), pos)
 
 
 class _Walker:
@@ -75,19 +86,32 @@ class _Walker:
         self.source = source
 
     def header(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
-        """(tag, VR or b"", value length, value position) of the element at `pos`."""
-        head = self.source.read(pos, 8)
-        group, element = struct.unpack_from("<HH", head)
-        tag = group << 16 | element
+        """(tag, VR or b"", value length, value position) of the element at `pos`.
+
+        The hot loop of the scan (once per element): it reads the window in place
+        rather than through `_Source.read`, which would copy each header out."""
+        source = self.source
+        data = source.data
+        offset = pos - source.start
+        available = len(data) - offset
+        if offset < 0 or available < _LONG_HEADER:
+            if pos + _SHORT_HEADER > source.size:
+                raise _NotPlain
+            source.load(pos)
+            data, offset = source.data, 0
+            available = len(data)  # < _LONG_HEADER only when the file ends within it
+        group, element, length = _TAG_LENGTH.unpack_from(data, offset)
         if implicit or group == 0xFFFE:
-            return tag, b"", struct.unpack_from("<I", head, 4)[0], pos + 8
-        vr = head[4:6]
-        if not (vr.isalpha() and vr.isupper()):
+            return group << 16 | element, b"", length, pos + _SHORT_HEADER
+        vr = data[offset + 4:offset + 6]
+        if vr not in _VR_SHAPES:
             raise _NotPlain  # implicit VR where explicit was declared: an odd writer
         if vr in LONG_VRS:
-            length = struct.unpack("<I", self.source.read(pos + 8, 4))[0]
-            return tag, vr, length, pos + 12
-        return tag, vr, struct.unpack_from("<H", head, 6)[0], pos + 8
+            if available < _LONG_HEADER:
+                raise _NotPlain
+            return (group << 16 | element, vr, _LENGTH.unpack_from(data, offset + 8)[0],
+                    pos + _LONG_HEADER)
+        return group << 16 | element, vr, length >> 16, pos + _SHORT_HEADER
 
     def skip_sequence(self, pos: int, implicit: bool, depth: int) -> int:
         """Past the sequence delimiter of an undefined-length value starting at `pos`."""
@@ -123,10 +147,14 @@ def wanted(keywords: Iterable[str]) -> dict[int, tuple[str, str]]:
     return table
 
 
-def scan(path: Path, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, Any], str] | None:
+def scan(path: Path, tags: dict[int, tuple[str, str]], *,
+         fd: int | None = None) -> tuple[dict[str, Any], str] | None:
     """({keyword: plain value}, transfer syntax UID) of a complete `path`, or None when
-    this is not the plain case (see the module docstring)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    this is not the plain case (see the module docstring). `fd`: a descriptor of `path`
+    the caller holds open for reading (a spool's), read with pread and left open."""
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         source = _Source(fd, os.fstat(fd).st_size)
         try:
@@ -134,7 +162,8 @@ def scan(path: Path, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, Any], 
         except (_NotPlain, ValueError, struct.error, UnicodeDecodeError):
             return None
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def _scan(source: _Source, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, Any], str] | None:

@@ -79,6 +79,7 @@ class FileStore:
                 spool.sync()
             durable_rename(spool.path, target, sync_folder=sync_folder,
                            folder_sync=self._folder_syncs.sync)
+            spool.renamed()
         except OSError as exc:
             if is_no_space(exc):
                 raise OutOfSpace() from exc

@@ -73,6 +73,7 @@ class SpoolFile:
         self._meta_end: int | None = None
         self._sha = hashlib.sha256()
         self._syncing: futures.Future[None] | None = None
+        self._renamed = False
         self.last_write = time.monotonic()
 
     @property
@@ -89,6 +90,12 @@ class SpoolFile:
         if self._meta_end is None or self._meta_end < 0:
             return None
         return self._sha.hexdigest()
+
+    @property
+    def read_fd(self) -> int | None:
+        """The file's descriptor, readable too (mkstemp opens O_RDWR), for a pread of what
+        was written; None when the file could not be created. Valid until `close`."""
+        return None if self._fh is None else self._fh.fileno()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
@@ -132,8 +139,12 @@ class SpoolFile:
             self._syncing = _SYNC_POOL.submit(self.sync)
         return self._syncing
 
+    def renamed(self) -> None:
+        """The file was moved to its final name (FileStore.commit): `discard` only closes it."""
+        self._renamed = True
+
     def close(self) -> None:
-        if self._syncing is not None:
+        if self._syncing is not None and not self._syncing.done():
             # Never close under a running fsync: the descriptor could be reused.
             futures.wait([self._syncing])
         if self._fh is not None:
@@ -142,6 +153,8 @@ class SpoolFile:
 
     def discard(self) -> None:
         self.close()
+        if self._renamed:
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.name)
 
