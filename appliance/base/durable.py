@@ -32,7 +32,7 @@ def is_no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _NO_SPACE
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -46,7 +46,7 @@ def ensure_dir(path: Path) -> None:
         fsync_dir(folder)
 
 
-def make_dirs(path: Path) -> list[Path]:
+def make_dirs(path: str | Path) -> list[str]:
     """Create `path` and its missing parents without fsyncing them; the folders that
     gained an entry (each created folder's parent), deepest first.
 
@@ -55,15 +55,15 @@ def make_dirs(path: Path) -> list[Path]:
     commit every new entry at the first fsync (ext4 commits its running
     transaction), where fsyncing after each mkdir commits once per level.
     """
-    missing: list[Path] = []
-    probe = path
+    missing: list[str] = []
+    probe = os.fspath(path)
     while not os.path.exists(probe):
         missing.append(probe)
-        probe = probe.parent
+        probe = os.path.dirname(probe) or os.curdir
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
-    return [folder.parent for folder in missing]
+    return [os.path.dirname(folder) or os.curdir for folder in missing]
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -126,8 +126,8 @@ def _synced_temp(path: Path, data: bytes, mode: int) -> str:
     return tmp
 
 
-def durable_rename(source: Path, target: Path, *, sync_folder: bool = True,
-                   folder_sync: Callable[[Path], None] = fsync_dir) -> None:
+def durable_rename(source: str | Path, target: str | Path, *, sync_folder: bool = True,
+                   folder_sync: Callable[[str], None] = fsync_dir) -> None:
     """Move an fsynced file into place and make the new name durable.
 
     Only the target folder is fsynced (and the folders that gained a new
@@ -137,11 +137,19 @@ def durable_rename(source: Path, target: Path, *, sync_folder: bool = True,
     who writes many files and fsyncs each folder once before anything depends on
     the names (a recall, before its index commit). `folder_sync` does the fsyncs
     (SharedFolderSync.sync shares them between concurrent writers).
+
+    The rename is tried first: the target folder usually exists (every instance of
+    a series but its first), and a failed rename costs no more than the check.
     """
-    gained = make_dirs(target.parent)
-    os.replace(source, target)
-    for folder in ([target.parent] if sync_folder else []) + gained:
-        folder_sync(folder)
+    folder = os.path.dirname(os.fspath(target)) or os.curdir
+    try:
+        os.replace(source, target)
+        gained: list[str] = []
+    except FileNotFoundError:
+        gained = make_dirs(folder)
+        os.replace(source, target)
+    for synced in ([folder] if sync_folder else []) + gained:
+        folder_sync(synced)
 
 
 class SharedFolderSync:
@@ -159,9 +167,9 @@ class SharedFolderSync:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._folders: dict[Path, _FolderState] = {}
+        self._folders: dict[str, _FolderState] = {}
 
-    def sync(self, folder: Path) -> None:
+    def sync(self, folder: str) -> None:
         with self._lock:
             state = self._folders.setdefault(folder, _FolderState())
             state.users += 1

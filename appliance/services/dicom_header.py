@@ -165,6 +165,8 @@ def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -
 
 def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
     value: Any = ds.get(keyword, "")
+    if type(value) is str:  # every value header_scan gives: the common case first
+        return value.strip()
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":

@@ -40,6 +40,7 @@ SPOOL_DIR = ".spool"
 class FileStore:
     def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
         self.root = root
+        self._root = os.fspath(root)  # the commit path joins strings, not Paths
         self.spool_dir = root / SPOOL_DIR
         self.reserve_bytes = reserve_bytes
         self._folder_syncs = SharedFolderSync()
@@ -71,13 +72,13 @@ class FileStore:
         of the spool already under way (its result, or error, is awaited here).
         `sync_folder=False`: the caller fsyncs the folder later (see durable_rename).
         Concurrent commits into one folder share its fsync (SharedFolderSync)."""
-        target = self.absolute(relative)
+        target = os.path.join(self._root, relative)
         try:
             if synced is not None:
                 synced.result()
             else:
                 spool.sync()
-            durable_rename(spool.path, target, sync_folder=sync_folder,
+            durable_rename(spool.name, target, sync_folder=sync_folder,
                            folder_sync=self._folder_syncs.sync)
             spool.renamed()
         except OSError as exc:
