@@ -77,7 +77,7 @@ def test_a_sync_started_early_is_the_one_ingest_joins_and_close_waits_for_it(
     spool = SpoolFile(tmp_path)
     spool.write(_meta_bytes() + b"dataset")
     started = spool.start_sync()
-    assert spool.start_sync() is started  # the DUL's and ingest's call share one fsync
+    assert spool.start_sync() is started  # a second call shares the running fsync
     spool.close()
     assert started.done() and started.exception() is None
     assert Path(spool.name).read_bytes().endswith(b"dataset")

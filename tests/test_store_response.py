@@ -10,7 +10,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
-from appliance.dimse.store_response import EdgeDIMSE, encode_store_response
+from appliance.dimse.store_response import EdgeDIMSE, encode_store_response, store_response
 
 
 def _store_rsp(status: int, **extra: Any) -> C_STORE:
@@ -64,3 +64,13 @@ def test_edge_dimse_queues_the_pdu_and_tells_the_sent_handlers(
     (message,) = seen
     assert type(message).__name__ == "C_STORE_RSP"
     assert message.command_set.Status == 0 and message.command_set.MessageIDBeingRespondedTo == 7
+
+
+@pytest.mark.parametrize("comment", ["deflated data set inflates beyond limit", "odd"])
+def test_a_response_with_an_error_comment_is_encoded_as_pynetdicom_encodes_it(
+        comment: str) -> None:
+    primitive = _store_rsp(0xA700, ErrorComment=comment)
+    encoded, command = store_response(str(primitive.AffectedSOPClassUID),
+                                      str(primitive.AffectedSOPInstanceUID), 7, 0xA700, comment)
+    assert b"\x03" + encoded == _pynetdicoms(primitive)
+    assert command.Status == 0xA700

@@ -26,8 +26,10 @@ What is touched, and who uses it:
       DULServiceProvider._is_transport_event, _decode_pdu, _recv_pdu, _idle_timer,
       event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       DULServiceProvider._read_pdu_data (overridden: read_pdu), P_DATA's
-        _presentation_data_value_list, DIMSEServiceProvider.receive_primitive
-                                            P-DATA straight to DIMSE (dimse/reactors.py)
+        _presentation_data_value_list, DIMSEServiceProvider.receive_primitive,
+        DIMSEServiceProvider.message        P-DATA straight to DIMSE, or to the
+                                            C-STORE receiver (dimse/reactors.py,
+                                            dimse/store_receiver.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
       RequestHandler._create_association    (dimse/transport.py)
       QueryRetrieveServiceClass._move_scp/_get_scp (dimse/move_get.py)
@@ -495,26 +497,24 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def read_pdu(dul: Any, on_dataset_end: Callable[[Any], None]) -> None:
+def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> None:
     """`DULServiceProvider._read_pdu_data` (read one PDU and act on it), with a
-    P-DATA-TF in Sta6 handed straight to DIMSE.
+    P-DATA-TF in Sta6 handed straight to `receive` or DIMSE.
 
     Upstream copies each P-DATA-TF into `bytes`, fires EVT_DATA_RECV, decodes it
     into a PDU object with a PDV item object per fragment (slicing out copies),
     queues it with Evt10 for the state machine, whose DT-2 action turns it into a
-    P-DATA primitive for `DIMSEServiceProvider.receive_primitive`: about a fifth
-    of the GIL time of receiving a CT slice. In Sta6, Evt10 always means DT-2 and
-    Sta6 again, so this reads the PDU into one buffer, splits its PDVs as views of
-    it, and calls `receive_primitive` itself (EVT_DATA_RECV, EVT_PDU_RECV and
+    P-DATA primitive for `DIMSEServiceProvider.receive_primitive`. In Sta6, Evt10
+    always means DT-2 and Sta6 again, so this reads the PDU into one buffer and
+    splits its PDVs as views of it (EVT_DATA_RECV, EVT_PDU_RECV and
     EVT_FSM_TRANSITION are not fired for these PDUs; the appliance binds none).
+    While DIMSE is not in the middle of a message (`DIMSEServiceProvider.message`
+    is None), `receive(pdvs)` may take them (dimse/store_receiver.py) and return
+    True; otherwise they go to `receive_primitive` in a P-DATA primitive.
     Stricter than upstream: a PDV whose length runs past its PDU, or is shorter
-    than its two header bytes, is an invalid PDU (Evt19: A-ABORT). Every other PDU,
-    and a P-DATA-TF in any other state, goes upstream's way (hand_pdu_to_dul).
-
-    `on_dataset_end(file)` is called with the file pynetdicom spooled a C-STORE
-    data set into (`DIMSEMessage._data_set_file`, whatever the spool factory of
-    set_receive_spool made) once this PDU carried its last fragment, and before
-    the association thread can have picked the request up.
+    than its two header bytes, is an invalid PDU (Evt19: A-ABORT), and so is
+    what `receive` raises ValueError for. Every other PDU, and a P-DATA-TF in any
+    other state, goes upstream's way (hand_pdu_to_dul).
     """
     from pynetdicom.pdu_primitives import P_DATA  # not at import: the store imports compat
 
@@ -539,24 +539,22 @@ def read_pdu(dul: Any, on_dataset_end: Callable[[Any], None]) -> None:
     if pdu_type != 0x04 or dul.state_machine.current_state != "Sta6":
         hand_pdu_to_dul(dul, header + bytes(body))
         return
+    dimse = dul.assoc.dimse
     try:
         pdvs = split_pdvs(memoryview(body))
+        if dimse.message is None and receive(pdvs):
+            return
     except ValueError as exc:
         log.error("invalid P-DATA-TF PDU: %s", exc)
         dul.event_queue.put("Evt19")
         return
     primitive = P_DATA()
     primitive._presentation_data_value_list = pdvs  # views: the setter wants bytes
-    message = dul.assoc.dimse.message  # None until a PDU starts the next message
-    spooled = getattr(message, "_data_set_file", None)
     try:
-        dul.assoc.dimse.receive_primitive(primitive)
+        dimse.receive_primitive(primitive)
     except Exception as exc:  # as the state machine treats a failing DT-2
         log.error("could not process a received P-DATA-TF: %s", exc)
         dul.kill_dul()
-        return
-    if spooled is not None and any(data[0] & 0x03 == 0x02 for _, data in pdvs):
-        on_dataset_end(spooled)
 
 
 def transport_closed(dul: Any) -> None:

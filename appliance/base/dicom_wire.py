@@ -41,8 +41,33 @@ def ui(uid: str) -> bytes:
     return raw + b"\0" * (len(raw) % 2)
 
 
+def lo(text: str) -> bytes:
+    """A short text value (LO, SH), padded with a space to an even length."""
+    raw = text.encode("ascii", "replace")
+    return raw + b" " * (len(raw) % 2)
+
+
 def us(value: int) -> bytes:
     return struct.pack("<H", value)
+
+
+def command_elements(encoded: Any) -> dict[int, Any]:
+    """The elements of an encoded command set, by element number (group 0000), as
+    slices of `encoded`. Raises ValueError for what is not a command set: another
+    group, an element cut short or running past the end, elements out of order."""
+    elements: dict[int, Any] = {}
+    offset, end, last = 0, len(encoded), -1
+    while offset < end:
+        if end - offset < ELEMENT.size:
+            raise ValueError("truncated command element")
+        group, number, length = ELEMENT.unpack_from(encoded, offset)
+        offset += ELEMENT.size
+        if group != 0 or number <= last or offset + length > end:
+            raise ValueError("malformed command set")
+        elements[number] = encoded[offset:offset + length]
+        offset += length
+        last = number
+    return elements
 
 
 def pdv_frame(cx_id: int, control: int, length: int) -> bytes:

@@ -3,8 +3,9 @@
 No SQL, file I/O or status integers here: services decide, this module maps.
 Who may use a service is the allowlist's decision (`Allowlist.authorize`);
 a handler asks it and maps its NotAuthorized to 0x0124.
-Each handler runs in its association's thread and reaches the asyncio world
-only through the LoopBridge.
+Each handler runs in its association's thread (a C-STORE in the thread that
+reads its socket: store_receiver.py) and reaches the asyncio world only
+through the LoopBridge.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ from appliance.base.metrics import (
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
+from appliance.dimse.store_response import StoreAnswer
 from appliance.dimse.tls import is_tls, peer_identity
 from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist
 from appliance.services.query.find import Answer, QueryModel, answer
 from appliance.store.index import Index
+from appliance.store.spool import SpoolFile
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +152,14 @@ class DimseHandlers:
         log.warning("association rejected %s reason=%s", peer_label(assoc), why)
         self.s.audit.association(assoc, accepted=False, reason=why)
 
-    def _authorized(self, event: Any, permission: str) -> bool:
+    def _authorized(self, assoc: Any, permission: str) -> bool:
         """Ask the allowlist (the one permission check); a refusal is logged and audited."""
         try:
-            self.s.allowlist.authorize(str(event.assoc.requestor.ae_title), permission)
+            self.s.allowlist.authorize(str(assoc.requestor.ae_title), permission)
         except NotAuthorized as exc:
             log.warning("refused %s: %s %s", _SERVICE[exc.permission], exc.message,
-                        peer_label(event.assoc))
-            self.s.audit.refused(event.assoc, exc.permission, exc.message)
+                        peer_label(assoc))
+            self.s.audit.refused(assoc, exc.permission, exc.message)
             return False
         return True
 
@@ -165,39 +168,47 @@ class DimseHandlers:
     def on_echo(self, event: Any) -> Status:
         return Status.SUCCESS
 
-    def on_store(self, event: Any) -> Status | Dataset:
+    def on_store(self, event: Any) -> int | Dataset:
+        """A C-STORE that pynetdicom received (the ones store_receiver.py leaves it)."""
         spool = self.s.spools.claim(event.dataset_path)
         if spool is None:  # refused before a byte was spooled; the association is aborted
             return Status.REFUSED_NOT_AUTHORIZED
-        RECEIVED_BYTES.labels("dicom").inc(spool.size)
-        if not self._authorized(event, "store"):
-            spool.discard()
-            return Status.REFUSED_NOT_AUTHORIZED
         request = event.request
-        expected = ExpectedIdentity(
+        answer = self.store_spooled(event.assoc, ExpectedIdentity(
             sop_class_uid=str(request.AffectedSOPClassUID),
             sop_uid=str(request.AffectedSOPInstanceUID),
-        )
+        ), spool)
+        return _failure(answer.status, answer.comment) if answer.comment else answer.status
+
+    def open_spool(self) -> SpoolFile:
+        """A spool for a C-STORE data set that store_receiver.py receives."""
+        return self.s.ingest.files.new_spool()
+
+    def store_spooled(self, assoc: Any, expected: ExpectedIdentity,
+                      spool: SpoolFile) -> StoreAnswer:
+        """Store a received instance, whichever way it came in; the spool is consumed."""
+        RECEIVED_BYTES.labels("dicom").inc(spool.size)
+        if not self._authorized(assoc, "store"):
+            spool.discard()
+            return StoreAnswer(Status.REFUSED_NOT_AUTHORIZED)
         try:
-            # In this association's thread, the index calls too (no hop through the loop).
+            # In the calling thread, the index calls too (no hop through the loop).
             result = self.s.ingest.ingest_spool_blocking(
-                spool, source_ae=str(event.assoc.requestor.ae_title).strip(),
-                expected=expected,
-            )
+                spool, source_ae=str(assoc.requestor.ae_title).strip(), expected=expected)
         except RejectedInstance as exc:
-            return self._rejected(event, exc)
+            return self._rejected(assoc, exc)
         except PacsEdgeError as exc:
-            log.error("store failed reason=%s %s", exc.message, peer_label(event.assoc))
-            return Status.PROCESSING_FAILURE
-        self.s.audit.stored(event.assoc, result.header)  # buffered: no I/O per instance
-        return Status.SUCCESS
+            log.error("store failed reason=%s %s", exc.message, peer_label(assoc))
+            return StoreAnswer(Status.PROCESSING_FAILURE)
+        self.s.audit.stored(assoc, result.header)  # buffered: no I/O per instance
+        return StoreAnswer(Status.SUCCESS)
 
     def on_find(self, event: Any) -> Iterator[tuple[int, bytes | Dataset | None]]:
         if (self.worklist is not None
                 and str(event.request.AffectedSOPClassUID) == MODALITY_WORKLIST_FIND):
             yield from self.worklist.on_find(event, peer_label(event.assoc))
             return
-        if not self._authorized(event, "find"):
+        if not self._authorized(event.assoc, "find"):
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return
         model = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID))
@@ -226,19 +237,19 @@ class DimseHandlers:
                 return
             yield Status.PENDING, match
 
-    def _rejected(self, event: Any, exc: RejectedInstance) -> Status | Dataset:
+    def _rejected(self, assoc: Any, exc: RejectedInstance) -> StoreAnswer:
         """The C-STORE failure status for ingest's refusal, chosen by its kind."""
         status = REJECTION_STATUS[exc.kind]
-        label = peer_label(event.assoc)
+        label = peer_label(assoc)
         if isinstance(exc, InflateLimitExceeded):
             log.warning("store refused: deflated dataset inflates beyond the limit"
                         " limit_mb=%d %s", exc.limit >> 20, label)
-            return _failure(status, "deflated data set inflates beyond limit")
+            return StoreAnswer(status, "deflated data set inflates beyond limit")
         if exc.kind is Rejection.OUT_OF_SPACE:
             log.error("store refused: out of resources reason=%s %s", exc.reason, label)
         else:
             log.warning("store refused: cannot understand reason=%s %s", exc.reason, label)
-        return status
+        return StoreAnswer(status)
 
     def _audit_query(self, event: Any, matches: int | None, reason: str = "") -> None:
         raw = event.request.Identifier
@@ -256,7 +267,7 @@ def _identifiers(matches: Answer, syntax: UID) -> Iterable[bytes | Dataset]:
     return matches.datasets()
 
 
-def _failure(status: Status, comment: str) -> Dataset:
+def _failure(status: int, comment: str) -> Dataset:
     """A failure status with an Error Comment (0000,0902, LO: at most 64 characters) that
     tells the peer's operator why, where the status alone would mislead (0xA700 is also
     a full disk)."""

@@ -17,10 +17,10 @@ loops, which reach into pynetdicom's internals):
   DIMSE message, an A-RELEASE/A-ABORT indication from the DUL, the DUL ending,
   `kill()`.
 
-The DUL also hands a received P-DATA-TF straight to DIMSE, without
-pynetdicom's PDU objects and a pass through its state machine
-(compat.read_pdu), and starts the fsync of a C-STORE's spool file as soon as
-its last fragment is written.
+The DUL also hands a received P-DATA-TF straight to the association's
+C-STORE receiver (store_receiver.py), which serves a C-STORE in this thread,
+or to DIMSE, without pynetdicom's PDU objects and a pass through its state
+machine (compat.read_pdu).
 
 Both still wake every compat.REACTOR_IDLE_WAIT seconds to look at their timers
 (ARTIM, the network timeout), as upstream's passes did every millisecond.
@@ -36,7 +36,7 @@ from typing import Any
 from pynetdicom.dul import DULServiceProvider
 
 from appliance.base import compat
-from appliance.store.spool import SpoolFile
+from appliance.dimse.store_receiver import StoreReceiver
 
 
 class WakingQueue(queue.Queue[Any]):
@@ -61,11 +61,14 @@ class EdgeDUL(DULServiceProvider):
 
     pacs_edge_wakeup: compat.Wakeup
     pacs_edge_on_end: Callable[[], None]
+    pacs_edge_receiver: StoreReceiver | None
 
     def run(self) -> None:
         try:
             compat.run_dul_reactor(self, self.pacs_edge_wakeup)
         finally:
+            if self.pacs_edge_receiver is not None:
+                self.pacs_edge_receiver.close()
             self.pacs_edge_on_end()
 
     def send_pdu(self, primitive: Any) -> None:
@@ -73,7 +76,11 @@ class EdgeDUL(DULServiceProvider):
         self.pacs_edge_wakeup.set()
 
     def _read_pdu_data(self) -> None:
-        compat.read_pdu(self, _start_sync)
+        compat.read_pdu(self, self._receive)
+
+    def _receive(self, pdvs: list[tuple[int, Any]]) -> bool:
+        receiver = self.pacs_edge_receiver
+        return receiver is not None and receiver.receive(pdvs)
 
     def stop_dul(self) -> bool:
         return compat.stop_dul_reactor(self, self.pacs_edge_wakeup)
@@ -82,19 +89,14 @@ class EdgeDUL(DULServiceProvider):
         compat.kill_dul_reactor(self, self.pacs_edge_wakeup)
 
 
-def _start_sync(spooled: Any) -> None:
-    """A C-STORE data set is complete: its fsync starts now, while the request goes
-    to the association thread and its handler (ingest joins it before the rename)."""
-    if isinstance(spooled, SpoolFile) and spooled.error is None:
-        spooled.start_sync()
-
-
-def make_waiting(assoc: Any) -> threading.Event:
-    """Turn a new (not yet started) acceptor association's DUL into an EdgeDUL and its
-    queues into waking ones; returns the Event its association reactor waits on."""
+def make_waiting(assoc: Any, receiver: StoreReceiver | None = None) -> threading.Event:
+    """Turn a new (not yet started) acceptor association's DUL into an EdgeDUL (which
+    gives its C-STOREs to `receiver`, if any) and its queues into waking ones; returns
+    the Event its association reactor waits on."""
     wake = threading.Event()
     dul = assoc.dul
     dul.__class__ = EdgeDUL  # built by Association.__init__; EdgeDUL only overrides methods
+    dul.pacs_edge_receiver = receiver
     wakeup = compat.Wakeup()
     dul.pacs_edge_wakeup = wakeup
     dul.pacs_edge_on_end = wake.set

@@ -37,6 +37,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.dimse import find_scp
 from appliance.dimse.negotiation import StoredCounts
 from appliance.dimse.pdu_socket import TransportAborted
+from appliance.dimse.store_receiver import StoreTarget
 from appliance.dimse.transport import (
     ConnectionGuard,
     EdgeAssociationServer,
@@ -108,6 +109,7 @@ class DimseServer:
         *,
         reuse_port: bool = False,
         stored_syntaxes: StoredCounts | None = None,
+        store_target: StoreTarget | None = None,
         tls_context: ssl.SSLContext | None = None,
         on_tls_failure: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -134,6 +136,7 @@ class DimseServer:
         self._handlers = list(handlers)
         self._reuse_port = reuse_port
         self._stored_syntaxes = stored_syntaxes
+        self._store_target = store_target
         self._tls_context = tls_context
         self._on_tls_failure = on_tls_failure
         self._servers: dict[str, EdgeAssociationServer] = {}
@@ -161,6 +164,7 @@ class DimseServer:
             server_class = type("Server", (EdgeAssociationServer,), {
                 "reuse_port": self._reuse_port, "guard": guard,
                 "stored_syntaxes": self._stored_syntaxes,
+                "store_target": self._store_target,
                 "handshake_timeout": self.config.tls_handshake_timeout,
                 "stopping": self._stopping,
                 "on_tls_failure": staticmethod(self._on_tls_failure)

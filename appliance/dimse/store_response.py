@@ -39,6 +39,7 @@ from appliance.base.dicom_wire import (
     command_pdu,
     command_set,
     element,
+    lo,
     ui,
     us,
 )
@@ -63,6 +64,15 @@ class CommandSet:
     AffectedSOPInstanceUID: str
 
 
+@dataclass(frozen=True)
+class StoreAnswer:
+    """How a received instance is answered: its status, and an Error Comment where
+    the status alone would mislead the peer's operator."""
+
+    status: int
+    comment: str = ""
+
+
 class C_STORE_RSP:  # pynetdicom's message class name, which EVT_DIMSE_SENT handlers read
     """What EVT_DIMSE_SENT handlers get for a response encoded here."""
 
@@ -83,14 +93,22 @@ def encode_store_response(primitive: Any) -> tuple[bytes, CommandSet] | None:
         return None
     if any(getattr(primitive, name, None) is not None for name in _EXTRA):
         return None
-    command = CommandSet(str(sop_class), _C_STORE_RSP, int(msg_id), NO_DATA_SET, int(status),
-                         str(sop_instance))
+    return store_response(str(sop_class), str(sop_instance), int(msg_id), int(status))
+
+
+def store_response(sop_class: str, sop_instance: str, msg_id: int, status: int,
+                   comment: str = "") -> tuple[bytes, CommandSet]:
+    """A C-STORE-RSP command set: the status, and an Error Comment (0000,0902; LO, at
+    most 64 characters) when `comment` is given."""
+    command = CommandSet(sop_class, _C_STORE_RSP, msg_id, NO_DATA_SET, status, sop_instance)
+    extra = [element(0x0902, lo(comment[:64]))] if comment else []
     return command_set(
         element(0x0002, ui(command.AffectedSOPClassUID)),
         element(0x0100, us(_C_STORE_RSP)),
         element(0x0120, us(command.MessageIDBeingRespondedTo)),
         element(0x0800, us(NO_DATA_SET)),
         element(0x0900, us(command.Status)),
+        *extra,
         element(0x1000, ui(command.AffectedSOPInstanceUID)),
     ), command
 

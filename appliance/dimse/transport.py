@@ -16,8 +16,9 @@
   against its address until its association thread has ended (not merely
   until its socket closed), so established associations count too.
 - EdgeAssociation: runs callbacks when the association's thread ends; its
-  reactor, and its DUL's, block until there is work (reactors.py); its DIMSE
-  provider encodes plain C-STORE responses itself (store_response.py).
+  reactor, and its DUL's, block until there is work (reactors.py); its DUL
+  thread serves C-STOREs itself (store_receiver.py); its DIMSE provider
+  encodes plain C-STORE responses itself (store_response.py).
 - Every accepted socket, plain or TLS, has `network_timeout` as its socket
   timeout, so no send or receive blocks for longer.
 """
@@ -42,6 +43,7 @@ from appliance.base import compat
 from appliance.dimse.negotiation import StoredCounts, order_syntaxes
 from appliance.dimse.pdu_socket import EdgeAssociationSocket
 from appliance.dimse.reactors import make_waiting
+from appliance.dimse.store_receiver import StoreReceiver, StoreTarget
 from appliance.dimse.store_response import EdgeDIMSE
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,9 @@ class EdgeRequestHandler(RequestHandler):
         dul_socket.__class__ = EdgeAssociationSocket
         dul_socket.network_timeout = float(self.server.ae.network_timeout or 60.0)
         dul_socket.stopping = getattr(self.server, "stopping", None)
-        assoc.pacs_edge_wake = make_waiting(assoc)
+        target = getattr(self.server, "store_target", None)
+        assoc.pacs_edge_wake = make_waiting(
+            assoc, StoreReceiver(assoc, target) if target is not None else None)
         assoc.dimse.__class__ = EdgeDIMSE  # plain C-STORE-RSPs encoded directly
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
@@ -257,6 +261,7 @@ class EdgeAssociationServer(ThreadedAssociationServer):
     on_tls_failure: Any = None
     guard: ConnectionGuard | None = None
     stored_syntaxes: StoredCounts | None = None
+    store_target: StoreTarget | None = None  # who C-STOREs go to (store_receiver.py)
     # Set when the server stops: connections waiting for their peer to close
     # after an A-ABORT (Sta13) close at once instead of at ARTIM expiry.
     stopping: threading.Event | None = None

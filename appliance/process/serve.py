@@ -131,14 +131,16 @@ async def serve(
             bridge=LoopBridge(asyncio.get_running_loop()),
             audit=auditor,
         )
+        handlers = DimseHandlers(services, worklist=WorklistScp(
+            WorklistService(index, allowlist), services.bridge, auditor))
         server = DimseServer(
             config.dicom, allowlist,
-            [*event_handlers(DimseHandlers(services, worklist=WorklistScp(
-                WorklistService(index, allowlist), services.bridge, auditor))),
+            [*event_handlers(handlers),
              *(op_metrics.event_handlers() if config.metrics.enabled else ()),
              *mpps_handlers(MppsScp(MppsService(index, allowlist), services.bridge, auditor))],
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
+            store_target=handlers,
             tls_context=_tls_context(config),
             on_tls_failure=auditor.node_authentication_failed,
         )

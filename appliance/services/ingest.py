@@ -104,8 +104,7 @@ class IngestService:
                 raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
             self.files.check_space()
             # The file's fsync (the slowest step) runs while the header is parsed and
-            # the index asked for a duplicate (the DUL may have started it already,
-            # dimse/reactors.py); it is joined before the rename.
+            # the index asked for a duplicate; it is joined before the rename.
             syncing = spool.start_sync()
             header, sha256, offset = _inspect(spool, self.max_inflated)
             if expected is not None and (

@@ -132,9 +132,8 @@ class SpoolFile:
         os.fdatasync(self._fh.fileno())
 
     def start_sync(self) -> futures.Future[None]:
-        """`sync()` in a background thread, started once: the first caller (the DUL
-        thread, once the last fragment is written, or ingest) starts it, every caller
-        gets the same future. Nothing may be written after it started."""
+        """`sync()` in a background thread, started once: every caller gets the same
+        future. Nothing may be written after it started."""
         if self._syncing is None:
             self._syncing = _SYNC_POOL.submit(self.sync)
         return self._syncing
