@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,14 @@ def test_an_early_sync_of_a_failed_spool_carries_its_error(tmp_path: Path) -> No
     failed = spool.start_sync()
     spool.close()
     assert isinstance(failed.exception(), OSError)
+
+
+def test_read_fd_reads_what_was_written_and_is_none_once_closed(tmp_path: Path) -> None:
+    spool = SpoolFile(tmp_path)
+    spool.write(_meta_bytes() + b"dataset")
+    fd = spool.read_fd
+    assert fd is not None
+    assert os.pread(fd, 7, spool.size - 7) == b"dataset"
+    spool.close()
+    assert spool.read_fd is None
+    spool.discard()

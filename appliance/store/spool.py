@@ -94,8 +94,9 @@ class SpoolFile:
     @property
     def read_fd(self) -> int | None:
         """The file's descriptor, readable too (mkstemp opens O_RDWR), for a pread of what
-        was written; None when the file could not be created. Valid until `close`."""
-        return None if self._fh is None else self._fh.fileno()
+        was written; None when the file could not be created or is closed already (the
+        reader then opens `path`). Valid until `close`, which nothing may call meanwhile."""
+        return None if self._fh is None or self._fh.closed else self._fh.fileno()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
