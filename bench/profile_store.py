@@ -7,6 +7,12 @@ mode, so only the thread holding the GIL is sampled, sends the study once
 with storescu, and prints the functions with the most samples (inclusive
 and own). Writes bench/out/store-profile.txt (collapsed stacks, for
 flamegraph.pl or speedscope). Numbers are shares of GIL-holding samples.
+
+`--flushes` attaches strace (Debian's `strace`) instead and prints what the
+device flushes cost: per flushing system call (fdatasync, fsync), the calls
+per instance and their median and total time, against the wall time per
+instance. On one association every flush is on the path from one instance to
+the next, so their sum per instance is a floor no CPU saving removes.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +42,9 @@ from common import (
     small_studies,
 )
 from store import storescu_argv
+
+# "1234  fdatasync(12)                    = 0 <0.000451>", as strace -f -T writes it
+_STRACE_CALL = re.compile(r"\b(?P<call>fdatasync|fsync)\(.*= 0 <(?P<seconds>[0-9.]+)>")
 
 
 def summarize(raw: Path, top: int) -> None:
@@ -57,6 +68,27 @@ def summarize(raw: Path, top: int) -> None:
             console.print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
+def summarize_flushes(raw: Path, instances: int, seconds: float) -> None:
+    """Per flushing system call in strace's output: calls and time per instance."""
+    durations: dict[str, list[float]] = collections.defaultdict(list)
+    for line in raw.read_text().splitlines():
+        match = _STRACE_CALL.search(line)
+        if match:
+            durations[match["call"]].append(float(match["seconds"]))
+    wall = 1000 * seconds / instances
+    console.print(f"{instances} instances in {seconds:.2f} s untraced:"
+                  f" {wall:.2f} ms per instance")
+    flushing = 0.0
+    for call, times in sorted(durations.items()):
+        total = 1000 * sum(times) / instances
+        flushing += total
+        console.print(f"  {call:<10} {len(times) / instances:5.2f} per instance,"
+                      f" median {1000 * statistics.median(times):.3f} ms,"
+                      f" {total:.3f} ms per instance")
+    console.print(f"  flushes: {flushing:.2f} ms per instance, {flushing / wall:.0%} of the"
+                  " untraced wall time (tracing slows the rest, not the device)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -66,33 +98,60 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--wall", action="store_true",
                         help="sample every thread, waiting ones too (--idle), per thread")
+    parser.add_argument("--flushes", action="store_true",
+                        help="time the fdatasync and fsync calls with strace instead")
     args = parser.parse_args()
+    os.environ.setdefault("TCP_NODELAY", "1")  # as bench/run.sh: dcmtk leaves Nagle on
     mode = ["--idle", "--threads"] if args.wall else ["--gil"]
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(pyspy).exists():
-        sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
+    if args.flushes:
+        tracer = shutil.which("strace")
+        if tracer is None:
+            sys.exit("strace is not installed: apt-get install strace")
+    else:
+        tracer = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(tracer).exists():
+            sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
     files = small_studies(args.small) if args.small else files_under(ct_study(args.slices))
     WORK.mkdir(parents=True, exist_ok=True)
     profile = scu_profile(files[:1], WORK / "storescu.cfg")
+    source = Path(os.path.commonpath(files)) if args.small else ct_study(args.slices)
+    raw = OUT / "store-profile.txt"
+    if args.flushes:
+        # strace stops the server at every system call, so the wall time comes from
+        # an untraced send first.
+        seconds = send(source, profile, None)
+        send(source, profile, [tracer, "-f", "-T", "-e", "trace=fdatasync,fsync",
+                               "-o", str(raw), "-p"])
+        summarize_flushes(raw, len(files), seconds)
+    else:
+        send(source, profile, [tracer, "record", *mode, "--rate", str(args.rate),
+                               "--format", "raw", "-o", str(raw), "--pid"])
+        summarize(raw, args.top)
+
+
+def send(source: Path, profile: Path, tracer: list[str] | None) -> float:
+    """Send `source` once with storescu to a fresh server, traced by `tracer` (its
+    arguments, the server's PID appended) if given; the seconds it took."""
     home = WORK / "profile-edge"
     shutil.rmtree(home, ignore_errors=True)
-    raw = OUT / "store-profile.txt"
     edge = EdgeServer(home)
     with serving(edge.start()):
         assert edge.proc is not None
-        spy = subprocess.Popen([pyspy, "record", "--pid", str(edge.proc.pid), *mode,
-                                "--rate", str(args.rate), "--format", "raw", "-o", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # py-spy attaches
+        spy = None
+        if tracer is not None:
+            spy = subprocess.Popen([*tracer, str(edge.proc.pid)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # the tracer attaches
         start = time.perf_counter()
-        source = Path(os.path.commonpath(files)) if args.small else ct_study(args.slices)
         run(storescu_argv(edge.port, edge.ae_title, source, profile))
-        console.print(f"sent in {time.perf_counter() - start:.2f} s under py-spy")
-        spy.send_signal(signal.SIGINT)
-        spy.wait(30)
+        seconds = time.perf_counter() - start
+        console.print(f"sent in {seconds:.2f} s"
+                      + (f" under {Path(tracer[0]).name}" if tracer else ""))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     shutil.rmtree(home, ignore_errors=True)
-    summarize(raw, args.top)
-
+    return seconds
 
 if __name__ == "__main__":
     main()
