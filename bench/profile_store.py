@@ -43,8 +43,10 @@ from common import (
 )
 from store import storescu_argv
 
-# "1234  fdatasync(12)                    = 0 <0.000451>", as strace -f -T writes it
-_STRACE_CALL = re.compile(r"\b(?P<call>fdatasync|fsync)\(.*= 0 <(?P<seconds>[0-9.]+)>")
+# "1234  fdatasync(12) = 0 <0.000451>", or for a call another thread's interrupted
+# "1234  <... fsync resumed>) = 0 <0.000169>", as strace -f -T writes them
+_STRACE_CALL = re.compile(r"(?:\b(?P<call>fdatasync|fsync)\(|<\.\.\. (?P<resumed>fdatasync|fsync)"
+                          r" resumed>).*= 0 <(?P<seconds>[0-9.]+)>")
 
 
 def summarize(raw: Path, top: int) -> None:
@@ -74,7 +76,7 @@ def summarize_flushes(raw: Path, instances: int, seconds: float) -> None:
     for line in raw.read_text().splitlines():
         match = _STRACE_CALL.search(line)
         if match:
-            durations[match["call"]].append(float(match["seconds"]))
+            durations[match["call"] or match["resumed"]].append(float(match["seconds"]))
     wall = 1000 * seconds / instances
     console.print(f"{instances} instances in {seconds:.2f} s untraced:"
                   f" {wall:.2f} ms per instance")
