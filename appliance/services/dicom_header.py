@@ -9,6 +9,7 @@ elements in INDEX_KEYWORDS.
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ _INDEX_TAGS = frozenset(int(tag_for_keyword(k) or 0) for k in INDEX_KEYWORDS)
 _SCAN_TAGS = header_scan.wanted(INDEX_KEYWORDS)
 
 
-def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
+def read_header(path: str | Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
                 fd: int | None = None) -> InstanceHeader:
     """Parse `path`'s header and check it is complete. `fd`: a descriptor of `path` open
     for reading that the caller keeps (a spool's: no open and close of the path).
@@ -71,7 +72,7 @@ def read_header(path: Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
         if scanned is not None:
             values, syntax = scanned
             return header_from_dataset(values, syntax)
-        with path.open("rb") as fh:
+        with open(path, "rb") as fh:
             read_preamble(fh, force=False)
             meta = compat.read_file_meta(fh)
             ts = normalise_uid(meta.get("TransferSyntaxUID", ""))
@@ -101,19 +102,19 @@ def _read_deflated(fh: BinaryIO, max_inflated: int) -> Dataset:
         return read_dataset(DicomBytesIO(kept), is_implicit_VR=False, is_little_endian=True)
 
 
-def _check_complete(ds: Dataset, path: Path) -> None:
+def _check_complete(ds: Dataset, path: str | Path) -> None:
     """pydicom seeks over deferred values, so a cut-off last element goes unnoticed:
     check that the last top-level element ends exactly where the file does."""
     if len(ds) == 0:
         raise InvalidInstance("dataset is empty")
     last = ds.get_item(max(ds.keys()), keep_deferred=True)
-    size = path.stat().st_size
+    size = os.stat(path).st_size
     tell = getattr(last, "value_tell", None)
     length = getattr(last, "length", None)
     if tell is None or length is None:
         return
     if length == 0xFFFFFFFF:
-        with path.open("rb") as fh:
+        with open(path, "rb") as fh:
             fh.seek(max(size - 8, 0))
             if fh.read(8) not in _SEQUENCE_DELIMITER:
                 raise InvalidInstance("dataset is truncated")

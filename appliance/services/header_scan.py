@@ -149,7 +149,7 @@ def wanted(keywords: Iterable[str]) -> dict[int, tuple[str, str]]:
     return table
 
 
-def scan(path: Path, tags: dict[int, tuple[str, str]], *,
+def scan(path: str | Path, tags: dict[int, tuple[str, str]], *,
          fd: int | None = None) -> tuple[dict[str, Any], str] | None:
     """({keyword: plain value}, transfer syntax UID) of a complete `path`, or None when
     this is not the plain case (see the module docstring). `fd`: a descriptor of `path`

@@ -188,7 +188,7 @@ def _file_meta(fh: object) -> object:
 
 def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, int]:
     """Header, dataset SHA-256 and dataset offset of a spooled Part 10 file."""
-    header = read_header(spool.path, max_inflated=max_inflated, fd=spool.read_fd)
+    header = read_header(spool.name, max_inflated=max_inflated, fd=spool.read_fd)
     sha256 = spool.dataset_sha256
     offset = spool.meta_end
     if sha256 is None or offset is None or offset < 0:
