@@ -1,9 +1,8 @@
 """Responses written straight to an association's socket, not through its DUL thread.
 
 pynetdicom sends every PDU from the DUL thread: the thread that produced a
-response queues it, wakes the DUL, whose state machine encodes and writes it.
-On the C-STORE path that hand-over sits between the durable commit and the
-peer's next request; for C-FIND it is one wake-up per match. A response whose
+response queues it, wakes the DUL, whose state machine encodes and writes it:
+for C-FIND, one wake-up per match (dimse/find_scp.py). A response whose
 bytes are already framed can be written by the producing thread instead, under
 the lock every write of the DUL takes (compat.share_send_lock), so PDUs never
 interleave.

@@ -17,8 +17,7 @@
   until its socket closed), so established associations count too.
 - EdgeAssociation: runs callbacks when the association's thread ends; its
   reactor, and its DUL's, block until there is work (reactors.py); its DUL
-  thread serves C-STOREs itself (store_receiver.py); its DIMSE provider
-  encodes plain C-STORE responses itself (store_response.py).
+  thread serves C-STOREs itself (store_receiver.py).
 - Every accepted socket, plain or TLS, has `network_timeout` as its socket
   timeout, so no send or receive blocks for longer.
 """
@@ -44,7 +43,6 @@ from appliance.dimse.negotiation import StoredCounts, order_syntaxes
 from appliance.dimse.pdu_socket import EdgeAssociationSocket
 from appliance.dimse.reactors import make_waiting
 from appliance.dimse.store_receiver import StoreReceiver, StoreTarget
-from appliance.dimse.store_response import EdgeDIMSE
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +206,6 @@ class EdgeRequestHandler(RequestHandler):
         target = getattr(self.server, "store_target", None)
         assoc.pacs_edge_wake = make_waiting(
             assoc, StoreReceiver(assoc, target) if target is not None else None)
-        assoc.dimse.__class__ = EdgeDIMSE  # plain C-STORE-RSPs encoded directly
         stored = getattr(self.server, "stored_syntaxes", None)
         assoc.bind(evt.EVT_REQUESTED, lambda event: order_syntaxes(event, stored))
         assoc.bind(evt.EVT_CONN_CLOSE, _release_waiting_acceptor)
