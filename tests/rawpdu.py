@@ -71,6 +71,26 @@ def c_store_pdus(context_id: int, dataset_size: int, *, max_pdu: int = 16384) ->
     return pdus
 
 
+def c_store_command_set(sop_instance: str, *, message_id: int = 1,
+                        move_originator: tuple[str, int] | None = None) -> bytes:
+    """The encoded command set of a C-STORE-RQ for a CT image (pynetdicom's encoder);
+    `move_originator`: its Move Originator AE title and Message ID."""
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = sop_instance
+    request.Priority = 2
+    if move_originator is not None:
+        (request.MoveOriginatorApplicationEntityTitle,
+         request.MoveOriginatorMessageID) = move_originator
+    request.DataSet = io.BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    first = next(iter(message.encode_msg(1, 1 << 20)))
+    ((_, fragment),) = first.presentation_data_value_list
+    return bytes(fragment[1:])
+
+
 def context_results(ac_body: bytes) -> dict[int, int]:
     """Presentation context ID -> result (0 = acceptance) from an A-ASSOCIATE-AC body."""
     results, offset = {}, 68  # protocol version, reserved, AE titles, reserved

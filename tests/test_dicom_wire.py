@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import struct
-from io import BytesIO
 
 import pytest
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+import rawpdu
 
 from appliance.base.dicom_wire import command_elements
 
 
 def _store_request() -> bytes:
-    request = C_STORE()
-    request.MessageID = 513
-    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.9.9.1"
-    request.Priority = 2
-    request.MoveOriginatorApplicationEntityTitle = "MOVER"
-    request.MoveOriginatorMessageID = 7
-    request.DataSet = BytesIO(b"\0\0")
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    first = next(iter(message.encode_msg(1, 1 << 20)))
-    ((_, fragment),) = first.presentation_data_value_list
-    return bytes(fragment[1:])
+    return rawpdu.c_store_command_set("1.2.826.0.1.3680043.9.9.1", message_id=513,
+                                      move_originator=("MOVER", 7))
 
 
 def test_a_c_store_request_encoded_by_pynetdicom_is_read_element_by_element() -> None:

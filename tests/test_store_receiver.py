@@ -28,8 +28,6 @@ import rawpdu
 from conftest import EdgeServer
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from rawpdu import Watched
 
@@ -45,21 +43,6 @@ def _pdu(*pdvs: tuple[int, int, bytes]) -> bytes:
     body = b"".join(struct.pack(">LBB", len(data) + 2, cx, control) + data
                     for cx, control, data in pdvs)
     return rawpdu.pdu_header(rawpdu.P_DATA, len(body)) + body
-
-
-def _command(sop_instance: str, message_id: int = 1) -> bytes:
-    """The encoded command set of a C-STORE-RQ for a CT image (pynetdicom's encoder)."""
-    request = C_STORE()
-    request.MessageID = message_id
-    request.AffectedSOPClassUID = rawpdu.CT_IMAGE_STORAGE
-    request.AffectedSOPInstanceUID = sop_instance
-    request.Priority = 2
-    request.DataSet = BytesIO(b"\0\0")
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    first = next(iter(message.encode_msg(1, 1 << 20)))
-    ((_, fragment),) = first.presentation_data_value_list
-    return bytes(fragment[1:])
 
 
 def _chunks(data: bytes, size: int) -> list[bytes]:
@@ -126,7 +109,7 @@ def test_data_set_pdvs_framed_every_which_way_are_stored_byte_for_byte(
     pieces = _chunks(data, max(1, len(data) // 7))
     # The command set and the first three fragments in one PDU, then one-byte
     # PDUs for a while, then the rest in one PDU of several PDVs.
-    first = _pdu((1, COMMAND | LAST, _command(uid)),
+    first = _pdu((1, COMMAND | LAST, rawpdu.c_store_command_set(uid)),
                  *[(1, DATA, piece) for piece in pieces[:3]])
     tiny = b"".join(_pdu((1, DATA, pieces[3][n:n + 1])) for n in range(len(pieces[3])))
     rest = _pdu(*[(1, DATA, piece) for piece in pieces[4:-1]], (1, DATA | LAST, pieces[-1]))
@@ -141,7 +124,7 @@ def test_data_set_pdvs_framed_every_which_way_are_stored_byte_for_byte(
 def test_a_command_set_in_two_fragments_is_stored_through_pynetdicom(
         edge_server: EdgeServer, sock: socket.socket, ct_instance: tuple[str, bytes]) -> None:
     uid, data = ct_instance
-    command = _command(uid, message_id=9)
+    command = rawpdu.c_store_command_set(uid, message_id=9)
     sock.sendall(_pdu((1, COMMAND, command[:20]))
                  + _pdu((1, COMMAND | LAST, command[20:]))
                  + b"".join(_pdu((1, DATA, piece)) for piece in _chunks(data, 4000)[:-1])
@@ -153,11 +136,13 @@ def test_a_command_set_in_two_fragments_is_stored_through_pynetdicom(
 
 def _broken(uid: str, data: bytes, how: str) -> bytes:
     half = len(data) // 2
-    command = _pdu((1, COMMAND | LAST, _command(uid)), (1, DATA, data[:half]))
+    command = _pdu((1, COMMAND | LAST, rawpdu.c_store_command_set(uid)),
+                   (1, DATA, data[:half]))
     if how == "other-context":
         return command + _pdu((3, DATA | LAST, data[half:]))
     if how == "command-among-data":
-        return command + _pdu((1, COMMAND | LAST, _command(uid, 2)))
+        return command + _pdu((1, COMMAND | LAST,
+                               rawpdu.c_store_command_set(uid, message_id=2)))
     return command + _pdu((1, DATA | LAST, data[half:]), (1, DATA, b"\0\0"))
 
 
@@ -180,7 +165,8 @@ def test_a_data_set_fragment_out_of_order_aborts_and_leaves_nothing(
 def test_a_peer_that_aborts_mid_data_set_leaves_no_spool(
         edge_server: EdgeServer, sock: socket.socket, ct_instance: tuple[str, bytes]) -> None:
     uid, data = ct_instance
-    sock.sendall(_pdu((1, COMMAND | LAST, _command(uid)), (1, DATA, data[:len(data) // 2])))
+    sock.sendall(_pdu((1, COMMAND | LAST, rawpdu.c_store_command_set(uid)),
+                      (1, DATA, data[:len(data) // 2])))
     deadline = time.monotonic() + CLOSE_DEADLINE
     while not _spool_files(edge_server) and time.monotonic() < deadline:
         time.sleep(0.05)
