@@ -188,6 +188,7 @@ class HttpServer:
                 reuse_address=True, backlog=128)
         except OSError as exc:
             await self._runner.cleanup()
+            self._runner = None  # `stop` has nothing left to clean up
             raise PacsEdgeError(
                 f"cannot listen for HTTP{'S' if self.ssl_context else ''} on"
                 f" {self.config.host}:{self.config.port}:"

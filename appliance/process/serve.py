@@ -158,63 +158,65 @@ async def serve(
         attach_commitment(server.ae, commitment, services.bridge, auditor, reporter.wake,
                           config.dicom)
         ports = await asyncio.to_thread(server.start)
-        if not worker:
-            reporter.start()
-        # One watcher per data home: with several workers, worker 0 runs it.
-        watcher = None
-        if config.dropfolder.enabled and not worker:
-            watcher = DropFolderWatcher.from_config(
-                config, AuditedIngest(services.ingest, auditor, "dropfolder"))
-            await watcher.start()
-        # Prefetch of priors: one worker per data home (worker 0), started once the
-        # server listens, since the remote archive's C-MOVE sends instances to it.
-        prefetch = None
-        if config.prefetch.enabled and not worker:
-            prefetch = PrefetchWorker(PrefetchService(
-                index, config.prefetch, archive=configured_archive(config, allowlist)))
-            await prefetch.start()
-        # One HL7 listener per data home, like the watcher (worker 0 with several).
-        hl7 = None
-        if config.hl7.port and not worker:
-            orders = OrderService(index, auditor, on_new_order=prefetch.service.on_new_order
-                                  if prefetch is not None else None)
-            hl7 = Hl7Listener(config.hl7, allowlist, orders,
-                              tls_context=_hl7_tls_context(config),
-                              on_refused=auditor.hl7_connection_refused)
-            await hl7.start()
-        health = HealthSources(config, index, files, listening=lambda: bool(server.ports),
-                               dropfolder=_drop_counts(config, index))
-        # One HTTPS server per data home, like the HL7 listener (worker 0 with several).
-        http = None
-        if config.http.port and not worker:
-            paths = TlsPaths(config.home)
-            http = HttpServer(config.http, build_app(WebServices(
-                config=config, users=UserService(index, config, auditor=auditor), index=index,
-                files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
-                health=health)),
-                ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
-            await http.start()
-        elif config.metrics.enabled and config.metrics.port and not worker:
-            # No web server: /metrics and the probes get a small plain listener of their own.
-            http = HttpServer(_metrics_listener(config), build_ops_app(health, config.metrics),
-                              ssl_context=None)
-            await http.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if on_ready is not None:
-            on_ready(ports.get("plain", ports.get("tls", 0)))
+        # Everything started from here on is stopped in the `finally` below, also when
+        # a later start fails (the HTTPS port is taken): nothing outlives the index.
         # Workers stay silent: their supervisor speaks for the service (workers.py).
         notifier = Notifier(silent=worker is not None)
-        if worker is None:
-            log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
-                     " peers=%d", config.dicom.ae_title, config.dicom.host,
-                     ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
-            listening = " and ".join(
-                f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
-            notifier.ready(f"accepting associations on {listening}")
+        loop = asyncio.get_running_loop()
+        watcher: DropFolderWatcher | None = None
+        prefetch: PrefetchWorker | None = None
+        hl7: Hl7Listener | None = None
+        http: HttpServer | None = None
         try:
+            if not worker:
+                reporter.start()
+            # One watcher per data home: with several workers, worker 0 runs it.
+            if config.dropfolder.enabled and not worker:
+                watcher = DropFolderWatcher.from_config(
+                    config, AuditedIngest(services.ingest, auditor, "dropfolder"))
+                await watcher.start()
+            # Prefetch of priors: one worker per data home (worker 0), started once the
+            # server listens, since the remote archive's C-MOVE sends instances to it.
+            if config.prefetch.enabled and not worker:
+                prefetch = PrefetchWorker(PrefetchService(
+                    index, config.prefetch, archive=configured_archive(config, allowlist)))
+                await prefetch.start()
+            # One HL7 listener per data home, like the watcher (worker 0 with several).
+            if config.hl7.port and not worker:
+                orders = OrderService(index, auditor, on_new_order=prefetch.service.on_new_order
+                                      if prefetch is not None else None)
+                hl7 = Hl7Listener(config.hl7, allowlist, orders,
+                                  tls_context=_hl7_tls_context(config),
+                                  on_refused=auditor.hl7_connection_refused)
+                await hl7.start()
+            health = HealthSources(config, index, files, listening=lambda: bool(server.ports),
+                                   dropfolder=_drop_counts(config, index))
+            # One HTTPS server per data home, like the HL7 listener (worker 0 with several).
+            if config.http.port and not worker:
+                paths = TlsPaths(config.home)
+                http = HttpServer(config.http, build_app(WebServices(
+                    config=config, users=UserService(index, config, auditor=auditor), index=index,
+                    files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
+                    health=health)),
+                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
+                await http.start()
+            elif config.metrics.enabled and config.metrics.port and not worker:
+                # No web server: /metrics and the probes get a small plain listener of their own.
+                http = HttpServer(_metrics_listener(config), build_ops_app(health, config.metrics),
+                                  ssl_context=None)
+                await http.start()
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            if on_ready is not None:
+                on_ready(ports.get("plain", ports.get("tls", 0)))
+            if worker is None:
+                log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
+                         " peers=%d", config.dicom.ae_title, config.dicom.host,
+                         ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
+                listening = " and ".join(
+                    f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
+                notifier.ready(f"accepting associations on {listening}")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), notifier.interval(MAINTENANCE_INTERVAL))
