@@ -44,7 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -106,6 +109,8 @@ class EdgeAssociationSocket(AssociationSocket):
             self._abort(f"PDU of {nr_bytes} bytes exceeds the maximum {limit}")
         deadline, cause = self._deadline()
         buffer = bytearray(nr_bytes)
+        if not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None:
+            return self._read_plain(sock, buffer, deadline, cause)
         view = memoryview(buffer)
         received = 0
         try:
@@ -130,6 +135,40 @@ class EdgeAssociationSocket(AssociationSocket):
             del view
             with contextlib.suppress(OSError):
                 sock.settimeout(self.network_timeout)
+        return buffer
+
+    def _read_plain(self, sock: socket.socket, buffer: bytearray, deadline: float,
+                    cause: str) -> bytearray:
+        """`recv` on plain TCP: fill `buffer` with reads of the descriptor itself.
+
+        A socket with a timeout is non-blocking underneath, so a read returns at once
+        with what has arrived, or EAGAIN; only then does this wait, in poll(), in
+        slices as `recv` does. Python's recv_into() on such a socket would poll
+        before every read and `recv` would set the timeout twice around it: four
+        system calls per read instead of one while data is flowing."""
+        view = memoryview(buffer)
+        fd = sock.fileno()
+        wanted = len(buffer)
+        received = 0
+        try:
+            while received < wanted:
+                if self.stopping is not None and self.stopping.is_set():
+                    self._abort("the server is stopping")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._abort(f"{cause}: {received} of {wanted} bytes received")
+                try:
+                    count = os.readv(fd, [view[received:received + _RECV_CHUNK]])
+                except BlockingIOError:
+                    poller = select.poll()  # not select(): it fails on descriptors >= 1024
+                    poller.register(fd, select.POLLIN)
+                    poller.poll(min(remaining, _POLL) * 1000)
+                    continue
+                if count == 0:
+                    return buffer[:received]
+                received += count
+        finally:
+            del view
         return buffer
 
     # --- helpers ---------------------------------------------------------------------
