@@ -66,6 +66,10 @@ _POLL = 0.5
 # A-ASSOCIATE-RQ proposing 128 contexts with several transfer syntaxes each
 # stays well below this.
 NEGOTIATION_PDU_LIMIT = 1 << 18
+# No A-ASSOCIATE-RQ yet. Sta1 too: the DUL may read the first PDU before it has
+# processed the "connection open" event that moves it to Sta2.
+_BEFORE_REQUEST = ("Sta1", "Sta2")
+_NETWORK, _ARTIM = "network", "artim"  # which timeout bounds a PDU read (_deadline)
 # A-ABORT PDU (PS3.8 9.3.8): source 2 = service provider, reason 0 = not specified.
 _A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 0)
 
@@ -79,6 +83,7 @@ class EdgeAssociationSocket(AssociationSocket):
     network_timeout: float = 60.0
     stopping: threading.Event | None = None
     _pdu_deadline: float | None = None
+    _established_limit: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -99,15 +104,16 @@ class EdgeAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly `nr_bytes` within the PDU's deadline (fewer only if the peer
         closed the connection); in Sta13, wait for the close and return nothing."""
-        if self._closing():
+        state = self._state()
+        if state == "Sta13":
             self._await_close()
             return bytearray()
         sock = self.socket
         assert sock is not None
-        limit = self._pdu_limit()
+        limit = self._pdu_limit(state)
         if nr_bytes > limit:
             self._abort(f"PDU of {nr_bytes} bytes exceeds the maximum {limit}")
-        deadline, cause = self._deadline()
+        deadline, cause = self._deadline(state)
         buffer = bytearray(nr_bytes)
         if not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is not None:
             return self._read_plain(sock, buffer, deadline, cause)
@@ -119,7 +125,8 @@ class EdgeAssociationSocket(AssociationSocket):
                     self._abort("the server is stopping")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._abort(f"{cause}: {received} of {nr_bytes} bytes received")
+                    self._abort(f"{self._cause(cause)}: {received} of {nr_bytes} bytes"
+                                " received")
                 # Wait in slices, to notice a stopping server; the socket's own
                 # timeout (network_timeout, which also bounds sends) is restored below.
                 sock.settimeout(min(remaining, _POLL))
@@ -156,7 +163,8 @@ class EdgeAssociationSocket(AssociationSocket):
                     self._abort("the server is stopping")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._abort(f"{cause}: {received} of {wanted} bytes received")
+                    self._abort(f"{self._cause(cause)}: {received} of {wanted} bytes"
+                                " received")
                 try:
                     count = os.readv(fd, [view[received:received + _RECV_CHUNK]])
                 except BlockingIOError:
@@ -179,27 +187,36 @@ class EdgeAssociationSocket(AssociationSocket):
     def _closing(self) -> bool:
         return self._state() == "Sta13"
 
-    def _before_request(self) -> bool:
-        """No A-ASSOCIATE-RQ yet. Sta1 too: the DUL may read the first PDU before
-        it has processed the "connection open" event that moves it to Sta2."""
-        return self._state() in ("Sta1", "Sta2")
-
-    def _pdu_limit(self) -> int:
-        if self._before_request():
+    def _pdu_limit(self, state: str) -> int:
+        """The largest PDU accepted in `state`: fixed once established (Sta6), so
+        looked up once (pynetdicom walks the user information items for it)."""
+        if state in _BEFORE_REQUEST:
             return NEGOTIATION_PDU_LIMIT
-        return max(int(self.assoc.acceptor.maximum_length or 0), NEGOTIATION_PDU_LIMIT)
+        if state == "Sta6" and self._established_limit is not None:
+            return self._established_limit
+        limit = max(int(self.assoc.acceptor.maximum_length or 0), NEGOTIATION_PDU_LIMIT)
+        if state == "Sta6":
+            self._established_limit = limit
+        return limit
 
-    def _deadline(self) -> tuple[float, str]:
-        """When the PDU being read must be complete, and how to say why it was not."""
+    def _deadline(self, state: str) -> tuple[float, str]:
+        """When the PDU being read must be complete, and which timeout that is: the
+        network timeout, or before the A-ASSOCIATE-RQ (Sta1-2) the ARTIM timer if it
+        expires first (see _cause)."""
         deadline = self._pdu_deadline or time.monotonic() + self.network_timeout
-        cause = f"PDU not complete within network_timeout={self.network_timeout:g}s"
-        if self._before_request():
+        if state in _BEFORE_REQUEST:
             artim = self.assoc.dul.artim_timer
             artim_deadline = time.monotonic() + max(float(artim.remaining), 0.0)
             if artim_deadline < deadline:
-                deadline = artim_deadline
-                cause = f"A-ASSOCIATE-RQ not complete within acse_timeout={artim.timeout:g}s"
-        return deadline, cause
+                return artim_deadline, _ARTIM
+        return deadline, _NETWORK
+
+    def _cause(self, which: str) -> str:
+        """Why a PDU read timed out, built only when one does."""
+        if which == _ARTIM:
+            timeout = self.assoc.dul.artim_timer.timeout
+            return f"A-ASSOCIATE-RQ not complete within acse_timeout={timeout:g}s"
+        return f"PDU not complete within network_timeout={self.network_timeout:g}s"
 
     def _abort(self, why: str) -> NoReturn:
         """Send an A-ABORT, log why, and end the connection (raises)."""
