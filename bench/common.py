@@ -446,6 +446,28 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+SPENT = WORK / "spent"  # finished runs' folders, removed by remove_spent when a bench ends
+
+
+def set_aside(path: Path) -> None:
+    """Move a finished run's folder aside (a rename); `remove_spent` deletes them all.
+
+    Deleting a run's thousands of files before the next run would charge the next
+    server's file creations: on a file system without a journal (ext4 as this
+    machine's root is mounted) the inode allocator skips every inode freed in the
+    last minutes, reading the inode table for each, so a create in the folder a
+    bench has just emptied costs 100-400 us of CPU instead of ~16 us
+    (docs/benchmarks.md, "What the bench's own deletions cost").
+    """
+    if path.exists():
+        SPENT.mkdir(parents=True, exist_ok=True)
+        path.rename(SPENT / f"{path.name}-{time.monotonic_ns()}")
+
+
+def remove_spent() -> None:
+    shutil.rmtree(SPENT, ignore_errors=True)
+
+
 # --- figures -------------------------------------------------------------------------
 
 @dataclass

@@ -45,10 +45,12 @@ from common import (
     files_under,
     free_port,
     fresh_dir,
+    remove_spent,
     repeats,
     report,
     scu_profile,
     serving,
+    set_aside,
     small_studies,
     timed_parallel,
     total_bytes,
@@ -129,13 +131,13 @@ def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> S
         with serving(storescp(out)) as server:
             sample = _send(server, folders, profile)
         received = len(files_under(out))
-        shutil.rmtree(out, ignore_errors=True)
+        set_aside(out)
     elif case.server == "orthanc":
         folder = fresh_dir(WORK / "store-orthanc")
         with serving(orthanc.Orthanc(folder, log_name="store-orthanc.log").start()) as server:
             sample = _send(server, folders, profile)
             received = server.instances()
-        shutil.rmtree(folder, ignore_errors=True)
+        set_aside(folder)
     else:
         home = WORK / "edge-home"
         shutil.rmtree(home, ignore_errors=True)
@@ -143,7 +145,7 @@ def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> S
         with serving(edge.start()):
             sample = _send(edge, folders, profile)
         received = edge.instances()
-        shutil.rmtree(home, ignore_errors=True)
+        set_aside(home)
     if received != expected:
         raise BenchError(f"{case.label}: {received} of {expected} instances stored")
     return sample
@@ -198,7 +200,7 @@ def durable_floor_seconds(instance_bytes: int, folder: Path, count: int = 30) ->
     finally:
         os.close(dir_fd)
         db.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        set_aside(folder)
     return statistics.median(times)
 
 
@@ -214,6 +216,7 @@ def main() -> None:
     files = files_under(study)
     size = total_bytes(files)
     WORK.mkdir(parents=True, exist_ok=True)
+    remove_spent()  # an interrupted run's
     data: dict[str, tuple[Path, list[Path], Path]] = {
         CT: (study, files, scu_profile(files[:1], WORK / "storescu.cfg"))}
     if args.small:
@@ -248,6 +251,7 @@ def main() -> None:
                           f"{sample.seconds:.2f} s, {len(sent) / sample.seconds:.0f} inst/s, "
                           f"server CPU {sample.cpu:.2f} s, peak RSS {sample.rss:.0f} MB")
     load_after = [round(x, 2) for x in os.getloadavg()]
+    remove_spent()
 
     figures: list[Figure] = []
     for group in dict.fromkeys((c.data, c.associations) for c in cases):
