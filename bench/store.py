@@ -7,7 +7,8 @@ fsync per file, like the box), in the same run, servers interleaved:
 - many small studies: BENCH_SMALL_STUDIES (2000) one-instance studies over 4
   associations (0 skips it).
 
-Each run gets a fresh server and a fresh data home / output folder; the time
+Each run gets a fresh server and a fresh data home / output folder (set aside
+when the run ends and deleted when the bench ends: see common.set_aside); the time
 is from starting the storescu process(es) to the last one exiting. Figures:
 instances/s and MB/s (10^6 bytes of Part 10 files), each as a median of the
 runs, and the ratio to storescp's median in the same case; the server's CPU
