@@ -8,6 +8,11 @@ with storescu, and prints the functions with the most samples (inclusive
 and own). Writes bench/out/store-profile.txt (collapsed stacks, for
 flamegraph.pl or speedscope). Numbers are shares of GIL-holding samples.
 
+`--kernel` records with perf instead (Debian's `linux-perf`; `-e cpu-clock`, which
+works without hardware counters, as in this VM) and prints the symbols with the
+most samples, kernel and user, inclusive and own: what py-spy cannot see, the
+system calls' share (creating, writing and syncing the spool file).
+
 `--flushes` attaches strace (Debian's `strace`) instead and prints what the
 device flushes cost: per flushing system call (fdatasync, fsync), the calls
 per instance and their median and total time, against the wall time per
@@ -36,9 +41,11 @@ from common import (
     console,
     ct_study,
     files_under,
+    remove_spent,
     run,
     scu_profile,
     serving,
+    set_aside,
     small_studies,
 )
 from store import storescu_argv
@@ -91,6 +98,18 @@ def summarize_flushes(raw: Path, instances: int, seconds: float) -> None:
                   " untraced wall time (tracing slows the rest, not the device)")
 
 
+def summarize_perf(perf: str, data: Path, top: int) -> None:
+    """perf's top symbols by inclusive share (a system call's whole cost) and own."""
+    for title, flag in (("inclusive", "--children"), ("own", "--no-children")):
+        lines = run([perf, "report", "-i", str(data), flag, "--sort", "dso,sym", "-g", "none",
+                     "--stdio"], stdout_only=True).splitlines()
+        rows = [line.rstrip() for line in lines  # [unknown]: JIT-less frames perf cannot name
+                if line.strip() and not line.startswith("#") and "[unknown]" not in line]
+        console.print(f"[bold]top {top} by {title} share of the server's CPU samples[/bold]")
+        for row in rows[:top]:
+            console.print(f"  {row}", markup=False, highlight=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -102,13 +121,16 @@ def main() -> None:
                         help="sample every thread, waiting ones too (--idle), per thread")
     parser.add_argument("--flushes", action="store_true",
                         help="time the fdatasync and fsync calls with strace instead")
+    parser.add_argument("--kernel", action="store_true",
+                        help="sample kernel and user stacks with perf instead")
     args = parser.parse_args()
     os.environ.setdefault("TCP_NODELAY", "1")  # as bench/run.sh: dcmtk leaves Nagle on
     mode = ["--idle", "--threads"] if args.wall else ["--gil"]
-    if args.flushes:
-        tracer = shutil.which("strace")
+    if args.flushes or args.kernel:
+        tool, package = ("strace", "strace") if args.flushes else ("perf", "linux-perf")
+        tracer = shutil.which(tool)
         if tracer is None:
-            sys.exit("strace is not installed: apt-get install strace")
+            sys.exit(f"{tool} is not installed: apt-get install {package}")
     else:
         tracer = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(tracer).exists():
@@ -118,13 +140,27 @@ def main() -> None:
     profile = scu_profile(files[:1], WORK / "storescu.cfg")
     source = Path(os.path.commonpath(files)) if args.small else ct_study(args.slices)
     raw = OUT / "store-profile.txt"
+    remove_spent()
+    try:
+        profile_send(args, tracer, mode, source, profile, raw, len(files))
+    finally:
+        remove_spent()
+
+
+def profile_send(args: argparse.Namespace, tracer: str, mode: list[str], source: Path,
+                 profile: Path, raw: Path, instances: int) -> None:
     if args.flushes:
         # strace stops the server at every system call, so the wall time comes from
         # an untraced send first.
         seconds = send(source, profile, None)
         send(source, profile, [tracer, "-f", "-T", "-e", "trace=fdatasync,fsync",
                                "-o", str(raw), "-p"])
-        summarize_flushes(raw, len(files), seconds)
+        summarize_flushes(raw, instances, seconds)
+    elif args.kernel:
+        data = OUT / "store-perf.data"
+        send(source, profile, [tracer, "record", "-e", "cpu-clock", "-F", "1000", "-g",
+                               "-o", str(data), "-p"])
+        summarize_perf(tracer, data, args.top)
     else:
         send(source, profile, [tracer, "record", *mode, "--rate", str(args.rate),
                                "--format", "raw", "-o", str(raw), "--pid"])
@@ -152,7 +188,7 @@ def send(source: Path, profile: Path, tracer: list[str] | None) -> float:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-    shutil.rmtree(home, ignore_errors=True)
+    set_aside(home)  # deleted when main ends: see common.set_aside
     return seconds
 
 if __name__ == "__main__":
