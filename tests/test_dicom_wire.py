@@ -35,3 +35,12 @@ def test_a_c_store_request_encoded_by_pynetdicom_is_read_element_by_element() ->
 def test_what_is_not_a_command_set_is_refused(encoded: bytes) -> None:
     with pytest.raises(ValueError):
         command_elements(encoded)
+
+
+def test_a_peers_response_is_read_whatever_the_order_of_its_elements() -> None:
+    status_first = (struct.pack("<HHL", 0x0000, 0x0900, 2) + b"\0\0"
+                    + struct.pack("<HHL", 0x0000, 0x0100, 2) + b"\x01\x80")
+    elements = command_elements(status_first, ordered=False)
+    assert (elements[0x0100], elements[0x0900]) == (b"\x01\x80", b"\0\0")
+    with pytest.raises(ValueError):
+        command_elements(status_first)

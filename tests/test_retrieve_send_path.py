@@ -34,7 +34,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from appliance.dimse.store_lane import c_store_rq, parse_command, pending_rsp
+from appliance.base.dicom_wire import command_elements
+from appliance.dimse.store_lane import c_store_rq, pending_rsp
 
 MOVE, GET = StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet
 SUCCESS, PENDING = 0x0000, 0xFF00
@@ -182,7 +183,7 @@ def test_the_encoded_c_store_request_is_the_command_set_pydicom_decodes() -> Non
     assert command.AffectedSOPInstanceUID == "1.2.3.45"
     assert command.MoveOriginatorApplicationEntityTitle.strip() == "MOVER"
     assert command.MoveOriginatorMessageID == 3
-    assert parse_command(encoded)[0x0110] == b"\x07\x00"
+    assert command_elements(encoded)[0x0110] == b"\x07\x00"
 
 
 def test_the_encoded_pending_response_is_the_command_set_pydicom_decodes() -> None:

@@ -51,10 +51,13 @@ def us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-def command_elements(encoded: Any) -> dict[int, Any]:
+def command_elements(encoded: Any, *, ordered: bool = True) -> dict[int, Any]:
     """The elements of an encoded command set, by element number (group 0000), as
     slices of `encoded`. Raises ValueError for what is not a command set: another
-    group, an element cut short or running past the end, elements out of order."""
+    group, an element cut short or running past the end, and (`ordered`, for the
+    requests this side serves) elements out of the ascending order PS3.5 7.1 asks
+    for. The send lane reads a peer's responses with `ordered=False`: a response
+    that names its status is taken, whatever order its elements come in."""
     elements: dict[int, Any] = {}
     offset, end, last = 0, len(encoded), -1
     while offset < end:
@@ -62,7 +65,7 @@ def command_elements(encoded: Any) -> dict[int, Any]:
             raise ValueError("truncated command element")
         group, number, length = ELEMENT.unpack_from(encoded, offset)
         offset += ELEMENT.size
-        if group != 0 or number <= last or offset + length > end:
+        if group != 0 or (ordered and number <= last) or offset + length > end:
             raise ValueError("malformed command set")
         elements[number] = encoded[offset:offset + length]
         offset += length

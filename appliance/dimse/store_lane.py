@@ -59,12 +59,12 @@ from typing import Any
 from appliance.base import compat
 from appliance.base.dicom_wire import (
     COMMAND,
-    ELEMENT,
     LAST,
     NO_DATA_SET,
     P_DATA_TF,
     PDU_HEADER,
     UNLIMITED_PDU,
+    command_elements,
     command_pdu,
     command_set,
     element,
@@ -176,22 +176,6 @@ def write_command(assoc: Any, cx_id: int, command: bytes, *, reads_gated: bool) 
     with compat.share_send_lock(assoc.dul):
         sock.sendall(command_pdu(cx_id, command))
     return True
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """Element number -> value of an encoded command set (group 0000, Implicit VR LE)."""
-    values: dict[int, bytes] = {}
-    offset = 0
-    while offset + 8 <= len(data):
-        group, number, length = ELEMENT.unpack_from(data, offset)
-        offset += 8
-        if group != 0 or offset + length > len(data):
-            raise ValueError("malformed command set")
-        values[number] = data[offset:offset + length]
-        offset += length
-    if offset != len(data):
-        raise ValueError("malformed command set")
-    return values
 
 
 class StoreLane:
@@ -371,7 +355,7 @@ class StoreLane:
             if not control & LAST:
                 continue
             try:
-                values = parse_command(bytes(self._command))
+                values = command_elements(bytes(self._command), ordered=False)
                 field = struct.unpack("<H", values[0x0100])[0]
                 responding_to = struct.unpack("<H", values.get(0x0120, b"\0\0"))[0]
                 status = values.get(0x0900)
