@@ -208,6 +208,10 @@ def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
         assert hasattr(assoc, name), name
     for name in ("_kill_thread", "_idle_timer", "event_queue", "to_user_queue"):
         assert hasattr(assoc.dul, name), name
+    # compat.read_pdu looks at the primitives waiting to be sent as upstream does
+    assert "self.to_provider_queue.queue[0]" in inspect.getsource(
+        DULServiceProvider._process_recv_primitive)
+    assert isinstance(assoc.dul.to_provider_queue, queue.Queue)
     assert isinstance(assoc.dimse.msg_queue, queue.Queue)
 
 

@@ -27,7 +27,8 @@ What is touched, and who uses it:
       event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       DULServiceProvider._read_pdu_data (overridden: read_pdu), P_DATA's
         _presentation_data_value_list, DIMSEServiceProvider.receive_primitive,
-        DIMSEServiceProvider.message        P-DATA straight to DIMSE, or to the
+        DIMSEServiceProvider.message, DULServiceProvider._kill_thread, _idle_timer,
+        to_provider_queue.queue             P-DATA straight to DIMSE, or to the
                                             C-STORE receiver (dimse/reactors.py,
                                             dimse/store_receiver.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
@@ -497,7 +498,8 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> None:
+def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool],
+             receiving: Callable[[], bool] = lambda: False) -> None:
     """`DULServiceProvider._read_pdu_data` (read one PDU and act on it), with a
     P-DATA-TF in Sta6 handed straight to `receive` or DIMSE.
 
@@ -515,39 +517,54 @@ def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> None
     than its two header bytes, is an invalid PDU (Evt19: A-ABORT), and so is
     what `receive` raises ValueError for. Every other PDU, and a P-DATA-TF in any
     other state, goes upstream's way (hand_pdu_to_dul).
+
+    While `receiving()` says a message `receive` took is still arriving, the
+    next PDU is read here at once if the socket has one and the DUL has nothing
+    else to do (not killed, no primitive to send, no event): what the reactor's
+    next pass would do, without the pass (its poll, timer checks and empty-queue
+    exceptions: ~10 us per PDU, five PDUs per 0.5 MB instance from storescu).
     """
+    while _read_one(dul, receive) and receiving():
+        if (dul._kill_thread or dul.to_provider_queue.queue or not dul.event_queue.empty()
+                or not dul.socket.ready):
+            return
+        dul._idle_timer.restart()
+
+
+def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> bool:
+    """One PDU of `read_pdu`; True when it was a P-DATA-TF that `receive` took."""
     from pynetdicom.pdu_primitives import P_DATA  # not at import: the store imports compat
 
     try:
         header = bytes(dul.socket.recv(6))
         if len(header) != 6:
             dul.event_queue.put("Evt17")  # the peer closed the connection
-            return
+            return False
         pdu_type, _, length = struct.unpack(">BBL", header)
         if not 0x01 <= pdu_type <= 0x07:
             log.error("unknown PDU type 0x%02X received", pdu_type)
             dul.event_queue.put("Evt19")
-            return
+            return False
         body = dul.socket.recv(length)
     except OSError as exc:
         log.error("connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
-        return
+        return False
     if len(body) != length:
         dul.event_queue.put("Evt17")  # the peer closed the connection mid-PDU
-        return
+        return False
     if pdu_type != 0x04 or dul.state_machine.current_state != "Sta6":
         hand_pdu_to_dul(dul, header + bytes(body))
-        return
+        return False
     dimse = dul.assoc.dimse
     try:
         pdvs = split_pdvs(memoryview(body))
         if dimse.message is None and receive(pdvs):
-            return
+            return True
     except ValueError as exc:
         log.error("invalid P-DATA-TF PDU: %s", exc)
         dul.event_queue.put("Evt19")
-        return
+        return False
     primitive = P_DATA()
     primitive._presentation_data_value_list = pdvs  # views: the setter wants bytes
     try:
@@ -555,6 +572,7 @@ def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> None
     except Exception as exc:  # as the state machine treats a failing DT-2
         log.error("could not process a received P-DATA-TF: %s", exc)
         dul.kill_dul()
+    return False
 
 
 def transport_closed(dul: Any) -> None:

@@ -76,11 +76,15 @@ class EdgeDUL(DULServiceProvider):
         self.pacs_edge_wakeup.set()
 
     def _read_pdu_data(self) -> None:
-        compat.read_pdu(self, self._receive)
+        compat.read_pdu(self, self._receive, self._receiving)
 
     def _receive(self, pdvs: list[tuple[int, Any]]) -> bool:
         receiver = self.pacs_edge_receiver
         return receiver is not None and receiver.receive(pdvs)
+
+    def _receiving(self) -> bool:
+        receiver = self.pacs_edge_receiver
+        return receiver is not None and receiver.receiving
 
     def stop_dul(self) -> bool:
         return compat.stop_dul_reactor(self, self.pacs_edge_wakeup)

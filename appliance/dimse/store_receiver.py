@@ -130,6 +130,11 @@ class StoreReceiver:
                 self._finish(incoming)
         return True
 
+    @property
+    def receiving(self) -> bool:
+        """A C-STORE taken here is still arriving: its next PDU is this receiver's too."""
+        return self._incoming is not None
+
     def close(self) -> None:
         """The association has ended: a data set still being received is discarded."""
         incoming, self._incoming = self._incoming, None
