@@ -43,6 +43,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from tlsproxy import TlsProxy
 
 SYNTAX_BY_CLASS = {
     dicomgen.SOP_CLASSES["CT"]: str(ExplicitVRLittleEndian),
@@ -214,6 +215,30 @@ def test_migration_via_get_needs_no_server_and_is_byte_identical(
     assert "7 studies done, 0 failed" in result.stdout
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
     assert migrate_status(box)["state"] == "done"
+
+
+def test_migration_from_an_archive_that_requires_tls_goes_over_tls(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs], free_port: Callable[[], int]) -> None:
+    """A legacy peer marked --tls is asked over TLS with the box's node certificate
+    (C-GET: the queries and the instances on the box's own associations), and what
+    arrives is what the archive holds."""
+    files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    box.configure(dicom={"tls_port": free_port()},
+                  migrate={"retry_base_seconds": 0.2, "max_attempts": 2})
+    legacy = legacy_factory(files)
+    certs = tmp_path / "legacy"
+    box.cli("certs", "issue", "legacy", "--server", "--san", "127.0.0.1", "--out", str(certs))
+    with TlsProxy(legacy.port, cert=certs / "legacy.pem", key=certs / "legacy.key",
+                  ca=certs / "ca.pem") as proxy:
+        box.cli("peers", "add", "legacy", "--ae-title", legacy.ae_title, "--host", HOST,
+                "--port", str(proxy.port), "--allow", "find,get", "--tls")
+        result = box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since",
+                         "20240301", "--until", "20240303", timeout=RUN_TIMEOUT)
+        assert proxy.handshakes > 0
+    assert "3 studies done, 0 failed" in result.stdout
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
 
 
 def test_peer_without_store_permission_is_refused_with_the_fix(
