@@ -215,6 +215,45 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         archive.stop()
 
 
+def test_a_cancelled_order_ends_its_prefetch(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """ORC-1 CA over MLLP: the priors are no longer held, and a request that could not
+    ask the (down) remote archive is not asked again by `prefetch retry`."""
+    hl7_port = dcmtk.free_port()
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"remote_archive": "archive", "nightly_at": ""},
+                     hl7={"port": hl7_port})
+    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
+               "--allow", "hl7")
+    local = make_prior(tmp_path, 721, days_ago=20)
+    run_pacs_edge("import", "--home", str(server.home), *(str(i.path) for i in local))
+    server.start()
+    archive = QrArchive(tmp_path / "qr")  # never started: the archive is down
+    server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+    tomorrow = (date.today() + timedelta(days=1)).strftime("%Y%m%d")
+    order = {"accession": "ACC-PC-1", "patient_id": PATIENT, "start": f"{tomorrow}0900"}
+    assert hl7peer.send(hl7_port, hl7peer.orm("PC-1", **order)).code == "AA"
+
+    def chosen() -> dict[str, Any] | None:
+        requests = prefetch_status(server.home)
+        return requests[0] if requests and requests[0]["state"] == "failed" else None
+
+    request = wait_for("the priors chosen", chosen, server.log)
+    assert request["error_kind"] == "remote_unreachable"
+    assert [(p["source"], p["state"]) for p in request["priors"]] == [("local", "done")]
+    [(held_until,)] = index_rows(server.home, "SELECT hold_until FROM prefetch_requests")
+    assert held_until > time.time() + 86400  # tomorrow's start plus keep_local_days
+
+    assert hl7peer.send(hl7_port, hl7peer.orm("PC-2", "CA", **order)).code == "AA"
+    [request] = prefetch_status(server.home)
+    assert (request["state"], request["error_kind"]) == ("failed", "order_cancelled")
+    [(held_until,)] = index_rows(server.home, "SELECT hold_until FROM prefetch_requests")
+    assert held_until <= time.time()  # eviction may take the priors again
+    assert "retrying 0 request(s) and 0 prior(s)" in server.cli("prefetch", "retry").stdout
+    assert "prefetch ended request=1 reason=order_cancelled" in server.log()
+    assert PATIENT not in server.log()
+
+
 def test_a_remote_archive_that_does_not_know_the_box_fails_the_move_with_its_status(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
     server = edge_server_factory(start=False)

@@ -18,7 +18,7 @@ from appliance.base.config import PrefetchConfig, config_from_mapping
 from appliance.base.errors import ConfigError
 from appliance.services.prefetch_rules import Candidate, OrderContext, choose_priors, regions
 from appliance.store.index import Index
-from appliance.store.order_rows import PatientKey
+from appliance.store.order_rows import Demographics, OrderDetails, PatientKey, insert_order
 from appliance.store.prefetch_rows import (
     TRANSITIONS,
     NewPrior,
@@ -28,11 +28,13 @@ from appliance.store.prefetch_rows import (
     RequestTrigger,
     Source,
     advance,
+    end_for_cancelled_order,
     held_study_uids,
     insert_request,
     mark_planned,
     next_state,
     priors_of,
+    request_by_id,
     resume_interrupted,
     retry_failed,
     transitions_of,
@@ -199,3 +201,63 @@ async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
         assert await writer.submit_sync(lambda c: held_study_uids(c, 1999.0)) == {
             "1.1", "1.2", "1.3"}
         assert await writer.submit_sync(lambda c: held_study_uids(c, 2000.0)) == set()
+
+
+async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
+    """The hold ends; what has not started fails `order_cancelled` and stays failed
+    through `retry` and a restart; a step under way is left to finish; a choice that
+    was under way when the order was cancelled records nothing."""
+    patient = PatientKey("P1", "HOSP")
+    async with Index(tmp_path / "index.sqlite3") as index:
+        writer = index.writer
+        assert writer is not None
+
+        def plan(conn: sqlite3.Connection) -> tuple[int, int]:
+            order = insert_order(
+                conn, accession_number="A-1", placer_order_number="", filler_order_number="",
+                study_uid="1.9", details=OrderDetails(modality="CT"), patient=patient,
+                demographics=Demographics(), at=0.0)
+            request = insert_request(conn, patient, RequestTrigger.ORDER, hold_until=2000.0,
+                                     order_id=order, at=1000.0)
+            assert request is not None
+            mark_planned(conn, request, [
+                NewPrior("1.1", "20250101", ("CT",), Source.LOCAL),
+                NewPrior("1.2", "20240101", ("CT",), Source.CLOUD),
+                NewPrior("1.3", "20230101", ("CT",), Source.REMOTE),
+                NewPrior("1.4", "20220101", ("CT",), Source.REMOTE)], at=1000.0)
+            by_uid = {p.study_uid: p.id for p in priors_of(conn, [request])}
+            advance(conn, by_uid["1.1"], PriorTrigger.LOCAL)
+            advance(conn, by_uid["1.2"], PriorTrigger.RECALL)
+            advance(conn, by_uid["1.4"], PriorTrigger.MOVE)
+            advance(conn, by_uid["1.4"], PriorTrigger.FAIL, failure_kind="move_failed")
+            return order, request
+
+        order, request = await writer.submit_sync(plan)
+        assert await writer.submit_sync(lambda c: held_study_uids(c, 1500.0)) == {
+            "1.1", "1.2", "1.3"}
+        assert await writer.submit_sync(
+            lambda c: end_for_cancelled_order(c, order, at=1500.0)) == request
+
+        async def states() -> dict[str, tuple[str, str]]:
+            return {p.study_uid: (p.state, p.failure_kind) for p in await writer.submit_sync(
+                lambda c: priors_of(c, [request]))}
+
+        assert await states() == {"1.1": ("done", ""), "1.2": ("recalling", ""),
+                                  "1.3": ("failed", "order_cancelled"),
+                                  "1.4": ("failed", "order_cancelled")}
+        ended = await writer.submit_sync(lambda c: request_by_id(c, request))
+        assert ended is not None
+        assert (ended.state, ended.error_kind, ended.hold_until) == (
+            "failed", "order_cancelled", 1500.0)
+        assert await writer.submit_sync(lambda c: held_study_uids(c, 1500.0)) == set()
+        assert await writer.submit_sync(retry_failed) == (0, 0)
+        # The recall's process died: at the next start it fails instead of starting over.
+        assert await writer.submit_sync(lambda c: resume_interrupted(c, Source.CLOUD)) == 1
+        assert (await states())["1.2"] == ("failed", "order_cancelled")
+        # A choice finishing after the cancellation records nothing.
+        await writer.submit_sync(lambda c: mark_planned(
+            c, request, [NewPrior("1.5", "20210101", ("CT",), Source.REMOTE)]))
+        assert "1.5" not in await states()
+        assert await writer.submit_sync(
+            lambda c: request_by_id(c, request)) == ended
+

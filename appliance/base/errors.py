@@ -251,6 +251,7 @@ class PrefetchFailure(enum.StrEnum):
     REMOTE_UNREACHABLE = "remote_unreachable"  # no association, or the C-FIND failed
     MOVE_FAILED = "move_failed"                # the C-MOVE failed or sent nothing
     MOVE_INCOMPLETE = "move_incomplete"        # some instances did not arrive
+    ORDER_CANCELLED = "order_cancelled"        # the order was cancelled: its prefetch ended
 
 
 class RemoteArchiveError(PacsEdgeError):

@@ -183,8 +183,11 @@ async def serve(
                 await prefetch.start()
             # One HL7 listener per data home, like the watcher (worker 0 with several).
             if config.hl7.port and not worker:
-                orders = OrderService(index, auditor, on_new_order=prefetch.service.on_new_order
-                                      if prefetch is not None else None)
+                service = prefetch.service if prefetch is not None else None
+                orders = OrderService(
+                    index, auditor,
+                    on_new_order=service.on_new_order if service else None,
+                    on_cancelled_order=service.on_cancelled_order if service else None)
                 hl7 = Hl7Listener(config.hl7, allowlist, orders,
                                   tls_context=_hl7_tls_context(config),
                                   on_refused=auditor.hl7_connection_refused)

@@ -175,17 +175,19 @@ class MessageRefused(Exception):
         self.location = location
 
 
-# Called with the accession number of each new order once it is committed (the
-# prefetch of priors: services/prefetch.py). Its failure never changes the ACK.
-NewOrderHook = Callable[[str], Awaitable[object]]
+# Called with the accession number of each new, or cancelled, order once that is
+# committed (the prefetch of priors: services/prefetch.py). A hook's failure never
+# changes the ACK.
+OrderHook = Callable[[str], Awaitable[object]]
 
 
 class OrderService:
     def __init__(self, index: Index, audit: OrderAudit | None = None, *,
-                 on_new_order: NewOrderHook | None = None) -> None:
+                 on_new_order: OrderHook | None = None,
+                 on_cancelled_order: OrderHook | None = None) -> None:
         self.index = index
         self.audit = audit
-        self.on_new_order = on_new_order
+        self._hooks = {"create": on_new_order, "cancel": on_cancelled_order}
 
     async def apply(self, header: MessageHeader, request: Request, *, sender: str = "",
                     address: str = "") -> Outcome:
@@ -204,19 +206,20 @@ class OrderService:
                     self.audit.order_recorded(sender, address, effect)
                 else:
                     self.audit.patient_recorded(sender, address, effect)
-        if self.on_new_order is not None and not outcome.duplicate:
+        if not outcome.duplicate:
             for effect in outcome.effects:
-                if effect.action == "create":
-                    await self._new_order(effect.accession_number)
+                hook = self._hooks.get(effect.action)
+                if hook is not None:
+                    await self._run_hook(hook, effect.action, effect.accession_number)
         return outcome
 
-    async def _new_order(self, accession_number: str) -> None:
-        assert self.on_new_order is not None
+    @staticmethod
+    async def _run_hook(hook: OrderHook, action: str, accession_number: str) -> None:
         try:
-            await self.on_new_order(accession_number)
+            await hook(accession_number)
         except PacsEdgeError as exc:  # the order stands; the nightly run catches up
-            log.error("new order hook failed order=%s error=%s", logsafe.ref(accession_number),
-                      exc.message)
+            log.error("order hook failed action=%s order=%s error=%s", action,
+                      logsafe.ref(accession_number), exc.message)
 
 
 def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) -> Outcome:

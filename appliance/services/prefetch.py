@@ -22,6 +22,8 @@ A request that cannot ask the remote archive still records the priors the
 index has, and is `failed` with the reason; `pacs-edge prefetch retry` asks
 again. Chosen priors are held on local disk until `hold_until`: the order's
 scheduled start (or now) plus `keep_local_days` (sync/evict.py skips them).
+A cancelled order ends its prefetch (the order service calls
+`on_cancelled_order`): the hold ends and what has not started is not fetched.
 
 Logs name requests by id and studies by logsafe refs: never a patient ID.
 """
@@ -138,6 +140,20 @@ class PrefetchService:
             log.info("prefetch requested request=%d trigger=order order=%s", request,
                      logsafe.ref(accession_number))
             self.wake.set()
+        return request
+
+    async def on_cancelled_order(self, accession_number: str) -> int | None:
+        """The hook the order service calls after an order's cancellation is committed:
+        its prefetch ends (rows.end_for_cancelled_order says what that means)."""
+        order = await database.run_sync(self.index.reader, rows.order_for_prefetch,
+                                        accession_number)
+        if order is None:
+            return None
+        request = await self.writer.submit_sync(
+            lambda c: rows.end_for_cancelled_order(c, order.id))
+        if request is not None:
+            log.info("prefetch ended request=%d reason=order_cancelled order=%s", request,
+                     logsafe.ref(accession_number))
         return request
 
     async def request_manual(self, patient: PatientKey) -> int:

@@ -22,6 +22,10 @@ in the same transaction.
 Holds: a prior that is done stays on local disk until its request's
 `hold_until` (sync/evict.py asks `held_study_uids`).
 
+A cancelled order ends its prefetch (`end_for_cancelled_order`): the hold ends,
+what has not started fails as `order_cancelled`, which `retry_failed` leaves
+alone, and a step under way (a recall, a C-MOVE) runs to its end.
+
 Writes are plain functions of a sqlite3 connection run through
 `Writer.submit_sync`; reads take any connection (the index's reader through
 `database.run_sync`). Nothing here is logged: rows hold patient IDs.
@@ -35,7 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
 from appliance.store.order_rows import PatientKey
 
@@ -203,6 +207,8 @@ def mark_planned(conn: sqlite3.Connection, request_id: int, priors: Sequence[New
     """Record the chosen priors (a prior chosen before keeps its row and state) and
     close the choice: `planned`, or `failed` with the reason when part of it failed
     (the remote archive could not be asked); the priors found are recorded either way."""
+    if _cancelled(conn, request_id):
+        return  # the order was cancelled while its priors were being chosen
     now = time.time() if at is None else at
     conn.executemany(
         "INSERT INTO prefetch_priors (request_fk, study_uid, study_date, modalities, source,"
@@ -310,25 +316,72 @@ def transitions_of(conn: sqlite3.Connection, prior_id: int) -> list[tuple[str, s
 
 def retry_failed(conn: sqlite3.Connection) -> tuple[int, int]:
     """Failed requests back to pending (chosen again), failed priors back to pending;
-    returns (requests, priors)."""
+    returns (requests, priors). What a cancelled order ended stays failed."""
     requests = conn.execute(
         "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = ''"
-        " WHERE state = 'failed'").rowcount
+        " WHERE state = 'failed' AND error_kind != ?", (_CANCELLED,)).rowcount
     failed = [int(r[0]) for r in conn.execute(
-        "SELECT id FROM prefetch_priors WHERE state = 'failed'").fetchall()]
+        "SELECT p.id FROM prefetch_priors p JOIN prefetch_requests r ON r.id = p.request_fk"
+        " WHERE p.state = 'failed' AND r.error_kind != ?", (_CANCELLED,)).fetchall()]
     for prior_id in failed:
         advance(conn, prior_id, PriorTrigger.RETRY)
     return requests, len(failed)
 
 
+_CANCELLED = PrefetchFailure.ORDER_CANCELLED.value
+_CANCELLED_TEXT = "the order was cancelled"
+
+
+def _cancelled(conn: sqlite3.Connection, request_id: int) -> bool:
+    return database.query_one(
+        conn, "SELECT 1 FROM prefetch_requests WHERE id = ? AND error_kind = ?",
+        (request_id, _CANCELLED)) is not None
+
+
+def end_for_cancelled_order(conn: sqlite3.Connection, order_id: int, *,
+                            at: float | None = None) -> int | None:
+    """The order `order_id` was cancelled: end its prefetch; returns the request's id,
+    None when the order had none.
+
+    The hold ends now (eviction may take the priors again). The request is failed
+    `order_cancelled` (planned or not: no worker plans it, no `retry` revives it).
+    Each prior not started yet (pending) fails the same way, and a failed one takes
+    that kind, so that neither the worker, the sync agent nor `retry` takes it up. A
+    prior mid-step (recalling, rehydrating, moving) is left to finish: a recall or a
+    C-MOVE under way is not taken back, and once done it is no longer held."""
+    now = time.time() if at is None else at
+    row = database.query_one(conn, "SELECT id FROM prefetch_requests WHERE order_fk = ?",
+                             (order_id,))
+    if row is None:
+        return None
+    request_id = int(row[0])
+    conn.execute(
+        "UPDATE prefetch_requests SET hold_until = MIN(hold_until, ?), state = 'failed',"
+        " error_kind = ?, error = ? WHERE id = ?", (now, _CANCELLED, _CANCELLED_TEXT, request_id))
+    for prior in priors_of(conn, [request_id]):
+        if prior.state == PriorState.PENDING:
+            advance(conn, prior.id, PriorTrigger.FAIL, failure_kind=_CANCELLED,
+                    error=_CANCELLED_TEXT, at=now)
+        elif prior.state == PriorState.FAILED:
+            conn.execute("UPDATE prefetch_priors SET failure_kind = ?, error = ?, changed_at = ?"
+                         " WHERE id = ?", (_CANCELLED, _CANCELLED_TEXT, now, prior.id))
+    return request_id
+
+
 def resume_interrupted(conn: sqlite3.Connection, source: Source) -> int:
     """At a process start: priors of `source` left mid-step by a process that died go
-    back to pending (each step is safe to run again); returns how many."""
-    stuck = [int(r[0]) for r in conn.execute(
-        "SELECT id FROM prefetch_priors WHERE source = ?"
-        " AND state IN ('recalling', 'rehydrating', 'moving')", (source.value,)).fetchall()]
-    for prior_id in stuck:
-        advance(conn, prior_id, PriorTrigger.RESUME)
+    back to pending (each step is safe to run again), or fail if their order was
+    cancelled meanwhile; returns how many."""
+    stuck = conn.execute(
+        "SELECT p.id, r.error_kind FROM prefetch_priors p"
+        " JOIN prefetch_requests r ON r.id = p.request_fk WHERE p.source = ?"
+        " AND p.state IN ('recalling', 'rehydrating', 'moving')", (source.value,)).fetchall()
+    for prior_id, request_error in stuck:
+        if request_error == _CANCELLED:
+            advance(conn, prior_id, PriorTrigger.FAIL, failure_kind=_CANCELLED,
+                    error=_CANCELLED_TEXT)
+        else:
+            advance(conn, prior_id, PriorTrigger.RESUME)
     return len(stuck)
 
 
