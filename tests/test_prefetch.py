@@ -250,6 +250,8 @@ def test_a_cancelled_order_ends_its_prefetch(
     [(held_until,)] = index_rows(server.home, "SELECT hold_until FROM prefetch_requests")
     assert held_until <= time.time()  # eviction may take the priors again
     assert "retrying 0 request(s) and 0 prior(s)" in server.cli("prefetch", "retry").stdout
+    backlog = json.loads(server.cli("status", "--json").stdout)["backlog"]
+    assert (backlog["prefetch_waiting"], backlog["prefetch_failed"]) == (0, 0)
     assert "prefetch ended request=1 reason=order_cancelled" in server.log()
     assert PATIENT not in server.log()
 
@@ -276,6 +278,10 @@ def test_a_remote_archive_that_does_not_know_the_box_fails_the_move_with_its_sta
     assert "0xA801" in prior["error"]  # Refused: Move Destination unknown
     assert index_rows(server.home, "SELECT COUNT(*) FROM studies") == [(0,)]
     assert "failed 1" in server.cli("prefetch", "status").stdout
+    # `status` says so too, for whoever looks at the box rather than at prefetch.
+    backlog = json.loads(server.cli("status", "--json").stdout)["backlog"]
+    assert (backlog["prefetch_waiting"], backlog["prefetch_failed"]) == (0, 1)
+    assert "0 priors waiting, 1 failed" in server.cli("status").stdout
 
 
 async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(

@@ -269,6 +269,8 @@ def _status_table(config: Config, health: Any) -> Table:
         ("drop folder", ", ".join(f"{k} {v}" for k, v in health.dropfolder.items())),
         ("waiting to replicate", human_size(health.sync["bytes_waiting_to_replicate"])),
         ("recalls waiting", str(health.backlog.recalls_pending)),
+        ("prefetch", f"{health.backlog.prefetch_waiting} priors waiting,"
+                     f" {health.backlog.prefetch_failed} failed"),
         ("last sync pass", human_time(health.sync["last_successful_pass_at"])),
         ("site key escrow", f"{health.escrow.escrowed_key_id} on {health.escrow.escrowed_at}"
          if health.escrow.ok else "MISSING (see the warning)"),

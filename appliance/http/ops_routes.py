@@ -137,6 +137,8 @@ def _status_page(sources: HealthSources, report: HealthReport,
         *[(f"studies {state}", str(count)) for state, count in sorted(totals.tier_states.items())],
         ("waiting to replicate", human_size(report.sync["bytes_waiting_to_replicate"])),
         ("recalls waiting", str(report.backlog.recalls_pending)),
+        ("prefetch priors waiting / failed",
+         f"{report.backlog.prefetch_waiting} / {report.backlog.prefetch_failed}"),
         ("last sync pass", human_time(report.sync.get("last_successful_pass_at"))),
         *[(f"{cert.name} certificate expires", human_time(cert.not_after))
           for cert in report.certificates],

@@ -1,5 +1,5 @@
 """What the health report reads from the index beyond `Index.totals`/`sync_summary`:
-how far behind replication and recall are (services/box_health.py)."""
+how far behind replication, recall and prefetch are (services/box_health.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from appliance.store.index import Index
 
 @dataclass(frozen=True)
 class Backlog:
-    """Replication and recall work not done yet (times are epoch seconds)."""
+    """Replication, recall and prefetch work not done yet (times are epoch seconds)."""
 
     oldest_unreplicated_at: float | None  # receipt of the oldest instance in no pack
     recalls_pending: int
     oldest_recall_requested_at: float | None
     recalls_failed: int  # requests whose last recall failed and that nobody asked again
+    prefetch_waiting: int  # priors chosen and not local yet (pending or under way)
+    prefetch_failed: int  # failed priors `pacs-edge prefetch retry` would try again
 
 
 def _backlog(conn: sqlite3.Connection) -> Backlog:
@@ -25,8 +27,12 @@ def _backlog(conn: sqlite3.Connection) -> Backlog:
         "SELECT (SELECT MIN(received_at) FROM instances WHERE pack_fk IS NULL AND is_local = 1),"
         " (SELECT COUNT(*) FROM recall_requests WHERE state = 'pending'),"
         " (SELECT MIN(requested_at) FROM recall_requests WHERE state = 'pending'),"
-        " (SELECT COUNT(*) FROM recall_requests WHERE state = 'failed')").fetchone()
-    return Backlog(row[0], int(row[1]), row[2], int(row[3]))
+        " (SELECT COUNT(*) FROM recall_requests WHERE state = 'failed'),"
+        " (SELECT COUNT(*) FROM prefetch_priors WHERE state NOT IN ('done', 'failed')),"
+        " (SELECT COUNT(*) FROM prefetch_priors p JOIN prefetch_requests r"
+        "  ON r.id = p.request_fk WHERE p.state = 'failed'"
+        "  AND r.error_kind != 'order_cancelled')").fetchone()
+    return Backlog(row[0], int(row[1]), row[2], int(row[3]), int(row[4]), int(row[5]))
 
 
 async def backlog(index: Index) -> Backlog:
