@@ -1,7 +1,7 @@
 """QIDO-RS searches: C-FIND's matching, the web user's scope, then paging.
 
 The edge (appliance/http/dicomweb_qido.py) turns the query string into a C-FIND
-identifier; this service answers it with `query.find.find`, so QIDO-RS and
+identifier; this service answers it with `query.find.answer`, so QIDO-RS and
 C-FIND match exactly alike (PS3.4 C.2.2.2: wildcards, ranges, UID lists), then
 keeps only the studies the Principal may see, and only then applies
 `offset` and `limit` (paging after scoping: a referring physician's page is
@@ -9,7 +9,9 @@ full of their own studies, and counts reveal nothing of the others).
 
 Scope needs each match's Referring Physician's Name: when the user is scoped
 and did not ask for it, the key is added to the identifier and removed from
-the answers again.
+the answers again. Scope and paging work on the index rows; only the page's
+rows become identifiers (a search of every study builds `limit` Datasets, not
+one per study).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from appliance.services.access import Principal
-from appliance.services.query.find import QueryModel, find
+from appliance.services.query.find import QueryModel, answer
 from appliance.store.index import Index
 
 _REFERRING = Tag(0x0008, 0x0090)
@@ -46,14 +48,16 @@ class WebQueryService:
         if not principal.sees_all() and _REFERRING not in identifier:
             identifier.ReferringPhysicianName = ""
             added = True
-        matches = await find(self.index, QueryModel.STUDY_ROOT, identifier,
+        found = await answer(self.index, QueryModel.STUDY_ROOT, identifier,
                              retrieve_ae_title=self.retrieve_ae_title)
+        rows = found.rows
         if not principal.sees_all():
-            matches = [m for m in matches
-                       if principal.may_see(str(m.get("ReferringPhysicianName", "") or ""))]
+            referring = found.column(_REFERRING)
+            rows = [row for row in rows if principal.may_see(str(row[referring] or ""))]
+        total = len(rows)
+        end = total if limit is None else offset + limit
+        matches = found.datasets(rows[offset:end])  # identifiers for the page alone
         if added:
             for match in matches:
                 del match[_REFERRING]
-        total = len(matches)
-        end = total if limit is None else offset + limit
-        return Page(matches[offset:end], total, end < total)
+        return Page(matches, total, end < total)

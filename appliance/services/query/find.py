@@ -125,8 +125,17 @@ class Answer:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def datasets(self) -> list[Dataset]:
-        return [_response(self.level, self.plan, row) for row in self.rows]
+    def datasets(self, rows: Sequence[Sequence[object]] | None = None) -> list[Dataset]:
+        """The response identifiers of `rows` (a selection of `self.rows`), or of all."""
+        return [_response(self.level, self.plan, row)
+                for row in (self.rows if rows is None else rows)]
+
+    def column(self, tag: BaseTag) -> int:
+        """Where the value of the returned key `tag` is in each row (KeyError: not one)."""
+        for n, key in enumerate(self.plan.columns):
+            if key.tag == tag:
+                return n
+        raise KeyError(tag)
 
     def encoded(self, *, implicit_vr: bool) -> Iterator[bytes]:
         """Each match's identifier encoded in Implicit or Explicit VR Little Endian,
