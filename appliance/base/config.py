@@ -108,6 +108,8 @@ class HttpConfig:
     idle_timeout: float = field(default=75.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     head_timeout: float = field(default=10.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     viewer_root: str = "auto"
+    metadata_cache_mb: int = field(default=1024, metadata=_check(lambda v: 1 <= v <= 1 << 30,
+                                                                 "1 to 1073741824 MB"))
 
 
 def _networks_ok(values: tuple[str, ...]) -> bool:
@@ -505,6 +507,8 @@ _COMMENTS = {
     " (slow-header attacks are dropped).",
     "http.viewer_root": "The OHIF viewer served at /: \"auto\" = what scripts/install-ohif.sh"
     " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
+    "http.metadata_cache_mb": "Bound of the series metadata cache (cache/metadata), MB; the"
+    " series used least recently are dropped first and rebuilt when asked again.",
     "metrics": "Prometheus metrics at /metrics, /healthz and /readyz (docs/operations.md).",
     "metrics.enabled": "Count events and serve /metrics (no patient data, no UIDs).",
     "metrics.allow": "Addresses or networks that may read /metrics on the HTTPS port"

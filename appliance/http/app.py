@@ -40,7 +40,8 @@ def build_app(services: WebServices) -> web.Application:
     app[SERVICES] = services
     app[READS] = WebRetrieveService(services.index, services.files, services.retrieve,
                                     recall_timeout=services.config.sync.recall_timeout_seconds)
-    app[METADATA] = SeriesMetadataCache(services.metadata_cache)
+    app[METADATA] = SeriesMetadataCache(services.metadata_cache,
+                                        max_bytes=services.config.http.metadata_cache_mb << 20)
     dicomweb_qido.add_routes(app)
     dicomweb_wado.add_routes(app)
     dicomweb_metadata.add_routes(app)

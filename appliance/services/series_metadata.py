@@ -18,6 +18,11 @@ needed, and a stale answer cannot be served. Files are written to a temp file
 and renamed (a reader never sees half a file); a crash leaves at worst a temp
 file, removed by a later build of that series once it is an hour old.
 
+The cache is bounded (`[http] metadata_cache_mb`): after each build the files
+used least recently (a hit refreshes its file's mtime) go until the rest fit,
+sparing any used in the last minute, which a request may be about to read.
+It also holds patient data of studies since evicted; the bound ages it out.
+
 Elements are encoded by dicom_json (raw bytes to JSON, pydicom's
 to_json_dict only for what it declines): pydicom's per-element conversion was
 two thirds of a cold build.
@@ -61,6 +66,7 @@ _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _UNDEFINED = 0xFFFFFFFF
 _TEMP_PREFIX = ".building-"
 STALE_TEMP_SECONDS = 3600.0
+IN_USE_SECONDS = 60.0  # a file used this recently may be about to be read
 
 
 def instance_url(base: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -123,8 +129,9 @@ def _dictionary_vr(tag: BaseTag) -> str:
 
 
 class SeriesMetadataCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
         self.root = root
+        self.max_bytes = max_bytes
 
     def series_file(self, series_uid: str, instances: Iterable[tuple[str, str, Path, str]],
                     base: str, study_uid: str) -> Path:
@@ -139,7 +146,8 @@ class SeriesMetadataCache:
             digest.update(f"\n{sop_uid}:{sha256}".encode())
         folder = self.root / key[:2]
         target = folder / f"{key}-{digest.hexdigest()[:32]}.json.gz"
-        if target.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(target)  # used now: the last to go when the cache is trimmed
             return target
         folder.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=folder, prefix=f"{_TEMP_PREFIX}{key}-")
@@ -168,4 +176,33 @@ class SeriesMetadataCache:
             with contextlib.suppress(OSError):
                 if left.stat().st_mtime < cutoff:
                     left.unlink()
+        self.trim()
         return target
+
+    def trim(self) -> int:
+        """Remove the least recently used series files until the cache fits `max_bytes`,
+        sparing those used in the last IN_USE_SECONDS; returns how many went."""
+        entries: list[tuple[float, int, str]] = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as folders:
+            for folder in folders:
+                if not folder.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError), os.scandir(folder.path) as files:
+                    for entry in files:
+                        if entry.name.endswith(".json.gz"):
+                            with contextlib.suppress(FileNotFoundError):
+                                stat = entry.stat(follow_symlinks=False)
+                                entries.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in entries)
+        recent = time.time() - IN_USE_SECONDS
+        removed = 0
+        for mtime, size, path in sorted(entries):
+            if total <= self.max_bytes or mtime >= recent:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+            total -= size
+        if removed:
+            log.info("metadata cache trimmed files=%d bytes_left=%d", removed, total)
+        return removed
