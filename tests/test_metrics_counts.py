@@ -13,7 +13,7 @@ import dcmtk
 from conftest import EdgeServer
 from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
-from webpeer import curl, web_home
+from webpeer import add_user, curl, dicomweb, web_home
 
 STORE_RUNS = 3  # associations that store
 FINDS = 4
@@ -53,6 +53,8 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
             assert not dcmtk.echoscu(server.port, aet="NOBODY").ok
         first = studies[0].study_uid
         dcmtk.getscu(server.port, {"StudyInstanceUID": first}, tmp_path / "got").check()
+        add_user(server, "rad", "radiologist")
+        retrieved = dicomweb(server, "rad").retrieve_study(first)
         server.cli("sync", "--once", "--stable-after", "0")
         after = scrape(server)
     finally:
@@ -75,6 +77,10 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
                  service="C-GET", status="success") == 1
     assert delta(after, before, "pacs_edge_sent_bytes_total", edge="dicom") == sum(
         len(dataset_bytes(i.path)) for i in studies if i.study_uid == first)
+    # WADO-RS counts the Part 10 files it sends, as they are stored.
+    assert len(retrieved) == sum(i.study_uid == first for i in studies)
+    assert delta(after, before, "pacs_edge_sent_bytes_total", edge="dicomweb") == sum(
+        p.stat().st_size for p in (home / "store" / first).rglob("*.dcm"))
     # The agent's pass, counted in its own process and file.
     assert delta(after, before, "pacs_edge_replications_total", outcome="ok") == len(
         {i.study_uid for i in studies})

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from appliance.base.metrics import SENT_BYTES
+
 CHUNK = 1 << 20
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
@@ -127,7 +129,8 @@ async def file_chunks(path: Path, offset: int = 0, length: int | None = None
 
 
 class MultipartStream:
-    """A multipart/related response written part by part."""
+    """A multipart/related response written part by part (WADO-RS: instances, frames,
+    bulk data); the parts' bytes count in pacs_edge_sent_bytes{edge="dicomweb"}."""
 
     def __init__(self, request: web.Request, part_type: str, *, status: int = 200,
                  extra: str = "") -> None:
@@ -151,9 +154,11 @@ class MultipartStream:
         await self.response.write((head + "\r\n").encode("latin-1"))
         if isinstance(body, bytes):
             await self.response.write(body)
+            SENT_BYTES.labels("dicomweb").inc(len(body))
         else:
             async for chunk in body:
                 await self.response.write(chunk)
+                SENT_BYTES.labels("dicomweb").inc(len(chunk))
         await self.response.write(b"\r\n")
 
     async def finish(self) -> web.StreamResponse:
