@@ -35,9 +35,11 @@ A-ABORT and a log line that says why:
 A refused read raises TransportAborted (an OSError): the DUL handles it as
 Evt17, transport closed, and the association ends.
 
-The reads also go into one preallocated buffer with `recv_into()` (pynetdicom
-appends 4096-byte `recv()`s to a growing bytearray: 128 Python-level calls
-and copies for a 512 KiB CT slice).
+The reads also go into one preallocated buffer per PDU (pynetdicom appends
+4096-byte `recv()`s to a growing bytearray: 128 Python-level calls and copies
+for a 512 KiB CT slice): on plain TCP with `os.readv()` on the socket's
+non-blocking descriptor, waiting in poll() only when nothing has arrived (one
+system call per read while data flows); on TLS with `recv_into()`.
 """
 
 from __future__ import annotations
