@@ -38,6 +38,7 @@ from appliance.store.leases import StudyBusy
 from appliance.store.packs import packs_of
 from appliance.store.prefetch_rows import (
     PrefetchPrior,
+    PrefetchTransitionError,
     PriorState,
     PriorTrigger,
     Source,
@@ -74,16 +75,24 @@ class PrefetchRecalls:
             self._resumed = True
         recalled = 0
         for prior in await self._waiting():
-            study = await study_by_uid(self.ctx.index, prior.study_uid)
-            if study is None:
-                await self._advance(prior, PriorTrigger.FAIL,
-                                    failure_kind=PrefetchFailure.NOT_FOUND.value,
-                                    error="the study is no longer in the index")
-            elif study.tier_state in _BACK:
-                await self._advance(prior, PriorTrigger.LOCAL)
-            elif study.tier_state == TierState.EVICTED:
-                recalled += await self._fetch(prior, study)
+            try:
+                recalled += await self._work(prior)
+            except PrefetchTransitionError:  # changed meanwhile (its order was cancelled)
+                log.info("prefetch prior changed meanwhile prior=%d", prior.id)
         return recalled
+
+    async def _work(self, prior: PrefetchPrior) -> int:
+        """One prior's step this round; 1 if it was recalled."""
+        study = await study_by_uid(self.ctx.index, prior.study_uid)
+        if study is None:
+            await self._advance(prior, PriorTrigger.FAIL,
+                                failure_kind=PrefetchFailure.NOT_FOUND.value,
+                                error="the study is no longer in the index")
+        elif study.tier_state in _BACK:
+            await self._advance(prior, PriorTrigger.LOCAL)
+        elif study.tier_state == TierState.EVICTED:
+            return await self._fetch(prior, study)
+        return 0
 
     async def _waiting(self) -> list[PrefetchPrior]:
         return await database.run_sync(self.ctx.index.reader, priors_to_work, Source.CLOUD)

@@ -224,17 +224,19 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
                 NewPrior("1.1", "20250101", ("CT",), Source.LOCAL),
                 NewPrior("1.2", "20240101", ("CT",), Source.CLOUD),
                 NewPrior("1.3", "20230101", ("CT",), Source.REMOTE),
-                NewPrior("1.4", "20220101", ("CT",), Source.REMOTE)], at=1000.0)
+                NewPrior("1.4", "20220101", ("CT",), Source.REMOTE),
+                NewPrior("1.6", "20200101", ("CT",), Source.CLOUD)], at=1000.0)
             by_uid = {p.study_uid: p.id for p in priors_of(conn, [request])}
             advance(conn, by_uid["1.1"], PriorTrigger.LOCAL)
             advance(conn, by_uid["1.2"], PriorTrigger.RECALL)
             advance(conn, by_uid["1.4"], PriorTrigger.MOVE)
             advance(conn, by_uid["1.4"], PriorTrigger.FAIL, failure_kind="move_failed")
+            advance(conn, by_uid["1.6"], PriorTrigger.REHYDRATE)
             return order, request
 
         order, request = await writer.submit_sync(plan)
         assert await writer.submit_sync(lambda c: held_study_uids(c, 1500.0)) == {
-            "1.1", "1.2", "1.3"}
+            "1.1", "1.2", "1.3", "1.6"}
         assert await writer.submit_sync(
             lambda c: end_for_cancelled_order(c, order, at=1500.0)) == request
 
@@ -244,7 +246,13 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
 
         assert await states() == {"1.1": ("done", ""), "1.2": ("recalling", ""),
                                   "1.3": ("failed", "order_cancelled"),
-                                  "1.4": ("failed", "order_cancelled")}
+                                  "1.4": ("failed", "order_cancelled"),
+                                  "1.6": ("failed", "order_cancelled")}
+        # A worker that read the rehydrating prior before finds its next step refused.
+        six = {p.study_uid: p.id for p in await writer.submit_sync(
+            lambda c: priors_of(c, [request]))}["1.6"]
+        with pytest.raises(PrefetchTransitionError):
+            await writer.submit_sync(lambda c: advance(c, six, PriorTrigger.ONLINE))
         ended = await writer.submit_sync(lambda c: request_by_id(c, request))
         assert ended is not None
         assert (ended.state, ended.error_kind, ended.hold_until) == (

@@ -253,7 +253,10 @@ class PrefetchService:
             if prior.state != PriorState.PENDING:
                 continue  # another pass of this process runs it (resume_interrupted at start)
             tried += 1
-            await self._move(prior)
+            try:
+                await self._move(prior)
+            except rows.PrefetchTransitionError:  # changed meanwhile (its order was cancelled)
+                log.info("prefetch prior changed meanwhile prior=%d", prior.id)
         return tried
 
     async def _move(self, prior: rows.PrefetchPrior) -> None:

@@ -23,8 +23,9 @@ Holds: a prior that is done stays on local disk until its request's
 `hold_until` (sync/evict.py asks `held_study_uids`).
 
 A cancelled order ends its prefetch (`end_for_cancelled_order`): the hold ends,
-what has not started fails as `order_cancelled`, which `retry_failed` leaves
-alone, and a step under way (a recall, a C-MOVE) runs to its end.
+what has not started (or only waits for the cloud) fails as `order_cancelled`,
+which `retry_failed` leaves alone, and a transfer under way (a recall, a C-MOVE)
+runs to its end.
 
 Writes are plain functions of a sqlite3 connection run through
 `Writer.submit_sync`; reads take any connection (the index's reader through
@@ -345,10 +346,12 @@ def end_for_cancelled_order(conn: sqlite3.Connection, order_id: int, *,
 
     The hold ends now (eviction may take the priors again). The request is failed
     `order_cancelled` (planned or not: no worker plans it, no `retry` revives it).
-    Each prior not started yet (pending) fails the same way, and a failed one takes
-    that kind, so that neither the worker, the sync agent nor `retry` takes it up. A
-    prior mid-step (recalling, rehydrating, moving) is left to finish: a recall or a
-    C-MOVE under way is not taken back, and once done it is no longer held."""
+    Each prior not started yet (pending) or waiting for the cloud (rehydrating: the
+    rehydration asked cannot be taken back, the recall after it can) fails the same
+    way, and a failed one takes that kind, so that neither the worker, the sync agent
+    nor `retry` takes it up; a worker that read it before finds its next step refused
+    and skips it. A prior that is moving or recalling is left to finish: that
+    transfer is not taken back, and once done the study is no longer held."""
     now = time.time() if at is None else at
     row = database.query_one(conn, "SELECT id FROM prefetch_requests WHERE order_fk = ?",
                              (order_id,))
@@ -359,7 +362,7 @@ def end_for_cancelled_order(conn: sqlite3.Connection, order_id: int, *,
         "UPDATE prefetch_requests SET hold_until = MIN(hold_until, ?), state = 'failed',"
         " error_kind = ?, error = ? WHERE id = ?", (now, _CANCELLED, _CANCELLED_TEXT, request_id))
     for prior in priors_of(conn, [request_id]):
-        if prior.state == PriorState.PENDING:
+        if prior.state in (PriorState.PENDING, PriorState.REHYDRATING):
             advance(conn, prior.id, PriorTrigger.FAIL, failure_kind=_CANCELLED,
                     error=_CANCELLED_TEXT, at=now)
         elif prior.state == PriorState.FAILED:
