@@ -123,12 +123,7 @@ class EdgeAssociationSocket(AssociationSocket):
         received = 0
         try:
             while received < nr_bytes:
-                if self.stopping is not None and self.stopping.is_set():
-                    self._abort("the server is stopping")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._abort(f"{self._cause(cause)}: {received} of {nr_bytes} bytes"
-                                " received")
+                remaining = self._time_left(deadline, cause, received, nr_bytes)
                 # Wait in slices, to notice a stopping server; the socket's own
                 # timeout (network_timeout, which also bounds sends) is restored below.
                 sock.settimeout(min(remaining, _POLL))
@@ -161,12 +156,7 @@ class EdgeAssociationSocket(AssociationSocket):
         received = 0
         try:
             while received < wanted:
-                if self.stopping is not None and self.stopping.is_set():
-                    self._abort("the server is stopping")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._abort(f"{self._cause(cause)}: {received} of {wanted} bytes"
-                                " received")
+                remaining = self._time_left(deadline, cause, received, wanted)
                 try:
                     count = os.readv(fd, [view[received:received + _RECV_CHUNK]])
                 except BlockingIOError:
@@ -182,6 +172,16 @@ class EdgeAssociationSocket(AssociationSocket):
         return buffer
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _time_left(self, deadline: float, cause: str, received: int, wanted: int) -> float:
+        """Seconds left to read the PDU; aborts when the server is stopping or the PDU's
+        time is up (its message says how much of it had come)."""
+        if self.stopping is not None and self.stopping.is_set():
+            self._abort("the server is stopping")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self._abort(f"{self._cause(cause)}: {received} of {wanted} bytes received")
+        return remaining
 
     def _state(self) -> str:
         return str(self.assoc.dul.state_machine.current_state)
