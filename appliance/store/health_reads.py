@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from appliance.store import database
 from appliance.store.index import Index
+from appliance.store.prefetch_rows import RETRYABLE_PRIORS
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,7 @@ def _backlog(conn: sqlite3.Connection) -> Backlog:
         " (SELECT MIN(requested_at) FROM recall_requests WHERE state = 'pending'),"
         " (SELECT COUNT(*) FROM recall_requests WHERE state = 'failed'),"
         " (SELECT COUNT(*) FROM prefetch_priors WHERE state NOT IN ('done', 'failed')),"
-        " (SELECT COUNT(*) FROM prefetch_priors p JOIN prefetch_requests r"
-        "  ON r.id = p.request_fk WHERE p.state = 'failed'"
-        "  AND r.error_kind != 'order_cancelled')").fetchone()
+        f" (SELECT COUNT(*) {RETRYABLE_PRIORS})").fetchone()
     return Backlog(row[0], int(row[1]), row[2], int(row[3]), int(row[4]), int(row[5]))
 
 

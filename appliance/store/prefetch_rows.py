@@ -44,6 +44,13 @@ from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
 from appliance.store.order_rows import PatientKey
 
+_CANCELLED = PrefetchFailure.ORDER_CANCELLED.value
+_CANCELLED_TEXT = "the order was cancelled"
+# The failed priors `retry_failed` takes up again: all but those of a cancelled order
+# (`pacs-edge status` counts them too: store/health_reads.py).
+RETRYABLE_PRIORS = ("FROM prefetch_priors p JOIN prefetch_requests r ON r.id = p.request_fk"
+                    f" WHERE p.state = 'failed' AND r.error_kind != '{_CANCELLED}'")
+
 
 class PriorState(enum.StrEnum):
     PENDING = "pending"
@@ -321,16 +328,10 @@ def retry_failed(conn: sqlite3.Connection) -> tuple[int, int]:
     requests = conn.execute(
         "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = ''"
         " WHERE state = 'failed' AND error_kind != ?", (_CANCELLED,)).rowcount
-    failed = [int(r[0]) for r in conn.execute(
-        "SELECT p.id FROM prefetch_priors p JOIN prefetch_requests r ON r.id = p.request_fk"
-        " WHERE p.state = 'failed' AND r.error_kind != ?", (_CANCELLED,)).fetchall()]
+    failed = [int(r[0]) for r in conn.execute(f"SELECT p.id {RETRYABLE_PRIORS}").fetchall()]
     for prior_id in failed:
         advance(conn, prior_id, PriorTrigger.RETRY)
     return requests, len(failed)
-
-
-_CANCELLED = PrefetchFailure.ORDER_CANCELLED.value
-_CANCELLED_TEXT = "the order was cancelled"
 
 
 def _cancelled(conn: sqlite3.Connection, request_id: int) -> bool:
