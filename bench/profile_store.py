@@ -47,8 +47,9 @@ from common import (
     serving,
     set_aside,
     small_studies,
+    timed_parallel,
 )
-from store import storescu_argv
+from store import split, storescu_argv
 
 # "1234  fdatasync(12) = 0 <0.000451>", or for a call another thread's interrupted
 # "1234  <... fsync resumed>) = 0 <0.000169>", as strace -f -T writes them
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--small", type=int, default=0,
                         help="send this many one-instance studies instead of the CT study")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="send over this many associations at once (storescu each)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--wall", action="store_true",
@@ -139,37 +142,39 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     profile = scu_profile(files[:1], WORK / "storescu.cfg")
     source = Path(os.path.commonpath(files)) if args.small else ct_study(args.slices)
+    sources = split(source, args.associations)
     raw = OUT / "store-profile.txt"
     remove_spent()
     try:
-        profile_send(args, tracer, mode, source, profile, raw, len(files))
+        profile_send(args, tracer, mode, sources, profile, raw, len(files))
     finally:
         remove_spent()
 
 
-def profile_send(args: argparse.Namespace, tracer: str, mode: list[str], source: Path,
+def profile_send(args: argparse.Namespace, tracer: str, mode: list[str], sources: list[Path],
                  profile: Path, raw: Path, instances: int) -> None:
     if args.flushes:
         # strace stops the server at every system call, so the wall time comes from
         # an untraced send first.
-        seconds = send(source, profile, None)
-        send(source, profile, [tracer, "-f", "-T", "-e", "trace=fdatasync,fsync",
+        seconds = send(sources, profile, None)
+        send(sources, profile, [tracer, "-f", "-T", "-e", "trace=fdatasync,fsync",
                                "-o", str(raw), "-p"])
         summarize_flushes(raw, instances, seconds)
     elif args.kernel:
         data = OUT / "store-perf.data"
-        send(source, profile, [tracer, "record", "-e", "cpu-clock", "-F", "1000", "-g",
+        send(sources, profile, [tracer, "record", "-e", "cpu-clock", "-F", "1000", "-g",
                                "-o", str(data), "-p"])
         summarize_perf(tracer, data, args.top)
     else:
-        send(source, profile, [tracer, "record", *mode, "--rate", str(args.rate),
+        send(sources, profile, [tracer, "record", *mode, "--rate", str(args.rate),
                                "--format", "raw", "-o", str(raw), "--pid"])
         summarize(raw, args.top)
 
 
-def send(source: Path, profile: Path, tracer: list[str] | None) -> float:
-    """Send `source` once with storescu to a fresh server, traced by `tracer` (its
-    arguments, the server's PID appended) if given; the seconds it took."""
+def send(sources: list[Path], profile: Path, tracer: list[str] | None) -> float:
+    """Send `sources` once to a fresh server, one storescu (association) per folder,
+    traced by `tracer` (its arguments, the server's PID appended) if given; the seconds
+    it took."""
     home = WORK / "profile-edge"
     shutil.rmtree(home, ignore_errors=True)
     edge = EdgeServer(home)
@@ -180,9 +185,8 @@ def send(source: Path, profile: Path, tracer: list[str] | None) -> float:
             spy = subprocess.Popen([*tracer, str(edge.proc.pid)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # the tracer attaches
-        start = time.perf_counter()
-        run(storescu_argv(edge.port, edge.ae_title, source, profile))
-        seconds = time.perf_counter() - start
+        seconds = timed_parallel([storescu_argv(edge.port, edge.ae_title, source, profile)
+                                  for source in sources])
         console.print(f"sent in {seconds:.2f} s"
                       + (f" under {Path(tracer[0]).name}" if tracer else ""))
         if spy is not None:
