@@ -76,6 +76,16 @@ def group_cpu(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds of the whole machine so far, all cores: (busy, idle). Busy is user,
+    nice, system, irq and softirq of every process (a server, its clients, the kernel's
+    own threads); idle includes waiting for I/O."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, (idle + iowait) / tick
+
+
 def group_peak_rss(pgid: int) -> float:
     """The largest peak resident set (VmHWM, MB) of any process of a group alive now:
     one server process, or one worker of a server with several."""

@@ -13,8 +13,14 @@ is from starting the storescu process(es) to the last one exiting. Figures:
 instances/s and MB/s (10^6 bytes of Part 10 files), each as a median of the
 runs, and the ratio to storescp's median in the same case; the server's CPU
 per instance (user+system of its process group from /proc, before and after)
-and its peak RSS per process (VmHWM, sampled; per worker for pacs-edge).
+and its peak RSS per process (VmHWM, sampled; per worker for pacs-edge); the
+machine's CPU per instance (every process and the kernel: server, storescu
+clients, flushing) and the cores left idle during the send, from /proc/stat.
 Every run checks that every instance was stored.
+
+Two caps measured on the same disk, without a server or a network: the serial
+durable-write floor (one instance after another, as on one association) and the
+file flushes alone of four writers at once (as on four associations).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,7 @@ from common import (
     files_under,
     free_port,
     fresh_dir,
+    machine_cpu,
     remove_spent,
     repeats,
     report,
@@ -122,6 +130,8 @@ class Sample:
     seconds: float
     cpu: float  # server CPU seconds during the send
     rss: float  # MB, the largest peak RSS of one server process
+    machine: float  # CPU seconds of the whole machine during the send
+    idle: float  # idle core-seconds of the machine during the send
 
 
 def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> Sample:
@@ -155,10 +165,13 @@ def run_case(case: Case, folders: list[Path], profile: Path, expected: int) -> S
 def _send(server: Server, folders: list[Path], profile: Path) -> Sample:
     before = server.cpu_seconds()
     with server.peak_rss() as rss:
+        busy, idle = machine_cpu()
         seconds = timed_parallel([storescu_argv(server.port, server.ae_title, f, profile)
                                   for f in folders])
+        busy_after, idle_after = machine_cpu()
         time.sleep(0.2)  # let storescp's forked children exit and be reaped
-    return Sample(seconds, server.cpu_seconds() - before, rss.mb)
+    return Sample(seconds, server.cpu_seconds() - before, rss.mb, busy_after - busy,
+                  idle_after - idle)
 
 
 def sha256_seconds(files: list[Path]) -> float:
@@ -205,6 +218,36 @@ def durable_floor_seconds(instance_bytes: int, folder: Path, count: int = 30) ->
     return statistics.median(times)
 
 
+def parallel_flushes_rate(instance_bytes: int, folder: Path, writers: int = 4,
+                          count: int = 60) -> float:
+    """Instances per second of `writers` threads each writing files of `instance_bytes`
+    and fdatasyncing each, all at once: what the disk allows four associations when each
+    instance's bytes must be durable before its answer, before any rename, folder fsync
+    or index commit (which pacs-edge shares between concurrent associations)."""
+    folder = fresh_dir(folder)
+    data = os.urandom(instance_bytes)
+
+    def write(writer: int) -> None:
+        for n in range(count):
+            fd = os.open(folder / f"{writer}-{n}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o644)
+            try:
+                os.write(fd, data)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    set_aside(folder)
+    return writers * count / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=int(os.environ.get("BENCH_SLICES", "300")))
@@ -234,10 +277,12 @@ def main() -> None:
     failures: dict[Case, int] = {}
     hashing: list[float] = []
     floor: list[float] = []
+    flushes4: list[float] = []
     load = [round(x, 2) for x in os.getloadavg()]
     for rep in range(args.repeats):  # round robin: noise lands on every case alike
         hashing.append(sha256_seconds(files))
         floor.append(durable_floor_seconds(size // len(files), WORK / "floor"))
+        flushes4.append(parallel_flushes_rate(size // len(files), WORK / "flushes4"))
         for case in cases:
             folder, sent, profile = data[case.data]
             try:
@@ -270,7 +315,11 @@ def main() -> None:
     durable = Figure("durable-write floor, serial", "write+fsync+rename+dir fsync+commit",
                      "inst/s", [1 / s for s in floor], figures[0],
                      note="(a cap on one association)")
-    figures += [sha, durable]
+    storescp4 = next(f for f in figures if f.name == "store x4 assoc"
+                     and f.subject == "dcmtk storescp" and f.unit == "inst/s")
+    flushes = Figure("file flushes alone, 4 writers", "write+fdatasync, 4 threads at once",
+                     "inst/s", flushes4, storescp4, note="(the disk's cap on 4 associations)")
+    figures += [sha, durable, flushes]
     if orthanc_note:
         console.print(f"[yellow]{orthanc_note}[/yellow]")
     report(f"C-STORE by dcmtk storescu: {len(files)} CT slices ({size / MB:.0f} MB) on 1 and "
@@ -287,8 +336,9 @@ def main() -> None:
 
 def _figures(case: Case, runs: list[Sample], count: int, size: int,
              ref: list[Figure] | None, failed: int) -> list[Figure]:
-    """inst/s, MB/s, server CPU per instance and peak RSS of one case, each with its
-    storescp reference (`ref`, in this order), or as the reference when `ref` is None."""
+    """inst/s, MB/s, server CPU per instance, peak RSS, machine CPU per instance and idle
+    cores of one case, each with its storescp reference (`ref`, in this order), or as the
+    reference when `ref` is None."""
     note = f"({failed} failed)" if failed else ""
     suffix = case.measure.removeprefix("store ")
     made = [
@@ -298,7 +348,12 @@ def _figures(case: Case, runs: list[Sample], count: int, size: int,
         Figure(f"server CPU per instance {suffix}", case.label, "CPU-ms",
                [1000 * r.cpu / count for r in runs], higher_is_better=False, note=note),
         Figure(f"peak RSS per process {suffix}", case.label, "MB", [r.rss for r in runs],
-               higher_is_better=False, note=note)]
+               higher_is_better=False, note=note),
+        Figure(f"machine CPU per instance {suffix}", case.label, "CPU-ms",
+               [1000 * r.machine / count for r in runs], higher_is_better=False,
+               note=note or "(server, clients and kernel)"),
+        Figure(f"idle cores during the send {suffix}", case.label, "cores",
+               [r.idle / r.seconds for r in runs], higher_is_better=False, note=note)]
     for n, fig in enumerate(made):
         fig.reference = fig if ref is None else ref[n]
     return made
