@@ -44,20 +44,21 @@ DEADLINE = 120.0
 
 
 def make_prior(folder: Path, seed: int, *, days_ago: int, modality: str = "CT",
-               body_part: str = "HEAD", patient: str = PATIENT,
-               issuer: str = ISSUER) -> list[dicomgen.GeneratedInstance]:
+               body_part: str = "HEAD", patient: str = PATIENT, issuer: str = ISSUER,
+               instances: int = 3) -> list[dicomgen.GeneratedInstance]:
     """One study of the patient, `days_ago` old, of one modality and body part."""
-    instances = dicomgen.make_studies(folder / f"study-{seed}", seed=seed, series_per_study=1,
-                                      instances_per_series=3, modalities=(modality,), size=64)
+    made = dicomgen.make_studies(folder / f"study-{seed}", seed=seed, series_per_study=1,
+                                 instances_per_series=instances, modalities=(modality,),
+                                 size=64)
     when = (date.today() - timedelta(days=days_ago)).strftime("%Y%m%d")
-    for instance in instances:
+    for instance in made:
         ds = pydicom.dcmread(instance.path)
         ds.PatientID, ds.IssuerOfPatientID = patient, issuer
         ds.StudyDate = ds.SeriesDate = when
         ds.BodyPartExamined = body_part
         ds.StudyDescription = f"{modality} {body_part}"
         ds.save_as(instance.path, enforce_file_format=True)
-    return [dicomgen.GeneratedInstance(i.path, dicomgen.read_header(i.path)) for i in instances]
+    return [dicomgen.GeneratedInstance(i.path, dicomgen.read_header(i.path)) for i in made]
 
 
 def prefetch_status(home: Path) -> list[dict[str, Any]]:
@@ -213,6 +214,35 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         assert "done 3" in table and "failed 0" in table
     finally:
         archive.stop()
+
+
+def test_remote_priors_move_two_at_once_and_a_shared_prior_once(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """`[prefetch] associations = 2`: the two remote priors of a request are C-MOVEd at
+    the same time (each one's move began before either ended), and a second request
+    wanting the same two studies does not move them again."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["any"], "remote_archive": "archive",
+                               "nightly_at": "", "associations": 2})
+    remote = [make_prior(tmp_path, 741, days_ago=90, instances=40),
+              make_prior(tmp_path, 742, days_ago=400, modality="MR", instances=40)]
+    server.start()
+    with QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port}) as archive:
+        archive.load(i.path for study in remote for i in study)
+        server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+        for _ in range(2):
+            out = server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER).stdout
+            assert "2 prior(s)" in out
+        wait_for("all priors done", lambda: all_done(server.home, 4), server.log, archive.log)
+    assert sent_hashes(i for s in remote for i in s).items() <= stored_hashes(server.home).items()
+    moves = index_rows(server.home, "SELECT p.study_uid, t.trigger, t.at FROM"
+                       " prefetch_transitions t JOIN prefetch_priors p ON p.id = t.prior_fk"
+                       " WHERE t.trigger IN ('move', 'moved')")
+    started = {uid: at for uid, trigger, at in moves if trigger == "move"}
+    ended = {uid: at for uid, trigger, at in moves if trigger == "moved"}
+    assert sorted(started) == sorted(ended) == sorted(s[0].study_uid for s in remote)
+    assert len(moves) == 4  # one move per study: the other request found it in the index
+    assert max(started.values()) < min(ended.values())
 
 
 def test_a_cancelled_order_ends_its_prefetch(

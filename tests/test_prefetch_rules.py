@@ -123,6 +123,7 @@ def test_the_index_copy_wins_over_the_remote_archives() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("modalities", []), ("body_part", "left"), ("max_priors", 0), ("keep_local_days", 0),
     ("nightly_at", "25:00"), ("nightly_at", "7pm"), ("max_age_years", -1),
+    ("associations", 0), ("associations", 9),
 ])
 def test_bad_prefetch_config_names_the_key(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ConfigError) as caught:

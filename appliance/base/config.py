@@ -252,6 +252,7 @@ class PrefetchConfig:
     nightly_at: str = field(default="20:00", metadata=_check(_clock_ok,
                                                              'HH:MM (local time) or "" (off)'))
     remote_archive: str = ""
+    associations: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 8, "1-8"))
 
 
 def _window_ok(value: str) -> bool:
@@ -591,6 +592,8 @@ _COMMENTS = {
     "prefetch.nightly_at": "Local time of the nightly run for tomorrow's worklist (\"\": off).",
     "prefetch.remote_archive": "Peer (find, move) to C-MOVE priors from that the box does not"
     " hold (\"\": none).",
+    "prefetch.associations": "Remote priors C-MOVEd at once, each on its own association to"
+    " the remote archive (oldest need first).",
     "migrate": "`pacs-edge migrate`: pull a legacy PACS into the box (docs/operator-guide.md);"
     " the defaults of `migrate start`'s options.",
     "migrate.via": "move: C-MOVE each study to this box (the legacy PACS must know this box's"

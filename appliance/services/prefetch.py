@@ -15,8 +15,8 @@ Then, in the serving process (`PrefetchWorker`, one per data home):
    it, asking early rehydration for archived packs: sync/prefetch_rehydrate.py,
    because only the agent holds cloud credentials) or `remote`;
 2. move: each `remote` prior is C-MOVEd from the remote archive to the box's
-   own AE title (appliance/dimse/remote_archive.py, injected here as a
-   RemoteArchivePort so that this floor holds no DICOM networking).
+   own AE title, `[prefetch] associations` at once (appliance/dimse/remote_archive.py,
+   injected here as a RemoteArchivePort so that this floor holds no DICOM networking).
 
 A request that cannot ask the remote archive still records the priors the
 index has, and is `failed` with the reason; `pacs-edge prefetch retry` asks
@@ -246,18 +246,34 @@ class PrefetchService:
     # --- moving remote priors -------------------------------------------------------
 
     async def move_remote(self) -> int:
-        """C-MOVE every remote prior that waits; returns how many were tried."""
+        """C-MOVE every remote prior that waits, `[prefetch] associations` studies at once,
+        the priors needed soonest first; returns how many were tried.
+
+        Priors of one study (two orders of a patient want the same prior) are worked one
+        after the other by one task: the first moves the study, the next finds it in the
+        index. A move that fails unexpectedly lets the others finish, then ends the pass
+        with its error."""
         waiting = await database.run_sync(self.index.reader, rows.priors_to_work, Source.REMOTE)
-        tried = 0
+        by_study: dict[str, list[rows.PrefetchPrior]] = {}
         for prior in waiting:
-            if prior.state != PriorState.PENDING:
-                continue  # another pass of this process runs it (resume_interrupted at start)
-            tried += 1
-            try:
-                await self._move(prior)
-            except rows.PrefetchTransitionError:  # changed meanwhile (its order was cancelled)
-                log.info("prefetch prior changed meanwhile prior=%d", prior.id)
-        return tried
+            if prior.state == PriorState.PENDING:  # else another pass of this process runs it
+                by_study.setdefault(prior.study_uid, []).append(prior)
+        slots = asyncio.Semaphore(self.config.associations)
+
+        async def move_study(priors: list[rows.PrefetchPrior]) -> None:
+            async with slots:
+                for prior in priors:
+                    try:
+                        await self._move(prior)
+                    except rows.PrefetchTransitionError:  # changed meanwhile (order cancelled)
+                        log.info("prefetch prior changed meanwhile prior=%d", prior.id)
+
+        outcomes = await asyncio.gather(*(move_study(p) for p in by_study.values()),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(len(p) for p in by_study.values())
 
     async def _move(self, prior: rows.PrefetchPrior) -> None:
         state = await database.run_sync(self.index.reader, rows.study_tier_state,
