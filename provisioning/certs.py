@@ -67,6 +67,7 @@ ORGANIZATION = "pacs-edge"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_NODE_DAYS = 365
 DEFAULT_CLIENT_DAYS = 365
+ISSUED_DIR = "issued"  # under TLS_DIR: a copy of each certificate issued to a peer
 _SKEW = datetime.timedelta(minutes=5)
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -99,6 +100,20 @@ class TlsPaths:
     @property
     def node_cert(self) -> Path:
         return self.home / TLS_DIR / NODE_CERT
+
+    @property
+    def issued_dir(self) -> Path:
+        return self.home / TLS_DIR / ISSUED_DIR
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """The latest certificate `issue_client` made for one peer (its public copy)."""
+
+    name: str
+    not_after: float  # epoch seconds; 0.0 when the copy is unreadable
+    serial: int
+    server: bool  # also for TLS servers (serverAuth)
 
 
 @dataclass
@@ -194,10 +209,30 @@ def issue_client(home: Path, name: str, out_dir: Path, *, days: int = DEFAULT_CL
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     cert = _issue(ca_key, ca_cert, key.public_key(), _subject(read_site_id(paths.home), name),
                   days, sans=alt_names, usages=usages)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     create_secret_file(targets[0], key_pem)
-    _write(targets[1], cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=False)
+    _write(targets[1], cert_pem, 0o644, replace=False)
     _write(targets[2], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644, replace=False)
+    # The box keeps the public copy, so that it can warn before the peer's certificate
+    # expires (`status`, `certs list`), even if the peer never called over TLS.
+    _write(paths.issued_dir / f"{name}.pem", cert_pem, 0o644, replace=True)
     return targets
+
+
+def issued_certificates(home: Path) -> list[IssuedCertificate]:
+    """The latest certificate issued to each peer name, the first to expire first."""
+    folder = TlsPaths(Path(home)).issued_dir
+    found = []
+    for path in sorted(folder.glob("*.pem")) if folder.is_dir() else []:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            found.append(IssuedCertificate(path.stem, 0.0, 0, False))  # as good as expired
+            continue
+        found.append(IssuedCertificate(
+            path.stem, cert.not_valid_after_utc.timestamp(), cert.serial_number,
+            ExtendedKeyUsageOID.SERVER_AUTH in _usages(cert)))
+    return sorted(found, key=lambda c: (c.not_after, c.name))
 
 
 # --- renewal ------------------------------------------------------------------------
@@ -296,6 +331,13 @@ def _sans(cert: x509.Certificate) -> list[SubjectAltName]:
     except x509.ExtensionNotFound:
         return []
     return [n for n in ext.value if isinstance(n, x509.DNSName | x509.IPAddress)]
+
+
+def _usages(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return []
 
 
 # --- certificates ------------------------------------------------------------------

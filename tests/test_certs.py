@@ -7,6 +7,7 @@ certificate, both trusting only the site CA.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import stat
@@ -175,3 +176,47 @@ def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
     certs.provision_tls(home, ca_days=5, node_days=365)
     ca, node = _cert(home / "tls/ca.pem"), _cert(home / "tls/node.pem")
     assert node.not_valid_after_utc == ca.not_valid_after_utc
+
+
+def test_status_warns_before_a_certificate_issued_to_a_peer_expires(tmp_path: Path) -> None:
+    """`certs issue` keeps a public copy: `status` warns 30 days ahead for a peer still on
+    the allowlist (not for a removed one), a new certificate ends the warning, and
+    `certs list` shows the latest of each name."""
+    home = tmp_path / "home"
+    _init(home)
+
+    def cli(*args: str) -> tuple[str, str]:
+        result = run_pacs_edge(*args, "--home", str(home))
+        return result.stdout, result.stderr
+
+    cli("peers", "add", "ct1", "--ae-title", "CT1", "--host", "127.0.0.1", "--port", "104",
+        "--allow", "store")
+    cli("certs", "issue", "ct1", "--out", str(tmp_path / "ct1-a"), "--days", "10")
+    cli("certs", "issue", "gone", "--out", str(tmp_path / "gone"), "--days", "5")
+    table, warnings = cli("status")
+    assert "warning: the certificate issued to peer ct1 expires in 10 days" in warnings
+    assert "pacs-edge certs issue ct1 --out DIR" in warnings
+    assert "gone" not in warnings  # not a peer: nobody's concern
+    assert "1 issued, the first to expire: ct1 on" in table
+    report = json.loads(cli("status", "--json")[0])
+    assert set(report["peer_certificates"]) == {"ct1"}
+    assert "peer_certificate_expiring" in {w["code"] for w in report["warnings"]}
+
+    cli("certs", "issue", "ct1", "--out", str(tmp_path / "ct1-b"), "--days", "400")
+    _, warnings = cli("status")
+    assert "peer ct1" not in warnings
+    listed = {c["name"]: c for c in json.loads(cli("certs", "list", "--json")[0])}
+    renewed = _cert(tmp_path / "ct1-b" / "ct1.pem")
+    assert listed["ct1"]["not_after"] == renewed.not_valid_after_utc.timestamp()
+    assert listed["ct1"]["serial"] == f"{renewed.serial_number:x}"
+    assert (listed["ct1"]["peer"], listed["gone"]["peer"]) == (True, False)
+    assert [c["name"] for c in listed.values()] == ["gone", "ct1"]  # first to expire first
+    table, _ = cli("certs", "list")
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("│")]
+                                          for line in table.splitlines()) if len(cells) > 5}
+    assert (rows["gone"][-2], rows["ct1"][-2]) == ("no", "yes")
+    assert rows["ct1"][3] == "client"
+    copy = home / "tls" / "issued" / "ct1.pem"
+    assert copy.read_bytes() == (tmp_path / "ct1-b" / "ct1.pem").read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o644  # public: no key is kept
+    assert not list((home / "tls" / "issued").glob("*.key"))

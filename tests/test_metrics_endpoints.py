@@ -173,6 +173,9 @@ def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Pat
     expiry = x509.load_pem_x509_certificate((client / "testscu.pem").read_bytes())
     assert values[("pacs_edge_peer_certificate_expiry_timestamp_seconds",
                    (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
+    # The box's own copy of what it issued: known before the peer ever calls.
+    assert values[("pacs_edge_issued_certificate_expiry_timestamp_seconds",
+                   (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
 
 
 def test_the_metrics_listener_drops_slow_heads_and_caps_connections(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Admin commands: `certs issue`, `certs renew`, `keys rotate`, and init's provisioning step.
+"""Admin commands: `certs issue`, `certs list`, `certs renew`, `keys rotate`, and init's
+provisioning step.
 
 The command line is the composition root: it wires provisioning (which
 imports only the base floor) to the config, the index and the blob store.
@@ -8,13 +9,17 @@ Provisioning's errors are PacsEdgeErrors: expected_errors shows them.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
 from appliance.base.config import CONFIG_FILE, load_config
 from appliance.base.errors import PacsEdgeError
+from appliance.base.human import human_time
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import err, expected_errors, home_option, load, out
 from provisioning import certs as site_certs
@@ -99,6 +104,40 @@ def certs_issue(home: Path | None, name: str, out_dir: Path, days: int, server: 
               " the key file is secret", highlight=False)
     out.print(f"the box accepts it only from the peer named {name} (pacs-edge peers add"
               f" {name} ...), calling with that peer's AE title", highlight=False)
+
+
+@certs.command("list")
+@home_option
+@click.option("--json", "as_json", is_flag=True)
+@expected_errors
+def certs_list(home: Path | None, as_json: bool) -> None:
+    """The latest certificate issued to each peer name, the first to expire first.
+
+    Kept by `certs issue` since 2026-12 (a copy of the public certificate in
+    tls/issued/); `status` warns 30 days before one of a current peer expires.
+    """
+    from appliance.services.peers import Allowlist
+
+    config = load(home)
+    issued = site_certs.issued_certificates(config.home)
+    peers = Allowlist(config.peers_path).peers()
+    if as_json:
+        click.echo(json.dumps([
+            {"name": c.name, "not_after": c.not_after, "serial": f"{c.serial:x}",
+             "server": c.server, "peer": c.name in peers} for c in issued], indent=2))
+        return
+    if not issued:
+        out.print("no certificates issued yet (pacs-edge certs issue NAME --out DIR)")
+        return
+    now = time.time()
+    table = Table("name", "expires", "usage", "serial", "a peer now")
+    for cert in issued:
+        expires = human_time(cert.not_after) if cert.not_after else "unreadable copy"
+        if cert.not_after <= now:
+            expires = f"[red]{expires} (expired)[/red]"
+        table.add_row(cert.name, expires, "client, server" if cert.server else "client",
+                      f"{cert.serial:x}"[:16], "yes" if cert.name in peers else "no")
+    out.print(table)
 
 
 @certs.command("renew")

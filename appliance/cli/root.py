@@ -276,6 +276,7 @@ def _status_table(config: Config, health: Any) -> Table:
          if health.escrow.ok else "MISSING (see the warning)"),
         *[(f"{cert.name} certificate", f"expires {human_time(cert.not_after)}")
           for cert in health.certificates],
+        ("peer certificates", health.peer_certificates_line),
     ]
     if health.audit_forwarding is not None:
         rows.append(("audit to syslog", f"{health.audit_forwarding.backlog} records waiting"))

@@ -142,6 +142,7 @@ def _status_page(sources: HealthSources, report: HealthReport,
         ("last sync pass", human_time(report.sync.get("last_successful_pass_at"))),
         *[(f"{cert.name} certificate expires", human_time(cert.not_after))
           for cert in report.certificates],
+        ("peer certificates", report.peer_certificates_line),
         ("site key escrow", report.escrow.escrowed_at or "never"),
         *[(f"drop folder {k}", str(v)) for k, v in sorted(report.dropfolder.items())],
     ]

@@ -24,10 +24,12 @@ from appliance.audit.log import AuditLog, Entry
 from appliance.audit.syslog import read_cursor
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
+from appliance.base.human import human_time
+from appliance.services.peers import Allowlist
 from appliance.store.files import FileStore
 from appliance.store.health_reads import Backlog, backlog
 from appliance.store.index import Index, IndexTotals
-from provisioning.certs import TlsPaths
+from provisioning.certs import TlsPaths, issued_certificates
 from provisioning.escrow_state import EscrowStatus, escrow_status
 
 CERT_WARN_DAYS = 30
@@ -72,6 +74,8 @@ class HealthReport:
     escrow: EscrowStatus
     certificates: list[CertificateExpiry]
     audit_forwarding: AuditForwarding | None  # None: no syslog collector configured
+    # Issued by this box (`certs issue`) to peers on the allowlist, the first to expire first.
+    peer_certificates: list[CertificateExpiry] = field(default_factory=list)
     warnings: list[HealthWarning] = field(default_factory=list)
 
     @property
@@ -79,6 +83,15 @@ class HealthReport:
         if not self.disk_total_bytes:
             return 0.0
         return 100.0 * (self.disk_total_bytes - self.disk_free_bytes) / self.disk_total_bytes
+
+    @property
+    def peer_certificates_line(self) -> str:
+        """One line on the issued peer certificates, for `status` and the status page."""
+        if not self.peer_certificates:
+            return "none issued to current peers"
+        first = self.peer_certificates[0]
+        return (f"{len(self.peer_certificates)} issued, the first to expire:"
+                f" {first.name} on {human_time(first.not_after)}")
 
     def as_dict(self, config: Config) -> dict[str, Any]:
         """The JSON of `pacs-edge status --json` (keys kept stable for scripts)."""
@@ -100,6 +113,7 @@ class HealthReport:
             "escrow": {**self.escrow.as_dict(),
                        "evict_without_escrow": config.sync.evict_without_escrow},
             "certificates": {c.name: c.not_after for c in self.certificates},
+            "peer_certificates": {c.name: c.not_after for c in self.peer_certificates},
             "audit_forwarding": asdict(self.audit_forwarding)
             if self.audit_forwarding else None,
             "warnings": [asdict(w) for w in self.warnings],
@@ -113,18 +127,20 @@ async def gather(config: Config, index: Index, *,
     synced = await index.sync_summary()
     behind = await backlog(index)
     dropped = await dropfolder() if dropfolder is not None else {}
-    usage, escrow, certificates, forwarding = await asyncio.to_thread(_from_disk, config)
+    usage, escrow, certificates, forwarding, peers = await asyncio.to_thread(_from_disk, config)
     report = HealthReport(
         at=time.time(), totals=totals, disk_free_bytes=usage.free,
         disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
-        escrow=escrow, certificates=certificates, audit_forwarding=forwarding)
+        escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
+        peer_certificates=peers)
     return replace(report, warnings=warnings(config, report))
 
 
 def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpiry],
-                                          AuditForwarding | None]:
+                                          AuditForwarding | None, list[CertificateExpiry]]:
     usage = shutil.disk_usage(config.store.path if config.store.path.exists() else config.home)
-    return usage, escrow_status(config.home), certificates(config), audit_forwarding(config)
+    return (usage, escrow_status(config.home), certificates(config), audit_forwarding(config),
+            peer_certificates(config))
 
 
 def certificates(config: Config) -> list[CertificateExpiry]:
@@ -142,6 +158,17 @@ def certificates(config: Config) -> list[CertificateExpiry]:
             continue
         found.append(CertificateExpiry(name, cert.not_valid_after_utc.timestamp()))
     return found
+
+
+def peer_certificates(config: Config) -> list[CertificateExpiry]:
+    """Expiry of the certificates this box issued to peers still on the allowlist (a
+    certificate of a removed peer is no one's concern), the first to expire first."""
+    try:
+        peers: set[str] | None = set(Allowlist(config.peers_path).peers())
+    except PacsEdgeError:
+        peers = None  # an unreadable allowlist: every issued certificate counts
+    return [CertificateExpiry(cert.name, cert.not_after)
+            for cert in issued_certificates(config.home) if peers is None or cert.name in peers]
 
 
 def audit_forwarding(config: Config) -> AuditForwarding | None:
@@ -198,6 +225,14 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
                 "certificate_expiring", f"the {cert.name} certificate "
                 + (f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
                 + " (`pacs-edge certs renew`)"))
+    for cert in report.peer_certificates:
+        left = cert.not_after - now
+        if left < CERT_WARN_DAYS * 86400:
+            found.append(HealthWarning(
+                "peer_certificate_expiring", f"the certificate issued to peer {cert.name} "
+                + (f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
+                + f" (`pacs-edge certs issue {cert.name} --out DIR`, then install it on the"
+                " device)"))
     if report.escrow.problem:
         found.append(HealthWarning("no_escrow", report.escrow.problem))
     forwarding = report.audit_forwarding

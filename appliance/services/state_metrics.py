@@ -71,6 +71,12 @@ def state_families(report: HealthReport) -> Iterator[Metric]:
     for cert in report.certificates:
         certs.add_metric([cert.name], cert.not_after)
     yield certs
+    issued = GaugeMetricFamily("pacs_edge_issued_certificate_expiry_timestamp_seconds",
+                               "When the certificate this box issued to each peer on the"
+                               " allowlist expires.", labels=["peer"])
+    for cert in report.peer_certificates:
+        issued.add_metric([cert.name], cert.not_after)
+    yield issued
     yield _gauge("pacs_edge_escrow_ok", "1 when the current site key is escrowed.",
                  1.0 if report.escrow.ok else 0.0)
     escrowed = report.escrow.escrowed_at
