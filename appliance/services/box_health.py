@@ -218,21 +218,17 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
         found.append(HealthWarning(
             "sync_agent_silent", "the sync agent has never completed a pass" if last_pass is None
             else f"the sync agent's last successful pass was {_ago(now - last_pass)} ago"))
-    for cert in report.certificates:
+    for code, cert, what, fix in [
+            *[("certificate_expiring", c, f"the {c.name} certificate", "`pacs-edge certs renew`")
+              for c in report.certificates],
+            *[("peer_certificate_expiring", c, f"the certificate issued to peer {c.name}",
+               f"`pacs-edge certs issue {c.name} --out DIR`, then install it on the device")
+              for c in report.peer_certificates]]:
         left = cert.not_after - now
         if left < CERT_WARN_DAYS * 86400:
-            found.append(HealthWarning(
-                "certificate_expiring", f"the {cert.name} certificate "
-                + (f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
-                + " (`pacs-edge certs renew`)"))
-    for cert in report.peer_certificates:
-        left = cert.not_after - now
-        if left < CERT_WARN_DAYS * 86400:
-            found.append(HealthWarning(
-                "peer_certificate_expiring", f"the certificate issued to peer {cert.name} "
-                + (f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
-                + f" (`pacs-edge certs issue {cert.name} --out DIR`, then install it on the"
-                " device)"))
+            found.append(HealthWarning(code, f"{what} " + (
+                f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
+                + f" ({fix})"))
     if report.escrow.problem:
         found.append(HealthWarning("no_escrow", report.escrow.problem))
     forwarding = report.audit_forwarding
