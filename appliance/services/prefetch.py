@@ -270,9 +270,11 @@ class PrefetchService:
 
         outcomes = await asyncio.gather(*(move_study(p) for p in by_study.values()),
                                         return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for other in failures[1:]:  # the first ends the pass, and its loop logs it
+            log.error("prefetch move failed error=%s", type(other).__name__)
+        if failures:
+            raise failures[0]
         return sum(len(p) for p in by_study.values())
 
     async def _move(self, prior: rows.PrefetchPrior) -> None:
