@@ -373,3 +373,32 @@ def test_run_state_table_refuses_every_missing_pair(state: object, trigger: obje
             next_run_state(state, trigger)  # type: ignore[arg-type]
     else:
         assert next_run_state(state, trigger) is allowed  # type: ignore[arg-type]
+
+
+def test_a_split_day_keeps_the_untimed_studies_of_its_first_answers() -> None:
+    """A day over the limit is listed by time ranges, which no study without a StudyTime
+    matches; those the old PACS returned among the day's first answers are kept."""
+    from appliance.services.legacy_migration import FindResult, StudyAnswer, _DayWalk
+    from appliance.store.migration_rows import RunSettings
+
+    def answer(uid: str, at: str) -> StudyAnswer:
+        return StudyAnswer(uid, at, ("CT",), 1)
+
+    studies = [answer("1.1", ""), answer("1.2", "081500"), answer("1.3", "093000"),
+               answer("1.4", "101500"), answer("1.5", "")]
+
+    class Peer:  # the C-FIND side of a LegacySession, with a result limit as PACS have
+        def find_studies(self, day: str, *, time_range: str = "", modality: str = "",
+                         limit: int = 0) -> FindResult:
+            first, _, last = time_range.partition("-")
+            found = [s for s in studies if not time_range
+                     or (s.study_time and first <= s.study_time <= last)]
+            return FindResult(found[:limit], len(found) >= limit)
+
+    settings = RunSettings(peer="old", via="move", since_day="20240301", until_day="20240301",
+                           modalities=(), associations=1, rate_per_hour=0, time_window="",
+                           query_limit=3)
+    found, queries = _DayWalk(Peer(), "20240301", settings).walk()  # type: ignore[arg-type]
+    assert queries == 25  # the day, then its 24 hours
+    # 1.5 has no time and came after the limit: no query can find it (documented).
+    assert sorted(f.study_uid for f in found) == ["1.1", "1.2", "1.3", "1.4"]

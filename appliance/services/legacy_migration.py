@@ -7,7 +7,8 @@ The walk, for one run (store/migration_rows.py keeps every step):
    into hours, an hour into halves down to one minute (StudyTime ranges up to
    the last fraction of a second), a minute by modality (with --modality). A
    study without a StudyTime matches no range (PS3.4 C.2.2.2.5): on a day
-   that had to be split it is not found, and the log says so for that day.
+   that had to be split it is found only if the peer returned it among the
+   day's first (limited) answers, and the log says so for that day.
    Every study found, and the day itself, are committed together; a crash
    mid-day lists the day again.
 2. Transfer, `associations` studies at once, each worker on its own association
@@ -443,14 +444,15 @@ class _DayWalk:
 
     def walk(self) -> tuple[list[rows.FoundStudy], int]:
         result = self._find("")
+        self._keep(result.answers)  # when limited, still studies of the day (some untimed)
         if result.limited:
+            untimed = sum(not a.study_time for a in result.answers)
             log.warning("migration day listed by StudyTime ranges: it hit the result limit;"
-                        " a study of that day without a StudyTime matches no range"
-                        " day=%s limit=%d", self.day, self.settings.query_limit)
+                        " a study of that day without a StudyTime matches no range and is"
+                        " found only among the day's first answers day=%s limit=%d"
+                        " untimed_found=%d", self.day, self.settings.query_limit, untimed)
             for hour in range(24):
                 self._range(hour * 60, hour * 60 + 59)
-        else:
-            self._keep(result.answers)
         wanted = {m.upper() for m in self.settings.modalities}
         studies = [a for a in self.found.values() if not wanted or self._has(a, wanted)]
         return [rows.FoundStudy(a.study_uid, a.instances) for a in studies], self.queries
