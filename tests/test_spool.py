@@ -43,6 +43,34 @@ def test_dataset_hash_ignores_file_meta_whatever_the_chunking(tmp_path: Path, ch
     assert not Path(spool.name).exists()
 
 
+def test_bytes_the_caller_may_change_are_hashed_as_written(tmp_path: Path) -> None:
+    """Hashing waits for the fsync only for bytes that cannot change (`bytes`, or
+    `owned`): a reused buffer is hashed as it was when written."""
+    meta, dataset = _meta_bytes(), bytes(range(256)) * 64
+    spool = SpoolFile(tmp_path)
+    spool.write(meta)
+    buffer = bytearray(dataset)
+    spool.write(buffer)
+    buffer[:] = b"\xff" * len(buffer)  # the caller reuses its buffer
+    owned = bytearray(dataset)
+    spool.write(memoryview(owned)[:100], owned=True)
+    spool.write(memoryview(owned)[100:], owned=True)
+    assert spool.dataset_sha256 == hashlib.sha256(dataset + dataset).hexdigest()
+    spool.discard()
+
+
+@pytest.mark.parametrize("mb", [1, 5])
+def test_owned_bytes_beyond_the_deferred_share_are_hashed_in_order(tmp_path: Path,
+                                                                   mb: int) -> None:
+    meta, block = _meta_bytes(), os.urandom(1 << 17)
+    spool = SpoolFile(tmp_path)
+    spool.write(meta)
+    for _ in range(mb * 8):
+        spool.write(bytearray(block), owned=True)
+    assert spool.dataset_sha256 == hashlib.sha256(block * (mb * 8)).hexdigest()
+    spool.discard()
+
+
 def test_non_part10_stream_has_no_dataset_hash(tmp_path: Path) -> None:
     spool = SpoolFile(tmp_path)
     spool.write(b"this is not DICOM" * 20)

@@ -121,7 +121,7 @@ class StoreReceiver:
                 raise ValueError("a PDV after the last fragment of a C-STORE data set")
             if context_id != incoming.context_id or data[0] & COMMAND:
                 raise ValueError("a C-STORE data set fragment out of order")
-            incoming.spool.write(data[1:])
+            incoming.spool.write(data[1:], owned=True)  # each PDU is a buffer of its own
             if data[0] & LAST:
                 self._incoming = None
                 if number != len(pdvs):
