@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import threading
-import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,12 +30,12 @@ from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from storepeer import StorePeer
 
 MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelMove,
@@ -64,53 +61,9 @@ def many_instances(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.Ge
 
 # --- peers -------------------------------------------------------------------------------
 
-class Destination:
-    """A pynetdicom Storage SCP that keeps the raw dataset bytes of every C-STORE it gets.
-
-    `stall(uid, nth_arrival)` returns how long to sit on the response (seconds),
-    which is how a test makes a C-STORE response go missing for the sender.
-    """
-
-    def __init__(self, ae_title: str = "PYDEST", *,
-                 transfer_syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
-                 stall: Callable[[str, int], float] | None = None) -> None:
-        self.ae_title = ae_title
-        self.ae = AE(ae_title)
-        self.ae.maximum_pdu_size = 0
-        for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, list(transfer_syntaxes))
-        self.stall = stall
-        self.arrivals: dict[str, list[bytes]] = defaultdict(list)
-        self._lock = threading.Lock()
-        self.port = 0
-
-    def __enter__(self) -> Destination:
-        server = self.ae.start_server((HOST, 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        self.port = int(server.server_address[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.ae.shutdown()
-
-    def _on_store(self, event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            self.arrivals[uid].append(event.encoded_dataset(include_meta=False))
-            nth = len(self.arrivals[uid])
-        delay = self.stall(uid, nth) if self.stall else 0.0
-        if delay:
-            time.sleep(delay)
-        return SUCCESS
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {uid: len(got) for uid, got in self.arrivals.items()}
-
-
 @pytest.fixture
-def destination() -> Iterator[Destination]:
-    with Destination() as dest:
+def destination() -> Iterator[StorePeer]:
+    with StorePeer() as dest:
         yield dest
 
 
@@ -175,7 +128,7 @@ def store_with_pynetdicom(edge: EdgeServer,
     assert statuses == [SUCCESS] * len(instances)
 
 
-def assert_arrived_as_sent(dest: Destination,
+def assert_arrived_as_sent(dest: StorePeer,
                            instances: Sequence[dicomgen.GeneratedInstance]) -> None:
     assert set(dest.arrivals) == {i.sop_instance_uid for i in instances}
     for inst in instances:
@@ -250,7 +203,7 @@ def test_hundreds_of_suboperations_each_arrive_exactly_once(
     store(edge_server, many_instances)
     study = many_instances[0].study_uid
     if kind == "pynetdicom":
-        with Destination() as dest:
+        with StorePeer() as dest:
             edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
             result = dcmtk.movescu(edge_server.port, {"StudyInstanceUID": study},
                                    dest.ae_title, aec=edge_server.ae_title).check()
@@ -271,7 +224,7 @@ def test_hundreds_of_suboperations_each_arrive_exactly_once(
 
 
 def test_every_stored_syntax_moves_byte_exact_and_htj2k_fails_alone_at_dcmtk(
-    edge_server: EdgeServer, tmp_path: Path, destination: Destination,
+    edge_server: EdgeServer, tmp_path: Path, destination: StorePeer,
     syntax_set: dict[str, dicomgen.GeneratedInstance],
 ) -> None:
     everything = list(syntax_set.values())
@@ -315,7 +268,7 @@ def test_every_stored_syntax_moves_byte_exact_and_htj2k_fails_alone_at_dcmtk(
     ("study", "IMAGE", "two-ct-images"),
 ])
 def test_identifier_selects_by_level_and_pending_responses_count_down(
-    model: str, level: str, pick: str, edge_server: EdgeServer, destination: Destination,
+    model: str, level: str, pick: str, edge_server: EdgeServer, destination: StorePeer,
     small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     store(edge_server, small_study)
@@ -352,7 +305,7 @@ def test_identifier_selects_by_level_and_pending_responses_count_down(
 
 
 def test_nothing_matched_is_success_with_no_suboperations(
-    edge_server: EdgeServer, destination: Destination,
+    edge_server: EdgeServer, destination: StorePeer,
 ) -> None:
     edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
     responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
@@ -390,7 +343,7 @@ def test_destination_rejecting_stored_transfer_syntaxes_gives_b000_with_counts(
     store(edge_server, chosen)
     explicit = syntax_set[str(ExplicitVRLittleEndian)]
     rejected = {i.sop_instance_uid for i in chosen if i is not explicit}
-    with Destination(transfer_syntaxes=[ExplicitVRLittleEndian]) as dest:
+    with StorePeer(transfer_syntaxes=[ExplicitVRLittleEndian]) as dest:
         edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
         some = c_move(edge_server, {"QueryRetrieveLevel": "SERIES",
                                     "StudyInstanceUID": explicit.study_uid,
@@ -434,7 +387,7 @@ def test_destination_that_does_not_answer_fails_every_suboperation(
 
 
 def test_instance_whose_file_is_gone_fails_alone(
-    edge_server: EdgeServer, destination: Destination,
+    edge_server: EdgeServer, destination: StorePeer,
     small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     store(edge_server, small_study)
@@ -465,7 +418,7 @@ def test_lost_store_response_is_retried_on_a_fresh_association_and_counted_once(
     store(edge, small_study)
     victim = small_study[3].sop_instance_uid
     # The first C-STORE of `victim` gets its response only after the sender gave up.
-    with Destination(stall=lambda uid, nth: 3.0 if uid == victim and nth == 1 else 0.0) as dest:
+    with StorePeer(stall=lambda uid, nth: 3.0 if uid == victim and nth == 1 else 0.0) as dest:
         edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
         responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
                                   "StudyInstanceUID": small_study[0].study_uid}, dest.ae_title)
@@ -489,7 +442,7 @@ def test_store_response_that_never_comes_fails_after_the_retries(
     edge.start()
     store(edge, small_study)
     victim = small_study[1].sop_instance_uid
-    with Destination(stall=lambda uid, nth: 2.0 if uid == victim else 0.0) as dest:
+    with StorePeer(stall=lambda uid, nth: 2.0 if uid == victim else 0.0) as dest:
         edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
         responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
                                   "StudyInstanceUID": small_study[0].study_uid}, dest.ae_title)
@@ -506,7 +459,7 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
     edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     store(edge_server, small_study)
-    with Destination(stall=lambda uid, nth: 0.5) as dest:
+    with StorePeer(stall=lambda uid, nth: 0.5) as dest:
         edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
 
         def cancel_after_first(assoc: object, context_id: int, n: int) -> None:
@@ -525,7 +478,7 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
 
 
 def test_move_stamps_the_study_access_time(
-    edge_server: EdgeServer, destination: Destination,
+    edge_server: EdgeServer, destination: StorePeer,
     small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     store(edge_server, small_study)

@@ -14,7 +14,6 @@ test_retrieve_get.py, which also send every stored syntax through the lane.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,13 +25,13 @@ import dicomgen
 import pytest
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import decode
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from storepeer import StorePeer
 
 from appliance.base.dicom_wire import command_elements
 from appliance.dimse.store_lane import c_store_rq, pending_rsp
@@ -51,44 +50,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> list[dicomgen.GeneratedIn
     """Eight 128 x 128 images (32 KiB of pixels each: many PDVs at a 4 KiB PDU)."""
     return dicomgen.make_study(tmp_path_factory.mktemp("send-path"), seed=71,
                                series_per_study=2, instances_per_series=4, size=128)
-
-
-class Peer:
-    """A pynetdicom Storage SCP (C-MOVE destination) keeping every dataset's raw bytes.
-
-    `on_store(uid, nth)` runs in the handler; returning True aborts the association
-    instead of answering.
-    """
-
-    def __init__(self, *, max_pdu: int = 0,
-                 abort_on: Callable[[str, int], bool] | None = None) -> None:
-        self.ae_title = "SENDPEER"
-        self.ae = AE(self.ae_title)
-        self.ae.maximum_pdu_size = max_pdu
-        for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        self.abort_on = abort_on
-        self.arrivals: dict[str, list[bytes]] = defaultdict(list)
-        self._lock = threading.Lock()
-        self.port = 0
-
-    def __enter__(self) -> Peer:
-        server = self.ae.start_server((HOST, 0), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        self.port = int(server.server_address[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.ae.shutdown()
-
-    def _on_store(self, event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            self.arrivals[uid].append(event.encoded_dataset(include_meta=False))
-            nth = len(self.arrivals[uid])
-        if self.abort_on is not None and self.abort_on(uid, nth):
-            event.assoc.abort()
-        return SUCCESS
 
 
 @pytest.fixture
@@ -202,7 +163,7 @@ def test_the_encoded_pending_response_is_the_command_set_pydicom_decodes() -> No
 @pytest.mark.parametrize("max_pdu", [4096, 16384])
 def test_move_is_byte_exact_at_a_small_peer_maximum_pdu(
         edge: EdgeServer, study: list[dicomgen.GeneratedInstance], max_pdu: int) -> None:
-    with Peer(max_pdu=max_pdu) as peer:
+    with StorePeer("SENDPEER", max_pdu=max_pdu) as peer:
         edge.add_peer("peer", peer.ae_title, peer.port, allow="store")
         status = c_move(edge, study[0], peer.ae_title)
     assert int(status.Status) == SUCCESS
@@ -235,7 +196,8 @@ def test_getscu_at_a_4096_byte_pdu_gets_the_study_byte_exact(
 def test_destination_aborting_mid_study_gets_the_instance_again_on_a_fresh_association(
         edge: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
     victim = study[3].sop_instance_uid
-    with Peer(max_pdu=16384, abort_on=lambda uid, nth: uid == victim and nth == 1) as peer:
+    with StorePeer("SENDPEER", max_pdu=16384,
+                   abort_on=lambda uid, nth: uid == victim and nth == 1) as peer:
         edge.add_peer("peer", peer.ae_title, peer.port, allow="store")
         status = c_move(edge, study[0], peer.ae_title)
     assert int(status.Status) == SUCCESS
