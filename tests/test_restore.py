@@ -175,19 +175,28 @@ def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
     assert not (tmp_path / "e").exists()
 
 
-def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> None:
+def synced_and_escrowed(tmp_path: Path, *, seed: int, patients: int, instances: int
+                        ) -> tuple[Path, Path, Path, list[dicomgen.GeneratedInstance]]:
+    """A box (`old`) whose studies (one per patient) went to a folder cloud, its keys
+    escrowed to tmp_path/escrow: (cloud, old, passphrase file, what was sent)."""
     cloud = tmp_path / "cloud"
     old = tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
-    sent = dicomgen.make_studies(tmp_path / "sent", seed=41, patients=4,
-                                 series_per_study=1, instances_per_series=2)
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=seed, patients=patients,
+                                 series_per_study=1, instances_per_series=instances)
     run_pacs_edge("import", "--home", str(old), str(tmp_path / "sent"))
     sync_once(old)
     passphrase = tmp_path / "passphrase"
     passphrase.write_text(PASSPHRASE + "\n")
     run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
                   "--passphrase-file", str(passphrase))
+    return cloud, old, passphrase, sent
+
+
+def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> None:
+    cloud, _, passphrase, sent = synced_and_escrowed(tmp_path, seed=41, patients=4,
+                                                     instances=2)
     packs = sorted(cloud.rglob("*.pack"))
     assert len(packs) == 4
     packs[0].unlink()
@@ -283,18 +292,8 @@ def test_recover_reads_a_version_1_escrow_file(tmp_path: Path) -> None:
 
 
 def test_restore_refuses_manifests_swapped_between_studies(tmp_path: Path) -> None:
-    cloud = tmp_path / "cloud"
-    old = tmp_path / "old"
-    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
-                  "--cloud", f"file://{cloud}")
-    sent = dicomgen.make_studies(tmp_path / "sent", seed=43, patients=3,
-                                 series_per_study=1, instances_per_series=1)
-    run_pacs_edge("import", "--home", str(old), str(tmp_path / "sent"))
-    sync_once(old)
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE + "\n")
-    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
-                  "--passphrase-file", str(passphrase))
+    cloud, old, passphrase, sent = synced_and_escrowed(tmp_path, seed=43, patients=3,
+                                                       instances=1)
     # Swap two studies' folders whole (pack, manifest, key objects): each manifest still
     # opens with its own key object, but now sits under the other study's key.
     first, second, _ = sorted((cloud / "studies").iterdir())
