@@ -220,3 +220,13 @@ def test_status_warns_before_a_certificate_issued_to_a_peer_expires(tmp_path: Pa
     assert copy.read_bytes() == (tmp_path / "ct1-b" / "ct1.pem").read_bytes()
     assert stat.S_IMODE(copy.stat().st_mode) == 0o644  # public: no key is kept
     assert not list((home / "tls" / "issued").glob("*.key"))
+    # Each issue is a Security Alert (Security Configuration) in the audit trail.
+    alerts = [r for r in (json.loads(line)["record"] for line in
+                          (home / "audit" / "audit.log").read_text().splitlines())
+              if r["EventIdentification"]["EventID"]["csd-code"] == "110113"
+              and {c["csd-code"] for c in r["EventIdentification"]["EventTypeCode"]}
+              == {"110129"}]
+    assert [o["ParticipantObjectID"] for r in alerts
+            for o in r["ParticipantObjectIdentification"]] == [
+        "certificate issued to peer ct1", "certificate issued to peer gone",
+        "certificate issued to peer ct1"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import select
 import shutil
@@ -102,6 +103,14 @@ def test_client_without_certificate_is_refused(tls_edge: tuple[EdgeServer, int, 
     assert not dcmtk.echoscu(port, args=tls_args(client, cert=False)).ok
     assert "TLS handshake failed" in server.log()
     assert server.echo().ok
+    # A Security Alert (Node Authentication), written before the refusal returns.
+    alerts = [r["EventIdentification"] for r in (
+        json.loads(line)["record"] for line in
+        (server.home / "audit" / "audit.log").read_text().splitlines())
+        if {c["csd-code"] for c in r["EventIdentification"].get("EventTypeCode", ())}
+        == {"110126"}]
+    assert [(a["EventID"]["csd-code"], a["EventOutcomeIndicator"]) for a in alerts] == [
+        ("110113", 4)]
 
 
 def test_certificate_from_another_ca_is_refused(

@@ -21,7 +21,7 @@ from appliance.base.config import CONFIG_FILE, load_config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.human import human_time
 from appliance.base.logsetup import setup_logging
-from appliance.cli.common import err, expected_errors, home_option, load, out
+from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
 from provisioning import certs as site_certs
 from provisioning.keyring import replace_site_secrets
 
@@ -96,6 +96,7 @@ def certs_issue(home: Path | None, name: str, out_dir: Path, days: int, server: 
     config = load(home)
     written = site_certs.issue_client(config.home, name, out_dir, days=days, server=server,
                                       sans=sans)
+    audit_change(config, f"certificate issued to peer {name}")
     kind = "client and server" if server else "client"
     out.print(f"issued {kind} certificate for {name}, signed by the site CA:", highlight=False)
     for path in written:
@@ -152,6 +153,7 @@ def certs_renew(home: Path | None, days: int | None, sans: tuple[str, ...],
     """Re-issue this box's node certificate from the same site CA; say what changed."""
     config = load(home)
     report = site_certs.renew_node(config.home, days=days, extra_sans=sans, new_key=new_key)
+    audit_change(config, "node certificate renewed" + (" with a new key" if new_key else ""))
     out.print(f"renewed {report.cert}", highlight=False)
     for line in report.changes:
         out.print(f"  {line}", highlight=False)
@@ -192,6 +194,8 @@ def keys_rotate(home: Path | None) -> None:
                                                                 total=total)))
     finally:
         store.close()
+    audit_change(config, f"site key rotated to {report.new_key_id}"
+                 + ("" if report.complete else " (packs left to re-wrap)"))
     verb = "resumed the interrupted rotation to" if report.resumed else "new"
     out.print(f"{verb} site key {report.new_key_id}: re-wrapped {report.migrated} pack(s), "
               f"{report.already_migrated} already done, {report.skipped_uploading} unfinished "

@@ -1,4 +1,5 @@
-"""Shared pieces of the command line: consoles, the --home option, error handling."""
+"""Shared pieces of the command line: consoles, the --home option, error handling, and the
+audit record of an operator's change."""
 
 from __future__ import annotations
 
@@ -44,3 +45,13 @@ home_option = click.option(
 
 def load(home: Path | None) -> Config:
     return load_config(resolve_home(home))
+
+
+def audit_change(config: Config, what: str, *, security: bool = True) -> None:
+    """An operator changed configuration, keys, certificates or readers: a Security
+    Alert (Security Configuration; with `security=False` Software Configuration) in the
+    audit trail. `what` names the change, never a secret or patient data."""
+    from appliance.audit import Auditor
+
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.configuration_changed(what, security=security)

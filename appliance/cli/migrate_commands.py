@@ -29,7 +29,7 @@ from appliance.base import logsafe
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
-from appliance.cli.common import err, expected_errors, home_option, load, out
+from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
 from appliance.services.legacy_migration import Migration, check_peer, days_between
 from appliance.services.peers import Allowlist
 from appliance.store import database
@@ -89,7 +89,8 @@ def start(home: Path | None, peer_name: str, since: str, until: str | None, moda
                 lambda conn: rows.create_run(conn, settings, days))
 
     run_id = asyncio.run(create())
-    _audit(config, f"migration run {run_id} started from peer {peer_name}")
+    audit_change(config, f"migration run {run_id} started from peer {peer_name}",
+                 security=False)
     out.print(f"migration run {run_id}: {len(days)} days from {days[0]} to {days[-1]} from"
               f" {peer_name} via C-{options.via.upper()}", highlight=False)
     _drive(config, run_id)
@@ -126,14 +127,8 @@ def resume(home: Path | None, retry_failed: bool) -> None:
             return run.id
 
     run_id = asyncio.run(prepare())
-    _audit(config, f"migration run {run_id} resumed")
+    audit_change(config, f"migration run {run_id} resumed", security=False)
     _drive(config, run_id)
-
-
-def _audit(config: Config, what: str) -> None:
-    """An operator's change to a migration: an admin action for the audit trail."""
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.configuration_changed(what, security=False)
 
 
 def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
@@ -150,7 +145,7 @@ def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
             return run.id, state
 
     run_id, state = asyncio.run(change())
-    _audit(config, f"migration run {run_id} {state.value}")
+    audit_change(config, f"migration run {run_id} {state.value}", security=False)
     out.print(f"migration run {run_id} {state.value}; a running `migrate` process stops"
               " after the studies it is transferring", highlight=False)
 

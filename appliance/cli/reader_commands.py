@@ -31,17 +31,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from appliance.audit import Auditor
 from appliance.base.config import CONFIG_FILE, Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.logsetup import setup_logging
-from appliance.cli.common import err, expected_errors, home_option, load, out
-
-
-def _audit(config: Config, what: str) -> None:
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.configuration_changed(what)
-
+from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
 
 # --- edge: readers -------------------------------------------------------------------
 
@@ -67,7 +60,7 @@ def readers_add(home: Path | None, name: str, public_key: str, scope: str) -> No
     config = load(home)
     reader, new = add_reader(config.home, name, public_key, scope)
     if new:
-        _audit(config, f"reader {name} added")
+        audit_change(config, f"reader {name} added")
 
     async def grant(progress: Callable[[int, int], None]) -> Any:
         from appliance.store.index import Index
@@ -140,7 +133,7 @@ def readers_remove(home: Path | None, name: str) -> None:
         deleted += revoke_reader(store, reader.reader_id)  # a grant that raced the removal
     finally:
         store.close()
-    _audit(config, f"reader {name} removed")
+    audit_change(config, f"reader {name} removed")
     out.print(f"removed reader {name}; deleted {deleted} key object(s). Files the reader "
               "already pulled cannot be taken back", highlight=False)
 
@@ -293,7 +286,7 @@ def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None)
     passphrase = _passphrase(passphrase_file, confirm=True)
     check_passphrase(passphrase)
     kid = export_escrow(config.home, out_file, passphrase)
-    _audit(config, "site key escrowed")
+    audit_change(config, "site key escrowed")
     out.print(f"wrote {out_file} (site key {kid}); keep it offline, and the passphrase "
               "somewhere else", highlight=False)
 
@@ -369,7 +362,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
         set_base_after_restore(config.home, store)
     finally:
         store.close()
-    _audit(config, "index restored from the cloud")
+    audit_change(config, "index restored from the cloud")
     out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
               f"{report.instances} instance(s); {report.already} already in the index; "
               f"{len(report.failures)} failed"
