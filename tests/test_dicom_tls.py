@@ -172,27 +172,39 @@ def test_silent_tls_client_does_not_block_other_handshakes(
 
 
 @contextlib.contextmanager
-def tls_storescp(cert: Path, port: int, received: Path) -> Iterator[None]:
+def tls_storescp(cert: Path, received: Path,
+                 free_port: Callable[[], int]) -> Iterator[int]:
     """dcmtk's storescp as a TLS C-MOVE destination (AE TLSDEST) with the key and
-    certificate in `cert` (from `certs issue`)."""
+    certificate in `cert` (from `certs issue`), on 127.0.0.1; yields its port. A port
+    another process took between `free_port` and storescp's bind makes storescp exit at
+    once: it is tried again on another port (three times at most)."""
     received.mkdir()
-    tls = tls_args(cert)
-    scp = subprocess.Popen([dcmtk.dcmtk_tool("storescp"), *tls, "-aet", "TLSDEST", "+B",
-                            "-od", str(received), str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "TCP_NODELAY": "1"})
-    try:
-        # Ready when it accepts a connection (a TLS echo would need a server certificate).
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline and scp.poll() is None, "TLS storescp not ready"
-            time.sleep(0.2)
-        yield
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    log = received.parent / "tls-storescp.log"
+    for _attempt in range(3):
+        port = free_port()
+        with log.open("wb") as out:
+            scp = subprocess.Popen([dcmtk.dcmtk_tool("storescp"), *tls_args(cert), "-aet",
+                                    "TLSDEST", "+B", "-od", str(received), str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TCP_NODELAY": "1"})
+        try:
+            # Ready when it accepts a connection (a TLS echo would need a server certificate).
+            deadline = time.monotonic() + 30
+            while scp.poll() is None:
+                with contextlib.suppress(OSError), \
+                        socket.create_connection(("127.0.0.1", port), 1):
+                    break
+                assert time.monotonic() < deadline, "TLS storescp not ready:\n" + \
+                    log.read_text(errors="replace")
+                time.sleep(0.2)
+            else:
+                continue  # it exited before listening: another port
+            yield port
+            return
+        finally:
+            scp.terminate()
+            scp.wait(10)
+    raise AssertionError("TLS storescp did not start:\n" + log.read_text(errors="replace"))
 
 
 def test_move_to_a_peer_marked_tls_goes_over_tls(
@@ -201,12 +213,12 @@ def test_move_to_a_peer_marked_tls_goes_over_tls(
 ) -> None:
     server = tls_edge[0]
     dcmtk.storescu(server.port, [i.path for i in small_study]).check()
-    port, received = free_port(), tmp_path / "received"
+    received = tmp_path / "received"
     server.cli("certs", "issue", "tlsdest", "--server", "--san", "127.0.0.1",
                "--out", str(tmp_path / "tlsdest"))
-    server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
-               "--port", str(port), "--allow", "store", "--tls")
-    with tls_storescp(tmp_path / "tlsdest", port, received):
+    with tls_storescp(tmp_path / "tlsdest", received, free_port) as port:
+        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+                   "--port", str(port), "--allow", "store", "--tls")
         dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
                       "TLSDEST").check()
     assert {dicomgen.dataset_bytes(p) for p in received.iterdir()} == {
@@ -221,11 +233,11 @@ def test_move_refuses_a_destination_whose_certificate_is_not_for_servers(
     the box's handshake to such a destination fails, and nothing is sent."""
     server = tls_edge[0]
     dcmtk.storescu(server.port, [i.path for i in small_study]).check()
-    port, received = free_port(), tmp_path / "received"
+    received = tmp_path / "received"
     server.cli("certs", "issue", "tlsdest", "--out", str(tmp_path / "tlsdest"))
-    server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
-               "--port", str(port), "--allow", "store", "--tls")
-    with tls_storescp(tmp_path / "tlsdest", port, received):
+    with tls_storescp(tmp_path / "tlsdest", received, free_port) as port:
+        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+                   "--port", str(port), "--allow", "store", "--tls")
         moved = dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
                               "TLSDEST", args=("-d",))
     assert moved.dimse_statuses() and moved.dimse_statuses()[-1] != 0x0000
