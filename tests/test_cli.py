@@ -43,6 +43,12 @@ def test_commands_on_a_missing_home_explain_what_to_do(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_status_screen_shows_the_last_scrub_and_studies_at_risk(edge_home: Path) -> None:
+    screen = run_pacs_edge("status", "--home", str(edge_home)).stdout
+    assert "last scrub" in screen and "never" in screen
+    assert "studies at risk" in screen
+
+
 def test_bad_config_value_names_the_key(edge_home: Path) -> None:
     config = edge_home / "pacs-edge.toml"
     config.write_text(config.read_text().replace("max_associations = 32",

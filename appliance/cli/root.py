@@ -272,6 +272,8 @@ def _status_table(config: Config, health: Any) -> Table:
         ("prefetch", f"{health.backlog.prefetch_waiting} priors waiting,"
                      f" {health.backlog.prefetch_failed} failed"),
         ("last sync pass", human_time(health.sync["last_successful_pass_at"])),
+        ("last scrub", human_time(health.sync["last_scrub_at"])),
+        ("studies at risk", str(health.sync["studies_at_risk"])),
         ("site key escrow", f"{health.escrow.escrowed_key_id} on {health.escrow.escrowed_at}"
          if health.escrow.ok else "MISSING (see the warning)"),
         *[(f"{cert.name} certificate", f"expires {human_time(cert.not_after)}")
