@@ -279,7 +279,7 @@ def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str:
               default=None, help="Read the passphrase from this file (else prompted).")
 @expected_errors
 def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None) -> None:
-    """Export the site key, name secret and log key, encrypted with a passphrase."""
+    """Export the site key, name secret, log key and audit key, encrypted with a passphrase."""
     from provisioning.escrow import check_passphrase, export_escrow
 
     config = load(home)
