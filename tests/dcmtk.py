@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,10 +126,52 @@ class FindResult(ToolResult):
 
 
 def free_port(host: str = HOST) -> int:
-    """A TCP port that was free a moment ago (the OS picks it; races are unlikely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free a moment ago, for a server a test starts next.
+
+    A port the OS hands out (bind to 0) comes from the ephemeral range, which every
+    outgoing connection draws its source port from too: between this call and the
+    server's bind, a client in another xdist worker could take it, and the server
+    would fail with "Address already in use". So ports come from below that range,
+    each pytest-xdist worker from its own slice, in turn; a port still bound (or in
+    TIME_WAIT) is skipped."""
+    for _ in range(_PORTS.stop - _PORTS.start):
+        port = next(_port_cycle)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
+
+
+def _worker_ports() -> range:
+    """This xdist worker's slice of the ports below the ephemeral range (the whole of
+    it when the suite runs in one process)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+        ephemeral_start = int(fh.read().split()[0])
+    ports = range(min(_LOWEST_PORT, ephemeral_start // 2), ephemeral_start)
+    worker = re.fullmatch(r"gw(\d+)", os.environ.get("PYTEST_XDIST_WORKER", ""))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or workers <= 1:
+        return ports
+    size = len(ports) // workers
+    start = ports.start + int(worker.group(1)) % workers * size
+    return range(start, start + size)
+
+
+def _cycle_from_random_start(ports: range) -> Iterator[int]:
+    """`ports` round and round, from a random one: two runs of the suite on one
+    machine rarely walk the same ports at the same time."""
+    offset = random.randrange(len(ports))
+    while True:
+        for index in range(len(ports)):
+            yield ports[(offset + index) % len(ports)]
+
+
+_LOWEST_PORT = 16384
+_PORTS = _worker_ports()
+_port_cycle = _cycle_from_random_start(_PORTS)
 
 
 def run_tool(tool: str, *args: str, timeout: float = DEFAULT_TIMEOUT,
