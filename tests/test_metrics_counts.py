@@ -94,3 +94,21 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
     assert delta(after, before, "pacs_edge_received_bytes_total", edge="dicom") == after[
         ("pacs_edge_store_bytes", ())]
     assert after[("pacs_edge_ingest_in_progress", ())] == 0
+
+
+def test_a_prefetch_by_hand_counts_its_local_priors(tmp_path: Path) -> None:
+    studies = make_studies(tmp_path / "studies", patients=1, studies_per_patient=2,
+                           series_per_study=1, instances_per_series=1)
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(prefetch={"modalities": ["any"], "body_part": "any", "max_age_years": 0})
+    server.start()
+    try:
+        dcmtk.storescu(server.port, [i.path for i in studies]).check()
+        before = scrape(server)
+        server.cli("prefetch", "--patient-id", studies[0].patient_id)
+        after = scrape(server)
+    finally:
+        server.stop()
+    assert delta(after, before, "pacs_edge_prefetch_priors_total",
+                 source="local", outcome="done") == 2

@@ -21,6 +21,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli.common import expected_errors, home_option, load, out
 from appliance.store import database
 from appliance.store import prefetch_rows as rows
@@ -47,11 +48,12 @@ def prefetch(ctx: click.Context, home: Path | None, patient_id: str | None,
         return
     if not patient_id:
         raise click.UsageError("give --patient-id, or a command (status, retry)")
+    config = load(home)
+    # Priors already local finish here: count them where a scrape of /metrics adds them up.
+    use_metrics_dir(config.home)
     from appliance.dimse.remote_archive import configured_archive
     from appliance.services.peers import Allowlist
     from appliance.services.prefetch import Planned, PrefetchService
-
-    config = load(home)
 
     async def run() -> Planned:
         async with Index(config.index.path) as index:
