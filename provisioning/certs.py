@@ -242,12 +242,17 @@ def renew_node(home: Path, *, days: int | None = None, extra_sans: tuple[str, ..
                new_key: bool = False) -> RenewReport:
     """Re-issue the node certificate from the site CA; report serial, validity, SAN changes.
 
-    `days` defaults to the current certificate's lifetime; SANs are detected
-    again (this host's names and addresses now) plus `extra_sans`.
+    `days` defaults to the current certificate's lifetime. The SANs are this host's
+    names and addresses as detected now, plus `extra_sans`; without `extra_sans`,
+    plus every name of the current certificate: a renewal (the one the expiry
+    warning asks for, say) must not drop the name browsers and peers use, which
+    `init --san` gave and nothing on this host can detect again.
     """
     paths = TlsPaths(Path(home))
     ca_key, ca_cert = _load_ca(paths)
     old = load_certificate(paths.node_cert) if paths.node_cert.exists() else None
+    if not extra_sans and old is not None:
+        extra_sans = tuple(str(san.value) for san in _sans(old))
     if days is None:
         days = (old.not_valid_after_utc - old.not_valid_before_utc - _SKEW).days if old \
             else DEFAULT_NODE_DAYS

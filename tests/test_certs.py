@@ -153,6 +153,19 @@ def test_renew_reissues_from_the_same_ca_and_says_what_changed(tmp_path: Path) -
     assert (newest.not_valid_after_utc - newest.not_valid_before_utc).days == 10
 
 
+def test_renew_without_san_keeps_the_names_the_certificate_has(tmp_path: Path) -> None:
+    """The expiry warning says `pacs-edge certs renew`: that must not drop the name
+    browsers and peers use, given at init and not detectable on the host."""
+    home = tmp_path / "home"
+    _init(home, "--san", "pacs.example.org", "--san", "10.9.8.7")
+    report = run_pacs_edge("certs", "renew", "--home", str(home)).stdout
+    assert "subjectAltNames: unchanged" in report
+    names = _cert(home / "tls/node.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert x509.DNSName("pacs.example.org") in names
+    assert "10.9.8.7" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+
+
 def test_unsafe_ca_key_and_bad_names_fail_with_a_hint(tmp_path: Path) -> None:
     home = tmp_path / "home"
     _init(home)

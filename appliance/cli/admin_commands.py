@@ -145,7 +145,10 @@ def certs_list(home: Path | None, as_json: bool) -> None:
 @home_option
 @click.option("--days", type=int, default=None,
               help="Lifetime of the new certificate (default: that of the current one).")
-@san_option
+@click.option("--san", "sans", multiple=True, metavar="NAME_OR_IP",
+              help="A subjectAltName beyond this host's detected names (repeatable); given, "
+                   "these replace the current certificate's other names, which are kept "
+                   "otherwise.")
 @click.option("--new-key", is_flag=True, help="Also replace the node's private key.")
 @expected_errors
 def certs_renew(home: Path | None, days: int | None, sans: tuple[str, ...],
