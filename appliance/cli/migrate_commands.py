@@ -36,7 +36,7 @@ from appliance.store import database
 from appliance.store import migration_rows as rows
 from appliance.store.index import Index
 
-DEFAULT_SINCE = "19900101"
+DEFAULT_SINCE = "1990-01-01"
 
 
 @click.group()
