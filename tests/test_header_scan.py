@@ -90,3 +90,29 @@ def test_the_scan_reads_a_plain_instance_and_refuses_it_cut_short(
         path.write_bytes(encoded[:-cut])
         with pytest.raises(InvalidInstance, match="truncated"):
             read_header(path)
+
+
+def test_an_item_delimiter_outside_a_sequence_is_refused_as_pydicom_refuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom (and readers like it) stop reading at an item delimiter outside a
+    sequence: what follows it would be stored but never seen, so both paths refuse."""
+    path = tmp_path / "one.dcm"
+    encoded = _instance(path, ExplicitVRLittleEndian)
+    at = encoded.index(b"\x10\x00\x10\x00PN")  # PatientName, and everything after it
+    path.write_bytes(encoded[:at] + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + encoded[at:])
+    assert header_scan.scan(path, dicom_header._SCAN_TAGS) is None
+    fast, slow = _both(path, monkeypatch)
+    assert fast == slow == ("refused", "dataset is truncated")
+
+
+def test_a_file_meta_value_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    """pydicom raises its BytesLengthException (not a ValueError) for a UL of 6 bytes:
+    the file is refused like any unparseable one, not an unexpected error."""
+    path = tmp_path / "one.dcm"
+    encoded = _instance(path, ExplicitVRLittleEndian)
+    group_length = b"\x02\x00\x00\x00UL\x04\x00"
+    assert encoded[132:140] == group_length
+    path.write_bytes(encoded[:132] + b"\x02\x00\x00\x00UL\x06\x00" + encoded[140:144]
+                     + b"\x00\x00" + encoded[144:])
+    with pytest.raises(InvalidInstance, match=r"cannot be parsed \(BytesLengthException\)"):
+        read_header(path)

@@ -20,7 +20,7 @@ import pydicom
 import pydicom.config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -88,7 +88,7 @@ def read_header(path: str | Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
     except InvalidInstance:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
-            AttributeError, NotImplementedError, struct.error) as exc:
+            AttributeError, NotImplementedError, struct.error, BytesLengthException) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
 
 

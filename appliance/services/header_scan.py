@@ -194,6 +194,8 @@ def _scan(source: _Source, tags: dict[int, tuple[str, str]]) -> tuple[dict[str, 
     elements = 0
     while pos < source.size:
         tag, vr, length, start = walker.header(pos, implicit)
+        if tag >> 16 == 0xFFFE:
+            raise _NotPlain  # an item or delimiter outside a sequence: pydicom stops there
         elements += 1
         if tag in tags:
             keyword, expected_vr = tags[tag]
