@@ -189,6 +189,29 @@ def test_frame_out_of_range_is_404_and_malformed_frame_list_400(
                         ).status_code == 400, bad
 
 
+def test_frames_of_an_instance_stored_with_a_malformed_pixel_module_are_404_not_an_error(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
+        tmp_path: Path) -> None:
+    """Instances are stored as sent, checked only for the index's attributes: one whose
+    Rows is 3 bytes long is stored, and its frames cannot be cut (pydicom raises its
+    BytesLengthException); that is a 404 saying so, and its metadata still answers."""
+    ds = pydicom.dcmread(syntax_set["1.2.840.10008.1.2.1"].path)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "rows.dcm"
+    ds.save_as(path)
+    encoded = path.read_bytes()
+    rows = encoded.index(b"\x28\x00\x10\x00US\x02\x00")
+    path.write_bytes(encoded[:rows + 6] + b"\x03\x00" + encoded[rows + 8:rows + 10] + b"\x00"
+                     + encoded[rows + 10:])
+    instance = dicomgen.GeneratedInstance(path, ds)
+    import_files(web.home, instance)
+    http = webpeer.session(web, "rad")
+    got = http.get(_url(web, instance, "/frames/1"), headers={"Accept": OCTETS})
+    assert got.status_code == 404, got.text
+    assert "pixel module cannot be read" in got.text
+    assert http.get(_url(web, instance, "/metadata")).status_code == 200
+
+
 def test_bulkdata_uri_of_the_metadata_answers_the_pixel_data(
         web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
     instance = syntax_set["1.2.840.10008.1.2.1"]

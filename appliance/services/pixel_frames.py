@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread, encaps
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -57,7 +58,18 @@ def is_encapsulated(transfer_syntax: str) -> bool:
 
 
 def read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:
-    """Frames `numbers` (1-based) of the stored file at `path`."""
+    """Frames `numbers` (1-based) of the stored file at `path`.
+
+    The file is stored as it was sent, and only the index's attributes were checked:
+    a pixel module value of the wrong length (a 3-byte Rows) is pydicom's
+    BytesLengthException here, a FrameError like any other unusable pixel data."""
+    try:
+        return _read_frames(path, transfer_syntax, numbers)
+    except BytesLengthException as exc:
+        raise FrameError("the instance's image pixel module cannot be read") from exc
+
+
+def _read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:
     with path.open("rb") as fh:
         ds = dcmread(fh, stop_before_pixels=True)
         count = _frame_count(ds)
