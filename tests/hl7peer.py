@@ -4,7 +4,8 @@
 sends one with python-hl7's MLLPClient and returns the parsed ACK (`send_many`:
 several, one after the other on one connection, as a RIS does); `raw`
 opens a plain socket (optionally from another loopback source address) for
-frames no library would produce.
+frames no library would produce. `listen(server, port, **limits)` turns a
+server's MLLP listener on and allows this host (the RIS) to send HL7.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import time
 from dataclasses import dataclass
 
 import hl7
+from conftest import EdgeServer
 from hl7.client import MLLPClient
 
 HOST = "127.0.0.1"
 TIMEOUT = 30.0
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
+
+
+def listen(server: EdgeServer, port: int, **limits: object) -> None:
+    """[hl7] on `port` with `limits` (max_message_bytes, idle_timeout, ...), and the
+    RIS (127.0.0.1) allowed to send HL7; takes effect at the server's next start."""
+    server.configure(hl7={"port": port, **limits})
+    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", HOST, "--allow", "hl7")
 
 
 @dataclass(frozen=True)

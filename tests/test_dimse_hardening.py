@@ -17,13 +17,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import dcmtk
 import dicomgen
 import pytest
 import rawpdu
 from conftest import EdgeServer
+from fuzzing import rss_kb, threads
 from rawpdu import Watched
 
 RSS_BUDGET_KB = 50 * 1024
@@ -37,21 +37,6 @@ HOSTILE = "127.0.0.2"  # the attacker's address; legitimate peers call from 127.
 # How long a test waits for the server to close a hostile connection before
 # calling it left open: far beyond the limits above, so a slow machine passes.
 CLOSE_DEADLINE = 30.0
-
-
-def _proc_status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key}")
-
-
-def rss_kb(pid: int) -> int:
-    return _proc_status(pid, "VmRSS")
-
-
-def threads(pid: int) -> int:
-    return _proc_status(pid, "Threads")
 
 
 def wait_for_threads(pid: int, at_most: int) -> int:

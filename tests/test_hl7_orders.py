@@ -30,10 +30,8 @@ def hl7_edge(edge_server_factory: Callable[..., EdgeServer],
     allowed to send HL7."""
     server = edge_server_factory(start=False)
     port = free_port()
-    server.configure(hl7={"port": port, "max_message_bytes": 16384, "idle_timeout": 30.0,
-                          "max_connections": MAX_CONNECTIONS})
-    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
-               "--allow", "hl7")
+    hl7peer.listen(server, port, max_message_bytes=16384, idle_timeout=30.0,
+                   max_connections=MAX_CONNECTIONS)
     server.start()
     yield server, port
 
@@ -313,9 +311,7 @@ def test_mllp_over_tls_needs_a_certificate_from_the_site_ca(
         tmp_path: Path) -> None:
     server = edge_server_factory(start=False)
     port = free_port()
-    server.configure(hl7={"port": port, "tls": True})
-    server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", "127.0.0.1",
-               "--allow", "hl7")
+    hl7peer.listen(server, port, tls=True)
     server.start()
     server.cli("certs", "issue", "ris", "--out", str(tmp_path / "ris"))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
