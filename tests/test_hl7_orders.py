@@ -228,6 +228,19 @@ def test_content_errors_are_application_errors_naming_the_field(
     assert worklist(server) == []
 
 
+def test_blank_lines_between_segments_are_skipped_and_a_segment_without_id_rejected(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    # CRLF senders that also end with CR send an empty segment after every segment.
+    blank = hl7peer.orm("BL1", accession="BLANK").replace("\r", "\r\n\r")
+    assert hl7peer.send(port, blank).code == "AA"
+    nameless = hl7peer.orm("BL2", accession="NONAME").replace("\rPV1|", "\r|PV1|")
+    ack = hl7peer.send(port, nameless)
+    assert (ack.code, ack.error_field, ack.error_code) == ("AR", "MSH", "100")
+    assert [o["accession_number"] for o in worklist(server)] == ["BLANK"]
+    assert "Traceback" not in server.log()
+
+
 def test_truncated_frames_are_never_applied_and_the_listener_keeps_serving(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

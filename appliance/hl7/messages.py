@@ -116,6 +116,14 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
                        reject=True) from None
     # One segment terminator: CR (some senders use LF or CRLF).
     text = text.replace("\r\n", "\r").replace("\n", "\r")
+    # Blank lines between segments (senders that end segments with CRLF and a CR) are
+    # skipped; a segment without an ID is refused. python-hl7 would raise IndexError
+    # looking up any segment in a message holding either.
+    segments = [segment for segment in text.split("\r") if segment]
+    if any(segment.startswith(text[3]) for segment in segments):
+        raise Hl7Error("a segment has no segment ID", "MSH", ErrorCode.SEGMENT_SEQUENCE,
+                       reject=True)
+    text = "\r".join(segments) + "\r"
     try:
         message = hl7.parse(text)
     except (HL7Exception, ValueError, IndexError) as exc:
