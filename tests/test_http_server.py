@@ -159,6 +159,20 @@ def test_slow_request_head_is_dropped(tmp_path: Path, free_port: Callable[[], in
     assert "request head not received in time" in server.log()
 
 
+def test_malformed_request_is_400_and_logged_as_one_line_without_its_text(
+        web_server: EdgeServer) -> None:
+    with webpeer.tls_socket(web_server) as tls:
+        tls.sendall(b"GET /dicom-web/studies?PatientName=KANARIE^HELGA HTTP/1.1\r\n"
+                    b"Host: localhost\r\nNo colon in this header line\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == b"400", answer[:200]  # aiohttp answers in HTTP/1.0
+    log = web_server.log()  # aiohttp logs the error before it answers
+    assert "KANARIE" not in log and "Traceback" not in log
+    assert "http request malformed error=BadHttpMessage status=400" in log
+
+
 def test_connection_cap_answers_503_until_a_connection_closes(
         tmp_path: Path, free_port: Callable[[], int],
         edge_server_factory: Callable[..., EdgeServer]) -> None:

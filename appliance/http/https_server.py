@@ -15,7 +15,12 @@ bounds a hostile or broken client must not be able to push past:
   bounded by aiohttp (8190 bytes each);
 - a kept-alive connection idle for ``[http] idle_timeout`` is closed (aiohttp's
   keep-alive timer), and request bodies are bounded and timed by the routes
-  that read them (dicomweb_stow.py) against ``[http] max_request_mb``.
+  that read them (dicomweb_stow.py) against ``[http] max_request_mb``;
+- a request aiohttp cannot parse (bad method, header, URL or chunk) is answered
+  400 by aiohttp and logged as one line naming the error class (`_ServerLog`):
+  aiohttp would log it at ERROR with a traceback and the offending request text,
+  which may hold patient data from a query string, and any client could flood
+  the log with them. Exceptions from the application keep their traceback.
 
 The guard is a thin asyncio protocol in front of aiohttp's own: it counts
 connections and runs the head timer; the `head_timer` middleware tells it when a
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from appliance.base.config import HttpConfig
@@ -61,6 +67,27 @@ def tls_context(*, cert: Path, key: Path) -> ssl.SSLContext:
             hint="run `pacs-edge init` (creates them) or `pacs-edge certs renew`; or set"
                  " [http] port = 0 to turn the web server off") from exc
     return context
+
+
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's request-handler logger: a client's malformed request becomes a one-line
+    event without its text; everything else goes to aiohttp.server unchanged."""
+
+    def _malformed(self, exc_info: object) -> bool:
+        if not isinstance(exc_info, HttpProcessingError):
+            return False
+        log.info("http request malformed error=%s status=%d", type(exc_info).__name__,
+                 exc_info.code)
+        return True
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        if not self._malformed(exc_info):
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if not self._malformed(kwargs.get("exc_info")):
+            super().debug(msg, *args, **kwargs)
 
 
 class _Guard(asyncio.Protocol):
@@ -174,6 +201,7 @@ class HttpServer:
     async def start(self) -> int:
         """Listen; returns the bound port."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     logger=_ServerLog(logging.getLogger("aiohttp.server")),
                                      keepalive_timeout=self.config.idle_timeout,
                                      shutdown_timeout=STOP_GRACE_SECONDS)
         await self._runner.setup()
