@@ -114,6 +114,16 @@ def test_malformed_queries_are_400(web: EdgeServer) -> None:
     assert wrong.status == 406
 
 
+def test_query_values_that_are_not_numbers_for_numeric_attributes_are_400(
+        web: EdgeServer) -> None:
+    for path in ("/dicom-web/studies?NumberOfStudyRelatedInstances=x",
+                 "/dicom-web/instances?InstanceNumber=abc",
+                 "/dicom-web/studies?PatientWeight=heavy"):
+        answer = webpeer.curl(web, path, user="rad")
+        assert answer.status == 400, (path, answer.status)
+    assert "Traceback" not in web.log()
+
+
 def test_referring_physician_sees_only_their_studies_everywhere(
         web: EdgeServer, studies: list[dicomgen.GeneratedInstance]) -> None:
     by_study = _by_study(studies)

@@ -164,7 +164,10 @@ def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
     elif "\\" in value:
         text = value.split("\\")
     # Values are the user's (maybe PHI): no pydicom validation warning may quote them.
-    identifier[tag] = DataElement(tag, vr, text, validation_mode=config.IGNORE)
+    try:
+        identifier[tag] = DataElement(tag, vr, text, validation_mode=config.IGNORE)
+    except (ValueError, TypeError, OverflowError) as exc:  # "x" for an IS key, say
+        raise web.HTTPBadRequest(text="a query value does not fit its attribute\n") from exc
 
 
 def _count(request: web.Request, name: str, default: int | None) -> int | None:
