@@ -138,6 +138,21 @@ def test_stalled_upload_is_answered_408_and_its_spool_removed(
     _wait_for(lambda: not list((server.home / "store").rglob(f"*{TEMP_SUFFIX}")))
 
 
+def test_stalled_login_form_is_answered_408(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),
+                                                  idle_timeout=1.0))
+    origin = f"https://localhost:{server.http_port}"
+    with webpeer.tls_socket(server) as tls:
+        tls.sendall((f"POST /login HTTP/1.1\r\nHost: localhost:{server.http_port}\r\n"
+                     f"Origin: {origin}\r\nContent-Type: application/x-www-form-urlencoded"
+                     "\r\nContent-Length: 1000\r\n\r\nname=rad").encode())
+        tls.settimeout(DEADLINE)
+        answer = tls.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
 def test_slow_request_head_is_dropped(tmp_path: Path, free_port: Callable[[], int],
                                       edge_server_factory: Callable[..., EdgeServer]) -> None:
     server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port(),

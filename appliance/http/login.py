@@ -1,7 +1,8 @@
 """The login page, logout, and launch links: how a browser gets a session.
 
     GET  /login            a plain HTML form (no script)
-    POST /login            name + password -> session cookie, 303 to `next` (same origin)
+    POST /login            name + password -> session cookie, 303 to `next` (same origin);
+                           a form that stalls for [http] idle_timeout is 408
     POST /logout           ends the session, clears the cookie, 303 to /login
     GET  /launch?t=TOKEN   redeems a launch link (services/launch_links.py) -> session
                            cookie, then opens /viewer?StudyInstanceUIDs=<uid>
@@ -36,6 +37,8 @@ import logging
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import MultiDictProxy
 
 from appliance.audit import Auditor
 from appliance.base.errors import AuthenticationError, AuthFailure, IndexUnavailable
@@ -149,11 +152,24 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     return _form(safe_next(request.query.get("next", "/")))
 
 
+async def _read_form(request: web.Request) -> MultiDictProxy[str | bytes | web.FileField]:
+    """The posted form, read within [http] idle_timeout as STOW-RS reads its upload: a
+    body that stalls is 408 (aiohttp itself never gives up on one), a body that is not
+    a form (a broken chunk, a bad multipart boundary) is 400."""
+    try:
+        async with asyncio.timeout(request.app[_USERS].config.http.idle_timeout):
+            return await request.post()
+    except TimeoutError as exc:
+        raise web.HTTPRequestTimeout(text="the request body stalled\n") from exc
+    except (RequestPayloadError, ValueError) as exc:
+        raise web.HTTPBadRequest(text="the request body is not a form\n") from exc
+
+
 async def login(request: web.Request) -> web.StreamResponse:
     if not same_origin(request):
         log.warning("login refused reason=cross_origin address=%s", auth.client_address(request))
         return _page("Refused", "<p>Log in from this site's own login page.</p>", status=403)
-    form = await request.post()
+    form = await _read_form(request)
     name, password, target = (str(form.get(key, ""))[:MAX_FIELD_CHARS + 1]
                               for key in ("name", "password", "next"))
     target = safe_next(target)
