@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+import dicomgen
 import pytest
 import webpeer
 from conftest import EdgeServer, run_pacs_edge
@@ -151,6 +153,26 @@ def test_stalled_login_form_is_answered_408(
         tls.settimeout(DEADLINE)
         answer = tls.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_client_gone_mid_upload_is_one_log_line_and_its_spool_removed(
+        web_server: EdgeServer, tmp_path: Path) -> None:
+    webpeer.add_user(web_server, "rad", "radiologist")
+    [instance] = dicomgen.make_study(tmp_path / "one", seed=7, series_per_study=1,
+                                     instances_per_series=1)
+    credentials = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
+    with webpeer.tls_socket(web_server) as tls:
+        tls.sendall(("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Authorization: Basic {credentials}\r\n"
+                     f"Content-Type: {webpeer.STOW_TYPE.format('b0undary')}\r\n"
+                     "Content-Length: 100000000\r\n\r\n"
+                     "--b0undary\r\nContent-Type: application/dicom\r\n\r\n").encode()
+                    + instance.path.read_bytes() + b"\0" * (3 << 20))  # past a read chunk
+        _wait_for(lambda: bool(list((web_server.home / "store").rglob(f"*{TEMP_SUFFIX}"))))
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    _wait_for(lambda: "http client went away during the request" in web_server.log())
+    _wait_for(lambda: not list((web_server.home / "store").rglob(f"*{TEMP_SUFFIX}")))
+    assert "Traceback" not in web_server.log()
 
 
 def test_slow_request_head_is_dropped(tmp_path: Path, free_port: Callable[[], int],

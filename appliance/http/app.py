@@ -22,7 +22,7 @@ from appliance.http import (
     ops_routes,
     viewer,
 )
-from appliance.http.https_server import head_timer
+from appliance.http.https_server import client_gone, head_timer
 from appliance.http.web_context import METADATA, READS, SERVICES, WebServices
 from appliance.services.box_health import HealthSources
 from appliance.services.series_metadata import SeriesMetadataCache
@@ -34,7 +34,7 @@ __all__ = ["WebServices", "build_app"]
 def build_app(services: WebServices) -> web.Application:
     # Bodies the routes read whole (forms) stay small; STOW-RS streams its upload
     # and bounds it itself against [http] max_request_mb.
-    app = web.Application(middlewares=[head_timer, ops_routes.count_requests,
+    app = web.Application(middlewares=[head_timer, ops_routes.count_requests, client_gone,
                                        auth.middleware(services.users)],
                           client_max_size=1 << 20)
     app[SERVICES] = services

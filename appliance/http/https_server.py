@@ -20,7 +20,8 @@ bounds a hostile or broken client must not be able to push past:
   400 by aiohttp and logged as one line naming the error class (`_ServerLog`):
   aiohttp would log it at ERROR with a traceback and the offending request text,
   which may hold patient data from a query string, and any client could flood
-  the log with them. Exceptions from the application keep their traceback.
+  the log with them; a client that goes away mid-request is one line too
+  (`client_gone`). Exceptions from the application keep their traceback.
 
 The guard is a thin asyncio protocol in front of aiohttp's own: it counts
 connections and runs the head timer; the `head_timer` middleware tells it when a
@@ -175,6 +176,20 @@ async def head_timer(request: web.Request, handler: Any) -> web.StreamResponse:
     finally:
         if guard is not None:
             guard.request_finished()
+
+
+@web.middleware
+async def client_gone(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A client that closes its connection mid-request (an upload cancelled, a tab
+    closed) is an event, not an error: one line instead of aiohttp's traceback. The
+    answer it gets is never sent; it counts as the client's 4xx, not a 5xx."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise
+        log.info("http client went away during the request")
+        return web.Response(status=400, text="the connection was closed\n")
 
 
 def guard_of(request: web.BaseRequest) -> _Guard | None:
