@@ -18,6 +18,9 @@ TEST_WORKERS ?= 4
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
+# The seeded fuzz tests of the network edges (tests/fuzzing.py), per soak seed.
+FUZZ_STEPS  ?= 2000
+FUZZ_MODULES := tests/test_hl7_fuzz.py tests/test_http_fuzz.py
 
 .PHONY: run test test-fast soak lint bench venv venv-test viewer test-deps clean help
 
@@ -25,7 +28,8 @@ help:
 	@echo "make run        install and start pacs-edge on $(DATA) (DICOM 127.0.0.1:11112)"
 	@echo "make test       install test dependencies, run ruff and the whole suite ($(TEST_WORKERS) workers)"
 	@echo "make test-fast  the suite without tests marked slow"
-	@echo "make soak       long randomized tiering runs (several seeds, $(SOAK_STEPS) steps each)"
+	@echo "make soak       long randomized tiering runs ($(SOAK_STEPS) steps) and fuzz runs"
+	@echo "                ($(FUZZ_STEPS) steps), one seed after another: $(SOAK_SEEDS)"
 	@echo "make lint       ruff only"
 	@echo "make bench      the benchmark (bench/run.sh)"
 
@@ -55,14 +59,19 @@ test: test-deps lint
 test-fast: test-deps
 	$(BIN)/pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
-# The randomized tiering test with many more operations than the suite runs, one seed after
-# another; a failure names its seed (PACS_EDGE_RANDOM_SEED replays it).
+# The randomized tiering test and the edge fuzz tests with many more operations than the
+# suite runs, one seed after another, serially; a failure names its seed
+# (PACS_EDGE_RANDOM_SEED or PACS_EDGE_FUZZ_SEED replays it).
 soak: test-deps
 	@for seed in $(SOAK_SEEDS); do \
 		echo "soak: seed $$seed, $(SOAK_STEPS) steps"; \
 		PACS_EDGE_RANDOM_SEED=$$seed PACS_EDGE_RANDOM_STEPS=$(SOAK_STEPS) \
 			$(BIN)/pytest tests/test_tiering_random.py -x -q -o timeout=3600 $(PYTEST_ARGS) \
 			|| { echo "soak: failed with PACS_EDGE_RANDOM_SEED=$$seed"; exit 1; }; \
+		echo "soak: fuzz seed $$seed, $(FUZZ_STEPS) steps"; \
+		PACS_EDGE_FUZZ_SEED=$$seed PACS_EDGE_FUZZ_STEPS=$(FUZZ_STEPS) \
+			$(BIN)/pytest $(FUZZ_MODULES) -n 0 -x -q -o timeout=3600 $(PYTEST_ARGS) \
+			|| { echo "soak: failed with PACS_EDGE_FUZZ_SEED=$$seed"; exit 1; }; \
 	done
 
 bench: test-deps
