@@ -241,6 +241,29 @@ def test_blank_lines_between_segments_are_skipped_and_a_segment_without_id_rejec
     assert "Traceback" not in server.log()
 
 
+def test_a_message_refused_before_it_is_parsed_is_answered_with_its_control_id(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """The sender matches an ACK to its message by MSA-2: an AR for a character set we
+    do not read, bytes not valid in the one named, or a segment without an ID still
+    echoes MSH-10 (read from the bytes as sent)."""
+    server, port = hl7_edge
+
+    def in_charset(control_id: str, charset: str) -> str:
+        orm_type = "ORM^O01^ORM_O01"
+        return hl7peer.orm(control_id, accession=control_id).replace(
+            hl7peer.msh(control_id, orm_type), hl7peer.msh(control_id, orm_type, charset=charset))
+
+    unknown = in_charset("CS1", "KLINGON")
+    not_ascii = in_charset("CS2", "ASCII").encode().replace(b"PID|1|", "PID|1|\u00e9".encode())
+    nameless = hl7peer.orm("CS3", accession="CSET3").replace("\rPV1|", "\r|PV1|")
+    for message, control_id, field in ((unknown, "CS1", "MSH-18"),
+                                       (not_ascii, "CS2", "MSH-18"),
+                                       (nameless, "CS3", "MSH")):
+        ack = hl7peer.send(port, message)
+        assert (ack.code, ack.control_id, ack.error_field) == ("AR", control_id, field)
+    assert worklist(server) == []
+
+
 def test_truncated_frames_are_never_applied_and_the_listener_keeps_serving(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

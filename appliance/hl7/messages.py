@@ -102,18 +102,19 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
                 chr(c).isalnum() or chr(c).isspace() for c in encoding_chars)):
         raise Hl7Error("MSH-1/MSH-2 are not valid field separator and encoding characters",
                        "MSH-2", ErrorCode.DATA_TYPE, reject=True)
+    as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1])
     charset_field = first_line.split(separator)[17:18]
     charset = charset_field[0].decode("ascii", "replace").strip().upper() if charset_field \
         else ""
     codec = CHARSETS.get(charset)
     if codec is None:
         raise Hl7Error(f"character set {charset!r} is not supported", "MSH-18",
-                       ErrorCode.TABLE_VALUE_NOT_FOUND, reject=True)
+                       ErrorCode.TABLE_VALUE_NOT_FOUND, reject=True, header=as_sent)
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError:
         raise Hl7Error(f"message is not valid {codec}", "MSH-18", ErrorCode.DATA_TYPE,
-                       reject=True) from None
+                       reject=True, header=as_sent) from None
     # One segment terminator: CR (some senders use LF or CRLF).
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     # Blank lines between segments (senders that end segments with CRLF and a CR) are
@@ -122,13 +123,13 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     segments = [segment for segment in text.split("\r") if segment]
     if any(segment.startswith(text[3]) for segment in segments):
         raise Hl7Error("a segment has no segment ID", "MSH", ErrorCode.SEGMENT_SEQUENCE,
-                       reject=True)
+                       reject=True, header=as_sent)
     text = "\r".join(segments) + "\r"
     try:
         message = hl7.parse(text)
     except (HL7Exception, ValueError, IndexError) as exc:
         raise Hl7Error(f"message cannot be parsed ({type(exc).__name__})", "MSH",
-                       ErrorCode.DATA_TYPE, reject=True) from None
+                       ErrorCode.DATA_TYPE, reject=True, header=as_sent) from None
     msh = message.segment("MSH")
     code, event = _get(msh, 9, 1), _get(msh, 9, 2)
     header = MessageHeader(
@@ -154,6 +155,26 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
             ErrorCode.UNSUPPORTED_EVENT if known_code else ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
             reject=True, header=header)
     return header, message
+
+
+def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
+                 component: bytes) -> MessageHeader:
+    """MSH read from the bytes as sent (first components, ASCII), for the AR of a message
+    refused before it could be decoded or parsed: MSA-2 still echoes MSH-10, the control
+    ID by which the sender matches an ACK to its message."""
+    fields = first_line.split(separator)
+
+    def field(number: int, index: int = 0) -> str:  # MSH-number; MSH-1 is the separator
+        value = fields[number - 1] if number - 1 < len(fields) else b""
+        parts = value.split(component) if component else [value]
+        return parts[index].decode("ascii", "replace").strip() if index < len(parts) else ""
+
+    return MessageHeader(
+        sending_application=field(3), sending_facility=field(4),
+        receiving_application=field(5), receiving_facility=field(6),
+        control_id=field(10), message_code=field(9), trigger_event=field(9, 1),
+        processing_id=field(11), version=field(12), sha256=hashlib.sha256(raw).hexdigest(),
+    )
 
 
 def parse(raw: bytes) -> Parsed:
