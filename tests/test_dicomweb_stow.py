@@ -128,6 +128,22 @@ def test_nothing_stored_is_409(web: EdgeServer, tmp_path: Path) -> None:
     assert _failures(answer) == [0xC000]
 
 
+def test_an_unknown_vr_in_the_uids_is_refused_not_an_error(web: EdgeServer,
+                                                            tmp_path: Path) -> None:
+    """pydicom raises NotImplementedError reading a UID whose VR it does not know: the
+    upload is refused (0xC000), it is not a 500."""
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=74, series_per_study=1,
+                                      instances_per_series=1)
+    data = instance.path.read_bytes()
+    at = data.index(b"\x08\x00\x18\x00UI", 144)  # the dataset's SOP Instance UID
+    damaged = tmp_path / "unknown-vr.dcm"
+    damaged.write_bytes(data[:at + 4] + b"UM" + data[at + 6:])
+    status, answer = _post(web, [damaged])
+    assert status == 409, answer
+    assert _failures(answer) == [0xC000]
+    assert "Traceback" not in web.log()
+
+
 def test_instance_of_another_study_than_the_url_names_is_refused(
         web: EdgeServer, tmp_path: Path) -> None:
     (instance,) = dicomgen.make_study(tmp_path / "study", seed=73, series_per_study=1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,35 @@ async def test_non_dicom_payload_is_refused(service: IngestService, tmp_path: Pa
     junk.write_bytes(b"MZ\x90\x00" + b"\x00" * 500)
     with pytest.raises(InvalidInstance):
         await service.ingest_file(junk)
+
+
+def _file_meta_element_edited(path: Path, tag: bytes, edit: Callable[[bytes], bytes]) -> None:
+    """Replace the File Meta element `tag` (its 4 tag bytes, explicit VR with a 16-bit
+    length) by `edit(element)`, keeping the group length right."""
+    data = path.read_bytes()
+    at = data.index(tag, 144)
+    end = at + 8 + int.from_bytes(data[at + 6:at + 8], "little")
+    element = edit(data[at:end])
+    group_length = int.from_bytes(data[140:144], "little") + len(element) - (end - at)
+    path.write_bytes(data[:140] + group_length.to_bytes(4, "little") + data[144:at] + element
+                     + data[end:])
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda element: element[:6] + b"\x00\x00", "File Meta lacks SOP Class"),  # empty value
+    (lambda element: element[:4] + b"U\x00" + element[6:], "File Meta cannot be parsed"),
+])
+async def test_a_file_meta_without_a_value_or_with_an_unknown_vr_is_refused(
+    service: IngestService, tmp_path: Path, edit: Callable[[bytes], bytes], reason: str
+) -> None:
+    """pydicom raises AttributeError writing an empty Media Storage SOP Class UID and
+    NotImplementedError reading a VR it does not know: both are a refused file (import,
+    drop folder, STOW-RS), not an error that stops the import."""
+    source = write_instance(tmp_path / "a.dcm", f"{SERIES}.7")
+    _file_meta_element_edited(source, b"\x02\x00\x02\x00", edit)
+    with pytest.raises(InvalidInstance, match=reason):
+        await service.ingest_file(source)
+    assert list(service.files.spool_dir.iterdir()) == []
 
 
 async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:

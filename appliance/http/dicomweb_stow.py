@@ -26,7 +26,6 @@ where).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.metrics import RECEIVED_BYTES
@@ -200,15 +198,17 @@ _SOURCE = "DICOMWEB"
 
 def _identity(spool: SpoolFile) -> tuple[str, str, str]:
     """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file, "" if unreadable;
-    only valid UIDs are kept (they go back into the answer)."""
-    with contextlib.suppress(InvalidDicomError, OSError, ValueError, TypeError, KeyError,
-                             AttributeError, EOFError):
+    only valid UIDs are kept (they go back into the answer). pydicom raises many types
+    for a damaged upload (an unknown VR, a deflated stream cut short): all mean
+    unreadable here, and the ingest that follows says why it refuses the file."""
+    try:
         ds = dcmread(spool.path, stop_before_pixels=True,
                      specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
         values = [str(ds.get(k, "") or "") for k in
                   ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
-        return tuple(v if is_valid_uid(v) else "" for v in values)  # type: ignore[return-value]
-    return "", "", ""
+    except Exception:
+        return "", "", ""
+    return tuple(v if is_valid_uid(v) else "" for v in values)  # type: ignore[return-value]
 
 
 async def _audit(request: web.Request, outcome: _Outcome) -> None:

@@ -33,6 +33,7 @@ from appliance.base import compat, logsafe
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
 from appliance.base.metrics import INGEST_IN_PROGRESS
+from appliance.base.uids import normalise_uid
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
 from appliance.store.index import Index, RecordOutcome, StoredFile
@@ -170,20 +171,27 @@ class IngestService:
 
 
 def _file_meta(fh: object) -> object:
-    """The File Meta to store with an imported file; leaves `fh` at its dataset."""
+    """The File Meta to store with an imported file; leaves `fh` at its dataset.
+
+    pydicom converts the File Meta's values when they are read, so a malformed one
+    (an unknown VR, a wrong length) raises then, in one of several types."""
     try:
         read_preamble(fh, force=False)  # type: ignore[arg-type]
         source_meta = compat.read_file_meta(fh)  # type: ignore[arg-type]
     except Exception as exc:
         raise InvalidInstance("not a DICOM Part 10 file") from exc
     try:
-        return create_file_meta(
-            sop_class_uid=source_meta.MediaStorageSOPClassUID,
-            sop_instance_uid=source_meta.MediaStorageSOPInstanceUID,
-            transfer_syntax=source_meta.TransferSyntaxUID,
-        )
-    except AttributeError as exc:
-        raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax") from exc
+        uids = [normalise_uid(source_meta.get(keyword, "")) for keyword in _FILE_META_UIDS]
+    except Exception as exc:
+        raise InvalidInstance("File Meta cannot be parsed") from exc
+    if not all(uids):  # their validity is read_header's to judge, with the dataset's
+        raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax")
+    sop_class_uid, sop_instance_uid, transfer_syntax = uids
+    return create_file_meta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                            transfer_syntax=transfer_syntax)
+
+
+_FILE_META_UIDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 
 
 def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, int]:
