@@ -6,12 +6,14 @@
   exception escaped a handler (a Traceback, aiohttp's "Error handling request",
   asyncio's "Task exception was never retrieved"); expected failures are logged as
   one-line events, so any of these is a defect;
-- rss_kb(pid) / threads(pid): from /proc/PID/status of the test's own server.
+- rss_kb(pid) / threads(pid): from /proc/PID/status of the test's own server;
+  wait_for_threads(pid, at_most): until its threads are back to a count.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from conftest import EdgeServer
@@ -52,3 +54,12 @@ def rss_kb(pid: int) -> int:
 
 def threads(pid: int) -> int:
     return _proc_status(pid, "Threads")
+
+
+def wait_for_threads(pid: int, at_most: int, *, deadline_seconds: float = 30.0) -> int:
+    """Poll until the process runs at most `at_most` threads (or a deadline); returns the
+    count."""
+    deadline = time.monotonic() + deadline_seconds
+    while threads(pid) > at_most and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return threads(pid)

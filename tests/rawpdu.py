@@ -16,40 +16,95 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import (
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    DIMSEMessage,
+)
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA, A_ABORT = 0x02, 0x03, 0x04, 0x07
+IMPLEMENTATION_CLASS = "1.2.826.0.1.3680043.9.9"
+A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA = 0x01, 0x02, 0x03, 0x04
+A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
+# The request message class for each DIMSE-C request primitive (dimse_pdus).
+_REQUESTS: dict[type, type[DIMSEMessage]] = {
+    C_ECHO: C_ECHO_RQ, C_STORE: C_STORE_RQ, C_FIND: C_FIND_RQ, C_MOVE: C_MOVE_RQ,
+    C_GET: C_GET_RQ,
+}
 
 
-def _item(item_type: int, payload: bytes) -> bytes:
+def item(item_type: int, payload: bytes) -> bytes:
+    """One variable item of an association PDU: type, reserved, 16-bit length, payload."""
     return struct.pack(">BBH", item_type, 0, len(payload)) + payload
 
 
 def _uid(item_type: int, uid: str) -> bytes:
-    return _item(item_type, uid.encode("ascii"))
+    return item(item_type, uid.encode("ascii"))
+
+
+def presentation_context_item(context_id: int, abstract_syntax: str,
+                              transfer_syntaxes: Iterable[str] = (IMPLICIT_VR_LE,)) -> bytes:
+    """A proposed presentation context (item 0x20)."""
+    return item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + _uid(0x30, abstract_syntax)
+                + b"".join(_uid(0x40, syntax) for syntax in transfer_syntaxes))
+
+
+def user_information_item(max_pdu: int = 16384, extra: Iterable[bytes] = ()) -> bytes:
+    """User information (item 0x50): maximum length, implementation class UID, and
+    `extra` sub-items as they are (role selection, asynchronous operations, ...)."""
+    return item(0x50, item(0x51, struct.pack(">L", max_pdu)) + _uid(0x52, IMPLEMENTATION_CLASS)
+                + b"".join(extra))
+
+
+def associate_rq_pdu(calling: str, called: str, items: Iterable[bytes]) -> bytes:
+    """An A-ASSOCIATE-RQ whose variable items are `items`, as they are."""
+    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
+    body += b"\0" * 32 + b"".join(items)
+    return pdu_header(A_ASSOCIATE_RQ, len(body)) + body
 
 
 def associate_rq(calling: str, called: str,
                  contexts: Iterable[tuple[int, str]] = ((1, VERIFICATION),)) -> bytes:
     """An A-ASSOCIATE-RQ proposing each (context ID, abstract syntax) in Implicit VR LE."""
-    body = struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode()
-    body += b"\0" * 32 + _uid(0x10, APPLICATION_CONTEXT)
-    for context_id, abstract_syntax in contexts:
-        body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0)
-                      + _uid(0x30, abstract_syntax) + _uid(0x40, IMPLICIT_VR_LE))
-    user_info = _item(0x51, struct.pack(">L", 16384)) + _uid(0x52, "1.2.826.0.1.3680043.9.9")
-    body += _item(0x50, user_info)
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+    return associate_rq_pdu(calling, called, [
+        _uid(0x10, APPLICATION_CONTEXT),
+        *(presentation_context_item(cx, syntax) for cx, syntax in contexts),
+        user_information_item()])
+
+
+def release_rq() -> bytes:
+    return pdu_header(A_RELEASE_RQ, 4) + b"\0" * 4
+
+
+def abort_pdu() -> bytes:
+    """An A-ABORT from the service user."""
+    return pdu_header(A_ABORT, 4) + b"\0" * 4
 
 
 def pdu_header(pdu_type: int, length: int) -> bytes:
     return struct.pack(">BBL", pdu_type, 0, length)
+
+
+def dimse_pdus(request: C_ECHO | C_STORE | C_FIND | C_MOVE | C_GET, context_id: int, *,
+               max_pdu: int = 16384) -> list[bytes]:
+    """A DIMSE-C request primitive (with its data set, if any, as encoded bytes in
+    `request.DataSet`) as P-DATA-TF PDUs, by pynetdicom's own encoder."""
+    message = _REQUESTS[type(request)]()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return pdus
 
 
 def c_store_pdus(context_id: int, dataset_size: int, *, max_pdu: int = 16384) -> list[bytes]:
@@ -61,14 +116,7 @@ def c_store_pdus(context_id: int, dataset_size: int, *, max_pdu: int = 16384) ->
     request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.9.9.1"
     request.Priority = 2
     request.DataSet = io.BytesIO(b"\0" * dataset_size)
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    pdus = []
-    for primitive in message.encode_msg(context_id, max_pdu):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        pdus.append(pdu.encode())
-    return pdus
+    return dimse_pdus(request, context_id, max_pdu=max_pdu)
 
 
 def c_store_command_set(sop_instance: str, *, message_id: int = 1,

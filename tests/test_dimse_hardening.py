@@ -23,7 +23,7 @@ import dicomgen
 import pytest
 import rawpdu
 from conftest import EdgeServer
-from fuzzing import rss_kb, threads
+from fuzzing import rss_kb, threads, wait_for_threads
 from rawpdu import Watched
 
 RSS_BUDGET_KB = 50 * 1024
@@ -37,14 +37,6 @@ HOSTILE = "127.0.0.2"  # the attacker's address; legitimate peers call from 127.
 # How long a test waits for the server to close a hostile connection before
 # calling it left open: far beyond the limits above, so a slow machine passes.
 CLOSE_DEADLINE = 30.0
-
-
-def wait_for_threads(pid: int, at_most: int) -> int:
-    """Poll until the server runs at most `at_most` threads (or a deadline); returns the count."""
-    deadline = time.monotonic() + CLOSE_DEADLINE
-    while threads(pid) > at_most and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return threads(pid)
 
 
 def instances(server: EdgeServer) -> int:
@@ -135,7 +127,8 @@ def test_stalled_and_trickled_pdus_are_aborted_and_free_their_slots(
         assert item.first_pdu_type == rawpdu.A_ABORT
     assert "aborting association: PDU not complete within network_timeout=2s" in server.log()
     # Their threads are gone and their slots free: the address may connect again.
-    assert wait_for_threads(server.pid, baseline_threads) <= baseline_threads
+    assert wait_for_threads(server.pid, baseline_threads,
+                            deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
     sockets.extend(rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
                                       source=HOSTILE) for _ in range(PER_ADDRESS))
     assert server.echo().ok
