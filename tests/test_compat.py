@@ -215,6 +215,16 @@ def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
     assert isinstance(assoc.dimse.msg_queue, queue.Queue)
 
 
+def test_a_local_primitive_after_the_end_has_no_action_and_its_actions_dequeue_it() -> None:
+    """compat._dropped_after_end takes a primitive off the queue, as its actions do, only
+    for (event, state) pairs that upstream's table has no action for."""
+    for event in ("Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"):
+        for state in ("Sta1", "Sta13"):
+            assert (event, state) not in fsm.TRANSITION_TABLE, (event, state)
+    for action in (fsm.AE_7, fsm.AE_8, fsm.DT_1, fsm.AR_1, fsm.AR_4):
+        assert "dul.to_provider_queue.get(False)" in inspect.getsource(action), action
+
+
 def test_a_p_data_in_sta6_is_what_read_pdu_hands_to_dimse_directly() -> None:
     """compat.read_pdu skips DT-2 for a P-DATA-TF in Sta6: that is all DT-2 does."""
     assert fsm.TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"

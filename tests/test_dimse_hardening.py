@@ -273,3 +273,30 @@ def test_a_p_data_whose_pdvs_do_not_fit_is_aborted_and_stores_nothing(
     assert instances(server) == 2
     dcmtk.storescu(server.port, [small_study[2].path]).check()
     assert instances(server) == 3
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(rawpdu.pdu_header(0x09, 4) + b"\0" * 4, id="unknown-pdu-type"),
+    pytest.param(rawpdu.pdu_header(rawpdu.A_RELEASE_RP, 4) + b"\0" * 4, id="unexpected-pdu"),
+])
+def test_garbage_right_behind_an_association_request_is_aborted_without_a_traceback(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], garbage: bytes
+) -> None:
+    # The garbage arrives while the association is still deciding to accept: the
+    # provider aborts (Sta13), then the acceptance arrives for an association that no
+    # longer exists. pynetdicom's state machine raised on it and killed the DUL thread.
+    server = short_timeouts_server
+    watched = []
+    for _ in range(PER_ADDRESS):
+        sock = rawpdu.connect(server.port, source=HOSTILE)
+        sockets.append(sock)
+        sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title) + garbage)
+        watched.append(Watched(sock))
+    rawpdu.watch_until_closed(watched, deadline_seconds=CLOSE_DEADLINE)
+    for item in watched:
+        assert item.closed_after is not None, "connection left open"
+        assert bytes([rawpdu.A_ABORT]) in item.received
+    log = server.log()
+    assert "Traceback" not in log and "Invalid event" not in log, log[-4000:]
+    echo_ok(server)
+    assert instances(server) == 2

@@ -19,7 +19,9 @@ What is touched, and who uses it:
       DULServiceProvider.run_reactor, Association._run_reactor: replaced by loops that
         block until there is work (run_dul_reactor, run_association_reactor), read
         through DULServiceProvider._kill_thread, _idle_timer, _process_recv_primitive,
-        _is_transport_event, Association._kill, _is_paused, _dul_ready
+        _is_transport_event, Association._kill, _is_paused, _dul_ready; a local
+        primitive after the association's end is dropped as fsm.TRANSITION_TABLE has
+        no action for it (_dropped_after_end, through DULServiceProvider.to_provider_queue)
                                             reactors               (dimse/reactors.py)
       Association._run_reactor (assigned)   requestors' checkpoint race
                                             (close_requestor_reactor_race)
@@ -260,11 +262,43 @@ def run_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
             except queue.Empty:
                 idle = True
                 continue
-            dul.state_machine.do_action(event)
+            if not _dropped_after_end(dul, event):
+                dul.state_machine.do_action(event)
             idle = False
             readable = False
     finally:
         wakeup.close()
+
+
+# Events for primitives from the local user (PS3.8 9.2.1): an association request or
+# response, P-DATA, a release request or response, an abort.
+_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+# States in which no association exists: idle, and waiting for the transport to close.
+_NO_ASSOCIATION = frozenset({"Sta1", "Sta13"})
+
+
+def _dropped_after_end(dul: Any, event: str) -> bool:
+    """Drop a local primitive that arrives after the association has ended; True if dropped.
+
+    The DUL reads on while the association thread decides or answers, so the peer
+    can end the association (a bad PDU: A-ABORT sent, Sta13; a closed connection:
+    Sta1) between the user's decision and its primitive reaching the state machine:
+    an A-ASSOCIATE-AC for a request whose connection already sent garbage, a C-ECHO
+    response after an A-ABORT. pynetdicom's table has no such (event, state) pair;
+    its state machine raises InvalidEventError, which ended the DUL thread with a
+    traceback and left the connection to the garbage collector. PS3.8 has nothing to
+    do for them either: the primitive is taken off the queue, as its action would.
+    """
+    from pynetdicom.fsm import TRANSITION_TABLE  # not at import: the store imports compat
+
+    state = dul.state_machine.current_state
+    if (event not in _LOCAL_PRIMITIVE_EVENTS or state not in _NO_ASSOCIATION
+            or (event, state) in TRANSITION_TABLE):
+        return False
+    with contextlib.suppress(queue.Empty):
+        dul.to_provider_queue.get(block=False)
+    log.debug("primitive dropped: the association has ended event=%s state=%s", event, state)
+    return True
 
 
 def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
