@@ -300,3 +300,21 @@ def test_garbage_right_behind_an_association_request_is_aborted_without_a_traceb
     assert "Traceback" not in log and "Invalid event" not in log, log[-4000:]
     echo_ok(server)
     assert instances(server) == 2
+
+
+def test_a_pdu_the_edge_cuts_off_is_logged_once_as_a_warning(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # The edge's socket logs why it aborts; the PDU reader logged the same abort again,
+    # as an ERROR ("connection closed before the entire PDU was received").
+    server = short_timeouts_server
+    sock = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000) + b"\0" * 10)
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    log = server.log()
+    assert log.count("PDU not complete within network_timeout=2s: 10 of 1000 bytes") == 1, log
+    assert " ERROR " not in log, log
+    echo_ok(server)

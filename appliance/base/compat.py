@@ -70,6 +70,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info
 
 from appliance.base.dicom_wire import split_pdvs
+from appliance.base.errors import TransportAborted
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -580,6 +581,9 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
             dul.event_queue.put("Evt19")
             return False
         body = dul.socket.recv(length)
+    except TransportAborted:  # the edge's own socket ended it, and logged why
+        dul.event_queue.put("Evt17")
+        return False
     except OSError as exc:
         log.error("connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")

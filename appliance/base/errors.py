@@ -62,8 +62,9 @@ Tree::
                                   sub-operation fails, never leaves dimse/move_get.py
 
     OSError
-    └── TransportAborted          the DIMSE edge ended a connection; pynetdicom's DUL
-                                  reads it as "transport closed" (dimse/pdu_socket.py)
+    └── TransportAborted          the DIMSE edge ended a connection, having logged why;
+                                  pynetdicom's DUL reads it as "transport closed"
+                                  (dimse/pdu_socket.py raises it)
 
 The other packages root their trees in PacsEdgeError too: provisioning in
 provisioning/provisioning_errors.py, the sync agent in sync/__init__.py.
@@ -285,3 +286,7 @@ class LegacyPeerError(PacsEdgeError):
     def __init__(self, kind: MigrationFailure, message: str, *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.kind = kind
+
+
+class TransportAborted(OSError):
+    """The edge ended the connection (its reason is in the log line before)."""

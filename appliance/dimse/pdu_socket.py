@@ -57,6 +57,8 @@ from typing import NoReturn
 
 from pynetdicom.transport import AssociationSocket
 
+from appliance.base.errors import TransportAborted
+
 log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 1 << 20
@@ -74,10 +76,6 @@ _BEFORE_REQUEST = ("Sta1", "Sta2")
 _NETWORK, _ARTIM = "network", "artim"  # which timeout bounds a PDU read (_deadline)
 # A-ABORT PDU (PS3.8 9.3.8): source 2 = service provider, reason 0 = not specified.
 _A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, 0)
-
-
-class TransportAborted(OSError):
-    """The edge ended the connection (its reason is in the log line before)."""
 
 
 class EdgeAssociationSocket(AssociationSocket):

@@ -33,10 +33,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from appliance.base.config import DicomConfig
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import PacsEdgeError, TransportAborted
 from appliance.dimse import find_scp
 from appliance.dimse.negotiation import StoredCounts
-from appliance.dimse.pdu_socket import TransportAborted
 from appliance.dimse.store_receiver import StoreTarget
 from appliance.dimse.transport import (
     ConnectionGuard,
