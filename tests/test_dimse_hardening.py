@@ -318,3 +318,22 @@ def test_a_pdu_the_edge_cuts_off_is_logged_once_as_a_warning(
     assert log.count("PDU not complete within network_timeout=2s: 10 of 1000 bytes") == 1, log
     assert " ERROR " not in log, log
     echo_ok(server)
+
+
+def test_a_non_ascii_byte_in_an_association_request_is_one_warning_not_a_traceback(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # pynetdicom logged a traceback at ERROR for each undecodable AE title or UID.
+    server = short_timeouts_server
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.associate_rq("TEST?SCU", server.ae_title).replace(
+        b"TEST?SCU", b"TEST\xb0SCU"))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.closed_after is not None
+    assert item.first_pdu_type in (rawpdu.A_ABORT, rawpdu.A_ASSOCIATE_RJ)
+    log = server.log()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert "undecodable text from a peer: 'ascii' codec can't decode byte 0xb0" in log
+    echo_ok(server)

@@ -91,12 +91,29 @@ def configure_pynetdicom() -> None:
     dul_log = logging.getLogger("pynetdicom.dul")
     if _not_our_abort not in dul_log.filters:
         dul_log.addFilter(_not_our_abort)
+    utils_log = logging.getLogger("pynetdicom.utils")
+    if _undecodable_text not in utils_log.filters:
+        utils_log.addFilter(_undecodable_text)
 
 
 def _not_our_abort(record: logging.LogRecord) -> bool:
     """Drop the traceback pynetdicom logs for a connection the edge ended itself
     (EdgeAssociationSocket has already logged why, in one line)."""
     return not (record.exc_info and isinstance(record.exc_info[1], TransportAborted))
+
+
+def _undecodable_text(record: logging.LogRecord) -> bool:
+    """One warning line, not an ERROR with a traceback, for a peer's text that is not ASCII.
+
+    pynetdicom's `utils.decode_bytes` logs the UnicodeDecodeError with its traceback
+    for every AE title or UID from the peer with a byte above 0x7F, before it tries
+    its fallback codecs and refuses the PDU (the association is aborted or rejected).
+    The exception's message names the byte and its position, never the value."""
+    if record.exc_info and isinstance(record.exc_info[1], UnicodeError):
+        record.msg, record.args = "undecodable text from a peer: %s", (record.exc_info[1],)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 class DimseServer:
