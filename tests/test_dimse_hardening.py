@@ -337,3 +337,27 @@ def test_a_non_ascii_byte_in_an_association_request_is_one_warning_not_a_traceba
     assert "Traceback" not in log and " ERROR " not in log, log
     assert "undecodable text from a peer: 'ascii' codec can't decode byte 0xb0" in log
     echo_ok(server)
+
+
+def test_an_association_request_with_an_even_context_id_is_aborted_not_a_dead_thread(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # pynetdicom decodes the request, then its state machine fails to turn it into a
+    # primitive (context IDs are odd): the DUL thread died with a traceback, the peer
+    # got no answer and the association waited for its request until the ACSE timeout.
+    server = short_timeouts_server
+    baseline_threads = threads(server.pid)
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title,
+                                     contexts=((2, rawpdu.VERIFICATION),)))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    assert item.closed_after is not None
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "invalid PDU from the peer: 'context_id' must be an odd integer" in log
+    assert wait_for_threads(server.pid, baseline_threads,
+                            deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
+    echo_ok(server)

@@ -520,13 +520,27 @@ def note_transport_activity(dul: Any) -> None:
     dul._idle_timer.restart()
 
 
+# The events of A-ASSOCIATE-AC, -RJ and -RQ PDUs: their state machine actions (AE-3,
+# AE-4, AE-6) turn them into primitives, which validates what decoding did not.
+_ASSOCIATION_PDU_EVENTS = frozenset({"Evt3", "Evt4", "Evt6"})
+
+
 def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     """Give a PDU the lane read but does not handle (an A-ABORT, a C-CANCEL, an
     A-RELEASE-RQ) to the DUL's state machine, as `_read_pdu_data()` does with one it
-    read: decode, event on `event_queue`, PDU on `_recv_pdu`; Evt19 if undecodable."""
+    read: decode, event on `event_queue`, PDU on `_recv_pdu`; Evt19 if undecodable.
+
+    An association PDU counts as undecodable also when its primitive cannot be built:
+    pynetdicom decodes an even presentation context ID, say, and only its action
+    refused it, by raising in the state machine: the DUL thread ended with a
+    traceback, and the peer got no answer. Building it once more in the action costs
+    a few microseconds per association."""
     try:
         pdu, event = dul._decode_pdu(bytearray(raw))
-    except Exception:
+        if event in _ASSOCIATION_PDU_EVENTS:
+            pdu.to_primitive()
+    except Exception as exc:
+        log.warning("invalid PDU from the peer: %s", exc)
         dul.event_queue.put("Evt19")
         return
     dul.event_queue.put(event)
