@@ -24,6 +24,7 @@ import pytest
 import rawpdu
 from conftest import EdgeServer
 from fuzzing import rss_kb, threads, wait_for_threads
+from pynetdicom.dimse_primitives import C_ECHO
 from rawpdu import Watched
 
 RSS_BUDGET_KB = 50 * 1024
@@ -360,4 +361,30 @@ def test_an_association_request_with_an_even_context_id_is_aborted_not_a_dead_th
     assert "invalid PDU from the peer: 'context_id' must be an odd integer" in log
     assert wait_for_threads(server.pid, baseline_threads,
                             deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
+    echo_ok(server)
+
+
+def test_a_request_its_context_does_not_serve_is_aborted_with_one_warning(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # A C-ECHO on the Storage Commitment context: pynetdicom's N-service class raised
+    # ValueError, which its association logged with a traceback before aborting.
+    server = short_timeouts_server
+    storage_commitment = "1.2.840.10008.1.20.1"
+    sock, results = rawpdu.negotiate(server.port, dcmtk.TEST_AE, server.ae_title,
+                                     source=HOSTILE, contexts=((1, storage_commitment),))
+    sockets.append(sock)
+    assert results == {1: 0}
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = storage_commitment
+    for pdu in rawpdu.dimse_pdus(echo, 1):
+        sock.sendall(pdu)
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert ("aborting association: Invalid DIMSE primitive 'C_ECHO' used with Storage"
+            " Commitment") in log
     echo_ok(server)

@@ -94,6 +94,9 @@ def configure_pynetdicom() -> None:
     utils_log = logging.getLogger("pynetdicom.utils")
     if _undecodable_text not in utils_log.filters:
         utils_log.addFilter(_undecodable_text)
+    association_log = logging.getLogger("pynetdicom.association")
+    if _request_for_another_service not in association_log.filters:
+        association_log.addFilter(_request_for_another_service)
 
 
 def _not_our_abort(record: logging.LogRecord) -> bool:
@@ -111,6 +114,21 @@ def _undecodable_text(record: logging.LogRecord) -> bool:
     The exception's message names the byte and its position, never the value."""
     if record.exc_info and isinstance(record.exc_info[1], UnicodeError):
         record.msg, record.args = "undecodable text from a peer: %s", (record.exc_info[1],)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def _request_for_another_service(record: logging.LogRecord) -> bool:
+    """One warning line, not a traceback, for a DIMSE request its context's service does
+    not have (a C-ECHO on the Storage Commitment context, say).
+
+    pynetdicom's service class raises ValueError ("Invalid DIMSE primitive 'C_ECHO'
+    used with Storage Commitment"); the association logs it with its traceback and
+    aborts. The abort stays, as for a C-STORE on a context not accepted for storage."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, ValueError) and str(exc).startswith("Invalid DIMSE primitive"):
+        record.msg, record.args = "aborting association: %s", (exc,)
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
