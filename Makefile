@@ -20,7 +20,8 @@ SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
 # The seeded fuzz tests of the network edges (tests/fuzzing.py), per soak seed.
 FUZZ_STEPS  ?= 2000
-FUZZ_MODULES := tests/test_hl7_fuzz.py tests/test_http_fuzz.py tests/test_header_scan.py
+FUZZ_MODULES := tests/test_hl7_fuzz.py tests/test_http_fuzz.py tests/test_header_scan.py \
+                tests/test_dicom_fuzz.py
 
 .PHONY: run test test-fast soak lint bench venv venv-test viewer test-deps clean help
 
