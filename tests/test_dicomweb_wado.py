@@ -189,27 +189,56 @@ def test_frame_out_of_range_is_404_and_malformed_frame_list_400(
                         ).status_code == 400, bad
 
 
-def test_frames_of_an_instance_stored_with_a_malformed_pixel_module_are_404_not_an_error(
-        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
-        tmp_path: Path) -> None:
-    """Instances are stored as sent, checked only for the index's attributes: one whose
-    Rows is 3 bytes long is stored, and its frames cannot be cut (pydicom raises its
-    BytesLengthException); that is a 404 saying so, and its metadata still answers."""
-    ds = pydicom.dcmread(syntax_set["1.2.840.10008.1.2.1"].path)
+def _damaged_copy(original: dicomgen.GeneratedInstance, folder: Path, element: bytes,
+                  replacement: bytes) -> dicomgen.GeneratedInstance:
+    """A copy of `original` under a new SOP Instance UID, with the bytes `element` (an
+    element's header, as encoded) replaced by `replacement` once."""
+    ds = pydicom.dcmread(original.path)
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    path = tmp_path / "rows.dcm"
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path)
     encoded = path.read_bytes()
-    rows = encoded.index(b"\x28\x00\x10\x00US\x02\x00")
-    path.write_bytes(encoded[:rows + 6] + b"\x03\x00" + encoded[rows + 8:rows + 10] + b"\x00"
-                     + encoded[rows + 10:])
-    instance = dicomgen.GeneratedInstance(path, ds)
-    import_files(web.home, instance)
+    assert encoded.count(element) == 1
+    path.write_bytes(encoded.replace(element, replacement))
+    return dicomgen.GeneratedInstance(path, ds)
+
+
+def test_instances_stored_with_values_pydicom_cannot_read_answer_4xx_or_as_stored(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
+        tmp_path: Path) -> None:
+    """Instances are stored as sent, checked only for the index's attributes. Where a
+    value pydicom cannot read gets in the way (it raises one of many types), the answer
+    says so with a 404, the rest of the instance's metadata still answers, and an
+    instance that cannot be re-encoded goes as it was stored."""
+    explicit = syntax_set["1.2.840.10008.1.2.1"]
+    short_rows = _damaged_copy(explicit, tmp_path, b"\x28\x00\x10\x00US\x02\x00",
+                               b"\x28\x00\x10\x00US\x03\x00\x00")  # 3 bytes of Rows
+    unknown_vr = _damaged_copy(explicit, tmp_path, b"\x28\x00\x00\x01US",
+                               b"\x28\x00\x00\x01UM")  # BitsAllocated
+    implicit = _damaged_copy(syntax_set["1.2.840.10008.1.2"], tmp_path,
+                             b"\x28\x00\x10\x00\x02\x00\x00\x00",
+                             b"\x28\x00\x10\x00\x03\x00\x00\x00\x00")
+    import_files(web.home, short_rows, unknown_vr, implicit)
     http = webpeer.session(web, "rad")
-    got = http.get(_url(web, instance, "/frames/1"), headers={"Accept": OCTETS})
-    assert got.status_code == 404, got.text
-    assert "pixel module cannot be read" in got.text
-    assert http.get(_url(web, instance, "/metadata")).status_code == 200
+    for instance, error in ((short_rows, "BytesLengthException"),
+                            (unknown_vr, "NotImplementedError")):
+        for suffix in ("/frames/1", "/bulkdata/7FE00010"):
+            got = http.get(_url(web, instance, suffix), headers={"Accept": OCTETS})
+            assert got.status_code == 404, (suffix, got.text)
+            assert f"pixel data cannot be read ({error})" in got.text
+        got = http.get(_url(web, instance, "/bulkdata/00280100"), headers={"Accept": OCTETS})
+        assert got.status_code == 404
+        metadata = http.get(_url(web, instance, "/metadata"))
+        assert metadata.status_code == 200
+        assert metadata.json()[0]["00080018"]["Value"] == [instance.sop_instance_uid]
+    got = http.get(_url(web, implicit), headers={"Accept": "multipart/related; "
+                                                 'type="application/dicom"'})
+    assert got.status_code == 200, got.text
+    ((headers, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
+    assert headers["content-type"] == "application/dicom; transfer-syntax=1.2.840.10008.1.2"
+    assert _dataset_bytes(tmp_path, payload) == dicomgen.dataset_bytes(implicit.path)
+    assert "wado-rs instance sent in its stored syntax" in web.log()
+    assert "Traceback" not in web.log()
 
 
 def test_bulkdata_uri_of_the_metadata_answers_the_pixel_data(

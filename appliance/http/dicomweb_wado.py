@@ -27,6 +27,7 @@ study and address per window: appliance/audit/web_access.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 from pydicom import dcmread
@@ -46,11 +47,14 @@ from appliance.http.dicomweb_media import (
 from appliance.services.pixel_frames import (
     EXPLICIT_LITTLE,
     FrameError,
+    frame_numbers,
     is_encapsulated,
     read_frames,
 )
 from appliance.services.transcode import TRANSCODABLE, explicit_little
 from appliance.services.web_retrieve import Located
+
+log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
 RETRY_AFTER_SECONDS = "60"
@@ -123,12 +127,18 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     found = await locate(request, "instances")
     stream = MultipartStream(request, DICOM)
     for item in found.instances:
-        if as_stored or item.transfer_syntax in syntaxes:
+        transcoded = None
+        if not as_stored and item.transfer_syntax not in syntaxes:
+            # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py).
+            transcoded = await asyncio.to_thread(explicit_little, item.path)
+            if transcoded is None:  # the answer has begun: the part goes as it was sent
+                log.warning("wado-rs instance sent in its stored syntax: it cannot be"
+                            " transcoded transfer_syntax=%s", item.transfer_syntax)
+        if transcoded is None:
             await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
                               file_chunks(item.path))
-        else:  # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py)
-            await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}",
-                              await asyncio.to_thread(explicit_little, item.path))
+        else:
+            await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}", transcoded)
     return await stream.finish()
 
 
@@ -187,7 +197,8 @@ async def _send_frames(request: web.Request, numbers: list[int] | None, what: st
     item = found.instances[0]
     try:
         if numbers is None:  # all frames (bulk data of Pixel Data)
-            numbers = await asyncio.to_thread(_all_frames, item.path)
+            numbers = await asyncio.to_thread(frame_numbers, item.path,
+                                              MAX_FRAMES_PER_REQUEST)
         read = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax, numbers)
     except FrameError as exc:
         raise web.HTTPNotFound(text=f"{exc.message}\n") from exc
@@ -195,15 +206,6 @@ async def _send_frames(request: web.Request, numbers: list[int] | None, what: st
     for frame in read.frames:
         await stream.part(part_type, frame)
     return await stream.finish()
-
-
-def _all_frames(path: object) -> list[int]:
-    ds = dcmread(path, stop_before_pixels=True)  # type: ignore[arg-type]
-    try:
-        count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        count = 1
-    return list(range(1, min(count, MAX_FRAMES_PER_REQUEST) + 1))
 
 
 def _frame_numbers(text: str) -> list[int]:
@@ -232,7 +234,8 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     found = await locate(request, "bulkdata")
     value = await asyncio.to_thread(_element_bytes, found.instances[0].path, tag)
     if value is None:
-        raise web.HTTPNotFound(text="the instance has no such bulk data element\n")
+        raise web.HTTPNotFound(text="the instance has no readable bulk data element with"
+                                    " that tag\n")
     stream = MultipartStream(request, OCTET_STREAM)
     await stream.part(OCTET_STREAM, value)
     return await stream.finish()
@@ -242,8 +245,13 @@ _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 def _element_bytes(path: object, tag: Tag) -> bytes | None:
+    """The bulk data value of element `tag`; None when there is none, or none pydicom can
+    read (instances are stored as sent: an unknown VR raises NotImplementedError)."""
     ds = dcmread(path, stop_before_pixels=True, specific_tags=[tag])  # type: ignore[arg-type]
-    element = ds.get(tag)
+    try:
+        element = ds.get(tag)
+    except Exception:
+        return None
     if element is None or element.VR not in _BULK_VRS or not isinstance(
             element.value, bytes | bytearray):
         return None

@@ -19,14 +19,14 @@ Blocking: the edge calls these functions in a worker thread.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread, encaps
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
@@ -58,15 +58,32 @@ def is_encapsulated(transfer_syntax: str) -> bool:
 
 
 def read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:
-    """Frames `numbers` (1-based) of the stored file at `path`.
-
-    The file is stored as it was sent, and only the index's attributes were checked:
-    a pixel module value of the wrong length (a 3-byte Rows) is pydicom's
-    BytesLengthException here, a FrameError like any other unusable pixel data."""
-    try:
+    """Frames `numbers` (1-based) of the stored file at `path`."""
+    with _unreadable_as_frame_error():
         return _read_frames(path, transfer_syntax, numbers)
-    except BytesLengthException as exc:
-        raise FrameError("the instance's image pixel module cannot be read") from exc
+
+
+def frame_numbers(path: Path, limit: int) -> list[int]:
+    """1 to the number of frames of the stored file at `path`, `limit` at most."""
+    with _unreadable_as_frame_error(), path.open("rb") as fh:
+        count = _frame_count(dcmread(fh, stop_before_pixels=True))
+    return list(range(1, min(count, limit) + 1))
+
+
+@contextmanager
+def _unreadable_as_frame_error() -> Iterator[None]:
+    """The file is stored as it was sent, and only the index's attributes were checked:
+    a malformed pixel module value (a 3-byte Rows, an unknown VR) or a transfer syntax
+    pydicom does not know raises in one of the many types pydicom raises; each is a
+    FrameError like any other unusable pixel data. An OSError is the disk's, not the
+    data's, and stays one."""
+    try:
+        yield
+    except (FrameError, OSError):
+        raise
+    except Exception as exc:
+        raise FrameError(f"the instance's pixel data cannot be read ({type(exc).__name__})"
+                         ) from exc
 
 
 def _read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:

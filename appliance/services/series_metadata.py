@@ -85,7 +85,10 @@ def instance_json(path: Path, transfer_syntax: str, url: str) -> dict[str, Any]:
             ds = dcmread(fh, stop_before_pixels=True, defer_size=BULK_THRESHOLD)
             pixel_vr = _pixel_vr(fh, implicit=transfer_syntax == _IMPLICIT,
                                  big_endian=transfer_syntax == _BIG_ENDIAN)
-    charset = ds.get("SpecificCharacterSet")
+    try:
+        charset = ds.get("SpecificCharacterSet")
+    except Exception:  # a malformed value (an unknown VR): read as the default repertoire
+        charset = None
     codec = CODECS.get(charset or "") if charset is None or isinstance(charset, str) else None
     out: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
@@ -108,7 +111,7 @@ def _pixel_vr(fh: BinaryIO, *, implicit: bool, big_endian: bool) -> str | None:
 
 
 def _element_json(ds: Dataset, tag: BaseTag, url: str, codec: str | None) -> dict[str, Any]:
-    raw = ds.get_item(tag)
+    raw = ds.get_item(tag, keep_deferred=True)  # read (and converted) in the try below
     vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
     if vr in BULK_VRS:
         length = raw.length if isinstance(raw, RawDataElement) else len(raw.value or b"")

@@ -26,10 +26,19 @@ EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 TRANSCODABLE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"})
 
 
-def explicit_little(path: Path) -> bytes:
-    """The stored instance at `path` as a Part 10 file in Explicit VR Little Endian."""
-    ds = dcmread(path)
-    ds.file_meta.TransferSyntaxUID = EXPLICIT_LITTLE
-    out = io.BytesIO()
-    dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+def explicit_little(path: Path) -> bytes | None:
+    """The stored instance at `path` as a Part 10 file in Explicit VR Little Endian, or
+    None when pydicom cannot re-encode it. Instances are stored as sent, so one may
+    hold a value pydicom reads but cannot write (a malformed value of a standard
+    element, an unknown VR); pydicom raises many types for those. An OSError is the
+    disk's, not the data's, and stays one."""
+    try:
+        ds = dcmread(path)
+        ds.file_meta.TransferSyntaxUID = EXPLICIT_LITTLE
+        out = io.BytesIO()
+        dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    except OSError:
+        raise
+    except Exception:
+        return None
     return out.getvalue()
