@@ -390,6 +390,27 @@ def test_media_index_resolves_records_and_refuses_escapes(tmp_path: Path) -> Non
     assert all(Root(cd).contains(p) for p in media.files)
 
 
+def test_a_damaged_dicomdir_is_refused_and_a_damaged_record_is_invalid(tmp_path: Path) -> None:
+    """pydicom raises an OSError without an errno for a cut-off file, NotImplementedError
+    for a value of an unknown VR: both are a refused DICOMDIR (its files are then taken
+    one by one), not a stuck folder or an unexpected error. A Referenced File ID that a
+    damaged VR made a number is an invalid record."""
+    cd = tmp_path / "cd"
+    study = make_cd(cd, dicomgen.make_study(tmp_path / "src", seed=19))
+    encoded = (cd / "DICOMDIR").read_bytes()
+    file_id = encoded.index(b"\x04\x00\x00\x15CS")
+    cut_in_an_item_tag = encoded[:encoded.rindex(b"\xfe\xff\x00\xe0") + 2]
+    for damaged in (cut_in_an_item_tag,
+                    encoded[:file_id + 4] + b"CQ" + encoded[file_id + 6:]):
+        (cd / "DICOMDIR").write_bytes(damaged)
+        with pytest.raises(InvalidInstance, match="DICOMDIR cannot be parsed"):
+            read_media_index(cd / "DICOMDIR", cd)
+    (cd / "DICOMDIR").write_bytes(encoded[:file_id + 4] + b"US" + encoded[file_id + 6:])
+    media = read_media_index(cd / "DICOMDIR", cd)
+    assert media.invalid == 1
+    assert sorted(media.files) == sorted(g.path for g in study[1:])
+
+
 # --- symlinks and archive names: nothing outside the drop folder is touched -----------
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.multival import MultiValue
 
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, UnsafePath
@@ -148,22 +149,26 @@ def read_media_index(dicomdir: Path, root: Path) -> MediaIndex:
     try:
         with confine.open_file(root, dicomdir) as fh:
             ds = pydicom.dcmread(fh, force=False)
-        records = ds.DirectoryRecordSequence
-    except (OSError, UnsafePath):
+        file_ids: list[Any] = [record.get("ReferencedFileID")
+                               for record in ds.DirectoryRecordSequence]
+    except UnsafePath:
         raise
-    except Exception as exc:  # pydicom raises many types for bad input
+    except OSError as exc:
+        if exc.errno is not None:  # the disk's; pydicom's own (a cut-off file) have none
+            raise
+        raise InvalidInstance(f"DICOMDIR cannot be parsed ({type(exc).__name__})") from exc
+    except Exception as exc:  # pydicom raises many types for bad input, reading or converting
         raise InvalidInstance(f"DICOMDIR cannot be parsed ({type(exc).__name__})") from exc
     folder = dicomdir.parent
     files: list[Path] = []
     seen: set[Path] = set()
     missing = invalid = 0
     listings: dict[Path, dict[str, str]] = {}
-    for record in records:
-        file_id: Any = record.get("ReferencedFileID")
+    for file_id in file_ids:
         if not file_id:
             continue
-        parts = [str(file_id)] if isinstance(file_id, str) else [str(p) for p in file_id]
-        if not all(_safe_component(p) for p in parts):
+        parts = _file_id_parts(file_id)
+        if parts is None or not all(_safe_component(p) for p in parts):
             invalid += 1
             continue
         resolved = _resolve(folder, parts, listings)
@@ -175,6 +180,16 @@ def read_media_index(dicomdir: Path, root: Path) -> MediaIndex:
             seen.add(resolved)
             files.append(resolved)
     return MediaIndex(files, missing, invalid)
+
+
+def _file_id_parts(file_id: Any) -> list[str] | None:
+    """The path components of a Referenced File ID (CS, one or more values); None for a
+    value of another kind (a damaged VR makes it a number, say)."""
+    if isinstance(file_id, str):
+        return [file_id]
+    if isinstance(file_id, MultiValue | list) and all(isinstance(p, str) for p in file_id):
+        return [str(p) for p in file_id]
+    return None
 
 
 def _safe_component(part: str) -> bool:
