@@ -250,7 +250,7 @@ def mutate(rng: random.Random, pdus: list[bytes]) -> str:
         del pdu[rng.randrange(len(pdu)):]
         if rng.random() < 0.5:
             del pdus[i + 1:]  # and the peer stops there
-    elif how == "length":
+    elif how == "length" and len(pdu) >= 6:  # else, cut short, it gets garbage below
         struct.pack_into(">L", pdu, 2, _length(rng, len(pdu) - 6, 32))
     elif how == "pdv-length" and pdu[0] == rawpdu.P_DATA and len(pdu) >= 10:
         struct.pack_into(">L", pdu, 6, _length(rng, len(pdu) - 10, 32))
