@@ -63,6 +63,15 @@ def test_new_order_is_acknowledged_and_scheduled_with_a_study_uid(
     assert order["study_uid"] and order["study_uid"].replace(".", "").isdigit()
 
 
+def test_a_start_with_a_time_zone_keeps_its_hours_and_minutes(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    order = hl7peer.orm("TZ1", accession="TZ1", start="202401021030+0100")
+    assert hl7peer.send(port, order).code == "AA"
+    [scheduled] = worklist(server)
+    assert (scheduled["sps_start_date"], scheduled["sps_start_time"]) == ("20240102", "1030")
+
+
 def test_omi_order_keeps_the_ris_study_uid_and_scheduled_station(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge
@@ -219,6 +228,9 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     (lambda m: m.replace("PID|1||PAT1^^^HOSP|", "PID|1|||"), "PID-3"),
     (lambda m: m + "ZDS|not-a-uid\r", "ZDS-1"),
     (lambda m: m.replace("|ACC1|RPACC1|", "||RPACC1|").replace("FLACC1", ""), "OBR-18"),
+    # The worklist answers these in VRs of the default repertoire (CS, AE).
+    (lambda m: m.replace("|||CT\r", "|||CT\u00e9\r"), "OBR-24"),
+    (lambda m: m.replace("|CT1|", "|CT\u00e91|"), "OBR-21"),
 ])
 def test_content_errors_are_application_errors_naming_the_field(
         hl7_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str) -> None:

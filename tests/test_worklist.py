@@ -184,6 +184,32 @@ def test_worklist_answers_what_wlmscpfs_answers(
     assert _accessions(_query(edge.port, QUERIES["station_and_date"])) == ["ACC001", "ACC002"]
 
 
+def test_an_order_whose_value_cannot_be_encoded_is_left_out_and_the_rest_answered(
+        worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
+    """The HL7 listener refuses a modality or station no CS or AE can hold, but an older
+    row may have one: pynetdicom would end the whole answer with a failure at that
+    item, so it is left out (one warning) and every other item is answered."""
+    edge = worklist_edge()
+    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        details = OrderDetails(requested_procedure_id="RP900", requested_procedure_desc="Exam",
+                               sps_id="SPS900", sps_description="Step", modality="CT",
+                               station_ae_title="\u00c9TAGE\u2462", sps_start_date="20240105",
+                               sps_start_time="0800")
+        insert_order(db, accession_number="ACC900", placer_order_number="PLACC900",
+                     filler_order_number="", study_uid=str(generate_uid()), details=details,
+                     patient=PatientKey("PID900"), demographics=Demographics("Doe^X", "", ""),
+                     at=time.time())
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    answered = _query(edge.port, QUERIES["everything"]).check()
+    assert _accessions(answered) == sorted(order[0] for order in ORDERS)
+    assert "worklist item left out: a value cannot be encoded" in edge.log()
+    assert "Traceback" not in edge.log()
+
+
 # Start Date and Start Time both ranges: one period (PS3.4 C.2.2.2.5), as wlmscpfs reads them.
 COMBINED_QUERIES: dict[str, tuple[dict[str, str], list[str]]] = {
     "closed_period": ({f"{SPS}ScheduledProcedureStepStartDate": "20240105-20240106",

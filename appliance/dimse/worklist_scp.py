@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from appliance.audit import Auditor
+from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import QueryError
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
@@ -22,6 +25,18 @@ from appliance.services.worklist import WorklistRefused, WorklistService
 log = logging.getLogger(__name__)
 
 MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+
+
+def _encodes(identifier: Dataset, implicit: bool, little_endian: bool) -> bool:
+    """Whether pydicom can encode `identifier` (an order's value that its VR cannot hold,
+    a non-ASCII modality say, raises one of many types)."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little_endian
+    try:
+        write_dataset(fp, identifier)
+    except Exception:
+        return False
+    return True
 
 
 class WorklistScp:
@@ -52,10 +67,16 @@ class WorklistScp:
             return
         log.info("worklist answered matches=%d %s", len(matches), label)
         self._audit(event, len(matches))
+        syntax = event.context.transfer_syntax
         for match in matches:
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
+            if not _encodes(match, syntax.is_implicit_VR, syntax.is_little_endian):
+                # pynetdicom would end the whole answer with a failure at this item.
+                log.warning("worklist item left out: a value cannot be encoded study=%s %s",
+                            logsafe.ref(str(match.get("StudyInstanceUID", ""))), label)
+                continue
             yield Status.PENDING, match
 
     def _audit(self, event: Any, matches: int | None, reason: str = "") -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass
 
 import hl7
@@ -41,6 +42,10 @@ CHARSETS = {
     "": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
     "8859/1": "latin-1", "8859/15": "iso8859-15",
 }
+# The worklist answers these in VRs of the default repertoire (PS3.5 6.2): CS, AE.
+_CODE_STRING = re.compile(r"[A-Z0-9 _]*")
+_AE_TITLE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but backslash
+_LEADING_DIGITS = re.compile(r"\d{1,6}")
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
 
@@ -306,6 +311,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         study_field = "IPC-3"
         modality, station_name = _get(ipc, 5), _get(ipc, 7)
         location, station_ae = _get(ipc, 8), _get(ipc, 9)
+        modality_field, station_field = "IPC-5", "IPC-9"
     else:
         zds = group.get("ZDS")
         key_field, accession = "OBR-18", _get(obr, 18)
@@ -313,6 +319,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         study_uid, study_field = (_get(zds, 1) if zds is not None else ""), "ZDS-1"
         modality, station_ae = _get(obr, 24), _get(obr, 21)
         station_name, location = "", ""
+        modality_field, station_field = "OBR-24", "OBR-21"
     if not accession:
         key_field, accession = "ORC-3", filler
     if not accession:
@@ -321,6 +328,14 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
     if study_uid and not is_valid_uid(study_uid):
         raise Hl7Error("Study Instance UID is not a valid UID", study_field,
                        ErrorCode.DATA_TYPE, reject=False)
+    modality = modality.upper()[:16]
+    if not _CODE_STRING.fullmatch(modality):
+        raise Hl7Error("modality is not a DICOM code string (A-Z, 0-9, space, _)",
+                       modality_field, ErrorCode.DATA_TYPE, reject=False)
+    station_ae = station_ae[:16]
+    if not _AE_TITLE.fullmatch(station_ae):
+        raise Hl7Error("scheduled station AE title has characters an AE title cannot hold",
+                       station_field, ErrorCode.DATA_TYPE, reject=False)
     start = _start(group)
     details = OrderDetails(
         requested_procedure_id=procedure_id or accession,
@@ -329,9 +344,9 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         procedure_code_meaning=_get(obr, 4, 2),
         priority=_PRIORITIES.get(_get(orc, 7, 6).upper() or _get(obr, 27, 6).upper(), ""),
         sps_id=sps_id or procedure_id or accession,
-        sps_description=_get(obr, 4, 2), modality=modality.upper()[:16],
-        station_ae_title=station_ae[:16], station_name=station_name, sps_location=location,
-        sps_start_date=_date(start[:8], "TQ1-7"), sps_start_time=start[8:14],
+        sps_description=_get(obr, 4, 2), modality=modality,
+        station_ae_title=station_ae, station_name=station_name, sps_location=location,
+        sps_start_date=_date(start[:8], "TQ1-7"), sps_start_time=_time_of_day(start[8:]),
         referring_physician=referring,
         requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),
     )
@@ -340,6 +355,14 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                         study_uid=study_uid, details=details, patient=patient,
                         demographics=demographics, key_field=key_field,
                         study_field=study_field)
+
+
+def _time_of_day(rest: str) -> str:
+    """HHMMSS of what follows a timestamp's date: its leading digits, whole hours,
+    minutes and seconds only (a time zone, fractions or junk after them go)."""
+    digits = _LEADING_DIGITS.match(rest)
+    time = digits.group() if digits else ""
+    return time[:len(time) - len(time) % 2]
 
 
 def _start(group: dict[str, hl7.Segment]) -> str:
