@@ -13,7 +13,11 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
+import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from conftest import EdgeServer
@@ -63,3 +67,20 @@ def wait_for_threads(pid: int, at_most: int, *, deadline_seconds: float = 30.0) 
     while threads(pid) > at_most and time.monotonic() < deadline:
         time.sleep(0.1)
     return threads(pid)
+
+
+def send_in_pieces(rng: random.Random, sock: socket.socket, payload: bytes, *,
+                   sizes: Sequence[int], pause_chance: float) -> bool:
+    """Write `payload` in pieces of random `sizes` (and the whole rest, at times), now and
+    then pausing up to 50 ms; False if the server closed the connection first."""
+    at = 0
+    try:
+        while at < len(payload):
+            size = rng.choice([*sizes, len(payload)])
+            sock.sendall(payload[at:at + size])
+            at += size
+            if rng.random() < pause_chance:
+                time.sleep(rng.uniform(0, 0.05))
+    except (ConnectionError, ssl.SSLError):
+        return False
+    return True

@@ -205,21 +205,6 @@ def _expected_answers(payload: bytes) -> tuple[int, bool]:
     return len(blocks) + (len(tail) > LIMIT), len(tail) > LIMIT
 
 
-def _send_in_pieces(rng: random.Random, sock: socket.socket, payload: bytes) -> bool:
-    """Write with random cuts and short pauses; False if the server closed first."""
-    at = 0
-    try:
-        while at < len(payload):
-            size = rng.choice([1, 7, 100, 4096, len(payload)])
-            sock.sendall(payload[at:at + size])
-            at += size
-            if rng.random() < 0.1:
-                time.sleep(rng.uniform(0, 0.05))
-    except (BrokenPipeError, ConnectionResetError):
-        return False
-    return True
-
-
 def _read_to_eof(sock: socket.socket) -> tuple[bytes, bool]:
     """Everything the server sends until it closes (or ANSWER_DEADLINE); and whether it
     reset the connection (a close with unread input sends RST, which may drop answers)."""
@@ -256,7 +241,8 @@ def _hostile(fuzz: Fuzz, step: int) -> str:
     payload = _payload(rng, step)
     ending = rng.choices(["read", "abort", "silent"], weights=[85, 12, 3])[0]
     sock = hl7peer.raw(fuzz.port)
-    sent = _send_in_pieces(rng, sock, payload)
+    sent = fuzzing.send_in_pieces(rng, sock, payload, sizes=(1, 7, 100, 4096),
+                                  pause_chance=0.1)
     if ending == "abort":
         if rng.random() < 0.5:  # RST rather than FIN
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
