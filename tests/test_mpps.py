@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from typing import Any
 
 import pytest
 from conftest import HOST, EdgeServer
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -202,6 +206,25 @@ def test_create_without_a_required_attribute_is_refused(
     refused = client.create(str(generate_uid()), attrs)
     assert refused.Status == MISSING_ATTRIBUTE
     assert "PerformedStationAETitle" in str(refused.ErrorComment)
+
+
+def test_an_attribute_list_that_cannot_be_encoded_is_refused_in_one_log_line(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """The step is kept encoded (Explicit VR Little Endian): a value pydicom cannot
+    convert (a 3-byte US, sent in Implicit VR) is refused as an invalid attribute
+    value, and pydicom's message, which may quote the value's bytes, is not logged."""
+    edge, client = scu
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = True, True
+    write_dataset(fp, in_progress())
+    odd_us = b"\x40\x00\x70\x02\x03\x00\x00\x00PHI"  # (0040,0270), 3 bytes
+    attrs = read_dataset(BytesIO(fp.getvalue() + odd_us), True, True)
+    sop_uid = str(generate_uid())
+    assert client.create(sop_uid, attrs).Status == INVALID_ATTRIBUTE_VALUE
+    assert _step(edge, sop_uid) is None
+    log = edge.log()
+    assert "a data set cannot be encoded error=" in log
+    assert "Traceback" not in log and "PHI" not in log
 
 
 def test_final_state_needs_its_end_date_and_time(scu: tuple[EdgeServer, MppsScu]) -> None:

@@ -97,6 +97,9 @@ def configure_pynetdicom() -> None:
     association_log = logging.getLogger("pynetdicom.association")
     if _request_for_another_service not in association_log.filters:
         association_log.addFilter(_request_for_another_service)
+    dsutils_log = logging.getLogger("pynetdicom.dsutils")
+    if _unencodable_dataset not in dsutils_log.filters:
+        dsutils_log.addFilter(_unencodable_dataset)
 
 
 def _not_our_abort(record: logging.LogRecord) -> bool:
@@ -131,6 +134,22 @@ def _request_for_another_service(record: logging.LogRecord) -> bool:
         record.msg, record.args = "aborting association: %s", (exc,)
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def _unencodable_dataset(record: logging.LogRecord) -> bool:
+    """One warning line naming the error's type, for a data set pydicom cannot encode.
+
+    pynetdicom's `dsutils.encode` logs "pydicom.write_dataset() failed:" and then the
+    exception with its traceback; the caller answers the failure (an MPPS attribute
+    list with a value of the wrong length: 0x0106). pydicom's messages may quote the
+    value's bytes, which can be patient data, so only the type is kept."""
+    if record.exc_info is None:
+        return record.msg != "pydicom.write_dataset() failed:"
+    record.msg, record.args = "a data set cannot be encoded error=%s", (
+        type(record.exc_info[1]).__name__,)
+    record.exc_info = record.exc_text = None
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
 
 
