@@ -88,18 +88,10 @@ def configure_pynetdicom() -> None:
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.STORE_SEND_CHUNKED_DATASET = True
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    dul_log = logging.getLogger("pynetdicom.dul")
-    if _not_our_abort not in dul_log.filters:
-        dul_log.addFilter(_not_our_abort)
-    utils_log = logging.getLogger("pynetdicom.utils")
-    if _undecodable_text not in utils_log.filters:
-        utils_log.addFilter(_undecodable_text)
-    association_log = logging.getLogger("pynetdicom.association")
-    if _request_for_another_service not in association_log.filters:
-        association_log.addFilter(_request_for_another_service)
-    dsutils_log = logging.getLogger("pynetdicom.dsutils")
-    if _unencodable_dataset not in dsutils_log.filters:
-        dsutils_log.addFilter(_unencodable_dataset)
+    for name, log_filter in _LOG_FILTERS:
+        logger = logging.getLogger(name)
+        if log_filter not in logger.filters:
+            logger.addFilter(log_filter)
 
 
 def _not_our_abort(record: logging.LogRecord) -> bool:
@@ -151,6 +143,15 @@ def _unencodable_dataset(record: logging.LogRecord) -> bool:
     record.exc_info = record.exc_text = None
     record.levelno, record.levelname = logging.WARNING, "WARNING"
     return True
+
+
+# A filter sees only the records of the logger it is added to, not its children's.
+_LOG_FILTERS: tuple[tuple[str, Callable[[logging.LogRecord], bool]], ...] = (
+    ("pynetdicom.dul", _not_our_abort),
+    ("pynetdicom.utils", _undecodable_text),
+    ("pynetdicom.association", _request_for_another_service),
+    ("pynetdicom.dsutils", _unencodable_dataset),
+)
 
 
 class DimseServer:
