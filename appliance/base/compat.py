@@ -392,7 +392,9 @@ def run_association_reactor(assoc: Any, wake: threading.Event,
             assoc.kill()
             return
         if assoc.dul.idle_timer_expired():
-            log.error("Network timeout reached")
+            # A peer's silence, not the box's error: the abort's EVT_ABORTED handler logs
+            # one warning naming the peer and the limit (dimse/transport.py).
+            log.debug("network timeout reached")
             if assoc.network_timeout_response == "A-RELEASE":
                 assoc._is_paused = True
                 assoc._reactor_checkpoint.wait()
