@@ -290,11 +290,12 @@ def _dropped_after_end(dul: Any, event: str) -> bool:
     traceback and left the connection to the garbage collector. PS3.8 has nothing to
     do for them either: the primitive is taken off the queue, as its action would.
     """
+    state = dul.state_machine.current_state
+    if event not in _LOCAL_PRIMITIVE_EVENTS or state not in _NO_ASSOCIATION:
+        return False  # every event of a live association: no import, no table lookup
     from pynetdicom.fsm import TRANSITION_TABLE  # not at import: the store imports compat
 
-    state = dul.state_machine.current_state
-    if (event not in _LOCAL_PRIMITIVE_EVENTS or state not in _NO_ASSOCIATION
-            or (event, state) in TRANSITION_TABLE):
+    if (event, state) in TRANSITION_TABLE:
         return False
     with contextlib.suppress(queue.Empty):
         dul.to_provider_queue.get(block=False)
