@@ -172,12 +172,27 @@ def test_requested_associations_get_the_race_free_reactor() -> None:
     assert "compat.run_association_reactor" not in inspect.getsource(upstream)
 
 
-def test_a_requested_associations_dul_sleeps_its_poll_delay_between_polls() -> None:
-    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider)
+def test_a_gated_dul_read_resumes_when_the_lane_lets_go_not_after_its_wait() -> None:
+    """The lane's gate is what the DUL waits on: a wait far longer than the test's
+    bound shows the read returned because the gate was released, not on a timer."""
     dul = Association(AE(), "requestor").dul
-    assert compat.poll_delay(dul) == 0.001
-    compat.set_poll_delay(dul, 0.02)
-    assert dul._run_loop_delay == compat.poll_delay(dul) == 0.02
+    reads: list[str] = []
+    dul._is_transport_event = lambda: reads.append("read") or True
+    gate, later_gate = threading.Lock(), threading.Lock()
+    compat.gate_transport_reads(dul, gate, wait=600)
+    gate.acquire()
+    reader = threading.Thread(target=lambda: reads.append(str(dul._is_transport_event())))
+    reader.start()
+    reader.join(0.05)
+    assert reader.is_alive() and reads == []  # waiting on the lane, not reading
+    gate.release()
+    reader.join(30)
+    assert not reader.is_alive() and reads == ["read", "True"]
+    compat.gate_transport_reads(dul, later_gate, wait=0.001)
+    with gate:  # the earlier lane's gate is not in the way of the next one's DUL
+        assert dul._is_transport_event() is True
+    with later_gate:
+        assert dul._is_transport_event() is False
 
 
 def test_the_reactors_replaced_do_what_the_blocking_loops_repeat() -> None:
@@ -267,7 +282,7 @@ def test_the_dul_reads_pdus_in_one_gated_place_and_writes_through_socket_send() 
     dul = assoc.dul
     assert hasattr(dul._idle_timer, "restart")
     gate = threading.Lock()
-    compat.gate_transport_reads(dul, gate)
+    compat.gate_transport_reads(dul, gate, wait=0.001)
     with gate:
         assert dul._is_transport_event() is False  # held: the DUL reads nothing
     compat.note_transport_activity(dul)

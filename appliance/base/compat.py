@@ -209,8 +209,9 @@ class Wakeup:
 REACTOR_IDLE_WAIT = 0.25
 # How often stop_dul_reactor looks whether the DUL thread has ended (upstream's poll
 # delay). Where blocking is impossible (no socket yet or any more) or pointless (the
-# socket is readable but another reader holds it: the C-STORE send lane's gate, see
-# gate_transport_reads) the reactor sleeps the DUL's own poll delay, as upstream.
+# socket is readable but another reader holds it: the C-STORE send lane's gate, which
+# the read itself waits on, see gate_transport_reads) the reactor sleeps the DUL's own
+# poll delay, as upstream.
 _POLL_DELAY = 0.001
 
 
@@ -309,8 +310,8 @@ def _wait_for_work(dul: Any, wakeup: Wakeup, *, stalled: bool) -> bool:
     nothing could be read (another reader holds it): sleep like upstream instead."""
     sock = getattr(dul.socket, "socket", None) if dul.socket is not None else None
     if sock is None or stalled:
-        # Upstream's poll delay: 1 ms, or what the C-STORE send lane set while it
-        # holds the socket's reads (set_poll_delay).
+        # Upstream's poll delay (1 ms); while the C-STORE send lane holds the socket's
+        # reads, the read itself waited for the lane (gate_transport_reads).
         time.sleep(dul._run_loop_delay)
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -450,22 +451,6 @@ def kill_dul_reactor(dul: Any, wakeup: Wakeup) -> None:
     wakeup.set()
 
 
-def set_poll_delay(dul: Any, seconds: float) -> None:
-    """How long a pynetdicom DUL thread (one this box requested: a C-MOVE
-    sub-association) sleeps between polls of its socket and queues.
-
-    pynetdicom polls every `DULServiceProvider._run_loop_delay` seconds (0.001,
-    ~2% of a core per connection); it has no setting for it. (Accepted
-    associations run run_dul_reactor instead, which blocks while idle.)
-    """
-    dul._run_loop_delay = seconds
-
-
-def poll_delay(dul: Any) -> float:
-    """The DUL's current poll delay (see set_poll_delay), to put back later."""
-    return float(dul._run_loop_delay)
-
-
 def share_send_lock(dul: Any) -> threading.Lock:
     """A lock every write of the DUL's socket takes; the store lane writes under it too.
 
@@ -492,21 +477,27 @@ def share_send_lock(dul: Any) -> threading.Lock:
     return lock
 
 
-def gate_transport_reads(dul: Any, gate: threading.Lock) -> None:
+def gate_transport_reads(dul: Any, gate: threading.Lock, *, wait: float) -> None:
     """The DUL reads its socket only while it can take `gate` (the lane holds it while
     it reads the C-STORE responses itself).
 
     `DULServiceProvider._is_transport_event()` is the DUL loop's one place that
     reads a PDU off the socket (it returns False when nothing was read). It is
-    replaced on this DUL object only: while another thread holds `gate` it
-    reads nothing, and a PDU it is in the middle of reading finishes first.
+    replaced on this DUL object only: while another thread holds `gate` it waits
+    for it, at most `wait` seconds, and reads nothing if it stays held; a PDU it is
+    in the middle of reading finishes first. Waiting on the gate rather than
+    sleeping between passes puts the DUL back to work the moment the lane lets go:
+    the primitive queued next (a C-GET's final response, a sub-association's
+    A-RELEASE-RQ) goes out at once, not after the rest of a sleep (20 ms of each
+    retrieve, when the lane slowed the DUL's poll loop instead). Each new gate
+    wraps the DUL's own read, not the previous gate.
     """
     if getattr(dul, "pacs_edge_read_gate", None) is gate:
         return
-    reads = dul._is_transport_event
+    reads = getattr(dul, "pacs_edge_ungated_reads", None) or dul._is_transport_event
 
     def gated() -> bool:
-        if not gate.acquire(blocking=False):
+        if not gate.acquire(timeout=wait):
             return False
         try:
             return bool(reads())
@@ -514,6 +505,7 @@ def gate_transport_reads(dul: Any, gate: threading.Lock) -> None:
             gate.release()
 
     dul._is_transport_event = gated
+    dul.pacs_edge_ungated_reads = reads
     dul.pacs_edge_read_gate = gate
 
 

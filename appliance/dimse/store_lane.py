@@ -21,7 +21,7 @@ The lane instead, on an established association:
   C-GET association) goes to the DUL's state machine as if the DUL had read
   it (compat.hand_pdu_to_dul), so everything but the C-STORE exchange still
   runs through pynetdicom;
-- slows the DUL's poll loop while it reads for it (LANE_POLL);
+- keeps the DUL waiting on its gate while it reads for it (LANE_POLL at a time);
 - writes under the lock the DUL's own writes take (compat.share_send_lock),
   so a PDU the DUL sends meanwhile (a C-GET pending response) never lands
   inside a C-STORE message. Reads take it too: an SSL socket must not be
@@ -82,8 +82,9 @@ C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
 PENDING = 0xFF00
 _IOV_BATCH = 512  # buffers per sendmsg() call (IOV_MAX is 1024 on Linux)
 _TLS_WRITE = 1 << 18  # bytes joined per TLS write
-# The DUL's poll delay while the lane reads for it: it has nothing to read then, and
-# pynetdicom's 1 ms loop costs ~2% of a core per association (see move_get.py too).
+# How long the DUL's read waits for the lane's gate per pass of its loop: it has nothing
+# to read while the lane reads for it, and pynetdicom's 1 ms loop would cost ~2% of a
+# core per association; it resumes as soon as the lane lets go.
 LANE_POLL = 0.02
 _FILE_META = 132  # 128-byte preamble and "DICM"
 _GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
@@ -209,7 +210,6 @@ class StoreLane:
         self._command = bytearray()
         self._upcoming: Payload | None = None
         self._saved_timeout: float | None = None
-        self._saved_poll = 0.0
 
     def __enter__(self) -> StoreLane:
         self.open()
@@ -221,10 +221,8 @@ class StoreLane:
 
     def open(self) -> None:
         """Take over reading the socket from the DUL."""
-        compat.gate_transport_reads(self._dul, self._gate)
+        compat.gate_transport_reads(self._dul, self._gate, wait=LANE_POLL)
         self._gate.acquire()
-        self._saved_poll = compat.poll_delay(self._dul)
-        compat.set_poll_delay(self._dul, max(self._saved_poll, LANE_POLL))
         self._saved_timeout = self._sock.gettimeout()
         # Bounded writes: pynetdicom leaves a requested association's socket blocking
         # without a timeout, and a peer that stops reading would hold a send for ever.
@@ -237,7 +235,6 @@ class StoreLane:
         self._held.clear()
         with contextlib.suppress(OSError):
             self._sock.settimeout(self._saved_timeout)
-        compat.set_poll_delay(self._dul, self._saved_poll)
         self._gate.release()
 
     # --- sending ------------------------------------------------------------------------
