@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import tomllib
+import warnings
 from importlib.metadata import version
 from io import BytesIO
 from pathlib import Path
@@ -47,6 +48,7 @@ PATCH_PATTERNS = [
     r"\._run_loop_delay\b", r"dimse_messages\.NamedTemporaryFile\s*=",
     r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
     r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
+    r"\.set_uid\s*=",
 ]
 
 
@@ -100,6 +102,79 @@ def test_pynetdicom_writes_the_file_meta_through_the_two_patched_names() -> None
         assert keyword in source, keyword
     assert re.search(r"^from pydicom.filewriter import write_file_meta_info$",
                      inspect.getsource(dimse_messages), re.M)
+
+
+def test_negotiation_modules_convert_uids_through_their_own_set_uid_name() -> None:
+    import pynetdicom.pdu_items
+    import pynetdicom.pdu_primitives
+    import pynetdicom.presentation
+    from pynetdicom import utils
+
+    assert _parameters(getattr(utils.set_uid, "upstream", utils.set_uid)) == [
+        "value", "name", "allow_empty", "allow_none", "validate"]
+    for module in (pynetdicom.pdu_items, pynetdicom.pdu_primitives, pynetdicom.presentation):
+        assert re.search(r"^from pynetdicom.utils import .*\bset_uid\b", inspect.getsource(module),
+                         re.M), module.__name__
+        assert "set_uid(value" in inspect.getsource(module), module.__name__
+
+
+# getscu's A-ASSOCIATE-RQ in miniature: a few contexts, one SOP class proposed twice, and
+# one syntax in two contexts.
+_CONTEXTS = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
+             ("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"]),
+             ("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.4.50"])]
+
+
+def _association_request() -> bytes:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "SCU", "EDGE"
+    primitive.presentation_context_definition_list = [
+        build_context(sop, syntaxes) for sop, syntaxes in _CONTEXTS]
+    for n, context in enumerate(primitive.presentation_context_definition_list):
+        context.context_id = 2 * n + 1
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def _negotiated(raw: bytes) -> list[tuple[int, str, list[str]]]:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(raw)
+    return [(cx.context_id, cx.abstract_syntax, list(cx.transfer_syntax))
+            for cx in pdu.to_primitive().presentation_context_definition_list]
+
+
+def test_cached_negotiation_uids_decode_an_association_request_as_upstream_does() -> None:
+    import pynetdicom.presentation
+    from pydicom.uid import UID
+
+    raw = _association_request()
+    proposed = [(2 * n + 1, sop, syntaxes) for n, (sop, syntaxes) in enumerate(_CONTEXTS)]
+    compat.cache_negotiation_uids()
+    compat.cache_negotiation_uids()
+    cached = pynetdicom.presentation.set_uid
+    assert not hasattr(cached.upstream, "upstream")  # type: ignore[attr-defined]
+    assert _negotiated(raw) == _negotiated(raw) == proposed
+    first = cached(b"1.2.840.10008.1.2.1", "Transfer Syntax Name")
+    assert type(first) is UID and cached(b"1.2.840.10008.1.2.1", "Transfer Syntax Name") is first
+    assert cached(UID(first), "Transfer Syntax Name") == first
+    too_long = b"1.2." + b"3" * 64
+    for _ in range(2):  # a value that fails validation raises every time, never cached
+        with warnings.catch_warnings(), \
+                pytest.raises(ValueError, match="must not exceed 64 characters"):
+            warnings.simplefilter("ignore")  # pydicom's, if its validation mode warns
+            cached(too_long, "Abstract Syntax Name")
+    private = UID("1.2.3.4")
+    private.set_private_encoding(False, True)
+    converted = cached(private, "Transfer Syntax Name")  # converted as upstream, uncached
+    assert converted == private and converted.__dict__ == private.__dict__
 
 
 def _installed() -> tuple[object, ...]:

@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import PacsEdgeError, TransportAborted
 from appliance.dimse import find_scp
@@ -82,7 +83,9 @@ class AllowlistAE(AE):
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw,
     no per-message log handlers (they format at INFO/DEBUG what the WARNING level below
-    drops: CPU on every PDU and DIMSE message for nothing)."""
+    drops: CPU on every PDU and DIMSE message for nothing), negotiation's UIDs
+    converted once per process (compat.cache_negotiation_uids)."""
+    compat.cache_negotiation_uids()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_RESPONSE_IDENTIFIERS = False
