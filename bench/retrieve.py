@@ -2,7 +2,9 @@
 (dcmtk getscu into a folder) of the CT study from pacs-edge, next to dcmtk
 dcmqrscp and Orthanc (bench/orthanc.py) serving the same files, in the same run,
 on 1 association and on 4 (4 clients started at once, each pulling the whole
-study).
+study); then the time of one retrieve of a single instance (IMAGE level), what each
+C-MOVE or C-GET costs once whatever its size (association, plan, sub-association,
+final response, release), which a large study's MB/s hides on a fast CPU.
 
 pacs-edge's data home is filled through its own ingest path (see
 common.populate); dcmqrscp indexes the generated files in place (dcmqridx);
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -61,24 +64,36 @@ def destination(out: Path) -> Server:
     return server
 
 
+# The single-instance retrieves of each server, per operation.
+ONE_INSTANCE_RUNS = 10
+
+
 def keys(study_uid: str) -> list[str]:
     return ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
 
 
-def move(server: Server, study_uid: str, out: Path, clients: int) -> tuple[float, int]:
+def instance_keys(first: Path) -> list[str]:
+    """The IMAGE-level identifier of the study's first file (study root)."""
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    return ["-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+            "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+            "-k", f"SOPInstanceUID={ds.SOPInstanceUID}"]
+
+
+def move(server: Server, identifier: list[str], out: Path, clients: int) -> tuple[float, int]:
     fresh_dir(out)
     argv = [dcmtk("movescu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title,
-            "-aem", DEST_AE, *NET, *keys(study_uid), HOST, str(server.port)]
+            "-aem", DEST_AE, *NET, *identifier, HOST, str(server.port)]
     seconds = timed_parallel([argv] * clients)
     time.sleep(0.2)  # the destination's forked children finish writing
     return seconds, len(files_under(out))
 
 
-def get(server: Server, study_uid: str, out: Path, clients: int) -> tuple[float, int]:
+def get(server: Server, identifier: list[str], out: Path, clients: int) -> tuple[float, int]:
     fresh_dir(out)
     seconds = timed_parallel([
         [dcmtk("getscu"), "-S", "-aet", BENCH_AE, "-aec", server.ae_title, *NET,
-         "-od", str(fresh_dir(out / str(n))), *keys(study_uid), HOST, str(server.port)]
+         "-od", str(fresh_dir(out / str(n))), *identifier, HOST, str(server.port)]
         for n in range(clients)])
     return seconds, len(files_under(out))
 
@@ -118,9 +133,10 @@ def main() -> None:
             servers.append(other.start())
             other.upload(files)
             other.name = f"Orthanc {orthanc.version()}"
+        study = keys(study_uid)
         ops = {f"{op} x{n} assoc": (do, n) for n in (1, 4)
-               for op, do in (("C-MOVE", lambda s, n: move(s, study_uid, dest_dir, n)),
-                              ("C-GET", lambda s, n: get(s, study_uid, get_dir, n)))}
+               for op, do in (("C-MOVE", lambda s, n: move(s, study, dest_dir, n)),
+                              ("C-GET", lambda s, n: get(s, study, get_dir, n)))}
         for rep in range(args.repeats):
             for op, (do, clients) in ops.items():
                 for server in servers[1:]:
@@ -143,6 +159,8 @@ def main() -> None:
                     cpu.setdefault(key, []).append(1000 * used / (clients * len(files)))
                     console.print(f"run {rep + 1}/{args.repeats} {op} {server.name}: "
                                   f"{s:.2f} s, {clients * size / MB / s:.1f} MB/s")
+        one = one_instance_times(servers[1:], instance_keys(files[0]), dest_dir, get_dir,
+                                 ONE_INSTANCE_RUNS * args.repeats)
     finally:
         for server in reversed(servers):
             server.stop()
@@ -166,6 +184,13 @@ def main() -> None:
             figures += [_figure(op, name, seconds, failures, clients * size, ref),
                         Figure(ref_cpu.name, name, "CPU-ms", cpu.get((op, name), []), ref_cpu,
                                higher_is_better=False)]
+    for op in ("C-MOVE", "C-GET"):
+        ref = Figure(f"{op} of one instance", "dcmqrscp", "ms", one.get((op, "dcmqrscp"), []),
+                     higher_is_better=False)
+        ref.reference = ref
+        figures.append(ref)
+        figures += [Figure(ref.name, name, "ms", one.get((op, name), []), ref,
+                           higher_is_better=False) for name in names if name != "dcmqrscp"]
     if orthanc_note:
         console.print(f"[yellow]{orthanc_note}[/yellow]")
     report(f"Retrieve of {len(files)} CT slices ({size / MB:.0f} MB) by 1 and 4 clients at "
@@ -174,6 +199,30 @@ def main() -> None:
            {"instances": len(files), "bytes": size, "load_before": load,
             "load_after": load_after, "orthanc": orthanc_note or names[-1],
             "failures": {f"{op} {name}": why for (op, name), why in failures.items()}})
+
+
+def one_instance_times(servers: list[Server], identifier: list[str], dest_dir: Path,
+                       get_dir: Path, runs: int) -> dict[tuple[str, str], list[float]]:
+    """Milliseconds per C-MOVE and per C-GET of one instance, interleaved between the
+    servers (movescu/getscu start to exit); a run whose instance did not arrive is left
+    out and said."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(runs):
+        for op, do in (("C-MOVE", move), ("C-GET", get)):
+            for server in servers:
+                try:
+                    seconds, received = do(server, identifier,
+                                           dest_dir if op == "C-MOVE" else get_dir, 1)
+                except BenchError as exc:
+                    console.print(f"[red]{op} of one instance from {server.name} failed:"
+                                  f"[/red] {exc}")
+                    continue
+                if received == 1:
+                    times.setdefault((op, server.name), []).append(1000 * seconds)
+    for (op, name), samples in sorted(times.items()):
+        console.print(f"{op} of one instance, {name}: median {statistics.median(samples):.1f} ms "
+                      f"over {len(samples)} runs")
+    return times
 
 
 def _figure(op: str, name: str, seconds: dict[tuple[str, str], list[float]],
