@@ -177,6 +177,31 @@ def test_cached_negotiation_uids_decode_an_association_request_as_upstream_does(
     assert converted == private and converted.__dict__ == private.__dict__
 
 
+def test_the_association_requests_primitive_is_built_once_to_check_and_to_act_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    for action in (fsm.AE_3, fsm.AE_4, fsm.AE_6):  # each takes the PDU's primitive once
+        assert inspect.getsource(action).count(".to_primitive()") == 1, action.__name__
+    builds: list[object] = []
+    upstream = A_ASSOCIATE_RQ.to_primitive
+
+    def counted(self: A_ASSOCIATE_RQ) -> object:
+        builds.append(upstream(self))
+        return builds[-1]
+
+    monkeypatch.setattr(A_ASSOCIATE_RQ, "to_primitive", counted)
+    dul = Association(AE(), "acceptor").dul
+    compat.hand_pdu_to_dul(dul, _association_request())
+    assert dul.event_queue.get_nowait() == "Evt6"
+    pdu = dul._recv_pdu.get_nowait()
+    assert len(builds) == 1  # the check
+    assert pdu.to_primitive() is builds[0]  # the action's: the same, not built again
+    again = pdu.to_primitive()
+    assert again is builds[1] and again is not builds[0]  # later calls build, as upstream
+    assert [cx.context_id for cx in again.presentation_context_definition_list] == [1, 3, 5]
+
+
 def _installed() -> tuple[object, ...]:
     """A spool factory another test of this process may have set (serve in process)."""
     current = dimse_messages.NamedTemporaryFile
