@@ -48,7 +48,7 @@ PATCH_PATTERNS = [
     r"\._run_loop_delay\b", r"dimse_messages\.NamedTemporaryFile\s*=",
     r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
     r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
-    r"\.set_uid\s*=",
+    r"\.set_uid\s*=", r"\.add_transfer_syntax\s*=", r"\._transfer_syntax\b",
 ]
 
 
@@ -175,6 +175,44 @@ def test_cached_negotiation_uids_decode_an_association_request_as_upstream_does(
     private.set_private_encoding(False, True)
     converted = cached(private, "Transfer Syntax Name")  # converted as upstream, uncached
     assert converted == private and converted.__dict__ == private.__dict__
+
+
+def test_known_transfer_syntaxes_are_added_to_a_context_as_upstream_adds_them(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pydicom.uid import UID
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+    from pynetdicom.presentation import PresentationContext
+
+    compat.cache_negotiation_uids()
+    fast = PresentationContext.add_transfer_syntax
+    upstream = fast.upstream  # type: ignore[attr-defined]
+    for step in ("validate_uid(syntax)", "syntax.is_valid", "syntax.is_private",
+                 "syntax.is_transfer_syntax", "self._transfer_syntax.append(syntax)",
+                 "syntax not in self._transfer_syntax"):
+        assert step in inspect.getsource(upstream), step
+    private = UID("1.2.3.4")
+    private.set_private_encoding(False, True)
+    values: list[object] = [
+        *ALL_TRANSFER_SYNTAXES, *(str(uid) for uid in ALL_TRANSFER_SYNTAXES[:3]),
+        ALL_TRANSFER_SYNTAXES[0], b"1.2.840.10008.1.2", " 1.2.840.10008.1.2.1 ", "",
+        "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.03.4", private, None]
+    outcomes = []
+    for add in (upstream, fast):
+        context = PresentationContext()
+        caplog.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's, for the non-conformant values
+            raised = []
+            for value in values:
+                try:
+                    add(context, value)
+                except ValueError as exc:
+                    raised.append((value, str(exc)))
+        outcomes.append(([(str(uid), type(uid), uid.__dict__) for uid in context.transfer_syntax],
+                         [(r.levelname, r.getMessage()) for r in caplog.records], raised))
+    assert outcomes[1] == outcomes[0]
+    assert any("not a transfer syntax" in message for _, message in outcomes[0][1])
+    assert [value for value, _ in outcomes[0][2]] == [""]  # an empty UID is invalid
 
 
 def test_the_association_requests_primitive_is_built_once_to_check_and_to_act_on(

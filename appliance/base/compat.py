@@ -16,7 +16,10 @@ What is touched, and who uses it:
                                             its File Meta from a template (dimse/file_meta.py)
       association.uid_to_service_class      our C-MOVE/C-GET SCP     (dimse/move_get.py)
       pdu_items.set_uid, pdu_primitives.set_uid, presentation.set_uid (assigned: the
-        name each imported from utils)      negotiation's UIDs converted once
+        name each imported from utils), PresentationContext.add_transfer_syntax
+        (assigned; its checks skipped for known syntaxes, through
+        PresentationContext._transfer_syntax)
+                                            negotiation's UIDs converted once
                                             (cache_negotiation_uids, dimse/server.py)
       Association._reactor_checkpoint       lost C-STORE-RSP race    (dimse/move_get.py)
       DULServiceProvider.run_reactor, Association._run_reactor: replaced by loops that
@@ -217,6 +220,46 @@ def cache_negotiation_uids() -> None:
         module = importlib.import_module(name)
         if not hasattr(module.set_uid, "upstream"):
             module.set_uid = set_uid
+    _add_known_transfer_syntaxes_unchecked()
+
+
+def _add_known_transfer_syntaxes_unchecked() -> None:
+    """`PresentationContext.add_transfer_syntax` without its checks for the transfer
+    syntaxes they always pass.
+
+    Upstream builds a pydicom UID from the value and checks it four ways (two regular
+    expressions, private, a transfer syntax) every time a syntax is added to a
+    context: ~11 us each, and an association of getscu's 121 contexts adds about 800
+    (decoding the request, the appliance's own ordering, negotiation's results): ~9
+    ms. For a value equal to one of pynetdicom's ALL_TRANSFER_SYNTAXES that passes
+    every check (established here, with upstream's own checks, once), the outcome is
+    known: no warning, and the UID appended unless the context has it already. Any
+    other value, or a UID object with attributes of its own, goes through upstream.
+    """
+    from pydicom.uid import UID
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+    from pynetdicom.presentation import PresentationContext
+    from pynetdicom.utils import validate_uid
+
+    upstream = PresentationContext.add_transfer_syntax
+    if hasattr(upstream, "upstream"):
+        return
+    known = {str(uid): UID(str(uid)) for uid in ALL_TRANSFER_SYNTAXES}
+    known = {text: uid for text, uid in known.items()
+             if validate_uid(uid) and uid.is_valid and uid.is_transfer_syntax
+             and not uid.is_private}
+
+    def add_transfer_syntax(self: Any, syntax: Any) -> None:
+        kind = type(syntax)
+        uid = known.get(syntax) if kind is str or (kind is UID and not syntax.__dict__) \
+            else None
+        if uid is None:
+            upstream(self, syntax)
+        elif uid not in self._transfer_syntax:
+            self._transfer_syntax.append(uid)
+
+    add_transfer_syntax.upstream = upstream  # type: ignore[attr-defined]
+    PresentationContext.add_transfer_syntax = add_transfer_syntax  # type: ignore[method-assign]
 
 
 def replace_reactor_checkpoint(assoc: Any, checkpoint: Any) -> bool:
