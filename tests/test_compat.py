@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import tomllib
+import types
 import warnings
 from importlib.metadata import version
 from io import BytesIO
@@ -308,6 +309,29 @@ def test_requested_associations_get_the_race_free_reactor() -> None:
     upstream = Association._run_reactor.upstream  # type: ignore[attr-defined]
     assert not hasattr(upstream, "upstream")
     assert "compat.run_association_reactor" not in inspect.getsource(upstream)
+
+
+def test_a_killed_association_looks_every_ms_whether_its_dul_has_stopped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release's confirmation arrives before the DUL is back in Sta1: upstream's kill
+    then slept 10 ms, on the path of a C-MOVE's final response."""
+    upstream = getattr(Association.kill, "upstream", Association.kill)
+    assert "time.sleep(0.01)" in inspect.getsource(upstream)
+    for step in ("self._reactor_checkpoint.set()", "self._kill = True",
+                 "self.is_established = False", "self._is_paused = True",
+                 "while self.dul.is_alive() and not self.dul.stop_dul():"):
+        assert step in inspect.getsource(upstream), step
+    compat.close_requestor_reactor_race()
+    slept: list[float] = []
+    monkeypatch.setattr(compat, "time", types.SimpleNamespace(sleep=slept.append))
+    assoc = Association(AE(), "requestor")
+    answers = iter([False, True])  # not yet in Sta1, then stopped
+    monkeypatch.setattr(assoc.dul, "is_alive", lambda: True)
+    monkeypatch.setattr(assoc.dul, "stop_dul", lambda: next(answers))
+    assoc.kill()
+    assert slept == [0.001]
+    assert assoc._kill and assoc._is_paused and not assoc.is_established
+    assert assoc._reactor_checkpoint.is_set()
 
 
 def test_a_gated_dul_read_resumes_when_the_lane_lets_go_not_after_its_wait() -> None:

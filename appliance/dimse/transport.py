@@ -66,7 +66,7 @@ class EdgeAssociation(Association):
 
     def kill(self) -> None:
         self.pacs_edge_wake.set()
-        super().kill()
+        compat.kill_association(self)
 
 
 class SupportedContexts(list[PresentationContext]):
