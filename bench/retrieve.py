@@ -219,6 +219,9 @@ def one_instance_times(servers: list[Server], identifier: list[str], dest_dir: P
                     continue
                 if received == 1:
                     times.setdefault((op, server.name), []).append(1000 * seconds)
+                else:
+                    console.print(f"[red]{op} of one instance from {server.name}: "
+                                  f"{received} instances arrived[/red]")
     for (op, name), samples in sorted(times.items()):
         console.print(f"{op} of one instance, {name}: median {statistics.median(samples):.1f} ms "
                       f"over {len(samples)} runs")

@@ -202,7 +202,6 @@ def cache_negotiation_uids() -> None:
     import functools
     import importlib
 
-    from pydicom.uid import UID
     from pynetdicom import utils
 
     upstream = utils.set_uid
@@ -210,12 +209,10 @@ def cache_negotiation_uids() -> None:
 
     def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
                 validate: bool = True) -> Any:
-        kind = type(value)
-        if kind is bytes or kind is str:
-            return cached(value, name, allow_empty, allow_none, validate)
-        if kind is UID and not value.__dict__:
-            return cached(str(value), name, allow_empty, allow_none, validate)
-        return upstream(value, name, allow_empty, allow_none, validate)
+        key = value if type(value) is bytes else _plain_uid_text(value)
+        if key is None:
+            return upstream(value, name, allow_empty, allow_none, validate)
+        return cached(key, name, allow_empty, allow_none, validate)
 
     set_uid.upstream = upstream  # type: ignore[attr-defined]
     for name in _NEGOTIATION_MODULES:
@@ -246,15 +243,13 @@ def _add_known_transfer_syntaxes_unchecked() -> None:
     upstream = PresentationContext.add_transfer_syntax
     if hasattr(upstream, "upstream"):
         return
-    known = {str(uid): UID(str(uid)) for uid in ALL_TRANSFER_SYNTAXES}
-    known = {text: uid for text, uid in known.items()
+    known = {str(uid): uid for uid in map(UID, map(str, ALL_TRANSFER_SYNTAXES))
              if validate_uid(uid) and uid.is_valid and uid.is_transfer_syntax
              and not uid.is_private}
 
     def add_transfer_syntax(self: Any, syntax: Any) -> None:
-        kind = type(syntax)
-        uid = known.get(syntax) if kind is str or (kind is UID and not syntax.__dict__) \
-            else None
+        text = _plain_uid_text(syntax)
+        uid = known.get(text) if text is not None else None
         if uid is None:
             upstream(self, syntax)
         elif uid not in self._transfer_syntax:
@@ -262,6 +257,17 @@ def _add_known_transfer_syntaxes_unchecked() -> None:
 
     add_transfer_syntax.upstream = upstream  # type: ignore[attr-defined]
     PresentationContext.add_transfer_syntax = add_transfer_syntax  # type: ignore[method-assign]
+
+
+def _plain_uid_text(value: Any) -> str | None:
+    """The text of a `str` or of a pydicom UID without attributes of its own (a private
+    transfer syntax's encoding), which a cached or shared UID may stand for; else None."""
+    from pydicom.uid import UID
+
+    kind = type(value)
+    if kind is str or (kind is UID and not value.__dict__):
+        return str(value)
+    return None
 
 
 def replace_reactor_checkpoint(assoc: Any, checkpoint: Any) -> bool:
@@ -548,11 +554,11 @@ def kill_association(assoc: Any) -> None:
     """`Association.kill`, looking every 1 ms rather than every 10 ms whether its DUL
     has stopped.
 
-    A release's confirmation reaches the association before its DUL has closed the
-    connection and gone back to Sta1, the only state its `stop_dul()` accepts, so
-    upstream's kill nearly always slept once: 10 ms after every release, and a
-    C-MOVE's final response waited that long after each sub-association's
-    release. Every association in this process takes this one
+    A release's confirmation can reach the association before its DUL has closed the
+    connection and gone back to Sta1, the only state its `stop_dul()` accepts; then
+    upstream's kill sleeps 10 ms. An accepted association's kill did so after every
+    release; a C-MOVE sub-association's about once in 20, and the C-MOVE's final
+    response waited for it. Every association in this process takes this one
     (close_requestor_reactor_race; the acceptor's EdgeAssociation.kill calls it).
     """
     assoc._reactor_checkpoint.set()  # upstream's steps, in upstream's order
