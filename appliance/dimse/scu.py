@@ -13,6 +13,7 @@ from pynetdicom import AE
 
 from appliance.base import compat
 from appliance.base.config import DicomConfig
+from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 
 # An abstract syntax, with the transfer syntaxes to propose (None: pynetdicom's default).
@@ -45,6 +46,7 @@ def requested_association(
     if not assoc.is_established:
         ae.shutdown()
         raise refused(assoc)
+    set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
     try:
         yield assoc
     finally:
