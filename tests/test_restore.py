@@ -266,6 +266,33 @@ def test_audit_anchors_survive_a_restore(tmp_path: Path) -> None:
     assert "1 anchor(s) of the lost box's log authenticated" in verified.stdout
 
 
+def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) -> None:
+    """docs/deployment.md keeps the config in /etc/pacs-edge and links it into the home:
+    the URL goes into the file behind the link, which keeps its mode."""
+    cloud = tmp_path / "cloud"
+    old = tmp_path / "old"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(PASSPHRASE + "\n")
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    new = tmp_path / "new"
+    _lose_and_recover(old, new, tmp_path / "escrow", passphrase)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    kept = etc / "pacs-edge.toml"
+    (new / "pacs-edge.toml").rename(kept)
+    kept.chmod(0o640)
+    (new / "pacs-edge.toml").symlink_to(kept)
+
+    run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    assert (new / "pacs-edge.toml").is_symlink()
+    assert f'url = "file://{cloud}"' in kept.read_text()
+    assert kept.stat().st_mode & 0o777 == 0o640
+    assert not [p for p in etc.iterdir() if p != kept]
+
+
 def test_recover_reads_a_version_1_escrow_file(tmp_path: Path) -> None:
     """A file written before the anchor key was escrowed, built from docs/cloud-format."""
     secrets = {name: os.urandom(32) for name in ("site.key", "names.key", "log.key")}

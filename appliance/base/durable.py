@@ -66,11 +66,13 @@ def make_dirs(path: str | Path) -> list[str]:
     return [os.path.dirname(folder) or os.curdir for folder in missing]
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new file."""
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644,
+                 owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new file;
+    `owner` (uid, gid) is given to the new file before it replaces the old one."""
     ensure_dir(path.parent)
     try:
-        tmp = _synced_temp(path, data, mode)
+        tmp = _synced_temp(path, data, mode, owner)
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -109,11 +111,15 @@ def write_file(path: Path, data: bytes, mode: int, *, replace: bool = False) -> 
     return written
 
 
-def _synced_temp(path: Path, data: bytes, mode: int) -> str:
-    """A temp file beside `path` holding `data` with `mode`, fsynced; the caller publishes
-    it. mkstemp opens with O_CREAT | O_EXCL and mode 0600; fchmod sets the final mode."""
+def _synced_temp(path: Path, data: bytes, mode: int,
+                 owner: tuple[int, int] | None = None) -> str:
+    """A temp file beside `path` holding `data` with `mode` (and `owner`), fsynced; the
+    caller publishes it. mkstemp opens with O_CREAT | O_EXCL and mode 0600; fchown and
+    fchmod set the final owner and mode (in that order: fchown may clear set-id bits)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

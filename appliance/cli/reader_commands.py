@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -375,7 +376,11 @@ def restore(home: Path, cloud_url: str | None) -> None:
 
 
 def _set_cloud_url(config: Config, cloud_url: str) -> None:
-    """Record the restored-from cloud URL in the home's config (comments kept)."""
+    """Record the restored-from cloud URL in the home's config (comments kept).
+
+    A home whose config is a link to a file kept elsewhere (/etc/pacs-edge in
+    docs/deployment.md) gets the file behind the link rewritten, with its owner and
+    mode: replacing the link itself would leave /etc's file governing nothing."""
     import tomlkit
 
     from appliance.base.durable import atomic_write
@@ -385,10 +390,13 @@ def _set_cloud_url(config: Config, cloud_url: str) -> None:
         raise PacsEdgeError(f"{config.config_path} already names another cloud",
                             hint="edit [cloud] url there, or pass the same --cloud")
     open_blob_store(cloud_url, credentials_file=config.cloud.credentials_file).close()
-    doc = tomlkit.parse(config.config_path.read_text(encoding="utf-8"))
+    target = config.config_path.resolve()
+    doc = tomlkit.parse(target.read_text(encoding="utf-8"))
     table = doc.setdefault("cloud", tomlkit.table())
     table["url"] = cloud_url
-    atomic_write(config.config_path, tomlkit.dumps(doc).encode("utf-8"), mode=0o640)
+    kept = target.stat()
+    atomic_write(target, tomlkit.dumps(doc).encode("utf-8"), mode=stat.S_IMODE(kept.st_mode),
+                 owner=(kept.st_uid, kept.st_gid))
 
 
 @contextmanager
