@@ -590,8 +590,8 @@ _COMMENTS = {
     "prefetch.keep_local_days": "Prefetched priors are not evicted until this long after the"
     " scheduled time.",
     "prefetch.nightly_at": "Local time of the nightly run for tomorrow's worklist (\"\": off).",
-    "prefetch.remote_archive": "Peer (find, move) to C-MOVE priors from that the box does not"
-    " hold (\"\": none).",
+    "prefetch.remote_archive": "Name of the peer (with a port and permission store) that the"
+    " box C-FINDs and C-MOVEs priors from when it does not hold them (\"\": none).",
     "prefetch.associations": "Remote priors C-MOVEd at once, each on its own association to"
     " the remote archive (oldest need first).",
     "migrate": "`pacs-edge migrate`: pull a legacy PACS into the box (docs/operator-guide.md);"
