@@ -2,8 +2,9 @@
 
 A Deflated Explicit VR Little Endian instance of 0.8 MB can inflate to 800 MB.
 The server reads its header in bounded chunks and refuses it past
-store.max_inflated_mb (0xA700 with an Error Comment over C-STORE, rejected/ in
-the drop folder, a rejected line from `pacs-edge import`). Each attack test
+store.max_inflated_mb (0xA700 with an Error Comment over C-STORE, FailureReason
+0xA700 over STOW-RS, rejected/ in the drop folder, a rejected line from
+`pacs-edge import`). Each attack test
 checks three things: memory stays bounded (the serve process's VmHWM, or the
 import process's peak RSS), a legitimate peer is served during and after, and
 nothing acknowledged before is lost.
@@ -25,6 +26,7 @@ import dcmtk
 import dicomgen
 import pydicom
 import pytest
+import webpeer
 from conftest import EdgeServer, pacs_edge_command
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
@@ -262,6 +264,36 @@ def test_deflate_bombs_in_the_drop_folder_are_rejected_with_bounded_memory(
     assert (rejected / "bomb.dcm").read_bytes() == bombs["private"].read_bytes()
     assert_stored_exactly(server.home, before + during)
     assert server.echo().ok
+
+
+def test_deflate_bombs_over_stow_rs_are_refused_with_bounded_memory(
+    bombs: dict[str, Path], tmp_path: Path,
+) -> None:
+    """STOW-RS reads an upload's UIDs before its ingest: that read is bounded too."""
+    with webpeer.running_web_server(tmp_path) as server:
+        stow = webpeer.session(server, "rad")
+        url = webpeer.base_url(server) + "/dicom-web/studies"
+
+        def post(paths: list[Path]) -> tuple[int, list[int]]:
+            body, content_type = webpeer.multipart_body(paths)
+            answer = stow.post(url, data=body, headers={"Content-Type": content_type,
+                                                        "Accept": "application/dicom+json"})
+            failed = answer.json().get("00081198", {}).get("Value", [])
+            return answer.status_code, [item["00081197"]["Value"][0] for item in failed]
+
+        before = deflated_instances(tmp_path / "before", seed=68)
+        assert post([i.path for i in before]) == (200, [])
+        baseline = peak_memory(server.pid)
+
+        after = deflated_instances(tmp_path / "after", seed=69)
+        status, failures = post([bombs["pixels"], bombs["private"], bombs["items"],
+                                 *(i.path for i in after)])
+        growth = peak_memory(server.pid) - baseline
+        assert growth < MAX_GROWTH, f"serve grew by {growth >> 20} MB"
+        assert (status, failures) == (202, [OUT_OF_RESOURCES, OUT_OF_RESOURCES,
+                                            CANNOT_UNDERSTAND])
+        assert_stored_exactly(server.home, before + after)
+        assert server.echo().ok
 
 
 def import_peak_memory(home: Path, *paths: Path) -> tuple[int, str, int]:

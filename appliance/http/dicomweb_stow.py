@@ -13,7 +13,8 @@ The answer is the PS3.18 Store Instances Response (application/dicom+json):
 ReferencedSOPSequence for the stored instances (with their RetrieveURL),
 FailedSOPSequence with a FailureReason for the others; 200 when all were
 stored, 202 when some failed, 409 when none could be. Failure reasons:
-0xC000 cannot be understood, 0xA700 out of resources, 0xA900 the data set
+0xC000 cannot be understood, 0xA700 out of resources (the disk, or a deflated
+data set inflating beyond store.max_inflated_mb), 0xA900 the data set
 does not belong to the study of the URL (POST /studies/{study}). Duplicates are
 success (idempotent). A request that is not multipart/related;
 type="application/dicom" is 415; a body that is not valid multipart is 400.
@@ -32,13 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
-from pydicom import dcmread
 
 from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.metrics import RECEIVED_BYTES
-from appliance.base.uids import is_valid_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
+from appliance.services.dicom_header import read_header
 from appliance.services.ingest import IngestService
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 NOT_THIS_STUDY = 0xA900
-_REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES}
+_REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES, Rejection.INFLATE_LIMIT: OUT_OF_RESOURCES}
 HEAD_BYTES = 64 << 10  # of a part, kept in memory to find the end of its File Meta
 
 
@@ -175,7 +175,8 @@ async def _ingest(request: web.Request, spool: SpoolFile, target: str,
     """Make the spooled instance durable (the spool is consumed either way)."""
     services = common.services(request)
     RECEIVED_BYTES.labels("dicomweb").inc(spool.size)
-    sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool)
+    sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool,
+                                                        services.ingest.max_inflated)
     if target and study != target:
         await asyncio.to_thread(spool.discard)
         outcome.failed.append((sop_class, sop_uid, NOT_THIS_STUDY))
@@ -196,19 +197,17 @@ async def _ingest(request: web.Request, spool: SpoolFile, target: str,
 _SOURCE = "DICOMWEB"
 
 
-def _identity(spool: SpoolFile) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file, "" if unreadable;
-    only valid UIDs are kept (they go back into the answer). pydicom raises many types
-    for a damaged upload (an unknown VR, a deflated stream cut short): all mean
-    unreadable here, and the ingest that follows says why it refuses the file."""
+def _identity(spool: SpoolFile, max_inflated: int) -> tuple[str, str, str]:
+    """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file, all "" when its
+    header cannot be read or lacks valid UIDs (the ingest that follows says why it
+    refuses the file). Read as ingest reads it: a deflated data set is inflated in
+    bounded chunks and refused past `max_inflated`, where pydicom's dcmread would
+    inflate a deflate bomb whole, in memory."""
     try:
-        ds = dcmread(spool.path, stop_before_pixels=True,
-                     specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        values = [str(ds.get(k, "") or "") for k in
-                  ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
-    except Exception:
+        header = read_header(spool.name, max_inflated=max_inflated, fd=spool.read_fd)
+    except RejectedInstance:
         return "", "", ""
-    return tuple(v if is_valid_uid(v) else "" for v in values)  # type: ignore[return-value]
+    return header.sop_class_uid, header.sop_uid, header.study_uid
 
 
 async def _audit(request: web.Request, outcome: _Outcome) -> None:
