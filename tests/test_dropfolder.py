@@ -29,7 +29,12 @@ from appliance.base.errors import InvalidInstance, UnsafePath
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
-from appliance.dropfolder.sources import ZipSource, read_media_index, sanitise_member_name
+from appliance.dropfolder.sources import (
+    MAX_DICOMDIR_BYTES,
+    ZipSource,
+    read_media_index,
+    sanitise_member_name,
+)
 from appliance.dropfolder.stability import StabilityTracker
 
 STABLE_SECONDS = 0.5
@@ -409,6 +414,24 @@ def test_a_damaged_dicomdir_is_refused_and_a_damaged_record_is_invalid(tmp_path:
     media = read_media_index(cd / "DICOMDIR", cd)
     assert media.invalid == 1
     assert sorted(media.files) == sorted(g.path for g in study[1:])
+
+
+def test_a_dicomdir_pydicom_would_read_without_bound_is_refused_unread(tmp_path: Path) -> None:
+    """pydicom reads a DICOMDIR whole into memory, and inflates a deflated one whole: a
+    deflate bomb named DICOMDIR (0.4 MB inflating to 400 MB), and a DICOMDIR larger than
+    any media set's, are refused before it reads them."""
+    cd = tmp_path / "cd"
+    make_cd(cd, dicomgen.make_study(tmp_path / "src", seed=20))
+    bomb = dicomgen.make_deflate_bomb(tmp_path, bulk="private", inflated_bytes=400 << 20)
+    shutil.copy(bomb, cd / "DICOMDIR")
+    with pytest.raises(InvalidInstance, match="not in Explicit VR Little Endian"):
+        read_media_index(cd / "DICOMDIR", cd)
+    dvd = tmp_path / "dvd"
+    make_cd(dvd, dicomgen.make_study(tmp_path / "src2", seed=21))
+    with (dvd / "DICOMDIR").open("r+b") as fh:
+        fh.truncate(MAX_DICOMDIR_BYTES + 1)
+    with pytest.raises(InvalidInstance, match="larger than 64 MB"):
+        read_media_index(dvd / "DICOMDIR", dvd)
 
 
 # --- symlinks and archive names: nothing outside the drop folder is touched -----------

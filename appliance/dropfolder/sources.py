@@ -40,19 +40,25 @@ import zlib
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.filereader import read_preamble
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian
 
+from appliance.base import compat
 from appliance.base.durable import is_no_space
 from appliance.base.errors import InvalidInstance, OutOfSpace, UnsafePath
+from appliance.base.uids import normalise_uid
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root, is_ignored
 
 DICOMDIR_NAMES = ("DICOMDIR", "dicomdir")
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
+# A DICOMDIR is read whole into memory; a DVD's, indexing some 10,000 files, is a few MB.
+MAX_DICOMDIR_BYTES = 64 << 20
 MAX_ZIP_MEMBERS = 100_000
 MAX_ZIP_MEMBER_BYTES = 16 << 30
 MAX_ZIP_TOTAL_BYTES = 256 << 30
@@ -138,6 +144,21 @@ class MediaIndex:
     invalid: int  # references that would leave the media folder (.., a symlink) or are malformed
 
 
+def _check_dicomdir(fh: BinaryIO) -> None:
+    """Refuse what pydicom's dcmread would read whole into memory without bound: a
+    DICOMDIR larger than MAX_DICOMDIR_BYTES, or one in another transfer syntax than
+    Explicit VR Little Endian, which PS3.10 requires of it (a deflated one could inflate
+    to any size). Leaves `fh` at its start."""
+    if os.fstat(fh.fileno()).st_size > MAX_DICOMDIR_BYTES:
+        raise InvalidInstance(f"DICOMDIR is larger than {MAX_DICOMDIR_BYTES >> 20} MB")
+    read_preamble(fh, force=False)
+    syntax = normalise_uid(compat.read_file_meta(fh).get("TransferSyntaxUID", ""))
+    if syntax != ExplicitVRLittleEndian:
+        raise InvalidInstance("DICOMDIR is not in Explicit VR Little Endian, as PS3.10"
+                              " requires")
+    fh.seek(0)
+
+
 def read_media_index(dicomdir: Path, root: Path) -> MediaIndex:
     """The files a DICOMDIR's records reference, resolved below its folder.
 
@@ -148,10 +169,11 @@ def read_media_index(dicomdir: Path, root: Path) -> MediaIndex:
     """
     try:
         with confine.open_file(root, dicomdir) as fh:
+            _check_dicomdir(fh)
             ds = pydicom.dcmread(fh, force=False)
         file_ids: list[Any] = [record.get("ReferencedFileID")
                                for record in ds.DirectoryRecordSequence]
-    except UnsafePath:
+    except (UnsafePath, InvalidInstance):
         raise
     except OSError as exc:
         if exc.errno is not None:  # the disk's; pydicom's own (a cut-off file) have none
