@@ -125,6 +125,16 @@ async def test_a_missing_asset_is_404_not_the_index_page(served: str) -> None:
     assert answer.body != INDEX
 
 
+async def test_a_name_too_long_for_the_file_system_is_a_route_or_a_missing_asset(
+        served: str) -> None:
+    """Path.is_file raises ENAMETOOLONG for a 300-character name (a 500 before): it is
+    answered like any other name that is not a file."""
+    route = await curl(served + "/" + "a" * 300)
+    assert (route.status, route.body) == (200, INDEX)
+    asset = await curl(served + "/assets/" + "a" * 300 + ".js")
+    assert asset.status == 404
+
+
 async def test_unknown_dicomweb_paths_are_404_not_the_index_page(served: str) -> None:
     for path in ("/dicom-web", "/dicom-web/nothing-here"):
         answer = await curl(served + path)

@@ -198,7 +198,7 @@ class _Viewer:
         target = _confine(root, tail)
         if target is None:
             raise web.HTTPNotFound()
-        if target.is_file():
+        if _is_file(target):
             return _file(target)
         if PurePosixPath(tail).suffix:
             # A missing asset is a 404: an index.html in its place would be run as code.
@@ -221,6 +221,15 @@ def _confine(root: Path, tail: str) -> Path | None:
     if target != root and not target.is_relative_to(root):
         return None
     return target
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but False where a name cannot be a file here at all (a component
+    longer than the file system allows: ENAMETOOLONG), where Path.is_file raises."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _file(path: Path) -> web.FileResponse:
