@@ -66,14 +66,18 @@ async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection
     # wait for them (Writer.commit_blocking), one at a time under the Writer's lock.
     conn = await aiosqlite.connect(uri, uri=True, isolation_level=None,
                                    check_same_thread=readonly)
-    conn.row_factory = aiosqlite.Row
-    for name, func in SCHEMA_FUNCTIONS.items():
-        await conn.create_function(name, 1, func, deterministic=True)
-    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    await conn.execute("PRAGMA foreign_keys = ON")
-    if not readonly:
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = FULL")
+    try:
+        conn.row_factory = aiosqlite.Row
+        for name, func in SCHEMA_FUNCTIONS.items():
+            await conn.create_function(name, 1, func, deterministic=True)
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        await conn.close()  # its thread would otherwise keep the process from exiting
+        raise
     return conn
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 
+from appliance.base.errors import IndexUnavailable
 from appliance.store import database, hierarchy, tiering
 from appliance.store.instance_header import InstanceHeader
 
@@ -80,10 +81,27 @@ class Index:
         self._thread_readers: _ThreadReaders | None = None
 
     async def open(self) -> None:
+        """Connect and migrate. IndexUnavailable when SQLite cannot open the file as an
+        index (damaged, not a database); whatever was opened is closed again, so a
+        failed open leaves no connection thread behind to keep the process alive."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer_conn = await database.connect(self.path)
-        await database.migrate(self._writer_conn)
-        self._reader = await database.connect(self.path)
+        try:
+            self._writer_conn = await database.connect(self.path)
+            await database.migrate(self._writer_conn)
+            self._reader = await database.connect(self.path)
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, unopenable, no space
+                raise IndexUnavailable(f"the index {self.path} cannot be opened: {exc}",
+                                       hint="check the data home's disk and permissions"
+                                       ) from exc
+            if isinstance(exc, sqlite3.DatabaseError):  # not a database, malformed
+                raise IndexUnavailable(
+                    f"the index {self.path} is damaged: {exc}",
+                    hint="stop serve and sync and keep a copy of the file; `pacs-edge"
+                    " restore` rebuilds an index from the cloud copies (docs/operator-guide.md,"
+                    " \"Restore a lost box\")") from exc
+            raise
         self.writer = database.Writer(self._writer_conn, window_ms=self._window)
         self.writer.start()
         self._thread_readers = _ThreadReaders(self.path)
