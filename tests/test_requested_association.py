@@ -32,7 +32,24 @@ def test_a_requested_association_turns_nagle_off(verification_scp: int) -> None:
     config = DicomConfig(acse_timeout=5, dimse_timeout=5, network_timeout=5)
     peer = Peer("remote", "REMOTE", "127.0.0.1", verification_scp, frozenset({"find"}))
     with requested_association(config, peer, [(Verification, None)], tls_client=None,
-                               refused=lambda assoc: RuntimeError("refused")) as assoc:
+                               refused=lambda assoc, why: RuntimeError("refused")) as assoc:
         sock = assoc.dul.socket.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert assoc.send_c_echo().Status == 0x0000
+
+
+def test_a_host_that_cannot_be_resolved_is_a_refusal_not_an_os_error() -> None:
+    """pynetdicom resolves the peer's host before it connects: an unknown name raised
+    socket.gaierror through migration and prefetch."""
+    peer = Peer("remote", "REMOTE", "nosuchhost.invalid", 104, frozenset({"find"}))
+    seen: list[tuple[object, str]] = []
+
+    def refused(assoc: object, unreachable: str) -> Exception:
+        seen.append((assoc, unreachable))
+        return RuntimeError(unreachable)
+
+    with pytest.raises(RuntimeError, match=r"host 'nosuchhost\.invalid' not found"), \
+            requested_association(DicomConfig(), peer, [(Verification, None)],
+                                  tls_client=None, refused=refused):
+        pytest.fail("an association to an unknown host was established")
+    assert [assoc for assoc, _ in seen] == [None]

@@ -146,12 +146,13 @@ class LegacyPeer:
             tls_client=self.tls_client if self.peer.tls else None, refused=self._refused,
             roles=roles, handlers=handlers)
 
-    def _refused(self, assoc: Any) -> LegacyPeerError:
-        why = "rejected" if assoc.is_rejected else "did not answer or aborted"
+    def _refused(self, assoc: Any, unreachable: str) -> LegacyPeerError:
+        why = (f"cannot be reached: {unreachable}" if unreachable
+               else "rejected the association" if assoc.is_rejected
+               else "did not answer or aborted the association")
         return LegacyPeerError(
             MigrationFailure.UNREACHABLE,
-            f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}"
-            " the association",
+            f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}",
             hint=f"check that it runs and knows this box's AE title {self.config.ae_title!r}"
                  " as a calling AE")
 

@@ -187,11 +187,12 @@ class RemoteArchive:
             self.config, self.peer, [(context, None)],
             tls_client=self.tls_client if self.peer.tls else None, refused=self._refused)
 
-    def _refused(self, assoc: Any) -> RemoteArchiveError:
+    def _refused(self, assoc: Any, unreachable: str) -> RemoteArchiveError:
+        why = (f"cannot be reached: {unreachable}" if unreachable
+               else "refused or did not answer the association")
         return RemoteArchiveError(
             PrefetchFailure.REMOTE_UNREACHABLE,
-            f"remote archive {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
-            " refused or did not answer the association",
+            f"remote archive {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}",
             hint="check that it runs and knows this box's AE title")
 
 

@@ -23,11 +23,12 @@ Requested = tuple[Any, Sequence[str] | None]
 @contextmanager
 def requested_association(
     config: DicomConfig, peer: Peer, requested: Sequence[Requested], *,
-    tls_client: ssl.SSLContext | None, refused: Callable[[Any], Exception],
+    tls_client: ssl.SSLContext | None, refused: Callable[[Any, str], Exception],
     roles: Sequence[Any] = (), handlers: Sequence[tuple[Any, Any]] = (),
 ) -> Iterator[Any]:
     """An established association to `peer` (over TLS with `tls_client` when given);
-    raises `refused(assoc)` when it was rejected, aborted or not answered."""
+    raises `refused(assoc, "")` when it was rejected, aborted or not answered, and
+    `refused(None, why)` when the peer's host cannot be resolved at all."""
     ae = AE(ae_title=config.ae_title)
     ae.acse_timeout = config.acse_timeout
     ae.dimse_timeout = config.dimse_timeout
@@ -40,12 +41,17 @@ def requested_association(
         else:
             ae.add_requested_context(abstract, list(syntaxes))
     compat.close_requestor_reactor_race()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=config.max_pdu,
-                         tls_args=(tls_client, None) if tls_client is not None else None,
-                         ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                             max_pdu=config.max_pdu,
+                             tls_args=(tls_client, None) if tls_client is not None else None,
+                             ext_neg=list(roles) or None, evt_handlers=list(handlers) or None)
+    except OSError as exc:  # pynetdicom resolves the host first: gaierror for an unknown name
+        ae.shutdown()
+        raise refused(None, f"host {peer.host!r} not found ({exc.strerror or exc})") from exc
     if not assoc.is_established:
         ae.shutdown()
-        raise refused(assoc)
+        raise refused(assoc, "")
     set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
     try:
         yield assoc
