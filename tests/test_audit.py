@@ -314,6 +314,20 @@ def test_retrieve_audit_of_a_damaged_index_raises_index_unavailable(tmp_path: Pa
     assert caught.value.hint
 
 
+def test_a_command_whose_audit_record_cannot_be_written_fails(edge_home: Path) -> None:
+    """A complete but unreadable last line (not a torn append) stops the chain; the
+    command's record cannot be written, and the command says so instead of exiting 0."""
+    log = edge_home / "audit" / "audit.log"
+    log.write_bytes(log.read_bytes() + b"\xff\xfe not a record\n")
+    result = run_pacs_edge("peers", "add", "ws9", "--home", str(edge_home), "--ae-title", "WS9",
+                           "--host", "127.0.0.1", "--port", "104", "--allow", "find",
+                           check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "1 audit record(s) of this command could not be written" in result.stderr
+    assert "the last audit record cannot be read" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_export_selects_by_event_time(edge_home: Path) -> None:
     now = dt.datetime.now(dt.UTC)
     before = run_pacs_edge("audit", "export", "--until", (now - dt.timedelta(days=1)).isoformat(),

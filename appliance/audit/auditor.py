@@ -225,6 +225,7 @@ class Auditor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped = 0
+        self._last_error = ""  # why the last flush failed (no record content)
         self._application = False
         self.forwarder: SyslogForwarder | None = None
 
@@ -294,8 +295,18 @@ class Auditor:
     def __enter__(self) -> Auditor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Close; then, unless the block is already failing, AuditLogError when records
+        could not be written: a short-lived process (a CLI command) would otherwise exit
+        successfully with them lost."""
         self.close()
+        with self._lock:
+            unwritten = len(self._pending) + self._dropped
+        if unwritten and exc_type is None:
+            raise AuditLogError(
+                f"{unwritten} audit record(s) of this command could not be written"
+                f" ({self._last_error}); they are lost",
+                hint="run `pacs-edge audit verify` and keep the audit log as evidence")
 
     # --- events: the application and its operators ------------------------------------
 
@@ -722,6 +733,7 @@ class Auditor:
                 self.log.append(pending)
             except AuditLogError as exc:
                 with self._lock:
+                    self._last_error = exc.message
                     self._pending[:0] = pending
                     excess = len(self._pending) - MAX_PENDING
                     if excess > 0:
