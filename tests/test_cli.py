@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import dcmtk
 import dicomgen
-from conftest import EdgeServer, run_pacs_edge
+import pytest
+from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+
+from appliance.cli.common import expected_errors
 
 
 def test_init_twice_changes_nothing_and_says_so(tmp_path: Path) -> None:
@@ -161,3 +166,99 @@ def test_init_sets_the_cloud_url_and_refuses_a_bad_one(tmp_path: Path) -> None:
     bad = run_pacs_edge("init", "--home", str(tmp_path / "b"), "--cloud", "ftp://x", check=False)
     assert bad.returncode == 2 and "cloud.url" in bad.stderr
     assert not (tmp_path / "b").exists()
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], *wanted: str) -> str:
+    """Exit 2 and, on stderr, one `error:` line (and at most a `hint:` line); returns it."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert lines and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint: ")), (
+        result.stderr)
+    for text in wanted:
+        assert text in lines[0], result.stderr
+    return lines[0]
+
+
+def test_a_file_where_a_folder_should_be_is_one_error_line(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder\n")
+    ports = ("--dicom-port", "0", "--tls-port", "0", "--hl7-port", "0", "--http-port", "0",
+             "--metrics-port", "0")
+    env = {**os.environ, "PACS_EDGE_HOME": str(blocker)}
+    from_env = subprocess.run([*pacs_edge_command(), "init", *ports], env=env, text=True,
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+    _one_error_line(from_env, "Not a directory", str(blocker))
+    _one_error_line(run_pacs_edge("init", "--home", str(blocker / "sub"), *ports,
+                                  check=False), "Not a directory", f"{blocker}/sub")
+    _one_error_line(run_pacs_edge("reader", "init", "--home", str(blocker / "sub"), "--cloud",
+                                  f"file://{tmp_path / 'cloud'}", check=False),
+                    "Not a directory", str(blocker))
+    _one_error_line(run_pacs_edge("certs", "issue", "ws1", "--home", str(edge_home), "--out",
+                                  str(blocker / "sub"), check=False),
+                    "Not a directory", str(blocker))
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    passphrase.chmod(0o600)
+    _one_error_line(run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out",
+                                  str(tmp_path / "nodir" / "escrow.bin"), "--passphrase-file",
+                                  str(passphrase), check=False),
+                    "No such file or directory", str(tmp_path / "nodir"))
+
+
+def test_store_and_index_paths_that_cannot_be_used_are_one_error_line(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    study = dicomgen.make_study(tmp_path / "in", seed=51, series_per_study=1,
+                                 instances_per_series=1)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder\n")
+    server = EdgeServer(edge_home)
+    server.configure(store={"path": blocker})
+    _one_error_line(run_pacs_edge("import", "--home", str(edge_home), str(study[0].path),
+                                  check=False), "Not a directory", str(blocker))
+    server.configure(store={"path": "store"}, index={"path": blocker / "index.sqlite3"})
+    _one_error_line(run_pacs_edge("status", "--home", str(edge_home), check=False),
+                    str(blocker))
+    server.configure(index={"path": "index.sqlite3"})
+    (edge_home / "index.sqlite3").mkdir()
+    _one_error_line(run_pacs_edge("status", "--home", str(edge_home), check=False),
+                    str(edge_home / "index.sqlite3"))
+
+
+@pytest.mark.parametrize("exc", [
+    OSError("an OSError without errno"),
+    OSError(errno.EBADF, "Bad file descriptor", "x"),
+    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+    ValueError("a bug"),
+], ids=["no-errno", "ebadf", "no-filename", "not-oserror"])
+def test_an_oserror_that_is_a_bug_still_surfaces(exc: Exception) -> None:
+    @expected_errors
+    def command() -> None:
+        raise exc
+
+    with pytest.raises(type(exc)):
+        command()
+
+
+def test_import_rejects_pipes_and_symlink_loops_and_goes_on(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    study = dicomgen.make_study(folder / "study", seed=53)
+    os.mkfifo(folder / "pipe.dcm")
+    (folder / "loop.dcm").symlink_to("loop.dcm")
+    # Without the type check, opening the pipe blocks until a writer comes: a hang.
+    result = run_pacs_edge("import", "--home", str(edge_home), str(folder), check=False,
+                           timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"stored {len(study)}" in result.stdout and "rejected 2" in result.stdout
+    assert "pipe.dcm: not a regular file (named pipe)" in result.stderr
+    assert "loop.dcm: symbolic link loop" in result.stderr
+    assert "Traceback" not in result.stderr
+    named = run_pacs_edge("import", "--home", str(edge_home), str(folder / "pipe.dcm"),
+                          check=False, timeout=60)
+    assert named.returncode == 1 and "rejected 1" in named.stdout
+    assert "pipe.dcm: not a regular file (named pipe)" in named.stderr

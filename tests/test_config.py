@@ -108,3 +108,21 @@ def test_config_check_passes_on_a_fresh_home_and_names_every_bad_file(tmp_path: 
     assert f"error  cloud: blob store open '{credentials}'" in bad.stderr
     assert f"chmod 600 {credentials}" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_config_that_is_not_utf8_is_one_error_line_in_every_command(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0", "--metrics-port", "0")
+    with (home / "pacs-edge.toml").open("ab") as fh:
+        fh.write(b"# \xff\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(home)
+    assert "not UTF-8" in caught.value.message and "pacs-edge.toml" in caught.value.message
+    for command in (("config", "check"), ("serve",), ("status",), ("peers", "list")):
+        result = run_pacs_edge(*command, "--home", str(home), check=False, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert len(lines) == 2 and lines[1].startswith("hint: "), result.stderr
+        assert lines[0].startswith("error: ") and "pacs-edge.toml" in lines[0], result.stderr
+        assert "is not UTF-8" in lines[0], result.stderr

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from conftest import run_pacs_edge
 
-from appliance.base.errors import NotAuthorized, PeerError
+from appliance.base.errors import ConfigError, NotAuthorized, PeerError
 from appliance.services.peers import (
     PEERS_HEADER,
     Allowlist,
@@ -136,3 +138,39 @@ def test_hl7_sender_is_found_by_host_and_only_with_permission_hl7(tmp_path: Path
     assert sender is not None and sender.name == "ris"
     assert allowlist.hl7_sender("127.0.0.3") is None  # a DICOM peer may not send HL7
     assert allowlist.hl7_sender("127.0.0.2") is None
+
+
+def _break(path: Path, how: str) -> None:
+    if how == "not-utf8":
+        path.write_bytes(PEERS_HEADER.encode() + b"# caf\xe9\n")
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.unlink()
+        os.mkfifo(path)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how, why", [("not-utf8", "is not UTF-8"), ("folder", "<a folder>"),
+                                      ("fifo", "<not a regular file>")])
+def test_unreadable_peers_file_is_one_error_naming_it(tmp_path: Path, how: str,
+                                                      why: str) -> None:
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0", "--metrics-port", "0")
+    _break(home / "peers.toml", how)
+    # A FIFO would block the read: the timeouts turn a hang into a failure.
+    listed = run_pacs_edge("peers", "list", "--home", str(home), check=False, timeout=60)
+    lines = listed.stderr.strip().splitlines()
+    assert listed.returncode == 2, listed.stdout + listed.stderr
+    assert len(lines) == 2 and lines[1].startswith("hint: "), listed.stderr
+    assert lines[0].startswith("error: ") and "peers.toml" in lines[0] and why in lines[0]
+    checked = run_pacs_edge("config", "check", "--home", str(home), check=False, timeout=60)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "Traceback" not in checked.stderr
+    assert any(line.startswith("error  peer allowlist: ") and "peers.toml" in line
+               and why in line for line in checked.stderr.splitlines()), checked.stderr
+    with pytest.raises(ConfigError) as caught:
+        Allowlist(home / "peers.toml").peers()
+    assert "peers.toml" in caught.value.message and why in caught.value.message

@@ -382,9 +382,20 @@ def load_config(home: Path) -> Config:
         )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
     return config_from_mapping(home, raw, source=str(path))
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:
+    """The error for a TOML file that is not UTF-8: the bad byte and its offset, never
+    the text around it (it may hold anything)."""
+    error = ConfigError(str(path), "<file>", f"UTF-8 text (byte 0x{exc.object[exc.start]:02x}"
+                        f" at offset {exc.start} is not UTF-8)")
+    error.hint = f"save {path.name} as UTF-8 text and run `pacs-edge config check`"
+    return error
 
 
 def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") -> Config:

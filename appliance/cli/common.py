@@ -3,6 +3,8 @@ audit record of an operator's change."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -18,11 +20,35 @@ from appliance.base.errors import PacsEdgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# OSErrors about a path the operator named or the data home holds: an expected failure
+# (a file where a folder should be, a missing folder, a full disk), reported as one line.
+# Any other OSError (EBADF, EINVAL, one without errno or file name) is a bug and surfaces.
+_PATH_ERRNOS = frozenset({
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
+    errno.ELOOP, errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
+    errno.ENXIO, errno.ETXTBSY, errno.EMLINK, errno.ENOTEMPTY,
+})
+_PATH_HINTS = {
+    errno.ENOENT: "check that the path and the folders above it exist",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "the path is a folder; a file was expected",
+    errno.EACCES: "check the permissions of the path and its folders",
+    errno.EPERM: "check the permissions of the path and its folders",
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (the disk quota is exhausted)",
+    errno.ELOOP: "a symbolic link in the path points back at itself",
+}
+
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
 def expected_errors(func: F) -> F:
+    """Expected failures as one `error:` line, maybe a `hint:` line, and exit code 2:
+    a PacsEdgeError; an OSError about a path (a file where a folder should be, a missing
+    folder, a full disk: see _PATH_ERRNOS), as `<strerror>: <filename>`. Anything else
+    is a bug and keeps its traceback."""
+
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -33,8 +59,35 @@ def expected_errors(func: F) -> F:
             if exc.hint:
                 err.print(f"hint: {exc.hint}", highlight=False, markup=False)
             sys.exit(2)
+        except OSError as exc:
+            if not _is_path_error(exc):
+                raise
+            err.print(f"[red]error:[/red] {escape(_path_error_message(exc))}", highlight=False)
+            if exc.errno in _PATH_HINTS:
+                err.print(f"hint: {_PATH_HINTS[exc.errno]}", highlight=False, markup=False)
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_path_error(exc: OSError) -> bool:
+    """An OSError about a named path that the operator can fix (see _PATH_ERRNOS)."""
+    return exc.errno in _PATH_ERRNOS and exc.filename is not None
+
+
+def _path_error_message(exc: OSError) -> str:
+    """`<strerror>: <filename>` (`-> <filename2>` for a rename or link)."""
+    reason = exc.strerror or os.strerror(exc.errno or 0)
+    where = _name(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {_name(exc.filename2)}"
+    return f"{reason}: {where}"
+
+
+def _name(filename: object) -> str:
+    if isinstance(filename, str | bytes | os.PathLike):
+        return os.fsdecode(filename)
+    return str(filename)
 
 
 home_option = click.option(

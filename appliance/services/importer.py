@@ -1,15 +1,36 @@
-"""`pacs-edge import`: ingest files and folders through the same durable path as C-STORE."""
+"""`pacs-edge import`: ingest files and folders through the same durable path as C-STORE.
+
+Only regular files are read. A named pipe, socket or device met in a folder or named on
+the command line is rejected without being opened (opening a FIFO blocks until a writer
+comes); a symbolic link is followed, and one that loops or dangles is rejected. Each
+rejected path is reported with its reason and the rest of the import goes on.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.base.errors import PacsEdgeError, RejectedInstance
 from appliance.services.ingest import IngestService
 from appliance.store.index import RecordOutcome
+
+# Reasons for an input that cannot be opened as a regular file, by errno.
+_OPEN_REASONS = {
+    errno.ENOENT: "file not found",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "is a directory",
+    errno.ELOOP: "symbolic link loop (too many levels of symbolic links)",
+}
+_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "named pipe"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"))
 
 
 @dataclass
@@ -21,8 +42,17 @@ class ImportSummary:
     rejected: list[tuple[Path, str]] = field(default_factory=list)
 
 
+class _NotImportable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
-    """Files named directly, and every file under named folders (sorted, recursive)."""
+    """Files named directly, and every file under named folders (sorted, recursive).
+
+    Every non-folder entry is yielded, whatever its type (`import_files` rejects what is
+    not a regular file); symbolic links to folders are not descended into."""
     for path in paths:
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
@@ -31,6 +61,39 @@ def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
                     yield Path(dirpath) / name
         else:
             yield path
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "unknown file type")
+    return kind if kind == "is a directory" else f"not a regular file ({kind})"
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` open for reading, if it is a regular file (through symlinks); else
+    _NotImportable with the reason. The type is checked before opening, so a FIFO is never
+    opened, and again on the open file (O_NONBLOCK: a FIFO swapped in between cannot
+    block the open), so what is read is the file that was checked."""
+    try:
+        reason = _not_regular(os.stat(path).st_mode)
+        if reason is not None:
+            raise _NotImportable(reason)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise _NotImportable(_OPEN_REASONS.get(exc.errno) or (exc.strerror or "").lower()
+                             or os.strerror(exc.errno)) from exc
+    try:
+        reason = _not_regular(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise _NotImportable(reason)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 async def import_files(
@@ -42,7 +105,11 @@ async def import_files(
     summary = ImportSummary()
     for path in files:
         try:
-            result = await ingest.ingest_file(path, source_ae="import")
+            with _open_regular(path) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                result = await ingest.ingest_file(fh, source_ae="import")
+        except _NotImportable as exc:
+            summary.rejected.append((path, exc.reason))
         except RejectedInstance as exc:
             summary.rejected.append((path, exc.reason))
         except FileNotFoundError:
@@ -58,7 +125,7 @@ async def import_files(
                 summary.duplicates += 1
             else:
                 summary.stored += 1
-                summary.bytes += path.stat().st_size
+                summary.bytes += size
                 if result.outcome is RecordOutcome.NEW_VERSION:
                     summary.new_versions += 1
         on_progress(path)

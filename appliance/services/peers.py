@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pathlib import Path
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
+from appliance.base.config import not_utf8
 from appliance.base.durable import atomic_write
 from appliance.base.errors import ConfigError, NotAuthorized, PeerError
 
@@ -227,7 +229,7 @@ class Allowlist:
         if not self.path.exists():
             return tomlkit.parse(PEERS_HEADER)
         try:
-            return tomlkit.parse(self.path.read_text(encoding="utf-8"))
+            return tomlkit.parse(_read(self.path))
         except TOMLKitError as exc:
             raise ConfigError(str(self.path), "<file>", f"valid TOML ({exc})") from exc
 
@@ -239,9 +241,26 @@ class Allowlist:
         return (st.st_mtime_ns, st.st_size)
 
 
+def _read(path: Path) -> str:
+    """The text of peers.toml; ConfigError naming the file when it is a folder, a pipe or
+    another file that is not a regular one (never opened: a FIFO would block), or not
+    UTF-8 text."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        error = ConfigError(str(path), f"<{what}>", "a TOML text file (the peer allowlist)")
+        error.hint = (f"move {path} away (without it no peer is admitted) and add peers"
+                      " with `pacs-edge peers add`")
+        raise error
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
+
+
 def _load(path: Path) -> dict[str, Peer]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(_read(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
     peers: dict[str, Peer] = {}

@@ -62,6 +62,10 @@ SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold}
 
 async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+    # Opened once here first: when aiosqlite's own open fails, it queues its thread's stop
+    # without awaiting it, and the thread later reports "Event loop is closed" with a
+    # traceback after the caller's error; a plain open fails the same way and cleanly.
+    sqlite3.connect(uri, uri=True).close()
     # check_same_thread off: the writer's group commits also run in the threads that
     # wait for them (Writer.commit_blocking), one at a time under the Writer's lock.
     conn = await aiosqlite.connect(uri, uri=True, isolation_level=None,
