@@ -160,6 +160,27 @@ def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: Edg
     assert edge_server.echo(aet="BOUNDWS").ok
 
 
+def test_an_unreadable_allowlist_admits_no_peer_says_so_once_and_heals(
+        edge_server: EdgeServer) -> None:
+    """A typo in a hand-edited peers.toml: serve rejects every association at once (it
+    failed each with a traceback and left the peer waiting for an answer), logs the
+    reason once, `status` warns, and the fixed file is read at the next association."""
+    peers = edge_server.home / "peers.toml"
+    good = peers.read_text()
+    assert edge_server.echo().ok
+    peers.write_text(good + "garbage = = \n")
+    for _ in range(2):
+        refused = dcmtk.echoscu(edge_server.port, host=edge_server.host,
+                                aec=edge_server.ae_title, timeout=20.0)
+        assert not refused.ok and "Association Rejected" in refused.output, refused.output
+    assert edge_server.log().count("peer allowlist cannot be read, admitting no peer") == 1
+    assert "Traceback" not in edge_server.log()
+    status = edge_server.cli("status")
+    assert "the peer allowlist cannot be read, so serve admits no peer" in status.stderr
+    peers.write_text(good)
+    assert edge_server.echo().ok
+
+
 def test_init_sets_the_cloud_url_and_refuses_a_bad_one(tmp_path: Path) -> None:
     run_pacs_edge("init", "--home", str(tmp_path / "a"), "--cloud", "azure://site-a")
     assert 'url = "azure://site-a"' in (tmp_path / "a" / "pacs-edge.toml").read_text()

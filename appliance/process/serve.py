@@ -121,7 +121,7 @@ async def serve(
         spools = SpoolRouter(files)
         spools.install()
         auditor = Auditor.for_home(config, process="serve").start(application=True)
-        allowlist = Allowlist(config.peers_path)
+        allowlist = Allowlist(config.peers_path, fail_closed=True)
         services = Services(
             config=config.dicom,
             allowlist=allowlist,

@@ -76,6 +76,7 @@ class HealthReport:
     audit_forwarding: AuditForwarding | None  # None: no syslog collector configured
     # Issued by this box (`certs issue`) to peers on the allowlist, the first to expire first.
     peer_certificates: list[CertificateExpiry] = field(default_factory=list)
+    allowlist_problem: str = ""  # why peers.toml cannot be read ("" when it can)
     warnings: list[HealthWarning] = field(default_factory=list)
 
     @property
@@ -127,17 +128,19 @@ async def gather(config: Config, index: Index, *,
     synced = await index.sync_summary()
     behind = await backlog(index)
     dropped = await dropfolder() if dropfolder is not None else {}
-    usage, escrow, certificates, forwarding, peers = await asyncio.to_thread(_from_disk, config)
+    usage, escrow, certificates, forwarding, (peers, problem) = await asyncio.to_thread(
+        _from_disk, config)
     report = HealthReport(
         at=time.time(), totals=totals, disk_free_bytes=usage.free,
         disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
-        peer_certificates=peers)
+        peer_certificates=peers, allowlist_problem=problem)
     return replace(report, warnings=warnings(config, report))
 
 
 def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpiry],
-                                          AuditForwarding | None, list[CertificateExpiry]]:
+                                          AuditForwarding | None,
+                                          tuple[list[CertificateExpiry], str]]:
     usage = shutil.disk_usage(config.store.path if config.store.path.exists() else config.home)
     return (usage, escrow_status(config.home), certificates(config), audit_forwarding(config),
             peer_certificates(config))
@@ -160,15 +163,18 @@ def certificates(config: Config) -> list[CertificateExpiry]:
     return found
 
 
-def peer_certificates(config: Config) -> list[CertificateExpiry]:
+def peer_certificates(config: Config) -> tuple[list[CertificateExpiry], str]:
     """Expiry of the certificates this box issued to peers still on the allowlist (a
-    certificate of a removed peer is no one's concern), the first to expire first."""
+    certificate of a removed peer is no one's concern), the first to expire first; and
+    why the allowlist cannot be read, if it cannot (then every issued certificate counts)."""
     try:
         peers: set[str] | None = set(Allowlist(config.peers_path).peers())
-    except PacsEdgeError:
-        peers = None  # an unreadable allowlist: every issued certificate counts
+        problem = ""
+    except PacsEdgeError as exc:
+        peers, problem = None, exc.message
     return [CertificateExpiry(cert.name, cert.not_after)
-            for cert in issued_certificates(config.home) if peers is None or cert.name in peers]
+            for cert in issued_certificates(config.home)
+            if peers is None or cert.name in peers], problem
 
 
 def audit_forwarding(config: Config) -> AuditForwarding | None:
@@ -197,6 +203,10 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
     """The conditions to act on, most urgent first."""
     now = report.at
     found: list[HealthWarning] = []
+    if report.allowlist_problem:
+        found.append(HealthWarning(
+            "allowlist_unreadable", f"the peer allowlist cannot be read, so serve admits no"
+            f" peer until it is fixed: {report.allowlist_problem}"))
     if report.sync.get("studies_at_risk"):
         found.append(HealthWarning(
             "studies_at_risk", f"{report.sync['studies_at_risk']} studies have a damaged cloud"

@@ -6,6 +6,10 @@ file when its modification time or size changes (checked at each new
 association), so edits apply without a restart.
 
 An empty allowlist admits nobody: the box is closed until peers are added.
+So does an unreadable one in a running server (`fail_closed`: a typo in a
+hand-edited peers.toml): it logs the error once per change of the file and
+admits no peer until the file reads again, rather than failing every
+association with a traceback; `pacs-edge status` warns.
 
 Identity at association time (`Peer.refusal`): a peer's AE title is its
 name on the wire, not a credential. What binds it to the device:
@@ -24,6 +28,7 @@ to their protocol's refusal and audit it, so no edge holds its own check.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -39,6 +44,8 @@ from tomlkit.exceptions import TOMLKitError
 from appliance.base.config import not_utf8
 from appliance.base.durable import atomic_write
 from appliance.base.errors import ConfigError, NotAuthorized, PeerError
+
+log = logging.getLogger(__name__)
 
 PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist", "hl7")
 # A sender of HL7 orders (permission hl7) is known by its host alone; it
@@ -149,8 +156,11 @@ def validate_peer(peer: Peer) -> None:
 class Allowlist:
     """Thread-safe view of peers.toml that reloads itself when the file changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fail_closed: bool = False) -> None:
+        """`fail_closed` (a server's): an unreadable file admits no peer (logged);
+        otherwise (a command's) its ConfigError is raised to the caller."""
         self.path = path
+        self._fail_closed = fail_closed
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._peers: dict[str, Peer] = {}
@@ -159,7 +169,14 @@ class Allowlist:
         stamp = self._file_stamp()
         with self._lock:
             if stamp != self._stamp:
-                self._peers = _load(self.path) if stamp is not None else {}
+                try:
+                    self._peers = _load(self.path) if stamp is not None else {}
+                except ConfigError as exc:
+                    if not self._fail_closed:
+                        raise
+                    log.error("peer allowlist cannot be read, admitting no peer until it"
+                              " is fixed: %s", exc.message)
+                    self._peers = {}
                 self._stamp = stamp
             return dict(self._peers)
 
