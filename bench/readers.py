@@ -178,6 +178,7 @@ class RestoreBench:
                  expect=f"replicated {count} study version(s)")
         self.passphrase = self.work / "passphrase"
         self.passphrase.write_text(PASSPHRASE + "\n")
+        self.passphrase.chmod(0o600)  # keys escrow refuses a file others can read
         self.escrow = self.work / "site.escrow"
         run([*pacs_edge(), "keys", "escrow", "--home", str(home), "--out", str(self.escrow),
              "--passphrase-file", str(self.passphrase)])

@@ -130,16 +130,23 @@ def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EscrowError(f"{path}: not a readable escrow file ({exc})",
                           hint="name the file written by `pacs-edge keys escrow`") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting
+        raise EscrowError(f"{path}: not a readable escrow file ({type(exc).__name__})",
+                          hint="name the file written by `pacs-edge keys escrow`") from exc
     try:
         version = document["version"]
-        if document["format"] != FORMAT or version not in SECRET_FILES:
+        if (document["format"] != FORMAT or not _is_int(version)
+                or version not in SECRET_FILES):
             raise EscrowError(f"{path}: not a pacs-edge escrow file of version "
                               f"{' or '.join(map(str, SECRET_FILES))}",
                               hint="name the file written by `pacs-edge keys escrow`; a "
                               "newer pacs-edge may have written it")
         kdf = document["kdf"]
-        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        if kdf["name"] != "scrypt" or not (2 <= n <= _MAX_N and 1 <= r <= 32 and 1 <= p <= 16):
+        n, r, p = kdf["n"], kdf["r"], kdf["p"]
+        # Integers only (not 1e400, 8.5, "8" or true), in range, n a power of two.
+        if kdf["name"] != "scrypt" or not (
+                _is_int(n) and _is_int(r) and _is_int(p) and 2 <= n <= _MAX_N
+                and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
             raise EscrowError(f"{path}: unsupported or oversized key derivation parameters",
                               hint="the file was not written by pacs-edge, or was edited")
         kid = str(document["site_key_id"])
@@ -184,6 +191,10 @@ def recover_escrow(path: Path, home: Path, passphrase: str) -> list[Path]:
         written.append(folder / name)
     record_escrow(home, key_id(secrets[SITE_KEY]), how="recover")
     return written
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # JSON true is a bool, an int to isinstance
 
 
 def _aad(version: int, kid: str) -> bytes:

@@ -44,6 +44,7 @@ def replicated(tmp_path: Path) -> tuple[Path, list[str]]:
 def escrow(home: Path, out: Path) -> None:
     passphrase = out.parent / "passphrase"
     passphrase.write_text(PASSPHRASE + "\n")
+    passphrase.chmod(0o600)  # others may not read it
     run_pacs_edge("keys", "escrow", "--home", str(home), "--out", str(out),
                   "--passphrase-file", str(passphrase))
 

@@ -30,6 +30,7 @@ from appliance.store.index import Index
 T = TypeVar("T")
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 PASSWORD = "correct horse battery staple"
+BASE_URL = "https://pacs.test:8443"
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def with_service(home: Path, action: Callable[[UserService], Awaitable[T]], *,
 
 
 def make_link(home: Path, *args: str, study: str = STUDY) -> str:
-    url = run_pacs_edge("link", study, "--user", "ref1", "--base-url", "https://pacs.test:8443",
+    url = run_pacs_edge("link", study, "--user", "ref1", "--base-url", BASE_URL,
                         "--home", str(home), *args).stdout.strip()
     return url
 
@@ -129,8 +130,8 @@ def test_link_signed_by_another_box_refused(home: Path, tmp_path: Path) -> None:
 
 
 def test_link_lifetime_beyond_the_configured_maximum_refused(home: Path) -> None:
-    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--ttl", "2h", "--home", str(home),
-                         check=False)
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--ttl", "2h", "--base-url",
+                         BASE_URL, "--home", str(home), check=False)
     assert proc.returncode == 2 and "hint:" in proc.stderr and "Traceback" not in proc.stderr
     # Signed with the box's own key but a longer life than the box allows: refused.
     token = launch_links.sign(launch_links.load_link_key(home), user="ref1", study_uid=STUDY,
@@ -147,9 +148,40 @@ def test_link_lifetime_beyond_the_configured_maximum_refused(home: Path) -> None
 ])
 def test_link_command_refuses_bad_arguments_with_a_hint(home: Path,
                                                         args: tuple[str, ...]) -> None:
-    proc = run_pacs_edge(*args, "--home", str(home), check=False)
+    proc = run_pacs_edge(*args, "--base-url", BASE_URL, "--home", str(home), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_link_without_a_web_server_needs_a_base_url(home: Path) -> None:
+    """[http] port = 0 (the test homes'): no https://host:0 link; --base-url is the way."""
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--home", str(home), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the web server is off" in proc.stderr and "--base-url" in proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert STUDY not in (home / "audit" / "audit.log").read_text(encoding="utf-8")  # none signed
+
+
+@pytest.mark.parametrize("base_url", [
+    "javascript:alert(1)", "ftp://x", "ftp://x y", "https://pacs.test:8443 x", "https://",
+    "https://:8443", "//pacs.test", "pacs.test:8443", "https://pacs.test:99999",
+    "https://pacs.test:port", "https://pacs.test/?next=x", "https://pacs.\ttest",
+])
+def test_link_refuses_a_base_url_that_is_not_http_with_a_host(home: Path,
+                                                              base_url: str) -> None:
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--base-url", base_url,
+                         "--home", str(home), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Invalid value for '--base-url'" in proc.stderr, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("base_url", ["http://10.0.0.5:8080", "https://pacs.test:8443/edge/",
+                                      "HTTPS://[::1]:8443"])
+def test_link_accepts_http_and_https_base_urls(home: Path, base_url: str) -> None:
+    url = run_pacs_edge("link", STUDY, "--user", "ref1", "--base-url", base_url,
+                        "--home", str(home)).stdout.strip()
+    assert url.startswith(base_url.rstrip("/") + "/launch?t=v1.")
 
 
 def test_link_of_a_removed_user_refused(home: Path) -> None:
@@ -182,7 +214,8 @@ def test_older_home_gets_a_link_key_on_first_use(home: Path) -> None:
 def test_link_key_others_can_read_is_refused(home: Path) -> None:
     key = home / "secrets" / "link.key"
     key.chmod(0o644)
-    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--home", str(home), check=False)
+    proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--base-url", BASE_URL,
+                         "--home", str(home), check=False)
     assert proc.returncode == 2 and "chmod 600" in proc.stderr and proc.stdout == ""
 
 

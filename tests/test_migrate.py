@@ -251,6 +251,22 @@ def test_peer_without_store_permission_is_refused_with_the_fix(
     assert "--allow find,move,store" in result.stderr
 
 
+def test_run_options_out_of_range_are_refused_before_a_run_is_made(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The run's options go to SQLite INTEGER columns: a huge number is a usage error
+    (exit 2, one line), not an OverflowError traceback."""
+    box = edge_server_factory(start=False)
+    box.add_peer("legacy", "LEGACY", 1, allow="find,move,store")
+    huge = "99999999999999999999"
+    for option, value in (("--rate", huge), ("--query-limit", huge), ("--associations", huge),
+                          ("--rate", "-1"), ("--query-limit", "1"), ("--associations", "0")):
+        result = box.cli("migrate", "start", "--from", "legacy", option, value, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"Invalid value for '{option}'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert "no migration run yet" in box.cli("migrate", "status", check=False).stderr
+
+
 def test_unreachable_archive_is_retried_then_listed_as_failed(
         edge_server_factory: Callable[..., EdgeServer]) -> None:
     box = edge_server_factory(start=False)

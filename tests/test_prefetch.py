@@ -383,6 +383,29 @@ async def test_an_archived_prior_waits_in_rehydrating_until_the_cloud_is_done(
     assert sent_hashes(prior).items() <= stored_hashes(home).items()
 
 
+def test_the_groups_home_reaches_status_and_retry_and_patient_id_goes_alone(
+        tmp_path: Path) -> None:
+    """`prefetch --home H status` reads H (not ./data); --patient-id before a command
+    would be dropped: refused."""
+    home = init_home(tmp_path / "home", default_peer=False)
+    made = run_pacs_edge("prefetch", "--home", str(home), "--patient-id", PATIENT, "--issuer",
+                         ISSUER).stdout
+    assert "prefetch request 1: 0 prior(s)" in made
+    listed = json.loads(run_pacs_edge("prefetch", "--home", str(home), "status",
+                                      "--json").stdout)
+    assert [(r["patient_id"], r["issuer"]) for r in listed] == [(PATIENT, ISSUER)]
+    retried = run_pacs_edge("prefetch", "--home", str(home), "retry").stdout
+    assert "retrying 0 request(s) and 0 prior(s)" in retried
+    for args in (("--patient-id", "OTHER", "status"), ("--issuer", ISSUER, "retry")):
+        proc = run_pacs_edge("prefetch", "--home", str(home), *args, check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "do not go with" in proc.stderr and "Traceback" not in proc.stderr
+    other = run_pacs_edge("prefetch", "--home", str(home), "status", "--home",
+                          str(tmp_path / "other"), check=False)
+    assert other.returncode == 2 and "two different --home" in other.stderr
+    assert len(prefetch_status(home)) == 1
+
+
 async def test_the_nightly_run_requests_tomorrows_orders_once(tmp_path: Path) -> None:
     """From nightly_at on, once a day: a request for every SCHEDULED order of tomorrow
     that has none (the order hook's request counts), with the order's start as needed_at

@@ -259,3 +259,31 @@ def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -
     assert all(path.read_bytes() == b"not the puller's" for path in foreign)
     assert not leftover.exists()
     assert not list(target.rglob("*.pull-part"))
+
+
+def test_pull_checks_the_ae_titles_and_destination_before_downloading(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A bad --calling-ae or --send is a usage error before any download (it was a
+    pynetdicom traceback once the study was pulled)."""
+    cloud = Cloud(f"file://{tmp_path / 'cloud'}")
+    EdgeServer(edge_home).configure(cloud={"url": cloud.url})
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=11, patients=1, series_per_study=1,
+                                 instances_per_series=1)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "sent"))
+    sync_once(edge_home)
+    run_pacs_edge("readers", "add", "home", reader_init(tmp_path / "reader", cloud),
+                  "--home", str(edge_home))
+    target = tmp_path / "Downloads"
+    good = "WORKSTATION@127.0.0.1:1"
+    for option, send, calling_ae in (
+            ("--calling-ae", good, ""), ("--calling-ae", good, "   "),
+            ("--calling-ae", good, "A" * 19), ("--calling-ae", good, "BACK\\SLASH"),
+            ("--calling-ae", good, "PÉREADER"), ("--send", "A" * 17 + "@127.0.0.1:1", "PE"),
+            ("--send", "WS\\1@127.0.0.1:1", "PE"), ("--send", "WSÉ@127.0.0.1:1", "PE"),
+            ("--send", "WORKSTATION@127.0.0.1:0", "PE"), ("--send", "WORKSTATION", "PE")):
+        proc = reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target),
+                      "--send", send, "--calling-ae", calling_ae, check=False)
+        assert proc.returncode == 2, (send, calling_ae, proc.stdout + proc.stderr)
+        assert f"Invalid value for '{option}'" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        assert not target.exists()

@@ -41,6 +41,13 @@ IMAGE_KEYS = ["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNum
 PASSPHRASE = "correct horse battery staple"
 
 
+def passphrase_file(path: Path, text: str) -> Path:
+    """A passphrase file as `keys escrow` and `keys recover` take it: 0600."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def answers(result: dcmtk.FindResult) -> set[frozenset[tuple[str, str]]]:
     """Every response as a set of (attribute, value): comparable across boxes."""
     return {frozenset((e.keyword or str(e.tag), str(e.value)) for e in ds)
@@ -103,8 +110,7 @@ def test_lost_box_is_restored_from_escrow_and_cloud(
     assert len(before["studies"]) == len(studies) and len(before["patients"]) == 4
     assert ("InstanceAvailability", "NEARLINE") in next(iter(before["studies"]))
 
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE + "\n")
     escrow = tmp_path / "offline" / "site.escrow"
     escrow.parent.mkdir()
     old.cli("keys", "escrow", "--out", str(escrow), "--passphrase-file", str(passphrase))
@@ -115,8 +121,7 @@ def test_lost_box_is_restored_from_escrow_and_cloud(
     shutil.rmtree(old.home)  # the box is lost; the cloud and the escrow file are not
 
     new_home = tmp_path / "new-home"
-    wrong = tmp_path / "wrong"
-    wrong.write_text("not the passphrase at all")
+    wrong = passphrase_file(tmp_path / "wrong", "not the passphrase at all")
     refused = run_pacs_edge("keys", "recover", "--home", str(new_home), "--from", str(escrow),
                             "--passphrase-file", str(wrong), check=False)
     assert refused.returncode == 2 and "passphrase is wrong" in refused.stderr
@@ -167,12 +172,70 @@ def test_restore_refuses_a_home_that_is_not_initialised(tmp_path: Path) -> None:
 @pytest.mark.parametrize("passphrase", ["short"])
 def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
                                            passphrase: str) -> None:
-    file = tmp_path / "p"
-    file.write_text(passphrase)
+    file = passphrase_file(tmp_path / "p", passphrase)
     result = run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out",
                            str(tmp_path / "e"), "--passphrase-file", str(file), check=False)
     assert result.returncode == 2 and "at least 12" in result.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_escrow_and_recover_refuse_a_passphrase_file_others_can_read(
+        edge_home: Path, tmp_path: Path) -> None:
+    """As users' --password-file: a passphrase in a 0644 file is a passphrase shared."""
+    file = passphrase_file(tmp_path / "p", PASSPHRASE + "\n")
+    file.chmod(0o644)
+    result = run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out",
+                           str(tmp_path / "e"), "--passphrase-file", str(file), check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "can read it" in result.stderr and f"chmod 600 {file}" in result.stderr
+    assert not (tmp_path / "e").exists()
+    file.chmod(0o600)
+    run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out", str(tmp_path / "e"),
+                  "--passphrase-file", str(file))
+    file.chmod(0o640)
+    result = run_pacs_edge("keys", "recover", "--home", str(tmp_path / "new"), "--from",
+                           str(tmp_path / "e"), "--passphrase-file", str(file), check=False)
+    assert result.returncode == 2 and "can read it" in result.stderr, result.stderr
+    assert not (tmp_path / "new" / "secrets").exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", "1e400"), ("n", "-1e400"), ("n", "131072.0"), ("n", '"131072"'), ("n", "true"),
+    ("n", "null"), ("n", "[131072]"), ("n", "131071"), ("n", str(1 << 80)), ("r", "8.5"),
+    ("r", "1e400"), ("p", '"1"'), ("p", "0"),
+])
+def test_recover_refuses_absurd_key_derivation_parameters(tmp_path: Path, field: str,
+                                                          value: str) -> None:
+    """Checked before scrypt runs: an integer of the right range, n a power of two."""
+    kdf = {"name": '"scrypt"', "n": "131072", "r": "8", "p": "1",
+           "salt": f'"{base64.b64encode(os.urandom(16)).decode()}"', field: value}
+    (tmp_path / "edited.escrow").write_text(
+        '{"format": "pacs-edge-escrow", "version": 2, "site_key_id": "0123456789abcdef",'
+        ' "kdf": {' + ", ".join(f'"{k}": {v}' for k, v in kdf.items()) + '},'
+        f' "nonce": "{base64.b64encode(os.urandom(12)).decode()}", "ciphertext": "AAAA"}}')
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE)
+    result = run_pacs_edge("keys", "recover", "--home", str(tmp_path / "new"), "--from",
+                           str(tmp_path / "edited.escrow"), "--passphrase-file",
+                           str(passphrase), check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "unsupported or oversized key derivation parameters" in result.stderr
+    assert "hint: the file was not written by pacs-edge, or was edited" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "new" / "secrets").exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"format": "pacs-edge-escrow", "version": ' + "9" * 5000
+                                  + "}", "[1, 2]", '{"format": "pacs-edge-escrow", "version":'
+                                  ' true}'])
+def test_recover_refuses_a_file_that_is_not_an_escrow_file(tmp_path: Path, text: str) -> None:
+    (tmp_path / "odd.escrow").write_text(text)
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE)
+    result = run_pacs_edge("keys", "recover", "--home", str(tmp_path / "new"), "--from",
+                           str(tmp_path / "odd.escrow"), "--passphrase-file", str(passphrase),
+                           check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "escrow file" in result.stderr and "Traceback" not in result.stderr
 
 
 def synced_and_escrowed(tmp_path: Path, *, seed: int, patients: int, instances: int
@@ -187,8 +250,7 @@ def synced_and_escrowed(tmp_path: Path, *, seed: int, patients: int, instances: 
                                  series_per_study=1, instances_per_series=instances)
     run_pacs_edge("import", "--home", str(old), str(tmp_path / "sent"))
     sync_once(old)
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE + "\n")
     run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
                   "--passphrase-file", str(passphrase))
     return cloud, old, passphrase, sent
@@ -241,8 +303,7 @@ def test_audit_anchors_survive_a_restore(tmp_path: Path) -> None:
         run_pacs_edge("peers", "add", f"ws{n}", "--home", str(old), "--ae-title", f"WS{n}",
                       "--host", "127.0.0.1", "--port", "104", "--allow", "find")
     assert "anchored record 3" in run_pacs_edge("audit", "anchor", "--home", str(old)).stdout
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE + "\n")
     run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
                   "--passphrase-file", str(passphrase))
     assert json.loads((tmp_path / "escrow").read_text())["version"] == 2
@@ -273,8 +334,7 @@ def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) ->
     old = tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE + "\n")
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE + "\n")
     run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
                   "--passphrase-file", str(passphrase))
     new = tmp_path / "new"
@@ -306,8 +366,7 @@ def test_recover_reads_a_version_1_escrow_file(tmp_path: Path) -> None:
         "format": "pacs-edge-escrow", "version": 1, "site_key_id": kid,
         "kdf": {"name": "scrypt", "n": 1 << 14, "r": 8, "p": 1, "salt": b64(salt)},
         "nonce": b64(nonce), "ciphertext": b64(sealed)}))
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text(PASSPHRASE)
+    passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE)
 
     home = tmp_path / "home"
     result = run_pacs_edge("keys", "recover", "--home", str(home), "--from",

@@ -189,6 +189,16 @@ def test_scrub_of_intact_packs_exits_0_and_records_each_result(
     assert checked_at and scrub_state == "ok" and manifest_etag == cloud.etag(manifest)
 
 
+def test_scrub_refuses_a_fraction_that_is_not_between_0_and_1(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home", default_peer=False)
+    for value in ("nan", "NaN", "inf", "-inf", "0", "1.5", "-0.5"):
+        result = scrub(home, "--fraction", value)
+        assert result.returncode == 2, (value, result.stdout + result.stderr)
+        assert "Invalid value for '--fraction'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert "scrubbed 0 pack(s)" in scrub(home, "--fraction", "1").stdout
+
+
 def test_scrub_finds_a_damaged_pack_of_a_local_study_and_it_is_uploaded_again(
         box: tuple[Path, Cloud, Any]) -> None:
     home, cloud, study = box

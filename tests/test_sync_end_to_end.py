@@ -224,3 +224,16 @@ def test_agent_start_removes_temp_files_of_interrupted_local_cloud_writes(
     finally:
         assert agent.stop() == 0, agent.log()
     assert "removed temp files of interrupted cloud writes count=1" in agent.log()
+
+
+def test_sync_refuses_a_stable_after_that_is_not_a_number_of_seconds(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """nan made every "quiet for that long?" false: a pass that replicated nothing, exit 0;
+    a negative wait replicated studies still arriving."""
+    server = edge_server_factory(start=False)
+    for value in ("nan", "NaN", "inf", "1e400", "-1", "-inf"):
+        result = run_pacs_edge("sync", "--once", "--stable-after", value, "--home",
+                               str(server.home), check=False)
+        assert result.returncode == 2, (value, result.stdout + result.stderr)
+        assert "Invalid value for '--stable-after'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "replicated" not in result.stdout

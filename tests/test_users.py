@@ -210,6 +210,23 @@ def test_users_passwd_ends_sessions_and_changes_the_password(home: Path, tmp_pat
     with_service(home, after)
 
 
+@pytest.mark.parametrize("how", ["stdin", "prompt"])
+def test_users_passwd_refuses_a_password_that_is_not_utf8(home: Path, tmp_path: Path,
+                                                          how: str) -> None:
+    run_pacs_edge("users", "add", "rad2", "--role", "radiologist", "--password-file",
+                  str(password_file(tmp_path, PASSWORD)), "--home", str(home))
+    bad = b"\xff\xfe" + OTHER_PASSWORD.encode() + b"\n"
+    args = ["--password-file", "-"] if how == "stdin" else []
+    # A new session has no controlling terminal: the hidden prompt reads standard input.
+    proc = subprocess.run(
+        [*pacs_edge_command(), "users", "passwd", "rad2", *args, "--home", str(home)],
+        input=bad * (1 if args else 2), capture_output=True, timeout=120, env=_env(),
+        start_new_session=True)
+    refused(subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                        proc.stderr.decode()), "is not UTF-8 text")
+    assert logs_in(home, "rad2", PASSWORD)
+
+
 def test_users_unlock_lifts_a_lockout(home: Path, tmp_path: Path) -> None:
     run_pacs_edge("users", "add", "rad1", "--role", "radiologist", "--password-file",
                   str(password_file(tmp_path, PASSWORD)), "--home", str(home))

@@ -44,7 +44,7 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
 
 
-def _ae_title_ok(value: str) -> bool:
+def is_ae_title(value: str) -> bool:
     return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value and (
         all(c.isprintable() for c in value)
     )
@@ -52,7 +52,7 @@ def _ae_title_ok(value: str) -> bool:
 
 @dataclass(frozen=True)
 class DicomConfig:
-    ae_title: str = field(default="EDGE", metadata=_check(_ae_title_ok, "1-16 ASCII characters"))
+    ae_title: str = field(default="EDGE", metadata=_check(is_ae_title, "1-16 ASCII characters"))
     host: str = "127.0.0.1"
     port: int = field(default=11112, metadata=_check(lambda v: 0 <= v <= 65535, "0-65535"))
     plain_enabled: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -88,6 +89,31 @@ def _name(filename: object) -> str:
     if isinstance(filename, str | bytes | os.PathLike):
         return os.fsdecode(filename)
     return str(filename)
+
+
+def refuse_readable_by_others(path: Path, what: str,
+                              error: type[PacsEdgeError]) -> None:
+    """Refuse a secret's file (`what`: "password file") that group or others may read.
+
+    OSError (a missing file) is the caller's to report."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise error(f"{what} {path} has mode {mode:04o}: group or others can read it",
+                    hint=f"chmod 600 {path}")
+
+
+def prompt_secret(label: str, *, confirm: bool, error: type[PacsEdgeError],
+                  instead: str) -> str:
+    """A password or passphrase typed at a hidden prompt; `error` when it is not UTF-8
+    (a terminal's bad bytes come as surrogates, or fail the decoding)."""
+    try:
+        typed = str(click.prompt(label, hide_input=True, confirmation_prompt=confirm,
+                                 err=True))
+        typed.encode("utf-8")
+    except UnicodeError:
+        raise error(f"the {label.lower()} typed is not UTF-8 text",
+                    hint=f"set the terminal to UTF-8, or use {instead}") from None
+    return typed
 
 
 home_option = click.option(

@@ -37,6 +37,10 @@ from appliance.store import migration_rows as rows
 from appliance.store.index import Index
 
 DEFAULT_SINCE = "1990-01-01"
+# Bounds of the run options, which the run's row keeps in SQLite INTEGER columns: far
+# beyond any legacy PACS (a study every 3.6 ms; a million answers to one C-FIND).
+MAX_RATE_PER_HOUR = 1_000_000
+MAX_QUERY_LIMIT = 1_000_000
 
 
 @click.group()
@@ -54,13 +58,13 @@ def migrate() -> None:
 @click.option("--modality", default="", help="Only studies with these modalities: CT,MR.")
 @click.option("--via", type=click.Choice(["move", "get"]), default=None,
               help="C-MOVE to this box (default) or C-GET ([migrate] via).")
-@click.option("--rate", type=int, default=None,
+@click.option("--rate", type=click.IntRange(0, MAX_RATE_PER_HOUR), default=None,
               help="At most N studies per hour ([migrate] rate_per_hour; 0: no limit).")
-@click.option("--associations", type=int, default=None,
+@click.option("--associations", type=click.IntRange(1, 32), default=None,
               help="Studies transferred at once ([migrate] associations).")
 @click.option("--window", default=None,
               help="Only transfer between these local times, e.g. 20:00-06:00.")
-@click.option("--query-limit", type=int, default=None,
+@click.option("--query-limit", type=click.IntRange(2, MAX_QUERY_LIMIT), default=None,
               help="The legacy PACS's C-FIND result limit ([migrate] query_limit).")
 @expected_errors
 def start(home: Path | None, peer_name: str, since: str, until: str | None, modality: str,

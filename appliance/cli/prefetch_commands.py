@@ -45,7 +45,10 @@ def prefetch(ctx: click.Context, home: Path | None, patient_id: str | None,
     """Prefetch of prior studies: new orders and tomorrow's worklist trigger it by
     themselves; --patient-id triggers it by hand."""
     if ctx.invoked_subcommand is not None:
-        return
+        if patient_id is not None or issuer:
+            raise click.UsageError(f"--patient-id and --issuer prefetch now: they do not go"
+                                   f" with `prefetch {ctx.invoked_subcommand}`")
+        return  # the subcommand reads the group's --home (_home)
     if not patient_id:
         raise click.UsageError("give --patient-id, or a command (status, retry)")
     config = load(home)
@@ -74,6 +77,14 @@ def prefetch(ctx: click.Context, home: Path | None, patient_id: str | None,
         out.print(f"  remote archive not asked: {planned.error}", highlight=False)
 
 
+def _home(ctx: click.Context, home: Path | None) -> Path | None:
+    """The subcommand's --home, else the group's (`prefetch --home H status`)."""
+    group_home: Path | None = ctx.parent.params.get("home") if ctx.parent else None
+    if home is not None and group_home is not None and home != group_home:
+        raise click.UsageError(f"two different --home: {group_home} and {home}")
+    return home if home is not None else group_home
+
+
 def _request_json(request: PrefetchRequest, priors: list[PrefetchPrior]) -> dict[str, Any]:
     return {
         "id": request.id, "patient_id": request.patient.patient_id,
@@ -97,10 +108,11 @@ def _request_json(request: PrefetchRequest, priors: list[PrefetchPrior]) -> dict
 @prefetch.command("status")
 @home_option
 @click.option("--json", "as_json", is_flag=True)
+@click.pass_context
 @expected_errors
-def status(home: Path | None, as_json: bool) -> None:
+def status(ctx: click.Context, home: Path | None, as_json: bool) -> None:
     """Prefetch requests, newest first, with each prior's state."""
-    config = load(home)
+    config = load(_home(ctx, home))
 
     async def read() -> list[dict[str, Any]]:
         async with Index(config.index.path) as index:
@@ -142,11 +154,12 @@ def status(home: Path | None, as_json: bool) -> None:
 
 @prefetch.command("retry")
 @home_option
+@click.pass_context
 @expected_errors
-def retry(home: Path | None) -> None:
+def retry(ctx: click.Context, home: Path | None) -> None:
     """Try failed requests and failed priors again (the serving process and the sync
     agent pick them up)."""
-    config = load(home)
+    config = load(_home(ctx, home))
 
     async def run() -> tuple[int, int]:
         async with Index(config.index.path) as index:

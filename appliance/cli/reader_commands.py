@@ -16,7 +16,7 @@ import json
 import re
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from appliance.base.config import CONFIG_FILE, Config
+from appliance.base.config import CONFIG_FILE, Config, is_ae_title
 from appliance.base.errors import PacsEdgeError
 from appliance.base.logsetup import setup_logging
-from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
+from appliance.cli.common import (
+    audit_change,
+    err,
+    expected_errors,
+    home_option,
+    load,
+    out,
+    prompt_secret,
+    refuse_readable_by_others,
+)
 
 # --- edge: readers -------------------------------------------------------------------
 
@@ -219,23 +228,47 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
         raise SystemExit(2)
 
 
+_AE_TITLE_RULE = "1-16 ASCII characters, printable, no backslash"
+
+
+def _ae_title(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An AE title as [dicom] ae_title takes it, padding stripped (checked before any work)."""
+    if not is_ae_title(value):
+        raise click.BadParameter(f"{value!r} is not an AE title: use {_AE_TITLE_RULE}")
+    return value.strip()
+
+
+def _destination(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """AE@HOST:PORT, its AE title checked as --calling-ae's: a typo fails before the pull."""
+    from sync.reader_client import parse_address
+
+    if value is None:
+        return None
+    try:
+        ae_title, _, _ = parse_address(value)
+    except PacsEdgeError as exc:
+        raise click.BadParameter(f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+                                 ) from None
+    if not is_ae_title(ae_title):
+        raise click.BadParameter(f"{ae_title!r} is not an AE title: use {_AE_TITLE_RULE}")
+    return value
+
+
 @reader.command("pull")
 @_reader_home
 @click.argument("study_uid")
 @click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the Part 10 files (default: HOME/studies/STUDY_UID).")
-@click.option("--send", "send", default=None, metavar="AE@HOST:PORT",
+@click.option("--send", "send", default=None, metavar="AE@HOST:PORT", callback=_destination,
               help="Then C-STORE every file to this workstation.")
-@click.option("--calling-ae", default="PEREADER", show_default=True,
+@click.option("--calling-ae", default="PEREADER", show_default=True, callback=_ae_title,
               help="Our AE title when sending.")
 @expected_errors
 def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
                 calling_ae: str) -> None:
     """Download, decrypt and verify a granted study; resumes an interrupted pull."""
-    from sync.reader_client import ReaderClient, parse_address, send_files
+    from sync.reader_client import ReaderClient, send_files
 
-    if send is not None:
-        parse_address(send)  # a typo fails before the download
     with ReaderClient.open(home) as client:
         study = client.catalogue().find(study_uid)
         target = to if to is not None else Path(home) / "studies" / study_uid
@@ -264,11 +297,15 @@ def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
 
 def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str:
     from provisioning.escrow import read_passphrase_file
+    from provisioning.provisioning_errors import EscrowError
 
     if passphrase_file is not None:
+        # As users' --password-file; a file it cannot stat, read_passphrase_file reports.
+        with suppress(OSError):
+            refuse_readable_by_others(passphrase_file, "passphrase file", EscrowError)
         return read_passphrase_file(passphrase_file)
-    return str(click.prompt("escrow passphrase", hide_input=True,
-                            confirmation_prompt=confirm, err=True))
+    return prompt_secret("escrow passphrase", confirm=confirm, error=EscrowError,
+                         instead="--passphrase-file")
 
 
 @click.command("escrow")
@@ -277,7 +314,7 @@ def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str:
                                                                   path_type=Path),
               help="The escrow file to write (0600, never overwritten).")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Read the passphrase from this file (else prompted).")
+              default=None, help="Read the passphrase from this 0600 file (else prompted).")
 @expected_errors
 def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None) -> None:
     """Export the site key, name secret, log key and audit key, encrypted with a passphrase."""
@@ -298,7 +335,7 @@ def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None)
 @click.option("--from", "from_file", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Read the passphrase from this file (else prompted).")
+              default=None, help="Read the passphrase from this 0600 file (else prompted).")
 @expected_errors
 def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> None:
     """Put escrowed site secrets into a new data home (never overwrites)."""

@@ -8,6 +8,7 @@ asks for recalls through the index, see sync.recall).
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,23 @@ from appliance.cli.common import (
     out,
 )
 
+MAX_STABLE_AFTER = 366 * 86400  # seconds: a longer wait is "never", not an override
+
+
+def _reject_nan(ctx: click.Context, param: click.Parameter, value: float | None
+                ) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number")
+    return value
+
 
 @click.command()
 @home_option
 @click.option("--once", is_flag=True, help="One replicate-and-evict pass, then exit.")
-@click.option("--stable-after", type=float, default=None,
-              help="Override [sync] stable_after_seconds for this pass.")
+@click.option("--stable-after", type=click.FloatRange(0, MAX_STABLE_AFTER), default=None,
+              callback=_reject_nan, metavar="SECONDS",
+              help="Override [sync] stable_after_seconds for this pass (0 to a year).")
 @expected_errors
 def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
     """Run the sync agent (replicate, evict, lifecycle, recall) until SIGTERM."""
@@ -132,8 +144,8 @@ def recall(home: Path | None, study_uid: str) -> None:
 @click.option("--all", "everything", is_flag=True,
               help="Read back every pack in use (the default).")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
-              metavar="F", help="Read back only the least recently checked F of the packs "
-              "(0 < F <= 1).")
+              callback=_reject_nan, metavar="F",
+              help="Read back only the least recently checked F of the packs (0 < F <= 1).")
 @expected_errors
 def scrub(home: Path | None, everything: bool, fraction: float | None) -> None:
     """Read packs back from the cloud and authenticate every byte; exit 1 if any is damaged.

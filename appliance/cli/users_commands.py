@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
-import stat
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 from rich.table import Table
@@ -28,7 +26,15 @@ from rich.table import Table
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import UserError
-from appliance.cli.common import err, expected_errors, home_option, load, out
+from appliance.cli.common import (
+    err,
+    expected_errors,
+    home_option,
+    load,
+    out,
+    prompt_secret,
+    refuse_readable_by_others,
+)
 from appliance.services.access import Role
 from appliance.services.users import UserService, check_account
 from appliance.store.index import Index
@@ -63,15 +69,17 @@ def _change(config: Config, action: str, name: str,
 def read_password(path: Path | None) -> str:
     """The new password: from the file (refused if others may read it), '-' or a prompt."""
     if path is None:
-        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+        return prompt_secret("Password", confirm=True, error=UserError,
+                             instead="--password-file")
     if str(path) == "-":
-        text = sys.stdin.readline()
+        try:  # bytes, decoded strictly: the stream's own decoding may let bad bytes through
+            text = sys.stdin.buffer.readline().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("the password on standard input is not UTF-8 text",
+                            hint="give the password as UTF-8 text") from None
     else:
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            if mode & 0o077:
-                raise UserError(f"password file {path} has mode {mode:04o}: group or others "
-                                "can read it", hint=f"chmod 600 {path}")
+            refuse_readable_by_others(path, "password file", UserError)
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read password file {path}: "
@@ -192,7 +200,36 @@ def users_unlock(home: Path | None, name: str) -> None:
 
 def default_base_url(config: Config) -> str:
     """https://<this host's name>:<[http] port>, what a browser on the LAN would open."""
+    if not config.http.port:
+        raise UserError("the web server is off ([http] port = 0): there is no default address"
+                        " for the link", hint="pass --base-url with the address browsers open,"
+                        " e.g. https://pacs.example.org:8443")
     return f"https://{socket.getfqdn()}:{config.http.port}"
+
+
+def _base_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--base-url: an http:// or https:// URL with a host, no spaces or control characters."""
+    if value is None:
+        return None
+    problem = ""
+    if not value.isprintable() or any(c.isspace() for c in value):
+        problem = "it holds a space or a control character"
+    else:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  # raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            if parts.scheme.lower() not in ("http", "https"):
+                problem = "it is not an http:// or https:// URL"
+            elif not parts.hostname:
+                problem = "it names no host"
+            elif parts.query or parts.fragment:
+                problem = "it has a query or fragment: the link adds its own"
+    if problem:
+        raise click.BadParameter(f"{value!r}: {problem}; give e.g. https://pacs.example.org:8443")
+    return value
 
 
 @click.command()
@@ -202,7 +239,7 @@ def default_base_url(config: Config) -> str:
 @click.option("--ttl", default="15m", show_default=True,
               help="How long the link stays valid (s, m or h; at most [auth]"
               " link_max_ttl_minutes). It opens once.")
-@click.option("--base-url", default=None,
+@click.option("--base-url", default=None, callback=_base_url,
               help="Where browsers reach the box, e.g. https://pacs.example.org:8443"
               " (default: this host's name and the [http] port).")
 @expected_errors
@@ -210,8 +247,8 @@ def link(home: Path | None, study_uid: str, name: str, ttl: str, base_url: str |
     """Print a signed, expiring, one-time URL that opens STUDY_UID for a user."""
     config = load(home)
     seconds = parse_ttl(ttl)
+    base = (base_url or default_base_url(config)).rstrip("/")  # before a link is signed
     token = _run(config, lambda s: s.sign_link(name, study_uid, ttl_seconds=seconds))
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.user_changed("link", name=name, study_uid=study_uid)
-    base = (base_url or default_base_url(config)).rstrip("/")
     click.echo(f"{base}/launch?t={quote(token, safe='')}")
