@@ -232,15 +232,23 @@ def test_readers_add_refuses_a_mistyped_key_and_a_bad_scope(edge: EdgeServer,
     assert "no readers" in edge.cli("readers", "list").stdout
 
 
-def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -> None:
+def _granted_study(edge_home: Path, tmp_path: Path, *, seed: int, instances: int
+                   ) -> list[dicomgen.GeneratedInstance]:
+    """One study imported, replicated to a local-folder cloud and granted to a reader
+    initialised in tmp_path/reader."""
     cloud = Cloud(f"file://{tmp_path / 'cloud'}")
     EdgeServer(edge_home).configure(cloud={"url": cloud.url})
-    sent = dicomgen.make_studies(tmp_path / "sent", seed=9, patients=1, series_per_study=1,
-                                 instances_per_series=2)
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=seed, patients=1, series_per_study=1,
+                                 instances_per_series=instances)
     run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "sent"))
     sync_once(edge_home)
     run_pacs_edge("readers", "add", "home", reader_init(tmp_path / "reader", cloud),
                   "--home", str(edge_home))
+    return sent
+
+
+def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -> None:
+    sent = _granted_study(edge_home, tmp_path, seed=9, instances=2)
     target = tmp_path / "Downloads"
     series = target / sent[0].header.SeriesInstanceUID
     series.mkdir(parents=True)
@@ -265,14 +273,7 @@ def test_pull_checks_the_ae_titles_and_destination_before_downloading(
         edge_home: Path, tmp_path: Path) -> None:
     """A bad --calling-ae or --send is a usage error before any download (it was a
     pynetdicom traceback once the study was pulled)."""
-    cloud = Cloud(f"file://{tmp_path / 'cloud'}")
-    EdgeServer(edge_home).configure(cloud={"url": cloud.url})
-    sent = dicomgen.make_studies(tmp_path / "sent", seed=11, patients=1, series_per_study=1,
-                                 instances_per_series=1)
-    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "sent"))
-    sync_once(edge_home)
-    run_pacs_edge("readers", "add", "home", reader_init(tmp_path / "reader", cloud),
-                  "--home", str(edge_home))
+    sent = _granted_study(edge_home, tmp_path, seed=11, instances=1)
     target = tmp_path / "Downloads"
     good = "WORKSTATION@127.0.0.1:1"
     for option, send, calling_ae in (
