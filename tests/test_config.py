@@ -37,6 +37,8 @@ def test_defaults_resolve_paths_inside_home(tmp_path: Path) -> None:
         ({"log": {"level": "loud"}}, "log.level"),
         ({"storage": {}}, "storage"),
         ({"index": {"commit_window_ms": -1}}, "index.commit_window_ms"),
+        ({"migrate": {"rate_per_hour": 10**20}}, "migrate.rate_per_hour"),
+        ({"migrate": {"query_limit": 10**20}}, "migrate.query_limit"),
     ],
 )
 def test_invalid_value_names_key_value_and_expectation(

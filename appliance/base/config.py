@@ -261,6 +261,13 @@ def _window_ok(value: str) -> bool:
                            and _clock_ok(start) and _clock_ok(end) and start != end)
 
 
+# Bounds of the migration's run options, which its run row keeps in SQLite INTEGER
+# columns: far beyond any legacy PACS (a study every 3.6 ms; a million answers to one
+# C-FIND).
+MAX_RATE_PER_HOUR = 1_000_000
+MAX_QUERY_LIMIT = 1_000_000
+
+
 @dataclass(frozen=True)
 class MigrateConfig:
     """`pacs-edge migrate`: pulling a legacy archive into the box (docs/operator-guide.md).
@@ -269,11 +276,13 @@ class MigrateConfig:
     via: str = field(default="move", metadata=_check(lambda v: v in {"move", "get"},
                                                       "move or get"))
     associations: int = field(default=4, metadata=_check(lambda v: 1 <= v <= 32, "1-32"))
-    rate_per_hour: int = field(default=0, metadata=_check(lambda v: v >= 0,
-                                                          ">= 0 studies per hour (0: no limit)"))
+    rate_per_hour: int = field(default=0, metadata=_check(
+        lambda v: 0 <= v <= MAX_RATE_PER_HOUR,
+        f"0-{MAX_RATE_PER_HOUR} studies per hour (0: no limit)"))
     window: str = field(default="", metadata=_check(
         _window_ok, '"" (any time) or HH:MM-HH:MM (local time, may span midnight)'))
-    query_limit: int = field(default=500, metadata=_check(lambda v: v >= 2, ">= 2 answers"))
+    query_limit: int = field(default=500, metadata=_check(lambda v: 2 <= v <= MAX_QUERY_LIMIT,
+                                                          f"2-{MAX_QUERY_LIMIT} answers"))
     max_attempts: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
     retry_base_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0,
                                                                     "> 0 seconds"))

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from appliance.audit import Auditor
 from appliance.base import logsafe
-from appliance.base.config import Config
+from appliance.base.config import MAX_QUERY_LIMIT, MAX_RATE_PER_HOUR, Config
 from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
@@ -37,10 +37,6 @@ from appliance.store import migration_rows as rows
 from appliance.store.index import Index
 
 DEFAULT_SINCE = "1990-01-01"
-# Bounds of the run options, which the run's row keeps in SQLite INTEGER columns: far
-# beyond any legacy PACS (a study every 3.6 ms; a million answers to one C-FIND).
-MAX_RATE_PER_HOUR = 1_000_000
-MAX_QUERY_LIMIT = 1_000_000
 
 
 @click.group()
