@@ -169,6 +169,18 @@ def test_restore_refuses_a_home_that_is_not_initialised(tmp_path: Path) -> None:
     assert "not an initialised data home" in result.stderr and "keys recover" in result.stderr
 
 
+def test_restore_from_an_empty_cloud_is_refused_and_records_nothing(tmp_path: Path) -> None:
+    """A mistyped file:// URL names an empty folder: recording it in the config would
+    make restore refuse the right URL afterwards ("already names another cloud")."""
+    home = init_home(tmp_path / "home")
+    before = (home / "pacs-edge.toml").read_text()
+    result = run_pacs_edge("restore", "--home", str(home), "--cloud",
+                           f"file://{tmp_path / 'typo'}", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is empty: nothing to restore from" in result.stderr
+    assert (home / "pacs-edge.toml").read_text() == before
+
+
 @pytest.mark.parametrize("passphrase", ["short"])
 def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
                                            passphrase: str) -> None:
@@ -334,6 +346,9 @@ def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) ->
     old = tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
+    run_pacs_edge("peers", "add", "ws0", "--home", str(old), "--ae-title", "WS0",
+                  "--host", "127.0.0.1", "--port", "104", "--allow", "find")
+    run_pacs_edge("audit", "anchor", "--home", str(old))  # the cloud is not empty
     passphrase = passphrase_file(tmp_path / "passphrase", PASSPHRASE + "\n")
     run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(tmp_path / "escrow"),
                   "--passphrase-file", str(passphrase))

@@ -426,7 +426,15 @@ def _set_cloud_url(config: Config, cloud_url: str) -> None:
     if config.cloud.url:
         raise PacsEdgeError(f"{config.config_path} already names another cloud",
                             hint="edit [cloud] url there, or pass the same --cloud")
-    open_blob_store(cloud_url, credentials_file=config.cloud.credentials_file).close()
+    store = open_blob_store(cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        empty = next(iter(store.list()), None) is None
+    finally:
+        store.close()
+    if empty:  # a mistyped URL: recorded, it would keep the right one out
+        raise PacsEdgeError(f"{cloud_url.split('?', 1)[0]} is empty: nothing to restore from",
+                            hint="check the URL (for file://, the folder the lost box's"
+                            " [cloud] url named)")
     target = config.config_path.resolve()
     doc = tomlkit.parse(target.read_text(encoding="utf-8"))
     table = doc.setdefault("cloud", tomlkit.table())
