@@ -73,6 +73,13 @@ def test_missing_home_says_how_to_create_it(tmp_path: Path) -> None:
     assert caught.value.hint is not None and "pacs-edge init" in caught.value.hint
 
 
+def test_a_config_path_that_is_a_folder_is_named_not_called_missing(tmp_path: Path) -> None:
+    """`init` keeps a folder in the config file's place, so "run init first" would loop."""
+    (tmp_path / "pacs-edge.toml").mkdir()
+    with pytest.raises(HomeError, match="is a folder, not the config file"):
+        load_config(tmp_path)
+
+
 def test_home_comes_from_flag_then_environment_then_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

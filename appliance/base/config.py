@@ -384,6 +384,10 @@ def resolve_home(home: str | os.PathLike[str] | None) -> Path:
 def load_config(home: Path) -> Config:
     """Load `<home>/pacs-edge.toml`; a missing home is an error with a hint."""
     path = home / CONFIG_FILE
+    if path.is_dir():  # `init` keeps what exists: its hint would loop
+        raise HomeError(f"{path} is a folder, not the config file",
+                        hint="move it away, then run `pacs-edge init --home"
+                        f" {home}` to write the config")
     if not path.is_file():
         raise HomeError(
             f"no data home at {home} (missing {CONFIG_FILE})",
