@@ -14,6 +14,7 @@ import dcmtk
 import dicomgen
 import pytest
 from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+from syncagent import evict, sync_once
 
 from appliance.cli.common import expected_errors
 
@@ -117,6 +118,20 @@ def test_import_stores_folders_and_reports_each_rejected_file(
     status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
     assert status["instances"] == len(study)
     assert status["tier_states"] == {"local": 1}
+
+
+def test_status_counts_on_disk_only_the_files_that_are_on_disk(
+        edge_home: Path, tmp_path: Path) -> None:
+    """An evicted study's instances stay in the index, their files are gone."""
+    study = dicomgen.make_study(tmp_path / "study", seed=43)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    stored = sum(p.stat().st_size for p in (edge_home / "store").rglob("*.dcm"))
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
+    assert status["bytes_on_disk"] == stored
+    sync_once(edge_home)
+    evict(edge_home, study[0].study_uid)
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
+    assert (status["instances"], status["bytes_on_disk"]) == (len(study), 0)
 
 
 def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: Path) -> None:

@@ -261,7 +261,7 @@ def _status_table(config: Config, health: Any) -> Table:
         ("patients / studies", f"{totals.patients} / {totals.studies}"),
         ("series / instances", f"{totals.series} / {totals.instances}"
          f" ({totals.versions} prior versions)"),
-        ("on disk", human_size(totals.bytes)),
+        ("on disk", human_size(totals.local_bytes)),
         ("disk", f"{health.disk_used_percent:.0f}% used, {human_size(health.disk_free_bytes)}"
          f" free of {human_size(health.disk_total_bytes)}"),
         ("tiering", ", ".join(f"{state} {count}" for state, count

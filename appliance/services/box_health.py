@@ -104,7 +104,7 @@ class HealthReport:
             "series": totals.series,
             "instances": totals.instances,
             "prior_versions": totals.versions,
-            "bytes_on_disk": totals.bytes,
+            "bytes_on_disk": totals.local_bytes,
             "disk_free_bytes": self.disk_free_bytes,
             "disk_total_bytes": self.disk_total_bytes,
             "tier_states": {"local": 0, **totals.tier_states},

@@ -64,8 +64,9 @@ class IndexTotals:
     studies: int
     series: int
     instances: int
-    bytes: int
+    bytes: int  # of every indexed instance, evicted ones included
     versions: int
+    local_bytes: int  # of the instances whose file is on local disk
     tier_states: dict[str, int]
 
 
@@ -229,7 +230,8 @@ class Index:
             "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
             " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
-            " (SELECT COUNT(*) FROM instance_versions)"
+            " (SELECT COUNT(*) FROM instance_versions),"
+            " (SELECT COALESCE(SUM(size), 0) FROM instances WHERE is_local = 1)"
         )
         assert row is not None
         states = await self._rows(
