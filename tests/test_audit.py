@@ -328,6 +328,23 @@ def test_a_command_whose_audit_record_cannot_be_written_fails(edge_home: Path) -
     assert "Traceback" not in result.stderr
 
 
+def test_export_names_the_lines_it_cannot_read_and_exits_1(edge_home: Path) -> None:
+    """A damaged line in the middle of the log (the last one stops all writing, above):
+    the export holds every readable record and says which lines it left out."""
+    for n in range(2):
+        run_pacs_edge("peers", "add", f"ws{n}", "--home", str(edge_home), "--ae-title",
+                      f"WS{n}", "--host", "127.0.0.1", "--port", "104", "--allow", "find")
+    log = edge_home / "audit" / "audit.log"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[1] = b"\xff\xfe not a record\n"
+    log.write_bytes(b"".join(lines))
+    result = run_pacs_edge("audit", "export", "--home", str(edge_home), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 line(s) of the audit log cannot be read and are not in the export (lines 2)" \
+        in result.stderr
+    assert [json.loads(x)["seq"] for x in result.stdout.splitlines()] == [1, 3, 4]
+
+
 def test_export_selects_by_event_time(edge_home: Path) -> None:
     now = dt.datetime.now(dt.UTC)
     before = run_pacs_edge("audit", "export", "--until", (now - dt.timedelta(days=1)).isoformat(),

@@ -32,14 +32,18 @@ def parse_when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def entries_between(audit_log: AuditLog, since: datetime | None,
-                    until: datetime | None) -> Iterator[Entry]:
-    for _number, _offset, line in audit_log.entries():
+def entries_between(audit_log: AuditLog, since: datetime | None, until: datetime | None,
+                    *, unreadable: list[int] | None = None) -> Iterator[Entry]:
+    """The readable records of the window; the line numbers of lines that cannot be
+    read go to `unreadable` (`audit verify` says what is wrong with them)."""
+    for number, _offset, line in audit_log.entries():
         try:
             entry = Entry.parse(line)
             when = datetime.fromisoformat(entry.record["EventIdentification"]["EventDateTime"])
         except (ValueError, KeyError, TypeError):
-            continue  # `audit verify` is the tool that reports damaged lines
+            if unreadable is not None:
+                unreadable.append(number)
+            continue
         if (since is None or when >= since) and (until is None or when < until):
             yield entry
 

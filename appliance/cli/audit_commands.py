@@ -89,14 +89,22 @@ def export(home: Path | None, since: str | None, until: str | None, fmt: str,
     fd = None if out_path is None else _create_export_file(out_path)
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.audit_log_used(f"export {fmt}")
-    entries = entries_between(AuditLog.for_home(config.home), start, end)
+    unreadable: list[int] = []
+    entries = entries_between(AuditLog.for_home(config.home), start, end,
+                              unreadable=unreadable)
     chunks: Iterator[str] = export_json(entries) if fmt == "json" else export_xml(entries)
     if fd is None:
         for chunk in chunks:
             sys.stdout.write(chunk)
-        return
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.writelines(chunks)
+    else:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(chunks)
+    if unreadable:  # an export that silently lacks records would mislead its reviewer
+        shown = ", ".join(map(str, unreadable[:10])) + (" ..." if len(unreadable) > 10 else "")
+        err.print(f"warning: {len(unreadable)} line(s) of the audit log cannot be read and"
+                  f" are not in the export (lines {shown}); run `pacs-edge audit verify`",
+                  highlight=False, markup=False)
+        raise SystemExit(1)
 
 
 def _create_export_file(path: Path) -> int:
