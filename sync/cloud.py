@@ -56,7 +56,7 @@ from sync.pack.manifest import (
     open_manifest,
     seal_manifest,
 )
-from sync.pack.pack_errors import PackError, PackIntegrityError
+from sync.pack.pack_errors import PackError, PackIntegrityError, WrongKeyError
 from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
@@ -92,7 +92,9 @@ class CloudCopyChanged(PacsEdgeError):
 @dataclass(frozen=True)
 class ScrubVerdict:
     """What reading one pack back found. state: ok | damaged | skipped (not readable now:
-    archived, or replaced while it was read; tried again at the next scrub)."""
+    archived, or replaced while it was read; tried again at the next scrub) | wrong-key
+    (wrapped for a site key this box does not hold: the box's keys, not the pack, are
+    what is wrong, so nothing is marked)."""
 
     state: str
     reason: str = ""
@@ -252,6 +254,8 @@ class PackService:
                 pass
             if self.store.stat(pack.pack_name).etag != before.etag:
                 return ScrubVerdict("skipped", "replaced while it was read")
+        except WrongKeyError as exc:
+            return ScrubVerdict("wrong-key", exc.message)
         except (PackError, BlobNotFound, BlobRangeError) as exc:
             return ScrubVerdict("damaged", exc.message)
         except BlobOffline:

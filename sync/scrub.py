@@ -85,6 +85,7 @@ class ScrubReport:
     bytes_read: int = 0
     damaged: list[DamagedPack] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (pack name, why)
+    wrong_key: list[tuple[str, str]] = field(default_factory=list)  # (pack name, why)
 
 
 async def select_packs(ctx: SyncContext, *, fraction: float | None) -> list[PackRow]:
@@ -130,6 +131,9 @@ async def scrub_packs(ctx: SyncContext, packs: list[PackRow], *,
             report.skipped.append((pack.pack_name, verdict.reason))
             log.info("scrub skipped pack=%s reason=%s", pack.pack_name, verdict.reason)
             continue
+        if verdict.state == "wrong-key":
+            report.wrong_key.append((pack.pack_name, verdict.reason))
+            continue
         if verdict.state == "ok":
             await _record_ok(ctx, pack, verdict)
             report.ok += 1
@@ -137,6 +141,11 @@ async def scrub_packs(ctx: SyncContext, packs: list[PackRow], *,
         report.damaged.append(await _record_damaged(ctx, study, pack, verdict.reason,
                                                     local=sum(r.is_local for r in rows),
                                                     remote=sum(not r.is_local for r in rows)))
+    if report.wrong_key:
+        name, why = report.wrong_key[0]
+        log.error("scrub could not open packs wrapped for a site key this box does not hold;"
+                  " none was marked damaged count=%d first=%s error=%s",
+                  len(report.wrong_key), name, why)
     return report
 
 

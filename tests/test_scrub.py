@@ -189,6 +189,25 @@ def test_scrub_of_intact_packs_exits_0_and_records_each_result(
     assert checked_at and scrub_state == "ok" and manifest_etag == cloud.etag(manifest)
 
 
+def test_a_site_key_that_opens_no_pack_marks_nothing_damaged(
+        box: tuple[Path, Cloud, Any]) -> None:
+    """A wrong secrets/site.key (a restore mix-up) made every pack "damaged", to be
+    uploaded again: it is the box's key that does not match, not the packs."""
+    home, _, _ = box
+    sync_once(home)
+    site_key = home / "secrets" / "site.key"
+    kept = site_key.read_bytes()
+    site_key.write_bytes(os.urandom(len(kept)))
+    result = scrub(home, "--all")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 pack(s) are wrapped for a site key this box does not hold" in result.stderr
+    assert "ok 0, damaged 0" in result.stdout
+    assert [state for *_, state in packs(home)] == [""]
+    assert tier_state(home) == "replicated"
+    site_key.write_bytes(kept)
+    assert "ok 1, damaged 0" in scrub(home, "--all").stdout
+
+
 def test_scrub_refuses_a_fraction_that_is_not_between_0_and_1(tmp_path: Path) -> None:
     home = init_home(tmp_path / "home", default_peer=False)
     for value in ("nan", "NaN", "inf", "-inf", "0", "1.5", "-0.5"):

@@ -180,10 +180,19 @@ def scrub(home: Path | None, everything: bool, fraction: float | None) -> None:
                   highlight=False, markup=False)
     for name, why in report.skipped:
         out.print(f"skipped {name}: {why}", highlight=False, markup=False)
+    for name, why in report.wrong_key:
+        out.print(f"not opened {name}: {why}", highlight=False, markup=False)
     out.print(f"scrubbed {report.ok + len(report.damaged)} pack(s) "
               f"({human_size(report.bytes_read)} read): ok {report.ok}, damaged "
               f"{len(report.damaged)}, skipped {len(report.skipped)}", highlight=False)
-    if report.damaged:
+    if report.wrong_key:
+        err.print(f"error: {len(report.wrong_key)} pack(s) are wrapped for a site key this"
+                  " box does not hold; nothing was marked damaged", highlight=False,
+                  markup=False)
+        err.print("hint: check that secrets/site.key is this box's own site key"
+                  " (docs/operator-guide.md, \"Restore a lost box\")", highlight=False,
+                  markup=False)
+    if report.damaged or report.wrong_key:
         raise SystemExit(1)
 
 
