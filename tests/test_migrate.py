@@ -264,6 +264,9 @@ def test_run_options_out_of_range_are_refused_before_a_run_is_made(
         assert result.returncode == 2, result.stdout + result.stderr
         assert f"Invalid value for '{option}'" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+    ancient = box.cli("migrate", "start", "--from", "legacy", "--since", "0001-01-01",
+                      check=False)  # one row per day: 740,000 of them
+    assert ancient.returncode == 2 and "is before 1900-01-01" in ancient.stderr, ancient.stderr
     assert "no migration run yet" in box.cli("migrate", "status", check=False).stderr
 
 

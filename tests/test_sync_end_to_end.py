@@ -237,3 +237,6 @@ def test_sync_refuses_a_stable_after_that_is_not_a_number_of_seconds(
         assert result.returncode == 2, (value, result.stdout + result.stderr)
         assert "Invalid value for '--stable-after'" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and "replicated" not in result.stdout
+    agent = run_pacs_edge("sync", "--stable-after", "0", "--home", str(server.home),
+                          check=False)  # without --once it would be silently ignored
+    assert agent.returncode == 2 and "use it with --once" in agent.stderr, agent.stderr

@@ -54,6 +54,9 @@ def _reject_nan(ctx: click.Context, param: click.Parameter, value: float | None
 @expected_errors
 def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
     """Run the sync agent (replicate, evict, lifecycle, recall) until SIGTERM."""
+    if stable_after is not None and not once:
+        raise click.UsageError("--stable-after applies to one pass: use it with --once"
+                               " (the agent reads [sync] stable_after_seconds)")
     config = load(home)
     use_metrics_dir(config.home)  # before the agent's modules load prometheus-client
 

@@ -121,6 +121,9 @@ def check_peer(peer: Peer, via: str) -> None:
                  f" {peer.host} --port PORT --allow {','.join(sorted(set(needed) | peer.allow))}")
 
 
+EARLIEST_DAY = date(1900, 1, 1)
+
+
 def days_between(since: str, until: str) -> list[str]:
     """Every day from `since` to `until` (YYYYMMDD, inclusive)."""
     first, last = _day(since, "--since"), _day(until, "--until")
@@ -131,10 +134,14 @@ def days_between(since: str, until: str) -> list[str]:
 
 def _day(value: str, option: str) -> date:
     try:
-        return datetime.strptime(value.replace("-", ""), "%Y%m%d").date()
+        day = datetime.strptime(value.replace("-", ""), "%Y%m%d").date()
     except ValueError:
         raise MigrationError(f"{option} {value!r} is not a date",
                              hint="write dates as YYYY-MM-DD or YYYYMMDD") from None
+    if day < EARLIEST_DAY:  # one row per day is listed: year 1 would be 740,000 of them
+        raise MigrationError(f"{option} {value!r} is before {EARLIEST_DAY:%Y-%m-%d}",
+                             hint="no archive holds a study that old")
+    return day
 
 
 @dataclass(frozen=True)
