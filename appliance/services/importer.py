@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from appliance.base.errors import PacsEdgeError, RejectedInstance
+from appliance.base.errors import InvalidInstance, PacsEdgeError, RejectedInstance
 from appliance.services.ingest import IngestService
 from appliance.store.index import RecordOutcome
 
@@ -40,12 +40,6 @@ class ImportSummary:
     new_versions: int = 0
     bytes: int = 0
     rejected: list[tuple[Path, str]] = field(default_factory=list)
-
-
-class _NotImportable(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
@@ -72,23 +66,23 @@ def _not_regular(mode: int) -> str | None:
 
 def _open_regular(path: Path) -> BinaryIO:
     """`path` open for reading, if it is a regular file (through symlinks); else
-    _NotImportable with the reason. The type is checked before opening, so a FIFO is never
+    InvalidInstance with the reason. The type is checked before opening, so a FIFO is never
     opened, and again on the open file (O_NONBLOCK: a FIFO swapped in between cannot
     block the open), so what is read is the file that was checked."""
     try:
         reason = _not_regular(os.stat(path).st_mode)
         if reason is not None:
-            raise _NotImportable(reason)
+            raise InvalidInstance(reason)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno is None:
             raise
-        raise _NotImportable(_OPEN_REASONS.get(exc.errno) or (exc.strerror or "").lower()
+        raise InvalidInstance(_OPEN_REASONS.get(exc.errno) or (exc.strerror or "").lower()
                              or os.strerror(exc.errno)) from exc
     try:
         reason = _not_regular(os.fstat(fd).st_mode)
         if reason is not None:
-            raise _NotImportable(reason)
+            raise InvalidInstance(reason)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -108,8 +102,6 @@ async def import_files(
             with _open_regular(path) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 result = await ingest.ingest_file(fh, source_ae="import")
-        except _NotImportable as exc:
-            summary.rejected.append((path, exc.reason))
         except RejectedInstance as exc:
             summary.rejected.append((path, exc.reason))
         except FileNotFoundError:
