@@ -102,14 +102,8 @@ async def import_files(
             with _open_regular(path) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 result = await ingest.ingest_file(fh, source_ae="import")
-        except RejectedInstance as exc:
+        except RejectedInstance as exc:  # the input's open errors too (_open_regular)
             summary.rejected.append((path, exc.reason))
-        except FileNotFoundError:
-            summary.rejected.append((path, "file not found"))
-        except PermissionError:
-            summary.rejected.append((path, "permission denied"))
-        except IsADirectoryError:
-            summary.rejected.append((path, "is a directory"))
         except PacsEdgeError as exc:
             summary.rejected.append((path, exc.message))
         else:
