@@ -104,12 +104,15 @@ class DimseHandlers:
         why = peer.refusal(address=str(assoc.requestor.address), over_tls=is_tls(sock),
                            certificate=certificate)
         if why is not None:
-            # Rejected as an unknown calling AE: from this address, over this
-            # transport or with this certificate, it is one.
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # Logged before the peer hears of it, so whoever reads the log on the
+            # peer's failure finds the reason there; audited after, so a failing
+            # audit write cannot keep the reject from going out.
             ASSOCIATIONS.labels("rejected", "peer-refused").inc()
             log.warning("association rejected calling=%s address=%s reason=%s", calling,
                         assoc.requestor.address, why)
+            # Rejected as an unknown calling AE: from this address, over this
+            # transport or with this certificate, it is one.
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
             self.s.audit.association(assoc, accepted=False, reason=why)
             return
         if certificate is not None and certificate.not_after:
