@@ -84,9 +84,10 @@ def release_rq() -> bytes:
     return pdu_header(A_RELEASE_RQ, 4) + b"\0" * 4
 
 
-def abort_pdu() -> bytes:
-    """An A-ABORT from the service user."""
-    return pdu_header(A_ABORT, 4) + b"\0" * 4
+def abort_pdu(source: int = 0) -> bytes:
+    """An A-ABORT, from the service user unless `source` says otherwise (PS3.8 9.3.8:
+    0 user, 2 provider; anything else is invalid)."""
+    return pdu_header(A_ABORT, 4) + bytes([0, 0, source, 0])
 
 
 def pdu_header(pdu_type: int, length: int) -> bytes:

@@ -364,6 +364,35 @@ def test_an_association_request_with_an_even_context_id_is_aborted_not_a_dead_th
     echo_ok(server)
 
 
+@pytest.mark.parametrize("established", [False, True], ids=["awaiting-acceptance",
+                                                            "established"])
+def test_an_a_abort_with_an_invalid_source_ends_the_association_not_its_thread(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], established: bool,
+) -> None:
+    # Found by the DICOM fuzz (seed 25): pynetdicom decodes an A-ABORT whose source is
+    # not 0, 1 or 2, then its state machine's AA-3 fails to make the indication
+    # primitive: the association's thread died with a traceback.
+    server = short_timeouts_server
+    baseline_threads = threads(server.pid)
+    if established:
+        sock = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+        sock.sendall(rawpdu.abort_pdu(source=0x80))
+    else:
+        sock = rawpdu.connect(server.port, source=HOSTILE)
+        sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title)
+                     + rawpdu.abort_pdu(source=0x80))
+    sockets.append(sock)
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.closed_after is not None
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "invalid PDU from the peer: Invalid A-ABORT 'Source' value '128'" in log
+    assert wait_for_threads(server.pid, baseline_threads,
+                            deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
+    echo_ok(server)
+
+
 def test_a_request_its_context_does_not_serve_is_aborted_with_one_warning(
     short_timeouts_server: EdgeServer, sockets: list[socket.socket]
 ) -> None:

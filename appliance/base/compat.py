@@ -651,9 +651,10 @@ def note_transport_activity(dul: Any) -> None:
     dul._idle_timer.restart()
 
 
-# The events of A-ASSOCIATE-AC, -RJ and -RQ PDUs: their state machine actions (AE-3,
-# AE-4, AE-6) turn them into primitives, which validates what decoding did not.
-_ASSOCIATION_PDU_EVENTS = frozenset({"Evt3", "Evt4", "Evt6"})
+# The events of A-ASSOCIATE-AC, -RJ and -RQ and A-ABORT PDUs: their state machine
+# actions (AE-3, AE-4, AE-6, AA-3) turn them into primitives, which validates what
+# decoding did not (an even context ID, an A-ABORT source other than 0, 1 or 2).
+_ASSOCIATION_PDU_EVENTS = frozenset({"Evt3", "Evt4", "Evt6", "Evt16"})
 
 
 def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
@@ -661,11 +662,11 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     A-RELEASE-RQ) to the DUL's state machine, as `_read_pdu_data()` does with one it
     read: decode, event on `event_queue`, PDU on `_recv_pdu`; Evt19 if undecodable.
 
-    An association PDU counts as undecodable also when its primitive cannot be built:
-    pynetdicom decodes an even presentation context ID, say, and only its action
-    refused it, by raising in the state machine: the DUL thread ended with a
-    traceback, and the peer got no answer. The primitive built here is the one the
-    action takes (_keep_primitive)."""
+    An association or abort PDU counts as undecodable also when its primitive cannot
+    be built: pynetdicom decodes an even presentation context ID, or an A-ABORT from
+    source 128, and only its action refused it, by raising in the state machine: the
+    DUL thread ended with a traceback (and the peer of a request got no answer). The
+    primitive built here is the one the action takes (_keep_primitive)."""
     try:
         pdu, event = dul._decode_pdu(bytearray(raw))
         if event in _ASSOCIATION_PDU_EVENTS:
