@@ -30,6 +30,7 @@ Tree::
     │   ├── WrongKeyError         wrapped for another site key or reader
     │   └── PackSourceError       a local file changed under the pack writer
     ├── CloudCopyChanged          a pack in the cloud is not the one verified (cloud.py)
+    ├── VersionTaken              the cloud holds a study version the index does not (cloud.py)
     ├── EvictionNeedsEscrow       eviction refused: the site key has no escrow (escrow_gate.py)
     ├── NotEvictable              the study cannot be evicted yet (evict.py)
     ├── RecallFailed              a study could not be brought back from the cloud (recall.py)

@@ -43,10 +43,17 @@ from appliance.store.packs import PackRow
 from appliance.store.study_rows import InstanceRow, StudyRow
 from provisioning.keyring import SiteKeyring, load_keyring
 from provisioning.site_secrets import load_name_secret
-from sync.blobstore.base import BlobNotFound, BlobOffline, BlobRangeError, BlobStore, Tier
+from sync.blobstore.base import (
+    BlobExists,
+    BlobNotFound,
+    BlobOffline,
+    BlobRangeError,
+    BlobStore,
+    Tier,
+)
 from sync.crashpoints import crash_point
 from sync.pack import naming
-from sync.pack.data_keys import new_data_key, new_pack_id, wrap_for_site
+from sync.pack.data_keys import new_data_key, parse_key_object, wrap_for_site
 from sync.pack.manifest import (
     InstanceAttributes,
     Manifest,
@@ -58,7 +65,7 @@ from sync.pack.manifest import (
 )
 from sync.pack.pack_errors import PackError, PackIntegrityError, WrongKeyError
 from sync.pack.reader import read_instances, unpack_instances
-from sync.pack.segments import PackHeader, decrypt_range, plan_range
+from sync.pack.segments import HEADER_SIZE, PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
 from sync.sitekeys import site_object_names, unwrap_site_object
 
@@ -87,6 +94,21 @@ class CloudCopyChanged(PacsEdgeError):
         super().__init__(message, hint="nothing was deleted; run `pacs-edge scrub --all` to "
                          "read the packs back: an intact pack is recorded again, a damaged one "
                          "is uploaded again from the local copy")
+
+
+class VersionTaken(PacsEdgeError):
+    """A put found a blob of the version being uploaded: the cloud holds versions of the
+    study that the index does not know (an index rebuilt without `restore`, or a second
+    box writing to this container). Those blobs are another upload's: never deleted."""
+
+    def __init__(self, study_ref: str, version: int, highest: int) -> None:
+        super().__init__(
+            f"the cloud holds version {version} of study {study_ref} already (its highest "
+            f"there is {highest}), which this index does not know",
+            hint="the cloud's versions are left in place and the upload moves above them; "
+            "`pacs-edge restore` into a new data home reads every version")
+        self.version = version
+        self.highest = highest
 
 
 @dataclass(frozen=True)
@@ -135,30 +157,37 @@ class PackService:
     # --- upload ----------------------------------------------------------------
 
     async def upload(self, study: StudyRow, instances: list[InstanceRow],
-                     version: int) -> UploadedPack:
-        return await asyncio.to_thread(self._upload, study, instances, version)
+                     version: int, pack_id: bytes) -> UploadedPack:
+        """Put, then verify, version `version` of the study: its pack, manifest and site
+        key object, each carrying `pack_id`. VersionTaken when a blob of that version
+        exists already."""
+        return await asyncio.to_thread(self._upload, study, instances, version, pack_id)
 
     def _upload(self, study: StudyRow, instances: list[InstanceRow],
-                version: int) -> UploadedPack:
+                version: int, pack_id: bytes) -> UploadedPack:
         pack_name, manifest_name = self.names(study.study_uid, version)
-        data_key, pack_id = new_data_key(), new_pack_id()
+        data_key = new_data_key()
         writer = PackWriter(data_key, pack_id, self._segment_size)
         offsets = {}
         for row in instances:
             slot = writer.feed_file(self.files.absolute(row.path), _instance_attributes(row),
                                     dataset_offset=row.dataset_offset, dataset_sha256=row.sha256)
             offsets[row.id] = (slot.offset, slot.length)
-        pack_info = self.store.put(pack_name, _with_crash_point(writer.chunks()))
-        crash_point("upload:after-pack")
-        result = writer.result
-        manifest = writer.manifest(_study_attributes(study), study_version=version,
-                                   created_at=time.time())
-        sealed = seal_manifest(manifest, data_key)
-        wrapped = wrap_for_site(self._site_key, pack_id, data_key)
         key_name = self._key_name(study.study_uid, version)
-        manifest_info = self.store.put(manifest_name, [sealed])
-        crash_point("upload:after-manifest")
-        self.store.put(key_name, [wrapped])
+        try:
+            pack_info = self.store.put(pack_name, _with_crash_point(writer.chunks()))
+            crash_point("upload:after-pack")
+            result = writer.result
+            manifest = writer.manifest(_study_attributes(study), study_version=version,
+                                       created_at=time.time())
+            sealed = seal_manifest(manifest, data_key)
+            wrapped = wrap_for_site(self._site_key, pack_id, data_key)
+            manifest_info = self.store.put(manifest_name, [sealed])
+            crash_point("upload:after-manifest")
+            self.store.put(key_name, [wrapped])
+        except BlobExists as exc:
+            raise VersionTaken(logsafe.ref(study.study_uid), version,
+                               self._highest_version(study.study_uid)) from exc
         self._verify(pack_name, manifest_name, key_name, result.pack_size, result.pack_sha256,
                      {pack_name: pack_info.etag, manifest_name: manifest_info.etag},
                      {manifest_name: len(sealed), key_name: len(wrapped)})
@@ -271,17 +300,45 @@ class PackService:
 
     # --- clean-up ----------------------------------------------------------------------
 
-    async def delete_version(self, study_uid: str, version: int) -> None:
-        """Remove whatever exists of a version (a failed or interrupted upload)."""
+    def _highest_version(self, study_uid: str) -> int:
+        """The highest version of the study that any blob in the cloud names."""
+        prefix = naming.study_prefix(naming.study_key(self._name_secret, study_uid))
+        parsed = (naming.parse_blob_name(info.name) for info in self.store.list(prefix))
+        return max((name.version for name in parsed if name is not None), default=0)
+
+    async def delete_version(self, study_uid: str, version: int,
+                             upload_id: bytes | None) -> list[str]:
+        """Remove what a failed or interrupted upload wrote of a version: each of its
+        blobs that carries `upload_id` (any blob by the name when None: a pack row from
+        before upload ids were recorded). Returns the names left in place because another
+        upload wrote them."""
         pack_name, manifest_name = self.names(study_uid, version)
         names = [pack_name, manifest_name, self._key_name(study_uid, version)]
 
-        def delete() -> None:
+        def delete() -> list[str]:
+            kept = []
             for name in names:
                 with contextlib.suppress(BlobNotFound):
+                    if upload_id is not None and self._pack_id_of(name) != upload_id:
+                        kept.append(name)
+                        continue
                     self.store.delete(name)
+            return kept
 
-        await asyncio.to_thread(delete)
+        return await asyncio.to_thread(delete)
+
+    def _pack_id_of(self, name: str) -> bytes | None:
+        """The pack id a blob of a version carries in the clear, None when it is not a
+        pack, manifest or key object this format reads (so not one this box wrote)."""
+        kind = naming.parse_blob_name(name)
+        try:
+            if kind is not None and kind.kind == "pack":
+                return PackHeader.from_bytes(self.store.open_range(name, 0, HEADER_SIZE)).pack_id
+            if kind is not None and kind.kind == "manifest":
+                return manifest_pack_id(self.store.open_range(name))
+            return parse_key_object(self.store.open_range(name)).pack_id
+        except (PackError, BlobRangeError, BlobOffline):
+            return None
 
     # --- recall ----------------------------------------------------------------
 

@@ -31,6 +31,7 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
 
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     files = FileStore(config.store.path)
+    files.create_folders()
     audit = Auditor.for_home(config, process="sync")  # run_agent starts its flusher
     try:
         async with Index(config.index.path) as index:

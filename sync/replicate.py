@@ -13,7 +13,14 @@ Order per study, each step committed before the next:
     file that is gone, so a recall brings the late instances back too.
 A failure moves the study back to `local` first and then removes what was
 uploaded; when the cloud refuses that too, the `uploading` row stays and the
-next pass (sync.rollback) finishes the clean-up.
+next pass (sync.rollback) finishes the clean-up. What was uploaded is what
+carries the upload's pack id, recorded in step 1 before any put: a blob by the
+same name that another upload wrote is never deleted.
+
+The version is the index's next. When the cloud holds it already (VersionTaken:
+an index rebuilt by `fsck --repair` after it was lost, or a second box writing
+to the container), those blobs stay and the study is uploaded once more, above
+the highest version the cloud names.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from appliance.base import logsafe
 from appliance.base.metrics import REPLICATED_BYTES, REPLICATION_SECONDS, REPLICATIONS
 from appliance.store.leases import StudyLease
+from appliance.store.packs import UnverifiedPack
 from appliance.store.study_rows import StudyRow, stable_studies
 from appliance.store.tier_steps import (
     UploadPlan,
@@ -33,9 +41,11 @@ from appliance.store.tier_steps import (
     commit_pack,
     forget_pack,
 )
+from sync.cloud import VersionTaken
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
+from sync.pack.data_keys import new_pack_id
 from sync.readers import grant_study
 
 log = logging.getLogger(__name__)
@@ -55,18 +65,35 @@ async def replication_candidates(ctx: SyncContext, stable_after: float) -> list[
 
 
 async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | None:
+    try:
+        return await _replicate(ctx, study, lowest_version=1)
+    except VersionTaken as taken:
+        log.warning("the cloud holds versions of study=%s this index does not know; left in"
+                    " place, uploading above them version_taken=%d highest=%d",
+                    logsafe.ref(study.study_uid), taken.version, taken.highest)
+        return await _replicate(ctx, study, lowest_version=taken.highest + 1)
+
+
+async def _replicate(ctx: SyncContext, study: StudyRow, *,
+                     lowest_version: int) -> Replicated | None:
     assert ctx.index.writer is not None
     writer = ctx.index.writer
     lease = StudyLease(writer, study.id, "replicate")
+    upload_id = new_pack_id()
     plan = await writer.submit_sync(
-        lambda c: begin_upload(c, lease, study.id, lambda v: ctx.packs.names(study.study_uid, v)))
+        lambda c: begin_upload(c, lease, study.id, lambda v: ctx.packs.names(study.study_uid, v),
+                               upload_id, lowest_version=lowest_version))
     if plan is None:
         return None  # another pass packed them meanwhile
     started = time.monotonic()
     async with lease.kept():
         crash_point("replicate:before-upload")
         try:
-            uploaded = await ctx.packs.upload(study, plan.instances, plan.version)
+            uploaded = await ctx.packs.upload(study, plan.instances, plan.version,
+                                              plan.upload_id)
+        except VersionTaken:
+            await _abandon(ctx, lease, study, plan)
+            raise
         except BaseException:
             log.error("replication failed; rolling back study=%s version=%d",
                       logsafe.ref(study.study_uid), plan.version)
@@ -98,18 +125,23 @@ async def _abandon(ctx: SyncContext, lease: StudyLease, study: StudyRow, plan: U
     assert ctx.index.writer is not None
     if not plan.evicted:
         await ctx.index.writer.submit_sync(lambda c: abandon_upload(c, lease, study.id))
-    await delete_abandoned_pack(ctx, study.study_uid, plan.pack_id, plan.version)
+    await delete_abandoned_pack(
+        ctx, study.study_uid, UnverifiedPack(plan.pack_id, plan.version, plan.upload_id))
 
 
-async def delete_abandoned_pack(ctx: SyncContext, study_uid: str, pack_id: int,
-                                version: int) -> bool:
-    """Remove an unverified version's blobs, then its row; False when the cloud refused."""
+async def delete_abandoned_pack(ctx: SyncContext, study_uid: str, pack: UnverifiedPack) -> bool:
+    """Remove what the unverified version's upload wrote, then its row; False when the
+    cloud refused."""
     assert ctx.index.writer is not None
     try:
-        await ctx.packs.delete_version(study_uid, version)
+        kept = await ctx.packs.delete_version(study_uid, pack.version, pack.upload_id)
     except Exception as exc:  # whatever the cloud said, the row waits for the next pass
         log.error("clean-up of an unverified pack deferred study=%s version=%d error=%s",
-                  logsafe.ref(study_uid), version, getattr(exc, "message", type(exc).__name__))
+                  logsafe.ref(study_uid), pack.version,
+                  getattr(exc, "message", type(exc).__name__))
         return False
-    await ctx.index.writer.submit_sync(lambda c: forget_pack(c, pack_id))
+    if kept:
+        log.warning("clean-up left another upload's blobs of study=%s version=%d blobs=%d",
+                    logsafe.ref(study_uid), pack.version, len(kept))
+    await ctx.index.writer.submit_sync(lambda c: forget_pack(c, pack.id))
     return True

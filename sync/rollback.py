@@ -54,8 +54,8 @@ async def recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
     lease = StudyLease(ctx.index.writer, study_id, "recover")
     undone = await ctx.index.writer.submit_sync(lambda c: take_and_roll_back(c, lease, study_id))
     async with lease.kept():
-        for pack_id, version in undone.packs:
-            await delete_abandoned_pack(ctx, study_uid, pack_id, version)
+        for pack in undone.packs:
+            await delete_abandoned_pack(ctx, study_uid, pack)
         if undone.leftovers:
             await drop_local_files(ctx, lease, undone.leftovers)
     log.info("rolled back study=%s was=%s unverified_packs=%d", logsafe.ref(study_uid),

@@ -46,9 +46,16 @@ class FileStore:
         self._folder_syncs = SharedFolderSync()
 
     def prepare(self) -> int:
-        """Create the folders and remove crash leftovers; return how many were removed."""
-        ensure_dir(self.spool_dir)
+        """Create the folders and remove crash leftovers; return how many were removed.
+        Only for the process that owns the store's writes at start-up (serve, import,
+        migrate): the sweep would take another process's files being received."""
+        self.create_folders()
         return sweep_temp_files(self.root)
+
+    def create_folders(self) -> None:
+        """Create the store and its spool folder, as a process that writes into a store
+        it may be the first to use needs (the sync agent's recalls after a restore)."""
+        ensure_dir(self.spool_dir)
 
     def new_spool(self) -> SpoolFile:
         return SpoolFile(self.spool_dir)

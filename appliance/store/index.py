@@ -99,9 +99,9 @@ class Index:
             if isinstance(exc, sqlite3.DatabaseError):  # not a database, malformed
                 raise IndexUnavailable(
                     f"the index {self.path} is damaged: {exc}",
-                    hint="stop serve and sync and keep a copy of the file; `pacs-edge"
-                    " restore` rebuilds an index from the cloud copies (docs/operator-guide.md,"
-                    " \"Restore a lost box\")") from exc
+                    hint="stop serve and sync and move the file away; `pacs-edge restore`,"
+                    " then `pacs-edge fsck --repair`, rebuild it from the cloud copies and the"
+                    " store (docs/operator-guide.md, \"A lost or damaged index\")") from exc
             raise
         self.writer = database.Writer(self._writer_conn, window_ms=self._window)
         self.writer.start()

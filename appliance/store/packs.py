@@ -81,13 +81,23 @@ async def verified_packs(index: Index) -> list[PackRow]:
         index.reader, _packs, f"{_PACK_SQL} WHERE p.state = 'verified' ORDER BY p.id")
 
 
-def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[tuple[int, int]]:
-    """(id, version) of a study's pack rows still `uploading`: unverified versions that a
-    failed or killed upload left (their blobs may exist in part)."""
+@dataclass(frozen=True)
+class UnverifiedPack:
+    """A pack row still `uploading`: a version whose blobs may exist in part."""
+
+    id: int
+    version: int
+    upload_id: bytes | None  # the pack id its blobs carry (None: a row from before migration 13)
+
+
+def uploading_packs(conn: sqlite3.Connection, study_id: int) -> list[UnverifiedPack]:
+    """A study's pack rows still `uploading`: unverified versions that a failed or killed
+    upload left."""
     rows = conn.execute(
-        "SELECT id, version FROM packs WHERE study_fk = ? AND state = 'uploading'",
+        "SELECT id, version, upload_id FROM packs WHERE study_fk = ? AND state = 'uploading'",
         (study_id,)).fetchall()
-    return [(int(r[0]), int(r[1])) for r in rows]
+    return [UnverifiedPack(int(r[0]), int(r[1]), bytes.fromhex(r[2]) if r[2] else None)
+            for r in rows]
 
 
 def _manifest_names(conn: sqlite3.Connection) -> set[str]:

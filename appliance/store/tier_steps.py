@@ -21,7 +21,7 @@ from typing import Protocol
 from appliance.base.errors import PacsEdgeError
 from appliance.store import database
 from appliance.store.leases import StudyLease
-from appliance.store.packs import uploading_packs
+from appliance.store.packs import UnverifiedPack, uploading_packs
 from appliance.store.recall_requests import finish_request
 from appliance.store.study_rows import InstanceRow, evicted_instances, instances_to_pack
 from appliance.store.tiering import TierState, Trigger, apply_sync, state_of
@@ -42,6 +42,7 @@ class UploadPlan:
     version: int
     evicted: bool
     instances: list[InstanceRow]
+    upload_id: bytes  # the pack id the upload writes into its blobs
 
 
 class UploadResult(Protocol):
@@ -62,12 +63,16 @@ class UploadResult(Protocol):
 
 
 def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
-                 names: Callable[[int], tuple[str, str]]) -> UploadPlan | None:
+                 names: Callable[[int], tuple[str, str]], upload_id: bytes, *,
+                 lowest_version: int = 1) -> UploadPlan | None:
     """Take the lease, move `local -> replicating` (an evicted study stays `evicted`: only
     its late instances are uploaded), insert the `uploading` pack row a crash leaves for
     the roll-back, and read the instances to upload; None when there is nothing to do.
 
-    `names(version)` gives the pack's and the manifest's blob names."""
+    `names(version)` gives the pack's and the manifest's blob names; `upload_id` is the
+    pack id the upload will write into its blobs, recorded so that a clean-up deletes
+    only blobs that carry it. The version is the next after the index's last one, and at
+    least `lowest_version` (above versions the cloud holds and the index does not)."""
     lease.take(conn)
     instances = instances_to_pack(conn, study_id)
     if not instances:
@@ -80,15 +85,15 @@ def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
     if not evicted:
         apply_sync(conn, study_id, Trigger.REPLICATE, expect=TierState.LOCAL)
     version = int(database.query_one(
-        conn, "SELECT COALESCE(MAX(version), 0) + 1 FROM packs WHERE study_fk = ?",
-        (study_id,))[0])
+        conn, "SELECT MAX(COALESCE(MAX(version), 0) + 1, ?) FROM packs WHERE study_fk = ?",
+        (lowest_version, study_id))[0])
     pack_name, manifest_name = names(version)
     pack_id = database.query_one(
         conn,
-        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, created_at)"
-        " VALUES (?, ?, ?, ?, ?) RETURNING id",
-        (study_id, version, pack_name, manifest_name, time.time()))[0]
-    return UploadPlan(int(pack_id), version, evicted, instances)
+        "INSERT INTO packs (study_fk, version, pack_name, manifest_name, created_at, upload_id)"
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (study_id, version, pack_name, manifest_name, time.time(), upload_id.hex()))[0]
+    return UploadPlan(int(pack_id), version, evicted, instances, upload_id)
 
 
 def abandon_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
@@ -196,7 +201,7 @@ def mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
 @dataclass(frozen=True)
 class RolledBack:
     was: str                             # the state found
-    packs: list[tuple[int, int]]         # unverified packs as (id, version)
+    packs: list[UnverifiedPack]          # unverified versions whose blobs may exist
     leftovers: list[str]                 # files of non-local instances a killed recall wrote
 
 

@@ -1,0 +1,147 @@
+"""An index rebuilt without `restore` never costs the cloud a version it holds.
+
+The box loses its index (deleted, or damaged and moved away) while the store
+still holds a study's late instance; `fsck --repair` adopts the file into a new,
+empty index, so the index's next version of that study is 1 again, a version
+the cloud already holds, and there the only copy of the evicted instances.
+The sync agent must leave every blob of that version in place (it was another
+upload's), upload the late instance above it, and a restore into a new data
+home must then bring back every instance the box ever acknowledged.
+
+Real processes throughout: `pacs-edge import`, `sync --once` (also killed by
+SIGKILL mid-pass), `evict`, `fsck --repair`, `init`, `restore` and `recall`;
+the cloud is a local folder or a real Azurite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import dicomgen
+import pytest
+from conftest import init_home, pacs_edge_command, run_pacs_edge
+from syncagent import evict, import_files, index_rows, sent_hashes, stored_hashes, sync_once
+
+
+def cloud_contents(home: Path) -> dict[str, str]:
+    """Name -> SHA-256 of every study blob, read through the product's blob store."""
+    from appliance.base.config import load_config
+    from sync.blobstore.factory import open_blob_store
+
+    config = load_config(home)
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        return {info.name: hashlib.sha256(store.open_range(info.name)).hexdigest()
+                for info in store.list("studies/")}
+    finally:
+        store.close()
+
+
+def configure_cloud(home: Path, cloud: str | None, credentials: str | None) -> None:
+    """Point the home at `cloud` (None: leave the default, which restore records)."""
+    import tomlkit
+
+    config = home / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    if cloud is not None:
+        doc["cloud"]["url"] = cloud  # type: ignore[index]
+    if credentials is not None:
+        secret = home / "secrets" / "azure.conn"
+        secret.write_text(credentials)
+        secret.chmod(0o600)
+        doc["cloud"]["credentials_file"] = str(secret)  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+
+
+@pytest.mark.parametrize("killed_first", [False, True], ids=["straight", "killed-mid-upload"])
+@pytest.mark.parametrize("backend", ["local", "azurite"])
+def test_an_index_rebuilt_by_fsck_leaves_the_clouds_versions_and_uploads_above_them(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, killed_first: bool,
+) -> None:
+    if backend == "azurite":
+        cloud, credentials = f"azure://rebuilt-{uuid.uuid4().hex[:12]}", \
+            request.getfixturevalue("azurite")
+    else:
+        cloud, credentials = f"file://{tmp_path / 'cloud'}", None
+    home = init_home(tmp_path / "home")
+    configure_cloud(home, cloud, credentials)
+    study = dicomgen.make_studies(tmp_path / "study", seed=71, series_per_study=2,
+                                  instances_per_series=3, size=64)
+    *first, late = study
+    import_files(home, *first)
+    sync_once(home)
+    evict(home, study[0].study_uid)  # the cloud's version 1 is the only copy of `first`
+    import_files(home, late)
+    before = cloud_contents(home)
+    assert len(before) == 3  # pack, manifest and site key object of version 1
+
+    # The index is lost; fsck --repair adopts the late instance into a new one.
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    adopted = run_pacs_edge("fsck", "--repair", "--home", str(home)).stdout
+    assert adopted.count("adopted: ") == 1
+    if killed_first:
+        # Killed with an `uploading` row for version 1: the restarted agent's roll-back
+        # must not take that row's name for its blobs either.
+        proc = subprocess.run(
+            [*pacs_edge_command(), "sync", "--once", "--stable-after", "0", "--home", str(home)],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PACS_EDGE_CRASH_AT": "replicate:before-upload"})
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    result = sync_once(home)
+    assert "replicated 1 study version(s)" in result.stdout, result.stdout + result.stderr
+    assert "this index does not know; left in place" in result.stderr
+
+    after = cloud_contents(home)
+    assert {name: after[name] for name in before} == before  # version 1 untouched
+    assert len(after) == 6 and all("/v000002" in name for name in after.keys() - before.keys())
+    assert index_rows(home, "SELECT version, state FROM packs") == [(2, "verified")]
+
+    # A new data home restored from the cloud holds every instance ever acknowledged.
+    new_home = tmp_path / "new-home"
+    (new_home / "secrets").mkdir(parents=True)
+    for secret in ("site.key", "names.key"):  # what `keys recover` would write
+        shutil.copy2(home / "secrets" / secret, new_home / "secrets" / secret)
+    init_home(new_home)
+    configure_cloud(new_home, None, credentials)
+    restored = run_pacs_edge("restore", "--home", str(new_home), "--cloud", cloud).stdout
+    assert "restored 2 pack version(s) of 1 study(ies), 6 instance(s)" in restored
+    run_pacs_edge("recall", study[0].study_uid, "--home", str(new_home))
+    assert stored_hashes(new_home) == sent_hashes(study)
+
+
+def test_the_operator_guides_rebuild_of_a_lost_index_brings_back_every_study(
+    tmp_path: Path,
+) -> None:
+    """docs/operator-guide.md, "A lost or damaged index": restore, then fsck --repair,
+    on the same data home, for a study evicted, one replicated and still local, and
+    one never replicated."""
+    home = init_home(tmp_path / "home")
+    cloud = f"file://{tmp_path / 'cloud'}"
+    configure_cloud(home, cloud, None)
+    evicted, replicated, never = (
+        dicomgen.make_studies(tmp_path / name, seed=seed, series_per_study=1,
+                              instances_per_series=3, size=64)
+        for name, seed in (("evicted", 72), ("replicated", 73), ("never", 74)))
+    import_files(home, *evicted, *replicated)
+    sync_once(home)
+    evict(home, evicted[0].study_uid)
+    import_files(home, *never)
+
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    restored = run_pacs_edge("restore", "--home", str(home), "--cloud", cloud).stdout
+    assert "restored 2 pack version(s) of 2 study(ies), 6 instance(s)" in restored
+    adopted = run_pacs_edge("fsck", "--repair", "--home", str(home)).stdout
+    assert adopted.count("adopted: ") == 3
+    assert "replicated 1 study version(s)" in sync_once(home).stdout
+    for study in (evicted, replicated):
+        run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
+    assert stored_hashes(home) == sent_hashes([*evicted, *replicated, *never])
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
