@@ -184,3 +184,26 @@ def test_a_peer_that_aborts_mid_data_set_leaves_no_spool(
     sock.sendall(rawpdu.pdu_header(rawpdu.A_ABORT, 4) + b"\0\0\0\0")
     assert _spool_files_once_settled(edge_server) == []
     assert _instances(edge_server) == 0
+
+
+@pytest.mark.parametrize("command", [("import",), ("fsck", "--repair")])
+def test_a_command_run_meanwhile_leaves_a_data_set_being_received(
+        edge_server: EdgeServer, sock: socket.socket, ct_instance: tuple[str, bytes],
+        small_study: list[dicomgen.GeneratedInstance], command: tuple[str, ...]) -> None:
+    # `pacs-edge import` and `fsck --repair` swept the store's `*.part` files as crash
+    # leftovers, serve's spool files too: the C-STORE being received failed at its commit.
+    uid, data = ct_instance
+    half = len(data) // 2
+    sock.sendall(_pdu((1, COMMAND | LAST, rawpdu.c_store_command_set(uid)),
+                      (1, DATA, data[:half])))
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    while not _spool_files(edge_server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _spool_files(edge_server)
+    other = next(i for i in small_study if str(i.sop_instance_uid) != uid)
+    args = [*command, str(other.path)] if command == ("import",) else list(command)
+    edge_server.cli(*args, check=False)
+    sock.sendall(_pdu((1, DATA | LAST, data[half:])))
+    response = _response(sock)
+    assert response.Status == 0
+    assert _stored_dataset(edge_server, uid) == data

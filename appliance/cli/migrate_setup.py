@@ -40,7 +40,7 @@ def legacy_source(config: Config, settings: RunSettings, index: Index,
     receiver = None
     if settings.via == "get":
         files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
-        files.prepare()
+        files.create_folders()  # no sweep: serve may be receiving into the spool
         spools = SpoolRouter(files)
         spools.install()
         receiver = GetReceiver(

@@ -306,7 +306,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
 
     async def run() -> Any:
         store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
-        store.prepare()
+        store.create_folders()  # no sweep: serve may be receiving into the spool
         async with Index(config.index.path) as index:
             with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
                           TimeRemainingColumn(), console=err, transient=True) as progress, \

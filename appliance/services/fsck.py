@@ -5,7 +5,9 @@
   Instance UID is unknown, as a prior version when the index holds other content.
 - An index row without its file is flagged for every study that is not
   evicted: that must never happen, and fsck does not paper over it.
-- With `--repair`, temp files left by a crash are removed.
+- With `--repair`, temp files left by a crash are removed: those untouched for
+  TEMP_FILE_AGE, since serve may be running and a newer one may be a transfer it
+  is receiving (serve's start-up removes them all: then nothing else writes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from appliance.services.ingest import hash_dataset
 from appliance.store.files import FileStore
 from appliance.store.index import Index, StoredFile
 from appliance.store.spool import dataset_offset
+
+# A file being received is written at least once per network_timeout (60 s by
+# default); one untouched for an hour is a crash's.
+TEMP_FILE_AGE = 3600.0
 
 
 @dataclass
@@ -40,7 +46,7 @@ class FsckReport:
 async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
     report = FsckReport()
     if repair:
-        report.temp_files_removed = sweep_temp_files(files.root)
+        report.temp_files_removed = sweep_temp_files(files.root, older_than=TEMP_FILE_AGE)
     known = await index.known_paths()
     on_disk = set(await asyncio.to_thread(lambda: list(files.iter_files())))
     report.orphan_files = sorted(on_disk - set(known))

@@ -47,14 +47,15 @@ class FileStore:
 
     def prepare(self) -> int:
         """Create the folders and remove crash leftovers; return how many were removed.
-        Only for the process that owns the store's writes at start-up (serve, import,
-        migrate): the sweep would take another process's files being received."""
+        Only for serve's start-up, when nothing else writes: the sweep would take
+        another process's files being received."""
         self.create_folders()
         return sweep_temp_files(self.root)
 
     def create_folders(self) -> None:
-        """Create the store and its spool folder, as a process that writes into a store
-        it may be the first to use needs (the sync agent's recalls after a restore)."""
+        """Create the store and its spool folder, for a process that writes into the
+        store while serve may be running (import, migrate, the sync agent's recalls;
+        after a restore, before serve ever ran)."""
         ensure_dir(self.spool_dir)
 
     def new_spool(self) -> SpoolFile:
