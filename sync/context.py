@@ -10,6 +10,7 @@ from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.pairing import check_pairing
 from sync.blobstore.base import BlobStore
 from sync.cloud import PackService
 from sync.sitekeys import site_keys_in_use
@@ -35,6 +36,7 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
     audit = Auditor.for_home(config, process="sync")  # run_agent starts its flusher
     try:
         async with Index(config.index.path) as index:
+            await check_pairing(index, files)
             with site_keys_in_use(config.home):  # no key rotation meanwhile
                 yield SyncContext(config, index, files, store,
                                   PackService.for_home(config, store, files), audit)

@@ -1,14 +1,22 @@
 """A damaged index file: every command that opens it, and `serve`, says so in one
 line and exits; none prints a traceback, and none hangs on the connection thread
-that was open when SQLite found the damage."""
+that was open when SQLite found the damage.
+
+A lost index (deleted, truncated to 0 bytes: SQLite takes either as a new, empty
+database) is refused by `serve`, the sync agent and `import` until the rebuild of
+docs/operator-guide.md ("A lost or damaged index") pairs a new one with the store
+(appliance/store/pairing.py)."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
+import dicomgen
 import pytest
 from conftest import init_home, run_pacs_edge
+from syncagent import import_files, sync_once
 
 EXIT_WITHIN = 60.0  # seconds; the hang this guards against never ended
 
@@ -38,3 +46,64 @@ def test_a_damaged_index_is_one_error_line_and_an_exit(tmp_path: Path, how: str,
     assert "Traceback" not in output
     assert "index.sqlite3" in output and ("is damaged" in output
                                           or "cannot be opened" in output), output
+
+
+def _lose(home: Path, how: str) -> None:
+    for name in ("index.sqlite3", "index.sqlite3-wal", "index.sqlite3-shm"):
+        (home / name).unlink(missing_ok=True)
+    if how == "emptied":
+        (home / "index.sqlite3").write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_a_lost_index_is_refused_until_the_rebuild_pairs_a_new_one(
+        tmp_path: Path, how: str) -> None:
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_studies(tmp_path / "study", seed=81, series_per_study=1,
+                                  instances_per_series=2, size=64)
+    import_files(home, *study[:1])
+    sync_once(home)
+    _lose(home, how)
+    for command in (("serve",), ("sync", "--once"), ("import", str(study[1].path))):
+        result = run_pacs_edge(*command, "--home", str(home), check=False,
+                               timeout=EXIT_WITHIN)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, (command, output)
+        assert "Traceback" not in output
+        assert "belongs to an index that is gone" in output, (command, output)
+        assert "A lost or damaged index" in output
+    restored = run_pacs_edge("restore", "--home", str(home)).stdout
+    assert "restored 1 pack version(s)" in restored
+    assert run_pacs_edge("sync", "--once", "--home", str(home), check=False).returncode == 2
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    sync_once(home)
+    import_files(home, study[1])
+
+
+def test_an_empty_index_next_to_stored_files_is_refused_even_without_ids(
+        tmp_path: Path) -> None:
+    """A box from before the ids whose index was lost: neither side has an id, and the
+    index holds nothing the store holds."""
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_studies(tmp_path / "study", seed=82, series_per_study=1,
+                                  instances_per_series=1, size=64)
+    import_files(home, *study)
+    (home / "store" / ".index-id").unlink()
+    _lose(home, "deleted")
+    result = run_pacs_edge("sync", "--once", "--home", str(home), check=False)
+    assert result.returncode == 2
+    assert "holds no instance, but the store" in result.stderr, result.stderr
+
+
+def test_a_box_from_before_the_ids_is_paired_at_its_first_start(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_studies(tmp_path / "study", seed=83, series_per_study=1,
+                                  instances_per_series=1, size=64)
+    import_files(home, *study)
+    (home / "store" / ".index-id").unlink()
+    db = sqlite3.connect(home / "index.sqlite3")
+    with db:
+        db.execute("DELETE FROM index_identity")
+    db.close()
+    sync_once(home)
+    assert len((home / "store" / ".index-id").read_text()) == 32

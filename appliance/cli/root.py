@@ -300,6 +300,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
     from appliance.services.ingest import IngestService
     from appliance.store.files import FileStore
     from appliance.store.index import Index
+    from appliance.store.pairing import check_pairing
 
     config = load(home)
     files = sorted(set(expand_paths(paths)))
@@ -308,6 +309,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
         store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
         store.create_folders()  # no sweep: serve may be receiving into the spool
         async with Index(config.index.path) as index:
+            await check_pairing(index, store)
             with Progress(TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
                           TimeRemainingColumn(), console=err, transient=True) as progress, \
                     Auditor.for_home(config, process="cli") as auditor:
@@ -333,16 +335,24 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
 @click.option("--repair", is_flag=True, help="Adopt files that have no index row.")
 @expected_errors
 def fsck(home: Path | None, repair: bool) -> None:
-    """Check that the file store and the index agree."""
+    """Check that the file store and the index agree.
+
+    With --repair, also the rebuild of a lost index (after `restore`): the index is
+    the one of this store from then on (appliance/store/pairing.py)."""
     from appliance.services.fsck import fsck as run_fsck
     from appliance.store.files import FileStore
     from appliance.store.index import Index
+    from appliance.store.pairing import pair
 
     config = load(home)
 
     async def run() -> Any:
+        files = FileStore(config.store.path)
         async with Index(config.index.path) as index:
-            return await run_fsck(FileStore(config.store.path), index, repair=repair)
+            report = await run_fsck(files, index, repair=repair)
+            if repair:
+                await pair(index, files)
+            return report
 
     report = asyncio.run(run())
     for path in report.orphan_files:

@@ -53,6 +53,7 @@ from appliance.services.users import UserService
 from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.pairing import check_pairing
 from provisioning.certs import TlsPaths
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ async def serve(
         if swept:
             log.info("removed temp files left by an earlier crash count=%d", swept)
     async with Index(config.index.path, commit_window_ms=config.index.commit_window_ms) as index:
+        if worker is None:
+            await check_pairing(index, files)  # before recovery would adopt a lost index's files
         if not clean_start:
             log.info("previous run did not stop cleanly: reconciling store and index")
             await recover(files, index)

@@ -32,6 +32,7 @@ from appliance.base.notify import Notifier
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.pairing import check_pairing
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def run_workers(config: Config) -> None:
     if swept:
         log.info("removed temp files left by an earlier crash count=%d", swept)
     first_start = not config.index.path.exists()
-    if not begin_run(config.home) and not first_start:
-        asyncio.run(_recover(config, files))
+    asyncio.run(_reconcile(config, files, recover_first=not begin_run(config.home)
+                           and not first_start))
     reservation = reserve_port(config.dicom.host, config.dicom.port)
     port = reservation.getsockname()[1]
     config = dataclasses.replace(config, dicom=dataclasses.replace(config.dicom, port=port))
@@ -125,10 +126,14 @@ def run_workers(config: Config) -> None:
         log.info("stopped")
 
 
-async def _recover(config: Config, files: FileStore) -> None:
-    log.info("previous run did not stop cleanly: reconciling store and index")
+async def _reconcile(config: Config, files: FileStore, *, recover_first: bool) -> None:
+    """Refuse a lost index (appliance.store.pairing); after an unclean stop, reconcile
+    the store and the index before any worker starts."""
     async with Index(config.index.path) as index:
-        await recover(files, index)
+        await check_pairing(index, files)
+        if recover_first:
+            log.info("previous run did not stop cleanly: reconciling store and index")
+            await recover(files, index)
 
 
 def _wait_ready(workers: dict[int, BaseProcess], ready: Any, stopping: Any) -> None:
