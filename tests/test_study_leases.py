@@ -10,6 +10,7 @@ rolled back under its own feet.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -188,3 +189,43 @@ async def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(tmp_path
             await stalled.check()
     finally:
         await index.close()
+
+
+def _new_content(instance: dicomgen.GeneratedInstance, path: Path) -> Path:
+    """The same SOP Instance UID with other content: a modality's corrected re-send."""
+    import pydicom
+
+    dataset = pydicom.dcmread(instance.path)
+    dataset.ImageComments = "corrected and sent again"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["local", "evicted"])
+def test_new_content_stored_during_an_upload_is_not_taken_for_the_packed_one(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]], tmp_path: Path, evicted: bool,
+) -> None:
+    """The superseding row may get the superseded row's id (SQLite reuses the highest
+    rowid after a delete): the upload's commit took the new content for the packed one,
+    so it was never uploaded, eviction deleted its only copy, and a recall failed."""
+    home, instances = study
+    uid = instances[0].study_uid
+    last = instances[-1]
+    resent = _new_content(last, tmp_path / "resent.dcm")
+    import_files(home, *instances[:-1])
+    if evicted:  # the last instance is then a late one, whose file the commit deletes
+        sync_once(home)
+        run_pacs_edge("evict", uid, "--home", str(home))
+    import_files(home, last)
+    with paused(home, "replicate:before-commit", "sync", "--once", "--stable-after", "0"):
+        run_pacs_edge("import", "--home", str(home), str(resent))
+    assert_fsck_clean(home)
+    sync_once(home)  # uploads the new content as the next version
+    if not evicted:
+        run_pacs_edge("evict", uid, "--home", str(home))
+    run_pacs_edge("recall", uid, "--home", str(home))
+    ((path, sha256),) = index_rows(home, "SELECT path, sha256 FROM instances WHERE sop_uid ="
+                                   f" '{last.sop_instance_uid}' AND is_local = 1")
+    assert sha256 == hashlib.sha256(dicomgen.dataset_bytes(resent)).hexdigest()
+    assert dicomgen.dataset_bytes(home / "store" / str(path)) == dicomgen.dataset_bytes(resent)
+    assert_fsck_clean(home)

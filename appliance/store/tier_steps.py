@@ -122,13 +122,17 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
     )
     # An evicted study's late instances leave local disk in this same transaction. A row
     # superseded during the upload (new content, same SOP Instance UID) is not updated, so
-    # its file, now a prior version, is kept.
+    # its file, now a prior version, is kept, and the new content waits for the next
+    # version. The row is matched by its content too: the superseding row is a new row,
+    # but SQLite may give it the id the superseded one had (the highest id, deleted).
+    packed = {row.id: row for row in plan.instances}
     gone = []
     for instance_id, (offset, length) in uploaded.offsets.items():
         row = database.query_one(
             conn, "UPDATE instances SET pack_fk = ?, pack_offset = ?, pack_length = ?,"
-            " is_local = ? WHERE id = ? RETURNING path",
-            (plan.pack_id, offset, length, 0 if plan.evicted else 1, instance_id))
+            " is_local = ? WHERE id = ? AND sha256 = ? AND path = ? RETURNING path",
+            (plan.pack_id, offset, length, 0 if plan.evicted else 1, instance_id,
+             packed[instance_id].sha256, packed[instance_id].path))
         if row is not None and plan.evicted:
             gone.append(row[0])
     if plan.evicted:
@@ -187,8 +191,10 @@ def mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
     """Every recalled instance is on disk, verified: set them local, commit
     `recalling -> replicated`, count it as an access and close a pending request."""
     lease.fence(conn)
-    conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ?",
-                     [(row.id,) for row in recalled])
+    # Matched by content too, as in commit_pack: a row superseded during the recall is
+    # not the one whose file was written.
+    conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ? AND sha256 = ? AND path = ?",
+                     [(row.id, row.sha256, row.path) for row in recalled])
     apply_sync(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
     now = time.time()
     conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
