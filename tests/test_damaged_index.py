@@ -107,3 +107,20 @@ def test_a_box_from_before_the_ids_is_paired_at_its_first_start(tmp_path: Path) 
     db.close()
     sync_once(home)
     assert len((home / "store" / ".index-id").read_text()) == 32
+
+
+def test_force_new_keys_is_refused_while_the_cloud_holds_studies_the_index_does_not(
+        tmp_path: Path) -> None:
+    """With the index moved away for a rebuild, the index counted no pack and a new site
+    key replaced the one every version in the cloud is wrapped with."""
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_studies(tmp_path / "study", seed=84, series_per_study=1,
+                                  instances_per_series=1, size=64)
+    import_files(home, *study)
+    sync_once(home)
+    site_key = (home / "secrets" / "site.key").read_bytes()
+    _lose(home, "deleted")
+    result = run_pacs_edge("init", "--home", str(home), "--force-new-keys", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "refusing --force-new-keys: the cloud holds study versions" in result.stderr
+    assert (home / "secrets" / "site.key").read_bytes() == site_key

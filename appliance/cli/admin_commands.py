@@ -36,13 +36,15 @@ san_option = click.option(
 def provision_on_init(home: Path, *, force_new_keys: bool, cert_days: int, ca_days: int,
                       sans: tuple[str, ...]) -> list[str]:
     """init's provisioning: the site id, CA and node certificate, and with `force_new_keys`
-    a new site key and name secret (refused while the index records packs in the cloud)."""
+    a new site key and name secret (refused while the index records packs in the cloud,
+    or the cloud holds study versions: the index may be lost or rebuilt)."""
     created: list[str] = []
     if force_new_keys:
         packs = asyncio.run(_pack_count(home))
-        if packs:
+        if packs or _cloud_holds_studies(home):
+            held = f"{packs} pack(s)" if packs else "study versions"
             raise PacsEdgeError(
-                f"refusing --force-new-keys: the cloud holds {packs} pack(s) wrapped "
+                f"refusing --force-new-keys: the cloud holds {held} wrapped "
                 "with the current site key, which a new key could not open",
                 hint="rotate instead: `pacs-edge keys rotate` makes a new site key and "
                 "re-wraps every pack under it")
@@ -51,6 +53,22 @@ def provision_on_init(home: Path, *, force_new_keys: bool, cert_days: int, ca_da
     created += [str(path) for path in site_certs.provision_tls(
         home, ca_days=ca_days, node_days=cert_days, extra_sans=sans)]
     return created
+
+
+def _cloud_holds_studies(home: Path) -> bool:
+    """Whether the home's cloud holds any study blob (the index alone may not know:
+    moved away in a rebuild). A cloud that cannot be listed refuses, by its error."""
+    from sync.blobstore.factory import open_blob_store
+    from sync.pack import naming
+
+    if not (home / CONFIG_FILE).exists():
+        return False
+    config = load_config(home)
+    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        return next(iter(store.list(naming.STUDIES_PREFIX)), None) is not None
+    finally:
+        store.close()
 
 
 async def _pack_count(home: Path) -> int:
