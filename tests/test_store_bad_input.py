@@ -109,3 +109,25 @@ def test_malformed_traffic_is_dropped_and_the_server_keeps_serving(
         while sock.recv(4096):  # the server answers (A-ABORT) or just closes; never hangs
             pass
     assert edge_server.echo().ok
+
+
+def test_an_instance_whose_series_belongs_to_another_study_is_refused(
+    edge_server: EdgeServer, tmp_path: Path,
+) -> None:
+    """It was filed under the other study (the series row kept its study): the C-STORE
+    succeeded, a C-GET of its own study found nothing, one of the other study found it."""
+    first = dicomgen.make_study(tmp_path / "first", seed=91, series_per_study=1,
+                                instances_per_series=1, size=16)[0]
+    other = dicomgen.make_study(tmp_path / "other", seed=92, series_per_study=1,
+                                instances_per_series=1, size=16)[0]
+    dataset = pydicom.dcmread(other.path)
+    dataset.SeriesInstanceUID = first.header.SeriesInstanceUID
+    borrowed = tmp_path / "borrowed-series.dcm"
+    dataset.save_as(borrowed, enforce_file_format=True)
+    assert send_raw(edge_server, first.path) == SUCCESS
+    assert send_raw(edge_server, borrowed) == CANNOT_UNDERSTAND
+    assert instance_count(edge_server) == 1
+    assert len(list((edge_server.home / "store").rglob("*.dcm"))) == 1
+    assert "Series Instance UID belongs to another study" in edge_server.log()
+    fsck = edge_server.cli("fsck")
+    assert "consistent" in fsck.stdout

@@ -3,8 +3,9 @@
 Both ways a study enters the index go through these upserts: an instance
 received (appliance.store.index, one instance at a time, counts kept in the
 same transaction) and a pack version restored from the cloud (sync.restore,
-evicted instances pointing at their pack, counts recomputed after). One
-statement per table, so a column added to the schema is added once.
+instances pointing at their pack, local when the store still holds their file,
+counts recomputed after, then `settle_restored_state`). One statement per
+table, so a column added to the schema is added once.
 Ingest first asks `current_patient` which patient row an instance joins (a
 patient merge may have made its Patient ID obsolete).
 
@@ -20,6 +21,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Protocol
 
+from appliance.base.errors import InvalidInstance
 from appliance.store import database, order_rows
 from appliance.store.tiering import TierState
 from appliance.store.times import time_key
@@ -176,17 +178,23 @@ def upsert_study(conn: sqlite3.Connection, patient_fk: int, s: StudyFields, *,
 def upsert_series(conn: sqlite3.Connection, study_fk: int, s: SeriesFields, *,
                   instances: int) -> tuple[int, int]:
     """(row id, instance count after) of the series, inserted if new; a known series
-    adds `instances` to its count (an instance count of `instances` says it is new)."""
+    adds `instances` to its count (an instance count of `instances` says it is new).
+
+    A series belongs to one study: a Series Instance UID the index holds under another
+    study is refused (InvalidInstance; the caller's savepoint undoes the count), not
+    filed under that other study."""
     row = database.query_one(
         conn,
         "INSERT INTO series (study_fk, series_uid, modality, series_number, series_description,"
         " body_part, series_date, series_time, instance_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (series_uid) DO UPDATE SET"
         " instance_count = instance_count + excluded.instance_count"
-        " RETURNING id, instance_count",
+        " RETURNING id, instance_count, study_fk",
         (study_fk, s.series_uid, s.modality, s.series_number, s.series_description,
          s.body_part, s.series_date, s.series_time, instances),
     )
+    if int(row[2]) != study_fk:
+        raise InvalidInstance("its Series Instance UID belongs to another study on this box")
     return int(row[0]), int(row[1])
 
 
@@ -235,3 +243,27 @@ def recount_study(conn: sqlite3.Connection, study_fk: int) -> None:
         " total_bytes = (SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series se"
         "   ON i.series_fk = se.id WHERE se.study_fk = studies.id)"
         " WHERE id = ?", (study_fk,))
+
+
+def has_tier_history(conn: sqlite3.Connection, study_fk: int) -> bool:
+    """Whether the sync agent of this box ever moved the study between tiering states
+    (each move is a tier_transitions row; restore records none)."""
+    return database.query_one(
+        conn, "SELECT 1 FROM tier_transitions WHERE study_fk = ? LIMIT 1", (study_fk,)
+    ) is not None
+
+
+def settle_restored_state(conn: sqlite3.Connection, study_fk: int, *, at: float) -> TierState:
+    """Give a study only restore has written (no tier history) the state its rows say:
+    `replicated` when it has instances and every one is on local disk (restore's rows
+    all point at a verified pack), else `evicted` (a recall brings the others back; the
+    local ones stay). Set, not transitioned: nothing happened to the study on this box."""
+    row = database.query_one(
+        conn,
+        "SELECT COUNT(*), COALESCE(SUM(i.is_local = 0), 0) FROM instances i"
+        " JOIN series se ON i.series_fk = se.id WHERE se.study_fk = ?", (study_fk,))
+    total, remote = (int(row[0]), int(row[1])) if row else (0, 0)
+    state = TierState.REPLICATED if total and not remote else TierState.EVICTED
+    conn.execute("UPDATE studies SET tier_state = ?, tier_changed_at = ?"
+                 " WHERE id = ? AND tier_state != ?", (state.value, at, study_fk, state.value))
+    return state
