@@ -17,6 +17,8 @@ dcmtk tools leave Nagle on unless the environment says TCP_NODELAY=1.
 
 from __future__ import annotations
 
+import io
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -24,12 +26,16 @@ from pathlib import Path
 
 import dcmtk
 import dicomgen
+import pydicom
 import pytest
+import rawpdu
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
@@ -325,3 +331,44 @@ def test_hundreds_of_suboperations_each_arrive_exactly_once(
     assert result.status == SUCCESS
     assert result.counts() == (MANY, 0, 0)
     assert_arrived_as_sent(result, many_instances)
+
+
+def test_a_data_set_that_starts_with_a_group_2_element_comes_back_byte_exact(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    # Group 0002 is the File Meta's (PS3.5 7.1), yet some modalities send (0002,0016)
+    # Source AE Title inside the data set. Stored as sent, it was left out of the
+    # retrieve: the send path found the data set with pydicom's File Meta reader, which
+    # takes every leading group-2 element for File Meta.
+    ct = next(i for i in small_study if i.sop_class_uid == rawpdu.CT_IMAGE_STORAGE)
+    encoded = encode(pydicom.dcmread(ct.path), True, True)  # Implicit VR LE, as proposed
+    assert encoded is not None
+    source_ae = b"MODALITY1 "
+    sent = struct.pack("<HHL", 0x0002, 0x0016, len(source_ae)) + source_ae + encoded
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = rawpdu.CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = ct.sop_instance_uid
+    request.Priority = 2
+    request.DataSet = io.BytesIO(sent)
+    sock = rawpdu.established(edge_server.port, TEST_AE, edge_server.ae_title,
+                              contexts=((1, rawpdu.CT_IMAGE_STORAGE),))
+    try:
+        sock.sendall(b"".join(rawpdu.dimse_pdus(request, 1)))
+        pdu_type, body = rawpdu.read_pdu(sock)
+        assert pdu_type == rawpdu.P_DATA
+        response = pydicom.filereader.read_dataset(io.BytesIO(body[6:]), is_implicit_VR=True,
+                                                   is_little_endian=True)
+        assert response.Status == SUCCESS
+        sock.sendall(rawpdu.release_rq())
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_RELEASE_RP
+    finally:
+        sock.close()
+
+    result = c_get(edge_server, study_keys(ct), [(ct.sop_class_uid, str(ImplicitVRLittleEndian))])
+
+    assert result.status == SUCCESS
+    assert result.arrival_counts() == {ct.sop_instance_uid: 1}
+    got = result.arrivals[ct.sop_instance_uid][0]
+    assert len(got) == len(sent), "the leading group-2 element was left out"
+    assert got == sent

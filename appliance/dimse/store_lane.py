@@ -51,7 +51,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -74,6 +73,7 @@ from appliance.base.dicom_wire import (
     us,
 )
 from appliance.base.metrics import SENT_BYTES
+from appliance.store.spool import dataset_offset as spool_dataset_offset
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ _TLS_WRITE = 1 << 18  # bytes joined per TLS write
 # to read while the lane reads for it, and pynetdicom's 1 ms loop would cost ~2% of a
 # core per association; it resumes as soon as the lane lets go.
 LANE_POLL = 0.02
-_FILE_META = 132  # 128-byte preamble and "DICM"
-_GROUP_LENGTH_TAG = b"\x02\x00\x00\x00UL\x04\x00"
+_META_HEAD = 144  # preamble, "DICM" and the File Meta group length element
 
 
 # The largest PDU read before the association is refused as broken; never below this.
@@ -103,27 +102,27 @@ class Payload:
 
 
 def read_payload(path: Path) -> Payload:
-    """The dataset bytes of the Part 10 file at `path` (raises OSError or ValueError)."""
+    """The dataset bytes of the stored Part 10 file at `path` (raises OSError or ValueError)."""
     with open(path, "rb", buffering=0) as fp:
         data = fp.read()
     return Payload(path, data[_dataset_offset(data, path):])
 
 
 def _dataset_offset(data: bytes, path: Path) -> int:
-    """Where the dataset starts: after (0002,0000) File Meta Information Group Length's
-    worth of File Meta; the ingest path always writes that element. Anything else
-    goes through pydicom's File Meta reader."""
-    if (data[128:_FILE_META] == b"DICM"
-            and data[_FILE_META:_FILE_META + 8] == _GROUP_LENGTH_TAG):
-        end = _FILE_META + 12 + struct.unpack_from("<L", data, _FILE_META + 8)[0]
-        if end + 2 <= len(data) and data[end:end + 2] != b"\x02\x00":
-            return end
-    if data[128:_FILE_META] != b"DICM":
-        raise ValueError(f"not a DICOM Part 10 file: {path.name}")
-    fp = BytesIO(data)
-    fp.seek(_FILE_META)
-    compat.read_file_meta(fp)
-    return fp.tell()
+    """Where the dataset starts: right after the File Meta group as its (0002,0000) group
+    length says, the rule ingest hashed and indexed by (`instances.dataset_offset`).
+
+    The box wrote every stored file's File Meta with that element, so there is no other
+    rule to fall back to. pydicom's File Meta reader must not be one: it reads every
+    leading group-2 element as File Meta, and a modality may send its data set starting
+    with one ((0002,0016) Source AE Title, say); those bytes were stored and would be
+    left out of the retrieve."""
+    offset = spool_dataset_offset(data[:_META_HEAD])
+    if offset < 0:
+        raise ValueError(f"no File Meta group length: {path.name}")
+    if offset > len(data):
+        raise ValueError(f"File Meta group length beyond the end of the file: {path.name}")
+    return offset
 
 
 def c_store_rq(*, msg_id: int, sop_class: str, sop_instance: str, priority: int = 0,
