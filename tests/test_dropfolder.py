@@ -18,7 +18,8 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, BinaryIO, cast
 
 import dicomgen
 import pydicom
@@ -29,13 +30,17 @@ from appliance.base.errors import InvalidInstance, UnsafePath
 from appliance.dropfolder import confine
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
+from appliance.dropfolder.processor import CLAIM_PREFIX, Job, Processor, Tally, Verdict
 from appliance.dropfolder.sources import (
     MAX_DICOMDIR_BYTES,
+    Unit,
+    UnitKind,
     ZipSource,
     read_media_index,
     sanitise_member_name,
 )
 from appliance.dropfolder.stability import StabilityTracker
+from appliance.store.index import RecordOutcome
 
 STABLE_SECONDS = 0.5
 WAIT_SECONDS = 60.0
@@ -602,3 +607,104 @@ def test_link_planted_in_rejected_is_not_written_through(tmp_path: Path) -> None
     assert (root.rejected / "notes~1.txt.reason").read_text().startswith("not a DICOM")
     assert_untouched(victims)
     assert sorted(p.name for p in outside.iterdir()) == ["passwd"]
+
+
+# --- a writer racing the clear-away (in process) ---------------------------------------
+
+
+class RecordingIngest:
+    """Stands in for IngestService: keeps what it was given to read, stores nothing."""
+
+    def __init__(self) -> None:
+        self.read: list[bytes] = []
+
+    async def ingest_file(self, source: Path | BinaryIO, *, source_ae: str = "") -> Any:
+        self.read.append(source.read_bytes() if isinstance(source, Path) else source.read())
+        return SimpleNamespace(outcome=RecordOutcome.NEW)
+
+
+def _dropped_bytes(kind: str, content: bytes, tmp: Path) -> bytes:
+    if kind == "file":
+        return content
+    archive = tmp / "build.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("IM1", content)
+    data = archive.read_bytes()
+    archive.unlink()
+    return data
+
+
+def _write_over(path: Path, data: bytes, how: str) -> None:
+    """What a writer does to a dropped file: a new file renamed over it, or the same
+    file truncated and written again."""
+    if how == "replaced":
+        fresh = path.with_name("fresh.part")
+        fresh.write_bytes(data)
+        os.replace(fresh, path)
+    else:
+        with path.open("wb") as fh:
+            fh.write(data)
+
+
+@pytest.mark.parametrize("kind", ["file", "zip"])
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+@pytest.mark.parametrize(("when", "after_ingest"), [
+    ("after-the-last-look", "delete"), ("after-the-last-look", "move"),
+    ("at-the-delete", "delete")])
+async def test_a_file_written_over_after_ingest_is_never_cleared_away_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, how: str, when: str,
+    after_ingest: str,
+) -> None:
+    # The processor checked a dropped file's size, mtime and inode after ingest, then
+    # deleted it by name: a writer that replaced or rewrote it in between lost the new
+    # content, deleted unread. Made deterministic here by acting in that window.
+    root = Root(tmp_path / "incoming")
+    root.path.mkdir()
+    (tmp_path / "tmp").mkdir()
+    path = root.path / ("study.zip" if kind == "zip" else "IM1")
+    path.write_bytes(_dropped_bytes(kind, b"first content", tmp_path))
+    second = _dropped_bytes(kind, b"second content, longer", tmp_path)
+    ingest = RecordingIngest()
+    processor = Processor(cast(Any, ingest), Outcomes(after_ingest), tmp_path / "tmp",
+                          lambda: False)
+
+    if when == "after-the-last-look":
+        looked = Processor._changed
+
+        async def look_then_write(checked: Path, before: Any) -> bool:
+            changed = await looked(checked, before)
+            _write_over(path, second, how)
+            return changed
+
+        monkeypatch.setattr(Processor, "_changed", staticmethod(look_then_write))
+    else:
+        unlink = confine.unlink
+
+        def write_then_unlink(base: Path, target: Path) -> None:
+            _write_over(path, second, how)
+            unlink(base, target)
+
+        monkeypatch.setattr(confine, "unlink", write_then_unlink)
+
+    verdict = await processor.process(Unit(UnitKind.FILE, path, root), Job(root, Tally()))
+
+    assert ingest.read == [b"first content"]
+    assert sorted(p.name for p in root.path.iterdir()) == [path.name]
+    assert path.read_bytes() == second, "the new content was cleared away unread"
+    assert not root.done.exists() or not any(root.done.iterdir())
+    # Written over before it was claimed: watched again. After: a new file, left alone.
+    assert verdict is (Verdict.CHANGED if when == "after-the-last-look" else Verdict.DONE)
+
+
+async def test_an_unchanged_file_is_cleared_away_through_its_claim(tmp_path: Path) -> None:
+    root = Root(tmp_path / "incoming")
+    (root.path / "CD1").mkdir(parents=True)
+    path = root.path / "CD1" / "IM1"
+    path.write_bytes(b"content")
+    ingest = RecordingIngest()
+    processor = Processor(cast(Any, ingest), Outcomes("delete"), tmp_path, lambda: False)
+    verdict = await processor.process(Unit(UnitKind.FILE, path, root), Job(root, Tally()))
+    assert verdict is Verdict.DONE
+    assert ingest.read == [b"content"]
+    assert list((root.path / "CD1").iterdir()) == []
+    assert not any(p.name.startswith(CLAIM_PREFIX) for p in root.path.rglob("*"))

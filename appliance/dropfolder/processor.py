@@ -10,6 +10,20 @@ Every instance goes through `IngestService.ingest_file`, exactly like
 `pacs-edge status` counts. The file is cleared away only after ingest
 returned, i.e. after the instance is fsynced and its row committed.
 
+And only the file that was ingested is cleared away. A writer may replace or
+rewrite a dropped file at any moment, also between the last look at it and the
+delete, which acts on a name. So the delete first claims the file: one rename,
+through its folder's descriptor, to a private name beside it (`_claim`); the
+claimed entry is then compared with the signature taken before ingest, and only
+if it is the same file, unchanged, is the private name unlinked. Otherwise it
+gets its name back and is watched again (CHANGED). A writer that replaces the
+file after the claim makes a new file under the original name, which is left
+alone. The private name is an ordinary one on purpose: one left behind by a
+crash is seen by the next rescan and ingested again (as a no-op if it was).
+A move to done/ (after_ingest = "move") deletes nothing; the file is looked at
+once more through its folder's descriptor just before it is moved (a claim
+there would need outcomes.py to move the claimed name to the original one).
+
 What each failure means here:
 
     RejectedInstance (not DICOM, truncated, bad UIDs)   -> rejected/ + .reason, or WAIT
@@ -30,12 +44,16 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
+import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.base import logsafe
 from appliance.base.errors import OutOfSpace, PacsEdgeError, RejectedInstance, UnsafePath
+from appliance.dropfolder import confine
 from appliance.dropfolder.confine import open_file
 from appliance.dropfolder.layout import Root
 from appliance.dropfolder.outcomes import Outcomes
@@ -54,6 +72,8 @@ from appliance.store.index import RecordOutcome
 log = logging.getLogger(__name__)
 
 SOURCE_AE = "dropfolder"
+# A claimed file's private name (see the module docstring): not one layout.is_ignored skips.
+CLAIM_PREFIX = "pacs-edge-claim-"
 Signature = tuple[int, int, int]  # size, mtime_ns, inode: see sources.file_signature
 
 
@@ -151,7 +171,7 @@ class Processor:
             tally.duplicates += 1
         else:
             tally.stored += 1
-        return await self._clear(path, root)
+        return await self._clear(path, root, before)
 
     async def _media(self, folder: Path, job: Job) -> Verdict:
         root, tally = job.root, job.tally
@@ -228,7 +248,7 @@ class Processor:
             return Verdict.CHANGED
         if broken is not None:
             return await self._reject(path, broken, None, job)
-        return await self._clear(path, root)
+        return await self._clear(path, root, before)
 
     async def _member(self, temp: Path, parts: tuple[str, ...], archive: Path,
                       job: Job) -> Verdict:
@@ -276,9 +296,14 @@ class Processor:
         log.warning("rejected dropped file file=%s reason=%s", _ref(path, root), reason)
         return Verdict.DONE
 
-    async def _clear(self, path: Path, root: Root) -> Verdict:
+    async def _clear(self, path: Path, root: Root, before: Signature | None = None) -> Verdict:
+        """Delete `path` or move it to done/; with `before`, only if it is still the file
+        that had that signature before it was ingested (CHANGED otherwise)."""
         try:
-            await asyncio.to_thread(self.outcomes.ingested, path, root)
+            if not await asyncio.to_thread(self._clear_file, path, root, before):
+                _warn("dropped file changed while ingested; watching it again", path, root,
+                      None)
+                return Verdict.CHANGED
         except FileNotFoundError:
             pass
         except UnsafePath as exc:
@@ -288,10 +313,64 @@ class Processor:
             return Verdict.STUCK
         return Verdict.DONE
 
+    def _clear_file(self, path: Path, root: Root, before: Signature | None) -> bool:
+        """The blocking part of `_clear`; False when the file is not the one ingested."""
+        if before is None:
+            self.outcomes.ingested(path, root)
+        elif self.outcomes.move_done:
+            # A move keeps what it moves, in done/; still, look again just before.
+            if _signature_at(root, path) != before:
+                return False
+            self.outcomes.ingested(path, root)
+        else:
+            claimed = _claim(root, path, before)
+            if claimed is None:
+                return False
+            self.outcomes.ingested(claimed, root)
+        return True
+
     @staticmethod
     async def _changed(path: Path, before: Signature) -> bool:
         after = await asyncio.to_thread(file_signature, path)
         return after is not None and after != before
+
+
+def _claim(root: Root, path: Path, before: Signature) -> Path | None:
+    """Rename `path` to a private name in its folder and return that path if the entry
+    claimed is the file whose signature was `before`; else give it its name back (a
+    hard link, which never replaces a file a writer made there meanwhile; where that
+    fails the file stays under the private name, which the watcher picks up as a file
+    of its own) and return None. FileNotFoundError if `path` is gone."""
+    with confine.parent_of(root.path, path) as parent:
+        private = _free_claim_name(parent)
+        os.rename(path.name, private, src_dir_fd=parent, dst_dir_fd=parent)
+        st = os.stat(private, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns, st.st_ino) == before:
+            return path.with_name(private)
+        try:
+            os.link(private, path.name, src_dir_fd=parent, dst_dir_fd=parent,
+                    follow_symlinks=False)
+        except OSError as exc:
+            _warn("changed dropped file kept under a new name", path.with_name(private), root,
+                  exc)
+        else:
+            os.unlink(private, dir_fd=parent)
+        return None
+
+
+def _free_claim_name(parent: int) -> str:
+    while True:  # only this process claims, and it checks first: a name is never reused
+        name = CLAIM_PREFIX + secrets.token_hex(8)
+        if not confine.lexists(parent, name):
+            return name
+
+
+def _signature_at(root: Root, path: Path) -> Signature | None:
+    """`path`'s signature, looked up through its folder's descriptor (no link followed);
+    None if it is not a regular file, FileNotFoundError if it is gone."""
+    with confine.parent_of(root.path, path) as parent:
+        st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _ref(path: Path, root: Root) -> str:
