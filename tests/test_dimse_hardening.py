@@ -364,6 +364,35 @@ def test_an_association_request_with_an_even_context_id_is_aborted_not_a_dead_th
     echo_ok(server)
 
 
+@pytest.mark.parametrize("context", [
+    rawpdu.item(0x20, bytes([1, 0, 0, 0]) + rawpdu.item(0x40, b"1.2.840.10008.1.2")),
+    rawpdu.item(0x20, bytes([1, 0, 0, 0]) + rawpdu.item(0x30, rawpdu.VERIFICATION.encode())),
+], ids=["no-abstract-syntax", "no-transfer-syntax"])
+def test_a_presentation_context_without_its_syntaxes_is_aborted_not_a_dead_thread(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], context: bytes,
+) -> None:
+    # Found by the DICOM fuzz (seed 26): pynetdicom decodes a proposed context without
+    # an abstract syntax sub-item, then its negotiation fails on the None: the acceptor
+    # thread died with a traceback and the peer waited for an answer.
+    server = short_timeouts_server
+    baseline_threads = threads(server.pid)
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.associate_rq_pdu(dcmtk.TEST_AE, server.ae_title, [
+        rawpdu.item(0x10, rawpdu.APPLICATION_CONTEXT.encode()), context,
+        rawpdu.user_information_item()]))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.closed_after is not None
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    log = server.log()
+    assert "Traceback" not in log, log
+    assert "invalid PDU from the peer: presentation context 1 proposes no" in log
+    assert wait_for_threads(server.pid, baseline_threads,
+                            deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
+    echo_ok(server)
+
+
 @pytest.mark.parametrize("established", [False, True], ids=["awaiting-acceptance",
                                                             "established"])
 def test_an_a_abort_with_an_invalid_source_ends_the_association_not_its_thread(

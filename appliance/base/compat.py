@@ -665,18 +665,35 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     An association or abort PDU counts as undecodable also when its primitive cannot
     be built: pynetdicom decodes an even presentation context ID, or an A-ABORT from
     source 128, and only its action refused it, by raising in the state machine: the
-    DUL thread ended with a traceback (and the peer of a request got no answer). The
-    primitive built here is the one the action takes (_keep_primitive)."""
+    DUL thread ended with a traceback (and the peer of a request got no answer). So
+    does a request whose proposed context lacks its abstract syntax or every transfer
+    syntax (PS3.8 9.3.2.2: one, and one or more): the acceptor's negotiation raised on
+    it. The primitive built here is the one the action takes (_keep_primitive)."""
     try:
         pdu, event = dul._decode_pdu(bytearray(raw))
         if event in _ASSOCIATION_PDU_EVENTS:
-            _keep_primitive(pdu, pdu.to_primitive())
+            primitive = pdu.to_primitive()
+            if event == "Evt6":
+                _check_proposed_contexts(primitive)
+            _keep_primitive(pdu, primitive)
     except Exception as exc:
         log.warning("invalid PDU from the peer: %s", exc)
         dul.event_queue.put("Evt19")
         return
     dul.event_queue.put(event)
     dul._recv_pdu.put(pdu)
+
+
+def _check_proposed_contexts(request: Any) -> None:
+    """ValueError unless every proposed presentation context has an abstract syntax and
+    at least one transfer syntax."""
+    for context in request.presentation_context_definition_list:
+        if context.abstract_syntax is None:
+            raise ValueError(f"presentation context {context.context_id} proposes no"
+                             " abstract syntax")
+        if not context.transfer_syntax:
+            raise ValueError(f"presentation context {context.context_id} proposes no"
+                             " transfer syntax")
 
 
 def _keep_primitive(pdu: Any, primitive: Any) -> None:
