@@ -7,6 +7,15 @@ write them in between. A crash in between leaves files the index no longer
 needs (removed when the agent starts, see sync.rollback), never an index row
 whose only copy was deleted. The index keeps every row, so C-FIND still
 answers (InstanceAvailability NEARLINE).
+
+A scrub takes no lease (sync.scrub), so its verdict that a pack is damaged
+can be committed after the eviction's commit, while the files are still on
+disk. The transaction right before the unlinks (`keep_damaged_files`, which
+also fences the lease) therefore keeps the files of every instance in a pack
+found damaged: they are local again, out of that pack, and the next
+replication uploads them as a new version before deleting them; the eviction
+deletes the others and fails with NotEvictable. A verdict committed after
+that transaction finds the eviction done, as if it had come a moment later.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from appliance.store import database
 from appliance.store.leases import StudyLease
 from appliance.store.prefetch_rows import held_study_uids
 from appliance.store.study_rows import StudyRow, replicated_by_last_access
-from appliance.store.tier_steps import NotEvictable, mark_evicted
+from appliance.store.tier_steps import NotEvictable, keep_damaged_files, mark_evicted
 from appliance.store.tiering import TierState
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
@@ -47,25 +56,46 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
                  " verified in the cloud can be evicted",
         )
     await confirm_cloud_copy(ctx, study)  # HEAD every pack: refuse a missing or changed one
-    lease = StudyLease(ctx.index.writer, study.id, "evict")
-    paths = await ctx.index.writer.submit_sync(lambda c: mark_evicted(c, lease, study.id))
+    writer = ctx.index.writer
+    lease = StudyLease(writer, study.id, "evict")
+    paths = await writer.submit_sync(lambda c: mark_evicted(c, lease, study.id))
     async with lease.kept():
         crash_point("evict:after-commit")
-        freed = await drop_local_files(ctx, lease, paths)
-    log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid), len(paths),
-             freed)
-    ctx.audit.evicted(study, len(paths))
+        # A scrub's verdict since the commit: those files stay (see the module docstring).
+        kept = await writer.submit_sync(lambda c: keep_damaged_files(c, lease, study.id, paths))
+        keep = set(kept.paths)
+        gone = [p for p in paths if p not in keep]
+        freed = await drop_local_files(ctx, lease, gone)
+    if gone:
+        log.info("evicted study=%s files=%d bytes=%d", logsafe.ref(study.study_uid),
+                 len(gone), freed)
+        ctx.audit.evicted(study, len(gone))
+    if kept.paths:
+        log.warning("eviction kept files of instances in a pack a scrub found damaged meanwhile"
+                    " study=%s files=%d pack=%s", logsafe.ref(study.study_uid),
+                    len(kept.paths), kept.pack_names[0])
+        raise NotEvictable(
+            f"a scrub found the pack {kept.pack_names[0]} damaged while the eviction ran:"
+            f" {len(kept.paths)} file(s) of its instances are kept on local disk"
+            f" ({len(gone)} other(s) deleted)",
+            hint="nothing to do: the next sync pass uploads them again as a new version and"
+                 " deletes them only when that is verified")
     return freed
 
 
 async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[str]) -> int:
     """Delete files whose instances are already marked non-local (after the commit), while
-    `lease` is still held: the fence comes right before the first unlink."""
+    `lease` is still held: the fence comes right before the first unlink. A file that a
+    row marked local names stays: none should (appliance.store.index.make_way keeps a
+    path in one row at most), but a prior version's file is its only copy."""
+    needed = await ctx.index.needed_locally(paths)
+    if needed:
+        log.error("kept files that rows marked local name files=%d", len(needed))
     await lease.check()
 
     def remove() -> int:
         freed = 0
-        for relative in paths:
+        for relative in (p for p in paths if p not in needed):
             path = ctx.files.absolute(relative)
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size

@@ -17,16 +17,36 @@ a study's versions in version order; the index writer group-commits them):
    elsewhere). Such a version is refused and counted as misfiled;
 2. check the pack in the listing: it must exist with the manifest's `pack_size`
    (its access tier comes from there too);
-3. one transaction: patient (upsert by PatientID + issuer), study (inserted
-   `evicted`), series, instances (`is_local = 0`, pointing at the pack with
-   their plaintext offset and length; path as the store would name it) and the
-   `packs` row (`verified`). Counts are recomputed from the rows.
+3. look in the store folder for each instance's file, at the path the store
+   names it (`<study>/<series>/<sop>.<sha256[:16]>.dcm`): a file there with the
+   manifest's size and dataset offset whose dataset hashes to the manifest's
+   SHA-256 (as fsck and ingest hash it) is a good local copy. The files are read
+   in a thread, in chunks, before the transaction: an index rebuilt on the same
+   data home ("A lost or damaged index" in docs/operator-guide.md) keeps the
+   copies it has, and never lets the agent delete them on the word of a pack
+   this box never read. A file that does not match is not counted on: it is
+   left where it is (a recall writes the good content over it);
+4. one transaction: patient (upsert by PatientID + issuer), study (inserted
+   `evicted`), series, instances (pointing at the pack with their plaintext
+   offset and length; path as the store would name it; `is_local = 1` for a
+   file found good in step 3, else 0) and the `packs` row (`verified`). Counts
+   are recomputed from the rows, and a study restore wrote takes the state they
+   say (hierarchy.settle_restored_state): `replicated` when every instance is
+   local, else `evicted` (which may hold local rows: a recall brings back only
+   the others).
 
 A SOP Instance UID already in the index (an earlier version of the same
-study) takes the later version's content: the row is updated in place;
-earlier content is not kept as an `instance_versions` row (it is not local).
-A study inserted by restore starts in `evicted` without a transition row:
-nothing happened to it on this box yet. The first retrieve recalls it.
+study) takes the later version's content; earlier, different content becomes a
+prior version (`instance_versions`, located in its pack; local only when step 3
+found its file), as ingest made it on the lost box (appliance.store.index.make_way).
+The same content again (a damaged pack's instances uploaded anew) updates the row
+in place.
+A study restore writes takes its state without a transition row: nothing
+happened to it on this box yet. So a study with a tier history is this box's
+agent's: a version of it is added while it is `evicted` (its state stays),
+refused (RestoreConflict) in any other state; a study without history (restore
+wrote it) takes further versions and its state again. The first retrieve of an
+`evicted` study recalls it; a `replicated` one is served from local disk.
 
 Running restore again skips every pack the index already holds, so it
 changes nothing; one interrupted half way resumes at the first missing pack.
@@ -47,14 +67,17 @@ from typing import TYPE_CHECKING
 
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
+from appliance.services.ingest import hash_dataset
 from appliance.store import hierarchy
-from appliance.store.index import Index, StoredFile
+from appliance.store.files import FileStore
+from appliance.store.index import Index, StoredFile, make_way
 from appliance.store.packs import insert_verified_pack, manifest_names
+from appliance.store.spool import dataset_offset
 from appliance.store.tiering import TierState, state_of
 from provisioning.keyring import SiteKeyring
 from sync.blobstore.base import BlobInfo, BlobStore
 from sync.pack import naming
-from sync.pack.manifest import Manifest, manifest_pack_id, open_manifest
+from sync.pack.manifest import Manifest, ManifestEntry, manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.sitekeys import unwrap_site_object
 
@@ -82,6 +105,8 @@ class RestoreReport:
     restored: int = 0  # pack versions added to the index
     already: int = 0   # pack versions the index held already
     instances: int = 0
+    local: int = 0        # of those, found good in the store and recorded local (step 3)
+    local_bytes: int = 0
     studies: set[str] = field(default_factory=set)  # study keys touched (no PHI)
     failures: list[str] = field(default_factory=list)
     misfiled: set[str] = field(default_factory=set)  # study keys holding another's manifest
@@ -100,12 +125,14 @@ class _Version:
 
 
 async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
-                        name_secret: bytes,
+                        name_secret: bytes, files: FileStore,
                         on_progress: Callable[[int, int], None] | None = None
                         ) -> RestoreReport:
     """Add every cloud pack version the index lacks; see the module docstring.
 
-    `name_secret` is the site's (escrowed) names.key: it checks each manifest's folder."""
+    `name_secret` is the site's (escrowed) names.key: it checks each manifest's folder.
+    `files` is the data home's store, which may still hold instance files (step 3).
+    `on_progress(done, total)` counts pack versions, each once its files are read."""
     writer = index.writer
     assert writer is not None
     listing = await asyncio.to_thread(_list_studies, store)
@@ -120,7 +147,9 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
         try:
             version = await asyncio.to_thread(_read_version, store, ring, name_secret, name,
                                               listing.packs)
-            await writer.submit_sync(functools.partial(_insert_version, version=version))
+            local = await asyncio.to_thread(_good_local_copies, files, version.manifest)
+            await writer.submit_sync(functools.partial(_insert_version, version=version,
+                                                       local=local))
         except MisfiledManifest as exc:
             report.failures.append(f"{name}: {exc.message}")
             report.misfiled.add(study_key)
@@ -132,6 +161,9 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
         else:
             report.restored += 1
             report.instances += len(version.manifest.instances)
+            report.local += len(local)
+            report.local_bytes += sum(e.length for e in version.manifest.instances
+                                      if _store_path(version.manifest, e) in local)
             report.studies.add(study_key)
 
     studies = iter(_by_study([n for n in names if n not in known]).items())
@@ -216,8 +248,36 @@ def _read_version(store: BlobStore, ring: SiteKeyring, name_secret: bytes, manif
     return _Version(pack_name, manifest_name, manifest, info.tier.value)
 
 
-def _insert_version(conn: sqlite3.Connection, version: _Version) -> None:
-    """Step 3 of the module docstring: one version's rows, in one transaction."""
+def _store_path(m: Manifest, entry: ManifestEntry) -> str:
+    """Where the store keeps an instance's file (FileStore.relative_path)."""
+    inst = entry.instance
+    return f"{m.study.study_uid}/{inst.series.series_uid}/{inst.sop_uid}.{entry.sha256[:16]}.dcm"
+
+
+def _good_local_copies(files: FileStore, m: Manifest) -> frozenset[str]:
+    """Step 3 of the module docstring: the store paths of the version's instances whose
+    file is there with the manifest's size, dataset offset and dataset SHA-256."""
+    good = set()
+    for entry in m.instances:
+        relative = _store_path(m, entry)
+        path = files.absolute(relative)
+        try:
+            if not path.is_file() or path.stat().st_size != entry.length:
+                continue
+            with path.open("rb") as fh:
+                if dataset_offset(fh.read(144)) != entry.dataset_offset:
+                    continue
+            if hash_dataset(path, entry.dataset_offset) == entry.sha256:
+                good.add(relative)
+        except OSError as exc:  # unreadable: not a copy to count on, the row stays remote
+            log.warning("restore could not read a stored file error=%s", type(exc).__name__)
+    return frozenset(good)
+
+
+def _insert_version(conn: sqlite3.Connection, version: _Version,
+                    local: frozenset[str]) -> None:
+    """Step 4 of the module docstring: one version's rows, in one transaction; `local`
+    holds the store paths found good in step 3."""
     m, s = version.manifest, version.manifest.study
     now = time.time()
     patient_fk = hierarchy.upsert_patient(conn, s)
@@ -227,7 +287,8 @@ def _insert_version(conn: sqlite3.Connection, version: _Version) -> None:
         last_received_at=max(received), last_access_at=max(received),
         tier_state=TierState.EVICTED, tier_changed_at=now)
     state = state_of(conn, study_fk)
-    if state is not TierState.EVICTED:
+    restores_only = not hierarchy.has_tier_history(conn, study_fk)
+    if not (state is TierState.EVICTED or (state is TierState.REPLICATED and restores_only)):
         raise RestoreConflict(f"the study of this version is {state} on this box",
                               hint="restore fills a new data home; this box already holds "
                               "the study locally, so its sync agent replicates it itself")
@@ -238,11 +299,14 @@ def _insert_version(conn: sqlite3.Connection, version: _Version) -> None:
         access_tier=version.access_tier, created_at=m.created_at, verified_at=now)
     for entry in m.instances:
         inst, se = entry.instance, entry.instance.series
+        path = _store_path(m, entry)
+        make_way(conn, inst.sop_uid, entry.sha256, path, now)  # before: it may drop a series
         series_fk, _ = hierarchy.upsert_series(conn, study_fk, se, instances=0)
-        path = f"{s.study_uid}/{se.series_uid}/{inst.sop_uid}.{entry.sha256[:16]}.dcm"
         stored = StoredFile(path, entry.length, entry.dataset_offset, entry.sha256,
                             inst.received_at or m.created_at, inst.source_ae)
         hierarchy.put_instance(conn, series_fk, inst, stored, pack_fk=pack_fk,
                                pack_offset=entry.offset, pack_length=entry.length,
-                               is_local=False)
+                               is_local=path in local)
     hierarchy.recount_study(conn, study_fk)
+    if restores_only:
+        hierarchy.settle_restored_state(conn, study_fk, at=now)

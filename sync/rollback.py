@@ -6,13 +6,21 @@ What can be left behind, and what undoes it:
 - a pack row still `uploading` (an upload that crashed, or whose clean-up
   the cloud refused): its blobs are deleted, then the row;
 - files of instances marked non-local (an eviction killed between its commit
-  and the last unlink, a recall killed before its commit): deleted.
+  and the last unlink, a recall killed before its commit): deleted. The
+  start-up sweep deletes such a file only when it is a copy of what a sound
+  pack holds: the instance's size and dataset SHA-256, its pack verified by
+  this box (at upload, or by a scrub: it has an ETag or a scrub's ok) and not
+  found damaged. Any other file is kept and reported: it may be the only good
+  copy (a pack restore recorded but nothing on this box ever read, which may
+  have rotted in the cloud), or not the instance's content (a recall writes
+  the right content over it).
 
 Every study is handled under its lease, taken only when no live holder has
 it, so a pass never touches work that is still running (another job of the
 agent, a CLI command). `recover_stuck` runs at the start of every sync pass,
 so a study stuck by a cloud outage is rolled back without a restart;
-`sweep_leftover_files`, which stats every evicted file, only at start-up.
+`sweep_leftover_files`, which stats every evicted file (and hashes those that
+are there), only at start-up.
 """
 
 from __future__ import annotations
@@ -21,8 +29,12 @@ import asyncio
 import logging
 
 from appliance.base import logsafe
+from appliance.services.ingest import hash_dataset
+from appliance.store.files import FileStore
 from appliance.store.leases import StudyBusy, StudyLease
+from appliance.store.packs import packs_of
 from appliance.store.study_rows import (
+    InstanceRow,
     evicted_instances_of,
     non_local_files,
     studies_in_transient_state,
@@ -64,7 +76,8 @@ async def recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
 
 
 async def sweep_leftover_files(ctx: SyncContext) -> int:
-    """Delete files of non-local instances (an eviction killed mid-way); returns bytes freed."""
+    """Delete files of non-local instances that are copies of a sound pack's content (an
+    eviction killed mid-way; see the module docstring); returns bytes freed."""
     rows = await non_local_files(ctx.index)
     present = await asyncio.to_thread(
         lambda: [(s, p) for s, p in rows if ctx.files.absolute(p).exists()])
@@ -72,7 +85,7 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
     for study_id, path in present:
         by_study.setdefault(study_id, []).append(path)
     assert ctx.index.writer is not None
-    freed = 0
+    freed = kept = 0
     for study_id, paths in by_study.items():
         lease = StudyLease(ctx.index.writer, study_id, "sweep")
         try:
@@ -81,9 +94,32 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
             continue  # a recall is writing them: they are not leftovers
         async with lease.kept():
             # Re-read under the lease: only rows still non-local are leftovers.
-            still = await evicted_instances_of(ctx.index, study_id)
-            wanted = set(paths) & {row.path for row in still}
-            freed += await drop_local_files(ctx, lease, sorted(wanted))
+            sound = {p.id for p in await packs_of(ctx.index, study_id)
+                     if p.scrub_state != "damaged" and (p.pack_etag or p.scrub_state == "ok")}
+            wanted = set(paths)
+            leftovers = [row for row in await evicted_instances_of(ctx.index, study_id)
+                         if row.path in wanted]
+            copies = await asyncio.to_thread(_copies, ctx.files, leftovers, sound)
+            kept += len(leftovers) - len(copies)
+            freed += await drop_local_files(ctx, lease, copies)
     if freed:
         log.warning("removed files an interrupted eviction left behind bytes=%d", freed)
+    if kept:
+        log.warning("kept files of evicted instances that are no copy of a pack this box"
+                    " verified files=%d", kept)
     return freed
+
+
+def _copies(files: FileStore, rows: list[InstanceRow], sound: set[int]) -> list[str]:
+    """Paths of the rows whose pack is in `sound` and whose file holds the row's content
+    (size, dataset SHA-256: read in chunks), in path order."""
+    copies = []
+    for row in rows:
+        path = files.absolute(row.path)
+        try:
+            if (row.pack_fk in sound and path.stat().st_size == row.size
+                    and hash_dataset(path, row.dataset_offset) == row.sha256):
+                copies.append(row.path)
+        except OSError:  # gone meanwhile, or unreadable: nothing to delete on its word
+            continue
+    return sorted(copies)

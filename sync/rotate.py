@@ -10,16 +10,25 @@ command again:
 2. provisioning.keyring.begin_rotation: the new key becomes `site.key`, the
    old one stays as `site.key.<old id>`. A pending rotation is resumed, not
    started again.
-3. For every verified pack row of the index, in id order:
+3. For every study version the cloud holds (one listing of `studies/`, in
+   name order: sync.sitekeys.cloud_versions), then for every verified pack
+   row of the index the listing does not show:
    - if `keys/site-<new id>` exists and opens the manifest, the pack is done;
    - else unwrap the data key from the pack's current site object (with the
      key its id names), wrap it under the new key, put `keys/site-<new id>`,
      read it back and open the manifest with what it unwraps;
    - then delete the pack's other site objects (`keys/site`,
      `keys/site-<old id>`), which only the old key opens.
-   A row still `uploading` is skipped: the agent rolls such uploads back and
-   makes them again under the new key.
-4. Only when every pack is done: retire the old key files.
+   The listing, not the index, says what the old key still opens: after an
+   index rebuilt by `fsck --repair` the cloud keeps versions the index does
+   not know, which `restore` reads. A version whose pack row is still
+   `uploading` is skipped: the agent rolls such uploads back and makes them
+   again under the new key. A version the index does not know is left alone
+   when it has no site object of an older key (retiring that key changes
+   nothing for it), and is a failure when it has one but no manifest to check
+   a new wrap against; any version whose site objects all name keys the box
+   does not hold is a failure too.
+4. Only when every version is done: retire the old key files.
 """
 
 from __future__ import annotations
@@ -40,8 +49,8 @@ from sync.crashpoints import crash_point
 from sync.pack import naming
 from sync.pack.data_keys import unwrap_with_site, wrap_for_site
 from sync.pack.manifest import manifest_pack_id, open_manifest
-from sync.pack.pack_errors import PackIntegrityError
-from sync.sitekeys import site_object_names, unwrap_site_object
+from sync.pack.pack_errors import PackIntegrityError, WrongKeyError
+from sync.sitekeys import CloudVersion, cloud_versions, site_object_names, unwrap_site_object
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ class RotationReport:
     migrated: int = 0
     already_migrated: int = 0
     skipped_uploading: int = 0
+    unknown_to_index: int = 0  # of migrated + already_migrated: versions only the cloud knew
+    left_alone: int = 0        # versions only the cloud knew, with no wrap of an older key
     retired: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -73,29 +84,74 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
                  ",".join(ring.older_ids), resumed)
         async with Index(config.index.path) as index:
             rows = await all_packs(index)
-        for done, pack in enumerate(rows, 1):
-            if pack.state != "verified":
-                report.skipped_uploading += 1
-                continue
+        uploading = {p.pack_name for p in rows if p.state != "verified"}
+        report.skipped_uploading = len(uploading)
+        indexed = {p.pack_name: p.manifest_name for p in rows if p.state == "verified"}
+        listed = [v for v in await asyncio.to_thread(cloud_versions, store)
+                  if v.pack_name not in uploading]
+        shown = {v.pack_name for v in listed}
+        work: list[tuple[str, str, CloudVersion | None]] = [
+            (v.pack_name, indexed.get(v.pack_name, v.manifest_name), v) for v in listed]
+        work += [(name, manifest, None) for name, manifest in indexed.items()
+                 if name not in shown]  # gone from the cloud: _rewrap reports it
+        for done, (pack_name, manifest_name, version) in enumerate(work, 1):
+            known = pack_name in indexed
             try:
-                changed = await asyncio.to_thread(_rewrap, store, ring, pack.pack_name,
-                                                  pack.manifest_name)
+                changed = await asyncio.to_thread(_rewrap_version, store, ring, pack_name,
+                                                  manifest_name, version, known=known)
             except PacsEdgeError as exc:
-                report.failures.append(f"{pack.pack_name}: {exc.message}")
-                log.error("re-wrap failed pack=%s error=%s", pack.pack_name, exc.message)
+                report.failures.append(f"{pack_name}: {exc.message}")
+                log.error("re-wrap failed pack=%s error=%s", pack_name, exc.message)
             else:
-                if changed:
+                if changed is None:
+                    report.left_alone += 1
+                elif changed:
                     report.migrated += 1
                 else:
                     report.already_migrated += 1
+                if not known and changed is not None:
+                    report.unknown_to_index += 1
             if on_progress is not None:
-                on_progress(done, len(rows))
+                on_progress(done, len(work))
+        if report.unknown_to_index or report.left_alone:
+            log.warning("site key rotation found versions in the cloud the index does not"
+                        " know re_wrapped=%d left_alone=%d", report.unknown_to_index,
+                        report.left_alone)
         if report.complete:
             crash_point("rotate:before-retire")
             report.retired = retire_older_keys(config.home)
             log.info("site key rotation complete key=%s retired=%s", ring.current_id,
                      ",".join(report.retired))
     return report
+
+
+def _rewrap_version(store: BlobStore, ring: SiteKeyring, pack_name: str, manifest_name: str,
+                    version: CloudVersion | None, *, known: bool) -> bool | None:
+    """`_rewrap` after the checks the listing allows (module docstring, step 3); None when
+    a version the index does not know is left alone (no site object of an older key)."""
+    if version is not None and not known:
+        if not version.site_objects:
+            return None
+        if not version.has_manifest:
+            if set(version.site_objects.values()) == {ring.current_id}:
+                return None
+            raise BlobNotFound(
+                "open", manifest_name, "a site key object of an older key but no manifest:"
+                " a new wrap cannot be checked, so the old key is kept",
+                hint="restore the manifest from the storage account's soft delete or"
+                     " versioning, or delete this version's blobs if nothing in it is needed;"
+                     " then run `pacs-edge keys rotate` again")
+    if version is not None and version.site_objects:
+        kids = set(version.site_objects.values())
+        foreign = kids - {"", ring.current_id, *ring.older_ids}
+        if foreign == kids:
+            raise WrongKeyError(
+                f"wrapped only for site key(s) {', '.join(sorted(foreign))}, which this box"
+                " does not hold: it cannot be re-wrapped",
+                hint="the old key is kept; this box cannot open the version. Delete its blobs"
+                     " if nothing in it is needed, or re-wrap it with that key (from its"
+                     " escrow) first")
+    return _rewrap(store, ring, pack_name, manifest_name)
 
 
 def _rewrap(store: BlobStore, ring: SiteKeyring, pack_name: str, manifest_name: str) -> bool:

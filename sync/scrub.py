@@ -27,10 +27,16 @@ What a verdict does (one transaction per pack, appliance.store.tier_steps):
   leave it (the study takes the `damaged` trigger, replicated -> local) and
   the next replication uploads them again as a new version; instances only
   in the cloud stay, and the study is at risk (`status`, audit log, and
-  evict refuses it: `refuse_if_at_risk`; evict also HEADs the packs before
-  it deletes anything: `confirm_cloud_copy`). A later scrub that finds the
-  pack whole again (restored from the storage account's soft delete or
-  versioning) clears it.
+  evict refuses it: `refuse_if_at_risk`, and again in its commit; evict also
+  HEADs the packs before it deletes anything: `confirm_cloud_copy`). A later
+  scrub that finds the pack whole again (restored from the storage account's
+  soft delete or versioning) clears it.
+A scrub takes no study lease. A verdict that lands while an eviction is
+between its commit and its unlinks counts that study's instances at risk
+(the rows say non-local); the eviction, which re-reads the verdicts in the
+transaction right before its unlinks, keeps those files, puts them back
+local and out of the pack, and the next replication uploads them again
+(sync.evict). The study is then no longer at risk, which `status` shows.
 The audit record (a security alert, integrity failure) of a damaged pack is
 written before that commit: a crash in between repeats it at the next scrub
 (the pack is still the least recently checked), never loses it. The scrub

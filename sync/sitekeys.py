@@ -12,16 +12,24 @@ for `keys/site` first (what every pack has until its first rotation), then
 for the rotated names of each key in the ring, and unwraps with the key whose
 id the object names. So any pack stays readable at every step of a rotation,
 even one interrupted half way.
+
+`cloud_versions` is what a rotation walks: every study version the cloud
+holds, from one listing of `studies/`, with its site key objects. The index
+alone is not enough: after an index rebuilt by `fsck --repair` the cloud
+keeps versions the index does not know (sync.replicate uploads above them),
+and `restore` into a new data home reads them with the site key.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from provisioning.keyring import SiteKeyring, key_lock
 from sync.blobstore.base import BlobNotFound, BlobStore
+from sync.pack import naming
 from sync.pack.data_keys import parse_key_object, unwrap_with_site
 
 
@@ -57,3 +65,39 @@ def unwrap_site_object(store: BlobStore, key_name: str, pack_id: bytes,
     raise BlobNotFound("open", key_name, "no site key object for this pack version",
                        hint="the cloud copy of this version is incomplete and cannot be "
                        "decrypted; replicate the study again from a local copy if one exists")
+
+
+@dataclass
+class CloudVersion:
+    """One study version as the cloud's listing shows it."""
+
+    study_key: str
+    version: int
+    has_manifest: bool = False
+    # its site key objects: name -> the key id a rotated name carries ('' for `keys/site`)
+    site_objects: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pack_name(self) -> str:
+        return naming.pack_name(self.study_key, self.version)
+
+    @property
+    def manifest_name(self) -> str:
+        return naming.manifest_name(self.study_key, self.version)
+
+
+def cloud_versions(store: BlobStore) -> list[CloudVersion]:
+    """Every study version the cloud names (one listing of `studies/`), in name order;
+    names this format does not make are ignored."""
+    found: dict[tuple[str, int], CloudVersion] = {}
+    for info in store.list(naming.STUDIES_PREFIX):
+        parsed = naming.parse_blob_name(info.name)
+        if parsed is None:
+            continue
+        version = found.setdefault((parsed.study_key, parsed.version),
+                                   CloudVersion(parsed.study_key, parsed.version))
+        if parsed.kind == "manifest":
+            version.has_manifest = True
+        elif parsed.kind == "site-key":
+            version.site_objects[info.name] = parsed.site_key_id or ""
+    return [found[key] for key in sorted(found)]

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from appliance.base.errors import InvalidInstance
+from appliance.base.errors import InvalidInstance, PacsEdgeError
 from appliance.services.fsck import fsck
 from appliance.services.ingest import IngestService
 from appliance.store import database
@@ -116,6 +116,73 @@ async def test_changed_resend_becomes_current_and_keeps_the_prior_version(
     assert prior is not None and prior[0] == old.path
     totals = await service.index.totals()
     assert (totals.studies, totals.instances, totals.versions) == (1, 1, 1)
+
+
+async def test_content_sent_again_after_a_correction_is_stored_every_time(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """X, Y, X, Y for one SOP Instance UID (a correction, its revert, the correction
+    again): every send succeeds, the last one is current, the other content is the
+    one prior version, and every row's file is there (docs/storage.md)."""
+    sop = f"{SERIES}.1"
+    x = write_instance(tmp_path / "x.dcm", sop, value=1)
+    y = write_instance(tmp_path / "y.dcm", sop, value=2)
+    outcomes = [(await service.ingest_file(path)).outcome for path in (x, y, x, y)]
+    assert outcomes == [RecordOutcome.NEW, *[RecordOutcome.NEW_VERSION] * 3]
+    current = await row_of(service.index, "SELECT sha256 FROM instances WHERE sop_uid = ?",
+                           (sop,))
+    prior = await row_of(service.index, "SELECT sha256, COUNT(*) FROM instance_versions")
+    assert current is not None and current[0] == hashlib.sha256(dataset_bytes(y)).hexdigest()
+    assert prior is not None and tuple(prior) == (
+        hashlib.sha256(dataset_bytes(x)).hexdigest(), 1)
+    assert len(list(service.files.iter_files())) == 2
+    assert (await fsck(service.files, service.index, repair=False)).clean
+
+
+async def test_a_refused_index_write_removes_only_a_file_this_ingest_created(
+    service: IngestService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up after a failed index write (a full disk, say) never deletes the file
+    of a prior version that the same content, sent again, found under its name."""
+    sop = f"{SERIES}.1"
+    x = write_instance(tmp_path / "x.dcm", sop, value=1)
+    first = await service.ingest_file(x)
+    await service.ingest_file(write_instance(tmp_path / "y.dcm", sop, value=2))
+
+    def refuse(*args: object) -> RecordOutcome:
+        raise PacsEdgeError("index write failed: disk I/O error")
+
+    monkeypatch.setattr(service.index, "record_instance_blocking", refuse)
+    with pytest.raises(PacsEdgeError):
+        await service.ingest_file(x)  # X's name is taken: the prior version's file
+    assert service.files.absolute(first.path).exists()
+    with pytest.raises(PacsEdgeError):
+        await service.ingest_file(write_instance(tmp_path / "z.dcm", sop, value=3))
+    assert len(list(service.files.iter_files())) == 2  # Z's own file went again
+    monkeypatch.undo()
+    assert (await fsck(service.files, service.index, repair=False)).clean
+    assert (await service.ingest_file(x)).outcome is RecordOutcome.NEW_VERSION
+
+
+async def test_content_sent_again_replaces_a_damaged_file_under_its_name(
+    service: IngestService, tmp_path: Path
+) -> None:
+    """A file found under the name of the content being stored is kept only when its
+    dataset hashes right: the acknowledged bytes are the stored bytes."""
+    sop = f"{SERIES}.1"
+    x = write_instance(tmp_path / "x.dcm", sop, value=1)
+    first = await service.ingest_file(x)
+    await service.ingest_file(write_instance(tmp_path / "y.dcm", sop, value=2))
+    stored = service.files.absolute(first.path)
+    damaged = bytearray(stored.read_bytes())
+    damaged[-1] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    again = await service.ingest_file(x)
+    assert again.path == first.path
+    assert dataset_bytes(stored) == dataset_bytes(x)
+    row = await row_of(service.index, "SELECT size FROM instances WHERE path = ?",
+                       (first.path,))
+    assert row is not None and row[0] == stored.stat().st_size
 
 
 async def test_index_names_current_hash_and_counts_instances_by_source(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -174,6 +175,87 @@ def test_rotation_killed_half_way_resumes_and_packs_stay_readable(
     assert sorted(n for n in _blobs(home) if ".keys/" in n) == sorted(
         f"{n}-{new_id}" for n, _ in _site_names(home))
     _recall_all(home)
+
+
+def _restore_elsewhere(home: Path, new_home: Path) -> str:
+    """`restore` of `home`'s cloud into a new data home holding `home`'s current keys."""
+    (new_home / "secrets").mkdir(parents=True)
+    for secret in ("site.key", "names.key"):  # what `keys recover` would write
+        shutil.copy2(home / "secrets" / secret, new_home / "secrets" / secret)
+    init_home(new_home)
+    cloud = tomlkit.parse((home / "pacs-edge.toml").read_text())["cloud"]
+    credentials = cloud.get("credentials_file")  # type: ignore[union-attr]
+    if credentials:
+        path = new_home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text())
+        doc["cloud"]["credentials_file"] = credentials  # type: ignore[index]
+        path.write_text(tomlkit.dumps(doc))
+    url = str(cloud.get("url") or (home / "cloud").as_uri())  # type: ignore[union-attr]
+    return run_pacs_edge("restore", "--home", str(new_home), "--cloud", url).stdout
+
+
+@pytest.mark.parametrize("crash_at", [None, "rotate:after-new-wrap"])
+def test_rotation_rewraps_the_versions_the_index_does_not_know(
+        cloud_home: Path, tmp_path: Path, crash_at: str | None) -> None:
+    """After an index rebuilt by `fsck --repair` the cloud keeps versions the index does
+    not know (the agent uploads above them; `restore` reads them). The rotation re-wrapped
+    the index's packs only, then retired the old key: nothing opened those versions."""
+    home = cloud_home
+    old_id = key_id(_site_key(home))
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    third = dicomgen.make_study(tmp_path / "study-3", seed=703)
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in third))
+    assert "replicated 1 study version" in sync_once(home).stdout
+    assert _pack_count(home) == 1  # the cloud holds 3 versions
+
+    if crash_at:
+        proc = _rotate(home, crash_at=crash_at)
+        assert proc.returncode == -9, proc.stdout + proc.stderr
+        assert (home / "secrets" / f"site.key.{old_id}").exists()
+    proc = _rotate(home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (home / "secrets" / f"site.key.{old_id}").exists()
+    new_id = key_id(_site_key(home))
+    site_objects = [n for n in _blobs(home) if ".keys/" in n]
+    assert len(site_objects) == 3, site_objects
+    assert all(n.endswith(f".keys/site-{new_id}") for n in site_objects), site_objects
+
+    new_home = tmp_path / "new-home"
+    restored = _restore_elsewhere(home, new_home)
+    assert "restored 3 pack version(s) of 3 study(ies), 18 instance(s)" in restored, restored
+    uid = _study_uids(home)[0]
+    recalled = run_pacs_edge("recall", uid, "--home", str(new_home)).stdout
+    assert "recalled 6 instance(s)" in recalled
+
+
+def test_rotation_keeps_the_old_key_for_a_version_it_cannot_check(cloud_home: Path) -> None:
+    """A version only the cloud knows whose manifest is gone (a new wrap cannot be proven
+    to open it) keeps the old key on the box until the manifest is back."""
+    home = cloud_home
+    old_id = key_id(_site_key(home))
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    store = _store(home)
+    try:
+        manifest = next(i.name for i in store.list(naming.STUDIES_PREFIX)
+                        if i.name.endswith(".manifest"))
+        sealed = store.open_range(manifest)
+        store.delete(manifest)
+        proc = _rotate(home)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"failed: {manifest.removesuffix('manifest')}pack" in proc.stderr
+        assert "no manifest" in proc.stderr
+        assert (home / "secrets" / f"site.key.{old_id}").exists()
+        store.put(manifest, [sealed])  # restored from the account's soft delete
+    finally:
+        store.close()
+    proc = _rotate(home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "re-wrapped 1 pack(s), 1 already done" in proc.stdout
+    assert not (home / "secrets" / f"site.key.{old_id}").exists()
 
 
 def test_rotation_is_refused_while_the_sync_agent_runs(cloud_home: Path) -> None:

@@ -23,7 +23,15 @@ import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from syncagent import SyncAgent, evict, sync_once
+from syncagent import (
+    SyncAgent,
+    evict,
+    import_files,
+    index_rows,
+    sent_hashes,
+    stored_hashes,
+    sync_once,
+)
 
 from provisioning.keyring import key_id
 
@@ -417,3 +425,39 @@ def test_restore_refuses_manifests_swapped_between_studies(tmp_path: Path) -> No
     restored = index_dump(new)
     assert sum(item.study_uid in line for item in sent for line in restored
                if line.startswith('INSERT INTO "studies"')) == 1
+
+
+def test_a_restore_over_the_store_keeps_every_versions_intact_files_local(
+        tmp_path: Path) -> None:
+    """The index is lost, the store is not: each version's files found intact stay local,
+    and a study takes the state all its versions' rows say (a later version of a study
+    restore made `replicated` is not refused as the box's own)."""
+    home = init_home(tmp_path / "home")
+    EdgeServer(home).configure(cloud={"url": f"file://{tmp_path / 'cloud'}"})
+    whole, partial = (dicomgen.make_studies(tmp_path / name, seed=seed, series_per_study=1,
+                                            instances_per_series=3, size=64)
+                      for name, seed in (("whole", 44), ("partial", 45)))
+    import_files(home, *whole[:2], *partial[:2])
+    sync_once(home)
+    import_files(home, whole[2], partial[2])
+    sync_once(home)  # version 2 of each study: its late instance
+    [(lost,)] = index_rows(home, "SELECT path FROM instances WHERE sop_uid ="
+                           f" '{partial[0].sop_instance_uid}'")
+    (home / "store" / str(lost)).unlink()  # one file of version 1 is gone from disk
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+
+    restored = run_pacs_edge("restore", "--home", str(home)).stdout
+    assert "restored 4 pack version(s) of 2 study(ies), 6 instance(s)" in restored
+    assert "kept 5 instance(s)" in restored
+    assert dict(index_rows(home, "SELECT study_uid, tier_state FROM studies")) == {
+        whole[0].study_uid: "replicated", partial[0].study_uid: "evicted"}
+    dump = index_dump(home)
+    assert "restored 0 pack version(s)" in run_pacs_edge("restore", "--home", str(home)).stdout
+    assert index_dump(home) == dump
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    recalled = run_pacs_edge("recall", partial[0].study_uid, "--home", str(home)).stdout
+    assert "recalled 1 instance(s)" in recalled
+    assert stored_hashes(home) == sent_hashes([*whole, *partial])
+    assert "replicated 0 study version" in sync_once(home).stdout
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0

@@ -272,6 +272,40 @@ def test_a_study_whose_only_copy_is_damaged_is_at_risk_and_evict_refuses_it(
     assert local_hashes(home) == hashes
 
 
+async def test_the_evict_commit_refuses_instances_in_a_damaged_pack(tmp_path: Path) -> None:
+    """evict checks for damaged packs before its commit (refuse_if_at_risk), and a scrub's
+    verdict may land in between; the commit's own transaction refuses too. Local instances
+    in a damaged pack: a recall that read the pack before the verdict, then committed."""
+    from appliance.store.index import Index
+    from appliance.store.leases import StudyLease
+    from appliance.store.tier_steps import NotEvictable, mark_evicted
+
+    home = init_home(tmp_path / "home")
+    dicomgen.make_studies(tmp_path / "study", seed=84, series_per_study=1,
+                          instances_per_series=2, size=32)
+    run_pacs_edge("import", "--home", str(home), str(tmp_path / "study"))
+    sync_once(home)
+    db = sqlite3.connect(home / "index.sqlite3")
+    try:
+        with db:
+            db.execute("UPDATE packs SET scrub_state = 'damaged', scrub_error = 'rotted'")
+    finally:
+        db.close()
+    [(study_id,)] = query(home, "SELECT id FROM studies")
+    index = Index(home / "index.sqlite3")
+    await index.open()
+    try:
+        assert index.writer is not None
+        lease = StudyLease(index.writer, study_id, "evict")
+        with pytest.raises(NotEvictable, match="damaged"):
+            await index.writer.submit_sync(lambda c: mark_evicted(c, lease, study_id))
+    finally:
+        await index.close()
+    assert tier_state(home) == "replicated"
+    assert query(home, "SELECT DISTINCT is_local FROM instances") == [(1,)]
+    assert query(home, "SELECT COUNT(*) FROM study_leases") == [(0,)]
+
+
 @pytest.mark.parametrize("what", ["pack changed", "manifest missing"])
 def test_evict_refuses_when_the_cloud_copy_is_not_the_one_verified(
         box: tuple[Path, Cloud, Any], what: str) -> None:

@@ -38,8 +38,10 @@ PAUSE_TIMEOUT = 120.0
 
 
 @contextmanager
-def paused(home: Path, point: str, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """Run `pacs-edge ARGS` until it reaches `point`; on exit let it go on and finish."""
+def paused(home: Path, point: str, *args: str, returncode: int = 0,
+           says: str = "") -> Iterator[subprocess.Popen[str]]:
+    """Run `pacs-edge ARGS` until it reaches `point`; on exit let it go on and finish
+    with `returncode`, its output holding `says`."""
     barrier = home.parent / f"barrier-{point.replace(':', '-')}"
     barrier.mkdir()
     proc = subprocess.Popen(
@@ -57,7 +59,8 @@ def paused(home: Path, point: str, *args: str) -> Iterator[subprocess.Popen[str]
     finally:
         (barrier / "go").touch()
         output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
-    assert proc.returncode == 0, output
+    assert proc.returncode == returncode, output
+    assert says in output, output
 
 
 @pytest.fixture
@@ -88,6 +91,48 @@ def test_recall_is_refused_while_an_eviction_deletes_the_files(
     assert_fsck_clean(home)
     assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
     assert stored_hashes(home) == sent_hashes(instances)
+
+
+def _rot_in_place(path: Path) -> None:
+    """Flip a byte in the middle of a blob file of the local-folder cloud, as bit rot
+    does: same size, inode and mtime, so its ETag does not change."""
+    st = path.stat()
+    path.chmod(0o644)
+    with open(path, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_pack_found_damaged_while_an_eviction_deletes_keeps_the_files(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]],
+) -> None:
+    """A scrub takes no lease: its verdict landed between the eviction's commit and its
+    unlinks, which then deleted the only good copy of every instance."""
+    home, instances = study
+    uid = instances[0].study_uid
+    import_files(home, *instances)
+    sync_once(home)
+    [(pack,)] = index_rows(home, "SELECT pack_name FROM packs")
+    with paused(home, "evict:after-commit", "evict", uid, returncode=2,
+                says="4 file(s) of its instances are kept on local disk"):
+        _rot_in_place(home / "cloud" / str(pack))
+        scrub = run_pacs_edge("scrub", "--all", "--home", str(home), check=False)
+        assert scrub.returncode == 1 and f"damaged {pack}" in scrub.stdout, scrub.stdout
+    assert stored_hashes(home) == sent_hashes(instances)
+    assert index_rows(home, "SELECT COUNT(*) FROM instances WHERE is_local = 1"
+                            " AND pack_fk IS NULL") == [(4,)]
+    assert_fsck_clean(home)
+    sync_once(home)  # uploads them again, then deletes them: the study was evicted
+    assert index_rows(home, "SELECT version, scrub_state FROM packs ORDER BY version") == [
+        (1, "damaged"), (2, "")]
+    assert index_rows(home, "SELECT tier_state FROM studies") == [("evicted",)]
+    assert stored_hashes(home) == {}
+    assert "recalled 4 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert stored_hashes(home) == sent_hashes(instances)
+    assert_fsck_clean(home)
 
 
 def test_recall_is_refused_while_late_instances_leave_local_disk(

@@ -1,4 +1,5 @@
-"""An index rebuilt without `restore` never costs the cloud a version it holds.
+"""An index rebuilt without `restore` never costs the cloud a version it holds; one
+rebuilt with it never costs the store a file it holds.
 
 The box loses its index (deleted, or damaged and moved away) while the store
 still holds a study's late instance; `fsck --repair` adopts the file into a new,
@@ -16,16 +17,19 @@ the cloud is a local folder or a real Azurite.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import dcmtk
 import dicomgen
 import pytest
-from conftest import init_home, pacs_edge_command, run_pacs_edge
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 from syncagent import evict, import_files, index_rows, sent_hashes, stored_hashes, sync_once
 
 
@@ -138,10 +142,90 @@ def test_the_operator_guides_rebuild_of_a_lost_index_brings_back_every_study(
         path.unlink()
     restored = run_pacs_edge("restore", "--home", str(home), "--cloud", cloud).stdout
     assert "restored 2 pack version(s) of 2 study(ies), 6 instance(s)" in restored
+    assert "kept 3 instance(s)" in restored  # the replicated study's files: still local
     adopted = run_pacs_edge("fsck", "--repair", "--home", str(home)).stdout
     assert adopted.count("adopted: ") == 3
     assert "replicated 1 study version(s)" in sync_once(home).stdout
-    for study in (evicted, replicated):
-        run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
+    assert tier_states(home) == {evicted[0].study_uid: "evicted",
+                                 replicated[0].study_uid: "replicated",
+                                 never[0].study_uid: "replicated"}
+    run_pacs_edge("recall", evicted[0].study_uid, "--home", str(home))
     assert stored_hashes(home) == sent_hashes([*evicted, *replicated, *never])
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
+def tier_states(home: Path) -> dict[str, str]:
+    return {str(uid): str(state) for uid, state in
+            index_rows(home, "SELECT study_uid, tier_state FROM studies")}
+
+
+def flip_a_byte(path: Path, offset: int) -> None:
+    """Silent bit rot: one byte changed in place; size and modification time kept."""
+    st = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_rebuild_on_the_same_home_keeps_the_stores_files_though_the_cloud_rotted(
+    edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
+) -> None:
+    """docs/operator-guide.md, "A lost or damaged index", where the cloud copy of a
+    replicated study rotted in place (same size, same ETag) before the index was lost:
+    restore keeps the store's intact files local, so the agent's start deletes none and
+    the study is served from disk, no recall; a damaged local file is not trusted (its
+    study comes back evicted but for its good files, and a recall repairs it)."""
+    home = init_home(tmp_path / "home")
+    cloud = tmp_path / "cloud"
+    configure_cloud(home, f"file://{cloud}", None)
+    kept, mixed = (dicomgen.make_studies(tmp_path / name, seed=seed, series_per_study=1,
+                                         instances_per_series=3, size=64)
+                   for name, seed in (("kept", 75), ("mixed", 76)))
+    import_files(home, *kept, *mixed)
+    sync_once(home)
+    [(pack_name,)] = index_rows(home, "SELECT p.pack_name FROM packs p JOIN studies s"
+                                f" ON p.study_fk = s.id WHERE s.study_uid = '{kept[0].study_uid}'")
+    pack = cloud.joinpath(*str(pack_name).split("/"))
+    flip_a_byte(pack, pack.stat().st_size // 2)  # the cloud's only copy of `kept` is bad
+    [(damaged_path,)] = index_rows(home, "SELECT path FROM instances WHERE sop_uid ="
+                                   f" '{mixed[0].sop_instance_uid}'")
+    damaged = home / "store" / str(damaged_path)
+    flip_a_byte(damaged, damaged.stat().st_size - 1)  # a bad local file, the cloud's is good
+
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    restored = run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}")
+    assert "restored 2 pack version(s) of 2 study(ies), 6 instance(s)" in restored.stdout
+    assert "kept 5 instance(s)" in restored.stdout
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    started = sync_once(home)  # the agent's start-up sweep runs here
+    assert "kept files of evicted instances that are no copy" in started.stderr
+    assert tier_states(home) == {kept[0].study_uid: "replicated",
+                                 mixed[0].study_uid: "evicted"}
+    on_disk = stored_hashes(home)
+    assert on_disk == {**sent_hashes([*kept, *mixed[1:]]),
+                       mixed[0].sop_instance_uid: on_disk[mixed[0].sop_instance_uid]}
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert status["bytes_on_disk"] == sum(
+        p.stat().st_size for p in (home / "store").rglob("*.dcm") if p != damaged)
+    assert status["tier_states"]["replicated"] == 1 and status["tier_states"]["evicted"] == 1
+
+    # Served from local disk: no agent runs, so a needed recall could not happen.
+    server = edge_server_factory(home, start=False)
+    server.configure(sync={"recall_timeout_seconds": 5.0})
+    server.start()
+    got = tmp_path / "got"
+    dcmtk.getscu(server.port, {"StudyInstanceUID": kept[0].study_uid}, got).check()
+    assert {dicomgen.dataset_bytes(p) for p in got.iterdir()} == {
+        dicomgen.dataset_bytes(i.path) for i in kept}
+    server.stop()
+
+    run_pacs_edge("recall", mixed[0].study_uid, "--home", str(home))
+    assert stored_hashes(home) == sent_hashes([*kept, *mixed])
+    # A scrub finds the rotted pack; the local files are uploaded again as a new version.
+    assert run_pacs_edge("scrub", "--all", "--home", str(home), check=False).returncode == 1
+    assert "replicated 1 study version(s)" in sync_once(home).stdout
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0

@@ -8,7 +8,7 @@ what a crash left behind.
 Every package uses this module, provisioning included (it sits on the base
 floor, below all three packages; see docs/architecture.md): the instance
 store, the index's neighbours, the blob store's local folder, secrets, certificates
-and the allowlist all write through the same four functions.
+and the allowlist all write through the same five functions.
 """
 
 from __future__ import annotations
@@ -156,6 +156,32 @@ def durable_rename(source: str | Path, target: str | Path, *, sync_folder: bool 
         os.replace(source, target)
     for synced in ([folder] if sync_folder else []) + gained:
         folder_sync(synced)
+
+
+def durable_link(source: str | Path, target: str | Path, *,
+                 folder_sync: Callable[[str], None] = fsync_dir) -> bool:
+    """Publish an fsynced file at `target` unless that name exists; True when it did.
+
+    A hard link, where durable_rename renames: as atomic, but it never replaces
+    a file that is there already (another writer's, or one that rows name), so
+    the caller knows whether the name is its own. The caller removes `source`.
+    The target folder is fsynced either way: a name found there may be a
+    concurrent writer's whose own folder fsync has not returned yet.
+    """
+    folder = os.path.dirname(os.fspath(target)) or os.curdir
+    gained: list[str] = []
+    try:
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            gained = make_dirs(folder)
+            os.link(source, target)
+        created = True
+    except FileExistsError:
+        created = False
+    for synced in [folder, *gained]:
+        folder_sync(synced)
+    return created
 
 
 class SharedFolderSync:

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from appliance.base.config import CONFIG_FILE, Config, is_ae_title
 from appliance.base.errors import PacsEdgeError
+from appliance.base.human import human_size
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import (
     audit_change,
@@ -363,10 +364,12 @@ def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> N
               help="The lost box's cloud URL (default: the home's [cloud] url).")
 @expected_errors
 def restore(home: Path, cloud_url: str | None) -> None:
-    """Rebuild the index from the cloud manifests; every study comes back evicted.
+    """Rebuild the index from the cloud manifests; studies come back evicted, except
+    instances whose files the store still holds intact: those stay local.
 
     Run after `keys recover` and `init`. Running it again changes nothing."""
     from appliance.audit.anchor import set_base_after_restore
+    from appliance.store.files import FileStore
     from appliance.store.index import Index
     from provisioning.keyring import load_keyring
     from provisioning.site_secrets import load_name_secret
@@ -391,6 +394,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
             name_secret = load_name_secret(config.home)
             async with Index(config.index.path) as index:
                 return await restore_index(index, store, ring, name_secret=name_secret,
+                                           files=FileStore(config.store.path),
                                            on_progress=progress)
 
     try:
@@ -406,6 +410,9 @@ def restore(home: Path, cloud_url: str | None) -> None:
               f"{len(report.failures)} failed"
               + (f" ({len(report.misfiled)} study folder(s) hold another study's manifest)"
                  if report.misfiled else ""), highlight=False)
+    if report.local:
+        out.print(f"kept {report.local} instance(s) ({human_size(report.local_bytes)}) the "
+                  "store holds intact: local, not evicted", highlight=False)
     for failure in report.failures:
         err.print(f"  failed: {failure}", highlight=False)
     if report.failures:

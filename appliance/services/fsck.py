@@ -3,8 +3,9 @@
 - A file without an index row (a crash between the rename and the commit) is
   reported, and with `--repair` adopted: as the current instance when its SOP
   Instance UID is unknown, as a prior version when the index holds other content.
-- An index row without its file is flagged for every study that is not
-  evicted: that must never happen, and fsck does not paper over it.
+- An index row without its file is flagged when the row says the file is local
+  (`is_local`, of a current instance or a prior version; evicted ones are in a
+  pack): that must never happen, and fsck does not paper over it.
 - With `--repair`, temp files left by a crash are removed: those untouched for
   TEMP_FILE_AGE, since serve may be running and a newer one may be a transfer it
   is receiving (serve's start-up removes them all: then nothing else writes).

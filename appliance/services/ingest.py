@@ -4,12 +4,14 @@ Order, which is the acknowledgement contract:
  1. the instance is fully spooled (a SpoolFile in the store's spool folder);
  2. its header is parsed and checked: complete, UIDs valid, matching the request;
  3. identical content already stored -> no-op success;
- 4. fsync the file (started in the background at step 2), rename it into place,
-    fsync the folder;
+ 4. fsync the file (started in the background at step 2), link it into place,
+    fsync the folder; a file already there under its name (the same content, a
+    prior version's: X, Y, X) is kept instead (FileStore.place);
  5. commit the index row (group commit, synchronous=FULL);
  6. only then does the caller acknowledge (C-STORE Success).
-A failure at any step leaves neither a file nor a row behind (a crash between
-4 and 5 leaves a file that `fsck --repair` adopts).
+A failure at any step leaves neither a file nor a row behind, and never removes a
+file it did not create (a crash between 4 and 5 leaves a file that `fsck --repair`
+adopts).
 """
 
 from __future__ import annotations
@@ -116,9 +118,12 @@ class IngestService:
             if self.index.has_identical_blocking(header.sop_uid, sha256):
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
-            self.files.commit(spool, relative, synced=syncing)
-            committed_path = relative
-            stored = StoredFile(relative, spool.size, offset, sha256, time.time(), source_ae)
+            placed = self.files.place(spool, relative, sha256=sha256, offset=offset,
+                                      synced=syncing)
+            if placed.created:  # else the name was taken (a prior version's file): not ours
+                committed_path = relative
+            stored = StoredFile(relative, placed.size, placed.dataset_offset, sha256,
+                                time.time(), source_ae)
             outcome = self.index.record_instance_blocking(header, stored)
             committed_path = None  # the row owns the file now
             if outcome is RecordOutcome.NEW_VERSION:

@@ -14,15 +14,18 @@ UIDs are validated (digits and dots) before they become path components.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.base.durable import (
     TEMP_SUFFIX,
     SharedFolderSync,
+    durable_link,
     durable_rename,
     ensure_dir,
     fsync_dir,
@@ -32,9 +35,19 @@ from appliance.base.durable import (
 from appliance.base.errors import OutOfSpace
 from appliance.base.uids import is_valid_uid
 from appliance.store.instance_header import InstanceHeader
-from appliance.store.spool import SpoolFile
+from appliance.store.spool import SpoolFile, dataset_offset
 
 SPOOL_DIR = ".spool"
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Placed:
+    """The file an ingested instance's row names, and whether this ingest made it."""
+
+    created: bool  # False: the name was there with this content (kept), or damaged (replaced)
+    size: int
+    dataset_offset: int
 
 
 class FileStore:
@@ -94,6 +107,36 @@ class FileStore:
                 raise OutOfSpace() from exc
             raise
 
+    def place(self, spool: SpoolFile, relative: str, *, sha256: str, offset: int,
+              synced: Future[None] | None = None) -> Placed:
+        """Make a spooled instance (dataset `sha256` from `offset` on) durable at
+        `relative`, the name of its content.
+
+        The name may be taken already: by the file of a prior version with the same
+        content (sent again after a correction: X, Y, X), or by a concurrent ingest of
+        the same bytes. That file is kept and the spool is left to the caller to
+        discard; only a file whose dataset does not hash to `sha256` (damaged) is
+        replaced. Only a file this call `created` may its caller remove again (when
+        the index refuses the row): another row may name any other."""
+        target = os.path.join(self._root, relative)
+        try:
+            if synced is not None:
+                synced.result()
+            else:
+                spool.sync()
+            if durable_link(spool.name, target, folder_sync=self._folder_syncs.sync):
+                return Placed(True, spool.size, offset)
+            kept = _intact_file(target, sha256)
+            if kept is not None:
+                return Placed(False, *kept)
+            durable_rename(spool.name, target, folder_sync=self._folder_syncs.sync)
+            spool.renamed()
+            return Placed(False, spool.size, offset)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise OutOfSpace() from exc
+            raise
+
     def remove(self, relative: str) -> None:
         path = self.absolute(relative)
         with contextlib.suppress(FileNotFoundError):
@@ -110,3 +153,23 @@ class FileStore:
             for name in filenames:
                 if name.endswith(".dcm") and not name.endswith(TEMP_SUFFIX):
                     yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+
+def _intact_file(path: str, sha256: str) -> tuple[int, int] | None:
+    """(size, dataset offset) of the Part 10 file at `path` if its dataset bytes hash
+    to `sha256`; None when they do not, or it is no such file (not followed: a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        offset = dataset_offset(fh.read(144))
+        if offset < 0:
+            return None
+        fh.seek(offset)
+        digest = hashlib.sha256()
+        while chunk := fh.read(_READ_CHUNK):
+            digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            return None
+        return os.fstat(fd).st_size, offset

@@ -260,12 +260,26 @@ class Index:
 
     async def known_paths(self) -> dict[str, bool]:
         """Every file path the index refers to -> whether the file must be on local disk
-        (False for evicted instances, whose only copy is in the cloud)."""
+        (False for evicted instances and prior versions, whose only copy is in the cloud)."""
         rows = await self._rows(
             "SELECT path, is_local FROM instances"
-            " UNION ALL SELECT path, 1 FROM instance_versions"
+            " UNION ALL SELECT path, is_local FROM instance_versions"
         )
         return {path: bool(is_local) for path, is_local in rows}
+
+    async def needed_locally(self, paths: Sequence[str]) -> set[str]:
+        """Which of `paths` a row marked local names, current or prior version: files
+        that a deletion of non-local files (evict, a failed recall) must leave alone."""
+        needed: set[str] = set()
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._rows(
+                f"SELECT path FROM instances WHERE is_local = 1 AND path IN ({marks})"
+                f" UNION SELECT path FROM instance_versions WHERE is_local = 1"
+                f" AND path IN ({marks})", (*chunk, *chunk))
+            needed.update(str(row[0]) for row in rows)
+        return needed
 
     async def record_version(self, sop_uid: str, stored: StoredFile, transfer_syntax: str) -> None:
         """Adopt a file as a prior version of `sop_uid` (fsck of a superseded file)."""
@@ -365,18 +379,9 @@ def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
 def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> RecordOutcome:
     """Insert one instance and its patient/study/series, in the writer's thread
     (Writer.submit_sync: the whole transaction is one hop from the event loop)."""
-    existing = database.query_one(
-        conn,
-        "SELECT id, series_fk, path, size, sha256, transfer_syntax, received_at"
-        " FROM instances WHERE sop_uid = ?",
-        (h.sop_uid,),
-    )
-    outcome = RecordOutcome.NEW
-    if existing is not None:
-        if existing["sha256"] == stored.sha256:
-            return RecordOutcome.DUPLICATE
-        _supersede(conn, existing, h.sop_uid, stored.received_at)
-        outcome = RecordOutcome.NEW_VERSION
+    outcome = make_way(conn, h.sop_uid, stored.sha256, stored.path, stored.received_at)
+    if outcome is RecordOutcome.DUPLICATE:
+        return outcome
 
     # Upserts return the row id (and the series' count, which says whether the
     # series is new), so the common case is five statements.
@@ -398,13 +403,42 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     return outcome
 
 
+def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
+             now: float) -> RecordOutcome:
+    """Prepare for content `sha256` of `sop_uid`, whose file is `path`, to become the
+    current instance (the caller inserts its row unless DUPLICATE is returned).
+
+    DUPLICATE: that content is current already. Otherwise the current row, if any,
+    moves to instance_versions (NEW_VERSION), where it keeps its pack location and
+    locality; and a prior version of this same content (sent again after a
+    correction: X, Y, X) leaves instance_versions, since the new current row names
+    its file. So a path is named by one row at most, in either table: eviction,
+    which deletes the files of current rows, never deletes a prior version's."""
+    existing = database.query_one(
+        conn,
+        "SELECT id, series_fk, path, size, sha256, transfer_syntax, received_at, pack_fk,"
+        " pack_offset, pack_length, is_local FROM instances WHERE sop_uid = ?",
+        (sop_uid,),
+    )
+    outcome = RecordOutcome.NEW
+    if existing is not None:
+        if existing["sha256"] == sha256:
+            return RecordOutcome.DUPLICATE
+        _supersede(conn, existing, sop_uid, now)
+        outcome = RecordOutcome.NEW_VERSION
+    conn.execute("DELETE FROM instance_versions WHERE path = ?", (path,))
+    return outcome
+
+
 def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
     """Move the current row of `sop_uid` to instance_versions and undo its counts."""
     conn.execute(
         "INSERT INTO instance_versions (sop_uid, path, size, sha256, transfer_syntax,"
-        " received_at, superseded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " received_at, superseded_at, pack_fk, pack_offset, pack_length, is_local)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (sop_uid, old["path"], old["size"], old["sha256"], old["transfer_syntax"],
-         old["received_at"], now),
+         old["received_at"], now, old["pack_fk"], old["pack_offset"], old["pack_length"],
+         old["is_local"]),
     )
     conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
     series_fk = old["series_fk"]

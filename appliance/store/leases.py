@@ -29,6 +29,11 @@ Neither does a scrub that finds a pack damaged (sync.scrub): it deletes no
 file either, and its one transaction (local instances leave the pack, the
 study takes DAMAGED, allowed in every state) is consistent with every step of
 a lease holder, which re-reads what it changes inside its own transactions.
+That includes an eviction between its commit and its unlinks, whose files
+are then still on disk though the rows say `is_local = 0`: the fence right
+before the unlinks (tier_steps.keep_damaged_files) re-reads the verdicts and
+keeps the files of instances in a damaged pack. Taking the lease would not
+do: the scrub would wait for the eviction, which would delete them first.
 """
 
 from __future__ import annotations

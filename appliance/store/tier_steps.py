@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -151,8 +151,9 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
 
 
 def mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> list[str]:
-    """Take the lease, refuse (NotEvictable) unless every instance is in a verified pack,
-    commit `replicated -> evicted` and `is_local = 0`; returns the files to delete."""
+    """Take the lease, refuse (NotEvictable) unless every instance is in a verified pack
+    that no scrub found damaged, commit `replicated -> evicted` and `is_local = 0`;
+    returns the files to delete."""
     lease.take(conn)
     row = database.query_one(
         conn,
@@ -162,11 +163,58 @@ def mark_evicted(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> 
     if row and row[0]:
         raise NotEvictable(f"{row[0]} instance(s) are not in a verified pack yet",
                            hint="wait for the next replication pass")
+    # sync.scrub.refuse_if_at_risk checks this before; here it holds in the transaction.
+    # Local instances are left in a damaged pack only when a recall read it before the
+    # scrub's verdict: the next scrub takes them out and they are uploaded again.
+    damaged = database.query_one(
+        conn,
+        "SELECT p.pack_name FROM instances i JOIN series se ON i.series_fk = se.id"
+        " JOIN packs p ON i.pack_fk = p.id"
+        " WHERE se.study_fk = ? AND p.scrub_state = 'damaged' LIMIT 1", (study_id,))
+    if damaged:
+        raise NotEvictable(
+            f"a scrub found the pack {damaged[0]} damaged; nothing is deleted",
+            hint="run `pacs-edge scrub --all`: the local instances leave the damaged pack"
+                 " and the next sync pass uploads them again; evict after that")
     apply_sync(conn, study_id, Trigger.EVICT, expect=TierState.REPLICATED)
     cur = conn.execute(
         "UPDATE instances SET is_local = 0 WHERE series_fk IN"
         " (SELECT id FROM series WHERE study_fk = ?) RETURNING path", (study_id,))
     return [r[0] for r in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class KeptFiles:
+    paths: list[str]        # files the eviction must not delete: now local again
+    pack_names: list[str]   # the damaged packs they were in
+
+
+def keep_damaged_files(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
+                       paths: Sequence[str]) -> KeptFiles:
+    """Right before an eviction deletes `paths`: fence the lease, and keep the files of
+    instances whose pack a scrub found damaged since `mark_evicted` (which refuses a
+    damaged pack): a scrub takes no lease, so its verdict can land between the two.
+
+    Such an instance becomes local again and leaves the pack, in this transaction, as
+    `record_scrub_damaged` does for local instances; the study takes the `damaged`
+    trigger (`evicted` stays `evicted`): the next replication uploads them again as a
+    new version, and only when that is verified are their files deleted, as for the
+    late instances of an evicted study. The caller deletes the other paths.
+    """
+    lease.fence(conn)
+    wanted = set(paths)
+    rows = [(int(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
+        "SELECT i.id, i.path, p.pack_name FROM instances i JOIN series se ON i.series_fk = se.id"
+        " JOIN packs p ON i.pack_fk = p.id"
+        " WHERE se.study_fk = ? AND i.is_local = 0 AND p.scrub_state = 'damaged'",
+        (study_id,)).fetchall() if r[1] in wanted]
+    if not rows:
+        return KeptFiles([], [])
+    conn.executemany(
+        "UPDATE instances SET is_local = 1, pack_fk = NULL, pack_offset = NULL,"
+        " pack_length = NULL WHERE id = ?", [(instance_id,) for instance_id, _, _ in rows])
+    apply_sync(conn, study_id, Trigger.DAMAGED)
+    return KeptFiles(sorted(path for _, path, _ in rows), sorted({n for _, _, n in rows}))
 
 
 # --- recall -----------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Prior versions keep their content, on disk or in a pack, whatever comes after.
+
+Content re-sent for a SOP Instance UID becomes current and the earlier content
+a prior version (docs/storage.md, "Re-sent instances"). A path is named by one
+row at most, so eviction (which deletes the files of current rows) never takes
+a prior version's file; a version superseded while its study was evicted keeps
+its place in the pack, and `restore` rebuilds them so. Real processes:
+`pacs-edge serve` with dcmtk storescu, `import`, `sync --once`, `evict`,
+`recall`, `keys escrow`/`recover`, `restore`, `fsck`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pydicom
+from conftest import EdgeServer, init_home, run_pacs_edge
+from syncagent import assert_fsck_clean, import_files, index_rows, stored_hashes, sync_once
+
+from appliance.store.index import Index
+
+
+def corrected(instance: dicomgen.GeneratedInstance, folder: Path, tag: str) -> Path:
+    """The same SOP Instance UID with other dataset bytes (a correction)."""
+    ds = pydicom.dcmread(instance.path)
+    ds.ImageComments = f"corrected {tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(dicomgen.dataset_bytes(path)).hexdigest()
+
+
+def versions_of(home: Path, sop: str) -> tuple[list[str], list[str]]:
+    """The dataset hashes of `sop`'s current row and of its prior versions (sorted)."""
+    current = index_rows(home, f"SELECT sha256 FROM instances WHERE sop_uid = '{sop}'")
+    prior = index_rows(home, f"SELECT sha256 FROM instance_versions WHERE sop_uid = '{sop}'")
+    return [str(r[0]) for r in current], sorted(str(r[0]) for r in prior)
+
+
+def assert_local_rows_have_their_files(home: Path) -> None:
+    """Every row marked local, current or prior version, names a file with its content."""
+    rows = index_rows(home, "SELECT path, sha256 FROM instances WHERE is_local = 1"
+                            " UNION ALL SELECT path, sha256 FROM instance_versions"
+                            " WHERE is_local = 1")
+    for path, sha256 in rows:
+        assert digest(home / "store" / str(path)) == sha256, path
+
+
+def test_a_correction_sent_back_and_forth_is_stored_every_time(
+    edge_server: EdgeServer, tmp_path: Path,
+) -> None:
+    """storescu X, Y, X, Y, Y: each C-STORE succeeds (the 4th was refused 0x0110, after
+    its clean-up had deleted prior version Y's file), Y is current, X the prior version."""
+    instance = dicomgen.make_study(tmp_path / "study", seed=81, series_per_study=1,
+                                   instances_per_series=1, size=16)[0]
+    x, y = instance.path, corrected(instance, tmp_path / "sent", "y")
+    statuses = [status for path in (x, y, x, y, y) for status in
+                dcmtk.storescu(edge_server.port, [path], args=("-d",)).dimse_statuses()]
+    assert statuses == [0x0000] * 5
+    assert versions_of(edge_server.home, instance.sop_instance_uid) == ([digest(y)],
+                                                                         [digest(x)])
+    assert_local_rows_have_their_files(edge_server.home)
+    assert_fsck_clean(edge_server.home)
+
+
+def test_evicting_a_study_keeps_the_files_of_prior_versions(tmp_path: Path) -> None:
+    """X, Y, X then replicate and evict: X (current) leaves local disk with its study, Y
+    (prior version) keeps its file; a recall brings X back."""
+    home = init_home(tmp_path / "home")
+    instances = dicomgen.make_study(tmp_path / "study", seed=82, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    first, uid = instances[0], instances[0].study_uid
+    x, y = first.path, corrected(first, tmp_path / "sent", "y")
+    import_files(home, *instances)
+    for path in (y, x):
+        run_pacs_edge("import", "--home", str(home), str(path))
+    sync_once(home)
+    run_pacs_edge("evict", uid, "--home", str(home))
+    assert versions_of(home, first.sop_instance_uid) == ([digest(x)], [digest(y)])
+    assert stored_hashes(home) == {first.sop_instance_uid: digest(y)}
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+    assert "recalled 2 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+
+
+def test_new_content_for_an_evicted_instance_keeps_the_prior_one_in_its_pack(
+    tmp_path: Path,
+) -> None:
+    """Y for an evicted X: X's version row keeps the pack location the evicted row had
+    (not local), fsck stays clean through upload, recall and X sent once more."""
+    home = init_home(tmp_path / "home")
+    instances = dicomgen.make_study(tmp_path / "study", seed=83, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    first, other, uid = instances[0], instances[1], instances[0].study_uid
+    sop = first.sop_instance_uid
+    x, y = first.path, corrected(first, tmp_path / "sent", "y")
+    import_files(home, *instances)
+    sync_once(home)
+    run_pacs_edge("evict", uid, "--home", str(home))
+    where = ("SELECT sha256, pack_fk, pack_offset, pack_length FROM instances"
+             f" WHERE sop_uid = '{sop}'")
+    evicted_x = index_rows(home, where)
+
+    run_pacs_edge("import", "--home", str(home), str(y))
+    assert index_rows(home, "SELECT sha256, pack_fk, pack_offset, pack_length, is_local"
+                            " FROM instance_versions") == [(*evicted_x[0], 0)]
+    assert_fsck_clean(home)
+    sync_once(home)  # Y goes up as version 2; the study is evicted, so its file goes too
+    assert_fsck_clean(home)
+    assert "recalled 2 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert stored_hashes(home) == {sop: digest(y), other.sop_instance_uid: digest(other.path)}
+    assert_fsck_clean(home)
+
+    run_pacs_edge("import", "--home", str(home), str(x))  # X again: written anew, current
+    assert versions_of(home, sop) == ([digest(x)], [digest(y)])
+    assert index_rows(home, where.replace("pack_fk,", "is_local, pack_fk,")) == [
+        (digest(x), 1, None, None, None)]  # in no pack yet: the next pass uploads it
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+
+
+def test_restore_keeps_earlier_content_as_a_prior_version_in_its_pack(tmp_path: Path) -> None:
+    """X in pack version 1, its correction Y in version 2, X again in version 3: the
+    restored index holds X current and Y a prior version located in version 2 (not
+    local), as the lost box did; a recall brings X back and fsck stays clean."""
+    cloud, old, new = tmp_path / "cloud", tmp_path / "old", tmp_path / "new"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    instances = dicomgen.make_study(tmp_path / "study", seed=85, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    first, other, uid = instances[0], instances[1], instances[0].study_uid
+    x, y = first.path, corrected(first, tmp_path / "sent", "y")
+    import_files(old, *instances)
+    for path in (y, x):
+        sync_once(old)
+        run_pacs_edge("import", "--home", str(old), str(path))
+    sync_once(old)
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    passphrase.chmod(0o600)
+    escrow = tmp_path / "escrow"
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+
+    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    assert "restored 3 pack version(s) of 1 study(ies), 4 instance(s)" in restored.stdout
+    sop = first.sop_instance_uid
+    assert versions_of(new, sop) == ([digest(x)], [digest(y)])
+    assert index_rows(new, "SELECT p.version, v.is_local, v.pack_length > 0"
+                           " FROM instance_versions v JOIN packs p ON v.pack_fk = p.id") == [
+        (2, 0, 1)]
+    assert_fsck_clean(new)
+    assert "recalled 2 instance(s)" in run_pacs_edge("recall", uid, "--home", str(new)).stdout
+    assert stored_hashes(new) == {sop: digest(x), other.sop_instance_uid: digest(other.path)}
+    assert_fsck_clean(new)
+
+
+V14_VERSIONS = """
+DROP INDEX instance_versions_pack;
+CREATE TABLE v14 (id INTEGER PRIMARY KEY, sop_uid TEXT NOT NULL, path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, transfer_syntax TEXT NOT NULL,
+    received_at REAL NOT NULL, superseded_at REAL NOT NULL);
+INSERT INTO v14 SELECT id, sop_uid, path, size, sha256, transfer_syntax, received_at,
+    superseded_at FROM instance_versions;
+DROP TABLE instance_versions;
+ALTER TABLE v14 RENAME TO instance_versions;
+CREATE INDEX instance_versions_sop ON instance_versions(sop_uid);
+DELETE FROM schema_migrations WHERE version = 15;
+"""
+
+
+async def test_migration_drops_version_rows_that_name_a_current_file(tmp_path: Path) -> None:
+    """An index from before migration 15 where X, Y, X left a version row naming the
+    current row's file: the migration drops that row (the current one holds the same
+    content) and keeps the others, local."""
+    home = init_home(tmp_path / "home")
+    instance = dicomgen.make_study(tmp_path / "study", seed=84, series_per_study=1,
+                                   instances_per_series=1, size=16)[0]
+    y = corrected(instance, tmp_path / "sent", "y")
+    for path in (instance.path, y, instance.path):
+        run_pacs_edge("import", "--home", str(home), str(path))
+    db = home / "index.sqlite3"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.executescript(V14_VERSIONS)
+        conn.execute("INSERT INTO instance_versions (sop_uid, path, size, sha256,"
+                      " transfer_syntax, received_at, superseded_at) SELECT sop_uid, path,"
+                      " size, sha256, transfer_syntax, received_at, 0 FROM instances")
+    async with Index(db):
+        pass
+    assert versions_of(home, instance.sop_instance_uid) == ([digest(instance.path)],
+                                                            [digest(y)])
+    assert index_rows(home, "SELECT is_local, pack_fk FROM instance_versions") == [(1, None)]
+    assert_fsck_clean(home)
