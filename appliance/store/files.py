@@ -94,18 +94,10 @@ class FileStore:
         `sync_folder=False`: the caller fsyncs the folder later (see durable_rename).
         Concurrent commits into one folder share its fsync (SharedFolderSync)."""
         target = os.path.join(self._root, relative)
-        try:
-            if synced is not None:
-                synced.result()
-            else:
-                spool.sync()
+        with _spool_synced(spool, synced):
             durable_rename(spool.name, target, sync_folder=sync_folder,
                            folder_sync=self._folder_syncs.sync)
             spool.renamed()
-        except OSError as exc:
-            if is_no_space(exc):
-                raise OutOfSpace() from exc
-            raise
 
     def place(self, spool: SpoolFile, relative: str, *, sha256: str, offset: int,
               synced: Future[None] | None = None) -> Placed:
@@ -119,11 +111,7 @@ class FileStore:
         replaced. Only a file this call `created` may its caller remove again (when
         the index refuses the row): another row may name any other."""
         target = os.path.join(self._root, relative)
-        try:
-            if synced is not None:
-                synced.result()
-            else:
-                spool.sync()
+        with _spool_synced(spool, synced):
             if durable_link(spool.name, target, folder_sync=self._folder_syncs.sync):
                 return Placed(True, spool.size, offset)
             kept = _intact_file(target, sha256)
@@ -132,10 +120,6 @@ class FileStore:
             durable_rename(spool.name, target, folder_sync=self._folder_syncs.sync)
             spool.renamed()
             return Placed(False, spool.size, offset)
-        except OSError as exc:
-            if is_no_space(exc):
-                raise OutOfSpace() from exc
-            raise
 
     def remove(self, relative: str) -> None:
         path = self.absolute(relative)
@@ -153,6 +137,22 @@ class FileStore:
             for name in filenames:
                 if name.endswith(".dcm") and not name.endswith(TEMP_SUFFIX):
                     yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+
+@contextlib.contextmanager
+def _spool_synced(spool: SpoolFile, synced: Future[None] | None) -> Iterator[None]:
+    """Wait for the spool's fsync (`synced`: one already under way, else made here), then
+    run the body; a full disk on the way is OutOfSpace."""
+    try:
+        if synced is not None:
+            synced.result()
+        else:
+            spool.sync()
+        yield
+    except OSError as exc:
+        if is_no_space(exc):
+            raise OutOfSpace() from exc
+        raise
 
 
 def _intact_file(path: str, sha256: str) -> tuple[int, int] | None:
