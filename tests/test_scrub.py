@@ -272,6 +272,31 @@ def test_a_study_whose_only_copy_is_damaged_is_at_risk_and_evict_refuses_it(
     assert local_hashes(home) == hashes
 
 
+def test_a_study_at_risk_is_repaired_by_sending_it_again(
+        box: tuple[Path, Cloud, Any]) -> None:
+    """The natural repair, the modality or a CD sending the study again, was taken for a
+    duplicate ("already present") of content whose only copy is the damaged pack."""
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    study_uid = study[0].study_uid
+    sync_once(home)
+    run_pacs_edge("evict", study_uid, "--home", str(home))
+    [(_, pack, *_)] = packs(home)
+    cloud.flip_byte(pack, 40)
+    assert scrub(home).returncode == 1
+    sent = run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in study)).stdout
+    assert f"stored {len(study)} " in sent and "already present 0" in sent, sent
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert report["sync"]["studies_at_risk"] == 0
+    again = run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in study)).stdout
+    assert f"already present {len(study)}" in again, again
+    assert "replicated 1 study version" in sync_once(home).stdout
+    assert local_hashes(home) == {}  # evicted: the new version holds them
+    run_pacs_edge("recall", study_uid, "--home", str(home))
+    assert local_hashes(home) == hashes
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
 async def test_the_evict_commit_refuses_instances_in_a_damaged_pack(tmp_path: Path) -> None:
     """evict checks for damaged packs before its commit (refuse_if_at_risk), and a scrub's
     verdict may land in between; the commit's own transaction refuses too. Local instances

@@ -70,6 +70,14 @@ class IndexTotals:
     tier_states: dict[str, int]
 
 
+# The same content of an instance is stored already, unless the only copy of it is a
+# pack a scrub found damaged: sent again, it is stored and uploaded anew (make_way).
+_IDENTICAL_SQL = (
+    "SELECT 1 FROM instances i WHERE i.sop_uid = ? AND i.sha256 = ?"
+    " AND NOT (i.is_local = 0 AND EXISTS (SELECT 1 FROM packs p"
+    " WHERE p.id = i.pack_fk AND p.scrub_state = 'damaged'))")
+
+
 class Index:
     """Async facade over the index database of one data home."""
 
@@ -136,7 +144,7 @@ class Index:
     async def has_identical(self, sop_uid: str, sha256: str) -> bool:
         row = await database.run_sync(  # one hop to the reader's thread, not three
             self.reader, database.query_one,
-            "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?", (sop_uid, sha256),
+            _IDENTICAL_SQL, (sop_uid, sha256),
         )
         return row is not None
 
@@ -154,8 +162,7 @@ class Index:
             raise RuntimeError("index is not open")
         with readers.borrow() as conn:
             row = database.query_one(
-                conn, "SELECT 1 FROM instances WHERE sop_uid = ? AND sha256 = ?",
-                (sop_uid, sha256))
+                conn, _IDENTICAL_SQL, (sop_uid, sha256))
         return row is not None
 
     def record_instance_blocking(self, header: InstanceHeader,
@@ -408,7 +415,8 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
     """Prepare for content `sha256` of `sop_uid`, whose file is `path`, to become the
     current instance (the caller inserts its row unless DUPLICATE is returned).
 
-    DUPLICATE: that content is current already. Otherwise the current row, if any,
+    DUPLICATE: that content is current already (and has a copy that is not a damaged
+    pack's: see _only_copy_damaged). Otherwise the current row, if any,
     moves to instance_versions (NEW_VERSION), where it keeps its pack location and
     locality; and a prior version of this same content (sent again after a
     correction: X, Y, X) leaves instance_versions, since the new current row names
@@ -422,12 +430,22 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
     )
     outcome = RecordOutcome.NEW
     if existing is not None:
-        if existing["sha256"] == sha256:
+        if existing["sha256"] == sha256 and not _only_copy_damaged(conn, existing):
             return RecordOutcome.DUPLICATE
         _supersede(conn, existing, sop_uid, now)
-        outcome = RecordOutcome.NEW_VERSION
+        if existing["sha256"] != sha256:
+            outcome = RecordOutcome.NEW_VERSION
     conn.execute("DELETE FROM instance_versions WHERE path = ?", (path,))
     return outcome
+
+
+def _only_copy_damaged(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
+    """Whether the instance's only copy is a pack a scrub found damaged: the same content
+    sent again then replaces the row (local, in no pack: uploaded anew), which ends the
+    study's risk, instead of being taken for a duplicate."""
+    return not row["is_local"] and row["pack_fk"] is not None and database.query_one(
+        conn, "SELECT 1 FROM packs WHERE id = ? AND scrub_state = 'damaged'",
+        (row["pack_fk"],)) is not None
 
 
 def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
