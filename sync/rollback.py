@@ -10,10 +10,14 @@ What can be left behind, and what undoes it:
   start-up sweep deletes such a file only when it is a copy of what a sound
   pack holds: the instance's size and dataset SHA-256, its pack verified by
   this box (at upload, or by a scrub: it has an ETag or a scrub's ok) and not
-  found damaged. Any other file is kept and reported: it may be the only good
-  copy (a pack restore recorded but nothing on this box ever read, which may
-  have rotted in the cloud), or not the instance's content (a recall writes
-  the right content over it).
+  found damaged. A file with the instance's content whose pack a scrub found
+  damaged (after the eviction's commit) is its only good copy: the row is
+  local again and leaves the pack, and the next pass uploads it anew, as an
+  eviction that sees the verdict itself does (tier_steps.keep_damaged_files).
+  Any other file is kept and reported: it may be the only good copy (a pack
+  restore recorded but nothing on this box ever read, which may have rotted
+  in the cloud), or not the instance's content (a recall writes the right
+  content over it).
 
 Every study is handled under its lease, taken only when no live holder has
 it, so a pass never touches work that is still running (another job of the
@@ -26,6 +30,7 @@ are there), only at start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from appliance.base import logsafe
@@ -39,7 +44,7 @@ from appliance.store.study_rows import (
     non_local_files,
     studies_in_transient_state,
 )
-from appliance.store.tier_steps import take_and_roll_back
+from appliance.store.tier_steps import keep_damaged_files, take_and_roll_back
 from sync.context import SyncContext
 from sync.evict import drop_local_files
 from sync.replicate import delete_abandoned_pack
@@ -94,13 +99,26 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
             continue  # a recall is writing them: they are not leftovers
         async with lease.kept():
             # Re-read under the lease: only rows still non-local are leftovers.
-            sound = {p.id for p in await packs_of(ctx.index, study_id)
+            packs = await packs_of(ctx.index, study_id)
+            sound = {p.id for p in packs
                      if p.scrub_state != "damaged" and (p.pack_etag or p.scrub_state == "ok")}
+            damaged = {p.id for p in packs if p.scrub_state == "damaged"}
             wanted = set(paths)
             leftovers = [row for row in await evicted_instances_of(ctx.index, study_id)
                          if row.path in wanted]
-            copies = await asyncio.to_thread(_copies, ctx.files, leftovers, sound)
-            kept += len(leftovers) - len(copies)
+            intact = await asyncio.to_thread(_intact, ctx.files, leftovers)
+            copies = sorted(row.path for row in intact if row.pack_fk in sound)
+            # The only good copy of an instance whose pack a scrub found damaged since the
+            # eviction's commit: local again, uploaded anew (as the eviction itself does).
+            only = [row.path for row in intact if row.pack_fk in damaged]
+            if only:
+                restored = await ctx.index.writer.submit_sync(
+                    functools.partial(keep_damaged_files, lease=lease, study_id=study_id,
+                                      paths=only))
+                log.warning("files an interrupted eviction left are the only good copy of"
+                            " instances in a damaged pack; local again files=%d",
+                            len(restored.paths))
+            kept += len(leftovers) - len(copies) - len(only)
             freed += await drop_local_files(ctx, lease, copies)
     if freed:
         log.warning("removed files an interrupted eviction left behind bytes=%d", freed)
@@ -110,16 +128,16 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
     return freed
 
 
-def _copies(files: FileStore, rows: list[InstanceRow], sound: set[int]) -> list[str]:
-    """Paths of the rows whose pack is in `sound` and whose file holds the row's content
-    (size, dataset SHA-256: read in chunks), in path order."""
-    copies = []
+def _intact(files: FileStore, rows: list[InstanceRow]) -> list[InstanceRow]:
+    """The rows whose file holds the row's content (size, dataset SHA-256: read in
+    chunks)."""
+    intact = []
     for row in rows:
         path = files.absolute(row.path)
         try:
-            if (row.pack_fk in sound and path.stat().st_size == row.size
+            if (path.stat().st_size == row.size
                     and hash_dataset(path, row.dataset_offset) == row.sha256):
-                copies.append(row.path)
+                intact.append(row)
         except OSError:  # gone meanwhile, or unreadable: nothing to delete on its word
             continue
-    return sorted(copies)
+    return intact

@@ -297,6 +297,30 @@ def test_a_study_at_risk_is_repaired_by_sending_it_again(
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
 
 
+def test_files_a_killed_eviction_left_are_kept_local_when_their_pack_is_found_damaged(
+        box: tuple[Path, Cloud, Any]) -> None:
+    """The eviction was killed after its commit, so its files are still there; then a
+    scrub found the pack damaged. The start-up sweep kept the files but left their rows
+    non-local: the study stayed at risk beside its only good copy, never uploaded."""
+    home, cloud, study = box
+    hashes = local_hashes(home)
+    study_uid = study[0].study_uid
+    sync_once(home)
+    crash(home, "evict:after-commit", "evict", study_uid)
+    [(_, pack, *_)] = packs(home)
+    cloud.flip_byte(pack, 40)
+    assert scrub(home).returncode == 1
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert report["sync"]["studies_at_risk"] == 1
+    assert "replicated 1 study version" in sync_once(home).stdout  # the sweep, then a pass
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    assert report["sync"]["studies_at_risk"] == 0
+    assert local_hashes(home) == {}  # uploaded anew, then deleted: the study is evicted
+    run_pacs_edge("recall", study_uid, "--home", str(home))
+    assert local_hashes(home) == hashes
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
 async def test_the_evict_commit_refuses_instances_in_a_damaged_pack(tmp_path: Path) -> None:
     """evict checks for damaged packs before its commit (refuse_if_at_risk), and a scrub's
     verdict may land in between; the commit's own transaction refuses too. Local instances
