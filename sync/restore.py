@@ -69,7 +69,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
 from appliance.services.ingest import hash_dataset
 from appliance.store import hierarchy
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, instance_path
 from appliance.store.index import Index, StoredFile, make_way
 from appliance.store.packs import insert_verified_pack, manifest_names
 from appliance.store.spool import dataset_offset
@@ -249,9 +249,8 @@ def _read_version(store: BlobStore, ring: SiteKeyring, name_secret: bytes, manif
 
 
 def _store_path(m: Manifest, entry: ManifestEntry) -> str:
-    """Where the store keeps an instance's file (FileStore.relative_path)."""
     inst = entry.instance
-    return f"{m.study.study_uid}/{inst.series.series_uid}/{inst.sop_uid}.{entry.sha256[:16]}.dcm"
+    return instance_path(m.study.study_uid, inst.series.series_uid, inst.sop_uid, entry.sha256)
 
 
 def _good_local_copies(files: FileStore, m: Manifest) -> frozenset[str]:

@@ -75,10 +75,7 @@ class FileStore:
         return SpoolFile(self.spool_dir)
 
     def relative_path(self, header: InstanceHeader, sha256: str) -> str:
-        parts = (header.study_uid, header.series_uid, header.sop_uid)
-        if not all(is_valid_uid(p) for p in parts):  # read_header checked; defence in depth
-            raise ValueError("refusing a path from an invalid UID")
-        return f"{parts[0]}/{parts[1]}/{parts[2]}.{sha256[:16]}.dcm"
+        return instance_path(header.study_uid, header.series_uid, header.sop_uid, sha256)
 
     def absolute(self, relative: str) -> Path:
         return self.root / relative
@@ -137,6 +134,14 @@ class FileStore:
             for name in filenames:
                 if name.endswith(".dcm") and not name.endswith(TEMP_SUFFIX):
                     yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+    """Where the store keeps the file of an instance's content (relative to its root)."""
+    parts = (study_uid, series_uid, sop_uid)
+    if not all(is_valid_uid(p) for p in parts):  # callers checked; defence in depth
+        raise ValueError("refusing a path from an invalid UID")
+    return f"{study_uid}/{series_uid}/{sop_uid}.{sha256[:16]}.dcm"
 
 
 @contextlib.contextmanager
