@@ -67,9 +67,8 @@ from typing import TYPE_CHECKING
 
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
-from appliance.services.ingest import hash_dataset
 from appliance.store import hierarchy
-from appliance.store.files import FileStore, instance_path
+from appliance.store.files import FileStore, hash_dataset, instance_path
 from appliance.store.index import Index, StoredFile, make_way
 from appliance.store.packs import insert_verified_pack, manifest_names
 from appliance.store.spool import dataset_offset

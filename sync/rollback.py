@@ -34,8 +34,7 @@ import functools
 import logging
 
 from appliance.base import logsafe
-from appliance.services.ingest import hash_dataset
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, hash_dataset
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.packs import packs_of
 from appliance.store.study_rows import (

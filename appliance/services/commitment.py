@@ -38,12 +38,11 @@ from appliance.base.bridge import LoopBridge
 from appliance.base.config import WorkflowConfig
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
-from appliance.services.ingest import hash_dataset
 from appliance.services.peers import Allowlist, Peer
 from appliance.store import commitment_rows as commitments
 from appliance.store import database
 from appliance.store.commitment_rows import Commitment, RequestedItem, StoredInstance
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, hash_dataset
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,7 @@ from pathlib import Path
 from appliance.base.durable import sweep_temp_files
 from appliance.base.errors import InvalidInstance, RejectedInstance
 from appliance.services.dicom_header import read_header
-from appliance.services.ingest import hash_dataset
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, hash_dataset
 from appliance.store.index import Index, StoredFile
 from appliance.store.spool import dataset_offset
 

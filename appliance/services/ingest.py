@@ -17,7 +17,6 @@ adopts).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import shutil
 import time
@@ -207,15 +206,5 @@ def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, 
     if sha256 is None or offset is None or offset < 0:
         raise InvalidInstance("File Meta group length is missing")
     return header, sha256, offset
-
-
-def hash_dataset(path: Path, offset: int) -> str:
-    """SHA-256 of a stored file's dataset bytes (fsck, verification)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        while chunk := fh.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 

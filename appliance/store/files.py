@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.base.durable import (
     TEMP_SUFFIX,
@@ -136,6 +137,20 @@ class FileStore:
                     yield os.path.relpath(os.path.join(dirpath, name), self.root)
 
 
+def hash_dataset(path: Path, offset: int) -> str:
+    """SHA-256 of a stored file's dataset bytes (from `offset`, its File Meta's end)."""
+    with path.open("rb") as fh:
+        return _hash_from(fh, offset)
+
+
+def _hash_from(fh: BinaryIO, offset: int) -> str:
+    fh.seek(offset)
+    digest = hashlib.sha256()
+    while chunk := fh.read(_READ_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def instance_path(study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
     """Where the store keeps the file of an instance's content (relative to its root)."""
     parts = (study_uid, series_uid, sop_uid)
@@ -171,10 +186,6 @@ def _intact_file(path: str, sha256: str) -> tuple[int, int] | None:
         offset = dataset_offset(fh.read(144))
         if offset < 0:
             return None
-        fh.seek(offset)
-        digest = hashlib.sha256()
-        while chunk := fh.read(_READ_CHUNK):
-            digest.update(chunk)
-        if digest.hexdigest() != sha256:
+        if _hash_from(fh, offset) != sha256:
             return None
         return os.fstat(fd).st_size, offset
