@@ -155,9 +155,11 @@ class EdgeServer:
                     self.unclean_stops.append(
                         f"exited {proc.returncode} on SIGTERM:\n{self._log_since_start()[-4000:]}")
             except subprocess.TimeoutExpired:
+                self._dump_stacks()
                 self._killpg()
                 proc.wait(timeout)
-                self.unclean_stops.append(f"still running {timeout}s after SIGTERM: killed")
+                self.unclean_stops.append(f"still running {timeout}s after SIGTERM: killed:\n"
+                                          f"{self._log_since_start()[-12000:]}")
         self._reap_group()
         return proc.returncode
 
@@ -261,6 +263,13 @@ class EdgeServer:
         with open(self.log_path, "rb") as log:
             log.seek(self._log_offset)
             return log.read().decode(errors="replace")
+
+    def _dump_stacks(self) -> None:
+        """Every thread's stack into the log, so a hang says where (stack_dump.py)."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGUSR1)
+        time.sleep(1.0)
 
     def _killpg(self) -> None:
         """SIGKILL the process group and wait until no live member is left."""

@@ -448,3 +448,23 @@ async def test_the_nightly_run_requests_tomorrows_orders_once(tmp_path: Path) ->
         assert {r.hold_until for r in requests} == {needed + 7 * 86400}
         assert {(r.modality, r.procedure, r.exclude_study_uid[:6]) for r in requests} == {
             ("CT", "CT HEAD", "1.2.3.")}
+
+
+async def test_the_worker_stops_when_an_order_wakes_it_at_the_same_moment(
+        tmp_path: Path) -> None:
+    """SIGTERM right after an order: the stop's cancel lands as the wake event fires.
+    Python 3.11's asyncio.wait_for swallows such a cancel; the worker must stop anyway."""
+    import asyncio
+
+    from appliance.base.config import PrefetchConfig
+    from appliance.services.prefetch import PrefetchService, PrefetchWorker
+    from appliance.store.index import Index
+
+    async with Index(tmp_path / "index.sqlite3") as index:
+        worker = PrefetchWorker(PrefetchService(index, PrefetchConfig()))
+        await worker.start()
+        await asyncio.sleep(0.2)  # both loops have run a pass and wait for their wake
+        worker.service.wake.set()
+        stopping = asyncio.ensure_future(worker.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=10.0)
+        assert done, "the prefetch worker is still running 10 s after its stop"

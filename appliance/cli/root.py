@@ -38,6 +38,7 @@ from appliance.cli.migrate_commands import migrate as migrate_group
 from appliance.cli.prefetch_commands import prefetch as prefetch_group
 from appliance.cli.users_commands import link as link_command
 from appliance.cli.users_commands import users as users_group
+from appliance.process.stack_dump import dump_stacks_on_sigusr1
 from appliance.process.undumpable import make_undumpable
 from appliance.services.launch_links import ensure_link_key
 from appliance.services.launch_links import key_path as link_key_path
@@ -52,6 +53,7 @@ from provisioning.site_secrets import create_site_secrets
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
     make_undumpable()  # before any key is read (appliance/process/undumpable.py says why)
+    dump_stacks_on_sigusr1()
 
 
 @main.command()

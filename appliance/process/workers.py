@@ -46,9 +46,11 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str) -> Non
 
     from appliance.base.logsetup import setup_logging
     from appliance.process.serve import serve
+    from appliance.process.stack_dump import dump_stacks_on_sigusr1
     from appliance.process.undumpable import make_undumpable
 
     make_undumpable()  # a spawned worker is a new program: dumpable again
+    dump_stacks_on_sigusr1()
     setup_logging(log_level)
     asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
 

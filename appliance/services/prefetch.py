@@ -329,6 +329,7 @@ class PrefetchWorker:
         self.poll = poll
         self._moves = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     async def start(self) -> None:
         writer = self.service.writer
@@ -343,11 +344,13 @@ class PrefetchWorker:
                              name="prefetch-move")]
 
     async def stop(self) -> None:
+        # The flag, not the cancel alone, ends the loops: on Python 3.11, a cancel that
+        # lands as the loop's wake event fires is swallowed by asyncio.wait_for, and the
+        # loop would then run on and this stop would wait for it forever.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
     async def _choose(self) -> None:
@@ -357,7 +360,7 @@ class PrefetchWorker:
 
     async def _loop(self, name: str, wake: asyncio.Event,
                     step: Callable[[], Awaitable[object]]) -> None:
-        while True:
+        while not self._stopping:
             wake.clear()
             try:
                 await step()
