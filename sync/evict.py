@@ -8,6 +8,10 @@ needs (removed when the agent starts, see sync.rollback), never an index row
 whose only copy was deleted. The index keeps every row, so C-FIND still
 answers (InstanceAvailability NEARLINE).
 
+A pack that restore recorded (its manifest read, not its bytes) is scrubbed
+first: the files restore kept may be the only good copy of a pack that rotted
+before the index was lost (sync.scrub.read_back_unread_packs).
+
 A scrub takes no lease (sync.scrub), so its verdict that a pack is damaged
 can be committed after the eviction's commit, while the files are still on
 disk. The transaction right before the unlinks (`keep_damaged_files`, which
@@ -37,7 +41,7 @@ from appliance.store.tiering import TierState
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.escrow_gate import eviction_allowed, require_escrow
-from sync.scrub import confirm_cloud_copy, refuse_if_at_risk
+from sync.scrub import confirm_cloud_copy, read_back_unread_packs, refuse_if_at_risk
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     """Evict one study; returns the bytes freed."""
     assert ctx.index.writer is not None
     require_escrow(ctx)
+    study = await read_back_unread_packs(ctx, study)  # packs restore recorded unread
     await refuse_if_at_risk(ctx, study)  # a damaged only copy: keep whatever is local
     if study.tier_state != TierState.REPLICATED:
         raise NotEvictable(

@@ -29,7 +29,10 @@ a study's versions in version order; the index writer group-commits them):
 4. one transaction: patient (upsert by PatientID + issuer), study (inserted
    `evicted`), series, instances (pointing at the pack with their plaintext
    offset and length; path as the store would name it; `is_local = 1` for a
-   file found good in step 3, else 0) and the `packs` row (`verified`). Counts
+   file found good in step 3, else 0) and the `packs` row (`verified`, but no
+   `verified_at`: this box never read the pack, so evict scrubs it before it
+   deletes a local copy on its word, sync.scrub.read_back_unread_packs; the
+   scheduled scrub takes such packs by their upload time, so early). Counts
    are recomputed from the rows, and a study restore wrote takes the state they
    say (hierarchy.settle_restored_state): `replicated` when every instance is
    local, else `evicted` (which may hold local rows: a recall brings back only
@@ -294,7 +297,7 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
         conn, study_fk, m.study_version, pack_name=version.pack_name,
         manifest_name=version.manifest_name, pack_size=m.pack_size,
         pack_sha256=m.pack_sha256, instance_count=len(m.instances),
-        access_tier=version.access_tier, created_at=m.created_at, verified_at=now)
+        access_tier=version.access_tier, created_at=m.created_at)
     for entry in m.instances:
         inst, se = entry.instance, entry.instance.series
         path = _store_path(m, entry)

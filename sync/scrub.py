@@ -196,6 +196,29 @@ async def refuse_if_at_risk(ctx: SyncContext, study: StudyRow) -> None:
             "delete or versioning, then `pacs-edge scrub --all` clears the mark")
 
 
+async def read_back_unread_packs(ctx: SyncContext, study: StudyRow) -> StudyRow:
+    """Scrub each pack the study needs that this box never read (restore recorded it
+    from its manifest and the listing's size), before evict deletes local files on its
+    word: those files may be the only good copy of a pack that rotted before the index
+    was lost. Returns the study as it is after the verdicts (a damaged pack takes its
+    local instances out: the study is `local` again, and evict refuses it)."""
+    in_use = {row.pack_fk for row in await instances_of(ctx.index, study.id)}
+    unread = [pack for pack in await packs_of(ctx.index, study.id)
+              if pack.id in in_use and not pack.read_by_this_box]
+    if not unread:
+        return study
+    log.info("evict reads back packs this box never read study=%s packs=%d",
+             logsafe.ref(study.study_uid), len(unread))
+    report = await scrub_packs(ctx, unread)
+    if report.wrong_key:
+        name, why = report.wrong_key[0]
+        raise StudyAtRisk(f"the pack {name} cannot be opened with this box's site keys"
+                          f" ({why}); nothing is deleted",
+                          hint="recover the site key it was wrapped with (pacs-edge keys"
+                          " recover), then evict again")
+    return await study_by_id(ctx.index, study.id) or study
+
+
 async def confirm_cloud_copy(ctx: SyncContext, study: StudyRow) -> None:
     """What evict checks in the cloud before it deletes a study's local files: each pack
     the study needs, its manifest and a site key object are there as verified at upload

@@ -229,3 +229,39 @@ def test_a_rebuild_on_the_same_home_keeps_the_stores_files_though_the_cloud_rott
     assert run_pacs_edge("scrub", "--all", "--home", str(home), check=False).returncode == 1
     assert "replicated 1 study version(s)" in sync_once(home).stdout
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
+def test_evict_reads_a_pack_restore_recorded_before_it_deletes_the_only_good_copy(
+        tmp_path: Path) -> None:
+    """The cloud copy rotted in place before the index was lost; restore keeps the
+    store's intact files local and the study `replicated`. Evicting it must not trust
+    the pack restore never read: evict scrubs it first, finds the damage and deletes
+    nothing; the next sync uploads the files again, and only then do they go."""
+    home = init_home(tmp_path / "home")
+    cloud = tmp_path / "cloud"
+    configure_cloud(home, f"file://{cloud}", None)
+    study = dicomgen.make_studies(tmp_path / "sent", seed=77, series_per_study=1,
+                                  instances_per_series=3, size=64)
+    import_files(home, *study)
+    sync_once(home)
+    [(pack_name,)] = index_rows(home, "SELECT pack_name FROM packs")
+    pack = cloud.joinpath(*str(pack_name).split("/"))
+    flip_a_byte(pack, pack.stat().st_size // 2)
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}")
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    assert tier_states(home) == {study[0].study_uid: "replicated"}
+
+    refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
+    assert refused.returncode != 0
+    assert "not replicated" in refused.stderr  # the damaged pack took its instances out
+    assert stored_hashes(home) == sent_hashes(study)
+    assert tier_states(home) == {study[0].study_uid: "local"}
+
+    assert "replicated 1 study version(s)" in sync_once(home).stdout
+    evict(home, study[0].study_uid)  # a pack this box uploaded and verified
+    assert stored_hashes(home) == {}
+    run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
+    assert stored_hashes(home) == sent_hashes(study)
+    assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0

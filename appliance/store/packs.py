@@ -34,6 +34,12 @@ class PackRow:
     manifest_size: int = 0
     scrubbed_at: float | None = None
     scrub_state: str = ""     # '' never scrubbed | ok | damaged
+    verified_at: float | None = None  # None: restore recorded it, this box never read it
+
+    @property
+    def read_by_this_box(self) -> bool:
+        """Verified at its upload here, or read back whole by a scrub."""
+        return self.verified_at is not None or self.scrubbed_at is not None
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class PackGrant:
 _PACK_SQL = (
     "SELECT p.id, p.study_fk, p.version, p.pack_name, p.manifest_name, p.pack_size,"
     " p.pack_sha256, p.state, p.access_tier, p.created_at, p.pack_etag, p.manifest_etag,"
-    " p.manifest_size, p.scrubbed_at, p.scrub_state FROM packs p"
+    " p.manifest_size, p.scrubbed_at, p.scrub_state, p.verified_at FROM packs p"
 )
 # A pack the index still needs: some instance row points at it (a version whose
 # instances all moved to a later one is history, and not scrubbed).
@@ -117,15 +123,17 @@ def set_access_tier(conn: sqlite3.Connection, pack_id: int, tier: str) -> None:
 def insert_verified_pack(conn: sqlite3.Connection, study_id: int, version: int, *,
                          pack_name: str, manifest_name: str, pack_size: int,
                          pack_sha256: str, instance_count: int, access_tier: str,
-                         created_at: float, verified_at: float) -> int:
-    """A pack row for a version found verified in the cloud (restore); returns its id."""
+                         created_at: float) -> int:
+    """A pack row for a version restore found in the cloud (its manifest authenticated,
+    the pack's size as listed); returns its id. No `verified_at`: this box never read
+    the pack, so evict reads it back before it deletes a local copy on its word."""
     return int(database.query_one(
         conn,
         "INSERT INTO packs (study_fk, version, pack_name, manifest_name, pack_size, pack_sha256,"
-        " instance_count, state, access_tier, created_at, verified_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?, ?) RETURNING id",
+        " instance_count, state, access_tier, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'verified', ?, ?) RETURNING id",
         (study_id, version, pack_name, manifest_name, pack_size, pack_sha256,
-         instance_count, access_tier, created_at, verified_at))[0])
+         instance_count, access_tier, created_at))[0])
 
 
 # --- reader grants ----------------------------------------------------------------------
