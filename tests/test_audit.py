@@ -489,6 +489,14 @@ def _edit(lines: list[bytes]) -> list[bytes]:
     return [lines[0], lines[1].replace(b'"WS0"', b'"WSX"'), *lines[2:]]
 
 
+def _shadowed(lines: list[bytes]) -> list[bytes]:
+    """A forged record put in front of the real one under the same key: a JSON parser
+    keeps the last, a reader of the file sees the first."""
+    forged = json.dumps(json.loads(_edit(lines)[1])["record"]).encode()
+    return [lines[0], lines[1].replace(b'{"hash"', b'{"record":' + forged + b',"hash"', 1),
+            *lines[2:]]
+
+
 @pytest.mark.parametrize(("damage", "record", "why"), [
     (_edit, 2, "edited"),
     (lambda ls: [*ls[:2], *ls[3:]], 3, "removed"),
@@ -497,7 +505,9 @@ def _edit(lines: list[bytes]) -> list[bytes]:
     (lambda ls: ls[:-2], 5, "cut off"),
     (lambda ls: _recomputed(_edit(ls)), 6, "rewritten"),  # the anchor knows record 6
     (lambda ls: [*ls[:3], b'{"seq": 4, "oops"\n', *ls[4:]], 4, "unreadable"),
-], ids=["edited", "deleted", "reordered", "tail-cut", "tail-cut-2", "recomputed", "garbage"])
+    (_shadowed, 2, "edited"),
+], ids=["edited", "deleted", "reordered", "tail-cut", "tail-cut-2", "recomputed", "garbage",
+        "repeated-key"])
 def test_verify_names_the_first_bad_record(
     anchored_home: Path, damage: Callable[[list[bytes]], list[bytes]], record: int, why: str,
 ) -> None:

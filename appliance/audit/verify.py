@@ -6,7 +6,10 @@ Checks, line by line (line N must hold seq N):
   repeated seq means records were reordered or duplicated;
 - its prev_hash is the previous line's hash (removed, inserted, reordered);
 - its hash is SHA-256(prev_hash + canonical body): anything else means the
-  line was edited.
+  line was edited;
+- the line is byte for byte the canonical form the box writes: a JSON parser
+  keeps the last of two equal keys, so a forged record put in front of the
+  real one would hash right yet show the forgery to anyone reading the file.
 Then every anchor (anchor.py) must match: the record at the anchor's seq has
 the anchored hash (else the chain was rewritten and recomputed), and the log
 reaches at least that seq (else its tail was cut off).
@@ -85,6 +88,9 @@ def _check(number: int, line: bytes, prev_hash: str,
     if chain_hash(entry.prev_hash, entry.seq, entry.time, entry.record) != entry.hash:
         return Problem(number, entry.seq, "its content does not match its hash: the record"
                        " was edited")
+    if entry.line() != line + b"\n":
+        return Problem(number, entry.seq, "its bytes are not the form the box writes (a"
+                       " repeated key, reordered keys or added spaces): the record was edited")
     anchor = anchored.get(entry.seq)
     if anchor is not None and anchor.hash != entry.hash:
         return Problem(number, entry.seq, f"differs from the anchor written on {anchor.time}:"
