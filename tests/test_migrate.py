@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
+import dcmtk
 import dicomgen
 import pydicom
 import pytest
@@ -153,8 +154,9 @@ def wait_until(check: Callable[[], bool], what: str, proc: MigrateProcess) -> No
 def legacy_factory(tmp_path: Path) -> Iterator[Callable[..., LegacyPacs]]:
     started: list[LegacyPacs] = []
 
-    def make(files: list[Path], *, box: EdgeServer | None = None) -> LegacyPacs:
-        pacs = LegacyPacs(tmp_path / f"legacy{len(started)}", SYNTAX_BY_CLASS)
+    def make(files: list[Path], *, box: EdgeServer | None = None,
+             syntax_by_class: dict[str, str] = SYNTAX_BY_CLASS) -> LegacyPacs:
+        pacs = LegacyPacs(tmp_path / f"legacy{len(started)}", syntax_by_class)
         if box is not None:
             pacs.know(box.ae_title, box.port)
         pacs.load(files)
@@ -200,6 +202,57 @@ def test_migration_killed_three_times_ends_with_every_instance_once_and_byte_ide
     assert report["studies"] == {"found": 16, "done": 16, "failed": 0, "remaining": 0}
     assert report["days"] == {"total": 3, "listed": 3, "failed": 0, "pending": 0}
     assert "no failures" in box.cli("migrate", "failures").stdout
+
+
+def test_a_study_the_box_holds_in_part_is_checked_by_uid_not_by_count(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """The box holds all but one instance of a legacy study (a partial prefetch) and one
+    the legacy PACS never had (a viewer's note): together they reach the legacy count,
+    yet the instance the box lacks is migrated, byte-identical."""
+    files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
+    box = edge_server_factory()
+    legacy = legacy_factory(files, box=box)
+    last = pydicom.dcmread(files[-1]).StudyInstanceUID
+    study = [f for f in files if pydicom.dcmread(f).StudyInstanceUID == last]
+    dcmtk.storescu(box.port, study[:-1], aec=box.ae_title).check()
+    note = pydicom.dcmread(study[0])
+    note.SOPInstanceUID = note.file_meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(1, "note")
+    note.save_as(tmp_path / "note.dcm")
+    dcmtk.storescu(box.port, [tmp_path / "note.dcm"], aec=box.ae_title).check()
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+                     "20240303", timeout=RUN_TIMEOUT)
+    assert "3 studies done, 0 failed" in result.stdout
+    expected = Counter(dataset_digest(f.read_bytes()) for f in files)
+    expected[dataset_digest((tmp_path / "note.dcm").read_bytes())] += 1
+    assert box_digests(box.home) == expected
+
+
+def test_a_move_with_failed_suboperations_fails_the_study_and_counts_its_instances(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """dcmqrscp cannot send MR (no outgoing context for it): the CT+MR study's C-MOVE ends
+    0xB000 with failed sub-operations, the MR study's 0xA702. Both are retried, then
+    failed, each with the instances it holds in the legacy PACS, so that the summary
+    lists every legacy instance and says how many the box lacks."""
+    files = make_archive(tmp_path / "archive", 7, busy_day_studies=0)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    no_mr = {k: v for k, v in SYNTAX_BY_CLASS.items() if k != dicomgen.SOP_CLASSES["MR"]}
+    legacy = legacy_factory(files, box=box, syntax_by_class=no_mr)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+                     "20240303", check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "5 studies done, 2 failed" in result.stdout
+    failures = json.loads(box.cli("migrate", "failures", "--json").stdout)
+    assert sorted((f["error_kind"], f["attempts"], f["expected_instances"],
+                   f["received_instances"]) for f in failures) == [
+        ("incomplete", 2, 4, 2), ("retrieve_failed", 2, 4, 0)]
+    assert "status 0xB000" in " ".join(f["last_error"] for f in failures)
+    report = migrate_status(box)
+    assert report["instances"]["listed"] == len(files)
 
 
 def test_migration_via_get_needs_no_server_and_is_byte_identical(
@@ -312,6 +365,53 @@ def test_pause_stops_a_running_migration_and_cancel_ends_it(
     assert "cancelled" in box.cli("migrate", "cancel").stdout
     resumed = box.cli("migrate", "resume", check=False)
     assert resumed.returncode == 2 and "cancelled migration cannot resume" in resumed.stderr
+
+
+def test_status_says_a_killed_run_is_interrupted_and_a_second_resume_is_refused(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The run's row stays 'running' when its process is SIGKILLed: status asks whether
+    the process that drives it lives, and says interrupted when it does not; `resume`
+    then takes the run over, and is refused while that process still drives it."""
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 600.0})
+    box.add_peer("legacy", "LEGACY", 1, host=HOST, allow="find,move,store")
+
+    def attempted() -> bool:
+        with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
+            try:
+                row = conn.execute("SELECT attempts FROM migration_days").fetchone()
+            except sqlite3.OperationalError:  # not created yet
+                return False
+        return bool(row and row[0])
+
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240301")
+    resumed: MigrateProcess | None = None
+    try:
+        wait_until(attempted, "a first attempt", proc)  # now waiting 600 s for the retry
+        report = migrate_status(box)
+        assert (report["state"], report["interrupted"], report["process"]) == (
+            "running", False, proc.proc.pid)
+        second = box.cli("migrate", "resume", check=False)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"is being driven by process {proc.proc.pid}" in second.stderr
+        proc.kill()
+        report = migrate_status(box)
+        assert (report["state"], report["interrupted"], report["process"]) == (
+            "running", True, None)
+        assert "interrupted" in box.cli("migrate", "status").stdout
+        resumed = MigrateProcess(box.home, "resume")
+        wait_until(lambda: migrate_status(box)["process"] == resumed.proc.pid,
+                   "the resumed process's claim", resumed)
+        assert migrate_status(box)["interrupted"] is False
+        box.cli("migrate", "pause")
+        assert resumed.wait() == 0
+    finally:
+        for each in (proc, resumed):
+            if each is not None and each.proc.poll() is None:
+                each.kill()
+    report = migrate_status(box)
+    assert (report["state"], report["interrupted"], report["process"]) == ("paused", False, None)
 
 
 @pytest.mark.slow

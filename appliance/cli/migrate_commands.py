@@ -5,7 +5,10 @@ with a progress bar on a terminal; a crash, a reboot or Ctrl-C leaves the run
 as it was, and `resume` continues it with the same options. `status` and
 `failures` read the index, so they work from another terminal while a run
 goes on; `pause` and `cancel` change the run's row, which its workers read
-before each study. The walk itself is appliance/services/legacy_migration.py.
+before each study. The driving process claims the run (migration_rows.claim_run):
+`status` tells a run whose process was killed (interrupted) from one that goes on,
+and a second `resume` beside a live one is refused. The walk itself is
+appliance/services/legacy_migration.py.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from appliance.services.peers import Allowlist
 from appliance.store import database
 from appliance.store import migration_rows as rows
 from appliance.store.index import Index
+from appliance.store.leases import Holder
 
 DEFAULT_SINCE = "1990-01-01"
 
@@ -82,18 +86,20 @@ def start(home: Path | None, peer_name: str, since: str, until: str | None, moda
                                 options.associations, options.rate_per_hour, options.window,
                                 options.query_limit)
 
+    driver = Holder.new()
+
     async def create() -> int:
         async with Index(config.index.path) as index:
             assert index.writer is not None
             return await index.writer.submit_sync(
-                lambda conn: rows.create_run(conn, settings, days))
+                lambda conn: rows.create_run(conn, settings, days, driver=driver))
 
     run_id = asyncio.run(create())
     audit_change(config, f"migration run {run_id} started from peer {peer_name}",
                  security=False)
     out.print(f"migration run {run_id}: {len(days)} days from {days[0]} to {days[-1]} from"
               f" {peer_name} via C-{options.via.upper()}", highlight=False)
-    _drive(config, run_id)
+    _drive(config, run_id, driver)
 
 
 @migrate.command("resume")
@@ -104,6 +110,7 @@ def start(home: Path | None, peer_name: str, since: str, until: str | None, moda
 def resume(home: Path | None, retry_failed: bool) -> None:
     """Continue the latest run where it stopped (after a crash, reboot, pause or Ctrl-C)."""
     config = load(home)
+    driver = Holder.new()
 
     async def prepare() -> int:
         async with Index(config.index.path) as index:
@@ -112,6 +119,7 @@ def resume(home: Path | None, retry_failed: bool) -> None:
             if run is None:
                 raise MigrationError("no migration to resume",
                                      hint="pacs-edge migrate start --from NAME")
+            await index.writer.submit_sync(lambda conn: rows.claim_run(conn, run.id, driver))
             if retry_failed:
                 count = await index.writer.submit_sync(
                     lambda conn: rows.retry_failed(conn, run.id))
@@ -128,7 +136,7 @@ def resume(home: Path | None, retry_failed: bool) -> None:
 
     run_id = asyncio.run(prepare())
     audit_change(config, f"migration run {run_id} resumed", security=False)
-    _drive(config, run_id)
+    _drive(config, run_id, driver)
 
 
 def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
@@ -179,7 +187,7 @@ def status(home: Path | None, as_json: bool) -> None:
         return
     table = Table(show_header=False, box=None)
     s = run.settings
-    table.add_row("run", f"{run.id} ({run.state.value})")
+    table.add_row("run", f"{run.id} ({_state_text(run)})")
     table.add_row("from", f"{s.peer} via C-{s.via.upper()}, {s.since_day} to {s.until_day}"
                   + (f", {','.join(s.modalities)}" if s.modalities else ""))
     table.add_row("throttle", f"{s.associations} at once"
@@ -203,6 +211,14 @@ def status(home: Path | None, as_json: bool) -> None:
                               width=50))
     if summary.studies_failed or summary.days_failed:
         err.print("some studies failed: `pacs-edge migrate failures` lists them", highlight=False)
+
+
+def _state_text(run: rows.Run) -> str:
+    if run.interrupted:
+        return ("interrupted: no process is running it; `pacs-edge migrate resume`"
+                " continues it")
+    pid = run.driver_pid
+    return run.state.value + (f", process {pid}" if pid is not None else "")
 
 
 @migrate.command("failures")
@@ -245,7 +261,8 @@ async def _latest(config: Config) -> tuple[rows.Run, rows.RunSummary]:
 
 
 def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
-    return {"run": run.id, "state": run.state.value, "settings": dataclasses.asdict(run.settings),
+    return {"run": run.id, "state": run.state.value, "interrupted": run.interrupted,
+            "process": run.driver_pid, "settings": dataclasses.asdict(run.settings),
             "days": {"total": summary.days_total, "listed": summary.days_done,
                      "failed": summary.days_failed, "pending": summary.days_pending},
             "studies": {"found": summary.studies_found, "done": summary.studies_done,
@@ -257,8 +274,9 @@ def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
             "created_at": run.created_at, "finished_at": run.finished_at}
 
 
-def _drive(config: Config, run_id: int) -> None:
-    """Run the migration in this process until done, paused or cancelled."""
+def _drive(config: Config, run_id: int, driver: Holder) -> None:
+    """Run the migration in this process (`driver`, which claimed the run) until done,
+    paused or cancelled; the claim is released however it ends, but a kill."""
     from appliance.cli.migrate_setup import legacy_source  # pynetdicom: only this command
 
     setup_logging(config.log.level)
@@ -266,17 +284,22 @@ def _drive(config: Config, run_id: int) -> None:
 
     async def drive() -> tuple[rows.RunState, rows.RunSummary]:
         async with Index(config.index.path) as index:
+            assert index.writer is not None
+            writer = index.writer
             run = await database.run_sync(index.reader, rows.run_by_id, run_id)
             assert run is not None
-            with Auditor.for_home(config, process="migrate") as auditor:
-                source = legacy_source(config, run.settings, index, auditor)
-                migration = Migration(index, run, source, box_ae=config.dicom.ae_title,
-                                      max_attempts=config.migrate.max_attempts,
-                                      retry_base_seconds=config.migrate.retry_base_seconds)
-                task = asyncio.create_task(migration.drive())
-                if err.is_terminal:
-                    await _show_progress(index, run_id, task)
-                state = await task
+            try:
+                with Auditor.for_home(config, process="migrate") as auditor:
+                    source = legacy_source(config, run.settings, index, auditor)
+                    migration = Migration(index, run, source, box_ae=config.dicom.ae_title,
+                                          max_attempts=config.migrate.max_attempts,
+                                          retry_base_seconds=config.migrate.retry_base_seconds)
+                    task = asyncio.create_task(migration.drive())
+                    if err.is_terminal:
+                        await _show_progress(index, run_id, task)
+                    state = await task
+            finally:
+                await writer.submit_sync(lambda conn: rows.release_run(conn, run_id, driver))
             return state, await database.run_sync(index.reader, rows.summary, run_id)
 
     state, summary = asyncio.run(drive())

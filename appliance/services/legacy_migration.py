@@ -14,12 +14,15 @@ The walk, for one run (store/migration_rows.py keeps every step):
 2. Transfer, `associations` studies at once, each worker on its own association
    (LegacySession) for many studies: count what the study should hold
    (NumberOfStudyRelatedInstances, else the series' NumberOfSeriesRelatedInstances,
-   else its image-level answers), skip it when the box already holds that many
-   (a resumed run never fetches a complete study again), else C-MOVE it to the
-   box's AE (or C-GET it), then verify. The box counts the study's instances; if
-   short, the image-level answers say which SOP Instance UIDs the box lacks: a UID
-   that another study also uses is held once (with the other copy as a prior
-   version) and counts as shared, not missing.
+   else its image-level answers), skip it when the box already holds every one of
+   its SOP Instance UIDs (a resumed run never fetches a complete study again), else
+   C-MOVE it to the box's AE (or C-GET it), then verify. The box counts the study's
+   instances; if short, the image-level answers say which SOP Instance UIDs the box
+   lacks: a UID that another study also uses is held once (with the other copy as a
+   prior version) and counts as shared, not missing. A study the box held some of
+   before the transfer is always checked by UID: what it held may include instances
+   the legacy PACS never had (a note a viewer added to a prefetched prior), and a
+   count would take them for the legacy instances it lacks.
 3. A failure (no association, a failure status, missing instances) is retried
    after a backoff (`retry_base_seconds`, doubled, at most an hour) up to
    `max_attempts`, then listed by `migrate failures` with its kind and reason.
@@ -369,10 +372,12 @@ class Migration:
 
     def _transfer(self, session: LegacySession, task: rows.StudyTask) -> None:
         uid = task.study_uid
+        expected: int | None = None  # known once counted: kept with a failure too
         try:
             expected, instances = self._expected(session, task)
             # Already complete (a run killed after the transfer, before its row): no fetch.
-            if self._box_count(uid) and self._complete(session, task, expected, instances):
+            held_before = self._box_count(uid) > 0
+            if held_before and self._complete(session, task, expected, instances, by_uid=True):
                 return
             if self.settings.via == "get":
                 if instances is None:
@@ -380,7 +385,7 @@ class Migration:
                 outcome = self.source.get_study(uid, sorted({c for _, c in instances if c}))
             else:
                 outcome = session.move_study(uid, self.box_ae)
-            if self._complete(session, task, expected, instances):
+            if self._complete(session, task, expected, instances, by_uid=held_before):
                 return
             verb = "C-GET" if self.settings.via == "get" else "C-MOVE"
             raise LegacyPeerError(
@@ -389,15 +394,16 @@ class Migration:
                 f" the {verb} (status 0x{outcome.status:04X}, completed {outcome.completed},"
                 f" failed {outcome.failed})")
         except LegacyPeerError as exc:
-            self._study_failed(task, exc, received=self._box_count(uid))
+            self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
 
     def _complete(self, session: LegacySession, task: rows.StudyTask, expected: int,
-                  instances: list[tuple[str, str]] | None) -> bool:
+                  instances: list[tuple[str, str]] | None, *, by_uid: bool) -> bool:
         """Record the study done if the box holds all of it: as many instances as the
-        legacy PACS listed, or else every one of its SOP Instance UIDs (some held under
-        another study that shares them)."""
+        legacy PACS listed (unless `by_uid`: the box held some of the study before the
+        transfer), or else every one of its SOP Instance UIDs (some held under another
+        study that shares them)."""
         received = self._box_count(task.study_uid)
-        if received >= expected:
+        if received >= expected and not by_uid:
             self._call(rows.study_done, task.id, expected=expected, received=received, shared=0)
             return True
         if instances is None:
@@ -407,7 +413,7 @@ class Migration:
         if not sops or any(sop not in held for sop in sops):  # type: ignore[operator]
             return False
         self._call(rows.study_done, task.id, expected=expected, received=received,
-                   shared=len(sops) - received)
+                   shared=max(len(sops) - received, 0))
         return True
 
     def _expected(self, session: LegacySession, task: rows.StudyTask
@@ -432,9 +438,11 @@ class Migration:
     def _box_count(self, study_uid: str) -> int:
         return int(self._read(rows.box_instance_count, study_uid))  # type: ignore[call-overload]
 
-    def _study_failed(self, task: rows.StudyTask, exc: LegacyPeerError, *, received: int) -> None:
+    def _study_failed(self, task: rows.StudyTask, exc: LegacyPeerError, *, received: int,
+                      expected: int | None = None) -> None:
         final = self._call(rows.study_failed, task.id, exc.kind, exc.message, received=received,
-                           max_attempts=self.max_attempts, retry_base_seconds=self.retry_base)
+                           expected=expected, max_attempts=self.max_attempts,
+                           retry_base_seconds=self.retry_base)
         log.warning("migration study failed run=%d study=%s kind=%s final=%s reason=%s",
                     self.run.id, logsafe.ref(task.study_uid), exc.kind.value, final, exc.message)
 

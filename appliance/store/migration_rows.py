@@ -9,6 +9,11 @@ A run's state is a table (RUN_STATES): running -> paused | cancelled | done,
 paused -> running | cancelled; a missing pair is refused with MigrationError.
 A study or day is pending, done or failed; a failure is retried after a backoff
 until max_attempts, then stays failed until `migrate resume --retry-failed`.
+
+The process that drives a run claims it (claim_run: a leases.Holder in the run's
+`driver`) and releases it when it stops; one killed leaves a holder that is no
+longer alive. So a running run without a live driver was interrupted, and a
+second process cannot drive a run another one still drives.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.errors import MigrationError, MigrationFailure
+from appliance.store.leases import Holder
 
 
 class RunState(enum.StrEnum):
@@ -80,6 +86,18 @@ class Run:
     created_at: float
     updated_at: float
     finished_at: float | None
+    driver: str = ""  # the claiming process's leases.Holder, '' when none
+
+    @property
+    def driver_pid(self) -> int | None:
+        """The pid of the live process that drives the run, None when none does."""
+        holder = Holder.parse(self.driver)
+        return holder.pid if holder is not None and holder.alive() else None
+
+    @property
+    def interrupted(self) -> bool:
+        """Running, but no live process drives it: `migrate resume` continues it."""
+        return self.state is RunState.RUNNING and self.driver_pid is None
 
 
 @dataclass(frozen=True)
@@ -145,8 +163,10 @@ def backoff(attempts: int, base_seconds: float) -> float:
 
 # --- runs ---------------------------------------------------------------------------
 
-def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[str]) -> int:
-    """A new running run with a pending row per day; refused while another is unfinished."""
+def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[str], *,
+               driver: Holder) -> int:
+    """A new running run, claimed by `driver`, with a pending row per day; refused while
+    another is unfinished."""
     unfinished = conn.execute(
         "SELECT id FROM migration_runs WHERE state IN (?, ?)", UNFINISHED).fetchone()
     if unfinished is not None:
@@ -156,11 +176,11 @@ def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[s
     now = time.time()
     cur = conn.execute(
         "INSERT INTO migration_runs (peer, via, since_day, until_day, modalities, associations,"
-        " rate_per_hour, time_window, query_limit, state, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " rate_per_hour, time_window, query_limit, state, created_at, updated_at, driver)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (settings.peer, settings.via, settings.since_day, settings.until_day,
          ",".join(settings.modalities), settings.associations, settings.rate_per_hour,
-         settings.time_window, settings.query_limit, RunState.RUNNING, now, now))
+         settings.time_window, settings.query_limit, RunState.RUNNING, now, now, str(driver)))
     run_id = int(cur.lastrowid or 0)
     conn.executemany("INSERT INTO migration_days (run_fk, day) VALUES (?, ?)",
                      [(run_id, day) for day in days])
@@ -168,7 +188,7 @@ def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[s
 
 
 _RUN_COLUMNS = ("id, peer, via, since_day, until_day, modalities, associations, rate_per_hour,"
-                " time_window, query_limit, state, created_at, updated_at, finished_at")
+                " time_window, query_limit, state, created_at, updated_at, finished_at, driver")
 
 
 def _run(row: Any) -> Run:
@@ -176,7 +196,7 @@ def _run(row: Any) -> Run:
                            tuple(m for m in str(row[5]).split(",") if m), int(row[6]),
                            int(row[7]), row[8], int(row[9]))
     return Run(int(row[0]), settings, RunState(row[10]), float(row[11]), float(row[12]),
-               None if row[13] is None else float(row[13]))
+               None if row[13] is None else float(row[13]), str(row[14]))
 
 
 def latest_run(conn: sqlite3.Connection) -> Run | None:
@@ -203,6 +223,26 @@ def change_run(conn: sqlite3.Connection, run_id: int, trigger: RunTrigger) -> Ru
     conn.execute("UPDATE migration_runs SET state = ?, updated_at = ?, finished_at = ?"
                  " WHERE id = ?", (state, now, finished, run_id))
     return state
+
+
+def claim_run(conn: sqlite3.Connection, run_id: int, driver: Holder) -> None:
+    """Make `driver` the process that drives the run; refused while another live one does
+    (a killed driver's claim is taken over)."""
+    run = run_by_id(conn, run_id)
+    if run is None:
+        raise MigrationError(f"no migration run {run_id}")
+    pid = run.driver_pid
+    if pid is not None and run.driver != str(driver):
+        raise MigrationError(
+            f"migration run {run_id} is being driven by process {pid}",
+            hint="it goes on by itself: `pacs-edge migrate status` shows its progress")
+    conn.execute("UPDATE migration_runs SET driver = ? WHERE id = ?", (str(driver), run_id))
+
+
+def release_run(conn: sqlite3.Connection, run_id: int, driver: Holder) -> None:
+    """`driver` no longer drives the run (it stopped: done, paused, cancelled, Ctrl-C)."""
+    conn.execute("UPDATE migration_runs SET driver = '' WHERE id = ? AND driver = ?",
+                 (run_id, str(driver)))
 
 
 def retry_failed(conn: sqlite3.Connection, run_id: int) -> int:
@@ -273,10 +313,13 @@ def study_done(conn: sqlite3.Connection, study_id: int, *, expected: int, receiv
 
 
 def study_failed(conn: sqlite3.Connection, study_id: int, kind: MigrationFailure, error: str,
-                 *, received: int, max_attempts: int, retry_base_seconds: float) -> bool:
-    """Count a failed attempt; True when the study is now failed for good."""
-    conn.execute("UPDATE migration_studies SET received_instances = ? WHERE id = ?",
-                 (received, study_id))
+                 *, received: int, expected: int | None = None, max_attempts: int,
+                 retry_base_seconds: float) -> bool:
+    """Count a failed attempt, with the instances the study was counted to hold when that
+    is known (else the listing's count stays); True when it is now failed for good."""
+    conn.execute("UPDATE migration_studies SET received_instances = ?,"
+                 " expected_instances = COALESCE(?, expected_instances) WHERE id = ?",
+                 (received, expected, study_id))
     return _fail("migration_studies", "id = ?", (study_id,), conn, kind, error,
                  max_attempts=max_attempts, retry_base_seconds=retry_base_seconds)
 
