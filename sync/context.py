@@ -13,6 +13,7 @@ from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
 from sync.blobstore.base import BlobStore
 from sync.cloud import PackService
+from sync.container_check import confirm_container
 from sync.sitekeys import site_keys_in_use
 
 
@@ -37,6 +38,7 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
     try:
         async with Index(config.index.path) as index:
             await check_pairing(index, files)
+            await confirm_container(index, store, config.cloud_url)
             with site_keys_in_use(config.home):  # no key rotation meanwhile
                 yield SyncContext(config, index, files, store,
                                   PackService.for_home(config, store, files), audit)

@@ -35,8 +35,10 @@ the state-machine tests use to observe the rehydrating state. The clock is the
 wall clock, written in the sidecar, so another process sees the same state.
 
 Caveat for NAS mounts: the root is created when missing, so an unmounted NAS
-whose empty mount point exists is written to as a local folder. Mount before
-starting the agent (systemd: RequiresMountsFor=).
+whose empty mount point exists would be written to as a local folder. Once a
+box has uploaded, its sync jobs refuse a folder without its newest packs
+(sync.container_check); a new box must still be mounted before the agent
+starts (systemd: RequiresMountsFor=).
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""Before a sync job uses the cloud: is it the one this index's packs are in?
+
+A file:// cloud on a NAS whose mount failed is an empty folder on the box's
+own disk (the mount point, or a folder the store creates under it); a typo in
+azure://CONTAINER, or another storage account, is an empty container. The
+agent would upload new versions there, verify them, and evict their local
+copies; once the NAS is mounted again over that folder, those packs are
+hidden and their recalls fail. So every job first HEADs the newest packs the
+index recorded (up to CHECKED) and refuses to run when none of them is there.
+One pack missing among others is a scrub's finding, not this check's; a store
+that cannot be reached is left to the jobs, which retry and report it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from appliance.base.errors import PacsEdgeError
+from appliance.store.index import Index
+from appliance.store.packs import PackRow, newest_sound_packs
+from sync.blobstore.base import BlobNotFound, BlobStore, BlobStoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CHECKED = 3
+
+
+class NotThisBoxsCloud(PacsEdgeError):
+    """The configured cloud holds none of the newest packs this box uploaded."""
+
+
+async def confirm_container(index: Index, store: BlobStore, url: str) -> None:
+    """NotThisBoxsCloud when none of the index's newest packs is in `store`."""
+    packs = await newest_sound_packs(index, limit=CHECKED)
+    if not packs:
+        return  # nothing uploaded yet: any container is this box's first
+    try:
+        found = await asyncio.to_thread(_present, store, packs)
+    except BlobStoreUnavailable as exc:
+        log.warning("cloud not reachable; its packs not checked at start error=%s",
+                    exc.message)
+        return
+    if not found:
+        raise NotThisBoxsCloud(
+            f"the cloud {url} holds none of the {len(packs)} newest packs this box uploaded"
+            f" (e.g. {packs[0].pack_name}); nothing is uploaded or evicted",
+            hint="mount the NAS (systemd: RequiresMountsFor= on the folder), or set"
+                 " [cloud] url back to the container the box replicates to")
+
+
+def _present(store: BlobStore, packs: list[PackRow]) -> list[str]:
+    found = []
+    for pack in packs:
+        with contextlib.suppress(BlobNotFound):
+            store.stat(pack.pack_name)
+            found.append(pack.pack_name)
+    return found
