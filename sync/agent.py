@@ -36,6 +36,7 @@ from appliance.base.metrics import SYNC_PASSES
 from appliance.base.notify import Notifier
 from appliance.store.leases import StudyBusy
 from appliance.store.sync_passes import record_pass
+from sync.container_check import confirm_container
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
@@ -69,6 +70,7 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     assert ctx.index.writer is not None
     started = time.time()
     report = PassReport()
+    await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)  # NAS still mounted?
     await recover_stuck(ctx)
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
     for study in await replication_candidates(ctx, wait):

@@ -5,8 +5,10 @@ own disk (the mount point, or a folder the store creates under it); a typo in
 azure://CONTAINER, or another storage account, is an empty container. The
 agent would upload new versions there, verify them, and evict their local
 copies; once the NAS is mounted again over that folder, those packs are
-hidden and their recalls fail. So every job first HEADs the newest packs the
-index recorded (up to CHECKED) and refuses to run when none of them is there.
+hidden and their recalls fail. So every job that opens the cloud, and each of
+the agent's replicate-and-evict passes and scheduled scrubs, first HEADs the
+newest packs the index recorded (up to CHECKED) and refuses to run when none
+of them is there (a mount can go away under a running agent).
 One pack missing among others is a scrub's finding, not this check's; a store
 that cannot be reached is left to the jobs, which retry and report it.
 """

@@ -64,6 +64,7 @@ from appliance.store.packs import (
 from appliance.store.study_rows import StudyRow, instances_in_pack, instances_of, study_by_id
 from appliance.store.tier_steps import record_scrub_damaged, record_scrub_ok
 from sync.cloud import ScrubVerdict
+from sync.container_check import confirm_container
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 
@@ -107,6 +108,8 @@ async def scheduled_scrub(ctx: SyncContext) -> ScrubReport | None:
     fraction = ctx.config.sync.scrub_fraction_per_day
     if fraction <= 0:
         return None
+    # An unmounted NAS would otherwise have every pack it reads found damaged.
+    await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)
     share = math.ceil(await packs_in_use_count(ctx.index) * fraction * SCRUB_INTERVAL / DAY)
     packs = await packs_to_scrub(ctx.index, limit=share,
                                  checked_before=time.time() - DAY / fraction)

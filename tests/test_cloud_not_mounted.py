@@ -4,11 +4,21 @@ the sync jobs refuse it, rather than upload there and evict the local copies."""
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dicomgen
 from conftest import EdgeServer, init_home, run_pacs_edge
-from syncagent import evict, import_files, index_rows, sent_hashes, stored_hashes, sync_once
+from syncagent import (
+    SyncAgent,
+    evict,
+    import_files,
+    index_rows,
+    sent_hashes,
+    stored_hashes,
+    sync_once,
+)
 
 
 def test_sync_refuses_a_cloud_folder_without_the_packs_it_uploaded(tmp_path: Path) -> None:
@@ -42,3 +52,40 @@ def test_sync_refuses_a_cloud_folder_without_the_packs_it_uploaded(tmp_path: Pat
         run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
     assert stored_hashes(home) == sent_hashes([*first, *second])
     assert index_rows(home, "SELECT COUNT(*) FROM packs") == [(2,)]
+
+
+def test_a_running_agent_stops_uploading_when_the_nas_goes_away(tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    nas = tmp_path / "nas"
+    EdgeServer(home).configure(cloud={"url": f"file://{nas / 'pacs-cloud'}"},
+                               sync={"replicate_interval_seconds": 1,
+                                     "stable_after_seconds": 0})
+    first, second = (dicomgen.make_studies(tmp_path / name, seed=seed, series_per_study=1,
+                                           instances_per_series=2, size=64)
+                     for name, seed in (("first", 83), ("second", 84)))
+    import_files(home, *first)
+    agent = SyncAgent(home).start()
+    try:
+        wait_until("the first study's pack", lambda: index_rows(
+            home, "SELECT COUNT(*) FROM packs WHERE state = 'verified'") == [(1,)])
+        mounted = nas.rename(tmp_path / "nas-mounted")
+        nas.mkdir()
+        import_files(home, *second)
+        wait_until("two passes refused",
+                   lambda: agent.log().count("holds none of the 1 newest packs") >= 2)
+        assert not any(p.is_file() for p in nas.rglob("*"))
+        assert index_rows(home, "SELECT COUNT(*) FROM packs") == [(1,)]
+        shutil.rmtree(nas)
+        mounted.rename(nas)
+        wait_until("the second study's pack", lambda: index_rows(
+            home, "SELECT COUNT(*) FROM packs WHERE state = 'verified'") == [(2,)])
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
