@@ -338,6 +338,16 @@ def test_unreachable_archive_is_retried_then_listed_as_failed(
     assert resumed.returncode == 2 and "is done" in resumed.stderr
 
 
+def day_attempted(box: EdgeServer) -> bool:
+    """The run's day was tried once (the C-FIND failed: the peer listens nowhere)."""
+    with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
+        try:
+            row = conn.execute("SELECT attempts FROM migration_days").fetchone()
+        except sqlite3.OperationalError:  # not created yet
+            return False
+    return bool(row and row[0])
+
+
 def test_pause_stops_a_running_migration_and_cancel_ends_it(
         edge_server_factory: Callable[..., EdgeServer]) -> None:
     box = edge_server_factory(start=False)
@@ -346,16 +356,8 @@ def test_pause_stops_a_running_migration_and_cancel_ends_it(
     proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
                           "--until", "20240301")
 
-    def attempted() -> bool:
-        with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
-            try:
-                row = conn.execute("SELECT attempts FROM migration_days").fetchone()
-            except sqlite3.OperationalError:  # not created yet
-                return False
-        return bool(row and row[0])
-
     try:
-        wait_until(attempted, "a first attempt", proc)  # now waiting 600 s for the retry
+        wait_until(lambda: day_attempted(box), "a first attempt", proc)  # retry in 600 s
         assert "paused" in box.cli("migrate", "pause").stdout
         assert proc.wait() == 0
     finally:
@@ -376,19 +378,11 @@ def test_status_says_a_killed_run_is_interrupted_and_a_second_resume_is_refused(
     box.configure(migrate={"retry_base_seconds": 600.0})
     box.add_peer("legacy", "LEGACY", 1, host=HOST, allow="find,move,store")
 
-    def attempted() -> bool:
-        with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
-            try:
-                row = conn.execute("SELECT attempts FROM migration_days").fetchone()
-            except sqlite3.OperationalError:  # not created yet
-                return False
-        return bool(row and row[0])
-
     proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
                           "--until", "20240301")
     resumed: MigrateProcess | None = None
     try:
-        wait_until(attempted, "a first attempt", proc)  # now waiting 600 s for the retry
+        wait_until(lambda: day_attempted(box), "a first attempt", proc)  # retry in 600 s
         report = migrate_status(box)
         assert (report["state"], report["interrupted"], report["process"]) == (
             "running", False, proc.proc.pid)
