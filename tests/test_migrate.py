@@ -255,6 +255,22 @@ def test_a_move_with_failed_suboperations_fails_the_study_and_counts_its_instanc
     assert report["instances"]["listed"] == len(files)
 
 
+def test_a_legacy_pacs_that_does_not_know_the_box_says_to_add_it_as_a_move_destination(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    legacy = legacy_factory(files)  # the box is not one of its move destinations
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+                     "20240303", check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [failure] = json.loads(box.cli("migrate", "failures", "--json").stdout)
+    assert "status 0xA801" in failure["last_error"]
+    assert f"does not know {box.ae_title} as a move destination" in failure["last_error"]
+
+
 def test_migration_via_get_needs_no_server_and_is_byte_identical(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:

@@ -58,6 +58,8 @@ from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
 
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status, PS3.4 C.4.2.1.5
+
 _SUCCESS, _WARNING = 0x0000, 0xB000
 STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
 _MINUTES = 24 * 60
@@ -388,11 +390,15 @@ class Migration:
             if self._complete(session, task, expected, instances, by_uid=held_before):
                 return
             verb = "C-GET" if self.settings.via == "get" else "C-MOVE"
+            unknown = outcome.status == MOVE_DESTINATION_UNKNOWN
             raise LegacyPeerError(
                 MigrationFailure.INCOMPLETE if outcome.ok else MigrationFailure.RETRIEVE_FAILED,
                 f"{expected - self._box_count(uid)} of {expected} instances not in the box after"
                 f" the {verb} (status 0x{outcome.status:04X}, completed {outcome.completed},"
-                f" failed {outcome.failed})")
+                f" failed {outcome.failed})" + (
+                    f": the legacy PACS does not know {self.box_ae} as a move destination; add"
+                    " this box's AE title, host and port to its configuration" if unknown
+                    else ""))
         except LegacyPeerError as exc:
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
 
