@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import requests
@@ -150,6 +150,34 @@ def test_lockout_over_https_refuses_the_right_password_until_unlocked(
     assert "too many failed logins" in audit_text(web_server, "too many failed logins")
     web_server.cli("users", "unlock", "rad1")
     assert post_login(http, web_server, "rad1", PASSWORD).status_code == 303
+
+
+def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows(
+        web_server: EdgeServer) -> None:
+    # Every guess is on the wire before the first password check ends (raw TLS sockets,
+    # connected first): each passes the lock check made on arrival, then waits its turn
+    # to be hashed. Guesses checked once the user is locked must be refused like any
+    # other attempt while locked, the right password (sent last) included.
+    guesses = [f"wrong guess {n}" for n in range(12)] + [PASSWORD]
+    origin = webpeer.base_url(web_server)
+    sockets = [webpeer.tls_socket(web_server) for _ in guesses]
+    try:
+        for tls, password in zip(sockets, guesses, strict=True):
+            body = urlencode({"name": "rad1", "password": password, "next": "/"}).encode()
+            tls.sendall(f"POST /login HTTP/1.1\r\nHost: {urlsplit(origin).netloc}\r\n"
+                        f"Origin: {origin}\r\n"
+                        "Content-Type: application/x-www-form-urlencoded\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                        .encode() + body)
+        answers = [b"".join(iter(lambda tls=tls: tls.recv(65536), b"")) for tls in sockets]
+    finally:
+        for tls in sockets:
+            tls.close()
+    wrong = [a for a in answers if b"Wrong user name or password." in a]
+    assert len(wrong) <= 3, f"{len(wrong)} guesses were checked against a limit of 3"
+    right = webpeer.parse_response(answers[-1])
+    assert right.status == 401 and b"locked" in right.body
+    assert "pacs_edge_session" not in right.headers.get("set-cookie", "")
 
 
 @pytest.mark.parametrize("headers", [

@@ -6,8 +6,9 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   wrong, and it costs the same time either way (a dummy hash for unknown users,
   constant-time comparison), so neither the answer nor its timing tells which.
 - [auth] max_failed_logins consecutive failures lock the user for lockout_minutes;
-  while locked even the right password is refused (LOCKED_OUT) and not counted. A
-  success resets the count; `users unlock` and `users passwd` lift a lock.
+  while locked even the right password is refused (LOCKED_OUT) and not counted, also
+  one whose check was under way when the lock came (_settle). A success resets the
+  count; `users unlock` and `users passwd` lift a lock.
 - A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
   session ends after session_idle_minutes without use or session_max_hours after
   login, when the user is removed, and when their password changes.
@@ -24,6 +25,7 @@ the user name (logsafe.ref) and the client address.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import hmac
 import logging
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from appliance.base import logsafe
-from appliance.base.config import Config
+from appliance.base.config import AuthConfig, Config
 from appliance.base.errors import AuthenticationError, AuthFailure, PacsEdgeError, UserError
 from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
@@ -175,10 +177,7 @@ class UserService:
         if 0 < len(name) <= MAX_NAME_CHARS:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
         if user is not None and user.locked_until > now:
-            log.warning("login refused reason=locked_out user=%s address=%s",
-                        logsafe.ref(user.name), address)
-            raise AuthenticationError(AuthFailure.LOCKED_OUT,
-                                      hint="wait, or ask an administrator to unlock the user")
+            raise _locked_out(user, address)
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
         if user is not None and self._verified.recall(user, password, now):
@@ -190,17 +189,19 @@ class UserService:
             else:
                 ok = await asyncio.to_thread(passwords.verify_password, password,
                                              user.password_hash)
-        if user is not None and ok:
-            user_id = user.id
-            await self._write(lambda conn: rows.record_success(conn, user_id, now=now))
+        verdict = _Verdict.REFUSED
+        if user is not None:
+            checked, auth = user, self.config.auth
+            verdict = await self._write(lambda conn: _settle(conn, checked, ok, now=now,
+                                                             auth=auth))
+        if verdict is _Verdict.ADMITTED:
+            assert user is not None
             self._verified.remember(user, password, now)
             return _principal(user), True
-        locked = False
-        if user is not None:
-            user_id, auth = user.id, self.config.auth
-            locked = await self._write(lambda conn: rows.record_failure(
-                conn, user_id, now=now, limit=auth.max_failed_logins,
-                lockout_seconds=auth.lockout_minutes * 60))
+        if verdict is _Verdict.LOCKED:
+            assert user is not None
+            raise _locked_out(user, address)
+        locked = verdict is _Verdict.REFUSED_AND_LOCKED
         log.warning("login refused reason=bad_credentials user=%s address=%s locked=%s",
                     logsafe.ref(user.name if user else name), address, locked)
         if locked:
@@ -355,6 +356,45 @@ class VerifiedCredentials:
                                                        now + VERIFIED_SECONDS)
         while len(self._entries) > VERIFIED_ENTRIES:
             self._entries.popitem(last=False)
+
+
+class _Verdict(enum.Enum):
+    """How a checked password ends, decided against the user's lock as it is when the
+    outcome is recorded."""
+
+    ADMITTED = enum.auto()
+    REFUSED = enum.auto()             # wrong, counted
+    REFUSED_AND_LOCKED = enum.auto()  # wrong, counted, and the failure that locked the user
+    LOCKED = enum.auto()              # locked meanwhile: refused and not counted, right or wrong
+
+
+def _settle(conn: sqlite3.Connection, user: UserRow, ok: bool, *, now: float,
+            auth: AuthConfig) -> _Verdict:
+    """Record a password check against the user's lock as it is now, in one writer
+    transaction.
+
+    Guesses sent at once all pass the lock check on arrival, then wait for a hash slot:
+    those that finish after the user was locked are refused LOCKED_OUT and not counted,
+    right or wrong, as if they had come later. Before, a burst had every guess checked
+    whatever max_failed_logins says, and a right guess in it was let in."""
+    current = rows.find_user(conn, user.name)
+    if current is None or current.id != user.id:
+        return _Verdict.REFUSED
+    if current.locked_until > now:
+        return _Verdict.LOCKED
+    if ok:
+        rows.record_success(conn, user.id, now=now)
+        return _Verdict.ADMITTED
+    locked = rows.record_failure(conn, user.id, now=now, limit=auth.max_failed_logins,
+                                 lockout_seconds=auth.lockout_minutes * 60)
+    return _Verdict.REFUSED_AND_LOCKED if locked else _Verdict.REFUSED
+
+
+def _locked_out(user: UserRow, address: str) -> AuthenticationError:
+    log.warning("login refused reason=locked_out user=%s address=%s", logsafe.ref(user.name),
+                address)
+    return AuthenticationError(AuthFailure.LOCKED_OUT,
+                               hint="wait, or ask an administrator to unlock the user")
 
 
 def _unknown(name: str) -> UserError:
