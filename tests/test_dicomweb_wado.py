@@ -182,11 +182,45 @@ def test_frame_out_of_range_is_404_and_malformed_frame_list_400(
         web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
     http = webpeer.session(web, "rad")
     instance = syntax_set["1.2.840.10008.1.2.1"]
-    assert http.get(_url(web, instance, "/frames/2"), headers={"Accept": OCTETS}
-                    ).status_code == 404
+    for past_the_end in ("2", "1,2"):  # a 404, not an answer cut off after frame 1
+        assert http.get(_url(web, instance, f"/frames/{past_the_end}"),
+                        headers={"Accept": OCTETS}).status_code == 404, past_the_end
     for bad in ("0", "a", "1;2", "-1"):
         assert http.get(_url(web, instance, f"/frames/{bad}"), headers={"Accept": OCTETS}
                         ).status_code == 400, bad
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set size (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_frames_stream_in_bounded_memory_when_one_frame_is_named_many_times(
+        tmp_path: Path) -> None:
+    # 150 x a 2 MiB frame in one URL (one may name 4096): the answer must not be read
+    # into memory whole before it is sent (it was: +300 MB here, +8 GB for a full URL).
+    (instance,) = dicomgen.make_studies(tmp_path / "big", seed=77, patients=1,
+                                        studies_per_patient=1, series_per_study=1,
+                                        instances_per_series=1, modalities=("CT",),
+                                        size=1024)
+    frame = pydicom.dcmread(instance.path).PixelData
+    with webpeer.running_web_server(tmp_path / "frames") as server:
+        import_files(server.home, instance)
+        http = webpeer.session(server, "rad")
+        assert http.get(_url(server, instance, "/frames/1"), headers={"Accept": OCTETS}
+                        ).status_code == 200
+        before = _peak_rss(server.pid)
+        got = http.get(_url(server, instance, "/frames/" + ",".join(["1"] * 150)),
+                       headers={"Accept": OCTETS})
+        peak = _peak_rss(server.pid)
+    assert got.status_code == 200, got.text
+    payloads = [payload for _, payload in webpeer.parts(got.headers["Content-Type"],
+                                                         got.content)]
+    assert len(payloads) == 150 and all(p == frame for p in payloads)
+    assert peak - before < 100 << 20, f"peak RSS grew by {(peak - before) >> 20} MiB"
 
 
 def _damaged_copy(original: dicomgen.GeneratedInstance, folder: Path, element: bytes,

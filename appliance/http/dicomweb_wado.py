@@ -57,6 +57,7 @@ from appliance.services.web_retrieve import Located
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
+FRAME_READ_BYTES = 16 << 20  # frames held at once while an answer streams (at least one)
 RETRY_AFTER_SECONDS = "60"
 
 
@@ -199,12 +200,21 @@ async def _send_frames(request: web.Request, numbers: list[int] | None, what: st
         if numbers is None:  # all frames (bulk data of Pixel Data)
             numbers = await asyncio.to_thread(frame_numbers, item.path,
                                               MAX_FRAMES_PER_REQUEST)
-        read = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax, numbers)
+        # Read before the answer begins: the first frame, and with it the highest asked
+        # for, so that a number past the end (or a file cut short before it) is a 404.
+        first = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax,
+                                        list(dict.fromkeys((numbers[0], max(numbers)))))
     except FrameError as exc:
         raise web.HTTPNotFound(text=f"{exc.message}\n") from exc
     stream = MultipartStream(request, part_type.split(";")[0])
-    for frame in read.frames:
-        await stream.part(part_type, frame)
+    await stream.part(part_type, first.frames[0])
+    # The rest a few at a time, never all at once: one URL may name a large frame 4096 times.
+    batch = max(1, FRAME_READ_BYTES // max(1, len(first.frames[0])))
+    for start in range(1, len(numbers), batch):
+        read = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax,
+                                       numbers[start:start + batch])
+        for frame in read.frames:
+            await stream.part(part_type, frame)
     return await stream.finish()
 
 
