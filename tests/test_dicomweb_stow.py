@@ -155,6 +155,16 @@ def test_instance_of_another_study_than_the_url_names_is_refused(
     assert answer["00081198"]["Value"][0]["00081155"]["Value"] == [instance.sop_instance_uid]
 
 
+def test_an_instance_that_cannot_be_understood_is_0xC000_also_under_its_study_url(
+        web: EdgeServer, tmp_path: Path) -> None:
+    bad = dicomgen.make_bad_uid_instance(tmp_path, kind="letters")  # its study UID is good
+    with pydicom.config.disable_value_validation():
+        study = pydicom.dcmread(bad, stop_before_pixels=True).StudyInstanceUID
+    status, answer = _post(web, [bad], url=f"{STOW}/{study}")
+    assert status == 409, answer
+    assert _failures(answer) == [0xC000]  # not 0xA900: nothing says it is of another study
+
+
 def test_bad_uid_instance_is_refused_and_nothing_lands_outside_the_store(
         web: EdgeServer, tmp_path: Path) -> None:
     bad = dicomgen.make_bad_uid_instance(tmp_path, kind="traversal")
@@ -182,6 +192,17 @@ def test_malformed_multipart_is_400(web: EdgeServer, tmp_path: Path) -> None:
     missing = webpeer.curl(web, STOW, user="rad", method="POST", data_file=body,
                            headers={"Content-Type": 'multipart/related; type="application/dicom"'})
     assert missing.status == 400
+
+
+def test_an_upload_of_more_parts_than_the_limit_is_413(web: EdgeServer, tmp_path: Path
+                                                       ) -> None:
+    # 20,001 parts of one byte: a 200 KB body, each part ~1 KiB of answer held in memory
+    # (a body of max_request_mb of them took ~100x its size before the cap).
+    body = tmp_path / "body"
+    body.write_bytes(b"--b\r\n\r\nX\r\n" * 20_001 + b"--b--\r\n")
+    answer = webpeer.curl(web, STOW, user="rad", method="POST", data_file=body,
+                          headers={"Content-Type": webpeer.STOW_TYPE.format("b")})
+    assert answer.status == 413 and b"more than 20000 instances" in answer.body
 
 
 def test_referring_physician_may_not_store(web: EdgeServer, tmp_path: Path) -> None:
