@@ -237,7 +237,8 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "max_connections": 64, "max_request_mb": variables.get(
                 "pacs_edge_http_max_request_mb", 2048),
             "idle_timeout": 75.0, "head_timeout": 10.0,
-            "viewer_root": str(_delivered_viewer(fleet, host)), "metadata_cache_mb": 1024}
+            "viewer_root": str(_delivered_viewer(fleet, host)), "metadata_cache_mb": 1024,
+            "qido_max_results": 5000}
         assert web["auth"] == {
             "min_password_length": 12,
             "max_failed_logins": variables.get("pacs_edge_auth_max_failed_logins", 5),

@@ -161,3 +161,33 @@ def test_qido_is_audited_with_user_and_address(web: EdgeServer) -> None:
     webpeer.dicomweb(web, "rad").search_for_studies(search_filters={"AccessionNumber": "A9*"})
     line = webpeer.audit_line(web, '"QIDO-RS"', "web user rad")
     assert "127.0.0.1" in line
+
+
+def test_an_answer_holds_at_most_qido_max_results_and_pages_on_with_offset(
+        tmp_path_factory: pytest.TempPathFactory,
+        studies: list[dicomgen.GeneratedInstance]) -> None:
+    """A search of every instance without a limit, or with a larger one, is a page of
+    [http] qido_max_results with Warning: 299; offsets page through all of them, for a
+    scoped user too (the scope is applied before the page is cut)."""
+    sop_uid = "00080018"
+    with webpeer.running_web_server(tmp_path_factory.mktemp("qido-max"),
+                                    qido_max_results=4) as server:
+        dcmtk.storescu(server.port, [i.path for i in studies]).check()
+        http = webpeer.session(server, "rad")
+        url = f"{webpeer.base_url(server)}/dicom-web/instances"
+        pages = [http.get(url, params={"offset": offset}) for offset in range(0, 12, 4)]
+        assert [len(p.json()) for p in pages] == [4, 4, 4]
+        assert ["Warning" in p.headers for p in pages] == [True, True, False]
+        assert "more results" in pages[0].headers["Warning"]
+        assert len(http.get(url, params={"limit": 100}).json()) == 4
+        assert {i[sop_uid]["Value"][0] for p in pages for i in p.json()} == {
+            i.sop_instance_uid for i in studies}
+
+        physician = str(studies[0].header.ReferringPhysicianName)
+        mine = {i.sop_instance_uid for i in studies
+                if str(i.header.ReferringPhysicianName) == physician}
+        webpeer.add_user(server, "doc", "referring", referring=physician)
+        doc = webpeer.session(server, "doc")
+        seen = [i[sop_uid]["Value"][0] for offset in range(len(mine) + 1)
+                for i in doc.get(url, params={"offset": offset, "limit": 1}).json()]
+    assert sorted(seen) == sorted(mine)

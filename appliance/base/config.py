@@ -110,6 +110,8 @@ class HttpConfig:
     viewer_root: str = "auto"
     metadata_cache_mb: int = field(default=1024, metadata=_check(lambda v: 1 <= v <= 1 << 30,
                                                                  "1 to 1073741824 MB"))
+    qido_max_results: int = field(default=5000, metadata=_check(lambda v: 1 <= v <= 1_000_000,
+                                                                "1 to 1000000"))
 
 
 def _networks_ok(values: tuple[str, ...]) -> bool:
@@ -534,6 +536,8 @@ _COMMENTS = {
     " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
     "http.metadata_cache_mb": "Bound of the series metadata cache (cache/metadata), MB; the"
     " series used least recently are dropped first and rebuilt when asked again.",
+    "http.qido_max_results": "Matches in one QIDO-RS answer at most, whatever its limit asks;"
+    " a Warning: 299 header says more follow (ask again with a larger offset).",
     "metrics": "Prometheus metrics at /metrics, /healthz and /readyz (docs/operations.md).",
     "metrics.enabled": "Count events and serve /metrics (no patient data, no UIDs).",
     "metrics.allow": "Addresses or networks that may read /metrics on the HTTPS port"

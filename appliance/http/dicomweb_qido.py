@@ -88,7 +88,8 @@ async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> 
     service = common.services(request)
     user, address = common.who(request)
     study = common.uid(request, "study") if "study" in request.match_info else ""
-    query = WebQueryService(service.index, retrieve_ae_title=service.config.dicom.ae_title)
+    query = WebQueryService(service.index, max_results=service.config.http.qido_max_results,
+                            retrieve_ae_title=service.config.dicom.ae_title)
     try:
         page = await query.search(common.principal(request), identifier, offset=offset,
                                   limit=limit)

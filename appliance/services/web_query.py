@@ -5,13 +5,17 @@ identifier; this service answers it with `query.find.answer`, so QIDO-RS and
 C-FIND match exactly alike (PS3.4 C.2.2.2: wildcards, ranges, UID lists), then
 keeps only the studies the Principal may see, and only then applies
 `offset` and `limit` (paging after scoping: a referring physician's page is
-full of their own studies, and counts reveal nothing of the others).
+full of their own studies, and counts reveal nothing of the others). A page
+holds at most `max_results` matches (`[http] qido_max_results`), whatever
+`limit` asks: PS3.18 lets the origin server cap a page and say with
+`Warning: 299` that more follow, and a search of every instance would
+otherwise build an answer the size of the index.
 
 Scope needs each match's Referring Physician's Name: when the user is scoped
 and did not ask for it, the key is added to the identifier and removed from
-the answers again. Scope and paging work on the index rows; only the page's
-rows become identifiers (a search of every study builds `limit` Datasets, not
-one per study).
+the answers again. Scope and paging are applied while the index rows are read
+(query.find.Paging): only the page's rows are held, and only they become
+identifiers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from appliance.services.access import Principal
-from appliance.services.query.find import QueryModel, answer
+from appliance.services.query.find import Paging, QueryModel, answer
 from appliance.store.index import Index
 
 _REFERRING = Tag(0x0008, 0x0090)
@@ -31,13 +35,14 @@ _REFERRING = Tag(0x0008, 0x0090)
 @dataclass(frozen=True)
 class Page:
     matches: list[Dataset]
-    total: int  # in-scope matches before offset/limit
     truncated: bool  # more in-scope matches follow this page
 
 
 class WebQueryService:
-    def __init__(self, index: Index, *, retrieve_ae_title: str = "") -> None:
+    def __init__(self, index: Index, *, max_results: int,
+                 retrieve_ae_title: str = "") -> None:
         self.index = index
+        self.max_results = max_results
         self.retrieve_ae_title = retrieve_ae_title
 
     async def search(self, principal: Principal, identifier: Dataset, *, offset: int = 0,
@@ -48,16 +53,14 @@ class WebQueryService:
         if not principal.sees_all() and _REFERRING not in identifier:
             identifier.ReferringPhysicianName = ""
             added = True
+        size = self.max_results if limit is None else min(limit, self.max_results)
+        scope = None if principal.sees_all() else (
+            _REFERRING, lambda value: principal.may_see(str(value or "")))
         found = await answer(self.index, QueryModel.STUDY_ROOT, identifier,
-                             retrieve_ae_title=self.retrieve_ae_title)
-        rows = found.rows
-        if not principal.sees_all():
-            referring = found.column(_REFERRING)
-            rows = [row for row in rows if principal.may_see(str(row[referring] or ""))]
-        total = len(rows)
-        end = total if limit is None else offset + limit
-        matches = found.datasets(rows[offset:end])  # identifiers for the page alone
+                             retrieve_ae_title=self.retrieve_ae_title,
+                             paging=Paging(offset, size + 1, scope))  # one more: any left?
+        matches = found.datasets(found.rows[:size])
         if added:
             for match in matches:
                 del match[_REFERRING]
-        return Page(matches, total, end < total)
+        return Page(matches, len(found.rows) > size)

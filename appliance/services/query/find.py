@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom import config
@@ -47,7 +47,7 @@ from appliance.services.query import matching
 from appliance.services.query.identifiers import CHARACTER_SET, UTF8, Template
 from appliance.store.cfind import attributes
 from appliance.store.cfind.attributes import Key, Level
-from appliance.store.cfind.search import Criterion, PeriodCriterion, search
+from appliance.store.cfind.search import Criterion, PeriodCriterion, Row, Window, search
 from appliance.store.index import Index
 
 __all__ = ["Answer", "QueryError", "QueryModel", "QueryRefusal", "answer", "find"]
@@ -90,6 +90,16 @@ async def find(
     return found.datasets()
 
 
+@dataclass(frozen=True)
+class Paging:
+    """One page of the matches: those whose value of the returned key `scope[0]` passes
+    `scope[1]` (all when None), `offset` of them passed over, at most `count` after."""
+
+    offset: int = 0
+    count: int | None = None
+    scope: tuple[BaseTag, Callable[[object], bool]] | None = None
+
+
 async def answer(
     index: Index,
     model: QueryModel,
@@ -97,14 +107,35 @@ async def answer(
     *,
     retrieve_ae_title: str = "",
     combined_datetime: bool = False,
+    paging: Paging | None = None,
 ) -> Answer:
-    """The matches of `identifier` as index rows; `find` with the encoding left to the caller."""
+    """The matches of `identifier` as index rows (a page of them with `paging`, read
+    without holding the others); `find` with the encoding left to the caller."""
     level = _level(model, identifier)
     plan = _plan(level, identifier, retrieve_ae_title, combined_datetime)
-    rows = await search(index, level, plan.columns, plan.criteria)
+    window = None if paging is None else Window(paging.offset, paging.count,
+                                                _keep(plan, paging.scope))
+    rows = await search(index, level, plan.columns, plan.criteria, window=window)
     log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
               len(rows))
     return Answer(level, plan, rows)
+
+
+def _keep(plan: _Plan, scope: tuple[BaseTag, Callable[[object], bool]] | None
+          ) -> Callable[[Row], bool] | None:
+    if scope is None:
+        return None
+    tag, accepts = scope
+    column = _column(plan, tag)
+    return lambda row: accepts(row[column])
+
+
+def _column(plan: _Plan, tag: BaseTag) -> int:
+    """Where the value of the returned key `tag` is in each row (KeyError: not one)."""
+    for n, key in enumerate(plan.columns):
+        if key.tag == tag:
+            return n
+    raise KeyError(tag)
 
 
 @dataclass
@@ -129,13 +160,6 @@ class Answer:
         """The response identifiers of `rows` (a selection of `self.rows`), or of all."""
         return [_response(self.level, self.plan, row)
                 for row in (self.rows if rows is None else rows)]
-
-    def column(self, tag: BaseTag) -> int:
-        """Where the value of the returned key `tag` is in each row (KeyError: not one)."""
-        for n, key in enumerate(self.plan.columns):
-            if key.tag == tag:
-                return n
-        raise KeyError(tag)
 
     def encoded(self, *, implicit_vr: bool) -> Iterator[bytes]:
         """Each match's identifier encoded in Implicit or Explicit VR Little Endian,

@@ -11,13 +11,18 @@ with a backslash; an empty tuple when nothing is returned). Every criterion
 must hold. No order: DICOM sets none, and an ORDER BY would steer SQLite away
 from the index that best narrows the query. The statement and the fetch are
 one hop to the reader's thread.
+
+A `Window` bounds what is kept (QIDO-RS paging): rows are read from the cursor
+in batches, those `keep` refuses are passed over, the first `skip` kept ones
+too, and the scan stops once `take` are held; memory is the page's, not the
+matches'.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiosqlite
@@ -35,6 +40,18 @@ from appliance.store.cfind.conditions import (
 from appliance.store.index import Index
 
 Row = tuple[object, ...]
+
+FETCH_BATCH = 500  # rows read from the cursor at a time with a Window
+
+
+@dataclass(frozen=True)
+class Window:
+    """The rows `keep` accepts (every row when None), the first `skip` of them passed
+    over, at most `take` of those after them (no bound when None)."""
+
+    skip: int = 0
+    take: int | None = None
+    keep: Callable[[Row], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,14 +80,20 @@ async def search(
     level: Level,
     returned: Sequence[Key],
     criteria: Sequence[Criterion | PeriodCriterion],
+    *,
+    window: Window | None = None,
 ) -> list[Row]:
-    """The `returned` values of every entity of `level` that meets all `criteria`."""
+    """The `returned` values of every entity of `level` that meets all `criteria` (of
+    those `window` selects, when given)."""
     sql, params = statement(level, returned, criteria)
     reader = index.reader
     if reader not in _prepared:
         await database.run_sync(reader, register_functions)
         _prepared.add(reader)
-    rows = await database.run_sync(reader, _select, sql, params)
+    if window is None:
+        rows = await database.run_sync(reader, _select, sql, params)
+    else:
+        rows = await database.run_sync(reader, _select_window, sql, params, window)
     # With nothing to return the SELECT lists the row id (SQL needs one column):
     # the caller still gets one empty tuple per entity.
     return rows if returned else [() for _ in rows]
@@ -95,6 +118,32 @@ def _condition(criterion: Criterion | PeriodCriterion) -> Condition:
     if criterion.key.exists:  # the value lives in rows below: match through a subquery
         return Condition(criterion.key.exists.format(found.sql), found.params)
     return found
+
+
+def _select_window(conn: sqlite3.Connection, sql: str, params: list[object],
+                   window: Window) -> list[Row]:
+    """The rows of `sql` that `window` selects, read in batches, in the reader's thread."""
+    cur = conn.execute(sql, params)
+    kept: list[Row] = []
+    skipped = 0
+    try:
+        cur.row_factory = None
+        while window.take is None or len(kept) < window.take:
+            batch = cur.fetchmany(FETCH_BATCH)
+            if not batch:
+                break
+            for row in batch:
+                if window.keep is not None and not window.keep(row):
+                    continue
+                if skipped < window.skip:
+                    skipped += 1
+                    continue
+                kept.append(row)
+                if window.take is not None and len(kept) >= window.take:
+                    break
+        return kept
+    finally:
+        cur.close()
 
 
 def _select(conn: sqlite3.Connection, sql: str, params: list[object]) -> list[Row]:
