@@ -234,7 +234,8 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         web = tomllib.loads(text)
         assert web["http"] == {
             "port": variables["pacs_edge_http_port"], "host": "127.0.0.1",
-            "max_connections": 64, "max_request_mb": variables.get(
+            "max_connections": 64, "connections_per_address": 32,
+            "max_request_mb": variables.get(
                 "pacs_edge_http_max_request_mb", 2048),
             "idle_timeout": 75.0, "head_timeout": 10.0,
             "viewer_root": str(_delivered_viewer(fleet, host)), "metadata_cache_mb": 1024,

@@ -225,6 +225,24 @@ def test_connection_cap_answers_503_until_a_connection_closes(
             tls.close()
 
 
+def test_one_address_gets_connections_per_address_and_the_others_still_get_in(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(webpeer.web_home(
+        tmp_path / "web-home", free_port(), max_connections=8, connections_per_address=3,
+        head_timeout=300.0))
+    held = [webpeer.tls_socket(server) for _ in range(3)]  # idle: nothing sent
+    try:
+        _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 503)
+        assert webpeer.curl(server, "/dicom-web/studies", source="127.0.0.2").status == 401
+        assert "per-address limit reached address=127.0.0.1 limit=3" in server.log()
+        held.pop().close()
+        _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 401)
+    finally:
+        for tls in held:
+            tls.close()
+
+
 def _wait_for(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + DEADLINE
     while not condition():

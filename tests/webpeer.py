@@ -89,11 +89,14 @@ class Curl:
 
 def curl(server: EdgeServer, path: str, *, user: str | None = None,
          password: str = PASSWORD, method: str = "GET", headers: dict[str, str] | None = None,
-         data_file: Path | None = None, timeout: float = 120.0, as_is: bool = False) -> Curl:
+         data_file: Path | None = None, timeout: float = 120.0, as_is: bool = False,
+         source: str | None = None) -> Curl:
     """One request with curl (its own HTTP stack), verifying the site CA; `as_is` sends
-    the path without squashing `..` segments (curl's --path-as-is)."""
+    the path without squashing `..` segments (curl's --path-as-is); `source`: the local
+    address to connect from (another loopback address is another client)."""
     args = ["curl", "-sS", "--http1.1", "-D", "-", "--cacert", str(ca_file(server)),
-            "-X", method, "--max-time", str(timeout), *(["--path-as-is"] if as_is else [])]
+            "-X", method, "--max-time", str(timeout), *(["--path-as-is"] if as_is else []),
+            *(["--interface", source] if source else [])]
     if user is not None:
         args += ["-u", f"{user}:{password}"]
     for key, value in (headers or {}).items():

@@ -103,6 +103,8 @@ class HttpConfig:
                                                      "0 (off) or 1-65535"))
     host: str = "127.0.0.1"
     max_connections: int = field(default=64, metadata=_check(lambda v: v >= 1, ">= 1"))
+    connections_per_address: int = field(default=32, metadata=_check(lambda v: v >= 1,
+                                                                     ">= 1"))
     max_request_mb: int = field(default=2048, metadata=_check(lambda v: 1 <= v <= 1 << 20,
                                                               "1 to 1048576 MB"))
     idle_timeout: float = field(default=75.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
@@ -527,6 +529,8 @@ _COMMENTS = {
     "http.host": "Listen address. 127.0.0.1 keeps it private (or behind a reverse proxy);"
     " 0.0.0.0 opens it to the LAN.",
     "http.max_connections": "Open connections at most; beyond it new ones are closed at once.",
+    "http.connections_per_address": "Open connections from one address at most (behind a"
+    " reverse proxy or a terminal server, every client shares one: raise it).",
     "http.max_request_mb": "Largest request body (a STOW-RS upload), MB; larger ones get 413.",
     "http.idle_timeout": "Seconds a kept-alive connection may sit idle, and a request body"
     " may stall, before it is closed.",

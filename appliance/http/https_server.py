@@ -6,9 +6,11 @@ bounds a hostile or broken client must not be able to push past:
 - TLS with the node certificate the site CA issued (`pacs-edge init`), TLS 1.2+
   with the BCP 195 AEAD suites, as on the DICOM TLS port; a client that does not
   finish its handshake within ``[http] head_timeout`` is dropped;
-- at most ``[http] max_connections`` open connections: the next one is answered
-  ``503`` with ``Connection: close`` at once, so a flood cannot exhaust file
-  descriptors or memory;
+- at most ``[http] max_connections`` open connections, and at most
+  ``[http] connections_per_address`` of them from one address: the next one is
+  answered ``503`` with ``Connection: close`` at once, so a flood cannot exhaust
+  file descriptors or memory, and one client holding idle kept-alive
+  connections cannot shut every other one out;
 - a request's line and headers must arrive within ``[http] head_timeout`` of
   the connection, or of the request's first byte on a kept-alive connection
   (a slowloris client dribbling header bytes is closed); header lines are
@@ -98,6 +100,7 @@ class _Guard(asyncio.Protocol):
         self.server = server
         self.inner = inner
         self.transport: asyncio.Transport | None = None
+        self.address = ""
         self.admitted = False
         self.in_request = False
         self._timer: asyncio.TimerHandle | None = None
@@ -105,9 +108,19 @@ class _Guard(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if len(self.server.guards) >= self.server.config.max_connections:
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else ""
+        config = self.server.config
+        if len(self.server.guards) >= config.max_connections:
             log.warning("http connection refused: connection limit reached limit=%d",
-                        self.server.config.max_connections)
+                        config.max_connections)
+            transport.write(_BUSY)
+            transport.close()
+            return
+        if sum(g.address == self.address for g in self.server.guards.values()
+               ) >= config.connections_per_address:
+            log.warning("http connection refused: per-address limit reached address=%s"
+                        " limit=%d", self.address, config.connections_per_address)
             transport.write(_BUSY)
             transport.close()
             return
