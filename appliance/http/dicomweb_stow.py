@@ -75,7 +75,7 @@ async def store(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text="the upload exceeds [http] max_request_mb\n")
     _check_content_type(request.headers.get("Content-Type", ""))
-    if not common.principal(request).sees_all():
+    if not common.principal(request).may_store():
         raise web.HTTPForbidden(text="storing needs the admin or radiologist role\n")
     outcome = _Outcome([], [])
     # Instances stored before a later part fails (413, 400, 408) stay stored and audited:

@@ -7,8 +7,8 @@ share it, so a referring physician cannot reach a study through a route that for
 the check (an out-of-scope study answers 404 at the edge, never 403).
 
 Roles:
-    admin        sees every study and the box's status page
-    radiologist  sees every study
+    admin        sees every study and the box's status page; stores (STOW-RS)
+    radiologist  sees every study; stores (STOW-RS)
     referring    sees only the studies whose Referring Physician's Name matches
                  the user's `referring_name`
 """
@@ -48,6 +48,11 @@ class Principal:
     def sees_all(self) -> bool:
         """Admins and radiologists read every study on the box."""
         return self.role in (Role.ADMIN, Role.RADIOLOGIST)
+
+    def may_store(self) -> bool:
+        """Storing needs a role that sees every study: a new instance may belong to a
+        study outside a referring user's scope, which they must not learn of."""
+        return self.sees_all()
 
     def may_administer(self) -> bool:
         """Admins see the box's status page (no patient data on it)."""
