@@ -41,8 +41,8 @@ async def confirm_container(index: Index, store: BlobStore, url: str) -> None:
     try:
         found = await asyncio.to_thread(_present, store, packs)
     except BlobStoreUnavailable as exc:
-        log.warning("cloud not reachable; its packs not checked at start error=%s",
-                    exc.message)
+        log.warning("cloud not reachable; whether it holds this box's packs is not checked"
+                    " error=%s", exc.message)
         return
     if not found:
         raise NotThisBoxsCloud(
