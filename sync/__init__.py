@@ -37,6 +37,7 @@ Tree::
     ├── RestoreConflict           a cloud version belongs to a study held locally (restore.py)
     ├── StudyAtRisk               the only copy of some instances is a damaged pack (scrub.py)
     ├── NotThisBoxsCloud          the cloud holds none of the newest packs (container_check.py)
+    ├── StopRequested             the agent stops: thread work ends early (threads.py)
     ├── ReaderError               a reader registry edit or grant cannot be done (readers.py)
     └── ReaderClientError         the remote reader's pull (reader_client.py)
         ├── NotGranted            no granted version of that study for this reader

@@ -8,11 +8,13 @@ Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
 - prefetch: evicted priors chosen for an order, recalled (archived packs
   rehydrated early), every `sync.recall_poll_seconds` (sync.prefetch_rehydrate).
 A job that fails logs the error and runs again at its next time; the agent
-itself only stops on SIGTERM/SIGINT. Jobs run concurrently on the loop; a
-per-study lease (appliance.store.leases) keeps two of them, or a CLI command,
-off the same study. Every pass first rolls back work that died half done
-(sync.rollback); at start the agent also removes files an interrupted
-eviction left.
+itself only stops on SIGTERM/SIGINT. At stop, running jobs are cancelled (each
+rolls back its half-done work on the way out, and a pass left half done is
+rolled back at the next start) and awaited before the index and the cloud close.
+Jobs run concurrently on the loop; a per-study lease (appliance.store.leases)
+keeps two of them, or a CLI command, off the same study. Every pass first rolls
+back work that died half done (sync.rollback); at start the agent also removes
+files an interrupted eviction left.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
 log = logging.getLogger(__name__)
 
 LIFECYCLE_INTERVAL = 3600.0
+JOB_STOP_TIMEOUT = 15.0  # within systemd's TimeoutStopSec=30s for the sync unit
 
 
 @dataclass
@@ -117,6 +120,7 @@ async def run_agent(config: Config) -> None:
         # APScheduler logs every run at INFO: a recall poll every second would flood the log.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         scheduler = AsyncIOScheduler(event_loop=loop)
+        running: set[asyncio.Task[None]] = set()
         sync = config.sync
         jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
             ("replicate-evict", lambda: sync_pass(ctx), sync.replicate_interval_seconds),
@@ -128,7 +132,7 @@ async def run_agent(config: Config) -> None:
              config.audit.anchor_interval_seconds),
         ]
         for name, job, seconds in jobs:
-            scheduler.add_job(_logged(name, job), "interval", seconds=seconds, id=name,
+            scheduler.add_job(_logged(name, job, running), "interval", seconds=seconds, id=name,
                               max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
         scheduler.start()
         log.info("sync agent ready cloud=%s", _redacted(config.cloud_url))
@@ -142,22 +146,43 @@ async def run_agent(config: Config) -> None:
         finally:
             notifier.stopping()
             log.info("sync agent stopping")
-            scheduler.shutdown(wait=False)
+            scheduler.shutdown(wait=False)  # cancels the jobs that are running
+            await _ended(running)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("sync agent stopped")
 
 
-def _logged(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+def _logged(name: str, job: Callable[[], Awaitable[object]],
+            running: set[asyncio.Task[None]]) -> Callable[[], Awaitable[None]]:
     async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        running.add(task)
         try:
             await job()
+        except asyncio.CancelledError:
+            # Only the agent's stop cancels a job; ending quietly here keeps APScheduler
+            # from logging the cancellation as a crash.
+            log.info("job cancelled by stop job=%s", name)
         except PacsEdgeError as exc:
             log.error("job failed job=%s error=%s", name, exc.message)
         except Exception:
             log.exception("job crashed job=%s", name)
+        finally:
+            running.discard(task)
 
     return run
+
+
+async def _ended(running: set[asyncio.Task[None]]) -> None:
+    """Wait for the cancelled jobs to finish rolling back, before the index closes."""
+    if not running:
+        return
+    _, pending = await asyncio.wait(set(running), timeout=JOB_STOP_TIMEOUT)
+    if pending:
+        log.warning("jobs still running at stop count=%d (rolled back at the next start)",
+                    len(pending))
 
 
 def _redacted(url: str) -> str:

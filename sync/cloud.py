@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import HEADER_SIZE, PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
 from sync.sitekeys import site_object_names, unwrap_site_object
+from sync.threads import check, in_thread
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +163,11 @@ class PackService:
         """Put, then verify, version `version` of the study: its pack, manifest and site
         key object, each carrying `pack_id`. VersionTaken when a blob of that version
         exists already."""
-        return await asyncio.to_thread(self._upload, study, instances, version, pack_id)
+        return await in_thread(lambda stop: self._upload(study, instances, version, pack_id,
+                                                         stop))
 
     def _upload(self, study: StudyRow, instances: list[InstanceRow],
-                version: int, pack_id: bytes) -> UploadedPack:
+                version: int, pack_id: bytes, stop: threading.Event) -> UploadedPack:
         pack_name, manifest_name = self.names(study.study_uid, version)
         data_key = new_data_key()
         writer = PackWriter(data_key, pack_id, self._segment_size)
@@ -175,7 +178,7 @@ class PackService:
             offsets[row.id] = (slot.offset, slot.length)
         key_name = self._key_name(study.study_uid, version)
         try:
-            pack_info = self.store.put(pack_name, _with_crash_point(writer.chunks()))
+            pack_info = self.store.put(pack_name, _stoppable(writer.chunks(), stop))
             crash_point("upload:after-pack")
             result = writer.result
             manifest = writer.manifest(_study_attributes(study), study_version=version,
@@ -250,10 +253,10 @@ class PackService:
 
         Damage is a verdict, not an exception; a store that cannot be reached raises
         (BlobStoreUnavailable), since then nothing is known about the pack."""
-        return await asyncio.to_thread(self._scrub, pack, rows, on_bytes)
+        return await in_thread(lambda stop: self._scrub(pack, rows, on_bytes, stop))
 
     def _scrub(self, pack: PackRow, rows: list[InstanceRow],
-               on_bytes: Callable[[int], None]) -> ScrubVerdict:
+               on_bytes: Callable[[int], None], stop: threading.Event) -> ScrubVerdict:
         try:
             before = self.store.stat(pack.pack_name)
             if not before.online:
@@ -275,6 +278,7 @@ class PackService:
                 for chunk in self.store.iter_chunks(pack.pack_name):
                     on_bytes(len(chunk))
                     crash_point("scrub:mid-pack")  # a chunk read, not yet authenticated
+                    check(stop)
                     yield chunk
 
             # Every segment authenticated, the blob's SHA-256 and every instance's
@@ -325,7 +329,7 @@ class PackService:
                     self.store.delete(name)
             return kept
 
-        return await asyncio.to_thread(delete)
+        return await in_thread(lambda _stop: delete())
 
     def _pack_id_of(self, name: str) -> bytes | None:
         """The pack id a blob of a version carries in the clear, None when it is not a
@@ -364,10 +368,10 @@ class PackService:
         fsynced and renamed into place; the folders are fsynced once each before
         this returns (the caller's index commit comes after).
         """
-        await asyncio.to_thread(self._recall_pack, pack, rows, on_written)
+        await in_thread(lambda stop: self._recall_pack(pack, rows, on_written, stop))
 
     def _recall_pack(self, pack: PackRow, rows: list[InstanceRow],
-                     on_written: Callable[[InstanceRow], None]) -> None:
+                     on_written: Callable[[InstanceRow], None], stop: threading.Event) -> None:
         data_key, manifest = self._open_pack(pack)
         by_uid = {entry.instance.sop_uid: entry for entry in manifest.instances}
         wanted: dict[int, InstanceRow] = {}  # manifest entry offset -> row
@@ -388,6 +392,7 @@ class PackService:
         try:
             for piece in read_instances(fetch, lambda: self.store.iter_chunks(pack.pack_name),
                                         data_key, manifest, entries):
+                check(stop)
                 if spool is None:
                     spool = self.files.new_spool()
                 spool.write(piece.data)
@@ -428,10 +433,11 @@ class PackService:
         await asyncio.to_thread(self.store.set_tier, pack_name, tier)
 
 
-def _with_crash_point(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _stoppable(chunks: Iterable[bytes], stop: threading.Event) -> Iterator[bytes]:
     for number, chunk in enumerate(chunks):
         if number == 2:
             crash_point("upload:mid-pack")
+        check(stop)
         yield chunk
 
 

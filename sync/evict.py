@@ -42,6 +42,7 @@ from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.escrow_gate import eviction_allowed, require_escrow
 from sync.scrub import confirm_cloud_copy, read_back_unread_packs, refuse_if_at_risk
+from sync.threads import in_thread
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[
                 ctx.files.absolute(relative).rmdir()  # only when empty
         return freed
 
-    return await asyncio.to_thread(remove)
+    return await in_thread(lambda _stop: remove())
 
 
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:

@@ -19,6 +19,7 @@ so concurrent requests share one recall.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -88,8 +89,11 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
     except BaseException as exc:
         await drop_local_files(ctx, lease, written)
         await writer.submit_sync(lambda c: fail_recall(c, lease, study.id))
-        log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
-                  getattr(exc, "message", type(exc).__name__))
+        if isinstance(exc, asyncio.CancelledError):
+            log.info("recall cancelled by stop study=%s", logsafe.ref(study.study_uid))
+        else:
+            log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
+                      getattr(exc, "message", type(exc).__name__))
         ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
                            tampered=isinstance(exc, PackIntegrityError))
         RECALLS.labels("failed").inc()

@@ -25,6 +25,7 @@ the highest version the cloud names.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
             uploaded = await ctx.packs.upload(study, plan.instances, plan.version,
                                               plan.upload_id)
         except VersionTaken:
+            await _abandon(ctx, lease, study, plan)
+            raise
+        except asyncio.CancelledError:
+            log.info("replication cancelled by stop; rolling back study=%s version=%d",
+                     logsafe.ref(study.study_uid), plan.version)
             await _abandon(ctx, lease, study, plan)
             raise
         except BaseException:

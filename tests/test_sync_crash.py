@@ -165,6 +165,44 @@ def test_recall_of_an_archived_pack_requests_rehydration_first(
     assert local_hashes(path) == hashes
 
 
+@pytest.mark.parametrize("home", ["local"], indirect=True)
+def test_agent_stopped_mid_upload_ends_the_pass_quietly_and_replicates_at_its_next_start(
+    home: tuple[Path, dict[str, str], str], tmp_path: Path,
+) -> None:
+    """SIGTERM while a pass uploads: the agent cancels the pass, which waits until the
+    upload's thread has stopped and then rolls back; the agent exits 0 with no traceback,
+    no blob is left over, and the next pass replicates."""
+    import tomlkit
+    from syncagent import SyncAgent
+
+    path, hashes, study_uid = home
+    config = path / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    agent = SyncAgent(path, env={"PACS_EDGE_PAUSE_AT": "upload:mid-pack",
+                                 "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+    try:
+        wait_for(lambda: (barrier / "reached").exists(), "the upload to start")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "sync agent stopping" in agent.log(), "the agent to stop")
+        time.sleep(0.5)  # the stop waits for the paused upload's thread: nothing is undone yet
+        assert agent.proc.poll() is None
+        assert study_state(path) == ("replicating", [(1, "uploading")])
+        (barrier / "go").touch()
+        assert agent.proc.wait(60) == 0, agent.log()
+        assert "job cancelled by stop job=replicate-evict" in agent.log()
+    finally:
+        agent.stop()
+    assert "Traceback" not in agent.log()
+    sync_once(path)
+    assert study_state(path)[0] == "replicated"
+    assert_consistent(path, hashes, study_uid)
+
+
 @pytest.mark.slow
 def test_upload_failure_whose_clean_up_also_fails_is_rolled_back_by_the_running_agent(
     tmp_path: Path,
