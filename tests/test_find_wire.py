@@ -8,6 +8,8 @@ ends with Success.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import dcmtk
@@ -20,6 +22,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
 )
+
+from appliance.services.dicom_header import read_header
+from appliance.store.cfind.search import FETCH_BATCH
+from appliance.store.index import Index, StoredFile
 
 PENDING, SUCCESS = 0xFF00, 0x0000
 KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
@@ -81,6 +87,32 @@ def test_matches_arrive_whole_in_any_syntax_and_pdu_size(
         assert ds.RetrieveAETitle == served.ae_title
         assert ds.PatientComments == ""
         assert set(KEYS) <= set(ds.dir())
+
+
+def test_an_answer_longer_than_one_read_batch_arrives_whole(
+        edge_server_factory: Callable[..., EdgeServer], tmp_path: Path) -> None:
+    """More matches than the first read holds (FETCH_BATCH): the rest are read a batch at
+    a time while the answer is sent; every match arrives once. C-FIND reads the index
+    only, so the instances are indexed straight from their headers (storing 1,100 files
+    would take most of a minute)."""
+    count = FETCH_BATCH * 2 + 100
+    made = dicomgen.make_studies(tmp_path / "many", seed=91, series_per_study=1,
+                                 instances_per_series=count, size=16)
+    edge = edge_server_factory(start=False)
+
+    async def index_them() -> None:
+        async with Index(edge.home / "index.sqlite3") as index:
+            await asyncio.gather(*(index.record_instance(
+                read_header(i.path), StoredFile(f"{n}.dcm", 1000, 0, i.sop_instance_uid, 0.0))
+                for n, i in enumerate(made)))
+
+    asyncio.run(index_them())
+    edge.start()
+    for syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+        found, statuses = answers(edge, syntax, 0)
+        assert statuses == [PENDING] * count + [SUCCESS]
+        assert sorted(ds.SOPInstanceUID for ds in found) == sorted(
+            i.sop_instance_uid for i in made)
 
 
 def test_one_pdu_is_what_pynetdicom_encodes_for_the_same_message() -> None:

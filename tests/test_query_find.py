@@ -8,8 +8,10 @@ expressions, string and integer comparisons), independently of the SQL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
+import tracemalloc
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from io import BytesIO
@@ -27,6 +29,7 @@ from pydicom.tag import Tag
 from pynetdicom.dsutils import decode, encode
 
 from appliance.services.query.find import QueryError, QueryModel, QueryRefusal, answer, find
+from appliance.store.cfind.search import FETCH_BATCH, search
 from appliance.store.index import Index, StoredFile
 from appliance.store.instance_header import InstanceHeader
 
@@ -643,6 +646,39 @@ async def test_an_identifier_without_known_keys_answers_every_entity_with_its_le
         assert [e.keyword for e in response] == sorted(["QueryRetrieveLevel", *unknown],
                                                        key=tag_for_keyword)
         assert response.QueryRetrieveLevel == level
+
+
+async def test_a_large_answer_holds_the_first_rows_and_only_the_ids_of_the_others(
+    tmp_path: Path,
+) -> None:
+    """Without paging, the first FETCH_BATCH matches are read whole and the others as row
+    ids (8 bytes each); their rows are read a batch at a time, every match once."""
+    count = 12_000
+    many = [dataclasses.replace(HEADERS[0], series_uid=f"{ROOT}.8", sop_uid=f"{ROOT}.8.{n}",
+                                instance_number=n) for n in range(count)]
+    # SOPClassesInStudy is left out: at IMAGE level it is read again for every instance.
+    query = identifier("IMAGE", None,
+                       *(key for key in every_key("IMAGE") if key != "SOPClassesInStudy"))
+    async with Index(tmp_path / "index.sqlite3") as index:
+        await fill(index, many)
+        tracemalloc.start()
+        try:
+            found = await answer(index, QueryModel.PATIENT_ROOT, query)
+            held, _ = tracemalloc.get_traced_memory()
+            whole = await search(index, found.level, found.plan.columns, [])
+            held_by_both, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(found) == len(whole) == count
+        assert len(found.rows) == FETCH_BATCH and len(found.later) == count - FETCH_BATCH
+        assert held < (held_by_both - held) / 5, (held, held_by_both)  # measured: ~1/19
+        rows = list(found.rows)
+        for ids in found.batches():
+            assert len(ids) <= FETCH_BATCH
+            rows += await found.read(index, ids)
+        sop = [n for n, key in enumerate(found.plan.columns) if key.keyword == "SOPInstanceUID"]
+        assert sorted(row[sop[0]] for row in rows) == sorted(h.sop_uid for h in many)
+        assert sorted(rows, key=str) == sorted(whole, key=str)
 
 
 # --- refusals -----------------------------------------------------------------------

@@ -11,8 +11,9 @@ through the LoopBridge.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -44,7 +45,7 @@ from appliance.dimse.tls import is_tls, peer_identity
 from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist
-from appliance.services.query.find import Answer, QueryModel, answer
+from appliance.services.query.find import Answer, QueryModel, Row, answer
 from appliance.store.index import Index
 from appliance.store.spool import SpoolFile
 
@@ -234,7 +235,9 @@ class DimseHandlers:
             return
         log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))
         self._audit_query(event, len(matches))
-        for match in _identifiers(matches, UID(event.context.transfer_syntax)):
+        batches = chain([matches.rows], (self.s.bridge.call(matches.read(self.s.index, ids))
+                                         for ids in matches.batches()))
+        for match in _identifiers(matches, batches, UID(event.context.transfer_syntax)):
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
@@ -262,12 +265,16 @@ class DimseHandlers:
             transfer_syntax=str(event.context.transfer_syntax), matches=matches, reason=reason)
 
 
-def _identifiers(matches: Answer, syntax: UID) -> Iterable[bytes | Dataset]:
-    """The response identifiers, encoded by the query service in the Little Endian
-    syntaxes (dimse/find_scp.py sends them as they are); pynetdicom encodes the others."""
-    if syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
-        return matches.encoded(implicit_vr=syntax.is_implicit_VR)
-    return matches.datasets()
+def _identifiers(matches: Answer, batches: Iterable[Sequence[Row]],
+                 syntax: UID) -> Iterator[bytes | Dataset]:
+    """The response identifiers of each batch of rows (read as the answer is sent),
+    encoded by the query service in the Little Endian syntaxes (dimse/find_scp.py sends
+    them as they are); pynetdicom encodes the others."""
+    for rows in batches:
+        if syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+            yield from matches.encoded(rows, implicit_vr=syntax.is_implicit_VR)
+        else:
+            yield from matches.datasets(rows)
 
 
 def _failure(status: int, comment: str) -> Dataset:

@@ -8,7 +8,10 @@ Contract for the edges::
 returns one complete response identifier per match, or raises QueryError
 whose `.kind` the edge maps to the C-FIND failure status. `answer()` returns
 the same matches as index rows, which the DIMSE edge encodes without building
-a Dataset per match (`Answer.encoded`, see identifiers.py). No file is opened:
+a Dataset per match (`Answer.encoded`, see identifiers.py). Without paging, an
+Answer holds the first matches' rows and only the row ids of the others; the
+edge reads those a batch at a time as it sends (`Answer.batches`), so a query
+matching a million instances holds ~8 MB, not ~600 MB (store.cfind.search). No file is opened:
 evicted studies answer like any other, with InstanceAvailability NEARLINE.
 
 Each response holds QueryRetrieveLevel, every key of the request (values
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -47,10 +51,19 @@ from appliance.services.query import matching
 from appliance.services.query.identifiers import CHARACTER_SET, UTF8, Template
 from appliance.store.cfind import attributes
 from appliance.store.cfind.attributes import Key, Level
-from appliance.store.cfind.search import Criterion, PeriodCriterion, Row, Window, search
+from appliance.store.cfind.search import (
+    FETCH_BATCH,
+    Criterion,
+    PeriodCriterion,
+    Row,
+    Window,
+    rows_by_id,
+    search,
+    search_ids,
+)
 from appliance.store.index import Index
 
-__all__ = ["Answer", "QueryError", "QueryModel", "QueryRefusal", "answer", "find"]
+__all__ = ["Answer", "QueryError", "QueryModel", "QueryRefusal", "Row", "answer", "find"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +100,10 @@ async def find(
     """
     found = await answer(index, model, identifier, retrieve_ae_title=retrieve_ae_title,
                          combined_datetime=combined_datetime)
-    return found.datasets()
+    rows = list(found.rows)
+    for ids in found.batches():
+        rows += await found.read(index, ids)
+    return found.datasets(rows)
 
 
 @dataclass(frozen=True)
@@ -110,15 +126,20 @@ async def answer(
     paging: Paging | None = None,
 ) -> Answer:
     """The matches of `identifier` as index rows (a page of them with `paging`, read
-    without holding the others); `find` with the encoding left to the caller."""
+    without holding the others; else the first rows and the others' ids, see
+    `Answer.batches`); `find` with the encoding left to the caller."""
     level = _level(model, identifier)
     plan = _plan(level, identifier, retrieve_ae_title, combined_datetime)
-    window = None if paging is None else Window(paging.offset, paging.count,
-                                                _keep(plan, paging.scope))
-    rows = await search(index, level, plan.columns, plan.criteria, window=window)
+    if paging is None:
+        matches = await search_ids(index, level, plan.columns, plan.criteria)
+        found = Answer(level, plan, matches.rows, matches.later)
+    else:
+        window = Window(paging.offset, paging.count, _keep(plan, paging.scope))
+        found = Answer(level, plan,
+                       await search(index, level, plan.columns, plan.criteria, window=window))
     log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
-              len(rows))
-    return Answer(level, plan, rows)
+              len(found))
+    return found
 
 
 def _keep(plan: _Plan, scope: tuple[BaseTag, Callable[[object], bool]] | None
@@ -147,23 +168,35 @@ class _Plan:
 
 @dataclass(frozen=True)
 class Answer:
-    """The matches of one query, as the index rows they are read from."""
+    """The matches of one query, as the index rows they are read from: `rows`, then
+    those of the row ids in `later`, read by `read` one of `batches()` at a time."""
 
     level: Level
     plan: _Plan
-    rows: list[Sequence[object]]
+    rows: list[Row]
+    later: array[int] = field(default_factory=lambda: array("q"))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.later)
 
-    def datasets(self, rows: Sequence[Sequence[object]] | None = None) -> list[Dataset]:
-        """The response identifiers of `rows` (a selection of `self.rows`), or of all."""
+    def batches(self) -> Iterator[array[int]]:
+        """The row ids of `later`, FETCH_BATCH at a time."""
+        for start in range(0, len(self.later), FETCH_BATCH):
+            yield self.later[start:start + FETCH_BATCH]
+
+    async def read(self, index: Index, ids: Sequence[int]) -> list[Row]:
+        """The rows of one of `batches()` (matches deleted since are left out)."""
+        return await rows_by_id(index, self.level, self.plan.columns, ids)
+
+    def datasets(self, rows: Sequence[Row] | None = None) -> list[Dataset]:
+        """The response identifiers of `rows` (read from this answer), or of `self.rows`."""
         return [_response(self.level, self.plan, row)
                 for row in (self.rows if rows is None else rows)]
 
-    def encoded(self, *, implicit_vr: bool) -> Iterator[bytes]:
-        """Each match's identifier encoded in Implicit or Explicit VR Little Endian,
-        byte for byte what pydicom makes of the Dataset `datasets()` holds."""
+    def encoded(self, rows: Sequence[Row] | None = None, *,
+                implicit_vr: bool) -> Iterator[bytes]:
+        """Each identifier of `rows` (or `self.rows`) encoded in Implicit or Explicit VR
+        Little Endian, byte for byte what pydicom makes of the Dataset `datasets()` holds."""
         constant = Dataset()
         constant[_QUERY_LEVEL] = _element(_QUERY_LEVEL, "CS", self.level.name)
         for tag, vr, text in self.plan.fixed:
@@ -171,7 +204,7 @@ class Answer:
         template = Template(constant, [(key.tag, key.vr) for key in self.plan.columns],
                             implicit=implicit_vr,
                             fallback=lambda row: _response(self.level, self.plan, row))
-        for row in self.rows:
+        for row in self.rows if rows is None else rows:
             yield template.encode(row)
 
 

@@ -16,12 +16,20 @@ A `Window` bounds what is kept (QIDO-RS paging): rows are read from the cursor
 in batches, those `keep` refuses are passed over, the first `skip` kept ones
 too, and the scan stops once `take` are held; memory is the page's, not the
 matches'.
+
+`search_ids` is for an answer that goes out match by match (DIMSE C-FIND, no
+paging): the same scan keeps the first FETCH_BATCH matches whole and only the
+row ids of the others (8 bytes each, not the ~0.6 KB of a row's values), which
+`rows_by_id` reads a batch at a time as the answer is sent. The match set is
+the scan's; a match deleted before its batch is read is left out, a changed one
+answers with its new values.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,10 +94,7 @@ async def search(
     """The `returned` values of every entity of `level` that meets all `criteria` (of
     those `window` selects, when given)."""
     sql, params = statement(level, returned, criteria)
-    reader = index.reader
-    if reader not in _prepared:
-        await database.run_sync(reader, register_functions)
-        _prepared.add(reader)
+    reader = await _reader(index)
     if window is None:
         rows = await database.run_sync(reader, _select, sql, params)
     else:
@@ -99,12 +104,61 @@ async def search(
     return rows if returned else [() for _ in rows]
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The matches of `search_ids`: the first ones read whole (`rows`), then the row ids
+    of the others (`later`), for `rows_by_id`."""
+
+    rows: list[Row]
+    later: array[int]
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.later)
+
+
+async def search_ids(
+    index: Index,
+    level: Level,
+    returned: Sequence[Key],
+    criteria: Sequence[Criterion | PeriodCriterion],
+) -> Matches:
+    """As `search` with no window, holding the values of the first FETCH_BATCH matches
+    and only the row ids of the others."""
+    sql, params = statement(level, returned, criteria, row_id=True)
+    found = await database.run_sync(await _reader(index), _select_ids, sql, params)
+    return Matches([row[1:] for row in found.rows], found.later)
+
+
+async def rows_by_id(index: Index, level: Level, returned: Sequence[Key],
+                     ids: Sequence[int]) -> list[Row]:
+    """The `returned` values of the entities of `level` with these row ids (at most
+    FETCH_BATCH; those gone since are left out), in no particular order."""
+    if not returned:
+        return [() for _ in ids]
+    sql = (f"SELECT {', '.join(key.column for key in returned)} FROM {SOURCES[level]}"
+           f" WHERE {ROW_ID[level]} IN ({', '.join('?' * len(ids))})")
+    return await database.run_sync(await _reader(index), _select, sql, list(ids))
+
+
+async def _reader(index: Index) -> aiosqlite.Connection:
+    """The index's reader connection, with the SQL functions of conditions.py."""
+    reader = index.reader
+    if reader not in _prepared:
+        await database.run_sync(reader, register_functions)
+        _prepared.add(reader)
+    return reader
+
+
 def statement(
-    level: Level, returned: Sequence[Key], criteria: Sequence[Criterion | PeriodCriterion]
+    level: Level, returned: Sequence[Key], criteria: Sequence[Criterion | PeriodCriterion],
+    *, row_id: bool = False,
 ) -> tuple[str, list[object]]:
-    """The SELECT of `search` and its parameters."""
+    """The SELECT of `search` and its parameters (the row id first with `row_id`)."""
     conditions = [_condition(each) for each in criteria]
-    selected = ", ".join(key.column for key in returned) or ROW_ID[level]
+    columns = [key.column for key in returned]
+    if row_id or not columns:
+        columns.insert(0, ROW_ID[level])
+    selected = ", ".join(columns)
     where = " AND ".join(f"({c.sql})" for c in conditions) or "1"
     return (f"SELECT {selected} FROM {SOURCES[level]} WHERE {where}",
             [param for c in conditions for param in c.params])
@@ -142,6 +196,20 @@ def _select_window(conn: sqlite3.Connection, sql: str, params: list[object],
                 if window.take is not None and len(kept) >= window.take:
                     break
         return kept
+    finally:
+        cur.close()
+
+
+def _select_ids(conn: sqlite3.Connection, sql: str, params: list[object]) -> Matches:
+    """The rows of `sql` (row id first): the first FETCH_BATCH whole, then ids only."""
+    cur = conn.execute(sql, params)
+    try:
+        cur.row_factory = None
+        rows = cur.fetchmany(FETCH_BATCH)
+        later = array("q")
+        while batch := cur.fetchmany(FETCH_BATCH):
+            later.extend(row[0] for row in batch)
+        return Matches(rows, later)
     finally:
         cur.close()
 
