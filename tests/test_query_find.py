@@ -11,9 +11,11 @@ import asyncio
 import dataclasses
 import logging
 import re
+import sqlite3
 import tracemalloc
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
+from contextlib import closing
 from io import BytesIO
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from pynetdicom.dsutils import decode, encode
 
 from appliance.services.query.find import QueryError, QueryModel, QueryRefusal, answer, find
 from appliance.store.cfind.search import FETCH_BATCH, search
+from appliance.store.hierarchy import recount_study
 from appliance.store.index import Index, StoredFile
 from appliance.store.instance_header import InstanceHeader
 
@@ -679,6 +682,54 @@ async def test_a_large_answer_holds_the_first_rows_and_only_the_ids_of_the_other
         sop = [n for n, key in enumerate(found.plan.columns) if key.keyword == "SOPInstanceUID"]
         assert sorted(row[sop[0]] for row in rows) == sorted(h.sop_uid for h in many)
         assert sorted(rows, key=str) == sorted(whole, key=str)
+
+
+async def sop_classes_in_study(index: Index) -> dict[str, list[str]]:
+    found = await find(index, QueryModel.STUDY_ROOT,
+                       identifier("STUDY", None, "StudyInstanceUID", "SOPClassesInStudy"))
+    return {str(ds.StudyInstanceUID): as_list(ds.SOPClassesInStudy) for ds in found}
+
+
+async def test_sop_classes_in_study_follow_an_instance_sent_again_with_another_class(
+    tmp_path: Path,
+) -> None:
+    """The classes kept per study lose a class with its last instance, when that
+    instance is sent again (new content) as another class."""
+    first, second = HEADERS[0], dataclasses.replace(HEADERS[0], sop_uid=f"{ROOT}.9.1",
+                                                    sop_class_uid="1.2.3.4")
+    async with Index(tmp_path / "index.sqlite3") as index:
+        await fill(index, [first, second])
+        assert (await sop_classes_in_study(index))[first.study_uid] == sorted(
+            {first.sop_class_uid, "1.2.3.4"})
+        await index.record_instance(dataclasses.replace(second, sop_class_uid="1.2.3.5"),
+                                    StoredFile("again.dcm", 1000, 0, "other content", 1.0))
+        assert (await sop_classes_in_study(index))[first.study_uid] == sorted(
+            {first.sop_class_uid, "1.2.3.5"})
+
+
+async def test_sop_classes_in_study_are_filled_in_for_an_index_from_before_they_were_kept(
+    tmp_path: Path,
+) -> None:
+    """Migration 0017 fills the classes in from the instances; recount_study (restore)
+    makes them again from the instances too."""
+    db = tmp_path / "index.sqlite3"
+    async with Index(db) as index:
+        await fill(index, HEADERS)
+        expected = await sop_classes_in_study(index)
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TABLE study_sop_classes")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 17")
+    async with Index(db) as index:
+        assert await sop_classes_in_study(index) == expected
+        assert index.writer is not None
+
+        def recount_all(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM study_sop_classes")
+            for (study_fk,) in conn.execute("SELECT id FROM studies").fetchall():
+                recount_study(conn, study_fk)
+
+        await index.writer.submit_sync(recount_all)
+        assert await sop_classes_in_study(index) == expected
 
 
 # --- refusals -----------------------------------------------------------------------

@@ -226,9 +226,23 @@ def put_instance(conn: sqlite3.Connection, series_fk: int, i: InstanceFields,
     )
 
 
+def count_sop_class(conn: sqlite3.Connection, study_fk: int, sop_class_uid: str,
+                    delta: int) -> None:
+    """Keep the study's SOP classes (study_sop_classes, which SOPClassesInStudy reads)
+    in step with one instance row of that class added (+1) or removed (-1)."""
+    conn.execute(
+        "INSERT INTO study_sop_classes (study_fk, sop_class_uid, instance_count)"
+        " VALUES (?, ?, ?) ON CONFLICT (study_fk, sop_class_uid) DO UPDATE SET"
+        " instance_count = instance_count + excluded.instance_count",
+        (study_fk, sop_class_uid, delta))
+    if delta < 0:
+        conn.execute("DELETE FROM study_sop_classes WHERE study_fk = ? AND sop_class_uid = ?"
+                     " AND instance_count <= 0", (study_fk, sop_class_uid))
+
+
 def recount_study(conn: sqlite3.Connection, study_fk: int) -> None:
-    """Recompute a study's and its series' counts from the instance rows; a series left
-    empty (its instances moved to another series UID) goes."""
+    """Recompute a study's and its series' counts, and its SOP classes, from the instance
+    rows; a series left empty (its instances moved to another series UID) goes."""
     conn.execute(
         "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances i"
         " WHERE i.series_fk = series.id) WHERE study_fk = ?", (study_fk,))
@@ -243,6 +257,12 @@ def recount_study(conn: sqlite3.Connection, study_fk: int) -> None:
         " total_bytes = (SELECT COALESCE(SUM(i.size), 0) FROM instances i JOIN series se"
         "   ON i.series_fk = se.id WHERE se.study_fk = studies.id)"
         " WHERE id = ?", (study_fk,))
+    conn.execute("DELETE FROM study_sop_classes WHERE study_fk = ?", (study_fk,))
+    conn.execute(
+        "INSERT INTO study_sop_classes (study_fk, sop_class_uid, instance_count)"
+        " SELECT se.study_fk, i.sop_class_uid, COUNT(*) FROM instances i"
+        " JOIN series se ON se.id = i.series_fk WHERE se.study_fk = ?"
+        " GROUP BY se.study_fk, i.sop_class_uid", (study_fk,))
 
 
 def has_tier_history(conn: sqlite3.Connection, study_fk: int) -> bool:

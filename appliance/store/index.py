@@ -407,6 +407,7 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
             "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
         )
     hierarchy.put_instance(conn, series_fk, h, stored)
+    hierarchy.count_sop_class(conn, study_fk, h.sop_class_uid, +1)
     return outcome
 
 
@@ -424,8 +425,9 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
     which deletes the files of current rows, never deletes a prior version's."""
     existing = database.query_one(
         conn,
-        "SELECT id, series_fk, path, size, sha256, transfer_syntax, received_at, pack_fk,"
-        " pack_offset, pack_length, is_local FROM instances WHERE sop_uid = ?",
+        "SELECT id, series_fk, sop_class_uid, path, size, sha256, transfer_syntax,"
+        " received_at, pack_fk, pack_offset, pack_length, is_local"
+        " FROM instances WHERE sop_uid = ?",
         (sop_uid,),
     )
     outcome = RecordOutcome.NEW
@@ -469,6 +471,7 @@ def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: fl
         " WHERE id = ?",
         (old["size"], study_fk),
     )
+    hierarchy.count_sop_class(conn, study_fk, old["sop_class_uid"], -1)
     remaining = _scalar(conn, "SELECT instance_count FROM series WHERE id = ?", (series_fk,))
     if remaining == 0:
         conn.execute("DELETE FROM series WHERE id = ?", (series_fk,))

@@ -84,9 +84,6 @@ class Key:
 
 _L, _M = Level, Match
 _PATIENT_STUDIES = "FROM studies x WHERE x.patient_fk = p.id"
-_STUDY_INSTANCES = (
-    "FROM instances ci JOIN series cs ON cs.id = ci.series_fk WHERE cs.study_fk = st.id"
-)
 
 KEYS: tuple[Key, ...] = (
     Key("PatientName", _L.PATIENT, _M.PERSON_NAME, "p.patient_name",
@@ -117,11 +114,14 @@ KEYS: tuple[Key, ...] = (
         " WHERE cs.study_fk = st.id AND cs.modality != '' ORDER BY m))",
         match_column="cs.modality", multi=True,
         exists="EXISTS (SELECT 1 FROM series cs WHERE cs.study_fk = st.id AND ({}))"),
+    # From the classes the index keeps per study (migration 0017), not the instances:
+    # a SERIES or IMAGE query reads it once per match.
     Key("SOPClassesInStudy", _L.STUDY, _M.UID,
-        f"(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT ci.sop_class_uid AS c"
-        f" {_STUDY_INSTANCES} ORDER BY c))",
-        match_column="ci.sop_class_uid", multi=True,
-        exists=f"EXISTS (SELECT 1 {_STUDY_INSTANCES} AND ({{}}))"),
+        "(SELECT group_concat(c, '\\') FROM (SELECT sc.sop_class_uid AS c"
+        " FROM study_sop_classes sc WHERE sc.study_fk = st.id ORDER BY c))",
+        match_column="sc.sop_class_uid", multi=True,
+        exists="EXISTS (SELECT 1 FROM study_sop_classes sc WHERE sc.study_fk = st.id"
+               " AND ({}))"),
     Key("NumberOfStudyRelatedSeries", _L.STUDY, _M.RETURN_ONLY, "st.series_count"),
     Key("NumberOfStudyRelatedInstances", _L.STUDY, _M.RETURN_ONLY, "st.instance_count"),
     # Tiering is per study; 'recalling' studies answer ONLINE (retrieve waits for them).
