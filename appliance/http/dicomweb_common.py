@@ -9,6 +9,7 @@ through the index). Error bodies are short, fixed texts: no UID, no PHI.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -62,9 +63,21 @@ def not_acceptable(what: str) -> web.HTTPNotAcceptable:
                                       f" for {what}\n")
 
 
+def json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None
                   ) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body, separators=(",", ":")).encode(),
+    return web.Response(status=status, body=json_text(body).encode(),
+                        content_type="application/dicom+json", headers=headers)
+
+
+def json_array_response(items: Iterable[str], *, headers: dict[str, str] | None = None
+                        ) -> web.Response:
+    """A JSON array of `items` (each already JSON text), joined as they come: the objects
+    they were made from need not all live at once."""
+    return web.Response(body=f"[{','.join(items)}]".encode(),
                         content_type="application/dicom+json", headers=headers)
 
 

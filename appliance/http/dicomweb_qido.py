@@ -19,7 +19,7 @@ where, the query).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 from pydicom import config
@@ -31,7 +31,7 @@ from pydicom.tag import BaseTag, Tag
 from appliance.base.errors import QueryError
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import accepts_json
-from appliance.services.web_query import WebQueryService
+from appliance.services.web_query import Page, WebQueryService
 
 _STUDY_KEYS = (
     "SpecificCharacterSet", "StudyDate", "StudyTime", "AccessionNumber",
@@ -99,20 +99,23 @@ async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> 
                                 study_uid=study)
         raise web.HTTPBadRequest(text=f"{exc.message}\n") from exc
     await asyncio.to_thread(service.auditor.web_queried, user, address, level=level,
-                            query=request.query_string, matches=len(page.matches),
+                            query=request.query_string, matches=len(page),
                             study_uid=study)
     warnings = []
     if request.query.get("fuzzymatching", "").lower() == "true":
         warnings.append(_WARN_FUZZY)
     if page.truncated:
         warnings.append(_WARN_MORE)
-    body = []
-    for match in page.matches:
+    headers = {"Warning": ", ".join(warnings)} if warnings else None
+    return common.json_array_response(json_texts(page), headers=headers)
+
+
+def json_texts(page: Page) -> Iterator[str]:
+    """Each match as DICOM JSON text, its Dataset made and dropped in turn."""
+    for match in page.identifiers():
         if _LEVEL_TAG in match:
             del match[_LEVEL_TAG]
-        body.append(match.to_json_dict())
-    headers = {"Warning": ", ".join(warnings)} if warnings else None
-    return common.json_response(body, headers=headers)
+        yield common.json_text(match.to_json_dict())
 
 
 def _identifier(request: web.Request, level: str, defaults: Iterable[str]) -> Dataset:

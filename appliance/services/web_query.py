@@ -14,19 +14,21 @@ otherwise build an answer the size of the index.
 Scope needs each match's Referring Physician's Name: when the user is scoped
 and did not ask for it, the key is added to the identifier and removed from
 the answers again. Scope and paging are applied while the index rows are read
-(query.find.Paging): only the page's rows are held, and only they become
-identifiers.
+(query.find.Paging): only the page's rows are held, and they become
+identifiers one at a time as the edge writes them (`Page.identifiers`): a
+Dataset costs ~12 KB while it lives, a page 5000 of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from appliance.services.access import Principal
-from appliance.services.query.find import Paging, QueryModel, answer
+from appliance.services.query.find import Answer, Paging, QueryModel, Row, answer
 from appliance.store.index import Index
 
 _REFERRING = Tag(0x0008, 0x0090)
@@ -34,8 +36,22 @@ _REFERRING = Tag(0x0008, 0x0090)
 
 @dataclass(frozen=True)
 class Page:
-    matches: list[Dataset]
+    """The rows of one page, each made an identifier only when asked for."""
+
+    found: Answer
+    rows: Sequence[Row]
     truncated: bool  # more in-scope matches follow this page
+    drop_referring: bool  # the key was added for the scope only
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def identifiers(self) -> Iterator[Dataset]:
+        for row in self.rows:
+            [match] = self.found.datasets([row])
+            if self.drop_referring:
+                del match[_REFERRING]
+            yield match
 
 
 class WebQueryService:
@@ -59,8 +75,4 @@ class WebQueryService:
         found = await answer(self.index, QueryModel.STUDY_ROOT, identifier,
                              retrieve_ae_title=self.retrieve_ae_title,
                              paging=Paging(offset, size + 1, scope))  # one more: any left?
-        matches = found.datasets(found.rows[:size])
-        if added:
-            for match in matches:
-                del match[_REFERRING]
-        return Page(matches, len(found.rows) > size)
+        return Page(found, found.rows[:size], len(found.rows) > size, added)
