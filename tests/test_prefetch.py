@@ -16,7 +16,8 @@
   the local folder store whose rehydration takes as long as the test says.
 - dcmtk's dcmqrscp stands in as the remote archive for priors the box never
   held: C-FIND for the patient, C-MOVE to the box's own AE title; while it is
-  down, the request fails with a reason and `prefetch retry` completes it.
+  down, the request fails with a reason and `prefetch retry` completes it, or the
+  serving process's automatic retry once the archive is back.
 """
 
 from __future__ import annotations
@@ -212,6 +213,33 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         assert stored == {local[0].study_uid, remote[0][0].study_uid, remote[1][0].study_uid}
         table = server.cli("prefetch", "status").stdout
         assert "done 3" in table and "failed 0" in table
+    finally:
+        archive.stop()
+
+
+def test_a_remote_archive_down_at_order_time_is_asked_again_without_anyone_retrying(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """[prefetch] retry_attempts / retry_base_seconds: the request whose C-FIND found the
+    archive down is chosen again by the serving process once the archive is back, and
+    its prior moved, with no `pacs-edge prefetch retry`."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["CT"], "remote_archive": "archive",
+                               "nightly_at": "", "retry_base_seconds": 1})
+    remote = make_prior(tmp_path, 716, days_ago=200)
+    server.start()
+    archive = QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port})
+    archive.load(i.path for i in remote)
+    server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+    try:
+        out = server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER).stdout
+        assert "remote archive not asked" in out  # failed; its retry is due in 1 s
+        archive.start()
+        [request] = wait_for("the prior moved", lambda: all_done(server.home, 1),
+                             server.log, archive.log)
+        assert (request["state"], request["retry_at"]) == ("planned", None)
+        assert request["attempts"] >= 1
+        assert sent_hashes(remote).items() <= stored_hashes(server.home).items()
+        assert "prefetch retrying requests=1" in server.log()
     finally:
         archive.stop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sqlite3
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from appliance.store.order_rows import Demographics, OrderDetails, PatientKey, i
 from appliance.store.prefetch_rows import (
     TRANSITIONS,
     NewPrior,
+    PrefetchPrior,
     PrefetchTransitionError,
     PriorState,
     PriorTrigger,
     RequestTrigger,
+    Retries,
     Source,
     advance,
     end_for_cancelled_order,
@@ -36,6 +39,7 @@ from appliance.store.prefetch_rows import (
     priors_of,
     request_by_id,
     resume_interrupted,
+    retry_due,
     retry_failed,
     transitions_of,
 )
@@ -123,7 +127,8 @@ def test_the_index_copy_wins_over_the_remote_archives() -> None:
 @pytest.mark.parametrize(("key", "value"), [
     ("modalities", []), ("body_part", "left"), ("max_priors", 0), ("keep_local_days", 0),
     ("nightly_at", "25:00"), ("nightly_at", "7pm"), ("max_age_years", -1),
-    ("associations", 0), ("associations", 9),
+    ("associations", 0), ("associations", 9), ("retry_attempts", -1), ("retry_attempts", 21),
+    ("retry_base_seconds", 0), ("retry_base_seconds", 3601),
 ])
 def test_bad_prefetch_config_names_the_key(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -202,6 +207,58 @@ async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
         assert await writer.submit_sync(lambda c: held_study_uids(c, 1999.0)) == {
             "1.1", "1.2", "1.3"}
         assert await writer.submit_sync(lambda c: held_study_uids(c, 2000.0)) == set()
+
+
+async def test_a_failure_that_may_pass_is_retried_with_backoff_until_the_attempts_end(
+    tmp_path: Path,
+) -> None:
+    """A failed C-MOVE is due again after the base wait, then after twice that, and so
+    on for `attempts`; then it waits for `prefetch retry`, which gives the attempts back.
+    A failure that cannot pass (no remote archive) is not retried; nor is a request
+    whose order was cancelled."""
+    retries = Retries(attempts=2, base_seconds=60.0)
+    async with Index(tmp_path / "index.sqlite3") as index:
+        writer = index.writer
+        assert writer is not None
+
+        def plan(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+            request = insert_request(conn, PatientKey("P1", ""), RequestTrigger.MANUAL,
+                                     hold_until=9e9, at=1000.0)
+            assert request is not None
+            mark_planned(conn, request, [NewPrior("1.3", "", ("CT",), Source.REMOTE),
+                                         NewPrior("1.4", "", ("CT",), Source.REMOTE)],
+                         error_kind="remote_unreachable", error="down", retries=retries,
+                         at=1000.0)
+            return request, {p.study_uid: p.id for p in priors_of(conn, [request])}
+
+        request, ids = await writer.submit_sync(plan)
+
+        def fail(uid: str, kind: str, at: float) -> Callable[[sqlite3.Connection],
+                                                             PrefetchPrior]:
+            def run(conn: sqlite3.Connection) -> PrefetchPrior:
+                advance(conn, ids[uid], PriorTrigger.MOVE, at=at)
+                advance(conn, ids[uid], PriorTrigger.FAIL, failure_kind=kind, error="x",
+                        retries=retries, at=at)
+                [prior] = [p for p in priors_of(conn, [request]) if p.id == ids[uid]]
+                return prior
+            return run
+
+        failed = await writer.submit_sync(fail("1.3", "move_failed", 1000.0))
+        assert (failed.state, failed.attempts, failed.retry_at) == ("failed", 0, 1060.0)
+        hopeless = await writer.submit_sync(fail("1.4", "no_remote_archive", 1000.0))
+        assert hopeless.retry_at is None
+        assert await writer.submit_sync(lambda c: retry_due(c, at=1059.0)) == (0, 0)
+        # The request's C-FIND failed too: it is chosen again at the same time.
+        assert await writer.submit_sync(lambda c: retry_due(c, at=1060.0)) == (1, 1)
+        again = await writer.submit_sync(fail("1.3", "move_failed", 1100.0))
+        assert (again.attempts, again.retry_at) == (1, 1220.0)  # doubled
+        assert await writer.submit_sync(lambda c: retry_due(c, at=1220.0)) == (0, 1)
+        last = await writer.submit_sync(fail("1.3", "move_failed", 1300.0))
+        assert (last.state, last.attempts, last.retry_at) == ("failed", 2, None)
+        assert await writer.submit_sync(lambda c: retry_due(c, at=9e8)) == (0, 0)
+        assert await writer.submit_sync(retry_failed) == (0, 2)
+        fresh = await writer.submit_sync(fail("1.3", "move_failed", 2000.0))
+        assert (fresh.attempts, fresh.retry_at) == (0, 2060.0)
 
 
 async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:

@@ -257,6 +257,10 @@ class PrefetchConfig:
                                                              'HH:MM (local time) or "" (off)'))
     remote_archive: str = ""
     associations: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 8, "1-8"))
+    retry_attempts: int = field(default=3, metadata=_check(
+        lambda v: 0 <= v <= 20, "0-20 (0: only `pacs-edge prefetch retry`)"))
+    retry_base_seconds: float = field(default=300.0, metadata=_check(
+        lambda v: 1 <= v <= 3600, "1-3600 seconds"))
 
 
 def _window_ok(value: str) -> bool:
@@ -626,6 +630,11 @@ _COMMENTS = {
     " box C-FINDs and C-MOVEs priors from when it does not hold them (\"\": none).",
     "prefetch.associations": "Remote priors C-MOVEd at once, each on its own association to"
     " the remote archive (oldest need first).",
+    "prefetch.retry_attempts": "A request or prior that failed for a reason that may pass"
+    " (the remote archive down, a C-MOVE or recall failed) is tried again this many times"
+    " (0: only `pacs-edge prefetch retry`)...",
+    "prefetch.retry_base_seconds": "...the first this long after the failure, then doubled"
+    " each time, at most an hour.",
     "migrate": "`pacs-edge migrate`: pull a legacy PACS into the box (docs/operator-guide.md);"
     " the defaults of `migrate start`'s options.",
     "migrate.via": "move: C-MOVE each study to this box (the legacy PACS must know this box's"

@@ -93,12 +93,13 @@ def _request_json(request: PrefetchRequest, priors: list[PrefetchPrior]) -> dict
         "error_kind": request.error_kind, "error": request.error,
         "needed_at": _when(request.needed_at), "hold_until": _when(request.hold_until),
         "created_at": _when(request.created_at), "planned_at": _when(request.planned_at),
+        "attempts": request.attempts, "retry_at": _when(request.retry_at),
         "priors": [{
             "study_uid": p.study_uid, "study_date": p.study_date,
             "modalities": list(p.modalities), "source": p.source, "state": p.state,
             "failure_kind": p.failure_kind, "error": p.error,
             "rehydrate_requested_at": _when(p.rehydrate_requested_at),
-            "done_at": _when(p.done_at),
+            "done_at": _when(p.done_at), "attempts": p.attempts, "retry_at": _when(p.retry_at),
             "in_time": None if request.needed_at is None or p.done_at is None
             else p.done_at <= request.needed_at,
         } for p in priors],
@@ -137,19 +138,24 @@ def status(ctx: click.Context, home: Path | None, as_json: bool) -> None:
         patient = request["patient_id"] + (f" ({request['issuer']})" if request["issuer"]
                                            else "")
         state = request["state"] + (f": {request['error_kind']}" if request["error_kind"]
-                                    else "")
+                                    else "") + _retry(request)
         table.add_row(str(request["id"]), request["trigger"], patient,
                       request["needed_at"] or "", "", "", state)
         for prior in request["priors"]:
             counts[prior["state"]] = counts.get(prior["state"], 0) + 1
             detail = prior["state"] + (f": {prior['failure_kind']}" if prior["failure_kind"]
-                                       else "")
+                                       else "") + _retry(prior)
             table.add_row("", "", "", "", f"{prior['study_date'] or '?'} "
                           f"{','.join(prior['modalities']) or '?'}", prior["source"], detail)
     out.print(table)
     out.print(", ".join(f"{state} {counts.get(state, 0)}" for state in
                         ("pending", "recalling", "rehydrating", "moving", "done", "failed")),
               highlight=False)
+
+
+def _retry(row: dict[str, Any]) -> str:
+    """', retry N at TIME' for a failure whose automatic retry is due later."""
+    return f", retry {row['attempts'] + 1} at {row['retry_at']}" if row["retry_at"] else ""
 
 
 @prefetch.command("retry")

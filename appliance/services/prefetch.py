@@ -19,8 +19,11 @@ Then, in the serving process (`PrefetchWorker`, one per data home):
    injected here as a RemoteArchivePort so that this floor holds no DICOM networking).
 
 A request that cannot ask the remote archive still records the priors the
-index has, and is `failed` with the reason; `pacs-edge prefetch retry` asks
-again. Chosen priors are held on local disk until `hold_until`: the order's
+index has, and is `failed` with the reason. A failure that may pass (the
+remote archive down, a C-MOVE or a recall that failed) is tried again
+`[prefetch] retry_attempts` times, `retry_base_seconds` after it and doubled
+each time (store/prefetch_rows.py, Retries); `pacs-edge prefetch retry` tries
+every failed one again at once. Chosen priors are held on local disk until `hold_until`: the order's
 scheduled start (or now) plus `keep_local_days` (sync/evict.py skips them).
 A cancelled order ends its prefetch (the order service calls
 `on_cancelled_order`): the hold ends and what has not started is not fetched.
@@ -119,11 +122,20 @@ class PrefetchService:
         self.config = config
         self.archive = archive
         self.wake = asyncio.Event()
+        self.retries = rows.Retries(config.retry_attempts, config.retry_base_seconds)
 
     @property
     def writer(self) -> database.Writer:
         assert self.index.writer is not None
         return self.index.writer
+
+    async def retry_due(self) -> tuple[int, int]:
+        """Take up the failed requests and priors whose automatic retry is due; returns
+        (requests, priors)."""
+        requests, priors = await self.writer.submit_sync(rows.retry_due)
+        if requests or priors:
+            log.info("prefetch retrying requests=%d priors=%d", requests, priors)
+        return requests, priors
 
     # --- requests -------------------------------------------------------------------
 
@@ -222,7 +234,7 @@ class PrefetchService:
         chosen = choose_priors(candidates, order, self.config, today=today or date.today())
         new = [NewPrior(c.study_uid, c.study_date, c.modalities, c.source) for c in chosen]
         await self.writer.submit_sync(lambda c: rows.mark_planned(
-            c, request.id, new, error_kind=error_kind, error=error))
+            c, request.id, new, error_kind=error_kind, error=error, retries=self.retries))
         await self._finish_local(request.id)
         log.info("prefetch planned request=%d priors=%d local=%d cloud=%d remote=%d%s",
                  request.id, len(chosen), *(sum(c.source is s for c in chosen) for s in Source),
@@ -314,7 +326,8 @@ class PrefetchService:
     async def _fail(self, prior_id: int, kind: PrefetchFailure, error: str) -> None:
         log.warning("prefetch prior failed prior=%d kind=%s", prior_id, kind.value)
         await self.writer.submit_sync(lambda c: rows.advance(
-            c, prior_id, PriorTrigger.FAIL, failure_kind=kind.value, error=error))
+            c, prior_id, PriorTrigger.FAIL, failure_kind=kind.value, error=error,
+            retries=self.retries))
         metrics.PREFETCH_PRIORS.labels(source="remote", outcome=kind.value).inc()
 
 
@@ -354,8 +367,9 @@ class PrefetchWorker:
         self._tasks = []
 
     async def _choose(self) -> None:
+        _, priors = await self.service.retry_due()
         await self.service.nightly()
-        if await self.service.plan_pending():
+        if await self.service.plan_pending() or priors:
             self._moves.set()
 
     async def _loop(self, name: str, wake: asyncio.Event,

@@ -12,6 +12,13 @@ through one state table, as a study's tiering does (store/tiering.py):
     pending | recalling | rehydrating | moving ──fail──▶ failed ──retry──▶ pending
     recalling | rehydrating | moving ──resume──▶ pending   (a process died mid-way)
 
+Retries: a request or prior that failed for a reason that may pass (RETRIED:
+the remote archive was down, a C-MOVE or a recall failed) gets a `retry_at`
+(`Retries`: `[prefetch] retry_attempts` times, `retry_base_seconds` after the
+failure, doubled each time, at most an hour); the serving process's worker
+takes those due up again (`retry_due`). `pacs-edge prefetch retry` takes up
+every failed one at once and gives it its attempts again.
+
 Who moves a prior: the sync agent those of source `cloud` (recall, with early
 rehydration of archived packs: sync/prefetch_rehydrate.py), the serving
 process those of source `remote` (C-MOVE from the remote archive) and
@@ -42,6 +49,7 @@ from dataclasses import dataclass
 
 from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
+from appliance.store.migration_rows import backoff
 from appliance.store.order_rows import PatientKey
 
 _CANCELLED = PrefetchFailure.ORDER_CANCELLED.value
@@ -50,6 +58,26 @@ _CANCELLED_TEXT = "the order was cancelled"
 # (`pacs-edge status` counts them too: store/health_reads.py).
 RETRYABLE_PRIORS = ("FROM prefetch_priors p JOIN prefetch_requests r ON r.id = p.request_fk"
                     f" WHERE p.state = 'failed' AND r.error_kind != '{_CANCELLED}'")
+# Failures that may pass by themselves, retried automatically; the others (the study
+# is gone, no remote archive is configured, the order was cancelled) wait for a person.
+RETRIED = frozenset({PrefetchFailure.REMOTE_UNREACHABLE.value,
+                     PrefetchFailure.MOVE_FAILED.value, PrefetchFailure.MOVE_INCOMPLETE.value,
+                     PrefetchFailure.RECALL_FAILED.value})
+
+
+@dataclass(frozen=True)
+class Retries:
+    """Automatic retries of a failure: at most `attempts`, the first `base_seconds` after
+    it, then doubled each time (at most an hour)."""
+
+    attempts: int
+    base_seconds: float
+
+    def due(self, kind: str, attempts_taken: int, now: float) -> float | None:
+        """When to retry a failure of `kind` after `attempts_taken` retries; None: never."""
+        if kind not in RETRIED or attempts_taken >= self.attempts:
+            return None
+        return now + backoff(attempts_taken + 1, self.base_seconds)
 
 
 class PriorState(enum.StrEnum):
@@ -139,6 +167,8 @@ class PrefetchRequest:
     error: str
     created_at: float
     planned_at: float | None
+    attempts: int = 0             # automatic retries taken
+    retry_at: float | None = None  # the next one, None when none will be made
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,8 @@ class PrefetchPrior:
     rehydrate_requested_at: float | None
     changed_at: float
     done_at: float | None
+    attempts: int = 0             # automatic retries taken
+    retry_at: float | None = None  # the next one, None when none will be made
 
 
 @dataclass(frozen=True)
@@ -211,10 +243,12 @@ def insert_request(conn: sqlite3.Connection, patient: PatientKey, trigger: Reque
 
 
 def mark_planned(conn: sqlite3.Connection, request_id: int, priors: Sequence[NewPrior], *,
-                 error_kind: str = "", error: str = "", at: float | None = None) -> None:
+                 error_kind: str = "", error: str = "", retries: Retries | None = None,
+                 at: float | None = None) -> None:
     """Record the chosen priors (a prior chosen before keeps its row and state) and
     close the choice: `planned`, or `failed` with the reason when part of it failed
-    (the remote archive could not be asked); the priors found are recorded either way."""
+    (the remote archive could not be asked; retried as `retries` says); the priors
+    found are recorded either way."""
     if _cancelled(conn, request_id):
         return  # the order was cancelled while its priors were being chosen
     now = time.time() if at is None else at
@@ -223,16 +257,20 @@ def mark_planned(conn: sqlite3.Connection, request_id: int, priors: Sequence[New
         " changed_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_fk, study_uid) DO NOTHING",
         [(request_id, p.study_uid, p.study_date, ",".join(p.modalities), p.source.value, now)
          for p in priors])
+    taken = database.query_one(conn, "SELECT attempts FROM prefetch_requests WHERE id = ?",
+                               (request_id,))
+    retry_at = (retries.due(error_kind, int(taken[0]) if taken else 0, now)
+                if error_kind and retries is not None else None)
     conn.execute(
-        "UPDATE prefetch_requests SET state = ?, error_kind = ?, error = ?, planned_at = ?"
-        " WHERE id = ?", ("failed" if error_kind else "planned", error_kind, error, now,
-                          request_id))
+        "UPDATE prefetch_requests SET state = ?, error_kind = ?, error = ?, planned_at = ?,"
+        " retry_at = ? WHERE id = ?", ("failed" if error_kind else "planned", error_kind,
+                                       error, now, retry_at, request_id))
 
 
 _REQUEST_SQL = (
     "SELECT r.id, r.patient_id, r.issuer, r.trigger, COALESCE(o.accession_number, ''),"
     " r.exclude_study_uid, r.modality, r.procedure, r.needed_at, r.hold_until, r.state,"
-    " r.error_kind, r.error, r.created_at, r.planned_at"
+    " r.error_kind, r.error, r.created_at, r.planned_at, r.attempts, r.retry_at"
     " FROM prefetch_requests r LEFT JOIN orders o ON o.id = r.order_fk"
 )
 
@@ -263,7 +301,8 @@ def request_by_id(conn: sqlite3.Connection, request_id: int) -> PrefetchRequest 
 # --- priors -----------------------------------------------------------------------
 
 _PRIOR_COLUMNS = ("id", "request_fk", "study_uid", "study_date", "modalities", "source", "state",
-                  "failure_kind", "error", "rehydrate_requested_at", "changed_at", "done_at")
+                  "failure_kind", "error", "rehydrate_requested_at", "changed_at", "done_at",
+                  "attempts", "retry_at")
 _PRIOR_SQL = f"SELECT {', '.join('p.' + c for c in _PRIOR_COLUMNS)} FROM prefetch_priors p"
 
 
@@ -291,9 +330,10 @@ def priors_to_work(conn: sqlite3.Connection, source: Source) -> list[PrefetchPri
 
 def advance(conn: sqlite3.Connection, prior_id: int, trigger: PriorTrigger, *,
             expect: PriorState | None = None, failure_kind: str = "", error: str = "",
-            at: float | None = None) -> PriorState:
-    """Apply `trigger` to a prior in the caller's transaction; returns its new state."""
-    row = database.query_one(conn, "SELECT state FROM prefetch_priors WHERE id = ?",
+            retries: Retries | None = None, at: float | None = None) -> PriorState:
+    """Apply `trigger` to a prior in the caller's transaction; returns its new state.
+    A failure is retried as `retries` says (none without)."""
+    row = database.query_one(conn, "SELECT state, attempts FROM prefetch_priors WHERE id = ?",
                              (prior_id,))
     if row is None:
         raise PacsEdgeError(f"prefetch: no prior with id {prior_id}")
@@ -302,13 +342,15 @@ def advance(conn: sqlite3.Connection, prior_id: int, trigger: PriorTrigger, *,
         raise PrefetchTransitionError(current.value, trigger.value)
     target = next_state(current, trigger)
     now = time.time() if at is None else at
+    retry_at = (retries.due(failure_kind, int(row[1]), now)
+                if target is PriorState.FAILED and retries is not None else None)
     conn.execute(
         "UPDATE prefetch_priors SET state = ?, changed_at = ?, failure_kind = ?, error = ?,"
-        " done_at = CASE WHEN ? = 'done' THEN ? ELSE done_at END,"
+        " retry_at = ?, done_at = CASE WHEN ? = 'done' THEN ? ELSE done_at END,"
         " rehydrate_requested_at = CASE WHEN ? = 'rehydrate' THEN ?"
         " ELSE rehydrate_requested_at END WHERE id = ?",
-        (target.value, now, failure_kind, error, target.value, now, trigger.value, now,
-         prior_id))
+        (target.value, now, failure_kind, error, retry_at, target.value, now, trigger.value,
+         now, prior_id))
     conn.execute(
         "INSERT INTO prefetch_transitions (prior_fk, from_state, to_state, trigger, at)"
         " VALUES (?, ?, ?, ?, ?)", (prior_id, current.value, target.value, trigger.value, now))
@@ -323,15 +365,37 @@ def transitions_of(conn: sqlite3.Connection, prior_id: int) -> list[tuple[str, s
 
 
 def retry_failed(conn: sqlite3.Connection) -> tuple[int, int]:
-    """Failed requests back to pending (chosen again), failed priors back to pending;
-    returns (requests, priors). What a cancelled order ended stays failed."""
+    """Failed requests back to pending (chosen again), failed priors back to pending,
+    each with its automatic retries again; returns (requests, priors). What a cancelled
+    order ended stays failed."""
     requests = conn.execute(
-        "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = ''"
-        " WHERE state = 'failed' AND error_kind != ?", (_CANCELLED,)).rowcount
+        "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = '',"
+        " attempts = 0, retry_at = NULL WHERE state = 'failed' AND error_kind != ?",
+        (_CANCELLED,)).rowcount
     failed = [int(r[0]) for r in conn.execute(f"SELECT p.id {RETRYABLE_PRIORS}").fetchall()]
     for prior_id in failed:
         advance(conn, prior_id, PriorTrigger.RETRY)
+    conn.executemany("UPDATE prefetch_priors SET attempts = 0 WHERE id = ?",
+                     [(prior_id,) for prior_id in failed])
     return requests, len(failed)
+
+
+def retry_due(conn: sqlite3.Connection, *, at: float | None = None) -> tuple[int, int]:
+    """Failed requests and priors whose automatic retry is due (`retry_at` passed) back
+    to pending, one attempt more each; returns (requests, priors)."""
+    now = time.time() if at is None else at
+    requests = conn.execute(
+        "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = '',"
+        " attempts = attempts + 1, retry_at = NULL"
+        " WHERE state = 'failed' AND retry_at <= ? AND error_kind != ?",
+        (now, _CANCELLED)).rowcount
+    due = [int(r[0]) for r in conn.execute(
+        f"SELECT p.id {RETRYABLE_PRIORS} AND p.retry_at <= ?", (now,)).fetchall()]
+    for prior_id in due:
+        advance(conn, prior_id, PriorTrigger.RETRY, at=now)
+    conn.executemany("UPDATE prefetch_priors SET attempts = attempts + 1 WHERE id = ?",
+                     [(prior_id,) for prior_id in due])
+    return requests, len(due)
 
 
 def _cancelled(conn: sqlite3.Connection, request_id: int) -> bool:
@@ -361,14 +425,16 @@ def end_for_cancelled_order(conn: sqlite3.Connection, order_id: int, *,
     request_id = int(row[0])
     conn.execute(
         "UPDATE prefetch_requests SET hold_until = MIN(hold_until, ?), state = 'failed',"
-        " error_kind = ?, error = ? WHERE id = ?", (now, _CANCELLED, _CANCELLED_TEXT, request_id))
+        " error_kind = ?, error = ?, retry_at = NULL WHERE id = ?",
+        (now, _CANCELLED, _CANCELLED_TEXT, request_id))
     for prior in priors_of(conn, [request_id]):
         if prior.state in (PriorState.PENDING, PriorState.REHYDRATING):
             advance(conn, prior.id, PriorTrigger.FAIL, failure_kind=_CANCELLED,
                     error=_CANCELLED_TEXT, at=now)
         elif prior.state == PriorState.FAILED:
-            conn.execute("UPDATE prefetch_priors SET failure_kind = ?, error = ?, changed_at = ?"
-                         " WHERE id = ?", (_CANCELLED, _CANCELLED_TEXT, now, prior.id))
+            conn.execute("UPDATE prefetch_priors SET failure_kind = ?, error = ?, changed_at = ?,"
+                         " retry_at = NULL WHERE id = ?",
+                         (_CANCELLED, _CANCELLED_TEXT, now, prior.id))
     return request_id
 
 
