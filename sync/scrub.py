@@ -12,9 +12,11 @@ streams each chosen pack back and checks (PackService.scrub):
   blob's SHA-256 matches, and every instance's length and SHA-256 match.
 Archived packs are skipped (reading them needs a costly rehydration).
 
-Which packs: verified packs that some instance row still points at, least
-recently checked first (by a scrub, else at upload). `--all` takes them all,
-`--fraction F` the first ceil(F * N). The agent's job runs every
+Which packs: verified packs that some instance row still points at, or that
+hold the only copy of a prior version (content superseded after its study was
+evicted: no file, no newer pack holds it), least recently checked first (by a
+scrub, else at upload). `--all` takes them all, `--fraction F` the first
+ceil(F * N). The agent's job runs every
 SCRUB_INTERVAL and takes, of the packs not checked for 1/F days (F =
 `[sync] scrub_fraction_per_day`), at most its share of F * N per day: every
 pack is read about every 1/F days, a steady F of the store per day.
@@ -26,7 +28,9 @@ What a verdict does (one transaction per pack, appliance.store.tier_steps):
 - damaged: the pack is marked damaged; its instances still on local disk
   leave it (the study takes the `damaged` trigger, replicated -> local) and
   the next replication uploads them again as a new version; instances only
-  in the cloud stay, and the study is at risk (`status`, audit log, and
+  in the cloud stay, and the study is at risk (prior versions only in the
+  pack are reported and audited too; no upload can make them again, and
+  eviction, which never touches prior versions, is not refused for them) (`status`, audit log, and
   evict refuses it: `refuse_if_at_risk`, and again in its commit; evict also
   HEADs the packs before it deletes anything: `confirm_cloud_copy`). A later
   scrub that finds the pack whole again (restored from the storage account's
@@ -57,9 +61,10 @@ from appliance.base.errors import PacsEdgeError
 from appliance.store.packs import (
     PackRow,
     damaged_packs_in_use,
-    packs_in_use_count,
     packs_of,
     packs_to_scrub,
+    packs_to_scrub_count,
+    versions_only_in_pack,
 )
 from appliance.store.study_rows import StudyRow, instances_in_pack, instances_of, study_by_id
 from appliance.store.tier_steps import record_scrub_damaged, record_scrub_ok
@@ -84,6 +89,11 @@ class DamagedPack:
     reason: str
     requeued: int  # instances uploaded again from local disk by the next replication
     at_risk: int   # instances whose only copy is this damaged pack
+    versions_at_risk: int = 0  # prior versions whose only copy is this damaged pack
+
+    def outcome(self) -> str:
+        return _outcome(local=self.requeued, remote=self.at_risk,
+                        versions=self.versions_at_risk)
 
 
 @dataclass
@@ -99,7 +109,7 @@ async def select_packs(ctx: SyncContext, *, fraction: float | None) -> list[Pack
     """Every pack in use (`fraction` None), or the least recently checked ceil(F * N)."""
     if fraction is None:
         return await packs_to_scrub(ctx.index)
-    total = await packs_in_use_count(ctx.index)
+    total = await packs_to_scrub_count(ctx.index)
     return await packs_to_scrub(ctx.index, limit=math.ceil(total * fraction))
 
 
@@ -110,7 +120,7 @@ async def scheduled_scrub(ctx: SyncContext) -> ScrubReport | None:
         return None
     # An unmounted NAS would otherwise have every pack it reads found damaged.
     await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)
-    share = math.ceil(await packs_in_use_count(ctx.index) * fraction * SCRUB_INTERVAL / DAY)
+    share = math.ceil(await packs_to_scrub_count(ctx.index) * fraction * SCRUB_INTERVAL / DAY)
     packs = await packs_to_scrub(ctx.index, limit=share,
                                  checked_before=time.time() - DAY / fraction)
     if not packs:
@@ -173,8 +183,8 @@ async def _record_ok(ctx: SyncContext, pack: PackRow, verdict: ScrubVerdict) -> 
 async def _record_damaged(ctx: SyncContext, study: StudyRow, pack: PackRow, reason: str, *,
                           local: int, remote: int) -> DamagedPack:
     assert ctx.index.writer is not None
-    outcome = (f"study at risk: {remote} instance(s) have no other copy" if remote
-               else "uploading it again from the local copy")
+    outcome = _outcome(local=local, remote=remote,
+                       versions=await versions_only_in_pack(ctx.index, pack.id))
     # Audit first (fsynced): a crash before the commit repeats it, never loses it.
     ctx.audit.integrity_failure(
         study, f"scrub: pack version {pack.version} is damaged ({reason}); {outcome}")
@@ -182,10 +192,22 @@ async def _record_damaged(ctx: SyncContext, study: StudyRow, pack: PackRow, reas
     marked = await ctx.index.writer.submit_sync(lambda c: record_scrub_damaged(
         c, pack.id, study.id, at=time.time(), error=reason))
     crash_point("scrub:after-commit")
-    log.error("scrub found a damaged pack pack=%s study=%s requeued=%d at_risk=%d error=%s",
-              pack.pack_name, logsafe.ref(study.study_uid), marked.requeued, marked.at_risk,
-              reason)
-    return DamagedPack(pack.pack_name, reason, marked.requeued, marked.at_risk)
+    log.error("scrub found a damaged pack pack=%s study=%s requeued=%d at_risk=%d"
+              " versions_at_risk=%d error=%s", pack.pack_name, logsafe.ref(study.study_uid),
+              marked.requeued, marked.at_risk, marked.versions_at_risk, reason)
+    return DamagedPack(pack.pack_name, reason, marked.requeued, marked.at_risk,
+                       marked.versions_at_risk)
+
+
+def _outcome(*, local: int, remote: int, versions: int) -> str:
+    """What a damaged pack means for the instances and prior versions it holds."""
+    said = (f"{remote} instance(s) have no other copy: study AT RISK" if remote
+            else f"{local} instance(s) will be uploaded again from local disk" if local
+            else "")
+    if versions:
+        lost = f"{versions} prior version(s) of re-sent instances have no other copy"
+        said = f"{said}; {lost}" if said else lost
+    return said or "no instance needs it any more"
 
 
 async def refuse_if_at_risk(ctx: SyncContext, study: StudyRow) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import dicomgen
+import pydicom
 import pytest
 from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 from syncagent import SyncAgent, sync_once
@@ -258,7 +259,7 @@ def test_a_study_whose_only_copy_is_damaged_is_at_risk_and_evict_refuses_it(
     assert report["sync"]["studies_at_risk"] == 1
     assert report["sync"]["at_risk_packs"] == [pack]
     audit = (home / "audit" / "audit.log").read_text()
-    assert "scrub: pack version 1 is damaged" in audit and "study at risk" in audit
+    assert "scrub: pack version 1 is damaged" in audit and "study AT RISK" in audit
     refused = run_pacs_edge("evict", study_uid, "--home", str(home), check=False)
     assert refused.returncode == 2
     assert "damaged" in refused.stderr and "hint:" in refused.stderr
@@ -270,6 +271,42 @@ def test_a_study_whose_only_copy_is_damaged_is_at_risk_and_evict_refuses_it(
     assert report["sync"]["studies_at_risk"] == 0
     run_pacs_edge("recall", study_uid, "--home", str(home))
     assert local_hashes(home) == hashes
+
+
+def test_a_pack_only_a_prior_version_needs_is_scrubbed_and_its_damage_reported(
+        tmp_path: Path) -> None:
+    """A correction re-sent after its study was evicted leaves the earlier content in
+    version 1's pack only (no file, no newer pack holds it). Scrub reads that pack too,
+    and damage to it is reported and audited; eviction of the current content (in
+    version 2) goes on."""
+    home = init_home(tmp_path / "home")
+    [instance] = dicomgen.make_studies(tmp_path / "study", seed=85, series_per_study=1,
+                                       instances_per_series=1, size=96)
+    run_pacs_edge("import", "--home", str(home), str(instance.path))
+    sync_once(home)
+    run_pacs_edge("evict", instance.study_uid, "--home", str(home))
+    ds = pydicom.dcmread(instance.path)
+    ds.ImageComments = "corrected"
+    ds.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+    run_pacs_edge("import", "--home", str(home), str(tmp_path / "corrected.dcm"))
+    sync_once(home)
+    assert query(home, "SELECT p.version FROM instance_versions v JOIN packs p"
+                       " ON p.id = v.pack_fk WHERE v.is_local = 0") == [(1,)]
+    first = scrub(home, "--all")
+    assert first.returncode == 0 and "scrubbed 2 pack(s)" in first.stdout, first.stdout
+    [(_, old, *_), _] = packs(home)
+    Cloud(home).flip_byte(old, 40)
+    result = scrub(home, "--all")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"damaged {old}:" in result.stdout
+    assert "1 prior version(s) of re-sent instances have no other copy" in result.stdout
+    audit = (home / "audit" / "audit.log").read_text()
+    assert "1 prior version(s) of re-sent instances have no other copy" in audit
+    if tier_state(home) != "evicted":
+        run_pacs_edge("evict", instance.study_uid, "--home", str(home))
+    run_pacs_edge("recall", instance.study_uid, "--home", str(home))
+    [path] = (home / "store").rglob("*.dcm")
+    assert pydicom.dcmread(path).ImageComments == "corrected"
 
 
 def test_a_study_at_risk_is_repaired_by_sending_it_again(

@@ -176,10 +176,7 @@ def scrub(home: Path | None, everything: bool, fraction: float | None) -> None:
 
     report = asyncio.run(run())
     for damaged in report.damaged:
-        outcome = (f"{damaged.at_risk} instance(s) have no other copy: study AT RISK"
-                   if damaged.at_risk else
-                   f"{damaged.requeued} instance(s) will be uploaded again from local disk")
-        out.print(f"damaged {damaged.pack_name}: {damaged.reason}; {outcome}",
+        out.print(f"damaged {damaged.pack_name}: {damaged.reason}; {damaged.outcome()}",
                   highlight=False, markup=False)
     for name, why in report.skipped:
         out.print(f"skipped {name}: {why}", highlight=False, markup=False)

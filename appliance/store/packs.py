@@ -60,6 +60,11 @@ _PACK_SQL = (
 # A pack the index still needs: some instance row points at it (a version whose
 # instances all moved to a later one is history, and not scrubbed).
 _IN_USE = "EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id)"
+# What a scrub reads: packs current instances use, and packs that hold the only copy of a
+# prior version (content superseded after its study was evicted has no file:
+# docs/storage.md, "Re-sent instances"), though no current instance uses them.
+_SCRUBBED = (f"({_IN_USE} OR EXISTS (SELECT 1 FROM instance_versions v"
+             " WHERE v.pack_fk = p.id AND v.is_local = 0))")
 # When a pack's bytes were last checked: by a scrub, else at upload.
 _CHECKED_AT = "COALESCE(p.scrubbed_at, p.verified_at, p.created_at)"
 
@@ -174,9 +179,10 @@ async def study_pack_grants(index: Index, study_id: int) -> list[PackGrant]:
 
 async def packs_to_scrub(index: Index, *, limit: int | None = None,
                          checked_before: float | None = None) -> list[PackRow]:
-    """Verified packs in use, least recently checked first; at most `limit`, and with
-    `checked_before` only those not checked since then."""
-    where = f"p.state = 'verified' AND {_IN_USE}"
+    """Verified packs in use, or holding the only copy of a prior version, least recently
+    checked first; at most `limit`, and with `checked_before` only those not checked
+    since then."""
+    where = f"p.state = 'verified' AND {_SCRUBBED}"
     params: list[object] = []
     if checked_before is not None:
         where += f" AND {_CHECKED_AT} <= ?"
@@ -188,10 +194,20 @@ async def packs_to_scrub(index: Index, *, limit: int | None = None,
     return await database.run_sync(index.reader, _packs, sql, tuple(params))
 
 
-async def packs_in_use_count(index: Index) -> int:
+async def packs_to_scrub_count(index: Index) -> int:
+    """How many packs `packs_to_scrub` takes with no limit."""
     row = await database.run_sync(
         index.reader, database.query_one,
-        f"SELECT COUNT(*) FROM packs p WHERE p.state = 'verified' AND {_IN_USE}")
+        f"SELECT COUNT(*) FROM packs p WHERE p.state = 'verified' AND {_SCRUBBED}")
+    return int(row[0]) if row else 0
+
+
+async def versions_only_in_pack(index: Index, pack_id: int) -> int:
+    """How many prior versions have no file: their only copy is this pack."""
+    row = await database.run_sync(
+        index.reader, database.query_one,
+        "SELECT COUNT(*) FROM instance_versions WHERE pack_fk = ? AND is_local = 0",
+        (pack_id,))
     return int(row[0]) if row else 0
 
 

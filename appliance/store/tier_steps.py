@@ -290,6 +290,7 @@ def record_scrub_ok(conn: sqlite3.Connection, pack_id: int, *, at: float,
 class DamageMarked:
     requeued: int  # instances with a local file: packed again by the next replication
     at_risk: int   # instances whose only copy is the damaged pack
+    versions_at_risk: int  # prior versions whose only copy is the damaged pack
 
 
 def record_scrub_damaged(conn: sqlite3.Connection, pack_id: int, study_id: int, *,
@@ -299,7 +300,10 @@ def record_scrub_damaged(conn: sqlite3.Connection, pack_id: int, study_id: int, 
     Instances still on local disk leave the pack (pack_fk NULL), so the next
     replication pass uploads them again as a new version; the study takes the
     `damaged` trigger (replicated -> local). Instances not on local disk stay:
-    the damaged pack is their only copy, and the study is at risk.
+    the damaged pack is their only copy, and the study is at risk. So is the
+    content of prior versions without a file (their only copy is the pack); no
+    upload makes it again, but eviction, which leaves prior versions alone, is
+    not refused for them.
     """
     conn.execute(
         "UPDATE packs SET scrubbed_at = ?, scrub_state = 'damaged', scrub_error = ?"
@@ -312,4 +316,7 @@ def record_scrub_damaged(conn: sqlite3.Connection, pack_id: int, study_id: int, 
         " WHERE pack_fk = ? AND is_local = 1", (pack_id,)).rowcount
     if requeued:
         apply_sync(conn, study_id, Trigger.DAMAGED)
-    return DamageMarked(requeued, at_risk)
+    versions = database.query_one(
+        conn, "SELECT COUNT(*) FROM instance_versions WHERE pack_fk = ? AND is_local = 0",
+        (pack_id,))
+    return DamageMarked(requeued, at_risk, int(versions[0]) if versions else 0)
