@@ -10,7 +10,9 @@ Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
 A job that fails logs the error and runs again at its next time; the agent
 itself only stops on SIGTERM/SIGINT. At stop, running jobs are cancelled (each
 rolls back its half-done work on the way out, and a pass left half done is
-rolled back at the next start) and awaited before the index and the cloud close.
+rolled back at the next start) and awaited before the index and the cloud close,
+for at most JOB_STOP_TIMEOUT: then the agent closes them and exits without waiting
+for the threads of jobs still running, as systemd's TimeoutStopSec would kill it.
 Jobs run concurrently on the loop; a per-study lease (appliance.store.leases)
 keeps two of them, or a CLI command, off the same study. Every pass first rolls
 back work that died half done (sync.rollback); at start the agent also removes
@@ -23,11 +25,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -147,10 +151,12 @@ async def run_agent(config: Config) -> None:
             notifier.stopping()
             log.info("sync agent stopping")
             scheduler.shutdown(wait=False)  # cancels the jobs that are running
-            await _ended(running)
+            left = await _ended(running)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("sync agent stopped")
+    if left:
+        _exit_leaving_threads()
 
 
 def _logged(name: str, job: Callable[[], Awaitable[object]],
@@ -175,14 +181,29 @@ def _logged(name: str, job: Callable[[], Awaitable[object]],
     return run
 
 
-async def _ended(running: set[asyncio.Task[None]]) -> None:
-    """Wait for the cancelled jobs to finish rolling back, before the index closes."""
+async def _ended(running: set[asyncio.Task[None]]) -> int:
+    """Wait for the cancelled jobs to finish rolling back, before the index closes;
+    returns how many are still running after JOB_STOP_TIMEOUT."""
     if not running:
-        return
+        return 0
     _, pending = await asyncio.wait(set(running), timeout=JOB_STOP_TIMEOUT)
     if pending:
         log.warning("jobs still running at stop count=%d (rolled back at the next start)",
                     len(pending))
+    return len(pending)
+
+
+def _exit_leaving_threads() -> NoReturn:
+    """End the process now, though threads of jobs that outlived JOB_STOP_TIMEOUT run on.
+
+    asyncio.run and then the interpreter would wait for every worker thread, and a
+    thread can take minutes to reach its next stop check: an Azure upload first waits
+    for its blocks in flight (up to 16 MiB, over a slow uplink). systemd would then kill
+    the agent at TimeoutStopSec. The index, the audit log and the cloud are closed by
+    now; what those threads leave is what a kill leaves, rolled back at the next start
+    (sync.rollback: the `uploading` row, the `recalling` study, temp files)."""
+    logging.shutdown()
+    os._exit(0)
 
 
 def _redacted(url: str) -> str:

@@ -38,6 +38,7 @@ from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.pack.pack_errors import PackIntegrityError
 from sync.rollback import recover_study
+from sync.threads import roll_back_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,12 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
         for pack_id in sorted(by_pack):
             await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
     except BaseException as exc:
-        await drop_local_files(ctx, lease, written)
-        await writer.submit_sync(lambda c: fail_recall(c, lease, study.id))
+        undo = _undo_recall(ctx, study, lease, written)
         if isinstance(exc, asyncio.CancelledError):
             log.info("recall cancelled by stop study=%s", logsafe.ref(study.study_uid))
+            await roll_back_on_stop(undo, work="recall")
         else:
+            await undo
             log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                       getattr(exc, "message", type(exc).__name__))
         ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
@@ -106,6 +108,14 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
     RECALL_SECONDS.observe(time.monotonic() - started)
     ctx.audit.recalled(study, len(missing))
     return len(missing)
+
+
+async def _undo_recall(ctx: SyncContext, study: StudyRow, lease: StudyLease,
+                       written: list[str]) -> None:
+    """Remove the files a failed recall wrote, then move the study back to `evicted`."""
+    assert ctx.index.writer is not None
+    await drop_local_files(ctx, lease, written)
+    await ctx.index.writer.submit_sync(lambda c: fail_recall(c, lease, study.id))
 
 
 async def serve_recall_requests(ctx: SyncContext) -> int:

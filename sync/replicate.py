@@ -48,6 +48,7 @@ from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
 from sync.pack.data_keys import new_pack_id
 from sync.readers import grant_study
+from sync.threads import roll_back_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
         except asyncio.CancelledError:
             log.info("replication cancelled by stop; rolling back study=%s version=%d",
                      logsafe.ref(study.study_uid), plan.version)
-            await _abandon(ctx, lease, study, plan)
+            await roll_back_on_stop(_abandon(ctx, lease, study, plan), work="replicate")
             raise
         except BaseException:
             log.error("replication failed; rolling back study=%s version=%d",

@@ -14,11 +14,14 @@ reaches the caller only once the thread has returned.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from appliance.base.errors import PacsEdgeError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -48,3 +51,21 @@ async def in_thread(work: Callable[[threading.Event], T]) -> T:
         if not future.cancelled():
             future.exception()  # retrieved: what the caller sees is its cancellation
         raise
+
+
+async def roll_back_on_stop(undo: Awaitable[object], *, work: str) -> None:
+    """Await the roll-back of a job that the agent's stop cancelled; never raise.
+
+    A roll-back can fail at stop: the study's lease lapsed meanwhile (LeaseLost),
+    or the job's thread outlived the agent's bound (sync.agent.JOB_STOP_TIMEOUT)
+    and ended while the index was closing. Raised from the job's `except
+    CancelledError`, that error would replace the cancellation: the job would take
+    it for a failure of one study and run its pass on, uploading the next study
+    while the agent stops. What the roll-back leaves undone is rolled back at the
+    next start (sync.rollback), as after a kill.
+    """
+    try:
+        await undo
+    except Exception as exc:  # LeaseLost; a closing index: IndexUnavailable, ValueError
+        log.warning("roll-back at stop left to the next start work=%s error=%s", work,
+                    getattr(exc, "message", "") or type(exc).__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 import dicomgen
 import pytest
 from conftest import init_home, pacs_edge_command, run_pacs_edge
-from syncagent import sync_once
+from syncagent import index_rows, sync_once
 
 CRASH_ENV = "PACS_EDGE_CRASH_AT"
 
@@ -201,6 +201,135 @@ def test_agent_stopped_mid_upload_ends_the_pass_quietly_and_replicates_at_its_ne
     sync_once(path)
     assert study_state(path)[0] == "replicated"
     assert_consistent(path, hashes, study_uid)
+
+
+# `pacs-edge sync` with the agent's stop bound shortened (argv[1] seconds), so that a test
+# can pass it without waiting 15 s: the real command line, asyncio.run and all.
+SHORT_BOUND_AGENT = """
+import sys
+from pathlib import Path
+
+from appliance.base.metrics_dir import use_metrics_dir
+
+use_metrics_dir(Path(sys.argv[2]))  # as `sync` does, before prometheus-client loads
+import sync.agent
+
+sync.agent.JOB_STOP_TIMEOUT = float(sys.argv[1])
+from appliance.cli import main
+
+sys.argv = ["pacs-edge", "sync", "--home", sys.argv[2]]
+main()
+"""
+
+
+@pytest.mark.parametrize("home", ["local"], indirect=True)
+@pytest.mark.parametrize("point", ["upload:mid-pack", "recall:mid-instances"])
+def test_agent_exits_at_its_stop_bound_while_a_job_thread_still_runs(
+    home: tuple[Path, dict[str, str], str], tmp_path: Path, point: str,
+) -> None:
+    """SIGTERM while a job's thread cannot reach its next stop check (an Azure upload
+    waits for its blocks in flight: minutes over a slow uplink). The agent waits
+    JOB_STOP_TIMEOUT for the job, closes the index and exits 0 without the thread, before
+    systemd's TimeoutStopSec would kill it; the next start rolls back what was left."""
+    import sys
+
+    import tomlkit
+
+    path, hashes, study_uid = home
+    config = path / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+    if point.startswith("recall"):
+        sync_once(path)
+        run_pacs_edge("evict", study_uid, "--home", str(path))
+        ask_for_recall(path, study_uid)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", SHORT_BOUND_AGENT, "0.2", str(path)], stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PACS_EDGE_PAUSE_AT": point,
+                 "PACS_EDGE_PAUSE_DIR": str(barrier)})
+    try:
+        wait_for(lambda: (barrier / "reached").exists() or agent.poll() is not None,
+                 "the job's thread to start")
+        assert agent.poll() is None, log_path.read_text()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0, log_path.read_text()  # the thread is still held
+    finally:
+        (barrier / "go").touch()
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    text = log_path.read_text()
+    assert "jobs still running at stop count=1" in text
+    assert "Traceback" not in text and " ERROR " not in text, text
+    sync_once(path)  # rolls back what the stopped job left, then replicates
+    assert_consistent(path, hashes, study_uid)
+
+
+@pytest.mark.parametrize("home", ["local"], indirect=True)
+def test_agent_stop_whose_roll_back_fails_still_ends_the_pass(
+    home: tuple[Path, dict[str, str], str], tmp_path: Path,
+) -> None:
+    """SIGTERM mid-upload, and the upload's roll-back fails (its study lease lapsed, as
+    after a stall): the cancellation must still end the pass, not turn into a failure of
+    that study after which the pass uploads the next study while the agent stops."""
+    import tomlkit
+    from syncagent import SyncAgent
+
+    path, _, study_uid = home
+    dicomgen.make_studies(tmp_path / "second", seed=62, series_per_study=1,
+                          instances_per_series=2, size=96)
+    run_pacs_edge("import", "--home", str(path), str(tmp_path / "second"))
+    hashes = local_hashes(path)
+    config = path / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    agent = SyncAgent(path, env={"PACS_EDGE_PAUSE_AT": "upload:mid-pack",
+                                 "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+    try:
+        wait_for(lambda: (barrier / "reached").exists(), "the first upload to start")
+        db = sqlite3.connect(path / "index.sqlite3", timeout=30)
+        try:
+            with db:
+                db.execute("UPDATE study_leases SET expires_at = 0")  # lapsed
+        finally:
+            db.close()
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "sync agent stopping" in agent.log(), "the agent to stop")
+        (barrier / "go").touch()
+        assert agent.proc.wait(60) == 0, agent.log()
+    finally:
+        agent.stop()
+    states = [state for (state,) in index_rows(path, "SELECT tier_state FROM studies")]
+    assert sorted(states) == ["local", "replicating"], agent.log()  # no upload after the stop
+    assert "roll-back at stop left to the next start work=replicate" in agent.log()
+    assert "job cancelled by stop job=replicate-evict" in agent.log()
+    sync_once(path)
+    assert_consistent(path, hashes, study_uid)
+
+
+def ask_for_recall(home: Path, study_uid: str) -> None:
+    """A recall request, as the appliance makes one for a C-MOVE of an evicted study."""
+    import asyncio
+
+    from appliance.base.config import load_config
+    from appliance.store.index import Index
+    from appliance.store.recall_requests import request_recall
+
+    async def ask() -> None:
+        async with Index(load_config(home).index.path) as index:
+            await request_recall(index, [study_uid], "test")
+
+    asyncio.run(ask())
 
 
 @pytest.mark.slow
