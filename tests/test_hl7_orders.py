@@ -276,6 +276,63 @@ def test_a_message_refused_before_it_is_parsed_is_answered_with_its_control_id(
     assert worklist(server) == []
 
 
+def _peak_rss_kb(server: EdgeServer) -> int:
+    status = Path(f"/proc/{server.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+
+
+def test_escape_sequences_are_undone_in_bounded_memory_and_never_logged(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A formatting command's repeat count is not honoured (\\.in75000000\\ was 300 MB of
+    spaces from 13 bytes), a bad one is no crash without an ACK, and an escape the box
+    does not know is dropped without logging the field it was in (a patient's name)."""
+    server, port = hl7_edge
+    before = _peak_rss_kb(server)
+    names = {"ESC1": "KANARIE\\.in75000000\\\\.sp75000000\\^HELGA",
+             "ESC2": "KANARIE\\.brx\\^HELGA", "ESC3": "KANARIE\\Q\\^HELGA",
+             "ESC4": "KANARIE\\XZZ\\^HELGA", "ESC5": "KAN\\F\\ARIE\\.br\\X^HELGA"}
+    for accession, name in names.items():
+        ack = hl7peer.send(port, hl7peer.orm(accession, accession=accession, name=name))
+        assert (ack.code, ack.control_id) == ("AA", accession)
+    assert _peak_rss_kb(server) - before < 32 * 1024
+    assert {o["accession_number"]: o["patient_name"] for o in worklist(server)} == {
+        "ESC1": "KANARIE^HELGA", "ESC2": "KANARIE^HELGA", "ESC3": "KANARIE^HELGA",
+        "ESC4": "KANARIE^HELGA", "ESC5": "KAN|ARIE X^HELGA"}
+    log = server.log()
+    assert "KANARIE" not in log and "Traceback" not in log
+
+
+def test_lf_terminated_message_reads_its_character_set_from_msh_alone(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Segments may end with LF: MSH-18 (and MSH-10 for an early AR) are read from MSH,
+    not from the 18th field counted on into PID."""
+    server, port = hl7_edge
+    mothers_maiden_name = "PID|1||PAT1^^^HOSP||M\u00dcLLER^JANE|MAIDEN|19700101|F"
+    order = hl7peer.orm("LF1", accession="LF1", name="M\u00dcLLER^JANE").replace(
+        hl7peer.pid(name="M\u00dcLLER^JANE"), mothers_maiden_name).replace("\r", "\n")
+    ack = hl7peer.send(port, order)
+    assert (ack.code, ack.control_id) == ("AA", "LF1")
+    latin = hl7peer.orm("LF2", accession="LF2", name="M\u00dcLLER^JANE").replace(
+        hl7peer.msh("LF2", "ORM^O01^ORM_O01"),
+        hl7peer.msh("LF2", "ORM^O01^ORM_O01", charset="8859/1")).replace("\r", "\n")
+    assert hl7peer.send(port, latin.encode("latin-1")).code == "AA"
+    assert {o["accession_number"]: o["patient_name"] for o in worklist(server)} == {
+        "LF1": "M\u00dcLLER^JANE", "LF2": "M\u00dcLLER^JANE"}
+
+
+def test_a_repeated_character_set_is_read_from_its_first_repetition(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """MSH-18 repeats: the first names the message's set, the others sets that escape
+    sequences switch to. 8859/1~ISO IR87 is a Latin-1 message, not an unknown set."""
+    server, port = hl7_edge
+    order = hl7peer.orm("RC1", accession="RC1", name="M\u00dcLLER^JANE").replace(
+        hl7peer.msh("RC1", "ORM^O01^ORM_O01"),
+        hl7peer.msh("RC1", "ORM^O01^ORM_O01", charset="8859/1~ISO IR87"))
+    ack = hl7peer.send(port, order.encode("latin-1"))
+    assert (ack.code, ack.control_id) == ("AA", "RC1")
+    assert show(server, "RC1")["patient_name"] == "M\u00dcLLER^JANE"
+
+
 def test_truncated_frames_are_never_applied_and_the_listener_keeps_serving(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge
@@ -290,6 +347,23 @@ def test_truncated_frames_are_never_applied_and_the_listener_keeps_serving(
     assert hl7peer.read_ack(no_start).code == "AA"
     no_start.close()
     assert [o["accession_number"] for o in worklist(server)] == ["TRUNC"]
+
+
+def test_line_breaks_between_mllp_blocks_are_skipped(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A sender that ends every block with <FS><CR><LF> leaves an LF before the next <VT>:
+    that block, and its resends, must not be refused for not beginning with <VT>."""
+    server, port = hl7_edge
+    sock = hl7peer.raw(port)
+    for n in range(3):
+        sock.sendall(hl7peer.frame(hl7peer.orm(f"CRLF{n}", accession=f"CRLF{n}")) + b"\n")
+        ack = hl7peer.read_ack(sock)
+        assert (ack.code, ack.control_id) == ("AA", f"CRLF{n}")
+    sock.sendall(b"\r\n\r\n" + hl7peer.frame(hl7peer.orm("CRLF3", accession="CRLF3")))
+    assert hl7peer.read_ack(sock).code == "AA"
+    sock.close()
+    assert sorted(o["accession_number"] for o in worklist(server)) == [
+        "CRLF0", "CRLF1", "CRLF2", "CRLF3"]
 
 
 def test_oversized_message_is_rejected_and_its_connection_closed(

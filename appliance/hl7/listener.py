@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, InvalidBlockError, start_hl7_server
+from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK
 
 from appliance.base.config import Hl7Config
 from appliance.base.errors import PacsEdgeError
@@ -162,11 +163,11 @@ class Hl7Listener:
         timeout = self.config.idle_timeout
         while True:
             try:
-                block = await asyncio.wait_for(reader.readblock(), timeout)
+                block = await asyncio.wait_for(_read_block(reader), timeout)
             except TimeoutError:
                 log.info("hl7 connection idle, closed address=%s", connection.address)
                 return
-            except ValueError:  # python-hl7: the stream limit was reached
+            except asyncio.LimitOverrunError:  # the stream limit was reached
                 log.warning("hl7 message too large, connection closed address=%s limit=%d",
                             connection.address, self.config.max_message_bytes)
                 await self._send(connection, build_ack(
@@ -209,6 +210,17 @@ class Hl7Listener:
         HL7_MESSAGES.labels(ack_code(ack)).inc()
         connection.writer.writeblock(ack.encode("utf-8"))
         await asyncio.wait_for(connection.writer.drain(), timeout)
+
+
+async def _read_block(reader: HL7StreamReader) -> bytes:
+    """The next MLLP block without its framing, as python-hl7's readblock reads it, but
+    with CR and LF before its <VT> skipped: a sender that ends each block with
+    <FS><CR><LF> (or sends blank lines between blocks) would otherwise have every later
+    block on the connection refused, the resent one too, for not beginning with <VT>."""
+    block = (await reader.readuntil(END_BLOCK + CARRIAGE_RETURN)).lstrip(b"\r\n")
+    if not block.startswith(START_BLOCK):
+        raise InvalidBlockError("Block does not begin with Start Block character <VT>")
+    return block[1:-2]
 
 
 def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> str:

@@ -23,6 +23,7 @@ import hl7
 from hl7.exceptions import HL7Exception
 
 from appliance.base.uids import is_valid_uid
+from appliance.hl7 import fields
 from appliance.services.orders import (
     MessageHeader,
     OrderControl,
@@ -46,6 +47,7 @@ CHARSETS = {
 _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
 _AE_TITLE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but backslash
 _LEADING_DIGITS = re.compile(r"\d{1,6}")
+_SEGMENT_END = re.compile(rb"[\r\n]")
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
 
@@ -95,7 +97,9 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     if not raw.startswith(b"MSH"):
         raise Hl7Error("message does not start with an MSH segment", "MSH-1",
                        ErrorCode.SEGMENT_SEQUENCE, reject=True)
-    first_line = raw.split(b"\r", 1)[0]
+    # MSH ends at CR or LF (segment terminators, below): MSH-18 and MSH-10 are read here,
+    # before decoding, and must not be looked for in the segments after it.
+    first_line = _SEGMENT_END.split(raw, 1)[0]
     if len(first_line) < 8:
         raise Hl7Error("MSH segment is truncated", "MSH-2", ErrorCode.DATA_TYPE, reject=True)
     separator = first_line[3:4]
@@ -108,9 +112,11 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
         raise Hl7Error("MSH-1/MSH-2 are not valid field separator and encoding characters",
                        "MSH-2", ErrorCode.DATA_TYPE, reject=True)
     as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1])
+    # MSH-18 may repeat: the first is the message's character set, the others are sets
+    # that escape sequences switch to (which fields.py drops).
     charset_field = first_line.split(separator)[17:18]
-    charset = charset_field[0].decode("ascii", "replace").strip().upper() if charset_field \
-        else ""
+    charset = charset_field[0].split(encoding_chars[1:2])[0].decode(
+        "ascii", "replace").strip().upper() if charset_field else ""
     codec = CHARSETS.get(charset)
     if codec is None:
         raise Hl7Error(f"character set {charset!r} is not supported", "MSH-18",
@@ -200,12 +206,8 @@ def parse(raw: bytes) -> Parsed:
 
 def _get(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1,
          repeat: int = 1) -> str:
-    """A field's value, '' when absent (python-hl7 raises on paths past a leaf)."""
-    try:
-        value = segment.extract_field(1, field_num, repeat, component, sub)
-    except (IndexError, KeyError):
-        return ""
-    return str(value).strip()
+    """A field's value, unescaped, '' when absent (fields.py: not python-hl7's accessor)."""
+    return fields.value(segment, field_num, component, sub, repeat)
 
 
 def _segment(message: hl7.Message, name: str) -> hl7.Segment:

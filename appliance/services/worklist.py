@@ -30,7 +30,8 @@ Character Set is ISO_IR 192 when a value is not ASCII.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from pydicom import config
 from pydicom.dataelem import DataElement, empty_value_for_VR
@@ -50,7 +51,7 @@ from appliance.store.worklist_rows import WorklistItem
 log = logging.getLogger(__name__)
 
 PERMISSION = "worklist"
-MAX_ITEMS = 10_000  # more matches than this answer 0xA700 (narrow the query)
+MAX_ITEMS = 10_000  # more matches than this are refused (0xC000: narrow the query)
 _UTF8 = "ISO_IR 192"
 
 _KINDS: dict[str, Match] = {
@@ -98,6 +99,24 @@ class WorklistRefused(PacsEdgeError):
     """The peer may not query the worklist."""
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The items a query matched; iterating makes each one's response identifier then.
+
+    An item's row is about 1.5 KB, its identifier (pydicom elements) several times
+    that: made one at a time, as they are sent, a universal query of MAX_ITEMS items
+    holds the rows only, not every response at once."""
+
+    request: Dataset
+    items: list[WorklistItem]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return (_response(self.request, item) for item in self.items)
+
+
 class WorklistService:
     def __init__(self, index: Index, allowlist: Allowlist) -> None:
         self.index = index
@@ -108,8 +127,8 @@ class WorklistService:
         if peer is None or not peer.may(PERMISSION):
             raise WorklistRefused(f"peer lacks permission {PERMISSION!r}")
 
-    async def find(self, calling_ae: str, identifier: Dataset) -> list[Dataset]:
-        """The response identifiers for a worklist query; QueryError for a bad one."""
+    async def find(self, calling_ae: str, identifier: Dataset) -> Answer:
+        """The matches of a worklist query, in order; QueryError for a bad one."""
         self.permitted(calling_ae)
         keys = _matching_keys(identifier)
         statuses = _statuses(keys.pop("ScheduledProcedureStepStatus", []))
@@ -125,7 +144,7 @@ class WorklistService:
             raise QueryError(QueryRefusal.MALFORMED_KEY,
                              f"more than {MAX_ITEMS} worklist items match")
         log.debug("worklist answered keys=%d matches=%d", len(keys), len(items))
-        return [_response(identifier, item) for item in items]
+        return Answer(identifier, items)
 
 
 def _matching_keys(identifier: Dataset) -> dict[str, list[str]]:
