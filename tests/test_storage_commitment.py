@@ -13,11 +13,14 @@ verified cloud pack; a peer without `commit` is refused (0x0124).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import queue
+import socket
 import sqlite3
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -275,6 +278,69 @@ def test_report_goes_on_a_new_association_after_the_requestor_released(
     while _commitment_state(edge, transaction_uid) != "answered":
         assert time.monotonic() < deadline, "commitment not marked answered"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts TCP connections and never says a word (a modality that hangs):
+    (port, the connections accepted so far)."""
+    listener = socket.create_server((HOST, 0))
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        done.set()
+        thread.join(5)
+        for connection in [*accepted, listener]:
+            connection.close()
+
+
+@pytest.mark.slow
+@_PEER_RELEASE_RACE[0]
+@_PEER_RELEASE_RACE[1]
+def test_a_peer_that_never_answers_holds_up_other_reports_one_attempt_a_pass(
+        edge_server_factory: Callable[..., EdgeServer], modality: Modality,
+        study: list[dicomgen.GeneratedInstance]) -> None:
+    """Three reports due to a modality that accepts TCP and never answers, and one to a
+    working modality, all due at once (after a restart): the reporter tries the silent
+    one once in the pass (each try costs the ACSE timeout) and then delivers the other's,
+    instead of trying all three first."""
+    hung = Modality("HUNG")
+    nobody = socket.create_server((HOST, 0))
+    nowhere = nobody.getsockname()[1]
+    nobody.close()  # nothing listens there: the working modality's report waits meanwhile
+    try:
+        with silent_listener() as (port, accepted):
+            edge = edge_server_factory(start=False)
+            edge.add_peer("modality", MODALITY, nowhere, allow="store,commit")
+            edge.add_peer("hung", "HUNG", port, allow="store,commit")
+            edge.configure(dicom={"acse_timeout": 3.0}, workflow={"commit_retry_seconds": 1.0})
+            edge.start()
+            _store(edge, study)
+            for _ in range(3):
+                assert hung.request(edge, _items(study), keep_open=False)[0] == SUCCESS
+            assert modality.request(edge, _items(study), keep_open=False)[0] == SUCCESS
+            assert edge.stop() == 0
+            edge.cli("peers", "remove", "modality")
+            edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
+            before = len(accepted)
+            edge.start()
+            report = modality.wait_report()
+            assert report.committed() == {i.sop_instance_uid for i in study}
+            tries = len(accepted) - before
+            assert tries == 1, f"{tries} tries at the silent peer before the other's report"
+    finally:
+        hung.close()
 
 
 @_PEER_RELEASE_RACE[0]

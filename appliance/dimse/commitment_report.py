@@ -84,43 +84,59 @@ class CommitmentReporter:
             if self._stop.is_set():
                 return
             try:
-                for commitment in self.bridge.call(self.service.due()):
-                    if self._stop.is_set():
-                        return
-                    self._deliver(commitment)
+                self._pass()
             except Exception as exc:  # the thread must outlive a bad pass; rows stay pending
                 log.error("commitment reporter pass failed error=%s", type(exc).__name__)
 
-    def _deliver(self, commitment: Commitment) -> None:
+    def _pass(self) -> None:
+        """Deliver the due reports. A peer that could not be reached is not tried again in
+        this pass: each attempt at one that never answers costs an ACSE timeout, and its
+        other reports would hold up every other modality's (three of them: 99 s). They
+        stay due for the next pass."""
+        unreachable: set[str] = set()
+        for commitment in self.bridge.call(self.service.due()):
+            if self._stop.is_set():
+                return
+            if commitment.calling_ae in unreachable:
+                continue
+            if not self._deliver(commitment):
+                unreachable.add(commitment.calling_ae)
+
+    def _deliver(self, commitment: Commitment) -> bool:
+        """Decide and send one report; False when the peer could not be reached (no
+        association), True otherwise."""
         hold = report_hold_seconds(self.config, self.service)
         if not self.bridge.call(self.service.claim(commitment, hold_seconds=hold)):
-            return  # answered meanwhile, or another attempt holds it
+            return True  # answered meanwhile, or another attempt holds it
         report = self.service.decide_blocking(commitment, self.bridge)
         if report is None:
             self.bridge.call(self.service.not_decided(commitment))
-            return
+            return True
         peer = self.allowlist.by_ae_title(commitment.calling_ae)
-        error = ("requesting AE title is no longer in the allowlist" if peer is None
-                 else self._send(peer, report))
+        error, reached = (("requesting AE title is no longer in the allowlist", True)
+                          if peer is None else self._send(peer, report))
         if error is None:
             assert peer is not None
             self.bridge.call(self.service.reported(report))
             self.audit.commitment_answered(peer_ae=peer.ae_title, address=peer.host,
                                            study_uids=report.study_uids,
                                            committed=report.committed, failed=report.failed)
-            return
+            return True
         gave_up = self.bridge.call(self.service.not_delivered(commitment, error))
         if gave_up:
             self.audit.commitment_answered(
                 peer_ae=commitment.calling_ae, address=peer.host if peer else "",
                 study_uids=report.study_uids, committed=0, failed=len(report.verdicts),
                 reason=f"report undeliverable, gave up: {error}")
+        return reached
 
-    def _send(self, peer: Peer, report: Report) -> str | None:
+    def _send(self, peer: Peer, report: Report) -> tuple[str | None, bool]:
+        """(why the report was not given, None when it was; whether an association was
+        made or refused by the peer)."""
         tls_args = None
         if peer.tls:
             if self.tls_client is None:
-                return "peer is marked TLS but this box has TLS off ([dicom] tls_port)"
+                return "peer is marked TLS but this box has TLS off ([dicom] tls_port)", True
             tls_args = (self.tls_client, None)
         contexts = [build_context(STORAGE_COMMITMENT_PUSH,
                                   [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
@@ -133,8 +149,9 @@ class CommitmentReporter:
             with contextlib.suppress(Exception):  # pynetdicom leaves the socket open here
                 if assoc.dul.socket is not None:
                     assoc.dul.socket.close()
-            return ("peer rejected the association" if assoc.is_rejected
-                    else f"no association with {peer.host}:{peer.port}")
+            if assoc.is_rejected:
+                return "peer rejected the association", True
+            return f"no association with {peer.host}:{peer.port}", False
         set_nodelay(assoc)
         # The reactor must be parked before the send, or it may take the response
         # off the queue (the race described in retrieve.py).
@@ -142,7 +159,7 @@ class CommitmentReporter:
         if gate is not None:
             gate.hold(_GATE_WAIT)
         try:
-            return send_report(assoc, report, ae_title=self.config.ae_title)
+            return send_report(assoc, report, ae_title=self.config.ae_title), True
         finally:
             if assoc.is_established:
                 if gate is not None:
