@@ -23,7 +23,7 @@ from pathlib import Path
 import dicomgen
 import pytest
 from conftest import init_home, pacs_edge_command, run_pacs_edge
-from syncagent import index_rows, sync_once
+from syncagent import SyncAgent, index_rows, sync_once
 
 CRASH_ENV = "PACS_EDGE_CRASH_AT"
 
@@ -165,6 +165,23 @@ def test_recall_of_an_archived_pack_requests_rehydration_first(
     assert local_hashes(path) == hashes
 
 
+def replicate_at_once(home: Path) -> None:
+    """[sync] stable_after_seconds = 0: the agent's first pass takes the studies."""
+    import tomlkit
+
+    config = home / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+
+
+def paused_agent(home: Path, point: str, barrier: Path) -> SyncAgent:
+    """The agent, started; its work waits at `point` until `barrier / "go"` exists."""
+    barrier.mkdir()
+    return SyncAgent(home, env={"PACS_EDGE_PAUSE_AT": point,
+                                "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+
+
 @pytest.mark.parametrize("home", ["local"], indirect=True)
 def test_agent_stopped_mid_upload_ends_the_pass_quietly_and_replicates_at_its_next_start(
     home: tuple[Path, dict[str, str], str], tmp_path: Path,
@@ -172,18 +189,10 @@ def test_agent_stopped_mid_upload_ends_the_pass_quietly_and_replicates_at_its_ne
     """SIGTERM while a pass uploads: the agent cancels the pass, which waits until the
     upload's thread has stopped and then rolls back; the agent exits 0 with no traceback,
     no blob is left over, and the next pass replicates."""
-    import tomlkit
-    from syncagent import SyncAgent
-
     path, hashes, study_uid = home
-    config = path / "pacs-edge.toml"
-    doc = tomlkit.parse(config.read_text())
-    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
-    config.write_text(tomlkit.dumps(doc))
+    replicate_at_once(path)
     barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    agent = SyncAgent(path, env={"PACS_EDGE_PAUSE_AT": "upload:mid-pack",
-                                 "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+    agent = paused_agent(path, "upload:mid-pack", barrier)
     try:
         wait_for(lambda: (barrier / "reached").exists(), "the upload to start")
         assert agent.proc is not None
@@ -233,13 +242,9 @@ def test_agent_exits_at_its_stop_bound_while_a_job_thread_still_runs(
     systemd's TimeoutStopSec would kill it; the next start rolls back what was left."""
     import sys
 
-    import tomlkit
 
     path, hashes, study_uid = home
-    config = path / "pacs-edge.toml"
-    doc = tomlkit.parse(config.read_text())
-    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
-    config.write_text(tomlkit.dumps(doc))
+    replicate_at_once(path)
     if point.startswith("recall"):
         sync_once(path)
         run_pacs_edge("evict", study_uid, "--home", str(path))
@@ -278,22 +283,14 @@ def test_agent_stop_whose_roll_back_fails_still_ends_the_pass(
     """SIGTERM mid-upload, and the upload's roll-back fails (its study lease lapsed, as
     after a stall): the cancellation must still end the pass, not turn into a failure of
     that study after which the pass uploads the next study while the agent stops."""
-    import tomlkit
-    from syncagent import SyncAgent
-
     path, _, study_uid = home
     dicomgen.make_studies(tmp_path / "second", seed=62, series_per_study=1,
                           instances_per_series=2, size=96)
     run_pacs_edge("import", "--home", str(path), str(tmp_path / "second"))
     hashes = local_hashes(path)
-    config = path / "pacs-edge.toml"
-    doc = tomlkit.parse(config.read_text())
-    doc["sync"]["stable_after_seconds"] = 0.0  # type: ignore[index]
-    config.write_text(tomlkit.dumps(doc))
+    replicate_at_once(path)
     barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    agent = SyncAgent(path, env={"PACS_EDGE_PAUSE_AT": "upload:mid-pack",
-                                 "PACS_EDGE_PAUSE_DIR": str(barrier)}).start()
+    agent = paused_agent(path, "upload:mid-pack", barrier)
     try:
         wait_for(lambda: (barrier / "reached").exists(), "the first upload to start")
         db = sqlite3.connect(path / "index.sqlite3", timeout=30)
@@ -342,7 +339,6 @@ def test_upload_failure_whose_clean_up_also_fails_is_rolled_back_by_the_running_
     back, leaving exactly one verified version in the container."""
     import tomlkit
     from azurite import AzuriteServer
-    from syncagent import SyncAgent
 
     from sync.blobstore.azure import AzureBlobStore
 
