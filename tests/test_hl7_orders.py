@@ -231,6 +231,11 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     # The worklist answers these in VRs of the default repertoire (CS, AE).
     (lambda m: m.replace("|||CT\r", "|||CT\u00e9\r"), "OBR-24"),
     (lambda m: m.replace("|CT1|", "|CT\u00e91|"), "OBR-21"),
+    # Longer than the DICOM attribute (SH 16, LO 64): a modality would cut it, and the
+    # study it sends back would match no order or patient.
+    (lambda m: m.replace("|ACC1|RPACC1|", f"|{'A' * 17}|RPACC1|"), "OBR-18"),
+    (lambda m: m.replace("|RPACC1|", f"|{'R' * 17}|"), "OBR-19"),
+    (lambda m: m.replace("PID|1||PAT1^^^HOSP|", f"PID|1||{'P' * 65}^^^HOSP|"), "PID-3"),
 ])
 def test_content_errors_are_application_errors_naming_the_field(
         hl7_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str) -> None:

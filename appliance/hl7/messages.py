@@ -233,9 +233,18 @@ def _date(value: str, location: str) -> str:
     return day
 
 
+def _fits(value: str, limit: int, location: str, what: str) -> str:
+    """`value`, refused (AE) when longer than its DICOM attribute may hold: a modality
+    would cut it, and what it sends back would match no order or patient."""
+    if len(value) > limit:
+        raise Hl7Error(f"{what} is longer than DICOM allows ({len(value)} > {limit}"
+                       " characters)", location, ErrorCode.DATA_TYPE, reject=False)
+    return value
+
+
 def _patient(message: hl7.Message) -> tuple[PatientKey, Demographics]:
     pid = _segment(message, "PID")
-    patient_id = _get(pid, 3)
+    patient_id = _fits(_get(pid, 3), 64, "PID-3", "patient identifier")  # LO
     if not patient_id:
         raise Hl7Error("patient identifier is missing", "PID-3",
                        ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
@@ -327,6 +336,11 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
     if not accession:
         raise Hl7Error("accession number is missing", "IPC-1" if ipc is not None else "OBR-18",
                        ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
+    _fits(accession, 16, key_field, "accession number")  # SH
+    _fits(procedure_id, 16, "IPC-2" if ipc is not None else "OBR-19",
+          "requested procedure ID")  # SH
+    _fits(sps_id, 16, "IPC-4" if ipc is not None else "OBR-20",
+          "scheduled procedure step ID")  # SH
     if study_uid and not is_valid_uid(study_uid):
         raise Hl7Error("Study Instance UID is not a valid UID", study_field,
                        ErrorCode.DATA_TYPE, reject=False)
