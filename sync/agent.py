@@ -123,6 +123,7 @@ async def run_agent(config: Config) -> None:
             loop.add_signal_handler(sig, stop.set)
         # APScheduler logs every run at INFO: a recall poll every second would flood the log.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler.scheduler").addFilter(_not_a_skipped_run)
         scheduler = AsyncIOScheduler(event_loop=loop)
         running: set[asyncio.Task[None]] = set()
         sync = config.sync
@@ -157,6 +158,13 @@ async def run_agent(config: Config) -> None:
     log.info("sync agent stopped")
     if left:
         _exit_leaving_threads()
+
+
+def _not_a_skipped_run(record: logging.LogRecord) -> bool:
+    """APScheduler warns whenever a job's next run is skipped because its last one still
+    runs. Here that is the design (never two runs of a job at once), and a long upload or
+    recall would put that warning in the journal at every interval."""
+    return "maximum number of running instances" not in str(record.msg)
 
 
 def _logged(name: str, job: Callable[[], Awaitable[object]],

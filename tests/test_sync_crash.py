@@ -212,6 +212,34 @@ def test_agent_stopped_mid_upload_ends_the_pass_quietly_and_replicates_at_its_ne
     assert_consistent(path, hashes, study_uid)
 
 
+@pytest.mark.parametrize("home", ["local"], indirect=True)
+def test_a_pass_longer_than_its_interval_skips_runs_without_a_warning(
+    home: tuple[Path, dict[str, str], str], tmp_path: Path,
+) -> None:
+    """One run of a job at a time is the design: while an upload outlasts
+    replicate_interval_seconds, the runs it skips put nothing in the log (APScheduler
+    warned at every interval)."""
+    import tomlkit
+
+    path, hashes, study_uid = home
+    replicate_at_once(path)
+    config = path / "pacs-edge.toml"
+    doc = tomlkit.parse(config.read_text())
+    doc["sync"]["replicate_interval_seconds"] = 0.5  # type: ignore[index]
+    config.write_text(tomlkit.dumps(doc))
+    barrier = tmp_path / "barrier"
+    agent = paused_agent(path, "upload:mid-pack", barrier)
+    try:
+        wait_for(lambda: (barrier / "reached").exists(), "the upload to start")
+        time.sleep(2.0)  # four intervals
+        (barrier / "go").touch()
+        wait_for(lambda: study_state(path)[0] == "replicated", "the upload to finish")
+    finally:
+        assert agent.stop() == 0
+    assert "skipped" not in agent.log() and "WARNING" not in agent.log(), agent.log()
+    assert_consistent(path, hashes, study_uid)
+
+
 # `pacs-edge sync` with the agent's stop bound shortened (argv[1] seconds), so that a test
 # can pass it without waiting 15 s: the real command line, asyncio.run and all.
 SHORT_BOUND_AGENT = """
