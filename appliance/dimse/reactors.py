@@ -28,12 +28,14 @@ Both still wake every compat.REACTOR_IDLE_WAIT seconds to look at their timers
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 
 from appliance.base import compat
 from appliance.dimse.store_receiver import StoreReceiver
@@ -93,6 +95,23 @@ class EdgeDUL(DULServiceProvider):
         compat.kill_dul_reactor(self, self.pacs_edge_wakeup)
 
 
+class EdgeStateMachine(StateMachine):
+    """pynetdicom's state machine, with a local A-ABORT before the A-ASSOCIATE-RQ.
+
+    A stopping server aborts every connection it has (AE.shutdown), also one whose
+    peer has not sent its A-ASSOCIATE-RQ yet (Sta2). There is no association to abort
+    then, and PS3.8's table has no A-ABORT request (Evt15) in Sta2: pynetdicom raised
+    InvalidEventError, which ended the DUL thread with a traceback. The connection is
+    closed instead, as the ARTIM timer's expiry closes it in Sta2 (AA-2)."""
+
+    def do_action(self, event: str) -> None:
+        if event == "Evt15" and self.current_state == "Sta2":
+            with contextlib.suppress(queue.Empty):
+                self.dul.to_provider_queue.get(block=False)  # the A-ABORT: never sent
+            event = "Evt18"
+        super().do_action(event)
+
+
 def make_waiting(assoc: Any, receiver: StoreReceiver | None = None) -> threading.Event:
     """Turn a new (not yet started) acceptor association's DUL into an EdgeDUL (which
     gives its C-STOREs to `receiver`, if any) and its queues into waking ones; returns
@@ -100,6 +119,7 @@ def make_waiting(assoc: Any, receiver: StoreReceiver | None = None) -> threading
     wake = threading.Event()
     dul = assoc.dul
     dul.__class__ = EdgeDUL  # built by Association.__init__; EdgeDUL only overrides methods
+    dul.state_machine.__class__ = EdgeStateMachine  # as the DUL: methods only
     dul.pacs_edge_receiver = receiver
     wakeup = compat.Wakeup()
     dul.pacs_edge_wakeup = wakeup

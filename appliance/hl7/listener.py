@@ -76,6 +76,7 @@ class Hl7Listener:
         self._connections: set[_Connection] = set()  # admitted: counted against the cap
         self._open: set[_Connection] = set()  # every accepted connection
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
@@ -97,6 +98,7 @@ class Hl7Listener:
 
     async def stop(self) -> None:
         """Stop accepting, let messages being applied finish, close every connection."""
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         for connection in list(self._open):
@@ -187,6 +189,10 @@ class Hl7Listener:
             finally:
                 connection.busy = False
                 connection.last_active = time.monotonic()
+            if self._stopping:
+                # The message in hand is answered; read no next one, or a RIS that sends
+                # back to back would keep the connection, and the stop, for the whole grace.
+                return
 
     async def _answer(self, block: bytes, *, sender: str, address: str) -> str:
         try:

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 STOP_GRACE_SECONDS = 10.0
+_CANCEL_WAIT_SECONDS = 1.0  # aiohttp's own wait for handlers left after the grace, then cancel
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
          b"Connection: close\r\n\r\n")
 _GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
@@ -131,6 +133,9 @@ class _Guard(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
+            return
+        if self.server.stopping and not self.in_request and self.transport is not None:
+            self.transport.close()  # a new request on a kept-alive connection: not now
             return
         if not self.in_request and self._timer is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
@@ -224,6 +229,7 @@ class HttpServer:
         self.guards: dict[asyncio.Transport, _Guard] = {}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self.stopping = False
         app[_GUARD_KEY] = self
 
     async def start(self) -> int:
@@ -231,7 +237,7 @@ class HttpServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      logger=_ServerLog(logging.getLogger("aiohttp.server")),
                                      keepalive_timeout=self.config.idle_timeout,
-                                     shutdown_timeout=STOP_GRACE_SECONDS)
+                                     shutdown_timeout=_CANCEL_WAIT_SECONDS)
         await self._runner.setup()
         handler_factory: Any = self._runner.server
         assert handler_factory is not None
@@ -257,12 +263,23 @@ class HttpServer:
         return port
 
     async def stop(self) -> None:
-        """Stop accepting, let running requests finish for a grace period, close the rest."""
+        """Stop accepting, let running requests finish for a grace period, close the rest.
+
+        The requests are waited for here, before aiohttp's own shutdown: that marks
+        every connection closing at once, and a closing connection drops the bytes it
+        receives, so an upload still arriving (STOW-RS) stalled for the whole grace
+        and was then cancelled."""
+        self.stopping = True
         if self._server is not None:
             self._server.close()
+        for guard in list(self.guards.values()):
+            if not guard.in_request and guard.transport is not None:
+                guard.transport.close()  # idle kept-alive connections
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while any(g.in_request for g in self.guards.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self._runner is not None:
-            # Closes idle keep-alive connections, waits for running handlers (grace),
-            # then cancels them.
+            # Closes what is left and cancels the handlers still running.
             await self._runner.cleanup()
         for transport in list(self.guards):
             transport.abort()

@@ -233,19 +233,25 @@ async def serve(
         finally:
             notifier.stopping()
             log.info("stopping: no new associations; waiting for open ones to finish")
-            if hl7 is not None:
-                await hl7.stop()
             if prefetch is not None:
                 await prefetch.stop()
-            if http is not None:
-                await http.stop()  # before the index closes: requests still use it
-            await asyncio.to_thread(server.stop, STOP_GRACE_SECONDS)
+            # Every edge stops accepting now and drains in the same grace period: one
+            # after the other, DIMSE would take new associations while HTTPS drained,
+            # and the graces would add up. All before the index closes: they use it.
+            await asyncio.gather(
+                asyncio.to_thread(server.stop, STOP_GRACE_SECONDS),
+                *(edge.stop() for edge in (hl7, http) if edge is not None))
             await asyncio.to_thread(reporter.stop)
             if watcher is not None:
                 await watcher.stop()
             await asyncio.to_thread(auditor.close)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+                # Ignored, not back to the default action, until the process exits: the
+                # stop is under way, and a repeated signal would kill the process while
+                # the index closes and the run counts as unclean. A worker always gets
+                # two: systemd signals every process of the unit, its supervisor too.
+                signal.signal(sig, signal.SIG_IGN)
     if worker is None:
         end_run(config.home)
     log.info("stopped")
