@@ -245,6 +245,28 @@ def test_content_errors_are_application_errors_naming_the_field(
     assert worklist(server) == []
 
 
+def test_training_and_debugging_messages_are_rejected_unless_the_box_accepts_them(
+        edge_server_factory: Callable[..., EdgeServer],
+        free_port: Callable[[], int]) -> None:
+    """MSH-11 T or D on a box with [hl7] processing_ids = ["P"] (the default): AR 202 at
+    MSH-11, no order; a test box that lists T applies it."""
+    server = edge_server_factory(start=False)
+    port = free_port()
+    hl7peer.listen(server, port)
+    server.start()
+    for processing in ("T", "D"):
+        message = hl7peer.orm(f"PI-{processing}", accession=f"PI{processing}")
+        ack = hl7peer.send(port, message.replace("|P|2.5", f"|{processing}|2.5", 1))
+        assert (ack.code, ack.error_field, ack.error_code) == ("AR", "MSH-11", "202")
+    assert hl7peer.send(port, hl7peer.orm("PI-P", accession="PIP")).code == "AA"
+    assert [o["accession_number"] for o in worklist(server)] == ["PIP"]
+    server.stop()
+    server.configure(hl7={"processing_ids": ["P", "T"]})
+    server.start()
+    training = hl7peer.orm("PI-T2", accession="PIT2").replace("|P|2.5", "|T|2.5", 1)
+    assert hl7peer.send(port, training).code == "AA"
+
+
 def test_blank_lines_between_segments_are_skipped_and_a_segment_without_id_rejected(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

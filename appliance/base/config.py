@@ -93,6 +93,9 @@ class Hl7Config:
                                            "1024 to 67108864 bytes"))
     idle_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     max_connections: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+    processing_ids: tuple[str, ...] = field(default=("P",), metadata=_check(
+        lambda v: len(v) > 0 and set(v) <= {"P", "T", "D"},
+        'a non-empty list of "P" (production), "T" (training), "D" (debugging)'))
 
 
 @dataclass(frozen=True)
@@ -528,6 +531,8 @@ _COMMENTS = {
     "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
     "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
     "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
+    "hl7.processing_ids": "MSH-11 values whose orders are applied (P: production; a test"
+    " box may add T, training, and D, debugging); others get AR. An empty MSH-11 is P.",
     "http": "HTTPS server: DICOMweb at /dicom-web, the viewer and its login (docs/web.md).",
     "http.port": "HTTPS port; 0 turns the web server off.",
     "http.host": "Listen address. 127.0.0.1 keeps it private (or behind a reverse proxy);"

@@ -202,6 +202,16 @@ class Hl7Listener:
                      exc.location, exc.code)
             return build_ack(AckCode.REJECT if exc.reject else AckCode.ERROR, exc.header,
                              text=exc.text, location=exc.location, error=exc.code)
+        processing = parsed.header.processing_id.upper() or "P"
+        if processing not in self.config.processing_ids:
+            # A RIS's training or debugging message on a production box: its order would
+            # stand on a real modality's worklist.
+            log.info("hl7 message rejected field=MSH-11 code=%d",
+                     ErrorCode.UNSUPPORTED_PROCESSING_ID)
+            return build_ack(AckCode.REJECT, parsed.header, location="MSH-11",
+                             error=ErrorCode.UNSUPPORTED_PROCESSING_ID,
+                             text="this box applies messages with processing ID "
+                             f"{' or '.join(self.config.processing_ids)} only")
         try:
             outcome = await self.service.apply(parsed.header, parsed.request, sender=sender,
                                                address=address)
