@@ -37,11 +37,14 @@ def on_request(event: Any) -> None:
     if not type(message).__name__.endswith("_RQ"):
         return
     command = message.command_set
+    message_id = getattr(command, "MessageID", None)
+    if message_id is None:
+        return  # a C-CANCEL-RQ: it names the operation it cancels, which is timed already
     service = _service(message)
     if service == "C-FIND" and command.AffectedSOPClassUID == ModalityWorklistInformationFind:
         service = "C-FIND-MWL"  # a modality's worklist query, not a Q/R query
     with _lock:
-        _started.setdefault(event.assoc, {})[int(command.MessageID)] = (
+        _started.setdefault(event.assoc, {})[int(message_id)] = (
             service, time.monotonic())
 
 
