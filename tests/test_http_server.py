@@ -6,7 +6,6 @@ and raw TLS sockets, all verifying the site CA.
 
 from __future__ import annotations
 
-import base64
 import socket
 import ssl
 import struct
@@ -111,17 +110,6 @@ def test_http_port_zero_turns_the_server_off(edge_server: EdgeServer) -> None:
         _ = edge_server.http_port
 
 
-def _stow_head_as_rad(content_length: int) -> bytes:
-    """A STOW-RS request head (user rad, HTTP Basic) announcing `content_length` bytes,
-    and the head of its first part: what a client sends before an instance's bytes."""
-    credentials = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
-    return ("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Basic {credentials}\r\n"
-            f"Content-Type: {webpeer.STOW_TYPE.format('b0undary')}\r\n"
-            f"Content-Length: {content_length}\r\n\r\n"
-            "--b0undary\r\nContent-Type: application/dicom\r\n\r\n").encode()
-
-
 def test_stalled_upload_is_answered_408_and_its_spool_removed(
         tmp_path: Path, free_port: Callable[[], int],
         edge_server_factory: Callable[..., EdgeServer]) -> None:
@@ -129,7 +117,7 @@ def test_stalled_upload_is_answered_408_and_its_spool_removed(
                                                   idle_timeout=1.0))
     webpeer.add_user(server, "rad", "radiologist")
     with webpeer.tls_socket(server) as tls:
-        tls.sendall(_stow_head_as_rad(1000000) + b"\0" * 4096)
+        tls.sendall(webpeer.stow_first_part_head("rad", 1000000) + b"\0" * 4096)
         answer = b""
         deadline = time.monotonic() + DEADLINE
         while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
@@ -166,7 +154,7 @@ def test_client_gone_mid_upload_is_one_log_line_and_its_spool_removed(
     [instance] = dicomgen.make_study(tmp_path / "one", seed=7, series_per_study=1,
                                      instances_per_series=1)
     with webpeer.tls_socket(web_server) as tls:
-        tls.sendall(_stow_head_as_rad(100000000) + instance.path.read_bytes()
+        tls.sendall(webpeer.stow_first_part_head("rad", 100000000) + instance.path.read_bytes()
                     + b"\0" * (3 << 20))  # past a read chunk
         _wait_for(lambda: bool(list((web_server.home / "store").rglob(f"*{TEMP_SUFFIX}"))))
         tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST

@@ -11,7 +11,6 @@ open drains within one grace period (docs/deployment.md).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -84,12 +83,7 @@ def test_sigterm_refuses_new_associations_while_an_upload_drains(
     webpeer.add_user(server, "rad", "radiologist")
     [instance] = dicomgen.make_study(tmp_path / "one", seed=7, series_per_study=1,
                                      instances_per_series=1)
-    credentials = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
-    head = ("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Basic {credentials}\r\n"
-            f"Content-Type: {webpeer.STOW_TYPE.format('b0undary')}\r\n"
-            "Content-Length: 100000000\r\n\r\n"
-            "--b0undary\r\nContent-Type: application/dicom\r\n\r\n").encode()
+    head = webpeer.stow_first_part_head("rad", 100000000)
     with webpeer.tls_socket(server) as upload:
         # Past a read chunk, so the part is spooling; the rest is still on its way.
         upload.sendall(head + instance.path.read_bytes() + b"\0" * (3 << 20))
@@ -158,10 +152,7 @@ def test_sigterm_lets_an_upload_in_flight_finish(
     [instance] = dicomgen.make_study(tmp_path / "one", seed=8, series_per_study=1,
                                      instances_per_series=1, size=1024)  # 2 MiB
     body, content_type = webpeer.multipart_body([instance.path])
-    credentials = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
-    head = ("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
-            f"Authorization: Basic {credentials}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = webpeer.stow_head("rad", len(body), content_type)
     half = len(body) // 2 + (1 << 20)  # past a read chunk: the part is spooling
     with webpeer.tls_socket(server) as upload:
         upload.sendall(head + body[:half])

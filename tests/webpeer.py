@@ -9,6 +9,8 @@
 - metrics_listener_box(folder): a started server with HTTPS off and its own /metrics port.
 - multipart_body(paths) / parts(response): build a STOW-RS body from files as they are
   on disk; split a multipart/related answer into (headers, bytes) parts.
+- stow_head(user, length) / stow_first_part_head(user, length): the bytes a client
+  sends before a STOW-RS body, or before its first instance's bytes (raw-socket tests).
 
 Every client verifies the server's certificate against the site CA of the data
 home (<home>/tls/ca.pem) and calls it by `localhost`, a name the node certificate
@@ -17,6 +19,7 @@ carries; nothing is ever sent without TLS.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import secrets
@@ -173,6 +176,22 @@ def multipart_body(paths: Iterable[Path], *, part_type: str = "application/dicom
         body += path.read_bytes() + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
     return bytes(body), STOW_TYPE.format(boundary)
+
+
+def stow_head(user: str, content_length: int, content_type: str) -> bytes:
+    """A STOW-RS request head (HTTP Basic as `user`, PASSWORD): what a client sends
+    before the body."""
+    credentials = base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+    return ("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
+            f"Authorization: Basic {credentials}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {content_length}\r\n\r\n").encode()
+
+
+def stow_first_part_head(user: str, content_length: int) -> bytes:
+    """The request head and the head of the first part of a STOW-RS body announcing
+    `content_length` bytes: what a client sends before an instance's bytes."""
+    return (stow_head(user, content_length, STOW_TYPE.format("b0undary"))
+            + b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n")
 
 
 def parts(content_type: str, body: bytes) -> list[tuple[dict[str, str], bytes]]:

@@ -48,7 +48,7 @@ class Page:
 
     def identifiers(self) -> Iterator[Dataset]:
         for row in self.rows:
-            [match] = self.found.datasets([row])
+            match = self.found.dataset(row)
             if self.drop_referring:
                 del match[_REFERRING]
             yield match

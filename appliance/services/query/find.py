@@ -188,10 +188,13 @@ class Answer:
         """The rows of one of `batches()` (matches deleted since are left out)."""
         return await rows_by_id(index, self.level, self.plan.columns, ids)
 
+    def dataset(self, row: Row) -> Dataset:
+        """The response identifier of one row read from this answer."""
+        return _response(self.level, self.plan, row)
+
     def datasets(self, rows: Sequence[Row] | None = None) -> list[Dataset]:
         """The response identifiers of `rows` (read from this answer), or of `self.rows`."""
-        return [_response(self.level, self.plan, row)
-                for row in (self.rows if rows is None else rows)]
+        return [self.dataset(row) for row in (self.rows if rows is None else rows)]
 
     def encoded(self, rows: Sequence[Row] | None = None, *,
                 implicit_vr: bool) -> Iterator[bytes]:
