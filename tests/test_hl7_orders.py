@@ -108,11 +108,18 @@ def test_change_cancel_and_discontinue_follow_the_order_state_table(
     assert worklist(server, "--status", "SCHEDULED") == []
 
 
-def test_cancel_of_an_unknown_order_is_an_application_error(
+def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_error(
         hl7_edge: tuple[EdgeServer, int]) -> None:
-    _, port = hl7_edge
+    server, port = hl7_edge
     ack = hl7peer.send(port, hl7peer.orm("C9", "CA", accession="NOPE"))
     assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "204")
+    assert hl7peer.send(port, hl7peer.orm("N1", accession="A5")).code == "AA"
+    for control_id, control in (("C1", "CA"), ("D1", "DC"), ("X1", "XO")):
+        ack = hl7peer.send(port, hl7peer.orm(control_id, control, accession="A5",
+                                             patient_id="PAT2", modality="MR"))
+        assert (ack.code, ack.error_field, ack.error_code) == ("AE", "PID-3", "204")
+    order = show(server, "A5")
+    assert (order["status"], order["modality"]) == ("SCHEDULED", "CT")
 
 
 def test_second_new_order_with_the_same_accession_is_refused(
@@ -236,6 +243,10 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     (lambda m: m.replace("|ACC1|RPACC1|", f"|{'A' * 17}|RPACC1|"), "OBR-18"),
     (lambda m: m.replace("|RPACC1|", f"|{'R' * 17}|"), "OBR-19"),
     (lambda m: m.replace("PID|1||PAT1^^^HOSP|", f"PID|1||{'P' * 65}^^^HOSP|"), "PID-3"),
+    # Days and times that do not exist, named by the field they came from.
+    (lambda m: m.replace("|19700101|", "|19700230|"), "PID-7"),
+    (lambda m: m.replace("^^^202401021030^^R", "^^^202413021030^^R"), "ORC-7"),
+    (lambda m: m.replace("^^^202401021030^^R", "^^^202401022530^^R"), "ORC-7"),
 ])
 def test_content_errors_are_application_errors_naming_the_field(
         hl7_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str) -> None:

@@ -52,6 +52,7 @@ _REFUSAL_CODES = {
     Refusal.UNKNOWN_ORDER: ErrorCode.UNKNOWN_KEY,
     Refusal.DUPLICATE_ORDER: ErrorCode.DUPLICATE_KEY,
     Refusal.NOT_ALLOWED: ErrorCode.INTERNAL,
+    Refusal.OTHER_PATIENT: ErrorCode.UNKNOWN_KEY,
 }
 
 

@@ -14,6 +14,7 @@ ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hashlib
 import re
@@ -227,11 +228,21 @@ def _person_name(segment: hl7.Segment, field_num: int, *, offset: int = 0) -> st
 
 
 def _date(value: str, location: str) -> str:
+    """YYYYMMDD of a DT/DTM; a day that does not exist (20240230) is refused (AE) like a
+    malformed one: a modality would write it into the study's DA attributes as is."""
     day = value[:8]
-    if day and not (day.isdigit() and len(day) == 8):
+    if day and not (day.isdigit() and len(day) == 8 and _is_calendar_day(day)):
         raise Hl7Error(f"{location} is not a date (YYYYMMDD...)", location,
                        ErrorCode.DATA_TYPE, reject=False)
     return day
+
+
+def _is_calendar_day(day: str) -> bool:
+    try:
+        datetime.date(int(day[:4]), int(day[4:6]), int(day[6:8]))
+    except ValueError:
+        return False
+    return True
 
 
 def _fits(value: str, limit: int, location: str, what: str) -> str:
@@ -353,7 +364,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
     if not _AE_TITLE.fullmatch(station_ae):
         raise Hl7Error("scheduled station AE title has characters an AE title cannot hold",
                        station_field, ErrorCode.DATA_TYPE, reject=False)
-    start = _start(group)
+    start, start_field = _start(group)
     details = OrderDetails(
         requested_procedure_id=procedure_id or accession,
         requested_procedure_desc=_get(obr, 4, 2),
@@ -363,7 +374,8 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         sps_id=sps_id or procedure_id or accession,
         sps_description=_get(obr, 4, 2), modality=modality,
         station_ae_title=station_ae, station_name=station_name, sps_location=location,
-        sps_start_date=_date(start[:8], "TQ1-7"), sps_start_time=_time_of_day(start[8:]),
+        sps_start_date=_date(start[:8], start_field),
+        sps_start_time=_time_of_day(start[8:], start_field),
         referring_physician=referring,
         requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),
     )
@@ -374,20 +386,29 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                         study_field=study_field)
 
 
-def _time_of_day(rest: str) -> str:
+def _time_of_day(rest: str, location: str) -> str:
     """HHMMSS of what follows a timestamp's date: its leading digits, whole hours,
-    minutes and seconds only (a time zone, fractions or junk after them go)."""
+    minutes and seconds only (a time zone, fractions or junk after them go). An hour,
+    minute or second out of range is refused (AE), as a day that does not exist is."""
     digits = _LEADING_DIGITS.match(rest)
     time = digits.group() if digits else ""
-    return time[:len(time) - len(time) % 2]
+    time = time[:min(6, len(time) - len(time) % 2)]
+    limits = (24, 60, 60)
+    if any(int(time[n:n + 2]) >= limit for n, limit in zip(range(0, len(time), 2), limits,
+                                                           strict=False)):
+        raise Hl7Error(f"{location} is not a time of day (HHMMSS)", location,
+                       ErrorCode.DATA_TYPE, reject=False)
+    return time
 
 
-def _start(group: dict[str, hl7.Segment]) -> str:
-    """Scheduled start: TQ1-7, else ORC-7.4 / OBR-27.4 (quantity/timing), else OBR-36."""
+def _start(group: dict[str, hl7.Segment]) -> tuple[str, str]:
+    """Scheduled start and the field it came from: TQ1-7, else ORC-7.4 / OBR-27.4
+    (quantity/timing), else OBR-36, else OBR-7."""
     candidates = []
     if "TQ1" in group:
-        candidates.append(_get(group["TQ1"], 7))
-    candidates.append(_get(group["ORC"], 7, 4))
+        candidates.append((_get(group["TQ1"], 7), "TQ1-7"))
+    candidates.append((_get(group["ORC"], 7, 4), "ORC-7"))
     obr = group["OBR"]
-    candidates += [_get(obr, 27, 4), _get(obr, 36), _get(obr, 7)]
-    return next((value for value in candidates if value), "")
+    candidates += [(_get(obr, 27, 4), "OBR-27"), (_get(obr, 36), "OBR-36"),
+                   (_get(obr, 7), "OBR-7")]
+    return next((found for found in candidates if found[0]), ("", "TQ1-7"))

@@ -136,6 +136,7 @@ class Refusal(enum.Enum):
     UNKNOWN_ORDER = "unknown_order"
     DUPLICATE_ORDER = "duplicate_order"
     NOT_ALLOWED = "not_allowed"  # the order's status forbids it
+    OTHER_PATIENT = "other_patient"  # the order is another patient's
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,9 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
     if order is None:
         raise MessageRefused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
                        request.key_field)
+    if not _same_patient(order.patient, request.patient):
+        raise MessageRefused(Refusal.OTHER_PATIENT, "the order belongs to another patient",
+                             "PID-3")
     trigger = _TRIGGERS[request.control]
     try:
         if trigger is OrderTrigger.CHANGE:
@@ -292,6 +296,15 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
                                                                           "change"),
                   order.patient, order.demographics.patient_name, order.accession_number,
                   order.study_uid)
+
+
+def _same_patient(order: PatientKey, message: PatientKey) -> bool:
+    """Whether a cancel, discontinue or change names the order's patient: a message for
+    the wrong patient (a mistyped accession number) must not touch another's order. The
+    issuers are compared when both are given (senders often leave it out of ORC-only
+    messages)."""
+    return (order.patient_id == message.patient_id
+            and (not order.issuer or not message.issuer or order.issuer == message.issuer))
 
 
 def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
