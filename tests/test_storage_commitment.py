@@ -48,7 +48,7 @@ from appliance.store.commitment_rows import (
 
 MODALITY = "MODALITY"
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
-SUCCESS, REFUSED_NOT_AUTHORIZED = 0x0000, 0x0124
+SUCCESS, REFUSED_NOT_AUTHORIZED, INVALID_ARGUMENT_VALUE = 0x0000, 0x0124, 0x0115
 NO_SUCH_OBJECT, PROCESSING_FAILURE = 0x0112, 0x0110
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
 REPORT_TIMEOUT = 60.0
@@ -404,15 +404,21 @@ def test_evicted_instance_in_a_verified_pack_is_committed(
     assert report.committed() == {i.sop_instance_uid for i in study}
 
 
-def test_repeated_transaction_uid_is_answered_again(
+def test_repeated_transaction_uid_is_answered_again_and_refused_for_other_items(
         commit_edge: Callable[..., EdgeServer], modality: Modality,
         study: list[dicomgen.GeneratedInstance]) -> None:
     edge = commit_edge()
-    _store(edge, study[:1])
+    _store(edge, study[:2])
     _, transaction_uid, first = modality.request(edge, _items(study[:1]))
     _, _, again = modality.request(edge, _items(study[:1]), transaction_uid=transaction_uid)
     assert first is not None and again is not None
     assert again.committed() == first.committed() == {study[0].sop_instance_uid}
+    # The same UID for other instances: answering the first request's items would tell
+    # the modality that instances it never asked about are committed, and not the others.
+    other, _, report = modality.request(edge, _items(study[1:2]),
+                                        transaction_uid=transaction_uid)
+    assert (other, report) == (INVALID_ARGUMENT_VALUE, None)
+    assert modality.reports.empty()
     db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
     try:
         assert db.execute("SELECT COUNT(*) FROM commitments").fetchone()[0] == 1

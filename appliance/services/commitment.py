@@ -132,10 +132,14 @@ class CommitmentService:
                                     " lacks a valid SOP Class or SOP Instance UID")
         now = self.clock()
         assert self.index.writer is not None
-        commitment_id, new = await self.index.writer.submit_sync(
+        recorded = await self.index.writer.submit_sync(
             lambda conn: commitments.record_request(
                 conn, calling_ae=calling_ae, transaction_uid=transaction_uid, items=items,
                 now=now, first_attempt_at=now + hold_seconds))
+        if recorded is None:
+            raise CommitmentRefused(Refusal.INVALID_REQUEST, "Transaction UID already names a"
+                                    " request for other instances")
+        commitment_id, new = recorded
         commitment = await self._load(commitment_id)
         log.info("storage commitment requested commitment=%d items=%d new=%s calling=%s",
                  commitment.id, len(commitment.items), new, calling_ae)

@@ -101,13 +101,18 @@ class StoredInstance:
 
 def record_request(conn: sqlite3.Connection, *, calling_ae: str, transaction_uid: str,
                    items: Sequence[RequestedItem], now: float, first_attempt_at: float
-                   ) -> tuple[int, bool]:
-    """Commit a request; (commitment id, True if new). A repeated Transaction UID from the
-    same peer keeps the first request's items and becomes pending again."""
+                   ) -> tuple[int, bool] | None:
+    """Commit a request; (commitment id, True if new). A repeated request (same Transaction
+    UID from the same peer, same items) becomes pending again; None, and nothing changed,
+    when the peer reuses the Transaction UID for other items."""
     existing = database.query_one(
         conn, "SELECT id, state FROM commitments WHERE calling_ae = ? AND transaction_uid = ?",
         (calling_ae, transaction_uid))
     if existing is not None:
+        held = conn.execute("SELECT sop_class_uid, sop_uid FROM commitment_items"
+                            " WHERE commitment_fk = ? ORDER BY position", (existing[0],))
+        if [tuple(row) for row in held] != [(i.sop_class_uid, i.sop_uid) for i in items]:
+            return None
         _apply(conn, existing[0], existing[1], CommitmentTrigger.REQUESTED_AGAIN, now)
         conn.execute("UPDATE commitments SET next_attempt_at = ?, last_error = '' WHERE id = ?",
                      (first_attempt_at, existing[0]))
