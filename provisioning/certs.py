@@ -132,8 +132,7 @@ def provision_tls(home: Path, *, ca_days: int = DEFAULT_CA_DAYS,
                   extra_sans: tuple[str, ...] = ()) -> list[Path]:
     """Create whatever is missing of site id, CA and node certificate; return what was made."""
     paths = TlsPaths(Path(home))
-    _check_days(ca_days, "--ca-days")
-    _check_days(node_days, "--cert-days")
+    check_lifetimes(home, ca_days=ca_days, node_days=node_days)
     sans = node_sans(extra_sans)
     _ensure_dir(paths.home / SECRETS_DIR, 0o700)
     _ensure_dir(paths.home / TLS_DIR, 0o755)
@@ -160,6 +159,18 @@ def provision_tls(home: Path, *, ca_days: int = DEFAULT_CA_DAYS,
                   replace=False):
             created.append(paths.node_cert)
     return created
+
+
+def check_lifetimes(home: Path, *, ca_days: int, node_days: int) -> None:
+    """Refuse init's lifetimes before anything is written: out of range, or a node
+    certificate asked to outlive the CA made with it (it would be cut short silently)."""
+    _check_days(ca_days, "--ca-days")
+    _check_days(node_days, "--cert-days")
+    if node_days > ca_days and not TlsPaths(Path(home)).ca_cert.exists():
+        raise CertificateError(
+            f"--cert-days {node_days} is longer than --ca-days {ca_days}: a certificate "
+            "never outlives the CA that signs it",
+            hint=f"give --ca-days at least {node_days}, or a shorter --cert-days")
 
 
 def read_site_id(home: Path) -> str:

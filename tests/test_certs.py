@@ -186,9 +186,15 @@ def test_unsafe_ca_key_and_bad_names_fail_with_a_hint(tmp_path: Path) -> None:
 
 def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    certs.provision_tls(home, ca_days=5, node_days=365)
-    ca, node = _cert(home / "tls/ca.pem"), _cert(home / "tls/node.pem")
-    assert node.not_valid_after_utc == ca.not_valid_after_utc
+    refused = run_pacs_edge("init", "--home", str(home), "--cert-days", "365",
+                            "--ca-days", "5", check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--cert-days 365 is longer than --ca-days 5" in refused.stderr
+    assert not home.exists(), "nothing is written before the lifetimes are checked"
+    certs.provision_tls(home, ca_days=5, node_days=5)
+    certs.issue_client(home, "ws1", tmp_path / "ws1", days=365)
+    ca, client = _cert(home / "tls/ca.pem"), _cert(tmp_path / "ws1/ws1.pem")
+    assert client.not_valid_after_utc == ca.not_valid_after_utc
 
 
 def test_status_warns_before_a_certificate_issued_to_a_peer_expires(tmp_path: Path) -> None:

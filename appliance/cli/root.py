@@ -43,7 +43,7 @@ from appliance.process.undumpable import make_undumpable
 from appliance.services.launch_links import ensure_link_key
 from appliance.services.launch_links import key_path as link_key_path
 from appliance.services.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
-from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS
+from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS, check_lifetimes
 from provisioning.home import init_home
 from provisioning.site_secrets import create_site_secrets
 
@@ -95,6 +95,7 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
                  "cloud": {"url": cloud_url}}
     # Validate the overrides exactly as the config loader would.
     Config(home=resolved).with_overrides(**overrides)
+    check_lifetimes(resolved, ca_days=ca_days, node_days=cert_days)
     report = init_home(
         resolved,
         config_file=CONFIG_FILE,
