@@ -97,3 +97,40 @@ def test_sigkill_while_idle_then_restart_recovers_without_loss(
     server.start()
     assert "did not stop cleanly" in server.log()
     assert '"instances": 6' in server.cli("status", "--json").stdout
+
+
+def test_content_sent_again_writes_a_lost_or_damaged_stored_file_again(
+        edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+        tmp_path: Path) -> None:
+    """The index held the content, so the box answered "duplicate" and kept nothing, while
+    its file was gone or damaged: a drop folder then deleted the only good copy. The copy
+    sent again (over C-STORE, or by `import`, whose File Meta differs) is written again."""
+    lost, damaged = small_study[0], small_study[1]
+    dcmtk.storescu(edge_server.port, [lost.path, damaged.path]).check()
+    lost_path, damaged_path = (stored_path(edge_server.home, i.sop_instance_uid)
+                               for i in (lost, damaged))
+    assert lost_path is not None and damaged_path is not None
+    lost_path.unlink()
+    with damaged_path.open("r+b") as fh:
+        fh.seek(-16, 2)
+        fh.write(b"\xff" * 16)
+    dcmtk.storescu(edge_server.port, [lost.path]).check()
+    imported = edge_server.cli("import", str(damaged.path))
+    got = dcmtk.getscu(edge_server.port, {"StudyInstanceUID": lost.study_uid},
+                       tmp_path / "got").check()
+    received = {str(dicomgen.read_header(p).SOPInstanceUID): dicomgen.dataset_bytes(p)
+                for p in (tmp_path / "got").iterdir()}
+    for instance in (lost, damaged):
+        assert received[instance.sop_instance_uid] == dicomgen.dataset_bytes(instance.path), \
+            got.output
+    db = sqlite3.connect(f"file:{edge_server.home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT path, size, dataset_offset FROM instances").fetchall()
+    finally:
+        db.close()
+    for path, size, offset in rows:  # the row describes the file written again
+        stored = edge_server.home / "store" / path
+        assert stored.stat().st_size == size
+        assert stored.read_bytes()[offset:] == dicomgen.dataset_bytes(stored)
+    assert "stored file of an instance was missing or damaged" in edge_server.log()
+    assert "already present 1" in imported.stdout

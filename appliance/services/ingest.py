@@ -37,7 +37,7 @@ from appliance.base.metrics import INGEST_IN_PROGRESS
 from appliance.base.uids import normalise_uid
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
-from appliance.store.index import Index, RecordOutcome, StoredFile
+from appliance.store.index import HeldCopy, Index, RecordOutcome, StoredFile
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
 
@@ -114,7 +114,11 @@ class IngestService:
             ):
                 raise InvalidInstance("dataset SOP Class/Instance UID differ from the request",
                                       kind=Rejection.NOT_AS_REQUESTED)
-            if self.index.has_identical_blocking(header.sop_uid, sha256):
+            held = self.index.held_copy_blocking(header.sop_uid, sha256)
+            if held is not None:
+                if held.is_local:
+                    self._mend(spool, header, held, sha256=sha256, offset=offset,
+                               synced=syncing)
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
             placed = self.files.place(spool, relative, sha256=sha256, offset=offset,
@@ -137,6 +141,23 @@ class IngestService:
             spool.discard()  # after its fsync, if one runs
             if committed_path is not None:
                 self.files.remove(committed_path)
+
+    def _mend(self, spool: SpoolFile, header: InstanceHeader, held: HeldCopy, *,
+              sha256: str, offset: int, synced: futures.Future[None] | None) -> None:
+        """Content the index holds on local disk, sent again: its file must still be there
+        and whole. A sender (a drop folder above all) deletes its copy on the answer, so a
+        stored file that was lost or damaged is written again from this one (FileStore.place
+        keeps an intact file, and reads it whole to know)."""
+        placed = self.files.place(spool, held.path, sha256=sha256, offset=offset,
+                                  synced=synced)
+        if (placed.size, placed.dataset_offset) == (held.size, held.dataset_offset) \
+                and not placed.created:
+            return
+        self.index.restored_file_blocking(header.sop_uid, held.path, placed.size,
+                                          placed.dataset_offset)
+        log.warning("stored file of an instance was missing or damaged; written again from"
+                    " the copy sent again instance=%s study=%s", logsafe.ref(header.sop_uid),
+                    logsafe.ref(header.study_uid))
 
     async def ingest_file(self, source: Path | BinaryIO, *, source_ae: str = "") -> IngestResult:
         """Ingest a file from disk (import, drop folder) through the same path as C-STORE:

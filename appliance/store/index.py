@@ -70,10 +70,21 @@ class IndexTotals:
     tier_states: dict[str, int]
 
 
+@dataclass(frozen=True)
+class HeldCopy:
+    """The current row of an instance sent again with the same content."""
+
+    is_local: bool  # its file is on local disk (else its copy is a pack in the cloud)
+    path: str
+    size: int
+    dataset_offset: int
+
+
 # The same content of an instance is stored already, unless the only copy of it is a
 # pack a scrub found damaged: sent again, it is stored and uploaded anew (make_way).
 _IDENTICAL_SQL = (
-    "SELECT 1 FROM instances i WHERE i.sop_uid = ? AND i.sha256 = ?"
+    "SELECT i.is_local, i.path, i.size, i.dataset_offset FROM instances i"
+    " WHERE i.sop_uid = ? AND i.sha256 = ?"
     " AND NOT (i.is_local = 0 AND EXISTS (SELECT 1 FROM packs p"
     " WHERE p.id = i.pack_fk AND p.scrub_state = 'damaged'))")
 
@@ -141,29 +152,35 @@ class Index:
 
     # --- ingest -----------------------------------------------------------------
 
-    async def has_identical(self, sop_uid: str, sha256: str) -> bool:
-        row = await database.run_sync(  # one hop to the reader's thread, not three
-            self.reader, database.query_one,
-            _IDENTICAL_SQL, (sop_uid, sha256),
-        )
-        return row is not None
 
     async def record_instance(self, header: InstanceHeader, stored: StoredFile) -> RecordOutcome:
         """Commit the instance row (and its patient/study/series); durable on return."""
         assert self.writer is not None
         return await self.writer.submit_sync(lambda conn: _record(conn, header, stored))
 
-    # Blocking twins of the two calls above, for a thread that is not the event loop's
-    # (a DIMSE association's): no hop through the loop on the C-STORE critical path.
+    # Blocking calls for a thread that is not the event loop's (a DIMSE association's):
+    # no hop through the loop on the C-STORE critical path.
 
-    def has_identical_blocking(self, sop_uid: str, sha256: str) -> bool:
+    def held_copy_blocking(self, sop_uid: str, sha256: str) -> HeldCopy | None:
+        """The current row of `sop_uid` if it holds content `sha256` (see _IDENTICAL_SQL)."""
         readers = self._thread_readers
         if readers is None:
             raise RuntimeError("index is not open")
         with readers.borrow() as conn:
             row = database.query_one(
                 conn, _IDENTICAL_SQL, (sop_uid, sha256))
-        return row is not None
+        return None if row is None else HeldCopy(bool(row[0]), row[1], row[2], row[3])
+
+    def restored_file_blocking(self, sop_uid: str, path: str, size: int,
+                               dataset_offset: int) -> None:
+        """The file at `path` of the current row of `sop_uid` was written again (lost or
+        damaged, its content sent again): record its size and dataset offset, which a
+        File Meta written by another path (C-STORE, drop folder) may have changed."""
+        if self.writer is None:
+            raise RuntimeError("index is not open")
+        self.writer.commit_blocking(lambda conn: conn.execute(
+            "UPDATE instances SET size = ?, dataset_offset = ? WHERE sop_uid = ? AND path = ?",
+            (size, dataset_offset, sop_uid, path)))
 
     def record_instance_blocking(self, header: InstanceHeader,
                                  stored: StoredFile) -> RecordOutcome:
