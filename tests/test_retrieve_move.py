@@ -29,13 +29,14 @@ import pytest
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
 )
 from storepeer import StorePeer
+from syncagent import evict, sync_once
 
 MODELS = {
     "patient": PatientRootQueryRetrieveInformationModelMove,
@@ -369,6 +370,22 @@ def test_destination_rejecting_stored_transfer_syntaxes_gives_b000_with_counts(
         edge_server.log())
 
 
+def test_destination_accepting_no_stored_syntax_is_logged_as_such(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """pynetdicom aborts an association with no accepted context: the log line once said
+    the destination "did not answer", sending the operator after a network fault."""
+    store(edge_server, small_study)
+    with StorePeer(transfer_syntaxes=[JPEGLosslessSV1]) as dest:
+        edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                         "StudyInstanceUID": small_study[0].study_uid},
+                           dest.ae_title)
+    assert final(responses)[0] == ALL_FAILED
+    assert ("move destination does not accept any stored SOP class and transfer syntax "
+            "(not transcoding)") in edge_server.log()
+
+
 def test_destination_that_does_not_answer_fails_every_suboperation(
     edge_server: EdgeServer, free_port: Callable[[], int],
     small_study: list[dicomgen.GeneratedInstance],
@@ -384,6 +401,21 @@ def test_destination_that_does_not_answer_fails_every_suboperation(
     assert "move destination did not answer" in edge_server.log()
     # One failed connection attempt, not one per instance.
     assert edge_server.log().count("move destination did not answer") == 1
+
+
+def test_destination_whose_host_does_not_resolve_fails_every_suboperation(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """pynetdicom resolves the host before it connects, and raises: the move once ended
+    in a traceback and a response without a status."""
+    store(edge_server, small_study)
+    edge_server.add_peer("lost", "LOST", 11113, host="nowhere.invalid", allow="store")
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": small_study[0].study_uid}, "LOST")
+    status, counts = final(responses)
+    assert (status, counts["completed"], counts["failed"]) == (ALL_FAILED, 0, len(small_study))
+    assert "move destination host not found" in edge_server.log()
+    assert "Traceback" not in edge_server.log()
 
 
 def test_instance_whose_file_is_gone_fails_alone(
@@ -477,6 +509,105 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
     assert sum(dest.counts().values()) == counts["completed"]
     # The C-CANCEL-RQ has no Message ID: the operation metrics once failed on it.
     assert "Traceback" not in edge_server.log()
+
+
+def test_cancel_stops_the_retries_of_a_store_response_that_never_came(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """A C-CANCEL that arrives while a C-STORE response is awaited is answered after that
+    wait, not after every retry of it ((retries + 1) x suboperation_timeout, 90 s at the
+    defaults)."""
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"suboperation_timeout": 1.0, "suboperation_retries": 2})
+    edge.start()
+    store(edge, small_study)
+    first, victim = small_study[0].sop_instance_uid, small_study[1].sop_instance_uid
+    with StorePeer(stall=lambda uid, nth: 0.0 if uid == first else 1.5) as dest:
+        edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
+
+        def cancel_at_first(assoc: object, context_id: int, n: int) -> None:
+            if n == 1:
+                assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
+
+        responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": small_study[0].study_uid},
+                           dest.ae_title, on_pending=cancel_at_first)
+
+    status, counts = final(responses)
+    assert status == CANCEL
+    assert (counts["completed"], counts["failed"]) == (1, 1)
+    assert dest.counts() == {first: 1, victim: 1}
+
+
+def test_cancel_while_a_recall_runs_ends_the_move_with_fe00(
+    edge_server: EdgeServer, destination: StorePeer,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """pynetdicom's is_cancelled() consumes the C-CANCEL: seen while waiting for the
+    recall, it must end the move there (it once re-planned and answered 0xA702)."""
+    store(edge_server, small_study)
+    study = small_study[0].study_uid
+    sync_once(edge_server.home)
+    evict(edge_server.home, study)  # no sync agent runs: the recall waits
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+
+    def cancel_at_first(assoc: object, context_id: int, n: int) -> None:
+        if n == 1:
+            assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
+
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                       destination.ae_title, on_pending=cancel_at_first)
+
+    status, counts = final(responses)
+    assert status == CANCEL
+    assert (counts["completed"], counts["failed"], counts["remaining"]) == (
+        0, 0, len(small_study))
+    assert destination.counts() == {}
+
+
+def test_recall_that_does_not_finish_fails_the_move_with_an_error_comment(
+    edge_server_factory: Callable[..., EdgeServer], destination: StorePeer,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """0xA702 alone reads as "destination down": the Error Comment says it was the recall."""
+    edge = edge_server_factory(start=False)
+    edge.configure(sync={"recall_timeout_seconds": 1.0})
+    edge.start()
+    store(edge, small_study)
+    study = small_study[0].study_uid
+    sync_once(edge.home)
+    evict(edge.home, study)  # no sync agent runs: the recall never finishes
+    edge.add_peer("dest", destination.ae_title, destination.port, allow="store")
+
+    responses = c_move(edge, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                       destination.ae_title)
+
+    status, counts = final(responses)
+    assert (status, counts["failed"]) == (ALL_FAILED, len(small_study))
+    assert responses[-1][0].ErrorComment == "recall of an evicted study from the cloud timed out"
+    assert destination.counts() == {}
+
+
+def test_a_move_longer_than_the_network_timeout_ends_with_a_release(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """The requestor is silent while it waits for the responses: the box once aborted the
+    association after the final response of any move longer than network_timeout, and
+    movescu failed its release ("Peer aborted Association")."""
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"network_timeout": 1.0})
+    edge.start()
+    store(edge, small_study)
+    with StorePeer(stall=lambda uid, nth: 0.3) as dest:  # 6 x 0.3 s: longer than 1 s
+        edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        result = dcmtk.movescu(edge.port, {"StudyInstanceUID": small_study[0].study_uid},
+                               dest.ae_title, aec=edge.ae_title)
+
+    assert "Received Final Move Response (Success)" in result.output
+    assert result.ok, result.output
+    assert "aborting association: no PDU within network_timeout" not in edge.log()
 
 
 def test_move_stamps_the_study_access_time(

@@ -204,6 +204,8 @@ class _Retrieval:
         self.calling_ae = str(sc.assoc.requestor.ae_title).strip()
         self.started = time.monotonic()
         self.requestor_gone = False  # the requestor ended the association mid-retrieve
+        self.cancelled = False  # a C-CANCEL arrived (see _cancel_requested)
+        self.error_comment = ""  # why instances could not be sent, for the final response
         self.in_lane = False  # a C-GET's StoreLane holds the requesting association's reads
 
     # --- the two services -------------------------------------------------------
@@ -241,7 +243,7 @@ class _Retrieval:
         with StoreLane(assoc, contexts, timeout=assoc.dimse_timeout) as lane:
             self.in_lane = True
             for instance in plan.instances:
-                if self.sc.is_cancelled(int(self.req.MessageID)):
+                if self._cancel_requested():
                     cancelled = True
                     break
                 pair = (instance.sop_class_uid, instance.transfer_syntax)
@@ -277,6 +279,13 @@ class _Retrieval:
 
     # --- steps ------------------------------------------------------------------
 
+    def _cancel_requested(self) -> bool:
+        """Whether the requestor sent a C-CANCEL; kept once seen, since pynetdicom's
+        `is_cancelled()` consumes it and a sub-operation's retries ask first."""
+        if not self.cancelled:
+            self.cancelled = self.sc.is_cancelled(int(self.req.MessageID))
+        return self.cancelled
+
     def _plan(self, *, move_destination: str | None = None) -> Plan | None:
         name = self.action.value
         try:
@@ -308,7 +317,9 @@ class _Retrieval:
 
     def _after_recall(self, plan: Plan, *, move_destination: str | None = None) -> Plan | None:
         """Wait for the sync agent to recall the plan's evicted studies, sending Pending
-        responses meanwhile, then plan again (what is still missing then fails)."""
+        responses meanwhile, then plan again (what is still missing then fails).
+
+        None when the requestor cancelled (answered here with Cancel) or left."""
         service = self.att.service
         log.info("%s waits for a recall studies=%d %s", self.action.value,
                  len(plan.recall_studies), self.label)
@@ -320,15 +331,24 @@ class _Retrieval:
                 plan, requested_by=self.calling_ae, wait=wait))
             if result.done or result.errors or time.monotonic() >= deadline:
                 break
-            if self.sc.is_cancelled(int(self.req.MessageID)) or not self.sc.assoc.is_established:
-                break
+            if self._cancel_requested():
+                self._finish(plan, tally, cancelled=True)
+                return None
+            if not self.sc.assoc.is_established:
+                log.warning("%s stopped while waiting for a recall: requesting association "
+                            "ended %s", self.action.value, self.label)
+                self.requestor_gone = True
+                self._finish(plan, tally, cancelled=False)
+                return None
             self._respond(Status.PENDING, tally)
         if result.errors:
             log.error("%s: recall failed reason=%s %s", self.action.value,
                       "; ".join(result.errors), self.label)
+            self.error_comment = "recall of an evicted study from the cloud failed"
         elif not result.done:
             log.error("%s: recall not finished after %.0f s (is `pacs-edge sync` running?) %s",
                       self.action.value, service.recall_timeout, self.label)
+            self.error_comment = "recall of an evicted study from the cloud timed out"
         return self._plan(move_destination=move_destination)
 
     def _start(self, plan: Plan, extra: str) -> _Tally:
@@ -353,7 +373,7 @@ class _Retrieval:
                                 strict=False))
             try:
                 for instance in batch:
-                    if self.sc.is_cancelled(int(self.req.MessageID)):
+                    if self._cancel_requested():
                         return True
                     if not self.sc.assoc.is_established:
                         log.warning("move stopped: requesting association ended %s", self.label)
@@ -373,6 +393,8 @@ class _Retrieval:
                   upcoming: Path | None) -> int | None:
         """Status of one C-STORE sub-operation, None if it failed without one."""
         for attempt in range(1, retries + 2):
+            if attempt > 1 and self._cancel_requested():
+                return None  # no retry after a C-CANCEL: the requestor waits for the answer
             if not sub.open() or not sub.accepts(instance):
                 return None
             try:
@@ -426,7 +448,12 @@ class _Retrieval:
                                      reason=exc.reason)
 
     def _respond(self, status: Status, tally: _Tally | None = None, *, final: bool = False) -> None:
-        """Send one C-MOVE/C-GET response (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+        """Send one C-MOVE/C-GET response (PS3.4 C.4.2.3.1, C.4.3.3.1).
+
+        The requestor is silent while it waits for these: its network timeout counts from
+        the last one, else a retrieve longer than `network_timeout` ends with an A-ABORT
+        where the requestor's A-RELEASE-RQ was due."""
+        compat.note_transport_activity(self.sc.assoc.dul)
         if status == Status.PENDING and tally is not None and self._pending_direct(tally):
             return
         rsp = C_MOVE() if self.action is Action.MOVE else C_GET()
@@ -442,6 +469,9 @@ class _Retrieval:
             rsp.NumberOfWarningSuboperations = tally.warning
             if final and status != Status.SUCCESS:
                 rsp.Identifier = self._failed_list(tally.failed_uids)
+                # The requestor's user sees why (0xA702 alone reads as "destination down").
+                if self.error_comment and status != Status.CANCEL:
+                    rsp.ErrorComment = self.error_comment
         self.sc.dimse.send_msg(rsp, self.cx_id)
 
     def _pending_direct(self, tally: _Tally) -> bool:
@@ -511,13 +541,19 @@ class _SubAssociation:
                 return False
             tls_args = (self.tls_client, None)
         compat.close_requestor_reactor_race()
-        assoc = self.ae.associate(self.peer.host, self.peer.port, contexts=contexts,
-                                  ae_title=self.peer.ae_title, max_pdu=self.config.max_pdu,
-                                  tls_args=tls_args)
+        try:
+            assoc = self.ae.associate(self.peer.host, self.peer.port, contexts=contexts,
+                                      ae_title=self.peer.ae_title, max_pdu=self.config.max_pdu,
+                                      tls_args=tls_args)
+        except OSError as exc:  # pynetdicom resolves the host first: gaierror for an unknown name
+            self.down = True
+            log.error("move destination host not found: sub-operations fail destination=%s "
+                      "host=%s error=%s %s", self.peer.name, self.peer.host,
+                      exc.strerror or type(exc).__name__, self.label)
+            return False
         if not assoc.is_established:
             self.down = True
-            why = ("rejected the association" if assoc.is_rejected
-                   else "did not answer (no connection or no association response)")
+            why = _refusal(assoc)
             log.error("move destination %s: sub-operations fail destination=%s host=%s port=%d "
                       "%s", why, self.peer.name, self.peer.host, self.peer.port, self.label)
             with contextlib.suppress(Exception):  # pynetdicom leaves the socket open here
@@ -663,6 +699,18 @@ def _batches(instances: tuple[Instance, ...]) -> Iterator[tuple[list[Instance], 
         chunk = pairs[start:start + MAX_CONTEXTS]
         wanted = set(chunk)
         yield [i for i in instances if (i.sop_class_uid, i.transfer_syntax) in wanted], chunk
+
+
+def _refusal(assoc: Any) -> str:
+    """Why an association to a C-MOVE destination did not come up, for the log line.
+    pynetdicom aborts one whose every presentation context was rejected: that is the
+    destination refusing the stored transfer syntaxes, not a network fault."""
+    if assoc.is_rejected:
+        return "rejected the association"
+    if assoc.is_aborted and assoc.rejected_contexts:
+        return ("does not accept any stored SOP class and transfer syntax (not "
+                "transcoding)")
+    return "did not answer (no connection or no association response)"
 
 
 def _message_ids(after: int) -> Iterator[int]:
