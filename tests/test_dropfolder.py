@@ -254,6 +254,42 @@ def test_dicomdir_media_is_ingested_through_its_records(
     assert files_under(incoming(server)) == []
 
 
+def test_media_in_a_folder_whose_name_is_not_utf8_is_cleared_away(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    cd = tmp_path / "cd"
+    study = make_cd(cd, dicomgen.make_study(tmp_path / "src", seed=22))
+    study[-1].path.unlink()  # a record whose file is missing: its warning names the folder
+    # A CD burned on Windows, copied byte for byte: a Latin-1 name, not UTF-8. Its log
+    # reference raised UnicodeEncodeError, so the DICOMDIR was retried for ever.
+    shutil.copytree(cd, os.fsdecode(os.fsencode(incoming(server)) + b"/M\xfcller CD"))
+
+    wait_settled(server, ingested=len(study) - 1)
+    assert_stored_exactly(server, study[:-1])
+    assert files_under(incoming(server)) == []
+    assert "drop folder unit failed" not in server.log()
+
+
+def test_a_drop_folder_removed_and_made_again_gets_events_again(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    rescan = 5.0
+    server = drop_server(rescan_seconds=rescan)
+    study = dicomgen.make_study(tmp_path / "study", seed=23, series_per_study=1)
+    incoming(server).rmdir()  # its inotify watch stops with it
+    incoming(server).mkdir()
+    wait_until("the watch is renewed", lambda: "watch is renewed" in server.log(),
+               timeout=3 * rescan)
+
+    copied = time.monotonic()
+    shutil.copytree(tmp_path / "study", incoming(server) / "study")
+    wait_until("the study is ingested", lambda: len(instances(server)) == len(study))
+    # Found through events, not by the next rescan (`rescan` seconds after the renewal).
+    assert time.monotonic() - copied < rescan / 2
+    assert_stored_exactly(server, study)
+
+
 def test_zip_archive_is_ingested_member_by_member(
     drop_server: Callable[..., EdgeServer], tmp_path: Path
 ) -> None:
@@ -273,6 +309,54 @@ def test_zip_archive_is_ingested_member_by_member(
     assert_stored_exactly(server, study)
     assert reason_of(server, "study.zip.contents/notes.txt") == "not a DICOM Part 10 file"
     assert not list(server.home.parent.rglob("escape-*"))
+    assert files_under(incoming(server)) == []
+
+
+def test_a_zip_read_again_keeps_its_refused_members_once(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    study = dicomgen.make_study(tmp_path / "src", seed=24, series_per_study=1)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("README.TXT", "viewer instructions\n")
+        for g in study:
+            zf.write(g.path, f"{g.sop_instance_uid}.dcm")
+        zf.writestr("last.bin", b"X" * 1000)
+    data = bytearray(archive.read_bytes())
+    data[data.rfind(b"X" * 1000)] ^= 0xFF  # the last member's CRC fails: a damaged archive
+    # Its refusal waits out 5 x stable_seconds of quiet, then the archive is read again.
+    (incoming(server) / "study.zip").write_bytes(bytes(data))
+
+    wait_settled(server, ingested=len(study), rejected=2)
+    assert files_under(server.home / "incoming.rejected") == [
+        Path("study.zip"), Path("study.zip.contents/README.TXT"),
+        Path("study.zip.contents/README.TXT.reason"), Path("study.zip.reason")]
+    assert reason_of(server, "study.zip") == "ZIP member is corrupt (BadZipFile)"
+    assert_stored_exactly(server, study)
+
+
+def test_a_file_left_alone_is_taken_again_once_the_operator_fixes_it(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    server = drop_server()
+    [instance] = dicomgen.make_study(tmp_path / "src", seed=25, series_per_study=1,
+                                     instances_per_series=1, modalities=("CT",))
+    dropped = incoming(server) / "locked.dcm"
+    shutil.copy(instance.path, dropped)
+    # Immutable: ingested, but it cannot be removed (as root, the stand-in for a file
+    # the service user may not read or delete); it is left alone while unchanged.
+    if subprocess.run(["chattr", "+i", str(dropped)], capture_output=True).returncode:
+        dropped.unlink()
+        pytest.skip("chattr +i is not supported here")
+    try:
+        wait_until("the file is given up on", lambda: "cannot be removed" in server.log())
+        assert status(server) == {"ingested": 1, "rejected": 0, "pending": 1}
+    finally:
+        subprocess.run(["chattr", "-i", str(dropped)], check=True)  # the operator's fix
+
+    wait_settled(server, ingested=1)
+    assert_stored_exactly(server, [instance])
     assert files_under(incoming(server)) == []
 
 
@@ -383,6 +467,51 @@ def test_zip_member_larger_than_its_header_says_is_refused(tmp_path: Path) -> No
         with pytest.raises(InvalidInstance):
             source.extract(member, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lying.zip"]
+
+
+def _damaged_zip(path: Path, method: int, damage: Callable[[bytearray], None]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("IM1", bytes(range(256)) * 64, compress_type=method)
+    data = bytearray(path.read_bytes())
+    damage(data)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _flip_member_data(data: bytearray) -> None:
+    data[30 + len("IM1") + 40] ^= 0xFF  # inside the member's compressed bytes
+
+
+def _ask_newer_zip_version(data: bytearray) -> None:
+    data[data.rindex(b"PK\x01\x02") + 6] = 99  # "version needed to extract": 9.9
+
+
+def _clear_member_name(data: bytearray) -> None:
+    central = data.rindex(b"PK\x01\x02")  # in the central directory only: length, name
+    data[central + 28:central + 30] = b"\0\0"
+    del data[central + 46:central + 46 + len("IM1")]
+    end = data.rindex(b"PK\x05\x06") + 12  # the central directory's size
+    data[end:end + 4] = (int.from_bytes(data[end:end + 4], "little") - 3).to_bytes(4, "little")
+
+
+def _move_central_directory_on(data: bytearray) -> None:
+    end = data.rindex(b"PK\x05\x06") + 16  # its offset: the member now starts before 0
+    data[end:end + 4] = (int.from_bytes(data[end:end + 4], "little") + 1000).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(("method", "damage"), [
+    (zipfile.ZIP_BZIP2, _flip_member_data), (zipfile.ZIP_LZMA, _flip_member_data),
+    (zipfile.ZIP_STORED, _ask_newer_zip_version), (zipfile.ZIP_STORED, _move_central_directory_on),
+    (zipfile.ZIP_STORED, _clear_member_name),  # zipfile's ZipInfo.is_dir() raised IndexError
+])
+def test_every_damaged_zip_is_refused_not_retried(
+    tmp_path: Path, method: int, damage: Callable[[bytearray], None]
+) -> None:
+    # Anything else than a refusal escapes as a bug: the watcher retried it for ever.
+    archive = _damaged_zip(tmp_path / "damaged.zip", method, damage)
+    with pytest.raises(InvalidInstance), ZipSource(tmp_path, archive) as source:
+        for member in source.members:
+            source.extract(member, tmp_path).unlink()
 
 
 def test_media_index_resolves_records_and_refuses_escapes(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from appliance.dropfolder import confine
 from appliance.dropfolder.layout import REASON_SUFFIX, Root
 
 AFTER_INGEST_MOVE = "move"
+_CHUNK = 1 << 20
 
 
 class Outcomes:
@@ -57,9 +58,15 @@ class Outcomes:
 
     def rejected_member(self, temp: Path, archive: Path, root: Root, parts: Iterable[str],
                         reason: str) -> Path:
-        """Keep a refused ZIP member's bytes (from its temp file) under rejected/."""
+        """Keep a refused ZIP member's bytes (from its temp file) under rejected/.
+
+        An archive is read again whole after a pass that did not finish (its refusal
+        waiting out the quiet period, a full disk, a restart): a member already kept
+        there with the same bytes is not kept twice (`~1`)."""
         base = root.rejected / archive.relative_to(root.path)
         target = base.with_name(base.name + ".contents").joinpath(*parts)
+        if _same_bytes(root.rejected, target, temp):
+            return target
         return _move(temp.parent, temp, root.rejected, target, reason=_reason_text(reason, None))
 
 
@@ -123,6 +130,21 @@ def _move(source_base: Path, source: Path, target_base: Path, target: Path, *,
             with confine.create_file(dst, name + REASON_SUFFIX) as out:
                 out.write(reason.encode("utf-8"))
     return target.with_name(name)
+
+
+def _same_bytes(base: Path, kept: Path, temp: Path) -> bool:
+    """Whether `kept` (below `base`, see confine) is a file holding what `temp` holds."""
+    try:
+        existing = confine.open_file(base, kept)
+    except (FileNotFoundError, NotADirectoryError, UnsafePath):
+        return False
+    with existing, temp.open("rb") as new:
+        if os.fstat(existing.fileno()).st_size != os.fstat(new.fileno()).st_size:
+            return False
+        while chunk := new.read(_CHUNK):
+            if existing.read(len(chunk)) != chunk:
+                return False
+    return True
 
 
 def _free_name(folder: int, target: Path) -> str:

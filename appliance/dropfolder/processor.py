@@ -374,8 +374,13 @@ def _signature_at(root: Root, path: Path) -> Signature | None:
 
 
 def _ref(path: Path, root: Root) -> str:
-    """A keyed reference to a dropped file: file names may carry PHI, so never the name."""
-    return logsafe.ref(str(path.relative_to(root.path)))
+    """A keyed reference to a dropped file: file names may carry PHI, so never the name.
+
+    A name is bytes to the file system and need not be UTF-8 (a CD burned on Windows
+    in Latin-1): Python holds such bytes as surrogates, which `str.encode` refuses, so
+    the reference is taken of the name's bytes, escaped (a UTF-8 name is unchanged)."""
+    name = os.fsencode(path.relative_to(root.path)).decode("utf-8", "backslashreplace")
+    return logsafe.ref(name)
 
 
 def _warn(event: str, path: Path, root: Root, exc: BaseException | None) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import lzma
 import os
 import shutil
 import stat
@@ -111,27 +112,39 @@ def walk_files(folder: Path) -> Iterator[Path]:
 
 
 def signature(unit: Unit) -> Hashable | None:
-    """What must stay unchanged for the unit to be complete; None when it is gone."""
+    """What must stay unchanged for the unit to be complete; None when it is gone.
+
+    Beyond a file's signature it holds the inode's change time: a unit left alone
+    because it could not be read or removed is looked at again once the operator
+    fixes that (chmod, chown, chattr change the ctime, not the content or mtime)."""
     if unit.kind is UnitKind.FILE:
-        return file_signature(unit.path)
+        return _watch_signature(unit.path)
     if find_dicomdir(unit.path) is None:
         return None
     digest = hashlib.sha256()
     for path in walk_files(unit.path):
-        sig = file_signature(path)
+        sig = _watch_signature(path)
         if sig is not None:
             digest.update(f"{path}\0{sig}\0".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
+    st = _regular_lstat(path)
+    return None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _watch_signature(path: Path) -> tuple[int, int, int, int] | None:
+    st = _regular_lstat(path)
+    return None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _regular_lstat(path: Path) -> os.stat_result | None:
     try:
         st = path.lstat()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 # --- DICOMDIR ----------------------------------------------------------------------
@@ -281,17 +294,22 @@ class ZipSource:
         self._file = confine.open_file(root, path)
         try:
             self._zip = zipfile.ZipFile(self._file)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
+                NotImplementedError) as exc:  # a version of the format zipfile cannot read
             self._file.close()
             raise InvalidInstance(f"ZIP archive cannot be read ({type(exc).__name__})") from exc
         self.members = [
             ZipMember(info, sanitise_member_name(info.filename, n))
             for n, info in enumerate(self._zip.infolist())
-            if not info.is_dir()
+            if not info.filename.endswith("/")  # ZipInfo.is_dir() raises on an empty name
         ]
         if len(self.members) > MAX_ZIP_MEMBERS:
             self.close()
             raise InvalidInstance(f"ZIP archive has more than {MAX_ZIP_MEMBERS} members")
+        if any(m.info.header_offset < 0 for m in self.members):
+            # A damaged central directory; seeking there would fail as an I/O error (EINVAL).
+            self.close()
+            raise InvalidInstance("ZIP archive cannot be read (member before its start)")
         total = sum(m.info.file_size for m in self.members)
         if total > MAX_ZIP_TOTAL_BYTES:
             self.close()
@@ -338,13 +356,20 @@ class ZipSource:
         return Path(name)
 
 
+_CORRUPT = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, ValueError)
+
+
 def _zip_error(exc: BaseException) -> BaseException:
-    """zipfile/zlib failures as a PHI-free rejection; a full disk as OutOfSpace (retried)."""
+    """zipfile/zlib failures as a PHI-free rejection; a full disk as OutOfSpace (retried).
+
+    The decompressors report damaged data in their own ways: zlib.error, LZMAError,
+    and, from bz2, an OSError that carries no errno (a real I/O error has one and is
+    retried, as the file may be readable later)."""
     if is_no_space(exc):
         return OutOfSpace("no space to unpack a ZIP member")
     if isinstance(exc, NotImplementedError):
         return InvalidInstance("ZIP member uses an unsupported compression method")
-    if isinstance(exc, zipfile.BadZipFile | zlib.error | EOFError | RuntimeError | ValueError):
+    if isinstance(exc, _CORRUPT) or (isinstance(exc, OSError) and exc.errno is None):
         return InvalidInstance(f"ZIP member is corrupt ({type(exc).__name__})")
     return exc
 

@@ -65,7 +65,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from appliance.base.config import Config, DropFolderConfig
 from appliance.dropfolder.layout import DropLayout, Root, is_ignored
@@ -93,6 +93,16 @@ _EVENTS: list[type[FileSystemEvent]] = [
 ]
 
 Observation = tuple[Unit, Hashable | None]
+FolderId = tuple[int, int]  # st_dev, st_ino
+
+
+def _folder_id(path: Path) -> FolderId | None:
+    """Which folder is at `path` now (None if none is)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 class Inbox:
@@ -148,7 +158,8 @@ class DropFolderWatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._observer: BaseObserver | None = None
-        self._watched: set[Path] = set()
+        self._watched: dict[Path, tuple[ObservedWatch, FolderId]] = {}
+        self._renew: set[Path] = set()  # roots whose watch stopped, until it is added again
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[asyncio.Task[None]] = []
         self.inbox: Inbox | None = None
@@ -222,20 +233,46 @@ class DropFolderWatcher:
             log.error("drop folder temp folder cannot be created error=%s", type(exc).__name__)
 
     def _watch_roots(self) -> None:
-        """Add an inotify watch for each root that exists and has none yet (blocking)."""
-        assert self._observer is not None and self.inbox is not None
+        """Add an inotify watch for each root that exists and has none yet (blocking).
+
+        A watch belongs to the folder it was added on, not to its path: once that folder
+        is removed (its watch stops; the new folder may even get the same inode number)
+        or renamed away (its watch follows it), a folder made again under the path would
+        get no events at all, only rescans. So a root whose watch stopped, or whose
+        folder is not the watched one any more, has its watch replaced."""
+        assert self._observer is not None
         for root in self.layout.roots:
-            if root.path in self._watched or not root.path.is_dir():
-                continue
-            try:
-                self._observer.schedule(_EventHandler(self.inbox), str(root.path),
-                                        recursive=True, event_filter=_EVENTS)
-            except OSError as exc:
-                # e.g. fs.inotify.max_user_watches reached: rescans still find everything.
-                log.warning("drop folder events unavailable; relying on rescans error=%s",
-                            type(exc).__name__)
-                continue
-            self._watched.add(root.path)
+            current = _folder_id(root.path)
+            watched = self._watched.get(root.path)
+            if watched is not None:
+                if watched[1] == current and self._alive(watched[0]):
+                    continue
+                self._observer.unschedule(watched[0])
+                del self._watched[root.path]
+                self._renew.add(root.path)
+            if current is not None:
+                self._watch(root, current)
+
+    def _watch(self, root: Root, folder: FolderId) -> None:
+        assert self._observer is not None and self.inbox is not None
+        try:
+            watch = self._observer.schedule(_EventHandler(self.inbox), str(root.path),
+                                            recursive=True, event_filter=_EVENTS)
+        except OSError as exc:
+            # e.g. fs.inotify.max_user_watches reached: rescans still find everything.
+            log.warning("drop folder events unavailable; relying on rescans error=%s",
+                        type(exc).__name__)
+            return
+        self._watched[root.path] = (watch, folder)
+        if root.path in self._renew:
+            self._renew.discard(root.path)
+            log.warning("drop folder was removed or replaced; its watch is renewed folder=%s",
+                        root.path)
+
+    def _alive(self, watch: ObservedWatch) -> bool:
+        """Whether `watch` still delivers events (watchdog stops it with its folder)."""
+        assert self._observer is not None
+        return any(e.watch == watch and e.is_alive() for e in self._observer.emitters)
 
     # --- scheduler -------------------------------------------------------------
 
