@@ -63,6 +63,10 @@ _TAMPER_HINT = ("the cloud copy was modified or damaged, or was not written by y
                 "nothing unverified was written. Tell the site's administrator (the edge can "
                 "check and re-replicate the study)")
 
+EMPTY_CLOUD_HINT = ("check cloud_url (and the credentials) in the reader home's reader.toml "
+                    "against the site's [cloud] url: a mistyped container or folder looks "
+                    "empty")
+
 
 class ReaderClientError(PacsEdgeError):
     pass
@@ -182,6 +186,8 @@ class RemoteStudy:
 class Catalogue:
     studies: dict[str, RemoteStudy]
     failures: dict[str, list[str]]  # study_key -> what failed verification
+    # No blob at all under studies/: a mistyped cloud URL, not "nothing granted yet".
+    cloud_empty: bool = True
 
     def find(self, study_uid: str) -> RemoteStudy:
         for study in self.studies.values():
@@ -196,6 +202,9 @@ class Catalogue:
                 f"the study is not among the readable grants, and {len(self.failures)} "
                 "granted study(ies) failed verification (it may be one of them)",
                 hint=_TAMPER_HINT)
+        if self.cloud_empty:
+            raise NotGranted("no grant for this study: the cloud holds no studies at all",
+                             hint=EMPTY_CLOUD_HINT)
         raise NotGranted("no grant for this study",
                          hint="ask the site's administrator to add you as a reader with a "
                          "scope that covers it (`pacs-edge readers add`); after that, new "
@@ -240,7 +249,7 @@ class ReaderClient:
     def catalogue(self) -> Catalogue:
         """Every granted study (key objects of this reader, unwrapped, manifests opened)."""
         cat = Catalogue({}, {})
-        for name in self._my_key_objects():
+        for name in self._my_key_objects(cat):
             parsed = naming.parse_blob_name(name)
             assert parsed is not None
             try:
@@ -255,8 +264,9 @@ class ReaderClient:
             study.versions.sort(key=lambda v: v.version)
         return cat
 
-    def _my_key_objects(self) -> Iterator[str]:
+    def _my_key_objects(self, cat: Catalogue) -> Iterator[str]:
         for info in self.store.list(naming.STUDIES_PREFIX):
+            cat.cloud_empty = False
             parsed = naming.parse_blob_name(info.name)
             if parsed is not None and parsed.kind == "reader-key" \
                     and parsed.reader_id == self.reader_id:
@@ -344,6 +354,9 @@ class ReaderClient:
         except PackIntegrityError as exc:
             raise ReaderIntegrityError(
                 f"study version {version.version}, {exc.message}", hint=_TAMPER_HINT) from exc
+        except BlobNotFound as exc:  # its manifest and key object are there: not a typo
+            raise ReaderIntegrityError(f"study version {version.version}: its pack is "
+                                       "missing from the cloud", hint=_TAMPER_HINT) from exc
         finally:
             if fh is not None:
                 fh.close()

@@ -51,7 +51,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from appliance.store.packs import pack_grants, study_pack_grants
 from provisioning.keyring import SiteKeyring, load_keyring
-from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore
+from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore, BlobStoreUnavailable
 from sync.pack import naming
 from sync.pack.data_keys import format_reader_public_key, parse_reader_public_key, wrap_for_reader
 from sync.pack.manifest import manifest_pack_id, open_manifest
@@ -205,16 +205,23 @@ class GrantReport:
 
 async def grant_reader(index: Index, store: BlobStore, ring: SiteKeyring, reader: Reader, *,
                        on_progress: Callable[[int, int], None] | None = None) -> GrantReport:
-    """Give `reader` a key object for every verified pack of every study in its scope."""
+    """Give `reader` a key object for every verified pack of every study in its scope.
+
+    A store that stopped answering (BlobStoreUnavailable, its retries spent) stops the
+    walk: every further pack would wait out the same retries. Running it again resumes."""
     todo = [(grant.pack_name, grant.manifest_name) for grant in await pack_grants(index)
             if reader.scope.matches(grant.referring_physician, grant.modalities)]
     report = GrantReport(failures=[])
     for done, (pack_name, manifest_name) in enumerate(todo, 1):
+        assert report.failures is not None
         try:
             made = await asyncio.to_thread(_grant_pack, store, ring, reader, pack_name,
                                            manifest_name)
+        except BlobStoreUnavailable as exc:  # the retries are spent: so would the rest be
+            report.failures.append(f"{pack_name}: {exc.message}; stopped there, "
+                                   f"{len(todo) - done} pack version(s) not tried")
+            break
         except PacsEdgeError as exc:
-            assert report.failures is not None
             report.failures.append(f"{pack_name}: {exc.message}")
         else:
             if made:

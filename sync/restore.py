@@ -55,7 +55,10 @@ Running restore again skips every pack the index already holds, so it
 changes nothing; one interrupted half way resumes at the first missing pack.
 Versions that cannot be read (no manifest, no site key object, a pack of the
 wrong size, authentication failure) are reported and skipped; the report
-names the blob, never PHI.
+names the blob, never PHI. A store that stops answering (BlobStoreUnavailable:
+its retries are spent) stops the restore with that error once the versions in
+flight are done: every further version would wait out the same retries, hours
+over a large container, and running restore again resumes.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from appliance.store.packs import insert_verified_pack, manifest_names
 from appliance.store.spool import dataset_offset
 from appliance.store.tiering import TierState, state_of
 from provisioning.keyring import SiteKeyring
-from sync.blobstore.base import BlobInfo, BlobStore
+from sync.blobstore.base import BlobInfo, BlobStore, BlobStoreUnavailable
 from sync.pack import naming
 from sync.pack.manifest import Manifest, ManifestEntry, manifest_pack_id, open_manifest
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
@@ -141,9 +144,16 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
     known = await manifest_names(index)
     names = listing.manifests
     report = RestoreReport(manifests=len(names), already=sum(n in known for n in names))
+    for pack_name in _packs_without_manifest(listing, known):
+        report.failures.append(f"{pack_name}: no manifest for this pack: its version cannot "
+                               "be read (restore the manifest blob from soft delete or "
+                               "versioning; an upload the lost box never finished leaves "
+                               "a pack alone too)")
+        log.error("restore skipped pack=%s error=no manifest", pack_name)
     done = report.already
     if on_progress is not None:
         on_progress(done, len(names))
+    unavailable: list[BlobStoreUnavailable] = []  # set: the workers stop taking versions
 
     async def restore_version(study_key: str, name: str) -> None:
         try:
@@ -152,6 +162,8 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
             local = await asyncio.to_thread(_good_local_copies, files, version.manifest)
             await writer.submit_sync(functools.partial(_insert_version, version=version,
                                                        local=local))
+        except BlobStoreUnavailable as exc:  # the retries are spent: so would the rest be
+            unavailable.append(exc)
         except MisfiledManifest as exc:
             report.failures.append(f"{name}: {exc.message}")
             report.misfiled.add(study_key)
@@ -174,6 +186,8 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
         nonlocal done
         for study_key, versions in studies:  # shared: each study goes to one worker
             for name in versions:
+                if unavailable:
+                    return
                 await restore_version(study_key, name)
                 done += 1
                 if on_progress is not None:
@@ -182,6 +196,8 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
     async with asyncio.TaskGroup() as group:
         for _ in range(READ_CONCURRENCY):
             group.create_task(worker())
+    if unavailable:
+        raise unavailable[0]
     report.failures.sort()
     return report
 
@@ -204,6 +220,20 @@ def _list_studies(store: BlobStore) -> _Listing:
             listing.packs[info.name] = info
     listing.manifests.sort()
     return listing
+
+
+def _packs_without_manifest(listing: _Listing, known: set[str]) -> list[str]:
+    """Pack blobs whose manifest neither the listing nor the index holds: versions restore
+    cannot read, reported rather than passed over (a deleted manifest, or an upload the
+    lost box never finished), so that "0 failed" means every pack came back."""
+    listed = set(listing.manifests) | known
+    orphans = []
+    for pack_name in sorted(listing.packs):
+        parsed = naming.parse_blob_name(pack_name)
+        assert parsed is not None
+        if naming.manifest_name(parsed.study_key, parsed.version) not in listed:
+            orphans.append(pack_name)
+    return orphans
 
 
 def _by_study(manifests: list[str]) -> dict[str, list[str]]:

@@ -29,6 +29,11 @@ command again:
    a new wrap against; any version whose site objects all name keys the box
    does not hold is a failure too.
 4. Only when every version is done: retire the old key files.
+
+A store that stops answering (BlobStoreUnavailable: the blob store's retries are
+spent) stops the walk at that version, reported with the count not tried: every
+further version would wait out the same retries, hours over a large container,
+and running the command again resumes anyway.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from appliance.store.packs import all_packs
 from provisioning.keyring import SiteKeyring, begin_rotation, key_lock, retire_older_keys
-from sync.blobstore.base import BlobNotFound, BlobStore
+from sync.blobstore.base import BlobNotFound, BlobStore, BlobStoreUnavailable
 from sync.crashpoints import crash_point
 from sync.pack import naming
 from sync.pack.data_keys import unwrap_with_site, wrap_for_site
@@ -99,6 +104,11 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
             try:
                 changed = await asyncio.to_thread(_rewrap_version, store, ring, pack_name,
                                                   manifest_name, version, known=known)
+            except BlobStoreUnavailable as exc:  # the retries are spent: so would the rest be
+                report.failures.append(f"{pack_name}: {exc.message}; stopped there, "
+                                       f"{len(work) - done} version(s) not tried")
+                log.error("re-wrap stopped pack=%s error=%s", pack_name, exc.message)
+                break
             except PacsEdgeError as exc:
                 report.failures.append(f"{pack_name}: {exc.message}")
                 log.error("re-wrap failed pack=%s error=%s", pack_name, exc.message)

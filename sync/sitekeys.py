@@ -31,6 +31,7 @@ from provisioning.keyring import SiteKeyring, key_lock
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.data_keys import parse_key_object, unwrap_with_site
+from sync.pack.pack_errors import WrongKeyError
 
 
 @contextlib.contextmanager
@@ -62,9 +63,25 @@ def unwrap_site_object(store: BlobStore, key_name: str, pack_id: bytes,
         # reports "wrapped with site key X" with a hint.
         key = keys.get(wrapped_with.hex() if wrapped_with else "", ring.current)
         return unwrap_with_site(key, pack_id, wrapped)
+    _refuse_foreign_wraps(store, key_name)
     raise BlobNotFound("open", key_name, "no site key object for this pack version",
                        hint="the cloud copy of this version is incomplete and cannot be "
                        "decrypted; replicate the study again from a local copy if one exists")
+
+
+def _refuse_foreign_wraps(store: BlobStore, key_name: str) -> None:
+    """WrongKeyError when the version has site objects only of keys the ring lacks.
+
+    The usual cause is a box recovered from an escrow made before a `keys rotate`:
+    its ring names none of the rotated objects, and "no site key object" would send
+    the operator after a damaged cloud copy instead of the newer escrow file."""
+    kids = sorted(info.name.rsplit("-", 1)[1] for info in store.list(f"{key_name}-"))
+    if kids:
+        raise WrongKeyError(
+            f"wrapped only with site key(s) {', '.join(kids)}, which this box does not hold"
+            " (an escrow made before a `pacs-edge keys rotate`?)",
+            hint="recover from the escrow file made after the site's latest key rotation:"
+                 " an older one no longer opens any pack")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -256,6 +257,60 @@ def test_rotation_keeps_the_old_key_for_a_version_it_cannot_check(cloud_home: Pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "re-wrapped 1 pack(s), 1 already done" in proc.stdout
     assert not (home / "secrets" / f"site.key.{old_id}").exists()
+
+
+@pytest.mark.parametrize("cloud_home", ["local"], indirect=True)
+def test_rotation_stops_at_a_store_that_stopped_answering(cloud_home: Path,
+                                                          tmp_path: Path) -> None:
+    """Once the store is unavailable (its retries spent), every further version would wait
+    out the same retries: over Azure, hours for a large container. The walk stops there."""
+    home, pause = cloud_home, tmp_path / "pause"
+    pause.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PACS_EDGE_HOME"}
+    env.update(PACS_EDGE_PAUSE_AT="rotate:after-new-wrap", PACS_EDGE_PAUSE_DIR=str(pause))
+    proc = subprocess.Popen([*pacs_edge_command(), "keys", "rotate", "--home", str(home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pause / "reached").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        (home / "cloud").rename(home / "cloud.away")  # the store's folder unusable: a
+        (home / "cloud").symlink_to(home / "cloud")   # link loop fails every call (ELOOP)
+        (pause / "go").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    assert err.count("  failed: studies/") == 1 and "1 version(s) not tried" in err, err
+    (home / "cloud").unlink()
+    (home / "cloud.away").rename(home / "cloud")
+    resumed = _rotate(home)
+    assert resumed.returncode == 0 and "resumed the interrupted rotation" in resumed.stdout
+
+
+@pytest.mark.parametrize("cloud_home", ["local"], indirect=True)
+def test_restore_with_the_key_from_before_a_rotation_names_the_newer_key(
+        cloud_home: Path, tmp_path: Path) -> None:
+    """A box recovered from an escrow made before the rotation finds only `keys/site-<new
+    id>` objects: "no site key object" would send the operator after a damaged cloud copy
+    instead of the newer escrow file."""
+    home, new = cloud_home, tmp_path / "new"
+    old_key = _site_key(home)
+    assert _rotate(home).returncode == 0
+    new_id = key_id(_site_key(home))
+    (new / "secrets").mkdir(parents=True)
+    (new / "secrets" / "site.key").write_bytes(old_key)  # what the old escrow holds
+    (new / "secrets" / "site.key").chmod(0o600)
+    shutil.copy2(home / "secrets" / "names.key", new / "secrets" / "names.key")
+    init_home(new)
+    result = run_pacs_edge("restore", "--home", str(new), "--cloud", (home / "cloud").as_uri(),
+                           check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.count(f".manifest: wrapped only with site key(s) {new_id}, which "
+                               "this box does not hold") == 2, result.stderr
 
 
 def test_rotation_is_refused_while_the_sync_agent_runs(cloud_home: Path) -> None:

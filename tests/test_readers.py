@@ -288,3 +288,50 @@ def test_pull_checks_the_ae_titles_and_destination_before_downloading(
         assert f"Invalid value for '{option}'" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stdout == ""
         assert not target.exists()
+
+
+def test_a_reader_pointed_at_an_empty_cloud_is_told_to_check_its_url(tmp_path: Path) -> None:
+    """A mistyped cloud URL lists nothing: "not granted (yet)" would send the reader to
+    the site's admin for grants that exist, so the reader is told to check the URL."""
+    home = tmp_path / "reader"
+    reader_init(home, Cloud(f"file://{tmp_path / 'mistyped'}"))
+    listing = reader(home, "list")
+    assert "the cloud holds no studies at all" in listing.stderr, listing.stderr
+    assert "check cloud_url" in listing.stderr and "[cloud] url" in listing.stderr
+    pull = reader(home, "pull", "1.2.3", check=False)
+    assert pull.returncode == 2 and "check cloud_url" in pull.stderr, pull.stderr
+
+
+def test_pull_of_a_study_whose_pack_is_gone_says_so_with_a_hint(edge_home: Path,
+                                                                tmp_path: Path) -> None:
+    sent = _granted_study(edge_home, tmp_path, seed=11, instances=1)
+    pack, = (tmp_path / "cloud").rglob("*.pack")
+    pack.unlink()
+    result = reader(tmp_path / "reader", "pull", sent[0].study_uid, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "study version 1: its pack is missing from the cloud" in result.stderr
+    assert "Tell the site's administrator" in result.stderr
+
+
+def test_readers_add_stops_at_a_store_that_stopped_answering(edge_home: Path,
+                                                            tmp_path: Path) -> None:
+    """Each further pack would wait out the same retries (hours over Azure for a large
+    container): the first unavailable answer ends the walk; running it again resumes."""
+    cloud = tmp_path / "cloud"
+    EdgeServer(edge_home).configure(cloud={"url": f"file://{cloud}"})
+    dicomgen.make_studies(tmp_path / "sent", seed=13, patients=3, series_per_study=1,
+                          instances_per_series=1)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "sent"))
+    sync_once(edge_home)
+    public = reader_init(tmp_path / "reader", Cloud(f"file://{cloud}"))
+    studies = cloud / "studies"
+    studies.rename(tmp_path / "studies.away")
+    studies.symlink_to(studies)  # a link loop: every call fails (ELOOP), as if unreachable
+    add = ["readers", "add", "home", public, "--home", str(edge_home)]
+    result = run_pacs_edge(*add, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.count("grant failed:") == 1 and "2 pack version(s) not tried" \
+        in result.stderr, result.stderr
+    studies.unlink()
+    (tmp_path / "studies.away").rename(studies)
+    assert "granted 3 pack version(s)" in run_pacs_edge(*add).stdout

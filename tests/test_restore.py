@@ -8,6 +8,7 @@ folder outside the data home (the default one inside it would die with it).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -33,7 +34,8 @@ from syncagent import (
     sync_once,
 )
 
-from provisioning.keyring import key_id
+from provisioning.keyring import key_id, load_keyring
+from provisioning.site_secrets import load_name_secret
 
 PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
@@ -303,6 +305,60 @@ def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> N
     assert result.stderr.count("  failed: studies/") == 3
     patient_ids = {str(i.header.PatientID) for i in sent}
     assert not any(pid in result.stdout + result.stderr for pid in patient_ids)
+
+
+def test_restore_reports_a_pack_whose_manifest_is_gone(tmp_path: Path) -> None:
+    """Restore lists manifests; a pack left without one (its manifest deleted) must fail
+    the run, not vanish from it: "0 failed" would say every acknowledged study came back."""
+    cloud, _, passphrase, _ = synced_and_escrowed(tmp_path, seed=43, patients=2, instances=1)
+    orphan = sorted(cloud.rglob("*.pack"))[0]
+    orphan.with_suffix(".manifest").unlink()
+
+    new = tmp_path / "new"
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+    result = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}",
+                           check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "restored 1 pack version(s)" in result.stdout and "; 1 failed" in result.stdout
+    assert f"failed: {orphan.relative_to(cloud)}: no manifest for this pack" in result.stderr
+
+
+def test_restore_stops_at_a_store_that_stopped_answering(tmp_path: Path) -> None:
+    """An unavailable store (its retries spent) ends the restore with its error: over
+    Azure, every further version would wait out the same retries, hours for a large
+    container, and a run again resumes. In process: a store that stopped answering
+    after the listing cannot be staged from outside."""
+    from appliance.store.files import FileStore
+    from appliance.store.index import Index
+    from sync.blobstore.base import BlobStoreUnavailable
+    from sync.blobstore.local import LocalFolderStore
+    from sync.restore import READ_CONCURRENCY, restore_index
+
+    versions = READ_CONCURRENCY + 2
+    cloud, _, passphrase, _ = synced_and_escrowed(tmp_path, seed=47, patients=versions,
+                                                  instances=1)
+    new = tmp_path / "new"
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+    reads: list[str] = []
+
+    class Gone(LocalFolderStore):
+        def open_range(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+            reads.append(name)
+            raise BlobStoreUnavailable("open_range", name, "Azure did not answer")
+
+    async def run() -> None:
+        async with Index(new / "index.sqlite3") as index:
+            await restore_index(index, Gone(cloud), load_keyring(new),
+                                name_secret=load_name_secret(new),
+                                files=FileStore(new / "store"))
+
+    with pytest.raises(BlobStoreUnavailable):
+        asyncio.run(run())
+    assert len(reads) <= READ_CONCURRENCY < versions  # those in flight, no more
 
 
 def _lose_and_recover(old: Path, new: Path, escrow: Path, passphrase: Path

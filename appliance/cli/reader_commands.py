@@ -218,6 +218,12 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
                           ",".join(mods), str(r["study_description"]), str(r["instances"]),
                           str(r["study_uid"]))
         out.print(table)
+    elif catalogue.cloud_empty:
+        from sync.reader_client import EMPTY_CLOUD_HINT
+
+        err.print("no studies are granted to this reader: the cloud holds no studies at all",
+                  highlight=False)
+        err.print(f"hint: {EMPTY_CLOUD_HINT}", highlight=False, markup=False)
     else:
         err.print("no granted studies match" if catalogue.studies else
                   "no studies are granted to this reader (yet)", highlight=False)
