@@ -17,7 +17,7 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pytest
-from conftest import EdgeServer
+from conftest import EdgeServer, init_home
 
 IDLE_CONNECTIONS = 200
 MAX_CONNECTIONS = 8
@@ -34,6 +34,22 @@ def hl7_edge(edge_server_factory: Callable[..., EdgeServer],
                    max_connections=MAX_CONNECTIONS)
     server.start()
     yield server, port
+
+
+@pytest.fixture(scope="module")
+def refusing_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeServer, int]]:
+    """One server for the tests of messages it refuses: nothing they send is applied, so
+    they share it (each with its own control ID: a refusal is recorded under it)."""
+    server = EdgeServer(init_home(tmp_path_factory.mktemp("hl7") / "edge-home"))
+    port = dcmtk.free_port()
+    hl7peer.listen(server, port, max_message_bytes=16384, idle_timeout=30.0,
+                   max_connections=MAX_CONNECTIONS)
+    server.start()
+    try:
+        yield server, port
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
 
 
 def worklist(server: EdgeServer, *args: str) -> list[dict[str, Any]]:
@@ -143,7 +159,8 @@ def test_orders_and_patient_changes_are_audited_and_never_logged(
     server, port = hl7_edge
     canary = {"patient_id": "HL7CANARY7", "name": "KANARIE^HELGA"}
     assert hl7peer.send(port, hl7peer.orm("AU1", accession="ACCCANARY", **canary)).code == "AA"
-    assert hl7peer.send(port, hl7peer.orm("AU2", "CA", accession="ACCCANARY")).code == "AA"
+    cancel = hl7peer.orm("AU2", "CA", accession="ACCCANARY", **canary)
+    assert hl7peer.send(port, cancel).code == "AA"
     assert hl7peer.send(port, hl7peer.adt("AU3", "A08", **canary)).code == "AA"
     wanted = {("110109", "C"), ("110109", "D"), ("110110", "U")}
     deadline = time.monotonic() + 60
@@ -200,8 +217,8 @@ def test_acknowledged_order_survives_sigkill_right_after_the_aa(
 # --- bad input ----------------------------------------------------------------------
 
 def test_wrong_encoding_characters_are_rejected_naming_msh2(
-        hl7_edge: tuple[EdgeServer, int]) -> None:
-    server, port = hl7_edge
+        refusing_edge: tuple[EdgeServer, int]) -> None:
+    server, port = refusing_edge
     good = hl7peer.orm("E1", accession="ENC1")
     header = "MSH|^~\\&|"
     for bad in (good.replace(header, "MSH|^~|", 1), good.replace(header, "MSH|^^\\&|", 1),
@@ -211,8 +228,8 @@ def test_wrong_encoding_characters_are_rejected_naming_msh2(
     assert worklist(server) == []
 
 
-def test_missing_control_id_is_rejected_naming_msh10(hl7_edge: tuple[EdgeServer, int]) -> None:
-    server, port = hl7_edge
+def test_missing_control_id_is_rejected_naming_msh10(refusing_edge: tuple[EdgeServer, int]) -> None:
+    server, port = refusing_edge
     ack = hl7peer.send(port, hl7peer.orm("", accession="NOID"))
     assert (ack.code, ack.error_field, ack.error_code) == ("AR", "MSH-10", "101")
     assert worklist(server) == []
@@ -222,8 +239,8 @@ def test_missing_control_id_is_rejected_naming_msh10(hl7_edge: tuple[EdgeServer,
                                                     ("ADT^A99^ADT_A01", "201"),
                                                     ("", "101")])
 def test_unsupported_message_types_are_rejected_naming_msh9(
-        hl7_edge: tuple[EdgeServer, int], message_type: str, code: str) -> None:
-    _, port = hl7_edge
+        refusing_edge: tuple[EdgeServer, int], message_type: str, code: str) -> None:
+    _, port = refusing_edge
     text = hl7peer.orm("T1").replace("ORM^O01^ORM_O01", message_type, 1)
     ack = hl7peer.send(port, text)
     assert (ack.code, ack.control_id, ack.error_field, ack.error_code) == (
@@ -249,9 +266,11 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     (lambda m: m.replace("^^^202401021030^^R", "^^^202401022530^^R"), "ORC-7"),
 ])
 def test_content_errors_are_application_errors_naming_the_field(
-        hl7_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str) -> None:
-    server, port = hl7_edge
-    ack = hl7peer.send(port, edit(hl7peer.orm("B1", accession="ACC1")))
+        refusing_edge: tuple[EdgeServer, int], edit: Callable[[str], str], field: str,
+        request: pytest.FixtureRequest) -> None:
+    server, port = refusing_edge
+    control_id = f"B{request.node.callspec.indices['edit']}"
+    ack = hl7peer.send(port, edit(hl7peer.orm(control_id, accession="ACC1")))
     assert (ack.code, ack.error_field) == ("AE", field)
     assert worklist(server) == []
 

@@ -256,7 +256,9 @@ def test_a_day_from_orders_to_commitment(day: tuple[EdgeServer, int], tmp_path: 
     # The RIS cancels an ultrasound: it leaves US1's worklist.
     us1 = {f"{SPS}ScheduledStationAETitle": "US1"}
     assert "DAY03" in _listed(edge, us1)
-    assert hl7peer.send(hl7_port, hl7peer.orm("CAN03", "CA", accession="DAY03")).code == "AA"
+    cancel = hl7peer.orm("CAN03", "CA", accession="DAY03",
+                         patient_id=ORDERS["DAY03"].patient_id)
+    assert hl7peer.send(hl7_port, cancel).code == "AA"
     assert _listed(edge, us1) == _accessions(station="US1", drop=("DAY03",))
 
     # The exams: copied from the worklist, reported with MPPS, images stored, committed.
