@@ -33,15 +33,25 @@ PASSWORD = "correct horse battery staple"
 BASE_URL = "https://pacs.test:8443"
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    home = init_home(tmp_path / "home", default_peer=False)
-    pw = tmp_path / "pw"
+def _home_with_ref1(folder: Path) -> Path:
+    home = init_home(folder / "home", default_peer=False)
+    pw = folder / "pw"
     pw.write_text(PASSWORD, encoding="utf-8")
     pw.chmod(0o600)
     run_pacs_edge("users", "add", "ref1", "--role", "referring", "--referring", "DOE^JOHN",
                   "--password-file", str(pw), "--home", str(home))
     return home
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return _home_with_ref1(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One home for the tests that only read it (refusals, and links it signs)."""
+    return _home_with_ref1(tmp_path_factory.mktemp("links"))
 
 
 def with_service(home: Path, action: Callable[[UserService], Awaitable[T]], *,
@@ -146,9 +156,9 @@ def test_link_lifetime_beyond_the_configured_maximum_refused(home: Path) -> None
     ("link", STUDY, "--user", "ref1", "--ttl", "15"),
     ("link", STUDY, "--user", "ref1", "--ttl", "-5m"),
 ])
-def test_link_command_refuses_bad_arguments_with_a_hint(home: Path,
+def test_link_command_refuses_bad_arguments_with_a_hint(shared_home: Path,
                                                         args: tuple[str, ...]) -> None:
-    proc = run_pacs_edge(*args, "--base-url", BASE_URL, "--home", str(home), check=False)
+    proc = run_pacs_edge(*args, "--base-url", BASE_URL, "--home", str(shared_home), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
@@ -167,10 +177,10 @@ def test_link_without_a_web_server_needs_a_base_url(home: Path) -> None:
     "https://:8443", "//pacs.test", "pacs.test:8443", "https://pacs.test:99999",
     "https://pacs.test:port", "https://pacs.test/?next=x", "https://pacs.\ttest",
 ])
-def test_link_refuses_a_base_url_that_is_not_http_with_a_host(home: Path,
+def test_link_refuses_a_base_url_that_is_not_http_with_a_host(shared_home: Path,
                                                               base_url: str) -> None:
     proc = run_pacs_edge("link", STUDY, "--user", "ref1", "--base-url", base_url,
-                         "--home", str(home), check=False)
+                         "--home", str(shared_home), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Invalid value for '--base-url'" in proc.stderr, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
@@ -178,9 +188,9 @@ def test_link_refuses_a_base_url_that_is_not_http_with_a_host(home: Path,
 
 @pytest.mark.parametrize("base_url", ["http://10.0.0.5:8080", "https://pacs.test:8443/edge/",
                                       "HTTPS://[::1]:8443"])
-def test_link_accepts_http_and_https_base_urls(home: Path, base_url: str) -> None:
+def test_link_accepts_http_and_https_base_urls(shared_home: Path, base_url: str) -> None:
     url = run_pacs_edge("link", STUDY, "--user", "ref1", "--base-url", base_url,
-                        "--home", str(home)).stdout.strip()
+                        "--home", str(shared_home)).stdout.strip()
     assert url.startswith(base_url.rstrip("/") + "/launch?t=v1.")
 
 
@@ -194,8 +204,8 @@ def test_link_of_a_removed_user_refused(home: Path) -> None:
     "", "v1", "v1..", "v2.e30.AAAA", "v1.e30." + "A" * 43, "v1.!!!.???", "x" * 5000,
     "v1.e30.AAAA.extra", "ünïcode",
 ])
-def test_malformed_link_refused(home: Path, token: str) -> None:
-    assert refusal(home, token) is AuthFailure.LINK_INVALID
+def test_malformed_link_refused(shared_home: Path, token: str) -> None:
+    assert refusal(shared_home, token) is AuthFailure.LINK_INVALID
 
 
 def test_init_creates_the_link_key_0600(home: Path) -> None:

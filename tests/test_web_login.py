@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
+import dcmtk
 import pytest
 import requests
 import webpeer
@@ -23,15 +24,35 @@ PASSWORD = webpeer.PASSWORD
 DEADLINE = 60.0
 
 
-@pytest.fixture
-def web_server(tmp_path: Path, free_port: Callable[[], int],
-               edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
-    home = webpeer.web_home(tmp_path / "web-home", free_port())
+def _login_home(folder: Path, port: int) -> Path:
+    home = webpeer.web_home(folder / "web-home", port)
     EdgeServer(home).configure(auth={"max_failed_logins": 3})
-    server = edge_server_factory(home)
+    return home
+
+
+def _add_users(server: EdgeServer) -> EdgeServer:
     webpeer.add_user(server, "rad1", "radiologist")
     webpeer.add_user(server, "ref1", "referring", referring="DOE^JOHN")
     return server
+
+
+@pytest.fixture
+def web_server(tmp_path: Path, free_port: Callable[[], int],
+               edge_server_factory: Callable[..., EdgeServer]) -> EdgeServer:
+    return _add_users(edge_server_factory(_login_home(tmp_path, free_port())))
+
+
+@pytest.fixture(scope="module")
+def refusing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
+    """One server for the tests whose requests change nothing on it: refusals, and
+    logins that succeed (no failure count, no lockout)."""
+    server = EdgeServer(_login_home(tmp_path_factory.mktemp("login"), dcmtk.free_port()))
+    server.start()
+    try:
+        yield _add_users(server)
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
 
 
 def client(server: EdgeServer) -> requests.Session:
@@ -184,10 +205,10 @@ def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows
     {}, {"Origin": "https://evil.example"}, {"Origin": "null"},
     {"Referer": "https://evil.example/page"}, {"Origin": "http://localhost"},
 ])
-def test_login_post_from_another_origin_is_refused(web_server: EdgeServer,
+def test_login_post_from_another_origin_is_refused(refusing_server: EdgeServer,
                                                    headers: dict[str, str]) -> None:
-    http = client(web_server)
-    answer = http.post(f"{webpeer.base_url(web_server)}/login", headers=headers, timeout=60,
+    http = client(refusing_server)
+    answer = http.post(f"{webpeer.base_url(refusing_server)}/login", headers=headers, timeout=60,
                        data={"name": "rad1", "password": PASSWORD}, allow_redirects=False)
     assert answer.status_code == 403 and "pacs_edge_session" not in set_cookie(answer)
 
@@ -213,8 +234,9 @@ def test_login_with_a_same_origin_referer_and_no_origin_is_accepted(
 
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/x", "/\\evil",
                                     "javascript:alert(1)"])
-def test_login_never_redirects_off_the_box(web_server: EdgeServer, target: str) -> None:
-    answer = post_login(browser(web_server), web_server, "rad1", PASSWORD, next_path=target)
+def test_login_never_redirects_off_the_box(refusing_server: EdgeServer, target: str) -> None:
+    answer = post_login(browser(refusing_server), refusing_server, "rad1", PASSWORD,
+                        next_path=target)
     assert answer.status_code == 303 and answer.headers["Location"] == "/"
 
 
@@ -249,8 +271,8 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
 
 
 @pytest.mark.parametrize("token", ["", "v1.e30.AAAA", "garbage", "v1." + "A" * 2000])
-def test_bad_launch_links_are_refused_with_401(web_server: EdgeServer, token: str) -> None:
-    answer = webpeer.curl(web_server, f"/launch?t={token}")
+def test_bad_launch_links_are_refused_with_401(refusing_server: EdgeServer, token: str) -> None:
+    answer = webpeer.curl(refusing_server, f"/launch?t={token}")
     assert answer.status == 401 and b"not valid" in answer.body
     assert "set-cookie" not in answer.headers
 
