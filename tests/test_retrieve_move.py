@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
-from pynetdicom import AE
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
@@ -509,6 +512,46 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
     assert sum(dest.counts().values()) == counts["completed"]
     # The C-CANCEL-RQ has no Message ID: the operation metrics once failed on it.
     assert "Traceback" not in edge_server.log()
+
+
+def test_a_store_response_sent_a_byte_at_a_time_is_given_up(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """Each byte within the socket's timeout, the whole PDU never: the box read on for as
+    long as the destination cared to send (a 100-byte response: 200 s at one byte per 2 s).
+    A PDU begun must now be whole within network_timeout of its first byte."""
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"network_timeout": 1.0, "suboperation_timeout": 1.0,
+                          "suboperation_retries": 0})
+    edge.start()
+    store(edge, small_study[:1])
+    sent: list[int] = []
+
+    def trickle(event: evt.Event) -> int:
+        sock = event.assoc.dul.socket.socket
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 100))  # a P-DATA-TF of 100 bytes...
+        for n in range(100):  # ...of which one byte every 0.3 s
+            time.sleep(0.3)
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                break
+            sent.append(n)
+        return 0
+
+    ae = AE("TRICKLE")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server((HOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, trickle)])
+    try:
+        edge.add_peer("trickle", "TRICKLE", server.server_address[1], allow="store")
+        responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": small_study[0].study_uid}, "TRICKLE")
+    finally:
+        ae.shutdown()
+    assert final(responses)[0] == ALL_FAILED
+    assert len(sent) < 30, f"the box read {len(sent)} trickled bytes before giving up"
 
 
 def test_cancel_stops_the_retries_of_a_store_response_that_never_came(

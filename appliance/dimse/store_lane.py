@@ -374,14 +374,38 @@ class StoreLane:
         self._command.clear()
 
     def _read_pdu(self, deadline: float | None) -> bytes:
-        """One whole PDU; TimeoutError when none started before `deadline`."""
+        """One whole PDU; TimeoutError when none started before `deadline`, or when a
+        started one is not whole by `deadline` or `network_timeout` after its first
+        byte, whichever is later: a peer sending a byte now and then (each within the
+        socket's timeout) would otherwise hold the sub-operation for ever."""
         self._wait_readable(deadline)
-        with self._wire:
-            header = self._read_exactly(6)
-            length = PDU_HEADER.unpack(header)[2]
-            if length > self._read_limit:
-                raise ConnectionAbortedError(f"PDU of {length} bytes")
-            return header + self._read_exactly(length)
+        network = float(self.assoc.network_timeout or 60.0)
+        until = max(deadline or 0.0, time.monotonic() + network)
+        try:
+            with self._wire:
+                header = self._read_exactly(6, until)
+                length = PDU_HEADER.unpack(header)[2]
+                if length > self._read_limit:
+                    raise ConnectionAbortedError(f"PDU of {length} bytes")
+                return header + self._read_exactly(length, until)
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(network)
+
+    def _read_exactly(self, count: int, until: float) -> bytes:
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        received = 0
+        while received < count:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._sock.settimeout(left)
+            got = self._sock.recv_into(view[received:], count - received)
+            if not got:
+                raise ConnectionResetError("peer closed the connection")
+            received += got
+        return bytes(buffer)
 
     def _wait_readable(self, deadline: float | None) -> None:
         sock = self._sock
@@ -395,17 +419,6 @@ class StoreLane:
                 return
             if wait is not None and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError
-
-    def _read_exactly(self, count: int) -> bytes:
-        buffer = bytearray(count)
-        view = memoryview(buffer)
-        received = 0
-        while received < count:
-            got = self._sock.recv_into(view[received:], count - received)
-            if not got:
-                raise ConnectionResetError("peer closed the connection")
-            received += got
-        return bytes(buffer)
 
     def _fail(self, *, closed: bool) -> None:
         self.broken = True
