@@ -354,6 +354,19 @@ def edge_server(edge_home: Path, edge_server_factory: Callable[..., EdgeServer])
     return edge_server_factory(edge_home)
 
 
+@pytest.fixture(scope="module")
+def refusing_edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
+    """One started server for a module's tests of what it refuses: none of them may leave
+    anything on it (they share it to spare a start each)."""
+    server = EdgeServer(init_home(tmp_path_factory.mktemp("refusing") / "edge-home"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[dcmtk.StoreSCP]:
     with dcmtk.StoreSCP(tmp_path / "storescp", ae_title="STORESCP") as scp:

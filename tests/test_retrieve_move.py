@@ -330,13 +330,14 @@ def test_nothing_matched_is_success_with_no_suboperations(
 ], ids=["patient-level-in-study-root", "no-study-uid", "uid-with-letters", "no-level",
         "no-patient-id", "list-above-the-level"])
 def test_identifier_that_does_not_fit_the_model_is_refused_with_a900(
-    model: str, keys: dict[str, object], edge_server: EdgeServer,
+    model: str, keys: dict[str, object], refusing_edge_server: EdgeServer,
 ) -> None:
     # TESTSCU is a known peer (nothing listens on its port): the refusal comes first.
-    responses = c_move(edge_server, keys, TEST_AE, model=model)
+    refusals = refusing_edge_server.log().count("move refused reason=")
+    responses = c_move(refusing_edge_server, keys, TEST_AE, model=model)
     assert final(responses)[0] == IDENTIFIER_DOES_NOT_MATCH
-    assert "move refused reason=" in edge_server.log()
-    assert edge_server.echo().ok
+    assert refusing_edge_server.log().count("move refused reason=") == refusals + 1
+    assert refusing_edge_server.echo().ok
 
 
 def test_destination_rejecting_stored_transfer_syntaxes_gives_b000_with_counts(
