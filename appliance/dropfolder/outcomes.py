@@ -122,9 +122,11 @@ def _move(source_base: Path, source: Path, target_base: Path, target: Path, *,
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            # Outcome folder on another file system (a watched mount point):
-            # copy, then remove the original.
+            # Outcome folder on another file system (a watched mount point): copy,
+            # make the copy and its name durable, then remove the original (a file set
+            # aside has no copy in the store: a power cut must not lose both).
             _copy(src, source.name, dst, name)
+            os.fsync(dst)
             os.unlink(source.name, dir_fd=src)
         if reason is not None:
             with confine.create_file(dst, name + REASON_SUFFIX) as out:
@@ -161,6 +163,8 @@ def _copy(src: int, name: str, dst: int, new_name: str) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
     with os.fdopen(fd, "rb") as fin, confine.create_file(dst, new_name) as fout:
         shutil.copyfileobj(fin, fout)
+        fout.flush()  # before the times are set: a later write would change them
         st = os.fstat(fin.fileno())
         os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
         os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fout.fileno())
