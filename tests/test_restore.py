@@ -278,6 +278,14 @@ def synced_and_escrowed(tmp_path: Path, *, seed: int, patients: int, instances: 
     return cloud, old, passphrase, sent
 
 
+def recovered_home(tmp_path: Path, passphrase: Path) -> Path:
+    """A new home (tmp_path/new) holding the secrets of tmp_path/escrow, initialised."""
+    new = tmp_path / "new"
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
+                  "--passphrase-file", str(passphrase))
+    return init_home(new)
+
+
 def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> None:
     cloud, _, passphrase, sent = synced_and_escrowed(tmp_path, seed=41, patients=4,
                                                      instances=2)
@@ -291,10 +299,7 @@ def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> N
     sealed[-1] ^= 0x01
     manifest.write_bytes(bytes(sealed))
 
-    new = tmp_path / "new"
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
+    new = recovered_home(tmp_path, passphrase)
     result = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}",
                            check=False)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -314,10 +319,7 @@ def test_restore_reports_a_pack_whose_manifest_is_gone(tmp_path: Path) -> None:
     orphan = sorted(cloud.rglob("*.pack"))[0]
     orphan.with_suffix(".manifest").unlink()
 
-    new = tmp_path / "new"
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
+    new = recovered_home(tmp_path, passphrase)
     result = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}",
                            check=False)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -339,10 +341,7 @@ def test_restore_stops_at_a_store_that_stopped_answering(tmp_path: Path) -> None
     versions = READ_CONCURRENCY + 2
     cloud, _, passphrase, _ = synced_and_escrowed(tmp_path, seed=47, patients=versions,
                                                   instances=1)
-    new = tmp_path / "new"
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(tmp_path / "escrow"),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
+    new = recovered_home(tmp_path, passphrase)
     reads: list[str] = []
 
     class Gone(LocalFolderStore):

@@ -113,6 +113,12 @@ def failed_list(responses: list[tuple[Dataset, Dataset | None]]) -> set[str]:
     return {str(v) for v in ([value] if isinstance(value, str) else value)}
 
 
+def cancel_at_first_pending(assoc: object, context_id: int, n: int) -> None:
+    """c_move's on_pending: a C-CANCEL after the first Pending response."""
+    if n == 1:
+        assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
+
+
 def store(edge: EdgeServer, instances: Sequence[dicomgen.GeneratedInstance]) -> None:
     result = dcmtk.storescu(edge.port, [i.path for i in instances], aec=edge.ae_title).check()
     assert result.store_responses() == ["Success"] * len(instances)
@@ -498,13 +504,9 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
     with StorePeer(stall=lambda uid, nth: 0.5) as dest:
         edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
 
-        def cancel_after_first(assoc: object, context_id: int, n: int) -> None:
-            if n == 1:
-                assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
-
         responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
                                          "StudyInstanceUID": small_study[0].study_uid},
-                           dest.ae_title, on_pending=cancel_after_first)
+                           dest.ae_title, on_pending=cancel_at_first_pending)
 
     status, counts = final(responses)
     assert status == CANCEL
@@ -570,13 +572,9 @@ def test_cancel_stops_the_retries_of_a_store_response_that_never_came(
     with StorePeer(stall=lambda uid, nth: 0.0 if uid == first else 1.5) as dest:
         edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
 
-        def cancel_at_first(assoc: object, context_id: int, n: int) -> None:
-            if n == 1:
-                assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
-
         responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
                                   "StudyInstanceUID": small_study[0].study_uid},
-                           dest.ae_title, on_pending=cancel_at_first)
+                           dest.ae_title, on_pending=cancel_at_first_pending)
 
     status, counts = final(responses)
     assert status == CANCEL
@@ -596,12 +594,8 @@ def test_cancel_while_a_recall_runs_ends_the_move_with_fe00(
     evict(edge_server.home, study)  # no sync agent runs: the recall waits
     edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
 
-    def cancel_at_first(assoc: object, context_id: int, n: int) -> None:
-        if n == 1:
-            assoc.send_c_cancel(1, context_id)  # type: ignore[attr-defined]
-
     responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
-                       destination.ae_title, on_pending=cancel_at_first)
+                       destination.ae_title, on_pending=cancel_at_first_pending)
 
     status, counts = final(responses)
     assert status == CANCEL
