@@ -283,7 +283,9 @@ def test_tls_only_peer_is_refused_on_the_plain_port(
     server.cli("peers", "add", "ws2", "--ae-title", "WS2", "--host", "127.0.0.1", "--port",
                "104", "--allow", "find", "--tls-only")
     server.cli("certs", "issue", "ws2", "--out", str(tmp_path / "ws2"))
-    assert not dcmtk.echoscu(server.port, aet="WS2").ok
+    refused = dcmtk.echoscu(server.port, aet="WS2")
+    # An A-ASSOCIATE-RJ reaches the peer (it saw the connection close without one).
+    assert "Reason: Calling AE Title Not Recognized" in refused.output, refused.output
     assert ("association rejected calling=WS2 address=127.0.0.1 reason=peer is TLS-only and"
             " called on the plain port") in server.log()
     dcmtk.echoscu(port, aet="WS2", args=tls_args(tmp_path / "ws2")).check()
@@ -324,3 +326,30 @@ def test_a_trickled_pdu_over_tls_is_aborted_within_network_timeout(
     assert dcmtk.findscu(tls_port, {"StudyInstanceUID": small_study[0].study_uid},
                          args=tls_args(client)).check().values("StudyInstanceUID") == [
         small_study[0].study_uid]
+
+
+def test_a_tls_error_on_an_association_is_one_warning_with_the_address(
+    tls_edge: tuple[EdgeServer, int, Path],
+) -> None:
+    # A record that fails its integrity check (as a forged or tampered one does) was
+    # logged as an ERROR naming neither the peer nor what it was doing.
+    server, port, client = tls_edge
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client / "ca.pem")
+    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
+    with context.wrap_socket(rawpdu.connect(port)) as sock:
+        sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title))
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC
+        with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+            raw.sendall(b"\x17\x03\x03\x00\x20" + b"\0" * 32)  # application data, bad MAC
+        with contextlib.suppress(OSError):
+            while sock.recv(4096):
+                pass
+    deadline = time.monotonic() + 10.0  # the client may see its end before the log line
+    while "aborting association: TLS error" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = server.log()
+    assert "aborting association: TLS error" in log and "address=127.0.0.1" in log, log
+    assert " ERROR " not in log, log
+    server.echo().check()

@@ -83,6 +83,23 @@ def test_three_hundred_idle_connections_do_not_lock_peers_out(
     assert "never asked for an association" in edge_server.log()
 
 
+def test_idle_connections_do_not_count_against_max_associations(
+    edge_server_factory: Callable[..., EdgeServer], sockets: list[socket.socket]
+) -> None:
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"max_associations": 2})
+    server.start()
+    # More idle connections than association slots (the guard allows 16 of them).
+    sockets.extend(rawpdu.connect(server.port, source=HOSTILE) for _ in range(3))
+    time.sleep(0.5)  # each has its acceptor thread by now
+    echo_ok(server)
+    # Associations still count: two established ones fill the slots.
+    sockets.extend(rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
+                                      source=HOSTILE) for _ in range(2))
+    assert not server.echo().ok
+    assert "reason=association limit reached" in server.log()
+
+
 def test_oversized_pdu_aborts_without_buffering(
     edge_server: EdgeServer, sockets: list[socket.socket]
 ) -> None:
@@ -338,6 +355,29 @@ def test_a_non_ascii_byte_in_an_association_request_is_one_warning_not_a_traceba
     assert "Traceback" not in log and " ERROR " not in log, log
     assert "undecodable text from a peer: 'ascii' codec can't decode byte 0xb0" in log
     echo_ok(server)
+
+
+def test_peer_values_in_association_requests_reach_the_log_cut_and_escaped(
+    edge_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    # pynetdicom logged a peer's invalid value whole (the edge the refused PDU's error
+    # again), and an odd "UID" as it came: a newline in it forged a log line.
+    server = edge_server
+    before = len(server.log())
+    forged = "1\n2026-01-01 00:00:00,000 INFO forged: line"
+    version_name = rawpdu.item(0x55, b"x" * 60000)  # Implementation Version Name, 16 at most
+    for abstract_syntax, extra in (("1.2.840.10008.1.1", [version_name]), (forged, [])):
+        sock = rawpdu.connect(server.port, source=HOSTILE)
+        sockets.append(sock)
+        sock.sendall(rawpdu.associate_rq_pdu(dcmtk.TEST_AE, server.ae_title, [
+            rawpdu.presentation_context_item(1, abstract_syntax, ["1.2.840.10008.1.2"]),
+            rawpdu.user_information_item(extra=extra)]))
+        rawpdu.read_pdu(sock)
+    echo_ok(server)
+    log = server.log()[before:]
+    assert "Implementation Version Name" in log and "(cut, " in log
+    assert len(log) < 4096, f"{len(log)} characters logged"
+    assert "\n2026-01-01" not in log and "'1\\x0a2026-01-01" in log, log
 
 
 def test_an_association_request_with_an_even_context_id_is_aborted_not_a_dead_thread(

@@ -32,6 +32,10 @@ A-ABORT and a log line that says why:
   instead parses each further 6 bytes as a PDU, answers each with another
   A-ABORT, and blocks on a short tail.
 
+A TLS error after the handshake (a renegotiation the box refuses, a
+record that fails its integrity check, an alert) ends it the same way, with the
+peer's address and the TLS reason, not as an ERROR without either.
+
 A refused read raises TransportAborted (an OSError): the DUL handles it as
 Evt17, transport closed, and the association ends.
 
@@ -130,6 +134,8 @@ class EdgeAssociationSocket(AssociationSocket):
                                            min(nr_bytes - received, _RECV_CHUNK))
                 except TimeoutError:
                     continue
+                except ssl.SSLError as exc:
+                    self._abort(f"TLS error: {exc.reason or type(exc).__name__}")
                 if count == 0:
                     return buffer[:received]
                 received += count

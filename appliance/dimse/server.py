@@ -9,6 +9,7 @@ What this adds to pynetdicom (socket-level details in transport.py):
 from __future__ import annotations
 
 import logging
+import re
 import socketserver
 import ssl
 import threading
@@ -79,6 +80,24 @@ class AllowlistAE(AE):
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         raise AttributeError("the calling-AE allowlist comes from peers.toml")
 
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        """The configured limit plus the connections still waiting for their
+        A-ASSOCIATE-RQ.
+
+        pynetdicom checks the limit against every acceptor thread, and a thread
+        starts with the TCP connection: idle sockets (the connection guard's to
+        bound, not this limit's) had real peers rejected as busy, and with
+        `max_associations` at or below `idle_connection_limit` a port scanner
+        locked every modality out. Only connections that asked count."""
+        waiting = sum(1 for assoc in self.active_associations
+                      if assoc.is_acceptor and assoc.requestor.primitive is None)
+        return int(self._maximum_associations) + waiting
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
+
 
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw,
@@ -148,10 +167,36 @@ def _unencodable_dataset(record: logging.LogRecord) -> bool:
     return True
 
 
+# Longest log message that may quote what a peer sent (an AE title or UID is 64 at most).
+PEER_TEXT_LIMIT = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _safe_peer_text(record: logging.LogRecord) -> bool:
+    """Escape control characters in a message that quotes a peer's value, and cut it
+    down to PEER_TEXT_LIMIT characters.
+
+    pynetdicom logs an odd AE title or UID as it came ("Non-conformant 'Abstract
+    Syntax Name' value '...'"; its UID check is a length check only), and an invalid
+    one with its whole value ("Invalid 'Implementation Version Name' value '...'"),
+    which the edge logs again with the refused PDU's error: a "UID" holding a newline
+    wrote a forged log line, and one 60 KB user item put 120 KB of the peer's bytes
+    in the log, every time it was sent."""
+    text = record.getMessage()
+    safe = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    if len(safe) > PEER_TEXT_LIMIT:
+        safe = f"{safe[:PEER_TEXT_LIMIT]}... (cut, {len(safe)} characters)"
+    if safe != text:
+        record.msg, record.args = safe, None
+    return True
+
+
 # A filter sees only the records of the logger it is added to, not its children's.
 _LOG_FILTERS: tuple[tuple[str, Callable[[logging.LogRecord], bool]], ...] = (
     ("pynetdicom.dul", _not_our_abort),
     ("pynetdicom.utils", _undecodable_text),
+    ("pynetdicom.utils", _safe_peer_text),
+    ("appliance.base.compat", _safe_peer_text),
     ("pynetdicom.association", _request_for_another_service),
     ("pynetdicom.dsutils", _unencodable_dataset),
 )

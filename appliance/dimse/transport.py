@@ -216,7 +216,23 @@ class EdgeRequestHandler(RequestHandler):
             sock = self.request
             assoc.bind(evt.EVT_REQUESTED, lambda _event: guard.negotiating(sock))
             assoc.on_end.append(lambda: guard.closed(sock))
+        assoc.bind(evt.EVT_REQUESTED, _deliver_refusal)  # last: after every other handler
         return assoc
+
+
+def _deliver_refusal(event: Any) -> None:
+    """A handler of EVT_REQUESTED rejected or aborted the association (the peer
+    checks of appliance.dimse.handlers): wait until the DUL has sent it.
+
+    The A-ASSOCIATE-RJ is only queued for the DUL thread; right after the handlers
+    return, pynetdicom's acceptor shuts the socket down, so the peer saw the
+    connection close with no answer ("peer aborted association") instead of the
+    rejection. pynetdicom's own rejections kill the association first, which waits
+    for the DUL: the same here (the DUL sends, then waits for the peer's close or
+    ARTIM, Sta13)."""
+    assoc = event.assoc
+    if assoc.is_rejected or assoc.is_aborted:
+        assoc.kill()
 
 
 def _release_waiting_acceptor(event: Any) -> None:
