@@ -31,6 +31,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
+from appliance.services import worklist as worklist_service
 from appliance.services.order_states import OrderTrigger, apply_sync
 from appliance.store.order_rows import (
     Demographics,
@@ -354,3 +355,24 @@ def test_worklist_refused_to_a_peer_without_worklist_permission(
                            aet=MODALITY, args=("-d",))
     assert result.responses == []
     assert REFUSED_NOT_AUTHORIZED in result.dimse_statuses()
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["*"], ["SCHEDULED"]),
+        (["**"], ["SCHEDULED"]),
+        ([""], ["SCHEDULED"]),
+        (["SCHED*"], ["SCHEDULED"]),
+        (["?TARTED"], ["IN PROGRESS"]),
+        (["*ED"], ["SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED"]),
+        (["COMPLETED", "DISCONTINUED"], ["COMPLETED", "DISCONTINUED"]),
+        (["scheduled"], []),
+        (["NOPE"], []),
+    ],
+)
+def test_status_key_of_only_star_is_universal_and_wildcards_match(
+        values: list[str], expected: list[str]) -> None:
+    """`*` alone is universal matching (PS3.4 C.2.2.2.4): what no value selects, not
+    nothing; other wildcards match the SPS Status names, case-sensitively."""
+    assert worklist_service._statuses(values) == expected

@@ -30,6 +30,7 @@ Character Set is ISO_IR 192 when a value is not ASCII.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -175,11 +176,21 @@ def _combined_start(keys: dict[str, list[str]]) -> Period | None:
 
 def _statuses(values: list[str]) -> list[str]:
     """The order statuses a request's SPS Status values select: SCHEDULED when it gives
-    none; no status at all (nothing matches) when none of its values is known."""
+    none, or only `*` (equivalent to no value, PS3.4 C.2.2.2.4; modalities that send
+    `*` in every key would otherwise get an empty worklist); else the statuses any
+    value matches, wildcards included; none (nothing matches) when no value does."""
     wanted = [v.strip() for v in values if v.strip()]
-    if not wanted:
+    if not wanted or any(set(v) == {"*"} for v in wanted):
         return ["SCHEDULED"]
-    return [_SPS_STATUS[v] for v in wanted if v in _SPS_STATUS]
+    patterns = [_wildcard(v) for v in wanted]
+    return [order for sps, order in _SPS_STATUS.items()
+            if any(p.fullmatch(sps) for p in patterns)]
+
+
+def _wildcard(value: str) -> re.Pattern[str]:
+    """A CS value as a case-sensitive pattern: `*` any run, `?` one character."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in value), re.DOTALL)
 
 
 def _values(element: DataElement) -> list[str]:
