@@ -54,6 +54,15 @@ def tls_args(client: Path, *, ca: Path | None = None, cert: bool = True) -> list
     return [*args, "+cf", str(ca or client / "ca.pem"), TLS_PROFILE]
 
 
+def client_context(client: Path) -> ssl.SSLContext:
+    """A raw TLS client of `testscu`'s certificate (from `certs issue` into `client`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client / "ca.pem")
+    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
+    return context
+
+
 def other_ca(folder: Path) -> tuple[Path, Path, Path]:
     """A CA the edge does not trust, with a client certificate of its own."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -305,10 +314,7 @@ def test_a_trickled_pdu_over_tls_is_aborted_within_network_timeout(
     server.cli("certs", "issue", "testscu", "--out", str(tmp_path / "testscu"))
     client = tmp_path / "testscu"
     dcmtk.storescu(tls_port, [small_study[0].path], args=tls_args(client)).check()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(client / "ca.pem")
-    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
+    context = client_context(client)
     with context.wrap_socket(rawpdu.connect(tls_port)) as sock:
         sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title))
         assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC
@@ -334,10 +340,7 @@ def test_a_tls_error_on_an_association_is_one_warning_with_the_address(
     # A record that fails its integrity check (as a forged or tampered one does) was
     # logged as an ERROR naming neither the peer nor what it was doing.
     server, port, client = tls_edge
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(client / "ca.pem")
-    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
+    context = client_context(client)
     with context.wrap_socket(rawpdu.connect(port)) as sock:
         sock.sendall(rawpdu.associate_rq(dcmtk.TEST_AE, server.ae_title))
         assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC

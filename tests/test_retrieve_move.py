@@ -503,7 +503,6 @@ def test_cancel_stops_the_move_with_fe00_and_counts(
     store(edge_server, small_study)
     with StorePeer(stall=lambda uid, nth: 0.5) as dest:
         edge_server.add_peer("dest", dest.ae_title, dest.port, allow="store")
-
         responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
                                          "StudyInstanceUID": small_study[0].study_uid},
                            dest.ae_title, on_pending=cancel_at_first_pending)
@@ -571,7 +570,6 @@ def test_cancel_stops_the_retries_of_a_store_response_that_never_came(
     first, victim = small_study[0].sop_instance_uid, small_study[1].sop_instance_uid
     with StorePeer(stall=lambda uid, nth: 0.0 if uid == first else 1.5) as dest:
         edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
-
         responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
                                   "StudyInstanceUID": small_study[0].study_uid},
                            dest.ae_title, on_pending=cancel_at_first_pending)
