@@ -330,6 +330,13 @@ def test_a_peer_that_never_answers_holds_up_other_reports_one_attempt_a_pass(
             for _ in range(3):
                 assert hung.request(edge, _items(study), keep_open=False)[0] == SUCCESS
             assert modality.request(edge, _items(study), keep_open=False)[0] == SUCCESS
+            # Its attempt on the requesting association must be over (recorded as not
+            # delivered) before the stop: a stop in the middle of it leaves the report
+            # claimed for that attempt's bound, longer than wait_report() waits.
+            deadline = time.monotonic() + REPORT_TIMEOUT
+            while ("report not delivered commitment=4 " not in edge.log()
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
             assert edge.stop() == 0
             edge.cli("peers", "remove", "modality")
             edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
