@@ -195,7 +195,7 @@ _DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 def reader_list(home: Path, patient: str | None, date: str | None, modality: str | None,
                 as_json: bool) -> None:
     """The studies granted to this reader, searchable."""
-    from sync.reader_client import ReaderClient, matches
+    from sync.reader_client import EMPTY_CLOUD_HINT, ReaderClient, matches
 
     if date is not None and (not _DATE.match(date) or date in ("", "-")):
         raise PacsEdgeError(f"invalid --date {date!r}",
@@ -219,8 +219,6 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
                           str(r["study_uid"]))
         out.print(table)
     elif catalogue.cloud_empty:
-        from sync.reader_client import EMPTY_CLOUD_HINT
-
         err.print("no studies are granted to this reader: the cloud holds no studies at all",
                   highlight=False)
         err.print(f"hint: {EMPTY_CLOUD_HINT}", highlight=False, markup=False)
