@@ -497,6 +497,29 @@ def test_store_response_that_never_comes_fails_after_the_retries(
     assert "move sub-operation failed after 2 attempts" in edge.log()
 
 
+def test_a_destination_that_stops_answering_fails_the_rest_of_the_move_at_once(
+    edge_server_factory: Callable[..., EdgeServer],
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """A destination that takes the association but answers no C-STORE costs two
+    instances' attempts, not every instance's: at the default 3 attempts of 30 s, a
+    300-image study would otherwise hold the requestor for 7.5 hours."""
+    edge = edge_server_factory(start=False)
+    edge.configure(dicom={"suboperation_timeout": 1.0, "suboperation_retries": 0})
+    edge.start()
+    store(edge, small_study)
+    with StorePeer(stall=lambda uid, nth: 1.5) as dest:
+        edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
+        responses = c_move(edge, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": small_study[0].study_uid}, dest.ae_title)
+
+    status, counts = final(responses)
+    assert status == ALL_FAILED
+    assert (counts["completed"], counts["failed"]) == (0, len(small_study))
+    assert sum(dest.counts().values()) == 2
+    assert "move destination stopped answering C-STOREs (2 instances in a row)" in edge.log()
+
+
 def test_cancel_stops_the_move_with_fe00_and_counts(
     edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:

@@ -116,6 +116,11 @@ REFUSAL_STATUS = {
 MAX_CONTEXTS = 128  # presentation contexts per association (odd IDs 1-255, PS3.8 9.3.2.2)
 _GATE_WAIT = 1.0  # seconds for a sub-association's reactor to park
 RECALL_PENDING_INTERVAL = 2.0  # seconds between Pending responses while a recall runs
+# Instances in a row whose every attempt went unanswered: the destination is then taken
+# as stopped, and the rest of the move fails at once rather than each instance waiting
+# (retries + 1) x suboperation_timeout. Two, not one: a destination may choke on one
+# object and take the next.
+UNANSWERED_IN_A_ROW = 2
 
 
 @dataclass(frozen=True)
@@ -403,6 +408,7 @@ class _Retrieval:
             except _Unreadable:
                 return None
             if status is not None:
+                sub.unanswered = 0
                 return status
             sub.abort()
             log.warning("move sub-operation got no C-STORE response attempt=%d of %d "
@@ -410,6 +416,12 @@ class _Retrieval:
                         logsafe.ref(instance.sop_uid), sub.peer.name)
         log.error("move sub-operation failed after %d attempts instance=%s destination=%s",
                   retries + 1, logsafe.ref(instance.sop_uid), sub.peer.name)
+        sub.unanswered += 1
+        if sub.unanswered >= UNANSWERED_IN_A_ROW:
+            sub.down = True
+            log.error("move destination stopped answering C-STOREs (%d instances in a row): "
+                      "the remaining sub-operations fail destination=%s %s",
+                      sub.unanswered, sub.peer.name, self.label)
         return None
 
     def _finish(self, plan: Plan, tally: _Tally, cancelled: bool) -> None:
@@ -505,9 +517,10 @@ class _SubAssociation:
 
     Requests one presentation context per (SOP class, stored transfer syntax)
     pair and nothing else, so an instance goes out exactly as stored or not
-    at all. Once the destination cannot be reached the object stays `down`,
-    so the remaining sub-operations fail at once instead of each waiting for
-    a connect timeout.
+    at all. Once the destination cannot be reached, or has left
+    UNANSWERED_IN_A_ROW instances unanswered, the object stays `down`, so the
+    remaining sub-operations fail at once instead of each waiting for a
+    connect timeout or for every attempt's C-STORE response.
     """
 
     def __init__(self, ae: AE, peer: Peer, pairs: list[tuple[str, str]], config: DicomConfig,
@@ -523,6 +536,7 @@ class _SubAssociation:
         self.lane: StoreLane | None = None
         self.accepted: set[tuple[str, str]] = set()
         self.down = False
+        self.unanswered = 0  # instances in a row with no C-STORE response at any attempt
         self._refused_logged: set[tuple[str, str]] = set()
         self._msg_ids = _message_ids(0)
 
