@@ -21,7 +21,15 @@ from appliance.base.config import CONFIG_FILE, load_config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.human import human_time
 from appliance.base.logsetup import setup_logging
-from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
+from appliance.cli.common import (
+    LazyGroup,
+    audit_change,
+    err,
+    expected_errors,
+    home_option,
+    load,
+    out,
+)
 from provisioning import certs as site_certs
 from provisioning.keyring import replace_site_secrets
 
@@ -184,7 +192,8 @@ def certs_renew(home: Path | None, days: int | None, sans: tuple[str, ...],
 # --- keys ---------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={"escrow": "appliance.cli.reader_commands:keys_escrow",
+                                   "recover": "appliance.cli.reader_commands:keys_recover"})
 def keys() -> None:
     """The site key that wraps every pack's data key."""
 

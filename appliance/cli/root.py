@@ -24,9 +24,9 @@ from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config
 from appliance.base.human import human_size, human_time
 from appliance.base.logsetup import setup_logging
 from appliance.base.metrics_dir import use_metrics_dir
-from appliance.cli import admin_commands, audit_commands, reader_commands, worklist_commands
-from appliance.cli import sync_commands as cloud_commands
+from appliance.cli import admin_commands
 from appliance.cli.common import (
+    LazyGroup,
     err,
     expected_errors,
     home_option,
@@ -34,10 +34,6 @@ from appliance.cli.common import (
     out,
     resolve_home,
 )
-from appliance.cli.migrate_commands import migrate as migrate_group
-from appliance.cli.prefetch_commands import prefetch as prefetch_group
-from appliance.cli.users_commands import link as link_command
-from appliance.cli.users_commands import users as users_group
 from appliance.process.stack_dump import dump_stacks_on_sigusr1
 from appliance.process.undumpable import make_undumpable
 from appliance.services.launch_links import ensure_link_key
@@ -47,8 +43,27 @@ from provisioning.certs import DEFAULT_CA_DAYS, DEFAULT_NODE_DAYS, check_lifetim
 from provisioning.home import init_home
 from provisioning.site_secrets import create_site_secrets
 
+# Command groups in modules of their own, imported when named (LazyGroup says why).
+_LAZY = {
+    "sync": "appliance.cli.sync_commands:sync",
+    "evict": "appliance.cli.sync_commands:evict",
+    "recall": "appliance.cli.sync_commands:recall",
+    "scrub": "appliance.cli.sync_commands:scrub",
+    "certs": "appliance.cli.admin_commands:certs",
+    "keys": "appliance.cli.admin_commands:keys",
+    "audit": "appliance.cli.audit_commands:audit",
+    "readers": "appliance.cli.reader_commands:readers",
+    "reader": "appliance.cli.reader_commands:reader",
+    "restore": "appliance.cli.reader_commands:restore",
+    "worklist": "appliance.cli.worklist_commands:worklist",
+    "migrate": "appliance.cli.migrate_commands:migrate",
+    "prefetch": "appliance.cli.prefetch_commands:prefetch",
+    "users": "appliance.cli.users_commands:users",
+    "link": "appliance.cli.users_commands:link",
+}
 
-@click.group()
+
+@click.group(cls=LazyGroup, lazy=_LAZY)
 @click.version_option(__version__, prog_name="pacs-edge")
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
@@ -405,22 +420,4 @@ def config_check(home: Path | None) -> None:
         raise click.exceptions.Exit(2)
     out.print(f"{config.config_path}: ok", highlight=False)
 
-
-main.add_command(cloud_commands.sync)
-main.add_command(cloud_commands.evict)
-main.add_command(cloud_commands.recall)
-main.add_command(cloud_commands.scrub)
-main.add_command(admin_commands.certs)
-main.add_command(admin_commands.keys)
-main.add_command(audit_commands.audit)
-main.add_command(reader_commands.readers)
-main.add_command(reader_commands.reader)
-main.add_command(reader_commands.restore)
-main.add_command(worklist_commands.worklist)
-main.add_command(migrate_group)
-main.add_command(prefetch_group)
-main.add_command(users_group)
-main.add_command(link_command)
-admin_commands.keys.add_command(reader_commands.keys_escrow)
-admin_commands.keys.add_command(reader_commands.keys_recover)
 
