@@ -1,7 +1,17 @@
 """Azure Blob Storage behind the blob-store contract (azure-storage-blob).
 
-One container holds the site's blobs; it is created on first use. Choices
-worth knowing:
+One container holds the site's blobs. Only put creates it (when missing,
+once per process); reads never do, so a reader or a restore pointed at a
+mistyped container leaves the storage account as it was. A missing container
+reads as an empty one: list yields nothing, and stat, open_range, iter_chunks,
+delete, set_tier and request_online raise BlobNotFound, which the callers take
+for "not in the cloud" (sync.container_check then refuses a box whose packs
+are not there; a reader or restore reports an empty cloud). Azure names a
+missing container by its error code (ContainerNotFound); an endpoint that does
+not answer, or refuses the credentials, still fails any operation with
+BlobStoreUnavailable. A container deleted under a running agent makes put fail
+with BlobStoreUnavailable: it is not recreated behind the operator's back.
+Choices worth knowing:
 
 - put streams: chunks from the caller are cut into `block_size` blocks and
   staged (Put Block) by at most `max_concurrency` threads, with at most that
@@ -201,7 +211,6 @@ class AzureBlobStore(BlobStore):
         check_name(name)
         if offset < 0 or (length is not None and length < 0):
             raise _range(name, offset, length, None)
-        self._ensure_container("open_range", name)
         if length == 0:  # the SDK cannot ask for an empty range
             info = self._online_info("open_range", name)
             if offset > info.size:
@@ -233,7 +242,6 @@ class AzureBlobStore(BlobStore):
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         check_name(name)
-        self._ensure_container("iter_chunks", name)
         blob = self._client.get_blob_client(name)
         # The first GET happens here, so a missing or archived blob fails at the call.
         with _mapped("iter_chunks", name):
@@ -246,21 +254,17 @@ class AzureBlobStore(BlobStore):
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         check_prefix(prefix)
-        self._ensure_container("list", prefix)
-        with _mapped("list", prefix):
-            pages = self._client.list_blobs(name_starts_with=prefix or None,
-                                            include=["metadata"])
+        # Lazy: the first page is asked for when the caller starts iterating.
+        pages = self._client.list_blobs(name_starts_with=prefix or None, include=["metadata"])
         return self._list(prefix, pages)
 
     def delete(self, name: str) -> None:
         check_name(name)
-        self._ensure_container("delete", name)
         with _mapped("delete", name):
             self._client.get_blob_client(name).delete_blob()
 
     def set_tier(self, name: str, tier: Tier) -> None:
         check_name(name)
-        self._ensure_container("set_tier", name)
         with _mapped("set_tier", name):
             self._client.get_blob_client(name).set_standard_blob_tier(tier.value)
 
@@ -288,7 +292,8 @@ class AzureBlobStore(BlobStore):
     # -- helpers --------------------------------------------------------------------
 
     def _ensure_container(self, operation: str, name: str) -> None:
-        """Create the container on first use (a cheap connectivity check as well)."""
+        """Create the container if missing, once per process: put only (see the module
+        docstring: a read never creates it)."""
         if self._container_ready:
             return
         with self._lock, _mapped(operation, name):
@@ -300,7 +305,6 @@ class AzureBlobStore(BlobStore):
 
     def _properties(self, operation: str, name: str) -> BlobProperties:
         check_name(name)
-        self._ensure_container(operation, name)
         with _mapped(operation, name):
             return self._client.get_blob_client(name).get_blob_properties()
 
@@ -323,9 +327,14 @@ class AzureBlobStore(BlobStore):
 
     def _list(self, prefix: str, pages: Iterable[BlobProperties]) -> Iterator[BlobInfo]:
         with _mapped("list", prefix):
-            # Azure lists in UTF-8 byte order, which for our ASCII names is sorted order.
-            for props in pages:
-                yield _info(props)
+            try:
+                # Azure lists in UTF-8 byte order, which for our ASCII names is sorted order.
+                for props in pages:
+                    yield _info(props)
+            except ResourceNotFoundError as exc:
+                if _error_code(exc) != "ContainerNotFound":
+                    raise
+                # No container, no blobs (a fresh box lists before its first upload).
 
 
 def _info(props: BlobProperties) -> BlobInfo:
@@ -358,8 +367,7 @@ def _mapped(operation: str, name: str) -> Iterator[None]:
 
 def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
     status = getattr(exc, "status_code", None)
-    error_code = getattr(exc, "error_code", None)  # a str or a StorageErrorCode (a str enum)
-    code = str(getattr(error_code, "value", error_code) or "")
+    code = _error_code(exc)
     what = f"HTTP {status} {code}".strip() if status else type(exc).__name__
     if isinstance(exc, IncompleteReadError | ServiceRequestError | ServiceResponseError):
         raise TransientBlobError(
@@ -374,11 +382,18 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
             hint="the network path corrupted data in transit; nothing was committed and "
             "the next pass sends it again") from exc
     if isinstance(exc, ResourceNotFoundError):
-        if code == "ContainerNotFound":
+        if code == "ContainerNotFound" and operation == "put":
+            # put made sure of the container first: it went away while in use.
             raise BlobStoreUnavailable(
                 operation, name, "the container does not exist (deleted while in use?)",
-                hint="check the storage account; restarting the agent recreates an empty "
-                "container, and the index must then be re-verified") from exc
+                hint="check the storage account (was the container deleted?); the agent "
+                "does not recreate it while it runs") from exc
+        if code == "ContainerNotFound":
+            # A read: no container holds no blob. Only put creates the container.
+            raise BlobNotFound(
+                operation, name, "no such blob: the container does not exist",
+                hint="check the cloud URL and the storage account: a mistyped container "
+                "does not exist (reads never create it)") from exc
         raise BlobNotFound(operation, name, "no such blob") from exc
     if isinstance(exc, ResourceExistsError | ResourceModifiedError) and code in _EXISTS_CODES:
         raise _exists(name) from exc
@@ -399,6 +414,12 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
                              "log line") from exc
     raise BlobStoreUnavailable(operation, name, f"Azure client failed ({type(exc).__name__})",
                                hint="check the storage account and the network") from exc
+
+
+def _error_code(exc: AzureError) -> str:
+    """Azure's error code ("ContainerNotFound"), or "" when the answer carried none."""
+    error_code = getattr(exc, "error_code", None)  # a str or a StorageErrorCode (a str enum)
+    return str(getattr(error_code, "value", error_code) or "")
 
 
 def _take(buffer: bytearray, n: int) -> bytes:
