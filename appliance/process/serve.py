@@ -4,6 +4,10 @@ One asyncio loop (this module's) owns the index; pynetdicom's threads reach
 it through the LoopBridge. On a signal the DIMSE server stops accepting,
 lets running associations finish for a grace period, and only then is the
 index closed, so no acknowledged instance is ever half-recorded.
+
+The HL7 listener and the web stack (aiohttp and the DICOMweb routes) are
+imported only when their port is on: a box that runs without them starts
+~0.2 s of CPU sooner and holds less memory.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from appliance.audit import Auditor
 from appliance.audit.audited_ingest import AuditedIngest
@@ -37,9 +42,6 @@ from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.dropfolder.counts import drop_folder_counts
-from appliance.hl7.listener import Hl7Listener
-from appliance.http.app import WebServices, build_app, build_ops_app
-from appliance.http.https_server import HttpServer, tls_context
 from appliance.services.box_health import DropCounts, HealthSources
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
@@ -55,6 +57,10 @@ from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
 from provisioning.certs import TlsPaths
+
+if TYPE_CHECKING:
+    from appliance.hl7.listener import Hl7Listener
+    from appliance.http.https_server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +192,8 @@ async def serve(
                 await prefetch.start()
             # One HL7 listener per data home, like the watcher (worker 0 with several).
             if config.hl7.port and not worker:
+                from appliance.hl7.listener import Hl7Listener
+
                 service = prefetch.service if prefetch is not None else None
                 orders = OrderService(
                     index, auditor,
@@ -199,6 +207,9 @@ async def serve(
                                    dropfolder=_drop_counts(config, index))
             # One HTTPS server per data home, like the HL7 listener (worker 0 with several).
             if config.http.port and not worker:
+                from appliance.http.app import WebServices, build_app
+                from appliance.http.https_server import HttpServer, tls_context
+
                 paths = TlsPaths(config.home)
                 http = HttpServer(config.http, build_app(WebServices(
                     config=config, users=UserService(index, config, auditor=auditor), index=index,
@@ -208,6 +219,9 @@ async def serve(
                 await http.start()
             elif config.metrics.enabled and config.metrics.port and not worker:
                 # No web server: /metrics and the probes get a small plain listener of their own.
+                from appliance.http.app import build_ops_app
+                from appliance.http.https_server import HttpServer
+
                 http = HttpServer(_metrics_listener(config), build_ops_app(health, config.metrics),
                                   ssl_context=None)
                 await http.start()
