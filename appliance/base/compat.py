@@ -43,6 +43,9 @@ What is touched, and who uses it:
         to_provider_queue.queue             P-DATA straight to DIMSE, or to the
                                             C-STORE receiver (dimse/reactors.py,
                                             dimse/store_receiver.py)
+      DULServiceProvider._process_recv_primitive (assigned on one DUL object: counts
+        the passes that find nothing to send), to_provider_queue, _kill_thread
+                                            C-FIND send backlog     (dimse/send_queue.py)
       subclassed hooks (overridden, not assigned; their signatures are checked too):
       RequestHandler._create_association    (dimse/transport.py)
       QueryRetrieveServiceClass._move_scp/_get_scp (dimse/move_get.py)

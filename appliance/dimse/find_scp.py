@@ -13,7 +13,10 @@ as the retrieve path writes its pending responses), several per write; an SSL
 socket, whose reads the DUL does in its own thread, or a response larger than
 the peer's maximum PDU (split into several PDUs) goes through the DUL's queue and
 state machine instead, and from then on the rest of that C-FIND too, so the
-order of everything the association sends holds. A handler may still yield a
+order of everything the association sends holds. There a PDU is queued only
+while the DUL holds fewer than send_queue.SEND_BACKLOG, so the answer held in
+memory is bounded however many matches there are or however slowly the peer
+reads, and the DUL reads between bursts (a C-CANCEL ends the answer). A handler may still yield a
 Dataset; it is encoded by pynetdicom as before.
 
 Final responses (Success, Cancel, failures) go through pynetdicom's
@@ -56,6 +59,7 @@ from appliance.base.dicom_wire import (
 )
 from appliance.dimse.dicom_status import PENDING_CODES, Status
 from appliance.dimse.direct_writer import DirectWriter
+from appliance.dimse.send_queue import wait_for_send_room
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +173,8 @@ class FindServiceClass(QueryRetrieveServiceClass):
                     continue
                 direct = _flush(direct)  # from here on, everything through the DUL
                 for pdu in pdus(cx_id, command, encoded, max_pdu):
+                    if not wait_for_send_room(self.assoc):
+                        return  # the association ended while its DUL was behind
                     self.dimse.dul.send_pdu(pdu)
             direct = _flush(direct)
         except Exception as exc:

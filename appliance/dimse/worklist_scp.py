@@ -2,7 +2,9 @@
 
 Thin, like the Query/Retrieve C-FIND handler it sits beside: permission and
 matching are the worklist service's; this maps its results to statuses,
-streams the matches as Pending responses and audits the query.
+streams the matches as Pending responses (no more queued for the DUL than
+send_queue.SEND_BACKLOG PDUs: pynetdicom's own C-FIND SCP queues each one without
+waiting) and audits the query.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import QueryError
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
+from appliance.dimse.send_queue import wait_for_send_room
 from appliance.services.worklist import WorklistRefused, WorklistService
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,10 @@ class WorklistScp:
         self._audit(event, len(matches))
         syntax = event.context.transfer_syntax
         for match in matches:
+            # pynetdicom queues each response for the DUL without waiting: bounded here,
+            # and the DUL reads between bursts so a C-CANCEL is seen (send_queue.py).
+            if not wait_for_send_room(event.assoc):
+                return  # the association has ended
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
