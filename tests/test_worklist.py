@@ -257,6 +257,33 @@ def test_patient_name_matching_ignores_case(worklist_edge: Callable[..., EdgeSer
         "ACC001", "ACC002", "ACC005"]
 
 
+def test_patient_names_match_without_trailing_empty_components_and_groups(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    """PS3.5 6.2.1: 'DOE^JOHN^^^' and 'Doe^John==' are the name 'Doe^John', whether the
+    RIS padded the order's name or the modality pads its query."""
+    edge = worklist_edge()
+    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for acc, name in (("ACC901", "PADDED^PAT^^^"), ("ACC902", "Grouped^Pat==")):
+            details = OrderDetails(requested_procedure_id=f"RP{acc[3:]}",
+                                   requested_procedure_desc="Exam", sps_id=f"SPS{acc[3:]}",
+                                   sps_description="Step", modality="CT",
+                                   station_ae_title="CT01", sps_start_date="20240105",
+                                   sps_start_time="0900")
+            insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
+                         filler_order_number="", study_uid=str(generate_uid()),
+                         details=details, patient=PatientKey(f"PID{acc[3:]}"),
+                         demographics=Demographics(name, "", ""), at=time.time())
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    for asked, expected in (("Padded^Pat", ["ACC901"]), ("grouped^pat", ["ACC902"]),
+                            ("Padded^Pat^*", ["ACC901"]), ("DOE^JOHN^^^", ["ACC002"]),
+                            ("Doe^John==", ["ACC002"]), ("Doe^John^=^", ["ACC002"])):
+        assert _accessions(_query(edge.port, {"PatientName": asked}).check()) == expected, asked
+
+
 def in_progress(study_uid: str, accession: str, step_id: str, start_time: str) -> Dataset:
     """An MPPS N-CREATE data set: a CT step at CT01, IN PROGRESS, for one order."""
     item = Dataset()

@@ -44,6 +44,7 @@ import aiosqlite
 
 from appliance.base import compat
 from appliance.base.errors import IndexUnavailable, OutOfSpace
+from appliance.store import person_names
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,12 @@ MAX_BATCH = 256
 
 
 # SQL functions the schema itself calls (triggers, migrations): registered on every
-# connection, since a write to patients without them fails.
-SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold}
+# connection, since a write to patients without them fails. What one returns for a value
+# must never change (stored rows hold its results): a new rule is a new name and a
+# migration. pacs_fold (0012, case folding) is still called by migration 0012 on an old
+# index; pacs_fold_pn (0019, person names without padding: store/person_names.py) keeps
+# the patient's folded name.
+SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold, "pacs_fold_pn": person_names.fold}
 
 
 async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:

@@ -17,7 +17,14 @@ Rules, per kind of attribute:
   are compared after Unicode case folding (`str.casefold`), so `MÜLLER`
   matches `Müller`. The whole PN string is matched, component groups
   (`alphabetic=ideographic=phonetic`) included; `Yamada*` finds
-  `Yamada^Tarou=山田^太郎`.
+  `Yamada^Tarou=山田^太郎`. Padding is not part of a name (PS3.5 6.2.1):
+  trailing empty components and groups are left out on both sides
+  (appliance/store/person_names.py), so `DOE^JOHN`, `Doe^John^^^` and
+  `Doe^John==` are one name, and a value of padding only (`^^`) is empty,
+  hence universal. A `^*` (or `^^*` ...) at the end of a group, and a last
+  group of only `*`, may also stand for components or groups left out:
+  `Doe^John^*` finds `Doe^John^Q` and `Doe^John`, `Doe^*` finds `Doe`, as
+  they would find the padded spellings `Doe^John^` and `Doe^`.
 - DATE (DA): `YYYYMMDD`, or a range `A-`, `-B`, `A-B` (inclusive).
 - TIME (TM): compared as normalised keys (`appliance.store.times`). A value
   with reduced precision stands for its whole period: `1015` matches
@@ -34,6 +41,7 @@ Malformed dates, times and integers raise QueryError 0xC000.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 
@@ -49,17 +57,22 @@ from appliance.store.cfind.conditions import (
     Term,
     Wildcard,
 )
+from appliance.store.person_names import strip_padding
 from appliance.store.times import time_key
 
 __all__ = ["Match", "combined_datetime", "term"]
 
 _DATE = re.compile("[0-9]{8}")
+# `^*`, `^^*`, `^*^*` ... at the end of a PN group: may stand for left-out components.
+_TRAILING_ANY_COMPONENTS = re.compile(r"(?:\^+\*+)+$")
+_PN_GROUPS = 3  # alphabetic, ideographic, phonetic
 _DAY_START, _DAY_END = "000000.000000", "235959.999999"
 
 
 def term(kind: Match, values: Sequence[str]) -> Term | None:
     """What a key of `kind` sent with `values` selects; None when it matches everything."""
-    wanted = [v.strip() for v in values if v.strip()]
+    clean = _name_value if kind is Match.PERSON_NAME else str.strip
+    wanted = [v for v in map(clean, values) if v]
     if kind is Match.RETURN_ONLY or not wanted or any(_universal(v) for v in wanted):
         return None
     if kind is Match.UID:
@@ -103,8 +116,40 @@ def _text(value: str) -> Term:
     return Wildcard(value) if _has_wildcard(value) else Equals(value)
 
 
+def _name_value(value: str) -> str:
+    return strip_padding(value.strip())
+
+
 def _person_name(value: str) -> Term:
-    return FoldedWildcard(value.casefold())
+    patterns = _name_patterns(value.casefold())
+    if len(patterns) == 1:
+        return FoldedWildcard(patterns[0])
+    return AnyOf(tuple(FoldedWildcard(p) for p in patterns))
+
+
+def _name_patterns(name: str) -> list[str]:
+    """The patterns that together select what the PN pattern `name` (without padding)
+    selects among stored names without padding: `name` itself, plus its forms with a
+    trailing `^*` of a group, or a trailing group of `*` only, left out (those match
+    the padding that stored names no longer have). A pattern left empty by that would
+    select empty names, which never match: left out; one of `*` only becomes `?*` (any
+    name that is not empty). More groups than a PN has: `name` alone."""
+    groups = name.split("=")
+    if len(groups) > _PN_GROUPS:
+        return [name]
+    choices = [dict.fromkeys([group, _TRAILING_ANY_COMPONENTS.sub("", group)])
+               for group in groups]
+    found: dict[str, None] = {}
+    for picked in itertools.product(*choices):
+        kept = list(picked)
+        while True:
+            pattern = strip_padding("=".join(kept))
+            if pattern:
+                found.setdefault("?*" if _universal(pattern) else pattern)
+            if len(kept) == 1 or kept[-1].strip("*"):
+                break
+            kept.pop()  # a last group of `*` only may match a group left out
+    return list(found)
 
 
 def _integer(value: str) -> Term:

@@ -12,13 +12,15 @@ SQL details that are the store's business, not DICOM's:
 - Wildcards become an SQLite GLOB, whose `*` and `?` mean what DICOM's do and
   whose only other special character `[` is escaped. GLOB keeps the index
   usable for a literal prefix (`ACC12*`).
-- Case-folded matching: SQLite's own `lower()` folds ASCII only, so the exact
-  test is a Python function (`pacs_fold`); a cheap prefilter in C (pure-ASCII
-  values against an ASCII-folded pattern) runs first so the Python function
-  sees only candidates and non-ASCII values. A key with a `folded` column (the
-  patient's name: kept case-folded by the schema, migration 0012) is matched
-  with a plain GLOB on that column instead, which uses its index for a literal
-  prefix.
+- Person names are matched in one form, store/person_names.py `fold`: without
+  PN padding (trailing empty components and groups, PS3.5 6.2.1) and
+  case-folded. SQLite's own `lower()` folds ASCII only, so the exact test is
+  that Python function (`pacs_fold_pn`); a cheap prefilter in C (pure-ASCII
+  values without padding against an ASCII-folded pattern) runs first so the
+  Python function sees only candidates, non-ASCII values and padded ones. A
+  key with a `folded` column (the patient's name: kept in that form by the
+  schema, migrations 0012 and 0019) is matched with a plain GLOB on that
+  column instead, which uses its index for a literal prefix.
 - A list of values is one JSON parameter (`json_each`): no limit on host
   parameters, however long the list.
 - Ranges never select an empty value (`'' <= high` would).
@@ -31,6 +33,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 
+from appliance.store import person_names
 from appliance.store.times import time_key
 
 __all__ = [
@@ -55,8 +58,9 @@ class Wildcard:
 
 @dataclass(frozen=True)
 class FoldedWildcard:
-    """The value, case-folded (`str.casefold`), matches `pattern` (already case-folded;
-    `*` and `?` are wildcards)."""
+    """The value as a person name, without padding and case-folded
+    (`person_names.fold`), matches `pattern` (already in that form; `*` and `?` are
+    wildcards)."""
 
     pattern: str
 
@@ -106,12 +110,15 @@ class Condition:
 
 
 # SQL functions the conditions may call; registered on the reader by search.py.
-SQL_FUNCTIONS = {"pacs_fold": str.casefold, "pacs_time_key": time_key}
+SQL_FUNCTIONS = {"pacs_fold_pn": person_names.fold, "pacs_time_key": time_key}
 
 MIDNIGHT = "000000.000000"  # the time key of an entity that has a date but no time
 
 # GLOB pattern true for any string holding a character outside ASCII.
 _NON_ASCII = "*[^\x01-\x7f]*"
+# GLOB patterns, one of which is true for any PN value with padding to strip (a group
+# ending in `^`, an empty last group): what the prefilter cannot compare with lower().
+_PADDED = ("*^", "*^=*", "*=")
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 
 
@@ -132,12 +139,14 @@ def condition(term: Term, column: str, *, folded: str = "") -> Condition:
         case FoldedWildcard(pattern):
             if folded:
                 return Condition(f"{folded} GLOB ?", (_glob(pattern),))
-            # For a pure-ASCII value, lower() equals casefold(); a non-ASCII character
-            # of the pattern can then match nothing, so standing in `*` keeps a superset.
+            # For a pure-ASCII value without padding, lower() equals the folded form; a
+            # non-ASCII character of the pattern can then match nothing, so standing in
+            # `*` keeps a superset.
             ascii_pattern = _glob(_NON_ASCII_RUN.sub("*", pattern))
+            prefilter = " OR ".join([f"{column} GLOB ?"] * (1 + len(_PADDED)))
             return Condition(
-                f"({column} GLOB ? OR lower({column}) GLOB ?) AND pacs_fold({column}) GLOB ?",
-                (_NON_ASCII, ascii_pattern, _glob(pattern)),
+                f"({prefilter} OR lower({column}) GLOB ?) AND pacs_fold_pn({column}) GLOB ?",
+                (_NON_ASCII, *_PADDED, ascii_pattern, _glob(pattern)),
             )
         case Between(low, high):
             return _between(column, low, high)
