@@ -45,9 +45,18 @@ class Ack:
         return f"{parts[0]}-{parts[2]}" if len(parts) > 2 and parts[2] else parts[0]
 
 
+# An ACK's MSH-18 -> the codec it is in: the box answers in its message's set.
+ACK_CODECS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
+              "8859/1": "latin-1", "8859/15": "iso8859-15"}
+
+
 def parse_ack(data: bytes) -> Ack:
+    """An MLLP-framed ACK, decoded strictly in the set its MSH-18 names."""
     assert data.startswith(SB) and data.endswith(EB + CR), data[:80]
-    message = hl7.parse(data[1:-2].decode("utf-8"))
+    body = data[1:-2]
+    fields = body.split(CR, 1)[0].split(b"|")
+    charset = fields[17].decode("ascii") if len(fields) > 17 else ""
+    message = hl7.parse(body.decode(ACK_CODECS[charset]))
     msa = message.segment("MSA")
     try:
         err = message.segment("ERR")

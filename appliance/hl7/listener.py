@@ -195,7 +195,7 @@ class Hl7Listener:
                 # back to back would keep the connection, and the stop, for the whole grace.
                 return
 
-    async def _answer(self, block: bytes, *, sender: str, address: str) -> str:
+    async def _answer(self, block: bytes, *, sender: str, address: str) -> bytes:
         try:
             parsed = messages.parse(block)
         except Hl7Error as exc:
@@ -221,11 +221,15 @@ class Hl7Listener:
                       type(exc).__name__)
             return build_ack(AckCode.REJECT, parsed.header, error=ErrorCode.INTERNAL,
                              text="the box could not apply the message now; resend it")
+        if outcome.accepted:
+            for note in parsed.notes:  # the field and why, never its value (PHI)
+                log.info("hl7 field not stored as sent type=%s field=%s reason=%s",
+                         parsed.header.message_type, note.location, note.reason)
         return _ack_for(outcome, parsed)
 
-    async def _send(self, connection: _Connection, ack: str, timeout: float) -> None:
+    async def _send(self, connection: _Connection, ack: bytes, timeout: float) -> None:
         HL7_MESSAGES.labels(ack_code(ack)).inc()
-        connection.writer.writeblock(ack.encode("utf-8"))
+        connection.writer.writeblock(ack)
         await asyncio.wait_for(connection.writer.drain(), timeout)
 
 
@@ -240,10 +244,11 @@ async def _read_block(reader: HL7StreamReader) -> bytes:
     return block[1:-2]
 
 
-def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> str:
+def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> bytes:
     if outcome.accepted:
         return build_ack(AckCode.ACCEPT, parsed.header,
-                         text="duplicate: already applied" if outcome.duplicate else "")
+                         text="duplicate: already applied" if outcome.duplicate else "",
+                         notes=parsed.notes)
     assert outcome.refusal is not None
     return build_ack(AckCode.ERROR, parsed.header, text=outcome.text, location=outcome.location,
                      error=_REFUSAL_CODES[outcome.refusal])

@@ -6,7 +6,9 @@ ID), decodes the text in the character set MSH-18 names, parses it with
 python-hl7, and maps the fields the box uses (docs/workflow.md has the
 table) into the service's typed requests. Anything it cannot translate is
 an Hl7Error naming the field, which the listener answers with AR (a problem
-of the message header: type, control ID, encoding) or AE (content).
+of the message header: type, control ID, encoding) or AE (content). A field
+it accepts without keeping it as sent (a PID-7 of reduced precision, which a
+DICOM DA cannot hold) is a Note of the Parsed message, for the ACK and the log.
 
 What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, CA, DC, XO; one order per
 ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
@@ -48,6 +50,8 @@ CHARSETS = {
 _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
 _AE_TITLE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but backslash
 _LEADING_DIGITS = re.compile(r"\d{1,6}")
+_DIGITS = re.compile(r"\d*")
+_TIME_ZONE = re.compile(r"[+-]\d{4}")
 _SEGMENT_END = re.compile(rb"[\r\n]")
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
@@ -56,6 +60,7 @@ _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "ME
 class ErrorCode(enum.IntEnum):
     """HL7 table 0357, message error condition codes."""
 
+    MESSAGE_ACCEPTED = 0  # in an AA's ERR of severity W: applied, but see ERR-2 / ERR-8
     SEGMENT_SEQUENCE = 100
     REQUIRED_FIELD_MISSING = 101
     DATA_TYPE = 102
@@ -87,11 +92,22 @@ class Hl7Error(Exception):
 
 
 @dataclass(frozen=True)
+class Note:
+    """A field the box accepted but could not keep as sent: the ACK is AA with an ERR of
+    severity W naming the field; the log names the field and `reason`, never the value."""
+
+    location: str  # e.g. PID-7
+    reason: str  # a key=value word for the log, e.g. reduced_precision
+    text: str  # for the sender (ERR-8)
+
+
+@dataclass(frozen=True)
 class Parsed:
-    """A decoded message: its header, and its request for the service."""
+    """A decoded message: its header, its request for the service, and its notes."""
 
     header: MessageHeader
     request: Request
+    notes: tuple[Note, ...] = ()
 
 
 def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
@@ -113,12 +129,12 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
                 chr(c).isalnum() or chr(c).isspace() for c in encoding_chars)):
         raise Hl7Error("MSH-1/MSH-2 are not valid field separator and encoding characters",
                        "MSH-2", ErrorCode.DATA_TYPE, reject=True)
-    as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1])
     # MSH-18 may repeat: the first is the message's character set, the others are sets
     # that escape sequences switch to (which fields.py drops).
     charset_field = first_line.split(separator)[17:18]
     charset = charset_field[0].split(encoding_chars[1:2])[0].decode(
         "ascii", "replace").strip().upper() if charset_field else ""
+    as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1], charset)
     codec = CHARSETS.get(charset)
     if codec is None:
         raise Hl7Error(f"character set {charset!r} is not supported", "MSH-18",
@@ -150,7 +166,7 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
         receiving_application=_get(msh, 5), receiving_facility=_get(msh, 6),
         control_id=_get(msh, 10), message_code=code, trigger_event=event,
         processing_id=_get(msh, 11), version=_get(msh, 12),
-        sha256=hashlib.sha256(raw).hexdigest(),
+        sha256=hashlib.sha256(raw).hexdigest(), charset=charset,
     )
     if not code:
         raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,
@@ -171,7 +187,7 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
 
 
 def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
-                 component: bytes) -> MessageHeader:
+                 component: bytes, charset: str) -> MessageHeader:
     """MSH read from the bytes as sent (first components, ASCII), for the AR of a message
     refused before it could be decoded or parsed: MSA-2 still echoes MSH-10, the control
     ID by which the sender matches an ACK to its message."""
@@ -187,21 +203,23 @@ def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
         receiving_application=field(5), receiving_facility=field(6),
         control_id=field(10), message_code=field(9), trigger_event=field(9, 1),
         processing_id=field(11), version=field(12), sha256=hashlib.sha256(raw).hexdigest(),
+        charset=charset,
     )
 
 
 def parse(raw: bytes) -> Parsed:
     """Translate one MLLP block; raises Hl7Error naming the field at fault."""
     header, message = read_header(raw)
+    notes: list[Note] = []
     try:
         if header.message_code == "ADT":
-            request = _adt(message, header)
+            request = _adt(message, header, notes)
         else:
-            request = _orders(message, header)
+            request = _orders(message, header, notes)
     except Hl7Error as exc:
         exc.header = header
         raise
-    return Parsed(header, request)
+    return Parsed(header, request, tuple(notes))
 
 
 # --- field access ------------------------------------------------------------------
@@ -227,14 +245,49 @@ def _person_name(segment: hl7.Segment, field_num: int, *, offset: int = 0) -> st
     return "^".join(parts).rstrip("^")
 
 
-def _date(value: str, location: str) -> str:
-    """YYYYMMDD of a DT/DTM; a day that does not exist (20240230) is refused (AE) like a
-    malformed one: a modality would write it into the study's DA attributes as is."""
-    day = value[:8]
-    if day and not (day.isdigit() and len(day) == 8 and _is_calendar_day(day)):
-        raise Hl7Error(f"{location} is not a date (YYYYMMDD...)", location,
+def _split_date(value: str, location: str) -> tuple[str, str]:
+    """A DT/DTM's date and what follows it. The date is YYYYMMDD, or HL7's reduced
+    precision YYYY or YYYYMM (then only a time zone may follow: a time needs a day);
+    anything else, and a day or month that does not exist (20240230, 197013), is
+    refused (AE): a modality would write it into the study's DA attributes as is."""
+    digits = _DIGITS.match(value)
+    count = len(digits.group()) if digits else 0
+    if count >= 8:
+        date, rest = value[:8], value[8:]
+        valid = _is_calendar_day(date)
+    else:
+        date, rest = value[:count], value[count:]
+        valid = count in (4, 6) and (not rest or bool(_TIME_ZONE.fullmatch(rest))) and (
+            _is_calendar_day((date + "0101")[:8]))
+    if value and not valid:
+        raise Hl7Error(f"{location} is not a date (YYYY[MM[DD]]...)", location,
                        ErrorCode.DATA_TYPE, reject=False)
-    return day
+    return date, rest
+
+
+def _scheduled(value: str, location: str) -> tuple[str, str]:
+    """A scheduled start's DICOM date (YYYYMMDD) and time of day (the digits given:
+    HH, HHMM or HHMMSS, all legal in a TM). A date of only a year or a month schedules
+    nothing a modality can pick up: refused (AE) naming the field."""
+    date, rest = _split_date(value, location)
+    if date and len(date) < 8:
+        raise Hl7Error(f"{location} date lacks a day ({'YYYY' if len(date) == 4 else 'YYYYMM'}"
+                       " only): a procedure step needs YYYYMMDD", location,
+                       ErrorCode.DATA_TYPE, reject=False)
+    return date, _time_of_day(rest, location)
+
+
+def _birth_date(value: str, notes: list[Note]) -> str:
+    """PID-7 as a DICOM DA, or '' for a reduced-precision date (YYYY, YYYYMM: a birth
+    date the registration desk does not know to the day). DA cannot hold a partial
+    date and a made-up day would be a wrong one, so it is left out, and noted."""
+    date, _ = _split_date(value, "PID-7")
+    if date and len(date) < 8:
+        notes.append(Note("PID-7", "reduced_precision",
+                          "birth date has reduced precision (no day): not stored, DICOM"
+                          " Patient's Birth Date cannot hold a partial date"))
+        return ""
+    return date
 
 
 def _is_calendar_day(day: str) -> bool:
@@ -254,7 +307,7 @@ def _fits(value: str, limit: int, location: str, what: str) -> str:
     return value
 
 
-def _patient(message: hl7.Message) -> tuple[PatientKey, Demographics]:
+def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demographics]:
     pid = _segment(message, "PID")
     patient_id = _fits(_get(pid, 3), 64, "PID-3", "patient identifier")  # LO
     if not patient_id:
@@ -262,15 +315,15 @@ def _patient(message: hl7.Message) -> tuple[PatientKey, Demographics]:
                        ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
     sex = _get(pid, 8).upper()
     demographics = Demographics(
-        patient_name=_person_name(pid, 5), birth_date=_date(_get(pid, 7), "PID-7"),
+        patient_name=_person_name(pid, 5), birth_date=_birth_date(_get(pid, 7), notes),
         sex={"M": "M", "F": "F", "O": "O", "U": "O", "A": "O", "N": "O"}.get(sex, ""))
     return PatientKey(patient_id, _get(pid, 3, 4)), demographics
 
 
 # --- ADT ---------------------------------------------------------------------------
 
-def _adt(message: hl7.Message, header: MessageHeader) -> Request:
-    patient, demographics = _patient(message)
+def _adt(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Request:
+    patient, demographics = _patient(message, notes)
     if header.trigger_event != "A40":
         return PatientUpdate(patient, demographics, register=header.trigger_event == "A04")
     mrg = _segment(message, "MRG")
@@ -295,8 +348,8 @@ def _groups(message: hl7.Message) -> list[dict[str, hl7.Segment]]:
     return groups
 
 
-def _orders(message: hl7.Message, header: MessageHeader) -> Request:
-    patient, demographics = _patient(message)
+def _orders(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Request:
+    patient, demographics = _patient(message, notes)
     groups = _groups(message)
     if not groups:
         raise Hl7Error("ORC segment is missing", "ORC", ErrorCode.SEGMENT_SEQUENCE,
@@ -365,6 +418,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         raise Hl7Error("scheduled station AE title has characters an AE title cannot hold",
                        station_field, ErrorCode.DATA_TYPE, reject=False)
     start, start_field = _start(group)
+    start_date, start_time = _scheduled(start, start_field)
     details = OrderDetails(
         requested_procedure_id=procedure_id or accession,
         requested_procedure_desc=_get(obr, 4, 2),
@@ -374,8 +428,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         sps_id=sps_id or procedure_id or accession,
         sps_description=_get(obr, 4, 2), modality=modality,
         station_ae_title=station_ae, station_name=station_name, sps_location=location,
-        sps_start_date=_date(start[:8], start_field),
-        sps_start_time=_time_of_day(start[8:], start_field),
+        sps_start_date=start_date, sps_start_time=start_time,
         referring_physician=referring,
         requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),
     )

@@ -91,6 +91,8 @@ class MessageHeader:
     processing_id: str
     version: str
     sha256: str
+    # MSH-18's first repetition, upper case ('' when not sent): the edge answers in it.
+    charset: str = ""
 
     @property
     def message_type(self) -> str:

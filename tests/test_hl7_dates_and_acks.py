@@ -1,0 +1,210 @@
+"""HL7 dates of reduced precision and the character set of ACKs, over MLLP into a real
+`pacs-edge serve`; the worklist item is read back with dcmtk `findscu -W`.
+
+- PID-7 of YYYY or YYYYMM (a birth date known to the year or month): AA, the
+  order is scheduled with an empty Patient's Birth Date (DA holds no partial
+  date, and no day is made up); the AA carries an ERR of severity W naming
+  PID-7; the log names the field and the reason, not the value.
+- A scheduled start (TQ1-7, ORC-7.4, OBR-27.4, ...) of YYYY or YYYYMM: AE naming
+  the field, saying the date lacks a day. A date without a time, or a time of
+  hours only, is scheduled with the digits given (a TM may be HH or HHMM).
+- An ACK is in the message's character set and names it in MSH-18; one that set
+  cannot hold is UTF-8 and says UNICODE UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import dcmtk
+import hl7peer
+import pytest
+from conftest import EdgeServer, init_home
+
+MODALITY = "MODALITY"
+ORM = "ORM^O01^ORM_O01"
+
+
+@pytest.fixture(scope="module")
+def hl7_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeServer, int]]:
+    """One server for the module (each test its own control IDs and accessions): the HL7
+    listener on, the RIS allowed to send HL7, a modality allowed to query the worklist."""
+    server = EdgeServer(init_home(tmp_path_factory.mktemp("hl7dates") / "edge-home"))
+    port = dcmtk.free_port()
+    hl7peer.listen(server, port)
+    server.add_peer("modality", MODALITY, 1, allow="worklist")
+    server.start()
+    try:
+        yield server, port
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
+
+
+def _worklist_item(server: EdgeServer, accession: str) -> Any:
+    result = dcmtk.findscu(server.port, {
+        "AccessionNumber": accession, "PatientID": "", "PatientBirthDate": "",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate": "",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime": ""},
+        model="worklist", aet=MODALITY).check()
+    [item] = result.responses
+    return item
+
+
+def _accessions(server: EdgeServer) -> set[str]:
+    orders = json.loads(server.cli("worklist", "list", "--json").stdout)
+    return {order["accession_number"] for order in orders}
+
+
+def _ack_bytes(port: int, message: bytes) -> bytes:
+    """The ACK's bytes as the box sent them, unframed."""
+    sock = hl7peer.raw(port)
+    try:
+        sock.sendall(hl7peer.frame(message))
+        data = b""
+        while not data.endswith(hl7peer.EB + hl7peer.CR):
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    finally:
+        sock.close()
+    assert data.startswith(hl7peer.SB)
+    return data[1:-2]
+
+
+def _msh18(ack: bytes) -> bytes:
+    fields = ack.split(b"\r", 1)[0].split(b"|")
+    return fields[17] if len(fields) > 17 else b""
+
+
+def _in_charset(message: str, control_id: str, charset: str, *, facility: str = "HOSP") -> str:
+    """`message` (built with control ID `control_id`) with MSH-4 = `facility` and
+    MSH-18 = `charset`."""
+    plain = hl7peer.msh(control_id, ORM)
+    wanted = hl7peer.msh(control_id, ORM, charset=charset).replace("|RIS|HOSP|",
+                                                                   f"|RIS|{facility}|", 1)
+    assert plain in message
+    return message.replace(plain, wanted, 1)
+
+
+# --- PID-7 --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("birth", ["1937", "193703"])
+def test_a_birth_date_of_only_a_year_is_accepted_and_left_out_of_the_worklist_item(
+        hl7_edge: tuple[EdgeServer, int], birth: str) -> None:
+    server, port = hl7_edge
+    accession = f"BD{len(birth)}"
+    order = hl7peer.orm(accession, accession=accession).replace("|19700101|", f"|{birth}|", 1)
+    ack = hl7peer.send(port, order)
+    # Applied, with a warning (ERR-4 W, ERR-3 0 "message accepted") naming PID-7.
+    assert (ack.code, ack.control_id) == ("AA", accession)
+    assert (ack.error_field, ack.error_code) == ("PID-7", "0")
+    item = _worklist_item(server, accession)
+    assert item.PatientID == "PAT1"
+    assert item.PatientBirthDate == ""  # not 19370101, not 1937
+    step = item.ScheduledProcedureStepSequence[0]
+    assert (step.ScheduledProcedureStepStartDate,
+            step.ScheduledProcedureStepStartTime) == ("20240102", "1030")
+    lines = [line for line in server.log().splitlines() if "field=PID-7" in line]
+    assert any("not stored as sent" in line and "reason=reduced_precision" in line
+               for line in lines)
+    assert not any(birth in line for line in lines)  # the field, never its value
+
+
+def test_a_birth_date_with_a_day_that_does_not_exist_is_still_refused(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    for n, birth in enumerate(("197013", "19370230", "19370")):
+        order = hl7peer.orm(f"BDX{n}", accession="BDX").replace("|19700101|", f"|{birth}|", 1)
+        ack = hl7peer.send(port, order)
+        assert (ack.code, ack.error_field) == ("AE", "PID-7"), birth
+    assert "BDX" not in _accessions(server)
+
+
+# --- scheduled start ----------------------------------------------------------------
+
+def _orm_start_in_obr27(control_id: str, start: str) -> str:
+    """An ORM whose start is OBR-27.4 (ORC-7 empty)."""
+    message = hl7peer.orm(control_id, accession=control_id, start="")
+    return message.replace("|||CT\r", f"|||CT|||^^^{start}\r", 1)
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    (hl7peer.orm("SD1", accession="SD1", start="2024"), "ORC-7"),
+    (hl7peer.orm("SD2", accession="SD2", start="202401"), "ORC-7"),
+    (_orm_start_in_obr27("SD3", "202401"), "OBR-27"),
+    (hl7peer.omi("SD4", accession="SD4").replace("TQ1|1||||||20240103141500",
+                                                 "TQ1|1||||||202401+0100", 1), "TQ1-7"),
+])
+def test_a_scheduled_date_without_a_day_is_refused_naming_the_field(
+        hl7_edge: tuple[EdgeServer, int], message: str, field: str) -> None:
+    server, port = hl7_edge
+    ack = hl7peer.send(port, message)
+    assert (ack.code, ack.error_field, ack.error_code) == ("AE", field, "102")
+    assert field in ack.text and "lacks a day" in ack.text
+    assert ack.control_id not in _accessions(server)
+
+
+def test_a_scheduled_date_without_a_time_or_with_hours_only_keeps_the_digits_given(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    for accession, message in (
+            ("ST1", hl7peer.orm("ST1", accession="ST1", start="20240105")),
+            ("ST2", hl7peer.orm("ST2", accession="ST2", start="2024010509+0100")),
+            ("ST3", _orm_start_in_obr27("ST3", "202401050930"))):
+        assert hl7peer.send(port, message).code == "AA", accession
+    starts = {}
+    for accession in ("ST1", "ST2", "ST3"):
+        step = _worklist_item(server, accession).ScheduledProcedureStepSequence[0]
+        starts[accession] = (step.ScheduledProcedureStepStartDate,
+                             step.ScheduledProcedureStepStartTime)
+    assert starts == {"ST1": ("20240105", ""), "ST2": ("20240105", "09"),
+                      "ST3": ("20240105", "0930")}
+
+
+# --- the ACK's character set --------------------------------------------------------
+
+def test_an_ack_to_a_latin1_message_is_latin1_and_says_so(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """The sending facility (MSH-4) comes back in the ACK's MSH-6 as Latin-1 bytes, and
+    the ACK's MSH-18 names 8859/1 as the message did."""
+    server, port = hl7_edge
+    order = _in_charset(hl7peer.orm("L1", accession="L1", name="M\u00dcLLER^JANE"), "L1",
+                        "8859/1", facility="M\u00dcNCHEN")
+    ack = _ack_bytes(port, order.encode("latin-1"))
+    assert _msh18(ack) == b"8859/1"
+    assert ack.split(b"\r")[0].split(b"|")[5] == "M\u00dcNCHEN".encode("latin-1")
+    assert ack.split(b"\r")[1].split(b"|")[:3] == [b"MSA", b"AA", b"L1"]
+    assert "L1" in _accessions(server)
+
+
+@pytest.mark.parametrize(("charset", "encoding", "facility", "ack_charset", "ack_facility"), [
+    # No MSH-18: read as UTF-8 and answered so, without MSH-18.
+    ("", "utf-8", "H\u00d6SP", b"", "H\u00d6SP".encode()),
+    ("UNICODE UTF-8", "utf-8", "H\u00d6SP", b"UNICODE UTF-8", "H\u00d6SP".encode()),
+    ("8859/15", "iso8859-15", "\u20acHOSP", b"8859/15", "\u20acHOSP".encode("iso8859-15")),
+    # An escaped u-umlaut in an ASCII message: an ASCII ACK cannot hold it, so UTF-8.
+    ("ASCII", "ascii", "H\\XFC\\SP", b"UNICODE UTF-8", "H\u00fcSP".encode()),
+])
+def test_an_ack_is_in_its_messages_character_set_or_says_it_is_utf8(
+        hl7_edge: tuple[EdgeServer, int], charset: str, encoding: str, facility: str,
+        ack_charset: bytes, ack_facility: bytes) -> None:
+    _, port = hl7_edge
+    control_id = "C" + "".join(c for c in charset if c.isalnum())[:12]
+    order = _in_charset(hl7peer.orm(control_id, accession=control_id), control_id, charset,
+                        facility=facility)
+    ack = _ack_bytes(port, order.encode(encoding))
+    assert _msh18(ack) == ack_charset
+    assert ack.split(b"\r")[0].split(b"|")[5] == ack_facility
+    assert ack.split(b"\r")[1].split(b"|")[1] == b"AA"
+
+
+def test_an_ack_to_a_message_in_a_set_the_box_does_not_read_is_utf8_and_says_so(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    _, port = hl7_edge
+    order = _in_charset(hl7peer.orm("K1", accession="K1"), "K1", "KLINGON")
+    ack = _ack_bytes(port, order.encode())
+    assert _msh18(ack) == b"UNICODE UTF-8"
+    assert ack.split(b"\r")[1].split(b"|")[:3] == [b"MSA", b"AR", b"K1"]
