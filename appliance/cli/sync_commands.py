@@ -126,7 +126,6 @@ def recall(home: Path | None, study_uid: str) -> None:
     from sync.context import open_context
     from sync.recall import recall_study
 
-
     async def run() -> int:
         async with open_context(config) as ctx:
             study = await _study(ctx, study_uid)
