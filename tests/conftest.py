@@ -354,17 +354,24 @@ def edge_server(edge_home: Path, edge_server_factory: Callable[..., EdgeServer])
     return edge_server_factory(edge_home)
 
 
-@pytest.fixture(scope="module")
-def refusing_edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
-    """One started server for a module's tests of what it refuses: none of them may leave
-    anything on it (they share it to spare a start each)."""
-    server = EdgeServer(init_home(tmp_path_factory.mktemp("refusing") / "edge-home"))
+@contextlib.contextmanager
+def serving(server: EdgeServer) -> Iterator[EdgeServer]:
+    """`server` started for the block, then stopped: an unclean stop fails the test."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
     assert not server.unclean_stops, server.unclean_stops
+
+
+@pytest.fixture(scope="module")
+def refusing_edge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
+    """One started server for a module's tests of what it refuses: none of them may leave
+    anything on it (they share it to spare a start each)."""
+    with serving(EdgeServer(init_home(tmp_path_factory.mktemp("refusing") / "edge-home"))
+                 ) as server:
+        yield server
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from typing import Any
 import dcmtk
 import hl7peer
 import pytest
-from conftest import EdgeServer, init_home
+from conftest import EdgeServer, init_home, serving
 
 MODALITY = "MODALITY"
 ORM = "ORM^O01^ORM_O01"
@@ -35,12 +35,8 @@ def hl7_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeSer
     port = dcmtk.free_port()
     hl7peer.listen(server, port)
     server.add_peer("modality", MODALITY, 1, allow="worklist")
-    server.start()
-    try:
+    with serving(server):
         yield server, port
-    finally:
-        server.stop()
-    assert not server.unclean_stops, server.unclean_stops
 
 
 def _worklist_item(server: EdgeServer, accession: str) -> Any:

@@ -17,7 +17,7 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pytest
-from conftest import EdgeServer, init_home
+from conftest import EdgeServer, init_home, serving
 
 IDLE_CONNECTIONS = 200
 MAX_CONNECTIONS = 8
@@ -44,12 +44,8 @@ def refusing_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ed
     port = dcmtk.free_port()
     hl7peer.listen(server, port, max_message_bytes=16384, idle_timeout=30.0,
                    max_connections=MAX_CONNECTIONS)
-    server.start()
-    try:
+    with serving(server):
         yield server, port
-    finally:
-        server.stop()
-    assert not server.unclean_stops, server.unclean_stops
 
 
 def worklist(server: EdgeServer, *args: str) -> list[dict[str, Any]]:
