@@ -8,6 +8,7 @@ failures, and audit records are polled for with a deadline.
 from __future__ import annotations
 
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,22 +176,33 @@ def test_lockout_over_https_refuses_the_right_password_until_unlocked(
 
 def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows(
         web_server: EdgeServer) -> None:
-    # Every guess is on the wire before the first password check ends (raw TLS sockets,
-    # connected first): each passes the lock check made on arrival, then waits its turn
-    # to be hashed. Guesses checked once the user is locked must be refused like any
-    # other attempt while locked, the right password (sent last) included.
+    # Every wrong guess is on the wire before the first password check ends (raw TLS
+    # sockets, connected first): each passes the lock check made on arrival, then waits
+    # its turn to be hashed. Guesses checked once the user is locked must be refused like
+    # any other attempt while locked, the right password included: it is sent once the
+    # first guess is answered, so it waits behind the others (sent with them, it may be
+    # read and hashed among the first three, and then rightly let in).
     guesses = [f"wrong guess {n}" for n in range(12)] + [PASSWORD]
     origin = webpeer.base_url(web_server)
     sockets = [webpeer.tls_socket(web_server) for _ in guesses]
+
+    def send(tls: ssl.SSLSocket, password: str) -> None:
+        body = urlencode({"name": "rad1", "password": password, "next": "/"}).encode()
+        tls.sendall(f"POST /login HTTP/1.1\r\nHost: {urlsplit(origin).netloc}\r\n"
+                    f"Origin: {origin}\r\n"
+                    "Content-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                    .encode() + body)
+
+    def answer(tls: ssl.SSLSocket) -> bytes:
+        return b"".join(iter(lambda: tls.recv(65536), b""))
+
     try:
-        for tls, password in zip(sockets, guesses, strict=True):
-            body = urlencode({"name": "rad1", "password": password, "next": "/"}).encode()
-            tls.sendall(f"POST /login HTTP/1.1\r\nHost: {urlsplit(origin).netloc}\r\n"
-                        f"Origin: {origin}\r\n"
-                        "Content-Type: application/x-www-form-urlencoded\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                        .encode() + body)
-        answers = [b"".join(iter(lambda tls=tls: tls.recv(65536), b"")) for tls in sockets]
+        for tls, password in zip(sockets[:-1], guesses[:-1], strict=True):
+            send(tls, password)
+        first = answer(sockets[0])
+        send(sockets[-1], guesses[-1])
+        answers = [first, *(answer(tls) for tls in sockets[1:])]
     finally:
         for tls in sockets:
             tls.close()
