@@ -141,10 +141,9 @@ class PrefetchRecalls:
                        failure_kind: str = "", error: str = "") -> None:
         writer = self.ctx.index.writer
         assert writer is not None
-        prefetch = self.ctx.config.prefetch
+        retries = Retries.of(self.ctx.config.prefetch)
         state = await writer.submit_sync(lambda c: advance(
-            c, prior.id, trigger, failure_kind=failure_kind, error=error,
-            retries=Retries(prefetch.retry_attempts, prefetch.retry_base_seconds)))
+            c, prior.id, trigger, failure_kind=failure_kind, error=error, retries=retries))
         if state in (PriorState.DONE, PriorState.FAILED):
             metrics.PREFETCH_PRIORS.labels(source="cloud",
                                            outcome=failure_kind or state.value).inc()

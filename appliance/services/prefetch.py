@@ -122,7 +122,7 @@ class PrefetchService:
         self.config = config
         self.archive = archive
         self.wake = asyncio.Event()
-        self.retries = rows.Retries(config.retry_attempts, config.retry_base_seconds)
+        self.retries = rows.Retries.of(config)
 
     @property
     def writer(self) -> database.Writer:

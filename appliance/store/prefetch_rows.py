@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from appliance.base.config import PrefetchConfig
 from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
 from appliance.store.migration_rows import backoff
@@ -72,6 +73,11 @@ class Retries:
 
     attempts: int
     base_seconds: float
+
+    @classmethod
+    def of(cls, config: PrefetchConfig) -> Retries:
+        """The retries `[prefetch] retry_attempts` and `retry_base_seconds` set."""
+        return cls(config.retry_attempts, config.retry_base_seconds)
 
     def due(self, kind: str, attempts_taken: int, now: float) -> float | None:
         """When to retry a failure of `kind` after `attempts_taken` retries; None: never."""
