@@ -7,17 +7,25 @@ and one scrape must add them up to what dcmtk's clients and the agent did.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from pathlib import Path
 
 import dcmtk
 from conftest import EdgeServer
 from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from webpeer import add_user, curl, dicomweb, web_home
 
 STORE_RUNS = 3  # associations that store
 FINDS = 4
 REJECTED = 5
+MAX_HELD = 24  # associations opened until one lands on the worker without the web
+DEADLINE = 30.0
 
 
 def scrape(server: EdgeServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -112,3 +120,55 @@ def test_a_prefetch_by_hand_counts_its_local_priors(tmp_path: Path) -> None:
         server.stop()
     assert delta(after, before, "pacs_edge_prefetch_priors_total",
                  source="local", outcome="done") == 2
+
+
+def _socket_owners(port: int, state: str) -> dict[int, int]:
+    """pid -> its sockets on local `port` in TCP `state` ("01" established, "0A"
+    listening), from /proc."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+            inodes.add(f"socket:[{fields[9]}]")
+    owners: dict[int, int] = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            held = sum(os.readlink(fd) in inodes for fd in fd_dir.iterdir())
+            if held:
+                owners[int(fd_dir.parent.name)] = held
+    return owners
+
+
+def test_a_killed_worker_takes_its_open_associations_out_of_the_gauge(tmp_path: Path) -> None:
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(dicom={"workers": 2})
+    server.start()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        [web_worker] = _socket_owners(server.http_port, "0A")
+        victim = 0
+        while not victim:
+            assert len(held) < MAX_HELD, "every association went to the same worker"
+            assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+            assert assoc.is_established
+            held.append(assoc)
+            victim = next((pid for pid in _socket_owners(server.port, "01")
+                           if pid != web_worker), 0)
+        assert scrape(server)[("pacs_edge_associations_active", ())] == len(held)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + DEADLINE
+        while "worker exited unexpectedly" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        for assoc in held:
+            assoc.abort()
+        while scrape(server)[("pacs_edge_associations_active", ())] != 0:
+            assert time.monotonic() < deadline, "the dead worker's associations still count"
+            time.sleep(0.2)
+    finally:
+        for assoc in held:
+            assoc.abort()
+        server.stop()

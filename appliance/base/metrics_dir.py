@@ -12,6 +12,9 @@ it (a test importing a handler) counts in its own memory.
 Counters start from zero when `serve` starts: its supervisor removes the files
 of processes that are gone (`fresh=True`). Files of a live process (a running
 sync agent) are kept, so a restart of `serve` never hides the agent's counts.
+A worker that dies while serve runs keeps its counters in the sum (they must not
+go backwards), but its live gauges go (`forget_live_values`): the associations
+it held are not open any more.
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
                 path.unlink(missing_ok=True)
     os.environ[ENV] = str(folder)
     return folder
+
+
+def forget_live_values(pid: int) -> None:
+    """Drop the live gauges (multiprocess_mode "livesum": open associations, ingests in
+    progress) of a process that died without lowering them."""
+    folder = os.environ.get(ENV)
+    if folder:
+        # Imported here: prometheus-client reads $PROMETHEUS_MULTIPROC_DIR at import.
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, folder)
 
 
 def _alive(pid: int) -> bool:

@@ -28,6 +28,7 @@ from typing import Any
 
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
+from appliance.base.metrics_dir import forget_live_values
 from appliance.base.notify import Notifier
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
@@ -108,6 +109,8 @@ def run_workers(config: Config) -> None:
                 if not process.is_alive() and not stopping:
                     log.error("worker exited unexpectedly worker=%d exitcode=%s; restarting",
                               number, process.exitcode)
+                    if process.pid is not None:
+                        forget_live_values(process.pid)
                     time.sleep(RESTART_BACKOFF)
                     workers[number] = start(number)
     finally:
