@@ -33,9 +33,7 @@ def test_defaults_resolve_paths_inside_home(tmp_path: Path) -> None:
         ({"dicom": {"port": "104"}}, "dicom.port"),
         ({"dicom": {"port": 70000}}, "dicom.port"),
         ({"dicom": {"ae_title": "A" * 17}}, "dicom.ae_title"),
-        ({"dicom": {"nonsense": 1}}, "dicom.nonsense"),
         ({"log": {"level": "loud"}}, "log.level"),
-        ({"storage": {}}, "storage"),
         ({"index": {"commit_window_ms": -1}}, "index.commit_window_ms"),
         ({"migrate": {"rate_per_hour": 10**20}}, "migrate.rate_per_hour"),
         ({"migrate": {"query_limit": 10**20}}, "migrate.query_limit"),
@@ -49,6 +47,40 @@ def test_invalid_value_names_key_value_and_expectation(
     assert caught.value.key == key
     assert key in caught.value.message
     assert "expected" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "said"),
+    [
+        ({"dicom": {"ae_tile": "EDGE"}}, "dicom.ae_tile", "did you mean 'ae_title'?"),
+        ({"dikom": {"port": 104}}, "dikom", "did you mean 'dicom'?"),
+        ({"dicom": {"nonsense": 1}}, "dicom.nonsense", "known: acse_timeout, ae_title, "),
+    ],
+)
+def test_an_unknown_name_is_named_with_the_closest_known_one_not_its_value(
+    tmp_path: Path, raw: dict[str, dict[str, object]], key: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(tmp_path, raw)
+    assert caught.value.key == key
+    assert f"unknown config {'key' if '.' in key else 'section'} {key!r}" in caught.value.message
+    assert said in caught.value.message and "value" not in caught.value.message
+    assert caught.value.hint is not None and "correct the name" in caught.value.hint
+
+
+def test_a_toml_syntax_error_names_the_file_and_the_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0", "--metrics-port", "0")
+    for name in ("pacs-edge.toml", "peers.toml"):
+        path = home / name
+        text = path.read_text()
+        path.write_text(text + "port = = 1\n")
+        result = run_pacs_edge("config", "check", "--home", str(home), check=False)
+        assert result.returncode != 0
+        assert f"{name} is not valid TOML: Invalid value (at line" in result.stdout + result.stderr
+        assert "invalid value '<file>'" not in result.stdout + result.stderr
+        path.write_text(text)
 
 
 def test_rendered_default_file_loads_back_to_the_defaults(tmp_path: Path) -> None:

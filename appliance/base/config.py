@@ -409,7 +409,7 @@ def load_config(home: Path) -> Config:
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
+        raise ConfigError.not_toml(str(path), str(exc)) from exc
     return config_from_mapping(home, raw, source=str(path))
 
 
@@ -426,8 +426,7 @@ def config_from_mapping(home: Path, raw: dict[str, Any], *, source: str = "") ->
     sections: dict[str, Any] = {}
     for name, values in raw.items():
         if name not in _SECTIONS:
-            raise ConfigError(name, values, f"one of the sections {sorted(_SECTIONS)}",
-                              source=source)
+            raise ConfigError.unknown(name, _SECTIONS, source=source)
         if not isinstance(values, dict):
             raise ConfigError(name, values, "a [table]", source=source)
         sections[name] = _build(_SECTIONS[name], values, name, source)
@@ -458,9 +457,12 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     for key, value in values.items():
         dotted = f"{section}.{key}"
         if key not in fields:
-            raise ConfigError(dotted, value, f"one of {sorted(fields)}", source=source)
+            raise ConfigError.unknown(dotted, fields, source=source)
         kwargs[key] = _coerce(dotted, value, hints[key], fields[key].metadata, source)
     return cls(**kwargs)
+
+
+_A_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
@@ -491,7 +493,7 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
     if not ok:
         expected = ("a list of paths" if kind == tuple[Path, ...]
                     else "a list of strings" if kind == tuple[str, ...]
-                    else f"a {getattr(kind, '__name__', 'path')}")
+                    else _A_KIND.get(kind, "a path"))
         raise ConfigError(key, value, expected, source=source)
     check = meta.get("check")
     if check is not None and not check(value):

@@ -80,7 +80,9 @@ traceback is only ever shown for a bug.
 
 from __future__ import annotations
 
+import difflib
 import enum
+from collections.abc import Iterable
 
 
 class PacsEdgeError(Exception):
@@ -103,6 +105,29 @@ class ConfigError(PacsEdgeError):
         self.key = key
         self.value = value
         self.expected = expected
+
+    @classmethod
+    def unknown(cls, key: str, known: Iterable[str], *, source: str = "") -> ConfigError:
+        """A section or key this version does not know: most often a typo, so the message
+        names the closest known one rather than the value."""
+        known = sorted(known)
+        error = cls(key, None, f"one of {known}", source=source)
+        where = f" in {source}" if source else ""
+        close = difflib.get_close_matches(key.rpartition(".")[2], known, n=1)
+        guess = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+        error._say(f"unknown config {'key' if '.' in key else 'section'} {key!r}{where}: {guess}",
+                   "correct the name (or remove it) and run `pacs-edge config check`")
+        return error
+
+    @classmethod
+    def not_toml(cls, path: str, detail: str) -> ConfigError:
+        error = cls(path, "<file>", f"valid TOML ({detail})")
+        error._say(f"{path} is not valid TOML: {detail}",
+                   "fix the file at that line and run `pacs-edge config check`")
+        return error
+
+    def _say(self, message: str, hint: str) -> None:
+        self.message, self.hint, self.args = message, hint, (message,)
 
 
 class HomeError(PacsEdgeError):

@@ -201,5 +201,5 @@ async def _study(ctx: Any, study_uid: str) -> Any:
     study = await study_by_uid(ctx.index, study_uid)
     if study is None:
         raise PacsEdgeError("no study with that Study Instance UID in the index",
-                            hint="find it with findscu or pacs-edge status")
+                            hint="find its Study Instance UID with findscu (-k StudyInstanceUID)")
     return study

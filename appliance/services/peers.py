@@ -279,7 +279,7 @@ def _load(path: Path) -> dict[str, Peer]:
     try:
         raw = tomllib.loads(_read(path))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from exc
+        raise ConfigError.not_toml(str(path), str(exc)) from exc
     peers: dict[str, Peer] = {}
     for name, entry in raw.get("peers", {}).items():
         key = f"peers.{name}"
