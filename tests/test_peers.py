@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from conftest import run_pacs_edge
+from conftest import EdgeServer, run_pacs_edge
 
 from appliance.base.errors import ConfigError, NotAuthorized, PeerError
+from appliance.dimse.handlers import DimseHandlers
 from appliance.services.peers import (
     PEERS_HEADER,
     Allowlist,
@@ -86,6 +91,127 @@ def test_invalid_peers_are_refused(tmp_path: Path, peer: Peer) -> None:
         Allowlist(tmp_path / "peers.toml").add(peer)
 
 
+def _write_peers(path: Path, *titles: str) -> None:
+    """A hand-written peers.toml: peer pN with the AE title titles[N] (a JSON string is a
+    TOML basic string)."""
+    path.write_text(PEERS_HEADER + "".join(
+        f'[peers.p{n}]\nae_title = {json.dumps(title)}\nhost = "10.0.0.{n}"\nport = 104\n'
+        f'allow = ["find"]\n' for n, title in enumerate(titles)), encoding="utf-8")
+
+
+def test_ae_titles_are_stripped_on_add_and_on_load(tmp_path: Path) -> None:
+    """PS3.5 6.2: leading and trailing spaces of an AE title are not significant, and
+    pynetdicom admits " SPC1 " calling as SPC1: the peer must be found by that title,
+    or none of its restrictions applied."""
+    added = Allowlist(tmp_path / "added.toml")
+    added.add(Peer("sp", " SPC1 ", "10.9.9.9", 11116, frozenset({"find"}), bind_host=True))
+    added.add(Peer("long", "A" * 16 + " ", "10.9.9.8", 104, frozenset({"find"})))
+    assert 'ae_title = "SPC1"' in added.path.read_text()
+    hand = tmp_path / "hand.toml"
+    _write_peers(hand, " WS1 ")
+    for allowlist, title in ((Allowlist(added.path), "SPC1"), (Allowlist(hand), "WS1")):
+        peer = allowlist.by_ae_title(title)
+        assert peer is not None and peer.ae_title == title
+        assert title in allowlist.ae_titles()
+
+
+@pytest.mark.parametrize(("title", "problem"), [
+    ("   ", "it is empty"),
+    ("A" * 17, "it has 17 characters, more than 16"),
+    ("CT\\1", "character 3 is a backslash"),
+    ("CT\t1", "character 3 (U+0009) is a control character"),
+    ("CT\u00e91", "character 3 (U+00E9) is not ASCII"),
+])
+def test_an_invalid_ae_title_is_refused_naming_what_is_wrong(
+        tmp_path: Path, title: str, problem: str) -> None:
+    with pytest.raises(PeerError, match=re.escape(problem)):
+        Allowlist(tmp_path / "peers.toml").add(Peer("ct", title, "h", 104, frozenset({"store"})))
+    hand = tmp_path / "hand.toml"
+    _write_peers(hand, "OK1", title)
+    with pytest.raises(ConfigError) as caught:
+        Allowlist(hand).peers()
+    assert "peers.p1.ae_title" in caught.value.message and problem in caught.value.message
+
+
+def test_an_ae_title_another_peer_has_is_refused_naming_that_peer(tmp_path: Path) -> None:
+    allowlist = Allowlist(tmp_path / "peers.toml")
+    allowlist.add(Peer("ws1", "WS1", "10.0.0.40", 11113, frozenset({"find", "move"})))
+    tighter = Peer("ws1-tls", " WS1", "10.0.0.40", 11113, frozenset({"find"}), tls_only=True)
+    with pytest.raises(PeerError, match="AE title 'WS1' already belongs to peer 'ws1'") as caught:
+        allowlist.add(tighter)
+    assert "pacs-edge peers remove ws1" in (caught.value.hint or "")
+    assert list(allowlist.peers()) == ["ws1"]
+
+
+def test_a_hand_edited_duplicate_ae_title_admits_neither_peer(tmp_path: Path) -> None:
+    """Only one of two peers with one AE title could apply, the other's restrictions
+    silently ignored: the file is refused like any bad entry, and a server admits no
+    peer until it is fixed."""
+    path = tmp_path / "peers.toml"
+    _write_peers(path, "WS1", "CT1", "WS1 ")
+    with pytest.raises(ConfigError) as caught:
+        Allowlist(path).peers()
+    assert "peers.p2.ae_title" in caught.value.message
+    assert "peers.p0 has it" in caught.value.message
+    assert "delete peers.p0 or peers.p2" in (caught.value.hint or "")
+    serving = Allowlist(path, fail_closed=True)
+    assert serving.peers() == {} and serving.by_ae_title("WS1") is None
+
+
+class _Rejects:
+    """What a DIMSE handler does to a requested association, as a fake records it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, int]] = []
+        self.audited: list[str] = []
+
+    def send_reject(self, result: int, source: int, diagnostic: int) -> None:
+        self.sent.append((result, source, diagnostic))
+
+    def association(self, assoc: Any, *, accepted: bool, reason: str = "") -> None:
+        self.audited.append(reason)
+
+
+def test_a_calling_ae_that_maps_to_no_peer_is_rejected_not_accepted_unrestricted(
+        tmp_path: Path) -> None:
+    """Defence in depth: pynetdicom's calling-AE check and the allowlist once disagreed
+    on " SPC1 " (the association was accepted without the peer's restrictions); a
+    caller the handler finds no peer for is rejected as an unknown calling AE."""
+    Allowlist(tmp_path / "peers.toml").add(_peer())
+    rejects = _Rejects()
+    requestor = SimpleNamespace(primitive=SimpleNamespace(calling_ae_title="SPC1"),
+                                address="127.0.0.1", ae_title="")
+    assoc = SimpleNamespace(requestor=requestor, acse=rejects)
+    services: Any = SimpleNamespace(allowlist=Allowlist(tmp_path / "peers.toml"),
+                                    audit=rejects)
+    DimseHandlers(services).on_requested(SimpleNamespace(assoc=assoc))
+    assert rejects.sent == [(0x01, 0x01, 0x03)]  # permanent, calling AE not recognised
+    assert rejects.audited == ["calling AE title is not in the allowlist (pacs-edge peers add)"]
+    assert requestor.ae_title == "SPC1"  # the audit record names the caller
+
+
+def test_a_spaced_ae_title_keeps_its_peers_restrictions_and_is_not_taken_twice(
+        refusing_edge_server: EdgeServer) -> None:
+    """The audit's reproduction: a peer added as " SPC1 ", bound to another host and
+    TLS-only, called as SPC1 on the plain port from here; then the same AE title
+    added again under another name."""
+    server = refusing_edge_server
+    server.cli("peers", "add", "sp", "--ae-title", " SPC1 ", "--host", "10.9.9.9", "--port",
+               "11116", "--allow", "store", "--bind-host", "--tls-only")
+    try:
+        assert not server.echo(aet="SPC1").ok
+        assert ("calling=SPC1 address=127.0.0.1 reason=AE title is bound to host '10.9.9.9'"
+                in server.log())
+        again = server.cli("peers", "add", "sp2", "--ae-title", "SPC1", "--host", "127.0.0.1",
+                           "--port", "11116", "--allow", "store", check=False)
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert "AE title 'SPC1' already belongs to peer 'sp'" in again.stderr
+        assert "pacs-edge peers remove sp" in again.stderr
+        assert not server.echo(aet="SPC1").ok
+    finally:
+        server.cli("peers", "remove", "sp")
+
+
 def test_tls_only_and_other_flags_survive_a_reload(tmp_path: Path) -> None:
     path = tmp_path / "peers.toml"
     peer = Peer("ws2", "WS2", "127.0.0.1", 104, frozenset({"find"}), bind_host=True, tls=True,
@@ -143,6 +269,11 @@ def test_hl7_sender_is_found_by_host_and_only_with_permission_hl7(tmp_path: Path
 def _break(path: Path, how: str) -> None:
     if how == "not-utf8":
         path.write_bytes(PEERS_HEADER.encode() + b"# caf\xe9\n")
+    elif how == "duplicate":
+        with path.open("a", encoding="utf-8") as peers:
+            peers.write("".join(f'[peers.{name}]\nae_title = "{title}"\nhost = "10.0.0.40"\n'
+                                'port = 104\nallow = ["find"]\n'
+                                for name, title in (("ws1", "WS1"), ("ws1-tls", " WS1"))))
     elif how == "folder":
         path.unlink()
         path.mkdir()
@@ -153,7 +284,8 @@ def _break(path: Path, how: str) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how, why", [("not-utf8", "is not UTF-8"), ("folder", "<a folder>"),
-                                      ("fifo", "<not a regular file>")])
+                                      ("fifo", "<not a regular file>"),
+                                      ("duplicate", "peers.ws1 has it")])
 def test_unreadable_peers_file_is_one_error_naming_it(tmp_path: Path, how: str,
                                                       why: str) -> None:
     home = tmp_path / "home"

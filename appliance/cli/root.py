@@ -189,11 +189,11 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
                 tls=use_tls, tls_only=tls_only)
     Allowlist(config.peers_path).add(peer)
     with Auditor.for_home(config, process="cli") as auditor:
-        auditor.peer_changed("add", name=name, ae_title=ae_title, host=host, port=port,
+        auditor.peer_changed("add", name=name, ae_title=peer.ae_title, host=host, port=port,
                              allow=peer.allow, flags=peer.flags)
     allowed = ",".join(sorted(peer.allow))
     where = f"{host}:{port}" if port else host
-    out.print(f"added peer {name} ({ae_title} at {where}, allow {allowed});"
+    out.print(f"added peer {name} ({peer.ae_title} at {where}, allow {allowed});"
               " a running server picks it up at the next association", highlight=False)
     if tls_only and not config.dicom.tls_port:
         err.print(f"note: DICOM TLS is off on this box ([dicom] tls_port = 0): {name} is"

@@ -59,6 +59,7 @@ REJECTION_STATUS = {
     Rejection.INFLATE_LIMIT: Status.OUT_OF_RESOURCES,
     Rejection.OUT_OF_SPACE: Status.OUT_OF_RESOURCES,
 }
+_UNKNOWN_CALLING_AE = "calling AE title is not in the allowlist (pacs-edge peers add)"
 _FIND_MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.1": QueryModel.PATIENT_ROOT,
     "1.2.840.10008.5.1.4.1.2.2.1": QueryModel.STUDY_ROOT,
@@ -92,29 +93,28 @@ class DimseHandlers:
 
     def on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        # pynetdicom copies the calling AE title to requestor.ae_title only later,
-        # during negotiation: read it from the A-ASSOCIATE-RQ itself.
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        # pynetdicom copies the calling AE title (stripped, as peers.toml holds it)
+        # to requestor.ae_title only during negotiation, which a reject here skips:
+        # copied now, for the log and the audit record of a reject.
+        assoc.requestor.ae_title = assoc.requestor.primitive.calling_ae_title
+        calling = str(assoc.requestor.ae_title)
         log.debug("association requested calling=%s address=%s", calling,
                   assoc.requestor.address)
         peer = self.s.allowlist.by_ae_title(calling)
         if peer is None:
-            return  # pynetdicom rejects it (calling AE not recognised): see on_rejected
+            # pynetdicom's own check (require_calling_aet) would reject it too, unless
+            # it and the allowlist disagree on a title: then it would be accepted
+            # without any peer's restrictions (address, transport, permissions).
+            self._reject(assoc, "unknown-calling-ae", _UNKNOWN_CALLING_AE)
+            return
         sock = assoc.dul.socket.socket
         certificate = peer_identity(sock)
         why = peer.refusal(address=str(assoc.requestor.address), over_tls=is_tls(sock),
                            certificate=certificate)
         if why is not None:
-            # Logged before the peer hears of it, so whoever reads the log on the
-            # peer's failure finds the reason there; audited after, so a failing
-            # audit write cannot keep the reject from going out.
-            ASSOCIATIONS.labels("rejected", "peer-refused").inc()
-            log.warning("association rejected calling=%s address=%s reason=%s", calling,
-                        assoc.requestor.address, why)
             # Rejected as an unknown calling AE: from this address, over this
             # transport or with this certificate, it is one.
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            self.s.audit.association(assoc, accepted=False, reason=why)
+            self._reject(assoc, "peer-refused", why)
             return
         if certificate is not None and certificate.not_after:
             PEER_CERTIFICATE_EXPIRY.labels(peer.name).set(certificate.not_after)
@@ -124,9 +124,20 @@ class DimseHandlers:
         if refused:
             log.warning("storage contexts refused: peer lacks permission 'store' count=%d"
                         " calling=%s address=%s", refused, calling, assoc.requestor.address)
-            # Audited once accepted: only then does pynetdicom fill in requestor.ae_title.
+            # Audited once accepted: an association rejected after all refused nothing.
             why = "storage contexts refused: peer lacks permission 'store'"
             assoc.bind(evt.EVT_ACCEPTED, lambda e: self.s.audit.refused(e.assoc, "store", why))
+
+    def _reject(self, assoc: Any, reason: str, why: str) -> None:
+        """Reject the requested association as from an unknown calling AE (permanent,
+        calling AE title not recognised); `reason` labels the metric, `why` is logged."""
+        # Logged before the peer hears of it, so whoever reads the log on the peer's
+        # failure finds the reason there; audited after, so a failing audit write
+        # cannot keep the reject from going out.
+        ASSOCIATIONS.labels("rejected", reason).inc()
+        log.warning("association rejected %s reason=%s", peer_label(assoc), why)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        self.s.audit.association(assoc, accepted=False, reason=why)
 
     def on_accepted(self, event: Any) -> None:
         log.info("association accepted %s", peer_label(event.assoc))
@@ -144,9 +155,8 @@ class DimseHandlers:
         assoc = event.assoc
         calling = str(assoc.requestor.ae_title).strip()
         called = str(assoc.requestor.primitive.called_ae_title).strip()
-        if self.s.allowlist.by_ae_title(calling) is None:
-            reason, why = "unknown-calling-ae", (
-                "calling AE title is not in the allowlist (pacs-edge peers add)")
+        if self.s.allowlist.by_ae_title(calling) is None:  # removed since on_requested
+            reason, why = "unknown-calling-ae", _UNKNOWN_CALLING_AE
         elif called != self.s.config.ae_title:
             reason, why = "wrong-called-ae", (
                 f"called AE title {called!r} is not this box's {self.s.config.ae_title!r}")

@@ -11,6 +11,15 @@ hand-edited peers.toml): it logs the error once per change of the file and
 admits no peer until the file reads again, rather than failing every
 association with a traceback; `pacs-edge status` warns.
 
+AE titles: one normal form, stripped (PS3.5 6.2: leading and trailing
+spaces are not significant; pynetdicom strips the calling AE title too), so a
+peer is found by the title it calls with; 1-16 characters of the default
+repertoire (`ae_title_problem`), checked by `peers add` and on every load.
+Each AE title belongs to one peer: `peers add` refuses a second, and a
+hand-edited file holding one twice is refused like any other bad entry (a
+server admits no peer until it is fixed), since only one of the two could
+ever apply and the other's restrictions would be silently ignored.
+
 Identity at association time (`Peer.refusal`): a peer's AE title is its
 name on the wire, not a credential. What binds it to the device:
 - `bind_host`: the AE title is accepted only from the addresses of `host`;
@@ -52,6 +61,8 @@ PERMISSIONS = ("store", "find", "move", "get", "commit", "mpps", "worklist", "hl
 # needs no port (the box never calls it), so such a peer may have port 0.
 PORTLESS = frozenset({"hl7"})
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_AE_TITLE_HINT = ("use 1-16 printable ASCII characters without a backslash (leading and"
+                  " trailing spaces do not count)")
 
 PEERS_HEADER = """\
 # pacs-edge peer allowlist. Edit with `pacs-edge peers add|remove|list`.
@@ -72,6 +83,10 @@ class Peer:
     bind_host: bool = False  # only accept this AE title from `host`'s addresses
     tls: bool = False  # C-MOVE sub-associations to this peer use DICOM TLS
     tls_only: bool = False  # refused unless it calls over TLS with its own certificate
+
+    def __post_init__(self) -> None:
+        # The normal form (module docstring): whoever builds a Peer, its title is stripped.
+        object.__setattr__(self, "ae_title", self.ae_title.strip())
 
     @property
     def flags(self) -> list[str]:
@@ -139,13 +154,29 @@ def parse_permissions(text: str) -> frozenset[str]:
     return frozenset(wanted)
 
 
+def ae_title_problem(title: str) -> str | None:
+    """What makes `title` (stripped) no AE title, or None: PS3.5 6.2 allows 1-16
+    characters of the default repertoire (printable ASCII) but the backslash."""
+    if not title:
+        return "it is empty"
+    if len(title) > 16:
+        return f"it has {len(title)} characters, more than 16"
+    for position, char in enumerate(title, 1):
+        if char == "\\":
+            return f"character {position} is a backslash"
+        if not " " <= char <= "~":
+            kind = "a control character" if char.isascii() else "not ASCII"
+            return f"character {position} (U+{ord(char):04X}) is {kind}"
+    return None
+
+
 def validate_peer(peer: Peer) -> None:
     if not _NAME.match(peer.name):
         raise PeerError(f"invalid peer name {peer.name!r}",
                         hint="use 1-64 letters, digits, '.', '_' or '-'")
-    title = peer.ae_title
-    if not (0 < len(title.strip()) <= 16) or not title.isascii() or "\\" in title:
-        raise PeerError(f"invalid AE title {title!r}", hint="use 1-16 ASCII characters")
+    problem = ae_title_problem(peer.ae_title)
+    if problem is not None:
+        raise PeerError(f"invalid AE title {peer.ae_title!r}: {problem}", hint=_AE_TITLE_HINT)
     if not (0 < peer.port <= 65535) and not (peer.port == 0 and peer.allow <= PORTLESS):
         raise PeerError(f"invalid port {peer.port}",
                         hint="use 1-65535 (only an hl7-only peer may leave out its port)")
@@ -219,6 +250,12 @@ class Allowlist:
         if peer.name in table:
             raise PeerError(f"peer {peer.name!r} already exists",
                             hint=f"remove it first: pacs-edge peers remove {peer.name}")
+        holder = self.by_ae_title(peer.ae_title)
+        if holder is not None:
+            raise PeerError(
+                f"AE title {peer.ae_title!r} already belongs to peer {holder.name!r}: an AE"
+                " title names one peer", hint=f"remove that peer first (pacs-edge peers remove"
+                f" {holder.name}) or edit its entry in {self.path}")
         entry = tomlkit.table()
         entry["ae_title"] = peer.ae_title
         entry["host"] = peer.host
@@ -301,5 +338,17 @@ def _load(path: Path) -> dict[str, Peer]:
         if unknown:
             raise ConfigError(f"{key}.allow", sorted(peer.allow),
                               f"a subset of {list(PERMISSIONS)}", source=str(path))
+        problem = ae_title_problem(peer.ae_title)
+        if problem is not None:
+            raise ConfigError(f"{key}.ae_title", peer.ae_title,
+                              f"an AE title ({problem})", source=str(path))
+        holder = next((p for p in peers.values() if p.ae_title == peer.ae_title), None)
+        if holder is not None:
+            error = ConfigError(f"{key}.ae_title", peer.ae_title,
+                                f"an AE title no other peer has (peers.{holder.name} has it)",
+                                source=str(path))
+            error.hint = (f"an AE title names one peer: delete peers.{holder.name} or"
+                          f" peers.{name} from {path}, or give one its own AE title")
+            raise error
         peers[name] = peer
     return peers
