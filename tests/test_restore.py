@@ -312,6 +312,23 @@ def test_restore_reports_and_skips_versions_it_cannot_trust(tmp_path: Path) -> N
     assert not any(pid in result.stdout + result.stderr for pid in patient_ids)
 
 
+def test_restore_from_another_boxs_cloud_fails_and_does_not_record_the_url(
+        tmp_path: Path) -> None:
+    """Restore into a home with its own keys (not `keys recover`ed from the lost box's
+    escrow): every pack fails, so the URL must not be recorded either (the agent would
+    write there, and the right URL would be refused afterwards)."""
+    cloud, _, _, _ = synced_and_escrowed(tmp_path, seed=44, patients=1, instances=1)
+    home = init_home(tmp_path / "home")
+    before = (home / "pacs-edge.toml").read_text()
+    result = run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}",
+                           check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "; 1 failed" in result.stdout
+    assert f"nothing could be restored from file://{cloud}; the URL was not recorded" \
+        in result.stderr
+    assert (home / "pacs-edge.toml").read_text() == before
+
+
 def test_restore_reports_a_pack_whose_manifest_is_gone(tmp_path: Path) -> None:
     """Restore lists manifests; a pack left without one (its manifest deleted) must fail
     the run, not vanish from it: "0 failed" would say every acknowledged study came back."""

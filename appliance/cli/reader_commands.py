@@ -12,6 +12,7 @@ sync package, provisioning and the config together here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import stat
@@ -387,9 +388,11 @@ def restore(home: Path, cloud_url: str | None) -> None:
                             f"then `pacs-edge init --home {home}`")
     config = load(home)
     setup_logging("warning")
-    if cloud_url is not None and cloud_url != config.cloud_url:
-        _set_cloud_url(config, cloud_url)
-        config = load(home)
+    new_url = cloud_url if cloud_url is not None and cloud_url != config.cloud_url else None
+    if new_url:
+        _check_cloud_url(config, new_url)
+        config = dataclasses.replace(config, cloud=dataclasses.replace(config.cloud,
+                                                                        url=new_url))
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
 
     async def run(progress: Callable[[int, int], None]) -> Any:
@@ -408,7 +411,14 @@ def restore(home: Path, cloud_url: str | None) -> None:
         set_base_after_restore(config.home, store)
     finally:
         store.close()
-    audit_change(config, "index restored from the cloud")
+    # Recorded, a URL whose packs all failed (another box's cloud, another key) would keep
+    # the right one out ("already names another cloud"), and the agent would write there.
+    # A lost box that never uploaded a study has nothing to restore and nothing fails.
+    nothing = bool(new_url and report.failures) and not (report.restored or report.already)
+    if not nothing:
+        if new_url:
+            _record_cloud_url(config)
+        audit_change(config, "index restored from the cloud")
     out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
               f"{report.instances} instance(s); {report.already} already in the index; "
               f"{len(report.failures)} failed"
@@ -419,19 +429,21 @@ def restore(home: Path, cloud_url: str | None) -> None:
                   "store holds intact: local, not evicted", highlight=False)
     for failure in report.failures:
         err.print(f"  failed: {failure}", highlight=False)
+    if nothing:
+        raise PacsEdgeError(f"nothing could be restored from {_shown(config.cloud_url)};"
+                            " the URL was not recorded", hint="check the URL, and that"
+                            " `keys recover` used this box's escrow file")
     if report.failures:
         raise SystemExit(1)
 
 
-def _set_cloud_url(config: Config, cloud_url: str) -> None:
-    """Record the restored-from cloud URL in the home's config (comments kept).
+def _shown(cloud_url: str) -> str:
+    return cloud_url.split("?", 1)[0]  # never a SAS token
 
-    A home whose config is a link to a file kept elsewhere (/etc/pacs-edge in
-    docs/deployment.md) gets the file behind the link rewritten, with its owner and
-    mode: replacing the link itself would leave /etc's file governing nothing."""
-    import tomlkit
 
-    from appliance.base.durable import atomic_write
+def _check_cloud_url(config: Config, cloud_url: str) -> None:
+    """Refuse a --cloud the home cannot take: it names another cloud already, or the
+    URL names an empty container (a typo)."""
     from sync.blobstore.factory import open_blob_store
 
     if config.cloud.url:
@@ -442,14 +454,27 @@ def _set_cloud_url(config: Config, cloud_url: str) -> None:
         empty = next(iter(store.list()), None) is None
     finally:
         store.close()
-    if empty:  # a mistyped URL: recorded, it would keep the right one out
-        raise PacsEdgeError(f"{cloud_url.split('?', 1)[0]} is empty: nothing to restore from",
+    if empty:
+        raise PacsEdgeError(f"{_shown(cloud_url)} is empty: nothing to restore from",
                             hint="check the URL (for file://, the folder the lost box's"
                             " [cloud] url named)")
+
+
+def _record_cloud_url(config: Config) -> None:
+    """Record the restored-from cloud URL (config.cloud.url) in the home's config file
+    (comments kept), once something was restored from it.
+
+    A home whose config is a link to a file kept elsewhere (/etc/pacs-edge in
+    docs/deployment.md) gets the file behind the link rewritten, with its owner and
+    mode: replacing the link itself would leave /etc's file governing nothing."""
+    import tomlkit
+
+    from appliance.base.durable import atomic_write
+
     target = config.config_path.resolve()
     doc = tomlkit.parse(target.read_text(encoding="utf-8"))
     table = doc.setdefault("cloud", tomlkit.table())
-    table["url"] = cloud_url
+    table["url"] = config.cloud.url
     kept = target.stat()
     atomic_write(target, tomlkit.dumps(doc).encode("utf-8"), mode=stat.S_IMODE(kept.st_mode),
                  owner=(kept.st_uid, kept.st_gid))
