@@ -222,3 +222,52 @@ def test_dicom_json_elements_are_decoded_without_pydicom_values() -> None:
     assert element_json(raw(0x00280010, "US", b"\x00\x02"), None) == {"vr": "US", "Value": [512]}
     assert element_json(raw(0x00091001, None, b"abcd"), "UTF8") is None  # implicit private
     assert element_json(DataElement(0x00100010, "PN", "A^B"), "UTF8") is None
+
+
+def test_non_finite_numbers_are_answered_empty_never_as_nan_or_infinity() -> None:
+    """JSON has no NaN or Infinity (PS3.18 F.2.3 makes DS, FL and FD JSON numbers)."""
+    def raw(tag: int, vr: str, value: bytes) -> RawDataElement:
+        return RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+    nan, inf = struct.pack("<d", float("nan")), struct.pack("<f", float("inf"))
+    assert element_json(raw(0x00189087, "FD", nan), None) == {"vr": "FD"}
+    assert element_json(raw(0x00189087, "FD", struct.pack("<d", 1.5) + nan), None) == {
+        "vr": "FD"}
+    assert element_json(raw(0x00181320, "FL", inf), None) == {"vr": "FL"}
+    assert element_json(raw(0x00201041, "DS", b"1e400 "), None) == {"vr": "DS"}
+    assert element_json(raw(0x00280030, "DS", b"0.5\\-1e999"), None) == {"vr": "DS"}
+    assert element_json(raw(0x00189087, "FD", struct.pack("<d", 1.5)), None) == {
+        "vr": "FD", "Value": [1.5]}
+
+
+def _non_finite_header(base: Path) -> Dataset:
+    ds = dcmread(base, stop_before_pixels=True)
+    ds.add_new(0x00189087, "FD", float("nan"))  # Diffusion b-value
+    ds.add_new(0x00189089, "FD", [1.0, float("-inf"), 0.0])  # Diffusion Gradient Orientation
+    ds.add_new(0x00201041, "DS", "NaN")  # SliceLocation: pydicom parses it, to nan
+    ds.add_new(0x00280030, "DS", "1e400\\0.5")  # PixelSpacing: overflows to inf
+    ds.add_new(0x00181063, "DS", "33.3")  # a finite one stays
+    item = _item(SpecificCharacterSet="ISO_IR 100")  # the item goes to pydicom whole
+    item.add_new(0x00189087, "FD", float("inf"))
+    item.add_new(0x00181320, "FL", 2.5)  # B1rms
+    ds.add_new(0x00400275, "SQ", Sequence([item]))
+    return ds
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
+def test_metadata_of_an_instance_with_nan_and_infinity_is_valid_json(
+        tmp_path: Path, syntax: str) -> None:
+    base = next(iter(dicomgen.make_syntax_set(
+        tmp_path / "base", syntaxes=[ExplicitVRLittleEndian]).values())).path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = _write(_non_finite_header(base), tmp_path / "nan.dcm", syntax)
+        found = series_metadata.instance_json(path, syntax, URL)
+    json.dumps(found, allow_nan=False)  # raises on NaN or Infinity
+    for tag, vr in (("00189087", "FD"), ("00189089", "FD"), ("00201041", "DS"),
+                    ("00280030", "DS")):
+        assert found[tag] == {"vr": vr}, tag
+    assert found["00181063"] == {"vr": "DS", "Value": [33.3]}
+    (item,) = found["00400275"]["Value"]
+    assert item["00189087"] == {"vr": "FD"}
+    assert item["00181320"] == {"vr": "FL", "Value": [2.5]}

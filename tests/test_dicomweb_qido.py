@@ -85,6 +85,33 @@ def test_series_and_instances_levels(web: EdgeServer,
     assert len(everywhere) == len(studies)
 
 
+def test_every_match_carries_its_retrieve_url_at_every_level(
+        web: EdgeServer, studies: list[dicomgen.GeneratedInstance]) -> None:
+    """PS3.18 Table 10.6.3-3: Retrieve URL (0008,1190) of each match, a WADO-RS URL."""
+    http = webpeer.session(web, "rad")
+    root = f"{webpeer.base_url(web)}/dicom-web"
+    one = studies[0]
+    study = f"{root}/studies/{one.study_uid}"
+    series = f"{study}/series/{one.header.SeriesInstanceUID}"
+    expected = {f"{root}/studies": {f"{root}/studies/{uid}" for uid in _by_study(studies)},
+                f"{study}/series": {f"{study}/series/{i.header.SeriesInstanceUID}"
+                                    for i in studies if i.study_uid == one.study_uid},
+                f"{series}/instances": {
+                    f"{series}/instances/{i.sop_instance_uid}" for i in studies
+                    if i.header.SeriesInstanceUID == one.header.SeriesInstanceUID},
+                f"{root}/instances": {f"{root}/studies/{i.study_uid}/series/"
+                                      f"{i.header.SeriesInstanceUID}/instances/"
+                                      f"{i.sop_instance_uid}" for i in studies}}
+    for url, urls in expected.items():
+        found = http.get(url, params={"includefield": "StudyDescription"}).json()
+        assert {m["00081190"]["Value"][0] for m in found} == urls, url
+        assert all(m["00081190"]["vr"] == "UR" for m in found)
+    answer = http.get(next(iter(expected[f"{series}/instances"])),
+                      headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                         "transfer-syntax=*"})
+    assert answer.status_code == 200
+
+
 def test_includefield_limit_offset_and_fuzzymatching(
         web: EdgeServer, studies: list[dicomgen.GeneratedInstance]) -> None:
     http = webpeer.session(web, "rad")

@@ -7,6 +7,8 @@ dicomweb-client, and dcmtk's getscu for the C-GET round trip.
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ import pytest
 import requests
 import webpeer
 from conftest import EdgeServer
+
+from appliance.store.spool import TEMP_SUFFIX
 
 STOW = "/dicom-web/studies"
 ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -128,6 +132,41 @@ def test_nothing_stored_is_409(web: EdgeServer, tmp_path: Path) -> None:
     assert _failures(answer) == [0xC000]
 
 
+def test_a_part_content_type_naming_no_media_type_is_0xC000_not_a_500(
+        web: EdgeServer, tmp_path: Path) -> None:
+    """"," or "application/dicom; q=0" name no media type: that part fails, the rest of
+    the upload is stored and reported."""
+    first, second = dicomgen.make_study(tmp_path / "study", seed=78, series_per_study=1,
+                                        instances_per_series=2)
+    body = bytearray()
+    for path, part_type in ((first.path, "application/dicom"), (second.path, ","),
+                            (second.path, "application/dicom; q=0")):
+        body += f"--b0undary\r\nContent-Type: {part_type}\r\n\r\n".encode()
+        body += path.read_bytes() + b"\r\n"
+    body += b"--b0undary--\r\n"
+    answer = webpeer.session(web, "rad").post(
+        webpeer.base_url(web) + STOW, data=bytes(body),
+        headers={"Content-Type": webpeer.STOW_TYPE.format("b0undary")})
+    assert answer.status_code == 202, answer.text
+    assert _referenced(answer.json()) == [first.sop_instance_uid]
+    assert _failures(answer.json()) == [0xC000, 0xC000]
+    assert "Traceback" not in web.log()
+
+
+def test_a_truncated_instance_fails_under_the_uids_of_its_file_meta(
+        web: EdgeServer, tmp_path: Path) -> None:
+    truncated = dicomgen.make_truncated_instance(tmp_path)
+    meta = pydicom.filereader.read_file_meta_info(truncated)
+    bad = dicomgen.make_bad_uid_instance(tmp_path, kind="traversal")  # File Meta's too
+    status, answer = _post(web, [truncated, bad])
+    assert status == 409, answer
+    failed, refused = answer["00081198"]["Value"]
+    assert failed["00081150"]["Value"] == [meta.MediaStorageSOPClassUID]
+    assert failed["00081155"]["Value"] == [meta.MediaStorageSOPInstanceUID]
+    assert refused["00081150"]["Value"] == [pydicom.uid.CTImageStorage]
+    assert refused["00081155"] == {"vr": "UI"}  # not a UID: never echoed
+
+
 def test_an_unknown_vr_in_the_uids_is_refused_not_an_error(web: EdgeServer,
                                                             tmp_path: Path) -> None:
     """pydicom raises NotImplementedError reading a UID whose VR it does not know: the
@@ -220,6 +259,29 @@ def test_stow_is_audited_with_user_and_address(web: EdgeServer, tmp_path: Path) 
     assert status == 200
     line = webpeer.audit_line(web, instance.study_uid, "web user rad")
     assert "127.0.0.1" in line
+
+
+def test_an_upload_trickling_in_under_the_idle_timeout_is_408_and_its_spool_removed(
+        tmp_path: Path) -> None:
+    """10 bytes every 0.1 s never stalls for idle_timeout (1 s here), but is far below
+    MIN_UPLOAD_RATE: it is cut after about one idle_timeout of waiting, not years."""
+    with webpeer.running_web_server(tmp_path, idle_timeout=1.0) as server, \
+            webpeer.tls_socket(server) as tls:
+        tls.sendall(webpeer.stow_first_part_head("rad", 1_000_000) + b"\0" * 4096)
+        tls.setblocking(False)
+        answer = b""
+        deadline = time.monotonic() + 15
+        while b"\r\n\r\n" not in answer:
+            assert time.monotonic() < deadline, "the trickle was never cut"
+            with contextlib.suppress(ssl.SSLWantReadError):
+                answer += tls.recv(4096)
+            with contextlib.suppress(ssl.SSLWantWriteError, OSError):
+                tls.sendall(b"\0" * 10)
+            time.sleep(0.1)  # the client's pace is what is tested
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        while list((server.home / "store").rglob(f"*{TEMP_SUFFIX}")):
+            assert time.monotonic() < deadline, "the spool stayed"
+            time.sleep(0.05)
 
 
 @pytest.mark.slow

@@ -355,3 +355,46 @@ def test_a_wado_read_stamps_the_study_last_access_for_eviction(
         assert got.status_code == 200
     ((after,),) = index_rows(web.home, query)
     assert after > before
+
+
+def test_head_is_405_on_every_dicomweb_read_and_sends_no_body(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    """aiohttp would run GET for HEAD (read, audit, stream a whole study): refused."""
+    http = webpeer.session(web, "rad")
+    one = small_study[0]
+    study = f"{webpeer.base_url(web)}/dicom-web/studies/{one.study_uid}"
+    for url in (_url(web, one), _url(web, one, "/metadata"), _url(web, one, "/frames/1"),
+                _url(web, one, "/bulkdata/7FE00010"), f"{study}/metadata",
+                f"{study}/series/{one.header.SeriesInstanceUID}/metadata",
+                f"{study}/series", f"{webpeer.base_url(web)}/dicom-web/instances"):
+        got = http.head(url, headers={"Accept": "*/*"})
+        assert got.status_code == 405, url
+        assert got.headers["Allow"] == "GET", url
+        assert got.content == b""
+    for url in (study, f"{webpeer.base_url(web)}/dicom-web/studies"):  # also STOW-RS
+        assert http.head(url).headers["Allow"] == "GET,POST"
+    assert http.get(_url(web, one, "/metadata")).status_code == 200
+
+
+def test_series_metadata_of_an_instance_holding_nan_is_json_a_browser_parses(
+        web: EdgeServer, tmp_path: Path) -> None:
+    (sent,) = dicomgen.make_study(tmp_path / "nan", seed=95, series_per_study=1,
+                                  instances_per_series=1)
+    ds = pydicom.dcmread(sent.path)
+    ds.add_new(0x00189087, "FD", float("nan"))  # Diffusion b-value
+    ds.add_new(0x00201041, "DS", "1e400")  # SliceLocation: overflows a float
+    ds.save_as(tmp_path / "nan.dcm", enforce_file_format=True)
+    dcmtk.storescu(web.port, [tmp_path / "nan.dcm"]).check()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    url = f"{_url(web, sent).rsplit('/instances/', 1)[0]}/metadata"
+    for address in (url, _url(web, sent, "/metadata"),
+                   f"{webpeer.base_url(web)}/dicom-web/studies/{sent.study_uid}/metadata"):
+        got = webpeer.session(web, "rad").get(address,
+                                              headers={"Accept": "application/dicom+json"})
+        assert got.status_code == 200
+        (item,) = json.loads(got.text, parse_constant=refuse)
+        assert item["00189087"] == {"vr": "FD"}
+        assert item["00201041"] == {"vr": "DS"}

@@ -3,13 +3,17 @@ recently go first, a hit counts as a use, and a file used in the last minute sta
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import dicomgen
+import pytest
 
+from appliance.services import series_metadata
 from appliance.services.series_metadata import IN_USE_SECONDS, SeriesMetadataCache
 
 BASE = "https://box.example:8443/dicom-web"
@@ -55,3 +59,17 @@ def test_the_cache_keeps_the_series_used_most_recently_within_its_bound(
     os.utime(files[first], (long_ago, long_ago))
     assert tight.trim() == 1
     assert list((tmp_path / "cache").rglob("*.json.gz")) == []
+
+
+def test_a_new_metadata_format_replaces_the_files_of_the_former_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files written by an earlier build (NaN in them, say) are never served again."""
+    uid, members = next(iter(_series(tmp_path).items()))
+    cache = SeriesMetadataCache(tmp_path / "cache", max_bytes=1 << 30)
+    monkeypatch.setattr(series_metadata, "FORMAT", series_metadata.FORMAT - 1)
+    former = cache.series_file(uid, members, BASE, "1.2.3")
+    monkeypatch.undo()
+    current = cache.series_file(uid, members, BASE, "1.2.3")
+    assert current != former
+    assert not former.exists()
+    assert json.loads(gzip.decompress(current.read_bytes()))

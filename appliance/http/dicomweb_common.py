@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from appliance.base.uids import is_valid_uid
 from appliance.http.auth import PRINCIPAL, client_address
@@ -22,6 +23,25 @@ from appliance.services.series_metadata import SeriesMetadataCache
 from appliance.services.web_retrieve import WebRetrieveService
 
 PREFIX = "/dicom-web"
+
+
+def add_get(app: web.Application, path: str, handler: Handler) -> None:
+    """A GET route whose HEAD is 405. aiohttp would answer HEAD with the GET handler,
+    which reads, audits and streams the whole answer (a study, a series' metadata)
+    only for aiohttp to drop the body; PS3.18 defines no HEAD for DICOMweb, so it is
+    refused rather than made cheap. The HEAD route is explicit: without it, HEAD
+    would fall through to the viewer's catch-all and be a misleading 404."""
+    app.router.add_get(path, handler, allow_head=False)
+    app.router.add_route("HEAD", path, _head_refused)
+
+
+async def _head_refused(request: web.Request) -> NoReturn:
+    """405, its Allow naming what every route of the path takes (POST on /studies too)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        allowed |= (await resource.resolve(request))[1]
+    raise web.HTTPMethodNotAllowed("HEAD", sorted(allowed - {"HEAD"}),
+                                   text="HEAD is not supported: use GET\n")
 
 
 def services(request: web.Request) -> WebServices:
@@ -64,7 +84,9 @@ def not_acceptable(what: str) -> web.HTTPNotAcceptable:
 
 
 def json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON; never NaN or Infinity (not JSON: a browser's JSON.parse refuses the
+    whole answer), a ValueError instead, a 500 rather than a broken answer."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None

@@ -32,9 +32,9 @@ from appliance.services.web_retrieve import StoredInstance
 
 def add_routes(app: web.Application) -> None:
     p = f"{common.PREFIX}/studies/{{study}}"
-    app.router.add_get(f"{p}/metadata", metadata)
-    app.router.add_get(f"{p}/series/{{series}}/metadata", metadata)
-    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}/metadata", metadata)
+    common.add_get(app, f"{p}/metadata", metadata)
+    common.add_get(app, f"{p}/series/{{series}}/metadata", metadata)
+    common.add_get(app, f"{p}/series/{{series}}/instances/{{instance}}/metadata", metadata)
 
 
 async def metadata(request: web.Request) -> web.StreamResponse:

@@ -3,11 +3,12 @@
 Each part is streamed to a spool file in the store (bounded memory, counted
 against `[http] max_request_mb`: a larger upload is 413, announced by
 Content-Length or found while reading; a body that stalls for `[http]
-idle_timeout` is 408): the box's own File Meta, then the uploaded dataset bytes
-unchanged, written once as they arrive; then it goes through the one durable
-ingest path of C-STORE (IngestService.ingest_spool: header check, fsync,
-rename, index commit). The answer is given only once every stored
-instance is durable, as a C-STORE acknowledgement is.
+idle_timeout`, or trickles in slower than MIN_UPLOAD_RATE, is 408: _Pace): the
+box's own File Meta, then the uploaded dataset bytes unchanged, written once
+as they arrive; then it goes through the one durable ingest path of C-STORE
+(IngestService.ingest_spool: header check, fsync, rename, index commit). The
+answer is given only once every stored instance is durable, as a C-STORE
+acknowledgement is.
 
 The answer is the PS3.18 Store Instances Response (application/dicom+json):
 ReferencedSOPSequence for the stored instances (with their RetrieveURL),
@@ -30,13 +31,17 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from pydicom.filereader import read_file_meta_info
 
 from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.metrics import RECEIVED_BYTES
+from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
 from appliance.services.dicom_header import read_header
@@ -54,6 +59,37 @@ HEAD_BYTES = 64 << 10  # of a part, kept in memory to find the end of its File M
 # Each part costs ~1 KiB of answer whatever its size: without a cap, a body of tiny parts
 # within max_request_mb took ~100x its size in memory (and ~0.3 ms of CPU per part).
 MAX_PARTS = 20_000
+# Bytes per second an upload must average while the box waits for it (_Pace): a thousandth
+# of a slow 10 Mbit/s link, a 2 GB upload in 24 days; a trickle of 10 bytes/s is 408.
+MIN_UPLOAD_RATE = 1024
+_T = TypeVar("_T")
+
+
+class _Pace:
+    """How an upload keeps up: each wait for the client's next bytes ends after `[http]
+    idle_timeout` (a stall), and every idle_timeout seconds spent waiting must bring at
+    least MIN_UPLOAD_RATE bytes a second. Without the rate, a body trickled in just
+    under the idle timeout (10 bytes/s) held a connection and a spool for as long as
+    max_request_mb takes at that rate: years. A rate rather than a total deadline:
+    a large study over a slow link is legitimate. Only time spent waiting for the
+    client counts, never the box's own disk writes and fsyncs between reads."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.waited = 0.0  # seconds spent waiting in this window
+        self.received = 0  # bytes the caller counted in this window
+
+    async def wait(self, pending: Awaitable[_T]) -> _T:
+        """`pending`'s result; TimeoutError when it stalls or the window is too slow."""
+        start = time.monotonic()
+        async with asyncio.timeout(self.idle):
+            result = await pending
+        self.waited += time.monotonic() - start
+        if self.waited >= self.idle:
+            if self.received < MIN_UPLOAD_RATE * self.idle:
+                raise TimeoutError("the upload is slower than MIN_UPLOAD_RATE")
+            self.waited, self.received = 0.0, 0
+        return result
 
 
 @dataclass
@@ -83,9 +119,9 @@ async def store(request: web.Request) -> web.Response:
     try:
         reader = MultipartReader(request.headers, request.content)
         budget = [limit]
+        pace = _Pace(config.idle_timeout)
         while True:
-            async with asyncio.timeout(config.idle_timeout):
-                part = await reader.next()
+            part = await pace.wait(reader.next())
             if part is None:
                 break
             if len(outcome.stored) + len(outcome.failed) >= MAX_PARTS:
@@ -95,9 +131,9 @@ async def store(request: web.Request) -> web.Response:
                          " several requests\n")
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart is not a DICOM part")
-            await _store_part(request, part, target, budget, config.idle_timeout, outcome)
+            await _store_part(request, part, target, budget, pace, outcome)
     except TimeoutError as exc:
-        raise web.HTTPRequestTimeout(text="the upload stalled\n") from exc
+        raise web.HTTPRequestTimeout(text="the upload stalled or is too slow\n") from exc
     except ValueError as exc:  # aiohttp's multipart parser: malformed body
         raise web.HTTPBadRequest(text="the body is not valid multipart/related\n") from exc
     finally:
@@ -117,20 +153,20 @@ def _check_content_type(header: str) -> None:
 
 
 async def _store_part(request: web.Request, part: BodyPartReader, target: str,
-                      budget: list[int], idle: float, outcome: _Outcome) -> None:
+                      budget: list[int], pace: _Pace, outcome: _Outcome) -> None:
     """Stream one part into a spool: its first HEAD_BYTES are kept to write the box's own
     File Meta (IngestService.start_spool), the dataset bytes after them go to disk as
     they arrive. One write per byte, as for C-STORE; nothing of the part is kept beyond
     one CHUNK in memory."""
     ingest = common.services(request).ingest
-    is_dicom = MediaRange.parse_all(part.headers.get("Content-Type", DICOM))[0].media_type == DICOM
+    is_dicom = _is_dicom_part(part.headers.get("Content-Type", DICOM))
     head = bytearray()
     spool: SpoolFile | None = None
     refused = not is_dicom  # read to its end, store nothing
     try:
         while True:
-            async with asyncio.timeout(idle):
-                chunk = await part.read_chunk(CHUNK)
+            chunk = await pace.wait(part.read_chunk(CHUNK))
+            pace.received += len(chunk)
             if not chunk:
                 break
             budget[0] -= len(chunk)
@@ -162,6 +198,14 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
         outcome.failed.append(("", "", CANNOT_UNDERSTAND))
         return
     await _ingest(request, spool, target, outcome)
+
+
+def _is_dicom_part(content_type: str) -> bool:
+    """Whether a part's Content-Type is application/dicom. One that names no media type
+    ("," or "application/dicom; q=0", which parse_all drops as an Accept range would
+    be) is not: the part fails with 0xC000, the upload goes on."""
+    ranges = MediaRange.parse_all(content_type)
+    return bool(ranges) and ranges[0].media_type == DICOM
 
 
 def _start(ingest: IngestService, head: bytes) -> SpoolFile | None:
@@ -208,16 +252,31 @@ _SOURCE = "DICOMWEB"
 
 
 def _identity(spool: SpoolFile, max_inflated: int) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file, all "" when its
-    header cannot be read or lacks valid UIDs (the ingest that follows says why it
-    refuses the file). Read as ingest reads it: a deflated data set is inflated in
+    """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file. When its header
+    cannot be read (the ingest that follows says why it refuses the file), the File
+    Meta's SOP Class and Instance UIDs, so that a truncated instance's failure still
+    names it, and no study. Read as ingest reads it: a deflated data set is inflated in
     bounded chunks and refused past `max_inflated`, where pydicom's dcmread would
     inflate a deflate bomb whole, in memory."""
     try:
         header = read_header(spool.name, max_inflated=max_inflated, fd=spool.read_fd)
     except RejectedInstance:
-        return "", "", ""
+        return (*_file_meta_uids(spool), "")
     return header.sop_class_uid, header.sop_uid, header.study_uid
+
+
+def _file_meta_uids(spool: SpoolFile) -> tuple[str, str]:
+    """Media Storage SOP Class and Instance UIDs of the spool's File Meta (the sender's,
+    copied by IngestService.start_spool), each "" unless it is a valid UID: an answer
+    never echoes what is not one (a path, say)."""
+    try:
+        meta = read_file_meta_info(spool.name)
+        found = (normalise_uid(meta.get("MediaStorageSOPClassUID", "")),
+                 normalise_uid(meta.get("MediaStorageSOPInstanceUID", "")))
+    except Exception:  # pydicom raises one of many types on a malformed value
+        return "", ""
+    sop_class, sop_uid = (uid if is_valid_uid(uid) else "" for uid in found)
+    return sop_class, sop_uid
 
 
 async def _audit(request: web.Request, outcome: _Outcome) -> None:

@@ -63,13 +63,12 @@ RETRY_AFTER_SECONDS = "60"
 
 def add_routes(app: web.Application) -> None:
     p = f"{common.PREFIX}/studies/{{study}}"
-    app.router.add_get(p, retrieve)
-    app.router.add_get(f"{p}/series/{{series}}", retrieve)
-    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}", retrieve)
-    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}/frames/{{frames}}",
-                       frames)
-    app.router.add_get(f"{p}/series/{{series}}/instances/{{instance}}/bulkdata/{{tag}}",
-                       bulkdata)
+    common.add_get(app, p, retrieve)
+    common.add_get(app, f"{p}/series/{{series}}", retrieve)
+    instance = f"{p}/series/{{series}}/instances/{{instance}}"
+    common.add_get(app, instance, retrieve)
+    common.add_get(app, f"{instance}/frames/{{frames}}", frames)
+    common.add_get(app, f"{instance}/bulkdata/{{tag}}", bulkdata)
 
 
 async def locate(request: web.Request, what: str) -> Located:

@@ -11,12 +11,20 @@ None for anything else: a deferred or already converted value, implicit
 private tags, UN, ambiguous VRs, an unusual character set, an empty value in
 a multi-valued element, a number pydicom would parse differently.
 `dataset_element_json` then asks pydicom, so the output is pydicom's in every
-case (tests compare both on a wide set of files, pydicom's own among them).
+case (tests compare both on a wide set of files, pydicom's own among them),
+with one exception: a DS, FL or FD element holding a value that is not a
+finite number (an FD NaN or infinity, a DS "NaN" or "1e400", which overflows
+a float) is answered empty, as an invalid DS is. PS3.18 F.2.3 makes these
+values JSON numbers, and JSON has no NaN or Infinity: pydicom would write
+text that browsers' JSON.parse refuses. Empty, rather than a null per bad
+value: null is for an empty value (F.2.5), and a number that is there but
+unusable is not one.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import re
 import struct
 from functools import lru_cache
@@ -34,6 +42,7 @@ _SINGLE_TEXTS = frozenset({"ST", "LT", "UT"})  # one value, decoded
 _BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 _NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
             "UV": "Q", "SV": "q"}
+_FLOATS = frozenset({"DS", "FL", "FD"})
 _DS = re.compile(r" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)? *\Z")
 _IS = re.compile(r" *[+-]?\d+ *\Z")
 
@@ -62,7 +71,26 @@ def dataset_element_json(ds: Dataset, tag: int, codec: str | None) -> dict[str, 
     elem = ds[tag]
     if elem.VR == "SQ":
         found = _sequence_json(elem.value, codec)
-    return elem.to_json_dict(None, 1024) if found is None else found
+    return _finite_json(elem.to_json_dict(None, 1024)) if found is None else found
+
+
+def _finite_json(found: dict[str, Any]) -> dict[str, Any]:
+    """`found` (pydicom's JSON of an element) with every DS/FL/FD element that holds a
+    non-finite number made empty, in nested sequence items too."""
+    values = found.get("Value")
+    if not values:
+        return found
+    vr = found.get("vr")
+    if vr in _FLOATS:
+        return found if all(_finite(v) for v in values) else {"vr": vr}
+    if vr == "SQ":
+        return {**found, "Value": [{key: _finite_json(elem) for key, elem in item.items()}
+                                   for item in values]}
+    return found
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def element_json(elem: RawDataElement | DataElement, codec: str | None
@@ -112,7 +140,7 @@ def _value(vr: str, raw: bytes, codec: str | None, little: bool) -> list[Any] | 
         items = _strings(raw.decode("iso8859").rstrip(" \x00").split("\\"))
         if items is None or not all(_DS.match(v) for v in items):
             return None
-        return [float(v) for v in items]
+        return _finite_or_empty([float(v) for v in items])
     if vr == "IS":
         items = _strings(raw.decode("iso8859").rstrip(" \x00").split("\\"))
         if items is None or not all(_IS.match(v) for v in items):
@@ -123,7 +151,8 @@ def _value(vr: str, raw: bytes, codec: str | None, little: bool) -> list[Any] | 
         size = struct.calcsize(code)
         if len(raw) % size:
             return None
-        return list(struct.unpack(f"{'<' if little else '>'}{len(raw) // size}{code}", raw))
+        values = list(struct.unpack(f"{'<' if little else '>'}{len(raw) // size}{code}", raw))
+        return _finite_or_empty(values) if vr in _FLOATS else values
     if vr == "AT":
         if len(raw) % 4:
             return None
@@ -132,6 +161,11 @@ def _value(vr: str, raw: bytes, codec: str | None, little: bool) -> list[Any] | 
     if vr in _BINARY:
         return _INLINE
     return None
+
+
+def _finite_or_empty(values: list[float]) -> list[float]:
+    """`values`, or none (an empty element) when one is NaN or infinite: see above."""
+    return values if all(map(math.isfinite, values)) else []
 
 
 def _strings(items: list[str]) -> list[str] | None:

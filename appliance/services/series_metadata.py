@@ -10,9 +10,10 @@ inline: they are small by nature.
 `SeriesMetadataCache` keeps each series' JSON array gzipped on disk under
 `<home>/cache/metadata/`, so the second opening of a 500-slice series reads
 one small file instead of 500 headers. The file name holds a digest of the
-series' instances (SOP Instance UID and content SHA-256 of each) and of the
-URL base the BulkDataURIs were written with: when the series gains (or
-changes) an instance, or is reached under another host name, the name changes,
+series' instances (SOP Instance UID and content SHA-256 of each), of the
+URL base the BulkDataURIs were written with and of FORMAT: when the series
+gains (or changes) an instance, is reached under another host name, or the
+JSON this code writes changes (FORMAT is bumped), the name changes,
 the old file is removed and a new one built. No invalidation hook in ingest is
 needed, and a stale answer cannot be served. Files are written to a temp file
 and renamed (a reader never sees half a file); a crash leaves at worst a temp
@@ -67,6 +68,9 @@ _UNDEFINED = 0xFFFFFFFF
 _TEMP_PREFIX = ".building-"
 STALE_TEMP_SECONDS = 3600.0
 IN_USE_SECONDS = 60.0  # a file used this recently may be about to be read
+# Bumped whenever the JSON written changes, so that no file of an earlier build is served.
+# 2: no NaN or Infinity (non-finite DS/FL/FD values are answered empty: dicom_json).
+FORMAT = 2
 
 
 def instance_url(base: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -144,7 +148,7 @@ class SeriesMetadataCache:
         all on local disk."""
         members = sorted(instances)
         key = hashlib.sha256(series_uid.encode()).hexdigest()[:32]
-        digest = hashlib.sha256(base.encode())
+        digest = hashlib.sha256(f"{FORMAT}\n{base}".encode())
         for sop_uid, sha256, _, _ in members:
             digest.update(f"\n{sop_uid}:{sha256}".encode())
         folder = self.root / key[:2]
@@ -163,7 +167,7 @@ class SeriesMetadataCache:
                     if number:
                         out.write(b",")
                     out.write(json.dumps(instance_json(path, syntax, url),
-                                         separators=(",", ":")).encode())
+                                         separators=(",", ":"), allow_nan=False).encode())
                 out.write(b"]")
             os.replace(temp, target)
         except BaseException:
