@@ -19,6 +19,7 @@ from pynetdicom import AE, _config
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @pytest.fixture
@@ -44,6 +45,33 @@ def send_raw(server: EdgeServer, path: Path) -> int:
             assoc.release()
 
 
+def make_cut_instance(folder: Path, *, cut: int) -> Path:
+    """A small Explicit VR LE image, its last `cut` bytes cut off. Its Pixel Data (16
+    bytes, 28 with its header) comes last, after Pixel Representation (US): 30 cuts
+    leave Pixel Representation's header without its value, 1 leaves Pixel Data one
+    byte short."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = dicomgen.make_uid(410, "cut", cut)
+    ds.StudyInstanceUID = dicomgen.make_uid(410, "study")
+    ds.SeriesInstanceUID = dicomgen.make_uid(410, "series")
+    ds.PatientName, ds.PatientID, ds.Modality = "CUT^LAST", "CUT410", "OT"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = bytes(16)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    whole = folder / "whole.dcm"
+    ds.save_as(whole, enforce_file_format=True)
+    path = folder / f"cut-{cut}.dcm"
+    path.write_bytes(whole.read_bytes()[:-cut])
+    return path
+
+
 def instance_count(server: EdgeServer) -> int:
     return int(json.loads(server.cli("status", "--json").stdout)["instances"])
 
@@ -56,9 +84,12 @@ def instance_count(server: EdgeServer) -> int:
         (lambda d: dicomgen.make_bad_uid_instance(d, kind="letters",
                                                   keyword="StudyInstanceUID"), CANNOT_UNDERSTAND),
         (dicomgen.make_truncated_instance, CANNOT_UNDERSTAND),
+        (lambda d: make_cut_instance(d, cut=30), CANNOT_UNDERSTAND),
+        (lambda d: make_cut_instance(d, cut=1), CANNOT_UNDERSTAND),
         (dicomgen.make_garbage_payload, CANNOT_UNDERSTAND),
     ],
-    ids=["uid-traversal", "uid-letters", "study-uid-letters", "truncated", "non-dicom"],
+    ids=["uid-traversal", "uid-letters", "study-uid-letters", "truncated",
+         "cut-in-last-element-header", "cut-in-last-element-value", "non-dicom"],
 )
 def test_unusable_dataset_is_refused_and_nothing_is_kept(
     refusing_edge_server: EdgeServer, raw_sender: None, tmp_path: Path, make: object,

@@ -1,10 +1,14 @@
-"""A full disk answers 0xA700, leaves nothing partial, and ingest resumes once space is freed."""
+"""A full disk answers 0xA700, leaves nothing partial, and ingest resumes once space is freed.
+So does a store whose file system turned read-only, which /readyz reports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,16 +25,28 @@ TMPFS_MB = 12
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small-store"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MB}m,mode=0750", "tmpfs",
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0750", "tmpfs",
                     str(mount)], check=True)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small-store", TMPFS_MB) as mount:
+        yield mount
+
+
+@pytest.fixture
+def roomy_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """Room above /readyz's 64 MB floor (a tmpfs takes memory only for what it holds)."""
+    with tmpfs(tmp_path / "store", 128) as mount:
+        yield mount
 
 
 def send(server: EdgeServer, files: list[Path]) -> list[int]:
@@ -115,3 +131,61 @@ def test_full_disk_under_the_index_too_answers_out_of_resources(
     assert status["instances"] == statuses.count(0x0000)
     retry = [i.path for i, s in zip(instances, statuses, strict=True) if s != 0x0000]
     assert send(server, retry) == [0x0000] * len(retry)
+
+
+@contextlib.contextmanager
+def read_only(mount: Path) -> Iterator[None]:
+    """The file system at `mount` read-only meanwhile, as ext4 mounted errors=remount-ro
+    turns itself after an I/O error."""
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        with refused:
+            return refused.code, refused.read().decode()
+
+
+def test_read_only_store_answers_out_of_resources_on_a_live_association(
+    edge_server: EdgeServer, small_tmpfs: Path, tmp_path: Path
+) -> None:
+    """Each C-STORE gets 0xA700 and the association carries on to its release (the
+    spool's cleanup once raised EROFS and the DUL aborted it), one log line each."""
+    edge_server.stop()
+    edge_server.configure(store={"path": small_tmpfs})
+    edge_server.start()
+    instances = dicomgen.make_studies(tmp_path / "study", seed=13, series_per_study=1,
+                                      instances_per_series=3, size=16)
+    assert send(edge_server, [instances[0].path]) == [0x0000]
+    before = len(edge_server.log())
+
+    with read_only(small_tmpfs):
+        statuses = send(edge_server, [i.path for i in instances[1:]])
+    assert statuses == [STATUS_OUT_OF_RESOURCES] * 2
+    log = edge_server.log()[before:]
+    assert log.count("store's file system is read-only") == 2
+    assert "Traceback" not in log and "aborting association" not in log
+    assert not {i.header.SOPInstanceUID for i in instances} & set(log.split())
+
+    assert send(edge_server, [i.path for i in instances[1:]]) == [0x0000] * 2
+    assert json.loads(edge_server.cli("status", "--json").stdout)["instances"] == 3
+
+
+def test_readyz_says_store_while_the_store_is_read_only(
+    edge_server: EdgeServer, roomy_tmpfs: Path
+) -> None:
+    port = dcmtk.free_port()
+    edge_server.stop()
+    edge_server.configure(store={"path": roomy_tmpfs}, metrics={"port": port})
+    edge_server.start()
+    assert readyz(port) == (200, "ready\n")
+    with read_only(roomy_tmpfs):
+        assert readyz(port) == (503, "store: the file system is read-only\n")
+    assert readyz(port) == (200, "ready\n")

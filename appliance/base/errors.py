@@ -14,6 +14,8 @@ Tree::
     │   ├── InvalidInstance       cannot be parsed, bad UIDs, not what the request announced
     │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
     │   └── OutOfSpace            disk full: the store or the index could not grow
+    │       └── StoreReadOnly     the store's file system is read-only (remounted after
+    │                             I/O errors): refused as a full disk is, another hint
     ├── QueryError                a query identifier cannot be answered (kind: QueryRefusal)
     ├── RetrieveRefused           a retrieve cannot be served at all (kind: RetrieveRefusal)
     ├── AuthenticationError       a web user, session or launch link is refused
@@ -195,6 +197,18 @@ class OutOfSpace(RejectedInstance):
     def __init__(self, reason: str = "no space left on the store's file system") -> None:
         super().__init__(reason, kind=Rejection.OUT_OF_SPACE,
                          hint="free disk space or evict studies; ingest resumes without a restart")
+
+
+class StoreReadOnly(OutOfSpace):
+    """The store's file system refuses writes (EROFS): ext4 mounted errors=remount-ro
+    does this by itself after an I/O error. Refused as a full disk is (0xA700: the
+    sender keeps the instance and retries; the drop folder leaves it in place), since
+    the instance is fine and the store will take it once it is writable again."""
+
+    def __init__(self) -> None:
+        super().__init__("the store's file system is read-only")
+        self.hint = ("check the disk (dmesg, SMART), repair the file system and remount it"
+                     " read-write; ingest resumes without a restart")
 
 
 class QueryRefusal(enum.Enum):

@@ -22,7 +22,6 @@ This is process-wide state; only `pacs-edge serve` installs it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -89,8 +88,7 @@ class SpoolRouter:
             for name in [n for n, when in self._refused.items() if when < cutoff]:
                 del self._refused[name]
         for spool in spools:
-            with contextlib.suppress(OSError):
-                spool.discard()
+            spool.discard()  # never raises
         return len(spools)
 
     def _create(self, *args: Any, **kwargs: Any) -> SpoolFile | _Sink:

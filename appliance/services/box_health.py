@@ -10,6 +10,7 @@ with the alert rules that watch the same facts in Prometheus).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -277,11 +278,15 @@ class Readiness:
 
 
 async def readiness(index: Index, files: FileStore, *, listening: Callable[[], bool]) -> Readiness:
-    """Disk room above the reserve, an index that takes a write, listeners bound."""
+    """Disk room above the reserve, a store that takes files, an index that takes a
+    write, listeners bound."""
     problems = []
     free = await asyncio.to_thread(files.free_bytes)
     if free < max(files.reserve_bytes, READY_MIN_FREE_BYTES):
         problems.append(f"disk: {free >> 20} MB free, below the reserve")
+    store = await asyncio.to_thread(_store_problem, files.spool_dir)
+    if store:
+        problems.append(f"store: {store}")
     try:
         if index.writer is None:
             raise PacsEdgeError("the index is open read-only")
@@ -292,6 +297,23 @@ async def readiness(index: Index, files: FileStore, *, listening: Callable[[], b
     if not listening():
         problems.append("listeners: no DICOM port is bound")
     return Readiness(problems)
+
+
+def _store_problem(spool_dir: Path) -> str:
+    """Why the store cannot take a file now ("" when it can). Every instance is first
+    created in the spool folder; access(2) asks the kernel whether that would be
+    allowed, which also answers no on a read-only mount (ext4 mounted errors=remount-ro
+    turns read-only by itself after an I/O error). One system call while all is well, at
+    probe time only: nothing is written, and the C-STORE path pays nothing for it."""
+    if os.access(spool_dir, os.W_OK | os.X_OK):
+        return ""
+    try:
+        read_only = bool(os.statvfs(spool_dir).f_flag & os.ST_RDONLY)
+    except OSError as exc:
+        return f"the spool folder cannot be used ({exc.strerror})"
+    if read_only:
+        return "the file system is read-only"
+    return "the spool folder is not writable by this process"
 
 
 def _take_write_lock(_conn: object) -> None:

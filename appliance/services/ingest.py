@@ -11,12 +11,15 @@ Order, which is the acknowledgement contract:
  6. only then does the caller acknowledge (C-STORE Success).
 A failure at any step leaves neither a file nor a row behind, and never removes a
 file it did not create (a crash between 4 and 5 leaves a file that `fsck --repair`
-adopts).
+adopts; a spool file that a store turned read-only will not let go is a temp file,
+removed by serve's start-up sweep). A store that fails to take the file surfaces as
+a PacsEdgeError, never a bare OSError (`_store_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -32,7 +35,13 @@ from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import compat, logsafe
 from appliance.base.durable import is_no_space
-from appliance.base.errors import InvalidInstance, OutOfSpace, PacsEdgeError, Rejection
+from appliance.base.errors import (
+    InvalidInstance,
+    OutOfSpace,
+    PacsEdgeError,
+    Rejection,
+    StoreReadOnly,
+)
 from appliance.base.metrics import INGEST_IN_PROGRESS
 from appliance.base.uids import normalise_uid
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
@@ -101,9 +110,7 @@ class IngestService:
         INGEST_IN_PROGRESS.inc()
         try:
             if spool.error is not None:
-                if is_no_space(spool.error):
-                    raise OutOfSpace()
-                raise PacsEdgeError(f"spool write failed: {spool.error.strerror}")
+                raise spool.error
             self.files.check_space()
             # The file's fsync (the slowest step) runs while the header is parsed and
             # the index asked for a duplicate; it is joined before the rename.
@@ -136,6 +143,8 @@ class IngestService:
                     logsafe.ref(header.study_uid),
                 )
             return IngestResult(outcome, header, relative)
+        except OSError as exc:
+            raise _store_failure(exc) from exc
         finally:
             INGEST_IN_PROGRESS.dec()
             spool.discard()  # after its fsync, if one runs
@@ -193,6 +202,18 @@ class IngestService:
             spool.discard()
             raise
         return spool
+
+
+def _store_failure(exc: OSError) -> PacsEdgeError:
+    """The refusal for a store that failed to take a file (spool, fsync, link, mkdir),
+    so that no edge meets a bare OSError: a full disk or a read-only store is refused
+    as out of resources (the instance is fine: the sender retries later), anything
+    else (an I/O error) as a processing failure."""
+    if is_no_space(exc):
+        return OutOfSpace()
+    if exc.errno == errno.EROFS:
+        return StoreReadOnly()
+    return PacsEdgeError(f"store write failed: {exc.strerror}")
 
 
 def _file_meta(fh: object) -> object:

@@ -187,10 +187,15 @@ class SpoolFile:
                 self._fh.close()
 
     def discard(self) -> None:
+        """Close and remove the spool file; never raises. Callers discard in cleanup,
+        after the instance already failed or succeeded: an error here would hide that
+        outcome (a store remounted read-only refuses the unlink too, and a raise in a
+        DUL thread aborts the association). A file left behind is a temp file, which
+        serve's start-up sweep removes."""
         self.close()
-        if self._renamed:
+        if self._renamed or self._fh is None:  # moved away, or never created
             return
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(self.name)
 
     def _fail(self, exc: OSError) -> None:
