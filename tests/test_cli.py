@@ -6,8 +6,10 @@ import errno
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import dcmtk
@@ -298,3 +300,62 @@ def test_import_rejects_pipes_and_symlink_loops_and_goes_on(
                           check=False, timeout=60)
     assert named.returncode == 1 and "rejected 1" in named.stdout
     assert "pipe.dcm: not a regular file (named pipe)" in named.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_serve_on_a_home_in_use_is_refused_before_it_touches_the_home(
+        workers: int, edge_server_factory: Callable[..., EdgeServer],
+        small_study: list[dicomgen.GeneratedInstance]) -> None:
+    """A second serve used to sweep the running one's transfers in flight (and reconcile
+    the home as after a crash) before it failed on the DICOM port."""
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"workers": workers})
+    server.start()
+    in_flight = server.home / "store" / ".spool" / "rx-in-flight.part"
+    in_flight.write_bytes(b"half an instance")
+    second = run_pacs_edge("serve", "--home", str(server.home), "--dicom-port",
+                           str(server.port), check=False, timeout=60)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"pacs-edge serve already runs on data home {server.home} (pid {server.pid})" in (
+        second.stderr)
+    assert "hint: stop it first (systemctl stop pacs-edge)" in second.stderr
+    assert "Traceback" not in second.stderr and "reconciling" not in second.stderr
+    assert in_flight.read_bytes() == b"half an instance"
+    assert stat.S_IMODE((server.home / "run" / "serve.lock").stat().st_mode) == 0o600
+    # The other commands share the home with serve.
+    assert json.loads(server.cli("status", "--json").stdout)["instances"] == 0
+    dcmtk.storescu(server.port, [small_study[0].path]).check()
+    in_flight.unlink()
+
+
+@pytest.mark.parametrize(("key", "workers"), [("port", 1), ("tls_port", 1), ("port", 2)])
+def test_a_dicom_port_in_use_is_one_error_line(
+        key: str, workers: int, edge_home: Path, free_port: Callable[[], int]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        EdgeServer(edge_home).configure(dicom={key: port, "workers": workers})
+        result = run_pacs_edge("serve", "--home", str(edge_home), check=False, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    tls = " TLS" if key == "tls_port" else ""
+    assert f"error: cannot listen for DICOM{tls} on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr)
+    assert f"hint: choose another [dicom] {key}" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_workers_start_up_error_is_one_line(
+        edge_home: Path, free_port: Callable[[], int]) -> None:
+    """Worker 0 runs the HTTPS server: its refusal is a log line, not the traceback
+    multiprocessing prints for an exception in a process."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        EdgeServer(edge_home).configure(dicom={"workers": 2}, http={"port": port})
+        result = run_pacs_edge("serve", "--home", str(edge_home), check=False, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error=cannot listen for HTTPS on 127.0.0.1:{port}" in result.stderr
+    assert "error: worker 0 exited during start-up" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -170,3 +170,21 @@ def test_sigterm_lets_an_upload_in_flight_finish(
                        tmp_path / "got").check()
     [received] = (tmp_path / "got").iterdir()
     assert dicomgen.dataset_bytes(received) == dicomgen.dataset_bytes(instance.path), got.output
+
+
+def test_the_serve_lock_lives_as_long_as_any_process_of_the_serve(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """Workers whose supervisor was killed alone still serve the home: a new serve is
+    refused until they are gone too, then (systemd's restart) it starts."""
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"workers": 2})
+    server.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGKILL)  # the supervisor alone
+    server.proc.wait(STOP_DEADLINE)
+    refused = server.cli("serve", "--dicom-port", str(server.port), check=False, timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"pacs-edge serve already runs on data home {server.home}" in refused.stderr
+    server.kill()  # the rest of the unit's processes
+    server.start()
+    assert server.stop() == 0

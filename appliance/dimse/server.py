@@ -8,6 +8,7 @@ What this adds to pynetdicom (socket-level details in transport.py):
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import socketserver
@@ -67,6 +68,27 @@ _NOBODY = "~" * 17
 # the loop's next turn, so this bounds what stopping costs (systemctl stop, a restart);
 # ten idle wake-ups a second cost nothing measurable.
 ACCEPT_POLL_SECONDS = 0.1
+
+
+# Binding errors that are the operator's to fix (a busy port, a privileged port, an
+# address not on this box); any other is a bug and keeps its traceback.
+LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+def listen_error(exc: OSError, host: str, port: int, key: str) -> PacsEdgeError:
+    """The error for a DICOM listener that cannot bind `[dicom] key` ("port" or
+    "tls_port"), worded as the HTTPS and HL7 listeners' own."""
+    if exc.errno == errno.EACCES and port < 1024:
+        hint = (f"a port below 1024 needs CAP_NET_BIND_SERVICE (install systemd/pacs-edge"
+                f".service.d/privileged-port.conf: docs/deployment.md), or choose a"
+                f" [dicom] {key} from 1024 up")
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = "set [dicom] host to an address of this box, or 0.0.0.0 for all of them"
+    else:
+        hint = f"choose another [dicom] {key}, or stop the program that listens on it"
+    tls = " TLS" if key == "tls_port" else ""
+    return PacsEdgeError(f"cannot listen for DICOM{tls} on {host}:{port}: {exc.strerror or exc}",
+                         hint=hint)
 
 
 class AllowlistAE(AE):
@@ -276,13 +298,20 @@ class DimseServer:
                 "on_tls_failure": staticmethod(self._on_tls_failure)
                 if self._on_tls_failure else None,
             })
-            server = self.ae.make_server(
-                (self.config.host, port),
-                evt_handlers=self._handlers,
-                server_class=server_class,
-                request_handler=EdgeRequestHandler,
-                ssl_context=context,
-            )
+            try:
+                server = self.ae.make_server(
+                    (self.config.host, port),
+                    evt_handlers=self._handlers,
+                    server_class=server_class,
+                    request_handler=EdgeRequestHandler,
+                    ssl_context=context,
+                )
+            except OSError as exc:
+                if exc.errno not in LISTEN_ERRNOS:
+                    raise
+                self.stop(0.0)  # the plain listener, when the TLS one is refused
+                raise listen_error(exc, self.config.host, port,
+                                   "port" if context is None else "tls_port") from exc
             server.contexts = SupportedContexts(server.contexts)
             threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,),
                              name=f"dimse-accept-{name}", daemon=True).start()

@@ -42,6 +42,7 @@ from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.dropfolder.counts import drop_folder_counts
+from appliance.process.serve_lock import serve_lock
 from appliance.services.box_health import DropCounts, HealthSources
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
@@ -110,8 +111,20 @@ def _metrics_listener(config: Config) -> HttpConfig:
 async def serve(
     config: Config, *, worker: int | None = None, on_ready: Callable[[int], None] | None = None
 ) -> None:
-    """Serve until SIGTERM/SIGINT. As one of several workers (`worker` set), leave the
-    start-up sweep to the supervisor: the spool folder holds the other workers' transfers."""
+    """Serve until SIGTERM/SIGINT, holding the home's serve lock (serve_lock.py) from
+    before the start-up sweep until the end. As one of several workers (`worker` set),
+    leave the sweep to the supervisor (the spool folder holds the other workers'
+    transfers) and the lock too: the worker holds the supervisor's (workers.py)."""
+    if worker is not None:
+        await _serve(config, worker=worker, on_ready=on_ready)
+        return
+    with serve_lock(config.home):
+        await _serve(config, worker=None, on_ready=on_ready)
+
+
+async def _serve(
+    config: Config, *, worker: int | None, on_ready: Callable[[int], None] | None
+) -> None:
     logsafe.load_key(config.home / "secrets" / "log.key")
     configure_pynetdicom()
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)

@@ -7,14 +7,16 @@ that all accept on the same port; the kernel spreads new connections across
 them. Each worker has its own index writer (SQLite serialises them with
 BEGIN IMMEDIATE and a busy timeout) and its own spool files.
 
-The supervisor sweeps crash leftovers before any worker starts, reports
-ready once every worker is, restarts a worker that dies, and on SIGTERM
-passes the signal on and waits for the workers' graceful stop.
+The supervisor takes the home's serve lock (serve_lock.py; every worker
+inherits it) and the DICOM ports, sweeps crash leftovers before any worker
+starts, reports ready once every worker is, restarts a worker that dies, and
+on SIGTERM passes the signal on and waits for the workers' graceful stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -22,6 +24,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -30,6 +33,8 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics_dir import forget_live_values
 from appliance.base.notify import Notifier
+from appliance.dimse.server import LISTEN_ERRNOS, listen_error
+from appliance.process.serve_lock import InheritedLock, serve_lock
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
@@ -42,7 +47,8 @@ STOP_TIMEOUT = 30.0
 RESTART_BACKOFF = 2.0
 
 
-def _worker_main(config: Config, number: int, ready: Any, log_level: str) -> None:
+def _worker_main(config: Config, number: int, ready: Any, log_level: str,
+                 lock: InheritedLock) -> None:
     import asyncio
 
     from appliance.base.logsetup import setup_logging
@@ -50,23 +56,55 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str) -> Non
     from appliance.process.stack_dump import dump_stacks_on_sigusr1
     from appliance.process.undumpable import make_undumpable
 
+    lock.keep()  # the supervisor's serve lock, for as long as this worker lives
     make_undumpable()  # a spawned worker is a new program: dumpable again
     dump_stacks_on_sigusr1()
     setup_logging(log_level)
-    asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
+    try:
+        asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
+    except PacsEdgeError as exc:
+        # An expected failure (worker 0's HTTPS port in use): one line, not the traceback
+        # multiprocessing prints; the supervisor then reports the worker's exit.
+        log.error("worker stopped worker=%d error=%s hint=%s", number, exc.message, exc.hint)
+        sys.exit(2)
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) with SO_REUSEPORT so port 0 resolves once for every worker."""
+def reserve_port(host: str, port: int, key: str) -> socket.socket:
+    """Bind (not listen) `[dicom] key` with SO_REUSEPORT so port 0 resolves once for
+    every worker, and a port in use is refused once, by the supervisor."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno not in LISTEN_ERRNOS:
+            raise
+        raise listen_error(exc, host, port, key) from exc
     return sock
 
 
 def run_workers(config: Config) -> None:
+    """Supervise the workers until SIGTERM/SIGINT, holding the home's serve lock
+    (serve_lock.py), which every worker inherits, and the DICOM ports."""
+    with serve_lock(config.home) as lock, contextlib.ExitStack() as reservations:
+        # The ports before the sweep and the reconciliation: one in use fails fast.
+        plain = reservations.enter_context(
+            reserve_port(config.dicom.host, config.dicom.port, "port"))
+        if config.dicom.tls_port:
+            reservations.enter_context(
+                reserve_port(config.dicom.host, config.dicom.tls_port, "tls_port"))
+        port = plain.getsockname()[1]
+        _supervise(dataclasses.replace(
+            config, dicom=dataclasses.replace(config.dicom, port=port)), lock)
+
+
+def _supervise(config: Config, lock: InheritedLock) -> None:
+    """Sweep, reconcile, then start, watch and stop the workers (`config` has the
+    reserved port, so port 0 is the same port for all of them)."""
     ctx = multiprocessing.get_context("spawn")
+    port = config.dicom.port
     files = FileStore(config.store.path)
     swept = files.prepare()
     if swept:
@@ -74,9 +112,6 @@ def run_workers(config: Config) -> None:
     first_start = not config.index.path.exists()
     asyncio.run(_reconcile(config, files, recover_first=not begin_run(config.home)
                            and not first_start))
-    reservation = reserve_port(config.dicom.host, config.dicom.port)
-    port = reservation.getsockname()[1]
-    config = dataclasses.replace(config, dicom=dataclasses.replace(config.dicom, port=port))
     ready: Any = ctx.Queue()
     stopping = False
 
@@ -86,7 +121,7 @@ def run_workers(config: Config) -> None:
 
     def start(number: int) -> BaseProcess:
         process = ctx.Process(target=_worker_main, name=f"pacs-edge-worker-{number}",
-                              args=(config, number, ready, config.log.level))
+                              args=(config, number, ready, config.log.level, lock))
         process.start()
         return process
 
@@ -125,7 +160,6 @@ def run_workers(config: Config) -> None:
             if process.is_alive():
                 process.kill()
                 process.join()
-        reservation.close()
         if all(p.exitcode == 0 for p in workers.values()):
             end_run(config.home)
         log.info("stopped")
