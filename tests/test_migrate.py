@@ -3,9 +3,10 @@
 The legacy archive (tests/legacypacs.py) holds generated studies over a few days:
 multi-series and mixed CT/MR studies, one transfer syntax per SOP class (explicit
 and implicit VR, deflated, JPEG lossless, JPEG-LS, RLE: the box stores each as
-received), and two studies that share a SOP Instance UID. A proxy gives the
-archive a C-FIND result limit that one day exceeds, within one hour, so the walk
-must split the day by hour and the hour down to minutes.
+received), two studies that share a SOP Instance UID, and studies without a
+StudyDate (some without a StudyTime either), which no day's C-FIND matches. A
+proxy gives the archive a C-FIND result limit that one day exceeds, within one
+hour, so the walk must split the day by hour and the hour down to minutes.
 
 What is proven: the migration process is SIGKILLed three times mid-run and
 resumed each time; in the end every instance of the legacy archive is in the box
@@ -60,10 +61,12 @@ QUERY_LIMIT = 4
 RUN_TIMEOUT = 600.0
 
 
-def make_archive(folder: Path, studies: int, *, busy_day_studies: int) -> list[Path]:
+def make_archive(folder: Path, studies: int, *, busy_day_studies: int, undated: int = 0,
+                 untimed: int = 0) -> list[Path]:
     """`studies` studies over DAYS (the first `busy_day_studies` on DAYS[0], within one
     hour), kinds cycling through KINDS; the second study's first instance reuses the
-    SOP Instance UID of the first study's first instance."""
+    SOP Instance UID of the first study's first instance. The last `undated` studies
+    have an empty StudyDate, the last `untimed` of them an empty StudyTime too."""
     files: list[Path] = []
     shared_uid = ""
     for n in range(studies):
@@ -77,8 +80,8 @@ def make_archive(folder: Path, studies: int, *, busy_day_studies: int) -> list[P
             seconds = "59.5" if n == 2 else f"{n % 60:02d}"
             day, at = DAYS[0], f"10{(n * 7) % 60:02d}{seconds}"
         else:
-            day = DAYS[1 + n % (len(DAYS) - 1)]
-            at = f"{8 + n % 10:02d}{(n * 13) % 60:02d}00"
+            day = "" if n >= studies - undated else DAYS[1 + n % (len(DAYS) - 1)]
+            at = "" if n >= studies - untimed else f"{8 + n % 10:02d}{(n * 13) % 60:02d}00"
         for k, inst in enumerate(made):
             ds = pydicom.dcmread(inst.path)
             ds.StudyDate, ds.StudyTime = day, at
@@ -185,7 +188,7 @@ def run_with_kills(box: EdgeServer, start_args: list[str], kills_after: list[int
 def test_migration_killed_three_times_ends_with_every_instance_once_and_byte_identical(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:
-    files = make_archive(tmp_path / "archive", 16, busy_day_studies=8)
+    files = make_archive(tmp_path / "archive", 17, busy_day_studies=8, undated=1)
     box = edge_server_factory()
     box.configure(migrate={"retry_base_seconds": 0.2})
     legacy = legacy_factory(files, box=box)
@@ -199,8 +202,14 @@ def test_migration_killed_three_times_ends_with_every_instance_once_and_byte_ide
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
     report = migrate_status(box)
     assert report["state"] == "done"
-    assert report["studies"] == {"found": 16, "done": 16, "failed": 0, "remaining": 0}
+    assert report["studies"] == {"found": 17, "done": 17, "failed": 0, "remaining": 0}
     assert report["days"] == {"total": 3, "listed": 3, "failed": 0, "pending": 0}
+    # The undated study was found by time ranges over all dates, which the limit split;
+    # one without a StudyTime could not have been, and the summary says so.
+    assert report["undated"] == {"listing": "done", "found": 1}
+    warnings = report["warnings"]
+    assert isinstance(warnings, list) and len(warnings) == 1, warnings
+    assert "neither a StudyDate nor a StudyTime" in warnings[0], warnings
     assert "no failures" in box.cli("migrate", "failures").stdout
 
 
@@ -274,16 +283,26 @@ def test_a_legacy_pacs_that_does_not_know_the_box_says_to_add_it_as_a_move_desti
 def test_migration_via_get_needs_no_server_and_is_byte_identical(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:
-    files = make_archive(tmp_path / "archive", 7, busy_day_studies=0)
+    """Two of the seven studies have no StudyDate (one no StudyTime either): no day
+    matches them, yet they are found and migrated. The days before DAYS hold no study
+    and are not logged at INFO (thousands of lines on a long run)."""
+    files = make_archive(tmp_path / "archive", 7, busy_day_studies=0, undated=2, untimed=1)
     box = edge_server_factory(start=False)
     box.configure(migrate={"retry_base_seconds": 0.2, "max_attempts": 2})
     legacy = legacy_factory(files)
     box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
     result = box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since",
-                     "20240301", "--until", "20240303", timeout=RUN_TIMEOUT)
+                     "20240227", "--until", "20240303", timeout=RUN_TIMEOUT)
     assert "7 studies done, 0 failed" in result.stdout
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
-    assert migrate_status(box)["state"] == "done"
+    report = migrate_status(box)
+    assert report["state"] == "done"
+    assert report["studies"] == {"found": 7, "done": 7, "failed": 0, "remaining": 0}
+    assert report["undated"] == {"listing": "done", "found": 2}
+    assert report["warnings"] == []
+    assert "2 studies found" in box.cli("migrate", "status").stdout
+    assert "day=20240302 studies=" in result.stderr, result.stderr
+    assert "studies=0" not in result.stderr, result.stderr
 
 
 def test_migration_from_an_archive_that_requires_tls_goes_over_tls(
@@ -349,7 +368,8 @@ def test_unreachable_archive_is_retried_then_listed_as_failed(
     assert result.returncode == 1
     failures = json.loads(box.cli("migrate", "failures", "--json").stdout)
     assert [(f["what"], f["day"], f["error_kind"], f["attempts"]) for f in failures] == [
-        ("day", "20240301", "unreachable", 2)]
+        ("day", "20240301", "unreachable", 2), ("day", "", "unreachable", 2)]  # "": undated
+    assert "(no date)" in box.cli("migrate", "failures").stdout
     resumed = box.cli("migrate", "resume", check=False)
     assert resumed.returncode == 2 and "is done" in resumed.stderr
 
@@ -527,7 +547,69 @@ def test_a_split_day_keeps_the_untimed_studies_of_its_first_answers() -> None:
     settings = RunSettings(peer="old", via="move", since_day="20240301", until_day="20240301",
                            modalities=(), associations=1, rate_per_hour=0, time_window="",
                            query_limit=3)
-    found, queries = _DayWalk(Peer(), "20240301", settings).walk()  # type: ignore[arg-type]
-    assert queries == 25  # the day, then its 24 hours
+    listing = _DayWalk(Peer(), "20240301", settings).walk()  # type: ignore[arg-type]
+    assert listing.queries == 25  # the day, then its 24 hours
     # 1.5 has no time and came after the limit: no query can find it (documented).
-    assert sorted(f.study_uid for f in found) == ["1.1", "1.2", "1.3", "1.4"]
+    assert sorted(f.study_uid for f in listing.studies) == ["1.1", "1.2", "1.3", "1.4"]
+
+
+def _walk_peer(studies: list[tuple[str, str, str]]) -> object:
+    """The C-FIND side of a LegacySession over (uid, StudyDate, StudyTime), with a result
+    limit and dcmqrscp's matching: an empty key matches all, a range no empty value."""
+    from appliance.services.legacy_migration import FindResult, StudyAnswer
+
+    class Peer:
+        def __init__(self) -> None:
+            self.asked: list[str] = []  # the StudyDate keys, in order
+
+        def find_studies(self, day: str, *, time_range: str = "", modality: str = "",
+                         limit: int = 0) -> FindResult:
+            self.asked.append(day)
+
+            def matches(value: str, key: str) -> bool:
+                first, dash, last = key.partition("-")
+                return not key or (bool(value) and (first <= value <= last if dash
+                                                    else value == key))
+
+            found = [StudyAnswer(uid, at, ("CT",), 1) for uid, on, at in studies
+                     if matches(on, day) and matches(at, time_range)]
+            return FindResult(found[:limit], len(found) >= limit)
+
+    return Peer()
+
+
+def test_studies_without_a_date_are_found_by_what_only_a_query_for_all_dates_lists() -> None:
+    """No key asks for an empty StudyDate: the studies that a query for all dates lists
+    and one for every comparable date does not are those without one."""
+    from appliance.services.legacy_migration import EVERY_DATE, _UndatedWalk
+    from appliance.store.migration_rows import RunSettings
+
+    settings = RunSettings(peer="old", via="move", since_day="20240301", until_day="20240301",
+                           modalities=(), associations=1, rate_per_hour=0, time_window="",
+                           query_limit=5)
+    peer = _walk_peer([("1.1", "20240301", "101500"), ("1.2", "", "101500"),
+                       ("1.3", "", ""), ("1.4", "19991231", "")])
+    listing = _UndatedWalk(peer, settings).walk()  # type: ignore[arg-type]
+    assert sorted(f.study_uid for f in listing.studies) == ["1.2", "1.3"]
+    assert (listing.queries, listing.warning) == (2, "")
+    assert peer.asked == ["", EVERY_DATE]  # type: ignore[attr-defined]
+
+
+def test_studies_without_a_date_the_limit_hides_are_a_warning_not_a_failure() -> None:
+    """Over the limit, all dates are listed by time ranges: an undated study in a minute
+    that still reaches the limit, or without a StudyTime, cannot be listed; the listing
+    is done with a warning that says so (it may hide none), the others are found."""
+    from appliance.services.legacy_migration import _UndatedWalk
+    from appliance.store.migration_rows import RunSettings
+
+    settings = RunSettings(peer="old", via="move", since_day="20240301", until_day="20240301",
+                           modalities=(), associations=1, rate_per_hour=0, time_window="",
+                           query_limit=3)
+    crowded = [(f"2.{n}", f"202403{n + 1:02d}", "101500") for n in range(3)]
+    peer = _walk_peer([*crowded, ("1.1", "", "101500"), ("1.2", "", "083000"),
+                       ("1.3", "", ""), ("1.4", "20240301", "083000")])
+    listing = _UndatedWalk(peer, settings).walk()  # type: ignore[arg-type]
+    assert [f.study_uid for f in listing.studies] == ["1.2"]
+    assert "neither a StudyDate nor a StudyTime" in listing.warning
+    assert "in 1 time ranges (first 10:15) were not listed" in listing.warning
+    assert "or run with --modality" in listing.warning

@@ -197,6 +197,9 @@ def status(home: Path | None, as_json: bool) -> None:
                   + (f", {summary.days_failed} failed" if summary.days_failed else ""))
     table.add_row("studies", f"{summary.studies_done} done, {summary.studies_failed} failed,"
                   f" {summary.studies_pending} remaining of {summary.studies_found} found")
+    if summary.undated:
+        table.add_row("no study date", _UNDATED_TEXT[summary.undated].format(
+            summary.undated_found))
     table.add_row("instances", f"{summary.instances_received} in the box of"
                   f" {summary.instances_expected} listed"
                   + (f" ({summary.shared_instances} share a UID with another study)"
@@ -209,8 +212,19 @@ def status(home: Path | None, as_json: bool) -> None:
         total = max(summary.studies_found, 1)
         out.print(ProgressBar(total=total, completed=summary.studies_done + summary.studies_failed,
                               width=50))
+    _print_warnings(summary)
     if summary.studies_failed or summary.days_failed:
         err.print("some studies failed: `pacs-edge migrate failures` lists them", highlight=False)
+
+
+# The listing of the studies without a StudyDate, by its state ({} = studies it found).
+_UNDATED_TEXT = {"pending": "studies listed after the days", "done": "{} studies found",
+                 "failed": "studies not listed: `pacs-edge migrate failures` says why"}
+
+
+def _print_warnings(summary: rows.RunSummary) -> None:
+    for warning in summary.warnings:
+        err.print(f"warning: {warning}", highlight=False)
 
 
 def _state_text(run: rows.Run) -> str:
@@ -247,8 +261,8 @@ def failures(home: Path | None, as_json: bool) -> None:
     for f in found:
         expected = "?" if f.expected_instances is None else str(f.expected_instances)
         counts = "" if f.what == "day" else f"{f.received_instances}/{expected}"
-        table.add_row(f.day, f.study_uid or "(the day's query)", str(f.attempts), f.error_kind,
-                      counts, f.last_error)
+        table.add_row(f.day or "(no date)", f.study_uid or "(the day's query)",
+                      str(f.attempts), f.error_kind, counts, f.last_error)
     out.print(table)
 
 
@@ -267,6 +281,8 @@ def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
                      "failed": summary.days_failed, "pending": summary.days_pending},
             "studies": {"found": summary.studies_found, "done": summary.studies_done,
                         "failed": summary.studies_failed, "remaining": summary.studies_pending},
+            "undated": {"listing": summary.undated or None, "found": summary.undated_found},
+            "warnings": list(summary.warnings),
             "instances": {"listed": summary.instances_expected,
                           "received": summary.instances_received,
                           "shared_uid": summary.shared_instances},
@@ -306,6 +322,7 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
     out.print(f"migration run {run_id} {state.value}: {summary.studies_done} studies done,"
               f" {summary.studies_failed} failed, {summary.studies_pending} remaining",
               highlight=False)
+    _print_warnings(summary)
     if summary.studies_failed or summary.days_failed:
         err.print("some failed: `pacs-edge migrate failures` lists them with the reason;"
                   " `pacs-edge migrate resume --retry-failed` tries them again", highlight=False)

@@ -10,7 +10,12 @@ The walk, for one run (store/migration_rows.py keeps every step):
    that had to be split it is found only if the peer returned it among the
    day's first (limited) answers, and the log says so for that day.
    Every study found, and the day itself, are committed together; a crash
-   mid-day lists the day again.
+   mid-day lists the day again. A day with no study is logged at DEBUG only
+   (a run over decades has thousands).
+   Then the studies without a StudyDate, which no day matches (_UndatedWalk):
+   the same split over the whole archive, each slice asked with every date
+   and with every comparable date; what only the first lists has none. What
+   the peer's limit keeps it from listing is a warning in the run's summary.
 2. Transfer, `associations` studies at once, each worker on its own association
    (LegacySession) for many studies: count what the study should hold
    (NumberOfStudyRelatedInstances, else the series' NumberOfSeriesRelatedInstances,
@@ -77,6 +82,16 @@ class StudyAnswer:
 class FindResult:
     answers: list[StudyAnswer]
     limited: bool  # the peer's result limit was hit: the answers may be incomplete
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What one listing (a day, or the studies without a date) found, the C-FINDs it
+    took, and what the peer's limit kept it from listing ('' when nothing)."""
+
+    studies: list[rows.FoundStudy]
+    queries: int
+    warning: str = ""
 
 
 @dataclass(frozen=True)
@@ -323,14 +338,24 @@ class Migration:
                         return
                     if not session.alive:
                         return  # the next round opens a new association
+                    walk = (_UndatedWalk(session, self.settings) if day == rows.UNDATED
+                            else _DayWalk(session, day, self.settings))
                     try:
-                        found, queries = _DayWalk(session, day, self.settings).walk()
+                        listing = walk.walk()
                     except LegacyPeerError as exc:
                         self._day_failed(day, exc)
                         continue
-                    self._call(rows.list_day, self.run.id, day, found, queries)
-                    log.info("migration day listed run=%d day=%s studies=%d queries=%d",
-                             self.run.id, day, len(found), queries)
+                    self._call(rows.list_day, self.run.id, day, listing.studies,
+                               listing.queries, warning=listing.warning)
+                    # Thousands of empty days on a terminal would bury the progress bar.
+                    log.log(logging.INFO if listing.studies or listing.queries > 1
+                            else logging.DEBUG,
+                            "migration day listed run=%d day=%s studies=%d queries=%d",
+                            self.run.id, day or "undated", len(listing.studies),
+                            listing.queries)
+                    if listing.warning:
+                        log.warning("migration listing incomplete run=%d day=%s reason=%s",
+                                    self.run.id, day or "undated", listing.warning)
         except LegacyPeerError as exc:
             for day in days[:1]:  # no association at all: count it against the first day
                 self._day_failed(day, exc)
@@ -339,7 +364,7 @@ class Migration:
         final = self._call(rows.fail_day, self.run.id, day, exc.kind, exc.message,
                            max_attempts=self.max_attempts, retry_base_seconds=self.retry_base)
         log.warning("migration day failed run=%d day=%s kind=%s final=%s reason=%s",
-                    self.run.id, day, exc.kind.value, final, exc.message)
+                    self.run.id, day or "undated", exc.kind.value, final, exc.message)
 
     # --- transfer ------------------------------------------------------------------
 
@@ -463,7 +488,7 @@ class _DayWalk:
         self.queries = 0
         self.found: dict[str, StudyAnswer] = {}
 
-    def walk(self) -> tuple[list[rows.FoundStudy], int]:
+    def walk(self) -> Listing:
         result = self._find("")
         self._keep(result.answers)  # when limited, still studies of the day (some untimed)
         if result.limited:
@@ -472,16 +497,23 @@ class _DayWalk:
                         " a study of that day without a StudyTime matches no range and is"
                         " found only among the day's first answers day=%s limit=%d"
                         " untimed_found=%d", self.day, self.settings.query_limit, untimed)
-            for hour in range(24):
-                self._range(hour * 60, hour * 60 + 59)
+            self._hours()
+        return Listing(self._studies(), self.queries)
+
+    def _hours(self) -> None:
+        for hour in range(24):
+            self._range(hour * 60, hour * 60 + 59)
+
+    def _studies(self) -> list[rows.FoundStudy]:
         wanted = {m.upper() for m in self.settings.modalities}
         studies = [a for a in self.found.values() if not wanted or self._has(a, wanted)]
-        return [rows.FoundStudy(a.study_uid, a.instances) for a in studies], self.queries
+        return [rows.FoundStudy(a.study_uid, a.instances) for a in studies]
 
     def _range(self, first: int, last: int) -> None:
-        result = self._find(_time_range(first, last))
+        when = _time_range(first, last)
+        result = self._find(when)
         if not result.limited:
-            self._keep(result.answers)
+            self._slice(result, when)
         elif last > first:
             middle = (first + last) // 2
             self._range(first, middle)
@@ -492,25 +524,33 @@ class _DayWalk:
     def _by_modality(self, minute: int) -> None:
         when = _time_range(minute, minute)
         if not self.settings.modalities:
-            raise LegacyPeerError(
-                MigrationFailure.QUERY_FAILED,
-                f"the legacy PACS returns its result limit ({self.settings.query_limit}) for"
-                f" studies of a single minute on {self.day}",
-                hint="raise --query-limit to the legacy PACS's real limit, or run with"
-                     " --modality to split the minute by modality")
+            self._too_many(minute, "", hint="raise --query-limit to the legacy PACS's real"
+                           " limit, or run with --modality to split the minute by modality")
+            return
         for modality in self.settings.modalities:
             result = self._find(when, modality)
             if result.limited:
-                raise LegacyPeerError(
-                    MigrationFailure.QUERY_FAILED,
-                    f"the legacy PACS returns its result limit for {modality} studies of a"
-                    f" single minute on {self.day}",
-                    hint="raise --query-limit to the legacy PACS's real limit")
-            self._keep(result.answers)
+                self._too_many(minute, modality,
+                               hint="raise --query-limit to the legacy PACS's real limit")
+            else:
+                self._slice(result, when, modality)
 
-    def _find(self, time_range: str, modality: str = "") -> FindResult:
+    def _slice(self, result: FindResult, time_range: str, modality: str = "") -> None:
+        """Keep the answers of a time range (and modality) the peer listed in full."""
+        self._keep(result.answers)
+
+    def _too_many(self, minute: int, modality: str, *, hint: str) -> None:
+        """A minute (of a modality) still at the peer's limit: the day cannot be listed."""
+        raise LegacyPeerError(
+            MigrationFailure.QUERY_FAILED,
+            f"the legacy PACS returns its result limit ({self.settings.query_limit}) for"
+            f" {modality + ' ' if modality else ''}studies of a single minute on {self.day}",
+            hint=hint)
+
+    def _find(self, time_range: str, modality: str = "", day: str | None = None) -> FindResult:
         self.queries += 1
-        return self.session.find_studies(self.day, time_range=time_range, modality=modality,
+        return self.session.find_studies(self.day if day is None else day,
+                                         time_range=time_range, modality=modality,
                                          limit=self.settings.query_limit)
 
     def _keep(self, answers: Sequence[StudyAnswer]) -> None:
@@ -524,3 +564,72 @@ class _DayWalk:
         if not modalities:
             modalities = (m for m, _ in self.session.series_of(answer.study_uid))
         return any(m in wanted for m in modalities)
+
+
+# Every date an archive can compare (PS3.4 C.2.2.2.5 range matching): a study without
+# a StudyDate matches no range, as it matches no day.
+EVERY_DATE = "00010101-99991231"
+
+
+class _UndatedWalk(_DayWalk):
+    """The C-FINDs that list the studies without a StudyDate, which no day matches.
+
+    No key asks for an empty value (an empty StudyDate is universal matching: it
+    matches every study, PS3.4 C.2.2.2.3), and the answers do not say the date; so
+    each slice is asked twice, with an empty StudyDate and with EVERY_DATE, and the
+    studies only the first lists have no date (or none the peer can compare). The
+    slices are a day's, over the whole archive: all of it, else hours, halves down
+    to a minute, a minute by modality. That bounds the walk (at most 24 x 119 time
+    ranges, each with one more query when listed in full) but on a large archive a
+    minute of all dates may still reach the limit: that minute is left out and
+    reported, as are studies without a StudyTime either (they match no time range),
+    in the warning of the listing, never failing the run over studies that may not
+    exist.
+    """
+
+    def __init__(self, session: LegacySession, settings: rows.RunSettings) -> None:
+        super().__init__(session, rows.UNDATED, settings)
+        self.left_out: list[str] = []  # the slices not listed: "10:05", "10:05 CT"
+
+    def walk(self) -> Listing:
+        every = self._find("")
+        if every.limited:
+            self._hours()
+        else:
+            self._slice(every, "")
+        return Listing(self._studies(), self.queries, self._warning(untimed=every.limited))
+
+    def _slice(self, result: FindResult, time_range: str, modality: str = "") -> None:
+        dated = self._find(time_range, modality, day=EVERY_DATE)
+        if dated.limited:  # fewer studies than `result`: only a failure status after some
+            self.left_out.append(_span(time_range) + (f" {modality}" if modality else ""))
+            return
+        known = {a.study_uid for a in dated.answers}
+        self._keep([a for a in result.answers if a.study_uid not in known])
+
+    def _too_many(self, minute: int, modality: str, *, hint: str) -> None:
+        self.left_out.append(_span(_time_range(minute, minute)) + (f" {modality}" if modality
+                                                                   else ""))
+
+    def _warning(self, *, untimed: bool) -> str:
+        limit = self.settings.query_limit
+        parts = []
+        if untimed:
+            parts.append(f"the legacy PACS's answer for all dates reaches the result limit"
+                         f" ({limit}): studies with neither a StudyDate nor a StudyTime match"
+                         " no time range and were not listed")
+        if self.left_out:
+            parts.append(f"studies without a StudyDate in {len(self.left_out)} time ranges"
+                         f" (first {self.left_out[0]}) were not listed: for all dates the"
+                         f" legacy PACS returns its result limit ({limit}) there; raise"
+                         " --query-limit to its real limit"
+                         + ("" if self.settings.modalities else ", or run with --modality"))
+        return "; ".join(parts)
+
+
+def _span(time_range: str) -> str:
+    """HH:MM-HH:MM of a _time_range, HH:MM of a minute's; 'all times' for none."""
+    if not time_range:
+        return "all times"
+    first, last = f"{time_range[:2]}:{time_range[2:4]}", f"{time_range[7:9]}:{time_range[9:11]}"
+    return first if first == last else f"{first}-{last}"

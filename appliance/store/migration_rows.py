@@ -9,6 +9,10 @@ A run's state is a table (RUN_STATES): running -> paused | cancelled | done,
 paused -> running | cancelled; a missing pair is refused with MigrationError.
 A study or day is pending, done or failed; a failure is retried after a backoff
 until max_attempts, then stays failed until `migrate resume --retry-failed`.
+Besides its days, a run lists the studies without a StudyDate, which no day
+matches: a row of migration_days whose day is UNDATED (''), listed after every
+day, its studies kept with that day. A listing that could not list everything
+is done with a warning (in last_error, error_kind empty) that the summary shows.
 
 The process that drives a run claims it (claim_run: a leases.Holder in the run's
 `driver`) and releases it when it stops; one killed leaves a holder that is no
@@ -53,6 +57,7 @@ RUN_STATES: dict[tuple[RunState, RunTrigger], RunState] = {
 }
 UNFINISHED = (RunState.RUNNING, RunState.PAUSED)
 RETRY_CAP_SECONDS = 3600.0
+UNDATED = ""  # the day of the studies without a StudyDate: sorts after every day
 
 
 def next_run_state(state: RunState, trigger: RunTrigger) -> RunState:
@@ -141,6 +146,9 @@ class RunSummary:
     instances_received: int
     shared_instances: int
     next_attempt_at: float | None  # earliest retry waiting, if any
+    undated: str  # state of the listing of studies without a StudyDate ('': none, older run)
+    undated_found: int  # studies it found (among studies_found)
+    warnings: tuple[str, ...]  # what listings could not list, for the operator
 
     @property
     def days_pending(self) -> int:
@@ -152,8 +160,9 @@ class RunSummary:
 
     @property
     def finished(self) -> bool:
-        """Nothing left to try: every day listed or failed, every study done or failed."""
-        return self.days_pending == 0 and self.studies_pending == 0
+        """Nothing left to try: every day (and the studies without a date) listed or
+        failed, every study done or failed."""
+        return self.days_pending == 0 and self.undated != "pending" and self.studies_pending == 0
 
 
 def backoff(attempts: int, base_seconds: float) -> float:
@@ -165,8 +174,8 @@ def backoff(attempts: int, base_seconds: float) -> float:
 
 def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[str], *,
                driver: Holder) -> int:
-    """A new running run, claimed by `driver`, with a pending row per day; refused while
-    another is unfinished."""
+    """A new running run, claimed by `driver`, with a pending row per day and one for the
+    studies without a StudyDate (UNDATED); refused while another is unfinished."""
     unfinished = conn.execute(
         "SELECT id FROM migration_runs WHERE state IN (?, ?)", UNFINISHED).fetchone()
     if unfinished is not None:
@@ -183,7 +192,7 @@ def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[s
          settings.time_window, settings.query_limit, RunState.RUNNING, now, now, str(driver)))
     run_id = int(cur.lastrowid or 0)
     conn.executemany("INSERT INTO migration_days (run_fk, day) VALUES (?, ?)",
-                     [(run_id, day) for day in days])
+                     [(run_id, day) for day in (*days, UNDATED)])
     return run_id
 
 
@@ -270,9 +279,10 @@ def due_days(conn: sqlite3.Connection, run_id: int, now: float) -> list[str]:
 
 
 def list_day(conn: sqlite3.Connection, run_id: int, day: str, found: Iterable[FoundStudy],
-             queries: int) -> None:
-    """Record every study of `day` and mark the day done, in one transaction. A study
-    listed again (a crash before this commit, or a retry) keeps its row and state."""
+             queries: int, *, warning: str = "") -> None:
+    """Record every study of `day` and mark the day done, with `warning` when the legacy
+    PACS could not list all of it, in one transaction. A study listed again (a crash
+    before this commit, or a retry) keeps its row and state."""
     now = time.time()
     rows = [(run_id, day, s.study_uid, s.expected_instances, now) for s in found]
     conn.executemany(
@@ -281,8 +291,8 @@ def list_day(conn: sqlite3.Connection, run_id: int, day: str, found: Iterable[Fo
         " expected_instances = COALESCE(migration_studies.expected_instances,"
         " excluded.expected_instances)", rows)
     conn.execute("UPDATE migration_days SET state = 'done', queries = ?, studies = ?,"
-                 " error_kind = '', last_error = '' WHERE run_fk = ? AND day = ?",
-                 (queries, len(rows), run_id, day))
+                 " error_kind = '', last_error = ? WHERE run_fk = ? AND day = ?",
+                 (queries, len(rows), warning[:500], run_id, day))
 
 
 def fail_day(conn: sqlite3.Connection, run_id: int, day: str, kind: MigrationFailure,
@@ -343,21 +353,28 @@ def _fail(table: str, where: str, key: tuple[object, ...], conn: sqlite3.Connect
 # --- reads --------------------------------------------------------------------------
 
 def summary(conn: sqlite3.Connection, run_id: int) -> RunSummary:
+    """The run's counts; days are the dated ones, the UNDATED listing is apart."""
     days = conn.execute(
-        "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'failed'),"
-        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END)"
-        " FROM migration_days WHERE run_fk = ?", (run_id,)).fetchone()
+        "SELECT SUM(day != ?), SUM(day != ? AND state = 'done'),"
+        " SUM(day != ? AND state = 'failed'),"
+        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END),"
+        " MAX(CASE WHEN day = ? THEN state END)"
+        " FROM migration_days WHERE run_fk = ?", (*(UNDATED,) * 4, run_id)).fetchone()
     studies = conn.execute(
         "SELECT COUNT(*), SUM(state = 'done'), SUM(state = 'failed'),"
         " SUM(COALESCE(expected_instances, 0)), SUM(received_instances),"
         " SUM(shared_instances),"
-        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END)"
-        " FROM migration_studies WHERE run_fk = ?", (run_id,)).fetchone()
+        " MIN(CASE WHEN state = 'pending' AND attempts > 0 THEN next_attempt_at END),"
+        " SUM(day = ?) FROM migration_studies WHERE run_fk = ?", (UNDATED, run_id)).fetchone()
+    warnings = tuple(str(r[0]) for r in conn.execute(
+        "SELECT last_error FROM migration_days WHERE run_fk = ? AND state = 'done'"
+        " AND last_error != '' ORDER BY day DESC", (run_id,)).fetchall())
     waits = [w for w in (days[3], studies[6]) if w is not None]
-    return RunSummary(int(days[0]), int(days[1] or 0), int(days[2] or 0), int(studies[0]),
-                      int(studies[1] or 0), int(studies[2] or 0), int(studies[3] or 0),
-                      int(studies[4] or 0), int(studies[5] or 0),
-                      min(waits) if waits else None)
+    return RunSummary(int(days[0] or 0), int(days[1] or 0), int(days[2] or 0),
+                      int(studies[0]), int(studies[1] or 0), int(studies[2] or 0),
+                      int(studies[3] or 0), int(studies[4] or 0), int(studies[5] or 0),
+                      min(waits) if waits else None, str(days[4] or ""),
+                      int(studies[7] or 0), warnings)
 
 
 def failures(conn: sqlite3.Connection, run_id: int, *, include_retrying: bool = True
