@@ -178,28 +178,66 @@ def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Pat
                    (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
 
 
-def test_the_metrics_listener_drops_slow_heads_and_caps_connections(tmp_path: Path) -> None:
+def test_the_metrics_listener_drops_slow_heads_caps_connections_and_keeps_the_scrapers_in(
+        tmp_path: Path) -> None:
     """A hostile client of the plain listener: a request head that never ends is closed
-    at [http] head_timeout; beyond 8 open connections the next one gets 503 at once."""
+    at [http] head_timeout; one address holds at most 2 connections, and beyond 8 the
+    next one gets 503 at once; but a `[metrics] allow` scraper still gets in (without
+    it, idle connections from anywhere made Prometheus see the box as down)."""
     port = dcmtk.free_port()
     server = EdgeServer(init_home(tmp_path / "home"))
-    server.configure(metrics={"port": port}, http={"head_timeout": 1.0})
+    server.configure(metrics={"port": port, "allow": ["127.0.0.1/32"]},
+                     http={"head_timeout": 1.0})
     server.start()
     held: list[socket.socket] = []
+
+    def connect(source: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                        source_address=(source, 0))
+        held.append(sock)
+        return sock
+
+    def kept_alive(source: str) -> None:
+        sock = connect(source)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # kept alive, still open
+
     try:
-        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
-        held.append(slow)
+        slow = connect("127.0.0.2")
         slow.sendall(b"GET /metr")
         assert slow.recv(1024) == b""  # closed by the box, not by our 30 s timeout
-        for _ in range(8):
-            idle = socket.create_connection(("127.0.0.1", port), timeout=30)
-            held.append(idle)
-            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert idle.recv(1024).startswith(b"HTTP/1.1 200")  # kept alive, still open
-        refused = socket.create_connection(("127.0.0.1", port), timeout=30)
-        held.append(refused)
-        assert refused.recv(1024).startswith(b"HTTP/1.1 503")
+        for n in range(2, 6):
+            kept_alive(f"127.0.0.{n}")
+            kept_alive(f"127.0.0.{n}")
+        assert connect("127.0.0.6").recv(1024).startswith(b"HTTP/1.1 503")  # 8 held
+        kept_alive("127.0.0.1")  # the scraper's kept slots
+        scrape = connect("127.0.0.1")
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert scrape.recv(1024).startswith(b"HTTP/1.1 200")
     finally:
         for sock in held:
             sock.close()
         server.stop()
+
+
+def test_one_address_holds_two_connections_of_the_metrics_listener(tmp_path: Path) -> None:
+    port = dcmtk.free_port()
+    with metrics_listener_box(tmp_path, port=port):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30,
+                                         source_address=("127.0.0.7", 0)) for _ in range(3)]
+        try:
+            held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert held[0].recv(1024).startswith(b"HTTP/1.1 200")
+            assert held[2].recv(1024).startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_a_proxied_request_for_metrics_is_refused(web_box: EdgeServer) -> None:
+    """Through a reverse proxy on the box every client comes from loopback, which the
+    default [metrics] allow admits; a request a proxy forwarded says so in a header."""
+    assert curl(web_box, "/metrics").status == 200
+    for header in ({"X-Forwarded-For": "10.1.2.3"}, {"Forwarded": "for=10.1.2.3"}):
+        assert curl(web_box, "/metrics", headers=header).status == 403
+    assert curl(web_box, "/healthz", headers={"X-Forwarded-For": "10.1.2.3"}).status == 200

@@ -153,10 +153,11 @@ STOW_TYPE = 'multipart/related; type="application/dicom"; boundary={}'
 
 
 @contextlib.contextmanager
-def metrics_listener_box(folder: Path) -> Iterator[str]:
+def metrics_listener_box(folder: Path, *, port: int = 0) -> Iterator[str]:
     """A started box with the web server off and /metrics on a plain listener of its
-    own ([metrics] port); yields the listener's base URL, stops the box at exit."""
-    port = dcmtk.free_port()
+    own ([metrics] port, a free one by default); yields the listener's base URL, stops
+    the box at exit."""
+    port = port or dcmtk.free_port()
     server = EdgeServer(init_home(folder / "home"))
     server.configure(metrics={"port": port})
     server.start()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -56,6 +57,17 @@ def allow_anonymous(app: web.Application, *paths: str) -> None:
 def client_address(request: web.BaseRequest) -> str:
     """The peer's IP address (behind a reverse proxy: the proxy's; see docs/web.md)."""
     return request.remote or ""
+
+
+def address_in(address: str, networks: Iterable[str]) -> bool:
+    """Whether `address` (an IPv4-mapped IPv6 one as its IPv4) is in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
 
 
 def middleware(users: Authenticator) -> Any:

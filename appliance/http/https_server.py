@@ -10,7 +10,10 @@ bounds a hostile or broken client must not be able to push past:
   ``[http] connections_per_address`` of them from one address: the next one is
   answered ``503`` with ``Connection: close`` at once, so a flood cannot exhaust
   file descriptors or memory, and one client holding idle kept-alive
-  connections cannot shut every other one out;
+  connections cannot shut every other one out; the addresses `priority` names
+  (the `[metrics] allow` scrapers) have PRIORITY_SLOTS more, so that connections
+  held by others cannot keep the fleet's monitoring out (it would page that
+  the box is down);
 - a request's line and headers must arrive within ``[http] head_timeout`` of
   the connection, or of the request's first byte on a kept-alive connection
   (a slowloris client dribbling header bytes is closed); header lines are
@@ -37,6 +40,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ _CANCEL_WAIT_SECONDS = 1.0  # aiohttp's own wait for handlers left after the gra
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
          b"Connection: close\r\n\r\n")
 _GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
+PRIORITY_SLOTS = 2  # connections beyond max_connections kept for the `priority` addresses
 
 
 def tls_context(*, cert: Path, key: Path) -> ssl.SSLContext:
@@ -113,7 +118,9 @@ class _Guard(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else ""
         config = self.server.config
-        if len(self.server.guards) >= config.max_connections:
+        slots = config.max_connections + (
+            PRIORITY_SLOTS if self.server.priority(self.address) else 0)
+        if len(self.server.guards) >= slots:
             log.warning("http connection refused: connection limit reached limit=%d",
                         config.max_connections)
             transport.write(_BUSY)
@@ -222,10 +229,13 @@ class HttpServer:
     context: the metrics listener of a box whose web server is off)."""
 
     def __init__(self, config: HttpConfig, app: web.Application, *,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, setting: str = "[http] port",
+                 priority: Callable[[str], bool] = lambda _address: False) -> None:
         self.config = config
         self.app = app
         self.ssl_context = ssl_context
+        self.setting = setting  # the port's config key, for the error when it is taken
+        self.priority = priority
         self.guards: dict[asyncio.Transport, _Guard] = {}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -255,7 +265,7 @@ class HttpServer:
                 f"cannot listen for HTTP{'S' if self.ssl_context else ''} on"
                 f" {self.config.host}:{self.config.port}:"
                 f" {exc.strerror or exc}",
-                hint="choose another [http] port, or set it to 0 to turn the web server off"
+                hint=f"choose another {self.setting}, or set it to 0 to turn this listener off"
             ) from exc
         port = int(self._server.sockets[0].getsockname()[1])
         log.info("http%s server ready host=%s port=%d", "s" if self.ssl_context else "",

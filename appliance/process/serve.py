@@ -103,9 +103,17 @@ def _drop_counts(config: Config, index: Index) -> DropCounts:
 
 
 def _metrics_listener(config: Config) -> HttpConfig:
-    """The metrics listener's bounds: as the web server's, for a handful of scrapers."""
+    """The metrics listener's bounds: as the web server's, for a handful of scrapers, and
+    two connections per address, so that one address cannot hold them all."""
     return dataclasses.replace(config.http, host=config.metrics.host, port=config.metrics.port,
-                               max_connections=8)
+                               max_connections=8, connections_per_address=2)
+
+
+def _scraper(config: Config) -> Callable[[str], bool]:
+    """Whether an address is one of `[metrics] allow`: it has connections kept for it."""
+    from appliance.http.auth import address_in
+
+    return lambda address: address_in(address, config.metrics.allow)
 
 
 async def serve(
@@ -228,7 +236,8 @@ async def _serve(
                     config=config, users=UserService(index, config, auditor=auditor), index=index,
                     files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
                     health=health)),
-                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
+                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key),
+                    priority=_scraper(config))
                 await http.start()
             elif config.metrics.enabled and config.metrics.port and not worker:
                 # No web server: /metrics and the probes get a small plain listener of their own.
@@ -236,7 +245,8 @@ async def _serve(
                 from appliance.http.https_server import HttpServer
 
                 http = HttpServer(_metrics_listener(config), build_ops_app(health, config.metrics),
-                                  ssl_context=None)
+                                  ssl_context=None, setting="[metrics] port",
+                                  priority=_scraper(config))
                 await http.start()
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -282,8 +282,10 @@ async def readiness(index: Index, files: FileStore, *, listening: Callable[[], b
     write, listeners bound."""
     problems = []
     free = await asyncio.to_thread(files.free_bytes)
-    if free < max(files.reserve_bytes, READY_MIN_FREE_BYTES):
-        problems.append(f"disk: {free >> 20} MB free, below the reserve")
+    floor = max(files.reserve_bytes, READY_MIN_FREE_BYTES)
+    if free < floor:
+        problems.append(f"disk: {free >> 20} MB free, below {floor >> 20} MB"
+                        f" ([store] reserve_mb, at least {READY_MIN_FREE_BYTES >> 20})")
     store = await asyncio.to_thread(_store_problem, files.spool_dir)
     if store:
         problems.append(f"store: {store}")
