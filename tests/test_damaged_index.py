@@ -64,6 +64,10 @@ def test_a_lost_index_is_refused_until_the_rebuild_pairs_a_new_one(
     import_files(home, *study[:1])
     sync_once(home)
     _lose(home, how)
+    # status refuses nothing (it reads), but says so rather than report an empty box.
+    status = run_pacs_edge("status", "--home", str(home), check=False)
+    assert "warning: the index" in status.stderr and "belongs to an index that is gone" \
+        in status.stderr and "A lost or damaged index" in status.stderr, status.stderr
     for command in (("serve",), ("sync", "--once"), ("import", str(study[1].path))):
         result = run_pacs_edge(*command, "--home", str(home), check=False,
                                timeout=EXIT_WITHIN)

@@ -30,6 +30,7 @@ from appliance.services.peers import Allowlist
 from appliance.store.files import FileStore
 from appliance.store.health_reads import Backlog, backlog
 from appliance.store.index import Index, IndexTotals
+from appliance.store.pairing import pairing_problem
 from provisioning.certs import TlsPaths, issued_certificates
 from provisioning.escrow_state import EscrowStatus, escrow_status
 
@@ -78,6 +79,7 @@ class HealthReport:
     # Issued by this box (`certs issue`) to peers on the allowlist, the first to expire first.
     peer_certificates: list[CertificateExpiry] = field(default_factory=list)
     allowlist_problem: str = ""  # why peers.toml cannot be read ("" when it can)
+    pairing_problem: str = ""  # why the index is not the store's ("" when it is)
     warnings: list[HealthWarning] = field(default_factory=list)
 
     @property
@@ -129,13 +131,14 @@ async def gather(config: Config, index: Index, *,
     synced = await index.sync_summary()
     behind = await backlog(index)
     dropped = await dropfolder() if dropfolder is not None else {}
+    unpaired = await pairing_problem(index, config.store.path)
     usage, escrow, certificates, forwarding, (peers, problem) = await asyncio.to_thread(
         _from_disk, config)
     report = HealthReport(
         at=time.time(), totals=totals, disk_free_bytes=usage.free,
         disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
-        peer_certificates=peers, allowlist_problem=problem)
+        peer_certificates=peers, allowlist_problem=problem, pairing_problem=unpaired)
     return replace(report, warnings=warnings(config, report))
 
 
@@ -204,6 +207,8 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
     """The conditions to act on, most urgent first."""
     now = report.at
     found: list[HealthWarning] = []
+    if report.pairing_problem:
+        found.append(HealthWarning("index_not_the_stores", report.pairing_problem))
     if report.allowlist_problem:
         found.append(HealthWarning(
             "allowlist_unreadable", f"the peer allowlist cannot be read, so serve admits no"

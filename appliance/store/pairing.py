@@ -45,11 +45,9 @@ async def check_pairing(index: Index, files: FileStore) -> None:
     box's index and store."""
     index_id = await database.run_sync(index.reader, _index_id)
     store_id = _store_id(files.root)
-    if store_id is not None and store_id != index_id:
-        what = "is new" if index_id is None else "is another store's"
-        raise IndexUnavailable(
-            f"the index {index.path} {what}: the store {files.root} belongs to an index"
-            " that is gone (deleted, emptied or replaced)", hint=_REBUILD)
+    unpaired = _unpaired(index, files.root, index_id, store_id)
+    if unpaired:
+        raise IndexUnavailable(unpaired, hint=_REBUILD)
     if (index_id is None and store_id is None
             and not await database.run_sync(index.reader, _holds_instances)
             and await asyncio.to_thread(_has_any, files)):
@@ -58,6 +56,25 @@ async def check_pairing(index: Index, files: FileStore) -> None:
             " holds files", hint=_REBUILD)
     if index_id is None or store_id is None:
         await pair(index, files)
+
+
+async def pairing_problem(index: Index, store_root: Path) -> str:
+    """Why serve and sync would refuse this index as not the store's ('' when they would
+    not), for `pacs-edge status` to say without refusing: a read-only command run on a
+    home whose index was lost makes a new, empty one, and must not then report an
+    empty box as if all were well."""
+    index_id = await database.run_sync(index.reader, _index_id)
+    unpaired = _unpaired(index, store_root, index_id, _store_id(store_root))
+    return f"{unpaired}; rebuild it: {_REBUILD}" if unpaired else ""
+
+
+def _unpaired(index: Index, store_root: Path, index_id: str | None,
+              store_id: str | None) -> str:
+    if store_id is None or store_id == index_id:
+        return ""
+    what = "is new" if index_id is None else "is another store's"
+    return (f"the index {index.path} {what}: the store {store_root} belongs to an index"
+            " that is gone (deleted, emptied or replaced)")
 
 
 async def pair(index: Index, files: FileStore) -> None:
