@@ -11,9 +11,9 @@ bounds a hostile or broken client must not be able to push past:
   answered ``503`` with ``Connection: close`` at once, so a flood cannot exhaust
   file descriptors or memory, and one client holding idle kept-alive
   connections cannot shut every other one out; the addresses `priority` names
-  (the `[metrics] allow` scrapers) have PRIORITY_SLOTS more, so that connections
-  held by others cannot keep the fleet's monitoring out (it would page that
-  the box is down);
+  (on the metrics listener, the `[metrics] allow` scrapers) have PRIORITY_SLOTS
+  more, so that connections held by others cannot keep the fleet's monitoring
+  out (it would page that the box is down);
 - a request's line and headers must arrive within ``[http] head_timeout`` of
   the connection, or of the request's first byte on a kept-alive connection
   (a slowloris client dribbling header bytes is closed); header lines are

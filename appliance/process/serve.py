@@ -236,8 +236,7 @@ async def _serve(
                     config=config, users=UserService(index, config, auditor=auditor), index=index,
                     files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
                     health=health)),
-                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key),
-                    priority=_scraper(config))
+                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
                 await http.start()
             elif config.metrics.enabled and config.metrics.port and not worker:
                 # No web server: /metrics and the probes get a small plain listener of their own.
