@@ -84,7 +84,7 @@ if _why_not():
     pytestmark.append(pytest.mark.skip(reason=_why_not() or ""))
 
 
-def _play(inventory: Path, base: Path) -> subprocess.CompletedProcess[str]:
+def _play(inventory: Path, base: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """ansible-playbook with the example playbook, its state kept under `base`."""
     env = {**os.environ, "ANSIBLE_HOME": str(base / ".ansible"),
            "ANSIBLE_LOCAL_TEMP": str(base / ".ansible/tmp"),
@@ -93,7 +93,7 @@ def _play(inventory: Path, base: Path) -> subprocess.CompletedProcess[str]:
     env.pop("PACS_EDGE_HOME", None)
     # One host at a time: both are this machine and share its user database.
     return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--forks", "1",
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "--forks", "1", *args,
          str(ANSIBLE_DIR / "playbook.yml")],
         capture_output=True, text=True, timeout=900, env=env, cwd=ANSIBLE_DIR,
         stdin=subprocess.DEVNULL)
@@ -411,8 +411,38 @@ def test_second_converge_changes_nothing(fleet: Fleet) -> None:
     assert recap == {host: (0, 0) for host in HOSTS}
 
 
+def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) -> None:
+    """Past the preflight (--start-at-task skips it, as a variable it does not know would),
+    pacs-edge itself checks each new file before it replaces the live one: two listeners
+    on one port, two peers with one AE title (serve would refuse every peer) stop the
+    play with the files on the box as they were."""
+    host = "edge-a"
+    config = fleet.prefix(host) / "etc/pacs-edge/pacs-edge.toml"
+    peers = fleet.home(host) / "peers.toml"
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (config, peers)}
+    listed = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]["pacs_edge_peers"]
+    clash = {"pacs_edge_http_port": 0,
+             "pacs_edge_metrics_port": fleet.hosts[host]["pacs_edge_dicom_port"]}
+    twice = {"pacs_edge_peers": [*listed, {"name": "ct2", "ae_title": " CT1 ",
+                                           "host": "127.0.0.2", "port": 104}]}
+    for variables, problem in (
+        (clash, "[dicom] port and [metrics] port both listen on 127.0.0.1:"),
+        (twice, "an AE title no other peer has (peers.ct1 has it)"),
+    ):
+        proc = _play(fleet.inventory, fleet.base, "--limit", host, "--start-at-task",
+                     "Write the configuration file", "-e", json.dumps(variables))
+        assert proc.returncode != 0 and "failed to validate" in proc.stdout, proc.stdout[-6000:]
+        assert problem in proc.stdout, proc.stdout[-6000:]
+        assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in before} == before
+
+
 def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None:
     fleet.hosts["edge-b"]["pacs_edge_ae_title"] = "EDGE_B_RENAMED"
+    # A connection string an earlier run wrote, since dropped from the inventory: the
+    # secret must not stay on the box.
+    stale_secret = fleet.prefix("edge-b") / "etc/pacs-edge/cloud-credentials"
+    stale_secret.write_text("DefaultEndpointsProtocol=https;AccountKey=OLD\n")
+    stale_secret.chmod(0o600)
     wheel_vars = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]
     fleet.write_inventory(Path(wheel_vars["pacs_edge_wheel"]),
                           Path(wheel_vars["pacs_edge_wheelhouse"]))
@@ -421,6 +451,61 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     assert recap["edge-b"][0] > 0 and recap["edge-b"][1] == 0
     config = fleet.prefix("edge-b") / "etc/pacs-edge/pacs-edge.toml"
     assert 'ae_title = "EDGE_B_RENAMED"' in config.read_text()
+    assert not stale_secret.exists()
+
+
+def _version_of(wheel: Path) -> str:
+    return wheel.name.split("-")[1]
+
+
+def test_an_upgrade_that_fails_late_still_restarts_and_runs_the_new_version(
+    fleet: Fleet,
+) -> None:
+    """A wheel the host already has in wheels/ (a rollback): the copy is "ok", only the
+    install changes the venv, and must restart both services; the run then fails late
+    (an unwritable Prometheus target file) and the restart must still happen, since a
+    re-run would find nothing changed. Only this run's wheel stays in wheels/, and
+    `pacs-edge --version` names the installed one."""
+    host = "edge-a"
+    tree = fleet.base / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    for package in ("appliance", "sync", "provisioning"):
+        shutil.copytree(ROOT / package, tree / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (tree / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE)[1]  # type: ignore[index]
+    (tree / "pyproject.toml").write_text(pyproject.replace(
+        f'version = "{version}"', f'version = "{version}.post1"', 1))
+    dist = fleet.base / "dist-post1"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--disable-pip-version-check", "-w", str(dist), str(tree)],
+                   check=True, timeout=600, capture_output=True)
+    rollback = next(dist.glob("pacs_edge-*.whl"))
+    assert _version_of(rollback) == f"{version}.post1"
+    wheels = fleet.prefix(host) / "opt/pacs-edge/wheels"
+    shutil.copy(rollback, wheels / rollback.name)  # the host had it before
+    (wheels / rollback.name).chmod(0o644)
+    (wheels / "pacs_edge-0.0.1-py3-none-any.whl").write_bytes(b"an older one")
+    proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e", json.dumps({
+        "pacs_edge_wheel": str(rollback),
+        "pacs_edge_prometheus_file_sd": "/proc/pacs-edge-test/pacs-edge.json"}))
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode != 0 and recap[host][1] == 1, proc.stdout[-8000:]
+    tasks = re.findall(r"^TASK \[pacs_edge : ([^\]]+)\]", proc.stdout, re.MULTILINE)
+    assert tasks[-1].startswith("Create the folder of the target file"), tasks[-3:]
+    for task, result in (("Copy the pacs-edge wheel", "ok"),
+                         ("Install pacs-edge into the venv", "changed")):
+        assert re.search(rf"TASK \[pacs_edge : {task}\] \**\n{result}: \[{host}\]",
+                         proc.stdout), proc.stdout[-8000:]
+    for handler in ("Restart pacs-edge", "Restart pacs-edge-sync"):
+        assert f"RUNNING HANDLER [pacs_edge : {handler}]" in proc.stdout, proc.stdout[-8000:]
+    shown = subprocess.run([str(fleet.venv(host) / "bin/pacs-edge"), "--version"],
+                           capture_output=True, text=True, check=True, cwd="/")
+    assert {"wheels": sorted(p.name for p in wheels.glob("pacs_edge-*.whl")),
+            "version": shown.stdout.strip()} == {
+        "wheels": [rollback.name], "version": f"pacs-edge, version {version}.post1"}
 
 
 def test_ansible_lint_passes_with_the_production_profile() -> None:
@@ -432,28 +517,65 @@ def test_ansible_lint_passes_with_the_production_profile() -> None:
     assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
 
 
-def test_preflight_refuses_bad_web_settings_before_changing_anything(tmp_path: Path) -> None:
-    """An HTTPS port that is a DICOM port, and a viewer folder that install-ohif.sh did not
-    make, each stop their host at the preflight with a message naming the variable."""
+def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path) -> None:
+    """An HTTPS port that is a DICOM port, a viewer folder that install-ohif.sh did not
+    make, peers sharing a name or an AE title (leading and trailing spaces do not count) or
+    with an AE title pacs-edge refuses, a metrics port out of range or on the DICOM port
+    with the web server off, a negative eviction age: each stops its host at the preflight
+    with a message naming the variable."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
     not_a_build.mkdir()
     (not_a_build / "app.bundle.js.map").touch()
+    peer = {"name": "ct1", "ae_title": "CT1", "host": "10.0.0.21", "port": 104}
+    # Each of these, in one host's inventory, would have left a file serve refuses (or
+    # cannot start with) on the box before the play failed.
+    bad_hosts: dict[str, dict[str, object]] = {
+        "peer-ae-twice": {"pacs_edge_peers": [peer, {**peer, "name": "ct2",
+                                                      "ae_title": " CT1 "}]},
+        "peer-name-twice": {"pacs_edge_peers": [peer, {**peer, "ae_title": "CT2"}]},
+        "peer-ae-backslash": {"pacs_edge_peers": [{**peer, "ae_title": "C\\T1"}]},
+        "peer-ae-control": {"pacs_edge_peers": [{**peer, "ae_title": "CT\t1"}]},
+        "metrics-port": {"pacs_edge_metrics_port": 70000},
+        "metrics-on-dicom": {"pacs_edge_http_port": 0, "pacs_edge_metrics_port": 11112},
+        "evict-negative": {"pacs_edge_sync_evict_after_days": -1},
+    }
+    unique, complete = ("Assert that each peer has a name and an AE title of its own",
+                        "Assert that every peer is complete and allowed only known services")
+    metrics, cloud = ("Assert that the metrics settings are valid",
+                      "Assert that the cloud and eviction settings are valid")
+    expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
+                     "peer-ae-backslash": complete, "peer-ae-control": complete,
+                     "metrics-port": metrics, "metrics-on-dicom": metrics,
+                     "evict-negative": cloud}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
                  "pacs_edge_wheel": str(wheel),
+                 # Should a host get past the preflight: no system user made, stop there.
+                 "pacs_edge_manage_user": False, "pacs_edge_user": f"pacsedge-p{os.getpid()}",
                  "pacs_edge_root_prefix": str(tmp_path / "root")},
         "hosts": {"same-port": {"pacs_edge_http_port": 11112},
-                  "no-build": {"pacs_edge_viewer_build": str(not_a_build)}}}}))
+                  "no-build": {"pacs_edge_viewer_build": str(not_a_build)},
+                  **bad_hosts}}}))
     proc = _play(inventory, tmp_path)
     recap = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
-    assert proc.returncode != 0 and recap == {"same-port": 1, "no-build": 1}, proc.stdout
+    assert proc.returncode != 0 and recap == {
+        "same-port": 1, "no-build": 1, **{host: 1 for host in bad_hosts}}, proc.stdout
     assert "pacs_edge_http_port must be 0 (off) or 1-65535 and not a DICOM or HL7 port (is 11112)" \
         in proc.stdout
     assert "pacs_edge_viewer_build must name the folder scripts/install-ohif.sh installed" \
         in proc.stdout
+    # Each host stopped at the preflight task that names its mistake.
+    for host, task in expected_task.items():
+        failed_in = re.search(rf"TASK \[pacs_edge : ([^\]]+)\][^\n]*\n(?:(?!TASK ).*\n)*?"
+                              rf"(?:fatal|failed): \[{host}\]", proc.stdout)
+        assert failed_in and failed_in[1] == task, (host, failed_in and failed_in[1])
+    assert "pacs_edge_metrics_port must be 0 (off) or 1-65535 and, with pacs_edge_http_port 0," \
+        " not a DICOM or HL7 port (is 70000" in proc.stdout
+    assert "(pacs_edge_sync_evict_after_days is -1)" in proc.stdout
+    assert 'peer \\"ct2\\" (AE title \\"CT1\\") shares its name or its AE title' in proc.stdout
     assert not (tmp_path / "root").exists()
 
 
@@ -478,3 +600,28 @@ def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = dict(re.findall(r'"privileged (\d+)=(\w+)"', proc.stdout))
     assert found == {"443": "True", "8443": "False", "0": "False"}, proc.stdout
+
+
+def test_check_mode_on_a_new_host_changes_nothing(tmp_path: Path) -> None:
+    """--check on a host never deployed (no user, no folders, no venv, no config file to
+    link to) runs through and leaves nothing behind."""
+    wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
+    wheel.touch()
+    user = f"pacsedge-c{os.getpid()}"
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"pacs_edge": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
+                 "ansible_become_method": "ansible.builtin.su",
+                 "ansible_become_flags": "-s /bin/sh",
+                 "pacs_edge_wheel": str(wheel), "pacs_edge_user": user, "pacs_edge_group": user,
+                 "pacs_edge_cloud_connection_string": "UseDevelopmentStorage=true",
+                 "pacs_edge_peers": [{"name": "ct1", "ae_title": "CT1", "host": "10.0.0.21",
+                                      "port": 104}],
+                 "pacs_edge_root_prefix": str(tmp_path / "root")},
+        "hosts": {"new-box": {}}}}))
+    proc = _play(inventory, tmp_path, "--check", "--diff")
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode == 0 and recap["new-box"][1] == 0, proc.stdout[-8000:]
+    assert recap["new-box"][0] > 0  # it would change things
+    assert not (tmp_path / "root").exists()
+    assert subprocess.run(["id", user], capture_output=True).returncode != 0

@@ -167,3 +167,49 @@ def test_config_that_is_not_utf8_is_one_error_line_in_every_command(tmp_path: Pa
         assert len(lines) == 2 and lines[1].startswith("hint: "), result.stderr
         assert lines[0].startswith("error: ") and "pacs-edge.toml" in lines[0], result.stderr
         assert "is not UTF-8" in lines[0], result.stderr
+
+
+def test_config_check_reports_two_listeners_on_one_port(tmp_path: Path) -> None:
+    """[metrics] port equal to [dicom] port with the web server off: serve could not start,
+    so config check must not pass it (the home's file, and a file checked alone)."""
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "11112", "--http-port", "0",
+                  "--metrics-port", "11112")
+    for args in (("--home", str(home)),
+                 ("--home", str(home), "--config-file", str(home / "pacs-edge.toml"))):
+        bad = run_pacs_edge("config", "check", *args, check=False)
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        assert ("error  listeners: [dicom] port and [metrics] port both listen on"
+                " 127.0.0.1:11112") in bad.stderr
+    config = home / "pacs-edge.toml"
+    config.write_text(config.read_text().replace("\nport = 11112\n\n", "\nport = 9464\n\n"))
+    fixed = run_pacs_edge("config", "check", "--home", str(home), "--config-file", str(config))
+    assert "ok     listeners: DICOM 11112, DICOM TLS 2762, HL7 2575, metrics 9464" in fixed.stdout
+
+
+def test_config_check_of_a_file_alone_refuses_what_serve_would(tmp_path: Path) -> None:
+    """--config-file and --peers-file check a file before it replaces the live one (the
+    Ansible role's validate step): the loaders serve uses, no data home needed."""
+    config, peers = tmp_path / "new.toml", tmp_path / "peers.new"
+    config.write_text("[dicom]\nport = 11112\n\n[sync]\nevict_after_days = -1\n")
+    bad = run_pacs_edge("config", "check", "--config-file", str(config), check=False)
+    assert bad.returncode == 2 and "'sync.evict_after_days'" in bad.stderr, bad.stderr
+    config.write_text("[dicom]\nport = 11112\n")
+    good = run_pacs_edge("config", "check", "--config-file", str(config), "--home",
+                         str(tmp_path / "not-yet"))
+    assert good.stdout.rstrip().endswith(f"{config}: ok")
+    entry = 'host = "10.0.0.{n}"\nport = 104\nallow = ["store"]\n'
+    for text, problem in (
+        ('[peers.ct1]\nae_title = "CT"\n' + entry.format(n=1)
+         + '[peers.ct2]\nae_title = " CT "\n' + entry.format(n=2),
+         "an AE title no other peer has (peers.ct1 has it)"),
+        ('[peers.ct1]\nae_title = "C\\\\T"\n' + entry.format(n=1), "backslash"),
+        ('[peers.ct1]\nae_title = "CT1"\n' + entry.format(n=1)
+         + '[peers.ct1]\nae_title = "CT2"\n' + entry.format(n=2), "is not valid TOML"),
+    ):
+        peers.write_text(text)
+        bad = run_pacs_edge("config", "check", "--peers-file", str(peers), check=False)
+        assert bad.returncode == 2 and problem in bad.stderr, bad.stderr
+    peers.write_text('[peers.ct1]\nae_title = "CT1"\n' + entry.format(n=1))
+    good = run_pacs_edge("config", "check", "--peers-file", str(peers))
+    assert "ok     peer allowlist" in good.stdout and "1 peer(s)" in good.stdout

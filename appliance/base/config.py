@@ -404,13 +404,18 @@ def load_config(home: Path) -> Config:
             f"no data home at {home} (missing {CONFIG_FILE})",
             hint=f"run `pacs-edge init --home {home}` first",
         )
+    return config_from_mapping(home, read_toml(path), source=str(path))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's table; a ConfigError naming the file when it is not UTF-8 or not
+    TOML (OSError as it comes)."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError.not_toml(str(path), str(exc)) from exc
-    return config_from_mapping(home, raw, source=str(path))
 
 
 def not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:

@@ -8,6 +8,11 @@ key, not expired), the cloud URL and its credentials, the syslog TLS files and
 the folders the services write. Each check runs through the same loader the
 service uses, so a check that passes means the service will load it too.
 Every problem is reported, not just the first.
+
+`check_files` checks a config file or a peers file alone, before it replaces
+the live one (the Ansible role's `validate:` step): the values, the listeners,
+the allowlist, but none of the files a config names (on a first deployment the
+secrets do not exist yet; the full check runs after `init`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.base.config import Config
+from appliance.base.config import Config, config_from_mapping, read_toml
 from appliance.base.errors import PacsEdgeError
 from appliance.dimse.tls import server_context
 from appliance.services import launch_links
@@ -48,6 +53,7 @@ class Finding:
 def check_home(config: Config) -> list[Finding]:
     """Run every check against `config` (already loaded, so its values are valid)."""
     checks: list[tuple[str, Callable[[], str]]] = [
+        ("listeners", lambda: _listeners(config)),
         ("peer allowlist", lambda: _peers(config)),
         ("site key(s)", lambda: _site_keys(config.home)),
         ("name secret", lambda: _quiet(load_name_secret, config.home)),
@@ -58,16 +64,45 @@ def check_home(config: Config) -> list[Finding]:
         ("audit syslog TLS files", lambda: _syslog_files(config)),
         ("writable folders", lambda: _folders(config)),
     ]
-    findings = []
-    for what, check in checks:
-        try:
-            detail = check()
-        except PacsEdgeError as exc:
-            findings.append(Finding(what, str(exc), exc.hint or ""))
-        else:
-            findings.append(Finding(f"{what}: {detail}" if detail else what))
+    findings = [_run(what, check) for what, check in checks]
     findings.append(_escrow(config))
     return findings
+
+
+def check_files(home: Path, *, config_file: Path | None = None,
+                peers_file: Path | None = None) -> list[Finding]:
+    """Check `config_file` (as if it were `<home>/pacs-edge.toml`: relative paths are the
+    home's) and `peers_file` alone: what serve would refuse in them, nothing they name."""
+    findings = []
+    if config_file is not None:
+        try:
+            config = load_config_file(config_file, home)
+        except PacsEdgeError as exc:
+            findings.append(Finding(f"config file {config_file}", str(exc), exc.hint or ""))
+        else:
+            findings.append(Finding(f"config file {config_file}"))
+            findings.append(_run("listeners", lambda: _listeners(config)))
+    if peers_file is not None:
+        findings.append(_run(f"peer allowlist {peers_file}", lambda: _peers_file(peers_file)))
+    return findings
+
+
+def load_config_file(path: Path, home: Path) -> Config:
+    """`load_config`'s reading and validation, for a file that is not (yet) the home's."""
+    try:
+        raw = read_toml(path)
+    except OSError as exc:
+        raise PacsEdgeError(f"cannot read {path}: {exc.strerror}",
+                            hint="name an existing config file") from exc
+    return config_from_mapping(home, raw, source=str(path))
+
+
+def _run(what: str, check: Callable[[], str]) -> Finding:
+    try:
+        detail = check()
+    except PacsEdgeError as exc:
+        return Finding(what, str(exc), exc.hint or "")
+    return Finding(f"{what}: {detail}" if detail else what)
 
 
 def _link_key(home: Path) -> str:
@@ -95,6 +130,47 @@ def _quiet(load: Callable[[Path], object], path: Path) -> str:
 
 def _peers(config: Config) -> str:
     return f"{len(Allowlist(config.peers_path).peers())} peer(s)"
+
+
+def _peers_file(path: Path) -> str:
+    if not path.exists():  # Allowlist reads a missing file as "no peers"
+        raise PacsEdgeError(f"no file at {path}", hint="name an existing peers.toml")
+    return f"{len(Allowlist(path).peers())} peer(s)"
+
+
+# Addresses that listen on every interface (an IPv6 wildcard takes IPv4 too, dual stack).
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
+def listeners(config: Config) -> list[tuple[str, str, int]]:
+    """(key, host, port) of each TCP listener serve opens; port 0 (a free port the kernel
+    picks, or off) is none. The metrics listener runs only with the web server off."""
+    dicom, hl7, http, metrics = config.dicom, config.hl7, config.http, config.metrics
+    found = [("[dicom] port", dicom.host, dicom.port if dicom.plain_enabled else 0),
+             ("[dicom] tls_port", dicom.host, dicom.tls_port),
+             ("[hl7] port", hl7.host, hl7.port),
+             ("[http] port", http.host, http.port),
+             ("[metrics] port", metrics.host,
+              metrics.port if metrics.enabled and not http.port else 0)]
+    return [listener for listener in found if listener[2]]
+
+
+def _listeners(config: Config) -> str:
+    """Two listeners on one port of one address: serve would fail at start ("address
+    already in use"), after a restart that config check had let through."""
+    opened = listeners(config)
+    for i, (key, host, port) in enumerate(opened):
+        for other, other_host, other_port in opened[:i]:
+            if port == other_port and (host == other_host or {host, other_host} & _WILDCARDS):
+                raise PacsEdgeError(
+                    f"{other} and {key} both listen on {other_host or '*'}:{port}"
+                    + ("" if host == other_host else f" and {host or '*'}:{port}"),
+                    hint="give each listener its own port (or turn one off with port 0)")
+    return ", ".join(f"{_NAMES[key]} {port}" for key, _, port in opened)
+
+
+_NAMES = {"[dicom] port": "DICOM", "[dicom] tls_port": "DICOM TLS", "[hl7] port": "HL7",
+          "[http] port": "HTTPS", "[metrics] port": "metrics"}
 
 
 def _site_keys(home: Path) -> str:

@@ -18,7 +18,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from appliance import __version__
 from appliance.audit import Auditor
 from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
 from appliance.base.human import human_size, human_time
@@ -64,7 +63,9 @@ _LAZY = {
 
 
 @click.group(cls=LazyGroup, lazy=_LAZY)
-@click.version_option(__version__, prog_name="pacs-edge")
+# The installed distribution's version (what pip installed, what a rollback put back),
+# read from its metadata only when asked: not a constant a rebuilt wheel would not change.
+@click.version_option(package_name="pacs-edge", prog_name="pacs-edge")
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
     make_undumpable()  # before any key is read (appliance/process/undumpable.py says why)
@@ -397,13 +398,25 @@ def config_group() -> None:
 
 @config_group.command("check")
 @home_option
+@click.option("--config-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Check this config file alone (values, listeners), not the home's and"
+                   " not the files it names: before it replaces pacs-edge.toml.")
+@click.option("--peers-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Check this peer allowlist alone, before it replaces peers.toml.")
 @expected_errors
-def config_check(home: Path | None) -> None:
+def config_check(home: Path | None, config_file: Path | None, peers_file: Path | None) -> None:
     """Validate the config file and every file it names (secrets, certificates, credentials)."""
-    from appliance.cli.config_check import check_home  # TLS, cloud SDK: only this command
+    # TLS, cloud SDK: only this command
+    from appliance.cli.config_check import check_files, check_home
 
-    config = load(home)
-    findings = check_home(config)
+    if config_file is not None or peers_file is not None:
+        findings = check_files(resolve_home(home), config_file=config_file,
+                               peers_file=peers_file)
+        checked = ", ".join(str(p) for p in (config_file, peers_file) if p is not None)
+    else:
+        config = load(home)
+        findings = check_home(config)
+        checked = str(config.config_path)
     for finding in findings:
         if finding.ok and finding.warning:
             err.print(f"warn   {finding.what}: {finding.warning}", highlight=False,
@@ -418,6 +431,6 @@ def config_check(home: Path | None) -> None:
                 err.print(f"       hint: {finding.hint}", highlight=False, markup=False)
     if not all(f.ok for f in findings):
         raise click.exceptions.Exit(2)
-    out.print(f"{config.config_path}: ok", highlight=False)
+    out.print(f"{checked}: ok", highlight=False)
 
 
