@@ -54,6 +54,7 @@ EDGE_AE = dcmtk.EDGE_AE
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 120.0
+PRODUCT_SITE = Path(__file__).with_name("product_site")
 _READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
 _HTTPS_READY = re.compile(r"https server ready\b.*?\bport=(\d+)")
 
@@ -303,6 +304,21 @@ def _group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(stat.parent.name))
     return members
+
+
+@pytest.fixture(scope="session", autouse=True)
+def product_imports() -> Iterator[None]:
+    """Subprocesses import as on a box, without the test extras (product_site/ says
+    why). Set in the process that runs the tests, never before xdist starts its
+    workers: they need numpy themselves."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(PRODUCT_SITE), *([before] if before else [])])
+    yield
+    if before is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = before
 
 
 @pytest.fixture(scope="module", autouse=True)
