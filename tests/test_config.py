@@ -95,8 +95,10 @@ def test_rendered_default_file_loads_back_to_the_defaults(tmp_path: Path) -> Non
 def test_command_line_overrides_are_validated(tmp_path: Path) -> None:
     config = Config(home=tmp_path)
     assert config.with_overrides(dicom={"port": 5000, "ae_title": None}).dicom.port == 5000
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as caught:
         config.with_overrides(dicom={"port": -1})
+    # Not "run `pacs-edge config check`": `init` meets this before any config file exists.
+    assert caught.value.hint == "fix the option's value and run the command again"
 
 
 def test_missing_home_says_how_to_create_it(tmp_path: Path) -> None:

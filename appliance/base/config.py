@@ -363,7 +363,12 @@ class Config:
             if values:
                 current = dataclasses.asdict(getattr(self, name))
                 current.update(values)
-                updated[name] = _build(type(getattr(self, name)), current, name, "command line")
+                try:
+                    updated[name] = _build(type(getattr(self, name)), current, name,
+                                           "the command line")
+                except ConfigError as exc:
+                    exc.hint = "fix the option's value and run the command again"
+                    raise
         return dataclasses.replace(self, **updated)
 
 
