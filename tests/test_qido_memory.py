@@ -57,7 +57,7 @@ def test_a_page_of_studies_holds_one_identifier_at_a_time(tmp_path: Path) -> Non
             tracemalloc.start()
             try:
                 page = await service.search(Principal("rad", Role.RADIOLOGIST, ""), identifier)
-                body = json_array_response(json_texts(page)).body
+                body = json_array_response(json_texts(page, "https://box")).body
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()

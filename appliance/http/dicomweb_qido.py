@@ -121,9 +121,9 @@ async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> 
                                       headers=headers)
 
 
-def json_texts(page: Page, base: str = "") -> Iterator[str]:
+def json_texts(page: Page, base: str) -> Iterator[str]:
     """Each match as DICOM JSON text, its Dataset made and dropped in turn, with its
-    Retrieve URL under `base` (scheme://host; path-absolute without it). The URL is
+    Retrieve URL under `base` (scheme://host). The URL is
     added to the JSON, not the Dataset: a DataElement would cost ~10% more per row."""
     path = _URL_PATH[page.found.level.name]
     root = f"{base}{common.PREFIX}"
