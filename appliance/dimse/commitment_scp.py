@@ -21,16 +21,20 @@ In the association's reactor thread, in order:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.dimse_primitives import N_ACTION
-from pynetdicom.dsutils import decode
+from pynetdicom.dimse_primitives import N_ACTION, N_EVENT_REPORT
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class_n import StorageCommitmentServiceClass
@@ -61,6 +65,7 @@ REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 EVENT_ALL_COMMITTED = 1  # Event Type IDs (PS3.4 J.3.3.1)
 EVENT_FAILURES_EXIST = 2
 SAME_ASSOCIATION_WAIT = 10.0  # seconds for the N-EVENT-REPORT response on the request's association
+_RESPONSE_POLL = 0.05  # seconds between looks for the peer's A-RELEASE-RQ meanwhile
 
 FAILURE_REASON = {  # Failure Reason (0008,1197) per verdict, PS3.4 J.3.2.1.1.2.4
     Verdict.UNKNOWN: Status.NO_SUCH_SOP_INSTANCE,
@@ -209,22 +214,43 @@ class _Request:
         self.att.wake_reporter()
 
     def _send_here(self, report: Report) -> str | None:
-        """Send the report on the requesting association; None once the peer took it."""
+        """Send the report on the requesting association; None once the peer took it.
+
+        In the reactor thread, inside the service class: the reactor cannot take the
+        response off the queue (pynetdicom marks it paused while SCP() runs), so the
+        response is awaited here, in short waits. A modality that released right after
+        the N-ACTION response ignores a report that crossed its A-RELEASE-RQ: once that
+        request is in, the wait ends and the reactor answers it. pynetdicom's
+        send_n_event_report would wait out its timeout and then abort the association
+        the modality was releasing."""
         assoc = self.assoc
         if not assoc.is_established:
             return "requesting association closed"
         if isinstance(assoc.dul.peek_next_pdu(), A_RELEASE):
             return "requesting association is being released"
-        # In the reactor thread, inside the service class: the reactor cannot take
-        # the response off the queue (pynetdicom marks it paused while SCP() runs).
-        # A modality that released right after the N-ACTION response ignores a report
-        # that crossed its A-RELEASE-RQ: wait less than a full DIMSE timeout for it.
-        previous = assoc.dimse_timeout
-        assoc.dimse_timeout = min(previous or SAME_ASSOCIATION_WAIT, SAME_ASSOCIATION_WAIT)
-        try:
-            return send_report(assoc, report, ae_title=str(assoc.acceptor.ae_title).strip())
-        finally:
-            assoc.dimse_timeout = previous
+        req = N_EVENT_REPORT()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = STORAGE_COMMITMENT_PUSH
+        req.AffectedSOPInstanceUID = WELL_KNOWN_INSTANCE
+        req.EventTypeID = _event_type(report)
+        req.EventInformation = BytesIO(encode(
+            event_information(report, ae_title=str(assoc.acceptor.ae_title).strip()),
+            self.ts.is_implicit_VR, self.ts.is_little_endian, self.ts.is_deflated))
+        self.sc.dimse.send_msg(req, self.cx_id)
+        deadline = time.monotonic() + min(assoc.dimse_timeout or SAME_ASSOCIATION_WAIT,
+                                          SAME_ASSOCIATION_WAIT)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                _cx_id, rsp = self.sc.dimse.msg_queue.get(timeout=_RESPONSE_POLL)
+                if (isinstance(rsp, N_EVENT_REPORT)
+                        and rsp.MessageIDBeingRespondedTo == req.MessageID):
+                    return _refused(rsp.Status)
+                return "peer sent another message instead of the report's response"
+            if isinstance(assoc.dul.peek_next_pdu(), A_RELEASE):
+                return "requesting association is being released"
+            if assoc.acse.is_aborted():
+                return "requesting association ended"
+        return "no N-EVENT-REPORT response (timeout)"
 
 
 def _parse(info: Dataset) -> tuple[str, list[RequestedItem]]:
@@ -261,17 +287,27 @@ def event_information(report: Report, *, ae_title: str) -> Dataset:
 def send_report(assoc: Any, report: Report, *, ae_title: str, msg_id: int = 1) -> str | None:
     """Send the report over `assoc`; None once the peer answered with a success or
     warning status, else why it was not delivered (PHI-free)."""
-    event_type = EVENT_FAILURES_EXIST if report.failed else EVENT_ALL_COMMITTED
     try:
         status, _reply = assoc.send_n_event_report(
-            event_information(report, ae_title=ae_title), event_type,
+            event_information(report, ae_title=ae_title), _event_type(report),
             STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE, msg_id=msg_id)
     except Exception as exc:
         return f"sending the report failed ({type(exc).__name__})"
     code = status.get("Status") if isinstance(status, Dataset) else None
     if code is None:
         return "no N-EVENT-REPORT response (timeout or association ended)"
+    return _refused(code)
+
+
+def _event_type(report: Report) -> int:
+    return EVENT_FAILURES_EXIST if report.failed else EVENT_ALL_COMMITTED
+
+
+def _refused(code: Any) -> str | None:
+    """Why a response status means the report was not taken; None for a success or
+    warning."""
+    if code is None:
+        return "peer answered the report without a status"
     if code_to_category(int(code)) not in ("Success", "Warning"):
         return f"peer answered the report with status 0x{int(code):04X}"
     return None
-
