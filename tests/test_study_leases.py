@@ -15,7 +15,7 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,17 +35,19 @@ from appliance.store.index import Index
 from appliance.store.leases import Holder, LeaseLost, StudyBusy, StudyLease, is_free
 
 PAUSE_TIMEOUT = 120.0
+UNITS = Path(__file__).parents[1] / "systemd"
 
 
 @contextmanager
-def paused(home: Path, point: str, *args: str, returncode: int = 0,
-           says: str = "") -> Iterator[subprocess.Popen[str]]:
-    """Run `pacs-edge ARGS` until it reaches `point`; on exit let it go on and finish
-    with `returncode`, its output holding `says`."""
+def paused(home: Path, point: str, *args: str, returncode: int = 0, says: str = "",
+           prefix: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
+    """Run `pacs-edge ARGS` (after the command words of `prefix`) until it reaches
+    `point`; on exit let it go on and finish with `returncode`, its output holding
+    `says`."""
     barrier = home.parent / f"barrier-{point.replace(':', '-')}"
     barrier.mkdir()
     proc = subprocess.Popen(
-        [*pacs_edge_command(), *args, "--home", str(home)], stdout=subprocess.PIPE,
+        [*prefix, *pacs_edge_command(), *args, "--home", str(home)], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
         env={**os.environ, "PACS_EDGE_PAUSE_AT": point, "PACS_EDGE_PAUSE_DIR": str(barrier)})
     try:
@@ -74,18 +76,43 @@ def study(tmp_path: Path) -> tuple[Path, list[dicomgen.GeneratedInstance]]:
     return home, instances
 
 
+def _under_the_units_proc() -> list[str]:
+    """Command words that run a process with /proc mounted as the systemd units have it
+    (ProcSubset=pid, ProtectProc=invisible), in a mount namespace of its own."""
+    for unit in ("pacs-edge.service", "pacs-edge-sync.service"):
+        text = (UNITS / unit).read_text()
+        assert "ProcSubset=pid" in text and "ProtectProc=invisible" in text, (
+            f"{unit} mounts /proc otherwise now: mount it here as the unit does")
+    remount = 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"'
+    words = ["unshare", "--mount", "--fork", "sh", "-c", remount, "sh"]
+    probe = subprocess.run([*words, "cat", "/proc/sys/kernel/random/boot_id"],
+                           capture_output=True, text=True, check=False)
+    if "No such file" not in probe.stderr:
+        pytest.skip(f"cannot mount /proc as the units do here: {probe.stderr.strip()}")
+    return words
 
 
+@pytest.mark.parametrize("sandboxed", ["", "evict", "recall"],
+                         ids=["cli", "evict-in-a-unit", "recall-in-a-unit"])
 def test_recall_is_refused_while_an_eviction_deletes_the_files(
-    study: tuple[Path, list[dicomgen.GeneratedInstance]],
+    study: tuple[Path, list[dicomgen.GeneratedInstance]], sandboxed: str,
 ) -> None:
+    """Also when one of the two runs with /proc as the systemd units mount it: they
+    hide /proc/sys, and the boot id with it, from their processes, and an operator's
+    CLI beside them reads it. Each took the other's lease for one from before a
+    restart: the recall went ahead while the eviction deleted the files."""
     home, instances = study
     uid = instances[0].study_uid
     import_files(home, *instances)
     sync_once(home)
-    with paused(home, "evict:after-commit", "evict", uid):
-        recall = run_pacs_edge("recall", uid, "--home", str(home), check=False)
-        assert recall.returncode != 0
+    units_proc = _under_the_units_proc() if sandboxed else []
+    evicting = units_proc if sandboxed == "evict" else []
+    recalling = units_proc if sandboxed == "recall" else []
+    with paused(home, "evict:after-commit", "evict", uid, prefix=evicting):
+        recall = subprocess.run(
+            [*recalling, *pacs_edge_command(), "recall", uid, "--home", str(home)],
+            capture_output=True, text=True, check=False, timeout=PAUSE_TIMEOUT)
+        assert recall.returncode != 0, recall.stdout
         assert "busy: evict is running" in recall.stdout + recall.stderr
     assert stored_hashes(home) == {}
     assert_fsck_clean(home)

@@ -17,11 +17,11 @@ working on a study:
 
 A lease is live while its expiry lies ahead and its holder process is alive:
 a killed holder frees its leases at once (its pid is gone, or the machine
-booted since), a hung one when they expire (LEASE_SECONDS after its last
-renewal). The appliance's processes share one PID namespace (the systemd
-units set no PrivatePIDs); `os.kill(pid, 0)` answers EPERM for another user's
-live process, and the start time in /proc, where visible, tells a reused pid
-apart.
+booted since, where both sides can read the boot id), a hung one when they
+expire (LEASE_SECONDS after its last renewal). The appliance's processes share
+one PID namespace (the systemd units set no PrivatePIDs); `os.kill(pid, 0)`
+answers EPERM for another user's live process, and the start time in /proc,
+where visible, tells a reused pid apart.
 
 Ingest takes no lease, by design: it never deletes a file, and NEW_INSTANCE
 is allowed in every tiering state, so a modality never waits behind an upload.
@@ -104,7 +104,12 @@ class Holder:
         return cls(_boot_id(), pid, _start_time(pid), uuid.uuid4().hex[:12])
 
     def alive(self) -> bool:
-        if self.boot_id != _boot_id():
+        # The systemd units hide /proc/sys (ProcSubset=pid): their boot id is '' while
+        # an operator's CLI beside them reads the real one. Unknown on either side, it
+        # says nothing, and pid and start time decide: taken for a restart, a live
+        # holder's lease would go to a second operation on its study.
+        booted = _boot_id()
+        if self.boot_id and booted and self.boot_id != booted:
             return False  # the machine restarted since: every process of then is gone
         try:
             os.kill(self.pid, 0)
