@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dicomgen
 import pytest
+import unitsandbox
 from conftest import init_home, pacs_edge_command, run_pacs_edge
 from syncagent import (
     assert_fsck_clean,
@@ -77,17 +78,11 @@ def study(tmp_path: Path) -> tuple[Path, list[dicomgen.GeneratedInstance]]:
 
 
 def _under_the_units_proc() -> list[str]:
-    """Command words that run a process with /proc mounted as the systemd units have it
-    (ProcSubset=pid, ProtectProc=invisible), in a mount namespace of its own."""
-    for unit in ("pacs-edge.service", "pacs-edge-sync.service"):
-        text = (UNITS / unit).read_text()
-        assert "ProcSubset=pid" in text and "ProtectProc=invisible" in text, (
-            f"{unit} mounts /proc otherwise now: mount it here as the unit does")
-    remount = 'mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec "$@"'
-    words = ["unshare", "--mount", "--fork", "sh", "-c", remount, "sh"]
-    probe = subprocess.run([*words, "cat", "/proc/sys/kernel/random/boot_id"],
-                           capture_output=True, text=True, check=False)
-    if "No such file" not in probe.stderr:
+    """Command words that run a process with /proc mounted as the sync agent's unit
+    mounts it."""
+    words = unitsandbox.proc_view(UNITS / "pacs-edge-sync.service")
+    probe = subprocess.run([*words, "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
         pytest.skip(f"cannot mount /proc as the units do here: {probe.stderr.strip()}")
     return words
 

@@ -2,7 +2,8 @@
 
 Only the directives the privilege split relies on (docs/security.md) are
 applied: TemporaryFileSystem=, BindReadOnlyPaths= and InaccessiblePaths=,
-with unshare(1) and mount(8), the way systemd's namespace set-up does it:
+and /proc as ProcSubset= and ProtectProc= mount it (`proc_view` applies only
+those), with unshare(1) and mount(8), the way systemd's namespace set-up does it:
 bind sources are taken from the host's view before anything is hidden (systemd
 stages them under /run/systemd/unit-root), a tmpfs covers each
 TemporaryFileSystem= path with the bound files mounted into it and is then
@@ -31,6 +32,29 @@ def directives(unit: Path) -> dict[str, list[str]]:
     return found
 
 
+_PROC_SUBSET = {"all": "", "pid": "subset=pid"}
+_PROTECT_PROC = {"default": "", "invisible": "hidepid=invisible",
+                 "noaccess": "hidepid=noaccess", "ptraceable": "hidepid=ptraceable"}
+
+
+def proc_mount(unit: Path) -> str:
+    """The mount(8) command that mounts /proc as the unit's ProcSubset= and
+    ProtectProc= have it ('' when it leaves /proc as it is)."""
+    found = directives(unit)
+    options = [option for option in (
+        *(_PROC_SUBSET[value] for value in found.get("ProcSubset", [])),
+        *(_PROTECT_PROC[value] for value in found.get("ProtectProc", []))) if option]
+    return f"mount -t proc -o {','.join(options)} proc /proc" if options else ""
+
+
+def proc_view(unit: Path) -> list[str]:
+    """Command words that run a command in a mount namespace of its own, with /proc
+    as the unit mounts it and the rest of the host's view unchanged."""
+    mount = proc_mount(unit)
+    assert mount, f"{unit.name} leaves /proc as it is"
+    return ["unshare", "--mount", "--fork", "sh", "-c", f'{mount} && exec "$@"', "sh"]
+
+
 def script(unit: Path, command: list[str], *, user: str, group: str, probes: list[Path],
            report: Path, stage: Path, path_map: dict[str, str] | None = None) -> str:
     """The shell script that builds the unit's view and then execs `command` as `user`."""
@@ -43,6 +67,8 @@ def script(unit: Path, command: list[str], *, user: str, group: str, probes: lis
     found = directives(unit)
     q = shlex.quote
     lines = ["set -eu", "mount --make-rprivate /", f"mkdir -p {q(str(stage))}"]
+    if proc_mount(unit):
+        lines.append(proc_mount(unit))
     binds: list[tuple[str, str]] = []
     for n, raw in enumerate(found.get("BindReadOnlyPaths", [])):
         source = mapped(raw.lstrip("-"))
