@@ -51,6 +51,24 @@ def test_commands_on_a_missing_home_explain_what_to_do(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_root_is_refused_in_the_service_users_home_but_may_check_it(edge_home: Path) -> None:
+    """`sudo pacs-edge status` on a box before serve's first start made the index as
+    root's, and serve then stopped at once ("attempt to write a readonly database")."""
+    assert os.geteuid() == 0, "the suite runs as root (it installs Debian packages)"
+    for path in [edge_home, *edge_home.rglob("*")]:
+        os.chown(path, 65534, 65534, follow_symlinks=False)  # nobody, the "service user"
+    for command in (["status"], ["init"], ["peers", "list"], ["serve"]):
+        refused = run_pacs_edge(*command, "--home", str(edge_home), check=False)
+        assert refused.returncode == 2, refused
+        assert (f"data home {edge_home} belongs to nobody, and this runs as root"
+                in refused.stderr), refused.stderr
+        assert ("hint: run it as nobody: runuser -u nobody -- " in refused.stderr
+                and f"{' '.join(command)} --home {edge_home}" in refused.stderr), refused.stderr
+    assert not (edge_home / "index.sqlite3").exists()
+    assert {p.stat().st_uid for p in [edge_home, *edge_home.rglob("*")]} == {65534}
+    assert run_pacs_edge("config", "check", "--home", str(edge_home)).returncode == 0
+
+
 def test_status_screen_shows_the_last_scrub_and_studies_at_risk(edge_home: Path) -> None:
     screen = run_pacs_edge("status", "--home", str(edge_home)).stdout
     assert "last scrub" in screen and "never" in screen

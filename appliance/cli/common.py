@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import pwd
+import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -18,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from appliance.base.config import Config, load_config, resolve_home
-from appliance.base.errors import PacsEdgeError
+from appliance.base.errors import HomeError, PacsEdgeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,7 +126,38 @@ home_option = click.option(
 
 
 def load(home: Path | None) -> Config:
-    return load_config(resolve_home(home))
+    """The data home's config, for a command that may write in the home."""
+    resolved = resolve_home(home)
+    refuse_root_in_a_users_home(resolved)
+    return load_config(resolved)
+
+
+def refuse_root_in_a_users_home(home: Path) -> None:
+    """Root may not work in a data home that another user (the service user) owns.
+
+    What it made there would be root's, and the service could not open it: an
+    index that `status` created before the first start (serve then stops at once:
+    "attempt to write a readonly database"), a recalled study's files, secrets
+    written by `init` or `keys recover`. A missing home is the command's to report."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = home.stat().st_uid
+    except OSError:
+        return
+    if owner == 0:
+        return
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        raise HomeError(
+            f"data home {home} belongs to user id {owner}, and this runs as root: what it"
+            " wrote there would be root's, and the service could not use it",
+            hint="run it as the user the service runs as") from None
+    raise HomeError(
+        f"data home {home} belongs to {name}, and this runs as root: what it wrote there"
+        " would be root's, and the service could not use it",
+        hint=f"run it as {name}: runuser -u {name} -- {shlex.join(sys.argv)}")
 
 
 def audit_change(config: Config, what: str, *, security: bool = True) -> None:

@@ -46,6 +46,7 @@ from appliance.cli.common import (
     out,
     prompt_secret,
     refuse_readable_by_others,
+    refuse_root_in_a_users_home,
 )
 
 # --- edge: readers -------------------------------------------------------------------
@@ -348,6 +349,7 @@ def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> N
     from provisioning.escrow import recover_escrow
     from provisioning.home import AUDIT_KEY
 
+    refuse_root_in_a_users_home(home)
     passphrase = _passphrase(passphrase_file, confirm=False)
     written = recover_escrow(from_file, home, passphrase)
     for path in written:

@@ -19,7 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from appliance.audit import Auditor
-from appliance.base.config import CONFIG_FILE, PEERS_FILE, Config, render_config_toml
+from appliance.base.config import (
+    CONFIG_FILE,
+    PEERS_FILE,
+    Config,
+    load_config,
+    render_config_toml,
+)
 from appliance.base.human import human_size, human_time
 from appliance.base.logsetup import setup_logging
 from appliance.base.metrics_dir import use_metrics_dir
@@ -31,6 +37,7 @@ from appliance.cli.common import (
     home_option,
     load,
     out,
+    refuse_root_in_a_users_home,
     resolve_home,
 )
 from appliance.process.stack_dump import dump_stacks_on_sigusr1
@@ -104,6 +111,7 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
 
     Never overwrites anything (but --force-new-keys)."""
     resolved = resolve_home(home)
+    refuse_root_in_a_users_home(resolved)
     overrides = {"dicom": {"ae_title": ae_title, "port": dicom_port, "tls_port": tls_port},
                  "hl7": {"port": hl7_port},
                  "http": {"port": http_port},
@@ -414,7 +422,7 @@ def config_check(home: Path | None, config_file: Path | None, peers_file: Path |
                                peers_file=peers_file)
         checked = ", ".join(str(p) for p in (config_file, peers_file) if p is not None)
     else:
-        config = load(home)
+        config = load_config(resolve_home(home))  # reads only: root may check any home
         findings = check_home(config)
         checked = str(config.config_path)
     for finding in findings:
