@@ -39,6 +39,21 @@ def test_added_peer_is_seen_by_an_existing_reader(tmp_path: Path) -> None:
     assert reader.by_ae_title("CT1") is None
 
 
+def test_edits_keep_the_files_owner_and_mode(tmp_path: Path) -> None:
+    """The Ansible role makes peers.toml the service user's with 0640: `peers add` made
+    it 0644 (and, run by another user, that user's)."""
+    path = tmp_path / "peers.toml"
+    path.write_text(PEERS_HEADER)
+    os.chown(path, 65534, 65534)
+    path.chmod(0o640)
+    Allowlist(path).add(_peer())
+    Allowlist(path).remove("ct1")
+    Allowlist(path).add(_peer("ct2", "CT2"))
+    st = path.stat()
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 65534, 65534)
+    assert Allowlist(path).by_ae_title("CT2") == _peer("ct2", "CT2")
+
+
 def test_duplicate_and_unknown_names_are_explained(tmp_path: Path) -> None:
     allowlist = Allowlist(tmp_path / "peers.toml")
     allowlist.add(_peer())

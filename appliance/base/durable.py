@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -109,6 +110,21 @@ def write_file(path: Path, data: bytes, mode: int, *, replace: bool = False) -> 
             os.unlink(tmp)
     fsync_dir(path.parent)
     return written
+
+
+def atomic_rewrite(path: Path, data: bytes, *, mode: int = 0o640) -> None:
+    """atomic_write for a file edited in place: the new file keeps the old one's owner
+    and mode (peers.toml that the Ansible role made pacs-edge's, 0640, stays so), or
+    takes `mode` when there is none yet. A symbolic link is followed and the file behind
+    it rewritten: replacing the link would leave its target governing nothing."""
+    target = path.resolve()
+    try:
+        kept = target.stat()
+    except FileNotFoundError:
+        atomic_write(target, data, mode=mode)
+        return
+    atomic_write(target, data, mode=stat.S_IMODE(kept.st_mode),
+                 owner=(kept.st_uid, kept.st_gid))
 
 
 def _synced_temp(path: Path, data: bytes, mode: int,

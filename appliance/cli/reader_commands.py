@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import json
 import re
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -471,15 +470,12 @@ def _record_cloud_url(config: Config) -> None:
     mode: replacing the link itself would leave /etc's file governing nothing."""
     import tomlkit
 
-    from appliance.base.durable import atomic_write
+    from appliance.base.durable import atomic_rewrite
 
-    target = config.config_path.resolve()
-    doc = tomlkit.parse(target.read_text(encoding="utf-8"))
+    doc = tomlkit.parse(config.config_path.read_text(encoding="utf-8"))
     table = doc.setdefault("cloud", tomlkit.table())
     table["url"] = config.cloud.url
-    kept = target.stat()
-    atomic_write(target, tomlkit.dumps(doc).encode("utf-8"), mode=stat.S_IMODE(kept.st_mode),
-                 owner=(kept.st_uid, kept.st_gid))
+    atomic_rewrite(config.config_path, tomlkit.dumps(doc).encode("utf-8"))
 
 
 @contextmanager

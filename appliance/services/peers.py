@@ -51,7 +51,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from appliance.base.config import not_utf8
-from appliance.base.durable import atomic_write
+from appliance.base.durable import atomic_rewrite
 from appliance.base.errors import ConfigError, NotAuthorized, PeerError
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class Allowlist:
         if peer.tls_only:
             entry["tls_only"] = True
         table[peer.name] = entry
-        atomic_write(self.path, tomlkit.dumps(doc).encode())
+        atomic_rewrite(self.path, tomlkit.dumps(doc).encode())
 
     def remove(self, name: str) -> Peer:
         current = self.peers()
@@ -276,7 +276,7 @@ class Allowlist:
             raise PeerError(f"no peer named {name!r}", hint="see `pacs-edge peers list`")
         doc = self._document()
         del doc["peers"][name]  # type: ignore[union-attr]
-        atomic_write(self.path, tomlkit.dumps(doc).encode())
+        atomic_rewrite(self.path, tomlkit.dumps(doc).encode())
         return current[name]
 
     def _document(self) -> tomlkit.TOMLDocument:
