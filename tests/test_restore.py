@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer, init_home, run_pacs_edge
+from conftest import CLI_TIMEOUT, EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from syncagent import (
@@ -419,9 +420,10 @@ def test_audit_anchors_survive_a_restore(tmp_path: Path) -> None:
     assert "1 anchor(s) of the lost box's log authenticated" in verified.stdout
 
 
-def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) -> None:
-    """docs/deployment.md keeps the config in /etc/pacs-edge and links it into the home:
-    the URL goes into the file behind the link, which keeps its mode."""
+def _recovered_home_with_a_linked_config(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A lost box's cloud and a new home recovered from its escrow, whose config is a
+    link to a 0640 file in a folder of its own, as docs/deployment.md keeps it in
+    /etc/pacs-edge: (cloud, new home, the config file)."""
     cloud = tmp_path / "cloud"
     old = tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
@@ -440,12 +442,42 @@ def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) ->
     (new / "pacs-edge.toml").rename(kept)
     kept.chmod(0o640)
     (new / "pacs-edge.toml").symlink_to(kept)
+    return cloud, new, kept
 
+
+def test_restore_writes_the_cloud_url_through_a_linked_config(tmp_path: Path) -> None:
+    """The URL goes into the file behind the link, which keeps its mode."""
+    cloud, new, kept = _recovered_home_with_a_linked_config(tmp_path)
     run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
     assert (new / "pacs-edge.toml").is_symlink()
     assert f'url = "file://{cloud}"' in kept.read_text()
     assert kept.stat().st_mode & 0o777 == 0o640
-    assert not [p for p in etc.iterdir() if p != kept]
+    assert not [p for p in kept.parent.iterdir() if p != kept]
+
+
+def test_a_restore_that_cannot_write_the_linked_config_says_what_to_write_there(
+        tmp_path: Path) -> None:
+    """On a box the service user runs restore, and /etc/pacs-edge is root's: the
+    restore stands, and the operator is told the line to put in the config (it was an
+    error naming a temp file, after a restore that had worked). The folder is made
+    read-only for the restore with a bind mount: the tests run as root, whom no
+    folder's mode stops."""
+    cloud, new, kept = _recovered_home_with_a_linked_config(tmp_path)
+    before = kept.read_text()
+    etc = shlex.quote(str(kept.parent))
+    read_only = f"mount --bind {etc} {etc} && mount -o remount,bind,ro {etc} && exec \"$@\""
+    restore = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", read_only, "sh", *pacs_edge_command(), "restore",
+         "--home", str(new), "--cloud", f"file://{cloud}"],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert restore.returncode == 2, restore
+    assert "restored 0 pack version(s)" in restore.stdout, restore.stdout
+    assert (f"error: restored, but the cloud URL could not be recorded in {kept}:"
+            " Read-only file system") in restore.stderr, restore.stderr
+    assert f'hint: set [cloud] url = "file://{cloud}" in {kept}' in restore.stderr
+    assert kept.read_text() == before
+    run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    assert f'url = "file://{cloud}"' in kept.read_text()
 
 
 def test_recover_reads_a_version_1_escrow_file(tmp_path: Path) -> None:

@@ -416,9 +416,10 @@ def restore(home: Path, cloud_url: str | None) -> None:
     # the right one out ("already names another cloud"), and the agent would write there.
     # A lost box that never uploaded a study has nothing to restore and nothing fails.
     nothing = bool(new_url and report.failures) and not (report.restored or report.already)
+    unrecorded: PacsEdgeError | None = None
     if not nothing:
         if new_url:
-            _record_cloud_url(config)
+            unrecorded = _record_cloud_url(config)
         audit_change(config, "index restored from the cloud")
     out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
               f"{report.instances} instance(s); {report.already} already in the index; "
@@ -434,6 +435,8 @@ def restore(home: Path, cloud_url: str | None) -> None:
         raise PacsEdgeError(f"nothing could be restored from {_shown(config.cloud_url)};"
                             " the URL was not recorded", hint="check the URL, and that"
                             " `keys recover` used this box's escrow file")
+    if unrecorded is not None:
+        raise unrecorded
     if report.failures:
         raise SystemExit(1)
 
@@ -461,13 +464,16 @@ def _check_cloud_url(config: Config, cloud_url: str) -> None:
                             " [cloud] url named)")
 
 
-def _record_cloud_url(config: Config) -> None:
+def _record_cloud_url(config: Config) -> PacsEdgeError | None:
     """Record the restored-from cloud URL (config.cloud.url) in the home's config file
-    (comments kept), once something was restored from it.
+    (comments kept), once something was restored from it; the error to end with when
+    the file cannot be written.
 
     A home whose config is a link to a file kept elsewhere (/etc/pacs-edge in
     docs/deployment.md) gets the file behind the link rewritten, with its owner and
-    mode: replacing the link itself would leave /etc's file governing nothing."""
+    mode: replacing the link itself would leave /etc's file governing nothing. There
+    the service user, who runs restore, may not write: the restore stands, and the
+    operator is told what to write and where."""
     import tomlkit
 
     from appliance.base.durable import atomic_rewrite
@@ -475,7 +481,15 @@ def _record_cloud_url(config: Config) -> None:
     doc = tomlkit.parse(config.config_path.read_text(encoding="utf-8"))
     table = doc.setdefault("cloud", tomlkit.table())
     table["url"] = config.cloud.url
-    atomic_rewrite(config.config_path, tomlkit.dumps(doc).encode("utf-8"))
+    try:
+        atomic_rewrite(config.config_path, tomlkit.dumps(doc).encode("utf-8"))
+    except OSError as exc:
+        target = config.config_path.resolve()
+        return PacsEdgeError(
+            f"restored, but the cloud URL could not be recorded in {target}:"
+            f" {exc.strerror}", hint=f"set [cloud] url = \"{_shown(config.cloud.url)}\" in"
+            f" {target} (as its owner) before the sync agent starts")
+    return None
 
 
 @contextmanager
