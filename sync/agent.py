@@ -72,15 +72,20 @@ class PassReport:
 
 
 async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
-                    evict: bool = True) -> PassReport:
-    """One replicate-then-evict pass; failures of single studies are reported, not raised."""
+                    evict: bool = True,
+                    on_progress: Callable[[int, int], None] | None = None) -> PassReport:
+    """One replicate-then-evict pass; failures of single studies are reported, not raised.
+    `on_progress(studies looked at, studies to replicate)` follows the replication."""
     assert ctx.index.writer is not None
     started = time.time()
     report = PassReport()
     await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)  # NAS still mounted?
     await recover_stuck(ctx)
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
-    for study in await replication_candidates(ctx, wait):
+    studies = await replication_candidates(ctx, wait)
+    for looked_at, study in enumerate(studies):
+        if on_progress is not None:
+            on_progress(looked_at, len(studies))
         try:
             done = await replicate_study(ctx, study)
         except StudyBusy:
@@ -91,6 +96,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
             continue
         if done is not None:
             report.replicated.append(done)
+    if on_progress is not None:
+        on_progress(len(studies), len(studies))
     if evict:
         for study in await eviction_candidates(ctx):
             try:

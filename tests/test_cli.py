@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -377,3 +378,43 @@ def test_a_workers_start_up_error_is_one_line(
     assert f"error=cannot listen for HTTPS on 127.0.0.1:{port}" in result.stderr
     assert "error: worker 0 exited during start-up" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def _in_a_terminal(command: list[str], timeout: float = 120) -> str:
+    """What `command` shows in a terminal (stdout and stderr on one pty), without the
+    terminal's control sequences (colours, cursor moves)."""
+    import pty
+
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=secondary,
+                            stderr=secondary, env={**os.environ, "TERM": "xterm",
+                                                   "COLUMNS": "100"})
+    os.close(secondary)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the command closed its end
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+        proc.wait(timeout)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    assert proc.returncode == 0, text
+    return text
+
+
+def test_sync_once_in_a_terminal_counts_the_studies_it_replicates(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A pass over a backlog showed nothing until its first study was uploaded."""
+    for n in range(3):
+        dicomgen.make_study(tmp_path / "studies" / str(n), seed=40 + n, instances_per_series=1)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "studies"))
+    shown = _in_a_terminal([*pacs_edge_command(), "sync", "--once", "--stable-after", "0",
+                            "--home", str(edge_home)])
+    assert "replicating studies" in shown and "3/3" in shown, shown
+    assert "replicated 3 study version(s)" in shown, shown

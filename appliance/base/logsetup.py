@@ -17,11 +17,24 @@ import sys
 OWN_LOGGERS = ("appliance", "sync", "provisioning")
 
 
+class _StderrNow:
+    """sys.stderr as it is when a line is written, not when logging was set up: a
+    command's progress bar (rich) puts a proxy there while it is shown, which prints
+    the line above the bar. Written to the stream of set-up time, lines broke into the
+    bar and left pieces of it behind in the terminal."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        stream=_StderrNow(),
     )
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(getattr(logging, level.upper()))

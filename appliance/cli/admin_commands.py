@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from appliance.base.config import CONFIG_FILE, load_config
@@ -24,6 +23,7 @@ from appliance.base.logsetup import setup_logging
 from appliance.cli.common import (
     LazyGroup,
     audit_change,
+    count_bar,
     err,
     expected_errors,
     home_option,
@@ -215,13 +215,8 @@ def keys_rotate(home: Path | None) -> None:
     setup_logging("warning")
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     try:
-        with Progress(TextColumn("re-wrapping"), BarColumn(), MofNCompleteColumn(),
-                      console=err, transient=True) as progress:
-            task = progress.add_task("rotate", total=None)
-            report = asyncio.run(rotate_site_key(
-                config, store,
-                on_progress=lambda done, total: progress.update(task, completed=done,
-                                                                total=total)))
+        with count_bar("re-wrapping") as progress:
+            report = asyncio.run(rotate_site_key(config, store, on_progress=progress))
     finally:
         store.close()
     audit_change(config, f"site key rotated to {report.new_key_id}"

@@ -1,5 +1,5 @@
-"""Shared pieces of the command line: consoles, the --home option, error handling, and the
-audit record of an operator's change."""
+"""Shared pieces of the command line: consoles, the --home option, error handling, progress
+bars, and the audit record of an operator's change."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pwd
 import shlex
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,13 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from appliance.base.config import Config, load_config, resolve_home
 from appliance.base.errors import HomeError, PacsEdgeError
@@ -117,6 +125,17 @@ def prompt_secret(label: str, *, confirm: bool, error: type[PacsEdgeError],
         raise error(f"the {label.lower()} typed is not UTF-8 text",
                     hint=f"set the terminal to UTF-8, or use {instead}") from None
     return typed
+
+
+@contextmanager
+def count_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr that counts things done (studies, packs); yields the
+    `(done, total)` callback the long operations take. It shows only in a terminal and
+    goes when done; log lines print above it (appliance/base/logsetup.py)."""
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 home_option = click.option(

@@ -15,8 +15,8 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ import click
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -38,6 +37,7 @@ from appliance.base.human import human_size
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import (
     audit_change,
+    count_bar,
     err,
     expected_errors,
     home_option,
@@ -89,7 +89,7 @@ def readers_add(home: Path | None, name: str, public_key: str, scope: str) -> No
         finally:
             store.close()
 
-    with _bar("granting") as progress:
+    with count_bar("granting") as progress:
         report = asyncio.run(grant(progress))
     verb = "added" if new else "reader exists unchanged:"
     out.print(f"{verb} reader {name} (id {reader.reader_id}, scope {reader.scope}); granted "
@@ -289,7 +289,7 @@ def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
               highlight=False)
     if send is None:
         return
-    with _bar("sending") as progress_cb:
+    with count_bar("sending") as progress_cb:
         sent = send_files(report.files, send, calling_ae=calling_ae, on_progress=progress_cb)
     out.print(f"sent {sent.sent} instance(s) to {send}", highlight=False)
     for failure in sent.failed:
@@ -406,7 +406,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
                                            on_progress=progress)
 
     try:
-        with _bar("restoring") as progress:
+        with count_bar("restoring") as progress:
             report = asyncio.run(run(progress))
         # This box's audit log starts again at 1: its anchors go above the lost box's.
         set_base_after_restore(config.home, store)
@@ -490,11 +490,3 @@ def _record_cloud_url(config: Config) -> PacsEdgeError | None:
             f" {exc.strerror}", hint=f"set [cloud] url = \"{_shown(config.cloud.url)}\" in"
             f" {target} (as its owner) before the sync agent starts")
     return None
-
-
-@contextmanager
-def _bar(label: str) -> Iterator[Callable[[int, int], None]]:
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as progress:
-        task = progress.add_task(label, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)

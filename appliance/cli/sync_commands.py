@@ -16,7 +16,6 @@ import click
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -27,6 +26,7 @@ from appliance.base.human import human_size
 from appliance.base.logsetup import setup_logging
 from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli.common import (
+    count_bar,
     err,
     expected_errors,
     home_option,
@@ -72,7 +72,8 @@ def sync(home: Path | None, once: bool, stable_after: float | None) -> None:
     async def one_pass() -> Any:
         async with open_context(config) as ctx:
             await sweep_leftover_files(ctx)
-            return await sync_pass(ctx, stable_after=stable_after)
+            with count_bar("replicating studies") as progress:
+                return await sync_pass(ctx, stable_after=stable_after, on_progress=progress)
 
     report = asyncio.run(one_pass())
     sent = sum(r.bytes for r in report.replicated)
@@ -129,13 +130,8 @@ def recall(home: Path | None, study_uid: str) -> None:
     async def run() -> int:
         async with open_context(config) as ctx:
             study = await _study(ctx, study_uid)
-            with Progress(TextColumn("recalling"), BarColumn(), MofNCompleteColumn(),
-                          console=err, transient=True) as progress:
-                task = progress.add_task("recall", total=None)
-                return await recall_study(
-                    ctx, study,
-                    on_progress=lambda done, total: progress.update(task, completed=done,
-                                                                    total=total))
+            with count_bar("recalling") as progress:
+                return await recall_study(ctx, study, on_progress=progress)
 
     count = asyncio.run(run())
     out.print(f"recalled {count} instance(s)")
