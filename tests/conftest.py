@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ EDGE_AE = dcmtk.EDGE_AE
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 120.0
+# Command words that run a command as root without any capability: file modes then
+# apply to it as to the service user (the units grant serve no capability either).
+NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
 PRODUCT_SITE = Path(__file__).with_name("product_site")
 _READY = re.compile(r"ready to accept associations\b.*?\bport=(\d+)")
 _HTTPS_READY = re.compile(r"https server ready\b.*?\bport=(\d+)")
@@ -125,12 +128,13 @@ class EdgeServer:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, *, timeout: float = READY_TIMEOUT, extra_args: tuple[str, ...] = ()
-              ) -> EdgeServer:
-        """Start serving and wait until ready; the port of an earlier start is kept."""
+    def start(self, *, timeout: float = READY_TIMEOUT, extra_args: tuple[str, ...] = (),
+              prefix: Sequence[str] = ()) -> EdgeServer:
+        """Start serving and wait until ready; the port of an earlier start is kept.
+        `prefix`: command words to run serve under (setpriv, unshare)."""
         if self.running:
             raise RuntimeError("already running")
-        args = [*pacs_edge_command(), "serve", "--home", str(self.home),
+        args = [*prefix, *pacs_edge_command(), "serve", "--home", str(self.home),
                 "--dicom-port", str(self.port), *extra_args]
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()

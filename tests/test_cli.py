@@ -16,7 +16,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+from conftest import CLI_TIMEOUT, NO_CAPABILITIES, EdgeServer, pacs_edge_command, run_pacs_edge
 from syncagent import evict, sync_once
 
 from appliance.cli.common import expected_errors
@@ -139,6 +139,26 @@ def test_import_stores_folders_and_reports_each_rejected_file(
     status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
     assert status["instances"] == len(study)
     assert status["tier_states"] == {"local": 1}
+
+
+def test_import_names_a_folder_it_cannot_list_and_fails(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    """A subfolder the service user may not read (a CD copied by root) was skipped in
+    silence: exit 0, 'rejected 0', and the operator deleted the source. Run as root
+    without capabilities, modes apply as to the service user."""
+    readable = dicomgen.make_study(tmp_path / "in" / "a", seed=32, instances_per_series=1)
+    dicomgen.make_study(tmp_path / "in" / "b", seed=33, instances_per_series=1)
+    private = tmp_path / "in" / "b"
+    os.chown(private, 65534, 65534)
+    private.chmod(0o700)
+    result = subprocess.run([*NO_CAPABILITIES, *pacs_edge_command(), "import", "--home",
+                             str(edge_home), str(tmp_path / "in")], capture_output=True,
+                            text=True, timeout=CLI_TIMEOUT)
+    assert result.returncode == 1, result
+    assert f"stored {len(readable)}" in result.stdout and "rejected 1" in result.stdout
+    assert (f"rejected {private}: folder cannot be listed (permission denied): its files"
+            " were not imported") in result.stderr, result.stderr
 
 
 def test_status_counts_on_disk_only_the_files_that_are_on_disk(

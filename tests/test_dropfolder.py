@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, cast
 import dicomgen
 import pydicom
 import pytest
-from conftest import EdgeServer
+from conftest import CLI_TIMEOUT, NO_CAPABILITIES, EdgeServer, pacs_edge_command
 
 from appliance.base.errors import InvalidInstance, UnsafePath
 from appliance.dropfolder import confine
@@ -81,7 +81,7 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT_SECON
 
 def wait_settled(server: EdgeServer, *, ingested: int, rejected: int = 0) -> dict[str, int]:
     """Poll `pacs-edge status` until the drop folder reached the expected counts."""
-    expected = {"ingested": ingested, "rejected": rejected, "pending": 0}
+    expected = {"ingested": ingested, "rejected": rejected, "pending": 0, "unreadable": 0}
     seen: dict[str, int] = {}
 
     def settled() -> bool:
@@ -351,13 +351,48 @@ def test_a_file_left_alone_is_taken_again_once_the_operator_fixes_it(
         pytest.skip("chattr +i is not supported here")
     try:
         wait_until("the file is given up on", lambda: "cannot be removed" in server.log())
-        assert status(server) == {"ingested": 1, "rejected": 0, "pending": 1}
+        assert status(server) == {"ingested": 1, "rejected": 0, "pending": 1, "unreadable": 0}
     finally:
         subprocess.run(["chattr", "-i", str(dropped)], check=True)  # the operator's fix
 
     wait_settled(server, ingested=1)
     assert_stored_exactly(server, [instance])
     assert files_under(incoming(server)) == []
+
+
+def test_a_folder_the_service_may_not_list_is_named_and_the_rest_goes_on(
+    drop_server: Callable[..., EdgeServer], tmp_path: Path
+) -> None:
+    """A folder unpacked with mode 0700 by another user (a ZIP's folder entry, root's
+    copy): the lookup of a DICOMDIR in it raised PermissionError, the drop folder's
+    scheduler died, and nothing more was ingested until a restart, with no log line.
+    serve runs as root without capabilities here, so modes apply as to the service
+    user; the folder belongs to nobody."""
+    server = drop_server(start=False)
+    server.start(prefix=NO_CAPABILITIES)
+    first, later = dicomgen.make_study(tmp_path / "src", seed=26, series_per_study=1,
+                                       instances_per_series=2, modalities=("CT",))
+    private = incoming(server) / "private"
+    private.mkdir()
+    shutil.copy(first.path, private / "IM0001")
+    os.chown(private / "IM0001", 65534, 65534)
+    os.chown(private, 65534, 65534)
+    private.chmod(0o700)
+    wait_until("the folder is named in the log",
+               lambda: "drop folder cannot list a folder" in server.log())
+    shutil.copy(later.path, incoming(server) / "later.dcm")
+    wait_until("the other file is ingested", lambda: len(instances(server)) == 1)
+    seen = subprocess.run([*NO_CAPABILITIES, *pacs_edge_command(), "status", "--json",
+                           "--home", str(server.home)], capture_output=True, text=True,
+                          check=True, timeout=CLI_TIMEOUT)
+    assert json.loads(seen.stdout)["dropfolder"] == {
+        "ingested": 1, "rejected": 0, "pending": 0, "unreadable": 1}
+    assert "private" not in server.log()  # a keyed reference, never the name
+    os.chown(private, 0, 0)  # the operator's fix
+    wait_settled(server, ingested=2)
+    assert_stored_exactly(server, [first, later])
+    assert "a folder it could not list is readable or gone" in server.log()
+    assert "drop folder scan failed" not in server.log()
 
 
 def test_files_waiting_before_a_restart_are_ingested_after_it(

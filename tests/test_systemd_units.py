@@ -31,7 +31,13 @@ import dcmtk
 import dicomgen
 import pytest
 import unitsandbox
-from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
+from conftest import (
+    NO_CAPABILITIES,
+    EdgeServer,
+    init_home,
+    pacs_edge_command,
+    run_pacs_edge,
+)
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("pacs-edge.service", "pacs-edge-sync.service")
@@ -145,7 +151,6 @@ def _groups(path: Path) -> list[list[str]]:
 
 # --- privilege split ------------------------------------------------------------------
 
-NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
 SERVE_READS = ("link.key", "log.key", "node.key")  # the secrets `pacs-edge serve` needs
 UNIT_HOME, UNIT_CONFIG = "/var/lib/pacs-edge", "/etc/pacs-edge"
 _READY = re.compile(r"ready to accept associations .* port=(\d+) tls_port=(\d+)")

@@ -330,7 +330,8 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
     from appliance.store.pairing import check_pairing
 
     config = load(home)
-    files = sorted(set(expand_paths(paths)))
+    unlisted: list[tuple[Path, str]] = []
+    files = sorted(set(expand_paths(paths, unlisted)))
 
     async def run() -> Any:
         store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
@@ -348,6 +349,8 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
                                           on_progress=lambda _p: progress.advance(task))
 
     summary = asyncio.run(run())
+    summary.rejected.extend((folder, f"folder cannot be listed ({reason}): its files were"
+                                     " not imported") for folder, reason in unlisted)
     out.print(f"stored {summary.stored} ({human_size(summary.bytes)}), "
               f"already present {summary.duplicates}, new versions {summary.new_versions}, "
               f"rejected {len(summary.rejected)}", highlight=False)

@@ -203,7 +203,7 @@ class Processor:
         if media.missing or media.invalid:
             log.warning("DICOMDIR references files that are not there or lead outside its"
                         " folder (.., symlinks) missing=%d invalid=%d media=%s", media.missing,
-                        media.invalid, _ref(folder, root))
+                        media.invalid, path_ref(folder, root))
         verdict = await self._clear(dicomdir, root)
         return Verdict.STUCK if stuck else verdict
 
@@ -267,7 +267,7 @@ class Processor:
                       move_error)
                 return Verdict.STUCK
             tally.rejected += 1
-            log.warning("rejected ZIP member archive=%s reason=%s", _ref(archive, root),
+            log.warning("rejected ZIP member archive=%s reason=%s", path_ref(archive, root),
                         exc.reason)
             return Verdict.DONE
         except (PacsEdgeError, OSError) as exc:
@@ -293,7 +293,7 @@ class Processor:
             _warn("rejected file cannot be moved to rejected/", path, root, exc)
             return Verdict.STUCK
         tally.rejected += 1
-        log.warning("rejected dropped file file=%s reason=%s", _ref(path, root), reason)
+        log.warning("rejected dropped file file=%s reason=%s", path_ref(path, root), reason)
         return Verdict.DONE
 
     async def _clear(self, path: Path, root: Root, before: Signature | None = None) -> Verdict:
@@ -373,8 +373,8 @@ def _signature_at(root: Root, path: Path) -> Signature | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
-def _ref(path: Path, root: Root) -> str:
-    """A keyed reference to a dropped file: file names may carry PHI, so never the name.
+def path_ref(path: Path, root: Root) -> str:
+    """A keyed reference to a dropped file or folder: file names may carry PHI, so never the name.
 
     A name is bytes to the file system and need not be UTF-8 (a CD burned on Windows
     in Latin-1): Python holds such bytes as surrogates, which `str.encode` refuses, so
@@ -385,10 +385,10 @@ def _ref(path: Path, root: Root) -> str:
 
 def _warn(event: str, path: Path, root: Root, exc: BaseException | None) -> None:
     error = "" if exc is None else f" error={type(exc).__name__}"
-    log.warning("%s file=%s%s", event, _ref(path, root), error)
+    log.warning("%s file=%s%s", event, path_ref(path, root), error)
 
 
 def _unsafe(path: Path, root: Root, exc: UnsafePath) -> Verdict:
     """A path that crosses a symlink: leave it, and what it points to, alone."""
-    log.warning("dropped file left alone: %s file=%s", exc.message, _ref(path, root))
+    log.warning("dropped file left alone: %s file=%s", exc.message, path_ref(path, root))
     return Verdict.STUCK

@@ -101,9 +101,19 @@ def unit_for(path: Path, root: Root) -> Unit:
         folder = folder.parent
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
-    """Regular, non-ignored files below `folder`; symlinks are neither followed nor listed."""
-    for dirpath, dirnames, filenames in os.walk(folder):
+def walk_files(folder: Path, unreadable: list[Path] | None = None) -> Iterator[Path]:
+    """Regular, non-ignored files below `folder`; symlinks are neither followed nor listed.
+
+    A folder that cannot be listed (one the service user may not read, a disk error)
+    is added to `unreadable`: its files are not there for the drop folder, and the
+    caller says so rather than skip them in silence."""
+
+    def note(exc: OSError) -> None:
+        if (unreadable is not None and exc.filename is not None
+                and not isinstance(exc, FileNotFoundError | NotADirectoryError)):
+            unreadable.append(Path(os.fsdecode(exc.filename)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=note):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -140,9 +150,11 @@ def _watch_signature(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _regular_lstat(path: Path) -> os.stat_result | None:
+    """None unless `path` is a regular file this process can see: gone, or below a
+    folder it may not search (PermissionError; walk_files reports that folder)."""
     try:
         st = path.lstat()
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
     return st if stat.S_ISREG(st.st_mode) else None
 

@@ -70,7 +70,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from appliance.base.config import Config, DropFolderConfig
 from appliance.dropfolder.layout import DropLayout, Root, is_ignored
 from appliance.dropfolder.outcomes import Outcomes, prune_empty_dirs
-from appliance.dropfolder.processor import Job, Processor, Tally, Verdict
+from appliance.dropfolder.processor import Job, Processor, Tally, Verdict, path_ref
 from appliance.dropfolder.sources import Unit, UnitKind, signature, unit_for, walk_files
 from appliance.dropfolder.stability import StabilityTracker
 from appliance.services.ingest import IngestService
@@ -160,6 +160,7 @@ class DropFolderWatcher:
         self._observer: BaseObserver | None = None
         self._watched: dict[Path, tuple[ObservedWatch, FolderId]] = {}
         self._renew: set[Path] = set()  # roots whose watch stopped, until it is added again
+        self._unreadable: set[Path] = set()  # folders it may not list, each logged once
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[asyncio.Task[None]] = []
         self.inbox: Inbox | None = None
@@ -293,13 +294,16 @@ class DropFolderWatcher:
             if rescan:
                 next_rescan = now + self.settings.rescan_seconds
                 paths.update(r.path for r in self.layout.roots)
-            recheck = [self._units[k] for k in self._tracker.due(now)]
-            for key, (unit, at) in list(self._retry.items()):
-                if at <= now:
-                    del self._retry[key]
-                    recheck.append(unit)
-            observed = await asyncio.to_thread(self._observe, paths, recheck, rescan)
-            self._apply(observed, time.monotonic())
+            try:
+                recheck = [self._units[k] for k in self._tracker.due(now)]
+                for key, (unit, at) in list(self._retry.items()):
+                    if at <= now:
+                        del self._retry[key]
+                        recheck.append(unit)
+                observed = await asyncio.to_thread(self._observe, paths, recheck, rescan)
+                self._apply(observed, time.monotonic())
+            except Exception as exc:  # a bug: say so, and the next rescan looks at all again
+                log.error("drop folder scan failed error=%s", type(exc).__name__)
 
     def _observe(self, paths: Iterable[Path], recheck: list[Unit],
                  rescan: bool) -> list[Observation]:
@@ -312,6 +316,7 @@ class DropFolderWatcher:
                         PRUNE_QUIET_SECONDS, 2 * self.settings.stable_seconds))
         units: dict[Path, Unit] = {}
         gone: list[Unit] = []
+        unreadable: list[Path] = []
 
         def add(path: Path, root: Root) -> None:
             unit = unit_for(path, root)
@@ -332,8 +337,10 @@ class DropFolderWatcher:
                 else:
                     gone.append(Unit(UnitKind.FILE, path, owner))
                 continue
+            except PermissionError:
+                continue  # below a folder it may not search: the rescan's walk names it
             if stat.S_ISDIR(mode):
-                for found in walk_files(path):
+                for found in walk_files(path, unreadable):
                     if not self._skipped(found, owner):
                         add(found, owner)
             elif stat.S_ISREG(mode):
@@ -345,7 +352,28 @@ class DropFolderWatcher:
                 units.setdefault(unit.path, unit)
         observed: list[Observation] = [(u, None) for u in gone if u.path not in units]
         observed.extend((u, signature(u)) for u in units.values())
+        self._note_unreadable(unreadable, complete=rescan)
         return observed
+
+    def _note_unreadable(self, found: list[Path], *, complete: bool) -> None:
+        """Log each folder it may not list once, and again when it can (`complete`: a
+        rescan walked every root). Its files wait there, uncounted by `status`'s pending,
+        until the service user may read it: without this line nobody would know."""
+        found = [folder for folder in found if not self.layout.is_excluded(folder)]
+        for folder in sorted(set(found) - self._unreadable):
+            root = self.layout.root_of(folder)
+            if root is not None:
+                log.warning("drop folder cannot list a folder: its files wait until the"
+                            " service user may read it folder=%s", path_ref(folder, root))
+        if complete:
+            for folder in sorted(self._unreadable - set(found)):
+                root = self.layout.root_of(folder)
+                if root is not None:
+                    log.info("drop folder: a folder it could not list is readable or gone"
+                             " folder=%s", path_ref(folder, root))
+            self._unreadable = set(found)
+        else:
+            self._unreadable |= set(found)
 
     def _skipped(self, path: Path, root: Root) -> bool:
         relative = path.relative_to(root.path).parts

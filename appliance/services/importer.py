@@ -42,14 +42,23 @@ class ImportSummary:
     rejected: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
+def expand_paths(paths: Iterable[Path],
+                 unlisted: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
     """Files named directly, and every file under named folders (sorted, recursive).
 
     Every non-folder entry is yielded, whatever its type (`import_files` rejects what is
-    not a regular file); symbolic links to folders are not descended into."""
+    not a regular file); symbolic links to folders are not descended into. A folder that
+    cannot be listed (permissions, a disk error) goes to `unlisted` with the reason: an
+    import that skipped it in silence said it was done, and the source was deleted."""
+
+    def note(exc: OSError) -> None:
+        if unlisted is not None and exc.filename is not None:
+            unlisted.append((Path(os.fsdecode(exc.filename)),
+                             (exc.strerror or os.strerror(exc.errno or 0)).lower()))
+
     for path in paths:
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
+            for dirpath, dirnames, filenames in os.walk(path, onerror=note):
                 dirnames.sort()
                 for name in sorted(filenames):
                     yield Path(dirpath) / name
