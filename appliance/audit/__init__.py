@@ -3,6 +3,7 @@
     records.py   audit message content as typed records (PHI lives here only)
     log.py       the append-only, hash-chained log file `<home>/audit/audit.log`
     auditor.py   the facade every call site uses: one method per event
+    operators.py who ran a command: the login user beside the account (runuser, sudo)
     rejections.py  repeated association rejections counted per source (scans)
     anchor.py    chain-head anchors in the cloud container (truncation, rewrites)
     verify.py    `pacs-edge audit verify`: the first bad record and why

@@ -36,7 +36,6 @@ Nothing here logs record content: log lines carry counts and error types.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import threading
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit.log import AuditLog, AuditLogError
+from appliance.audit.operators import operators
 from appliance.audit.records import (
     Action,
     AuditRecord,
@@ -311,9 +311,9 @@ class Auditor:
     # --- events: the application and its operators ------------------------------------
 
     def application(self, *, started: bool) -> None:
-        launcher = Participant(_os_user(), requestor=True, roles=(Role.APPLICATION_LAUNCHER,))
+        launchers = operators(roles=(Role.APPLICATION_LAUNCHER,))
         self._record(EventID.APPLICATION_ACTIVITY, Action.EXECUTE, Outcome.SUCCESS,
-                     (self.box, launcher),
+                     (self.box, *launchers),
                      event_types=(EventType.APPLICATION_START if started
                                   else EventType.APPLICATION_STOP,),
                      urgent=True)
@@ -378,9 +378,8 @@ class Auditor:
         subject = ParticipantObject(str(self.log.path), ObjectIDType.URI,
                                     ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_RESOURCE,
                                     name="Security Audit Log", details=(("Purpose", purpose),))
-        operator = Participant(_os_user(), requestor=True)
         self._record(EventID.AUDIT_LOG_USED, Action.READ, Outcome.SUCCESS,
-                     (operator, self.box), objects=(subject,), urgent=True)
+                     (*operators(), self.box), objects=(subject,), urgent=True)
 
     # --- events: DIMSE ------------------------------------------------------------------
 
@@ -571,12 +570,13 @@ class Auditor:
         with self._lock:
             batch = self._imports.get(source)
             if batch is None:
-                importer = Participant(source if source == "dropfolder" else _os_user(),
-                                       requestor=True, roles=(Role.SOURCE,),
-                                       user_name=source)
+                importers = ((Participant(source, requestor=True, roles=(Role.SOURCE,),
+                                          user_name=source),)
+                             if source == "dropfolder"
+                             else operators(roles=(Role.SOURCE,), user_name=source))
                 box = Participant(self.source.source_id, requestor=False,
                                   roles=(Role.DESTINATION,))
-                batch = self._imports[source] = _Batch(EventID.IMPORT, (importer, box))
+                batch = self._imports[source] = _Batch(EventID.IMPORT, (*importers, box))
             batch.add(instance)
 
     # --- events: DICOMweb (appliance/http) ------------------------------------------------
@@ -708,9 +708,8 @@ class Auditor:
 
     def deleted(self, study: StudyFacts, count: int) -> None:
         """A study was deleted from the box (an operator action)."""
-        operator = Participant(_os_user(), requestor=True)
         self._record(EventID.STUDY_DELETED, Action.DELETE, Outcome.SUCCESS,
-                     (operator, self.box), objects=self._objects(study, count), urgent=True)
+                     (*operators(), self.box), objects=self._objects(study, count), urgent=True)
 
     def integrity_failure(self, study: StudyFacts, reason: str) -> None:
         """A cloud blob failed authentication (tampered or damaged): a security alert."""
@@ -792,9 +791,8 @@ class Auditor:
                            user_name=self.box.user_name)
 
     def _operator_alert(self, event_type: Code, subject: ParticipantObject) -> None:
-        operator = Participant(_os_user(), requestor=True)
         self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.SUCCESS,
-                     (operator, self.box), objects=(subject,), event_types=(event_type,),
+                     (*operators(), self.box), objects=(subject,), event_types=(event_type,),
                      urgent=True)
 
     def _cloud_transfer(self, event_id: Code, action: Action, study: StudyFacts, count: int,
@@ -854,10 +852,3 @@ def _with_details(objects: tuple[ParticipantObject, ...], details: tuple[tuple[s
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
