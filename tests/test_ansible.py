@@ -262,8 +262,10 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         units = fleet.prefix(host) / "etc/systemd/system"
         assert all((units / u).exists() for u in ("pacs-edge.service", "pacs-edge-sync.service"))
         assert not (units / "pacs-edge.service.d/privileged-port.conf").exists()  # port >= 1024
+        # As the service user, as the role does: root is refused in its home.
         check = subprocess.run([str(fleet.venv(host) / "bin/pacs-edge"), "config", "check",
-                                "--home", str(home)], capture_output=True, text=True)
+                                "--home", str(home)], capture_output=True, text=True,
+                               user=USER, group=USER, extra_groups=[], cwd="/")
         assert check.returncode == 0, check.stderr
 
 

@@ -52,13 +52,16 @@ def test_commands_on_a_missing_home_explain_what_to_do(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_root_is_refused_in_the_service_users_home_but_may_check_it(edge_home: Path) -> None:
+def test_root_is_refused_in_the_service_users_home_but_may_check_a_file(
+        edge_home: Path) -> None:
     """`sudo pacs-edge status` on a box before serve's first start made the index as
-    root's, and serve then stopped at once ("attempt to write a readonly database")."""
+    root's, and serve then stopped at once ("attempt to write a readonly database").
+    A full `config check` as root made a local-folder cloud's folder root's (the agent
+    then could not upload) and passed files only root could read."""
     assert os.geteuid() == 0, "the suite runs as root (it installs Debian packages)"
     for path in [edge_home, *edge_home.rglob("*")]:
         os.chown(path, 65534, 65534, follow_symlinks=False)  # nobody, the "service user"
-    for command in (["status"], ["init"], ["peers", "list"], ["serve"]):
+    for command in (["status"], ["init"], ["peers", "list"], ["serve"], ["config", "check"]):
         refused = run_pacs_edge(*command, "--home", str(edge_home), check=False)
         assert refused.returncode == 2, refused
         assert (f"data home {edge_home} belongs to nobody, and this runs as root"
@@ -66,8 +69,12 @@ def test_root_is_refused_in_the_service_users_home_but_may_check_it(edge_home: P
         assert ("hint: run it as nobody: runuser -u nobody -- " in refused.stderr
                 and f"{' '.join(command)} --home {edge_home}" in refused.stderr), refused.stderr
     assert not (edge_home / "index.sqlite3").exists()
+    assert not (edge_home / "cloud").exists()
     assert {p.stat().st_uid for p in [edge_home, *edge_home.rglob("*")]} == {65534}
-    assert run_pacs_edge("config", "check", "--home", str(edge_home)).returncode == 0
+    # A file alone (the Ansible role's validate: step, as root) reads only that file.
+    for option, name in (("--config-file", "pacs-edge.toml"), ("--peers-file", "peers.toml")):
+        run_pacs_edge("config", "check", "--home", str(edge_home), option,
+                      str(edge_home / name))
 
 
 def test_status_screen_shows_the_last_scrub_and_studies_at_risk(edge_home: Path) -> None:

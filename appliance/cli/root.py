@@ -23,7 +23,6 @@ from appliance.base.config import (
     CONFIG_FILE,
     PEERS_FILE,
     Config,
-    load_config,
     render_config_toml,
 )
 from appliance.base.human import human_size, human_time
@@ -425,7 +424,10 @@ def config_check(home: Path | None, config_file: Path | None, peers_file: Path |
                                peers_file=peers_file)
         checked = ", ".join(str(p) for p in (config_file, peers_file) if p is not None)
     else:
-        config = load_config(resolve_home(home))  # reads only: root may check any home
+        # As root in the service user's home it is refused, as every command is: its
+        # checks of access (credentials, folders) would be root's, and opening a
+        # local-folder cloud makes its folder, which would be root's.
+        config = load(home)
         findings = check_home(config)
         checked = str(config.config_path)
     for finding in findings:
