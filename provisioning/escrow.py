@@ -52,8 +52,9 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from provisioning.escrow_state import record_escrow
 from provisioning.home import AUDIT_KEY, LOG_KEY
-from provisioning.keyring import key_id, load_keyring
+from provisioning.keyring import load_keyring, publish_current_key_id
 from provisioning.provisioning_errors import EscrowError
+from provisioning.site_key_id import key_id, publish_key_id
 from provisioning.site_secrets import (
     KEY_BYTES,
     NAMES_KEY,
@@ -120,6 +121,7 @@ def export_escrow(home: Path, out: Path, passphrase: str) -> str:
     if not create_secret_file(out, (json.dumps(document, indent=1) + "\n").encode()):
         raise EscrowError(f"{out} exists", hint="choose a new file name")
     record_escrow(home, kid, how="escrow")
+    publish_current_key_id(home)  # a box older than the public id record gets it here
     return kid
 
 
@@ -183,6 +185,7 @@ def recover_escrow(path: Path, home: Path, passphrase: str) -> list[Path]:
                           hint="recover into a new, empty data home, before `pacs-edge init`")
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(stat.S_IRWXU)
+    publish_key_id(home, key_id(secrets[SITE_KEY]))  # named before it is the key
     written = []
     for name in secrets:
         if not create_secret_file(folder / name, secrets[name]):

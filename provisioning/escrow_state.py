@@ -17,6 +17,16 @@ it came from). The record names a key id, so a key rotation (`keys rotate`)
 makes it stale by itself: the new current key is not the escrowed one, and
 eviction waits for a new escrow. A record that cannot be read counts as no
 escrow: refusing an eviction is the safe side.
+
+Which key is current comes from the keyring. serve cannot read it (its unit
+hides `site.key`, docs/security.md "Privilege split"), so its health report
+asks with `published_id=True`: the key's public id record
+(provisioning.site_key_id) stands in for the key when the keyring cannot be
+read. That record may run ahead of the key after a crash, never behind, so it
+can only delay an "escrowed". The eviction gate never passes the flag: it
+compares the key itself. Whoever reads the keyring here also repairs the
+record (a box upgraded from before it existed gets it at the agent's next
+pass, or the next `status` or `config check`).
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.base.durable import write_file
-from provisioning.keyring import load_keyring
+from provisioning.keyring import load_keyring, publish_current_key_id
 from provisioning.provisioning_errors import ProvisioningError
+from provisioning.site_key_id import published_key_id, record_path
 
 RECORD_FILE = "escrow.json"
 ESCROW_HINT = ("run `pacs-edge keys escrow --out FILE` and keep the file offline; a lab that "
@@ -77,12 +88,23 @@ def record_escrow(home: Path, key_id: str, *, how: str) -> None:
                replace=True)
 
 
-def escrow_status(home: Path) -> EscrowStatus:
-    """Compare the current site key with the record; never raises for a missing or bad one."""
+def escrow_status(home: Path, *, published_id: bool = False) -> EscrowStatus:
+    """Compare the current site key with the record; never raises for a missing or bad one.
+
+    With `published_id`, for a process that may not read the site key (serve),
+    the key's public id record answers when the keyring cannot be read."""
     try:
         current = load_keyring(home).current_id
     except ProvisioningError as exc:
-        return EscrowStatus(None, error=exc.message)
+        public = published_key_id(home) if published_id else None
+        if public is None:
+            return EscrowStatus(None, error=exc.message + (
+                f"; nor does {record_path(home)} name it (the sync agent's next pass, "
+                "`pacs-edge status` or `pacs-edge init` writes it)" if published_id else ""))
+        current = public
+    else:
+        if published_key_id(home) != current:
+            publish_current_key_id(home)
     try:
         document = json.loads((Path(home) / RECORD_FILE).read_text(encoding="utf-8"))
         return EscrowStatus(current, str(document["site_key_id"]), str(document["escrowed_at"]))

@@ -23,6 +23,12 @@ every key of the ring so that packs wrapped under either key stay readable
 throughout. `replace_site_secrets` is `init --force-new-keys`: new site key
 and name secret outright, for a site that has nothing in the cloud yet.
 
+Each step that changes the current key first makes `<home>/site-key-id.json`
+(provisioning.site_key_id) name the key about to become current, so that
+serve, which may not read `site.key`, knows its id, and a crash between the
+two writes leaves the record ahead of the key, never behind it.
+`publish_current_key_id` repairs the record from the keys themselves.
+
 `key_lock(home)` is an advisory lock (flock) on `secrets/site-key.lock`:
 every process that uses the cloud takes it shared, a rotation takes it
 exclusive, so a rotation never runs beside an agent that still wraps with the
@@ -33,8 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import os
 import re
 import secrets
@@ -43,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.base.durable import fsync_dir
-from provisioning.provisioning_errors import KeyRotationError
+from provisioning.provisioning_errors import KeyRotationError, ProvisioningError
+from provisioning.site_key_id import key_id, publish_key_id
 from provisioning.site_secrets import (
     KEY_BYTES,
     NAMES_KEY,
@@ -55,15 +60,7 @@ from provisioning.site_secrets import (
 
 NEXT_KEY = f"{SITE_KEY}.next"
 LOCK_FILE = "site-key.lock"
-# Must equal sync.pack.data_keys.site_key_id (provisioning cannot import sync;
-# tests/test_key_rotation.py checks that the two agree).
-_KEY_ID_INFO = b"pacs-edge site key id v1"
 _OLDER = re.compile(rf"^{re.escape(SITE_KEY)}\.(?P<id>[0-9a-f]{{16}})$")
-
-
-def key_id(site_key: bytes) -> str:
-    """The public 16-hex-digit fingerprint of a site key."""
-    return hmac.new(site_key, _KEY_ID_INFO, hashlib.sha256).digest()[:8].hex()
 
 
 @dataclass(frozen=True)
@@ -118,13 +115,16 @@ def begin_rotation(home: Path) -> tuple[SiteKeyring, bool]:
     if next_path.exists():
         new = load_secret_file(next_path)
         current = load_secret_file(folder / SITE_KEY)
+        publish_key_id(home, key_id(new))  # before the rename makes it current
         if current != new:
             create_secret_file(folder / f"{SITE_KEY}.{key_id(current)}", current)
             os.replace(next_path, folder / SITE_KEY)
         else:  # crashed after the rename, before the next file was gone
             next_path.unlink()
         fsync_dir(folder)
-    return load_keyring(home), resumed
+    ring = load_keyring(home)
+    publish_key_id(home, ring.current_id)  # a rotation begun before the record existed
+    return ring, resumed
 
 
 def retire_older_keys(home: Path) -> list[str]:
@@ -156,11 +156,25 @@ def replace_site_secrets(home: Path) -> list[Path]:
         tmp = folder / f".{name}.new"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        create_secret_file(tmp, secrets.token_bytes(KEY_BYTES))
+        key = secrets.token_bytes(KEY_BYTES)
+        create_secret_file(tmp, key)
+        if name == SITE_KEY:
+            publish_key_id(home, key_id(key))  # before the replace makes it current
         os.replace(tmp, path)
         replaced.append(path)
     fsync_dir(folder)
     return replaced
+
+
+def publish_current_key_id(home: Path) -> None:
+    """Make the public id record name the current site key, if this process can read it.
+
+    For an upgraded box (no record yet) and after a crash in a key change.
+    Under the shared key lock, so never beside a rotation, which writes the
+    record itself in the order that keeps it safe; skipped while one runs.
+    Never raises: the record is a convenience for serve, not the key's truth."""
+    with contextlib.suppress(ProvisioningError, OSError), key_lock(home, exclusive=False):
+        publish_key_id(home, load_keyring(home).current_id)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,9 @@ second `init` keeps them, because a new site key would orphan every pack
 already in the cloud. A file is written under a temporary name, fsynced, then
 hard-linked to its final name (link fails if the name exists) and the folder
 fsynced: a crash leaves either no key or a whole key, never a short one.
+A new site key's public id is published (provisioning.site_key_id) before
+the key is, and `init` publishes the id of a key made before that record
+existed (a box upgraded from an older version).
 
 Loading refuses a file that the group or others can access (mode & 0o077),
 or that is not a regular file of exactly 32 bytes, with a hint the operator
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from appliance.base.durable import fsync_dir, write_file
 from provisioning.provisioning_errors import KeyFileError
+from provisioning.site_key_id import key_id, publish_key_id
 
 SECRETS_DIR = "secrets"
 SITE_KEY = "site.key"
@@ -39,10 +43,28 @@ def secrets_dir(home: Path) -> Path:
 
 
 def create_site_secrets(home: Path) -> list[Path]:
-    """Create `site.key` and `names.key` if missing; return the files created."""
+    """Create `site.key` and `names.key` if missing; return the files created.
+
+    Also makes `<home>/site-key-id.json` name the site key (not in the list:
+    it is derived, public and rewritten at will)."""
     folder = _ensure_secrets_dir(home)
-    return [path for path in (folder / SITE_KEY, folder / NAMES_KEY)
-            if create_secret_file(path, secrets.token_bytes(KEY_BYTES))]
+    site = folder / SITE_KEY
+    created = []
+    if not site.exists():
+        key = secrets.token_bytes(KEY_BYTES)
+        publish_key_id(home, key_id(key))  # named before it is the key (site_key_id)
+        if create_secret_file(site, key):
+            created.append(site)
+        else:  # a concurrent init made the key: name its key, not ours
+            publish_key_id(home, key_id(load_secret_file(site)))
+    else:
+        # A key older than the record: publish its id, but never over an existing
+        # record, which a rotation running meanwhile may have just written.
+        with contextlib.suppress(KeyFileError):  # the key's own readers report it
+            publish_key_id(home, key_id(load_secret_file(site)), replace=False)
+    if create_secret_file(folder / NAMES_KEY, secrets.token_bytes(KEY_BYTES)):
+        created.append(folder / NAMES_KEY)
+    return created
 
 
 def create_reader_key(home: Path) -> bool:

@@ -4,18 +4,34 @@ Real processes: `pacs-edge import`, `sync --once`, `evict`, `keys escrow`,
 `keys rotate`, `status`, `config check`, on a home whose cloud is the default
 local folder. The homes here do not set the tests' usual override
 ([sync] evict_without_escrow), except where the override itself is tested.
+
+serve's unit hides `site.key` from it; it learns the key's id from
+`<home>/site-key-id.json` instead, shown by a real serve in the unit's
+file-system view (tests/unitsandbox.py, needs root).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import dicomgen
 import pytest
-from conftest import EdgeServer, init_home, run_pacs_edge
+import unitsandbox
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
+from prometheus_client.parser import text_string_to_metric_families
 from syncagent import sync_once
+
+from provisioning.escrow_state import escrow_status
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -127,3 +143,81 @@ def test_evict_without_escrow_is_an_explicit_override(
     assert set(tier_states(home).values()) == {"evicted"}
     status = run_pacs_edge("status", "--home", str(home))  # still warned about
     assert "evicting anyway" in status.stderr
+
+
+# --- serve, which may not read the site key ---------------------------------------------
+
+SERVE_UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pacs-edge.service"
+NO_ESCROW = ("pacs_edge_health_warning", (("code", "no_escrow"),))
+ESCROW_OK = ("pacs_edge_escrow_ok", ())
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="the unit's file-system view needs root and unshare(1)")
+def test_serve_in_its_unit_reports_the_escrow_of_the_site_key_it_cannot_read(
+        tmp_path: Path, free_port: Callable[[], int]) -> None:
+    home = init_home(tmp_path / "home", default_peer=False, evict_without_escrow=False)
+    port = free_port()
+    EdgeServer(home).configure(metrics={"host": "127.0.0.1", "port": port})
+    escrow(home, tmp_path / "site.escrow")
+    site_key, report, log_path = home / "secrets/site.key", tmp_path / "report", tmp_path / "log"
+    with open(log_path, "wb") as log:
+        proc = unitsandbox.start(
+            SERVE_UNIT, [*pacs_edge_command(), "serve", "--home", str(home)],
+            user="root", group="root", probes=[site_key], report=report,
+            stage=tmp_path / "stage",
+            path_map={"/var/lib/pacs-edge": str(home), "/etc/pacs-edge": str(tmp_path / "etc")},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            try:
+                escrowed = scrape(url)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        assert unitsandbox.read_report(report) == {str(site_key): "missing"}
+        assert escrowed[ESCROW_OK] == 1.0 and NO_ESCROW not in escrowed, escrowed
+
+        run_pacs_edge("keys", "rotate", "--home", str(home))  # no sync agent runs here
+        rotated = scrape(url)
+        assert rotated[ESCROW_OK] == 0.0 and rotated[NO_ESCROW] == 1.0, rotated
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log_path.read_text()
+
+
+def test_a_home_older_than_the_key_id_record_gets_it_from_init_or_status(
+        tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home", default_peer=False)
+    record = home / "site-key-id.json"
+    kid = json.loads(record.read_text())["site_key_id"]
+    assert record.stat().st_mode & 0o777 == 0o640
+    for command in ("init", "status"):  # the role runs init on every converge
+        record.unlink()
+        run_pacs_edge(command, "--home", str(home))
+        assert json.loads(record.read_text()) == {"site_key_id": kid}, command
+
+
+def test_only_a_reader_that_asks_for_it_takes_the_public_id_for_the_key(
+        tmp_path: Path) -> None:
+    """serve's report may use the record; the eviction gate (the default) never does."""
+    home = init_home(tmp_path / "home", default_peer=False, evict_without_escrow=False)
+    escrow(home, tmp_path / "site.escrow")
+    (home / "secrets/site.key").rename(tmp_path / "site.key")  # as serve's unit hides it
+    strict, public = escrow_status(home), escrow_status(home, published_id=True)
+    assert not strict.ok and "site.key: secret file is missing" in (strict.problem or "")
+    assert public.ok and public.problem is None
+    (home / "site-key-id.json").unlink()
+    assert "nor does" in (escrow_status(home, published_id=True).problem or "")

@@ -146,8 +146,10 @@ def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpir
                                           AuditForwarding | None,
                                           tuple[list[CertificateExpiry], str]]:
     usage = shutil.disk_usage(config.store.path if config.store.path.exists() else config.home)
-    return (usage, escrow_status(config.home), certificates(config), audit_forwarding(config),
-            peer_certificates(config))
+    # serve's unit hides site.key: the key's public id record stands in for it here
+    # (a report, not a decision; the eviction gate reads the key itself).
+    return (usage, escrow_status(config.home, published_id=True), certificates(config),
+            audit_forwarding(config), peer_certificates(config))
 
 
 def certificates(config: Config) -> list[CertificateExpiry]:
