@@ -290,6 +290,16 @@ def test_a_file_where_a_folder_should_be_is_one_error_line(
                                   str(tmp_path / "nodir" / "escrow.bin"), "--passphrase-file",
                                   str(passphrase), check=False),
                     "No such file or directory", str(tmp_path / "nodir"))
+    # A folder the user may not write (root without capabilities: modes apply) is named
+    # with the file asked for, not the temp name the write began with.
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    os.chown(usb, 65534, 65534)
+    escrow = subprocess.run([*NO_CAPABILITIES, *pacs_edge_command(), "keys", "escrow",
+                             "--home", str(edge_home), "--out", str(usb / "site.escrow"),
+                             "--passphrase-file", str(passphrase)], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=CLI_TIMEOUT)
+    assert _one_error_line(escrow) == f"error: Permission denied: {usb / 'site.escrow'}"
 
 
 def test_store_and_index_paths_that_cannot_be_used_are_one_error_line(

@@ -132,7 +132,11 @@ def _synced_temp(path: Path, data: bytes, mode: int,
     """A temp file beside `path` holding `data` with `mode` (and `owner`), fsynced; the
     caller publishes it. mkstemp opens with O_CREAT | O_EXCL and mode 0600; fchown and
     fchmod set the final owner and mode (in that order: fchown may clear set-id bits)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                   suffix=TEMP_SUFFIX)
+    except OSError as exc:  # name the file asked for, not a temp name nobody knows of
+        raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from exc
     try:
         if owner is not None:
             os.fchown(fd, *owner)
