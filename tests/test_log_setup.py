@@ -1,9 +1,17 @@
-"""Where the processes' log lines go (appliance/base/logsetup.py)."""
+"""Where the processes' log lines go and how they name things (appliance/base/logsetup.py,
+appliance/base/logsafe.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import subprocess
 import sys
+from pathlib import Path
+
+import dicomgen
+from conftest import run_pacs_edge
+from syncagent import sync_once
 
 SHOWN_WITH_A_BAR = """
 import io, logging
@@ -28,3 +36,16 @@ def test_a_line_logged_under_a_progress_bar_is_printed_above_it() -> None:
     shown = run.stdout
     assert "day done day=20261206" in shown, (shown, run.stderr)
     assert "day done" not in run.stderr, run.stderr
+
+
+def test_the_sync_agent_names_a_study_with_the_homes_keyed_reference(
+        edge_home: Path, tmp_path: Path) -> None:
+    """Only serve (and migrate) loaded the home's log key: the agent's and the other
+    commands' references were a per-process random key's, so `study=...` in the agent's
+    log matched nothing in serve's, and changed at every restart."""
+    study = dicomgen.make_study(tmp_path / "study", seed=51, instances_per_series=1)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    key = (edge_home / "secrets" / "log.key").read_bytes()
+    expected = hmac.new(key, study[0].study_uid.encode(), hashlib.sha256).hexdigest()[:12]
+    synced = sync_once(edge_home)
+    assert f"replicated study={expected} " in synced.stderr, synced.stderr

@@ -9,6 +9,7 @@ accept no such lookup yet; SQL on the index can), and nobody else can.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -18,9 +19,10 @@ _key = secrets.token_bytes(32)
 
 
 def load_key(path: Path) -> None:
-    """Use the home's log key; without one, references are stable per process only."""
+    """Use the home's log key; without one (or one this user may not read), references
+    are stable per process only. Never raises: a log line is no reason to fail."""
     global _key
-    if path.is_file():
+    with contextlib.suppress(OSError):
         _key = path.read_bytes()
 
 

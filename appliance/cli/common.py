@@ -27,8 +27,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from appliance.base import logsafe
 from appliance.base.config import Config, load_config, resolve_home
 from appliance.base.errors import HomeError, PacsEdgeError
+from provisioning.home import LOG_KEY, SECRETS_DIR
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,10 +147,14 @@ home_option = click.option(
 
 
 def load(home: Path | None) -> Config:
-    """The data home's config, for a command that may write in the home."""
+    """The data home's config, for a command that may write in the home. The command's
+    log lines then name studies, files and users with the home's keyed references, the
+    ones serve and the agent use, which `pacs-edge logref` maps back."""
     resolved = resolve_home(home)
     refuse_root_in_a_users_home(resolved)
-    return load_config(resolved)
+    config = load_config(resolved)
+    logsafe.load_key(config.home / SECRETS_DIR / LOG_KEY)
+    return config
 
 
 def refuse_root_in_a_users_home(home: Path) -> None:

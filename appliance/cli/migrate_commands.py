@@ -28,7 +28,6 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from appliance.audit import Auditor
-from appliance.base import logsafe
 from appliance.base.config import MAX_QUERY_LIMIT, MAX_RATE_PER_HOUR, Config
 from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
@@ -296,7 +295,6 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
     from appliance.cli.migrate_setup import legacy_source  # pynetdicom: only this command
 
     setup_logging(config.log.level)
-    logsafe.load_key(config.home / "secrets" / "log.key")
 
     async def drive() -> tuple[rows.RunState, rows.RunSummary]:
         async with Index(config.index.path) as index:
