@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,22 @@ def test_the_sync_agent_names_a_study_with_the_homes_keyed_reference(
     expected = hmac.new(key, study[0].study_uid.encode(), hashlib.sha256).hexdigest()[:12]
     synced = sync_once(edge_home)
     assert f"replicated study={expected} " in synced.stderr, synced.stderr
+
+
+def test_logref_says_what_a_reference_in_the_log_names(edge_home: Path, tmp_path: Path) -> None:
+    """The operator reads `replicated study=...` or `rejected dropped file file=...` and
+    must find the study or the file: the references are keyed hashes by design."""
+    study = dicomgen.make_study(tmp_path / "study", seed=52, instances_per_series=1)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    [study_ref] = re.findall(r"replicated study=([0-9a-f]{12}) ", sync_once(edge_home).stderr)
+    rejected = edge_home / "incoming.rejected" / "CD1" / "IMG1"  # dropped as incoming/CD1/IMG1
+    rejected.parent.mkdir(parents=True)
+    rejected.write_bytes(b"not DICOM")
+    key = (edge_home / "secrets" / "log.key").read_bytes()
+    file_ref = hmac.new(key, b"CD1/IMG1", hashlib.sha256).hexdigest()[:12]
+    shown = run_pacs_edge("logref", f"study={study_ref}", file_ref, "--home", str(edge_home))
+    assert sorted(shown.stdout.splitlines()) == sorted([
+        f"{study_ref}  study  {study[0].study_uid}", f"{file_ref}  dropped  {rejected}"])
+    gone = run_pacs_edge("logref", "0123456789ab", "--home", str(edge_home), check=False)
+    assert gone.returncode == 1
+    assert "0123456789ab: names nothing this box holds now" in gone.stderr

@@ -3,8 +3,8 @@
 Logs never carry names, patient IDs, birth dates or UIDs. When a line must
 say *which* study or instance, it carries `ref(uid)`: a short keyed hash.
 The key is the data home's log key (0600, created by `pacs-edge init`), so
-an operator with the home can map a reference back (`pacs-edge` commands
-accept no such lookup yet; SQL on the index can), and nobody else can.
+an operator with the home can map a reference back (`pacs-edge logref REF`),
+and nobody else can.
 """
 
 from __future__ import annotations

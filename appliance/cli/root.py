@@ -65,6 +65,7 @@ _LAZY = {
     "prefetch": "appliance.cli.prefetch_commands:prefetch",
     "users": "appliance.cli.users_commands:users",
     "link": "appliance.cli.users_commands:link",
+    "logref": "appliance.cli.logref_command:logref",
 }
 
 
