@@ -387,6 +387,7 @@ def test_a_folder_the_service_may_not_list_is_named_and_the_rest_goes_on(
                           check=True, timeout=CLI_TIMEOUT)
     assert json.loads(seen.stdout)["dropfolder"] == {
         "ingested": 1, "rejected": 0, "pending": 0, "unreadable": 1}
+    assert "warning: 1 folder(s) in the drop folder cannot be listed" in seen.stderr
     assert "private" not in server.log()  # a keyed reference, never the name
     os.chown(private, 0, 0)  # the operator's fix
     wait_settled(server, ingested=2)

@@ -219,6 +219,11 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
         found.append(HealthWarning(
             "studies_at_risk", f"{report.sync['studies_at_risk']} studies have a damaged cloud"
             " copy and no local copy (see `pacs-edge scrub`)"))
+    if report.dropfolder.get("unreadable"):
+        found.append(HealthWarning(
+            "dropfolder_unreadable", f"{report.dropfolder['unreadable']} folder(s) in the drop"
+            " folder cannot be listed by this user: their files wait there until the service"
+            " user may read them (serve's log names each: `pacs-edge logref`)"))
     high = config.sync.disk_high_watermark_percent
     if report.disk_used_percent >= high:
         found.append(HealthWarning(
