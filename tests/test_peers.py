@@ -54,6 +54,33 @@ def test_edits_keep_the_files_owner_and_mode(tmp_path: Path) -> None:
     assert Allowlist(path).by_ae_title("CT2") == _peer("ct2", "CT2")
 
 
+def test_peers_remove_repairs_an_allowlist_that_holds_a_title_twice(edge_home: Path) -> None:
+    """A peers.toml an older version wrote with one AE title twice admits no peer after
+    the upgrade (fail closed); `peers remove` refused too, so only a hand edit fixed it."""
+    peers = edge_home / "peers.toml"
+    peers.write_text(PEERS_HEADER + '[peers.ws1]\nae_title = "WS1"\nhost = "127.0.0.1"\n'
+                     'port = 11113\nallow = ["find"]\n\n[peers.ws1b]\nae_title = "WS1"\n'
+                     'host = "127.0.0.2"\nport = 11113\nallow = ["find"]\n')
+    with pytest.raises(ConfigError, match="an AE title no other peer has"):
+        Allowlist(peers).peers()
+    removed = run_pacs_edge("peers", "remove", "ws1b", "--home", str(edge_home))
+    assert "removed peer ws1b (WS1)" in removed.stdout
+    assert "warning" not in removed.stderr
+    assert {n: p.ae_title for n, p in Allowlist(peers).peers().items()} == {"ws1": "WS1"}
+
+
+def test_peers_remove_says_when_the_allowlist_is_still_bad(edge_home: Path) -> None:
+    peers = edge_home / "peers.toml"
+    entries = [("bad", "BAD ONE TOO LONG TITLE"), ("other", "OTHER")]
+    peers.write_text(PEERS_HEADER + "".join(
+        f'[peers.{name}]\nae_title = "{title}"\nhost = "h"\nport = 1\nallow = ["find"]\n\n'
+        for name, title in entries))
+    removed = run_pacs_edge("peers", "remove", "other", "--home", str(edge_home))
+    assert "removed peer other (OTHER)" in removed.stdout
+    assert "warning: the allowlist still cannot be read" in removed.stderr
+    assert "peers.bad.ae_title" in removed.stderr
+
+
 def test_duplicate_and_unknown_names_are_explained(tmp_path: Path) -> None:
     allowlist = Allowlist(tmp_path / "peers.toml")
     allowlist.add(_peer())

@@ -25,6 +25,7 @@ from appliance.base.config import (
     Config,
     render_config_toml,
 )
+from appliance.base.errors import ConfigError
 from appliance.base.human import human_size, human_time
 from appliance.base.logsetup import setup_logging
 from appliance.base.metrics_dir import use_metrics_dir
@@ -238,10 +239,18 @@ def peers_list(home: Path | None, as_json: bool) -> None:
 def peers_remove(home: Path | None, name: str) -> None:
     """Remove a peer; a running server refuses it from the next association."""
     config = load(home)
-    peer = Allowlist(config.peers_path).remove(name)
+    allowlist = Allowlist(config.peers_path)
+    ae_title = allowlist.remove(name)
     with Auditor.for_home(config, process="cli") as auditor:
-        auditor.peer_changed("remove", name=name, ae_title=peer.ae_title)
-    out.print(f"removed peer {name} ({peer.ae_title})", highlight=False)
+        auditor.peer_changed("remove", name=name, ae_title=ae_title)
+    out.print(f"removed peer {name} ({ae_title})", highlight=False)
+    try:
+        allowlist.peers()
+    except ConfigError as exc:
+        err.print(f"warning: the allowlist still cannot be read, and serve admits no peer"
+                  f" until it can: {exc.message}", highlight=False, markup=False)
+        if exc.hint:
+            err.print(f"hint: {exc.hint}", highlight=False, markup=False)
 
 
 @main.command()

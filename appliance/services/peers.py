@@ -270,14 +270,19 @@ class Allowlist:
         table[peer.name] = entry
         atomic_rewrite(self.path, tomlkit.dumps(doc).encode())
 
-    def remove(self, name: str) -> Peer:
-        current = self.peers()
-        if name not in current:
-            raise PeerError(f"no peer named {name!r}", hint="see `pacs-edge peers list`")
+    def remove(self, name: str) -> str:
+        """Remove peer `name`; returns its AE title as the file gave it. Works on a file
+        that does not load as a whole (a title twice, one bad entry): taking the bad
+        entry out is how the operator repairs it, and serve then admits peers again."""
         doc = self._document()
-        del doc["peers"][name]  # type: ignore[union-attr]
+        table = doc.get("peers")
+        if not isinstance(table, dict) or name not in table:
+            raise PeerError(f"no peer named {name!r}", hint="see `pacs-edge peers list`")
+        entry = table[name]
+        ae_title = str(entry.get("ae_title", "")).strip() if isinstance(entry, dict) else ""
+        del table[name]
         atomic_rewrite(self.path, tomlkit.dumps(doc).encode())
-        return current[name]
+        return ae_title
 
     def _document(self) -> tomlkit.TOMLDocument:
         if not self.path.exists():
