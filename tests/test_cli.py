@@ -387,6 +387,12 @@ def test_a_second_serve_on_a_home_in_use_is_refused_before_it_touches_the_home(
 @pytest.mark.parametrize(("key", "workers"), [("port", 1), ("tls_port", 1), ("port", 2)])
 def test_a_dicom_port_in_use_is_one_error_line(
         key: str, workers: int, edge_home: Path, free_port: Callable[[], int]) -> None:
+    """Found before the start-up sweep: the port's holder may be a serve older than the
+    serve lock, still running during an upgrade, whose transfers in flight the sweep
+    would take (an upgrade audit saw it with one worker)."""
+    in_flight = edge_home / "store" / ".spool" / "rx-in-flight.part"
+    in_flight.parent.mkdir(parents=True, exist_ok=True)
+    in_flight.write_bytes(b"half an instance")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", free_port()))
         taken.listen()
@@ -394,6 +400,8 @@ def test_a_dicom_port_in_use_is_one_error_line(
         EdgeServer(edge_home).configure(dicom={key: port, "workers": workers})
         result = run_pacs_edge("serve", "--home", str(edge_home), check=False, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
+    assert in_flight.read_bytes() == b"half an instance"
+    assert "reconciling" not in result.stderr
     tls = " TLS" if key == "tls_port" else ""
     assert f"error: cannot listen for DICOM{tls} on 127.0.0.1:{port}: Address already in use" in (
         result.stderr)

@@ -43,6 +43,7 @@ from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.dropfolder.counts import drop_folder_counts
 from appliance.process.serve_lock import serve_lock
+from appliance.process.workers import probe_ports
 from appliance.services.box_health import DropCounts, HealthSources
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService
@@ -127,6 +128,7 @@ async def serve(
         await _serve(config, worker=worker, on_ready=on_ready)
         return
     with serve_lock(config.home):
+        probe_ports(config)
         await _serve(config, worker=None, on_ready=on_ready)
 
 

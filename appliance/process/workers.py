@@ -85,6 +85,29 @@ def reserve_port(host: str, port: int, key: str) -> socket.socket:
     return sock
 
 
+def probe_ports(config: Config) -> None:
+    """One serve process: refuse a DICOM port another program holds before the start-up
+    sweep and reconciliation (the supervisor reserves them instead). The serve lock keeps
+    a second serve of this version away, but a serve older than the lock, still running
+    during an upgrade, would lose the transfers it had in flight to the sweep."""
+    ports = [("port", config.dicom.port)] if config.dicom.plain_enabled else []
+    ports.append(("tls_port", config.dicom.tls_port))
+    for key, port in ports:
+        if not port:
+            continue  # none, or any free one
+        sock = socket.socket(socket.AF_INET6 if ":" in config.dicom.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((config.dicom.host, port))
+        except OSError as exc:
+            if exc.errno not in LISTEN_ERRNOS:
+                raise
+            raise listen_error(exc, config.dicom.host, port, key) from exc
+        finally:
+            sock.close()
+
+
 def run_workers(config: Config) -> None:
     """Supervise the workers until SIGTERM/SIGINT, holding the home's serve lock
     (serve_lock.py), which every worker inherits, and the DICOM ports."""
