@@ -42,8 +42,8 @@ from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.dropfolder.counts import drop_folder_counts
+from appliance.process.ports import probe_ports
 from appliance.process.serve_lock import serve_lock
-from appliance.process.workers import probe_ports
 from appliance.services.box_health import DropCounts, HealthSources
 from appliance.services.commitment import CommitmentService
 from appliance.services.ingest import IngestService

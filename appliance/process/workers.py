@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import socket
 import sys
 import time
 from multiprocessing.process import BaseProcess
@@ -33,7 +32,7 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics_dir import forget_live_values
 from appliance.base.notify import Notifier
-from appliance.dimse.server import LISTEN_ERRNOS, listen_error
+from appliance.process.ports import reserve_port
 from appliance.process.serve_lock import InheritedLock, serve_lock
 from appliance.services.startup_recovery import begin_run, end_run, recover
 from appliance.store.files import FileStore
@@ -67,45 +66,6 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str,
         # multiprocessing prints; the supervisor then reports the worker's exit.
         log.error("worker stopped worker=%d error=%s hint=%s", number, exc.message, exc.hint)
         sys.exit(2)
-
-
-def reserve_port(host: str, port: int, key: str) -> socket.socket:
-    """Bind (not listen) `[dicom] key` with SO_REUSEPORT so port 0 resolves once for
-    every worker, and a port in use is refused once, by the supervisor."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno not in LISTEN_ERRNOS:
-            raise
-        raise listen_error(exc, host, port, key) from exc
-    return sock
-
-
-def probe_ports(config: Config) -> None:
-    """One serve process: refuse a DICOM port another program holds before the start-up
-    sweep and reconciliation (the supervisor reserves them instead). The serve lock keeps
-    a second serve of this version away, but a serve older than the lock, still running
-    during an upgrade, would lose the transfers it had in flight to the sweep."""
-    ports = [("port", config.dicom.port)] if config.dicom.plain_enabled else []
-    ports.append(("tls_port", config.dicom.tls_port))
-    for key, port in ports:
-        if not port:
-            continue  # none, or any free one
-        sock = socket.socket(socket.AF_INET6 if ":" in config.dicom.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((config.dicom.host, port))
-        except OSError as exc:
-            if exc.errno not in LISTEN_ERRNOS:
-                raise
-            raise listen_error(exc, config.dicom.host, port, key) from exc
-        finally:
-            sock.close()
 
 
 def run_workers(config: Config) -> None:
