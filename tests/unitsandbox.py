@@ -67,8 +67,8 @@ def script(unit: Path, command: list[str], *, user: str, group: str, probes: lis
     found = directives(unit)
     q = shlex.quote
     lines = ["set -eu", "mount --make-rprivate /", f"mkdir -p {q(str(stage))}"]
-    if proc_mount(unit):
-        lines.append(proc_mount(unit))
+    if mount := proc_mount(unit):
+        lines.append(mount)
     binds: list[tuple[str, str]] = []
     for n, raw in enumerate(found.get("BindReadOnlyPaths", [])):
         source = mapped(raw.lstrip("-"))

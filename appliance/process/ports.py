@@ -18,17 +18,7 @@ from appliance.dimse.server import LISTEN_ERRNOS, listen_error
 def reserve_port(host: str, port: int, key: str) -> socket.socket:
     """Bind (not listen) `[dicom] key` with SO_REUSEPORT so port 0 resolves once for
     every worker, and a port in use is refused once, by the supervisor."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno not in LISTEN_ERRNOS:
-            raise
-        raise listen_error(exc, host, port, key) from exc
-    return sock
+    return _bind(host, port, key, reuse_port=True)
 
 
 def probe_ports(config: Config) -> None:
@@ -39,16 +29,22 @@ def probe_ports(config: Config) -> None:
     ports = [("port", config.dicom.port)] if config.dicom.plain_enabled else []
     ports.append(("tls_port", config.dicom.tls_port))
     for key, port in ports:
-        if not port:
-            continue  # none, or any free one
-        sock = socket.socket(socket.AF_INET6 if ":" in config.dicom.host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((config.dicom.host, port))
-        except OSError as exc:
-            if exc.errno not in LISTEN_ERRNOS:
-                raise
-            raise listen_error(exc, config.dicom.host, port, key) from exc
-        finally:
-            sock.close()
+        if port:  # 0: none, or any free one
+            _bind(config.dicom.host, port, key, reuse_port=False).close()
+
+
+def _bind(host: str, port: int, key: str, *, reuse_port: bool) -> socket.socket:
+    """A socket bound to `host:port`; a port in use (or one this process may not bind)
+    is the one-line listen error naming `[dicom] key`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno not in LISTEN_ERRNOS:
+            raise
+        raise listen_error(exc, host, port, key) from exc
+    return sock

@@ -59,6 +59,7 @@ from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
 from provisioning.certs import TlsPaths
+from provisioning.home import LOG_KEY, SECRETS_DIR
 
 if TYPE_CHECKING:
     from appliance.hl7.listener import Hl7Listener
@@ -135,7 +136,7 @@ async def serve(
 async def _serve(
     config: Config, *, worker: int | None, on_ready: Callable[[int], None] | None
 ) -> None:
-    logsafe.load_key(config.home / "secrets" / "log.key")
+    logsafe.load_key(config.home / SECRETS_DIR / LOG_KEY)  # a spawned worker too
     configure_pynetdicom()
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
     first_start = not config.index.path.exists()
