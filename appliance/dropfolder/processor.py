@@ -120,6 +120,7 @@ class Processor:
         self.outcomes = outcomes
         self.tmp = tmp
         self.stopping = stopping
+        self._paused_for: str | None = None  # the reason of the pause last logged
 
     async def process(self, unit: Unit, job: Job) -> Verdict:
         if unit.kind is UnitKind.MEDIA:
@@ -148,8 +149,7 @@ class Processor:
         except UnsafePath as exc:
             return _unsafe(path, root, exc)
         except OutOfSpace as exc:
-            log.warning("drop folder ingest paused reason=%s", exc.reason)
-            return Verdict.RETRY
+            return self._pause(exc)
         except RejectedInstance as exc:
             if await self._changed(path, before):
                 return Verdict.CHANGED
@@ -162,6 +162,7 @@ class Processor:
         except (PacsEdgeError, OSError) as exc:
             _warn("drop folder ingest failed; will retry", path, root, exc)
             return Verdict.RETRY
+        self._resume()
         if await self._changed(path, before):
             # Written to after it looked complete: what was stored may be a
             # prefix. Watch it again; the whole file supersedes it (a new version).
@@ -230,8 +231,7 @@ class Processor:
                 try:
                     temp = await asyncio.to_thread(source.extract, member, self.tmp)
                 except OutOfSpace as exc:
-                    log.warning("drop folder ingest paused reason=%s", exc.reason)
-                    return Verdict.RETRY
+                    return self._pause(exc)
                 except RejectedInstance as exc:
                     broken = broken or exc.reason  # the archive is damaged: keep it whole
                     continue
@@ -256,8 +256,7 @@ class Processor:
         try:
             result = await self.ingest.ingest_file(temp, source_ae=SOURCE_AE)
         except OutOfSpace as exc:
-            log.warning("drop folder ingest paused reason=%s", exc.reason)
-            return Verdict.RETRY
+            return self._pause(exc)
         except RejectedInstance as exc:
             try:
                 await asyncio.to_thread(self.outcomes.rejected_member, temp, archive, root,
@@ -273,11 +272,29 @@ class Processor:
         except (PacsEdgeError, OSError) as exc:
             _warn("drop folder ingest failed; will retry", archive, root, exc)
             return Verdict.RETRY
+        self._resume()
         if result.outcome is RecordOutcome.DUPLICATE:
             tally.duplicates += 1
         else:
             tally.stored += 1
         return Verdict.DONE
+
+    def _pause(self, exc: OutOfSpace) -> Verdict:
+        """A full (or read-only) store: the unit is retried every rescan_seconds, as is
+        every other unit waiting, so the pause is logged once, not once per file and
+        rescan (a CD of 2,000 files would log 2,000 lines every rescan), and again only
+        when its reason changes; `_resume` says when it ends."""
+        if self._paused_for != exc.reason:
+            log.warning("drop folder ingest paused until the store takes files again"
+                        " reason=%s", exc.reason)
+            self._paused_for = exc.reason
+        return Verdict.RETRY
+
+    def _resume(self) -> None:
+        """An instance was ingested: a pause, if one was logged, is over."""
+        if self._paused_for is not None:
+            log.info("drop folder ingest resumed")
+            self._paused_for = None
 
     async def _reject(self, path: Path, reason: str, hint: str | None, job: Job) -> Verdict:
         if not job.may_reject:

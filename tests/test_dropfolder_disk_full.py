@@ -1,0 +1,79 @@
+"""The drop folder on a full store: files stay where they were dropped, are retried every
+rescan, and the pause is one log line, not one per file per rescan."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dicomgen
+import pytest
+from conftest import EdgeServer, init_home
+
+RESCAN_SECONDS = 0.5
+PAUSED = "drop folder ingest paused"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path) -> Iterator[Path]:
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    """Take every free block of `mount` with one file; returns it."""
+    filler = mount / "filler.bin"
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+    return filler
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}", pytrace=False)
+        time.sleep(0.1)
+
+
+def test_full_store_pauses_the_drop_folder_with_one_log_line_and_resumes(
+        tmp_path: Path) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    study = dicomgen.make_studies(tmp_path / "study", seed=21, series_per_study=1,
+                                  instances_per_series=5, size=64)
+    with small_tmpfs(tmp_path / "store") as store:
+        server = EdgeServer(init_home(tmp_path / "home"))
+        server.configure(store={"path": store / "store"},
+                         dropfolder={"paths": [str(drop)], "stable_seconds": 0.2,
+                                     "rescan_seconds": RESCAN_SECONDS})
+        server.start()
+        try:
+            filler = fill(store)
+            for instance in study:
+                shutil.copy(instance.path, drop / instance.path.name)
+            wait_until("the drop folder pauses", lambda: PAUSED in server.log())
+            # Every file is retried each rescan; six rounds would have been 30 lines.
+            time.sleep(6 * RESCAN_SECONDS)
+            assert server.log().count(PAUSED) == 1, server.log()
+            assert sorted(p.name for p in drop.iterdir()) == sorted(
+                i.path.name for i in study)
+
+            filler.unlink()
+            wait_until("the dropped files are stored", lambda: not any(drop.iterdir()))
+            assert server.log().count("drop folder ingest resumed") == 1
+            assert server.log().count(PAUSED) == 1
+        finally:
+            server.stop()
+        assert not server.unclean_stops, server.unclean_stops
