@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from appliance.base.errors import AuthenticationError, IndexUnavailable
+from appliance.base.errors import AuthenticationError, IndexUnavailable, OutOfSpace
 from appliance.services.access import Principal
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ SESSION_COOKIE = "pacs_edge_session"
 DICOMWEB_PREFIX = "/dicom-web"
 LOGIN_PATH = "/login"
 REALM = 'Basic realm="pacs-edge", charset="UTF-8"'
+# Retry-After of a 503 for a condition of the box that passes (a full disk, a recall
+# that did not finish in time): the client tries the same request again later.
+RETRY_AFTER_SECONDS = "60"
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 _ANONYMOUS: web.AppKey[set[str]] = web.AppKey("pacs_edge_anonymous_paths", set)
 
@@ -98,6 +101,11 @@ async def _principal(request: web.Request, users: Authenticator) -> Principal | 
         return None
     except IndexUnavailable as exc:
         raise web.HTTPServiceUnavailable(reason="index unavailable") from exc
+    except OutOfSpace as exc:
+        # A login (or a session's use) is recorded in the index: on a full disk it cannot
+        # be, and the request is refused as the box's condition, never a 500.
+        raise web.HTTPServiceUnavailable(text="the box's disk is full: try again later\n",
+                                         headers={"Retry-After": RETRY_AFTER_SECONDS}) from exc
     return None
 
 

@@ -13,7 +13,11 @@ acknowledgement is.
 The answer is the PS3.18 Store Instances Response (application/dicom+json):
 ReferencedSOPSequence for the stored instances (with their RetrieveURL),
 FailedSOPSequence with a FailureReason for the others; 200 when all were
-stored, 202 when some failed, 409 when none could be. Failure reasons:
+stored, 202 when some failed, 409 when none could be, but 503 with Retry-After
+when none could be because the store's disk is full (or read-only): that is
+the box's condition, not the request's, and the same upload succeeds later
+(PS3.18 gives 409 for a conflict in the request, 503 for a service that is
+unavailable). Failure reasons:
 0xC000 cannot be understood, 0xA700 out of resources (the disk, or a deflated
 data set inflating beyond store.max_inflated_mb), 0xA900 the data set
 does not belong to the study of the URL (POST /studies/{study}). Duplicates are
@@ -43,6 +47,7 @@ from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.metrics import RECEIVED_BYTES
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.http import dicomweb_common as common
+from appliance.http.auth import RETRY_AFTER_SECONDS
 from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
 from appliance.services.dicom_header import read_header
 from appliance.services.ingest import IngestService
@@ -96,6 +101,7 @@ class _Pace:
 class _Outcome:
     stored: list[tuple[str, str, InstanceHeader]]  # (class, instance, header)
     failed: list[tuple[str, str, int]]  # (class, instance, reason)
+    no_space: int = 0  # of the failed, refused for want of disk space (OutOfSpace)
 
 
 def add_routes(app: web.Application) -> None:
@@ -239,6 +245,7 @@ async def _ingest(request: web.Request, spool: SpoolFile, target: str,
         result = await services.ingest.ingest_spool(spool, source_ae=_SOURCE)
     except OutOfSpace:
         outcome.failed.append((sop_class, sop_uid, OUT_OF_RESOURCES))
+        outcome.no_space += 1
         return
     except RejectedInstance as exc:
         log.info("stow-rs instance refused reason=%s", exc.kind.name)
@@ -303,6 +310,9 @@ def _answer(request: web.Request, target: str, outcome: _Outcome) -> web.Respons
                  f"{base}{common.PREFIX}/studies/{h.study_uid}/series/{h.series_uid}"
                  f"/instances/{h.sop_uid}"]}}
             for sop_class, sop_uid, h in outcome.stored]}
+    if outcome.failed and not outcome.stored and outcome.no_space == len(outcome.failed):
+        return common.json_response(body, status=503,
+                                    headers={"Retry-After": RETRY_AFTER_SECONDS})
     status = 200 if not outcome.failed else 202 if outcome.stored else 409
     return common.json_response(body, status=status)
 

@@ -34,6 +34,7 @@ from pydicom import dcmread
 from pydicom.tag import Tag
 
 from appliance.http import dicomweb_common as common
+from appliance.http.auth import RETRY_AFTER_SECONDS
 from appliance.http.dicomweb_media import (
     ANY_SYNTAX,
     DICOM,
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
 FRAME_READ_BYTES = 16 << 20  # frames held at once while an answer streams (at least one)
-RETRY_AFTER_SECONDS = "60"
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,0 +1,91 @@
+"""STOW-RS on a full disk: 503 with Retry-After (the box's condition, not the request's),
+never 500 or 409, nothing stored; the same upload is stored once space is freed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+import webpeer
+from conftest import EdgeServer
+
+STOW = "/dicom-web/studies"
+OUT_OF_RESOURCES = 0xA700
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(mount: Path) -> Path:
+    """Take every free block of `mount` with one file; returns it."""
+    filler = mount / "filler.bin"
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
+    return filler
+
+
+def post(server: EdgeServer, user: str, paths: list[Path]) -> tuple[int, dict[str, str], bytes]:
+    body, content_type = webpeer.multipart_body(paths)
+    answer = webpeer.session(server, user).post(
+        webpeer.base_url(server) + STOW, data=body,
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
+    return answer.status_code, dict(answer.headers), answer.content
+
+
+def failures(body: bytes) -> list[int]:
+    return [item["00081197"]["Value"][0]
+            for item in json.loads(body).get("00081198", {}).get("Value", [])]
+
+
+def test_stow_on_a_full_disk_answers_503_with_retry_after_and_stores_after_space_is_freed(
+        tmp_path: Path) -> None:
+    study = dicomgen.make_studies(tmp_path / "study", seed=31, series_per_study=1,
+                                  instances_per_series=2, size=64)
+    paths = [i.path for i in study]
+    with tmpfs(tmp_path / "disk", 48) as disk:
+        server = EdgeServer(webpeer.web_home(disk / "home", dcmtk.free_port()))
+        server.log_path = tmp_path / "serve.log"  # not on the disk that fills
+        server.start()
+        try:
+            webpeer.add_user(server, "rad", "radiologist")
+            webpeer.add_user(server, "gateway", "radiologist")
+            # rad's password is verified (and remembered) while there is room.
+            assert webpeer.session(server, "rad").get(
+                webpeer.base_url(server) + STOW).status_code in (200, 204)
+            filler = fill(disk)
+
+            # Authenticated already: the ingest refuses each instance for want of space.
+            status, headers, body = post(server, "rad", paths)
+            assert status == 503, body
+            assert headers.get("Retry-After")
+            assert failures(body) == [OUT_OF_RESOURCES] * len(paths)
+
+            # A first login cannot record itself in the index: still 503, not 500.
+            status, headers, body = post(server, "gateway", paths)
+            assert status == 503, body
+            assert headers.get("Retry-After") and b"disk is full" in body
+            assert "Traceback" not in server.log()
+
+            filler.unlink()
+            status, _headers, body = post(server, "gateway", paths)
+            assert status == 200, body
+        finally:
+            server.stop()
+        assert not server.unclean_stops, server.unclean_stops
