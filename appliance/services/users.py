@@ -25,6 +25,7 @@ the user name (logsafe.ref) and the client address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -37,7 +38,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from appliance.base import logsafe
 from appliance.base.config import AuthConfig, Config
-from appliance.base.errors import AuthenticationError, AuthFailure, PacsEdgeError, UserError
+from appliance.base.errors import (
+    AuthenticationError,
+    AuthFailure,
+    OutOfSpace,
+    PacsEdgeError,
+    UserError,
+)
 from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
 from appliance.store import database
@@ -246,7 +253,10 @@ class UserService:
             await self._write(lambda conn: rows.delete_session(conn, digest))
             raise expired
         if now - found.last_seen_at >= min(60.0, idle / 10):
-            await self._write(lambda conn: rows.touch_session(conn, digest, now))
+            # On a full disk the use cannot be recorded: the session still admits (reads
+            # go on, as C-FIND and C-GET do), its idle clock running from the last record.
+            with contextlib.suppress(OutOfSpace):
+                await self._write(lambda conn: rows.touch_session(conn, digest, now))
         return _principal(found.user)
 
     async def close_session(self, token: str) -> None:

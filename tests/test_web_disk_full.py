@@ -1,5 +1,6 @@
-"""STOW-RS on a full disk: 503 with Retry-After (the box's condition, not the request's),
-never 500 or 409, nothing stored; the same upload is stored once space is freed."""
+"""The web on a full disk. STOW-RS: 503 with Retry-After (the box's condition, not the
+request's), never 500 or 409, nothing stored; the same upload is stored once space is
+freed. Reads with a session go on, as C-FIND and C-GET do."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +88,32 @@ def test_stow_on_a_full_disk_answers_503_with_retry_after_and_stores_after_space
             filler.unlink()
             status, _headers, body = post(server, "gateway", paths)
             assert status == 200, body
+        finally:
+            server.stop()
+        assert not server.unclean_stops, server.unclean_stops
+
+
+def test_a_session_keeps_reading_while_the_disk_is_full(tmp_path: Path) -> None:
+    """Each use of a session is recorded (for the idle limit) at most every
+    session_idle_minutes / 10; on a full disk that record cannot be written, and the
+    session must still admit: the viewer keeps working."""
+    with tmpfs(tmp_path / "disk", 48) as disk:
+        server = EdgeServer(webpeer.web_home(disk / "home", dcmtk.free_port()))
+        server.configure(auth={"session_idle_minutes": 0.1})  # a use is recorded after 0.6 s
+        server.log_path = tmp_path / "serve.log"
+        server.start()
+        try:
+            webpeer.add_user(server, "rad", "radiologist")
+            http = webpeer.session(server, None)
+            http.headers["Origin"] = webpeer.base_url(server)
+            login = http.post(f"{webpeer.base_url(server)}/login", allow_redirects=False,
+                              data={"name": "rad", "password": webpeer.PASSWORD, "next": "/"})
+            assert login.status_code == 303 and "pacs_edge_session" in http.cookies
+            filler = fill(disk)
+            time.sleep(1.0)  # past the 0.6 s after which the next use is recorded
+            answer = http.get(webpeer.base_url(server) + STOW, allow_redirects=False)
+            assert answer.status_code in (200, 204), answer.text
+            filler.unlink()
         finally:
             server.stop()
         assert not server.unclean_stops, server.unclean_stops
