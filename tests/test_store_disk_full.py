@@ -15,7 +15,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer, init_home
+from conftest import EdgeServer, init_home, run_pacs_edge
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -189,3 +189,30 @@ def test_readyz_says_store_while_the_store_is_read_only(
     with read_only(roomy_tmpfs):
         assert readyz(port) == (503, "store: the file system is read-only\n")
     assert readyz(port) == (200, "ready\n")
+
+
+def test_serve_on_a_full_data_home_says_no_space_and_starts_once_there_is_room(
+    edge_server_factory: Callable[..., EdgeServer], small_tmpfs: Path, tmp_path: Path
+) -> None:
+    """A clean stop checkpoints and removes the index's WAL; a disk filled meanwhile (an
+    import, a recall, another program) leaves no room for SQLite to make its WAL index
+    again. serve must say that, not "disk I/O error ... check permissions", which reads
+    as a failing disk."""
+    home = init_home(small_tmpfs / "home")
+    server = edge_server_factory(home, start=False)
+    server.log_path = tmp_path / "serve.log"  # not on the file system that fills
+    server.start()
+    server.stop()
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler = small_tmpfs / "filler.bin"
+    filler.write_bytes(b"\0" * free)
+
+    refused = run_pacs_edge("serve", "--home", str(home), "--dicom-port", "0",
+                            check=False, timeout=60)
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert "no space left" in said and "disk I/O error" not in said, said
+
+    filler.unlink()
+    server.start()
+    assert server.echo().ok

@@ -170,11 +170,21 @@ def query_one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) ->
         cur.close()
 
 
+# SQLite's codes for a full disk: SQLITE_FULL where a write finds no room, and
+# SQLITE_IOERR_SHMSIZE where the WAL index (-shm) cannot grow or be made (it writes to
+# allocate its pages); the latter's message is a bare "disk I/O error".
+_NO_SPACE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE}
+
+
+def is_no_space(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of disk space."""
+    return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) in _NO_SPACE_CODES
+
+
 def map_sqlite_error(exc: BaseException) -> Exception:
     """SQLite's disk-full becomes OutOfSpace; other failures IndexUnavailable."""
     if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
-        text = str(exc).lower()
-        if "full" in text or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        if is_no_space(exc):
             return OutOfSpace("no space left for the index")
         return IndexUnavailable(f"index write failed: {exc}",
                                 hint="check the data home's disk and permissions")

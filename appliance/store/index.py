@@ -111,7 +111,12 @@ class Index:
             self._reader = await database.connect(self.path)
         except BaseException as exc:
             await self.close()
-            if isinstance(exc, sqlite3.OperationalError):  # locked, unopenable, no space
+            if isinstance(exc, sqlite3.OperationalError) and database.is_no_space(exc):
+                raise IndexUnavailable(
+                    f"the index {self.path} cannot be opened: no space left on its disk",
+                    hint="free space on the data home's disk; serve and the sync agent"
+                    " open the index once there is room") from exc
+            if isinstance(exc, sqlite3.OperationalError):  # locked, unopenable
                 raise IndexUnavailable(f"the index {self.path} cannot be opened: {exc}",
                                        hint="check the data home's disk and permissions"
                                        ) from exc
