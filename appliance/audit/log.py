@@ -20,7 +20,9 @@ interleave or fork the chain, and an append that returned is durable.
 A crash in the middle of `write()` can leave a last line without its newline.
 It was never acknowledged, so the next append (under the lock) cuts it off
 and says so in the log; readers ignore a last line without a newline, since
-it may be an append in progress.
+it may be an append in progress. An append that fails without a crash (a full
+disk takes a write up to the end of its last block) is cut back to where it began
+before the error is raised: the Auditor appends its records again later, once.
 """
 
 from __future__ import annotations
@@ -134,10 +136,7 @@ class AuditLog:
                     lines.append(Entry(seq, now, prev, digest, record).line())
                     prev = digest
                 data = b"".join(lines)
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
+                _write_or_take_back(fd, data, head.size)
                 return Head(seq, prev, head.size + len(data))
         except OSError as exc:
             raise AuditLogError(f"audit log append failed: {exc.strerror}",
@@ -224,3 +223,20 @@ class AuditLog:
                     f"the last audit record cannot be read ({exc}); refusing to extend the chain",
                     hint="run `pacs-edge audit verify` and keep the file as evidence") from exc
             return Head(last.seq, last.hash, size)
+
+
+def _write_or_take_back(fd: int, data: bytes, size: int) -> None:
+    """Write and fsync `data` at the end of the log (`size` bytes long before it); on
+    failure, cut the file back to `size` before raising. A full disk takes a write up
+    to the end of its last block: left there, the whole lines among it stayed in the
+    chain, and the Auditor, which keeps the records of a failed append, appended them
+    again, so they were in the log twice."""
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # else the next append cuts the torn line
+            os.ftruncate(fd, size)
+        raise
