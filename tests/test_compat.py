@@ -50,6 +50,7 @@ PATCH_PATTERNS = [
     r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
     r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
     r"\.set_uid\s*=", r"\.add_transfer_syntax\s*=", r"\._transfer_syntax\b",
+    r"\b_init_value\b", r"\b_INITIAL_MMAP_SIZE\b",
 ]
 
 
@@ -545,3 +546,25 @@ def test_read_file_meta_leaves_the_file_at_the_dataset() -> None:
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
     # The rest is the dataset: (0010,0020) Patient ID, explicit VR little endian.
     assert encoded[fp.tell():].startswith(b"\x10\x00\x20\x00LO")
+
+
+# --- prometheus-client -------------------------------------------------------------
+
+
+def test_mmaped_dict_creates_files_and_series_as_back_metric_pages_expects() -> None:
+    """back_metric_pages allocates before MmapedDict writes: a file it made non-empty
+    must be mapped as it is (only an empty one is truncated), and a new series is packed
+    and the file grown by doubling exactly as it computes."""
+    from prometheus_client import mmap_dict
+
+    cls = mmap_dict.MmapedDict
+    create = getattr(cls.__init__, "upstream", cls.__init__)
+    add_series = getattr(cls._init_value, "upstream", cls._init_value)
+    assert _parameters(create) == ["self", "filename", "read_mode"]
+    assert _parameters(add_series) == ["self", "key"]
+    assert "if capacity == 0:" in inspect.getsource(create)
+    assert isinstance(mmap_dict._INITIAL_MMAP_SIZE, int)
+    source = inspect.getsource(add_series)
+    assert "padded = encoded + (b' ' * (8 - (len(encoded) + 4) % 8))" in source
+    assert "struct.pack(f'i{len(padded)}sdd'.encode()" in source
+    assert "self._capacity *= 2" in source and "self._f.truncate(self._capacity)" in source

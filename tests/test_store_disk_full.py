@@ -216,3 +216,31 @@ def test_serve_on_a_full_data_home_says_no_space_and_starts_once_there_is_room(
     filler.unlink()
     server.start()
     assert server.echo().ok
+
+
+def test_full_data_home_keeps_answering_finds_and_retrieves(
+    edge_server_factory: Callable[..., EdgeServer], small_tmpfs: Path, tmp_path: Path
+) -> None:
+    """C-FIND and C-GET go on while the data home's disk is full (docs/operator-guide.md).
+    Their first use counts new metric series into prometheus-client's memory-mapped
+    files, whose pages were never written: on a full disk the kernel answered that
+    write with SIGBUS and serve died without a word."""
+    server = edge_server_factory(init_home(small_tmpfs / "home"), start=False)
+    server.log_path = tmp_path / "serve.log"  # not on the file system that fills
+    server.start()
+    instances = dicomgen.make_studies(tmp_path / "study", seed=15, series_per_study=1,
+                                      instances_per_series=2, size=32)
+    assert send(server, [i.path for i in instances]) == [0x0000, 0x0000]
+    filler = small_tmpfs / "filler.bin"
+    with filler.open("wb", buffering=0) as fh:  # every block left, 4 KiB writes at the end
+        for chunk in (1 << 20, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * chunk)
+
+    assert edge_server_find_study(server, instances[0].study_uid) == 2
+    got = dcmtk.getscu(server.port, {"StudyInstanceUID": instances[0].study_uid},
+                       tmp_path / "got")
+    assert server.running, server.log()[-2000:]
+    assert got.ok and len(list((tmp_path / "got").iterdir())) == 2, got.output
+    filler.unlink()

@@ -57,6 +57,12 @@ What is touched, and who uses it:
     pydicom 3.0.2
       filereader._read_file_meta_info       where the dataset starts (services/ingest.py,
                                             services/dicom_header.py)
+    prometheus-client 0.26.0
+      mmap_dict.MmapedDict.__init__, _init_value (assigned), read through _used,
+        _capacity, _f and _INITIAL_MMAP_SIZE
+                                            metric files' pages backed by blocks before
+                                            they are written (back_metric_pages,
+                                            base/metrics_dir.py)
 
 pynetdicom's `_config` flags (STORE_RECV_CHUNKED_DATASET, ...) are its documented
 configuration module, not a patch; tests/test_compat.py still checks that the
@@ -88,7 +94,8 @@ from appliance.base.errors import TransportAborted
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-PINNED = {"pynetdicom": "3.0.4", "pydicom": "3.0.2", "aiosqlite": "0.22.1"}
+PINNED = {"pynetdicom": "3.0.4", "pydicom": "3.0.2", "aiosqlite": "0.22.1",
+          "prometheus-client": "0.26.0"}
 
 _route_lock = threading.Lock()
 
@@ -833,3 +840,51 @@ def read_file_meta(fp: BinaryIO) -> FileMetaDataset:
     which is what ingest needs to copy the dataset bytes as they are.
     """
     return _read_file_meta_info(fp)
+
+
+# --- prometheus-client 0.26.0 -------------------------------------------------------
+
+
+def back_metric_pages() -> None:
+    """Make prometheus-client's multiprocess files reserve the blocks of their pages
+    before it writes them. MmapedDict makes a file with truncate (sparse) and writes
+    each new series into its shared mapping; a page never written before needs a block
+    then, and on a full file system (the data home's disk, which ingest may fill) the
+    kernel answers that write with SIGBUS: serve died at the first C-GET or new status
+    after the disk filled. No public API sizes or allocates these files.
+
+    A new file is allocated whole; a new series first allocates the file up to the size
+    it will have (posix_fallocate; a growth doubles it, as _init_value does). A full
+    disk is then an OSError (ENOSPC) where a file or a series is created, never a
+    signal. Only those pay the system call: updates write pages that have blocks.
+    Call after $PROMETHEUS_MULTIPROC_DIR is set (prometheus-client reads it at import)."""
+    from prometheus_client import mmap_dict
+
+    cls: Any = mmap_dict.MmapedDict
+    if getattr(cls, "_pages_backed", False):
+        return
+    create, add_series = cls.__init__, cls._init_value
+
+    def backed_create(self: Any, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                if os.fstat(fd).st_size == 0:  # else __init__ maps it as it is
+                    os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+            finally:
+                os.close(fd)
+        create(self, filename, read_mode)
+
+    def backed_add_series(self: Any, key: str) -> None:
+        length = len(key.encode("utf-8"))
+        # An entry as _init_value packs it: length, key padded to 8 bytes, two doubles.
+        needed = self._used + 4 + length + (8 - (length + 4) % 8) + 16
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        os.posix_fallocate(self._f.fileno(), 0, capacity)
+        add_series(self, key)
+
+    backed_create.upstream, backed_add_series.upstream = create, add_series  # type: ignore[attr-defined]
+    cls.__init__, cls._init_value = backed_create, backed_add_series
+    cls._pages_backed = True

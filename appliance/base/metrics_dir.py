@@ -15,6 +15,14 @@ sync agent) are kept, so a restart of `serve` never hides the agent's counts.
 A worker that dies while serve runs keeps its counters in the sum (they must not
 go backwards), but its live gauges go (`forget_live_values`): the associations
 it held are not open any more.
+
+The files live on the data home's disk, which ingest may fill to the last block.
+prometheus-client makes them sparse (truncate) and writes each new series into
+the mapping: a page never written before needs a block then, and on a full disk
+the kernel answers that write with SIGBUS, which killed serve at the first C-GET
+or new status after the disk filled. compat.back_metric_pages reserves the blocks
+first, so a full disk is an OSError (ENOSPC) where a series is created, never a
+SIGBUS.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from appliance.base import compat
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PID = re.compile(r"_(\d+)\.db$")
@@ -50,7 +60,9 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
             if match and not _alive(int(match.group(1))):
                 path.unlink(missing_ok=True)
     os.environ[ENV] = str(folder)
+    compat.back_metric_pages()
     return folder
+
 
 
 def forget_live_values(pid: int) -> None:
