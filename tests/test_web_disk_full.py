@@ -51,8 +51,9 @@ def post(server: EdgeServer, user: str, paths: list[Path]) -> tuple[int, dict[st
     return answer.status_code, dict(answer.headers), answer.content
 
 
-def failures(body: bytes) -> list[int]:
-    return [item["00081197"]["Value"][0]
+def failures(body: bytes) -> list[tuple[str, int]]:
+    """(SOP Instance UID, FailureReason) of each FailedSOPSequence item."""
+    return [(item["00081155"].get("Value", [""])[0], item["00081197"]["Value"][0])
             for item in json.loads(body).get("00081198", {}).get("Value", [])]
 
 
@@ -77,7 +78,8 @@ def test_stow_on_a_full_disk_answers_503_with_retry_after_and_stores_after_space
             status, headers, body = post(server, "rad", paths)
             assert status == 503, body
             assert headers.get("Retry-After")
-            assert failures(body) == [OUT_OF_RESOURCES] * len(paths)
+            # Each failure names its instance (from the upload: nothing of it reached disk).
+            assert failures(body) == [(i.sop_instance_uid, OUT_OF_RESOURCES) for i in study]
 
             # A first login cannot record itself in the index: still 503, not 500.
             status, headers, body = post(server, "gateway", paths)

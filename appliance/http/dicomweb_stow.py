@@ -41,8 +41,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
-from pydicom.filereader import read_file_meta_info
+from pydicom.filereader import read_preamble
 
+from appliance.base import compat
 from appliance.base.errors import OutOfSpace, RejectedInstance, Rejection
 from appliance.base.metrics import RECEIVED_BYTES
 from appliance.base.uids import is_valid_uid, normalise_uid
@@ -167,6 +168,7 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
     ingest = common.services(request).ingest
     is_dicom = _is_dicom_part(part.headers.get("Content-Type", DICOM))
     head = bytearray()
+    first = b""  # the part's first HEAD_BYTES: its File Meta names it (_identity)
     spool: SpoolFile | None = None
     refused = not is_dicom  # read to its end, store nothing
     try:
@@ -186,13 +188,15 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
             if spool is None and len(head) < HEAD_BYTES:
                 continue
             if spool is None:
-                spool = await asyncio.to_thread(_start, ingest, bytes(head))
+                first = bytes(head)
+                spool = await asyncio.to_thread(_start, ingest, first)
                 refused = spool is None
             else:
                 await asyncio.to_thread(spool.write, bytes(head))
             head.clear()
         if not refused and spool is None:  # a part shorter than HEAD_BYTES
-            spool = await asyncio.to_thread(_start, ingest, bytes(head))
+            first = bytes(head)
+            spool = await asyncio.to_thread(_start, ingest, first)
             refused = spool is None
         elif spool is not None and head:
             await asyncio.to_thread(spool.write, bytes(head))
@@ -203,7 +207,7 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
     if spool is None:
         outcome.failed.append(("", "", CANNOT_UNDERSTAND))
         return
-    await _ingest(request, spool, target, outcome)
+    await _ingest(request, spool, first, target, outcome)
 
 
 def _is_dicom_part(content_type: str) -> bool:
@@ -229,12 +233,12 @@ def _start(ingest: IngestService, head: bytes) -> SpoolFile | None:
     return spool
 
 
-async def _ingest(request: web.Request, spool: SpoolFile, target: str,
+async def _ingest(request: web.Request, spool: SpoolFile, first: bytes, target: str,
                   outcome: _Outcome) -> None:
     """Make the spooled instance durable (the spool is consumed either way)."""
     services = common.services(request)
     RECEIVED_BYTES.labels("dicomweb").inc(spool.size)
-    sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool,
+    sop_class, sop_uid, study = await asyncio.to_thread(_identity, spool, first,
                                                         services.ingest.max_inflated)
     # An instance whose header cannot be read has no study: ingest refuses it (0xC000).
     if target and study and study != target:
@@ -258,26 +262,33 @@ async def _ingest(request: web.Request, spool: SpoolFile, target: str,
 _SOURCE = "DICOMWEB"
 
 
-def _identity(spool: SpoolFile, max_inflated: int) -> tuple[str, str, str]:
+def _identity(spool: SpoolFile, first: bytes, max_inflated: int) -> tuple[str, str, str]:
     """(SOP Class, SOP Instance, Study Instance UID) of an uploaded file. When its header
-    cannot be read (the ingest that follows says why it refuses the file), the File
-    Meta's SOP Class and Instance UIDs, so that a truncated instance's failure still
-    names it, and no study. Read as ingest reads it: a deflated data set is inflated in
-    bounded chunks and refused past `max_inflated`, where pydicom's dcmread would
-    inflate a deflate bomb whole, in memory."""
-    try:
-        header = read_header(spool.name, max_inflated=max_inflated, fd=spool.read_fd)
-    except RejectedInstance:
-        return (*_file_meta_uids(spool), "")
-    return header.sop_class_uid, header.sop_uid, header.study_uid
+    cannot be read (the ingest that follows says why it refuses the file), or the spool
+    holds none of it (a full disk refused its bytes: the spool gives them back), the
+    File Meta's SOP Class and Instance UIDs from the part's `first` bytes, so that the
+    failure still names the instance, and no study. Read as ingest reads it: a deflated
+    data set is inflated in bounded chunks and refused past `max_inflated`, where
+    pydicom's dcmread would inflate a deflate bomb whole, in memory."""
+    if spool.error is None:
+        try:
+            header = read_header(spool.name, max_inflated=max_inflated, fd=spool.read_fd)
+        except RejectedInstance:
+            pass
+        else:
+            return header.sop_class_uid, header.sop_uid, header.study_uid
+    return (*_file_meta_uids(first), "")
 
 
-def _file_meta_uids(spool: SpoolFile) -> tuple[str, str]:
-    """Media Storage SOP Class and Instance UIDs of the spool's File Meta (the sender's,
-    copied by IngestService.start_spool), each "" unless it is a valid UID: an answer
-    never echoes what is not one (a path, say)."""
+def _file_meta_uids(first: bytes) -> tuple[str, str]:
+    """Media Storage SOP Class and Instance UIDs of the File Meta at the start of an
+    uploaded part (IngestService.start_spool found it there: it fits in HEAD_BYTES),
+    each "" unless it is a valid UID: an answer never echoes what is not one (a path,
+    say)."""
     try:
-        meta = read_file_meta_info(spool.name)
+        fh = io.BytesIO(first)
+        read_preamble(fh, False)
+        meta = compat.read_file_meta(fh)
         found = (normalise_uid(meta.get("MediaStorageSOPClassUID", "")),
                  normalise_uid(meta.get("MediaStorageSOPInstanceUID", "")))
     except Exception:  # pydicom raises one of many types on a malformed value
