@@ -3,33 +3,22 @@ Auditor keeps and appends again once there is room are in the chain once, not tw
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from smalldisk import NEEDS_ROOT, tmpfs
 
 from appliance.audit.log import AuditLog, AuditLogError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path) -> Iterator[Path]:
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+pytestmark = NEEDS_ROOT
 
 
 def test_audit_append_cut_short_by_a_full_disk_is_taken_back(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with tmpfs(tmp_path / "disk") as disk:
+    with tmpfs(tmp_path / "disk", 1) as disk:
         log = AuditLog(disk / "audit" / "audit.log")
         log.append([{"n": 0}])
         # The log's first page holds a few more lines; the batch needs several pages.

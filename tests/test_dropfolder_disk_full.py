@@ -3,40 +3,20 @@ rescan, and the pause is one log line, not one per file per rescan."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dicomgen
 import pytest
 from conftest import EdgeServer, init_home
+from smalldisk import NEEDS_ROOT, fill, tmpfs
 
 RESCAN_SECONDS = 0.5
 PAUSED = "drop folder ingest paused"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@contextlib.contextmanager
-def small_tmpfs(mount: Path) -> Iterator[Path]:
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(mount: Path) -> Path:
-    """Take every free block of `mount` with one file; returns it."""
-    filler = mount / "filler.bin"
-    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-    subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
-    return filler
+pytestmark = NEEDS_ROOT
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -53,7 +33,7 @@ def test_full_store_pauses_the_drop_folder_with_one_log_line_and_resumes(
     drop.mkdir()
     study = dicomgen.make_studies(tmp_path / "study", seed=21, series_per_study=1,
                                   instances_per_series=5, size=64)
-    with small_tmpfs(tmp_path / "store") as store:
+    with tmpfs(tmp_path / "store", 8) as store:
         server = EdgeServer(init_home(tmp_path / "home"))
         server.configure(store={"path": store / "store"},
                          dropfolder={"paths": [str(drop)], "stable_seconds": 0.2,

@@ -18,22 +18,12 @@ import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
 from pydicom import dcmread
 from pynetdicom import AE
+from smalldisk import NEEDS_ROOT, tmpfs
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 TMPFS_MB = 12
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0750", "tmpfs",
-                    str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+pytestmark = NEEDS_ROOT
 
 
 @pytest.fixture

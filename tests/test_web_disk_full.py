@@ -4,43 +4,20 @@ freed. Reads with a session go on, as C-FIND and C-GET do."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dcmtk
 import dicomgen
-import pytest
 import webpeer
 from conftest import EdgeServer
+from smalldisk import NEEDS_ROOT, fill, tmpfs
 
 STOW = "/dicom-web/studies"
 OUT_OF_RESOURCES = 0xA700
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
-                   check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(mount: Path) -> Path:
-    """Take every free block of `mount` with one file; returns it."""
-    filler = mount / "filler.bin"
-    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-    subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
-    return filler
+pytestmark = NEEDS_ROOT
 
 
 def post(server: EdgeServer, user: str, paths: list[Path]) -> tuple[int, dict[str, str], bytes]:

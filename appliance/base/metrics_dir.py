@@ -64,7 +64,6 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
     return folder
 
 
-
 def forget_live_values(pid: int) -> None:
     """Drop the live gauges (multiprocess_mode "livesum": open associations, ingests in
     progress) of a process that died without lowering them."""
