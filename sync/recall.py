@@ -74,6 +74,8 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
         if instance.pack_fk is not None:
             by_pack.setdefault(instance.pack_fk, []).append(instance)
     try:
+        # Room for the whole study above the reserve, or no download at all.
+        await asyncio.to_thread(ctx.files.check_space, sum(i.size for i in missing))
         for pack_id in sorted(by_pack):
             await ctx.packs.ensure_online(packs[pack_id])
         if any(instance.pack_fk not in packs for instance in missing):

@@ -1,6 +1,7 @@
 """Small file systems for the tests of a full disk: a tmpfs of a given size mounted for
-a block (root only: the modules that use it skip otherwise), and a filler file that
-takes every block left."""
+a block (root only: the modules that use it skip otherwise), a filler file that takes
+every block left, and a home without the store reserve, for the tests of what the box
+does at the disk's last block (an operator may set `[store] reserve_mb = 0`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import EdgeServer
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -34,3 +36,9 @@ def fill(mount: Path) -> Path:
     free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
     subprocess.run(["fallocate", "-l", str(free), str(filler)], check=True)
     return filler
+
+
+def no_reserve(home: Path) -> Path:
+    """`home` with `[store] reserve_mb = 0`: ingest fills the disk to its last block."""
+    EdgeServer(home).configure(store={"reserve_mb": 0})
+    return home

@@ -35,7 +35,7 @@ def test_full_store_pauses_the_drop_folder_with_one_log_line_and_resumes(
                                   instances_per_series=5, size=64)
     with tmpfs(tmp_path / "store", 8) as store:
         server = EdgeServer(init_home(tmp_path / "home"))
-        server.configure(store={"path": store / "store"},
+        server.configure(store={"path": store / "store", "reserve_mb": 0},
                          dropfolder={"paths": [str(drop)], "stable_seconds": 0.2,
                                      "rescan_seconds": RESCAN_SECONDS})
         server.start()

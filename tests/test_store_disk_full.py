@@ -18,7 +18,7 @@ import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
 from pydicom import dcmread
 from pynetdicom import AE
-from smalldisk import NEEDS_ROOT, tmpfs
+from smalldisk import NEEDS_ROOT, no_reserve, tmpfs
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 TMPFS_MB = 12
@@ -57,7 +57,7 @@ def test_full_store_answers_out_of_resources_and_recovers_without_restart(
     edge_server: EdgeServer, small_tmpfs: Path, tmp_path: Path
 ) -> None:
     edge_server.stop()
-    edge_server.configure(store={"path": small_tmpfs})
+    edge_server.configure(store={"path": small_tmpfs, "reserve_mb": 0})
     edge_server.start()
 
     # 256x256x16-bit images are ~128 KiB; fill the tmpfs so only a few fit.
@@ -103,7 +103,7 @@ def test_full_disk_under_the_index_too_answers_out_of_resources(
 ) -> None:
     """The whole data home on the full file system: SQLite's disk-full is 0xA700 as well,
     and the file written before the failed commit is removed again."""
-    server = edge_server_factory(init_home(small_tmpfs / "home"))
+    server = edge_server_factory(no_reserve(init_home(small_tmpfs / "home")))
     instances = dicomgen.make_studies(tmp_path / "study", seed=12, series_per_study=1,
                                       instances_per_series=24, size=256)
     filler = small_tmpfs / "filler.bin"
@@ -149,7 +149,7 @@ def test_read_only_store_answers_out_of_resources_on_a_live_association(
     """Each C-STORE gets 0xA700 and the association carries on to its release (the
     spool's cleanup once raised EROFS and the DUL aborted it), one log line each."""
     edge_server.stop()
-    edge_server.configure(store={"path": small_tmpfs})
+    edge_server.configure(store={"path": small_tmpfs, "reserve_mb": 0})
     edge_server.start()
     instances = dicomgen.make_studies(tmp_path / "study", seed=13, series_per_study=1,
                                       instances_per_series=3, size=16)
@@ -188,7 +188,7 @@ def test_serve_on_a_full_data_home_says_no_space_and_starts_once_there_is_room(
     import, a recall, another program) leaves no room for SQLite to make its WAL index
     again. serve must say that, not "disk I/O error ... check permissions", which reads
     as a failing disk."""
-    home = init_home(small_tmpfs / "home")
+    home = no_reserve(init_home(small_tmpfs / "home"))
     server = edge_server_factory(home, start=False)
     server.log_path = tmp_path / "serve.log"  # not on the file system that fills
     server.start()
@@ -215,7 +215,7 @@ def test_full_data_home_keeps_answering_finds_and_retrieves(
     Their first use counts new metric series into prometheus-client's memory-mapped
     files, whose pages were never written: on a full disk the kernel answered that
     write with SIGBUS and serve died without a word."""
-    server = edge_server_factory(init_home(small_tmpfs / "home"), start=False)
+    server = edge_server_factory(no_reserve(init_home(small_tmpfs / "home")), start=False)
     server.log_path = tmp_path / "serve.log"  # not on the file system that fills
     server.start()
     instances = dicomgen.make_studies(tmp_path / "study", seed=15, series_per_study=1,

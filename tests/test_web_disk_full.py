@@ -12,7 +12,7 @@ import dcmtk
 import dicomgen
 import webpeer
 from conftest import EdgeServer
-from smalldisk import NEEDS_ROOT, fill, tmpfs
+from smalldisk import NEEDS_ROOT, fill, no_reserve, tmpfs
 
 STOW = "/dicom-web/studies"
 OUT_OF_RESOURCES = 0xA700
@@ -40,7 +40,7 @@ def test_stow_on_a_full_disk_answers_503_with_retry_after_and_stores_after_space
                                   instances_per_series=2, size=64)
     paths = [i.path for i in study]
     with tmpfs(tmp_path / "disk", 48) as disk:
-        server = EdgeServer(webpeer.web_home(disk / "home", dcmtk.free_port()))
+        server = EdgeServer(no_reserve(webpeer.web_home(disk / "home", dcmtk.free_port())))
         server.log_path = tmp_path / "serve.log"  # not on the disk that fills
         server.start()
         try:
@@ -77,7 +77,7 @@ def test_a_session_keeps_reading_while_the_disk_is_full(tmp_path: Path) -> None:
     session_idle_minutes / 10; on a full disk that record cannot be written, and the
     session must still admit: the viewer keeps working."""
     with tmpfs(tmp_path / "disk", 48) as disk:
-        server = EdgeServer(webpeer.web_home(disk / "home", dcmtk.free_port()))
+        server = EdgeServer(no_reserve(webpeer.web_home(disk / "home", dcmtk.free_port())))
         server.configure(auth={"session_idle_minutes": 0.1})  # a use is recorded after 0.6 s
         server.log_path = tmp_path / "serve.log"
         server.start()

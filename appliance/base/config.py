@@ -143,7 +143,11 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: Path = Path("store")
-    reserve_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, ">= 0"))
+    # The room new instances (ingest, recall) leave free, for the index, the audit log,
+    # HL7 orders, web logins and the sync agent's eviction once the store is full. At 0
+    # ingest takes the disk to its last block, and a disk then filled the rest of the
+    # way leaves no room to record even the eviction that would free space.
+    reserve_mb: int = field(default=64, metadata=_check(lambda v: v >= 0, ">= 0"))
     max_inflated_mb: int = field(default=512, metadata=_check(lambda v: 1 <= v <= 1 << 20,
                                                               "1 to 1048576 MB"))
 
@@ -572,7 +576,8 @@ _COMMENTS = {
     "metrics.port": "Its port (9464); 0: none. Unused while the HTTPS server runs.",
     "store": "Local instance files.",
     "store.path": "Folder of instance files (relative paths are inside the data home).",
-    "store.reserve_mb": "Refuse new instances (0xA700) when free space drops below this.",
+    "store.reserve_mb": "Refuse new instances (0xA700), and recalls, when free space drops"
+    " below this: the room the index, the audit log and eviction need (0 leaves none).",
     "store.max_inflated_mb": "Refuse (0xA700) a deflated instance that inflates beyond this"
     " (deflate bombs); the header is read in bounded chunks whatever the size.",
     "index": "SQLite index (WAL mode, synchronous=FULL).",

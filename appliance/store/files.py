@@ -34,6 +34,7 @@ from appliance.base.durable import (
     sweep_temp_files,
 )
 from appliance.base.errors import OutOfSpace
+from appliance.base.human import human_size
 from appliance.base.uids import is_valid_uid
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile, dataset_offset
@@ -81,9 +82,19 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
-    def check_space(self) -> None:
-        if self.reserve_bytes and self.free_bytes() < self.reserve_bytes:
+    def check_space(self, needed: int = 0) -> None:
+        """Refuse (OutOfSpace) a write of `needed` more bytes that would leave less than
+        the reserve free: the room the index, the audit log and the sync agent's
+        eviction write into once the store is full."""
+        if not self.reserve_bytes and not needed:
+            return
+        free = self.free_bytes()
+        if free - needed >= self.reserve_bytes:
+            return
+        if not needed:
             raise OutOfSpace("free space is below the configured store reserve")
+        raise OutOfSpace(f"{human_size(needed)} needed, {human_size(free)} free, of which"
+                         f" {human_size(self.reserve_bytes)} is the store reserve")
 
     def commit(self, spool: SpoolFile, relative: str, *, synced: Future[None] | None = None,
                sync_folder: bool = True) -> None:

@@ -1,0 +1,105 @@
+"""The store reserve (`[store] reserve_mb`, 64 MB by default): new instances and recalls
+stop while that much is still free, so that the index, the audit log, HL7 orders, web
+logins and the sync agent's eviction have room to write once the store is full. With
+no reserve, ingest took the disk to its last block, and anything else that wrote there
+(a recall, a file:// cloud folder on the same disk, another program) left the box with
+no room to record even the eviction that would free space (SQLITE_FULL)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+from conftest import EdgeServer, init_home, run_pacs_edge
+from smalldisk import NEEDS_ROOT, tmpfs
+from syncagent import sync_once, tier_state
+
+pytestmark = NEEDS_ROOT
+
+DISK_MB = 80
+RESERVE = 64 << 20  # the default
+SLICE = 512  # 512x512x16-bit: ~0.5 MB an instance
+LARGE = 1024  # ~2 MB: 40 of them fill what the reserve leaves, and the reserve too
+
+
+def free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def leave_free(disk: Path, keep: int) -> Path:
+    """A filler that leaves `keep` bytes free on `disk` (other studies, in effect)."""
+    filler = disk / "filler.bin"
+    subprocess.run(["fallocate", "-l", str(free_bytes(disk) - keep), str(filler)], check=True)
+    return filler
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[tuple[EdgeServer, Path]]:
+    """A box whose data home is alone on a small disk, with its cloud elsewhere (a
+    file:// folder on the same disk would fill with it) and the default reserve."""
+    with tmpfs(tmp_path / "disk", DISK_MB) as disk:
+        server = EdgeServer(init_home(disk / "home"))
+        server.log_path = tmp_path / "serve.log"  # not on the disk that fills
+        server.configure(cloud={"url": f"file://{tmp_path / 'cloud'}"})
+        server.start()
+        try:
+            yield server, disk
+        finally:
+            server.stop()
+        assert not server.unclean_stops, server.unclean_stops
+
+
+def test_a_store_full_to_its_reserve_still_evicts_and_then_takes_instances_again(
+        box: tuple[EdgeServer, Path], tmp_path: Path) -> None:
+    server, disk = box
+    old = dicomgen.make_studies(tmp_path / "old", seed=41, series_per_study=1,
+                                instances_per_series=8, size=SLICE)
+    dcmtk.storescu(server.port, [i.path for i in old]).check()
+    assert "replicated 1 study version" in sync_once(server.home).stdout
+
+    # Modalities send until the box refuses: with the reserve that is 64 MB before the
+    # disk's end, without it the last block.
+    leave_free(disk, RESERVE + (4 << 20))
+    new = dicomgen.make_studies(tmp_path / "new", seed=42, series_per_study=1,
+                                instances_per_series=40, size=LARGE)
+    sent = dcmtk.storescu(server.port, [i.path for i in new], args=("-v", "-nh"))
+    answers = sent.store_responses()
+    assert "Success" in answers and answers[-1] != "Success", sent.output
+    assert free_bytes(disk) >= RESERVE
+
+    evicted = run_pacs_edge("evict", old[0].study_uid, "--home", str(server.home),
+                            check=False)
+    assert evicted.returncode == 0, evicted.stdout + evicted.stderr
+    assert tier_state(server, old[0].study_uid) == "evicted"
+    refused = [i.path for i, answer in zip(new, answers, strict=True) if answer != "Success"]
+    again = dcmtk.storescu(server.port, refused[:1])
+    assert again.store_responses() == ["Success"], again.output
+
+
+def test_a_recall_that_would_cut_into_the_reserve_is_refused_before_it_downloads(
+        box: tuple[EdgeServer, Path], tmp_path: Path) -> None:
+    server, disk = box
+    study = dicomgen.make_studies(tmp_path / "study", seed=43, series_per_study=1,
+                                  instances_per_series=8, size=SLICE)
+    uid = study[0].study_uid
+    dcmtk.storescu(server.port, [i.path for i in study]).check()
+    sync_once(server.home)
+    run_pacs_edge("evict", uid, "--home", str(server.home))
+    study_bytes = sum(i.path.stat().st_size for i in study)
+
+    filler = leave_free(disk, RESERVE + study_bytes // 2)
+    refused = run_pacs_edge("recall", uid, "--home", str(server.home), check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "store reserve" in refused.stderr, refused.stderr
+    assert tier_state(server, uid) == "evicted"
+    assert not list((server.home / "store").rglob("*.dcm"))
+
+    filler.unlink()
+    run_pacs_edge("recall", uid, "--home", str(server.home))
+    assert tier_state(server, uid) == "replicated"
