@@ -15,5 +15,7 @@ need_command chromium chromium
 need_command chromedriver chromium-driver
 # promtool checks the /metrics text and the example alert rules (docs/operations.md).
 need_command promtool prometheus
+# libfaketime steps the wall clock of real processes (tests/test_clock_steps.py).
+need_command faketime faketime
 "$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"
 "$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"

@@ -1,6 +1,7 @@
 """`pacs-edge sync`: the agent process, its scheduled jobs, and one-shot passes.
 
-Jobs (APScheduler, one asyncio loop, never two runs of a job at once):
+Jobs (APScheduler, one asyncio loop, never two runs of a job at once; a wall-clock
+step makes every job run at once, see sync.steady_scheduler):
 - replicate + evict, every `sync.replicate_interval_seconds`;
 - recall requests from the appliance, every `sync.recall_poll_seconds`;
 - cloud lifecycle, hourly;
@@ -33,8 +34,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
 from appliance.audit.anchor import AnchorJob
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
@@ -51,6 +50,7 @@ from sync.recall import serve_recall_requests
 from sync.replicate import Replicated, replicate_study, replication_candidates
 from sync.rollback import recover_stuck, sweep_leftover_files
 from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
+from sync.steady_scheduler import SteadyScheduler
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ async def run_agent(config: Config) -> None:
         # APScheduler logs every run at INFO: a recall poll every second would flood the log.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         logging.getLogger("apscheduler.scheduler").addFilter(_not_a_skipped_run)
-        scheduler = AsyncIOScheduler(event_loop=loop)
+        scheduler = SteadyScheduler(event_loop=loop)
         running: set[asyncio.Task[None]] = set()
         sync = config.sync
         jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
