@@ -63,7 +63,7 @@ class Replicated:
 
 async def replication_candidates(ctx: SyncContext, stable_after: float) -> list[StudyRow]:
     """Studies quiet for `stable_after` seconds with local instances not in any pack."""
-    return await stable_studies(ctx.index, time.time() - stable_after)
+    return await stable_studies(ctx.index, time.time(), stable_after)
 
 
 async def replicate_study(ctx: SyncContext, study: StudyRow) -> Replicated | None:

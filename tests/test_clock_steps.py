@@ -107,3 +107,14 @@ def test_sync_agent_neither_spins_nor_skips_runs_after_the_clock_steps_ahead(
         agent.stop()
     assert grown < 50_000, f"agent grew by {grown} KiB after the step"
     assert "was missed by" not in agent.log()
+
+
+def test_studies_received_before_the_clock_stepped_back_still_replicate(
+        tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    clock = SteppedClock(tmp_path)
+    study = dicomgen.make_study(tmp_path / "study", seed=4)
+    clock.run("import", "--home", str(home), *(str(i.path) for i in study))
+    clock.step("-1y")  # the clock was a year ahead when the study came in
+    clock.run("sync", "--once", "--stable-after", "0", "--home", str(home))
+    assert _replicated(home) == 1
