@@ -172,14 +172,16 @@ def study(tmp_path: Path) -> list[dicomgen.GeneratedInstance]:
 @pytest.fixture
 def commit_edge(edge_server_factory: Callable[..., EdgeServer], modality: Modality
                 ) -> Callable[..., EdgeServer]:
-    """A started server whose allowlist has the modality (store + commit by default)."""
+    """A started server (with start=False: not yet) whose allowlist has the modality
+    (store + commit by default)."""
 
-    def make(*, allow: str = "store,commit", **config: dict[str, object]) -> EdgeServer:
+    def make(*, allow: str = "store,commit", start: bool = True,
+             **config: dict[str, object]) -> EdgeServer:
         server = edge_server_factory(start=False)
         server.add_peer("modality", MODALITY, modality.port, allow=allow)
         workflow = {"commit_retry_seconds": 1.0, **config.pop("workflow", {})}
         server.configure(workflow=workflow, **config)
-        return server.start()
+        return server.start() if start else server
 
     return make
 
@@ -472,3 +474,37 @@ def test_commitment_state_table_allows_only_its_pairs(state: CommitmentState,
 def test_answered_commitment_cannot_be_answered_twice() -> None:
     with pytest.raises(CommitmentTransitionError):
         next_state(CommitmentState.ANSWERED, CommitmentTrigger.REPORTED)
+
+
+def test_retry_scheduled_while_the_clock_was_ahead_comes_due_when_it_is_corrected(
+        commit_edge: Callable[..., EdgeServer], modality: Modality,
+        study: list[dicomgen.GeneratedInstance]) -> None:
+    # serve runs with its clock a year ahead (NTP misconfigured: libfaketime), then
+    # restarts with the clock put right. Its retries were scheduled a year ahead.
+    libfaketime = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libfaketime, "libfaketime missing: run scripts/setup-test-deps.sh"
+    edge = commit_edge(workflow={"commit_requires_cloud": True}, start=False)
+    edge.start(prefix=("env", f"LD_PRELOAD={libfaketime[0]}", "FAKETIME=+1y"))
+    _store(edge, study)
+    status, transaction_uid, _ = modality.request(edge, _items(study), keep_open=False)
+    assert status == SUCCESS
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while "waiting for verified cloud packs" not in _last_error(edge, transaction_uid):
+        assert time.monotonic() < deadline, "the report was never tried"
+        time.sleep(0.1)
+    edge.stop()
+    sync_once(edge.home)  # the pack is verified: the next attempt can report
+    edge.start()
+    report = modality.wait_report(timeout=20.0)
+    assert str(report.info.TransactionUID) == transaction_uid
+    assert report.committed() == {i.sop_instance_uid for i in study}
+
+
+def _last_error(edge: EdgeServer, transaction_uid: str) -> str:
+    db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT last_error FROM commitments WHERE transaction_uid = ?",
+                         (transaction_uid,)).fetchone()
+    finally:
+        db.close()
+    return "" if row is None else str(row[0])

@@ -94,7 +94,8 @@ class CommitmentReporter:
         other reports would hold up every other modality's (three of them: 99 s). They
         stay due for the next pass."""
         unreachable: set[str] = set()
-        for commitment in self.bridge.call(self.service.due()):
+        horizon = report_hold_seconds(self.config, self.service)
+        for commitment in self.bridge.call(self.service.due(horizon=horizon)):
             if self._stop.is_set():
                 return
             if commitment.calling_ae in unreachable:

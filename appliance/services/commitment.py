@@ -252,8 +252,10 @@ class CommitmentService:
             lambda conn: commitments.claim(conn, commitment.id, now=now,
                                            until=now + hold_seconds))
 
-    async def due(self) -> list[Commitment]:
-        return await database.run_sync(self.index.reader, commitments.due, self.clock())
+    async def due(self, *, horizon: float) -> list[Commitment]:
+        """Due commitments; `horizon`: the longest hold of an attempt (report_hold_seconds)."""
+        return await database.run_sync(self.index.reader, commitments.due, self.clock(),
+                                       horizon)
 
     async def _load(self, commitment_id: int) -> Commitment:
         found = await database.run_sync(self.index.reader, commitments.load, commitment_id)

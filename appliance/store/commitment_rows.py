@@ -26,6 +26,9 @@ from appliance.base.errors import PacsEdgeError
 from appliance.store import database
 
 _CHUNK = 500  # SQL variables per IN (...) list
+# Seconds beyond the longest scheduled delay that only a wall clock stepped back explains
+# (two threads read the clock microseconds apart).
+STEPPED_BACK_SLACK = 60.0
 
 
 class CommitmentState(enum.StrEnum):
@@ -130,10 +133,11 @@ def record_request(conn: sqlite3.Connection, *, calling_ae: str, transaction_uid
 
 def claim(conn: sqlite3.Connection, commitment_id: int, *, now: float, until: float) -> bool:
     """Take a due commitment for one delivery attempt: no other thread or process picks
-    it up before `until`. False if it is not due (answered, or another one holds it)."""
+    it up before `until`. False if it is not due (answered, or another one holds it).
+    `until - now` is the longest delay the box schedules: see `due` for later attempts."""
     cur = conn.execute("UPDATE commitments SET next_attempt_at = ? WHERE id = ?"
-                       " AND state = 'pending' AND next_attempt_at <= ?",
-                       (until, commitment_id, now))
+                       " AND state = 'pending' AND (next_attempt_at <= ? OR next_attempt_at > ?)",
+                       (until, commitment_id, now, until + STEPPED_BACK_SLACK))
     return cur.rowcount == 1
 
 
@@ -192,12 +196,18 @@ def load(conn: sqlite3.Connection, commitment_id: int) -> Commitment | None:
     return None if row is None else _commitment(conn, row)
 
 
-def due(conn: sqlite3.Connection, now: float, limit: int = 16) -> list[Commitment]:
-    """Pending commitments whose next attempt is due, oldest first."""
+def due(conn: sqlite3.Connection, now: float, horizon: float,
+        limit: int = 16) -> list[Commitment]:
+    """Pending commitments whose next attempt is due, oldest first. An attempt set for
+    more than `horizon` (the longest delay the box schedules) after `now` was scheduled
+    before the wall clock stepped back (a clock corrected after months ahead): it is due
+    too, else the modality would wait for its report until the clock caught up."""
     rows = conn.execute(
         "SELECT id, calling_ae, transaction_uid, state, requested_at, attempts"
-        " FROM commitments WHERE state = 'pending' AND next_attempt_at <= ?"
-        " ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
+        " FROM commitments WHERE state = 'pending'"
+        " AND (next_attempt_at <= ? OR next_attempt_at > ?)"
+        " ORDER BY next_attempt_at, id LIMIT ?",
+        (now, now + horizon + STEPPED_BACK_SLACK, limit)).fetchall()
     return [_commitment(conn, row) for row in rows]
 
 
