@@ -356,3 +356,23 @@ def test_a_tls_error_on_an_association_is_one_warning_with_the_address(
     assert "aborting association: TLS error" in log and "address=127.0.0.1" in log, log
     assert " ERROR " not in log, log
     server.echo().check()
+
+
+def test_a_box_clock_before_the_certificates_is_named_at_start_and_per_handshake(
+        edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+        tmp_path: Path) -> None:
+    # A dead RTC battery: serve starts ten years back, before every certificate's start
+    # (libfaketime), and every peer's certificate is "not yet valid" to it.
+    libfaketime = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libfaketime, "libfaketime missing: run scripts/setup-test-deps.sh"
+    server = edge_server_factory(start=False)
+    tls_port = free_port()
+    server.configure(dicom={"tls_port": tls_port})
+    server.cli("certs", "issue", "testscu", "--out", str(tmp_path / "testscu"))
+    server.start(prefix=("env", f"LD_PRELOAD={libfaketime[0]}", "FAKETIME=-10y"))
+    assert "clock outside the certificate's validity cert=node" in server.log()
+    assert not dcmtk.echoscu(tls_port, args=tls_args(tmp_path / "testscu")).ok
+    deadline = time.monotonic() + 10.0
+    while "TLS handshake failed" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "verify='certificate is not yet valid'" in server.log(), server.log()

@@ -183,7 +183,10 @@ class EdgeRequestHandler(RequestHandler):
             sock.settimeout(self.server.ae.network_timeout)
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
-            log.warning("TLS handshake failed address=%s reason=%s", address, reason)
+            # "certificate is not yet valid" / "has expired": often this box's clock.
+            verify = getattr(exc, "verify_message", "")
+            log.warning("TLS handshake failed address=%s reason=%s%s", address, reason,
+                        f" verify={verify!r}" if verify else "")
             alert = getattr(self.server, "on_tls_failure", None)
             if alert is not None:
                 alert(address, str(reason))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import logging
 import signal
 import ssl
@@ -58,7 +59,7 @@ from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
-from provisioning.certs import TlsPaths
+from provisioning.certs import TlsPaths, load_certificate
 from provisioning.home import LOG_KEY, SECRETS_DIR
 
 if TYPE_CHECKING:
@@ -76,8 +77,24 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.dicom.tls_port:
         return None
     paths = TlsPaths(config.home)
+    _warn_of_clock_outside_validity(paths)
     return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
                           require_client_cert=config.dicom.tls_require_client_cert)
+
+
+def _warn_of_clock_outside_validity(paths: TlsPaths) -> None:
+    """A box whose clock is before its certificates' start (a dead RTC battery, NTP not
+    synced yet) or past their end refuses every TLS peer's certificate: say so at start,
+    not only as one failed handshake per association."""
+    now = datetime.datetime.now(datetime.UTC)
+    for name, path in (("node", paths.node_cert), ("ca", paths.ca_cert)):
+        cert = load_certificate(path)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            log.warning("clock outside the certificate's validity cert=%s now=%s"
+                        " not_before=%s not_after=%s: TLS peers will be refused; check the"
+                        " clock (timedatectl)", name, f"{now:%Y-%m-%dT%H:%M}Z",
+                        f"{cert.not_valid_before_utc:%Y-%m-%d}",
+                        f"{cert.not_valid_after_utc:%Y-%m-%d}")
 
 
 def _tls_client_context(config: Config) -> ssl.SSLContext | None:
