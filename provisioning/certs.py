@@ -64,6 +64,7 @@ CA_CERT = "ca.pem"
 NODE_KEY = "node.key"
 NODE_CERT = "node.pem"
 ORGANIZATION = "pacs-edge"
+EARLIEST_CLOCK = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)  # see _check_clock
 DEFAULT_CA_DAYS = 3650
 DEFAULT_NODE_DAYS = 365
 DEFAULT_CLIENT_DAYS = 365
@@ -163,7 +164,9 @@ def provision_tls(home: Path, *, ca_days: int = DEFAULT_CA_DAYS,
 
 def check_lifetimes(home: Path, *, ca_days: int, node_days: int) -> None:
     """Refuse init's lifetimes before anything is written: out of range, or a node
-    certificate asked to outlive the CA made with it (it would be cut short silently)."""
+    certificate asked to outlive the CA made with it (it would be cut short silently),
+    or dated from a clock that is plainly wrong."""
+    _check_clock(datetime.datetime.now(datetime.UTC))
     _check_days(ca_days, "--ca-days")
     _check_days(node_days, "--cert-days")
     if node_days > ca_days and not TlsPaths(Path(home)).ca_cert.exists():
@@ -381,7 +384,18 @@ def _subject(site: str, common_name: str) -> x509.Name:
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     now = datetime.datetime.now(datetime.UTC)
+    _check_clock(now)
     return now - _SKEW, now + datetime.timedelta(days=days)
+
+
+def _check_clock(now: datetime.datetime) -> None:
+    """A box with a dead RTC battery boots in 1970 or 2000: certificates dated from that
+    clock are expired, or nearly, once NTP sets it, and every TLS peer refuses them."""
+    if now < EARLIEST_CLOCK:
+        raise CertificateError(
+            f"the clock says {now:%Y-%m-%d}, before this software was written: certificates"
+            " dated from it would be expired once the clock is set",
+            hint="set the clock (timedatectl; NTP) and run the command again")
 
 
 def _ca_certificate(key: ec.EllipticCurvePrivateKey, site: str,

@@ -8,14 +8,16 @@ certificate, both trusting only the site CA.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_pacs_edge
+from conftest import pacs_edge_command, run_pacs_edge
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -249,3 +251,17 @@ def test_status_warns_before_a_certificate_issued_to_a_peer_expires(tmp_path: Pa
             for o in r["ParticipantObjectIdentification"]] == [
         "certificate issued to peer ct1", "certificate issued to peer gone",
         "certificate issued to peer ct1"]
+
+
+def test_init_on_a_clock_decades_back_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    # A dead RTC battery, before NTP has set the clock (libfaketime: 2000-01-01).
+    libfaketime = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    assert libfaketime, "libfaketime missing: run scripts/setup-test-deps.sh"
+    home = tmp_path / "home"
+    proc = subprocess.run(
+        [*pacs_edge_command(), "init", "--home", str(home)], capture_output=True, text=True,
+        timeout=60, stdin=subprocess.DEVNULL,
+        env={**os.environ, "LD_PRELOAD": str(libfaketime[0]), "FAKETIME": "@2000-01-01 00:00:00"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the clock says 2000-01-01" in proc.stderr and "timedatectl" in proc.stderr
+    assert not home.exists(), "nothing is written before the clock is checked"
