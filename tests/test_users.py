@@ -402,6 +402,23 @@ def test_session_ends_after_the_absolute_limit_however_active(home: Path) -> Non
                  session_max_hours=2.5)
 
 
+def test_session_opened_before_the_clock_stepped_back_ends(home: Path) -> None:
+    # Stepped back five years, a session's idle and absolute limits were measured from
+    # times in the future: it stayed valid, never idle, for five years more.
+    clock = Clock()
+
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        token = await service.open_session(
+            await service.authenticate("rad1", PASSWORD, address="t"), address="t")
+        clock.advance(-5 * 365 * 86400)
+        with pytest.raises(AuthenticationError) as caught:
+            await service.session(token)
+        assert caught.value.kind is AuthFailure.EXPIRED
+
+    with_service(home, scenario, clock=clock)
+
+
 def test_closed_session_and_removed_user_end_sessions(home: Path) -> None:
     async def scenario(service: UserService) -> None:
         await _add(service)

@@ -66,6 +66,9 @@ HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
 LINK_VIA = "launch link"
 VERIFIED_SECONDS = 300.0
 VERIFIED_ENTRIES = 1024
+# A session last used more than this after now was used before the wall clock stepped
+# back: its idle and absolute limits would count from the future, for as long as the step.
+STEPPED_BACK_SLACK = 60.0
 
 
 def _token_hash(token: str) -> str:
@@ -249,7 +252,8 @@ class UserService:
         now, auth = self._clock(), self.config.auth
         idle = auth.session_idle_minutes * 60
         if (now - found.last_seen_at > idle
-                or now - found.created_at > auth.session_max_hours * 3600):
+                or now - found.created_at > auth.session_max_hours * 3600
+                or found.last_seen_at > now + STEPPED_BACK_SLACK):
             await self._write(lambda conn: rows.delete_session(conn, digest))
             raise expired
         if now - found.last_seen_at >= min(60.0, idle / 10):
