@@ -118,3 +118,20 @@ def test_studies_received_before_the_clock_stepped_back_still_replicate(
     clock.step("-1y")  # the clock was a year ahead when the study came in
     clock.run("sync", "--once", "--stable-after", "0", "--home", str(home))
     assert _replicated(home) == 1
+
+
+def test_status_names_a_silent_agent_whose_earlier_pass_ran_on_a_clock_ahead(
+        tmp_path: Path) -> None:
+    home = init_home(tmp_path / "home")
+    clock = SteppedClock(tmp_path)
+    clock.run("import", "--home", str(home),
+              *(str(i.path) for i in dicomgen.make_study(tmp_path / "study", seed=5)))
+    clock.step("+1y")
+    clock.run("sync", "--once", "--home", str(home))  # a pass while the clock was ahead
+    clock.step("+0")
+    clock.run("sync", "--once", "--home", str(home))  # the clock put right
+    clock.step("+1d")  # then the agent stops for a day
+    status = subprocess.run([*pacs_edge_command(), "status", "--json", "--home", str(home)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **clock.env})
+    assert '"code": "sync_agent_silent"' in status.stdout, status.stdout

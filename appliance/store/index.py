@@ -275,7 +275,9 @@ class Index:
         row = await self._row(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
-            " (SELECT MAX(finished_at) FROM sync_passes WHERE ok = 1),"
+            # The latest pass, not the greatest time: one stamped before the clock
+            # stepped back would hide a silent agent for as long as the step.
+            " (SELECT finished_at FROM sync_passes WHERE ok = 1 ORDER BY id DESC LIMIT 1),"
             " (SELECT MAX(scrubbed_at) FROM packs)"
         )
         assert row is not None
