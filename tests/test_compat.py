@@ -28,6 +28,8 @@ import aiosqlite
 import pydicom
 import pynetdicom.association
 import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.base import BaseScheduler
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
@@ -494,6 +496,20 @@ def test_overridden_pynetdicom_hooks_keep_their_signatures(
 
 def test_the_query_retrieve_class_answers_c_find_through_the_overridden_hook() -> None:
     assert "self._c_find_scp(req, context)" in inspect.getsource(QueryRetrieveServiceClass.SCP)
+
+
+@pytest.mark.parametrize(("owner", "hook", "parameters"), [
+    (BaseScheduler, "_process_jobs", ["self"]),
+    (AsyncIOScheduler, "_start_timer", ["self", "wait_seconds"]),
+])
+def test_overridden_apscheduler_hooks_keep_their_signatures(
+        owner: type, hook: str, parameters: list[str]) -> None:
+    assert _parameters(getattr(owner, hook)) == parameters
+
+
+def test_the_asyncio_scheduler_times_its_wakeups_through_the_overridden_hooks() -> None:
+    source = inspect.getsource(AsyncIOScheduler.wakeup)
+    assert "self._process_jobs()" in source and "self._start_timer(wait_seconds)" in source
 
 
 @pytest.mark.parametrize("flag", [

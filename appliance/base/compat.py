@@ -63,6 +63,12 @@ What is touched, and who uses it:
                                             metric files' pages backed by blocks before
                                             they are written (back_metric_pages,
                                             base/metrics_dir.py)
+    APScheduler 3.11.3
+      subclassed hooks (overridden, not assigned; their signatures are checked too):
+      BaseScheduler._process_jobs, AsyncIOScheduler._start_timer, as
+      AsyncIOScheduler.wakeup calls them
+                                            the sync agent's jobs run on after a
+                                            wall-clock step (sync/steady_scheduler.py)
 
 pynetdicom's `_config` flags (STORE_RECV_CHUNKED_DATASET, ...) are its documented
 configuration module, not a patch; tests/test_compat.py still checks that the
@@ -95,7 +101,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 PINNED = {"pynetdicom": "3.0.4", "pydicom": "3.0.2", "aiosqlite": "0.22.1",
-          "prometheus-client": "0.26.0"}
+          "prometheus-client": "0.26.0", "APScheduler": "3.11.3"}
 
 _route_lock = threading.Lock()
 
