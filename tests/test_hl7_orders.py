@@ -143,6 +143,21 @@ def test_second_new_order_with_the_same_accession_is_refused(
     assert show(server, "ACC1")["patient_name"] == "DOE^JANE"
 
 
+def test_a_refused_message_logs_no_order_it_did_not_apply(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Two orders in one message, the second a duplicate: the whole message is refused
+    and its transaction rolled back, so the log names neither order as created (it used
+    to log the first inside the transaction, as it would on a full disk)."""
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("D1", accession="ACC1")).code == "AA"
+    second = hl7peer.orm("D2", accession="ACC1").split("\r")[3:5]  # its ORC and OBR
+    both = hl7peer.orm("D3", accession="ACC9") + "\r".join(second) + "\r"
+    ack = hl7peer.send(port, both)
+    assert (ack.code, ack.error_code) == ("AE", "205"), ack
+    assert [order["accession_number"] for order in worklist(server)] == ["ACC1"]
+    assert server.log().count("order created") == 1, server.log()
+
+
 def _audit_records(server: EdgeServer) -> list[dict[str, Any]]:
     path = server.home / "audit" / "audit.log"
     if not path.exists():

@@ -198,6 +198,12 @@ class OrderService:
         writer = self.index.writer
         assert writer is not None
         outcome = await writer.submit_sync(lambda conn: _apply(conn, header, request))
+        # Logged once committed: a message refused later in its transaction, or a commit
+        # the disk refused, applied nothing.
+        for effect in () if outcome.duplicate else outcome.effects:
+            if effect.accession_number:
+                log.info("order %s order=%s", "created" if effect.action == "create"
+                         else effect.action, logsafe.ref(effect.accession_number))
         log.info("hl7 message %s type=%s effects=%d%s", "duplicate" if outcome.duplicate else
                  "applied" if outcome.accepted else "refused", header.message_type,
                  len(outcome.effects),
@@ -293,7 +299,6 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
             apply_sync(conn, order, trigger, source="hl7", at=now)
     except OrderTransitionError as exc:
         raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-1") from None
-    log.info("order %s order=%s", trigger.value, logsafe.ref(order.accession_number))
     return Effect({"cancel": "cancel", "discontinue": "discontinue"}.get(trigger.value,
                                                                           "change"),
                   order.patient, order.demographics.patient_name, order.accession_number,
@@ -322,6 +327,5 @@ def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effe
                        filler_order_number=request.filler_order_number, study_uid=study_uid,
                        details=request.details, patient=request.patient,
                        demographics=request.demographics, at=now)
-    log.info("order created order=%s", logsafe.ref(request.accession_number))
     return Effect("create", request.patient, request.demographics.patient_name,
                   request.accession_number, study_uid)
