@@ -57,3 +57,32 @@ def test_full_store_pauses_the_drop_folder_with_one_log_line_and_resumes(
         finally:
             server.stop()
         assert not server.unclean_stops, server.unclean_stops
+
+
+def test_a_store_below_its_reserve_copies_no_dropped_file_into_the_spool(
+        tmp_path: Path) -> None:
+    """While the store is below its reserve every waiting file is refused at each
+    rescan: it must be refused before it is copied, or a CD of 1 GB waiting on a full
+    box is written to the spool and deleted again every rescan_seconds."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    study = dicomgen.make_studies(tmp_path / "study", seed=22, series_per_study=1,
+                                  instances_per_series=3, size=64)
+    with tmpfs(tmp_path / "store", 8) as store:
+        server = EdgeServer(init_home(tmp_path / "home"))
+        server.configure(store={"path": store / "store", "reserve_mb": 16},
+                         dropfolder={"paths": [str(drop)], "stable_seconds": 0.2,
+                                     "rescan_seconds": RESCAN_SECONDS})
+        server.start()
+        try:
+            spool = store / "store" / ".spool"
+            untouched = spool.stat().st_mtime_ns
+            for instance in study:
+                shutil.copy(instance.path, drop / instance.path.name)
+            wait_until("the drop folder pauses", lambda: PAUSED in server.log())
+            time.sleep(4 * RESCAN_SECONDS)
+            assert spool.stat().st_mtime_ns == untouched  # no spool file made, or removed
+            assert len(list(drop.iterdir())) == len(study)
+        finally:
+            server.stop()
+        assert not server.unclean_stops, server.unclean_stops

@@ -177,7 +177,9 @@ class IngestService:
 
     def _spool_from_file(self, source: Path | BinaryIO) -> SpoolFile:
         """Copy `source` into a spool file: a fresh File Meta header, then its dataset bytes
-        exactly as they are in the source file."""
+        exactly as they are in the source file. A store below its reserve refuses it
+        before the copy: the drop folder retries every waiting file at each rescan."""
+        self.files.check_space()
         opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
         with opened as fh:
             spool = self.start_spool(fh)
