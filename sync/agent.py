@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from appliance.audit.anchor import AnchorJob
+from appliance.base import logsafe
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics import SYNC_PASSES
@@ -106,6 +107,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
             except StudyBusy:
                 report.busy += 1
             except PacsEdgeError as exc:
+                log.warning("eviction failed study=%s error=%s", logsafe.ref(study.study_uid),
+                            exc.message)
                 report.failures.append(f"evict: {exc.message}")
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
                           "evicted": report.evicted, "busy": report.busy,

@@ -101,9 +101,13 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
                      logsafe.ref(study.study_uid), plan.version)
             await roll_back_on_stop(_abandon(ctx, lease, study, plan), work="replicate")
             raise
-        except BaseException:
-            log.error("replication failed; rolling back study=%s version=%d",
-                      logsafe.ref(study.study_uid), plan.version)
+        except BaseException as exc:
+            # The reason goes in the line: the pass records it only in the index, and a
+            # journal that says "failed" without why (credentials refused, container
+            # gone, a timeout) leaves the operator guessing.
+            log.error("replication failed; rolling back study=%s version=%d error=%s",
+                      logsafe.ref(study.study_uid), plan.version,
+                      getattr(exc, "message", type(exc).__name__))
             REPLICATIONS.labels("failed").inc()
             await _abandon(ctx, lease, study, plan)
             raise

@@ -1,0 +1,79 @@
+"""The sync agent while the cloud fails: what the operator sees in the journal and `status`.
+
+A real agent runs against a real Azurite; the failures are real ones (a container
+refused by the storage account), not mocks. Timings are shortened through the
+config: passes every second, studies stable at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import dicomgen
+from conftest import EdgeServer, init_home, run_pacs_edge
+from syncagent import SyncAgent, sync_once
+
+WAIT = 30.0
+
+
+def azure_home(tmp_path: Path, connection_string: str) -> tuple[Path, str]:
+    """A home replicating to a fresh Azurite container; returns it and the container."""
+    home = init_home(tmp_path / "home")
+    credentials = home / "secrets" / "azure.conn"
+    credentials.write_text(connection_string)
+    credentials.chmod(0o600)
+    container = f"outage-{uuid.uuid4().hex[:12]}"
+    EdgeServer(home).configure(
+        cloud={"url": f"azure://{container}", "credentials_file": credentials},
+        sync={"stable_after_seconds": 0, "replicate_interval_seconds": 1})
+    return home, container
+
+
+def import_study(home: Path, folder: Path, seed: int) -> None:
+    dicomgen.make_studies(folder, seed=seed, series_per_study=1, instances_per_series=2)
+    run_pacs_edge("import", "--home", str(home), str(folder))
+
+
+def wait_for(condition: Callable[[], bool], what: str, agent: SyncAgent) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{agent.log()}")
+        time.sleep(0.1)
+
+
+def test_agent_log_says_why_a_replication_failed(azurite: str, tmp_path: Path) -> None:
+    """The storage account refuses the agent's key (rotated in the portal, an expired
+    SAS): the journal's failure line names the reason, not only "replication failed"."""
+    wrong_key = azurite.replace("AccountKey=", "AccountKey=X", 1)
+    home, _ = azure_home(tmp_path, wrong_key)
+    import_study(home, tmp_path / "study", seed=71)
+    agent = SyncAgent(home).start()
+    try:
+        wait_for(lambda: "replication failed" in agent.log(), "the upload to fail", agent)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    failed = [line for line in agent.log().splitlines() if "replication failed" in line]
+    assert "Azure refused our credentials (HTTP 403" in failed[0], agent.log()
+
+
+def test_agent_log_says_why_an_eviction_failed(azurite: str, tmp_path: Path) -> None:
+    """A replicated study is due for eviction, and the account now refuses the key: the
+    agent keeps the local files (the cloud copy cannot be checked) and its journal says
+    why, where before only the index's pass record did."""
+    home, _ = azure_home(tmp_path, azurite)
+    import_study(home, tmp_path / "study", seed=73)
+    sync_once(home)
+    (home / "secrets" / "azure.conn").write_text(azurite.replace("AccountKey=", "AccountKey=X", 1))
+    EdgeServer(home).configure(sync={"evict_after_days": 1e-9})  # due at once
+    agent = SyncAgent(home).start()
+    try:
+        wait_for(lambda: "eviction failed" in agent.log(), "the eviction to fail", agent)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    failed = [line for line in agent.log().splitlines() if "eviction failed" in line]
+    assert "Azure refused our credentials (HTTP 403" in failed[0], agent.log()
+    assert len(list((home / "store").rglob("*.dcm"))) == 2
