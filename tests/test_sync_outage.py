@@ -7,6 +7,7 @@ config: passes every second, studies stable at once.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -77,3 +78,35 @@ def test_agent_log_says_why_an_eviction_failed(azurite: str, tmp_path: Path) -> 
     failed = [line for line in agent.log().splitlines() if "eviction failed" in line]
     assert "Azure refused our credentials (HTTP 403" in failed[0], agent.log()
     assert len(list((home / "store").rglob("*.dcm"))) == 2
+
+
+def warnings_of(home: Path) -> dict[str, str]:
+    """`pacs-edge status --json`'s warnings, code -> message."""
+    status = run_pacs_edge("status", "--json", "--home", str(home), check=False)
+    return {w["code"]: w["message"] for w in json.loads(status.stdout)["warnings"]}
+
+
+def test_status_warns_with_the_reason_while_the_agents_passes_fail(
+    azurite: str, tmp_path: Path,
+) -> None:
+    """The box replicated fine, then the account refuses the key: within a few pass
+    intervals `status` (so the status page and /metrics too) warns `sync_failing` with the
+    reason, where before it said nothing for an hour and then only that the agent was
+    silent. A pass that succeeds again clears it."""
+    home, _ = azure_home(tmp_path, azurite)
+    import_study(home, tmp_path / "first", seed=74)
+    sync_once(home)
+    credentials = home / "secrets" / "azure.conn"
+    credentials.write_text(azurite.replace("AccountKey=", "AccountKey=X", 1))
+    import_study(home, tmp_path / "second", seed=75)
+    agent = SyncAgent(home).start()
+    try:
+        wait_for(lambda: "sync_failing" in warnings_of(home), "a sync_failing warning", agent)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    warning = warnings_of(home)["sync_failing"]
+    assert "Azure refused our credentials (HTTP 403" in warning, warning
+    assert "sync_agent_silent" not in warnings_of(home)
+    credentials.write_text(azurite)
+    sync_once(home)
+    assert "sync_failing" not in warnings_of(home)

@@ -37,6 +37,7 @@ from provisioning.escrow_state import EscrowStatus, escrow_status
 CERT_WARN_DAYS = 30
 REPLICATION_LAG_WARN_SECONDS = 6 * 3600.0  # beyond [sync] stable_after_seconds
 SYNC_AGENT_SILENT_SECONDS = 3600.0  # beyond three replicate intervals
+SYNC_FAILING_PASSES = 3  # replicate intervals without success before a failing pass warns
 AUDIT_FORWARD_LATE_SECONDS = 600.0
 
 DropCounts = Callable[[], Awaitable[dict[str, int]]]
@@ -236,11 +237,20 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "replication_lagging", f"the oldest instance not in the cloud arrived"
             f" {_ago(now - oldest)} ago (is `pacs-edge sync` running? see its log)"))
     last_pass = report.sync.get("last_successful_pass_at")
-    silent = 3 * config.sync.replicate_interval_seconds + SYNC_AGENT_SILENT_SECONDS
+    interval = config.sync.replicate_interval_seconds
+    silent = 3 * interval + SYNC_AGENT_SILENT_SECONDS
     if report.totals.studies and (last_pass is None or now - last_pass > silent):
         found.append(HealthWarning(
             "sync_agent_silent", "the sync agent has never completed a pass" if last_pass is None
             else f"the sync agent's last successful pass was {_ago(now - last_pass)} ago"))
+    # The agent runs but its passes fail (the cloud unreachable, the key refused): said
+    # with the reason as soon as a few passes have failed, not an hour later as "silent".
+    error = report.sync.get("last_pass_error")
+    if error and (last_pass is None or now - last_pass > SYNC_FAILING_PASSES * interval):
+        found.append(HealthWarning(
+            "sync_failing", "the sync agent's passes fail"
+            + ("" if last_pass is None else f" (none succeeded for {_ago(now - last_pass)})")
+            + f": {error} (see the agent's log)"))
     for code, cert, what, fix in [
             *[("certificate_expiring", c, f"the {c.name} certificate", "`pacs-edge certs renew`")
               for c in report.certificates],

@@ -23,6 +23,7 @@ import aiosqlite
 from appliance.base.errors import IndexUnavailable
 from appliance.store import database, hierarchy, tiering
 from appliance.store.instance_header import InstanceHeader
+from appliance.store.sync_passes import first_failure
 
 
 class RecordOutcome(enum.Enum):
@@ -269,16 +270,19 @@ class Index:
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
     async def sync_summary(self) -> dict[str, Any]:
-        """Bytes not yet in any pack, when the last successful sync pass ended, the last
-        scrub, and the packs a scrub found damaged that are the only copy of some
-        instances (by blob name: a keyed hash, no PHI), i.e. the studies at risk."""
+        """Bytes not yet in any pack, when the last successful sync pass ended, why the
+        latest pass failed ("" when it did not), the last scrub, and the packs a scrub
+        found damaged that are the only copy of some instances (by blob name: a keyed
+        hash, no PHI), i.e. the studies at risk."""
         row = await self._row(
             "SELECT (SELECT COALESCE(SUM(size), 0) FROM instances"
             "        WHERE pack_fk IS NULL AND is_local = 1),"
             # The latest pass, not the greatest time: one stamped before the clock
             # stepped back would hide a silent agent for as long as the step.
             " (SELECT finished_at FROM sync_passes WHERE ok = 1 ORDER BY id DESC LIMIT 1),"
-            " (SELECT MAX(scrubbed_at) FROM packs)"
+            " (SELECT MAX(scrubbed_at) FROM packs),"
+            " (SELECT summary FROM sync_passes WHERE ok = 0"
+            "        AND id = (SELECT MAX(id) FROM sync_passes))"
         )
         assert row is not None
         at_risk = await self._rows(
@@ -286,7 +290,8 @@ class Index:
             " AND EXISTS (SELECT 1 FROM instances i WHERE i.pack_fk = p.id AND i.is_local = 0)"
             " ORDER BY p.pack_name")
         return {"bytes_waiting_to_replicate": row[0], "last_successful_pass_at": row[1],
-                "last_scrub_at": row[2], "studies_at_risk": len({r[1] for r in at_risk}),
+                "last_pass_error": first_failure(row[3]), "last_scrub_at": row[2],
+                "studies_at_risk": len({r[1] for r in at_risk}),
                 "at_risk_packs": [r[0] for r in at_risk]}
 
     async def known_paths(self) -> dict[str, bool]:
