@@ -42,6 +42,7 @@ from appliance.base.metrics import SYNC_PASSES
 from appliance.base.notify import Notifier
 from appliance.store.leases import StudyBusy
 from appliance.store.sync_passes import record_pass
+from sync.blobstore.base import BlobStoreUnavailable
 from sync.container_check import confirm_container
 from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
@@ -76,7 +77,13 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
                     evict: bool = True,
                     on_progress: Callable[[int, int], None] | None = None) -> PassReport:
     """One replicate-then-evict pass; failures of single studies are reported, not raised.
-    `on_progress(studies looked at, studies to replicate)` follows the replication."""
+    `on_progress(studies looked at, studies to replicate)` follows the replication.
+
+    A failure saying the cloud cannot be reached or refuses us (BlobStoreUnavailable)
+    ends the replication, and the eviction, of this pass: every other study would fail
+    alike, each only after its retries and timeouts, and each failed upload leaves an
+    unverified version that every later pass tries to delete until the cloud is back.
+    The next pass starts over."""
     assert ctx.index.writer is not None
     started = time.time()
     report = PassReport()
@@ -94,6 +101,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
             continue
         except PacsEdgeError as exc:
             report.failures.append(f"replicate: {exc.message}")
+            if isinstance(exc, BlobStoreUnavailable):
+                break
             continue
         if done is not None:
             report.replicated.append(done)
@@ -110,6 +119,8 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
                 log.warning("eviction failed study=%s error=%s", logsafe.ref(study.study_uid),
                             exc.message)
                 report.failures.append(f"evict: {exc.message}")
+                if isinstance(exc, BlobStoreUnavailable):
+                    break
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
                           "evicted": report.evicted, "busy": report.busy,
                           "failures": report.failures})

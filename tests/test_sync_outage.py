@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dicomgen
 from conftest import EdgeServer, init_home, run_pacs_edge
-from syncagent import SyncAgent, sync_once
+from syncagent import SyncAgent, index_rows, sync_once
 
 WAIT = 30.0
 
@@ -110,3 +110,19 @@ def test_status_warns_with_the_reason_while_the_agents_passes_fail(
     credentials.write_text(azurite)
     sync_once(home)
     assert "sync_failing" not in warnings_of(home)
+
+
+def test_a_pass_stops_uploading_at_the_first_study_the_cloud_refuses(
+    azurite: str, tmp_path: Path,
+) -> None:
+    """Three studies wait and the account refuses the key: one pass tries one upload, not
+    three. Each failed upload leaves an unverified version (its clean-up is refused too)
+    that every later pass tries to delete again, after its retries; during an outage of
+    an hour that was one more per study per pass, and passes grew ever longer."""
+    home, _ = azure_home(tmp_path, azurite.replace("AccountKey=", "AccountKey=X", 1))
+    for seed in (76, 77, 78):
+        import_study(home, tmp_path / f"study-{seed}", seed=seed)
+    once = sync_once(home, check=False)
+    assert "Azure refused our credentials (HTTP 403" in once.stdout + once.stderr
+    assert index_rows(home, "SELECT state FROM packs") == [("uploading",)]
+    assert index_rows(home, "SELECT tier_state FROM studies") == [("local",)] * 3
