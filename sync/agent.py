@@ -11,7 +11,7 @@ step makes every job run at once, see sync.steady_scheduler):
 A job that fails logs the error and runs again at its next time; the agent
 itself only stops on SIGTERM/SIGINT. At stop, running jobs are cancelled (each
 rolls back its half-done work on the way out, and a pass left half done is
-rolled back at the next start) and awaited before the index and the cloud close,
+rolled back by the next start's first pass) and awaited before the index and the cloud close,
 for at most JOB_STOP_TIMEOUT: then the agent closes them and exits without waiting
 for the threads of jobs still running, as systemd's TimeoutStopSec would kill it.
 Jobs run concurrently on the loop; a per-study lease (appliance.store.leases)
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 LIFECYCLE_INTERVAL = 3600.0
 JOB_STOP_TIMEOUT = 15.0  # within systemd's TimeoutStopSec=30s for the sync unit
+THREAD_STOP_TIMEOUT = 5.0  # then for the threads of jobs that ended (_threads_ended)
 
 
 @dataclass
@@ -131,9 +132,11 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
 
 
 async def run_agent(config: Config) -> None:
-    async with open_context(config) as ctx:
+    """Start with local work only, then run the jobs until SIGTERM. What needs the cloud
+    (the container check, rolling back tiering work a crash left) is the first pass's,
+    which runs at once: a cloud that does not answer delays the jobs, not the start."""
+    async with open_context(config, check_container=False) as ctx:
         ctx.audit.start(application=True)  # open_context closes it (Application Stop)
-        await recover_stuck(ctx)
         await sweep_leftover_files(ctx)
         swept = await asyncio.to_thread(ctx.store.sweep_interrupted_writes)
         if swept:
@@ -177,7 +180,7 @@ async def run_agent(config: Config) -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("sync agent stopped")
-    if left:
+    if left or not await _threads_ended():
         _exit_leaving_threads()
 
 
@@ -220,6 +223,20 @@ async def _ended(running: set[asyncio.Task[None]]) -> int:
         log.warning("jobs still running at stop count=%d (rolled back at the next start)",
                     len(pending))
     return len(pending)
+
+
+async def _threads_ended() -> bool:
+    """Whether the worker threads of `asyncio.to_thread` end within THREAD_STOP_TIMEOUT.
+    A job awaiting one ends at once when cancelled, while its thread runs on: a read
+    from a cloud that stalls (120 s, retried) held the agent's exit for minutes, since
+    asyncio.run waits for those threads."""
+    shutdown = asyncio.get_running_loop().shutdown_default_executor()
+    try:
+        await asyncio.wait_for(asyncio.shield(shutdown), THREAD_STOP_TIMEOUT)
+    except TimeoutError:
+        log.warning("threads of cancelled jobs still running at stop; exiting without them")
+        return False
+    return True
 
 
 def _exit_leaving_threads() -> NoReturn:

@@ -28,7 +28,12 @@ class SyncContext:
 
 
 @asynccontextmanager
-async def open_context(config: Config) -> AsyncIterator[SyncContext]:
+async def open_context(config: Config, *,
+                       check_container: bool = True) -> AsyncIterator[SyncContext]:
+    """The context of one command, or of the agent. `check_container=False` is for the
+    agent: each of its passes checks the container before it uploads or evicts
+    (sync_pass), and its start must not wait on a cloud that does not answer (a stalled
+    link held it for 10 minutes of retries, past systemd's start timeout)."""
     from sync.blobstore.factory import open_blob_store
 
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
@@ -38,7 +43,8 @@ async def open_context(config: Config) -> AsyncIterator[SyncContext]:
     try:
         async with Index(config.index.path) as index:
             await check_pairing(index, files)
-            await confirm_container(index, store, config.cloud_url)
+            if check_container:
+                await confirm_container(index, store, config.cloud_url)
             with site_keys_in_use(config.home):  # no key rotation meanwhile
                 yield SyncContext(config, index, files, store,
                                   PackService.for_home(config, store, files), audit)

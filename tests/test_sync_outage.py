@@ -7,7 +7,10 @@ config: passes every second, studies stable at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from pathlib import Path
 import dicomgen
 from conftest import EdgeServer, init_home, run_pacs_edge
 from syncagent import SyncAgent, index_rows, sync_once
+from tcpproxy import TcpProxy
 
 WAIT = 30.0
 
@@ -126,3 +130,31 @@ def test_a_pass_stops_uploading_at_the_first_study_the_cloud_refuses(
     assert "Azure refused our credentials (HTTP 403" in once.stdout + once.stderr
     assert index_rows(home, "SELECT state FROM packs") == [("uploading",)]
     assert index_rows(home, "SELECT tier_state FROM studies") == [("local",)] * 3
+
+
+class StalledPath(TcpProxy):
+    """A path to Azurite that takes every request and never brings an answer back:
+    a link that stalls (connections accepted, nothing returned)."""
+
+    def to_client(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while source.recv(1 << 16):
+                pass
+
+
+def test_the_agent_starts_while_the_cloud_stalls_and_stops_on_time(
+    azurite: str, tmp_path: Path,
+) -> None:
+    """A box rebooted while its link stalls: the agent's start checked the container
+    (5 attempts of a 120 s read each) before it said ready, and systemd's start timeout
+    (90 s) killed it, again and again. Its passes check the container anyway, before
+    they upload or evict; the start now waits for nothing the cloud must answer."""
+    home, _ = azure_home(tmp_path, azurite)
+    import_study(home, tmp_path / "study", seed=79)
+    sync_once(home)  # a pack in the index: the container check has something to look for
+    port = int(re.search(r"BlobEndpoint=http://127\.0\.0\.1:(\d+)", azurite).group(1))
+    with StalledPath(port) as stalled:
+        (home / "secrets" / "azure.conn").write_text(
+            azurite.replace(f"127.0.0.1:{port}", f"127.0.0.1:{stalled.port}"))
+        agent = SyncAgent(home).start()  # ready within SyncAgent's 60 s, or it raises
+        assert agent.stop() == 0, agent.log()
