@@ -24,11 +24,9 @@ from dataclasses import dataclass
 
 from appliance.base.errors import PacsEdgeError
 from appliance.store import database
+from appliance.store.clock_steps import due_condition
 
 _CHUNK = 500  # SQL variables per IN (...) list
-# Seconds beyond the longest scheduled delay that only a wall clock stepped back explains
-# (two threads read the clock microseconds apart).
-STEPPED_BACK_SLACK = 60.0
 
 
 class CommitmentState(enum.StrEnum):
@@ -135,9 +133,10 @@ def claim(conn: sqlite3.Connection, commitment_id: int, *, now: float, until: fl
     """Take a due commitment for one delivery attempt: no other thread or process picks
     it up before `until`. False if it is not due (answered, or another one holds it).
     `until - now` is the longest delay the box schedules: see `due` for later attempts."""
+    is_due, due_args = due_condition("next_attempt_at", now, until - now)
     cur = conn.execute("UPDATE commitments SET next_attempt_at = ? WHERE id = ?"
-                       " AND state = 'pending' AND (next_attempt_at <= ? OR next_attempt_at > ?)",
-                       (until, commitment_id, now, until + STEPPED_BACK_SLACK))
+                       f" AND state = 'pending' AND {is_due}",
+                       (until, commitment_id, *due_args))
     return cur.rowcount == 1
 
 
@@ -201,13 +200,13 @@ def due(conn: sqlite3.Connection, now: float, horizon: float,
     """Pending commitments whose next attempt is due, oldest first. An attempt set for
     more than `horizon` (the longest delay the box schedules) after `now` was scheduled
     before the wall clock stepped back (a clock corrected after months ahead): it is due
-    too, else the modality would wait for its report until the clock caught up."""
+    too (store/clock_steps.py), else the modality would wait for its report until the
+    clock caught up."""
+    is_due, due_args = due_condition("next_attempt_at", now, horizon)
     rows = conn.execute(
         "SELECT id, calling_ae, transaction_uid, state, requested_at, attempts"
-        " FROM commitments WHERE state = 'pending'"
-        " AND (next_attempt_at <= ? OR next_attempt_at > ?)"
-        " ORDER BY next_attempt_at, id LIMIT ?",
-        (now, now + horizon + STEPPED_BACK_SLACK, limit)).fetchall()
+        f" FROM commitments WHERE state = 'pending' AND {is_due}"
+        " ORDER BY next_attempt_at, id LIMIT ?", (*due_args, limit)).fetchall()
     return [_commitment(conn, row) for row in rows]
 
 
