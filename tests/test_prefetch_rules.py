@@ -261,6 +261,40 @@ async def test_a_failure_that_may_pass_is_retried_with_backoff_until_the_attempt
         assert (fresh.attempts, fresh.retry_at) == (0, 2060.0)
 
 
+async def test_a_retry_set_while_the_clock_was_ahead_is_due_once_it_is_corrected(
+    tmp_path: Path,
+) -> None:
+    """A request and a prior failed while the wall clock ran a year ahead: their retry
+    is due at once after NTP steps the clock back, not a year later; a retry due in
+    10 s on a right clock still waits its 10 s."""
+    retries = Retries(attempts=3, base_seconds=10.0)
+    ahead = 2e9  # the clock a year ahead when they failed
+    corrected = ahead - 365 * 86400.0
+    async with Index(tmp_path / "index.sqlite3") as index:
+        writer = index.writer
+        assert writer is not None
+
+        def fail_at(at: float) -> Callable[[sqlite3.Connection], None]:
+            def run(conn: sqlite3.Connection) -> None:
+                request = insert_request(conn, PatientKey(f"P{at}", ""), RequestTrigger.MANUAL,
+                                         hold_until=9e9, at=at)
+                assert request is not None
+                mark_planned(conn, request, [NewPrior(f"1.{at}", "", ("CT",), Source.REMOTE)],
+                             error_kind="remote_unreachable", error="down", retries=retries,
+                             at=at)
+                [prior] = priors_of(conn, [request])
+                advance(conn, prior.id, PriorTrigger.MOVE, at=at)
+                advance(conn, prior.id, PriorTrigger.FAIL, failure_kind="move_failed",
+                        error="x", retries=retries, at=at)
+            return run
+
+        await writer.submit_sync(fail_at(ahead))
+        assert await writer.submit_sync(lambda c: retry_due(c, at=corrected)) == (1, 1)
+        await writer.submit_sync(fail_at(corrected))  # due at corrected + 10
+        assert await writer.submit_sync(lambda c: retry_due(c, at=corrected + 9)) == (0, 0)
+        assert await writer.submit_sync(lambda c: retry_due(c, at=corrected + 10)) == (1, 1)
+
+
 async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
     """The hold ends; what has not started fails `order_cancelled` and stays failed
     through `retry` and a restart; a step under way is left to finish; a choice that

@@ -16,8 +16,10 @@ Retries: a request or prior that failed for a reason that may pass (RETRIED:
 the remote archive was down, a C-MOVE or a recall failed) gets a `retry_at`
 (`Retries`: `[prefetch] retry_attempts` times, `retry_base_seconds` after the
 failure, doubled each time, at most an hour); the serving process's worker
-takes those due up again (`retry_due`). `pacs-edge prefetch retry` takes up
-every failed one at once and gives it its attempts again.
+takes those due up again (`retry_due`), and at once those set further ahead
+than that hour (before the wall clock stepped back: store/clock_steps.py).
+`pacs-edge prefetch retry` takes up every failed one at once and gives it its
+attempts again.
 
 Who moves a prior: the sync agent those of source `cloud` (recall, with early
 rehydration of archived packs: sync/prefetch_rehydrate.py), the serving
@@ -50,7 +52,8 @@ from dataclasses import dataclass
 from appliance.base.config import PrefetchConfig
 from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
-from appliance.store.migration_rows import backoff
+from appliance.store.clock_steps import due_condition
+from appliance.store.migration_rows import RETRY_CAP_SECONDS, backoff
 from appliance.store.order_rows import PatientKey
 
 _CANCELLED = PrefetchFailure.ORDER_CANCELLED.value
@@ -388,15 +391,20 @@ def retry_failed(conn: sqlite3.Connection) -> tuple[int, int]:
 
 def retry_due(conn: sqlite3.Connection, *, at: float | None = None) -> tuple[int, int]:
     """Failed requests and priors whose automatic retry is due (`retry_at` passed) back
-    to pending, one attempt more each; returns (requests, priors)."""
+    to pending, one attempt more each; returns (requests, priors). A `retry_at` more
+    than RETRY_CAP_SECONDS (the longest wait `Retries` sets) ahead was set before the
+    wall clock stepped back (a clock corrected after months ahead): it is due too, else
+    the prior would wait until the clock caught up, long after it was needed."""
     now = time.time() if at is None else at
+    request_due, request_args = due_condition("retry_at", now, RETRY_CAP_SECONDS)
     requests = conn.execute(
         "UPDATE prefetch_requests SET state = 'pending', error_kind = '', error = '',"
         " attempts = attempts + 1, retry_at = NULL"
-        " WHERE state = 'failed' AND retry_at <= ? AND error_kind != ?",
-        (now, _CANCELLED)).rowcount
+        f" WHERE state = 'failed' AND {request_due} AND error_kind != ?",
+        (*request_args, _CANCELLED)).rowcount
+    prior_due, prior_args = due_condition("p.retry_at", now, RETRY_CAP_SECONDS)
     due = [int(r[0]) for r in conn.execute(
-        f"SELECT p.id {RETRYABLE_PRIORS} AND p.retry_at <= ?", (now,)).fetchall()]
+        f"SELECT p.id {RETRYABLE_PRIORS} AND {prior_due}", prior_args).fetchall()]
     for prior_id in due:
         advance(conn, prior_id, PriorTrigger.RETRY, at=now)
     conn.executemany("UPDATE prefetch_priors SET attempts = attempts + 1 WHERE id = ?",
