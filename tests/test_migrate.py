@@ -524,6 +524,43 @@ def test_run_state_table_refuses_every_missing_pair(state: object, trigger: obje
         assert next_run_state(state, trigger) is allowed  # type: ignore[arg-type]
 
 
+async def test_a_retry_set_while_the_clock_was_ahead_is_due_once_it_is_corrected(
+        tmp_path: Path) -> None:
+    """A day and a study failed while the wall clock ran a year ahead: once NTP steps it
+    back, both are due at once, not a year later; on the clock that set them, they
+    still wait their 10 s backoff."""
+    from appliance.base.errors import MigrationFailure
+    from appliance.store import migration_rows as rows
+    from appliance.store.index import Index
+    from appliance.store.leases import Holder
+
+    settings = rows.RunSettings(peer="old", via="move", since_day="20240301",
+                                until_day="20240302", modalities=(), associations=1,
+                                rate_per_hour=0, time_window="", query_limit=5)
+
+    def fail_on_a_clock_ahead(conn: sqlite3.Connection) -> int:
+        run = rows.create_run(conn, settings, ["20240301", "20240302"], driver=Holder.new())
+        rows.list_day(conn, run, rows.UNDATED, [], 1)
+        rows.list_day(conn, run, "20240302", [rows.FoundStudy("1.2", 1)], 1)
+        rows.fail_day(conn, run, "20240301", MigrationFailure.UNREACHABLE, "down",
+                      max_attempts=3, retry_base_seconds=10.0)
+        [study] = rows.due_studies(conn, run, time.time(), 10)
+        rows.study_failed(conn, study.id, MigrationFailure.RETRIEVE_FAILED, "down",
+                          received=0, max_attempts=3, retry_base_seconds=10.0)
+        return run
+
+    async with Index(tmp_path / "index.sqlite3") as index:
+        assert index.writer is not None
+        run = await index.writer.submit_sync(fail_on_a_clock_ahead)
+        with closing(sqlite3.connect(tmp_path / "index.sqlite3")) as conn:
+            now = time.time()  # the clock that set them: due in 10 s
+            assert rows.due_days(conn, run, now) == []
+            assert rows.due_studies(conn, run, now, 10) == []
+            corrected = now - 365 * 86400.0  # the clock put right: they were set a year ahead
+            assert rows.due_days(conn, run, corrected) == ["20240301"]
+            assert [s.study_uid for s in rows.due_studies(conn, run, corrected, 10)] == ["1.2"]
+
+
 def test_a_split_day_keeps_the_untimed_studies_of_its_first_answers() -> None:
     """A day over the limit is listed by time ranges, which no study without a StudyTime
     matches; those the old PACS returned among the day's first answers are kept."""

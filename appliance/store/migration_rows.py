@@ -8,7 +8,9 @@ appliance/services/legacy_migration.py's; this module only keeps them.
 A run's state is a table (RUN_STATES): running -> paused | cancelled | done,
 paused -> running | cancelled; a missing pair is refused with MigrationError.
 A study or day is pending, done or failed; a failure is retried after a backoff
-until max_attempts, then stays failed until `migrate resume --retry-failed`.
+until max_attempts, then stays failed until `migrate resume --retry-failed`. A
+retry set more than the backoff's cap ahead was set before the wall clock
+stepped back: it is due at once (store/clock_steps.py).
 Besides its days, a run lists the studies without a StudyDate, which no day
 matches: a row of migration_days whose day is UNDATED (''), listed after every
 day, its studies kept with that day. A listing that could not list everything
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.errors import MigrationError, MigrationFailure
+from appliance.store.clock_steps import due_condition
 from appliance.store.leases import Holder
 
 
@@ -170,6 +173,14 @@ def backoff(attempts: int, base_seconds: float) -> float:
     return float(min(base_seconds * (2 ** max(attempts - 1, 0)), RETRY_CAP_SECONDS))
 
 
+def _due(now: float) -> tuple[str, tuple[float, float]]:
+    """The condition that a day's or study's next attempt is due at `now`. `backoff`
+    never waits longer than RETRY_CAP_SECONDS: an attempt set further ahead was set while
+    the wall clock was ahead (months, years) and is due now that it has been corrected,
+    else the run would sit idle until the clock caught up."""
+    return due_condition("next_attempt_at", now, RETRY_CAP_SECONDS)
+
+
 # --- runs ---------------------------------------------------------------------------
 
 def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[str], *,
@@ -272,10 +283,13 @@ def retry_failed(conn: sqlite3.Connection, run_id: int) -> int:
 # --- days ---------------------------------------------------------------------------
 
 def due_days(conn: sqlite3.Connection, run_id: int, now: float) -> list[str]:
-    """Pending days whose next attempt is due, newest first (recent studies matter most)."""
+    """Pending days whose next attempt is due, newest first (recent studies matter most).
+    One set more than RETRY_CAP_SECONDS ahead predates a backward step of the wall
+    clock: it is due (`_due`)."""
+    is_due, due_args = _due(now)
     return [str(r[0]) for r in conn.execute(
         "SELECT day FROM migration_days WHERE run_fk = ? AND state = 'pending'"
-        " AND next_attempt_at <= ? ORDER BY day DESC", (run_id, now)).fetchall()]
+        f" AND {is_due} ORDER BY day DESC", (run_id, *due_args)).fetchall()]
 
 
 def list_day(conn: sqlite3.Connection, run_id: int, day: str, found: Iterable[FoundStudy],
@@ -305,12 +319,15 @@ def fail_day(conn: sqlite3.Connection, run_id: int, day: str, kind: MigrationFai
 # --- studies ------------------------------------------------------------------------
 
 def due_studies(conn: sqlite3.Connection, run_id: int, now: float, limit: int) -> list[StudyTask]:
-    """Pending studies whose next attempt is due: newest day first, first tries first."""
+    """Pending studies whose next attempt is due: newest day first, first tries first.
+    One set more than RETRY_CAP_SECONDS ahead predates a backward step of the wall
+    clock: it is due (`_due`)."""
+    is_due, due_args = _due(now)
     return [StudyTask(int(r[0]), str(r[1]), str(r[2]), None if r[3] is None else int(r[3]),
                       int(r[4])) for r in conn.execute(
         "SELECT id, study_uid, day, expected_instances, attempts FROM migration_studies"
-        " WHERE run_fk = ? AND state = 'pending' AND next_attempt_at <= ?"
-        " ORDER BY attempts, day DESC, id LIMIT ?", (run_id, now, limit)).fetchall()]
+        f" WHERE run_fk = ? AND state = 'pending' AND {is_due}"
+        " ORDER BY attempts, day DESC, id LIMIT ?", (run_id, *due_args, limit)).fetchall()]
 
 
 def study_done(conn: sqlite3.Connection, study_id: int, *, expected: int, received: int,
