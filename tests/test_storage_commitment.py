@@ -195,9 +195,15 @@ def _items(instances: list[dicomgen.GeneratedInstance]) -> list[tuple[str, str]]
 
 
 def _commitment_state(edge: EdgeServer, transaction_uid: str) -> str:
+    return _commitment_column(edge, transaction_uid, "state")
+
+
+def _commitment_column(edge: EdgeServer, transaction_uid: str, column: str) -> str:
+    """One column of a commitment's row, read as a test reads the index from outside;
+    "" when there is no such commitment."""
     db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT state FROM commitments WHERE transaction_uid = ?",
+        row = db.execute(f"SELECT {column} FROM commitments WHERE transaction_uid = ?",
                          (transaction_uid,)).fetchone()
     finally:
         db.close()
@@ -489,7 +495,8 @@ def test_retry_scheduled_while_the_clock_was_ahead_comes_due_when_it_is_correcte
     status, transaction_uid, _ = modality.request(edge, _items(study), keep_open=False)
     assert status == SUCCESS
     deadline = time.monotonic() + REPORT_TIMEOUT
-    while "waiting for verified cloud packs" not in _last_error(edge, transaction_uid):
+    while "waiting for verified cloud packs" not in _commitment_column(
+            edge, transaction_uid, "last_error"):
         assert time.monotonic() < deadline, "the report was never tried"
         time.sleep(0.1)
     edge.stop()
@@ -498,13 +505,3 @@ def test_retry_scheduled_while_the_clock_was_ahead_comes_due_when_it_is_correcte
     report = modality.wait_report(timeout=20.0)
     assert str(report.info.TransactionUID) == transaction_uid
     assert report.committed() == {i.sop_instance_uid for i in study}
-
-
-def _last_error(edge: EdgeServer, transaction_uid: str) -> str:
-    db = sqlite3.connect(f"file:{edge.home / 'index.sqlite3'}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT last_error FROM commitments WHERE transaction_uid = ?",
-                         (transaction_uid,)).fetchone()
-    finally:
-        db.close()
-    return "" if row is None else str(row[0])
