@@ -49,6 +49,7 @@ from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
 from appliance.store import database
 from appliance.store import user_rows as rows
+from appliance.store.clock_steps import STEPPED_BACK_SLACK
 from appliance.store.index import Index
 
 if TYPE_CHECKING:
@@ -66,9 +67,6 @@ HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
 LINK_VIA = "launch link"
 VERIFIED_SECONDS = 300.0
 VERIFIED_ENTRIES = 1024
-# A session last used more than this after now was used before the wall clock stepped
-# back: its idle and absolute limits would count from the future, for as long as the step.
-STEPPED_BACK_SLACK = 60.0
 
 
 def _token_hash(token: str) -> str:
@@ -253,6 +251,8 @@ class UserService:
         idle = auth.session_idle_minutes * 60
         if (now - found.last_seen_at > idle
                 or now - found.created_at > auth.session_max_hours * 3600
+                # Used "after now": before the wall clock stepped back. Its limits would
+                # count from the future, for as long as the step.
                 or found.last_seen_at > now + STEPPED_BACK_SLACK):
             await self._write(lambda conn: rows.delete_session(conn, digest))
             raise expired
