@@ -351,7 +351,8 @@ class _Retrieval:
                       "; ".join(result.errors), self.label)
             self.error_comment = "recall of an evicted study from the cloud failed"
         elif not result.done:
-            log.error("%s: recall not finished after %.0f s (is `pacs-edge sync` running?) %s",
+            log.error("%s: recall not finished after %.0f s (the sync agent's log says why;"
+                      " is `pacs-edge sync` running?) %s",
                       self.action.value, service.recall_timeout, self.label)
             self.error_comment = "recall of an evicted study from the cloud timed out"
         return self._plan(move_destination=move_destination)

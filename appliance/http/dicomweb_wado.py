@@ -86,7 +86,8 @@ async def locate(request: web.Request, what: str) -> Located:
         await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                                 study_uids=[study], reason="study could not be recalled")
         raise web.HTTPServiceUnavailable(
-            text="the study is not on local disk and could not be recalled in time\n",
+            text="the study is not on local disk and its recall from the cloud failed or"
+                 " did not finish in time\n",
             headers={"Retry-After": RETRY_AFTER_SECONDS})
     await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                             study_uids=[study], instances=len(found.instances))
