@@ -320,6 +320,28 @@ def test_garbage_right_behind_an_association_request_is_aborted_without_a_traceb
     assert instances(server) == 2
 
 
+def test_a_peer_that_resets_mid_pdu_is_logged_as_a_warning_not_an_error(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket]
+) -> None:
+    """What a peer did wrong is not the box failing: an ERROR line pages an operator
+    (the leak audit counted 234 of them for resets of peers alone)."""
+    server = short_timeouts_server
+    sock = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.pdu_header(rawpdu.P_DATA, 1000) + b"\0" * 10)
+    time.sleep(0.2)  # the reader is inside the PDU's body
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # an RST, not a FIN
+    said = "connection closed before the entire PDU was received"
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    while said not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.05)
+    assert f"WARNING appliance.base.compat: {said}" in server.log()
+    assert " ERROR " not in server.log(), server.log()
+    echo_ok(server)
+
+
 def test_a_pdu_the_edge_cuts_off_is_logged_once_as_a_warning(
     short_timeouts_server: EdgeServer, sockets: list[socket.socket]
 ) -> None:

@@ -760,7 +760,9 @@ def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool],
 
 
 def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> bool:
-    """One PDU of `read_pdu`; True when it was a P-DATA-TF that `receive` took."""
+    """One PDU of `read_pdu`; True when it was a P-DATA-TF that `receive` took. What a
+    peer did wrong (a PDU type that does not exist, a reset mid-PDU, a malformed P-DATA)
+    is a warning: pynetdicom logs it as an ERROR, which reads as the box failing."""
     from pynetdicom.pdu_primitives import P_DATA  # not at import: the store imports compat
 
     try:
@@ -770,7 +772,7 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
             return False
         pdu_type, _, length = struct.unpack(">BBL", header)
         if not 0x01 <= pdu_type <= 0x07:
-            log.error("unknown PDU type 0x%02X received", pdu_type)
+            log.warning("unknown PDU type 0x%02X received", pdu_type)
             dul.event_queue.put("Evt19")
             return False
         body = dul.socket.recv(length)
@@ -778,7 +780,7 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
         dul.event_queue.put("Evt17")
         return False
     except OSError as exc:
-        log.error("connection closed before the entire PDU was received: %s", exc)
+        log.warning("connection closed before the entire PDU was received: %s", exc)
         dul.event_queue.put("Evt17")
         return False
     if len(body) != length:
@@ -793,7 +795,7 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
         if dimse.message is None and receive(pdvs):
             return True
     except ValueError as exc:
-        log.error("invalid P-DATA-TF PDU: %s", exc)
+        log.warning("invalid P-DATA-TF PDU: %s", exc)
         dul.event_queue.put("Evt19")
         return False
     primitive = P_DATA()
