@@ -37,7 +37,7 @@ async def open_context(config: Config, *,
     from sync.blobstore.factory import open_blob_store
 
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
-    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
     files.create_folders()
     audit = Auditor.for_home(config, process="sync")  # run_agent starts its flusher
     try:

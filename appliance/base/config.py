@@ -151,6 +151,10 @@ class StoreConfig:
     max_inflated_mb: int = field(default=512, metadata=_check(lambda v: 1 <= v <= 1 << 20,
                                                               "1 to 1048576 MB"))
 
+    @property
+    def reserve_bytes(self) -> int:
+        return self.reserve_mb << 20
+
 
 @dataclass(frozen=True)
 class IndexConfig:

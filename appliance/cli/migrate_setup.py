@@ -39,7 +39,7 @@ def legacy_source(config: Config, settings: RunSettings, index: Index,
         tls = client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
     receiver = None
     if settings.via == "get":
-        files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+        files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
         files.create_folders()  # no sweep: serve may be receiving into the spool
         spools = SpoolRouter(files)
         spools.install()

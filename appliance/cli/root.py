@@ -343,7 +343,7 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
     files = sorted(set(expand_paths(paths, unlisted)))
 
     async def run() -> Any:
-        store = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb << 20)
+        store = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
         store.create_folders()  # no sweep: serve may be receiving into the spool
         async with Index(config.index.path) as index:
             await check_pairing(index, store)

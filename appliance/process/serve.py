@@ -155,7 +155,7 @@ async def _serve(
 ) -> None:
     logsafe.load_key(config.home / SECRETS_DIR / LOG_KEY)  # a spawned worker too
     configure_pynetdicom()
-    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_mb * 1024 * 1024)
+    files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
     first_start = not config.index.path.exists()
     clean_start = (begin_run(config.home) or first_start) if worker is None else True
     if worker is None:
