@@ -162,7 +162,7 @@ async def run_agent(config: Config) -> None:
         ]
         for name, job, seconds in jobs:
             scheduler.add_job(_logged(name, job, running), "interval", seconds=seconds, id=name,
-                              max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+                              next_run_time=datetime.now(UTC))
         scheduler.start()
         log.info("sync agent ready cloud=%s", _redacted(config.cloud_url))
         notifier = Notifier()
