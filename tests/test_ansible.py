@@ -627,3 +627,33 @@ def test_check_mode_on_a_new_host_changes_nothing(tmp_path: Path) -> None:
     assert recap["new-box"][0] > 0  # it would change things
     assert not (tmp_path / "root").exists()
     assert subprocess.run(["id", user], capture_output=True).returncode != 0
+
+
+def test_prometheus_file_keeps_the_boxes_a_run_did_not_reach(tmp_path: Path) -> None:
+    """The target file lists the fleet, not the last run's hosts: a run with --limit, or
+    with a box unreachable, keeps the other boxes' entries (an unreachable box is the one
+    to alert on) and updates its own; a box taken out of the inventory is dropped. Only
+    the role's Prometheus tasks run (--start-at-task): they need nothing installed."""
+    file_sd = tmp_path / "prometheus" / "pacs-edge.json"
+
+    def run(hosts: dict[str, dict[str, object]], *args: str) -> dict[str, str]:
+        inventory = tmp_path / "inventory.yml"
+        inventory.write_text(yaml.safe_dump({"pacs_edge": {
+            "vars": {"ansible_connection": "local",
+                     "ansible_python_interpreter": str(HOST_PYTHON),
+                     "pacs_edge_prometheus_file_sd": str(file_sd)},
+            "hosts": hosts}}))
+        proc = _play(inventory, tmp_path, "--start-at-task",
+                     "Work out where Prometheus scrapes this box", *args)
+        failed = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
+        assert failed and not any(failed.values()), proc.stdout[-6000:]
+        entries = json.loads(file_sd.read_text())
+        return {entry["labels"]["box"]: entry["targets"][0] for entry in entries}
+
+    fleet = {"box-a": {}, "box-b": {}, "box-c": {"pacs_edge_http_port": 9443}}
+    assert run(fleet) == {"box-a": "box-a:8443", "box-b": "box-b:8443", "box-c": "box-c:9443"}
+    assert run(fleet, "--limit", "box-b", "-e", "pacs_edge_http_port=8444") == {
+        "box-a": "box-a:8443", "box-b": "box-b:8444", "box-c": "box-c:9443"}
+    # box-a is down (nothing listens on port 1); box-c left the inventory.
+    down = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": 1}
+    assert run({"box-a": down, "box-b": {}}) == {"box-a": "box-a:8443", "box-b": "box-b:8443"}
