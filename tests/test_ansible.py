@@ -561,7 +561,8 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         "hosts": {"same-port": {"pacs_edge_http_port": 11112},
                   "no-build": {"pacs_edge_viewer_build": str(not_a_build)},
                   **bad_hosts}}}))
-    proc = _play(inventory, tmp_path)
+    # Every host in one batch: by default the first one failing alone stops the play.
+    proc = _play(inventory, tmp_path, "-e", json.dumps({"pacs_edge_serial": 0}))
     recap = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
     assert proc.returncode != 0 and recap == {
         "same-port": 1, "no-build": 1, **{host: 1 for host in bad_hosts}}, proc.stdout
@@ -578,6 +579,26 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         " not a DICOM or HL7 port (is 70000" in proc.stdout
     assert "(pacs_edge_sync_evict_after_days is -1)" in proc.stdout
     assert 'peer \\"ct2\\" (AE title \\"CT1\\") shares its name or its AE title' in proc.stdout
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_failed_first_box_stops_the_roll_out_before_the_others(tmp_path: Path) -> None:
+    """The example playbook rolls out the first box alone (a canary), then a quarter of the
+    fleet at a time: a first box that fails stops the play before any other box is
+    touched, and the recap names it."""
+    wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
+    wheel.touch()
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"pacs_edge": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
+                 "pacs_edge_wheel": str(wheel), "pacs_edge_manage_user": False,
+                 "pacs_edge_user": f"pacsedge-s{os.getpid()}",
+                 "pacs_edge_root_prefix": str(tmp_path / "root")},
+        "hosts": {"box-1": {"pacs_edge_http_port": 11112}, "box-2": {}, "box-3": {}}}}))
+    proc = _play(inventory, tmp_path)
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode != 0 and recap == {"box-1": (0, 1)}, proc.stdout[-6000:]
+    assert "[box-2]" not in proc.stdout and "[box-3]" not in proc.stdout, proc.stdout[-6000:]
     assert not (tmp_path / "root").exists()
 
 
@@ -643,8 +664,10 @@ def test_prometheus_file_keeps_the_boxes_a_run_did_not_reach(tmp_path: Path) -> 
                      "ansible_python_interpreter": str(HOST_PYTHON),
                      "pacs_edge_prometheus_file_sd": str(file_sd)},
             "hosts": hosts}}))
+        # One batch: --start-at-task skips tasks in the first batch only.
         proc = _play(inventory, tmp_path, "--start-at-task",
-                     "Work out where Prometheus scrapes this box", *args)
+                     "Work out where Prometheus scrapes this box", "-e", "pacs_edge_serial=0",
+                     *args)
         failed = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
         assert failed and not any(failed.values()), proc.stdout[-6000:]
         entries = json.loads(file_sd.read_text())
@@ -654,6 +677,6 @@ def test_prometheus_file_keeps_the_boxes_a_run_did_not_reach(tmp_path: Path) -> 
     assert run(fleet) == {"box-a": "box-a:8443", "box-b": "box-b:8443", "box-c": "box-c:9443"}
     assert run(fleet, "--limit", "box-b", "-e", "pacs_edge_http_port=8444") == {
         "box-a": "box-a:8443", "box-b": "box-b:8444", "box-c": "box-c:9443"}
-    # box-a is down (nothing listens on port 1); box-c left the inventory.
+    # box-b is down (nothing listens on port 1); box-c left the inventory.
     down = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": 1}
-    assert run({"box-a": down, "box-b": {}}) == {"box-a": "box-a:8443", "box-b": "box-b:8443"}
+    assert run({"box-a": {}, "box-b": down}) == {"box-a": "box-a:8443", "box-b": "box-b:8444"}
