@@ -602,6 +602,55 @@ def test_a_failed_first_box_stops_the_roll_out_before_the_others(tmp_path: Path)
     assert not (tmp_path / "root").exists()
 
 
+def test_cloud_credentials_file_is_never_readable_by_others_while_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection string reaches its file without a moment at a mode others can read:
+    every chmod the modules make on the file (seen by an audit hook in the host's Python)
+    is 0600. Ansible's copy gives a file it creates the umask's mode (0644) before its
+    own mode. The play starts at the config (--start-at-task), the service user root, and
+    a stand-in for the installed pacs-edge that accepts everything."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "def _chmod(event, args):\n"
+        "    if event == 'os.chmod' and b'cloud-credentials' in os.fsencode(args[0]):\n"
+        "        with open(os.environ['PACS_EDGE_TEST_CHMODS'], 'a') as log:\n"
+        "            log.write(f'{args[1]:o}\\n')\n"
+        "if os.environ.get('PACS_EDGE_TEST_CHMODS'):\n"
+        "    sys.addaudithook(_chmod)\n")
+    chmods = tmp_path / "chmods"
+    monkeypatch.setenv("PYTHONPATH", str(hook))
+    monkeypatch.setenv("PACS_EDGE_TEST_CHMODS", str(chmods))
+    config_dir = tmp_path / "root/etc/pacs-edge"
+    config_dir.mkdir(parents=True)
+    stand_in = tmp_path / "root/opt/pacs-edge/venv/bin/pacs-edge"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    (tmp_path / "root/var/lib/pacs-edge").mkdir(parents=True)
+    wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
+    wheel.touch()
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"pacs_edge": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
+                 "pacs_edge_wheel": str(wheel), "pacs_edge_user": "root",
+                 "pacs_edge_group": "root", "pacs_edge_root_prefix": str(tmp_path / "root"),
+                 "pacs_edge_cloud_connection_string": "AccountKey=NOT-FOR-OTHERS"},
+        "hosts": {"new-box": {}}}}))
+    old_umask = os.umask(0o022)
+    try:
+        proc = _play(inventory, tmp_path, "--start-at-task", "Write the configuration file")
+    finally:
+        os.umask(old_umask)
+    assert "Write the cloud credentials file] ****" in proc.stdout, proc.stdout[-6000:]
+    secret = config_dir / "cloud-credentials"
+    assert secret.read_text() == "AccountKey=NOT-FOR-OTHERS\n"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert set(chmods.read_text().split()) == {"600"}
+
+
 def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> None:
     """The role's own expression, evaluated by ansible: 443 needs the drop-in (like DICOM
     port 104), 8443 and 0 (off) do not."""
