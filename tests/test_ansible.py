@@ -542,6 +542,9 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         "metrics-port": {"pacs_edge_metrics_port": 70000},
         "metrics-on-dicom": {"pacs_edge_http_port": 0, "pacs_edge_metrics_port": 11112},
         "evict-negative": {"pacs_edge_sync_evict_after_days": -1},
+        # An empty vault variable: the agent could not open the container.
+        "azure-no-credentials": {"pacs_edge_cloud_url": "azure://site-packs",
+                                 "pacs_edge_cloud_connection_string": ""},
     }
     unique, complete = ("Assert that each peer has a name and an AE title of its own",
                         "Assert that every peer is complete and allowed only known services")
@@ -550,7 +553,7 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
                      "metrics-port": metrics, "metrics-on-dicom": metrics,
-                     "evict-negative": cloud}
+                     "evict-negative": cloud, "azure-no-credentials": cloud}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
@@ -578,6 +581,8 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     assert "pacs_edge_metrics_port must be 0 (off) or 1-65535 and, with pacs_edge_http_port 0," \
         " not a DICOM or HL7 port (is 70000" in proc.stdout
     assert "(pacs_edge_sync_evict_after_days is -1)" in proc.stdout
+    assert 'must be empty, file:///PATH or azure://CONTAINER (is \\"azure://site-packs\\")' \
+        in proc.stdout
     assert 'peer \\"ct2\\" (AE title \\"CT1\\") shares its name or its AE title' in proc.stdout
     assert not (tmp_path / "root").exists()
 
