@@ -413,6 +413,23 @@ def test_second_converge_changes_nothing(fleet: Fleet) -> None:
     assert recap == {host: (0, 0) for host in HOSTS}
 
 
+def test_check_diff_on_a_converged_box_shows_only_the_pending_change(fleet: Fleet) -> None:
+    """--check --diff with one peer more: the allowlist's diff, changed=1, no restart (the
+    allowlist is read live) and nothing written; the venv is not shown as changed."""
+    host = "edge-a"
+    peers = fleet.home(host) / "peers.toml"
+    before = peers.read_bytes()
+    listed = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]["pacs_edge_peers"]
+    added = [*listed, {"name": "ws9", "ae_title": "WS9", "host": "127.0.0.9", "port": 104}]
+    proc = _play(fleet.inventory, fleet.base, "--check", "--diff", "--limit", host,
+                 "-e", json.dumps({"pacs_edge_peers": added}))
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode == 0 and recap == {host: (1, 0)}, proc.stdout[-8000:]
+    assert re.search(r"^\+\[peers\.ws9\]$", proc.stdout, re.MULTILINE), proc.stdout[-8000:]
+    assert "RUNNING HANDLER" not in proc.stdout, proc.stdout[-8000:]
+    assert peers.read_bytes() == before
+
+
 def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) -> None:
     """Past the preflight (--start-at-task skips it, as a variable it does not know would),
     pacs-edge itself checks each new file before it replaces the live one: two listeners
