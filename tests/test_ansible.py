@@ -455,6 +455,26 @@ def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) ->
         assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in before} == before
 
 
+def test_a_config_whose_files_are_refused_is_put_back_before_the_restart(
+    fleet: Fleet,
+) -> None:
+    """A value the template's validate: step cannot judge (a credentials file missing on
+    the box) passes it; the whole `config check` as the service user refuses it. The play
+    stops and the previous config is back in place, so the restart forced at the end
+    starts the services on a config they run with; no backup is left behind."""
+    host = "edge-a"
+    config_dir = fleet.prefix(host) / "etc/pacs-edge"
+    before = (config_dir / "pacs-edge.toml").read_bytes()
+    proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e", json.dumps({
+        "pacs_edge_cloud_url": "azure://packs",
+        "pacs_edge_cloud_credentials_file": "/nonexistent/cloud-credentials"}))
+    assert proc.returncode != 0, proc.stdout[-8000:]
+    assert (config_dir / "pacs-edge.toml").read_bytes() == before
+    assert "config check refused the configuration of edge-a; the previous one is back" \
+        in proc.stdout and "cannot read the credentials file" in proc.stdout, proc.stdout[-8000:]
+    assert sorted(p.name for p in config_dir.iterdir()) == ["pacs-edge.toml"]
+
+
 def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None:
     fleet.hosts["edge-b"]["pacs_edge_ae_title"] = "EDGE_B_RENAMED"
     # A connection string an earlier run wrote, since dropped from the inventory: the
