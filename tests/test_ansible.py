@@ -430,6 +430,31 @@ def test_check_diff_on_a_converged_box_shows_only_the_pending_change(fleet: Flee
     assert peers.read_bytes() == before
 
 
+def test_a_name_added_to_the_inventory_renews_the_node_certificate(fleet: Fleet) -> None:
+    """`init` made the node certificate at the first run; a name added to
+    pacs_edge_tls_extra_sans later renews it (same key, the names it had kept) and
+    restarts serve alone; the next run finds it complete and changes nothing."""
+    host = "edge-b"
+    tls = fleet.home(host) / "tls/node.pem"
+    key = (fleet.home(host) / "secrets/node.key").read_bytes()
+    names = {"pacs_edge_tls_extra_sans": ["edge-b.example.org", "10.9.8.7"]}
+    proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e", json.dumps(names))
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert re.search(r"TASK \[pacs_edge : Renew the node certificate[^\]]*\] \**\nchanged: ",
+                     proc.stdout), proc.stdout[-8000:]
+    assert "RUNNING HANDLER [pacs_edge : Restart pacs-edge]" in proc.stdout
+    assert "RUNNING HANDLER [pacs_edge : Restart pacs-edge-sync]" not in proc.stdout
+    shown = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                            str(tls)], capture_output=True, text=True, check=True).stdout
+    for name in ("DNS:edge-b.example.org", "IP Address:10.9.8.7", "DNS:localhost",
+                 "IP Address:127.0.0.1"):
+        assert name in shown, shown
+    assert (fleet.home(host) / "secrets/node.key").read_bytes() == key
+    proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e", json.dumps(names))
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert recap == {host: (0, 0)}, proc.stdout[-8000:]
+
+
 def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) -> None:
     """Past the preflight (--start-at-task skips it, as a variable it does not know would),
     pacs-edge itself checks each new file before it replaces the live one: two listeners
