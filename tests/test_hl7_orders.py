@@ -370,6 +370,26 @@ def test_escape_sequences_are_undone_in_bounded_memory_and_never_logged(
     assert "KANARIE" not in log and "Traceback" not in log
 
 
+def test_hex_escapes_are_bytes_of_the_messages_character_set(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """\\Xhh\\ escapes bytes of the message's set: C3 9C in a UTF-8 message is one Ü (it
+    was two characters, "Ã" and U+009C, in the worklist), A4 in 8859/15 is €; a byte
+    the set cannot read (FC in a UTF-8 message, as senders escaping Latin-1 write it)
+    stays one Latin-1 character."""
+    server, port = hl7_edge
+    names = {"HX1": ("UNICODE UTF-8", "M\\XC39C\\LLER^J\\XC39C\\RGEN", "M\u00dcLLER^J\u00dcRGEN"),
+             "HX2": ("", "M\\XFC\\LLER^ANNA", "M\u00fcLLER^ANNA"),
+             "HX3": ("8859/15", "EURO\\XA4\\^ANNA", "EURO\u20ac^ANNA")}
+    for accession, (charset, name, _) in names.items():
+        order = hl7peer.orm(accession, accession=accession, name=name)
+        if charset:
+            order = order.replace(hl7peer.msh(accession, "ORM^O01^ORM_O01"),
+                                  hl7peer.msh(accession, "ORM^O01^ORM_O01", charset=charset))
+        assert hl7peer.send(port, order.encode("utf-8")).code == "AA"
+    assert {o["accession_number"]: o["patient_name"] for o in worklist(server)} == {
+        accession: stored for accession, (_, _, stored) in names.items()}
+
+
 def test_lf_terminated_message_reads_its_character_set_from_msh_alone(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     """Segments may end with LF: MSH-18 (and MSH-10 for an early AR) are read from MSH,

@@ -13,10 +13,16 @@ So the tree is walked here (the same path rules: past a leaf only position 1
 goes on, deeper than asked follows the first child) and values are unescaped
 by `unescape`, whose output is never longer than its input and which logs
 nothing.
+
+`\\Xhh..\\` holds bytes of the message's character set (HL7 2.10.5): ``M\\XC3BC\\ller``
+in a UTF-8 message is "Müller", not "MÃ¼ller" (python-hl7 makes one character of
+each byte). The set travels with the parsed message: `parse` builds it with a
+python-hl7 Factory that carries the codec, so every segment knows it.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import hl7
@@ -25,6 +31,19 @@ import hl7
 # (the box's fields are names, IDs and descriptions: DICOM values that may not hold a
 # CR); a repeat count is ignored. Fill-mode commands (.fi, .nf) become nothing.
 _SPACING = frozenset({".br", ".sp", ".in", ".ti", ".sk", ".ce"})
+
+
+def parse(text: str, codec: str) -> hl7.Message:
+    """python-hl7's parse of `text`, decoded from bytes in `codec`: its segments carry
+    the codec for the `\\Xhh\\` escapes of their values."""
+    return hl7.parse(text, factory=_factory(codec))
+
+
+@lru_cache(maxsize=16)
+def _factory(codec: str) -> type[hl7.Factory]:
+    # python-hl7 documents Factory subclasses as the way to specialise its containers;
+    # each container keeps the factory it was made by (`.factory`).
+    return type(f"Factory_{codec}", (hl7.Factory,), {"codec": codec})
 
 
 def value(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1,
@@ -47,14 +66,17 @@ def value(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1
 def _leaf(segment: hl7.Segment, field_num: int, text: str) -> str:
     if str(segment(0)) == "MSH" and field_num in (1, 2):  # the delimiters themselves
         return text.strip()
-    return unescape(text, segment.separators, segment.esc).strip()
+    codec = getattr(segment.factory, "codec", "latin-1")
+    return unescape(text, segment.separators, segment.esc, codec).strip()
 
 
-def unescape(text: str, separators: str, esc: str) -> str:
+def unescape(text: str, separators: str, esc: str, codec: str = "latin-1") -> str:
     """Undo HL7 escape sequences (2.10): \\F\\ \\S\\ \\T\\ \\R\\ \\E\\ are the delimiters,
-    \\Xhh..\\ the bytes hh.. (one character each, as python-hl7 reads them), formatting
-    commands see _SPACING; highlighting, character set switches, anything unknown and
-    an escape left open at the end are dropped."""
+    \\Xhh..\\ the bytes hh.. in the message's character set `codec` (bytes that set
+    cannot read, such as \\XFC\\ in a UTF-8 message, one Latin-1 character each, as
+    senders that escape Latin-1 mean them), formatting commands see _SPACING;
+    highlighting, character set switches, anything unknown and an escape left open at
+    the end are dropped."""
     if not esc or esc not in text:
         return text
     delimiters = {"F": separators[1], "R": separators[2], "S": separators[3],
@@ -64,11 +86,11 @@ def unescape(text: str, separators: str, esc: str) -> str:
     for n, sequence in enumerate(parts[1::2]):
         if 2 * n + 2 >= len(parts):
             break  # an open escape at the end
-        out[n] += _sequence(sequence, delimiters)
+        out[n] += _sequence(sequence, delimiters, codec)
     return "".join(out)
 
 
-def _sequence(sequence: str, delimiters: dict[str, str]) -> str:
+def _sequence(sequence: str, delimiters: dict[str, str], codec: str) -> str:
     if sequence in delimiters:
         return delimiters[sequence]
     if sequence[:3] in _SPACING:
@@ -76,5 +98,13 @@ def _sequence(sequence: str, delimiters: dict[str, str]) -> str:
     hex_digits = sequence[1:]
     if sequence[:1] == "X" and len(hex_digits) % 2 == 0 and all(
             c in "0123456789abcdefABCDEF" for c in hex_digits):
-        return "".join(chr(b) for b in bytes.fromhex(hex_digits))
+        return _hex_text(bytes.fromhex(hex_digits), codec)
     return ""
+
+
+def _hex_text(data: bytes, codec: str) -> str:
+    """The text of an escape's bytes: never longer than the bytes (so than the escape)."""
+    try:
+        return data.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return data.decode("latin-1")

@@ -155,7 +155,7 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
                        reject=True, header=as_sent)
     text = "\r".join(segments) + "\r"
     try:
-        message = hl7.parse(text)
+        message = fields.parse(text, codec)
     except (HL7Exception, ValueError, IndexError) as exc:
         raise Hl7Error(f"message cannot be parsed ({type(exc).__name__})", "MSH",
                        ErrorCode.DATA_TYPE, reject=True, header=as_sent) from None
