@@ -390,6 +390,42 @@ def test_hex_escapes_are_bytes_of_the_messages_character_set(
         accession: stored for accession, (_, _, stored) in names.items()}
 
 
+def test_names_keep_their_ideographic_and_phonetic_groups_and_one_value(
+        edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int]) -> None:
+    """PID-5 repetitions of name representation I and P (XPN-8), as Japanese RISs send
+    them, are the PN's ideographic and phonetic groups (only the first repetition was
+    kept); an escaped PN delimiter (\\S\\ is ^, \\E\\ a backslash, = is not
+    special in HL7) is a space, not a second component or a second value (a backslash
+    made a PatientName of two values in the worklist). Checked with findscu -W."""
+    server = edge_server_factory(start=False)
+    port = free_port()
+    hl7peer.listen(server, port)
+    server.add_peer("ct1", "CT1", 1, allow="worklist")
+    server.start()
+    names = {"PN1": "Yamada^Tarou^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P",
+             "PN2": "山田^花子^^^^^L^I~ヤマダ^ハナコ^^^^^L^P",
+             "PN3": "O\\S\\BRIEN^PAT~ALIAS^PAT", "PN4": "BACK\\E\\SLASH^ANN",
+             "PN5": "EQ=UAL^BOB"}
+    for accession, name in names.items():
+        order = hl7peer.orm(accession, accession=accession, name=name).replace(
+            hl7peer.msh(accession, "ORM^O01^ORM_O01"),
+            hl7peer.msh(accession, "ORM^O01^ORM_O01", charset="UNICODE UTF-8"))
+        assert hl7peer.send(port, order.encode("utf-8")).code == "AA"
+    found = dcmtk.findscu(server.port, {"SpecificCharacterSet": "ISO_IR 192", "PatientName": "",
+                                        "AccessionNumber": ""},
+                          model="worklist", aet="CT1").check()
+    assert {ds.AccessionNumber: (ds["PatientName"].VM, str(ds.PatientName))
+            for ds in found.responses} == {
+        "PN1": (1, "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+        "PN2": (1, "=山田^花子=ヤマダ^ハナコ"),
+        "PN3": (1, "O BRIEN^PAT"), "PN4": (1, "BACK SLASH^ANN"), "PN5": (1, "EQ UAL^BOB")}
+    ideographic = dcmtk.findscu(server.port, {"SpecificCharacterSet": "ISO_IR 192",
+                                              "PatientName": "*=山田*",
+                                              "AccessionNumber": ""},
+                                model="worklist", aet="CT1").check()
+    assert sorted(ideographic.values("AccessionNumber")) == ["PN1", "PN2"]
+
+
 def test_lf_terminated_message_reads_its_character_set_from_msh_alone(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     """Segments may end with LF: MSH-18 (and MSH-10 for an early AR) are read from MSH,

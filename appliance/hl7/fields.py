@@ -63,6 +63,14 @@ def value(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1
     return _leaf(segment, field_num, node)
 
 
+def repeats(segment: hl7.Segment, field_num: int) -> int:
+    """How many repetitions SEG-field_num has (0 when absent)."""
+    if field_num >= len(segment):
+        return 0
+    node: Any = segment(field_num)
+    return 1 if isinstance(node, str) else len(node)
+
+
 def _leaf(segment: hl7.Segment, field_num: int, text: str) -> str:
     if str(segment(0)) == "MSH" and field_num in (1, 2):  # the delimiters themselves
         return text.strip()

@@ -53,6 +53,11 @@ _LEADING_DIGITS = re.compile(r"\d{1,6}")
 _DIGITS = re.compile(r"\d*")
 _TIME_ZONE = re.compile(r"[+-]\d{4}")
 _SEGMENT_END = re.compile(rb"[\r\n]")
+# XPN-8 / XCN-15 name representation code (HL7 table 4000) -> PN component group.
+_REPRESENTATION = {"A": 0, "I": 1, "P": 2}
+_MAX_NAME_REPEATS = 8  # a name's repetitions looked at (a sender may send thousands)
+# What may not be inside a PN component: its delimiters (^, =, backslash), control characters.
+_NOT_IN_PN = re.compile(r"[\^=\\\x00-\x1f\x7f]")
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
 
@@ -240,9 +245,25 @@ def _segment(message: hl7.Message, name: str) -> hl7.Segment:
 
 def _person_name(segment: hl7.Segment, field_num: int, *, offset: int = 0) -> str:
     """XPN (family^given^middle^suffix^prefix) -> DICOM PN (family^given^middle^prefix^
-    suffix); with offset 1, an XCN (id^family^given^...)."""
-    parts = [_get(segment, field_num, offset + n) for n in (1, 2, 3, 5, 4)]
-    return "^".join(parts).rstrip("^")
+    suffix); with offset 1, an XCN (id^family^given^...).
+
+    The first repetition is the name. Repetitions whose name representation code
+    (XPN-8, XCN-15; HL7 table 4000) is I or P give the ideographic and phonetic
+    component groups (PS3.5 6.2.1.2), as Japanese registration systems send them:
+    ``Yamada^Tarou^^^^^L^A~山田^太郎^^^^^L^I~やまだ^たろう^^^^^L^P`` is
+    ``Yamada^Tarou=山田^太郎=やまだ^たろう``. A PN delimiter that an escape put into a
+    component (``O\\S\\BRIEN`` is "O^BRIEN", ``\\E\\`` a backslash, the value
+    separator) or a control character becomes a space: it would split the name."""
+    code_at = 15 if offset else 8  # XCN-15, XPN-8
+    groups = ["", "", ""]
+    for repeat in range(1, min(fields.repeats(segment, field_num), _MAX_NAME_REPEATS) + 1):
+        code = _get(segment, field_num, code_at, repeat=repeat).upper()
+        group = _REPRESENTATION.get(code, 0 if repeat == 1 else None)
+        if group is None or groups[group]:
+            continue  # another name (an alias, a maiden name) or a second one of a kind
+        parts = [_get(segment, field_num, offset + n, repeat=repeat) for n in (1, 2, 3, 5, 4)]
+        groups[group] = "^".join(_NOT_IN_PN.sub(" ", part).strip() for part in parts).rstrip("^")
+    return "=".join(groups).rstrip("=")
 
 
 def _split_date(value: str, location: str) -> tuple[str, str]:
