@@ -278,6 +278,29 @@ def test_get_answers_the_requested_attributes_of_the_step_as_it_stands(
         "C", "U", "R", "U", "R"]
 
 
+def test_a_set_in_another_character_set_keeps_the_names_of_the_create(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """An N-SET in another Specific Character Set than its N-CREATE: the step holds both
+    sets' text (a Cyrillic name created in UTF-8 came back "??????^????" after an N-SET
+    in Latin-1, re-encoded in the N-SET's set, which cannot hold it)."""
+    _, client = scu
+    for created, name, updated, description in (
+            ("ISO_IR 192", "Иванов^Пётр", "ISO_IR 100", "Schädel nativ"),
+            ("ISO_IR 100", "Müller^Jürgen", "ISO_IR 144", "Голова")):
+        sop_uid = str(generate_uid())
+        attrs = in_progress()
+        attrs.SpecificCharacterSet, attrs.PatientName = created, name
+        assert client.create(sop_uid, attrs).Status == SUCCESS
+        update = final()
+        update.SpecificCharacterSet = updated
+        update.PerformedProcedureStepDescription = description
+        assert client.set(sop_uid, update).Status == SUCCESS
+        status, found = client.get(sop_uid, ["PatientName", "PerformedProcedureStepDescription"])
+        assert status.Status == SUCCESS and found is not None
+        assert (str(found.PatientName), found.PerformedProcedureStepDescription) == (
+            name, description)
+
+
 def test_mpps_refused_to_a_peer_without_mpps_permission(
         mpps_edge: Callable[..., EdgeServer]) -> None:
     edge = mpps_edge(allow="store")

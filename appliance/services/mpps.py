@@ -89,6 +89,7 @@ _REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
                        "Modality")
 _REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
 _MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
+_UTF8 = "ISO_IR 192"  # what a step whose N-SET changed its character set is kept in
 _ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
                   MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
 
@@ -175,10 +176,7 @@ class MppsService:
                 raise MppsRefused(Kind.NO_SUCH_STEP)
             if step.state is not MppsState.IN_PROGRESS:
                 raise MppsRefused(Kind.FINAL)
-            merged = _decode(step.dataset)
-            for element in modification:
-                if element.tag.group > 0x0002:  # never the command or file meta groups
-                    merged[element.tag] = element
+            merged = _merged(_decode(step.dataset), modification)
             status = str(merged.get("PerformedProcedureStepStatus", "") or "").strip()
             trigger = _STATUS_TRIGGER.get(status)
             if trigger is None:
@@ -269,6 +267,24 @@ def _requested(step: Step, tags: Sequence[BaseTag]) -> Dataset:
             out[tag] = DataElement(tag, vr, empty_value_for_VR(vr),
                                    validation_mode=config.IGNORE)
     return out
+
+
+def _merged(held: Dataset, modification: Dataset) -> Dataset:
+    """`held` with the attributes of `modification` (an N-SET) in place of its own.
+
+    Each side's text is read in its own Specific Character Set first; when the N-SET
+    names another set than the step holds, the step is kept in UTF-8 (ISO_IR 192),
+    which holds both: re-encoding a Cyrillic name of the N-CREATE in the N-SET's
+    Latin-1 would make it question marks."""
+    held_charset = held.get("SpecificCharacterSet")
+    held.decode()
+    modification.decode()
+    for element in modification:
+        if element.tag.group > 0x0002:  # never the command or file meta groups
+            held[element.tag] = element
+    if held.get("SpecificCharacterSet") != held_charset:
+        held.SpecificCharacterSet = _UTF8
+    return held
 
 
 def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
