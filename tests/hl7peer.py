@@ -47,7 +47,9 @@ class Ack:
 
 # An ACK's MSH-18 -> the codec it is in: the box answers in its message's set.
 ACK_CODECS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
-              "8859/1": "latin-1", "8859/15": "iso8859-15"}
+              "8859/1": "latin-1", "8859/5": "iso8859-5", "8859/7": "iso8859-7",
+              "8859/15": "iso8859-15",
+              "ISO IR87": "iso2022_jp"}
 
 
 def parse_ack(data: bytes) -> Ack:

@@ -426,6 +426,27 @@ def test_names_keep_their_ideographic_and_phonetic_groups_and_one_value(
     assert sorted(ideographic.values("AccessionNumber")) == ["PN1", "PN2"]
 
 
+def test_cyrillic_greek_and_japanese_character_sets_are_read(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """MSH-18 8859/5 and 8859/7 (answered AR before), ISO IR87 with its ISO 2022 escape
+    sequences in the bytes, and JAHIS's "~ISO IR87" (ASCII escaping to kanji: read as
+    UTF-8 before, so the name held ESC $ B and JIS bytes); the ACK is in the set."""
+    server, port = hl7_edge
+    orders = {"CY1": ("8859/5", "Иванов^Пётр", "iso8859-5"),
+              "GR1": ("8859/7", "Παπαδόπουλος^Νίκος", "iso8859-7"),
+              "JP1": ("ISO IR87", "山田^太郎", "iso2022_jp"),
+              "JP2": ("~ISO IR87", "Yamada^Tarou^^^^^L^A~山田^太郎^^^^^L^I", "iso2022_jp")}
+    for accession, (charset, name, codec) in orders.items():
+        order = hl7peer.orm(accession, accession=accession, name=name).replace(
+            hl7peer.msh(accession, "ORM^O01^ORM_O01"),
+            hl7peer.msh(accession, "ORM^O01^ORM_O01", charset=charset))
+        ack = hl7peer.send(port, order.encode(codec))
+        assert (ack.code, ack.control_id) == ("AA", accession)
+    assert {o["accession_number"]: o["patient_name"] for o in worklist(server)} == {
+        "CY1": "Иванов^Пётр", "GR1": "Παπαδόπουλος^Νίκος", "JP1": "山田^太郎",
+        "JP2": "Yamada^Tarou=山田^太郎"}
+
+
 def test_lf_terminated_message_reads_its_character_set_from_msh_alone(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     """Segments may end with LF: MSH-18 (and MSH-10 for an early AR) are read from MSH,

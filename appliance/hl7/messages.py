@@ -40,12 +40,20 @@ from appliance.store.order_rows import Demographics, OrderDetails, PatientKey
 SUPPORTED = {
     ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A04"), ("ADT", "A08"), ("ADT", "A40"),
 }
-# MSH-18 -> Python codec. Empty means ASCII by the standard; UTF-8 is read
-# instead, since it is a superset and what most senders really use.
+# MSH-18 (HL7 table 0211) -> Python codec. Empty means ASCII by the standard; UTF-8
+# is read instead, since it is a superset and what most senders really use. The
+# 8859 parts are Europe's, Cyrillic (5), Arabic (6), Greek (7) and Hebrew (8) among
+# them. ISO IR87 and ISO IR159 (Japanese kanji) come as ISO 2022 escape sequences in
+# the bytes (ESC $ B ... ESC ( B), which iso2022_jp_2 reads; as the first MSH-18
+# repetition, or as a later one after an empty or ASCII first (JAHIS: "~ISO IR87").
 CHARSETS = {
     "": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
-    "8859/1": "latin-1", "8859/15": "iso8859-15",
+    "8859/1": "latin-1", "8859/2": "iso8859-2", "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4", "8859/5": "iso8859-5", "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7", "8859/8": "iso8859-8", "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15", "ISO IR87": "iso2022_jp_2", "ISO IR159": "iso2022_jp_2",
 }
+_ISO_2022_SETS = frozenset({"ISO IR87", "ISO IR159"})
 # The worklist answers these in VRs of the default repertoire (PS3.5 6.2): CS, AE.
 _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
 _AE_TITLE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but backslash
@@ -137,10 +145,13 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     # MSH-18 may repeat: the first is the message's character set, the others are sets
     # that escape sequences switch to (which fields.py drops).
     charset_field = first_line.split(separator)[17:18]
-    charset = charset_field[0].split(encoding_chars[1:2])[0].decode(
-        "ascii", "replace").strip().upper() if charset_field else ""
+    charsets = [c.decode("ascii", "replace").strip().upper() for c in
+                charset_field[0].split(encoding_chars[1:2])] if charset_field else [""]
+    charset = charsets[0]
     as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1], charset)
     codec = CHARSETS.get(charset)
+    if charset in ("", "ASCII") and _ISO_2022_SETS.intersection(charsets[1:]):
+        codec = CHARSETS["ISO IR87"]  # ASCII, escaping to the kanji sets the others name
     if codec is None:
         raise Hl7Error(f"character set {charset!r} is not supported", "MSH-18",
                        ErrorCode.TABLE_VALUE_NOT_FOUND, reject=True, header=as_sent)
