@@ -33,6 +33,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -272,6 +273,23 @@ def make_non_ascii_instance(folder: Path, *, seed: int = 200, name: str = "Müll
     ds = _instance(seed, (0, 0, 0), 0, patient, study, series, "MR", 32, 32, 16)
     ds.SpecificCharacterSet = charset
     return write_instance(ds, folder / "non_ascii.dcm", transfer_syntax)
+
+
+def make_mislabelled_instance(folder: Path, name: bytes, *, charset: str | None,
+                              seed: int = 210) -> GeneratedInstance:
+    """One MR image whose Patient's Name holds the bytes `name` whatever its Specific
+    Character Set says (`charset`; None: no such element), as real writers make them:
+    Latin-1 bytes under ISO_IR 192, or a broken ISO 2022 escape."""
+    placeholder = "Q" * len(name)
+    instance = make_non_ascii_instance(folder, seed=seed, name=placeholder,
+                                       charset=charset or "ISO_IR 100")
+    data = instance.path.read_bytes()
+    if charset is None:  # the element goes, and the File Meta group length stays right
+        data = data.replace(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", b"", 1)
+    instance.path.write_bytes(data.replace(placeholder.encode(), name, 1))
+    with warnings.catch_warnings():  # pydicom's remark on the bytes is the point here
+        warnings.simplefilter("ignore")
+        return GeneratedInstance(instance.path, read_header(instance.path))
 
 
 # -- bad input -----------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 The file is never rewritten: this only decodes a copy of its header for the
 index. Values are decoded with the file's Specific Character Set, so names in
-any character set land in the index as text. A deflated dataset is read by
+any character set land in the index as text. A value whose bytes that set cannot
+read (Latin-1 bytes under ISO_IR 192, common in real life) is read as Latin-1,
+where pydicom would put U+FFFD in place of each letter: the name still reads,
+matches (`Weiß*`) and can be told apart from others; WADO-RS metadata reads it so
+too (dicom_json.latin1_fallback). A deflated dataset is read by
 appliance.services.deflated, which inflates it in bounded chunks and keeps only the
 elements in INDEX_KEYWORDS.
 """
@@ -19,6 +23,7 @@ from typing import Any, BinaryIO
 import pydicom
 import pydicom.config
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -30,6 +35,7 @@ from appliance.base.errors import InvalidInstance
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services import header_scan
 from appliance.services.deflated import read_deflated_elements
+from appliance.services.dicom_json import REPLACEMENT, latin1_fallback
 from appliance.store.instance_header import InstanceHeader
 
 # The appliance validates what it relies on (UIDs, completeness) itself and
@@ -165,9 +171,16 @@ def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -
 
 
 def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
+    raw = ds.get_item(keyword) if isinstance(ds, Dataset) else None
     value: Any = ds.get(keyword, "")
-    if type(value) is str:  # every value header_scan gives: the common case first
-        return value.strip()
+    # A str is every value header_scan gives: the common case first.
+    text = value.strip() if type(value) is str else _joined(value)
+    if REPLACEMENT in text and isinstance(raw, RawDataElement):
+        return latin1_fallback(raw.value) or text
+    return text
+
+
+def _joined(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":

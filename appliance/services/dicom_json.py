@@ -18,7 +18,10 @@ a float) is answered empty, as an invalid DS is. PS3.18 F.2.3 makes these
 values JSON numbers, and JSON has no NaN or Infinity: pydicom would write
 text that browsers' JSON.parse refuses. Empty, rather than a null per bad
 value: null is for an empty value (F.2.5), and a number that is there but
-unusable is not one.
+unusable is not one. And a second: a text value whose bytes its character set
+cannot read (Latin-1 bytes under ISO_IR 192, common in real life) is read as
+Latin-1, as the index reads it (dicom_header), where pydicom
+puts U+FFFD for each of those letters.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from pydicom.dataset import Dataset
 
 # SpecificCharacterSet values whose text decodes by one Python codec, no ISO 2022 escapes.
 CODECS = {"": "iso8859", "ISO_IR 6": "iso8859", "ISO_IR 100": "latin_1", "ISO_IR 192": "UTF8"}
+REPLACEMENT = "\ufffd"  # what pydicom puts for bytes its character set cannot read
+_REPLACEMENT_UTF8 = REPLACEMENT.encode()
+_ESC = b"\x1b"
 _STRINGS = frozenset({"CS", "AS", "DA", "DT", "TM"})  # pydicom's convert_string
 _TEXTS = frozenset({"SH", "LO", "UC"})  # split on backslash, each value decoded
 _SINGLE_TEXTS = frozenset({"ST", "LT", "UT"})  # one value, decoded
@@ -108,7 +114,11 @@ def element_json(elem: RawDataElement | DataElement, codec: str | None
         return {"vr": vr} if vr != "SQ" else None
     try:
         found = _value(vr, value, codec, elem.is_little_endian)
-    except (UnicodeDecodeError, struct.error):
+    except UnicodeDecodeError:
+        if latin1_fallback(value) is None:
+            return None
+        found = _value(vr, value, "latin_1", elem.is_little_endian)
+    except struct.error:
         return None
     if found is None:
         return None
@@ -161,6 +171,15 @@ def _value(vr: str, raw: bytes, codec: str | None, little: bool) -> list[Any] | 
     if vr in _BINARY:
         return _INLINE
     return None
+
+
+def latin1_fallback(raw: bytes | None) -> str | None:
+    """The text of a value pydicom could not read in its character set, as Latin-1
+    (every byte is a letter there); None when the bytes hold an ISO 2022 escape (a
+    broken multi-byte set is no Latin-1) or the replacement character itself."""
+    if not raw or _ESC in raw or _REPLACEMENT_UTF8 in raw:
+        return None
+    return raw.decode("latin-1").strip(" \0")
 
 
 def _finite_or_empty(values: list[float]) -> list[float]:

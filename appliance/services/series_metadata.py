@@ -70,7 +70,8 @@ STALE_TEMP_SECONDS = 3600.0
 IN_USE_SECONDS = 60.0  # a file used this recently may be about to be read
 # Bumped whenever the JSON written changes, so that no file of an earlier build is served.
 # 2: no NaN or Infinity (non-finite DS/FL/FD values are answered empty: dicom_json).
-FORMAT = 2
+# 3: bytes a text value's character set cannot read are read as Latin-1 (dicom_json).
+FORMAT = 3
 
 
 def instance_url(base: str, study_uid: str, series_uid: str, sop_uid: str) -> str:
