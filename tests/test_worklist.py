@@ -29,7 +29,10 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+)
 
 from appliance.services import worklist as worklist_service
 from appliance.services.order_states import OrderTrigger, apply_sync
@@ -249,6 +252,53 @@ def test_return_keys_are_filled_from_the_order(
     assert (step.Modality, step.ScheduledStationAETitle) == ("MR", "MR01")
     assert (step.ScheduledProcedureStepStartDate,
             step.ScheduledProcedureStepStartTime) == ("20240105", "120000")
+
+
+def test_an_item_is_answered_in_the_requests_character_set_when_it_holds_the_names(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    """A modality that asks in ISO_IR 100 gets Müller in ISO_IR 100 (it got UTF-8, which
+    a console without ISO_IR 192 shows as "MÃ¼ller"); a name its set cannot hold, or a
+    request in no set, is answered in ISO_IR 192 (pynetdicom as the modality)."""
+    edge = worklist_edge()
+    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for acc, name in (("ACC801", "Müller^Jürgen"), ("ACC802", "Иванов^Пётр")):
+            details = OrderDetails(requested_procedure_id=acc, requested_procedure_desc="Exam",
+                                   sps_id=acc, sps_description="Step", modality="CT",
+                                   station_ae_title="CT09", sps_start_date="20240105",
+                                   sps_start_time="0800")
+            insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
+                         filler_order_number="", study_uid=str(generate_uid()),
+                         details=details, patient=PatientKey(f"P{acc}"),
+                         demographics=Demographics(name, "", ""), at=time.time())
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    answers = {}
+    for asked in ("ISO_IR 100", "ISO_IR 144", None):
+        query = Dataset()
+        if asked:
+            query.SpecificCharacterSet = asked
+        query.PatientName = ""
+        query.AccessionNumber = "ACC80?"
+        answers[asked] = {ident.AccessionNumber: (ident.get("SpecificCharacterSet"),
+                                                  str(ident.PatientName))
+                          for status, ident in assoc.send_c_find(
+                              query, ModalityWorklistInformationFind)
+                          if status.Status == 0xFF00}
+    assoc.release()
+    assert answers == {
+        "ISO_IR 100": {"ACC801": ("ISO_IR 100", "Müller^Jürgen"),
+                       "ACC802": ("ISO_IR 192", "Иванов^Пётр")},
+        "ISO_IR 144": {"ACC801": ("ISO_IR 192", "Müller^Jürgen"),
+                       "ACC802": ("ISO_IR 144", "Иванов^Пётр")},
+        None: {"ACC801": ("ISO_IR 192", "Müller^Jürgen"),
+               "ACC802": ("ISO_IR 192", "Иванов^Пётр")}}
 
 
 def test_patient_name_matching_ignores_case(worklist_edge: Callable[..., EdgeServer]) -> None:
