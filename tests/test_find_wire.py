@@ -89,6 +89,25 @@ def test_matches_arrive_whole_in_any_syntax_and_pdu_size(
         assert set(KEYS) <= set(ds.dir())
 
 
+def test_a_match_is_answered_in_the_requests_character_set_when_it_holds_the_values(
+        edge_server: EdgeServer, tmp_path: Path) -> None:
+    """findscu asks in ISO_IR 100: Müller comes back in ISO_IR 100 (it came in UTF-8,
+    "MÃ¼ller" on a workstation without ISO_IR 192), a Cyrillic name its set cannot hold
+    in ISO_IR 192; asked in no set, both are UTF-8."""
+    made = [dicomgen.make_non_ascii_instance(tmp_path / "de", seed=230, name="Müller^Jürgen",
+                                             charset="ISO_IR 100"),
+            dicomgen.make_non_ascii_instance(tmp_path / "ru", seed=231, name="Иванов^Пётр",
+                                             charset="ISO_IR 144")]
+    dcmtk.storescu(edge_server.port, [i.path for i in made]).check()
+    for asked, expected in (("ISO_IR 100", ["ISO_IR 100", "ISO_IR 192"]),
+                            ("", ["ISO_IR 192", "ISO_IR 192"])):
+        keys = {"PatientName": "", "StudyInstanceUID": ""}
+        found = dcmtk.findscu(edge_server.port, {**keys, "SpecificCharacterSet": asked}
+                              if asked else keys).check()
+        by_name = {str(ds.PatientName): ds.SpecificCharacterSet for ds in found.responses}
+        assert by_name == dict(zip(["Müller^Jürgen", "Иванов^Пётр"], expected, strict=True))
+
+
 def test_an_answer_longer_than_one_read_batch_arrives_whole(
         edge_server_factory: Callable[..., EdgeServer], tmp_path: Path) -> None:
     """More matches than the first read holds (FETCH_BATCH): the rest are read a batch at

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import re
 import sqlite3
@@ -597,12 +598,20 @@ async def test_encoded_identifiers_match_pydicom_in_many_scripts(
     ]
     async with Index(tmp_path / "index.sqlite3") as scripts:
         await fill(scripts, headers)
-        for level in LEVELS[1:]:
+        # Asked in no set, in Latin-1, in Cyrillic: a row the asked set holds is in it.
+        answered: dict[str, set[str]] = {"": set(), "ISO_IR 100": set(), "ISO_IR 144": set()}
+        for level, asked in itertools.product(LEVELS[1:], answered):
             query = identifier(level, None, *every_key(level))
+            if asked:
+                query.SpecificCharacterSet = asked
             found = await answer(scripts, QueryModel.PATIENT_ROOT, query)
             assert len(found) == len(headers)
             assert list(found.encoded(implicit_vr=implicit_vr)) == [
                 pydicom_wire(ds, implicit_vr) for ds in found.datasets()]
+            answered[asked] |= {ds.SpecificCharacterSet for ds in found.datasets()
+                                if "SpecificCharacterSet" in ds}
+        assert answered == {"": {"ISO_IR 192"}, "ISO_IR 100": {"ISO_IR 100", "ISO_IR 192"},
+                            "ISO_IR 144": {"ISO_IR 144", "ISO_IR 192"}}
 
 
 async def test_instance_availability_follows_the_tiering_state(tmp_path: Path) -> None:

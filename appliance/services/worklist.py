@@ -45,6 +45,7 @@ from pydicom.multival import MultiValue
 from appliance.base.errors import PacsEdgeError, QueryError, QueryRefusal
 from appliance.services.peers import Allowlist
 from appliance.services.query import matching
+from appliance.services.query.identifiers import asked_character_set, response_character_set
 from appliance.store import database
 from appliance.store import worklist_rows as worklist_store
 from appliance.store.cfind.attributes import Match
@@ -56,15 +57,6 @@ log = logging.getLogger(__name__)
 
 PERMISSION = "worklist"
 MAX_ITEMS = 10_000  # more matches than this are refused (0xC000: narrow the query)
-_UTF8 = "ISO_IR 192"
-# The single-byte Specific Character Sets (PS3.3 Table C.12-2) an answer may be given in,
-# and the Python codec of each.
-_SINGLE_BYTE = {
-    "ISO_IR 100": "latin_1", "ISO_IR 101": "iso8859_2", "ISO_IR 109": "iso8859_3",
-    "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5", "ISO_IR 127": "iso8859_6",
-    "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8", "ISO_IR 148": "iso8859_9",
-    "ISO_IR 203": "iso8859_15", "ISO_IR 166": "tis_620",
-}
 
 _KINDS: dict[str, Match] = {
     "PatientName": Match.PERSON_NAME,
@@ -256,19 +248,6 @@ def _response(identifier: Dataset, item: WorklistItem) -> Dataset:
     texts: list[str] = []
     response = _fill(identifier, item, texts)
     if not all(text.isascii() for text in texts):
-        response.SpecificCharacterSet = _character_set(identifier, texts)
+        asked = asked_character_set(identifier.get("SpecificCharacterSet"))
+        response.SpecificCharacterSet = response_character_set(asked, texts)
     return response
-
-
-def _character_set(identifier: Dataset, texts: list[str]) -> str:
-    """The request's single-byte set if it can encode every one of `texts`, else UTF-8."""
-    asked = identifier.get("SpecificCharacterSet")
-    codec = _SINGLE_BYTE.get(asked.strip()) if isinstance(asked, str) else None
-    if codec is None:
-        return _UTF8
-    try:
-        for text in texts:
-            text.encode(codec)
-    except UnicodeEncodeError:
-        return _UTF8
-    return str(asked).strip()

@@ -16,8 +16,9 @@ evicted studies answer like any other, with InstanceAvailability NEARLINE.
 
 Each response holds QueryRetrieveLevel, every key of the request (values
 from the index, empty when unknown), RetrieveAETitle when asked for, and
-SpecificCharacterSet "ISO_IR 192" when a value is not ASCII (the index keeps
-decoded text, so UTF-8 can say everything).
+SpecificCharacterSet when a value is not ASCII: the request's own single-byte
+set when it holds every value, else "ISO_IR 192" (the index keeps decoded text,
+so UTF-8 can say everything; identifiers.py says why the request's set first).
 
 Levels and models (PS3.4 C.6): Patient Root answers PATIENT, STUDY, SERIES
 and IMAGE; Study Root has no PATIENT level and refuses it (0xA900), as it
@@ -48,7 +49,12 @@ from pydicom.tag import BaseTag, Tag
 
 from appliance.base.errors import QueryError, QueryRefusal
 from appliance.services.query import matching
-from appliance.services.query.identifiers import CHARACTER_SET, UTF8, Template
+from appliance.services.query.identifiers import (
+    CHARACTER_SET,
+    Template,
+    asked_character_set,
+    response_character_set,
+)
 from appliance.store.cfind import attributes
 from appliance.store.cfind.attributes import Key, Level
 from appliance.store.cfind.search import (
@@ -164,6 +170,7 @@ class _Plan:
     criteria: list[Criterion | PeriodCriterion] = field(default_factory=list)
     columns: list[Key] = field(default_factory=list)  # one per returned value
     fixed: list[tuple[BaseTag, str, str]] = field(default_factory=list)  # (tag, VR, value)
+    asked: str = ""  # the request's single-byte character set, if any (identifiers.py)
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,8 @@ class Answer:
             constant[tag] = _element(tag, vr, text or empty_value_for_VR(vr))
         template = Template(constant, [(key.tag, key.vr) for key in self.plan.columns],
                             implicit=implicit_vr,
-                            fallback=lambda row: _response(self.level, self.plan, row))
+                            fallback=lambda row: _response(self.level, self.plan, row),
+                            asked=self.plan.asked)
         for row in self.rows if rows is None else rows:
             yield template.encode(row)
 
@@ -232,7 +240,10 @@ def _plan(level: Level, identifier: Dataset, retrieve_ae_title: str, combined: b
     wanted: dict[str, tuple[Key, list[str]]] = {}
     for element in identifier:
         tag = element.tag
-        if tag in (_QUERY_LEVEL, CHARACTER_SET) or tag.element == 0:
+        if tag == CHARACTER_SET:
+            plan.asked = asked_character_set(element.value)
+            continue
+        if tag == _QUERY_LEVEL or tag.element == 0:
             continue  # answered separately; group lengths are not keys
         if tag == _RETRIEVE_AE:
             plan.fixed.append((tag, "AE", retrieve_ae_title))
@@ -292,10 +303,10 @@ def _element(tag: BaseTag, vr: str, value: object) -> DataElement:
 def _response(level: Level, plan: _Plan, row: Sequence[object]) -> Dataset:
     response = Dataset()
     response[_QUERY_LEVEL] = _element(_QUERY_LEVEL, "CS", level.name)
-    non_ascii = False
+    texts: list[str] = []
     for key, value in zip(plan.columns, row, strict=True):
         if isinstance(value, str):
-            non_ascii = non_ascii or not value.isascii()
+            texts.append(value)
             if key.multi:
                 value = value.split("\\")
         if value is None or value == "":
@@ -303,6 +314,7 @@ def _response(level: Level, plan: _Plan, row: Sequence[object]) -> Dataset:
         response[key.tag] = _element(key.tag, key.vr, value)
     for tag, vr, text in plan.fixed:
         response[tag] = _element(tag, vr, text or empty_value_for_VR(vr))
-    if non_ascii:
-        response[CHARACTER_SET] = _element(CHARACTER_SET, "CS", UTF8)
+    if not all(text.isascii() for text in texts):
+        response[CHARACTER_SET] = _element(CHARACTER_SET, "CS",
+                                           response_character_set(plan.asked, texts))
     return response
