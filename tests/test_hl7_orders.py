@@ -271,6 +271,10 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     (lambda m: m.replace("|ACC1|RPACC1|", f"|{'A' * 17}|RPACC1|"), "OBR-18"),
     (lambda m: m.replace("|RPACC1|", f"|{'R' * 17}|"), "OBR-19"),
     (lambda m: m.replace("PID|1||PAT1^^^HOSP|", f"PID|1||{'P' * 65}^^^HOSP|"), "PID-3"),
+    # An escaped backslash: DICOM's value separator, so two values at the modality.
+    (lambda m: m.replace("PID|1||PAT1^^^HOSP|", "PID|1||PAT\\E\\1^^^HOSP|"), "PID-3"),
+    (lambda m: m.replace("|ACC1|RPACC1|", "|ACC\\E\\1|RPACC1|"), "OBR-18"),
+    (lambda m: m.replace("|RPACC1|", "|RP\\E\\1|"), "OBR-19"),
     # Days and times that do not exist, named by the field they came from.
     (lambda m: m.replace("|19700101|", "|19700230|"), "PID-7"),
     (lambda m: m.replace("^^^202401021030^^R", "^^^202413021030^^R"), "ORC-7"),
@@ -445,6 +449,19 @@ def test_cyrillic_greek_and_japanese_character_sets_are_read(
     assert {o["accession_number"]: o["patient_name"] for o in worklist(server)} == {
         "CY1": "Иванов^Пётр", "GR1": "Παπαδόπουλος^Νίκος", "JP1": "山田^太郎",
         "JP2": "Yamada^Tarou=山田^太郎"}
+
+
+def test_an_escaped_backslash_in_a_description_is_a_space_not_a_second_value(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """OBR-4 "CT head\\E\\neck" was "CT head\\neck" in the worklist: two values of
+    Requested Procedure Description (LO) at the modality."""
+    server, port = hl7_edge
+    order = hl7peer.orm("DESC1", accession="DESC1",
+                        procedure="CTHN\\E\\1^CT head\\E\\neck\\X0D\\^LOCAL")
+    assert hl7peer.send(port, order).code == "AA"
+    item = show(server, "DESC1")
+    assert (item["requested_procedure_desc"], item["sps_description"],
+            item["procedure_code_value"]) == ("CT head neck", "CT head neck", "CTHN 1")
 
 
 def test_lf_terminated_message_reads_its_character_set_from_msh_alone(

@@ -66,6 +66,7 @@ _REPRESENTATION = {"A": 0, "I": 1, "P": 2}
 _MAX_NAME_REPEATS = 8  # a name's repetitions looked at (a sender may send thousands)
 # What may not be inside a PN component: its delimiters (^, =, backslash), control characters.
 _NOT_IN_PN = re.compile(r"[\^=\\\x00-\x1f\x7f]")
+_NOT_IN_TEXT = re.compile(r"[\\\x00-\x1f\x7f]")  # nor in one SH or LO value
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
 
@@ -331,12 +332,23 @@ def _is_calendar_day(day: str) -> bool:
 
 
 def _fits(value: str, limit: int, location: str, what: str) -> str:
-    """`value`, refused (AE) when longer than its DICOM attribute may hold: a modality
-    would cut it, and what it sends back would match no order or patient."""
+    """`value`, refused (AE) when longer than its DICOM attribute may hold, or holding a
+    backslash (an escaped \\E\\), which separates values in DICOM: a modality would cut
+    it or read two values, and what it sends back would match no order or patient."""
     if len(value) > limit:
         raise Hl7Error(f"{what} is longer than DICOM allows ({len(value)} > {limit}"
                        " characters)", location, ErrorCode.DATA_TYPE, reject=False)
+    if "\\" in value:
+        raise Hl7Error(f"{what} holds a backslash, which separates values in DICOM",
+                       location, ErrorCode.DATA_TYPE, reject=False)
     return value
+
+
+def _text(value: str) -> str:
+    """A descriptive value (a description, a code, a station's name) as one DICOM value:
+    a backslash (an escaped \\E\\, the value separator) or a control character
+    becomes a space."""
+    return _NOT_IN_TEXT.sub(" ", value)
 
 
 def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demographics]:
@@ -349,7 +361,8 @@ def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demog
     demographics = Demographics(
         patient_name=_person_name(pid, 5), birth_date=_birth_date(_get(pid, 7), notes),
         sex={"M": "M", "F": "F", "O": "O", "U": "O", "A": "O", "N": "O"}.get(sex, ""))
-    return PatientKey(patient_id, _get(pid, 3, 4)), demographics
+    issuer = _fits(_get(pid, 3, 4), 64, "PID-3", "issuer of patient identifier")  # LO
+    return PatientKey(patient_id, issuer), demographics
 
 
 # --- ADT ---------------------------------------------------------------------------
@@ -451,15 +464,17 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                        station_field, ErrorCode.DATA_TYPE, reject=False)
     start, start_field = _start(group)
     start_date, start_time = _scheduled(start, start_field)
+    description = _text(_get(obr, 4, 2))
     details = OrderDetails(
         requested_procedure_id=procedure_id or accession,
-        requested_procedure_desc=_get(obr, 4, 2),
-        procedure_code_value=_get(obr, 4, 1), procedure_code_scheme=_get(obr, 4, 3),
-        procedure_code_meaning=_get(obr, 4, 2),
+        requested_procedure_desc=description,
+        procedure_code_value=_text(_get(obr, 4, 1)),
+        procedure_code_scheme=_text(_get(obr, 4, 3)), procedure_code_meaning=description,
         priority=_PRIORITIES.get(_get(orc, 7, 6).upper() or _get(obr, 27, 6).upper(), ""),
         sps_id=sps_id or procedure_id or accession,
-        sps_description=_get(obr, 4, 2), modality=modality,
-        station_ae_title=station_ae, station_name=station_name, sps_location=location,
+        sps_description=description, modality=modality,
+        station_ae_title=station_ae, station_name=_text(station_name),
+        sps_location=_text(location),
         sps_start_date=start_date, sps_start_time=start_time,
         referring_physician=referring,
         requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),
