@@ -84,12 +84,22 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
     ends the replication, and the eviction, of this pass: every other study would fail
     alike, each only after its retries and timeouts, and each failed upload leaves an
     unverified version that every later pass tries to delete until the cloud is back.
-    The next pass starts over."""
+    The next pass starts over.
+
+    A pass refused before it starts (the cloud holds none of this box's packs: a NAS
+    not mounted; a roll-back the cloud refused) is recorded and counted as a failed
+    pass too, then raised: `status`, /metrics and the PacsEdgeSyncFailing alert say
+    so with the reason, where they said nothing until the agent looked silent."""
     assert ctx.index.writer is not None
     started = time.time()
     report = PassReport()
-    await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)  # NAS still mounted?
-    await recover_stuck(ctx)
+    try:
+        await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)  # NAS mounted?
+        await recover_stuck(ctx)
+    except PacsEdgeError as exc:
+        report.failures.append(f"start: {exc.message}")
+        await _record(ctx, started, report)
+        raise
     wait = ctx.config.sync.stable_after_seconds if stable_after is None else stable_after
     studies = await replication_candidates(ctx, wait)
     for looked_at, study in enumerate(studies):
@@ -122,13 +132,19 @@ async def sync_pass(ctx: SyncContext, *, stable_after: float | None = None,
                 report.failures.append(f"evict: {exc.message}")
                 if isinstance(exc, BlobStoreUnavailable):
                     break
+    await _record(ctx, started, report)
+    return report
+
+
+async def _record(ctx: SyncContext, started: float, report: PassReport) -> None:
+    """The pass's row (what `status` reads) and its count."""
+    assert ctx.index.writer is not None
     summary = json.dumps({"replicated": [asdict(r) for r in report.replicated],
                           "evicted": report.evicted, "busy": report.busy,
                           "failures": report.failures})
     await ctx.index.writer.submit_sync(lambda c: record_pass(
         c, started_at=started, finished_at=time.time(), ok=report.ok, summary=summary))
     SYNC_PASSES.labels("ok" if report.ok else "failed").inc()
-    return report
 
 
 async def run_agent(config: Config) -> None:

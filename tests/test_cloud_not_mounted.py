@@ -3,6 +3,7 @@ the sync jobs refuse it, rather than upload there and evict the local copies."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -52,6 +53,36 @@ def test_sync_refuses_a_cloud_folder_without_the_packs_it_uploaded(tmp_path: Pat
         run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
     assert stored_hashes(home) == sent_hashes([*first, *second])
     assert index_rows(home, "SELECT COUNT(*) FROM packs") == [(2,)]
+
+
+def test_an_agents_pass_refused_for_a_missing_nas_is_a_failing_pass_status_reports(
+        tmp_path: Path) -> None:
+    """The refusal is a failed pass like any other: `status` (so /metrics and the
+    PacsEdgeSyncFailing alert) warns sync_failing with the reason, where it said
+    nothing and, an hour later, that the running agent was silent."""
+    home = init_home(tmp_path / "home")
+    nas = tmp_path / "nas"
+    EdgeServer(home).configure(cloud={"url": f"file://{nas / 'pacs-cloud'}"},
+                               sync={"replicate_interval_seconds": 1,
+                                     "stable_after_seconds": 0})
+    import_files(home, *dicomgen.make_studies(tmp_path / "study", seed=85, series_per_study=1,
+                                              instances_per_series=1, size=64))
+    agent = SyncAgent(home).start()
+    try:
+        wait_until("the study's pack", lambda: index_rows(
+            home, "SELECT COUNT(*) FROM packs WHERE state = 'verified'") == [(1,)])
+        nas.rename(tmp_path / "nas-mounted")
+        nas.mkdir()
+        wait_until("a sync_failing warning", lambda: "sync_failing" in warnings_of(home))
+    finally:
+        assert agent.stop() == 0
+    assert "holds none of the 1 newest packs" in warnings_of(home)["sync_failing"]
+    assert "sync_agent_silent" not in warnings_of(home)
+
+
+def warnings_of(home: Path) -> dict[str, str]:
+    report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+    return {w["code"]: w["message"] for w in report["warnings"]}
 
 
 def test_a_running_agent_stops_uploading_when_the_nas_goes_away(tmp_path: Path) -> None:
