@@ -584,3 +584,35 @@ def test_mmaped_dict_creates_files_and_series_as_back_metric_pages_expects() -> 
     assert "padded = encoded + (b' ' * (8 - (len(encoded) + 4) % 8))" in source
     assert "struct.pack(f'i{len(padded)}sdd'.encode()" in source
     assert "self._capacity *= 2" in source and "self._f.truncate(self._capacity)" in source
+
+
+def test_write_metric_file_keeps_what_the_collector_reads_from_the_files_it_folds(
+        tmp_path: Path) -> None:
+    """A counter and a histogram folded from two processes' files read back, through
+    multiprocess mode's own collector, as those files did (buckets not accumulated twice)."""
+    from prometheus_client import mmap_dict, multiprocess
+
+    def key(name: str, sample: str, **labels: str) -> str:
+        return mmap_dict.mmap_key(name, sample, list(labels), list(labels.values()), "h")
+
+    for pid, n in ((11, 1.0), (12, 2.0)):
+        for kind, entries in (("counter", [key("c", "c_total", outcome="ok")]),
+                              ("histogram", [key("h", "h_bucket", le="0.5"),
+                                             key("h", "h_bucket", le="+Inf"),
+                                             key("h", "h_sum")])):
+            values = mmap_dict.MmapedDict(str(tmp_path / f"{kind}_{pid}.db"))
+            for entry in entries:
+                values.write_value(entry, n, 0.0)
+            values.close()
+
+    def read(files: list[Path]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for metric in multiprocess.MultiProcessCollector.merge([str(f) for f in files])
+                for s in metric.samples}
+
+    for kind in ("counter", "histogram"):
+        compat.write_metric_file(str(tmp_path / f"{kind}_gone.db"),
+                                 [str(tmp_path / f"{kind}_{pid}.db") for pid in (11, 12)])
+    folded = read([tmp_path / "counter_gone.db", tmp_path / "histogram_gone.db"])
+    assert folded == read(sorted(p for p in tmp_path.glob("*_1?.db")))
+    assert folded[("h_bucket", (("le", "+Inf"),))] == 6.0  # 3 per bucket, accumulated once

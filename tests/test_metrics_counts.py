@@ -19,6 +19,7 @@ from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from syncagent import SyncAgent
 from webpeer import add_user, curl, dicomweb, web_home
 
 STORE_RUNS = 3  # associations that store
@@ -102,6 +103,44 @@ def test_counts_match_a_scripted_load_across_workers_and_the_agent(tmp_path: Pat
     assert delta(after, before, "pacs_edge_received_bytes_total", edge="dicom") == after[
         ("pacs_edge_store_bytes", ())]
     assert after[("pacs_edge_ingest_in_progress", ())] == 0
+
+
+def test_a_restart_of_serve_keeps_every_count_while_the_agent_runs(tmp_path: Path) -> None:
+    """Counts of ended processes (serve's workers, `sync --once`) stay in the sum when
+    serve restarts. Dropping them made counters fall but not to zero, the running
+    agent's counts left: Prometheus reads that as a reset plus that many new events."""
+    studies = make_studies(tmp_path / "studies", patients=1, studies_per_patient=1,
+                           series_per_study=1, instances_per_series=2)
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(dicom={"workers": 2}, sync={"replicate_interval_seconds": 3600})
+    server.start()
+    agent = SyncAgent(home)
+    try:
+        dcmtk.storescu(server.port, [i.path for i in studies]).check()
+        server.cli("sync", "--once", "--stable-after", "0")  # counts, then ends
+        agent.start()  # counts its first pass, and runs on
+        deadline = time.monotonic() + DEADLINE
+        while scrape(server).get(("pacs_edge_sync_passes_total", (("outcome", "ok"),))) != 2:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        before = scrape(server)
+        server.restart()
+        after = scrape(server)
+    finally:
+        agent.stop()
+        server.stop()
+    for name, labels in [("pacs_edge_sync_passes_total", {"outcome": "ok"}),
+                         ("pacs_edge_replications_total", {"outcome": "ok"}),
+                         ("pacs_edge_replicated_bytes_total", {}),
+                         ("pacs_edge_dimse_operations_total",
+                          {"service": "C-STORE", "status": "success"}),
+                         ("pacs_edge_dimse_duration_seconds_bucket",
+                          {"service": "C-STORE", "le": "0.5"}),
+                         ("pacs_edge_dimse_duration_seconds_count", {"service": "C-STORE"})]:
+        assert delta(after, before, name, **labels) == 0, (name, labels)
+    assert before[("pacs_edge_dimse_operations_total",
+                   (("service", "C-STORE"), ("status", "success")))] == len(studies)
 
 
 def test_a_prefetch_by_hand_counts_its_local_priors(tmp_path: Path) -> None:

@@ -63,6 +63,11 @@ What is touched, and who uses it:
                                             metric files' pages backed by blocks before
                                             they are written (back_metric_pages,
                                             base/metrics_dir.py)
+      mmap_dict.MmapedDict.write_value, close, mmap_key; multiprocess's file names
+        (`<type>_<anything>.db`, the type read from the name)
+                                            the counts of processes that are gone,
+                                            kept in one file (write_metric_file,
+                                            base/metrics_dir.py)
     APScheduler 3.11.3
       subclassed hooks (overridden, not assigned; their signatures are checked too):
       BaseScheduler._process_jobs, AsyncIOScheduler._start_timer, as
@@ -896,3 +901,25 @@ def back_metric_pages() -> None:
     backed_create.upstream, backed_add_series.upstream = create, add_series  # type: ignore[attr-defined]
     cls.__init__, cls._init_value = backed_create, backed_add_series
     cls._pages_backed = True
+
+
+def write_metric_file(path: str, files: list[str]) -> None:
+    """Write the values of the counter or histogram files `files`, added up, to `path`
+    (made new) in the form prometheus-client's multiprocess mode reads: the type comes
+    from the name (`counter_*.db`), each series is keyed as its processes key it, and
+    histogram buckets stay per bucket (merge(accumulate=False), as its docstring asks
+    of a merge written back to a file). No public API writes such a file."""
+    from prometheus_client import mmap_dict, multiprocess
+
+    merged = multiprocess.MultiProcessCollector.merge(files, accumulate=False)
+    out = mmap_dict.MmapedDict(path)
+    try:
+        for metric in merged:
+            for sample in metric.samples:
+                names = sorted(sample.labels)
+                key = mmap_dict.mmap_key(metric.name, sample.name, names,
+                                         [sample.labels[n] for n in names],
+                                         metric.documentation)
+                out.write_value(key, sample.value, 0.0)
+    finally:
+        out.close()

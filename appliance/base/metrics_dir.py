@@ -9,12 +9,18 @@ when prometheus-client is first imported, from $PROMETHEUS_MULTIPROC_DIR, so
 (the `serve` and `sync` commands call it first). A process that never calls
 it (a test importing a handler) counts in its own memory.
 
-Counters start from zero when `serve` starts: its supervisor removes the files
-of processes that are gone (`fresh=True`). Files of a live process (a running
-sync agent) are kept, so a restart of `serve` never hides the agent's counts.
-A worker that dies while serve runs keeps its counters in the sum (they must not
-go backwards), but its live gauges go (`forget_live_values`): the associations
-it held are not open any more.
+Counters never go backwards while the data home lives. When `serve` starts
+(`fresh=True`), its supervisor adds the counters and histograms of processes
+that are gone (old workers, past agents, `sync --once`) into one file per type,
+`counter_gone.db` and `histogram_gone.db`, and removes their files; their gauges
+go. Removing their counts instead made each counter fall by them, but not to
+zero while a running sync agent's own counts stayed: Prometheus takes a counter
+that falls for a reset followed by as many new events as it still shows, so a
+restart of serve re-counted every recall the agent ever failed, and
+PacsEdgeRecallsFailing fired on a healthy box. (A crash between writing the new
+file and removing the folded ones counts those twice, once.) A worker that dies
+while serve runs keeps its counters in the sum too, but its live gauges go
+(`forget_live_values`): the associations it held are not open any more.
 
 The files live on the data home's disk, which ingest may fill to the last block.
 prometheus-client makes them sparse (truncate) and writes each new series into
@@ -27,6 +33,7 @@ SIGBUS.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -34,8 +41,11 @@ from pathlib import Path
 
 from appliance.base import compat
 
+log = logging.getLogger(__name__)
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PID = re.compile(r"_(\d+)\.db$")
+_FOLDED = ("counter", "histogram")  # gauges of ended processes say nothing any more
 
 
 def metrics_dir(home: Path) -> Path:
@@ -54,14 +64,37 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
         raise RuntimeError("prometheus_client was imported before use_metrics_dir(): "
                            "call it first in the command that starts the process")
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if fresh:
-        for path in folder.glob("*.db"):
-            match = _PID.search(path.name)
-            if match and not _alive(int(match.group(1))):
-                path.unlink(missing_ok=True)
-    os.environ[ENV] = str(folder)
+    os.environ[ENV] = str(folder)  # before prometheus-client loads (fold_gone loads it)
     compat.back_metric_pages()
+    if fresh:
+        fold_gone(folder)
     return folder
+
+
+def fold_gone(folder: Path) -> None:
+    """Add the counters and histograms of processes no longer running into
+    `<type>_gone.db` and remove their files (the module docstring says why)."""
+    gone = [path for path in folder.glob("*.db")
+            if (match := _PID.search(path.name)) and not _alive(int(match.group(1)))]
+    for kind in _FOLDED:
+        files = [path for path in gone if path.name.startswith(f"{kind}_")]
+        if not files:
+            continue
+        kept = folder / f"{kind}_gone.db"
+        sources = [kept, *files] if kept.exists() else files
+        new = folder / f"{kind}_gone.db.new"  # not *.db: no scrape reads it half written
+        try:
+            new.unlink(missing_ok=True)  # a crash's leftover would be mapped as it is
+            compat.write_metric_file(str(new), [str(path) for path in sources])
+            new.replace(kept)
+        except OSError as exc:
+            # A full disk: their counts go as before (the counters fall once) rather
+            # than the room their files take, which this process needs for its own.
+            new.unlink(missing_ok=True)
+            log.warning("counts of ended processes dropped kind=%s error=%s", kind,
+                        exc.strerror)
+    for path in gone:
+        path.unlink(missing_ok=True)
 
 
 def forget_live_values(pid: int) -> None:
