@@ -23,14 +23,18 @@ Every study is handled under its lease, taken only when no live holder has
 it, so a pass never touches work that is still running (another job of the
 agent, a CLI command). `recover_stuck` runs at the start of every sync pass,
 so a study stuck by a cloud outage is rolled back without a restart;
-`sweep_leftover_files`, which stats every evicted file (and hashes those that
-are there), only at start-up.
+`sweep_leftover_files`, which walks the store (and hashes the files it finds
+that the index says are evicted), only at start-up. It walks the files on disk
+and looks each up by path, rather than statting every evicted instance's path:
+after a year most of the index is evicted (millions of rows), and the start-up
+must finish within systemd's start timeout, in bounded memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 
 from appliance.base import logsafe
@@ -38,9 +42,10 @@ from appliance.store.files import FileStore, hash_dataset
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.packs import packs_of
 from appliance.store.study_rows import (
+    MAX_PATHS_PER_LOOKUP,
     InstanceRow,
     evicted_instances_of,
-    non_local_files,
+    non_local_among,
     studies_in_transient_state,
 )
 from appliance.store.tier_steps import keep_damaged_files, take_and_roll_back
@@ -82,12 +87,7 @@ async def recover_study(ctx: SyncContext, study_id: int, study_uid: str) -> int:
 async def sweep_leftover_files(ctx: SyncContext) -> int:
     """Delete files of non-local instances that are copies of a sound pack's content (an
     eviction killed mid-way; see the module docstring); returns bytes freed."""
-    rows = await non_local_files(ctx.index)
-    present = await asyncio.to_thread(
-        lambda: [(s, p) for s, p in rows if ctx.files.absolute(p).exists()])
-    by_study: dict[int, list[str]] = {}
-    for study_id, path in present:
-        by_study.setdefault(study_id, []).append(path)
+    by_study = await _files_of_evicted_instances(ctx)
     assert ctx.index.writer is not None
     freed = kept = 0
     for study_id, paths in by_study.items():
@@ -125,6 +125,18 @@ async def sweep_leftover_files(ctx: SyncContext) -> int:
         log.warning("kept files of evicted instances that are no copy of a pack this box"
                     " verified files=%d", kept)
     return freed
+
+
+async def _files_of_evicted_instances(ctx: SyncContext) -> dict[int, list[str]]:
+    """Files on local disk whose instance row says they are not, by study id."""
+    walk = ctx.files.iter_files()
+    by_study: dict[int, list[str]] = {}
+    # The walk advances in a worker thread, a chunk at a time (never two at once).
+    while chunk := await asyncio.to_thread(
+            lambda: list(itertools.islice(walk, MAX_PATHS_PER_LOOKUP))):
+        for study_id, path in await non_local_among(ctx.index, chunk):
+            by_study.setdefault(study_id, []).append(path)
+    return by_study
 
 
 def _intact(files: FileStore, rows: list[InstanceRow]) -> list[InstanceRow]:

@@ -10,11 +10,15 @@ from its caller: a new question of the sync agent is a new function here.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.store import database
 from appliance.store.clock_steps import STEPPED_BACK_SLACK
 from appliance.store.index import Index
+
+# Paths looked up in one statement (SQLite's bound parameters are limited).
+MAX_PATHS_PER_LOOKUP = 500
 
 
 @dataclass(frozen=True)
@@ -180,14 +184,22 @@ async def evicted_instances_of(index: Index, study_id: int) -> list[InstanceRow]
     return await database.run_sync(index.reader, evicted_instances, study_id)
 
 
-def _non_local_files(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+def _non_local_among(conn: sqlite3.Connection, paths: Sequence[str]) -> list[tuple[int, str]]:
+    marks = ",".join("?" * len(paths))
     rows = conn.execute(
         "SELECT se.study_fk, i.path FROM instances i JOIN series se ON i.series_fk = se.id"
-        " WHERE i.is_local = 0").fetchall()
+        f" WHERE i.is_local = 0 AND i.path IN ({marks})", tuple(paths)).fetchall()
     return [(int(study_id), str(path)) for study_id, path in rows]
 
 
-async def non_local_files(index: Index) -> list[tuple[int, str]]:
-    """(study id, path) of every instance the index says is not on local disk; whether
-    such a file is there anyway (an interrupted eviction) is the caller's to check."""
-    return await database.run_sync(index.reader, _non_local_files)
+async def non_local_among(index: Index, paths: Sequence[str]) -> list[tuple[int, str]]:
+    """(study id, path) of those of `paths` (files found on local disk; at most
+    MAX_PATHS_PER_LOOKUP) that an instance row names and says are not on local disk:
+    what an interrupted eviction left. One search of the path index per path, so the
+    caller's work grows with the files on disk, never with the evicted rows (after a
+    year, most of the index)."""
+    found: list[tuple[int, str]] = []
+    for start in range(0, len(paths), MAX_PATHS_PER_LOOKUP):
+        found += await database.run_sync(index.reader, _non_local_among,
+                                         paths[start:start + MAX_PATHS_PER_LOOKUP])
+    return found
