@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from appliance.services.fsck import fsck
 from appliance.store import database
 from appliance.store.files import FileStore
 from appliance.store.index import Index
@@ -93,3 +94,11 @@ async def test_the_sync_agents_start_up_sweep_does_not_load_every_evicted_path(
     assert await sweep_leftover_files(year) == 0  # type: ignore[arg-type]
     assert await peak_python_bytes(sweep_leftover_files(year)) < BOUND  # type: ignore[arg-type]
 
+
+async def test_fsck_at_start_up_does_not_load_every_evicted_path(year: SimpleNamespace) -> None:
+    """fsck (run by serve after an unclean stop) needs the paths that must be local and
+    the files on disk. It loaded every path of the index: 75 s and 1.3 GB at 3 million
+    rows, at the start after a crash or a power cut."""
+    report = await fsck(year.files, year.index, repair=False)
+    assert report.clean and not report.orphan_files
+    assert await peak_python_bytes(fsck(year.files, year.index, repair=False)) < BOUND

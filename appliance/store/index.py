@@ -294,14 +294,28 @@ class Index:
                 "studies_at_risk": len({r[1] for r in at_risk}),
                 "at_risk_packs": [r[0] for r in at_risk]}
 
-    async def known_paths(self) -> dict[str, bool]:
-        """Every file path the index refers to -> whether the file must be on local disk
-        (False for evicted instances and prior versions, whose only copy is in the cloud)."""
+    async def local_paths(self) -> set[str]:
+        """Every file path a row says must be on local disk (current instances and prior
+        versions marked local): as many as the store holds files, however many evicted
+        rows (only in the cloud) the index has gathered."""
         rows = await self._rows(
-            "SELECT path, is_local FROM instances"
-            " UNION ALL SELECT path, is_local FROM instance_versions"
-        )
-        return {path: bool(is_local) for path, is_local in rows}
+            "SELECT path FROM instances WHERE is_local = 1"
+            " UNION ALL SELECT path FROM instance_versions WHERE is_local = 1")
+        return {str(row[0]) for row in rows}
+
+    async def unknown_paths(self, paths: Sequence[str]) -> list[str]:
+        """Those of `paths` that no row names, local or not, current or prior version:
+        files without an index row. Looked up by path, 500 at a time."""
+        known: set[str] = set()
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._rows(
+                f"SELECT path FROM instances WHERE path IN ({marks})"
+                f" UNION ALL SELECT path FROM instance_versions WHERE path IN ({marks})",
+                (*chunk, *chunk))
+            known.update(str(row[0]) for row in rows)
+        return [path for path in paths if path not in known]
 
     async def needed_locally(self, paths: Sequence[str]) -> set[str]:
         """Which of `paths` a row marked local names, current or prior version: files
