@@ -11,8 +11,9 @@ the operation's memory, or its query plan, does not follow them.
 from __future__ import annotations
 
 import sqlite3
+import time
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,7 @@ from appliance.services.fsck import fsck
 from appliance.store import database
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.study_rows import has_unpacked, instances_to_pack, stable_studies
 from sync.rollback import sweep_leftover_files
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -102,3 +104,51 @@ async def test_fsck_at_start_up_does_not_load_every_evicted_path(year: SimpleNam
     report = await fsck(year.files, year.index, repair=False)
     assert report.clean and not report.orphan_files
     assert await peak_python_bytes(fsck(year.files, year.index, repair=False)) < BOUND
+
+
+def traced(conn: sqlite3.Connection, operation: Callable[[sqlite3.Connection], object]
+           ) -> list[str]:
+    """The statements `operation` runs on `conn`, with their parameters bound."""
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        operation(conn)
+    finally:
+        conn.set_trace_callback(None)
+    return statements
+
+
+def plan(conn: sqlite3.Connection, sql: str) -> list[str]:
+    return [str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+
+
+async def test_replication_candidates_are_found_from_the_unpacked_instances(
+        year: SimpleNamespace) -> None:
+    """The sync pass's candidates (stable studies with unpacked local instances): the
+    EXISTS per study walked every unpacked instance of the index for each study: 210 s a
+    pass over 100,000 studies while one 5,000-instance study waited to replicate. The
+    subquery must run once, not per study."""
+    statements: list[str] = []
+    await database.run_sync(year.index.reader,
+                            lambda c: c.set_trace_callback(statements.append))
+    try:
+        await stable_studies(year.index, time.time(), 300.0)
+    finally:
+        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    (sql,) = [s for s in statements if s.startswith("SELECT")]
+    steps = await database.run_sync(year.index.reader, plan, sql)
+    assert not any(step.startswith("CORRELATED") for step in steps), steps
+
+
+@pytest.mark.parametrize("query", [has_unpacked, instances_to_pack])
+async def test_a_studys_unpacked_instances_are_read_through_its_series(
+        year: SimpleNamespace, query: Callable[[sqlite3.Connection, int], object]) -> None:
+    """Per study (each replication reads them, and checks them again at its commit):
+    through instances_pack, SQLite walked the unpacked instances of every study."""
+    def steps(conn: sqlite3.Connection) -> list[str]:
+        (sql,) = traced(conn, lambda c: query(c, 1))
+        return plan(conn, sql)
+
+    found = await database.run_sync(year.index.reader, steps)
+    assert not any("instances_pack" in step for step in found), found
+    assert any("instances_series" in step for step in found), found

@@ -77,9 +77,15 @@ _STUDY_SQL = (
     " st.study_description, st.referring_physician, st.character_set"
     " FROM studies st JOIN patients p ON st.patient_fk = p.id"
 )
-# Some instance of the study is on local disk and in no pack: replication has work.
-_UNPACKED = ("EXISTS (SELECT 1 FROM instances i JOIN series se ON i.series_fk = se.id"
-             " WHERE se.study_fk = st.id AND i.pack_fk IS NULL AND i.is_local = 1)")
+# Some instance of the study is on local disk and in no pack: replication has work. The
+# studies are found from the unpacked instances (through instances_pack), once: as an
+# EXISTS per study, SQLite walked every unpacked instance for each of the studies, and a
+# pass over 100,000 studies with one 5,000-instance study waiting took 210 s.
+_UNPACKED = ("st.id IN (SELECT se.study_fk FROM instances i JOIN series se"
+             " ON i.series_fk = se.id WHERE i.pack_fk IS NULL AND i.is_local = 1)")
+# A study's own unpacked instances: through its series (the unary + keeps SQLite off
+# instances_pack, which would walk the unpacked instances of every study).
+_OWN_UNPACKED = " AND +i.pack_fk IS NULL AND i.is_local = 1"
 
 
 def _studies(conn: sqlite3.Connection, sql: str, params: tuple[object, ...] = ()
@@ -159,7 +165,14 @@ def all_instances(conn: sqlite3.Connection, study_id: int) -> list[InstanceRow]:
 
 def instances_to_pack(conn: sqlite3.Connection, study_id: int) -> list[InstanceRow]:
     """Instances on local disk and in no pack: what the next pack version holds."""
-    return _instances(conn, " AND i.pack_fk IS NULL AND i.is_local = 1", (study_id,))
+    return _instances(conn, _OWN_UNPACKED, (study_id,))
+
+
+def has_unpacked(conn: sqlite3.Connection, study_id: int) -> bool:
+    """Whether some instance of the study is in no pack (local or not)."""
+    return database.query_one(
+        conn, "SELECT 1 FROM instances i JOIN series se ON i.series_fk = se.id"
+        " WHERE se.study_fk = ? AND +i.pack_fk IS NULL LIMIT 1", (study_id,)) is not None
 
 
 def evicted_instances(conn: sqlite3.Connection, study_id: int) -> list[InstanceRow]:

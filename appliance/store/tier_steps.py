@@ -23,7 +23,12 @@ from appliance.store import database
 from appliance.store.leases import StudyLease
 from appliance.store.packs import UnverifiedPack, uploading_packs
 from appliance.store.recall_requests import finish_request
-from appliance.store.study_rows import InstanceRow, evicted_instances, instances_to_pack
+from appliance.store.study_rows import (
+    InstanceRow,
+    evicted_instances,
+    has_unpacked,
+    instances_to_pack,
+)
 from appliance.store.tiering import TierState, Trigger, apply_sync, state_of
 
 
@@ -138,11 +143,7 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
     if plan.evicted:
         return gone
     apply_sync(conn, study_id, Trigger.VERIFIED, expect=TierState.REPLICATING)
-    if database.query_one(
-        conn,
-        "SELECT 1 FROM instances i JOIN series se ON i.series_fk = se.id"
-        " WHERE se.study_fk = ? AND i.pack_fk IS NULL LIMIT 1", (study_id,),
-    ):  # instances arrived during the upload: not done yet
+    if has_unpacked(conn, study_id):  # instances arrived during the upload: not done yet
         apply_sync(conn, study_id, Trigger.NEW_INSTANCE)
     return []
 
