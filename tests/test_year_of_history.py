@@ -152,3 +152,22 @@ async def test_a_studys_unpacked_instances_are_read_through_its_series(
     found = await database.run_sync(year.index.reader, steps)
     assert not any("instances_pack" in step for step in found), found
     assert any("instances_series" in step for step in found), found
+
+
+async def test_the_totals_of_every_scrape_read_an_index_not_the_instance_table(
+        year: SimpleNamespace) -> None:
+    """`status`, the status page and each /metrics scrape sum the instances and their
+    bytes (local and all): a scan of the instance table took 1.7 s warm (11 s cold) at 3
+    million rows. An index of (size, is_local) covers every sum (migration 0020)."""
+    statements: list[str] = []
+    await database.run_sync(year.index.reader,
+                            lambda c: c.set_trace_callback(statements.append))
+    try:
+        await year.index.totals()
+    finally:
+        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    for sql in statements:
+        steps = await database.run_sync(year.index.reader, plan, sql)
+        table_scans = [step for step in steps if step.startswith("SCAN instances")
+                       and "COVERING INDEX" not in step]
+        assert not table_scans, steps
