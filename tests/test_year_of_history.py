@@ -25,6 +25,7 @@ from appliance.services.fsck import fsck
 from appliance.store import database
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.recall_requests import pending_recalls
 from appliance.store.study_rows import has_unpacked, instances_to_pack, stable_studies
 from sync.rollback import sweep_leftover_files
 
@@ -171,3 +172,20 @@ async def test_the_totals_of_every_scrape_read_an_index_not_the_instance_table(
         table_scans = [step for step in steps if step.startswith("SCAN instances")
                        and "COVERING INDEX" not in step]
         assert not table_scans, steps
+
+
+async def test_the_recall_poll_of_every_second_reads_only_pending_requests(
+        year: SimpleNamespace) -> None:
+    """The agent's recall poll runs every second; served requests stay (one per study
+    ever recalled), and it scanned them all (migration 0021 indexes the pending ones)."""
+    statements: list[str] = []
+    await database.run_sync(year.index.reader,
+                            lambda c: c.set_trace_callback(statements.append))
+    try:
+        assert await pending_recalls(year.index) == []
+    finally:
+        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    (sql,) = statements
+    steps = await database.run_sync(year.index.reader, plan, sql)
+    # A scan of the partial index walks the pending requests only.
+    assert steps == ["SCAN recall_requests USING INDEX recall_requests_pending"], steps
