@@ -20,11 +20,15 @@ can be trusted either, and the first is where an investigation starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from appliance.audit.anchor import Anchor
 from appliance.audit.log import GENESIS, AuditLog, Entry, chain_hash
+
+# The log is never rotated: after a year it holds GBs, and the walk takes minutes (3.8 GB,
+# 2.5 million records: 3 min 22 s in 69 MB). `progress` hears how far it is, this often.
+PROGRESS_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,18 @@ class Report:
         return self.problem is None
 
 
-def verify_log(audit_log: AuditLog, anchors: Sequence[Anchor] = ()) -> Report:
-    """Check the chain, then the anchors; stops at the first problem."""
+def verify_log(audit_log: AuditLog, anchors: Sequence[Anchor] = (), *,
+               progress: Callable[[int, int], None] | None = None) -> Report:
+    """Check the chain, then the anchors; stops at the first problem. `progress` gets
+    (bytes checked, bytes in the log) every PROGRESS_BYTES."""
     anchored = {a.seq: a for a in anchors}
     prev_hash, count = GENESIS, 0
-    for number, _offset, line in audit_log.entries():
+    total = audit_log.path.stat().st_size if audit_log.path.exists() else 0
+    report_at = PROGRESS_BYTES
+    for number, offset, line in audit_log.entries():
+        if progress is not None and offset >= report_at:
+            progress(offset, total)
+            report_at = offset + PROGRESS_BYTES
         problem = _check(number, line, prev_hash, anchored)
         if isinstance(problem, Problem):
             return Report(count, count, prev_hash, len(anchors), problem)

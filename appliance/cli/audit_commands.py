@@ -46,7 +46,7 @@ def verify(home: Path | None, local_only: bool) -> None:
     # Anchors first: the log only grows, so every anchor read now is within it.
     found = None if local_only else _anchors(config)
     anchors = found.own if found is not None else []
-    report = verify_log(AuditLog.for_home(config.home), anchors)
+    report = verify_log(AuditLog.for_home(config.home), anchors, progress=_progress)
     if report.problem is not None:
         err.print(f"[red]audit log damaged:[/red] {report.problem}", highlight=False)
         err.print(f"hint: records 1-{report.records} are intact; keep the file unchanged as"
@@ -61,6 +61,11 @@ def verify(home: Path | None, local_only: bool) -> None:
         out.print(f"this home was restored: its anchors start above position {found.base};"
                   f" {len(found.predecessors)} anchor(s) of the lost box's log authenticated"
                   " (its records are not on this box)", highlight=False)
+
+
+def _progress(checked: int, total: int) -> None:
+    err.print(f"checked {checked / 2**30:.1f} of {total / 2**30:.1f} GB of the audit log",
+              highlight=False)
 
 
 @audit.command("export")
