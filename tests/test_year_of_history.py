@@ -189,3 +189,21 @@ async def test_the_recall_poll_of_every_second_reads_only_pending_requests(
     steps = await database.run_sync(year.index.reader, plan, sql)
     # A scan of the partial index walks the pending requests only.
     assert steps == ["SCAN recall_requests USING INDEX recall_requests_pending"], steps
+
+
+async def test_the_drop_folder_count_of_every_scrape_reads_an_index(
+        year: SimpleNamespace) -> None:
+    """The drop folder's ingested count (status, status page, /metrics) counted the
+    instances from its source AE by a scan of the instance table: 1.7 s warm at 3 million
+    rows, on every scrape. Migration 0022 indexes the source AE."""
+    statements: list[str] = []
+    await database.run_sync(year.index.reader,
+                            lambda c: c.set_trace_callback(statements.append))
+    try:
+        assert await year.index.instance_count_from("dropfolder") == 0
+    finally:
+        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    (sql,) = statements
+    steps = await database.run_sync(year.index.reader, plan, sql)
+    assert steps == ["SEARCH instances USING COVERING INDEX instances_source_ae (source_ae=?)"], \
+        steps
