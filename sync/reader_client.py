@@ -34,6 +34,7 @@ A missing or unsafe reader key raises provisioning's KeyFileError.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -54,9 +55,11 @@ from sync.pack import naming
 from sync.pack.data_keys import format_reader_public_key, reader_public_key, unwrap_with_reader
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
 from sync.pack.pack_errors import PackError, PackIntegrityError
-from sync.pack.reader import read_instances, verify_instance
+from sync.pack.reader import read_instances, verify_instance_chunks
 
 CONFIG_FILE = "reader.toml"
+# Bytes read at a time when a file already pulled is checked again (a resumed pull).
+_VERIFY_CHUNK = 1 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 _TAMPER_HINT = ("the cloud copy was modified or damaged, or was not written by your site; "
@@ -378,7 +381,8 @@ def _verified(path: Path, entry: ManifestEntry) -> bool:
     try:
         if path.stat().st_size != entry.length:
             return False
-        verify_instance(entry, path.read_bytes())
+        with path.open("rb") as fh:  # in chunks: one file of a multi-frame study may be GBs
+            verify_instance_chunks(entry, iter(functools.partial(fh.read, _VERIFY_CHUNK), b""))
     except (OSError, PackIntegrityError):
         return False
     return True

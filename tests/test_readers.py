@@ -9,13 +9,16 @@ message. Adding readers after replication uploads no pack.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import dcmtk
 import dicomgen
@@ -23,7 +26,9 @@ import pytest
 from conftest import EdgeServer, run_pacs_edge
 from syncagent import sync_once
 
+from sync import reader_client
 from sync.blobstore.factory import open_blob_store
+from sync.pack.manifest import ManifestEntry
 
 
 @dataclass(frozen=True)
@@ -335,3 +340,30 @@ def test_readers_add_stops_at_a_store_that_stopped_answering(edge_home: Path,
     studies.unlink()
     (tmp_path / "studies.away").rename(studies)
     assert "granted 3 pack version(s)" in run_pacs_edge(*add).stdout
+
+
+def test_a_file_already_pulled_is_checked_again_in_chunks(tmp_path: Path) -> None:
+    """A resumed pull checks each file already there against the manifest before it
+    skips it. It read the whole file into memory: one file of a multi-frame study may be
+    GBs. The check's memory is bounded by its chunk (a 48 MB file here)."""
+    path = tmp_path / "big.dcm"
+    block = os.urandom(1 << 20)
+    with path.open("wb") as fh:
+        for _ in range(48):
+            fh.write(block)
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        fh.seek(132)
+        digest.update(fh.read())
+    entry = ManifestEntry(instance=cast(Any, None), offset=0, length=48 << 20,
+                          dataset_offset=132, sha256=digest.hexdigest())
+    tracemalloc.start()
+    try:
+        assert reader_client._verified(path, entry)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    assert not reader_client._verified(path, ManifestEntry(
+        instance=cast(Any, None), offset=0, length=48 << 20, dataset_offset=132,
+        sha256="0" * 64))

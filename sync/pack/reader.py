@@ -178,8 +178,14 @@ class _InstanceCheck:
 
 def verify_instance(entry: ManifestEntry, data: bytes) -> None:
     """Check a whole instance file against its manifest entry (length and SHA-256)."""
+    verify_instance_chunks(entry, (data,))
+
+
+def verify_instance_chunks(entry: ManifestEntry, chunks: Iterable[bytes]) -> None:
+    """Check an instance file read in chunks (a multi-frame study's file may be GBs)."""
     check = _InstanceCheck(entry)
-    check.update(data)
+    for chunk in chunks:
+        check.update(chunk)
     check.verify()
 
 
