@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from appliance.store.packs import set_access_tier, verified_packs
+from appliance.store.packs import packs_due_for_colder_tier, set_access_tier
 from sync.blobstore.base import Tier
 from sync.context import SyncContext
 
@@ -35,7 +35,11 @@ async def apply_lifecycle(ctx: SyncContext) -> int:
     sync = ctx.config.sync
     now = time.time()
     moved = 0
-    for pack in await verified_packs(ctx.index):
+    due = [(now - limit * DAY, [tier.value for tier in _ORDER[:_ORDER.index(colder)]])
+           for limit, colder in ((sync.cool_after_days, Tier.COOL),
+                                 (sync.cold_after_days, Tier.COLD),
+                                 (sync.archive_after_days, Tier.ARCHIVE)) if limit > 0]
+    for pack in await packs_due_for_colder_tier(ctx.index, due):
         target = target_tier((now - pack.created_at) / DAY, cool=sync.cool_after_days,
                              cold=sync.cold_after_days, archive=sync.archive_after_days)
         if _ORDER.index(target) <= _ORDER.index(Tier(pack.access_tier)):

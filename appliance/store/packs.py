@@ -11,6 +11,7 @@ form that runs it on the reader connection.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.store import database
@@ -86,10 +87,24 @@ async def all_packs(index: Index) -> list[PackRow]:
     return await database.run_sync(index.reader, _packs, f"{_PACK_SQL} ORDER BY p.id")
 
 
-async def verified_packs(index: Index) -> list[PackRow]:
-    """Every verified pack, in id order (the lifecycle's round)."""
+async def packs_due_for_colder_tier(index: Index, due: Sequence[tuple[float, Sequence[str]]]
+                                    ) -> list[PackRow]:
+    """Verified packs that some (created_before, warmer tiers) pair of `due` names: created
+    at or before created_before and still in one of those tiers (the lifecycle's round),
+    in id order. Only the packs to move are read: after a year nearly every pack is
+    already where its age puts it, and reading them all took 2 s and 190 MB an hour
+    at 97,000 packs."""
+    if not due:
+        return []
+    clauses: list[str] = []
+    params: list[object] = []
+    for created_before, warmer in due:
+        clauses.append(f"(p.created_at <= ? AND p.access_tier IN ({','.join('?' * len(warmer))}))")
+        params += [created_before, *warmer]
     return await database.run_sync(
-        index.reader, _packs, f"{_PACK_SQL} WHERE p.state = 'verified' ORDER BY p.id")
+        index.reader, _packs,
+        f"{_PACK_SQL} WHERE p.state = 'verified' AND ({' OR '.join(clauses)}) ORDER BY p.id",
+        tuple(params))
 
 
 async def newest_sound_packs(index: Index, *, limit: int) -> list[PackRow]:
