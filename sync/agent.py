@@ -151,6 +151,9 @@ async def run_agent(config: Config) -> None:
     """Start with local work only, then run the jobs until SIGTERM. What needs the cloud
     (the container check, rolling back tiering work a crash left) is the first pass's,
     which runs at once: a cloud that does not answer delays the jobs, not the start."""
+    notifier = Notifier()
+    # The index's migrations and the sweeps below grow with the box (base/notify.py).
+    notifier.starting("starting: index migrations, sweeps of interrupted work")
     async with open_context(config, check_container=False) as ctx:
         ctx.audit.start(application=True)  # open_context closes it (Application Stop)
         await sweep_leftover_files(ctx)
@@ -181,7 +184,6 @@ async def run_agent(config: Config) -> None:
                               next_run_time=datetime.now(UTC))
         scheduler.start()
         log.info("sync agent ready cloud=%s", _redacted(config.cloud_url))
-        notifier = Notifier()
         notifier.ready("sync agent running")
         try:
             while not stop.is_set():

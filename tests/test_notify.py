@@ -8,6 +8,7 @@ $WATCHDOG_USEC small so pings come quickly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ import tomlkit
 from conftest import EdgeServer
 from syncagent import SyncAgent
 
-from appliance.base.notify import Notifier
+from appliance.base.notify import EXTEND_BY_USEC, Notifier
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 DEADLINE = 30.0
@@ -61,6 +62,13 @@ def _ready_then_pings(messages: list[str]) -> bool:
     return bool(ready) and messages[ready[0] + 1:].count("WATCHDOG=1") >= 2
 
 
+def _asked_for_start_time_first(messages: list[str]) -> bool:
+    """The start began by asking for more start-up time, before READY=1 (a migration of
+    a large index must not be killed by the unit's start timeout: base/notify.py)."""
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m.splitlines())
+    return any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_sends_ready_then_watchdog_pings(
         workers: int, edge_home: Path, notify_socket: NotifySocket,
@@ -78,6 +86,7 @@ def test_serve_sends_ready_then_watchdog_pings(
     assert f"STATUS=accepting associations on port {server.port}" in ready
     # Only the process systemd watches speaks: never a second READY from a worker.
     assert sum("READY=1" in m for m in notify_socket.messages) == 1
+    assert _asked_for_start_time_first(notify_socket.messages), notify_socket.messages
     assert server.stop() == 0
     notify_socket.wait_for(lambda msgs: "STOPPING=1" in msgs, "STOPPING=1")
 
@@ -88,6 +97,7 @@ def test_sync_agent_sends_ready_then_watchdog_pings(
     try:
         notify_socket.wait_for(_ready_then_pings, "READY=1 followed by two WATCHDOG=1")
         assert any("STATUS=sync agent running" in m for m in notify_socket.messages)
+        assert _asked_for_start_time_first(notify_socket.messages), notify_socket.messages
     finally:
         assert agent.stop() == 0
     notify_socket.wait_for(lambda msgs: "STOPPING=1" in msgs, "STOPPING=1")
@@ -125,3 +135,23 @@ def test_watchdog_for_another_pid_is_not_ours(
     notifier.close()
     notify_socket.wait_for(lambda msgs: bool(msgs), "a message")
     assert notify_socket.messages == ["READY=1\nSTATUS=only this"]
+
+
+def test_a_long_start_asks_for_more_time_until_ready_and_then_stops(
+        notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    notifier = Notifier()
+    notifier.starting("starting: migrating", every=0.05)
+    notify_socket.wait_for(lambda msgs: len(msgs) >= 3, "three requests for more time")
+    notifier.ready("up")
+    notify_socket.wait_for(lambda msgs: "READY=1\nSTATUS=up" in msgs, "READY=1")
+    time.sleep(0.3)  # several intervals: nothing more may come
+    with contextlib.suppress(TimeoutError):
+        while True:
+            notify_socket.messages.append(notify_socket.sock.recv(4096).decode())
+    ready = notify_socket.messages.index("READY=1\nSTATUS=up")
+    assert set(notify_socket.messages[:ready]) == {
+        f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}\nSTATUS=starting: migrating"}
+    assert notify_socket.messages[ready + 1:] == []
+    notifier.close()

@@ -53,7 +53,7 @@ from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.prefetch import PrefetchService, PrefetchWorker
 from appliance.services.retrieve import RetrieveService
-from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.services.startup_recovery import STARTUP_STATUS, begin_run, end_run, recover
 from appliance.services.users import UserService
 from appliance.services.worklist import WorklistService
 from appliance.store.files import FileStore
@@ -156,6 +156,9 @@ async def _serve(
     logsafe.load_key(config.home / SECRETS_DIR / LOG_KEY)  # a spawned worker too
     configure_pynetdicom()
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
+    # Workers stay silent: their supervisor speaks for the service (workers.py).
+    notifier = Notifier(silent=worker is not None)
+    notifier.starting(STARTUP_STATUS)  # migrations and recovery grow with the index
     first_start = not config.index.path.exists()
     clean_start = (begin_run(config.home) or first_start) if worker is None else True
     if worker is None:
@@ -210,8 +213,6 @@ async def _serve(
         ports = await asyncio.to_thread(server.start)
         # Everything started from here on is stopped in the `finally` below, also when
         # a later start fails (the HTTPS port is taken): nothing outlives the index.
-        # Workers stay silent: their supervisor speaks for the service (workers.py).
-        notifier = Notifier(silent=worker is not None)
         loop = asyncio.get_running_loop()
         watcher: DropFolderWatcher | None = None
         prefetch: PrefetchWorker | None = None

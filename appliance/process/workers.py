@@ -34,7 +34,7 @@ from appliance.base.metrics_dir import forget_live_values
 from appliance.base.notify import Notifier
 from appliance.process.ports import reserve_port
 from appliance.process.serve_lock import InheritedLock, serve_lock
-from appliance.services.startup_recovery import begin_run, end_run, recover
+from appliance.services.startup_recovery import STARTUP_STATUS, begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
@@ -92,6 +92,8 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
     swept = files.prepare()
     if swept:
         log.info("removed temp files left by an earlier crash count=%d", swept)
+    notifier = Notifier()
+    notifier.starting(STARTUP_STATUS)
     first_start = not config.index.path.exists()
     asyncio.run(_reconcile(config, files, recover_first=not begin_run(config.home)
                            and not first_start))
@@ -111,7 +113,6 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     workers = {n: start(n) for n in range(config.dicom.workers)}
-    notifier = Notifier()
     try:
         _wait_ready(workers, ready, lambda: stopping)
         log.info("ready to accept associations ae_title=%s host=%s port=%d workers=%d",

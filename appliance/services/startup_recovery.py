@@ -21,6 +21,9 @@ from appliance.store.index import Index
 log = logging.getLogger(__name__)
 
 CLEAN_MARKER = ".clean-shutdown"
+# What `systemctl status` shows while serve starts: on an index of millions of
+# instances a migration or the walk after a crash takes minutes (base/notify.py).
+STARTUP_STATUS = "starting: index migrations; after an unclean stop, the store walk"
 
 
 def begin_run(home: Path) -> bool:
