@@ -232,9 +232,10 @@ class Index:
         return [InstanceLocation(*row) for row in rows]
 
     async def syntax_counts(self) -> dict[tuple[str, str], int]:
-        """(SOP class, transfer syntax) -> number of current instances stored so."""
-        rows = await self._rows(
-            "SELECT sop_class_uid, transfer_syntax, COUNT(*) FROM instances GROUP BY 1, 2")
+        """(SOP class, transfer syntax) -> number of current instances stored so (kept by
+        triggers: migration 0023)."""
+        rows = await self._rows("SELECT sop_class_uid, transfer_syntax, instance_count"
+                                " FROM stored_syntaxes WHERE instance_count > 0")
         return {(sop_class, syntax): count for sop_class, syntax, count in rows}
 
     async def touch_studies(self, study_uids: Sequence[str]) -> None:
