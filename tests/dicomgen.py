@@ -13,6 +13,7 @@ independently of the server under test.
   (see TRANSFER_SYNTAXES); uncompressed ones are written by pydicom, big endian
   and the JPEG / JPEG-LS / RLE ones by dcmtk's converters.
 - make_non_ascii_instance: a Patient's Name outside ASCII (ISO_IR 192 by default).
+- make_encapsulated_pdf: a one-page Encapsulated PDF (no pixels) in a given study.
 - bad input: make_bad_uid_instance, make_truncated_instance, make_garbage_payload,
   make_non_dicom_file.
 - make_ct_study: the benchmark's 300 x 512x512 CT series (~157 MB); on demand only.
@@ -290,6 +291,51 @@ def make_mislabelled_instance(folder: Path, name: bytes, *, charset: str | None,
     with warnings.catch_warnings():  # pydicom's remark on the bytes is the point here
         warnings.simplefilter("ignore")
         return GeneratedInstance(instance.path, read_header(instance.path))
+
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+
+
+def make_encapsulated_pdf(folder: Path, like: Dataset, *, seed: int = 250,
+                          text: str = "PACS EDGE REPORT") -> GeneratedInstance:
+    """An Encapsulated PDF (a one-page document showing `text`, no pixels) in a new
+    series of the study of `like` (its patient and study attributes), as a scanner or a
+    reporting system sends one."""
+    content = f"BT /F1 24 Tf 20 100 Td ({text}) Tj ET".encode("ascii")
+    objects = [b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+               b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 300 200]/Contents 4 0 R"
+               b"/Resources<</Font<</F1 5 0 R>>>>>>",
+               b"<</Length %d>>stream\n%s\nendstream" % (len(content), content),
+               b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>"]
+    pdf, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(pdf))
+        pdf += b"%d 0 obj%sendobj\n" % (number, body)
+    xref = len(pdf)
+    pdf += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    pdf += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    pdf += b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    ds = Dataset()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+                    "AccessionNumber", "ReferringPhysicianName", "StudyDescription"):
+        if keyword in like:
+            setattr(ds, keyword, like.data_element(keyword).value)  # type: ignore[union-attr]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ENCAPSULATED_PDF
+    ds.SeriesInstanceUID = make_uid(seed, "pdf-series", like.StudyInstanceUID)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = make_uid(
+        seed, "pdf", like.StudyInstanceUID)
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DOC", 900, 1
+    ds.SeriesDescription = ds.DocumentTitle = "Scanned report"
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = like.StudyDate, "120000", ""
+    ds.ConversionType, ds.BurnedInAnnotation = "SD", "YES"
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = bytes(pdf) + b"\0" * (len(pdf) % 2)
+    return write_instance(ds, folder / "report.pdf.dcm", ExplicitVRLittleEndian)
 
 
 # -- bad input -----------------------------------------------------------------------

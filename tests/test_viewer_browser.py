@@ -237,6 +237,44 @@ def test_launch_link_opens_the_study_in_the_viewer_without_a_login(
     diagnosed(browser, tmp_path, steps)
 
 
+def test_encapsulated_pdf_shows_in_the_viewer(
+        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    # OHIF shows an Encapsulated PDF in an <object> on a blob: URL of the document (from
+    # the metadata's InlineBinary, or fetched as bulk data when over 1 KiB); the page's
+    # CSP had object-src 'none' (and no frame-src, for Chromium's PDF viewer), so a
+    # scanned report was a black "No online PDF viewer installed".
+    server, instances = box
+    pdf = dicomgen.make_encapsulated_pdf(tmp_path / "pdf", instances[-1].header)
+    dcmtk.storescu(server.port, [pdf.path], aec=server.ae_title).check()
+    network = NetworkLog(browser)
+
+    def shown() -> np.ndarray | None:
+        pane = viewport(browser)
+        if pane is None or not browser.find_elements(By.CSS_SELECTOR, "object[data^='blob:']"):
+            return None
+        pixels = image_of(pane)  # a white page on the PDF viewer's grey, not black
+        return pixels if pixels.mean() > 40 else None
+
+    def steps() -> None:
+        login(browser, webpeer.base_url(server))
+        poll("the study list", lambda: "/login" not in browser.current_url
+             and in_the_list(browser, instances[0].header))
+        click_button(browser, "Confirm and hide")
+        browser.execute_script(  # no tour pop-ups dimming the page (see read_the_ct)
+            "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+        browser.get(f"{webpeer.base_url(server)}/viewer?StudyInstanceUIDs="
+                    f"{pdf.study_uid}&initialSeriesInstanceUID={pdf.header.SeriesInstanceUID}")
+        poll("the PDF page", shown, 120.0)
+        (tmp_path / "pdf.png").write_bytes(browser.get_screenshot_as_png())
+        blocked = [e["message"] for e in browser.get_log("browser")
+                   if "Content Security Policy" in e["message"]]
+        assert not blocked, blocked
+        failed = [(where, status) for where, status in network.dicomweb() if status >= 400]
+        assert not failed, failed
+
+    diagnosed(browser, tmp_path, steps)
+
+
 def read_the_ct(box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome,
                 tmp_path: Path) -> None:
     server, series = box

@@ -64,6 +64,9 @@ _HASHED = re.compile(r"(?:^|\.)[0-9a-f]{16}\.[a-z0-9]+$")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _REVALIDATE = "no-cache"
 # OHIF needs inline scripts (index.html), wasm codecs and blob: workers; nothing off-origin.
+# object-src: OHIF shows an Encapsulated PDF in an <object> whose data is a blob: URL of the
+# document it fetched from /dicom-web (bulk data), which Chromium's PDF viewer then frames
+# (frame-src); without both the viewport said "No online PDF viewer installed".
 _CSP = (
     "default-src 'self'; "
     "script-src 'self' 'unsafe-inline' 'wasm-unsafe-eval' blob:; "
@@ -72,7 +75,7 @@ _CSP = (
     "img-src 'self' data: blob:; "
     "font-src 'self' data:; "
     "connect-src 'self' data: blob:; "
-    "object-src 'none'; base-uri 'self'; frame-ancestors 'self'"
+    "object-src 'self' blob:; frame-src 'self' blob:; base-uri 'self'; frame-ancestors 'self'"
 )
 
 DATA_SOURCE = "pacs-edge"
