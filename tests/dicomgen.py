@@ -14,6 +14,7 @@ independently of the server under test.
   and the JPEG / JPEG-LS / RLE ones by dcmtk's converters.
 - make_non_ascii_instance: a Patient's Name outside ASCII (ISO_IR 192 by default).
 - make_encapsulated_pdf: a one-page Encapsulated PDF (no pixels) in a given study.
+- make_ybr_full_422_cine: an uncompressed YBR_FULL_422 ultrasound cine (2 bytes a pixel).
 - bad input: make_bad_uid_instance, make_truncated_instance, make_garbage_payload,
   make_non_dicom_file.
 - make_ct_study: the benchmark's 300 x 512x512 CT series (~157 MB); on demand only.
@@ -47,6 +48,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -291,6 +293,32 @@ def make_mislabelled_instance(folder: Path, name: bytes, *, charset: str | None,
     with warnings.catch_warnings():  # pydicom's remark on the bytes is the point here
         warnings.simplefilter("ignore")
         return GeneratedInstance(instance.path, read_header(instance.path))
+
+
+US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+
+
+def make_ybr_full_422_cine(folder: Path, *, seed: int = 260, frames: int = 6,
+                           rows: int = 48, cols: int = 64) -> GeneratedInstance:
+    """An uncompressed ultrasound cine in YBR_FULL_422 (Explicit VR Little Endian), as
+    many ultrasound machines send one: each pair of pixels is Y Y Cb Cr, 2 bytes a pixel
+    (PS3.3 C.7.6.3.1.2). Every frame differs (its number is in its first bytes)."""
+    patient, study = _patient_attrs(seed, 0), _study_attrs(seed, 0, "US")
+    series = _series_attrs(seed, 0, 0, "US", study)
+    ds = _instance(seed, (0, 0, 0), 0, patient, study, series, "US", rows, cols, 8)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = US_MULTIFRAME
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                    "SliceLocation", "WindowCenter", "WindowWidth"):
+        del ds[keyword]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_FULL_422"
+    ds.PlanarConfiguration, ds.NumberOfFrames = 0, frames
+    ds.FrameTime, ds.FrameIncrementPointer = 33.3, Tag(0x0018, 0x1063)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(frames, rows * cols * 2), dtype=np.uint8)
+    pixels[:, 0] = np.arange(frames)
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OB"
+    return write_instance(ds, folder / "us_ybr_full_422.dcm", ExplicitVRLittleEndian)
 
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage

@@ -169,6 +169,22 @@ def test_frames_of_uncompressed_and_encapsulated_instances(
         assert plain.status_code == 406, ts
 
 
+def test_frames_of_an_uncompressed_ybr_full_422_cine_are_two_bytes_a_pixel(
+        web: EdgeServer, tmp_path: Path) -> None:
+    # Y Y Cb Cr per pair of pixels: frames were cut at 3 bytes a pixel, so frame 2 on
+    # were misplaced and the last third of the cine answered 404 "truncated".
+    cine = dicomgen.make_ybr_full_422_cine(tmp_path, frames=6)
+    dcmtk.storescu(web.port, [cine.path]).check()
+    data = pydicom.dcmread(cine.path).PixelData
+    length = len(data) // 6
+    got = webpeer.session(web, "rad").get(_url(web, cine, "/frames/1,2,5,6"),
+                                          headers={"Accept": OCTETS})
+    assert got.status_code == 200, got.text
+    payloads = [payload for _, payload in webpeer.parts(got.headers["Content-Type"],
+                                                         got.content)]
+    assert payloads == [data[(n - 1) * length: n * length] for n in (1, 2, 5, 6)]
+
+
 def _little_endian(ds: pydicom.Dataset) -> bytes:
     data = bytes(ds.PixelData)
     if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2":

@@ -109,9 +109,15 @@ def _frame_count(ds: Dataset) -> int:
 
 
 def _frame_length(ds: Dataset) -> int:
+    """Bytes of one uncompressed frame. YBR_FULL_422 (uncompressed from many ultrasound
+    machines) stores two samples a pixel, not three: each pair of pixels is Y Y Cb Cr
+    (PS3.3 C.7.6.3.1.2); counting three put every frame after the first in the wrong
+    place and answered the last third of a cine as truncated."""
     try:
-        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(
-            ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        if samples == 3 and ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+            samples = 2
+        bits = int(ds.Rows) * int(ds.Columns) * samples * int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as exc:
         raise FrameError("the image pixel module is incomplete") from exc
     if bits % 8:
