@@ -39,10 +39,10 @@ import logging
 
 from appliance.base import logsafe
 from appliance.store.files import FileStore, hash_dataset
+from appliance.store.index import PATHS_PER_QUERY
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.packs import packs_of
 from appliance.store.study_rows import (
-    MAX_PATHS_PER_LOOKUP,
     InstanceRow,
     evicted_instances_of,
     non_local_among,
@@ -133,7 +133,7 @@ async def _files_of_evicted_instances(ctx: SyncContext) -> dict[int, list[str]]:
     by_study: dict[int, list[str]] = {}
     # The walk advances in a worker thread, a chunk at a time (never two at once).
     while chunk := await asyncio.to_thread(
-            lambda: list(itertools.islice(walk, MAX_PATHS_PER_LOOKUP))):
+            lambda: list(itertools.islice(walk, PATHS_PER_QUERY))):
         for study_id, path in await non_local_among(ctx.index, chunk):
             by_study.setdefault(study_id, []).append(path)
     return by_study

@@ -16,10 +16,11 @@ tested on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import dcmtk
@@ -93,18 +94,38 @@ def _order_keys(study_uids: dict[str, str]) -> Iterator[tuple[str, OrderDetails,
             study_uids[acc]
 
 
-def schedule(home: Path, study_uids: dict[str, str]) -> None:
-    """Write ORDERS into the index of a home whose server has migrated it."""
+OrderKeys = tuple[str, OrderDetails, PatientKey, Demographics, str]
+
+
+def insert_orders(home: Path, orders: Iterable[OrderKeys]) -> None:
+    """Write orders (accession, details, patient, demographics, study UID) into the
+    index of a home whose server has migrated it."""
     db = sqlite3.connect(home / "index.sqlite3", timeout=30, isolation_level=None)
     try:
         db.execute("BEGIN IMMEDIATE")
-        for acc, details, patient, demographics, study_uid in _order_keys(study_uids):
+        for acc, details, patient, demographics, study_uid in orders:
             insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
                          filler_order_number="", study_uid=study_uid, details=details,
                          patient=patient, demographics=demographics, at=time.time())
         db.execute("COMMIT")
     finally:
         db.close()
+
+
+def schedule(home: Path, study_uids: dict[str, str]) -> None:
+    """Write ORDERS into the index of a home whose server has migrated it."""
+    insert_orders(home, _order_keys(study_uids))
+
+
+def named_order(acc: str, name: str) -> OrderKeys:
+    """A CT order at CT01 on 2024-01-05 for a patient called `name` (PID<acc's digits>)."""
+    number = acc[3:]
+    details = OrderDetails(requested_procedure_id=f"RP{number}", requested_procedure_desc="Exam",
+                           sps_id=f"SPS{number}", sps_description="Step", modality="CT",
+                           station_ae_title="CT01", sps_start_date="20240105",
+                           sps_start_time="0900")
+    return acc, details, PatientKey(f"PID{number}"), Demographics(name, "", ""), \
+        str(generate_uid())
 
 
 def worklist_files(folder: Path, study_uids: dict[str, str]) -> None:
@@ -194,20 +215,9 @@ def test_an_order_whose_value_cannot_be_encoded_is_left_out_and_the_rest_answere
     row may have one: pynetdicom would end the whole answer with a failure at that
     item, so it is left out (one warning) and every other item is answered."""
     edge = worklist_edge()
-    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        details = OrderDetails(requested_procedure_id="RP900", requested_procedure_desc="Exam",
-                               sps_id="SPS900", sps_description="Step", modality="CT",
-                               station_ae_title="\u00c9TAGE\u2462", sps_start_date="20240105",
-                               sps_start_time="0800")
-        insert_order(db, accession_number="ACC900", placer_order_number="PLACC900",
-                     filler_order_number="", study_uid=str(generate_uid()), details=details,
-                     patient=PatientKey("PID900"), demographics=Demographics("Doe^X", "", ""),
-                     at=time.time())
-        db.execute("COMMIT")
-    finally:
-        db.close()
+    acc, details, patient, demographics, study_uid = named_order("ACC900", "Doe^X")
+    unencodable = dataclasses.replace(details, station_ae_title="\u00c9TAGE\u2462")
+    insert_orders(edge.home, [(acc, unencodable, patient, demographics, study_uid)])
     answered = _query(edge.port, QUERIES["everything"]).check()
     assert _accessions(answered) == sorted(order[0] for order in ORDERS)
     assert "worklist item left out: a value cannot be encoded" in edge.log()
@@ -260,21 +270,8 @@ def test_an_item_is_answered_in_the_requests_character_set_when_it_holds_the_nam
     a console without ISO_IR 192 shows as "MÃ¼ller"); a name its set cannot hold, or a
     request in no set, is answered in ISO_IR 192 (pynetdicom as the modality)."""
     edge = worklist_edge()
-    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        for acc, name in (("ACC801", "Müller^Jürgen"), ("ACC802", "Иванов^Пётр")):
-            details = OrderDetails(requested_procedure_id=acc, requested_procedure_desc="Exam",
-                                   sps_id=acc, sps_description="Step", modality="CT",
-                                   station_ae_title="CT09", sps_start_date="20240105",
-                                   sps_start_time="0800")
-            insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
-                         filler_order_number="", study_uid=str(generate_uid()),
-                         details=details, patient=PatientKey(f"P{acc}"),
-                         demographics=Demographics(name, "", ""), at=time.time())
-        db.execute("COMMIT")
-    finally:
-        db.close()
+    insert_orders(edge.home, [named_order("ACC801", "Müller^Jürgen"),
+                              named_order("ACC802", "Иванов^Пётр")])
     ae = AE(MODALITY)
     ae.add_requested_context(ModalityWorklistInformationFind)
     assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
@@ -312,22 +309,8 @@ def test_patient_names_match_without_trailing_empty_components_and_groups(
     """PS3.5 6.2.1: 'DOE^JOHN^^^' and 'Doe^John==' are the name 'Doe^John', whether the
     RIS padded the order's name or the modality pads its query."""
     edge = worklist_edge()
-    db = sqlite3.connect(edge.home / "index.sqlite3", timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        for acc, name in (("ACC901", "PADDED^PAT^^^"), ("ACC902", "Grouped^Pat==")):
-            details = OrderDetails(requested_procedure_id=f"RP{acc[3:]}",
-                                   requested_procedure_desc="Exam", sps_id=f"SPS{acc[3:]}",
-                                   sps_description="Step", modality="CT",
-                                   station_ae_title="CT01", sps_start_date="20240105",
-                                   sps_start_time="0900")
-            insert_order(db, accession_number=acc, placer_order_number=f"PL{acc}",
-                         filler_order_number="", study_uid=str(generate_uid()),
-                         details=details, patient=PatientKey(f"PID{acc[3:]}"),
-                         demographics=Demographics(name, "", ""), at=time.time())
-        db.execute("COMMIT")
-    finally:
-        db.close()
+    insert_orders(edge.home, [named_order("ACC901", "PADDED^PAT^^^"),
+                              named_order("ACC902", "Grouped^Pat==")])
     for asked, expected in (("Padded^Pat", ["ACC901"]), ("grouped^pat", ["ACC902"]),
                             ("Padded^Pat^*", ["ACC901"]), ("DOE^JOHN^^^", ["ACC002"]),
                             ("Doe^John==", ["ACC002"]), ("Doe^John^=^", ["ACC002"])):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import sqlite3
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
@@ -33,6 +33,7 @@ from sync.rollback import sweep_leftover_files
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
+T = TypeVar("T")
 EVICTED = 20_000
 ROOT = "1.2.826.0.1.3680043.10.4713.20251206"
 # A Python list or dict of EVICTED paths (~120 characters) takes several MB.
@@ -121,6 +122,16 @@ def traced(conn: sqlite3.Connection, operation: Callable[[sqlite3.Connection], o
     return statements
 
 
+async def traced_reads(index: Index, operation: Awaitable[T]) -> tuple[T, list[str]]:
+    """What `operation` returns, and the statements it ran on the index's reader."""
+    statements: list[str] = []
+    await database.run_sync(index.reader, lambda c: c.set_trace_callback(statements.append))
+    try:
+        return await operation, statements
+    finally:
+        await database.run_sync(index.reader, lambda c: c.set_trace_callback(None))
+
+
 def plan(conn: sqlite3.Connection, sql: str) -> list[str]:
     return [str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
 
@@ -131,13 +142,8 @@ async def test_replication_candidates_are_found_from_the_unpacked_instances(
     EXISTS per study walked every unpacked instance of the index for each study: 210 s a
     pass over 100,000 studies while one 5,000-instance study waited to replicate. The
     subquery must run once, not per study."""
-    statements: list[str] = []
-    await database.run_sync(year.index.reader,
-                            lambda c: c.set_trace_callback(statements.append))
-    try:
-        await stable_studies(year.index, time.time(), 300.0)
-    finally:
-        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    _, statements = await traced_reads(year.index,
+                                       stable_studies(year.index, time.time(), 300.0))
     (sql,) = [s for s in statements if s.startswith("SELECT")]
     steps = await database.run_sync(year.index.reader, plan, sql)
     assert not any(step.startswith("CORRELATED") for step in steps), steps
@@ -162,13 +168,7 @@ async def test_the_totals_of_every_scrape_read_an_index_not_the_instance_table(
     """`status`, the status page and each /metrics scrape sum the instances and their
     bytes (local and all): a scan of the instance table took 1.7 s warm (11 s cold) at 3
     million rows. An index of (size, is_local) covers every sum (migration 0020)."""
-    statements: list[str] = []
-    await database.run_sync(year.index.reader,
-                            lambda c: c.set_trace_callback(statements.append))
-    try:
-        await year.index.totals()
-    finally:
-        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    _, statements = await traced_reads(year.index, year.index.totals())
     for sql in statements:
         steps = await database.run_sync(year.index.reader, plan, sql)
         table_scans = [step for step in steps if step.startswith("SCAN instances")
@@ -180,13 +180,8 @@ async def test_the_recall_poll_of_every_second_reads_only_pending_requests(
         year: SimpleNamespace) -> None:
     """The agent's recall poll runs every second; served requests stay (one per study
     ever recalled), and it scanned them all (migration 0021 indexes the pending ones)."""
-    statements: list[str] = []
-    await database.run_sync(year.index.reader,
-                            lambda c: c.set_trace_callback(statements.append))
-    try:
-        assert await pending_recalls(year.index) == []
-    finally:
-        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    recalls, statements = await traced_reads(year.index, pending_recalls(year.index))
+    assert recalls == []
     (sql,) = statements
     steps = await database.run_sync(year.index.reader, plan, sql)
     # A scan of the partial index walks the pending requests only.
@@ -198,13 +193,9 @@ async def test_the_drop_folder_count_of_every_scrape_reads_an_index(
     """The drop folder's ingested count (status, status page, /metrics) counted the
     instances from its source AE by a scan of the instance table: 1.7 s warm at 3 million
     rows, on every scrape. Migration 0022 indexes the source AE."""
-    statements: list[str] = []
-    await database.run_sync(year.index.reader,
-                            lambda c: c.set_trace_callback(statements.append))
-    try:
-        assert await year.index.instance_count_from("dropfolder") == 0
-    finally:
-        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    count, statements = await traced_reads(year.index,
+                                           year.index.instance_count_from("dropfolder"))
+    assert count == 0
     (sql,) = statements
     steps = await database.run_sync(year.index.reader, plan, sql)
     assert steps == ["SEARCH instances USING COVERING INDEX instances_source_ae (source_ae=?)"], \
@@ -247,13 +238,7 @@ async def test_c_get_negotiation_reads_the_stored_syntaxes_not_the_instance_tabl
     """Each C-GET association, at most every 30 s, asks which syntaxes each SOP class is
     stored in: a GROUP BY over the instance table took 2.1 s at 3 million rows on the
     reader every C-FIND waits for. Triggers keep the counts (migration 0023)."""
-    statements: list[str] = []
-    await database.run_sync(year.index.reader,
-                            lambda c: c.set_trace_callback(statements.append))
-    try:
-        counts = await year.index.syntax_counts()
-    finally:
-        await database.run_sync(year.index.reader, lambda c: c.set_trace_callback(None))
+    counts, statements = await traced_reads(year.index, year.index.syntax_counts())
     assert counts == {(CT, EXPLICIT): EVICTED}
     (sql,) = statements
     steps = await database.run_sync(year.index.reader, plan, sql)

@@ -81,6 +81,8 @@ class HeldCopy:
     dataset_offset: int
 
 
+# Paths per lookup by path: SQLite's default limit of bound parameters is 32,766.
+PATHS_PER_QUERY = 500
 # The same content of an instance is stored already, unless the only copy of it is a
 # pack a scrub found damaged: sent again, it is stored and uploaded anew (make_way).
 _IDENTICAL_SQL = (
@@ -306,31 +308,30 @@ class Index:
 
     async def unknown_paths(self, paths: Sequence[str]) -> list[str]:
         """Those of `paths` that no row names, local or not, current or prior version:
-        files without an index row. Looked up by path, 500 at a time."""
-        known: set[str] = set()
-        for start in range(0, len(paths), 500):
-            chunk = list(paths[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = await self._rows(
-                f"SELECT path FROM instances WHERE path IN ({marks})"
-                f" UNION ALL SELECT path FROM instance_versions WHERE path IN ({marks})",
-                (*chunk, *chunk))
-            known.update(str(row[0]) for row in rows)
+        files without an index row, looked up by path."""
+        known = await self._paths_among(
+            paths, "SELECT path FROM instances WHERE path IN ({marks})"
+                   " UNION ALL SELECT path FROM instance_versions WHERE path IN ({marks})")
         return [path for path in paths if path not in known]
 
     async def needed_locally(self, paths: Sequence[str]) -> set[str]:
         """Which of `paths` a row marked local names, current or prior version: files
         that a deletion of non-local files (evict, a failed recall) must leave alone."""
-        needed: set[str] = set()
-        for start in range(0, len(paths), 500):
-            chunk = list(paths[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = await self._rows(
-                f"SELECT path FROM instances WHERE is_local = 1 AND path IN ({marks})"
-                f" UNION SELECT path FROM instance_versions WHERE is_local = 1"
-                f" AND path IN ({marks})", (*chunk, *chunk))
-            needed.update(str(row[0]) for row in rows)
-        return needed
+        return await self._paths_among(
+            paths, "SELECT path FROM instances WHERE is_local = 1 AND path IN ({marks})"
+                   " UNION SELECT path FROM instance_versions WHERE is_local = 1"
+                   " AND path IN ({marks})")
+
+    async def _paths_among(self, paths: Sequence[str], sql: str) -> set[str]:
+        """The paths `sql` returns for `paths`, asked PATHS_PER_QUERY at a time: `sql`
+        names the chunk twice, as {marks} (the current and the prior versions)."""
+        found: set[str] = set()
+        for start in range(0, len(paths), PATHS_PER_QUERY):
+            chunk = list(paths[start:start + PATHS_PER_QUERY])
+            rows = await self._rows(sql.format(marks=",".join("?" * len(chunk))),
+                                    (*chunk, *chunk))
+            found.update(str(row[0]) for row in rows)
+        return found
 
     async def record_version(self, sop_uid: str, stored: StoredFile, transfer_syntax: str) -> None:
         """Adopt a file as a prior version of `sop_uid` (fsck of a superseded file)."""

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 
 from appliance.store import database
 from appliance.store.clock_steps import STEPPED_BACK_SLACK
-from appliance.store.index import Index
-
-# Paths looked up in one statement (SQLite's bound parameters are limited).
-MAX_PATHS_PER_LOOKUP = 500
+from appliance.store.index import PATHS_PER_QUERY, Index
 
 
 @dataclass(frozen=True)
@@ -207,12 +204,12 @@ def _non_local_among(conn: sqlite3.Connection, paths: Sequence[str]) -> list[tup
 
 async def non_local_among(index: Index, paths: Sequence[str]) -> list[tuple[int, str]]:
     """(study id, path) of those of `paths` (files found on local disk; at most
-    MAX_PATHS_PER_LOOKUP) that an instance row names and says are not on local disk:
+    PATHS_PER_QUERY) that an instance row names and says are not on local disk:
     what an interrupted eviction left. One search of the path index per path, so the
     caller's work grows with the files on disk, never with the evicted rows (after a
     year, most of the index)."""
     found: list[tuple[int, str]] = []
-    for start in range(0, len(paths), MAX_PATHS_PER_LOOKUP):
+    for start in range(0, len(paths), PATHS_PER_QUERY):
         found += await database.run_sync(index.reader, _non_local_among,
-                                         paths[start:start + MAX_PATHS_PER_LOOKUP])
+                                         paths[start:start + PATHS_PER_QUERY])
     return found
