@@ -185,6 +185,19 @@ def test_frames_of_an_uncompressed_ybr_full_422_cine_are_two_bytes_a_pixel(
     assert payloads == [data[(n - 1) * length: n * length] for n in (1, 2, 5, 6)]
 
 
+def test_frames_of_a_document_are_404_saying_it_has_no_pixel_data(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
+        tmp_path: Path) -> None:
+    """An Encapsulated PDF (or an SR) has no frames: 404 saying so, where it said "the
+    image pixel module is incomplete", as of a damaged image."""
+    pdf = dicomgen.make_encapsulated_pdf(tmp_path, syntax_set["1.2.840.10008.1.2.1"].header)
+    dcmtk.storescu(web.port, [pdf.path]).check()
+    got = webpeer.session(web, "rad").get(_url(web, pdf, "/frames/1"),
+                                          headers={"Accept": OCTETS})
+    assert got.status_code == 404
+    assert "has no pixel data" in got.text, got.text
+
+
 def _little_endian(ds: pydicom.Dataset) -> bytes:
     data = bytes(ds.PixelData)
     if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2":

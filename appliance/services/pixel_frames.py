@@ -113,6 +113,8 @@ def _frame_length(ds: Dataset) -> int:
     machines) stores two samples a pixel, not three: each pair of pixels is Y Y Cb Cr
     (PS3.3 C.7.6.3.1.2); counting three put every frame after the first in the wrong
     place and answered the last third of a cine as truncated."""
+    if not any(keyword in ds for keyword in ("Rows", "Columns", "BitsAllocated")):
+        raise FrameError("the instance has no pixel data (no Image Pixel module)")  # PDF, SR
     try:
         samples = int(ds.get("SamplesPerPixel", 1))
         if samples == 3 and ds.get("PhotometricInterpretation") == "YBR_FULL_422":
