@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sync.steady_scheduler import SteadyScheduler
 
@@ -24,8 +24,9 @@ async def test_a_job_whose_start_a_busy_loop_delays_past_a_second_still_runs() -
     async def waits_its_turn() -> None:
         ran.append("second")
 
-    now = datetime.now(UTC)
-    scheduler.add_job(hold_the_loop, "interval", seconds=300, next_run_time=now)
+    now = datetime.now(UTC)  # the holder is due first, so that it starts first
+    scheduler.add_job(hold_the_loop, "interval", seconds=300,
+                      next_run_time=now - timedelta(seconds=0.2))
     scheduler.add_job(waits_its_turn, "interval", seconds=300, next_run_time=now)
     scheduler.start()
     try:
