@@ -261,3 +261,23 @@ async def test_stored_syntax_counts_follow_instances_replaced_and_deleted(
     async with Index(path) as index:
         assert await index.syntax_counts() == {(CT, EXPLICIT): 1,
                                                (CT, "1.2.840.10008.1.2.4.70"): 1}
+
+
+async def test_stored_syntax_counts_are_filled_from_the_instances_of_an_older_index(
+        tmp_path: Path) -> None:
+    """Migration 0023 on a box that already holds instances counts them once."""
+    path = tmp_path / "index.sqlite3"
+    async with Index(path):
+        pass  # the schema
+    fill_evicted(path, 2, 3)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:  # back to the index as version 22 left it, with its rows
+        conn.executescript(
+            "DROP TABLE stored_syntaxes; DROP TRIGGER stored_syntaxes_insert;"
+            " DROP TRIGGER stored_syntaxes_delete; DROP TRIGGER stored_syntaxes_update;"
+            " CREATE INDEX instances_class_syntax ON instances(sop_class_uid, transfer_syntax);"
+            " DELETE FROM schema_migrations WHERE version = 23;")
+    finally:
+        conn.close()
+    async with Index(path) as index:
+        assert await index.syntax_counts() == {(CT, EXPLICIT): 6}
