@@ -245,19 +245,26 @@ async def test_c_get_negotiation_reads_the_stored_syntaxes_not_the_instance_tabl
     assert not any("instances" in step for step in steps), steps
 
 
-async def test_stored_syntax_counts_follow_instances_replaced_and_deleted(
-        tmp_path: Path) -> None:
-    path = tmp_path / "index.sqlite3"
+async def filled_index(folder: Path, studies: int, per_study: int, then: str) -> Path:
+    """A new index of evicted studies (fill_evicted), then the SQL script `then` on it."""
+    path = folder / "index.sqlite3"
     async with Index(path):
         pass  # the schema
-    fill_evicted(path, 1, 3)
+    fill_evicted(path, studies, per_study)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("UPDATE instances SET transfer_syntax = '1.2.840.10008.1.2.4.70'"
-                     " WHERE id = 1")  # a re-sent instance in another syntax
-        conn.execute("DELETE FROM instances WHERE id = 2")
+        conn.executescript(then)
     finally:
         conn.close()
+    return path
+
+
+async def test_stored_syntax_counts_follow_instances_replaced_and_deleted(
+        tmp_path: Path) -> None:
+    path = await filled_index(tmp_path, 1, 3,
+                              "UPDATE instances SET transfer_syntax = '1.2.840.10008.1.2.4.70'"
+                              " WHERE id = 1;"  # a re-sent instance in another syntax
+                              " DELETE FROM instances WHERE id = 2;")
     async with Index(path) as index:
         assert await index.syntax_counts() == {(CT, EXPLICIT): 1,
                                                (CT, "1.2.840.10008.1.2.4.70"): 1}
@@ -266,18 +273,11 @@ async def test_stored_syntax_counts_follow_instances_replaced_and_deleted(
 async def test_stored_syntax_counts_are_filled_from_the_instances_of_an_older_index(
         tmp_path: Path) -> None:
     """Migration 0023 on a box that already holds instances counts them once."""
-    path = tmp_path / "index.sqlite3"
-    async with Index(path):
-        pass  # the schema
-    fill_evicted(path, 2, 3)
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:  # back to the index as version 22 left it, with its rows
-        conn.executescript(
-            "DROP TABLE stored_syntaxes; DROP TRIGGER stored_syntaxes_insert;"
-            " DROP TRIGGER stored_syntaxes_delete; DROP TRIGGER stored_syntaxes_update;"
-            " CREATE INDEX instances_class_syntax ON instances(sop_class_uid, transfer_syntax);"
-            " DELETE FROM schema_migrations WHERE version = 23;")
-    finally:
-        conn.close()
+    path = await filled_index(  # back to the index as version 22 left it, with its rows
+        tmp_path, 2, 3,
+        "DROP TABLE stored_syntaxes; DROP TRIGGER stored_syntaxes_insert;"
+        " DROP TRIGGER stored_syntaxes_delete; DROP TRIGGER stored_syntaxes_update;"
+        " CREATE INDEX instances_class_syntax ON instances(sop_class_uid, transfer_syntax);"
+        " DELETE FROM schema_migrations WHERE version = 23;")
     async with Index(path) as index:
         assert await index.syntax_counts() == {(CT, EXPLICIT): 6}
