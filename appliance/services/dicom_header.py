@@ -171,6 +171,7 @@ def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -
 
 
 def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
+    # The raw bytes first: ds.get() below converts the element in place.
     raw = ds.get_item(keyword) if isinstance(ds, Dataset) else None
     value: Any = ds.get(keyword, "")
     # A str is every value header_scan gives: the common case first.

@@ -56,6 +56,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services.order_states import OrderTransitionError, OrderTrigger, apply_sync
 from appliance.services.peers import Allowlist
+from appliance.services.query.identifiers import UTF8
 from appliance.store import database
 from appliance.store import mpps_rows as mpps
 from appliance.store import order_rows as order_store
@@ -89,7 +90,6 @@ _REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
                        "Modality")
 _REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
 _MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
-_UTF8 = "ISO_IR 192"  # what a step whose N-SET changed its character set is kept in
 _ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
                   MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
 
@@ -283,7 +283,7 @@ def _merged(held: Dataset, modification: Dataset) -> Dataset:
         if element.tag.group > 0x0002:  # never the command or file meta groups
             held[element.tag] = element
     if held.get("SpecificCharacterSet") != held_charset:
-        held.SpecificCharacterSet = _UTF8
+        held.SpecificCharacterSet = UTF8
     return held
 
 
