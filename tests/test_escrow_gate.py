@@ -198,6 +198,37 @@ def test_serve_in_its_unit_reports_the_escrow_of_the_site_key_it_cannot_read(
     assert code == 0, log_path.read_text()
 
 
+ACCEPTED = ("pacs_edge_health_warning", (("code", "no_escrow_accepted"),))
+
+
+def test_a_missing_escrow_the_lab_accepted_is_not_the_warning_the_alert_watches(
+        tmp_path: Path, free_port: Callable[[], int]) -> None:
+    """Without the override a missing escrow is `no_escrow` (eviction waits: the alert
+    PacsEdgeNoEscrow); with [sync] evict_without_escrow = true it is `no_escrow_accepted`
+    (an info alert), in serve's /metrics and in `status` alike: the escrow is still
+    missing (pacs_edge_escrow_ok 0), but nothing waits for the operator."""
+    home = init_home(tmp_path / "home", default_peer=False, evict_without_escrow=False)
+    port = free_port()
+    server = EdgeServer(home)
+    server.configure(metrics={"host": "127.0.0.1", "port": port})
+    seen: dict[bool, tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], set[str]]] = {}
+    for accepted in (False, True):
+        server.configure(sync={"evict_without_escrow": accepted})
+        server.start()
+        try:
+            metrics = scrape(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            server.stop()
+        status = run_pacs_edge("status", "--json", "--home", str(home))
+        seen[accepted] = metrics, {w["code"] for w in json.loads(status.stdout)["warnings"]}
+    refused, accepted_risk = seen[False], seen[True]
+    assert refused[0][NO_ESCROW] == 1.0 and ACCEPTED not in refused[0]
+    assert "no_escrow" in refused[1] and "no_escrow_accepted" not in refused[1]
+    assert accepted_risk[0][ACCEPTED] == 1.0 and NO_ESCROW not in accepted_risk[0]
+    assert accepted_risk[0][ESCROW_OK] == 0.0
+    assert "no_escrow_accepted" in accepted_risk[1] and "no_escrow" not in accepted_risk[1]
+
+
 def test_a_home_older_than_the_key_id_record_gets_it_from_init_or_status(
         tmp_path: Path) -> None:
     home = init_home(tmp_path / "home", default_peer=False)

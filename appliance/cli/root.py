@@ -277,9 +277,8 @@ def status(home: Path | None, as_json: bool) -> None:
     for warning in health.warnings:  # on stderr in both forms: scripts see them too
         err.print(f"warning: {warning.message}", highlight=False, markup=False)
         if warning.code == "no_escrow":
-            what = ("evicting anyway ([sync] evict_without_escrow)"
-                    if config.sync.evict_without_escrow else "eviction is refused until then")
-            err.print(f"hint: {what}; {ESCROW_HINT}", highlight=False, markup=False)
+            err.print(f"hint: eviction is refused until then; {ESCROW_HINT}",
+                      highlight=False, markup=False)
     if as_json:
         click.echo(json.dumps(health.as_dict(config), indent=2))
         return

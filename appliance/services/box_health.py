@@ -262,7 +262,14 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             found.append(HealthWarning(code, f"{what} " + (
                 f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
                 + f" ({fix})"))
-    if report.escrow.problem:
+    if report.escrow.problem and config.sync.evict_without_escrow:
+        # The lab accepted the risk: eviction goes on, nothing waits on the operator.
+        # Still said (a lost box loses its evicted studies), under a code of its own so
+        # that the alert on `no_escrow` does not fire for a choice made on purpose.
+        found.append(HealthWarning(
+            "no_escrow_accepted", f"{report.escrow.problem} (a risk accepted with [sync]"
+            " evict_without_escrow = true: evicting anyway; `pacs-edge keys escrow` ends it)"))
+    elif report.escrow.problem:
         found.append(HealthWarning("no_escrow", report.escrow.problem))
     forwarding = report.audit_forwarding
     if (forwarding and forwarding.oldest_unsent_at is not None
