@@ -1,7 +1,8 @@
-"""Small file systems for the tests of a full disk: a tmpfs of a given size mounted for
-a block (root only: the modules that use it skip otherwise), a filler file that takes
-every block left, and a home without the store reserve, for the tests of what the box
-does at the disk's last block (an operator may set `[store] reserve_mb = 0`)."""
+"""Small file systems for the tests of a full disk: a tmpfs of a given size (and number
+of inodes) mounted for a block (root only: the modules that use it skip otherwise), a
+filler file that takes every block left, and a home without the store reserve, for the
+tests of what the box does at the disk's last block (an operator may set
+`[store] reserve_mb = 0`)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 
 @contextlib.contextmanager
-def tmpfs(mount: Path, size_mb: int) -> Iterator[Path]:
+def tmpfs(mount: Path, size_mb: int, *, inodes: int = 0) -> Iterator[Path]:
     """A tmpfs of `size_mb` at `mount` (made here) for the block, mode 0750 as a data
-    home's disk; lazily unmounted at the end, even if a process still holds a file."""
+    home's disk; with `inodes`, that many at most (its root folder takes one), as an
+    ext4 has a fixed number; lazily unmounted at the end, even if a process still
+    holds a file."""
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0750", "tmpfs",
-                    str(mount)], check=True)
+    options = f"size={size_mb}m,mode=0750" + (f",nr_inodes={inodes}" if inodes else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:

@@ -1,11 +1,15 @@
 """A full disk answers 0xA700, leaves nothing partial, and ingest resumes once space is freed.
-So does a store whose file system turned read-only, which /readyz reports."""
+So does a store whose file system turned read-only, or ran out of inodes, which /readyz
+reports."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,9 +20,12 @@ import dcmtk
 import dicomgen
 import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pynetdicom import AE
 from smalldisk import NEEDS_ROOT, no_reserve, tmpfs
+
+from appliance.services.box_health import READY_MIN_FREE_INODES
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 TMPFS_MB = 12
@@ -234,3 +241,54 @@ def test_full_data_home_keeps_answering_finds_and_retrieves(
     assert server.running, server.log()[-2000:]
     assert got.ok and len(list((tmp_path / "got").iterdir())) == 2, got.output
     filler.unlink()
+
+
+def test_a_store_out_of_inodes_with_bytes_free_is_not_ready_and_says_so(
+    edge_server: EdgeServer, tmp_path: Path
+) -> None:
+    """ext4 with millions of small files runs out of inodes while bytes are free: /readyz
+    says `inodes:`, `status` and /metrics warn `inodes_high` and export the count, and
+    the C-STORE that finds none left gets 0xA700; once files go, all is well again."""
+    port = dcmtk.free_port()
+    total = READY_MIN_FREE_INODES + 500
+    with tmpfs(tmp_path / "store", 128, inodes=total) as mount:
+        edge_server.stop()
+        edge_server.configure(store={"path": mount}, metrics={"port": port})
+        edge_server.start()
+        instances = dicomgen.make_studies(tmp_path / "study", seed=17, series_per_study=1,
+                                          instances_per_series=2, size=16)
+        assert readyz(port) == (200, "ready\n")
+        fillers = mount / "fillers"
+        fillers.mkdir()
+        for n in range(os.statvfs(mount).f_favail - 100):  # 100 inodes left
+            (fillers / str(n)).touch()
+
+        status, reasons = readyz(port)
+        assert status == 503 and re.fullmatch(
+            rf"inodes: \d+ free, below {READY_MIN_FREE_INODES} \(.*\)\n", reasons), reasons
+        metrics = scrape(port)
+        assert metrics[("pacs_edge_disk_total_inodes", ())] == total
+        assert metrics[("pacs_edge_disk_free_inodes", ())] <= 100
+        assert metrics[("pacs_edge_disk_free_bytes", ())] > 100 << 20
+        assert metrics[("pacs_edge_health_warning", (("code", "inodes_high"),))] == 1
+        report = json.loads(edge_server.cli("status", "--json").stdout)
+        assert report["disk_free_inodes"] <= 100
+        assert "inodes_high" in {w["code"] for w in report["warnings"]}
+
+        with contextlib.suppress(OSError):  # every inode left
+            for n in itertools.count(total):
+                (fillers / str(n)).touch()
+        assert send(edge_server, [instances[0].path]) == [STATUS_OUT_OF_RESOURCES]
+
+        shutil.rmtree(fillers)
+        assert readyz(port) == (200, "ready\n")
+        assert send(edge_server, [i.path for i in instances]) == [0x0000, 0x0000]
+        edge_server.stop()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the metrics listener's /metrics by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -297,8 +297,9 @@ def _status_table(config: Config, health: Any) -> Table:
         ("series / instances", f"{totals.series} / {totals.instances}"
          f" ({totals.versions} prior versions)"),
         ("on disk", human_size(totals.local_bytes)),
-        ("disk", f"{health.disk_used_percent:.0f}% used, {human_size(health.disk_free_bytes)}"
-         f" free of {human_size(health.disk_total_bytes)}"),
+        ("disk", f"{health.disk.used_percent:.0f}% used, {human_size(health.disk.free_bytes)}"
+         f" free of {human_size(health.disk.total_bytes)}"),
+        ("inodes", health.inodes_line),
         ("tiering", ", ".join(f"{state} {count}" for state, count
                               in {"local": 0, **totals.tier_states}.items())),
         ("drop folder", ", ".join(f"{k} {v}" for k, v in health.dropfolder.items())),

@@ -2,7 +2,8 @@
 
     GET /healthz   200 "ok": the process answers (systemd, load balancers)
     GET /readyz    200 "ready", or 503 with one line per reason: disk below the
-                   reserve, an index that takes no write, no DICOM port bound
+                   reserve or out of inodes, a store that takes no file, an index
+                   that takes no write, no DICOM port bound
     GET /metrics   Prometheus text format (base/metrics.py: events; services/
                    state_metrics.py: state), for addresses in [metrics] allow
                    only (403 otherwise); no PHI, no UIDs
@@ -127,8 +128,9 @@ def _status_page(sources: HealthSources, report: HealthReport,
         ("box", config.dicom.ae_title),
         ("studies", str(totals.studies)), ("instances", str(totals.instances)),
         ("on disk", human_size(totals.bytes)),
-        ("disk", f"{report.disk_used_percent:.0f}% used,"
-                 f" {human_size(report.disk_free_bytes)} free"),
+        ("disk", f"{report.disk.used_percent:.0f}% used,"
+                 f" {human_size(report.disk.free_bytes)} free"),
+        ("inodes", report.inodes_line),
         *[(f"studies {state}", str(count)) for state, count in sorted(totals.tier_states.items())],
         ("waiting to replicate", human_size(report.sync["bytes_waiting_to_replicate"])),
         ("recalls waiting", str(report.backlog.recalls_pending)),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +26,7 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.human import human_time
 from appliance.services.peers import Allowlist
+from appliance.store.disk import DiskState, disk_state
 from appliance.store.files import FileStore
 from appliance.store.health_reads import Backlog, backlog
 from appliance.store.index import Index, IndexTotals
@@ -69,8 +69,7 @@ class AuditForwarding:
 class HealthReport:
     at: float
     totals: IndexTotals
-    disk_free_bytes: int
-    disk_total_bytes: int
+    disk: DiskState  # the store's file system
     sync: dict[str, Any]
     backlog: Backlog
     dropfolder: dict[str, int]
@@ -84,10 +83,13 @@ class HealthReport:
     warnings: list[HealthWarning] = field(default_factory=list)
 
     @property
-    def disk_used_percent(self) -> float:
-        if not self.disk_total_bytes:
-            return 0.0
-        return 100.0 * (self.disk_total_bytes - self.disk_free_bytes) / self.disk_total_bytes
+    def inodes_line(self) -> str:
+        """One line on the store's inodes, for `status` and the status page."""
+        disk = self.disk
+        if not disk.total_inodes:
+            return "not limited by this file system"
+        return (f"{disk.inodes_used_percent:.0f}% used, {disk.free_inodes:,} free"
+                f" of {disk.total_inodes:,}")
 
     @property
     def peer_certificates_line(self) -> str:
@@ -109,8 +111,10 @@ class HealthReport:
             "instances": totals.instances,
             "prior_versions": totals.versions,
             "bytes_on_disk": totals.local_bytes,
-            "disk_free_bytes": self.disk_free_bytes,
-            "disk_total_bytes": self.disk_total_bytes,
+            "disk_free_bytes": self.disk.free_bytes,
+            "disk_total_bytes": self.disk.total_bytes,
+            "disk_free_inodes": self.disk.free_inodes,
+            "disk_total_inodes": self.disk.total_inodes,
             "tier_states": {"local": 0, **totals.tier_states},
             "dropfolder": self.dropfolder,
             "sync": self.sync,
@@ -133,23 +137,22 @@ async def gather(config: Config, index: Index, *,
     behind = await backlog(index)
     dropped = await dropfolder() if dropfolder is not None else {}
     unpaired = await pairing_problem(index, config.store.path)
-    usage, escrow, certificates, forwarding, (peers, problem) = await asyncio.to_thread(
+    disk, escrow, certificates, forwarding, (peers, problem) = await asyncio.to_thread(
         _from_disk, config)
     report = HealthReport(
-        at=time.time(), totals=totals, disk_free_bytes=usage.free,
-        disk_total_bytes=usage.total, sync=synced, backlog=behind, dropfolder=dropped,
+        at=time.time(), totals=totals, disk=disk, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
         peer_certificates=peers, allowlist_problem=problem, pairing_problem=unpaired)
     return replace(report, warnings=warnings(config, report))
 
 
-def _from_disk(config: Config) -> tuple[Any, EscrowStatus, list[CertificateExpiry],
+def _from_disk(config: Config) -> tuple[DiskState, EscrowStatus, list[CertificateExpiry],
                                           AuditForwarding | None,
                                           tuple[list[CertificateExpiry], str]]:
-    usage = shutil.disk_usage(config.store.path if config.store.path.exists() else config.home)
+    disk = disk_state(config.store.path if config.store.path.exists() else config.home)
     # serve's unit hides site.key: the key's public id record stands in for it here
     # (a report, not a decision; the eviction gate reads the key itself).
-    return (usage, escrow_status(config.home, published_id=True), certificates(config),
+    return (disk, escrow_status(config.home, published_id=True), certificates(config),
             audit_forwarding(config), peer_certificates(config))
 
 
@@ -226,10 +229,18 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             " folder cannot be listed by this user: their files wait there until the service"
             " user may read them (serve's log names each: `pacs-edge logref`)"))
     high = config.sync.disk_high_watermark_percent
-    if report.disk_used_percent >= high:
+    if report.disk.used_percent >= high:
         found.append(HealthWarning(
-            "disk_high", f"disk {report.disk_used_percent:.0f}% used, above the high watermark"
+            "disk_high", f"disk {report.disk.used_percent:.0f}% used, above the high watermark"
             f" of {high:.0f}% ([sync] disk_high_watermark_percent)"))
+    if report.disk.inodes_used_percent >= high:
+        found.append(HealthWarning(
+            "inodes_high", f"inodes {report.disk.inodes_used_percent:.0f}% used"
+            f" ({report.disk.free_inodes:,} free), above the high watermark of {high:.0f}%:"
+            " every instance file takes one, and with none left ingest refuses with"
+            " out-of-resources although bytes are free (eviction starts on bytes used, not"
+            " inodes: `pacs-edge evict` the oldest replicated studies, or give the store a"
+            " file system with more inodes)"))
     oldest = report.backlog.oldest_unreplicated_at
     lag_limit = config.sync.stable_after_seconds + REPLICATION_LAG_WARN_SECONDS
     if oldest is not None and now - oldest > lag_limit:
@@ -292,6 +303,9 @@ def _ago(seconds: float) -> str:
 
 
 READY_MIN_FREE_BYTES = 64 << 20  # below this no study fits, whatever the reserve says
+# What 64 MB holds at ext4's default of one inode per 16 KiB: a study of a few
+# thousand instances (files, and the study and series folders) fits above it.
+READY_MIN_FREE_INODES = 4096
 READY_INDEX_TIMEOUT = 5.0
 
 
@@ -307,14 +321,17 @@ class Readiness:
 
 
 async def readiness(index: Index, files: FileStore, *, listening: Callable[[], bool]) -> Readiness:
-    """Disk room above the reserve, a store that takes files, an index that takes a
-    write, listeners bound."""
+    """Disk room (bytes above the reserve, inodes), a store that takes files, an index
+    that takes a write, listeners bound."""
     problems = []
-    free = await asyncio.to_thread(files.free_bytes)
+    disk = await asyncio.to_thread(files.disk)
     floor = max(files.reserve_bytes, READY_MIN_FREE_BYTES)
-    if free < floor:
-        problems.append(f"disk: {free >> 20} MB free, below {floor >> 20} MB"
+    if disk.free_bytes < floor:
+        problems.append(f"disk: {disk.free_bytes >> 20} MB free, below {floor >> 20} MB"
                         f" ([store] reserve_mb, at least {READY_MIN_FREE_BYTES >> 20})")
+    if disk.total_inodes and disk.free_inodes < READY_MIN_FREE_INODES:
+        problems.append(f"inodes: {disk.free_inodes} free, below {READY_MIN_FREE_INODES}"
+                        " (one per instance file; `df -i` on the store)")
     store = await asyncio.to_thread(_store_problem, files.spool_dir)
     if store:
         problems.append(f"store: {store}")

@@ -33,9 +33,15 @@ def state_families(report: HealthReport) -> Iterator[Metric]:
     yield _gauge("pacs_edge_store_bytes", "Bytes of instance files the index refers to.",
                  totals.bytes)
     yield _gauge("pacs_edge_disk_free_bytes", "Free bytes on the store's file system.",
-                 report.disk_free_bytes)
+                 report.disk.free_bytes)
     yield _gauge("pacs_edge_disk_total_bytes", "Size of the store's file system.",
-                 report.disk_total_bytes)
+                 report.disk.total_bytes)
+    yield _gauge("pacs_edge_disk_free_inodes",
+                 "Free inodes on the store's file system (0 of 0: not limited).",
+                 report.disk.free_inodes)
+    yield _gauge("pacs_edge_disk_total_inodes",
+                 "Inodes of the store's file system (0: it has no fixed number).",
+                 report.disk.total_inodes)
     yield _gauge("pacs_edge_replication_waiting_bytes",
                  "Bytes of local instances in no cloud pack yet.",
                  report.sync["bytes_waiting_to_replicate"])

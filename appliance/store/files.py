@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from appliance.base.durable import (
 from appliance.base.errors import OutOfSpace
 from appliance.base.human import human_size
 from appliance.base.uids import is_valid_uid
+from appliance.store.disk import DiskState, disk_state
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile, dataset_offset
 
@@ -88,7 +88,7 @@ class FileStore:
         eviction write into once the store is full."""
         if not self.reserve_bytes and not needed:
             return
-        free = self.free_bytes()
+        free = self.disk().free_bytes
         if free - needed >= self.reserve_bytes:
             return
         if not needed:
@@ -136,8 +136,8 @@ class FileStore:
             path.unlink()
             fsync_dir(path.parent)
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+    def disk(self) -> DiskState:
+        return disk_state(self.root)
 
     def iter_files(self) -> Iterator[str]:
         """Every stored instance file (relative path), spool and temp files excluded."""
