@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -155,11 +156,17 @@ def test_status_warns_of_a_certificate_about_to_expire(edge_home: Path) -> None:
     assert '"code": "certificate_expiring"' in report.stdout
 
 
-def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Path) -> None:
+def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls_and_after_a_restart(
+        tmp_path: Path) -> None:
+    """The expiry of the certificate a peer presented is kept in the index: a restart of
+    serve keeps it in /metrics without a new call (a peer whose certificate has expired
+    cannot call: kept in memory, its alert went at the restart); a peer taken off the
+    allowlist drops out."""
     home = web_home(tmp_path / "home", dcmtk.free_port())
     server = EdgeServer(home)
     server.configure(dicom={"tls_port": dcmtk.free_port()})
     server.start()
+    presented = ("pacs_edge_peer_certificate_expiry_timestamp_seconds", (("peer", "testscu"),))
     try:
         client = tmp_path / "testscu"
         server.cli("certs", "issue", "testscu", "--out", str(client), "--days", "20")
@@ -167,15 +174,33 @@ def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls(tmp_path: Pat
         dcmtk.echoscu(tls_port, args=["+tls", str(client / "testscu.key"),
                                       str(client / "testscu.pem"), "+cf", str(client / "ca.pem"),
                                       "--profile-bcp195-nd"]).check()
-        values = samples(curl(server, "/metrics").body.decode())
+        called = scrape_until(server, presented)
+        server.stop()
+        server.start()
+        restarted = samples(curl(server, "/metrics").body.decode())
+        server.cli("peers", "remove", "testscu")
+        removed = samples(curl(server, "/metrics").body.decode())
     finally:
         server.stop()
     expiry = x509.load_pem_x509_certificate((client / "testscu.pem").read_bytes())
-    assert values[("pacs_edge_peer_certificate_expiry_timestamp_seconds",
-                   (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
+    not_after = expiry.not_valid_after_utc.timestamp()
+    assert called[presented] == not_after
+    assert restarted[presented] == not_after
+    assert presented not in removed
     # The box's own copy of what it issued: known before the peer ever calls.
-    assert values[("pacs_edge_issued_certificate_expiry_timestamp_seconds",
-                   (("peer", "testscu"),))] == expiry.not_valid_after_utc.timestamp()
+    assert called[("pacs_edge_issued_certificate_expiry_timestamp_seconds",
+                   (("peer", "testscu"),))] == not_after
+
+
+def scrape_until(server: EdgeServer, key: tuple[str, tuple[tuple[str, str], ...]], *,
+                 timeout: float = 30.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics once it holds `key` (a write the association did not wait for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = samples(curl(server, "/metrics").body.decode())
+        if key in values or time.monotonic() > deadline:
+            return values
+        time.sleep(0.1)
 
 
 def test_the_metrics_listener_drops_slow_heads_caps_connections_and_keeps_the_scrapers_in(

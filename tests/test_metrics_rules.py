@@ -50,6 +50,4 @@ def test_rules_and_dashboard_name_only_metrics_a_box_exports(tmp_path: Path) -> 
         text = answer.read().decode()
     exported = set(re.findall(r"^# TYPE (\S+)", text, re.MULTILINE))
     exported |= set(re.findall(r"^(pacs_edge_[a-z_]+)", text, re.MULTILINE))
-    # Set once a TLS peer has called (tests/test_metrics_endpoints.py shows it then).
-    exported.add("pacs_edge_peer_certificate_expiry_timestamp_seconds")
     assert used <= exported, sorted(used - exported)

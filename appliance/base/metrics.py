@@ -52,10 +52,6 @@ DIMSE_OPERATIONS = Counter(
 DIMSE_SECONDS = Histogram(
     "pacs_edge_dimse_duration_seconds", "Time from a DIMSE request to its final response.",
     ["service"], buckets=_DIMSE_BUCKETS)
-PEER_CERTIFICATE_EXPIRY = Gauge(
-    "pacs_edge_peer_certificate_expiry_timestamp_seconds",
-    "Expiry of each peer's client certificate, as last seen on a TLS association.",
-    ["peer"], multiprocess_mode="mostrecent")
 RECEIVED_BYTES = Counter(
     "pacs_edge_received_bytes", "Bytes of instances received, by edge.", ["edge"])
 SENT_BYTES = Counter(

@@ -31,12 +31,7 @@ from appliance.base.errors import (
     RejectedInstance,
     Rejection,
 )
-from appliance.base.metrics import (
-    ASSOCIATIONS,
-    ASSOCIATIONS_ACTIVE,
-    PEER_CERTIFICATE_EXPIRY,
-    RECEIVED_BYTES,
-)
+from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_BYTES
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
@@ -45,6 +40,7 @@ from appliance.dimse.tls import is_tls, peer_identity
 from appliance.dimse.worklist_scp import MODALITY_WORKLIST_FIND, WorklistScp
 from appliance.services.ingest import ExpectedIdentity, IngestService
 from appliance.services.peers import Allowlist
+from appliance.services.presented_certs import PresentedCertificates
 from appliance.services.query.find import Answer, QueryModel, Row, answer
 from appliance.store.index import Index
 from appliance.store.spool import SpoolFile
@@ -77,6 +73,7 @@ class Services:
     spools: SpoolRouter
     bridge: LoopBridge
     audit: Auditor
+    presented: PresentedCertificates  # the expiry of each TLS peer's certificate
 
 
 def peer_label(assoc: Any) -> str:
@@ -117,7 +114,7 @@ class DimseHandlers:
             self._reject(assoc, "peer-refused", why)
             return
         if certificate is not None and certificate.not_after:
-            PEER_CERTIFICATE_EXPIRY.labels(peer.name).set(certificate.not_after)
+            self.s.presented.seen(peer.name, certificate.not_after)
         # Refused at negotiation, before a byte of a dataset is sent: a peer that
         # may not store cannot fill the disk (the C-STORE check comes too late).
         refused = restrict_storage(assoc, may_store=peer.may("store"), may_get=peer.may("get"))

@@ -52,6 +52,7 @@ from appliance.services.mpps import MppsService
 from appliance.services.orders import OrderService
 from appliance.services.peers import Allowlist
 from appliance.services.prefetch import PrefetchService, PrefetchWorker
+from appliance.services.presented_certs import PresentedCertificates
 from appliance.services.retrieve import RetrieveService
 from appliance.services.startup_recovery import STARTUP_STATUS, begin_run, end_run, recover
 from appliance.services.users import UserService
@@ -175,14 +176,16 @@ async def _serve(
         spools.install()
         auditor = Auditor.for_home(config, process="serve").start(application=True)
         allowlist = Allowlist(config.peers_path, fail_closed=True)
+        bridge = LoopBridge(asyncio.get_running_loop())
         services = Services(
             config=config.dicom,
             allowlist=allowlist,
             index=index,
             ingest=IngestService(files, index, max_inflated=config.store.max_inflated_mb << 20),
             spools=spools,
-            bridge=LoopBridge(asyncio.get_running_loop()),
+            bridge=bridge,
             audit=auditor,
+            presented=PresentedCertificates(index, bridge),
         )
         handlers = DimseHandlers(services, worklist=WorklistScp(
             WorklistService(index, allowlist), services.bridge, auditor))

@@ -31,6 +31,7 @@ from appliance.store.files import FileStore
 from appliance.store.health_reads import Backlog, backlog
 from appliance.store.index import Index, IndexTotals
 from appliance.store.pairing import pairing_problem
+from appliance.store.presented_cert_rows import presented_expiries
 from provisioning.certs import TlsPaths, issued_certificates
 from provisioning.escrow_state import EscrowStatus, escrow_status
 
@@ -78,6 +79,9 @@ class HealthReport:
     audit_forwarding: AuditForwarding | None  # None: no syslog collector configured
     # Issued by this box (`certs issue`) to peers on the allowlist, the first to expire first.
     peer_certificates: list[CertificateExpiry] = field(default_factory=list)
+    # Presented on a TLS association, as last seen, by the peers on the allowlist
+    # (services/presented_certs.py: kept in the index, across restarts).
+    presented_certificates: list[CertificateExpiry] = field(default_factory=list)
     allowlist_problem: str = ""  # why peers.toml cannot be read ("" when it can)
     pairing_problem: str = ""  # why the index is not the store's ("" when it is)
     warnings: list[HealthWarning] = field(default_factory=list)
@@ -137,23 +141,29 @@ async def gather(config: Config, index: Index, *,
     behind = await backlog(index)
     dropped = await dropfolder() if dropfolder is not None else {}
     unpaired = await pairing_problem(index, config.store.path)
-    disk, escrow, certificates, forwarding, (peers, problem) = await asyncio.to_thread(
+    presented = await presented_expiries(index)
+    disk, escrow, certificates, forwarding, (peers, problem, issued) = await asyncio.to_thread(
         _from_disk, config)
     report = HealthReport(
         at=time.time(), totals=totals, disk=disk, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
-        peer_certificates=peers, allowlist_problem=problem, pairing_problem=unpaired)
+        peer_certificates=issued,
+        presented_certificates=[CertificateExpiry(name, not_after)
+                                for name, not_after in sorted(presented.items())
+                                if peers is None or name in peers],
+        allowlist_problem=problem, pairing_problem=unpaired)
     return replace(report, warnings=warnings(config, report))
 
 
-def _from_disk(config: Config) -> tuple[DiskState, EscrowStatus, list[CertificateExpiry],
-                                          AuditForwarding | None,
-                                          tuple[list[CertificateExpiry], str]]:
+def _from_disk(config: Config) -> tuple[
+        DiskState, EscrowStatus, list[CertificateExpiry], AuditForwarding | None,
+        tuple[set[str] | None, str, list[CertificateExpiry]]]:
     disk = disk_state(config.store.path if config.store.path.exists() else config.home)
+    peers, problem = allowlisted(config)
     # serve's unit hides site.key: the key's public id record stands in for it here
     # (a report, not a decision; the eviction gate reads the key itself).
     return (disk, escrow_status(config.home, published_id=True), certificates(config),
-            audit_forwarding(config), peer_certificates(config))
+            audit_forwarding(config), (peers, problem, issued_to(config.home, peers)))
 
 
 def certificates(config: Config) -> list[CertificateExpiry]:
@@ -173,18 +183,21 @@ def certificates(config: Config) -> list[CertificateExpiry]:
     return found
 
 
-def peer_certificates(config: Config) -> tuple[list[CertificateExpiry], str]:
-    """Expiry of the certificates this box issued to peers still on the allowlist (a
-    certificate of a removed peer is no one's concern), the first to expire first; and
-    why the allowlist cannot be read, if it cannot (then every issued certificate counts)."""
+def allowlisted(config: Config) -> tuple[set[str] | None, str]:
+    """The names on the allowlist, whose certificates are the box's concern (a removed
+    peer's are no one's); None and why, when the allowlist cannot be read (then every
+    certificate counts)."""
     try:
-        peers: set[str] | None = set(Allowlist(config.peers_path).peers())
-        problem = ""
+        return set(Allowlist(config.peers_path).peers()), ""
     except PacsEdgeError as exc:
-        peers, problem = None, exc.message
-    return [CertificateExpiry(cert.name, cert.not_after)
-            for cert in issued_certificates(config.home)
-            if peers is None or cert.name in peers], problem
+        return None, exc.message
+
+
+def issued_to(home: Path, peers: set[str] | None) -> list[CertificateExpiry]:
+    """Expiry of the certificates this box issued to `peers` (None: to anyone), the
+    first to expire first."""
+    return [CertificateExpiry(cert.name, cert.not_after) for cert in issued_certificates(home)
+            if peers is None or cert.name in peers]
 
 
 def audit_forwarding(config: Config) -> AuditForwarding | None:

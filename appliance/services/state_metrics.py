@@ -77,6 +77,13 @@ def state_families(report: HealthReport) -> Iterator[Metric]:
     for cert in report.certificates:
         certs.add_metric([cert.name], cert.not_after)
     yield certs
+    presented = GaugeMetricFamily("pacs_edge_peer_certificate_expiry_timestamp_seconds",
+                                  "When the client certificate each peer on the allowlist"
+                                  " last presented on a TLS association expires.",
+                                  labels=["peer"])
+    for cert in report.presented_certificates:
+        presented.add_metric([cert.name], cert.not_after)
+    yield presented
     issued = GaugeMetricFamily("pacs_edge_issued_certificate_expiry_timestamp_seconds",
                                "When the certificate this box issued to each peer on the"
                                " allowlist expires.", labels=["peer"])
