@@ -27,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 
 from appliance.base import logsafe
 from appliance.store import database
+from appliance.store.disk import DiskState
 from appliance.store.leases import StudyLease
 from appliance.store.prefetch_rows import held_study_uids
 from appliance.store.study_rows import StudyRow, replicated_by_last_access
@@ -130,14 +130,39 @@ async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
     if sync.evict_after_days > 0:
         cutoff = time.time() - sync.evict_after_days * DAY
         chosen = [s for s in replicated if s.last_access_at < cutoff]
-    usage = await asyncio.to_thread(shutil.disk_usage, ctx.files.root)
-    used = usage.used - sum(s.total_bytes for s in chosen)
-    if used * 100 > usage.total * sync.disk_high_watermark_percent:
-        target = usage.total * sync.disk_low_watermark_percent / 100
-        for study in replicated:
-            if used <= target:
-                break
-            if study not in chosen:
-                chosen.append(study)
-                used -= study.total_bytes
+    disk = await asyncio.to_thread(ctx.files.disk)
+    room = _Room(disk, chosen)
+    over = room.above(sync.disk_high_watermark_percent)
+    for study in replicated:
+        if not over & room.above(sync.disk_low_watermark_percent):
+            break
+        if study not in chosen:
+            chosen.append(study)
+            room.free(study)
     return chosen
+
+
+class _Room:
+    """The store's use in bytes and in inodes, less what the studies chosen so far
+    will free. Each is a room of its own: a store of many small instances runs out of
+    inodes with bytes to spare, and then refuses every new file (one inode an
+    instance; a study's series and study folders are not counted). What is above the
+    high watermark is brought down to the low one; the other is left as it is."""
+
+    def __init__(self, disk: DiskState, chosen: Sequence[StudyRow]) -> None:
+        self._disk = disk
+        self._bytes = disk.total_bytes - disk.free_bytes
+        self._inodes = disk.total_inodes - disk.free_inodes
+        for study in chosen:
+            self.free(study)
+
+    def free(self, study: StudyRow) -> None:
+        self._bytes -= study.total_bytes
+        self._inodes -= study.instance_count
+
+    def above(self, percent: float) -> frozenset[str]:
+        """Which of "bytes" and "inodes" are used above `percent`."""
+        used = {"bytes": (self._bytes, self._disk.total_bytes),
+                "inodes": (self._inodes, self._disk.total_inodes)}
+        return frozenset(name for name, (count, total) in used.items()
+                         if count * 100 > total * percent)

@@ -602,8 +602,9 @@ _COMMENTS = {
     "sync.stable_after_seconds": "A study is replicated once no instance arrived for this long.",
     "sync.replicate_interval_seconds": "How often the agent looks for studies to replicate/evict.",
     "sync.evict_after_days": "Evict replicated studies not accessed for this long (0: never).",
-    "sync.disk_high_watermark_percent": "Above this disk use, evict least recently used first...",
-    "sync.disk_low_watermark_percent": "...until disk use is below this.",
+    "sync.disk_high_watermark_percent": "Above this disk use (bytes or inodes), evict least"
+    " recently used first...",
+    "sync.disk_low_watermark_percent": "...until that use is below this.",
     "sync.cool_after_days": "Move packs to the Cool tier after this many days (0: never).",
     "sync.cold_after_days": "Move packs to the Cold tier after this many days (0: never).",
     "sync.archive_after_days": "Move packs to Archive after this many days (0: never; recall"

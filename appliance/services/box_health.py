@@ -251,8 +251,8 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "inodes_high", f"inodes {report.disk.inodes_used_percent:.0f}% used"
             f" ({report.disk.free_inodes:,} free), above the high watermark of {high:.0f}%:"
             " every instance file takes one, and with none left ingest refuses with"
-            " out-of-resources although bytes are free (eviction starts on bytes used, not"
-            " inodes: `pacs-edge evict` the oldest replicated studies, or give the store a"
+            " out-of-resources although bytes are free (the sync agent evicts replicated"
+            " studies down to the low watermark; if it has none to evict, give the store a"
             " file system with more inodes)"))
     oldest = report.backlog.oldest_unreplicated_at
     lag_limit = config.sync.stable_after_seconds + REPLICATION_LAG_WARN_SECONDS
