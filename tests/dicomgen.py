@@ -15,6 +15,8 @@ independently of the server under test.
 - make_non_ascii_instance: a Patient's Name outside ASCII (ISO_IR 192 by default).
 - make_encapsulated_pdf: a one-page Encapsulated PDF (no pixels) in a given study.
 - make_ybr_full_422_cine: an uncompressed YBR_FULL_422 ultrasound cine (2 bytes a pixel).
+- make_fragmented_cine: a JPEG Baseline cine, each frame split over several fragments,
+  with no Basic Offset Table (as some ultrasound machines send one).
 - bad input: make_bad_uid_instance, make_truncated_instance, make_garbage_payload,
   make_non_dicom_file.
 - make_ct_study: the benchmark's 300 x 512x512 CT series (~157 MB); on demand only.
@@ -319,6 +321,40 @@ def make_ybr_full_422_cine(folder: Path, *, seed: int = 260, frames: int = 6,
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OB"
     return write_instance(ds, folder / "us_ybr_full_422.dcm", ExplicitVRLittleEndian)
+
+
+def make_fragmented_cine(folder: Path, *, seed: int = 270, frames: int = 12,
+                         fragments_per_frame: int = 3, frame_bytes: int = 4000,
+                         has_bot: bool = False) -> GeneratedInstance:
+    """A JPEG Baseline ultrasound cine whose frames are each split over
+    `fragments_per_frame` fragments, with an empty Basic Offset Table unless `has_bot`:
+    frame boundaries are then only the end-of-image markers. Each frame is SOI, bytes
+    without 0xFF (no marker but the last) and EOI; frame lengths differ (odd ones too,
+    padded in their last fragment). Not decodable: the box never decodes pixels."""
+    patient, study = _patient_attrs(seed, 0), _study_attrs(seed, 0, "US")
+    series = _series_attrs(seed, 0, 0, "US", study)
+    ds = _instance(seed, (0, 0, 0), 0, patient, study, series, "US", 48, 64, 8)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = US_MULTIFRAME
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                    "SliceLocation", "WindowCenter", "WindowWidth"):
+        del ds[keyword]
+    ds.NumberOfFrames = frames
+    ds.FrameTime, ds.FrameIncrementPointer = 33.3, Tag(0x0018, 0x1063)
+    rng = random.Random(seed)
+    encoded = []
+    for number in range(frames):
+        body = bytes(rng.randrange(0, 255) for _ in range(frame_bytes + number % 3))
+        encoded.append(b"\xff\xd8" + bytes([number % 255]) + body + b"\xff\xd9")
+    ds.PixelData = encapsulate(encoded, fragments_per_frame=fragments_per_frame,
+                               has_bot=has_bot)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.LossyImageCompression = "01"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"us_fragmented_{fragments_per_frame}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return GeneratedInstance(path, read_header(path))
 
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage

@@ -5,7 +5,10 @@ WADO-RS `frames/N` (PS3.18 10.4.1.1.4) hands out one frame at a time:
   slice of the Pixel Data value, read with one seek; only that frame is read;
 - encapsulated files (JPEG, JPEG-LS, JPEG 2000, RLE, ...): frame N is the
   concatenation of its fragments, found through the Basic (or Extended)
-  Offset Table by pydicom's `encaps.get_frame` reading the open file;
+  Offset Table by pydicom's `encaps.get_frame` reading the open file; when
+  both tables are absent, through the file's fragment index (fragment_index.py:
+  built once per file, cached), so reading a cine frame by frame reads each
+  fragment once, not every earlier one again for every frame;
 - big endian and deflated files (rare, small, legacy): the dataset is decoded
   once and the frame taken from it (big endian words swapped), since neither
   can be sliced in place.
@@ -31,6 +34,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from appliance.base.errors import PacsEdgeError
+from appliance.services import fragment_index
+from appliance.services.fragment_index import FragmentIndexCache
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
@@ -38,6 +43,8 @@ _IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _UNDEFINED = 0xFFFFFFFF
+# Fragment indexes of encapsulated files without offset tables, shared by every request.
+FRAGMENT_INDEXES = FragmentIndexCache()
 
 
 class FrameError(PacsEdgeError):
@@ -158,10 +165,12 @@ def _native(fh: BinaryIO, ds: Dataset, implicit: bool, numbers: Sequence[int]) -
 
 
 def _encapsulated(fh: BinaryIO, ds: Dataset, count: int, numbers: Sequence[int]) -> list[bytes]:
-    _pixel_value_start(fh, implicit=False)
+    start = _pixel_value_start(fh, implicit=False)
     extended = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    elif _empty_offset_table(fh, start):
+        return _indexed(fh, count, numbers)
     frames = []
     for number in numbers:
         try:
@@ -169,6 +178,26 @@ def _encapsulated(fh: BinaryIO, ds: Dataset, count: int, numbers: Sequence[int])
                                            number_of_frames=count))
         except ValueError as exc:
             raise FrameError(f"frame {number} cannot be found in the encapsulated data") from exc
+    return frames
+
+
+def _empty_offset_table(fh: BinaryIO, start: int) -> bool:
+    """Whether the Basic Offset Table item at `start` is empty; `fh` is left at it."""
+    item = fh.read(8)
+    fh.seek(start)
+    return len(item) == 8 and item[4:] == b"\0\0\0\0"
+
+
+def _indexed(fh: BinaryIO, count: int, numbers: Sequence[int]) -> list[bytes]:
+    """Frames through the file's fragment index, built on its first read (fragment_index)."""
+    frames: list[bytes] = []
+    try:
+        index = FRAGMENT_INDEXES.get(fh, lambda: fragment_index.build(fh, count))
+        for number in numbers:
+            frames.append(index.read_frame(fh, number - 1))
+    except ValueError as exc:
+        raise FrameError(f"frame {numbers[len(frames)]} cannot be found in the encapsulated"
+                         " data") from exc
     return frames
 
 
