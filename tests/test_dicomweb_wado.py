@@ -372,6 +372,38 @@ def test_evicted_study_comes_back_by_wado(tmp_path: Path,
             assert agent.stop() == 0, agent.log()
 
 
+def test_a_recall_slower_than_the_web_wait_is_503_ask_again_soon_then_the_study(
+        tmp_path: Path, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    """A browser is not held for [sync] recall_timeout_seconds (600 s by default: a
+    proxy times out first, the viewer shows a bare spinner): after [http]
+    recall_wait_seconds the answer is 503 with a short Retry-After while the recall
+    goes on (the viewer asks again: viewer_recall.py), and the study once it is back."""
+    with webpeer.running_web_server(tmp_path) as server:
+        server.stop()
+        server.configure(sync={"recall_poll_seconds": 0.2, "recall_timeout_seconds": 30.0},
+                         http={"recall_wait_seconds": 1.0})
+        server.start()
+        study_uid = small_study[0].study_uid
+        dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+        assert "replicated 1 study version" in sync_once(server.home).stdout
+        evict(server.home, study_uid)
+        http = webpeer.session(server, "rad")
+        url = _url(server, small_study[0], "/metadata")
+        waiting = http.get(url, timeout=120)  # no sync agent yet: the recall cannot run
+        assert waiting.status_code == 503, waiting.text
+        assert waiting.headers["Retry-After"] == "2"
+        assert "being recalled" in waiting.text
+        assert waiting.elapsed.total_seconds() < 15
+        agent = SyncAgent(server.home).start()  # picks up the request the read left
+        try:
+            back = http.get(url, timeout=120)
+            assert back.status_code == 200, back.text
+            assert back.json()[0]["00080018"]["Value"] == [small_study[0].sop_instance_uid]
+            assert tier_state(server, study_uid) == "replicated"
+        finally:
+            assert agent.stop() == 0, agent.log()
+
+
 def test_a_wado_read_stamps_the_study_last_access_for_eviction(
         web: EdgeServer, tmp_path: Path) -> None:
     study = dicomgen.make_study(tmp_path / "touch", seed=83, series_per_study=1,

@@ -117,6 +117,8 @@ class HttpConfig:
                                                                  "1 to 1073741824 MB"))
     qido_max_results: int = field(default=5000, metadata=_check(lambda v: 1 <= v <= 1_000_000,
                                                                 "1 to 1000000"))
+    recall_wait_seconds: float = field(
+        default=15.0, metadata=_check(lambda v: 0 < v <= 600, "0 to 600 seconds"))
 
 
 def _networks_ok(values: tuple[str, ...]) -> bool:
@@ -569,6 +571,9 @@ _COMMENTS = {
     " installed (.cache/ohif/), a folder holding a build, or \"\" = no viewer.",
     "http.metadata_cache_mb": "Bound of the series metadata cache (cache/metadata), MB; the"
     " series used least recently are dropped first and rebuilt when asked again.",
+    "http.recall_wait_seconds": "How long a DICOMweb read of an evicted study waits for its"
+    " recall before answering 503 + Retry-After (the recall goes on; the viewer waits and"
+    " reopens the study).",
     "http.qido_max_results": "Matches in one QIDO-RS answer at most, whatever its limit asks;"
     " a Warning: 299 header says more follow (ask again with a larger offset).",
     "metrics": "Prometheus metrics at /metrics, /healthz and /readyz (docs/operations.md).",

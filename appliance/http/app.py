@@ -39,7 +39,7 @@ def build_app(services: WebServices) -> web.Application:
                           client_max_size=1 << 20)
     app[SERVICES] = services
     app[READS] = WebRetrieveService(services.index, services.files, services.retrieve,
-                                    recall_timeout=services.config.sync.recall_timeout_seconds)
+                                    recall_wait=services.config.http.recall_wait_seconds)
     app[METADATA] = SeriesMetadataCache(services.metadata_cache,
                                         max_bytes=services.config.http.metadata_cache_mb << 20)
     dicomweb_qido.add_routes(app)

@@ -16,8 +16,10 @@
 - `.../instances/{i}/bulkdata/{tag}`: a top-level bulk element's value named by a
   metadata BulkDataURI; Pixel Data answers its frames.
 
-A study that is evicted is recalled first (web_retrieve.py), like C-GET; if the
-recall fails or times out the answer is 503 with Retry-After. Unknown and
+A study that is evicted is recalled first (web_retrieve.py), like C-GET, waiting
+up to `[http] recall_wait_seconds`: a recall still running then is 503 with
+Retry-After: 2 (ask again: the recall goes on, and the viewer does ask again,
+viewer_recall.py), a recall that failed is 503 with Retry-After: 60. Unknown and
 out-of-scope studies are both 404. Every answer that hands out patient data is
 audited, and every 404 and 503 too: who, in which role, which study, from where
 (the auditor folds a viewer's hundreds of requests into one record per user,
@@ -58,6 +60,7 @@ from appliance.services.web_retrieve import Located
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
+RECALL_RETRY_SECONDS = "2"  # a recall still running: the next ask waits for it again
 FRAME_READ_BYTES = 16 << 20  # frames held at once while an answer streams (at least one)
 
 
@@ -82,12 +85,17 @@ async def locate(request: web.Request, what: str) -> Located:
         raise await refused(request, what)
     user, address = common.who(request)
     auditor = common.services(request).auditor
+    if found.unavailable and found.recall_pending:
+        await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
+                                study_uids=[study], reason="study is being recalled")
+        raise web.HTTPServiceUnavailable(
+            text="the study is being recalled from the cloud: ask again in a few seconds\n",
+            headers={"Retry-After": RECALL_RETRY_SECONDS})
     if found.unavailable:
         await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                                 study_uids=[study], reason="study could not be recalled")
         raise web.HTTPServiceUnavailable(
-            text="the study is not on local disk and its recall from the cloud failed or"
-                 " did not finish in time\n",
+            text="the study is not on local disk and its recall from the cloud failed\n",
             headers={"Retry-After": RETRY_AFTER_SECONDS})
     await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                             study_uids=[study], instances=len(found.instances))

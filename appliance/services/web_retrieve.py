@@ -10,7 +10,10 @@ exists). Otherwise it lists the matched instances in study/series/instance
 order, split into those on local disk and those that are not. A study that is
 evicted is recalled first, exactly as C-GET does it (RetrieveService
 .await_studies: a request row the sync agent picks up, one recall per study
-however many wait), for up to `[sync] recall_timeout_seconds`.
+however many wait), for up to `[http] recall_wait_seconds`: a browser is not kept
+waiting minutes for an answer (a reverse proxy would time it out first); once the
+wait is over the recall goes on, `recall_pending` says so, and the edge answers
+503 with a short Retry-After that the viewer acts on (appliance/http/viewer_recall.py).
 
 Files are located only through the index: a path never comes from a URL.
 Each located study's last access time is stamped (eviction picks the least
@@ -54,15 +57,16 @@ class Located:
     instances: tuple[StoredInstance, ...]  # on local disk, in index order
     unavailable: tuple[StoredInstance, ...]  # matched but not on disk (recall failed)
     recall_errors: tuple[str, ...] = ()
+    recall_pending: bool = False  # the study's recall is still running: ask again soon
 
 
 class WebRetrieveService:
     def __init__(self, index: Index, files: FileStore, retrieve: RetrieveService, *,
-                 recall_timeout: float) -> None:
+                 recall_wait: float) -> None:
         self.index = index
         self.files = files
         self.retrieve = retrieve
-        self.recall_timeout = recall_timeout
+        self.recall_wait = recall_wait
         self._touched: dict[str, float] = {}  # study UID -> monotonic time of the last stamp
 
     async def locate(self, principal: Principal, *, study_uid: str, series_uid: str = "",
@@ -73,14 +77,15 @@ class WebRetrieveService:
         if not rows or not await self.in_scope(principal, study_uid):
             return None
         errors: tuple[str, ...] = ()
+        pending = False
         if any(row.tier_state in NOT_LOCAL_STATES for row in rows):
             wait = await self.retrieve.await_studies([study_uid], requested_by=REQUESTED_BY,
-                                                     wait=self.recall_timeout)
-            errors = wait.errors
+                                                     wait=self.recall_wait)
+            errors, pending = wait.errors, not wait.done and not wait.errors
             rows = await self._rows(study_uid, series_uid, sop_uid)
         ready, missing = await asyncio.to_thread(self._split, rows)
         await self._touch(study_uid)
-        return Located(tuple(ready), tuple(missing), errors)
+        return Located(tuple(ready), tuple(missing), errors, pending)
 
     async def _touch(self, study_uid: str) -> None:
         now = time.monotonic()
