@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from aiohttp import web
 
 from appliance.http.auth import DICOMWEB_PREFIX, allow_anonymous
+from appliance.http.viewer_recall import RECALL_SCRIPT
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ def app_config_js(box_name: str) -> str:
 
     QIDO matching is the box's C-FIND matching: no fuzzy matching, `*`/`?` wildcards.
     Images come by WADO-RS frames and studies load series by series (lazy), which keeps a
-    500-slice series from fetching all its metadata before the first image.
+    500-slice series from fetching all its metadata before the first image. A study
+    being recalled from the cloud gets a status line and reopens by itself
+    (viewer_recall.py).
     """
     name = json.dumps(box_name)
     source = json.dumps(DATA_SOURCE)
@@ -156,7 +159,7 @@ def app_config_js(box_name: str) -> str:
     ],
   }};
 }})();
-"""
+""" + RECALL_SCRIPT
 
 
 def _page(status: int, title: str, body: str) -> web.Response:

@@ -1,0 +1,103 @@
+"""What the viewer shows while a study it opens is recalled from the cloud.
+
+A DICOMweb read of an evicted study waits up to `[http] recall_wait_seconds` for
+its recall (dicomweb_wado.locate), then answers 503 with Retry-After while the
+recall goes on. OHIF gives up on a series whose metadata request failed: the
+viewport kept its loading bar for ever, said nothing, and did not show the study
+once it was back; only a reload did.
+
+OHIF hands every failed DICOMweb request to `window.config.httpErrorHandler`
+(OHIF 3 app: errorHandler.getHTTPErrorHandler), and the box writes that config
+(viewer.app_config_js), so the fix is this script, appended to app-config.js.
+On the first 503 of a study (or series) it:
+
+- shows a status line over the viewer: the study is being retrieved from the
+  archive and opens by itself, with the time waited so far;
+- asks for the series' (or study's) metadata again, each time after the answer's
+  Retry-After (1 to 60 s); the box holds each ask up to recall_wait_seconds, so
+  the answer comes as the recall lands;
+- reloads the page once the metadata answers 200: the viewer route names the
+  study, so OHIF opens it again, from the metadata cache the last ask filled;
+- stops after GIVE_UP_MS, or at any answer other than 200 or 503, saying so.
+
+Plain DOM and fetch (the page's own origin and session cookie); no PHI shown.
+"""
+
+from __future__ import annotations
+
+GIVE_UP_MINUTES = 30
+
+RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_recall.py). */
+(function () {
+  var root = window.location.origin + '/dicom-web';
+  var giveUpMs = GIVE_UP_MINUTES * 60 * 1000;
+  var target = /^\\/studies\\/([0-9.]+)(?:\\/series\\/([0-9.]+))?/;
+  var waiting = false;
+  function notice(text) {
+    var box = document.getElementById('pacs-edge-recall');
+    if (!box) {
+      box = document.createElement('div');
+      box.id = 'pacs-edge-recall';
+      box.setAttribute('role', 'status');
+      box.style.cssText = 'position:fixed;top:64px;left:50%;transform:translateX(-50%);'
+        + 'z-index:10000;max-width:640px;padding:12px 20px;border-radius:6px;'
+        + 'background:#0b3d91;color:#fff;font:16px sans-serif;text-align:center';
+      document.body.appendChild(box);
+    }
+    box.textContent = text;
+  }
+  function clock(ms) {
+    var s = Math.floor(ms / 1000);
+    return Math.floor(s / 60) + ':' + ('0' + (s % 60)).slice(-2);
+  }
+  function retryAfter(value) {
+    var n = parseInt(value, 10);
+    return Math.min(60, Math.max(1, isNaN(n) ? 5 : n)) * 1000;
+  }
+  window.config.httpErrorHandler = function (error) {
+    var request = error && error.request;
+    var status = error && (error.status || (request && request.status));
+    var url = (request && request.responseURL) || '';
+    var match = url.indexOf(root + '/studies/') === 0 && target.exec(url.slice(root.length));
+    if (status !== 503 || !match || waiting) {
+      return;
+    }
+    waiting = true;
+    var probe = root + '/studies/' + match[1]
+      + (match[2] ? '/series/' + match[2] : '') + '/metadata';
+    var started = Date.now();
+    var text = 'This study is being retrieved from the archive. It opens here by itself'
+      + ' when it is ready (waiting ';
+    var ticker = setInterval(function () {
+      notice(text + clock(Date.now() - started) + ').');
+    }, 1000);
+    notice(text + '0:00).');
+    function stop(message) {
+      clearInterval(ticker);
+      notice(message);
+    }
+    function ask() {
+      if (Date.now() - started > giveUpMs) {
+        stop('The study is still not back from the archive after ' + clock(giveUpMs)
+          + '. Reload the page to keep waiting; if this keeps happening, tell IT.');
+        return;
+      }
+      fetch(probe, {credentials: 'same-origin', headers: {Accept: 'application/dicom+json'}})
+        .then(function (response) {
+          if (response.ok) {
+            stop('The study is back from the archive: opening it.');
+            window.location.reload();
+          } else if (response.status === 503) {
+            setTimeout(ask, retryAfter(response.headers.get('Retry-After')));
+          } else {
+            stop('The study could not be opened (HTTP ' + response.status
+              + '). Reload the page to try again.');
+          }
+        }, function () {
+          setTimeout(ask, 5000);
+        });
+    }
+    setTimeout(ask, retryAfter(request.getResponseHeader('Retry-After')));
+  };
+})();
+""".replace("GIVE_UP_MINUTES", str(GIVE_UP_MINUTES))

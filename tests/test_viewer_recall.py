@@ -1,0 +1,134 @@
+"""A radiologist opens a study that was evicted to the cloud: the viewer says it is being
+retrieved, and shows it by itself once the recall is done, with no reload by the user.
+
+Everything is real (as in test_viewer_browser.py): `pacs-edge serve` with HTTPS, the
+40-slice CT stored with storescu, replicated by `pacs-edge sync --once` to the local-folder
+cloud and evicted with `pacs-edge evict`, Debian's headless chromium. The sync agent is
+started only once the viewer has been waiting: a recall that takes longer than the box's
+`[http] recall_wait_seconds` (3 s here), as a large study or a cool tier does. Before
+viewer_recall.py, OHIF's series metadata request got its 503 and the viewport kept its
+loading bar for ever, saying nothing, also after the recall was done.
+
+Screenshots stay in the test's tmp_path: recall-waiting.png, recall-opened.png.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import chromium
+import dcmtk
+import dicomgen
+import pytest
+import webpeer
+from conftest import EdgeServer
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from syncagent import SyncAgent, evict, sync_once, tier_state
+from test_viewer_browser import (
+    PAGE_DEADLINE,
+    SLICES,
+    USER,
+    NetworkLog,
+    click_button,
+    diagnosed,
+    in_the_list,
+    login,
+    poll,
+    rendered,
+)
+
+NOTICE = "being retrieved from the archive"
+NOTICE_DEADLINE = 90.0  # the box's 3 s wait, OHIF's start-up on a software renderer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def evicted(tmp_path: Path, free_port: Callable[[], int],
+            edge_server_factory: Callable[..., EdgeServer]) -> tuple[EdgeServer, Any]:
+    """A running box holding the CT in the cloud only (evicted), and no sync agent yet."""
+    server = edge_server_factory(webpeer.web_home(tmp_path / "home", free_port()), start=False)
+    server.configure(sync={"recall_poll_seconds": 0.2}, http={"recall_wait_seconds": 3.0})
+    server.start()
+    webpeer.add_user(server, USER, "radiologist")
+    series = dicomgen.make_ct_phantom_series(tmp_path / "ct", SLICES)
+    dcmtk.storescu(server.port, [i.path for i in series], aec=server.ae_title).check()
+    header = series[0].header
+    assert "replicated 1 study version" in sync_once(server.home).stdout
+    evict(server.home, header.StudyInstanceUID)
+    assert tier_state(server, header.StudyInstanceUID) == "evicted"
+    return server, header
+
+
+@pytest.fixture
+def browser(tmp_path: Path, evicted: tuple[EdgeServer, Any]) -> Iterator[webdriver.Chrome]:
+    server, _ = evicted
+    with chromium.chrome(tmp_path / "chromium", server.home / "tls" / "node.pem",
+                         deadline=PAGE_DEADLINE, performance_log=True,
+                         extra_args=("--window-size=1280,900", "--enable-unsafe-swiftshader"),
+                         ) as driver:
+        yield driver
+
+
+def notice(driver: webdriver.Chrome) -> str | None:
+    found = driver.find_elements(By.ID, "pacs-edge-recall")
+    text = found[0].text if found and found[0].is_displayed() else ""
+    return text if NOTICE in text else None
+
+
+def wait_for_the_recall(server: EdgeServer, driver: webdriver.Chrome, tmp_path: Path) -> None:
+    """The viewer says the study is coming, then shows it once the agent has recalled
+    it, without anyone reloading the page."""
+    network = NetworkLog(driver)
+    said = poll("the being-retrieved notice", lambda: notice(driver), NOTICE_DEADLINE)
+    assert "opens here by itself" in said
+    (tmp_path / "recall-waiting.png").write_bytes(driver.get_screenshot_as_png())
+    assert rendered(driver) is None
+    assert any(status == 503 for _, status in network.dicomweb())
+    agent = SyncAgent(server.home).start()
+    try:
+        started = time.monotonic()
+        poll("the recalled study's image", lambda: rendered(driver))
+        (tmp_path / "recall-opened.png").write_bytes(driver.get_screenshot_as_png())
+        print(f"first image {time.monotonic() - started:.1f} s after the agent started")
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert not driver.find_elements(By.ID, "pacs-edge-recall")  # gone with the reload
+
+
+def test_evicted_study_opened_from_the_study_list_shows_once_recalled(
+        evicted: tuple[EdgeServer, Any], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    server, header = evicted
+
+    def steps() -> None:
+        login(browser, webpeer.base_url(server))
+        poll("the study in the study list", lambda: in_the_list(browser, header))
+        click_button(browser, "Confirm and hide")
+        browser.execute_script(  # no tour pop-ups over the image (test_viewer_browser)
+            "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+        family, given = str(header.PatientName).split("^")
+        browser.find_element(By.XPATH, f"//tr[.//*[text()='{family}, {given}']]").click()
+        poll("the Basic Viewer button", lambda: click_button(browser, "Basic Viewer"))
+        wait_for_the_recall(server, browser, tmp_path)
+
+    diagnosed(browser, tmp_path, steps)
+
+
+def test_launch_link_to_an_evicted_study_shows_it_once_recalled(
+        evicted: tuple[EdgeServer, Any], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    server, header = evicted
+    url = server.cli("link", header.StudyInstanceUID, "--user", USER, "--base-url",
+                     webpeer.base_url(server)).stdout.strip()
+
+    def steps() -> None:
+        browser.get(url)  # as the EHR opens it: no session yet
+        poll("the viewer on the linked study", lambda: "/viewer?StudyInstanceUIDs="
+             f"{header.StudyInstanceUID}" in browser.current_url)
+        click_button(browser, "Confirm and hide")
+        wait_for_the_recall(server, browser, tmp_path)
+
+    diagnosed(browser, tmp_path, steps)
