@@ -404,6 +404,40 @@ def test_a_recall_slower_than_the_web_wait_is_503_ask_again_soon_then_the_study(
             assert agent.stop() == 0, agent.log()
 
 
+def test_cached_series_metadata_of_an_evicted_study_is_answered_at_once_and_asks_the_recall(
+        tmp_path: Path, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    """A series read before its study was evicted has its headers in the metadata cache:
+    they are answered without waiting for the recall (the viewer lays the study out
+    while the pixels come back), and the read asks for the recall, so frames follow."""
+    with webpeer.running_web_server(tmp_path) as server:
+        server.stop()
+        server.configure(sync={"recall_poll_seconds": 0.2}, http={"recall_wait_seconds": 30.0})
+        server.start()
+        one = small_study[0]
+        dcmtk.storescu(server.port, [i.path for i in small_study]).check()
+        http = webpeer.session(server, "rad")
+        series = (f"{webpeer.base_url(server)}/dicom-web/studies/{one.study_uid}/series/"
+                  f"{one.header.SeriesInstanceUID}/metadata")
+        before = http.get(series)
+        assert before.status_code == 200
+        assert "replicated 1 study version" in sync_once(server.home).stdout
+        evict(server.home, one.study_uid)
+        cached = http.get(series, timeout=120)  # no sync agent: the recall cannot run
+        assert cached.status_code == 200, cached.text
+        assert cached.elapsed.total_seconds() < 10  # not the 30 s recall wait
+        assert cached.json() == before.json()
+        assert index_rows(server.home, "SELECT state FROM recall_requests") == [("pending",)]
+        assert tier_state(server, one.study_uid) == "evicted"
+        agent = SyncAgent(server.home).start()
+        try:
+            frame = http.get(_url(server, one, "/frames/1"), headers={"Accept": OCTETS},
+                             timeout=120)
+            assert frame.status_code == 200, frame.text
+            assert tier_state(server, one.study_uid) == "replicated"
+        finally:
+            assert agent.stop() == 0, agent.log()
+
+
 def test_a_wado_read_stamps_the_study_last_access_for_eviction(
         web: EdgeServer, tmp_path: Path) -> None:
     study = dicomgen.make_study(tmp_path / "touch", seed=83, series_per_study=1,

@@ -74,15 +74,22 @@ def add_routes(app: web.Application) -> None:
     common.add_get(app, f"{instance}/bulkdata/{{tag}}", bulkdata)
 
 
-async def locate(request: web.Request, what: str) -> Located:
-    """The request's instances, all on local disk; 404 / 503 otherwise. Audited."""
+async def locate(request: web.Request, what: str, *, wait: float | None = None,
+                 pending_ok: bool = False) -> Located:
+    """The request's instances, all on local disk; 404 / 503 otherwise. Audited.
+    `wait`: seconds to wait for an evicted study's recall (default: recall_wait_seconds).
+    `pending_ok`: a recall still running is answered to the caller, not audited,
+    which then answers (and audits) or calls again (dicomweb_metadata: from cache)."""
     study = common.uid(request, "study")
     series = common.uid(request, "series") if "series" in request.match_info else ""
     instance = common.uid(request, "instance") if "instance" in request.match_info else ""
     found = await common.reads(request).locate(common.principal(request), study_uid=study,
-                                               series_uid=series, sop_uid=instance)
+                                               series_uid=series, sop_uid=instance,
+                                               wait=wait)
     if found is None:
         raise await refused(request, what)
+    if pending_ok and found.unavailable and found.recall_pending:
+        return found
     user, address = common.who(request)
     auditor = common.services(request).auditor
     if found.unavailable and found.recall_pending:

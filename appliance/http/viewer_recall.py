@@ -7,17 +7,21 @@ viewport kept its loading bar for ever, said nothing, and did not show the study
 once it was back; only a reload did.
 
 OHIF hands every failed DICOMweb request to `window.config.httpErrorHandler`
-(OHIF 3 app: errorHandler.getHTTPErrorHandler), and the box writes that config
+(OHIF 3 app: errorHandler.getHTTPErrorHandler; a frame's failure comes from
+cornerstone's IMAGE_LOAD_FAILED event as an Error whose message alone names the
+URL and status), and the box writes that config
 (viewer.app_config_js), so the fix is this script, appended to app-config.js.
 On the first 503 of a study (or series) it:
 
 - shows a status line over the viewer: the study is being retrieved from the
   archive and opens by itself, with the time waited so far;
-- asks for the series' (or study's) metadata again, each time after the answer's
-  Retry-After (1 to 60 s); the box holds each ask up to recall_wait_seconds, so
-  the answer comes as the recall lands;
-- reloads the page once the metadata answers 200: the viewer route names the
-  study, so OHIF opens it again, from the metadata cache the last ask filled;
+- asks again, each time after the answer's Retry-After (1 to 60 s): for the
+  series' (or study's) metadata, or for a frame the same frame (a study whose
+  metadata was cached answers its metadata at once, during the recall: only its
+  frames say when the recall is done); the box holds each ask up to
+  recall_wait_seconds, so the answer comes as the recall lands;
+- reloads the page once that answers 200: the viewer route names the study, so
+  OHIF opens it again, from the metadata cache;
 - stops after GIVE_UP_MS, or at any answer other than 200 or 503, saying so.
 
 Plain DOM and fetch (the page's own origin and session cookie); no PHI shown.
@@ -58,13 +62,25 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     var request = error && error.request;
     var status = error && (error.status || (request && request.status));
     var url = (request && request.responseURL) || '';
+    // cornerstone's streaming frame loader reports only its message (IMAGE_LOAD_FAILED)
+    var said = !url && error && /Couldn't retrieve (\\S+) got status (\\d+)/.exec(
+      String(error.message));
+    if (said) {
+      url = said[1];
+      status = parseInt(said[2], 10);
+    }
     var match = url.indexOf(root + '/studies/') === 0 && target.exec(url.slice(root.length));
     if (status !== 503 || !match || waiting) {
       return;
     }
     waiting = true;
-    var probe = root + '/studies/' + match[1]
+    // A frame asks for itself again: a study's cached metadata answers 200 while its
+    // recall still runs (dicomweb_metadata), its frames only once the recall is done.
+    var frames = url.indexOf('/frames/') > 0 || url.indexOf('/bulkdata/') > 0;
+    var probe = frames ? url : root + '/studies/' + match[1]
       + (match[2] ? '/series/' + match[2] : '') + '/metadata';
+    var accept = frames ? 'multipart/related; type="application/octet-stream";'
+      + ' transfer-syntax=*' : 'application/dicom+json';
     var started = Date.now();
     var text = 'This study is being retrieved from the archive. It opens here by itself'
       + ' when it is ready (waiting ';
@@ -82,7 +98,7 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
           + '. Reload the page to keep waiting; if this keeps happening, tell IT.');
         return;
       }
-      fetch(probe, {credentials: 'same-origin', headers: {Accept: 'application/dicom+json'}})
+      fetch(probe, {credentials: 'same-origin', headers: {Accept: accept}})
         .then(function (response) {
           if (response.ok) {
             stop('The study is back from the archive: opening it.');
@@ -97,7 +113,7 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
           setTimeout(ask, 5000);
         });
     }
-    setTimeout(ask, retryAfter(request.getResponseHeader('Retry-After')));
+    setTimeout(ask, retryAfter(request ? request.getResponseHeader('Retry-After') : ''));
   };
 })();
 """.replace("GIVE_UP_MINUTES", str(GIVE_UP_MINUTES))

@@ -15,9 +15,12 @@ URL base the BulkDataURIs were written with and of FORMAT: when the series
 gains (or changes) an instance, is reached under another host name, or the
 JSON this code writes changes (FORMAT is bumped), the name changes,
 the old file is removed and a new one built. No invalidation hook in ingest is
-needed, and a stale answer cannot be served. Files are written to a temp file
-and renamed (a reader never sees half a file); a crash leaves at worst a temp
-file, removed by a later build of that series once it is an hour old.
+needed, and a stale answer cannot be served. Since the name needs only the
+index's UIDs and hashes, `cached_file` finds a series' file without its
+instances on disk: an evicted study's metadata is answered during its recall.
+Files are written to a temp file and renamed (a reader never sees half a
+file); a crash leaves at worst a temp file, removed by a later build of that
+series once it is an hour old.
 
 The cache is bounded (`[http] metadata_cache_mb`): after each build the files
 used least recently (a hit refreshes its file's mtime) go until the rest fit,
@@ -148,15 +151,10 @@ class SeriesMetadataCache:
         `instances` are (SOP Instance UID, content SHA-256, path, transfer syntax),
         all on local disk."""
         members = sorted(instances)
-        key = hashlib.sha256(series_uid.encode()).hexdigest()[:32]
-        digest = hashlib.sha256(f"{FORMAT}\n{base}".encode())
-        for sop_uid, sha256, _, _ in members:
-            digest.update(f"\n{sop_uid}:{sha256}".encode())
-        folder = self.root / key[:2]
-        target = folder / f"{key}-{digest.hexdigest()[:32]}.json.gz"
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(target)  # used now: the last to go when the cache is trimmed
+        target = self._name(series_uid, [(sop, sha) for sop, sha, _, _ in members], base)
+        if self._used(target):
             return target
+        key, folder = target.name.split("-")[0], target.parent
         folder.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=folder, prefix=f"{_TEMP_PREFIX}{key}-")
         try:
@@ -186,6 +184,30 @@ class SeriesMetadataCache:
                     left.unlink()
         self.trim()
         return target
+
+    def cached_file(self, series_uid: str, instances: Iterable[tuple[str, str]],
+                    base: str) -> Path | None:
+        """The series' file if it is cached, never built: `instances` are (SOP Instance
+        UID, content SHA-256) from the index, so this answers for a series whose files
+        are not on local disk (an evicted study, its recall running)."""
+        target = self._name(series_uid, sorted(instances), base)
+        return target if self._used(target) else None
+
+    def _name(self, series_uid: str, members: list[tuple[str, str]], base: str) -> Path:
+        key = hashlib.sha256(series_uid.encode()).hexdigest()[:32]
+        digest = hashlib.sha256(f"{FORMAT}\n{base}".encode())
+        for sop_uid, sha256 in members:
+            digest.update(f"\n{sop_uid}:{sha256}".encode())
+        return self.root / key[:2] / f"{key}-{digest.hexdigest()[:32]}.json.gz"
+
+    @staticmethod
+    def _used(target: Path) -> bool:
+        """Whether `target` exists, marking it used now (the last to go in a trim)."""
+        try:
+            os.utime(target)
+        except FileNotFoundError:
+            return False
+        return True
 
     def trim(self) -> int:
         """Remove the least recently used series files until the cache fits `max_bytes`,

@@ -70,18 +70,20 @@ class WebRetrieveService:
         self._touched: dict[str, float] = {}  # study UID -> monotonic time of the last stamp
 
     async def locate(self, principal: Principal, *, study_uid: str, series_uid: str = "",
-                     sop_uid: str = "") -> Located | None:
+                     sop_uid: str = "", wait: float | None = None) -> Located | None:
         """The instances of a study, series or instance the principal may read; UIDs
-        must be valid (the edge checks them)."""
+        must be valid (the edge checks them). An evicted study's recall is waited for
+        up to `wait` seconds (default: recall_wait; 0: asked for, not waited for)."""
         rows = await self._rows(study_uid, series_uid, sop_uid)
         if not rows or not await self.in_scope(principal, study_uid):
             return None
         errors: tuple[str, ...] = ()
         pending = False
         if any(row.tier_state in NOT_LOCAL_STATES for row in rows):
-            wait = await self.retrieve.await_studies([study_uid], requested_by=REQUESTED_BY,
-                                                     wait=self.recall_wait)
-            errors, pending = wait.errors, not wait.done and not wait.errors
+            recall = await self.retrieve.await_studies(
+                [study_uid], requested_by=REQUESTED_BY,
+                wait=self.recall_wait if wait is None else wait)
+            errors, pending = recall.errors, not recall.done and not recall.errors
             rows = await self._rows(study_uid, series_uid, sop_uid)
         ready, missing = await asyncio.to_thread(self._split, rows)
         await self._touch(study_uid)
