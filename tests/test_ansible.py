@@ -507,6 +507,10 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     stale_secret = fleet.prefix("edge-b") / "etc/pacs-edge/cloud-credentials"
     stale_secret.write_text("DefaultEndpointsProtocol=https;AccountKey=OLD\n")
     stale_secret.chmod(0o600)
+    # A secrets folder left open (a restore, a home made by hand) is made 0700 again.
+    secrets = fleet.home("edge-b") / "secrets"
+    os.chown(secrets, 0, 0)
+    secrets.chmod(0o755)
     wheel_vars = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]
     fleet.write_inventory(Path(wheel_vars["pacs_edge_wheel"]),
                           Path(wheel_vars["pacs_edge_wheelhouse"]))
@@ -516,6 +520,8 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     config = fleet.prefix("edge-b") / "etc/pacs-edge/pacs-edge.toml"
     assert 'ae_title = "EDGE_B_RENAMED"' in config.read_text()
     assert not stale_secret.exists()
+    info = secrets.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o700, pwd.getpwnam(USER).pw_uid)
 
 
 def _version_of(wheel: Path) -> str:
