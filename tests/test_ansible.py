@@ -480,24 +480,32 @@ def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) ->
         assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in before} == before
 
 
-def test_a_config_whose_files_are_refused_is_put_back_before_the_restart(
+def test_a_config_whose_files_are_refused_is_put_back_and_restarts_nothing(
     fleet: Fleet,
 ) -> None:
     """A value the template's validate: step cannot judge (a credentials file missing on
     the box) passes it; the whole `config check` as the service user refuses it. The play
-    stops and the previous config is back in place, so the restart forced at the end
-    starts the services on a config they run with; no backup is left behind."""
+    stops for that host with the refusal's message, the previous config is back in place
+    (no backup left behind), and the restarts the new config notified are skipped for
+    that reason (-v shows the condition a skipped handler stopped at): the services keep
+    running the config they have."""
     host = "edge-a"
     config_dir = fleet.prefix(host) / "etc/pacs-edge"
     before = (config_dir / "pacs-edge.toml").read_bytes()
-    proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e", json.dumps({
+    proc = _play(fleet.inventory, fleet.base, "-v", "--limit", host, "-e", json.dumps({
         "pacs_edge_cloud_url": "azure://packs",
         "pacs_edge_cloud_credentials_file": "/nonexistent/cloud-credentials"}))
-    assert proc.returncode != 0, proc.stdout[-8000:]
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode != 0 and recap[host][1] == 1, proc.stdout[-8000:]
     assert (config_dir / "pacs-edge.toml").read_bytes() == before
-    assert "config check refused the configuration of edge-a; the previous one is back" \
-        in proc.stdout and "cannot read the credentials file" in proc.stdout, proc.stdout[-8000:]
+    assert "config check refused the configuration of edge-a; the previous one is back in " \
+        "place, and no service was restarted: " in proc.stdout, proc.stdout[-8000:]
+    assert "cannot read the credentials file" in proc.stdout, proc.stdout[-8000:]
     assert sorted(p.name for p in config_dir.iterdir()) == ["pacs-edge.toml"]
+    for handler in ("Restart pacs-edge", "Restart pacs-edge-sync"):
+        ran = re.search(rf"RUNNING HANDLER \[pacs_edge : {handler}\] \**\n(.*)\n", proc.stdout)
+        assert ran and ran[1].startswith(f"skipping: [{host}]") and \
+            '"false_condition": "not pacs_edge__config_refused' in ran[1], proc.stdout[-8000:]
 
 
 def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None:
