@@ -413,21 +413,26 @@ def test_second_converge_changes_nothing(fleet: Fleet) -> None:
     assert recap == {host: (0, 0) for host in HOSTS}
 
 
-def test_check_diff_on_a_converged_box_shows_only_the_pending_change(fleet: Fleet) -> None:
-    """--check --diff with one peer more: the allowlist's diff, changed=1, no restart (the
-    allowlist is read live) and nothing written; the venv is not shown as changed."""
+def test_check_diff_on_a_converged_box_shows_only_the_pending_changes(fleet: Fleet) -> None:
+    """--check --diff with one peer more and a node certificate due for renewal (its 365
+    days within pacs_edge_cert_renew_days 400): the allowlist's diff and the renewal,
+    changed=2, the restart of serve alone (for the certificate: the allowlist is read
+    live), and nothing written or renewed; the venv is not shown as changed."""
     host = "edge-a"
-    peers = fleet.home(host) / "peers.toml"
-    before = peers.read_bytes()
+    peers, cert = fleet.home(host) / "peers.toml", fleet.home(host) / "tls/node.pem"
+    before = {path: path.read_bytes() for path in (peers, cert)}
     listed = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]["pacs_edge_peers"]
     added = [*listed, {"name": "ws9", "ae_title": "WS9", "host": "127.0.0.9", "port": 104}]
     proc = _play(fleet.inventory, fleet.base, "--check", "--diff", "--limit", host,
-                 "-e", json.dumps({"pacs_edge_peers": added}))
+                 "-e", json.dumps({"pacs_edge_peers": added, "pacs_edge_cert_renew_days": 400}))
     recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
-    assert proc.returncode == 0 and recap == {host: (1, 0)}, proc.stdout[-8000:]
+    assert proc.returncode == 0 and recap == {host: (2, 0)}, proc.stdout[-8000:]
     assert re.search(r"^\+\[peers\.ws9\]$", proc.stdout, re.MULTILINE), proc.stdout[-8000:]
-    assert "RUNNING HANDLER" not in proc.stdout, proc.stdout[-8000:]
-    assert peers.read_bytes() == before
+    assert re.search(r"TASK \[pacs_edge : Renew the node certificate[^\]]*\] \**\nchanged: ",
+                     proc.stdout), proc.stdout[-8000:]
+    handlers = re.findall(r"^RUNNING HANDLER \[pacs_edge : ([^\]]+)\]", proc.stdout, re.MULTILINE)
+    assert handlers == ["Restart pacs-edge"], proc.stdout[-8000:]
+    assert {path: path.read_bytes() for path in before} == before
 
 
 def test_a_name_added_to_the_inventory_renews_the_node_certificate(fleet: Fleet) -> None:
