@@ -18,8 +18,10 @@ host). Each serve runs in the file-system view of its deployed unit
 
 The web: each host gets its own HTTPS port and the OHIF viewer build that
 scripts/install-ohif.sh installed here (the controller), packed and copied by
-the role into a versioned folder that `[http] viewer_root` names; serve answers
-/login over TLS on that port and serves the viewer's files from that folder.
+the role into a versioned folder and switched to through the link `viewer/current`
+that `[http] viewer_root` names; serve answers /login over TLS on that port and
+serves the viewer's files from that folder. Another build goes live through the
+link's swap, polled during the run: never a moment without the viewer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.error
@@ -239,7 +242,8 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "max_request_mb": variables.get(
                 "pacs_edge_http_max_request_mb", 2048),
             "idle_timeout": 75.0, "head_timeout": 10.0,
-            "viewer_root": str(_delivered_viewer(fleet, host)), "metadata_cache_mb": 1024,
+            "viewer_root": str(_delivered_viewer(fleet, host).parent / "current"),
+            "metadata_cache_mb": 1024,
             "qido_max_results": 5000}
         assert web["auth"] == {
             "min_password_length": 12,
@@ -269,10 +273,13 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert check.returncode == 0, check.stderr
 
 
-def _delivered_viewer(fleet: Fleet, host: str) -> Path:
-    """The one versioned viewer folder on the host (nothing else is left beside it)."""
-    folders = list(fleet.viewers(host).iterdir())
-    assert len(folders) == 1 and folders[0].name.startswith(VIEWER_BUILD.name + "-"), folders
+def _delivered_viewer(fleet: Fleet, host: str, build: Path = VIEWER_BUILD) -> Path:
+    """The one versioned viewer folder on the host, which the link `current` (what
+    `[http] viewer_root` names) points to; nothing else is left beside them."""
+    link = fleet.viewers(host) / "current"
+    folders = [p for p in fleet.viewers(host).iterdir() if p != link]
+    assert len(folders) == 1 and folders[0].name.startswith(build.name + "-"), folders
+    assert os.readlink(link) == folders[0].name  # relative: the folder beside it
     return folders[0]
 
 
@@ -357,30 +364,11 @@ def test_each_host_serves_from_its_deployed_unit_with_only_the_secrets_it_reads(
             subprocess.run([str(venv / "bin/pacs-edge"), "certs", "issue", "testscu", "--out",
                             str(certs / "testscu"), "--home", str(home)], check=True,
                            capture_output=True, user=USER, group=USER, extra_groups=[], cwd="/")
-        log_path, report = fleet.base / f"{host}-serve.log", fleet.base / f"{host}-report"
-        probes = sorted((home / "secrets").iterdir())
-        with open(log_path, "wb") as log:
-            proc = unitsandbox.start(
-                fleet.prefix(host) / "etc/systemd/system/pacs-edge.service",
-                [str(venv / "bin/pacs-edge"), "serve", "--home", str(home)], user=USER,
-                group=USER, probes=probes, report=report, stage=fleet.base / f"{host}-stage",
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd="/")
-        try:
-            deadline = time.monotonic() + 60
-            while "ready to accept associations" not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
+        with _serving(fleet, host) as (log_path, report):
             hl7_ready = (f"hl7 listener ready host=127.0.0.1 port={variables['pacs_edge_hl7_port']}"
                          f" tls={host == TLS_ONLY_HOST}")
             assert hl7_ready in log_path.read_text(errors="replace")
             http_port = int(str(variables["pacs_edge_http_port"]))
-            https_ready = f"https server ready host=127.0.0.1 port={http_port}"
-            while https_ready not in log_path.read_text(errors="replace"):
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.1)
             status, body = _https_get(http_port, "/login", home / "tls/ca.pem")
             assert status == 200 and b"<form" in body, (status, body[:500])
             # The viewer's manifest (served without a login) comes from the delivered build.
@@ -402,10 +390,37 @@ def test_each_host_serves_from_its_deployed_unit_with_only_the_secrets_it_reads(
             else:
                 dcmtk.echoscu(port, aec=aec).check()
                 assert not dcmtk.echoscu(port, aet="WS1", aec=aec).ok  # TLS-only peer
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            assert proc.wait(30) == 0, log_path.read_text()
+
+
+@contextlib.contextmanager
+def _serving(fleet: Fleet, host: str) -> Iterator[tuple[Path, Path]]:
+    """The host's serve from its deployed venv, as the service user, in its deployed
+    unit's view, ready for DICOM and HTTPS; yields its log and the unit view's probe
+    report (of every file in secrets/); stopped with SIGTERM, which it must exit 0 on."""
+    home, venv = fleet.home(host), fleet.venv(host)
+    log_path, report = fleet.base / f"{host}-serve.log", fleet.base / f"{host}-report"
+    probes = sorted((home / "secrets").iterdir())
+    with open(log_path, "wb") as log:
+        proc = unitsandbox.start(
+            fleet.prefix(host) / "etc/systemd/system/pacs-edge.service",
+            [str(venv / "bin/pacs-edge"), "serve", "--home", str(home)], user=USER,
+            group=USER, probes=probes, report=report, stage=fleet.base / f"{host}-stage",
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd="/")
+    try:
+        deadline = time.monotonic() + 60
+        https_ready = ("https server ready host=127.0.0.1 "
+                       f"port={fleet.hosts[host]['pacs_edge_http_port']}")
+        for ready in ("ready to accept associations", https_ready):
+            while ready not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        yield log_path, report
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
 
 
 def test_second_converge_changes_nothing(fleet: Fleet) -> None:
@@ -535,6 +550,67 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     assert not stale_secret.exists()
     info = secrets.stat()
     assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o700, pwd.getpwnam(USER).pw_uid)
+
+
+def test_a_new_viewer_build_goes_live_with_no_moment_without_one(fleet: Fleet) -> None:
+    """A run that delivers another viewer build switches a running serve to it whole: polled
+    all through the run, /manifest.json (served without a login, and only with an
+    index.html under the viewer root) answers the old build's bytes, then the new build's,
+    and nothing else in between, with no restart; the old build is gone after the run.
+    The new build is the old one's index.html, a manifest of its own and a stamp that
+    install-ohif.sh would have written for another build (another build id)."""
+    host = "edge-a"
+    build = fleet.base / "viewer-next" / VIEWER_BUILD.name
+    build.mkdir(parents=True)
+    shutil.copy(VIEWER_BUILD / "index.html", build / "index.html")
+    manifest = json.loads((VIEWER_BUILD / "manifest.json").read_bytes())
+    (build / "manifest.json").write_text(json.dumps({**manifest, "name": "next build"}))
+    (build / ".pacs-edge-installed").write_text(
+        (VIEWER_BUILD / ".pacs-edge-installed").read_text() + "next build\n")
+    config = fleet.prefix(host) / "etc/pacs-edge/pacs-edge.toml"
+
+    def live() -> Path:  # the folder serve's viewer_root resolves to
+        return Path(tomllib.loads(config.read_text())["http"]["viewer_root"]).resolve()
+
+    old_build = live()
+    bodies = {(old_build / "manifest.json").read_bytes(): "old",
+              (build / "manifest.json").read_bytes(): "new"}
+    port = int(str(fleet.hosts[host]["pacs_edge_http_port"]))
+    ca = fleet.home(host) / "tls/ca.pem"
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.1):
+            try:
+                status, body = _https_get(port, "/manifest.json", ca)
+            except OSError as error:
+                answers.append(f"no answer: {error}")
+                continue
+            answers.append(bodies.get(body, f"{status} {body[:200]!r}") if status == 200
+                           else f"{status} {body[:200]!r}")
+
+    with _serving(fleet, host):
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            proc = _play(fleet.inventory, fleet.base, "--limit", host, "-e",
+                         json.dumps({"pacs_edge_viewer_build": str(build)}))
+            deadline = time.monotonic() + 30
+            while answers[-1:] != ["new"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            poller.join(30)
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode == 0 and recap[host][0] > 0 and recap[host][1] == 0, \
+        proc.stdout[-8000:]
+    switched = answers.index("new") if "new" in answers else len(answers)
+    assert switched > 0 and set(answers[:switched]) == {"old"} \
+        and set(answers[switched:]) == {"new"}, sorted(set(answers))
+    assert "RUNNING HANDLER" not in proc.stdout, proc.stdout[-8000:]
+    assert live() == _delivered_viewer(fleet, host, build) != old_build
+    assert not old_build.exists()
 
 
 def _version_of(wheel: Path) -> str:
