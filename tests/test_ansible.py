@@ -475,6 +475,34 @@ def test_a_name_added_to_the_inventory_renews_the_node_certificate(fleet: Fleet)
     assert recap == {host: (0, 0)}, proc.stdout[-8000:]
 
 
+def test_the_rotate_site_key_tag_rotates_the_key_and_runs_nothing_else(fleet: Fleet) -> None:
+    """`--tags rotate_site_key` runs `pacs-edge keys rotate` as the service user and no
+    other task of the role (no install, no config, no handler): a new site key, the old
+    one retired, its output in the play (with the escrow reminder). Without the tag no
+    run rotates (the second converge changed nothing). The sync agent's stop and start
+    around it need systemd as PID 1, which the test hosts lack."""
+    host = "edge-b"
+    secrets = fleet.home(host) / "secrets"
+    before = (secrets / "site.key").read_bytes()
+    proc = _play(fleet.inventory, fleet.base, "--limit", host, "--tags", "rotate_site_key")
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode == 0 and recap == {host: (1, 0)}, proc.stdout[-8000:]
+    tasks = re.findall(r"^TASK \[pacs_edge : ([^\]]+)\]", proc.stdout, re.MULTILINE)
+    assert tasks[0].startswith("Validating arguments against arg spec 'main'"), tasks
+    assert tasks[1:] == ["Find out whether systemd runs as PID 1",
+                         "Decide whether to manage the services",
+                         "Stop the sync agent for the rotation",
+                         "Rotate the site key and re-wrap every pack's data key under it",
+                         "Show what the rotation did and that the new key needs an escrow",
+                         "Start the sync agent again"], tasks
+    assert "RUNNING HANDLER" not in proc.stdout
+    assert "escrow the new site key now" in proc.stdout, proc.stdout[-8000:]
+    info = (secrets / "site.key").stat()
+    assert (secrets / "site.key").read_bytes() != before
+    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, pwd.getpwnam(USER).pw_uid)
+    assert sorted(p.name for p in secrets.glob("site.key*")) == ["site.key"]
+
+
 def test_a_bad_config_or_allowlist_never_replaces_the_live_file(fleet: Fleet) -> None:
     """Past the preflight (--start-at-task skips it, as a variable it does not know would),
     pacs-edge itself checks each new file before it replaces the live one: two listeners
