@@ -244,7 +244,7 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "idle_timeout": 75.0, "head_timeout": 10.0,
             "viewer_root": str(_delivered_viewer(fleet, host).parent / "current"),
             "metadata_cache_mb": 1024,
-            "qido_max_results": 5000}
+            "qido_max_results": 5000, "recall_wait_seconds": 15.0}
         assert web["auth"] == {
             "min_password_length": 12,
             "max_failed_logins": variables.get("pacs_edge_auth_max_failed_logins", 5),
