@@ -155,6 +155,18 @@ def diagnosis(driver: webdriver.Chrome, folder: Path) -> str:
             f"screenshot: {folder / 'failure.png'}")
 
 
+def open_launch_link(driver: webdriver.Chrome, server: EdgeServer, study_uid: str,
+                     user: str) -> None:
+    """Open a launch link to `study_uid` for `user` as an EHR does (no session yet), up
+    to the viewer on that study with its disclaimer confirmed."""
+    url = server.cli("link", study_uid, "--user", user, "--base-url",
+                     webpeer.base_url(server)).stdout.strip()
+    driver.get(url)
+    poll("the viewer on the linked study",
+         lambda: f"/viewer?StudyInstanceUIDs={study_uid}" in driver.current_url)
+    click_button(driver, "Confirm and hide")
+
+
 def login(driver: webdriver.Chrome, base: str, user: str = USER) -> None:
     driver.get(base + "/")
     poll("the login page", lambda: "/login" in driver.current_url
@@ -221,14 +233,9 @@ def test_launch_link_opens_the_study_in_the_viewer_without_a_login(
         box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
     server, instances = box
     header = instances[0].header
-    url = server.cli("link", header.StudyInstanceUID, "--user", REFERRING, "--base-url",
-                     webpeer.base_url(server)).stdout.strip()
 
     def steps() -> None:
-        browser.get(url)  # as the EHR opens it: no session yet
-        poll("the viewer on the linked study", lambda: "/viewer?StudyInstanceUIDs="
-             f"{header.StudyInstanceUID}" in browser.current_url)
-        click_button(browser, "Confirm and hide")
+        open_launch_link(browser, server, header.StudyInstanceUID, REFERRING)
         assert poll("the linked image", lambda: rendered(browser)).std() > 20
         (tmp_path / "launched.png").write_bytes(browser.get_screenshot_as_png())
         failed = [(w, s) for w, s in NetworkLog(browser).dicomweb() if s >= 400]

@@ -39,6 +39,7 @@ from test_viewer_browser import (
     diagnosed,
     in_the_list,
     login,
+    open_launch_link,
     poll,
     rendered,
     text_of,
@@ -134,14 +135,9 @@ def test_evicted_study_opened_from_the_study_list_shows_once_recalled(
 def test_launch_link_to_an_evicted_study_shows_it_once_recalled(
         evicted: tuple[EdgeServer, Any], browser: webdriver.Chrome, tmp_path: Path) -> None:
     server, header = evicted
-    url = server.cli("link", header.StudyInstanceUID, "--user", USER, "--base-url",
-                     webpeer.base_url(server)).stdout.strip()
 
     def steps() -> None:
-        browser.get(url)  # as the EHR opens it: no session yet
-        poll("the viewer on the linked study", lambda: "/viewer?StudyInstanceUIDs="
-             f"{header.StudyInstanceUID}" in browser.current_url)
-        click_button(browser, "Confirm and hide")
+        open_launch_link(browser, server, header.StudyInstanceUID, USER)
         wait_for_the_recall(server, browser, tmp_path)
 
     diagnosed(browser, tmp_path, steps)
