@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -62,13 +63,17 @@ def box(tmp_path: Path, free_port: Callable[[], int],
     return server, series + other
 
 
+def viewer_chrome(tmp_path: Path, server: EdgeServer) -> AbstractContextManager[webdriver.Chrome]:
+    """Headless chromium sized for the viewer, trusting `server`'s certificate, with its
+    network log on (NetworkLog) and WebGL in software."""
+    return chromium.chrome(tmp_path / "chromium", server.home / "tls" / "node.pem",
+                           deadline=PAGE_DEADLINE, performance_log=True,
+                           extra_args=("--window-size=1280,900", "--enable-unsafe-swiftshader"))
+
+
 @pytest.fixture
 def browser(tmp_path: Path, box: tuple[EdgeServer, list[Any]]) -> Iterator[webdriver.Chrome]:
-    server, _ = box
-    with chromium.chrome(tmp_path / "chromium", server.home / "tls" / "node.pem",
-                         deadline=PAGE_DEADLINE, performance_log=True,
-                         extra_args=("--window-size=1280,900", "--enable-unsafe-swiftshader"),
-                         ) as driver:
+    with viewer_chrome(tmp_path, box[0]) as driver:
         yield driver
 
 

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import chromium
 import dcmtk
 import dicomgen
 import pytest
@@ -31,7 +30,6 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from syncagent import SyncAgent, evict, sync_once, tier_state
 from test_viewer_browser import (
-    PAGE_DEADLINE,
     SLICES,
     USER,
     NetworkLog,
@@ -43,6 +41,7 @@ from test_viewer_browser import (
     poll,
     rendered,
     text_of,
+    viewer_chrome,
 )
 
 NOTICE = "being retrieved from the archive"
@@ -76,11 +75,7 @@ def evicted(stored: tuple[EdgeServer, Any]) -> tuple[EdgeServer, Any]:
 
 @pytest.fixture
 def browser(tmp_path: Path, stored: tuple[EdgeServer, Any]) -> Iterator[webdriver.Chrome]:
-    server, _ = stored
-    with chromium.chrome(tmp_path / "chromium", server.home / "tls" / "node.pem",
-                         deadline=PAGE_DEADLINE, performance_log=True,
-                         extra_args=("--window-size=1280,900", "--enable-unsafe-swiftshader"),
-                         ) as driver:
+    with viewer_chrome(tmp_path, stored[0]) as driver:
         yield driver
 
 
