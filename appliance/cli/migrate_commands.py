@@ -292,7 +292,10 @@ def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
 def _drive(config: Config, run_id: int, driver: Holder) -> None:
     """Run the migration in this process (`driver`, which claimed the run) until done,
     paused or cancelled; the claim is released however it ends, but a kill."""
-    from appliance.cli.migrate_setup import legacy_source  # pynetdicom: only this command
+    from appliance.cli.migrate_setup import (  # pynetdicom: only this command
+        legacy_source,
+        move_destination_probe,
+    )
 
     setup_logging(config.log.level)
 
@@ -307,7 +310,9 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
                     source = legacy_source(config, run.settings, index, auditor)
                     migration = Migration(index, run, source, box_ae=config.dicom.ae_title,
                                           max_attempts=config.migrate.max_attempts,
-                                          retry_base_seconds=config.migrate.retry_base_seconds)
+                                          retry_base_seconds=config.migrate.retry_base_seconds,
+                                          box_listening=move_destination_probe(
+                                              config, run.settings))
                     task = asyncio.create_task(migration.drive())
                     if err.is_terminal:
                         await _show_progress(index, run_id, task)

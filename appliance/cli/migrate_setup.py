@@ -1,4 +1,5 @@
-"""Compose the legacy PACS of a migration: its SCU edge, TLS, and for C-GET the ingest.
+"""Compose the legacy PACS of a migration: its SCU edge, TLS, and for C-GET the ingest;
+and for C-MOVE the probe of this box's own DICOM port (where the moves deliver).
 
 Kept apart from migrate_commands.py so that `migrate status` never loads
 pynetdicom. For C-GET this process receives the instances itself: it routes
@@ -8,10 +9,12 @@ ingests each instance through the same IngestService before answering it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
-from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer
+from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer, box_listening
 from appliance.dimse.server import configure_pynetdicom
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context
@@ -48,3 +51,9 @@ def legacy_source(config: Config, settings: RunSettings, index: Index,
             source_ae=peer.ae_title,
             on_stored=lambda result: auditor.imported("migrate", result.header))
     return LegacyPeer(peer, config.dicom, tls_client=tls, on_store=receiver)
+
+
+def move_destination_probe(config: Config, settings: RunSettings) -> Callable[[], bool] | None:
+    """For a C-MOVE run: whether `pacs-edge serve` takes connections on this box's DICOM
+    port (the migration waits for it instead of failing studies while it is away)."""
+    return box_listening(config.dicom) if settings.via == "move" else None

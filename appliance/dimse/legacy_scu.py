@@ -28,6 +28,7 @@ name the peer and the DICOM status, never a patient or a UID.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -276,6 +277,29 @@ def _values(value: Any) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else list(value)
     return tuple(sorted({str(v).strip().upper() for v in items if str(v).strip()}))
+
+
+_ANY_ADDRESS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def box_listening(config: DicomConfig) -> Callable[[], bool] | None:
+    """Whether this box's own DICOM port takes a TCP connection now: where a C-MOVE's
+    sub-operations go (the TLS port when plain DICOM is off). None when that port is 0
+    (serve picks one at start and was told it on its command line: this process cannot
+    know it)."""
+    port = config.port if config.plain_enabled else config.tls_port
+    if not port:
+        return None
+    address = (_ANY_ADDRESS.get(config.host, config.host), port)
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection(address, timeout=config.connect_timeout):
+                return True
+        except OSError:
+            return False
+
+    return probe
 
 
 class GetReceiver:

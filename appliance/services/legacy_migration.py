@@ -31,6 +31,11 @@ The walk, for one run (store/migration_rows.py keeps every step):
 3. A failure (no association, a failure status, missing instances) is retried
    after a backoff (`retry_base_seconds`, doubled, at most an hour) up to
    `max_attempts`, then listed by `migrate failures` with its kind and reason.
+   Not when the box itself was away: a C-MOVE that failed while this box's own
+   DICOM port takes no connection (`pacs-edge serve` stopped, restarting, killed)
+   says nothing about the study, so it is not counted; the worker waits, reading
+   the run's state, until the port answers, and the study is tried again then.
+   Counted, a restart of serve would burn every study's attempts in seconds.
 
 Throttling, so that the old PACS keeps serving its users: `associations` at once,
 study starts spaced to at most `rate_per_hour`, and only inside `time_window`
@@ -67,6 +72,7 @@ MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status, PS3.4 C.4.2.1.5
 
 _SUCCESS, _WARNING = 0x0000, 0xB000
 STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
+BOX_PROBE_SECONDS = 1.0  # while the box's DICOM port is away: how often to try it
 _MINUTES = 24 * 60
 
 
@@ -237,7 +243,10 @@ class Migration:
     """One run of a migration, driven until it is done, paused or cancelled."""
 
     def __init__(self, index: Index, run: rows.Run, source: LegacySource, *, box_ae: str,
-                 max_attempts: int, retry_base_seconds: float) -> None:
+                 max_attempts: int, retry_base_seconds: float,
+                 box_listening: Callable[[], bool] | None = None) -> None:
+        """`box_listening` says whether this box's DICOM port takes connections (where
+        a C-MOVE delivers); None when that cannot be told or does not matter (C-GET)."""
         self.index = index
         self.run = run
         self.settings = run.settings
@@ -245,6 +254,7 @@ class Migration:
         self.box_ae = box_ae
         self.max_attempts = max_attempts
         self.retry_base = retry_base_seconds
+        self.box_listening = box_listening
         self.window = Window(run.settings.time_window)
         self.throttle = Throttle(run.settings.rate_per_hour)
         self._bridge: LoopBridge | None = None
@@ -425,7 +435,21 @@ class Migration:
                     " this box's AE title, host and port to its configuration" if unknown
                     else ""))
         except LegacyPeerError as exc:
+            if self._box_was_away():
+                return  # not counted: the study stays due and is tried again
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
+
+    def _box_was_away(self) -> bool:
+        """Whether this box's DICOM port takes no connection now; if so, wait until it
+        does (or the run stops), in bounded steps."""
+        if self.box_listening is None or self.box_listening():
+            return False
+        log.warning("migration waiting for this box's DICOM port to accept connections"
+                    " (is pacs-edge serve running?) run=%d", self.run.id)
+        while self._running() and not self.box_listening():
+            time.sleep(BOX_PROBE_SECONDS)
+        log.info("migration goes on run=%d", self.run.id)
+        return True
 
     def _complete(self, session: LegacySession, task: rows.StudyTask, expected: int,
                   instances: list[tuple[str, str]] | None, *, by_uid: bool) -> bool:

@@ -1,0 +1,53 @@
+"""`pacs-edge migrate` while the box's own `pacs-edge serve` is away.
+
+A C-MOVE delivers to serve: while serve is stopped (an upgrade, a crash, a restart
+under systemd) every move fails at once with failed sub-operations. Those failures
+are the box's, not the studies': counted, they would use up every study's attempts
+within minutes and end the run with the whole archive listed as failed. The
+migration waits for the box's DICOM port instead and goes on when it answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import dcmtk
+from conftest import EdgeServer
+from legacypacs import LegacyPacs
+from test_migrate import (
+    MigrateProcess,
+    box_digests,
+    dataset_digest,
+    legacy_factory,  # noqa: F401  (a fixture)
+    make_archive,
+    wait_until,
+)
+
+WAITING = "migration waiting for this box's DICOM port"
+
+
+def test_a_migration_waits_for_a_stopped_serve_instead_of_failing_its_studies(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    files = make_archive(tmp_path / "archive", 4, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    box.port = dcmtk.free_port()  # the configured port: the migrate process probes it
+    box.configure(dicom={"port": box.port},
+                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240303")
+    try:
+        wait_until(lambda: WAITING in proc.log.read_text(), "a wait for serve", proc)
+        box.start()
+        assert proc.wait() == 0, proc.log.read_text()[-4000:]
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+    assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
