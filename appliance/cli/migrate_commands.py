@@ -203,6 +203,8 @@ def status(home: Path | None, as_json: bool) -> None:
                   f" {summary.instances_expected} listed"
                   + (f" ({summary.shared_instances} share a UID with another study)"
                      if summary.shared_instances else ""))
+    for label, text in _pace_rows(run, summary):
+        table.add_row(label, text)
     if summary.next_attempt_at:
         table.add_row("next retry", time.strftime("%Y-%m-%d %H:%M:%S",
                                                   time.localtime(summary.next_attempt_at)))
@@ -214,6 +216,40 @@ def status(home: Path | None, as_json: bool) -> None:
     _print_warnings(summary)
     if summary.studies_failed or summary.days_failed:
         err.print("some studies failed: `pacs-edge migrate failures` lists them", highlight=False)
+
+
+def _pace_rows(run: rows.Run, summary: rows.RunSummary) -> list[tuple[str, str]]:
+    """The pace of the last PACE_WINDOW_SECONDS and, while a process drives the run, how
+    long the studies found so far still take at that pace."""
+    minutes = f"{rows.PACE_WINDOW_SECONDS / 60:.0f} minutes"
+    driven = run.state is rows.RunState.RUNNING and not run.interrupted
+    pace = summary.pace
+    if pace is None:
+        return [("pace", f"no studies finished in the last {minutes}")] if (
+            driven and summary.studies_pending) else []
+    out = [("pace", f"{pace.studies_per_hour:.0f} studies/hour,"
+                    f" {pace.instances_per_hour:.0f} instances/hour (last {minutes})")]
+    eta = summary.eta_seconds
+    if driven and eta is not None:
+        more = (f"; {summary.days_pending} days still to list"
+                if summary.days_pending else "")
+        window = f"; longer, as it works only {run.settings.time_window}" if (
+            run.settings.time_window) else ""
+        out.append(("time left", f"{_duration(eta)} for the {summary.studies_pending}"
+                                 f" studies found so far{more}{window}"))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """A time left, as rounded as it is uncertain: 'about 2 h 05 min'."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "under a minute"
+    if minutes < 60:
+        return f"about {minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return (f"about {hours} h {minutes:02d} min" if hours < 48
+            else f"about {hours // 24} days {hours % 24} h")
 
 
 # The listing of the studies without a StudyDate, by its state ({} = studies it found).
@@ -285,6 +321,8 @@ def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
             "instances": {"listed": summary.instances_expected,
                           "received": summary.instances_received,
                           "shared_uid": summary.shared_instances},
+            "pace": None if summary.pace is None else dataclasses.asdict(summary.pace),
+            "eta_seconds": summary.eta_seconds,
             "next_retry_at": summary.next_attempt_at,
             "created_at": run.created_at, "finished_at": run.finished_at}
 
@@ -340,7 +378,10 @@ async def _show_progress(index: Index, run_id: int, task: asyncio.Task[Any]) -> 
         while not task.done():
             s = await database.run_sync(index.reader, rows.summary, run_id)
             detail = (f"days {s.days_done + s.days_failed}/{s.days_total}"
-                      + (f", {s.studies_failed} failed" if s.studies_failed else ""))
+                      + (f", {s.studies_failed} failed" if s.studies_failed else "")
+                      + (f", {s.pace.studies_per_hour:.0f} studies/hour" if s.pace else "")
+                      + (f", {_duration(s.eta_seconds)} left" if s.eta_seconds
+                         is not None else ""))
             progress.update(bar, total=s.studies_found or None,
                             completed=s.studies_done + s.studies_failed, detail=detail)
             await asyncio.wait([task], timeout=0.5)

@@ -137,6 +137,17 @@ class Failure:
     received_instances: int
 
 
+PACE_WINDOW_SECONDS = 900.0  # the pace is the last quarter hour's, not the run's whole life
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Studies (and their instances) finished per hour, done or failed for good."""
+
+    studies_per_hour: float
+    instances_per_hour: float
+
+
 @dataclass(frozen=True)
 class RunSummary:
     days_total: int
@@ -152,6 +163,14 @@ class RunSummary:
     undated: str  # state of the listing of studies without a StudyDate ('': none, older run)
     undated_found: int  # studies it found (among studies_found)
     warnings: tuple[str, ...]  # what listings could not list, for the operator
+    pace: Pace | None = None  # how fast studies finish lately; None: too few to tell
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until the studies found so far are finished, at the current pace."""
+        if self.pace is None or not self.studies_pending:
+            return None
+        return self.studies_pending * 3600.0 / self.pace.studies_per_hour
 
     @property
     def days_pending(self) -> int:
@@ -391,7 +410,22 @@ def summary(conn: sqlite3.Connection, run_id: int) -> RunSummary:
                       int(studies[0]), int(studies[1] or 0), int(studies[2] or 0),
                       int(studies[3] or 0), int(studies[4] or 0), int(studies[5] or 0),
                       min(waits) if waits else None, str(days[4] or ""),
-                      int(studies[7] or 0), warnings)
+                      int(studies[7] or 0), warnings, pace(conn, run_id, time.time()))
+
+
+def pace(conn: sqlite3.Connection, run_id: int, now: float,
+         window: float = PACE_WINDOW_SECONDS) -> Pace | None:
+    """The pace of the studies finished in the `window` seconds before `now`: those after
+    the first of them, over the time from the first to `now` (so a stall slows it down).
+    None with fewer than two: too early to tell, or nothing finished lately."""
+    finished = conn.execute(
+        "SELECT updated_at, received_instances FROM migration_studies WHERE run_fk = ?"
+        " AND state IN ('done', 'failed') AND updated_at BETWEEN ? AND ?"
+        " ORDER BY updated_at", (run_id, now - window, now)).fetchall()
+    if len(finished) < 2 or now <= float(finished[0][0]):
+        return None
+    hours = (now - float(finished[0][0])) / 3600.0
+    return Pace((len(finished) - 1) / hours, sum(int(r[1]) for r in finished[1:]) / hours)
 
 
 def failures(conn: sqlite3.Connection, run_id: int, *, include_retrying: bool = True

@@ -1,0 +1,73 @@
+"""What `pacs-edge migrate status` tells the operator about speed and time left.
+
+A weekend cut-over is planned by the hour: besides the counts, status says how
+many studies (and instances) per hour finished in the last quarter hour and, while
+a process drives the run, how long the studies found so far still take at that
+pace. The figures come from the rows' finishing times, set here by hand so that
+they are exact; the command line reads the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from conftest import run_pacs_edge
+
+from appliance.store import migration_rows as rows
+from appliance.store.index import Index
+from appliance.store.leases import Holder
+
+SETTINGS = rows.RunSettings(peer="old", via="move", since_day="20240301",
+                            until_day="20240301", modalities=(), associations=1,
+                            rate_per_hour=0, time_window="", query_limit=5)
+
+
+async def make_run(index_path: Path, finished_ago: list[float], pending: int) -> float:
+    """A run driven by this process whose studies finished `finished_ago` seconds before
+    the returned time, with `pending` studies left."""
+    def write(conn: sqlite3.Connection) -> None:
+        run = rows.create_run(conn, SETTINGS, ["20240301"], driver=Holder.new())
+        rows.list_day(conn, run, rows.UNDATED, [], 1)
+        count = len(finished_ago) + pending
+        rows.list_day(conn, run, "20240301", [rows.FoundStudy(f"1.2.{n}", 3)
+                                              for n in range(count)], 1)
+        for task in rows.due_studies(conn, run, time.time(), 100)[:len(finished_ago)]:
+            rows.study_done(conn, task.id, expected=3, received=3, shared=0)
+
+    async with Index(index_path) as index:
+        assert index.writer is not None
+        await index.writer.submit_sync(write)
+    now = time.time()
+    with closing(sqlite3.connect(index_path)) as conn, conn:
+        for n, ago in enumerate(finished_ago):
+            conn.execute("UPDATE migration_studies SET updated_at = ? WHERE study_uid = ?",
+                         (now - ago, f"1.2.{n}"))
+    return now
+
+
+async def test_status_shows_the_pace_of_the_last_quarter_hour_and_the_time_left(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0", "--metrics-port", "0")
+    index_path = home / "index.sqlite3"
+    # One finished an hour ago (outside the window); three in the last 10 minutes.
+    now = await make_run(index_path, [3600.0, 600.0, 300.0, 0.0], pending=6)
+
+    with closing(sqlite3.connect(index_path)) as conn:
+        pace = rows.pace(conn, 1, now)
+        assert pace == rows.Pace(studies_per_hour=12.0, instances_per_hour=36.0)
+        assert rows.pace(conn, 1, now + rows.PACE_WINDOW_SECONDS) is None  # stalled since
+
+    report = json.loads(run_pacs_edge("migrate", "status", "--json", "--home",
+                                      str(home)).stdout)
+    assert report["pace"]["studies_per_hour"] == pytest.approx(12.0, rel=0.2)
+    assert report["eta_seconds"] == pytest.approx(6 * 300.0, rel=0.2)  # 6 at 12 an hour
+    text = run_pacs_edge("migrate", "status", "--home", str(home)).stdout
+    assert "studies/hour" in text and "instances/hour" in text, text
+    assert "time left" in text and "for the 6 studies found so far" in text, text
