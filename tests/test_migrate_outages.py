@@ -51,3 +51,19 @@ def test_a_migration_waits_for_a_stopped_serve_instead_of_failing_its_studies(
             proc.kill()
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
     assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
+
+
+def test_the_end_of_a_run_is_in_the_audit_trail_with_its_counts(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The archive answers nowhere: the run ends with its day failed, and the audit
+    trail says how it ended, next to the record of its start."""
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    box.add_peer("legacy", "LEGACY", 1, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                     "--until", "20240301", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    trail = (box.home / "audit" / "audit.log").read_text(encoding="utf-8")
+    assert "migration run 1 started from peer legacy" in trail
+    assert ("migration run 1 done: 0 studies done, 0 failed, 0 remaining of 0 found;"
+            " 0 of 0 instances in the box; days failed 1") in trail

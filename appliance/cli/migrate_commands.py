@@ -360,6 +360,12 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
             return state, await database.run_sync(index.reader, rows.summary, run_id)
 
     state, summary = asyncio.run(drive())
+    # What this process leaves behind, in the audit trail too: the record of a cut-over.
+    audit_change(config, f"migration run {run_id} {state.value}: {summary.studies_done}"
+                 f" studies done, {summary.studies_failed} failed, {summary.studies_pending}"
+                 f" remaining of {summary.studies_found} found; {summary.instances_received}"
+                 f" of {summary.instances_expected} instances in the box; days failed"
+                 f" {summary.days_failed}", security=False)
     out.print(f"migration run {run_id} {state.value}: {summary.studies_done} studies done,"
               f" {summary.studies_failed} failed, {summary.studies_pending} remaining",
               highlight=False)
