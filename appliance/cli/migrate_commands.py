@@ -32,6 +32,7 @@ from appliance.base.config import MAX_QUERY_LIMIT, MAX_RATE_PER_HOUR, Config
 from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
+from appliance.cli.migrate_verify import verify
 from appliance.services.legacy_migration import Migration, check_peer, days_between
 from appliance.services.peers import Allowlist
 from appliance.store import database
@@ -45,6 +46,9 @@ DEFAULT_SINCE = "1990-01-01"
 @click.group()
 def migrate() -> None:
     """Pull the studies of a legacy PACS into the box (C-FIND, then C-MOVE or C-GET)."""
+
+
+migrate.add_command(verify)
 
 
 @migrate.command("start")

@@ -9,6 +9,7 @@ ingests each instance through the same IngestService before answering it.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 from appliance.audit import Auditor
@@ -20,26 +21,41 @@ from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context
 from appliance.services.ingest import IngestService
 from appliance.services.legacy_migration import check_peer
-from appliance.services.peers import Allowlist
+from appliance.services.peers import Allowlist, Peer
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.migration_rows import RunSettings
 from provisioning.certs import TlsPaths
 
 
-def legacy_source(config: Config, settings: RunSettings, index: Index,
-                  auditor: Auditor) -> LegacyPeer:
-    """The run's peer as it is in the allowlist now (checked again: peers change)."""
+def _peer(config: Config, settings: RunSettings) -> tuple[Peer, ssl.SSLContext | None]:
+    """The run's peer as it is in the allowlist now, and the TLS client context for it."""
     configure_pynetdicom()
     peer = Allowlist(config.peers_path).peers().get(settings.peer)
     if peer is None:
         raise MigrationError(f"peer {settings.peer!r} of this migration left the allowlist",
                              hint=f"pacs-edge peers add {settings.peer} ...")
-    check_peer(peer, settings.via)
     tls = None
     if peer.tls and config.dicom.tls_port:
         paths = TlsPaths(config.home)
         tls = client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+    return peer, tls
+
+
+def legacy_finder(config: Config, settings: RunSettings) -> LegacyPeer:
+    """The run's peer for C-FINDs only (`migrate verify`)."""
+    peer, tls = _peer(config, settings)
+    if not peer.may("find"):
+        raise MigrationError(f"peer {peer.name!r} lacks permission find",
+                             hint=f"pacs-edge peers add {peer.name} ... --allow find,...")
+    return LegacyPeer(peer, config.dicom, tls_client=tls)
+
+
+def legacy_source(config: Config, settings: RunSettings, index: Index,
+                  auditor: Auditor) -> LegacyPeer:
+    """The run's peer as it is in the allowlist now (checked again: peers change)."""
+    peer, tls = _peer(config, settings)
+    check_peer(peer, settings.via)
     receiver = None
     if settings.via == "get":
         files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)

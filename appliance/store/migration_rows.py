@@ -386,6 +386,27 @@ def _fail(table: str, where: str, key: tuple[object, ...], conn: sqlite3.Connect
     return final
 
 
+def done_studies(conn: sqlite3.Connection, run_id: int) -> list[StudyTask]:
+    """The studies the run migrated (state done), newest day first."""
+    return [StudyTask(int(r[0]), str(r[1]), str(r[2]), None if r[3] is None else int(r[3]),
+                      int(r[4])) for r in conn.execute(
+        "SELECT id, study_uid, day, expected_instances, attempts FROM migration_studies"
+        " WHERE run_fk = ? AND state = 'done' ORDER BY day DESC, id", (run_id,)).fetchall()]
+
+
+def verify_failed(conn: sqlite3.Connection, study_id: int, *, listed: int,
+                  missing: int) -> None:
+    """A done study of which the box lacks `missing` of the `listed` instances the legacy
+    PACS lists now: failed, incomplete, for `migrate resume --retry-failed`. Its
+    updated_at stays: the pace counts transfers, not checks."""
+    conn.execute(
+        "UPDATE migration_studies SET state = 'failed', error_kind = ?, last_error = ?,"
+        " expected_instances = ?, received_instances = ? WHERE id = ?",
+        (MigrationFailure.INCOMPLETE.value,
+         f"verify: {missing} of {listed} instances the legacy PACS lists are not in the box",
+         listed, listed - missing, study_id))
+
+
 # --- reads --------------------------------------------------------------------------
 
 def summary(conn: sqlite3.Connection, run_id: int) -> RunSummary:
