@@ -15,9 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dcmtk
+import dicomgen
+import pydicom
+import pydicom.config
 from conftest import EdgeServer
 from legacypacs import LegacyPacs
 from test_migrate import (
+    RUN_TIMEOUT,
+    SYNTAX_BY_CLASS,
     MigrateProcess,
     box_digests,
     dataset_digest,
@@ -67,3 +72,31 @@ def test_the_end_of_a_run_is_in_the_audit_trail_with_its_counts(
     assert "migration run 1 started from peer legacy" in trail
     assert ("migration run 1 done: 0 studies done, 0 failed, 0 remaining of 0 found;"
             " 0 of 0 instances in the box; days failed 1") in trail
+
+
+def test_a_study_with_an_instance_the_box_refuses_fails_saying_where_the_reason_is(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """The legacy archive holds an instance whose SOP Instance UID has letters: the box
+    refuses it (0xC000); the study fails with failed sub-operations, and the failure
+    says where the box's reason is, which is there."""
+    files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
+    bad = pydicom.dcmread(files[-1])
+    with pydicom.config.disable_value_validation():
+        del bad["SOPInstanceUID"]
+        bad.SOPInstanceUID = dicomgen.UID_ROOT + "abc.1"
+        del bad.file_meta.MediaStorageSOPInstanceUID
+        bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
+        dicomgen.write_instance(bad, files[-1], SYNTAX_BY_CLASS[str(bad.SOPClassUID)])
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                     "--until", "20240303", check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [failure] = json.loads(box.cli("migrate", "failures", "--json").stdout)
+    assert failure["last_error"].startswith(f"1 of {len(files)} instances not in the box")
+    assert "pacs-edge serve's log (`store refused`" in failure["last_error"], failure
+    assert (f"store refused: cannot understand reason=SOPInstanceUID is not a valid UID"
+            f" calling={legacy.ae_title}") in box.log()

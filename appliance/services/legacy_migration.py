@@ -433,11 +433,20 @@ class Migration:
                 f" failed {outcome.failed})" + (
                     f": the legacy PACS does not know {self.box_ae} as a move destination; add"
                     " this box's AE title, host and port to its configuration" if unknown
-                    else ""))
+                    else self._failed_hint(verb) if outcome.failed else ""))
         except LegacyPeerError as exc:
             if self._box_was_away():
                 return  # not counted: the study stays due and is tried again
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
+
+    def _failed_hint(self, verb: str) -> str:
+        """Where the reason for failed sub-operations is: the box logs each instance it
+        refuses; what the legacy PACS could not even offer is in its own log."""
+        where = ("this command's log (`migrated instance refused`)" if verb == "C-GET"
+                 else "pacs-edge serve's log (`store refused`, calling= the legacy PACS)")
+        return (f": {where} names each instance the box refused and why (e.g. an invalid"
+                " UID); none there: the legacy PACS could not send them (e.g. no presentation"
+                " context for a private SOP class), see its log")
 
     def _box_was_away(self) -> bool:
         """Whether this box's DICOM port takes no connection now; if so, wait until it
