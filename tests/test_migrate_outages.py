@@ -100,3 +100,24 @@ def test_a_study_with_an_instance_the_box_refuses_fails_saying_where_the_reason_
     assert "pacs-edge serve's log (`store refused`" in failure["last_error"], failure
     assert (f"store refused: cannot understand reason=SOPInstanceUID is not a valid UID"
             f" calling={legacy.ae_title}") in box.log()
+
+
+def test_an_association_that_idled_out_while_waiting_for_the_rate_is_opened_again(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """With `--rate`, a worker waits for its slot holding its association; silence
+    longer than [dicom] network_timeout (1 s here, 60 s by default: any rate under
+    240 studies an hour with 4 associations, and every `--window` pause) closes it.
+    The next study must go on a new association, not crash the run nor fail."""
+    files = make_archive(tmp_path / "archive", 4, busy_day_studies=0)
+    box = edge_server_factory()
+    box.configure(dicom={"network_timeout": 1.0},  # read by the migrate process
+                  migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+                     "20240303", "--associations", "1", "--rate", "1200", check=False,
+                     timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 studies done, 0 failed" in result.stdout
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)

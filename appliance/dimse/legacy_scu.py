@@ -27,6 +27,7 @@ name the peer and the DICOM status, never a patient or a UID.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import ssl
@@ -226,8 +227,24 @@ class LegacySession:
 
     def move_study(self, study_uid: str, destination: str) -> RetrieveOutcome:
         query = _identifier("STUDY", StudyInstanceUID=study_uid)
-        return self.legacy._retrieve(self.assoc.send_c_move(
-            query, destination, StudyRootQueryRetrieveInformationModelMove), "C-MOVE")
+        return self.legacy._retrieve(self._sent(self.assoc.send_c_move(
+            query, destination, StudyRootQueryRetrieveInformationModelMove)), "C-MOVE")
+
+    def _sent(self, responses: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """A request's responses, the request sent (pynetdicom sends it at the first
+        response asked for). pynetdicom raises RuntimeError for a request on an
+        association no longer established (the peer, or [dicom] network_timeout of
+        silence, closed it since it was last checked): the legacy PACS gone, no bug."""
+        try:
+            first = next(responses, (None, None))
+        except RuntimeError as exc:
+            if self.assoc.is_established:
+                raise
+            raise LegacyPeerError(
+                MigrationFailure.UNREACHABLE,
+                f"legacy PACS {self.name!r} closed the association before a request",
+                hint="the association was aborted or timed out: see its log") from exc
+        return itertools.chain([first], responses)
 
     def _checked_find(self, query: Dataset, level: str) -> list[Dataset]:
         answers, failed = self._find(query)
@@ -240,8 +257,8 @@ class LegacySession:
     def _find(self, query: Dataset) -> tuple[list[Dataset], int | None]:
         """Answers, and the final status when it was not Success."""
         answers: list[Dataset] = []
-        for status, identifier in self.assoc.send_c_find(
-                query, StudyRootQueryRetrieveInformationModelFind):
+        for status, identifier in self._sent(self.assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind)):
             if status is None or "Status" not in status:
                 raise LegacyPeerError(
                     MigrationFailure.UNREACHABLE,
