@@ -236,6 +236,7 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "max_message_bytes": 1048576, "idle_timeout": 60.0, "max_connections": 16,
             "processing_ids": ["P"]}
         web = tomllib.loads(text)
+        assert web["dicom"]["extra_storage_classes"] == []
         assert web["http"] == {
             "port": variables["pacs_edge_http_port"], "host": "127.0.0.1",
             "max_connections": 64, "connections_per_address": 32,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.base.errors import ConfigError, HomeError
+from appliance.base.uids import is_valid_uid
 
 CONFIG_FILE = "pacs-edge.toml"
 PEERS_FILE = "peers.toml"
@@ -50,6 +51,9 @@ def is_ae_title(value: str) -> bool:
     )
 
 
+MAX_EXTRA_STORAGE_CLASSES = 64  # each is a supported presentation context of its own
+
+
 @dataclass(frozen=True)
 class DicomConfig:
     ae_title: str = field(default="EDGE", metadata=_check(is_ae_title, "1-16 ASCII characters"))
@@ -77,6 +81,9 @@ class DicomConfig:
         default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds")
     )
     suboperation_retries: int = field(default=2, metadata=_check(lambda v: 0 <= v <= 10, "0-10"))
+    extra_storage_classes: tuple[str, ...] = field(default=(), metadata=_check(
+        lambda v: len(v) <= MAX_EXTRA_STORAGE_CLASSES and all(is_valid_uid(u) for u in v),
+        f"at most {MAX_EXTRA_STORAGE_CLASSES} SOP Class UIDs (digits and dots, 64 at most)"))
 
 
 @dataclass(frozen=True)
@@ -544,6 +551,8 @@ _COMMENTS = {
     "dicom.connect_timeout": "Seconds to connect to a C-MOVE destination.",
     "dicom.suboperation_timeout": "Seconds to wait for a C-STORE response during C-MOVE.",
     "dicom.suboperation_retries": "Retries of a C-MOVE sub-operation on a fresh association.",
+    "dicom.extra_storage_classes": "SOP Class UIDs stored besides the standard storage classes:"
+    " the private classes a modality or a legacy PACS sends (docs/conformance.md).",
     "hl7": "HL7 v2 orders and patient updates from the RIS over MLLP (docs/workflow.md).",
     "hl7.port": "MLLP port (2575 is the usual one); 0 turns the listener off.",
     "hl7.host": "Listen address (0.0.0.0 opens it to the LAN). Senders need a peer with"

@@ -15,6 +15,11 @@ requestor offered. The appliance decides differently, per context:
 The counts come from the index through a small cache (refreshed at most every
 STORED_REFRESH seconds): negotiation must stay cheap.
 
+Which SOP classes the box stores is decided here too: the standard storage
+classes and `[dicom] extra_storage_classes` (private classes a modality or a legacy
+PACS sends), carried by the AE (StoringAE) so that every check of a context for
+storage (negotiation, the spool hook, the C-STORE receiver) reads the same set.
+
 Who may store is decided here too (restrict_storage): a peer without the
 `store` permission is offered no storage context in which it would send, so
 it cannot push a single dataset byte; with `get` it keeps the storage
@@ -26,13 +31,29 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from appliance.base.config import DicomConfig
+
 STORED_REFRESH = 30.0
-STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+STANDARD_STORAGE_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
+def storage_classes(config: DicomConfig) -> tuple[str, ...]:
+    """The SOP classes this box stores: the standard ones, then the configured extras."""
+    return tuple(dict.fromkeys([*STANDARD_STORAGE_CLASSES, *config.extra_storage_classes]))
+
+
+class StoringAE(AE):
+    """A pynetdicom AE that knows which SOP classes the box stores (`storage_classes`)."""
+
+    def __init__(self, ae_title: str, storage_classes: Sequence[str]) -> None:
+        super().__init__(ae_title)
+        self.storage_classes = frozenset(storage_classes)
 
 StoredCounts = Callable[[], Mapping[tuple[str, str], int]]
 
@@ -103,14 +124,15 @@ def restrict_storage(assoc: Any, *, may_store: bool, may_get: bool) -> int:
                 if item.scp_role}
     proposed = {str(cx.abstract_syntax)
                 for cx in assoc.requestor.primitive.presentation_context_definition_list}
+    stored = assoc.ae.storage_classes
     kept = []
     for context in assoc.acceptor.supported_contexts:
         sop_class = str(context.abstract_syntax)
-        if sop_class not in STORAGE_SOP_CLASSES:
+        if sop_class not in stored:
             kept.append(context)
         elif may_get and sop_class in scp_role:
             changed = copy.copy(context)  # shared by every association: change a copy
             changed.scu_role, changed.scp_role = False, True
             kept.append(changed)
     assoc.acceptor.supported_contexts[:] = kept
-    return len((proposed & STORAGE_SOP_CLASSES) - (scp_role if may_get else set()))
+    return len((proposed & stored) - (scp_role if may_get else set()))

@@ -9,10 +9,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pynetdicom import AE
-
 from appliance.base import compat
 from appliance.base.config import DicomConfig
+from appliance.dimse.negotiation import StoringAE, storage_classes
 from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 
@@ -29,7 +28,7 @@ def requested_association(
     """An established association to `peer` (over TLS with `tls_client` when given);
     raises `refused(assoc, "")` when it was rejected, aborted or not answered, and
     `refused(None, why)` when the peer's host cannot be resolved at all."""
-    ae = AE(ae_title=config.ae_title)
+    ae = StoringAE(config.ae_title, storage_classes(config))  # C-GET: we store
     ae.acse_timeout = config.acse_timeout
     ae.dimse_timeout = config.dimse_timeout
     ae.network_timeout = config.network_timeout

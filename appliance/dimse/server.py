@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     ModalityPerformedProcedureStepRetrieve,
@@ -38,7 +37,7 @@ from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import PacsEdgeError, TransportAborted
 from appliance.dimse import find_scp
-from appliance.dimse.negotiation import StoredCounts
+from appliance.dimse.negotiation import StoredCounts, StoringAE, storage_classes
 from appliance.dimse.store_receiver import StoreTarget
 from appliance.dimse.transport import (
     ConnectionGuard,
@@ -91,11 +90,12 @@ def listen_error(exc: OSError, host: str, port: int, key: str) -> PacsEdgeError:
                          hint=hint)
 
 
-class AllowlistAE(AE):
+class AllowlistAE(StoringAE):
     """An AE whose calling-AE allowlist is the live peers.toml."""
 
-    def __init__(self, ae_title: str, allowlist: Allowlist) -> None:
-        super().__init__(ae_title)
+    def __init__(self, ae_title: str, allowlist: Allowlist,
+                 storage_classes: Sequence[str]) -> None:
+        super().__init__(ae_title, storage_classes)
         self._allowlist = allowlist
 
     @property  # type: ignore[override]
@@ -242,7 +242,8 @@ class DimseServer:
         on_tls_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
-        self.ae = AllowlistAE(config.ae_title, allowlist)
+        stored = storage_classes(config)
+        self.ae = AllowlistAE(config.ae_title, allowlist, stored)
         self.ae.require_called_aet = True
         self.ae.maximum_associations = config.max_associations
         self.ae.maximum_pdu_size = config.max_pdu
@@ -251,10 +252,10 @@ class DimseServer:
         self.ae.network_timeout = config.network_timeout
         self.ae.connection_timeout = config.connect_timeout
         self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
+        for sop_class in stored:
             # scu_role/scp_role: accept C-GET's role reversal on the storage contexts
             self.ae.add_supported_context(
-                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+                sop_class, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
             )
         for uid in QUERY_RETRIEVE_CONTEXTS:
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)

@@ -33,7 +33,6 @@ from pynetdicom.dul import DULServiceProvider
 
 from appliance.base import compat
 from appliance.dimse.file_meta import encode_file_meta
-from appliance.dimse.negotiation import STORAGE_SOP_CLASSES
 from appliance.store.files import FileStore
 from appliance.store.spool import SpoolFile
 
@@ -115,7 +114,7 @@ def _refused_here() -> bool:
     context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id),
                    None)
     if (context is not None and context.as_scp
-            and str(context.abstract_syntax) in STORAGE_SOP_CLASSES):
+            and str(context.abstract_syntax) in assoc.ae.storage_classes):
         return False
     log.warning("aborting association: C-STORE on presentation context %s, which was not"
                 " accepted for storage to this box calling=%s address=%s", context_id,

@@ -50,7 +50,6 @@ from appliance.base.dicom_wire import (
 )
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.file_meta import encode_file_meta
-from appliance.dimse.negotiation import STORAGE_SOP_CLASSES
 from appliance.dimse.store_response import C_STORE_RSP, StoreAnswer, store_response
 from appliance.services.ingest import ExpectedIdentity
 from appliance.store.spool import SpoolFile
@@ -194,7 +193,7 @@ class StoreReceiver:
             self._syntaxes = {
                 int(cx.context_id): str(cx.transfer_syntax[0])
                 for cx in self.assoc.accepted_contexts
-                if cx.as_scp and str(cx.abstract_syntax) in STORAGE_SOP_CLASSES}
+                if cx.as_scp and str(cx.abstract_syntax) in self.assoc.ae.storage_classes}
         return self._syntaxes
 
 

@@ -452,7 +452,8 @@ class Migration:
                  else "pacs-edge serve's log (`store refused`, calling= the legacy PACS)")
         return (f": {where} names each instance the box refused and why (e.g. an invalid"
                 " UID); none there: the legacy PACS could not send them (e.g. no presentation"
-                " context for a private SOP class), see its log")
+                " context for a private SOP class not in [dicom] extra_storage_classes),"
+                " see its log")
 
     def _box_was_away(self) -> bool:
         """Whether this box's DICOM port takes no connection now; if so, wait until it
