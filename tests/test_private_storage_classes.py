@@ -16,7 +16,7 @@ from typing import Any
 
 import dicomgen
 import pytest
-from conftest import HOST, TEST_AE, EdgeServer
+from conftest import HOST, TEST_AE, EdgeServer, run_pacs_edge
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
@@ -103,3 +103,13 @@ def test_a_private_class_not_configured_is_refused_at_negotiation(
         private_instance: dicomgen.GeneratedInstance) -> None:
     server = edge_server_factory()
     assert store(server, private_instance) is None
+
+
+def test_a_service_class_listed_as_a_storage_class_stops_serve_saying_so(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"extra_storage_classes": [str(Verification)]})
+    started = run_pacs_edge("serve", "--home", str(server.home), "--dicom-port", "0",
+                            check=False, timeout=60)
+    assert started.returncode != 0
+    assert "a service of this box, not a storage class" in started.stderr, started.stderr

@@ -242,6 +242,13 @@ class DimseServer:
         on_tls_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
+        services = {str(uid) for uid in (Verification, *QUERY_RETRIEVE_CONTEXTS,
+                                         *WORKFLOW_CONTEXTS)}
+        clash = sorted(services.intersection(config.extra_storage_classes))
+        if clash:
+            raise PacsEdgeError(
+                f"[dicom] extra_storage_classes lists {', '.join(clash)}, a service of this"
+                " box, not a storage class", hint="list only the SOP classes to store")
         stored = storage_classes(config)
         self.ae = AllowlistAE(config.ae_title, allowlist, stored)
         self.ae.require_called_aet = True
