@@ -419,7 +419,7 @@ def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.G
 # with one worker busy on a long module while the others idle.
 SLOW_MODULES_FIRST = (
     "test_ansible.py", "test_scrub.py", "test_key_rotation.py", "test_sync_crash.py",
-    "test_dimse_hardening.py", "test_retrieve_move.py", "test_migrate.py",
+    "test_hl7_orders.py", "test_dimse_hardening.py", "test_retrieve_move.py", "test_migrate.py",
     "test_dropfolder.py", "test_restore.py", "test_readers.py", "test_cli.py",
     "test_sync_end_to_end.py", "test_prefetch.py", "test_sync_index_rebuilt.py",
     "test_storage_commitment.py", "test_viewer_browser.py", "test_dicom_tls.py",
