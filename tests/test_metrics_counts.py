@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import dcmtk
+import hl7peer
 from conftest import EdgeServer
 from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
@@ -160,6 +161,27 @@ def test_a_prefetch_by_hand_counts_its_local_priors(tmp_path: Path) -> None:
     assert delta(after, before, "pacs_edge_prefetch_priors_total",
                  source="local", outcome="done") == 2
 
+
+
+def test_an_hl7_message_answered_ae_is_what_the_orders_refused_alert_counts(
+        tmp_path: Path) -> None:
+    """PacsEdgeOrdersRefused watches `pacs_edge_hl7_messages_total{ack="AE"}`: an order
+    the box understood but could not apply (here a start date without a day) counts
+    there, an applied one under AA."""
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    hl7peer.listen(server, hl7_port := dcmtk.free_port())
+    server.start()
+    try:
+        before = scrape(server)
+        refused = hl7peer.send(hl7_port, hl7peer.orm("M1", accession="ACC1", start="202401"))
+        applied = hl7peer.send(hl7_port, hl7peer.orm("M2", accession="ACC2"))
+        after = scrape(server)
+    finally:
+        server.stop()
+    assert (refused.code, applied.code) == ("AE", "AA")
+    assert delta(after, before, "pacs_edge_hl7_messages_total", ack="AE") == 1
+    assert delta(after, before, "pacs_edge_hl7_messages_total", ack="AA") == 1
 
 def _socket_owners(port: int, state: str) -> dict[int, int]:
     """pid -> its sockets on local `port` in TCP `state` ("01" established, "0A"
