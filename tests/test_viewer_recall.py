@@ -11,7 +11,12 @@ loading bar for ever, saying nothing, also after the recall was done. A study wh
 series metadata is still in the box's cache is laid out at once (its metadata answers
 during the recall) and its frames wait instead.
 
-Screenshots stay in the test's tmp_path: recall-waiting.png, recall-opened.png.
+Only the box's recall answers move the viewer: a 503 carrying `PACS-Edge-Recall`
+(`recalling`, or `failed` for a recall that failed: the viewer says so, and does not
+say the study is on its way).
+
+Screenshots stay in the test's tmp_path: recall-waiting.png, recall-opened.png,
+recall-failed.png.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import dcmtk
 import dicomgen
 import pytest
+import requests
 import webpeer
 from conftest import EdgeServer
 from selenium import webdriver
@@ -45,6 +51,8 @@ from test_viewer_browser import (
 )
 
 NOTICE = "being retrieved from the archive"
+FAILED = "could not be retrieved from the archive"
+RECALL_HEADER = "PACS-Edge-Recall"
 NOTICE_DEADLINE = 90.0  # the box's 3 s wait, OHIF's start-up on a software renderer
 
 pytestmark = pytest.mark.slow
@@ -79,10 +87,26 @@ def browser(tmp_path: Path, stored: tuple[EdgeServer, Any]) -> Iterator[webdrive
         yield driver
 
 
-def notice(driver: webdriver.Chrome) -> str | None:
+def notice(driver: webdriver.Chrome, saying: str = NOTICE) -> str | None:
     found = driver.find_elements(By.ID, "pacs-edge-recall")
     text = found[0].text if found and found[0].is_displayed() else ""
-    return text if NOTICE in text else None
+    return text if saying in text else None
+
+
+def lose_the_cloud_copy(server: EdgeServer) -> None:
+    """Delete the study's pack from the local-folder cloud: its recall fails."""
+    from sync.blobstore.local import LocalFolderStore
+
+    cloud = LocalFolderStore(server.home / "cloud")
+    for info in cloud.list():
+        if info.name.endswith("pack"):
+            cloud.delete(info.name)
+
+
+def series_metadata(server: EdgeServer, header: Any) -> requests.Response:
+    return webpeer.session(server, USER).get(
+        f"{webpeer.base_url(server)}/dicom-web/studies/{header.StudyInstanceUID}"
+        f"/series/{header.SeriesInstanceUID}/metadata")
 
 
 def wait_for_the_recall(server: EdgeServer, driver: webdriver.Chrome, tmp_path: Path,
@@ -161,3 +185,44 @@ def test_evicted_study_with_cached_metadata_is_laid_out_at_once_and_its_images_f
         wait_for_the_recall(server, browser, tmp_path, laid_out=header.SeriesDescription)
 
     diagnosed(browser, tmp_path, steps)
+
+
+def test_recall_answers_name_themselves_and_a_failed_recall_says_so(
+        evicted: tuple[EdgeServer, Any]) -> None:
+    # A 503 the viewer takes for a recall must be one: the box says which (a full disk
+    # or too many connections is a 503 too, without the header).
+    server, header = evicted
+    running = series_metadata(server, header)  # no agent: the recall waits, 3 s, then 503
+    assert running.status_code == 503, running.text
+    assert (running.headers.get(RECALL_HEADER), running.headers["Retry-After"]) == (
+        "recalling", "2")
+    lose_the_cloud_copy(server)
+    agent = SyncAgent(server.home).start()
+    try:
+        failed = poll("the failed recall's answer", lambda: (
+            answer if (answer := series_metadata(server, header)).headers.get(RECALL_HEADER)
+            == "failed" else None), 60.0)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert (failed.status_code, failed.headers["Retry-After"]) == (503, "60")
+
+
+def test_a_failed_recall_is_shown_as_failed_not_as_on_its_way(
+        evicted: tuple[EdgeServer, Any], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    # Before: every 503 of a study showed "being retrieved ... opens here by itself",
+    # also the recall's failure, and the viewer asked again each minute for 30 minutes.
+    server, header = evicted
+    lose_the_cloud_copy(server)
+    agent = SyncAgent(server.home).start()
+
+    def steps() -> None:
+        open_launch_link(browser, server, header.StudyInstanceUID, USER)
+        said = poll("the failed-recall notice", lambda: notice(browser, FAILED),
+                    NOTICE_DEADLINE)
+        (tmp_path / "recall-failed.png").write_bytes(browser.get_screenshot_as_png())
+        assert NOTICE not in said and "tell IT" in said
+
+    try:
+        diagnosed(browser, tmp_path, steps)
+    finally:
+        assert agent.stop() == 0, agent.log()

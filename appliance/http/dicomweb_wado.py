@@ -19,7 +19,9 @@
 A study that is evicted is recalled first (web_retrieve.py), like C-GET, waiting
 up to `[http] recall_wait_seconds`: a recall still running then is 503 with
 Retry-After: 2 (ask again: the recall goes on, and the viewer does ask again,
-viewer_recall.py), a recall that failed is 503 with Retry-After: 60. Unknown and
+viewer_recall.py), a recall that failed is 503 with Retry-After: 60. Both carry
+`PACS-Edge-Recall: recalling` or `failed`: a 503 without it is some other condition
+of the box (a full disk, too many connections), not a recall. Unknown and
 out-of-scope studies are both 404. Every answer that hands out patient data is
 audited, and every 404 and 503 too: who, in which role, which study, from where
 (the auditor folds a viewer's hundreds of requests into one record per user,
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
 RECALL_RETRY_SECONDS = "2"  # a recall still running: the next ask waits for it again
+# Names a 503 as a recall's answer, and which: `recalling` (ask again) or `failed`.
+RECALL_HEADER = "PACS-Edge-Recall"
 FRAME_READ_BYTES = 16 << 20  # frames held at once while an answer streams (at least one)
 
 
@@ -97,13 +101,13 @@ async def locate(request: web.Request, what: str, *, wait: float | None = None,
                                 study_uids=[study], reason="study is being recalled")
         raise web.HTTPServiceUnavailable(
             text="the study is being recalled from the cloud: ask again in a few seconds\n",
-            headers={"Retry-After": RECALL_RETRY_SECONDS})
+            headers={"Retry-After": RECALL_RETRY_SECONDS, RECALL_HEADER: "recalling"})
     if found.unavailable:
         await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                                 study_uids=[study], reason="study could not be recalled")
         raise web.HTTPServiceUnavailable(
             text="the study is not on local disk and its recall from the cloud failed\n",
-            headers={"Retry-After": RETRY_AFTER_SECONDS})
+            headers={"Retry-After": RETRY_AFTER_SECONDS, RECALL_HEADER: "failed"})
     await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                             study_uids=[study], instances=len(found.instances))
     return found

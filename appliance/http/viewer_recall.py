@@ -11,10 +11,17 @@ OHIF hands every failed DICOMweb request to `window.config.httpErrorHandler`
 cornerstone's IMAGE_LOAD_FAILED event as an Error whose message alone names the
 URL and status), and the box writes that config
 (viewer.app_config_js), so the fix is this script, appended to app-config.js.
-On the first 503 of a study (or series) it:
+Only the box's recall answers count: a 503 that carries `PACS-Edge-Recall`
+(dicomweb_wado.RECALL_HEADER); any other 503 (a full disk, too many connections)
+is left to OHIF's ordinary error display. A frame's Error carries no headers, so
+the script wraps `window.fetch` (cornerstone's streaming loader calls the global
+fetch) and remembers the URLs answered with a recall 503. On the first recall
+answer of a study (or series) it:
 
-- shows a status line over the viewer: the study is being retrieved from the
-  archive and opens by itself, with the time waited so far;
+- `failed`: says the study could not be retrieved from the archive, to reload the
+  page later or tell IT, and asks nothing more;
+- `recalling`: shows a status line over the viewer: the study is being
+  retrieved from the archive and opens by itself, with the time waited so far;
 - asks again, each time after the answer's Retry-After (1 to 60 s): for the
   series' (or study's) metadata, or for a frame the same frame (a study whose
   metadata was cached answers its metadata at once, during the recall: only its
@@ -22,12 +29,15 @@ On the first 503 of a study (or series) it:
   recall_wait_seconds, so the answer comes as the recall lands;
 - reloads the page once that answers 200: the viewer route names the study, so
   OHIF opens it again, from the metadata cache;
-- stops after GIVE_UP_MS, or at any answer other than 200 or 503, saying so.
+- stops after GIVE_UP_MS, when the recall fails meanwhile, or at any answer other
+  than 200 or 503, saying so.
 
 Plain DOM and fetch (the page's own origin and session cookie); no PHI shown.
 """
 
 from __future__ import annotations
+
+from appliance.http.dicomweb_wado import RECALL_HEADER
 
 GIVE_UP_MINUTES = 30
 
@@ -36,7 +46,19 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
   var root = window.location.origin + '/dicom-web';
   var giveUpMs = GIVE_UP_MINUTES * 60 * 1000;
   var target = /^\\/studies\\/([0-9.]+)(?:\\/series\\/([0-9.]+))?/;
+  var header = 'RECALL_HEADER';
+  var recalls = {};  // URL -> the box's recall header, for a frame's Error (no headers)
   var waiting = false;
+  var fetched = window.fetch;
+  window.fetch = function () {
+    return fetched.apply(window, arguments).then(function (response) {
+      var said = response.status === 503 && response.headers.get(header);
+      if (said && response.url.indexOf(root + '/studies/') === 0) {
+        recalls[response.url] = said;
+      }
+      return response;
+    });
+  };
   function notice(text) {
     var box = document.getElementById('pacs-edge-recall');
     if (!box) {
@@ -58,22 +80,33 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     var n = parseInt(value, 10);
     return Math.min(60, Math.max(1, isNaN(n) ? 5 : n)) * 1000;
   }
+  function reason(said) {
+    return String(said || '').split(';')[0].trim();
+  }
+  var failed = 'This study could not be retrieved from the archive. Reload the page'
+    + ' later to try again; if this keeps happening, tell IT.';
   window.config.httpErrorHandler = function (error) {
     var request = error && error.request;
     var status = error && (error.status || (request && request.status));
     var url = (request && request.responseURL) || '';
+    var said = request && request.getResponseHeader ? request.getResponseHeader(header) : '';
     // cornerstone's streaming frame loader reports only its message (IMAGE_LOAD_FAILED)
-    var said = !url && error && /Couldn't retrieve (\\S+) got status (\\d+)/.exec(
+    var named = !url && error && /Couldn't retrieve (\\S+) got status (\\d+)/.exec(
       String(error.message));
-    if (said) {
-      url = said[1];
-      status = parseInt(said[2], 10);
+    if (named) {
+      url = named[1];
+      status = parseInt(named[2], 10);
+      said = recalls[url];
     }
     var match = url.indexOf(root + '/studies/') === 0 && target.exec(url.slice(root.length));
-    if (status !== 503 || !match || waiting) {
+    if (status !== 503 || !said || !match || waiting) {
       return;
     }
     waiting = true;
+    if (reason(said) === 'failed') {
+      notice(failed);
+      return;
+    }
     // A frame asks for itself again: a study's cached metadata answers 200 while its
     // recall still runs (dicomweb_metadata), its frames only once the recall is done.
     var frames = url.indexOf('/frames/') > 0 || url.indexOf('/bulkdata/') > 0;
@@ -98,11 +131,13 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
           + '. Reload the page to keep waiting; if this keeps happening, tell IT.');
         return;
       }
-      fetch(probe, {credentials: 'same-origin', headers: {Accept: accept}})
+      fetched(probe, {credentials: 'same-origin', headers: {Accept: accept}})
         .then(function (response) {
           if (response.ok) {
             stop('The study is back from the archive: opening it.');
             window.location.reload();
+          } else if (reason(response.headers.get(header)) === 'failed') {
+            stop(failed);
           } else if (response.status === 503) {
             setTimeout(ask, retryAfter(response.headers.get('Retry-After')));
           } else {
@@ -116,4 +151,4 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     setTimeout(ask, retryAfter(request ? request.getResponseHeader('Retry-After') : ''));
   };
 })();
-""".replace("GIVE_UP_MINUTES", str(GIVE_UP_MINUTES))
+""".replace("GIVE_UP_MINUTES", str(GIVE_UP_MINUTES)).replace("RECALL_HEADER", RECALL_HEADER)
