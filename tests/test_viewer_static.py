@@ -173,9 +173,11 @@ async def test_app_config_points_at_the_same_origin_dicomweb(served: str) -> Non
     assert answer.headers["cache-control"] == "no-cache"
     script = answer.body.decode()
     assert not re.search(r"https?://", script), "no absolute URL: same origin only"
-    # Run it as the browser would, with a page served from a box behind some host name.
+    # Run it as the browser would, with a page served from a box behind some host name
+    # (and the window's addEventListener: viewer_recall.py listens for rejections).
     probe = (
-        "globalThis.window = {location: {origin: 'https://pacs.example.org:8443'}};\n"
+        "globalThis.window = {location: {origin: 'https://pacs.example.org:8443'},"
+        " addEventListener: () => {}};\n"
         f"{script}\n"
         "process.stdout.write(JSON.stringify(window.config));\n"
     )

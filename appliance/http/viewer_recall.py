@@ -29,6 +29,10 @@ answer of a study (or series) it:
   recall_wait_seconds, so the answer comes as the recall lands;
 - reloads the page once that answers 200: the viewer route names the study, so
   OHIF opens it again, from the metadata cache;
+- keeps OHIF's "Something went wrong" pop-up away for a recall answer: OHIF's
+  error boundary shows it for every unhandled promise rejection, and a failed
+  frame load is one; the script's own listener, registered first, stops those
+  whose reason is a recall answer (others still reach OHIF);
 - stops after GIVE_UP_MS, when the recall fails meanwhile, or at any answer other
   than 200 or 503, saying so.
 
@@ -83,14 +87,20 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
   function reason(said) {
     return String(said || '').split(';')[0].trim();
   }
-  var failed = 'This study could not be retrieved from the archive. Reload the page'
+  var lost = 'This study could not be retrieved from the archive. Reload the page'
     + ' later to try again; if this keeps happening, tell IT.';
-  window.config.httpErrorHandler = function (error) {
-    var request = error && error.request;
-    var status = error && (error.status || (request && request.status));
+  // What a failed request was: URL, status, and the box's recall header if it is a
+  // recall answer. OHIF passes an Error with `request` (its XHR) or, for a streamed
+  // frame, an Error whose message alone names the URL and status (IMAGE_LOAD_FAILED);
+  // the XHR frame loader rejects with the XHR itself.
+  function answer(error) {
+    var request = error && (error.request || error);
+    if (!request || typeof request.getResponseHeader !== 'function') {
+      request = null;
+    }
     var url = (request && request.responseURL) || '';
-    var said = request && request.getResponseHeader ? request.getResponseHeader(header) : '';
-    // cornerstone's streaming frame loader reports only its message (IMAGE_LOAD_FAILED)
+    var status = error && (error.status || (request && request.status));
+    var said = request ? request.getResponseHeader(header) : '';
     var named = !url && error && /Couldn't retrieve (\\S+) got status (\\d+)/.exec(
       String(error.message));
     if (named) {
@@ -98,13 +108,29 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
       status = parseInt(named[2], 10);
       said = recalls[url];
     }
+    return {url: url, status: status, request: request, said: status === 503 && said};
+  }
+  // OHIF's error boundary turns every unhandled rejection into its "Something went
+  // wrong" pop-up, a failed frame's among them; a recall answer has the notice instead.
+  // Registered before OHIF's listener (app-config.js runs first), so it can stop it.
+  window.addEventListener('unhandledrejection', function (event) {
+    if (answer(event.reason).said) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  });
+  window.config.httpErrorHandler = function (error) {
+    var failed = answer(error);
+    var request = failed.request;
+    var url = failed.url;
+    var said = failed.said;
     var match = url.indexOf(root + '/studies/') === 0 && target.exec(url.slice(root.length));
-    if (status !== 503 || !said || !match || waiting) {
+    if (!said || !match || waiting) {
       return;
     }
     waiting = true;
     if (reason(said) === 'failed') {
-      notice(failed);
+      notice(lost);
       return;
     }
     // A frame asks for itself again: a study's cached metadata answers 200 while its
@@ -137,7 +163,7 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
             stop('The study is back from the archive: opening it.');
             window.location.reload();
           } else if (reason(response.headers.get(header)) === 'failed') {
-            stop(failed);
+            stop(lost);
           } else if (response.status === 503) {
             setTimeout(ask, retryAfter(response.headers.get('Retry-After')));
           } else {
