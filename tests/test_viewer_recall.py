@@ -14,7 +14,9 @@ during the recall) and its frames wait instead.
 
 Only the box's recall answers move the viewer: a 503 carrying `PACS-Edge-Recall`
 (`recalling`, or `failed` for a recall that failed: the viewer says so, and does not
-say the study is on its way).
+say the study is on its way). A study whose pack the sync agent's lifecycle put on the
+Archive tier is answered `rehydrating` (hours, Retry-After the agent's rehydration
+poll): the viewer says it can take hours and the user may close the page.
 
 Screenshots stay in the test's tmp_path: recall-waiting.png, recall-opened.png,
 recall-failed.png.
@@ -22,6 +24,7 @@ recall-failed.png.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +55,7 @@ from test_viewer_browser import (
 )
 
 NOTICE = "being retrieved from the archive"
+ARCHIVE_NOTICE = "this can take hours"
 FAILED = "could not be retrieved from the archive"
 RECALL_HEADER = "PACS-Edge-Recall"
 POP_UP = "Something went wrong"  # OHIF's error pop-up
@@ -64,8 +68,15 @@ pytestmark = pytest.mark.slow
 def stored(tmp_path: Path, free_port: Callable[[], int],
            edge_server_factory: Callable[..., EdgeServer]) -> tuple[EdgeServer, Any]:
     """A running box holding the CT (replicated to the cloud), and no sync agent."""
+    return store_the_ct(tmp_path, free_port, edge_server_factory)
+
+
+def store_the_ct(tmp_path: Path, free_port: Callable[[], int],
+                 edge_server_factory: Callable[..., EdgeServer],
+                 **sync: float) -> tuple[EdgeServer, Any]:
     server = edge_server_factory(webpeer.web_home(tmp_path / "home", free_port()), start=False)
-    server.configure(sync={"recall_poll_seconds": 0.2}, http={"recall_wait_seconds": 3.0})
+    server.configure(sync={"recall_poll_seconds": 0.2, **sync},
+                     http={"recall_wait_seconds": 3.0})
     server.start()
     webpeer.add_user(server, USER, "radiologist")
     series = dicomgen.make_ct_phantom_series(tmp_path / "ct", SLICES)
@@ -84,8 +95,42 @@ def evicted(stored: tuple[EdgeServer, Any]) -> tuple[EdgeServer, Any]:
 
 
 @pytest.fixture
+def archived(tmp_path: Path, free_port: Callable[[], int],
+             edge_server_factory: Callable[..., EdgeServer]) -> tuple[EdgeServer, Any]:
+    """The CT evicted, its pack moved to the Archive tier by the sync agent's lifecycle
+    (archive_after_days: at once), and no sync agent running. The agent checks an
+    archived pack every 2 s (rehydrate_poll_seconds); the local-folder cloud brings it
+    online at once when asked (Azure: hours)."""
+    server, header = store_the_ct(tmp_path, free_port, edge_server_factory,
+                                  rehydrate_poll_seconds=2.0, archive_after_days=1e-9)
+    agent = SyncAgent(server.home).start()
+    try:  # the lifecycle runs as the agent starts
+        poll("the pack on the Archive tier", lambda: pack_tiers(server) == ["Archive"], 60.0)
+    finally:
+        assert agent.stop() == 0, agent.log()
+    evict(server.home, header.StudyInstanceUID)
+    return server, header
+
+
+def pack_tiers(server: EdgeServer) -> list[str]:
+    """The access tier of every pack, as the index records it."""
+    db = sqlite3.connect(f"file:{server.home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return [str(row[0]) for row in db.execute("SELECT access_tier FROM packs")]
+    finally:
+        db.close()
+
+
+@pytest.fixture
 def browser(tmp_path: Path, stored: tuple[EdgeServer, Any]) -> Iterator[webdriver.Chrome]:
     with viewer_chrome(tmp_path, stored[0]) as driver:
+        yield driver
+
+
+@pytest.fixture
+def archived_browser(tmp_path: Path, archived: tuple[EdgeServer, Any]
+                     ) -> Iterator[webdriver.Chrome]:
+    with viewer_chrome(tmp_path, archived[0]) as driver:
         yield driver
 
 
@@ -112,11 +157,13 @@ def series_metadata(server: EdgeServer, header: Any) -> requests.Response:
 
 
 def wait_for_the_recall(server: EdgeServer, driver: webdriver.Chrome, tmp_path: Path,
-                        laid_out: str = "") -> None:
+                        laid_out: str = "", saying: str = NOTICE) -> str:
     """The viewer says the study is coming, then shows it once the agent has recalled
-    it, without anyone reloading the page. `laid_out`: text the page shows meanwhile."""
+    it, without anyone reloading the page. `laid_out`: text the page shows meanwhile;
+    `saying`: what the notice says. Returns the notice's text."""
     network = NetworkLog(driver)
-    said = poll("the being-retrieved notice", lambda: notice(driver), NOTICE_DEADLINE)
+    said = poll("the being-retrieved notice", lambda: notice(driver, saying),
+                NOTICE_DEADLINE)
     assert laid_out in text_of(driver)
     assert "opens here by itself" in said
     # OHIF's own pop-up would follow a failed request within 0.1 s (its error boundary).
@@ -136,6 +183,7 @@ def wait_for_the_recall(server: EdgeServer, driver: webdriver.Chrome, tmp_path: 
         print(f"first image {time.monotonic() - started:.1f} s after the agent started")
     finally:
         assert agent.stop() == 0, agent.log()
+    return said
 
 
 def test_evicted_study_opened_from_the_study_list_shows_once_recalled(
@@ -201,7 +249,7 @@ def test_recall_answers_name_themselves_and_a_failed_recall_says_so(
     running = series_metadata(server, header)  # no agent: the recall waits, 3 s, then 503
     assert running.status_code == 503, running.text
     assert (running.headers.get(RECALL_HEADER), running.headers["Retry-After"]) == (
-        "recalling", "2")
+        "recalling; expect=1800", "2")
     lose_the_cloud_copy(server)
     agent = SyncAgent(server.home).start()
     try:
@@ -232,3 +280,32 @@ def test_a_failed_recall_is_shown_as_failed_not_as_on_its_way(
         diagnosed(browser, tmp_path, steps)
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_a_study_on_the_archive_tier_is_answered_as_hours_with_a_matching_retry_after(
+        archived: tuple[EdgeServer, Any]) -> None:
+    # Its recall waits for the pack's rehydration (Azure, Standard priority: up to
+    # 15 h): asking every 2 s for a 30-minute give-up was no fit. The box's answer
+    # names the case, expects 16 h and asks to be asked again when the agent next
+    # checks the rehydration ([sync] rehydrate_poll_seconds, 2 s here).
+    server, header = archived
+    answer = series_metadata(server, header)
+    assert answer.status_code == 503, answer.text
+    assert (answer.headers.get(RECALL_HEADER), answer.headers["Retry-After"]) == (
+        "rehydrating; expect=57600", "2")
+
+
+def test_a_study_on_the_archive_tier_says_it_can_take_hours_and_opens_once_back(
+        archived: tuple[EdgeServer, Any], archived_browser: webdriver.Chrome,
+        tmp_path: Path) -> None:
+    # Before: "being retrieved from the archive ... (waiting m:ss)", and a give-up after
+    # a constant 30 minutes, whatever the tier.
+    server, header = archived
+    browser = archived_browser
+
+    def steps() -> None:
+        open_launch_link(browser, server, header.StudyInstanceUID, USER)
+        said = wait_for_the_recall(server, browser, tmp_path, saying=ARCHIVE_NOTICE)
+        assert "long-term archive" in said and "close this page and come back" in said
+
+    diagnosed(browser, tmp_path, steps)

@@ -625,7 +625,8 @@ _COMMENTS = {
     " from Archive takes hours).",
     "sync.segment_size": "Encryption segment size in bytes (range reads fetch whole segments).",
     "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
-    "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online.",
+    "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online"
+    " (also the Retry-After of a DICOMweb read that waits for one).",
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
     "sync.evict_without_escrow": "Evict even before the site key is escrowed (`keys escrow`):"
     " a lost box then loses every evicted study.",

@@ -19,9 +19,10 @@
 A study that is evicted is recalled first (web_retrieve.py), like C-GET, waiting
 up to `[http] recall_wait_seconds`: a recall still running then is 503 with
 Retry-After: 2 (ask again: the recall goes on, and the viewer does ask again,
-viewer_recall.py), a recall that failed is 503 with Retry-After: 60. Both carry
-`PACS-Edge-Recall: recalling` or `failed`: a 503 without it is some other condition
-of the box (a full disk, too many connections), not a recall. Unknown and
+viewer_recall.py), a recall that failed is 503 with Retry-After: 60; a recall that
+waits for an Archive-tier rehydration says so, with a longer Retry-After. Each
+carries `PACS-Edge-Recall` (recall_answer.py): a 503 without it is some other
+condition of the box (a full disk, too many connections), not a recall. Unknown and
 out-of-scope studies are both 404. Every answer that hands out patient data is
 audited, and every 404 and 503 too: who, in which role, which study, from where
 (the auditor folds a viewer's hundreds of requests into one record per user,
@@ -38,7 +39,6 @@ from pydicom import dcmread
 from pydicom.tag import Tag
 
 from appliance.http import dicomweb_common as common
-from appliance.http.auth import RETRY_AFTER_SECONDS
 from appliance.http.dicomweb_media import (
     ANY_SYNTAX,
     DICOM,
@@ -49,6 +49,7 @@ from appliance.http.dicomweb_media import (
     MultipartStream,
     file_chunks,
 )
+from appliance.http.recall_answer import recall_unavailable
 from appliance.services.pixel_frames import (
     EXPLICIT_LITTLE,
     FrameError,
@@ -62,9 +63,6 @@ from appliance.services.web_retrieve import Located
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_REQUEST = 4096
-RECALL_RETRY_SECONDS = "2"  # a recall still running: the next ask waits for it again
-# Names a 503 as a recall's answer, and which: `recalling` (ask again) or `failed`.
-RECALL_HEADER = "PACS-Edge-Recall"
 FRAME_READ_BYTES = 16 << 20  # frames held at once while an answer streams (at least one)
 
 
@@ -96,18 +94,12 @@ async def locate(request: web.Request, what: str, *, wait: float | None = None,
         return found
     user, address = common.who(request)
     auditor = common.services(request).auditor
-    if found.unavailable and found.recall_pending:
-        await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
-                                study_uids=[study], reason="study is being recalled")
-        raise web.HTTPServiceUnavailable(
-            text="the study is being recalled from the cloud: ask again in a few seconds\n",
-            headers={"Retry-After": RECALL_RETRY_SECONDS, RECALL_HEADER: "recalling"})
     if found.unavailable:
+        reason = ("study is being recalled" if found.recall_pending
+                  else "study could not be recalled")
         await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
-                                study_uids=[study], reason="study could not be recalled")
-        raise web.HTTPServiceUnavailable(
-            text="the study is not on local disk and its recall from the cloud failed\n",
-            headers={"Retry-After": RETRY_AFTER_SECONDS, RECALL_HEADER: "failed"})
+                                study_uids=[study], reason=reason)
+        raise recall_unavailable(found, common.services(request).config)
     await asyncio.to_thread(auditor.web_retrieved, user, address, what=what,
                             study_uids=[study], instances=len(found.instances))
     return found

@@ -12,7 +12,7 @@ cornerstone's IMAGE_LOAD_FAILED event as an Error whose message alone names the
 URL and status), and the box writes that config
 (viewer.app_config_js), so the fix is this script, appended to app-config.js.
 Only the box's recall answers count: a 503 that carries `PACS-Edge-Recall`
-(dicomweb_wado.RECALL_HEADER); any other 503 (a full disk, too many connections)
+(recall_answer.py); any other 503 (a full disk, too many connections)
 is left to OHIF's ordinary error display. A frame's Error carries no headers, so
 the script wraps `window.fetch` (cornerstone's streaming loader calls the global
 fetch) and remembers the URLs answered with a recall 503. On the first recall
@@ -22,43 +22,45 @@ answer of a study (or series) it:
   page later or tell IT, and asks nothing more;
 - `recalling`: shows a status line over the viewer: the study is being
   retrieved from the archive and opens by itself, with the time waited so far;
-- asks again, each time after the answer's Retry-After (1 to 60 s): for the
-  series' (or study's) metadata, or for a frame the same frame (a study whose
-  metadata was cached answers its metadata at once, during the recall: only its
-  frames say when the recall is done); the box holds each ask up to
-  recall_wait_seconds, so the answer comes as the recall lands;
+- `rehydrating` (a pack on the cloud's Archive tier): says so plainly: this can
+  take hours, the user can close the page and come back (the study opens by
+  itself if the page stays open), with the time waited so far;
+- asks again, each time after the answer's Retry-After (1 s to 1 h; the box sizes
+  it to the case): for the series' (or study's) metadata, or for a frame the same
+  frame (a study whose metadata was cached answers its metadata at once, during
+  the recall: only its frames say when the recall is done); the box holds each
+  ask up to recall_wait_seconds, so the answer comes as the recall lands;
 - reloads the page once that answers 200: the viewer route names the study, so
   OHIF opens it again, from the metadata cache;
 - keeps OHIF's "Something went wrong" pop-up away for a recall answer: OHIF's
   error boundary shows it for every unhandled promise rejection, and a failed
   frame load is one; the script's own listener, registered first, stops those
   whose reason is a recall answer (others still reach OHIF);
-- stops after GIVE_UP_MS, when the recall fails meanwhile, or at any answer other
-  than 200 or 503, saying so.
+- stops once the answer's `expect` (seconds, from the first answer: 30 min for a
+  recall, 16 h for an Archive rehydration) has passed, when the recall fails
+  meanwhile, or at any answer other than 200 or 503, saying so.
 
 Plain DOM and fetch (the page's own origin and session cookie); no PHI shown.
 """
 
 from __future__ import annotations
 
-from appliance.http.dicomweb_wado import RECALL_HEADER
-
-GIVE_UP_MINUTES = 30
+from appliance.http.recall_answer import RECALL_HEADER
 
 RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_recall.py). */
 (function () {
   var root = window.location.origin + '/dicom-web';
-  var giveUpMs = GIVE_UP_MINUTES * 60 * 1000;
   var target = /^\\/studies\\/([0-9.]+)(?:\\/series\\/([0-9.]+))?/;
   var header = 'RECALL_HEADER';
-  var recalls = {};  // URL -> the box's recall header, for a frame's Error (no headers)
+  // URL -> the box's recall answer {said, retry}, for a frame's Error (no headers)
+  var recalls = {};
   var waiting = false;
   var fetched = window.fetch;
   window.fetch = function () {
     return fetched.apply(window, arguments).then(function (response) {
       var said = response.status === 503 && response.headers.get(header);
       if (said && response.url.indexOf(root + '/studies/') === 0) {
-        recalls[response.url] = said;
+        recalls[response.url] = {said: said, retry: response.headers.get('Retry-After')};
       }
       return response;
     });
@@ -76,23 +78,39 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     }
     box.textContent = text;
   }
+  function two(n) {
+    return ('0' + n).slice(-2);
+  }
   function clock(ms) {
     var s = Math.floor(ms / 1000);
-    return Math.floor(s / 60) + ':' + ('0' + (s % 60)).slice(-2);
+    var h = Math.floor(s / 3600);
+    return h ? h + ':' + two(Math.floor(s / 60) % 60) + ':' + two(s % 60)
+      : Math.floor(s / 60) + ':' + two(s % 60);
   }
   function retryAfter(value) {
     var n = parseInt(value, 10);
-    return Math.min(60, Math.max(1, isNaN(n) ? 5 : n)) * 1000;
+    return Math.min(3600, Math.max(1, isNaN(n) ? 5 : n)) * 1000;
   }
   function reason(said) {
     return String(said || '').split(';')[0].trim();
   }
+  function expectMs(said) {
+    var found = /expect=(\\d+)/.exec(String(said || ''));
+    return (found ? parseInt(found[1], 10) : 1800) * 1000;
+  }
   var lost = 'This study could not be retrieved from the archive. Reload the page'
     + ' later to try again; if this keeps happening, tell IT.';
-  // What a failed request was: URL, status, and the box's recall header if it is a
-  // recall answer. OHIF passes an Error with `request` (its XHR) or, for a streamed
-  // frame, an Error whose message alone names the URL and status (IMAGE_LOAD_FAILED);
-  // the XHR frame loader rejects with the XHR itself.
+  var texts = {
+    recalling: 'This study is being retrieved from the archive. It opens here by itself'
+      + ' when it is ready (waiting ',
+    rehydrating: 'This study is being retrieved from long-term archive storage: this can'
+      + ' take hours. You can close this page and come back later; if you leave it open,'
+      + ' the study opens here by itself when it is ready (waiting '
+  };
+  // What a failed request was: URL, status, and the box's recall answer if it is one.
+  // OHIF passes an Error with `request` (its XHR) or, for a streamed frame, an Error
+  // whose message alone names the URL and status (IMAGE_LOAD_FAILED); the XHR frame
+  // loader rejects with the XHR itself.
   function answer(error) {
     var request = error && (error.request || error);
     if (!request || typeof request.getResponseHeader !== 'function') {
@@ -101,14 +119,16 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     var url = (request && request.responseURL) || '';
     var status = error && (error.status || (request && request.status));
     var said = request ? request.getResponseHeader(header) : '';
+    var retry = request ? request.getResponseHeader('Retry-After') : '';
     var named = !url && error && /Couldn't retrieve (\\S+) got status (\\d+)/.exec(
       String(error.message));
     if (named) {
       url = named[1];
       status = parseInt(named[2], 10);
-      said = recalls[url];
+      said = recalls[url] && recalls[url].said;
+      retry = recalls[url] && recalls[url].retry;
     }
-    return {url: url, status: status, request: request, said: status === 503 && said};
+    return {url: url, said: status === 503 && said, retry: retry};
   }
   // OHIF's error boundary turns every unhandled rejection into its "Something went
   // wrong" pop-up, a failed frame's among them; a recall answer has the notice instead.
@@ -121,15 +141,13 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
   });
   window.config.httpErrorHandler = function (error) {
     var failed = answer(error);
-    var request = failed.request;
     var url = failed.url;
-    var said = failed.said;
     var match = url.indexOf(root + '/studies/') === 0 && target.exec(url.slice(root.length));
-    if (!said || !match || waiting) {
+    if (!failed.said || !match || waiting) {
       return;
     }
     waiting = true;
-    if (reason(said) === 'failed') {
+    if (reason(failed.said) === 'failed') {
       notice(lost);
       return;
     }
@@ -141,8 +159,8 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
     var accept = frames ? 'multipart/related; type="application/octet-stream";'
       + ' transfer-syntax=*' : 'application/dicom+json';
     var started = Date.now();
-    var text = 'This study is being retrieved from the archive. It opens here by itself'
-      + ' when it is ready (waiting ';
+    var giveUpMs = expectMs(failed.said);
+    var text = texts[reason(failed.said)] || texts.recalling;
     var ticker = setInterval(function () {
       notice(text + clock(Date.now() - started) + ').');
     }, 1000);
@@ -174,7 +192,7 @@ RECALL_SCRIPT = """/* pacs-edge: a study being recalled from the cloud (viewer_r
           setTimeout(ask, 5000);
         });
     }
-    setTimeout(ask, retryAfter(request ? request.getResponseHeader('Retry-After') : ''));
+    setTimeout(ask, retryAfter(failed.retry));
   };
 })();
-""".replace("GIVE_UP_MINUTES", str(GIVE_UP_MINUTES)).replace("RECALL_HEADER", RECALL_HEADER)
+""".replace("RECALL_HEADER", RECALL_HEADER)

@@ -34,6 +34,7 @@ from appliance.services.access import Principal
 from appliance.services.retrieve import NOT_LOCAL_STATES, RetrieveService
 from appliance.store.files import FileStore
 from appliance.store.index import Index, InstanceLocation
+from appliance.store.packs import archived_packs_in_use
 from appliance.store.study_rows import study_by_uid
 
 REQUESTED_BY = "dicomweb"
@@ -58,6 +59,7 @@ class Located:
     unavailable: tuple[StoredInstance, ...]  # matched but not on disk (recall failed)
     recall_errors: tuple[str, ...] = ()
     recall_pending: bool = False  # the study's recall is still running: ask again soon
+    recall_from_archive: bool = False  # ...and waits for an Archive-tier rehydration
 
 
 class WebRetrieveService:
@@ -85,9 +87,10 @@ class WebRetrieveService:
                 wait=self.recall_wait if wait is None else wait)
             errors, pending = recall.errors, not recall.done and not recall.errors
             rows = await self._rows(study_uid, series_uid, sop_uid)
+        archived = pending and bool(await archived_packs_in_use(self.index, study_uid))
         ready, missing = await asyncio.to_thread(self._split, rows)
         await self._touch(study_uid)
-        return Located(tuple(ready), tuple(missing), errors, pending)
+        return Located(tuple(ready), tuple(missing), errors, pending, archived)
 
     async def _touch(self, study_uid: str) -> None:
         now = time.monotonic()

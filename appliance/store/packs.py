@@ -232,3 +232,12 @@ async def damaged_packs_in_use(index: Index, study_id: int) -> list[PackRow]:
         index.reader, _packs,
         f"{_PACK_SQL} WHERE p.study_fk = ? AND p.scrub_state = 'damaged' AND {_IN_USE}"
         " ORDER BY p.version", (study_id,))
+
+
+async def archived_packs_in_use(index: Index, study_uid: str) -> list[PackRow]:
+    """Packs of a study on the Archive tier (as the lifecycle recorded it) that still
+    hold instances: a recall of the study waits for their rehydration (hours)."""
+    return await database.run_sync(
+        index.reader, _packs,
+        f"{_PACK_SQL} JOIN studies st ON st.id = p.study_fk WHERE st.study_uid = ?"
+        f" AND p.access_tier = 'Archive' AND {_IN_USE} ORDER BY p.version", (study_uid,))
