@@ -346,16 +346,18 @@ class PackService:
 
     # --- recall ----------------------------------------------------------------
 
-    async def ensure_online(self, pack: PackRow) -> None:
-        """Wait until an archived pack is rehydrated (requested here when needed)."""
+    async def ensure_online(self, pack: PackRow) -> Tier:
+        """Wait until an archived pack is rehydrated (requested here when needed); the
+        online tier it is on."""
         info = await asyncio.to_thread(self.store.stat, pack.pack_name)
         if info.online:
-            return
+            return info.tier
         log.info("pack is archived; rehydration requested pack=%s", pack.pack_name)
         await asyncio.to_thread(self.store.request_online, pack.pack_name)
-        while not (await asyncio.to_thread(self.store.stat, pack.pack_name)).online:
+        while not (info := await asyncio.to_thread(self.store.stat, pack.pack_name)).online:
             await asyncio.sleep(self._rehydrate_poll)
-        log.info("pack back online pack=%s", pack.pack_name)
+        log.info("pack back online pack=%s tier=%s", pack.pack_name, info.tier.value)
+        return info.tier
 
     async def recall_pack(self, pack: PackRow, rows: list[InstanceRow], *,
                           on_written: Callable[[InstanceRow], None]) -> None:

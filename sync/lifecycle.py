@@ -1,9 +1,11 @@
 """Cloud lifecycle: move verified packs to cheaper access tiers as they age.
 
-Ages are counted from the pack's creation; a pack only ever moves towards
-colder tiers here (a recall of an archived pack rehydrates it, see
-PackService.ensure_online). Manifests and key objects stay Hot: listing and
-restoring need them quickly, and they are small.
+Ages are counted from the pack's creation, or from its last rehydration: a
+recall of an archived pack brings it back online (PackService.ensure_online)
+and records the tier it is on since (sync.recall), and from then the pack ages
+as a new one would, back to Archive in `archive_after_days`. A pack only ever
+moves towards colder tiers here. Manifests and key objects stay Hot: listing
+and restoring need them quickly, and they are small.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ async def apply_lifecycle(ctx: SyncContext) -> int:
                                  (sync.cold_after_days, Tier.COLD),
                                  (sync.archive_after_days, Tier.ARCHIVE)) if limit > 0]
     for pack in await packs_due_for_colder_tier(ctx.index, due):
-        target = target_tier((now - pack.created_at) / DAY, cool=sync.cool_after_days,
+        target = target_tier((now - pack.tier_age_from) / DAY, cool=sync.cool_after_days,
                              cold=sync.cold_after_days, archive=sync.archive_after_days)
         if _ORDER.index(target) <= _ORDER.index(Tier(pack.access_tier)):
             continue

@@ -28,7 +28,7 @@ from appliance.base import logsafe
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics import RECALL_SECONDS, RECALLED_BYTES, RECALLS
 from appliance.store.leases import StudyBusy, StudyLease
-from appliance.store.packs import packs_of
+from appliance.store.packs import PackRow, packs_of, record_rehydrated
 from appliance.store.recall_requests import finish_request, pending_recalls
 from appliance.store.study_rows import InstanceRow, StudyRow, study_by_id
 from appliance.store.tier_steps import begin_recall, fail_recall, mark_recalled
@@ -77,7 +77,7 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
         # Room for the whole study above the reserve, or no download at all.
         await asyncio.to_thread(ctx.files.check_space, sum(i.size for i in missing))
         for pack_id in sorted(by_pack):
-            await ctx.packs.ensure_online(packs[pack_id])
+            await _bring_online(ctx, packs[pack_id])
         if any(instance.pack_fk not in packs for instance in missing):
             raise RecallFailed("an evicted instance has no verified pack",
                                hint="run pacs-edge fsck; the index is inconsistent")
@@ -110,6 +110,17 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
     RECALL_SECONDS.observe(time.monotonic() - started)
     ctx.audit.recalled(study, len(missing))
     return len(missing)
+
+
+async def _bring_online(ctx: SyncContext, pack: PackRow) -> None:
+    """Wait for the pack to be online; record the tier it came back to from Archive,
+    or the index would keep saying Archive: the lifecycle would never move it to a
+    colder tier again, and the web would answer its next recall as hours long."""
+    assert ctx.index.writer is not None
+    tier = await ctx.packs.ensure_online(pack)
+    if tier.value != pack.access_tier:
+        await ctx.index.writer.submit_sync(
+            lambda c: record_rehydrated(c, pack.id, tier.value, time.time()))
 
 
 async def _undo_recall(ctx: SyncContext, study: StudyRow, lease: StudyLease,
