@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
+import dcmtk
 import pytest
-from conftest import pacs_edge_command, run_pacs_edge
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -197,6 +200,46 @@ def test_certificates_never_outlive_the_ca(tmp_path: Path) -> None:
     certs.issue_client(home, "ws1", tmp_path / "ws1", days=365)
     ca, client = _cert(home / "tls/ca.pem"), _cert(tmp_path / "ws1/ws1.pem")
     assert client.not_valid_after_utc == ca.not_valid_after_utc
+
+
+def test_status_warns_before_a_certificate_a_peer_presented_expires(tmp_path: Path) -> None:
+    """A device that calls over TLS with a certificate the box has no copy of (issued
+    before `certs issue` kept copies) is warned about 30 days ahead, as an issued one is:
+    the index keeps what it presented, and `status` reads it (JSON:
+    presented_certificates). The box's own copy of the same certificate warns once."""
+    home = init_home(tmp_path / "home")
+    server = EdgeServer(home)
+    server.configure(dicom={"tls_port": dcmtk.free_port()})
+    client = tmp_path / "testscu"
+    server.cli("certs", "issue", "testscu", "--out", str(client), "--days", "10")
+    copy = home / "tls" / "issued" / "testscu.pem"
+    kept = copy.read_bytes()
+    copy.unlink()  # as for a certificate issued before the copies
+    server.start()
+    try:
+        tls_port = int(re.search(r"tls_port=(\d+)", server.log()).group(1))  # type: ignore[union-attr]
+        dcmtk.echoscu(tls_port, args=["+tls", str(client / "testscu.key"),
+                                      str(client / "testscu.pem"), "+cf", str(client / "ca.pem"),
+                                      "--profile-bcp195-nd"]).check()
+        deadline = time.monotonic() + 30  # the association does not wait for the write
+        report = json.loads(server.cli("status", "--json").stdout)
+        while "testscu" not in report.get("presented_certificates", {}) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+            report = json.loads(server.cli("status", "--json").stdout)
+        warnings = server.cli("status").stderr
+        copy.write_bytes(kept)
+        again = server.cli("status").stderr
+    finally:
+        server.stop()
+    not_after = _cert(client / "testscu.pem").not_valid_after_utc.timestamp()
+    assert report["presented_certificates"] == {"testscu": not_after}
+    assert "peer_certificate_expiring" in {w["code"] for w in report["warnings"]}
+    assert ("warning: the certificate peer testscu presented over TLS expires in 10 days"
+            in warnings), warnings
+    assert "pacs-edge certs issue testscu --out DIR" in warnings
+    assert "presented over TLS" not in again, again  # the copy warns: not twice for one
+    assert "the certificate issued to peer testscu expires in 10 days" in again
 
 
 def test_status_warns_before_a_certificate_issued_to_a_peer_expires(tmp_path: Path) -> None:

@@ -127,6 +127,8 @@ class HealthReport:
                        "evict_without_escrow": config.sync.evict_without_escrow},
             "certificates": {c.name: c.not_after for c in self.certificates},
             "peer_certificates": {c.name: c.not_after for c in self.peer_certificates},
+            "presented_certificates": {c.name: c.not_after
+                                       for c in self.presented_certificates},
             "audit_forwarding": asdict(self.audit_forwarding)
             if self.audit_forwarding else None,
             "warnings": [asdict(w) for w in self.warnings],
@@ -280,7 +282,11 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
               for c in report.certificates],
             *[("peer_certificate_expiring", c, f"the certificate issued to peer {c.name}",
                f"`pacs-edge certs issue {c.name} --out DIR`, then install it on the device")
-              for c in report.peer_certificates]]:
+              for c in report.peer_certificates],
+            *[("peer_certificate_expiring", c,
+               f"the certificate peer {c.name} presented over TLS",
+               f"`pacs-edge certs issue {c.name} --out DIR`, then install it on the device")
+              for c in device_certificates(report)]]:
         left = cert.not_after - now
         if left < CERT_WARN_DAYS * 86400:
             found.append(HealthWarning(code, f"{what} " + (
@@ -302,6 +308,14 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "audit_forwarding_failing", f"{forwarding.backlog} audit records wait for the syslog"
             f" collector, the oldest for {_ago(now - forwarding.oldest_unsent_at)}"))
     return found
+
+
+def device_certificates(report: HealthReport) -> list[CertificateExpiry]:
+    """The certificates peers presented that are not the box's copy of what it issued to
+    them: one issued before `certs issue` kept copies (2026-12), or an older one the
+    device still uses after a new one was issued. The copy's own warning covers the rest."""
+    issued = {c.name: c.not_after for c in report.peer_certificates}
+    return [c for c in report.presented_certificates if issued.get(c.name) != c.not_after]
 
 
 def _ago(seconds: float) -> str:
