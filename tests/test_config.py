@@ -49,6 +49,16 @@ def test_invalid_value_names_key_value_and_expectation(
     assert "expected" in caught.value.message
 
 
+@pytest.mark.parametrize("key", ["http.recall_wait_seconds", "audit.flush_seconds"])
+def test_a_refused_zero_is_not_said_to_be_in_range(tmp_path: Path, key: str) -> None:
+    """0 is refused for these; the message said '0 to 600 seconds' (an operator who set 0
+    to answer 503 at once read that 0 was valid)."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(tmp_path, {section: {name: 0}})
+    assert "expected above 0, at most" in caught.value.message, caught.value.message
+
+
 @pytest.mark.parametrize(
     ("raw", "key", "said"),
     [

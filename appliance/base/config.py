@@ -125,7 +125,7 @@ class HttpConfig:
     qido_max_results: int = field(default=5000, metadata=_check(lambda v: 1 <= v <= 1_000_000,
                                                                 "1 to 1000000"))
     recall_wait_seconds: float = field(
-        default=15.0, metadata=_check(lambda v: 0 < v <= 600, "0 to 600 seconds"))
+        default=15.0, metadata=_check(lambda v: 0 < v <= 600, "above 0, at most 600 seconds"))
 
 
 def _networks_ok(values: tuple[str, ...]) -> bool:
@@ -226,7 +226,8 @@ class SyncConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     site_id: str = ""
-    flush_seconds: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 60, "0-60 s"))
+    flush_seconds: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 60,
+                                                                   "above 0, at most 60 s"))
     batch_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     rejection_window_seconds: float = field(
         default=300.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
