@@ -66,3 +66,34 @@ def test_verify_finds_an_instance_the_legacy_pacs_received_after_the_run_and_res
                                             for f in [*files, path])
     trail = (box.home / "audit" / "audit.log").read_text(encoding="utf-8")
     assert "migration run 1 verified: 3 studies checked, 2 complete, 1 incomplete" in trail
+
+
+def test_verify_again_before_the_retry_does_not_call_the_run_complete(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """An incomplete study is a failure of the run, no longer a done one: a second verify
+    (a script's --json after the operator's look) checked only the done studies and
+    said complete, exit 0, while the box still lacked an instance."""
+    files = make_archive(tmp_path / "archive", 2, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    legacy = legacy_factory(files)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since", "20240301",
+            "--until", "20240302", timeout=RUN_TIMEOUT)
+    late = pydicom.dcmread(files[0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(9, "late")
+    legacy.load([dicomgen.write_instance(late, tmp_path / "late.dcm",
+                                         SYNTAX_BY_CLASS[str(late.SOPClassUID)]).path])
+    code, report = verify(box)
+    assert (code, len(report["incomplete"])) == (1, 1)
+    studies = report["checked"]
+    again = box.cli("migrate", "verify", check=False, timeout=RUN_TIMEOUT)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "the run is not complete: 1 studies failed or wait" in again.stderr
+    code, report = verify(box)
+    assert (code, report["checked"], report["not_migrated"]) == (1, studies - 1, 1)
+
+    box.cli("migrate", "resume", "--retry-failed", timeout=RUN_TIMEOUT)
+    code, report = verify(box)
+    assert (code, report["checked"], report["not_migrated"], report["missing"]) == (
+        0, studies, 0, 0)

@@ -2,10 +2,11 @@
 PACS, instance by instance (appliance/services/migration_verify.py).
 
 Exit 0 when the box holds every instance the legacy PACS lists for every study the
-run migrated; 1 when some are missing (they are then failures of the run, which
-`migrate resume --retry-failed` fetches); 2 when it cannot check (no run, a run a
-process still drives, the peer gone from the allowlist, the legacy PACS
-unreachable). The result is audited.
+run migrated and the run has no other study left; 1 when some are missing (they are
+then failures of the run, which `migrate resume --retry-failed` fetches) or the run
+holds studies or days that failed or wait (verify cannot check those); 2 when it
+cannot check (no run, a run a process still drives, the peer gone from the
+allowlist, the legacy PACS unreachable). The result is audited.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def verify(home: Path | None, as_json: bool) -> None:
     audit_change(config, f"migration run {run_id} verified: {report.checked} studies checked,"
                  f" {report.complete} complete, {len(report.incomplete)} incomplete"
                  f" ({report.missing} instances missing), {len(report.gone)} no longer"
-                 " listed by the legacy PACS", security=False)
+                 f" listed by the legacy PACS, {report.not_migrated} studies and"
+                 f" {report.days_not_listed} days of the run not migrated", security=False)
     if as_json:
         click.echo(json.dumps({"run": run_id, **dataclasses.asdict(report),
                                "missing": report.missing}, indent=2))
@@ -55,6 +57,12 @@ def verify(home: Path | None, as_json: bool) -> None:
         err.print("incomplete studies are failures of the run now: `pacs-edge migrate"
                   " failures` lists them; `pacs-edge migrate resume --retry-failed` fetches"
                   " what is missing", highlight=False)
+    if report.not_migrated or report.days_not_listed:
+        err.print(f"the run is not complete: {report.not_migrated} studies failed or wait and"
+                  f" {report.days_not_listed} days are not listed (not checked: only migrated"
+                  " studies can be); `pacs-edge migrate failures` lists the failed ones,"
+                  " `pacs-edge migrate resume --retry-failed` tries them again", highlight=False)
+    if not report.run_complete:
         sys.exit(1)
 
 

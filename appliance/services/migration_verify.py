@@ -10,6 +10,11 @@ it after its migration, or an instance was lost since) is marked failed,
 fetches what is missing, as for any failure. A study the legacy PACS no longer
 lists at all is reported apart (`gone`), not reopened. All C-FINDs share one
 association; each is bounded by the DIMSE timeouts of the SCU edge.
+
+Only done studies can be checked: the run's other studies (failed, an earlier
+verify's incomplete ones among them, or not tried yet) and the days it could not
+list are counted (`not_migrated`, `days_not_listed`), so that a verify run again
+before `resume --retry-failed` does not call the run complete.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ class VerifyReport:
     listed: int = 0  # instances the legacy PACS lists for the checked studies
     incomplete: list[StudyCheck] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # studies it no longer lists
+    not_migrated: int = 0  # the run's studies not done before the check: not checked
+    days_not_listed: int = 0  # the run's days failed or not listed yet: studies unknown
+
+    @property
+    def run_complete(self) -> bool:
+        return not (self.incomplete or self.not_migrated or self.days_not_listed)
 
     @property
     def missing(self) -> int:
@@ -56,7 +67,9 @@ async def verify_run(index: Index, run_id: int, source: LegacySource, *,
     assert index.writer is not None
     writer = index.writer
     studies = await database.run_sync(index.reader, rows.done_studies, run_id)
-    report = VerifyReport()
+    counts = await database.run_sync(index.reader, rows.summary, run_id)
+    report = VerifyReport(not_migrated=counts.studies_found - counts.studies_done,
+                          days_not_listed=counts.days_total - counts.days_done)
     session_cm = source.session()
     session = await asyncio.to_thread(session_cm.__enter__)
     try:
@@ -82,6 +95,7 @@ async def verify_run(index: Index, run_id: int, source: LegacySource, *,
     finally:
         await asyncio.to_thread(session_cm.__exit__, None, None, None)
     log.info("migration verified run=%d studies=%d complete=%d incomplete=%d gone=%d"
-             " missing=%d", run_id, report.checked, report.complete, len(report.incomplete),
-             len(report.gone), report.missing)
+             " missing=%d not_migrated=%d days_not_listed=%d", run_id, report.checked,
+             report.complete, len(report.incomplete), len(report.gone), report.missing,
+             report.not_migrated, report.days_not_listed)
     return report
