@@ -113,3 +113,19 @@ def test_a_service_class_listed_as_a_storage_class_stops_serve_saying_so(
                             check=False, timeout=60)
     assert started.returncode != 0
     assert "a service of this box, not a storage class" in started.stderr, started.stderr
+
+
+def test_config_check_refuses_a_service_class_listed_as_a_storage_class(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """What stops serve stops `config check` too, whole or on the file alone (the Ansible
+    role's validate step): it passed such a config, and the restart left the box down."""
+    server = edge_server_factory(start=False)
+    config = server.home / "pacs-edge.toml"
+    server.configure(dicom={"extra_storage_classes": [str(Verification)]})
+    whole = server.cli("config", "check", check=False)
+    alone = run_pacs_edge("config", "check", "--config-file", str(config), "--home",
+                          str(server.home), check=False)
+    for checked in (whole, alone):
+        assert checked.returncode == 2, checked.stdout + checked.stderr
+        assert ("extra_storage_classes lists 1.2.840.10008.1.1, a service of this box"
+                in checked.stdout + checked.stderr)

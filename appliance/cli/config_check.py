@@ -11,7 +11,7 @@ Every problem is reported, not just the first.
 
 `check_files` checks a config file or a peers file alone, before it replaces
 the live one (the Ansible role's `validate:` step): the values, the listeners,
-the allowlist, but none of the files a config names (on a first deployment the
+the storage classes, the allowlist, but none of the files a config names (on a first deployment the
 secrets do not exist yet; the full check runs after `init`).
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from appliance.base.config import Config, config_from_mapping, read_toml
 from appliance.base.errors import PacsEdgeError
+from appliance.dimse.negotiation import check_extra_storage_classes
 from appliance.dimse.tls import server_context
 from appliance.services import launch_links
 from appliance.services.peers import Allowlist
@@ -54,6 +55,7 @@ def check_home(config: Config) -> list[Finding]:
     """Run every check against `config` (already loaded, so its values are valid)."""
     checks: list[tuple[str, Callable[[], str]]] = [
         ("listeners", lambda: _listeners(config)),
+        ("storage classes", lambda: _storage_classes(config)),
         ("peer allowlist", lambda: _peers(config)),
         ("site key(s)", lambda: _site_keys(config.home)),
         ("name secret", lambda: _quiet(load_name_secret, config.home)),
@@ -82,6 +84,7 @@ def check_files(home: Path, *, config_file: Path | None = None,
         else:
             findings.append(Finding(f"config file {config_file}"))
             findings.append(_run("listeners", lambda: _listeners(config)))
+            findings.append(_run("storage classes", lambda: _storage_classes(config)))
     if peers_file is not None:
         findings.append(_run(f"peer allowlist {peers_file}", lambda: _peers_file(peers_file)))
     return findings
@@ -167,6 +170,12 @@ def _listeners(config: Config) -> str:
                     + ("" if host == other_host else f" and {host or '*'}:{port}"),
                     hint="give each listener its own port (or turn one off with port 0)")
     return ", ".join(f"{_NAMES[key]} {port}" for key, _, port in opened)
+
+
+def _storage_classes(config: Config) -> str:
+    check_extra_storage_classes(config.dicom)
+    extra = len(config.dicom.extra_storage_classes)
+    return f"the standard ones and {extra} more" if extra else "the standard ones"
 
 
 _NAMES = {"[dicom] port": "DICOM", "[dicom] tls_port": "DICOM TLS", "[hl7] port": "HL7",

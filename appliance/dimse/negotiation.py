@@ -36,11 +36,48 @@ from typing import Any
 
 from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
+    ModalityWorklistInformationFind,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from appliance.base.config import DicomConfig
+from appliance.base.errors import PacsEdgeError
 
 STORED_REFRESH = 30.0
 STANDARD_STORAGE_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+QUERY_RETRIEVE_CONTEXTS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+# Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
+WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep,
+                     ModalityPerformedProcedureStepRetrieve, ModalityWorklistInformationFind)
+SERVICE_CLASSES = frozenset(str(uid) for uid in (Verification, *QUERY_RETRIEVE_CONTEXTS,
+                                                 *WORKFLOW_CONTEXTS))
+
+
+def check_extra_storage_classes(config: DicomConfig) -> None:
+    """Refuse extra storage classes that are services of this box (serve's start and
+    `config check`, so that the Ansible role's validate step refuses them too)."""
+    clash = sorted(SERVICE_CLASSES.intersection(config.extra_storage_classes))
+    if clash:
+        raise PacsEdgeError(
+            f"[dicom] extra_storage_classes lists {', '.join(clash)}, a service of this"
+            " box, not a storage class", hint="list only the SOP classes to store")
 
 
 def storage_classes(config: DicomConfig) -> tuple[str, ...]:

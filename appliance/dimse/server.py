@@ -19,25 +19,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ModalityPerformedProcedureStep,
-    ModalityPerformedProcedureStepRetrieve,
-    ModalityWorklistInformationFind,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StorageCommitmentPushModel,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import PacsEdgeError, TransportAborted
 from appliance.dimse import find_scp
-from appliance.dimse.negotiation import StoredCounts, StoringAE, storage_classes
+from appliance.dimse.negotiation import (
+    QUERY_RETRIEVE_CONTEXTS,
+    WORKFLOW_CONTEXTS,
+    StoredCounts,
+    StoringAE,
+    check_extra_storage_classes,
+    storage_classes,
+)
 from appliance.dimse.store_receiver import StoreTarget
 from appliance.dimse.transport import (
     ConnectionGuard,
@@ -49,17 +44,6 @@ from appliance.services.peers import Allowlist
 
 log = logging.getLogger(__name__)
 
-QUERY_RETRIEVE_CONTEXTS = (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove,
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelGet,
-)
-# Workflow services (docs/workflow.md), in the default uncompressed transfer syntaxes.
-WORKFLOW_CONTEXTS = (StorageCommitmentPushModel, ModalityPerformedProcedureStep,
-                     ModalityPerformedProcedureStepRetrieve, ModalityWorklistInformationFind)
 # An AE title no peer can have (17 characters): pynetdicom reads an empty
 # require_calling_aet as "admit everyone", the appliance as "admit no one".
 _NOBODY = "~" * 17
@@ -242,13 +226,7 @@ class DimseServer:
         on_tls_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
-        services = {str(uid) for uid in (Verification, *QUERY_RETRIEVE_CONTEXTS,
-                                         *WORKFLOW_CONTEXTS)}
-        clash = sorted(services.intersection(config.extra_storage_classes))
-        if clash:
-            raise PacsEdgeError(
-                f"[dicom] extra_storage_classes lists {', '.join(clash)}, a service of this"
-                " box, not a storage class", hint="list only the SOP classes to store")
+        check_extra_storage_classes(config)
         stored = storage_classes(config)
         self.ae = AllowlistAE(config.ae_title, allowlist, stored)
         self.ae.require_called_aet = True
