@@ -10,7 +10,10 @@ the agent's replicate-and-evict passes and scheduled scrubs, first HEADs the
 newest packs the index recorded (up to CHECKED) and refuses to run when none
 of them is there (a mount can go away under a running agent).
 One pack missing among others is a scrub's finding, not this check's; a store
-that cannot be reached is left to the jobs, which retry and report it.
+that cannot be reached is left to the jobs, which retry and report it. When a
+scrub found every pack damaged (bit rot on a NAS, an old snapshot put back),
+those packs and their manifests are what the check looks for: they are still
+this box's, and with no pack to look for an unmounted NAS went unnoticed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
-from appliance.store.packs import PackRow, newest_sound_packs
+from appliance.store.packs import newest_sound_packs, newest_verified_packs
 from sync.blobstore.base import BlobNotFound, BlobStore, BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,14 @@ class NotThisBoxsCloud(PacsEdgeError):
 async def confirm_container(index: Index, store: BlobStore, url: str) -> None:
     """NotThisBoxsCloud when none of the index's newest packs is in `store`."""
     packs = await newest_sound_packs(index, limit=CHECKED)
+    names = [pack.pack_name for pack in packs]
+    if not packs:
+        packs = await newest_verified_packs(index, limit=CHECKED)
+        names = [name for pack in packs for name in (pack.pack_name, pack.manifest_name)]
     if not packs:
         return  # nothing uploaded yet: any container is this box's first
     try:
-        found = await asyncio.to_thread(_present, store, packs)
+        found = await asyncio.to_thread(_present, store, names)
     except BlobStoreUnavailable as exc:
         log.warning("cloud not reachable; whether it holds this box's packs is not checked"
                     " error=%s", exc.message)
@@ -52,10 +59,10 @@ async def confirm_container(index: Index, store: BlobStore, url: str) -> None:
                  " [cloud] url back to the container the box replicates to")
 
 
-def _present(store: BlobStore, packs: list[PackRow]) -> list[str]:
+def _present(store: BlobStore, names: list[str]) -> list[str]:
     found = []
-    for pack in packs:
+    for name in names:
         with contextlib.suppress(BlobNotFound):
-            store.stat(pack.pack_name)
-            found.append(pack.pack_name)
+            store.stat(name)
+            found.append(name)
     return found

@@ -55,6 +55,34 @@ def test_sync_refuses_a_cloud_folder_without_the_packs_it_uploaded(tmp_path: Pat
     assert index_rows(home, "SELECT COUNT(*) FROM packs") == [(2,)]
 
 
+def test_sync_refuses_a_missing_nas_after_a_scrub_found_every_pack_damaged(
+        tmp_path: Path) -> None:
+    """The check looked only for packs no scrub found damaged: with every one damaged it
+    had none to look for and took the empty mount point as a first upload's."""
+    home = init_home(tmp_path / "home")
+    nas = tmp_path / "nas"
+    EdgeServer(home).configure(cloud={"url": f"file://{nas / 'pacs-cloud'}"})
+    first, second = (dicomgen.make_studies(tmp_path / name, seed=seed, series_per_study=1,
+                                           instances_per_series=2, size=64)
+                     for name, seed in (("first", 86), ("second", 87)))
+    import_files(home, *first)
+    sync_once(home)
+    [pack] = [p for p in nas.rglob("*.pack") if p.is_file()]
+    rotten = bytearray(pack.read_bytes())
+    rotten[len(rotten) // 2] ^= 0xFF
+    pack.write_bytes(bytes(rotten))
+    scrubbed = run_pacs_edge("scrub", "--home", str(home), check=False)
+    assert scrubbed.returncode == 1 and "damaged" in scrubbed.stdout, scrubbed.stdout
+
+    nas.rename(tmp_path / "nas-mounted")  # the mount goes away: an empty mount point
+    nas.mkdir()
+    import_files(home, *second)
+    refused = sync_once(home, check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "holds none of the 1 newest packs this box uploaded" in refused.stderr
+    assert not any(p.is_file() for p in nas.rglob("*"))  # nothing went to the box's own disk
+
+
 def test_an_agents_pass_refused_for_a_missing_nas_is_a_failing_pass_status_reports(
         tmp_path: Path) -> None:
     """The refusal is a failed pass like any other: `status` (so /metrics and the

@@ -124,6 +124,13 @@ async def newest_sound_packs(index: Index, *, limit: int) -> list[PackRow]:
         " AND p.scrub_state != 'damaged' ORDER BY p.id DESC LIMIT ?", (limit,))
 
 
+async def newest_verified_packs(index: Index, *, limit: int) -> list[PackRow]:
+    """The last `limit` verified packs recorded, damaged ones too, newest first."""
+    return await database.run_sync(
+        index.reader, _packs, f"{_PACK_SQL} WHERE p.state = 'verified'"
+        " ORDER BY p.id DESC LIMIT ?", (limit,))
+
+
 @dataclass(frozen=True)
 class UnverifiedPack:
     """A pack row still `uploading`: a version whose blobs may exist in part."""
