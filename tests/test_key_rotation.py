@@ -21,7 +21,7 @@ from pathlib import Path
 import dicomgen
 import pytest
 import tomlkit
-from conftest import init_home, pacs_edge_command, run_pacs_edge
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 from syncagent import SyncAgent, evict, sync_once
 
 from provisioning.keyring import key_id
@@ -108,6 +108,20 @@ def _pack_count(home: Path) -> int:
         return int(db.execute("SELECT count(*) FROM packs").fetchone()[0])
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("cloud_home", ["local"], indirect=True)
+def test_rotation_says_eviction_waits_for_the_new_escrow(cloud_home: Path) -> None:
+    """The rotation's last line is what a fleet run shows per box: it must say that the
+    box evicts nothing until the new key is escrowed (or that it evicts anyway)."""
+    EdgeServer(cloud_home).configure(sync={"evict_without_escrow": False})
+    proc = _rotate(cloud_home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "escrow the new site key now (`pacs-edge keys escrow --out FILE`)" in proc.stdout
+    assert "until then nothing is evicted" in proc.stdout, proc.stdout
+    EdgeServer(cloud_home).configure(sync={"evict_without_escrow": True})
+    proc = _rotate(cloud_home)
+    assert "the agent evicts anyway ([sync] evict_without_escrow = true)" in proc.stdout
 
 
 def test_rotation_rewraps_every_pack_and_leaves_pack_data_untouched(cloud_home: Path) -> None:

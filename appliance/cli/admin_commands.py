@@ -232,5 +232,8 @@ def keys_rotate(home: Path | None) -> None:
                   "and run `pacs-edge keys rotate` again to resume", highlight=False)
         raise SystemExit(1)
     retired = ", ".join(report.retired) or "none left"
+    evicting = ("the agent evicts anyway ([sync] evict_without_escrow = true)"
+                if config.sync.evict_without_escrow else "until then nothing is evicted")
     out.print(f"retired the old site key(s): {retired}; escrow the new site key now "
-              "(the old escrow copy no longer opens anything)", highlight=False)
+              f"(`pacs-edge keys escrow --out FILE`): the old escrow copy no longer opens "
+              f"anything, and {evicting}", highlight=False, markup=False)
