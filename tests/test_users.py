@@ -165,6 +165,22 @@ def test_users_add_prompts_twice_without_password_file(home: Path) -> None:
     assert logs_in(home, "rad1", PASSWORD)
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("users", "passwd", "nobody"), "no user 'nobody'"),
+    (("users", "add", "rad1", "--role", "radiologist"), "user 'rad1' exists"),
+])
+def test_a_user_change_that_cannot_apply_is_refused_before_the_password_prompt(
+        home: Path, tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    """A mistyped name was found out only after the operator typed a password twice."""
+    run_pacs_edge("users", "add", "rad1", "--role", "admin", "--password-file",
+                  str(password_file(tmp_path, PASSWORD)), "--home", str(home))
+    proc = subprocess.run([*pacs_edge_command(), *args, "--home", str(home)], input="",
+                          capture_output=True, text=True, timeout=120, env=_env(),
+                          start_new_session=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert said in proc.stderr and "Password" not in proc.stdout + proc.stderr, proc.stderr
+
+
 def test_users_add_prompt_refuses_a_mismatched_confirmation(home: Path) -> None:
     proc = subprocess.run(
         [*pacs_edge_command(), "users", "add", "rad1", "--role", "radiologist", "--home",

@@ -128,6 +128,7 @@ def users_add(home: Path | None, name: str, role: str, referring_name: str,
     config = load(home)
     chosen = Role(role.lower())
     check_account(name, chosen, referring_name)
+    _run(config, lambda s: s.require_user(name, exists=False))
     password = read_password(password_file)
     _change(config, "add", name,
             lambda s: s.add_user(name, chosen, password, referring_name=referring_name),
@@ -183,6 +184,7 @@ def users_remove(home: Path | None, name: str) -> None:
 def users_passwd(home: Path | None, name: str, password_file: Path | None) -> None:
     """Set a new password; the user's sessions end and a lock-out is lifted."""
     config = load(home)
+    _run(config, lambda s: s.require_user(name, exists=True))
     password = read_password(password_file)
     _change(config, "passwd", name, lambda s: s.set_password(name, password))
     out.print(f"changed the password of {name}; their sessions have ended", highlight=False)

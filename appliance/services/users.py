@@ -141,6 +141,15 @@ class UserService:
     async def list_users(self) -> list[UserRow]:
         return await database.run_sync(self.index.reader, rows.list_users)
 
+    async def require_user(self, name: str, *, exists: bool) -> None:
+        """Refuse a change before its password is asked for: `name` must exist (passwd)
+        or must not (add). The change itself checks again in its transaction."""
+        found = await database.run_sync(self.index.reader, rows.find_user, name)
+        if exists and found is None:
+            raise _unknown(name)
+        if not exists and found is not None:
+            raise rows.taken(name)
+
     async def remove_user(self, name: str) -> None:
         if not await self._write(lambda conn: rows.delete_user(conn, name)):
             raise _unknown(name)

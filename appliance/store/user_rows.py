@@ -86,9 +86,13 @@ def insert_user(conn: sqlite3.Connection, *, name: str, role: str, referring_nam
             " password_changed_at) VALUES (?, ?, ?, ?, ?, ?)",
             (name, role, referring_name, password_hash, now, now))
     except sqlite3.IntegrityError:
-        raise UserError(f"user {name!r} exists",
-                        hint=f"pick another name, or `pacs-edge users passwd {name}`") from None
+        raise taken(name) from None
     return int(cur.lastrowid or 0)
+
+
+def taken(name: str) -> UserError:
+    return UserError(f"user {name!r} exists",
+                     hint=f"pick another name, or `pacs-edge users passwd {name}`")
 
 
 def delete_user(conn: sqlite3.Connection, name: str) -> bool:
