@@ -225,3 +225,22 @@ def test_config_check_of_a_file_alone_refuses_what_serve_would(tmp_path: Path) -
     peers.write_text('[peers.ct1]\nae_title = "CT1"\n' + entry.format(n=1))
     good = run_pacs_edge("config", "check", "--peers-file", str(peers))
     assert "ok     peer allowlist" in good.stdout and "1 peer(s)" in good.stdout
+
+
+def test_config_check_warns_when_the_viewer_folder_holds_no_build(tmp_path: Path) -> None:
+    """A mistyped [http] viewer_root passed config check and showed only as 503 pages and a
+    line in serve's journal; the check warns (serve runs without the viewer: exit 0)."""
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "18443")
+    config = home / "pacs-edge.toml"
+    config.write_text(config.read_text().replace('viewer_root = "auto"',
+                                                 f'viewer_root = "{tmp_path / "ohif"}"'))
+    checked = run_pacs_edge("config", "check", "--home", str(home))
+    assert f"warn   viewer: no OHIF build in {tmp_path / 'ohif'}" in checked.stderr
+    assert "run scripts/install-ohif.sh" in checked.stderr
+    (tmp_path / "ohif").mkdir()
+    (tmp_path / "ohif" / "index.html").write_text("<html></html>")
+    checked = run_pacs_edge("config", "check", "--home", str(home))
+    assert f"ok     viewer: {tmp_path / 'ohif'}" in checked.stdout
+    assert "warn   viewer" not in checked.stderr

@@ -4,9 +4,10 @@ Loading the config already validates each value (key, bad value, what would
 be valid). This goes on to what a service would trip over only at start or,
 worse, hours later: the peer allowlist, the site secrets (present, 0600, the
 right length), the TLS certificate chain when TLS is on (loadable, matching
-key, not expired), the cloud URL and its credentials, the syslog TLS files and
-the folders the services write. Each check runs through the same loader the
-service uses, so a check that passes means the service will load it too.
+key, not expired), the cloud URL and its credentials, the syslog TLS files,
+the folders the services write and the viewer's build (a warning: serve runs
+without it). Each check runs through the same loader the service uses, so a
+check that passes means the service will load it too.
 Every problem is reported, not just the first.
 
 `check_files` checks a config file or a peers file alone, before it replaces
@@ -27,6 +28,7 @@ from appliance.base.config import Config, config_from_mapping, read_toml
 from appliance.base.errors import PacsEdgeError
 from appliance.dimse.negotiation import check_extra_storage_classes
 from appliance.dimse.tls import server_context
+from appliance.http.viewer import viewer_root
 from appliance.services import launch_links
 from appliance.services.peers import Allowlist
 from provisioning.certs import TlsPaths, load_certificate
@@ -67,6 +69,7 @@ def check_home(config: Config) -> list[Finding]:
         ("writable folders", lambda: _folders(config)),
     ]
     findings = [_run(what, check) for what, check in checks]
+    findings.append(_viewer(config))
     findings.append(_escrow(config))
     return findings
 
@@ -114,6 +117,20 @@ def _link_key(home: Path) -> str:
         return "none yet (the first `pacs-edge link` creates it; restart serve then)"
     load_secret_file(launch_links.key_path(home))
     return ""
+
+
+def _viewer(config: Config) -> Finding:
+    """A warning, not an error: serve runs without the viewer (its pages answer 503)."""
+    if not config.http.port:
+        return Finding("viewer: off (no web server)")
+    root = viewer_root(config.http.viewer_root, config.home)
+    if root is None:
+        return Finding("viewer: off ([http] viewer_root is empty)")
+    if (root / "index.html").is_file():
+        return Finding(f"viewer: {root}")
+    return Finding("viewer", warning=f"no OHIF build in {root}: the viewer's pages answer 503",
+                   hint="run scripts/install-ohif.sh (make viewer) in a checkout, or set"
+                        " [http] viewer_root to the folder that holds the build")
 
 
 def _escrow(config: Config) -> Finding:
