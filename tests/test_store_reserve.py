@@ -103,3 +103,24 @@ def test_a_recall_that_would_cut_into_the_reserve_is_refused_before_it_downloads
     filler.unlink()
     run_pacs_edge("recall", uid, "--home", str(server.home))
     assert tier_state(server, uid) == "replicated"
+
+
+def test_a_recall_on_a_disk_already_below_its_reserve_says_so(
+        box: tuple[EdgeServer, Path], tmp_path: Path) -> None:
+    """The refusal said '40.0 MB free, of which 64.0 MB is the store reserve' when the
+    disk was already below it (the common case of a full disk)."""
+    server, disk = box
+    study = dicomgen.make_studies(tmp_path / "study", seed=44, series_per_study=1,
+                                  instances_per_series=2, size=SLICE)
+    uid = study[0].study_uid
+    dcmtk.storescu(server.port, [i.path for i in study]).check()
+    sync_once(server.home)
+    run_pacs_edge("evict", uid, "--home", str(server.home))
+
+    filler = leave_free(disk, RESERVE // 2)
+    refused = run_pacs_edge("recall", uid, "--home", str(server.home), check=False)
+    filler.unlink()
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "free, below the store reserve of 64.0 MB ([store] reserve_mb)" in refused.stderr, (
+        refused.stderr)
+    assert "of which" not in refused.stderr

@@ -93,6 +93,10 @@ class FileStore:
             return
         if not needed:
             raise OutOfSpace("free space is below the configured store reserve")
+        if free < self.reserve_bytes:  # "of which" would name more than there is
+            raise OutOfSpace(f"{human_size(needed)} needed, {human_size(free)} free, below"
+                             f" the store reserve of {human_size(self.reserve_bytes)}"
+                             " ([store] reserve_mb)")
         raise OutOfSpace(f"{human_size(needed)} needed, {human_size(free)} free, of which"
                          f" {human_size(self.reserve_bytes)} is the store reserve")
 
