@@ -9,6 +9,7 @@ they are exact; the command line reads the same rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -27,11 +28,12 @@ SETTINGS = rows.RunSettings(peer="old", via="move", since_day="20240301",
                             rate_per_hour=0, time_window="", query_limit=5)
 
 
-async def make_run(index_path: Path, finished_ago: list[float], pending: int) -> float:
+async def make_run(index_path: Path, finished_ago: list[float], pending: int, *,
+                   settings: rows.RunSettings = SETTINGS) -> float:
     """A run driven by this process whose studies finished `finished_ago` seconds before
     the returned time, with `pending` studies left."""
     def write(conn: sqlite3.Connection) -> None:
-        run = rows.create_run(conn, SETTINGS, ["20240301"], driver=Holder.new())
+        run = rows.create_run(conn, settings, ["20240301"], driver=Holder.new())
         rows.list_day(conn, run, rows.UNDATED, [], 1)
         count = len(finished_ago) + pending
         rows.list_day(conn, run, "20240301", [rows.FoundStudy(f"1.2.{n}", 3)
@@ -71,3 +73,31 @@ async def test_status_shows_the_pace_of_the_last_quarter_hour_and_the_time_left(
     text = run_pacs_edge("migrate", "status", "--home", str(home)).stdout
     assert "studies/hour" in text and "instances/hour" in text, text
     assert "time left" in text and "for the 6 studies found so far" in text, text
+
+
+def _closed_window() -> str:
+    """A --window that is closed now: the hour after the next."""
+    hour = (time.localtime().tm_hour + 2) % 24
+    return f"{hour:02d}:00-{hour:02d}:30"
+
+
+@pytest.mark.parametrize(("finished_ago", "rate", "window", "said"), [
+    ([60.0], 0, "", "1 study finished in the last 15 minutes: too few to tell"),
+    ([1200.0], 2, "", "no studies finished in the last 15 minutes (--rate 2: a study starts"
+                      " every 30 min)"),
+    ([1200.0], 0, _closed_window(), "no studies finished in the last 15 minutes (outside"
+                                    f" --window {_closed_window()} now)"),
+])
+async def test_status_does_not_call_a_run_stalled_that_finished_a_study_or_waits_to_start_one(
+        tmp_path: Path, finished_ago: list[float], rate: int, window: str, said: str) -> None:
+    """A run with one study finished a minute ago (a pace needs two) said 'no studies
+    finished in the last 15 minutes', which the guide reads as stalled; so did every run
+    whose --rate spaces studies further apart than the window, or waiting for --window."""
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0", "--metrics-port", "0")
+    await make_run(home / "index.sqlite3", finished_ago, pending=3,
+                   settings=dataclasses.replace(SETTINGS, rate_per_hour=rate,
+                                                time_window=window))
+    text = run_pacs_edge("migrate", "status", "--home", str(home)).stdout
+    assert said in " ".join(text.split()), text

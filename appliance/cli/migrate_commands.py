@@ -18,7 +18,7 @@ import dataclasses
 import json
 import sys
 import time
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
 from appliance.cli.migrate_verify import verify
-from appliance.services.legacy_migration import Migration, check_peer, days_between
+from appliance.services.legacy_migration import Migration, Window, check_peer, days_between
 from appliance.services.peers import Allowlist
 from appliance.store import database
 from appliance.store import migration_rows as rows
@@ -229,8 +229,17 @@ def _pace_rows(run: rows.Run, summary: rows.RunSummary) -> list[tuple[str, str]]
     driven = run.state is rows.RunState.RUNNING and not run.interrupted
     pace = summary.pace
     if pace is None:
-        return [("pace", f"no studies finished in the last {minutes}")] if (
-            driven and summary.studies_pending) else []
+        if not (driven and summary.studies_pending):
+            return []
+        if summary.finished_lately:  # one: a pace needs two, and the run is not stalled
+            return [("pace", f"1 study finished in the last {minutes}: too few to tell")]
+        rate, window = run.settings.rate_per_hour, run.settings.time_window
+        why = ""
+        if Window(window).seconds_until_open(datetime.now()):
+            why = f" (outside --window {window} now)"
+        elif rate and 3600 / rate >= rows.PACE_WINDOW_SECONDS:
+            why = f" (--rate {rate}: a study starts every {60 / rate:.0f} min)"
+        return [("pace", f"no studies finished in the last {minutes}{why}")]
     out = [("pace", f"{pace.studies_per_hour:.0f} studies/hour,"
                     f" {pace.instances_per_hour:.0f} instances/hour (last {minutes})")]
     eta = summary.eta_seconds

@@ -164,6 +164,7 @@ class RunSummary:
     undated_found: int  # studies it found (among studies_found)
     warnings: tuple[str, ...]  # what listings could not list, for the operator
     pace: Pace | None = None  # how fast studies finish lately; None: too few to tell
+    finished_lately: int = 0  # studies finished in the pace's window (0 or 1 when no pace)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -431,7 +432,7 @@ def summary(conn: sqlite3.Connection, run_id: int) -> RunSummary:
                       int(studies[0]), int(studies[1] or 0), int(studies[2] or 0),
                       int(studies[3] or 0), int(studies[4] or 0), int(studies[5] or 0),
                       min(waits) if waits else None, str(days[4] or ""),
-                      int(studies[7] or 0), warnings, pace(conn, run_id, time.time()))
+                      int(studies[7] or 0), warnings, *pace_and_count(conn, run_id, time.time()))
 
 
 def pace(conn: sqlite3.Connection, run_id: int, now: float,
@@ -439,14 +440,22 @@ def pace(conn: sqlite3.Connection, run_id: int, now: float,
     """The pace of the studies finished in the `window` seconds before `now`: those after
     the first of them, over the time from the first to `now` (so a stall slows it down).
     None with fewer than two: too early to tell, or nothing finished lately."""
+    return pace_and_count(conn, run_id, now, window)[0]
+
+
+def pace_and_count(conn: sqlite3.Connection, run_id: int, now: float,
+                   window: float = PACE_WINDOW_SECONDS) -> tuple[Pace | None, int]:
+    """`pace`, and how many studies finished in the window (one is too few for a pace,
+    and is not a stall)."""
     finished = conn.execute(
         "SELECT updated_at, received_instances FROM migration_studies WHERE run_fk = ?"
         " AND state IN ('done', 'failed') AND updated_at BETWEEN ? AND ?"
         " ORDER BY updated_at", (run_id, now - window, now)).fetchall()
     if len(finished) < 2 or now <= float(finished[0][0]):
-        return None
+        return None, len(finished)
     hours = (now - float(finished[0][0])) / 3600.0
-    return Pace((len(finished) - 1) / hours, sum(int(r[1]) for r in finished[1:]) / hours)
+    return (Pace((len(finished) - 1) / hours, sum(int(r[1]) for r in finished[1:]) / hours),
+            len(finished))
 
 
 def failures(conn: sqlite3.Connection, run_id: int, *, include_retrying: bool = True
