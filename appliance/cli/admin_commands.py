@@ -66,6 +66,7 @@ def provision_on_init(home: Path, *, force_new_keys: bool, cert_days: int, ca_da
 def _cloud_holds_studies(home: Path) -> bool:
     """Whether the home's cloud holds any study blob (the index alone may not know:
     moved away in a rebuild). A cloud that cannot be listed refuses, by its error."""
+    from sync.blobstore.base import BlobStoreUnavailable
     from sync.blobstore.factory import open_blob_store
     from sync.pack import naming
 
@@ -75,6 +76,13 @@ def _cloud_holds_studies(home: Path) -> bool:
     store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
     try:
         return next(iter(store.list(naming.STUDIES_PREFIX)), None) is not None
+    except BlobStoreUnavailable as exc:
+        raise PacsEdgeError(
+            f"refusing --force-new-keys: the cloud {config.cloud_url} cannot be listed"
+            f" ({exc.message}), so whether it holds study versions the current site key"
+            " wraps is unknown; nothing was replaced",
+            hint="run it again once the cloud answers (check [cloud] url and its"
+                 " credentials)") from exc
     finally:
         store.close()
 
