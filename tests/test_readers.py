@@ -9,9 +9,11 @@ message. Adding readers after replication uploads no pack.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import tracemalloc
 import uuid
@@ -305,6 +307,31 @@ def test_a_reader_pointed_at_an_empty_cloud_is_told_to_check_its_url(tmp_path: P
     assert "check cloud_url" in listing.stderr and "[cloud] url" in listing.stderr
     pull = reader(home, "pull", "1.2.3", check=False)
     assert pull.returncode == 2 and "check cloud_url" in pull.stderr, pull.stderr
+
+
+def test_a_reader_whose_cloud_does_not_answer_is_told_to_run_again_not_to_wait(
+        tmp_path: Path) -> None:
+    """The hint was 'the agent retries': a reader's machine has no sync agent, so it
+    waited for nothing."""
+    home = tmp_path / "reader"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # held, never listening: connections are refused
+    credentials = tmp_path / "azure.conn"
+    credentials.write_text(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey="
+        + base64.b64encode(b"k" * 64).decode() + ";BlobEndpoint=http://127.0.0.1:"
+        f"{closed.getsockname()[1]}/devstoreaccount1;")
+    credentials.chmod(0o600)
+    try:
+        run_pacs_edge("reader", "init", "--home", str(home), "--cloud", "azure://site-packs",
+                      "--credentials-file", str(credentials))
+        listing = run_pacs_edge("reader", "list", "--home", str(home), check=False)
+    finally:
+        closed.close()
+    assert listing.returncode == 2, listing.stdout + listing.stderr
+    assert "Azure did not answer" in listing.stderr, listing.stderr
+    assert "a command can be run again" in listing.stderr
+    assert "the agent retries" not in listing.stderr
 
 
 def test_pull_of_a_study_whose_pack_is_gone_says_so_with_a_hint(edge_home: Path,

@@ -372,7 +372,8 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
     if isinstance(exc, IncompleteReadError | ServiceRequestError | ServiceResponseError):
         raise TransientBlobError(
             operation, name, f"Azure did not answer ({type(exc).__name__})",
-            hint="check the network path to the storage account; the agent retries") from exc
+            hint="check the network path to the storage account; the sync agent retries by"
+                 " itself, a command can be run again") from exc
     if code in _OFFLINE_CODES:
         raise _offline(operation, name) from exc
     if code == "Md5Mismatch" or (status == 400 and "md5" in str(exc).lower()):
@@ -399,8 +400,9 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
         raise _exists(name) from exc
     if status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES:
         raise TransientBlobError(operation, name, f"Azure is busy or failing ({what})",
-                                 hint="the agent retries; see the Azure status page if "
-                                 "it persists") from exc
+                                 hint="the sync agent retries by itself, a command can be"
+                                 " run again; see the Azure status page if it persists"
+                                 ) from exc
     if status == 416:
         raise BlobRangeError(operation, name, f"range outside the blob ({what})") from exc
     if status in (401, 403):
