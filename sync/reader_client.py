@@ -231,12 +231,22 @@ class ReaderClient:
 
     @classmethod
     def open(cls, home: Path) -> ReaderClient:
-        from sync.blobstore.factory import open_blob_store
+        from sync.blobstore.factory import CONNECTION_STRING_ENV, CredentialsError, open_blob_store
 
         config = load_reader_config(home)
         key = load_reader_key(config.home)
-        return cls(config, open_blob_store(config.cloud_url,
-                                           credentials_file=config.credentials_file), key)
+        try:
+            store = open_blob_store(config.cloud_url, credentials_file=config.credentials_file)
+        except CredentialsError as exc:
+            if config.credentials_file is not None:
+                raise
+            # The box's hint names its [cloud] section, which reader.toml does not have.
+            raise CredentialsError(
+                "no Azure connection string", source=config.cloud_url,
+                hint=f"set {CONNECTION_STRING_ENV}, or put the connection string in a file"
+                     f" (chmod 600) and add credentials_file = \"FILE\" to"
+                     f" {config.home / CONFIG_FILE}") from exc
+        return cls(config, store, key)
 
     def close(self) -> None:
         self.store.close()

@@ -25,7 +25,7 @@ from typing import Any, cast
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer, run_pacs_edge
+from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
 from syncagent import sync_once
 
 from sync import reader_client
@@ -332,6 +332,22 @@ def test_a_reader_whose_cloud_does_not_answer_is_told_to_run_again_not_to_wait(
     assert "Azure did not answer" in listing.stderr, listing.stderr
     assert "a command can be run again" in listing.stderr
     assert "the agent retries" not in listing.stderr
+
+
+def test_a_reader_without_azure_credentials_is_told_where_its_own_file_names_them(
+        tmp_path: Path) -> None:
+    """The hint named the box's `[cloud] credentials_file`; reader.toml has no [cloud]."""
+    home = tmp_path / "reader"
+    env = {k: v for k, v in os.environ.items() if k != "AZURE_STORAGE_CONNECTION_STRING"}
+    command = [*pacs_edge_command(), "reader", "init", "--home", str(home), "--cloud",
+               "azure://site-packs"]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+    listing = subprocess.run([*command[:-5], "list", "--home", str(home)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 2, listing.stdout + listing.stderr
+    assert "no Azure connection string" in listing.stderr
+    assert f'add credentials_file = "FILE" to {home / "reader.toml"}' in listing.stderr
+    assert "[cloud]" not in listing.stderr
 
 
 def test_pull_of_a_study_whose_pack_is_gone_says_so_with_a_hint(edge_home: Path,

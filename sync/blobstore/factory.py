@@ -80,8 +80,9 @@ def connection_string(credentials_file: Path | None, *, url: str = "azure") -> s
     if not value:
         raise CredentialsError(
             "no Azure connection string", source=url,
-            hint=f"set {CONNECTION_STRING_ENV} for the agent, or put the connection string "
-            "in a file (chmod 600) and name it in [cloud] credentials_file")
+            hint=f"set {CONNECTION_STRING_ENV} (for the sync agent, or for this command), or"
+            " put the connection string in a file (chmod 600) and name it in [cloud]"
+            " credentials_file")
     return value
 
 
