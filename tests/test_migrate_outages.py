@@ -10,6 +10,7 @@ migration waits for the box's DICOM port instead and goes on when it answers.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from test_migrate import (
     dataset_digest,
     legacy_factory,  # noqa: F401  (a fixture)
     make_archive,
+    migrate_status,
     wait_until,
 )
 
@@ -56,6 +58,38 @@ def test_a_migration_waits_for_a_stopped_serve_instead_of_failing_its_studies(
             proc.kill()
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
     assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
+
+
+def test_status_says_the_run_waits_for_serve_and_since_when(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """While the run waits for serve it finishes nothing: `migrate status`, from
+    another terminal, must say it waits and since when, not look stalled."""
+    files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    box.port = dcmtk.free_port()
+    box.configure(dicom={"port": box.port},
+                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+
+    before = time.time()
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240303")
+    try:
+        wait_until(lambda: WAITING in proc.log.read_text(), "a wait for serve", proc)
+        waiting = migrate_status(box)["waiting"]
+        assert isinstance(waiting, dict), waiting
+        assert waiting["for"] == "serve", waiting
+        assert before <= waiting["since"] <= time.time(), waiting
+        text = box.cli("migrate", "status").stdout
+        assert "for pacs-edge serve (this box's DICOM port) since" in text, text
+        box.start()
+        assert proc.wait() == 0, proc.log.read_text()[-4000:]
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert migrate_status(box)["waiting"] is None
 
 
 def test_the_end_of_a_run_is_in_the_audit_trail_with_its_counts(

@@ -191,6 +191,8 @@ def status(home: Path | None, as_json: bool) -> None:
     table = Table(show_header=False, box=None)
     s = run.settings
     table.add_row("run", f"{run.id} ({_state_text(run)})")
+    if run.waiting is not None:
+        table.add_row("waiting", _waiting_text(run))
     table.add_row("from", f"{s.peer} via C-{s.via.upper()}, {s.since_day} to {s.until_day}"
                   + (f", {','.join(s.modalities)}" if s.modalities else ""))
     table.add_row("throttle", f"{s.associations} at once"
@@ -275,6 +277,21 @@ def _print_warnings(summary: rows.RunSummary) -> None:
         err.print(f"warning: {warning}", highlight=False)
 
 
+# What a run's driver waits for, as `migrate status` names it.
+_WAITING_FOR = {rows.Waiting.SERVE: "pacs-edge serve (this box's DICOM port)",
+                rows.Waiting.LEGACY: "the legacy PACS"}
+
+
+def _waiting_text(run: rows.Run) -> str:
+    """'for pacs-edge serve ... since 2026-12-06 17:20:05 (12 min): why'."""
+    assert run.waiting is not None
+    since = run.waiting_since or time.time()
+    return (f"for {_WAITING_FOR[run.waiting]} since"
+            f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+            f" ({_duration(time.time() - since).removeprefix('about ')}), no study counted"
+            f" as failed meanwhile: {run.waiting_reason}")
+
+
 def _state_text(run: rows.Run) -> str:
     if run.interrupted:
         return ("interrupted: no process is running it; `pacs-edge migrate resume`"
@@ -325,6 +342,9 @@ async def _latest(config: Config) -> tuple[rows.Run, rows.RunSummary]:
 def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
     return {"run": run.id, "state": run.state.value, "interrupted": run.interrupted,
             "process": run.driver_pid, "settings": dataclasses.asdict(run.settings),
+            "waiting": None if run.waiting is None else {
+                "for": run.waiting.value, "since": run.waiting_since,
+                "reason": run.waiting_reason},
             "days": {"total": summary.days_total, "listed": summary.days_done,
                      "failed": summary.days_failed, "pending": summary.days_pending},
             "studies": {"found": summary.studies_found, "done": summary.studies_done,

@@ -35,6 +35,7 @@ The walk, for one run (store/migration_rows.py keeps every step):
    DICOM port takes no connection (`pacs-edge serve` stopped, restarting, killed)
    says nothing about the study, so it is not counted; the worker waits, reading
    the run's state, until the port answers, and the study is tried again then.
+   The run's row says so meanwhile (migration_rows.set_waiting) for `migrate status`.
    Counted, a restart of serve would burn every study's attempts in seconds.
 
 Throttling, so that the old PACS keeps serving its users: `associations` at once,
@@ -460,10 +461,15 @@ class Migration:
         does (or the run stops), in bounded steps."""
         if self.box_listening is None or self.box_listening():
             return False
+        self._call(rows.set_waiting, self.run.id, rows.Waiting.SERVE,
+                   "this box's DICOM port takes no connection: is pacs-edge serve running?")
         log.warning("migration waiting for this box's DICOM port to accept connections"
                     " (is pacs-edge serve running?) run=%d", self.run.id)
-        while self._running() and not self.box_listening():
-            time.sleep(BOX_PROBE_SECONDS)
+        try:
+            while self._running() and not self.box_listening():
+                time.sleep(BOX_PROBE_SECONDS)
+        finally:
+            self._call(rows.clear_waiting, self.run.id, rows.Waiting.SERVE)
         log.info("migration goes on run=%d", self.run.id)
         return True
 

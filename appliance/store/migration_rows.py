@@ -20,6 +20,9 @@ The process that drives a run claims it (claim_run: a leases.Holder in the run's
 `driver`) and releases it when it stops; one killed leaves a holder that is no
 longer alive. So a running run without a live driver was interrupted, and a
 second process cannot drive a run another one still drives.
+While its driver waits for something outside the run (WAITING: this box's serve,
+the legacy PACS) the run's row says what, since when and why (set_waiting), for
+`migrate status` in another process; claiming and releasing the run clear it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ RETRY_CAP_SECONDS = 3600.0
 UNDATED = ""  # the day of the studies without a StudyDate: sorts after every day
 
 
+class Waiting(enum.StrEnum):
+    """What the driver of a run waits for, with no study counted meanwhile."""
+
+    SERVE = "serve"  # this box's DICOM port, where a C-MOVE delivers
+    LEGACY = "legacy"  # the legacy PACS: no association
+
+
 def next_run_state(state: RunState, trigger: RunTrigger) -> RunState:
     try:
         return RUN_STATES[(state, trigger)]
@@ -95,6 +105,9 @@ class Run:
     updated_at: float
     finished_at: float | None
     driver: str = ""  # the claiming process's leases.Holder, '' when none
+    waiting_for: str = ""  # a Waiting value while the driver waits, else ''
+    waiting_since: float | None = None
+    waiting_reason: str = ""
 
     @property
     def driver_pid(self) -> int | None:
@@ -106,6 +119,13 @@ class Run:
     def interrupted(self) -> bool:
         """Running, but no live process drives it: `migrate resume` continues it."""
         return self.state is RunState.RUNNING and self.driver_pid is None
+
+    @property
+    def waiting(self) -> Waiting | None:
+        """What the live driver of the run waits for now, None when it does not wait."""
+        if not self.waiting_for or self.state is not RunState.RUNNING or self.interrupted:
+            return None
+        return Waiting(self.waiting_for)
 
 
 @dataclass(frozen=True)
@@ -228,7 +248,8 @@ def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[s
 
 
 _RUN_COLUMNS = ("id, peer, via, since_day, until_day, modalities, associations, rate_per_hour,"
-                " time_window, query_limit, state, created_at, updated_at, finished_at, driver")
+                " time_window, query_limit, state, created_at, updated_at, finished_at, driver,"
+                " waiting_for, waiting_since, waiting_reason")
 
 
 def _run(row: Any) -> Run:
@@ -236,7 +257,8 @@ def _run(row: Any) -> Run:
                            tuple(m for m in str(row[5]).split(",") if m), int(row[6]),
                            int(row[7]), row[8], int(row[9]))
     return Run(int(row[0]), settings, RunState(row[10]), float(row[11]), float(row[12]),
-               None if row[13] is None else float(row[13]), str(row[14]))
+               None if row[13] is None else float(row[13]), str(row[14]), str(row[15]),
+               None if row[16] is None else float(row[16]), str(row[17]))
 
 
 def latest_run(conn: sqlite3.Connection) -> Run | None:
@@ -276,13 +298,28 @@ def claim_run(conn: sqlite3.Connection, run_id: int, driver: Holder) -> None:
         raise MigrationError(
             f"migration run {run_id} is being driven by process {pid}",
             hint="it goes on by itself: `pacs-edge migrate status` shows its progress")
-    conn.execute("UPDATE migration_runs SET driver = ? WHERE id = ?", (str(driver), run_id))
+    conn.execute("UPDATE migration_runs SET driver = ?, waiting_for = '', waiting_since = NULL,"
+                 " waiting_reason = '' WHERE id = ?", (str(driver), run_id))
 
 
 def release_run(conn: sqlite3.Connection, run_id: int, driver: Holder) -> None:
     """`driver` no longer drives the run (it stopped: done, paused, cancelled, Ctrl-C)."""
-    conn.execute("UPDATE migration_runs SET driver = '' WHERE id = ? AND driver = ?",
-                 (run_id, str(driver)))
+    conn.execute("UPDATE migration_runs SET driver = '', waiting_for = '', waiting_since = NULL,"
+                 " waiting_reason = '' WHERE id = ? AND driver = ?", (run_id, str(driver)))
+
+
+def set_waiting(conn: sqlite3.Connection, run_id: int, what: Waiting, reason: str) -> None:
+    """The run's driver waits for `what` (because of `reason`); since now, or since it
+    began waiting for it (several workers wait for the same outage)."""
+    conn.execute("UPDATE migration_runs SET waiting_since = CASE WHEN waiting_for = ?"
+                 " THEN waiting_since ELSE ? END, waiting_for = ?, waiting_reason = ?"
+                 " WHERE id = ?", (what, time.time(), what, reason[:300], run_id))
+
+
+def clear_waiting(conn: sqlite3.Connection, run_id: int, what: Waiting) -> None:
+    """The run's driver no longer waits for `what`."""
+    conn.execute("UPDATE migration_runs SET waiting_for = '', waiting_since = NULL,"
+                 " waiting_reason = '' WHERE id = ? AND waiting_for = ?", (run_id, what))
 
 
 def retry_failed(conn: sqlite3.Connection, run_id: int) -> int:
