@@ -10,9 +10,11 @@ migration waits for the box's DICOM port instead and goes on when it answers.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import dcmtk
@@ -27,6 +29,7 @@ from test_migrate import (
     MigrateProcess,
     box_digests,
     dataset_digest,
+    done_studies,
     legacy_factory,  # noqa: F401  (a fixture)
     make_archive,
     migrate_status,
@@ -90,6 +93,42 @@ def test_status_says_the_run_waits_for_serve_and_since_when(
         if proc.proc.poll() is None:
             proc.kill()
     assert migrate_status(box)["waiting"] is None
+
+
+def test_a_migration_waits_out_an_outage_of_the_legacy_pacs_without_counting_it(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """dcmqrscp is stopped mid-run (a study's C-MOVE may be cut short) and started
+    again: the run waits for it, says so in its log and in `migrate status`, and
+    ends with every study done at its first counted attempt."""
+    files = make_archive(tmp_path / "archive", 6, busy_day_studies=0)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2,
+                           "legacy_probe_seconds": 0.2})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240303", "--associations", "1", "--rate", "3600")
+    try:
+        wait_until(lambda: done_studies(box.home) >= 2, "2 studies done", proc)
+        legacy.stop()
+        wait_until(lambda: (migrate_status(box).get("waiting") or {}).get("for") == "legacy",
+                   "a wait for the legacy PACS", proc)
+        text = " ".join(box.cli("migrate", "status").stdout.split())
+        assert "waiting for the legacy PACS since" in text, text
+        assert f"legacy PACS 'legacy' at 127.0.0.1:{legacy.port}" in text, text
+        legacy.start()
+        assert proc.wait() == 0, proc.log.read_text()[-4000:]
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert "migration waiting for the legacy PACS to accept associations" in (
+        proc.log.read_text())
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+    with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
+        assert conn.execute("SELECT state, MAX(attempts), COUNT(*) FROM migration_studies"
+                            " GROUP BY state").fetchall() == [("done", 1, 6)]
 
 
 def test_the_end_of_a_run_is_in_the_audit_trail_with_its_counts(

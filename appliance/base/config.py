@@ -315,6 +315,8 @@ class MigrateConfig:
     max_attempts: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
     retry_base_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0,
                                                                     "> 0 seconds"))
+    legacy_probe_seconds: float = field(default=5.0, metadata=_check(lambda v: 0 < v <= 60,
+                                                                      "> 0 and at most 60 seconds"))
 
 
 @dataclass(frozen=True)
@@ -693,6 +695,9 @@ _COMMENTS = {
     " failed.",
     "migrate.retry_base_seconds": "Wait before the first retry; doubled at each attempt, at"
     " most an hour.",
+    "migrate.legacy_probe_seconds": "While a legacy PACS the run reached before takes no"
+    " association: wait this long before trying it again, doubled each time, at most a"
+    " minute (no study counts as failed meanwhile).",
     "auth": "Web users: passwords, lock-out, sessions, launch links (docs/web.md).",
     "auth.min_password_length": "Shortest password `users add` and `users passwd` accept.",
     "auth.max_failed_logins": "Consecutive failed logins that lock a user out...",

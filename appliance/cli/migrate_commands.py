@@ -383,7 +383,9 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
                                           max_attempts=config.migrate.max_attempts,
                                           retry_base_seconds=config.migrate.retry_base_seconds,
                                           box_listening=move_destination_probe(
-                                              config, run.settings))
+                                              config, run.settings),
+                                          legacy_probe_seconds=config.migrate
+                                          .legacy_probe_seconds)
                     task = asyncio.create_task(migration.drive())
                     if err.is_terminal:
                         await _show_progress(index, run_id, task)

@@ -116,6 +116,12 @@ class LegacyPeer:
                                 StudyRootQueryRetrieveInformationModelMove]) as assoc:
             yield LegacySession(self, assoc)
 
+    def probe(self) -> None:
+        """Open a Verification association and release it: whether the legacy PACS
+        takes associations now (LegacyPeerError, unreachable, when it does not)."""
+        with self._association([Verification]):
+            pass
+
     def get_study(self, study_uid: str, sop_classes: Sequence[str]) -> RetrieveOutcome:
         """C-GET one study on its own association, whose storage contexts are those of
         its SOP classes; the `on_store` handler answers each C-STORE sub-operation."""

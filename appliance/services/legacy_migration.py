@@ -36,6 +36,15 @@ The walk, for one run (store/migration_rows.py keeps every step):
    says nothing about the study, so it is not counted; the worker waits, reading
    the run's state, until the port answers, and the study is tried again then.
    The run's row says so meanwhile (migration_rows.set_waiting) for `migrate status`.
+   Nor when the legacy PACS is away (stopped, restarting, refusing associations):
+   a failure of kind UNREACHABLE (no association, or one aborted mid-request) is
+   checked by opening a new association; when none opens either, the worker waits,
+   trying again after `legacy_probe_seconds` doubled up to LEGACY_PROBE_CAP_SECONDS,
+   and the study or day is tried again once it answers. A study the legacy PACS
+   answers with a failure status is the study's and counts. Only for a legacy PACS
+   this run has reached before: one it never reached (a wrong host, port or AE title
+   in the allowlist) fails its days as before, so that a configuration error is
+   listed by `migrate failures` instead of hiding behind an endless wait.
    Counted, a restart of serve would burn every study's attempts in seconds.
 
 Throttling, so that the old PACS keeps serving its users: `associations` at once,
@@ -74,6 +83,7 @@ MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status, PS3.4 C.4.2.1.5
 _SUCCESS, _WARNING = 0x0000, 0xB000
 STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
 BOX_PROBE_SECONDS = 1.0  # while the box's DICOM port is away: how often to try it
+LEGACY_PROBE_CAP_SECONDS = 60.0  # longest wait between two tries of an away legacy PACS
 _MINUTES = 24 * 60
 
 
@@ -133,6 +143,9 @@ class LegacySource(Protocol):
     def session(self) -> AbstractContextManager[LegacySession]: ...
 
     def get_study(self, study_uid: str, sop_classes: Sequence[str]) -> RetrieveOutcome: ...
+
+    def probe(self) -> None:
+        """Open an association and release it; LegacyPeerError when none opens."""
 
 
 def check_peer(peer: Peer, via: str) -> None:
@@ -245,9 +258,11 @@ class Migration:
 
     def __init__(self, index: Index, run: rows.Run, source: LegacySource, *, box_ae: str,
                  max_attempts: int, retry_base_seconds: float,
-                 box_listening: Callable[[], bool] | None = None) -> None:
+                 box_listening: Callable[[], bool] | None = None,
+                 legacy_probe_seconds: float = 5.0) -> None:
         """`box_listening` says whether this box's DICOM port takes connections (where
-        a C-MOVE delivers); None when that cannot be told or does not matter (C-GET)."""
+        a C-MOVE delivers); None when that cannot be told or does not matter (C-GET).
+        `legacy_probe_seconds`: the first wait before an away legacy PACS is tried again."""
         self.index = index
         self.run = run
         self.settings = run.settings
@@ -256,6 +271,8 @@ class Migration:
         self.max_attempts = max_attempts
         self.retry_base = retry_base_seconds
         self.box_listening = box_listening
+        self.legacy_probe = legacy_probe_seconds
+        self._legacy_reached = threading.Event()  # an association to it opened in this run
         self.window = Window(run.settings.time_window)
         self.throttle = Throttle(run.settings.rate_per_hour)
         self._bridge: LoopBridge | None = None
@@ -278,6 +295,9 @@ class Migration:
         self._bridge = LoopBridge(asyncio.get_running_loop())
         log.info("migration running run=%d peer=%s via=%s", self.run.id, self.settings.peer,
                  self.settings.via)
+        started = await database.run_sync(self.index.reader, rows.summary, self.run.id)
+        if started.days_done or started.undated == "done":  # a resume: it was reached
+            self._legacy_reached.set()
         while True:
             state = await self._state()
             if state is not rows.RunState.RUNNING:
@@ -344,6 +364,7 @@ class Migration:
         """List days on one association (in a worker thread), committing each day."""
         try:
             with self.source.session() as session:
+                self._legacy_reached.set()
                 for day in days:
                     if not self._running():
                         return
@@ -354,6 +375,8 @@ class Migration:
                     try:
                         listing = walk.walk()
                     except LegacyPeerError as exc:
+                        if self._legacy_was_away(exc):
+                            return  # not counted: the next round lists the day again
                         self._day_failed(day, exc)
                         continue
                     self._call(rows.list_day, self.run.id, day, listing.studies,
@@ -368,6 +391,8 @@ class Migration:
                         log.warning("migration listing incomplete run=%d day=%s reason=%s",
                                     self.run.id, day or "undated", listing.warning)
         except LegacyPeerError as exc:
+            if self._legacy_was_away(exc):
+                return
             for day in days[:1]:  # no association at all: count it against the first day
                 self._day_failed(day, exc)
 
@@ -397,8 +422,11 @@ class Migration:
                         session = opened.enter_context(self.source.session())
                     except LegacyPeerError as exc:
                         session = None
-                        self._study_failed(task, exc, received=self._box_count(task.study_uid))
+                        if not self._legacy_was_away(exc):  # away: the next round retries
+                            self._study_failed(task, exc,
+                                               received=self._box_count(task.study_uid))
                         continue
+                    self._legacy_reached.set()
                 self._transfer(session, task)
 
     def _wait_for_slot(self) -> bool:
@@ -442,7 +470,7 @@ class Migration:
                     " this box's AE title, host and port to its configuration" if unknown
                     else self._failed_hint(verb) if outcome.failed else ""))
         except LegacyPeerError as exc:
-            if self._box_was_away():
+            if self._box_was_away() or self._legacy_was_away(exc):
                 return  # not counted: the study stays due and is tried again
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
 
@@ -472,6 +500,43 @@ class Migration:
             self._call(rows.clear_waiting, self.run.id, rows.Waiting.SERVE)
         log.info("migration goes on run=%d", self.run.id)
         return True
+
+    def _legacy_was_away(self, exc: LegacyPeerError) -> bool:
+        """Whether `exc` came from a legacy PACS this run reached before and that takes
+        no association now; if so, wait until it does (or the run stops), trying it
+        after a back-off doubled from `legacy_probe_seconds` up to a minute."""
+        if (exc.kind is not MigrationFailure.UNREACHABLE or not self._legacy_reached.is_set()
+                or self._legacy_answers()):
+            return False
+        self._call(rows.set_waiting, self.run.id, rows.Waiting.LEGACY, exc.message)
+        log.warning("migration waiting for the legacy PACS to accept associations run=%d"
+                    " reason=%s", self.run.id, exc.message)
+        began, delay = time.monotonic(), self.legacy_probe
+        try:
+            while self._sleep_while_running(delay) and not self._legacy_answers():
+                delay = min(delay * 2, LEGACY_PROBE_CAP_SECONDS)
+        finally:
+            self._call(rows.clear_waiting, self.run.id, rows.Waiting.LEGACY)
+        log.info("migration goes on: the legacy PACS answers run=%d waited_seconds=%.0f",
+                 self.run.id, time.monotonic() - began)
+        return True
+
+    def _legacy_answers(self) -> bool:
+        try:
+            self.source.probe()
+        except LegacyPeerError:
+            return False
+        return True
+
+    def _sleep_while_running(self, seconds: float) -> bool:
+        """Sleep `seconds` in steps that read the run's state; False once it stopped."""
+        while seconds > 0:
+            if not self._running():
+                return False
+            step = min(seconds, STATE_CHECK_SECONDS)
+            time.sleep(step)
+            seconds -= step
+        return self._running()
 
     def _complete(self, session: LegacySession, task: rows.StudyTask, expected: int,
                   instances: list[tuple[str, str]] | None, *, by_uid: bool) -> bool:
