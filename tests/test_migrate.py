@@ -34,6 +34,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pydicom
+import pydicom.config
 import pytest
 from conftest import HOST, EdgeServer, _env, pacs_edge_command
 from legacypacs import FindLimitProxy, LegacyPacs
@@ -264,20 +265,65 @@ def test_a_move_with_failed_suboperations_fails_the_study_and_counts_its_instanc
     assert report["instances"]["listed"] == len(files)
 
 
-def test_a_legacy_pacs_that_does_not_know_the_box_says_to_add_it_as_a_move_destination(
+def test_a_legacy_pacs_that_does_not_know_the_box_pauses_the_run_at_once_naming_the_ae_title(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:
-    files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
+    """0xA801 (move destination unknown) is the same for every study: the run pauses at
+    the first one, saying which AE title to add on the legacy PACS, and counts no
+    study; once the legacy PACS knows the box, `resume` migrates everything."""
+    files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
     box = edge_server_factory()
-    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    box.configure(migrate={"retry_base_seconds": 5.0, "max_attempts": 3})
     legacy = legacy_factory(files)  # the box is not one of its move destinations
     box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
     result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
-                     "20240303", check=False, timeout=RUN_TIMEOUT)
+                     "20240303", "--associations", "1", check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "status 0xA801 (Refused: Move Destination unknown)" in stderr, stderr
+    assert f"add this box as a move destination: AE title '{box.ae_title}'" in stderr, stderr
+    report = migrate_status(box)
+    assert report["state"] == "paused", report
+    assert "0xA801" in str(report["stop_reason"]), report
+    assert report["studies"] == {"found": 3, "done": 0, "failed": 0, "remaining": 3}
+    assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
+
+    legacy.stop()
+    legacy.know(box.ae_title, box.port)
+    legacy.start()
+    resumed = box.cli("migrate", "resume", check=False, timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "3 studies done, 0 failed" in resumed.stdout
+    assert migrate_status(box)["stop_reason"] is None
+
+
+def test_a_study_whose_every_instance_the_box_refuses_fails_at_once_with_the_reason(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """C-GET: each instance of one study has a SOP Instance UID with letters, which the box
+    refuses (0xC000) and would refuse at every attempt: the study fails at its first
+    attempt with the reason, not after max_attempts; the other study is migrated."""
+    files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
+    bad_study = [f for f in files if f.relative_to(tmp_path / "archive").parts[0] == "study0002"]
+    for n, path in enumerate(bad_study):
+        bad = pydicom.dcmread(path)
+        with pydicom.config.disable_value_validation():
+            del bad["SOPInstanceUID"]
+            bad.SOPInstanceUID = dicomgen.UID_ROOT + f"abc.{n}"
+            del bad.file_meta.MediaStorageSOPInstanceUID
+            bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
+            dicomgen.write_instance(bad, path, SYNTAX_BY_CLASS[str(bad.SOPClassUID)])
+    box = edge_server_factory(start=False)
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 5})
+    legacy = legacy_factory(files)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    result = box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since",
+                     "20240301", "--until", "20240303", check=False, timeout=RUN_TIMEOUT)
     assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 studies done, 1 failed" in result.stdout
     [failure] = json.loads(box.cli("migrate", "failures", "--json").stdout)
-    assert "status 0xA801" in failure["last_error"]
-    assert f"does not know {box.ae_title} as a move destination" in failure["last_error"]
+    assert (failure["attempts"], failure["error_kind"]) == (1, "retrieve_failed"), failure
+    assert "not retried, the same instances would be refused again" in failure["last_error"]
 
 
 def test_migration_via_get_needs_no_server_and_is_byte_identical(

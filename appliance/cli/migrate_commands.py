@@ -297,7 +297,8 @@ def _state_text(run: rows.Run) -> str:
         return ("interrupted: no process is running it; `pacs-edge migrate resume`"
                 " continues it")
     pid = run.driver_pid
-    return run.state.value + (f", process {pid}" if pid is not None else "")
+    return (run.state.value + (f", process {pid}" if pid is not None else "")
+            + (f": {run.stop_reason}" if run.stop_reason else ""))
 
 
 @migrate.command("failures")
@@ -342,6 +343,7 @@ async def _latest(config: Config) -> tuple[rows.Run, rows.RunSummary]:
 def _report(run: rows.Run, summary: rows.RunSummary) -> dict[str, Any]:
     return {"run": run.id, "state": run.state.value, "interrupted": run.interrupted,
             "process": run.driver_pid, "settings": dataclasses.asdict(run.settings),
+            "stop_reason": run.stop_reason or None,
             "waiting": None if run.waiting is None else {
                 "for": run.waiting.value, "since": run.waiting_since,
                 "reason": run.waiting_reason},
@@ -370,7 +372,7 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
 
     setup_logging(config.log.level)
 
-    async def drive() -> tuple[rows.RunState, rows.RunSummary]:
+    async def drive() -> tuple[rows.RunState, rows.RunSummary, MigrationError | None]:
         async with Index(config.index.path) as index:
             assert index.writer is not None
             writer = index.writer
@@ -392,19 +394,23 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
                     state = await task
             finally:
                 await writer.submit_sync(lambda conn: rows.release_run(conn, run_id, driver))
-            return state, await database.run_sync(index.reader, rows.summary, run_id)
+            return (state, await database.run_sync(index.reader, rows.summary, run_id),
+                    migration.stopped)
 
-    state, summary = asyncio.run(drive())
+    state, summary, stopped = asyncio.run(drive())
     # What this process leaves behind, in the audit trail too: the record of a cut-over.
     audit_change(config, f"migration run {run_id} {state.value}: {summary.studies_done}"
                  f" studies done, {summary.studies_failed} failed, {summary.studies_pending}"
                  f" remaining of {summary.studies_found} found; {summary.instances_received}"
                  f" of {summary.instances_expected} instances in the box; days failed"
-                 f" {summary.days_failed}", security=False)
+                 f" {summary.days_failed}" + (f"; {stopped.message}" if stopped else ""),
+                 security=False)
     out.print(f"migration run {run_id} {state.value}: {summary.studies_done} studies done,"
               f" {summary.studies_failed} failed, {summary.studies_pending} remaining",
               highlight=False)
     _print_warnings(summary)
+    if stopped is not None:
+        raise stopped  # the run paused itself: what to fix, and exit code 2
     if summary.studies_failed or summary.days_failed:
         err.print("some failed: `pacs-edge migrate failures` lists them with the reason;"
                   " `pacs-edge migrate resume --retry-failed` tries them again", highlight=False)

@@ -27,6 +27,7 @@ name the peer and the DICOM status, never a patient or a UID.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import socket
@@ -71,6 +72,7 @@ from appliance.dimse.spooling import SpoolRouter
 from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
 from appliance.services.legacy_migration import FindResult, RetrieveOutcome, StudyAnswer
 from appliance.services.peers import Peer
+from appliance.services.retrieve_statuses import PERMANENT_STORE_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,20 @@ class LegacyPeer:
             (sop, [str(ts)]) for sop in classes for ts in GET_SYNTAXES[:per_class]]
         roles = [build_role(sop, scp_role=True) for sop in classes]
         query = _identifier("STUDY", StudyInstanceUID=study_uid)
+        refused_for_good = 0  # written by this association's thread only
+
+        def counted(event: Any) -> int:
+            nonlocal refused_for_good
+            status = on_store(event)
+            refused_for_good += status in PERMANENT_STORE_REFUSALS
+            return status
+
         with self._association([StudyRootQueryRetrieveInformationModelGet], extra=contexts,
                                roles=roles,
-                               handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-            return self._retrieve(assoc.send_c_get(query,
-                                                   StudyRootQueryRetrieveInformationModelGet),
-                                  "C-GET")
+                               handlers=[(evt.EVT_C_STORE, counted)]) as assoc:
+            outcome = self._retrieve(
+                assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet), "C-GET")
+        return dataclasses.replace(outcome, refused_for_good=refused_for_good)
 
     def _association(self, requested: Sequence[Any], *,
                      extra: Sequence[tuple[str, list[str]]] = (),

@@ -59,6 +59,7 @@ The SCU is an edge (appliance/dimse/legacy_scu.py) handed in by the command line
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -72,13 +73,12 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import LegacyPeerError, MigrationError, MigrationFailure
 from appliance.services.peers import Peer
+from appliance.services.retrieve_statuses import StatusRule, Verdict, retrieve_rule
 from appliance.store import database
 from appliance.store import migration_rows as rows
 from appliance.store.index import Index
 
 log = logging.getLogger(__name__)
-
-MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status, PS3.4 C.4.2.1.5
 
 _SUCCESS, _WARNING = 0x0000, 0xB000
 STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
@@ -117,6 +117,13 @@ class RetrieveOutcome:
     completed: int
     failed: int
     warning: int
+    refused_for_good: int = 0  # C-GET sub-operations this box refused for good
+
+    @property
+    def all_refused_for_good(self) -> bool:
+        """Nothing arrived and this box refused every sub-operation with a status that
+        the same instance would get again (retrieve_statuses.PERMANENT_STORE_REFUSALS)."""
+        return not self.completed and 0 < self.failed <= self.refused_for_good
 
     @property
     def ok(self) -> bool:
@@ -278,6 +285,8 @@ class Migration:
         self._bridge: LoopBridge | None = None
         self._stopping = threading.Event()
         self._no_series_counts = threading.Event()  # one C-FIND per study saved
+        self.stopped: MigrationError | None = None  # why the run paused itself
+        self._stop_lock = threading.Lock()
 
     # --- the loop ------------------------------------------------------------------
 
@@ -445,6 +454,7 @@ class Migration:
     def _transfer(self, session: LegacySession, task: rows.StudyTask) -> None:
         uid = task.study_uid
         expected: int | None = None  # known once counted: kept with a failure too
+        for_good = False  # a retry would get the same answer: fail the study now
         try:
             expected, instances = self._expected(session, task)
             # Already complete (a run killed after the transfer, before its row): no fetch.
@@ -460,19 +470,51 @@ class Migration:
             if self._complete(session, task, expected, instances, by_uid=held_before):
                 return
             verb = "C-GET" if self.settings.via == "get" else "C-MOVE"
-            unknown = outcome.status == MOVE_DESTINATION_UNKNOWN
+            rule = None if outcome.ok else retrieve_rule(outcome.status)
+            if rule is not None and rule.verdict is Verdict.RUN:
+                self._stop_run(verb, outcome.status, rule)
+                return  # not counted: the study is tried again once the run resumes
+            for_good = outcome.all_refused_for_good or (
+                rule is not None and rule.verdict is Verdict.STUDY)
             raise LegacyPeerError(
                 MigrationFailure.INCOMPLETE if outcome.ok else MigrationFailure.RETRIEVE_FAILED,
                 f"{expected - self._box_count(uid)} of {expected} instances not in the box after"
-                f" the {verb} (status 0x{outcome.status:04X}, completed {outcome.completed},"
-                f" failed {outcome.failed})" + (
-                    f": the legacy PACS does not know {self.box_ae} as a move destination; add"
-                    " this box's AE title, host and port to its configuration" if unknown
-                    else self._failed_hint(verb) if outcome.failed else ""))
+                f" the {verb} (status 0x{outcome.status:04X}"
+                + (f" {rule.meaning}" if rule is not None else "")
+                + f", completed {outcome.completed}, failed {outcome.failed})"
+                + (": not retried, the same instances would be refused again"
+                   if outcome.all_refused_for_good
+                   else ": not retried, a retry would get the same answer" if for_good
+                   else "")
+                + (self._failed_hint(verb) if outcome.failed else ""))
         except LegacyPeerError as exc:
             if self._box_was_away() or self._legacy_was_away(exc):
                 return  # not counted: the study stays due and is tried again
-            self._study_failed(task, exc, received=self._box_count(uid), expected=expected)
+            self._study_failed(task, exc, received=self._box_count(uid), expected=expected,
+                               for_good=for_good)
+
+    def _stop_run(self, verb: str, status: int, rule: StatusRule) -> None:
+        """A status every study would get (retrieve_statuses: RUN): pause the run at once,
+        saying what to fix, instead of burning every study's attempts on it."""
+        message = (f"the legacy PACS {self.settings.peer!r} refused a {verb} with status"
+                   f" 0x{status:04X} ({rule.meaning}): every study would get the same answer,"
+                   " so the run is paused")
+        hint = (f"on the legacy PACS, add this box as a move destination: AE title"
+                f" {self.box_ae!r} with this box's address and its [dicom] port; then"
+                " `pacs-edge migrate resume`" if status == 0xA801
+                else "allow this box's AE title to retrieve on the legacy PACS, or migrate"
+                     f" --via {'move' if verb == 'C-GET' else 'get'}; then"
+                     " `pacs-edge migrate resume`")
+        with self._stop_lock:
+            if self.stopped is not None:
+                return
+            self.stopped = MigrationError(message, hint=hint)
+            self._stopping.set()
+        log.error("migration paused: %s run=%d", message, self.run.id)
+        # An operator paused or cancelled it meanwhile: that state stays.
+        with contextlib.suppress(MigrationError):
+            self._call(rows.change_run, self.run.id, rows.RunTrigger.PAUSE,
+                       reason=f"{message}; {hint}")
 
     def _failed_hint(self, verb: str) -> str:
         """Where the reason for failed sub-operations is: the box logs each instance it
@@ -581,9 +623,11 @@ class Migration:
         return int(self._read(rows.box_instance_count, study_uid))  # type: ignore[call-overload]
 
     def _study_failed(self, task: rows.StudyTask, exc: LegacyPeerError, *, received: int,
-                      expected: int | None = None) -> None:
+                      expected: int | None = None, for_good: bool = False) -> None:
+        """Count a failed attempt; `for_good`: no retry would change it, fail it now."""
         final = self._call(rows.study_failed, task.id, exc.kind, exc.message, received=received,
-                           expected=expected, max_attempts=self.max_attempts,
+                           expected=expected,
+                           max_attempts=1 if for_good else self.max_attempts,
                            retry_base_seconds=self.retry_base)
         log.warning("migration study failed run=%d study=%s kind=%s final=%s reason=%s",
                     self.run.id, logsafe.ref(task.study_uid), exc.kind.value, final, exc.message)

@@ -108,6 +108,7 @@ class Run:
     waiting_for: str = ""  # a Waiting value while the driver waits, else ''
     waiting_since: float | None = None
     waiting_reason: str = ""
+    stop_reason: str = ""  # why the run paused itself ('' for an operator's pause)
 
     @property
     def driver_pid(self) -> int | None:
@@ -249,7 +250,7 @@ def create_run(conn: sqlite3.Connection, settings: RunSettings, days: Sequence[s
 
 _RUN_COLUMNS = ("id, peer, via, since_day, until_day, modalities, associations, rate_per_hour,"
                 " time_window, query_limit, state, created_at, updated_at, finished_at, driver,"
-                " waiting_for, waiting_since, waiting_reason")
+                " waiting_for, waiting_since, waiting_reason, stop_reason")
 
 
 def _run(row: Any) -> Run:
@@ -258,7 +259,7 @@ def _run(row: Any) -> Run:
                            int(row[7]), row[8], int(row[9]))
     return Run(int(row[0]), settings, RunState(row[10]), float(row[11]), float(row[12]),
                None if row[13] is None else float(row[13]), str(row[14]), str(row[15]),
-               None if row[16] is None else float(row[16]), str(row[17]))
+               None if row[16] is None else float(row[16]), str(row[17]), str(row[18]))
 
 
 def latest_run(conn: sqlite3.Connection) -> Run | None:
@@ -274,16 +275,18 @@ def run_by_id(conn: sqlite3.Connection, run_id: int) -> Run | None:
     return None if row is None else _run(row)
 
 
-def change_run(conn: sqlite3.Connection, run_id: int, trigger: RunTrigger) -> RunState:
-    """Apply `trigger` to the run (RUN_STATES); returns the new state."""
+def change_run(conn: sqlite3.Connection, run_id: int, trigger: RunTrigger, *,
+               reason: str = "") -> RunState:
+    """Apply `trigger` to the run (RUN_STATES); returns the new state. `reason`: why the
+    run pauses itself (kept until the next change)."""
     run = run_by_id(conn, run_id)
     if run is None:
         raise MigrationError(f"no migration run {run_id}")
     state = next_run_state(run.state, trigger)
     now = time.time()
     finished = now if state in (RunState.DONE, RunState.CANCELLED) else None
-    conn.execute("UPDATE migration_runs SET state = ?, updated_at = ?, finished_at = ?"
-                 " WHERE id = ?", (state, now, finished, run_id))
+    conn.execute("UPDATE migration_runs SET state = ?, updated_at = ?, finished_at = ?,"
+                 " stop_reason = ? WHERE id = ?", (state, now, finished, reason[:500], run_id))
     return state
 
 
