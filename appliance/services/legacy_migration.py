@@ -459,7 +459,8 @@ class Migration:
             expected, instances = self._expected(session, task)
             # Already complete (a run killed after the transfer, before its row): no fetch.
             held_before = self._box_count(uid) > 0
-            if held_before and self._complete(session, task, expected, instances, by_uid=True):
+            if held_before and self._complete(session, task, expected, instances, by_uid=True,
+                                              fetched=False):
                 return
             if self.settings.via == "get":
                 if instances is None:
@@ -581,14 +582,17 @@ class Migration:
         return self._running()
 
     def _complete(self, session: LegacySession, task: rows.StudyTask, expected: int,
-                  instances: list[tuple[str, str]] | None, *, by_uid: bool) -> bool:
+                  instances: list[tuple[str, str]] | None, *, by_uid: bool,
+                  fetched: bool = True) -> bool:
         """Record the study done if the box holds all of it: as many instances as the
         legacy PACS listed (unless `by_uid`: the box held some of the study before the
         transfer), or else every one of its SOP Instance UIDs (some held under another
-        study that shares them)."""
+        study that shares them). `fetched`: after a transfer (False: before any, so it
+        stays out of the pace)."""
         received = self._box_count(task.study_uid)
         if received >= expected and not by_uid:
-            self._call(rows.study_done, task.id, expected=expected, received=received, shared=0)
+            self._call(rows.study_done, task.id, expected=expected, received=received, shared=0,
+                       fetched=fetched)
             return True
         if instances is None:
             instances = session.instances_of(task.study_uid)
@@ -597,7 +601,7 @@ class Migration:
         if not sops or any(sop not in held for sop in sops):  # type: ignore[operator]
             return False
         self._call(rows.study_done, task.id, expected=expected, received=received,
-                   shared=max(len(sops) - received, 0))
+                   shared=max(len(sops) - received, 0), fetched=fetched)
         return True
 
     def _expected(self, session: LegacySession, task: rows.StudyTask

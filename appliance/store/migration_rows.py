@@ -391,12 +391,14 @@ def due_studies(conn: sqlite3.Connection, run_id: int, now: float, limit: int) -
 
 
 def study_done(conn: sqlite3.Connection, study_id: int, *, expected: int, received: int,
-               shared: int) -> None:
+               shared: int, fetched: bool = True) -> None:
+    """The box holds the whole study; `fetched`: by a transfer of this attempt (False:
+    it was complete before, and it stays out of the pace)."""
     conn.execute(
         "UPDATE migration_studies SET state = 'done', attempts = attempts + 1,"
         " expected_instances = ?, received_instances = ?, shared_instances = ?,"
-        " error_kind = '', last_error = '', updated_at = ? WHERE id = ?",
-        (expected, received, shared, time.time(), study_id))
+        " error_kind = '', last_error = '', updated_at = ?, fetched = ? WHERE id = ?",
+        (expected, received, shared, time.time(), int(fetched), study_id))
 
 
 def study_failed(conn: sqlite3.Connection, study_id: int, kind: MigrationFailure, error: str,
@@ -479,17 +481,23 @@ def pace(conn: sqlite3.Connection, run_id: int, now: float,
          window: float = PACE_WINDOW_SECONDS) -> Pace | None:
     """The pace of the studies finished in the `window` seconds before `now`: those after
     the first of them, over the time from the first to `now` (so a stall slows it down).
-    None with fewer than two: too early to tell, or nothing finished lately."""
+    None with fewer than two: too early to tell, or nothing finished lately.
+    Only studies that took a transfer count (`fetched`): one found complete before it is
+    done in no time (after a kill, those the killed process transferred but did not
+    record; studies the box held already), and a few of them within a second would
+    make thousands an hour. Studies finished before a resume count with the time
+    between them and `now`, gap included: they can slow the pace down, never speed it
+    up."""
     return pace_and_count(conn, run_id, now, window)[0]
 
 
 def pace_and_count(conn: sqlite3.Connection, run_id: int, now: float,
                    window: float = PACE_WINDOW_SECONDS) -> tuple[Pace | None, int]:
-    """`pace`, and how many studies finished in the window (one is too few for a pace,
-    and is not a stall)."""
+    """`pace`, and how many fetched studies finished in the window (one is too few for
+    a pace, and is not a stall)."""
     finished = conn.execute(
         "SELECT updated_at, received_instances FROM migration_studies WHERE run_fk = ?"
-        " AND state IN ('done', 'failed') AND updated_at BETWEEN ? AND ?"
+        " AND state IN ('done', 'failed') AND fetched = 1 AND updated_at BETWEEN ? AND ?"
         " ORDER BY updated_at", (run_id, now - window, now)).fetchall()
     if len(finished) < 2 or now <= float(finished[0][0]):
         return None, len(finished)
