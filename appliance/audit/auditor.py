@@ -482,6 +482,36 @@ class Auditor:
                      objects=self._study_objects(study_uids), description=description,
                      urgent=bool(reason))
 
+    def legacy_queried(self, *, peer_ae: str, address: str, identifier: bytes, queries: int,
+                       matches: int, reason: str = "") -> None:
+        """The C-FINDs a migration sent a legacy PACS to list one day (or the studies
+        without a date): one Query record per listing, as an inbound C-FIND's but with
+        this box the requestor (Source) and the legacy PACS the Destination.
+        `identifier`: the listing's first query, encoded (no PHI: dates and times)."""
+        query = ParticipantObject(
+            STUDY_ROOT_FIND, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
+            ObjectRole.REPORT, query=identifier,
+            details=(("Queries", str(queries)), ("Matches", str(matches))))
+        legacy = Participant(peer_ae, requestor=False, roles=(Role.DESTINATION,),
+                             address=address)
+        self._record(EventID.QUERY, Action.EXECUTE,
+                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
+                     (self._box_as(Role.SOURCE), legacy), objects=(query,),
+                     description=reason or "migration listing")
+
+    def legacy_retrieved(self, *, peer_ae: str, address: str, action: str, study_uid: str,
+                         completed: int = 0, failed: int = 0, reason: str = "") -> None:
+        """A migration's C-MOVE or C-GET of one study from a legacy PACS, answered: one
+        record per study and attempt (the instances themselves are audited as they
+        are stored), this box the requestor and Destination, the legacy PACS Source."""
+        legacy = Participant(peer_ae, requestor=False, roles=(Role.SOURCE,), address=address)
+        counts = f"{action}: completed={completed} failed={failed}"
+        self._record(EventID.INSTANCES_TRANSFERRED, Action.CREATE,
+                     Outcome.MINOR_FAILURE if reason or failed else Outcome.SUCCESS,
+                     (legacy, self._box_as(Role.DESTINATION)),
+                     objects=self._study_objects([study_uid]),
+                     description=f"{reason} ({counts})" if reason else counts)
+
     def commitment_answered(self, *, peer_ae: str, address: str, study_uids: Iterable[str],
                             committed: int, failed: int, reason: str = "") -> None:
         """A Storage Commitment report was delivered to `peer_ae`: the box took responsibility
@@ -784,6 +814,12 @@ class Auditor:
     def _peer(self, peer: Requestor, role: Code | None = None) -> Participant:
         return Participant(peer.ae_title, requestor=True, roles=(role,) if role else (),
                            address=peer.address)
+
+    def _box_as(self, role: Code) -> Participant:
+        """This box's process as the requestor of an outbound request, in `role`."""
+        return Participant(self.box.user_id, requestor=True, roles=(role,),
+                           alternative_user_id=self.box.alternative_user_id,
+                           user_name=self.box.user_name)
 
     def _box_requestor(self) -> Participant:
         return Participant(self.box.user_id, requestor=True, roles=self.box.roles,

@@ -366,6 +366,7 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
     """Run the migration in this process (`driver`, which claimed the run) until done,
     paused or cancelled; the claim is released however it ends, but a kill."""
     from appliance.cli.migrate_setup import (  # pynetdicom: only this command
+        legacy_audit,
         legacy_source,
         move_destination_probe,
     )
@@ -387,7 +388,8 @@ def _drive(config: Config, run_id: int, driver: Holder) -> None:
                                           box_listening=move_destination_probe(
                                               config, run.settings),
                                           legacy_probe_seconds=config.migrate
-                                          .legacy_probe_seconds)
+                                          .legacy_probe_seconds,
+                                          audit=legacy_audit(config, run.settings, auditor))
                     task = asyncio.create_task(migration.drive())
                     if err.is_terminal:
                         await _show_progress(index, run_id, task)

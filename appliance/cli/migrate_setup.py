@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
-from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer, box_listening
+from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer, box_listening, listing_identifier
 from appliance.dimse.server import configure_pynetdicom
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context
 from appliance.services.ingest import IngestService
-from appliance.services.legacy_migration import check_peer
+from appliance.services.legacy_migration import RetrieveOutcome, check_peer
 from appliance.services.peers import Allowlist, Peer
 from appliance.store.files import FileStore
 from appliance.store.index import Index
@@ -67,6 +68,32 @@ def legacy_source(config: Config, settings: RunSettings, index: Index,
             source_ae=peer.ae_title,
             on_stored=lambda result: auditor.imported("migrate", result.header))
     return LegacyPeer(peer, config.dicom, tls_client=tls, on_store=receiver)
+
+
+@dataclass(frozen=True)
+class LegacyAudit:
+    """The migration's requests to its legacy PACS in the audit trail (MigrationAudit)."""
+
+    auditor: Auditor
+    peer: Peer
+    via: str
+
+    def listed(self, day: str, *, queries: int, studies: int, reason: str = "") -> None:
+        self.auditor.legacy_queried(peer_ae=self.peer.ae_title, address=self.peer.host,
+                                    identifier=listing_identifier(day), queries=queries,
+                                    matches=studies, reason=reason)
+
+    def retrieved(self, study_uid: str, outcome: RetrieveOutcome, *, reason: str = "") -> None:
+        self.auditor.legacy_retrieved(peer_ae=self.peer.ae_title, address=self.peer.host,
+                                      action=f"C-{self.via.upper()}", study_uid=study_uid,
+                                      completed=outcome.completed, failed=outcome.failed,
+                                      reason=reason)
+
+
+def legacy_audit(config: Config, settings: RunSettings, auditor: Auditor) -> LegacyAudit:
+    """The audit trail of the run's C-FINDs and C-MOVEs/C-GETs to its legacy PACS."""
+    peer, _ = _peer(config, settings)
+    return LegacyAudit(auditor, peer, settings.via)
 
 
 def move_destination_probe(config: Config, settings: RunSettings) -> Callable[[], bool] | None:

@@ -50,6 +50,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -287,6 +288,15 @@ class LegacySession:
             elif code != Status.SUCCESS:
                 return answers, code
         return answers, None
+
+
+def listing_identifier(day: str) -> bytes:
+    """The study-level query of a day's listing (the first the walk sends), encoded as
+    sent (implicit VR little endian): the audit record's ParticipantObjectQuery."""
+    encoded = encode(_identifier("STUDY", StudyDate=day, StudyTime="", ModalitiesInStudy="",
+                                 StudyInstanceUID="", NumberOfStudyRelatedInstances=""),
+                     True, True)
+    return encoded or b""
 
 
 def _identifier(level: str, **keys: str) -> Dataset:

@@ -155,6 +155,15 @@ class LegacySource(Protocol):
         """Open an association and release it; LegacyPeerError when none opens."""
 
 
+class MigrationAudit(Protocol):
+    """The audit trail of the requests the run sends the legacy PACS (cli/migrate_setup
+    composes it): one record per listing and per study transferred, never per instance."""
+
+    def listed(self, day: str, *, queries: int, studies: int, reason: str = "") -> None: ...
+
+    def retrieved(self, study_uid: str, outcome: RetrieveOutcome, *, reason: str = "") -> None: ...
+
+
 def check_peer(peer: Peer, via: str) -> None:
     """Refuse a peer that a migration `via` move or get cannot use, saying what to fix.
     Move needs store too: the legacy PACS's sub-operations are C-STOREs to this box."""
@@ -266,7 +275,8 @@ class Migration:
     def __init__(self, index: Index, run: rows.Run, source: LegacySource, *, box_ae: str,
                  max_attempts: int, retry_base_seconds: float,
                  box_listening: Callable[[], bool] | None = None,
-                 legacy_probe_seconds: float = 5.0) -> None:
+                 legacy_probe_seconds: float = 5.0,
+                 audit: MigrationAudit | None = None) -> None:
         """`box_listening` says whether this box's DICOM port takes connections (where
         a C-MOVE delivers); None when that cannot be told or does not matter (C-GET).
         `legacy_probe_seconds`: the first wait before an away legacy PACS is tried again."""
@@ -279,6 +289,7 @@ class Migration:
         self.retry_base = retry_base_seconds
         self.box_listening = box_listening
         self.legacy_probe = legacy_probe_seconds
+        self.audit = audit
         self._legacy_reached = threading.Event()  # an association to it opened in this run
         self.window = Window(run.settings.time_window)
         self.throttle = Throttle(run.settings.rate_per_hour)
@@ -386,10 +397,16 @@ class Migration:
                     except LegacyPeerError as exc:
                         if self._legacy_was_away(exc):
                             return  # not counted: the next round lists the day again
+                        if self.audit is not None:
+                            self.audit.listed(day, queries=walk.queries,
+                                              studies=len(walk.found), reason=exc.message)
                         self._day_failed(day, exc)
                         continue
                     self._call(rows.list_day, self.run.id, day, listing.studies,
                                listing.queries, warning=listing.warning)
+                    if self.audit is not None:
+                        self.audit.listed(day, queries=listing.queries,
+                                          studies=len(listing.studies))
                     # Thousands of empty days on a terminal would bury the progress bar.
                     log.log(logging.INFO if listing.studies or listing.queries > 1
                             else logging.DEBUG,
@@ -468,6 +485,9 @@ class Migration:
                 outcome = self.source.get_study(uid, sorted({c for _, c in instances if c}))
             else:
                 outcome = session.move_study(uid, self.box_ae)
+            if self.audit is not None:
+                self.audit.retrieved(uid, outcome, reason="" if outcome.ok
+                                     else f"status 0x{outcome.status:04X}")
             if self._complete(session, task, expected, instances, by_uid=held_before):
                 return
             verb = "C-GET" if self.settings.via == "get" else "C-MOVE"
