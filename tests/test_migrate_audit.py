@@ -81,3 +81,30 @@ def test_a_migration_audits_its_queries_per_listing_and_its_moves_per_study(
         moved |= {o["ParticipantObjectID"] for o in record["ParticipantObjectIdentification"]
                   if o["ParticipantObjectIDTypeCode"]["csd-code"] == "110180"}
     assert moved == studies
+
+
+def test_migrate_verify_audits_its_queries_as_one_record(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """`migrate verify` sends one image-level C-FIND per migrated study: one Query record
+    for all of them, with how many it sent and the instances they listed."""
+    files = make_archive(tmp_path / "archive", 2, busy_day_studies=0)
+    box = edge_server_factory()
+    box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    box.cli("migrate", "start", "--from", "legacy", "--since", "20240301", "--until",
+            "20240303", timeout=RUN_TIMEOUT)
+    box.cli("migrate", "verify")
+
+    [record] = [r for r in records(box.home)
+                if r["EventIdentification"].get("EventOutcomeDescription") == "migration verify"]
+    assert record["EventIdentification"]["EventID"]["csd-code"] == QUERY
+    assert roles(record)[legacy.ae_title] == (False, {DESTINATION}), record
+    assert roles(record)[box.ae_title] == (True, {SOURCE}), record
+    [query] = record["ParticipantObjectIdentification"]
+    details = {d["type"]: d["value"]
+               for d in query.get("ParticipantObjectDetail", ())}
+    assert details == {"Queries": "2", "Matches": str(len(files))}, query
+    identifier = base64.b64decode(query["ParticipantObjectQuery"])
+    assert b"IMAGE" in identifier, identifier

@@ -483,11 +483,13 @@ class Auditor:
                      urgent=bool(reason))
 
     def legacy_queried(self, *, peer_ae: str, address: str, identifier: bytes, queries: int,
-                       matches: int, reason: str = "") -> None:
-        """The C-FINDs a migration sent a legacy PACS to list one day (or the studies
-        without a date): one Query record per listing, as an inbound C-FIND's but with
-        this box the requestor (Source) and the legacy PACS the Destination.
-        `identifier`: the listing's first query, encoded (no PHI: dates and times)."""
+                       matches: int, reason: str = "", what: str = "migration listing"
+                       ) -> None:
+        """The C-FINDs a migration sent a legacy PACS for one phase: listing one day (or
+        the studies without a date), or `migrate verify`. One Query record per phase,
+        as an inbound C-FIND's but with this box the requestor (Source) and the legacy
+        PACS the Destination. `identifier`: the phase's query, encoded, with dates and
+        times only (a verify's per-study UID left empty)."""
         query = ParticipantObject(
             STUDY_ROOT_FIND, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
             ObjectRole.REPORT, query=identifier,
@@ -497,7 +499,7 @@ class Auditor:
         self._record(EventID.QUERY, Action.EXECUTE,
                      Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
                      (self._box_as(Role.SOURCE), legacy), objects=(query,),
-                     description=reason or "migration listing")
+                     description=reason or what)
 
     def legacy_retrieved(self, *, peer_ae: str, address: str, action: str, study_uid: str,
                          completed: int = 0, failed: int = 0, reason: str = "") -> None:

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
-from appliance.dimse.legacy_scu import GetReceiver, LegacyPeer, box_listening, listing_identifier
+from appliance.dimse.legacy_scu import (
+    GetReceiver,
+    LegacyPeer,
+    box_listening,
+    instances_identifier,
+    listing_identifier,
+)
 from appliance.dimse.server import configure_pynetdicom
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.tls import client_context
@@ -88,6 +94,12 @@ class LegacyAudit:
                                       action=f"C-{self.via.upper()}", study_uid=study_uid,
                                       completed=outcome.completed, failed=outcome.failed,
                                       reason=reason)
+
+    def verified(self, *, studies: int, instances: int) -> None:
+        """`migrate verify`'s image-level C-FINDs, one per study, as one record."""
+        self.auditor.legacy_queried(peer_ae=self.peer.ae_title, address=self.peer.host,
+                                    identifier=instances_identifier(), queries=studies,
+                                    matches=instances, what="migration verify")
 
 
 def legacy_audit(config: Config, settings: RunSettings, auditor: Auditor) -> LegacyAudit:

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import MigrationError
 from appliance.base.logsetup import setup_logging
@@ -67,7 +68,10 @@ def verify(home: Path | None, as_json: bool) -> None:
 
 
 async def _verify(config: Config) -> tuple[int, VerifyReport]:
-    from appliance.cli.migrate_setup import legacy_finder  # pynetdicom: only this command
+    from appliance.cli.migrate_setup import (  # pynetdicom: only this command
+        legacy_audit,
+        legacy_finder,
+    )
 
     async with Index(config.index.path) as index:
         run = await database.run_sync(index.reader, rows.latest_run)
@@ -78,10 +82,15 @@ async def _verify(config: Config) -> tuple[int, VerifyReport]:
                                  f" {run.driver_pid}", hint="verify once it has stopped")
         source = legacy_finder(config, run.settings)
         if not err.is_terminal:
-            return run.id, await verify_run(index, run.id, source)
-        with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err,
-                      transient=True) as progress:
-            bar = progress.add_task("verify", total=None)
-            return run.id, await verify_run(
-                index, run.id, source,
-                on_study=lambda n, total: progress.update(bar, total=total, completed=n))
+            report = await verify_run(index, run.id, source)
+        else:
+            with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+                          console=err, transient=True) as progress:
+                bar = progress.add_task("verify", total=None)
+                report = await verify_run(
+                    index, run.id, source,
+                    on_study=lambda n, total: progress.update(bar, total=total, completed=n))
+        with Auditor.for_home(config, process="migrate") as auditor:
+            legacy_audit(config, run.settings, auditor).verified(studies=report.checked,
+                                                                 instances=report.listed)
+        return run.id, report

@@ -299,6 +299,13 @@ def listing_identifier(day: str) -> bytes:
     return encoded or b""
 
 
+def instances_identifier() -> bytes:
+    """The image-level query `instances_of` sends for each study, with its Study Instance
+    UID left empty: the audit record of a `migrate verify` (one for all its studies)."""
+    return encode(_identifier("IMAGE", StudyInstanceUID="", SeriesInstanceUID="",
+                              SOPInstanceUID="", SOPClassUID=""), True, True) or b""
+
+
 def _identifier(level: str, **keys: str) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level
