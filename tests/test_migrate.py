@@ -121,14 +121,18 @@ def done_studies(home: Path) -> int:
 
 
 class MigrateProcess:
-    """`pacs-edge migrate ARGS` in its own process group, killable like a power cut."""
+    """`pacs-edge migrate ARGS` in its own process group, killable like a power cut;
+    `terminal`: as on an operator's terminal (rich draws its progress bar)."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, terminal: bool = False) -> None:
         self.log = home.parent / "migrate.log"
+        env = _env()
+        if terminal:
+            env.update(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1", COLUMNS="400")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*pacs_edge_command(), "migrate", *args, "--home", str(home)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True)
 
     def kill(self) -> None:

@@ -131,6 +131,35 @@ def test_a_migration_waits_out_an_outage_of_the_legacy_pacs_without_counting_it(
                             " GROUP BY state").fetchall() == [("done", 1, 6)]
 
 
+def test_the_progress_bar_says_the_run_waits_for_serve(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
+    """On the operator's terminal, `migrate start` draws a progress bar instead of log
+    lines: while it waits for serve, the bar must say so, not just stand still."""
+    files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    box.port = dcmtk.free_port()
+    box.configure(dicom={"port": box.port},
+                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    legacy = legacy_factory(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
+                          "--until", "20240303", terminal=True)
+    try:
+        wait_until(lambda: WAITING in proc.log.read_text(), "a wait for serve", proc)
+        deadline = time.monotonic() + 10.0  # the bar is redrawn every 0.5 s
+        while "waiting for pacs-edge serve (this box's DICOM port) since" not in (
+                proc.log.read_text(errors="replace")):
+            assert time.monotonic() < deadline, proc.log.read_text()[-2000:]
+            time.sleep(0.1)
+        box.start()
+        assert proc.wait() == 0, proc.log.read_text()[-4000:]
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+
+
 def test_the_end_of_a_run_is_in_the_audit_trail_with_its_counts(
         edge_server_factory: Callable[..., EdgeServer]) -> None:
     """The archive answers nowhere: the run ends with its day failed, and the audit

@@ -426,11 +426,17 @@ async def _show_progress(index: Index, run_id: int, task: asyncio.Task[Any]) -> 
         bar = progress.add_task("migrate", total=None, detail="listing days")
         while not task.done():
             s = await database.run_sync(index.reader, rows.summary, run_id)
+            run = await database.run_sync(index.reader, rows.run_by_id, run_id)
+            waiting = run.waiting if run is not None else None
             detail = (f"days {s.days_done + s.days_failed}/{s.days_total}"
                       + (f", {s.studies_failed} failed" if s.studies_failed else "")
                       + (f", {s.pace.studies_per_hour:.0f} studies/hour" if s.pace else "")
                       + (f", {_duration(s.eta_seconds)} left" if s.eta_seconds
-                         is not None else ""))
+                         is not None else "")
+                      + (f", waiting for {_WAITING_FOR[waiting]} since"
+                         f" {time.strftime('%H:%M:%S', time.localtime(run.waiting_since))}"
+                         if run is not None and waiting is not None and run.waiting_since
+                         else ""))
             progress.update(bar, total=s.studies_found or None,
                             completed=s.studies_done + s.studies_failed, detail=detail)
             await asyncio.wait([task], timeout=0.5)
