@@ -26,6 +26,7 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -48,6 +49,21 @@ STOP_TIMEOUT = 20.0
 def connection_string(port: int) -> str:
     return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint=http://{HOST}:{port}/{ACCOUNT};")
+
+
+@contextlib.contextmanager
+def unanswered_credentials(folder: Path) -> Iterator[Path]:
+    """A connection-string file (0600) in `folder` whose endpoint on 127.0.0.1 refuses
+    every connection: its port is bound, never listening, until the block ends."""
+    closed = socket.socket()
+    try:
+        closed.bind((HOST, 0))
+        credentials = folder / "azure.conn"
+        credentials.write_text(connection_string(closed.getsockname()[1]))
+        credentials.chmod(0o600)
+        yield credentials
+    finally:
+        closed.close()
 
 
 class AzuriteServer:

@@ -9,14 +9,13 @@ docs/operator-guide.md ("A lost or damaged index") pairs a new one with the stor
 
 from __future__ import annotations
 
-import base64
 import os
-import socket
 import sqlite3
 from pathlib import Path
 
 import dicomgen
 import pytest
+from azurite import unanswered_credentials
 from conftest import EdgeServer, init_home, run_pacs_edge
 from syncagent import import_files, sync_once
 
@@ -137,21 +136,11 @@ def test_force_new_keys_refused_for_a_cloud_that_cannot_be_listed_says_nothing_w
     """The refusal was the blob store's own error, with the hint 'the agent retries': it
     did not say that --force-new-keys was refused, nor that the keys were left alone."""
     home = init_home(tmp_path / "home")
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # held, never listening: connections are refused
-    credentials = tmp_path / "azure.conn"
-    credentials.write_text(
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey="
-        + base64.b64encode(b"k" * 64).decode() + ";BlobEndpoint=http://127.0.0.1:"
-        f"{closed.getsockname()[1]}/devstoreaccount1;")
-    credentials.chmod(0o600)
-    EdgeServer(home).configure(cloud={"url": "azure://site-packs",
-                                      "credentials_file": str(credentials)})
     site_key = (home / "secrets" / "site.key").read_bytes()
-    try:
+    with unanswered_credentials(tmp_path) as credentials:
+        EdgeServer(home).configure(cloud={"url": "azure://site-packs",
+                                          "credentials_file": str(credentials)})
         result = run_pacs_edge("init", "--home", str(home), "--force-new-keys", check=False)
-    finally:
-        closed.close()
     assert result.returncode == 2, result.stdout + result.stderr
     assert "refusing --force-new-keys: the cloud azure://site-packs cannot be listed" in (
         result.stderr)

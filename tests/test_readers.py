@@ -9,11 +9,9 @@ message. Adding readers after replication uploads no pack.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import tracemalloc
 import uuid
@@ -25,6 +23,7 @@ from typing import Any, cast
 import dcmtk
 import dicomgen
 import pytest
+from azurite import unanswered_credentials
 from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
 from syncagent import sync_once
 
@@ -314,20 +313,10 @@ def test_a_reader_whose_cloud_does_not_answer_is_told_to_run_again_not_to_wait(
     """The hint was 'the agent retries': a reader's machine has no sync agent, so it
     waited for nothing."""
     home = tmp_path / "reader"
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # held, never listening: connections are refused
-    credentials = tmp_path / "azure.conn"
-    credentials.write_text(
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey="
-        + base64.b64encode(b"k" * 64).decode() + ";BlobEndpoint=http://127.0.0.1:"
-        f"{closed.getsockname()[1]}/devstoreaccount1;")
-    credentials.chmod(0o600)
-    try:
+    with unanswered_credentials(tmp_path) as credentials:
         run_pacs_edge("reader", "init", "--home", str(home), "--cloud", "azure://site-packs",
                       "--credentials-file", str(credentials))
         listing = run_pacs_edge("reader", "list", "--home", str(home), check=False)
-    finally:
-        closed.close()
     assert listing.returncode == 2, listing.stdout + listing.stderr
     assert "Azure did not answer" in listing.stderr, listing.stderr
     assert "a command can be run again" in listing.stderr
