@@ -39,16 +39,25 @@ from test_migrate import (
 WAITING = "migration waiting for this box's DICOM port"
 
 
+def box_not_serving(files: list[Path], edge_server_factory: Callable[..., EdgeServer],
+                    make_legacy: Callable[..., LegacyPacs]) -> EdgeServer:
+    """A box whose serve is not started (its configured DICOM port, which the migrate
+    process probes, closed), and a legacy PACS holding `files` (the factory's: it
+    stops it), allowed to each other."""
+    box = edge_server_factory(start=False)
+    box.port = dcmtk.free_port()
+    box.configure(dicom={"port": box.port},
+                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+    legacy = make_legacy(files, box=box)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    return box
+
+
 def test_a_migration_waits_for_a_stopped_serve_instead_of_failing_its_studies(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
     files = make_archive(tmp_path / "archive", 4, busy_day_studies=0)
-    box = edge_server_factory(start=False)
-    box.port = dcmtk.free_port()  # the configured port: the migrate process probes it
-    box.configure(dicom={"port": box.port},
-                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
-    legacy = legacy_factory(files, box=box)
-    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    box = box_not_serving(files, edge_server_factory, legacy_factory)
 
     proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
                           "--until", "20240303")
@@ -69,12 +78,7 @@ def test_status_says_the_run_waits_for_serve_and_since_when(
     """While the run waits for serve it finishes nothing: `migrate status`, from
     another terminal, must say it waits and since when, not look stalled."""
     files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
-    box = edge_server_factory(start=False)
-    box.port = dcmtk.free_port()
-    box.configure(dicom={"port": box.port},
-                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
-    legacy = legacy_factory(files, box=box)
-    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    box = box_not_serving(files, edge_server_factory, legacy_factory)
 
     before = time.time()
     proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
@@ -137,12 +141,7 @@ def test_the_progress_bar_says_the_run_waits_for_serve(
     """On the operator's terminal, `migrate start` draws a progress bar instead of log
     lines: while it waits for serve, the bar must say so, not just stand still."""
     files = make_archive(tmp_path / "archive", 1, busy_day_studies=0)
-    box = edge_server_factory(start=False)
-    box.port = dcmtk.free_port()
-    box.configure(dicom={"port": box.port},
-                  migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
-    legacy = legacy_factory(files, box=box)
-    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,move,store")
+    box = box_not_serving(files, edge_server_factory, legacy_factory)
 
     proc = MigrateProcess(box.home, "start", "--from", "legacy", "--since", "20240301",
                           "--until", "20240303", terminal=True)
