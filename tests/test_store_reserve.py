@@ -82,15 +82,21 @@ def test_a_store_full_to_its_reserve_still_evicts_and_then_takes_instances_again
     assert again.store_responses() == ["Success"], again.output
 
 
+def evicted_study(server: EdgeServer, tmp_path: Path, *, seed: int, instances: int
+                  ) -> list[dicomgen.GeneratedInstance]:
+    """A study of `instances` slices stored by storescu, replicated and evicted."""
+    study = dicomgen.make_studies(tmp_path / "study", seed=seed, series_per_study=1,
+                                  instances_per_series=instances, size=SLICE)
+    dcmtk.storescu(server.port, [i.path for i in study]).check()
+    sync_once(server.home)
+    run_pacs_edge("evict", study[0].study_uid, "--home", str(server.home))
+    return study
+
 def test_a_recall_that_would_cut_into_the_reserve_is_refused_before_it_downloads(
         box: tuple[EdgeServer, Path], tmp_path: Path) -> None:
     server, disk = box
-    study = dicomgen.make_studies(tmp_path / "study", seed=43, series_per_study=1,
-                                  instances_per_series=8, size=SLICE)
+    study = evicted_study(server, tmp_path, seed=43, instances=8)
     uid = study[0].study_uid
-    dcmtk.storescu(server.port, [i.path for i in study]).check()
-    sync_once(server.home)
-    run_pacs_edge("evict", uid, "--home", str(server.home))
     study_bytes = sum(i.path.stat().st_size for i in study)
 
     filler = leave_free(disk, RESERVE + study_bytes // 2)
@@ -110,12 +116,7 @@ def test_a_recall_on_a_disk_already_below_its_reserve_says_so(
     """The refusal said '40.0 MB free, of which 64.0 MB is the store reserve' when the
     disk was already below it (the common case of a full disk)."""
     server, disk = box
-    study = dicomgen.make_studies(tmp_path / "study", seed=44, series_per_study=1,
-                                  instances_per_series=2, size=SLICE)
-    uid = study[0].study_uid
-    dcmtk.storescu(server.port, [i.path for i in study]).check()
-    sync_once(server.home)
-    run_pacs_edge("evict", uid, "--home", str(server.home))
+    uid = evicted_study(server, tmp_path, seed=44, instances=2)[0].study_uid
 
     filler = leave_free(disk, RESERVE // 2)
     refused = run_pacs_edge("recall", uid, "--home", str(server.home), check=False)
