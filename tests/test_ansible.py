@@ -102,6 +102,19 @@ def _play(inventory: Path, base: Path, *args: str) -> subprocess.CompletedProces
         stdin=subprocess.DEVNULL)
 
 
+def build_wheels(python: Path, out: Path, *args: str) -> None:
+    """`pip wheel` as docs/deployment.md builds the wheelhouse: the requirements in `args`
+    (with pip options) and their dependencies as wheels in `out`. --use-pep517 builds a
+    dependency shipped only as an sdist with a setup.py (sdnotify) in an isolated
+    environment: without it, the pip of Debian 12 (23.0.1) calls `setup.py bdist_wheel`,
+    which needs the `wheel` package that a venv does not have ("invalid command
+    'bdist_wheel'")."""
+    proc = subprocess.run([str(python), "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                           "--use-pep517", "-w", str(out), *args],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @dataclass
 class Fleet:
     base: Path
@@ -175,9 +188,7 @@ def fleet() -> Iterator[Fleet]:
     base.chmod(0o755)  # the service user must reach its prefix
     try:
         wheelhouse = base / "wheelhouse"
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                        "-w", str(wheelhouse), str(ROOT)], check=True, timeout=900,
-                       capture_output=True)
+        build_wheels(Path(sys.executable), wheelhouse, str(ROOT))
         wheel = next(wheelhouse.glob("pacs_edge-*.whl"))
         # The controller's viewer build (a no-op when installed, as it is after set-up).
         subprocess.run([str(ROOT / "scripts" / "install-ohif.sh")], check=True, timeout=600)
@@ -201,6 +212,20 @@ def fleet() -> Iterator[Fleet]:
         subprocess.run(["userdel", USER], capture_output=True, check=False)
         subprocess.run(["groupdel", USER], capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_wheelhouse_builds_with_the_pip_of_a_debian_venv(tmp_path: Path) -> None:
+    """The wheelhouse command works with Debian's own pip in a fresh venv (what `make test`
+    has on a fresh Debian 12), not only with a newer pip: sdnotify is an sdist. No cache:
+    a wheel pip built for an earlier install would hide the build."""
+    venv = tmp_path / "venv"
+    subprocess.run([str(HOST_PYTHON), "-m", "venv", str(venv)], check=True, timeout=300,
+                   capture_output=True)
+    sdnotify = next(line.strip().strip('",') for line in (ROOT / "pyproject.toml")
+                    .read_text().splitlines() if line.strip().startswith('"sdnotify=='))
+    build_wheels(venv / "bin" / "python", tmp_path / "wheelhouse", "--no-deps", "--no-cache-dir",
+                 sdnotify)
+    assert [wheel.name for wheel in (tmp_path / "wheelhouse").glob("sdnotify-*.whl")]
 
 
 def test_first_converge_changes_both_hosts(fleet: Fleet) -> None:
