@@ -17,5 +17,8 @@ need_command chromedriver chromium-driver
 need_command promtool prometheus
 # libfaketime steps the wall clock of real processes (tests/test_clock_steps.py).
 need_command faketime faketime
+# curl is the second HTTP client of the web tests (tests/webpeer.py); a minimal Debian
+# (debootstrap, a container image) has none.
+need_command curl curl
 "$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"
 "$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"
