@@ -186,7 +186,16 @@ class _Guard(asyncio.Protocol):
         if not self.in_request and self.transport is not None:
             log.info("http connection closed: request head not received in time"
                      " timeout=%.1f", self.server.config.head_timeout)
-            self.transport.abort()
+            _abort(self.transport)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    """Close a connection at once, also a TLS one that was closed twice already (the stop
+    closes idle connections, then aiohttp's cleanup closes them again): the asyncio of
+    Python 3.11.2, Debian 12's, raises AttributeError there, its protocol detached; from
+    3.11.3 on that abort does nothing, as it should."""
+    with contextlib.suppress(AttributeError):
+        transport.abort()
 
 
 @web.middleware
@@ -292,7 +301,7 @@ class HttpServer:
             # Closes what is left and cancels the handlers still running.
             await self._runner.cleanup()
         for transport in list(self.guards):
-            transport.abort()
+            _abort(transport)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
