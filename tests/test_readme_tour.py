@@ -1,0 +1,45 @@
+"""README.md's "short tour with dcmtk" runs as written on a box set up by `make run`
+alone: every tool it calls is in the line that installs them, and every folder a
+command writes into (`-od DIR`) is made earlier in the tour. A new user types these
+lines literally; getscu refuses an output folder that does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TOOLS = ("echoscu", "storescu", "findscu", "movescu", "getscu", "storescp", "curl")
+
+
+def _tour() -> str:
+    text = README.read_text()
+    start = text.index("## A short tour with dcmtk")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def _commands(tour: str) -> list[str]:
+    blocks = re.findall(r"```sh\n(.*?)```", tour, re.DOTALL)
+    assert blocks, "the tour has no shell blocks"
+    return [line.split("#", 1)[0] for block in blocks for line in block.splitlines()]
+
+
+def test_readme_tour_names_how_to_install_every_tool_it_calls() -> None:
+    tour = _tour()
+    install = re.search(r"`apt-get install ([^`]+)`", tour)
+    assert install, "the tour does not say how to install its tools"
+    packages = install[1].split()
+    called = {tool for tool in TOOLS
+              for line in _commands(tour) if re.search(rf"(^|&& |\| )\s*{tool}\b", line)}
+    wanted = {"curl" if tool == "curl" else "dcmtk" for tool in called}
+    assert wanted <= set(packages), (sorted(called), packages)
+
+
+def test_readme_tour_makes_every_folder_it_writes_into() -> None:
+    made: set[str] = set()
+    for line in _commands(_tour()):
+        for folder in re.findall(r"mkdir -p (\S+)", line):
+            made.add(folder)
+        for folder in re.findall(r"-od (\S+)", line):
+            assert folder in made, f"`-od {folder}` before `mkdir -p {folder}`: {line.strip()}"
