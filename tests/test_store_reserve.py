@@ -7,6 +7,7 @@ no room to record even the eviction that would free space (SQLITE_FULL)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -125,3 +126,23 @@ def test_a_recall_on_a_disk_already_below_its_reserve_says_so(
     assert "free, below the store reserve of 64.0 MB ([store] reserve_mb)" in refused.stderr, (
         refused.stderr)
     assert "of which" not in refused.stderr
+
+
+def test_status_warns_while_the_disk_is_below_its_reserve(
+        box: tuple[EdgeServer, Path]) -> None:
+    """Below the reserve ingest refuses every instance (0xA700) and /readyz says why;
+    `status` (and its /metrics gauge) said only that the disk was above its high
+    watermark, which is also true of a box that takes studies, and nothing at all where
+    the watermark is set above what the reserve leaves."""
+    server, disk = box
+
+    def codes() -> set[str]:
+        report = json.loads(run_pacs_edge("status", "--json", "--home",
+                                          str(server.home)).stdout)
+        return {warning["code"] for warning in report["warnings"]}
+
+    assert "disk_below_reserve" not in codes()
+    filler = leave_free(disk, RESERVE // 2)
+    assert "disk_below_reserve" in codes()
+    filler.unlink()
+    assert "disk_below_reserve" not in codes()

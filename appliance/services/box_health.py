@@ -243,6 +243,13 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "dropfolder_unreadable", f"{report.dropfolder['unreadable']} folder(s) in the drop"
             " folder cannot be listed by this user: their files wait there until the service"
             " user may read them (serve's log names each: `pacs-edge logref`)"))
+    floor = max(config.store.reserve_bytes, READY_MIN_FREE_BYTES)
+    if report.disk.free_bytes < floor:
+        found.append(HealthWarning(
+            "disk_below_reserve", f"disk {report.disk.free_bytes >> 20} MB free, below the"
+            f" {floor >> 20} MB the store keeps free ([store] reserve_mb): new instances"
+            " (C-STORE, STOW-RS, the drop folder) and recalls are refused with"
+            " out-of-resources until space is freed (/readyz says the same)"))
     high = config.sync.disk_high_watermark_percent
     if report.disk.used_percent >= high:
         found.append(HealthWarning(
