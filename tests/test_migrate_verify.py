@@ -35,23 +35,37 @@ def verify(box: EdgeServer) -> tuple[int, dict[str, object]]:
     return result.returncode, json.loads(result.stdout)
 
 
+def migrated_by_get(files: list[Path], until: str,
+                    edge_server_factory: Callable[..., EdgeServer],
+                    make_legacy: Callable[..., LegacyPacs]) -> tuple[EdgeServer, LegacyPacs]:
+    """A box that migrated `files` from a legacy PACS with C-GET, days 20240301..`until`."""
+    box = edge_server_factory(start=False)
+    legacy = make_legacy(files)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since", "20240301",
+            "--until", until, timeout=RUN_TIMEOUT)
+    return box, legacy
+
+
+def arrive_late(legacy: LegacyPacs, like: Path, folder: Path) -> tuple[pydicom.Dataset, Path]:
+    """A new instance of `like`'s series that reaches the legacy PACS after the run."""
+    late = pydicom.dcmread(like)
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(9, "late")
+    path = dicomgen.write_instance(late, folder / "late.dcm",
+                                   SYNTAX_BY_CLASS[str(late.SOPClassUID)]).path
+    legacy.load([path])
+    return late, path
+
+
 def test_verify_finds_an_instance_the_legacy_pacs_received_after_the_run_and_resume_fetches_it(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
         legacy_factory: Callable[..., LegacyPacs]) -> None:  # noqa: F811
     files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
-    box = edge_server_factory(start=False)
-    legacy = legacy_factory(files)
-    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
-    box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since", "20240301",
-            "--until", "20240303", timeout=RUN_TIMEOUT)
+    box, legacy = migrated_by_get(files, "20240303", edge_server_factory, legacy_factory)
     code, report = verify(box)
     assert (code, report["checked"], report["complete"], report["missing"]) == (0, 3, 3, 0)
 
-    late = pydicom.dcmread(files[0])
-    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(9, "late")
-    path = dicomgen.write_instance(late, tmp_path / "late.dcm",
-                                   SYNTAX_BY_CLASS[str(late.SOPClassUID)]).path
-    legacy.load([path])
+    late, path = arrive_late(legacy, files[0], tmp_path)
     code, report = verify(box)
     assert (code, report["complete"], report["missing"]) == (1, 2, 1)
     assert [s["study_uid"] for s in report["incomplete"]] == [str(late.StudyInstanceUID)]
@@ -75,15 +89,8 @@ def test_verify_again_before_the_retry_does_not_call_the_run_complete(
     (a script's --json after the operator's look) checked only the done studies and
     said complete, exit 0, while the box still lacked an instance."""
     files = make_archive(tmp_path / "archive", 2, busy_day_studies=0)
-    box = edge_server_factory(start=False)
-    legacy = legacy_factory(files)
-    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
-    box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since", "20240301",
-            "--until", "20240302", timeout=RUN_TIMEOUT)
-    late = pydicom.dcmread(files[0])
-    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(9, "late")
-    legacy.load([dicomgen.write_instance(late, tmp_path / "late.dcm",
-                                         SYNTAX_BY_CLASS[str(late.SOPClassUID)]).path])
+    box, legacy = migrated_by_get(files, "20240302", edge_server_factory, legacy_factory)
+    arrive_late(legacy, files[0], tmp_path)
     code, report = verify(box)
     assert (code, len(report["incomplete"])) == (1, 1)
     studies = report["checked"]

@@ -243,7 +243,7 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "dropfolder_unreadable", f"{report.dropfolder['unreadable']} folder(s) in the drop"
             " folder cannot be listed by this user: their files wait there until the service"
             " user may read them (serve's log names each: `pacs-edge logref`)"))
-    floor = max(config.store.reserve_bytes, READY_MIN_FREE_BYTES)
+    floor = free_bytes_floor(config.store.reserve_bytes)
     if report.disk.free_bytes < floor:
         found.append(HealthWarning(
             "disk_below_reserve", f"disk {report.disk.free_bytes >> 20} MB free, below the"
@@ -343,6 +343,12 @@ READY_MIN_FREE_INODES = 4096
 READY_INDEX_TIMEOUT = 5.0
 
 
+def free_bytes_floor(reserve_bytes: int) -> int:
+    """The free bytes below which the box takes no new study: the store's reserve, and
+    at least READY_MIN_FREE_BYTES (/readyz and the disk_below_reserve warning)."""
+    return max(reserve_bytes, READY_MIN_FREE_BYTES)
+
+
 @dataclass(frozen=True)
 class Readiness:
     """Whether the box can accept a study now; `problems` says why not, one line each."""
@@ -359,7 +365,7 @@ async def readiness(index: Index, files: FileStore, *, listening: Callable[[], b
     that takes a write, listeners bound."""
     problems = []
     disk = await asyncio.to_thread(files.disk)
-    floor = max(files.reserve_bytes, READY_MIN_FREE_BYTES)
+    floor = free_bytes_floor(files.reserve_bytes)
     if disk.free_bytes < floor:
         problems.append(f"disk: {disk.free_bytes >> 20} MB free, below {floor >> 20} MB"
                         f" ([store] reserve_mb, at least {READY_MIN_FREE_BYTES >> 20})")
