@@ -211,10 +211,7 @@ class LegacySession:
         """Studies of `day` (YYYYMMDD), within `time_range` (HHMMSS-HHMMSS) and of
         `modality` when given. `limited` when `limit` answers came, or the peer ended
         the query with a failure after some answers (its way of saying "too many")."""
-        query = _identifier("STUDY", StudyDate=day, StudyTime=time_range,
-                            ModalitiesInStudy=modality, StudyInstanceUID="",
-                            NumberOfStudyRelatedInstances="")
-        answers, failed = self._find(query)
+        answers, failed = self._find(_listing_query(day, time_range, modality))
         if failed is not None and not answers:
             raise LegacyPeerError(MigrationFailure.QUERY_FAILED,
                                   f"legacy PACS {self.name!r} answered a study C-FIND with"
@@ -237,10 +234,8 @@ class LegacySession:
 
     def instances_of(self, study_uid: str) -> list[tuple[str, str]]:
         """(SOP Instance UID, SOP Class UID) of every instance of the study."""
-        query = _identifier("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID="",
-                            SOPInstanceUID="", SOPClassUID="")
         return [(str(a.get("SOPInstanceUID", "") or ""), str(a.get("SOPClassUID", "") or ""))
-                for a in self._checked_find(query, "image")]
+                for a in self._checked_find(_instances_query(study_uid), "image")]
 
     def move_study(self, study_uid: str, destination: str) -> RetrieveOutcome:
         query = _identifier("STUDY", StudyInstanceUID=study_uid)
@@ -293,17 +288,24 @@ class LegacySession:
 def listing_identifier(day: str) -> bytes:
     """The study-level query of a day's listing (the first the walk sends), encoded as
     sent (implicit VR little endian): the audit record's ParticipantObjectQuery."""
-    encoded = encode(_identifier("STUDY", StudyDate=day, StudyTime="", ModalitiesInStudy="",
-                                 StudyInstanceUID="", NumberOfStudyRelatedInstances=""),
-                     True, True)
-    return encoded or b""
+    return encode(_listing_query(day), True, True) or b""
 
 
 def instances_identifier() -> bytes:
     """The image-level query `instances_of` sends for each study, with its Study Instance
     UID left empty: the audit record of a `migrate verify` (one for all its studies)."""
-    return encode(_identifier("IMAGE", StudyInstanceUID="", SeriesInstanceUID="",
-                              SOPInstanceUID="", SOPClassUID=""), True, True) or b""
+    return encode(_instances_query(""), True, True) or b""
+
+
+def _listing_query(day: str, time_range: str = "", modality: str = "") -> Dataset:
+    return _identifier("STUDY", StudyDate=day, StudyTime=time_range,
+                       ModalitiesInStudy=modality, StudyInstanceUID="",
+                       NumberOfStudyRelatedInstances="")
+
+
+def _instances_query(study_uid: str) -> Dataset:
+    return _identifier("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID="",
+                       SOPInstanceUID="", SOPClassUID="")
 
 
 def _identifier(level: str, **keys: str) -> Dataset:
