@@ -253,6 +253,20 @@ def _granted_study(edge_home: Path, tmp_path: Path, *, seed: int, instances: int
     return sent
 
 
+@pytest.mark.parametrize("columns", [80, 250])
+def test_reader_list_shows_each_study_uid_whole_at_any_terminal_width(
+        edge_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """`reader pull` takes the study UID from the listing: at 80 columns the table cut it
+    to a few characters. A terminal too narrow for the table gets one block per study."""
+    sent = _granted_study(edge_home, tmp_path, seed=12, instances=1)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    listing = reader(tmp_path / "reader", "list").stdout
+    lines = listing.splitlines()
+    assert any(sent[0].study_uid in line for line in lines), listing
+    assert all(len(line) <= columns for line in lines if sent[0].study_uid not in line)
+    assert ("study uid" in lines[1]) is (columns == 250), listing
+
+
 def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -> None:
     sent = _granted_study(edge_home, tmp_path, seed=9, instances=2)
     target = tmp_path / "Downloads"

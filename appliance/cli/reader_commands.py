@@ -30,6 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from appliance.base.config import CONFIG_FILE, Config, is_ae_title
 from appliance.base.errors import PacsEdgeError
@@ -210,15 +211,7 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     elif rows:
-        table = Table("date", "patient", "patient id", "modalities", "description",
-                      "instances", "study uid")
-        for r in rows:
-            mods = r["modalities"]
-            assert isinstance(mods, list)
-            table.add_row(str(r["study_date"]), str(r["patient_name"]), str(r["patient_id"]),
-                          ",".join(mods), str(r["study_description"]), str(r["instances"]),
-                          str(r["study_uid"]))
-        out.print(table)
+        _print_studies(rows)
     elif catalogue.cloud_empty:
         err.print("no studies are granted to this reader: the cloud holds no studies at all",
                   highlight=False)
@@ -232,6 +225,34 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
         err.print("hint: the cloud copy was modified or damaged; tell the site's administrator",
                   highlight=False)
         raise SystemExit(2)
+
+
+def _print_studies(rows: list[dict[str, object]]) -> None:
+    """A table where the terminal is wide enough for every column whole, else one block
+    per study: the study UID is what `reader pull` takes, and a table squeezed into 80
+    columns cut it off (a UID runs to 64 characters)."""
+    table = Table("date", "patient", "patient id", "modalities", "description",
+                  "instances", "study uid")
+    for r in rows:
+        table.add_row(*_study_cells(r))
+    if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
+        out.print(table)
+        return
+    for r in rows:
+        date, name, patient_id, modalities, description, instances, uid = _study_cells(r)
+        out.print(Text.assemble((date, "bold"), f"  {modalities}  {instances} instance(s)  "
+                                f"{description}".rstrip()), highlight=False)
+        out.print(f"  patient: {name} (id {patient_id})", highlight=False, markup=False)
+        out.print(f"  study uid: {uid}", highlight=False, markup=False, overflow="ignore",
+                  crop=False)
+
+
+def _study_cells(row: dict[str, object]) -> tuple[str, ...]:
+    modalities = row["modalities"]
+    assert isinstance(modalities, list)
+    return (str(row["study_date"]), str(row["patient_name"]), str(row["patient_id"]),
+            ",".join(modalities), str(row["study_description"]), str(row["instances"]),
+            str(row["study_uid"]))
 
 
 _AE_TITLE_RULE = "1-16 ASCII characters, printable, no backslash"
