@@ -46,6 +46,11 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from tlsproxy import TlsProxy
 
 SYNTAX_BY_CLASS = {
@@ -299,6 +304,41 @@ def test_a_legacy_pacs_that_does_not_know_the_box_pauses_the_run_at_once_naming_
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "3 studies done, 0 failed" in resumed.stdout
     assert migrate_status(box)["stop_reason"] is None
+
+
+@pytest.mark.parametrize("status", [0x0124, 0xA900])
+def test_a_legacy_pacs_that_refuses_the_box_s_queries_pauses_the_run_at_once(
+        status: int, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A C-FIND refused with 0x0124 (this box may not query) or 0xA900 (a query it does
+    not take) is what every day's listing would get: the run pauses at the first, saying
+    what to allow, and counts no day as failed. Before, each day was retried until its
+    attempts ran out, and the run ended with every day failed."""
+    legacy = AE("REFUSING")
+    legacy.add_supported_context(Verification)
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+
+    def refuse(event: evt.Event) -> Iterator[tuple[int, None]]:
+        yield status, None
+
+    server = legacy.start_server((HOST, 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_FIND, refuse)])
+    try:
+        box = edge_server_factory()
+        box.configure(migrate={"retry_base_seconds": 1.0, "max_attempts": 2})
+        box.add_peer("legacy", "REFUSING", server.server_address[1], allow="find,move,store")
+        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                         "--until", "20240303", "--associations", "1", check=False,
+                         timeout=RUN_TIMEOUT)
+    finally:
+        legacy.shutdown()
+    assert result.returncode == 2, result.stdout + result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert f"refused a C-FIND with status 0x{status:04X}" in stderr, stderr
+    assert f"allow this box's AE title '{box.ae_title}' to query" in stderr, stderr
+    report = migrate_status(box)
+    assert report["state"] == "paused", report
+    assert f"0x{status:04X}" in str(report["stop_reason"]), report
+    assert report["days"] == {"total": 3, "listed": 0, "failed": 0, "pending": 3}, report
 
 
 def test_a_study_whose_every_instance_the_box_refuses_fails_at_once_with_the_reason(

@@ -320,11 +320,14 @@ class MigrationFailure(enum.StrEnum):
 
 class LegacyPeerError(PacsEdgeError):
     """The legacy PACS could not answer a migration's C-FIND, C-MOVE or C-GET. The message
-    names the peer and the DICOM status, never a patient or a UID."""
+    names the peer and the DICOM status, never a patient or a UID. `status` is the
+    failure status the legacy PACS answered, when it answered one."""
 
-    def __init__(self, kind: MigrationFailure, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, kind: MigrationFailure, message: str, *, hint: str | None = None,
+                 status: int | None = None) -> None:
         super().__init__(message, hint=hint)
         self.kind = kind
+        self.status = status
 
 
 class TransportAborted(OSError):

@@ -72,8 +72,8 @@ from appliance.dimse.scu import requested_association
 from appliance.dimse.spooling import SpoolRouter
 from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
 from appliance.services.legacy_migration import FindResult, RetrieveOutcome, StudyAnswer
+from appliance.services.legacy_statuses import PERMANENT_STORE_REFUSALS
 from appliance.services.peers import Peer
-from appliance.services.retrieve_statuses import PERMANENT_STORE_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class LegacySession:
         if failed is not None and not answers:
             raise LegacyPeerError(MigrationFailure.QUERY_FAILED,
                                   f"legacy PACS {self.name!r} answered a study C-FIND with"
-                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log")
+                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log",
+                                  status=failed)
         studies = [StudyAnswer(str(a.get("StudyInstanceUID", "") or ""),
                                str(a.get("StudyTime", "") or ""),
                                _values(a.get("ModalitiesInStudy")),
@@ -263,7 +264,8 @@ class LegacySession:
         if failed is not None:
             raise LegacyPeerError(MigrationFailure.QUERY_FAILED,
                                   f"legacy PACS {self.name!r} answered a {level} C-FIND with"
-                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log")
+                                  f" status 0x{failed:04X}", hint="see the legacy PACS's log",
+                                  status=failed)
         return answers
 
     def _find(self, query: Dataset) -> tuple[list[Dataset], int | None]:

@@ -72,8 +72,8 @@ from typing import Protocol
 from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import LegacyPeerError, MigrationError, MigrationFailure
+from appliance.services.legacy_statuses import StatusRule, Verdict, find_rule, retrieve_rule
 from appliance.services.peers import Peer
-from appliance.services.retrieve_statuses import StatusRule, Verdict, retrieve_rule
 from appliance.store import database
 from appliance.store import migration_rows as rows
 from appliance.store.index import Index
@@ -122,7 +122,7 @@ class RetrieveOutcome:
     @property
     def all_refused_for_good(self) -> bool:
         """Nothing arrived and this box refused every sub-operation with a status that
-        the same instance would get again (retrieve_statuses.PERMANENT_STORE_REFUSALS)."""
+        the same instance would get again (legacy_statuses.PERMANENT_STORE_REFUSALS)."""
         return not self.completed and 0 < self.failed <= self.refused_for_good
 
     @property
@@ -400,6 +400,8 @@ class Migration:
                         if self.audit is not None:
                             self.audit.listed(day, queries=walk.queries,
                                               studies=len(walk.found), reason=exc.message)
+                        if self._refused_for_the_run(exc):
+                            return  # not counted: the day is listed once the run resumes
                         self._day_failed(day, exc)
                         continue
                     self._call(rows.list_day, self.run.id, day, listing.studies,
@@ -509,23 +511,38 @@ class Migration:
                    else "")
                 + (self._failed_hint(verb) if outcome.failed else ""))
         except LegacyPeerError as exc:
-            if self._box_was_away() or self._legacy_was_away(exc):
+            if self._box_was_away() or self._legacy_was_away(exc) or self._refused_for_the_run(exc):
                 return  # not counted: the study stays due and is tried again
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected,
                                for_good=for_good)
 
+    def _refused_for_the_run(self, exc: LegacyPeerError) -> bool:
+        """Whether `exc` is a C-FIND refusal every study would get (legacy_statuses: RUN);
+        if so, the run is paused."""
+        if exc.kind is not MigrationFailure.QUERY_FAILED or exc.status is None:
+            return False
+        rule = find_rule(exc.status)
+        if rule.verdict is not Verdict.RUN:
+            return False
+        self._stop_run("C-FIND", exc.status, rule)
+        return True
+
     def _stop_run(self, verb: str, status: int, rule: StatusRule) -> None:
-        """A status every study would get (retrieve_statuses: RUN): pause the run at once,
+        """A status every study would get (legacy_statuses: RUN): pause the run at once,
         saying what to fix, instead of burning every study's attempts on it."""
         message = (f"the legacy PACS {self.settings.peer!r} refused a {verb} with status"
                    f" 0x{status:04X} ({rule.meaning}): every study would get the same answer,"
                    " so the run is paused")
-        hint = (f"on the legacy PACS, add this box as a move destination: AE title"
-                f" {self.box_ae!r} with this box's address and its [dicom] port; then"
-                " `pacs-edge migrate resume`" if status == 0xA801
-                else "allow this box's AE title to retrieve on the legacy PACS, or migrate"
-                     f" --via {'move' if verb == 'C-GET' else 'get'}; then"
-                     " `pacs-edge migrate resume`")
+        if status == 0xA801:
+            hint = (f"on the legacy PACS, add this box as a move destination: AE title"
+                    f" {self.box_ae!r} with this box's address and its [dicom] port")
+        elif verb == "C-FIND":
+            hint = (f"allow this box's AE title {self.box_ae!r} to query (Study Root C-FIND) on"
+                    " the legacy PACS; its log says why it refused")
+        else:
+            hint = ("allow this box's AE title to retrieve on the legacy PACS, or migrate"
+                    f" --via {'move' if verb == 'C-GET' else 'get'}")
+        hint += "; then `pacs-edge migrate resume`"
         with self._stop_lock:
             if self.stopped is not None:
                 return
