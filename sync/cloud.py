@@ -130,6 +130,7 @@ class ScrubVerdict:
 class PackService:
     def __init__(self, store: BlobStore, files: FileStore, *, site_key: bytes,
                  name_secret: bytes, segment_size: int, rehydrate_poll: float,
+                 rehydrate_early: bool = False,
                  older_site_keys: tuple[bytes, ...] = ()) -> None:
         self.store = store
         self.files = files
@@ -139,6 +140,7 @@ class PackService:
         self._name_secret = name_secret
         self._segment_size = segment_size
         self._rehydrate_poll = rehydrate_poll
+        self._rehydrate_early = rehydrate_early
         self._opened: dict[str, tuple[bytes, Manifest]] = {}
 
     @classmethod
@@ -147,7 +149,8 @@ class PackService:
         return cls(store, files, site_key=ring.current, older_site_keys=ring.older,
                    name_secret=load_name_secret(config.home),
                    segment_size=config.sync.segment_size,
-                   rehydrate_poll=config.sync.rehydrate_poll_seconds)
+                   rehydrate_poll=config.sync.rehydrate_poll_seconds,
+                   rehydrate_early=config.sync.rehydrate_priority == "high")
 
     def names(self, study_uid: str, version: int) -> tuple[str, str]:
         key = naming.study_key(self._name_secret, study_uid)
@@ -347,13 +350,14 @@ class PackService:
     # --- recall ----------------------------------------------------------------
 
     async def ensure_online(self, pack: PackRow) -> Tier:
-        """Wait until an archived pack is rehydrated (requested here when needed); the
-        online tier it is on."""
+        """Wait until an archived pack is rehydrated (requested here when needed, at the
+        `[sync] rehydrate_priority`); the online tier it is on."""
         info = await asyncio.to_thread(self.store.stat, pack.pack_name)
         if info.online:
             return info.tier
         log.info("pack is archived; rehydration requested pack=%s", pack.pack_name)
-        await asyncio.to_thread(self.store.request_online, pack.pack_name)
+        await asyncio.to_thread(self.store.request_online, pack.pack_name,
+                                early=self._rehydrate_early)
         while not (info := await asyncio.to_thread(self.store.stat, pack.pack_name)).online:
             await asyncio.sleep(self._rehydrate_poll)
         log.info("pack back online pack=%s tier=%s", pack.pack_name, info.tier.value)

@@ -735,7 +735,7 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     make, peers sharing a name or an AE title (leading and trailing spaces do not count) or
     with an AE title pacs-edge refuses, a metrics port out of range or on the DICOM port
     with the web server off, a negative eviction age: each stops its host at the preflight
-    with a message naming the variable."""
+    with a message naming the variable (a rehydration priority Azure does not know, too)."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
@@ -753,6 +753,7 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         "metrics-port": {"pacs_edge_metrics_port": 70000},
         "metrics-on-dicom": {"pacs_edge_http_port": 0, "pacs_edge_metrics_port": 11112},
         "evict-negative": {"pacs_edge_sync_evict_after_days": -1},
+        "rehydrate-priority": {"pacs_edge_sync_rehydrate_priority": "urgent"},
         # An empty vault variable: the agent could not open the container.
         "azure-no-credentials": {"pacs_edge_cloud_url": "azure://site-packs",
                                  "pacs_edge_cloud_connection_string": ""},
@@ -764,7 +765,8 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
                      "metrics-port": metrics, "metrics-on-dicom": metrics,
-                     "evict-negative": cloud, "azure-no-credentials": cloud}
+                     "evict-negative": cloud, "rehydrate-priority": cloud,
+                     "azure-no-credentials": cloud}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),

@@ -216,6 +216,8 @@ class SyncConfig:
         default=1 << 20, metadata=_check(lambda v: 4096 <= v <= 64 << 20, "4096 to 67108864"))
     recall_poll_seconds: float = field(default=1.0, metadata=_check(lambda v: v > 0, "> 0"))
     rehydrate_poll_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
+    rehydrate_priority: str = field(default="standard", metadata=_check(
+        lambda v: v in {"standard", "high"}, "standard or high"))
     recall_timeout_seconds: float = field(
         default=600.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     evict_without_escrow: bool = False
@@ -630,6 +632,8 @@ _COMMENTS = {
     "sync.recall_poll_seconds": "How often the agent picks up recall requests from the appliance.",
     "sync.rehydrate_poll_seconds": "How often to check an archived pack being brought online"
     " (also the Retry-After of a DICOMweb read that waits for one).",
+    "sync.rehydrate_priority": "Azure priority of a recall's rehydration out of Archive:"
+    " standard (up to 15 h) or high (under an hour for most packs, at a higher price).",
     "sync.recall_timeout_seconds": "How long a C-MOVE/C-GET waits for a recall before failing.",
     "sync.evict_without_escrow": "Evict even before the site key is escrowed (`keys escrow`):"
     " a lost box then loses every evicted study.",

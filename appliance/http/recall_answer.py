@@ -10,7 +10,8 @@ wait sensibly, in two headers:
   - `recalling; expect=1800`: the packs are on an online tier (Hot, Cool, Cold)
     and are read at once; Retry-After: 2.
   - `rehydrating; expect=57600`: a pack is on the Archive tier, which Azure must
-    rehydrate first (Standard priority: up to 15 h); Retry-After:
+    rehydrate first (`[sync] rehydrate_priority` standard: up to 15 h;
+    `expect=10800` at high: under an hour for most packs); Retry-After:
     `[sync] rehydrate_poll_seconds` (60 s).
   - `failed`: the recall failed (the sync agent's log says why); Retry-After: 60.
 
@@ -22,7 +23,8 @@ wait sensibly, in two headers:
 `expect` is how long the box expects the recall to take at most, counted from the
 first such answer: the viewer tells the user and stops asking after it. 16 h for
 an Archive rehydration: Azure's Standard priority takes up to 15 hours, and the
-recall's own download follows.
+recall's own download follows; 3 h at High priority, which Azure gives for most
+blobs under 10 GB within the hour, but does not promise.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from appliance.services.web_retrieve import Located
 RECALL_HEADER = "PACS-Edge-Recall"
 RECALL_RETRY_SECONDS = 2  # a recall still running: the next ask waits for it again
 RECALL_EXPECT_SECONDS = 30 * 60  # Hot/Cool/Cold: a large study within minutes
-REHYDRATE_EXPECT_SECONDS = 16 * 3600  # Archive: Standard priority up to 15 h, then the download
+REHYDRATE_EXPECT_SECONDS = {"standard": 16 * 3600,  # Archive: up to 15 h, then the download
+                            "high": 3 * 3600}  # most packs within the hour; not promised
 
 
 def recall_unavailable(found: Located, config: Config) -> web.HTTPServiceUnavailable:
@@ -52,7 +55,8 @@ def recall_unavailable(found: Located, config: Config) -> web.HTTPServiceUnavail
         return web.HTTPServiceUnavailable(
             text="the study is in the cloud's Archive tier: its recall takes hours\n",
             headers={"Retry-After": str(retry),
-                     RECALL_HEADER: f"rehydrating; expect={REHYDRATE_EXPECT_SECONDS}"})
+                     RECALL_HEADER: "rehydrating; expect="
+                                    f"{REHYDRATE_EXPECT_SECONDS[config.sync.rehydrate_priority]}"})
     return web.HTTPServiceUnavailable(
         text="the study is being recalled from the cloud: ask again in a few seconds\n",
         headers={"Retry-After": str(RECALL_RETRY_SECONDS),
