@@ -244,3 +244,25 @@ def test_config_check_warns_when_the_viewer_folder_holds_no_build(tmp_path: Path
     checked = run_pacs_edge("config", "check", "--home", str(home))
     assert f"ok     viewer: {tmp_path / 'ohif'}" in checked.stdout
     assert "warn   viewer" not in checked.stderr
+
+
+def test_config_check_warns_about_the_store_reserve_of_0_an_older_init_wrote(
+        tmp_path: Path) -> None:
+    """`init` writes every key at its default, and before the 64 MB default it wrote
+    `reserve_mb = 0`: an upgraded box kept it, and with it the disk filled to its last
+    block that the new default prevents, while config check said nothing (found by an
+    upgrade audit from 7c535d4). The check warns and names the value to set (exit 0:
+    serve runs with 0)."""
+    home = tmp_path / "home"
+    run_pacs_edge("init", "--home", str(home), "--dicom-port", "0", "--tls-port", "0",
+                  "--hl7-port", "0", "--http-port", "0")
+    config = home / "pacs-edge.toml"
+    assert "\nreserve_mb = 64\n" in config.read_text()
+    checked = run_pacs_edge("config", "check", "--home", str(home))
+    assert "ok     store reserve: 64 MB" in checked.stdout
+    assert "warn   store reserve" not in checked.stderr
+    config.write_text(config.read_text().replace("\nreserve_mb = 64\n", "\nreserve_mb = 0\n"))
+    checked = run_pacs_edge("config", "check", "--home", str(home))
+    assert "warn   store reserve: [store] reserve_mb = 0: ingest takes the disk to its last" \
+        " block" in checked.stderr
+    assert "set [store] reserve_mb = 64 (the default" in checked.stderr

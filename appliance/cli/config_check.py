@@ -6,7 +6,8 @@ worse, hours later: the peer allowlist, the site secrets (present, 0600, the
 right length), the TLS certificate chain when TLS is on (loadable, matching
 key, not expired), the cloud URL and its credentials, the syslog TLS files,
 the folders the services write and the viewer's build (a warning: serve runs
-without it). Each check runs through the same loader the service uses, so a
+without it), and a store reserve of 0 (a warning: an older `init` wrote it).
+Each check runs through the same loader the service uses, so a
 check that passes means the service will load it too.
 Every problem is reported, not just the first.
 
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.base.config import Config, config_from_mapping, read_toml
+from appliance.base.config import Config, StoreConfig, config_from_mapping, read_toml
 from appliance.base.errors import PacsEdgeError
 from appliance.dimse.negotiation import check_extra_storage_classes
 from appliance.dimse.tls import server_context
@@ -70,6 +71,7 @@ def check_home(config: Config) -> list[Finding]:
     ]
     findings = [_run(what, check) for what, check in checks]
     findings.append(_viewer(config))
+    findings.append(_store_reserve(config))
     findings.append(_escrow(config))
     return findings
 
@@ -131,6 +133,19 @@ def _viewer(config: Config) -> Finding:
     return Finding("viewer", warning=f"no OHIF build in {root}: the viewer's pages answer 503",
                    hint="run scripts/install-ohif.sh (make viewer) in a checkout, or set"
                         " [http] viewer_root to the folder that holds the build")
+
+
+def _store_reserve(config: Config) -> Finding:
+    """A warning, not an error: 0 is allowed, but every `init` before the 64 MB default
+    wrote `reserve_mb = 0` into the config, and an upgraded box keeps it."""
+    if config.store.reserve_mb:
+        return Finding(f"store reserve: {config.store.reserve_mb} MB")
+    default = StoreConfig().reserve_mb
+    return Finding("store reserve", warning="[store] reserve_mb = 0: ingest takes the disk"
+                   " to its last block, and a disk filled the rest of the way leaves no room"
+                   " to record even the eviction that would free space",
+                   hint=f"set [store] reserve_mb = {default} (the default; a config written by"
+                        " an older `pacs-edge init` holds 0)")
 
 
 def _escrow(config: Config) -> Finding:
