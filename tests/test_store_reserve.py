@@ -146,3 +146,20 @@ def test_status_warns_while_the_disk_is_below_its_reserve(
     assert "disk_below_reserve" in codes()
     filler.unlink()
     assert "disk_below_reserve" not in codes()
+
+
+def test_status_says_a_box_without_a_reserve_still_stores_below_the_readyz_floor(
+        tmp_path: Path) -> None:
+    """A home from an `init` before the 64 MB default holds reserve_mb = 0: below 64 MB
+    free /readyz says not ready and status warned that every instance is refused, while
+    ingest goes on to the last block. The warning says what the box really does."""
+    with tmpfs(tmp_path / "disk", DISK_MB) as disk:
+        home = init_home(disk / "home")
+        EdgeServer(home).configure(store={"reserve_mb": 0})
+        filler = leave_free(disk, RESERVE // 2)
+        report = json.loads(run_pacs_edge("status", "--json", "--home", str(home)).stdout)
+        filler.unlink()
+    [said] = [w["message"] for w in report["warnings"] if w["code"] == "disk_below_reserve"]
+    assert "are refused" not in said, said
+    assert "reserve_mb = 0 the store takes new instances" in said, said
+    assert "set reserve_mb = 64" in said, said

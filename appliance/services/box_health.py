@@ -245,11 +245,17 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             " user may read them (serve's log names each: `pacs-edge logref`)"))
     floor = free_bytes_floor(config.store.reserve_bytes)
     if report.disk.free_bytes < floor:
-        found.append(HealthWarning(
-            "disk_below_reserve", f"disk {report.disk.free_bytes >> 20} MB free, below the"
-            f" {floor >> 20} MB the store keeps free ([store] reserve_mb): new instances"
-            " (C-STORE, STOW-RS, the drop folder) and recalls are refused with"
-            " out-of-resources until space is freed (/readyz says the same)"))
+        free_mb, reserve_mb = report.disk.free_bytes >> 20, config.store.reserve_mb
+        found.append(HealthWarning("disk_below_reserve", (
+            f"disk {free_mb} MB free, below the {floor >> 20} MB the store keeps free"
+            " ([store] reserve_mb): new instances (C-STORE, STOW-RS, the drop folder) and"
+            " recalls are refused with out-of-resources until space is freed (/readyz says"
+            " the same)") if report.disk.free_bytes < config.store.reserve_bytes else (
+            f"disk {free_mb} MB free, below the {floor >> 20} MB /readyz asks for: it says"
+            f" not ready, and with [store] reserve_mb = {reserve_mb} the store takes new"
+            f" instances until {reserve_mb} MB are left, with no room then for the index to"
+            f" record the eviction that would free space (set reserve_mb ="
+            f" {READY_MIN_FREE_BYTES >> 20})")))
     high = config.sync.disk_high_watermark_percent
     if report.disk.used_percent >= high:
         found.append(HealthWarning(
