@@ -17,6 +17,7 @@ from conftest import HOST, EdgeServer
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
@@ -41,17 +42,17 @@ def test_every_refusal_kind_has_a_named_failure_status(
         assert status not in (Status.SUCCESS, Status.PENDING, Status.PENDING_WARNING)
 
 
-def _find_statuses(edge: EdgeServer, aet: str, keys: dict[str, str]) -> list[int]:
+def _find_statuses(edge: EdgeServer, aet: str, keys: dict[str, str],
+                   model: str = StudyRootQueryRetrieveInformationModelFind) -> list[int]:
     ae = AE(aet)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(model)
     assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
     assert assoc.is_established, "association with pacs-edge refused"
     identifier = Dataset()
     for keyword, value in keys.items():
         setattr(identifier, keyword, value)
     try:
-        return [int(status.Status) for status, _ in
-                assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)]
+        return [int(status.Status) for status, _ in assoc.send_c_find(identifier, model)]
     finally:
         if assoc.is_established:
             assoc.release()
@@ -72,3 +73,28 @@ def test_find_refusals_reach_the_peer_as_their_named_statuses(edge_server: EdgeS
         UNABLE_TO_PROCESS]
     assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "STUDY",
                                                    "StudyInstanceUID": ""}) == [0x0000]
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("StudyDate", "20240230"), ("StudyDate", "20240101-20241301"),
+    ("StudyTime", "2530"), ("StudyTime", "1060-"),
+])
+def test_a_date_or_time_that_does_not_exist_is_unable_to_process(
+        edge_server: EdgeServer, keyword: str, value: str) -> None:
+    """docs/conformance.md: 0xC000 for malformed dates and times. 30 February and 25:30
+    are (the HL7 edge answers them AE), not a query that matches nothing."""
+    assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "STUDY",
+                                                   "StudyInstanceUID": "",
+                                                   keyword: value}) == [UNABLE_TO_PROCESS]
+
+
+def test_a_worklist_start_date_that_does_not_exist_is_unable_to_process(
+        edge_server: EdgeServer) -> None:
+    edge_server.add_peer("modality", "MODALITY", 1, allow="worklist")
+    step = Dataset()
+    step.ScheduledProcedureStepStartDate = "20230229"
+    step.ScheduledProcedureStepStartTime = ""
+    statuses = _find_statuses(edge_server, "MODALITY", {"ScheduledProcedureStepSequence": [step],
+                                                        "PatientName": ""},
+                              model=ModalityWorklistInformationFind)
+    assert statuses == [UNABLE_TO_PROCESS]

@@ -196,7 +196,12 @@ async def test_times_match_their_whole_precision_and_ranges(
         (Match.DATE, "2024011"),
         (Match.DATE, "2024*"),
         (Match.DATE, "-"),
+        (Match.DATE, "20240230"),  # no such day: malformed, as the HL7 edge says
+        (Match.DATE, "20241301-"),
         (Match.TIME, "noon"),
+        (Match.TIME, "2530"),  # hour out of range
+        (Match.TIME, "-1060"),
+        (Match.TIME, "101061"),
         (Match.TIME, "08.x-09"),
         (Match.TIME, "08-09-10"),
         (Match.INTEGER, "five"),

@@ -25,10 +25,12 @@ Rules, per kind of attribute:
   group of only `*`, may also stand for components or groups left out:
   `Doe^John^*` finds `Doe^John^Q` and `Doe^John`, `Doe^*` finds `Doe`, as
   they would find the padded spellings `Doe^John^` and `Doe^`.
-- DATE (DA): `YYYYMMDD`, or a range `A-`, `-B`, `A-B` (inclusive).
+- DATE (DA): `YYYYMMDD`, or a range `A-`, `-B`, `A-B` (inclusive); a date that
+  names no calendar day (`20240230`) is malformed, as the HL7 edge says of it.
 - TIME (TM): compared as normalised keys (`appliance.store.times`). A value
   with reduced precision stands for its whole period: `1015` matches
-  10:15:00 to 10:15:59.999999, and `-1015` ends at 10:15:59.999999.
+  10:15:00 to 10:15:59.999999, and `-1015` ends at 10:15:59.999999. An hour,
+  minute or second out of range (`2530`; a second may be 60, PS3.5 6.2) is malformed.
 - UID: list of UID matching; no wildcards (a `*` in a UID is a literal).
 - INTEGER (IS): equality.
 - Entities whose value is empty never match a non-universal key.
@@ -41,6 +43,7 @@ Malformed dates, times and integers raise QueryError 0xC000.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -63,6 +66,8 @@ from appliance.store.times import time_key
 __all__ = ["Match", "combined_datetime", "term"]
 
 _DATE = re.compile("[0-9]{8}")
+# Exclusive upper bounds of HH, MM and SS in a TM (SS may be 60, a leap second: PS3.5 6.2).
+_TIME_BOUNDS = (24, 60, 61)
 # `^*`, `^^*`, `^*^*` ... at the end of a PN group: may stand for left-out components.
 _TRAILING_ANY_COMPONENTS = re.compile(r"(?:\^+\*+)+$")
 _PN_GROUPS = 3  # alphabetic, ideographic, phonetic
@@ -186,12 +191,19 @@ def _range(value: str, check: Callable[[str], str]) -> tuple[str, str]:
 def _check_date(value: str) -> str:
     if not _DATE.fullmatch(value):
         raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key is not YYYYMMDD")
+    try:
+        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key names no calendar day") from None
     return value
 
 
 def _check_time(value: str) -> str:
     if not time_key(value):
         raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is not HHMMSS.FFFFFF")
+    whole = value.strip().replace(":", "").partition(".")[0]
+    if any(int(whole[2 * i:2 * i + 2] or 0) >= bound for i, bound in enumerate(_TIME_BOUNDS)):
+        raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is out of range")
     return value
 
 
