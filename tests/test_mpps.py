@@ -44,6 +44,7 @@ MODALITY = "MODALITY"
 SUCCESS, REFUSED_NOT_AUTHORIZED, PROCESSING_FAILURE = 0x0000, 0x0124, 0x0110
 DUPLICATE, NO_SUCH_INSTANCE = 0x0111, 0x0112
 INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, MISSING_VALUE = 0x0106, 0x0120, 0x0121
+UNRECOGNIZED_OPERATION = 0x0211
 
 
 class MppsScu:
@@ -187,6 +188,23 @@ def test_duplicate_create_is_refused(scu: tuple[EdgeServer, MppsScu]) -> None:
     sop_uid = str(generate_uid())
     assert client.create(sop_uid, in_progress()).Status == SUCCESS
     assert client.create(sop_uid, in_progress()).Status == DUPLICATE
+
+
+def test_create_or_set_on_the_retrieve_context_is_an_unrecognized_operation(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """The MPPS Retrieve SOP Class has N-GET only (PS3.4 F.8): an N-CREATE or N-SET sent
+    there is an operation it does not have (0x0211), and nothing is created or changed."""
+    edge, client = scu
+    created, stray = str(generate_uid()), str(generate_uid())
+    assert client.create(created, in_progress()).Status == SUCCESS
+    status, _ = client.assoc.send_n_create(in_progress(), ModalityPerformedProcedureStepRetrieve,
+                                           stray)
+    assert status.Status == UNRECOGNIZED_OPERATION
+    assert _step(edge, stray) is None
+    status, _ = client.assoc.send_n_set(final(), ModalityPerformedProcedureStepRetrieve, created)
+    assert status.Status == UNRECOGNIZED_OPERATION
+    step = _step(edge, created)
+    assert step is not None and step["state"] == "in_progress"
 
 
 def test_create_must_be_in_progress(scu: tuple[EdgeServer, MppsScu]) -> None:

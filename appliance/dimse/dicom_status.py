@@ -17,10 +17,12 @@ class Status(enum.IntEnum):
     DUPLICATE_SOP_INSTANCE = 0x0111
     NO_SUCH_SOP_INSTANCE = 0x0112  # also Failure Reason "no such object instance" (J.3.2.1)
     INVALID_ARGUMENT_VALUE = 0x0115
+    NO_SUCH_SOP_CLASS = 0x0118
     CLASS_INSTANCE_CONFLICT = 0x0119  # also a Storage Commitment Failure Reason
     MISSING_ATTRIBUTE = 0x0120
     MISSING_ATTRIBUTE_VALUE = 0x0121
     NO_SUCH_ACTION = 0x0123
+    UNRECOGNIZED_OPERATION = 0x0211
     RESOURCE_LIMITATION = 0x0213
     # Storage (PS3.4 B.2.3)
     OUT_OF_RESOURCES = 0xA700

@@ -64,7 +64,7 @@ class MppsScp:
         request = event.request
         if str(request.RequestedSOPClassUID or "") not in (MPPS_SOP_CLASS,
                                                             MPPS_RETRIEVE_SOP_CLASS):
-            return Status.PROCESSING_FAILURE, None
+            return Status.NO_SUCH_SOP_CLASS, None
         try:
             tags = event.attribute_identifiers
             step, found = self.bridge.call(self.service.get(
@@ -91,8 +91,14 @@ class MppsScp:
         request = event.request
         sop_class = (getattr(request, "AffectedSOPClassUID", None)
                      or getattr(request, "RequestedSOPClassUID", None) or "")
+        if str(event.context.abstract_syntax) != MPPS_SOP_CLASS:
+            # The MPPS Retrieve SOP Class has N-GET only (PS3.4 F.8): an N-CREATE or
+            # N-SET there is an operation it does not have, not a failure of ours.
+            log.warning("mpps %s refused: not an operation of the MPPS Retrieve SOP class %s",
+                        what, label)
+            return Status.UNRECOGNIZED_OPERATION, None
         if str(sop_class) != MPPS_SOP_CLASS:
-            return Status.PROCESSING_FAILURE, None
+            return Status.NO_SUCH_SOP_CLASS, None
         try:
             self.service.permitted(str(event.assoc.requestor.ae_title).strip())
             try:
