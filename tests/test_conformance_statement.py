@@ -9,7 +9,7 @@ box (what it answers in association negotiation).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pynetdicom
@@ -193,3 +193,22 @@ def test_every_sop_class_the_statement_lists_is_accepted(edge_server: EdgeServer
         finally:
             assoc.release()
     assert not not_accepted
+
+
+def test_an_association_beyond_max_associations_is_rejected_as_the_statement_says(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """Transient, service provider (presentation), local limit exceeded: (2, 3, 2)."""
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"max_associations": 1})
+    server.start()
+    context = build_context(StudyRootQueryRetrieveInformationModelFind)
+    holder = _associate(server, [context])
+    assert holder.is_established
+    try:
+        extra = _associate(server, [context])
+        assert extra.is_rejected
+        primitive = extra.acceptor.primitive
+        assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+    finally:
+        holder.release()
+    assert "reason=association limit reached" in server.log()
