@@ -33,6 +33,7 @@ from appliance.dimse.dicom_status import Status
 from appliance.dimse.handlers import QUERY_STATUS, REJECTION_STATUS
 from appliance.dimse.move_get import MAX_CONTEXTS, REFUSAL_STATUS
 from appliance.dimse.negotiation import SERVICE_CLASSES, STANDARD_STORAGE_CLASSES
+from appliance.store.cfind.attributes import KEYS, Match
 
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENT = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
@@ -107,6 +108,30 @@ def test_every_status_a_service_sends_is_in_its_section_of_the_statement(module:
 def test_every_refusal_status_is_in_its_section(table: dict[object, Status], title: str) -> None:
     text = section(title)
     assert all(f"0x{status:04X}" in text for status in table.values())
+
+
+# How the statement's C-FIND key table words each kind of matching (matching.py's rules).
+MATCHING = {
+    Match.TEXT: "single value, wildcards (case-sensitive)",
+    Match.PERSON_NAME: "single value, wildcards (case-insensitive, padding ignored)",
+    Match.DATE: "single value, range",
+    Match.TIME: "single value, range",
+    Match.UID: "UID list",
+    Match.INTEGER: "single value (as a number)",
+    Match.RETURN_ONLY: "return key only",
+}
+MULTI = "; the study matches when one of its values does"
+
+
+def test_the_c_find_key_table_is_the_index_key_table() -> None:
+    listed = [tuple(cells) for cells in table_rows(section("Query (C-FIND SCP)"))
+              if len(cells) == 4 and cells[0] != "RetrieveAETitle"
+              and re.fullmatch(r"\([0-9A-F]{4},[0-9A-F]{4}\)", cells[1])]
+    assert listed == [
+        (key.keyword, f"({key.tag.group:04X},{key.tag.element:04X})", key.level.name,
+         MATCHING[key.match] + (MULTI if key.multi else ""))
+        for key in KEYS
+    ]
 
 
 def test_every_status_the_statement_lists_is_a_named_status() -> None:
