@@ -2,8 +2,9 @@
 
 The statement is what a hospital's integration engineer reads before connecting a
 modality. Its tables are checked here against the code's own lists (SOP classes,
-transfer syntaxes, the statuses each service module sends) and against a running
-box (what it answers in association negotiation).
+transfer syntaxes, the statuses each service module sends, the C-FIND and worklist
+keys) and against a running box (what it answers in association negotiation, the
+association limit, every SOP class it lists).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pynetdicom
 import pytest
 from conftest import HOST, TEST_AE, EdgeServer
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, build_context
 from pynetdicom.pdu_primitives import (
@@ -34,6 +36,7 @@ from appliance.dimse.handlers import QUERY_STATUS, REJECTION_STATUS
 from appliance.dimse.move_get import MAX_CONTEXTS, REFUSAL_STATUS
 from appliance.dimse.negotiation import SERVICE_CLASSES, STANDARD_STORAGE_CLASSES
 from appliance.store.cfind.attributes import KEYS, Match
+from appliance.store.worklist_rows import COLUMNS as WORKLIST_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENT = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
@@ -237,3 +240,11 @@ def test_an_association_beyond_max_associations_is_rejected_as_the_statement_say
     finally:
         holder.release()
     assert "reason=association limit reached" in server.log()
+
+
+def test_the_worklist_key_table_lists_every_key_the_worklist_matches() -> None:
+    text = section("Modality Worklist (C-FIND SCP, PS3.4 K)")
+    rows = [cells for cells in table_rows(text) if len(cells) == 3]
+    listed = {int(group + element, 16) for _, tags, _ in rows
+              for group, element in re.findall(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)", tags)}
+    assert listed == {tag_for_keyword(keyword) for keyword in WORKLIST_COLUMNS}
