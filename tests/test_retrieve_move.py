@@ -188,6 +188,20 @@ def test_unknown_move_destination_is_refused_with_a801(
     assert edge_server.echo().ok
 
 
+def test_a_move_to_a_peer_without_a_port_is_refused_with_a801(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """An hl7-only peer has no port (the box never calls it): as a move destination it
+    is unknown (0xA801 at once), not 0xA702 after trying to connect to port 0."""
+    store(edge_server, small_study)
+    edge_server.cli("peers", "add", "ris", "--ae-title", "RIS", "--host", HOST,
+                    "--allow", "hl7")
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                                     "StudyInstanceUID": small_study[0].study_uid}, "RIS")
+    assert [int(status.Status) for status, _ in responses] == [DESTINATION_UNKNOWN]
+    assert "move refused reason=move destination 'RIS' has no port" in edge_server.log()
+
+
 def test_peer_without_move_permission_is_refused(
     edge_server: EdgeServer, storescp: dcmtk.StoreSCP,
     small_study: list[dicomgen.GeneratedInstance],

@@ -97,6 +97,11 @@ class Peer:
     def may(self, permission: str) -> bool:
         return permission in self.allow
 
+    @property
+    def callable(self) -> bool:
+        """Whether the box can call this peer: it has a port (an hl7-only peer may not)."""
+        return self.port > 0
+
     def accepts_address(self, address: str) -> bool:
         """True unless the peer is bound to its host and `address` is not one of its IPs."""
         if not self.bind_host:

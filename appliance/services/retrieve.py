@@ -183,6 +183,14 @@ class RetrieveService:
                     hint="add it with `pacs-edge peers add` (its host and port are where "
                     "the box sends)",
                 )
+            if not destination.callable:
+                raise RetrieveRefused(
+                    RetrieveRefusal.UNKNOWN_DESTINATION,
+                    f"move destination {destination.ae_title!r} has no port: the box does"
+                    " not know where it listens",
+                    hint=f"give peer {destination.name!r} the port its Storage SCP listens"
+                    " on (pacs-edge peers remove, then add with --port)",
+                )
         keys = parse_identifier(model, identifier)
         rows = await self.index.locate(
             patient_ids=keys.patient_ids, study_uids=keys.study_uids,
