@@ -50,7 +50,7 @@ ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 3, 4
 # The module that sends a service's responses -> the statement's sections for it.
 SENDERS = {
     "store_receiver.py": ("Storage SCP statuses",),
-    "handlers.py": ("Storage SCP statuses", "Query (C-FIND SCP)"),
+    "handlers.py": ("Association acceptance", "Storage SCP statuses", "Query (C-FIND SCP)"),
     "find_scp.py": ("Query (C-FIND SCP)",),
     "move_get.py": ("Retrieve (C-MOVE and C-GET SCP)",),
     "worklist_scp.py": ("Modality Worklist (C-FIND SCP, PS3.4 K)",),

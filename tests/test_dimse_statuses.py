@@ -13,11 +13,13 @@ import enum
 from collections.abc import Mapping
 
 import pytest
-from conftest import HOST, EdgeServer
+from conftest import HOST, TEST_AE, EdgeServer
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
@@ -27,6 +29,7 @@ from appliance.dimse.handlers import QUERY_STATUS, REJECTION_STATUS
 from appliance.dimse.move_get import REFUSAL_STATUS
 
 REFUSED_NOT_AUTHORIZED, IDENTIFIER_DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0x0124, 0xA900, 0xC000
+UNRECOGNIZED_OPERATION = 0x0211
 
 
 @pytest.mark.parametrize(("kinds", "table"), [
@@ -98,3 +101,28 @@ def test_a_worklist_start_date_that_does_not_exist_is_unable_to_process(
                                                         "PatientName": ""},
                               model=ModalityWorklistInformationFind)
     assert statuses == [UNABLE_TO_PROCESS]
+
+
+def test_an_event_report_sent_to_the_box_is_an_unrecognized_operation(
+        edge_server: EdgeServer) -> None:
+    """The box sends N-EVENT-REPORTs (Storage Commitment) and takes none: one sent to it
+    on the Storage Commitment or the MPPS context is answered 0x0211 in one log line,
+    not 0x0110 after a traceback from pynetdicom's unbound handler."""
+    ae = AE(TEST_AE)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(HOST, edge_server.port, ae_title=edge_server.ae_title)
+    assert assoc.is_established
+    info = Dataset()
+    info.TransactionUID = "1.2.3.4"
+    try:
+        for sop_class, instance in ((StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"),
+                                    (ModalityPerformedProcedureStep, "1.2.3.4.5")):
+            status, _ = assoc.send_n_event_report(info, 1, sop_class, instance)
+            assert int(status.Status) == UNRECOGNIZED_OPERATION
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    log = edge_server.log()
+    assert log.count("n-event-report refused: this box takes no event reports") == 2
+    assert "Traceback" not in log

@@ -179,6 +179,15 @@ class DimseHandlers:
     def on_echo(self, event: Any) -> Status:
         return Status.SUCCESS
 
+    def on_event_report(self, event: Any) -> tuple[Status, None]:
+        """An N-EVENT-REPORT from a peer (on the Storage Commitment or an MPPS context:
+        pynetdicom's classes take one there). The box sends event reports and takes
+        none (MPPS notifications are not supported): an operation none of its services
+        has, answered as such, where pynetdicom would log a traceback and say 0x0110."""
+        log.warning("n-event-report refused: this box takes no event reports sop_class=%s %s",
+                    event.request.AffectedSOPClassUID, peer_label(event.assoc))
+        return Status.UNRECOGNIZED_OPERATION, None
+
     def on_store(self, event: Any) -> int | Dataset:
         """A C-STORE that pynetdicom received (the ones store_receiver.py leaves it)."""
         spool = self.s.spools.claim(event.dataset_path)

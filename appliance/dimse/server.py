@@ -341,6 +341,7 @@ def event_handlers(h: Any) -> list[tuple[Any, Any]]:
         (evt.EVT_REJECTED, h.on_rejected),
         (evt.EVT_ACCEPTED, h.on_accepted),
         (evt.EVT_C_ECHO, h.on_echo),
+        (evt.EVT_N_EVENT_REPORT, h.on_event_report),
         (evt.EVT_C_STORE, h.on_store),
         (evt.EVT_C_FIND, h.on_find),
     ]
