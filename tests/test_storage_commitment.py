@@ -51,6 +51,7 @@ MODALITY = "MODALITY"
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
 SUCCESS, REFUSED_NOT_AUTHORIZED, INVALID_ARGUMENT_VALUE = 0x0000, 0x0124, 0x0115
 NO_SUCH_OBJECT, PROCESSING_FAILURE = 0x0112, 0x0110
+NO_SUCH_ACTION, RESOURCE_LIMITATION = 0x0123, 0x0213
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
 REPORT_TIMEOUT = 60.0
 
@@ -461,6 +462,42 @@ def test_commitment_refused_to_a_peer_without_commit_permission(
     status, transaction_uid, _ = modality.request(edge, _items(study[:1]))
     assert status == REFUSED_NOT_AUTHORIZED
     assert _commitment_state(edge, transaction_uid) == ""
+    assert modality.reports.empty()
+
+
+def test_n_action_refusals_answer_the_statuses_the_statement_lists(
+        commit_edge: Callable[..., EdgeServer], modality: Modality) -> None:
+    """conformance.md's N-ACTION status table, on the wire: each refusal is answered
+    with its status, records nothing and sends no report."""
+    edge = commit_edge()
+    item = _item("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+
+    def info(uid: str, items: list[Dataset]) -> Dataset:
+        ds = Dataset()
+        if uid:
+            ds.TransactionUID = uid
+        ds.ReferencedSOPSequence = items
+        return ds
+
+    too_many = [_item("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{n}") for n in range(50_001)]
+    cases = [  # (Action Information, Action Type ID, SOP Instance, status)
+        (info("1.2.3.100", [item]), 2, WELL_KNOWN, NO_SUCH_ACTION),
+        (info("1.2.3.101", [item]), 1, "1.2.3.4.5", NO_SUCH_OBJECT),
+        (info("", [item]), 1, WELL_KNOWN, INVALID_ARGUMENT_VALUE),
+        (info("1.2.3.102", []), 1, WELL_KNOWN, INVALID_ARGUMENT_VALUE),
+        (info("1.2.3.103", too_many), 1, WELL_KNOWN, RESOURCE_LIMITATION),
+    ]
+    assoc = modality.ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        answered = [int(assoc.send_n_action(ds, action, StorageCommitmentPushModel,
+                                            instance)[0].Status)
+                    for ds, action, instance, _ in cases]
+    finally:
+        assoc.release()
+    assert answered == [status for *_, status in cases]
+    for uid in ("1.2.3.100", "1.2.3.101", "1.2.3.102", "1.2.3.103"):
+        assert _commitment_state(edge, uid) == ""
     assert modality.reports.empty()
 
 
