@@ -8,6 +8,11 @@
 - A scheduled start (TQ1-7, ORC-7.4, OBR-27.4, ...) of YYYY or YYYYMM: AE naming
   the field, saying the date lacks a day. A date without a time, or a time of
   hours only, is scheduled with the digits given (a TM may be HH or HHMM).
+- A scheduled start sent with a UTC offset lands in the worklist in the box's local
+  time (the box runs with TZ=America/New_York here, a zone with daylight saving):
+  a RIS that sends UTC does not move an evening step to the next day; on the
+  fall-back night both 01:30s are 01:30, and 02:30 EST on the spring-forward night
+  is 03:30 EDT. A start without an offset is the site's local time, kept as sent.
 - An ACK is in the message's character set and names it in MSH-18; one that set
   cannot hold is UTF-8 and says UNICODE UTF-8.
 """
@@ -21,10 +26,12 @@ from typing import Any
 import dcmtk
 import hl7peer
 import pytest
-from conftest import EdgeServer, init_home, serving
+from conftest import EdgeServer, init_home
 
 MODALITY = "MODALITY"
 ORM = "ORM^O01^ORM_O01"
+# The box's zone (docs/operator-guide.md, "Time zones"): one with daylight saving.
+BOX_ZONE = ("env", "TZ=America/New_York")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +42,12 @@ def hl7_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeSer
     port = dcmtk.free_port()
     hl7peer.listen(server, port)
     server.add_peer("modality", MODALITY, 1, allow="worklist")
-    with serving(server):
+    server.start(prefix=BOX_ZONE)
+    try:
         yield server, port
+    finally:
+        server.stop()
+    assert not server.unclean_stops, server.unclean_stops
 
 
 def _worklist_item(server: EdgeServer, accession: str) -> Any:
@@ -156,8 +167,57 @@ def test_a_scheduled_date_without_a_time_or_with_hours_only_keeps_the_digits_giv
         step = _worklist_item(server, accession).ScheduledProcedureStepSequence[0]
         starts[accession] = (step.ScheduledProcedureStepStartDate,
                              step.ScheduledProcedureStepStartTime)
-    assert starts == {"ST1": ("20240105", ""), "ST2": ("20240105", "09"),
+    # ST2: 09:00 at +0100 is 03:00 in New York (EST), still to the hour.
+    assert starts == {"ST1": ("20240105", ""), "ST2": ("20240105", "03"),
                       "ST3": ("20240105", "0930")}
+
+
+@pytest.mark.parametrize(("accession", "start", "local"), [
+    # The fall-back night (1 Nov 2026, 02:00 EDT -> 01:00 EST): 01:30 is there twice.
+    ("TZ1", "20261101013000-0400", ("20261101", "013000")),  # the first, EDT
+    ("TZ2", "20261101013000-0500", ("20261101", "013000")),  # the second, EST
+    ("TZ3", "20261101053000+0000", ("20261101", "013000")),  # the first, sent in UTC
+    # 21:00 EST on 1 Nov sent in UTC is 2 Nov there; the modality asks for 1 Nov.
+    ("TZ4", "20261102020000+0000", ("20261101", "210000")),
+    # The spring-forward night (14 Mar 2027, 02:00 EST -> 03:00 EDT): 02:30 EST is 03:30.
+    ("TZ5", "20270314023000-0500", ("20270314", "033000")),
+    # Without an offset it is the site's local time as sent, even one the clock skips.
+    ("TZ6", "20270314023000", ("20270314", "023000")),
+    # The precision sent, longer where the offset moves a finer part.
+    ("TZ7", "2024010509+0530", ("20240104", "2230")),
+    ("TZ8", "202401021030+0100", ("20240102", "0430")),
+    ("TZ9", "20240105+0100", ("20240105", "")),  # a day is not a moment: as sent
+])
+def test_a_scheduled_start_with_a_utc_offset_lands_in_the_boxs_local_time(
+        hl7_edge: tuple[EdgeServer, int], accession: str, start: str,
+        local: tuple[str, str]) -> None:
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm(accession, accession=accession, start=start)).code \
+        == "AA"
+    step = _worklist_item(server, accession).ScheduledProcedureStepSequence[0]
+    assert (step.ScheduledProcedureStepStartDate, step.ScheduledProcedureStepStartTime) == local
+
+
+def test_a_modality_asking_for_today_finds_an_evening_step_the_ris_sent_in_utc(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    server, port = hl7_edge
+    order = hl7peer.orm("EVE", accession="EVE", start="20261204013000+0000")
+    assert hl7peer.send(port, order).code == "AA"
+    result = dcmtk.findscu(server.port, {
+        "AccessionNumber": "EVE",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate": "20261203",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime": "1800-2359"},
+        model="worklist", aet=MODALITY).check()
+    assert [item.AccessionNumber for item in result.responses] == ["EVE"]
+
+
+@pytest.mark.parametrize("start", ["202401051030+2400", "202401051030+0160"])
+def test_a_scheduled_start_whose_offset_is_not_one_is_refused_naming_the_field(
+        hl7_edge: tuple[EdgeServer, int], start: str) -> None:
+    server, port = hl7_edge
+    ack = hl7peer.send(port, hl7peer.orm("TZX", accession="TZX", start=start))
+    assert (ack.code, ack.error_field, ack.error_code) == ("AE", "ORC-7", "102")
+    assert "TZX" not in _accessions(server)
 
 
 # --- the ACK's character set --------------------------------------------------------

@@ -75,15 +75,6 @@ def test_new_order_is_acknowledged_and_scheduled_with_a_study_uid(
     assert order["study_uid"] and order["study_uid"].replace(".", "").isdigit()
 
 
-def test_a_start_with_a_time_zone_keeps_its_hours_and_minutes(
-        hl7_edge: tuple[EdgeServer, int]) -> None:
-    server, port = hl7_edge
-    order = hl7peer.orm("TZ1", accession="TZ1", start="202401021030+0100")
-    assert hl7peer.send(port, order).code == "AA"
-    [scheduled] = worklist(server)
-    assert (scheduled["sps_start_date"], scheduled["sps_start_time"]) == ("20240102", "1030")
-
-
 def test_omi_order_keeps_the_ris_study_uid_and_scheduled_station(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

@@ -300,14 +300,47 @@ def _split_date(value: str, location: str) -> tuple[str, str]:
 
 def _scheduled(value: str, location: str) -> tuple[str, str]:
     """A scheduled start's DICOM date (YYYYMMDD) and time of day (the digits given:
-    HH, HHMM or HHMMSS, all legal in a TM). A date of only a year or a month schedules
-    nothing a modality can pick up: refused (AE) naming the field."""
+    HH, HHMM or HHMMSS, all legal in a TM), in the box's local time. A date of only a
+    year or a month schedules nothing a modality can pick up: refused (AE) naming the
+    field."""
     date, rest = _split_date(value, location)
     if date and len(date) < 8:
         raise Hl7Error(f"{location} date lacks a day ({'YYYY' if len(date) == 4 else 'YYYYMM'}"
                        " only): a procedure step needs YYYYMMDD", location,
                        ErrorCode.DATA_TYPE, reject=False)
-    return date, _time_of_day(rest, location)
+    time = _time_of_day(rest, location)
+    offset = _TIME_ZONE.search(rest)
+    if not time or offset is None:
+        return date, time
+    return _in_local_time(date, time, offset.group(), location)
+
+
+def _in_local_time(date: str, time: str, offset: str, location: str) -> tuple[str, str]:
+    """A start sent with a UTC offset (+/-HHMM) as the date and time of the box's own
+    zone (TZ, else /etc/localtime), which is the site's: DICOM DA and TM without a
+    Timezone Offset From UTC are local time, and a modality asking for today's steps
+    asks in its local date. A RIS that sends UTC (+0000) would otherwise put an
+    evening step on the next day. The precision sent is kept, longer only where the
+    offset moves a finer part (09 at +0530 is 0330 UTC)."""
+    hours, minutes = int(offset[1:3]), int(offset[3:5])
+    if hours >= 24 or minutes >= 60:
+        raise Hl7Error(f"{location} time zone is not an offset from UTC (+/-HHMM, under"
+                       " 24 hours)", location, ErrorCode.DATA_TYPE, reject=False)
+    zone = datetime.timezone((-1 if offset[0] == "-" else 1)
+                             * datetime.timedelta(hours=hours, minutes=minutes))
+    padded = time.ljust(6, "0")
+    try:
+        local = datetime.datetime(
+            int(date[:4]), int(date[4:6]), int(date[6:8]), int(padded[:2]), int(padded[2:4]),
+            int(padded[4:6]), tzinfo=zone).astimezone()
+    except (OverflowError, OSError):  # a year at the calendar's ends (0001, 9999)
+        raise Hl7Error(f"{location} is out of the range of dates the box can convert",
+                       location, ErrorCode.DATA_TYPE, reject=False) from None
+    clock = local.strftime("%H%M%S")
+    given = len(time)
+    while given < 6 and clock[given:].strip("0"):
+        given += 2
+    return local.strftime("%Y%m%d"), clock[:given]
 
 
 def _birth_date(value: str, notes: list[Note]) -> str:
