@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 
 OWN_LOGGERS = ("appliance", "sync", "provisioning")
 
@@ -30,11 +31,20 @@ class _StderrNow:
         sys.stderr.flush()
 
 
+class _LocalTimeWithOffset(logging.Formatter):
+    """Each line's time in the box's local time with its UTC offset, to the millisecond:
+    2026-11-01T01:30:00.250-04:00. Without the offset the hour the clock repeats on the
+    night daylight saving ends was logged twice alike (01:30 EDT, then 01:30 EST), and
+    a line could not be placed against the audit trail's UTC times."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created, UTC).astimezone().isoformat(
+            timespec="milliseconds")
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=_StderrNow(),
-    )
+    handler = logging.StreamHandler(_StderrNow())
+    handler.setFormatter(_LocalTimeWithOffset("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(getattr(logging, level.upper()))
