@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dcmtk
@@ -18,6 +19,7 @@ import dicomgen
 import pytest
 from conftest import CLI_TIMEOUT, NO_CAPABILITIES, EdgeServer, pacs_edge_command, run_pacs_edge
 from syncagent import evict, sync_once
+from test_clock_steps import new_york_box_at
 
 from appliance.cli.common import expected_errors
 
@@ -81,6 +83,21 @@ def test_status_screen_shows_the_last_scrub_and_studies_at_risk(edge_home: Path)
     screen = run_pacs_edge("status", "--home", str(edge_home)).stdout
     assert "last scrub" in screen and "never" in screen
     assert "studies at risk" in screen
+
+
+def test_status_times_name_their_zone_so_the_hour_repeated_in_the_fall_is_told_apart(
+        edge_home: Path) -> None:
+    """A pass at 01:30 EDT and one an hour later at 01:30 EST (1 Nov 2026, New York)."""
+    shown = []
+    for hour in (5, 6):
+        sync_once(edge_home, env=new_york_box_at(datetime(2026, 11, 1, hour, 30, tzinfo=UTC)))
+        status = subprocess.run([*pacs_edge_command(), "status", "--home", str(edge_home)],
+                                capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                                env={**os.environ, "TZ": "America/New_York"})
+        [line] = [line for line in status.stdout.splitlines() if "last sync pass" in line]
+        shown.append(line)
+    assert re.search(r"2026-11-01 01:30:\d\d EDT", shown[0]), shown
+    assert re.search(r"2026-11-01 01:30:\d\d EST", shown[1]), shown
 
 
 def test_bad_config_value_names_the_key(edge_home: Path) -> None:

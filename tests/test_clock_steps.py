@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import dicomgen
@@ -24,6 +25,13 @@ def _libfaketime() -> Path:
     found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     assert found, "libfaketime missing: run scripts/setup-test-deps.sh (Debian's faketime)"
     return found[0]
+
+
+def new_york_box_at(moment: datetime) -> dict[str, str]:
+    """The environment of a process of a box in New York (a zone with daylight saving)
+    whose wall clock reads `moment`, then runs on (libfaketime, an offset from now)."""
+    return {"TZ": "America/New_York", "LD_PRELOAD": str(_libfaketime()),
+            "FAKETIME": f"{int(moment.timestamp() - time.time()):+d}"}
 
 
 class SteppedClock:

@@ -8,14 +8,13 @@ import hmac
 import re
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dicomgen
 from conftest import run_pacs_edge
 from syncagent import sync_once
-from test_clock_steps import _libfaketime
+from test_clock_steps import new_york_box_at
 
 SHOWN_WITH_A_BAR = """
 import io, logging
@@ -74,13 +73,6 @@ def test_logref_says_what_a_reference_in_the_log_names(edge_home: Path, tmp_path
     assert "0123456789ab: names nothing this box holds now" in gone.stderr
 
 
-def _on_the_box_clock_at(moment: datetime) -> dict[str, str]:
-    """The environment of a process of a New York box whose clock reads `moment` (libfaketime,
-    an offset from now: the wall clock runs on from there)."""
-    return {"TZ": "America/New_York", "LD_PRELOAD": str(_libfaketime()),
-            "FAKETIME": f"{int(moment.timestamp() - time.time()):+d}"}
-
-
 def test_log_lines_carry_the_utc_offset_so_the_hour_repeated_in_the_fall_is_told_apart(
         edge_home: Path, tmp_path: Path) -> None:
     """On 1 Nov 2026 New York's clock goes from 01:59:59 EDT back to 01:00:00 EST: a line
@@ -89,7 +81,7 @@ def test_log_lines_carry_the_utc_offset_so_the_hour_repeated_in_the_fall_is_told
     for seed, hour in ((53, 5), (54, 6)):  # 01:30 EDT, then 01:30 EST
         dicomgen.make_study(tmp_path / f"study{seed}", seed=seed, instances_per_series=1)
         run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / f"study{seed}"))
-        runs.append(sync_once(edge_home, env=_on_the_box_clock_at(
+        runs.append(sync_once(edge_home, env=new_york_box_at(
             datetime(2026, 11, 1, hour, 30, tzinfo=UTC))))
     first, second = runs
     stamp = re.compile(r"^(\S+) INFO ", re.MULTILINE)

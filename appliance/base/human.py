@@ -13,6 +13,9 @@ def human_size(size: float) -> str:
     return f"{size} B"
 
 
-def human_time(epoch: float | None) -> str:
-    """Local time to the second; "never" for a moment that has not happened (None or 0)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "never"
+def human_time(epoch: float | None, *, clock: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """Local time to the second, with the zone's name (EST, CEST, UTC): on the night
+    daylight saving ends the hour from 01:00 is shown twice, and only the name tells
+    01:30 EDT from 01:30 EST an hour later; it also says which zone the box keeps.
+    "never" for a moment that has not happened (None or 0)."""
+    return time.strftime(f"{clock} %Z", time.localtime(epoch)) if epoch else "never"

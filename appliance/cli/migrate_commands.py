@@ -30,6 +30,7 @@ from rich.table import Table
 from appliance.audit import Auditor
 from appliance.base.config import MAX_QUERY_LIMIT, MAX_RATE_PER_HOUR, Config
 from appliance.base.errors import MigrationError
+from appliance.base.human import human_time
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import audit_change, err, expected_errors, home_option, load, out
 from appliance.cli.migrate_verify import verify
@@ -212,8 +213,7 @@ def status(home: Path | None, as_json: bool) -> None:
     for label, text in _pace_rows(run, summary):
         table.add_row(label, text)
     if summary.next_attempt_at:
-        table.add_row("next retry", time.strftime("%Y-%m-%d %H:%M:%S",
-                                                  time.localtime(summary.next_attempt_at)))
+        table.add_row("next retry", human_time(summary.next_attempt_at))
     out.print(table)
     if out.is_terminal:
         total = max(summary.studies_found, 1)
@@ -283,11 +283,11 @@ _WAITING_FOR = {rows.Waiting.SERVE: "pacs-edge serve (this box's DICOM port)",
 
 
 def _waiting_text(run: rows.Run) -> str:
-    """'for pacs-edge serve ... since 2026-12-06 17:20:05 (12 min): why'."""
+    """'for pacs-edge serve ... since 2026-12-06 17:20:05 EST (12 min): why'."""
     assert run.waiting is not None
     since = run.waiting_since or time.time()
     return (f"for {_WAITING_FOR[run.waiting]} since"
-            f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+            f" {human_time(since)}"
             f" ({_duration(time.time() - since).removeprefix('about ')}), no study counted"
             f" as failed meanwhile: {run.waiting_reason}")
 
@@ -434,7 +434,7 @@ async def _show_progress(index: Index, run_id: int, task: asyncio.Task[Any]) -> 
                       + (f", {_duration(s.eta_seconds)} left" if s.eta_seconds
                          is not None else "")
                       + (f", waiting for {_WAITING_FOR[waiting]} since"
-                         f" {time.strftime('%H:%M:%S', time.localtime(run.waiting_since))}"
+                         f" {human_time(run.waiting_since, clock='%H:%M:%S')}"
                          if run is not None and waiting is not None and run.waiting_since
                          else ""))
             progress.update(bar, total=s.studies_found or None,
