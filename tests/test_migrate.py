@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dcmtk
@@ -51,6 +52,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+from test_clock_steps import new_york_box_at
 from tlsproxy import TlsProxy
 
 SYNTAX_BY_CLASS = {
@@ -129,9 +131,10 @@ class MigrateProcess:
     """`pacs-edge migrate ARGS` in its own process group, killable like a power cut;
     `terminal`: as on an operator's terminal (rich draws its progress bar)."""
 
-    def __init__(self, home: Path, *args: str, terminal: bool = False) -> None:
+    def __init__(self, home: Path, *args: str, terminal: bool = False,
+                 env_extra: dict[str, str] | None = None) -> None:
         self.log = home.parent / "migrate.log"
-        env = _env()
+        env = {**_env(), **(env_extra or {})}
         if terminal:
             env.update(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1", COLUMNS="400")
         with open(self.log, "ab") as log:
@@ -417,6 +420,41 @@ def test_migration_from_an_archive_that_requires_tls_goes_over_tls(
         assert proxy.handshakes > 0
     assert "3 studies done, 0 failed" in result.stdout
     assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+
+
+def test_a_window_that_reopens_after_the_hour_skipped_in_spring_reopens_on_time(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """A New York box on 14 Mar 2027, 01:58:45 EST, `--window 03:00-01:59`: it closes at
+    01:59 with studies left, and 03:00 EDT comes one minute later (02:00 EST is 03:00
+    EDT). The workers waiting for it counted down the 61 minutes of clock they had
+    worked out at 01:59 and went on at 04:00 EDT, an hour late."""
+    files = make_archive(tmp_path / "archive", 12, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    # The association waits open through the minute: [dicom] network_timeout (60 s) would
+    # close it just as 03:00 comes, and the study that raced the close would be retried.
+    box.configure(dicom={"network_timeout": 300})
+    legacy = legacy_factory(files)
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    # --rate 1800: a study every 2 s, so 12 take longer than the 15 s left at the start.
+    proc = MigrateProcess(box.home, "start", "--from", "legacy", "--via", "get", "--since",
+                          "20240301", "--until", "20240303", "--rate", "1800",
+                          "--window", "03:00-01:59",
+                          env_extra=new_york_box_at(datetime(2027, 3, 14, 6, 58, 45,
+                                                             tzinfo=UTC)))
+    try:
+        wait_until(lambda: done_studies(box.home) >= 1, "a study before 01:59", proc)
+        # Closed from 01:59:00 EST to 03:00:00 EDT, one minute: all done well within 3.
+        assert proc.proc.wait(180) == 0, proc.log.read_text()[-4000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the window reopened late: {done_studies(box.home)} of 12 studies"
+                    f" done 3 minutes after it closed for one:\n{proc.log.read_text()[-4000:]}")
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert done_studies(box.home) == 12
+    log = proc.log.read_text()
+    assert "2027-03-14T03:0" in log and "-04:00" in log, log[-4000:]  # it went on in EDT
 
 
 def test_peer_without_store_permission_is_refused_with_the_fix(

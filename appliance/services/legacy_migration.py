@@ -458,17 +458,21 @@ class Migration:
                 self._transfer(session, task)
 
     def _wait_for_slot(self) -> bool:
-        """Sleep for the throttle and the window; False when the run stopped meanwhile."""
-        wait = self.throttle.slot()
+        """Sleep for the throttle and the window; False when the run stopped meanwhile.
+
+        The window is asked again after each step, never counted down: its wait is in
+        wall-clock minutes, and on the night daylight saving starts a window that opens
+        after the skipped hour opens an hour sooner than that count (and the clock may
+        be stepped)."""
+        slot_at = self.throttle.clock() + self.throttle.slot()
         while True:
             if not self._running():
                 return False
-            wait = max(wait, self.window.seconds_until_open(datetime.now()))
+            wait = max(slot_at - self.throttle.clock(),
+                       self.window.seconds_until_open(datetime.now()))
             if wait <= 0:
                 return True
-            step = min(wait, STATE_CHECK_SECONDS)
-            time.sleep(step)
-            wait -= step
+            time.sleep(min(wait, STATE_CHECK_SECONDS))
 
     def _transfer(self, session: LegacySession, task: rows.StudyTask) -> None:
         uid = task.study_uid
