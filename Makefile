@@ -18,6 +18,8 @@ TEST_WORKERS ?= 4
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 SOAK_STEPS  ?= 600
 SOAK_SEEDS  ?= 1 2 3 4
+# Power cuts per soak seed on crashfs (tests/test_power_loss.py; the suite runs 3).
+POWER_CUTS  ?= 20
 # The seeded fuzz tests of the network edges (tests/fuzzing.py), per soak seed.
 FUZZ_STEPS  ?= 2000
 FUZZ_MODULES := tests/test_hl7_fuzz.py tests/test_http_fuzz.py tests/test_header_scan.py \
@@ -30,7 +32,8 @@ help:
 	@echo "make test       install test dependencies, run ruff and the whole suite ($(TEST_WORKERS) workers)"
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make soak       long randomized tiering runs ($(SOAK_STEPS) steps) and fuzz runs"
-	@echo "                ($(FUZZ_STEPS) steps), one seed after another: $(SOAK_SEEDS)"
+	@echo "                ($(FUZZ_STEPS) steps) and power cuts ($(POWER_CUTS)), one seed after"
+	@echo "                another: $(SOAK_SEEDS)"
 	@echo "make lint       ruff only"
 	@echo "make bench      the benchmark (bench/run.sh)"
 
@@ -60,9 +63,9 @@ test: test-deps lint
 test-fast: test-deps
 	$(BIN)/pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
-# The randomized tiering test and the edge fuzz tests with many more operations than the
-# suite runs, one seed after another, serially; a failure names its seed
-# (PACS_EDGE_RANDOM_SEED or PACS_EDGE_FUZZ_SEED replays it).
+# The randomized tiering test, the edge fuzz tests and the power cuts with many more
+# operations than the suite runs, one seed after another, serially; a failure names its
+# seed (PACS_EDGE_RANDOM_SEED, PACS_EDGE_FUZZ_SEED or PACS_EDGE_POWER_SEED replays it).
 soak: test-deps
 	@for seed in $(SOAK_SEEDS); do \
 		echo "soak: seed $$seed, $(SOAK_STEPS) steps"; \
@@ -73,6 +76,10 @@ soak: test-deps
 		PACS_EDGE_FUZZ_SEED=$$seed PACS_EDGE_FUZZ_STEPS=$(FUZZ_STEPS) \
 			$(BIN)/pytest $(FUZZ_MODULES) -n 0 -x -q -o timeout=3600 $(PYTEST_ARGS) \
 			|| { echo "soak: failed with PACS_EDGE_FUZZ_SEED=$$seed"; exit 1; }; \
+		echo "soak: power seed $$seed, $(POWER_CUTS) cuts"; \
+		PACS_EDGE_POWER_SEED=$$seed PACS_EDGE_POWER_CUTS=$(POWER_CUTS) \
+			$(BIN)/pytest tests/test_power_loss.py -n 0 -x -q -o timeout=3600 $(PYTEST_ARGS) \
+			|| { echo "soak: failed with PACS_EDGE_POWER_SEED=$$seed"; exit 1; }; \
 	done
 
 bench: test-deps

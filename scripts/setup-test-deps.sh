@@ -20,5 +20,8 @@ need_command faketime faketime
 # curl is the second HTTP client of the web tests (tests/webpeer.py); a minimal Debian
 # (debootstrap, a container image) has none.
 need_command curl curl
+# The power-loss tests mount tests/crashfs.py with FUSE: fusermount3 and libfuse3 (which
+# mfusepy loads) come with fuse3; /dev/fuse is the kernel's (tests/test_power_loss.py).
+need_command fusermount3 fuse3
 "$(dirname "${BASH_SOURCE[0]}")/install-azurite.sh"
 "$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"

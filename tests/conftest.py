@@ -426,7 +426,7 @@ SLOW_MODULES_FIRST = (
     "test_web_login.py", "test_audit.py", "test_users.py", "test_viewer_recall.py",
     "test_store_bad_input.py", "test_retrieve_get.py", "test_worklist.py",
     "test_tiering_random.py", "test_workflow_day.py", "test_dicomweb_wado.py",
-    "test_dicomweb_stow.py",
+    "test_dicomweb_stow.py", "test_power_loss.py",
 )
 
 
