@@ -202,6 +202,13 @@ def close_broken_off(assoc: Association) -> None:
         transport.socket.close()
 
 
+def poll(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.01)
+
+
 def make_pool(root: Path) -> tuple[list[dicomgen.GeneratedInstance],
                                    list[list[dicomgen.GeneratedInstance]]]:
     """The studies stored before the first cut (series 0 of EXISTING_STUDIES studies), and
@@ -283,3 +290,34 @@ def check_box(box: Box, acked: dict[str, Ack], storage: set[tuple[str, str]],
     finally:
         index.close()
 
+
+def test_a_store_into_a_series_folder_another_just_made_waits_until_its_path_is_durable(
+        tmp_path: Path) -> None:
+    """The first instance of a new study makes its study and series folders and fsyncs
+    the series, study and store folders, in that order. A second association storing
+    into that series meanwhile finds the folder there: it must not answer before the
+    folder's path is durable too. Here the store folder's fsync takes 2 s; the power is
+    cut at the first Success, and what it acknowledged must be there."""
+    require_fuse()
+    study = dicomgen.make_studies(tmp_path / "pool", seed=SEED % 1000 + 7, patients=1,
+                                  series_per_study=1, instances_per_series=2, size=32)
+    storage = {(i.sop_class_uid, i.transfer_syntax) for i in study}
+    box = Box(tmp_path / "box")
+    first, second = Modality(0, study[:1]), Modality(0, study[1:])
+
+    def race(fs: CrashFS) -> None:
+        first.start()
+        poll(lambda: "store" in fs.syncing(), "the first store fsyncing the store folder")
+        second.start()
+        poll(lambda: bool(first.acks or second.acks), "a Success")
+
+    try:
+        cut_at = box.crash_life([first, second], race, slow={"store": 2.0})
+        acked = {a.sop_uid: a for a in first.acks + second.acks if a.at < cut_at}
+        assert acked, "no Success before the cut"
+        box.server.start()
+        check_box(box, acked, storage, "a second association into a new series folder")
+        box.server.stop()
+        assert not box.server.unclean_stops, box.server.unclean_stops
+    finally:
+        box.server.stop()

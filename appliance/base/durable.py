@@ -20,7 +20,6 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from appliance.base.errors import OutOfSpace
@@ -56,15 +55,28 @@ def make_dirs(path: str | Path) -> list[str]:
     commit every new entry at the first fsync (ext4 commits its running
     transaction), where fsyncing after each mkdir commits once per level.
     """
+    return [_parent(folder) for folder in _create(_missing(path))]
+
+
+def _missing(path: str | Path) -> list[str]:
+    """`path` and those of its parents that do not exist, deepest first."""
     missing: list[str] = []
     probe = os.fspath(path)
     while not os.path.exists(probe):
         missing.append(probe)
-        probe = os.path.dirname(probe) or os.curdir
+        probe = _parent(probe)
+    return missing
+
+
+def _create(missing: list[str]) -> list[str]:
     for folder in reversed(missing):
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
-    return [os.path.dirname(folder) or os.curdir for folder in missing]
+    return missing
+
+
+def _parent(folder: str) -> str:
+    return os.path.dirname(folder) or os.curdir
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644,
@@ -153,7 +165,7 @@ def _synced_temp(path: Path, data: bytes, mode: int,
 
 
 def durable_rename(source: str | Path, target: str | Path, *, sync_folder: bool = True,
-                   folder_sync: Callable[[str], None] = fsync_dir) -> None:
+                   folders: SharedFolderSync | None = None) -> None:
     """Move an fsynced file into place and make the new name durable.
 
     Only the target folder is fsynced (and the folders that gained a new
@@ -161,8 +173,9 @@ def durable_rename(source: str | Path, target: str | Path, *, sync_folder: bool 
     resurrects the source name too, it is a temp file that the start-up sweep
     removes. `sync_folder=False` leaves the target folder's fsync to the caller,
     who writes many files and fsyncs each folder once before anything depends on
-    the names (a recall, before its index commit). `folder_sync` does the fsyncs
-    (SharedFolderSync.sync shares them between concurrent writers).
+    the names (a recall, before its index commit). `folders` does the fsyncs
+    (SharedFolderSync shares them between concurrent writers, and makes durable
+    the path of a folder another of its writers has just made: see there).
 
     The rename is tried first: the target folder usually exists (every instance of
     a series but its first), and a failed rename costs no more than the check.
@@ -170,16 +183,15 @@ def durable_rename(source: str | Path, target: str | Path, *, sync_folder: bool 
     folder = os.path.dirname(os.fspath(target)) or os.curdir
     try:
         os.replace(source, target)
-        gained: list[str] = []
+        created: list[str] = []
     except FileNotFoundError:
-        gained = make_dirs(folder)
+        created = folders.make_dirs(folder) if folders else _create(_missing(folder))
         os.replace(source, target)
-    for synced in ([folder] if sync_folder else []) + gained:
-        folder_sync(synced)
+    _sync_placed(folder, created, folders, sync_folder=sync_folder)
 
 
 def durable_link(source: str | Path, target: str | Path, *,
-                 folder_sync: Callable[[str], None] = fsync_dir) -> bool:
+                 folders: SharedFolderSync | None = None) -> bool:
     """Publish an fsynced file at `target` unless that name exists; True when it did.
 
     A hard link, where durable_rename renames: as atomic, but it never replaces
@@ -189,19 +201,31 @@ def durable_link(source: str | Path, target: str | Path, *,
     concurrent writer's whose own folder fsync has not returned yet.
     """
     folder = os.path.dirname(os.fspath(target)) or os.curdir
-    gained: list[str] = []
+    created: list[str] = []
     try:
         try:
             os.link(source, target)
         except FileNotFoundError:
-            gained = make_dirs(folder)
+            created = folders.make_dirs(folder) if folders else _create(_missing(folder))
             os.link(source, target)
-        created = True
+        linked = True
     except FileExistsError:
-        created = False
-    for synced in [folder, *gained]:
-        folder_sync(synced)
-    return created
+        linked = False
+    _sync_placed(folder, created, folders, sync_folder=True)
+    return linked
+
+
+def _sync_placed(folder: str, created: list[str], folders: SharedFolderSync | None, *,
+                 sync_folder: bool) -> None:
+    """After a rename or link into `folder`: fsync it, then the parent of each folder
+    this writer created on the way (deepest first), then, through `folders`, the
+    parents of the folders on its path that another writer is still making durable."""
+    sync = folders.sync if folders else fsync_dir
+    for synced in ([folder] if sync_folder else []) + [_parent(new) for new in created]:
+        sync(synced)
+    if folders is not None:
+        folders.settled(created)
+        folders.sync_new_ancestors(folder)
 
 
 class SharedFolderSync:
@@ -215,11 +239,66 @@ class SharedFolderSync:
     them instead of one each, and each still returns only once its own rename is
     durable. An fsync that fails raises in the thread that ran it; the threads it
     would have covered run their own.
+
+    It also knows the folders its writers are creating (`make_dirs`) until the
+    fsyncs of their parents have returned (`settled`). A writer that renames into a
+    folder another has just made (the second association storing into a new series)
+    finds it there and would otherwise answer once that folder is fsynced, while the
+    folder's own entry, and its study folder's in the store, may not be durable yet:
+    on a file system that does not order metadata (no journal), a power cut would
+    lose the path of an acknowledged instance. `sync_new_ancestors` fsyncs, for it,
+    the parent of each such folder on its path (shared, as above, with the creator's
+    own fsync when one starts after it). A writer storing into a folder that is
+    settled (every instance of a series but its first ones) pays a dictionary lookup
+    per path level, no fsync. A creation that fails leaves its folders marked: later
+    writers into them fsync their parents themselves.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._folders: dict[str, _FolderState] = {}
+        self._new: dict[str, int] = {}  # folder -> writers creating it, not yet settled
+
+    def make_dirs(self, folder: str) -> list[str]:
+        """Create `folder` and its missing parents, each marked new before its mkdir
+        (a writer that finds it a moment later must see the mark); the folders it
+        set out to create, deepest first. The caller fsyncs their parents, then
+        calls `settled` with them."""
+        missing = _missing(folder)
+        with self._lock:
+            for new in missing:
+                self._new[new] = self._new.get(new, 0) + 1
+        return _create(missing)
+
+    def settled(self, created: list[str]) -> None:
+        """The parents of `created` (from make_dirs) were fsynced: their entries are durable."""
+        if not created:
+            return
+        with self._lock:
+            for folder in created:
+                left = self._new[folder] - 1
+                if left:
+                    self._new[folder] = left
+                else:
+                    del self._new[folder]
+
+    def sync_new_ancestors(self, folder: str) -> None:
+        """fsync the parent of `folder` and of each of its ancestors that another writer
+        is still creating, deepest first: after it, the path to `folder` is durable."""
+        with self._lock:
+            if not self._new:
+                return
+            pending = []
+            probe = folder
+            while True:
+                if probe in self._new:
+                    pending.append(probe)
+                parent = _parent(probe)
+                if parent == probe:
+                    break
+                probe = parent
+        for new in pending:
+            self.sync(_parent(new))
 
     def sync(self, folder: str) -> None:
         with self._lock:

@@ -109,7 +109,7 @@ class FileStore:
         target = os.path.join(self._root, relative)
         with _spool_synced(spool, synced):
             durable_rename(spool.name, target, sync_folder=sync_folder,
-                           folder_sync=self._folder_syncs.sync)
+                           folders=self._folder_syncs)
             spool.renamed()
 
     def place(self, spool: SpoolFile, relative: str, *, sha256: str, offset: int,
@@ -125,12 +125,12 @@ class FileStore:
         the index refuses the row): another row may name any other."""
         target = os.path.join(self._root, relative)
         with _spool_synced(spool, synced):
-            if durable_link(spool.name, target, folder_sync=self._folder_syncs.sync):
+            if durable_link(spool.name, target, folders=self._folder_syncs):
                 return Placed(True, spool.size, offset)
             kept = _intact_file(target, sha256)
             if kept is not None:
                 return Placed(False, *kept)
-            durable_rename(spool.name, target, folder_sync=self._folder_syncs.sync)
+            durable_rename(spool.name, target, folders=self._folder_syncs)
             spool.renamed()
             return Placed(False, spool.size, offset)
 
