@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dcmtk
 import hl7peer
-from conftest import EdgeServer
+from conftest import EdgeServer, init_home, serving
 from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
@@ -233,3 +233,28 @@ def test_a_killed_worker_takes_its_open_associations_out_of_the_gauge(tmp_path: 
         for assoc in held:
             assoc.abort()
         server.stop()
+
+
+def test_serve_starts_when_a_power_cut_left_a_metric_file_empty(tmp_path: Path) -> None:
+    """The metric files are written through memory maps and never fsynced: after a power
+    cut one of an ended process may be there empty (its folder's entry reached the disk,
+    its pages did not; tests/test_power_loss.py found it). serve failed to start on it
+    (struct.error folding it). It starts, drops that file and keeps the readable counts."""
+    from prometheus_client import mmap_dict, multiprocess
+
+    home = init_home(tmp_path / "home")
+    folder = home / "run" / "metrics"
+    folder.mkdir(parents=True, mode=0o700)
+    dead = 999_999_999  # above any pid_max: never a live process
+    (folder / f"counter_{dead}.db").write_bytes(b"")
+    (folder / f"histogram_{dead}.db").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00junk")
+    readable = mmap_dict.MmapedDict(str(folder / f"counter_{dead - 1}.db"))
+    readable.write_value(mmap_dict.mmap_key("c", "c_total", [], [], "c"), 3.0, 0.0)
+    readable.close()
+    server = EdgeServer(home)
+    with serving(server):
+        pass
+    assert "metric files unreadable after a crash" in server.log()
+    kept = multiprocess.MultiProcessCollector.merge([str(folder / "counter_gone.db")])
+    assert [(s.name, s.value) for m in kept for s in m.samples] == [("c_total", 3.0)]
+    assert not list(folder.glob(f"*_{dead}.db"))

@@ -903,6 +903,21 @@ def back_metric_pages() -> None:
     cls._pages_backed = True
 
 
+def metric_file_readable(path: str) -> bool:
+    """Whether multiprocess mode can read the counter or histogram file at `path`. A
+    power cut can leave one empty or half written: its folder's entry reached the disk
+    and its pages, written through a memory map and never fsynced, did not (reading
+    one raised struct.error and serve did not start)."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.MultiProcessCollector.merge([path], accumulate=False)
+    # RuntimeError: what it raises for an entry said to reach past the file's end.
+    except (struct.error, ValueError, KeyError, IndexError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def write_metric_file(path: str, files: list[str]) -> None:
     """Write the values of the counter or histogram files `files`, added up, to `path`
     (made new) in the form prometheus-client's multiprocess mode reads: the type comes

@@ -18,7 +18,9 @@ zero while a running sync agent's own counts stayed: Prometheus takes a counter
 that falls for a reset followed by as many new events as it still shows, so a
 restart of serve re-counted every recall the agent ever failed, and
 PacsEdgeRecallsFailing fired on a healthy box. (A crash between writing the new
-file and removing the folded ones counts those twice, once.) A worker that dies
+file and removing the folded ones counts those twice, once.) The files are
+never fsynced: after a power cut one may be empty or half written, and is
+removed with its counts (the counters fall once) rather than stop serve. A worker that dies
 while serve runs keeps its counters in the sum too, but its live gauges go
 (`forget_live_values`): the associations it held are not open any more.
 
@@ -81,7 +83,9 @@ def fold_gone(folder: Path) -> None:
         if not files:
             continue
         kept = folder / f"{kind}_gone.db"
-        sources = [kept, *files] if kept.exists() else files
+        sources = _readable([kept, *files] if kept.exists() else files)
+        if not sources:
+            continue
         new = folder / f"{kind}_gone.db.new"  # not *.db: no scrape reads it half written
         try:
             new.unlink(missing_ok=True)  # a crash's leftover would be mapped as it is
@@ -95,6 +99,18 @@ def fold_gone(folder: Path) -> None:
                         exc.strerror)
     for path in gone:
         path.unlink(missing_ok=True)
+
+
+def _readable(files: list[Path]) -> list[Path]:
+    """`files` but those a power cut left empty or half written, which are removed: their
+    counts are lost (the counters fall once), and reading them failed serve's start."""
+    damaged = [path for path in files if not compat.metric_file_readable(str(path))]
+    for path in damaged:
+        path.unlink(missing_ok=True)
+    if damaged:
+        log.warning("metric files unreadable after a crash: their counts dropped files=%d",
+                    len(damaged))
+    return [path for path in files if path not in damaged]
 
 
 def forget_live_values(pid: int) -> None:
