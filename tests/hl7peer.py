@@ -164,6 +164,12 @@ def read_ack(sock: socket.socket) -> Ack:
     return parse_ack(_complete(sock, sock.recv(4096)))
 
 
+def read_ack_unless_closed(sock: socket.socket) -> Ack | None:
+    """The next ACK, or None when the server closed the connection (or died) instead."""
+    first = sock.recv(4096)
+    return parse_ack(_complete(sock, first)) if first else None
+
+
 def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
     """True when the server closes the connection (EOF or reset) within `timeout`."""
     sock.settimeout(timeout)

@@ -17,24 +17,31 @@ and serve starts on it (its crash recovery runs). Then every instance acknowledg
 before any cut so far must be retrievable byte-exact by C-GET, `pacs-edge fsck`
 must find no row without its file, and the index must pass PRAGMA integrity_check.
 
+An HL7 AA is the same kind of promise: orders answered AA before a cut are in the
+worklist after it (test_acknowledged_orders_survive_a_power_cut).
+
 PACS_EDGE_POWER_SEED replays a failure (its seed is in the message);
 PACS_EDGE_POWER_CUTS runs more cuts (`make soak`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dcmtk
 import dicomgen
+import hl7peer
 import pytest
 from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, init_home
 from crashfs import CrashFS, require_fuse
@@ -105,6 +112,33 @@ class Modality(threading.Thread):
                 assoc.abort()
 
 
+class Ris(threading.Thread):
+    """One MLLP connection sending a new order (ORM) per accession until done or refused;
+    the AAs it saw, timed."""
+
+    def __init__(self, port: int, accessions: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.accessions = accessions
+        self.acks: dict[str, float] = {}  # accession -> time.monotonic() of its AA
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            with contextlib.closing(hl7peer.raw(self.port)) as sock:
+                sock.settimeout(20)
+                for accession in self.accessions:
+                    sock.sendall(hl7peer.frame(hl7peer.orm(
+                        f"C{accession}", accession=accession, patient_id=f"P{accession}")))
+                    ack = hl7peer.read_ack_unless_closed(sock)
+                    if ack is None or ack.code != "AA":
+                        self.error = f"{accession} answered {ack.code if ack else 'nothing'}"
+                        return
+                    self.acks[accession] = time.monotonic()
+        except OSError as exc:  # the cut: the connection breaks off
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -153,17 +187,19 @@ def c_get_studies(port: int, study_uids: list[str],
 class Box:
     """The data home at `home`, moved onto crashfs for each life and back after its cut."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, hl7_port: int = 0) -> None:
         self.root = root
         self.home = init_home(root / "edge-home")
         self.server = EdgeServer(self.home)
         self.lives = 0
+        if hl7_port:
+            hl7peer.listen(self.server, hl7_port)
         self.server.start()  # a box that has served before: its index exists
         self.server.stop()
 
-    def crash_life(self, senders: list[Modality], until: Callable[[CrashFS], None],
+    def crash_life(self, senders: Sequence[Modality | Ris], until: Callable[[CrashFS], None],
                    **options: Any) -> float:
-        """Serve on crashfs while `until(fs)` starts `senders` (their port set here) and
+        """Serve on crashfs while `until(fs)` starts `senders` (a modality's port set here) and
         returns at the moment of the cut; the durable view is the home again. Returns the
         cut's time.monotonic()."""
         self.lives += 1
@@ -175,7 +211,8 @@ class Box:
             try:
                 self.server.start()
                 for sender in senders:
-                    sender.port = self.server.port
+                    if isinstance(sender, Modality):
+                        sender.port = self.server.port
                 until(fs)
                 cut_at = fs.cut()
             finally:
@@ -183,7 +220,7 @@ class Box:
                 for sender in senders:
                     if sender.ident is not None:
                         sender.join(SENDER_JOIN)
-                    if sender.assoc is not None:
+                    if isinstance(sender, Modality) and sender.assoc is not None:
                         close_broken_off(sender.assoc)
             fs.materialize(durable)
         os.rmdir(self.home)
@@ -317,6 +354,36 @@ def test_a_store_into_a_series_folder_another_just_made_waits_until_its_path_is_
         assert acked, "no Success before the cut"
         box.server.start()
         check_box(box, acked, storage, "a second association into a new series folder")
+        box.server.stop()
+        assert not box.server.unclean_stops, box.server.unclean_stops
+    finally:
+        box.server.stop()
+
+
+def test_acknowledged_orders_survive_a_power_cut(tmp_path: Path) -> None:
+    """An HL7 AA is a promise like a C-STORE Success: three RIS connections send new
+    orders at once, the power is cut at a seeded random moment, and every order answered
+    AA before the cut is in the worklist after the restart."""
+    require_fuse()
+    rng = random.Random(SEED + 1)
+    port = dcmtk.free_port()
+    box = Box(tmp_path / "box", hl7_port=port)
+    senders = [Ris(port, [f"PWR{ris}{n:03d}" for n in range(60)]) for ris in range(3)]
+
+    def start_then_wait(fs: CrashFS) -> None:
+        for sender in senders:
+            sender.start()
+        time.sleep(rng.uniform(0.3, 1.5))  # the random moment of the cut
+
+    try:
+        cut_at = box.crash_life(senders, start_then_wait)
+        acked = {a for s in senders for a, at in s.acks.items() if at < cut_at}
+        assert acked, "no AA before the cut"
+        box.server.start()
+        listed = json.loads(box.server.cli("worklist", "list", "--json").stdout)
+        lost = sorted(acked - {order["accession_number"] for order in listed})
+        assert not lost, f"PACS_EDGE_POWER_SEED={SEED}: {len(lost)} of {len(acked)} orders " \
+            f"answered AA are not in the worklist: {lost}"
         box.server.stop()
         assert not box.server.unclean_stops, box.server.unclean_stops
     finally:
