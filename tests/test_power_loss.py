@@ -17,8 +17,8 @@ and serve starts on it (its crash recovery runs). Then every instance acknowledg
 before any cut so far must be retrievable byte-exact by C-GET, `pacs-edge fsck`
 must find no row without its file, and the index must pass PRAGMA integrity_check.
 
-An HL7 AA is the same kind of promise: orders answered AA before a cut are in the
-worklist after it (test_acknowledged_orders_survive_a_power_cut).
+An HL7 AA and a STOW-RS 200 are the same kind of promise: orders answered AA before a
+cut are in the worklist after it, instances answered 200 come back byte-exact.
 
 PACS_EDGE_POWER_SEED replays a failure (its seed is in the message);
 PACS_EDGE_POWER_CUTS runs more cuts (`make soak`).
@@ -43,6 +43,8 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pytest
+import requests
+import webpeer
 from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, init_home
 from crashfs import CrashFS, require_fuse
 from pydicom.dataset import Dataset
@@ -139,6 +141,37 @@ class Ris(threading.Thread):
             self.error = f"{type(exc).__name__}: {exc}"
 
 
+class Stow(threading.Thread):
+    """One HTTPS client posting one instance per STOW-RS request until done or refused;
+    the 200s it saw, timed."""
+
+    def __init__(self, server: EdgeServer, instances: list[dicomgen.GeneratedInstance]) -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.instances = instances
+        self.acks: list[Ack] = []
+        self.error = ""
+
+    def run(self) -> None:
+        http = webpeer.session(self.server, "rad")
+        url = webpeer.base_url(self.server) + "/dicom-web/studies"
+        try:
+            for instance in self.instances:
+                body, content_type = webpeer.multipart_body([instance.path])
+                answer = http.post(url, data=body, timeout=20, headers={
+                    "Content-Type": content_type, "Accept": "application/dicom+json"})
+                now = time.monotonic()
+                if answer.status_code != 200:
+                    self.error = f"STOW-RS answered {answer.status_code}"
+                    return
+                self.acks.append(Ack(instance.sop_instance_uid, instance.study_uid,
+                                     sha256(dicomgen.dataset_bytes(instance.path)), now))
+        except requests.RequestException as exc:  # the cut: the connection breaks off
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            http.close()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -187,17 +220,19 @@ def c_get_studies(port: int, study_uids: list[str],
 class Box:
     """The data home at `home`, moved onto crashfs for each life and back after its cut."""
 
-    def __init__(self, root: Path, *, hl7_port: int = 0) -> None:
+    def __init__(self, root: Path, *, hl7_port: int = 0, http_port: int = 0) -> None:
         self.root = root
-        self.home = init_home(root / "edge-home")
+        self.home = init_home(root / "edge-home", http_port=http_port)
         self.server = EdgeServer(self.home)
         self.lives = 0
         if hl7_port:
             hl7peer.listen(self.server, hl7_port)
         self.server.start()  # a box that has served before: its index exists
+        if http_port:
+            webpeer.add_user(self.server, "rad", "radiologist")
         self.server.stop()
 
-    def crash_life(self, senders: Sequence[Modality | Ris], until: Callable[[CrashFS], None],
+    def crash_life(self, senders: Sequence[threading.Thread], until: Callable[[CrashFS], None],
                    **options: Any) -> float:
         """Serve on crashfs while `until(fs)` starts `senders` (a modality's port set here) and
         returns at the moment of the cut; the durable view is the home again. Returns the
@@ -384,6 +419,36 @@ def test_acknowledged_orders_survive_a_power_cut(tmp_path: Path) -> None:
         lost = sorted(acked - {order["accession_number"] for order in listed})
         assert not lost, f"PACS_EDGE_POWER_SEED={SEED}: {len(lost)} of {len(acked)} orders " \
             f"answered AA are not in the worklist: {lost}"
+        box.server.stop()
+        assert not box.server.unclean_stops, box.server.unclean_stops
+    finally:
+        box.server.stop()
+
+
+def test_instances_stored_by_stow_rs_before_a_power_cut_survive_it(tmp_path: Path) -> None:
+    """A STOW-RS 200 is a promise like a C-STORE Success: two HTTPS clients post new
+    studies' instances one per request, the power is cut at a seeded random moment, and
+    every instance answered 200 before the cut comes back byte-exact by C-GET."""
+    require_fuse()
+    rng = random.Random(SEED + 2)
+    studies = [dicomgen.make_studies(tmp_path / f"pool-{n}", seed=SEED % 1000 + 50 + n,
+                                     patients=8, series_per_study=1,
+                                     instances_per_series=3, size=32) for n in range(2)]
+    storage = {(i.sop_class_uid, i.transfer_syntax) for study in studies for i in study}
+    box = Box(tmp_path / "box", http_port=dcmtk.free_port())
+    senders = [Stow(box.server, study) for study in studies]
+
+    def start_then_wait(fs: CrashFS) -> None:
+        for sender in senders:
+            sender.start()
+        time.sleep(rng.uniform(0.3, 1.5))  # the random moment of the cut
+
+    try:
+        cut_at = box.crash_life(senders, start_then_wait)
+        acked = {a.sop_uid: a for s in senders for a in s.acks if a.at < cut_at}
+        assert acked, "no 200 before the cut"
+        box.server.start()
+        check_box(box, acked, storage, f"PACS_EDGE_POWER_SEED={SEED} STOW-RS")
         box.server.stop()
         assert not box.server.unclean_stops, box.server.unclean_stops
     finally:
