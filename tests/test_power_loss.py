@@ -453,3 +453,46 @@ def test_instances_stored_by_stow_rs_before_a_power_cut_survive_it(tmp_path: Pat
         assert not box.server.unclean_stops, box.server.unclean_stops
     finally:
         box.server.stop()
+
+
+def test_an_import_into_a_series_folder_serve_just_made_waits_until_its_path_is_durable(
+        tmp_path: Path) -> None:
+    """The same race across processes (a second DIMSE worker, or `import`, as here):
+    the folders serve is still making durable carry a mark on disk that the other
+    process sees. The store folder's fsync takes 6 s, to outlast the command's start;
+    the cut comes when either is done."""
+    require_fuse()
+    study = dicomgen.make_studies(tmp_path / "pool", seed=SEED % 1000 + 8, patients=1,
+                                  series_per_study=1, instances_per_series=2, size=32)
+    storage = {(i.sop_class_uid, i.transfer_syntax) for i in study}
+    box = Box(tmp_path / "box")
+    first = Modality(0, study[:1])
+    imported: list[float] = []
+
+    def run_import() -> None:
+        done = box.server.cli("import", str(study[1].path), check=False)
+        if done.returncode == 0 and "stored 1 " in done.stdout:
+            imported.append(time.monotonic())
+
+    second = threading.Thread(target=run_import, daemon=True)
+
+    def race(fs: CrashFS) -> None:
+        first.start()
+        poll(lambda: "store" in fs.syncing(), "the first store fsyncing the store folder")
+        second.start()
+        poll(lambda: bool(first.acks or imported), "a Success or an import")
+
+    try:
+        cut_at = box.crash_life([first, second], race, slow={"store": 6.0})
+        acked = {a.sop_uid: a for a in first.acks if a.at < cut_at}
+        if imported and imported[0] < cut_at:
+            acked[study[1].sop_instance_uid] = Ack(
+                study[1].sop_instance_uid, study[1].study_uid,
+                sha256(dicomgen.dataset_bytes(study[1].path)), imported[0])
+        assert acked, "nothing acknowledged before the cut"
+        box.server.start()
+        check_box(box, acked, storage, "an import into a new series folder of serve's")
+        box.server.stop()
+        assert not box.server.unclean_stops, box.server.unclean_stops
+    finally:
+        box.server.stop()

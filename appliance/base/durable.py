@@ -248,16 +248,21 @@ class SharedFolderSync:
     on a file system that does not order metadata (no journal), a power cut would
     lose the path of an acknowledged instance. `sync_new_ancestors` fsyncs, for it,
     the parent of each such folder on its path (shared, as above, with the creator's
-    own fsync when one starts after it). A writer storing into a folder that is
-    settled (every instance of a series but its first ones) pays a dictionary lookup
-    per path level, no fsync. A creation that fails leaves its folders marked: later
-    writers into them fsync their parents themselves.
+    own fsync when one starts after it). Writers in this process know them from a
+    dictionary; below `root` a new folder also carries a mark on disk, the sticky
+    bit from its mkdir until it is settled, so a writer in another process (a second
+    DIMSE worker, `import`) sees it too, at the cost of a stat per folder between its
+    target and `root`, never an fsync. A writer that fsynced a marked folder's parent
+    clears the mark (a creator killed before settling leaves it, and the next writer
+    settles it). A creation that fails leaves its folders marked: later writers into
+    them fsync their parents themselves.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | None = None) -> None:
         self._lock = threading.Condition()
         self._folders: dict[str, _FolderState] = {}
         self._new: dict[str, int] = {}  # folder -> writers creating it, not yet settled
+        self._root = os.path.abspath(root) if root is not None else None
 
     def make_dirs(self, folder: str) -> list[str]:
         """Create `folder` and its missing parents, each marked new before its mkdir
@@ -268,12 +273,18 @@ class SharedFolderSync:
         with self._lock:
             for new in missing:
                 self._new[new] = self._new.get(new, 0) + 1
-        return _create(missing)
+        mode = 0o777 | (stat.S_ISVTX if self._root is not None else 0)  # umask: 0o777 only
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(new, mode)
+        return missing
 
     def settled(self, created: list[str]) -> None:
         """The parents of `created` (from make_dirs) were fsynced: their entries are durable."""
         if not created:
             return
+        for folder in created:
+            _unmark(folder)
         with self._lock:
             for folder in created:
                 left = self._new[folder] - 1
@@ -286,19 +297,23 @@ class SharedFolderSync:
         """fsync the parent of `folder` and of each of its ancestors that another writer
         is still creating, deepest first: after it, the path to `folder` is durable."""
         with self._lock:
-            if not self._new:
-                return
-            pending = []
-            probe = folder
-            while True:
-                if probe in self._new:
-                    pending.append(probe)
-                parent = _parent(probe)
-                if parent == probe:
-                    break
-                probe = parent
-        for new in pending:
+            pending = {new for new in _up_from(folder) if new in self._new}
+        marked = {new for new in self._below_root(folder) if _is_marked(new)}
+        for new in sorted(pending | marked, key=len, reverse=True):
             self.sync(_parent(new))
+            if new in marked:
+                _unmark(new)
+
+    def _below_root(self, folder: str) -> list[str]:
+        """`folder` and its parents below `root` (none when it is not below `root`)."""
+        if self._root is None:
+            return []
+        below: list[str] = []
+        for probe in _up_from(os.path.abspath(folder)):
+            if probe == self._root:
+                return below
+            below.append(probe)
+        return []
 
     def sync(self, folder: str) -> None:
         with self._lock:
@@ -335,6 +350,30 @@ class _FolderState:
         self.synced = 0  # every ticket up to this one is durable
         self.running = False
         self.users = 0
+
+
+def _up_from(folder: str) -> list[str]:
+    """`folder` and each of its parents, up to the root of its path."""
+    chain = [folder]
+    while (parent := _parent(chain[-1])) != chain[-1]:
+        chain.append(parent)
+    return chain
+
+
+def _is_marked(folder: str) -> bool:
+    try:
+        return bool(os.stat(folder).st_mode & stat.S_ISVTX)
+    except FileNotFoundError:
+        return False
+
+
+def _unmark(folder: str) -> None:
+    """Clear a settled folder's mark; one that cannot be cleared (gone, or not this
+    user's) only costs its next writers the fsyncs of its parents."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(folder).st_mode
+        if mode & stat.S_ISVTX:
+            os.chmod(folder, stat.S_IMODE(mode) & ~stat.S_ISVTX)
 
 
 def sweep_temp_files(root: Path, *, older_than: float = 0.0) -> int:

@@ -58,7 +58,7 @@ class FileStore:
         self._root = os.fspath(root)  # the commit path joins strings, not Paths
         self.spool_dir = root / SPOOL_DIR
         self.reserve_bytes = reserve_bytes
-        self._folder_syncs = SharedFolderSync()
+        self._folder_syncs = SharedFolderSync(self._root)
 
     def prepare(self) -> int:
         """Create the folders and remove crash leftovers; return how many were removed.
