@@ -35,7 +35,6 @@ from appliance.dimse.commitment_scp import (
     send_report,
 )
 from appliance.dimse.move_get import ReactorGate
-from appliance.dimse.transport import set_nodelay
 from appliance.services.commitment import CommitmentService, Report
 from appliance.services.peers import Allowlist, Peer
 from appliance.store.commitment_rows import Commitment
@@ -153,7 +152,7 @@ class CommitmentReporter:
             if assoc.is_rejected:
                 return "peer rejected the association", True
             return f"no association with {peer.host}:{peer.port}", False
-        set_nodelay(assoc)
+        compat.set_nodelay(assoc)
         # The reactor must be parked before the send, or it may take the response
         # off the queue (the race described in retrieve.py).
         gate = ReactorGate.install(assoc)

@@ -89,7 +89,6 @@ from appliance.dimse.store_lane import (
     storage_contexts,
     write_command,
 )
-from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 from appliance.services.retrieve import (
     Action,
@@ -575,7 +574,7 @@ class _SubAssociation:
                 if assoc.dul.socket is not None:
                     assoc.dul.socket.close()
             return False
-        set_nodelay(assoc)
+        compat.set_nodelay(assoc)
         assoc.dimse_timeout = self.config.suboperation_timeout
         self.gate = ReactorGate.install(assoc)
         self.assoc = assoc

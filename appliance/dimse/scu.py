@@ -12,7 +12,6 @@ from typing import Any
 from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.dimse.negotiation import StoringAE, storage_classes
-from appliance.dimse.transport import set_nodelay
 from appliance.services.peers import Peer
 
 # An abstract syntax, with the transfer syntaxes to propose (None: pynetdicom's default).
@@ -51,7 +50,7 @@ def requested_association(
     if not assoc.is_established:
         ae.shutdown()
         raise refused(assoc, "")
-    set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
+    compat.set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
     try:
         yield assoc
     finally:

@@ -309,10 +309,3 @@ class EdgeAssociationServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)
         return client, address
-
-
-def set_nodelay(assoc: Association) -> None:
-    """TCP_NODELAY on an association we requested (pynetdicom leaves Nagle on)."""
-    sock = getattr(assoc.dul.socket, "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
