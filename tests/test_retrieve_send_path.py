@@ -245,3 +245,38 @@ def _eventually(check: Callable[[], bool], deadline: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+# A peer with Nagle's algorithm on (dcmtk's default) writes each C-STORE-RSP in pieces and
+# holds the later ones until the box acknowledges the first, which the box's kernel delayed
+# (40 ms on Linux) since it had nothing to send: ~45 ms an instance, 228 s for a 5,000-
+# instance study. The bound is half the delayed-ACK floor.
+NAGLE_INSTANCES = 200
+NAGLE_SECONDS_PER_INSTANCE = 0.02
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_peer_with_nagle_on_gets_the_study_without_delayed_ack_stalls(
+        edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, retrieve: str) -> None:
+    """C-MOVE of 1,000 8x8 instances to a dcmtk storescp left as installed took 45 s
+    (0.5 s to one started with TCP_NODELAY=1); the lane acknowledges at once now."""
+    many = dicomgen.make_studies(tmp_path / "many", seed=72, series_per_study=1,
+                                 instances_per_series=NAGLE_INSTANCES, modalities=("CT",),
+                                 size=8)
+    edge = edge_server_factory()
+    dcmtk.storescu(edge.port, [i.path for i in many], aec=edge.ae_title).check()
+    keys = {"StudyInstanceUID": many[0].study_uid}
+    monkeypatch.delenv("TCP_NODELAY")  # the peers as installed: Nagle on
+    if retrieve == "move":
+        with dcmtk.StoreSCP(tmp_path / "workstation") as workstation:
+            edge.add_peer("workstation", workstation.ae_title, workstation.port, allow="store")
+            result = dcmtk.movescu(edge.port, keys, workstation.ae_title,
+                                   aec=edge.ae_title).check()
+            received = workstation.files()
+    else:
+        result = dcmtk.getscu(edge.port, keys, tmp_path / "got", aec=edge.ae_title).check()
+        received = [p for p in (tmp_path / "got").iterdir() if p.is_file()]
+    assert len(received) == NAGLE_INSTANCES
+    assert result.seconds < NAGLE_INSTANCES * NAGLE_SECONDS_PER_INSTANCE, \
+        f"{NAGLE_INSTANCES} instances retrieved in {result.seconds:.1f} s"
