@@ -76,6 +76,7 @@ from appliance.base.dicom_wire import (
     us,
 )
 from appliance.base.metrics import SENT_BYTES
+from appliance.dimse.pdu_socket import quick_ack
 from appliance.store.spool import dataset_offset as spool_dataset_offset
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,7 @@ class StoreLane:
             self._fail(closed=True)
             return None
         compat.note_transport_activity(self._dul)
-        # Acknowledge the response's first segment at once: a peer with Nagle on (dcmtk's
-        # default) holds the rest of its C-STORE-RSP until then, and the kernel would delay
-        # that ACK by 40 ms, having nothing to send. Linux drops quick-ACK mode on its own
-        # (we send right after we receive), so it is asked for again before every response.
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        quick_ack(self._sock)  # a peer with Nagle on sends its response in pieces
         SENT_BYTES.labels("dicom").inc(len(payload.dataset))
         if upcoming is not None:
             with contextlib.suppress(OSError, ValueError):  # payload() reads it again, and fails
