@@ -464,6 +464,7 @@ def send_files(files: list[tuple[Path, ManifestEntry]], address: str, *, calling
                                 hint="check the workstation's AE title, address and that it "
                                 f"accepts calls from {calling_ae}")
     compat.set_nodelay(assoc)  # else each C-STORE waits ~40 ms for a delayed ACK
+    compat.ack_after_sends(assoc)  # and so would its response, from a peer with Nagle on
     sent, failed = 0, []
     try:
         for done, (path, _entry) in enumerate(files, 1):

@@ -73,8 +73,10 @@ class LegacyPacs:
     """dcmqrscp (AE `ae_title`) serving the files loaded with load()."""
 
     def __init__(self, folder: Path, syntax_by_class: Mapping[str, str], *,
-                 ae_title: str = "LEGACY") -> None:
+                 ae_title: str = "LEGACY", nagle: bool = False) -> None:
+        """`nagle`: leave Nagle's algorithm on, as dcmtk does unless TCP_NODELAY=1."""
         self.folder = Path(folder)
+        self.nagle = nagle
         self.db = self.folder / "db"
         self.syntax_by_class = dict(syntax_by_class)
         self.ae_title = ae_title
@@ -110,7 +112,8 @@ class LegacyPacs:
                  "-xf", str(self.folder / "assoc.cfg"), "InProfile", "OutProfile",
                  "-ll", "warn"], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "TCP_NODELAY": "1"})
+                env={**{k: v for k, v in os.environ.items() if k != "TCP_NODELAY"},
+                     **({} if self.nagle else {"TCP_NODELAY": "1"})})
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if dcmtk.echoscu(self.port, aec=self.ae_title, timeout=10).ok:

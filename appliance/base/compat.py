@@ -33,6 +33,10 @@ What is touched, and who uses it:
                                             TCP_NODELAY on associations we request
                                             (set_nodelay: dimse/scu.py, move_get.py,
                                             commitment_report.py, sync/reader_client.py)
+      AssociationSocket.send (wrapped on one object)
+                                            quick ACKs on associations we request
+                                            (ack_after_sends: dimse/scu.py,
+                                            sync/reader_client.py)
       Association._run_reactor, Association.kill (assigned)
                                             requestors' checkpoint race, and a kill
                                             that polls every 1 ms, not 10
@@ -553,6 +557,32 @@ def set_nodelay(assoc: Any) -> None:
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def ack_after_sends(assoc: Any) -> None:
+    """After each PDU this side writes on an association it requested, ask the kernel to
+    acknowledge what arrives next at once (TCP_QUICKACK).
+
+    A peer with Nagle's algorithm on (dcmtk's default) writes each DIMSE message in
+    pieces and holds the later ones until the first is acknowledged; Linux delays
+    that ACK by 40 ms (it re-enters delayed-ACK mode whenever we send right after
+    receiving, so asking once is not enough): ~45 ms for every C-STORE a workstation
+    answers or a legacy PACS sends over a C-GET. pynetdicom's DUL thread does the
+    reads, so the mode is asked for after our writes: `send` is wrapped on this
+    association's socket object only, like share_send_lock's.
+    """
+    transport = assoc.dul.socket
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    send = transport.send
+
+    def send_then_ack_at_once(bytestream: bytes) -> None:
+        send(bytestream)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+    transport.send = send_then_ack_at_once
 
 
 def close_requestor_reactor_race() -> None:

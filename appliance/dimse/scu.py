@@ -51,6 +51,7 @@ def requested_association(
         ae.shutdown()
         raise refused(assoc, "")
     compat.set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
+    compat.ack_after_sends(assoc)  # a peer with Nagle on waits for our ACKs (C-GET stores)
     try:
         yield assoc
     finally:
