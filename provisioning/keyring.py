@@ -144,8 +144,11 @@ def replace_site_secrets(home: Path) -> list[Path]:
     """New site key and name secret in place of the old ones (`init --force-new-keys`).
 
     The caller must have checked that nothing in the cloud depends on the old
-    ones; a pending rotation is refused here.
+    ones; a pending rotation is refused here. A home without a site key yet has
+    nothing to replace: init creates both next.
     """
+    if not (secrets_dir(home) / SITE_KEY).exists():
+        return []
     if load_keyring(home).rotation_pending or (secrets_dir(home) / NEXT_KEY).exists():
         raise KeyRotationError("a site key rotation is pending",
                                hint="finish it with `pacs-edge keys rotate` first")

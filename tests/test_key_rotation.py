@@ -349,6 +349,17 @@ def test_force_new_keys_is_refused_while_packs_are_in_the_cloud(cloud_home: Path
     assert _site_key(cloud_home) == old
 
 
+def test_force_new_keys_on_a_new_home_makes_the_home(tmp_path: Path) -> None:
+    """It exited 2 ("site.key: secret file is missing") and left a home with a config
+    and no secrets: there was no key to replace yet."""
+    home = tmp_path / "home"
+    proc = run_pacs_edge("init", "--home", str(home), "--force-new-keys", "--dicom-port", "0",
+                         check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (home / "secrets" / "site.key").stat().st_mode & 0o777 == 0o600
+    assert run_pacs_edge("config", "check", "--home", str(home)).returncode == 0
+
+
 def _site_names(home: Path) -> list[tuple[str, int]]:
     """The `keys/site` name of every pack row (whatever its object is called now)."""
     db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
