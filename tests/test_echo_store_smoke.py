@@ -62,21 +62,28 @@ def test_sigterm_stops_the_server_cleanly(edge_server: EdgeServer) -> None:
 # storescu as installed leaves Nagle's algorithm on (dcmtk turns it off only when the
 # environment says TCP_NODELAY=1), as do many modalities: it writes each C-STORE-RQ's
 # command and data set separately and holds the data set until the command is
-# acknowledged, which the server's kernel delayed by 40 ms. The bound is half of that.
+# acknowledged, which the server's kernel delayed by 40 ms: 200 instances in 9.2 s, where
+# the same storescu with Nagle off takes ~0.5 s. Compared with that reference, measured
+# in the same test, not with a fixed time: a slow machine slows both.
 NAGLE_INSTANCES = 200
-NAGLE_SECONDS_PER_INSTANCE = 0.02
+STALL_FACTOR, STALL_SLACK_SECONDS = 4.0, 1.0
 
 
 def test_a_modality_with_nagle_on_stores_without_delayed_ack_stalls(
         edge_server: EdgeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 5,000-instance study from such a sender would take ~4 min (46 ms an instance:
-    200 in 9.2 s) instead of ~10 s; the server acknowledges at once now (0.5 s)."""
-    study = dicomgen.make_studies(tmp_path / "study", seed=73, series_per_study=1,
-                                  instances_per_series=NAGLE_INSTANCES, modalities=("CT",),
-                                  size=8)
-    monkeypatch.delenv("TCP_NODELAY", raising=False)
-    result = dcmtk.storescu(edge_server.port, [i.path for i in study],
-                            aec=edge_server.ae_title).check()
-    assert result.store_responses() == ["Success"] * NAGLE_INSTANCES
-    assert result.seconds < NAGLE_INSTANCES * NAGLE_SECONDS_PER_INSTANCE, \
-        f"{NAGLE_INSTANCES} instances stored in {result.seconds:.1f} s"
+    """A 5,000-instance study from such a sender would take ~4 min (46 ms an instance)
+    instead of ~10 s; the server acknowledges at once now."""
+    seconds = {}
+    for nagle, seed in (("off", 73), ("on", 74)):
+        study = dicomgen.make_studies(tmp_path / nagle, seed=seed, series_per_study=1,
+                                      instances_per_series=NAGLE_INSTANCES,
+                                      modalities=("CT",), size=8)
+        if nagle == "on":
+            monkeypatch.delenv("TCP_NODELAY", raising=False)
+        else:
+            monkeypatch.setenv("TCP_NODELAY", "1")
+        result = dcmtk.storescu(edge_server.port, [i.path for i in study],
+                                aec=edge_server.ae_title).check()
+        assert result.store_responses() == ["Success"] * NAGLE_INSTANCES
+        seconds[nagle] = result.seconds
+    assert seconds["on"] < STALL_FACTOR * seconds["off"] + STALL_SLACK_SECONDS, seconds

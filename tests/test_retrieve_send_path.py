@@ -250,9 +250,10 @@ def _eventually(check: Callable[[], bool], deadline: float = 10.0) -> bool:
 # A peer with Nagle's algorithm on (dcmtk's default) writes each C-STORE-RSP in pieces and
 # holds the later ones until the box acknowledges the first, which the box's kernel delayed
 # (40 ms on Linux) since it had nothing to send: ~45 ms an instance, 228 s for a 5,000-
-# instance study. The bound is half the delayed-ACK floor.
+# instance study. Compared with the same retrieve by a peer with Nagle off, measured in the
+# same test (a slow machine slows both), not with a fixed time.
 NAGLE_INSTANCES = 200
-NAGLE_SECONDS_PER_INSTANCE = 0.02
+STALL_FACTOR, STALL_SLACK_SECONDS = 4.0, 1.0
 
 
 @pytest.mark.parametrize("retrieve", ["move", "get"])
@@ -267,16 +268,24 @@ def test_a_peer_with_nagle_on_gets_the_study_without_delayed_ack_stalls(
     edge = edge_server_factory()
     dcmtk.storescu(edge.port, [i.path for i in many], aec=edge.ae_title).check()
     keys = {"StudyInstanceUID": many[0].study_uid}
-    monkeypatch.delenv("TCP_NODELAY")  # the peers as installed: Nagle on
-    if retrieve == "move":
-        with dcmtk.StoreSCP(tmp_path / "workstation") as workstation:
-            edge.add_peer("workstation", workstation.ae_title, workstation.port, allow="store")
-            result = dcmtk.movescu(edge.port, keys, workstation.ae_title,
-                                   aec=edge.ae_title).check()
-            received = workstation.files()
-    else:
-        result = dcmtk.getscu(edge.port, keys, tmp_path / "got", aec=edge.ae_title).check()
-        received = [p for p in (tmp_path / "got").iterdir() if p.is_file()]
-    assert len(received) == NAGLE_INSTANCES
-    assert result.seconds < NAGLE_INSTANCES * NAGLE_SECONDS_PER_INSTANCE, \
-        f"{NAGLE_INSTANCES} instances retrieved in {result.seconds:.1f} s"
+    seconds = {}
+    for nagle in ("off", "on"):  # the peers as installed: Nagle on
+        if nagle == "on":
+            monkeypatch.delenv("TCP_NODELAY", raising=False)
+        else:
+            monkeypatch.setenv("TCP_NODELAY", "1")
+        if retrieve == "move":
+            with dcmtk.StoreSCP(tmp_path / f"workstation-{nagle}") as workstation:
+                edge.add_peer(f"workstation-{nagle}", workstation.ae_title, workstation.port,
+                              allow="store")
+                result = dcmtk.movescu(edge.port, keys, workstation.ae_title,
+                                       aec=edge.ae_title).check()
+                received = workstation.files()
+                edge.cli("peers", "remove", f"workstation-{nagle}")
+        else:
+            got = tmp_path / f"got-{nagle}"
+            result = dcmtk.getscu(edge.port, keys, got, aec=edge.ae_title).check()
+            received = [p for p in got.iterdir() if p.is_file()]
+        assert len(received) == NAGLE_INSTANCES
+        seconds[nagle] = result.seconds
+    assert seconds["on"] < STALL_FACTOR * seconds["off"] + STALL_SLACK_SECONDS, seconds
