@@ -405,7 +405,7 @@ def test_migration_via_get_needs_no_server_and_is_byte_identical(
 # Compared with the same migration from the same archive with Nagle off, measured in the
 # same test (a slow machine slows both), not with a fixed time.
 NAGLE_INSTANCES = 300
-STALL_FACTOR, STALL_SLACK_SECONDS = 3.0, 2.0
+STALL_FACTOR, STALL_SLACK_SECONDS = 2.0, 2.0
 
 
 def test_migration_via_get_from_an_archive_with_nagle_on_does_not_wait_for_delayed_acks(
