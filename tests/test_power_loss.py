@@ -45,12 +45,11 @@ import hl7peer
 import pytest
 import requests
 import webpeer
+from cget import c_get_studies
 from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, init_home
 from crashfs import CrashFS, require_fuse
-from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
 # pynetdicom drops the socket of a connection reset by the killed serve without closing
 # it when its own thread gets there first (close_broken_off below closes the others).
@@ -183,40 +182,6 @@ def send_all(port: int, instances: list[dicomgen.GeneratedInstance]) -> list[Ack
     return sender.acks
 
 
-def c_get_studies(port: int, study_uids: list[str],
-                  storage: set[tuple[str, str]]) -> dict[str, str]:
-    """SOP Instance UID -> SHA-256 of the dataset bytes that C-GETs of the studies bring
-    (one association, one C-GET per study)."""
-    arrived: dict[str, str] = {}
-
-    def on_store(event: evt.Event) -> int:
-        arrived[str(event.request.AffectedSOPInstanceUID)] = sha256(
-            event.encoded_dataset(include_meta=False))
-        return 0x0000
-
-    ae = AE(TEST_AE)
-    ae.dimse_timeout = 120
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class, syntax in sorted(storage):
-        ae.add_requested_context(sop_class, [syntax])
-    roles = [build_role(sop_class, scp_role=True) for sop_class in {s for s, _ in storage}]
-    assoc = ae.associate(HOST, port, ae_title=EDGE_AE, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        for study_uid in study_uids:
-            identifier = Dataset()
-            identifier.QueryRetrieveLevel = "STUDY"
-            identifier.StudyInstanceUID = study_uid
-            for _status, _ in assoc.send_c_get(identifier,
-                                               StudyRootQueryRetrieveInformationModelGet):
-                pass
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return arrived
-
-
 class Box:
     """The data home at `home`, moved onto crashfs for each life and back after its cut."""
 
@@ -347,7 +312,8 @@ def check_box(box: Box, acked: dict[str, Ack], storage: set[tuple[str, str]],
               context: str) -> None:
     """Every acknowledged instance retrievable byte-exact; fsck and SQLite clean."""
     studies = sorted({a.study_uid for a in acked.values()})
-    got = c_get_studies(box.server.port, studies, storage)
+    arrivals, _ = c_get_studies(box.server.port, studies, storage)
+    got = {uid: sha256(data[-1]) for uid, data in arrivals.items()}
     lost = sorted(uid for uid in acked if uid not in got)
     changed = sorted(uid for uid, a in acked.items() if uid in got and got[uid] != a.sha256)
     assert not lost and not changed, (

@@ -39,10 +39,9 @@ from pathlib import Path
 
 import dicomgen
 import pytest
+from cget import c_get_studies
 from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, pacs_edge_command
-from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+from pynetdicom import AE
 from syncagent import SyncAgent
 
 from appliance.base.config import load_config
@@ -116,33 +115,8 @@ def c_store(edge: EdgeServer, instance: dicomgen.GeneratedInstance) -> int:
 
 def c_get_study(edge: EdgeServer, study_uid: str, storage: set[tuple[str, str]]
                 ) -> dict[str, list[bytes]]:
-    arrived: dict[str, list[bytes]] = {}
-
-    def on_store(event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
-        arrived.setdefault(uid, []).append(event.encoded_dataset(include_meta=False))
-        return 0x0000
-
-    ae = AE(TEST_AE)
-    ae.dimse_timeout = 120
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    for sop_class, syntax in sorted(storage):
-        ae.add_requested_context(sop_class, [syntax])
-    roles = [build_role(sop_class, scp_role=True) for sop_class in {s for s, _ in storage}]
-    assoc = ae.associate(HOST, edge.port, ae_title=EDGE_AE, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study_uid
-    try:
-        final = None
-        for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
-            final = status
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    assert final is not None and int(final.Status) == 0x0000, final
+    arrived, [final] = c_get_studies(edge.port, [study_uid], storage)
+    assert final == 0x0000, final
     return arrived
 
 
