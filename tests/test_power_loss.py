@@ -374,7 +374,10 @@ def test_acknowledged_orders_survive_a_power_cut(tmp_path: Path) -> None:
     def start_then_wait(fs: CrashFS) -> None:
         for sender in senders:
             sender.start()
-        time.sleep(rng.uniform(0.3, 1.5))  # the random moment of the cut
+        # The first answer, then the random moment of the cut: on a loaded machine the
+        # first one can take longer than any fixed moment, and a cut before it proves nothing.
+        poll(lambda: any(sender.acks for sender in senders), "a first answer")
+        time.sleep(rng.uniform(0.0, 1.2))
 
     try:
         cut_at = box.crash_life(senders, start_then_wait)
@@ -407,7 +410,10 @@ def test_instances_stored_by_stow_rs_before_a_power_cut_survive_it(tmp_path: Pat
     def start_then_wait(fs: CrashFS) -> None:
         for sender in senders:
             sender.start()
-        time.sleep(rng.uniform(0.3, 1.5))  # the random moment of the cut
+        # The first answer, then the random moment of the cut: on a loaded machine the
+        # first one can take longer than any fixed moment, and a cut before it proves nothing.
+        poll(lambda: any(sender.acks for sender in senders), "a first answer")
+        time.sleep(rng.uniform(0.0, 1.2))
 
     try:
         cut_at = box.crash_life(senders, start_then_wait)
