@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dicomgen
 import pytest
+from crashfs import CrashFS
 
 from appliance.services import series_metadata
 from appliance.services.series_metadata import IN_USE_SECONDS, SeriesMetadataCache
@@ -73,3 +74,39 @@ def test_a_new_metadata_format_replaces_the_files_of_the_former_one(
     assert current != former
     assert not former.exists()
     assert json.loads(gzip.decompress(current.read_bytes()))
+
+
+def test_a_cache_file_left_empty_by_a_power_cut_is_built_again(tmp_path: Path) -> None:
+    """An empty file under the right name (its rename durable, its contents not) was
+    answered as it was: a gzip body the viewer cannot read, or a 500, for that series,
+    until its next change."""
+    uid, members = next(iter(_series(tmp_path).items()))
+    cache = SeriesMetadataCache(tmp_path / "cache", max_bytes=1 << 30)
+    built = cache.series_file(uid, members, BASE, "1.2.3")
+    built.write_bytes(b"")
+    pairs = [(sop, sha) for sop, sha, _, _ in members]
+    assert cache.cached_file(uid, pairs, BASE) is None
+    again = cache.series_file(uid, members, BASE, "1.2.3")
+    assert again == built
+    assert len(json.loads(gzip.decompress(again.read_bytes()))) == len(members)
+
+
+def test_a_cache_file_is_whole_after_a_power_cut_that_kept_its_name(tmp_path: Path) -> None:
+    """crashfs (tests/crashfs.py) keeps a file's contents only once they were synced, and
+    its name once its folder was (here by a later write's sync). Without the sync of
+    its contents before the rename, the name survives with an empty file."""
+    uid, members = next(iter(_series(tmp_path).items()))
+    (tmp_path / "backing").mkdir()
+    with CrashFS(tmp_path / "backing", tmp_path / "mnt", tmp_path / "state") as fs:
+        cache = SeriesMetadataCache(fs.mount / "cache", max_bytes=1 << 30)
+        built = cache.series_file(uid, members, BASE, "1.2.3")
+        for folder in (built.parent, built.parent.parent, fs.mount):
+            descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        fs.cut()
+        fs.materialize(tmp_path / "durable")
+    kept = tmp_path / "durable" / built.relative_to(fs.mount)
+    assert len(json.loads(gzip.decompress(kept.read_bytes()))) == len(members)

@@ -158,16 +158,20 @@ class SeriesMetadataCache:
         folder.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=folder, prefix=f"{_TEMP_PREFIX}{key}-")
         try:
-            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb",
-                                                           compresslevel=6, mtime=0) as out:
-                out.write(b"[")
-                for number, (sop_uid, _, path, syntax) in enumerate(members):
-                    url = instance_url(base, study_uid, series_uid, sop_uid)
-                    if number:
-                        out.write(b",")
-                    out.write(json.dumps(instance_json(path, syntax, url),
-                                         separators=(",", ":"), allow_nan=False).encode())
-                out.write(b"]")
+            with os.fdopen(fd, "wb") as raw:
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as out:
+                    out.write(b"[")
+                    for number, (sop_uid, _, path, syntax) in enumerate(members):
+                        url = instance_url(base, study_uid, series_uid, sop_uid)
+                        if number:
+                            out.write(b",")
+                        out.write(json.dumps(instance_json(path, syntax, url),
+                                             separators=(",", ":"), allow_nan=False).encode())
+                    out.write(b"]")
+                # Its contents durable before its name: a power cut after the rename
+                # must not leave an empty file that every later request is answered from.
+                raw.flush()
+                os.fdatasync(raw.fileno())
             os.replace(temp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -202,8 +206,12 @@ class SeriesMetadataCache:
 
     @staticmethod
     def _used(target: Path) -> bool:
-        """Whether `target` exists, marking it used now (the last to go in a trim)."""
+        """Whether `target` exists with contents, marking it used now (the last to go in
+        a trim). An empty one is what a power cut leaves of a file written before its
+        contents were synced (by an older version): it is built again."""
         try:
+            if not os.stat(target).st_size:
+                return False
             os.utime(target)
         except FileNotFoundError:
             return False
