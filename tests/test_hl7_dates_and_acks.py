@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dcmtk
@@ -209,6 +210,27 @@ def test_a_modality_asking_for_today_finds_an_evening_step_the_ris_sent_in_utc(
         "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime": "1800-2359"},
         model="worklist", aet=MODALITY).check()
     assert [item.AccessionNumber for item in result.responses] == ["EVE"]
+
+
+def test_a_box_left_in_utc_warns_once_when_the_ris_sends_another_offset(
+        tmp_path: Path) -> None:
+    """Offsets are converted to the box's zone: a box whose host zone was never set (UTC)
+    shows a New York RIS's 09:00 as 14:00, and nothing said why."""
+    server = EdgeServer(init_home(tmp_path / "edge-home"))
+    port = dcmtk.free_port()
+    hl7peer.listen(server, port)
+    server.start(prefix=("env", "TZ=UTC"))
+    try:
+        for n in range(2):
+            order = hl7peer.orm(f"UTC{n}", accession=f"UTC{n}", start="20261204090000-0500")
+            assert hl7peer.send(port, order).code == "AA"
+        utc = hl7peer.orm("UTC2", accession="UTC2", start="20261204140000+0000")
+        assert hl7peer.send(port, utc).code == "AA"
+    finally:
+        server.stop()
+    warned = [line for line in server.log().splitlines() if "time zone is UTC" in line]
+    assert len(warned) == 1, warned
+    assert "offset -0500" in warned[0]
 
 
 @pytest.mark.parametrize("start", ["202401051030+2400", "202401051030+0160"])

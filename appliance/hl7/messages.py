@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 
@@ -36,6 +38,8 @@ from appliance.services.orders import (
     Request,
 )
 from appliance.store.order_rows import Demographics, OrderDetails, PatientKey
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = {
     ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A04"), ("ADT", "A08"), ("ADT", "A40"),
@@ -315,6 +319,17 @@ def _scheduled(value: str, location: str) -> tuple[str, str]:
     return _in_local_time(date, time, offset.group(), location)
 
 
+@functools.cache
+def _box_zone_may_be_wrong(offset: str) -> None:
+    """Said once per offset and process: a RIS sends local times of another offset than
+    UTC while the box runs in UTC, which is most often a box whose host zone was never
+    set. The converted starts are then hours off the site's day (docs/operator-guide.md,
+    "Time zones")."""
+    log.warning("hl7 scheduled starts arrive with UTC offset %s while this box's time zone"
+                " is UTC: they are converted to UTC; if the site is not in UTC, set the"
+                " host's time zone (timedatectl set-timezone) and restart", offset)
+
+
 def _in_local_time(date: str, time: str, offset: str, location: str) -> tuple[str, str]:
     """A start sent with a UTC offset (+/-HHMM) as the date and time of the box's own
     zone (TZ, else /etc/localtime), which is the site's: DICOM DA and TM without a
@@ -336,6 +351,8 @@ def _in_local_time(date: str, time: str, offset: str, location: str) -> tuple[st
     except (OverflowError, OSError):  # a year at the calendar's ends (0001, 9999)
         raise Hl7Error(f"{location} is out of the range of dates the box can convert",
                        location, ErrorCode.DATA_TYPE, reject=False) from None
+    if not local.utcoffset() and zone.utcoffset(None):
+        _box_zone_may_be_wrong(offset)
     clock = local.strftime("%H%M%S")
     given = len(time)
     while given < 6 and clock[given:].strip("0"):
