@@ -361,6 +361,20 @@ def test_a_store_into_a_series_folder_another_just_made_waits_until_its_path_is_
         box.server.stop()
 
 
+def cut_after_the_first_answer(senders: Sequence[Any], rng: random.Random
+                               ) -> Callable[[CrashFS], None]:
+    """What a life does before its cut: start the senders, wait for the first answer,
+    then a random moment. On a loaded machine the first answer can take longer than any
+    fixed moment, and a cut before it proves nothing."""
+    def start_then_wait(fs: CrashFS) -> None:
+        for sender in senders:
+            sender.start()
+        poll(lambda: any(sender.acks for sender in senders), "a first answer")
+        time.sleep(rng.uniform(0.0, 1.2))
+
+    return start_then_wait
+
+
 def test_acknowledged_orders_survive_a_power_cut(tmp_path: Path) -> None:
     """An HL7 AA is a promise like a C-STORE Success: three RIS connections send new
     orders at once, the power is cut at a seeded random moment, and every order answered
@@ -371,16 +385,8 @@ def test_acknowledged_orders_survive_a_power_cut(tmp_path: Path) -> None:
     box = Box(tmp_path / "box", hl7_port=port)
     senders = [Ris(port, [f"PWR{ris}{n:03d}" for n in range(60)]) for ris in range(3)]
 
-    def start_then_wait(fs: CrashFS) -> None:
-        for sender in senders:
-            sender.start()
-        # The first answer, then the random moment of the cut: on a loaded machine the
-        # first one can take longer than any fixed moment, and a cut before it proves nothing.
-        poll(lambda: any(sender.acks for sender in senders), "a first answer")
-        time.sleep(rng.uniform(0.0, 1.2))
-
     try:
-        cut_at = box.crash_life(senders, start_then_wait)
+        cut_at = box.crash_life(senders, cut_after_the_first_answer(senders, rng))
         acked = {a for s in senders for a, at in s.acks.items() if at < cut_at}
         assert acked, "no AA before the cut"
         box.server.start()
@@ -407,16 +413,8 @@ def test_instances_stored_by_stow_rs_before_a_power_cut_survive_it(tmp_path: Pat
     box = Box(tmp_path / "box", http_port=dcmtk.free_port())
     senders = [Stow(box.server, study) for study in studies]
 
-    def start_then_wait(fs: CrashFS) -> None:
-        for sender in senders:
-            sender.start()
-        # The first answer, then the random moment of the cut: on a loaded machine the
-        # first one can take longer than any fixed moment, and a cut before it proves nothing.
-        poll(lambda: any(sender.acks for sender in senders), "a first answer")
-        time.sleep(rng.uniform(0.0, 1.2))
-
     try:
-        cut_at = box.crash_life(senders, start_then_wait)
+        cut_at = box.crash_life(senders, cut_after_the_first_answer(senders, rng))
         acked = {a.sop_uid: a for s in senders for a in s.acks if a.at < cut_at}
         assert acked, "no 200 before the cut"
         box.server.start()
