@@ -231,15 +231,15 @@ def _print_studies(rows: list[dict[str, object]]) -> None:
     """A table where the terminal is wide enough for every column whole, else one block
     per study: the study UID is what `reader pull` takes, and a table squeezed into 80
     columns cut it off (a UID runs to 64 characters)."""
+    cells = [_study_cells(r) for r in rows]
     table = Table("date", "patient", "patient id", "modalities", "description",
                   "instances", "study uid")
-    for r in rows:
-        table.add_row(*_study_cells(r))
+    for row in cells:
+        table.add_row(*row)
     if out.measure(table, options=out.options.update_width(10_000)).maximum <= out.width:
         out.print(table)
         return
-    for r in rows:
-        date, name, patient_id, modalities, description, instances, uid = _study_cells(r)
+    for date, name, patient_id, modalities, description, instances, uid in cells:
         out.print(Text.assemble((date, "bold"), f"  {modalities}  {instances} instance(s)  "
                                 f"{description}".rstrip()), highlight=False)
         out.print(f"  patient: {name} (id {patient_id})", highlight=False, markup=False)
