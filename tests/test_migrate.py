@@ -18,10 +18,12 @@ does not answer, give clear errors and listed failures.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
@@ -52,6 +54,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
+from tcpproxy import TcpProxy
 from test_clock_steps import new_york_box_at
 from tlsproxy import TlsProxy
 
@@ -461,9 +464,6 @@ def test_a_window_that_reopens_after_the_hour_skipped_in_spring_reopens_on_time(
     worked out at 01:59 and went on at 04:00 EDT, an hour late."""
     files = make_archive(tmp_path / "archive", 12, busy_day_studies=0)
     box = edge_server_factory(start=False)
-    # The association waits open through the minute: [dicom] network_timeout (60 s) would
-    # close it just as 03:00 comes, and the study that raced the close would be retried.
-    box.configure(dicom={"network_timeout": 300})
     legacy = legacy_factory(files)
     box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
     # --rate 1800: a study every 2 s, so 12 take longer than the 15 s left at the start.
@@ -484,7 +484,57 @@ def test_a_window_that_reopens_after_the_hour_skipped_in_spring_reopens_on_time(
             proc.kill()
     assert done_studies(box.home) == 12
     log = proc.log.read_text()
+    # dcmqrscp closes an association after 60 s of silence, as 03:00 comes: none was held.
+    assert "migration study failed" not in log, log[-4000:]
     assert "2027-03-14T03:0" in log and "-04:00" in log, log[-4000:]  # it went on in EDT
+
+
+class IdleClosingProxy(TcpProxy):
+    """A legacy PACS whose idle timer (`idle_seconds`) fires just as the next request
+    arrives: a request after that much silence on its association is not forwarded,
+    and the connection is closed (`closed` counts them). The worst case of every real
+    peer's idle timeout (Orthanc 30 s, dcmtk 60 s)."""
+
+    def __init__(self, upstream_port: int, idle_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+        self.closed = 0
+        super().__init__(upstream_port)
+
+    def to_server(self, source: socket.socket, sink: socket.socket) -> None:
+        last = time.monotonic()
+        try:
+            while chunk := source.recv(1 << 16):
+                if time.monotonic() - last > self.idle_seconds:
+                    self.closed += 1
+                    return
+                last = time.monotonic()
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_worker_releases_its_association_before_a_long_wait_for_its_slot(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """--rate 240 on one association: a study every 15 s, most of it spent waiting. A
+    worker that held its association through the wait sent its next request into a
+    peer's idle timeout, and the study failed an attempt for no fault of either."""
+    files = make_archive(tmp_path / "archive", 3, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    legacy = legacy_factory(files)
+    with IdleClosingProxy(legacy.port, idle_seconds=8) as proxy:
+        box.add_peer("legacy", legacy.ae_title, proxy.port, allow="find,get")
+        result = box.cli("migrate", "start", "--from", "legacy", "--via", "get", "--since",
+                         "20240301", "--until", "20240303", "--rate", "240",
+                         "--associations", "1", timeout=RUN_TIMEOUT)
+    assert "3 studies done, 0 failed" in result.stdout
+    assert "migration study failed" not in result.stdout + result.stderr
+    assert proxy.closed == 0
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
 
 
 def test_peer_without_store_permission_is_refused_with_the_fix(

@@ -49,7 +49,8 @@ The walk, for one run (store/migration_rows.py keeps every step):
 
 Throttling, so that the old PACS keeps serving its users: `associations` at once,
 study starts spaced to at most `rate_per_hour`, and only inside `time_window`
-(local time, e.g. 20:00-06:00); outside it the run waits. `migrate pause` and
+(local time, e.g. 20:00-06:00); outside it the run waits, holding no association
+(nor through a wait for the rate of more than IDLE_HOLD_SECONDS). `migrate pause` and
 `migrate cancel` change the run's row; workers read it before each study.
 
 The SCU is an edge (appliance/dimse/legacy_scu.py) handed in by the command line
@@ -84,6 +85,10 @@ _SUCCESS, _WARNING = 0x0000, 0xB000
 STATE_CHECK_SECONDS = 5.0  # longest sleep before the run's state is read again
 BOX_PROBE_SECONDS = 1.0  # while the box's DICOM port is away: how often to try it
 LEGACY_PROBE_CAP_SECONDS = 60.0  # longest wait between two tries of an away legacy PACS
+# A worker's association is released before a wait longer than this. Legacy PACSs close
+# an idle one themselves (Orthanc after 30 s, dcmtk after 60 s): one kept through a longer
+# wait could be closed under the next request, which would then fail the study.
+IDLE_HOLD_SECONDS = 10.0
 _MINUTES = 24 * 60
 
 
@@ -434,15 +439,14 @@ class Migration:
 
     def _worker(self, work: _Work) -> None:
         """Transfer studies from `work` until none is left, on one association kept open
-        from study to study. It is opened once the study's slot has come, and again when
-        it was closed meanwhile: by the peer, or by [dicom] network_timeout of silence
-        while this worker waited for its slot or the window (a --rate under 240 studies
-        an hour with 4 associations, any --window)."""
+        from study to study. It is opened once the study's slot has come: released before
+        a wait for the slot or the window longer than IDLE_HOLD_SECONDS, and opened again
+        when the peer (or [dicom] network_timeout) closed it meanwhile."""
         with ExitStack() as opened:
             session: LegacySession | None = None
             while not self._stopping.is_set():
                 task = work.take()
-                if task is None or not self._wait_for_slot():
+                if task is None or not self._wait_for_slot(release=opened.close):
                     return
                 if session is None or not session.alive:
                     opened.close()
@@ -457,8 +461,10 @@ class Migration:
                     self._legacy_reached.set()
                 self._transfer(session, task)
 
-    def _wait_for_slot(self) -> bool:
+    def _wait_for_slot(self, release: Callable[[], None]) -> bool:
         """Sleep for the throttle and the window; False when the run stopped meanwhile.
+        `release` (the worker's association) is called once the wait left is longer than
+        IDLE_HOLD_SECONDS: at the start, or when the window closes during the wait.
 
         The window is asked again after each step, never counted down: its wait is in
         wall-clock minutes, and on the night daylight saving starts a window that opens
@@ -472,6 +478,8 @@ class Migration:
                        self.window.seconds_until_open(datetime.now()))
             if wait <= 0:
                 return True
+            if wait > IDLE_HOLD_SECONDS:
+                release()
             time.sleep(min(wait, STATE_CHECK_SECONDS))
 
     def _transfer(self, session: LegacySession, task: rows.StudyTask) -> None:
