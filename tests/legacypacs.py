@@ -82,6 +82,9 @@ class LegacyPacs:
         self.ae_title = ae_title
         self.port = dcmtk.free_port()
         self.destinations: dict[str, tuple[str, int]] = {}
+        # The calling AE titles it accepts (None: any); takes effect at the next start.
+        # It rejects others for good, as "called AE title not recognized".
+        self.callers: tuple[str, ...] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.folder / "dcmqrscp.log"
 
@@ -99,12 +102,19 @@ class LegacyPacs:
 
     def start(self) -> LegacyPacs:
         self.db.mkdir(parents=True, exist_ok=True)
-        hosts = "\n".join(f"dest{n} = ({ae}, {host}, {port})"
-                          for n, (ae, (host, port)) in enumerate(self.destinations.items()))
+        hosts = [f"dest{n} = ({ae}, {host}, {port})"
+                 for n, (ae, (host, port)) in enumerate(self.destinations.items())]
+        peers = "ANY"
+        if self.callers is not None:
+            peers = "callers"
+            # dcmqrscp matches the caller's host by name; the tests' own AE for start().
+            hosts.append("callers = " + ", ".join(
+                f"({ae}, localhost, 0)" for ae in (*self.callers, dcmtk.TEST_AE)))
+        host_table = "\n".join(hosts)
         (self.folder / "dcmqrscp.cfg").write_text(
             f"NetworkTCPPort = {self.port}\nMaxPDUSize = 65536\nMaxAssociations = 32\n"
-            f"HostTable BEGIN\n{hosts}\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-            f"AETable BEGIN\n{self.ae_title} {self.db} RW (500, 4096mb) ANY\nAETable END\n")
+            f"HostTable BEGIN\n{host_table}\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\n{self.ae_title} {self.db} RW (500, 4096mb) {peers}\nAETable END\n")
         (self.folder / "assoc.cfg").write_text(_profile(self.syntax_by_class))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -313,6 +313,58 @@ def test_a_legacy_pacs_that_does_not_know_the_box_pauses_the_run_at_once_naming_
     assert migrate_status(box)["stop_reason"] is None
 
 
+def test_an_association_rejected_for_the_box_s_ae_title_pauses_the_run_at_any_time(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer],
+        legacy_factory: Callable[..., LegacyPacs]) -> None:
+    """dcmqrscp rejects a calling AE title it does not know for good (A-ASSOCIATE-RJ,
+    rejected-permanent, "called AE title not recognized"): every study and every retry
+    would get the same answer. The run pauses at once, naming the box's AE title, and
+    counts nothing, whether the rejection comes at the start (it failed every day
+    before) or after studies came over (it waited for ever for the PACS to be back)."""
+    files = make_archive(tmp_path / "archive", 6, busy_day_studies=0)
+    box = edge_server_factory(start=False)
+    legacy = legacy_factory(files)
+    legacy.stop()
+    legacy.callers = ("SOMEONE",)
+    legacy.start()
+    box.add_peer("legacy", legacy.ae_title, legacy.port, allow="find,get")
+    start = ["--from", "legacy", "--via", "get", "--since", "20240301", "--until", "20240303",
+             "--associations", "1", "--rate", "1200"]
+    result = box.cli("migrate", "start", *start, check=False, timeout=RUN_TIMEOUT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "rejected the association for good (called AE title not recognized)" in stderr, stderr
+    assert f"allow this box's AE title '{box.ae_title}'" in stderr, stderr
+    assert migrate_status(box)["state"] == "paused"
+    assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
+
+    legacy.stop()
+    legacy.callers = None
+    legacy.start()
+    proc = MigrateProcess(box.home, "resume")
+    wait_until(lambda: done_studies(box.home) >= 1, "a study", proc)
+    legacy.stop()
+    legacy.callers = ("SOMEONE",)
+    legacy.start()
+    try:
+        assert proc.proc.wait(120) == 2, proc.log.read_text()[-4000:]
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    report = migrate_status(box)
+    assert report["state"] == "paused", report
+    assert "rejected the association for good" in str(report["stop_reason"]), report
+    assert 1 <= done_studies(box.home) < 6
+    assert json.loads(box.cli("migrate", "failures", "--json").stdout) == []
+
+    legacy.stop()
+    legacy.callers = None
+    legacy.start()
+    resumed = box.cli("migrate", "resume", check=False, timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert box_digests(box.home) == Counter(dataset_digest(f.read_bytes()) for f in files)
+
+
 @pytest.mark.parametrize("status", [0x0124, 0xA900])
 def test_a_legacy_pacs_that_refuses_the_box_s_queries_pauses_the_run_at_once(
         status: int, edge_server_factory: Callable[..., EdgeServer]) -> None:

@@ -321,13 +321,16 @@ class MigrationFailure(enum.StrEnum):
 class LegacyPeerError(PacsEdgeError):
     """The legacy PACS could not answer a migration's C-FIND, C-MOVE or C-GET. The message
     names the peer and the DICOM status, never a patient or a UID. `status` is the
-    failure status the legacy PACS answered, when it answered one."""
+    failure status the legacy PACS answered, when it answered one; `rejected_for_good`:
+    it rejected the association for an AE title, as it will until its or this box's
+    configuration changes."""
 
     def __init__(self, kind: MigrationFailure, message: str, *, hint: str | None = None,
-                 status: int | None = None) -> None:
+                 status: int | None = None, rejected_for_good: bool = False) -> None:
         super().__init__(message, hint=hint)
         self.kind = kind
         self.status = status
+        self.rejected_for_good = rejected_for_good
 
 
 class TransportAborted(OSError):

@@ -68,7 +68,7 @@ from appliance.base.errors import (
 )
 from appliance.dimse.dicom_status import PENDING_CODES, Status
 from appliance.dimse.handlers import REJECTION_STATUS
-from appliance.dimse.scu import requested_association
+from appliance.dimse.scu import rejected_for_good, requested_association
 from appliance.dimse.spooling import SpoolRouter
 from appliance.services.ingest import ExpectedIdentity, IngestResult, IngestService
 from appliance.services.legacy_migration import FindResult, RetrieveOutcome, StudyAnswer
@@ -166,14 +166,22 @@ class LegacyPeer:
             roles=roles, handlers=handlers)
 
     def _refused(self, assoc: Any, unreachable: str) -> LegacyPeerError:
+        where = f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
+        box = self.config.ae_title
+        if rejection := rejected_for_good(assoc):
+            return LegacyPeerError(
+                MigrationFailure.UNREACHABLE,
+                f"{where} rejected the association for good ({rejection})",
+                hint=f"on the legacy PACS, allow this box's AE title {box!r} (from this box's"
+                     f" address) to call its AE title {self.peer.ae_title!r}, or correct that"
+                     f" AE title (`pacs-edge peers remove {self.peer.name}`, then `peers add`)",
+                rejected_for_good=True)
         why = (f"cannot be reached: {unreachable}" if unreachable
                else "rejected the association" if assoc.is_rejected
                else "did not answer or aborted the association")
         return LegacyPeerError(
-            MigrationFailure.UNREACHABLE,
-            f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port} {why}",
-            hint=f"check that it runs and knows this box's AE title {self.config.ae_title!r}"
-                 " as a calling AE")
+            MigrationFailure.UNREACHABLE, f"{where} {why}",
+            hint=f"check that it runs and knows this box's AE title {box!r} as a calling AE")
 
     def _retrieve(self, responses: Iterator[tuple[Dataset, Dataset | None]],
                   service: str) -> RetrieveOutcome:

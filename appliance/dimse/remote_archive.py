@@ -41,7 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.base.config import Config, DicomConfig
 from appliance.base.errors import PrefetchFailure, RemoteArchiveError
 from appliance.dimse.dicom_status import PENDING_CODES, Status
-from appliance.dimse.scu import requested_association
+from appliance.dimse.scu import rejected_for_good, requested_association
 from appliance.dimse.tls import client_context
 from appliance.services.peers import Allowlist, Peer
 from appliance.services.prefetch import ArchiveFactory, MoveOutcome
@@ -188,7 +188,9 @@ class RemoteArchive:
             tls_client=self.tls_client if self.peer.tls else None, refused=self._refused)
 
     def _refused(self, assoc: Any, unreachable: str) -> RemoteArchiveError:
+        rejection = rejected_for_good(assoc)
         why = (f"cannot be reached: {unreachable}" if unreachable
+               else f"rejected the association for good ({rejection})" if rejection
                else "refused or did not answer the association")
         return RemoteArchiveError(
             PrefetchFailure.REMOTE_UNREACHABLE,

@@ -17,6 +17,20 @@ from appliance.services.peers import Peer
 # An abstract syntax, with the transfer syntaxes to propose (None: pynetdicom's default).
 Requested = tuple[Any, Sequence[str] | None]
 
+# A-ASSOCIATE-RJ reasons of a service user (PS3.8 9.3.4) that name an AE title: given
+# with "rejected-permanent", the peer refuses this box as configured, until someone edits
+# a configuration. dcmtk answers "called" also for a calling AE title it does not know.
+AE_TITLE_REJECTIONS = {3: "calling AE title not recognized", 7: "called AE title not recognized"}
+
+
+def rejected_for_good(assoc: Any) -> str:
+    """Why `assoc` was rejected for good for an AE title (AE_TITLE_REJECTIONS); "" when
+    it was not rejected, or rejected for now (busy) or for another reason."""
+    rsp = assoc.acceptor.primitive if assoc is not None and assoc.is_rejected else None
+    if rsp is None or rsp.result != 0x01 or rsp.result_source != 0x01:
+        return ""
+    return AE_TITLE_REJECTIONS.get(rsp.diagnostic, "")
+
 
 @contextmanager
 def requested_association(

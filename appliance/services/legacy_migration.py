@@ -424,7 +424,7 @@ class Migration:
                         log.warning("migration listing incomplete run=%d day=%s reason=%s",
                                     self.run.id, day or "undated", listing.warning)
         except LegacyPeerError as exc:
-            if self._legacy_was_away(exc):
+            if self._refused_for_the_run(exc) or self._legacy_was_away(exc):
                 return
             for day in days[:1]:  # no association at all: count it against the first day
                 self._day_failed(day, exc)
@@ -454,7 +454,8 @@ class Migration:
                         session = opened.enter_context(self.source.session())
                     except LegacyPeerError as exc:
                         session = None
-                        if not self._legacy_was_away(exc):  # away: the next round retries
+                        if not (self._refused_for_the_run(exc)  # paused, or away: the
+                                or self._legacy_was_away(exc)):  # next round retries
                             self._study_failed(task, exc,
                                                received=self._box_count(task.study_uid))
                         continue
@@ -523,14 +524,19 @@ class Migration:
                    else "")
                 + (self._failed_hint(verb) if outcome.failed else ""))
         except LegacyPeerError as exc:
-            if self._box_was_away() or self._legacy_was_away(exc) or self._refused_for_the_run(exc):
+            if self._box_was_away() or self._refused_for_the_run(exc) or self._legacy_was_away(exc):
                 return  # not counted: the study stays due and is tried again
             self._study_failed(task, exc, received=self._box_count(uid), expected=expected,
                                for_good=for_good)
 
     def _refused_for_the_run(self, exc: LegacyPeerError) -> bool:
-        """Whether `exc` is a C-FIND refusal every study would get (legacy_statuses: RUN);
-        if so, the run is paused."""
+        """Whether `exc` is an answer every study would get: an association rejected for
+        good for an AE title, or a C-FIND refusal (legacy_statuses: RUN); if so, the run
+        is paused. Checked before _legacy_was_away, which would wait for ever for one."""
+        if exc.rejected_for_good:
+            self._pause(f"{exc.message}: every study would get the same answer, so the run is"
+                        " paused", f"{exc.hint}; then `pacs-edge migrate resume`")
+            return True
         if exc.kind is not MigrationFailure.QUERY_FAILED or exc.status is None:
             return False
         rule = find_rule(exc.status)
@@ -554,7 +560,10 @@ class Migration:
         else:
             hint = ("allow this box's AE title to retrieve on the legacy PACS, or migrate"
                     f" --via {'move' if verb == 'C-GET' else 'get'}")
-        hint += "; then `pacs-edge migrate resume`"
+        self._pause(message, hint + "; then `pacs-edge migrate resume`")
+
+    def _pause(self, message: str, hint: str) -> None:
+        """Pause the run (once, whichever worker comes first), saying what to fix."""
         with self._stop_lock:
             if self.stopped is not None:
                 return
@@ -616,7 +625,8 @@ class Migration:
     def _legacy_answers(self) -> bool:
         try:
             self.source.probe()
-        except LegacyPeerError:
+        except LegacyPeerError as exc:
+            self._refused_for_the_run(exc)  # back, but rejecting this box: pause the run
             return False
         return True
 
