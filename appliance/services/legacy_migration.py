@@ -42,10 +42,13 @@ The walk, for one run (store/migration_rows.py keeps every step):
    trying again after `legacy_probe_seconds` doubled up to LEGACY_PROBE_CAP_SECONDS,
    and the study or day is tried again once it answers. A study the legacy PACS
    answers with a failure status is the study's and counts. Only for a legacy PACS
-   this run has reached before: one it never reached (a wrong host, port or AE title
-   in the allowlist) fails its days as before, so that a configuration error is
-   listed by `migrate failures` instead of hiding behind an endless wait.
+   this run has reached before: one it never reached (a wrong host or port in the
+   allowlist) fails its days as before, so that a configuration error is listed by
+   `migrate failures` instead of hiding behind an endless wait.
    Counted, a restart of serve would burn every study's attempts in seconds.
+   An answer every study would get pauses the run at once instead, counting nothing:
+   an association rejected for good for an AE title (at any time), a C-FIND refused
+   or a retrieve status of legacy_statuses' RUN verdict.
 
 Throttling, so that the old PACS keeps serving its users: `associations` at once,
 study starts spaced to at most `rate_per_hour`, and only inside `time_window`
