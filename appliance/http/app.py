@@ -20,6 +20,7 @@ from appliance.http import (
     dicomweb_wado,
     login,
     ops_routes,
+    response_headers,
     viewer,
 )
 from appliance.http.https_server import client_gone, head_timer
@@ -37,6 +38,7 @@ def build_app(services: WebServices) -> web.Application:
     app = web.Application(middlewares=[head_timer, ops_routes.count_requests, client_gone,
                                        auth.middleware(services.users)],
                           client_max_size=1 << 20)
+    response_headers.install(app)
     app[SERVICES] = services
     app[READS] = WebRetrieveService(services.index, services.files, services.retrieve,
                                     recall_wait=services.config.http.recall_wait_seconds)
@@ -59,5 +61,6 @@ def build_ops_app(sources: HealthSources, metrics: MetricsConfig) -> web.Applica
     """/metrics and the probes alone, for the listener of a box whose web server is off."""
     app = web.Application(middlewares=[head_timer, ops_routes.count_requests],
                           client_max_size=1 << 10)
+    response_headers.install(app)
     ops_routes.add_routes(app, sources, metrics, status_page=False)
     return app

@@ -1,0 +1,34 @@
+"""Headers every answer of the web server carries, whichever route (or error) made it.
+
+- ``X-Content-Type-Options: nosniff`` on everything: a browser renders an answer only
+  as the type it was sent with, so a JSON or text answer holding a hostile value (a
+  Patient Name with markup in it, a reflected error text) is never taken for a page.
+- ``Cache-Control: no-store`` on every /dicom-web answer that does not set its own:
+  QIDO matches and metadata carry names, IDs and birth dates, and a shared reading-room
+  workstation must not keep them in its browser's disk cache. (Before, only the
+  multipart answers of WADO-RS were no-store; QIDO and metadata JSON had no
+  Cache-Control at all, and Chromium stores such answers on disk.)
+
+Installed as an `on_response_prepare` signal, not a middleware: the streamed answers
+(metadata, WADO-RS) send their headers before the handler returns, and error answers
+(404, 405, HTTPException) never pass a middleware's return path as responses.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from appliance.http.auth import DICOMWEB_PREFIX
+
+NO_STORE = "no-store"
+
+
+def install(app: web.Application) -> None:
+    app.on_response_prepare.append(_add_headers)
+
+
+async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    path = request.path
+    if path == DICOMWEB_PREFIX or path.startswith(DICOMWEB_PREFIX + "/"):
+        response.headers.setdefault("Cache-Control", NO_STORE)
