@@ -25,6 +25,9 @@ build_app registers them after every other route module.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import html
 import json
 import logging
@@ -64,13 +67,17 @@ _CONTENT_TYPES = {
 _HASHED = re.compile(r"(?:^|\.)[0-9a-f]{16}\.[a-z0-9]+$")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _REVALIDATE = "no-cache"
-# OHIF needs inline scripts (index.html), wasm codecs and blob: workers; nothing off-origin.
-# object-src: OHIF shows an Encapsulated PDF in an <object> whose data is a blob: URL of the
-# document it fetched from /dicom-web (bulk data), which Chromium's PDF viewer then frames
-# (frame-src); without both the viewport said "No online PDF viewer installed".
+# OHIF needs its two inline bootstrap scripts (index.html), wasm codecs and blob: workers;
+# nothing off-origin. The inline scripts are allowed by their SHA-256 (inline_script_hashes),
+# never by 'unsafe-inline': that would also run any inline event handler or <script> that
+# markup in a DICOM value (a Patient Name, a Study Description) got into the page, if the
+# viewer ever put one there as HTML. object-src: OHIF shows an Encapsulated PDF in an
+# <object> whose data is a blob: URL of the document it fetched from /dicom-web (bulk data),
+# which Chromium's PDF viewer then frames (frame-src); without both the viewport said "No
+# online PDF viewer installed".
 _CSP = (
     "default-src 'self'; "
-    "script-src 'self' 'unsafe-inline' 'wasm-unsafe-eval' blob:; "
+    "script-src 'self' {hashes}'wasm-unsafe-eval' blob:; "
     "worker-src 'self' blob:; "
     "style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data: blob:; "
@@ -78,6 +85,9 @@ _CSP = (
     "connect-src 'self' data: blob:; "
     "object-src 'self' blob:; frame-src 'self' blob:; base-uri 'self'; frame-ancestors 'self'"
 )
+# An inline <script> (one without src) and its text, as a browser hashes it for CSP.
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc\s*=)[^>]*>(.*?)</script\s*>",
+                            re.IGNORECASE | re.DOTALL)
 
 DATA_SOURCE = "pacs-edge"
 MANIFEST = "/manifest.json"
@@ -205,11 +215,11 @@ class _Viewer:
         if target is None:
             raise web.HTTPNotFound()
         if _is_file(target):
-            return _file(target)
+            return await _file(target)
         if PurePosixPath(tail).suffix:
             # A missing asset is a 404: an index.html in its place would be run as code.
             raise web.HTTPNotFound()
-        return _file(index)
+        return await _file(index)
 
 
 def _is_dicomweb(path: str) -> bool:
@@ -238,7 +248,18 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _file(path: Path) -> web.FileResponse:
+def inline_script_hashes(page: bytes) -> list[str]:
+    """The CSP source expressions ('sha256-...') of the inline scripts of an HTML page."""
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
+            for body in _INLINE_SCRIPT.findall(page) if body]
+
+
+def page_csp(page: bytes) -> str:
+    """The viewer's Content-Security-Policy for this page: its own inline scripts only."""
+    return _CSP.format(hashes="".join(f"{h} " for h in inline_script_hashes(page)))
+
+
+async def _file(path: Path) -> web.FileResponse:
     hashed = _HASHED.search(path.name) is not None
     headers = {
         "Content-Type": _CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
@@ -246,7 +267,8 @@ def _file(path: Path) -> web.FileResponse:
         "X-Content-Type-Options": "nosniff",
     }
     if path.suffix == ".html":
-        headers["Content-Security-Policy"] = _CSP
+        # Read per request (a few KB): a new build swapped in brings its own scripts.
+        headers["Content-Security-Policy"] = page_csp(await asyncio.to_thread(path.read_bytes))
     return web.FileResponse(path, headers=headers)
 
 
