@@ -7,8 +7,10 @@ failures, and audit records are polled for with a deadline.
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,6 +213,51 @@ def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows
     right = webpeer.parse_response(answers[-1])
     assert right.status == 401 and b"locked" in right.body
     assert "pacs_edge_session" not in right.headers.get("set-cookie", "")
+
+
+def test_logins_racing_a_password_change_keep_no_session(web_server: EdgeServer) -> None:
+    # A client with a leaked password logs in again and again while an admin runs
+    # `users passwd`. Four clients keep both hash slots busy, so when the change commits
+    # some logins have read the old hash and are being checked: before, they were admitted
+    # after the change and their sessions outlived it. Every cookie handed out must be
+    # dead once the change is made, and the old password refused from then on.
+    base = webpeer.base_url(web_server)
+    new_password = "a brand new passphrase 42"
+    secret = web_server.home.parent / "rad1.new-password"
+    secret.write_text(new_password + "\n", encoding="utf-8")
+    os.chmod(secret, 0o600)
+    tokens: list[str] = []
+    changed = threading.Event()
+    deadline = time.monotonic() + 120
+
+    def hammer() -> None:
+        http = browser(web_server)
+        while not changed.is_set() and time.monotonic() < deadline:
+            answer = post_login(http, web_server, "rad1", PASSWORD)
+            if answer.status_code == 303:
+                tokens.append(answer.cookies["pacs_edge_session"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        while len(tokens) < 4 and time.monotonic() < deadline:  # the logins are under way
+            time.sleep(0.05)
+        web_server.cli("users", "passwd", "rad1", "--password-file", str(secret))
+    finally:
+        changed.set()
+        for thread in threads:
+            thread.join(60)
+    assert len(tokens) >= 4
+    alive = [token for token in tokens
+             if client(web_server).get(f"{base}/dicom-web/studies", timeout=60,
+                                       cookies={"pacs_edge_session": token}).status_code != 401]
+    assert alive == [], f"{len(alive)} of {len(tokens)} sessions outlived the password change"
+    # Logins sent between the change and the threads' stop were wrong: they may have
+    # locked the user (3 failures here), which is not what this test is about.
+    web_server.cli("users", "unlock", "rad1")
+    assert post_login(browser(web_server), web_server, "rad1", PASSWORD).status_code == 401
+    assert post_login(browser(web_server), web_server, "rad1", new_password).status_code == 303
 
 
 @pytest.mark.parametrize("headers", [

@@ -175,8 +175,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     target = safe_next(target)
     users, address = request.app[_USERS], auth.client_address(request)
     try:
-        principal = await users.authenticate(name, password, address=address, via=FORM_VIA)
-        token = await users.open_session(principal, address=address)
+        _, token = await users.log_in(name, password, address=address, via=FORM_VIA)
     except AuthenticationError as exc:
         return _form(target, error=_MESSAGES.get(exc.kind, exc.message), status=401)
     except IndexUnavailable:

@@ -11,7 +11,10 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   count; `users unlock` and `users passwd` lift a lock.
 - A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
   session ends after session_idle_minutes without use or session_max_hours after
-  login, when the user is removed, and when their password changes.
+  login, when the user is removed, and when their password changes. A password is
+  admitted, and a login's session opened, in the transaction that checks the stored
+  hash is still the one the password was verified against: a login whose check was
+  under way when `users passwd` changed the password opens nothing (log_in).
 - Launch links (services/launch_links.py) open once: the nonce of a redeemed link is
   committed before the link is honoured.
 - HTTP Basic sends the password with every DICOMweb request: a password verified in
@@ -178,17 +181,40 @@ class UserService:
         Audited (User Authentication) whatever the edge: every refusal, and each success
         that needed a password check (a password recognised from memory is the same
         client's next request, not a new login)."""
+        return (await self._audited(name, password, address=address, via=via))[0]
+
+    async def log_in(self, name: str, password: str, *, address: str,
+                     via: str) -> tuple[Principal, str]:
+        """authenticate, and a new session for the user: (principal, token).
+
+        The session row is written in the transaction that admits the password, after
+        checking the stored hash is still the one the password was verified against:
+        before, a login whose scrypt was running when `users passwd` ended the user's
+        sessions was admitted with the old password and its session outlived the
+        change (a client logging in again and again with a leaked password kept its
+        access through the reset)."""
+        token = secrets.token_urlsafe(32)
+        principal, _ = await self._audited(name, password, address=address, via=via,
+                                           session=_token_hash(token))
+        log.info("session opened user=%s address=%s", logsafe.ref(principal.name), address)
+        return principal, token
+
+    async def _audited(self, name: str, password: str, *, address: str, via: str,
+                       session: str = "") -> tuple[Principal, bool]:
         try:
-            principal, checked = await self._authenticate(name, password, address=address)
+            principal, checked = await self._authenticate(name, password, address=address,
+                                                          session=session)
         except AuthenticationError as exc:
             await self._audit(name, address, failure=exc.kind.value, via=via)
             raise
         if checked:
             await self._audit(principal.name, address, via=via)
-        return principal
+        return principal, checked
 
-    async def _authenticate(self, name: str, password: str, *,
-                            address: str) -> tuple[Principal, bool]:
+    async def _authenticate(self, name: str, password: str, *, address: str,
+                            session: str = "") -> tuple[Principal, bool]:
+        """`session`: the token hash of a session to open with the admission (a login);
+        a password recognised from memory is then checked again, not recalled."""
         now = self._clock()
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
@@ -197,7 +223,7 @@ class UserService:
             raise _locked_out(user, address)
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
-        if user is not None and self._verified.recall(user, password, now):
+        if not session and user is not None and self._verified.recall(user, password, now):
             return _principal(user), False
         async with self._hashing:
             if user is None:
@@ -210,7 +236,7 @@ class UserService:
         if user is not None:
             checked, auth = user, self.config.auth
             verdict = await self._write(lambda conn: _settle(conn, checked, ok, now=now,
-                                                             auth=auth))
+                                                             auth=auth, session=session))
         if verdict is _Verdict.ADMITTED:
             assert user is not None
             self._verified.remember(user, password, now)
@@ -392,21 +418,30 @@ class _Verdict(enum.Enum):
 
 
 def _settle(conn: sqlite3.Connection, user: UserRow, ok: bool, *, now: float,
-            auth: AuthConfig) -> _Verdict:
+            auth: AuthConfig, session: str = "") -> _Verdict:
     """Record a password check against the user's lock as it is now, in one writer
     transaction.
 
     Guesses sent at once all pass the lock check on arrival, then wait for a hash slot:
     those that finish after the user was locked are refused LOCKED_OUT and not counted,
     right or wrong, as if they had come later. Before, a burst had every guess checked
-    whatever max_failed_logins says, and a right guess in it was let in."""
+    whatever max_failed_logins says, and a right guess in it was let in.
+
+    A password checked against a hash that is no longer the user's (`users passwd`
+    ran during the check) is refused, not counted. `session`: the token hash of the
+    login's session, written here with the admission, so that no password change can
+    fall between the two."""
     current = rows.find_user(conn, user.name)
-    if current is None or current.id != user.id:
+    if current is None or current.id != user.id or current.password_hash != user.password_hash:
         return _Verdict.REFUSED
     if current.locked_until > now:
         return _Verdict.LOCKED
     if ok:
         rows.record_success(conn, user.id, now=now)
+        if session:
+            rows.prune_sessions(conn, idle_before=now - auth.session_idle_minutes * 60,
+                                created_before=now - auth.session_max_hours * 3600)
+            rows.insert_session(conn, token_hash=session, user_id=user.id, now=now)
         return _Verdict.ADMITTED
     locked = rows.record_failure(conn, user.id, now=now, limit=auth.max_failed_logins,
                                  lockout_seconds=auth.lockout_minutes * 60)
