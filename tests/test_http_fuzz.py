@@ -138,7 +138,7 @@ def web(tmp_path: Path, small_study: list[dicomgen.GeneratedInstance]) -> Iterat
         assert login.status_code == 303, login.text
         link = server.cli("link", small_study[0].study_uid, "--user", "ref", "--base-url",
                           base).stdout.strip()
-        yield Web(server, random.Random(fuzzing.SEED), login.cookies["pacs_edge_session"],
+        yield Web(server, random.Random(fuzzing.SEED), login.cookies["__Host-pacs_edge_session"],
                   small_study, dicomgen.make_garbage_payload(tmp_path),
                   parse_qs(urlsplit(link).query)["t"][0])
 
@@ -219,14 +219,15 @@ def _credentials(web: Web, rng: random.Random) -> list[str]:
              6: "ref:" + webpeer.PASSWORD}
     if kind in basic:
         return ["Authorization: Basic " + base64.b64encode(basic[kind].encode()).decode()]
-    return {0: [], 1: [f"Cookie: pacs_edge_session={web.cookie}"],
-            2: [f"Cookie: pacs_edge_session={web.cookie}"],
+    return {0: [], 1: [f"Cookie: __Host-pacs_edge_session={web.cookie}"],
+            2: [f"Cookie: __Host-pacs_edge_session={web.cookie}"],
             7: [rng.choice(["Authorization: Basic !!!", "Authorization: Bearer abc",
                             "Authorization: Basic " + base64.b64encode(b"\xff:\xfe").decode(),
                             "Authorization: Basic", "Authorization: " + "B" * 7000])],
-            8: [rng.choice(["Cookie: pacs_edge_session=", "Cookie: pacs_edge_session=v1.junk",
-                            "Cookie: ;;;", "Cookie: pacs_edge_session=" + "A" * 4000,
-                            'Cookie: pacs_edge_session="\\x00"'])]}[kind]
+            8: [rng.choice(["Cookie: __Host-pacs_edge_session=",
+                            "Cookie: __Host-pacs_edge_session=v1.junk",
+                            "Cookie: ;;;", "Cookie: __Host-pacs_edge_session=" + "A" * 4000,
+                            'Cookie: __Host-pacs_edge_session="\\x00"'])]}[kind]
 
 
 def _request(web: Web, rng: random.Random) -> tuple[bytes, str, bool]:
@@ -351,7 +352,7 @@ def _valid_stow(web: Web, rng: random.Random) -> None:
     chosen = rng.sample(web.study, rng.randint(1, 3))
     body, content_type = webpeer.multipart_body(i.path for i in chosen)
     basic = base64.b64encode(f"rad:{webpeer.PASSWORD}".encode()).decode()
-    credentials = rng.choice([f"Cookie: pacs_edge_session={web.cookie}",
+    credentials = rng.choice([f"Cookie: __Host-pacs_edge_session={web.cookie}",
                               f"Authorization: Basic {basic}"])
     head = ("POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"

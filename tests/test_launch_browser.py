@@ -88,7 +88,7 @@ def test_launch_link_clicked_on_the_ehr_opens_the_viewer_logged_in(
     landed = urlsplit(browser.current_url)
     assert landed.netloc == urlsplit(webpeer.base_url(box)).netloc
     assert landed.query == f"StudyInstanceUIDs={STUDY}"
-    cookie = browser.get_cookie("pacs_edge_session")
+    cookie = browser.get_cookie("__Host-pacs_edge_session")
     assert cookie is not None and cookie["httpOnly"] and cookie["secure"]
     assert cookie["sameSite"] == "Strict"
     # The viewer's own requests carry the session: DICOMweb answers, no 401, no login.

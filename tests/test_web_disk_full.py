@@ -87,7 +87,7 @@ def test_a_session_keeps_reading_while_the_disk_is_full(tmp_path: Path) -> None:
             http.headers["Origin"] = webpeer.base_url(server)
             login = http.post(f"{webpeer.base_url(server)}/login", allow_redirects=False,
                               data={"name": "rad", "password": webpeer.PASSWORD, "next": "/"})
-            assert login.status_code == 303 and "pacs_edge_session" in http.cookies
+            assert login.status_code == 303 and "__Host-pacs_edge_session" in http.cookies
             filler = fill(disk)
             time.sleep(1.0)  # past the 0.6 s after which the next use is recorded
             answer = http.get(webpeer.base_url(server) + STOW, allow_redirects=False)

@@ -108,7 +108,7 @@ def wait_for_records(server: EdgeServer, needle: str, count: int) -> list[str]:
 def login_token(server: EdgeServer, name: str) -> str:
     http = browser(server)
     assert post_login(http, server, name, PASSWORD).status_code == 303
-    return http.cookies["pacs_edge_session"]
+    return http.cookies["__Host-pacs_edge_session"]
 
 
 def is_login_redirect(response: requests.Response) -> bool:
@@ -128,11 +128,11 @@ def test_login_sets_a_secure_httponly_strict_session_cookie(web_server: EdgeServ
     answer = post_login(http, web_server, "rad1", PASSWORD, next_path="/dicom-web/studies")
     assert answer.status_code == 303 and answer.headers["Location"] == "/dicom-web/studies"
     cookie = set_cookie(answer)
-    assert cookie.startswith("pacs_edge_session=")
+    assert cookie.startswith("__Host-pacs_edge_session=")
     flags = {part.strip().split("=")[0].lower(): part.strip() for part in cookie.split(";")}
     assert {"secure", "httponly", "samesite", "path", "max-age"} <= set(flags)
     assert flags["samesite"].lower() == "samesite=strict" and flags["path"] == "Path=/"
-    token = http.cookies["pacs_edge_session"]
+    token = http.cookies["__Host-pacs_edge_session"]
     assert len(token) >= 43 and PASSWORD not in cookie
     # The session opens pages the middleware would otherwise send to /login...
     assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}/",
@@ -141,7 +141,7 @@ def test_login_sets_a_secure_httponly_strict_session_cookie(web_server: EdgeServ
     out = http.post(f"{webpeer.base_url(web_server)}/logout", allow_redirects=False, timeout=60)
     assert out.status_code == 303 and out.headers["Location"] == "/login"
     replay = client(web_server)
-    replay.cookies.set("pacs_edge_session", token)
+    replay.cookies.set("__Host-pacs_edge_session", token)
     assert is_login_redirect(replay.get(f"{webpeer.base_url(web_server)}/",
                                         allow_redirects=False, timeout=60))
     audit = audit_text(web_server, "Logout")
@@ -154,7 +154,7 @@ def test_wrong_password_and_unknown_user_get_the_same_401_page(web_server: EdgeS
     unknown = post_login(http, web_server, "nobody", "not the password")
     assert wrong.status_code == unknown.status_code == 401
     assert wrong.text == unknown.text and "Wrong user name or password." in wrong.text
-    assert "pacs_edge_session" not in set_cookie(wrong) + set_cookie(unknown)
+    assert "__Host-pacs_edge_session" not in set_cookie(wrong) + set_cookie(unknown)
     audit = audit_text(web_server, "nobody")
     assert audit.count("unknown user or wrong password") >= 2
     log = web_server.log()
@@ -168,7 +168,7 @@ def test_lockout_over_https_refuses_the_right_password_until_unlocked(
         assert post_login(http, web_server, "rad1", "not the password").status_code == 401
     locked = post_login(http, web_server, "rad1", PASSWORD)
     assert locked.status_code == 401 and "locked" in locked.text
-    assert "pacs_edge_session" not in set_cookie(locked)
+    assert "__Host-pacs_edge_session" not in set_cookie(locked)
     # HTTP Basic on DICOMweb is the same account: locked there too.
     assert webpeer.curl(web_server, "/dicom-web/studies", user="rad1").status == 401
     assert "too many failed logins" in audit_text(web_server, "too many failed logins")
@@ -212,7 +212,7 @@ def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows
     assert len(wrong) <= 3, f"{len(wrong)} guesses were checked against a limit of 3"
     right = webpeer.parse_response(answers[-1])
     assert right.status == 401 and b"locked" in right.body
-    assert "pacs_edge_session" not in right.headers.get("set-cookie", "")
+    assert "__Host-pacs_edge_session" not in right.headers.get("set-cookie", "")
 
 
 def test_logins_racing_a_password_change_keep_no_session(web_server: EdgeServer) -> None:
@@ -235,7 +235,7 @@ def test_logins_racing_a_password_change_keep_no_session(web_server: EdgeServer)
         while not changed.is_set() and time.monotonic() < deadline:
             answer = post_login(http, web_server, "rad1", PASSWORD)
             if answer.status_code == 303:
-                tokens.append(answer.cookies["pacs_edge_session"])
+                tokens.append(answer.cookies["__Host-pacs_edge_session"])
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for thread in threads:
@@ -249,9 +249,10 @@ def test_logins_racing_a_password_change_keep_no_session(web_server: EdgeServer)
         for thread in threads:
             thread.join(60)
     assert len(tokens) >= 4
+    cookie = "__Host-pacs_edge_session"
     alive = [token for token in tokens
              if client(web_server).get(f"{base}/dicom-web/studies", timeout=60,
-                                       cookies={"pacs_edge_session": token}).status_code != 401]
+                                       cookies={cookie: token}).status_code != 401]
     assert alive == [], f"{len(alive)} of {len(tokens)} sessions outlived the password change"
     # Logins sent between the change and the threads' stop were wrong: they may have
     # locked the user (3 failures here), which is not what this test is about.
@@ -269,7 +270,7 @@ def test_login_post_from_another_origin_is_refused(refusing_server: EdgeServer,
     http = client(refusing_server)
     answer = http.post(f"{webpeer.base_url(refusing_server)}/login", headers=headers, timeout=60,
                        data={"name": "rad1", "password": PASSWORD}, allow_redirects=False)
-    assert answer.status_code == 403 and "pacs_edge_session" not in set_cookie(answer)
+    assert answer.status_code == 403 and "__Host-pacs_edge_session" not in set_cookie(answer)
 
 
 def test_http_basic_failures_and_logins_are_audited_like_the_form(web_server: EdgeServer) -> None:
@@ -304,26 +305,26 @@ def test_launch_link_opens_the_viewer_once_with_a_session(web_server: EdgeServer
                          webpeer.base_url(web_server)).stdout.strip()
     assert urlsplit(url).path == "/launch"
     http = client(web_server)  # a browser arriving from the EHR: no Origin
-    http.cookies.set("pacs_edge_session", login_token(web_server, "rad1"))
+    http.cookies.set("__Host-pacs_edge_session", login_token(web_server, "rad1"))
     checked = http.head(url, allow_redirects=False, timeout=60)  # a link checker's HEAD...
-    assert "pacs_edge_session" not in set_cookie(checked)  # ...does not use the link up
-    earlier = http.cookies["pacs_edge_session"]
+    assert "__Host-pacs_edge_session" not in set_cookie(checked)  # ...does not use the link up
+    earlier = http.cookies["__Host-pacs_edge_session"]
     first = http.get(url, allow_redirects=False, timeout=60)
     assert first.status_code == 200
     viewer = f"/viewer?StudyInstanceUIDs={STUDY}"
     assert re.search(rf'http-equiv="refresh" content="0;url={re.escape(viewer)}"', first.text)
     cookie = set_cookie(first)
-    assert "pacs_edge_session=" in cookie and "SameSite=Strict" in cookie
+    assert "__Host-pacs_edge_session=" in cookie and "SameSite=Strict" in cookie
     assert first.headers["Referrer-Policy"] == "no-referrer"
     assert not is_login_redirect(http.get(f"{webpeer.base_url(web_server)}{viewer}",
                                           allow_redirects=False, timeout=60))
     replay = client(web_server)  # the session the browser had before the link has ended
-    replay.cookies.set("pacs_edge_session", earlier)
+    replay.cookies.set("__Host-pacs_edge_session", earlier)
     assert is_login_redirect(replay.get(f"{webpeer.base_url(web_server)}/",
                                         allow_redirects=False, timeout=60))
     again = client(web_server).get(url, allow_redirects=False, timeout=60)
     assert again.status_code == 401 and "already used" in again.text
-    assert "pacs_edge_session" not in set_cookie(again)
+    assert "__Host-pacs_edge_session" not in set_cookie(again)
     audit = audit_text(web_server, "launch link")
     assert "launch link" in audit and "the launch link was already used" in audit
     assert STUDY not in web_server.log() and "ref1" not in web_server.log()
@@ -344,7 +345,7 @@ def test_session_cookie_of_another_box_is_refused(
     http = browser(other)
     assert post_login(http, other, "rad1", PASSWORD).status_code == 303
     stolen = client(web_server)
-    stolen.cookies.set("pacs_edge_session", http.cookies["pacs_edge_session"])
+    stolen.cookies.set("__Host-pacs_edge_session", http.cookies["__Host-pacs_edge_session"])
     assert is_login_redirect(stolen.get(f"{webpeer.base_url(web_server)}/",
                                         allow_redirects=False, timeout=60))
     answer = stolen.get(f"{webpeer.base_url(web_server)}/dicom-web/studies", timeout=60)

@@ -4,7 +4,10 @@ A request carries its user in one of two ways, both checked by the user service
 (appliance/services/users.py), never here:
 - HTTP Basic (``Authorization: Basic``), for tools and scripts speaking DICOMweb;
   only ever over TLS, since the server speaks nothing else;
-- the session cookie ``pacs_edge_session`` the login page sets (web browsers).
+- the session cookie ``__Host-pacs_edge_session`` the login page sets (web browsers).
+  The ``__Host-`` prefix makes browsers take it only host-only, Secure, Path=/: another
+  site of the domain (``Domain=hospital.org`` from wiki.hospital.org) can neither set
+  nor shadow it, so it cannot plant its own session in a user's browser.
 
 The Principal the service answers is put on the request (``request[PRINCIPAL]``)
 for the routes, which hand it to the services (scope is a service rule). A
@@ -31,7 +34,7 @@ from appliance.services.access import Principal
 
 log = logging.getLogger(__name__)
 
-SESSION_COOKIE = "pacs_edge_session"
+SESSION_COOKIE = "__Host-pacs_edge_session"
 DICOMWEB_PREFIX = "/dicom-web"
 LOGIN_PATH = "/login"
 REALM = 'Basic realm="pacs-edge", charset="UTF-8"'

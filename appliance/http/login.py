@@ -8,7 +8,7 @@
                            cookie, then opens /viewer?StudyInstanceUIDs=<uid>
 
 The rules (passwords, lock-out, sessions, links) are UserService's; this module
-translates. The session cookie is ``pacs_edge_session``: Secure, HttpOnly,
+translates. The session cookie is ``__Host-pacs_edge_session``: Secure, HttpOnly,
 SameSite=Strict, Path=/, Max-Age = [auth] session_max_hours (the server also ends
 it after session_idle_minutes without use). Each login makes a new token (no
 session fixation).
