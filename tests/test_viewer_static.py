@@ -272,6 +272,30 @@ async def test_installed_bundles_cross_the_wire_gzipped_to_browsers_that_accept_
     assert "content-encoding" not in plain.headers
 
 
+def test_anonymous_paths_open_only_their_own_routes(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    # A request for a path that needs no login, which the router hands to another route,
+    # needs one: HEAD /launch (the route is GET only, so a link checker cannot use a link
+    # up) and /metrics with metrics off fell through to the viewer's catch-all and were
+    # answered its page, 200, without a login.
+    home = webpeer.web_home(tmp_path / "web-home", free_port())
+    EdgeServer(home).configure(metrics={"enabled": False})
+    server = edge_server_factory(home)
+    http = webpeer.session(server, None)  # requests: curl -X HEAD would wait for a body
+    base = webpeer.base_url(server)
+    for method, path in (("HEAD", "/launch?t=v1.x.y"), ("GET", "/metrics"),
+                         ("HEAD", "/metrics"), ("PUT", "/login")):
+        answer = http.request(method, base + path, allow_redirects=False, timeout=60)
+        assert answer.status_code == 303, (method, path, answer.status_code)
+        assert answer.headers["Location"].startswith("/login?next=")
+    # The routes themselves still need none.
+    assert http.get(f"{base}/launch?t=v1.x.y", timeout=60).status_code == 401  # refused link
+    assert http.get(f"{base}/login", timeout=60).status_code == 200
+    assert http.head(f"{base}/healthz", timeout=60).status_code == 200
+    assert http.get(f"{base}/manifest.json", timeout=60).status_code == 200
+
+
 def test_viewer_files_require_a_login_but_the_manifest(tmp_path: Path, free_port: Callable[[], int],
                                       edge_server_factory: Callable[..., EdgeServer]) -> None:
     server = edge_server_factory(webpeer.web_home(tmp_path / "web-home", free_port()))

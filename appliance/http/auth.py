@@ -14,7 +14,10 @@ for the routes, which hand it to the services (scope is a service rule). A
 request without valid credentials gets, under /dicom-web, ``401`` with a
 ``WWW-Authenticate: Basic`` challenge, and elsewhere a redirect to the login
 page; paths registered with `allow_anonymous` (the login page itself, launch
-links, the health probes and /metrics) pass without a user.
+links, the health probes and /metrics) pass without a user, and only to the route
+registered at that very path: a request the router hands to another route (HEAD
+/launch, which has no HEAD, or /metrics with metrics off, both fell through to the
+viewer's catch-all and were served its page without a login) needs a user.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Authenticator(Protocol):
 
 
 def allow_anonymous(app: web.Application, *paths: str) -> None:
-    """Let requests for exactly these paths through without a user (login, launch)."""
+    """Let requests for exactly these paths through without a user (login, launch), to
+    the routes registered at these paths (not to a catch-all that also matches them)."""
     app.setdefault(_ANONYMOUS, set()).update(paths)
 
 
@@ -79,7 +83,7 @@ def address_in(address: str, networks: Iterable[str]) -> bool:
 def middleware(users: Authenticator) -> Any:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in request.app.get(_ANONYMOUS, ()):
+        if _anonymous(request):
             return await handler(request)
         principal = await _principal(request, users)
         if principal is None:
@@ -88,6 +92,13 @@ def middleware(users: Authenticator) -> Any:
         return await handler(request)
 
     return authenticate
+
+
+def _anonymous(request: web.Request) -> bool:
+    if request.path not in request.app.get(_ANONYMOUS, ()):
+        return False
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical == request.path
 
 
 async def _principal(request: web.Request, users: Authenticator) -> Principal | None:

@@ -202,6 +202,14 @@ class _Viewer:
             headers={"Cache-Control": _REVALIDATE, "X-Content-Type-Options": "nosniff"},
         )
 
+    async def manifest(self, request: web.Request) -> web.StreamResponse:
+        """The web app manifest, on a route of its own: the one file served without a
+        login (auth.allow_anonymous binds a path to the route registered at it)."""
+        target = self._root.resolve() / MANIFEST.lstrip("/")
+        if not _is_file(target):
+            raise web.HTTPNotFound()
+        return await _file(target)
+
     async def static(self, request: web.Request) -> web.StreamResponse:
         if _is_dicomweb(request.path):
             # Not a viewer route: a DICOMweb path no route took is a 404, never a page.
@@ -307,5 +315,6 @@ def add_routes(app: web.Application, viewer_root: Path | None, *, box_name: str 
     # Browsers fetch the web app manifest without cookies (no crossorigin attribute on
     # index.html's <link rel=manifest>); it names icons, nothing of the box or its users.
     allow_anonymous(app, MANIFEST)
+    app.router.add_get(MANIFEST, viewer.manifest)
     app.router.add_get("/app-config.js", viewer.app_config)
     app.router.add_get("/{tail:.*}", viewer.static)
