@@ -102,7 +102,19 @@ def migration_scripts() -> list[tuple[int, str, str]]:
 
 
 async def migrate(conn: aiosqlite.Connection) -> int:
-    """Apply pending migrations, each in its own transaction; return the schema version."""
+    """Apply pending migrations, each in its own transaction; return the schema version.
+
+    Foreign keys are off while they run and checked before each commit, SQLite's recipe
+    for rebuilding a table that others reference (a UNIQUE constraint cannot be dropped
+    otherwise: 0029); the pragma is a no-op inside a transaction, so it is set outside."""
+    await conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        return await _migrate(conn)
+    finally:
+        await conn.execute("PRAGMA foreign_keys = ON")
+
+
+async def _migrate(conn: aiosqlite.Connection) -> int:
     await conn.execute("BEGIN IMMEDIATE")
     await conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -124,6 +136,10 @@ async def migrate(conn: aiosqlite.Connection) -> int:
             if not already:  # another process may have migrated meanwhile
                 for statement in _statements(sql):
                     await conn.execute(statement)
+                async with conn.execute("PRAGMA foreign_key_check") as cur:
+                    if await cur.fetchone() is not None:
+                        raise sqlite3.IntegrityError(
+                            f"migration {name} leaves rows whose foreign keys point nowhere")
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, time.time()),
