@@ -45,7 +45,8 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 # Values above this size are skipped (seeked over), not read: pixel data stays on disk.
 _DEFER_BYTES = 4096
-_SEQUENCE_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+_DELIMITER_TAGS = (b"\xfe\xff\xdd\xe0", b"\xff\xfe\xe0\xdd")  # little, big endian
+_TAIL_CHUNK = 1 << 16
 # What a deflated dataset may inflate to unless the caller says otherwise (store.max_inflated_mb).
 DEFAULT_MAX_INFLATED = 512 << 20
 
@@ -110,22 +111,55 @@ def _read_deflated(fh: BinaryIO, max_inflated: int) -> Dataset:
 
 def _check_complete(ds: Dataset, path: str | Path) -> None:
     """pydicom seeks over deferred values, so a cut-off last element goes unnoticed:
-    check that the last top-level element ends exactly where the file does."""
+    check that the element last in the file (not the highest tag: writers append
+    elements out of order) ends where the file does, or where zero bytes begin that
+    run to its end. Old archives and CD writers pad files with zeros (to an even
+    length, a block, a sector); dcmtk reads past them, and they are kept as sent."""
     if len(ds) == 0:
         raise InvalidInstance("dataset is empty")
-    last = ds.get_item(max(ds.keys()), keep_deferred=True)
+    # By tag, not by iterating the data set: that would convert (read) every value.
+    tags = list(ds.keys())
+    elements = [ds.get_item(tag, keep_deferred=True) for tag in tags]
+    last = max(elements, key=_position)
     size = os.stat(path).st_size
     tell = getattr(last, "value_tell", None)
     length = getattr(last, "length", None)
-    if tell is None or length is None:
-        return
-    if length == 0xFFFFFFFF:
-        with open(path, "rb") as fh:
-            fh.seek(max(size - 8, 0))
-            if fh.read(8) not in _SEQUENCE_DELIMITER:
-                raise InvalidInstance("dataset is truncated")
-    elif tell + length != size:
+    undefined = length == 0xFFFFFFFF or getattr(last, "is_undefined_length", False)
+    if not undefined and (tell is None or length is None):
+        return  # a sequence pydicom has parsed, of defined length: it was read whole
+    with open(path, "rb") as fh:
+        zeros_from = _zero_tail_start(fh, size)
+        if undefined:
+            # The sequence delimiter's tag is the last non-zero data: its zero length
+            # and any padding follow.
+            fh.seek(max(zeros_from - 4, 0))
+            complete = size - zeros_from >= 4 and fh.read(4) in _DELIMITER_TAGS
+        else:
+            end = tell + length
+            complete = end == size or zeros_from <= end < size
+    if not complete:
         raise InvalidInstance("dataset is truncated")
+
+
+def _position(element: object) -> int:
+    """Where an element is in the file: its value (a raw element), or its header (one
+    pydicom has parsed already: a sequence)."""
+    return int(getattr(element, "value_tell", None) or getattr(element, "file_tell", None) or 0)
+
+
+def _zero_tail_start(fh: BinaryIO, size: int) -> int:
+    """Where the run of zero bytes that ends the file begins (`size` when the last byte
+    is not zero), read backwards a chunk at a time."""
+    end = size
+    while end > 0:
+        start = max(end - _TAIL_CHUNK, 0)
+        fh.seek(start)
+        chunk = fh.read(end - start)
+        kept = chunk.rstrip(b"\0")
+        if kept:
+            return start + len(kept)
+        end = start
+    return 0
 
 
 def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -> InstanceHeader:
