@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pydicom.config
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -256,21 +257,36 @@ def _file_meta_element_edited(path: Path, tag: bytes, edit: Callable[[bytes], by
                      + data[end:])
 
 
-@pytest.mark.parametrize(("edit", "reason"), [
-    (lambda element: element[:6] + b"\x00\x00", "File Meta lacks SOP Class"),  # empty value
-    (lambda element: element[:4] + b"U\x00" + element[6:], "File Meta cannot be parsed"),
+@pytest.mark.parametrize(("tag", "edit", "reason"), [
+    (b"\x02\x00\x10\x00", lambda element: element[:6] + b"\x00\x00",  # empty value
+     "File Meta lacks SOP Class, SOP Instance or Transfer Syntax"),
+    (b"\x02\x00\x02\x00", lambda element: element[:4] + b"U\x00" + element[6:],
+     "File Meta cannot be parsed"),
 ])
 async def test_a_file_meta_without_a_value_or_with_an_unknown_vr_is_refused(
-    service: IngestService, tmp_path: Path, edit: Callable[[bytes], bytes], reason: str
+    service: IngestService, tmp_path: Path, tag: bytes, edit: Callable[[bytes], bytes],
+    reason: str,
 ) -> None:
-    """pydicom raises AttributeError writing an empty Media Storage SOP Class UID and
-    NotImplementedError reading a VR it does not know: both are a refused file (import,
-    drop folder, STOW-RS), not an error that stops the import."""
+    """pydicom raises AttributeError writing an empty UID and NotImplementedError
+    reading a VR it does not know: both are a refused file (import, drop folder,
+    STOW-RS), not an error that stops the import. An empty Transfer Syntax UID cannot
+    be told from the data set (an empty SOP Class UID can: below)."""
     source = write_instance(tmp_path / "a.dcm", f"{SERIES}.7")
-    _file_meta_element_edited(source, b"\x02\x00\x02\x00", edit)
+    _file_meta_element_edited(source, tag, edit)
     with pytest.raises(InvalidInstance, match=reason):
         await service.ingest_file(source)
     assert list(service.files.spool_dir.iterdir()) == []
+
+
+async def test_an_empty_media_storage_sop_class_uid_takes_the_data_sets(
+    service: IngestService, tmp_path: Path
+) -> None:
+    source = write_instance(tmp_path / "a.dcm", f"{SERIES}.7")
+    _file_meta_element_edited(source, b"\x02\x00\x02\x00",
+                              lambda element: element[:6] + b"\x00\x00")
+    result = await service.ingest_file(source)
+    stored = pydicom.dcmread(service.files.absolute(result.path), stop_before_pixels=True)
+    assert stored.file_meta.MediaStorageSOPClassUID == stored.SOPClassUID
 
 
 async def test_completeness_counts_survive_a_reopen(tmp_path: Path) -> None:

@@ -23,14 +23,21 @@ import errno
 import logging
 import shutil
 import time
+import warnings
 from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.filereader import read_preamble
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import compat, logsafe
@@ -218,28 +225,61 @@ def _store_failure(exc: OSError) -> PacsEdgeError:
     return PacsEdgeError(f"store write failed: {exc.strerror}")
 
 
-def _file_meta(fh: object) -> object:
+def _file_meta(fh: BinaryIO) -> object:
     """The File Meta to store with an imported file; leaves `fh` at its dataset.
 
     pydicom converts the File Meta's values when they are read, so a malformed one
-    (an unknown VR, a wrong length) raises then, in one of several types."""
+    (an unknown VR, a wrong length) raises then, in one of several types. A File Meta
+    without its Media Storage SOP Class or Instance UID (old archives write such files;
+    dcmtk sends them) takes the data set's SOP Class and Instance UIDs, as the File
+    Meta of a C-STORE takes the request's: the header the box writes is its own."""
     try:
-        read_preamble(fh, force=False)  # type: ignore[arg-type]
-        source_meta = compat.read_file_meta(fh)  # type: ignore[arg-type]
+        read_preamble(fh, force=False)
+        source_meta = compat.read_file_meta(fh)
     except Exception as exc:
         raise InvalidInstance("not a DICOM Part 10 file") from exc
     try:
         uids = [normalise_uid(source_meta.get(keyword, "")) for keyword in _FILE_META_UIDS]
     except Exception as exc:
         raise InvalidInstance("File Meta cannot be parsed") from exc
-    if not all(uids):  # their validity is read_header's to judge, with the dataset's
-        raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax")
     sop_class_uid, sop_instance_uid, transfer_syntax = uids
+    if transfer_syntax and not (sop_class_uid and sop_instance_uid):
+        found_class, found_instance = _dataset_sop_uids(fh, transfer_syntax)
+        sop_class_uid = sop_class_uid or found_class
+        sop_instance_uid = sop_instance_uid or found_instance
+    if not (sop_class_uid and sop_instance_uid and transfer_syntax):
+        # their validity is read_header's to judge, with the dataset's
+        raise InvalidInstance("File Meta lacks SOP Class, SOP Instance or Transfer Syntax")
     return create_file_meta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
                             transfer_syntax=transfer_syntax)
 
 
 _FILE_META_UIDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+_SOP_INSTANCE_UID_TAG = 0x00080018
+# Where to look for the data set's SOP UIDs: its first elements (group 0008 comes
+# first), never its pixel data. A STOW-RS part's head is 64 KiB, so the bound is lower.
+_SOP_UIDS_WITHIN = 16 << 10
+
+
+def _dataset_sop_uids(fh: BinaryIO, transfer_syntax: str) -> tuple[str, str]:
+    """SOP Class and Instance UID of the data set at `fh` ("" each when not found in its
+    first elements, or not readable: a deflated one); `fh` is left where it was."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return "", ""
+    start = fh.tell()
+    try:
+        with warnings.catch_warnings():  # pydicom's remarks could quote values (PHI)
+            warnings.simplefilter("ignore")
+            head = DicomBytesIO(fh.read(_SOP_UIDS_WITHIN))
+            ds = read_dataset(head, is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+                              is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+                              stop_when=lambda tag, *_: tag > _SOP_INSTANCE_UID_TAG)
+            return (normalise_uid(ds.get("SOPClassUID", "")),
+                    normalise_uid(ds.get("SOPInstanceUID", "")))
+    except Exception:  # a malformed data set: read_header says why, if it gets that far
+        return "", ""
+    finally:
+        fh.seek(start)
 
 
 def _inspect(spool: SpoolFile, max_inflated: int) -> tuple[InstanceHeader, str, int]:
