@@ -443,6 +443,32 @@ def make_truncated_instance(folder: Path, *, seed: int = 400, fraction: float = 
     return path
 
 
+def make_deeply_nested_instance(folder: Path, *, depth: int = 1000, seed: int = 520) -> Path:
+    """A Secondary Capture whose last element, Content Sequence (0040,A730), nests
+    `depth` undefined-length sequences in undefined-length items, written by hand
+    (pydicom would recurse as deep to write it)."""
+    ds = Dataset()
+    ds.SOPClassUID = SOP_CLASSES["OT"]
+    ds.SOPInstanceUID = make_uid(seed, "nested", depth)
+    ds.StudyInstanceUID = make_uid(seed, "study", depth)
+    ds.SeriesInstanceUID = make_uid(seed, "series", depth)
+    ds.PatientName, ds.PatientID, ds.Modality = "NESTED^DEEP", f"NEST{depth}", "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / f"nested_{depth}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    undefined_sq = struct.pack("<HH2s2xI", 0x0040, 0xA730, b"SQ", 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sequence_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    nested = (undefined_sq + item) * depth + (item_end + sequence_end) * depth
+    path.write_bytes(path.read_bytes() + nested)
+    return path
+
+
 def make_garbage_payload(folder: Path, *, seed: int = 500, size: int = 4096) -> Path:
     """A valid File Meta header (CT, explicit VR LE) followed by bytes that are not a
     data set: what a C-STORE of a corrupt or non-DICOM payload carries."""

@@ -87,9 +87,11 @@ def instance_count(server: EdgeServer) -> int:
         (lambda d: make_cut_instance(d, cut=30), CANNOT_UNDERSTAND),
         (lambda d: make_cut_instance(d, cut=1), CANNOT_UNDERSTAND),
         (dicomgen.make_garbage_payload, CANNOT_UNDERSTAND),
+        (dicomgen.make_deeply_nested_instance, CANNOT_UNDERSTAND),
     ],
     ids=["uid-traversal", "uid-letters", "study-uid-letters", "truncated",
-         "cut-in-last-element-header", "cut-in-last-element-value", "non-dicom"],
+         "cut-in-last-element-header", "cut-in-last-element-value", "non-dicom",
+         "sequences-nested-1000-deep"],
 )
 def test_unusable_dataset_is_refused_and_nothing_is_kept(
     refusing_edge_server: EdgeServer, raw_sender: None, tmp_path: Path, make: object,

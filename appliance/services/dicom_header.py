@@ -94,6 +94,11 @@ def read_header(path: str | Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
         return header_from_dataset(ds, ts)
     except InvalidInstance:
         raise
+    except RecursionError as exc:
+        # pydicom reads each nested sequence a few frames deeper: ~200 levels exhaust
+        # Python's stack (header_scan hands such data sets to it past 64). No writer
+        # nests so deep; a dataset that does cannot be read, by the web edge either.
+        raise InvalidInstance("sequences nested too deep") from exc
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
             AttributeError, NotImplementedError, struct.error, BytesLengthException) as exc:
         raise InvalidInstance(f"dataset cannot be parsed ({type(exc).__name__})") from exc
