@@ -319,9 +319,13 @@ def test_bad_uids_traversal_and_unknown_studies(
         web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
     for path in ("/dicom-web/studies/1.2.abc", "/dicom-web/studies/1.2.3/series/..%2F..",
                  "/dicom-web/studies/" + "1." * 40 + "1/metadata",
-                 "/dicom-web/studies/1.2.3/series/1.2/instances/01.2/frames/1"):
+                 "/dicom-web/studies/1.2.3/series/1.2/instances/1..2/frames/1"):
         answer = webpeer.curl(web, path, user="rad")
         assert answer.status == 400, path
+    # A leading zero is a UID real modalities write (appliance/base/uids.py): not found.
+    leading_zero = webpeer.curl(web, "/dicom-web/studies/1.2.3/series/1.2/instances/01.2/frames/1",
+                                user="rad")
+    assert leading_zero.status == 404
     for path in ("/dicom-web/studies/../../../../etc/passwd",
                  "/dicom-web/studies/1.2.3/series/../../../../../etc/passwd",
                  "/dicom-web/studies/%2e%2e%2f%2e%2e%2fetc%2fpasswd/metadata"):

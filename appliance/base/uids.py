@@ -1,15 +1,20 @@
 """UID validation: a UID becomes a path component, so it is checked first.
 
-PS3.5 9.1: components of digits separated by dots, no leading zero in a
-multi-digit component, at most 64 characters. Anything else (letters, `..`,
-slashes) is refused before it can reach the file system.
+What is checked is what keeps a path safe and a UID a UID: components of digits
+separated by dots, at most 64 characters (PS3.5 9.1). Anything else (letters, `..`,
+an empty component, slashes) is refused before it can reach the file system.
+PS3.5 9.1 also forbids a leading zero in a multi-digit component ("1.2.03"); real
+modalities and archives have written such UIDs for decades (dcmtk, Orthanc and
+dcm4chee store them), and refusing one answers 0xC000, which a modality takes for
+a permanent failure: the study would never arrive. So a leading zero is accepted,
+and the UID kept exactly as sent.
 """
 
 from __future__ import annotations
 
 import re
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
 
 
