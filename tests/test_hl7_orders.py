@@ -200,6 +200,29 @@ def test_duplicate_control_id_is_acknowledged_without_applying_twice(
         "AE", "ORC-1")
 
 
+def test_a_control_id_reused_for_another_message_is_applied_and_a_restamped_resend_is_not(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A RIS whose counter started again (reinstalled, or numbering per day) sends a new
+    order under a control ID the box has seen: it is applied, not answered with the old
+    message's AA (which said AA for an order no modality would ever see). A resend
+    after a lost ACK that only stamps MSH-7 anew is still the message already applied."""
+    server, port = hl7_edge
+    first = hl7peer.orm("SEQ1", accession="FIRST")
+    assert hl7peer.send(port, first).code == "AA"
+    restamped = first.replace("|20240102083000|", "|20240102083007|", 1)
+    again = hl7peer.send(port, restamped)
+    assert (again.code, again.text) == ("AA", "duplicate: already applied")
+    reused = hl7peer.orm("SEQ1", accession="SECOND")
+    ack = hl7peer.send(port, reused)
+    assert (ack.code, ack.text) == ("AA", "")
+    assert sorted(o["accession_number"] for o in worklist(server)) == ["FIRST", "SECOND"]
+    # The new message is the one remembered now: its own resend changes nothing.
+    resent = hl7peer.send(port, reused)
+    assert (resent.code, resent.text) == ("AA", "duplicate: already applied")
+    assert len(worklist(server)) == 2
+    assert "control id reused for another message" in server.log()
+
+
 def test_acknowledged_order_survives_sigkill_right_after_the_aa(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

@@ -187,7 +187,7 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
         receiving_application=_get(msh, 5), receiving_facility=_get(msh, 6),
         control_id=_get(msh, 10), message_code=code, trigger_event=event,
         processing_id=_get(msh, 11), version=_get(msh, 12),
-        sha256=hashlib.sha256(raw).hexdigest(), charset=charset,
+        sha256=_content_sha256(raw, first_line, separator), charset=charset,
     )
     if not code:
         raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,
@@ -207,6 +207,17 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     return header, message
 
 
+def _content_sha256(raw: bytes, first_line: bytes, separator: bytes) -> str:
+    """SHA-256 of the message as sent but for MSH-7 (date/time of message): what tells a
+    resend (after a lost ACK) from another message under the same control ID. Senders
+    that resend by building the message again stamp it anew, and that resend must still
+    be the message already applied."""
+    fields = first_line.split(separator)
+    if len(fields) > 6:
+        fields[6] = b""
+    return hashlib.sha256(separator.join(fields) + raw[len(first_line):]).hexdigest()
+
+
 def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
                  component: bytes, charset: str) -> MessageHeader:
     """MSH read from the bytes as sent (first components, ASCII), for the AR of a message
@@ -223,7 +234,8 @@ def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
         sending_application=field(3), sending_facility=field(4),
         receiving_application=field(5), receiving_facility=field(6),
         control_id=field(10), message_code=field(9), trigger_event=field(9, 1),
-        processing_id=field(11), version=field(12), sha256=hashlib.sha256(raw).hexdigest(),
+        processing_id=field(11), version=field(12),
+        sha256=_content_sha256(raw, first_line, separator),
         charset=charset,
     )
 

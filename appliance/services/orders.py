@@ -13,8 +13,9 @@ edge answers AR and the sender may resend.
 Rules:
 - Idempotence: a message is known by (MSH-3, MSH-4, MSH-10). Its decided
   outcome (accepted or refused) is recorded in the same transaction as its
-  effect; a resent message gets the recorded outcome (duplicate=True) and
-  changes nothing.
+  effect; a resent message (the same content but for MSH-7) gets the recorded
+  outcome (duplicate=True) and changes nothing. Another message under a known
+  control ID (a sender whose counter started again) is applied as a new one.
 - Orders (ORC-1): NW creates a SCHEDULED order, refused if the accession
   number or Study Instance UID exists; the Study Instance UID is the
   message's (ZDS-1 / IPC-3) or generated now, so images, MPPS and the order
@@ -79,7 +80,8 @@ _TRIGGERS = {OrderControl.CANCEL: OrderTrigger.CANCEL,
 
 @dataclass(frozen=True)
 class MessageHeader:
-    """What MSH says, and the SHA-256 of the whole message as received."""
+    """What MSH says, and the SHA-256 of the message as received but for MSH-7
+    (what tells a resend from another message under the same control ID)."""
 
     sending_application: str
     sending_facility: str
@@ -235,10 +237,14 @@ def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) ->
     """In the writer's transaction: look the message up, apply it, record its outcome."""
     known = store.find_message(conn, header.sending_application, header.sending_facility,
                                header.control_id)
-    if known is not None:
-        if known.content_sha256 != header.sha256:
-            log.warning("hl7 control id reused with different content type=%s",
-                        header.message_type)
+    if known is not None and known.content_sha256 != header.sha256:
+        # Not a resend: a sender whose counter started again (a reinstalled RIS, one that
+        # numbers per day). Answering the first message's ACK would say AA for an order
+        # that was never applied; this message is applied and its outcome replaces the
+        # first's under the control ID.
+        log.warning("hl7 control id reused for another message, applied as new type=%s",
+                    header.message_type)
+    elif known is not None:
         return Outcome(accepted=known.ack_code == "AA", duplicate=True, text=known.ack_text,
                        location=known.error_location,
                        refusal=Refusal(known.ack_text.split(":", 1)[0])

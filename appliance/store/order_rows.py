@@ -346,10 +346,17 @@ def set_status(conn: sqlite3.Connection, order_id: int, *, expect: OrderStatus,
 
 
 def record_message(conn: sqlite3.Connection, record: MessageRecord, at: float) -> None:
+    """Record a message's outcome; it replaces the outcome of an earlier, different
+    message that the sender gave the same control ID."""
     conn.execute(
         "INSERT INTO hl7_messages (sending_application, sending_facility, control_id,"
         " message_type, content_sha256, ack_code, ack_text, error_location, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*astuple(record), at))
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (sending_application, sending_facility, control_id) DO UPDATE SET"
+        " message_type = excluded.message_type, content_sha256 = excluded.content_sha256,"
+        " ack_code = excluded.ack_code, ack_text = excluded.ack_text,"
+        " error_location = excluded.error_location, received_at = excluded.received_at",
+        (*astuple(record), at))
 
 
 def update_demographics(conn: sqlite3.Connection, patient: PatientKey,
