@@ -149,6 +149,29 @@ def test_a_refused_message_logs_no_order_it_did_not_apply(
     assert server.log().count("order created") == 1, server.log()
 
 
+def test_an_orc_with_several_obr_segments_makes_one_order_of_each(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Some RIS send one ORC for several procedures (ORC OBR OBR): each OBR is an order
+    with that ORC's control code and start, not an AA that kept only the first."""
+    server, port = hl7_edge
+
+    def two_procedures(control_id: str, control: str) -> str:
+        head = hl7peer.orm(control_id, control, accession="PROC1", start="202401021030")
+        obr = hl7peer.orm(control_id, control, accession="PROC2", station="CT2",
+                          procedure="CTCHEST^CT chest^LOCAL").split("\r")[4]
+        return head + obr.replace("OBR|1|", "OBR|2|", 1) + "\r"
+
+    assert hl7peer.send(port, two_procedures("MO1", "NW")).code == "AA"
+    orders = {o["accession_number"]: o for o in worklist(server)}
+    assert sorted(orders) == ["PROC1", "PROC2"]
+    second = orders["PROC2"]
+    assert (second["station_ae_title"], second["requested_procedure_desc"]) == (
+        "CT2", "CT chest")
+    assert (second["sps_start_date"], second["sps_start_time"]) == ("20240102", "1030")
+    assert hl7peer.send(port, two_procedures("MO2", "CA")).code == "AA"
+    assert {o["status"] for o in worklist(server)} == {"DISCONTINUED"}
+
+
 def _audit_records(server: EdgeServer) -> list[dict[str, Any]]:
     path = server.home / "audit" / "audit.log"
     if not path.exists():

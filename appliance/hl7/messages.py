@@ -444,12 +444,20 @@ def _adt(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Requ
 # --- ORM^O01 / OMI^O23 -------------------------------------------------------------
 
 def _groups(message: hl7.Message) -> list[dict[str, hl7.Segment]]:
-    """One dict per ORC group: the ORC and the first OBR, TQ1, IPC and ZDS after it."""
+    """One dict per order: an ORC and the first OBR, TQ1, IPC and ZDS after it.
+
+    An OBR after its group's OBR (``ORC OBR OBR``, one ORC for several procedures,
+    which some RIS send although ORM and OMI give each OBR its ORC) is one more order
+    with that ORC and its TQ1 (the order's timing): answering AA while keeping only
+    the first OBR would drop the other procedures unseen."""
     groups: list[dict[str, hl7.Segment]] = []
     for segment in message:
         name = str(segment[0][0])
         if name == "ORC":
             groups.append({"ORC": segment})
+        elif groups and name == "OBR" and "OBR" in groups[-1]:
+            shared = {key: groups[-1][key] for key in ("ORC", "TQ1") if key in groups[-1]}
+            groups.append({**shared, "OBR": segment})
         elif groups and name in ("OBR", "TQ1", "IPC", "ZDS"):
             groups[-1].setdefault(name, segment)
     return groups
