@@ -111,6 +111,44 @@ def test_change_cancel_and_discontinue_follow_the_order_state_table(
     assert worklist(server, "--status", "SCHEDULED") == []
 
 
+def _status_change(control_id: str, accession: str, status: str) -> str:
+    """An ORM with ORC-1 SC (status changed) and ORC-5 `status` for `accession`."""
+    return hl7peer.orm(control_id, "SC", accession=accession).replace(
+        f"|FL{accession}||", f"|FL{accession}||{status}", 1)
+
+
+def test_status_changes_and_filler_cancels_from_the_ris_move_the_order(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A RIS reports an exam's progress with SC and ORC-5 (IP, CM, DC, CA), as its
+    radiographers start and finish exams on modalities that send no MPPS, and cancels
+    as the order's filler with OC and OD. They were refused (AE, ORC-1 unsupported),
+    so such an exam stayed on the modality's worklist as SCHEDULED."""
+    server, port = hl7_edge
+    for n, accession in enumerate(("ST1", "ST2", "ST3", "ST4", "ST5")):
+        assert hl7peer.send(port, hl7peer.orm(f"SN{n}", accession=accession)).code == "AA"
+    acks = [hl7peer.send(port, message) for message in (
+        _status_change("SC1", "ST1", "IP"),
+        _status_change("SC2", "ST1", "IP"),  # said twice: one move
+        _status_change("SC3", "ST1", "CM"),
+        _status_change("SC4", "ST2", "CM"),  # completed from scheduled: start, complete
+        _status_change("SC5", "ST3", "SC"),  # a status the box does not act on
+        hl7peer.orm("OC1", "OC", accession="ST4"),
+        hl7peer.orm("OD1", "OD", accession="ST5"),
+    )]
+    assert [ack.code for ack in acks] == ["AA"] * 7, acks
+    refused = hl7peer.send(port, _status_change("SC6", "ST1", "DC"))
+    assert (refused.code, refused.error_field) == ("AE", "ORC-5")
+    assert {o["accession_number"]: o["status"] for o in worklist(server)} == {
+        "ST1": "COMPLETED", "ST2": "COMPLETED", "ST3": "SCHEDULED", "ST4": "DISCONTINUED",
+        "ST5": "DISCONTINUED"}
+    for accession in ("ST1", "ST2"):
+        assert [(h["from_state"], h["to_state"], h["trigger"])
+                for h in show(server, accession)["history"]] == [
+            ("SCHEDULED", "IN PROGRESS", "start"), ("IN PROGRESS", "COMPLETED", "complete")]
+    assert [o["accession_number"] for o in worklist(server, "--status", "SCHEDULED")] == [
+        "ST3"]
+
+
 def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_error(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

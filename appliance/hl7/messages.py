@@ -10,8 +10,9 @@ of the message header: type, control ID, encoding) or AE (content). A field
 it accepts without keeping it as sent (a PID-7 of reduced precision, which a
 DICOM DA cannot hold) is a Note of the Parsed message, for the ACK and the log.
 
-What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, CA, DC, XO; one order per
-ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
+What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, XO, CA, DC, their filler forms
+OC and OD, and SC with the status in ORC-5; one order per ORC group), ADT^A04 and
+ADT^A08 (demographics), ADT^A40 (merge).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from appliance.services.orders import (
     PatientUpdate,
     Request,
 )
-from appliance.store.order_rows import Demographics, OrderDetails, PatientKey
+from appliance.store.order_rows import Demographics, OrderDetails, OrderStatus, PatientKey
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,13 @@ _MAX_NAME_REPEATS = 8  # a name's repetitions looked at (a sender may send thous
 # What may not be inside a PN component: its delimiters (^, =, backslash), control characters.
 _NOT_IN_PN = re.compile(r"[\^=\\\x00-\x1f\x7f]")
 _NOT_IN_TEXT = re.compile(r"[\\\x00-\x1f\x7f]")  # nor in one SH or LO value
+# ORC-1 codes a RIS sends as the order's filler: cancelled (OC) and discontinued (OD)
+# at the RIS, which the box applies as CA and DC.
+_FILLER_CONTROLS = {"OC": OrderControl.CANCEL, "OD": OrderControl.DISCONTINUE}
+# ORC-5 order status (HL7 table 0038) of an SC -> the status the box moves the order to;
+# the others (A some results, SC scheduled, HD held, ER, RP) change nothing.
+_REPORTED_STATUS = {"IP": OrderStatus.IN_PROGRESS, "CM": OrderStatus.COMPLETED,
+                    "DC": OrderStatus.DISCONTINUED, "CA": OrderStatus.DISCONTINUED}
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE", "P": "MEDIUM", "T": "MEDIUM",
                "C": "MEDIUM"}
 
@@ -490,10 +498,11 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                        reject=False)
     control_code = _get(orc, 1).upper()
     try:
-        control = OrderControl(control_code)
+        control = _FILLER_CONTROLS.get(control_code) or OrderControl(control_code)
     except ValueError:
-        raise Hl7Error(f"order control {control_code!r} is not supported (NW, CA, DC, XO)",
-                       "ORC-1", ErrorCode.TABLE_VALUE_NOT_FOUND, reject=False) from None
+        raise Hl7Error(f"order control {control_code!r} is not supported (NW, XO, CA, DC,"
+                       " OC, OD, SC)", "ORC-1", ErrorCode.TABLE_VALUE_NOT_FOUND,
+                       reject=False) from None
     placer = _get(orc, 2) or _get(obr, 2)
     filler = _get(orc, 3) or _get(obr, 3)
     if ipc is not None:
@@ -553,7 +562,9 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                         placer_order_number=placer, filler_order_number=filler,
                         study_uid=study_uid, details=details, patient=patient,
                         demographics=demographics, key_field=key_field,
-                        study_field=study_field)
+                        study_field=study_field,
+                        reported_status=_REPORTED_STATUS.get(_get(orc, 5).upper())
+                        if control is OrderControl.STATUS else None)
 
 
 def _time_of_day(rest: str, location: str) -> str:

@@ -22,8 +22,12 @@ Rules:
   share it. CA, DC and XO find the order by accession number (else by the
   placer order number) and move it through order_states.py's table: CA only
   while SCHEDULED, DC while SCHEDULED or IN PROGRESS, XO (new details) only
-  while SCHEDULED. A message with several ORC groups is applied whole or not
-  at all.
+  while SCHEDULED. SC reports the order's status (ORC-5, read by the edge):
+  in progress, completed or discontinued moves the order there through the
+  same table (completed from SCHEDULED, for a modality that sends no MPPS, is
+  a start then a completion); a status the order has already reached, or one
+  the box does not act on, changes nothing. A message with several ORC groups
+  is applied whole or not at all.
 - Patients: A04/A08 set name, birth date and sex (non-empty fields only) in
   the index's patient row, which future C-FIND answers use, and on the
   patient's orders. A40 moves the prior patient's studies and orders to the
@@ -56,7 +60,14 @@ from appliance.services.order_states import (
 )
 from appliance.store import order_rows as store
 from appliance.store.index import Index
-from appliance.store.order_rows import Demographics, MessageRecord, OrderDetails, PatientKey
+from appliance.store.order_rows import (
+    Demographics,
+    MessageRecord,
+    Order,
+    OrderDetails,
+    OrderStatus,
+    PatientKey,
+)
 
 if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
     import sqlite3
@@ -71,6 +82,7 @@ class OrderControl(enum.StrEnum):
     CANCEL = "CA"
     DISCONTINUE = "DC"
     CHANGE = "XO"
+    STATUS = "SC"  # status changed: ORC-5 says which (OrderRequest.reported_status)
 
 
 _TRIGGERS = {OrderControl.CANCEL: OrderTrigger.CANCEL,
@@ -115,6 +127,8 @@ class OrderRequest:
     demographics: Demographics
     key_field: str = "OBR-18"
     study_field: str = "ZDS-1"  # where the Study Instance UID came from (IPC-3 in OMI)
+    # SC: the status ORC-5 reports; None for one the box does not act on (A, SC, HD ...).
+    reported_status: OrderStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +161,7 @@ class Refusal(enum.Enum):
 class Effect:
     """One applied change, for the audit trail (holds PHI: never logged)."""
 
-    action: str  # create | cancel | discontinue | change | register | update | merge
+    action: str  # create | cancel | discontinue | change | status | register | update | merge
     patient: PatientKey
     patient_name: str = ""
     accession_number: str = ""
@@ -296,6 +310,10 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
     if not _same_patient(order.patient, request.patient):
         raise MessageRefused(Refusal.OTHER_PATIENT, "the order belongs to another patient",
                              "PID-3")
+    if request.control is OrderControl.STATUS:
+        _status_change(conn, order, request.reported_status, now)
+        return Effect("status", order.patient, order.demographics.patient_name,
+                      order.accession_number, order.study_uid)
     trigger = _TRIGGERS[request.control]
     try:
         if trigger is OrderTrigger.CHANGE:
@@ -309,6 +327,36 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
                                                                           "change"),
                   order.patient, order.demographics.patient_name, order.accession_number,
                   order.study_uid)
+
+
+# The moves (order_states.py) that take a SCHEDULED order to the status an SC reports.
+_STATUS_TRIGGERS = {
+    OrderStatus.IN_PROGRESS: (OrderTrigger.START,),
+    OrderStatus.COMPLETED: (OrderTrigger.START, OrderTrigger.COMPLETE),
+    OrderStatus.DISCONTINUED: (OrderTrigger.DISCONTINUE,),
+}
+
+
+def _status_change(conn: sqlite3.Connection, order: Order, reported: OrderStatus | None,
+                   now: float) -> None:
+    """An SC: move `order` to the status the RIS reports, one transition row a move.
+    A status it has reached already (an MPPS got there first, or the RIS says it
+    twice), in progress for a completed order, and a status the box does not act on
+    change nothing; a move the table refuses (completed for a discontinued order) is
+    refused naming ORC-5."""
+    if reported is None or reported is order.status or (
+            reported is OrderStatus.IN_PROGRESS and order.status is OrderStatus.COMPLETED):
+        return
+    for trigger in _STATUS_TRIGGERS[reported]:
+        if trigger is OrderTrigger.START and order.status is OrderStatus.IN_PROGRESS:
+            continue
+        try:
+            apply_sync(conn, order, trigger, source="hl7", at=now)
+        except OrderTransitionError as exc:
+            raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-5") from None
+        moved = store.find_order(conn, order.accession_number)
+        assert moved is not None  # moved in this transaction
+        order = moved
 
 
 def _same_patient(order: PatientKey, message: PatientKey) -> bool:
