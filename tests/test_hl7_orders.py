@@ -18,6 +18,9 @@ import dicomgen
 import hl7peer
 import pytest
 from conftest import EdgeServer, init_home, serving
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 IDLE_CONNECTIONS = 200
 MAX_CONNECTIONS = 8
@@ -147,6 +150,52 @@ def test_status_changes_and_filler_cancels_from_the_ris_move_the_order(
             ("SCHEDULED", "IN PROGRESS", "start"), ("IN PROGRESS", "COMPLETED", "complete")]
     assert [o["accession_number"] for o in worklist(server, "--status", "SCHEDULED")] == [
         "ST3"]
+
+
+def test_an_ihe_procedure_completed_xo_after_the_modalitys_mpps_completes_the_order(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """IHE's Procedure Updated (RAD-13) says "procedure completed" with XO and ORC-5 CM,
+    once the modality has started (or finished) the exam. It was read as a change of
+    details, which a started order refuses (AE 207): one error on the RIS per exam. A
+    plain XO after the start is still refused, and the modality's N-SET COMPLETED that
+    follows is a success that leaves the completed order as it is."""
+    server, port = hl7_edge
+    server.add_peer("modality", "MODALITY", 1, allow="mpps")
+    assert hl7peer.send(port, hl7peer.orm("IX1", accession="IHE1")).code == "AA"
+    order = show(server, "IHE1")
+    step = Dataset()
+    step.StudyInstanceUID, step.AccessionNumber = order["study_uid"], "IHE1"
+    attrs = Dataset()
+    attrs.ScheduledStepAttributesSequence = [step]
+    attrs.PerformedProcedureStepID, attrs.PerformedStationAETitle = "PPS1", "CT1"
+    attrs.PerformedProcedureStepStartDate = "20240102"
+    attrs.PerformedProcedureStepStartTime = "103000"
+    attrs.PerformedProcedureStepStatus, attrs.Modality = "IN PROGRESS", "CT"
+    ae = AE("MODALITY")
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(hl7peer.HOST, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        sop_uid = "1.2.826.0.1.3680043.8.498.9901"
+        status, _ = assoc.send_n_create(attrs, ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+        change = hl7peer.send(port, hl7peer.orm("IX2", "XO", accession="IHE1", station="CT2"))
+        assert (change.code, change.error_field) == ("AE", "ORC-1")
+        completed = hl7peer.orm("IX3", "XO", accession="IHE1").replace(
+            "|FLIHE1||", "|FLIHE1||CM", 1)
+        assert hl7peer.send(port, completed).code == "AA"
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate, done.PerformedProcedureStepEndTime = (
+            "20240102", "104500")
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    order = show(server, "IHE1")
+    assert (order["status"], order["station_ae_title"]) == ("COMPLETED", "CT1")
+    assert [(h["to_state"], h["source"]) for h in order["history"]] == [
+        ("IN PROGRESS", "mpps"), ("COMPLETED", "hl7")]
 
 
 def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_error(

@@ -11,8 +11,8 @@ it accepts without keeping it as sent (a PID-7 of reduced precision, which a
 DICOM DA cannot hold) is a Note of the Parsed message, for the ACK and the log.
 
 What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, XO, CA, DC, their filler forms
-OC and OD, and SC with the status in ORC-5; one order per ORC group), ADT^A04 and
-ADT^A08 (demographics), ADT^A40 (merge).
+OC and OD, and SC with the status in ORC-5, as is XO with ORC-5 CM; one order per
+ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
 """
 
 from __future__ import annotations
@@ -503,6 +503,12 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
         raise Hl7Error(f"order control {control_code!r} is not supported (NW, XO, CA, DC,"
                        " OC, OD, SC)", "ORC-1", ErrorCode.TABLE_VALUE_NOT_FOUND,
                        reject=False) from None
+    order_status = _get(orc, 5).upper()
+    if control is OrderControl.CHANGE and order_status == "CM":
+        # IHE's Procedure Updated (RAD-13) says "procedure completed" with XO and ORC-5
+        # CM, sent once the exam is done, when the order is IN PROGRESS or COMPLETED
+        # already: a completion, not a change of details (refused once started).
+        control = OrderControl.STATUS
     placer = _get(orc, 2) or _get(obr, 2)
     filler = _get(orc, 3) or _get(obr, 3)
     if ipc is not None:
@@ -563,7 +569,7 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                         study_uid=study_uid, details=details, patient=patient,
                         demographics=demographics, key_field=key_field,
                         study_field=study_field,
-                        reported_status=_REPORTED_STATUS.get(_get(orc, 5).upper())
+                        reported_status=_REPORTED_STATUS.get(order_status)
                         if control is OrderControl.STATUS else None)
 
 
