@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +286,30 @@ def test_an_ack_to_a_message_in_a_set_the_box_does_not_read_is_utf8_and_says_so(
     ack = _ack_bytes(port, order.encode())
     assert _msh18(ack) == b"UNICODE UTF-8"
     assert ack.split(b"\r")[1].split(b"|")[:3] == [b"MSA", b"AR", b"K1"]
+
+
+def test_a_message_naming_no_character_set_is_read_in_the_one_the_site_configures(
+        edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int]) -> None:
+    """Many European RIS send Latin-1 without MSH-18, which the standard reads as ASCII
+    and the box read as UTF-8: every order for a Müller was AR "not valid utf-8", and
+    its resend too, with no setting to read it. With [hl7] unnamed_charset = "8859/1"
+    it is read and answered in Latin-1 (without MSH-18, as it came), and the modality
+    finds Müller; a message that names its set is still read in that one."""
+    server = edge_server_factory(start=False)
+    port = free_port()
+    hl7peer.listen(server, port, unnamed_charset="8859/1")
+    server.add_peer("modality", MODALITY, 1, allow="worklist")
+    server.start()
+    order = _in_charset(hl7peer.orm("U1", accession="U1", name="M\u00dcLLER^J\u00dcRGEN"),
+                        "U1", "", facility="M\u00dcNCHEN")
+    ack = _ack_bytes(port, order.encode("latin-1"))
+    assert ack.split(b"\r")[1].split(b"|")[:3] == [b"MSA", b"AA", b"U1"]
+    assert _msh18(ack) == b""
+    assert ack.split(b"\r")[0].split(b"|")[5] == "M\u00dcNCHEN".encode("latin-1")
+    named = _in_charset(hl7peer.orm("U2", accession="U2", name="M\u00dcLLER^ANNA"), "U2",
+                        "UNICODE UTF-8")
+    assert _ack_bytes(port, named.encode()).split(b"\r")[1].split(b"|")[1] == b"AA"
+    result = dcmtk.findscu(server.port, {"AccessionNumber": "U?", "PatientName": ""},
+                           model="worklist", aet=MODALITY).check()
+    assert sorted(str(item.PatientName) for item in result.responses) == [
+        "M\u00dcLLER^ANNA", "M\u00dcLLER^J\u00dcRGEN"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.base.errors import ConfigError, HomeError
+from appliance.base.hl7_charsets import CHARSETS, charset_name
 from appliance.base.uids import is_valid_uid
 
 CONFIG_FILE = "pacs-edge.toml"
@@ -100,6 +101,9 @@ class Hl7Config:
                                            "1024 to 67108864 bytes"))
     idle_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     max_connections: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
+    unnamed_charset: str = field(default="UNICODE UTF-8", metadata=_check(
+        lambda v: charset_name(v) in CHARSETS,
+        f"an HL7 character set (MSH-18): {', '.join(CHARSETS)}"))
     processing_ids: tuple[str, ...] = field(default=("P",), metadata=_check(
         lambda v: len(v) > 0 and set(v) <= {"P", "T", "D"},
         'a non-empty list of "P" (production), "T" (training), "D" (debugging)'))
@@ -567,6 +571,8 @@ _COMMENTS = {
     "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
     "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
     "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
+    "hl7.unnamed_charset": "Character set of messages whose MSH-18 names none (the standard"
+    " says ASCII; a RIS that sends Latin-1 so needs 8859/1); their ACKs are in it too.",
     "hl7.processing_ids": "MSH-11 values whose orders are applied (P: production; a test"
     " box may add T, training, and D, debugging); others get AR. An empty MSH-11 is P.",
     "http": "HTTPS server: DICOMweb at /dicom-web, the viewer and its login (docs/web.md).",

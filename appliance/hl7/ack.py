@@ -21,7 +21,8 @@ it could be read.
 Character set (HL7 v2.5 2.15.9.18; an ACK is a message like any other): the
 ACK is encoded in the set the message was read in, and its MSH-18 names that
 set as the message's first MSH-18 repetition did (a message without MSH-18 is
-read, and answered, as UTF-8, and its ACK has no MSH-18 either). When the box
+read, and answered, in ``[hl7] unnamed_charset``, UTF-8 by default, and its ACK has
+no MSH-18 either). When the box
 does not read the set the message named (that message is answered AR), or the
 ACK holds a character that set cannot encode (a ``\\Xhh\\`` escape echoed into an
 ASCII ACK, say), the ACK is UTF-8 and its MSH-18 says ``UNICODE UTF-8``.
@@ -34,7 +35,8 @@ import itertools
 import os
 from datetime import UTC, datetime
 
-from appliance.hl7.messages import CHARSETS, ErrorCode, Note
+from appliance.base.hl7_charsets import CHARSETS
+from appliance.hl7.messages import ErrorCode, Note
 from appliance.services.orders import MessageHeader
 
 BOX_APPLICATION = "PACS-EDGE"
@@ -92,7 +94,7 @@ def build_ack(code: AckCode, header: MessageHeader | None, *, text: str = "",
         segments.append(_err(location, error, "E", text))
     segments += [_err(n.location, ErrorCode.MESSAGE_ACCEPTED, "W", n.text) for n in notes]
     charset = h.charset if h else ""
-    codec = CHARSETS.get(charset)
+    codec = CHARSETS.get(h.read_as if h else "")
     if codec is not None:
         try:
             return _joined(msh, charset, segments).encode(codec)

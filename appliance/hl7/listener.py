@@ -197,7 +197,7 @@ class Hl7Listener:
 
     async def _answer(self, block: bytes, *, sender: str, address: str) -> bytes:
         try:
-            parsed = messages.parse(block)
+            parsed = messages.parse(block, self.config.unnamed_charset)
         except Hl7Error as exc:
             log.info("hl7 message %s field=%s code=%d", "rejected" if exc.reject else "refused",
                      exc.location, exc.code)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import hl7
 from hl7.exceptions import HL7Exception
 
+from appliance.base.hl7_charsets import CHARSETS, charset_name
 from appliance.base.uids import is_valid_uid
 from appliance.hl7 import fields
 from appliance.services.orders import (
@@ -45,19 +46,11 @@ log = logging.getLogger(__name__)
 SUPPORTED = {
     ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A04"), ("ADT", "A08"), ("ADT", "A40"),
 }
-# MSH-18 (HL7 table 0211) -> Python codec. Empty means ASCII by the standard; UTF-8
-# is read instead, since it is a superset and what most senders really use. The
-# 8859 parts are Europe's, Cyrillic (5), Arabic (6), Greek (7) and Hebrew (8) among
-# them. ISO IR87 and ISO IR159 (Japanese kanji) come as ISO 2022 escape sequences in
-# the bytes (ESC $ B ... ESC ( B), which iso2022_jp_2 reads; as the first MSH-18
-# repetition, or as a later one after an empty or ASCII first (JAHIS: "~ISO IR87").
-CHARSETS = {
-    "": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UTF-8": "utf-8",
-    "8859/1": "latin-1", "8859/2": "iso8859-2", "8859/3": "iso8859-3",
-    "8859/4": "iso8859-4", "8859/5": "iso8859-5", "8859/6": "iso8859-6",
-    "8859/7": "iso8859-7", "8859/8": "iso8859-8", "8859/9": "iso8859-9",
-    "8859/15": "iso8859-15", "ISO IR87": "iso2022_jp_2", "ISO IR159": "iso2022_jp_2",
-}
+# MSH-18 (HL7 table 0211): base/hl7_charsets.py. Empty means ASCII by the standard; the
+# box reads [hl7] unnamed_charset instead, UTF-8 unless the site names another (UTF-8
+# is a superset of ASCII; many European RIS send Latin-1 without naming it). ISO IR87
+# and ISO IR159 are read as the first MSH-18 repetition, or as a later one after an
+# empty or ASCII first (JAHIS: "~ISO IR87").
 _ISO_2022_SETS = frozenset({"ISO IR87", "ISO IR159"})
 # The worklist answers these in VRs of the default repertoire (PS3.5 6.2): CS, AE.
 _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
@@ -136,8 +129,9 @@ class Parsed:
     notes: tuple[Note, ...] = ()
 
 
-def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
-    """Check MSH, decode in its character set; return the header and the parsed message."""
+def read_header(raw: bytes, unnamed_charset: str) -> tuple[MessageHeader, hl7.Message]:
+    """Check MSH, decode in its character set (`unnamed_charset` when MSH-18 names
+    none); return the header and the parsed message."""
     if not raw.startswith(b"MSH"):
         raise Hl7Error("message does not start with an MSH segment", "MSH-1",
                        ErrorCode.SEGMENT_SEQUENCE, reject=True)
@@ -158,11 +152,12 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     # MSH-18 may repeat: the first is the message's character set, the others are sets
     # that escape sequences switch to (which fields.py drops).
     charset_field = first_line.split(separator)[17:18]
-    charsets = [c.decode("ascii", "replace").strip().upper() for c in
+    charsets = [charset_name(c.decode("ascii", "replace")) for c in
                 charset_field[0].split(encoding_chars[1:2])] if charset_field else [""]
     charset = charsets[0]
-    as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1], charset)
-    codec = CHARSETS.get(charset)
+    read_as = charset or charset_name(unnamed_charset)
+    as_sent = _msh_as_sent(raw, first_line, separator, encoding_chars[:1], charset, read_as)
+    codec = CHARSETS.get(read_as)
     if charset in ("", "ASCII") and _ISO_2022_SETS.intersection(charsets[1:]):
         codec = CHARSETS["ISO IR87"]  # ASCII, escaping to the kanji sets the others name
     if codec is None:
@@ -171,8 +166,9 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError:
-        raise Hl7Error(f"message is not valid {codec}", "MSH-18", ErrorCode.DATA_TYPE,
-                       reject=True, header=as_sent) from None
+        unnamed = "" if charset else " (MSH-18 names no set: read as [hl7] unnamed_charset)"
+        raise Hl7Error(f"message is not valid {codec}{unnamed}", "MSH-18",
+                       ErrorCode.DATA_TYPE, reject=True, header=as_sent) from None
     # One segment terminator: CR (some senders use LF or CRLF).
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     # Blank lines between segments (senders that end segments with CRLF and a CR) are
@@ -196,6 +192,7 @@ def read_header(raw: bytes) -> tuple[MessageHeader, hl7.Message]:
         control_id=_get(msh, 10), message_code=code, trigger_event=event,
         processing_id=_get(msh, 11), version=_get(msh, 12),
         sha256=_content_sha256(raw, first_line, separator), charset=charset,
+        read_as=read_as,
     )
     if not code:
         raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,
@@ -227,7 +224,7 @@ def _content_sha256(raw: bytes, first_line: bytes, separator: bytes) -> str:
 
 
 def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
-                 component: bytes, charset: str) -> MessageHeader:
+                 component: bytes, charset: str, read_as: str) -> MessageHeader:
     """MSH read from the bytes as sent (first components, ASCII), for the AR of a message
     refused before it could be decoded or parsed: MSA-2 still echoes MSH-10, the control
     ID by which the sender matches an ACK to its message."""
@@ -244,13 +241,13 @@ def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
         control_id=field(10), message_code=field(9), trigger_event=field(9, 1),
         processing_id=field(11), version=field(12),
         sha256=_content_sha256(raw, first_line, separator),
-        charset=charset,
+        charset=charset, read_as=read_as,
     )
 
 
-def parse(raw: bytes) -> Parsed:
+def parse(raw: bytes, unnamed_charset: str) -> Parsed:
     """Translate one MLLP block; raises Hl7Error naming the field at fault."""
-    header, message = read_header(raw)
+    header, message = read_header(raw, unnamed_charset)
     notes: list[Note] = []
     try:
         if header.message_code == "ADT":

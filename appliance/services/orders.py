@@ -107,6 +107,8 @@ class MessageHeader:
     sha256: str
     # MSH-18's first repetition, upper case ('' when not sent): the edge answers in it.
     charset: str = ""
+    # The set the message was read in: `charset`, or [hl7] unnamed_charset when empty.
+    read_as: str = ""
 
     @property
     def message_type(self) -> str:
