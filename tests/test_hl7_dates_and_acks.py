@@ -121,6 +121,34 @@ def test_a_birth_date_of_only_a_year_is_accepted_and_left_out_of_the_worklist_it
     assert not any(birth in line for line in lines)  # the field, never its value
 
 
+def test_a_long_description_is_cut_to_its_vr_and_a_long_code_is_a_long_code_value(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """RIS procedure descriptions of 70-80 characters reached the modality as LO values
+    of that length (LO holds 64), and a code of over 16 characters as an SH Code Value:
+    a strict modality refuses such an answer, others copy it into their images. Now
+    the description is cut to 64 (AA with an ERR of severity W naming OBR-4), and the
+    code is answered whole as a Long Code Value (UC)."""
+    server, port = hl7_edge
+    description = "MRI BRAIN WITH AND WITHOUT CONTRAST INCLUDING DIFFUSION AND PERFUSION IMAGING"
+    order = hl7peer.orm("LONG1", accession="LONG1",
+                        procedure=f"RAD-MR-BRAIN-WWO-001^{description}^LOCAL")
+    ack = hl7peer.send(port, order)
+    assert (ack.code, ack.error_field, ack.error_code) == ("AA", "OBR-4", "0")
+    result = dcmtk.findscu(server.port, {
+        "AccessionNumber": "LONG1", "RequestedProcedureDescription": "",
+        "RequestedProcedureCodeSequence[0].CodeValue": "",
+        "ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription": ""},
+        model="worklist", aet=MODALITY).check()
+    [item] = result.responses
+    assert item.RequestedProcedureDescription == description[:64].rstrip()
+    step = item.ScheduledProcedureStepSequence[0]
+    assert step.ScheduledProcedureStepDescription == description[:64].rstrip()
+    [code] = item.RequestedProcedureCodeSequence
+    assert (code.get("CodeValue"), code.LongCodeValue) == (None, "RAD-MR-BRAIN-WWO-001")
+    assert (code.CodingSchemeDesignator, code.CodeMeaning) == ("LOCAL", description[:64].rstrip())
+    assert "field=OBR-4 reason=too_long" in server.log()
+
+
 def test_a_birth_date_with_a_day_that_does_not_exist_is_still_refused(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

@@ -8,7 +8,8 @@ table) into the service's typed requests. Anything it cannot translate is
 an Hl7Error naming the field, which the listener answers with AR (a problem
 of the message header: type, control ID, encoding) or AE (content). A field
 it accepts without keeping it as sent (a PID-7 of reduced precision, which a
-DICOM DA cannot hold) is a Note of the Parsed message, for the ACK and the log.
+DICOM DA cannot hold; a description longer than its LO) is a Note of the Parsed
+message, for the ACK and the log.
 
 What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, XO, CA, DC, their filler forms
 OC and OD, and SC with the status in ORC-5, as is XO with ORC-5 CM; one order per
@@ -418,6 +419,20 @@ def _text(value: str) -> str:
     return _NOT_IN_TEXT.sub(" ", value)
 
 
+def _cut(value: str, limit: int, location: str, what: str, notes: list[Note]) -> str:
+    """A descriptive value cut to what its DICOM attribute holds (LO 64, SH 16), and
+    noted (AA with an ERR of severity W): RIS descriptions of 70 or 80 characters are
+    common, and a modality sent a longer LO may refuse the worklist answer or copy the
+    value into its images' headers as is. Identifiers are refused instead (_fits)."""
+    if len(value) <= limit:
+        return value
+    note = Note(location, "too_long", f"{what} cut to {limit} characters, as much as its"
+                " DICOM attribute holds")
+    if note not in notes:  # once, however many orders the message holds
+        notes.append(note)
+    return value[:limit].rstrip()
+
+
 def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demographics]:
     pid = _segment(message, "PID")
     patient_id = _fits(_get(pid, 3), 64, "PID-3", "patient identifier")  # LO
@@ -479,11 +494,12 @@ def _orders(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> R
     except KeyError:
         referring = ""
     omi = header.message_code == "OMI"
-    return tuple(_order(group, patient, demographics, referring, omi=omi) for group in groups)
+    return tuple(_order(group, patient, demographics, referring, notes, omi=omi)
+                 for group in groups)
 
 
 def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Demographics,
-           referring: str, *, omi: bool) -> OrderRequest:
+           referring: str, notes: list[Note], *, omi: bool) -> OrderRequest:
     orc = group["ORC"]
     obr = group.get("OBR")
     if obr is None:
@@ -546,17 +562,20 @@ def _order(group: dict[str, hl7.Segment], patient: PatientKey, demographics: Dem
                        station_field, ErrorCode.DATA_TYPE, reject=False)
     start, start_field = _start(group)
     start_date, start_time = _scheduled(start, start_field)
-    description = _text(_get(obr, 4, 2))
+    description = _cut(_text(_get(obr, 4, 2)), 64, "OBR-4", "procedure description", notes)
     details = OrderDetails(
         requested_procedure_id=procedure_id or accession,
         requested_procedure_desc=description,
-        procedure_code_value=_text(_get(obr, 4, 1)),
-        procedure_code_scheme=_text(_get(obr, 4, 3)), procedure_code_meaning=description,
+        procedure_code_value=_text(_get(obr, 4, 1)),  # UC when long: worklist.py
+        procedure_code_scheme=_cut(_text(_get(obr, 4, 3)), 16, "OBR-4",
+                                   "coding scheme designator", notes),
+        procedure_code_meaning=description,
         priority=_PRIORITIES.get(_get(orc, 7, 6).upper() or _get(obr, 27, 6).upper(), ""),
         sps_id=sps_id or procedure_id or accession,
         sps_description=description, modality=modality,
-        station_ae_title=station_ae, station_name=_text(station_name),
-        sps_location=_text(location),
+        station_ae_title=station_ae,
+        station_name=_cut(_text(station_name), 16, "IPC-7", "scheduled station name", notes),
+        sps_location=_cut(_text(location), 16, "IPC-8", "scheduled step location", notes),
         sps_start_date=start_date, sps_start_time=start_time,
         referring_physician=referring,
         requesting_physician=_person_name(orc, 12, offset=1) or _person_name(obr, 16, offset=1),

@@ -236,7 +236,12 @@ def _sequence(keyword: str, element: DataElement, item: WorklistItem,
         return [_fill(template, item, texts)]
     if keyword == "RequestedProcedureCodeSequence" and item.procedure_code_value:
         code = Dataset()
-        code.CodeValue = item.procedure_code_value
+        # A code of more than 16 characters is a Long Code Value (UC, PS3.3 8.8): Code
+        # Value is an SH, which a modality would cut.
+        if len(item.procedure_code_value) > 16:
+            code.LongCodeValue = item.procedure_code_value
+        else:
+            code.CodeValue = item.procedure_code_value
         code.CodingSchemeDesignator = item.procedure_code_scheme
         code.CodeMeaning = item.procedure_code_meaning
         texts.append(item.procedure_code_meaning)
