@@ -259,6 +259,27 @@ def test_an_orc_with_several_obr_segments_makes_one_order_of_each(
     assert {o["status"] for o in worklist(server)} == {"DISCONTINUED"}
 
 
+def test_a_block_of_two_messages_or_a_message_of_two_patients_applies_nothing(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A sender that runs messages together in one MLLP block (a batch without FHS/BHS),
+    or a message with a second PID: read as one message, the second patient's order was
+    filed under the first patient (PID is read once) and answered AA."""
+    server, port = hl7_edge
+    first = hl7peer.orm("TWO1", accession="TWO1", patient_id="PATA", name="ALPHA^ANN")
+    second = hl7peer.orm("TWO2", accession="TWO2", patient_id="PATB", name="BETA^BOB")
+    ack = hl7peer.send(port, first + second)
+    assert (ack.code, ack.control_id, ack.error_field, ack.error_code) == (
+        "AR", "TWO1", "MSH", "100")
+    two_patients = first + "\r".join(second.split("\r")[1:])  # its PID, PV1, ORC, OBR
+    ack = hl7peer.send(port, two_patients.replace("|TWO1|", "|TWO3|", 1))
+    assert (ack.code, ack.error_field, ack.error_code) == ("AE", "PID", "100")
+    assert worklist(server) == []
+    # Each in its own block: each under its own patient.
+    assert [a.code for a in hl7peer.send_many(port, [first, second])] == ["AA", "AA"]
+    assert {o["accession_number"]: o["patient_id"] for o in worklist(server)} == {
+        "TWO1": "PATA", "TWO2": "PATB"}
+
+
 def _audit_records(server: EdgeServer) -> list[dict[str, Any]]:
     path = server.home / "audit" / "audit.log"
     if not path.exists():

@@ -179,6 +179,12 @@ def read_header(raw: bytes, unnamed_charset: str) -> tuple[MessageHeader, hl7.Me
     if any(segment.startswith(text[3]) for segment in segments):
         raise Hl7Error("a segment has no segment ID", "MSH", ErrorCode.SEGMENT_SEQUENCE,
                        reject=True, header=as_sent)
+    # Messages run together in one block (a sender's batch without FHS/BHS): read as one,
+    # the second message's orders would join the first's, under the first's PID.
+    if sum(segment.startswith("MSH" + text[3]) for segment in segments) > 1:
+        raise Hl7Error("the MLLP block holds more than one message (a second MSH): send"
+                       " each in its own block", "MSH", ErrorCode.SEGMENT_SEQUENCE,
+                       reject=True, header=as_sent)
     text = "\r".join(segments) + "\r"
     try:
         message = fields.parse(text, codec)
@@ -434,6 +440,11 @@ def _cut(value: str, limit: int, location: str, what: str, notes: list[Note]) ->
 
 
 def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demographics]:
+    """The message's one patient: a second PID (another patient's orders, or A40's
+    repeated merge groups) is refused, as its orders would be filed under the first."""
+    if sum(1 for segment in message if str(segment[0][0]) == "PID") > 1:
+        raise Hl7Error("the message holds more than one PID segment: one patient a message",
+                       "PID", ErrorCode.SEGMENT_SEQUENCE, reject=False)
     pid = _segment(message, "PID")
     patient_id = _fits(_get(pid, 3), 64, "PID-3", "patient identifier")  # LO
     if not patient_id:
