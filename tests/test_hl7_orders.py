@@ -792,6 +792,25 @@ def test_patient_update_changes_future_queries_and_orders(
     assert hl7peer.send(port, hl7peer.adt("P2", "A04", patient_id="NEWCOMER")).code == "AA"
 
 
+def test_an_admission_or_pre_admission_registers_the_patient_as_ihe_has_it(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """IHE Patient Registration (RAD-1), which an image manager receives, is ADT^A01
+    (admit), A04 or A05 (pre-admit). A01 and A05 were AR 201 (unsupported event): every
+    inpatient's admission refused, and an engine that resends an AR held the feed."""
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("AD0", accession="ADM1")).code == "AA"
+    admit = hl7peer.adt("AD1", "A01", name="ADMITTED^JANE", birth="19700102")
+    assert hl7peer.send(port, admit).code == "AA"
+    assert (show(server, "ADM1")["patient_name"], show(server, "ADM1")["birth_date"]) == (
+        "ADMITTED^JANE", "19700102")
+    pre_admit = hl7peer.adt("AD2", "A05", name="PREADMITTED^JANE")
+    assert hl7peer.send(port, pre_admit).code == "AA"
+    assert show(server, "ADM1")["patient_name"] == "PREADMITTED^JANE"
+    transfer = hl7peer.send(port, hl7peer.adt("AD3", "A02", name="TRANSFERRED^JANE"))
+    assert (transfer.code, transfer.error_code) == ("AR", "201")
+    assert show(server, "ADM1")["patient_name"] == "PREADMITTED^JANE"
+
+
 def test_patient_merge_moves_studies_and_orders_to_the_surviving_id(
         hl7_edge: tuple[EdgeServer, int], tmp_path: Path) -> None:
     server, port = hl7_edge

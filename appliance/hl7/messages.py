@@ -13,7 +13,7 @@ message, for the ACK and the log.
 
 What is accepted: ORM^O01 and OMI^O23 (ORC-1 NW, XO, CA, DC, their filler forms
 OC and OD, and SC with the status in ORC-5, as is XO with ORC-5 CM; one order per
-ORC group), ADT^A04 and ADT^A08 (demographics), ADT^A40 (merge).
+ORC group), ADT^A01, A04 and A05 (registration), ADT^A08 (update), ADT^A40 (merge).
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ from appliance.store.order_rows import Demographics, OrderDetails, OrderStatus, 
 log = logging.getLogger(__name__)
 
 SUPPORTED = {
-    ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A04"), ("ADT", "A08"), ("ADT", "A40"),
+    ("ORM", "O01"), ("OMI", "O23"), ("ADT", "A01"), ("ADT", "A04"), ("ADT", "A05"),
+    ("ADT", "A08"), ("ADT", "A40"),
 }
+# IHE Patient Registration (RAD-1), which an image manager receives: admit (A01),
+# register an outpatient (A04), pre-admit (A05). Each registers the patient in PID.
+_REGISTRATIONS = frozenset({"A01", "A04", "A05"})
 # MSH-18 (HL7 table 0211): base/hl7_charsets.py. Empty means ASCII by the standard; the
 # box reads [hl7] unnamed_charset instead, UTF-8 unless the site names another (UTF-8
 # is a superset of ASCII; many European RIS send Latin-1 without naming it). ISO IR87
@@ -463,7 +467,8 @@ def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demog
 def _adt(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Request:
     patient, demographics = _patient(message, notes)
     if header.trigger_event != "A40":
-        return PatientUpdate(patient, demographics, register=header.trigger_event == "A04")
+        return PatientUpdate(patient, demographics,
+                             register=header.trigger_event in _REGISTRATIONS)
     mrg = _segment(message, "MRG")
     prior = PatientKey(_get(mrg, 1), _get(mrg, 1, 4))
     if not prior.patient_id:

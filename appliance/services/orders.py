@@ -28,7 +28,7 @@ Rules:
   a start then a completion); a status the order has already reached, or one
   the box does not act on, changes nothing. A message with several ORC groups
   is applied whole or not at all.
-- Patients: A04/A08 set name, birth date and sex (non-empty fields only) in
+- Patients: A01/A04/A05/A08 set name, birth date and sex (non-empty fields only) in
   the index's patient row, which future C-FIND answers use, and on the
   patient's orders. A40 moves the prior patient's studies and orders to the
   surviving patient (store/order_rows.py merge_patient); instances that
@@ -137,7 +137,7 @@ class OrderRequest:
 class PatientUpdate:
     patient: PatientKey
     demographics: Demographics
-    register: bool = False  # A04 (register) rather than A08 (update)
+    register: bool = False  # A01, A04, A05 (register) rather than A08 (update)
 
 
 @dataclass(frozen=True)
