@@ -4,9 +4,11 @@ raw frames (hl7peer.raw) for what no library would send."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import selectors
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -352,6 +354,25 @@ def test_a_control_id_reused_for_another_message_is_applied_and_a_restamped_rese
     assert (resent.code, resent.text) == ("AA", "duplicate: already applied")
     assert len(worklist(server)) == 2
     assert "control id reused for another message" in server.log()
+
+
+def test_a_resend_of_a_message_an_older_version_recorded_is_still_a_resend(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Versions before the content hash left MSH-7 out recorded the hash of the bytes as
+    sent. A RIS that resends across the upgrade (its ACK lost in the restart) must not
+    have its message applied again: a new order would be refused as a duplicate (205)."""
+    server, port = hl7_edge
+    message = hl7peer.orm("OLD1", accession="OLD1")
+    assert hl7peer.send(port, message).code == "AA"
+    db = sqlite3.connect(server.home / "index.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("UPDATE hl7_messages SET content_sha256 = ? WHERE control_id = 'OLD1'",
+                   (hashlib.sha256(message.encode()).hexdigest(),))
+    finally:
+        db.close()
+    again = hl7peer.send(port, message)
+    assert (again.code, again.text) == ("AA", "duplicate: already applied")
+    assert len(worklist(server)) == 1
 
 
 def test_acknowledged_order_survives_sigkill_right_after_the_aa(

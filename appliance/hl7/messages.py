@@ -203,7 +203,7 @@ def read_header(raw: bytes, unnamed_charset: str) -> tuple[MessageHeader, hl7.Me
         control_id=_get(msh, 10), message_code=code, trigger_event=event,
         processing_id=_get(msh, 11), version=_get(msh, 12),
         sha256=_content_sha256(raw, first_line, separator), charset=charset,
-        read_as=read_as,
+        read_as=read_as, raw_sha256=hashlib.sha256(raw).hexdigest(),
     )
     if not code:
         raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,

@@ -109,6 +109,9 @@ class MessageHeader:
     charset: str = ""
     # The set the message was read in: `charset`, or [hl7] unnamed_charset when empty.
     read_as: str = ""
+    # SHA-256 of the bytes as sent, MSH-7 included: what versions before the content
+    # hash left MSH-7 out recorded, so a resend of a message they applied is one still.
+    raw_sha256: str = ""
 
     @property
     def message_type(self) -> str:
@@ -253,7 +256,7 @@ def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) ->
     """In the writer's transaction: look the message up, apply it, record its outcome."""
     known = store.find_message(conn, header.sending_application, header.sending_facility,
                                header.control_id)
-    if known is not None and known.content_sha256 != header.sha256:
+    if known is not None and known.content_sha256 not in (header.sha256, header.raw_sha256):
         # Not a resend: a sender whose counter started again (a reinstalled RIS, one that
         # numbers per day). Answering the first message's ACK would say AA for an order
         # that was never applied; this message is applied and its outcome replaces the
