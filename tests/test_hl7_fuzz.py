@@ -166,7 +166,7 @@ def _framed(rng: random.Random, body: bytes) -> bytes:
     return {
         4: lambda: body + EB + CR,  # no <VT>
         5: lambda: SB + body,  # never ended
-        6: lambda: SB + body + EB,  # <FS> without <CR>
+        6: lambda: SB + body + EB,  # <FS> without <CR>: answered as well
         7: lambda: b"junk" + SB + body + EB + CR,
         8: lambda: SB + SB + body + EB + CR + EB + CR,
         9: lambda: SB + EB + CR + SB + body + EB + CR + rng.randbytes(rng.randint(0, 64)),
@@ -196,9 +196,10 @@ def _payload(rng: random.Random, step: int) -> bytes:
 
 def _expected_answers(payload: bytes) -> tuple[int, bool]:
     """(ACKs the listener owes for `payload` followed by EOF, whether it closes early):
-    one per block ended by <FS><CR>, and an AR that ends the connection for the first
-    block (or unfinished tail) longer than the limit."""
-    *blocks, tail = payload.split(EB + CR)
+    one per block ended by <FS> (the <CR> after it is skipped with the next block's
+    leading line breaks, and counts towards its length), and an AR that ends the
+    connection for the first block (or unfinished tail) longer than the limit."""
+    *blocks, tail = payload.split(EB)
     for n, block in enumerate(blocks):
         if len(block) > LIMIT:
             return n + 1, True

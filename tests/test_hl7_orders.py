@@ -694,6 +694,25 @@ def test_line_breaks_between_mllp_blocks_are_skipped(
         "CRLF0", "CRLF1", "CRLF2", "CRLF3"]
 
 
+def test_a_block_ended_by_fs_alone_is_answered_at_once(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A sender that ends its blocks with <FS> and no <CR> (some devices and hand-written
+    senders) waited for an ACK until the idle timeout closed the connection, its order
+    unread; a sender that ends them as MLLP says is answered as before on the same
+    connection."""
+    server, port = hl7_edge
+    sock = hl7peer.raw(port)
+    sock.settimeout(10.0)
+    for n in range(2):
+        sock.sendall(hl7peer.frame(hl7peer.orm(f"FS{n}", accession=f"FS{n}"))[:-1])
+        ack = hl7peer.read_ack(sock)
+        assert (ack.code, ack.control_id) == ("AA", f"FS{n}")
+    sock.sendall(hl7peer.frame(hl7peer.orm("FS2", accession="FS2")))
+    assert hl7peer.read_ack(sock).code == "AA"
+    sock.close()
+    assert sorted(o["accession_number"] for o in worklist(server)) == ["FS0", "FS1", "FS2"]
+
+
 def test_oversized_message_is_rejected_and_its_connection_closed(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, InvalidBlockError, start_hl7_server
-from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK
+from hl7.mllp.streams import END_BLOCK, START_BLOCK
 
 from appliance.base.config import Hl7Config
 from appliance.base.errors import PacsEdgeError
@@ -235,13 +235,17 @@ class Hl7Listener:
 
 async def _read_block(reader: HL7StreamReader) -> bytes:
     """The next MLLP block without its framing, as python-hl7's readblock reads it, but
-    with CR and LF before its <VT> skipped: a sender that ends each block with
-    <FS><CR><LF> (or sends blank lines between blocks) would otherwise have every later
-    block on the connection refused, the resent one too, for not beginning with <VT>."""
-    block = (await reader.readuntil(END_BLOCK + CARRIAGE_RETURN)).lstrip(b"\r\n")
+    ended by <FS> alone, its <CR> then skipped with the CR and LF before the next <VT>:
+    a sender that ends each block with <FS><CR><LF> (or sends blank lines between
+    blocks) would otherwise have every later block on the connection refused, the
+    resent one too, for not beginning with <VT>; and one that ends a block with <FS>
+    alone (some devices and hand-written senders) waited for an ACK that never came,
+    its message unread until the idle timeout closed the connection. <FS> is never
+    part of HL7 text, in any character set the box reads."""
+    block = (await reader.readuntil(END_BLOCK)).lstrip(b"\r\n")
     if not block.startswith(START_BLOCK):
         raise InvalidBlockError("Block does not begin with Start Block character <VT>")
-    return block[1:-2]
+    return block[1:-1]
 
 
 def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> bytes:
