@@ -45,6 +45,7 @@ import dicomgen
 import pytest
 import tomlkit
 from azurite import azurite  # noqa: F401
+from pynetdicom import _config as pynetdicom_config
 
 from appliance.base import compat
 
@@ -340,6 +341,17 @@ def _collect_garbage_after_module() -> Iterator[None]:
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     return dcmtk.free_port
+
+
+@pytest.fixture
+def raw_sender() -> Iterator[None]:
+    """pynetdicom sends a file's dataset bytes as they are, without decoding them: a
+    truncated, padded or non-DICOM payload (or a deflate bomb) reaches the server
+    unchanged."""
+    previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import dcmtk
@@ -30,7 +30,7 @@ import webpeer
 from conftest import EdgeServer, pacs_edge_command
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from appliance.base.errors import InflateLimitExceeded, InvalidInstance
 from appliance.services.deflated import MAX_DEPTH
@@ -53,15 +53,6 @@ def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "private": dicomgen.make_deflate_bomb(folder, bulk="private", inflated_bytes=BOMB_BYTES),
         "items": dicomgen.make_deflate_bomb(folder, bulk="items", inflated_bytes=64 << 20),
     }
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """pynetdicom sends a file's dataset bytes as they are: the bomb arrives unchanged."""
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def send_file(server: EdgeServer, path: Path) -> Dataset:
@@ -182,7 +173,7 @@ def test_broken_deflate_stream_is_refused(
 
 
 def test_deflate_bombs_over_c_store_are_refused_with_bounded_memory(
-    edge_server: EdgeServer, bombs: dict[str, Path], chunked_send: None, tmp_path: Path,
+    edge_server: EdgeServer, bombs: dict[str, Path], raw_sender: None, tmp_path: Path,
 ) -> None:
     before = deflated_instances(tmp_path / "before", seed=61)
     assert dcmtk.storescu(edge_server.port, [i.path for i in before]).ok

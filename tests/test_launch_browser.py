@@ -10,10 +10,7 @@ trusts exactly the box's certificate (its SPKI hash).
 from __future__ import annotations
 
 import html
-import http.server
-import threading
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +20,7 @@ import webpeer
 from conftest import EdgeServer
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from static_site import static_site
 
 STUDY = "1.2.826.0.1.3680043.8.498.42"
 DEADLINE = 90.0
@@ -45,17 +43,8 @@ def ehr(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A plain web server on 127.0.0.1 (another site): (its folder, its base URL)."""
     folder = tmp_path / "ehr"
     folder.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(30)
+    with static_site(folder) as port:
+        yield folder, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

@@ -18,11 +18,8 @@ trusts that key), stopped by the test.
 
 from __future__ import annotations
 
-import http.server
 import ssl
-import threading
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 import chromium
@@ -33,6 +30,7 @@ import webpeer
 from conftest import EdgeServer
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from static_site import static_site
 
 DEADLINE = 120.0
 BOX_HOST = "pacs.hospital.test"
@@ -60,21 +58,11 @@ def other_site(tmp_path: Path, box: EdgeServer) -> Iterator[tuple[Path, int]]:
     """An HTTPS server on 127.0.0.1 serving a folder: (the folder, its port)."""
     folder = tmp_path / "wiki"
     folder.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(box.home / "tls" / "node.pem",
                             next((box.home / "secrets").glob("node*.key")))
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield folder, server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(30)
+    with static_site(folder, context) as port:
+        yield folder, port
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import dicomgen
@@ -14,22 +13,12 @@ from conftest import EdgeServer
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-@pytest.fixture
-def raw_sender() -> Iterator[None]:
-    """pynetdicom sends the file's dataset bytes as they are, without decoding them:
-    a truncated or non-DICOM payload reaches the server unchanged."""
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def send_raw(server: EdgeServer, path: Path) -> int:

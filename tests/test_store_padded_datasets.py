@@ -25,7 +25,7 @@ from conftest import HOST, TEST_AE, EdgeServer
 from pydicom import encaps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SUCCESS = 0x0000
@@ -84,15 +84,6 @@ CASES = {  # name: (write's arguments, C-STORE status)
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeServer]:
     with webpeer.running_web_server(tmp_path_factory.mktemp("padded")) as server:
         yield server
-
-
-@pytest.fixture
-def raw_sender() -> Iterator[None]:
-    """pynetdicom sends the file's dataset bytes as they are, padding included."""
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 def send_raw(server: EdgeServer, path: Path) -> int:
