@@ -259,7 +259,7 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
             "port": variables["pacs_edge_hl7_port"], "host": "127.0.0.1",
             "tls": host == TLS_ONLY_HOST, "tls_require_client_cert": True,
             "max_message_bytes": 1048576, "idle_timeout": 60.0, "max_connections": 16,
-            "processing_ids": ["P"]}
+            "processing_ids": ["P"], "unnamed_charset": "UNICODE UTF-8"}
         web = tomllib.loads(text)
         assert web["dicom"]["extra_storage_classes"] == []
         assert web["http"] == {

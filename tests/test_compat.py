@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiosqlite
 import pydicom
+import pynetdicom.acse
 import pynetdicom.association
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -52,7 +53,7 @@ PATCH_PATTERNS = [
     r"\buid_to_service_class\s*=", r"\._accepted_cx\b", r"(?<!self)\._conn\b",
     r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
     r"\.set_uid\s*=", r"\.add_transfer_syntax\s*=", r"\._transfer_syntax\b",
-    r"\b_init_value\b", r"\b_INITIAL_MMAP_SIZE\b",
+    r"\b_init_value\b", r"\b_INITIAL_MMAP_SIZE\b", r"\.to_user_queue\.queue\b",
 ]
 
 
@@ -312,6 +313,17 @@ def test_requested_associations_get_the_race_free_reactor() -> None:
     upstream = Association._run_reactor.upstream  # type: ignore[attr-defined]
     assert not hasattr(upstream, "upstream")
     assert "compat.run_association_reactor" not in inspect.getsource(upstream)
+
+
+def test_a_requestor_whose_socket_closed_after_ready_aborts_leaving_the_answer_queued() -> None:
+    """The race recover_rejection mends: the ACSE checks the socket after `_ready` and
+    aborts without reading the DUL's queue, where a rejection may already be."""
+    source = inspect.getsource(pynetdicom.acse.ACSE._negotiate_as_requestor)
+    ready, check = source.index("socket._ready.wait()"), source.index("if not socket._is_connected")
+    receive = source.index("self.dul.receive_pdu(")
+    assert ready < check < receive
+    assert isinstance(DULServiceProvider(Association(AE(), "requestor")).to_user_queue,
+                      queue.Queue)
 
 
 def test_a_killed_association_looks_every_ms_whether_its_dul_has_stopped(

@@ -4,14 +4,18 @@ remote archive): their sockets send small messages at once, as the accepted ones
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from legacypacs import LegacyPacs
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from appliance.base.config import DicomConfig
-from appliance.dimse.scu import requested_association
+from appliance.dimse.scu import rejected_for_good, requested_association
 from appliance.services.peers import Peer
 
 
@@ -53,3 +57,30 @@ def test_a_host_that_cannot_be_resolved_is_a_refusal_not_an_os_error() -> None:
                                   tls_client=None, refused=refused):
         pytest.fail("an association to an unknown host was established")
     assert [assoc for assoc, _ in seen] == [None]
+
+
+
+def test_a_peer_that_rejects_at_once_is_seen_rejecting_every_time(tmp_path: Path) -> None:
+    """dcmqrscp rejects a calling AE title it does not know and closes at once. About one
+    association in five, pynetdicom had read the rejection and closed the socket before
+    its ACSE looked, and reported an abort: a migration then took an AE title error
+    for an archive that was away (compat.recover_rejection)."""
+    legacy = LegacyPacs(tmp_path / "legacy", {SecondaryCaptureImageStorage: ExplicitVRLittleEndian})
+    legacy.callers = ("SOMEONE",)
+    legacy.start()
+    config = DicomConfig(acse_timeout=5, dimse_timeout=5, network_timeout=5)
+    peer = Peer("legacy", legacy.ae_title, "127.0.0.1", legacy.port, frozenset({"find"}))
+    reasons: list[str] = []
+
+    def refused(assoc: object, unreachable: str) -> Exception:
+        reasons.append(rejected_for_good(assoc) or unreachable or "aborted")
+        return RuntimeError(reasons[-1])
+
+    try:
+        for _ in range(40):
+            with pytest.raises(RuntimeError), requested_association(
+                    config, peer, [(Verification, None)], tls_client=None, refused=refused):
+                pytest.fail("dcmqrscp accepted an AE title it does not know")
+    finally:
+        legacy.stop()
+    assert Counter(reasons) == {"called AE title not recognized": 40}

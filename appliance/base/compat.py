@@ -550,6 +550,27 @@ def run_association_reactor(assoc: Any, wake: threading.Event,
         assoc._is_paused = False
 
 
+def recover_rejection(assoc: Any) -> None:
+    """Mark a requested association rejected when the peer's A-ASSOCIATE-RJ is still
+    in its DUL's queue, unread.
+
+    After sending its request, pynetdicom's ACSE waits for the socket to be ready and
+    then takes an association whose socket is no longer connected for a failed connect,
+    and aborts it. A peer that rejects at once and closes (dcmtk's dcmqrscp, for an AE
+    title it does not know) often has its rejection read, and the connection closed,
+    by the DUL before that check: about one association in five here. The association
+    then looked aborted, and why the peer refused it was lost."""
+    from pynetdicom.pdu_primitives import A_ASSOCIATE  # not at import: see above
+
+    if assoc.is_established or assoc.is_rejected:
+        return
+    for primitive in list(assoc.dul.to_user_queue.queue):
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            assoc.acceptor.primitive = primitive
+            assoc.is_rejected, assoc.is_aborted = True, False
+            return
+
+
 def set_nodelay(assoc: Any) -> None:
     """TCP_NODELAY on an association we requested: pynetdicom leaves Nagle on, and a
     C-STORE-RQ goes out as two writes (command, then dataset), so every message waits

@@ -62,6 +62,7 @@ def requested_association(
         ae.shutdown()
         raise refused(None, f"host {peer.host!r} not found ({exc.strerror or exc})") from exc
     if not assoc.is_established:
+        compat.recover_rejection(assoc)
         ae.shutdown()
         raise refused(assoc, "")
     compat.set_nodelay(assoc)  # a C-FIND or C-GET waits on each small response: no Nagle delay
