@@ -46,6 +46,7 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 # Values above this size are skipped (seeked over), not read: pixel data stays on disk.
 _DEFER_BYTES = 4096
 _DELIMITER_TAGS = (b"\xfe\xff\xdd\xe0", b"\xff\xfe\xe0\xdd")  # little, big endian
+_SEQUENCE_DELIMITERS = tuple(tag + b"\0\0\0\0" for tag in _DELIMITER_TAGS)
 _TAIL_CHUNK = 1 << 16
 # What a deflated dataset may inflate to unless the caller says otherwise (store.max_inflated_mb).
 DEFAULT_MAX_INFLATED = 512 << 20
@@ -130,18 +131,22 @@ def _check_complete(ds: Dataset, path: str | Path) -> None:
     tell = getattr(last, "value_tell", None)
     length = getattr(last, "length", None)
     undefined = length == 0xFFFFFFFF or getattr(last, "is_undefined_length", False)
-    if not undefined and (tell is None or length is None):
-        return  # a sequence pydicom has parsed, of defined length: it was read whole
-    with open(path, "rb") as fh:
-        zeros_from = _zero_tail_start(fh, size)
-        if undefined:
-            # The sequence delimiter's tag is the last non-zero data: its zero length
-            # and any padding follow.
-            fh.seek(max(zeros_from - 4, 0))
-            complete = size - zeros_from >= 4 and fh.read(4) in _DELIMITER_TAGS
-        else:
-            end = tell + length
-            complete = end == size or zeros_from <= end < size
+    if not undefined:
+        if tell is None or length is None or tell + length == size:
+            return  # a parsed sequence of defined length (read whole), or the file's end
+        end = tell + length
+        with open(path, "rb") as fh:
+            complete = end < size and _zero_tail_start(fh, size, stop=end) == end
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(max(size - 8, 0))
+            complete = fh.read(8) in _SEQUENCE_DELIMITERS
+            if not complete:
+                # The sequence delimiter's tag is the last non-zero data: its zero
+                # length and the padding follow.
+                zeros_from = _zero_tail_start(fh, size)
+                fh.seek(max(zeros_from - 4, 0))
+                complete = size - zeros_from >= 4 and fh.read(4) in _DELIMITER_TAGS
     if not complete:
         raise InvalidInstance("dataset is truncated")
 
@@ -152,19 +157,19 @@ def _position(element: object) -> int:
     return int(getattr(element, "value_tell", None) or getattr(element, "file_tell", None) or 0)
 
 
-def _zero_tail_start(fh: BinaryIO, size: int) -> int:
+def _zero_tail_start(fh: BinaryIO, size: int, *, stop: int = 0) -> int:
     """Where the run of zero bytes that ends the file begins (`size` when the last byte
-    is not zero), read backwards a chunk at a time."""
+    is not zero; `stop` when it runs down to there), read backwards a chunk at a time:
+    nothing below `stop` is read (a value may end in zeros of its own)."""
     end = size
-    while end > 0:
-        start = max(end - _TAIL_CHUNK, 0)
+    while end > stop:
+        start = max(end - _TAIL_CHUNK, stop)
         fh.seek(start)
-        chunk = fh.read(end - start)
-        kept = chunk.rstrip(b"\0")
+        kept = fh.read(end - start).rstrip(b"\0")
         if kept:
             return start + len(kept)
         end = start
-    return 0
+    return stop
 
 
 def header_from_dataset(ds: Dataset | Mapping[str, Any], transfer_syntax: str) -> InstanceHeader:
