@@ -202,7 +202,7 @@ def read_header(raw: bytes, unnamed_charset: str) -> tuple[MessageHeader, hl7.Me
         receiving_application=_get(msh, 5), receiving_facility=_get(msh, 6),
         control_id=_get(msh, 10), message_code=code, trigger_event=event,
         processing_id=_get(msh, 11), version=_get(msh, 12),
-        sha256=_content_sha256(raw, first_line, separator), charset=charset,
+        sha256=as_sent.sha256, charset=charset,
         read_as=read_as, raw_sha256=hashlib.sha256(raw).hexdigest(),
     )
     if not code:
