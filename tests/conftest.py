@@ -228,6 +228,15 @@ class EdgeServer:
         except FileNotFoundError:
             return ""
 
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
+        """The log once it holds `text`. A refused peer can see the refusal before the
+        server's thread has written the line saying why, so poll with a deadline."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert text in log, f"{text!r} not logged within {timeout:.0f}s:\n{log[-2000:]}"
+        return log
+
     def echo(self, *, aet: str = TEST_AE) -> dcmtk.ToolResult:
         return dcmtk.echoscu(self.port, host=self.host, aet=aet, aec=self.ae_title)
 

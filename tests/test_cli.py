@@ -117,7 +117,7 @@ def test_peer_changes_apply_to_a_running_server(edge_server: EdgeServer) -> None
     assert edge_server.echo(aet="NEWWS").ok
     edge_server.cli("peers", "remove", "new-ws")
     assert not edge_server.echo(aet="NEWWS").ok
-    assert "calling AE title is not in the allowlist" in edge_server.log()
+    edge_server.wait_for_log("calling AE title is not in the allowlist")
 
 
 def test_tls_only_peer_is_listed_and_flagged_on_a_box_without_tls(edge_home: Path) -> None:
@@ -233,7 +233,7 @@ def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: Edg
     edge_server.cli("peers", "add", "bound-elsewhere", "--ae-title", "BOUNDWS", "--host",
                     "192.0.2.7", "--port", "11115", "--allow", "find", "--bind-host")
     assert not edge_server.echo(aet="BOUNDWS").ok
-    assert "AE title is bound to host '192.0.2.7'" in edge_server.log()
+    edge_server.wait_for_log("AE title is bound to host '192.0.2.7'")
     edge_server.cli("peers", "remove", "bound-elsewhere")
     edge_server.cli("peers", "add", "bound-here", "--ae-title", "BOUNDWS", "--host",
                     "127.0.0.1", "--port", "11115", "--allow", "find", "--bind-host")

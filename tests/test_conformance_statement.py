@@ -245,7 +245,7 @@ def test_an_association_beyond_max_associations_is_rejected_as_the_statement_say
         assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
     finally:
         holder.release()
-    assert "reason=association limit reached" in server.log()
+    server.wait_for_log("reason=association limit reached")
 
 
 def test_the_worklist_key_table_lists_every_key_the_worklist_matches() -> None:

@@ -80,7 +80,7 @@ def test_three_hundred_idle_connections_do_not_lock_peers_out(
     # The echo gets in: the oldest idle connection of its address makes room for it.
     echo_ok(edge_server)
     assert rss_kb(edge_server.pid) - before < RSS_BUDGET_KB
-    assert "never asked for an association" in edge_server.log()
+    edge_server.wait_for_log("never asked for an association")
 
 
 def test_idle_connections_do_not_count_against_max_associations(
@@ -97,7 +97,7 @@ def test_idle_connections_do_not_count_against_max_associations(
     sockets.extend(rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
                                       source=HOSTILE) for _ in range(2))
     assert not server.echo().ok
-    assert "reason=association limit reached" in server.log()
+    server.wait_for_log("reason=association limit reached")
 
 
 def test_oversized_pdu_aborts_without_buffering(
@@ -113,7 +113,7 @@ def test_oversized_pdu_aborts_without_buffering(
             pass
         echo_ok(edge_server)
     assert rss_kb(edge_server.pid) - before < RSS_BUDGET_KB
-    assert "exceeds the maximum" in edge_server.log()
+    edge_server.wait_for_log("exceeds the maximum")
 
 
 def test_stalled_and_trickled_pdus_are_aborted_and_free_their_slots(
@@ -143,7 +143,7 @@ def test_stalled_and_trickled_pdus_are_aborted_and_free_their_slots(
     for item in watched:
         assert item.closed_after is not None, "stalled association left open"
         assert item.first_pdu_type == rawpdu.A_ABORT
-    assert "aborting association: PDU not complete within network_timeout=2s" in server.log()
+    server.wait_for_log("aborting association: PDU not complete within network_timeout=2s")
     # Their threads are gone and their slots free: the address may connect again.
     assert wait_for_threads(server.pid, baseline_threads,
                             deadline_seconds=CLOSE_DEADLINE) <= baseline_threads
@@ -163,7 +163,7 @@ def test_a_silent_established_association_is_aborted_after_network_timeout(
     rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
     assert item.closed_after is not None
     assert item.first_pdu_type == rawpdu.A_ABORT
-    assert "aborting association: no PDU within network_timeout=2s" in server.log()
+    server.wait_for_log("aborting association: no PDU within network_timeout=2s")
     assert server.echo().ok
     assert instances(server) == 2
 
@@ -221,7 +221,7 @@ def test_an_association_request_over_256_kib_is_refused_before_buffering(
     item = Watched(sock)
     rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
     assert item.closed_after is not None
-    assert "PDU of 307200 bytes exceeds the maximum 262144" in edge_server.log()
+    edge_server.wait_for_log("PDU of 307200 bytes exceeds the maximum 262144")
     echo_ok(edge_server)
 
 
@@ -261,7 +261,7 @@ def test_a_peer_without_store_permission_cannot_spool_a_byte(
     # After its A-ABORT the server reads 64 KiB more at most: the peer is held up by
     # TCP flow control (socket buffers) until the server closes at ARTIM expiry.
     assert sent < 16 << 20, f"{sent} bytes accepted before the abort"
-    assert "aborting association: C-STORE on presentation context 1" in server.log()
+    server.wait_for_log("aborting association: C-STORE on presentation context 1")
     # The peer keeps what it may do; a peer with store permission is served.
     assert dcmtk.findscu(server.port, {"StudyInstanceUID": ""}, aet="VIEWER",
                          aec=server.ae_title).ok
@@ -287,7 +287,7 @@ def test_a_p_data_whose_pdvs_do_not_fit_is_aborted_and_stores_nothing(
     item = Watched(sock)
     rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
     assert item.first_pdu_type == rawpdu.A_ABORT
-    assert "invalid P-DATA-TF PDU" in server.log()
+    server.wait_for_log("invalid P-DATA-TF PDU")
     assert instances(server) == 2
     dcmtk.storescu(server.port, [small_study[2].path]).check()
     assert instances(server) == 3
@@ -333,11 +333,7 @@ def test_a_peer_that_resets_mid_pdu_is_logged_as_a_warning_not_an_error(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # an RST, not a FIN
     said = "connection closed before the entire PDU was received"
-    deadline = time.monotonic() + CLOSE_DEADLINE
-    while said not in server.log():
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.05)
-    assert f"WARNING appliance.base.compat: {said}" in server.log()
+    server.wait_for_log(f"WARNING appliance.base.compat: {said}", timeout=CLOSE_DEADLINE)
     assert " ERROR " not in server.log(), server.log()
     echo_ok(server)
 

@@ -764,7 +764,7 @@ def test_connection_from_a_host_not_allowed_is_closed_unanswered(
     assert hl7peer.closed_by_peer(sock)
     sock.close()
     assert worklist(server) == []
-    assert "host is not an hl7 peer address=127.0.0.2" in server.log()
+    server.wait_for_log("host is not an hl7 peer address=127.0.0.2")
 
 
 def _closed_unanswered(sock: socket.socket, data: bytes) -> bool:

@@ -242,8 +242,8 @@ def test_a_spaced_ae_title_keeps_its_peers_restrictions_and_is_not_taken_twice(
                "11116", "--allow", "store", "--bind-host", "--tls-only")
     try:
         assert not server.echo(aet="SPC1").ok
-        assert ("calling=SPC1 address=127.0.0.1 reason=AE title is bound to host '10.9.9.9'"
-                in server.log())
+        server.wait_for_log("calling=SPC1 address=127.0.0.1 reason=AE title is bound to host"
+                            " '10.9.9.9'")
         again = server.cli("peers", "add", "sp2", "--ae-title", "SPC1", "--host", "127.0.0.1",
                            "--port", "11116", "--allow", "store", check=False)
         assert again.returncode == 2, again.stdout + again.stderr
