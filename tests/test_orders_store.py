@@ -15,6 +15,7 @@ from appliance.services.order_states import (
     OrderTrigger,
     apply_sync,
     next_state,
+    path,
 )
 from appliance.store import database
 from appliance.store import order_rows as store
@@ -37,6 +38,31 @@ def test_order_transition_refused(state: OrderStatus, trigger: OrderTrigger) -> 
 
 def test_no_move_out_of_a_final_state() -> None:
     assert not [pair for pair in TRANSITIONS if pair[0] in FINAL]
+
+
+@pytest.mark.parametrize(("state", "target", "moves"), [
+    (OrderStatus.SCHEDULED, OrderStatus.SCHEDULED, []),
+    (OrderStatus.SCHEDULED, OrderStatus.IN_PROGRESS, [OrderTrigger.START]),
+    (OrderStatus.SCHEDULED, OrderStatus.COMPLETED, [OrderTrigger.START, OrderTrigger.COMPLETE]),
+    (OrderStatus.SCHEDULED, OrderStatus.DISCONTINUED, [OrderTrigger.DISCONTINUE]),
+    (OrderStatus.IN_PROGRESS, OrderStatus.DISCONTINUED, [OrderTrigger.DISCONTINUE]),
+    (OrderStatus.COMPLETED, OrderStatus.COMPLETED, []),
+])
+def test_a_reported_status_is_reached_by_the_fewest_moves_discontinue_before_cancel(
+        state: OrderStatus, target: OrderStatus, moves: list[OrderTrigger]) -> None:
+    assert path(state, target) == moves
+
+
+@pytest.mark.parametrize(("state", "target", "named"), [
+    (OrderStatus.DISCONTINUED, OrderStatus.COMPLETED, "complete"),
+    (OrderStatus.COMPLETED, OrderStatus.DISCONTINUED, "discontinue"),
+    (OrderStatus.IN_PROGRESS, OrderStatus.SCHEDULED, "change"),
+])
+def test_a_status_the_table_cannot_reach_is_refused_naming_the_move_into_it(
+        state: OrderStatus, target: OrderStatus, named: str) -> None:
+    with pytest.raises(OrderTransitionError) as refused:
+        path(state, target)
+    assert (refused.value.state, refused.value.trigger) == (state.value, named)
 
 
 def _new(conn: sqlite3.Connection, accession: str, patient: str = "P1") -> int:

@@ -72,6 +72,30 @@ def next_state(state: OrderStatus | str, trigger: OrderTrigger) -> OrderStatus:
         raise OrderTransitionError(str(state), trigger.value) from None
 
 
+def path(state: OrderStatus, target: OrderStatus) -> list[OrderTrigger]:
+    """The fewest triggers that move an order from `state` to `target` (none when it is
+    there), for a RIS that reports a status rather than a move. Equally short ways are
+    told apart by trigger order: a discontinue before a cancel, as the RIS's DC and CA
+    both end the order and only the discontinue also ends a started one. Refused
+    (OrderTransitionError, naming the move into `target`) when the table has no way."""
+    reached: dict[OrderStatus, list[OrderTrigger]] = {state: []}
+    frontier = [state]
+    while frontier and target not in reached:
+        following = []
+        for current in frontier:
+            for trigger in OrderTrigger:
+                step = TRANSITIONS.get((current, trigger))
+                if step is not None and step not in reached:
+                    reached[step] = [*reached[current], trigger]
+                    following.append(step)
+        frontier = following
+    if target not in reached:
+        into = next(trigger for trigger in OrderTrigger
+                    if target in {to for (_, by), to in TRANSITIONS.items() if by is trigger})
+        raise OrderTransitionError(state.value, into.value)
+    return reached[target]
+
+
 def apply_sync(conn: sqlite3.Connection, order: order_store.Order, trigger: OrderTrigger,
                *, source: str, at: float | None = None) -> OrderStatus:
     """Move `order` by `trigger` inside the caller's transaction (Writer.submit_sync);

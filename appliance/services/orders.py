@@ -57,6 +57,7 @@ from appliance.services.order_states import (
     OrderTrigger,
     apply_sync,
     next_state,
+    path,
 )
 from appliance.store import order_rows as store
 from appliance.store.index import Index
@@ -334,34 +335,24 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -
                   order.study_uid)
 
 
-# The moves (order_states.py) that take a SCHEDULED order to the status an SC reports.
-_STATUS_TRIGGERS = {
-    OrderStatus.IN_PROGRESS: (OrderTrigger.START,),
-    OrderStatus.COMPLETED: (OrderTrigger.START, OrderTrigger.COMPLETE),
-    OrderStatus.DISCONTINUED: (OrderTrigger.DISCONTINUE,),
-}
-
-
 def _status_change(conn: sqlite3.Connection, order: Order, reported: OrderStatus | None,
                    now: float) -> None:
-    """An SC: move `order` to the status the RIS reports, one transition row a move.
-    A status it has reached already (an MPPS got there first, or the RIS says it
-    twice), in progress for a completed order, and a status the box does not act on
-    change nothing; a move the table refuses (completed for a discontinued order) is
-    refused naming ORC-5."""
-    if reported is None or reported is order.status or (
+    """An SC: move `order` to the status the RIS reports, one transition row a move
+    (order_states.path). A status it has reached already (an MPPS got there first, or
+    the RIS says it twice), in progress for a completed order, and a status the box does
+    not act on change nothing; a status the table cannot reach (completed for a
+    discontinued order) is refused naming ORC-5."""
+    if reported is None or (
             reported is OrderStatus.IN_PROGRESS and order.status is OrderStatus.COMPLETED):
         return
-    for trigger in _STATUS_TRIGGERS[reported]:
-        if trigger is OrderTrigger.START and order.status is OrderStatus.IN_PROGRESS:
-            continue
-        try:
+    try:
+        for trigger in path(order.status, reported):
             apply_sync(conn, order, trigger, source="hl7", at=now)
-        except OrderTransitionError as exc:
-            raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-5") from None
-        moved = store.find_order(conn, order.accession_number)
-        assert moved is not None  # moved in this transaction
-        order = moved
+            moved = store.find_order(conn, order.accession_number)
+            assert moved is not None  # moved in this transaction
+            order = moved
+    except OrderTransitionError as exc:
+        raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-5") from None
 
 
 def _same_patient(order: PatientKey, message: PatientKey) -> bool:
