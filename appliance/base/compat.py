@@ -102,14 +102,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import Any, BinaryIO, TypeVar
-
-import aiosqlite
-from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import _read_file_meta_info
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from appliance.base.dicom_wire import split_pdvs
 from appliance.base.errors import TransportAborted
+
+if TYPE_CHECKING:  # each command imports compat (metrics_dir): pydicom only where it reads
+    import aiosqlite
+    from pydicom.dataset import FileMetaDataset
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -917,6 +917,8 @@ def read_file_meta(fp: BinaryIO) -> FileMetaDataset:
     the dataset starts; its private reader leaves the file positioned there,
     which is what ingest needs to copy the dataset bytes as they are.
     """
+    from pydicom.filereader import _read_file_meta_info  # not at import: see TYPE_CHECKING
+
     return _read_file_meta_info(fp)
 
 
