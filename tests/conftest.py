@@ -45,9 +45,14 @@ import dicomgen
 import pytest
 import tomlkit
 from azurite import azurite  # noqa: F401
+from click.testing import CliRunner
 from pynetdicom import _config as pynetdicom_config
 
 from appliance.base import compat
+from appliance.base.config import load_config
+from appliance.cli.root import init
+from appliance.services import peer_changes
+from appliance.services.peers import Peer, parse_permissions
 
 HOST = "127.0.0.1"
 TEST_AE = dcmtk.TEST_AE
@@ -100,15 +105,20 @@ def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
     own tests pass evict_without_escrow=False. Web tests pass a free `http_port`."""
     # TLS, HL7, HTTPS and the metrics listener off unless a test turns them on: their
     # fixed ports (2762, 2575, 8443, 9464) would collide.
-    run_pacs_edge("init", "--home", str(home), "--ae-title", ae_title, "--dicom-port", "0",
-                  "--tls-port", "0", "--hl7-port", "0", "--http-port", str(http_port),
-                  "--metrics-port", "0")
+    # `pacs-edge init`'s own command, in this process (CliRunner): a command's start-up
+    # (~0.5 s of CPU) in every test's home was a good part of the suite's time.
+    made = CliRunner().invoke(init, ["--home", str(home), "--ae-title", ae_title,
+                                     "--dicom-port", "0", "--tls-port", "0", "--hl7-port", "0",
+                                     "--http-port", str(http_port), "--metrics-port", "0"])
+    if made.exit_code != 0:
+        pytest.fail(f"pacs-edge init exited {made.exit_code}:\n{made.output}", pytrace=False)
     if evict_without_escrow:
         EdgeServer(home).configure(sync={"evict_without_escrow": True})
     if default_peer:
-        # Port 1: nothing listens there; a C-MOVE destination needs its own peer.
-        run_pacs_edge("peers", "add", "testscu", "--home", str(home), "--ae-title", TEST_AE,
-                      "--host", HOST, "--port", "1", "--allow", "store,find,move,get")
+        # Port 1: nothing listens there; a C-MOVE destination needs its own peer. What
+        # `pacs-edge peers add` runs, in this process, as init above.
+        peer = Peer("testscu", TEST_AE, HOST, 1, parse_permissions("store,find,move,get"))
+        peer_changes.add_peer(load_config(home), peer, process="cli")
     return home
 
 

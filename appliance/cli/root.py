@@ -42,6 +42,7 @@ from appliance.cli.common import (
 )
 from appliance.process.stack_dump import dump_stacks_on_sigusr1
 from appliance.process.undumpable import make_undumpable
+from appliance.services import peer_changes
 from appliance.services.launch_links import ensure_link_key
 from appliance.services.launch_links import key_path as link_key_path
 from appliance.services.peers import PEERS_HEADER, Allowlist, Peer, parse_permissions
@@ -197,10 +198,7 @@ def peers_add(home: Path | None, name: str, ae_title: str, host: str, port: int,
     config = load(home)
     peer = Peer(name, ae_title, host, port, parse_permissions(allow), bind_host=bind_host,
                 tls=use_tls, tls_only=tls_only)
-    Allowlist(config.peers_path).add(peer)
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.peer_changed("add", name=name, ae_title=peer.ae_title, host=host, port=port,
-                             allow=peer.allow, flags=peer.flags)
+    peer_changes.add_peer(config, peer, process="cli")
     allowed = ",".join(sorted(peer.allow))
     where = f"{host}:{port}" if port else host
     out.print(f"added peer {name} ({peer.ae_title} at {where}, allow {allowed});"
@@ -239,13 +237,10 @@ def peers_list(home: Path | None, as_json: bool) -> None:
 def peers_remove(home: Path | None, name: str) -> None:
     """Remove a peer; a running server refuses it from the next association."""
     config = load(home)
-    allowlist = Allowlist(config.peers_path)
-    ae_title = allowlist.remove(name)
-    with Auditor.for_home(config, process="cli") as auditor:
-        auditor.peer_changed("remove", name=name, ae_title=ae_title)
+    ae_title = peer_changes.remove_peer(config, name, process="cli")
     out.print(f"removed peer {name} ({ae_title})", highlight=False)
     try:
-        allowlist.peers()
+        Allowlist(config.peers_path).peers()
     except ConfigError as exc:
         err.print(f"warning: the allowlist still cannot be read, and serve admits no peer"
                   f" until it can: {exc.message}", highlight=False, markup=False)
