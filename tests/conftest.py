@@ -217,8 +217,10 @@ class EdgeServer:
 
     def add_peer(self, name: str, ae_title: str, port: int, *, host: str = HOST,
                  allow: str = "store,find,move,get") -> None:
-        self.cli("peers", "add", name, "--ae-title", ae_title, "--host", host,
-                 "--port", str(port), "--allow", allow)
+        """What `pacs-edge peers add` runs, in this process (as init_home's peer)."""
+        peer_changes.add_peer(load_config(self.home), Peer(name, ae_title, host, port,
+                                                           parse_permissions(allow)),
+                              process="cli")
 
     def configure(self, **sections: dict[str, Any]) -> None:
         """Edit pacs-edge.toml keeping its comments: configure(dicom={"max_pdu": 0}).
