@@ -451,15 +451,16 @@ def syntax_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dicomgen.G
 # one worker, in collection order. Starting the long ones first keeps the run from ending
 # with one worker busy on a long module while the others idle.
 SLOW_MODULES_FIRST = (
-    "test_ansible.py", "test_scrub.py", "test_key_rotation.py", "test_sync_crash.py",
-    "test_hl7_orders.py", "test_dimse_hardening.py", "test_retrieve_move.py", "test_migrate.py",
-    "test_dropfolder.py", "test_restore.py", "test_readers.py", "test_cli.py",
-    "test_sync_end_to_end.py", "test_prefetch.py", "test_sync_index_rebuilt.py",
-    "test_storage_commitment.py", "test_viewer_browser.py", "test_dicom_tls.py",
-    "test_web_login.py", "test_audit.py", "test_users.py", "test_viewer_recall.py",
-    "test_store_bad_input.py", "test_retrieve_get.py", "test_worklist.py",
-    "test_tiering_random.py", "test_workflow_day.py", "test_dicomweb_wado.py",
-    "test_dicomweb_stow.py", "test_power_loss.py",
+    "test_ansible.py", "test_key_rotation.py", "test_scrub.py", "test_migrate.py",
+    "test_sync_crash.py", "test_readers.py", "test_hl7_orders.py", "test_viewer_recall.py",
+    "test_dimse_hardening.py", "test_dropfolder.py", "test_restore.py", "test_cli.py",
+    "test_retrieve_move.py", "test_storage_commitment.py", "test_hl7_fuzz.py",
+    "test_sync_index_rebuilt.py", "test_power_loss.py", "test_web_login.py",
+    "test_sync_end_to_end.py", "test_launch_links.py", "test_damaged_index.py",
+    "test_viewer_browser.py", "test_prefetch.py", "test_users.py", "test_escrow_gate.py",
+    "test_dicom_tls.py", "test_study_leases.py", "test_audit.py", "test_tiering_random.py",
+    "test_dicomweb_wado.py", "test_store_bad_input.py", "test_retrieve_get.py",
+    "test_worklist.py", "test_workflow_day.py", "test_dicomweb_stow.py",
 )
 
 
