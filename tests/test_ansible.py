@@ -593,6 +593,12 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     secrets = fleet.home("edge-b") / "secrets"
     os.chown(secrets, 0, 0)
     secrets.chmod(0o755)
+    # Dependency wheels gone from the box or changed there are copied again, root's, 0644.
+    deps = fleet.prefix("edge-b") / "opt/pacs-edge/wheels/deps"
+    lost, opened, altered = sorted(deps.glob("*.whl"))[:3]
+    lost.unlink()
+    opened.chmod(0o666)
+    altered.write_bytes(b"not the wheel")
     wheel_vars = yaml.safe_load(fleet.inventory.read_text())["pacs_edge"]["vars"]
     fleet.write_inventory(Path(wheel_vars["pacs_edge_wheel"]),
                           Path(wheel_vars["pacs_edge_wheelhouse"]))
@@ -604,6 +610,11 @@ def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None
     assert not stale_secret.exists()
     info = secrets.stat()
     assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o700, pwd.getpwnam(USER).pw_uid)
+    wheelhouse = Path(wheel_vars["pacs_edge_wheelhouse"])
+    for path in (lost, opened, altered):
+        info = path.stat()
+        assert path.read_bytes() == (wheelhouse / path.name).read_bytes(), path.name
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o644, 0, 0), path.name
 
 
 def test_a_new_viewer_build_goes_live_with_no_moment_without_one(fleet: Fleet) -> None:
