@@ -944,8 +944,8 @@ def test_prometheus_file_keeps_the_boxes_a_run_did_not_reach(tmp_path: Path) -> 
             "hosts": hosts}}))
         # One batch: --start-at-task skips tasks in the first batch only.
         proc = _play(inventory, tmp_path, "--start-at-task",
-                     "Work out where Prometheus scrapes this box", "-e", "pacs_edge_serial=0",
-                     *args)
+                     "Reach the box before it gets an entry of this run", "-e",
+                     "pacs_edge_serial=0", *args)
         failed = {m[1]: int(m[5]) for m in _RECAP.finditer(proc.stdout)}
         assert failed and not any(failed.values()), proc.stdout[-6000:]
         entries = json.loads(file_sd.read_text())
