@@ -732,11 +732,11 @@ def test_an_upgrade_that_fails_late_still_restarts_and_runs_the_new_version(
         "wheels": [rollback.name], "version": f"pacs-edge, version {version}.post1"}
 
 
-def test_ansible_lint_passes_with_the_production_profile() -> None:
+def test_ansible_lint_passes_with_the_production_profile(tmp_path: Path) -> None:
     proc = subprocess.run([str(BIN / "ansible-lint"), "--nocolor"], capture_output=True,
                           text=True, timeout=600, cwd=ANSIBLE_DIR,
                           env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
-                               "ANSIBLE_HOME": tempfile.mkdtemp(prefix="ansible-lint-")})
+                               "ANSIBLE_HOME": str(tmp_path / ".ansible")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
 
