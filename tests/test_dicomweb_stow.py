@@ -222,6 +222,28 @@ def test_wrong_content_types_are_415(web: EdgeServer, tmp_path: Path) -> None:
         assert answer.status == 415, content_type
 
 
+def test_an_accept_header_admitting_no_json_answer_is_406_and_nothing_is_stored(
+        web: EdgeServer, tmp_path: Path) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=75, series_per_study=1,
+                                      instances_per_series=1)
+    body, content_type = webpeer.multipart_body([instance.path])
+    url = webpeer.base_url(web) + STOW
+    session = webpeer.session(web, "rad")
+    refused = session.post(url, data=body, headers={"Content-Type": content_type,
+                                                    "Accept": "application/dicom+xml"})
+    assert refused.status_code == 406
+    assert "application/dicom+json" in refused.text
+    found = session.get(f"{webpeer.base_url(web)}/dicom-web/studies",
+                        params={"StudyInstanceUID": instance.study_uid},
+                        headers={"Accept": "application/dicom+json"})
+    assert found.status_code == 200 and found.json() == [], found.text
+    for accept in ("application/json", "application/dicom+xml, application/dicom+json;q=0.5",
+                   "*/*"):
+        stored = session.post(url, data=body, headers={"Content-Type": content_type,
+                                                       "Accept": accept})
+        assert stored.status_code == 200, (accept, stored.text)
+
+
 def test_malformed_multipart_is_400(web: EdgeServer, tmp_path: Path) -> None:
     body = tmp_path / "body"
     body.write_bytes(b"this is not multipart at all\r\n")

@@ -23,7 +23,10 @@ data set inflating beyond store.max_inflated_mb), 0xA900 the data set
 does not belong to the study of the URL (POST /studies/{study}). Duplicates are
 success (idempotent). A request that is not multipart/related;
 type="application/dicom" is 415; a body that is not valid multipart is 400;
-one of more than MAX_PARTS parts is 413 at the part past the limit.
+one of more than MAX_PARTS parts is 413 at the part past the limit. An Accept
+header that admits no JSON answer (only application/dicom+xml, say, which the
+box does not write) is 406, before any part is read: the instances would be
+stored and the client could not read which.
 
 Storing needs a role that sees every study (admin, radiologist): a referring
 physician's upload is 403. Stored instances are audited per study (who, from
@@ -49,7 +52,7 @@ from appliance.base.metrics import RECEIVED_BYTES
 from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.auth import RETRY_AFTER_SECONDS
-from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange
+from appliance.http.dicomweb_media import CHUNK, DICOM, MULTIPART, MediaRange, accepts_json
 from appliance.services.dicom_header import read_header
 from appliance.services.ingest import IngestService
 from appliance.store.instance_header import InstanceHeader
@@ -120,6 +123,8 @@ async def store(request: web.Request) -> web.Response:
     _check_content_type(request.headers.get("Content-Type", ""))
     if not common.principal(request).may_store():
         raise web.HTTPForbidden(text="storing needs the admin or radiologist role\n")
+    if not accepts_json(request.headers.get("Accept")):  # before a byte of the body is stored
+        raise common.not_acceptable("a store (its answer is application/dicom+json)")
     outcome = _Outcome([], [])
     # Instances stored before a later part fails (413, 400, 408) stay stored and audited:
     # each was durable on its own, as over a C-STORE association that is then aborted.
