@@ -1,4 +1,5 @@
-"""Every DICOMweb answer is no-store and every answer nosniff (appliance/http/response_headers.py).
+"""Every DICOMweb answer is no-store, every answer nosniff and HTTPS-only for browsers
+(HSTS) (appliance/http/response_headers.py).
 
 A real `pacs-edge serve` with HTTPS, a study stored with storescu whose Patient Name and
 Study Description hold markup, and curl as the client. QIDO matches and metadata carry
@@ -87,3 +88,16 @@ def test_pages_and_probes_are_nosniff(web: EdgeServer) -> None:
                        ("/status", "rad")):
         answer = webpeer.curl(web, path, user=user)
         assert answer.headers.get("x-content-type-options") == "nosniff", (path, answer.status)
+
+
+def test_every_answer_tells_browsers_to_use_https_only(
+        web: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
+    answers = [webpeer.curl(web, path, user=user) for path, user in (
+        ("/login", None), ("/healthz", None), ("/", "rad"), ("/status", "rad"),
+        (f"/dicom-web/studies/{study[0].study_uid}/metadata", "rad"),
+        ("/dicom-web/studies", None),  # 401
+        ("/dicom-web/nothing-here", "rad"))]  # 404 of the router
+    assert {a.status for a in answers} >= {200, 401, 404}
+    for answer in answers:
+        assert answer.headers.get("strict-transport-security") == "max-age=31536000", \
+            answer.status

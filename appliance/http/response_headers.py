@@ -3,6 +3,15 @@
 - ``X-Content-Type-Options: nosniff`` on everything: a browser renders an answer only
   as the type it was sent with, so a JSON or text answer holding a hostile value (a
   Patient Name with markup in it, a reflected error text) is never taken for a page.
+- ``Strict-Transport-Security: max-age=31536000`` on everything: once a browser has
+  reached the box over HTTPS with a certificate it trusts, it never tries plain HTTP
+  to that host name again (a user typing ``pacs:8443`` or an old ``http://`` link
+  cannot be led to a look-alike on the LAN that takes the password), and a
+  certificate error on that name can no longer be clicked through. No
+  ``includeSubDomains``: the box speaks for its own name only, not for the hospital's
+  other hosts. Browsers take the header only over a connection whose certificate
+  they trust, and never for an IP address, so a box reached by address, or with the
+  site CA not yet trusted, is as before.
 - ``Cache-Control: no-store`` on every /dicom-web answer that does not set its own:
   QIDO matches and metadata carry names, IDs and birth dates, and a shared reading-room
   workstation must not keep them in its browser's disk cache. (Before, only the
@@ -21,6 +30,7 @@ from aiohttp import web
 from appliance.http.auth import DICOMWEB_PREFIX
 
 NO_STORE = "no-store"
+HSTS = "max-age=31536000"  # a year, as RFC 6797 section 11.2 suggests for a steady host
 
 
 def install(app: web.Application) -> None:
@@ -29,6 +39,7 @@ def install(app: web.Application) -> None:
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Strict-Transport-Security", HSTS)
     path = request.path
     if path == DICOMWEB_PREFIX or path.startswith(DICOMWEB_PREFIX + "/"):
         response.headers.setdefault("Cache-Control", NO_STORE)
