@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import warnings
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from typing import Any
@@ -252,6 +253,36 @@ def test_final_state_needs_its_end_date_and_time(scu: tuple[EdgeServer, MppsScu]
     assert client.set(sop_uid, final("COMPLETED", with_end=False)).Status == MISSING_VALUE
     step = _step(edge, sop_uid)
     assert step is not None and step["state"] == "in_progress"
+
+
+def test_a_start_or_end_that_is_no_date_or_time_is_refused_naming_the_attribute(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    edge, client = scu
+    for keyword, value in (("PerformedProcedureStepStartDate", "20240230"),
+                           ("PerformedProcedureStepStartDate", "2024-01-05"),
+                           ("PerformedProcedureStepStartTime", "2530"),
+                           ("PerformedProcedureStepStartTime", "ten"),
+                           ("PerformedProcedureStepEndDate", "2024010"),
+                           ("PerformedProcedureStepEndTime", "106000")):
+        attrs = in_progress()
+        sop_uid = str(generate_uid())
+        with warnings.catch_warnings():  # pydicom warns of the value it then sends
+            warnings.simplefilter("ignore")
+            setattr(attrs, keyword, value)
+            refused = client.create(sop_uid, attrs)
+        assert refused.Status == INVALID_ATTRIBUTE_VALUE, (keyword, value)
+        assert keyword in str(refused.ErrorComment) and value not in str(refused.ErrorComment)
+        assert _step(edge, sop_uid) is None
+    sop_uid = str(generate_uid())
+    assert client.create(sop_uid, in_progress()).Status == SUCCESS
+    ended_on_no_day = final()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ended_on_no_day.PerformedProcedureStepEndDate = "20241301"
+        assert client.set(sop_uid, ended_on_no_day).Status == INVALID_ATTRIBUTE_VALUE
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "in_progress"
+    assert client.set(sop_uid, final()).Status == SUCCESS
 
 
 def test_set_of_an_unknown_step_is_refused(scu: tuple[EdgeServer, MppsScu]) -> None:

@@ -71,6 +71,7 @@ from appliance.store.mpps_rows import (
     StepFields,
     StepRef,
 )
+from appliance.store.times import date_problem, time_problem
 
 if TYPE_CHECKING:  # transaction bodies pass the connection on to the store
     import sqlite3
@@ -89,6 +90,8 @@ _REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
                        "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
                        "Modality")
 _REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
+_DATES = ("PerformedProcedureStepStartDate", "PerformedProcedureStepEndDate")
+_TIMES = ("PerformedProcedureStepStartTime", "PerformedProcedureStepEndTime")
 _MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
 _ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
                   MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
@@ -148,6 +151,7 @@ class MppsService:
             raise MppsRefused(Kind.MISSING_ATTRIBUTE,
                               "ScheduledStepAttributesSequence is missing")
         _require(attributes, _REQUIRED_ON_CREATE)
+        _check_dates_and_times(attributes)
         encoded = _encode(attributes)
         now = self.clock()
         assert self.index.writer is not None
@@ -184,6 +188,7 @@ class MppsService:
                                   " IN PROGRESS, COMPLETED or DISCONTINUED")
             if trigger is not MppsTrigger.UPDATE:
                 _require(merged, _REQUIRED_WHEN_FINAL)
+            _check_dates_and_times(merged)
             encoded = _encode(merged)
             now = self.clock()
             assert self.index.writer is not None
@@ -293,6 +298,18 @@ def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
             raise MppsRefused(Kind.MISSING_ATTRIBUTE, f"{keyword} is missing")
         if ds.get(keyword) in (None, ""):
             raise MppsRefused(Kind.MISSING_VALUE, f"{keyword} has no value")
+
+
+def _check_dates_and_times(ds: Dataset) -> None:
+    """The step's start and end, where they have a value, must be a DA and a TM (PS3.5
+    6.2): they are the step's columns in the index and what a RIS reads back by N-GET.
+    A refusal names the attribute and the fault, never the value."""
+    for keywords, problem_of in ((_DATES, date_problem), (_TIMES, time_problem)):
+        for keyword in keywords:
+            value = _text(ds, keyword)
+            problem = problem_of(value) if value else None
+            if problem:
+                raise MppsRefused(Kind.INVALID_VALUE, f"{keyword} {problem}")
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -1,11 +1,42 @@
-"""Normalised DICOM TM values, so time ranges compare as strings.
+"""DICOM DA and TM values: whether one is well formed, and TM keys that compare as strings.
 
 A TM may be `HH`, `HHMM`, `HHMMSS` or `HHMMSS.FFFFFF` (and old `HH:MM:SS`).
 The key pads it to `HHMMSS.FFFFFF`, filling missing parts with zeros, so that
 `'1015' < '101530'` compares the way a clock does.
+
+`date_problem` and `time_problem` say what is wrong with a value (None when
+nothing is), in words a refusal can name without quoting the value: a C-FIND key
+and an MPPS step's start and end are checked alike.
 """
 
 from __future__ import annotations
+
+import datetime
+import re
+
+_DATE = re.compile("[0-9]{8}")
+_TIME_BOUNDS = (24, 60, 61)  # hour, minute, second: a second may be 60 (PS3.5 6.2)
+
+
+def date_problem(value: str) -> str | None:
+    """What makes `value` no DA (`YYYYMMDD` naming a calendar day), or None."""
+    if not _DATE.fullmatch(value):
+        return "is not YYYYMMDD"
+    try:
+        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return "names no calendar day"
+    return None
+
+
+def time_problem(value: str) -> str | None:
+    """What makes `value` no TM (`HH[MM[SS[.FFFFFF]]]` within a day), or None."""
+    if not time_key(value):
+        return "is not HHMMSS.FFFFFF"
+    whole = value.strip().replace(":", "").partition(".")[0]
+    if any(int(whole[2 * i:2 * i + 2] or 0) >= bound for i, bound in enumerate(_TIME_BOUNDS)):
+        return "is out of range"
+    return None
 
 
 def time_key(value: str) -> str:

@@ -43,7 +43,6 @@ Malformed dates, times and integers raise QueryError 0xC000.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -61,13 +60,10 @@ from appliance.store.cfind.conditions import (
     Wildcard,
 )
 from appliance.store.person_names import strip_padding
-from appliance.store.times import time_key
+from appliance.store.times import date_problem, time_key, time_problem
 
 __all__ = ["Match", "combined_datetime", "term"]
 
-_DATE = re.compile("[0-9]{8}")
-# Exclusive upper bounds of HH, MM and SS in a TM (SS may be 60, a leap second: PS3.5 6.2).
-_TIME_BOUNDS = (24, 60, 61)
 # `^*`, `^^*`, `^*^*` ... at the end of a PN group: may stand for left-out components.
 _TRAILING_ANY_COMPONENTS = re.compile(r"(?:\^+\*+)+$")
 _PN_GROUPS = 3  # alphabetic, ideographic, phonetic
@@ -189,21 +185,16 @@ def _range(value: str, check: Callable[[str], str]) -> tuple[str, str]:
 
 
 def _check_date(value: str) -> str:
-    if not _DATE.fullmatch(value):
-        raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key is not YYYYMMDD")
-    try:
-        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
-    except ValueError:
-        raise QueryError(QueryRefusal.MALFORMED_KEY, "a date key names no calendar day") from None
+    problem = date_problem(value)
+    if problem:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, f"a date key {problem}")
     return value
 
 
 def _check_time(value: str) -> str:
-    if not time_key(value):
-        raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is not HHMMSS.FFFFFF")
-    whole = value.strip().replace(":", "").partition(".")[0]
-    if any(int(whole[2 * i:2 * i + 2] or 0) >= bound for i, bound in enumerate(_TIME_BOUNDS)):
-        raise QueryError(QueryRefusal.MALFORMED_KEY, "a time key is out of range")
+    problem = time_problem(value)
+    if problem:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, f"a time key {problem}")
     return value
 
 
