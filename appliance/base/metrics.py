@@ -59,6 +59,10 @@ SENT_BYTES = Counter(
 INGEST_IN_PROGRESS = Gauge(
     "pacs_edge_ingest_in_progress", "Instances being received and made durable right now.",
     multiprocess_mode="livesum")
+INSTANCES_OF_ANOTHER_PATIENT = Counter(
+    "pacs_edge_instances_of_another_patient",
+    "Instances stored that name another patient than the study they belong to is filed"
+    " under.")
 HL7_MESSAGES = Counter(
     "pacs_edge_hl7_messages", "HL7 messages answered, by acknowledgement code.", ["ack"])
 HTTP_REQUESTS = Counter(

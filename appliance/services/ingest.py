@@ -49,7 +49,7 @@ from appliance.base.errors import (
     Rejection,
     StoreReadOnly,
 )
-from appliance.base.metrics import INGEST_IN_PROGRESS
+from appliance.base.metrics import INGEST_IN_PROGRESS, INSTANCES_OF_ANOTHER_PATIENT
 from appliance.base.uids import normalise_uid
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore
@@ -141,15 +141,17 @@ class IngestService:
                 committed_path = relative
             stored = StoredFile(relative, placed.size, placed.dataset_offset, sha256,
                                 time.time(), source_ae)
-            outcome = self.index.record_instance_blocking(header, stored)
+            recorded = self.index.record_instance_blocking(header, stored)
             committed_path = None  # the row owns the file now
-            if outcome is RecordOutcome.NEW_VERSION:
+            if recorded.outcome is RecordOutcome.NEW_VERSION:
                 log.warning(
                     "instance re-sent with different content; previous kept as prior version"
                     " instance=%s study=%s", logsafe.ref(header.sop_uid),
                     logsafe.ref(header.study_uid),
                 )
-            return IngestResult(outcome, header, relative)
+            if recorded.other_patient:
+                _report_other_patient(header, moved=recorded.study_moved)
+            return IngestResult(recorded.outcome, header, relative)
         except OSError as exc:
             raise _store_failure(exc) from exc
         finally:
@@ -211,6 +213,20 @@ class IngestService:
             spool.discard()
             raise
         return spool
+
+
+def _report_other_patient(header: InstanceHeader, *, moved: bool) -> None:
+    """An instance named another patient than its study is filed under (Index._record)."""
+    INSTANCES_OF_ANOTHER_PATIENT.inc()
+    if moved:
+        log.warning("study moved to the patient every one of its instances now names"
+                    " instance=%s study=%s", logsafe.ref(header.sop_uid),
+                    logsafe.ref(header.study_uid))
+    else:
+        log.warning("instance names another patient than its study; filed under the"
+                    " study's patient until every instance of the study names the same"
+                    " instance=%s study=%s", logsafe.ref(header.sop_uid),
+                    logsafe.ref(header.study_uid))
 
 
 def _store_failure(exc: OSError) -> PacsEdgeError:

@@ -130,6 +130,32 @@ def current_patient(conn: sqlite3.Connection, p: PatientFields) -> PatientFields
                    known.sex or p.sex)
 
 
+def study_patient(conn: sqlite3.Connection, study_uid: str) -> tuple[int, Patient] | None:
+    """The row id and attributes of the patient a known study is filed under, else None."""
+    row = database.query_one(
+        conn, "SELECT p.id, p.patient_id, p.issuer, p.patient_name, p.birth_date, p.sex"
+        " FROM studies st JOIN patients p ON p.id = st.patient_fk WHERE st.study_uid = ?",
+        (study_uid,))
+    return None if row is None else (int(row[0]), Patient(*row[1:]))
+
+
+def same_patient(a: PatientFields, b: PatientFields) -> bool:
+    """Whether `a` and `b` are one patient row's key (as upsert_patient finds rows)."""
+    if (a.patient_id, a.issuer_of_patient_id) != (b.patient_id, b.issuer_of_patient_id):
+        return False
+    return bool(a.patient_id) or (a.patient_name, a.birth_date, a.sex) == (
+        b.patient_name, b.birth_date, b.sex)
+
+
+def drop_patient_if_unused(conn: sqlite3.Connection, patient_fk: int) -> None:
+    """Remove the patient row if no study is filed under it and no instance names it:
+    C-FIND's PATIENT level answers every patient row, one without studies too."""
+    conn.execute(
+        "DELETE FROM patients WHERE id = ? AND NOT EXISTS"
+        " (SELECT 1 FROM studies WHERE patient_fk = ?) AND NOT EXISTS"
+        " (SELECT 1 FROM instances WHERE patient_fk = ?)", (patient_fk,) * 3)
+
+
 def upsert_patient(conn: sqlite3.Connection, p: PatientFields) -> int:
     """The patient's row id (PatientID + issuer), inserted if new; a known patient's
     other attributes stay as first recorded. An empty PatientID names nobody: such a
@@ -208,8 +234,10 @@ def upsert_series(conn: sqlite3.Connection, study_fk: int, s: SeriesFields, *,
 
 def put_instance(conn: sqlite3.Connection, series_fk: int, i: InstanceFields,
                  f: InstanceFile, *, pack_fk: int | None = None, pack_offset: int | None = None,
-                 pack_length: int | None = None, is_local: bool = True) -> None:
-    """Insert the instance row, or replace a row of the same SOP Instance UID in place.
+                 pack_length: int | None = None, is_local: bool = True,
+                 other_patient_fk: int | None = None) -> None:
+    """Insert the instance row, or replace a row of the same SOP Instance UID in place;
+    `other_patient_fk`: the patient the instance names, when not its study's.
 
     Ingest never replaces: it moves a current row to instance_versions first, in
     the same transaction. Restore does, for an instance that a later version of
@@ -217,8 +245,8 @@ def put_instance(conn: sqlite3.Connection, series_fk: int, i: InstanceFields,
     conn.execute(
         "INSERT INTO instances (series_fk, sop_uid, sop_class_uid, instance_number,"
         " transfer_syntax, path, size, dataset_offset, sha256, received_at, source_ae,"
-        " pack_fk, pack_offset, pack_length, is_local)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " pack_fk, pack_offset, pack_length, is_local, patient_fk)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (sop_uid) DO UPDATE SET series_fk = excluded.series_fk,"
         " sop_class_uid = excluded.sop_class_uid,"
         " instance_number = excluded.instance_number,"
@@ -227,10 +255,10 @@ def put_instance(conn: sqlite3.Connection, series_fk: int, i: InstanceFields,
         " sha256 = excluded.sha256, received_at = excluded.received_at,"
         " source_ae = excluded.source_ae, pack_fk = excluded.pack_fk,"
         " pack_offset = excluded.pack_offset, pack_length = excluded.pack_length,"
-        " is_local = excluded.is_local",
+        " is_local = excluded.is_local, patient_fk = excluded.patient_fk",
         (series_fk, i.sop_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax,
          f.path, f.size, f.dataset_offset, f.sha256, f.received_at, f.source_ae,
-         pack_fk, pack_offset, pack_length, int(is_local)),
+         pack_fk, pack_offset, pack_length, int(is_local), other_patient_fk),
     )
 
 

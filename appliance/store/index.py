@@ -33,6 +33,17 @@ class RecordOutcome(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What recording an instance did. `other_patient`: the instance names another
+    patient than the one its study is filed under; `study_moved`: every current
+    instance of the study now names that patient, so the study was filed under it."""
+
+    outcome: RecordOutcome
+    other_patient: bool = False
+    study_moved: bool = False  # and with it every instance of the study names that patient
+
+
+@dataclass(frozen=True)
 class StoredFile:
     """Where and what an instance file is (path relative to the store root)."""
 
@@ -161,7 +172,7 @@ class Index:
     # --- ingest -----------------------------------------------------------------
 
 
-    async def record_instance(self, header: InstanceHeader, stored: StoredFile) -> RecordOutcome:
+    async def record_instance(self, header: InstanceHeader, stored: StoredFile) -> Recorded:
         """Commit the instance row (and its patient/study/series); durable on return."""
         assert self.writer is not None
         return await self.writer.submit_sync(lambda conn: _record(conn, header, stored))
@@ -191,13 +202,13 @@ class Index:
             (size, dataset_offset, sop_uid, path)))
 
     def record_instance_blocking(self, header: InstanceHeader,
-                                 stored: StoredFile) -> RecordOutcome:
+                                 stored: StoredFile) -> Recorded:
         """`record_instance` in the calling thread's group commit (Writer.commit_blocking)."""
         if self.writer is None:
             raise RuntimeError("index is not open")
-        outcome: RecordOutcome = self.writer.commit_blocking(
+        recorded: Recorded = self.writer.commit_blocking(
             lambda conn: _record(conn, header, stored))
-        return outcome
+        return recorded
 
     # --- retrieve ---------------------------------------------------------------
 
@@ -428,18 +439,34 @@ def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
     return row[0] if row else None
 
 
-def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> RecordOutcome:
+def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> Recorded:
     """Insert one instance and its patient/study/series, in the writer's thread
-    (Writer.submit_sync: the whole transaction is one hop from the event loop)."""
+    (Writer.submit_sync: the whole transaction is one hop from the event loop).
+
+    A study is filed under the patient of its first instance. An instance of it that
+    names another patient joins the study there, its row keeping the patient it
+    names (migration 0030), and the caller is told (Recorded.other_patient): a
+    Patient ID corrected at the modality, or an instance put into the wrong study,
+    is never silent. Once every current instance of the study names that patient
+    (the corrected study sent again whole), the study moves to it
+    (_follow_instances)."""
     outcome = make_way(conn, h.sop_uid, stored.sha256, stored.path, stored.received_at)
     if outcome is RecordOutcome.DUPLICATE:
-        return outcome
+        return Recorded(outcome)
 
     # Upserts return the row id (and the series' count, which says whether the
     # series is new), so the common case is five statements.
     now = stored.received_at
     # An ID that a patient merge (ADT^A40) made obsolete joins the surviving patient.
-    patient_fk = hierarchy.upsert_patient(conn, hierarchy.current_patient(conn, h))
+    patient = hierarchy.current_patient(conn, h)
+    filed = hierarchy.study_patient(conn, h.study_uid)
+    other_fk = None
+    if filed is None:
+        patient_fk = hierarchy.upsert_patient(conn, patient)
+    else:
+        patient_fk = filed[0]
+        if not hierarchy.same_patient(patient, filed[1]):
+            other_fk = hierarchy.upsert_patient(conn, patient)
     study_fk = hierarchy.upsert_study(
         conn, patient_fk, h, instances=1, size=stored.size, first_received_at=now,
         last_received_at=now, last_access_at=now, tier_state=tiering.TierState.LOCAL,
@@ -451,9 +478,28 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
         conn.execute(
             "UPDATE studies SET series_count = series_count + 1 WHERE id = ?", (study_fk,)
         )
-    hierarchy.put_instance(conn, series_fk, h, stored)
+    hierarchy.put_instance(conn, series_fk, h, stored, other_patient_fk=other_fk)
     hierarchy.count_sop_class(conn, study_fk, h.sop_class_uid, +1)
-    return outcome
+    if other_fk is None:
+        return Recorded(outcome)
+    return Recorded(outcome, other_patient=True,
+                    study_moved=_follow_instances(conn, study_fk, patient_fk, other_fk))
+
+
+def _follow_instances(conn: sqlite3.Connection, study_fk: int, filed_fk: int,
+                      other_fk: int) -> bool:
+    """File the study under `other_fk` if every current instance of it names that
+    patient; True when it did. The patient it leaves goes if nothing else is its."""
+    naming = _scalar(
+        conn, "SELECT COUNT(*) FROM instances i JOIN series se ON se.id = i.series_fk"
+        " WHERE i.patient_fk = ? AND se.study_fk = ?", (other_fk, study_fk))
+    if naming < _scalar(conn, "SELECT instance_count FROM studies WHERE id = ?", (study_fk,)):
+        return False
+    conn.execute("UPDATE studies SET patient_fk = ? WHERE id = ?", (other_fk, study_fk))
+    conn.execute("UPDATE instances SET patient_fk = NULL WHERE patient_fk = ? AND series_fk IN"
+                 " (SELECT id FROM series WHERE study_fk = ?)", (other_fk, study_fk))
+    hierarchy.drop_patient_if_unused(conn, filed_fk)
+    return True
 
 
 def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
@@ -471,7 +517,7 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
     existing = database.query_one(
         conn,
         "SELECT id, series_fk, sop_class_uid, path, size, sha256, transfer_syntax,"
-        " received_at, pack_fk, pack_offset, pack_length, is_local"
+        " received_at, pack_fk, pack_offset, pack_length, is_local, patient_fk"
         " FROM instances WHERE sop_uid = ?",
         (sop_uid,),
     )
@@ -506,6 +552,8 @@ def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: fl
          old["is_local"]),
     )
     conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
+    if old["patient_fk"] is not None:  # it named another patient than its study's
+        hierarchy.drop_patient_if_unused(conn, old["patient_fk"])
     series_fk = old["series_fk"]
     study_fk = _scalar(conn, "SELECT study_fk FROM series WHERE id = ?", (series_fk,))
     conn.execute(

@@ -379,6 +379,15 @@ def update_demographics(conn: sqlite3.Connection, patient: PatientKey,
     return patients, orders
 
 
+def _instances_name_their_study(conn: sqlite3.Connection, patient_fk: int) -> None:
+    """After a merge into `patient_fk`: an instance naming that patient in a study filed
+    under it names its study's patient (migration 0030), so it is marked as no other."""
+    conn.execute(
+        "UPDATE instances SET patient_fk = NULL WHERE patient_fk = ? AND series_fk IN"
+        " (SELECT se.id FROM series se JOIN studies st ON st.id = se.study_fk"
+        " WHERE st.patient_fk = ?)", (patient_fk, patient_fk))
+
+
 def merge_patient(conn: sqlite3.Connection, prior: PatientKey, surviving: PatientKey,
                   at: float) -> tuple[int, int]:
     """Make `prior`'s studies and orders `surviving`'s; returns (studies, orders) moved.
@@ -403,7 +412,10 @@ def merge_patient(conn: sqlite3.Connection, prior: PatientKey, surviving: Patien
     elif prior_row is not None and surviving_row is not None:
         studies = conn.execute("UPDATE studies SET patient_fk = ? WHERE patient_fk = ?",
                                (surviving_row[0], prior_row[0])).rowcount
+        conn.execute("UPDATE instances SET patient_fk = ? WHERE patient_fk = ?",
+                     (surviving_row[0], prior_row[0]))
         conn.execute("DELETE FROM patients WHERE id = ?", (prior_row[0],))
+        _instances_name_their_study(conn, surviving_row[0])
     orders = conn.execute(
         "UPDATE orders SET patient_id = ?, issuer = ?, updated_at = ? WHERE patient_id = ?"
         " AND issuer = ?", (surviving.patient_id, surviving.issuer, at, prior.patient_id,
