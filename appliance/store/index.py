@@ -40,7 +40,7 @@ class Recorded:
 
     outcome: RecordOutcome
     other_patient: bool = False
-    study_moved: bool = False  # and with it every instance of the study names that patient
+    study_moved: bool = False
 
 
 @dataclass(frozen=True)
