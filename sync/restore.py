@@ -144,11 +144,8 @@ async def restore_index(index: Index, store: BlobStore, ring: SiteKeyring, *,
     known = await manifest_names(index)
     names = listing.manifests
     report = RestoreReport(manifests=len(names), already=sum(n in known for n in names))
-    for pack_name in _packs_without_manifest(listing, known):
-        report.failures.append(f"{pack_name}: no manifest for this pack: its version cannot "
-                               "be read (restore the manifest blob from soft delete or "
-                               "versioning; an upload the lost box never finished leaves "
-                               "a pack alone too)")
+    for pack_name, newest in _packs_without_manifest(listing, known):
+        report.failures.append(f"{pack_name}: no manifest for this pack: {_WHY[newest]}")
         log.error("restore skipped pack=%s error=no manifest", pack_name)
     done = report.already
     if on_progress is not None:
@@ -222,17 +219,35 @@ def _list_studies(store: BlobStore) -> _Listing:
     return listing
 
 
-def _packs_without_manifest(listing: _Listing, known: set[str]) -> list[str]:
-    """Pack blobs whose manifest neither the listing nor the index holds: versions restore
-    cannot read, reported rather than passed over (a deleted manifest, or an upload the
-    lost box never finished), so that "0 failed" means every pack came back."""
+# What a pack without a manifest most likely is, by whether it is its study's newest.
+# The agent uploads a version's pack before its manifest, so a box lost in between leaves
+# the newest pack alone; an older version lost its manifest after it was written.
+_WHY = {
+    True: "the newest version of its study, most likely an upload the lost box never"
+          " finished: its instances were on that box only (send them again from the"
+          " modality), unless its manifest was deleted (restore it from soft delete or"
+          " versioning)",
+    False: "an older version of its study, whose manifest was deleted: restore the"
+           " manifest blob from soft delete or versioning, then run restore again",
+}
+
+
+def _packs_without_manifest(listing: _Listing, known: set[str]) -> list[tuple[str, bool]]:
+    """Pack blobs whose manifest neither the listing nor the index holds, each with
+    whether it is its study's newest version: versions restore cannot read, reported
+    rather than passed over, so that "0 failed" means every pack came back."""
     listed = set(listing.manifests) | known
+    newest: dict[str, int] = {}
+    for name in (*listed, *listing.packs):
+        parsed = naming.parse_blob_name(name)
+        if parsed is not None:
+            newest[parsed.study_key] = max(parsed.version, newest.get(parsed.study_key, 0))
     orphans = []
     for pack_name in sorted(listing.packs):
         parsed = naming.parse_blob_name(pack_name)
         assert parsed is not None
         if naming.manifest_name(parsed.study_key, parsed.version) not in listed:
-            orphans.append(pack_name)
+            orphans.append((pack_name, parsed.version == newest[parsed.study_key]))
     return orphans
 
 

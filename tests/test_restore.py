@@ -37,6 +37,9 @@ from syncagent import (
 
 from provisioning.keyring import key_id, load_keyring
 from provisioning.site_secrets import load_name_secret
+from sync.blobstore.base import BlobInfo, Tier
+from sync.pack import naming
+from sync.restore import _Listing, _packs_without_manifest
 
 PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
@@ -342,7 +345,22 @@ def test_restore_reports_a_pack_whose_manifest_is_gone(tmp_path: Path) -> None:
                            check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "restored 1 pack version(s)" in result.stdout and "; 1 failed" in result.stdout
-    assert f"failed: {orphan.relative_to(cloud)}: no manifest for this pack" in result.stderr
+    assert f"failed: {orphan.relative_to(cloud)}: no manifest for this pack: the newest" \
+        " version of its study, most likely an upload the lost box never finished" \
+        in result.stderr
+
+
+def test_a_pack_without_manifest_is_told_apart_by_whether_it_is_its_studys_newest() -> None:
+    """The agent uploads a pack before its manifest: a box lost in between leaves its
+    study's newest pack alone, while an older pack alone lost a manifest once written."""
+    a, b = "a" * 32, "b" * 32
+    packs = [naming.pack_name(a, 1), naming.pack_name(a, 2), naming.pack_name(b, 1),
+             naming.pack_name(b, 3)]
+    listing = _Listing([naming.manifest_name(a, 2), naming.manifest_name(b, 1)],
+                       {name: BlobInfo(name, 1, Tier.HOT, True) for name in packs})
+    known = {naming.manifest_name(b, 2)}  # in the index already: not listed again
+    assert _packs_without_manifest(listing, known) == [
+        (naming.pack_name(a, 1), False), (naming.pack_name(b, 3), True)]
 
 
 def test_restore_stops_at_a_store_that_stopped_answering(tmp_path: Path) -> None:
