@@ -72,6 +72,37 @@ def test_a_correction_sent_back_and_forth_is_stored_every_time(
     assert_fsck_clean(edge_server.home)
 
 
+def test_a_study_whose_instances_all_went_into_another_study_is_no_longer_answered(
+    edge_server: EdgeServer, tmp_path: Path,
+) -> None:
+    """An instance sent again under another Study (and Series) Instance UID becomes
+    current there. Its first study kept its row, with no instance left, and C-FIND
+    answered it (NumberOfStudyRelatedInstances 0; QIDO-RS and the viewer's study list
+    alike): a study with nothing to retrieve. Its patient had only it."""
+    instance = dicomgen.make_study(tmp_path / "study", seed=82, series_per_study=1,
+                                   instances_per_series=1, size=16)[0]
+    ds = pydicom.dcmread(instance.path)
+    ds.StudyInstanceUID = dicomgen.make_uid(82, "other study")
+    ds.SeriesInstanceUID = dicomgen.make_uid(82, "other series")
+    ds.PatientID = "OTHER82"
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved, enforce_file_format=True)
+    dcmtk.storescu(edge_server.port, [instance.path, moved]).check()
+    studies = dcmtk.findscu(edge_server.port, {"StudyInstanceUID": "",
+                                               "NumberOfStudyRelatedInstances": ""}).check()
+    assert list(zip(studies.values("StudyInstanceUID"),
+                    studies.values("NumberOfStudyRelatedInstances"), strict=True)) == [
+        (str(ds.StudyInstanceUID), "1")]
+    patients = dcmtk.findscu(edge_server.port, {"PatientID": "",
+                                                "NumberOfPatientRelatedStudies": ""},
+                             level="PATIENT", model="patient").check()
+    assert list(zip(patients.values("PatientID"),
+                    patients.values("NumberOfPatientRelatedStudies"), strict=True)) == [
+        ("OTHER82", "1")]
+    assert versions_of(edge_server.home, instance.sop_instance_uid) == (
+        [digest(moved)], [digest(instance.path)])
+
+
 def test_evicting_a_study_keeps_the_files_of_prior_versions(tmp_path: Path) -> None:
     """X, Y, X then replicate and evict: X (current) leaves local disk with its study, Y
     (prior version) keeps its file; a recall brings X back."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import dcmtk
@@ -61,6 +62,12 @@ def patient_ids(server: EdgeServer) -> list[str]:
     found = dcmtk.findscu(server.port, {"PatientID": "", "NumberOfPatientRelatedStudies": ""},
                           level="PATIENT", model="patient").check()
     return sorted(found.values("PatientID"))
+
+
+def index_patients(server: EdgeServer) -> list[str]:
+    with closing(sqlite3.connect(f"file:{server.home / 'index.sqlite3'}?mode=ro",
+                                 uri=True)) as db:
+        return [pid for (pid,) in db.execute("SELECT patient_id FROM patients ORDER BY 1")]
 
 
 def counted(server: EdgeServer) -> float:
@@ -113,12 +120,14 @@ def test_a_stray_instance_of_another_patient_moves_nothing_and_leaves_no_patient
                                             "NumberOfStudyRelatedInstances": ""}).check()
         assert found.values("NumberOfStudyRelatedInstances") == ["3"]
         assert counted(server) == 1
+        # C-FIND answers patients by the studies filed under them: STRAY9 has none.
+        assert patient_ids(server) == [WRONG[0]]
+        assert index_patients(server) == [STRAY[0], WRONG[0]]
         # The stray instance sent again under the study's own patient: nothing names
-        # STRAY9 any more, and C-FIND's PATIENT level no longer answers it.
-        assert patient_ids(server) == [STRAY[0], WRONG[0]]
+        # STRAY9 any more, and its row goes.
         dcmtk.storescu(server.port, [as_patient(study[0], tmp_path / "fixed", WRONG,
                                                 sop_uid=stray_uid)]).check()
-        assert patient_ids(server) == [WRONG[0]]
+        assert index_patients(server) == [WRONG[0]]
         assert study_patient(server, study_uid) == WRONG
         assert counted(server) == 1
 

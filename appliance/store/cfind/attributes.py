@@ -55,6 +55,13 @@ SOURCES = {
     " JOIN studies st ON st.id = se.study_fk JOIN patients p ON p.id = st.patient_fk",
 }
 ROW_ID = {Level.PATIENT: "p.id", Level.STUDY: "st.id", Level.SERIES: "se.id", Level.IMAGE: "i.id"}
+# What every answer at a level holds whatever the keys. A study whose every instance
+# was sent again into another study keeps its row (its packs and prior versions name
+# it) but holds nothing to retrieve; a series goes when its last instance does.
+_HOLDS_INSTANCES = "x.instance_count > 0"
+_PATIENT_STUDIES = f"FROM studies x WHERE x.patient_fk = p.id AND {_HOLDS_INSTANCES}"
+ALWAYS = {Level.PATIENT: f"EXISTS (SELECT 1 {_PATIENT_STUDIES})",
+          Level.STUDY: "st.instance_count > 0", Level.SERIES: "1", Level.IMAGE: "1"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,6 @@ class Key:
 
 
 _L, _M = Level, Match
-_PATIENT_STUDIES = "FROM studies x WHERE x.patient_fk = p.id"
 
 KEYS: tuple[Key, ...] = (
     Key("PatientName", _L.PATIENT, _M.PERSON_NAME, "p.patient_name",

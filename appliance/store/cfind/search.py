@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import aiosqlite
 
 from appliance.store import database
-from appliance.store.cfind.attributes import ROW_ID, SOURCES, Key, Level
+from appliance.store.cfind.attributes import ALWAYS, ROW_ID, SOURCES, Key, Level
 from appliance.store.cfind.conditions import (
     Condition,
     Period,
@@ -159,7 +159,7 @@ def statement(
     if row_id or not columns:
         columns.insert(0, ROW_ID[level])
     selected = ", ".join(columns)
-    where = " AND ".join(f"({c.sql})" for c in conditions) or "1"
+    where = " AND ".join([ALWAYS[level], *(f"({c.sql})" for c in conditions)])
     return (f"SELECT {selected} FROM {SOURCES[level]} WHERE {where}",
             [param for c in conditions for param in c.params])
 
