@@ -43,7 +43,10 @@ study) takes the later version's content; earlier, different content becomes a
 prior version (`instance_versions`, located in its pack; local only when step 3
 found its file), as ingest made it on the lost box (appliance.store.index.make_way).
 The same content again (a damaged pack's instances uploaded anew) updates the row
-in place.
+in place. A SOP Instance UID that is current in another study (sent again under
+another Study Instance UID) stays current where it was received last, by the
+manifests' `received_at`: studies are restored in no particular order, and the
+content received first becomes the prior version whichever comes back first.
 A study restore writes takes its state without a transition row: nothing
 happened to it on this box yet. So a study with a tier history is this box's
 agent's: a version of it is added while it is `evicted` (its state stays),
@@ -75,7 +78,13 @@ from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
 from appliance.store import hierarchy
 from appliance.store.files import FileStore, hash_dataset, instance_path
-from appliance.store.index import Index, StoredFile, make_way
+from appliance.store.index import (
+    Index,
+    StoredFile,
+    add_prior_version,
+    make_way,
+    newer_in_another_study,
+)
 from appliance.store.packs import insert_verified_pack, manifest_names
 from appliance.store.spool import dataset_offset
 from appliance.store.tiering import TierState, state_of
@@ -346,10 +355,18 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
     for entry in m.instances:
         inst, se = entry.instance, entry.instance.series
         path = _store_path(m, entry)
+        received_at = inst.received_at or m.created_at
+        if newer_in_another_study(conn, inst.sop_uid, study_fk, received_at):
+            add_prior_version(conn, inst.sop_uid, path=path, size=entry.length,
+                              sha256=entry.sha256, transfer_syntax=inst.transfer_syntax,
+                              received_at=received_at, superseded_at=now, pack_fk=pack_fk,
+                              pack_offset=entry.offset, pack_length=entry.length,
+                              is_local=path in local)
+            continue
         make_way(conn, inst.sop_uid, entry.sha256, path, now)  # before: it may drop a series
         series_fk, _ = hierarchy.upsert_series(conn, study_fk, se, instances=0)
         stored = StoredFile(path, entry.length, entry.dataset_offset, entry.sha256,
-                            inst.received_at or m.created_at, inst.source_ae)
+                            received_at, inst.source_ae)
         hierarchy.put_instance(conn, series_fk, inst, stored, pack_fk=pack_fk,
                                pack_offset=entry.offset, pack_length=entry.length,
                                is_local=path in local)

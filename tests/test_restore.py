@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import shlex
@@ -35,12 +36,23 @@ from syncagent import (
     sync_once,
 )
 
+from appliance.store import database
+from appliance.store.index import Index
 from provisioning.keyring import key_id, load_keyring
 from provisioning.site_secrets import load_name_secret
 from sync.blobstore.base import BlobInfo, Tier
 from sync.pack import naming
-from sync.restore import _Listing, _packs_without_manifest
+from sync.pack.manifest import (
+    InstanceAttributes,
+    Manifest,
+    ManifestEntry,
+    SeriesAttributes,
+    StudyAttributes,
+)
+from sync.restore import _insert_version, _Listing, _packs_without_manifest, _Version
 
+SOP_MOVED = "1.2.826.0.1.3680043.10.4716.9.9.9"
+ROOT_MOVED = "1.2.826.0.1.3680043.10.4716"
 PATIENT_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
                 "NumberOfPatientRelatedInstances"]
@@ -369,7 +381,6 @@ def test_restore_stops_at_a_store_that_stopped_answering(tmp_path: Path) -> None
     container, and a run again resumes. In process: a store that stopped answering
     after the listing cannot be staged from outside."""
     from appliance.store.files import FileStore
-    from appliance.store.index import Index
     from sync.blobstore.base import BlobStoreUnavailable
     from sync.blobstore.local import LocalFolderStore
     from sync.restore import READ_CONCURRENCY, restore_index
@@ -583,3 +594,42 @@ def test_a_restore_over_the_store_keeps_every_versions_intact_files_local(
     assert stored_hashes(home) == sent_hashes([*whole, *partial])
     assert "replicated 0 study version" in sync_once(home).stdout
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
+def _moved_version(study_uid: str, sha256: str, received_at: float, n: int) -> _Version:
+    """A one-instance version of `study_uid` holding SOP_MOVED with content `sha256`."""
+    study = StudyAttributes(
+        patient_id="P1", issuer_of_patient_id="", patient_name="DOE^JANE", birth_date="",
+        sex="", study_uid=study_uid, study_date="20240301", study_time="", accession_number="",
+        study_id="", study_description="", referring_physician="", character_set="")
+    series = SeriesAttributes(f"{study_uid}.1", "CT", 1, "", "", "", "")
+    instance = InstanceAttributes(series, SOP_MOVED, "1.2.840.10008.5.1.4.1.1.2", 1,
+                                  "1.2.840.10008.1.2.1", received_at=received_at)
+    manifest = Manifest(1, bytes([n]) * 16, 1, received_at, 1 << 20, 100, 148, "0" * 64,
+                        study, (ManifestEntry(instance, 0, 100, 10, sha256),))
+    key = f"{n:032x}"
+    return _Version(naming.pack_name(key, 1), naming.manifest_name(key, 1), manifest, "Hot")
+
+
+async def test_an_instance_sent_again_into_another_study_is_current_where_it_came_last(
+        tmp_path: Path) -> None:
+    """Restore takes studies in no particular order. SOP_MOVED was received in study A,
+    then sent again (other content) under study B: B's content is current, A's a prior
+    version in A's pack, whichever study comes back first (before, the last restored)."""
+    older = _moved_version(f"{ROOT_MOVED}.1", "a" * 64, 1000.0, 1)
+    newer = _moved_version(f"{ROOT_MOVED}.2", "b" * 64, 2000.0, 2)
+    for order in ((older, newer), (newer, older)):
+        async with Index(tmp_path / f"{order[0].manifest.study.study_uid}.sqlite3") as index:
+            assert index.writer is not None
+            for version in order:
+                await index.writer.submit_sync(functools.partial(
+                    _insert_version, version=version, local=frozenset()))
+            rows = await database.run_sync(index.reader, lambda c: (
+                c.execute("SELECT sha256 FROM instances").fetchall(),
+                c.execute("SELECT sha256, pack_fk IS NOT NULL FROM instance_versions")
+                .fetchall(),
+                c.execute("SELECT study_uid, instance_count FROM studies ORDER BY 1")
+                .fetchall()))
+        assert [tuple(r) for r in rows[0]] == [("b" * 64,)]
+        assert [tuple(r) for r in rows[1]] == [("a" * 64, 1)]
+        assert [tuple(r) for r in rows[2]] == [(f"{ROOT_MOVED}.1", 0), (f"{ROOT_MOVED}.2", 1)]

@@ -541,16 +541,38 @@ def _only_copy_damaged(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
         (row["pack_fk"],)) is not None
 
 
-def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
-    """Move the current row of `sop_uid` to instance_versions and undo its counts."""
+def newer_in_another_study(conn: sqlite3.Connection, sop_uid: str, study_fk: int,
+                           received_at: float) -> bool:
+    """Whether the current row of `sop_uid` is in another study than `study_fk` and was
+    received after `received_at`: content restore must keep as a prior version, since
+    versions of different studies are restored in no particular order."""
+    row = database.query_one(
+        conn, "SELECT se.study_fk, i.received_at FROM instances i"
+        " JOIN series se ON se.id = i.series_fk WHERE i.sop_uid = ?", (sop_uid,))
+    return row is not None and row[0] != study_fk and row[1] > received_at
+
+
+def add_prior_version(conn: sqlite3.Connection, sop_uid: str, *, path: str, size: int,
+                      sha256: str, transfer_syntax: str, received_at: float,
+                      superseded_at: float, pack_fk: int | None, pack_offset: int | None,
+                      pack_length: int | None, is_local: bool) -> None:
+    """A row of instance_versions: content of `sop_uid` that is not (or no longer) current,
+    at `path` when `is_local`, in its pack when it has one."""
     conn.execute(
         "INSERT INTO instance_versions (sop_uid, path, size, sha256, transfer_syntax,"
         " received_at, superseded_at, pack_fk, pack_offset, pack_length, is_local)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (sop_uid, old["path"], old["size"], old["sha256"], old["transfer_syntax"],
-         old["received_at"], now, old["pack_fk"], old["pack_offset"], old["pack_length"],
-         old["is_local"]),
+        (sop_uid, path, size, sha256, transfer_syntax, received_at, superseded_at, pack_fk,
+         pack_offset, pack_length, int(is_local)),
     )
+
+
+def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
+    """Move the current row of `sop_uid` to instance_versions and undo its counts."""
+    add_prior_version(conn, sop_uid, path=old["path"], size=old["size"], sha256=old["sha256"],
+                      transfer_syntax=old["transfer_syntax"], received_at=old["received_at"],
+                      superseded_at=now, pack_fk=old["pack_fk"], pack_offset=old["pack_offset"],
+                      pack_length=old["pack_length"], is_local=bool(old["is_local"]))
     conn.execute("DELETE FROM instances WHERE id = ?", (old["id"],))
     if old["patient_fk"] is not None:  # it named another patient than its study's
         hierarchy.drop_patient_if_unused(conn, old["patient_fk"])
