@@ -200,6 +200,39 @@ def test_restore_keeps_earlier_content_as_a_prior_version_in_its_pack(tmp_path: 
     assert_fsck_clean(new)
 
 
+def test_restore_takes_a_version_that_sends_a_series_again_whole(tmp_path: Path) -> None:
+    """Version 2 holds corrections of both instances of the study's one series. Restore
+    failed it (FOREIGN KEY constraint failed, exit 1): superseding version 1's rows, it
+    judged the series empty by its count, which restore sets only after the version,
+    and deleted it under the rows it had just put there."""
+    cloud, old, new = tmp_path / "cloud", tmp_path / "old", tmp_path / "new"
+    run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
+                  "--cloud", f"file://{cloud}")
+    instances = dicomgen.make_study(tmp_path / "study", seed=86, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    fixed = [corrected(i, tmp_path / "sent", f"fixed{n}") for n, i in enumerate(instances)]
+    import_files(old, *instances)
+    sync_once(old)
+    run_pacs_edge("import", "--home", str(old), *(str(path) for path in fixed))
+    sync_once(old)
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    passphrase.chmod(0o600)
+    escrow = tmp_path / "escrow"
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    assert "restored 2 pack version(s) of 1 study(ies), 4 instance(s)" in restored.stdout
+    for instance, path in zip(instances, fixed, strict=True):
+        assert versions_of(new, instance.sop_instance_uid) == ([digest(path)],
+                                                               [digest(instance.path)])
+    assert index_rows(new, "SELECT series_count, instance_count FROM studies") == [(1, 2)]
+    assert_fsck_clean(new)
+
+
 V14_VERSIONS = """
 DROP INDEX instance_versions_pack;
 CREATE TABLE v14 (id INTEGER PRIMARY KEY, sop_uid TEXT NOT NULL, path TEXT NOT NULL UNIQUE,

@@ -587,8 +587,11 @@ def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: fl
         (old["size"], study_fk),
     )
     hierarchy.count_sop_class(conn, study_fk, old["sop_class_uid"], -1)
-    remaining = _scalar(conn, "SELECT instance_count FROM series WHERE id = ?", (series_fk,))
-    if remaining == 0:
+    # A series goes with its last row. Its rows, not its count: restore counts only
+    # after a whole version (hierarchy.recount_study), so while it puts a version that
+    # sends a series again whole, the count says empty with the version's rows in it.
+    if database.query_one(conn, "SELECT 1 FROM instances WHERE series_fk = ? LIMIT 1",
+                          (series_fk,)) is None:
         conn.execute("DELETE FROM series WHERE id = ?", (series_fk,))
         conn.execute(
             "UPDATE studies SET series_count = series_count - 1 WHERE id = ?", (study_fk,)
