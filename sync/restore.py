@@ -347,6 +347,12 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
         raise RestoreConflict(f"the study of this version is {state} on this box",
                               hint="restore fills a new data home; this box already holds "
                               "the study locally, so its sync agent replicates it itself")
+    # The study is filed under the patient of its newest version (the lost box moved it
+    # there once every instance named them: store/index.py _follow_instances).
+    if m.study_version > hierarchy.newest_pack_version(conn, study_fk):
+        hierarchy.refile_study(conn, study_fk, patient_fk)
+    else:
+        hierarchy.drop_patient_if_unused(conn, patient_fk)
     pack_fk = insert_verified_pack(
         conn, study_fk, m.study_version, pack_name=version.pack_name,
         manifest_name=version.manifest_name, pack_size=m.pack_size,

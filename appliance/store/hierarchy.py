@@ -156,6 +156,23 @@ def drop_patient_if_unused(conn: sqlite3.Connection, patient_fk: int) -> None:
         " (SELECT 1 FROM instances WHERE patient_fk = ?)", (patient_fk,) * 3)
 
 
+def refile_study(conn: sqlite3.Connection, study_fk: int, patient_fk: int) -> None:
+    """File the study under `patient_fk`; the patient it leaves goes if nothing else is
+    theirs (drop_patient_if_unused)."""
+    row = database.query_one(conn, "SELECT patient_fk FROM studies WHERE id = ?", (study_fk,))
+    if row is None or row[0] == patient_fk:
+        return
+    conn.execute("UPDATE studies SET patient_fk = ? WHERE id = ?", (patient_fk, study_fk))
+    drop_patient_if_unused(conn, row[0])
+
+
+def newest_pack_version(conn: sqlite3.Connection, study_fk: int) -> int:
+    """The highest pack version the index holds for the study (0: none)."""
+    row = database.query_one(
+        conn, "SELECT COALESCE(MAX(version), 0) FROM packs WHERE study_fk = ?", (study_fk,))
+    return int(row[0]) if row else 0
+
+
 def upsert_patient(conn: sqlite3.Connection, p: PatientFields) -> int:
     """The patient's row id (PatientID + issuer), inserted if new; a known patient's
     other attributes stay as first recorded. An empty PatientID names nobody: such a

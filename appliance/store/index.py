@@ -483,22 +483,20 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     if other_fk is None:
         return Recorded(outcome)
     return Recorded(outcome, other_patient=True,
-                    study_moved=_follow_instances(conn, study_fk, patient_fk, other_fk))
+                    study_moved=_follow_instances(conn, study_fk, other_fk))
 
 
-def _follow_instances(conn: sqlite3.Connection, study_fk: int, filed_fk: int,
-                      other_fk: int) -> bool:
+def _follow_instances(conn: sqlite3.Connection, study_fk: int, other_fk: int) -> bool:
     """File the study under `other_fk` if every current instance of it names that
-    patient; True when it did. The patient it leaves goes if nothing else is its."""
+    patient; True when it did. The patient it leaves goes if nothing else is theirs."""
     naming = _scalar(
         conn, "SELECT COUNT(*) FROM instances i JOIN series se ON se.id = i.series_fk"
         " WHERE i.patient_fk = ? AND se.study_fk = ?", (other_fk, study_fk))
     if naming < _scalar(conn, "SELECT instance_count FROM studies WHERE id = ?", (study_fk,)):
         return False
-    conn.execute("UPDATE studies SET patient_fk = ? WHERE id = ?", (other_fk, study_fk))
     conn.execute("UPDATE instances SET patient_fk = NULL WHERE patient_fk = ? AND series_fk IN"
                  " (SELECT id FROM series WHERE study_fk = ?)", (other_fk, study_fk))
-    hierarchy.drop_patient_if_unused(conn, filed_fk)
+    hierarchy.refile_study(conn, study_fk, other_fk)
     return True
 
 
