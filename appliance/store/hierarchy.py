@@ -149,7 +149,8 @@ def same_patient(a: PatientFields, b: PatientFields) -> bool:
 
 def drop_patient_if_unused(conn: sqlite3.Connection, patient_fk: int) -> None:
     """Remove the patient row if no study is filed under it and no instance names it:
-    C-FIND's PATIENT level answers every patient row, one without studies too."""
+    nothing answers or finds it any more, and an instance naming the patient again
+    makes a new row."""
     conn.execute(
         "DELETE FROM patients WHERE id = ? AND NOT EXISTS"
         " (SELECT 1 FROM studies WHERE patient_fk = ?) AND NOT EXISTS"
