@@ -133,6 +133,37 @@ def test_a_stray_instance_of_another_patient_moves_nothing_and_leaves_no_patient
         assert counted(server) == 1
 
 
+def test_a_study_follows_its_instances_once_the_last_naming_its_patient_leaves_it(
+        tmp_path: Path) -> None:
+    """Two instances of a study come back naming the corrected patient; the third was
+    in the wrong study and is sent again under its own Study Instance UID. Every
+    instance left in the study names RIGHT7, yet the study stayed filed under WRONG1:
+    only an instance arriving in the study made it follow them."""
+    study = dicomgen.make_study(tmp_path / "made", seed=473, series_per_study=1,
+                                instances_per_series=3)
+    study_uid, own_study_uid = study[0].study_uid, dicomgen.make_uid(473, "own study")
+    wrong = [as_patient(i, tmp_path / "wrong", WRONG) for i in study]
+    right = [as_patient(i, tmp_path / "right", RIGHT) for i in study[:2]]
+    ds = pydicom.dcmread(wrong[2])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = own_study_uid, dicomgen.make_uid(473, "own")
+    own_study = tmp_path / "own.dcm"
+    ds.save_as(own_study, enforce_file_format=True)
+    with webpeer.running_web_server(tmp_path) as server:
+        dcmtk.storescu(server.port, [*wrong, *right]).check()
+        assert study_patient(server, study_uid) == WRONG
+        dcmtk.storescu(server.port, [own_study]).check()
+        assert study_patient(server, study_uid) == RIGHT
+        assert study_patient(server, own_study_uid) == WRONG
+        found = dcmtk.findscu(server.port, {"PatientID": RIGHT[0], "StudyInstanceUID": "",
+                                            "NumberOfStudyRelatedInstances": ""}).check()
+        assert found.values("NumberOfStudyRelatedInstances") == ["2"]
+        assert patient_ids(server) == [RIGHT[0], WRONG[0]]
+        server.wait_for_log("study moved to the patient every one of its instances now names")
+        assert counted(server) == 2
+        log = server.log()
+        assert not any(value in log for value in (*WRONG, *RIGHT, study_uid, own_study_uid))
+
+
 def header(study: str, sop: str, patient_id: str) -> InstanceHeader:
     return InstanceHeader(
         patient_id=patient_id, issuer_of_patient_id="", patient_name=f"{patient_id}^NAME",

@@ -151,6 +151,10 @@ class IngestService:
                 )
             if recorded.other_patient:
                 _report_other_patient(header, moved=recorded.study_moved)
+            if recorded.left_study_moved:
+                log.warning("study moved to the patient every one of its instances now names"
+                            " instance=%s study=%s", logsafe.ref(header.sop_uid),
+                            logsafe.ref(recorded.left_study_moved))
             return IngestResult(recorded.outcome, header, relative)
         except OSError as exc:
             raise _store_failure(exc) from exc

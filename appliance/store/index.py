@@ -36,11 +36,24 @@ class RecordOutcome(enum.Enum):
 class Recorded:
     """What recording an instance did. `other_patient`: the instance names another
     patient than the one its study is filed under; `study_moved`: every current
-    instance of the study now names that patient, so the study was filed under it."""
+    instance of the study now names that patient, so the study was filed under it.
+    `left_study_moved`: the UID of the study its earlier content was in (it was sent
+    again under another Study Instance UID), when every instance left there names
+    one other patient, so that study was filed under it; else ""."""
 
     outcome: RecordOutcome
     other_patient: bool = False
     study_moved: bool = False
+    left_study_moved: str = ""
+
+
+@dataclass(frozen=True)
+class MadeWay:
+    """What make_way did: the outcome, and the study of the row it superseded (None
+    when there was none)."""
+
+    outcome: RecordOutcome
+    left_study_fk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -449,8 +462,10 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     Patient ID corrected at the modality, or an instance put into the wrong study,
     is never silent. Once every current instance of the study names that patient
     (the corrected study sent again whole), the study moves to it
-    (_follow_instances)."""
-    outcome = make_way(conn, h.sop_uid, stored.sha256, stored.path, stored.received_at)
+    (_follow_instances). So does the study that earlier content of the instance
+    left, when it was sent again under another Study Instance UID (_follow_the_rest)."""
+    way = make_way(conn, h.sop_uid, stored.sha256, stored.path, stored.received_at)
+    outcome = way.outcome
     if outcome is RecordOutcome.DUPLICATE:
         return Recorded(outcome)
 
@@ -480,10 +495,30 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
         )
     hierarchy.put_instance(conn, series_fk, h, stored, other_patient_fk=other_fk)
     hierarchy.count_sop_class(conn, study_fk, h.sop_class_uid, +1)
+    left_moved = ""
+    if way.left_study_fk not in (None, study_fk):
+        left_moved = _follow_the_rest(conn, way.left_study_fk)
     if other_fk is None:
-        return Recorded(outcome)
+        return Recorded(outcome, left_study_moved=left_moved)
     return Recorded(outcome, other_patient=True,
-                    study_moved=_follow_instances(conn, study_fk, other_fk))
+                    study_moved=_follow_instances(conn, study_fk, other_fk),
+                    left_study_moved=left_moved)
+
+
+def _follow_the_rest(conn: sqlite3.Connection, study_fk: int) -> str:
+    """An instance left the study for another one: if each instance still in it names
+    one and the same patient other than the study's, the study follows them
+    (_follow_instances), as it would have had the one that left been corrected too.
+    Returns the study's UID when it moved, else ""."""
+    row = database.query_one(
+        conn, "SELECT st.study_uid, st.patient_fk, st.instance_count, COUNT(i.patient_fk),"
+        " MIN(i.patient_fk), MAX(i.patient_fk) FROM studies st"
+        " JOIN series se ON se.study_fk = st.id JOIN instances i ON i.series_fk = se.id"
+        " WHERE st.id = ? GROUP BY st.id", (study_fk,))
+    if row is None or row[3] < row[2] or row[4] != row[5]:
+        return ""  # empty, or some instance names its patient, or two others are named
+    _follow_instances(conn, study_fk, row[4])
+    return str(row[0])
 
 
 def _follow_instances(conn: sqlite3.Connection, study_fk: int, other_fk: int) -> bool:
@@ -501,7 +536,7 @@ def _follow_instances(conn: sqlite3.Connection, study_fk: int, other_fk: int) ->
 
 
 def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
-             now: float) -> RecordOutcome:
+             now: float) -> MadeWay:
     """Prepare for content `sha256` of `sop_uid`, whose file is `path`, to become the
     current instance (the caller inserts its row unless DUPLICATE is returned).
 
@@ -519,15 +554,15 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
         " FROM instances WHERE sop_uid = ?",
         (sop_uid,),
     )
-    outcome = RecordOutcome.NEW
+    outcome, left_study_fk = RecordOutcome.NEW, None
     if existing is not None:
         if existing["sha256"] == sha256 and not _only_copy_damaged(conn, existing):
-            return RecordOutcome.DUPLICATE
-        _supersede(conn, existing, sop_uid, now)
+            return MadeWay(RecordOutcome.DUPLICATE)
+        left_study_fk = _supersede(conn, existing, sop_uid, now)
         if existing["sha256"] != sha256:
             outcome = RecordOutcome.NEW_VERSION
     conn.execute("DELETE FROM instance_versions WHERE path = ?", (path,))
-    return outcome
+    return MadeWay(outcome, left_study_fk)
 
 
 def _only_copy_damaged(conn: sqlite3.Connection, row: sqlite3.Row) -> bool:
@@ -565,8 +600,9 @@ def add_prior_version(conn: sqlite3.Connection, sop_uid: str, *, path: str, size
     )
 
 
-def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> None:
-    """Move the current row of `sop_uid` to instance_versions and undo its counts."""
+def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: float) -> int:
+    """Move the current row of `sop_uid` to instance_versions and undo its counts;
+    returns the id of the study it was in."""
     add_prior_version(conn, sop_uid, path=old["path"], size=old["size"], sha256=old["sha256"],
                       transfer_syntax=old["transfer_syntax"], received_at=old["received_at"],
                       superseded_at=now, pack_fk=old["pack_fk"], pack_offset=old["pack_offset"],
@@ -594,3 +630,4 @@ def _supersede(conn: sqlite3.Connection, old: sqlite3.Row, sop_uid: str, now: fl
         conn.execute(
             "UPDATE studies SET series_count = series_count - 1 WHERE id = ?", (study_fk,)
         )
+    return int(study_fk)
