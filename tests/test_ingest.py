@@ -192,7 +192,7 @@ async def test_index_names_current_hash_and_counts_instances_by_source(
     """The named reads fsck, status and `init --force-new-keys` rely on."""
     sop = f"{SERIES}.1"
     index = service.index
-    assert await index.current_sha256(sop) is None
+    assert await index.current_content(sop) is None
     assert (await index.instance_count_from("DROPPER"), await index.pack_count()) == (0, 0)
     await service.ingest_file(write_instance(tmp_path / "a.dcm", sop, value=1),
                               source_ae="DROPPER")
@@ -201,7 +201,9 @@ async def test_index_names_current_hash_and_counts_instances_by_source(
     newer = await service.ingest_file(write_instance(tmp_path / "c.dcm", sop, value=2),
                                       source_ae="OTHER")
     stored = service.files.absolute(newer.path)
-    assert await index.current_sha256(sop) == hashlib.sha256(dataset_bytes(stored)).hexdigest()
+    current = await index.current_content(sop)
+    assert current is not None
+    assert current[0] == hashlib.sha256(dataset_bytes(stored)).hexdigest()
     # The replaced instance counts for its new source only.
     assert await index.instance_count_from("DROPPER") == 0
     assert await index.instance_count_from("OTHER") == 2

@@ -233,6 +233,45 @@ def test_restore_takes_a_version_that_sends_a_series_again_whole(tmp_path: Path)
     assert_fsck_clean(new)
 
 
+def test_a_lost_index_rebuilt_keeps_current_what_was_received_last_in_another_study(
+    tmp_path: Path,
+) -> None:
+    """X replicated in study A, then sent again under study B and not yet replicated;
+    the index is lost and rebuilt as the operator guide says (restore, fsck --repair).
+    fsck adopted B's newer file as a prior version of the X restore had made current
+    from A's pack: C-FIND answered A with the old X, and B not at all."""
+    home = init_home(tmp_path / "home")
+    instances = dicomgen.make_study(tmp_path / "study", seed=86, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    first, other, a = instances[0], instances[1], instances[0].study_uid
+    ds = pydicom.dcmread(first.path)
+    ds.StudyInstanceUID = b = dicomgen.make_uid(86, "other study")
+    ds.SeriesInstanceUID = dicomgen.make_uid(86, "other series")
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved, enforce_file_format=True)
+    import_files(home, *instances)
+    sync_once(home)
+    run_pacs_edge("import", "--home", str(home), str(moved))
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("restore", "--home", str(home))
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+
+    assert versions_of(home, first.sop_instance_uid) == ([digest(moved)],
+                                                         [digest(first.path)])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+    server = EdgeServer(home).start()
+    try:
+        found = dcmtk.findscu(server.port, {"StudyInstanceUID": "", "SOPInstanceUID": "",
+                                            "SeriesInstanceUID": ""}, level="IMAGE").check()
+    finally:
+        server.stop()
+    assert sorted(zip(found.values("StudyInstanceUID"), found.values("SOPInstanceUID"),
+                      strict=True)) == sorted([(a, other.sop_instance_uid),
+                                               (b, first.sop_instance_uid)])
+
+
 V14_VERSIONS = """
 DROP INDEX instance_versions_pack;
 CREATE TABLE v14 (id INTEGER PRIMARY KEY, sop_uid TEXT NOT NULL, path TEXT NOT NULL UNIQUE,

@@ -2,7 +2,9 @@
 
 - A file without an index row (a crash between the rename and the commit) is
   reported, and with `--repair` adopted: as the current instance when its SOP
-  Instance UID is unknown, as a prior version when the index holds other content.
+  Instance UID is unknown, or when the index holds other content received before
+  the file was written (its mtime); as a prior version of other content received
+  after.
 - An index row without its file is flagged when the row says the file is local
   (`is_local`, of a current instance or a prior version; evicted ones are in a
   pack): that must never happen, and fsck does not paper over it.
@@ -73,8 +75,11 @@ async def _adopt(files: FileStore, index: Index, relative: str) -> None:
     sha256 = await asyncio.to_thread(hash_dataset, path, offset)
     st = path.stat()
     stored = StoredFile(relative, st.st_size, offset, sha256, st.st_mtime, source_ae="fsck")
-    current = await index.current_sha256(header.sop_uid)
-    if current is None or current == sha256:
+    current = await index.current_content(header.sop_uid)
+    # A file written after the current content was received holds content received
+    # later (the same SOP Instance UID sent again, maybe into another study, never
+    # replicated): it is current, and the indexed content its prior version.
+    if current is None or current[0] == sha256 or stored.received_at > current[1]:
         await index.record_instance(header, stored)
     else:
         await index.record_version(header.sop_uid, stored, header.transfer_syntax)

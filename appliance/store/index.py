@@ -373,10 +373,13 @@ class Index:
 
     # --- named reads for fsck, status and commands -----------------------------------
 
-    async def current_sha256(self, sop_uid: str) -> str | None:
-        """The dataset hash of the current version of `sop_uid`; None when it is not indexed
-        (fsck adopts a file as the instance, or as a prior version when this differs)."""
-        return await self._value("SELECT sha256 FROM instances WHERE sop_uid = ?", (sop_uid,))
+    async def current_content(self, sop_uid: str) -> tuple[str, float] | None:
+        """The dataset hash and receipt time of the current version of `sop_uid`; None
+        when it is not indexed (fsck adopts a file as the instance, or as a prior version
+        when the hash differs and the file is older)."""
+        row = await self._row("SELECT sha256, received_at FROM instances WHERE sop_uid = ?",
+                              (sop_uid,))
+        return None if row is None else (str(row[0]), float(row[1]))
 
     async def instance_count_from(self, source_ae: str) -> int:
         """Current instances whose recorded source is `source_ae` (e.g. the drop folder)."""
