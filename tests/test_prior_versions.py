@@ -272,6 +272,24 @@ def test_a_lost_index_rebuilt_keeps_current_what_was_received_last_in_another_st
                                                (b, first.sop_instance_uid)])
 
 
+def test_a_lost_index_rebuilt_keeps_current_a_correction_sent_back(tmp_path: Path) -> None:
+    """X, Y, X, never replicated, then the index is lost: X's second arrival keeps the
+    file its first left (same name, same content), so that file looked older than Y's
+    and `fsck --repair` made Y current again."""
+    home = init_home(tmp_path / "home")
+    instance = dicomgen.make_study(tmp_path / "study", seed=87, series_per_study=1,
+                                   instances_per_series=1, size=16)[0]
+    x, y = instance.path, corrected(instance, tmp_path / "sent", "y")
+    for path in (x, y, x):
+        run_pacs_edge("import", "--home", str(home), str(path))
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    assert versions_of(home, instance.sop_instance_uid) == ([digest(x)], [digest(y)])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+
+
 V14_VERSIONS = """
 DROP INDEX instance_versions_pack;
 CREATE TABLE v14 (id INTEGER PRIMARY KEY, sop_uid TEXT NOT NULL, path TEXT NOT NULL UNIQUE,

@@ -122,13 +122,17 @@ class FileStore:
         the same bytes. That file is kept and the spool is left to the caller to
         discard; only a file whose dataset does not hash to `sha256` (damaged) is
         replaced. Only a file this call `created` may its caller remove again (when
-        the index refuses the row): another row may name any other."""
+        the index refuses the row): another row may name any other. A kept file's
+        mtime is set to now, as a new one's would be."""
         target = os.path.join(self._root, relative)
         with _spool_synced(spool, synced):
             if durable_link(spool.name, target, folders=self._folder_syncs):
                 return Placed(True, spool.size, offset)
             kept = _intact_file(target, sha256)
             if kept is not None:
+                # Its mtime says when this content was received last: fsck --repair,
+                # adopting files after a lost index, makes the newest content current.
+                os.utime(target)
                 return Placed(False, *kept)
             durable_rename(spool.name, target, folders=self._folder_syncs)
             spool.renamed()
