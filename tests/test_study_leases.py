@@ -296,3 +296,37 @@ def test_new_content_stored_during_an_upload_is_not_taken_for_the_packed_one(
     assert sha256 == hashlib.sha256(dicomgen.dataset_bytes(resent)).hexdigest()
     assert dicomgen.dataset_bytes(home / "store" / str(path)) == dicomgen.dataset_bytes(resent)
     assert_fsck_clean(home)
+
+
+@pytest.mark.parametrize("into", ["same study", "another study"])
+def test_content_superseded_during_a_recall_keeps_the_file_the_recall_wrote(
+    study: tuple[Path, list[dicomgen.GeneratedInstance]], tmp_path: Path, into: str,
+) -> None:
+    """New content for an evicted instance arrives while its study is recalled (ingest
+    takes no lease): the recall still writes the earlier content's file, but its commit
+    skips the superseded row. The file stayed, named by a prior version marked not
+    local: fsck called the store consistent, and nothing would ever delete it."""
+    import pydicom
+
+    home, instances = study
+    uid, first = instances[0].study_uid, instances[0]
+    resent = _new_content(first, tmp_path / "resent.dcm")
+    if into == "another study":
+        dataset = pydicom.dcmread(resent)
+        dataset.StudyInstanceUID = dicomgen.make_uid(73, "another study")
+        dataset.SeriesInstanceUID = dicomgen.make_uid(73, "another series")
+        dataset.save_as(resent, enforce_file_format=True)
+    import_files(home, *instances)
+    sync_once(home)
+    run_pacs_edge("evict", uid, "--home", str(home))
+    with paused(home, "recall:before-commit", "recall", uid):
+        run_pacs_edge("import", "--home", str(home), str(resent))
+    local = {str(path) for (path,) in index_rows(
+        home, "SELECT path FROM instances WHERE is_local = 1"
+              " UNION SELECT path FROM instance_versions WHERE is_local = 1")}
+    on_disk = {str(p.relative_to(home / "store")) for p in (home / "store").rglob("*.dcm")}
+    assert on_disk == local
+    ((path, sha256),) = index_rows(home, "SELECT path, sha256 FROM instance_versions")
+    assert sha256 == sent_hashes([first])[first.sop_instance_uid]
+    assert hashlib.sha256(dicomgen.dataset_bytes(home / "store" / str(path))).hexdigest() == sha256
+    assert_fsck_clean(home)

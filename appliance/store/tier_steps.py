@@ -241,9 +241,14 @@ def mark_recalled(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
     `recalling -> replicated`, count it as an access and close a pending request."""
     lease.fence(conn)
     # Matched by content too, as in commit_pack: a row superseded during the recall is
-    # not the one whose file was written.
+    # not the one whose file was written. That content is a prior version now (new
+    # content sent under the same SOP Instance UID, into this study or another), and
+    # its file is on disk: local, as for one superseded while its study was local, or
+    # the file would be named by no local row and kept by nothing forever.
     conn.executemany("UPDATE instances SET is_local = 1 WHERE id = ? AND sha256 = ? AND path = ?",
                      [(row.id, row.sha256, row.path) for row in recalled])
+    conn.executemany("UPDATE instance_versions SET is_local = 1 WHERE path = ? AND sha256 = ?",
+                     [(row.path, row.sha256) for row in recalled])
     apply_sync(conn, study_id, Trigger.RECALLED, expect=TierState.RECALLING)
     now = time.time()
     conn.execute("UPDATE studies SET last_access_at = ? WHERE id = ?", (now, study_id))
