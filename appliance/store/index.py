@@ -514,13 +514,13 @@ def _follow_the_rest(conn: sqlite3.Connection, study_fk: int) -> str:
     (_follow_instances), as it would have had the one that left been corrected too.
     Returns the study's UID when it moved, else ""."""
     row = database.query_one(
-        conn, "SELECT st.study_uid, st.patient_fk, st.instance_count, COUNT(i.patient_fk),"
+        conn, "SELECT st.study_uid, st.instance_count, COUNT(i.patient_fk),"
         " MIN(i.patient_fk), MAX(i.patient_fk) FROM studies st"
         " JOIN series se ON se.study_fk = st.id JOIN instances i ON i.series_fk = se.id"
         " WHERE st.id = ? GROUP BY st.id", (study_fk,))
-    if row is None or row[3] < row[2] or row[4] != row[5]:
+    if row is None or row[2] < row[1] or row[3] != row[4]:
         return ""  # empty, or some instance names its patient, or two others are named
-    _follow_instances(conn, study_fk, row[4])
+    _follow_instances(conn, study_fk, row[3])
     return str(row[0])
 
 
