@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import dicomgen
-from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 
 READY = re.compile(r"sync agent ready")
 TIMEOUT = 60.0
@@ -92,6 +92,22 @@ def tier_state(server: EdgeServer, study_uid: str) -> str:
 def evict(home: Path, study_uid: str) -> None:
     run_pacs_edge("evict", study_uid, "--home", str(home))
 
+
+
+def restore_elsewhere(old: Path, cloud: Path, work: Path) -> tuple[Path, str]:
+    """The lost-box path of the operator guide: `old`'s keys escrowed, recovered into a
+    new home (work/new), and `restore` from `cloud` there; (the new home, its stdout)."""
+    passphrase = work / "passphrase"
+    passphrase.write_text("correct horse battery staple\n")
+    passphrase.chmod(0o600)
+    escrow, new = work / "escrow", work / "new"
+    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    init_home(new)
+    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
+    return new, restored.stdout
 
 
 def import_files(home: Path, *instances: dicomgen.GeneratedInstance) -> None:

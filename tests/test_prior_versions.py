@@ -20,7 +20,14 @@ import dcmtk
 import dicomgen
 import pydicom
 from conftest import EdgeServer, init_home, run_pacs_edge
-from syncagent import assert_fsck_clean, import_files, index_rows, stored_hashes, sync_once
+from syncagent import (
+    assert_fsck_clean,
+    import_files,
+    index_rows,
+    restore_elsewhere,
+    stored_hashes,
+    sync_once,
+)
 
 from appliance.store.index import Index
 
@@ -165,7 +172,7 @@ def test_restore_keeps_earlier_content_as_a_prior_version_in_its_pack(tmp_path: 
     """X in pack version 1, its correction Y in version 2, X again in version 3: the
     restored index holds X current and Y a prior version located in version 2 (not
     local), as the lost box did; a recall brings X back and fsck stays clean."""
-    cloud, old, new = tmp_path / "cloud", tmp_path / "old", tmp_path / "new"
+    cloud, old = tmp_path / "cloud", tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
     instances = dicomgen.make_study(tmp_path / "study", seed=85, series_per_study=1,
@@ -177,18 +184,8 @@ def test_restore_keeps_earlier_content_as_a_prior_version_in_its_pack(tmp_path: 
         sync_once(old)
         run_pacs_edge("import", "--home", str(old), str(path))
     sync_once(old)
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text("correct horse battery staple\n")
-    passphrase.chmod(0o600)
-    escrow = tmp_path / "escrow"
-    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
-
-    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
-    assert "restored 3 pack version(s) of 1 study(ies), 4 instance(s)" in restored.stdout
+    new, restored = restore_elsewhere(old, cloud, tmp_path)
+    assert "restored 3 pack version(s) of 1 study(ies), 4 instance(s)" in restored
     sop = first.sop_instance_uid
     assert versions_of(new, sop) == ([digest(x)], [digest(y)])
     assert index_rows(new, "SELECT p.version, v.is_local, v.pack_length > 0"
@@ -205,7 +202,7 @@ def test_restore_takes_a_version_that_sends_a_series_again_whole(tmp_path: Path)
     failed it (FOREIGN KEY constraint failed, exit 1): superseding version 1's rows, it
     judged the series empty by its count, which restore sets only after the version,
     and deleted it under the rows it had just put there."""
-    cloud, old, new = tmp_path / "cloud", tmp_path / "old", tmp_path / "new"
+    cloud, old = tmp_path / "cloud", tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
     instances = dicomgen.make_study(tmp_path / "study", seed=86, series_per_study=1,
@@ -215,17 +212,8 @@ def test_restore_takes_a_version_that_sends_a_series_again_whole(tmp_path: Path)
     sync_once(old)
     run_pacs_edge("import", "--home", str(old), *(str(path) for path in fixed))
     sync_once(old)
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text("correct horse battery staple\n")
-    passphrase.chmod(0o600)
-    escrow = tmp_path / "escrow"
-    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
-    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
-    assert "restored 2 pack version(s) of 1 study(ies), 4 instance(s)" in restored.stdout
+    new, restored = restore_elsewhere(old, cloud, tmp_path)
+    assert "restored 2 pack version(s) of 1 study(ies), 4 instance(s)" in restored
     for instance, path in zip(instances, fixed, strict=True):
         assert versions_of(new, instance.sop_instance_uid) == ([digest(path)],
                                                                [digest(instance.path)])

@@ -24,9 +24,9 @@ import dcmtk
 import dicomgen
 import pydicom
 import webpeer
-from conftest import EdgeServer, init_home, run_pacs_edge
+from conftest import EdgeServer, run_pacs_edge
 from prometheus_client.parser import text_string_to_metric_families
-from syncagent import index_rows, sync_once
+from syncagent import index_rows, restore_elsewhere, sync_once
 
 from appliance.store import database, order_rows
 from appliance.store.index import Index, StoredFile
@@ -219,7 +219,7 @@ def test_a_restored_box_files_a_moved_study_under_its_newest_versions_patient(
     """Pack version 1 of the study names WRONG1, version 2 (the study sent again under
     RIGHT7, which moved it) RIGHT7. Restore filed a study under its first version's
     patient, so the restored box answered the corrected study under the wrong ID."""
-    cloud, old, new = tmp_path / "cloud", tmp_path / "old", tmp_path / "new"
+    cloud, old = tmp_path / "cloud", tmp_path / "old"
     run_pacs_edge("init", "--home", str(old), "--dicom-port", "0", "--tls-port", "0",
                   "--cloud", f"file://{cloud}")
     study = dicomgen.make_study(tmp_path / "made", seed=473, series_per_study=1,
@@ -230,17 +230,8 @@ def test_a_restored_box_files_a_moved_study_under_its_newest_versions_patient(
     run_pacs_edge("import", "--home", str(old),
                   *(str(as_patient(i, tmp_path / "right", RIGHT)) for i in study))
     sync_once(old)
-    passphrase = tmp_path / "passphrase"
-    passphrase.write_text("correct horse battery staple\n")
-    passphrase.chmod(0o600)
-    escrow = tmp_path / "escrow"
-    run_pacs_edge("keys", "escrow", "--home", str(old), "--out", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    run_pacs_edge("keys", "recover", "--home", str(new), "--from", str(escrow),
-                  "--passphrase-file", str(passphrase))
-    init_home(new)
-    restored = run_pacs_edge("restore", "--home", str(new), "--cloud", f"file://{cloud}")
-    assert "restored 2 pack version(s) of 1 study(ies)" in restored.stdout
+    new, restored = restore_elsewhere(old, cloud, tmp_path)
+    assert "restored 2 pack version(s) of 1 study(ies)" in restored
     filed = index_rows(new, "SELECT p.patient_id FROM studies st"
                             " JOIN patients p ON p.id = st.patient_fk")
     assert filed == [(RIGHT[0],)]
