@@ -12,6 +12,7 @@ its place in the pack, and `restore` rebuilds them so. Real processes:
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -85,7 +86,8 @@ def test_a_study_whose_instances_all_went_into_another_study_is_no_longer_answer
     """An instance sent again under another Study (and Series) Instance UID becomes
     current there. Its first study kept its row, with no instance left, and C-FIND
     answered it (NumberOfStudyRelatedInstances 0; QIDO-RS and the viewer's study list
-    alike): a study with nothing to retrieve. Its patient had only it."""
+    alike; `pacs-edge status` counted it): a study with nothing to retrieve. Its
+    patient had only it."""
     instance = dicomgen.make_study(tmp_path / "study", seed=82, series_per_study=1,
                                    instances_per_series=1, size=16)[0]
     ds = pydicom.dcmread(instance.path)
@@ -106,6 +108,9 @@ def test_a_study_whose_instances_all_went_into_another_study_is_no_longer_answer
     assert list(zip(patients.values("PatientID"),
                     patients.values("NumberOfPatientRelatedStudies"), strict=True)) == [
         ("OTHER82", "1")]
+    status = json.loads(edge_server.cli("status", "--json").stdout)
+    assert (status["patients"], status["studies"], status["tier_states"]) == (
+        1, 1, {"local": 1})
     assert versions_of(edge_server.home, instance.sop_instance_uid) == (
         [digest(moved)], [digest(instance.path)])
 

@@ -283,8 +283,13 @@ class Index:
     # --- status and fsck --------------------------------------------------------
 
     async def totals(self) -> IndexTotals:
+        """What the index holds, counted as C-FIND answers it: studies that hold an
+        instance (one whose every instance was sent again into another study keeps
+        its row), and patients with such a study."""
         row = await self._row(
-            "SELECT (SELECT COUNT(*) FROM patients), (SELECT COUNT(*) FROM studies),"
+            "SELECT (SELECT COUNT(*) FROM patients p WHERE EXISTS (SELECT 1 FROM studies x"
+            " WHERE x.patient_fk = p.id AND x.instance_count > 0)),"
+            " (SELECT COUNT(*) FROM studies WHERE instance_count > 0),"
             " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instances),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
             " (SELECT COUNT(*) FROM instance_versions),"
@@ -292,7 +297,8 @@ class Index:
         )
         assert row is not None
         states = await self._rows(
-            "SELECT tier_state, COUNT(*) FROM studies GROUP BY tier_state ORDER BY tier_state"
+            "SELECT tier_state, COUNT(*) FROM studies WHERE instance_count > 0"
+            " GROUP BY tier_state ORDER BY tier_state"
         )
         return IndexTotals(*row, tier_states={state: count for state, count in states})
 
