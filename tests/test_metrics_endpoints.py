@@ -7,6 +7,7 @@ prometheus-client's own parser and checked by `promtool check metrics`.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -22,7 +23,11 @@ from conftest import EdgeServer, init_home
 from cryptography import x509
 from dicomgen import dataset_bytes, make_studies, read_header
 from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+from syncagent import evict, sync_once
 from webpeer import add_user, curl, metrics_listener_box, web_home
+
+from appliance.base.human import human_size
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -266,3 +271,38 @@ def test_a_proxied_request_for_metrics_is_refused(web_box: EdgeServer) -> None:
     for header in ({"X-Forwarded-For": "10.1.2.3"}, {"Forwarded": "for=10.1.2.3"}):
         assert curl(web_box, "/metrics", headers=header).status == 403
     assert curl(web_box, "/healthz", headers={"X-Forwarded-For": "10.1.2.3"}).status == 200
+
+
+def on_disk(server: EdgeServer) -> str:
+    page = curl(server, "/status", user="boss").body.decode()
+    found = re.search(r"<tr><th>on disk</th><td>([^<]*)</td></tr>", page)
+    assert found, page
+    status = json.loads(server.cli("status", "--json").stdout)
+    assert human_size(status["bytes_on_disk"]) == found[1]
+    return found[1]
+
+
+def test_the_status_page_counts_on_disk_the_files_that_are_there(tmp_path: Path) -> None:
+    """The page said "on disk" for every indexed instance's bytes, evicted ones too, and
+    `status` left out the files of prior versions kept on disk."""
+    (first,) = make_studies(tmp_path / "sent", seed=351, patients=1, series_per_study=1,
+                            instances_per_series=1)
+    ds = dcmread(first.path)
+    ds.ImageComments = "corrected"
+    corrected = tmp_path / "corrected.dcm"
+    ds.save_as(corrected, enforce_file_format=True)
+    server = EdgeServer(web_home(tmp_path / "home", dcmtk.free_port()))
+    server.start()
+    try:
+        add_user(server, "boss", "admin")
+        dcmtk.storescu(server.port, [first.path, corrected]).check()
+        files = list((server.home / "store").rglob("*.dcm"))
+        assert len(files) == 2  # the prior version's and the current one's
+        assert on_disk(server) == human_size(sum(p.stat().st_size for p in files))
+        sync_once(server.home)
+        evict(server.home, first.study_uid)
+        (kept,) = (server.home / "store").rglob("*.dcm")  # the prior version's file stays
+        assert on_disk(server) == human_size(kept.stat().st_size)
+    finally:
+        server.stop()
+

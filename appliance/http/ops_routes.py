@@ -127,7 +127,7 @@ def _status_page(sources: HealthSources, report: HealthReport,
     facts = [
         ("box", config.dicom.ae_title),
         ("studies", str(totals.studies)), ("instances", str(totals.instances)),
-        ("on disk", human_size(totals.bytes)),
+        ("on disk", human_size(totals.local_bytes)),
         ("disk", f"{report.disk.used_percent:.0f}% used,"
                  f" {human_size(report.disk.free_bytes)} free"),
         ("inodes", report.inodes_line),

@@ -91,7 +91,7 @@ class IndexTotals:
     instances: int
     bytes: int  # of every indexed instance, evicted ones included
     versions: int
-    local_bytes: int  # of the instances whose file is on local disk
+    local_bytes: int  # of the files on local disk: current instances' and prior versions'
     tier_states: dict[str, int]
 
 
@@ -294,6 +294,7 @@ class Index:
             " (SELECT COALESCE(SUM(size), 0) FROM instances),"
             " (SELECT COUNT(*) FROM instance_versions),"
             " (SELECT COALESCE(SUM(size), 0) FROM instances WHERE is_local = 1)"
+            " + (SELECT COALESCE(SUM(size), 0) FROM instance_versions WHERE is_local = 1)"
         )
         assert row is not None
         states = await self._rows(
