@@ -152,9 +152,7 @@ class IngestService:
             if recorded.other_patient:
                 _report_other_patient(header, moved=recorded.study_moved)
             if recorded.left_study_moved:
-                log.warning("study moved to the patient every one of its instances now names"
-                            " instance=%s study=%s", logsafe.ref(header.sop_uid),
-                            logsafe.ref(recorded.left_study_moved))
+                _log_study_moved(header.sop_uid, recorded.left_study_moved)
             return IngestResult(recorded.outcome, header, relative)
         except OSError as exc:
             raise _store_failure(exc) from exc
@@ -223,14 +221,17 @@ def _report_other_patient(header: InstanceHeader, *, moved: bool) -> None:
     """An instance named another patient than its study is filed under (Index._record)."""
     INSTANCES_OF_ANOTHER_PATIENT.inc()
     if moved:
-        log.warning("study moved to the patient every one of its instances now names"
-                    " instance=%s study=%s", logsafe.ref(header.sop_uid),
-                    logsafe.ref(header.study_uid))
+        _log_study_moved(header.sop_uid, header.study_uid)
     else:
         log.warning("instance names another patient than its study; filed under the"
                     " study's patient until every instance of the study names the same"
                     " instance=%s study=%s", logsafe.ref(header.sop_uid),
                     logsafe.ref(header.study_uid))
+
+
+def _log_study_moved(sop_uid: str, study_uid: str) -> None:
+    log.warning("study moved to the patient every one of its instances now names"
+                " instance=%s study=%s", logsafe.ref(sop_uid), logsafe.ref(study_uid))
 
 
 def _store_failure(exc: OSError) -> PacsEdgeError:

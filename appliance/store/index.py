@@ -527,22 +527,28 @@ def _follow_the_rest(conn: sqlite3.Connection, study_fk: int) -> str:
         " WHERE st.id = ? GROUP BY st.id", (study_fk,))
     if row is None or row[2] < row[1] or row[3] != row[4]:
         return ""  # empty, or some instance names its patient, or two others are named
-    _follow_instances(conn, study_fk, row[3])
+    _move_study(conn, study_fk, row[3])
     return str(row[0])
 
 
 def _follow_instances(conn: sqlite3.Connection, study_fk: int, other_fk: int) -> bool:
     """File the study under `other_fk` if every current instance of it names that
-    patient; True when it did. The patient it leaves goes if nothing else is theirs."""
+    patient; True when it did."""
     naming = _scalar(
         conn, "SELECT COUNT(*) FROM instances i JOIN series se ON se.id = i.series_fk"
         " WHERE i.patient_fk = ? AND se.study_fk = ?", (other_fk, study_fk))
     if naming < _scalar(conn, "SELECT instance_count FROM studies WHERE id = ?", (study_fk,)):
         return False
-    conn.execute("UPDATE instances SET patient_fk = NULL WHERE patient_fk = ? AND series_fk IN"
-                 " (SELECT id FROM series WHERE study_fk = ?)", (other_fk, study_fk))
-    hierarchy.refile_study(conn, study_fk, other_fk)
+    _move_study(conn, study_fk, other_fk)
     return True
+
+
+def _move_study(conn: sqlite3.Connection, study_fk: int, patient_fk: int) -> None:
+    """File the study under `patient_fk`, which its instances name: they name their
+    study's patient now. The patient it leaves goes if nothing else is theirs."""
+    conn.execute("UPDATE instances SET patient_fk = NULL WHERE patient_fk = ? AND series_fk IN"
+                 " (SELECT id FROM series WHERE study_fk = ?)", (patient_fk, study_fk))
+    hierarchy.refile_study(conn, study_fk, patient_fk)
 
 
 def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
