@@ -41,5 +41,6 @@ Tree::
     ├── ReaderError               a reader registry edit or grant cannot be done (readers.py)
     └── ReaderClientError         the remote reader's pull (reader_client.py)
         ├── NotGranted            no granted version of that study for this reader
+        ├── NothingLeft           every instance of the study left it for another study
         └── ReaderIntegrityError  a key object, manifest or pack failed verification
 """

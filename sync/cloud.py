@@ -162,15 +162,17 @@ class PackService:
     # --- upload ----------------------------------------------------------------
 
     async def upload(self, study: StudyRow, instances: list[InstanceRow],
-                     version: int, pack_id: bytes) -> UploadedPack:
+                     version: int, pack_id: bytes, *,
+                     withdrawn: tuple[str, ...] = ()) -> UploadedPack:
         """Put, then verify, version `version` of the study: its pack, manifest and site
-        key object, each carrying `pack_id`. VersionTaken when a blob of that version
-        exists already."""
+        key object, each carrying `pack_id`; the manifest lists `withdrawn`. VersionTaken
+        when a blob of that version exists already."""
         return await in_thread(lambda stop: self._upload(study, instances, version, pack_id,
-                                                         stop))
+                                                         withdrawn, stop))
 
-    def _upload(self, study: StudyRow, instances: list[InstanceRow],
-                version: int, pack_id: bytes, stop: threading.Event) -> UploadedPack:
+    def _upload(self, study: StudyRow, instances: list[InstanceRow], version: int,
+                pack_id: bytes, withdrawn: tuple[str, ...],
+                stop: threading.Event) -> UploadedPack:
         pack_name, manifest_name = self.names(study.study_uid, version)
         data_key = new_data_key()
         writer = PackWriter(data_key, pack_id, self._segment_size)
@@ -185,7 +187,7 @@ class PackService:
             crash_point("upload:after-pack")
             result = writer.result
             manifest = writer.manifest(_study_attributes(study), study_version=version,
-                                       created_at=time.time())
+                                       created_at=time.time(), withdrawn=withdrawn)
             sealed = seal_manifest(manifest, data_key)
             wrapped = wrap_for_site(self._site_key, pack_id, data_key)
             manifest_info = self.store.put(manifest_name, [sealed])

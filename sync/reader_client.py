@@ -11,7 +11,8 @@ Finding studies: list `studies/`, keep the names `...keys/reader-<rid>` with
 this reader's id, unwrap each (the data key of one pack version), read and
 open that version's manifest. Versions of one study share the `study_key`
 part of their names; the study is the union of its granted versions, a SOP
-Instance UID in several versions taking its content from the highest.
+Instance UID in several versions taking its content from the highest, and one
+a version withdraws (it left for another study) gone from the versions below.
 
 Pulling: the instances not already there are read per pack version as the
 edge's recall reads them (sync.pack.reader.read_instances): when at least
@@ -27,6 +28,7 @@ interrupted pull resumes where it stopped.
 
 Errors (ReaderClientError, each with a hint; see the tree in sync/__init__.py):
     NotGranted               no granted version of that study for this reader
+    NothingLeft              every instance of the study left it for another study
     ReaderIntegrityError     a key object, manifest or pack failed verification
 A missing or unsafe reader key raises provisioning's KeyFileError.
 """
@@ -76,6 +78,10 @@ class ReaderClientError(PacsEdgeError):
 
 
 class NotGranted(ReaderClientError):
+    pass
+
+
+class NothingLeft(ReaderClientError):
     pass
 
 
@@ -155,9 +161,13 @@ class RemoteStudy:
         return self.versions[-1].manifest.study
 
     def current(self) -> list[tuple[GrantedVersion, ManifestEntry]]:
-        """(version, entry) of every instance, highest version winning, in series order."""
+        """(version, entry) of every instance, highest version winning, in series order;
+        an instance a version withdraws (it left for another study) is gone from the
+        versions below it."""
         latest: dict[str, tuple[GrantedVersion, ManifestEntry]] = {}
         for version in sorted(self.versions, key=lambda v: v.version):
+            for sop_uid in version.manifest.withdrawn:
+                latest.pop(sop_uid, None)
             for entry in version.manifest.instances:
                 latest[entry.instance.sop_uid] = (version, entry)
         return sorted(latest.values(), key=lambda ve: (
@@ -199,6 +209,12 @@ class Catalogue:
                     raise ReaderIntegrityError(
                         "a granted version of this study failed verification: "
                         + "; ".join(self.failures[study.study_key]), hint=_TAMPER_HINT)
+                if not study.current():
+                    raise NothingLeft(
+                        "the study holds no instance any more: each was sent again under"
+                        " another Study Instance UID, and the site withdrew it from this"
+                        " one", hint="find the study they went to with `pacs-edge reader"
+                        " list` (by patient or date)")
                 return study
         if self.failures:
             raise ReaderIntegrityError(

@@ -84,6 +84,7 @@ from appliance.store.index import (
     add_prior_version,
     make_way,
     newer_in_another_study,
+    withdraw_current,
 )
 from appliance.store.packs import insert_verified_pack, manifest_names
 from appliance.store.spool import dataset_offset
@@ -283,7 +284,7 @@ def _read_version(store: BlobStore, ring: SiteKeyring, name_secret: bytes, manif
         raise PackIntegrityError("manifest names another study version than its blob name")
     study = manifest.study
     uids = [study.study_uid, *(e.instance.series.series_uid for e in manifest.instances),
-            *(e.instance.sop_uid for e in manifest.instances)]
+            *(e.instance.sop_uid for e in manifest.instances), *manifest.withdrawn]
     if not all(is_valid_uid(uid) for uid in uids):
         raise PackFormatError("manifest holds an invalid UID")
     if naming.study_key(name_secret, study.study_uid) != parsed.study_key:
@@ -358,6 +359,8 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
         manifest_name=version.manifest_name, pack_size=m.pack_size,
         pack_sha256=m.pack_sha256, instance_count=len(m.instances),
         access_tier=version.access_tier, created_at=m.created_at)
+    for sop_uid in m.withdrawn:  # it left the study: its content here is a prior version
+        withdraw_current(conn, sop_uid, study_fk, now)
     for entry in m.instances:
         inst, se = entry.instance, entry.instance.series
         path = _store_path(m, entry)

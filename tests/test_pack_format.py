@@ -403,6 +403,20 @@ def test_manifest_from_json_names_the_bad_field(files):
     assert Manifest.from_json({**data, "added_later": [1]}) == manifest
 
 
+def test_manifest_lists_withdrawn_instances_only_when_there_are_some(files):
+    """`withdrawn` (docs/cloud-format.md) round-trips; a manifest without any has no
+    such key, so every manifest written before it reads and writes as it did."""
+    _, manifest, key = write_pack(files, 4096)
+    assert "withdrawn" not in manifest.to_json()
+    withdrawing = dataclasses.replace(manifest, withdrawn=("1.2.3.4", "1.2.3.5"))
+    assert withdrawing.to_json()["withdrawn"] == ["1.2.3.4", "1.2.3.5"]
+    assert open_manifest(seal_manifest(withdrawing, key), key) == withdrawing
+    with pytest.raises(PackFormatError, match="withdrawn"):
+        Manifest.from_json({**manifest.to_json(), "withdrawn": [1]})
+    with pytest.raises(PackFormatError, match="withdrawn"):
+        Manifest.from_json({**manifest.to_json(), "withdrawn": "1.2.3.4"})
+
+
 def test_manifest_carries_every_attribute_of_the_index_header():
     """A lost box is rebuilt from manifests: nothing InstanceHeader holds may be missing."""
     carried = {f.name for cls in (StudyAttributes, SeriesAttributes, InstanceAttributes)

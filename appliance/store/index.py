@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from appliance.base.errors import IndexUnavailable
-from appliance.store import database, hierarchy, tiering
+from appliance.store import database, hierarchy, tiering, withdrawals
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.sync_passes import first_failure
 
@@ -507,6 +507,7 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     hierarchy.count_sop_class(conn, study_fk, h.sop_class_uid, +1)
     left_moved = ""
     if way.left_study_fk not in (None, study_fk):
+        withdrawals.withdraw(conn, way.left_study_fk, h.sop_uid, now)
         left_moved = _follow_the_rest(conn, way.left_study_fk)
     if other_fk is None:
         return Recorded(outcome, left_study_moved=left_moved)
@@ -551,6 +552,12 @@ def _move_study(conn: sqlite3.Connection, study_fk: int, patient_fk: int) -> Non
     hierarchy.refile_study(conn, study_fk, patient_fk)
 
 
+# What _supersede reads of the current row it moves to instance_versions.
+_SUPERSEDED_COLUMNS = (
+    "i.id, i.series_fk, i.sop_class_uid, i.path, i.size, i.sha256, i.transfer_syntax,"
+    " i.received_at, i.pack_fk, i.pack_offset, i.pack_length, i.is_local, i.patient_fk")
+
+
 def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
              now: float) -> MadeWay:
     """Prepare for content `sha256` of `sop_uid`, whose file is `path`, to become the
@@ -564,12 +571,7 @@ def make_way(conn: sqlite3.Connection, sop_uid: str, sha256: str, path: str,
     its file. So a path is named by one row at most, in either table: eviction,
     which deletes the files of current rows, never deletes a prior version's."""
     existing = database.query_one(
-        conn,
-        "SELECT id, series_fk, sop_class_uid, path, size, sha256, transfer_syntax,"
-        " received_at, pack_fk, pack_offset, pack_length, is_local, patient_fk"
-        " FROM instances WHERE sop_uid = ?",
-        (sop_uid,),
-    )
+        conn, f"SELECT {_SUPERSEDED_COLUMNS} FROM instances i WHERE i.sop_uid = ?", (sop_uid,))
     outcome, left_study_fk = RecordOutcome.NEW, None
     if existing is not None:
         if existing["sha256"] == sha256 and not _only_copy_damaged(conn, existing):
@@ -599,6 +601,16 @@ def newer_in_another_study(conn: sqlite3.Connection, sop_uid: str, study_fk: int
         conn, "SELECT se.study_fk, i.received_at FROM instances i"
         " JOIN series se ON se.id = i.series_fk WHERE i.sop_uid = ?", (sop_uid,))
     return row is not None and row[0] != study_fk and row[1] > received_at
+
+
+def withdraw_current(conn: sqlite3.Connection, sop_uid: str, study_fk: int, now: float) -> None:
+    """Restore of a version that withdraws `sop_uid` from study `study_fk`: its current
+    row there, if it is there, becomes a prior version (store/withdrawals.py)."""
+    existing = database.query_one(
+        conn, f"SELECT {_SUPERSEDED_COLUMNS} FROM instances i JOIN series se"
+        " ON se.id = i.series_fk WHERE i.sop_uid = ? AND se.study_fk = ?", (sop_uid, study_fk))
+    if existing is not None:
+        _supersede(conn, existing, sop_uid, now)
 
 
 def add_prior_version(conn: sqlite3.Connection, sop_uid: str, *, path: str, size: int,

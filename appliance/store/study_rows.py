@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from appliance.store import database
 from appliance.store.clock_steps import STEPPED_BACK_SLACK
 from appliance.store.index import PATHS_PER_QUERY, Index
+from appliance.store.withdrawals import STUDIES_WITH_PENDING
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,16 @@ async def study_by_id(index: Index, study_id: int) -> StudyRow | None:
 
 async def stable_studies(index: Index, now: float, stable_after: float) -> list[StudyRow]:
     """Studies that received nothing in the `stable_after` seconds before `now` and hold
-    local instances not in any pack (an evicted study's late instances too), the quietest
-    first. A study last received more than STEPPED_BACK_SLACK after `now` was stamped before the
-    wall clock stepped back (a clock corrected after months ahead): it counts as quiet,
-    else it would wait unreplicated until the clock caught up again."""
+    local instances not in any pack (an evicted study's late instances too), or
+    instances to withdraw (store/withdrawals.py), the quietest first. A study last
+    received more than STEPPED_BACK_SLACK after `now` was stamped before the wall clock
+    stepped back (a clock corrected after months ahead): it counts as quiet, else it
+    would wait unreplicated until the clock caught up again."""
     return await database.run_sync(
         index.reader, _studies,
         f"{_STUDY_SQL} WHERE st.tier_state IN ('local', 'replicated', 'evicted')"
         " AND (st.last_received_at <= ? OR st.last_received_at > ?)"
-        f" AND {_UNPACKED} ORDER BY st.last_received_at",
+        f" AND ({_UNPACKED} OR {STUDIES_WITH_PENDING}) ORDER BY st.last_received_at",
         (now - stable_after, now + STEPPED_BACK_SLACK))
 
 

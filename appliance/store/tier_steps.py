@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.base.errors import PacsEdgeError
-from appliance.store import database
+from appliance.store import database, withdrawals
 from appliance.store.leases import StudyLease
 from appliance.store.packs import UnverifiedPack, uploading_packs
 from appliance.store.recall_requests import finish_request
@@ -48,6 +48,7 @@ class UploadPlan:
     evicted: bool
     instances: list[InstanceRow]
     upload_id: bytes  # the pack id the upload writes into its blobs
+    withdrawn: tuple[str, ...] = ()  # SOP Instance UIDs the version withdraws
 
 
 class UploadResult(Protocol):
@@ -80,7 +81,8 @@ def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
     least `lowest_version` (above versions the cloud holds and the index does not)."""
     lease.take(conn)
     instances = instances_to_pack(conn, study_id)
-    if not instances:
+    withdrawn = withdrawals.pending(conn, study_id)
+    if not instances and not withdrawn:
         lease.release(conn)
         return None
     state = state_of(conn, study_id)
@@ -98,7 +100,7 @@ def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
         "INSERT INTO packs (study_fk, version, pack_name, manifest_name, created_at, upload_id)"
         " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (study_id, version, pack_name, manifest_name, time.time(), upload_id.hex()))[0]
-    return UploadPlan(int(pack_id), version, evicted, instances, upload_id)
+    return UploadPlan(int(pack_id), version, evicted, instances, upload_id, withdrawn)
 
 
 def abandon_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
@@ -115,9 +117,11 @@ def forget_pack(conn: sqlite3.Connection, pack_id: int) -> None:
 
 def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan: UploadPlan,
                 uploaded: UploadResult) -> list[str]:
-    """Pack `verified`, instances point at it, `replicating -> replicated`; returns the
-    paths of files that are no longer needed locally (evicted study)."""
+    """Pack `verified`, instances point at it, what it withdraws is done,
+    `replicating -> replicated`; returns the paths of files that are no longer needed
+    locally (evicted study)."""
     lease.fence(conn)
+    withdrawals.uploaded(conn, study_id, plan.withdrawn)
     conn.execute(
         "UPDATE packs SET state = 'verified', verified_at = ?, pack_size = ?, pack_sha256 = ?,"
         " instance_count = ?, pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
@@ -145,6 +149,8 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
     apply_sync(conn, study_id, Trigger.VERIFIED, expect=TierState.REPLICATING)
     if has_unpacked(conn, study_id):  # instances arrived during the upload: not done yet
         apply_sync(conn, study_id, Trigger.NEW_INSTANCE)
+    elif withdrawals.has_pending(conn, study_id):  # or one left the study meanwhile
+        apply_sync(conn, study_id, Trigger.WITHDRAWN)
     return []
 
 

@@ -157,6 +157,9 @@ class Manifest:
     pack_sha256: str  # hex, of the whole pack blob (header included)
     study: StudyAttributes
     instances: tuple[ManifestEntry, ...]
+    # SOP Instance UIDs whose entries in the study's earlier versions are no longer its:
+    # each left for another study (appliance/store/withdrawals.py).
+    withdrawn: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Check internal consistency; PackFormatError names what is wrong."""
@@ -201,6 +204,8 @@ class Manifest:
             "pack_sha256": self.pack_sha256,
             "study": _to_keywords(self.study, _STUDY_KEYWORDS),
             "instances": [_entry_to_json(e) for e in self.instances],
+            # Only when there is one: a manifest without is byte for byte as before.
+            **({"withdrawn": list(self.withdrawn)} if self.withdrawn else {}),
         }
 
     @classmethod
@@ -230,9 +235,18 @@ class Manifest:
             study=StudyAttributes(**_from_keywords(obj.child("study"), _STUDY_KEYWORDS)),
             instances=tuple(_entry_from_json(_Obj(item, f"manifest instance #{n}"))
                             for n, item in enumerate(instances)),
+            withdrawn=_withdrawn(obj),
         )
         manifest.validate()
         return manifest
+
+
+def _withdrawn(obj: _Obj) -> tuple[str, ...]:
+    """The optional `withdrawn` list: SOP Instance UIDs as text."""
+    uids = obj.get("withdrawn", list, optional=True) or []
+    if not all(isinstance(uid, str) for uid in uids):
+        raise PackFormatError("manifest withdrawn must list SOP Instance UIDs as text")
+    return tuple(uids)
 
 
 def seal_manifest(manifest: Manifest, data_key: bytes) -> bytes:

@@ -245,9 +245,10 @@ class PackWriter:
             raise PackError("the pack has not been streamed to its end yet")
         return self._result
 
-    def manifest(self, study: StudyAttributes, *, study_version: int,
-                 created_at: float) -> Manifest:
-        """The pack's manifest; every fed source must have had attributes."""
+    def manifest(self, study: StudyAttributes, *, study_version: int, created_at: float,
+                 withdrawn: tuple[str, ...] = ()) -> Manifest:
+        """The pack's manifest, withdrawing `withdrawn` (SOP Instance UIDs of the study's
+        earlier versions); every fed source must have had attributes."""
         result = self.result
         entries = []
         for source, sha in zip(self._sources, result.dataset_sha256, strict=True):
@@ -261,7 +262,7 @@ class PackWriter:
                         study_version=study_version, created_at=created_at,
                         segment_size=self.segment_size, plaintext_size=result.plaintext_size,
                         pack_size=result.pack_size, pack_sha256=result.pack_sha256,
-                        study=study, instances=tuple(entries))
+                        study=study, instances=tuple(entries), withdrawn=withdrawn)
 
 
 def _normalise_sha(value: str | None) -> str | None:
