@@ -93,7 +93,7 @@ def test_a_reader_no_longer_sees_an_instance_in_the_study_it_left(tmp_path: Path
     assert pulled(reader, b, tmp_path / "pull-b") == {dicomgen.dataset_bytes(p) for p in moved}
     refused = run_pacs_edge("reader", "pull", z.study_uid, "--to", str(tmp_path / "pull-c"),
                             "--home", str(reader), check=False)
-    assert refused.returncode != 0
+    assert refused.returncode == 2
     assert "the study holds no instance any more" in refused.stderr
     assert "Traceback" not in refused.stderr
     # The versions that withdraw hold no instance: a pack of no file, and nothing again
