@@ -1,6 +1,7 @@
 """Replicate: every stable study with instances not yet in the cloud gets a new pack version
-(so does one an instance left for another study: the version withdraws it, see
-appliance/store/withdrawals.py).
+(so does one the cloud must be told a change: an instance that left it for another
+study, a patient merged or updated; see appliance/store/amendments.py). The version
+states the study as the index has it when the version begins.
 
 Order per study, each step committed before the next:
  1. one transaction takes the study's lease, moves `local -> replicating`
@@ -93,7 +94,7 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
     async with lease.kept():
         crash_point("replicate:before-upload")
         try:
-            uploaded = await ctx.packs.upload(study, plan.instances, plan.version,
+            uploaded = await ctx.packs.upload(plan.study, plan.instances, plan.version,
                                               plan.upload_id, withdrawn=plan.withdrawn)
         except VersionTaken:
             await _abandon(ctx, lease, study, plan)
@@ -121,9 +122,9 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
         await grant_study(ctx.config.home, ctx.index, ctx.store, study.id)
         if gone:
             await drop_local_files(ctx, lease, gone)
-    log.info("replicated study=%s version=%d instances=%d withdrawn=%d bytes=%d",
+    log.info("replicated study=%s version=%d instances=%d withdrawn=%d restated=%s bytes=%d",
              logsafe.ref(study.study_uid), plan.version, len(plan.instances),
-             len(plan.withdrawn), uploaded.pack_size)
+             len(plan.withdrawn), bool(plan.restated), uploaded.pack_size)
     REPLICATIONS.labels("ok").inc()
     REPLICATED_BYTES.inc(uploaded.pack_size)
     REPLICATION_SECONDS.observe(time.monotonic() - started)

@@ -349,9 +349,11 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
                               hint="restore fills a new data home; this box already holds "
                               "the study locally, so its sync agent replicates it itself")
     # The study is filed under the patient of its newest version (the lost box moved it
-    # there once every instance named them: store/index.py _follow_instances).
+    # there once every instance named them: store/index.py _follow_instances; or a merge
+    # did, store/amendments.py), who has the name the newest manifest of theirs states.
     if m.study_version > hierarchy.newest_pack_version(conn, study_fk):
         hierarchy.refile_study(conn, study_fk, patient_fk)
+        hierarchy.state_patient_as_of(conn, patient_fk, s, m.created_at)
     else:
         hierarchy.drop_patient_if_unused(conn, patient_fk)
     pack_fk = insert_verified_pack(

@@ -174,6 +174,22 @@ def newest_pack_version(conn: sqlite3.Connection, study_fk: int) -> int:
     return int(row[0]) if row else 0
 
 
+def state_patient_as_of(conn: sqlite3.Connection, patient_fk: int, p: PatientFields,
+                        stated_at: float) -> None:
+    """Restore: give the patient the name, birth date and sex `p` states, when no pack of
+    any of their studies that the index holds was made after `stated_at` (the lost box
+    kept one row per patient, changed by ADT^A08 and merges; each version states it as
+    it was then). A patient without an ID is their name, birth date and sex: kept."""
+    newest = database.query_one(
+        conn, "SELECT MAX(pk.created_at) FROM packs pk JOIN studies st ON st.id = pk.study_fk"
+        " WHERE st.patient_fk = ?", (patient_fk,))
+    if newest is not None and newest[0] is not None and newest[0] > stated_at:
+        return
+    conn.execute("UPDATE patients SET patient_name = ?, birth_date = ?, sex = ?"
+                 " WHERE id = ? AND patient_id != ''",
+                 (p.patient_name, p.birth_date, p.sex, patient_fk))
+
+
 def upsert_patient(conn: sqlite3.Connection, p: PatientFields) -> int:
     """The patient's row id (PatientID + issuer), inserted if new; a known patient's
     other attributes stay as first recorded. An empty PatientID names nobody: such a

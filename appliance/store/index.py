@@ -21,7 +21,7 @@ from typing import Any
 import aiosqlite
 
 from appliance.base.errors import IndexUnavailable
-from appliance.store import database, hierarchy, tiering, withdrawals
+from appliance.store import amendments, database, hierarchy, tiering
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.sync_passes import first_failure
 
@@ -507,7 +507,7 @@ def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> 
     hierarchy.count_sop_class(conn, study_fk, h.sop_class_uid, +1)
     left_moved = ""
     if way.left_study_fk not in (None, study_fk):
-        withdrawals.withdraw(conn, way.left_study_fk, h.sop_uid, now)
+        amendments.withdraw(conn, way.left_study_fk, h.sop_uid, now)
         left_moved = _follow_the_rest(conn, way.left_study_fk)
     if other_fk is None:
         return Recorded(outcome, left_study_moved=left_moved)
@@ -605,7 +605,7 @@ def newer_in_another_study(conn: sqlite3.Connection, sop_uid: str, study_fk: int
 
 def withdraw_current(conn: sqlite3.Connection, sop_uid: str, study_fk: int, now: float) -> None:
     """Restore of a version that withdraws `sop_uid` from study `study_fk`: its current
-    row there, if it is there, becomes a prior version (store/withdrawals.py)."""
+    row there, if it is there, becomes a prior version (store/amendments.py)."""
     existing = database.query_one(
         conn, f"SELECT {_SUPERSEDED_COLUMNS} FROM instances i JOIN series se"
         " ON se.id = i.series_fk WHERE i.sop_uid = ? AND se.study_fk = ?", (sop_uid, study_fk))

@@ -64,7 +64,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 
-from appliance.store import database
+from appliance.store import amendments, database
 from appliance.store.times import time_key
 
 
@@ -372,8 +372,13 @@ def update_demographics(conn: sqlite3.Connection, patient: PatientKey,
     assignments = ", ".join(f"{column} = ?" for column, _ in sets)
     values = [value for _, value in sets]
     key = (patient.patient_id, patient.issuer)
+    changed = database.query_one(
+        conn, "SELECT id FROM patients WHERE patient_id = ? AND issuer = ? AND NOT ("
+        + " AND ".join(f"{column} IS ?" for column, _ in sets) + ")", (*key, *values))
     patients = conn.execute(f"UPDATE patients SET {assignments} WHERE patient_id = ?"
                             " AND issuer = ?", (*values, *key)).rowcount
+    if changed is not None:  # the cloud's copies of their studies state the new values
+        amendments.restate(conn, amendments.studies_of(conn, changed[0]), at)
     orders = conn.execute(f"UPDATE orders SET {assignments}, updated_at = ? WHERE patient_id = ?"
                           " AND issuer = ?", (*values, at, *key)).rowcount
     return patients, orders
@@ -403,15 +408,13 @@ def merge_patient(conn: sqlite3.Connection, prior: PatientKey, surviving: Patien
     surviving_row = database.query_one(
         conn, "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?",
         (surviving.patient_id, surviving.issuer))
-    studies = 0
+    moved = amendments.studies_of(conn, prior_row[0]) if prior_row is not None else []
     if prior_row is not None and surviving_row is None:
         conn.execute("UPDATE patients SET patient_id = ?, issuer = ? WHERE id = ?",
                      (surviving.patient_id, surviving.issuer, prior_row[0]))
-        studies = conn.execute("SELECT COUNT(*) FROM studies WHERE patient_fk = ?",
-                               (prior_row[0],)).fetchone()[0]
     elif prior_row is not None and surviving_row is not None:
-        studies = conn.execute("UPDATE studies SET patient_fk = ? WHERE patient_fk = ?",
-                               (surviving_row[0], prior_row[0])).rowcount
+        conn.execute("UPDATE studies SET patient_fk = ? WHERE patient_fk = ?",
+                     (surviving_row[0], prior_row[0]))
         conn.execute("UPDATE instances SET patient_fk = ? WHERE patient_fk = ?",
                      (surviving_row[0], prior_row[0]))
         conn.execute("DELETE FROM patients WHERE id = ?", (prior_row[0],))
@@ -424,4 +427,5 @@ def merge_patient(conn: sqlite3.Connection, prior: PatientKey, surviving: Patien
         "INSERT INTO patient_merges (prior_patient_id, prior_issuer, patient_id, issuer,"
         " merged_at) VALUES (?, ?, ?, ?, ?)",
         (prior.patient_id, prior.issuer, surviving.patient_id, surviving.issuer, at))
-    return studies, orders
+    amendments.restate(conn, moved, at)  # the cloud's copies name the surviving patient
+    return len(moved), orders

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.store import database
+from appliance.store.amendments import STUDIES_WITH_PENDING
 from appliance.store.clock_steps import STEPPED_BACK_SLACK
 from appliance.store.index import PATHS_PER_QUERY, Index
-from appliance.store.withdrawals import STUDIES_WITH_PENDING
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ async def study_by_id(index: Index, study_id: int) -> StudyRow | None:
 async def stable_studies(index: Index, now: float, stable_after: float) -> list[StudyRow]:
     """Studies that received nothing in the `stable_after` seconds before `now` and hold
     local instances not in any pack (an evicted study's late instances too), or
-    instances to withdraw (store/withdrawals.py), the quietest first. A study last
+    amendments for the cloud (store/amendments.py), the quietest first. A study last
     received more than STEPPED_BACK_SLACK after `now` was stamped before the wall clock
     stepped back (a clock corrected after months ahead): it counts as quiet, else it
     would wait unreplicated until the clock caught up again."""
@@ -137,6 +137,11 @@ async def studies_in_transient_state(index: Index) -> list[StudyRow]:
         f"{_STUDY_SQL} WHERE st.tier_state IN ('replicating', 'recalling')"
         " OR EXISTS (SELECT 1 FROM packs pk WHERE pk.study_fk = st.id"
         " AND pk.state = 'uploading') ORDER BY st.id")
+
+
+def study_row(conn: sqlite3.Connection, study_id: int) -> StudyRow:
+    """The study as the caller's transaction sees it (what a new version states)."""
+    return _studies(conn, f"{_STUDY_SQL} WHERE st.id = ?", (study_id,))[0]
 
 
 # --- instances --------------------------------------------------------------------------

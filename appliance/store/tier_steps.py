@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from appliance.base.errors import PacsEdgeError
-from appliance.store import database, withdrawals
+from appliance.store import amendments, database
 from appliance.store.leases import StudyLease
 from appliance.store.packs import UnverifiedPack, uploading_packs
 from appliance.store.recall_requests import finish_request
 from appliance.store.study_rows import (
     InstanceRow,
+    StudyRow,
     evicted_instances,
     has_unpacked,
     instances_to_pack,
+    study_row,
 )
 from appliance.store.tiering import TierState, Trigger, apply_sync, state_of
 
@@ -48,7 +50,9 @@ class UploadPlan:
     evicted: bool
     instances: list[InstanceRow]
     upload_id: bytes  # the pack id the upload writes into its blobs
-    withdrawn: tuple[str, ...] = ()  # SOP Instance UIDs the version withdraws
+    study: StudyRow  # as the version states it, read when it began
+    withdrawn: tuple[str, ...]  # SOP Instance UIDs the version withdraws
+    restated: int  # the restatement generation it states (store/amendments.py); 0: none
 
 
 class UploadResult(Protocol):
@@ -81,8 +85,9 @@ def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
     least `lowest_version` (above versions the cloud holds and the index does not)."""
     lease.take(conn)
     instances = instances_to_pack(conn, study_id)
-    withdrawn = withdrawals.pending(conn, study_id)
-    if not instances and not withdrawn:
+    withdrawn = amendments.pending_withdrawals(conn, study_id)
+    restated = amendments.restatement(conn, study_id)
+    if not instances and not withdrawn and not restated:
         lease.release(conn)
         return None
     state = state_of(conn, study_id)
@@ -100,7 +105,8 @@ def begin_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int,
         "INSERT INTO packs (study_fk, version, pack_name, manifest_name, created_at, upload_id)"
         " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (study_id, version, pack_name, manifest_name, time.time(), upload_id.hex()))[0]
-    return UploadPlan(int(pack_id), version, evicted, instances, upload_id, withdrawn)
+    return UploadPlan(int(pack_id), version, evicted, instances, upload_id,
+                      study_row(conn, study_id), withdrawn, restated)
 
 
 def abandon_upload(conn: sqlite3.Connection, lease: StudyLease, study_id: int) -> None:
@@ -117,11 +123,11 @@ def forget_pack(conn: sqlite3.Connection, pack_id: int) -> None:
 
 def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan: UploadPlan,
                 uploaded: UploadResult) -> list[str]:
-    """Pack `verified`, instances point at it, what it withdraws is done,
+    """Pack `verified`, instances point at it, the amendments it made are done,
     `replicating -> replicated`; returns the paths of files that are no longer needed
     locally (evicted study)."""
     lease.fence(conn)
-    withdrawals.uploaded(conn, study_id, plan.withdrawn)
+    amendments.uploaded(conn, study_id, plan.withdrawn, plan.restated)
     conn.execute(
         "UPDATE packs SET state = 'verified', verified_at = ?, pack_size = ?, pack_sha256 = ?,"
         " instance_count = ?, pack_etag = ?, manifest_etag = ?, manifest_size = ? WHERE id = ?",
@@ -149,8 +155,8 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
     apply_sync(conn, study_id, Trigger.VERIFIED, expect=TierState.REPLICATING)
     if has_unpacked(conn, study_id):  # instances arrived during the upload: not done yet
         apply_sync(conn, study_id, Trigger.NEW_INSTANCE)
-    elif withdrawals.has_pending(conn, study_id):  # or one left the study meanwhile
-        apply_sync(conn, study_id, Trigger.WITHDRAWN)
+    elif amendments.has_pending(conn, study_id):  # or the study changed meanwhile
+        apply_sync(conn, study_id, Trigger.AMENDED)
     return []
 
 

@@ -8,7 +8,8 @@
       ▲                                                     │
       └──damaged (scrub: a pack holding local files)── replicated
 
-`withdrawn` (an instance left the study for another) moves as `new_instance` does.
+`amended` (an instance left the study for another, or its patient changed: the next
+version says so) moves as `new_instance` does.
 
 A transition not in the table is refused (TierTransitionError), as
 pynetdicom's fsm.py refuses an event its state does not accept. Every
@@ -47,7 +48,7 @@ class Trigger(enum.StrEnum):
     VERIFIED = "verified"          # the pack was read back and matches
     FAILED = "failed"              # upload/recall failed, or a crash left it half done
     NEW_INSTANCE = "new_instance"  # an instance arrived after the study was replicated
-    WITHDRAWN = "withdrawn"        # an instance left it for another study (store/withdrawals.py)
+    AMENDED = "amended"            # the cloud's copy must be told a change (store/amendments.py)
     EVICT = "evict"                # local files are about to be deleted
     RECALL = "recall"              # someone needs the files of an evicted study
     RECALLED = "recalled"          # every instance is back on disk and verified
@@ -67,13 +68,13 @@ TRANSITIONS: dict[tuple[TierState, Trigger], TierState] = {
     (TierState.RECALLING, Trigger.FAILED): TierState.EVICTED,
     (TierState.RECALLING, Trigger.NEW_INSTANCE): TierState.RECALLING,
     (TierState.LOCAL, Trigger.NEW_INSTANCE): TierState.LOCAL,
-    # An instance left the study for another: its next version withdraws it, as a new
-    # instance's next version adds one.
-    (TierState.REPLICATED, Trigger.WITHDRAWN): TierState.LOCAL,
-    (TierState.LOCAL, Trigger.WITHDRAWN): TierState.LOCAL,
-    (TierState.REPLICATING, Trigger.WITHDRAWN): TierState.REPLICATING,
-    (TierState.EVICTED, Trigger.WITHDRAWN): TierState.EVICTED,
-    (TierState.RECALLING, Trigger.WITHDRAWN): TierState.RECALLING,
+    # An instance left the study for another, or its patient changed: its next version
+    # says so, as a new instance's next version adds it.
+    (TierState.REPLICATED, Trigger.AMENDED): TierState.LOCAL,
+    (TierState.LOCAL, Trigger.AMENDED): TierState.LOCAL,
+    (TierState.REPLICATING, Trigger.AMENDED): TierState.REPLICATING,
+    (TierState.EVICTED, Trigger.AMENDED): TierState.EVICTED,
+    (TierState.RECALLING, Trigger.AMENDED): TierState.RECALLING,
     # A scrub found a pack damaged and took its local instances out of it: they
     # need a new version, as new instances do. Evicted instances stay (at risk).
     (TierState.REPLICATED, Trigger.DAMAGED): TierState.LOCAL,

@@ -1,24 +1,35 @@
-"""An instance that left a study for another is withdrawn from the cloud's copy of the study.
+"""What changes on the box after a study reached the cloud reaches its readers and restore.
 
-A modality that sends an instance again under another Study Instance UID (the first
-study was the wrong one) moves it on the box, and C-FIND answers it in the new study
-only. The study it left was in the cloud with it, and a remote reader sees one study's
-versions only: it went on showing the instance in the wrong study, often another
-patient's. The study it left gets a version that withdraws it (docs/cloud-format.md),
-and readers and restore drop it there. Real processes: `pacs-edge import`, `sync
---once`, `readers add`, `reader list`/`pull`, `evict`, `recall`, `keys escrow`/`recover`,
-`restore`, `fsck`, on a local-folder cloud.
+A remote reader sees one study's pack versions only, and readers and restore take the
+study's patient from its newest version; each change below gets the study a version
+(store/amendments.py, docs/cloud-format.md), with no instance of its own if nothing
+else arrived:
+
+- an instance sent again under another Study Instance UID (the first study was the
+  wrong one) moves on the box, and C-FIND answers it in the new study only; the
+  reader went on showing it in the study it left, often another patient's. That
+  study's next version withdraws it;
+- an ADT^A40 merge or an ADT^A08 update changes the study's patient on the box; the
+  reader went on listing the study under the old ID and name, and a restored box
+  filed it there. The next version states the study with its patient as it is.
+
+Real processes: `pacs-edge serve` (its HL7 listener, over MLLP), `import`, `sync
+--once`, `readers add`, `reader list`/`pull`, `evict`, `recall`, `keys
+escrow`/`recover`, `restore`, `fsck`, on a local-folder cloud.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import dcmtk
 import dicomgen
+import hl7peer
 import pydicom
-from conftest import run_pacs_edge
+from conftest import EdgeServer, run_pacs_edge
 from syncagent import (
     assert_fsck_clean,
     import_files,
@@ -54,6 +65,12 @@ def reader_with_everything(edge: Path, cloud: Path, home: Path) -> Path:
                         f"file://{cloud}").stdout.strip().splitlines()[-1]
     run_pacs_edge("readers", "add", "everyone", key, "--home", str(edge))
     return home
+
+
+def reader_patients(home: Path) -> dict[str, tuple[str, str]]:
+    """Study Instance UID -> (Patient ID, name), as `reader list` shows them."""
+    rows = json.loads(run_pacs_edge("reader", "list", "--json", "--home", str(home)).stdout)
+    return {row["study_uid"]: (row["patient_id"], row["patient_name"]) for row in rows}
 
 
 def reader_studies(home: Path) -> dict[str, int]:
@@ -160,3 +177,54 @@ def test_restore_keeps_a_withdrawn_instance_out_of_the_study_it_left(tmp_path: P
     assert "recalled 1 instance(s)" in recalled
     assert set(stored_hashes(new)) == {y.sop_instance_uid}
     assert_fsck_clean(new)
+
+
+def test_a_merged_and_renamed_patient_reaches_readers_and_a_restored_box(
+    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    """Study A of a temporary patient (an emergency registration) and study K of the
+    patient's real record are replicated and granted. ADT^A40 merges the temporary
+    patient into the real one, then ADT^A08 renames the real one. The next pass
+    uploads a version of A and of K, no instance in either: the reader lists both under
+    the real ID and the new name, and a box restored from the cloud files both there.
+    The same A08 sent again changes nothing and uploads nothing."""
+    cloud = tmp_path / "cloud"
+    server = edge_server_factory(start=False)
+    server.configure(cloud={"url": f"file://{cloud}"}, sync={"stable_after_seconds": 3600.0})
+    hl7_port = free_port()
+    hl7peer.listen(server, hl7_port)
+    server.start()
+    temporary = dicomgen.make_study(tmp_path / "a", seed=98, series_per_study=1,
+                                    instances_per_series=2, size=16)
+    real = dicomgen.make_study(tmp_path / "k", seed=99, series_per_study=1,
+                               instances_per_series=1, size=16)
+    a, k, real_id = temporary[0].study_uid, real[0].study_uid, real[0].patient_id
+    dcmtk.storescu(server.port, [i.path for i in (*temporary, *real)]).check()
+    sync_once(server.home)
+    reader = reader_with_everything(server.home, cloud, tmp_path / "reader")
+    assert reader_patients(reader) == {a: (temporary[0].patient_id, str(
+        temporary[0].header.PatientName)), k: (real_id, str(real[0].header.PatientName))}
+
+    merge = hl7peer.adt("AM1", "A40", patient_id=real_id, name="REAL^NAME",
+                        prior=temporary[0].patient_id, issuer="")
+    assert hl7peer.send(hl7_port, merge).code == "AA"
+    rename = hl7peer.adt("AM2", "A08", patient_id=real_id, name="RENAMED^REAL", issuer="")
+    assert hl7peer.send(hl7_port, rename).code == "AA"
+    sync_once(server.home)
+    assert reader_patients(reader) == {a: (real_id, "RENAMED^REAL"),
+                                       k: (real_id, "RENAMED^REAL")}
+    assert index_rows(server.home, "SELECT COUNT(*), SUM(instance_count) FROM packs") == [
+        (4, 3)]
+
+    again = hl7peer.adt("AM3", "A08", patient_id=real_id, name="RENAMED^REAL", issuer="")
+    assert hl7peer.send(hl7_port, again).code == "AA"
+    sync_once(server.home)
+    assert index_rows(server.home, "SELECT COUNT(*) FROM packs") == [(4,)]
+
+    new, restored = restore_elsewhere(server.home, cloud, tmp_path)
+    assert "restored 4 pack version(s) of 2 study(ies)" in restored
+    assert set(index_rows(new, "SELECT st.study_uid, p.patient_id, p.patient_name"
+                               " FROM studies st JOIN patients p ON p.id = st.patient_fk")) == {
+        (a, real_id, "RENAMED^REAL"), (k, real_id, "RENAMED^REAL")}
+    assert index_rows(new, "SELECT COUNT(*) FROM patients") == [(1,)]
