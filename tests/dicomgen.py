@@ -601,6 +601,17 @@ def read_header(path: Path) -> Dataset:
 
 # -- writing -------------------------------------------------------------------------
 
+def altered_copy(instance: GeneratedInstance, path: Path, **attributes: object) -> Path:
+    """A copy of `instance` at `path` with `attributes` (keywords) set, its SOP Instance
+    UID kept: what a modality sends again after a correction."""
+    ds = pydicom.dcmread(instance.path)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def write_instance(ds: Dataset, path: Path, transfer_syntax: str) -> GeneratedInstance:
     """Write `ds` (uncompressed, little endian pixels) to `path` in `transfer_syntax`."""
     ts = UID(transfer_syntax)

@@ -42,14 +42,10 @@ from syncagent import (
 
 def moved_copy(instance: dicomgen.GeneratedInstance, folder: Path, seed: int) -> Path:
     """The same SOP Instance UID sent again in another study, series and patient."""
-    ds = pydicom.dcmread(instance.path)
-    ds.StudyInstanceUID = dicomgen.make_uid(seed, "right study")
-    ds.SeriesInstanceUID = dicomgen.make_uid(seed, "right series")
-    ds.PatientID = f"RIGHT{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{instance.sop_instance_uid}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return dicomgen.altered_copy(
+        instance, folder / f"{instance.sop_instance_uid}.dcm",
+        StudyInstanceUID=dicomgen.make_uid(seed, "right study"),
+        SeriesInstanceUID=dicomgen.make_uid(seed, "right series"), PatientID=f"RIGHT{seed}")
 
 
 def edge_home(tmp_path: Path) -> tuple[Path, Path]:

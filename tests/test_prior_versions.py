@@ -35,12 +35,8 @@ from appliance.store.index import Index
 
 def corrected(instance: dicomgen.GeneratedInstance, folder: Path, tag: str) -> Path:
     """The same SOP Instance UID with other dataset bytes (a correction)."""
-    ds = pydicom.dcmread(instance.path)
-    ds.ImageComments = f"corrected {tag}"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{tag}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return dicomgen.altered_copy(instance, folder / f"{tag}.dcm",
+                                 ImageComments=f"corrected {tag}")
 
 
 def digest(path: Path) -> str:
