@@ -23,8 +23,9 @@ When grants happen:
 - `readers add` grants every verified pack of every study in scope
   (`grant_reader`); running it again for the same reader repairs missing ones;
 - after the sync agent verifies a new pack version, `grant_study` (one call
-  in sync.replicate) grants every reader in scope every version of that
-  study it lacks. A grant failure there is logged and does not fail the
+  in sync.replicate) grants every reader in scope, or holding a version of the
+  study already (a study can leave a scope), every version of that study it
+  lacks. A grant failure there is logged and does not fail the
   replication; `readers add` again repairs it.
 Revocation (`revoke_reader`) deletes every `keys/reader-<rid>` object of the
 reader, found by listing the container, before and after the registry entry
@@ -49,7 +50,7 @@ from pathlib import Path
 from appliance.base.durable import atomic_write
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
-from appliance.store.packs import pack_grants, study_pack_grants
+from appliance.store.packs import PackGrant, pack_grants, study_pack_grants
 from provisioning.keyring import SiteKeyring, load_keyring
 from sync.blobstore.base import BlobExists, BlobNotFound, BlobStore, BlobStoreUnavailable
 from sync.pack import naming
@@ -250,9 +251,9 @@ async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int)
         return 0
     made = 0
     for reader in readers.values():
+        if not grants or not await _reads_study(store, reader, grants):
+            continue
         for grant in grants:
-            if not reader.scope.matches(grant.referring_physician, grant.modalities):
-                continue
             try:
                 made += await asyncio.to_thread(_grant_pack, store, ring, reader,
                                                 grant.pack_name, grant.manifest_name)
@@ -263,6 +264,28 @@ async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int)
     if made:
         log.info("granted readers key objects=%d", made)
     return made
+
+
+async def _reads_study(store: BlobStore, reader: Reader, grants: list[PackGrant]) -> bool:
+    """Whether the reader is in the study's scope, or holds a version of it already: a
+    study can leave a scope (its MR instances sent again into another study and
+    withdrawn from it, store/amendments.py), and the reader who has it still needs
+    the versions that say so. A study of one version has no earlier one to hold."""
+    if reader.scope.matches(grants[0].referring_physician, grants[0].modalities):
+        return True
+    return len(grants) > 1 and await asyncio.to_thread(_holds_a_version, store, reader, grants)
+
+
+def _holds_a_version(store: BlobStore, reader: Reader, grants: list[PackGrant]) -> bool:
+    for grant in reversed(grants):
+        parsed = naming.parse_blob_name(grant.pack_name)
+        if parsed is None:
+            continue
+        with contextlib.suppress(BlobNotFound):
+            store.stat(naming.reader_key_name(parsed.study_key, parsed.version,
+                                              reader.reader_id))
+            return True
+    return False
 
 
 def _grant_pack(store: BlobStore, ring: SiteKeyring, reader: Reader, pack_name: str,

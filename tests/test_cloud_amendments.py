@@ -56,10 +56,10 @@ def edge_home(tmp_path: Path) -> tuple[Path, Path]:
     return home, cloud
 
 
-def reader_with_everything(edge: Path, cloud: Path, home: Path) -> Path:
+def reader_with_everything(edge: Path, cloud: Path, home: Path, scope: str = "all") -> Path:
     key = run_pacs_edge("reader", "init", "--home", str(home), "--cloud",
                         f"file://{cloud}").stdout.strip().splitlines()[-1]
-    run_pacs_edge("readers", "add", "everyone", key, "--home", str(edge))
+    run_pacs_edge("readers", "add", "everyone", key, "--scope", scope, "--home", str(edge))
     return home
 
 
@@ -118,6 +118,26 @@ def test_a_reader_no_longer_sees_an_instance_in_the_study_it_left(tmp_path: Path
     sync_once(edge)
     assert len(list(cloud.rglob("*.manifest"))) == 5
     assert index_rows(edge, "SELECT COUNT(*) FROM withdrawals") == [(0,)]
+
+
+def test_a_reader_whose_scope_the_study_left_is_still_told_of_the_withdrawal(
+    tmp_path: Path,
+) -> None:
+    """A reader scoped to MR holds study A (one MR series); both its instances are sent
+    again under study B. A has no series left, so no modality, and fell out of the
+    reader's scope: the version that withdraws them was never granted to the reader,
+    who went on listing A beside B."""
+    edge, cloud = edge_home(tmp_path)
+    a = dicomgen.make_study(tmp_path / "a", seed=100, series_per_study=1,
+                            instances_per_series=2, size=16, modalities=("MR",))
+    import_files(edge, *a)
+    sync_once(edge)
+    reader = reader_with_everything(edge, cloud, tmp_path / "reader", "modality:MR")
+    assert reader_studies(reader) == {a[0].study_uid: 2}
+    moved = [moved_copy(i, tmp_path / "moved", 101) for i in a]
+    run_pacs_edge("import", "--home", str(edge), *map(str, moved))
+    sync_once(edge)
+    assert reader_studies(reader) == {str(pydicom.dcmread(moved[0]).StudyInstanceUID): 2}
 
 
 def test_an_evicted_study_is_withdrawn_from_and_stays_evicted(tmp_path: Path) -> None:
