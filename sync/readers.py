@@ -235,7 +235,8 @@ async def grant_reader(index: Index, store: BlobStore, ring: SiteKeyring, reader
 
 
 async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int) -> int:
-    """Grant every reader in scope every verified version of one study (after replication).
+    """Grant every reader in scope, or holding a version of it already, every verified
+    version of one study (after replication).
 
     Never raises for a grant that fails: the pack is safe in the cloud either
     way; the failure is logged with the repair (`pacs-edge readers add` again).

@@ -158,7 +158,7 @@ class Manifest:
     study: StudyAttributes
     instances: tuple[ManifestEntry, ...]
     # SOP Instance UIDs whose entries in the study's earlier versions are no longer its:
-    # each left for another study (appliance/store/withdrawals.py).
+    # each left for another study (appliance/store/amendments.py).
     withdrawn: tuple[str, ...] = ()
 
     def validate(self) -> None:
