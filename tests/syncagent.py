@@ -15,10 +15,12 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import dicomgen
+import pytest
 from conftest import EdgeServer, init_home, pacs_edge_command, run_pacs_edge
 
 READY = re.compile(r"sync agent ready")
@@ -141,3 +143,33 @@ def index_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
         return db.execute(sql).fetchall()
     finally:
         db.close()
+
+
+PAUSE_TIMEOUT = 120.0
+
+
+@contextmanager
+def paused(home: Path, point: str, *args: str, returncode: int = 0, says: str = "",
+           prefix: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
+    """Run `pacs-edge ARGS` (after the command words of `prefix`) until it reaches
+    `point`; on exit let it go on and finish with `returncode`, its output holding
+    `says`."""
+    barrier = home.parent / f"barrier-{point.replace(':', '-')}"
+    barrier.mkdir()
+    proc = subprocess.Popen(
+        [*prefix, *pacs_edge_command(), *args, "--home", str(home)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PACS_EDGE_PAUSE_AT": point, "PACS_EDGE_PAUSE_DIR": str(barrier)})
+    try:
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        while not (barrier / "reached").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"{args} ended before {point}:\n{proc.stdout.read()}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"{args} never reached {point}"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        (barrier / "go").touch()
+        output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
+    assert proc.returncode == returncode, output
+    assert says in output, output

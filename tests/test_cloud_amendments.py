@@ -34,6 +34,7 @@ from syncagent import (
     assert_fsck_clean,
     import_files,
     index_rows,
+    paused,
     restore_elsewhere,
     stored_hashes,
     sync_once,
@@ -244,3 +245,52 @@ def test_a_merged_and_renamed_patient_reaches_readers_and_a_restored_box(
                                " FROM studies st JOIN patients p ON p.id = st.patient_fk")) == {
         (a, real_id, "RENAMED^REAL"), (k, real_id, "RENAMED^REAL")}
     assert index_rows(new, "SELECT COUNT(*) FROM patients") == [(1,)]
+
+
+def test_an_instance_that_leaves_during_the_upload_is_withdrawn_by_the_next_version(
+    tmp_path: Path,
+) -> None:
+    """X leaves study A for B while A's first version is being uploaded with X in it
+    (the pass stopped at the step before the upload): that version goes up as planned,
+    and the next pass withdraws X in a second one."""
+    edge, cloud = edge_home(tmp_path)
+    a = dicomgen.make_study(tmp_path / "a", seed=102, series_per_study=1,
+                            instances_per_series=2, size=16)
+    import_files(edge, *a)
+    moved = moved_copy(a[0], tmp_path / "moved", 103)
+    with paused(edge, "replicate:before-upload", "sync", "--once", "--stable-after", "0"):
+        run_pacs_edge("import", "--home", str(edge), str(moved))
+    assert index_rows(edge, "SELECT p.version, p.instance_count, st.tier_state FROM packs p"
+                            " JOIN studies st ON st.id = p.study_fk") == [(1, 2, "local")]
+    sync_once(edge)
+    reader = reader_with_everything(edge, cloud, tmp_path / "reader")
+    assert reader_studies(reader) == {a[0].study_uid: 1,
+                                      str(pydicom.dcmread(moved).StudyInstanceUID): 1}
+
+
+def test_a_patient_renamed_during_the_upload_is_restated_by_the_next_version(
+    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    """ADT^A08 renames the patient while their study's first version is being uploaded
+    with the old name (read when the version began): that version does not count as
+    stating the new one, and the next pass uploads a version that does."""
+    cloud = tmp_path / "cloud"
+    server = edge_server_factory(start=False)
+    server.configure(cloud={"url": f"file://{cloud}"}, sync={"stable_after_seconds": 3600.0})
+    hl7_port = free_port()
+    hl7peer.listen(server, hl7_port)
+    server.start()
+    study = dicomgen.make_study(tmp_path / "a", seed=104, series_per_study=1,
+                                instances_per_series=1, size=16)
+    dcmtk.storescu(server.port, [study[0].path]).check()
+    rename = hl7peer.adt("RN1", "A08", patient_id=study[0].patient_id, name="NEW^NAME",
+                         issuer="")
+    with paused(server.home, "replicate:before-upload", "sync", "--once",
+                "--stable-after", "0"):
+        assert hl7peer.send(hl7_port, rename).code == "AA"
+    reader = reader_with_everything(server.home, cloud, tmp_path / "reader")
+    assert reader_patients(reader)[study[0].study_uid][1] == str(
+        study[0].header.PatientName)
+    sync_once(server.home)
+    assert reader_patients(reader)[study[0].study_uid][1] == "NEW^NAME"

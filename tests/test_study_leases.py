@@ -15,8 +15,6 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import dicomgen
@@ -24,9 +22,11 @@ import pytest
 import unitsandbox
 from conftest import init_home, pacs_edge_command, run_pacs_edge
 from syncagent import (
+    PAUSE_TIMEOUT,
     assert_fsck_clean,
     import_files,
     index_rows,
+    paused,
     sent_hashes,
     stored_hashes,
     sync_once,
@@ -35,35 +35,7 @@ from syncagent import (
 from appliance.store.index import Index
 from appliance.store.leases import Holder, LeaseLost, StudyBusy, StudyLease, is_free
 
-PAUSE_TIMEOUT = 120.0
 UNITS = Path(__file__).parents[1] / "systemd"
-
-
-@contextmanager
-def paused(home: Path, point: str, *args: str, returncode: int = 0, says: str = "",
-           prefix: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
-    """Run `pacs-edge ARGS` (after the command words of `prefix`) until it reaches
-    `point`; on exit let it go on and finish with `returncode`, its output holding
-    `says`."""
-    barrier = home.parent / f"barrier-{point.replace(':', '-')}"
-    barrier.mkdir()
-    proc = subprocess.Popen(
-        [*prefix, *pacs_edge_command(), *args, "--home", str(home)], stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PACS_EDGE_PAUSE_AT": point, "PACS_EDGE_PAUSE_DIR": str(barrier)})
-    try:
-        deadline = time.monotonic() + PAUSE_TIMEOUT
-        while not (barrier / "reached").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"{args} ended before {point}:\n{proc.stdout.read()}")  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, f"{args} never reached {point}"
-            time.sleep(0.02)
-        yield proc
-    finally:
-        (barrier / "go").touch()
-        output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
-    assert proc.returncode == returncode, output
-    assert says in output, output
 
 
 @pytest.fixture
