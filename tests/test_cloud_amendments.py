@@ -29,6 +29,7 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pydicom
+import pytest
 from conftest import EdgeServer, run_pacs_edge
 from syncagent import (
     assert_fsck_clean,
@@ -62,6 +63,20 @@ def reader_with_everything(edge: Path, cloud: Path, home: Path, scope: str = "al
                         f"file://{cloud}").stdout.strip().splitlines()[-1]
     run_pacs_edge("readers", "add", "everyone", key, "--scope", scope, "--home", str(edge))
     return home
+
+
+@pytest.fixture
+def hl7_box(edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+            tmp_path: Path) -> tuple[EdgeServer, int, Path]:
+    """A started server with its HL7 listener on a free port and a local-folder cloud:
+    (server, HL7 port, cloud folder)."""
+    cloud = tmp_path / "cloud"
+    server = edge_server_factory(start=False)
+    server.configure(cloud={"url": f"file://{cloud}"}, sync={"stable_after_seconds": 3600.0})
+    hl7_port = free_port()
+    hl7peer.listen(server, hl7_port)
+    server.start()
+    return server, hl7_port, cloud
 
 
 def reader_patients(home: Path) -> dict[str, tuple[str, str]]:
@@ -197,8 +212,7 @@ def test_restore_keeps_a_withdrawn_instance_out_of_the_study_it_left(tmp_path: P
 
 
 def test_a_merged_and_renamed_patient_reaches_readers_and_a_restored_box(
-    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
-    tmp_path: Path,
+    hl7_box: tuple[EdgeServer, int, Path], tmp_path: Path,
 ) -> None:
     """Study A of a temporary patient (an emergency registration) and study K of the
     patient's real record are replicated and granted. ADT^A40 merges the temporary
@@ -206,12 +220,7 @@ def test_a_merged_and_renamed_patient_reaches_readers_and_a_restored_box(
     uploads a version of A and of K, no instance in either: the reader lists both under
     the real ID and the new name, and a box restored from the cloud files both there.
     The same A08 sent again changes nothing and uploads nothing."""
-    cloud = tmp_path / "cloud"
-    server = edge_server_factory(start=False)
-    server.configure(cloud={"url": f"file://{cloud}"}, sync={"stable_after_seconds": 3600.0})
-    hl7_port = free_port()
-    hl7peer.listen(server, hl7_port)
-    server.start()
+    server, hl7_port, cloud = hl7_box
     temporary = dicomgen.make_study(tmp_path / "a", seed=98, series_per_study=1,
                                     instances_per_series=2, size=16)
     real = dicomgen.make_study(tmp_path / "k", seed=99, series_per_study=1,
@@ -269,18 +278,12 @@ def test_an_instance_that_leaves_during_the_upload_is_withdrawn_by_the_next_vers
 
 
 def test_a_patient_renamed_during_the_upload_is_restated_by_the_next_version(
-    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
-    tmp_path: Path,
+    hl7_box: tuple[EdgeServer, int, Path], tmp_path: Path,
 ) -> None:
     """ADT^A08 renames the patient while their study's first version is being uploaded
     with the old name (read when the version began): that version does not count as
     stating the new one, and the next pass uploads a version that does."""
-    cloud = tmp_path / "cloud"
-    server = edge_server_factory(start=False)
-    server.configure(cloud={"url": f"file://{cloud}"}, sync={"stable_after_seconds": 3600.0})
-    hl7_port = free_port()
-    hl7peer.listen(server, hl7_port)
-    server.start()
+    server, hl7_port, cloud = hl7_box
     study = dicomgen.make_study(tmp_path / "a", seed=104, series_per_study=1,
                                 instances_per_series=1, size=16)
     dcmtk.storescu(server.port, [study[0].path]).check()
