@@ -204,11 +204,12 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
                             hint="use YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-")
     with ReaderClient.open(home) as client:
         catalogue = client.catalogue()
+    rows = [s.summary() for s in catalogue.studies.values()
+            if s.study_key not in catalogue.failures]
     # A study whose every instance left it for another study (withdrawn) has nothing to
     # pull: the site's box no longer answers it either.
-    rows = [s.summary() for s in catalogue.studies.values()
-            if s.study_key not in catalogue.failures and s.current()]
-    rows = sorted((r for r in rows if matches(r, patient=patient, date=date, modality=modality)),
+    rows = sorted((r for r in rows if r["instances"]
+                   and matches(r, patient=patient, date=date, modality=modality)),
                   key=lambda r: (str(r["study_date"]), str(r["study_time"])))
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
