@@ -37,6 +37,7 @@ class Ack:
     text: str  # MSA-3
     error_location: str  # ERR-2, e.g. "ORC^1^1"
     error_code: str  # ERR-3.1
+    error_text: str = ""  # ERR-8 of the first ERR: the whole text MSA-3 cuts at 80
 
     @property
     def error_field(self) -> str:
@@ -63,9 +64,11 @@ def parse_ack(data: bytes) -> Ack:
     try:
         err = message.segment("ERR")
         location, code = str(err(2)), str(err.extract_field(1, 3, 1, 1, 1))
+        text = str(err(8)) if len(err) > 8 else ""
     except KeyError:
-        location, code = "", ""
-    return Ack(str(msa(1)), str(msa(2)), str(msa(3)) if len(msa) > 3 else "", location, code)
+        location, code, text = "", "", ""
+    return Ack(str(msa(1)), str(msa(2)), str(msa(3)) if len(msa) > 3 else "", location, code,
+               text)
 
 
 def msh(control_id: str, message_type: str, *, sender: str = "RIS",

@@ -214,23 +214,52 @@ def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_err
     assert (order["status"], order["modality"]) == ("SCHEDULED", "CT")
 
 
-def test_second_new_order_with_the_same_accession_is_refused(
+def test_second_new_order_with_the_same_accession_is_refused_naming_what_differs(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge
     assert hl7peer.send(port, hl7peer.orm("N1", accession="ACC1")).code == "AA"
     ack = hl7peer.send(port, hl7peer.orm("N2", accession="ACC1", name="OTHER^NAME"))
     assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "205")
-    assert show(server, "ACC1")["patient_name"] == "DOE^JANE"
+    assert ack.error_text.endswith("exists with another patient demographics"), ack
+    ack = hl7peer.send(port, hl7peer.orm("N3", accession="ACC1", patient_id="PAT2",
+                                         modality="MR"))
+    assert ack.error_text.endswith("exists with another patient, procedure details"), ack
+    order = show(server, "ACC1")
+    assert (order["patient_name"], order["modality"]) == ("DOE^JANE", "CT")
+
+
+def test_a_new_order_sent_again_under_a_new_control_id_is_accepted_and_changes_nothing(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A RIS operator's "send to the modality again" is the same NW under a new control
+    ID: an AE 205 for it stops some interface engines' queues, and nothing about the
+    order is wrong. Once the order is discontinued or completed, the same NW would not
+    bring it back: refused, saying so."""
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("S1", accession="ACC1")).code == "AA"
+    before = show(server, "ACC1")
+    again = hl7peer.send(port, hl7peer.orm("S2", accession="ACC1"))
+    assert (again.code, again.text) == ("AA", "the order exists as sent: nothing changed")
+    assert show(server, "ACC1") == before
+    assert server.log().count("order created") == 1, server.log()
+    assert len(worklist(server)) == 1
+
+    hl7peer.send(port, hl7peer.orm("S3", "CA", accession="ACC1"))
+    ack = hl7peer.send(port, hl7peer.orm("S4", accession="ACC1"))
+    assert (ack.code, ack.error_code, ack.text) == (
+        "AE", "205", "duplicate_order: an order with this accession number exists and is"
+        " discontinued"), ack
+    assert show(server, "ACC1")["status"] == "DISCONTINUED"
 
 
 def test_a_refused_message_logs_no_order_it_did_not_apply(
         hl7_edge: tuple[EdgeServer, int]) -> None:
-    """Two orders in one message, the second a duplicate: the whole message is refused
-    and its transaction rolled back, so the log names neither order as created (it used
-    to log the first inside the transaction, as it would on a full disk)."""
+    """Two orders in one message, the second another order under an accession number the
+    box holds: the whole message is refused and its transaction rolled back, so the log
+    names neither order as created (it used to log the first inside the transaction, as
+    it would on a full disk)."""
     server, port = hl7_edge
     assert hl7peer.send(port, hl7peer.orm("D1", accession="ACC1")).code == "AA"
-    second = hl7peer.orm("D2", accession="ACC1").split("\r")[3:5]  # its ORC and OBR
+    second = hl7peer.orm("D2", accession="ACC1", modality="MR").split("\r")[3:5]  # ORC, OBR
     both = hl7peer.orm("D3", accession="ACC9") + "\r".join(second) + "\r"
     ack = hl7peer.send(port, both)
     assert (ack.code, ack.error_code) == ("AE", "205"), ack

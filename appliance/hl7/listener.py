@@ -251,7 +251,8 @@ async def _read_block(reader: HL7StreamReader) -> bytes:
 def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> bytes:
     if outcome.accepted:
         return build_ack(AckCode.ACCEPT, parsed.header,
-                         text="duplicate: already applied" if outcome.duplicate else "",
+                         text="duplicate: already applied" if outcome.duplicate
+                         else outcome.text,
                          notes=parsed.notes)
     assert outcome.refusal is not None
     return build_ack(AckCode.ERROR, parsed.header, text=outcome.text, location=outcome.location,

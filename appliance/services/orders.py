@@ -17,7 +17,10 @@ Rules:
   outcome (duplicate=True) and changes nothing. Another message under a known
   control ID (a sender whose counter started again) is applied as a new one.
 - Orders (ORC-1): NW creates a SCHEDULED order, refused if the accession
-  number or Study Instance UID exists; the Study Instance UID is the
+  number or Study Instance UID exists, unless the order with that accession
+  number is scheduled or in progress and the NW states it as the box holds it
+  (a RIS operator's "send again", under a new control ID): then nothing
+  changes and the answer is AA; the Study Instance UID is the
   message's (ZDS-1 / IPC-3) or generated now, so images, MPPS and the order
   share it. CA, DC and XO find the order by accession number (else by the
   placer order number) and move it through order_states.py's table: CA only
@@ -272,15 +275,19 @@ def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) ->
     now = time.time()
     try:
         with store.savepoint(conn):
-            effects = _effects(conn, request, now)
+            applied = _effects(conn, request, now)
     except MessageRefused as refused:
         store.record_message(conn, _record(header, "AE", f"{refused.refusal.value}: "
                                            f"{refused.text}", refused.location), now)
         return Outcome(accepted=False, refusal=refused.refusal,
                        text=f"{refused.refusal.value}: {refused.text}",
                        location=refused.location)
+    effects = tuple(effect for effect in applied if effect is not None)
+    text = "" if len(effects) == len(applied) else (
+        "the order exists as sent: nothing changed" if len(applied) == 1 else
+        f"{len(applied) - len(effects)} of the orders exist as sent: they did not change")
     store.record_message(conn, _record(header, "AA", "", ""), now)
-    return Outcome(accepted=True, effects=tuple(effects))
+    return Outcome(accepted=True, text=text, effects=effects)
 
 
 def _record(header: MessageHeader, code: str, text: str, location: str) -> MessageRecord:
@@ -289,7 +296,9 @@ def _record(header: MessageHeader, code: str, text: str, location: str) -> Messa
                          location)
 
 
-def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Effect]:
+def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Effect | None]:
+    """What `request` changed, one entry per patient change or ORC group: None for a
+    new order the box holds as sent already (`_create`)."""
     if isinstance(request, PatientUpdate):
         store.update_demographics(conn, request.patient, request.demographics, now)
         return [Effect("register" if request.register else "update", request.patient,
@@ -305,7 +314,8 @@ def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Eff
     return [_order_effect(conn, order, now) for order in request]
 
 
-def _order_effect(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
+def _order_effect(conn: sqlite3.Connection, request: OrderRequest,
+                  now: float) -> Effect | None:
     if request.control is OrderControl.NEW:
         return _create(conn, request, now)
     order = (store.find_order(conn, request.accession_number)
@@ -355,6 +365,31 @@ def _status_change(conn: sqlite3.Connection, order: Order, reported: OrderStatus
         raise MessageRefused(Refusal.NOT_ALLOWED, exc.message, "ORC-5") from None
 
 
+def _check_sent_again(order: Order, request: OrderRequest) -> None:
+    """Accept an NW for an order the box holds only when it is that order sent again:
+    a RIS operator's "send to the modality again" comes under a new control ID, and an
+    AE for it stops some interface engines' queues. The order must still stand
+    (scheduled or in progress: an NW does not bring back a discontinued order, nor
+    schedule a completed one again) and the NW must state it as the box holds it; any
+    other NW under the accession number is refused (205), naming what differs, since
+    a change is an XO and new demographics an A08."""
+    differs = [name for name, same in (
+        ("patient", order.patient == request.patient),
+        ("placer order number", order.placer_order_number == request.placer_order_number),
+        ("filler order number", order.filler_order_number == request.filler_order_number),
+        ("Study Instance UID", request.study_uid in ("", order.study_uid)),
+        ("procedure details", order.details == request.details),
+        ("patient demographics", order.demographics == request.demographics),
+    ) if not same]
+    if differs:
+        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number"
+                             f" exists with another {', '.join(differs)}", request.key_field)
+    if order.status not in (OrderStatus.SCHEDULED, OrderStatus.IN_PROGRESS):
+        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number"
+                             f" exists and is {order.status.value.lower()}",
+                             request.key_field)
+
+
 def _same_patient(order: PatientKey, message: PatientKey) -> bool:
     """Whether a cancel, discontinue or change names the order's patient: a message for
     the wrong patient (a mistyped accession number) must not touch another's order. The
@@ -364,10 +399,12 @@ def _same_patient(order: PatientKey, message: PatientKey) -> bool:
             and (not order.issuer or not message.issuer or order.issuer == message.issuer))
 
 
-def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect:
-    if store.find_order(conn, request.accession_number) is not None:
-        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number exists",
-                       request.key_field)
+def _create(conn: sqlite3.Connection, request: OrderRequest, now: float) -> Effect | None:
+    """A new order, or None when the order is there as this NW states it."""
+    existing = store.find_order(conn, request.accession_number)
+    if existing is not None:
+        _check_sent_again(existing, request)
+        return None
     study_uid = request.study_uid or generate_uid()
     if request.study_uid and store.find_order_by_study(conn, study_uid) is not None:
         raise MessageRefused(Refusal.DUPLICATE_ORDER,
