@@ -131,10 +131,14 @@ def test_includefield_limit_offset_and_fuzzymatching(
 
 
 def test_malformed_queries_are_400(web: EdgeServer) -> None:
+    # `%C2%B2` is "²": a digit to str.isdigit(), not to int(); it was a 500 with a traceback.
     for query in ("NoSuchKeyword=1", "limit=-1", "offset=x", "StudyDate=2020-01-01",
-                  "00081115=x", "includefield=NotAnAttribute"):
+                  "00081115=x", "includefield=NotAnAttribute", "limit=%C2%B2",
+                  "offset=%C2%B2", "StudyTime=%C2%B2", "StudyTime=10.%C2%B2"):
         answer = webpeer.curl(web, f"/dicom-web/studies?{query}", user="rad")
         assert answer.status == 400, query
+    assert webpeer.curl(web, "/dicom-web/series?SeriesTime=%C2%B2", user="rad").status == 400
+    assert "Traceback" not in web.log()
     assert webpeer.curl(web, "/dicom-web/studies/1.2.x/series", user="rad").status == 400
     wrong = webpeer.curl(web, "/dicom-web/studies", user="rad",
                          headers={"Accept": "application/dicom+xml"})

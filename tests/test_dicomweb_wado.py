@@ -119,10 +119,11 @@ def test_series_metadata_has_bulkdata_uris_and_is_cached_until_the_series_grows(
     dcmtk.storescu(web.port, [study[2].path]).check()
     grown = http.get(url, headers={"Accept": "application/dicom+json"}).json()
     assert {i["00080018"]["Value"][0] for i in grown} == {i.sop_instance_uid for i in study}
-    plain = http.get(url, headers={"Accept": "application/dicom+json",
-                                   "Accept-Encoding": "identity"})
-    assert "Content-Encoding" not in plain.headers
-    assert plain.json() == grown
+    for refusing_gzip in ("identity", "gzip;q=0, identity", "*, gzip;q=0"):
+        plain = http.get(url, headers={"Accept": "application/dicom+json",
+                                       "Accept-Encoding": refusing_gzip})
+        assert "Content-Encoding" not in plain.headers, refusing_gzip
+        assert plain.json() == grown
 
 
 def test_study_and_instance_metadata(
@@ -214,7 +215,7 @@ def test_frame_out_of_range_is_404_and_malformed_frame_list_400(
     for past_the_end in ("2", "1,2"):  # a 404, not an answer cut off after frame 1
         assert http.get(_url(web, instance, f"/frames/{past_the_end}"),
                         headers={"Accept": OCTETS}).status_code == 404, past_the_end
-    for bad in ("0", "a", "1;2", "-1"):
+    for bad in ("0", "a", "1;2", "-1", "%C2%B2"):  # "²": a digit to isdigit(), not to int()
         assert http.get(_url(web, instance, f"/frames/{bad}"), headers={"Accept": OCTETS}
                         ).status_code == 400, bad
 
@@ -313,6 +314,29 @@ def test_bulkdata_uri_of_the_metadata_answers_the_pixel_data(
     assert got.status_code == 200, got.text
     ((_, payload),) = webpeer.parts(got.headers["Content-Type"], got.content)
     assert payload == bytes(pydicom.dcmread(instance.path).PixelData)
+
+
+def test_bulkdata_of_pixel_data_answers_every_frame_past_the_frame_list_limit(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
+    """A long cine (or a slide level of many tiles) has more frames than a frame list may
+    name (4096): the Pixel Data BulkDataURI answered the first 4096, with a 200."""
+    ds = pydicom.dcmread(small_study[0].path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    frames = 5000
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 8, 8, 7
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    pixels = bytes(i % 251 for i in range(frames * 4))
+    ds.PixelData = pixels
+    ds["PixelData"].VR = "OB"
+    cine = dicomgen.write_instance(ds, tmp_path / "cine.dcm", pydicom.uid.ExplicitVRLittleEndian)
+    import_files(web.home, cine)
+    got = webpeer.session(web, "rad").get(_url(web, cine, "/bulkdata/7FE00010"),
+                                          headers={"Accept": OCTETS})
+    assert got.status_code == 200, got.text
+    parts = [payload for _, payload in webpeer.parts(got.headers["Content-Type"], got.content)]
+    assert (len(parts), b"".join(parts)) == (frames, pixels)
 
 
 def test_bad_uids_traversal_and_unknown_studies(

@@ -262,6 +262,7 @@ class WorkflowConfig:
 def _clock_ok(value: str) -> bool:
     hours, sep, minutes = value.partition(":")
     return value == "" or (sep == ":" and len(hours) == 2 and len(minutes) == 2
+                           and (hours + minutes).isascii()
                            and hours.isdigit() and minutes.isdigit()
                            and int(hours) < 24 and int(minutes) < 60)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,21 +67,7 @@ class MediaRange:
         """The ranges of an Accept header, best first; no header is `*/*`."""
         if not header or not header.strip():
             return [cls("*/*")]
-        ranges: list[MediaRange] = []
-        for item in _ITEM.findall(header):
-            pieces = [p.strip() for p in _PARAM.findall(item) if p.strip()]
-            if not pieces:
-                continue
-            params: dict[str, str] = {}
-            for piece in pieces[1:]:
-                key, _, value = piece.partition("=")
-                params[key.strip().lower()] = value.strip().strip('"')
-            try:
-                q = float(params.pop("q", "1"))
-            except ValueError:
-                q = 0.0
-            if q > 0:
-                ranges.append(cls(pieces[0].lower(), params, q))
+        ranges = [cls(name, params, q) for name, params, q in _weighted_items(header) if q > 0]
         return sorted(ranges, key=lambda r: -r.q)
 
     @property
@@ -100,6 +86,31 @@ class MediaRange:
         major, _, minor = self.media_type.partition("/")
         return self.media_type == media_type or (minor == "*" and
                                                  media_type.startswith(major + "/"))
+
+
+def _weighted_items(header: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """The items of an Accept or Accept-Encoding header: name (lower case), parameters
+    and weight (q; 0 for one that does not parse)."""
+    for item in _ITEM.findall(header):
+        pieces = [p.strip() for p in _PARAM.findall(item) if p.strip()]
+        if not pieces:
+            continue
+        params: dict[str, str] = {}
+        for piece in pieces[1:]:
+            key, _, value = piece.partition("=")
+            params[key.strip().lower()] = value.strip().strip('"')
+        try:
+            q = float(params.pop("q", "1"))
+        except ValueError:
+            q = 0.0
+        yield pieces[0].lower(), params, q
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header admits gzip (RFC 9110 12.5.3): named, or `*`,
+    with a weight above 0; `gzip;q=0` refuses it whatever `*` says."""
+    weights = {name: q for name, _, q in _weighted_items(header or "")}
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 def accepts_json(header: str | None) -> bool:

@@ -25,7 +25,13 @@ from pathlib import Path
 from aiohttp import web
 
 from appliance.http import dicomweb_common as common
-from appliance.http.dicomweb_media import CHUNK, DICOM_JSON, accepts_json, file_chunks
+from appliance.http.dicomweb_media import (
+    CHUNK,
+    DICOM_JSON,
+    accepts_gzip,
+    accepts_json,
+    file_chunks,
+)
 from appliance.http.dicomweb_wado import locate, stored_syntaxes
 from appliance.services.series_metadata import (
     SeriesMetadataCache,
@@ -55,7 +61,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     files = await _series_files_of(request, base)
     response = web.StreamResponse(headers={"Content-Type": DICOM_JSON,
                                            "Vary": "Accept-Encoding"})
-    gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+    gzip_ok = accepts_gzip(request.headers.get("Accept-Encoding"))
     if len(files) == 1 and gzip_ok:
         response.headers["Content-Encoding"] = "gzip"
         response.content_length = (await asyncio.to_thread(files[0].stat)).st_size

@@ -196,6 +196,6 @@ def _count(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise web.HTTPBadRequest(text=f"{name} must be a non-negative integer\n")
     return int(raw)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from aiohttp import web
 from pydicom import dcmread
@@ -199,7 +200,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
     return await _send_frames(request, numbers, "frames")
 
 
-async def _send_frames(request: web.Request, numbers: list[int] | None, what: str
+async def _send_frames(request: web.Request, numbers: Sequence[int] | None, what: str
                        ) -> web.StreamResponse:
     (stored,) = await stored_syntaxes(request, what)
     part_type = frame_part_type(request.headers.get("Accept"), stored)
@@ -208,13 +209,13 @@ async def _send_frames(request: web.Request, numbers: list[int] | None, what: st
     found = await locate(request, what)
     item = found.instances[0]
     try:
-        if numbers is None:  # all frames (bulk data of Pixel Data)
-            numbers = await asyncio.to_thread(frame_numbers, item.path,
-                                              MAX_FRAMES_PER_REQUEST)
+        if numbers is None:  # all frames (bulk data of Pixel Data), however many
+            numbers = await asyncio.to_thread(frame_numbers, item.path)
         # Read before the answer begins: the first frame, and with it the highest asked
         # for, so that a number past the end (or a file cut short before it) is a 404.
+        highest = numbers[-1] if isinstance(numbers, range) else max(numbers)
         first = await asyncio.to_thread(read_frames, item.path, item.transfer_syntax,
-                                        list(dict.fromkeys((numbers[0], max(numbers)))))
+                                        list(dict.fromkeys((numbers[0], highest))))
     except FrameError as exc:
         raise web.HTTPNotFound(text=f"{exc.message}\n") from exc
     stream = MultipartStream(request, part_type.split(";")[0])
@@ -231,8 +232,8 @@ async def _send_frames(request: web.Request, numbers: list[int] | None, what: st
 
 def _frame_numbers(text: str) -> list[int]:
     parts = text.split(",")
-    if len(parts) > MAX_FRAMES_PER_REQUEST or not all(p.isdigit() and len(p) <= 9
-                                                       for p in parts):
+    if len(parts) > MAX_FRAMES_PER_REQUEST or not all(
+            p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
         raise web.HTTPBadRequest(text="frames must be a comma-separated list of numbers\n")
     numbers = [int(p) for p in parts]
     if any(n < 1 for n in numbers):

@@ -70,11 +70,12 @@ def read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Fra
         return _read_frames(path, transfer_syntax, numbers)
 
 
-def frame_numbers(path: Path, limit: int) -> list[int]:
-    """1 to the number of frames of the stored file at `path`, `limit` at most."""
+def frame_numbers(path: Path) -> range:
+    """1 to the number of frames of the stored file at `path` (a range, not a list: the
+    count is the header's word, which a malformed file may put at billions)."""
     with _unreadable_as_frame_error(), path.open("rb") as fh:
         count = _frame_count(dcmread(fh, stop_before_pixels=True))
-    return list(range(1, min(count, limit) + 1))
+    return range(1, count + 1)
 
 
 @contextmanager

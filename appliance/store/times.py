@@ -15,6 +15,7 @@ import datetime
 import re
 
 _DATE = re.compile("[0-9]{8}")
+_DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _TIME_BOUNDS = (24, 60, 61)  # hour, minute, second: a second may be 60 (PS3.5 6.2)
 
 
@@ -44,6 +45,6 @@ def time_key(value: str) -> str:
     if not text:
         return ""
     whole, _, fraction = text.partition(".")
-    if not whole.isdigit() or (fraction and not fraction.isdigit()):
+    if not _DIGITS.fullmatch(whole) or not _DIGITS.fullmatch(fraction or "0"):
         return ""
     return f"{whole[:6]:0<6}.{fraction[:6]:0<6}"
