@@ -12,7 +12,9 @@ acknowledged before are still there.
 
 from __future__ import annotations
 
+import io
 import json
+import select
 import socket
 import struct
 import time
@@ -24,10 +26,11 @@ import pytest
 import rawpdu
 from conftest import EdgeServer
 from fuzzing import rss_kb, threads, wait_for_threads
-from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND
 from rawpdu import Watched
 
 RSS_BUDGET_KB = 50 * 1024
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 # Short limits, so the attacks end within seconds; the defaults are 60 s and 30 s.
@@ -265,6 +268,70 @@ def test_a_peer_without_store_permission_cannot_spool_a_byte(
     # The peer keeps what it may do; a peer with store permission is served.
     assert dcmtk.findscu(server.port, {"StudyInstanceUID": ""}, aet="VIEWER",
                          aec=server.ae_title).ok
+    dcmtk.storescu(server.port, [small_study[2].path]).check()
+    assert instances(server) == 3
+
+
+def _endless_fragments(control: int) -> bytes:
+    """A P-DATA-TF of one 256 KiB fragment (context 1) that is never the last one."""
+    fragment = b"\0" * (256 << 10)
+    pdv = struct.pack(">LBB", len(fragment) + 2, 1, control) + fragment
+    return rawpdu.pdu_header(rawpdu.P_DATA, len(pdv)) + pdv
+
+
+def _echo_announcing_a_data_set() -> bytes:
+    """A C-ECHO-RQ command set saying a data set follows (Command Data Set Type 0001)."""
+    from appliance.base.dicom_wire import command_pdu, command_set, element, ui, us
+    return command_pdu(1, command_set(
+        element(0x0002, ui(rawpdu.VERIFICATION)), element(0x0100, us(0x0030)),
+        element(0x0110, us(1)), element(0x0800, us(0x0001))))
+
+
+def _find_command() -> bytes:
+    request = C_FIND()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = STUDY_ROOT_FIND
+    request.Priority = 2
+    request.Identifier = io.BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    return rawpdu.dimse_pdus(request, 1)[0]  # the command set: its identifier never comes
+
+
+@pytest.mark.parametrize(("peer", "syntax", "first", "control"), [
+    ("TESTSCU", STUDY_ROOT_FIND, _find_command, 0x00),
+    ("RISONLY", rawpdu.VERIFICATION, _echo_announcing_a_data_set, 0x00),
+    ("TESTSCU", rawpdu.VERIFICATION, lambda: b"", 0x01),
+], ids=["c-find-identifier", "c-echo-data-set-of-an-hl7-only-peer", "command-set"])
+def test_a_dimse_message_that_never_ends_is_aborted_before_it_fills_memory(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], peer: str, syntax: str,
+    first: Callable[[], bytes], control: int, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """pynetdicom appends every fragment of a message other than a C-STORE's data set to
+    memory until the last one comes: a peer that never sent it, each PDU within max_pdu
+    and the network timeout, made the box hold hundreds of MB (any peer on the
+    allowlist: a C-ECHO needs no permission). Now 16 MiB of data set, or 64 KiB of
+    command set, is where the association is aborted."""
+    server = short_timeouts_server
+    server.add_peer("ris", "RISONLY", 1, allow="hl7")
+    before = rss_kb(server.pid)
+    sock = rawpdu.established(server.port, peer, server.ae_title, contexts=((1, syntax),))
+    sockets.append(sock)
+    sock.sendall(first())
+    flood, sent = _endless_fragments(control), 0
+    sock.settimeout(10)
+    while sent < 96 << 20 and not select.select([sock], [], [], 0)[0]:  # until it answers
+        try:
+            sock.sendall(flood)
+        except OSError:
+            break
+        sent += len(flood)
+    grown = rss_kb(server.pid) - before
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT, f"{sent >> 20} MiB sent, no A-ABORT"
+    assert sent < 48 << 20, f"{sent >> 20} MiB accepted before the abort"
+    assert grown < RSS_BUDGET_KB, f"RSS grew by {grown >> 10} MiB"
+    server.wait_for_log("DIMSE message larger than the box holds in memory")
+    echo_ok(server)
     dcmtk.storescu(server.port, [small_study[2].path]).check()
     assert instances(server) == 3
 

@@ -796,6 +796,16 @@ def _keep_primitive(pdu: Any, primitive: Any) -> None:
     pdu.to_primitive = built_once
 
 
+# What one DIMSE message that DIMSE assembles in memory may hold: pynetdicom appends each
+# fragment of a command set, and of a data set other than a C-STORE's (spooled to a file:
+# STORE_RECV_CHUNKED_DATASET), to a BytesIO without limit, so a peer that never sends the
+# last fragment would fill the box's memory. A command set is a few hundred bytes; 16 MiB
+# of data set is a C-MOVE of ~250,000 UIDs, or a Storage Commitment or MPPS naming
+# ~120,000 instances.
+MAX_COMMAND_SET_BYTES = 64 << 10
+MAX_DATA_SET_IN_MEMORY_BYTES = 16 << 20
+
+
 def read_pdu(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool],
              receiving: Callable[[], bool] = lambda: False) -> None:
     """`DULServiceProvider._read_pdu_data` (read one PDU and act on it), with a
@@ -875,7 +885,23 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
     except Exception as exc:  # as the state machine treats a failing DT-2
         log.error("could not process a received P-DATA-TF: %s", exc)
         dul.kill_dul()
+        return False
+    if dimse.message is not None and _over_memory_bound(dimse.message):
+        dul.event_queue.put("Evt19")  # A-ABORT; the message goes with the association
     return False
+
+
+def _over_memory_bound(message: Any) -> bool:
+    """Whether the DIMSE message being assembled holds more than its bounds (above),
+    which it says in a warning (sizes only)."""
+    command = message.encoded_command_set.tell()
+    data_set = message.data_set.tell() if message.data_set is not None else 0
+    if command <= MAX_COMMAND_SET_BYTES and data_set <= MAX_DATA_SET_IN_MEMORY_BYTES:
+        return False
+    log.warning("DIMSE message larger than the box holds in memory, association aborted"
+                " command_bytes=%d data_set_bytes=%d (limits %d, %d)", command, data_set,
+                MAX_COMMAND_SET_BYTES, MAX_DATA_SET_IN_MEMORY_BYTES)
+    return True
 
 
 def transport_closed(dul: Any) -> None:
