@@ -22,9 +22,20 @@ from pynetdicom.dimse_messages import (
     C_GET_RQ,
     C_MOVE_RQ,
     C_STORE_RQ,
+    N_ACTION_RQ,
+    N_EVENT_REPORT_RSP,
     DIMSEMessage,
 )
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import (
+    C_ECHO,
+    C_FIND,
+    C_GET,
+    C_MOVE,
+    C_STORE,
+    N_ACTION,
+    N_EVENT_REPORT,
+    DIMSEPrimitive,
+)
 from pynetdicom.pdu import P_DATA_TF
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -34,10 +45,11 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 IMPLEMENTATION_CLASS = "1.2.826.0.1.3680043.9.9"
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA = 0x01, 0x02, 0x03, 0x04
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
-# The request message class for each DIMSE-C request primitive (dimse_pdus).
+# The message class for each DIMSE primitive a test peer sends (dimse_pdus): the
+# DIMSE-C requests, a Storage Commitment request and its report's response.
 _REQUESTS: dict[type, type[DIMSEMessage]] = {
     C_ECHO: C_ECHO_RQ, C_STORE: C_STORE_RQ, C_FIND: C_FIND_RQ, C_MOVE: C_MOVE_RQ,
-    C_GET: C_GET_RQ,
+    C_GET: C_GET_RQ, N_ACTION: N_ACTION_RQ, N_EVENT_REPORT: N_EVENT_REPORT_RSP,
 }
 
 
@@ -94,10 +106,10 @@ def pdu_header(pdu_type: int, length: int) -> bytes:
     return struct.pack(">BBL", pdu_type, 0, length)
 
 
-def dimse_pdus(request: C_ECHO | C_STORE | C_FIND | C_MOVE | C_GET, context_id: int, *,
-               max_pdu: int = 16384) -> list[bytes]:
-    """A DIMSE-C request primitive (with its data set, if any, as encoded bytes in
-    `request.DataSet`) as P-DATA-TF PDUs, by pynetdicom's own encoder."""
+def dimse_pdus(request: C_ECHO | C_STORE | C_FIND | C_MOVE | C_GET | N_ACTION
+               | N_EVENT_REPORT, context_id: int, *, max_pdu: int = 16384) -> list[bytes]:
+    """A DIMSE primitive of `_REQUESTS` (with its data set, if any, as encoded bytes) as
+    P-DATA-TF PDUs, by pynetdicom's own encoder."""
     message = _REQUESTS[type(request)]()
     message.primitive_to_message(request)
     pdus = []
@@ -178,6 +190,19 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
         return 0, b""
     pdu_type, _, length = struct.unpack(">BBL", header)
     return pdu_type, _read_exactly(sock, length)
+
+
+def read_dimse(sock: socket.socket) -> DIMSEPrimitive:
+    """The next DIMSE message on an established association, decoded by pynetdicom's
+    own decoder (fails the test if anything but P-DATA-TF PDUs comes first)."""
+    message = DIMSEMessage()
+    while True:
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == P_DATA, f"PDU type {pdu_type:#x} instead of a DIMSE message"
+        pdu = P_DATA_TF()
+        pdu.decode(pdu_header(P_DATA, len(body)) + body)
+        if message.decode_msg(pdu.to_primitive()):
+            return message.message_to_primitive()
 
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes:

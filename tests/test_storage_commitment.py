@@ -26,15 +26,19 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import dcmtk
 import dicomgen
 import pytest
+import rawpdu
 from conftest import HOST, EdgeServer
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import N_ACTION, N_EVENT_REPORT
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from reportinbox import ReportInbox
 from syncagent import evict, sync_once
@@ -296,6 +300,70 @@ def test_report_goes_on_a_new_association_after_the_requestor_released(
     not_taken = re.findall(r"report not delivered commitment=\d+ error=(.*)", edge.log())
     assert not_taken and not any("no N-EVENT-REPORT response" in e for e in not_taken), (
         not_taken)
+
+
+def _n_action(transaction_uid: str, items: list[tuple[str, str]], message_id: int
+              ) -> N_ACTION:
+    info = Dataset()
+    info.TransactionUID = transaction_uid
+    info.ReferencedSOPSequence = [_item(c, u) for c, u in items]
+    request = N_ACTION()
+    request.MessageID = message_id
+    request.RequestedSOPClassUID = StorageCommitmentPushModel
+    request.RequestedSOPInstanceUID = WELL_KNOWN
+    request.ActionTypeID = 1
+    request.ActionInformation = BytesIO(encode(info, True, True))  # rawpdu: Implicit VR LE
+    return request
+
+
+def test_a_request_sent_before_the_report_is_answered_is_served_and_the_report_goes_again(
+        commit_edge: Callable[..., EdgeServer], modality: Modality,
+        study: list[dicomgen.GeneratedInstance]) -> None:
+    """A modality that sends its next series' N-ACTION on the same association before it
+    answers the box's N-EVENT-REPORT (here: both N-ACTIONs written at once): the box
+    took the second off the queue as if it were the report's response and dropped it,
+    and the modality waited for an N-ACTION response that never came. Now it is
+    served, and the report it overtook goes again on a new association."""
+    edge = commit_edge()
+    _store(edge, study)
+    first, second = str(generate_uid()), str(generate_uid())
+    sock = rawpdu.established(edge.port, MODALITY, edge.ae_title,
+                              contexts=((1, str(StorageCommitmentPushModel)),))
+    try:
+        sock.sendall(b"".join([*rawpdu.dimse_pdus(_n_action(first, _items(study[:2]), 1), 1),
+                               *rawpdu.dimse_pdus(_n_action(second, _items(study[2:]), 2), 1)]))
+        answered: dict[int, int] = {}
+        reports: list[str] = []
+        while len(answered) < 2 or len(reports) < 2:
+            message = rawpdu.read_dimse(sock)
+            if isinstance(message, N_ACTION):
+                answered[int(message.MessageIDBeingRespondedTo)] = int(message.Status)
+                continue
+            assert isinstance(message, N_EVENT_REPORT), message
+            reports.append(str(decode(message.EventInformation, True, True).TransactionUID))
+            if len(answered) < 2:
+                continue  # the first report, overtaken by the second request: not answered
+            ack = N_EVENT_REPORT()
+            ack.MessageIDBeingRespondedTo = message.MessageID
+            ack.AffectedSOPClassUID = message.AffectedSOPClassUID
+            ack.AffectedSOPInstanceUID = message.AffectedSOPInstanceUID
+            ack.EventTypeID = message.EventTypeID
+            ack.Status = SUCCESS
+            sock.sendall(b"".join(rawpdu.dimse_pdus(ack, 1)))
+        sock.sendall(rawpdu.release_rq())
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_RELEASE_RP
+    finally:
+        sock.close()
+    assert answered == {1: SUCCESS, 2: SUCCESS}
+    assert reports == [first, second]
+    overtaken = modality.wait_report()  # sent again, on a new association
+    assert not overtaken.on_requesting_association
+    assert str(overtaken.info.TransactionUID) == first
+    assert overtaken.committed() == {i.sop_instance_uid for i in study[:2]}
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while {_commitment_state(edge, t) for t in (first, second)} != {"answered"}:
+        assert time.monotonic() < deadline, "commitments not marked answered"
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

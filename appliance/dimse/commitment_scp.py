@@ -22,6 +22,7 @@ In the association's reactor thread, in order:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import time
@@ -65,6 +66,7 @@ REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 EVENT_ALL_COMMITTED = 1  # Event Type IDs (PS3.4 J.3.3.1)
 EVENT_FAILURES_EXIST = 2
 SAME_ASSOCIATION_WAIT = 10.0  # seconds for the N-EVENT-REPORT response on the request's association
+_REPORT_MESSAGE_IDS = itertools.count()
 _RESPONSE_POLL = 0.05  # seconds between looks for the peer's A-RELEASE-RQ meanwhile
 
 FAILURE_REASON = {  # Failure Reason (0008,1197) per verdict, PS3.4 J.3.2.1.1.2.4
@@ -229,7 +231,10 @@ class _Request:
         if isinstance(assoc.dul.peek_next_pdu(), A_RELEASE):
             return "requesting association is being released"
         req = N_EVENT_REPORT()
-        req.MessageID = 1
+        # Its own ID, so that a late response to an earlier report on this association
+        # (one whose wait ended when the modality's next request came first) is not
+        # taken for this one's.
+        req.MessageID = next(_REPORT_MESSAGE_IDS) % 0xFFFF + 1
         req.AffectedSOPClassUID = STORAGE_COMMITMENT_PUSH
         req.AffectedSOPInstanceUID = WELL_KNOWN_INSTANCE
         req.EventTypeID = _event_type(report)
@@ -239,13 +244,20 @@ class _Request:
         self.sc.dimse.send_msg(req, self.cx_id)
         deadline = time.monotonic() + min(assoc.dimse_timeout or SAME_ASSOCIATION_WAIT,
                                           SAME_ASSOCIATION_WAIT)
+        messages = self.sc.dimse.msg_queue
         while time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
-                _cx_id, rsp = self.sc.dimse.msg_queue.get(timeout=_RESPONSE_POLL)
+                received = messages.get(timeout=_RESPONSE_POLL)
+                rsp = received[1]
                 if (isinstance(rsp, N_EVENT_REPORT)
                         and rsp.MessageIDBeingRespondedTo == req.MessageID):
                     return _refused(rsp.Status)
-                return "peer sent another message instead of the report's response"
+                # The modality's next request (its next series' N-ACTION, a C-ECHO) came
+                # first: it stays first in line for the reactor, which serves it once this
+                # returns, and the report goes again on a new association.
+                with messages.mutex:
+                    messages.queue.appendleft(received)
+                return "peer sent another request before the report's response"
             if isinstance(assoc.dul.peek_next_pdu(), A_RELEASE):
                 return "requesting association is being released"
             if assoc.acse.is_aborted():
