@@ -861,6 +861,27 @@ def test_patient_update_changes_future_queries_and_orders(
     assert hl7peer.send(port, hl7peer.adt("P2", "A04", patient_id="NEWCOMER")).code == "AA"
 
 
+def test_a_field_sent_as_hl7_null_deletes_the_value_never_stores_the_quotes(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """HL7 2.5 2.5.3: a field of two double quotes is present and null, "delete the
+    value". A registration desk's A08 that corrects the name and sends an unknown birth
+    date as null was refused (AE 102 naming PID-7): the correction was lost; a null
+    name was stored as the two quotes. An order's fields sent null are empty."""
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("HN0", accession="HN1")).code == "AA"
+    ack = hl7peer.send(port, hl7peer.adt("HN2", "A08", name="SMITH^JANE", birth='""'))
+    assert ack.code == "AA", ack
+    order = show(server, "HN1")
+    assert (order["patient_name"], order["birth_date"], order["sex"]) == ("SMITH^JANE", "", "F")
+    assert hl7peer.send(port, hl7peer.adt("HN3", "A08", name='""', birth="", sex='""')).code == "AA"
+    order = show(server, "HN1")
+    assert (order["patient_name"], order["birth_date"], order["sex"]) == ("", "", "")
+    nulls = hl7peer.orm("HN4", accession="HN5", name='""', modality='""')
+    assert hl7peer.send(port, nulls).code == "AA"
+    order = show(server, "HN5")
+    assert (order["patient_name"], order["modality"]) == ("", "")
+
+
 def test_an_admission_or_pre_admission_registers_the_patient_as_ihe_has_it(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     """IHE Patient Registration (RAD-1), which an image manager receives, is ADT^A01

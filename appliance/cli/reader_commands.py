@@ -184,7 +184,7 @@ def reader_init(home: Path, cloud_url: str, credentials_file: Path | None) -> No
     click.echo(public)
 
 
-_DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+_DATE = re.compile(r"^([0-9]{8})?(-([0-9]{8})?)?$")
 
 
 @reader.command("list")

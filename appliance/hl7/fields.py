@@ -14,6 +14,10 @@ goes on, deeper than asked follows the first child) and values are unescaped
 by `unescape`, whose output is never longer than its input and which logs
 nothing.
 
+A value of two double quotes (``""``) is HL7's null, "delete the value" (HL7 2.5
+2.5.3): `value` reads it as empty, never as the two characters, and `is_null` says
+that a field held it.
+
 `\\Xhh..\\` holds bytes of the message's character set (HL7 2.10.5): ``M\\XC3BC\\ller``
 in a UTF-8 message is "Müller", not "MÃ¼ller" (python-hl7 makes one character of
 each byte). The set travels with the parsed message: `parse` builds it with a
@@ -63,6 +67,14 @@ def value(segment: hl7.Segment, field_num: int, component: int = 1, sub: int = 1
     return _leaf(segment, field_num, node)
 
 
+NULL = '""'  # HL7 2.5 2.5.3: a field (or component) of two double quotes: delete the value
+
+
+def is_null(segment: hl7.Segment, field_num: int) -> bool:
+    """Whether SEG-field_num is HL7's null: present, and its value to be deleted."""
+    return field_num < len(segment) and str(segment(field_num)).strip() == NULL
+
+
 def repeats(segment: hl7.Segment, field_num: int) -> int:
     """How many repetitions SEG-field_num has (0 when absent)."""
     if field_num >= len(segment):
@@ -74,6 +86,8 @@ def repeats(segment: hl7.Segment, field_num: int) -> int:
 def _leaf(segment: hl7.Segment, field_num: int, text: str) -> str:
     if str(segment(0)) == "MSH" and field_num in (1, 2):  # the delimiters themselves
         return text.strip()
+    if text.strip() == NULL:  # no value: `is_null` tells a caller that deletes one
+        return ""
     codec = getattr(segment.factory, "codec", "latin-1")
     return unescape(text, segment.separators, segment.esc, codec).strip()
 

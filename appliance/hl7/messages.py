@@ -51,6 +51,8 @@ SUPPORTED = {
 # IHE Patient Registration (RAD-1), which an image manager receives: admit (A01),
 # register an outpatient (A04), pre-admit (A05). Each registers the patient in PID.
 _REGISTRATIONS = frozenset({"A01", "A04", "A05"})
+# The Demographics field each PID field sets (an ADT's null deletes it: fields.is_null).
+_DEMOGRAPHIC_FIELDS = (("patient_name", 5), ("birth_date", 7), ("sex", 8))
 # MSH-18 (HL7 table 0211): base/hl7_charsets.py. Empty means ASCII by the standard; the
 # box reads [hl7] unnamed_charset instead, UTF-8 unless the site names another (UTF-8
 # is a superset of ASCII; many European RIS send Latin-1 without naming it). ISO IR87
@@ -60,9 +62,9 @@ _ISO_2022_SETS = frozenset({"ISO IR87", "ISO IR159"})
 # The worklist answers these in VRs of the default repertoire (PS3.5 6.2): CS, AE.
 _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
 _AE_TITLE = re.compile(r"[ -\[\]-~]*")  # printable ASCII but backslash
-_LEADING_DIGITS = re.compile(r"\d{1,6}")
-_DIGITS = re.compile(r"\d*")
-_TIME_ZONE = re.compile(r"[+-]\d{4}")
+_LEADING_DIGITS = re.compile(r"[0-9]{1,6}")  # ASCII only: \d also takes full-width digits
+_DIGITS = re.compile(r"[0-9]*")
+_TIME_ZONE = re.compile(r"[+-][0-9]{4}")
 _SEGMENT_END = re.compile(rb"[\r\n]")
 # XPN-8 / XCN-15 name representation code (HL7 table 4000) -> PN component group.
 _REPRESENTATION = {"A": 0, "I": 1, "P": 2}
@@ -443,8 +445,10 @@ def _cut(value: str, limit: int, location: str, what: str, notes: list[Note]) ->
     return value[:limit].rstrip()
 
 
-def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demographics]:
-    """The message's one patient: a second PID (another patient's orders, or A40's
+def _patient(message: hl7.Message, notes: list[Note]
+             ) -> tuple[PatientKey, Demographics, frozenset[str]]:
+    """The message's one patient, and the Demographics fields it deletes (PID-5, PID-7 or
+    PID-8 sent as HL7's null, ``""``). A second PID (another patient's orders, or A40's
     repeated merge groups) is refused, as its orders would be filed under the first."""
     if sum(1 for segment in message if str(segment[0][0]) == "PID") > 1:
         raise Hl7Error("the message holds more than one PID segment: one patient a message",
@@ -459,22 +463,26 @@ def _patient(message: hl7.Message, notes: list[Note]) -> tuple[PatientKey, Demog
         patient_name=_person_name(pid, 5), birth_date=_birth_date(_get(pid, 7), notes),
         sex={"M": "M", "F": "F", "O": "O", "U": "O", "A": "O", "N": "O"}.get(sex, ""))
     issuer = _fits(_get(pid, 3, 4), 64, "PID-3", "issuer of patient identifier")  # LO
-    return PatientKey(patient_id, issuer), demographics
+    cleared = frozenset(name for name, field_num in _DEMOGRAPHIC_FIELDS
+                        if fields.is_null(pid, field_num))
+    return PatientKey(patient_id, issuer), demographics, cleared
 
 
 # --- ADT ---------------------------------------------------------------------------
 
 def _adt(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Request:
-    patient, demographics = _patient(message, notes)
+    patient, demographics, cleared = _patient(message, notes)
     if header.trigger_event != "A40":
         return PatientUpdate(patient, demographics,
-                             register=header.trigger_event in _REGISTRATIONS)
+                             register=header.trigger_event in _REGISTRATIONS,
+                             cleared=cleared)
     mrg = _segment(message, "MRG")
     prior = PatientKey(_get(mrg, 1), _get(mrg, 1, 4))
     if not prior.patient_id:
         raise Hl7Error("prior patient identifier is missing", "MRG-1",
                        ErrorCode.REQUIRED_FIELD_MISSING, reject=False)
-    return PatientMerge(prior=prior, surviving=patient, demographics=demographics)
+    return PatientMerge(prior=prior, surviving=patient, demographics=demographics,
+                        cleared=cleared)
 
 
 # --- ORM^O01 / OMI^O23 -------------------------------------------------------------
@@ -500,7 +508,7 @@ def _groups(message: hl7.Message) -> list[dict[str, hl7.Segment]]:
 
 
 def _orders(message: hl7.Message, header: MessageHeader, notes: list[Note]) -> Request:
-    patient, demographics = _patient(message, notes)
+    patient, demographics, _ = _patient(message, notes)  # an order's patient: as sent
     groups = _groups(message)
     if not groups:
         raise Hl7Error("ORC segment is missing", "ORC", ErrorCode.SEGMENT_SEQUENCE,

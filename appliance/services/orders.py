@@ -31,7 +31,8 @@ Rules:
   a start then a completion); a status the order has already reached, or one
   the box does not act on, changes nothing. A message with several ORC groups
   is applied whole or not at all.
-- Patients: A01/A04/A05/A08 set name, birth date and sex (non-empty fields only) in
+- Patients: A01/A04/A05/A08 set name, birth date and sex (non-empty fields only;
+  one sent as HL7's null, ``""``, is deleted) in
   the index's patient row, which future C-FIND answers use, and on the
   patient's orders. A40 moves the prior patient's studies and orders to the
   surviving patient (store/order_rows.py merge_patient); instances that
@@ -145,6 +146,7 @@ class PatientUpdate:
     patient: PatientKey
     demographics: Demographics
     register: bool = False  # A01, A04, A05 (register) rather than A08 (update)
+    cleared: frozenset[str] = frozenset()  # Demographics fields sent as HL7's null: deleted
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class PatientMerge:
     prior: PatientKey
     surviving: PatientKey
     demographics: Demographics
+    cleared: frozenset[str] = frozenset()
 
 
 Request = tuple[OrderRequest, ...] | PatientUpdate | PatientMerge
@@ -300,7 +303,8 @@ def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Eff
     """What `request` changed, one entry per patient change or ORC group: None for a
     new order the box holds as sent already (`_create`)."""
     if isinstance(request, PatientUpdate):
-        store.update_demographics(conn, request.patient, request.demographics, now)
+        store.update_demographics(conn, request.patient, request.demographics, now,
+                                  cleared=request.cleared)
         return [Effect("register" if request.register else "update", request.patient,
                        request.demographics.patient_name)]
     if isinstance(request, PatientMerge):
@@ -308,7 +312,8 @@ def _effects(conn: sqlite3.Connection, request: Request, now: float) -> list[Eff
             raise MessageRefused(Refusal.NOT_ALLOWED, "prior and surviving patient are the same",
                            "MRG-1")
         store.merge_patient(conn, request.prior, request.surviving, now)
-        store.update_demographics(conn, request.surviving, request.demographics, now)
+        store.update_demographics(conn, request.surviving, request.demographics, now,
+                                  cleared=request.cleared)
         return [Effect("merge", request.surviving, request.demographics.patient_name,
                        prior=request.prior)]
     return [_order_effect(conn, order, now) for order in request]

@@ -360,13 +360,16 @@ def record_message(conn: sqlite3.Connection, record: MessageRecord, at: float) -
 
 
 def update_demographics(conn: sqlite3.Connection, patient: PatientKey,
-                        demographics: Demographics, at: float) -> tuple[int, int]:
+                        demographics: Demographics, at: float, *,
+                        cleared: frozenset[str] = frozenset()) -> tuple[int, int]:
     """Set a patient's name, birth date and sex in the index (future C-FIND answers)
     and on every order of theirs. Empty fields leave the stored value as it is
-    (HL7: an empty field is "not sent", not "delete"). Returns (patients, orders)
+    (HL7: an empty field is "not sent", not "delete"); the fields named in `cleared`
+    (sent as HL7's null, which is "delete") are emptied. Returns (patients, orders)
     rows changed; stored files are never rewritten."""
     sets = [(column, value) for column, value in zip(
-        ("patient_name", "birth_date", "sex"), astuple(demographics), strict=True) if value]
+        ("patient_name", "birth_date", "sex"), astuple(demographics), strict=True)
+        if value or column in cleared]
     if not sets:
         return 0, 0
     assignments = ", ".join(f"{column} = ?" for column, _ in sets)
