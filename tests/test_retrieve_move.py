@@ -328,6 +328,30 @@ def test_identifier_selects_by_level_and_pending_responses_count_down(
     assert_arrived_as_sent(destination, expected)
 
 
+def test_a_patient_level_move_sends_only_the_patient_of_the_issuer_asked_for(
+    edge_server: EdgeServer, destination: StorePeer, tmp_path: Path,
+) -> None:
+    """A patient is a Patient ID and its issuer: C-FIND answers MRN-77 of HOSP-A and of
+    HOSP-B as two patients. A workstation moving the first, with both keys it was
+    answered, was sent the second's images too (the issuer was not read)."""
+    patients = {issuer: dicomgen.make_study(tmp_path / issuer, seed=seed, series_per_study=1,
+                                            instances_per_series=2, size=8)
+                for seed, issuer in ((701, "HOSP-A"), (702, "HOSP-B"))}
+    dcmtk.storescu(edge_server.port, [
+        dicomgen.altered_copy(i, tmp_path / "sent" / issuer / i.path.name, PatientID="MRN-77",
+                              IssuerOfPatientID=issuer)
+        for issuer, study in patients.items() for i in study]).check()
+    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+    found = dcmtk.findscu(edge_server.port, {"PatientID": "MRN-77", "IssuerOfPatientID": ""},
+                          level="PATIENT", model="patient").check()
+    assert sorted(found.values("IssuerOfPatientID")) == ["HOSP-A", "HOSP-B"]
+    responses = c_move(edge_server, {"QueryRetrieveLevel": "PATIENT", "PatientID": "MRN-77",
+                                     "IssuerOfPatientID": "HOSP-A"},
+                       destination.ae_title, model="patient")
+    assert final(responses)[0] == SUCCESS
+    assert destination.counts() == {i.sop_instance_uid: 1 for i in patients["HOSP-A"]}
+
+
 def test_nothing_matched_is_success_with_no_suboperations(
     edge_server: EdgeServer, destination: StorePeer,
 ) -> None:

@@ -69,6 +69,7 @@ class RetrieveKeys:
     """The UID/ID lists a retrieve identifier selects on (empty: not constrained)."""
 
     patient_ids: tuple[str, ...] = ()
+    issuer: str = ""  # Issuer of Patient ID, with a PatientID of the Patient Root model
     study_uids: tuple[str, ...] = ()
     series_uids: tuple[str, ...] = ()
     sop_uids: tuple[str, ...] = ()
@@ -146,8 +147,16 @@ def parse_identifier(model: RetrieveModel, identifier: Dataset) -> RetrieveKeys:
     if not values[required]:
         raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
                               f"{required} is required at the {level} level")
+    # A patient is a Patient ID and its issuer (C-FIND answers two patients sharing an ID
+    # under two issuers apart): a workstation moving the one it was answered must not be
+    # sent the other's images too.
+    issuers = _values(identifier, "IssuerOfPatientID") if "PatientID" in values else ()
+    if len(issuers) > 1:
+        raise RetrieveRefused(RetrieveRefusal.INVALID_IDENTIFIER,
+                              "IssuerOfPatientID must be a single value")
     return RetrieveKeys(
         patient_ids=values.get("PatientID", ()),
+        issuer=issuers[0] if issuers else "",
         study_uids=values.get("StudyInstanceUID", ()),
         series_uids=values.get("SeriesInstanceUID", ()),
         sop_uids=values.get("SOPInstanceUID", ()),
@@ -193,7 +202,8 @@ class RetrieveService:
                 )
         keys = parse_identifier(model, identifier)
         rows = await self.index.locate(
-            patient_ids=keys.patient_ids, study_uids=keys.study_uids,
+            patient_ids=keys.patient_ids, issuers=(keys.issuer,) if keys.issuer else (),
+            study_uids=keys.study_uids,
             series_uids=keys.series_uids, sop_uids=keys.sop_uids,
         )
         if len(rows) > MAX_SUBOPERATIONS:

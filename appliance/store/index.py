@@ -232,11 +232,13 @@ class Index:
         series_uids: Sequence[str] = (),
         sop_uids: Sequence[str] = (),
         patient_ids: Sequence[str] = (),
+        issuers: Sequence[str] = (),
     ) -> list[InstanceLocation]:
         """Instances matching every non-empty UID/ID list (a C-MOVE/C-GET identifier)."""
         where, params = [], []
         for column, values in (
             ("p.patient_id", patient_ids),
+            ("p.issuer", issuers),
             ("st.study_uid", study_uids),
             ("se.series_uid", series_uids),
             ("i.sop_uid", sop_uids),
