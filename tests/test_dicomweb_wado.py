@@ -339,6 +339,41 @@ def test_bulkdata_of_pixel_data_answers_every_frame_past_the_frame_list_limit(
     assert (len(parts), b"".join(parts)) == (frames, pixels)
 
 
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian,
+                                    pydicom.uid.ImplicitVRLittleEndian])
+def test_float_pixel_data_of_a_parametric_map_is_in_its_metadata_and_frames(
+        web: EdgeServer, small_study: list[dicomgen.GeneratedInstance], tmp_path: Path,
+        syntax: str) -> None:
+    """A Parametric Map holds its pixels in Float Pixel Data (7FE0,0008): its metadata
+    had no entry for it and its frames were 404 "no pixel data" (only 7FE0,0010 was
+    looked for), so a viewer could not show it."""
+    ds = pydicom.dcmread(small_study[0].path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.30"
+    del ds.PixelData
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = 16, 16, 32, 1
+    ds.NumberOfFrames = 2
+    pixels = bytes(i % 256 for i in range(16 * 16 * 4 * 2))
+    ds.FloatPixelData = pixels
+    pmap = dicomgen.write_instance(ds, tmp_path / "pmap.dcm", syntax)
+    import_files(web.home, pmap)
+    http = webpeer.session(web, "rad")
+    [meta] = http.get(_url(web, pmap, "/metadata"), headers={"Accept": "application/dicom+json"}
+                      ).json()
+    assert meta["7FE00008"] == {"vr": "OF", "BulkDataURI": _url(web, pmap, "/bulkdata/7FE00008")}
+    assert "7FE00010" not in meta
+    frame = http.get(_url(web, pmap, "/frames/2"), headers={"Accept": OCTETS})
+    assert frame.status_code == 200, frame.text
+    [(_, second)] = webpeer.parts(frame.headers["Content-Type"], frame.content)
+    assert second == pixels[16 * 16 * 4:]
+    bulk = http.get(meta["7FE00008"]["BulkDataURI"], headers={"Accept": OCTETS})
+    assert b"".join(p for _, p in webpeer.parts(bulk.headers["Content-Type"], bulk.content)
+                    ) == pixels
+
+
 def test_bad_uids_traversal_and_unknown_studies(
         web: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
     for path in ("/dicom-web/studies/1.2.abc", "/dicom-web/studies/1.2.3/series/..%2F..",

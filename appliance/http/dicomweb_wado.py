@@ -53,6 +53,7 @@ from appliance.http.dicomweb_media import (
 from appliance.http.recall_answer import recall_unavailable
 from appliance.services.pixel_frames import (
     EXPLICIT_LITTLE,
+    PIXEL_TAGS,
     FrameError,
     frame_numbers,
     is_encapsulated,
@@ -246,7 +247,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
         raise web.HTTPBadRequest(text="bulk data is named by an 8-digit hex tag\n")
     tag = Tag(int(text, 16))
-    if tag == Tag(0x7FE0, 0x0010):
+    if tag in PIXEL_TAGS:  # Pixel Data (or a parametric map's float pixels): every frame
         return await _send_frames(request, None, "bulkdata")
     await stored_syntaxes(request, "bulkdata")
     if not any(m.media_type in ("*/*", "multipart/*") or (

@@ -60,6 +60,12 @@ class Frames:
     frames: list[bytes]
 
 
+# The elements that hold an image's pixels (one at most an instance): Pixel Data, and the
+# Float and Double Float Pixel Data of parametric maps (PS3.3 C.7.6.3), each with the VR
+# it has in Implicit VR Little Endian.
+PIXEL_TAGS = {0x7FE00010: "OW", 0x7FE00008: "OF", 0x7FE00009: "OD"}
+
+
 def is_encapsulated(transfer_syntax: str) -> bool:
     return UID(transfer_syntax).is_compressed and transfer_syntax != _DEFLATED
 
@@ -141,7 +147,7 @@ def _pixel_value_start(fh: BinaryIO, implicit: bool) -> int:
     if len(header) < 8:
         raise FrameError("the instance has no pixel data")
     group, element = struct.unpack("<HH", header[:4])
-    if (group, element) != (0x7FE0, 0x0010):
+    if (group << 16 | element) not in PIXEL_TAGS:
         raise FrameError("the instance has no pixel data")
     if implicit:
         (length,) = struct.unpack("<I", header[4:8])

@@ -58,6 +58,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
 from appliance.services.dicom_json import CODECS, dataset_element_json
+from appliance.services.pixel_frames import PIXEL_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,13 @@ def instance_json(path: Path, transfer_syntax: str, url: str) -> dict[str, Any]:
     with path.open("rb") as fh:
         if transfer_syntax == _DEFLATED:  # inflated in memory by pydicom: no file position
             ds = dcmread(fh, defer_size=BULK_THRESHOLD)
-            pixel_vr = ds["PixelData"].VR if "PixelData" in ds else None
-            if pixel_vr is not None:
-                del ds[PIXEL_DATA]
+            pixels = next(((tag, ds[tag].VR) for tag in PIXEL_TAGS if tag in ds), None)
+            if pixels is not None:
+                del ds[pixels[0]]
         else:
             ds = dcmread(fh, stop_before_pixels=True, defer_size=BULK_THRESHOLD)
-            pixel_vr = _pixel_vr(fh, implicit=transfer_syntax == _IMPLICIT,
-                                 big_endian=transfer_syntax == _BIG_ENDIAN)
+            pixels = _pixels(fh, implicit=transfer_syntax == _IMPLICIT,
+                             big_endian=transfer_syntax == _BIG_ENDIAN)
     try:
         charset = ds.get("SpecificCharacterSet")
     except Exception:  # a malformed value (an unknown VR): read as the default repertoire
@@ -101,21 +102,28 @@ def instance_json(path: Path, transfer_syntax: str, url: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
         out[f"{tag:08X}"] = _element_json(ds, tag, url, codec)
-    if pixel_vr is not None:
-        out[f"{PIXEL_DATA:08X}"] = {"vr": pixel_vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    if pixels is not None:
+        tag, vr = pixels
+        out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/{tag:08X}"}
     return out
 
 
-def _pixel_vr(fh: BinaryIO, *, implicit: bool, big_endian: bool) -> str | None:
-    """The VR of the Pixel Data element where pydicom stopped; None if there is none."""
+def _pixels(fh: BinaryIO, *, implicit: bool, big_endian: bool) -> tuple[int, str] | None:
+    """The tag and VR of the pixel element where pydicom stopped (Pixel Data, or a
+    parametric map's Float or Double Float Pixel Data); None if there is none."""
     header = fh.read(6)
-    order = ">HH" if big_endian else "<HH"
-    if len(header) < 4 or struct.unpack(order, header[:4]) != (0x7FE0, 0x0010):
+    if len(header) < 4:
+        return None
+    group, element = struct.unpack(">HH" if big_endian else "<HH", header[:4])
+    tag = group << 16 | element
+    if tag not in PIXEL_TAGS:
         return None
     if implicit:
-        return "OW"
+        return tag, PIXEL_TAGS[tag]
     vr = header[4:6].decode("ascii", "replace")
-    return vr if vr in ("OB", "OW") else "OB"
+    if tag == PIXEL_DATA:
+        return tag, vr if vr in ("OB", "OW") else "OB"
+    return tag, PIXEL_TAGS[tag]
 
 
 def _element_json(ds: Dataset, tag: BaseTag, url: str, codec: str | None) -> dict[str, Any]:
