@@ -67,7 +67,7 @@ from appliance.store.packs import (
     versions_only_in_pack,
 )
 from appliance.store.study_rows import StudyRow, instances_in_pack, instances_of, study_by_id
-from appliance.store.tier_steps import record_scrub_damaged, record_scrub_ok
+from appliance.store.tier_steps import NotEvictable, record_scrub_damaged, record_scrub_ok
 from sync.cloud import ScrubVerdict
 from sync.container_check import confirm_container
 from sync.context import SyncContext
@@ -226,7 +226,8 @@ async def read_back_unread_packs(ctx: SyncContext, study: StudyRow) -> StudyRow:
     from its manifest and the listing's size), before evict deletes local files on its
     word: those files may be the only good copy of a pack that rotted before the index
     was lost. Returns the study as it is after the verdicts (a damaged pack takes its
-    local instances out: the study is `local` again, and evict refuses it)."""
+    local instances out: the study is `local` again, and evict refuses it). A pack that
+    cannot be read now (archived) is no better than a damaged one: NotEvictable."""
     in_use = {row.pack_fk for row in await instances_of(ctx.index, study.id)}
     unread = [pack for pack in await packs_of(ctx.index, study.id)
               if pack.id in in_use and not pack.read_by_this_box]
@@ -241,6 +242,13 @@ async def read_back_unread_packs(ctx: SyncContext, study: StudyRow) -> StudyRow:
                           f" ({why}); nothing is deleted",
                           hint="recover the site key it was wrapped with (pacs-edge keys"
                           " recover), then evict again")
+    if report.skipped:  # on the Archive tier, or replaced while read: nothing vouches for it
+        name, why = report.skipped[0]
+        raise NotEvictable(f"the pack {name} was never read by this box and cannot be read"
+                           f" now ({why}); nothing is deleted",
+                           hint="the local files stay; once the blob is on the Hot or Cool"
+                           " tier again (az storage blob set-tier), evict reads it and"
+                           " goes on")
     return await study_by_id(ctx.index, study.id) or study
 
 

@@ -265,3 +265,41 @@ def test_evict_reads_a_pack_restore_recorded_before_it_deletes_the_only_good_cop
     run_pacs_edge("recall", study[0].study_uid, "--home", str(home))
     assert stored_hashes(home) == sent_hashes(study)
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
+
+
+def test_evict_deletes_nothing_on_the_word_of_an_archived_pack_restore_recorded(
+        tmp_path: Path) -> None:
+    """As above, but the rotted pack had been moved to the Archive tier (as the lifecycle
+    does with every pack in time): the read-back scrub skips an archived pack, and evict
+    took the skip for a pass and deleted the only good copy. Now it refuses; once the
+    pack is readable again, evict reads it and finds the damage."""
+    from sync.blobstore.base import Tier
+    from sync.blobstore.local import LocalFolderStore
+
+    home = init_home(tmp_path / "home")
+    cloud = tmp_path / "cloud"
+    configure_cloud(home, f"file://{cloud}", None)
+    study = dicomgen.make_studies(tmp_path / "sent", seed=78, series_per_study=1,
+                                  instances_per_series=3, size=64)
+    import_files(home, *study)
+    sync_once(home)
+    [(pack_name,)] = index_rows(home, "SELECT pack_name FROM packs")
+    pack = cloud.joinpath(*str(pack_name).split("/"))
+    flip_a_byte(pack, pack.stat().st_size // 2)
+    LocalFolderStore(cloud).set_tier(str(pack_name), Tier.ARCHIVE)
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}")
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+    assert tier_states(home) == {study[0].study_uid: "replicated"}
+
+    refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert "was never read by this box and cannot be read now (archived" in refused.stderr
+    assert stored_hashes(home) == sent_hashes(study)
+    assert tier_states(home) == {study[0].study_uid: "replicated"}
+
+    LocalFolderStore(cloud).set_tier(str(pack_name), Tier.HOT)  # rehydrated: now it is read
+    refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
+    assert "not replicated" in refused.stderr  # the damage is found: files kept, re-upload
+    assert stored_hashes(home) == sent_hashes(study)

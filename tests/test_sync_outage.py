@@ -84,6 +84,24 @@ def test_agent_log_says_why_an_eviction_failed(azurite: str, tmp_path: Path) -> 
     assert len(list((home / "store").rglob("*.dcm"))) == 2
 
 
+def test_a_file_missing_from_the_store_fails_its_replication_without_a_uid_in_any_output(
+        tmp_path: Path) -> None:
+    """A stored file lost (disk damage, an operator's rm): replication fails, and said
+    so with the OSError's text, the file's path, made of the study's, series' and
+    instance's UIDs, in the journal, `sync --once`'s output and `status`, every pass."""
+    home = init_home(tmp_path / "home")
+    study = dicomgen.make_study(tmp_path / "gen", seed=11)
+    run_pacs_edge("import", "--home", str(home), str(tmp_path / "gen"))
+    next((home / "store").rglob("*.dcm")).unlink()
+    synced = sync_once(home, check=False)
+    assert "cannot be packed: FileNotFoundError: No such file or directory" in (
+        synced.stdout + synced.stderr)
+    status = run_pacs_edge("status", "--home", str(home), check=False)
+    said = synced.stdout + synced.stderr + status.stdout + status.stderr
+    uids = {u for i in study for u in (i.study_uid, i.series_uid, i.sop_instance_uid)}
+    assert not [u for u in uids if u in said], said
+
+
 def warnings_of(home: Path) -> dict[str, str]:
     """`pacs-edge status --json`'s warnings, code -> message."""
     status = run_pacs_edge("status", "--json", "--home", str(home), check=False)

@@ -133,8 +133,11 @@ class PackWriter:
                 with path.open("rb") as fh:
                     dataset_offset = part10_dataset_offset(fh.read(_META_HEAD))
         except (OSError, ValueError) as exc:
+            # Never str(exc): an OSError's text holds the file's path, made of the study's,
+            # series' and instance's UIDs, and this message reaches logs and `status`.
+            why = (exc.strerror or "") if isinstance(exc, OSError) else str(exc)
             raise PackSourceError(f"instance file #{len(self._sources)} cannot be packed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                                  f"{type(exc).__name__}: {why}") from exc
         return self._add(_Source(self._slot(length, dataset_offset), attributes,
                                  _normalise_sha(dataset_sha256), path=path))
 
