@@ -39,7 +39,7 @@ from appliance.base import logsafe
 from appliance.base.config import Config
 from appliance.base.durable import fsync_dir
 from appliance.base.errors import PacsEdgeError
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, store_failure
 from appliance.store.packs import PackRow
 from appliance.store.study_rows import InstanceRow, StudyRow
 from provisioning.keyring import SiteKeyring, load_keyring
@@ -412,11 +412,13 @@ class PackService:
                     spool = None
                     log.debug("recalled instance=%s", logsafe.ref(row.sop_uid))
                     on_written(row)
+            for folder in sorted(folders):  # once per folder, before the index says local
+                fsync_dir(folder)
+        except OSError as exc:  # the store's (the cloud's own errors are BlobStoreErrors)
+            raise store_failure(exc) from exc
         finally:
             if spool is not None:
                 spool.discard()
-        for folder in sorted(folders):  # once per folder, before the index says local
-            fsync_dir(folder)
 
     def _open_pack(self, pack: PackRow) -> tuple[bytes, Manifest]:
         return self._open(pack.pack_name, pack.manifest_name, self._pack_key_name(pack))

@@ -203,6 +203,34 @@ def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
     assert tier_state(edge_server, study_uid) == "replicated"
 
 
+def test_a_store_that_cannot_take_a_recalled_file_fails_the_recall_with_a_clear_error(
+    edge_server: EdgeServer, cloud: Cloud, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """The store refuses the recalled files (here: a file where the study's folder goes;
+    an I/O error, a permission, alike): the OSError escaped, a traceback holding the
+    file's path (its UIDs), and the agent left the request pending, retried at every
+    poll. Now it is the store's refusal, as for an ingest, and the study stays evicted."""
+    study_uid = small_study[0].study_uid
+    dcmtk.storescu(edge_server.port, [i.path for i in small_study]).check()
+    sync_once(edge_server.home)
+    evict(edge_server.home, study_uid)
+    folder = edge_server.home / "store" / study_uid
+    if folder.exists():
+        for path in sorted(folder.rglob("*"), reverse=True):
+            path.rmdir()
+        folder.rmdir()
+    folder.write_bytes(b"not a folder")
+    result = run_pacs_edge("recall", study_uid, "--home", str(edge_server.home), check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 2, said
+    assert "store write failed: Not a directory" in said and "Traceback" not in said
+    assert study_uid not in said.replace(f"recall {study_uid}", "")
+    assert tier_state(edge_server, study_uid) == "evicted"
+    folder.unlink()
+    run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
+    assert tier_state(edge_server, study_uid) == "replicated"
+
+
 def test_agent_start_removes_temp_files_of_interrupted_local_cloud_writes(
     edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
 ) -> None:

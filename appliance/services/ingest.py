@@ -13,13 +13,12 @@ A failure at any step leaves neither a file nor a row behind, and never removes 
 file it did not create (a crash between 4 and 5 leaves a file that `fsck --repair`
 adopts; a spool file that a store turned read-only will not let go is a temp file,
 removed by serve's start-up sweep). A store that fails to take the file surfaces as
-a PacsEdgeError, never a bare OSError (`_store_failure`).
+a PacsEdgeError, never a bare OSError (`FileStore`'s `store_failure`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import shutil
 import time
@@ -41,18 +40,14 @@ from pydicom.uid import (
 from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import compat, logsafe
-from appliance.base.durable import is_no_space
 from appliance.base.errors import (
     InvalidInstance,
-    OutOfSpace,
-    PacsEdgeError,
     Rejection,
-    StoreReadOnly,
 )
 from appliance.base.metrics import INGEST_IN_PROGRESS, INSTANCES_OF_ANOTHER_PATIENT
 from appliance.base.uids import normalise_uid
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
-from appliance.store.files import FileStore
+from appliance.store.files import FileStore, store_failure
 from appliance.store.index import HeldCopy, Index, RecordOutcome, StoredFile
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import SpoolFile
@@ -155,7 +150,7 @@ class IngestService:
                 _log_study_moved(header.sop_uid, recorded.left_study_moved)
             return IngestResult(recorded.outcome, header, relative)
         except OSError as exc:
-            raise _store_failure(exc) from exc
+            raise store_failure(exc) from exc
         finally:
             INGEST_IN_PROGRESS.dec()
             spool.discard()  # after its fsync, if one runs
@@ -232,18 +227,6 @@ def _report_other_patient(header: InstanceHeader, *, moved: bool) -> None:
 def _log_study_moved(sop_uid: str, study_uid: str) -> None:
     log.warning("study moved to the patient every one of its instances now names"
                 " instance=%s study=%s", logsafe.ref(sop_uid), logsafe.ref(study_uid))
-
-
-def _store_failure(exc: OSError) -> PacsEdgeError:
-    """The refusal for a store that failed to take a file (spool, fsync, link, mkdir),
-    so that no edge meets a bare OSError: a full disk or a read-only store is refused
-    as out of resources (the instance is fine: the sender retries later), anything
-    else (an I/O error) as a processing failure."""
-    if is_no_space(exc):
-        return OutOfSpace()
-    if exc.errno == errno.EROFS:
-        return StoreReadOnly()
-    return PacsEdgeError(f"store write failed: {exc.strerror}")
 
 
 def _file_meta(fh: BinaryIO) -> object:

@@ -14,6 +14,7 @@ UIDs are validated (digits and dots) before they become path components.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from appliance.base.durable import (
     is_no_space,
     sweep_temp_files,
 )
-from appliance.base.errors import OutOfSpace
+from appliance.base.errors import OutOfSpace, PacsEdgeError, StoreReadOnly
 from appliance.base.human import human_size
 from appliance.base.uids import is_valid_uid
 from appliance.store.disk import DiskState, disk_state
@@ -154,6 +155,18 @@ class FileStore:
             for name in filenames:
                 if name.endswith(".dcm") and not name.endswith(TEMP_SUFFIX):
                     yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+
+def store_failure(exc: OSError) -> PacsEdgeError:
+    """The refusal for a store that failed to take a file (spool, fsync, link, mkdir),
+    so that no edge or command meets a bare OSError, whose text holds the file's path
+    (UIDs): a full disk or a read-only store is out of resources (the instance is fine:
+    the sender retries later), anything else (an I/O error) a processing failure."""
+    if is_no_space(exc):
+        return OutOfSpace()
+    if exc.errno == errno.EROFS:
+        return StoreReadOnly()
+    return PacsEdgeError(f"store write failed: {exc.strerror or type(exc).__name__}")
 
 
 def hash_dataset(path: Path, offset: int) -> str:
