@@ -256,15 +256,21 @@ def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: Edg
     assert edge_server.echo(aet="BOUNDWS").ok
 
 
+@pytest.mark.parametrize("slip", [
+    lambda good: good + "garbage = = \n",
+    lambda good: good.replace("[peers.", "[[peers]]\n# [peers."),
+], ids=["not-toml", "array-of-tables"])
 def test_an_unreadable_allowlist_admits_no_peer_says_so_once_and_heals(
-        edge_server: EdgeServer) -> None:
+        edge_server: EdgeServer, slip: Callable[[str], str]) -> None:
     """A typo in a hand-edited peers.toml: serve rejects every association at once (it
     failed each with a traceback and left the peer waiting for an answer), logs the
-    reason once, `status` warns, and the fixed file is read at the next association."""
+    reason once, `status` warns, and the fixed file is read at the next association.
+    So for [[peers]] (TOML, but not the allowlist's shape), which crashed every command
+    that read the file and every association, the caller never answered."""
     peers = edge_server.home / "peers.toml"
     good = peers.read_text()
     assert edge_server.echo().ok
-    peers.write_text(good + "garbage = = \n")
+    peers.write_text(slip(good))
     for _ in range(2):
         refused = dcmtk.echoscu(edge_server.port, host=edge_server.host,
                                 aec=edge_server.ae_title, timeout=20.0)

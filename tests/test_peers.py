@@ -316,6 +316,9 @@ def _break(path: Path, how: str) -> None:
             peers.write("".join(f'[peers.{name}]\nae_title = "{title}"\nhost = "10.0.0.40"\n'
                                 'port = 104\nallow = ["find"]\n'
                                 for name, title in (("ws1", "WS1"), ("ws1-tls", " WS1"))))
+    elif how == "array-of-tables":  # TOML's [[peers]] for [peers.NAME]: an easy slip
+        path.write_text(PEERS_HEADER + '[[peers]]\nae_title = "CT1"\nhost = "10.0.0.41"\n'
+                        'port = 104\nallow = ["store"]\n', encoding="utf-8")
     elif how == "folder":
         path.unlink()
         path.mkdir()
@@ -327,7 +330,8 @@ def _break(path: Path, how: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how, why", [("not-utf8", "is not UTF-8"), ("folder", "<a folder>"),
                                       ("fifo", "<not a regular file>"),
-                                      ("duplicate", "peers.ws1 has it")])
+                                      ("duplicate", "peers.ws1 has it"),
+                                      ("array-of-tables", "[[peers]], an array of tables")])
 def test_unreadable_peers_file_is_one_error_naming_it(tmp_path: Path, how: str,
                                                       why: str) -> None:
     home = tmp_path / "home"

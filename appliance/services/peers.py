@@ -327,8 +327,16 @@ def _load(path: Path) -> dict[str, Peer]:
         raw = tomllib.loads(_read(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError.not_toml(str(path), str(exc)) from exc
+    table = raw.get("peers", {})
+    if not isinstance(table, dict):  # [[peers]], an array of tables, or `peers = ...`
+        shape = "[[peers]], an array of tables" if isinstance(table, list) else (
+            f"a {type(table).__name__}")
+        error = ConfigError("peers", shape, "one [peers.NAME] table per peer", source=str(path))
+        error.hint = ("write each peer as a table named after it ([peers.ct1], not"
+                      " [[peers]]), or add them with `pacs-edge peers add`")
+        raise error
     peers: dict[str, Peer] = {}
-    for name, entry in raw.get("peers", {}).items():
+    for name, entry in table.items():
         key = f"peers.{name}"
         try:
             peer = Peer(
