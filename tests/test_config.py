@@ -37,6 +37,13 @@ def test_defaults_resolve_paths_inside_home(tmp_path: Path) -> None:
         ({"index": {"commit_window_ms": -1}}, "index.commit_window_ms"),
         ({"migrate": {"rate_per_hour": 10**20}}, "migrate.rate_per_hour"),
         ({"migrate": {"query_limit": 10**20}}, "migrate.query_limit"),
+        # TOML's inf and nan passed every "> 0" check: session_max_hours = inf made every
+        # login a 500, lockout_minutes = inf crashed `users list` once a user was locked.
+        ({"auth": {"session_max_hours": float("inf")}}, "auth.session_max_hours"),
+        ({"auth": {"session_max_hours": 10000.0}}, "auth.session_max_hours"),
+        ({"auth": {"lockout_minutes": float("inf")}}, "auth.lockout_minutes"),
+        ({"dicom": {"network_timeout": float("nan")}}, "dicom.network_timeout"),
+        ({"dicom": {"network_timeout": 1e12}}, "dicom.network_timeout"),
     ],
 )
 def test_invalid_value_names_key_value_and_expectation(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -333,10 +334,12 @@ class AuthConfig:
     min_password_length: int = field(default=12, metadata=_check(lambda v: 8 <= v <= 1024,
                                                                  "8-1024 characters"))
     max_failed_logins: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
-    lockout_minutes: float = field(default=15.0, metadata=_check(lambda v: v > 0, "> 0 minutes"))
+    lockout_minutes: float = field(default=15.0, metadata=_check(
+        lambda v: 0 < v <= 527040, "> 0 and at most 527040 minutes (366 days)"))
     session_idle_minutes: float = field(default=30.0, metadata=_check(lambda v: v > 0,
                                                                       "> 0 minutes"))
-    session_max_hours: float = field(default=12.0, metadata=_check(lambda v: v > 0, "> 0 hours"))
+    session_max_hours: float = field(default=12.0, metadata=_check(
+        lambda v: 0 < v <= 8784, "> 0 and at most 8784 hours (366 days)"))
     link_max_ttl_minutes: float = field(default=60.0, metadata=_check(
         lambda v: 0 < v <= 10080, "> 0 and at most 10080 minutes (a week)"))
 
@@ -499,7 +502,11 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-_A_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+# The largest number a float setting takes (a billion: 31 years in seconds), so that a
+# duration added to a clock stays a date Python and the OS can hold.
+MAX_NUMBER = 1e9
+_A_KIND = {bool: "true or false", int: "an integer",
+           float: f"a finite number, at most {MAX_NUMBER:,.0f}", str: "a string"}
 
 
 def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
@@ -507,8 +514,9 @@ def _coerce(key: str, value: Any, kind: Any, meta: Any, source: str) -> Any:
         ok = isinstance(value, bool)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind is float:  # TOML has inf and nan: neither is a duration, a size or a rate
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)
+              and math.isfinite(value) and abs(value) <= MAX_NUMBER)
         value = float(value) if ok else value
     elif kind == Path | None:
         ok = value is None or isinstance(value, str | Path)
