@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import struct
 import subprocess
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +30,10 @@ import pydicom
 import pytest
 import webpeer
 from conftest import EdgeServer, pacs_edge_command
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE
 
 from appliance.base.errors import InflateLimitExceeded, InvalidInstance
@@ -38,6 +42,8 @@ from appliance.services.dicom_header import read_header
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+EXPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"
 BOMB_BYTES = 800 << 20
 MAX_GROWTH = 200 << 20  # what any attack may add to a process's peak memory
 WAIT_SECONDS = 120.0
@@ -113,6 +119,50 @@ def test_deflated_header_reads_like_the_same_instance_uncompressed(tmp_path: Pat
     plain, inflated = read_header(explicit.path), read_header(deflated.path)
     assert inflated.patient_name == "Müller^Jürgen"
     assert inflated.transfer_syntax == "1.2.840.10008.1.2.1.99"
+    assert {**vars(inflated), "transfer_syntax": ""} == {**vars(plain), "transfer_syntax": ""}
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    value += (b"\0" if vr == b"UI" else b" ") * (len(value) % 2)
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _part10(path: Path, dataset: bytes, syntax: str) -> Path:
+    if syntax == DEFLATED:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        dataset = packer.compress(dataset) + packer.flush()
+        dataset += b"\0" * (len(dataset) % 2)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.77.3"
+    meta.TransferSyntaxUID = syntax
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset)
+    return path
+
+
+@pytest.mark.parametrize("early", [None, "1.2.826.0.1.77.100"], ids=["late-only", "twice"])
+@pytest.mark.parametrize("pad", [b"", b"\0" * 13], ids=["", "zero-padded"])
+def test_a_deflated_header_given_out_of_tag_order_or_twice_reads_as_uncompressed(
+        tmp_path: Path, early: str | None, pad: bytes) -> None:
+    """Writers put elements out of tag order, and some give one twice: every syntax keeps
+    the later (docs/conformance.md). The deflated walk stopped at the first tag past the
+    highest indexed one, so a deflated instance was filed under the earlier Study UID,
+    or refused 0xC000 ("StudyInstanceUID is missing") when its only one came late."""
+    elements = [_element(0x0008, 0x0016, b"UI", SECONDARY_CAPTURE.encode()),
+                _element(0x0008, 0x0018, b"UI", b"1.2.826.0.1.77.3"),
+                _element(0x0010, 0x0020, b"LO", b"PID7")]
+    if early:
+        elements.append(_element(0x0020, 0x000D, b"UI", early.encode()))
+    elements += [_element(0x0020, 0x000E, b"UI", b"1.2.826.0.1.77.2"),
+                 _element(0x0028, 0x0010, b"US", b"\x01\x00"),
+                 _element(0x0020, 0x000D, b"UI", b"1.2.826.0.1.77.200")]
+    dataset = b"".join(elements) + pad
+    plain = read_header(_part10(tmp_path / "explicit.dcm", dataset, EXPLICIT))
+    inflated = read_header(_part10(tmp_path / "deflated.dcm", dataset, DEFLATED))
+    assert inflated.study_uid == plain.study_uid == "1.2.826.0.1.77.200"
     assert {**vars(inflated), "transfer_syntax": ""} == {**vars(plain), "transfer_syntax": ""}
 
 

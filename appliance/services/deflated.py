@@ -13,9 +13,12 @@ could make the server grow by gigabytes with one small C-STORE. Here:
   value is skipped as it is inflated, sequences of undefined length included (their
   nesting is counted, never built), and at most `MAX_ELEMENTS` element headers are
   walked, so a stream of millions of empty items costs seconds, not minutes;
-- the walk stops at the first tag past the last one asked for (Pixel Data and the
-  bulk of any image come later), then the rest of the stream is inflated and thrown
-  away, to prove it complete and within the limit.
+- every top-level element is walked, since writers put elements out of tag order
+  and some give one twice (the later is kept, as for every other transfer syntax:
+  docs/conformance.md, "Non-conformant data sets"); past the highest tag asked for,
+  elements that do not parse (a trailing pad) end the walk rather than refuse the
+  instance, as the other syntaxes' readers tolerate them. The rest of the stream is
+  then inflated and thrown away, to prove it complete and within the limit.
 
 Memory stays at a chunk plus the kept values. The stored file is never touched:
 this only reads it.
@@ -53,23 +56,14 @@ def read_deflated_elements(fh: BinaryIO, wanted: frozenset[int], *, limit: int) 
     """
     source = _Inflater(fh, limit)
     walker = _Walker(source)
-    last = max(wanted)
-    kept = bytearray()
-    while (element := walker.header()) is not None:
-        tag, length, raw = element
-        if tag > last:
-            break
-        if tag in wanted:
-            if length == UNDEFINED_LENGTH or length > MAX_VALUE:
-                raise InvalidInstance("an indexed attribute is too long")
-            kept += raw
-            kept += source.read_exactly(length)
-        elif length == UNDEFINED_LENGTH:
-            walker.skip_undefined()
-        else:
-            source.skip(length)
+    kept: dict[int, bytes] = {}  # tag -> the element, the later one of a tag given twice
+    try:
+        walker.walk(wanted, kept)
+    except InvalidInstance:
+        if not walker.past(max(wanted)):
+            raise
     source.drain()
-    return bytes(kept)
+    return b"".join(kept.values())
 
 
 class _Inflater:
@@ -140,6 +134,25 @@ class _Walker:
     def __init__(self, source: _Inflater) -> None:
         self._source = source
         self._count = 0
+        self._highest = -1  # the highest top-level tag walked so far
+
+    def past(self, tag: int) -> bool:
+        """Whether a top-level element above `tag` was walked."""
+        return self._highest > tag
+
+    def walk(self, wanted: frozenset[int], kept: dict[int, bytes]) -> None:
+        """Walk the top-level elements to the end, keeping those of `wanted` in `kept`."""
+        while (element := self.header()) is not None:
+            tag, length, raw = element
+            self._highest = max(self._highest, tag)
+            if tag in wanted:
+                if length == UNDEFINED_LENGTH or length > MAX_VALUE:
+                    raise InvalidInstance("an indexed attribute is too long")
+                kept[tag] = raw + self._source.read_exactly(length)
+            elif length == UNDEFINED_LENGTH:
+                self.skip_undefined()
+            else:
+                self._source.skip(length)
 
     def header(self) -> tuple[int, int, bytes] | None:
         """(tag, value length, header bytes) of the next element; None at the end."""
@@ -150,8 +163,7 @@ class _Walker:
             raise InvalidInstance("dataset is truncated")
         self._count += 1
         if self._count > MAX_ELEMENTS:
-            raise InvalidInstance(f"more than {MAX_ELEMENTS} elements before the indexed"
-                                  " attributes")
+            raise InvalidInstance(f"more than {MAX_ELEMENTS} elements")
         group, element = struct.unpack_from("<HH", raw)
         vr = raw[4:6]
         if vr in LONG_VRS and group != 0xFFFE:
