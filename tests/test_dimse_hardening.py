@@ -171,6 +171,24 @@ def test_a_silent_established_association_is_aborted_after_network_timeout(
     assert instances(server) == 2
 
 
+def test_a_p_data_without_a_pdv_between_messages_is_aborted_without_a_traceback(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket],
+) -> None:
+    """An empty P-DATA-TF while no message is under way went to the C-STORE receiver,
+    whose first look at its first PDV raised IndexError: the DUL thread ended with a
+    traceback (the peer was aborted all the same)."""
+    server = short_timeouts_server
+    sock = rawpdu.established(server.port, "TESTSCU", server.ae_title)
+    sockets.append(sock)
+    sock.sendall(rawpdu.pdu_header(rawpdu.P_DATA, 0))
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    server.wait_for_log("invalid P-DATA-TF PDU: P-DATA-TF without a PDV")
+    assert "Traceback" not in server.log()
+    echo_ok(server)
+
+
 @pytest.mark.parametrize("garbage", [
     pytest.param(b"GET / HTTP/1.1\r\nHost: edge\r\nUser-Agent: scanner\r\n\r\n", id="http"),
     pytest.param(rawpdu.pdu_header(0x09, 100) + b"\0" * 10, id="unknown-pdu-type"),
@@ -340,7 +358,8 @@ def test_a_dimse_message_that_never_ends_is_aborted_before_it_fills_memory(
     struct.pack(">L", 1) + b"\x01",  # shorter than its context ID and header byte
     struct.pack(">L", 4096) + b"\x01\x03" + b"\0" * 16,  # runs past the end of its PDU
     b"\0\0\0",  # a PDV length field cut short
-], ids=["pdv-too-short", "pdv-past-its-pdu", "pdv-header-cut"])
+    b"",  # no PDV at all (PS3.8 9.3.5: one or more): an IndexError ended the DUL thread
+], ids=["pdv-too-short", "pdv-past-its-pdu", "pdv-header-cut", "no-pdv"])
 def test_a_p_data_whose_pdvs_do_not_fit_is_aborted_and_stores_nothing(
     short_timeouts_server: EdgeServer, sockets: list[socket.socket], pdv: bytes,
     small_study: list[dicomgen.GeneratedInstance],
@@ -355,6 +374,7 @@ def test_a_p_data_whose_pdvs_do_not_fit_is_aborted_and_stores_nothing(
     rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
     assert item.first_pdu_type == rawpdu.A_ABORT
     server.wait_for_log("invalid P-DATA-TF PDU")
+    assert "Traceback" not in server.log()
     assert instances(server) == 2
     dcmtk.storescu(server.port, [small_study[2].path]).check()
     assert instances(server) == 3

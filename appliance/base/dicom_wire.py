@@ -89,9 +89,11 @@ def split_pdvs(body: Any) -> list[tuple[int, Any]]:
     (context ID, data), data starting with the message control header byte as in
     pynetdicom's P-DATA primitives; slices of `body` (views, for a memoryview).
     Raises ValueError when a PDV is cut short, shorter than its two header bytes,
-    or runs past the end."""
+    or runs past the end, or when there is none (PS3.8 9.3.5: one or more)."""
     pdvs: list[tuple[int, Any]] = []
     offset, end = 0, len(body)
+    if not end:
+        raise ValueError("P-DATA-TF without a PDV")
     while offset < end:
         if end - offset < PDV_OVERHEAD:
             raise ValueError("truncated PDV")
