@@ -228,6 +228,20 @@ def test_link_of_a_removed_user_refused(home: Path) -> None:
     assert refusal(home, token) is AuthFailure.LINK_INVALID
 
 
+def test_link_of_a_removed_user_refused_once_the_name_is_given_again(
+        home: Path, tmp_path: Path) -> None:
+    """A link names its user; the user removed and the name given to a new account (a
+    colleague, another role), the link opened a session for the new account."""
+    token = token_of(make_link(home))
+    run_pacs_edge("users", "remove", "ref1", "--home", str(home))
+    time.sleep(1.1)  # the link's iat is in whole seconds
+    run_pacs_edge("users", "add", "ref1", "--role", "radiologist", "--password-file",
+                  str(tmp_path / "pw"), "--home", str(home))
+    assert refusal(home, token) is AuthFailure.LINK_INVALID
+    principal, _ = redeem(home, token_of(make_link(home)))  # a link for the new account
+    assert principal.role is Role.RADIOLOGIST
+
+
 @pytest.mark.parametrize("token", [
     "", "v1", "v1..", "v2.e30.AAAA", "v1.e30." + "A" * 43, "v1.!!!.???", "x" * 5000,
     "v1.e30.AAAA.extra", "ünïcode",

@@ -350,6 +350,12 @@ class UserService:
         if user is None:
             log.warning("link refused reason=unknown_user address=%s", address)
             raise AuthenticationError(AuthFailure.LINK_INVALID)
+        if user.created_at >= claims.issued_at + 1:  # iat is whole seconds, this box's clock
+            # Issued to an earlier account of this name, since removed: the new account
+            # may be someone else (a name given again), with another role or scope.
+            log.warning("link refused reason=account_newer_than_link user=%s address=%s",
+                        logsafe.ref(user.name), address)
+            raise AuthenticationError(AuthFailure.LINK_INVALID)
         fresh = await self._write(lambda conn: rows.redeem_nonce(
             conn, claims.nonce, expires_at=claims.expires_at, now=now))
         if not fresh:
