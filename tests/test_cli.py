@@ -243,6 +243,37 @@ def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: 
     assert "consistent" in run_pacs_edge("fsck", "--home", str(orphan_home)).stdout
 
 
+def test_fsck_content_finds_a_stored_file_whose_bytes_changed_and_a_resend_mends_it(
+        edge_server: EdgeServer, tmp_path: Path) -> None:
+    """Plain fsck compares names: a stored file with one bit rotted was 'consistent',
+    and a workstation was sent the damaged bytes. --content reads every local file
+    against the index's SHA-256 (prior versions kept on disk too)."""
+    study = dicomgen.make_study(tmp_path / "study", seed=42)
+    dcmtk.storescu(edge_server.port, [i.path for i in study]).check()
+    again = dicomgen.altered_copy(study[1], tmp_path / "v2.dcm", StudyDescription="v2")
+    dcmtk.storescu(edge_server.port, [again]).check()  # study[1]'s first content: a version
+    assert "consistent" in edge_server.cli("fsck", "--content").stdout
+    store = edge_server.home / "store"
+    rotted = [next(store.rglob(f"{i.sop_instance_uid}.*.dcm")) for i in study[:1]]
+    rotted += [p for p in store.rglob(f"{study[1].sop_instance_uid}.*.dcm")
+               if dicomgen.dataset_bytes(p) == dicomgen.dataset_bytes(study[1].path)]
+    for path in rotted:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+    assert "consistent" in edge_server.cli("fsck").stdout  # names only: as before
+    found = edge_server.cli("fsck", "--content", check=False)
+    assert found.returncode == 1
+    listed = sorted(line.rsplit(": ", 1)[1] for line in found.stdout.splitlines()
+                    if line.startswith("file whose content differs from what was received"))
+    assert listed == sorted(str(p.relative_to(store)) for p in rotted)
+    assert "A damaged stored file" in found.stderr
+    dcmtk.storescu(edge_server.port, [study[0].path]).check()  # the modality sends it again
+    edge_server.wait_for_log("stored file of an instance was missing or damaged")
+    again_found = edge_server.cli("fsck", "--content", check=False)
+    assert again_found.stdout.count("differs from what was received") == 1
+
+
 def test_peer_bound_to_its_host_is_refused_from_another_address(edge_server: EdgeServer) -> None:
     edge_server.add_peer("bound-elsewhere", "BOUNDWS", 11115, host="192.0.2.7")
     edge_server.cli("peers", "remove", "bound-elsewhere")

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli import admin_commands
 from appliance.cli.common import (
     LazyGroup,
+    count_bar,
     err,
     expected_errors,
     home_option,
@@ -367,12 +369,16 @@ def import_(home: Path | None, paths: tuple[Path, ...]) -> None:
 @main.command()
 @home_option
 @click.option("--repair", is_flag=True, help="Adopt files that have no index row.")
+@click.option("--content", is_flag=True,
+              help="Also read every local file and check its content against the index"
+                   " (as long as reading the whole store takes).")
 @expected_errors
-def fsck(home: Path | None, repair: bool) -> None:
+def fsck(home: Path | None, repair: bool, content: bool) -> None:
     """Check that the file store and the index agree.
 
     With --repair, also the rebuild of a lost index (after `restore`): the index is
-    the one of this store from then on (appliance/store/pairing.py)."""
+    the one of this store from then on (appliance/store/pairing.py). With --content,
+    also that each stored file still holds the bytes that were received."""
     from appliance.services.fsck import fsck as run_fsck
     from appliance.store.files import FileStore
     from appliance.store.index import Index
@@ -380,15 +386,17 @@ def fsck(home: Path | None, repair: bool) -> None:
 
     config = load(home)
 
-    async def run() -> Any:
+    async def run(on_progress: Callable[[int, int], None]) -> Any:
         files = FileStore(config.store.path)
         async with Index(config.index.path) as index:
-            report = await run_fsck(files, index, repair=repair)
+            report = await run_fsck(files, index, repair=repair, content=content,
+                                    on_progress=on_progress)
             if repair:
                 await pair(index, files)
             return report
 
-    report = asyncio.run(run())
+    with count_bar("files read") as on_progress:
+        report = asyncio.run(run(on_progress))
     for path in report.orphan_files:
         verb = "adopted" if path in report.adopted else "file without index row"
         out.print(f"{verb}: {path}", highlight=False)
@@ -396,6 +404,9 @@ def fsck(home: Path | None, repair: bool) -> None:
         out.print(f"unreadable, left in place: {path} ({reason})", highlight=False)
     for path in report.missing_files:
         out.print(f"index row without file: {path}", highlight=False)
+    for path in report.damaged_files:
+        out.print(f"file whose content differs from what was received: {path}",
+                  highlight=False)
     if report.temp_files_removed:
         out.print(f"removed {report.temp_files_removed} temp file(s)")
     if report.clean:
@@ -403,6 +414,10 @@ def fsck(home: Path | None, repair: bool) -> None:
     else:
         hint = "" if repair else " (run with --repair to adopt files without rows)"
         out.print(f"[red]inconsistencies found[/red]{hint}")
+        if report.damaged_files:
+            err.print("hint: a damaged file is sent to workstations as it is now; the"
+                      " operator guide's 'A damaged stored file' says how to bring back"
+                      " its content", highlight=False)
         sys.exit(1)
 
 

@@ -8,6 +8,11 @@
 - An index row without its file is flagged when the row says the file is local
   (`is_local`, of a current instance or a prior version; evicted ones are in a
   pack): that must never happen, and fsck does not paper over it.
+- With `--content`, every file a local row names is read whole and its dataset's
+  SHA-256 compared with the row's: a file whose bytes changed since they were
+  received (bit rot, a tool that rewrote it) would be sent to workstations as it
+  is now. Reported, never repaired here: fsck cannot tell good bytes from bad, and
+  the cloud copy or the sender has them (docs/operator-guide.md says how).
 - With `--repair`, temp files left by a crash are removed: those untouched for
   TEMP_FILE_AGE, since serve may be running and a newer one may be a transfer it
   is receiving (serve's start-up removes them all: then nothing else writes).
@@ -16,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +43,18 @@ class FsckReport:
     adopted: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     missing_files: list[str] = field(default_factory=list)
+    damaged_files: list[str] = field(default_factory=list)
     temp_files_removed: int = 0
 
     @property
     def clean(self) -> bool:
         unresolved = set(self.orphan_files) - set(self.adopted)
-        return not (unresolved or self.missing_files)
+        return not (unresolved or self.missing_files or self.damaged_files)
 
 
-async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
+async def fsck(files: FileStore, index: Index, *, repair: bool, content: bool = False,
+               on_progress: Callable[[int, int], None] = lambda done, total: None
+               ) -> FsckReport:
     report = FsckReport()
     if repair:
         report.temp_files_removed = sweep_temp_files(files.root, older_than=TEMP_FILE_AGE)
@@ -57,6 +66,8 @@ async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
     # Files no local row names: an evicted instance's (an interrupted eviction; the sync
     # agent removes it) or nobody's (an orphan).
     report.orphan_files = sorted(await index.unknown_paths(sorted(on_disk - local)))
+    if content:
+        report.damaged_files = await _damaged(files, index, len(local & on_disk), on_progress)
     if repair:
         for relative in report.orphan_files:
             try:
@@ -66,6 +77,38 @@ async def fsck(files: FileStore, index: Index, *, repair: bool) -> FsckReport:
             else:
                 report.adopted.append(relative)
     return report
+
+
+async def _damaged(files: FileStore, index: Index, total: int,
+                   on_progress: Callable[[int, int], None]) -> list[str]:
+    """The local files whose dataset no longer hashes to what their row recorded (a
+    missing file is the caller's finding, not this one's)."""
+    damaged, done = [], 0
+    for versions in (False, True):
+        after = 0
+        while page := await index.local_contents(versions=versions, after=after):
+            for _, relative, sha256 in page:
+                verdict = await asyncio.to_thread(_content_matches, files.absolute(relative),
+                                                  sha256)
+                if verdict is None:
+                    continue  # not on disk: a missing file
+                if not verdict:
+                    damaged.append(relative)
+                done += 1
+                on_progress(done, total)
+            after = page[-1][0]
+    return sorted(damaged)
+
+
+def _content_matches(path: Path, sha256: str) -> bool | None:
+    """Whether the file's dataset hashes to `sha256`; None when there is no such file."""
+    try:
+        offset = _read_offset(path)
+        return hash_dataset(path, offset) == sha256
+    except FileNotFoundError:
+        return None
+    except (OSError, InvalidInstance):  # unreadable, or its File Meta no longer parses
+        return False
 
 
 async def _adopt(files: FileStore, index: Index, relative: str) -> None:

@@ -165,11 +165,11 @@ class IngestService:
         keeps an intact file, and reads it whole to know)."""
         placed = self.files.place(spool, held.path, sha256=sha256, offset=offset,
                                   synced=synced)
-        if (placed.size, placed.dataset_offset) == (held.size, held.dataset_offset) \
-                and not placed.created:
-            return
-        self.index.restored_file_blocking(header.sop_uid, held.path, placed.size,
-                                          placed.dataset_offset)
+        if not (placed.created or placed.replaced):
+            return  # the file was there, whole
+        if (placed.size, placed.dataset_offset) != (held.size, held.dataset_offset):
+            self.index.restored_file_blocking(header.sop_uid, held.path, placed.size,
+                                              placed.dataset_offset)
         log.warning("stored file of an instance was missing or damaged; written again from"
                     " the copy sent again instance=%s study=%s", logsafe.ref(header.sop_uid),
                     logsafe.ref(header.study_uid))

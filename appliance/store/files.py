@@ -51,6 +51,7 @@ class Placed:
     created: bool  # False: the name was there with this content (kept), or damaged (replaced)
     size: int
     dataset_offset: int
+    replaced: bool = False  # the file there was damaged: this content took its place
 
 
 class FileStore:
@@ -137,7 +138,7 @@ class FileStore:
                 return Placed(False, *kept)
             durable_rename(spool.name, target, folders=self._folder_syncs)
             spool.renamed()
-            return Placed(False, spool.size, offset)
+            return Placed(False, spool.size, offset, replaced=True)
 
     def remove(self, relative: str) -> None:
         path = self.absolute(relative)

@@ -339,6 +339,18 @@ class Index:
             " UNION ALL SELECT path FROM instance_versions WHERE is_local = 1")
         return {str(row[0]) for row in rows}
 
+    async def local_contents(self, *, versions: bool, after: int = 0, limit: int = 1000
+                             ) -> list[tuple[int, str, str]]:
+        """A page of the files rows say are on local disk, current instances' or (with
+        `versions`) prior versions': (row id, path, dataset SHA-256) in id order after
+        `after`. Pages, not all at once: the content check reads a store of millions
+        of files."""
+        table = "instance_versions" if versions else "instances"
+        rows = await self._rows(
+            f"SELECT id, path, sha256 FROM {table} WHERE is_local = 1 AND id > ?"
+            " ORDER BY id LIMIT ?", (after, limit))
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
     async def unknown_paths(self, paths: Sequence[str]) -> list[str]:
         """Those of `paths` that no row names, local or not, current or prior version:
         files without an index row, looked up by path."""
