@@ -217,6 +217,25 @@ def test_create_must_be_in_progress(scu: tuple[EdgeServer, MppsScu]) -> None:
     assert _step(edge, sop_uid) is None
 
 
+def test_a_status_sent_empty_is_a_missing_value_in_create_and_set(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """Performed Procedure Step Status is Type 1 (PS3.4 Table F.7.2-1): sent empty it is
+    0x0121 Missing Attribute Value, as any other required attribute sent empty; it was
+    0x0106 ("must be IN PROGRESS"), which sends the modality looking at a value."""
+    edge, client = scu
+    attrs = in_progress()
+    attrs.PerformedProcedureStepStatus = ""
+    sop_uid = str(generate_uid())
+    refused = client.create(sop_uid, attrs)
+    assert (refused.Status, str(refused.ErrorComment)) == (
+        MISSING_VALUE, "PerformedProcedureStepStatus has no value")
+    assert _step(edge, sop_uid) is None
+    client.create(sop_uid, in_progress())
+    assert client.set(sop_uid, final("")).Status == MISSING_VALUE
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "in_progress"
+
+
 def test_create_without_a_required_attribute_is_refused(
         scu: tuple[EdgeServer, MppsScu]) -> None:
     _, client = scu

@@ -264,6 +264,40 @@ def test_return_keys_are_filled_from_the_order(
             step.ScheduledProcedureStepStartTime) == ("20240105", "120000")
 
 
+def _steps(port: int, sequence: list[Dataset]) -> list[dict[str, str]]:
+    """The Scheduled Procedure Step items answered (pynetdicom) to a query for ACC003
+    whose Scheduled Procedure Step Sequence is `sequence`."""
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate(HOST, port, ae_title="EDGE")
+    assert assoc.is_established
+    query = Dataset()
+    query.AccessionNumber = "ACC003"
+    query.ScheduledProcedureStepSequence = sequence
+    try:
+        answers = [identifier for status, identifier in
+                   assoc.send_c_find(query, ModalityWorklistInformationFind)
+                   if identifier is not None and int(status.Status) in (0xFF00, 0xFF01)]
+    finally:
+        assoc.release()
+    return [{e.keyword: str(e.value) for e in step}
+            for answer in answers for step in answer.ScheduledProcedureStepSequence]
+
+
+@pytest.mark.parametrize("sequence", [[], [Dataset()]], ids=["no-item", "empty-item"])
+def test_an_empty_step_sequence_in_a_query_is_answered_with_the_whole_step(
+        worklist_edge: Callable[..., EdgeServer], reference: int,
+        sequence: list[Dataset]) -> None:
+    """PS3.4 C.2.2.2.6: a sequence key without item keys asks for the whole sequence.
+    The box answered one empty item: the modality saw the patient, but not its station,
+    modality or time, as wlmscpfs answers them."""
+    edge = worklist_edge()
+    [ours], [theirs] = _steps(edge.port, sequence), _steps(reference, sequence)
+    filled = {k: v for k, v in theirs.items() if v}  # wlmscpfs adds keys the box has not
+    assert {k: ours.get(k) for k in filled} == filled
+    assert (ours["Modality"], ours["ScheduledStationAETitle"]) == ("MR", "MR01")
+
+
 def test_an_item_is_answered_in_the_requests_character_set_when_it_holds_the_names(
         worklist_edge: Callable[..., EdgeServer]) -> None:
     """A modality that asks in ISO_IR 100 gets Müller in ISO_IR 100 (it got UTF-8, which

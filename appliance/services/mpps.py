@@ -144,6 +144,8 @@ class MppsService:
         status = str(attributes.get("PerformedProcedureStepStatus", "") or "").strip()
         if "PerformedProcedureStepStatus" not in attributes:
             raise MppsRefused(Kind.MISSING_ATTRIBUTE, "PerformedProcedureStepStatus is missing")
+        if not status:  # Type 1 in N-CREATE (PS3.4 Table F.7.2-1): sent empty
+            raise MppsRefused(Kind.MISSING_VALUE, "PerformedProcedureStepStatus has no value")
         if status != "IN PROGRESS":
             raise MppsRefused(Kind.INVALID_VALUE, "N-CREATE must set PerformedProcedureStep"
                               "Status to IN PROGRESS")
@@ -182,6 +184,9 @@ class MppsService:
                 raise MppsRefused(Kind.FINAL)
             merged = _merged(_decode(step.dataset), modification)
             status = str(merged.get("PerformedProcedureStepStatus", "") or "").strip()
+            if not status:  # an N-SET that empties it
+                raise MppsRefused(Kind.MISSING_VALUE,
+                                  "PerformedProcedureStepStatus has no value")
             trigger = _STATUS_TRIGGER.get(status)
             if trigger is None:
                 raise MppsRefused(Kind.INVALID_VALUE, "PerformedProcedureStepStatus must be"

@@ -98,6 +98,12 @@ _VALUES: dict[str, Callable[[WorklistItem], str]] = {
     "ScheduledProcedureStepID": lambda i: i.sps_id,
     "ScheduledProcedureStepStatus": lambda i: _ORDER_STATUS.get(i.status, ""),
 }
+# The attributes of a Scheduled Procedure Step item (PS3.4 Table K.6-1) the box answers.
+_STEP_KEYWORDS = ("ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
+                  "ScheduledProcedureStepStartTime", "Modality",
+                  "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription",
+                  "ScheduledStationName", "ScheduledProcedureStepLocation",
+                  "ScheduledProcedureStepID", "ScheduledProcedureStepStatus")
 
 class WorklistRefused(PacsEdgeError):
     """The peer may not query the worklist."""
@@ -233,6 +239,8 @@ def _sequence(keyword: str, element: DataElement, item: WorklistItem,
               texts: list[str]) -> list[Dataset]:
     if keyword == "ScheduledProcedureStepSequence":
         template = element.value[0] if element.value else Dataset()
+        if len(template) == 0:  # PS3.4 C.2.2.2.6: no item keys asks for the whole step
+            template = _whole_step()
         return [_fill(template, item, texts)]
     if keyword == "RequestedProcedureCodeSequence" and item.procedure_code_value:
         code = Dataset()
@@ -247,6 +255,14 @@ def _sequence(keyword: str, element: DataElement, item: WorklistItem,
         texts.append(item.procedure_code_meaning)
         return [code]
     return []
+
+
+def _whole_step() -> Dataset:
+    """A Scheduled Procedure Step item asking for every attribute the box keeps."""
+    step = Dataset()
+    for keyword in _STEP_KEYWORDS:
+        setattr(step, keyword, None)
+    return step
 
 
 def _response(identifier: Dataset, item: WorklistItem) -> Dataset:
