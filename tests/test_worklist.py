@@ -396,6 +396,36 @@ def test_started_order_leaves_the_worklist_and_follows_its_step(
     assert _accessions(_query(edge.port, completed)) == ["ACC001"]
 
 
+def test_an_order_that_arrives_after_its_steps_start_is_completed_by_the_step(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    """The modality started the step (N-CREATE naming the accession typed in) before the
+    RIS's order arrived: the step's COMPLETED found the order SCHEDULED, whose only
+    move was a start, and left it on every station's worklist for ever."""
+    edge = worklist_edge()
+    late = named_order("ACC950", "Late^Order")
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    try:
+        sop_uid = str(generate_uid())
+        status, _ = assoc.send_n_create(in_progress(late[4], "ACC950", "PPS9", "090000"),
+                                        ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+        insert_orders(edge.home, [late])  # the order, late
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        done.PerformedProcedureStepEndDate = "20240105"
+        done.PerformedProcedureStepEndTime = "093000"
+        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    assert "ACC950" not in _accessions(_query(edge.port, {}))
+    completed = {f"{SPS}ScheduledProcedureStepStatus": "COMPLETED"}
+    assert _accessions(_query(edge.port, completed)) == ["ACC950"]
+
+
 def test_worklist_answers_on_the_tls_port(edge_server_factory: Callable[..., EdgeServer],
                                           study_uids: dict[str, str], tmp_path: Path) -> None:
     edge = edge_server_factory(start=False)

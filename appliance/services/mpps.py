@@ -238,8 +238,14 @@ def link_step_to_orders(conn: sqlite3.Connection, refs: Sequence[StepRef],
             order = order_store.find_order(conn, ref.accession_number)
         if order is None:
             continue
+        # An order that arrived after the step's N-CREATE was never started: a step that
+        # completes it started it (a still SCHEDULED order would stay on the worklist).
+        moves = ([OrderTrigger.START, trigger] if trigger is OrderTrigger.COMPLETE
+                 and order.status is order_store.OrderStatus.SCHEDULED else [trigger])
         try:
-            apply_sync(conn, order, trigger, source="mpps", at=at)
+            for move in moves:
+                apply_sync(conn, order, move, source="mpps", at=at)
+                order = order_store.find_order(conn, order.accession_number) or order
         except OrderTransitionError as exc:
             log.warning("procedure step leaves its order unchanged: %s order=%d", exc.message,
                         order.id)
