@@ -231,27 +231,41 @@ def test_a_rebuild_on_the_same_home_keeps_the_stores_files_though_the_cloud_rott
     assert run_pacs_edge("fsck", "--home", str(home)).returncode == 0
 
 
-def test_evict_reads_a_pack_restore_recorded_before_it_deletes_the_only_good_copy(
-        tmp_path: Path) -> None:
-    """The cloud copy rotted in place before the index was lost; restore keeps the
-    store's intact files local and the study `replicated`. Evicting it must not trust
-    the pack restore never read: evict scrubs it first, finds the damage and deletes
-    nothing; the next sync uploads the files again, and only then do they go."""
+def _rebuilt_over_a_rotted_pack(tmp_path: Path, *, seed: int, archived: bool = False
+                                ) -> tuple[Path, str, list[dicomgen.GeneratedInstance]]:
+    """A replicated study whose pack then rotted in place (and with `archived`, went to
+    the Archive tier), its index lost and rebuilt on the same home (restore, fsck
+    --repair): (home, pack name, study), the study `replicated`, its files local."""
+    from sync.blobstore.base import Tier
+    from sync.blobstore.local import LocalFolderStore
+
     home = init_home(tmp_path / "home")
     cloud = tmp_path / "cloud"
     configure_cloud(home, f"file://{cloud}", None)
-    study = dicomgen.make_studies(tmp_path / "sent", seed=77, series_per_study=1,
+    study = dicomgen.make_studies(tmp_path / "sent", seed=seed, series_per_study=1,
                                   instances_per_series=3, size=64)
     import_files(home, *study)
     sync_once(home)
     [(pack_name,)] = index_rows(home, "SELECT pack_name FROM packs")
     pack = cloud.joinpath(*str(pack_name).split("/"))
     flip_a_byte(pack, pack.stat().st_size // 2)
+    if archived:
+        LocalFolderStore(cloud).set_tier(str(pack_name), Tier.ARCHIVE)
     for path in home.glob("index.sqlite3*"):
         path.unlink()
     run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}")
     run_pacs_edge("fsck", "--repair", "--home", str(home))
     assert tier_states(home) == {study[0].study_uid: "replicated"}
+    return home, str(pack_name), study
+
+
+def test_evict_reads_a_pack_restore_recorded_before_it_deletes_the_only_good_copy(
+        tmp_path: Path) -> None:
+    """The cloud copy rotted in place before the index was lost; restore keeps the
+    store's intact files local and the study `replicated`. Evicting it must not trust
+    the pack restore never read: evict scrubs it first, finds the damage and deletes
+    nothing; the next sync uploads the files again, and only then do they go."""
+    home, _, study = _rebuilt_over_a_rotted_pack(tmp_path, seed=77)
 
     refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
     assert refused.returncode != 0
@@ -276,22 +290,7 @@ def test_evict_deletes_nothing_on_the_word_of_an_archived_pack_restore_recorded(
     from sync.blobstore.base import Tier
     from sync.blobstore.local import LocalFolderStore
 
-    home = init_home(tmp_path / "home")
-    cloud = tmp_path / "cloud"
-    configure_cloud(home, f"file://{cloud}", None)
-    study = dicomgen.make_studies(tmp_path / "sent", seed=78, series_per_study=1,
-                                  instances_per_series=3, size=64)
-    import_files(home, *study)
-    sync_once(home)
-    [(pack_name,)] = index_rows(home, "SELECT pack_name FROM packs")
-    pack = cloud.joinpath(*str(pack_name).split("/"))
-    flip_a_byte(pack, pack.stat().st_size // 2)
-    LocalFolderStore(cloud).set_tier(str(pack_name), Tier.ARCHIVE)
-    for path in home.glob("index.sqlite3*"):
-        path.unlink()
-    run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{cloud}")
-    run_pacs_edge("fsck", "--repair", "--home", str(home))
-    assert tier_states(home) == {study[0].study_uid: "replicated"}
+    home, pack_name, study = _rebuilt_over_a_rotted_pack(tmp_path, seed=78, archived=True)
 
     refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
     assert refused.returncode != 0, refused.stdout
@@ -299,7 +298,7 @@ def test_evict_deletes_nothing_on_the_word_of_an_archived_pack_restore_recorded(
     assert stored_hashes(home) == sent_hashes(study)
     assert tier_states(home) == {study[0].study_uid: "replicated"}
 
-    LocalFolderStore(cloud).set_tier(str(pack_name), Tier.HOT)  # rehydrated: now it is read
+    LocalFolderStore(tmp_path / "cloud").set_tier(pack_name, Tier.HOT)  # rehydrated: read
     refused = run_pacs_edge("evict", study[0].study_uid, "--home", str(home), check=False)
     assert "not replicated" in refused.stderr  # the damage is found: files kept, re-upload
     assert stored_hashes(home) == sent_hashes(study)

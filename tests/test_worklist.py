@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dcmtk
 import pytest
@@ -367,6 +368,16 @@ def in_progress(study_uid: str, accession: str, step_id: str, start_time: str) -
     return attrs
 
 
+def complete(assoc: Any, sop_uid: str, end_time: str) -> None:
+    """The step's N-SET COMPLETED, ending on 2024-01-05 at `end_time`."""
+    done = Dataset()
+    done.PerformedProcedureStepStatus = "COMPLETED"
+    done.PerformedProcedureStepEndDate = "20240105"
+    done.PerformedProcedureStepEndTime = end_time
+    status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
+    assert status.Status == 0
+
+
 def test_started_order_leaves_the_worklist_and_follows_its_step(
         worklist_edge: Callable[..., EdgeServer], study_uids: dict[str, str]) -> None:
     edge = worklist_edge()
@@ -384,12 +395,7 @@ def test_started_order_leaves_the_worklist_and_follows_its_step(
         assert _accessions(_query(edge.port, station)) == ["ACC002", "ACC004"]
         started = {**station, f"{SPS}ScheduledProcedureStepStatus": "STARTED"}
         assert _accessions(_query(edge.port, started)) == ["ACC001"]
-        done = Dataset()
-        done.PerformedProcedureStepStatus = "COMPLETED"
-        done.PerformedProcedureStepEndDate = "20240105"
-        done.PerformedProcedureStepEndTime = "083000"
-        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
-        assert status.Status == 0
+        complete(assoc, sop_uid, "083000")
     finally:
         assoc.release()
     completed = {f"{SPS}ScheduledProcedureStepStatus": "COMPLETED"}
@@ -413,12 +419,7 @@ def test_an_order_that_arrives_after_its_steps_start_is_completed_by_the_step(
                                         ModalityPerformedProcedureStep, sop_uid)
         assert status.Status == 0
         insert_orders(edge.home, [late])  # the order, late
-        done = Dataset()
-        done.PerformedProcedureStepStatus = "COMPLETED"
-        done.PerformedProcedureStepEndDate = "20240105"
-        done.PerformedProcedureStepEndTime = "093000"
-        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, sop_uid)
-        assert status.Status == 0
+        complete(assoc, sop_uid, "093000")
     finally:
         assoc.release()
     assert "ACC950" not in _accessions(_query(edge.port, {}))
