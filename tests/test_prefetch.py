@@ -217,6 +217,28 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         archive.stop()
 
 
+def test_a_patient_id_holding_a_wildcard_character_fetches_no_other_patients_study(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The patient's ID goes to the archive as a C-FIND matching key, in which ? and *
+    are wildcards (HL7 PID-3 and --patient-id take them): MRN-1234? matched MRN-12345,
+    whose study was chosen and moved into the box as this patient's prior."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["any"], "remote_archive": "archive",
+                               "nightly_at": ""})
+    other = make_prior(tmp_path, 771, days_ago=100, patient="MRN-12345")
+    own = make_prior(tmp_path, 772, days_ago=200, patient="MRN-1234?")
+    server.start()
+    with QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port}) as archive:
+        archive.load(i.path for study in (other, own) for i in study)
+        server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+        out = server.cli("prefetch", "--patient-id", "MRN-1234?", "--issuer", ISSUER).stdout
+        assert "1 prior(s)" in out and own[0].study_uid in out, out
+        assert other[0].study_uid not in out, out
+        wait_for("the prior moved", lambda: all_done(server.home, 1), server.log)
+    stored = {uid for (uid,) in index_rows(server.home, "SELECT study_uid FROM studies")}
+    assert stored == {own[0].study_uid}
+
+
 def test_a_remote_archive_down_at_order_time_is_asked_again_without_anyone_retrying(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
     """[prefetch] retry_attempts / retry_base_seconds: the request whose C-FIND found the

@@ -96,10 +96,16 @@ class RemoteArchive:
         with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
             answers = self._find(assoc, query)
             found = []
+            wildcard = any(c in patient.patient_id for c in "*?")
             for answer in answers:
                 issuer = str(answer.get("IssuerOfPatientID", "") or "")
                 uid = str(answer.get("StudyInstanceUID", "") or "")
                 if not uid or (issuer and issuer != patient.issuer):
+                    continue
+                # The ID is a matching key, in which * and ? are wildcards: an ID holding
+                # them matched other patients' studies, which were fetched as priors.
+                answered = str(answer.get("PatientID", "") or "").strip()
+                if answered != patient.patient_id and (answered or wildcard):
                     continue
                 modalities = _values(answer.get("ModalitiesInStudy"))
                 parts: tuple[str, ...] = ()
