@@ -41,6 +41,7 @@ import pydicom.config
 import pytest
 from conftest import HOST, EdgeServer, _env, pacs_edge_command
 from legacypacs import FindLimitProxy, LegacyPacs
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -398,6 +399,44 @@ def test_a_legacy_pacs_that_refuses_the_box_s_queries_pauses_the_run_at_once(
     assert report["state"] == "paused", report
     assert f"0x{status:04X}" in str(report["stop_reason"]), report
     assert report["days"] == {"total": 3, "listed": 0, "failed": 0, "pending": 3}, report
+
+
+def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A C-GET-only archive (or one that serves this box queries only) accepts the
+    association and C-FIND but no C-MOVE context: pynetdicom raised ValueError at the
+    first C-MOVE, the migrate process died with a traceback and `resume` did the same.
+    Every study would fail alike, so the run pauses, naming --via get."""
+    legacy = AE("FINDONLY")
+    legacy.add_supported_context(Verification)
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+
+    def one_study(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        if event.identifier.get("StudyDate", "") == "20240301":
+            answer = Dataset()
+            answer.QueryRetrieveLevel = "STUDY"
+            answer.StudyInstanceUID = dicomgen.UID_ROOT + "77.1"
+            answer.StudyDate, answer.StudyTime = "20240301", "101010"
+            answer.NumberOfStudyRelatedInstances = "1"
+            yield 0xFF00, answer
+
+    server = legacy.start_server((HOST, 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_FIND, one_study)])
+    try:
+        box = edge_server_factory()
+        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
+        box.add_peer("legacy", "FINDONLY", server.server_address[1], allow="find,move,store")
+        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                         "--until", "20240301", check=False, timeout=RUN_TIMEOUT)
+    finally:
+        legacy.shutdown()
+    assert result.returncode == 2, result.stdout + result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "Traceback" not in stderr, stderr
+    assert "accepted no Study Root C-MOVE context" in stderr and "--via get" in stderr, stderr
+    report = migrate_status(box)
+    assert report["state"] == "paused", report
+    assert "C-MOVE" in str(report["stop_reason"]), report
 
 
 def test_a_study_whose_every_instance_the_box_refuses_fails_at_once_with_the_reason(

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -21,8 +22,14 @@ import dcmtk
 import dicomgen
 import pydicom
 import pydicom.config
-from conftest import EdgeServer
+from conftest import HOST, EdgeServer
 from legacypacs import LegacyPacs
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 from test_migrate import (
     RUN_TIMEOUT,
     SYNTAX_BY_CLASS,
@@ -133,6 +140,49 @@ def test_a_migration_waits_out_an_outage_of_the_legacy_pacs_without_counting_it(
     with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn:
         assert conn.execute("SELECT state, MAX(attempts), COUNT(*) FROM migration_studies"
                             " GROUP BY state").fetchall() == [("done", 1, 6)]
+
+
+def test_a_legacy_pacs_without_c_echo_is_not_waited_for_for_ever_after_an_abort(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A legacy PACS that serves Study Root C-FIND and C-MOVE but not Verification
+    aborts one C-MOVE: the run waits for it and goes on when it answers. The wait asked
+    with a Verification association, which this PACS never accepts: it waited for ever."""
+    moves: list[float] = []
+    legacy = AE("NOECHO")
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+
+    def one_study(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        if event.identifier.get("StudyDate", "") == "20240301":
+            answer = Dataset()
+            answer.QueryRetrieveLevel = "STUDY"
+            answer.StudyInstanceUID = dicomgen.UID_ROOT + "77.2"
+            answer.StudyDate, answer.StudyTime = "20240301", "101010"
+            answer.NumberOfStudyRelatedInstances = "1"
+            yield 0xFF00, answer
+
+    def move(event: evt.Event) -> Iterator[tuple[int | None, Dataset | None]]:
+        moves.append(time.monotonic())
+        if len(moves) == 1:  # a glitch: the first C-MOVE's association is aborted
+            threading.Timer(0.2, event.assoc.abort).start()
+            time.sleep(1)
+        yield None, None  # the box as an unknown destination: 0xA801
+
+    server = legacy.start_server((HOST, 0), block=False, evt_handlers=[
+        (evt.EVT_C_FIND, one_study), (evt.EVT_C_MOVE, move)])
+    try:
+        box = edge_server_factory()
+        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2,
+                               "legacy_probe_seconds": 0.2})
+        box.add_peer("legacy", "NOECHO", server.server_address[1], allow="find,move,store")
+        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                         "--until", "20240301", check=False, timeout=90)
+    finally:
+        legacy.shutdown()
+    # It went on after the wait: the second C-MOVE came, answered 0xA801 (this box is
+    # no destination there), which pauses the run for the operator.
+    assert len(moves) == 2, result.stdout + result.stderr
+    assert result.returncode == 2 and "0xA801" in result.stderr, result.stderr
 
 
 def test_the_progress_bar_says_the_run_waits_for_serve(

@@ -77,6 +77,9 @@ from appliance.services.peers import Peer
 
 log = logging.getLogger(__name__)
 
+# What a session (and the probe of a legacy PACS that went away) proposes.
+_SESSION_CONTEXTS = (Verification, StudyRootQueryRetrieveInformationModelFind,
+                     StudyRootQueryRetrieveInformationModelMove)
 MAX_CONTEXTS = 127  # presentation contexts an association can carry, less the C-GET one
 # Uncompressed first, then the compressed syntaxes archives use most, then the rest
 # pynetdicom knows: see the docstring.
@@ -115,14 +118,15 @@ class LegacyPeer:
     @contextmanager
     def session(self) -> Iterator[LegacySession]:
         """One association for C-FIND and C-MOVE requests, released at the end."""
-        with self._association([Verification, StudyRootQueryRetrieveInformationModelFind,
-                                StudyRootQueryRetrieveInformationModelMove]) as assoc:
+        with self._association(_SESSION_CONTEXTS) as assoc:
             yield LegacySession(self, assoc)
 
     def probe(self) -> None:
-        """Open a Verification association and release it: whether the legacy PACS
-        takes associations now (LegacyPeerError, unreachable, when it does not)."""
-        with self._association([Verification]):
+        """Open an association and release it: whether the legacy PACS takes associations
+        now (LegacyPeerError, unreachable, when it does not). It proposes the session's
+        contexts: a legacy PACS that serves Query/Retrieve but not Verification (C-ECHO)
+        takes them, and one that takes none rejects it either way."""
+        with self._association(_SESSION_CONTEXTS):
             pass
 
     def get_study(self, study_uid: str, sop_classes: Sequence[str]) -> RetrieveOutcome:
@@ -152,6 +156,7 @@ class LegacyPeer:
         with self._association([StudyRootQueryRetrieveInformationModelGet], extra=contexts,
                                roles=roles,
                                handlers=[(evt.EVT_C_STORE, counted)]) as assoc:
+            self.check_accepted(assoc, StudyRootQueryRetrieveInformationModelGet, "C-GET")
             outcome = self._retrieve(
                 assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet), "C-GET")
         return dataclasses.replace(outcome, refused_for_good=refused_for_good)
@@ -164,6 +169,22 @@ class LegacyPeer:
             self.config, self.peer, [*((context, None) for context in requested), *extra],
             tls_client=self.tls_client if self.peer.tls else None, refused=self._refused,
             roles=roles, handlers=handlers)
+
+    def check_accepted(self, assoc: Any, sop_class: Any, service: str) -> None:
+        """LegacyPeerError, for the whole run, when the legacy PACS accepted no context of
+        `sop_class` on `assoc`: it does not serve `service` to this box (a C-GET-only
+        archive asked for C-MOVE, say), so every study would fail alike; pynetdicom
+        would raise ValueError at the request."""
+        if any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            return
+        other = {"C-MOVE": " or migrate --via get", "C-GET": " or migrate --via move"}
+        raise LegacyPeerError(
+            MigrationFailure.RETRIEVE_FAILED if service != "C-FIND"
+            else MigrationFailure.QUERY_FAILED,
+            f"legacy PACS {self.peer.name!r} accepted no Study Root {service} context:"
+            f" it does not serve {service} to this box",
+            hint=f"allow this box's AE title {self.config.ae_title!r} {service} on the legacy"
+                 f" PACS{other.get(service, '')}", rejected_for_good=True)
 
     def _refused(self, assoc: Any, unreachable: str) -> LegacyPeerError:
         where = f"legacy PACS {self.peer.name!r} at {self.peer.host}:{self.peer.port}"
@@ -247,6 +268,8 @@ class LegacySession:
                 for a in self._checked_find(_instances_query(study_uid), "image")]
 
     def move_study(self, study_uid: str, destination: str) -> RetrieveOutcome:
+        self.legacy.check_accepted(self.assoc, StudyRootQueryRetrieveInformationModelMove,
+                                   "C-MOVE")
         query = _identifier("STUDY", StudyInstanceUID=study_uid)
         return self.legacy._retrieve(self._sent(self.assoc.send_c_move(
             query, destination, StudyRootQueryRetrieveInformationModelMove)), "C-MOVE")
@@ -278,6 +301,8 @@ class LegacySession:
 
     def _find(self, query: Dataset) -> tuple[list[Dataset], int | None]:
         """Answers, and the final status when it was not Success."""
+        self.legacy.check_accepted(self.assoc, StudyRootQueryRetrieveInformationModelFind,
+                                   "C-FIND")
         answers: list[Dataset] = []
         for status, identifier in self._sent(self.assoc.send_c_find(
                 query, StudyRootQueryRetrieveInformationModelFind)):
