@@ -34,6 +34,7 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pydicom
+import pydicom.config
 from azurite import AzuriteServer
 from conftest import EdgeServer, init_home, run_pacs_edge
 from qrarchive import QrArchive
@@ -237,6 +238,40 @@ def test_a_patient_id_holding_a_wildcard_character_fetches_no_other_patients_stu
         wait_for("the prior moved", lambda: all_done(server.home, 1), server.log)
     stored = {uid for (uid,) in index_rows(server.home, "SELECT study_uid FROM studies")}
     assert stored == {own[0].study_uid}
+
+
+def test_a_prior_moved_incomplete_is_moved_again_by_its_retry_not_taken_as_done(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A C-MOVE that brought two of three instances fails as move_incomplete, retried
+    automatically; the retry found the study in the index (the two that came) and
+    called the prior done, held with an instance missing. It moves again, and fails
+    again while the instance cannot come."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["any"], "remote_archive": "archive",
+                               "nightly_at": "", "retry_base_seconds": 1,
+                               "retry_attempts": 1})
+    remote = make_prior(tmp_path, 761, days_ago=100, instances=3)
+    bad = pydicom.dcmread(remote[-1].path)  # a UID with letters: the box refuses it
+    with pydicom.config.disable_value_validation():
+        bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = (
+            dicomgen.UID_ROOT + "abc.1")
+        bad.save_as(remote[-1].path, enforce_file_format=True)
+    server.start()
+    with QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port}) as archive:
+        archive.load(i.path for i in remote)
+        server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+        server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER)
+
+        def retried() -> Any:
+            [request] = prefetch_status(server.home)
+            [prior] = request["priors"]
+            moves = index_rows(server.home, "SELECT COUNT(*) FROM prefetch_transitions"
+                               " WHERE trigger = 'move'")[0][0]
+            return prior if moves == 2 and prior["state"] in ("failed", "done") else None
+
+        prior = wait_for("the retry's move", retried, server.log, archive.log)
+    assert (prior["state"], prior["failure_kind"]) == ("failed", "move_incomplete"), prior
+    assert index_rows(server.home, "SELECT instance_count FROM studies") == [(2,)]
 
 
 def test_a_remote_archive_down_at_order_time_is_asked_again_without_anyone_retrying(

@@ -292,7 +292,11 @@ class PrefetchService:
     async def _move(self, prior: rows.PrefetchPrior) -> None:
         state = await database.run_sync(self.index.reader, rows.study_tier_state,
                                         prior.study_uid)
-        if state in _IN_INDEX:
+        # In the index meanwhile (sent by a modality, moved for another request): done.
+        # Not after a move of its own, incomplete or failed: the instances that came are
+        # part of the study, and only a new C-MOVE brings the rest.
+        if state in _IN_INDEX and not await database.run_sync(
+                self.index.reader, rows.was_moved, prior.id):
             await self._advance(prior.id, PriorTrigger.LOCAL)
             metrics.PREFETCH_PRIORS.labels(source="remote", outcome="done").inc()
             return

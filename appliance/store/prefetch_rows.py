@@ -493,6 +493,14 @@ def patient_studies(conn: sqlite3.Connection, patient: PatientKey) -> list[Index
             for uid, date, desc, mods, parts, state in rows]
 
 
+def was_moved(conn: sqlite3.Connection, prior_id: int) -> bool:
+    """Whether a C-MOVE of the prior was ever asked (a `move` transition): what it
+    brought may be part of the study only."""
+    return database.query_one(conn, "SELECT 1 FROM prefetch_transitions WHERE prior_fk = ?"
+                              " AND trigger = ? LIMIT 1",
+                              (prior_id, PriorTrigger.MOVE.value)) is not None
+
+
 def study_tier_state(conn: sqlite3.Connection, study_uid: str) -> str:
     """The study's tiering state, '' when the index has no such study."""
     row = database.query_one(conn, "SELECT tier_state FROM studies WHERE study_uid = ?",
