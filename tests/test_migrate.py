@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dcmtk
 import dicomgen
@@ -53,6 +54,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from tcpproxy import TcpProxy
@@ -437,6 +439,55 @@ def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
     report = migrate_status(box)
     assert report["state"] == "paused", report
     assert "C-MOVE" in str(report["stop_reason"]), report
+
+
+def test_a_study_the_legacy_pacs_counts_as_empty_is_not_done_by_a_move_that_failed(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """Some archives answer NumberOfStudyRelatedInstances (and the series' counts) 0
+    where they keep no count. A study expected to hold 0 instances was done whatever
+    its C-MOVE brought: here the C-MOVE sends nothing and the box holds nothing, and the
+    study was reported migrated. A count of 0 is no count: the instances are listed."""
+    uid = dicomgen.UID_ROOT + "77.3"
+    legacy = AE("ZEROCOUNT")
+    legacy.add_supported_context(Verification)
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    legacy.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+
+    def counted_zero(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query, answer = event.identifier, Dataset()
+        answer.QueryRetrieveLevel = query.QueryRetrieveLevel
+        answer.StudyInstanceUID = uid
+        if query.QueryRetrieveLevel == "STUDY" and query.get("StudyDate", "") == "20240301":
+            answer.StudyDate, answer.StudyTime = "20240301", "101010"
+            answer.NumberOfStudyRelatedInstances = "0"
+        elif query.QueryRetrieveLevel == "SERIES":
+            answer.SeriesInstanceUID, answer.Modality = uid + ".1", "CT"
+            answer.NumberOfSeriesRelatedInstances = "0"
+        elif query.QueryRetrieveLevel == "IMAGE":
+            answer.SOPInstanceUID = uid + ".1.1"
+            answer.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        else:
+            return
+        yield 0xFF00, answer
+
+    def empty_move(event: evt.Event) -> Iterator[Any]:
+        yield HOST, box.port
+        yield 0  # no sub-operation: nothing sent
+
+    server = legacy.start_server((HOST, 0), block=False, evt_handlers=[
+        (evt.EVT_C_FIND, counted_zero), (evt.EVT_C_MOVE, empty_move)])
+    try:
+        box = edge_server_factory()
+        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
+        box.add_peer("legacy", "ZEROCOUNT", server.server_address[1], allow="find,move,store")
+        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                         "--until", "20240301", check=False, timeout=RUN_TIMEOUT)
+    finally:
+        legacy.shutdown()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "0 studies done, 1 failed" in result.stdout, result.stdout
+    [failure] = json.loads(box.cli("migrate", "failures", "--json").stdout)
+    assert "1 of 1 instances not in the box after the C-MOVE" in failure["last_error"], failure
 
 
 def test_a_study_whose_every_instance_the_box_refuses_fails_at_once_with_the_reason(
