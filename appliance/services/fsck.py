@@ -83,11 +83,14 @@ async def _damaged(files: FileStore, index: Index, total: int,
                    on_progress: Callable[[int, int], None]) -> list[str]:
     """The local files whose dataset no longer hashes to what their row recorded (a
     missing file is the caller's finding, not this one's)."""
-    damaged, done = [], 0
+    damaged, done, seen = [], 0, set()
     for versions in (False, True):
         after = 0
         while page := await index.local_contents(versions=versions, after=after):
             for _, relative, sha256 in page:
+                if relative in seen:  # a prior version's content sent again (X, Y, X)
+                    continue
+                seen.add(relative)
                 verdict = await asyncio.to_thread(_content_matches, files.absolute(relative),
                                                   sha256)
                 if verdict is None:
