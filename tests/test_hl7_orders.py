@@ -470,6 +470,10 @@ def test_unsupported_message_types_are_rejected_naming_msh9(
     (lambda m: m.replace("PID|1||PAT1^^^HOSP|", "PID|1||PAT\\E\\1^^^HOSP|"), "PID-3"),
     (lambda m: m.replace("|ACC1|RPACC1|", "|ACC\\E\\1|RPACC1|"), "OBR-18"),
     (lambda m: m.replace("|RPACC1|", "|RP\\E\\1|"), "OBR-19"),
+    # An escaped control character (a CR), which no SH or LO holds: the ID a modality
+    # copies into its images would be cut there, or refused.
+    (lambda m: m.replace("PID|1||PAT1^^^HOSP|", "PID|1||PAT\\X0D\\1^^^HOSP|"), "PID-3"),
+    (lambda m: m.replace("|ACC1|RPACC1|", "|ACC\\X09\\1|RPACC1|"), "OBR-18"),
     # Days and times that do not exist, named by the field they came from.
     (lambda m: m.replace("|19700101|", "|19700230|"), "PID-7"),
     (lambda m: m.replace("^^^202401021030^^R", "^^^202413021030^^R"), "ORC-7"),

@@ -6,6 +6,8 @@ and raw TLS sockets, all verifying the site CA.
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
 import ssl
 import struct
@@ -243,6 +245,38 @@ def test_one_address_gets_connections_per_address_and_the_others_still_get_in(
     finally:
         for tls in held:
             tls.close()
+
+
+def test_clients_that_never_start_tls_count_against_the_cap_and_hold_no_descriptors(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The cap was counted behind asyncio's TLS layer, which hands a connection over only
+    once its handshake is done: clients that opened TCP and never sent a ClientHello
+    were not counted, and 1,100 of them took every file descriptor of serve (its DICOM
+    port, spool files and index too). They count from the accept now: past the cap
+    they are closed at once (a few are answered 503 over TLS), and others get in."""
+    server = edge_server_factory(webpeer.web_home(
+        tmp_path / "web-home", free_port(), max_connections=4, connections_per_address=2,
+        head_timeout=30.0))
+    silent = [socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
+              for _ in range(200)]
+    try:
+        # All but the 2 admitted and the REFUSAL_SLOTS (16) being answered are closed by
+        # the server at once, long before head_timeout (30 s) would close them.
+        open_ = list(silent)
+        deadline = time.monotonic() + 15
+        while len(open_) > 2 + 16 and time.monotonic() < deadline:
+            readable, _, _ = select.select(open_, [], [], 0.5)
+            for sock in readable:
+                with contextlib.suppress(OSError):
+                    if sock.recv(1) == b"":
+                        open_.remove(sock)
+        assert len(open_) <= 2 + 16, f"{len(open_)} of 200 silent connections still open"
+        assert webpeer.curl(server, "/dicom-web/studies", source="127.0.0.2").status == 401
+    finally:
+        for sock in silent:
+            sock.close()
+    server.wait_for_log("per-address limit reached address=127.0.0.1 limit=2")
 
 
 def _wait_for(condition: Callable[[], bool]) -> None:

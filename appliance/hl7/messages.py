@@ -72,6 +72,7 @@ _MAX_NAME_REPEATS = 8  # a name's repetitions looked at (a sender may send thous
 # What may not be inside a PN component: its delimiters (^, =, backslash), control characters.
 _NOT_IN_PN = re.compile(r"[\^=\\\x00-\x1f\x7f]")
 _NOT_IN_TEXT = re.compile(r"[\\\x00-\x1f\x7f]")  # nor in one SH or LO value
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # ORC-1 codes a RIS sends as the order's filler: cancelled (OC) and discontinued (OD)
 # at the RIS, which the box applies as CA and DC.
 _FILLER_CONTROLS = {"OC": OrderControl.CANCEL, "OD": OrderControl.DISCONTINUE}
@@ -413,14 +414,18 @@ def _is_calendar_day(day: str) -> bool:
 
 def _fits(value: str, limit: int, location: str, what: str) -> str:
     """`value`, refused (AE) when longer than its DICOM attribute may hold, or holding a
-    backslash (an escaped \\E\\), which separates values in DICOM: a modality would cut
-    it or read two values, and what it sends back would match no order or patient."""
+    backslash (an escaped \\E\\), which separates values in DICOM, or a control
+    character (an escaped \\X0D\\): a modality would cut it or read two values, and what
+    it sends back would match no order or patient."""
     if len(value) > limit:
         raise Hl7Error(f"{what} is longer than DICOM allows ({len(value)} > {limit}"
                        " characters)", location, ErrorCode.DATA_TYPE, reject=False)
     if "\\" in value:
         raise Hl7Error(f"{what} holds a backslash, which separates values in DICOM",
                        location, ErrorCode.DATA_TYPE, reject=False)
+    if _CONTROL.search(value):  # an escape made one (\X0D\): no SH or LO holds it
+        raise Hl7Error(f"{what} holds a control character", location, ErrorCode.DATA_TYPE,
+                       reject=False)
     return value
 
 

@@ -6,9 +6,14 @@ bounds a hostile or broken client must not be able to push past:
 - TLS with the node certificate the site CA issued (`pacs-edge init`), TLS 1.2+
   with the BCP 195 AEAD suites, as on the DICOM TLS port; a client that does not
   finish its handshake within ``[http] head_timeout`` is dropped;
-- at most ``[http] max_connections`` open connections, and at most
+- at most ``[http] max_connections`` open connections, counted from the TCP
+  accept (the guard starts TLS itself once it admitted the connection: behind
+  asyncio's own TLS layer it saw a connection only after its handshake, so
+  clients that never sent a ClientHello were not counted, and a flood of them
+  took every file descriptor of the process), and at most
   ``[http] connections_per_address`` of them from one address: the next one is
-  answered ``503`` with ``Connection: close`` at once, so a flood cannot exhaust
+  answered ``503`` with ``Connection: close`` at once (over TLS, REFUSAL_SLOTS such
+  answers at a time; a connection beyond is closed unanswered), so a flood cannot exhaust
   file descriptors or memory, and one client holding idle kept-alive
   connections cannot shut every other one out; the addresses `priority` names
   (on the metrics listener, the `[metrics] allow` scrapers) have PRIORITY_SLOTS
@@ -56,6 +61,9 @@ log = logging.getLogger(__name__)
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 STOP_GRACE_SECONDS = 10.0
 _CANCEL_WAIT_SECONDS = 1.0  # aiohttp's own wait for handlers left after the grace, then cancel
+# Refused TLS connections answered 503 at once (the rest are closed unanswered).
+REFUSAL_SLOTS = 16
+_REFUSAL_LINGER_SECONDS = 0.25
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
          b"Connection: close\r\n\r\n")
 _GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
@@ -109,8 +117,13 @@ class _Guard(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address = ""
         self.admitted = False
+        self.connected = False  # aiohttp's handler has the (TLS) transport
         self.in_request = False
         self._timer: asyncio.TimerHandle | None = None
+        self._handshake: asyncio.Task[None] | None = None
+        # What the client sent between the handshake's end and the hand-over (start_tls
+        # reads on before the awaiting task resumes), passed on at the hand-over.
+        self._early = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -123,23 +136,87 @@ class _Guard(asyncio.Protocol):
         if len(self.server.guards) >= slots:
             log.warning("http connection refused: connection limit reached limit=%d",
                         config.max_connections)
-            transport.write(_BUSY)
-            transport.close()
+            self._refuse(transport)
             return
         if sum(g.address == self.address for g in self.server.guards.values()
                ) >= config.connections_per_address:
             log.warning("http connection refused: per-address limit reached address=%s"
                         " limit=%d", self.address, config.connections_per_address)
-            transport.write(_BUSY)
-            transport.close()
+            self._refuse(transport)
             return
         self.admitted = True
         self.server.guards[transport] = self
-        self._arm()
+        self._arm()  # the head timer runs through the TLS handshake too
+        if self.server.ssl_context is None:
+            self._hand_over(transport)
+        else:
+            self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """The TLS handshake on an admitted connection, then aiohttp's handler on it."""
+        assert self.server.ssl_context is not None
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, self.server.ssl_context, server_side=True,
+                ssl_handshake_timeout=self.server.config.head_timeout)
+        except Exception:  # any failed handshake, or a timeout: start_tls closed the socket
+            self._forget(raw)
+            return
+        if tls is None:  # the connection went as the handshake ended
+            self._forget(raw)
+            return
+        self.server.guards.pop(raw, None)
+        self.server.guards[tls] = self
+        self._hand_over(tls)
+
+    def _refuse(self, raw: asyncio.Transport) -> None:
+        """Answer 503 and close. On TLS the answer needs a handshake, which holds the
+        socket until it ends: only REFUSAL_SLOTS refusals at once get one, the others
+        are closed at once (a flood is what fills those slots)."""
+        if self.server.ssl_context is None:
+            raw.write(_BUSY)
+            raw.close()
+        elif self.server.refusing < REFUSAL_SLOTS:
+            self.server.refusing += 1
+            self._handshake = asyncio.get_running_loop().create_task(self._answer_busy(raw))
+        else:
+            raw.close()
+
+    async def _answer_busy(self, raw: asyncio.Transport) -> None:
+        assert self.server.ssl_context is not None
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, self.server.ssl_context, server_side=True,
+                ssl_handshake_timeout=self.server.config.head_timeout)
+            if tls is not None:
+                tls.write(_BUSY)
+                # The request the client sends once the handshake is done must be read
+                # before the close: a socket closed with unread bytes is reset, and the
+                # reset can overtake the answer at the client ("empty reply").
+                await asyncio.sleep(_REFUSAL_LINGER_SECONDS)
+                tls.close()
+        except Exception:  # a failed handshake: start_tls closed the socket
+            pass
+        finally:
+            self.server.refusing -= 1
+
+    def _hand_over(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.connected = True
         self.inner.connection_made(transport)
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self.data_received(early)
+
+    def _forget(self, transport: asyncio.Transport) -> None:
+        self._disarm()
+        self.server.guards.pop(transport, None)
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        if not self.admitted:
+        if not self.connected:
+            if self.admitted:  # one read of the TLS layer at most: bounded by its buffer
+                self._early += data
             return
         if self.server.stopping and not self.in_request and self.transport is not None:
             self.transport.close()  # a new request on a kept-alive connection: not now
@@ -149,14 +226,16 @@ class _Guard(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.admitted else None
+        return self.inner.eof_received() if self.connected else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if not self.admitted:
             return
         self.server.guards.pop(self.transport, None)  # type: ignore[arg-type]
-        self.inner.connection_lost(exc)
+        if self.connected:
+            self.connected = False
+            self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -246,6 +325,7 @@ class HttpServer:
         self.setting = setting  # the port's config key, for the error when it is taken
         self.priority = priority
         self.guards: dict[asyncio.Transport, _Guard] = {}
+        self.refusing = 0  # refused TLS connections being answered 503 (_Guard._refuse)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self.stopping = False
@@ -262,10 +342,8 @@ class HttpServer:
         assert handler_factory is not None
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
+            self._server = await loop.create_server(  # TLS: the guard starts it (_Guard)
                 lambda: _Guard(self, handler_factory()), self.config.host, self.config.port,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.config.head_timeout if self.ssl_context else None,
                 reuse_address=True, backlog=128)
         except OSError as exc:
             await self._runner.cleanup()
