@@ -301,6 +301,27 @@ def test_tls_only_peer_is_refused_on_the_plain_port(
     assert server.echo().ok  # a peer that is not TLS-only keeps the plain port
 
 
+def test_with_mutual_tls_off_a_tls_only_peer_gets_in_with_its_certificate_alone(
+    edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
+    tmp_path: Path,
+) -> None:
+    """With `tls_require_client_cert = false` the server asked for no certificate at all
+    (CERT_NONE): a --tls-only peer, admitted only with a certificate naming it, could
+    never get in, however it was set up. The certificate is asked for, not required."""
+    server = edge_server_factory(start=False)
+    tls_port = free_port()
+    server.configure(dicom={"tls_port": tls_port, "tls_require_client_cert": False})
+    server.start()
+    server.cli("peers", "add", "ws2", "--ae-title", "WS2", "--host", "127.0.0.1", "--port",
+               "104", "--allow", "find", "--tls-only")
+    server.cli("certs", "issue", "ws2", "--out", str(tmp_path / "ws2"))
+    dcmtk.echoscu(tls_port, aet="WS2", args=tls_args(tmp_path / "ws2")).check()
+    refused = dcmtk.echoscu(tls_port, aet="WS2", args=tls_args(tmp_path / "ws2", cert=False))
+    assert not refused.ok
+    server.wait_for_log("reason=peer is TLS-only and presented no client certificate")
+    dcmtk.echoscu(tls_port, args=tls_args(tmp_path / "ws2", cert=False)).check()  # TESTSCU
+
+
 def test_a_trickled_pdu_over_tls_is_aborted_within_network_timeout(
     edge_server_factory: Callable[..., EdgeServer], free_port: Callable[[], int],
     tmp_path: Path, small_study: list[dicomgen.GeneratedInstance],

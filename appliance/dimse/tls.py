@@ -34,7 +34,9 @@ def server_context(*, cert: Path, key: Path, ca: Path, require_client_cert: bool
             f"DICOM TLS cannot load its certificate, key or CA ({type(exc).__name__}: {exc})",
             hint="run `pacs-edge init` (creates them) or `pacs-edge certs renew`; or set"
                  " [dicom] tls_port = 0 to turn TLS off") from exc
-    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    # Off: a certificate is still asked for (and checked against the CA when sent), or a
+    # --tls-only peer, admitted only with a certificate that names it, never gets in.
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return context
 
 
