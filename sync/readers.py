@@ -29,7 +29,9 @@ When grants happen:
   replication; `readers add` again repairs it.
 Revocation (`revoke_reader`) deletes every `keys/reader-<rid>` object of the
 reader, found by listing the container, before and after the registry entry
-goes, so a grant racing with the removal is deleted too. It cannot take back
+goes, and a grant looks at the registry again after each key object it wrote
+(deleting it when the reader is gone), so a grant racing with the removal
+leaves nothing, whichever comes first. It cannot take back
 what the reader already downloaded, nor data keys it already unwrapped.
 """
 
@@ -256,8 +258,12 @@ async def grant_study(home: Path, index: Index, store: BlobStore, study_id: int)
             continue
         for grant in grants:
             try:
-                made += await asyncio.to_thread(_grant_pack, store, ring, reader,
-                                                grant.pack_name, grant.manifest_name)
+                granted = await asyncio.to_thread(_grant_pack, store, ring, reader,
+                                                  grant.pack_name, grant.manifest_name)
+                if granted and not await asyncio.to_thread(_still_a_reader, home, store,
+                                                           reader, grant.pack_name):
+                    break
+                made += granted
             except Exception as exc:  # the pack is safe in the cloud: never fail replication
                 log.error("reader grant failed reader=%s pack=%s error=%s; run `pacs-edge "
                           "readers add` for this reader again to repair", reader.name,
@@ -311,6 +317,22 @@ def _grant_pack(store: BlobStore, ring: SiteKeyring, reader: Reader, pack_name: 
         return False  # a concurrent grant won
     log.debug("granted reader=%s pack=%s", reader.name, pack_name)
     return True
+
+
+def _still_a_reader(home: Path, store: BlobStore, reader: Reader, pack_name: str) -> bool:
+    """After a key object was written: whether its reader is still registered. A reader
+    removed since this grant read the registry (`readers remove` revokes before and
+    after its entry goes; a write after both would stay for ever) loses it here."""
+    if any(r.reader_id == reader.reader_id for r in load_readers(home).values()):
+        return True
+    parsed = naming.parse_blob_name(pack_name)
+    if parsed is not None:
+        with contextlib.suppress(BlobNotFound):
+            store.delete(naming.reader_key_name(parsed.study_key, parsed.version,
+                                                reader.reader_id))
+    log.info("reader removed while it was granted; its key object deleted reader=%s",
+             reader.name)
+    return False
 
 
 def revoke_reader(store: BlobStore, reader_id: str) -> int:

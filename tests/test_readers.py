@@ -461,3 +461,52 @@ def _entry(instance: dicomgen.GeneratedInstance) -> ManifestEntry:
                                     None, instance.transfer_syntax)
     return ManifestEntry(attributes, offset=0, length=instance.path.stat().st_size,
                          dataset_offset=0, sha256="")
+
+
+def test_a_reader_removed_while_the_agent_grants_it_keeps_no_key_object(
+        edge_server: EdgeServer, tmp_path: Path) -> None:
+    """`readers remove` revokes before and after the registry entry goes; the agent's
+    grant read the registry once, so a key object it wrote after both sweeps stayed in
+    the cloud for ever, and the removed reader (a stolen key, say) went on pulling the
+    study. The grant looks at the registry again after each write. The admin's removal
+    runs (the real CLI) from the moment the agent writes its first key object."""
+    import asyncio
+
+    from appliance.store.index import Index
+    from sync.pack import naming
+    from sync.readers import add_reader, grant_study, load_readers
+
+    cloud = tmp_path / "cloud"
+    edge_server.stop()
+    edge_server.configure(cloud={"url": f"file://{cloud}"})
+    edge_server.start()
+    study = dicomgen.make_studies(tmp_path / "sent", seed=7, patients=1, series_per_study=1,
+                                  instances_per_series=2)
+    dcmtk.storescu(edge_server.port, [i.path for i in study]).check()
+    sync_once(edge_server.home)
+    edge_server.stop()
+    key = run_pacs_edge("reader", "init", "--home", str(tmp_path / "r"), "--cloud",
+                        f"file://{cloud}").stdout.strip().splitlines()[-1]
+    add_reader(edge_server.home, "dr-x", key, "all")  # registered, not granted yet
+    reader_id = load_readers(edge_server.home)["dr-x"].reader_id
+    store = open_blob_store(f"file://{cloud}")
+    put, removed = store.put, []
+
+    def put_while_removed(name: str, chunks: Any, **kw: Any) -> Any:
+        if "/reader-" in name and not removed:
+            removed.append(run_pacs_edge("readers", "remove", "dr-x", "--home",
+                                         str(edge_server.home)).returncode)
+        return put(name, chunks, **kw)
+
+    store.put = put_while_removed  # type: ignore[method-assign]
+
+    async def grant() -> int:
+        async with Index(edge_server.home / "index.sqlite3") as index:
+            return await grant_study(edge_server.home, index, store, 1)
+
+    assert asyncio.run(grant()) == 0 and removed == [0]
+    assert [b.name for b in store.list(naming.STUDIES_PREFIX)
+            if b.name.endswith(f"reader-{reader_id}")] == []
+    listed = run_pacs_edge("reader", "list", "--json", "--home", str(tmp_path / "r")).stdout
+    assert study[0].study_uid not in listed
+
