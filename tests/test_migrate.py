@@ -403,6 +403,42 @@ def test_a_legacy_pacs_that_refuses_the_box_s_queries_pauses_the_run_at_once(
     assert report["days"] == {"total": 3, "listed": 0, "failed": 0, "pending": 3}, report
 
 
+def dated_study(uid: str, count: str) -> Dataset:
+    """A study-level C-FIND answer for 2024-03-01 with NumberOfStudyRelatedInstances."""
+    answer = Dataset()
+    answer.QueryRetrieveLevel = "STUDY"
+    answer.StudyInstanceUID = uid
+    answer.StudyDate, answer.StudyTime = "20240301", "101010"
+    answer.NumberOfStudyRelatedInstances = count
+    return answer
+
+
+def one_study(uid: str) -> Callable[[evt.Event], Iterator[tuple[int, Dataset]]]:
+    """A C-FIND handler answering the listing of 2024-03-01 with study `uid` (1 instance)."""
+    def find(event: evt.Event) -> Iterator[tuple[int, Dataset]]:
+        if event.identifier.get("StudyDate", "") == "20240301":
+            yield 0xFF00, dated_study(uid, "1")
+    return find
+
+
+def migrate_from(legacy: AE, handlers: Callable[[EdgeServer], list[tuple[Any, Any]]],
+                 edge_server_factory: Callable[..., EdgeServer], *, migrate: dict[str, Any],
+                 timeout: float = RUN_TIMEOUT) -> tuple[EdgeServer, Any]:
+    """`migrate start` of 2024-03-01 from the pynetdicom `legacy` (its handlers made for
+    the box, which the C-MOVE sends to): (the box, the command's result)."""
+    box = edge_server_factory()
+    box.configure(migrate=migrate)
+    server = legacy.start_server((HOST, 0), block=False, evt_handlers=handlers(box))
+    try:
+        box.add_peer("legacy", str(legacy.ae_title), server.server_address[1],
+                     allow="find,move,store")
+        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
+                         "--until", "20240301", check=False, timeout=timeout)
+    finally:
+        legacy.shutdown()
+    return box, result
+
+
 def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
         edge_server_factory: Callable[..., EdgeServer]) -> None:
     """A C-GET-only archive (or one that serves this box queries only) accepts the
@@ -413,25 +449,10 @@ def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
     legacy.add_supported_context(Verification)
     legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
 
-    def one_study(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        if event.identifier.get("StudyDate", "") == "20240301":
-            answer = Dataset()
-            answer.QueryRetrieveLevel = "STUDY"
-            answer.StudyInstanceUID = dicomgen.UID_ROOT + "77.1"
-            answer.StudyDate, answer.StudyTime = "20240301", "101010"
-            answer.NumberOfStudyRelatedInstances = "1"
-            yield 0xFF00, answer
-
-    server = legacy.start_server((HOST, 0), block=False,
-                                 evt_handlers=[(evt.EVT_C_FIND, one_study)])
-    try:
-        box = edge_server_factory()
-        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
-        box.add_peer("legacy", "FINDONLY", server.server_address[1], allow="find,move,store")
-        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
-                         "--until", "20240301", check=False, timeout=RUN_TIMEOUT)
-    finally:
-        legacy.shutdown()
+    find = one_study(dicomgen.UID_ROOT + "77.1")
+    box, result = migrate_from(legacy, lambda _box: [(evt.EVT_C_FIND, find)],
+                               edge_server_factory,
+                               migrate={"retry_base_seconds": 0.05, "max_attempts": 2})
     assert result.returncode == 2, result.stdout + result.stderr
     stderr = " ".join(result.stderr.split())
     assert "Traceback" not in stderr, stderr
@@ -453,13 +474,12 @@ def test_a_study_the_legacy_pacs_counts_as_empty_is_not_done_by_a_move_that_fail
     legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     legacy.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
 
-    def counted_zero(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def counted_zero(event: evt.Event) -> Iterator[tuple[int, Dataset]]:
         query, answer = event.identifier, Dataset()
         answer.QueryRetrieveLevel = query.QueryRetrieveLevel
         answer.StudyInstanceUID = uid
         if query.QueryRetrieveLevel == "STUDY" and query.get("StudyDate", "") == "20240301":
-            answer.StudyDate, answer.StudyTime = "20240301", "101010"
-            answer.NumberOfStudyRelatedInstances = "0"
+            answer = dated_study(uid, "0")
         elif query.QueryRetrieveLevel == "SERIES":
             answer.SeriesInstanceUID, answer.Modality = uid + ".1", "CT"
             answer.NumberOfSeriesRelatedInstances = "0"
@@ -470,20 +490,15 @@ def test_a_study_the_legacy_pacs_counts_as_empty_is_not_done_by_a_move_that_fail
             return
         yield 0xFF00, answer
 
-    def empty_move(event: evt.Event) -> Iterator[Any]:
-        yield HOST, box.port
-        yield 0  # no sub-operation: nothing sent
+    def handlers(box: EdgeServer) -> list[tuple[Any, Any]]:
+        def empty_move(event: evt.Event) -> Iterator[Any]:
+            yield HOST, box.port
+            yield 0  # no sub-operation: nothing sent
 
-    server = legacy.start_server((HOST, 0), block=False, evt_handlers=[
-        (evt.EVT_C_FIND, counted_zero), (evt.EVT_C_MOVE, empty_move)])
-    try:
-        box = edge_server_factory()
-        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
-        box.add_peer("legacy", "ZEROCOUNT", server.server_address[1], allow="find,move,store")
-        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
-                         "--until", "20240301", check=False, timeout=RUN_TIMEOUT)
-    finally:
-        legacy.shutdown()
+        return [(evt.EVT_C_FIND, counted_zero), (evt.EVT_C_MOVE, empty_move)]
+
+    box, result = migrate_from(legacy, handlers, edge_server_factory,
+                               migrate={"retry_base_seconds": 0.05, "max_attempts": 1})
     assert result.returncode == 1, result.stdout + result.stderr
     assert "0 studies done, 1 failed" in result.stdout, result.stdout
     [failure] = json.loads(box.cli("migrate", "failures", "--json").stdout)

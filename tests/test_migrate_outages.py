@@ -22,7 +22,7 @@ import dcmtk
 import dicomgen
 import pydicom
 import pydicom.config
-from conftest import HOST, EdgeServer
+from conftest import EdgeServer
 from legacypacs import LegacyPacs
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -39,7 +39,9 @@ from test_migrate import (
     done_studies,
     legacy_factory,  # noqa: F401  (a fixture)
     make_archive,
+    migrate_from,
     migrate_status,
+    one_study,
     wait_until,
 )
 
@@ -152,15 +154,6 @@ def test_a_legacy_pacs_without_c_echo_is_not_waited_for_for_ever_after_an_abort(
     legacy.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     legacy.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
 
-    def one_study(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        if event.identifier.get("StudyDate", "") == "20240301":
-            answer = Dataset()
-            answer.QueryRetrieveLevel = "STUDY"
-            answer.StudyInstanceUID = dicomgen.UID_ROOT + "77.2"
-            answer.StudyDate, answer.StudyTime = "20240301", "101010"
-            answer.NumberOfStudyRelatedInstances = "1"
-            yield 0xFF00, answer
-
     def move(event: evt.Event) -> Iterator[tuple[int | None, Dataset | None]]:
         moves.append(time.monotonic())
         if len(moves) == 1:  # a glitch: the first C-MOVE's association is aborted
@@ -168,17 +161,11 @@ def test_a_legacy_pacs_without_c_echo_is_not_waited_for_for_ever_after_an_abort(
             time.sleep(1)
         yield None, None  # the box as an unknown destination: 0xA801
 
-    server = legacy.start_server((HOST, 0), block=False, evt_handlers=[
-        (evt.EVT_C_FIND, one_study), (evt.EVT_C_MOVE, move)])
-    try:
-        box = edge_server_factory()
-        box.configure(migrate={"retry_base_seconds": 0.05, "max_attempts": 2,
-                               "legacy_probe_seconds": 0.2})
-        box.add_peer("legacy", "NOECHO", server.server_address[1], allow="find,move,store")
-        result = box.cli("migrate", "start", "--from", "legacy", "--since", "20240301",
-                         "--until", "20240301", check=False, timeout=90)
-    finally:
-        legacy.shutdown()
+    _, result = migrate_from(
+        legacy, lambda _box: [(evt.EVT_C_FIND, one_study(dicomgen.UID_ROOT + "77.2")),
+                              (evt.EVT_C_MOVE, move)],
+        edge_server_factory, migrate={"retry_base_seconds": 0.05, "max_attempts": 2,
+                                      "legacy_probe_seconds": 0.2}, timeout=90)
     # It went on after the wait: the second C-MOVE came, answered 0xA801 (this box is
     # no destination there), which pauses the run for the operator.
     assert len(moves) == 2, result.stdout + result.stderr

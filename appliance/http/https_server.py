@@ -152,17 +152,21 @@ class _Guard(asyncio.Protocol):
         else:
             self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
 
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        """The TLS handshake on an admitted connection, then aiohttp's handler on it."""
+    async def _tls(self, raw: asyncio.Transport) -> asyncio.Transport | None:
+        """The TLS handshake on `raw` (within head_timeout); None when it failed, timed
+        out or the connection went as it ended (start_tls closed the socket)."""
         assert self.server.ssl_context is not None
         try:
-            tls = await asyncio.get_running_loop().start_tls(
+            return await asyncio.get_running_loop().start_tls(
                 raw, self, self.server.ssl_context, server_side=True,
                 ssl_handshake_timeout=self.server.config.head_timeout)
-        except Exception:  # any failed handshake, or a timeout: start_tls closed the socket
-            self._forget(raw)
-            return
-        if tls is None:  # the connection went as the handshake ended
+        except Exception:
+            return None
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """The TLS handshake on an admitted connection, then aiohttp's handler on it."""
+        tls = await self._tls(raw)
+        if tls is None:
             self._forget(raw)
             return
         self.server.guards.pop(raw, None)
@@ -183,11 +187,8 @@ class _Guard(asyncio.Protocol):
             raw.close()
 
     async def _answer_busy(self, raw: asyncio.Transport) -> None:
-        assert self.server.ssl_context is not None
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, self, self.server.ssl_context, server_side=True,
-                ssl_handshake_timeout=self.server.config.head_timeout)
+            tls = await self._tls(raw)
             if tls is not None:
                 tls.write(_BUSY)
                 # The request the client sends once the handshake is done must be read
@@ -195,8 +196,6 @@ class _Guard(asyncio.Protocol):
                 # reset can overtake the answer at the client ("empty reply").
                 await asyncio.sleep(_REFUSAL_LINGER_SECONDS)
                 tls.close()
-        except Exception:  # a failed handshake: start_tls closed the socket
-            pass
         finally:
             self.server.refusing -= 1
 
