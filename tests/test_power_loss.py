@@ -43,7 +43,6 @@ import dcmtk
 import dicomgen
 import hl7peer
 import pytest
-import requests
 import webpeer
 from cget import c_get_studies
 from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, init_home
@@ -165,7 +164,8 @@ class Stow(threading.Thread):
                     return
                 self.acks.append(Ack(instance.sop_instance_uid, instance.study_uid,
                                      sha256(dicomgen.dataset_bytes(instance.path)), now))
-        except requests.RequestException as exc:  # the cut: the connection breaks off
+        except OSError as exc:  # the cut: the connection breaks off, or (between two
+            # requests) the CA file, on the cut file system, is gone; RequestException is one
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             http.close()
