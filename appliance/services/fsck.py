@@ -28,7 +28,7 @@ from pathlib import Path
 from appliance.base.durable import sweep_temp_files
 from appliance.base.errors import InvalidInstance, RejectedInstance
 from appliance.services.dicom_header import read_header
-from appliance.store.files import FileStore, hash_dataset
+from appliance.store.files import FileStore, hash_dataset, intact_file
 from appliance.store.index import Index, StoredFile
 from appliance.store.spool import dataset_offset
 
@@ -104,13 +104,13 @@ async def _damaged(files: FileStore, index: Index, total: int,
 
 
 def _content_matches(path: Path, sha256: str) -> bool | None:
-    """Whether the file's dataset hashes to `sha256`; None when there is no such file."""
-    try:
-        offset = _read_offset(path)
-        return hash_dataset(path, offset) == sha256
-    except FileNotFoundError:
+    """Whether the file's dataset hashes to `sha256` (what ingest asks of a file it
+    finds under a content's name); None when there is no such file."""
+    if not path.exists():
         return None
-    except (OSError, InvalidInstance):  # unreadable, or its File Meta no longer parses
+    try:
+        return intact_file(str(path), sha256) is not None
+    except OSError:  # it cannot be read whole: as good as damaged
         return False
 
 

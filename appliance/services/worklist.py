@@ -105,6 +105,7 @@ _STEP_KEYWORDS = ("ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
                   "ScheduledStationName", "ScheduledProcedureStepLocation",
                   "ScheduledProcedureStepID", "ScheduledProcedureStepStatus")
 
+
 class WorklistRefused(PacsEdgeError):
     """The peer may not query the worklist."""
 

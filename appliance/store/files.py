@@ -48,7 +48,7 @@ _READ_CHUNK = 1 << 20
 class Placed:
     """The file an ingested instance's row names, and whether this ingest made it."""
 
-    created: bool  # False: the name was there with this content (kept), or damaged (replaced)
+    created: bool  # False: the name was there: kept whole, or `replaced` when damaged
     size: int
     dataset_offset: int
     replaced: bool = False  # the file there was damaged: this content took its place
@@ -130,7 +130,7 @@ class FileStore:
         with _spool_synced(spool, synced):
             if durable_link(spool.name, target, folders=self._folder_syncs):
                 return Placed(True, spool.size, offset)
-            kept = _intact_file(target, sha256)
+            kept = intact_file(target, sha256)
             if kept is not None:
                 # Its mtime says when this content was received last: fsck --repair,
                 # adopting files after a lost index, makes the newest content current.
@@ -208,7 +208,7 @@ def _spool_synced(spool: SpoolFile, synced: Future[None] | None) -> Iterator[Non
         raise
 
 
-def _intact_file(path: str, sha256: str) -> tuple[int, int] | None:
+def intact_file(path: str, sha256: str) -> tuple[int, int] | None:
     """(size, dataset offset) of the Part 10 file at `path` if its dataset bytes hash
     to `sha256`; None when they do not, or it is no such file (not followed: a link)."""
     try:
