@@ -6,7 +6,8 @@ C-MOVE/C-GET responses written straight to the socket) are the ones pydicom deco
 instances arrive byte-identical whatever maximum PDU the peer announces (4096 and
 16384 split each dataset into many PDVs); a destination that aborts mid-study gets
 the instance again on a fresh association, counted once; a C-GET requestor that
-aborts mid-study or never answers a C-STORE ends that C-GET alone and the server
+aborts mid-study ends that C-GET alone, one that never answers a C-STORE or floods the
+box with responses to requests never sent is ended at the timeout, and the server
 keeps serving. A peer that does not accept a stored transfer syntax (nothing is
 transcoded: those instances fail alone) is covered in test_retrieve_move.py and
 test_retrieve_get.py, which also send every stored syntax through the lane.
@@ -26,7 +27,10 @@ import pytest
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -236,6 +240,55 @@ def test_get_requestor_that_never_answers_a_store_is_aborted_after_the_timeout(
     assert int(getter.get(edge)[-1].Status) == SUCCESS
     assert_byte_exact(getter.arrivals, study)
     assert "Traceback" not in edge.log()
+
+
+def test_get_requestor_flooding_other_responses_is_aborted_after_the_timeout(
+        edge: EdgeServer, study: list[dicomgen.GeneratedInstance]) -> None:
+    """C-STORE responses to requests never sent, back to back: the socket is never idle,
+    yet none of it is the response awaited. The box ends the sub-operation at the timeout
+    (2 s) rather than when the peer stops sending (30 s here)."""
+    outcome: list[str] = []
+
+    def flood_second(uid: str, nth: int, event: evt.Event) -> None:
+        if uid != study[1].sop_instance_uid:
+            return
+        burst = b"".join(_responses_to_nothing(event.context.context_id, event.request)) * 2000
+        sock = event.assoc.dul.socket.socket
+        end = time.monotonic() + 30.0
+        try:
+            while time.monotonic() < end:
+                sock.sendall(burst)
+            outcome.append("the flood ran its course")
+        except TimeoutError:
+            outcome.append("the box stopped reading")
+        except OSError:
+            outcome.append("the box ended the association")
+
+    Getter(study, on_store=flood_second).get(edge)
+    assert outcome == ["the box ended the association"]
+    assert "no c-store response within timeout=2s" in edge.log()
+    getter = Getter(study)
+    assert int(getter.get(edge)[-1].Status) == SUCCESS
+    assert_byte_exact(getter.arrivals, study)
+    assert "Traceback" not in edge.log()
+
+
+def _responses_to_nothing(context_id: int, request: C_STORE) -> list[bytes]:
+    """A Success C-STORE-RSP for `request`'s instance but to Message ID 65535 (a request
+    never sent), as P-DATA-TF PDUs."""
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 65535
+    response.AffectedSOPClassUID = request.AffectedSOPClassUID
+    response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+    response.Status = SUCCESS
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    pdus = []
+    for primitive in message.encode_msg(context_id, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    return pdus
 
 
 def _eventually(check: Callable[[], bool], deadline: float = 10.0) -> bool:

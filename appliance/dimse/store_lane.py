@@ -413,6 +413,10 @@ class StoreLane:
         return bytes(buffer)
 
     def _wait_readable(self, deadline: float | None) -> None:
+        """TimeoutError once `deadline` has passed, even with PDUs waiting: a peer that
+        keeps sending (none of it our response) would otherwise hold the lane for ever."""
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError
         sock = self._sock
         if self._tls and sock.pending():  # type: ignore[attr-defined]
             return
