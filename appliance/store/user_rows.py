@@ -69,13 +69,6 @@ def find_session(conn: sqlite3.Connection, token_hash: str) -> SessionRow | None
     return SessionRow(_user(values[:-2]), float(values[-2]), float(values[-1]))
 
 
-def count_sessions(conn: sqlite3.Connection, name: str) -> int:
-    row = database.query_one(
-        conn, "SELECT COUNT(*) FROM user_sessions s JOIN users u ON s.user_fk = u.id"
-        " WHERE u.name = ?", (name,))
-    return int(row[0])
-
-
 # --- writes (Writer.submit_sync) ---------------------------------------------------------
 
 def insert_user(conn: sqlite3.Connection, *, name: str, role: str, referring_name: str,
