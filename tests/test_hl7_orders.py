@@ -789,6 +789,77 @@ def test_idle_connections_are_capped_and_the_listener_keeps_serving(
             sock.close()
 
 
+def _kept_open(port: int, control_id: str) -> socket.socket:
+    """A connection that has had one order answered AA (so it is admitted) and stays open."""
+    sock = hl7peer.raw(port)
+    sock.sendall(hl7peer.frame(hl7peer.orm(control_id, accession=control_id)))
+    assert hl7peer.read_ack(sock).code == "AA"
+    return sock
+
+
+def _long_order(control_id: str) -> bytes:
+    return hl7peer.frame(hl7peer.orm(control_id, accession=control_id)
+                         + "NTE|1||" + "x" * 8000 + "\r")
+
+
+def _answer_to(sock: socket.socket, data: bytes) -> hl7peer.Ack | None:
+    """`data` (a message, or its rest) sent; the ACK, or None when the box closed the
+    connection instead."""
+    try:
+        sock.sendall(data)
+        return hl7peer.read_ack_unless_closed(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+
+
+def test_a_connection_halfway_through_a_message_is_not_closed_to_admit_a_new_one(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """At the cap, a new connection closes the longest-idle one; a RIS that has begun a
+    long message on its kept-open connection is not idle, however long ago its last ACK."""
+    server, port = hl7_edge
+    order = _long_order("HALF2")
+    halfway = _kept_open(port, "HALF1")
+    halfway.sendall(order[: len(order) // 2])
+    others = [_kept_open(port, f"KEPT{n}") for n in range(MAX_CONNECTIONS - 1)]
+    try:
+        assert hl7peer.send(port, hl7peer.orm("NEW1", accession="NEW1")).code == "AA"
+        ack = _answer_to(halfway, order[len(order) // 2:])
+        assert ack is not None and (ack.code, ack.control_id) == ("AA", "HALF2")
+        assert "HALF2" in {o["accession_number"] for o in worklist(server)}
+    finally:
+        halfway.close()
+        for sock in others:
+            sock.close()
+
+
+def test_a_new_connection_is_closed_unanswered_while_every_one_has_a_message_in_hand(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Nothing is cut to admit it: its order is not applied, and is accepted when the
+    RIS resends it once a message in hand has been answered."""
+    server, port = hl7_edge
+    orders = [_long_order(f"HAND{n}") for n in range(MAX_CONNECTIONS)]
+    halfway = [_kept_open(port, f"OPEN{n}") for n in range(MAX_CONNECTIONS)]
+    try:
+        for sock, order in zip(halfway, orders, strict=True):
+            sock.sendall(order[: len(order) // 2])
+        refused = hl7peer.raw(port)
+        assert _answer_to(refused, hl7peer.frame(hl7peer.orm("LATE1", accession="LATE"))) is None
+        refused.close()
+        server.wait_for_log("hl7 connection refused: every connection has a message in hand")
+        ack = _answer_to(halfway[0], orders[0][len(orders[0]) // 2:])
+        assert ack is not None and (ack.code, ack.control_id) == ("AA", "HAND0")
+        assert hl7peer.send(port, hl7peer.orm("LATE1", accession="LATE")).code == "AA"
+        for n, (sock, order) in enumerate(zip(halfway, orders, strict=True)):
+            if n:
+                ack = _answer_to(sock, order[len(order) // 2:])
+                assert ack is not None and (ack.code, ack.control_id) == ("AA", f"HAND{n}")
+        assert {f"HAND{n}" for n in range(MAX_CONNECTIONS)} | {"LATE"} <= {
+            o["accession_number"] for o in worklist(server)}
+    finally:
+        for sock in halfway:
+            sock.close()
+
+
 def test_connection_from_a_host_not_allowed_is_closed_unanswered(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge

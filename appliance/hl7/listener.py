@@ -13,8 +13,10 @@ Bounds, so a slow, silent or hostile sender cannot exhaust the box:
 - every read and write waits at most ``[hl7] idle_timeout`` seconds (a
   silent peer, or a frame that never ends, is disconnected);
 - at most ``[hl7] max_connections`` connections are open: a new one closes
-  the connection that has been idle longest (one busy with a message is
-  never cut), or is itself closed when all are busy;
+  the connection that has been idle longest (one with a message in hand,
+  arriving or being applied, is never cut), or is itself closed when every
+  one has; a message still arriving keeps its slot at most ``idle_timeout``
+  (the bound on every read), so a sender trickling bytes cannot hold it;
 - a connection from a host that is not an hl7 peer is closed before a byte
   is read (the refusal is audited, counted per address).
 
@@ -61,7 +63,8 @@ class _Connection:
     writer: HL7StreamWriter
     address: str
     last_active: float = field(default_factory=time.monotonic)
-    busy: bool = False
+    receiving: bool = False  # the first byte of a block is in, its <FS> not yet
+    busy: bool = False  # a message is being applied and answered
 
 
 class Hl7Listener:
@@ -124,7 +127,7 @@ class Hl7Listener:
         """Below the connection cap, or made so by closing the longest-idle connection."""
         if len(self._connections) < self.config.max_connections:
             return True
-        idle = [c for c in self._connections if not c.busy]
+        idle = [c for c in self._connections if not (c.receiving or c.busy)]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c.last_active)
@@ -147,7 +150,8 @@ class Hl7Listener:
                     self.on_refused(address, "host is not allowed to send HL7 (permission hl7)")
                 return
             if not self._make_room():
-                log.warning("hl7 connection refused: every connection is busy address=%s",
+                log.warning("hl7 connection refused: every connection has a message in hand"
+                            " address=%s",
                             address)
                 return
             self._connections.add(connection)
@@ -165,8 +169,9 @@ class Hl7Listener:
                         sender: str) -> None:
         timeout = self.config.idle_timeout
         while True:
+            connection.receiving = False
             try:
-                block = await asyncio.wait_for(_read_block(reader), timeout)
+                block = await asyncio.wait_for(_read_block(reader, connection), timeout)
             except TimeoutError:
                 log.info("hl7 connection idle, closed address=%s", connection.address)
                 return
@@ -233,7 +238,7 @@ class Hl7Listener:
         await asyncio.wait_for(connection.writer.drain(), timeout)
 
 
-async def _read_block(reader: HL7StreamReader) -> bytes:
+async def _read_block(reader: HL7StreamReader, connection: _Connection) -> bytes:
     """The next MLLP block without its framing, as python-hl7's readblock reads it, but
     ended by <FS> alone, its <CR> then skipped with the CR and LF before the next <VT>:
     a sender that ends each block with <FS><CR><LF> (or sends blank lines between
@@ -241,8 +246,22 @@ async def _read_block(reader: HL7StreamReader) -> bytes:
     resent one too, for not beginning with <VT>; and one that ends a block with <FS>
     alone (some devices and hand-written senders) waited for an ACK that never came,
     its message unread until the idle timeout closed the connection. <FS> is never
-    part of HL7 text, in any character set the box reads."""
-    block = (await reader.readuntil(END_BLOCK)).lstrip(b"\r\n")
+    part of HL7 text, in any character set the box reads.
+
+    From its first byte on, the block marks `connection` as receiving: a sender in the
+    middle of a long message is not idle, however long ago its last ACK was, and must
+    not be closed to admit a new connection. The <CR> (and LF) that end the last block
+    are read one by one and do not count; anything else, blank lines too, is read with
+    the stream's limit as before (a flood of line breaks is one block too large)."""
+    first = await reader.readexactly(1)
+    for trailer in (b"\r", b"\n"):
+        if first == trailer:
+            first = await reader.readexactly(1)
+    connection.receiving = True
+    if first == START_BLOCK:
+        return (await reader.readuntil(END_BLOCK))[:-1]
+    rest = b"" if first == END_BLOCK else await reader.readuntil(END_BLOCK)
+    block = (first + rest).lstrip(b"\r\n")
     if not block.startswith(START_BLOCK):
         raise InvalidBlockError("Block does not begin with Start Block character <VT>")
     return block[1:-1]
