@@ -229,12 +229,14 @@ def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: 
     report = run_pacs_edge("fsck", "--home", str(edge_home), check=False)
     assert report.returncode == 1
     assert "index row without file" in report.stdout
+    assert "--repair" not in report.stdout  # it adopts files; it brings none back
 
     (orphan_home / "index.sqlite3").unlink()
     for suffix in ("-wal", "-shm"):
         (orphan_home / f"index.sqlite3{suffix}").unlink(missing_ok=True)
     unrepaired = run_pacs_edge("fsck", "--home", str(orphan_home), check=False)
     assert unrepaired.returncode == 1 and "file without index row" in unrepaired.stdout
+    assert "run with --repair to adopt files without rows" in unrepaired.stdout
     repaired = run_pacs_edge("fsck", "--repair", "--home", str(orphan_home))
     assert repaired.stdout.count("adopted") == len(study)
     assert moved.exists()
@@ -268,6 +270,9 @@ def test_fsck_content_finds_a_stored_file_whose_bytes_changed_and_a_resend_mends
                     if line.startswith("file whose content differs from what was received"))
     assert listed == sorted(str(p.relative_to(store)) for p in rotted)
     assert "A damaged stored file" in found.stderr
+    # --repair adopts files without rows: it would mend nothing here, so fsck does not
+    # send the operator there (it did, for every inconsistency).
+    assert "--repair" not in found.stdout
     dcmtk.storescu(edge_server.port, [study[0].path]).check()  # the modality sends it again
     edge_server.wait_for_log("stored file of an instance was missing or damaged")
     again_found = edge_server.cli("fsck", "--content", check=False)
@@ -533,3 +538,4 @@ def test_sync_once_in_a_terminal_counts_the_studies_it_replicates(
                             "--home", str(edge_home)])
     assert "replicating studies" in shown and "3/3" in shown, shown
     assert "replicated 3 study version(s)" in shown, shown
+

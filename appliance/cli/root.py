@@ -412,7 +412,10 @@ def fsck(home: Path | None, repair: bool, content: bool) -> None:
     if report.clean:
         out.print("store and index are consistent")
     else:
-        hint = "" if repair else " (run with --repair to adopt files without rows)"
+        # --repair adopts files without rows; it mends neither a missing nor a damaged file.
+        unadopted = set(report.orphan_files) - set(report.adopted)
+        hint = " (run with --repair to adopt files without rows)" if unadopted and not repair \
+            else ""
         out.print(f"[red]inconsistencies found[/red]{hint}")
         if report.damaged_files:
             err.print("hint: a damaged file is sent to workstations as it is now; the"
