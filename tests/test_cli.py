@@ -539,3 +539,16 @@ def test_sync_once_in_a_terminal_counts_the_studies_it_replicates(
     assert "replicating studies" in shown and "3/3" in shown, shown
     assert "replicated 3 study version(s)" in shown, shown
 
+
+def test_the_run_folder_is_private_when_a_command_run_by_hand_makes_it(
+        edge_home: Path) -> None:
+    """docs/storage.md: `run/` is 0700 (serve's lock, the processes' metrics). The first
+    process to start made it with the caller's umask, 0755 from a shell, since only
+    `run/metrics` was given 0700; the units' UMask=0077 hid it."""
+    before = os.umask(0o022)
+    try:
+        run_pacs_edge("sync", "--once", "--home", str(edge_home))
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((edge_home / "run").stat().st_mode) == 0o700
+    assert stat.S_IMODE((edge_home / "run" / "metrics").stat().st_mode) == 0o700

@@ -65,7 +65,10 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
     if "prometheus_client" in sys.modules and current != str(folder):
         raise RuntimeError("prometheus_client was imported before use_metrics_dir(): "
                            "call it first in the command that starts the process")
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # run/ too: mkdir's parents take the umask's mode (0755 for a command run by hand),
+    # and run/ also holds serve's lock (serve_lock.py); docs/storage.md says 0700.
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.mkdir(exist_ok=True, mode=0o700)
     os.environ[ENV] = str(folder)  # before prometheus-client loads (fold_gone loads it)
     compat.back_metric_pages()
     if fresh:
