@@ -61,6 +61,9 @@ from tcpproxy import TcpProxy
 from test_clock_steps import new_york_box_at
 from tlsproxy import TlsProxy
 
+from appliance.store import migration_rows
+from appliance.store.leases import Holder
+
 SYNTAX_BY_CLASS = {
     dicomgen.SOP_CLASSES["CT"]: str(ExplicitVRLittleEndian),
     dicomgen.SOP_CLASSES["MR"]: str(JPEGLSLossless),
@@ -1015,3 +1018,27 @@ def test_studies_without_a_date_the_limit_hides_are_a_warning_not_a_failure() ->
     assert "neither a StudyDate nor a StudyTime" in listing.warning
     assert "in 1 time ranges (first 10:15) were not listed" in listing.warning
     assert "or run with --modality" in listing.warning
+
+
+def test_retrying_the_failures_of_a_run_done_without_any_says_there_are_none(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """`migrate resume --retry-failed` on a run that finished with nothing failed printed
+    "0 failed days and studies will be tried again", then "is done" with the hint to run
+    `migrate resume --retry-failed`: the command just run. It now says nothing failed and
+    points at verify (found by an operator review of the migration procedure)."""
+    box = edge_server_factory(start=False)
+    box.cli("status", "--json")  # makes the index
+    with closing(sqlite3.connect(box.home / "index.sqlite3")) as conn, conn:
+        settings = migration_rows.RunSettings(
+            peer="legacy", via="move", since_day="20240301", until_day="20240301",
+            modalities=(), associations=1, rate_per_hour=0, time_window="", query_limit=500)
+        driver = Holder.new()
+        run_id = migration_rows.create_run(conn, settings, ["20240301"], driver=driver)
+        conn.execute("UPDATE migration_days SET state = 'done' WHERE run_fk = ?", (run_id,))
+        migration_rows.change_run(conn, run_id, migration_rows.RunTrigger.FINISH)
+        migration_rows.release_run(conn, run_id, driver)
+    retried = box.cli("migrate", "resume", "--retry-failed", check=False)
+    assert retried.returncode == 2
+    assert f"migration run {run_id} is done, with nothing failed" in retried.stderr
+    assert "pacs-edge migrate verify" in retried.stderr
+    assert "--retry-failed" not in retried.stderr + retried.stdout

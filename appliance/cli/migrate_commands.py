@@ -127,9 +127,15 @@ def resume(home: Path | None, retry_failed: bool) -> None:
             if retry_failed:
                 count = await index.writer.submit_sync(
                     lambda conn: rows.retry_failed(conn, run.id))
-                out.print(f"{count} failed days and studies will be tried again")
+                if count:
+                    out.print(f"{count} failed days and studies will be tried again")
             run = await database.run_sync(index.reader, rows.run_by_id, run.id)
             assert run is not None
+            if run.state is rows.RunState.DONE and retry_failed:
+                # Nothing was failed: sending the operator to --retry-failed again would loop.
+                raise MigrationError(f"migration run {run.id} is done, with nothing failed",
+                                     hint="`pacs-edge migrate verify` checks it against the"
+                                          " legacy PACS; `migrate start` begins a new run")
             if run.state is rows.RunState.DONE:
                 raise MigrationError(f"migration run {run.id} is done",
                                      hint="`migrate resume --retry-failed` retries its"
