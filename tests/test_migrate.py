@@ -459,7 +459,10 @@ def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
     assert result.returncode == 2, result.stdout + result.stderr
     stderr = " ".join(result.stderr.split())
     assert "Traceback" not in stderr, stderr
-    assert "accepted no Study Root C-MOVE context" in stderr and "--via get" in stderr, stderr
+    assert "accepted no Study Root C-MOVE context" in stderr, stderr
+    # A paused run resumes with its own --via: C-GET takes a new run (the hint said
+    # "or migrate --via get", a command that does not exist).
+    assert "`pacs-edge migrate cancel`, then `migrate start --via get`" in stderr, stderr
     report = migrate_status(box)
     assert report["state"] == "paused", report
     assert "C-MOVE" in str(report["stop_reason"]), report

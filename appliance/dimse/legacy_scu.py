@@ -177,7 +177,9 @@ class LegacyPeer:
         would raise ValueError at the request."""
         if any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
             return
-        other = {"C-MOVE": " or migrate --via get", "C-GET": " or migrate --via move"}
+        # A run keeps its --via (resume takes no options): the other way is a new run.
+        other = {"C-MOVE": "; or `pacs-edge migrate cancel`, then `migrate start --via get`",
+                 "C-GET": "; or `pacs-edge migrate cancel`, then `migrate start --via move`"}
         raise LegacyPeerError(
             MigrationFailure.RETRIEVE_FAILED if service != "C-FIND"
             else MigrationFailure.QUERY_FAILED,
