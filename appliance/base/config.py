@@ -186,7 +186,7 @@ class DropFolderConfig:
     rescan_seconds: float = field(default=30.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
     after_ingest: str = field(
         default="delete",
-        metadata=_check(lambda v: v in {"delete", "move"}, "delete or move (to done/)"),
+        metadata=_check(lambda v: v in {"delete", "move"}, "delete or move (to <folder>.done/)"),
     )
 
 
@@ -627,7 +627,8 @@ _COMMENTS = {
     "dropfolder.paths": "Folders to watch, recursively (relative paths are inside the data home).",
     "dropfolder.stable_seconds": "A file is ingested once its size and mtime held this long.",
     "dropfolder.rescan_seconds": "Full rescan interval, for file systems without events (NFS/SMB).",
-    "dropfolder.after_ingest": "delete the original, or move it to done/ beside the folder.",
+    "dropfolder.after_ingest": "delete the original, or move it to <folder>.done/ beside the"
+    " folder.",
     "cloud": "Where encrypted study packs go. Credentials never live in this file.",
     "cloud.url": "\"\" = <home>/cloud (local folder); file:///PATH (e.g. a NAS); azure://CONTAINER.",
     "cloud.credentials_file": "For azure://: a 0600 file holding the connection string (else"
