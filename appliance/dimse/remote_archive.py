@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -132,9 +133,12 @@ class RemoteArchive:
 
     def _find(self, assoc: Any, query: Dataset) -> list[Dataset]:
         answers = []
-        for status, identifier in assoc.send_c_find(
-                query, StudyRootQueryRetrieveInformationModelFind):
+        for status, identifier in self._sent(
+                assoc, "C-FIND", PrefetchFailure.REMOTE_UNREACHABLE,
+                lambda: assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)):
             code = _status(status)
+            if code is None:
+                raise self._no_final("C-FIND", PrefetchFailure.REMOTE_UNREACHABLE)
             if code in PENDING_CODES:
                 if identifier is not None:
                     answers.append(identifier)
@@ -155,16 +159,17 @@ class RemoteArchive:
         final: Dataset | None = None
         code = None
         with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
-            for status, _ in assoc.send_c_move(query, self.config.ae_title,
-                                               StudyRootQueryRetrieveInformationModelMove):
+            for status, _ in self._sent(
+                    assoc, "C-MOVE", PrefetchFailure.MOVE_FAILED,
+                    lambda: assoc.send_c_move(query, self.config.ae_title,
+                                              StudyRootQueryRetrieveInformationModelMove)):
                 code = _status(status)
+                if code is None:
+                    break
                 if code not in PENDING_CODES:
                     final = status
         if final is None or code is None:
-            raise RemoteArchiveError(
-                PrefetchFailure.MOVE_FAILED,
-                f"remote archive {self.peer.name!r} ended the C-MOVE without a final status",
-                hint="the association was aborted or timed out; see the archive's log")
+            raise self._no_final("C-MOVE", PrefetchFailure.MOVE_FAILED)
         outcome = MoveOutcome(
             status=code, completed=int(final.get("NumberOfCompletedSuboperations", 0) or 0),
             failed=int(final.get("NumberOfFailedSuboperations", 0) or 0),
@@ -182,6 +187,30 @@ class RemoteArchive:
         return outcome
 
     # --- association ------------------------------------------------------------------
+
+    def _sent(self, assoc: Any, service: str, kind: PrefetchFailure,
+              send: Callable[[], Iterator[tuple[Dataset, Dataset | None]]],
+              ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """A request's responses (pynetdicom sends it when `send` is called). pynetdicom
+        raises RuntimeError for a request on an association no longer established: the
+        archive aborted or closed it since its last response (between the study C-FIND
+        and a series one), which is the archive gone, not a bug."""
+        try:
+            return send()
+        except RuntimeError as exc:
+            if assoc.is_established:
+                raise
+            raise RemoteArchiveError(
+                kind, f"remote archive {self.peer.name!r} closed the association before the"
+                f" {service}", hint="the association was aborted or timed out; see the"
+                " archive's log") from exc
+
+    def _no_final(self, service: str, kind: PrefetchFailure) -> RemoteArchiveError:
+        """pynetdicom's empty status: the association was aborted, the response did not
+        come within [dicom] dimse_timeout or could not be read; no status of the archive's."""
+        return RemoteArchiveError(
+            kind, f"remote archive {self.peer.name!r} ended the {service} without a final"
+            " status", hint="the association was aborted or timed out; see the archive's log")
 
     def _association(self, context: Any) -> AbstractContextManager[Any]:
         if self.peer.tls and self.tls_client is None:
@@ -221,8 +250,9 @@ def configured_archive(config: Config, allowlist: Allowlist) -> ArchiveFactory:
     return archive
 
 
-def _status(status: Dataset | None) -> int:
-    return int(getattr(status, "Status", 0xC000)) if status else 0xC000
+def _status(status: Dataset | None) -> int | None:
+    """The response's status; None for pynetdicom's empty one (see _no_final)."""
+    return int(status.Status) if status is not None and "Status" in status else None
 
 
 def _hex(code: int) -> str:
