@@ -218,6 +218,43 @@ def test_priors_not_in_the_box_come_from_the_remote_archive(
         archive.stop()
 
 
+def test_a_request_chosen_again_holds_no_more_than_max_priors(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """`max_priors = 2`. The archive is down when the request is chosen: the two local
+    priors are held and the request fails. Chosen again once the archive is back, the
+    newest two are the archive's, and they were added to the two kept: four priors held,
+    two moved, for a budget of two. A request holds at most max_priors priors: those
+    chosen before keep their rows and count, the new choice fills what is left."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["CT"], "remote_archive": "archive",
+                               "nightly_at": "", "max_priors": 2})
+    local = [make_prior(tmp_path, 781, days_ago=300), make_prior(tmp_path, 782, days_ago=400)]
+    remote = [make_prior(tmp_path, 783, days_ago=20), make_prior(tmp_path, 784, days_ago=40)]
+    run_pacs_edge("import", "--home", str(server.home), *(str(i.path) for s in local for i in s))
+    server.start()
+    archive = QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port})
+    archive.load(i.path for study in remote for i in study)
+    server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+    try:
+        out = server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER).stdout
+        assert "2 prior(s)" in out and "remote archive not asked" in out
+        archive.start()
+        assert "retrying 1 request(s)" in server.cli("prefetch", "retry").stdout
+
+        def chosen_again() -> dict[str, Any] | None:
+            [request] = prefetch_status(server.home)
+            return request if request["state"] == "planned" else None
+
+        request = wait_for("the request chosen again", chosen_again, server.log, archive.log)
+        assert sorted(p["study_uid"] for p in request["priors"]) == sorted(
+            s[0].study_uid for s in local)
+        assert all(p["state"] == "done" for p in request["priors"])
+    finally:
+        archive.stop()
+    assert index_rows(server.home, "SELECT COUNT(*) FROM prefetch_transitions"
+                      " WHERE trigger = 'move'") == [(0,)]
+
+
 def test_a_patient_id_holding_a_wildcard_character_fetches_no_other_patients_study(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
     """The patient's ID goes to the archive as a C-FIND matching key, in which ? and *

@@ -178,7 +178,7 @@ async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
             mark_planned(conn, request, [
                 NewPrior("1.1", "20250101", ("CT",), Source.LOCAL),
                 NewPrior("1.2", "20240101", ("CT",), Source.CLOUD),
-                NewPrior("1.3", "20230101", ("CT",), Source.REMOTE)], at=1000.0)
+                NewPrior("1.3", "20230101", ("CT",), Source.REMOTE)], limit=3, at=1000.0)
             return request
 
         request = await writer.submit_sync(plan)
@@ -227,7 +227,7 @@ async def test_a_failure_that_may_pass_is_retried_with_backoff_until_the_attempt
             assert request is not None
             mark_planned(conn, request, [NewPrior("1.3", "", ("CT",), Source.REMOTE),
                                          NewPrior("1.4", "", ("CT",), Source.REMOTE)],
-                         error_kind="remote_unreachable", error="down", retries=retries,
+                         limit=3, error_kind="remote_unreachable", error="down", retries=retries,
                          at=1000.0)
             return request, {p.study_uid: p.id for p in priors_of(conn, [request])}
 
@@ -280,8 +280,8 @@ async def test_a_retry_set_while_the_clock_was_ahead_is_due_once_it_is_corrected
                                          hold_until=9e9, at=at)
                 assert request is not None
                 mark_planned(conn, request, [NewPrior(f"1.{at}", "", ("CT",), Source.REMOTE)],
-                             error_kind="remote_unreachable", error="down", retries=retries,
-                             at=at)
+                             limit=3, error_kind="remote_unreachable", error="down",
+                             retries=retries, at=at)
                 [prior] = priors_of(conn, [request])
                 advance(conn, prior.id, PriorTrigger.MOVE, at=at)
                 advance(conn, prior.id, PriorTrigger.FAIL, failure_kind="move_failed",
@@ -317,7 +317,7 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
                 NewPrior("1.2", "20240101", ("CT",), Source.CLOUD),
                 NewPrior("1.3", "20230101", ("CT",), Source.REMOTE),
                 NewPrior("1.4", "20220101", ("CT",), Source.REMOTE),
-                NewPrior("1.6", "20200101", ("CT",), Source.CLOUD)], at=1000.0)
+                NewPrior("1.6", "20200101", ("CT",), Source.CLOUD)], limit=5, at=1000.0)
             by_uid = {p.study_uid: p.id for p in priors_of(conn, [request])}
             advance(conn, by_uid["1.1"], PriorTrigger.LOCAL)
             advance(conn, by_uid["1.2"], PriorTrigger.RECALL)
@@ -356,7 +356,7 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
         assert (await states())["1.2"] == ("failed", "order_cancelled")
         # A choice finishing after the cancellation records nothing.
         await writer.submit_sync(lambda c: mark_planned(
-            c, request, [NewPrior("1.5", "20210101", ("CT",), Source.REMOTE)]))
+            c, request, [NewPrior("1.5", "20210101", ("CT",), Source.REMOTE)], limit=10))
         assert "1.5" not in await states()
         assert await writer.submit_sync(
             lambda c: request_by_id(c, request)) == ended

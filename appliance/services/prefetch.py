@@ -233,8 +233,10 @@ class PrefetchService:
         order = OrderContext(request.modality, request.procedure, request.exclude_study_uid)
         chosen = choose_priors(candidates, order, self.config, today=today or date.today())
         new = [NewPrior(c.study_uid, c.study_date, c.modalities, c.source) for c in chosen]
-        await self.writer.submit_sync(lambda c: rows.mark_planned(
-            c, request.id, new, error_kind=error_kind, error=error, retries=self.retries))
+        held = {p.study_uid for p in await self.writer.submit_sync(lambda c: rows.mark_planned(
+            c, request.id, new, limit=self.config.max_priors, error_kind=error_kind,
+            error=error, retries=self.retries))}
+        chosen = [c for c in chosen if c.study_uid in held]
         await self._finish_local(request.id)
         log.info("prefetch planned request=%d priors=%d local=%d cloud=%d remote=%d%s",
                  request.id, len(chosen), *(sum(c.source is s for c in chosen) for s in Source),

@@ -252,20 +252,28 @@ def insert_request(conn: sqlite3.Connection, patient: PatientKey, trigger: Reque
 
 
 def mark_planned(conn: sqlite3.Connection, request_id: int, priors: Sequence[NewPrior], *,
-                 error_kind: str = "", error: str = "", retries: Retries | None = None,
-                 at: float | None = None) -> None:
-    """Record the chosen priors (a prior chosen before keeps its row and state) and
-    close the choice: `planned`, or `failed` with the reason when part of it failed
-    (the remote archive could not be asked; retried as `retries` says); the priors
-    found are recorded either way."""
+                 limit: int, error_kind: str = "", error: str = "",
+                 retries: Retries | None = None, at: float | None = None) -> list[NewPrior]:
+    """Record the chosen priors, newest first, and close the choice: `planned`, or
+    `failed` with the reason when part of it failed (the remote archive could not be
+    asked; retried as `retries` says); the priors found are recorded either way.
+    Returns those of `priors` the request holds now.
+
+    A request holds at most `limit` priors (`[prefetch] max_priors`), however often it
+    is chosen: a request chosen again (its retry, once the remote archive answers) keeps
+    the priors chosen before, with their rows and states (they may be fetched or under
+    way), and they count; the new choice fills what is left."""
     if _cancelled(conn, request_id):
-        return  # the order was cancelled while its priors were being chosen
+        return []  # the order was cancelled while its priors were being chosen
     now = time.time() if at is None else at
+    held = {str(r[0]) for r in conn.execute(
+        "SELECT study_uid FROM prefetch_priors WHERE request_fk = ?", (request_id,))}
+    added = [p for p in priors if p.study_uid not in held][:max(limit - len(held), 0)]
     conn.executemany(
         "INSERT INTO prefetch_priors (request_fk, study_uid, study_date, modalities, source,"
-        " changed_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_fk, study_uid) DO NOTHING",
+        " changed_at) VALUES (?, ?, ?, ?, ?, ?)",
         [(request_id, p.study_uid, p.study_date, ",".join(p.modalities), p.source.value, now)
-         for p in priors])
+         for p in added])
     taken = database.query_one(conn, "SELECT attempts FROM prefetch_requests WHERE id = ?",
                                (request_id,))
     retry_at = (retries.due(error_kind, int(taken[0]) if taken else 0, now)
@@ -274,6 +282,7 @@ def mark_planned(conn: sqlite3.Connection, request_id: int, priors: Sequence[New
         "UPDATE prefetch_requests SET state = ?, error_kind = ?, error = ?, planned_at = ?,"
         " retry_at = ? WHERE id = ?", ("failed" if error_kind else "planned", error_kind,
                                        error, now, retry_at, request_id))
+    return [p for p in priors if p.study_uid in held or p in added]
 
 
 _REQUEST_SQL = (
