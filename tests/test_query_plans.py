@@ -3,7 +3,8 @@
 A C-FIND's time must grow with its matches, not with the number of studies
 (docs/benchmarks.md measures it at 10,000 and 100,000 studies): each query below
 is planned by SQLite on a real index (`EXPLAIN QUERY PLAN` of the statement
-the store runs), and no step may scan a table. The index has no ANALYZE
+the store runs), and no step may scan a table. The same holds for the two
+statements of a QIDO-RS page, which reads the matches in row id order. The index has no ANALYZE
 statistics, as a box's index has none. The case-folded patient name
 that person-name wildcards match on is kept by the schema (migration 0012):
 written on insert and on a rename, and filled in for rows that predate it.
@@ -23,11 +24,13 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from appliance.services.query.find import QueryModel, answer, find
 from appliance.store import database
+from appliance.store.cfind import attributes
 from appliance.store.cfind.attributes import Level
-from appliance.store.cfind.search import statement
+from appliance.store.cfind.search import statement, window_statements
 from appliance.store.index import Index, StoredFile
 from appliance.store.instance_header import InstanceHeader
 from appliance.store.order_rows import Demographics, PatientKey, update_demographics
@@ -112,12 +115,65 @@ async def plan_of(index: Index, level: str, criteria: dict[str, object]) -> list
 async def test_common_queries_search_indexes_and_scan_no_table(
         index: Index, level: str, criteria: dict[str, object]) -> None:
     steps = await plan_of(index, level, criteria)
+    assert not table_scans(steps), steps
+    assert any(step.startswith("SEARCH") and "USING" in step for step in steps), steps
+
+
+def table_scans(steps: list[str]) -> list[str]:
     # A SCAN of a subquery's few rows (ModalitiesInStudy's DISTINCT) or of the json_each
     # list of UIDs is no table scan.
-    scans = [step for step in steps if step.startswith("SCAN")
-             and not step.startswith("SCAN (subquery") and "VIRTUAL TABLE" not in step]
-    assert not scans, steps
-    assert any(step.startswith("SEARCH") and "USING" in step for step in steps), steps
+    return [step for step in steps if step.startswith("SCAN")
+            and not step.startswith("SCAN (subquery") and "VIRTUAL TABLE" not in step]
+
+
+async def window_plans_of(index: Index, level: str, criteria: dict[str, object]
+                          ) -> tuple[list[str], list[str]]:
+    """The plans of a QIDO-RS page's two statements, scoped to a referring physician:
+    the matches' row ids in order, then the page's rows by id."""
+    found = await answer(index, QueryModel.STUDY_ROOT, identifier(level, criteria))
+    referring = attributes.lookup(Tag(0x0008, 0x0090), Level[level])
+    (ids_sql, params), rows_sql = window_statements(
+        Level[level], found.plan.columns, found.plan.criteria, keep=referring)
+
+    def explain(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+        return ([str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {ids_sql}", params)],
+                [str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {rows_sql}",
+                                                     ["[1, 2]"])])
+
+    return await database.run_sync(index.reader, explain)
+
+
+def entity_steps(steps: list[str]) -> list[str]:
+    """How a plan reaches the patients, studies, series and instances it answers (an
+    index that holds every column a statement reads is a COVERING one: the same index)."""
+    return [step.replace("COVERING ", "") for step in steps if step.split(" ")[:2] in (
+        [verb, alias] for verb in ("SCAN", "SEARCH") for alias in ("p", "st", "se", "i"))]
+
+
+PAGED = [(level, criteria) for level, criteria in COMMON if level != "PATIENT"]
+
+
+@pytest.mark.parametrize(("level", "criteria"), PAGED,
+                         ids=[f"{lvl}-{'+'.join(c)}-{i}" for i, (lvl, c) in enumerate(PAGED)])
+async def test_qido_pages_search_the_indexes_c_find_searches_and_sort_only_row_ids(
+        index: Index, level: str, criteria: dict[str, object]) -> None:
+    """`ORDER BY id` made SQLite scan the studies in row id order rather than sort what
+    an index finds (`StudyDate=20240301-` with `ModalitiesInStudy`)."""
+    ids, rows = await window_plans_of(index, level, criteria)
+    assert not table_scans(ids), ids
+    assert ids[-1] == "USE TEMP B-TREE FOR ORDER BY", ids
+    assert entity_steps(ids) == entity_steps(await plan_of(index, level, criteria)), ids
+    assert not table_scans(rows) and rows[0].startswith("SEARCH"), rows
+
+
+@pytest.mark.parametrize("level", ["STUDY", "SERIES", "IMAGE"])
+async def test_a_qido_page_without_criteria_reads_in_row_id_order_and_sorts_nothing(
+        index: Index, level: str) -> None:
+    """The scan stops at the page's end: page one of a million instances reads a page."""
+    ids, _ = await window_plans_of(index, level, {})
+    alias = {"STUDY": "st", "SERIES": "se", "IMAGE": "i"}[level]
+    assert ids[0] == f"SCAN {alias}", ids
+    assert not any("TEMP B-TREE" in step for step in ids), ids
 
 
 async def vm_steps_of_image_query(folder: Path, instances: int) -> int:

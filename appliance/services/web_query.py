@@ -11,12 +11,14 @@ holds at most `max_results` matches (`[http] qido_max_results`), whatever
 `Warning: 299` that more follow, and a search of every instance would
 otherwise build an answer the size of the index.
 
-Scope needs each match's Referring Physician's Name: when the user is scoped
-and did not ask for it, the key is added to the identifier and removed from
-the answers again. Scope and paging are applied while the index rows are read
-(query.find.Paging): only the page's rows are held, and they become
-identifiers one at a time as the edge writes them (`Page.identifiers`): a
-Dataset costs ~12 KB while it lives, a page 5000 of them.
+Scope is each match's Referring Physician's Name, read beside the match
+whether or not it is a returned key. Scope and paging are applied while the
+index is read (query.find.Paging): only the page's rows are held, and they
+become identifiers one at a time as the edge writes them (`Page.identifiers`):
+a Dataset costs ~12 KB while it lives, a page 5000 of them. Pages are in the
+order the index recorded the matches, so a client paging with `offset` sees
+each match once, and one recorded meanwhile (an instance of a study still
+arriving) on a later page.
 """
 
 from __future__ import annotations
@@ -41,17 +43,13 @@ class Page:
     found: Answer
     rows: Sequence[Row]
     truncated: bool  # more in-scope matches follow this page
-    drop_referring: bool  # the key was added for the scope only
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def identifiers(self) -> Iterator[Dataset]:
         for row in self.rows:
-            match = self.found.dataset(row)
-            if self.drop_referring:
-                del match[_REFERRING]
-            yield match
+            yield self.found.dataset(row)
 
 
 class WebQueryService:
@@ -65,14 +63,10 @@ class WebQueryService:
                      limit: int | None = None) -> Page:
         """The page of in-scope matches; raises QueryError for an identifier C-FIND
         would refuse (the edge answers 400)."""
-        added = False
-        if not principal.sees_all() and _REFERRING not in identifier:
-            identifier.ReferringPhysicianName = ""
-            added = True
         size = self.max_results if limit is None else min(limit, self.max_results)
         scope = None if principal.sees_all() else (
             _REFERRING, lambda value: principal.may_see(str(value or "")))
         found = await answer(self.index, QueryModel.STUDY_ROOT, identifier,
                              retrieve_ae_title=self.retrieve_ae_title,
                              paging=Paging(offset, size + 1, scope))  # one more: any left?
-        return Page(found, found.rows[:size], len(found.rows) > size, added)
+        return Page(found, found.rows[:size], len(found.rows) > size)

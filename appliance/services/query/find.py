@@ -114,7 +114,9 @@ async def find(
 
 @dataclass(frozen=True)
 class Paging:
-    """One page of the matches: those whose value of the returned key `scope[0]` passes
+    """One page of the matches, in the order the index recorded them (pages asked for
+    one after another answer each match once, and one recorded meanwhile on a later
+    page): those whose value of the key `scope[0]` (returned or not) passes
     `scope[1]` (all when None), `offset` of them passed over, at most `count` after."""
 
     offset: int = 0
@@ -140,7 +142,7 @@ async def answer(
         matches = await search_ids(index, level, plan.columns, plan.criteria)
         found = Answer(level, plan, matches.rows, matches.later)
     else:
-        window = Window(paging.offset, paging.count, _keep(plan, paging.scope))
+        window = Window(paging.offset, paging.count, _keep(level, paging.scope))
         found = Answer(level, plan,
                        await search(index, level, plan.columns, plan.criteria, window=window))
     log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
@@ -148,21 +150,15 @@ async def answer(
     return found
 
 
-def _keep(plan: _Plan, scope: tuple[BaseTag, Callable[[object], bool]] | None
-          ) -> Callable[[Row], bool] | None:
+def _keep(level: Level, scope: tuple[BaseTag, Callable[[object], bool]] | None
+          ) -> tuple[Key, Callable[[object], bool]] | None:
     if scope is None:
         return None
     tag, accepts = scope
-    column = _column(plan, tag)
-    return lambda row: accepts(row[column])
-
-
-def _column(plan: _Plan, tag: BaseTag) -> int:
-    """Where the value of the returned key `tag` is in each row (KeyError: not one)."""
-    for n, key in enumerate(plan.columns):
-        if key.tag == tag:
-            return n
-    raise KeyError(tag)
+    key = attributes.lookup(tag, level)
+    if key is None:
+        raise KeyError(tag)  # a caller's mistake: the index has no such key
+    return key, accepts
 
 
 @dataclass

@@ -12,10 +12,23 @@ must hold. No order: DICOM sets none, and an ORDER BY would steer SQLite away
 from the index that best narrows the query. The statement and the fetch are
 one hop to the reader's thread.
 
-A `Window` bounds what is kept (QIDO-RS paging): rows are read from the cursor
-in batches, those `keep` refuses are passed over, the first `skip` kept ones
-too, and the scan stops once `take` are held; memory is the page's, not the
-matches'.
+A `Window` is one page of the matches (QIDO-RS `offset` and `limit`), and pages
+need an order that holds from one request to the next: the plan's order did
+not (a match recorded between two requests, an instance of a study still
+arriving, slid into a page already answered and pushed one match of it onto
+the next page, answered twice, while the new one was never answered). A window
+reads the matches in row id order, the order the index recorded them, so a
+match recorded meanwhile lands on a later page. It reads in two steps, in one
+read transaction: the matches' row ids in that order (and the value `keep`
+tests), from which those `keep` refuses and the first `skip` kept ones are
+passed over until `take` are held; then those rows' values, by row id. The
+sort holds row ids only, and values such as ModalitiesInStudy are computed for
+the page, not for every match; memory is the page's. With criteria the order is
+`+id`, which SQLite cannot take from an index: it keeps the plan it would make
+without an order (the index that narrows the query) and sorts the matches' ids,
+where `ORDER BY id` let it scan the whole table in row id order instead
+(tests/test_query_plans.py); without criteria the table is scanned anyway, in
+row id order, and the scan stops at the page's end.
 
 `search_ids` is for an answer that goes out match by match (DIMSE C-FIND, no
 paging): the same scan keeps the first FETCH_BATCH matches whole and only the
@@ -27,6 +40,7 @@ answers with its new values.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import weakref
 from array import array
@@ -54,12 +68,13 @@ FETCH_BATCH = 500  # rows read from the cursor at a time with a Window
 
 @dataclass(frozen=True)
 class Window:
-    """The rows `keep` accepts (every row when None), the first `skip` of them passed
-    over, at most `take` of those after them (no bound when None)."""
+    """The matches in row id order whose value of the key `keep[0]` passes `keep[1]`
+    (every match when None), the first `skip` of them passed over, at most `take` of
+    those after them (no bound when None)."""
 
     skip: int = 0
     take: int | None = None
-    keep: Callable[[Row], bool] | None = None
+    keep: tuple[Key, Callable[[object], bool]] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,14 +106,16 @@ async def search(
     *,
     window: Window | None = None,
 ) -> list[Row]:
-    """The `returned` values of every entity of `level` that meets all `criteria` (of
-    those `window` selects, when given)."""
-    sql, params = statement(level, returned, criteria)
+    """The `returned` values of every entity of `level` that meets all `criteria`, in
+    no particular order; with `window`, of those it selects, in its order."""
     reader = await _reader(index)
-    if window is None:
-        rows = await database.run_sync(reader, _select, sql, params)
-    else:
-        rows = await database.run_sync(reader, _select_window, sql, params, window)
+    if window is not None:
+        (ids_sql, params), rows_sql = window_statements(
+            level, returned, criteria, keep=window.keep[0] if window.keep else None)
+        return await database.run_sync(reader, _select_window, ids_sql, params, rows_sql,
+                                       window)
+    sql, params = statement(level, returned, criteria)
+    rows = await database.run_sync(reader, _select, sql, params)
     # With nothing to return the SELECT lists the row id (SQL needs one column):
     # the caller still gets one empty tuple per entity.
     return rows if returned else [() for _ in rows]
@@ -164,6 +181,22 @@ def statement(
             [param for c in conditions for param in c.params])
 
 
+def window_statements(
+    level: Level, returned: Sequence[Key], criteria: Sequence[Criterion | PeriodCriterion],
+    *, keep: Key | None = None,
+) -> tuple[tuple[str, list[object]], str]:
+    """The two SELECTs of a window and the first one's parameters: the matches' row ids
+    (with the value of `keep`) in row id order; the `returned` values, after the row
+    id, of the rows whose ids are the JSON list that is its one parameter."""
+    sql, params = statement(level, [keep] if keep else [], criteria, row_id=True)
+    # `+`: see the module docstring.
+    order = f"+{ROW_ID[level]}" if criteria else ROW_ID[level]
+    selected = ", ".join([ROW_ID[level], *(key.column for key in returned)])
+    return ((f"{sql} ORDER BY {order}", params),
+            f"SELECT {selected} FROM {SOURCES[level]}"
+            f" WHERE {ROW_ID[level]} IN (SELECT value FROM json_each(?))")
+
+
 def _condition(criterion: Criterion | PeriodCriterion) -> Condition:
     if isinstance(criterion, PeriodCriterion):
         return period_condition(criterion.period, criterion.date.compared,
@@ -174,11 +207,25 @@ def _condition(criterion: Criterion | PeriodCriterion) -> Condition:
     return found
 
 
-def _select_window(conn: sqlite3.Connection, sql: str, params: list[object],
-                   window: Window) -> list[Row]:
-    """The rows of `sql` that `window` selects, read in batches, in the reader's thread."""
+def _select_window(conn: sqlite3.Connection, ids_sql: str, params: list[object],
+                   rows_sql: str, window: Window) -> list[Row]:
+    """The rows `window` selects, by `window_statements`, in the reader's thread; one
+    read transaction, so that the values are those of the ids' snapshot."""
+    conn.execute("BEGIN")
+    try:
+        ids = _window_ids(conn, ids_sql, params, window)
+        found = {row[0]: row[1:] for row in _select(conn, rows_sql, [json.dumps(ids)])}
+    finally:
+        conn.execute("COMMIT")
+    return [found[row_id] for row_id in ids]
+
+
+def _window_ids(conn: sqlite3.Connection, sql: str, params: list[object],
+                window: Window) -> list[int]:
+    """The row ids `window` selects from those `sql` reads (with the value it tests
+    after each), read in batches."""
     cur = conn.execute(sql, params)
-    kept: list[Row] = []
+    kept: list[int] = []
     skipped = 0
     try:
         cur.row_factory = None
@@ -187,12 +234,12 @@ def _select_window(conn: sqlite3.Connection, sql: str, params: list[object],
             if not batch:
                 break
             for row in batch:
-                if window.keep is not None and not window.keep(row):
+                if window.keep is not None and not window.keep[1](row[1]):
                     continue
                 if skipped < window.skip:
                     skipped += 1
                     continue
-                kept.append(row)
+                kept.append(row[0])
                 if window.take is not None and len(kept) >= window.take:
                     break
         return kept
