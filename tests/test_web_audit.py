@@ -8,6 +8,7 @@ records are polled for with a deadline, never waited for with a sleep.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -193,6 +194,41 @@ def test_repeated_searches_are_one_query_record(
     searches = [r for r in web_records(web, QUERY, "rad")
                 if len(r["ParticipantObjectIdentification"]) == 1]
     assert len(searches) == 1
+
+
+def test_every_refused_search_is_a_failed_query_record_with_its_reason(
+        web: EdgeServer, series: list[dicomgen.GeneratedInstance]) -> None:
+    """A search answered 400 is audited (outcome 4, the reason, the query string) whatever
+    refused it: a value the matching rules refuse, and as well the query string itself
+    (an unknown key, a key given twice, a value that does not fit its attribute, a bad
+    limit, a bad UID in the path), which went unaudited. No value of it is logged."""
+    webpeer.add_user(web, "probe", "radiologist")
+    http = webpeer.session(web, "probe")
+    base = f"{webpeer.base_url(web)}/dicom-web"
+    patient = series[0].patient_id
+    refused = {
+        "/studies?StudyDate=2020-01-01": "a range key is malformed",
+        "/studies?SecretKeyword=1": "not a DICOM attribute keyword or tag",
+        f"/studies?PatientID={patient}&PatientID=X": "given more than once",
+        "/studies?includefield=SecretKeyword": "not a DICOM attribute keyword or tag",
+        "/instances?InstanceNumber=abc": "does not fit its attribute",
+        "/studies?ReferencedStudySequence=x": "sequence",
+        "/studies?limit=-1": "limit must be",
+        "/studies/1.2.x/series": "study is not a valid UID",
+    }
+    for path in refused:
+        got = http.get(f"{base}{path}", headers={"Accept": "application/dicom+json"},
+                       timeout=60)
+        assert got.status_code == 400, (path, got.status_code)
+    reasons = set(refused.values())
+    found = wait_for_records(web, QUERY, "probe", len(reasons), failed=True)
+    described = [r["EventIdentification"]["EventOutcomeDescription"] for r in found]
+    assert {reason for reason in reasons if any(reason in d for d in described)} == reasons
+    queries = {base64.b64decode(o["ParticipantObjectQuery"]).decode()
+               for r in found for o in r["ParticipantObjectIdentification"]
+               if o.get("ParticipantObjectQuery")}
+    assert f"PatientID={patient}&PatientID=X" in queries
+    assert patient not in web.log() and "SecretKeyword" not in web.log()
 
 
 def test_uploads_of_one_study_are_one_store_record(web: EdgeServer, tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ identifier C-FIND would refuse is 400. Every match carries its Retrieve URL
 (0008,1190), which PS3.18 Table 10.6.3-3 requires of a retrievable one: the
 study, series or instance's WADO-RS URL, under this request's scheme and host
 as STOW-RS RetrieveURLs and BulkDataURIs are. Each search is audited (who, from
-where, the query).
+where, the query), and so is each refused one, with its reason, whether the
+query string cannot be read (an unknown key, a bad UID in the path) or C-FIND
+refuses the identifier made of it: every refusal is a QueryError, whose message
+names the parameter at fault, never its value.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
-from appliance.base.errors import QueryError
+from appliance.base.errors import QueryError, QueryRefusal
+from appliance.base.uids import is_valid_uid
 from appliance.http import dicomweb_common as common
 from appliance.http.dicomweb_media import accepts_json
 from appliance.services.web_query import Page, WebQueryService
@@ -92,15 +96,16 @@ async def instances(request: web.Request) -> web.Response:
 async def _search(request: web.Request, level: str, defaults: Iterable[str]) -> web.Response:
     if not accepts_json(request.headers.get("Accept")):
         raise common.not_acceptable("a search")
-    identifier = _identifier(request, level, defaults)
-    offset = _count(request, "offset", 0)
-    limit = _count(request, "limit", None)
     service = common.services(request)
     user, address = common.who(request)
-    study = common.uid(request, "study") if "study" in request.match_info else ""
+    study = ""  # the refusal of a bad study UID names no study
     query = WebQueryService(service.index, max_results=service.config.http.qido_max_results,
                             retrieve_ae_title=service.config.dicom.ae_title)
     try:
+        study = _uid(request, "study") if "study" in request.match_info else ""
+        identifier = _identifier(request, level, defaults)
+        offset = _count(request, "offset", 0)
+        limit = _count(request, "limit", None)
         page = await query.search(common.principal(request), identifier, offset=offset,
                                   limit=limit)
     except QueryError as exc:
@@ -154,17 +159,25 @@ def _identifier(request: web.Request, level: str, defaults: Iterable[str]) -> Da
         if key in _RESERVED:
             continue
         if key in seen:
-            raise web.HTTPBadRequest(text=f"query key {key} is given more than once\n")
+            raise QueryError(QueryRefusal.NOT_IN_MODEL, "a query key is given more than once")
         seen.add(key)
         _set(identifier, _tag(key), value)
     for name, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID")):
         if name in request.match_info:
-            _set(identifier, Tag(tag_for_keyword(keyword)), common.uid(request, name))
+            _set(identifier, Tag(tag_for_keyword(keyword)), _uid(request, name))
     return identifier
 
 
+def _uid(request: web.Request, name: str) -> str:
+    """A UID path parameter (common.uid, refused as a query)."""
+    value = request.match_info.get(name, "")
+    if not is_valid_uid(value):
+        raise QueryError(QueryRefusal.NOT_IN_MODEL, f"{name} is not a valid UID")
+    return value
+
+
 def _tag(name: str) -> BaseTag:
-    """A keyword or an 8-digit hex tag; 400 for anything else (sequence paths too)."""
+    """A keyword or an 8-digit hex tag; refused for anything else (sequence paths too)."""
     found = tag_for_keyword(name)
     if found is None and len(name) == 8:
         try:
@@ -172,14 +185,15 @@ def _tag(name: str) -> BaseTag:
         except ValueError:
             found = None
     if found is None or keyword_for_tag(found) == "":
-        raise web.HTTPBadRequest(text="a query key is not a DICOM attribute keyword or tag\n")
+        raise QueryError(QueryRefusal.NOT_IN_MODEL,
+                         "a query key is not a DICOM attribute keyword or tag")
     return Tag(found)
 
 
 def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
     vr = dictionary_VR(tag).split(" ")[0]
     if vr == "SQ":
-        raise web.HTTPBadRequest(text="sequence attributes cannot be query keys\n")
+        raise QueryError(QueryRefusal.NOT_IN_MODEL, "sequence attributes cannot be query keys")
     text: object = value
     if vr == "UI" and value:
         text = [v for v in value.replace("\\", ",").split(",") if v]
@@ -189,7 +203,8 @@ def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
     try:
         identifier[tag] = DataElement(tag, vr, text, validation_mode=config.IGNORE)
     except (ValueError, TypeError, OverflowError) as exc:  # "x" for an IS key, say
-        raise web.HTTPBadRequest(text="a query value does not fit its attribute\n") from exc
+        raise QueryError(QueryRefusal.MALFORMED_KEY,
+                         "a query value does not fit its attribute") from exc
 
 
 def _count(request: web.Request, name: str, default: int | None) -> int | None:
@@ -197,5 +212,5 @@ def _count(request: web.Request, name: str, default: int | None) -> int | None:
     if raw is None or raw == "":
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
-        raise web.HTTPBadRequest(text=f"{name} must be a non-negative integer\n")
+        raise QueryError(QueryRefusal.MALFORMED_KEY, f"{name} must be a non-negative integer")
     return int(raw)
