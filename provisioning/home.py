@@ -34,6 +34,7 @@ def init_home(home: Path, *, config_file: str, config_text: str,
     for folder, mode in ((home, 0o750), (home / SECRETS_DIR, 0o700), (home / "store", 0o750)):
         if not folder.exists():
             folder.mkdir(parents=True, mode=mode)
+            folder.chmod(mode)  # the mode asked for, whatever the umask (0077 in pacs-edge)
             report.created.append(f"{folder}/")
     _create_file(home / config_file, config_text.encode(), 0o640, report)
     for name, text in (extra_files or {}).items():

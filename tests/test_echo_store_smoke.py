@@ -87,3 +87,16 @@ def test_a_modality_with_nagle_on_stores_without_delayed_ack_stalls(
         assert result.store_responses() == ["Success"] * NAGLE_INSTANCES
         seconds[nagle] = result.seconds
     assert seconds["on"] < STALL_FACTOR * seconds["off"] + STALL_SLACK_SECONDS, seconds
+
+
+def test_a_serve_run_from_a_shell_keeps_what_it_stores_to_its_own_user(
+        edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance]) -> None:
+    """The units set UMask=0077; a command run from a shell (umask 022 here) sets it
+    itself: the stored files, their folders and the index hold PHI."""
+    dcmtk.storescu(edge_server.port, [i.path for i in small_study],
+                   aec=edge_server.ae_title).check()
+    made = [*(edge_server.home / "store").rglob("*"), *edge_server.home.glob("index*")]
+    made.remove(edge_server.home / "store" / ".index-id")  # the index's id, no PHI: 0644
+    assert len(made) > len(small_study)
+    assert {p.relative_to(edge_server.home).as_posix(): oct(p.stat().st_mode & 0o777)
+            for p in made if p.stat().st_mode & 0o077} == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,10 @@ _LAZY = {
 def main() -> None:
     """pacs-edge: an on-premises PACS edge appliance with encrypted cloud sync."""
     make_undumpable()  # before any key is read (appliance/process/undumpable.py says why)
+    # The units' UMask=0077 for a command run by hand too: an index, a spool file or a
+    # recalled study it makes holds PHI, and was group- and world-readable under a shell's
+    # 022. Files meant for others (certificates, the config) are given their mode.
+    os.umask(0o077)
     dump_stacks_on_sigusr1()
 
 
