@@ -36,7 +36,12 @@ from appliance.store.disk import DiskState
 from appliance.store.leases import StudyLease
 from appliance.store.prefetch_rows import held_study_uids
 from appliance.store.study_rows import StudyRow, replicated_by_last_access
-from appliance.store.tier_steps import NotEvictable, keep_damaged_files, mark_evicted
+from appliance.store.tier_steps import (
+    NotEvictable,
+    drop_unneeded_files,
+    keep_damaged_files,
+    mark_evicted,
+)
 from appliance.store.tiering import TierState
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
@@ -47,6 +52,9 @@ from sync.threads import in_thread
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+# Files decided and deleted per write transaction (at most index.PATHS_PER_QUERY): the
+# longest an ingest's commit waits for an eviction, against one WAL fsync per batch.
+DELETES_PER_COMMIT = 64
 
 
 async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
@@ -91,28 +99,45 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
 
 async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[str]) -> int:
     """Delete files whose instances are already marked non-local (after the commit), while
-    `lease` is still held: the fence comes right before the first unlink. A file that a
-    row marked local names stays: none should (appliance.store.index.make_way keeps a
-    path in one row at most), but a prior version's file is its only copy."""
-    needed = await ctx.index.needed_locally(paths)
-    if needed:
-        log.error("kept files that rows marked local name files=%d", len(needed))
-    await lease.check()
+    `lease` is still held; returns the bytes freed. Each DELETES_PER_COMMIT of them are
+    decided and deleted in one write transaction that fences the lease first
+    (tier_steps.drop_unneeded_files): a file that a row marked local names stays, one
+    whose content was sent again meanwhile (X, Y, X) included, as does a prior
+    version's (its only copy). The transaction holds SQLite's write lock while it
+    unlinks, so an ingest waits at most one such batch for its commit."""
+    assert ctx.index.writer is not None
+    writer = ctx.index.writer
+    freed = 0
+    kept: list[str] = []
+    for start in range(0, len(paths), DELETES_PER_COMMIT):
+        batch = paths[start:start + DELETES_PER_COMMIT]
+        dropped = await writer.submit_sync(
+            lambda c, b=batch: drop_unneeded_files(c, lease, b, lambda p: _unlink(ctx, p)))
+        freed += dropped.freed
+        kept.extend(dropped.kept)
+        crash_point("evict:mid-delete")
+    if kept:
+        log.warning("kept files that rows marked local name (sent again meanwhile, or a prior"
+                    " version's) files=%d", len(kept))
 
-    def remove() -> int:
-        freed = 0
-        for relative in (p for p in paths if p not in needed):
-            path = ctx.files.absolute(relative)
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-                crash_point("evict:mid-delete")
+    def remove_folders() -> None:
         for relative in {str(ctx.files.absolute(p).parent) for p in paths}:
             with contextlib.suppress(OSError):
                 ctx.files.absolute(relative).rmdir()  # only when empty
-        return freed
 
-    return await in_thread(lambda _stop: remove())
+    await in_thread(lambda _stop: remove_folders())
+    return freed
+
+
+def _unlink(ctx: SyncContext, relative: str) -> int:
+    """Delete one stored file (in the writer's transaction); the bytes it held."""
+    path = ctx.files.absolute(relative)
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:

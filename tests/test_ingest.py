@@ -150,7 +150,7 @@ async def test_a_refused_index_write_removes_only_a_file_this_ingest_created(
     first = await service.ingest_file(x)
     await service.ingest_file(write_instance(tmp_path / "y.dcm", sop, value=2))
 
-    def refuse(*args: object) -> RecordOutcome:
+    def refuse(*args: object, **kwargs: object) -> RecordOutcome:
         raise PacsEdgeError("index write failed: disk I/O error")
 
     monkeypatch.setattr(service.index, "record_instance_blocking", refuse)

@@ -11,20 +11,26 @@ its place in the pack, and `restore` rebuilds them so. Real processes:
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import os
 import sqlite3
+import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
 import dcmtk
 import dicomgen
 import pydicom
+import pytest
 from conftest import EdgeServer, init_home, run_pacs_edge
 from syncagent import (
     assert_fsck_clean,
     import_files,
     index_rows,
+    paused,
     restore_elsewhere,
     stored_hashes,
     sync_once,
@@ -131,6 +137,99 @@ def test_evicting_a_study_keeps_the_files_of_prior_versions(tmp_path: Path) -> N
     assert "recalled 2 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
     assert_local_rows_have_their_files(home)
     assert_fsck_clean(home)
+
+
+# One more instance than the eviction deletes per transaction (sync.evict.DELETES_PER_
+# COMMIT): paused in the middle of deleting, it has files left to delete.
+BATCH_AND_ONE = 65
+
+
+def test_a_correction_sent_back_while_an_eviction_deletes_keeps_its_file(
+    edge_server: EdgeServer, tmp_path: Path,
+) -> None:
+    """Y, then X again, C-STOREd to serve while `evict` is paused with X's file not yet
+    deleted: X's new row (local, in no pack) names the file the eviction had chosen, and
+    the eviction deleted it, having decided before the row committed. X, acknowledged,
+    was current with no file: fsck failed, and no later pass could upload or recall it."""
+    home = edge_server.home
+    instances = dicomgen.make_study(tmp_path / "study", seed=88, series_per_study=1,
+                                    instances_per_series=BATCH_AND_ONE, size=8)
+    uid = instances[0].study_uid
+    import_files(home, *instances)
+    sync_once(home)
+    with paused(home, "evict:mid-delete", "evict", uid):
+        left = [i for i in instances if i.sop_instance_uid in stored_hashes(home)]
+        assert left, "the eviction deleted every file before its pause"
+        x = left[-1]
+        y = corrected(x, tmp_path / "sent", "y")
+        for path in (y, x.path):
+            assert dcmtk.storescu(edge_server.port, [path]).store_responses() == ["Success"]
+    sop = x.sop_instance_uid
+    assert versions_of(home, sop) == ([digest(x.path)], [digest(y)])
+    assert stored_contents(home) == sorted([(sop, digest(x.path)), (sop, digest(y))])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+    sync_once(home)  # X goes up as a new version, then leaves local disk with its study
+    assert stored_contents(home) == [(sop, digest(y))]  # a prior version keeps its file
+    assert "recalled" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
+    assert stored_contents(home) == sorted(
+        [(sop, digest(y)), *((i.sop_instance_uid, digest(i.path)) for i in instances)])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+
+
+def test_content_sent_again_whose_file_an_eviction_deletes_before_its_commit_is_placed_again(
+    edge_server: EdgeServer, tmp_path: Path,
+) -> None:
+    """X, Y, then X again into a study whose eviction has committed (its files not yet
+    deleted): serve keeps X's file, found under its name, and waits for its commit
+    while this test, as the agent's deletion does (tier_steps.drop_unneeded_files),
+    holds the write lock, finds no local row naming the file, and deletes it. serve
+    committed X's row as local without its file; it must look for the file inside its
+    own transaction and place it again."""
+    home = edge_server.home
+    instances = dicomgen.make_study(tmp_path / "study", seed=89, series_per_study=1,
+                                    instances_per_series=2, size=8)
+    x = instances[0]
+    uid, sop = x.study_uid, x.sop_instance_uid
+    y = corrected(x, tmp_path / "sent", "y")
+    import_files(home, *instances)
+    sync_once(home)
+    with paused(home, "evict:after-commit", "evict", uid):
+        assert dcmtk.storescu(edge_server.port, [y]).store_responses() == ["Success"]
+        [(relative,)] = index_rows(home, f"SELECT path FROM instance_versions"
+                                         f" WHERE sop_uid = '{sop}' AND is_local = 0")
+        kept = home / "store" / str(relative)
+        os.utime(kept, (0, 0))  # serve keeping the file sets its mtime to now
+        agent = sqlite3.connect(home / "index.sqlite3", isolation_level=None)
+        agent.execute("BEGIN IMMEDIATE")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(dcmtk.storescu, edge_server.port, [x.path])
+            wait_until("serve keeps the file", lambda: kept.stat().st_mtime > 0)
+            assert agent.execute("SELECT COUNT(*) FROM instances WHERE path = ?",
+                                 (relative,)).fetchone() == (0,)
+            kept.unlink()
+            agent.execute("COMMIT")
+            agent.close()
+            assert sent.result().store_responses() == ["Success"]
+    assert versions_of(home, sop) == ([digest(x.path)], [digest(y)])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}", pytrace=False)
+        time.sleep(0.02)
+
+
+def stored_contents(home: Path) -> list[tuple[str, str]]:
+    """(SOP Instance UID, dataset SHA-256) of every file in the store, prior versions'
+    too, sorted."""
+    return sorted((str(dicomgen.read_header(p).SOPInstanceUID), digest(p))
+                  for p in (home / "store").rglob("*.dcm"))
 
 
 def test_new_content_for_an_evicted_instance_keeps_the_prior_one_in_its_pack(

@@ -42,6 +42,7 @@ from pynetdicom.dsutils import create_file_meta
 from appliance.base import compat, logsafe
 from appliance.base.errors import (
     InvalidInstance,
+    PacsEdgeError,
     Rejection,
 )
 from appliance.base.metrics import INGEST_IN_PROGRESS, INSTANCES_OF_ANOTHER_PATIENT
@@ -55,6 +56,9 @@ from appliance.store.spool import SpoolFile
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
+# Placings of one instance whose file an eviction may delete before its row commits
+# (X, Y, X sent while its study is evicted): the second one makes the file anew.
+PLACE_ATTEMPTS = 2
 # fsyncs of spooled instances, one per association storing at a time (more wait).
 
 
@@ -130,13 +134,24 @@ class IngestService:
                                synced=syncing)
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
-            placed = self.files.place(spool, relative, sha256=sha256, offset=offset,
-                                      synced=syncing)
-            if placed.created:  # else the name was taken (a prior version's file): not ours
-                committed_path = relative
-            stored = StoredFile(relative, placed.size, placed.dataset_offset, sha256,
-                                time.time(), source_ae)
-            recorded = self.index.record_instance_blocking(header, stored)
+            target = str(self.files.absolute(relative))
+            recorded = None
+            for _ in range(PLACE_ATTEMPTS):
+                placed = self.files.place(spool, relative, sha256=sha256, offset=offset,
+                                          synced=syncing)
+                if placed.created:  # else the name was taken (a prior version's file)
+                    committed_path = relative
+                stored = StoredFile(relative, placed.size, placed.dataset_offset, sha256,
+                                    time.time(), source_ae)
+                # None: the sync agent deleted the file meanwhile (Index.record_instance_
+                # blocking); placed again, it is this ingest's own.
+                recorded = self.index.record_instance_blocking(header, stored,
+                                                               placed_at=target)
+                if recorded is not None:
+                    break
+            if recorded is None:
+                raise PacsEdgeError("store write failed: the stored file was deleted while"
+                                    " the instance was recorded")
             committed_path = None  # the row owns the file now
             if recorded.outcome is RecordOutcome.NEW_VERSION:
                 log.warning(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import sqlite3
 import threading
 import time
@@ -214,13 +215,24 @@ class Index:
             "UPDATE instances SET size = ?, dataset_offset = ? WHERE sop_uid = ? AND path = ?",
             (size, dataset_offset, sop_uid, path)))
 
-    def record_instance_blocking(self, header: InstanceHeader,
-                                 stored: StoredFile) -> Recorded:
-        """`record_instance` in the calling thread's group commit (Writer.commit_blocking)."""
+    def record_instance_blocking(self, header: InstanceHeader, stored: StoredFile, *,
+                                 placed_at: str) -> Recorded | None:
+        """`record_instance` in the calling thread's group commit (Writer.commit_blocking),
+        for the file the caller placed at `placed_at` (absolute); None, recording
+        nothing, when that file is no longer there.
+
+        Ingest takes no lease, and the name it placed may be one the sync agent is
+        deleting: a file it kept (content sent again: X, Y, X), or one it made where a
+        deletion had been decided. So the file is looked for inside the write
+        transaction, as the agent decides and deletes inside one
+        (tier_steps.drop_unneeded_files): a deletion ordered before this commit took
+        the file, and the caller places it again; one ordered after sees this row,
+        which marks the file local, and keeps it."""
         if self.writer is None:
             raise RuntimeError("index is not open")
-        recorded: Recorded = self.writer.commit_blocking(
-            lambda conn: _record(conn, header, stored))
+        recorded: Recorded | None = self.writer.commit_blocking(
+            lambda conn: _record(conn, header, stored) if os.path.lexists(placed_at)
+            else None)
         return recorded
 
     # --- retrieve ---------------------------------------------------------------
@@ -359,14 +371,6 @@ class Index:
                    " UNION ALL SELECT path FROM instance_versions WHERE path IN ({marks})")
         return [path for path in paths if path not in known]
 
-    async def needed_locally(self, paths: Sequence[str]) -> set[str]:
-        """Which of `paths` a row marked local names, current or prior version: files
-        that a deletion of non-local files (evict, a failed recall) must leave alone."""
-        return await self._paths_among(
-            paths, "SELECT path FROM instances WHERE is_local = 1 AND path IN ({marks})"
-                   " UNION SELECT path FROM instance_versions WHERE is_local = 1"
-                   " AND path IN ({marks})")
-
     async def _paths_among(self, paths: Sequence[str], sql: str) -> set[str]:
         """The paths `sql` returns for `paths`, asked PATHS_PER_QUERY at a time: `sql`
         names the chunk twice, as {marks} (the current and the prior versions)."""
@@ -474,6 +478,17 @@ def _all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqli
 def _scalar(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
     row = database.query_one(conn, sql, params)
     return row[0] if row else None
+
+
+def needed_locally(conn: sqlite3.Connection, paths: Sequence[str]) -> set[str]:
+    """Which of `paths` (at most PATHS_PER_QUERY) a row marked local names, current or
+    prior version: files that a deletion of non-local files (evict, a failed recall)
+    must leave alone."""
+    marks = ",".join("?" * len(paths))
+    return {str(row[0]) for row in conn.execute(
+        f"SELECT path FROM instances WHERE is_local = 1 AND path IN ({marks})"
+        f" UNION SELECT path FROM instance_versions WHERE is_local = 1 AND path IN ({marks})",
+        (*paths, *paths))}
 
 
 def _record(conn: sqlite3.Connection, h: InstanceHeader, stored: StoredFile) -> Recorded:

@@ -25,6 +25,10 @@ where visible, tells a reused pid apart.
 
 Ingest takes no lease, by design: it never deletes a file, and NEW_INSTANCE
 is allowed in every tiering state, so a modality never waits behind an upload.
+Where it meets a deletion, on a file name (content sent again while its study
+is evicted), the write transaction orders the two: deletions decide and unlink
+inside one (tier_steps.drop_unneeded_files), ingest looks for its file inside
+the one that commits its row.
 Neither does a scrub that finds a pack damaged (sync.scrub): it deletes no
 file either, and its one transaction (local instances leave the pack, the
 study takes DAMAGED, allowed in every state) is consistent with every step of

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from appliance.base.errors import PacsEdgeError
 from appliance.store import amendments, database
+from appliance.store.index import needed_locally
 from appliance.store.leases import StudyLease
 from appliance.store.packs import UnverifiedPack, uploading_packs
 from appliance.store.recall_requests import finish_request
@@ -228,6 +229,34 @@ def keep_damaged_files(conn: sqlite3.Connection, lease: StudyLease, study_id: in
         " pack_length = NULL WHERE id = ?", [(instance_id,) for instance_id, _, _ in rows])
     apply_sync(conn, study_id, Trigger.DAMAGED)
     return KeptFiles(sorted(path for _, path, _ in rows), sorted({n for _, _, n in rows}))
+
+
+# --- deleting local files -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dropped:
+    freed: int      # bytes of the files deleted
+    kept: list[str]  # files a row marked local names: left alone
+
+
+def drop_unneeded_files(conn: sqlite3.Connection, lease: StudyLease, paths: Sequence[str],
+                        unlink: Callable[[str], int]) -> Dropped:
+    """Fence the lease, then delete with `unlink` (bytes freed) those of `paths` (at most
+    PATHS_PER_QUERY) that no row marked local names, inside this transaction.
+
+    The rows said not local when the operation chose `paths`, but ingest takes no lease:
+    the same content sent again (X, Y, X) makes a row that names one of those files
+    local, the file kept as it was. Deciding before this transaction and deleting
+    after it let that row commit in between: the file went, its acknowledged row
+    said local, and the study's next versions could not be made. In one write
+    transaction, with ingest looking for its file inside its own
+    (Index.record_instance_blocking), one of the two comes first, and either this
+    sees the row or the ingest sees the file gone and places it again."""
+    lease.fence(conn)
+    needed = needed_locally(conn, paths)
+    return Dropped(sum(unlink(path) for path in paths if path not in needed),
+                   [path for path in paths if path in needed])
 
 
 # --- recall -----------------------------------------------------------------------------
