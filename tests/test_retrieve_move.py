@@ -707,15 +707,26 @@ def test_a_move_longer_than_the_network_timeout_ends_with_a_release(
     assert "aborting association: no PDU within network_timeout" not in edge.log()
 
 
-def test_move_stamps_the_study_access_time(
-    edge_server: EdgeServer, destination: StorePeer,
-    small_study: list[dicomgen.GeneratedInstance],
+def test_move_stamps_the_study_access_time_before_it_sends(
+    edge_server: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
+    """Eviction takes the least recently used study first: a study being moved is in use
+    from the first sub-operation, not from the final response (a long move of an old
+    study was the first to go under disk pressure, its files deleted under the move)."""
     store(edge_server, small_study)
-    edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
     sql = "SELECT last_access_at FROM studies"
     [(before,)] = index_rows(edge_server, sql)
-    c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
-                         "StudyInstanceUID": small_study[0].study_uid}, destination.ae_title)
-    [(after,)] = index_rows(edge_server, sql)
-    assert float(after) > float(before)  # type: ignore[arg-type]
+    during: list[object] = []
+
+    def look(uid: str, nth: int) -> float:
+        if not during:
+            during.extend(index_rows(edge_server, sql)[0])
+        return 0.0
+
+    with StorePeer(stall=look) as destination:
+        edge_server.add_peer("dest", destination.ae_title, destination.port, allow="store")
+        c_move(edge_server, {"QueryRetrieveLevel": "STUDY",
+                             "StudyInstanceUID": small_study[0].study_uid},
+               destination.ae_title)
+    assert len(during) == 1
+    assert float(during[0]) > float(before)  # type: ignore[arg-type]

@@ -357,6 +357,12 @@ class _Retrieval:
         return self._plan(move_destination=move_destination)
 
     def _start(self, plan: Plan, extra: str) -> _Tally:
+        # The studies are in use from now: eviction takes the least recently used first,
+        # and a long retrieve stamped only at its end could lose its files under it.
+        try:
+            self.att.bridge.call(self.att.service.record_access(plan))
+        except Exception as exc:  # an access stamp is not worth failing a retrieve for
+            log.warning("could not record study access error=%s", type(exc).__name__)
         tally = _Tally(remaining=plan.total)
         for instance in plan.unavailable:
             tally.fail(instance)
@@ -426,10 +432,6 @@ class _Retrieval:
 
     def _finish(self, plan: Plan, tally: _Tally, cancelled: bool) -> None:
         self._audit(plan, tally, cancelled)
-        try:
-            self.att.bridge.call(self.att.service.record_access(plan))
-        except Exception as exc:  # an access stamp is not worth failing a retrieve for
-            log.warning("could not record study access error=%s", type(exc).__name__)
         if self.requestor_gone or not self.sc.assoc.is_established:
             return
         status = Status.CANCEL if cancelled else tally.final_status()

@@ -19,8 +19,8 @@ which decodes the request, sends the files and reports counts. Here:
   stay in the sync agent's process. Instances still not on disk after that
   (recall failed or timed out, or a file is gone) are `unavailable` and the
   wire side counts them as failed sub-operations.
-- `record_access()` stamps the studies' last access time, which eviction
-  uses to pick the least recently used studies.
+- `record_access()` stamps the studies' last access time as a retrieve
+  starts, which eviction uses to pick the least recently used studies.
 
 A request that cannot be served at all raises NotAuthorized or RetrieveRefused
 (appliance.base.errors); the latter's `kind` says why in domain terms and the
