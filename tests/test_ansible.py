@@ -471,7 +471,8 @@ def test_check_diff_on_a_converged_box_shows_only_the_pending_changes(fleet: Fle
     assert re.search(r"^\+\[peers\.ws9\]$", proc.stdout, re.MULTILINE), proc.stdout[-8000:]
     assert re.search(r"TASK \[pacs_edge : Renew the node certificate[^\]]*\] \**\nchanged: ",
                      proc.stdout), proc.stdout[-8000:]
-    handlers = re.findall(r"^RUNNING HANDLER \[pacs_edge : ([^\]]+)\]", proc.stdout, re.MULTILINE)
+    handlers = re.findall(r"^RUNNING HANDLER \[pacs_edge : (Restart [^\]]+)\]", proc.stdout,
+                          re.MULTILINE)
     assert handlers == ["Restart pacs-edge"], proc.stdout[-8000:]
     assert {path: path.read_bytes() for path in before} == before
 
@@ -579,7 +580,7 @@ def test_a_config_whose_files_are_refused_is_put_back_and_restarts_nothing(
     for handler in ("Restart pacs-edge", "Restart pacs-edge-sync"):
         ran = re.search(rf"RUNNING HANDLER \[pacs_edge : {handler}\] \**\n(.*)\n", proc.stdout)
         assert ran and ran[1].startswith(f"skipping: [{host}]") and \
-            '"false_condition": "not pacs_edge__config_refused' in ran[1], proc.stdout[-8000:]
+            '"false_condition": "pacs_edge__config_checked' in ran[1], proc.stdout[-8000:]
 
 
 def test_changing_one_host_variable_changes_only_that_host(fleet: Fleet) -> None:
@@ -878,6 +879,98 @@ def test_cloud_credentials_file_is_never_readable_by_others_while_written(
     assert secret.read_text() == "AccountKey=NOT-FOR-OTHERS\n"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert set(chmods.read_text().split()) == {"600"}
+
+
+def _stand_in_box(tmp_path: Path, init_fails: Path) -> Path:
+    """The root of a box as the role leaves it before its config (the play starts there
+    with --start-at-task): a pacs-edge that accepts everything and fails `init` while
+    `init_fails` exists, and a venv python that prints a certificate probe's answer."""
+    root = tmp_path / "root"
+    venv = root / "opt/pacs-edge/venv/bin"
+    venv.mkdir(parents=True)
+    (root / "etc/pacs-edge").mkdir(parents=True)
+    (root / "var/lib/pacs-edge").mkdir(parents=True)
+    (venv / "pacs-edge").write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in init) [ -e {init_fails} ] && {{ echo "no space left" >&2; exit 1; }};'
+        ' echo "already initialised; nothing changed";; esac\n')
+    (venv / "python").write_text(
+        "#!/bin/sh\necho '{\"names\": [], \"days_left\": 300, \"missing\": []}'\n")
+    for stand_in in (venv / "pacs-edge", venv / "python"):
+        stand_in.chmod(0o755)
+    (tmp_path / "pacs_edge-0.1.0-py3-none-any.whl").touch()
+    return root
+
+
+def _play_from_config(tmp_path: Path, root: Path, variables: dict[str, object],
+                      *args: str) -> subprocess.CompletedProcess[str]:
+    """The playbook from "Write the configuration file" on the stand-in box `root`, as
+    root (no service user), with `variables`."""
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yaml.safe_dump({"pacs_edge": {
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
+                 "pacs_edge_wheel": str(tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"),
+                 "pacs_edge_user": "root", "pacs_edge_group": "root",
+                 "pacs_edge_root_prefix": str(root), **variables},
+        "hosts": {"box": {}}}}))
+    return _play(inventory, tmp_path, "--start-at-task", "Write the configuration file", *args)
+
+
+def test_a_run_failing_before_config_check_restarts_nothing_and_the_next_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that writes a new config and fails before the whole `config check` (here
+    `init`: a full disk) restarts nothing, though force_handlers runs the handlers: the
+    config was never checked. The restarts it owes are recorded on the box, and the next
+    run, which finds the config already written and changes nothing else, does them
+    (serve first), once: the run after it restarts nothing.
+
+    The play starts at the config (--start-at-task) on a converged stand-in box: a
+    pacs-edge that accepts everything unless told to fail `init`, a venv python that
+    prints a certificate probe, and a systemctl on PATH that answers as systemd for
+    running, enabled units and logs every call. The preflight's decision that systemd
+    runs as PID 1 (skipped by --start-at-task) is given with -e."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "systemctl.log"
+    (fake / "systemctl").write_text(
+        "#!/bin/sh\n"
+        f"echo \"$*\" >> {calls}\n"
+        'case "$1" in\n'
+        "  show) printf 'Id=%s\\nLoadState=loaded\\nActiveState=active\\n"
+        "SubState=running\\nUnitFileState=enabled\\n' \"$2\";;\n"
+        "  is-enabled) echo enabled;;\n"
+        "esac\n")
+    (fake / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    init_fails = tmp_path / "init-fails"
+    root = _stand_in_box(tmp_path, init_fails)
+
+    def run(ae_title: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+        calls.unlink(missing_ok=True)
+        proc = _play_from_config(tmp_path, root, {"pacs_edge_ae_title": ae_title},
+                                 "-e", json.dumps({"pacs_edge__services_run": True}))
+        called = calls.read_text().splitlines() if calls.exists() else []
+        return proc, [line for line in called if line.startswith("restart ")]
+
+    proc, restarts = run("EDGE")  # converge: first config, units
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert restarts == ["restart pacs-edge.service", "restart pacs-edge-sync.service"]
+    init_fails.touch()
+    proc, restarts = run("EDGE_NEW")
+    assert proc.returncode != 0 and "no space left" in proc.stdout, proc.stdout[-6000:]
+    assert 'ae_title = "EDGE_NEW"' in (root / "etc/pacs-edge/pacs-edge.toml").read_text()
+    assert restarts == [], proc.stdout[-6000:]
+    init_fails.unlink()
+    proc, restarts = run("EDGE_NEW")
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert proc.returncode == 0 and recap["box"][1] == 0, proc.stdout[-6000:]
+    assert re.search(r"TASK \[pacs_edge : Write the configuration file\] \**\nok: ",
+                     proc.stdout), proc.stdout[-6000:]
+    assert restarts == ["restart pacs-edge.service", "restart pacs-edge-sync.service"]
+    proc, restarts = run("EDGE_NEW")
+    recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
+    assert recap == {"box": (0, 0)} and restarts == [], proc.stdout[-6000:]
 
 
 def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> None:
