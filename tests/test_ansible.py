@@ -905,15 +905,36 @@ def _stand_in_box(tmp_path: Path, init_fails: Path) -> Path:
 def _play_from_config(tmp_path: Path, root: Path, variables: dict[str, object],
                       *args: str) -> subprocess.CompletedProcess[str]:
     """The playbook from "Write the configuration file" on the stand-in box `root`, as
-    root (no service user), with `variables`."""
+    root (no service user), with `variables`; the preflight's decision whether systemd
+    runs as PID 1, which --start-at-task skips, is no (-e may say yes)."""
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
                  "pacs_edge_wheel": str(tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"),
                  "pacs_edge_user": "root", "pacs_edge_group": "root",
-                 "pacs_edge_root_prefix": str(root), **variables},
+                 "pacs_edge_root_prefix": str(root), "pacs_edge__services_run": False,
+                 **variables},
         "hosts": {"box": {}}}}))
     return _play(inventory, tmp_path, "--start-at-task", "Write the configuration file", *args)
+
+
+def test_a_file_cloud_folder_outside_the_home_is_writable_for_the_sync_unit(
+    tmp_path: Path,
+) -> None:
+    """ProtectSystem=strict leaves the sync agent only its data home to write: a file:///
+    cloud folder elsewhere (a NAS mount) gets a drop-in with ReadWritePaths= for it, which
+    goes again once the cloud is the home's own. Without it the box passes `config check`
+    (run outside the unit) and every upload fails on a read-only file system."""
+    root = _stand_in_box(tmp_path, tmp_path / "init-fails")
+    drop_in = root / "etc/systemd/system/pacs-edge-sync.service.d/cloud-folder.conf"
+    proc = _play_from_config(tmp_path, root, {"pacs_edge_cloud_url": "file:///mnt/nas/packs/"})
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert re.findall(r"^ReadWritePaths=.*$", drop_in.read_text(), re.MULTILINE) == [
+        "ReadWritePaths=/mnt/nas/packs"]
+    for inside in ("", "file:///var/lib/pacs-edge/cloud"):
+        proc = _play_from_config(tmp_path, root, {"pacs_edge_cloud_url": inside})
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        assert not drop_in.exists(), inside
 
 
 def test_a_run_failing_before_config_check_restarts_nothing_and_the_next_run_does(
