@@ -204,6 +204,14 @@ async def test_times_match_their_whole_precision_and_ranges(
         (Match.TIME, "101061"),
         (Match.TIME, "08.x-09"),
         (Match.TIME, "08-09-10"),
+        # Digits that make no HH, HHMM, HHMMSS or HHMMSS.F-FFFFFF: were keyed as if they
+        # did (`101` as 10:10, `10150012` as 10:15:00, `7` as a 70th hour) and matched.
+        (Match.TIME, "101"),
+        (Match.TIME, "7"),
+        (Match.TIME, "10150012"),
+        (Match.TIME, "1015.5"),
+        (Match.TIME, "101500.1234567"),
+        (Match.TIME, "0900-101"),
         (Match.INTEGER, "five"),
     ],
 )

@@ -16,6 +16,8 @@ import re
 
 _DATE = re.compile("[0-9]{8}")
 _DIGITS = re.compile("[0-9]+")  # ASCII only: str.isdigit() takes "²", which int() refuses
+# HH, HHMM, HHMMSS, HHMMSS.F to HHMMSS.FFFFFF (PS3.5 6.2), colons of `HH:MM:SS` removed.
+_TIME = re.compile(r"[0-9]{2}(?:[0-9]{2}(?:[0-9]{2}(?:\.[0-9]{1,6})?)?)?")
 _TIME_BOUNDS = (24, 60, 61)  # hour, minute, second: a second may be 60 (PS3.5 6.2)
 
 
@@ -31,10 +33,15 @@ def date_problem(value: str) -> str | None:
 
 
 def time_problem(value: str) -> str | None:
-    """What makes `value` no TM (`HH[MM[SS[.FFFFFF]]]` within a day), or None."""
-    if not time_key(value):
+    """What makes `value` no TM (`HH[MM[SS[.FFFFFF]]]` within a day), or None.
+
+    Stricter than `time_key`, which reads stored values as leniently as it can:
+    `101` or `10150012` would be keyed as 10:10 or 10:15:00 there.
+    """
+    text = value.strip().replace(":", "")
+    if not _TIME.fullmatch(text):
         return "is not HHMMSS.FFFFFF"
-    whole = value.strip().replace(":", "").partition(".")[0]
+    whole = text.partition(".")[0]
     if any(int(whole[2 * i:2 * i + 2] or 0) >= bound for i, bound in enumerate(_TIME_BOUNDS)):
         return "is out of range"
     return None
