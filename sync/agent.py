@@ -48,7 +48,7 @@ from sync.context import SyncContext, open_context
 from sync.evict import evict_study, eviction_candidates
 from sync.lifecycle import apply_lifecycle
 from sync.prefetch_rehydrate import PrefetchRecalls
-from sync.recall import serve_recall_requests
+from sync.recall import RecallRequests
 from sync.replicate import Replicated, replicate_study, replication_candidates
 from sync.rollback import recover_stuck, sweep_leftover_files
 from sync.scrub import SCRUB_INTERVAL, scheduled_scrub
@@ -172,7 +172,7 @@ async def run_agent(config: Config) -> None:
         sync = config.sync
         jobs: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
             ("replicate-evict", lambda: sync_pass(ctx), sync.replicate_interval_seconds),
-            ("recall-requests", lambda: serve_recall_requests(ctx), sync.recall_poll_seconds),
+            ("recall-requests", RecallRequests(ctx).run, sync.recall_poll_seconds),
             ("lifecycle", lambda: apply_lifecycle(ctx), LIFECYCLE_INTERVAL),
             ("scrub", lambda: scheduled_scrub(ctx), SCRUB_INTERVAL),
             ("prefetch", PrefetchRecalls(ctx).run, sync.recall_poll_seconds),

@@ -46,6 +46,7 @@ from provisioning.keyring import SiteKeyring, load_keyring
 from provisioning.site_secrets import load_name_secret
 from sync.blobstore.base import (
     BlobExists,
+    BlobInfo,
     BlobNotFound,
     BlobOffline,
     BlobRangeError,
@@ -351,15 +352,22 @@ class PackService:
 
     # --- recall ----------------------------------------------------------------
 
-    async def ensure_online(self, pack: PackRow) -> Tier:
-        """Wait until an archived pack is rehydrated (requested here when needed, at the
-        `[sync] rehydrate_priority`); the online tier it is on."""
+    async def request_online(self, pack: PackRow) -> BlobInfo:
+        """The pack as the cloud holds it now; when it is archived, its rehydration is
+        requested first (a no-op while one runs), at the `[sync] rehydrate_priority`."""
         info = await asyncio.to_thread(self.store.stat, pack.pack_name)
+        if not info.online:
+            await asyncio.to_thread(self.store.request_online, pack.pack_name,
+                                    early=self._rehydrate_early)
+        return info
+
+    async def ensure_online(self, pack: PackRow) -> Tier:
+        """Wait until an archived pack is rehydrated (requested here when needed); the
+        online tier it is on."""
+        info = await self.request_online(pack)
         if info.online:
             return info.tier
         log.info("pack is archived; rehydration requested pack=%s", pack.pack_name)
-        await asyncio.to_thread(self.store.request_online, pack.pack_name,
-                                early=self._rehydrate_early)
         while not (info := await asyncio.to_thread(self.store.stat, pack.pack_name)).online:
             await asyncio.sleep(self._rehydrate_poll)
         log.info("pack back online pack=%s tier=%s", pack.pack_name, info.tier.value)

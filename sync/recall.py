@@ -13,8 +13,10 @@ a clear error: the written files are removed, the study goes back to
 Requests: the appliance never talks to the cloud. For a C-MOVE/C-GET of an
 evicted study it inserts (or joins) a row in `recall_requests`
 (appliance.store.recall_requests); the agent
-picks pending rows up every `sync.recall_poll_seconds`. One row per study,
-so concurrent requests share one recall.
+picks pending rows up every `sync.recall_poll_seconds` (RecallRequests). One
+row per study, so concurrent requests share one recall. A study whose pack is
+on the Archive tier waits, still `evicted`, until its rehydration is done, and
+holds up no other request meanwhile; `pacs-edge recall` waits for it instead.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from appliance.base.metrics import RECALL_SECONDS, RECALLED_BYTES, RECALLS
 from appliance.store.leases import StudyBusy, StudyLease
 from appliance.store.packs import PackRow, packs_of, record_rehydrated
 from appliance.store.recall_requests import finish_request, pending_recalls
-from appliance.store.study_rows import InstanceRow, StudyRow, study_by_id
+from appliance.store.study_rows import (
+    InstanceRow,
+    StudyRow,
+    evicted_instances_of,
+    study_by_id,
+)
 from appliance.store.tier_steps import begin_recall, fail_recall, mark_recalled
 from appliance.store.tiering import TierState
 from sync.context import SyncContext
@@ -131,36 +138,80 @@ async def _undo_recall(ctx: SyncContext, study: StudyRow, lease: StudyLease,
     await ctx.index.writer.submit_sync(lambda c: fail_recall(c, lease, study.id))
 
 
-async def serve_recall_requests(ctx: SyncContext) -> int:
-    """Run every pending recall request; returns how many were served."""
-    assert ctx.index.writer is not None
-    served = 0
-    for study_id in await pending_recalls(ctx.index):
-        study = await study_by_id(ctx.index, study_id)
-        if study is None:
-            continue
-        if study.tier_state == TierState.RECALLING:
-            # Another process recalls it (the request waits), or one died doing so:
-            # roll that back now rather than at the next replication pass.
-            try:
-                await recover_study(ctx, study.id, study.study_uid)
-            except StudyBusy:
-                continue
+class RecallRequests:
+    """The agent's recall-requests job: every pending request, oldest first.
+
+    A study with a pack on the Archive tier is not recalled while that pack is
+    offline: its rehydration is requested (at `[sync] rehydrate_priority`) and the
+    request stays pending, the study `evicted` and without a lease, looked at again
+    every `sync.rehydrate_poll_seconds`; once every pack it needs is online, it is
+    recalled. A recall that waited for the rehydration inside the job (Azure: up to
+    15 hours at Standard) held up every request behind it, and their C-MOVEs, C-GETs
+    and viewers timed out though their packs were online.
+    """
+
+    def __init__(self, ctx: SyncContext) -> None:
+        self.ctx = ctx
+        self._rehydrating: dict[int, float] = {}  # study id -> monotonic time of the last look
+
+    async def run(self) -> int:
+        """Run every pending recall request that can run now; returns how many were served."""
+        ctx = self.ctx
+        assert ctx.index.writer is not None
+        served = 0
+        pending = await pending_recalls(ctx.index)
+        self._rehydrating = {k: v for k, v in self._rehydrating.items() if k in pending}
+        for study_id in pending:
             study = await study_by_id(ctx.index, study_id)
             if study is None:
                 continue
-        if study.tier_state != TierState.EVICTED:
-            # Already back (or never gone): the request is satisfied.
-            await ctx.index.writer.submit_sync(
-                lambda c, s=study_id: finish_request(c, s, "done", "", at=time.time()))
-            continue
-        try:
-            await recall_study(ctx, study)
-        except StudyBusy:
-            continue  # another operation holds the study; the request stays pending
-        except PacsEdgeError as exc:
-            await ctx.index.writer.submit_sync(
-                lambda c, s=study_id, m=exc.message: finish_request(c, s, "failed", m,
-                                                                    at=time.time()))
-        served += 1
-    return served
+            if study.tier_state == TierState.RECALLING:
+                # Another process recalls it (the request waits), or one died doing so:
+                # roll that back now rather than at the next replication pass.
+                try:
+                    await recover_study(ctx, study.id, study.study_uid)
+                except StudyBusy:
+                    continue
+                study = await study_by_id(ctx.index, study_id)
+                if study is None:
+                    continue
+            if study.tier_state != TierState.EVICTED:
+                # Already back (or never gone): the request is satisfied.
+                await ctx.index.writer.submit_sync(
+                    lambda c, s=study_id: finish_request(c, s, "done", "", at=time.time()))
+                continue
+            try:
+                if not await self._online(study):
+                    continue
+                await recall_study(ctx, study)
+            except StudyBusy:
+                continue  # another operation holds the study; the request stays pending
+            except PacsEdgeError as exc:
+                self._rehydrating.pop(study_id, None)
+                await ctx.index.writer.submit_sync(
+                    lambda c, s=study_id, m=exc.message: finish_request(c, s, "failed", m,
+                                                                        at=time.time()))
+            served += 1
+        return served
+
+    async def _online(self, study: StudyRow) -> bool:
+        """Whether every pack the study's recall reads is online; the rehydration of
+        those that are not is requested, and they are looked at again only after
+        `sync.rehydrate_poll_seconds`."""
+        looked = self._rehydrating.get(study.id)
+        if looked is not None and (time.monotonic() - looked
+                                   < self.ctx.config.sync.rehydrate_poll_seconds):
+            return False
+        needed = {row.pack_fk for row in await evicted_instances_of(self.ctx.index, study.id)}
+        offline = 0
+        for pack in await packs_of(self.ctx.index, study.id):
+            if pack.id in needed and not (await self.ctx.packs.request_online(pack)).online:
+                offline += 1
+        if not offline:
+            self._rehydrating.pop(study.id, None)
+            return True
+        if looked is None:
+            log.info("recall waits for the rehydration of archived packs study=%s packs=%d",
+                     logsafe.ref(study.study_uid), offline)
+        self._rehydrating[study.id] = time.monotonic()
+        return False
