@@ -45,16 +45,20 @@ Choices worth knowing:
   checks that for both backends.
 - Errors: azure.core exceptions are mapped to the sync.blobstore.base tree in
   `_mapped`, right here; nothing of the SDK leaves this module. Messages carry
-  the HTTP status and Azure error code, never the connection string.
+  the HTTP status and Azure error code, never the connection string. A 403 whose
+  answer is dated more than 15 minutes from this machine's clock says so: Azure
+  refuses such a request as AuthenticationFailed, as it does a wrong key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, NoReturn
@@ -100,6 +104,7 @@ _OFFLINE_CODES = {"BlobArchived", "BlobBeingRehydrated"}
 _EXISTS_CODES = {"BlobAlreadyExists", "ConditionNotMet"}
 _TIERS = {tier.value.lower(): tier for tier in Tier}
 _BLOCK_ID_DIGITS = 6  # Azure allows 50,000 committed blocks per blob
+_MAX_SKEW = 15 * 60  # seconds: Azure refuses a request dated further off than this
 
 
 def check_container(container: str) -> str:
@@ -406,6 +411,18 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
     if status == 416:
         raise BlobRangeError(operation, name, f"range outside the blob ({what})") from exc
     if status in (401, 403):
+        skew = _clock_skew(exc)
+        if skew is not None and abs(skew) > _MAX_SKEW:
+            # Azure answers a request dated too far off as it answers a wrong key
+            # (AuthenticationFailed), and a HEAD carries no detail at all: the Date of
+            # the answer is what tells the two apart.
+            raise BlobStoreUnavailable(
+                operation, name, f"Azure refused the request's time: this machine's clock is"
+                f" {abs(skew) / 60:.0f} minutes {'behind' if skew > 0 else 'ahead of'} the"
+                f" storage service's ({what})",
+                hint="set the clock right (timedatectl status; NTP or chrony): Azure refuses"
+                " requests more than 15 minutes off; the credentials are not the problem"
+                ) from exc
         raise BlobStoreUnavailable(
             operation, name, f"Azure refused our credentials ({what})",
             hint="check the connection string (account key or SAS and its permissions) "
@@ -416,6 +433,19 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
                              "log line") from exc
     raise BlobStoreUnavailable(operation, name, f"Azure client failed ({type(exc).__name__})",
                                hint="check the storage account and the network") from exc
+
+
+def _clock_skew(exc: AzureError) -> float | None:
+    """Seconds the service's clock is ahead of this machine's, from the Date of its
+    answer; None when the answer carried no usable Date."""
+    response = getattr(exc, "response", None)
+    date = response.headers.get("Date") if response is not None else None
+    if not date:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
 
 
 def _error_code(exc: AzureError) -> str:
