@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -135,6 +136,26 @@ def test_readyz_says_why_the_box_cannot_take_studies(tmp_path: Path) -> None:
         assert ready.body.decode().startswith("disk: ")
     finally:
         server.stop()
+
+
+def test_metrics_show_an_index_that_takes_no_write_as_a_failed_readiness_check(
+        tmp_path: Path) -> None:
+    """Another process holding the index's write lock (a `sqlite3` shell left in a
+    transaction): /readyz says index, and so does /metrics, which Prometheus scrapes."""
+    index_check = ("pacs_edge_ready_check", (("check", "index"),))
+    with metrics_listener_box(tmp_path) as base:
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=30) as answer:
+                return samples(answer.read().decode())
+
+        assert scrape()[index_check] == 1
+        holder = sqlite3.connect(tmp_path / "home" / "index.sqlite3", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            assert scrape()[index_check] == 0
+        finally:
+            holder.close()
+        assert scrape()[index_check] == 1
 
 
 def test_a_box_without_web_server_serves_metrics_on_its_own_port(tmp_path: Path) -> None:

@@ -175,17 +175,26 @@ def test_read_only_store_answers_out_of_resources_on_a_live_association(
     assert json.loads(edge_server.cli("status", "--json").stdout)["instances"] == 3
 
 
-def test_readyz_says_store_while_the_store_is_read_only(
+def test_readyz_and_metrics_say_store_while_the_store_is_read_only(
     edge_server: EdgeServer, roomy_tmpfs: Path
 ) -> None:
+    """Prometheus does not probe /readyz: /metrics carries its checks (PacsEdgeNotReady)."""
     port = dcmtk.free_port()
     edge_server.stop()
     edge_server.configure(store={"path": roomy_tmpfs}, metrics={"port": port})
     edge_server.start()
+    store_check = ("pacs_edge_ready_check", (("check", "store"),))
     assert readyz(port) == (200, "ready\n")
+    assert scrape(port)[store_check] == 1
     with read_only(roomy_tmpfs):
         assert readyz(port) == (503, "store: the file system is read-only\n")
+        values = scrape(port)
+    assert values[store_check] == 0
+    assert {check: values[("pacs_edge_ready_check", (("check", check),))]
+            for check in ("disk", "inodes", "index", "listeners")} == dict.fromkeys(
+                ("disk", "inodes", "index", "listeners"), 1)
     assert readyz(port) == (200, "ready\n")
+    assert scrape(port)[store_check] == 1
 
 
 def test_serve_on_a_full_data_home_says_no_space_and_starts_once_there_is_room(

@@ -28,7 +28,8 @@ What an audit record guarantees, and when:
   web logins are windowed per user (or name typed), address and reason.
 - If the log cannot be written (disk full), records stay buffered (up to
   MAX_PENDING, then the oldest are dropped and counted in an error line) and
-  are retried at the next flush.
+  are retried at the next flush; each failed try counts in
+  pacs_edge_audit_write_failures_total, which the fleet's alerts watch.
 
 Nothing here logs record content: log lines carry counts and error types.
 """
@@ -763,6 +764,11 @@ class Auditor:
             try:
                 self.log.append(pending)
             except AuditLogError as exc:
+                # Imported here: the CLI imports this module before `serve` and `sync`
+                # point prometheus-client at the data home's folder (metrics_dir.py).
+                from appliance.base.metrics import AUDIT_WRITE_FAILURES
+
+                AUDIT_WRITE_FAILURES.inc()
                 with self._lock:
                     self._last_error = exc.message
                     self._pending[:0] = pending

@@ -87,6 +87,9 @@ PREFETCH_PRIORS = Counter(
     "pacs_edge_prefetch_priors",
     "Prefetched priors finished, by source (local, cloud, remote) and outcome (done or the"
     " failure kind).", ["source", "outcome"])
+AUDIT_WRITE_FAILURES = Counter(
+    "pacs_edge_audit_write_failures",
+    "Appends of buffered audit records that the audit log refused (each retry counts).")
 SYNC_PASSES = Counter(
     "pacs_edge_sync_passes", "Replicate-and-evict passes of the sync agent, by outcome.",
     ["outcome"])

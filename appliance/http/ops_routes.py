@@ -5,7 +5,7 @@
                    reserve or out of inodes, a store that takes no file, an index
                    that takes no write, no DICOM port bound
     GET /metrics   Prometheus text format (base/metrics.py: events; services/
-                   state_metrics.py: state), for addresses in [metrics] allow
+                   state_metrics.py: state, /readyz's checks), for addresses in [metrics] allow
                    only (403 otherwise); no PHI, no UIDs
     GET /status    the same facts as `pacs-edge status` and the last 50 studies
                    received, as plain HTML, for admins (a login like the viewer's)
@@ -17,6 +17,7 @@ configured scrapers because counts of studies are the site's business.
 
 from __future__ import annotations
 
+import asyncio
 import html
 from collections.abc import Awaitable, Callable
 
@@ -72,8 +73,11 @@ async def metrics_text(request: web.Request) -> web.Response:
         # default allow admits: a scraper asks the box itself (docs/web.md).
         raise web.HTTPForbidden(text="/metrics is not served through a proxy: scrape the"
                                 " box itself\n")
-    report = await request.app[_SOURCES].report()
-    return web.Response(body=exposition(state_families(report)),
+    sources = request.app[_SOURCES]
+    # /readyz's checks too: a box that answers scrapes but takes no study (a read-only
+    # store, a locked index) must show in Prometheus, which does not probe /readyz.
+    report, ready = await asyncio.gather(sources.report(), sources.readiness())
+    return web.Response(body=exposition(state_families(report, ready)),
                         headers={"Content-Type": CONTENT_TYPE, **_NO_STORE})
 
 

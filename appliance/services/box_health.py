@@ -355,42 +355,50 @@ def free_bytes_floor(reserve_bytes: int) -> int:
     return max(reserve_bytes, READY_MIN_FREE_BYTES)
 
 
+READY_CHECKS = ("disk", "inodes", "store", "index", "listeners")
+
+
 @dataclass(frozen=True)
 class Readiness:
-    """Whether the box can accept a study now; `problems` says why not, one line each."""
+    """Whether the box can accept a study now: why not, by check (READY_CHECKS)."""
 
-    problems: list[str]
+    failed: dict[str, str]
 
     @property
     def ready(self) -> bool:
-        return not self.problems
+        return not self.failed
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per failed check, as /readyz answers them."""
+        return [f"{check}: {why}" for check, why in self.failed.items()]
 
 
 async def readiness(index: Index, files: FileStore, *, listening: Callable[[], bool]) -> Readiness:
     """Disk room (bytes above the reserve, inodes), a store that takes files, an index
     that takes a write, listeners bound."""
-    problems = []
+    failed = {}
     disk = await asyncio.to_thread(files.disk)
     floor = free_bytes_floor(files.reserve_bytes)
     if disk.free_bytes < floor:
-        problems.append(f"disk: {disk.free_bytes >> 20} MB free, below {floor >> 20} MB"
-                        f" ([store] reserve_mb, at least {READY_MIN_FREE_BYTES >> 20})")
+        failed["disk"] = (f"{disk.free_bytes >> 20} MB free, below {floor >> 20} MB"
+                          f" ([store] reserve_mb, at least {READY_MIN_FREE_BYTES >> 20})")
     if disk.total_inodes and disk.free_inodes < READY_MIN_FREE_INODES:
-        problems.append(f"inodes: {disk.free_inodes} free, below {READY_MIN_FREE_INODES}"
-                        " (one per instance file; `df -i` on the store)")
+        failed["inodes"] = (f"{disk.free_inodes} free, below {READY_MIN_FREE_INODES}"
+                            " (one per instance file; `df -i` on the store)")
     store = await asyncio.to_thread(_store_problem, files.spool_dir)
     if store:
-        problems.append(f"store: {store}")
+        failed["store"] = store
     try:
         if index.writer is None:
             raise PacsEdgeError("the index is open read-only")
         await asyncio.wait_for(index.writer.submit_sync(_take_write_lock),
                                READY_INDEX_TIMEOUT)
     except (TimeoutError, PacsEdgeError) as exc:
-        problems.append(f"index: not writable ({type(exc).__name__})")
+        failed["index"] = f"not writable ({type(exc).__name__})"
     if not listening():
-        problems.append("listeners: no DICOM port is bound")
-    return Readiness(problems)
+        failed["listeners"] = "no DICOM port is bound"
+    return Readiness(failed)
 
 
 def _store_problem(spool_dir: Path) -> str:

@@ -1,8 +1,8 @@
-"""The state half of /metrics: the health report as Prometheus gauges.
+"""The state half of /metrics: the health report and /readyz's checks as Prometheus gauges.
 
-Derived at scrape time (box_health.gather), so these need no multiprocess
-bookkeeping and agree with `pacs-edge status`. Names and meanings are listed
-in docs/operations.md; no label holds PHI or a UID.
+Derived at scrape time (box_health.gather, box_health.readiness), so these need
+no multiprocess bookkeeping and agree with `pacs-edge status` and /readyz. Names
+and meanings are listed in docs/operations.md; no label holds PHI or a UID.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import datetime
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from appliance.services.box_health import HealthReport
+from appliance.services.box_health import READY_CHECKS, HealthReport, Readiness
 from appliance.store.tiering import TierState
 
 
@@ -21,7 +21,13 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def state_families(report: HealthReport) -> Iterator[Metric]:
+def state_families(report: HealthReport, ready: Readiness) -> Iterator[Metric]:
+    checks = GaugeMetricFamily("pacs_edge_ready_check",
+                               "1 when this /readyz check passes, 0 when it fails.",
+                               labels=["check"])
+    for check in READY_CHECKS:
+        checks.add_metric([check], 0.0 if check in ready.failed else 1.0)
+    yield checks
     now = report.at
     totals = report.totals
     studies = GaugeMetricFamily("pacs_edge_studies", "Studies by tiering state.",
