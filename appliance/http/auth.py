@@ -12,7 +12,8 @@ A request carries its user in one of two ways, both checked by the user service
 The Principal the service answers is put on the request (``request[PRINCIPAL]``)
 for the routes, which hand it to the services (scope is a service rule). A
 request without valid credentials gets, under /dicom-web, ``401`` with a
-``WWW-Authenticate: Basic`` challenge, and elsewhere a redirect to the login
+``WWW-Authenticate: Basic`` challenge (a browser gets one that opens no password
+dialog: _from_browser), and elsewhere a redirect to the login
 page; paths registered with `allow_anonymous` (the login page itself, launch
 links, the health probes and /metrics) pass without a user, and only to the route
 registered at that very path: a request the router hands to another route (HEAD
@@ -41,6 +42,9 @@ SESSION_COOKIE = "__Host-pacs_edge_session"
 DICOMWEB_PREFIX = "/dicom-web"
 LOGIN_PATH = "/login"
 REALM = 'Basic realm="pacs-edge", charset="UTF-8"'
+# The 401 challenge for a browser: a scheme no browser answers itself, so the page (OHIF)
+# gets the 401 and the browser opens no password dialog of its own.
+BROWSER_REALM = 'Session realm="pacs-edge"'
 # Retry-After of a 503 for a condition of the box that passes (a full disk, a recall
 # that did not finish in time): the client tries the same request again later.
 RETRY_AFTER_SECONDS = "60"
@@ -137,7 +141,20 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
 
 def _challenge(request: web.Request) -> web.StreamResponse:
     if request.path == DICOMWEB_PREFIX or request.path.startswith(DICOMWEB_PREFIX + "/"):
+        realm = BROWSER_REALM if _from_browser(request) else REALM
         return web.Response(status=401, text="authentication required\n",
-                            headers={"WWW-Authenticate": REALM})
+                            headers={"WWW-Authenticate": realm})
     target = request.rel_url.path_qs
     raise web.HTTPSeeOther(f"{LOGIN_PATH}?next={quote(target, safe='')}")
+
+
+def _from_browser(request: web.Request) -> bool:
+    """Whether a request comes from a web browser (Fetch Metadata, which browsers add to
+    every request and tools do not, or the session cookie, which only the login page sets).
+
+    A browser answers a Basic challenge with its own password dialog (Chromium does for
+    the viewer's fetches once a session has ended) and then sends what was typed there
+    with every request to the box until it is closed: logging out left /dicom-web open to
+    the next person at a shared workstation. Browsers log in through the login page only.
+    """
+    return "Sec-Fetch-Mode" in request.headers or SESSION_COOKIE in request.cookies
