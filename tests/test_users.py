@@ -332,13 +332,16 @@ def test_a_success_restarts_the_failure_count(home: Path) -> None:
     with_service(home, scenario, max_failed_logins=3)
 
 
-def test_failed_logins_of_an_unknown_user_lock_nobody_out(home: Path) -> None:
+def test_failed_logins_of_an_unknown_user_lock_that_name_alone(home: Path) -> None:
     async def scenario(service: UserService) -> None:
         await _add(service)
+        kinds = []
         for _ in range(3):
             with pytest.raises(AuthenticationError) as caught:
                 await service.authenticate("RAD2", "wrong password!", address="t")
-            assert caught.value.kind is AuthFailure.BAD_CREDENTIALS
+            kinds.append(caught.value.kind)
+        # As an account would: the lock does not tell that no account has the name.
+        assert kinds == [AuthFailure.BAD_CREDENTIALS] + [AuthFailure.LOCKED_OUT] * 2
         await service.authenticate("rad1", PASSWORD, address="t")
 
     with_service(home, scenario, max_failed_logins=2)

@@ -171,11 +171,15 @@ def test_refused_reads_and_failed_logins_are_audited_once_per_window(
     assert first[0].study_uid in {o["ParticipantObjectID"]
                                   for o in refused["ParticipantObjectIdentification"]}
     assert web_records(web, RETRIEVE, "doc") == []  # nothing was handed out
-    # Wrong passwords: UserService audits each refusal once per window, and the
-    # 401 of DICOMweb adds no record of its own.
+    # Wrong passwords: UserService audits each refusal once per window (one record
+    # for the wrong passwords, one for the lock-out they reached, as for an account),
+    # and the 401 of DICOMweb adds no record of its own.
     read_frames(web, "mallory", first[:10], expect=401, password="not the password")
-    (login,) = wait_for_records(web, LOGIN, "mallory", 1, failed=True)
-    assert login["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1"
+    logins = wait_for_records(web, LOGIN, "mallory", 2, failed=True)
+    assert sorted(r["EventIdentification"]["EventOutcomeDescription"] for r in logins) == [
+        "too many failed logins: the account is locked for a while",
+        "unknown user or wrong password"]
+    assert {r["ActiveParticipant"][0]["NetworkAccessPointID"] for r in logins} == {"127.0.0.1"}
     assert web_records(web, RETRIEVE, "mallory", failed=True) == []
 
 

@@ -176,6 +176,22 @@ def test_lockout_over_https_refuses_the_right_password_until_unlocked(
     assert post_login(http, web_server, "rad1", PASSWORD).status_code == 303
 
 
+def test_lockout_does_not_tell_an_account_from_an_unknown_name(
+        web_server: EdgeServer) -> None:
+    # Before, only accounts locked: after max_failed_logins wrong tries the account's
+    # page said "locked" while an unknown name's still said "wrong", so a guesser learnt
+    # which names exist from the lock alone.
+    http = browser(web_server)
+    pages = {name: [post_login(http, web_server, name, "not the password") for _ in range(4)]
+             for name in ("rad1", "nobody")}
+    account, unknown = pages["rad1"], pages["nobody"]
+    assert [r.status_code for r in account] == [r.status_code for r in unknown] == [401] * 4
+    assert [r.text for r in account] == [r.text for r in unknown]
+    assert "locked" in unknown[-1].text
+    # HTTP Basic is refused the same way for both.
+    assert webpeer.curl(web_server, "/dicom-web/studies", user="nobody").status == 401
+
+
 def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows(
         web_server: EdgeServer) -> None:
     # Every wrong guess is on the wire before the first password check ends (raw TLS

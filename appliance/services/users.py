@@ -8,7 +8,8 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
 - [auth] max_failed_logins consecutive failures lock the user for lockout_minutes;
   while locked even the right password is refused (LOCKED_OUT) and not counted, also
   one whose check was under way when the lock came (_settle). A success resets the
-  count; `users unlock` and `users passwd` lift a lock.
+  count; `users unlock` and `users passwd` lift a lock. A name no account has locks
+  the same way (UnknownNameLocks), so the lock tells no more than the message.
 - A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
   session ends after session_idle_minutes without use or session_max_hours after
   login, when the user is removed, and when their password changes. A password is
@@ -70,6 +71,9 @@ HASHES_AT_ONCE = 2  # a login storm queues instead of taking every core
 LINK_VIA = "launch link"
 VERIFIED_SECONDS = 300.0
 VERIFIED_ENTRIES = 1024
+# Unknown names whose failures are counted; at 2 scrypts at once a guesser needs far
+# longer than a lock-out to push one name out by failing with others.
+UNKNOWN_NAMES = 50_000
 
 
 def _token_hash(token: str) -> str:
@@ -119,6 +123,7 @@ class UserService:
         self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
         self._link_key: bytes | None = None
         self._verified = VerifiedCredentials()
+        self._unknown_names = UnknownNameLocks()
 
     # --- accounts (the CLI) ------------------------------------------------------------
 
@@ -221,6 +226,8 @@ class UserService:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
         if user is not None and user.locked_until > now:
             raise _locked_out(user, address)
+        if user is None and self._unknown_names.locked(name, now):
+            raise _name_locked_out(name, address)
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
         if not session and user is not None and self._verified.recall(user, password, now):
@@ -232,9 +239,12 @@ class UserService:
             else:
                 ok = await asyncio.to_thread(passwords.verify_password, password,
                                              user.password_hash)
-        verdict = _Verdict.REFUSED
-        if user is not None:
-            checked, auth = user, self.config.auth
+        auth = self.config.auth
+        if user is None:
+            verdict = self._unknown_names.fail(name, now=now, limit=auth.max_failed_logins,
+                                               lockout_seconds=auth.lockout_minutes * 60)
+        else:
+            checked = user
             verdict = await self._write(lambda conn: _settle(conn, checked, ok, now=now,
                                                              auth=auth, session=session))
         if verdict is _Verdict.ADMITTED:
@@ -242,8 +252,7 @@ class UserService:
             self._verified.remember(user, password, now)
             return _principal(user), True
         if verdict is _Verdict.LOCKED:
-            assert user is not None
-            raise _locked_out(user, address)
+            raise _name_locked_out(user.name if user else name, address)
         locked = verdict is _Verdict.REFUSED_AND_LOCKED
         log.warning("login refused reason=bad_credentials user=%s address=%s locked=%s",
                     logsafe.ref(user.name if user else name), address, locked)
@@ -413,6 +422,45 @@ class VerifiedCredentials:
             self._entries.popitem(last=False)
 
 
+class UnknownNameLocks:
+    """The lock-out of names no account has, in memory: the count and lock a user's row
+    keeps (user_rows.record_failure), so that after max_failed_logins wrong tries a name
+    is LOCKED_OUT for lockout_minutes whether an account has it or not.
+
+    Before, only accounts locked: a few wrong passwords for a name told whether it
+    existed (an account's next try said "locked", at once; an unknown name's said
+    "wrong", after a full scrypt), where the message and its timing were meant to tell
+    nothing. Bounded to UNKNOWN_NAMES names, the least recently failed forgotten first;
+    a restart forgets them (an account's lock is kept).
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, until
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name[:MAX_NAME_CHARS + 1]  # longer names are no account's: one key for all
+
+    def locked(self, name: str, now: float) -> bool:
+        entry = self._entries.get(self._key(name))
+        return entry is not None and entry[1] > now
+
+    def fail(self, name: str, *, now: float, limit: int, lockout_seconds: float) -> _Verdict:
+        """Count one failure, as _settle does for an account: LOCKED if the name was
+        locked meanwhile (not counted), REFUSED_AND_LOCKED if this one locks it."""
+        key = self._key(name)
+        failures, until = self._entries.pop(key, (0, 0.0))
+        verdict = _Verdict.LOCKED if until > now else _Verdict.REFUSED
+        if verdict is _Verdict.REFUSED:
+            failures += 1
+            if failures >= limit:
+                failures, until, verdict = 0, now + lockout_seconds, _Verdict.REFUSED_AND_LOCKED
+        self._entries[key] = (failures, until)
+        while len(self._entries) > UNKNOWN_NAMES:
+            self._entries.popitem(last=False)
+        return verdict
+
+
 class _Verdict(enum.Enum):
     """How a checked password ends, decided against the user's lock as it is when the
     outcome is recorded."""
@@ -455,7 +503,11 @@ def _settle(conn: sqlite3.Connection, user: UserRow, ok: bool, *, now: float,
 
 
 def _locked_out(user: UserRow, address: str) -> AuthenticationError:
-    log.warning("login refused reason=locked_out user=%s address=%s", logsafe.ref(user.name),
+    return _name_locked_out(user.name, address)
+
+
+def _name_locked_out(name: str, address: str) -> AuthenticationError:
+    log.warning("login refused reason=locked_out user=%s address=%s", logsafe.ref(name),
                 address)
     return AuthenticationError(AuthFailure.LOCKED_OUT,
                                hint="wait, or ask an administrator to unlock the user")
