@@ -342,6 +342,35 @@ def test_orders_and_patient_changes_are_audited_and_never_logged(
     assert "audit log intact" in server.cli("audit", "verify").stdout
 
 
+def test_a_refused_order_or_patient_change_is_a_failed_record_with_the_reason(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """An attempt to change an order or a patient that the box refuses (AE) is in the
+    trail as the change asked for, outcome 4, with why: a RIS cancelling another
+    patient's order is what an auditor looks for."""
+    server, port = hl7_edge
+    assert hl7peer.send(port, hl7peer.orm("RF1", accession="ACCREF")).code == "AA"
+    cancel = hl7peer.orm("RF2", "CA", accession="ACCREF", patient_id="INTRUDERPAT")
+    assert hl7peer.send(port, cancel).code == "AE"
+    merge = hl7peer.adt("RF3", "A40", patient_id="SAMEPAT", prior="SAMEPAT")
+    assert hl7peer.send(port, merge).code == "AE"
+
+    def refused(code: str) -> list[dict[str, Any]]:
+        return [r for r in _audit_records(server)
+                if r["EventIdentification"]["EventID"]["csd-code"] == code
+                and r["EventIdentification"]["EventOutcomeIndicator"] == 4]
+
+    order, = refused("110109")  # written before the ACK: a refusal is fsync'd at once
+    assert order["EventIdentification"]["EventActionCode"] == "D"
+    assert "other_patient" in order["EventIdentification"]["EventOutcomeDescription"]
+    ids = {o["ParticipantObjectID"] for o in order["ParticipantObjectIdentification"]}
+    assert "INTRUDERPAT" in ids
+    patient, = refused("110110")
+    assert "not_allowed" in patient["EventIdentification"]["EventOutcomeDescription"]
+    assert "SAMEPAT" in {o["ParticipantObjectID"]
+                         for o in patient["ParticipantObjectIdentification"]}
+    assert "INTRUDERPAT" not in server.log() and "SAMEPAT" not in server.log()
+
+
 # --- idempotence and durability -----------------------------------------------------
 
 def test_duplicate_control_id_is_acknowledged_without_applying_twice(

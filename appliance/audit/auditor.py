@@ -557,18 +557,30 @@ class Auditor:
 
     # --- events: HL7 orders and patients ------------------------------------------------
 
-    def order_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
-        """An HL7 order was created, changed, cancelled or discontinued (Order Record)."""
+    def order_recorded(self, sender: str, address: str, effect: OrderFacts, *,
+                       refusal: str = "") -> None:
+        """An HL7 order was created, changed, cancelled or discontinued (Order Record);
+        with `refusal`, the change a message asked for and why the box refused it
+        (outcome 4, fsync'd at once). A refused order may name no study yet: then the
+        accession number is a detail of the patient object."""
         action = {"create": Action.CREATE, "cancel": Action.DELETE,
                   "discontinue": Action.DELETE}.get(effect.action, Action.UPDATE)
-        objects = (study_object(effect.study_uid, {}, effect.accession_number),
-                   patient_object(effect.patient.patient_id, effect.patient_name))
-        self._record(EventID.ORDER_RECORD, action, Outcome.SUCCESS,
+        patient = patient_object(effect.patient.patient_id, effect.patient_name)
+        if effect.study_uid:
+            objects = (study_object(effect.study_uid, {}, effect.accession_number), patient)
+        else:
+            objects = (replace(patient, details=(("AccessionNumber", effect.accession_number),)
+                               if effect.accession_number else ()),)
+        self._record(EventID.ORDER_RECORD, action,
+                     Outcome.MINOR_FAILURE if refusal else Outcome.SUCCESS,
                      self._hl7_participants(sender, address), objects=objects,
-                     description=f"order {effect.action}")
+                     description=f"order {effect.action}"
+                     + (f" refused: {refusal}" if refusal else ""), urgent=bool(refusal))
 
-    def patient_recorded(self, sender: str, address: str, effect: OrderFacts) -> None:
-        """An HL7 ADT registered, updated or merged a patient (Patient Record)."""
+    def patient_recorded(self, sender: str, address: str, effect: OrderFacts, *,
+                         refusal: str = "") -> None:
+        """An HL7 ADT registered, updated or merged a patient (Patient Record); with
+        `refusal`, the change asked for and why the box refused it (outcome 4)."""
         objects: tuple[ParticipantObject, ...] = (
             patient_object(effect.patient.patient_id, effect.patient_name),)
         if effect.prior is not None:
@@ -576,9 +588,11 @@ class Auditor:
                             details=(("MergedInto", effect.patient.patient_id),))
             objects += (prior,)
         action = Action.CREATE if effect.action == "register" else Action.UPDATE
-        self._record(EventID.PATIENT_RECORD, action, Outcome.SUCCESS,
+        self._record(EventID.PATIENT_RECORD, action,
+                     Outcome.MINOR_FAILURE if refusal else Outcome.SUCCESS,
                      self._hl7_participants(sender, address), objects=objects,
-                     description=f"patient {effect.action}")
+                     description=f"patient {effect.action}"
+                     + (f" refused: {refusal}" if refusal else ""), urgent=bool(refusal))
 
     def hl7_connection_refused(self, address: str, reason: str) -> None:
         """An MLLP connection from a host that may not send HL7; repeated refusals from

@@ -38,7 +38,8 @@ Rules:
   surviving patient (store/order_rows.py merge_patient); instances that
   arrive later with the prior ID join the surviving patient at ingest
   (store/hierarchy.py current_patient). Stored files are never rewritten.
-- Every applied order and patient change is audited (after the commit).
+- Every applied order and patient change is audited (after the commit); a refused
+  message, as each change it asked for with the refusal (outcome 4).
 - Logs carry message types, control codes and counts, never patient data:
   orders appear as logsafe refs.
 """
@@ -89,6 +90,11 @@ class OrderControl(enum.StrEnum):
     CHANGE = "XO"
     STATUS = "SC"  # status changed: ORC-5 says which (OrderRequest.reported_status)
 
+
+# What a refused order asked for, named as an applied one's Effect.action.
+_ASKED = {OrderControl.NEW: "create", OrderControl.CANCEL: "cancel",
+          OrderControl.DISCONTINUE: "discontinue", OrderControl.CHANGE: "change",
+          OrderControl.STATUS: "status"}
 
 _TRIGGERS = {OrderControl.CANCEL: OrderTrigger.CANCEL,
              OrderControl.DISCONTINUE: OrderTrigger.DISCONTINUE,
@@ -194,8 +200,10 @@ class Outcome:
 class OrderAudit(Protocol):
     """The audit methods the service calls (appliance.audit.Auditor)."""
 
-    def order_recorded(self, sender: str, address: str, effect: Effect) -> None: ...
-    def patient_recorded(self, sender: str, address: str, effect: Effect) -> None: ...
+    def order_recorded(self, sender: str, address: str, effect: Effect, *,
+                       refusal: str = "") -> None: ...
+    def patient_recorded(self, sender: str, address: str, effect: Effect, *,
+                         refusal: str = "") -> None: ...
 
 
 class MessageRefused(Exception):
@@ -238,17 +246,39 @@ class OrderService:
                  f" refusal={outcome.refusal.value} field={outcome.location}"
                  if outcome.refusal else "")
         if self.audit is not None and not outcome.duplicate:
-            for effect in outcome.effects:
-                if effect.accession_number:
-                    self.audit.order_recorded(sender, address, effect)
-                else:
-                    self.audit.patient_recorded(sender, address, effect)
+            self._audit(self.audit, outcome, request, sender, address)
         if not outcome.duplicate:
             for effect in outcome.effects:
                 hook = self._hooks.get(effect.action)
                 if hook is not None:
                     await self._run_hook(hook, effect.action, effect.accession_number)
         return outcome
+
+    @staticmethod
+    def _audit(audit: OrderAudit, outcome: Outcome, request: Request, sender: str,
+               address: str) -> None:
+        """Each applied change; for a refused message, each change it asked for, with
+        why (a refused attempt on a patient's data is in the trail too)."""
+        if outcome.accepted:
+            for effect in outcome.effects:
+                if effect.accession_number:
+                    audit.order_recorded(sender, address, effect)
+                else:
+                    audit.patient_recorded(sender, address, effect)
+            return
+        if isinstance(request, tuple):
+            for order in request:
+                audit.order_recorded(sender, address, Effect(
+                    _ASKED[order.control], order.patient, order.demographics.patient_name,
+                    order.accession_number, order.study_uid), refusal=outcome.text)
+        elif isinstance(request, PatientMerge):
+            audit.patient_recorded(sender, address, Effect(
+                "merge", request.surviving, request.demographics.patient_name,
+                prior=request.prior), refusal=outcome.text)
+        else:
+            audit.patient_recorded(sender, address, Effect(
+                "register" if request.register else "update", request.patient,
+                request.demographics.patient_name), refusal=outcome.text)
 
     @staticmethod
     async def _run_hook(hook: OrderHook, action: str, accession_number: str) -> None:
