@@ -311,6 +311,62 @@ def test_a_prior_moved_incomplete_is_moved_again_by_its_retry_not_taken_as_done(
     assert index_rows(server.home, "SELECT instance_count FROM studies") == [(2,)]
 
 
+def _audit_records(home: Path) -> list[dict[str, Any]]:
+    path = home / "audit" / "audit.log"
+    return [json.loads(line)["record"] for line in path.read_text().splitlines()]
+
+
+def _archive_asked(home: Path, event_id: str, archive_ae: str) -> list[dict[str, Any]]:
+    """Records of `event_id` in which the remote archive is a participant."""
+    return [r for r in _audit_records(home)
+            if r["EventIdentification"]["EventID"]["csd-code"] == event_id
+            and archive_ae in {p["UserID"] for p in r["ActiveParticipant"]}]
+
+
+def test_what_a_prefetch_asks_the_remote_archive_is_audited_failures_too(
+        tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """The C-FIND names the patient to another archive and the C-MOVE brings a study in:
+    each is a record, as a migration's are, and one the archive did not answer is one
+    with outcome 4."""
+    server = edge_server_factory(start=False)
+    server.configure(prefetch={"modalities": ["CT"], "remote_archive": "archive",
+                               "nightly_at": ""})
+    remote = make_prior(tmp_path, 741, days_ago=200)
+    server.start()
+    archive = QrArchive(tmp_path / "qr", destinations={server.ae_title: server.port})
+    archive.load(i.path for i in remote)
+    server.add_peer("archive", archive.ae_title, archive.port, allow="store")
+
+    def moves() -> list[dict[str, Any]]:  # not the C-STOREs' records: those say no more
+        return [r for r in _archive_asked(server.home, "110104", archive.ae_title)
+                if r["EventIdentification"].get("EventOutcomeDescription", "").startswith(
+                    "prefetch")]
+
+    try:
+        server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER)  # archive down
+        [down] = _archive_asked(server.home, "110112", archive.ae_title)
+        assert down["EventIdentification"]["EventOutcomeIndicator"] == 4
+        archive.start()
+        server.cli("prefetch", "--patient-id", PATIENT, "--issuer", ISSUER)
+        wait_for("the prior moved", lambda: moves(), server.log, archive.log)
+    finally:
+        archive.stop()
+    query = _archive_asked(server.home, "110112", archive.ae_title)[-1]
+    assert query["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert PATIENT in {o["ParticipantObjectID"]
+                       for o in query["ParticipantObjectIdentification"]}
+    [moved] = moves()
+    assert moved["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert moved["EventIdentification"]["EventOutcomeDescription"] == (
+        "prefetch C-MOVE: completed=3 failed=0")
+    # The instances themselves: the archive's C-STOREs, per study and association.
+    assert [r for r in _archive_asked(server.home, "110104", archive.ae_title)
+            if "EventOutcomeDescription" not in r["EventIdentification"]]
+    assert remote[0].study_uid in {o["ParticipantObjectID"]
+                                   for o in moved["ParticipantObjectIdentification"]}
+    assert PATIENT not in server.log()
+
+
 def test_a_remote_archive_down_at_order_time_is_asked_again_without_anyone_retrying(
         tmp_path: Path, edge_server_factory: Callable[..., EdgeServer]) -> None:
     """[prefetch] retry_attempts / retry_base_seconds: the request whose C-FIND found the
@@ -428,6 +484,11 @@ def test_a_remote_archive_that_does_not_know_the_box_fails_the_move_with_its_sta
         prior = wait_for("the move failed", failed, server.log, archive.log)
     assert prior["failure_kind"] == "move_failed"
     assert "0xA801" in prior["error"]  # Refused: Move Destination unknown
+    [refused] = wait_for("the failed move audited", lambda: [
+        r for r in _archive_asked(server.home, "110104", archive.ae_title)
+        if "0xA801" in r["EventIdentification"].get("EventOutcomeDescription", "")],
+        server.log)  # buffered: written within [audit] flush_seconds
+    assert refused["EventIdentification"]["EventOutcomeIndicator"] == 4
     assert index_rows(server.home, "SELECT COUNT(*) FROM studies") == [(0,)]
     assert "failed 1" in server.cli("prefetch", "status").stdout
     # `status` says so too, for whoever looks at the box rather than at prefetch.

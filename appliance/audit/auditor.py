@@ -502,13 +502,36 @@ class Auditor:
                      (self._box_as(Role.SOURCE), legacy), objects=(query,),
                      description=reason or what)
 
+    def prefetch_queried(self, *, peer_ae: str, address: str, patient_id: str, issuer: str,
+                         studies: int, reason: str = "") -> None:
+        """The C-FINDs a prefetch sent its remote archive for one patient's studies (STUDY
+        level, and SERIES level for answers without modalities): one Query record per
+        request asked, as a migration listing's, with the patient as an object and the
+        query as QIDO-RS writes it; outcome 4 (fsync'd at once) when it was not answered."""
+        asked = f"PatientID={patient_id}&IssuerOfPatientID={issuer}"
+        query = ParticipantObject(
+            STUDY_ROOT_FIND, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
+            ObjectRole.REPORT, query=asked.encode("utf-8"),
+            details=(("QueryLevel", "STUDY"),
+                     *(() if reason else (("Matches", str(studies)),))))
+        archive = Participant(peer_ae, requestor=False, roles=(Role.DESTINATION,),
+                              address=address)
+        self._record(EventID.QUERY, Action.EXECUTE,
+                     Outcome.MINOR_FAILURE if reason else Outcome.SUCCESS,
+                     (self._box_as(Role.SOURCE), archive),
+                     objects=(query, patient_object(patient_id)),
+                     description=reason or "prefetch query", urgent=bool(reason))
+
     def legacy_retrieved(self, *, peer_ae: str, address: str, action: str, study_uid: str,
-                         completed: int = 0, failed: int = 0, reason: str = "") -> None:
-        """A migration's C-MOVE or C-GET of one study from a legacy PACS, answered: one
-        record per study and attempt (the instances themselves are audited as they
-        are stored), this box the requestor and Destination, the legacy PACS Source."""
+                         completed: int = 0, failed: int = 0, reason: str = "",
+                         purpose: str = "") -> None:
+        """A migration's (or, with `purpose` "prefetch", a prefetch's) C-MOVE or C-GET of
+        one study from another archive, answered or failed: one record per study and
+        attempt (the instances themselves are audited as they are stored), this box the
+        requestor and Destination, the other archive Source."""
         legacy = Participant(peer_ae, requestor=False, roles=(Role.SOURCE,), address=address)
-        counts = f"{action}: completed={completed} failed={failed}"
+        counts = f"{purpose} {action}" if purpose else action
+        counts += f": completed={completed} failed={failed}"
         self._record(EventID.INSTANCES_TRANSFERRED, Action.CREATE,
                      Outcome.MINOR_FAILURE if reason or failed else Outcome.SUCCESS,
                      (legacy, self._box_as(Role.DESTINATION)),

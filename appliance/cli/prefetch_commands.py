@@ -54,20 +54,22 @@ def prefetch(ctx: click.Context, home: Path | None, patient_id: str | None,
     config = load(home)
     # Priors already local finish here: count them where a scrape of /metrics adds them up.
     use_metrics_dir(config.home)
+    from appliance.audit import Auditor
     from appliance.dimse.remote_archive import configured_archive
     from appliance.services.peers import Allowlist
     from appliance.services.prefetch import Planned, PrefetchService
 
-    async def run() -> Planned:
+    async def run(auditor: Auditor) -> Planned:
         async with Index(config.index.path) as index:
             service = PrefetchService(index, config.prefetch, archive=configured_archive(
-                config, Allowlist(config.peers_path)))
+                config, Allowlist(config.peers_path)), audit=auditor)
             request_id = await service.request_manual(PatientKey(patient_id, issuer))
             request = await database.run_sync(index.reader, rows.request_by_id, request_id)
             assert request is not None
             return await service.plan(request)
 
-    planned = asyncio.run(run())
+    with Auditor.for_home(config, process="cli") as auditor:
+        planned = asyncio.run(run(auditor))
     out.print(f"prefetch request {planned.request_id}: {len(planned.priors)} prior(s)",
               highlight=False)
     for prior in planned.priors:

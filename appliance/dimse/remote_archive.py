@@ -64,6 +64,14 @@ class RemoteArchive:
         self.config = config
         self.tls_client = tls_client
 
+    @property
+    def ae_title(self) -> str:
+        return self.peer.ae_title
+
+    @property
+    def host(self) -> str:
+        return self.peer.host
+
     @classmethod
     def from_allowlist(cls, name: str, allowlist: Allowlist, config: DicomConfig, *,
                        tls_client: ssl.SSLContext | None = None) -> RemoteArchive:

@@ -233,7 +233,8 @@ async def _serve(
             # server listens, since the remote archive's C-MOVE sends instances to it.
             if config.prefetch.enabled and not worker:
                 prefetch = PrefetchWorker(PrefetchService(
-                    index, config.prefetch, archive=configured_archive(config, allowlist)))
+                    index, config.prefetch, archive=configured_archive(config, allowlist),
+                    audit=auditor))
                 await prefetch.start()
             # One HL7 listener per data home, like the watcher (worker 0 with several).
             if config.hl7.port and not worker:

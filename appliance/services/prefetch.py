@@ -28,6 +28,8 @@ scheduled start (or now) plus `keep_local_days` (sync/evict.py skips them).
 A cancelled order ends its prefetch (the order service calls
 `on_cancelled_order`): the hold ends and what has not started is not fetched.
 
+Every C-FIND and C-MOVE sent to the remote archive is audited (PrefetchAudit): the
+patient asked about, each study moved; the instances arrive as C-STOREs, audited as such.
 Logs name requests by id and studies by logsafe refs: never a patient ID.
 """
 
@@ -85,8 +87,24 @@ class MoveOutcome:
 class RemoteArchivePort(Protocol):
     """What the prefetch needs of a remote archive (appliance/dimse/remote_archive.py)."""
 
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
     def find_priors(self, patient: PatientKey) -> list[Candidate]: ...
     def move_study(self, study_uid: str) -> MoveOutcome: ...
+
+
+class PrefetchAudit(Protocol):
+    """The audit trail of what a prefetch asks its remote archive (appliance.audit.Auditor):
+    one Query per patient asked, one transfer record per study moved, answered or failed
+    (the instances themselves are audited as the C-STOREs that bring them)."""
+
+    def prefetch_queried(self, *, peer_ae: str, address: str, patient_id: str, issuer: str,
+                         studies: int, reason: str = "") -> None: ...
+    def legacy_retrieved(self, *, peer_ae: str, address: str, action: str, study_uid: str,
+                         completed: int = 0, failed: int = 0, reason: str = "",
+                         purpose: str = "") -> None: ...
 
 
 # The configured archive, looked up when needed (the allowlist is edited live); raises
@@ -117,10 +135,11 @@ def scheduled_time(sps_date: str, sps_time: str) -> float | None:
 
 class PrefetchService:
     def __init__(self, index: Index, config: PrefetchConfig, *,
-                 archive: ArchiveFactory = None) -> None:
+                 archive: ArchiveFactory = None, audit: PrefetchAudit | None = None) -> None:
         self.index = index
         self.config = config
         self.archive = archive
+        self.audit = audit
         self.wake = asyncio.Event()
         self.retries = rows.Retries.of(config)
 
@@ -227,9 +246,19 @@ class PrefetchService:
         if self.archive is not None:
             try:
                 archive = self.archive()
-                candidates += await asyncio.to_thread(archive.find_priors, request.patient)
-            except RemoteArchiveError as exc:
+            except RemoteArchiveError as exc:  # no usable peer: nothing was asked
                 error_kind, error = exc.kind.value, exc.message
+            else:
+                try:
+                    found = await asyncio.to_thread(archive.find_priors, request.patient)
+                except RemoteArchiveError as exc:
+                    found, error_kind, error = [], exc.kind.value, exc.message
+                candidates += found
+                if self.audit is not None:
+                    await asyncio.to_thread(
+                        self.audit.prefetch_queried, peer_ae=archive.ae_title,
+                        address=archive.host, patient_id=request.patient.patient_id,
+                        issuer=request.patient.issuer, studies=len(found), reason=error)
         order = OrderContext(request.modality, request.procedure, request.exclude_study_uid)
         chosen = choose_priors(candidates, order, self.config, today=today or date.today())
         new = [NewPrior(c.study_uid, c.study_date, c.modalities, c.source) for c in chosen]
@@ -309,10 +338,17 @@ class PrefetchService:
         await self._advance(prior.id, PriorTrigger.MOVE)
         try:
             archive = self.archive()
-            outcome = await asyncio.to_thread(archive.move_study, prior.study_uid)
-        except RemoteArchiveError as exc:
+        except RemoteArchiveError as exc:  # no usable peer: nothing was asked
             await self._fail(prior.id, exc.kind, exc.message)
             return
+        try:
+            outcome = await asyncio.to_thread(archive.move_study, prior.study_uid)
+        except RemoteArchiveError as exc:
+            await self._audit_move(archive, prior.study_uid, None, exc.message)
+            await self._fail(prior.id, exc.kind, exc.message)
+            return
+        await self._audit_move(archive, prior.study_uid, outcome,
+                               "" if outcome.status == 0 else f"status 0x{outcome.status:04X}")
         if outcome.completed == 0:
             await self._fail(prior.id, PrefetchFailure.MOVE_FAILED,
                              "the remote archive sent no instance")
@@ -325,6 +361,16 @@ class PrefetchService:
             metrics.PREFETCH_PRIORS.labels(source="remote", outcome="done").inc()
             log.info("prefetch moved study=%s instances=%d", logsafe.ref(prior.study_uid),
                      outcome.completed)
+
+    async def _audit_move(self, archive: RemoteArchivePort, study_uid: str,
+                          outcome: MoveOutcome | None, reason: str) -> None:
+        if self.audit is None:
+            return
+        await asyncio.to_thread(
+            self.audit.legacy_retrieved, peer_ae=archive.ae_title, address=archive.host,
+            action="C-MOVE", study_uid=study_uid, purpose="prefetch", reason=reason,
+            completed=outcome.completed + outcome.warning if outcome else 0,
+            failed=outcome.failed if outcome else 0)
 
     async def _advance(self, prior_id: int, trigger: PriorTrigger) -> None:
         await self.writer.submit_sync(lambda c: rows.advance(c, prior_id, trigger))
