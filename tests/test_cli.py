@@ -245,6 +245,25 @@ def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: 
     assert "consistent" in run_pacs_edge("fsck", "--home", str(orphan_home)).stdout
 
 
+def test_fsck_repair_audits_the_files_it_adopts_as_an_import_per_study(
+        edge_home: Path, tmp_path: Path) -> None:
+    """Adopted files become instances that queries find and retrieves send: one Import
+    record per study (source fsck), as for `pacs-edge import`."""
+    study = dicomgen.make_study(tmp_path / "study", seed=43)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    for suffix in ("", "-wal", "-shm"):  # the index lost: every stored file an orphan
+        (edge_home / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+    repaired = run_pacs_edge("fsck", "--repair", "--home", str(edge_home))
+    assert repaired.stdout.count("adopted") == len(study)
+    log = edge_home / "audit" / "audit.log"
+    adopted = [r for r in (json.loads(line)["record"] for line in log.read_text().splitlines())
+               if r["EventIdentification"]["EventID"]["csd-code"] == "110107"
+               and any(p.get("UserName") == "fsck" for p in r["ActiveParticipant"])]
+    assert len(adopted) == 1
+    ids = {o["ParticipantObjectID"] for o in adopted[0]["ParticipantObjectIdentification"]}
+    assert {study[0].study_uid, str(study[0].header.PatientID)} <= ids
+
+
 def test_fsck_content_finds_a_stored_file_whose_bytes_changed_and_a_resend_mends_it(
         edge_server: EdgeServer, tmp_path: Path) -> None:
     """Plain fsck compares names: a stored file with one bit rotted was 'consistent',

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer
+from conftest import EdgeServer, init_home, run_pacs_edge
 
 ACK_BEFORE_KILL = 40
 DEADLINE = 120.0
@@ -97,6 +99,30 @@ def test_sigkill_while_idle_then_restart_recovers_without_loss(
     server.start()
     assert "did not stop cleanly" in server.log()
     assert '"instances": 6' in server.cli("status", "--json").stdout
+
+
+def test_files_adopted_at_a_restart_after_a_crash_are_audited_as_an_import(
+        edge_server_factory: Callable[..., EdgeServer],
+        small_study: list[dicomgen.GeneratedInstance], tmp_path: Path) -> None:
+    """Start-up recovery adopts files without index rows, as `fsck --repair` does, and
+    audits them as it does: one Import record per study, source fsck."""
+    server = edge_server_factory()
+    server.kill()
+    other = init_home(tmp_path / "other")  # files renamed into place, rows never committed
+    run_pacs_edge("import", "--home", str(other), *(str(i.path) for i in small_study))
+    for path in (other / "store").rglob("*.dcm"):
+        target = server.home / "store" / path.relative_to(other / "store")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    server.start()
+    assert "recovered after an unclean stop adopted=6" in server.log()
+    log = (server.home / "audit" / "audit.log").read_text().splitlines()
+    adopted = [r for r in (json.loads(line)["record"] for line in log)
+               if r["EventIdentification"]["EventID"]["csd-code"] == "110107"]
+    assert [any(p.get("UserName") == "fsck" for p in r["ActiveParticipant"])
+            for r in adopted] == [True]
+    assert small_study[0].study_uid in {
+        o["ParticipantObjectID"] for o in adopted[0]["ParticipantObjectIdentification"]}
 
 
 def test_content_sent_again_writes_a_lost_or_damaged_stored_file_again(

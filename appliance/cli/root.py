@@ -384,6 +384,7 @@ def fsck(home: Path | None, repair: bool, content: bool) -> None:
     With --repair, also the rebuild of a lost index (after `restore`): the index is
     the one of this store from then on (appliance/store/pairing.py). With --content,
     also that each stored file still holds the bytes that were received."""
+    from appliance.audit import Auditor
     from appliance.services.fsck import fsck as run_fsck
     from appliance.store.files import FileStore
     from appliance.store.index import Index
@@ -391,17 +392,20 @@ def fsck(home: Path | None, repair: bool, content: bool) -> None:
 
     config = load(home)
 
-    async def run(on_progress: Callable[[int, int], None]) -> Any:
+    async def run(on_progress: Callable[[int, int], None], auditor: Auditor) -> Any:
         files = FileStore(config.store.path)
         async with Index(config.index.path) as index:
             report = await run_fsck(files, index, repair=repair, content=content,
-                                    on_progress=on_progress)
+                                    on_progress=on_progress,
+                                    on_adopted=lambda header: auditor.imported("fsck", header))
             if repair:
                 await pair(index, files)
             return report
 
-    with count_bar("files read") as on_progress:
-        report = asyncio.run(run(on_progress))
+    # Adopted files are audited as an import, one record per study (written at close).
+    with count_bar("files read") as on_progress, \
+            Auditor.for_home(config, process="cli") as auditor:
+        report = asyncio.run(run(on_progress, auditor))
     for path in report.orphan_files:
         verb = "adopted" if path in report.adopted else "file without index row"
         out.print(f"{verb}: {path}", highlight=False)

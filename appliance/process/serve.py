@@ -171,7 +171,10 @@ async def _serve(
             await check_pairing(index, files)  # before recovery would adopt a lost index's files
         if not clean_start:
             log.info("previous run did not stop cleanly: reconciling store and index")
-            await recover(files, index)
+            # Its own auditor, unstarted: one Import per study adopted, written at close
+            # (closing, not `with`: a full disk must not keep the box from starting).
+            with contextlib.closing(Auditor.for_home(config, process="serve")) as adoptions:
+                await recover(files, index, adoptions)
         spools = SpoolRouter(files)
         spools.install()
         auditor = Auditor.for_home(config, process="serve").start(application=True)

@@ -28,6 +28,7 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics_dir import forget_live_values
@@ -156,7 +157,10 @@ async def _reconcile(config: Config, files: FileStore, *, recover_first: bool) -
         await check_pairing(index, files)
         if recover_first:
             log.info("previous run did not stop cleanly: reconciling store and index")
-            await recover(files, index)
+            # Its own auditor, unstarted: one Import per study adopted, written at close
+            # (closing, not `with`: a full disk must not keep the box from starting).
+            with contextlib.closing(Auditor.for_home(config, process="serve")) as adoptions:
+                await recover(files, index, adoptions)
 
 
 def _wait_ready(workers: dict[int, BaseProcess], ready: Any, stopping: Any) -> None:

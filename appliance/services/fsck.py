@@ -13,6 +13,8 @@
   received (bit rot, a tool that rewrote it) would be sent to workstations as it
   is now. Reported, never repaired here: fsck cannot tell good bytes from bad, and
   the cloud copy or the sender has them (docs/operator-guide.md says how).
+- Each file adopted is audited by the caller (`on_adopted`): one Import record per
+  study, source `fsck`, from the command and from serve's start-up recovery.
 - With `--repair`, temp files left by a crash are removed: those untouched for
   TEMP_FILE_AGE, since serve may be running and a newer one may be a transfer it
   is receiving (serve's start-up removes them all: then nothing else writes).
@@ -30,6 +32,7 @@ from appliance.base.errors import InvalidInstance, RejectedInstance
 from appliance.services.dicom_header import read_header
 from appliance.store.files import FileStore, hash_dataset, intact_file
 from appliance.store.index import Index, StoredFile
+from appliance.store.instance_header import InstanceHeader
 from appliance.store.spool import dataset_offset
 
 # A file being received is written at least once per network_timeout (60 s by
@@ -53,8 +56,11 @@ class FsckReport:
 
 
 async def fsck(files: FileStore, index: Index, *, repair: bool, content: bool = False,
-               on_progress: Callable[[int, int], None] = lambda done, total: None
+               on_progress: Callable[[int, int], None] = lambda done, total: None,
+               on_adopted: Callable[[InstanceHeader], None] = lambda header: None
                ) -> FsckReport:
+    """`on_adopted` hears of each file adopted, once its row is committed: the audit
+    trail's Import (an adopted file is an instance that queries find and retrieves send)."""
     report = FsckReport()
     if repair:
         report.temp_files_removed = sweep_temp_files(files.root, older_than=TEMP_FILE_AGE)
@@ -71,11 +77,12 @@ async def fsck(files: FileStore, index: Index, *, repair: bool, content: bool = 
     if repair:
         for relative in report.orphan_files:
             try:
-                await _adopt(files, index, relative)
+                header = await _adopt(files, index, relative)
             except RejectedInstance as exc:  # InvalidInstance, or beyond the inflate limit
                 report.unreadable.append((relative, exc.reason))
             else:
                 report.adopted.append(relative)
+                on_adopted(header)
     return report
 
 
@@ -114,7 +121,7 @@ def _content_matches(path: Path, sha256: str) -> bool | None:
         return False
 
 
-async def _adopt(files: FileStore, index: Index, relative: str) -> None:
+async def _adopt(files: FileStore, index: Index, relative: str) -> InstanceHeader:
     path = files.absolute(relative)
     header = await asyncio.to_thread(read_header, path)
     offset = _read_offset(path)
@@ -129,6 +136,7 @@ async def _adopt(files: FileStore, index: Index, relative: str) -> None:
         await index.record_instance(header, stored)
     else:
         await index.record_version(header.sop_uid, stored, header.transfer_syntax)
+    return header
 
 
 def _read_offset(path: Path) -> int:

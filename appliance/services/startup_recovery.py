@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from appliance.base.durable import atomic_write, fsync_dir
 from appliance.services.fsck import FsckReport, fsck
 from appliance.store.files import FileStore
 from appliance.store.index import Index
+from appliance.store.instance_header import InstanceHeader
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,16 @@ def end_run(home: Path) -> None:
     atomic_write(home / CLEAN_MARKER, b"")
 
 
-async def recover(files: FileStore, index: Index) -> FsckReport:
-    report = await fsck(files, index, repair=True)
+class AdoptionAudit(Protocol):
+    """Where adopted files are audited (appliance.audit.Auditor): an Import, source fsck."""
+
+    def imported(self, source: str, instance: InstanceHeader) -> None: ...
+
+
+async def recover(files: FileStore, index: Index, audit: AdoptionAudit) -> FsckReport:
+    """Adopt what the crash left, each file adopted audited as `fsck --repair` does."""
+    report = await fsck(files, index, repair=True,
+                        on_adopted=lambda header: audit.imported("fsck", header))
     if report.adopted or report.temp_files_removed:
         log.warning("recovered after an unclean stop adopted=%d temp_files_removed=%d",
                     len(report.adopted), report.temp_files_removed)
