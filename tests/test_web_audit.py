@@ -253,6 +253,28 @@ def test_uploads_of_one_study_are_one_store_record(web: EdgeServer, tmp_path: Pa
     assert [c["NumberOfInstances"] for c in sop_classes] == [1]
 
 
+def test_an_upload_refused_for_the_users_role_is_a_failed_store_record_once_per_window(
+        web: EdgeServer, tmp_path: Path) -> None:
+    """A referring physician may not store: the 403 is audited as refused reads are,
+    outcome 4 with the reason, once per user, address and reason in a window."""
+    study = dicomgen.make_study(tmp_path / "refused-stow", seed=79, series_per_study=1,
+                                instances_per_series=1)
+    webpeer.add_user(web, "refstow", "referring", referring="WELBY^MARCUS")
+    http = webpeer.session(web, "refstow")
+    body, content_type = webpeer.multipart_body([study[0].path])
+    for _ in range(2):
+        got = http.post(f"{webpeer.base_url(web)}/dicom-web/studies/{study[0].study_uid}",
+                        data=body, timeout=60, headers={"Content-Type": content_type,
+                                                        "Accept": "application/dicom+json"})
+        assert got.status_code == 403, got.text
+    [refused] = wait_for_records(web, RETRIEVE, "refstow", 1, failed=True)
+    event = refused["EventIdentification"]
+    assert event["EventActionCode"] == "C"
+    assert "role" in event["EventOutcomeDescription"]
+    assert study[0].study_uid in {o["ParticipantObjectID"]
+                                  for o in refused["ParticipantObjectIdentification"]}
+
+
 def test_beyond_max_windows_every_access_is_recorded_in_full() -> None:
     windows = AccessWindows(3600.0, max_windows=2)
     keys = [AccessKey("retrieve", "rad", "radiologist", "127.0.0.1", study_uid=f"1.2.{n}")

@@ -708,6 +708,18 @@ class Auditor:
                 batch.participants, partial(tuple, objects), "STOW-RS"),
                 what="stored", instances=sum(study.sop_classes.values()), study_uid=uid)
 
+    def web_store_refused(self, user: WebUser, address: str, *, reason: str,
+                          study_uid: str = "") -> None:
+        """A STOW-RS upload refused before a byte was stored (the user's role may not
+        store), the study the URL named if any: windowed per user, address and reason,
+        as refused reads are."""
+        key = AccessKey("store", user.name, str(user.role), address, refused=reason)
+        objects = (study_object(study_uid),) if study_uid else ()
+        self._web_access(key, _WebEvent(
+            EventID.INSTANCES_TRANSFERRED, Action.CREATE, reason,
+            (self._web_user(user, address, Role.SOURCE), self._web_box(Role.DESTINATION)),
+            partial(tuple, objects), reason), what="refused", study_uid=study_uid)
+
     def _web_access(self, key: AccessKey, event: _WebEvent, *, what: str = "",
                     instances: int = 0, study_uid: str = "") -> None:
         """Record the first access of `key`'s window at once (fsync'd), count the rest."""

@@ -122,6 +122,10 @@ async def store(request: web.Request) -> web.Response:
                                             text="the upload exceeds [http] max_request_mb\n")
     _check_content_type(request.headers.get("Content-Type", ""))
     if not common.principal(request).may_store():
+        user, address = common.who(request)
+        await asyncio.to_thread(common.services(request).auditor.web_store_refused, user,
+                                address, reason="storing needs the admin or radiologist role",
+                                study_uid=target)
         raise web.HTTPForbidden(text="storing needs the admin or radiologist role\n")
     if not accepts_json(request.headers.get("Accept")):  # before a byte of the body is stored
         raise common.not_acceptable("a store (its answer is application/dicom+json)")
