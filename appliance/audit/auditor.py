@@ -15,7 +15,8 @@ What an audit record guarantees, and when:
   records of the last `flush_seconds` and of associations still open; the
   instances themselves are in the index with their source AE and time.
 - Instances stored over one association are one record per study (counts per
-  SOP class), written when the association closes; import and drop-folder
+  SOP class), and the C-STOREs it refused one failed record per status, written
+  when the association closes; import and drop-folder
   ingest are one record per study every `[audit] batch_seconds`.
 - Rejected associations are recorded in full once per remote address and
   window (`[audit] rejection_window_seconds`), further ones as one count per
@@ -182,13 +183,24 @@ class _Study:
 
 
 @dataclass
+class _Failures:
+    """C-STOREs of one association that failed with one status: counted, the first
+    reason kept (reasons vary per instance: a size, a field)."""
+
+    first_reason: str
+    sop_classes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
 class _Batch:
-    """Instances received in one association (or one rolling import window), per study."""
+    """Instances received in one association (or one rolling import window), per study;
+    an association's failed C-STOREs per status."""
 
     event_id: Code
     participants: tuple[Participant, ...]
     started: float = field(default_factory=time.monotonic)
     studies: dict[str, _Study] = field(default_factory=dict)
+    failures: dict[str, _Failures] = field(default_factory=dict)
 
     def add(self, instance: InstanceFacts) -> None:
         study = self.studies.get(instance.study_uid)
@@ -196,6 +208,10 @@ class _Batch:
             study = self.studies[instance.study_uid] = _Study(
                 instance.patient_id, instance.patient_name, instance.accession_number)
         study.sop_classes[instance.sop_class_uid] += 1
+
+    def fail(self, status: str, sop_class_uid: str, reason: str) -> None:
+        failures = self.failures.setdefault(status, _Failures(reason))
+        failures.sop_classes[sop_class_uid] += 1
 
 
 class Auditor:
@@ -431,14 +447,26 @@ class Auditor:
     def stored(self, assoc: Any, instance: InstanceFacts) -> None:
         """One instance stored over `assoc`; recorded per study when the association ends."""
         with self._lock:
-            batch = self._sessions.get(id(assoc))
-            if batch is None:
-                peer = requestor_of(assoc)
-                box = Participant(self.source.source_id, requestor=False,
-                                  roles=(Role.DESTINATION,))
-                batch = self._sessions[id(assoc)] = _Batch(
-                    EventID.INSTANCES_TRANSFERRED, (self._peer(peer, Role.SOURCE), box))
-            batch.add(instance)
+            self._session(assoc).add(instance)
+
+    def store_failed(self, assoc: Any, *, status: str, sop_class_uid: str,
+                     reason: str) -> None:
+        """A C-STORE over `assoc` answered with a failure `status` (0xA700 out of
+        resources, 0xC000 cannot understand...): counted, and recorded when the
+        association ends as one failed record per status, whatever the count."""
+        with self._lock:
+            self._session(assoc).fail(status, sop_class_uid, reason)
+
+    def _session(self, assoc: Any) -> _Batch:
+        """The batch of `assoc`, opened at its first C-STORE (call with the lock held)."""
+        batch = self._sessions.get(id(assoc))
+        if batch is None:
+            peer = requestor_of(assoc)
+            box = Participant(self.source.source_id, requestor=False,
+                              roles=(Role.DESTINATION,))
+            batch = self._sessions[id(assoc)] = _Batch(
+                EventID.INSTANCES_TRANSFERRED, (self._peer(peer, Role.SOURCE), box))
+        return batch
 
     def association_closed(self, assoc: Any) -> None:
         """The association ended (released, aborted or dropped): write what it stored."""
@@ -852,6 +880,16 @@ class Auditor:
                        patient_object(study.patient_id, study.patient_name))
             self._record(batch.event_id, Action.CREATE, Outcome.SUCCESS, batch.participants,
                          objects=objects)
+        for status, failures in batch.failures.items():
+            count = sum(failures.sop_classes.values())
+            classes = tuple(ParticipantObject(
+                sop_class, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
+                ObjectRole.REPORT, details=(("NumberOfInstances", str(n)),))
+                for sop_class, n in sorted(failures.sop_classes.items()))
+            self._record(batch.event_id, Action.CREATE, Outcome.MINOR_FAILURE,
+                         batch.participants, objects=classes,
+                         description=f"C-STORE failed {status}: {count} instance(s);"
+                                     f" first: {failures.first_reason}")
 
     def _record(self, event_id: Code, action: Action, outcome: Outcome,
                 participants: tuple[Participant, ...], *,

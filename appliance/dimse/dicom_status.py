@@ -52,3 +52,8 @@ QUERY_STATUS = {
     # C-FIND's "unable to process" (0xC000) shares its code with Storage's.
     QueryRefusal.MALFORMED_KEY: Status.CANNOT_UNDERSTAND,
 }
+
+
+def status_label(status: Status) -> str:
+    """A status as the audit trail names it: `0xA700 out of resources`."""
+    return f"0x{int(status):04X} {status.name.lower().replace('_', ' ')}"

@@ -32,7 +32,7 @@ from appliance.base.errors import (
     Rejection,
 )
 from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_BYTES
-from appliance.dimse.dicom_status import QUERY_STATUS, Status
+from appliance.dimse.dicom_status import QUERY_STATUS, Status, status_label
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.store_response import StoreAnswer
@@ -216,12 +216,22 @@ class DimseHandlers:
             result = self.s.ingest.ingest_spool_blocking(
                 spool, source_ae=str(assoc.requestor.ae_title).strip(), expected=expected)
         except RejectedInstance as exc:
-            return self._rejected(assoc, exc)
+            answer = self._rejected(assoc, exc)
+            self._audit_store_failure(assoc, expected, answer.status, exc.reason)
+            return answer
         except PacsEdgeError as exc:
             log.error("store failed reason=%s %s", exc.message, peer_label(assoc))
+            self._audit_store_failure(assoc, expected, Status.PROCESSING_FAILURE, exc.message)
             return StoreAnswer(Status.PROCESSING_FAILURE)
         self.s.audit.stored(assoc, result.header)  # buffered: no I/O per instance
         return StoreAnswer(Status.SUCCESS)
+
+    def _audit_store_failure(self, assoc: Any, expected: ExpectedIdentity, status: Status,
+                             reason: str) -> None:
+        """Counted per association and status (buffered: a flood of bad instances is one
+        record when the association ends)."""
+        self.s.audit.store_failed(assoc, status=status_label(status),
+                                  sop_class_uid=expected.sop_class_uid, reason=reason)
 
     def on_find(self, event: Any) -> Iterator[tuple[int, bytes | Dataset | None]]:
         if (self.worklist is not None

@@ -1,0 +1,134 @@
+"""Failed accesses are in the audit trail, grouped so that a flood stays small.
+
+A real `pacs-edge serve` and real peers (pynetdicom): C-STOREs the box refuses
+are one failed Instances Transferred record per association and status, however
+many were refused. The audit log is read as written; records are polled for
+with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dicomgen
+import pydicom
+import pytest
+from conftest import EdgeServer
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE
+
+TRANSFERRED = "110104"  # DICOM Instances Transferred
+DEADLINE = 60.0
+CANNOT_UNDERSTAND, DOES_NOT_MATCH = 0xC000, 0xA900
+
+
+def records(home: Path) -> list[dict[str, Any]]:
+    path = home / "audit" / "audit.log"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [json.loads(line)["record"] for line in text.splitlines()]
+
+
+def event(record: dict[str, Any]) -> str:
+    return str(record["EventIdentification"]["EventID"]["csd-code"])
+
+
+def outcome(record: dict[str, Any]) -> int:
+    return int(record["EventIdentification"]["EventOutcomeIndicator"])
+
+
+def description(record: dict[str, Any]) -> str:
+    return str(record["EventIdentification"].get("EventOutcomeDescription", ""))
+
+
+def requestors(record: dict[str, Any]) -> set[str]:
+    return {p["UserID"] for p in record["ActiveParticipant"] if p["UserIsRequestor"]}
+
+
+def object_details(record: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {o["ParticipantObjectID"]: {d["type"]: d["value"]
+                                       for d in o.get("ParticipantObjectDetail", ())}
+            for o in record["ParticipantObjectIdentification"]}
+
+
+def settled(home: Path, where: Callable[[dict[str, Any]], bool], count: int
+            ) -> list[dict[str, Any]]:
+    """The records satisfying `where` once there are at least `count` of them."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        found = [r for r in records(home) if where(r)]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} audit record(s) expected, have {len(found)}")
+        time.sleep(0.1)
+
+
+def send_in_one_association(server: EdgeServer, paths: list[Path], aet: str = "TESTSCU"
+                            ) -> list[int]:
+    """C-STORE each file's bytes as they are, over one association; their statuses."""
+    with pydicom.config.disable_value_validation():
+        metas = [read_file_meta_info(p) for p in paths]
+        ae = AE(ae_title=aet)
+        for meta in {(m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in metas}:
+            ae.add_requested_context(*meta)
+        assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(p).Status) for p in paths]
+        finally:
+            assoc.release()
+
+
+def forged(folder: Path, original: Path) -> Path:
+    """`original` announced under another SOP Instance UID: refused 0xA900."""
+    meta = read_file_meta_info(original)
+    meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(99, "forged")
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path = folder / "forged.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue()
+                     + dicomgen.dataset_bytes(original))
+    return path
+
+
+def failed_stores(record: dict[str, Any]) -> bool:
+    return event(record) == TRANSFERRED and outcome(record) == 4
+
+
+def test_refused_stores_are_one_failed_record_per_association_and_status(
+    edge_server: EdgeServer, raw_sender: None, tmp_path: Path,
+    small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    garbage = dicomgen.make_garbage_payload(tmp_path)
+    ct = str(read_file_meta_info(garbage).MediaStorageSOPClassUID)
+
+    # An association whose 40 stores all fail: one failed record, counting them all.
+    assert send_in_one_association(edge_server, [garbage] * 40) == [CANNOT_UNDERSTAND] * 40
+    [record] = settled(edge_server.home, failed_stores, 1)
+    assert "TESTSCU" in requestors(record)
+    assert "0xC000 cannot understand" in description(record)
+    assert "40 instance(s)" in description(record)
+    assert object_details(record) == {ct: {"NumberOfInstances": "40"}}
+
+    # Some fail, with two statuses, beside stored ones: a record per status, and the
+    # stored study's success record as before.
+    good = [i.path for i in small_study[:2]]
+    paths = [good[0], garbage, forged(tmp_path, small_study[0].path), garbage, good[1]]
+    assert send_in_one_association(edge_server, paths) == [
+        0, CANNOT_UNDERSTAND, DOES_NOT_MATCH, CANNOT_UNDERSTAND, 0]
+    failed = settled(edge_server.home, failed_stores, 3)[1:]
+    assert len(failed) == 2
+    by_status = {description(r).split(":")[0]: r for r in failed}
+    assert set(by_status) == {"C-STORE failed 0xC000 cannot understand",
+                              "C-STORE failed 0xA900 dataset does not match sop class"}
+    assert "2 instance(s)" in description(by_status["C-STORE failed 0xC000 cannot understand"])
+    stored = [r for r in records(edge_server.home)
+              if event(r) == TRANSFERRED and outcome(r) == 0]
+    assert len(stored) == 1
+    assert small_study[0].study_uid in object_details(stored[0])
