@@ -371,6 +371,46 @@ def test_a_refused_order_or_patient_change_is_a_failed_record_with_the_reason(
     assert "INTRUDERPAT" not in server.log() and "SAMEPAT" not in server.log()
 
 
+def test_a_message_rejected_before_it_is_understood_is_a_failed_record_per_reason_and_window(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """A message the box cannot take (a training message, an unsupported type, a field
+    it cannot read) left no trace but the ACK. Now each reason is a failed record,
+    written before the ACK; a sender repeating it gets one summary per window, not one
+    record per message."""
+    server, port = hl7_edge
+    training = [hl7peer.orm(f"TR{n}").replace("|P|2.5", "|T|2.5", 1) for n in range(5)]
+    oru = [hl7peer.orm(f"OR{n}").replace("ORM^O01^ORM_O01", "ORU^R01^ORU_R01", 1)
+           for n in range(3)]
+    bad_date = hl7peer.orm("BD1").replace("|19700101|", "|19700230|")
+    acks = hl7peer.send_many(port, [*training, *oru, bad_date])
+    assert [a.code for a in acks] == ["AR"] * 8 + ["AE"]
+
+    def failed() -> list[dict[str, Any]]:
+        return [r for r in _audit_records(server)
+                if r["EventIdentification"]["EventID"]["csd-code"] == "110109"
+                and r["EventIdentification"]["EventOutcomeIndicator"] == 4]
+
+    def described(record: dict[str, Any]) -> str:
+        return str(record["EventIdentification"]["EventOutcomeDescription"])
+
+    first = failed()  # fsync'd before each ACK
+    assert sorted(described(r).split(":")[1].strip() for r in first) == [
+        "AE PID-7 data_type", "AR MSH-11 unsupported_processing_id",
+        "AR MSH-9 unsupported_message_type"]
+    for record in first:
+        assert {p["UserID"] for p in record["ActiveParticipant"]
+                if p["UserIsRequestor"]} == {"ris"}
+    server.stop()  # the windows end: what they counted beyond the first is summarised
+    summaries = {described(r).split(":")[1].strip(): r for r in failed()[len(first):]}
+    assert set(summaries) == {"AR MSH-11 unsupported_processing_id",
+                              "AR MSH-9 unsupported_message_type"}
+    counts = {reason: {d["type"]: d["value"] for d in
+                       r["ParticipantObjectIdentification"][0]["ParticipantObjectDetail"]
+                       }["Requests"] for reason, r in summaries.items()}
+    assert counts == {"AR MSH-11 unsupported_processing_id": "4",
+                      "AR MSH-9 unsupported_message_type": "2"}
+
+
 # --- idempotence and durability -----------------------------------------------------
 
 def test_duplicate_control_id_is_acknowledged_without_applying_twice(

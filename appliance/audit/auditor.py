@@ -135,6 +135,21 @@ class OrderFacts(Protocol):
     def prior(self) -> PatientFacts | None: ...
 
 
+class Hl7Rejection(Protocol):
+    """An HL7 message rejected before any order in it was understood (hl7/listener.py)."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def reason(self) -> str: ...  # stable: "AR MSH-11 unsupported_processing_id"
+    @property
+    def text(self) -> str: ...
+    @property
+    def message_type(self) -> str: ...
+
+
 class WebUser(Protocol):
     """A web user as the audit names them (appliance.services.access.Principal)."""
 
@@ -654,6 +669,26 @@ class Auditor:
         self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
                      (remote, self.box), event_types=(EventType.NODE_AUTHENTICATION,),
                      description=reason, urgent=True)
+
+    def hl7_message_rejected(self, rejected: Hl7Rejection) -> None:
+        """A message from an hl7 peer rejected (AR or AE) before any order in it was
+        understood. Windowed per sender, address, reason and message type, as refused
+        web accesses are: the first is written at once (before the ACK), the rest of the
+        window is one summary, so a sender resending a bad message cannot flood the log.
+        An ADT is a Patient Record, anything else an Order Record."""
+        key = AccessKey("hl7", rejected.sender, "", rejected.address,
+                        search=rejected.message_type, refused=rejected.reason)
+        node = ParticipantObject(
+            rejected.address or "unknown", ObjectIDType.NODE_ID, ObjectType.SYSTEM_OBJECT,
+            ObjectRole.SECURITY_USER_ENTITY,
+            details=(("MessageType", rejected.message_type),) if rejected.message_type else ())
+        event_id = (EventID.PATIENT_RECORD if rejected.message_type.startswith("ADT")
+                    else EventID.ORDER_RECORD)
+        label = f"HL7 message rejected: {rejected.reason}"
+        self._web_access(key, _WebEvent(
+            event_id, Action.UPDATE, f"{label}: {rejected.text}",
+            self._hl7_participants(rejected.sender, rejected.address),
+            partial(tuple, (node,)), label))
 
     def _hl7_participants(self, sender: str, address: str) -> tuple[Participant, ...]:
         peer = Participant(sender or address, requestor=True, roles=(Role.SOURCE,),

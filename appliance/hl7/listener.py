@@ -20,6 +20,11 @@ Bounds, so a slow, silent or hostile sender cannot exhaust the box:
 - a connection from a host that is not an hl7 peer is closed before a byte
   is read (the refusal is audited, counted per address).
 
+A message rejected before any order in it is understood (a frame that is not
+MLLP or too large, a message that cannot be parsed, an unsupported type, a
+processing ID this box does not apply) is told to `on_rejected` (the audit:
+one failed record per sender, address and reason in a window).
+
 Messages on one connection are answered in order, one at a time (HL7
 original mode); connections are served concurrently.
 """
@@ -43,7 +48,7 @@ from appliance.base.metrics import HL7_MESSAGES
 from appliance.hl7 import messages
 from appliance.hl7.ack import AckCode, ack_code, build_ack
 from appliance.hl7.messages import ErrorCode, Hl7Error
-from appliance.services.orders import OrderService, Outcome, Refusal
+from appliance.services.orders import MessageHeader, OrderService, Outcome, Refusal
 from appliance.services.peers import Allowlist
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,19 @@ _REFUSAL_CODES = {
 }
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A message rejected before any order in it was understood, for the audit trail:
+    `reason` is stable (the ACK code, the field, the HL7 error code), `text` the one
+    the sender was told."""
+
+    sender: str
+    address: str
+    reason: str
+    text: str
+    message_type: str = ""
+
+
 @dataclass(eq=False)
 class _Connection:
     writer: HL7StreamWriter
@@ -70,12 +88,14 @@ class _Connection:
 class Hl7Listener:
     def __init__(self, config: Hl7Config, allowlist: Allowlist, service: OrderService, *,
                  tls_context: ssl.SSLContext | None = None,
-                 on_refused: Callable[[str, str], None] | None = None) -> None:
+                 on_refused: Callable[[str, str], None] | None = None,
+                 on_rejected: Callable[[Rejected], None] | None = None) -> None:
         self.config = config
         self.allowlist = allowlist
         self.service = service
         self.tls_context = tls_context
         self.on_refused = on_refused
+        self.on_rejected = on_rejected
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()  # admitted: counted against the cap
         self._open: set[_Connection] = set()  # every accepted connection
@@ -178,15 +198,21 @@ class Hl7Listener:
             except asyncio.LimitOverrunError:  # the stream limit was reached
                 log.warning("hl7 message too large, connection closed address=%s limit=%d",
                             connection.address, self.config.max_message_bytes)
+                text = f"message exceeds {self.config.max_message_bytes} bytes"
+                self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
+                               ErrorCode.DATA_TYPE, text)
                 await self._send(connection, build_ack(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.DATA_TYPE,
-                    text=f"message exceeds {self.config.max_message_bytes} bytes"), timeout)
+                    text=text), timeout)
                 return
             except InvalidBlockError:
                 log.warning("hl7 frame without start block address=%s", connection.address)
+                text = "MLLP block does not begin with <VT>"
+                self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
+                               ErrorCode.SEGMENT_SEQUENCE, text)
                 await self._send(connection, build_ack(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.SEGMENT_SEQUENCE,
-                    text="MLLP block does not begin with <VT>"), timeout)
+                    text=text), timeout)
                 continue
             connection.busy = True
             try:
@@ -206,18 +232,22 @@ class Hl7Listener:
         except Hl7Error as exc:
             log.info("hl7 message %s field=%s code=%d", "rejected" if exc.reject else "refused",
                      exc.location, exc.code)
-            return build_ack(AckCode.REJECT if exc.reject else AckCode.ERROR, exc.header,
-                             text=exc.text, location=exc.location, error=exc.code)
+            code = AckCode.REJECT if exc.reject else AckCode.ERROR
+            self._rejected(sender, address, code, exc.location, exc.code, exc.text, exc.header)
+            return build_ack(code, exc.header, text=exc.text, location=exc.location,
+                             error=exc.code)
         processing = parsed.header.processing_id.upper() or "P"
         if processing not in self.config.processing_ids:
             # A RIS's training or debugging message on a production box: its order would
             # stand on a real modality's worklist.
             log.info("hl7 message rejected field=MSH-11 code=%d",
                      ErrorCode.UNSUPPORTED_PROCESSING_ID)
+            text = ("this box applies messages with processing ID "
+                    f"{' or '.join(self.config.processing_ids)} only")
+            self._rejected(sender, address, AckCode.REJECT, "MSH-11",
+                           ErrorCode.UNSUPPORTED_PROCESSING_ID, text, parsed.header)
             return build_ack(AckCode.REJECT, parsed.header, location="MSH-11",
-                             error=ErrorCode.UNSUPPORTED_PROCESSING_ID,
-                             text="this box applies messages with processing ID "
-                             f"{' or '.join(self.config.processing_ids)} only")
+                             error=ErrorCode.UNSUPPORTED_PROCESSING_ID, text=text)
         try:
             outcome = await self.service.apply(parsed.header, parsed.request, sender=sender,
                                                address=address)
@@ -231,6 +261,13 @@ class Hl7Listener:
                 log.info("hl7 field not stored as sent type=%s field=%s reason=%s",
                          parsed.header.message_type, note.location, note.reason)
         return _ack_for(outcome, parsed)
+
+    def _rejected(self, sender: str, address: str, ack: AckCode, location: str,
+                  code: ErrorCode, text: str, header: MessageHeader | None = None) -> None:
+        if self.on_rejected is not None:
+            self.on_rejected(Rejected(
+                sender, address, f"{ack.value} {location} {code.name.lower()}", text,
+                header.message_type if header is not None else ""))
 
     async def _send(self, connection: _Connection, ack: bytes, timeout: float) -> None:
         HL7_MESSAGES.labels(ack_code(ack)).inc()

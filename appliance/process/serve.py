@@ -250,7 +250,8 @@ async def _serve(
                     on_cancelled_order=service.on_cancelled_order if service else None)
                 hl7 = Hl7Listener(config.hl7, allowlist, orders,
                                   tls_context=_hl7_tls_context(config),
-                                  on_refused=auditor.hl7_connection_refused)
+                                  on_refused=auditor.hl7_connection_refused,
+                                  on_rejected=auditor.hl7_message_rejected)
                 await hl7.start()
             health = HealthSources(config, index, files, listening=lambda: bool(server.ports),
                                    dropfolder=_drop_counts(config, index))
