@@ -16,16 +16,19 @@ from typing import Any
 
 import dicomgen
 import pydicom
+import pynetdicom.association
 import pytest
 from conftest import EdgeServer
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 
 TRANSFERRED = "110104"  # DICOM Instances Transferred
 DEADLINE = 60.0
-CANNOT_UNDERSTAND, DOES_NOT_MATCH = 0xC000, 0xA900
+CANNOT_UNDERSTAND, DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0xC000, 0xA900, 0xC001
 
 
 def records(home: Path) -> list[dict[str, Any]]:
@@ -40,6 +43,10 @@ def event(record: dict[str, Any]) -> str:
 
 def outcome(record: dict[str, Any]) -> int:
     return int(record["EventIdentification"]["EventOutcomeIndicator"])
+
+
+def action(record: dict[str, Any]) -> str:
+    return str(record["EventIdentification"]["EventActionCode"])
 
 
 def description(record: dict[str, Any]) -> str:
@@ -132,3 +139,44 @@ def test_refused_stores_are_one_failed_record_per_association_and_status(
               if event(r) == TRANSFERRED and outcome(r) == 0]
     assert len(stored) == 1
     assert small_study[0].study_uid in object_details(stored[0])
+
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+QUERY = "110112"
+# A sequence of undefined length holding no item and never delimited: no decoder reads it.
+UNDECODABLE = b"\x08\x00\x10\x11\xff\xff\xff\xff\x01\x00\x02\x00\x04\x00\x00\x00abcd"
+
+
+def send_undecodable(server: EdgeServer, sop_class: str,
+                     monkeypatch: pytest.MonkeyPatch) -> int:
+    """A C-FIND or C-MOVE whose identifier cannot be decoded (pynetdicom sends the
+    bytes given in place of an encoded data set); the final status."""
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *_: UNDECODABLE)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+    assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        responses = (assoc.send_c_find(identifier, sop_class) if sop_class == STUDY_ROOT_FIND
+                     else assoc.send_c_move(identifier, "TESTSCU", sop_class))
+        return [int(status.Status) for status, _ in responses][-1]
+    finally:
+        assoc.release()
+        monkeypatch.undo()
+
+
+def test_a_query_or_retrieve_whose_identifier_cannot_be_decoded_is_a_failed_record(
+        edge_server: EdgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered 0xC001 / 0xC000 with nothing in the trail before; now a failed Query
+    record and a failed Instances Transferred record say why."""
+    assert send_undecodable(edge_server, STUDY_ROOT_FIND, monkeypatch) == UNABLE_TO_PROCESS
+    assert send_undecodable(edge_server, STUDY_ROOT_MOVE, monkeypatch) == CANNOT_UNDERSTAND
+    [query] = settled(edge_server.home, lambda r: event(r) == QUERY and outcome(r) == 4, 1)
+    assert "TESTSCU" in requestors(query)
+    assert description(query) == "C-FIND failed: OSError"
+    [move] = settled(edge_server.home, failed_stores, 1)  # Instances Transferred, failed
+    assert action(move) == "R"
+    assert "move identifier cannot be decoded" in description(move)

@@ -257,6 +257,7 @@ class DimseHandlers:
             return
         except Exception as exc:
             log.error("find failed error=%s %s", type(exc).__name__, peer_label(event.assoc))
+            self._audit_query(event, None, f"C-FIND failed: {type(exc).__name__}")
             yield Status.UNABLE_TO_PROCESS, None
             return
         log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))

@@ -298,6 +298,7 @@ class _Retrieval:
         except Exception as exc:
             log.warning("%s refused: identifier cannot be decoded error=%s %s",
                         name, type(exc).__name__, self.label)
+            self._audit_failure(f"identifier cannot be decoded ({type(exc).__name__})")
             self._respond(Status.CANNOT_UNDERSTAND)
             return None
         try:
@@ -316,6 +317,7 @@ class _Retrieval:
             self._respond(REFUSAL_STATUS[exc.kind])
         except Exception as exc:
             log.error("%s failed error=%s %s", name, type(exc).__name__, self.label)
+            self._audit_failure(f"failed: {type(exc).__name__}")
             self._respond(Status.UNABLE_TO_PROCESS)
         return None
 
@@ -451,6 +453,12 @@ class _Retrieval:
             destination=(target.ae_title, target.host) if target is not None else None,
             completed=tally.completed + tally.warning, failed=tally.failed,
             reason="cancelled by the requestor" if cancelled else "")
+
+    def _audit_failure(self, reason: str) -> None:
+        """A retrieve that failed before any study was known: a failed record, the why."""
+        if self.att.audit is not None:
+            self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),
+                                     reason=f"{self.action.value} {reason}")
 
     def _audit_refusal(self, exc: RetrieveRefused) -> None:
         if self.att.audit is None:

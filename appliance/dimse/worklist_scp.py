@@ -66,6 +66,7 @@ class WorklistScp:
             return
         except Exception as exc:
             log.error("worklist query failed error=%s %s", type(exc).__name__, label)
+            self._audit(event, None, f"worklist C-FIND failed: {type(exc).__name__}")
             yield Status.UNABLE_TO_PROCESS, None
             return
         log.info("worklist answered matches=%d %s", len(matches), label)
