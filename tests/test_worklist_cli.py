@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import init_home, run_pacs_edge
 
+from appliance.audit import operators
 from appliance.base.config import load_config
 from appliance.services.orders import (
     MessageHeader,
@@ -21,6 +23,7 @@ from appliance.services.orders import (
 )
 from appliance.store.index import Index
 from appliance.store.order_rows import Demographics, OrderDetails, PatientKey
+from appliance.store.prefetch_rows import RequestTrigger, insert_request
 
 
 def _header(control_id: str) -> MessageHeader:
@@ -84,3 +87,40 @@ def test_worklist_show_of_an_unknown_accession_is_one_line_and_a_hint(home: Path
     assert "no order with accession number 'NOPE'" in proc.stderr
     assert "hint: see `pacs-edge worklist list`" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _queries(home: Path) -> list[dict[str, Any]]:
+    path = home / "audit" / "audit.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in (json.loads(line)["record"] for line in lines)
+            if r["EventIdentification"]["EventID"]["csd-code"] == "110112"]
+
+
+def test_commands_that_show_patient_data_are_query_records_naming_the_operator(
+        home: Path) -> None:
+    """`worklist list`, `worklist show` and `prefetch status` put patient data on the
+    operator's screen: each is a Query record naming the operator as every other
+    operator command's record does (the person logged in, when known, and the
+    account), the command, and the patients shown."""
+    async def prefetch_request() -> None:
+        async with Index(load_config(home).index.path) as index:
+            assert index.writer is not None
+            await index.writer.submit_sync(lambda c: insert_request(
+                c, PatientKey("PREPAT9", "HOSP"), RequestTrigger.MANUAL, hold_until=0.0))
+
+    asyncio.run(prefetch_request())
+    run_pacs_edge("worklist", "list", "--home", str(home))
+    run_pacs_edge("worklist", "show", "ACC1", "--json", "--home", str(home))
+    run_pacs_edge("prefetch", "status", "--home", str(home))
+    operator = {p.user_id for p in operators.operators() if p.requestor}
+    records = _queries(home)
+    assert [r["EventIdentification"]["EventOutcomeDescription"] for r in records] == [
+        "pacs-edge worklist list", "pacs-edge worklist show ACC1", "pacs-edge prefetch status"]
+    for record, patient in zip(records, ("PAT1", "PAT1", "PREPAT9"), strict=True):
+        requestors = {p["UserID"] for p in record["ActiveParticipant"] if p["UserIsRequestor"]}
+        assert requestors == operator
+        assert patient in {o["ParticipantObjectID"]
+                           for o in record["ParticipantObjectIdentification"]}
+    matches = [{d["type"]: d["value"] for d in r["ParticipantObjectIdentification"][0][
+        "ParticipantObjectDetail"]}["Matches"] for r in records]
+    assert matches == ["2", "1", "1"]

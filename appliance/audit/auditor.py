@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+MAX_SHOWN = 256  # patients and studies named in an operator's Query record
 
 
 class InstanceFacts(Protocol):
@@ -412,6 +413,31 @@ class Auditor:
                                     name="Security Audit Log", details=(("Purpose", purpose),))
         self._record(EventID.AUDIT_LOG_USED, Action.READ, Outcome.SUCCESS,
                      (*operators(), self.box), objects=(subject,), urgent=True)
+
+    def operator_queried(self, command: str, *, matches: int,
+                         patients: Iterable[tuple[str, str]] = (),
+                         study_uids: Iterable[str] = ()) -> None:
+        """An operator's command showed patient data (`pacs-edge worklist list`,
+        `prefetch status`...): a Query record naming the operator (the person logged in
+        too, operators.py), the command as the query, the matches, and the patients
+        (ID, name) and studies shown, at most MAX_SHOWN of each (the rest counted)."""
+        shown = list(dict.fromkeys(patients))
+        uids = list(dict.fromkeys(u for u in study_uids if u))
+        query = ParticipantObject(
+            command, ObjectIDType.URI, ObjectType.SYSTEM_OBJECT, ObjectRole.QUERY,
+            query=command.encode("utf-8"),
+            details=(("Matches", str(matches)), ("Patients", str(len(shown))),
+                     ("Studies", str(len(uids)))))
+        objects = (query, *(study_object(uid) for uid in uids[:MAX_SHOWN]),
+                   *(patient_object(pid, name) for pid, name in shown[:MAX_SHOWN]))
+        self._record(EventID.QUERY, Action.EXECUTE, Outcome.SUCCESS,
+                     (*operators(roles=(Role.SOURCE,)), self._box_as_destination()),
+                     objects=objects, description=command, urgent=True)
+
+    def _box_as_destination(self) -> Participant:
+        return Participant(self.box.user_id, requestor=False, roles=(Role.DESTINATION,),
+                           alternative_user_id=self.box.alternative_user_id,
+                           user_name=self.box.user_name)
 
     # --- events: DIMSE ------------------------------------------------------------------
 

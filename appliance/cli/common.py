@@ -10,7 +10,7 @@ import pwd
 import shlex
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -193,6 +193,19 @@ def audit_change(config: Config, what: str, *, security: bool = True) -> None:
 
     with Auditor.for_home(config, process="cli") as auditor:
         auditor.configuration_changed(what, security=security)
+
+
+def audit_shown(config: Config, command: str, *, matches: int,
+                patients: Iterable[tuple[str, str]] = (),
+                study_uids: Iterable[str] = ()) -> None:
+    """An operator's command is about to show patient data: a Query record naming the
+    operator, the command, the patients (ID, name) and studies shown. Written before
+    the output, and the command fails without it (Auditor's exit)."""
+    from appliance.audit import Auditor
+
+    with Auditor.for_home(config, process="cli") as auditor:
+        auditor.operator_queried(command, matches=matches, patients=patients,
+                                 study_uids=study_uids)
 
 
 class LazyGroup(click.Group):

@@ -7,7 +7,8 @@
     pacs-edge prefetch retry                          failed requests and priors again
 
 The output holds patient IDs (the operator's own screen, as `worklist`);
-nothing of it is logged.
+nothing of it is logged, and `status` is a Query record in the audit trail
+naming the operator and the patients and studies shown.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import click
 from rich.table import Table
 
 from appliance.base.metrics_dir import use_metrics_dir
-from appliance.cli.common import expected_errors, home_option, load, out
+from appliance.cli.common import audit_shown, expected_errors, home_option, load, out
 from appliance.store import database
 from appliance.store import prefetch_rows as rows
 from appliance.store.index import Index
@@ -128,6 +129,9 @@ def status(ctx: click.Context, home: Path | None, as_json: bool) -> None:
             return await database.run_sync(index.reader, both)
 
     listed = asyncio.run(read())
+    audit_shown(config, "pacs-edge prefetch status", matches=len(listed),
+                patients=[(r["patient_id"], "") for r in listed],
+                study_uids=[p["study_uid"] for r in listed for p in r["priors"]])
     if as_json:
         click.echo(json.dumps(listed, indent=2))
         return

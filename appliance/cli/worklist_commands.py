@@ -2,7 +2,8 @@
 
 Read-only: orders change through HL7 (and MPPS), never from here. The
 output holds patient data (it is the operator's own screen), like the
-worklist a modality shows; nothing of it is logged.
+worklist a modality shows; nothing of it is logged, and each command is a
+Query record in the audit trail naming the operator and the patients shown.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import click
 from rich.table import Table
 
+from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
-from appliance.cli.common import err, expected_errors, home_option, load, out
+from appliance.cli.common import audit_shown, err, expected_errors, home_option, load, out
 from appliance.store import database
 from appliance.store import order_rows as order_store
 from appliance.store.index import Index
@@ -49,10 +51,15 @@ def _start(order: Order) -> str:
     return f"{day} {t[:2]}:{t[2:4]}".strip() if len(t) >= 4 else day
 
 
-async def _read(home: Path | None, fn: Any, *args: Any) -> Any:
-    config = load(home)
+async def _read(config: Config, fn: Any, *args: Any) -> Any:
     async with Index(config.index.path) as index:
         return await database.run_sync(index.reader, fn, *args)
+
+
+def _audit(config: Config, command: str, orders: list[Order]) -> None:
+    audit_shown(config, command, matches=len(orders),
+                patients=[(o.patient.patient_id, o.demographics.patient_name) for o in orders],
+                study_uids=[o.study_uid for o in orders])
 
 
 @click.group()
@@ -69,7 +76,10 @@ def worklist() -> None:
 def worklist_list(home: Path | None, status: str | None, as_json: bool) -> None:
     """Orders by scheduled start."""
     wanted = OrderStatus(status.upper()) if status else None
-    orders: list[Order] = asyncio.run(_read(home, order_store.list_orders, wanted))
+    config = load(home)
+    orders: list[Order] = asyncio.run(_read(config, order_store.list_orders, wanted))
+    _audit(config, "pacs-edge worklist list" + (f" --status {wanted.value}" if wanted else ""),
+           orders)
     if as_json:
         out.print_json(json.dumps([_order_json(o) for o in orders]))
         return
@@ -95,8 +105,9 @@ def worklist_list(home: Path | None, status: str | None, as_json: bool) -> None:
 def worklist_show(home: Path | None, accession: str, as_json: bool) -> None:
     """One order: every field, its images and its status history."""
 
+    config = load(home)
+
     async def read() -> tuple[Order | None, list[OrderTransition]]:
-        config = load(home)
         async with Index(config.index.path) as index:
             order = await database.run_sync(index.reader, order_store.find_order, accession)
             steps = ([] if order is None else await database.run_sync(
@@ -104,6 +115,7 @@ def worklist_show(home: Path | None, accession: str, as_json: bool) -> None:
             return order, steps
 
     order, steps = asyncio.run(read())
+    _audit(config, f"pacs-edge worklist show {accession}", [order] if order else [])
     if order is None:
         raise PacsEdgeError(f"no order with accession number {accession!r}",
                             hint="see `pacs-edge worklist list`")
