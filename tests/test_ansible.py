@@ -747,7 +747,8 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     make, peers sharing a name or an AE title (leading and trailing spaces do not count) or
     with an AE title pacs-edge refuses, a metrics port out of range or on the DICOM port
     with the web server off, a negative eviction age: each stops its host at the preflight
-    with a message naming the variable (a rehydration priority Azure does not know, too)."""
+    with a message naming the variable; a rehydration priority Azure does not know stops
+    it earlier, at the role's argument spec (its choices)."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
@@ -777,7 +778,9 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
                      "metrics-port": metrics, "metrics-on-dicom": metrics,
-                     "evict-negative": cloud, "rehydrate-priority": cloud,
+                     "evict-negative": cloud,
+                     "rehydrate-priority": "Validating arguments against arg spec 'main' -"
+                                           " Install, configure and start a pacs-edge box",
                      "azure-no-credentials": cloud}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
@@ -806,6 +809,7 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     assert "pacs_edge_metrics_port must be 0 (off) or 1-65535 and, with pacs_edge_http_port 0," \
         " not a DICOM or HL7 port (is 70000" in proc.stdout
     assert "(pacs_edge_sync_evict_after_days is -1)" in proc.stdout
+    assert "pacs_edge_sync_rehydrate_priority must be one of: standard, high" in proc.stdout
     assert 'must be empty, file:///PATH or azure://CONTAINER (is \\"azure://site-packs\\")' \
         in proc.stdout
     assert 'peer \\"ct2\\" (AE title \\"CT1\\") shares its name or its AE title' in proc.stdout
