@@ -566,6 +566,17 @@ def make_non_dicom_file(folder: Path, name: str = "notes.txt") -> Path:
 
 # -- reading helpers -----------------------------------------------------------------
 
+def forged_copy(original: Path, path: Path) -> Path:
+    """`original`'s dataset under a File Meta that announces another SOP Instance UID
+    (the data set contradicts its request: refused 0xA900), written to `path`."""
+    meta = pydicom.filereader.read_file_meta_info(original)
+    meta.MediaStorageSOPInstanceUID = make_uid(99, "forged")
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes(original))
+    return path
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part 10 file after its File Meta group (explicit VR LE, group 0002).
 

@@ -20,9 +20,7 @@ import pynetdicom.association
 import pytest
 from conftest import EdgeServer
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -92,18 +90,6 @@ def send_in_one_association(server: EdgeServer, paths: list[Path], aet: str = "T
             assoc.release()
 
 
-def forged(folder: Path, original: Path) -> Path:
-    """`original` announced under another SOP Instance UID: refused 0xA900."""
-    meta = read_file_meta_info(original)
-    meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(99, "forged")
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    path = folder / "forged.dcm"
-    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue()
-                     + dicomgen.dataset_bytes(original))
-    return path
-
-
 def failed_stores(record: dict[str, Any]) -> bool:
     return event(record) == TRANSFERRED and outcome(record) == 4
 
@@ -126,7 +112,8 @@ def test_refused_stores_are_one_failed_record_per_association_and_status(
     # Some fail, with two statuses, beside stored ones: a record per status, and the
     # stored study's success record as before.
     good = [i.path for i in small_study[:2]]
-    paths = [good[0], garbage, forged(tmp_path, small_study[0].path), garbage, good[1]]
+    forged = dicomgen.forged_copy(small_study[0].path, tmp_path / "forged.dcm")
+    paths = [good[0], garbage, forged, garbage, good[1]]
     assert send_in_one_association(edge_server, paths) == [
         0, CANNOT_UNDERSTAND, DOES_NOT_MATCH, CANNOT_UNDERSTAND, 0]
     failed = settled(edge_server.home, failed_stores, 3)[1:]

@@ -10,9 +10,7 @@ import dicomgen
 import pydicom
 import pytest
 from conftest import EdgeServer
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE
 
 SUCCESS = 0x0000
@@ -101,14 +99,7 @@ def test_dataset_that_contradicts_its_request_is_refused(
     edge_server: EdgeServer, raw_sender: None, tmp_path: Path,
     small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
-    original = small_study[0].path
-    meta = read_file_meta_info(original)
-    meta.MediaStorageSOPInstanceUID = dicomgen.make_uid(99, "forged")
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    forged = tmp_path / "forged.dcm"
-    forged.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue()
-                       + dicomgen.dataset_bytes(original))
+    forged = dicomgen.forged_copy(small_study[0].path, tmp_path / "forged.dcm")
     assert send_raw(edge_server, forged) == DOES_NOT_MATCH_SOP_CLASS
     assert instance_count(edge_server) == 0
     assert send_raw(edge_server, small_study[0].path) == SUCCESS
