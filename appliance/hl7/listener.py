@@ -167,7 +167,8 @@ class Hl7Listener:
                 log.warning("hl7 connection refused: host is not an hl7 peer address=%s",
                             address)
                 if self.on_refused is not None:
-                    self.on_refused(address, "host is not allowed to send HL7 (permission hl7)")
+                    await asyncio.to_thread(self.on_refused, address,
+                                            "host is not allowed to send HL7 (permission hl7)")
                 return
             if not self._make_room():
                 log.warning("hl7 connection refused: every connection has a message in hand"
@@ -199,7 +200,7 @@ class Hl7Listener:
                 log.warning("hl7 message too large, connection closed address=%s limit=%d",
                             connection.address, self.config.max_message_bytes)
                 text = f"message exceeds {self.config.max_message_bytes} bytes"
-                self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
+                await self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
                                ErrorCode.DATA_TYPE, text)
                 await self._send(connection, build_ack(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.DATA_TYPE,
@@ -208,7 +209,7 @@ class Hl7Listener:
             except InvalidBlockError:
                 log.warning("hl7 frame without start block address=%s", connection.address)
                 text = "MLLP block does not begin with <VT>"
-                self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
+                await self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
                                ErrorCode.SEGMENT_SEQUENCE, text)
                 await self._send(connection, build_ack(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.SEGMENT_SEQUENCE,
@@ -233,7 +234,8 @@ class Hl7Listener:
             log.info("hl7 message %s field=%s code=%d", "rejected" if exc.reject else "refused",
                      exc.location, exc.code)
             code = AckCode.REJECT if exc.reject else AckCode.ERROR
-            self._rejected(sender, address, code, exc.location, exc.code, exc.text, exc.header)
+            await self._rejected(sender, address, code, exc.location, exc.code, exc.text,
+                                 exc.header)
             return build_ack(code, exc.header, text=exc.text, location=exc.location,
                              error=exc.code)
         processing = parsed.header.processing_id.upper() or "P"
@@ -244,7 +246,7 @@ class Hl7Listener:
                      ErrorCode.UNSUPPORTED_PROCESSING_ID)
             text = ("this box applies messages with processing ID "
                     f"{' or '.join(self.config.processing_ids)} only")
-            self._rejected(sender, address, AckCode.REJECT, "MSH-11",
+            await self._rejected(sender, address, AckCode.REJECT, "MSH-11",
                            ErrorCode.UNSUPPORTED_PROCESSING_ID, text, parsed.header)
             return build_ack(AckCode.REJECT, parsed.header, location="MSH-11",
                              error=ErrorCode.UNSUPPORTED_PROCESSING_ID, text=text)
@@ -262,10 +264,13 @@ class Hl7Listener:
                          parsed.header.message_type, note.location, note.reason)
         return _ack_for(outcome, parsed)
 
-    def _rejected(self, sender: str, address: str, ack: AckCode, location: str,
-                  code: ErrorCode, text: str, header: MessageHeader | None = None) -> None:
+    async def _rejected(self, sender: str, address: str, ack: AckCode, location: str,
+                        code: ErrorCode, text: str, header: MessageHeader | None = None
+                        ) -> None:
+        """Tell `on_rejected`, in a thread: the audit may fsync before the ACK goes, and
+        the event loop serves every other connection meanwhile."""
         if self.on_rejected is not None:
-            self.on_rejected(Rejected(
+            await asyncio.to_thread(self.on_rejected, Rejected(
                 sender, address, f"{ack.value} {location} {code.name.lower()}", text,
                 header.message_type if header is not None else ""))
 

@@ -46,6 +46,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -246,7 +247,9 @@ class OrderService:
                  f" refusal={outcome.refusal.value} field={outcome.location}"
                  if outcome.refusal else "")
         if self.audit is not None and not outcome.duplicate:
-            self._audit(self.audit, outcome, request, sender, address)
+            # In a thread: a refusal's record is fsync'd before the ACK, and the event
+            # loop serves every other connection meanwhile.
+            await asyncio.to_thread(self._audit, self.audit, outcome, request, sender, address)
         if not outcome.duplicate:
             for effect in outcome.effects:
                 hook = self._hooks.get(effect.action)
