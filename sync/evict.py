@@ -108,17 +108,17 @@ async def drop_local_files(ctx: SyncContext, lease: StudyLease, paths: Sequence[
     assert ctx.index.writer is not None
     writer = ctx.index.writer
     freed = 0
-    kept: list[str] = []
+    kept = 0
     for start in range(0, len(paths), DELETES_PER_COMMIT):
         batch = paths[start:start + DELETES_PER_COMMIT]
         dropped = await writer.submit_sync(
             lambda c, b=batch: drop_unneeded_files(c, lease, b, lambda p: _unlink(ctx, p)))
         freed += dropped.freed
-        kept.extend(dropped.kept)
+        kept += dropped.kept
         crash_point("evict:mid-delete")
     if kept:
         log.warning("kept files that rows marked local name (sent again meanwhile, or a prior"
-                    " version's) files=%d", len(kept))
+                    " version's) files=%d", kept)
 
     def remove_folders() -> None:
         for relative in {str(ctx.files.absolute(p).parent) for p in paths}:

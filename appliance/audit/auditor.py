@@ -430,14 +430,10 @@ class Auditor:
                      ("Studies", str(len(uids)))))
         objects = (query, *(study_object(uid) for uid in uids[:MAX_SHOWN]),
                    *(patient_object(pid, name) for pid, name in shown[:MAX_SHOWN]))
+        box = replace(self.box, roles=(Role.DESTINATION,))
         self._record(EventID.QUERY, Action.EXECUTE, Outcome.SUCCESS,
-                     (*operators(roles=(Role.SOURCE,)), self._box_as_destination()),
+                     (*operators(roles=(Role.SOURCE,)), box),
                      objects=objects, description=command, urgent=True)
-
-    def _box_as_destination(self) -> Participant:
-        return Participant(self.box.user_id, requestor=False, roles=(Role.DESTINATION,),
-                           alternative_user_id=self.box.alternative_user_id,
-                           user_name=self.box.user_name)
 
     # --- events: DIMSE ------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ class IngestService:
                                synced=syncing)
                 return IngestResult(RecordOutcome.DUPLICATE, header, "")
             relative = self.files.relative_path(header, sha256)
-            target = str(self.files.absolute(relative))
+            target = self.files.absolute_text(relative)
             recorded = None
             for _ in range(PLACE_ATTEMPTS):
                 placed = self.files.place(spool, relative, sha256=sha256, offset=offset,

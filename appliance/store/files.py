@@ -84,6 +84,10 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
+    def absolute_text(self, relative: str) -> str:
+        """`absolute` as a string, joined without a Path: what the commit path uses."""
+        return os.path.join(self._root, relative)
+
     def check_space(self, needed: int = 0) -> None:
         """Refuse (OutOfSpace) a write of `needed` more bytes that would leave less than
         the reserve free: the room the index, the audit log and the sync agent's
@@ -108,7 +112,7 @@ class FileStore:
         of the spool already under way (its result, or error, is awaited here).
         `sync_folder=False`: the caller fsyncs the folder later (see durable_rename).
         Concurrent commits into one folder share its fsync (SharedFolderSync)."""
-        target = os.path.join(self._root, relative)
+        target = self.absolute_text(relative)
         with _spool_synced(spool, synced):
             durable_rename(spool.name, target, sync_folder=sync_folder,
                            folders=self._folder_syncs)
@@ -126,7 +130,7 @@ class FileStore:
         replaced. Only a file this call `created` may its caller remove again (when
         the index refuses the row): another row may name any other. A kept file's
         mtime is set to now, as a new one's would be."""
-        target = os.path.join(self._root, relative)
+        target = self.absolute_text(relative)
         with _spool_synced(spool, synced):
             if durable_link(spool.name, target, folders=self._folder_syncs):
                 return Placed(True, spool.size, offset)

@@ -236,8 +236,8 @@ def keep_damaged_files(conn: sqlite3.Connection, lease: StudyLease, study_id: in
 
 @dataclass(frozen=True)
 class Dropped:
-    freed: int      # bytes of the files deleted
-    kept: list[str]  # files a row marked local names: left alone
+    freed: int  # bytes of the files deleted
+    kept: int  # files a row marked local names: left alone
 
 
 def drop_unneeded_files(conn: sqlite3.Connection, lease: StudyLease, paths: Sequence[str],
@@ -256,7 +256,7 @@ def drop_unneeded_files(conn: sqlite3.Connection, lease: StudyLease, paths: Sequ
     lease.fence(conn)
     needed = needed_locally(conn, paths)
     return Dropped(sum(unlink(path) for path in paths if path not in needed),
-                   [path for path in paths if path in needed])
+                   sum(path in needed for path in paths))
 
 
 # --- recall -----------------------------------------------------------------------------
