@@ -97,12 +97,16 @@ def run_pacs_edge(*args: str, check: bool = True,
 
 
 def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
-              evict_without_escrow: bool = True, http_port: int = 0) -> Path:
+              evict_without_escrow: bool = True, http_port: int = 0,
+              worklist_past_days: int | None = 0) -> Path:
     """`pacs-edge init` with port 0 (the OS picks one at serve), plus the TESTSCU peer.
 
     Test homes accept the no-escrow risk ([sync] evict_without_escrow) so that tests of
     other things can evict without a (slow, scrypt) `keys escrow`; the escrow gate's
-    own tests pass evict_without_escrow=False. Web tests pass a free `http_port`."""
+    own tests pass evict_without_escrow=False. Test orders are scheduled on fixed dates
+    (2024), so test homes put no bound on how far back a worklist query reaches
+    ([workflow] worklist_past_days = 0); the bound's own tests pass None (the default).
+    Web tests pass a free `http_port`."""
     # TLS, HL7, HTTPS and the metrics listener off unless a test turns them on: their
     # fixed ports (2762, 2575, 8443, 9464) would collide.
     # `pacs-edge init`'s own command, in this process (CliRunner): a command's start-up
@@ -114,6 +118,8 @@ def init_home(home: Path, *, ae_title: str = EDGE_AE, default_peer: bool = True,
         pytest.fail(f"pacs-edge init exited {made.exit_code}:\n{made.output}", pytrace=False)
     if evict_without_escrow:
         EdgeServer(home).configure(sync={"evict_without_escrow": True})
+    if worklist_past_days is not None:
+        EdgeServer(home).configure(workflow={"worklist_past_days": worklist_past_days})
     if default_peer:
         # Port 1: nothing listens there; a C-MOVE destination needs its own peer. What
         # `pacs-edge peers add` runs, in this process, as init above.

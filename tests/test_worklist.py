@@ -6,8 +6,9 @@ Station AE Title, Modality, Scheduled Procedure Step Start Date/Time with
 ranges, Patient Name wildcards, Accession Number, Requested Procedure ID)
 returns the same items as wlmscpfs for each query; return keys are filled
 from the order; only SCHEDULED orders are offered unless the query asks for
-a status, and an order follows its procedure step (MPPS); a peer without
-`worklist` is refused (0x0124).
+a status, and an order follows its procedure step (MPPS); a query naming no start
+date reaches back `[workflow] worklist_past_days`; a peer without `worklist` is
+refused (0x0124).
 
 Orders are written with the orders store (appliance/store/order_rows.py) into the
 home's index before the query: the HL7 listener that normally writes them is
@@ -17,6 +18,8 @@ tested on its own.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import sqlite3
 import subprocess
 import time
@@ -26,7 +29,7 @@ from typing import Any
 
 import dcmtk
 import pytest
-from conftest import HOST, EdgeServer
+from conftest import HOST, EdgeServer, init_home
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -501,3 +504,38 @@ def test_status_key_of_only_star_is_universal_and_wildcards_match(
     """`*` alone is universal matching (PS3.4 C.2.2.2.4): what no value selects, not
     nothing; other wildcards match the SPS Status names, case-sensitively."""
     assert worklist_service._statuses(values) == expected
+
+
+def _dated_order(acc: str, days_ago: int | None) -> OrderKeys:
+    """A CT order at CT01 scheduled `days_ago` days before today at 09:00 (None: no date)."""
+    day = "" if days_ago is None else (
+        datetime.date.today() - datetime.timedelta(days=days_ago)).strftime("%Y%m%d")
+    acc_, details, patient, demographics, study_uid = named_order(acc, "Late^Lee")
+    return acc_, dataclasses.replace(details, sps_start_date=day,
+                                     sps_start_time="0900" if day else ""), \
+        patient, demographics, study_uid
+
+
+def test_a_query_naming_no_date_leaves_out_steps_older_than_worklist_past_days(
+        edge_server_factory: Callable[..., EdgeServer], tmp_path: Path) -> None:
+    """An order the RIS never cancelled (a no-show) stayed SCHEDULED and on every
+    modality's list for good, until a broad query met MAX_ITEMS and was refused. On
+    the default (30 days), a query naming no start date gets the steps from 30 days ago
+    on, and those without a date; one naming a date or range gets what it names."""
+    home = init_home(tmp_path / "edge-home", worklist_past_days=None)
+    edge = edge_server_factory(home)
+    edge.add_peer("modality", MODALITY, 1, allow="worklist")
+    insert_orders(edge.home, [_dated_order("ACC101", 0), _dated_order("ACC102", 29),
+                              _dated_order("ACC103", 31), _dated_order("ACC104", 400),
+                              _dated_order("ACC105", None)])
+    assert _accessions(_query(edge.port, {})) == ["ACC101", "ACC102", "ACC105"]
+    status = {f"{SPS}ScheduledProcedureStepStatus": "SCHEDULED"}
+    assert _accessions(_query(edge.port, status)) == ["ACC101", "ACC102", "ACC105"]
+    old = (datetime.date.today() - datetime.timedelta(days=400)).strftime("%Y%m%d")
+    assert _accessions(_query(edge.port, {f"{SPS}ScheduledProcedureStepStartDate":
+                                          f"{old}-"})) == ["ACC101", "ACC102", "ACC103",
+                                                           "ACC104"]
+    assert _accessions(_query(edge.port, {"AccessionNumber": "ACC104"})) == []
+    listed = json.loads(edge.cli("worklist", "list", "--json").stdout)
+    assert sorted(row["accession_number"] for row in listed) == [
+        "ACC101", "ACC102", "ACC103", "ACC104", "ACC105"]

@@ -70,7 +70,7 @@ def test_worklist_answer_holds_one_response_identifier_at_a_time(tmp_path: Path)
         async with Index(tmp_path / "index.sqlite3") as index:
             assert index.writer is not None
             await index.writer.submit_sync(_schedule)
-            service = WorklistService(index, allowlist)
+            service = WorklistService(index, allowlist, past_days=0)
             tracemalloc.start()
             try:
                 answer = await service.find(MODALITY, _universal_query())

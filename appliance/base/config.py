@@ -258,6 +258,8 @@ class WorkflowConfig:
     commit_cloud_wait_hours: float = field(default=24.0, metadata=_check(lambda v: v > 0, "> 0"))
     commit_retry_seconds: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0"))
     commit_give_up_hours: float = field(default=72.0, metadata=_check(lambda v: v > 0, "> 0"))
+    worklist_past_days: int = field(default=30, metadata=_check(lambda v: 0 <= v <= 36_500,
+                                                                "0 (no bound) to 36500 days"))
 
 
 def _clock_ok(value: str) -> bool:
@@ -679,6 +681,8 @@ _COMMENTS = {
     "workflow.commit_retry_seconds": "Retry interval for a commitment report the requesting"
     " peer did not take.",
     "workflow.commit_give_up_hours": "Stop trying to deliver a commitment report after this long.",
+    "workflow.worklist_past_days": "A worklist query naming no scheduled start date gets the"
+    " steps scheduled from this many days ago on, and those without a date (0: no bound).",
     "prefetch": "Prefetch of prior studies when an order arrives, and nightly for tomorrow's"
     " worklist (docs/workflow.md).",
     "prefetch.enabled": "Prefetch priors for new orders and tomorrow's worklist.",

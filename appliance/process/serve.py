@@ -190,8 +190,10 @@ async def _serve(
             audit=auditor,
             presented=PresentedCertificates(index, bridge),
         )
-        handlers = DimseHandlers(services, worklist=WorklistScp(
-            WorklistService(index, allowlist), services.bridge, auditor))
+        worklist = WorklistService(index, allowlist,
+                                   past_days=config.workflow.worklist_past_days)
+        handlers = DimseHandlers(services, worklist=WorklistScp(worklist, services.bridge,
+                                                                auditor))
         server = DimseServer(
             config.dicom, allowlist,
             [*event_handlers(handlers),

@@ -36,6 +36,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 
 from pydicom import config
 from pydicom.dataelem import DataElement, empty_value_for_VR
@@ -129,9 +130,14 @@ class Answer:
 
 
 class WorklistService:
-    def __init__(self, index: Index, allowlist: Allowlist) -> None:
+    """Worklist queries; one naming no scheduled start date reaches back `past_days` (0:
+    no bound), so that orders never performed (a no-show the RIS did not cancel) leave
+    the modalities' lists instead of filling them until MAX_ITEMS refuses the query."""
+
+    def __init__(self, index: Index, allowlist: Allowlist, *, past_days: int) -> None:
         self.index = index
         self.allowlist = allowlist
+        self.past_days = past_days
 
     def permitted(self, calling_ae: str) -> None:
         peer = self.allowlist.by_ae_title(calling_ae)
@@ -149,8 +155,11 @@ class WorklistService:
             found = matching.term(_KINDS.get(keyword, Match.TEXT), values)
             if found is not None:
                 terms.append((keyword, found))
+        scheduled_from = ""
+        if self.past_days and period is None and all(k != _START_DATE for k, _ in terms):
+            scheduled_from = (date.today() - timedelta(days=self.past_days)).strftime("%Y%m%d")
         items = await database.run_sync(self.index.reader, worklist_store.find_items, terms,
-                                        statuses, MAX_ITEMS, period)
+                                        statuses, MAX_ITEMS, period, scheduled_from)
         if len(items) > MAX_ITEMS:
             raise QueryError(QueryRefusal.MALFORMED_KEY,
                              f"more than {MAX_ITEMS} worklist items match")

@@ -93,11 +93,13 @@ _SELECT = "SELECT " + ", ".join(
 
 def find_items(conn: sqlite3.Connection, terms: Sequence[tuple[str, Term]],
                statuses: Sequence[str], limit: int,
-               start_period: Period | None = None) -> list[WorklistItem]:
-    """Orders whose status is one of `statuses`, that meet every (keyword, term) and
+               start_period: Period | None = None,
+               scheduled_from: str = "") -> list[WorklistItem]:
+    """Orders whose status is one of `statuses`, that meet every (keyword, term),
     whose scheduled start (date and time read as one moment) lies in `start_period`
-    when given; by scheduled start, at most `limit` (+1, so the caller can tell that
-    there were more)."""
+    when given, and whose start date is not before `scheduled_from` (YYYYMMDD; orders
+    without a date pass) when given; by scheduled start, at most `limit` (+1, so the
+    caller can tell that there were more)."""
     register_functions(conn)  # the folded-wildcard matching functions, on this connection
     conditions = [Condition(f"status IN ({','.join('?' * len(statuses))})", tuple(statuses))
                   if statuses else Condition("0", ())]
@@ -105,6 +107,9 @@ def find_items(conn: sqlite3.Connection, terms: Sequence[tuple[str, Term]],
     if start_period is not None:
         conditions.append(period_condition(start_period, COLUMNS["ScheduledProcedureStepStartDate"],
                                            COLUMNS["ScheduledProcedureStepStartTime"]))
+    if scheduled_from:
+        conditions.append(Condition("sps_start_date = '' OR sps_start_date >= ?",
+                                    (scheduled_from,)))
     where = " AND ".join(f"({c.sql})" for c in conditions)
     params = [p for c in conditions for p in c.params]
     cur = conn.execute(f"{_SELECT} WHERE {where}"
