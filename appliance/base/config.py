@@ -101,6 +101,8 @@ class Hl7Config:
         default=1_048_576, metadata=_check(lambda v: 1024 <= v <= 64 << 20,
                                            "1024 to 67108864 bytes"))
     idle_timeout: float = field(default=60.0, metadata=_check(lambda v: v > 0, "> 0 seconds"))
+    message_timeout: float = field(default=300.0, metadata=_check(lambda v: v > 0,
+                                                                  "> 0 seconds"))
     max_connections: int = field(default=16, metadata=_check(lambda v: v >= 1, ">= 1"))
     unnamed_charset: str = field(default="UNICODE UTF-8", metadata=_check(
         lambda v: charset_name(v) in CHARSETS,
@@ -580,7 +582,10 @@ _COMMENTS = {
     "hl7.tls": "MLLP over TLS with the site CA's certificates (as DICOM TLS).",
     "hl7.tls_require_client_cert": "With tls: senders need a certificate from the site CA.",
     "hl7.max_message_bytes": "Larger messages are answered AR and the connection is closed.",
-    "hl7.idle_timeout": "Seconds a connection may stay silent (or a message unfinished).",
+    "hl7.idle_timeout": "Seconds a connection may stay silent, before a message or inside"
+    " one.",
+    "hl7.message_timeout": "Seconds a message may take from its first byte to its end (a"
+    " sender trickling bytes is cut off).",
     "hl7.max_connections": "Open MLLP connections; beyond it the longest-idle one is closed.",
     "hl7.unnamed_charset": "Character set of messages whose MSH-18 names none (the standard"
     " says ASCII; a RIS that sends Latin-1 so needs 8859/1); their ACKs are in it too.",

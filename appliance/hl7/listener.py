@@ -7,16 +7,18 @@ to an ACK (ack.py). The AA is written only after the service returned, i.e.
 after the effect was committed (fsync of the WAL).
 
 Bounds, so a slow, silent or hostile sender cannot exhaust the box:
-- a message (one MLLP block) is at most ``[hl7] max_message_bytes``: the
-  stream reader's limit, so at most about twice that is buffered per
-  connection; a larger one is answered AR and the connection closed;
-- every read and write waits at most ``[hl7] idle_timeout`` seconds (a
-  silent peer, or a frame that never ends, is disconnected);
+- a message (one MLLP block) is at most ``[hl7] max_message_bytes``, read a
+  chunk at a time (framing.py), so about that is buffered per connection; a
+  larger one is answered AR and the connection closed;
+- a connection silent for ``[hl7] idle_timeout`` seconds before a message, or
+  inside one, is closed, and so is one whose message is not in within
+  ``[hl7] message_timeout`` of its first byte; every write waits at most
+  ``idle_timeout``;
 - at most ``[hl7] max_connections`` connections are open: a new one closes
   the connection that has been idle longest (one with a message in hand,
   arriving or being applied, is never cut), or is itself closed when every
-  one has; a message still arriving keeps its slot at most ``idle_timeout``
-  (the bound on every read), so a sender trickling bytes cannot hold it;
+  one has; a message still arriving keeps its slot at most ``message_timeout``,
+  so a sender trickling bytes cannot hold it;
 - a connection from a host that is not an hl7 peer is closed before a byte
   is read (the refusal is audited, counted per address).
 
@@ -40,12 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hl7.mllp import HL7StreamReader, HL7StreamWriter, InvalidBlockError, start_hl7_server
-from hl7.mllp.streams import END_BLOCK, START_BLOCK
 
 from appliance.base.config import Hl7Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics import HL7_MESSAGES
-from appliance.hl7 import messages
+from appliance.hl7 import framing, messages
 from appliance.hl7.ack import AckCode, ack_code, build_ack
 from appliance.hl7.messages import ErrorCode, Hl7Error
 from appliance.services.orders import MessageHeader, OrderService, Outcome, Refusal
@@ -107,7 +108,8 @@ class Hl7Listener:
         try:
             self._server = await start_hl7_server(
                 self._accepted, self.config.host, self.config.port,
-                limit=self.config.max_message_bytes, ssl=self.tls_context,
+                # framing.py reads a chunk at a time: the stream needs no more.
+                limit=framing.CHUNK, ssl=self.tls_context,
                 ssl_handshake_timeout=self.config.idle_timeout if self.tls_context else None,
                 reuse_address=True)
         except OSError as exc:
@@ -189,14 +191,23 @@ class Hl7Listener:
     async def _messages(self, reader: HL7StreamReader, connection: _Connection, *,
                         sender: str) -> None:
         timeout = self.config.idle_timeout
+        blocks = framing.BlockReader(reader, max_bytes=self.config.max_message_bytes,
+                                     idle_timeout=timeout,
+                                     message_timeout=self.config.message_timeout)
+
+        def started() -> None:
+            # A sender in the middle of a long message is not idle, however long ago its
+            # last ACK was, and must not be closed to admit a new connection.
+            connection.receiving = True
+
         while True:
             connection.receiving = False
             try:
-                block = await asyncio.wait_for(_read_block(reader, connection), timeout)
-            except TimeoutError:
-                log.info("hl7 connection idle, closed address=%s", connection.address)
+                block = await blocks.next_block(started)
+            except framing.BlockTimeout as exc:
+                log.info("%s address=%s", exc.event, connection.address)
                 return
-            except asyncio.LimitOverrunError:  # the stream limit was reached
+            except framing.TooLarge:
                 log.warning("hl7 message too large, connection closed address=%s limit=%d",
                             connection.address, self.config.max_message_bytes)
                 text = f"message exceeds {self.config.max_message_bytes} bytes"
@@ -278,35 +289,6 @@ class Hl7Listener:
         HL7_MESSAGES.labels(ack_code(ack)).inc()
         connection.writer.writeblock(ack)
         await asyncio.wait_for(connection.writer.drain(), timeout)
-
-
-async def _read_block(reader: HL7StreamReader, connection: _Connection) -> bytes:
-    """The next MLLP block without its framing, as python-hl7's readblock reads it, but
-    ended by <FS> alone, its <CR> then skipped with the CR and LF before the next <VT>:
-    a sender that ends each block with <FS><CR><LF> (or sends blank lines between
-    blocks) would otherwise have every later block on the connection refused, the
-    resent one too, for not beginning with <VT>; and one that ends a block with <FS>
-    alone (some devices and hand-written senders) waited for an ACK that never came,
-    its message unread until the idle timeout closed the connection. <FS> is never
-    part of HL7 text, in any character set the box reads.
-
-    From its first byte on, the block marks `connection` as receiving: a sender in the
-    middle of a long message is not idle, however long ago its last ACK was, and must
-    not be closed to admit a new connection. The <CR> (and LF) that end the last block
-    are read one by one and do not count; anything else, blank lines too, is read with
-    the stream's limit as before (a flood of line breaks is one block too large)."""
-    first = await reader.readexactly(1)
-    for trailer in (b"\r", b"\n"):
-        if first == trailer:
-            first = await reader.readexactly(1)
-    connection.receiving = True
-    if first == START_BLOCK:
-        return (await reader.readuntil(END_BLOCK))[:-1]
-    rest = b"" if first == END_BLOCK else await reader.readuntil(END_BLOCK)
-    block = (first + rest).lstrip(b"\r\n")
-    if not block.startswith(START_BLOCK):
-        raise InvalidBlockError("Block does not begin with Start Block character <VT>")
-    return block[1:-1]
 
 
 def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> bytes:
