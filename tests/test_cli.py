@@ -19,8 +19,10 @@ import dcmtk
 import dicomgen
 import pytest
 from conftest import CLI_TIMEOUT, NO_CAPABILITIES, EdgeServer, pacs_edge_command, run_pacs_edge
+from scratchedmedia import ScratchedMedia
 from syncagent import evict, sync_once
 from test_clock_steps import new_york_box_at
+from test_dropfolder import make_cd
 
 from appliance.cli.common import expected_errors
 
@@ -450,6 +452,39 @@ def test_import_rejects_pipes_and_symlink_loops_and_goes_on(
                           check=False, timeout=60)
     assert named.returncode == 1 and "rejected 1" in named.stdout
     assert "pipe.dcm: not a regular file (named pipe)" in named.stderr
+
+
+def test_import_of_a_cd_passes_over_its_dicomdir_and_succeeds(
+        edge_home: Path, tmp_path: Path) -> None:
+    """The DICOMDIR of a CD was taken for an instance and rejected ("StudyInstanceUID is
+    missing"): every CD import exited 1, the operator's sign not to trust it."""
+    cd = tmp_path / "cdrom"
+    copied = make_cd(cd, dicomgen.make_study(tmp_path / "study", seed=54))
+    result = run_pacs_edge("import", "--home", str(edge_home), str(cd), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"stored {len(copied)}" in result.stdout and "rejected 0" in result.stdout
+    named = run_pacs_edge("import", "--home", str(edge_home), str(cd / "DICOMDIR"),
+                          check=False)
+    assert named.returncode == 1 and "rejected 1" in named.stdout
+    assert ("DICOMDIR: a DICOMDIR is the index of a CD's files, not an instance: import"
+            " the folder that holds it") in named.stderr
+
+
+def test_import_goes_on_past_a_file_it_cannot_read_to_its_end(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A bad sector half-way through one file of a CD (EIO on read, after the header read
+    well) ended the import with a traceback: no summary, the files after it not imported."""
+    study = dicomgen.make_study(tmp_path / "media" / "study", seed=55, instances_per_series=2)
+    scratched = study[0].path.relative_to(tmp_path / "media")
+    with ScratchedMedia(tmp_path / "media", tmp_path / "cdrom",
+                        {str(scratched): 4096}) as cdrom:
+        result = run_pacs_edge("import", "--home", str(edge_home), str(cdrom), check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"stored {len(study) - 1}" in result.stdout and "rejected 1" in result.stdout
+    assert (f"rejected {tmp_path / 'cdrom' / scratched}: copy failed (input/output error)"
+            in result.stderr), result.stderr
+    assert list((edge_home / "store" / ".spool").iterdir()) == []
 
 
 @pytest.mark.parametrize("workers", [1, 2])

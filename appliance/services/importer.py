@@ -3,7 +3,13 @@
 Only regular files are read. A named pipe, socket or device met in a folder or named on
 the command line is rejected without being opened (opening a FIFO blocks until a writer
 comes); a symbolic link is followed, and one that loops or dangles is rejected. Each
-rejected path is reported with its reason and the rest of the import goes on.
+rejected path is reported with its reason and the rest of the import goes on, also
+when a file fails half-way through its read (a scratched CD's bad sector: EIO).
+
+A `DICOMDIR` is the index of a CD's files, not an instance (PS3.10): met in a folder,
+whose every file the import reads anyway, it is passed over; named on its own, it is
+rejected with a reason that says to import its folder. It was taken for an instance
+and rejected ("StudyInstanceUID is missing"), so every CD import exited 1.
 """
 
 from __future__ import annotations
@@ -44,10 +50,11 @@ class ImportSummary:
 
 def expand_paths(paths: Iterable[Path],
                  unlisted: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
-    """Files named directly, and every file under named folders (sorted, recursive).
+    """Files named directly, and every file under named folders (sorted, recursive) but
+    the folders' DICOMDIRs (see the module docstring).
 
-    Every non-folder entry is yielded, whatever its type (`import_files` rejects what is
-    not a regular file); symbolic links to folders are not descended into. A folder that
+    Every other non-folder entry is yielded, whatever its type (`import_files` rejects
+    what is not a regular file); symbolic links to folders are not descended into. A folder that
     cannot be listed (permissions, a disk error) goes to `unlisted` with the reason: an
     import that skipped it in silence said it was done, and the source was deleted."""
 
@@ -61,9 +68,15 @@ def expand_paths(paths: Iterable[Path],
             for dirpath, dirnames, filenames in os.walk(path, onerror=note):
                 dirnames.sort()
                 for name in sorted(filenames):
-                    yield Path(dirpath) / name
+                    if not _is_dicomdir(name):
+                        yield Path(dirpath) / name
         else:
             yield path
+
+
+def _is_dicomdir(name: str) -> bool:
+    """A media directory, by its name, which PS3.10 fixes (ISO 9660: `DICOMDIR;1`)."""
+    return name.upper().removesuffix(";1") == "DICOMDIR"
 
 
 def _not_regular(mode: int) -> str | None:
@@ -108,6 +121,9 @@ async def import_files(
     summary = ImportSummary()
     for path in files:
         try:
+            if _is_dicomdir(path.name):
+                raise InvalidInstance("a DICOMDIR is the index of a CD's files, not an"
+                                      " instance: import the folder that holds it")
             with _open_regular(path) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 result = await ingest.ingest_file(fh, source_ae="import")
@@ -115,6 +131,10 @@ async def import_files(
             summary.rejected.append((path, exc.reason))
         except PacsEdgeError as exc:
             summary.rejected.append((path, exc.message))
+        except OSError as exc:  # the read failed half-way (an open failure is InvalidInstance)
+            if exc.errno is None:
+                raise
+            summary.rejected.append((path, f"copy failed ({os.strerror(exc.errno).lower()})"))
         else:
             if result.outcome is RecordOutcome.DUPLICATE:
                 summary.duplicates += 1
