@@ -468,12 +468,15 @@ def test_a_legacy_pacs_that_serves_no_c_move_pauses_the_run_naming_via_get(
     assert "C-MOVE" in str(report["stop_reason"]), report
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
 def test_a_study_the_legacy_pacs_counts_as_empty_is_not_done_by_a_move_that_failed(
-        edge_server_factory: Callable[..., EdgeServer]) -> None:
+        count: str, edge_server_factory: Callable[..., EdgeServer]) -> None:
     """Some archives answer NumberOfStudyRelatedInstances (and the series' counts) 0
     where they keep no count. A study expected to hold 0 instances was done whatever
     its C-MOVE brought: here the C-MOVE sends nothing and the box holds nothing, and the
-    study was reported migrated. A count of 0 is no count: the instances are listed."""
+    study was reported migrated. A count of 0 is no count: the instances are listed.
+    So is a negative one (an IS value may be "-1", an archive's "unknown"): the study
+    was expected to hold -1 instances and was done, with nothing, as 0 was."""
     uid = dicomgen.UID_ROOT + "77.3"
     legacy = AE("ZEROCOUNT")
     legacy.add_supported_context(Verification)
@@ -485,10 +488,10 @@ def test_a_study_the_legacy_pacs_counts_as_empty_is_not_done_by_a_move_that_fail
         answer.QueryRetrieveLevel = query.QueryRetrieveLevel
         answer.StudyInstanceUID = uid
         if query.QueryRetrieveLevel == "STUDY" and query.get("StudyDate", "") == "20240301":
-            answer = dated_study(uid, "0")
+            answer = dated_study(uid, count)
         elif query.QueryRetrieveLevel == "SERIES":
             answer.SeriesInstanceUID, answer.Modality = uid + ".1", "CT"
-            answer.NumberOfSeriesRelatedInstances = "0"
+            answer.NumberOfSeriesRelatedInstances = count
         elif query.QueryRetrieveLevel == "IMAGE":
             answer.SOPInstanceUID = uid + ".1.1"
             answer.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage

@@ -669,16 +669,16 @@ class Migration:
     def _expected(self, session: LegacySession, task: rows.StudyTask
                   ) -> tuple[int, list[tuple[str, str]] | None]:
         """How many instances the study holds in the legacy PACS, and its image-level
-        answers when they had to be asked for that. A count of 0 is no count: some
-        archives answer 0 where they keep none, and a study expected to hold nothing
-        would be done whatever its transfer brought."""
-        if task.expected_instances:
+        answers when they had to be asked for that. A count below 1 is no count: some
+        archives answer 0 (or -1) where they keep none, and a study expected to hold
+        nothing would be done whatever its transfer brought."""
+        if task.expected_instances is not None and task.expected_instances > 0:
             return task.expected_instances, None
         if not self._no_series_counts.is_set():
             series = session.series_of(task.study_uid)
-            counts = [n for _, n in series]
-            if series and all(counts):
-                return sum(n or 0 for n in counts), None
+            counts = [n for _, n in series if n is not None and n > 0]
+            if series and len(counts) == len(series):
+                return sum(counts), None
             if series:  # the peer does not count series: ask it at image level from now on
                 self._no_series_counts.set()
         instances = session.instances_of(task.study_uid)
