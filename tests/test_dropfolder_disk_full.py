@@ -84,3 +84,23 @@ def test_a_store_below_its_reserve_copies_no_dropped_file_into_the_spool(
         time.sleep(4 * RESCAN_SECONDS)
         assert spool.stat().st_mtime_ns == untouched  # no spool file made, or removed
         assert len(list(drop.iterdir())) == len(study)
+
+
+def test_a_dropped_file_larger_than_the_free_space_is_not_copied_into_the_spool(
+        tmp_path: Path) -> None:
+    """A file larger than the store's free space (above its reserve) was copied into the
+    spool until the disk was full, at every rescan: each time the store took nothing
+    else meanwhile (a modality's C-STORE answered out of resources), and the pause said
+    only "no space left". It is refused before the copy, as a store below its reserve
+    is: the drop folder pauses, saying how much it needs."""
+    [big] = dicomgen.make_studies(tmp_path / "study", seed=23, series_per_study=1,
+                                  instances_per_series=1, size=2300)  # 10 MB
+    with edge_on_a_small_store(tmp_path, reserve_mb=1) as (server, drop, disk):
+        spool = disk / "store" / ".spool"
+        untouched = spool.stat().st_mtime_ns
+        shutil.copy(big.path, drop / big.path.name)
+        wait_until("the drop folder pauses", lambda: PAUSED in server.log())
+        time.sleep(4 * RESCAN_SECONDS)
+        assert spool.stat().st_mtime_ns == untouched  # no spool file made, or removed
+        assert "reason=10.1 MB needed" in server.log(), server.log()
+        assert [p.name for p in drop.iterdir()] == [big.path.name]

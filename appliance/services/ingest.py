@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -198,11 +199,13 @@ class IngestService:
 
     def _spool_from_file(self, source: Path | BinaryIO) -> SpoolFile:
         """Copy `source` into a spool file: a fresh File Meta header, then its dataset bytes
-        exactly as they are in the source file. A store below its reserve refuses it
-        before the copy: the drop folder retries every waiting file at each rescan."""
-        self.files.check_space()
+        exactly as they are in the source file. A store that the copy would take below
+        its reserve refuses it before the copy (OutOfSpace, saying how much it needs):
+        the drop folder retries every waiting file at each rescan, and a file larger
+        than the free space filled the disk each time, refusing every other store."""
         opened = source.open("rb") if isinstance(source, Path) else nullcontext(source)
         with opened as fh:
+            self.files.check_space(os.fstat(fh.fileno()).st_size)
             spool = self.start_spool(fh)
             try:
                 shutil.copyfileobj(fh, spool, _COPY_CHUNK)  # type: ignore[misc]
