@@ -167,3 +167,56 @@ def test_a_query_or_retrieve_whose_identifier_cannot_be_decoded_is_a_failed_reco
     [move] = settled(edge_server.home, failed_stores, 1)  # Instances Transferred, failed
     assert action(move) == "R"
     assert "move identifier cannot be decoded" in description(move)
+
+
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+BAD_FINDS, BAD_MOVES, BAD_GETS = 300, 60, 40
+
+
+def bad_requests(server: EdgeServer, finds: int, moves: int, gets: int) -> set[int]:
+    """C-FINDs, C-MOVEs and C-GETs with no QueryRetrieveLevel, over one association;
+    the final statuses they got."""
+    ae = AE(ae_title="TESTSCU")
+    for sop_class in (STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET):
+        ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+    assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.PatientID = "BADPAT"  # no QueryRetrieveLevel: refused
+    requests = ([lambda: assoc.send_c_find(identifier, STUDY_ROOT_FIND)] * finds
+                + [lambda: assoc.send_c_move(identifier, "TESTSCU", STUDY_ROOT_MOVE)] * moves
+                + [lambda: assoc.send_c_get(identifier, STUDY_ROOT_GET)] * gets)
+    try:
+        return {[int(status.Status) for status, _ in send()][-1] for send in requests}
+    finally:
+        assoc.release()
+
+
+def test_repeated_bad_queries_and_retrieves_are_one_record_and_one_count_per_window(
+        edge_server: EdgeServer) -> None:
+    """A peer repeating a C-FIND, C-MOVE or C-GET the box refuses wrote one audit record
+    per request (300 bad C-FINDs, 300 records; a retrieve's fsync'd one by one). Now the
+    first of each kind and reason is written at once, the rest of the window is one
+    summary carrying the count."""
+    statuses = bad_requests(edge_server, BAD_FINDS, BAD_MOVES, BAD_GETS)
+    assert statuses and all(status >= 0xA000 for status in statuses)
+
+    def failed() -> list[dict[str, Any]]:
+        return [r for r in records(edge_server.home)
+                if event(r) in (QUERY, TRANSFERRED) and outcome(r) == 4]
+
+    first = failed()  # written before each refusal was answered
+    assert len(first) == 3
+    assert all("TESTSCU" in requestors(r) for r in first)
+    assert [object_details(r)[STUDY_ROOT_FIND]["Requests"] for r in first
+            if event(r) == QUERY] == ["1"]
+    edge_server.stop()  # the windows end: what they counted is one summary each
+    summaries = failed()[len(first):]
+    assert len(summaries) == 3
+    counts = {("C-FIND" if event(r) == QUERY else description(r).split()[0]):
+              [d["Requests"] for d in object_details(r).values()] for r in summaries}
+    assert counts == {"C-FIND": [str(BAD_FINDS - 1)], "move": [str(BAD_MOVES - 1)],
+                      "get": [str(BAD_GETS - 1)]}
+    query = next(r for r in summaries if event(r) == QUERY)
+    assert description(query).startswith(
+        f"QueryRetrieveLevel is missing: {BAD_FINDS - 1} more request(s) between ")

@@ -26,7 +26,9 @@ What an audit record guarantees, and when:
   store) in a window of `[audit] access_window_seconds`; the rest of the
   window becomes one summary with counts (web_access.py). A viewer opening a
   500-slice series is one record, not 500. Refused web accesses and failed
-  web logins are windowed per user (or name typed), address and reason.
+  web logins are windowed per user (or name typed), address and reason; so are
+  C-FINDs, C-MOVEs and C-GETs refused or failed before any study was known, per
+  peer, address and reason, and HL7 messages rejected before they were understood.
 - If the log cannot be written (disk full), records stay buffered (up to
   MAX_PENDING, then the oldest are dropped and counted in an error line) and
   are retried at the next flush; each failed try counts in
@@ -515,7 +517,11 @@ class Auditor:
 
     def queried(self, assoc: Any, *, sop_class_uid: str, identifier: bytes,
                 transfer_syntax: str, matches: int | None, reason: str = "") -> None:
-        """A C-FIND: the query itself is the participant object (base64 in exports)."""
+        """A C-FIND: the query itself is the participant object (base64 in exports).
+        One refused or failed (`reason`) is windowed per peer, address, SOP class and
+        reason, as refused web accesses are: the first is written at once, the rest of
+        the window is one summary with the count, so a peer repeating a bad C-FIND
+        cannot flood the log (or stall the box on an fsync per request)."""
         peer = requestor_of(assoc)
         query = ParticipantObject(
             sop_class_uid, ObjectIDType.SOP_CLASS_UID, ObjectType.SYSTEM_OBJECT,
@@ -523,15 +529,25 @@ class Auditor:
             details=(("TransferSyntax", transfer_syntax),
                      *((("Matches", str(matches)),) if matches is not None else ())))
         box = Participant(self.source.source_id, requestor=False, roles=(Role.DESTINATION,))
-        self._record(EventID.QUERY, Action.EXECUTE,
-                     Outcome.SUCCESS if not reason else Outcome.MINOR_FAILURE,
-                     (self._peer(peer, Role.SOURCE), box), objects=(query,), description=reason)
+        participants = (self._peer(peer, Role.SOURCE), box)
+        if reason:
+            key = AccessKey("C-FIND", peer.ae_title, "", peer.address, search=sop_class_uid,
+                            refused=reason)
+            self._web_access(key, _WebEvent(EventID.QUERY, Action.EXECUTE, reason,
+                                            participants, partial(tuple, (query,)), reason))
+            return
+        self._record(EventID.QUERY, Action.EXECUTE, Outcome.SUCCESS, participants,
+                     objects=(query,))
 
     def retrieved(self, assoc: Any, *, action: str, study_uids: Iterable[str],
                   destination: tuple[str, str] | None = None, completed: int = 0,
                   failed: int = 0, reason: str = "") -> None:
-        """A C-MOVE (`destination` = (AE title, host)) or C-GET, finished or refused."""
+        """A C-MOVE (`destination` = (AE title, host)) or C-GET, finished or refused. One
+        refused or failed (`reason`) before any study was known is windowed per peer,
+        address, action and reason, as a refused C-FIND is; its record names the peer's
+        address (a Node ID object, which the summary's count is a detail of)."""
         peer = requestor_of(assoc)
+        uids = set(study_uids)
         box = Participant(self.source.source_id, requestor=False, roles=(Role.SOURCE,))
         if destination is None:  # C-GET: the requestor receives
             participants: tuple[Participant, ...] = (self._peer(peer, Role.DESTINATION), box)
@@ -541,11 +557,20 @@ class Auditor:
             participants = (box, target)
             if destination[0] != peer.ae_title:
                 participants += (self._peer(peer),)
+        if reason and not uids:
+            node = ParticipantObject(peer.address or "unknown", ObjectIDType.NODE_ID,
+                                     ObjectType.SYSTEM_OBJECT,
+                                     ObjectRole.SECURITY_USER_ENTITY)
+            key = AccessKey(action, peer.ae_title, "", peer.address, refused=reason)
+            self._web_access(key, _WebEvent(EventID.INSTANCES_TRANSFERRED, Action.READ,
+                                            reason, participants, partial(tuple, (node,)),
+                                            reason))
+            return
         description = reason or (f"{action}: completed={completed} failed={failed}"
                                  if failed else "")
         outcome = Outcome.MINOR_FAILURE if reason or failed else Outcome.SUCCESS
         self._record(EventID.INSTANCES_TRANSFERRED, Action.READ, outcome, participants,
-                     objects=self._study_objects(study_uids), description=description,
+                     objects=self._study_objects(uids), description=description,
                      urgent=bool(reason))
 
     def legacy_queried(self, *, peer_ae: str, address: str, identifier: bytes, queries: int,

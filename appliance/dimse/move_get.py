@@ -467,7 +467,7 @@ class _Retrieval:
             self.att.audit.refused(self.sc.assoc, self.action.value, exc.reason)
         else:
             self.att.audit.retrieved(self.sc.assoc, action=self.action.value, study_uids=(),
-                                     reason=exc.reason)
+                                     reason=f"{self.action.value} refused: {exc.reason}")
 
     def _respond(self, status: Status, tally: _Tally | None = None, *, final: bool = False) -> None:
         """Send one C-MOVE/C-GET response (PS3.4 C.4.2.3.1, C.4.3.3.1).
