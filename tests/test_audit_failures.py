@@ -9,6 +9,7 @@ with a deadline.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import dicomgen
 import pydicom
 import pynetdicom.association
 import pytest
-from conftest import EdgeServer
+from conftest import PRODUCT_SITE, EdgeServer
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
@@ -27,6 +28,7 @@ from pynetdicom import AE
 TRANSFERRED = "110104"  # DICOM Instances Transferred
 DEADLINE = 60.0
 CANNOT_UNDERSTAND, DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0xC000, 0xA900, 0xC001
+PROCESSING_FAILURE = 0x0110
 
 
 def records(home: Path) -> list[dict[str, Any]]:
@@ -126,6 +128,41 @@ def test_refused_stores_are_one_failed_record_per_association_and_status(
               if event(r) == TRANSFERRED and outcome(r) == 0]
     assert len(stored) == 1
     assert small_study[0].study_uid in object_details(stored[0])
+
+
+
+def with_a_broken_ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes started from now on (serve) find ingest raising an error no code path
+    expects, a bug's (in the spool's fsync, which only ingest starts): a sitecustomize
+    ahead of the product site's, which it runs too."""
+    hook = tmp_path / "broken-ingest"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        f"exec(open({str(PRODUCT_SITE / 'sitecustomize.py')!r}).read())\n"
+        "from appliance.store.spool import SpoolFile\n"
+        "def _broken(self):\n"
+        "    raise RuntimeError('a bug')\n"
+        "SpoolFile.start_sync = _broken\n")
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ['PYTHONPATH']}")
+
+
+def test_stores_failed_by_an_unexpected_error_are_a_failed_record_too(
+    edge_home: Path, edge_server_factory: Callable[..., EdgeServer], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, small_study: list[dicomgen.GeneratedInstance],
+) -> None:
+    """A C-STORE whose ingest raised something unexpected was answered 0x0110 with no
+    audit record, where every other failed C-STORE is counted into one per association
+    and status."""
+    with_a_broken_ingest(tmp_path, monkeypatch)
+    server = edge_server_factory(edge_home)
+    paths = [i.path for i in small_study[:3]]
+    assert send_in_one_association(server, paths) == [PROCESSING_FAILURE] * 3
+    [record] = settled(server.home, failed_stores, 1)
+    assert "TESTSCU" in requestors(record)
+    assert description(record) == ("C-STORE failed 0x0110 processing failure: 3 instance(s);"
+                                   " first: unexpected error: RuntimeError")
+    sop_class = small_study[0].sop_class_uid
+    assert object_details(record) == {sop_class: {"NumberOfInstances": "3"}}
 
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"

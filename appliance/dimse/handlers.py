@@ -223,6 +223,13 @@ class DimseHandlers:
             log.error("store failed reason=%s %s", exc.message, peer_label(assoc))
             self._audit_store_failure(assoc, expected, Status.PROCESSING_FAILURE, exc.message)
             return StoreAnswer(Status.PROCESSING_FAILURE)
+        except Exception as exc:  # a bug costs this instance, and is in the trail too
+            log.error("store failed unexpectedly error=%s %s", type(exc).__name__,
+                      peer_label(assoc))
+            spool.discard()
+            self._audit_store_failure(assoc, expected, Status.PROCESSING_FAILURE,
+                                      f"unexpected error: {type(exc).__name__}")
+            return StoreAnswer(Status.PROCESSING_FAILURE)
         self.s.audit.stored(assoc, result.header)  # buffered: no I/O per instance
         return StoreAnswer(Status.SUCCESS)
 
