@@ -411,6 +411,38 @@ def test_a_message_rejected_before_it_is_understood_is_a_failed_record_per_reaso
                       "AR MSH-9 unsupported_message_type": "2"}
 
 
+
+def test_a_message_the_box_could_not_apply_is_a_failed_record_of_what_it_asked(
+        hl7_edge: tuple[EdgeServer, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding the index's write lock (a `sqlite3` shell left in a
+    transaction) past SQLite's 30 s busy timeout: the order is answered AR "could not
+    apply the message now", and that attempt on the patient's data left no audit
+    record. Now it is an Order Record, outcome 4, naming the patient and accession."""
+    server, port = hl7_edge
+    monkeypatch.setattr(hl7peer, "TIMEOUT", 120.0)  # the ACK waits for the busy timeout
+    holder = sqlite3.connect(server.home / "index.sqlite3", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        ack = hl7peer.send(port, hl7peer.orm("NA1", accession="ACCLOCKED",
+                                             patient_id="LOCKEDPAT"))
+    finally:
+        holder.close()
+    assert (ack.code, ack.text) == ("AR", "the box could not apply the message now;"
+                                          " resend it")
+    [record] = [r for r in _audit_records(server)
+                if r["EventIdentification"]["EventID"]["csd-code"] == "110109"
+                and r["EventIdentification"]["EventOutcomeIndicator"] == 4]
+    assert record["EventIdentification"]["EventActionCode"] == "C"
+    assert record["EventIdentification"]["EventOutcomeDescription"] == (
+        "order create refused: not_applied: the box could not apply it now"
+        " (IndexUnavailable)")
+    patient, = record["ParticipantObjectIdentification"]
+    assert patient["ParticipantObjectID"] == "LOCKEDPAT"
+    assert {"type": "AccessionNumber", "value": "ACCLOCKED"} in patient[
+        "ParticipantObjectDetail"]
+    assert "LOCKEDPAT" not in server.log() and "ACCLOCKED" not in server.log()
+
+
 # --- idempotence and durability -----------------------------------------------------
 
 def test_duplicate_control_id_is_acknowledged_without_applying_twice(

@@ -39,7 +39,9 @@ Rules:
   arrive later with the prior ID join the surviving patient at ingest
   (store/hierarchy.py current_patient). Stored files are never rewritten.
 - Every applied order and patient change is audited (after the commit); a refused
-  message, as each change it asked for with the refusal (outcome 4).
+  message, as each change it asked for with the refusal (outcome 4); so is a
+  message the box could not apply (the index refused the commit: the sender is
+  told AR, to resend it), with ``not_applied`` and the error's type.
 - Logs carry message types, control codes and counts, never patient data:
   orders appear as logsafe refs.
 """
@@ -234,7 +236,14 @@ class OrderService:
         """Apply `request` once; durable when this returns (see the module docstring)."""
         writer = self.index.writer
         assert writer is not None
-        outcome = await writer.submit_sync(lambda conn: _apply(conn, header, request))
+        try:
+            outcome = await writer.submit_sync(lambda conn: _apply(conn, header, request))
+        except PacsEdgeError as exc:
+            if self.audit is not None:  # in a thread, as below
+                await asyncio.to_thread(
+                    self._audit_asked, self.audit, request, sender, address,
+                    f"not_applied: the box could not apply it now ({type(exc).__name__})")
+            raise
         # Logged once committed: a message refused later in its transaction, or a commit
         # the disk refused, applied nothing.
         for effect in () if outcome.duplicate else outcome.effects:
@@ -269,19 +278,25 @@ class OrderService:
                 else:
                     audit.patient_recorded(sender, address, effect)
             return
+        OrderService._audit_asked(audit, request, sender, address, outcome.text)
+
+    @staticmethod
+    def _audit_asked(audit: OrderAudit, request: Request, sender: str, address: str,
+                     refusal: str) -> None:
+        """Each change `request` asked for, not made, with why (outcome 4)."""
         if isinstance(request, tuple):
             for order in request:
                 audit.order_recorded(sender, address, Effect(
                     _ASKED[order.control], order.patient, order.demographics.patient_name,
-                    order.accession_number, order.study_uid), refusal=outcome.text)
+                    order.accession_number, order.study_uid), refusal=refusal)
         elif isinstance(request, PatientMerge):
             audit.patient_recorded(sender, address, Effect(
                 "merge", request.surviving, request.demographics.patient_name,
-                prior=request.prior), refusal=outcome.text)
+                prior=request.prior), refusal=refusal)
         else:
             audit.patient_recorded(sender, address, Effect(
                 "register" if request.register else "update", request.patient,
-                request.demographics.patient_name), refusal=outcome.text)
+                request.demographics.patient_name), refusal=refusal)
 
     @staticmethod
     async def _run_hook(hook: OrderHook, action: str, accession_number: str) -> None:
