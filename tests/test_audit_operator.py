@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLI_TIMEOUT, pacs_edge_command, run_pacs_edge
+from conftest import CLI_TIMEOUT, init_home, pacs_edge_command, run_pacs_edge
 
 from appliance.audit import operators
 from appliance.audit.log import AuditLog, Entry
 from appliance.audit.syslog import format_message
+from provisioning.site_key_id import published_key_id
 
 NOBODY = 65534
 REFUSED = 97  # the shell's exit code when the kernel refuses to set the login uid
@@ -130,6 +131,49 @@ def test_sudo_user_names_the_person_only_while_the_login_uid_is_unset(edge_home:
         "UserName": "login user (SUDO_USER, not verified)", "UserIsRequestor": True}
     record = add_peer(edge_home, NOBODY, "ws2", env=sudo)
     assert operators_of(record)[0]["UserID"] == "nobody"
+
+
+
+def secret_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_key_recovery_is_a_security_record_naming_the_key_and_a_failed_one_why(
+        edge_home: Path, tmp_path: Path) -> None:
+    """`keys recover` puts a lost box's site key into a new home and left no audit
+    record, nor did a failed try (a wrong passphrase). Now both are Security Alerts
+    (Security Configuration) in the new home's trail, naming the operator and the
+    escrow file; the recovered key by its id, a failure with outcome 4 and why."""
+    passphrase = secret_file(tmp_path / "passphrase", "correct horse battery staple")
+    escrow = tmp_path / "site.escrow"
+    run_pacs_edge("keys", "escrow", "--home", str(edge_home), "--out", str(escrow),
+                  "--passphrase-file", str(passphrase))
+    new_home = tmp_path / "new-home"
+    wrong = secret_file(tmp_path / "wrong", "not the passphrase at all")
+    refused = run_pacs_edge("keys", "recover", "--home", str(new_home), "--from", str(escrow),
+                            "--passphrase-file", str(wrong), check=False)
+    assert refused.returncode == 2 and "passphrase is wrong" in refused.stderr
+    failed = last_record(new_home)
+    event = failed["EventIdentification"]
+    assert (event["EventID"]["csd-code"], event["EventOutcomeIndicator"]) == ("110113", 4)
+    assert [t["csd-code"] for t in event["EventTypeCode"]] == ["110129"]
+    assert "the passphrase is wrong" in event["EventOutcomeDescription"]
+    assert [o["ParticipantObjectID"] for o in failed["ParticipantObjectIdentification"]] == [
+        f"site key recovery from escrow file {escrow}"]
+    assert operators_of(failed)[0]["UserID"] == getpass.getuser()
+
+    run_logged_in_as(NOBODY, "keys", "recover", "--home", str(new_home), "--from",
+                     str(escrow), "--passphrase-file", str(passphrase))
+    recovered = last_record(new_home)
+    assert recovered["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert [o["ParticipantObjectID"] for o in recovered["ParticipantObjectIdentification"]
+            ] == [f"site key {published_key_id(edge_home)} recovered from escrow file {escrow}"]
+    assert operators_of(recovered)[0]["UserID"] == "nobody"
+    init_home(new_home)  # the operator guide's next step, on the trail the recovery began
+    assert "audit log intact" in run_pacs_edge("audit", "verify", "--home",
+                                               str(new_home)).stdout
 
 
 @pytest.mark.parametrize("content", [None, "", "not a number\n", f"{operators.UNSET}\n"])

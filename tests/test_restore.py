@@ -207,6 +207,28 @@ def test_restore_from_an_empty_cloud_is_refused_and_records_nothing(tmp_path: Pa
     assert (home / "pacs-edge.toml").read_text() == before
 
 
+def failed_restore_record(home: Path) -> str:
+    """The description of the home's last audit record, a failed restore's."""
+    line = (home / "audit" / "audit.log").read_text().splitlines()[-1]
+    record = json.loads(line)["record"]
+    event = record["EventIdentification"]
+    assert (event["EventID"]["csd-code"], event["EventOutcomeIndicator"]) == ("110113", 4)
+    assert [t["csd-code"] for t in event["EventTypeCode"]] == ["110129"]
+    assert [o["ParticipantObjectID"] for o in record["ParticipantObjectIdentification"]] == [
+        "index restore from the cloud"]
+    return str(event["EventOutcomeDescription"])
+
+
+def test_a_failed_restore_is_a_failed_security_record_with_why(tmp_path: Path) -> None:
+    """Only a restore that succeeded was in the audit trail: one stopped by its cloud
+    (here an empty folder) left no record of the attempt."""
+    home = init_home(tmp_path / "home")
+    result = run_pacs_edge("restore", "--home", str(home), "--cloud",
+                           f"file://{tmp_path / 'typo'}", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is empty: nothing to restore from" in failed_restore_record(home)
+
+
 @pytest.mark.parametrize("passphrase", ["short"])
 def test_escrow_refuses_a_short_passphrase(edge_home: Path, tmp_path: Path,
                                            passphrase: str) -> None:
@@ -343,6 +365,7 @@ def test_restore_from_another_boxs_cloud_fails_and_does_not_record_the_url(
     assert f"nothing could be restored from file://{cloud}; the URL was not recorded" \
         in result.stderr
     assert (home / "pacs-edge.toml").read_text() == before
+    assert failed_restore_record(home).startswith("nothing could be restored")
 
 
 def test_restore_reports_a_pack_whose_manifest_is_gone(tmp_path: Path) -> None:

@@ -369,12 +369,14 @@ class Auditor:
                                     name=name, details=tuple(details))
         self._operator_alert(EventType.USER_SECURITY_ATTRIBUTES_CHANGED, subject)
 
-    def configuration_changed(self, what: str, *, security: bool = True) -> None:
-        """An operator changed configuration, keys or readers (`what` names it, no values)."""
+    def configuration_changed(self, what: str, *, security: bool = True,
+                              failure: str = "") -> None:
+        """An operator changed configuration, keys or readers (`what` names it, no values);
+        with `failure`, tried to and failed, and why (outcome 4)."""
         subject = ParticipantObject(what, ObjectIDType.URI, ObjectType.SYSTEM_OBJECT,
                                     ObjectRole.SECURITY_RESOURCE, name=what)
         self._operator_alert(EventType.SECURITY_CONFIGURATION if security
-                             else EventType.SOFTWARE_CONFIGURATION, subject)
+                             else EventType.SOFTWARE_CONFIGURATION, subject, failure=failure)
 
     def user_changed(self, change: str, *, name: str, role: str = "",
                      study_uid: str = "") -> None:
@@ -1003,10 +1005,12 @@ class Auditor:
                            alternative_user_id=self.box.alternative_user_id,
                            user_name=self.box.user_name)
 
-    def _operator_alert(self, event_type: Code, subject: ParticipantObject) -> None:
-        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.SUCCESS,
+    def _operator_alert(self, event_type: Code, subject: ParticipantObject, *,
+                        failure: str = "") -> None:
+        self._record(EventID.SECURITY_ALERT, Action.EXECUTE,
+                     Outcome.MINOR_FAILURE if failure else Outcome.SUCCESS,
                      (*operators(), self.box), objects=(subject,), event_types=(event_type,),
-                     urgent=True)
+                     description=failure, urgent=True)
 
     def _cloud_transfer(self, event_id: Code, action: Action, study: StudyFacts, count: int,
                         *, to_cloud: bool, error: str = "") -> None:

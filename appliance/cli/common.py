@@ -185,14 +185,27 @@ def refuse_root_in_a_users_home(home: Path) -> None:
         hint=f"run it as {name}: runuser -u {name} -- {shlex.join(sys.argv)}")
 
 
-def audit_change(config: Config, what: str, *, security: bool = True) -> None:
+def audit_change(config: Config, what: str, *, security: bool = True,
+                 failure: str = "") -> None:
     """An operator changed configuration, keys, certificates or readers: a Security
     Alert (Security Configuration; with `security=False` Software Configuration) in the
-    audit trail. `what` names the change, never a secret or patient data."""
+    audit trail. `what` names the change, never a secret or patient data; `failure`
+    says why it failed (outcome 4)."""
     from appliance.audit import Auditor
 
     with Auditor.for_home(config, process="cli") as auditor:
-        auditor.configuration_changed(what, security=security)
+        auditor.configuration_changed(what, security=security, failure=failure)
+
+
+def audit_failure(config: Config, what: str, failure: PacsEdgeError) -> None:
+    """An operator's security change that failed (`audit_change` with outcome 4), for a
+    command about to report `failure`: a record that cannot be written is a note on
+    stderr, never the error the operator sees in place of `failure`."""
+    try:
+        audit_change(config, what, failure=failure.message)
+    except (PacsEdgeError, OSError) as exc:
+        err.print(f"note: the audit record of this failure was not written ({exc})",
+                  highlight=False, markup=False)
 
 
 def audit_shown(config: Config, command: str, *, matches: int,

@@ -32,12 +32,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from appliance.base.config import CONFIG_FILE, Config, is_ae_title
+from appliance.base.config import CONFIG_FILE, Config, is_ae_title, load_config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.human import human_size
 from appliance.base.logsetup import setup_logging
 from appliance.cli.common import (
     audit_change,
+    audit_failure,
     count_bar,
     err,
     expected_errors,
@@ -371,10 +372,18 @@ def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> N
     """Put escrowed site secrets into a new data home (never overwrites)."""
     from provisioning.escrow import recover_escrow
     from provisioning.home import AUDIT_KEY
+    from provisioning.site_key_id import published_key_id
 
     refuse_root_in_a_users_home(home)
-    passphrase = _passphrase(passphrase_file, confirm=False)
-    written = recover_escrow(from_file, home, passphrase)
+    escrow = from_file.absolute()
+    try:
+        passphrase = _passphrase(passphrase_file, confirm=False)
+        written = recover_escrow(from_file, home, passphrase)
+    except PacsEdgeError as exc:
+        audit_failure(_recovering(home), f"site key recovery from escrow file {escrow}", exc)
+        raise
+    audit_change(_recovering(home),
+                 f"site key {published_key_id(home)} recovered from escrow file {escrow}")
     for path in written:
         out.print(f"wrote {path}", highlight=False)
     if not any(path.name == AUDIT_KEY for path in written):
@@ -383,6 +392,16 @@ def keys_recover(home: Path, from_file: Path, passphrase_file: Path | None) -> N
                   highlight=False)
     out.print(f"next: pacs-edge init --home {home}, then pacs-edge restore --home {home} "
               "--cloud URL", highlight=False)
+
+
+_RESTORE = "index restore from the cloud"
+
+
+def _recovering(home: Path) -> Config:
+    """The config a key recovery is audited with: the home's once it is initialised;
+    before `init`, where the operator guide recovers, the defaults (the audit log is the
+    home's all the same: this box's trail begins with the recovery)."""
+    return load_config(home) if (home / CONFIG_FILE).is_file() else Config(home=home)
 
 
 # --- restore -------------------------------------------------------------------------
@@ -414,11 +433,16 @@ def restore(home: Path, cloud_url: str | None) -> None:
     config = load(home)
     setup_logging("warning")
     new_url = cloud_url if cloud_url is not None and cloud_url != config.cloud_url else None
-    if new_url:
-        _check_cloud_url(config, new_url)
-        config = dataclasses.replace(config, cloud=dataclasses.replace(config.cloud,
-                                                                        url=new_url))
-    store = open_blob_store(config.cloud_url, credentials_file=config.cloud.credentials_file)
+    try:
+        if new_url:
+            _check_cloud_url(config, new_url)
+            config = dataclasses.replace(config, cloud=dataclasses.replace(config.cloud,
+                                                                            url=new_url))
+        store = open_blob_store(config.cloud_url,
+                                credentials_file=config.cloud.credentials_file)
+    except PacsEdgeError as exc:
+        audit_failure(config, _RESTORE, exc)
+        raise
 
     async def run(progress: Callable[[int, int], None]) -> Any:
         with site_keys_in_use(config.home):
@@ -434,17 +458,26 @@ def restore(home: Path, cloud_url: str | None) -> None:
             report = asyncio.run(run(progress))
         # This box's audit log starts again at 1: its anchors go above the lost box's.
         set_base_after_restore(config.home, store)
+    except PacsEdgeError as exc:
+        audit_failure(config, _RESTORE, exc)
+        raise
     finally:
         store.close()
     # Recorded, a URL whose packs all failed (another box's cloud, another key) would keep
     # the right one out ("already names another cloud"), and the agent would write there.
     # A lost box that never uploaded a study has nothing to restore and nothing fails.
     nothing = bool(new_url and report.failures) and not (report.restored or report.already)
+    refused = PacsEdgeError(f"nothing could be restored from {_shown(config.cloud_url)};"
+                            " the URL was not recorded", hint="check the URL, and that"
+                            " `keys recover` used this box's escrow file")
     unrecorded: PacsEdgeError | None = None
-    if not nothing:
+    if nothing:
+        audit_failure(config, _RESTORE, refused)
+    else:
         if new_url:
             unrecorded = _record_cloud_url(config)
-        audit_change(config, "index restored from the cloud")
+        audit_change(config, "index restored from the cloud", failure=(
+            f"{len(report.failures)} pack version(s) failed" if report.failures else ""))
     out.print(f"restored {report.restored} pack version(s) of {len(report.studies)} study(ies), "
               f"{report.instances} instance(s); {report.already} already in the index; "
               f"{len(report.failures)} failed"
@@ -456,9 +489,7 @@ def restore(home: Path, cloud_url: str | None) -> None:
     for failure in report.failures:
         err.print(f"  failed: {failure}", highlight=False)
     if nothing:
-        raise PacsEdgeError(f"nothing could be restored from {_shown(config.cloud_url)};"
-                            " the URL was not recorded", hint="check the URL, and that"
-                            " `keys recover` used this box's escrow file")
+        raise refused
     if unrecorded is not None:
         raise unrecorded
     if report.failures:
