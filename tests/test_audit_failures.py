@@ -168,6 +168,8 @@ def test_stores_failed_by_an_unexpected_error_are_a_failed_record_too(
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 QUERY = "110112"
+SECURITY_ALERT, RESTRICTED_FUNCTION = "110113", "110132"
+REFUSED_NOT_AUTHORIZED = 0x0124
 # A sequence of undefined length holding no item and never delimited: no decoder reads it.
 UNDECODABLE = b"\x08\x00\x10\x11\xff\xff\xff\xff\x01\x00\x02\x00\x04\x00\x00\x00abcd"
 
@@ -257,3 +259,39 @@ def test_repeated_bad_queries_and_retrieves_are_one_record_and_one_count_per_win
     query = next(r for r in summaries if event(r) == QUERY)
     assert description(query).startswith(
         f"QueryRetrieveLevel is missing: {BAD_FINDS - 1} more request(s) between ")
+
+
+def test_repeated_requests_for_a_service_the_peer_lacks_are_one_alert_and_one_count(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A peer without `find` repeating its C-FIND wrote one Security Alert per request,
+    each fsync'd before its refusal: 300 refusals, 300 records. Now the first is
+    written at once and the rest of the window is one summary carrying the count."""
+    server = edge_server_factory(start=False)
+    server.add_peer("storeonly", "STOREONLY", 1, allow="store")
+    server.start()
+    ae = AE(ae_title="STOREONLY")
+    ae.add_requested_context(STUDY_ROOT_FIND, ImplicitVRLittleEndian)
+    assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientID = "ANY"
+    try:
+        statuses = {[int(status.Status) for status, _ in
+                     assoc.send_c_find(identifier, STUDY_ROOT_FIND)][-1]
+                    for _ in range(BAD_FINDS)}
+    finally:
+        assoc.release()
+    assert statuses == {REFUSED_NOT_AUTHORIZED}
+
+    def alerts() -> list[dict[str, Any]]:
+        return [r for r in records(server.home) if event(r) == SECURITY_ALERT
+                and [t["csd-code"] for t in r["EventIdentification"]["EventTypeCode"]]
+                == [RESTRICTED_FUNCTION]]
+
+    assert len(alerts()) == 1  # written before the first refusal was answered
+    server.stop()  # the window ends: what it counted is one summary
+    first, summary = alerts()
+    assert outcome(first) == outcome(summary) == 4
+    assert [d["Requests"] for d in object_details(summary).values()] == [str(BAD_FINDS - 1)]
+    assert description(summary).startswith(f"{description(first)}: {BAD_FINDS - 1} more")

@@ -28,7 +28,9 @@ What an audit record guarantees, and when:
   500-slice series is one record, not 500. Refused web accesses and failed
   web logins are windowed per user (or name typed), address and reason; so are
   C-FINDs, C-MOVEs and C-GETs refused or failed before any study was known, per
-  peer, address and reason, and HL7 messages rejected before they were understood.
+  peer, address and reason, DIMSE services a peer is not permitted (Security
+  Alert, Use of Restricted Function), per peer, address, service and reason, and
+  HL7 messages rejected before they were understood.
 - If the log cannot be written (disk full), records stay buffered (up to
   MAX_PENDING, then the oldest are dropped and counted in an error line) and
   are retried at the next flush; each failed try counts in
@@ -475,15 +477,21 @@ class Auditor:
                      when=tally.last)
 
     def refused(self, assoc: Any, service: str, reason: str) -> None:
-        """A known peer asked for a service it is not permitted (access control)."""
+        """A known peer asked for a service it is not permitted (access control).
+        Windowed per peer, address, service and reason, as refused web accesses are: the
+        first is written at once, the rest of the window is one summary with the count,
+        so a peer repeating a request it may not make cannot flood the log (or hold its
+        association on an fsync per request)."""
         peer = requestor_of(assoc)
         subject = ParticipantObject(peer.ae_title, ObjectIDType.USER_IDENTIFIER,
                                     ObjectType.SYSTEM_OBJECT, ObjectRole.SECURITY_USER_ENTITY,
                                     details=(("Service", service),))
-        self._record(EventID.SECURITY_ALERT, Action.EXECUTE, Outcome.MINOR_FAILURE,
-                     (self._peer(peer), self.box), objects=(subject,),
-                     event_types=(EventType.USE_OF_RESTRICTED_FUNCTION,), description=reason,
-                     urgent=True)
+        key = AccessKey("refused", peer.ae_title, "", peer.address, search=service,
+                        refused=reason)
+        self._web_access(key, _WebEvent(
+            EventID.SECURITY_ALERT, Action.EXECUTE, reason, (self._peer(peer), self.box),
+            partial(tuple, (subject,)), reason,
+            event_types=(EventType.USE_OF_RESTRICTED_FUNCTION,)))
 
     def stored(self, assoc: Any, instance: InstanceFacts) -> None:
         """One instance stored over `assoc`; recorded per study when the association ends."""
@@ -844,7 +852,7 @@ class Auditor:
                      event.participants, objects=_with_details(objects, (
                          ("Requests", "1"), ("Instances", str(instances)),
                          ("AccessWindowSeconds", f"{self._web_windows.window_seconds:g}"))),
-                     description=event.description, urgent=True)
+                     event_types=event.event_types, description=event.description, urgent=True)
 
     def _web_summary(self, window: Window) -> None:
         """What a window counted beyond its first access, as one record."""

@@ -42,7 +42,8 @@ MAX_LISTED = 8  # studies kept per refusal window
 class AccessKey:
     """What makes two accesses the same for the audit trail."""
 
-    kind: str  # "query", "retrieve", "store", "login"; "hl7", "C-FIND", "C-MOVE", "C-GET"
+    kind: str  # "query", "retrieve", "store", "login"; "hl7", "C-FIND", "C-MOVE", "C-GET";
+    # "refused" (a DIMSE service the peer may not use)
     user: str  # a web user, a name typed, an HL7 sender or a DIMSE peer's AE title
     role: str
     address: str
