@@ -36,6 +36,10 @@ class TcpProxy:
         self.close()
 
     def close(self) -> None:
+        # Linux does not wake a thread blocked in accept() when another thread closes the
+        # socket; shutdown() does (without it close() waited out the join's 10 s).
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
