@@ -1,19 +1,45 @@
-"""A TCP proxy that damages bytes on their way to the server: a flaky network path.
+"""TCP proxies that make the network path to a server flaky, on purpose.
 
-CorruptingProxy listens on 127.0.0.1 and a free port and forwards every
-connection to `upstream`. In the client-to-server direction it replaces each
-occurrence of `marker` that lies inside one received chunk with `replacement`
-(same length, so Content-Length stays right): the request arrives well formed,
-with a damaged body. Test data repeats the marker often, so some occurrence
-always falls inside a chunk. Server-to-client bytes pass unchanged.
-`damaged` counts the replacements made. Stop with close() (or `with`).
+CorruptingProxy damages bytes on their way to the server. In the
+client-to-server direction it replaces each occurrence of `marker` that lies
+inside one received chunk with `replacement` (same length, so Content-Length
+stays right): the request arrives well formed, with a damaged body. Test data
+repeats the marker often, so some occurrence always falls inside a chunk.
+Server-to-client bytes pass unchanged. `damaged` counts the replacements made.
+
+FailingRequests reads the HTTP requests on their way to an Azure endpoint
+(Azurite) and asks `fault(request)` what to do with each: None forwards it,
+BUSY answers 503 ServerBusy in the server's place (Azure's throttling), RESET
+resets the client's connection without an answer, LOST forwards the request
+on a connection of its own, waits for the server's answer and then resets
+the client's connection (the request took effect, its answer was lost).
+`seen` holds every request with the fault it got. Requests must carry a
+Content-Length (the Azure SDK's do); HTTP/1.1 keep-alive is fine, since the
+SDK waits for each answer before it sends the next request on a connection.
+
+Both listen on 127.0.0.1 and a free port. Stop with close() (or `with`).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
 import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from tcpproxy import TcpProxy
+from tcpproxy import HOST, TcpProxy
+
+BUSY, RESET, LOST = "busy", "reset", "lost"
+_BUSY_BODY = (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
+              b"<Message>The server is busy (injected by the test).</Message></Error>")
+_BUSY_ANSWER = (b"HTTP/1.1 503 The server is busy.\r\nContent-Type: application/xml\r\n"
+                b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class CorruptingProxy(TcpProxy):
@@ -34,3 +60,112 @@ class CorruptingProxy(TcpProxy):
         with self._lock:
             self.damaged += chunk.count(self.marker)
         return chunk.replace(self.marker, self.replacement)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One HTTP request to the blob service, as the proxy read it."""
+
+    method: str
+    blob: str  # the path after /account/container/ ("" for container or account requests)
+    comp: str  # the `comp` query parameter: "block" for Put Block, "blocklist" for the commit
+    block_id: str  # Put Block's block id, decoded ("" for other requests)
+    number: int  # 1-based, among the requests with the same `comp`
+    body: bytes
+    raw: bytes
+
+
+class FailingRequests(TcpProxy):
+    def __init__(self, upstream_port: int, fault: Callable[[Request], str | None]) -> None:
+        self.fault = fault
+        self.seen: list[tuple[Request, str | None]] = []
+        self._order = threading.Lock()
+        super().__init__(upstream_port)
+
+    def requests(self, comp: str) -> list[tuple[Request, str | None]]:
+        """The requests seen with that `comp`, each with its fault (None: passed)."""
+        with self._lock:
+            return [(r, f) for r, f in self.seen if r.comp == comp]
+
+    def to_server(self, source: socket.socket, sink: socket.socket) -> None:
+        reader = source.makefile("rb")
+        try:
+            while (read := _read_request(reader)) is not None:
+                # One request at a time across connections: numbers in order of arrival.
+                with self._order:
+                    with self._lock:
+                        number = 1 + sum(1 for r, _ in self.seen if r.comp == read.comp)
+                    request = dataclasses.replace(read, number=number)
+                    fault = self.fault(request)
+                    with self._lock:
+                        self.seen.append((request, fault))
+                if fault is None:
+                    sink.sendall(request.raw)
+                elif fault == BUSY:
+                    source.sendall(_BUSY_ANSWER)
+                elif fault in (RESET, LOST):
+                    if fault == LOST:
+                        self._answered_elsewhere(request)
+                    reader.close()  # the socket's file descriptor closes with its last user
+                    source.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+                    source.close()
+                    return
+                else:
+                    raise ValueError(f"unknown fault {fault!r}")
+        except OSError:
+            pass
+        finally:
+            reader.close()
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def _answered_elsewhere(self, request: Request) -> None:
+        """Send `request` to the server on a connection of its own and read its answer."""
+        with socket.create_connection((HOST, self.upstream_port), timeout=30) as side, \
+                side.makefile("rb") as answer:
+            side.sendall(request.raw)
+            head = _read_head(answer)
+            if head is None:
+                raise ConnectionError("the server closed without answering")
+            answer.read(_content_length(head))
+
+
+def _read_request(reader: BinaryIO) -> Request | None:
+    """The next request on a connection (`number` still 0); None when the client closed."""
+    head = _read_head(reader)
+    if head is None:
+        return None
+    method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+    body = reader.read(_content_length(head))
+    parts = urlsplit(target)
+    query = parse_qs(parts.query)
+    segments = unquote(parts.path).split("/", 3)  # "", account, container, blob
+    encoded = query.get("blockid", [""])[0]
+    return Request(method=method, blob=segments[3] if len(segments) > 3 else "",
+                   comp=query.get("comp", [""])[0],
+                   block_id=base64.b64decode(encoded).decode() if encoded else "",
+                   number=0, body=body, raw=head + body)
+
+
+def _read_head(reader: BinaryIO) -> bytes | None:
+    """A request's or answer's start line and headers, up to the blank line; None at EOF."""
+    head = b""
+    while (line := reader.readline()) not in (b"\r\n", b"\n"):
+        if not line:
+            if head:
+                raise ConnectionError("the peer closed in the middle of a message")
+            return None
+        head += line
+    return head + line
+
+
+def _content_length(head: bytes) -> int:
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding":
+            raise ValueError("FailingRequests reads only messages with a Content-Length")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return length

@@ -104,6 +104,7 @@ def test_azure_from_a_0600_credentials_file(tmp_path: Path, azurite: str,
     name = container()
     store = open_blob_store(f"azure://{name}", credentials_file=secret)
     assert isinstance(store, RetryingBlobStore) and isinstance(store.inner, AzureBlobStore)
+    assert store.inner.retry is store.policy  # one policy: the wrapper's and each Put Block's
     assert store.url == f"azure://{name}"
     store.put("p/1", [b"abc"])
     assert store.open_range("p/1") == b"abc"

@@ -28,7 +28,7 @@ from sync.blobstore.base import (
     TransientBlobError,
 )
 from sync.blobstore.local import LocalFolderStore
-from sync.blobstore.retry import RetryingBlobStore
+from sync.blobstore.retry import RetryingBlobStore, RetryPolicy
 
 DATA = b"pack bytes " * 1000
 T = TypeVar("T")
@@ -99,8 +99,8 @@ def retrying(inner: BlobStore, attempts: int = 5, base_delay: float = 0.5,
              max_delay: float = 30.0) -> tuple[RetryingBlobStore, Sleeps]:
     """The wrapper with its sleeps recorded instead of slept."""
     sleeps = Sleeps()
-    return RetryingBlobStore(inner, attempts=attempts, base_delay=base_delay,
-                             max_delay=max_delay, sleep=sleeps), sleeps
+    return RetryingBlobStore(inner, RetryPolicy(attempts=attempts, base_delay=base_delay,
+                                                max_delay=max_delay, sleep=sleeps)), sleeps
 
 
 def test_transient_errors_are_retried_with_growing_capped_jittered_delays(flaky: FlakyStore
@@ -198,7 +198,6 @@ def test_list_resumes_after_the_last_name_seen(flaky: FlakyStore) -> None:
 
 def test_azure_operations_ride_out_an_azurite_restart(tmp_path: Path) -> None:
     with AzuriteServer(tmp_path / "azurite") as server:
-        inner = AzureBlobStore(f"retry-{uuid.uuid4().hex[:12]}", server.connection_string)
         restarts: list[float] = []
 
         def sleep_restarting(seconds: float) -> None:
@@ -206,7 +205,10 @@ def test_azure_operations_ride_out_an_azurite_restart(tmp_path: Path) -> None:
             restarts.append(seconds)
             server.start()
 
-        store = RetryingBlobStore(inner, attempts=3, base_delay=0.01, sleep=sleep_restarting)
+        policy = RetryPolicy(attempts=3, base_delay=0.01, sleep=sleep_restarting)
+        inner = AzureBlobStore(f"retry-{uuid.uuid4().hex[:12]}", server.connection_string,
+                               retry=policy)
+        store = RetryingBlobStore(inner, policy)  # composed as the factory does
         store.put("kept/across", [DATA])
         server.stop()
         assert store.open_range("kept/across", 5, 10) == DATA[5:15]  # data survived too

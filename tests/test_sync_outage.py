@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dicomgen
 from conftest import EdgeServer, init_home, run_pacs_edge
+from faultproxy import BUSY, FailingRequests, Request
 from syncagent import SyncAgent, index_rows, sync_once
 from tcpproxy import TcpProxy
 
@@ -82,6 +83,33 @@ def test_agent_log_says_why_an_eviction_failed(azurite: str, tmp_path: Path) -> 
     failed = [line for line in agent.log().splitlines() if "eviction failed" in line]
     assert "Azure refused our credentials (HTTP 403" in failed[0], agent.log()
     assert len(list((home / "store").rglob("*.dcm"))) == 2
+
+
+def test_a_pack_upload_rides_out_a_throttled_put_block(azurite: str, tmp_path: Path) -> None:
+    """Azure answers one Put Block of a pack 503 ServerBusy. The pack streams as it is
+    encrypted, so the retry wrapper could not send it again: the whole upload failed,
+    the study stayed local and the next pass began again from zero (on a link losing
+    1% of requests a 1 GB study's 250 blocks went through in one pass of 12). Now
+    the backend sends that block again under the same retry policy."""
+    port = int(re.search(r"BlobEndpoint=http://127\.0\.0\.1:(\d+)", azurite).group(1))  # type: ignore[union-attr]
+    throttled: list[Request] = []
+
+    def first_pack_block_busy(request: Request) -> str | None:
+        if throttled or request.comp != "block" or not request.blob.endswith(".pack"):
+            return None
+        throttled.append(request)
+        return BUSY
+
+    with FailingRequests(port, first_pack_block_busy) as proxy:
+        home, _ = azure_home(tmp_path, azurite.replace(f"127.0.0.1:{port}",
+                                                       f"127.0.0.1:{proxy.port}"))
+        import_study(home, tmp_path / "study", seed=81)
+        once = sync_once(home, check=False)
+    output = once.stdout + once.stderr
+    assert len(throttled) == 1, output
+    assert once.returncode == 0, output
+    assert index_rows(home, "SELECT tier_state FROM studies") == [("replicated",)], output
+    assert "blob store retry operation=put" in output
 
 
 def test_a_file_missing_from_the_store_fails_its_replication_without_a_uid_in_any_output(

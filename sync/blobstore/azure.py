@@ -27,12 +27,24 @@ Choices worth knowing:
   arrives, so a block damaged in transit is refused (BlobIntegrityError), never
   committed. The MD5 of the whole blob, computed while streaming, is stored
   as Content-MD5 (Azure computes none for a block-list blob): a record of
-  what the client sent that the retry wrapper compares, not a check by the
+  what the client sent that the retry policy compares, not a check by the
   service. put returns the committed blob's ETag (and refuses when a stat
   right after the commit sees another one).
-- The SDK's own retries are off (retry_total=0): retries are one wrapper,
+- The SDK's own retries are off (retry_total=0): retries are one policy,
   sync.blobstore.retry, so that backoff and logging happen in one place and a
   dead endpoint does not hide behind the SDK's minute of silent retries.
+  A put is many requests from a stream that often cannot be read twice (a
+  pack is encrypted while it streams), so the retry wrapper cannot send it
+  again; instead each request of a put is tried under the RetryPolicy the
+  factory hands over (`retry`; once without one), and the wrapper makes one
+  attempt (`retries_put_requests`). A Put Block that fails transiently is
+  sent again by its thread with the same block id and bytes (Put Block is
+  idempotent; the bytes are held until staged anyway, so memory stays as
+  above); one that fails `attempts` times fails the put and nothing is
+  committed. Commit Block List is retried with the block list and MD5 kept
+  from the stream: BlobExists after a failed commit is checked against the
+  blob's size and Content-MD5 (RetryPolicy.create), so a commit that landed
+  with its answer lost is a success, and another writer's blob is not.
 - Range reads check bounds against the blob's size: Azure answers a range
   that runs past the end with the bytes it has, and Azurite even answers a
   range that starts at the end with nothing; the contract wants exactly the
@@ -54,14 +66,15 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import hashlib
 import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from azure.core.exceptions import (
     AzureError,
@@ -96,7 +109,9 @@ from sync.blobstore.base import (
     TransientBlobError,
 )
 from sync.blobstore.names import check_metadata, check_name, check_prefix
+from sync.blobstore.retry import RetryPolicy, holds
 
+T = TypeVar("T")
 CONTAINER_NAME = re.compile(r"(?=.{3,63}\Z)[a-z0-9]+(?:-[a-z0-9]+)*")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
@@ -116,12 +131,18 @@ def check_container(container: str) -> str:
 
 
 class AzureBlobStore(BlobStore):
-    """Blobs in one Azure container; see the module docstring for the choices made."""
+    """Blobs in one Azure container; see the module docstring for the choices made.
+
+    `retry`: the policy each request of a put is tried under (the factory hands over
+    the retry wrapper's); without one, every request is tried once."""
+
+    retries_put_requests = True
 
     def __init__(self, container: str, connection_string: str, *,
                  max_concurrency: int = 4, block_size: int = 4 << 20,
                  rehydrate_to: Tier = Tier.HOT, rehydrate_priority: str = "Standard",
-                 connection_timeout: float = 20.0, read_timeout: float = 120.0) -> None:
+                 connection_timeout: float = 20.0, read_timeout: float = 120.0,
+                 retry: RetryPolicy | None = None) -> None:
         check_container(container)
         if max_concurrency < 1 or block_size < 1:
             raise ValueError("max_concurrency and block_size must be positive")
@@ -133,6 +154,7 @@ class AzureBlobStore(BlobStore):
         self.block_size = block_size
         self.rehydrate_to = rehydrate_to
         self.rehydrate_priority = rehydrate_priority
+        self.retry = retry or RetryPolicy(attempts=1)
         try:
             self._client = ContainerClient.from_connection_string(
                 connection_string, container, retry_total=0,
@@ -154,13 +176,13 @@ class AzureBlobStore(BlobStore):
             metadata: dict[str, str] | None = None) -> BlobInfo:
         check_name(name)
         meta = check_metadata(metadata)
-        self._ensure_container("put", name)
+        self.retry.call("put", name, functools.partial(self._ensure_container, "put", name))
         blob = self._client.get_blob_client(name)
-        with _mapped("put", name):
-            # Commit refuses an existing name anyway; asking first saves the upload.
-            if blob.exists():
-                raise _exists(name)
+        # Commit refuses an existing name anyway; asking first saves the upload.
+        if self._request(name, blob.exists):
+            raise _exists(name)
         md5 = hashlib.md5(usedforsecurity=False)
+        size = 0
         block_ids: list[str] = []
         in_flight: set[Future[Any]] = set()
         buffer = bytearray()
@@ -180,15 +202,16 @@ class AzureBlobStore(BlobStore):
                     future.result()
             # validate_content: the SDK sends the block's MD5 and the service refuses a
             # block whose bytes arrived otherwise (Md5Mismatch), so what is committed is
-            # what we sent, checked by the service, not only by us.
-            in_flight.add(pool.submit(blob.stage_block, block_id, block, len(block),
-                                      validate_content=True))
+            # what we sent, checked by the service, not only by us. A failed attempt is
+            # sent again by the same thread: same id, same bytes (Put Block is idempotent).
+            in_flight.add(pool.submit(self._request, name, functools.partial(
+                blob.stage_block, block_id, block, len(block), validate_content=True)))
 
-        with ThreadPoolExecutor(self.max_concurrency,
-                                thread_name_prefix="blob-put") as pool, _mapped("put", name):
+        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="blob-put") as pool:
             try:
                 for chunk in data:  # the caller's errors propagate unchanged
                     md5.update(chunk)
+                    size += len(chunk)
                     buffer += chunk
                     while len(buffer) >= self.block_size:
                         stage(_take(buffer, self.block_size))
@@ -201,12 +224,25 @@ class AzureBlobStore(BlobStore):
                 for future in in_flight:
                     future.cancel()
                 raise
+
+        def commit() -> str:
             committed = blob.commit_block_list(
                 [BlobBlock(block_id) for block_id in block_ids],
                 content_settings=ContentSettings(content_md5=bytearray(md5.digest())),
                 metadata=meta, if_none_match="*")
-        info = self.stat(name)
-        if info.etag != str(committed.get("etag") or "").strip('"'):
+            return str(committed.get("etag") or "").strip('"')
+
+        def landed() -> str | None:
+            """The blob's ETag if the blob that exists holds our bytes (a commit of ours
+            whose answer was lost), else None."""
+            info = self.retry.call("put", name, functools.partial(self.stat, name))
+            ours = holds(info, size, md5.digest(), lambda: self.iter_chunks(name))
+            return info.etag if ours else None
+
+        etag = self.retry.create("put", name, functools.partial(_mapped_call, "put", name,
+                                                                 commit), landed)
+        info = self.retry.call("put", name, functools.partial(self.stat, name))
+        if info.etag != etag:
             raise BlobStoreError("put", name, "the blob changed right after it was committed",
                                  hint="another writer has access to the container; check "
                                  "who holds its keys")
@@ -296,6 +332,11 @@ class AzureBlobStore(BlobStore):
 
     # -- helpers --------------------------------------------------------------------
 
+    def _request(self, name: str, request: Callable[[], T]) -> T:
+        """One request of a put, its errors mapped, tried under the retry policy."""
+        return self.retry.call("put", name, functools.partial(_mapped_call, "put", name,
+                                                               request))
+
     def _ensure_container(self, operation: str, name: str) -> None:
         """Create the container if missing, once per process: put only (see the module
         docstring: a read never creates it)."""
@@ -353,6 +394,11 @@ def _info(props: BlobProperties) -> BlobInfo:
                     metadata=dict(props.metadata or {}),
                     # Get Properties quotes the ETag, List Blobs does not: compare bare values.
                     etag=str(props.etag or "").strip('"'))
+
+
+def _mapped_call(operation: str, name: str, fn: Callable[[], T]) -> T:
+    with _mapped(operation, name):
+        return fn()
 
 
 @contextlib.contextmanager

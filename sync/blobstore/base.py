@@ -28,8 +28,12 @@ tests/test_blobstore_contract.py check each one):
 - Names and metadata follow sync.blobstore.names in every backend (metadata
   keys `[a-z_][a-z0-9_]*`: Azure keys are C# identifiers). Breaking those
   rules is a caller bug and raises ValueError, not a BlobStoreError.
-- Retries live in one wrapper (sync.blobstore.retry), composed by
-  sync.blobstore.factory.open_blob_store; backends never retry by themselves.
+- Retries live in one policy and one wrapper (sync.blobstore.retry), composed
+  by sync.blobstore.factory.open_blob_store; backends never retry by rules of
+  their own. The wrapper cannot send a one-shot stream twice, so a backend
+  whose put is many requests may instead be handed the factory's RetryPolicy
+  and try each request of its put under it (Azure: one Put Block, the
+  commit); it says so with `retries_put_requests`.
 - stat(name) reports size, access tier, whether it can be read now
   (online), the etag, and the backend's content hash when it keeps one (on
   Azure the Content-MD5 the client set at put: a record, not a check).
@@ -126,6 +130,9 @@ class BlobStore(ABC):
     """Immutable named blobs; see the module docstring for the contract."""
 
     url: str
+    # True when put retries each of its requests under the RetryPolicy the backend was
+    # given (see the module docstring): the retry wrapper then makes one attempt of it.
+    retries_put_requests: bool = False
 
     @abstractmethod
     def put(self, name: str, data: Iterable[bytes], *,

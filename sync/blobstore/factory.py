@@ -5,7 +5,9 @@
 
 This is the one place where wrappers are composed (STYLE: "One interface per
 seam"): every store the agent uses comes out of here wrapped in
-RetryingBlobStore.
+RetryingBlobStore. Its RetryPolicy is also handed to the Azure backend, which
+tries each request of a put (one Put Block, the commit) under it: the wrapper
+cannot send a one-shot stream twice (sync.blobstore.retry).
 
 Azure credentials never come from the config text. They come from, in order:
 1. `credentials_file`, when the config names one: a file holding the
@@ -27,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 from appliance.base.errors import ConfigError
 from sync.blobstore.base import BlobStore, BlobStoreError
 from sync.blobstore.local import LocalFolderStore
-from sync.blobstore.retry import RetryingBlobStore
+from sync.blobstore.retry import RetryingBlobStore, RetryPolicy
 
 URL_KEY = "cloud.url"
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
@@ -50,6 +52,7 @@ def open_blob_store(url: str, *, credentials_file: Path | None = None,
     that long in the local folder, so that tests of the agent (run as a real
     process) can watch a recall wait for rehydration; Azure sets its own pace.
     """
+    policy = RetryPolicy()
     parts = urlsplit(url)
     # Show the URL without query or fragment: a pasted SAS token must not reach a log.
     shown = url.split("?", 1)[0].split("#", 1)[0]
@@ -66,10 +69,11 @@ def open_blob_store(url: str, *, credentials_file: Path | None = None,
 
         if not CONTAINER_NAME.fullmatch(parts.netloc) or parts.path not in ("", "/"):
             raise ConfigError(URL_KEY, shown, EXPECTED)
-        store = AzureBlobStore(parts.netloc, connection_string(credentials_file, url=shown))
+        store = AzureBlobStore(parts.netloc, connection_string(credentials_file, url=shown),
+                               retry=policy)
     else:
         raise ConfigError(URL_KEY, shown, EXPECTED)
-    return RetryingBlobStore(store)
+    return RetryingBlobStore(store, policy)
 
 
 def connection_string(credentials_file: Path | None, *, url: str = "azure") -> str:
