@@ -61,7 +61,8 @@ Tree::
     _NotPlain                     a header the fast scan cannot walk: the ingest falls back to
                                   pydicom, never leaves services/header_scan.py
     _Unreadable                   a stored file unreadable before anything was sent: the
-                                  sub-operation fails, never leaves dimse/move_get.py
+                                  sub-operation fails (one gone waits for its study's
+                                  recall first), never leaves dimse/move_get.py
 
     OSError
     └── TransportAborted          the DIMSE edge ended a connection, having logged why;

@@ -53,8 +53,8 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -215,38 +215,61 @@ class _Retrieval:
     # --- the two services -------------------------------------------------------
 
     def move(self) -> None:
-        plan = self._plan(move_destination=str(self.req.MoveDestination))
+        destination = str(self.req.MoveDestination)
+        plan = self._plan(move_destination=destination)
         if plan is not None and plan.recall_studies:
-            plan = self._after_recall(plan, move_destination=str(self.req.MoveDestination))
+            plan = self._after_recall(plan, plan.recall_studies, _Tally(remaining=plan.total),
+                                      lambda: self._plan(move_destination=destination))
         if plan is None:
             return
         assert plan.destination is not None
         tally = self._start(plan, f"destination={plan.destination.name}")
         cancelled = False
         if plan.instances and self.sc.assoc.is_established:
-            cancelled = self._move_all(plan, plan.destination, tally)
+            gone: list[Instance] = []
+            cancelled = self._move_all(plan.instances, plan.destination, tally, gone)
+            if gone and not cancelled and self.sc.assoc.is_established:
+                again = self._after_gone(plan, gone, tally)
+                if again is None:
+                    return
+                cancelled = self._move_all(again.instances, plan.destination, tally, None)
         self._finish(plan, tally, cancelled)
 
     def get(self) -> None:
         plan = self._plan()
         if plan is not None and plan.recall_studies:
-            plan = self._after_recall(plan)
+            plan = self._after_recall(plan, plan.recall_studies, _Tally(remaining=plan.total),
+                                      self._plan)
         if plan is None:
             return
         tally = self._start(plan, "")
+        msg_ids = _message_ids(int(self.req.MessageID))
+        refused: set[_Pair] = set()
+        gone: list[Instance] = []
+        cancelled = self._get_all(plan.instances, tally, msg_ids, refused, gone)
+        if gone and not cancelled and not self.requestor_gone and self.sc.assoc.is_established:
+            again = self._after_gone(plan, gone, tally)
+            if again is None:
+                return
+            cancelled = self._get_all(again.instances, tally, msg_ids, refused, None)
+        if self.requestor_gone or not self.sc.assoc.is_established:
+            log.warning("get stopped: requesting association ended %s", self.label)
+        self._finish(plan, tally, cancelled)
+
+    def _get_all(self, instances: tuple[Instance, ...], tally: _Tally, msg_ids: Iterator[int],
+                 refused: set[_Pair], gone: list[Instance] | None) -> bool:
+        """Send `instances` over the requesting association; True if the requestor
+        cancelled. A file gone since the plan is put in `gone` if given, else fails."""
         assoc = self.sc.assoc
         # Contexts the requestor accepted us to use as Storage SCU (role selection).
         contexts = storage_contexts(assoc)
-        sendable = [i for i in plan.instances
-                    if (i.sop_class_uid, i.transfer_syntax) in contexts]
+        sendable = [i for i in instances if (i.sop_class_uid, i.transfer_syntax) in contexts]
         upcoming = dict(zip((i.sop_uid for i in sendable),
                             (i.path for i in sendable[1:]), strict=False))
-        refused: set[tuple[str, str]] = set()
         cancelled = False
-        msg_ids = _message_ids(int(self.req.MessageID))
         with StoreLane(assoc, contexts, timeout=assoc.dimse_timeout) as lane:
             self.in_lane = True
-            for instance in plan.instances:
+            for instance in instances:
                 if self._cancel_requested():
                     cancelled = True
                     break
@@ -259,14 +282,23 @@ class _Retrieval:
                                     _pair_label(pair), self.label)
                     tally.fail(instance)
                 else:
-                    status = _lane_store(lane, instance, msg_id=next(msg_ids),
-                                         upcoming=upcoming.get(instance.sop_uid))
-                    if status is None:
+                    try:
+                        status = _lane_store(lane, instance, msg_id=next(msg_ids),
+                                             upcoming=upcoming.get(instance.sop_uid))
+                    except _Unreadable as exc:
+                        if exc.gone and gone is not None:
+                            gone.append(instance)
+                            continue
+                        if exc.gone:
+                            _log_gone(instance)
                         tally.fail(instance)
-                        log.warning("get sub-operation got no C-STORE response instance=%s %s",
-                                    logsafe.ref(instance.sop_uid), self.label)
                     else:
-                        tally.record(instance, status)
+                        if status is None:
+                            tally.fail(instance)
+                            log.warning("get sub-operation got no C-STORE response instance=%s"
+                                        " %s", logsafe.ref(instance.sop_uid), self.label)
+                        else:
+                            tally.record(instance, status)
                 if lane.broken or not assoc.is_established:
                     break
                 self._respond(Status.PENDING, tally)
@@ -277,9 +309,7 @@ class _Retrieval:
             self.requestor_gone = lane.ended
             if not lane.ended and assoc.is_established:
                 assoc.abort()
-        if self.requestor_gone or not assoc.is_established:
-            log.warning("get stopped: requesting association ended %s", self.label)
-        self._finish(plan, tally, cancelled)
+        return cancelled
 
     # --- steps ------------------------------------------------------------------
 
@@ -321,20 +351,21 @@ class _Retrieval:
             self._respond(Status.UNABLE_TO_PROCESS)
         return None
 
-    def _after_recall(self, plan: Plan, *, move_destination: str | None = None) -> Plan | None:
-        """Wait for the sync agent to recall the plan's evicted studies, sending Pending
-        responses meanwhile, then plan again (what is still missing then fails).
+    def _after_recall(self, plan: Plan, studies: Sequence[str], tally: _Tally,
+                      replan: Callable[[], Plan | None]) -> Plan | None:
+        """Wait for the sync agent to recall the evicted `studies`, sending Pending
+        responses with `tally` meanwhile, then `replan` (what is still missing then fails).
 
-        None when the requestor cancelled (answered here with Cancel) or left."""
+        None when the requestor cancelled (answered here with Cancel, `plan` audited) or
+        left."""
         service = self.att.service
-        log.info("%s waits for a recall studies=%d %s", self.action.value,
-                 len(plan.recall_studies), self.label)
-        tally = _Tally(remaining=plan.total)
+        log.info("%s waits for a recall studies=%d %s", self.action.value, len(studies),
+                 self.label)
         deadline = time.monotonic() + service.recall_timeout
         while True:
             wait = min(RECALL_PENDING_INTERVAL, max(0.0, deadline - time.monotonic()))
-            result = self.att.bridge.call(service.await_recall(
-                plan, requested_by=self.calling_ae, wait=wait))
+            result = self.att.bridge.call(service.await_studies(
+                studies, requested_by=self.calling_ae, wait=wait))
             if result.done or result.errors or time.monotonic() >= deadline:
                 break
             if self._cancel_requested():
@@ -356,7 +387,28 @@ class _Retrieval:
                       " is `pacs-edge sync` running?) %s",
                       self.action.value, service.recall_timeout, self.label)
             self.error_comment = "recall of an evicted study from the cloud timed out"
-        return self._plan(move_destination=move_destination)
+        return replan()
+
+    def _after_gone(self, plan: Plan, gone: list[Instance], tally: _Tally) -> Plan | None:
+        """What to send of `gone`, the instances whose file was not there when it was to
+        be sent: those of a study evicted since the plan once it is recalled, as for a
+        study evicted before (the same wait); the others (a damaged store) fail here.
+        None when the requestor cancelled or left while waiting."""
+        def replan() -> Plan:
+            try:
+                return self.att.bridge.call(self.att.service.replan_gone(plan, gone))
+            except Exception as exc:
+                log.error("%s: instances whose file is gone fail: no new plan error=%s %s",
+                          self.action.value, type(exc).__name__, self.label)
+                return replace(plan, instances=(), unavailable=tuple(gone), recall_studies=())
+
+        again: Plan | None = replan()
+        if again is not None and again.recall_studies:
+            again = self._after_recall(plan, again.recall_studies, tally, replan)
+        if again is not None:
+            for instance in again.unavailable:
+                tally.fail(instance)
+        return again
 
     def _start(self, plan: Plan, extra: str) -> _Tally:
         # The studies are in use from now: eviction takes the least recently used first,
@@ -376,10 +428,12 @@ class _Retrieval:
                  len(plan.instances), len(plan.unavailable), extra, self.label)
         return tally
 
-    def _move_all(self, plan: Plan, destination: Peer, tally: _Tally) -> bool:
-        """Send every instance to the destination; True if the requestor cancelled."""
+    def _move_all(self, instances: tuple[Instance, ...], destination: Peer, tally: _Tally,
+                  gone: list[Instance] | None) -> bool:
+        """Send `instances` to the destination; True if the requestor cancelled.
+        A file gone since the plan is put in `gone` if given, else fails."""
         retries = self.att.config.suboperation_retries
-        for batch, pairs in _batches(plan.instances):
+        for batch, pairs in _batches(instances):
             sub = _SubAssociation(self.sc.ae, destination, pairs, self.att.config, self.label,
                                   tls_client=self.att.tls_client)
             upcoming = dict(zip((i.sop_uid for i in batch), (i.path for i in batch[1:]),
@@ -391,8 +445,15 @@ class _Retrieval:
                     if not self.sc.assoc.is_established:
                         log.warning("move stopped: requesting association ended %s", self.label)
                         return False
-                    status = self._move_one(sub, instance, retries,
-                                            upcoming.get(instance.sop_uid))
+                    try:
+                        status = self._move_one(sub, instance, retries,
+                                                upcoming.get(instance.sop_uid))
+                    except _Unreadable:  # gone: its study may have been evicted meanwhile
+                        if gone is not None:
+                            gone.append(instance)
+                            continue
+                        _log_gone(instance)
+                        status = None
                     if status is None:
                         tally.fail(instance)
                     else:
@@ -404,7 +465,8 @@ class _Retrieval:
 
     def _move_one(self, sub: _SubAssociation, instance: Instance, retries: int,
                   upcoming: Path | None) -> int | None:
-        """Status of one C-STORE sub-operation, None if it failed without one."""
+        """Status of one C-STORE sub-operation, None if it failed without one; raises
+        _Unreadable when the stored file is gone (nothing was sent)."""
         for attempt in range(1, retries + 2):
             if attempt > 1 and self._cancel_requested():
                 return None  # no retry after a C-CANCEL: the requestor waits for the answer
@@ -413,7 +475,9 @@ class _Retrieval:
             try:
                 status = sub.send(instance, originator_aet=self.calling_ae,
                                   originator_id=int(self.req.MessageID), upcoming=upcoming)
-            except _Unreadable:
+            except _Unreadable as exc:
+                if exc.gone:
+                    raise
                 return None
             if status is not None:
                 sub.unanswered = 0
@@ -616,7 +680,7 @@ class _SubAssociation:
         assert self.lane is not None
         return _lane_store(self.lane, instance, msg_id=next(self._msg_ids),
                            originator_aet=originator_aet, originator_id=originator_id,
-                           upcoming=upcoming, unreadable=_Unreadable)
+                           upcoming=upcoming)
 
     def _close_lane(self) -> None:
         if self.lane is not None:
@@ -690,27 +754,36 @@ class ReactorGate:
 
 
 class _Unreadable(Exception):
-    """A stored file could not be read: its sub-operation fails, the association is fine."""
+    """A stored file could not be read: nothing was sent, the association is fine.
+    `gone`: there was no file (its study may have been evicted since the plan)."""
+
+    def __init__(self, gone: bool) -> None:
+        super().__init__()
+        self.gone = gone
 
 
 def _lane_store(lane: StoreLane, instance: Instance, *, msg_id: int,
                 originator_aet: str | None = None, originator_id: int | None = None,
-                upcoming: Path | None = None,
-                unreadable: type[Exception] | None = None) -> int | None:
+                upcoming: Path | None = None) -> int | None:
     """One C-STORE through the lane; its Status, or None when there was none.
-    A file that cannot be read fails alone, or raises `unreadable` when given."""
+    Raises _Unreadable when the file cannot be read (nothing is sent)."""
     try:
         payload = lane.payload(instance.path)
+    except FileNotFoundError as exc:
+        raise _Unreadable(gone=True) from exc
     except (OSError, ValueError) as exc:
         log.warning("c-store sub-operation failed: stored file unreadable error=%s instance=%s",
                     type(exc).__name__, logsafe.ref(instance.sop_uid))
-        if unreadable is not None:
-            raise unreadable from exc
-        return None
+        raise _Unreadable(gone=False) from exc
     return lane.store(payload, sop_class=instance.sop_class_uid,
                       transfer_syntax=instance.transfer_syntax, sop_instance=instance.sop_uid,
                       msg_id=msg_id, originator_aet=originator_aet,
                       originator_id=originator_id, upcoming=upcoming)
+
+
+def _log_gone(instance: Instance) -> None:
+    log.warning("c-store sub-operation failed: stored file gone again after a recall instance=%s",
+                logsafe.ref(instance.sop_uid))
 
 
 _Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)

@@ -12,13 +12,19 @@ which decodes the request, sends the files and reports counts. Here:
   the unique key of the requested level is required (a UID list is fine),
   unique keys of the levels above narrow the match when present.
 - Matched instances whose study is not on local disk (evicted or being
-  recalled) name their study in `recall_studies`: `await_recall()` asks the
+  recalled) name their study in `recall_studies`: `await_studies()` asks the
   sync agent for them (a row in `recall_requests`, see sync/recall.py) and
   waits, while the wire side sends Pending responses; the caller then plans
   again. The appliance never talks to the cloud itself: cloud credentials
   stay in the sync agent's process. Instances still not on disk after that
   (recall failed or timed out, or a file is gone) are `unavailable` and the
   wire side counts them as failed sub-operations.
+- A planned file may be gone when it is read: the eviction commits, then
+  deletes, and either may come between the plan and the read. The wire side
+  sends the rest, then asks `replan_gone()`: a study evicted meanwhile is
+  named in `recall_studies` as above (recalled, waited for within the same
+  bound, then sent); a file missing from a study still on local disk is a
+  damaged store, `unavailable` (failed), for fsck.
 - `record_access()` stamps the studies' last access time as a retrieve
   starts, which eviction uses to pick the least recently used studies.
 
@@ -218,11 +224,6 @@ class RetrieveService:
                                if row.tier_state in NOT_LOCAL_STATES}))
         return Plan(requester, destination, tuple(ready), tuple(unavailable), recall)
 
-    async def await_recall(self, plan: Plan, *, requested_by: str, wait: float) -> RecallWait:
-        """Ask for the plan's evicted studies and wait up to `wait` seconds for them."""
-        return await self.await_studies(plan.recall_studies, requested_by=requested_by,
-                                        wait=wait)
-
     async def await_studies(self, study_uids: Sequence[str], *, requested_by: str,
                             wait: float) -> RecallWait:
         """Ask for these evicted studies (C-MOVE/C-GET or WADO-RS) and wait for them."""
@@ -233,6 +234,31 @@ class RetrieveService:
             if not waiting or errors or asyncio.get_running_loop().time() >= deadline:
                 return RecallWait(done=not waiting, errors=tuple(errors))
             await asyncio.sleep(RECALL_POLL_SECONDS)
+
+    async def replan_gone(self, plan: Plan, gone: Sequence[Instance]) -> Plan:
+        """A plan for `gone`, instances of `plan` whose file was not there when it was to
+        be sent, from the index as it is now: on local disk again (a recall came back)
+        to send; their study evicted (or being recalled) since the plan, named in
+        `recall_studies`; or missing from a study on local disk, `unavailable`."""
+        studies = sorted({i.study_uid for i in gone})
+        wanted = {i.sop_uid for i in gone}
+        rows = [row for row in await self.index.locate(study_uids=studies)
+                if row.sop_uid in wanted]
+        ready, unavailable = await asyncio.to_thread(self._split, rows)
+        found = {row.sop_uid for row in rows}
+        unavailable += [i for i in gone if i.sop_uid not in found]  # moved or deleted
+        recall = tuple(sorted({row.study_uid for row in rows
+                               if row.tier_state in NOT_LOCAL_STATES}))
+        damaged = sum(1 for i in unavailable if i.sop_uid in found and i.study_uid not in recall)
+        if recall:
+            log.info("files gone since the plan, their study evicted meanwhile: recall"
+                     " studies=%d files=%d", len(recall),
+                     sum(1 for row in rows if row.tier_state in NOT_LOCAL_STATES))
+        if damaged:
+            log.error("stored files missing from studies on local disk: their sub-operations"
+                      " fail (run pacs-edge fsck) files=%d", damaged)
+        return Plan(plan.requester, plan.destination, tuple(ready), tuple(unavailable),
+                    recall)
 
     async def record_access(self, plan: Plan) -> None:
         """Stamp the last access time of the retrieved studies (eviction order)."""
