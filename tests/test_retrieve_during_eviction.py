@@ -10,15 +10,18 @@ study on local disk (a damaged store) still fails, an fsck matter.
 
 Real peers: `pacs-edge serve`, a `pacs-edge sync` agent serving the recall, `pacs-edge
 evict` run from the destination's (or the C-GET requestor's) C-STORE handler while it
-holds the first sub-operation's response, so the eviction commits and deletes mid-retrieve.
+holds the first sub-operation's response, so the eviction commits and deletes mid-retrieve;
+for WADO-RS, while an HTTPS client holds the rest of a streaming answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import dicomgen
 import pytest
+import webpeer
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -26,7 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 from storepeer import StorePeer
-from syncagent import SyncAgent, evict, sync_once, tier_state
+from syncagent import SyncAgent, evict, import_files, sync_once, tier_state
 from test_retrieve_move import (
     assert_arrived_as_sent,
     c_move,
@@ -185,3 +188,42 @@ def test_a_recall_that_does_not_finish_fails_the_files_an_eviction_took_mid_move
     assert counts["failed"] > 0 and counts["completed"] + counts["failed"] == len(small_study)
     assert responses[-1][0].ErrorComment == "recall of an evicted study from the cloud timed out"
     assert "move: recall not finished after 1 s" in edge.log()
+
+
+def test_a_wado_retrieve_whose_study_is_evicted_under_it_sends_every_instance(
+    tmp_path: Path, free_port: Callable[[], int],
+    edge_server_factory: Callable[..., EdgeServer],
+) -> None:
+    """The answer streams one stored file after the other: the client reads the first
+    bytes and holds the rest (the box waits on its socket, the first file open), the
+    study is evicted, then the client reads on. Each file gone meanwhile is recalled
+    (within [http] recall_wait_seconds) and sent; the answer was cut off after the first."""
+    edge = edge_server_factory(webpeer.web_home(tmp_path / "home", free_port()), start=False)
+    edge.configure(sync={"stable_after_seconds": 3600.0, "recall_poll_seconds": 0.2,
+                         "evict_after_days": 0.0}, http={"recall_wait_seconds": 60.0})
+    edge.start()
+    webpeer.add_user(edge, "rad", "radiologist")
+    # Files larger than the loopback socket buffers: the box is held inside the first.
+    big = dicomgen.make_study(tmp_path / "big", seed=7, series_per_study=1,
+                              instances_per_series=3, modalities=("CT",), size=3000)
+    study_uid = big[0].study_uid
+    import_files(edge.home, *big)
+    sync_once(edge.home)
+    agent = SyncAgent(edge.home).start()
+    try:
+        with webpeer.session(edge, "rad").get(
+                f"{webpeer.base_url(edge)}/dicom-web/studies/{study_uid}",
+                headers={"Accept": 'multipart/related; type="application/dicom";'
+                                   ' transfer-syntax=*'}, stream=True) as got:
+            assert got.status_code == 200
+            first = got.raw.read(64 * 1024)
+            evict(edge.home, study_uid)
+            body = first + got.raw.read()
+    finally:
+        assert agent.stop() == 0, agent.log()
+    received = []
+    for n, (_, payload) in enumerate(webpeer.parts(got.headers["Content-Type"], body)):
+        (tmp_path / f"part{n}.dcm").write_bytes(payload)
+        received.append(dicomgen.dataset_bytes(tmp_path / f"part{n}.dcm"))
+    assert received == [dicomgen.dataset_bytes(i.path) for i in big]
+    assert tier_state(edge, study_uid) == "replicated"

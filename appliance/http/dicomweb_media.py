@@ -23,6 +23,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -119,10 +120,11 @@ def accepts_json(header: str | None) -> bool:
                for r in MediaRange.parse_all(header))
 
 
-async def file_chunks(path: Path, offset: int = 0, length: int | None = None
+async def file_chunks(path: Path | BinaryIO, offset: int = 0, length: int | None = None
                       ) -> AsyncIterator[bytes]:
-    """A file's bytes in CHUNK pieces, each read in a worker thread."""
-    fh = await asyncio.to_thread(path.open, "rb")
+    """A file's bytes (at `path`, or an open file, closed at the end) in CHUNK pieces,
+    each read in a worker thread."""
+    fh = await asyncio.to_thread(path.open, "rb") if isinstance(path, Path) else path
     try:
         if offset:
             await asyncio.to_thread(fh.seek, offset)

@@ -22,7 +22,9 @@ Retry-After: 2 (ask again: the recall goes on, and the viewer does ask again,
 viewer_recall.py), a recall that failed is 503 with Retry-After: 60; a recall that
 waits for an Archive-tier rehydration says so, with a longer Retry-After. Each
 carries `PACS-Edge-Recall` (recall_answer.py): a 503 without it is some other
-condition of the box (a full disk, too many connections), not a recall. Unknown and
+condition of the box (a full disk, too many connections), not a recall. A file
+gone while the answer streams (its study evicted meanwhile) is recalled and sent
+in its place (`_opened`); one that cannot be had cuts the begun answer short. Unknown and
 out-of-scope studies are both 404. Every answer that hands out patient data is
 audited, and every 404 and 503 too: who, in which role, which study, from where
 (the auditor folds a viewer's hundreds of requests into one record per user,
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from aiohttp import web
 from pydicom import dcmread
@@ -60,7 +63,7 @@ from appliance.services.pixel_frames import (
     read_frames,
 )
 from appliance.services.transcode import TRANSCODABLE, explicit_little
-from appliance.services.web_retrieve import Located
+from appliance.services.web_retrieve import Located, StoredInstance
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +143,37 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         raise common.not_acceptable("an instance in its stored transfer syntax")
     found = await locate(request, "instances")
     stream = MultipartStream(request, DICOM)
-    for item in found.instances:
+    for listed in found.instances:
+        item, fh = await _opened(request, listed)
         transcoded = None
         if not as_stored and item.transfer_syntax not in syntaxes:
             # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py).
-            transcoded = await asyncio.to_thread(explicit_little, item.path)
+            transcoded = await asyncio.to_thread(explicit_little, fh)
             if transcoded is None:  # the answer has begun: the part goes as it was sent
                 log.warning("wado-rs instance sent in its stored syntax: it cannot be"
                             " transcoded transfer_syntax=%s", item.transfer_syntax)
+                await asyncio.to_thread(fh.seek, 0)
         if transcoded is None:
             await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
-                              file_chunks(item.path))
+                              file_chunks(fh))
         else:
+            await asyncio.to_thread(fh.close)
             await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}", transcoded)
     return await stream.finish()
+
+
+async def _opened(request: web.Request, item: StoredInstance
+                  ) -> tuple[StoredInstance, BinaryIO]:
+    """The instance's stored file, open. One gone since it was located (its study evicted
+    meanwhile) is asked for again (web_retrieve.py: recalled); when it cannot be had the
+    answer, begun, is cut short (the client sees an incomplete multipart answer)."""
+    try:
+        return item, await asyncio.to_thread(item.path.open, "rb")
+    except FileNotFoundError:
+        again = await common.reads(request).gone_since_located(item)
+        if again is None:
+            raise
+    return again, await asyncio.to_thread(again.path.open, "rb")
 
 
 async def stored_syntaxes(request: web.Request, what: str) -> set[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
@@ -26,11 +27,11 @@ EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
 TRANSCODABLE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"})
 
 
-def explicit_little(path: Path) -> bytes | None:
-    """The stored instance at `path` as a Part 10 file in Explicit VR Little Endian, or
-    None when pydicom cannot re-encode it. Instances are stored as sent, so one may
-    hold a value pydicom reads but cannot write (a malformed value of a standard
-    element, an unknown VR); pydicom raises many types for those. An OSError is the
+def explicit_little(path: Path | BinaryIO) -> bytes | None:
+    """The stored instance at `path` (or an open file) as a Part 10 file in Explicit VR
+    Little Endian, or None when pydicom cannot re-encode it. Instances are stored as
+    sent, so one may hold a value pydicom reads but cannot write (a malformed value of
+    a standard element, an unknown VR); pydicom raises many types for those. An OSError is the
     disk's, not the data's, and stays one."""
     try:
         ds = dcmread(path)

@@ -15,6 +15,12 @@ waiting minutes for an answer (a reverse proxy would time it out first); once th
 wait is over the recall goes on, `recall_pending` says so, and the edge answers
 503 with a short Retry-After that the viewer acts on (appliance/http/viewer_recall.py).
 
+A file may be gone by the time the edge reads it (the answer streams one
+file after the other, and an eviction commits, then deletes):
+`gone_since_located()` looks again; a study evicted meanwhile is recalled and
+waited for as above, a file missing from a study on local disk is a damaged
+store (fsck).
+
 Files are located only through the index: a path never comes from a URL.
 Each located study's last access time is stamped (eviction picks the least
 recently used), at most once a minute per study: a viewer asks for every frame
@@ -25,6 +31,7 @@ frame would be all cost and no information.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +43,8 @@ from appliance.store.files import FileStore
 from appliance.store.index import Index, InstanceLocation
 from appliance.store.packs import archived_packs_in_use
 from appliance.store.study_rows import study_by_uid
+
+log = logging.getLogger(__name__)
 
 REQUESTED_BY = "dicomweb"
 TOUCH_INTERVAL = 60.0  # seconds between two last-access stamps of one study
@@ -91,6 +100,27 @@ class WebRetrieveService:
         ready, missing = await asyncio.to_thread(self._split, rows)
         await self._touch(study_uid)
         return Located(tuple(ready), tuple(missing), errors, pending, archived)
+
+    async def gone_since_located(self, item: StoredInstance) -> StoredInstance | None:
+        """`item` again, its file not there when the edge came to read it: its study
+        evicted since `locate()` is recalled, waited for up to recall_wait; None when
+        it cannot be read (the recall failed or is not back, or a damaged store)."""
+        rows = await self._rows(item.study_uid, item.series_uid, item.sop_uid)
+        evicted = any(row.tier_state in NOT_LOCAL_STATES for row in rows)
+        if evicted:
+            log.info("wado-rs: file gone since located, its study evicted meanwhile: recall")
+            recall = await self.retrieve.await_studies(
+                [item.study_uid], requested_by=REQUESTED_BY, wait=self.recall_wait)
+            if not recall.done:
+                log.error("wado-rs: the answer is cut short: the recall of a study evicted"
+                          " while it was sent %s", "failed" if recall.errors
+                          else "is not back within recall_wait_seconds")
+            rows = await self._rows(item.study_uid, item.series_uid, item.sop_uid)
+        ready, _ = await asyncio.to_thread(self._split, rows)
+        if not ready and not evicted:
+            log.error("wado-rs: the answer is cut short: a stored file is missing from a study"
+                      " on local disk (run pacs-edge fsck)")
+        return ready[0] if ready else None
 
     async def _touch(self, study_uid: str) -> None:
         now = time.monotonic()
