@@ -58,6 +58,8 @@ Tree::
                                   AE/AR acknowledgement, never leaves services/orders.py
     Hl7Error                      an HL7 message that cannot be parsed or applied (location
                                   = the field): becomes an AE/AR, never leaves appliance/hl7
+    TooLarge                      an MLLP block over max_message_bytes: AR, then the
+                                  connection closes: never leaves appliance/hl7 (framing.py)
     _NotPlain                     a header the fast scan cannot walk: the ingest falls back to
                                   pydicom, never leaves services/header_scan.py
     _Unreadable                   a stored file unreadable before anything was sent: the
@@ -65,9 +67,15 @@ Tree::
                                   recall first), never leaves dimse/move_get.py
 
     OSError
-    └── TransportAborted          the DIMSE edge ended a connection, having logged why;
-                                  pynetdicom's DUL reads it as "transport closed"
-                                  (dimse/pdu_socket.py raises it)
+    ├── TransportAborted          the DIMSE edge ended a connection, having logged why;
+    │                             pynetdicom's DUL reads it as "transport closed"
+    │                             (dimse/pdu_socket.py raises it)
+    └── TimeoutError
+        └── BlockTimeout          an MLLP connection closed for its silence or slowness
+            │                     (event = the log line): never leaves appliance/hl7
+            ├── Idle              silent for idle_timeout before a message
+            ├── Stalled           silent for idle_timeout inside a message
+            └── Overdue           a message not in within message_timeout of its first byte
 
 The other packages root their trees in PacsEdgeError too: provisioning in
 provisioning/provisioning_errors.py, the sync agent in sync/__init__.py.
