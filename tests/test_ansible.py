@@ -746,9 +746,10 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     """An HTTPS port that is a DICOM port, a viewer folder that install-ohif.sh did not
     make, peers sharing a name or an AE title (leading and trailing spaces do not count) or
     with an AE title pacs-edge refuses, a metrics port out of range or on the DICOM port
-    with the web server off, a negative eviction age: each stops its host at the preflight
-    with a message naming the variable; a rehydration priority Azure does not know stops
-    it earlier, at the role's argument spec (its choices)."""
+    with the web server off, a negative eviction age, an install folder with a space (the
+    units' ExecStart= names it): each stops its host at the preflight with a message naming
+    the variable; a rehydration priority Azure does not know stops it earlier, at the
+    role's argument spec (its choices)."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
@@ -766,6 +767,8 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         "metrics-port": {"pacs_edge_metrics_port": 70000},
         "metrics-on-dicom": {"pacs_edge_http_port": 0, "pacs_edge_metrics_port": 11112},
         "evict-negative": {"pacs_edge_sync_evict_after_days": -1},
+        # ExecStart= would run /opt/pacs with the rest as arguments.
+        "install-dir-space": {"pacs_edge_install_dir": "/opt/pacs edge"},
         "rehydrate-priority": {"pacs_edge_sync_rehydrate_priority": "urgent"},
         # An empty vault variable: the agent could not open the container.
         "azure-no-credentials": {"pacs_edge_cloud_url": "azure://site-packs",
@@ -775,10 +778,11 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
                         "Assert that every peer is complete and allowed only known services")
     metrics, cloud = ("Assert that the metrics settings are valid",
                       "Assert that the cloud and eviction settings are valid")
+    paths = "Assert that the paths fit the systemd units"
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
                      "metrics-port": metrics, "metrics-on-dicom": metrics,
-                     "evict-negative": cloud,
+                     "evict-negative": cloud, "install-dir-space": paths,
                      "rehydrate-priority": "Validating arguments against arg spec 'main' -"
                                            " Install, configure and start a pacs-edge box",
                      "azure-no-credentials": cloud}
@@ -809,6 +813,7 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     assert "pacs_edge_metrics_port must be 0 (off) or 1-65535 and, with pacs_edge_http_port 0," \
         " not a DICOM or HL7 port (is 70000" in proc.stdout
     assert "(pacs_edge_sync_evict_after_days is -1)" in proc.stdout
+    assert 'ExecStart= names it; is \\"/opt/pacs edge\\"' in proc.stdout
     assert "pacs_edge_sync_rehydrate_priority must be one of: standard, high" in proc.stdout
     assert 'must be empty, file:///PATH or azure://CONTAINER (is \\"azure://site-packs\\")' \
         in proc.stdout
@@ -939,6 +944,53 @@ def test_a_file_cloud_folder_outside_the_home_is_writable_for_the_sync_unit(
         proc = _play_from_config(tmp_path, root, {"pacs_edge_cloud_url": inside})
         assert proc.returncode == 0, proc.stdout[-6000:]
         assert not drop_in.exists(), inside
+
+
+def _systemd_reading(units: Path, unit: str, base: Path, prefix: Path) -> tuple[str, str]:
+    """`systemd-analyze verify` of `unit` as the role wrote it (with its drop-ins) under
+    `units`: its warnings, and systemd's own dump of the unit as it parsed it (printed at
+    the debug log level). The throw-away root holds the host's unit library and a stub
+    where ExecStart names the (prefixed) venv."""
+    root = base / "verify-root"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copytree(units, root / "etc/systemd/system")
+    stub = root / str(prefix).lstrip("/") / "opt/pacs-edge/venv/bin/pacs-edge"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+
+    def verify(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemd-analyze", "verify", f"--root={root}", unit],
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, env={**os.environ, **env})
+
+    quiet = verify()
+    return quiet.stdout + quiet.stderr, verify(SYSTEMD_LOG_LEVEL="debug").stdout
+
+
+def test_unit_paths_from_variables_reach_systemd_as_one_path_each(tmp_path: Path) -> None:
+    """A file:/// cloud folder and a cloud credentials file are the operator's paths, and
+    may hold a space (systemd splits a setting's paths on it), a double quote or a
+    backslash (quoting), a percent sign (a specifier): the sync unit's ReadWritePaths= and
+    serve's InaccessiblePaths= name each whole, as systemd itself parses the rendered
+    units (`systemd-analyze verify`, which also warns of nothing). Written bare, the folder
+    became `/mnt/nas/PACS` and `packs` (not absolute: ignored), leaving the agent's NAS
+    folder read-only, and the credentials file was not hidden from serve."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (scripts/setup-test-deps.sh)")
+    root = _stand_in_box(tmp_path, tmp_path / "init-fails")
+    credentials = '/srv/site keys/azure "prod" 100%n\\1.conn'
+    proc = _play_from_config(tmp_path, root, {
+        "pacs_edge_cloud_url": "file:///mnt/nas/PACS%20packs/",
+        "pacs_edge_cloud_credentials_file": credentials})
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    units = root / "etc/systemd/system"
+    for unit, setting, path in (("pacs-edge-sync.service", "ReadWritePaths", "/mnt/nas/PACS packs"),
+                                ("pacs-edge.service", "InaccessiblePaths", "-" + credentials)):
+        warnings, dump = _systemd_reading(units, unit, tmp_path, root)
+        assert warnings == "", warnings
+        assert re.findall(rf"^\t+{setting}: (.*)$", dump, re.MULTILINE) == [path], dump[-4000:]
 
 
 def test_a_run_failing_before_config_check_restarts_nothing_and_the_next_run_does(
