@@ -1073,6 +1073,25 @@ def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> No
     assert found == {"443": "True", "8443": "False", "0": "False"}, proc.stdout
 
 
+def test_a_metrics_port_below_1024_with_the_web_server_off_gets_the_capability_drop_in(
+    tmp_path: Path,
+) -> None:
+    """With the web server off, serve opens a plain metrics listener on
+    pacs_edge_metrics_port; below 1024 it needs CAP_NET_BIND_SERVICE like a DICOM or HTTPS
+    port, or serve stops at start ("cannot listen for HTTP on ...: permission denied"
+    under the unit's empty capability set). With the web server on there is no such
+    listener, and no capability for it."""
+    root = _stand_in_box(tmp_path, tmp_path / "init-fails")
+    drop_in = root / "etc/systemd/system/pacs-edge.service.d/privileged-port.conf"
+    for http_port, metrics_port, granted in ((0, 999, True), (8443, 999, False),
+                                             (0, 9464, False)):
+        proc = _play_from_config(tmp_path, root, {"pacs_edge_http_port": http_port,
+                                                  "pacs_edge_metrics_port": metrics_port})
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        assert drop_in.exists() == granted, (http_port, metrics_port)
+        assert not granted or "\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n" in drop_in.read_text()
+
+
 def test_check_mode_on_a_new_host_changes_nothing(tmp_path: Path) -> None:
     """--check on a host never deployed (no user, no folders, no venv, no config file to
     link to) runs through and leaves nothing behind."""
