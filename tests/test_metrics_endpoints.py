@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import sqlite3
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -180,6 +181,54 @@ def test_status_warns_of_a_certificate_about_to_expire(edge_home: Path) -> None:
     assert "certs renew" in status.stderr
     report = edge.cli("status", "--json")
     assert '"code": "certificate_expiring"' in report.stdout
+
+
+def test_a_renewal_while_serve_runs_keeps_the_presented_expiry_and_asks_for_a_restart(
+        tmp_path: Path) -> None:
+    """serve loads tls/node.pem at its start only. After `certs renew` while it runs,
+    `status` and /metrics keep the expiry of the certificate serve still presents (its
+    HTTPS port shows it), with the certificate_restart_pending warning: the expiry warning
+    and alert must not clear while peers see the old one. A restart presents the new
+    certificate, and then the report shows it and warns no more."""
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(dicom={"tls_port": dcmtk.free_port()})
+    server.start()
+    node = home / "tls" / "node.pem"
+    old = x509.load_pem_x509_certificate(node.read_bytes())
+    node_expiry = ("pacs_edge_certificate_expiry_timestamp_seconds", (("cert", "node"),))
+    pending = ("pacs_edge_health_warning", (("code", "certificate_restart_pending"),))
+    try:
+        server.cli("certs", "renew", "--days", "400")
+        renewed = (served_certificate(server), json.loads(server.cli("status", "--json").stdout),
+                   samples(curl(server, "/metrics").body.decode()))
+        server.restart()
+        restarted = (served_certificate(server),
+                     json.loads(server.cli("status", "--json").stdout),
+                     samples(curl(server, "/metrics").body.decode()))
+    finally:
+        server.stop()
+    new = x509.load_pem_x509_certificate(node.read_bytes())
+    presented, report, metrics = renewed
+    assert presented == old
+    assert report["certificates"]["node"] == old.not_valid_after_utc.timestamp()
+    assert metrics[node_expiry] == old.not_valid_after_utc.timestamp()
+    assert metrics[pending] == 1
+    [warning] = [w["message"] for w in report["warnings"]
+                 if w["code"] == "certificate_restart_pending"]
+    assert "expires in 365 days: restart pacs-edge" in warning
+    presented, report, metrics = restarted
+    assert presented == new
+    assert report["certificates"]["node"] == new.not_valid_after_utc.timestamp()
+    assert metrics[node_expiry] == new.not_valid_after_utc.timestamp()
+    assert pending not in metrics
+    assert "certificate_restart_pending" not in {w["code"] for w in report["warnings"]}
+
+
+def served_certificate(server: EdgeServer) -> x509.Certificate:
+    """The certificate the box presents on its HTTPS port, as a TLS client receives it."""
+    pem = ssl.get_server_certificate((server.host, server.http_port), timeout=30)
+    return x509.load_pem_x509_certificate(pem.encode())
 
 
 def test_a_tls_peers_certificate_expiry_is_exported_after_it_calls_and_after_a_restart(

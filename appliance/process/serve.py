@@ -62,6 +62,7 @@ from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
 from provisioning.certs import TlsPaths, load_certificate
 from provisioning.home import LOG_KEY, SECRETS_DIR
+from provisioning.served_cert import serving_node_certificate
 
 if TYPE_CHECKING:
     from appliance.hl7.listener import Hl7Listener
@@ -115,6 +116,13 @@ def _hl7_tls_context(config: Config) -> ssl.SSLContext | None:
                           require_client_cert=config.hl7.tls_require_client_cert)
 
 
+def presents_node_certificate(config: Config) -> bool:
+    """Whether serve loads the node certificate (the contexts above, and HTTPS's): then it
+    records which one at its start, as `status` reports it (provisioning/served_cert.py)."""
+    return bool(config.dicom.tls_port or (config.hl7.port and config.hl7.tls)
+                or config.http.port)
+
+
 def _drop_counts(config: Config, index: Index) -> DropCounts:
     async def counts() -> dict[str, int]:
         return dataclasses.asdict(await drop_folder_counts(config, index))
@@ -146,7 +154,8 @@ async def serve(
     if worker is not None:
         await _serve(config, worker=worker, on_ready=on_ready)
         return
-    with serve_lock(config.home):
+    with serve_lock(config.home), serving_node_certificate(
+            config.home, presented=presents_node_certificate(config)):
         probe_ports(config)
         await _serve(config, worker=None, on_ready=on_ready)
 

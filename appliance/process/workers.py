@@ -34,11 +34,13 @@ from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics_dir import forget_live_values
 from appliance.base.notify import Notifier
 from appliance.process.ports import reserve_port
+from appliance.process.serve import presents_node_certificate
 from appliance.process.serve_lock import InheritedLock, serve_lock
 from appliance.services.startup_recovery import STARTUP_STATUS, begin_run, end_run, recover
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
+from provisioning.served_cert import serving_node_certificate
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,11 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str,
 
 def run_workers(config: Config) -> None:
     """Supervise the workers until SIGTERM/SIGINT, holding the home's serve lock
-    (serve_lock.py), which every worker inherits, and the DICOM ports."""
-    with serve_lock(config.home) as lock, contextlib.ExitStack() as reservations:
+    (serve_lock.py), which every worker inherits, and the DICOM ports; recording the
+    node certificate the workers load (provisioning/served_cert.py)."""
+    with serve_lock(config.home) as lock, serving_node_certificate(
+            config.home, presented=presents_node_certificate(config)), \
+            contextlib.ExitStack() as reservations:
         # The ports before the sweep and the reconciliation: one in use fails fast.
         plain = reservations.enter_context(
             reserve_port(config.dicom.host, config.dicom.port, "port"))

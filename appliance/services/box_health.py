@@ -34,8 +34,15 @@ from appliance.store.pairing import pairing_problem
 from appliance.store.presented_cert_rows import presented_expiries
 from provisioning.certs import TlsPaths, issued_certificates
 from provisioning.escrow_state import EscrowStatus, escrow_status
+from provisioning.served_cert import NodeCertificate, served_node_certificate
 
 CERT_WARN_DAYS = 30
+CERT_FIXES = {  # what the certificate_expiring warning asks for, by certificate
+    # serve loads tls/node.pem at its start only (provisioning/served_cert.py).
+    "node": "`pacs-edge certs renew`, then restart pacs-edge",
+    "ca": "plan a new site CA with the peers' owners: docs/deployment.md, \"Certificates\"",
+    "syslog-client": "renew it with the syslog collector's CA",
+}
 REPLICATION_LAG_WARN_SECONDS = 6 * 3600.0  # beyond [sync] stable_after_seconds
 SYNC_AGENT_SILENT_SECONDS = 3600.0  # beyond three replicate intervals
 SYNC_FAILING_PASSES = 3  # replicate intervals without success before a failing pass warns
@@ -82,6 +89,9 @@ class HealthReport:
     # Presented on a TLS association, as last seen, by the peers on the allowlist
     # (services/presented_certs.py: kept in the index, across restarts).
     presented_certificates: list[CertificateExpiry] = field(default_factory=list)
+    # When serve presents another node certificate than tls/node.pem (renewed since serve
+    # started, provisioning/served_cert.py): when the one serve presents expires.
+    restart_pending_expiry: float | None = None
     allowlist_problem: str = ""  # why peers.toml cannot be read ("" when it can)
     pairing_problem: str = ""  # why the index is not the store's ("" when it is)
     warnings: list[HealthWarning] = field(default_factory=list)
@@ -144,12 +154,12 @@ async def gather(config: Config, index: Index, *,
     dropped = await dropfolder() if dropfolder is not None else {}
     unpaired = await pairing_problem(index, config.store.path)
     presented = await presented_expiries(index)
-    disk, escrow, certificates, forwarding, (peers, problem, issued) = await asyncio.to_thread(
-        _from_disk, config)
+    disk, escrow, (certificates, pending), forwarding, (peers, problem, issued) = \
+        await asyncio.to_thread(_from_disk, config)
     report = HealthReport(
         at=time.time(), totals=totals, disk=disk, sync=synced, backlog=behind, dropfolder=dropped,
         escrow=escrow, certificates=certificates, audit_forwarding=forwarding,
-        peer_certificates=issued,
+        peer_certificates=issued, restart_pending_expiry=pending,
         presented_certificates=[CertificateExpiry(name, not_after)
                                 for name, not_after in sorted(presented.items())
                                 if peers is None or name in peers],
@@ -158,8 +168,8 @@ async def gather(config: Config, index: Index, *,
 
 
 def _from_disk(config: Config) -> tuple[
-        DiskState, EscrowStatus, list[CertificateExpiry], AuditForwarding | None,
-        tuple[set[str] | None, str, list[CertificateExpiry]]]:
+        DiskState, EscrowStatus, tuple[list[CertificateExpiry], float | None],
+        AuditForwarding | None, tuple[set[str] | None, str, list[CertificateExpiry]]]:
     disk = disk_state(config.store.path if config.store.path.exists() else config.home)
     peers, problem = allowlisted(config)
     # serve's unit hides site.key: the key's public id record stands in for it here
@@ -168,10 +178,14 @@ def _from_disk(config: Config) -> tuple[
             audit_forwarding(config), (peers, problem, issued_to(config.home, peers)))
 
 
-def certificates(config: Config) -> list[CertificateExpiry]:
-    """Expiry of the certificates this box presents or trusts (those present on disk)."""
+def certificates(config: Config) -> tuple[list[CertificateExpiry], float | None]:
+    """Expiry of the certificates this box presents or trusts (those present on disk),
+    and when the node certificate serve presents expires if it is not tls/node.pem
+    (None when it is). serve loads node.pem at its start only: the node's expiry is the
+    earlier of the two, since peers fail at the first to end."""
     paths = TlsPaths(config.home)
     found = []
+    pending = None
     for name, path in (("node", paths.node_cert), ("ca", paths.ca_cert),
                        ("syslog-client", config.audit.syslog_cert_file)):
         if path is None or not Path(path).is_file():
@@ -181,8 +195,14 @@ def certificates(config: Config) -> list[CertificateExpiry]:
         except (OSError, ValueError):
             found.append(CertificateExpiry(name, 0.0))  # unreadable: as good as expired
             continue
-        found.append(CertificateExpiry(name, cert.not_valid_after_utc.timestamp()))
-    return found
+        not_after = cert.not_valid_after_utc.timestamp()
+        if name == "node":
+            served = served_node_certificate(config.home)
+            if served is not None and served != NodeCertificate.of(cert):
+                pending = served.not_after
+                not_after = min(not_after, pending)
+        found.append(CertificateExpiry(name, not_after))
+    return found, pending
 
 
 def allowlisted(config: Config) -> tuple[set[str] | None, str]:
@@ -290,8 +310,14 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
             "sync_failing", "the sync agent's passes fail"
             + ("" if last_pass is None else f" (none succeeded for {_ago(now - last_pass)})")
             + f": {error} (see the agent's log)"))
+    if report.restart_pending_expiry is not None:
+        found.append(HealthWarning(
+            "certificate_restart_pending", "tls/node.pem was renewed, but serve still presents"
+            " the node certificate it loaded at its start, which "
+            + _expiry(report.restart_pending_expiry - now)
+            + ": restart pacs-edge to present the new one"))
     for code, cert, what, fix in [
-            *[("certificate_expiring", c, f"the {c.name} certificate", "`pacs-edge certs renew`")
+            *[("certificate_expiring", c, f"the {c.name} certificate", CERT_FIXES[c.name])
               for c in report.certificates],
             *[("peer_certificate_expiring", c, f"the certificate issued to peer {c.name}",
                f"`pacs-edge certs issue {c.name} --out DIR`, then install it on the device")
@@ -302,9 +328,7 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
               for c in device_certificates(report)]]:
         left = cert.not_after - now
         if left < CERT_WARN_DAYS * 86400:
-            found.append(HealthWarning(code, f"{what} " + (
-                f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}")
-                + f" ({fix})"))
+            found.append(HealthWarning(code, f"{what} {_expiry(left)} ({fix})"))
     if report.escrow.problem and config.sync.evict_without_escrow:
         # The lab accepted the risk: eviction goes on, nothing waits on the operator.
         # Still said (a lost box loses its evicted studies), under a code of its own so
@@ -329,6 +353,11 @@ def device_certificates(report: HealthReport) -> list[CertificateExpiry]:
     device still uses after a new one was issued. The copy's own warning covers the rest."""
     issued = {c.name: c.not_after for c in report.peer_certificates}
     return [c for c in report.presented_certificates if issued.get(c.name) != c.not_after]
+
+
+def _expiry(left: float) -> str:
+    """ "expires in …" or "expired … ago": a certificate's end, `left` seconds from now."""
+    return f"expired {_ago(-left)} ago" if left <= 0 else f"expires in {_ago(left)}"
 
 
 def _ago(seconds: float) -> str:
