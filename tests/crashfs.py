@@ -685,19 +685,25 @@ class CrashFS:
         """Unmount (lazily if something still holds it) and stop the process, bounded."""
         if self.proc is None:
             return
-        if _is_mounted(self.mount):
-            done = subprocess.run(["fusermount3", "-u", str(self.mount)], capture_output=True)
-            if done.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], capture_output=True)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT)
+        unmount_fuse(self.mount, self.proc)
         self.proc = None
 
     def log_text(self) -> str:
         return (self.state / "crashfs.log").read_text(errors="replace")
+
+
+def unmount_fuse(mount: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Unmount a FUSE file system (lazily if something still holds it) and stop its
+    process, bounded."""
+    if _is_mounted(mount):
+        done = subprocess.run(["fusermount3", "-u", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT)
 
 
 def _is_mounted(path: Path) -> bool:

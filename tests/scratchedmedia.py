@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from crashfs import STOP_TIMEOUT, _is_mounted, require_fuse
+from crashfs import _is_mounted, require_fuse, unmount_fuse
 
 START_TIMEOUT = 20.0
 
@@ -99,13 +99,7 @@ class ScratchedMedia:
     def __exit__(self, *exc: object) -> None:
         if self.proc is None:
             return
-        if _is_mounted(self.mount):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], capture_output=True)
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT)
+        unmount_fuse(self.mount, self.proc)
         self.proc = None
 
 

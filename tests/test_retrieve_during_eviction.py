@@ -58,27 +58,25 @@ def agent_edge(edge_server_factory: Callable[..., EdgeServer],
     assert agent.stop() == 0, agent.log()
 
 
-def evict_at_first_arrival(edge: EdgeServer, study_uid: str) -> Callable[[], None]:
-    """Run `pacs-edge evict` to its end the first time it is called."""
+def evict_at_first_arrival(edge: EdgeServer, study_uid: str) -> Callable[[str, int], float]:
+    """A StorePeer stall that runs `pacs-edge evict` to its end at the first instance that
+    arrives, holding its answer meanwhile."""
     done: list[bool] = []
 
-    def run() -> None:
+    def stall(uid: str, nth: int) -> float:
         if not done:
             done.append(True)
             evict(edge.home, study_uid)
             assert tier_state(edge, study_uid) == "evicted"
-    return run
+        return 0.0
+    return stall
 
 
 def test_a_move_whose_study_is_evicted_under_it_recalls_it_and_completes(
     agent_edge: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     study_uid = small_study[0].study_uid
-    evict_now = evict_at_first_arrival(agent_edge, study_uid)
-
-    def stall(uid: str, nth: int) -> float:
-        evict_now()
-        return 0.0
+    stall = evict_at_first_arrival(agent_edge, study_uid)
 
     with StorePeer(stall=stall) as dest:
         agent_edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
@@ -96,13 +94,13 @@ def test_a_get_whose_study_is_evicted_under_it_recalls_it_and_completes(
     agent_edge: EdgeServer, small_study: list[dicomgen.GeneratedInstance],
 ) -> None:
     study_uid = small_study[0].study_uid
-    evict_now = evict_at_first_arrival(agent_edge, study_uid)
+    evict_now = evict_at_first_arrival(agent_edge, study_uid)  # called as a stall
     arrived: dict[str, list[bytes]] = {}
 
     def on_store(event: evt.Event) -> int:
         arrived.setdefault(str(event.request.AffectedSOPInstanceUID), []).append(
             event.encoded_dataset(include_meta=False))
-        evict_now()
+        evict_now("", 0)
         return SUCCESS
 
     ae = AE(TEST_AE)
@@ -172,11 +170,7 @@ def test_a_recall_that_does_not_finish_fails_the_files_an_eviction_took_mid_move
     store(edge, small_study)
     sync_once(edge.home)
     study_uid = small_study[0].study_uid
-    evict_now = evict_at_first_arrival(edge, study_uid)
-
-    def stall(uid: str, nth: int) -> float:
-        evict_now()
-        return 0.0
+    stall = evict_at_first_arrival(edge, study_uid)
 
     with StorePeer(stall=stall) as dest:
         edge.add_peer("dest", dest.ae_title, dest.port, allow="store")
