@@ -539,3 +539,19 @@ def test_a_query_naming_no_date_leaves_out_steps_older_than_worklist_past_days(
     listed = json.loads(edge.cli("worklist", "list", "--json").stdout)
     assert sorted(row["accession_number"] for row in listed) == [
         "ACC101", "ACC102", "ACC103", "ACC104", "ACC105"]
+
+
+def test_a_status_key_of_many_stars_is_answered_and_the_box_keeps_serving(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    """`****...SCHEDULED` in SPS Status: each `*` became a `.*` of a regular expression,
+    and 40 of them took hours to try against a status name, on the event loop: no
+    answer to this query, nor to any other the box was asked meanwhile. A run of `*`
+    is one `*`."""
+    edge = worklist_edge()
+    many = {f"{SPS}ScheduledProcedureStepStatus": "*" * 40 + "SCHEDULED"}
+    # findscu's DIMSE timeout (-td) ends the wait for an answer that does not come.
+    found = dcmtk.findscu(edge.port, {**dict.fromkeys(RETURN_KEYS, ""), **many},
+                          model="worklist", aet=MODALITY, args=("-td", "30"), timeout=90)
+    assert _accessions(found.check()) == sorted(order[0] for order in ORDERS)
+    assert _accessions(_query(edge.port, {}).check()) == sorted(order[0] for order in ORDERS)
+    assert "Traceback" not in edge.log()

@@ -207,9 +207,14 @@ def _statuses(values: list[str]) -> list[str]:
 
 
 def _wildcard(value: str) -> re.Pattern[str]:
-    """A CS value as a case-sensitive pattern: `*` any run, `?` one character."""
+    """A CS value as a case-sensitive pattern: `*` any run, `?` one character.
+
+    A run of `*` is one `*`: each `.*` of a run would be another way to split the
+    status name, tried in turn, and 30 of them (`****...X`) held the event loop, so
+    the whole box, for hours. Once collapsed, every `.*` but the last is followed by
+    a character that must match, and the names matched are at most 12 characters."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
-                              for c in value), re.DOTALL)
+                              for c in re.sub(r"\*+", "*", value)), re.DOTALL)
 
 
 def _values(element: DataElement) -> list[str]:
