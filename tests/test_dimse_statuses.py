@@ -14,6 +14,9 @@ from collections.abc import Mapping
 
 import pytest
 from conftest import HOST, TEST_AE, EdgeServer
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -89,6 +92,34 @@ def test_a_date_or_time_that_does_not_exist_is_unable_to_process(
     assert _find_statuses(edge_server, "TESTSCU", {"QueryRetrieveLevel": "STUDY",
                                                    "StudyInstanceUID": "",
                                                    keyword: value}) == [UNABLE_TO_PROCESS]
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("AccessionNumber", "A*" * 30_000), ("ModalitiesInStudy", ["CT"] * 2000),
+])
+def test_a_value_too_long_or_too_many_values_are_unable_to_process(
+        edge_server: EdgeServer, keyword: str, value: object) -> None:
+    """docs/conformance.md: 0xC000 for a key value longer than 1024 characters, or more
+    than 100 values of a key other than a UID key; SQLite could not compare them and
+    the query failed (0xC001, an error in the log), or not, depending on the index."""
+    ae = AE(TEST_AE)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(HOST, edge_server.port, ae_title=edge_server.ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    tag = tag_for_keyword(keyword)
+    identifier[tag] = DataElement(tag, dictionary_VR(tag), value,
+                                  validation_mode=config.IGNORE)
+    try:
+        statuses = [int(status.Status) for status, _ in assoc.send_c_find(
+            identifier, StudyRootQueryRetrieveInformationModelFind)]
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert statuses == [UNABLE_TO_PROCESS]
+    assert "find failed" not in edge_server.log()
 
 
 def test_a_worklist_start_date_that_does_not_exist_is_unable_to_process(

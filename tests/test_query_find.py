@@ -770,6 +770,28 @@ async def test_malformed_range_is_unable_to_process(index: Index) -> None:
     assert "2024" not in caught.value.message
 
 
+@pytest.mark.parametrize("criteria", [
+    {"AccessionNumber": "A*" * 30_000}, {"PatientName": "A*" * 30_000},
+    {"ModalitiesInStudy": ["CT"] * 101}, {"PatientName": [f"X{i}*" for i in range(101)]},
+    {"StudyInstanceUID": "1." + "2" * 1100},
+])
+async def test_a_value_too_long_or_too_many_values_are_unable_to_process(
+        index: Index, criteria: dict[str, object]) -> None:
+    """Values no query needs, and the index could not compare (SQLite refuses a GLOB
+    pattern of more than 50,000 bytes, and an expression of a thousand ORs in a row):
+    refused as malformed keys (0xC000), not failed (0xC001) with an error in the log,
+    or answered, whether they were depending on what the index held."""
+    with pytest.raises(QueryError) as caught:
+        await find(index, QueryModel.STUDY_ROOT, identifier("STUDY", criteria))
+    assert caught.value.kind is QueryRefusal.MALFORMED_KEY
+
+
+async def test_a_uid_list_has_no_bound_on_its_values(index: Index) -> None:
+    listed = [f"{ROOT}.{i}" for i in range(20_000)]
+    assert await find(index, QueryModel.STUDY_ROOT,
+                      identifier("STUDY", {"StudyInstanceUID": listed})) == []
+
+
 async def test_values_travel_as_parameters_never_as_sql(index: Index) -> None:
     for hostile in ["x' OR '1'='1", "'); DROP TABLE patients; --", '" OR 1=1 --']:
         for keyword in ("PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID"):

@@ -38,7 +38,11 @@ Rules, per kind of attribute:
   the date and the time of a pair are ranges, they bound one period, e.g.
   `20240105-20240107` with `1000-1800` is 5 Jan 10:00 to 7 Jan 18:00.
 
-Malformed dates, times and integers raise QueryError 0xC000.
+Malformed dates, times and integers raise QueryError 0xC000, and so do values no
+query needs, which the index could not compare: a value longer than
+MAX_VALUE_CHARS characters (SQLite refuses a GLOB pattern of more than 50,000
+bytes), and a key other than a UID key with more than MAX_VALUES values (each
+is a condition of its own; a UID list is one parameter, of any length).
 """
 
 from __future__ import annotations
@@ -68,13 +72,22 @@ __all__ = ["Match", "combined_datetime", "term"]
 _TRAILING_ANY_COMPONENTS = re.compile(r"(?:\^+\*+)+$")
 _PN_GROUPS = 3  # alphabetic, ideographic, phonetic
 _DAY_START, _DAY_END = "000000.000000", "235959.999999"
+MAX_VALUE_CHARS = 1024  # 16 times the longest value a matching key's VR allows (LO, PN)
+MAX_VALUES = 100  # each an OR in a row: SQLite takes no expression 1000 deep
 
 
 def term(kind: Match, values: Sequence[str]) -> Term | None:
     """What a key of `kind` sent with `values` selects; None when it matches everything."""
     clean = _name_value if kind is Match.PERSON_NAME else str.strip
     wanted = [v for v in map(clean, values) if v]
-    if kind is Match.RETURN_ONLY or not wanted or any(_universal(v) for v in wanted):
+    if kind is Match.RETURN_ONLY or not wanted:
+        return None
+    if any(len(v) > MAX_VALUE_CHARS for v in wanted):
+        raise QueryError(QueryRefusal.MALFORMED_KEY,
+                         f"a key value is longer than {MAX_VALUE_CHARS} characters")
+    if kind is not Match.UID and len(wanted) > MAX_VALUES:
+        raise QueryError(QueryRefusal.MALFORMED_KEY, f"a key has more than {MAX_VALUES} values")
+    if any(_universal(v) for v in wanted):
         return None
     if kind is Match.UID:
         return OneOf(tuple(wanted))
