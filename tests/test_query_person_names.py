@@ -201,6 +201,36 @@ async def test_an_index_from_before_migration_0019_is_folded_without_padding(
     assert version >= 19
 
 
+# 'ü' composed (U+00FC) and decomposed ('u' and U+0308): one letter to a user.
+COMPOSED, DECOMPOSED = "M\u00fcller^Hans", "Mu\u0308ller^Anna"
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName"])
+@pytest.mark.parametrize("value", [
+    "M\u00fcller*", "Mu\u0308ller*", "M\u00dcLLER*", "MU\u0308LLER*", "M?ller*", "*\u00fc*",
+])
+async def test_names_match_whether_sent_composed_or_decomposed(
+        tmp_path: Path, keyword: str, value: str) -> None:
+    """Normalization is not DICOM's, but a user types one name: the index kept each
+    form as sent, and a query found only the names in its own form."""
+    async with Index(tmp_path / "index.sqlite3") as index:
+        await record(index, {"P1": COMPOSED, "P2": DECOMPOSED, "P3": "Mueller^Udo"})
+        assert await patients_named(index, keyword, value) == ["P1", "P2"]
+
+
+async def test_an_index_from_before_migration_0033_is_folded_in_nfc(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite3"
+    async with Index(db) as index:
+        await record(index, {"P1": COMPOSED, "P2": DECOMPOSED})
+    with closing(sqlite3.connect(db)) as conn, conn:  # back to schema version 32
+        conn.executescript("""
+            UPDATE patients SET patient_name_folded = lower(patient_name);
+            DELETE FROM schema_migrations WHERE version = 33;
+        """)
+    async with Index(db) as index:
+        assert await patients_named(index, "PatientName", "m\u00fcller*") == ["P1", "P2"]
+
+
 # --- on the wire: findscu against pacs-edge serve -------------------------------------
 
 
@@ -234,3 +264,13 @@ async def test_a_name_asked_for_with_trailing_empty_components_matches_the_name_
     assert await names_found(edge_server, "Roe^Jane==", model="patient") == ["Roe^Jane"]
     assert await names_found(edge_server, "Roe^Jane^*") == ["Roe^Jane"]
     assert await names_found(edge_server, "Moe^*") == ["Moe"]
+
+
+async def test_a_name_sent_decomposed_matches_a_query_typed_composed_and_back(
+        edge_server: EdgeServer, tmp_path: Path) -> None:
+    await stored_on(edge_server, tmp_path, [COMPOSED, DECOMPOSED])
+    for value in ("M\u00fcller*", "Mu\u0308ller*", "M?LLER*"):
+        found = await asyncio.to_thread(
+            dcmtk.findscu, edge_server.port,
+            {"SpecificCharacterSet": "ISO_IR 192", "PatientName": value})
+        assert sorted(found.check().values("PatientName")) == sorted([COMPOSED, DECOMPOSED]), value

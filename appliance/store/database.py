@@ -60,9 +60,11 @@ MAX_BATCH = 256
 # connection, since a write to patients without them fails. What one returns for a value
 # must never change (stored rows hold its results): a new rule is a new name and a
 # migration. pacs_fold (0012, case folding) is still called by migration 0012 on an old
-# index; pacs_fold_pn (0019, person names without padding: store/person_names.py) keeps
+# index; so are pacs_fold_pn (0019, person names without padding) by 0019 and 0029.
+# pacs_fold_pn_nfc (0033, those names also in Unicode NFC: store/person_names.py) keeps
 # the patient's folded name.
-SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold, "pacs_fold_pn": person_names.fold}
+SCHEMA_FUNCTIONS = {"pacs_fold": str.casefold, "pacs_fold_pn": person_names.fold_0019,
+                    "pacs_fold_pn_nfc": person_names.fold}
 
 
 async def connect(path: Path, *, readonly: bool = False) -> aiosqlite.Connection:

@@ -10,18 +10,26 @@ name, and modalities and RIS systems differ in which spelling they send.
 group, then the empty groups at the end of the value. Nothing else changes
 (an empty component or group in the middle is significant: 'Doe^^Q' keeps
 its empty given name). `fold` is the key person names are matched on: the
-value without padding, case-folded (`str.casefold`: 'MÜLLER' is 'müller').
+value without padding, case-folded (`str.casefold`: 'MÜLLER' is 'müller'), in
+Unicode NFC: 'ü' sent composed (U+00FC) and decomposed ('u' and U+0308, as
+macOS and some RIS and modalities write it) is one letter, so a name stored in
+one form matches a query typed in the other, and `M?ller` finds both. DICOM
+says nothing of normalization; a user sees one name.
 
-The store keeps the patient's name in this form (migration 0019, SQL function
-`pacs_fold_pn`) and compares every other PN column through the same function;
+The store keeps the patient's name in this form (migration 0033, SQL function
+`pacs_fold_pn_nfc`) and compares every other PN column through the same function;
 the query service (appliance/services/query/matching.py) brings a request's
 value to the same form. A change to `fold` changes what stored rows hold: it
 needs a new SQL function name and a migration that rewrites the column.
+`fold_0019` is the form before 0033, which migrations 0019 and 0029 still write
+on an index older than them.
 """
 
 from __future__ import annotations
 
-__all__ = ["fold", "strip_padding"]
+import unicodedata
+
+__all__ = ["fold", "fold_0019", "strip_padding"]
 
 
 def strip_padding(value: str) -> str:
@@ -36,5 +44,15 @@ def strip_padding(value: str) -> str:
 
 
 def fold(value: str) -> str:
-    """The form person names are matched on: `value` without padding, case-folded."""
+    """The form person names are matched on: `value` without padding, case-folded, NFC
+    (the canonical caseless form of Unicode 3.13, composed)."""
+    stripped = strip_padding(value)
+    if stripped.isascii():  # the common case: nothing to normalize
+        return stripped.lower()
+    return unicodedata.normalize(
+        "NFC", unicodedata.normalize("NFD", stripped).casefold())
+
+
+def fold_0019(value: str) -> str:
+    """The folded form of migration 0019: without padding, case-folded, not normalized."""
     return strip_padding(value).casefold()

@@ -14,8 +14,10 @@ Rules, per kind of attribute:
   with `*` / `?` it is a wildcard pattern (any other character is literal).
 - PERSON_NAME (PN): case-insensitive, because many modalities send names in
   upper case and a workstation user types `mueller*` or `Müller*`. Both sides
-  are compared after Unicode case folding (`str.casefold`), so `MÜLLER`
-  matches `Müller`. The whole PN string is matched, component groups
+  are compared after Unicode case folding (`str.casefold`) in NFC, so `MÜLLER`
+  matches `Müller`, and `Müller` typed composed matches it stored decomposed
+  (u and a combining diaeresis; appliance/store/person_names.py says why). The
+  whole PN string is matched, component groups
   (`alphabetic=ideographic=phonetic`) included; `Yamada*` finds
   `Yamada^Tarou=山田^太郎`. Padding is not part of a name (PS3.5 6.2.1):
   trailing empty components and groups are left out on both sides
@@ -63,7 +65,7 @@ from appliance.store.cfind.conditions import (
     Term,
     Wildcard,
 )
-from appliance.store.person_names import strip_padding
+from appliance.store.person_names import fold, strip_padding
 from appliance.store.times import date_problem, time_key, time_problem
 
 __all__ = ["Match", "combined_datetime", "term"]
@@ -135,7 +137,7 @@ def _name_value(value: str) -> str:
 
 
 def _person_name(value: str) -> Term:
-    patterns = _name_patterns(value.casefold())
+    patterns = _name_patterns(fold(value))  # the stored names' form (padding is gone)
     if len(patterns) == 1:
         return FoldedWildcard(patterns[0])
     return AnyOf(tuple(FoldedWildcard(p) for p in patterns))

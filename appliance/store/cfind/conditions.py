@@ -15,11 +15,11 @@ SQL details that are the store's business, not DICOM's:
 - Person names are matched in one form, store/person_names.py `fold`: without
   PN padding (trailing empty components and groups, PS3.5 6.2.1) and
   case-folded. SQLite's own `lower()` folds ASCII only, so the exact test is
-  that Python function (`pacs_fold_pn`); a cheap prefilter in C (pure-ASCII
+  that Python function (`pacs_fold_pn_nfc`); a cheap prefilter in C (pure-ASCII
   values without padding against an ASCII-folded pattern) runs first so the
   Python function sees only candidates, non-ASCII values and padded ones. A
   key with a `folded` column (the patient's name: kept in that form by the
-  schema, migrations 0012 and 0019) is matched with a plain GLOB on that
+  schema, migrations 0012, 0019 and 0033) is matched with a plain GLOB on that
   column instead, which uses its index for a literal prefix.
 - A list of values is one JSON parameter (`json_each`): no limit on host
   parameters, however long the list.
@@ -110,7 +110,7 @@ class Condition:
 
 
 # SQL functions the conditions may call; registered on the reader by search.py.
-SQL_FUNCTIONS = {"pacs_fold_pn": person_names.fold, "pacs_time_key": time_key}
+SQL_FUNCTIONS = {"pacs_fold_pn_nfc": person_names.fold, "pacs_time_key": time_key}
 
 MIDNIGHT = "000000.000000"  # the time key of an entity that has a date but no time
 
@@ -145,7 +145,8 @@ def condition(term: Term, column: str, *, folded: str = "") -> Condition:
             ascii_pattern = _glob(_NON_ASCII_RUN.sub("*", pattern))
             prefilter = " OR ".join([f"{column} GLOB ?"] * (1 + len(_PADDED)))
             return Condition(
-                f"({prefilter} OR lower({column}) GLOB ?) AND pacs_fold_pn({column}) GLOB ?",
+                f"({prefilter} OR lower({column}) GLOB ?)"
+                f" AND pacs_fold_pn_nfc({column}) GLOB ?",
                 (_NON_ASCII, *_PADDED, ascii_pattern, _glob(pattern)),
             )
         case Between(low, high):
