@@ -31,8 +31,12 @@ A wrong passphrase and a modified file both fail the GCM tag: they cannot be
 told apart, and the error says so. The KDF parameters are read from the file
 (bounded, so a crafted file cannot ask for gigabytes of memory).
 
-Escrow is refused while a site key rotation is pending: the file would hold
-a key that is about to be retired. Recovering never overwrites a secret file.
+Escrow holds the current site key. During a rotation that is the new key (the
+old one waits as `site.key.<id>`), so escrow is allowed then: a rotation keeps
+the old key's wraps until the new key is escrowed (sync.rotate), and the next
+`keys rotate` retires it. Refused only while `site.key.next` is left by a
+rotation killed before the new key became current: `site.key` is about to be
+replaced. Recovering never overwrites a secret file.
 Both record the escrowed key id in the home (provisioning.escrow_state), which
 eviction waits for.
 """
@@ -52,7 +56,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from provisioning.escrow_state import record_escrow
 from provisioning.home import AUDIT_KEY, LOG_KEY
-from provisioning.keyring import load_keyring, publish_current_key_id
+from provisioning.keyring import publish_current_key_id
 from provisioning.provisioning_errors import EscrowError
 from provisioning.site_key_id import key_id, publish_key_id
 from provisioning.site_secrets import (
@@ -94,10 +98,10 @@ def read_passphrase_file(path: Path) -> str:
 def export_escrow(home: Path, out: Path, passphrase: str) -> str:
     """Write the escrow file `out` (0600, never overwritten); returns the site key id."""
     check_passphrase(passphrase)
-    ring = load_keyring(home)
-    if ring.rotation_pending or (secrets_dir(home) / f"{SITE_KEY}.next").exists():
-        raise EscrowError("a site key rotation is pending",
-                          hint="finish it with `pacs-edge keys rotate`, then escrow the new key")
+    if (secrets_dir(home) / f"{SITE_KEY}.next").exists():
+        raise EscrowError("a site key rotation was interrupted before its new key became "
+                          "current", hint="run `pacs-edge keys rotate` to resume it, then "
+                          "escrow the new key")
     # The anchor key is made on first use; escrow it even before the first anchor
     # (create never replaces a key the agent made meanwhile).
     create_secret_file(secrets_dir(home) / AUDIT_KEY, os.urandom(KEY_BYTES))

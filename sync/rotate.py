@@ -16,9 +16,7 @@ command again:
    - if `keys/site-<new id>` exists and opens the manifest, the pack is done;
    - else unwrap the data key from the pack's current site object (with the
      key its id names), wrap it under the new key, put `keys/site-<new id>`,
-     read it back and open the manifest with what it unwraps;
-   - then delete the pack's other site objects (`keys/site`,
-     `keys/site-<old id>`), which only the old key opens.
+     read it back and open the manifest with what it unwraps.
    The listing, not the index, says what the old key still opens: after an
    index rebuilt by `fsck --repair` the cloud keeps versions the index does
    not know, which `restore` reads. A version whose pack row is still
@@ -28,7 +26,18 @@ command again:
    nothing for it), and is a failure when it has one but no manifest to check
    a new wrap against; any version whose site objects all name keys the box
    does not hold is a failure too.
-4. Only when every version is done: retire the old key files.
+4. Only when every version has its new wrap, and unless the site's escrow
+   holds an older key (below): delete every version's other site objects
+   (`keys/site`, `keys/site-<old id>`), then retire the old key files.
+
+The escrow is the site's way back when the box is lost, and `keys escrow` can
+hold only the current key. So while the escrow record (provisioning.escrow_state)
+names an older key of the ring, nothing the old key opens is deleted: the old
+escrow keeps opening every pack until the new key is escrowed (`keys escrow`,
+allowed while a rotation is pending), and the next run finishes. Deleting per
+version, as the first design did, left packs that only the new, not yet
+escrowable key opened: a box lost then lost them. A site that never escrowed
+has no such escrow to keep working, and finishes in one run.
 
 A store that stops answering (BlobStoreUnavailable: the blob store's retries are
 spent) stops the walk at that version, reported with the count not tried: every
@@ -48,6 +57,7 @@ from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
 from appliance.store.index import Index
 from appliance.store.packs import all_packs
+from provisioning.escrow_state import escrow_status
 from provisioning.keyring import SiteKeyring, begin_rotation, key_lock, retire_older_keys
 from sync.blobstore.base import BlobNotFound, BlobStore, BlobStoreUnavailable
 from sync.crashpoints import crash_point
@@ -69,12 +79,18 @@ class RotationReport:
     skipped_uploading: int = 0
     unknown_to_index: int = 0  # of migrated + already_migrated: versions only the cloud knew
     left_alone: int = 0        # versions only the cloud knew, with no wrap of an older key
+    awaiting_escrow: str = ""  # the older key id the escrow holds: old wraps kept for it
     retired: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return not self.failures
+
+    @property
+    def finished(self) -> bool:
+        """Every pack re-wrapped, the old wraps deleted and the old key retired."""
+        return self.complete and not self.awaiting_escrow
 
 
 async def rotate_site_key(config: Config, store: BlobStore, *,
@@ -99,6 +115,7 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
             (v.pack_name, indexed.get(v.pack_name, v.manifest_name), v) for v in listed]
         work += [(name, manifest, None) for name, manifest in indexed.items()
                  if name not in shown]  # gone from the cloud: _rewrap reports it
+        rewrapped: list[str] = []  # pack names whose old site objects go at the end
         for done, (pack_name, manifest_name, version) in enumerate(work, 1):
             known = pack_name in indexed
             try:
@@ -115,12 +132,14 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
             else:
                 if changed is None:
                     report.left_alone += 1
-                elif changed:
-                    report.migrated += 1
                 else:
-                    report.already_migrated += 1
-                if not known and changed is not None:
-                    report.unknown_to_index += 1
+                    rewrapped.append(pack_name)
+                    if changed:
+                        report.migrated += 1
+                    else:
+                        report.already_migrated += 1
+                    if not known:
+                        report.unknown_to_index += 1
             if on_progress is not None:
                 on_progress(done, len(work))
         if report.unknown_to_index or report.left_alone:
@@ -128,11 +147,50 @@ async def rotate_site_key(config: Config, store: BlobStore, *,
                         " know re_wrapped=%d left_alone=%d", report.unknown_to_index,
                         report.left_alone)
         if report.complete:
+            report.awaiting_escrow = _escrow_of_an_older_key(config, ring)
+        if report.finished:
+            await asyncio.to_thread(_delete_old_wraps, store, ring, rewrapped, report)
+        if report.finished:
             crash_point("rotate:before-retire")
             report.retired = retire_older_keys(config.home)
             log.info("site key rotation complete key=%s retired=%s", ring.current_id,
                      ",".join(report.retired))
+        elif report.awaiting_escrow:
+            log.warning("site key rotation waits for an escrow of key=%s; the escrowed key=%s"
+                        " and its wraps are kept", ring.current_id, report.awaiting_escrow)
     return report
+
+
+def _escrow_of_an_older_key(config: Config, ring: SiteKeyring) -> str:
+    """The id of the older ring key the site's escrow holds ('' when none does): its wraps
+    must stay until the current key is escrowed, or a box lost meanwhile loses packs."""
+    escrowed = escrow_status(config.home).escrowed_key_id
+    return escrowed if escrowed in ring.older_ids else ""
+
+
+def _delete_old_wraps(store: BlobStore, ring: SiteKeyring, pack_names: list[str],
+                      report: RotationReport) -> None:
+    """Delete every site object but `keys/site-<current id>` of each re-wrapped pack."""
+    for pack_name in pack_names:
+        parsed = naming.parse_blob_name(pack_name)
+        assert parsed is not None  # _rewrap checked it
+        legacy = naming.site_key_name(parsed.study_key, parsed.version)
+        target = naming.site_key_name(parsed.study_key, parsed.version, ring.current_id)
+        try:
+            for name in site_object_names(legacy, ring):
+                if name != target:
+                    with contextlib.suppress(BlobNotFound):
+                        store.delete(name)
+                        crash_point("rotate:after-old-wrap-deleted")
+        except BlobStoreUnavailable as exc:
+            report.failures.append(f"{pack_name}: deleting its old site key object: "
+                                   f"{exc.message}; stopped there")
+            log.error("old wrap deletion stopped pack=%s error=%s", pack_name, exc.message)
+            return
+        except PacsEdgeError as exc:
+            report.failures.append(f"{pack_name}: deleting its old site key object: "
+                                   f"{exc.message}")
+            log.error("old wrap deletion failed pack=%s error=%s", pack_name, exc.message)
 
 
 def _rewrap_version(store: BlobStore, ring: SiteKeyring, pack_name: str, manifest_name: str,
@@ -165,7 +223,8 @@ def _rewrap_version(store: BlobStore, ring: SiteKeyring, pack_name: str, manifes
 
 
 def _rewrap(store: BlobStore, ring: SiteKeyring, pack_name: str, manifest_name: str) -> bool:
-    """Make the pack's site wrap `keys/site-<current id>` and the only one; True if it wrote."""
+    """Make sure `keys/site-<current id>` opens the pack; True if it wrote it. The old
+    site objects stay (_delete_old_wraps removes them once the rotation may finish)."""
     parsed = naming.parse_blob_name(pack_name)
     if parsed is None or parsed.kind != "pack":
         raise PackIntegrityError(f"the index names a pack blob this format does not make: "
@@ -183,10 +242,6 @@ def _rewrap(store: BlobStore, ring: SiteKeyring, pack_name: str, manifest_name: 
         crash_point("rotate:after-new-wrap")
         _check_opens(store, target, pack_id, ring.current, sealed)
         wrote = True
-    for name in site_object_names(legacy, ring):
-        if name != target:
-            with contextlib.suppress(BlobNotFound):
-                store.delete(name)
     return wrote
 
 

@@ -9,9 +9,9 @@ A pack's data key is wrapped for the site in one key object (docs/cloud-format.m
 Blobs are immutable, so a rotation never rewrites `keys/site`: it writes the
 new name, checks it, then deletes the old object. `unwrap_site_object` looks
 for `keys/site` first (what every pack has until its first rotation), then
-for the rotated names of each key in the ring, and unwraps with the key whose
-id the object names. So any pack stays readable at every step of a rotation,
-even one interrupted half way.
+for the rotated names of each key in the ring, and unwraps the first whose
+key id names a key of the ring with that key. So any pack stays readable at
+every step of a rotation, even one interrupted half way.
 
 `cloud_versions` is what a rotation walks: every study version the cloud
 holds, from one listing of `studies/`, with its site key objects. The index
@@ -51,18 +51,26 @@ def site_object_names(key_name: str, ring: SiteKeyring) -> list[str]:
 
 def unwrap_site_object(store: BlobStore, key_name: str, pack_id: bytes,
                        ring: SiteKeyring) -> bytes:
-    """The data key of a pack from its site key object, under whichever ring key wrapped it."""
+    """The data key of a pack from its site key object, under whichever ring key wrapped it.
+
+    An object that names a key the ring lacks is passed over for the next name: a
+    rotation keeps `keys/site` of the old key beside `keys/site-<new id>` until the new
+    key is escrowed, and a box recovered from that escrow holds the new key alone."""
     keys = {ring.current_id: ring.current, **dict(zip(ring.older_ids, ring.older, strict=True))}
+    foreign: bytes | None = None
     for name in site_object_names(key_name, ring):
         try:
             wrapped = store.open_range(name)
         except BlobNotFound:
             continue
         wrapped_with = parse_key_object(wrapped).site_key_id
-        # An unknown key id falls through to the current key, whose unwrap
-        # reports "wrapped with site key X" with a hint.
-        key = keys.get(wrapped_with.hex() if wrapped_with else "", ring.current)
+        key = keys.get(wrapped_with.hex() if wrapped_with else "")
+        if key is None:
+            foreign = foreign or wrapped
+            continue
         return unwrap_with_site(key, pack_id, wrapped)
+    if foreign is not None:  # the current key's unwrap reports "wrapped with site key X"
+        return unwrap_with_site(ring.current, pack_id, foreign)
     _refuse_foreign_wraps(store, key_name)
     raise BlobNotFound("open", key_name, "no site key object for this pack version",
                        hint="the cloud copy of this version is incomplete and cannot be "

@@ -228,7 +228,9 @@ def keys_rotate(home: Path | None) -> None:
     finally:
         store.close()
     audit_change(config, f"site key rotated to {report.new_key_id}"
-                 + ("" if report.complete else " (packs left to re-wrap)"))
+                 + ("" if report.complete else " (packs left to re-wrap)")
+                 + (" (old key kept until the new one is escrowed)"
+                    if report.awaiting_escrow else ""))
     verb = "resumed the interrupted rotation to" if report.resumed else "new"
     out.print(f"{verb} site key {report.new_key_id}: re-wrapped {report.migrated} pack(s), "
               f"{report.already_migrated} already done, {report.skipped_uploading} unfinished "
@@ -239,6 +241,13 @@ def keys_rotate(home: Path | None) -> None:
         err.print("the old site key is kept until every pack is re-wrapped; fix the failures "
                   "and run `pacs-edge keys rotate` again to resume", highlight=False)
         raise SystemExit(1)
+    if report.awaiting_escrow:
+        out.print(f"the old site key {report.awaiting_escrow} and its wraps are kept: the "
+                  "escrow holds that key and opens every pack until the new key is "
+                  "escrowed. Escrow it now (`pacs-edge keys escrow --out FILE`), then run "
+                  "`pacs-edge keys rotate` again to retire the old key; until then nothing "
+                  "is evicted", highlight=False, markup=False)
+        return
     retired = ", ".join(report.retired) or "none left"
     evicting = ("the agent evicts anyway ([sync] evict_without_escrow = true)"
                 if config.sync.evict_without_escrow else "until then nothing is evicted")

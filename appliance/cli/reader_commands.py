@@ -350,6 +350,7 @@ def _passphrase(passphrase_file: Path | None, *, confirm: bool) -> str:
 def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None) -> None:
     """Export the site key, name secret, log key and audit key, encrypted with a passphrase."""
     from provisioning.escrow import check_passphrase, export_escrow
+    from provisioning.keyring import load_keyring
 
     config = load(home)
     passphrase = _passphrase(passphrase_file, confirm=True)
@@ -358,6 +359,10 @@ def keys_escrow(home: Path | None, out_file: Path, passphrase_file: Path | None)
     audit_change(config, "site key escrowed")
     out.print(f"wrote {out_file} (site key {kid}); keep it offline, and the passphrase "
               "somewhere else", highlight=False)
+    if load_keyring(config.home).rotation_pending:
+        out.print("a key rotation is pending: run `pacs-edge keys rotate` to finish it (it "
+                  "retires the old key); keep the older escrow file until then",
+                  highlight=False, markup=False)
 
 
 @click.command("recover")
