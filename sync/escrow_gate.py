@@ -8,7 +8,10 @@ every evicted study with it. So:
 - `require_escrow` (top of sync.evict.evict_study, so manual and automatic
   eviction alike) raises EvictionNeedsEscrow, naming `keys escrow`;
 - `eviction_allowed` (top of sync.evict.eviction_candidates) answers False
-  for the agent's pass and logs one warning per pass, not one per study.
+  for the agent's pass and logs one warning per pass, not one per study;
+- `late_instances_may_leave` (sync.replicate): the late instances of an
+  evicted study leave local disk once uploaded, an eviction too; until the
+  escrow they stay local (the study stays evicted).
 
 `[sync] evict_without_escrow = true` (or `pacs-edge evict --without-escrow`,
 which sets it for that one command) is the override for a lab that accepts
@@ -46,5 +49,17 @@ def eviction_allowed(ctx: SyncContext) -> bool:
         require_escrow(ctx)
     except EvictionNeedsEscrow as exc:
         log.warning("eviction skipped this pass: %s; run `pacs-edge keys escrow`", exc.message)
+        return False
+    return True
+
+
+def late_instances_may_leave(ctx: SyncContext) -> bool:
+    """For the late instances of an evicted study, just uploaded: False (and a line) while
+    eviction needs an escrow, so their files stay local."""
+    try:
+        require_escrow(ctx)
+    except EvictionNeedsEscrow as exc:
+        log.warning("late instances of an evicted study kept local: %s; run `pacs-edge keys"
+                    " escrow`", exc.message)
         return False
     return True

@@ -13,7 +13,8 @@ Order per study, each step committed before the next:
     it, `replicating -> replicated`. For an evicted study the same transaction
     marks the uploaded instances non-local, and their files are deleted only
     after it, still under the lease: an index row never says "local" for a
-    file that is gone, so a recall brings the late instances back too.
+    file that is gone, so a recall brings the late instances back too. Not
+    while the site key is not escrowed (sync.escrow_gate): then they stay local.
 A failure moves the study back to `local` first and then removes what was
 uploaded; when the cloud refuses that too, the `uploading` row stays and the
 next pass (sync.rollback) finishes the clean-up. What was uploaded is what
@@ -48,6 +49,7 @@ from appliance.store.tier_steps import (
 from sync.cloud import VersionTaken
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
+from sync.escrow_gate import late_instances_may_leave
 from sync.evict import drop_local_files
 from sync.pack.data_keys import new_pack_id
 from sync.readers import grant_study
@@ -115,8 +117,11 @@ async def _replicate(ctx: SyncContext, study: StudyRow, *,
             await _abandon(ctx, lease, study, plan)
             raise
         crash_point("replicate:before-commit")
+        # Dropping an evicted study's late instances is an eviction: it waits for the
+        # escrow of the key that wrapped them, as sync.evict does (sync.escrow_gate).
+        keep = plan.evicted and not late_instances_may_leave(ctx)
         gone = await writer.submit_sync(
-            lambda c: commit_pack(c, lease, study.id, plan, uploaded))
+            lambda c: commit_pack(c, lease, study.id, plan, uploaded, keep_local=keep))
         crash_point("replicate:after-commit")
         # Remote readers in scope get a key object for the new version (never fails the pass).
         await grant_study(ctx.config.home, ctx.index, ctx.store, study.id)

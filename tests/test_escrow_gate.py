@@ -133,6 +133,41 @@ def test_key_rotation_makes_the_escrow_stale_for_eviction(
     assert evict(home, uids[0])[0] == 0
 
 
+def _local_files(home: Path, sop_uids: list[str]) -> list[bool]:
+    """Per instance: the index says local and its file is in the store."""
+    db = sqlite3.connect(f"file:{home / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = [db.execute("SELECT is_local, path FROM instances WHERE sop_uid = ?",
+                           (uid,)).fetchone() for uid in sop_uids]
+    finally:
+        db.close()
+    return [bool(local) and (home / "store" / path).exists() for local, path in rows]
+
+
+def test_late_instances_of_an_evicted_study_stay_local_until_the_key_is_escrowed(
+        tmp_path: Path) -> None:
+    """A late instance of an evicted study left local disk once uploaded, escrow or not:
+    its only copy was then a pack that no escrow opened (after `keys rotate`, or with a
+    key never escrowed), lost with the box."""
+    home = init_home(tmp_path / "home", default_peer=False, evict_without_escrow=False)
+    study = dicomgen.make_study(tmp_path / "sent", seed=61)
+    first, late, later = study[:4], study[4], study[5]
+    run_pacs_edge("import", "--home", str(home), *(str(i.path) for i in first))
+    sync_once(home)
+    assert evict(home, first[0].study_uid, "--without-escrow")[0] == 0
+    run_pacs_edge("import", "--home", str(home), str(late.path))
+    assert "replicated 1 study version" in sync_once(home).stdout
+    assert _local_files(home, [late.sop_instance_uid]) == [True]
+    assert tier_states(home) == {first[0].study_uid: "evicted"}
+
+    escrow(home, tmp_path / "site.escrow")  # from now on they leave, as an eviction would
+    run_pacs_edge("import", "--home", str(home), str(later.path))
+    assert "replicated 1 study version" in sync_once(home).stdout
+    assert _local_files(home, [late.sop_instance_uid, later.sop_instance_uid]) == [True, False]
+    recalled = run_pacs_edge("recall", first[0].study_uid, "--home", str(home)).stdout
+    assert "recalled 5 instance(s)" in recalled, recalled
+
+
 def test_evict_without_escrow_is_an_explicit_override(
         replicated: tuple[Path, list[str]]) -> None:
     home, uids = replicated

@@ -123,10 +123,11 @@ def forget_pack(conn: sqlite3.Connection, pack_id: int) -> None:
 
 
 def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan: UploadPlan,
-                uploaded: UploadResult) -> list[str]:
+                uploaded: UploadResult, *, keep_local: bool = False) -> list[str]:
     """Pack `verified`, instances point at it, the amendments it made are done,
     `replicating -> replicated`; returns the paths of files that are no longer needed
-    locally (evicted study)."""
+    locally (evicted study; none with `keep_local`: the instances stay local, the
+    study evicted, as a restore leaves the files it found intact)."""
     lease.fence(conn)
     amendments.uploaded(conn, study_id, plan.withdrawn, plan.restated)
     conn.execute(
@@ -142,14 +143,15 @@ def commit_pack(conn: sqlite3.Connection, lease: StudyLease, study_id: int, plan
     # version. The row is matched by its content too: the superseding row is a new row,
     # but SQLite may give it the id the superseded one had (the highest id, deleted).
     packed = {row.id: row for row in plan.instances}
+    drop = plan.evicted and not keep_local
     gone = []
     for instance_id, (offset, length) in uploaded.offsets.items():
         row = database.query_one(
             conn, "UPDATE instances SET pack_fk = ?, pack_offset = ?, pack_length = ?,"
             " is_local = ? WHERE id = ? AND sha256 = ? AND path = ? RETURNING path",
-            (plan.pack_id, offset, length, 0 if plan.evicted else 1, instance_id,
+            (plan.pack_id, offset, length, 0 if drop else 1, instance_id,
              packed[instance_id].sha256, packed[instance_id].path))
-        if row is not None and plan.evicted:
+        if row is not None and drop:
             gone.append(row[0])
     if plan.evicted:
         return gone
