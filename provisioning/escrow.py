@@ -75,6 +75,11 @@ SECRET_FILES = {1: (SITE_KEY, NAMES_KEY, LOG_KEY), 2: (SITE_KEY, NAMES_KEY, LOG_
 MIN_PASSPHRASE = 12
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 17, 8, 1  # 128 MiB, about half a second
 _MAX_N = 1 << 20
+# scrypt needs 128 * n * r bytes and time in proportion to n * r * p. Each bound alone
+# let a crafted file ask for 4 GiB (n = 2^20, r = 32) and 16 times that work: 4 times
+# what this writer uses in memory (128 MiB) and 8 times in work.
+_MAX_N_R = 1 << 22  # 512 MiB
+_MAX_N_R_P = 1 << 23
 
 
 def check_passphrase(passphrase: str) -> None:
@@ -152,7 +157,8 @@ def open_escrow(path: Path, passphrase: str) -> dict[str, bytes]:
         # Integers only (not 1e400, 8.5, "8" or true), in range, n a power of two.
         if kdf["name"] != "scrypt" or not (
                 _is_int(n) and _is_int(r) and _is_int(p) and 2 <= n <= _MAX_N
-                and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
+                and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16
+                and n * r <= _MAX_N_R and n * r * p <= _MAX_N_R_P):
             raise EscrowError(f"{path}: unsupported or oversized key derivation parameters",
                               hint="the file was not written by pacs-edge, or was edited")
         kid = str(document["site_key_id"])

@@ -267,8 +267,21 @@ def test_escrow_and_recover_refuse_a_passphrase_file_others_can_read(
 def test_recover_refuses_absurd_key_derivation_parameters(tmp_path: Path, field: str,
                                                           value: str) -> None:
     """Checked before scrypt runs: an integer of the right range, n a power of two."""
+    _refuses_key_derivation(tmp_path, {field: value})
+
+
+@pytest.mark.parametrize("n, r, p", [(1 << 20, 32, 1), (1 << 19, 8, 16)])
+def test_recover_refuses_key_derivation_that_needs_gigabytes_or_minutes(
+        tmp_path: Path, n: int, r: int, p: int) -> None:
+    """Each within its own bound, together 4 GiB of memory and about a minute, or 16 times
+    the work of 512 MiB: scrypt ran them. At most 512 MiB and 8 times the work of what
+    `keys escrow` writes (128 MiB) are asked now."""
+    _refuses_key_derivation(tmp_path, {"n": str(n), "r": str(r), "p": str(p)})
+
+
+def _refuses_key_derivation(tmp_path: Path, edits: dict[str, str]) -> None:
     kdf = {"name": '"scrypt"', "n": "131072", "r": "8", "p": "1",
-           "salt": f'"{base64.b64encode(os.urandom(16)).decode()}"', field: value}
+           "salt": f'"{base64.b64encode(os.urandom(16)).decode()}"', **edits}
     (tmp_path / "edited.escrow").write_text(
         '{"format": "pacs-edge-escrow", "version": 2, "site_key_id": "0123456789abcdef",'
         ' "kdf": {' + ", ".join(f'"{k}": {v}' for k, v in kdf.items()) + '},'
