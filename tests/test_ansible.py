@@ -274,7 +274,8 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert web["auth"] == {
             "min_password_length": 12,
             "max_failed_logins": variables.get("pacs_edge_auth_max_failed_logins", 5),
-            "lockout_minutes": 15.0, "session_idle_minutes": 30.0, "session_max_hours": 12.0,
+            "lockout_minutes": 15.0, "failed_logins_per_address": 20,
+            "session_idle_minutes": 30.0, "session_max_hours": 12.0,
             "link_max_ttl_minutes": 60.0}
         peers = tomllib.loads((home / "peers.toml").read_text())["peers"]
         assert peers["testscu"]["allow"] == ["find", "store"]

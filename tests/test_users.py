@@ -20,7 +20,9 @@ from conftest import _env, init_home, pacs_edge_command, run_pacs_edge
 
 from appliance.base.config import config_from_mapping, load_config
 from appliance.base.errors import AuthenticationError, AuthFailure, UserError
+from appliance.services import login_throttle
 from appliance.services.access import Principal, Role, person_name_key
+from appliance.services.login_throttle import AddressThrottle
 from appliance.services.users import UserService
 from appliance.store.index import Index
 
@@ -345,6 +347,72 @@ def test_failed_logins_of_an_unknown_user_lock_that_name_alone(home: Path) -> No
         await service.authenticate("rad1", PASSWORD, address="t")
 
     with_service(home, scenario, max_failed_logins=2)
+
+
+async def _kind(service: UserService, name: str, password: str, address: str
+                ) -> AuthFailure | None:
+    """How a login ends: None if admitted, else the refusal's kind."""
+    try:
+        await service.authenticate(name, password, address=address)
+    except AuthenticationError as exc:
+        return exc.kind
+    return None
+
+
+def test_failed_logins_across_names_throttle_their_address_alone_until_the_window_ends(
+        home: Path) -> None:
+    # One common password tried against many names: before, each name had its own
+    # max_failed_logins checks and the address none, so every name was checked.
+    clock = Clock()
+
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        sprayed = [await _kind(service, f"user{n}", "Winter2026!Winter", "10.0.0.9")
+                   for n in range(8)]
+        assert sprayed == [AuthFailure.BAD_CREDENTIALS] * 4 + [AuthFailure.THROTTLED] * 4
+        # Refused unchecked, the right password too; the wait is what is left of the window.
+        with pytest.raises(AuthenticationError) as caught:
+            await service.authenticate("rad1", PASSWORD, address="10.0.0.9")
+        assert caught.value.kind is AuthFailure.THROTTLED
+        assert caught.value.retry_after == 600
+        assert await _kind(service, "rad1", PASSWORD, "10.0.0.10") is None  # another client
+        clock.advance(599)
+        assert await _kind(service, "rad1", PASSWORD, "10.0.0.9") is AuthFailure.THROTTLED
+        clock.advance(1)
+        assert await _kind(service, "rad1", PASSWORD, "10.0.0.9") is None
+
+    with_service(home, scenario, clock=clock, max_failed_logins=3, lockout_minutes=10.0,
+                 failed_logins_per_address=4)
+
+
+def test_a_parallel_burst_from_one_address_gets_no_more_checks_than_its_limit(
+        home: Path) -> None:
+    # All arrive before the first check ends: each passed the throttle on arrival and
+    # waits for a hash slot; those served once the address is throttled are not checked.
+    async def scenario(service: UserService) -> list[AuthFailure | None]:
+        return list(await asyncio.gather(*(
+            _kind(service, f"user{n}", "Winter2026!Winter", "10.0.0.9") for n in range(12))))
+
+    kinds = with_service(home, scenario, failed_logins_per_address=3)
+    assert kinds.count(AuthFailure.BAD_CREDENTIALS) <= 3 + 1  # one more in the other slot
+    assert kinds.count(AuthFailure.THROTTLED) >= 12 - 4
+
+
+def test_the_address_throttle_keeps_a_bounded_number_of_addresses() -> None:
+    throttle = AddressThrottle(limit=1, window=600.0)
+    for n in range(login_throttle.ADDRESSES + 1):
+        throttle.fail(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 1000.0)
+    assert throttle.retry_after("10.0.0.0", 1000.0) == 0  # the least recently failed: gone
+    assert throttle.retry_after("10.0.0.1", 1000.0) == 600
+
+
+def test_a_failed_logins_per_address_of_zero_turns_the_throttle_off(home: Path) -> None:
+    async def scenario(service: UserService) -> set[AuthFailure | None]:
+        return {await _kind(service, f"user{n}", "Winter2026!Winter", "10.0.0.9")
+                for n in range(6)}
+
+    assert with_service(home, scenario, failed_logins_per_address=0) == {
+        AuthFailure.BAD_CREDENTIALS}
 
 
 def test_a_remembered_password_ends_when_another_process_changes_it(home: Path,

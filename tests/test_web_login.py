@@ -231,6 +231,35 @@ def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows
     assert "__Host-pacs_edge_session" not in right.headers.get("set-cookie", "")
 
 
+def test_one_address_spraying_a_password_across_names_is_throttled_not_every_name_checked(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    # Before, each name had its own max_failed_logins checks and the address none: a
+    # real run from one address tried 200 names and had all 200 passwords checked.
+    home = _login_home(tmp_path, free_port())
+    EdgeServer(home).configure(auth={"max_failed_logins": 3, "failed_logins_per_address": 4})
+    server = _add_users(edge_server_factory(home))
+    http = browser(server)
+    sprayed = [post_login(http, server, f"user{n}", "Winter2026!Winter") for n in range(12)]
+    assert [r.status_code for r in sprayed] == [401] * 4 + [429] * 8
+    refused = sprayed[-1]
+    assert 0 < int(refused.headers["Retry-After"]) <= 900
+    assert "Too many failed logins from this computer" in refused.text
+    assert refused.headers["Cache-Control"] == "no-store"
+    assert server.log().count("login refused reason=bad_credentials") == 4
+    # The address is refused unchecked, the right password and HTTP Basic too...
+    assert post_login(http, server, "rad1", PASSWORD).status_code == 429
+    basic = webpeer.curl(server, "/dicom-web/studies", user="rad1")
+    assert basic.status == 429 and int(basic.headers["retry-after"]) > 0
+    # ...while another client's logins go on.
+    assert webpeer.curl(server, "/dicom-web/studies", user="rad1", source="127.0.0.2"
+                        ).status == 200
+    assert server.log().count("login refused reason=bad_credentials") == 4
+    audit = audit_text(server, "too many failed logins from this address")
+    assert "too many failed logins from this address" in audit
+    assert "user11" not in audit  # a throttled refusal names no one: windowed per address
+
+
 def test_logins_racing_a_password_change_keep_no_session(web_server: EdgeServer) -> None:
     # A client with a leaked password logs in again and again while an admin runs
     # `users passwd`. Four clients keep both hash slots busy, so when the change commits

@@ -340,6 +340,8 @@ class AuthConfig:
     max_failed_logins: int = field(default=5, metadata=_check(lambda v: 1 <= v <= 100, "1-100"))
     lockout_minutes: float = field(default=15.0, metadata=_check(
         lambda v: 0 < v <= 527040, "> 0 and at most 527040 minutes (366 days)"))
+    failed_logins_per_address: int = field(default=20, metadata=_check(
+        lambda v: 0 <= v <= 100_000, "0 (off) to 100000"))
     session_idle_minutes: float = field(default=30.0, metadata=_check(lambda v: v > 0,
                                                                       "> 0 minutes"))
     session_max_hours: float = field(default=12.0, metadata=_check(
@@ -731,6 +733,9 @@ _COMMENTS = {
     "auth.min_password_length": "Shortest password `users add` and `users passwd` accept.",
     "auth.max_failed_logins": "Consecutive failed logins that lock a user out...",
     "auth.lockout_minutes": "...for this long (`pacs-edge users unlock` ends it early).",
+    "auth.failed_logins_per_address": "Failed logins from one client address, whatever the"
+    " names, after which its logins are refused (429) until lockout_minutes after its"
+    " first (0: off; behind a reverse proxy every client shares the proxy's address).",
     "auth.session_idle_minutes": "A web session ends after this long without a request...",
     "auth.session_max_hours": "...and this long after login, however active.",
     "auth.link_max_ttl_minutes": "Longest validity `pacs-edge link --ttl` may give a launch link.",

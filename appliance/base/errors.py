@@ -271,6 +271,7 @@ class AuthFailure(enum.Enum):
 
     BAD_CREDENTIALS = "unknown user or wrong password"
     LOCKED_OUT = "too many failed logins: the account is locked for a while"
+    THROTTLED = "too many failed logins from this address: refused for a while"
     EXPIRED = "no session, or the session expired or was ended"
     LINK_INVALID = "the launch link is malformed, forged or for an unknown user"
     LINK_EXPIRED = "the launch link's time ran out"
@@ -281,9 +282,11 @@ class AuthenticationError(PacsEdgeError):
     """A login, session or launch link is refused. The message is the same for an unknown
     user and a wrong password (no user enumeration) and never names a password."""
 
-    def __init__(self, kind: AuthFailure, *, hint: str | None = None) -> None:
+    def __init__(self, kind: AuthFailure, *, hint: str | None = None,
+                 retry_after: int = 0) -> None:
         super().__init__(kind.value, hint=hint)
         self.kind = kind
+        self.retry_after = retry_after  # THROTTLED: whole seconds until the address may try
 
 
 class UserError(PacsEdgeError):

@@ -13,12 +13,14 @@ The Principal the service answers is put on the request (``request[PRINCIPAL]``)
 for the routes, which hand it to the services (scope is a service rule). A
 request without valid credentials gets, under /dicom-web, ``401`` with a
 ``WWW-Authenticate: Basic`` challenge (a browser gets one that opens no password
-dialog: _from_browser), and elsewhere a redirect to the login
-page; paths registered with `allow_anonymous` (the login page itself, launch
-links, the health probes and /metrics) pass without a user, and only to the route
-registered at that very path: a request the router hands to another route (HEAD
-/launch, which has no HEAD, or /metrics with metrics off, both fell through to the
-viewer's catch-all and were served its page without a login) needs a user.
+dialog: _from_browser), and elsewhere a redirect to the login page; HTTP Basic
+from an address with too many failed logins gets ``429`` with Retry-After (the
+user service's per-address throttle). Paths registered with `allow_anonymous`
+(the login page itself, launch links, the health probes and /metrics) pass
+without a user, and only to the route registered at that very path: a request
+the router hands to another route (HEAD /launch, which has no HEAD, or /metrics
+with metrics off, both fell through to the viewer's catch-all and were served
+its page without a login) needs a user.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from appliance.base.errors import AuthenticationError, IndexUnavailable, OutOfSpace
+from appliance.base.errors import AuthenticationError, AuthFailure, IndexUnavailable, OutOfSpace
 from appliance.services.access import Principal
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,10 @@ async def _principal(request: web.Request, users: Authenticator) -> Principal | 
             return await users.session(token)
     except AuthenticationError as exc:
         log.info("http request not authenticated kind=%s address=%s", exc.kind.name, address)
+        if exc.kind is AuthFailure.THROTTLED:  # a new challenge would only invite a retry
+            raise web.HTTPTooManyRequests(
+                text="too many failed logins from this address: try again later\n",
+                headers={"Retry-After": str(exc.retry_after)}) from exc
         return None
     except IndexUnavailable as exc:
         raise web.HTTPServiceUnavailable(reason="index unavailable") from exc

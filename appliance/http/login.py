@@ -2,7 +2,8 @@
 
     GET  /login            a plain HTML form (no script)
     POST /login            name + password -> session cookie, 303 to `next` (same origin);
-                           a form that stalls for [http] idle_timeout is 408
+                           a form that stalls for [http] idle_timeout is 408; 429 with
+                           Retry-After from an address with too many failed logins
     POST /logout           ends the session, clears the cookie, 303 to /login
     GET  /launch?t=TOKEN   redeems a launch link (services/launch_links.py) -> session
                            cookie, then opens /viewer?StudyInstanceUIDs=<uid>
@@ -67,6 +68,7 @@ _MESSAGES = {
     AuthFailure.BAD_CREDENTIALS: "Wrong user name or password.",
     AuthFailure.LOCKED_OUT: "Too many failed attempts: this account is locked for a while."
                             " Try again later or ask an administrator.",
+    AuthFailure.THROTTLED: "Too many failed logins from this computer. Try again later.",
     AuthFailure.LINK_INVALID: "This link is not valid.",
     AuthFailure.LINK_EXPIRED: "This link has expired.",
     AuthFailure.LINK_USED: "This link was already used: a link opens once.",
@@ -177,6 +179,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     try:
         _, token = await users.log_in(name, password, address=address, via=FORM_VIA)
     except AuthenticationError as exc:
+        if exc.kind is AuthFailure.THROTTLED:
+            response = _form(target, error=_MESSAGES[exc.kind], status=429)
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         return _form(target, error=_MESSAGES.get(exc.kind, exc.message), status=401)
     except IndexUnavailable:
         return _form(target, error="The server cannot check logins right now; try again.",

@@ -10,6 +10,10 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   one whose check was under way when the lock came (_settle). A success resets the
   count; `users unlock` and `users passwd` lift a lock. A name no account has locks
   the same way (UnknownNameLocks), so the lock tells no more than the message.
+- [auth] failed_logins_per_address wrong passwords from one client address, whatever
+  the names, refuse that address's logins unchecked (THROTTLED) for the rest of
+  lockout_minutes (login_throttle.py): one client spraying a password across many
+  names gets that many checks, not max_failed_logins per name.
 - A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
   session ends after session_idle_minutes without use or session_max_hours after
   login, when the user is removed, and when their password changes. A password is
@@ -51,6 +55,7 @@ from appliance.base.errors import (
 )
 from appliance.services import launch_links, passwords
 from appliance.services.access import Principal, Role
+from appliance.services.login_throttle import AddressThrottle
 from appliance.store import database
 from appliance.store import user_rows as rows
 from appliance.store.clock_steps import STEPPED_BACK_SLACK
@@ -124,6 +129,8 @@ class UserService:
         self._link_key: bytes | None = None
         self._verified = VerifiedCredentials()
         self._unknown_names = UnknownNameLocks()
+        self._addresses = AddressThrottle(limit=config.auth.failed_logins_per_address,
+                                          window=config.auth.lockout_minutes * 60)
 
     # --- accounts (the CLI) ------------------------------------------------------------
 
@@ -210,7 +217,10 @@ class UserService:
             principal, checked = await self._authenticate(name, password, address=address,
                                                           session=session)
         except AuthenticationError as exc:
-            await self._audit(name, address, failure=exc.kind.value, via=via)
+            # A throttled address's refusals are audited without the name typed: they are
+            # windowed per address then, not one record per name a sprayer tries.
+            typed = "" if exc.kind is AuthFailure.THROTTLED else name
+            await self._audit(typed, address, failure=exc.kind.value, via=via)
             raise
         if checked:
             await self._audit(principal.name, address, via=via)
@@ -221,6 +231,7 @@ class UserService:
         """`session`: the token hash of a session to open with the admission (a login);
         a password recognised from memory is then checked again, not recalled."""
         now = self._clock()
+        self._check_address(address, now)
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
@@ -233,12 +244,16 @@ class UserService:
         if not session and user is not None and self._verified.recall(user, password, now):
             return _principal(user), False
         async with self._hashing:
+            # Again: a burst from one address all passed the check above on arrival.
+            self._check_address(address, self._clock())
             if user is None:
                 await asyncio.to_thread(passwords.dummy_password_check, password)
                 ok = False
             else:
                 ok = await asyncio.to_thread(passwords.verify_password, password,
                                              user.password_hash)
+        if not ok:  # counted as it ends (`now` is when it arrived: windows must not go back)
+            self._addresses.fail(address, self._clock())
         auth = self.config.auth
         if user is None:
             verdict = self._unknown_names.fail(name, now=now, limit=auth.max_failed_logins,
@@ -261,6 +276,12 @@ class UserService:
                                       hint="wait, or ask an administrator to unlock the user")
         raise AuthenticationError(AuthFailure.BAD_CREDENTIALS,
                                   hint="check the user name and password")
+
+    def _check_address(self, address: str, now: float) -> None:
+        wait = self._addresses.retry_after(address, now)
+        if wait:
+            raise AuthenticationError(AuthFailure.THROTTLED, retry_after=wait,
+                                      hint="too many failed logins from this address: wait")
 
     async def open_session(self, principal: Principal, *, address: str) -> str:
         """A new session for an authenticated principal; returns the token (the cookie)."""
