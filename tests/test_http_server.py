@@ -222,6 +222,11 @@ def test_connection_cap_answers_503_until_a_connection_closes(
     held = [webpeer.tls_socket(server) for _ in range(2)]
     try:
         _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 503)
+        # Written by the connection guard, not the application: the same security
+        # headers as every answer of the application (response_headers.py).
+        busy = webpeer.curl(server, "/dicom-web/studies")
+        assert busy.status == 503 and busy.headers["x-content-type-options"] == "nosniff"
+        assert busy.headers["strict-transport-security"] == "max-age=31536000"
         held.pop().close()
         _wait_for(lambda: webpeer.curl(server, "/dicom-web/studies").status == 401)
     finally:

@@ -55,6 +55,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from appliance.base.config import HttpConfig
 from appliance.base.errors import PacsEdgeError
+from appliance.http.response_headers import HSTS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ _CANCEL_WAIT_SECONDS = 1.0  # aiohttp's own wait for handlers left after the gra
 # Refused TLS connections answered 503 at once (the rest are closed unanswered).
 REFUSAL_SLOTS = 16
 _REFUSAL_LINGER_SECONDS = 0.25
+# Written by the guard itself, before aiohttp: the headers response_headers.py gives
+# every answer of the application are spelled out here.
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+         b"X-Content-Type-Options: nosniff\r\n"
+         b"Strict-Transport-Security: " + HSTS.encode("ascii") + b"\r\n"
          b"Connection: close\r\n\r\n")
 _GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
 PRIORITY_SLOTS = 2  # connections beyond max_connections kept for the `priority` addresses

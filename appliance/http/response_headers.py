@@ -1,4 +1,5 @@
-"""Headers every answer of the web server carries, whichever route (or error) made it.
+"""Headers every answer of the web server carries, whichever route (or error) made it,
+but one: aiohttp's own 400 for a request it cannot parse (docs/security.md says why).
 
 - ``X-Content-Type-Options: nosniff`` on everything: a browser renders an answer only
   as the type it was sent with, so a JSON or text answer holding a hostile value (a
@@ -20,7 +21,11 @@
 
 Installed as an `on_response_prepare` signal, not a middleware: the streamed answers
 (metadata, WADO-RS) send their headers before the handler returns, and error answers
-(404, 405, HTTPException) never pass a middleware's return path as responses.
+(404, 405, HTTPException) never pass a middleware's return path as responses. aiohttp
+sends the signal only for a request the application routed: its 400 for a request
+line or header it cannot parse gets none, and it offers no supported hook for that
+answer (aio-libs/aiohttp#3287, #6463). The connection guard's own 503
+(https_server.py) spells the headers out.
 """
 
 from __future__ import annotations
