@@ -40,11 +40,14 @@ HOST = "localhost"
 PASSWORD = "correct horse battery staple"
 
 
-def web_home(path: Path, port: int, **http: object) -> Path:
-    """A data home with HTTPS on `port` (and any other [http] keys given)."""
+def web_home(path: Path, port: int, *, auth: dict[str, object] | None = None,
+             **http: object) -> Path:
+    """A data home with HTTPS on `port` (and any other [http] keys given, and `auth`:
+    [auth] keys)."""
     home = init_home(path, http_port=port)
-    if http:
-        EdgeServer(home).configure(http=dict(http))
+    sections = {name: keys for name, keys in (("http", dict(http)), ("auth", auth)) if keys}
+    if sections:
+        EdgeServer(home).configure(**sections)
     return home
 
 
@@ -137,9 +140,10 @@ def tls_socket(server: EdgeServer) -> ssl.SSLSocket:
 
 
 @contextlib.contextmanager
-def running_web_server(folder: Path, **http: object) -> Iterator[EdgeServer]:
+def running_web_server(folder: Path, *, auth: dict[str, object] | None = None,
+                       **http: object) -> Iterator[EdgeServer]:
     """A started server with HTTPS and a radiologist `rad`; stopped (cleanly) at exit."""
-    server = EdgeServer(web_home(folder / "web-home", dcmtk.free_port(), **http))
+    server = EdgeServer(web_home(folder / "web-home", dcmtk.free_port(), auth=auth, **http))
     server.start()
     try:
         add_user(server, "rad", "radiologist")
