@@ -23,7 +23,7 @@ Tree::
     │   │       └── BlobIntegrityError    the store did not keep what put sent
     │   └── CredentialsError      no usable Azure connection string (blobstore/factory.py)
     ├── PackError                 the cloud format (pack/pack_errors.py)
-    │   ├── PackFormatError       not a pack/manifest/key object this version reads
+    │   ├── PackFormatError       a newer format, or content this version does not read
     │   ├── PackIntegrityError    authentication failed: modified, truncated, swapped
     │   │   ├── TruncatedPackError    the stream ended before the final segment
     │   │   └── MisfiledManifest  a manifest filed under another study's key (restore.py)
@@ -42,5 +42,6 @@ Tree::
     └── ReaderClientError         the remote reader's pull (reader_client.py)
         ├── NotGranted            no granted version of that study for this reader
         ├── NothingLeft           every instance of the study left it for another study
-        └── ReaderIntegrityError  a key object, manifest or pack failed verification
+        ├── ReaderIntegrityError  a key object, manifest or pack failed verification
+        └── NewerFormat           a blob in a format only a newer pacs-edge reads
 """

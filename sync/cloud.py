@@ -65,12 +65,7 @@ from sync.pack.manifest import (
     open_manifest,
     seal_manifest,
 )
-from sync.pack.pack_errors import (
-    PackError,
-    PackFormatError,
-    PackIntegrityError,
-    WrongKeyError,
-)
+from sync.pack.pack_errors import PackError, PackIntegrityError, WrongKeyError
 from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import HEADER_SIZE, PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
@@ -442,15 +437,10 @@ class PackService:
         if cached is not None:
             return cached
         sealed = self.store.open_range(manifest_name)
-        try:
-            pack_id = manifest_pack_id(sealed)
-            data_key = unwrap_site_object(self.store, key_name, pack_id, self._site_ring)
-        except PackFormatError as exc:
-            # Blobs of a version this box wrote and verified: a manifest envelope or a
-            # site key object that no longer parses (magic, kind, size: the fields before
-            # the AEAD) was modified, not written by a newer pacs-edge.
-            raise PackIntegrityError(f"{exc.message}, in a blob this box wrote and "
-                                     "verified (modified)") from exc
+        # A magic, kind or size that does not parse is tampering unless it names a newer
+        # format (sync.pack.blob_format), as restore and a remote reader tell it.
+        pack_id = manifest_pack_id(sealed)
+        data_key = unwrap_site_object(self.store, key_name, pack_id, self._site_ring)
         opened = (data_key, open_manifest(sealed, data_key, expected_pack_id=pack_id))
         if not use_cache:
             return opened

@@ -30,6 +30,8 @@ Errors (ReaderClientError, each with a hint; see the tree in sync/__init__.py):
     NotGranted               no granted version of that study for this reader
     NothingLeft              every instance of the study left it for another study
     ReaderIntegrityError     a key object, manifest or pack failed verification
+    NewerFormat              a blob of the study is in a format only a newer pacs-edge
+                             reads (sync.pack.blob_format tells it from damage)
 A missing or unsafe reader key raises provisioning's KeyFileError.
 """
 
@@ -56,7 +58,7 @@ from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.data_keys import format_reader_public_key, reader_public_key, unwrap_with_reader
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
-from sync.pack.pack_errors import PackError, PackIntegrityError
+from sync.pack.pack_errors import PackError, PackFormatError, PackIntegrityError
 from sync.pack.reader import read_instances, verify_instance_chunks
 
 CONFIG_FILE = "reader.toml"
@@ -67,6 +69,9 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 _TAMPER_HINT = ("the cloud copy was modified or damaged, or was not written by your site; "
                 "nothing unverified was written. Tell the site's administrator (the edge can "
                 "check and re-replicate the study)")
+
+UPGRADE_HINT = ("the site's edge runs a newer pacs-edge than this machine: upgrade pacs-edge "
+                "here, then pull again")
 
 EMPTY_CLOUD_HINT = ("check cloud_url (and the credentials) in the reader home's reader.toml "
                     "against the site's [cloud] url: a mistyped container or folder looks "
@@ -86,6 +91,10 @@ class NothingLeft(ReaderClientError):
 
 
 class ReaderIntegrityError(ReaderClientError):
+    pass
+
+
+class NewerFormat(ReaderClientError):
     pass
 
 
@@ -201,6 +210,11 @@ class Catalogue:
     failures: dict[str, list[str]]  # study_key -> what failed verification
     # No blob at all under studies/: a mistyped cloud URL, not "nothing granted yet".
     cloud_empty: bool = True
+    # study_key -> versions in a format only a newer pacs-edge reads (not tampering)
+    newer_format: dict[str, list[str]] = field(default_factory=dict)
+
+    def unreadable(self, study_key: str) -> bool:
+        return study_key in self.failures or study_key in self.newer_format
 
     def find(self, study_uid: str) -> RemoteStudy:
         for study in self.studies.values():
@@ -209,6 +223,10 @@ class Catalogue:
                     raise ReaderIntegrityError(
                         "a granted version of this study failed verification: "
                         + "; ".join(self.failures[study.study_key]), hint=_TAMPER_HINT)
+                if study.study_key in self.newer_format:
+                    raise NewerFormat("a granted version of this study cannot be read here: "
+                                      + "; ".join(self.newer_format[study.study_key]),
+                                      hint=UPGRADE_HINT)
                 if not study.current():
                     raise NothingLeft(
                         "the study holds no instance any more: each was sent again under"
@@ -221,6 +239,11 @@ class Catalogue:
                 f"the study is not among the readable grants, and {len(self.failures)} "
                 "granted study(ies) failed verification (it may be one of them)",
                 hint=_TAMPER_HINT)
+        if self.newer_format:
+            raise NewerFormat(
+                f"the study is not among the readable grants, and {len(self.newer_format)} "
+                "granted study(ies) are in a format only a newer pacs-edge reads (it may be "
+                "one of them)", hint=UPGRADE_HINT)
         if self.cloud_empty:
             raise NotGranted("no grant for this study: the cloud holds no studies at all",
                              hint=EMPTY_CLOUD_HINT)
@@ -283,6 +306,10 @@ class ReaderClient:
             assert parsed is not None
             try:
                 version = self._open_version(name, parsed.study_key, parsed.version)
+            except PackFormatError as exc:  # a newer pacs-edge's blob, not a damaged one
+                cat.newer_format.setdefault(parsed.study_key, []).append(
+                    f"version {parsed.version}: {exc.message}")
+                continue
             except (PackError, BlobNotFound) as exc:  # a manifest missing: incomplete copy
                 cat.failures.setdefault(parsed.study_key, []).append(
                     f"version {parsed.version}: {exc.message}")
@@ -383,6 +410,9 @@ class ReaderClient:
         except PackIntegrityError as exc:
             raise ReaderIntegrityError(
                 f"study version {version.version}, {exc.message}", hint=_TAMPER_HINT) from exc
+        except PackFormatError as exc:  # the pack's header names a newer format
+            raise NewerFormat(f"study version {version.version}, {exc.message}",
+                              hint=UPGRADE_HINT) from exc
         except BlobNotFound as exc:  # its manifest and key object are there: not a typo
             raise ReaderIntegrityError(f"study version {version.version}: its pack is "
                                        "missing from the cloud", hint=_TAMPER_HINT) from exc

@@ -57,8 +57,10 @@ wrote it) takes further versions and its state again. The first retrieve of an
 Running restore again skips every pack the index already holds, so it
 changes nothing; one interrupted half way resumes at the first missing pack.
 Versions that cannot be read (no manifest, no site key object, a pack of the
-wrong size, authentication failure) are reported and skipped; the report
-names the blob, never PHI. A store that stops answering (BlobStoreUnavailable:
+wrong size, authentication failure, a manifest or key object whose magic or
+kind is edited, or of a newer format: sync.pack.blob_format tells those two
+apart in the message) are reported and skipped; the report names the blob,
+never PHI. A store that stops answering (BlobStoreUnavailable:
 its retries are spent) stops the restore with that error once the versions in
 flight are done: every further version would wait out the same retries, hours
 over a large container, and running restore again resumes.

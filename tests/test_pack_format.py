@@ -335,12 +335,24 @@ def test_flipped_byte_anywhere_fails(files, where):
         unpack_files(key, bytes(bad), manifest)
 
 
-def test_pack_header_with_another_magic_or_reserved_bits_is_refused(files):
+def test_pack_header_with_another_magic_or_reserved_bits_is_damage(files):
     blob, _, key = write_pack(files, 4096)
-    with pytest.raises(PackFormatError, match="magic"):
-        list(decrypt_pack(key, [b"XXPACK01" + blob[8:]]))
-    with pytest.raises(PackFormatError, match="reserved"):
+    for magic in (b"XXPACK01", b"PEPACK00", b"PEPACK0x"):
+        with pytest.raises(PackIntegrityError, match="modified or damaged"):
+            list(decrypt_pack(key, [magic + blob[8:]]))
+    with pytest.raises(PackIntegrityError, match="reserved"):
         list(decrypt_pack(key, [blob[:31] + b"\x01" + blob[32:]]))
+
+
+def test_a_magic_of_a_newer_format_version_asks_for_an_upgrade(files):
+    blob, manifest, key = write_pack(files, 4096)
+    with pytest.raises(PackFormatError, match=r"format 02.*upgrade"):
+        list(decrypt_pack(key, [b"PEPACK02" + blob[8:]]))
+    sealed = seal_manifest(manifest, key)
+    with pytest.raises(PackFormatError, match=r"format 13.*upgrade"):
+        open_manifest(b"PEMANI13" + sealed[8:], key)
+    with pytest.raises(PackIntegrityError, match="modified or damaged"):
+        open_manifest(b"PEMANI00" + sealed[8:], key)
 
 
 def test_pack_of_another_pack_id_than_the_manifest_is_refused(files):

@@ -112,12 +112,18 @@ def test_reader_key_object_tampered_or_swapped_between_packs_fails():
 
 
 def test_a_site_object_is_not_a_reader_object():
+    """Format 01 fixes kind and size: a blob named as the other kind, or of no kind it
+    defines, is damage; a key object of a newer format asks for an upgrade."""
     pack_id = new_pack_id()
     site_blob = wrap_for_site(os.urandom(32), pack_id, new_data_key())
-    with pytest.raises(PackFormatError, match="wrong kind"):
+    with pytest.raises(PackIntegrityError, match="wrong kind"):
         unwrap_with_reader(os.urandom(32), pack_id, site_blob)
-    with pytest.raises(PackFormatError):
+    with pytest.raises(PackIntegrityError, match="modified or damaged"):
         parse_key_object(b"PEKEY01\x03" + bytes(100))
+    with pytest.raises(PackIntegrityError, match="modified or damaged"):
+        parse_key_object(site_blob[:-1])
+    with pytest.raises(PackFormatError, match=r"format 02.*upgrade"):
+        parse_key_object(b"PEKEY02" + site_blob[7:])
 
 
 # --- reader public key text -----------------------------------------------------

@@ -198,7 +198,7 @@ _DATE = re.compile(r"^([0-9]{8})?(-([0-9]{8})?)?$")
 def reader_list(home: Path, patient: str | None, date: str | None, modality: str | None,
                 as_json: bool) -> None:
     """The studies granted to this reader, searchable."""
-    from sync.reader_client import EMPTY_CLOUD_HINT, ReaderClient, matches
+    from sync.reader_client import EMPTY_CLOUD_HINT, UPGRADE_HINT, ReaderClient, matches
 
     if date is not None and (not _DATE.match(date) or date in ("", "-")):
         raise PacsEdgeError(f"invalid --date {date!r}",
@@ -206,7 +206,7 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
     with ReaderClient.open(home) as client:
         catalogue = client.catalogue()
     rows = [s.summary() for s in catalogue.studies.values()
-            if s.study_key not in catalogue.failures]
+            if not catalogue.unreadable(s.study_key)]
     # A study whose every instance left it for another study (withdrawn) has nothing to
     # pull: the site's box no longer answers it either.
     rows = sorted((r for r in rows if r["instances"]
@@ -228,6 +228,11 @@ def reader_list(home: Path, patient: str | None, date: str | None, modality: str
                   "verification and are not listed", highlight=False)
         err.print("hint: the cloud copy was modified or damaged; tell the site's administrator",
                   highlight=False)
+    if catalogue.newer_format:
+        err.print(f"[red]error:[/red] {len(catalogue.newer_format)} granted study(ies) are in "
+                  "a format only a newer pacs-edge reads and are not listed", highlight=False)
+        err.print(f"hint: {UPGRADE_HINT}", highlight=False, markup=False)
+    if catalogue.failures or catalogue.newer_format:
         raise SystemExit(2)
 
 

@@ -3,6 +3,7 @@
 Pure library, no blob-store I/O: the sync agent and the reader tools feed it
 bytes and get bytes back.
 
+    blob_format  a newer format's magic (upgrade) or a damaged one (tampering)
     segments   pack header, AEAD segments, range arithmetic
     writer     PackWriter: stream instance files into one pack
     reader     stream a whole pack back, or range-read one instance

@@ -43,11 +43,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sync.pack.blob_format import KEY_OBJECT
 from sync.pack.naming import reader_id
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError, WrongKeyError
 from sync.pack.segments import KEY_SIZE, PACK_ID_SIZE, check_data_key, check_pack_id
 
-KEY_MAGIC = b"PEKEY01"
+KEY_MAGIC = KEY_OBJECT.magic
 KIND_SITE = 0x01
 KIND_READER = 0x02
 READER_KEY_PREFIX = "pacs-edge-reader-v1:"
@@ -93,10 +94,13 @@ class KeyObject:
 
 
 def parse_key_object(blob: bytes) -> KeyObject:
-    """Split a key object into its fields; PackFormatError when it is not one."""
+    """Split a key object into its fields. A newer format's magic is a PackFormatError;
+    another magic, or a kind and size this format does not define, a PackIntegrityError
+    (blob_format)."""
     blob = bytes(blob)
-    if len(blob) < _HEAD or blob[:len(KEY_MAGIC)] != KEY_MAGIC:
-        raise PackFormatError("not a key object (magic)")
+    KEY_OBJECT.check_magic(blob)
+    if len(blob) < _HEAD:
+        raise KEY_OBJECT.damaged(f"it has {len(blob)} bytes")
     kind = blob[len(KEY_MAGIC)]
     pack_id = blob[len(KEY_MAGIC) + 1:_HEAD]
     rest = blob[_HEAD:]
@@ -107,7 +111,7 @@ def parse_key_object(blob: bytes) -> KeyObject:
         eph_end = 2 * _PUBLIC
         return KeyObject(kind, pack_id, None, rest[:_PUBLIC], rest[_PUBLIC:eph_end],
                          rest[eph_end:eph_end + _NONCE], rest[eph_end + _NONCE:])
-    raise PackFormatError(f"key object of kind {kind} and {len(blob)} bytes is not valid")
+    raise KEY_OBJECT.damaged(f"kind {kind} with {len(blob)} bytes is none it defines")
 
 
 # --- site ---------------------------------------------------------------------
@@ -221,9 +225,9 @@ def _private(private_key: X25519PrivateKey | bytes) -> X25519PrivateKey:
 def _expect(blob: bytes, kind: int, pack_id: bytes) -> KeyObject:
     check_pack_id(pack_id)
     obj = parse_key_object(blob)
-    if obj.kind != kind:
-        raise PackFormatError("key object is of the wrong kind "
-                              f"({'site' if obj.kind == KIND_SITE else 'reader'})")
+    if obj.kind != kind:  # the blob's name says which kind it is
+        raise KEY_OBJECT.damaged("it is of the wrong kind "
+                                 f"({'site' if obj.kind == KIND_SITE else 'reader'})")
     if obj.pack_id != pack_id:
         raise PackIntegrityError("key object belongs to another pack (pack_id differs)")
     return obj

@@ -30,11 +30,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sync.pack.blob_format import MANIFEST
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
 from sync.pack.segments import PACK_ID_SIZE, check_data_key, check_pack_id, pack_size
 
 FORMAT_VERSION = 1
-MANIFEST_MAGIC = b"PEMANI01"
+MANIFEST_MAGIC = MANIFEST.magic
 FORMAT_NAME = "pacs-edge-manifest"
 _NONCE_SIZE = 12
 _PREFIX_SIZE = len(MANIFEST_MAGIC) + PACK_ID_SIZE + _NONCE_SIZE
@@ -263,9 +264,12 @@ def seal_manifest(manifest: Manifest, data_key: bytes) -> bytes:
 
 
 def manifest_pack_id(blob: bytes) -> bytes:
-    """The pack_id a manifest blob claims (unauthenticated until opened)."""
-    if len(blob) < _PREFIX_SIZE or blob[:len(MANIFEST_MAGIC)] != MANIFEST_MAGIC:
-        raise PackFormatError("not a manifest blob (magic)")
+    """The pack_id a manifest blob claims (unauthenticated until opened). A newer
+    format's magic is a PackFormatError, another a PackIntegrityError (blob_format)."""
+    MANIFEST.check_magic(blob)
+    if len(blob) < _PREFIX_SIZE:
+        raise MANIFEST.damaged(f"it has {len(blob)} bytes, fewer than its envelope's "
+                               f"{_PREFIX_SIZE}")
     return bytes(blob[len(MANIFEST_MAGIC):len(MANIFEST_MAGIC) + PACK_ID_SIZE])
 
 

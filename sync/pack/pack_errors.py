@@ -3,8 +3,8 @@
 Tree::
 
     PackError                    base (PacsEdgeError: message + hint)
-    ├── PackFormatError          not a pack/manifest/key object, or a version or
-    │                            field this reader does not understand
+    ├── PackFormatError          a blob of a newer format (blob_format), or
+    │                            authenticated content this reader does not understand
     ├── PackIntegrityError       authentication failed: the blob was modified,
     │   │                        truncated, reordered or swapped with another pack's
     │   └── TruncatedPackError   the stream ended before the final segment

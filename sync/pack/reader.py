@@ -30,12 +30,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sync.pack.manifest import Manifest, ManifestEntry
-from sync.pack.pack_errors import (
-    PackError,
-    PackFormatError,
-    PackIntegrityError,
-    TruncatedPackError,
-)
+from sync.pack.pack_errors import PackError, PackIntegrityError, TruncatedPackError
 from sync.pack.segments import (
     HEADER_SIZE,
     TAG_SIZE,
@@ -123,15 +118,7 @@ class PackDecryptor:
                                      "its final segment (truncated)") from None
 
     def _read_header(self) -> None:
-        try:
-            header = PackHeader.from_bytes(bytes(self._buf[:HEADER_SIZE]))
-        except PackFormatError as exc:
-            if self._expected_pack_id is None or self._expected_segment_size is None:
-                raise
-            # The manifest (authenticated) fixes every header byte: an edited magic or
-            # reserved field is a modified pack, not a format this reader lacks.
-            raise PackIntegrityError(f"{exc.message}, in the pack its manifest describes "
-                                     "(modified)") from exc
+        header = PackHeader.from_bytes(bytes(self._buf[:HEADER_SIZE]))
         if self._expected_pack_id is not None and header.pack_id != self._expected_pack_id:
             raise PackIntegrityError("pack belongs to another pack id than expected")
         if self._expected_segment_size is not None \

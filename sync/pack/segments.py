@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sync.pack.pack_errors import PackFormatError, PackIntegrityError
+from sync.pack.blob_format import PACK
+from sync.pack.pack_errors import PackIntegrityError
 
-PACK_MAGIC = b"PEPACK01"
+PACK_MAGIC = PACK.magic
 HEADER_SIZE = 32
 TAG_SIZE = 16
 KEY_SIZE = 32
@@ -64,18 +65,18 @@ class PackHeader:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PackHeader:
-        """Parse a header; refuses other magics, a non-zero reserved field, bad sizes."""
+        """Parse a header. A newer format's magic is a PackFormatError; another magic, a
+        non-zero reserved field or a bad size is a PackIntegrityError (blob_format)."""
+        PACK.check_magic(data)
         if len(data) < HEADER_SIZE:
-            raise PackFormatError(f"pack header is {len(data)} bytes, expected {HEADER_SIZE}")
-        magic, pack_id, segment_size, reserved = _HEADER.unpack(bytes(data[:HEADER_SIZE]))
-        if magic != PACK_MAGIC:
-            raise PackFormatError(f"not a pack (magic {magic!r}, expected {PACK_MAGIC!r})")
+            raise PACK.damaged(f"its header is {len(data)} bytes, not {HEADER_SIZE}")
+        _, pack_id, segment_size, reserved = _HEADER.unpack(bytes(data[:HEADER_SIZE]))
         if reserved != 0:
-            raise PackFormatError("pack header reserved field is not zero")
+            raise PACK.damaged("its header's reserved field is not zero")
         try:
             return cls(pack_id, segment_size)
         except ValueError as exc:
-            raise PackFormatError(f"pack header: {exc}") from exc
+            raise PACK.damaged(f"its header's {exc}") from exc
 
 
 def check_pack_id(pack_id: bytes) -> None:
