@@ -748,9 +748,11 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     make, peers sharing a name or an AE title (leading and trailing spaces do not count) or
     with an AE title pacs-edge refuses, a metrics port out of range or on the DICOM port
     with the web server off, a negative eviction age, an install folder with a space (the
-    units' ExecStart= names it): each stops its host at the preflight with a message naming
-    the variable; a rehydration priority Azure does not know stops it earlier, at the
-    role's argument spec (its choices)."""
+    units' ExecStart= names it), a control character in any setting the units or their
+    drop-ins are written with (a newline there adds lines to the unit; a cloud URL's %0A
+    becomes one in cloud-folder.conf once decoded): each stops its host at the preflight
+    with a message naming the variable; a rehydration priority Azure does not know stops
+    it earlier, at the role's argument spec (its choices)."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
@@ -774,19 +776,29 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         # An empty vault variable: the agent could not open the container.
         "azure-no-credentials": {"pacs_edge_cloud_url": "azure://site-packs",
                                  "pacs_edge_cloud_connection_string": ""},
+        # Decoded into cloud-folder.conf: ReadWritePaths=/mnt/nas, then a line of its own.
+        "cloud-url-newline": {"pacs_edge_cloud_url":
+                              "file:///mnt/nas%0AExecStartPre=/bin/touch%20/tmp/owned"},
+        # A trailing newline passes the /var/lib/NAME pattern (Python's `$`).
+        "home-newline": {"pacs_edge_home": "/var/lib/pacs-edge\n"},
+        "user-tab": {"pacs_edge_user": "pacs\tedge"},
+        "credentials-del": {"pacs_edge_cloud_url": "azure://site-packs",
+                            "pacs_edge_cloud_credentials_file": "/etc/pacs-edge/creds\x7f"},
     }
     unique, complete = ("Assert that each peer has a name and an AE title of its own",
                         "Assert that every peer is complete and allowed only known services")
     metrics, cloud = ("Assert that the metrics settings are valid",
                       "Assert that the cloud and eviction settings are valid")
     paths = "Assert that the paths fit the systemd units"
+    control = "Assert that the settings written into the systemd units hold no control character"
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
                      "metrics-port": metrics, "metrics-on-dicom": metrics,
                      "evict-negative": cloud, "install-dir-space": paths,
                      "rehydrate-priority": "Validating arguments against arg spec 'main' -"
                                            " Install, configure and start a pacs-edge box",
-                     "azure-no-credentials": cloud}
+                     "azure-no-credentials": cloud, "cloud-url-newline": control,
+                     "home-newline": control, "user-tab": control, "credentials-del": control}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
@@ -819,6 +831,10 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     assert 'must be empty, file:///PATH or azure://CONTAINER (is \\"azure://site-packs\\")' \
         in proc.stdout
     assert 'peer \\"ct2\\" (AE title \\"CT1\\") shares its name or its AE title' in proc.stdout
+    for variable in ("pacs_edge_cloud_url (percent-decoded)", "pacs_edge_home", "pacs_edge_user",
+                     "pacs_edge_cloud_credentials_file"):
+        assert f"{variable} is written into a systemd unit or drop-in and must not hold a " \
+            "control character" in proc.stdout, variable
     assert not (tmp_path / "root").exists()
 
 
