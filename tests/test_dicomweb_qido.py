@@ -8,10 +8,13 @@ other study answers 404 through QIDO, WADO, metadata and frames.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
+from pathlib import Path
 
 import dcmtk
 import dicomgen
+import pydicom
 import pytest
 import webpeer
 from conftest import EdgeServer
@@ -222,3 +225,21 @@ def test_an_answer_holds_at_most_qido_max_results_and_pages_on_with_offset(
         seen = [i[sop_uid]["Value"][0] for offset in range(len(mine) + 1)
                 for i in doc.get(url, params={"offset": offset, "limit": 1}).json()]
     assert sorted(seen) == sorted(mine)
+
+
+@pytest.mark.parametrize(("stored", "typed"), [("NFC", "NFD"), ("NFD", "NFC")])
+def test_a_referring_name_typed_in_the_other_unicode_form_still_sees_its_study(
+        tmp_path: Path, stored: str, typed: str) -> None:
+    """Person-name matching folds names to NFC (store/person_names.fold); the scope
+    compared them case-folded only, so a user set up with 'müller^hans' composed saw
+    nothing of the studies a RIS referred as 'Müller^Hans' decomposed (or the reverse)."""
+    instance = dicomgen.make_non_ascii_instance(tmp_path / "data")
+    ds = pydicom.dcmread(instance.path)
+    ds.ReferringPhysicianName = unicodedata.normalize(stored, "Müller^Hans")
+    ds.save_as(instance.path)
+    with webpeer.running_web_server(tmp_path) as server:
+        dcmtk.storescu(server.port, [instance.path]).check()
+        webpeer.add_user(server, "doc", "referring",
+                         referring=unicodedata.normalize(typed, "müller^hans"))
+        found = webpeer.dicomweb(server, "doc").search_for_studies()
+    assert _study_uids(found) == {instance.study_uid}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from appliance.store.person_names import fold
+
 
 class Role(enum.StrEnum):
     ADMIN = "admin"
@@ -29,11 +31,13 @@ def person_name_key(value: str) -> tuple[str, ...]:
     """A DICOM PN reduced to what two spellings of one name share.
 
     Only the alphabetic group counts (the part before the first '='); components are
-    compared stripped of padding and case-insensitively, and empty trailing components
-    are dropped, so 'Doe^John' equals 'DOE^JOHN^^' and 'DOE^JOHN=ドウ^ジョン'.
+    compared stripped of padding, in the form person-name matching compares
+    (store.person_names.fold: case-folded, Unicode NFC), and empty trailing components
+    are dropped, so 'Doe^John' equals 'DOE^JOHN^^' and 'DOE^JOHN=ドウ^ジョン', and a
+    'Müller' typed with a composed 'ü' equals one stored decomposed.
     """
     alphabetic = value.split("=", 1)[0]
-    parts = [part.strip().casefold() for part in alphabetic.split("^")]
+    parts = [fold(part.strip()) for part in alphabetic.split("^")]
     while parts and not parts[-1]:
         parts.pop()
     return tuple(parts)
