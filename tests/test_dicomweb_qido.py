@@ -148,6 +148,21 @@ def test_malformed_queries_are_400(web: EdgeServer) -> None:
     assert wrong.status == 406
 
 
+def test_an_offset_of_any_size_passes_every_match_and_a_repeated_limit_or_offset_is_400(
+        web: EdgeServer) -> None:
+    """An offset of 10 digits or more was 400 "must be a non-negative integer" (so was a
+    limit: see the qido_max_results test); a second limit or offset was ignored for the
+    first, where a repeated attribute key is 400."""
+    for digits in (20, 5000):  # 5000: past int()'s 4300-digit limit
+        answer = webpeer.curl(web, f"/dicom-web/studies?offset={'9' * digits}", user="rad")
+        assert (answer.status, answer.body) == (200, b"[]"), digits
+    for query in ("limit=1&limit=5", "offset=0&offset=3", "limit=1&offset=0&limit=1"):
+        answer = webpeer.curl(web, f"/dicom-web/studies?{query}", user="rad")
+        assert answer.status == 400, query
+        assert b"more than once" in answer.body
+    assert "Traceback" not in web.log()
+
+
 def test_query_values_that_are_not_numbers_for_numeric_attributes_are_400(
         web: EdgeServer) -> None:
     for path in ("/dicom-web/studies?NumberOfStudyRelatedInstances=x",
@@ -214,6 +229,9 @@ def test_an_answer_holds_at_most_qido_max_results_and_pages_on_with_offset(
         assert ["Warning" in p.headers for p in pages] == [True, True, False]
         assert "more results" in pages[0].headers["Warning"]
         assert len(http.get(url, params={"limit": 100}).json()) == 4
+        huge = http.get(url, params={"limit": "9" * 20})  # was 400: more than 9 digits
+        assert len(huge.json()) == 4
+        assert "more results" in huge.headers["Warning"]
         assert {i[sop_uid]["Value"][0] for p in pages for i in p.json()} == {
             i.sop_instance_uid for i in studies}
 

@@ -7,7 +7,9 @@ to the user, then paged. Supported parameters:
 - `{attributeID}={value}`: a keyword (PatientID) or tag (00100020); UID lists
   separated by commas or backslashes; repeated keys are refused (400);
 - `includefield={attributeID}[,...]` (repeatable) or `includefield=all`;
-- `limit`, `offset` (non-negative integers);
+- `limit`, `offset` (non-negative integers of any length, each given once: a
+  `limit` above `[http] qido_max_results` is that many, with the Warning of a cut
+  page; an `offset` past the last match answers `[]`);
 - `fuzzymatching=true` is not supported: matching stays exact and a
   `Warning: 299` header says so (PS3.18 8.3.4.4).
 
@@ -66,6 +68,9 @@ _URL_PATH = {
 }
 _WARN_FUZZY = '299 pacs-edge "fuzzymatching is not supported: matching is exact"'
 _WARN_MORE = '299 pacs-edge "there are more results: ask with a larger offset"'
+# A limit or offset of more digits is this: more than any index holds.
+_COUNT_DIGITS = 18
+_COUNT_CAP = 10**_COUNT_DIGITS
 
 
 def add_routes(app: web.Application) -> None:
@@ -208,9 +213,16 @@ def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
 
 
 def _count(request: web.Request, name: str, default: int | None) -> int | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
+    """`limit` or `offset`: digits of any length (a count past _COUNT_CAP is _COUNT_CAP:
+    a limit is capped at qido_max_results anyway, an offset that large passes over every
+    match), given once."""
+    given = request.query.getall(name, [])
+    if len(given) > 1:
+        raise QueryError(QueryRefusal.NOT_IN_MODEL, f"{name} is given more than once")
+    raw = given[0] if given else ""
+    if raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()):
         raise QueryError(QueryRefusal.MALFORMED_KEY, f"{name} must be a non-negative integer")
-    return int(raw)
+    # Not int() of every length: past 4300 digits it raises (CPython's limit).
+    return int(raw) if len(raw) <= _COUNT_DIGITS else _COUNT_CAP
