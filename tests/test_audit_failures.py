@@ -27,7 +27,7 @@ from pynetdicom import AE
 
 TRANSFERRED = "110104"  # DICOM Instances Transferred
 DEADLINE = 60.0
-CANNOT_UNDERSTAND, DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0xC000, 0xA900, 0xC001
+CANNOT_UNDERSTAND, DOES_NOT_MATCH = 0xC000, 0xA900
 PROCESSING_FAILURE = 0x0110
 
 
@@ -197,15 +197,17 @@ def send_undecodable(server: EdgeServer, sop_class: str,
 def test_a_query_or_retrieve_whose_identifier_cannot_be_decoded_is_a_failed_record(
         edge_server: EdgeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Answered 0xC001 / 0xC000 with nothing in the trail before; now a failed Query
-    record and a failed Instances Transferred record say why."""
-    assert send_undecodable(edge_server, STUDY_ROOT_FIND, monkeypatch) == UNABLE_TO_PROCESS
+    record and a failed Instances Transferred record say why (both answered 0xC000:
+    tests/test_identifier_decoding.py)."""
+    assert send_undecodable(edge_server, STUDY_ROOT_FIND, monkeypatch) == CANNOT_UNDERSTAND
     assert send_undecodable(edge_server, STUDY_ROOT_MOVE, monkeypatch) == CANNOT_UNDERSTAND
     [query] = settled(edge_server.home, lambda r: event(r) == QUERY and outcome(r) == 4, 1)
     assert "TESTSCU" in requestors(query)
-    assert description(query) == "C-FIND failed: OSError"
+    assert description(query) == ("the identifier cannot be decoded:"
+                                  " a sequence holds something other than items")
     [move] = settled(edge_server.home, failed_stores, 1)  # Instances Transferred, failed
     assert action(move) == "R"
-    assert "move identifier cannot be decoded" in description(move)
+    assert "move refused: the identifier cannot be decoded" in description(move)
 
 
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"

@@ -11,14 +11,17 @@ and matched nothing.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 import dcmtk
 import dicomgen
+import pynetdicom
 import pytest
 import webpeer
 from conftest import HOST, TEST_AE, EdgeServer
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -88,3 +91,34 @@ def test_a_mislabelled_name_matches_a_query_in_any_character_set(
         ("Weiß^Jörg", sent[1].study_uid)]
     everything = dcmtk.findscu(server.port, {"PatientName": "*", "StudyInstanceUID": ""})
     assert len(everything.check().responses) == len(NAMES)
+
+
+def test_a_query_in_latin1_bytes_labelled_iso_ir_192_finds_the_study_stored_so(
+        box: tuple[EdgeServer, dict[int, dicomgen.GeneratedInstance]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A modality that writes Latin-1 under ISO_IR 192 queries that way too: its query
+    was read with U+FFFD for each such byte and matched nothing, while the stored name
+    is indexed as Latin-1; both sides read it alike now. pydicom's remark on the bytes
+    (a log line and a raw UserWarning on stderr) is one count line."""
+    server, sent = box
+    before = server.log()
+    query = b"".join(struct.pack("<HHI", group, number, len(value)) + value
+                     for group, number, value in (
+                         (0x0008, 0x0005, b"ISO_IR 192"), (0x0008, 0x0052, b"STUDY "),
+                         (0x0010, 0x0010, "Weiß*".encode("latin-1") + b" "),
+                         (0x0020, 0x000D, b"")))
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *_: query)
+    ae = AE(TEST_AE)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ImplicitVRLittleEndian)
+    assoc = ae.associate(HOST, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    stand_in = Dataset()  # what pynetdicom is given; `query` is what it sends
+    stand_in.QueryRetrieveLevel = "STUDY"
+    try:
+        found = [ident.StudyInstanceUID for status, ident in assoc.send_c_find(
+            stand_in, StudyRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00]
+    finally:
+        assoc.release()
+    assert found == [sent[1].study_uid]
+    logged = server.log()[len(before):]
+    assert "UserWarning" not in logged and "Failed to decode" not in logged

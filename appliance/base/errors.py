@@ -62,6 +62,9 @@ Tree::
                                   connection closes: never leaves appliance/hl7 (framing.py)
     _NotPlain                     a header the fast scan cannot walk: the ingest falls back to
                                   pydicom, never leaves services/header_scan.py
+    _Malformed                    a query or retrieve identifier that is no data set: becomes
+                                  QueryError(UNDECODABLE), never leaves
+                                  dimse/identifier_decoding.py
     _Unreadable                   a stored file unreadable before anything was sent: the
                                   sub-operation fails (one gone waits for its study's
                                   recall first), never leaves dimse/move_get.py
@@ -225,6 +228,7 @@ class QueryRefusal(enum.Enum):
 
     NOT_IN_MODEL = "the identifier does not fit the information model (level, keys)"
     MALFORMED_KEY = "a matching key's value is malformed (date, time, range, integer)"
+    UNDECODABLE = "the identifier's bytes are no data set in the transfer syntax"
 
 
 class QueryError(PacsEdgeError):

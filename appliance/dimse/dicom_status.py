@@ -49,8 +49,10 @@ PENDING_CODES = frozenset({Status.PENDING, Status.PENDING_WARNING})
 # Why a C-FIND (or a worklist query) is refused -> the failure status it answers.
 QUERY_STATUS = {
     QueryRefusal.NOT_IN_MODEL: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    # C-FIND's "unable to process" (0xC000) shares its code with Storage's.
+    # C-FIND's "unable to process" (0xC000) shares its code with Storage's. The request
+    # the box cannot understand is 0xC000; 0xC001 is a failure of the box's own.
     QueryRefusal.MALFORMED_KEY: Status.CANNOT_UNDERSTAND,
+    QueryRefusal.UNDECODABLE: Status.CANNOT_UNDERSTAND,
 }
 
 

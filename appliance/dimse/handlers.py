@@ -33,6 +33,7 @@ from appliance.base.errors import (
 )
 from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_BYTES
 from appliance.dimse.dicom_status import QUERY_STATUS, Status, status_label
+from appliance.dimse.identifier_decoding import read_identifier
 from appliance.dimse.negotiation import restrict_storage
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.store_response import StoreAnswer
@@ -253,7 +254,7 @@ class DimseHandlers:
             yield Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, None
             return
         try:
-            identifier = event.identifier
+            identifier = read_identifier(event, peer_label(event.assoc))
             matches = self.s.bridge.call(
                 answer(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title)
             )

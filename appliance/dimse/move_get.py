@@ -63,7 +63,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -78,9 +78,10 @@ from appliance.audit import Auditor
 from appliance.base import compat, logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.config import DicomConfig
-from appliance.base.errors import NotAuthorized, RetrieveRefusal, RetrieveRefused
-from appliance.dimse.dicom_status import Status
+from appliance.base.errors import NotAuthorized, QueryError, RetrieveRefusal, RetrieveRefused
+from appliance.dimse.dicom_status import QUERY_STATUS, Status
 from appliance.dimse.handlers import peer_label
+from appliance.dimse.identifier_decoding import decode_identifier, identifier_bytes
 from appliance.dimse.store_lane import (
     C_GET_RSP,
     C_MOVE_RSP,
@@ -323,13 +324,12 @@ class _Retrieval:
     def _plan(self, *, move_destination: str | None = None) -> Plan | None:
         name = self.action.value
         try:
-            identifier = decode(self.req.Identifier, self.ts.is_implicit_VR,
-                                self.ts.is_little_endian, self.ts.is_deflated)
-        except Exception as exc:
-            log.warning("%s refused: identifier cannot be decoded error=%s %s",
-                        name, type(exc).__name__, self.label)
-            self._audit_failure(f"identifier cannot be decoded ({type(exc).__name__})")
-            self._respond(Status.CANNOT_UNDERSTAND)
+            identifier = decode_identifier(identifier_bytes(self.req.Identifier), self.ts,
+                                           label=self.label)
+        except QueryError as exc:
+            log.warning("%s refused reason=%s %s", name, exc.message, self.label)
+            self._audit_failure(f"refused: {exc.message}")
+            self._respond(QUERY_STATUS[exc.kind])
             return None
         try:
             return self.att.bridge.call(self.att.service.plan(

@@ -22,6 +22,7 @@ from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
 from appliance.base.errors import QueryError
 from appliance.dimse.dicom_status import QUERY_STATUS, Status
+from appliance.dimse.identifier_decoding import read_identifier
 from appliance.dimse.send_queue import wait_for_send_room
 from appliance.services.worklist import WorklistRefused, WorklistService
 
@@ -58,7 +59,7 @@ class WorklistScp:
             yield Status.REFUSED_NOT_AUTHORIZED, None
             return
         try:
-            matches = self.bridge.call(self.service.find(calling, event.identifier))
+            matches = self.bridge.call(self.service.find(calling, read_identifier(event, label)))
         except QueryError as exc:
             log.warning("worklist query refused reason=%s %s", exc.message, label)
             self._audit(event, None, exc.message)
