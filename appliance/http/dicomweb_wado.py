@@ -145,20 +145,22 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     stream = MultipartStream(request, DICOM)
     for listed in found.instances:
         item, fh = await _opened(request, listed)
-        transcoded = None
-        if not as_stored and item.transfer_syntax not in syntaxes:
-            # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py).
-            transcoded = await asyncio.to_thread(explicit_little, fh)
-            if transcoded is None:  # the answer has begun: the part goes as it was sent
-                log.warning("wado-rs instance sent in its stored syntax: it cannot be"
-                            " transcoded transfer_syntax=%s", item.transfer_syntax)
-                await asyncio.to_thread(fh.seek, 0)
-        if transcoded is None:
-            await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
-                              file_chunks(fh))
-        else:
+        try:
+            transcoded = None
+            if not as_stored and item.transfer_syntax not in syntaxes:
+                # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py).
+                transcoded = await asyncio.to_thread(explicit_little, fh)
+                if transcoded is None:  # the answer has begun: the part goes as it was sent
+                    log.warning("wado-rs instance sent in its stored syntax: it cannot be"
+                                " transcoded transfer_syntax=%s", item.transfer_syntax)
+                    await asyncio.to_thread(fh.seek, 0)
+            if transcoded is None:
+                await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
+                                  file_chunks(fh))
+            else:
+                await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}", transcoded)
+        finally:  # also when the client left or a read failed before file_chunks closed it
             await asyncio.to_thread(fh.close)
-            await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}", transcoded)
     return await stream.finish()
 
 
