@@ -52,6 +52,8 @@ import pytest
 import unitsandbox
 import yaml
 
+from appliance.base.config import load_config
+
 # Builds a wheelhouse and installs two venvs: minutes, not seconds. The module must stay on
 # one worker (`make test` distributes whole modules, --dist loadfile): the fleet is built
 # once, and fleets built side by side fight over the one service user (USER) and the
@@ -252,7 +254,7 @@ def test_files_owners_modes_and_rendered_config(fleet: Fleet) -> None:
         assert f'ae_title = "{variables["pacs_edge_ae_title"]}"' in text
         assert f'\nport = {variables["pacs_edge_dicom_port"]}\n' in text
         assert f'\ntls_port = {variables["pacs_edge_dicom_tls_port"]}\n' in text
-        assert "evict_after_days = 14" in text
+        assert "evict_after_days = 14.0" in text
         plain = "false" if host == TLS_ONLY_HOST else "true"
         assert f"\nplain_enabled = {plain}\n" in text
         assert tomllib.loads(text)["hl7"] == {
@@ -751,8 +753,10 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
     units' ExecStart= names it), a control character in any setting the units or their
     drop-ins are written with (a newline there adds lines to the unit; a cloud URL's %0A
     becomes one in cloud-folder.conf once decoded): each stops its host at the preflight
-    with a message naming the variable; a rehydration priority Azure does not know stops
-    it earlier, at the role's argument spec (its choices)."""
+    with a message naming the variable; so does a pacs_edge_settings key that has a
+    variable of its own, a null, a key that is no bare TOML key, or a store or drop
+    folder outside the data home; a rehydration priority Azure does not know stops it
+    earlier, at the role's argument spec (its choices)."""
     wheel = tmp_path / "pacs_edge-0.1.0-py3-none-any.whl"
     wheel.touch()  # the preflight checks the name; nothing gets installed
     not_a_build = tmp_path / "viewer"
@@ -784,12 +788,25 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
         "user-tab": {"pacs_edge_user": "pacs\tedge"},
         "credentials-del": {"pacs_edge_cloud_url": "azure://site-packs",
                             "pacs_edge_cloud_credentials_file": "/etc/pacs-edge/creds\x7f"},
+        # A second route to a key the preflight checks, and the units are written from.
+        "settings-own-variable": {"pacs_edge_settings": {"hl7": {"message_timeout": 30,
+                                                                 "port": 104}}},
+        "settings-null": {"pacs_edge_settings": {"audit": {"syslog_ca_file": None}}},
+        # A key is written bare: this one would end its line and open [dicom].
+        "settings-key-lines": {"pacs_edge_settings": {"hl7": {"idle = 1\n[dicom]\nport": 104}}},
+        # ProtectSystem=strict: serve could write neither.
+        "settings-store-outside": {"pacs_edge_settings": {"store": {"path": "/srv/store"}}},
+        "settings-drop-up": {"pacs_edge_settings": {"dropfolder": {"paths": ["in", "../x"]}}},
     }
     unique, complete = ("Assert that each peer has a name and an AE title of its own",
                         "Assert that every peer is complete and allowed only known services")
     metrics, cloud = ("Assert that the metrics settings are valid",
                       "Assert that the cloud and eviction settings are valid")
     paths = "Assert that the paths fit the systemd units"
+    shape, own, home_paths = (
+        "Assert that pacs_edge_settings holds tables of settings",
+        "Assert that pacs_edge_settings leaves the keys of the role's own variables alone",
+        "Assert that pacs_edge_settings puts the folders the services write in the data home")
     control = "Assert that the settings written into the systemd units hold no control character"
     expected_task = {"peer-ae-twice": unique, "peer-name-twice": unique,
                      "peer-ae-backslash": complete, "peer-ae-control": complete,
@@ -798,7 +815,10 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
                      "rehydrate-priority": "Validating arguments against arg spec 'main' -"
                                            " Install, configure and start a pacs-edge box",
                      "azure-no-credentials": cloud, "cloud-url-newline": control,
-                     "home-newline": control, "user-tab": control, "credentials-del": control}
+                     "home-newline": control, "user-tab": control, "credentials-del": control,
+                     "settings-own-variable": own, "settings-null": shape,
+                     "settings-key-lines": shape, "settings-store-outside": home_paths,
+                     "settings-drop-up": home_paths}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"pacs_edge": {
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": str(HOST_PYTHON),
@@ -835,6 +855,9 @@ def test_preflight_refuses_bad_settings_before_changing_anything(tmp_path: Path)
                      "pacs_edge_cloud_credentials_file"):
         assert f"{variable} is written into a systemd unit or drop-in and must not hold a " \
             "control character" in proc.stdout, variable
+    assert "pacs_edge_settings: [hl7] port is set with pacs_edge_hl7_port, not here" \
+        in proc.stdout
+    assert "[store] path must name folders inside the data home" in proc.stdout
     assert not (tmp_path / "root").exists()
 
 
@@ -1065,6 +1088,37 @@ def test_a_run_failing_before_config_check_restarts_nothing_and_the_next_run_doe
     proc, restarts = run("EDGE_NEW")
     recap = {m[1]: (int(m[3]), int(m[5])) for m in _RECAP.finditer(proc.stdout)}
     assert recap == {"box": (0, 0)} and restarts == [], proc.stdout[-6000:]
+
+
+def test_settings_without_a_variable_of_their_own_reach_the_box_and_config_check(
+    tmp_path: Path,
+) -> None:
+    """`[hl7] message_timeout`, `[workflow] worklist_past_days` and the other keys without a
+    variable of their own reach the box through pacs_edge_settings, a string holding
+    quotes, a backslash, a newline, DEL and a character beyond U+FFFF included, and the
+    installed pacs-edge accepts the file: its `config check --config-file` (validate:)
+    and its whole `config check`, after a real `init`, as the role runs them. The play
+    starts at the config (--start-at-task) on a box whose venv runs this checkout's
+    pacs-edge. The role had no route to these keys: every box kept their defaults."""
+    root = _stand_in_box(tmp_path, tmp_path / "init-fails")
+    venv = root / "opt/pacs-edge/venv/bin"
+    (venv / "pacs-edge").write_text(
+        f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m appliance.cli \"$@\"\n")
+    (venv / "python").unlink()
+    (venv / "python").symlink_to(sys.executable)  # the certificate probe's cryptography
+    site = 'St. "Mary\'s" \\ 𠮷田\nwest wing\x7f'
+    proc = _play_from_config(tmp_path, root, {"pacs_edge_settings": {
+        "hl7": {"message_timeout": 120.5}, "workflow": {"worklist_past_days": 7},
+        "audit": {"site_id": site}, "prefetch": {"modalities": ["CT", "MR"]}}})
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert re.search(r"TASK \[pacs_edge : Check the configuration and every file it names, as"
+                     r" the service user\] \**\nok: ", proc.stdout), proc.stdout[-6000:]
+    config = load_config(root / "var/lib/pacs-edge")
+    assert config.hl7.message_timeout == 120.5
+    assert config.workflow.worklist_past_days == 7
+    assert config.audit.site_id == site
+    assert config.prefetch.modalities == ("CT", "MR")
+    assert config.dicom.ae_title == "EDGE"  # the role's own variables, written as before
 
 
 def test_https_port_below_1024_gets_the_capability_drop_in(tmp_path: Path) -> None:
