@@ -47,6 +47,8 @@ in place. A SOP Instance UID that is current in another study (sent again under
 another Study Instance UID) stays current where it was received last, by the
 manifests' `received_at`: studies are restored in no particular order, and the
 content received first becomes the prior version whichever comes back first.
+A series that followed its last instance into another study follows it here too,
+whichever instance of the version is listed first.
 A study restore writes takes its state without a transition row: nothing
 happened to it on this box yet. So a study with a tier history is this box's
 agent's: a version of it is added while it is `evicted` (its state stays),
@@ -365,8 +367,9 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
         access_tier=version.access_tier, created_at=m.created_at)
     for sop_uid in m.withdrawn:  # it left the study: its content here is a prior version
         withdraw_current(conn, sop_uid, study_fk, now)
+    current = []
     for entry in m.instances:
-        inst, se = entry.instance, entry.instance.series
+        inst = entry.instance
         path = _store_path(m, entry)
         received_at = inst.received_at or m.created_at
         if newer_in_another_study(conn, inst.sop_uid, study_fk, received_at):
@@ -376,7 +379,15 @@ def _insert_version(conn: sqlite3.Connection, version: _Version,
                               pack_offset=entry.offset, pack_length=entry.length,
                               is_local=path in local)
             continue
-        make_way(conn, inst.sop_uid, entry.sha256, path, now)  # before: it may drop a series
+        make_way(conn, inst.sop_uid, entry.sha256, path, now)
+        current.append((entry, path, received_at))
+    # Every instance makes way before any series is filed: an instance that left another
+    # study for this one took its series along when it was the series' last there
+    # (store/index.py _supersede), and a series is refused under a second study while
+    # an instance of it is current in the first; the version's instances listed before
+    # that one would have been refused, and the whole version with them.
+    for entry, path, received_at in current:
+        inst, se = entry.instance, entry.instance.series
         series_fk, _ = hierarchy.upsert_series(conn, study_fk, se, instances=0)
         stored = StoredFile(path, entry.length, entry.dataset_offset, entry.sha256,
                             received_at, inst.source_ae)

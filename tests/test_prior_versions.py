@@ -15,6 +15,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -414,3 +415,52 @@ async def test_migration_drops_version_rows_that_name_a_current_file(tmp_path: P
                                                             [digest(y)])
     assert index_rows(home, "SELECT is_local, pack_fk FROM instance_versions") == [(1, None)]
     assert_fsck_clean(home)
+
+
+def test_a_series_that_followed_its_instance_into_another_study_is_restored(
+    tmp_path: Path,
+) -> None:
+    """X, the one instance of series S in study A, sent again under study B with S kept
+    (S goes along), then Z, new in B's S; each study replicated after. The index is
+    lost and restore meets A's version 1 (S holds X), then B's version 1, before A's
+    version 2 that withdraws X: B's version lists Z (instance 1) before X and was
+    refused ("its Series Instance UID belongs to another study on this box"), so study
+    B stayed out of the index until A's version 2 was restored, for ever without it."""
+    home = init_home(tmp_path / "home")
+    first = dicomgen.make_study(tmp_path / "study", seed=88, series_per_study=1,
+                                instances_per_series=1, size=16)[0]
+    x = dicomgen.altered_copy(first, tmp_path / "sent" / "x.dcm", InstanceNumber=2)
+    moved = dicomgen.altered_copy(first, tmp_path / "sent" / "moved.dcm", InstanceNumber=2,
+                                  StudyInstanceUID=dicomgen.make_uid(88, "study B"))
+    z = dicomgen.altered_copy(first, tmp_path / "sent" / "z.dcm", InstanceNumber=1,
+                              StudyInstanceUID=dicomgen.make_uid(88, "study B"),
+                              SOPInstanceUID=dicomgen.make_uid(88, "z"))
+    run_pacs_edge("import", "--home", str(home), str(x))
+    sync_once(home)
+    run_pacs_edge("import", "--home", str(home), str(moved), str(z))
+    sync_once(home)
+    folders = {uid: str(name).split("/")[1] for uid, name in index_rows(
+        home, "SELECT st.study_uid, p.manifest_name FROM packs p"
+              " JOIN studies st ON st.id = p.study_fk")}
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    staged = tmp_path / "staged"
+    b = str(pydicom.dcmread(moved).StudyInstanceUID)
+    for study, version in ((first.study_uid, 1), (b, 1), (first.study_uid, 2)):
+        source = home / "cloud" / "studies" / folders[study]
+        target = staged / "studies" / folders[study]
+        target.mkdir(parents=True, exist_ok=True)
+        for blob in source.iterdir():  # the version's manifest, pack, keys and metadata
+            if f"v{version:06d}." in blob.name:
+                copy = shutil.copytree if blob.is_dir() else shutil.copy2
+                copy(blob, target / blob.name)
+        run_pacs_edge("restore", "--home", str(home), "--cloud", f"file://{staged}")
+
+    found = index_rows(home, "SELECT st.study_uid, se.series_uid, i.sop_uid FROM instances i"
+                             " JOIN series se ON se.id = i.series_fk"
+                             " JOIN studies st ON st.id = se.study_fk")
+    assert sorted(found) == sorted([(b, first.series_uid, first.sop_instance_uid),
+                                    (b, first.series_uid, str(pydicom.dcmread(z).SOPInstanceUID))])
+    assert versions_of(home, first.sop_instance_uid) == ([digest(moved)], [digest(x)])
+    assert_fsck_clean(home)
+
