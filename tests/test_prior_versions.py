@@ -464,3 +464,37 @@ def test_a_series_that_followed_its_instance_into_another_study_is_restored(
     assert versions_of(home, first.sop_instance_uid) == ([digest(moved)], [digest(x)])
     assert_fsck_clean(home)
 
+
+def test_a_lost_index_rebuilt_from_the_store_keeps_a_series_that_followed_its_instance(
+    tmp_path: Path,
+) -> None:
+    """X, the one instance of series S in study A, sent again under study B with S kept
+    (S goes along), then Z, new in B's S; never replicated, and the index is lost.
+    `fsck --repair` adopted the files in path order: A's X (current), then Z, whose
+    series was still A's: "unreadable, left in place" (its Series Instance UID belongs
+    to another study), though it was stored and answered before the loss."""
+    home = init_home(tmp_path / "home")
+    first = dicomgen.make_study(tmp_path / "study", seed=89, series_per_study=1,
+                                instances_per_series=1, size=16)[0]
+    # UIDs in the order that put A's file first and Z's before X's in B's series
+    a, b = sorted(dicomgen.make_uid(89, "study", n) for n in range(2))
+    z_uid, x_uid = sorted(dicomgen.make_uid(89, "instance", n) for n in range(2))
+    x = dicomgen.altered_copy(first, tmp_path / "sent" / "x.dcm", StudyInstanceUID=a,
+                              SOPInstanceUID=x_uid)
+    moved = dicomgen.altered_copy(first, tmp_path / "sent" / "moved.dcm",
+                                  StudyInstanceUID=b, SOPInstanceUID=x_uid)
+    z = dicomgen.altered_copy(first, tmp_path / "sent" / "z.dcm", StudyInstanceUID=b,
+                              SOPInstanceUID=z_uid)
+    for path in (x, moved, z):
+        run_pacs_edge("import", "--home", str(home), str(path))
+    for path in home.glob("index.sqlite3*"):
+        path.unlink()
+    run_pacs_edge("fsck", "--repair", "--home", str(home))
+
+    found = index_rows(home, "SELECT st.study_uid, se.series_uid, i.sop_uid FROM instances i"
+                             " JOIN series se ON se.id = i.series_fk"
+                             " JOIN studies st ON st.id = se.study_fk")
+    assert sorted(found) == [(b, first.series_uid, z_uid), (b, first.series_uid, x_uid)]
+    assert versions_of(home, x_uid) == ([digest(moved)], [digest(x)])
+    assert_local_rows_have_their_files(home)
+    assert_fsck_clean(home)

@@ -1,7 +1,8 @@
 """`pacs-edge fsck`: reconcile the file store with the index.
 
 - A file without an index row (a crash between the rename and the commit) is
-  reported, and with `--repair` adopted: as the current instance when its SOP
+  reported, and with `--repair` adopted, oldest first (by mtime, the time its content
+  was last received): as the current instance when its SOP
   Instance UID is unknown, or when the index holds other content received before
   the file was written (its mtime); as a prior version of other content received
   after.
@@ -75,7 +76,7 @@ async def fsck(files: FileStore, index: Index, *, repair: bool, content: bool = 
     if content:
         report.damaged_files = await _damaged(files, index, len(local & on_disk), on_progress)
     if repair:
-        for relative in report.orphan_files:
+        for relative in await asyncio.to_thread(_oldest_first, files, report.orphan_files):
             try:
                 header = await _adopt(files, index, relative)
             except RejectedInstance as exc:  # InvalidInstance, or beyond the inflate limit
@@ -84,6 +85,21 @@ async def fsck(files: FileStore, index: Index, *, repair: bool, content: bool = 
                 report.adopted.append(relative)
                 on_adopted(header)
     return report
+
+
+def _oldest_first(files: FileStore, paths: list[str]) -> list[str]:
+    """`paths` in the order their files were last received (mtime, then path): adopted
+    so, they are recorded as ingest recorded them. In path order, an instance of a
+    series that had followed another instance into its study (store/index.py
+    _supersede) could come before that instance, while the series was still the
+    first study's, and was refused ("its Series Instance UID belongs to another
+    study on this box") until a second run."""
+    def received(relative: str) -> float:
+        try:
+            return files.absolute(relative).stat().st_mtime
+        except OSError:  # gone or unreadable: its adoption says why
+            return 0.0
+    return sorted(paths, key=lambda relative: (received(relative), relative))
 
 
 async def _damaged(files: FileStore, index: Index, total: int,
