@@ -20,6 +20,11 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def send_raw(server: EdgeServer, path: Path) -> int:
+    return int(store_response(server, path).Status)
+
+
+def store_response(server: EdgeServer, path: Path) -> pydicom.Dataset:
+    """The C-STORE response pynetdicom gets for the file at `path`, sent as it is."""
     with pydicom.config.disable_value_validation():
         meta = read_file_meta_info(path)
         ae = AE(ae_title="TESTSCU")
@@ -27,7 +32,8 @@ def send_raw(server: EdgeServer, path: Path) -> int:
         assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
         assert assoc.is_established
         try:
-            return int(assoc.send_c_store(path).Status)
+            response: pydicom.Dataset = assoc.send_c_store(path)
+            return response
         finally:
             assoc.release()
 
@@ -127,11 +133,13 @@ def test_malformed_traffic_is_dropped_and_the_server_keeps_serving(
     assert edge_server.echo().ok
 
 
-def test_an_instance_whose_series_belongs_to_another_study_is_refused(
+def test_an_instance_whose_series_belongs_to_another_study_is_refused_saying_so(
     edge_server: EdgeServer, tmp_path: Path,
 ) -> None:
     """It was filed under the other study (the series row kept its study): the C-STORE
-    succeeded, a C-GET of its own study found nothing, one of the other study found it."""
+    succeeded, a C-GET of its own study found nothing, one of the other study found it.
+    Then its 0xC000 came without an Error Comment: to the sender, a well-formed
+    instance refused as if it could not be parsed."""
     first = dicomgen.make_study(tmp_path / "first", seed=91, series_per_study=1,
                                 instances_per_series=1, size=16)[0]
     other = dicomgen.make_study(tmp_path / "other", seed=92, series_per_study=1,
@@ -141,7 +149,9 @@ def test_an_instance_whose_series_belongs_to_another_study_is_refused(
     borrowed = tmp_path / "borrowed-series.dcm"
     dataset.save_as(borrowed, enforce_file_format=True)
     assert send_raw(edge_server, first.path) == SUCCESS
-    assert send_raw(edge_server, borrowed) == CANNOT_UNDERSTAND
+    refused = store_response(edge_server, borrowed)
+    assert (refused.Status, refused.ErrorComment) == (
+        CANNOT_UNDERSTAND, "Series Instance UID belongs to another study on this box")
     assert instance_count(edge_server) == 1
     assert len(list((edge_server.home / "store").rglob("*.dcm"))) == 1
     assert "Series Instance UID belongs to another study" in edge_server.log()

@@ -170,6 +170,7 @@ class Rejection(enum.Enum):
 
     INVALID = "not valid DICOM: cannot be parsed, truncated, bad UIDs"
     NOT_AS_REQUESTED = "the dataset is not the instance its request announced"
+    SERIES_OF_ANOTHER_STUDY = "its series is another study's on this box"
     INFLATE_LIMIT = "a deflated dataset inflates beyond the configured limit"
     OUT_OF_SPACE = "no space left for the file or the index"
 
@@ -185,7 +186,8 @@ class RejectedInstance(PacsEdgeError):
 
 class InvalidInstance(RejectedInstance):
     """The data cannot be understood (not DICOM, truncated, invalid UIDs), or, with
-    kind NOT_AS_REQUESTED, is not the instance its C-STORE request announced."""
+    kind NOT_AS_REQUESTED, is not the instance its C-STORE request announced, or,
+    with kind SERIES_OF_ANOTHER_STUDY, names a series the box holds under another study."""
 
     def __init__(self, reason: str, *, kind: Rejection = Rejection.INVALID) -> None:
         super().__init__(reason, kind=kind)

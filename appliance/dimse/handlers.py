@@ -53,8 +53,14 @@ _SERVICE = {"store": "C-STORE", "find": "C-FIND", "move": "C-MOVE", "get": "C-GE
 REJECTION_STATUS = {
     Rejection.INVALID: Status.CANNOT_UNDERSTAND,
     Rejection.NOT_AS_REQUESTED: Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Rejection.SERIES_OF_ANOTHER_STUDY: Status.CANNOT_UNDERSTAND,
     Rejection.INFLATE_LIMIT: Status.OUT_OF_RESOURCES,
     Rejection.OUT_OF_SPACE: Status.OUT_OF_RESOURCES,
+}
+# Where the status alone would mislead the sender's operator: 0xC000 also says that the
+# data set cannot be parsed, and this one is well-formed; its UIDs are what to look at.
+_REJECTION_COMMENT = {
+    Rejection.SERIES_OF_ANOTHER_STUDY: "Series Instance UID belongs to another study on this box",
 }
 _UNKNOWN_CALLING_AE = "calling AE title is not in the allowlist (pacs-edge peers add)"
 _FIND_MODELS = {
@@ -290,7 +296,7 @@ class DimseHandlers:
             log.error("store refused: out of resources reason=%s %s", exc.reason, label)
         else:
             log.warning("store refused: cannot understand reason=%s %s", exc.reason, label)
-        return StoreAnswer(status)
+        return StoreAnswer(status, _REJECTION_COMMENT.get(exc.kind, ""))
 
     def _audit_query(self, event: Any, matches: int | None, reason: str = "") -> None:
         raw = event.request.Identifier

@@ -21,7 +21,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Protocol
 
-from appliance.base.errors import InvalidInstance
+from appliance.base.errors import InvalidInstance, Rejection
 from appliance.store import database, order_rows
 from appliance.store.tiering import TierState
 from appliance.store.times import time_key
@@ -262,7 +262,8 @@ def upsert_series(conn: sqlite3.Connection, study_fk: int, s: SeriesFields, *,
          s.body_part, s.series_date, s.series_time, instances),
     )
     if int(row[2]) != study_fk:
-        raise InvalidInstance("its Series Instance UID belongs to another study on this box")
+        raise InvalidInstance("its Series Instance UID belongs to another study on this box",
+                              kind=Rejection.SERIES_OF_ANOTHER_STUDY)
     return int(row[0]), int(row[1])
 
 
