@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dicomgen
@@ -25,6 +28,17 @@ def send_raw(server: EdgeServer, path: Path) -> int:
 
 def store_response(server: EdgeServer, path: Path) -> pydicom.Dataset:
     """The C-STORE response pynetdicom gets for the file at `path`, sent as it is."""
+    return store_responses(server, path, times=1)[0]
+
+
+def send_raw_repeatedly(server: EdgeServer, path: Path, *, times: int) -> list[int]:
+    """The statuses of `times` C-STOREs of `path`'s dataset bytes on one association."""
+    return [int(response.Status) for response in store_responses(server, path, times=times)]
+
+
+def store_responses(server: EdgeServer, path: Path, *, times: int) -> list[pydicom.Dataset]:
+    """The responses to `times` C-STOREs of the file at `path`, sent as it is, on one
+    association."""
     with pydicom.config.disable_value_validation():
         meta = read_file_meta_info(path)
         ae = AE(ae_title="TESTSCU")
@@ -32,8 +46,7 @@ def store_response(server: EdgeServer, path: Path) -> pydicom.Dataset:
         assoc = ae.associate(server.host, server.port, ae_title=server.ae_title)
         assert assoc.is_established
         try:
-            response: pydicom.Dataset = assoc.send_c_store(path)
-            return response
+            return [assoc.send_c_store(path) for _ in range(times)]
         finally:
             assoc.release()
 
@@ -157,3 +170,30 @@ def test_an_instance_whose_series_belongs_to_another_study_is_refused_saying_so(
     assert "Series Instance UID belongs to another study" in edge_server.log()
     fsck = edge_server.cli("fsck")
     assert "consistent" in fsck.stdout
+
+
+def test_truncated_instances_arriving_alongside_whole_ones_refuse_only_themselves(
+    edge_server: EdgeServer, raw_sender: None, tmp_path: Path,
+) -> None:
+    """pydicom reads both (a Patient's Name outside ASCII; Pixel Data cut before its
+    sequence delimiter, which pydicom remarks on). Each association's reads once
+    swapped the process's warnings filters and hook (warnings.catch_warnings) and put
+    back what another had set: a whole instance was refused as truncated (the other's
+    remark reached its list), and after the storm a filter stayed installed for good."""
+    whole = dicomgen.make_non_ascii_instance(tmp_path).path
+    cine = dicomgen.make_fragmented_cine(tmp_path / "cine").path
+    truncated = tmp_path / "truncated-cine.dcm"
+    truncated.write_bytes(cine.read_bytes()[:-5000])
+    senders, sends = 6, 300
+    start = threading.Barrier(senders)
+
+    def sender(number: int) -> list[int]:
+        start.wait()
+        return send_raw_repeatedly(edge_server, truncated if number % 2 else whole,
+                                   times=sends)
+
+    with ThreadPoolExecutor(senders) as pool:
+        statuses = list(pool.map(sender, range(senders)))
+    answered = [Counter(answers) for answers in statuses]
+    assert answered == [{SUCCESS: sends}, {CANNOT_UNDERSTAND: sends}] * (senders // 2)
+    assert instance_count(edge_server) == 1

@@ -21,12 +21,11 @@ to MAX_INFLATED, the most of any data set the box holds in memory for a request
 services answer 0xC000 Unable to Process.
 
 Then pydicom reads it and every value is converted here, not when a service first
-reads it. pydicom logs a WARNING line, and issues a warning that Python prints to
-stderr, for each element it reads badly (an unknown tag in Implicit VR, a value its
-character set cannot read): 10,000 lines for an identifier of 10,000 such elements.
-While a thread decodes, those go nowhere and are counted (a logging filter and the
-warnings hook, both per thread: other threads' pydicom lines still show); one line
-with the count is logged instead.
+reads it. pydicom logs a WARNING line for each element it reads badly (an unknown
+tag in Implicit VR, a value its character set cannot read): 10,000 lines for an
+identifier of 10,000 such elements. While a thread decodes, those are held back and
+counted (pydicom_remarks.held_back: other threads' pydicom lines still show); one
+line with the count is logged instead.
 
 A text value whose bytes its Specific Character Set cannot read (Latin-1 bytes under
 ISO_IR 192, as real modalities send them) is read as Latin-1, as the index reads such
@@ -38,8 +37,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
-import warnings
 import zlib
 from io import BytesIO
 from typing import Any
@@ -53,6 +50,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from appliance.base.errors import QueryError, QueryRefusal
+from appliance.services import pydicom_remarks
 from appliance.services.dicom_json import REPLACEMENT, latin1_fallback
 from appliance.services.element_encoding import (
     ITEM,
@@ -87,17 +85,16 @@ def decode_identifier(raw: bytes, syntax: UID, *, label: str) -> Dataset:
     except _Malformed as exc:
         raise QueryError(QueryRefusal.UNDECODABLE,
                          f"the identifier cannot be decoded: {exc}") from None
-    _quiet.count = 0
-    try:
-        identifier = read_dataset(BytesIO(data), implicit, little)
-        _convert(identifier)
-    except Exception as exc:  # pydicom's many types for a value it cannot convert
-        raise QueryError(QueryRefusal.UNDECODABLE, "the identifier cannot be decoded:"
-                         f" a value cannot be read ({type(exc).__name__})") from None
-    finally:
-        remarks, _quiet.count = _quiet.count, None
+    with pydicom_remarks.held_back() as remarks:
+        try:
+            identifier = read_dataset(BytesIO(data), implicit, little)
+            _convert(identifier)
+        except Exception as exc:  # pydicom's many types for a value it cannot convert
+            raise QueryError(QueryRefusal.UNDECODABLE, "the identifier cannot be decoded:"
+                             f" a value cannot be read ({type(exc).__name__})") from None
     if remarks:
-        log.warning("identifier read: pydicom remarks not logged count=%d %s", remarks, label)
+        log.warning("identifier read: pydicom remarks not logged count=%d %s", len(remarks),
+                    label)
     return identifier
 
 
@@ -229,31 +226,3 @@ def _sequence(tag: int, vr: bytes) -> bool | None:
         return dictionary_VR(tag) == VR.SQ
     except KeyError:
         return None
-
-
-# --- pydicom's remarks, silenced in the decoding thread ---------------------------------
-
-_quiet = threading.local()
-_quiet.count = None
-
-
-class _CountedNotLogged(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        count = getattr(_quiet, "count", None)
-        if count is None:
-            return True
-        _quiet.count = count + 1
-        return False
-
-
-def _show_warning(message: Any, category: Any, filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    """warnings.showwarning, but nothing for a thread that is decoding: pydicom's
-    warn_and_log issues each remark as a warning too, printed to stderr."""
-    if getattr(_quiet, "count", None) is None:
-        _shown(message, category, filename, lineno, file, line)
-
-
-logging.getLogger("pydicom").addFilter(_CountedNotLogged())
-_shown = warnings.showwarning
-warnings.showwarning = _show_warning

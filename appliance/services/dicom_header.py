@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +32,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from appliance.base import compat
 from appliance.base.errors import InvalidInstance
 from appliance.base.uids import is_valid_uid, normalise_uid
-from appliance.services import header_scan
+from appliance.services import header_scan, pydicom_remarks
 from appliance.services.deflated import read_deflated_elements
 from appliance.services.dicom_json import REPLACEMENT, latin1_fallback
 from appliance.store.instance_header import InstanceHeader
@@ -86,10 +85,9 @@ def read_header(path: str | Path, *, max_inflated: int = DEFAULT_MAX_INFLATED,
             ts = normalise_uid(meta.get("TransferSyntaxUID", ""))
             if ts == DeflatedExplicitVRLittleEndian:
                 return header_from_dataset(_read_deflated(fh, max_inflated), ts)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with pydicom_remarks.held_back() as remarks:
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
-        if any("End of file" in str(w.message) for w in caught):
+        if any("End of file" in remark for remark in remarks):
             raise InvalidInstance("dataset is truncated")
         _check_complete(ds, path)
         return header_from_dataset(ds, ts)
@@ -110,8 +108,7 @@ def _read_deflated(fh: BinaryIO, max_inflated: int) -> Dataset:
     kept = read_deflated_elements(fh, _INDEX_TAGS, limit=max_inflated)
     # The walk kept whole elements, so nothing here can run short; pydicom's remarks
     # on odd encodings could quote values (PHI), so they go nowhere.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pydicom_remarks.held_back():
         return read_dataset(DicomBytesIO(kept), is_implicit_VR=False, is_little_endian=True)
 
 

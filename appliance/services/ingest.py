@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from concurrent import futures
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from appliance.base.errors import (
 )
 from appliance.base.metrics import INGEST_IN_PROGRESS, INSTANCES_OF_ANOTHER_PATIENT
 from appliance.base.uids import normalise_uid
+from appliance.services import pydicom_remarks
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore, store_failure
 from appliance.store.index import HeldCopy, Index, RecordOutcome, StoredFile
@@ -290,8 +290,7 @@ def _dataset_sop_uids(fh: BinaryIO, transfer_syntax: str) -> tuple[str, str]:
         return "", ""
     start = fh.tell()
     try:
-        with warnings.catch_warnings():  # pydicom's remarks could quote values (PHI)
-            warnings.simplefilter("ignore")
+        with pydicom_remarks.held_back():  # pydicom's remarks could quote values (PHI)
             head = DicomBytesIO(fh.read(_SOP_UIDS_WITHIN))
             ds = read_dataset(head, is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
                               is_little_endian=transfer_syntax != ExplicitVRBigEndian,
