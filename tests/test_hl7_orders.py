@@ -200,11 +200,13 @@ def test_an_ihe_procedure_completed_xo_after_the_modalitys_mpps_completes_the_or
         ("IN PROGRESS", "mpps"), ("COMPLETED", "hl7")]
 
 
-def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_error(
+def test_a_change_of_an_unknown_order_or_a_cancel_of_another_patients_is_an_application_error(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     server, port = hl7_edge
-    ack = hl7peer.send(port, hl7peer.orm("C9", "CA", accession="NOPE"))
-    assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "204")
+    for control_id, control in (("X9", "XO"), ("S9", "SC")):
+        ack = hl7peer.send(port, hl7peer.orm(control_id, control, accession="NOPE"))
+        assert (ack.code, ack.error_field, ack.error_code) == ("AE", "OBR-18", "204"), ack
+    assert worklist(server) == []
     assert hl7peer.send(port, hl7peer.orm("N1", accession="A5")).code == "AA"
     for control_id, control in (("C1", "CA"), ("D1", "DC"), ("X1", "XO")):
         ack = hl7peer.send(port, hl7peer.orm(control_id, control, accession="A5",
@@ -212,6 +214,39 @@ def test_cancel_of_an_unknown_order_or_of_another_patients_is_an_application_err
         assert (ack.code, ack.error_field, ack.error_code) == ("AE", "PID-3", "204")
     order = show(server, "A5")
     assert (order["status"], order["modality"]) == ("SCHEDULED", "CT")
+
+
+def test_a_cancel_that_overtakes_its_new_order_keeps_the_late_order_off_the_worklist(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """Out-of-order delivery: the RIS's NW got an AR (resend it), its queue sent the CA
+    next, then the NW again; or its feeds use two connections. The CA of an order the
+    box had not seen was AE 204 and forgotten, so the late NW scheduled an exam the RIS
+    had withdrawn, on a modality's worklist. Now the CA (or DC, or an SC reporting one)
+    records the order, discontinued, and the late NW is refused saying so."""
+    server, port = hl7_edge
+    cases = (("CA", "", "cancel"), ("DC", "", "discontinue"), ("SC", "CA", "discontinue"))
+    for n, (control, status, trigger) in enumerate(cases):
+        accession = f"LATE{n}"
+        early = hl7peer.orm(f"E{n}", control, accession=accession)
+        if status:
+            early = early.replace(f"ORC|SC|PL{accession}|FL{accession}|",
+                                  f"ORC|SC|PL{accession}|FL{accession}||{status}", 1)
+        ack = hl7peer.send(port, early)
+        assert (ack.code, ack.text) == ("AA", "no such order yet: recorded as discontinued,"
+                                        " a later new order is refused"), ack
+        late = hl7peer.send(port, hl7peer.orm(f"N{n}", accession=accession))
+        assert (late.code, late.error_code, late.text) == (
+            "AE", "205", "duplicate_order: an order with this accession number exists and"
+            " is discontinued"), late
+        order = show(server, accession)
+        assert order["status"] == "DISCONTINUED"
+        assert [(step["from_state"], step["to_state"], step["trigger"])
+                for step in order["history"]] == [("SCHEDULED", "DISCONTINUED", trigger)]
+    assert worklist(server, "--status", "SCHEDULED") == []
+    # Nor does the modality's worklist query (findscu -W: SCHEDULED steps).
+    found = dcmtk.findscu(server.port, {"PatientID": "", "AccessionNumber": ""},
+                          model="worklist").check()
+    assert found.responses == []
 
 
 def test_second_new_order_with_the_same_accession_is_refused_naming_what_differs(

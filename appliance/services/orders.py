@@ -25,7 +25,13 @@ Rules:
   share it. CA, DC and XO find the order by accession number (else by the
   placer order number) and move it through order_states.py's table: CA only
   while SCHEDULED, DC while SCHEDULED or IN PROGRESS, XO (new details) only
-  while SCHEDULED. SC reports the order's status (ORC-5, read by the edge):
+  while SCHEDULED. A CA or DC (or an SC reporting it) for an order the box has
+  not seen overtook its NW (a RIS queue resent the NW after an AR, or feeds
+  over two connections): the order is recorded as the message states it and
+  discontinued at once (AA, MSA-3 says so), so the NW that arrives after it is
+  refused (AE 205, "exists and is discontinued") and no cancelled exam reaches
+  a modality's worklist. An XO or another SC for an unknown order is AE 204.
+  SC reports the order's status (ORC-5, read by the edge):
   in progress, completed or discontinued moves the order there through the
   same table (completed from SCHEDULED, for a modality that sends no MPPS, is
   a start then a completion); a status the order has already reached, or one
@@ -188,6 +194,8 @@ class Effect:
     accession_number: str = ""
     study_uid: str = ""
     prior: PatientKey | None = None
+    # A cancel or discontinue that came before its order: recorded, and discontinued.
+    before_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,8 @@ def _apply(conn: sqlite3.Connection, header: MessageHeader, request: Request) ->
     text = "" if len(effects) == len(applied) else (
         "the order exists as sent: nothing changed" if len(applied) == 1 else
         f"{len(applied) - len(effects)} of the orders exist as sent: they did not change")
+    if not text and any(effect.before_order for effect in effects):
+        text = "no such order yet: recorded as discontinued, a later new order is refused"
     store.record_message(conn, _record(header, "AA", "", ""), now)
     return Outcome(accepted=True, text=text, effects=effects)
 
@@ -374,8 +384,7 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest,
     order = (store.find_order(conn, request.accession_number)
              or store.find_order_by_placer(conn, request.placer_order_number))
     if order is None:
-        raise MessageRefused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
-                       request.key_field)
+        return _ended_before_order(conn, request, now)
     if not _same_patient(order.patient, request.patient):
         raise MessageRefused(Refusal.OTHER_PATIENT, "the order belongs to another patient",
                              "PID-3")
@@ -396,6 +405,31 @@ def _order_effect(conn: sqlite3.Connection, request: OrderRequest,
                                                                           "change"),
                   order.patient, order.demographics.patient_name, order.accession_number,
                   order.study_uid)
+
+
+def _ended_before_order(conn: sqlite3.Connection, request: OrderRequest,
+                        now: float) -> Effect:
+    """A CA or DC (or an SC reporting one) for an order the box does not hold: its NW is
+    late. Answering AE and forgetting it let that NW schedule an exam the RIS had
+    withdrawn. The order is recorded as this message states it, then moved by the same
+    trigger an in-order delivery would have applied (one transition row, as ever), so
+    the late NW finds it discontinued and is refused. Anything else for an unknown
+    order (XO, SC in progress or completed) is refused: it cannot stand without the NW."""
+    trigger = {OrderControl.CANCEL: OrderTrigger.CANCEL,
+               OrderControl.DISCONTINUE: OrderTrigger.DISCONTINUE}.get(request.control)
+    if request.control is OrderControl.STATUS and (
+            request.reported_status is OrderStatus.DISCONTINUED):
+        trigger = OrderTrigger.DISCONTINUE
+    if trigger is None:
+        raise MessageRefused(Refusal.UNKNOWN_ORDER, "no order with this accession number",
+                             request.key_field)
+    created = _create(conn, request, now)
+    order = store.find_order(conn, request.accession_number)
+    assert created is not None and order is not None  # inserted in this transaction
+    apply_sync(conn, order, trigger, source="hl7", at=now)
+    return Effect("cancel" if trigger is OrderTrigger.CANCEL else "discontinue",
+                  order.patient, order.demographics.patient_name, order.accession_number,
+                  order.study_uid, before_order=True)
 
 
 def _status_change(conn: sqlite3.Connection, order: Order, reported: OrderStatus | None,
@@ -424,8 +458,13 @@ def _check_sent_again(order: Order, request: OrderRequest) -> None:
     AE for it stops some interface engines' queues. The order must still stand
     (scheduled or in progress: an NW does not bring back a discontinued order, nor
     schedule a completed one again) and the NW must state it as the box holds it; any
-    other NW under the accession number is refused (205), naming what differs, since
-    a change is an XO and new demographics an A08."""
+    other NW under the accession number is refused (205), naming the order's final
+    status (a CA that overtook its NW recorded the order from what the CA held), else
+    what differs, since a change is an XO and new demographics an A08."""
+    if order.status not in (OrderStatus.SCHEDULED, OrderStatus.IN_PROGRESS):
+        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number"
+                             f" exists and is {order.status.value.lower()}",
+                             request.key_field)
     differs = [name for name, same in (
         ("patient", order.patient == request.patient),
         ("placer order number", order.placer_order_number == request.placer_order_number),
@@ -437,10 +476,6 @@ def _check_sent_again(order: Order, request: OrderRequest) -> None:
     if differs:
         raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number"
                              f" exists with another {', '.join(differs)}", request.key_field)
-    if order.status not in (OrderStatus.SCHEDULED, OrderStatus.IN_PROGRESS):
-        raise MessageRefused(Refusal.DUPLICATE_ORDER, "an order with this accession number"
-                             f" exists and is {order.status.value.lower()}",
-                             request.key_field)
 
 
 def _same_patient(order: PatientKey, message: PatientKey) -> bool:
