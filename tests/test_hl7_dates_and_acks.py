@@ -344,3 +344,64 @@ def test_a_message_naming_no_character_set_is_read_in_the_one_the_site_configure
                            model="worklist", aet=MODALITY).check()
     assert sorted(str(item.PatientName) for item in result.responses) == [
         "M\u00dcLLER^ANNA", "M\u00dcLLER^J\u00dcRGEN"]
+
+
+# --- MSH-15 / MSH-16: the acknowledgements a sender asks for ------------------------
+
+def _asking(message: str, accept: str, application: str) -> str:
+    """`message` with MSH-15 (accept ACK) and MSH-16 (application ACK) conditions."""
+    return message.replace("|P|2.5\r", f"|P|2.5|||{accept}|{application}\r", 1)
+
+
+@pytest.mark.parametrize(("accept", "application", "applied", "refused"), [
+    ("", "", "AA", "AE"),  # original mode
+    ("NE", "AL", "AA", "AE"),  # original mode, as enhanced mode spells it
+    ("AL", "AL", "AA", "AE"),  # one ACK: the application ACK, no accept ACK before it
+    ("AL", "NE", "CA", "CE"),  # an accept ACK only
+    ("AL", "", "CA", "CE"),
+    ("ER", "NE", None, "CE"),
+    ("SU", "NE", "CA", None),
+    ("NE", "ER", None, "AE"),
+    ("NE", "SU", "AA", None),
+    ("NE", "NE", None, None),  # no ACK at all
+])
+def test_a_message_gets_the_acknowledgement_its_msh15_and_msh16_ask_for(
+        hl7_edge: tuple[EdgeServer, int], accept: str, application: str,
+        applied: str | None, refused: str | None) -> None:
+    """The box answered every message with an original-mode ACK whatever MSH-15 and
+    MSH-16 said: AA to a sender that asked for an accept ACK (CA) alone, and an ACK to
+    one that asked for none (NE/NE), which such a sender never reads: its socket
+    buffer fills until the box stops reading it and closes the connection. Now each
+    message gets the one ACK its conditions ask for, or none. On one connection: an
+    order applied, an order refused (XO of an unknown order), then an original-mode
+    order whose AA must be the next ACK read, so that no answer was left unread."""
+    server, port = hl7_edge
+    tag = f"M{accept or 'x'}{application or 'x'}"
+    sock = hl7peer.raw(port)
+    try:
+        sent = [(f"{tag}A", _asking(hl7peer.orm(f"{tag}A", accession=f"{tag}A"), accept,
+                                    application), applied),
+                (f"{tag}R", _asking(hl7peer.orm(f"{tag}R", "XO", accession=f"{tag}R"), accept,
+                                    application), refused),
+                (f"{tag}O", hl7peer.orm(f"{tag}O", accession=f"{tag}O"), "AA")]
+        for _, message, _ in sent:
+            sock.sendall(hl7peer.frame(message))
+        answers = [hl7peer.read_ack(sock) for _, _, code in sent if code is not None]
+    finally:
+        sock.close()
+    assert [(a.code, a.control_id) for a in answers] == [
+        (code, control_id) for control_id, _, code in sent if code is not None]
+    for answer in answers:
+        if answer.code in ("AE", "CE"):
+            assert (answer.error_field, answer.error_code) == ("OBR-18", "204"), answer
+    assert {f"{tag}A", f"{tag}O"} <= _accessions(server)
+
+
+def test_a_rejected_header_gets_a_commit_reject_when_only_an_accept_ack_is_asked_for(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    _, port = hl7_edge
+    message = _asking(hl7peer.orm("MCR", accession="MCR"), "AL", "NE").replace(
+        "|P|2.5|", "|P|3.0|", 1)
+    ack = hl7peer.parse_ack(hl7peer.frame(_ack_bytes(port, message.encode())))
+    assert (ack.code, ack.control_id, ack.error_field, ack.error_code) == (
+        "CR", "MCR", "MSH-12", "203")

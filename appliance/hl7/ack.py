@@ -1,9 +1,27 @@
-"""HL7 original-mode acknowledgements (ACK with MSA, and ERR when something failed).
+"""HL7 acknowledgements (ACK with MSA, and ERR when something failed).
 
 Codes (MSA-1): AA the message's effect is committed; AE it was understood
 but not applied (content error: ERR names the field); AR it was rejected
 for its header (type, control ID, encoding characters, character set) or
 because the box could not apply it now (the sender should resend).
+
+Which ACK a message gets (`reply`): at most one, on its connection, once the
+message is applied or refused. With MSH-15 and MSH-16 both empty (original
+mode), that ACK, always. A sender that fills either asks for enhanced mode
+(HL7 v2.5 2.9.3), whose conditions (table 0155: AL always, NE never, ER on an
+error or reject, SU on success) the box follows as far as one connection and
+a box that never calls the sender allow:
+- MSH-16 asks for an application ACK for this outcome: the ACK above (AA, AE,
+  AR). NE/AL is the standard's own spelling of original mode; with AL/AL the
+  box sends no separate accept ACK before it: it would arrive where a sender
+  that reads one answer a message expects the next message's;
+- else MSH-15 asks for an accept ACK: CA (committed: given after the commit,
+  as AA is), CE (the content was refused: nothing is stored, so nothing is
+  committed) or CR (the header, or the box could not apply it now);
+- else nothing is written: the sender asked for no answer (NE/NE, or ER and
+  SU for the outcome they leave out). The message is applied all the same.
+A condition outside table 0155 counts as AL: an answer the sender did not
+expect is better than none it waits for.
 
 An AA may carry ERR segments of severity W (ERR-3 0, "message accepted"):
 a field the box applied without keeping it as sent (messages.Note: a birth
@@ -33,6 +51,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from appliance.base.hl7_charsets import CHARSETS
@@ -67,16 +86,46 @@ def control_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d%H%M%S}{os.getpid() % 100000:05d}{next(_counter):06d}"
 
 
-def ack_code(ack: bytes) -> str:
-    """MSA-1 of an ACK that build_ack made (its second segment): AA, AE or AR. Every set
-    the box answers in keeps ASCII as is, so the bytes are split as they are."""
-    return ack.split(b"\r", 2)[1].split(b"|", 2)[1].decode("ascii")
+# Enhanced mode's accept acknowledgement (HL7 table 0008) for each outcome.
+_COMMIT_CODES = {AckCode.ACCEPT: "CA", AckCode.ERROR: "CE", AckCode.REJECT: "CR"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A message's outcome (`code`, as original mode says it: what the metrics count)
+    and the ACK written back for it, None when the sender asked for none."""
+
+    code: AckCode
+    ack: bytes | None
+
+
+def reply(code: AckCode, header: MessageHeader | None, *, text: str = "",
+          location: str = "", error: ErrorCode | None = None,
+          notes: tuple[Note, ...] = ()) -> Reply:
+    """The ACK the sender asked for with MSH-15 and MSH-16 (the module docstring)."""
+    if header is None or not (header.accept_ack or header.application_ack) or _wanted(
+            header.application_ack, code):
+        commit = False
+    elif _wanted(header.accept_ack, code):
+        commit = True
+    else:
+        return Reply(code, None)
+    return Reply(code, build_ack(code, header, text=text, location=location, error=error,
+                                 notes=notes, commit=commit))
+
+
+def _wanted(condition: str, code: AckCode) -> bool:
+    """Whether an MSH-15 or MSH-16 condition asks for an ACK of this outcome ('' is none:
+    the other field was filled)."""
+    return {"NE": False, "": False, "ER": code is not AckCode.ACCEPT,
+            "SU": code is AckCode.ACCEPT}.get(condition, True)
 
 
 def build_ack(code: AckCode, header: MessageHeader | None, *, text: str = "",
               location: str = "", error: ErrorCode | None = None,
-              notes: tuple[Note, ...] = ()) -> bytes:
-    """The ACK message, segments joined by CR, encoded (see the module docstring)."""
+              notes: tuple[Note, ...] = (), commit: bool = False) -> bytes:
+    """The ACK message, segments joined by CR, encoded (see the module docstring); with
+    `commit`, an accept ACK (CA, CE, CR)."""
     h = header
     now = f"{datetime.now(UTC):%Y%m%d%H%M%S}+0000"
     msh = [
@@ -88,7 +137,8 @@ def build_ack(code: AckCode, header: MessageHeader | None, *, text: str = "",
         _esc(h.processing_id) if h and h.processing_id else "P",
         _esc(h.version) if h and h.version else "2.5",
     ]
-    segments = ["|".join(["MSA", code.value, _esc(h.control_id if h else ""),
+    segments = ["|".join(["MSA", _COMMIT_CODES[code] if commit else code.value,
+                          _esc(h.control_id if h else ""),
                           _esc(text[:80])])]
     if error is not None:
         segments.append(_err(location, error, "E", text))

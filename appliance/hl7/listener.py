@@ -27,8 +27,10 @@ MLLP or too large, a message that cannot be parsed, an unsupported type, a
 processing ID this box does not apply) is told to `on_rejected` (the audit:
 one failed record per sender, address and reason in a window).
 
-Messages on one connection are answered in order, one at a time (HL7
-original mode); connections are served concurrently.
+Messages on one connection are answered in order, one at a time, with the one
+ACK (or none) that MSH-15 and MSH-16 ask for (ack.py: original mode, or as much
+of enhanced mode as one connection carries); connections are served
+concurrently.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from appliance.base.config import Hl7Config
 from appliance.base.errors import PacsEdgeError
 from appliance.base.metrics import HL7_MESSAGES
 from appliance.hl7 import framing, messages
-from appliance.hl7.ack import AckCode, ack_code, build_ack
+from appliance.hl7.ack import AckCode, Reply, reply
 from appliance.hl7.messages import ErrorCode, Hl7Error
 from appliance.services.orders import MessageHeader, OrderService, Outcome, Refusal
 from appliance.services.peers import Allowlist
@@ -213,7 +215,7 @@ class Hl7Listener:
                 text = f"message exceeds {self.config.max_message_bytes} bytes"
                 await self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
                                ErrorCode.DATA_TYPE, text)
-                await self._send(connection, build_ack(
+                await self._send(connection, reply(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.DATA_TYPE,
                     text=text), timeout)
                 return
@@ -222,14 +224,14 @@ class Hl7Listener:
                 text = "MLLP block does not begin with <VT>"
                 await self._rejected(sender, connection.address, AckCode.REJECT, "MSH",
                                ErrorCode.SEGMENT_SEQUENCE, text)
-                await self._send(connection, build_ack(
+                await self._send(connection, reply(
                     AckCode.REJECT, None, location="MSH", error=ErrorCode.SEGMENT_SEQUENCE,
                     text=text), timeout)
                 continue
             connection.busy = True
             try:
-                ack = await self._answer(block, sender=sender, address=connection.address)
-                await self._send(connection, ack, timeout)
+                answer = await self._answer(block, sender=sender, address=connection.address)
+                await self._send(connection, answer, timeout)
             finally:
                 connection.busy = False
                 connection.last_active = time.monotonic()
@@ -238,7 +240,7 @@ class Hl7Listener:
                 # back to back would keep the connection, and the stop, for the whole grace.
                 return
 
-    async def _answer(self, block: bytes, *, sender: str, address: str) -> bytes:
+    async def _answer(self, block: bytes, *, sender: str, address: str) -> Reply:
         try:
             parsed = messages.parse(block, self.config.unnamed_charset)
         except Hl7Error as exc:
@@ -247,8 +249,8 @@ class Hl7Listener:
             code = AckCode.REJECT if exc.reject else AckCode.ERROR
             await self._rejected(sender, address, code, exc.location, exc.code, exc.text,
                                  exc.header)
-            return build_ack(code, exc.header, text=exc.text, location=exc.location,
-                             error=exc.code)
+            return reply(code, exc.header, text=exc.text, location=exc.location,
+                         error=exc.code)
         processing = parsed.header.processing_id.upper() or "P"
         if processing not in self.config.processing_ids:
             # A RIS's training or debugging message on a production box: its order would
@@ -259,16 +261,16 @@ class Hl7Listener:
                     f"{' or '.join(self.config.processing_ids)} only")
             await self._rejected(sender, address, AckCode.REJECT, "MSH-11",
                            ErrorCode.UNSUPPORTED_PROCESSING_ID, text, parsed.header)
-            return build_ack(AckCode.REJECT, parsed.header, location="MSH-11",
-                             error=ErrorCode.UNSUPPORTED_PROCESSING_ID, text=text)
+            return reply(AckCode.REJECT, parsed.header, location="MSH-11",
+                         error=ErrorCode.UNSUPPORTED_PROCESSING_ID, text=text)
         try:
             outcome = await self.service.apply(parsed.header, parsed.request, sender=sender,
                                                address=address)
         except PacsEdgeError as exc:
             log.error("hl7 message not applied type=%s error=%s", parsed.header.message_type,
                       type(exc).__name__)
-            return build_ack(AckCode.REJECT, parsed.header, error=ErrorCode.INTERNAL,
-                             text="the box could not apply the message now; resend it")
+            return reply(AckCode.REJECT, parsed.header, error=ErrorCode.INTERNAL,
+                         text="the box could not apply the message now; resend it")
         if outcome.accepted:
             for note in parsed.notes:  # the field and why, never its value (PHI)
                 log.info("hl7 field not stored as sent type=%s field=%s reason=%s",
@@ -285,18 +287,19 @@ class Hl7Listener:
                 sender, address, f"{ack.value} {location} {code.name.lower()}", text,
                 header.message_type if header is not None else ""))
 
-    async def _send(self, connection: _Connection, ack: bytes, timeout: float) -> None:
-        HL7_MESSAGES.labels(ack_code(ack)).inc()
-        connection.writer.writeblock(ack)
+    async def _send(self, connection: _Connection, answer: Reply, timeout: float) -> None:
+        HL7_MESSAGES.labels(answer.code.value).inc()
+        if answer.ack is None:
+            return  # the sender asked for no acknowledgement (MSH-15, MSH-16)
+        connection.writer.writeblock(answer.ack)
         await asyncio.wait_for(connection.writer.drain(), timeout)
 
 
-def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> bytes:
+def _ack_for(outcome: Outcome, parsed: messages.Parsed) -> Reply:
     if outcome.accepted:
-        return build_ack(AckCode.ACCEPT, parsed.header,
-                         text="duplicate: already applied" if outcome.duplicate
-                         else outcome.text,
-                         notes=parsed.notes)
+        return reply(AckCode.ACCEPT, parsed.header,
+                     text="duplicate: already applied" if outcome.duplicate else outcome.text,
+                     notes=parsed.notes)
     assert outcome.refusal is not None
-    return build_ack(AckCode.ERROR, parsed.header, text=outcome.text, location=outcome.location,
-                     error=_REFUSAL_CODES[outcome.refusal])
+    return reply(AckCode.ERROR, parsed.header, text=outcome.text, location=outcome.location,
+                 error=_REFUSAL_CODES[outcome.refusal])

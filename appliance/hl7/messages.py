@@ -207,6 +207,7 @@ def read_header(raw: bytes, unnamed_charset: str) -> tuple[MessageHeader, hl7.Me
         processing_id=_get(msh, 11), version=_get(msh, 12),
         sha256=as_sent.sha256, charset=charset,
         read_as=read_as, raw_sha256=hashlib.sha256(raw).hexdigest(),
+        accept_ack=_get(msh, 15).upper(), application_ack=_get(msh, 16).upper(),
     )
     if not code:
         raise Hl7Error("message type is missing", "MSH-9", ErrorCode.REQUIRED_FIELD_MISSING,
@@ -256,6 +257,7 @@ def _msh_as_sent(raw: bytes, first_line: bytes, separator: bytes,
         processing_id=field(11), version=field(12),
         sha256=_content_sha256(raw, first_line, separator),
         charset=charset, read_as=read_as,
+        accept_ack=field(15).upper(), application_ack=field(16).upper(),
     )
 
 

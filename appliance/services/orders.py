@@ -132,6 +132,10 @@ class MessageHeader:
     # SHA-256 of the bytes as sent, MSH-7 included: what versions before the content
     # hash left MSH-7 out recorded, so a resend of a message they applied is one still.
     raw_sha256: str = ""
+    # MSH-15 and MSH-16, upper case ('' when not sent): which acknowledgements the sender
+    # asks for (HL7 table 0155: AL, NE, ER, SU); both empty is original mode.
+    accept_ack: str = ""
+    application_ack: str = ""
 
     @property
     def message_type(self) -> str:
