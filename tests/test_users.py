@@ -406,6 +406,51 @@ def test_the_address_throttle_keeps_a_bounded_number_of_addresses() -> None:
     assert throttle.retry_after("10.0.0.1", 1000.0) == 600
 
 
+def test_an_ipv6_host_taking_fresh_addresses_is_throttled_by_its_64_not_its_neighbours(
+        home: Path) -> None:
+    # An IPv6 host holds a whole /64 and may use a fresh address for every try: before,
+    # each address had its own count (a real run against serve: 40 addresses of one
+    # /64, 40 passwords checked against a limit of 4).
+    net = "2001:db8:1:2::"
+
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        one_host = [await _kind(service, f"user{n}", "Winter2026!Winter", net + "10")
+                    for n in range(3)]
+        assert one_host == [AuthFailure.BAD_CREDENTIALS] * 2 + [AuthFailure.THROTTLED]
+        assert await _kind(service, "rad1", PASSWORD, net + "11") is None  # its neighbour
+        # The /64 may fail HOSTS_PER_NETWORK (5) times the address's 2: 2 above, 8 here.
+        fresh = [await _kind(service, f"user{n}", "Winter2026!Winter", f"{net}{n + 256:x}")
+                 for n in range(10)]
+        assert fresh == [AuthFailure.BAD_CREDENTIALS] * 8 + [AuthFailure.THROTTLED] * 2
+        assert await _kind(service, "rad1", PASSWORD, net + "12") is AuthFailure.THROTTLED
+        assert await _kind(service, "rad1", PASSWORD, "2001:db8:1:3::10") is None
+
+    with_service(home, scenario, failed_logins_per_address=2)
+
+
+def test_an_ipv4_mapped_address_counts_as_its_ipv4_address(home: Path) -> None:
+    async def scenario(service: UserService) -> list[AuthFailure | None]:
+        await _add(service)
+        return [await _kind(service, f"user{n}", "Winter2026!Winter", address)
+                for n, address in enumerate(["::ffff:10.0.0.9", "10.0.0.9", "::ffff:10.0.0.9",
+                                             "10.0.0.9"])]
+
+    assert with_service(home, scenario, failed_logins_per_address=2) == [
+        AuthFailure.BAD_CREDENTIALS] * 2 + [AuthFailure.THROTTLED] * 2
+
+
+def test_failing_from_many_other_addresses_does_not_free_an_address_at_its_limit() -> None:
+    # Before, the least recently failed address was forgotten first, whatever its count:
+    # a client failing from ADDRESSES others (fresh IPv6 addresses) freed a throttled one.
+    throttle = AddressThrottle(limit=2, window=600.0)
+    for _ in range(2):
+        throttle.fail("192.0.2.7", 1000.0)
+    for n in range(login_throttle.ADDRESSES):
+        throttle.fail(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 1001.0)
+    assert throttle.retry_after("192.0.2.7", 1001.0) == 599
+
+
 def test_a_failed_logins_per_address_of_zero_turns_the_throttle_off(home: Path) -> None:
     async def scenario(service: UserService) -> set[AuthFailure | None]:
         return {await _kind(service, f"user{n}", "Winter2026!Winter", "10.0.0.9")

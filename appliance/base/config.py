@@ -735,7 +735,8 @@ _COMMENTS = {
     "auth.lockout_minutes": "...for this long (`pacs-edge users unlock` ends it early).",
     "auth.failed_logins_per_address": "Failed logins from one client address, whatever the"
     " names, after which its logins are refused (429) until lockout_minutes after its"
-    " first (0: off; behind a reverse proxy every client shares the proxy's address).",
+    " first (0: off; behind a reverse proxy every client shares the proxy's address;"
+    " an IPv6 client's /64 may have five times as many).",
     "auth.session_idle_minutes": "A web session ends after this long without a request...",
     "auth.session_max_hours": "...and this long after login, however active.",
     "auth.link_max_ttl_minutes": "Longest validity `pacs-edge link --ttl` may give a launch link.",

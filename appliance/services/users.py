@@ -13,7 +13,9 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
 - [auth] failed_logins_per_address wrong passwords from one client address, whatever
   the names, refuse that address's logins unchecked (THROTTLED) for the rest of
   lockout_minutes (login_throttle.py): one client spraying a password across many
-  names gets that many checks, not max_failed_logins per name.
+  names gets that many checks, not max_failed_logins per name. An IPv6 client's /64
+  is counted too (HOSTS_PER_NETWORK times as many), so fresh addresses do not help;
+  the right password is refused as well while its address is.
 - A session token is 32 random bytes (URL-safe text); only its SHA-256 is stored. A
   session ends after session_idle_minutes without use or session_max_hours after
   login, when the user is removed, and when their password changes. A password is
