@@ -15,7 +15,10 @@ from datetime import datetime
 from pathlib import Path
 
 import dicomgen
-from conftest import EdgeServer, init_home, pacs_edge_command
+from conftest import HOST, TEST_AE, EdgeServer, init_home, pacs_edge_command
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
 from syncagent import SyncAgent, index_rows
 
 DEADLINE = 20.0
@@ -143,3 +146,47 @@ def test_status_names_a_silent_agent_whose_earlier_pass_ran_on_a_clock_ahead(
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, **clock.env})
     assert '"code": "sync_agent_silent"' in status.stdout, status.stdout
+
+
+def _serve_on(clock: SteppedClock, home: Path, **dicom: float) -> EdgeServer:
+    server = EdgeServer(home)
+    server.configure(dicom=dicom)
+    return server.start(prefix=("env", *(f"{k}={v}" for k, v in clock.env.items())))
+
+
+def _associate(server: EdgeServer) -> Association:
+    ae = AE(ae_title=TEST_AE)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, server.port, ae_title=server.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def test_an_open_association_outlives_a_step_of_the_wall_clock_ahead(tmp_path: Path) -> None:
+    clock = SteppedClock(tmp_path)
+    server = _serve_on(clock, init_home(tmp_path / "home"), network_timeout=30.0)
+    try:
+        assoc = _associate(server)
+        clock.step("+1h")  # NTP sets the clock of a box that booted an hour behind
+        time.sleep(1)  # the server's reactor looks at its timers every 0.25 s
+        assert assoc.send_c_echo().Status == 0, server.log()[-2000:]
+        assoc.release()
+    finally:
+        server.stop()
+    assert "no PDU within network_timeout" not in server.log()
+
+
+def test_a_silent_association_still_ends_after_the_wall_clock_steps_back(
+        tmp_path: Path) -> None:
+    clock = SteppedClock(tmp_path)
+    server = _serve_on(clock, init_home(tmp_path / "home"), network_timeout=2.0)
+    try:
+        assoc = _associate(server)
+        clock.step("-1y")  # a clock corrected after a year ahead
+        deadline = time.monotonic() + DEADLINE
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not assoc.is_established, "the box kept a silent association open"
+    finally:
+        server.stop()
+    assert "no PDU within network_timeout=2s" in server.log()

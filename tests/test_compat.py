@@ -28,6 +28,7 @@ import aiosqlite
 import pydicom
 import pynetdicom.acse
 import pynetdicom.association
+import pynetdicom.dul
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import BaseScheduler
@@ -54,6 +55,7 @@ PATCH_PATTERNS = [
     r"\._is_transport_event\b", r"\._decode_pdu\b", r"\._recv_pdu\b", r"\._idle_timer\b",
     r"\.set_uid\s*=", r"\.add_transfer_syntax\s*=", r"\._transfer_syntax\b",
     r"\b_init_value\b", r"\b_INITIAL_MMAP_SIZE\b", r"\.to_user_queue\.queue\b",
+    r"\bdul\.Timer\s*=",
 ]
 
 
@@ -313,6 +315,27 @@ def test_requested_associations_get_the_race_free_reactor() -> None:
     upstream = Association._run_reactor.upstream  # type: ignore[attr-defined]
     assert not hasattr(upstream, "upstream")
     assert "compat.run_association_reactor" not in inspect.getsource(upstream)
+
+
+def test_association_timers_count_monotonic_seconds_where_upstream_counts_wall_clock_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    compat.steady_association_timers()
+    compat.steady_association_timers()
+    upstream = pynetdicom.dul.Timer.upstream  # type: ignore[attr-defined]
+    assert not hasattr(upstream, "upstream")
+    source = inspect.getsource(upstream)
+    assert "time.time() - self._start_time" in source and "self._end_time = None" in source
+    assert {"remaining", "start", "stop", "restart", "expired"} <= set(dir(upstream))
+    built = inspect.getsource(DULServiceProvider.__init__)
+    assert "self._idle_timer = Timer(" in built and "self.artim_timer = Timer(" in built
+    dul = DULServiceProvider(Association(AE(), "requestor"))
+    for timer in (dul._idle_timer, dul.artim_timer):
+        assert isinstance(timer, pynetdicom.dul.Timer)
+        timer.timeout = 60
+        timer.start()
+        monkeypatch.setattr(compat.time, "time", lambda: 1e12)  # the wall clock steps
+        assert 59 < timer.remaining <= 60 and not timer.expired
+        monkeypatch.undo()
 
 
 def test_a_requestor_whose_socket_closed_after_ready_aborts_leaving_the_answer_queued() -> None:

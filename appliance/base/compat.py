@@ -41,6 +41,11 @@ What is touched, and who uses it:
                                             requestors' checkpoint race, and a kill
                                             that polls every 1 ms, not 10
                                             (close_requestor_reactor_race)
+      dul.Timer (assigned: the name DULServiceProvider builds its ARTIM and
+        network-timeout timers with), read through Timer._start_time, _end_time
+                                            timers on the monotonic clock
+                                            (steady_association_timers: dimse/server.py
+                                            configure_pynetdicom, close_requestor_reactor_race)
       DULServiceProvider._is_transport_event, _decode_pdu, _recv_pdu, _idle_timer,
       event_queue, AssociationSocket.send   C-STORE send lane        (dimse/store_lane.py)
       to_primitive of a decoded association PDU (assigned on that object): the fsm's
@@ -606,10 +611,52 @@ def ack_after_sends(assoc: Any) -> None:
     transport.send = send_then_ack_at_once
 
 
+def steady_association_timers() -> None:
+    """Every association's ARTIM and network-timeout timers on the monotonic clock.
+
+    pynetdicom 3.0.4's Timer counts with `time.time()`, which steps when NTP corrects
+    the box's clock. Stepped ahead (a box that booted with a dead RTC battery), every
+    open association looked silent for the size of the step: each one, a modality's
+    transfer included, was aborted at once ("no PDU within network_timeout"). Stepped
+    back, a silent peer's association, and a connection that never sends its
+    A-ASSOCIATE-RQ, stayed open for as long as the step (years), each holding an
+    association slot until max_associations refused every modality. DUL objects
+    built afterwards get this Timer (the name DULServiceProvider builds them with is
+    assigned); upstream's stays reachable as `SteadyTimer.upstream`. Idempotent.
+    """
+    from pynetdicom import dul
+
+    if hasattr(dul.Timer, "upstream"):
+        return
+    upstream = dul.Timer
+
+    class SteadyTimer(upstream):  # type: ignore[misc, valid-type]
+        """pynetdicom's Timer, with `time.monotonic()` where upstream reads the wall clock."""
+
+        @property
+        def remaining(self) -> float:
+            if self.timeout is None:
+                return 1
+            if self._start_time is None:
+                return float(self.timeout)
+            end = time.monotonic() if self._end_time is None else self._end_time
+            return float(self.timeout - (end - self._start_time))
+
+        def start(self) -> None:
+            self._start_time = time.monotonic()
+            self._end_time = None
+
+        def stop(self) -> None:
+            self._end_time = time.monotonic()
+
+    SteadyTimer.upstream = upstream  # type: ignore[attr-defined]
+    dul.Timer = SteadyTimer
+
+
 def close_requestor_reactor_race() -> None:
     """Give every requested association (`AE.associate()`) in this process the race-free
     loop of run_association_reactor, polling every 1 ms as upstream's does, and every
-    association the kill of kill_association.
+    association the kill of kill_association (and steady_association_timers).
 
     Idempotent; called before the appliance's own SCUs associate (the acceptor's
     associations have their own reactor, dimse/transport.py) and by the tests for
@@ -618,6 +665,7 @@ def close_requestor_reactor_race() -> None:
     """
     from pynetdicom.association import Association
 
+    steady_association_timers()
     if hasattr(Association._run_reactor, "upstream"):
         return
     upstream = Association._run_reactor

@@ -113,8 +113,10 @@ def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: never log identifiers (PHI), send from files raw,
     no per-message log handlers (they format at INFO/DEBUG what the WARNING level below
     drops: CPU on every PDU and DIMSE message for nothing), negotiation's UIDs
-    converted once per process (compat.cache_negotiation_uids)."""
+    converted once per process (compat.cache_negotiation_uids), association timers that
+    a step of the wall clock leaves alone (compat.steady_association_timers)."""
     compat.cache_negotiation_uids()
+    compat.steady_association_timers()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_RESPONSE_IDENTIFIERS = False
