@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -549,6 +550,39 @@ def test_session_opened_before_the_clock_stepped_back_ends(home: Path) -> None:
         assert caught.value.kind is AuthFailure.EXPIRED
 
     with_service(home, scenario, clock=clock)
+
+
+def test_a_lockout_set_before_the_clock_stepped_back_ends(home: Path) -> None:
+    # Locked while the clock was a year ahead, then NTP corrected it: the lock counted
+    # its ten minutes from a year ahead, and the user (and a name no account has) stayed
+    # locked out for a year.
+    clock = Clock()
+
+    async def scenario(service: UserService) -> None:
+        await _add(service)
+        for name in ("rad1", "nobody"):
+            for _ in range(3):
+                await _kind(service, name, "wrong password!", "t")
+            assert await _kind(service, name, "wrong password!", "t") is AuthFailure.LOCKED_OUT
+        clock.advance(-365 * 86400)
+        assert await _kind(service, "rad1", PASSWORD, "t") is None
+        assert await _kind(service, "nobody", "wrong password!", "t") is (
+            AuthFailure.BAD_CREDENTIALS)
+
+    with_service(home, scenario, clock=clock, max_failed_logins=3, lockout_minutes=10.0)
+
+
+def test_users_list_shows_no_lockout_set_before_the_clock_stepped_back(home: Path) -> None:
+    clock = Clock()
+    clock.now = time.time() + 365 * 86400  # the box's clock a year ahead, then corrected
+
+    async def lock(service: UserService) -> None:
+        await _add(service)
+        for _ in range(service.config.auth.max_failed_logins):
+            await _kind(service, "rad1", "wrong password!", "t")
+
+    with_service(home, lock, clock=clock)
+    assert users_json(home)[0]["locked_until"] == ""
 
 
 def test_closed_session_and_removed_user_end_sessions(home: Path) -> None:

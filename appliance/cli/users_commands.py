@@ -37,6 +37,7 @@ from appliance.cli.common import (
 )
 from appliance.services.access import Role
 from appliance.services.users import UserService, check_account
+from appliance.store.clock_steps import still_ahead
 from appliance.store.index import Index
 
 T = TypeVar("T")
@@ -145,11 +146,13 @@ def users_list(home: Path | None, as_json: bool) -> None:
     """The web users, their role and whether they are locked out."""
     import time
 
-    listed = _run(load(home), lambda s: s.list_users())
-    now = time.time()
+    config = load(home)
+    listed = _run(config, lambda s: s.list_users())
+    now, lockout = time.time(), config.auth.lockout_minutes * 60
     rows: list[dict[str, Any]] = [
         {"name": u.name, "role": u.role, "referring": u.referring_name,
-         "locked_until": _when(u.locked_until) if u.locked_until > now else "",
+         "locked_until": _when(u.locked_until) if still_ahead(u.locked_until, now, lockout)
+         else "",
          "last_login": _when(u.last_login_at), "created": _when(u.created_at)}
         for u in listed]
     if as_json:

@@ -60,7 +60,7 @@ from appliance.services.access import Principal, Role
 from appliance.services.login_throttle import AddressThrottle
 from appliance.store import database
 from appliance.store import user_rows as rows
-from appliance.store.clock_steps import STEPPED_BACK_SLACK
+from appliance.store.clock_steps import STEPPED_BACK_SLACK, still_ahead
 from appliance.store.index import Index
 
 if TYPE_CHECKING:
@@ -237,9 +237,10 @@ class UserService:
         user = None
         if 0 < len(name) <= MAX_NAME_CHARS:
             user = await database.run_sync(self.index.reader, rows.find_user, name)
-        if user is not None and user.locked_until > now:
+        lockout = self.config.auth.lockout_minutes * 60
+        if user is not None and still_ahead(user.locked_until, now, lockout):
             raise _locked_out(user, address)
-        if user is None and self._unknown_names.locked(name, now):
+        if user is None and self._unknown_names.locked(name, now, lockout):
             raise _name_locked_out(name, address)
         if len(password) > MAX_PASSWORD_CHARS:
             password = password[:MAX_PASSWORD_CHARS + 1]  # wrong anyway; bounded cost
@@ -435,7 +436,7 @@ class VerifiedCredentials:
 
     def recall(self, user: UserRow, password: str, now: float) -> bool:
         entry = self._entries.get(self._digest(user, password))
-        return (entry is not None and entry[1] > now
+        return (entry is not None and still_ahead(entry[1], now, VERIFIED_SECONDS)
                 and hmac.compare_digest(entry[0], user.password_hash))
 
     def remember(self, user: UserRow, password: str, now: float) -> None:
@@ -464,16 +465,17 @@ class UnknownNameLocks:
     def _key(name: str) -> str:
         return name[:MAX_NAME_CHARS + 1]  # longer names are no account's: one key for all
 
-    def locked(self, name: str, now: float) -> bool:
+    def locked(self, name: str, now: float, lockout_seconds: float) -> bool:
         entry = self._entries.get(self._key(name))
-        return entry is not None and entry[1] > now
+        return entry is not None and still_ahead(entry[1], now, lockout_seconds)
 
     def fail(self, name: str, *, now: float, limit: int, lockout_seconds: float) -> _Verdict:
         """Count one failure, as _settle does for an account: LOCKED if the name was
         locked meanwhile (not counted), REFUSED_AND_LOCKED if this one locks it."""
         key = self._key(name)
         failures, until = self._entries.pop(key, (0, 0.0))
-        verdict = _Verdict.LOCKED if until > now else _Verdict.REFUSED
+        verdict = (_Verdict.LOCKED if still_ahead(until, now, lockout_seconds)
+                   else _Verdict.REFUSED)
         if verdict is _Verdict.REFUSED:
             failures += 1
             if failures >= limit:
@@ -511,7 +513,7 @@ def _settle(conn: sqlite3.Connection, user: UserRow, ok: bool, *, now: float,
     current = rows.find_user(conn, user.name)
     if current is None or current.id != user.id or current.password_hash != user.password_hash:
         return _Verdict.REFUSED
-    if current.locked_until > now:
+    if still_ahead(current.locked_until, now, auth.lockout_minutes * 60):
         return _Verdict.LOCKED
     if ok:
         rows.record_success(conn, user.id, now=now)
