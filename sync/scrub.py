@@ -121,8 +121,7 @@ async def scheduled_scrub(ctx: SyncContext) -> ScrubReport | None:
     # An unmounted NAS would otherwise have every pack it reads found damaged.
     await confirm_container(ctx.index, ctx.store, ctx.config.cloud_url)
     share = math.ceil(await packs_to_scrub_count(ctx.index) * fraction * SCRUB_INTERVAL / DAY)
-    packs = await packs_to_scrub(ctx.index, limit=share,
-                                 checked_before=time.time() - DAY / fraction)
+    packs = await packs_to_scrub(ctx.index, limit=share, now=time.time(), period=DAY / fraction)
     if not packs:
         return None
     report = await scrub_packs(ctx, packs)

@@ -458,8 +458,12 @@ def test_scrub_killed_at_each_step_loses_nothing_and_the_damage_is_still_repaire
     assert_recall_is_byte_identical(home, study[0].study_uid, hashes)
 
 
+@pytest.mark.parametrize("uploaded", [
+    "verified_at - 2 * 86400",  # two days ago: due again under a fraction of 1 per day
+    "verified_at + 365 * 86400",  # while the clock was a year ahead, since corrected
+])
 def test_the_agent_scrubs_its_daily_share_and_finds_the_damage(
-        box: tuple[Path, Cloud, Any]) -> None:
+        box: tuple[Path, Cloud, Any], uploaded: str) -> None:
     home, cloud, _ = box
     EdgeServer(home).configure(sync={"scrub_fraction_per_day": 1.0,
                                      "stable_after_seconds": 3600.0})
@@ -467,9 +471,9 @@ def test_the_agent_scrubs_its_daily_share_and_finds_the_damage(
     [(_, pack, *_)] = packs(home)
     cloud.flip_byte(pack, 60)
     db = sqlite3.connect(home / "index.sqlite3")
-    try:  # uploaded two days ago: due again under a fraction of 1 per day
+    try:
         with db:
-            db.execute("UPDATE packs SET verified_at = verified_at - 2 * 86400")
+            db.execute(f"UPDATE packs SET verified_at = {uploaded}")
     finally:
         db.close()
     agent = SyncAgent(home).start()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.store import database
+from appliance.store.clock_steps import due_condition
 from appliance.store.index import Index
 
 
@@ -217,15 +218,17 @@ async def study_pack_grants(index: Index, study_id: int) -> list[PackGrant]:
 
 
 async def packs_to_scrub(index: Index, *, limit: int | None = None,
-                         checked_before: float | None = None) -> list[PackRow]:
+                         now: float | None = None, period: float = 0.0) -> list[PackRow]:
     """Verified packs in use, or holding the only copy of a prior version, least recently
-    checked first; at most `limit`, and with `checked_before` only those not checked
-    since then."""
+    checked first; at most `limit`, and with `now` only those not checked in the `period`
+    seconds before it. One checked "after now" was checked before the wall clock stepped
+    back: it is due (clock_steps), not left unchecked until the clock catches up."""
     where = f"p.state = 'verified' AND {_SCRUBBED}"
     params: list[object] = []
-    if checked_before is not None:
-        where += f" AND {_CHECKED_AT} <= ?"
-        params.append(checked_before)
+    if now is not None:
+        due, args = due_condition(_CHECKED_AT, now - period, period)
+        where += f" AND {due}"
+        params.extend(args)
     sql = f"{_PACK_SQL} WHERE {where} ORDER BY {_CHECKED_AT}, p.id"
     if limit is not None:
         sql += " LIMIT ?"
