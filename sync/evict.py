@@ -148,7 +148,9 @@ async def eviction_candidates(ctx: SyncContext) -> list[StudyRow]:
     if not eviction_allowed(ctx):
         return []
     sync = ctx.config.sync
-    held = await database.run_sync(ctx.index.reader, held_study_uids, time.time())
+    held = await database.run_sync(
+        ctx.index.reader, lambda c: held_study_uids(
+            c, time.time(), keep_local_seconds=ctx.config.prefetch.keep_local_days * DAY))
     replicated = [s for s in await replicated_by_last_access(ctx.index)
                   if s.study_uid not in held]
     chosen: list[StudyRow] = []

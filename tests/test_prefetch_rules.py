@@ -165,6 +165,11 @@ def test_done_is_final_and_failed_only_retries() -> None:
         PriorTrigger.RETRY]
 
 
+def _held(now: float) -> Callable[[sqlite3.Connection], set[str]]:
+    """held_study_uids at `now` for requests made with a hold of 1000 s."""
+    return lambda c: held_study_uids(c, now, keep_local_seconds=1000.0)
+
+
 async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
     patient = PatientKey("P1", "HOSP")
     async with Index(tmp_path / "index.sqlite3") as index:
@@ -204,9 +209,34 @@ async def test_prior_rows_hold_and_retry(tmp_path: Path) -> None:
         assert await writer.submit_sync(lambda c: transitions_of(c, priors["1.2"].id)) == [
             ("pending", "rehydrating", "rehydrate"), ("rehydrating", "pending", "resume")]
         # Held until hold_until, whatever their state (but failed).
-        assert await writer.submit_sync(lambda c: held_study_uids(c, 1999.0)) == {
+        assert await writer.submit_sync(_held(1999.0)) == {
             "1.1", "1.2", "1.3"}
-        assert await writer.submit_sync(lambda c: held_study_uids(c, 2000.0)) == set()
+        assert await writer.submit_sync(_held(2000.0)) == set()
+
+
+async def test_a_hold_set_before_the_clock_stepped_back_ends_but_one_for_a_later_order_holds(
+        tmp_path: Path) -> None:
+    """A hold runs keep_local_days past the order's start, or past the request when it
+    has none: a manual one made while the clock was a year ahead held its priors out
+    of every eviction, the disk's watermark too, for a year after the correction."""
+    year, keep = 365 * 86400.0, 7 * 86400.0
+    async with Index(tmp_path / "index.sqlite3") as index:
+        writer = index.writer
+        assert writer is not None
+
+        def plan(conn: sqlite3.Connection) -> None:
+            for uid, needed in (("1.1", None), ("1.2", 1000.0 + year)):
+                request = insert_request(
+                    conn, PatientKey(f"P{uid}", "HOSP"), RequestTrigger.MANUAL,
+                    hold_until=max(needed or 0.0, 1000.0 + year) + keep, needed_at=needed,
+                    at=1000.0 + year)
+                assert request is not None
+                mark_planned(conn, request, [NewPrior(uid, "20250101", ("CT",), Source.LOCAL)],
+                             limit=1, at=1000.0 + year)
+
+        await writer.submit_sync(plan)
+        assert await writer.submit_sync(
+            lambda c: held_study_uids(c, 1000.0, keep_local_seconds=keep)) == {"1.2"}
 
 
 async def test_a_failure_that_may_pass_is_retried_with_backoff_until_the_attempts_end(
@@ -327,7 +357,7 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
             return order, request
 
         order, request = await writer.submit_sync(plan)
-        assert await writer.submit_sync(lambda c: held_study_uids(c, 1500.0)) == {
+        assert await writer.submit_sync(_held(1500.0)) == {
             "1.1", "1.2", "1.3", "1.6"}
         assert await writer.submit_sync(
             lambda c: end_for_cancelled_order(c, order, at=1500.0)) == request
@@ -349,7 +379,7 @@ async def test_a_cancelled_order_ends_its_prefetch(tmp_path: Path) -> None:
         assert ended is not None
         assert (ended.state, ended.error_kind, ended.hold_until) == (
             "failed", "order_cancelled", 1500.0)
-        assert await writer.submit_sync(lambda c: held_study_uids(c, 1500.0)) == set()
+        assert await writer.submit_sync(_held(1500.0)) == set()
         assert await writer.submit_sync(retry_failed) == (0, 0)
         # The recall's process died: at the next start it fails instead of starting over.
         assert await writer.submit_sync(lambda c: resume_interrupted(c, Source.CLOUD)) == 1

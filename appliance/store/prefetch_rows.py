@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from appliance.base.config import PrefetchConfig
 from appliance.base.errors import PacsEdgeError, PrefetchFailure
 from appliance.store import database
-from appliance.store.clock_steps import due_condition
+from appliance.store.clock_steps import STEPPED_BACK_SLACK, due_condition
 from appliance.store.migration_rows import RETRY_CAP_SECONDS, backoff
 from appliance.store.order_rows import PatientKey
 
@@ -478,13 +478,18 @@ def resume_interrupted(conn: sqlite3.Connection, source: Source) -> int:
     return len(stuck)
 
 
-def held_study_uids(conn: sqlite3.Connection, now: float) -> set[str]:
+def held_study_uids(conn: sqlite3.Connection, now: float, *,
+                    keep_local_seconds: float) -> set[str]:
     """Studies a prefetch keeps on local disk now: chosen (not failed) priors of requests
-    whose hold has not ended."""
+    whose hold has not ended. A hold ends `keep_local_seconds` after the order's start,
+    or after the request when it names none: one ending later than that from now was
+    set before the wall clock stepped back (clock_steps), and is over."""
     return {str(r[0]) for r in conn.execute(
         "SELECT DISTINCT p.study_uid FROM prefetch_priors p"
         " JOIN prefetch_requests r ON r.id = p.request_fk"
-        " WHERE p.state != 'failed' AND r.hold_until > ?", (now,)).fetchall()}
+        " WHERE p.state != 'failed' AND r.hold_until > ?"
+        " AND r.hold_until <= MAX(COALESCE(r.needed_at, 0), ?) + ?",
+        (now, now, keep_local_seconds + STEPPED_BACK_SLACK)).fetchall()}
 
 
 # --- what the rules choose from ---------------------------------------------------
