@@ -45,6 +45,7 @@ import aiosqlite
 from appliance.base import compat
 from appliance.base.errors import IndexUnavailable, OutOfSpace
 from appliance.store import person_names
+from appliance.store.migration_lock import migration_lock
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +104,33 @@ def migration_scripts() -> list[tuple[int, str, str]]:
     return sorted(scripts)
 
 
-async def migrate(conn: aiosqlite.Connection) -> int:
+async def migrate(conn: aiosqlite.Connection, path: Path) -> int:
     """Apply pending migrations, each in its own transaction; return the schema version.
 
+    With any pending, under the index's migration lock (migration_lock.py): a process
+    that finds another one migrating waits for it, then applies what is left.
     Foreign keys are off while they run and checked before each commit, SQLite's recipe
     for rebuilding a table that others reference (a UNIQUE constraint cannot be dropped
     otherwise: 0029); the pragma is a no-op inside a transaction, so it is set outside."""
-    await conn.execute("PRAGMA foreign_keys = OFF")
-    try:
-        return await _migrate(conn)
-    finally:
-        await conn.execute("PRAGMA foreign_keys = ON")
+    applied = await _applied(conn)
+    if all(version in applied for version, _, _ in migration_scripts()):
+        return max(applied)
+    async with migration_lock(path):
+        await conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            return await _migrate(conn)
+        finally:
+            await conn.execute("PRAGMA foreign_keys = ON")
+
+
+async def _applied(conn: aiosqlite.Connection) -> set[int]:
+    """The versions recorded in schema_migrations (none in a new file)."""
+    async with conn.execute("SELECT 1 FROM sqlite_master"
+                            " WHERE type = 'table' AND name = 'schema_migrations'") as cur:
+        if await cur.fetchone() is None:
+            return set()
+    async with conn.execute("SELECT version FROM schema_migrations") as cur:
+        return {int(r[0]) for r in await cur.fetchall()}
 
 
 async def _migrate(conn: aiosqlite.Connection) -> int:
@@ -123,19 +140,22 @@ async def _migrate(conn: aiosqlite.Connection) -> int:
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
     await conn.execute("COMMIT")
-    async with conn.execute("SELECT version FROM schema_migrations") as cur:
-        applied = {int(r[0]) for r in await cur.fetchall()}
+    applied = await _applied(conn)  # again, under the lock: another process may have migrated
     current = max(applied, default=0)
-    for version, name, sql in migration_scripts():
-        if version in applied:
-            continue
+    pending = [script for script in migration_scripts() if script[0] not in applied]
+    if pending:
+        log.info("index migrations to apply count=%d from=%d to=%d",
+                 len(pending), current, pending[-1][0])
+    for version, name, sql in pending:
+        started = time.monotonic()
         await conn.execute("BEGIN IMMEDIATE")
         try:
             async with conn.execute(
                 "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
             ) as cur:
+                # A process of a version from before the migration lock may have applied it.
                 already = await cur.fetchone()
-            if not already:  # another process may have migrated meanwhile
+            if not already:
                 for statement in _statements(sql):
                     await conn.execute(statement)
                 async with conn.execute("PRAGMA foreign_key_check") as cur:
@@ -150,7 +170,9 @@ async def _migrate(conn: aiosqlite.Connection) -> int:
         except BaseException:
             await conn.execute("ROLLBACK")
             raise
-        log.info("index migrated version=%d name=%s", version, name)
+        if not already:
+            log.info("index migrated version=%d name=%s seconds=%.1f", version, name,
+                     time.monotonic() - started)
         current = max(current, version)
     return current
 

@@ -135,7 +135,7 @@ class Index:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer_conn = await database.connect(self.path)
-            await database.migrate(self._writer_conn)
+            await database.migrate(self._writer_conn, self.path)
             self._reader = await database.connect(self.path)
         except BaseException as exc:
             await self.close()
