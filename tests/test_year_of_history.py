@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
+from test_index_upgrade import load_dump
 
 from appliance.services.fsck import fsck
 from appliance.store import database
@@ -281,3 +282,22 @@ async def test_stored_syntax_counts_are_filled_from_the_instances_of_an_older_in
         " DELETE FROM schema_migrations WHERE version = 23;")
     async with Index(path) as index:
         assert await index.syntax_counts() == {(CT, EXPLICIT): 6}
+
+
+async def test_an_upgrade_checks_every_foreign_key_only_after_a_table_rebuild(
+        tmp_path: Path) -> None:
+    """A check of every foreign key reads every row of every table that has one: 1.3 s at
+    3 million instance rows. It ran after each migration, and an upgrade from schema 19
+    (14 migrations) took 29 s at 3 million rows, most of it in those checks. Only a
+    migration that rebuilds a table runs with foreign keys off and needs it (since 19,
+    0029 alone); SQLite enforces them on the others as they run."""
+    path = tmp_path / "index.sqlite3"
+    load_dump(path)
+    conn = await database.connect(path)
+    statements: list[str] = []
+    await conn.set_trace_callback(statements.append)
+    try:
+        await database.migrate(conn, path)
+    finally:
+        await conn.close()
+    assert len([s for s in statements if s.startswith("PRAGMA foreign_key_check")]) == 1
