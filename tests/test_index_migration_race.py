@@ -8,17 +8,20 @@ schema-19 dump of tests/test_index_upgrade.py, and a real process migrates it: t
 product's Index, in a subprocess whose fold of migration 0033 holds on its first name
 until the test lets it go, so the migration lasts as long as the test needs. The
 other side gets a busy timeout of 0.1 s (the product's own is 30 s): past it, any
-wait on SQLite's lock fails.
+wait on SQLite's lock fails. The same held migration, killed, shows that a kill half-way
+through leaves the index as the migration before it left it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,21 @@ def test_status_during_a_migration_says_it_waits_for_it_then_answers(
             proc.wait(DEADLINE)
     assert (f"index migration under way in another process: waiting for it"
             f" pid={migrating.proc.pid}") in stderr.read_text()
+
+
+async def test_a_migration_killed_half_way_leaves_the_last_one_committed_and_runs_again(
+        old_index: Path, migrator: Migrator) -> None:
+    """SIGKILL inside migration 0033 (systemd's kill at the end of a start timeout, a power
+    cut): each migration is one transaction, so the index is as 0032 left it, and the
+    next open applies 0033 from its start."""
+    migrator.proc.kill()
+    migrator.proc.wait(DEADLINE)
+    with closing(sqlite3.connect(old_index)) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (32,)
+        assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
+        trigger = conn.execute("SELECT sql FROM sqlite_master"
+                               " WHERE name = 'patients_name_folded_insert'").fetchone()[0]
+        assert "pacs_fold_pn(" in trigger  # 0029's trigger, not 0033's
+    async with Index(old_index) as index, index.reader.execute(
+            "SELECT MAX(version) FROM schema_migrations") as cur:
+        assert tuple(await cur.fetchone()) == (LATEST,)
