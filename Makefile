@@ -22,6 +22,9 @@ SOAK_SEEDS  ?= 1 2 3 4
 POWER_CUTS  ?= 20
 # The seeded fuzz tests of the network edges (tests/fuzzing.py), per soak seed.
 FUZZ_STEPS  ?= 2000
+# The one instance that soak sends end to end (tests/test_large_instance.py), MiB: past
+# 4 GiB. It needs about three times that in free disk space.
+LARGE_INSTANCE_MIB ?= 4400
 FUZZ_MODULES := tests/test_hl7_fuzz.py tests/test_http_fuzz.py tests/test_header_scan.py \
                 tests/test_dicom_fuzz.py
 
@@ -33,7 +36,7 @@ help:
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make soak       long randomized tiering runs ($(SOAK_STEPS) steps) and fuzz runs"
 	@echo "                ($(FUZZ_STEPS) steps) and power cuts ($(POWER_CUTS)), one seed after"
-	@echo "                another: $(SOAK_SEEDS)"
+	@echo "                another: $(SOAK_SEEDS); then one $(LARGE_INSTANCE_MIB) MiB instance"
 	@echo "make lint       ruff only"
 	@echo "make bench      the benchmark (bench/run.sh)"
 
@@ -81,6 +84,9 @@ soak: test-deps
 			$(BIN)/pytest tests/test_power_loss.py -n 0 -x -q -o timeout=3600 $(PYTEST_ARGS) \
 			|| { echo "soak: failed with PACS_EDGE_POWER_SEED=$$seed"; exit 1; }; \
 	done
+	@echo "soak: one instance of $(LARGE_INSTANCE_MIB) MiB end to end"
+	PACS_EDGE_LARGE_INSTANCE_MIB=$(LARGE_INSTANCE_MIB) $(BIN)/pytest tests/test_large_instance.py \
+		-n 0 -x -q -o timeout=3600 $(PYTEST_ARGS)
 
 bench: test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/run.sh

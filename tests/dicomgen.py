@@ -17,11 +17,13 @@ independently of the server under test.
 - make_ybr_full_422_cine: an uncompressed YBR_FULL_422 ultrasound cine (2 bytes a pixel).
 - make_fragmented_cine: a JPEG Baseline cine, each frame split over several fragments,
   with no Basic Offset Table (as some ultrasound machines send one).
+- make_large_cine: a JPEG Baseline cine of any size (above 4 GiB too), written frame by
+  frame; large_cine_frame gives any of its frames.
 - bad input: make_bad_uid_instance, make_truncated_instance, make_garbage_payload,
   make_non_dicom_file.
 - make_ct_study: the benchmark's 300 x 512x512 CT series (~157 MB); on demand only.
 - dataset_bytes: the bytes after the File Meta group, to compare a retrieved file
-  with the sent one.
+  with the sent one; dataset_sha256 their hash, for files too large to read whole.
 
 Run it as a script to write data for manual use or the benchmark:
 `python tests/dicomgen.py --help`.
@@ -357,6 +359,52 @@ def make_fragmented_cine(folder: Path, *, seed: int = 270, frames: int = 12,
     return GeneratedInstance(path, read_header(path))
 
 
+def large_cine_frame(seed: int, number: int, frame_bytes: int) -> bytes:
+    """Frame `number` (1-based) of make_large_cine(seed=seed, frame_bytes=frame_bytes):
+    SOI, seeded random bytes, EOI; a test computes the frame it expects from here."""
+    body = random.Random(f"{seed}:frame:{number}").randbytes(frame_bytes - 4)
+    return b"\xff\xd8" + body + b"\xff\xd9"
+
+
+def make_large_cine(folder: Path, *, frames: int, frame_bytes: int = 2 << 20,
+                    seed: int = 280) -> GeneratedInstance:
+    """A JPEG Baseline ultrasound cine of `frames` frames of `frame_bytes` each, written
+    frame by frame (never whole in memory): above 4 GiB with enough frames, as breast
+    tomosynthesis and long cines are. Pixel Data is encapsulated with undefined length,
+    an empty Basic Offset Table (its 32-bit offsets cannot reach past 4 GiB) and one
+    fragment a frame (large_cine_frame). Not decodable: the box never decodes pixels."""
+    if frame_bytes % 2 or frame_bytes < 4:
+        raise ValueError("frame_bytes must be even and at least 4")
+    patient, study = _patient_attrs(seed, 0), _study_attrs(seed, 0, "US")
+    series = _series_attrs(seed, 0, 0, "US", study)
+    ds = _instance(seed, (0, 0, 0), 0, patient, study, series, "US", 64, 64, 8)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = US_MULTIFRAME
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                    "SliceLocation", "WindowCenter", "WindowWidth", "PixelData"):
+        del ds[keyword]
+    ds.NumberOfFrames = frames
+    ds.FrameTime, ds.FrameIncrementPointer = 33.3, Tag(0x0018, 0x1063)
+    ds.LossyImageCompression = "01"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"us_large_{frames}x{frame_bytes}.dcm"
+    item = struct.Struct("<HHI")
+    with path.open("wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fh, ds.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+        head = DicomBytesIO()
+        head.is_little_endian, head.is_implicit_VR = True, False
+        write_dataset(head, ds)
+        fh.write(head.getvalue())
+        fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+        fh.write(item.pack(0xFFFE, 0xE000, 0))  # the Basic Offset Table, empty
+        for number in range(1, frames + 1):
+            fh.write(item.pack(0xFFFE, 0xE000, frame_bytes))
+            fh.write(large_cine_frame(seed, number, frame_bytes))
+        fh.write(item.pack(0xFFFE, 0xE0DD, 0))
+    return GeneratedInstance(path, read_header(path))
+
+
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
 
 
@@ -583,6 +631,26 @@ def dataset_bytes(path: Path) -> bytes:
     Walks the meta elements instead of trusting (0002,0000), which some writers omit.
     """
     data = Path(path).read_bytes()
+    return data[_dataset_start(data, path):]
+
+
+def dataset_sha256(path: Path, start: int = 0, end: int | None = None) -> str:
+    """SHA-256 of dataset_bytes(path), read a chunk at a time (a file of GBs compares too);
+    of the Part 10 file at bytes [start, end) of `path` when given (a multipart part)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        fh.seek(start)
+        position = start + _dataset_start(fh.read(1 << 16), path)
+        left = (Path(path).stat().st_size if end is None else end) - position
+        fh.seek(position)
+        while left and (chunk := fh.read(min(8 << 20, left))):
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _dataset_start(data: bytes, path: Path) -> int:
+    """Where the dataset starts in a Part 10 file whose head is `data`."""
     if data[128:132] != b"DICM":
         raise ValueError(f"{path}: no DICM prefix")
     pos = 132
@@ -597,7 +665,7 @@ def dataset_bytes(path: Path) -> bytes:
         else:
             (length,) = struct.unpack_from("<H", data, pos + 6)
             pos += 8 + length
-    return data[pos:]
+    return pos
 
 
 def read_header(path: Path) -> Dataset:

@@ -15,6 +15,12 @@ The lane instead, on an established association:
   peer's maximum PDU allows, the whole message in one `sendmsg()`;
 - reads the next file while the previous C-STORE is in flight (`store(...,
   upcoming=...)`);
+- never holds a large instance whole: a dataset above READ_WHOLE (a
+  tomosynthesis or whole-slide image, a long cine: GBs) is sent from its open
+  file, STREAM_CHUNK at a time; it is opened before anything is sent, so an
+  eviction that unlinks it meanwhile takes nothing away. A read that fails
+  half-way through the message leaves the lane `broken` (the C-STORE cannot be
+  finished on that association);
 - asks the kernel for an immediate ACK (TCP_QUICKACK) before each response: a
   peer with Nagle on sends its response in pieces and waits for that ACK
   between them (~45 ms an instance otherwise);
@@ -47,16 +53,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from appliance.base import compat
 from appliance.base.dicom_wire import (
@@ -95,24 +103,70 @@ _META_HEAD = 144  # preamble, "DICM" and the File Meta group length element
 
 # The largest PDU read before the association is refused as broken; never below this.
 MIN_READ_LIMIT = 1 << 18
+# Datasets up to this size are read whole (and read ahead: most instances, a CT slice is
+# 0.5 MB); a larger one is sent from its open file, STREAM_CHUNK bytes at a time.
+READ_WHOLE = 16 << 20
+STREAM_CHUNK = 4 << 20
+
+
+class _ReadFailed(Exception):
+    """Reading a stored file failed after its C-STORE-RQ began: the message is cut short."""
 
 
 @dataclass(frozen=True)
 class Payload:
-    """A stored file's dataset bytes, exactly as stored after its File Meta group."""
+    """A stored file's dataset bytes, exactly as stored after its File Meta group: in
+    `dataset` when at most READ_WHOLE, else in `file`, open at its first byte. `close()`
+    once sent (StoreLane.store does)."""
 
     path: Path
-    dataset: bytes
+    size: int
+    dataset: bytes | None = None
+    file: BinaryIO | None = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def chunks(self, chunk: int) -> Iterator[bytes]:
+        """The dataset bytes, `chunk` at a time; _ReadFailed when the file cannot give
+        them all."""
+        if self.dataset is not None:
+            yield self.dataset
+            return
+        assert self.file is not None
+        left = self.size
+        while left:
+            try:
+                data = self.file.read(min(chunk, left))
+            except OSError as exc:
+                raise _ReadFailed(exc.strerror or type(exc).__name__) from exc
+            if not data:
+                raise _ReadFailed("stored file ended early")
+            left -= len(data)
+            yield data
 
 
 def read_payload(path: Path) -> Payload:
-    """The dataset bytes of the stored Part 10 file at `path` (raises OSError or ValueError)."""
-    with open(path, "rb", buffering=0) as fp:
+    """The dataset of the stored Part 10 file at `path`, read whole or opened (raises
+    OSError or ValueError)."""
+    fp = open(path, "rb", buffering=0)  # noqa: SIM115 - a large one stays open in the Payload
+    try:
+        file_size = os.fstat(fp.fileno()).st_size
+        offset = _dataset_offset(fp.read(_META_HEAD), file_size, path)
+        size = file_size - offset
+        fp.seek(offset)
+        if size > READ_WHOLE:
+            return Payload(path, size, file=fp)
         data = fp.read()
-    return Payload(path, data[_dataset_offset(data, path):])
+        fp.close()
+        return Payload(path, size, dataset=data)
+    except BaseException:
+        fp.close()
+        raise
 
 
-def _dataset_offset(data: bytes, path: Path) -> int:
+def _dataset_offset(head: bytes, size: int, path: Path) -> int:
     """Where the dataset starts: right after the File Meta group as its (0002,0000) group
     length says, the rule ingest hashed and indexed by (`instances.dataset_offset`).
 
@@ -121,10 +175,10 @@ def _dataset_offset(data: bytes, path: Path) -> int:
     leading group-2 element as File Meta, and a modality may send its data set starting
     with one ((0002,0016) Source AE Title, say); those bytes were stored and would be
     left out of the retrieve."""
-    offset = spool_dataset_offset(data[:_META_HEAD])
+    offset = spool_dataset_offset(head)
     if offset < 0:
         raise ValueError(f"no File Meta group length: {path.name}")
-    if offset > len(data):
+    if offset > size:
         raise ValueError(f"File Meta group length beyond the end of the file: {path.name}")
     return offset
 
@@ -233,6 +287,9 @@ class StoreLane:
 
     def close(self) -> None:
         """Give reading back to the DUL (with any PDU read but not handled)."""
+        if self._upcoming is not None:
+            self._upcoming.close()
+            self._upcoming = None
         for raw in self._held:  # part of a message that is the DUL's to finish
             compat.hand_pdu_to_dul(self._dul, raw)
         self._held.clear()
@@ -243,74 +300,98 @@ class StoreLane:
     # --- sending ------------------------------------------------------------------------
 
     def payload(self, path: Path) -> Payload:
-        """The file's dataset bytes, read ahead by the previous `store()` if it could."""
+        """The file's dataset, read ahead by the previous `store()` if it could."""
         upcoming, self._upcoming = self._upcoming, None
         if upcoming is not None and upcoming.path == path:
             return upcoming
+        if upcoming is not None:
+            upcoming.close()
         return read_payload(path)
 
     def store(self, payload: Payload, *, sop_class: str, transfer_syntax: str,
               sop_instance: str, msg_id: int, originator_aet: str | None = None,
               originator_id: int | None = None, upcoming: Path | None = None) -> int | None:
         """Send one C-STORE-RQ and return the response's Status; None when there was none
-        (the lane is then `broken`). `upcoming` is read while the peer stores."""
-        cx_id = self.contexts[(sop_class, transfer_syntax)]
-        command = c_store_rq(msg_id=msg_id, sop_class=sop_class, sop_instance=sop_instance,
-                             originator_aet=originator_aet, originator_id=originator_id)
+        (the lane is then `broken`). `upcoming` is read while the peer stores. The
+        payload is closed once sent."""
         try:
-            self._send(self._frames(cx_id, command, payload.dataset))
+            cx_id = self.contexts[(sop_class, transfer_syntax)]
+            command = c_store_rq(msg_id=msg_id, sop_class=sop_class,
+                                 sop_instance=sop_instance, originator_aet=originator_aet,
+                                 originator_id=originator_id)
+            self._send(self._frames(cx_id, command, payload))
+        except _ReadFailed as exc:
+            log.warning("c-store send cut short: the stored file could not be read error=%s",
+                        exc)
+            self._fail(closed=False)  # the message is unfinished: the caller aborts
+            return None
         except OSError as exc:
             log.warning("c-store send failed error=%s", type(exc).__name__)
             self._fail(closed=True)
             return None
+        finally:
+            payload.close()
         compat.note_transport_activity(self._dul)
         quick_ack(self._sock)  # a peer with Nagle on sends its response in pieces
-        SENT_BYTES.labels("dicom").inc(len(payload.dataset))
+        SENT_BYTES.labels("dicom").inc(payload.size)
         if upcoming is not None:
             with contextlib.suppress(OSError, ValueError):  # payload() reads it again, and fails
                 self._upcoming = read_payload(upcoming)
         return self._response(msg_id)
 
-    def _frames(self, cx_id: int, command: bytes, dataset: bytes) -> list[bytes | memoryview]:
-        """The message's PDUs as buffers: the command in one PDV, the dataset in
-        PDVs of at most `_fragment` bytes, one PDV per P-DATA-TF PDU."""
+    def _frames(self, cx_id: int, command: bytes, payload: Payload
+                ) -> Iterator[list[bytes | memoryview]]:
+        """The message's PDUs as batches of buffers: the command in one PDV, the dataset
+        in PDVs of at most `_fragment` bytes, one PDV per P-DATA-TF PDU; one batch for a
+        dataset read whole, one per STREAM_CHUNK (whole PDVs) for a streamed one."""
         frames: list[bytes | memoryview] = [pdv_frame(cx_id, COMMAND | LAST, len(command)),
                                             command]
-        view = memoryview(dataset)
-        size = len(dataset)
-        start = 0
-        while True:
-            end = min(start + self._fragment, size)
-            frames.append(pdv_frame(cx_id, LAST if end == size else 0, end - start))
-            frames.append(view[start:end])
-            if end == size:
-                return frames
-            start = end
+        if not payload.size:  # an empty data set: one empty last PDV
+            yield [*frames, pdv_frame(cx_id, LAST, 0)]
+            return
+        left = payload.size
+        chunk = max(STREAM_CHUNK // self._fragment, 1) * self._fragment
+        for data in payload.chunks(chunk):
+            view = memoryview(data)
+            left -= len(data)
+            for start in range(0, len(data), self._fragment):
+                piece = view[start:start + self._fragment]
+                last = not left and start + len(piece) == len(data)
+                frames.append(pdv_frame(cx_id, LAST if last else 0, len(piece)))
+                frames.append(piece)
+            yield frames
+            frames = []
 
-    def _send(self, frames: list[bytes | memoryview]) -> None:
+    def _send(self, batches: Iterator[list[bytes | memoryview]]) -> None:
+        """Write the message, every batch under one hold of the wire: the DUL's PDUs
+        never land inside it."""
         sock = self._sock
         with self._wire:
-            if self._tls:
-                chunk: list[bytes | memoryview] = []
-                size = 0
-                for frame in frames:
-                    chunk.append(frame)
-                    size += len(frame)
-                    if size >= _TLS_WRITE:
-                        sock.sendall(b"".join(chunk))
-                        chunk, size = [], 0
-                if chunk:
-                    sock.sendall(b"".join(chunk))
-                return
-            pending = [memoryview(frame) for frame in frames]
-            while pending:
-                sent = sock.sendmsg(pending[:_IOV_BATCH])
-                while sent:
-                    if sent >= len(pending[0]):
-                        sent -= len(pending.pop(0))
-                    else:
-                        pending[0] = pending[0][sent:]
-                        sent = 0
+            for frames in batches:
+                if self._tls:
+                    self._send_tls(frames)
+                    continue
+                pending = [memoryview(frame) for frame in frames]
+                while pending:
+                    sent = sock.sendmsg(pending[:_IOV_BATCH])
+                    while sent:
+                        if sent >= len(pending[0]):
+                            sent -= len(pending.pop(0))
+                        else:
+                            pending[0] = pending[0][sent:]
+                            sent = 0
+
+    def _send_tls(self, frames: list[bytes | memoryview]) -> None:
+        chunk: list[bytes | memoryview] = []
+        size = 0
+        for frame in frames:
+            chunk.append(frame)
+            size += len(frame)
+            if size >= _TLS_WRITE:
+                self._sock.sendall(b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            self._sock.sendall(b"".join(chunk))
 
     # --- receiving ----------------------------------------------------------------------
 

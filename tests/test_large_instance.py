@@ -1,0 +1,225 @@
+"""Large single instances (breast tomosynthesis, whole-slide images, long cines: 1-5 GB,
+some above 4 GiB) go through the box without ever being held whole in memory.
+
+In the default suite: a 128 MiB cine, sent back by C-GET and C-MOVE, byte-exact, while
+serve's peak resident memory (VmHWM) grows by much less than the instance. The C-STORE
+sub-operations read each stored file whole before sending it (+256 MiB here: the read
+and its slice; +8.6 GiB for a 4.3 GiB instance).
+
+In `make soak` (PACS_EDGE_LARGE_INSTANCE_MIB, 4400 there: past 2^32 bytes, where
+32-bit lengths and offsets wrap): one cine of that size end to end through real
+processes: dcmtk storescu, `pacs-edge sync --once` packing it into the local-folder
+cloud, eviction, a C-GET that recalls it, a C-MOVE, WADO-RS frames on both sides of
+4 GiB and the whole instance over WADO-RS, each byte-exact; and the peak resident
+memory of serve, the sync pass and the agent stays far below the instance's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import dcmtk
+import dicomgen
+import pytest
+import webpeer
+from conftest import EdgeServer, pacs_edge_command
+from syncagent import SyncAgent, evict, tier_state
+
+from appliance.dimse.store_lane import READ_WHOLE, STREAM_CHUNK, read_payload
+
+MIB = 1 << 20
+LARGE_MIB = int(os.environ.get("PACS_EDGE_LARGE_INSTANCE_MIB", "0") or 0)
+FRAME_BYTES = 2 * MIB
+# What each process may reach at its peak, whatever the instance's size.
+PEAK_RSS_LIMIT = 512 * MIB
+OCTETS = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set size (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc status")
+
+
+@pytest.fixture(scope="module")
+def cine(tmp_path_factory: pytest.TempPathFactory) -> dicomgen.GeneratedInstance:
+    """A 128 MiB JPEG cine: 64 frames of 2 MiB, encapsulated with undefined length."""
+    return dicomgen.make_large_cine(tmp_path_factory.mktemp("large"), frames=64)
+
+
+def test_get_and_move_send_a_large_instance_from_its_file_not_from_memory(
+        edge_server: EdgeServer, cine: dicomgen.GeneratedInstance, tmp_path: Path,
+        storescp: dcmtk.StoreSCP) -> None:
+    size = cine.path.stat().st_size
+    dcmtk.storescu(edge_server.port, [cine.path]).check()
+    sent = dicomgen.dataset_sha256(cine.path)
+    keys = {"StudyInstanceUID": cine.study_uid}
+    before = _peak_rss(edge_server.pid)
+
+    got = tmp_path / "got"
+    dcmtk.getscu(edge_server.port, keys, got, args=("-v", "+B", "+xy")).check()
+    (received,) = [p for p in got.iterdir() if p.is_file()]
+    assert dicomgen.dataset_sha256(received) == sent
+
+    edge_server.add_peer("dest", storescp.ae_title, storescp.port, allow="store")
+    dcmtk.movescu(edge_server.port, keys, storescp.ae_title).check()
+    (moved,) = storescp.files()
+    assert dicomgen.dataset_sha256(moved) == sent
+
+    growth = _peak_rss(edge_server.pid) - before
+    assert growth < size // 4, f"serve's peak RSS grew by {growth // MIB} MiB for an " \
+                               f"instance of {size // MIB} MiB"
+
+
+@pytest.mark.skipif(not LARGE_MIB, reason="soak only: PACS_EDGE_LARGE_INSTANCE_MIB (make soak)")
+def test_an_instance_above_4_gib_goes_through_store_pack_evict_recall_and_retrieve_byte_exact(
+        tmp_path: Path) -> None:
+    frames = -(-LARGE_MIB * MIB // FRAME_BYTES)
+    cine = dicomgen.make_large_cine(tmp_path / "source", frames=frames)
+    size = cine.path.stat().st_size
+    sent = dicomgen.dataset_sha256(cine.path)
+    home = webpeer.web_home(tmp_path / "home", dcmtk.free_port())
+    server = EdgeServer(home)
+    server.configure(sync={"stable_after_seconds": 3600.0, "recall_poll_seconds": 0.2,
+                           "evict_after_days": 0.0, "recall_timeout_seconds": 3600.0})
+    server.start()
+    agent: SyncAgent | None = None
+    took: dict[str, float] = {}
+    try:
+        webpeer.add_user(server, "rad", "radiologist")
+        agent = SyncAgent(home).start()
+        clock = time.monotonic()
+        dcmtk.storescu(server.port, [cine.path], timeout=3600).check()
+        took["store"] = time.monotonic() - clock
+        cine.path.unlink()  # the disk holds the store, the cloud and one retrieved copy
+
+        clock = time.monotonic()
+        packed, sync_peak = _measured([*pacs_edge_command(), "sync", "--once",
+                                       "--stable-after", "0", "--home", str(home)])
+        took["pack"] = time.monotonic() - clock
+        assert "replicated 1 study version" in packed, packed
+        evict(home, cine.study_uid)
+        assert tier_state(server, cine.study_uid) == "evicted"
+
+        clock = time.monotonic()
+        got = tmp_path / "got"
+        dcmtk.getscu(server.port, {"StudyInstanceUID": cine.study_uid}, got,
+                     args=("-v", "+B", "+xy"), timeout=3600).check()
+        took["recall and get"] = time.monotonic() - clock
+        (received,) = [p for p in got.iterdir() if p.is_file()]
+        assert dicomgen.dataset_sha256(received) == sent
+        received.unlink()
+        assert "recalled study=" in agent.log()
+
+        with dcmtk.StoreSCP(tmp_path / "moved") as scp:
+            server.add_peer("dest", scp.ae_title, scp.port, allow="store")
+            clock = time.monotonic()
+            dcmtk.movescu(server.port, {"StudyInstanceUID": cine.study_uid}, scp.ae_title,
+                          timeout=3600).check()
+            took["move"] = time.monotonic() - clock
+            (moved,) = scp.files()
+        assert dicomgen.dataset_sha256(moved) == sent
+        moved.unlink()
+
+        http = webpeer.session(server, "rad")
+        url = (f"{webpeer.base_url(server)}/dicom-web/studies/{cine.study_uid}/series/"
+               f"{cine.series_uid}/instances/{cine.sop_instance_uid}")
+        past_4_gib = (1 << 32) // (FRAME_BYTES + 8) + 2
+        numbers = [1, *([past_4_gib] if past_4_gib < frames else []), frames]
+        answer = http.get(f"{url}/frames/{','.join(map(str, numbers))}",
+                          headers={"Accept": OCTETS}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        payloads = [p for _, p in webpeer.parts(answer.headers["Content-Type"], answer.content)]
+        assert payloads == [dicomgen.large_cine_frame(280, n, FRAME_BYTES) for n in numbers]
+
+        clock = time.monotonic()
+        whole = tmp_path / "wado.multipart"
+        with http.get(url, headers={"Accept": 'multipart/related; type="application/dicom";'
+                                                  ' transfer-syntax=*'},
+                      stream=True, timeout=3600) as answer, whole.open("wb") as out:
+            assert answer.status_code == 200, answer.text
+            for chunk in answer.iter_content(8 * MIB):
+                out.write(chunk)
+        took["wado-rs instance"] = time.monotonic() - clock
+        assert _part_dataset_sha256(whole) == sent
+        whole.unlink()
+
+        peaks = {"serve": _peak_rss(server.pid), "sync --once": sync_peak,
+                 "sync agent": _peak_rss(agent.proc.pid)}  # type: ignore[union-attr]
+    finally:
+        if agent is not None:
+            agent.stop()
+        server.stop()
+    print(f"instance {size} bytes; seconds {took}; peak RSS MiB "
+          f"{ {name: peak // MIB for name, peak in peaks.items()} }")
+    assert all(peak < PEAK_RSS_LIMIT for peak in peaks.values()), peaks
+    assert not server.unclean_stops, server.unclean_stops
+
+
+def _measured(argv: list[str], timeout: float = 3600) -> tuple[str, int]:
+    """Run `argv`; its output and its peak resident set size (bytes), from wait4."""
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"measured-{os.getpid()}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    timer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    log.unlink()
+    assert proc.returncode == 0, text
+    return text, usage.ru_maxrss << 10
+
+
+def _part_dataset_sha256(path: Path) -> str:
+    """dataset_sha256 of the one part of the multipart/related answer saved at `path`."""
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16)
+    boundary = re.match(rb"--([^\r\n]+)\r\n", head)
+    assert boundary is not None, head[:200]
+    closing = b"\r\n--" + boundary.group(1) + b"--\r\n"
+    end = path.stat().st_size - len(closing)
+    with path.open("rb") as fh:
+        fh.seek(end)
+        assert fh.read() == closing
+    return dicomgen.dataset_sha256(path, head.index(b"\r\n\r\n") + 4, end)
+
+
+def test_a_large_payload_is_sent_from_the_file_opened_before_an_eviction_unlinked_it(
+        cine: dicomgen.GeneratedInstance, tmp_path: Path) -> None:
+    copy = tmp_path / "stored.dcm"
+    copy.write_bytes(cine.path.read_bytes())
+    payload = read_payload(copy)
+    assert payload.dataset is None and payload.size > READ_WHOLE
+    copy.unlink()
+    digest = hashlib.sha256()
+    for chunk in payload.chunks(STREAM_CHUNK):
+        assert len(chunk) <= STREAM_CHUNK
+        digest.update(chunk)
+    payload.close()
+    assert digest.hexdigest() == dicomgen.dataset_sha256(cine.path)
+
+
+def test_a_payload_whose_file_was_cut_short_fails_as_unreadable_not_as_sent(
+        cine: dicomgen.GeneratedInstance, tmp_path: Path) -> None:
+    copy = tmp_path / "stored.dcm"
+    copy.write_bytes(cine.path.read_bytes())
+    payload = read_payload(copy)
+    os.truncate(copy, copy.stat().st_size // 2)
+    with pytest.raises(Exception, match="stored file ended early"):
+        for _ in payload.chunks(STREAM_CHUNK):
+            pass
+    payload.close()
