@@ -4,7 +4,10 @@ some above 4 GiB) go through the box without ever being held whole in memory.
 In the default suite: a 128 MiB cine, sent back by C-GET and C-MOVE, byte-exact, while
 serve's peak resident memory (VmHWM) grows by much less than the instance. The C-STORE
 sub-operations read each stored file whole before sending it (+256 MiB here: the read
-and its slice; +8.6 GiB for a 4.3 GiB instance).
+and its slice; +8.6 GiB for a 4.3 GiB instance). And WADO-RS re-encoding an Implicit VR
+Little Endian instance for a client that wants Explicit VR Little Endian copies the
+pixel value from the file, byte-exact to pydicom's own whole-instance transcoding,
+which held three copies of the instance (+192 MiB for a 64 MiB one).
 
 In `make soak` (PACS_EDGE_LARGE_INSTANCE_MIB, 4400 there: past 2^32 bytes, where
 32-bit lengths and offsets wrap): one cine of that size end to end through real
@@ -17,9 +20,11 @@ memory of serve, the sync pass and the agent stays far below the instance's size
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -27,12 +32,15 @@ from pathlib import Path
 
 import dcmtk
 import dicomgen
+import pydicom
 import pytest
 import webpeer
 from conftest import EdgeServer, pacs_edge_command
-from syncagent import SyncAgent, evict, tier_state
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from syncagent import SyncAgent, evict, import_files, tier_state
 
 from appliance.dimse.store_lane import READ_WHOLE, STREAM_CHUNK, read_payload
+from appliance.services.transcode import Transcoded, explicit_little
 
 MIB = 1 << 20
 LARGE_MIB = int(os.environ.get("PACS_EDGE_LARGE_INSTANCE_MIB", "0") or 0)
@@ -223,3 +231,83 @@ def test_a_payload_whose_file_was_cut_short_fails_as_unreadable_not_as_sent(
         for _ in payload.chunks(STREAM_CHUNK):
             pass
     payload.close()
+
+
+def _implicit_instance(folder: Path, *, tag: int, bits: int, length: int,
+                       trailing: bool = False) -> Path:
+    """An Implicit VR Little Endian image whose pixel element (`tag`: Pixel Data or Float
+    Pixel Data) holds `length` bytes, an odd count too (written by hand: pydicom would
+    pad it), followed by a Data Set Trailing Padding element when `trailing`."""
+    (made,) = dicomgen.make_studies(folder / "made", seed=93, series_per_study=1,
+                                    instances_per_series=1, modalities=("CT",),
+                                    transfer_syntax=ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(made.path)
+    del ds.PixelData
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    path = folder / f"implicit-{tag:08x}-{bits}-{length}-{trailing}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("ab") as fh:
+        fh.write(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, length))
+        fh.write((bytes(range(251)) * (length // 251 + 1))[:length])
+        if trailing:
+            fh.write(struct.pack("<HHI", 0xFFFC, 0xFFFC, 6) + b"\0" * 6)
+    return path
+
+
+def _pydicom_transcoding(path: Path) -> bytes:
+    """The whole instance re-encoded by pydicom in memory: what the box answered before."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return out.getvalue()
+
+
+def _assembled(transcoded: Transcoded, path: Path) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(transcoded.value_offset)
+        return transcoded.head + fh.read(transcoded.value_length) + transcoded.tail
+
+
+@pytest.mark.parametrize(("tag", "bits", "length", "trailing"), [
+    (0x7FE00010, 16, 2 * MIB, False),  # Pixel Data, OW
+    (0x7FE00010, 8, 2 * MIB + 1, False),  # an odd length: pydicom pads it
+    (0x7FE00010, 16, 2 * MIB, True),  # an element after the pixels
+    (0x7FE00008, 32, 2 * MIB, False),  # Float Pixel Data, OF
+], ids=["ow", "odd", "trailing", "float"])
+def test_transcoding_copies_the_pixel_value_from_the_file_and_equals_pydicoms_own(
+        tmp_path: Path, tag: int, bits: int, length: int, trailing: bool) -> None:
+    path = _implicit_instance(tmp_path, tag=tag, bits=bits, length=length, trailing=trailing)
+    with path.open("rb") as fh:
+        transcoded = explicit_little(fh, ImplicitVRLittleEndian)
+    assert transcoded is not None and transcoded.value_length == length
+    assert _assembled(transcoded, path) == _pydicom_transcoding(path)
+
+
+def test_wado_rs_reencodes_a_large_implicit_instance_byte_exact_without_holding_it(
+        tmp_path: Path) -> None:
+    # An uncompressed tomosynthesis of 2 GB was read and encoded whole for a client
+    # wanting Explicit VR LE (PS3.18's default): three copies of it in serve's memory.
+    path = _implicit_instance(tmp_path, tag=0x7FE00010, bits=16, length=64 * MIB,
+                              trailing=True)
+    instance = dicomgen.GeneratedInstance(path, dicomgen.read_header(path))
+    with webpeer.running_web_server(tmp_path / "web") as server:
+        import_files(server.home, instance)
+        http = webpeer.session(server, "rad")
+        url = (f"{webpeer.base_url(server)}/dicom-web/studies/{instance.study_uid}/series/"
+               f"{instance.series_uid}/instances/{instance.sop_instance_uid}")
+        # As stored first: a first answer's own start-up costs (~32 MiB) are not measured.
+        assert http.get(url, headers={"Accept": 'multipart/related; type="application/dicom";'
+                                                ' transfer-syntax=*'}).status_code == 200
+        before = _peak_rss(server.pid)
+        got = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        growth = _peak_rss(server.pid) - before
+    assert got.status_code == 200, got.text
+    assert growth < 16 * MIB, f"serve's peak RSS grew by {growth // MIB} MiB for 64 MiB"
+    ((headers, part),) = webpeer.parts(got.headers["Content-Type"], got.content)
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+    # The File Meta is the box's own (import writes it), the data set pydicom's encoding.
+    (received := tmp_path / "received.dcm").write_bytes(part)
+    (expected := tmp_path / "expected.dcm").write_bytes(_pydicom_transcoding(path))
+    assert dicomgen.dataset_bytes(received) == dicomgen.dataset_bytes(expected)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import BinaryIO
 
 from aiohttp import web
@@ -62,7 +62,7 @@ from appliance.services.pixel_frames import (
     is_encapsulated,
     read_frames,
 )
-from appliance.services.transcode import TRANSCODABLE, explicit_little
+from appliance.services.transcode import TRANSCODABLE, Transcoded, explicit_little
 from appliance.services.web_retrieve import Located, StoredInstance
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             transcoded = None
             if not as_stored and item.transfer_syntax not in syntaxes:
                 # Implicit VR LE or Deflated, asked for as Explicit VR LE (transcode.py).
-                transcoded = await asyncio.to_thread(explicit_little, fh)
+                transcoded = await asyncio.to_thread(explicit_little, fh, item.transfer_syntax)
                 if transcoded is None:  # the answer has begun: the part goes as it was sent
                     log.warning("wado-rs instance sent in its stored syntax: it cannot be"
                                 " transcoded transfer_syntax=%s", item.transfer_syntax)
@@ -158,10 +158,22 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                 await stream.part(f"{DICOM}; transfer-syntax={item.transfer_syntax}",
                                   file_chunks(fh))
             else:
-                await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}", transcoded)
+                await stream.part(f"{DICOM}; transfer-syntax={EXPLICIT_LITTLE}",
+                                  _transcoded_chunks(transcoded, fh))
         finally:  # also when the client left or a read failed before file_chunks closed it
             await asyncio.to_thread(fh.close)
     return await stream.finish()
+
+
+async def _transcoded_chunks(transcoded: Transcoded, fh: BinaryIO) -> AsyncIterator[bytes]:
+    """A transcoded instance's bytes: its re-encoded head, its pixel value streamed from
+    the stored file, its re-encoded tail."""
+    yield transcoded.head
+    if transcoded.value_length:
+        async for chunk in file_chunks(fh, transcoded.value_offset, transcoded.value_length):
+            yield chunk
+    if transcoded.tail:
+        yield transcoded.tail
 
 
 async def _opened(request: web.Request, item: StoredInstance
