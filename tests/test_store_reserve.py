@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import dcmtk
 import dicomgen
 import pytest
-from conftest import EdgeServer, init_home, run_pacs_edge
+import rawpdu
+from conftest import TEST_AE, EdgeServer, init_home, run_pacs_edge
 from smalldisk import NEEDS_ROOT, tmpfs
 from syncagent import sync_once, tier_state
 
@@ -81,6 +83,35 @@ def test_a_store_full_to_its_reserve_still_evicts_and_then_takes_instances_again
     refused = [i.path for i, answer in zip(new, answers, strict=True) if answer != "Success"]
     again = dcmtk.storescu(server.port, refused[:1])
     assert again.store_responses() == ["Success"], again.output
+
+
+def test_an_instance_larger_than_the_room_above_the_reserve_never_takes_the_reserve(
+        box: tuple[EdgeServer, Path]) -> None:
+    """A C-STORE data set is spooled as it arrives, and ingest checked the reserve only
+    once all of it was on disk: an instance of GBs (a tomosynthesis, a whole-slide
+    image) took the disk to its last block first, where the index, the audit log and
+    the eviction that would free space have no room. The spool stops writing once free
+    space drops below the reserve; the instance is refused 0xA700 when it ends."""
+    server, disk = box
+    leave_free(disk, RESERVE + (8 << 20))
+    sock, results = rawpdu.negotiate(server.port, TEST_AE, server.ae_title,
+                                     contexts=((1, rawpdu.CT_IMAGE_STORAGE),))
+    try:
+        assert results == {1: 0}
+        pdus = rawpdu.c_store_pdus(1, 40 << 20, max_pdu=1 << 20)
+        # All but the last fragment: the box has taken nearly all of it (sendall
+        # returns once no more than the sockets' buffers are still in flight) and
+        # waits for the rest.
+        sock.sendall(b"".join(pdus[:-1]))
+        deadline = time.monotonic() + 30
+        while free_bytes(disk) < RESERVE:
+            assert time.monotonic() < deadline, f"{free_bytes(disk) >> 20} MiB free"
+            time.sleep(0.05)
+        sock.sendall(pdus[-1])
+        assert rawpdu.read_dimse(sock).Status == 0xA700
+    finally:
+        sock.close()
+    assert free_bytes(disk) >= RESERVE
 
 
 def evicted_study(server: EdgeServer, tmp_path: Path, *, seed: int, instances: int

@@ -38,7 +38,7 @@ from appliance.base.human import human_size
 from appliance.base.uids import is_valid_uid
 from appliance.store.disk import DiskState, disk_state
 from appliance.store.instance_header import InstanceHeader
-from appliance.store.spool import SpoolFile, dataset_offset
+from appliance.store.spool import BELOW_RESERVE, BelowReserve, SpoolFile, dataset_offset
 
 SPOOL_DIR = ".spool"
 _READ_CHUNK = 1 << 20
@@ -76,7 +76,8 @@ class FileStore:
         ensure_dir(self.spool_dir)
 
     def new_spool(self) -> SpoolFile:
-        return SpoolFile(self.spool_dir)
+        """A spool that gives up once writing it leaves less than the reserve free."""
+        return SpoolFile(self.spool_dir, reserve_bytes=self.reserve_bytes)
 
     def relative_path(self, header: InstanceHeader, sha256: str) -> str:
         return instance_path(header.study_uid, header.series_uid, header.sop_uid, sha256)
@@ -98,7 +99,7 @@ class FileStore:
         if free - needed >= self.reserve_bytes:
             return
         if not needed:
-            raise OutOfSpace("free space is below the configured store reserve")
+            raise OutOfSpace(BELOW_RESERVE)
         if free < self.reserve_bytes:  # "of which" would name more than there is
             raise OutOfSpace(f"{human_size(needed)} needed, {human_size(free)} free, below"
                              f" the store reserve of {human_size(self.reserve_bytes)}"
@@ -167,6 +168,8 @@ def store_failure(exc: OSError) -> PacsEdgeError:
     so that no edge or command meets a bare OSError, whose text holds the file's path
     (UIDs): a full disk or a read-only store is out of resources (the instance is fine:
     the sender retries later), anything else (an I/O error) a processing failure."""
+    if isinstance(exc, BelowReserve):
+        return OutOfSpace(BELOW_RESERVE)
     if is_no_space(exc):
         return OutOfSpace()
     if exc.errno == errno.EROFS:

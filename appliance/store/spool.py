@@ -15,6 +15,12 @@ Two jobs beyond writing:
 - it swallows a full disk instead of raising inside pynetdicom's reactor
   (which would abort the association): it records the error, drops further
   data, and ingest answers Out of Resources (0xA700) for that instance.
+  With a store reserve it also looks at the free space every RESERVE_CHECK
+  bytes and gives up as on a full disk once the space left is below the
+  reserve: a data set's size is known only at its end, and one of GBs (a
+  tomosynthesis, a whole-slide image) would otherwise take the disk to its
+  last block, the reserve that the index, the audit log and eviction write
+  into included, before ingest refused it.
 """
 
 from __future__ import annotations
@@ -43,9 +49,22 @@ _SYNC_POOL = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="spoo
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME_ATTEMPTS = 100
 _NAMES = itertools.count()
+# Bytes written between two looks at the free space, when there is a reserve to keep.
+RESERVE_CHECK = 4 << 20
 # Dataset bytes whose hashing waits until the instance is complete, per spool: hashed
 # then while the file's fsync runs in its thread (SpoolFile.dataset_sha256).
 _DEFERRED_HASH_BYTES = 2 << 20
+
+
+BELOW_RESERVE = "free space is below the configured store reserve"
+
+
+class BelowReserve(OSError):
+    """Writing the spool left less free space than the store reserve (a full disk to
+    everything that handles a full disk: its errno is ENOSPC)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ENOSPC, BELOW_RESERVE)
 
 
 def dataset_offset(head: bytes) -> int:
@@ -80,8 +99,10 @@ class SpoolFile:
     `name`, `write`, `file.flush()` and `close()`.
     """
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, *, reserve_bytes: int = 0) -> None:
         self.file = self
+        self._reserve = reserve_bytes
+        self._next_check = RESERVE_CHECK
         self.error: OSError | None = None
         self._fh: io.FileIO | None = None
         try:
@@ -140,10 +161,19 @@ class SpoolFile:
             self._hash(view, defer=owned or isinstance(data, bytes))
             try:
                 self._write_all(view)
+                if self._reserve and self._written + len(view) >= self._next_check:
+                    self._next_check = self._written + len(view) + RESERVE_CHECK
+                    self._check_reserve()
             except OSError as exc:
                 self._fail(exc)
         self._written += len(view)
         return len(view)
+
+    def _check_reserve(self) -> None:
+        assert self._fh is not None
+        st = os.fstatvfs(self._fh.fileno())
+        if st.f_bavail * st.f_frsize < self._reserve:
+            raise BelowReserve
 
     def _write_all(self, view: memoryview) -> None:
         """An unbuffered write may be short (a nearly full disk takes what fits):
