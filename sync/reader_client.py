@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from appliance.base import compat
+from appliance.base.dicom_wire import UNLIMITED_PDU
 from appliance.base.durable import ensure_dir, fsync_dir
 from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
@@ -510,6 +511,7 @@ def send_files(files: list[tuple[Path, ManifestEntry]], address: str, *, calling
                                 hint="check the workstation's AE title, address and that it "
                                 f"accepts calls from {calling_ae}")
     compat.set_nodelay(assoc)  # else each C-STORE waits ~40 ms for a delayed ACK
+    compat.cap_peer_maximum_pdu(assoc, UNLIMITED_PDU)  # never one PDU of a whole instance
     compat.ack_after_sends(assoc)  # and so would its response, from a peer with Nagle on
     sent, failed = 0, []
     try:

@@ -495,6 +495,14 @@ def test_the_dul_reads_pdus_in_one_gated_place_and_writes_through_socket_send() 
     assert dul.event_queue.get_nowait() == "Evt17"
 
 
+def test_dimse_sends_in_pdus_of_the_acceptors_negotiated_maximum_length_item() -> None:
+    """cap_peer_maximum_pdu changes that item in place after negotiation."""
+    assert "self.assoc.acceptor.maximum_length" in inspect.getsource(
+        DIMSEServiceProvider.maximum_pdu_size.fget)  # type: ignore[attr-defined]
+    getter = inspect.getsource(pynetdicom.association.ServiceUser.maximum_length.fget)
+    assert "self.user_information" in getter and "maximum_length_received" in getter
+
+
 def test_share_send_lock_wraps_one_socket_once() -> None:
     assoc = Association(AE(), "requestor")
     near, far = socket.socketpair()

@@ -37,10 +37,14 @@ import pytest
 import webpeer
 from conftest import EdgeServer, pacs_edge_command
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from storepeer import StorePeer
 from syncagent import SyncAgent, evict, import_files, tier_state
 
+from appliance.base.dicom_wire import UNLIMITED_PDU
 from appliance.dimse.store_lane import READ_WHOLE, STREAM_CHUNK, read_payload
 from appliance.services.transcode import Transcoded, explicit_little
+from sync import reader_client
+from sync.pack.manifest import InstanceAttributes, ManifestEntry, SeriesAttributes
 
 MIB = 1 << 20
 LARGE_MIB = int(os.environ.get("PACS_EDGE_LARGE_INSTANCE_MIB", "0") or 0)
@@ -311,3 +315,26 @@ def test_wado_rs_reencodes_a_large_implicit_instance_byte_exact_without_holding_
     (received := tmp_path / "received.dcm").write_bytes(part)
     (expected := tmp_path / "expected.dcm").write_bytes(_pydicom_transcoding(path))
     assert dicomgen.dataset_bytes(received) == dicomgen.dataset_bytes(expected)
+
+
+def test_reader_send_cuts_a_large_instance_into_bounded_pdus_for_a_workstation_without_maximum(
+        cine: dicomgen.GeneratedInstance) -> None:
+    """A workstation may announce no maximum PDU length (0). pynetdicom then sends a
+    data set read from its file as one PDU: a 128 MiB instance read whole into memory,
+    and past 4 GiB a PDU whose 32-bit length cannot say its size. The box's own sends
+    cut at UNLIMITED_PDU in that case (store_lane.py); `reader pull --send` now does too."""
+    header = cine.header
+    series = SeriesAttributes(header.SeriesInstanceUID, "US", None, "", "", "", "")
+    entry = ManifestEntry(InstanceAttributes(series, cine.sop_instance_uid,
+                                             cine.sop_class_uid, None, cine.transfer_syntax),
+                          offset=0, length=cine.path.stat().st_size, dataset_offset=0,
+                          sha256="")
+    with StorePeer("WORKSTATION", max_pdu=0) as workstation:
+        report = reader_client.send_files([(cine.path, entry)],
+                                          f"WORKSTATION@127.0.0.1:{workstation.port}",
+                                          calling_ae="PEREADER")
+        (arrived,) = workstation.arrivals[cine.sop_instance_uid]
+        largest = workstation.largest_pdu
+    assert report == reader_client.SendReport(1, [])
+    assert hashlib.sha256(arrived).hexdigest() == dicomgen.dataset_sha256(cine.path)
+    assert largest <= UNLIMITED_PDU, f"a PDU of {largest // MIB} MiB"

@@ -29,6 +29,10 @@ What is touched, and who uses it:
         primitive after the association's end is dropped as fsm.TRANSITION_TABLE has
         no action for it (_dropped_after_end, through DULServiceProvider.to_provider_queue)
                                             reactors               (dimse/reactors.py)
+      ServiceUser.user_information's MaximumLengthNotification (changed in place)
+                                            PDUs of at most 4 MiB to a peer that
+                                            announced no maximum (cap_peer_maximum_pdu:
+                                            sync/reader_client.py)
       DULServiceProvider.socket, AssociationSocket.socket
                                             TCP_NODELAY on associations we request
                                             (set_nodelay: dimse/scu.py, move_get.py,
@@ -574,6 +578,22 @@ def recover_rejection(assoc: Any) -> None:
             assoc.acceptor.primitive = primitive
             assoc.is_rejected, assoc.is_aborted = True, False
             return
+
+
+def cap_peer_maximum_pdu(assoc: Any, limit: int) -> None:
+    """On an association we requested whose acceptor announced no maximum PDU length
+    (0), send PDUs of at most `limit` bytes all the same. pynetdicom sends a data set
+    read from a file (STORE_SEND_CHUNKED_DATASET) in PDUs of the peer's maximum, which
+    for 0 is one PDU of the whole data set: read whole into memory, and past 4 GiB a
+    PDU whose 32-bit length field cannot hold it. Its DIMSE provider reads the maximum
+    from the acceptor's negotiated Maximum Length item each send, and no public call
+    changes it once negotiated (ServiceUser.maximum_length refuses), so the item is
+    changed in place."""
+    from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+    for item in assoc.acceptor.user_information:
+        if isinstance(item, MaximumLengthNotification) and not item.maximum_length_received:
+            item.maximum_length_received = limit
 
 
 def set_nodelay(assoc: Any) -> None:
