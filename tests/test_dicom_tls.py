@@ -234,6 +234,27 @@ def test_move_to_a_peer_marked_tls_goes_over_tls(
         dicomgen.dataset_bytes(i.path) for i in small_study}
 
 
+def test_a_large_instance_moves_over_tls_byte_exact(
+    tls_edge: tuple[EdgeServer, int, Path], free_port: Callable[[], int], tmp_path: Path,
+) -> None:
+    """A data set above store_lane.READ_WHOLE is sent from its file in chunks, each
+    written to the TLS socket in pieces."""
+    server = tls_edge[0]
+    (large,) = dicomgen.make_studies(tmp_path / "large", seed=97, series_per_study=1,
+                                     instances_per_series=1, modalities=("CT",),
+                                     size=3072)  # 18 MiB
+    dcmtk.storescu(server.port, [large.path]).check()
+    received = tmp_path / "received"
+    server.cli("certs", "issue", "tlsdest", "--server", "--san", "127.0.0.1",
+               "--out", str(tmp_path / "tlsdest"))
+    with tls_storescp(tmp_path / "tlsdest", received, free_port) as port:
+        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
+                   "--port", str(port), "--allow", "store", "--tls")
+        dcmtk.movescu(server.port, {"StudyInstanceUID": large.study_uid}, "TLSDEST").check()
+    (moved,) = received.iterdir()
+    assert dicomgen.dataset_sha256(moved) == dicomgen.dataset_sha256(large.path)
+
+
 def test_move_refuses_a_destination_whose_certificate_is_not_for_servers(
     tls_edge: tuple[EdgeServer, int, Path], small_study: list[dicomgen.GeneratedInstance],
     free_port: Callable[[], int], tmp_path: Path,
