@@ -68,11 +68,17 @@ Tree::
     _Unreadable                   a stored file unreadable before anything was sent: the
                                   sub-operation fails (one gone waits for its study's
                                   recall first), never leaves dimse/move_get.py
+    _ReadFailed                   a stored file unreadable after its C-STORE-RQ began: the
+                                  message is cut short and the lane broken, never leaves
+                                  dimse/store_lane.py
 
     OSError
     ├── TransportAborted          the DIMSE edge ended a connection, having logged why;
     │                             pynetdicom's DUL reads it as "transport closed"
     │                             (dimse/pdu_socket.py raises it)
+    ├── BelowReserve              a C-STORE's spool would leave less free space than the
+    │                             store reserve (errno ENOSPC: handled as a full disk,
+    │                             OutOfSpace; store/spool.py raises it)
     └── TimeoutError
         └── BlockTimeout          an MLLP connection closed for its silence or slowness
             │                     (event = the log line): never leaves appliance/hl7
