@@ -19,6 +19,7 @@ memory of serve, the sync pass and the agent stays far below the instance's size
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -35,8 +36,16 @@ import dicomgen
 import pydicom
 import pytest
 import webpeer
-from conftest import EdgeServer, pacs_edge_command
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from conftest import EDGE_AE, HOST, TEST_AE, EdgeServer, pacs_edge_command
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 from storepeer import StorePeer
 from syncagent import SyncAgent, evict, import_files, tier_state
 
@@ -338,3 +347,69 @@ def test_reader_send_cuts_a_large_instance_into_bounded_pdus_for_a_workstation_w
     assert report == reader_client.SendReport(1, [])
     assert hashlib.sha256(arrived).hexdigest() == dicomgen.dataset_sha256(cine.path)
     assert largest <= UNLIMITED_PDU, f"a PDU of {largest // MIB} MiB"
+
+
+def _sibling(large: dicomgen.GeneratedInstance, folder: Path, number: int) -> Path:
+    """A one-frame instance of `large`'s series, numbered `number`."""
+    ds = pydicom.dcmread(large.path, stop_before_pixels=True)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber, ds.NumberOfFrames = number, 1
+    ds.add_new(0x7FE00010, "OB", encapsulate([b"\xff\xd8\xff\xd9"]))
+    path = folder / f"sibling-{number}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _wait_open_by(pid: int, path: Path, deadline: float) -> None:
+    """Until process `pid` holds `path` open (/proc/PID/fd)."""
+    while time.monotonic() < deadline:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(fd)) == path:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"serve never opened {path.name}")
+
+
+def test_a_large_file_unreadable_before_its_c_store_began_fails_that_sub_operation_alone(
+        edge_server: EdgeServer, tmp_path: Path) -> None:
+    # A large stored file is opened ahead (read_payload) and read only as it is sent. One
+    # whose first read failed (a bad sector; here cut to nothing once serve opened it)
+    # left the lane broken as if the C-STORE had been cut half-way: the workstation's
+    # whole C-GET association was aborted and the instances after it never came.
+    # Nothing had been sent, so only that sub-operation fails, as for a small file.
+    large = dicomgen.make_large_cine(tmp_path / "large", frames=9)
+    assert large.path.stat().st_size > READ_WHOLE
+    before, after = _sibling(large, tmp_path, 0), _sibling(large, tmp_path, 2)
+    dcmtk.storescu(edge_server.port, [before, large.path, after]).check()
+    (stored,) = [p for p in edge_server.home.rglob("*.dcm") if p.stat().st_size > READ_WHOLE
+                 and p.resolve() != large.path.resolve()]
+    arrived: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        if not arrived:  # the first instance: serve opens the large one meanwhile
+            _wait_open_by(edge_server.pid, stored.resolve(), time.monotonic() + 60)
+            os.truncate(stored, 0)
+        arrived.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(TEST_AE)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(large.header.SOPClassUID, [JPEGBaseline8Bit])
+    assoc = ae.associate(HOST, edge_server.port, ae_title=EDGE_AE,
+                         ext_neg=[build_role(large.header.SOPClassUID, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = large.study_uid
+    try:
+        final = [status for status, _ in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet)][-1]
+        assert assoc.is_established, "serve aborted the C-GET's association"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert arrived == [pydicom.dcmread(p).SOPInstanceUID for p in (before, after)]
+    assert (final.Status, final.NumberOfFailedSuboperations,
+            final.NumberOfCompletedSuboperations) == (0xB000, 1, 2)

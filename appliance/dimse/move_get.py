@@ -775,10 +775,16 @@ def _lane_store(lane: StoreLane, instance: Instance, *, msg_id: int,
         log.warning("c-store sub-operation failed: stored file unreadable error=%s instance=%s",
                     type(exc).__name__, logsafe.ref(instance.sop_uid))
         raise _Unreadable(gone=False) from exc
-    return lane.store(payload, sop_class=instance.sop_class_uid,
-                      transfer_syntax=instance.transfer_syntax, sop_instance=instance.sop_uid,
-                      msg_id=msg_id, originator_aet=originator_aet,
-                      originator_id=originator_id, upcoming=upcoming)
+    try:
+        return lane.store(payload, sop_class=instance.sop_class_uid,
+                          transfer_syntax=instance.transfer_syntax,
+                          sop_instance=instance.sop_uid, msg_id=msg_id,
+                          originator_aet=originator_aet, originator_id=originator_id,
+                          upcoming=upcoming)
+    except OSError as exc:  # a large file's first read: nothing was sent
+        log.warning("c-store sub-operation failed: stored file unreadable error=%s instance=%s",
+                    exc.strerror or type(exc).__name__, logsafe.ref(instance.sop_uid))
+        raise _Unreadable(gone=False) from exc
 
 
 def _log_gone(instance: Instance) -> None:

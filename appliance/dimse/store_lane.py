@@ -52,6 +52,8 @@ pynetdicom asked for (appliance/dimse/pdu_socket.py reads exactly too).
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import select
@@ -313,13 +315,24 @@ class StoreLane:
               originator_id: int | None = None, upcoming: Path | None = None) -> int | None:
         """Send one C-STORE-RQ and return the response's Status; None when there was none
         (the lane is then `broken`). `upcoming` is read while the peer stores. The
-        payload is closed once sent."""
+        payload is closed once sent. Raises OSError when a streamed payload's first read
+        fails: nothing was sent, the lane is fine, and the sub-operation fails alone (a
+        dataset read whole failed the same way, in `payload()`)."""
         try:
             cx_id = self.contexts[(sop_class, transfer_syntax)]
             command = c_store_rq(msg_id=msg_id, sop_class=sop_class,
                                  sop_instance=sop_instance, originator_aet=originator_aet,
                                  originator_id=originator_id)
-            self._send(self._frames(cx_id, command, payload))
+            batches = self._frames(cx_id, command, payload)
+            try:
+                first = next(batches)  # its data read before anything is written
+            except _ReadFailed as exc:
+                raise OSError(errno.EIO, str(exc)) from exc
+        except BaseException:
+            payload.close()
+            raise
+        try:
+            self._send(itertools.chain((first,), batches))
         except _ReadFailed as exc:
             log.warning("c-store send cut short: the stored file could not be read error=%s",
                         exc)
