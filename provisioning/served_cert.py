@@ -1,12 +1,14 @@
-"""The node certificate serve presents, recorded at its start: it loads tls/node.pem once.
+"""The node certificate serve presents, recorded at its start and at each reload.
 
 serve builds its TLS contexts (DICOM TLS and the client context of its outgoing
 associations, HL7 over TLS, HTTPS) when it starts and keeps them: `pacs-edge
 certs renew` replaces tls/node.pem, but peers see the certificate serve loaded
-until it restarts. The health report (appliance.services.box_health) must tell
-of that one, not only of the file, or a renewal without a restart clears the
-expiry warning while the certificate peers see runs out. So serve, holding the
-home's serve lock, records the node certificate before it loads a context:
+until it reloads (SIGHUP, `systemctl reload pacs-edge`: appliance.process.node_tls)
+or restarts. The health report (appliance.services.box_health) must tell of that
+one, not only of the file, or a renewal without a reload clears the expiry warning
+while the certificate peers see runs out. So serve, holding the home's serve lock,
+records the node certificate before it loads a context, and records the new one
+once every process of the service loaded it (`record_served`):
 
 `<home>/run/served-node-cert.json` (0600, replaced atomically; no secret)::
 
@@ -20,7 +22,7 @@ the record of the older certificate (a restart asked for that was not needed),
 never of a newer one than serve presents. For the same reason a worker that its
 supervisor restarts (process/workers.py), which loads the file anew, records
 nothing: the supervisor's record names the oldest certificate any worker may
-present until the service restarts.
+present until the service reloads or restarts.
 """
 
 from __future__ import annotations
@@ -70,15 +72,20 @@ def serving_node_certificate(home: Path, *, presented: bool) -> Iterator[None]:
         cert = None  # serve's own load fails and says why; nothing is presented
     try:
         if presented and cert is not None:
-            served = NodeCertificate.of(cert)
-            atomic_write(path, (json.dumps({"not_after": served.not_after,
-                                            "sha256": served.sha256}) + "\n").encode(),
-                         mode=0o600)
+            record_served(home, NodeCertificate.of(cert))
         else:
             path.unlink(missing_ok=True)
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def record_served(home: Path, served: NodeCertificate) -> None:
+    """Record `served` as the certificate serve presents (at its start, and once a
+    reload loaded it into every TLS context of the service)."""
+    atomic_write(record_path(home), (json.dumps({"not_after": served.not_after,
+                                                 "sha256": served.sha256}) + "\n").encode(),
+                 mode=0o600)
 
 
 def served_node_certificate(home: Path) -> NodeCertificate | None:

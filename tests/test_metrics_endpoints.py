@@ -216,7 +216,7 @@ def test_a_renewal_while_serve_runs_keeps_the_presented_expiry_and_asks_for_a_re
     assert metrics[pending] == 1
     [warning] = [w["message"] for w in report["warnings"]
                  if w["code"] == "certificate_restart_pending"]
-    assert "expires in 365 days: restart pacs-edge" in warning
+    assert "expires in 365 days: reload pacs-edge" in warning
     presented, report, metrics = restarted
     assert presented == new
     assert report["certificates"]["node"] == new.not_valid_after_utc.timestamp()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -89,6 +90,34 @@ def test_serve_sends_ready_then_watchdog_pings(
     assert _asked_for_start_time_first(notify_socket.messages), notify_socket.messages
     assert server.stop() == 0
     notify_socket.wait_for(lambda msgs: "STOPPING=1" in msgs, "STOPPING=1")
+
+
+def _reloading_then_ready(messages: list[str]) -> bool:
+    reloading = [i for i, m in enumerate(messages) if "RELOADING=1" in m.splitlines()]
+    return bool(reloading) and any("READY=1" in m.splitlines()
+                                   for m in messages[reloading[0] + 1:])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_reload_sends_reloading_then_ready(
+        workers: int, edge_home: Path, notify_socket: NotifySocket,
+        edge_server_factory: Callable[..., EdgeServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGHUP (the units' ExecReload=) shows the unit reloading until serve is done, with
+    the MONOTONIC_USEC= that systemd 253 and later want next to RELOADING=1."""
+    if workers > 1:
+        path = edge_home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text())
+        doc["dicom"]["workers"] = workers  # type: ignore[index]
+        path.write_text(tomlkit.dumps(doc))
+    for key, value in notify_socket.env().items():
+        monkeypatch.setenv(key, value)
+    server = edge_server_factory(edge_home)
+    notify_socket.wait_for(_ready_then_pings, "READY=1 followed by two WATCHDOG=1")
+    os.kill(server.pid, signal.SIGHUP)
+    notify_socket.wait_for(_reloading_then_ready, "RELOADING=1 followed by READY=1")
+    reloading = next(m for m in notify_socket.messages if "RELOADING=1" in m)
+    assert reloading.splitlines()[1].startswith("MONOTONIC_USEC=")
+    assert server.stop() == 0
 
 
 def test_sync_agent_sends_ready_then_watchdog_pings(

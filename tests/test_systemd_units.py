@@ -21,6 +21,8 @@ import re
 import secrets
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ from conftest import (
     pacs_edge_command,
     run_pacs_edge,
 )
+from cryptography import x509
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("pacs-edge.service", "pacs-edge-sync.service")
@@ -69,10 +72,11 @@ def _root(tmp_path: Path, *, port_104: bool) -> Path:
         shutil.copy(SYSTEMD_DIR / unit, units / unit)
     if port_104:
         shutil.copytree(SYSTEMD_DIR / PORT_DROP_IN, units / PORT_DROP_IN)
-    executable = root / "opt/pacs-edge/venv/bin/pacs-edge"
-    executable.parent.mkdir(parents=True)
-    executable.write_text("#!/bin/sh\n")
-    executable.chmod(0o755)
+    # Stubs where ExecStart= and ExecReload= expect their programs.
+    for executable in (root / "opt/pacs-edge/venv/bin/pacs-edge", root / "bin/kill"):
+        executable.parent.mkdir(parents=True)
+        executable.write_text("#!/bin/sh\n")
+        executable.chmod(0o755)
     return root
 
 
@@ -204,6 +208,64 @@ def test_serve_unit_sees_only_the_secrets_it_reads_and_still_serves(
         dcmtk.storescu(tls_port, [i.path for i in small_study], args=tls).check()
         found = dcmtk.findscu(plain, {"StudyInstanceUID": small_study[0].study_uid}).check()
         assert found.values("StudyInstanceUID") == [small_study[0].study_uid]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, log_path.read_text()
+
+
+def _presented_serial(port: int, client: Path) -> int:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client / "ca.pem")
+    context.load_cert_chain(client / "testscu.pem", client / "testscu.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_serve_unit_reloads_a_renewed_certificate_but_not_a_new_key(
+        tmp_path: Path, free_port: Callable[[], int]) -> None:
+    """In the unit's view (/proc mounted subset=pid, hidepid=invisible; secrets/node.key a
+    bind of the file as it was at the start), SIGHUP loads a renewed certificate. A new
+    key (`certs renew --new-key`) is a new file serve cannot see: the reload refuses the
+    pair and says to restart, and the old certificate is still presented."""
+    home, config, probes = _secrets_home(tmp_path)
+    tls_port = free_port()
+    EdgeServer(home).configure(dicom={"tls_port": tls_port})
+    client = tmp_path / "testscu"
+    run_pacs_edge("certs", "issue", "testscu", "--out", str(client), "--home", str(home))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = unitsandbox.start(
+            SYSTEMD_DIR / "pacs-edge.service", [*pacs_edge_command(), "serve", "--home",
+                                                str(home)],
+            user="root", group="root", probes=probes, report=tmp_path / "report",
+            stage=tmp_path / "stage", path_map={UNIT_HOME: str(home), UNIT_CONFIG: str(config)},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def logged(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+
+    node = home / "tls" / "node.pem"
+    try:
+        logged("ready to accept associations")
+        run_pacs_edge("certs", "renew", "--home", str(home))
+        proc.send_signal(signal.SIGHUP)
+        logged("node certificate reloaded serial=")
+        renewed = x509.load_pem_x509_certificate(node.read_bytes()).serial_number
+        assert _presented_serial(tls_port, client) == renewed
+        run_pacs_edge("certs", "renew", "--new-key", "--home", str(home))
+        proc.send_signal(signal.SIGHUP)
+        logged("node certificate reload refused reason=the key does not match the"
+               " certificate: the certificate loaded before is still presented; after"
+               " `pacs-edge certs renew --new-key`, restart pacs-edge instead")
+        assert _presented_serial(tls_port, client) == renewed
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

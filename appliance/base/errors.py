@@ -51,6 +51,8 @@ Tree::
     ├── LegacyPeerError           the legacy PACS of a migration failed a C-FIND, C-MOVE or
     │                             C-GET (kind: MigrationFailure; dimse/legacy_scu.py raises it)
     ├── AuditLogError             the audit log cannot be appended to or read (audit/log.py)
+    ├── CertificateRefused        a renewed node certificate or key serve will not load at
+    │                             a reload: logged, the old pair kept (process/node_tls.py)
     └── AnchorError               an audit anchor cannot be written or read, or contradicts
                                   the log (audit/anchor.py)
 

@@ -20,6 +20,10 @@ module only decides when to speak:
   half of $WATCHDOG_USEC, as sd_watchdog_enabled(3) recommends, so one late
   wake-up does not get the service killed. A loop that hangs stops pinging,
   which is the point;
+- `reloading()` when serve begins to load a renewed certificate (SIGHUP, the
+  units' ExecReload=), then `ready()` again once it is loaded or refused: systemd
+  shows the unit "reloading" in between (RELOADING=1 with the MONOTONIC_USEC=
+  that systemd 253 and later ask for; older ones ignore both);
 - `stopping()` when a graceful stop begins, so systemd does not mistake the
   drain for a hang.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 
 from sdnotify import SystemdNotifier
@@ -91,6 +96,10 @@ class Notifier:
     def ready(self, status: str) -> None:
         self._started.set()
         self._send(f"READY=1\nSTATUS={status}")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def watchdog(self) -> None:
         if self.watchdog_enabled:

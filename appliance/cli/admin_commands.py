@@ -194,7 +194,11 @@ def certs_renew(home: Path | None, days: int | None, sans: tuple[str, ...],
     out.print(f"renewed {report.cert}", highlight=False)
     for line in report.changes:
         out.print(f"  {line}", highlight=False)
-    out.print("restart pacs-edge to serve the new certificate", highlight=False)
+    if new_key:  # the unit's sandbox binds the key file serve started with (node_tls.py)
+        out.print("restart pacs-edge to serve the new key and certificate", highlight=False)
+    else:
+        out.print("reload pacs-edge to serve the new certificate (systemctl reload"
+                  " pacs-edge; no connection is dropped)", highlight=False)
 
 
 # --- keys ---------------------------------------------------------------------------

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from appliance.base.errors import PacsEdgeError
+from appliance.base.reloadable_tls import ReloadableContext
 from appliance.services.peers import CertificateIdentity
 
 BCP195_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def server_context(*, cert: Path, key: Path, ca: Path, require_client_cert: bool
-                   ) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                   ) -> ReloadableContext:
+    context = ReloadableContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -40,11 +41,11 @@ def server_context(*, cert: Path, key: Path, ca: Path, require_client_cert: bool
     return context
 
 
-def client_context(*, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+def client_context(*, cert: Path, key: Path, ca: Path) -> ReloadableContext:
     """For C-MOVE sub-associations to peers marked TLS: the same profile, the node
     certificate as client certificate, and the peer's certificate checked against
     the site CA (peers are addressed by IP as often as by name: no host-name check)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ReloadableContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_TLS12_CIPHERS)
     context.check_hostname = False

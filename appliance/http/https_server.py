@@ -55,6 +55,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from appliance.base.config import HttpConfig
 from appliance.base.errors import PacsEdgeError
+from appliance.base.reloadable_tls import ReloadableContext
 from appliance.http.response_headers import HSTS
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ _GUARD_KEY: web.AppKey[HttpServer] = web.AppKey("pacs_edge_http_server")
 PRIORITY_SLOTS = 2  # connections beyond max_connections kept for the `priority` addresses
 
 
-def tls_context(*, cert: Path, key: Path) -> ssl.SSLContext:
+def tls_context(*, cert: Path, key: Path) -> ReloadableContext:
     """The HTTPS server context: the node certificate, TLS 1.2+, AEAD suites only."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ReloadableContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE

@@ -5,6 +5,12 @@ it through the LoopBridge. On a signal the DIMSE server stops accepting,
 lets running associations finish for a grace period, and only then is the
 index closed, so no acknowledged instance is ever half-recorded.
 
+SIGHUP (`systemctl reload pacs-edge`) loads a renewed node certificate into the
+TLS contexts serve already uses (node_tls.py): nothing else is reloaded, and no
+connection is dropped. The handler is installed before anything is loaded, so a
+SIGHUP during start-up is acted on once serve is ready, never the default action
+(the end of the process).
+
 The HL7 listener and the web stack (aiohttp and the DICOMweb routes) are
 imported only when their port is on: a box that runs without them starts
 ~0.2 s of CPU sooner and holds less memory.
@@ -43,6 +49,7 @@ from appliance.dimse.tls import client_context, server_context
 from appliance.dimse.worklist_scp import WorklistScp
 from appliance.dropfolder import DropFolderWatcher
 from appliance.dropfolder.counts import drop_folder_counts
+from appliance.process.node_tls import NodeTls
 from appliance.process.ports import probe_ports
 from appliance.process.serve_lock import serve_lock
 from appliance.services.box_health import DropCounts, HealthSources
@@ -62,7 +69,7 @@ from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
 from provisioning.certs import TlsPaths, load_certificate
 from provisioning.home import LOG_KEY, SECRETS_DIR
-from provisioning.served_cert import serving_node_certificate
+from provisioning.served_cert import NodeCertificate, record_served, serving_node_certificate
 
 if TYPE_CHECKING:
     from appliance.hl7.listener import Hl7Listener
@@ -70,18 +77,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a reload ended with: the certificate now presented (None: refused or none), and
+# whether this process presents one at all.
+Reloaded = Callable[[NodeCertificate | None, bool], None]
 MAINTENANCE_INTERVAL = 30.0
 STOP_GRACE_SECONDS = 10.0
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
+def _tls_context(config: Config, tls: NodeTls) -> ssl.SSLContext | None:
     """The DICOM TLS context from the certificates `pacs-edge init` made; None when off."""
     if not config.dicom.tls_port:
         return None
     paths = TlsPaths(config.home)
     _warn_of_clock_outside_validity(paths)
-    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
-                          require_client_cert=config.dicom.tls_require_client_cert)
+    return tls.track(server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                                    require_client_cert=config.dicom.tls_require_client_cert))
 
 
 def _warn_of_clock_outside_validity(paths: TlsPaths) -> None:
@@ -99,21 +109,22 @@ def _warn_of_clock_outside_validity(paths: TlsPaths) -> None:
                         f"{cert.not_valid_after_utc:%Y-%m-%d}")
 
 
-def _tls_client_context(config: Config) -> ssl.SSLContext | None:
-    """For C-MOVE destinations marked TLS; None when this box has TLS off."""
+def _tls_client_context(config: Config, tls: NodeTls) -> ssl.SSLContext | None:
+    """For C-MOVE destinations and commitment reports to peers marked TLS; None when
+    this box has TLS off."""
     if not config.dicom.tls_port:
         return None
     paths = TlsPaths(config.home)
-    return client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert)
+    return tls.track(client_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert))
 
 
-def _hl7_tls_context(config: Config) -> ssl.SSLContext | None:
+def _hl7_tls_context(config: Config, tls: NodeTls) -> ssl.SSLContext | None:
     """MLLP over TLS with the site CA's certificates; None when [hl7] tls is off."""
     if not config.hl7.tls:
         return None
     paths = TlsPaths(config.home)
-    return server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
-                          require_client_cert=config.hl7.tls_require_client_cert)
+    return tls.track(server_context(cert=paths.node_cert, key=paths.node_key, ca=paths.ca_cert,
+                                    require_client_cert=config.hl7.tls_require_client_cert))
 
 
 def presents_node_certificate(config: Config) -> bool:
@@ -121,6 +132,16 @@ def presents_node_certificate(config: Config) -> bool:
     records which one at its start, as `status` reports it (provisioning/served_cert.py)."""
     return bool(config.dicom.tls_port or (config.hl7.port and config.hl7.tls)
                 or config.http.port)
+
+
+async def _until_set(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of `events` is set, at most `timeout` seconds."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _drop_counts(config: Config, index: Index) -> DropCounts:
@@ -145,26 +166,51 @@ def _scraper(config: Config) -> Callable[[str], bool]:
 
 
 async def serve(
-    config: Config, *, worker: int | None = None, on_ready: Callable[[int], None] | None = None
+    config: Config, *, worker: int | None = None, on_ready: Callable[[int], None] | None = None,
+    on_reloaded: Reloaded | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, holding the home's serve lock (serve_lock.py) from
     before the start-up sweep until the end. As one of several workers (`worker` set),
     leave the sweep to the supervisor (the spool folder holds the other workers'
-    transfers) and the lock too: the worker holds the supervisor's (workers.py)."""
-    if worker is not None:
-        await _serve(config, worker=worker, on_ready=on_ready)
-        return
-    with serve_lock(config.home), serving_node_certificate(
-            config.home, presented=presents_node_certificate(config)):
-        probe_ports(config)
-        await _serve(config, worker=None, on_ready=on_ready)
+    transfers) and the lock too: the worker holds the supervisor's (workers.py), and
+    tells it the outcome of each SIGHUP's reload through `on_reloaded` (the
+    certificate now presented, or None when refused; and whether the worker presents
+    one at all), since the supervisor records it."""
+    reload_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    try:
+        if worker is not None:
+            await _serve(config, worker=worker, on_ready=on_ready,
+                         reload_requested=reload_requested, on_reloaded=on_reloaded)
+            return
+        with serve_lock(config.home), serving_node_certificate(
+                config.home, presented=presents_node_certificate(config)):
+            probe_ports(config)
+            await _serve(config, worker=None, on_ready=on_ready,
+                         reload_requested=reload_requested,
+                         on_reloaded=on_reloaded or _recorder(config))
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as SIGTERM's below: until the exit
+
+
+def _recorder(config: Config) -> Reloaded:
+    """A single serve process records the certificate a reload loaded itself."""
+    def record(served: NodeCertificate | None, _presents: bool) -> None:
+        if served is not None:
+            record_served(config.home, served)
+
+    return record
 
 
 async def _serve(
-    config: Config, *, worker: int | None, on_ready: Callable[[int], None] | None
+    config: Config, *, worker: int | None, on_ready: Callable[[int], None] | None,
+    reload_requested: asyncio.Event, on_reloaded: Reloaded | None,
 ) -> None:
     logsafe.load_key(config.home / SECRETS_DIR / LOG_KEY)  # a spawned worker too
     configure_pynetdicom()
+    tls = NodeTls(config.home)
     files = FileStore(config.store.path, reserve_bytes=config.store.reserve_bytes)
     # Workers stay silent: their supervisor speaks for the service (workers.py).
     notifier = Notifier(silent=worker is not None)
@@ -211,20 +257,21 @@ async def _serve(
             reuse_port=config.dicom.workers > 1,
             stored_syntaxes=StoredSyntaxes(lambda: services.bridge.call(index.syntax_counts())),
             store_target=handlers,
-            tls_context=_tls_context(config),
+            tls_context=_tls_context(config, tls),
             on_tls_failure=auditor.node_authentication_failed,
         )
+        tls_client = _tls_client_context(config, tls)
         # C-MOVE/C-GET: the appliance's own service class (see appliance/dimse/move_get.py)
         retrieve = RetrieveService(allowlist, index, files,
                                    recall_timeout=config.sync.recall_timeout_seconds)
         attach_retrieve(server.ae, retrieve, services.bridge, config.dicom, audit=auditor,
-                        tls_client=_tls_client_context(config))
+                        tls_client=tls_client)
         # Storage Commitment: reports a requesting association did not take go out on a
         # new one; one reporter per data home (worker 0), like the drop folder watcher.
         commitment = CommitmentService(index, files, allowlist, config.workflow)
         reporter = CommitmentReporter(server.ae, commitment, allowlist, services.bridge,
                                       auditor, config.dicom,
-                                      tls_client=_tls_client_context(config))
+                                      tls_client=tls_client)
         attach_commitment(server.ae, commitment, services.bridge, auditor, reporter.wake,
                           config.dicom)
         ports = await asyncio.to_thread(server.start)
@@ -260,7 +307,7 @@ async def _serve(
                     on_new_order=service.on_new_order if service else None,
                     on_cancelled_order=service.on_cancelled_order if service else None)
                 hl7 = Hl7Listener(config.hl7, allowlist, orders,
-                                  tls_context=_hl7_tls_context(config),
+                                  tls_context=_hl7_tls_context(config, tls),
                                   on_refused=auditor.hl7_connection_refused,
                                   on_rejected=auditor.hl7_message_rejected)
                 await hl7.start()
@@ -276,7 +323,8 @@ async def _serve(
                     config=config, users=UserService(index, config, auditor=auditor), index=index,
                     files=files, ingest=services.ingest, retrieve=retrieve, auditor=auditor,
                     health=health)),
-                    ssl_context=tls_context(cert=paths.node_cert, key=paths.node_key))
+                    ssl_context=tls.track(tls_context(cert=paths.node_cert, key=paths.node_key),
+                                          trust_ca=False))
                 await http.start()
             elif config.metrics.enabled and config.metrics.port and not worker:
                 # No web server: /metrics and the probes get a small plain listener of their own.
@@ -292,16 +340,23 @@ async def _serve(
                 loop.add_signal_handler(sig, stop.set)
             if on_ready is not None:
                 on_ready(ports.get("plain", ports.get("tls", 0)))
+            listening = " and ".join(
+                f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
             if worker is None:
                 log.info("ready to accept associations ae_title=%s host=%s port=%d tls_port=%d"
                          " peers=%d", config.dicom.ae_title, config.dicom.host,
                          ports.get("plain", 0), ports.get("tls", 0), len(allowlist.peers()))
-                listening = " and ".join(
-                    f"{'TLS ' if name == 'tls' else ''}port {port}" for name, port in ports.items())
                 notifier.ready(f"accepting associations on {listening}")
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), notifier.interval(MAINTENANCE_INTERVAL))
+                if reload_requested.is_set():
+                    reload_requested.clear()
+                    notifier.reloading()
+                    served = await asyncio.to_thread(tls.reload)
+                    if on_reloaded is not None:
+                        on_reloaded(served, bool(tls.tracked))
+                    notifier.ready(f"accepting associations on {listening}")
+                await _until_set(stop, reload_requested,
+                                 timeout=notifier.interval(MAINTENANCE_INTERVAL))
                 notifier.watchdog()
                 dropped = spools.sweep(idle_seconds=2 * config.dicom.network_timeout)
                 if dropped:

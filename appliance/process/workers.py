@@ -11,6 +11,14 @@ The supervisor takes the home's serve lock (serve_lock.py; every worker
 inherits it) and the DICOM ports, sweeps crash leftovers before any worker
 starts, reports ready once every worker is, restarts a worker that dies, and
 on SIGTERM passes the signal on and waits for the workers' graceful stop.
+
+SIGHUP (`systemctl reload`, sent to the supervisor alone) is passed on to every
+worker: each loads the renewed node certificate into its own TLS contexts
+(node_tls.py) and tells the supervisor which certificate it now presents. Only
+when every worker presents the same one does the supervisor record it
+(provisioning/served_cert.py); a worker that refused the pair, died or did not
+answer within RELOAD_TIMEOUT leaves the record, and the restart-pending warning,
+as they were.
 """
 
 from __future__ import annotations
@@ -40,19 +48,24 @@ from appliance.services.startup_recovery import STARTUP_STATUS, begin_run, end_r
 from appliance.store.files import FileStore
 from appliance.store.index import Index
 from appliance.store.pairing import check_pairing
-from provisioning.served_cert import serving_node_certificate
+from provisioning.served_cert import NodeCertificate, record_served, serving_node_certificate
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 RESTART_BACKOFF = 2.0
+RELOAD_TIMEOUT = 30.0
+_PRESENTS_NONE = "presents none"  # a worker without a TLS context (workers but 0, TLS off)
 
 
-def _worker_main(config: Config, number: int, ready: Any, log_level: str,
+def _worker_main(config: Config, number: int, ready: Any, reloaded: Any, log_level: str,
                  lock: InheritedLock) -> None:
     import asyncio
 
+    # Until serve takes SIGHUP over: the supervisor's reload must not end a worker that
+    # is still starting (the default action), which loads the files on disk anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from appliance.base.logsetup import setup_logging
     from appliance.process.serve import serve
     from appliance.process.stack_dump import dump_stacks_on_sigusr1
@@ -63,7 +76,9 @@ def _worker_main(config: Config, number: int, ready: Any, log_level: str,
     dump_stacks_on_sigusr1()
     setup_logging(log_level)
     try:
-        asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port))))
+        asyncio.run(serve(config, worker=number, on_ready=lambda port: ready.put((number, port)),
+                          on_reloaded=lambda served, presents: reloaded.put(
+                              (number, served if presents else _PRESENTS_NONE))))
     except PacsEdgeError as exc:
         # An expected failure (worker 0's HTTPS port in use): one line, not the traceback
         # multiprocessing prints; the supervisor then reports the worker's exit.
@@ -92,6 +107,14 @@ def run_workers(config: Config) -> None:
 def _supervise(config: Config, lock: InheritedLock) -> None:
     """Sweep, reconcile, then start, watch and stop the workers (`config` has the
     reserved port, so port 0 is the same port for all of them)."""
+    reload_wanted = False
+
+    def request_reload(signum: int, _frame: object) -> None:
+        nonlocal reload_wanted
+        reload_wanted = True
+
+    # First: a reload asked for while the supervisor starts is done once workers run.
+    signal.signal(signal.SIGHUP, request_reload)
     ctx = multiprocessing.get_context("spawn")
     port = config.dicom.port
     files = FileStore(config.store.path)
@@ -104,6 +127,8 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
     asyncio.run(_reconcile(config, files, recover_first=not begin_run(config.home)
                            and not first_start))
     ready: Any = ctx.Queue()
+    reloaded: Any = ctx.Queue()
+    reloading: _ReloadRound | None = None
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -112,7 +137,7 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
 
     def start(number: int) -> BaseProcess:
         process = ctx.Process(target=_worker_main, name=f"pacs-edge-worker-{number}",
-                              args=(config, number, ready, config.log.level, lock))
+                              args=(config, number, ready, reloaded, config.log.level, lock))
         process.start()
         return process
 
@@ -130,6 +155,15 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
             if time.monotonic() >= next_ping:
                 notifier.watchdog()
                 next_ping = time.monotonic() + notifier.interval(READY_TIMEOUT)
+            if reloading is None and reload_wanted:
+                reload_wanted = False
+                notifier.reloading()
+                reloading = _ReloadRound(workers)
+            if reloading is not None and reloading.done(reloaded):
+                reloading.finish(config)
+                reloading = None
+                notifier.ready(f"accepting associations on port {port} with {len(workers)}"
+                               " workers")
             for number, process in list(workers.items()):
                 if not process.is_alive() and not stopping:
                     log.error("worker exited unexpectedly worker=%d exitcode=%s; restarting",
@@ -153,6 +187,43 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
         if all(p.exitcode == 0 for p in workers.values()):
             end_run(config.home)
         log.info("stopped")
+
+
+class _ReloadRound:
+    """One SIGHUP passed on to the workers, until each answered or RELOAD_TIMEOUT."""
+
+    def __init__(self, workers: dict[int, BaseProcess]) -> None:
+        self.workers = {n: p for n, p in workers.items() if p.is_alive() and p.pid is not None}
+        self.answers: dict[int, NodeCertificate | str | None] = {}
+        self.deadline = time.monotonic() + RELOAD_TIMEOUT
+        for process in self.workers.values():
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGHUP)
+
+    def done(self, reloaded: Any) -> bool:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                number, served = reloaded.get_nowait()
+                if number in self.workers:
+                    self.answers[number] = served
+        gone = [n for n, p in self.workers.items() if n not in self.answers and not p.is_alive()]
+        for number in gone:
+            self.answers[number] = None
+        return len(self.answers) == len(self.workers) or time.monotonic() > self.deadline
+
+    def finish(self, config: Config) -> None:
+        """Record the certificate every worker presents now; else say which did not."""
+        served = set(self.answers.values()) - {_PRESENTS_NONE}
+        if len(self.answers) == len(self.workers) and len(served) == 1 and None not in served:
+            loaded = served.pop()
+            assert isinstance(loaded, NodeCertificate)
+            record_served(config.home, loaded)
+            log.info("node certificate reloaded by every worker count=%d", len(self.workers))
+            return
+        behind = sorted(n for n in self.workers if self.answers.get(n) is None)
+        log.warning("node certificate not reloaded by every worker workers_behind=%s: the"
+                    " certificate_restart_pending warning stays; see the log lines above, then"
+                    " reload again", ",".join(map(str, behind)) or "none (they differ)")
 
 
 async def _reconcile(config: Config, files: FileStore, *, recover_first: bool) -> None:

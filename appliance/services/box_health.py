@@ -38,8 +38,8 @@ from provisioning.served_cert import NodeCertificate, served_node_certificate
 
 CERT_WARN_DAYS = 30
 CERT_FIXES = {  # what the certificate_expiring warning asks for, by certificate
-    # serve loads tls/node.pem at its start only (provisioning/served_cert.py).
-    "node": "`pacs-edge certs renew`, then restart pacs-edge",
+    # serve loads tls/node.pem at its start and on a reload (provisioning/served_cert.py).
+    "node": "`pacs-edge certs renew`, then `systemctl reload pacs-edge`",
     "ca": "plan a new site CA with the peers' owners: docs/deployment.md, \"Certificates\"",
     "syslog-client": "renew it with the syslog collector's CA",
 }
@@ -313,9 +313,10 @@ def warnings(config: Config, report: HealthReport) -> list[HealthWarning]:
     if report.restart_pending_expiry is not None:
         found.append(HealthWarning(
             "certificate_restart_pending", "tls/node.pem was renewed, but serve still presents"
-            " the node certificate it loaded at its start, which "
+            " the node certificate it loaded before, which "
             + _expiry(report.restart_pending_expiry - now)
-            + ": restart pacs-edge to present the new one"))
+            + ": reload pacs-edge (systemctl reload pacs-edge) to present the new one; a"
+            " reload that refuses the new files says why in serve's log"))
     for code, cert, what, fix in [
             *[("certificate_expiring", c, f"the {c.name} certificate", CERT_FIXES[c.name])
               for c in report.certificates],
