@@ -460,8 +460,9 @@ def test_second_converge_changes_nothing(fleet: Fleet) -> None:
 def test_check_diff_on_a_converged_box_shows_only_the_pending_changes(fleet: Fleet) -> None:
     """--check --diff with one peer more and a node certificate due for renewal (its 365
     days within pacs_edge_cert_renew_days 400): the allowlist's diff and the renewal,
-    changed=2, the restart of serve alone (for the certificate: the allowlist is read
-    live), and nothing written or renewed; the venv is not shown as changed."""
+    changed=2, the reload of serve alone (for the certificate: the allowlist is read
+    live; a renewed certificate needs no restart), and nothing written or renewed; the
+    venv is not shown as changed."""
     host = "edge-a"
     peers, cert = fleet.home(host) / "peers.toml", fleet.home(host) / "tls/node.pem"
     before = {path: path.read_bytes() for path in (peers, cert)}
@@ -474,16 +475,17 @@ def test_check_diff_on_a_converged_box_shows_only_the_pending_changes(fleet: Fle
     assert re.search(r"^\+\[peers\.ws9\]$", proc.stdout, re.MULTILINE), proc.stdout[-8000:]
     assert re.search(r"TASK \[pacs_edge : Renew the node certificate[^\]]*\] \**\nchanged: ",
                      proc.stdout), proc.stdout[-8000:]
-    handlers = re.findall(r"^RUNNING HANDLER \[pacs_edge : (Restart [^\]]+)\]", proc.stdout,
-                          re.MULTILINE)
-    assert handlers == ["Restart pacs-edge"], proc.stdout[-8000:]
+    handlers = re.findall(r"^RUNNING HANDLER \[pacs_edge : ((?:Restart|Reload) [^\]]+)\]",
+                          proc.stdout, re.MULTILINE)
+    assert handlers == ["Reload pacs-edge"], proc.stdout[-8000:]
     assert {path: path.read_bytes() for path in before} == before
 
 
 def test_a_name_added_to_the_inventory_renews_the_node_certificate(fleet: Fleet) -> None:
     """`init` made the node certificate at the first run; a name added to
     pacs_edge_tls_extra_sans later renews it (same key, the names it had kept) and
-    restarts serve alone; the next run finds it complete and changes nothing."""
+    reloads serve alone, restarting nothing; the next run finds it complete and changes
+    nothing."""
     host = "edge-b"
     tls = fleet.home(host) / "tls/node.pem"
     key = (fleet.home(host) / "secrets/node.key").read_bytes()
@@ -492,7 +494,8 @@ def test_a_name_added_to_the_inventory_renews_the_node_certificate(fleet: Fleet)
     assert proc.returncode == 0, proc.stdout[-8000:]
     assert re.search(r"TASK \[pacs_edge : Renew the node certificate[^\]]*\] \**\nchanged: ",
                      proc.stdout), proc.stdout[-8000:]
-    assert "RUNNING HANDLER [pacs_edge : Restart pacs-edge]" in proc.stdout
+    assert "RUNNING HANDLER [pacs_edge : Reload pacs-edge]" in proc.stdout
+    assert "RUNNING HANDLER [pacs_edge : Restart pacs-edge]" not in proc.stdout
     assert "RUNNING HANDLER [pacs_edge : Restart pacs-edge-sync]" not in proc.stdout
     shown = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
                             str(tls)], capture_output=True, text=True, check=True).stdout
