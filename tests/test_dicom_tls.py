@@ -222,14 +222,7 @@ def test_move_to_a_peer_marked_tls_goes_over_tls(
 ) -> None:
     server = tls_edge[0]
     dcmtk.storescu(server.port, [i.path for i in small_study]).check()
-    received = tmp_path / "received"
-    server.cli("certs", "issue", "tlsdest", "--server", "--san", "127.0.0.1",
-               "--out", str(tmp_path / "tlsdest"))
-    with tls_storescp(tmp_path / "tlsdest", received, free_port) as port:
-        server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
-                   "--port", str(port), "--allow", "store", "--tls")
-        dcmtk.movescu(server.port, {"StudyInstanceUID": small_study[0].study_uid},
-                      "TLSDEST").check()
+    received = _moved_over_tls(server, small_study[0].study_uid, tmp_path, free_port)
     assert {dicomgen.dataset_bytes(p) for p in received.iterdir()} == {
         dicomgen.dataset_bytes(i.path) for i in small_study}
 
@@ -244,15 +237,22 @@ def test_a_large_instance_moves_over_tls_byte_exact(
                                      instances_per_series=1, modalities=("CT",),
                                      size=3072)  # 18 MiB
     dcmtk.storescu(server.port, [large.path]).check()
+    (moved,) = _moved_over_tls(server, large.study_uid, tmp_path, free_port).iterdir()
+    assert dicomgen.dataset_sha256(moved) == dicomgen.dataset_sha256(large.path)
+
+
+def _moved_over_tls(server: EdgeServer, study_uid: str, tmp_path: Path,
+                    free_port: Callable[[], int]) -> Path:
+    """The folder a TLS storescp, added as a peer marked TLS, received the study in by
+    a movescu to it."""
     received = tmp_path / "received"
     server.cli("certs", "issue", "tlsdest", "--server", "--san", "127.0.0.1",
                "--out", str(tmp_path / "tlsdest"))
     with tls_storescp(tmp_path / "tlsdest", received, free_port) as port:
         server.cli("peers", "add", "tlsdest", "--ae-title", "TLSDEST", "--host", "127.0.0.1",
                    "--port", str(port), "--allow", "store", "--tls")
-        dcmtk.movescu(server.port, {"StudyInstanceUID": large.study_uid}, "TLSDEST").check()
-    (moved,) = received.iterdir()
-    assert dicomgen.dataset_sha256(moved) == dicomgen.dataset_sha256(large.path)
+        dcmtk.movescu(server.port, {"StudyInstanceUID": study_uid}, "TLSDEST").check()
+    return received
 
 
 def test_move_refuses_a_destination_whose_certificate_is_not_for_servers(

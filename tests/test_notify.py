@@ -74,14 +74,8 @@ def _asked_for_start_time_first(messages: list[str]) -> bool:
 def test_serve_sends_ready_then_watchdog_pings(
         workers: int, edge_home: Path, notify_socket: NotifySocket,
         edge_server_factory: Callable[..., EdgeServer], monkeypatch: pytest.MonkeyPatch) -> None:
-    if workers > 1:
-        path = edge_home / "pacs-edge.toml"
-        doc = tomlkit.parse(path.read_text())
-        doc["dicom"]["workers"] = workers  # type: ignore[index]
-        path.write_text(tomlkit.dumps(doc))
-    for key, value in notify_socket.env().items():
-        monkeypatch.setenv(key, value)  # the fixture's server inherits the environment
-    server = edge_server_factory(edge_home)
+    server = _notifying_server(workers, edge_home, notify_socket, edge_server_factory,
+                               monkeypatch)
     notify_socket.wait_for(_ready_then_pings, "READY=1 followed by two WATCHDOG=1")
     ready = next(m for m in notify_socket.messages if "READY=1" in m)
     assert f"STATUS=accepting associations on port {server.port}" in ready
@@ -104,14 +98,8 @@ def test_serve_reload_sends_reloading_then_ready(
         edge_server_factory: Callable[..., EdgeServer], monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGHUP (the units' ExecReload=) shows the unit reloading until serve is done, with
     the MONOTONIC_USEC= that systemd 253 and later want next to RELOADING=1."""
-    if workers > 1:
-        path = edge_home / "pacs-edge.toml"
-        doc = tomlkit.parse(path.read_text())
-        doc["dicom"]["workers"] = workers  # type: ignore[index]
-        path.write_text(tomlkit.dumps(doc))
-    for key, value in notify_socket.env().items():
-        monkeypatch.setenv(key, value)
-    server = edge_server_factory(edge_home)
+    server = _notifying_server(workers, edge_home, notify_socket, edge_server_factory,
+                               monkeypatch)
     notify_socket.wait_for(_ready_then_pings, "READY=1 followed by two WATCHDOG=1")
     os.kill(server.pid, signal.SIGHUP)
     notify_socket.wait_for(_reloading_then_ready, "RELOADING=1 followed by READY=1")
@@ -184,3 +172,17 @@ def test_a_long_start_asks_for_more_time_until_ready_and_then_stops(
         f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}\nSTATUS=starting: migrating"}
     assert notify_socket.messages[ready + 1:] == []
     notifier.close()
+
+
+def _notifying_server(workers: int, edge_home: Path, notify_socket: NotifySocket,
+                      edge_server_factory: Callable[..., EdgeServer],
+                      monkeypatch: pytest.MonkeyPatch) -> EdgeServer:
+    """serve with `workers` processes, telling systemd's stand-in socket."""
+    if workers > 1:
+        path = edge_home / "pacs-edge.toml"
+        doc = tomlkit.parse(path.read_text())
+        doc["dicom"]["workers"] = workers  # type: ignore[index]
+        path.write_text(tomlkit.dumps(doc))
+    for key, value in notify_socket.env().items():
+        monkeypatch.setenv(key, value)  # the fixture's server inherits the environment
+    return edge_server_factory(edge_home)
