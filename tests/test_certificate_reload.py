@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import dcmtk
 import dicomgen
 import pytest
 import tomlkit
-from conftest import HOST, EdgeServer
+from conftest import HOST, EdgeServer, pacs_edge_command
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -232,3 +234,62 @@ def test_reload_reaches_every_worker(tmp_path: Path, free_port: Callable[[], int
     report = json.loads(server.cli("status", "--json").stdout)
     assert "certificate_restart_pending" not in {w["code"] for w in report["warnings"]}
 
+
+
+def _workers_of(pid: int) -> set[int]:
+    """The supervisor's spawned workers (multiprocessing's spawn_main command line)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(FileNotFoundError):
+                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        found.add(int(child))
+    return found
+
+
+def _wait_until(what: str, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not {what} within {timeout:.0f}s"
+        time.sleep(0.01)
+
+
+def test_reload_while_a_worker_restarts_reaches_it_without_ending_it(
+        tmp_path: Path, free_port: Callable[[], int],
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """A SIGHUP the supervisor passes on to a worker it has just restarted (its Python
+    still starting, before serve's handler) is done once that worker is ready: the
+    default action would end it, and the reload round would fail."""
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"tls_port": free_port(), "workers": 2})
+    server.start()
+    server.cli("certs", "renew")
+    first = _workers_of(server.pid)
+    assert len(first) == 2
+    os.kill(min(first), signal.SIGKILL)
+    _wait_until("restarted", lambda: len(_workers_of(server.pid) - first) == 1)
+    os.kill(server.pid, signal.SIGHUP)  # the round reaches the new worker as it starts
+    log = server.wait_for_log("node certificate reloaded by every worker count=2",
+                              timeout=60)
+    assert "exitcode=-1" not in log  # no worker ended by SIGHUP
+    assert server.log().count(RELOADED) == 2
+
+
+def test_sighup_while_serve_starts_is_done_once_ready(
+        edge_server_factory: Callable[..., EdgeServer]) -> None:
+    """SIGHUP from the moment the serve command runs (before serve's handler, seconds of
+    imports away) waits, and is acted on once serve is ready, instead of ending it."""
+    server = edge_server_factory(start=False)
+    args = [*pacs_edge_command(), "serve", "--home", str(server.home)]
+    with open(server.log_path, "ab") as log:
+        server.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+    status = Path(f"/proc/{server.pid}/status")
+    # The SigBlk mask: SIGHUP (1) is its lowest bit once the serve command runs.
+    _wait_until("holding SIGHUP back", lambda: not server.running or int(
+        status.read_text().split("SigBlk:")[1].split()[0], 16) & 1 == 1)
+    os.kill(server.pid, signal.SIGHUP)
+    server.wait_for_log("reload: no TLS context presents the node certificate", timeout=60)
+    assert server.running
+    assert server.stop() == 0

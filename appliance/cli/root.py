@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,10 @@ def init(home: Path | None, ae_title: str | None, dicom_port: int | None,
 def serve(home: Path | None, dicom_port: int | None, ae_title: str | None,
           http_port: int | None) -> None:
     """Run the DIMSE server until SIGTERM/SIGINT."""
+    # SIGHUP (`systemctl reload`) would end the process until serve's handler is in
+    # place, seconds away (imports, config): held back, it waits and serve acts on it
+    # once ready (appliance/process/serve.py, workers.py unblock it).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = load(home).with_overrides(dicom={"port": dicom_port, "ae_title": ae_title},
                                        http={"port": http_port})
     if config.metrics.enabled:

@@ -7,9 +7,10 @@ index closed, so no acknowledged instance is ever half-recorded.
 
 SIGHUP (`systemctl reload pacs-edge`) loads a renewed node certificate into the
 TLS contexts serve already uses (node_tls.py): nothing else is reloaded, and no
-connection is dropped. The handler is installed before anything is loaded, so a
-SIGHUP during start-up is acted on once serve is ready, never the default action
-(the end of the process).
+connection is dropped. The serve command blocks SIGHUP first
+thing (appliance/cli/root.py) and serve unblocks it once its handler is installed,
+before anything is loaded: a SIGHUP during start-up is acted on once serve is
+ready, never the default action (the end of the process).
 
 The HL7 listener and the web stack (aiohttp and the DICOMweb routes) are
 imported only when their port is on: a box that runs without them starts
@@ -179,6 +180,9 @@ async def serve(
     reload_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+    # Held back until here by the serve command (and, in a worker, from its birth): one
+    # sent before is delivered now and acted on once serve is ready.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
         if worker is not None:
             await _serve(config, worker=worker, on_ready=on_ready,

@@ -63,9 +63,11 @@ def _worker_main(config: Config, number: int, ready: Any, reloaded: Any, log_lev
                  lock: InheritedLock) -> None:
     import asyncio
 
-    # Until serve takes SIGHUP over: the supervisor's reload must not end a worker that
-    # is still starting (the default action), which loads the files on disk anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP is blocked from this worker's birth (start() in _supervise) until serve's
+    # handler is in place: a reload passed on while the worker starts waits, and is done
+    # once it is ready, instead of the default action ending it. (Not SIG_IGN here: the
+    # interpreter and the spawn bootstrap run before this line, and a pending SIGHUP
+    # would be dropped.)
     from appliance.base.logsetup import setup_logging
     from appliance.process.serve import serve
     from appliance.process.stack_dump import dump_stacks_on_sigusr1
@@ -113,8 +115,10 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
         nonlocal reload_wanted
         reload_wanted = True
 
-    # First: a reload asked for while the supervisor starts is done once workers run.
+    # First: a reload asked for while the supervisor starts is done once workers run
+    # (the serve command held SIGHUP back until this handler: appliance/cli/root.py).
     signal.signal(signal.SIGHUP, request_reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     ctx = multiprocessing.get_context("spawn")
     port = config.dicom.port
     files = FileStore(config.store.path)
@@ -138,7 +142,14 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
     def start(number: int) -> BaseProcess:
         process = ctx.Process(target=_worker_main, name=f"pacs-edge-worker-{number}",
                               args=(config, number, ready, reloaded, config.log.level, lock))
-        process.start()
+        # Born with SIGHUP blocked (a signal mask survives fork and exec; a handler does
+        # not): a reload round that reaches a worker still starting, a restarted one say,
+        # leaves it pending until the worker's serve handles it (_worker_main).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return process
 
     signal.signal(signal.SIGTERM, request_stop)
