@@ -992,16 +992,17 @@ def test_a_file_cloud_folder_outside_the_home_is_writable_for_the_sync_unit(
 def _systemd_reading(units: Path, unit: str, base: Path, prefix: Path) -> tuple[str, str]:
     """`systemd-analyze verify` of `unit` as the role wrote it (with its drop-ins) under
     `units`: its warnings, and systemd's own dump of the unit as it parsed it (printed at
-    the debug log level). The throw-away root holds the host's unit library and a stub
-    where ExecStart names the (prefixed) venv."""
+    the debug log level). The throw-away root holds the host's unit library and stubs
+    where ExecStart names the (prefixed) venv and ExecReload= /bin/kill."""
     root = base / "verify-root"
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     shutil.copytree(units, root / "etc/systemd/system")
-    stub = root / str(prefix).lstrip("/") / "opt/pacs-edge/venv/bin/pacs-edge"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\n")
-    stub.chmod(0o755)
+    for stub in (root / str(prefix).lstrip("/") / "opt/pacs-edge/venv/bin/pacs-edge",
+                 root / "bin/kill"):
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
 
     def verify(**env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["systemd-analyze", "verify", f"--root={root}", unit],
