@@ -167,6 +167,21 @@ def read_ack(sock: socket.socket) -> Ack:
     return parse_ack(_complete(sock, sock.recv(4096)))
 
 
+def read_acks(sock: socket.socket, count: int) -> list[Ack]:
+    """The next `count` ACKs of a connection that was sent several messages at once: one
+    read may hold more than one ACK (read_ack would take the first and drop the rest)."""
+    data = b""
+    deadline = time.monotonic() + TIMEOUT
+    while data.count(EB + CR) < count and time.monotonic() < deadline:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    blocks = [block + EB + CR for block in data.split(EB + CR)[:-1]]
+    assert len(blocks) == count, data[-200:]
+    return [parse_ack(block) for block in blocks]
+
+
 def read_ack_unless_closed(sock: socket.socket) -> Ack | None:
     """The next ACK, or None when the server closed the connection (or died) instead."""
     first = sock.recv(4096)
