@@ -227,8 +227,10 @@ def test_settings_values_are_written_as_toml_whatever_they_hold(tmp_path: Path) 
     assert raw["hl7"]["host"] == "𠮷.example"
 
 
-def test_the_deployment_guide_table_names_every_variable_of_a_setting() -> None:
-    """The operator who reads the table finds every variable that writes a key of
-    pacs-edge.toml, and pacs_edge_settings for the others."""
+def test_the_deployment_guide_table_names_every_role_variable() -> None:
+    """The operator who reads the table finds every variable of the role: those that
+    write a key of pacs-edge.toml, pacs_edge_settings for the others, and those of the
+    install, the certificates and Prometheus."""
     variables = {v for keys in _setting_variables().values() for v in keys.values()}
-    assert sorted((variables | {"pacs_edge_settings"}) - set(_table())) == []
+    assert variables <= set(_spec())
+    assert sorted(set(_spec()) - set(_table())) == []
