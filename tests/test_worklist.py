@@ -336,6 +336,46 @@ def test_an_item_is_answered_in_the_requests_character_set_when_it_holds_the_nam
                "ACC802": ("ISO_IR 192", "Иванов^Пётр")}}
 
 
+def test_a_non_ascii_procedure_code_sets_the_items_character_set(
+        worklist_edge: Callable[..., EdgeServer]) -> None:
+    """Requested Procedure Code Value and Coding Scheme count when the answer's set is
+    chosen: a local code "RÖ1" beside an ASCII meaning went out as a Latin-1 byte with
+    no Specific Character Set, and beside a Cyrillic meaning asked in ISO_IR 144 as
+    "R?1" (pynetdicom as the modality)."""
+    edge = worklist_edge()
+    coded = {"ACC811": "Chest X-ray", "ACC812": "Рентген"}
+    orders = []
+    for acc, meaning in coded.items():
+        acc, details, patient, demographics, study_uid = named_order(acc, "Doe^Jane")
+        orders.append((acc, dataclasses.replace(
+            details, requested_procedure_desc=meaning, procedure_code_value="RÖ1",
+            procedure_code_scheme="LOCAL", procedure_code_meaning=meaning),
+            patient, demographics, study_uid))
+    insert_orders(edge.home, orders)
+    ae = AE(MODALITY)
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title)
+    assert assoc.is_established
+    answers = {}
+    for asked in ("ISO_IR 144", None):
+        query = Dataset()
+        if asked:
+            query.SpecificCharacterSet = asked
+        query.AccessionNumber = "ACC81?"
+        query.RequestedProcedureCodeSequence = [Dataset()]
+        for ident in (ident for status, ident in assoc.send_c_find(
+                query, ModalityWorklistInformationFind) if status.Status == 0xFF00):
+            code = ident.RequestedProcedureCodeSequence[0]
+            answers[asked, ident.AccessionNumber] = (
+                ident.get("SpecificCharacterSet"), code.CodeValue, code.CodeMeaning)
+    assoc.release()
+    assert answers == {
+        ("ISO_IR 144", "ACC811"): ("ISO_IR 192", "RÖ1", "Chest X-ray"),
+        ("ISO_IR 144", "ACC812"): ("ISO_IR 192", "RÖ1", "Рентген"),
+        (None, "ACC811"): ("ISO_IR 192", "RÖ1", "Chest X-ray"),
+        (None, "ACC812"): ("ISO_IR 192", "RÖ1", "Рентген")}
+
+
 def test_patient_name_matching_ignores_case(worklist_edge: Callable[..., EdgeServer]) -> None:
     edge = worklist_edge()
     assert _accessions(_query(edge.port, {"PatientName": "doe^*"})) == [

@@ -267,7 +267,10 @@ def _sequence(keyword: str, element: DataElement, item: WorklistItem,
             code.CodeValue = item.procedure_code_value
         code.CodingSchemeDesignator = item.procedure_code_scheme
         code.CodeMeaning = item.procedure_code_meaning
-        texts.append(item.procedure_code_meaning)
+        # Every value sent picks the response's character set: a local code such as
+        # "RÖ1" beside an ASCII meaning went out in Latin-1 bytes under no set at all.
+        texts += (item.procedure_code_value, item.procedure_code_scheme,
+                  item.procedure_code_meaning)
         return [code]
     return []
 
