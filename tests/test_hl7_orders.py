@@ -786,6 +786,32 @@ def test_cyrillic_greek_and_japanese_character_sets_are_read(
         "JP2": "Yamada^Tarou=山田^太郎"}
 
 
+def test_character_set_switch_escapes_are_read_in_the_set_they_switch_to(
+        hl7_edge: tuple[EdgeServer, int]) -> None:
+    """HL7's own switches (\\M2442\\ is ESC $ B, \\C2842\\ ESC ( B; HL7 2.3 2.9.2, for
+    XPN) in an ASCII message: the 7-bit JIS bytes between them are kanji and kana, an
+    escaped delimiter among them one of those bytes (the ^ of やまだ, the & of たろう).
+    The switches were dropped and the name stored as ";3ED^B@O:", answered AA."""
+    server, port = hl7_edge
+
+    def jis(text: str) -> str:  # as a sender in HL7 2.3 mode writes it
+        body = text.encode("iso2022_jp")[3:-3].decode("ascii")
+        for delimiter, escape in (("\\", "\\E\\"), ("^", "\\S\\"), ("&", "\\T\\"),
+                                  ("~", "\\R\\"), ("|", "\\F\\")):
+            body = body.replace(delimiter, escape)
+        return f"\\M2442\\{body}\\C2842\\"
+
+    name = (f"Yamada^Tarou^^^^^L^A~{jis('山田')}^{jis('太郎')}^^^^^L^I"
+            f"~{jis('やまだ')}^{jis('たろう')}^^^^^L^P")
+    assert "\\S\\" in name and "\\T\\" in name
+    order = hl7peer.orm("SW1", accession="SW1", name=name).replace(
+        hl7peer.msh("SW1", "ORM^O01^ORM_O01"),
+        hl7peer.msh("SW1", "ORM^O01^ORM_O01", charset="ASCII~ISO IR87"))
+    ack = hl7peer.send(port, order.encode("ascii"))
+    assert (ack.code, ack.control_id) == ("AA", "SW1")
+    assert show(server, "SW1")["patient_name"] == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
 def test_an_escaped_backslash_in_a_description_is_a_space_not_a_second_value(
         hl7_edge: tuple[EdgeServer, int]) -> None:
     """OBR-4 "CT head\\E\\neck" was "CT head\\neck" in the worklist: two values of

@@ -22,6 +22,11 @@ that a field held it.
 in a UTF-8 message is "Müller", not "MÃ¼ller" (python-hl7 makes one character of
 each byte). The set travels with the parsed message: `parse` builds it with a
 python-hl7 Factory that carries the codec, so every segment knows it.
+
+`\\Mxxyyzz\\` and `\\Cxxyy\\` switch character sets within a value (HL7 2.3 2.9.2,
+for PN and XPN: the ISO 2022 escape without its ESC): ``\\M2442\\;3ED\\C2842\\`` is
+"山田", the 7-bit JIS X 0208 bytes of ";3ED" read after ESC $ B. The switches
+the ISO IR87 / ISO IR159 codec knows (_SWITCHES) are read so; others are dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ import hl7
 # (the box's fields are names, IDs and descriptions: DICOM values that may not hold a
 # CR); a repeat count is ignored. Fill-mode commands (.fi, .nf) become nothing.
 _SPACING = frozenset({".br", ".sp", ".in", ".ti", ".sk", ".ce"})
+# Character set switches read (HL7 2.3 2.9.2): the code after C or M is the ISO 2022
+# escape without ESC. ASCII and JIS X 0201 Roman (\C2842\, \C284A\), JIS X 0208 of
+# 1978 and 1983 (ISO IR87: \M2440\, \M2442\), JIS X 0212 (ISO IR159: \M242844\): the
+# sets _SWITCHED_CODEC reads, all 7-bit, so their bytes are ASCII characters here.
+_SWITCHES = frozenset({"C2842", "C284A", "M2440", "M2442", "M242844"})
+_SWITCHED_CODEC = "iso2022_jp_2"
 
 
 def parse(text: str, codec: str) -> hl7.Message:
@@ -97,19 +108,36 @@ def unescape(text: str, separators: str, esc: str, codec: str = "latin-1") -> st
     \\Xhh..\\ the bytes hh.. in the message's character set `codec` (bytes that set
     cannot read, such as \\XFC\\ in a UTF-8 message, one Latin-1 character each, as
     senders that escape Latin-1 mean them), formatting commands see _SPACING;
-    highlighting, character set switches, anything unknown and an escape left open at
-    the end are dropped."""
+    a character set switch of _SWITCHES makes what follows it, up to the next switch,
+    the 7-bit bytes of that set (escaped delimiters among them: bytes of a kanji that
+    would split the field); highlighting, other switches, anything unknown and an
+    escape left open at the end are dropped."""
     if not esc or esc not in text:
         return text
     delimiters = {"F": separators[1], "R": separators[2], "S": separators[3],
                   "T": separators[4] if len(separators) > 4 else "", "E": esc}
-    parts = text.split(esc)
-    out = parts[0::2]  # outside escapes; parts[1::2] are sequences (the last maybe open)
-    for n, sequence in enumerate(parts[1::2]):
-        if 2 * n + 2 >= len(parts):
-            break  # an open escape at the end
-        out[n] += _sequence(sequence, delimiters, codec)
-    return "".join(out)
+    parts = text.split(esc)  # outside escapes at even positions, sequences at odd ones
+    runs: list[tuple[str, list[str]]] = [("", [parts[0]])]  # (switch in force, text)
+    for n in range(1, len(parts) - 1, 2):  # an open escape at the end (parts[-1]): out
+        switch = parts[n][:1] + parts[n][1:].upper()
+        if switch in _SWITCHES:
+            runs.append((switch, []))
+        else:
+            runs[-1][1].append(_sequence(parts[n], delimiters, codec))
+        runs[-1][1].append(parts[n + 1])
+    return "".join(_switched(switch, "".join(text)) for switch, text in runs)
+
+
+def _switched(switch: str, text: str) -> str:
+    """`text` read in the set `switch` designates ('' none: as it is). Its characters
+    are that set's bytes; text that is not (not ASCII, half a kanji) stays as it is."""
+    if not switch:
+        return text
+    try:
+        return (b"\x1b" + bytes.fromhex(switch[1:]) + text.encode("ascii")).decode(
+            _SWITCHED_CODEC)
+    except UnicodeError:
+        return text
 
 
 def _sequence(sequence: str, delimiters: dict[str, str], codec: str) -> str:
