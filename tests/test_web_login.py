@@ -192,6 +192,22 @@ def test_lockout_does_not_tell_an_account_from_an_unknown_name(
     assert webpeer.curl(web_server, "/dicom-web/studies", user="nobody").status == 401
 
 
+def test_lockout_counts_a_name_in_any_case_alike_for_accounts_and_unknown_names(
+        web_server: EdgeServer) -> None:
+    # User names are case-insensitive, so an account counts "RAD1", "Rad1" and "rAd1" as
+    # three failures of one user. An unknown name was counted per spelling: the same
+    # case variants of "nobody" never locked it, and the fourth try said "wrong" where
+    # an account's said "locked", telling which names exist.
+    http = browser(web_server)
+    pages = {name: [post_login(http, web_server, variant, "not the password")
+                    for variant in (name.upper(), name.capitalize(), name[0] + name[1:].upper(),
+                                    name)]
+             for name in ("rad1", "nobody")}
+    account, unknown = pages["rad1"], pages["nobody"]
+    assert [r.text for r in account] == [r.text for r in unknown]
+    assert "locked" in account[-1].text and "locked" in unknown[-1].text
+
+
 def test_a_burst_of_parallel_guesses_gets_no_more_checks_than_the_lockout_allows(
         web_server: EdgeServer) -> None:
     # Every wrong guess is on the wire before the first password check ends (raw TLS

@@ -9,7 +9,8 @@ The rules every edge shares (the login page, HTTP Basic on /dicom-web, the CLI):
   while locked even the right password is refused (LOCKED_OUT) and not counted, also
   one whose check was under way when the lock came (_settle). A success resets the
   count; `users unlock` and `users passwd` lift a lock. A name no account has locks
-  the same way (UnknownNameLocks), so the lock tells no more than the message.
+  the same way, its spellings in any letter case counted as one as an account's are
+  (UnknownNameLocks), so the lock tells no more than the message.
 - [auth] failed_logins_per_address wrong passwords from one client address, whatever
   the names, refuse that address's logins unchecked (THROTTLED) for the rest of
   lockout_minutes (login_throttle.py): one client spraying a password across many
@@ -41,6 +42,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -81,6 +83,7 @@ VERIFIED_ENTRIES = 1024
 # Unknown names whose failures are counted; at 2 scrypts at once a guesser needs far
 # longer than a lock-out to push one name out by failing with others.
 UNKNOWN_NAMES = 50_000
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 def _token_hash(token: str) -> str:
@@ -463,7 +466,11 @@ class UnknownNameLocks:
 
     @staticmethod
     def _key(name: str) -> str:
-        return name[:MAX_NAME_CHARS + 1]  # longer names are no account's: one key for all
+        # Folded as the users table compares names (SQLite NOCASE: ASCII letters only),
+        # so "NOBODY" and "nobody" are one name here as "RAD1" and "rad1" are one account.
+        # Before, each spelling was counted apart: case variants of an unknown name never
+        # locked it while an account's did, which told which names exist.
+        return name[:MAX_NAME_CHARS + 1].translate(_ASCII_LOWER)  # longer: no account's
 
     def locked(self, name: str, now: float, lockout_seconds: float) -> bool:
         entry = self._entries.get(self._key(name))
