@@ -290,3 +290,15 @@ def test_config_check_reports_the_link_key(home: Path) -> None:
     key.unlink()
     older = run_pacs_edge("config", "check", "--home", str(home))
     assert "launch-link key: none yet" in older.stdout
+
+
+def test_a_used_link_stays_used_when_the_clock_is_stepped_back(home: Path) -> None:
+    """A link redeemed after another link's end prunes that link's nonce; a clock
+    stepped back into the first link's lifetime (NTP correcting a clock that ran ahead)
+    must not open the first link again."""
+    first = token_of(make_link(home, "--ttl", "2m"))
+    second = token_of(make_link(home, "--ttl", "10m"))
+    first_ends = float(claims_of(first)["exp"])  # type: ignore[arg-type]
+    redeem(home, first, clock=lambda: first_ends - 60)
+    redeem(home, second, clock=lambda: first_ends + 30)
+    assert refusal(home, first, clock=lambda: first_ends - 10) is AuthFailure.LINK_USED

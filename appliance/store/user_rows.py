@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from appliance.base.errors import UserError
 from appliance.store import database
 
+# How long a used launch link's nonce outlives the link (redeem_nonce).
+USED_NONCE_KEPT_SECONDS = 86_400
+
 _USER_COLUMNS = ("id, name, role, referring_name, password_hash, failed_logins, locked_until,"
                  " created_at, password_changed_at, last_login_at")
 
@@ -152,8 +155,12 @@ def prune_sessions(conn: sqlite3.Connection, *, idle_before: float,
 def redeem_nonce(conn: sqlite3.Connection, nonce: str, *, expires_at: float,
                  now: float) -> bool:
     """Record a launch link's nonce as used; False if it was used before. Nonces of links
-    that have expired are pruned: an expired link is refused before its nonce is looked at."""
-    conn.execute("DELETE FROM redeemed_links WHERE expires_at < ?", (now,))
+    that ended more than USED_NONCE_KEPT_SECONDS ago are pruned: an expired link is
+    refused before its nonce is looked at, and the day's margin keeps a used link used
+    should the clock be stepped back (a nonce pruned while the clock ran ahead would
+    open its link a second time once the clock was corrected)."""
+    conn.execute("DELETE FROM redeemed_links WHERE expires_at < ?",
+                 (now - USED_NONCE_KEPT_SECONDS,))
     try:
         conn.execute("INSERT INTO redeemed_links (nonce, expires_at, redeemed_at)"
                      " VALUES (?, ?, ?)", (nonce, expires_at, now))
