@@ -255,6 +255,39 @@ def test_malformed_multipart_is_400(web: EdgeServer, tmp_path: Path) -> None:
     assert missing.status == 400
 
 
+@pytest.mark.parametrize("part_head", [
+    b"".join(b"X-Header-%d: v\r\n" % n for n in range(200)),  # aiohttp reads 128 at most
+    b"X-Long: " + b"a" * 10_000 + b"\r\n",  # a line over 8190 bytes
+    b"not a header line\r\n",  # no colon
+], ids=["too-many-lines", "line-too-long", "no-colon"])
+def test_a_part_with_malformed_headers_is_400_not_a_server_error(
+        web: EdgeServer, tmp_path: Path, part_head: bytes) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=75, series_per_study=1,
+                                      instances_per_series=1)
+    body = (b"--abc\r\nContent-Type: application/dicom\r\n" + part_head + b"\r\n"
+            + instance.path.read_bytes() + b"\r\n--abc--\r\n")
+    answer = webpeer.session(web, "rad").post(
+        webpeer.base_url(web) + STOW, data=body,
+        headers={"Content-Type": webpeer.STOW_TYPE.format("abc")})
+    assert answer.status_code == 400, answer.text
+    assert "Traceback" not in web.log()
+
+
+def test_a_body_that_does_not_decode_as_its_content_encoding_says_is_400(
+        web: EdgeServer, tmp_path: Path) -> None:
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=76, series_per_study=1,
+                                      instances_per_series=1)
+    body, content_type = webpeer.multipart_body([instance.path])  # not gzip
+    answer = webpeer.session(web, "rad").post(
+        webpeer.base_url(web) + STOW, data=body,
+        headers={"Content-Type": content_type, "Content-Encoding": "gzip"})
+    assert answer.status_code == 400, answer.text
+    # aiohttp reads on what the handler left of the body after the 400 and meets the
+    # error again: one line, no traceback.
+    web.wait_for_log("http request malformed error=ContentEncodingError")
+    assert "Traceback" not in web.log()
+
+
 def test_an_upload_of_more_parts_than_the_limit_is_413(web: EdgeServer, tmp_path: Path
                                                        ) -> None:
     # 20,001 parts of one byte: a 200 KB body, each part ~1 KiB of answer held in memory

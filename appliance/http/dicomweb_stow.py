@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 from pydicom.filereader import read_preamble
 
 from appliance.base import compat
@@ -150,7 +151,11 @@ async def store(request: web.Request) -> web.Response:
             await _store_part(request, part, target, budget, pace, outcome)
     except TimeoutError as exc:
         raise web.HTTPRequestTimeout(text="the upload stalled or is too slow\n") from exc
-    except ValueError as exc:  # aiohttp's multipart parser: malformed body
+    except (ValueError, BadHttpMessage, web.RequestPayloadError) as exc:
+        # aiohttp's multipart parser raises ValueError for a malformed body, BadHttpMessage
+        # for a part's malformed header (over 128 lines, a line over 8190 bytes, no
+        # colon); the body's own decoding (a Content-Encoding it does not hold) arrives
+        # as RequestPayloadError. Each is the client's: 400, never a 500.
         raise web.HTTPBadRequest(text="the body is not valid multipart/related\n") from exc
     finally:
         await _audit(request, outcome)

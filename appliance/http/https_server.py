@@ -95,9 +95,14 @@ def tls_context(*, cert: Path, key: Path) -> ReloadableContext:
 
 class _ServerLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's request-handler logger: a client's malformed request becomes a one-line
-    event without its text; everything else goes to aiohttp.server unchanged."""
+    event without its text; everything else goes to aiohttp.server unchanged. A body
+    that does not decode (a Content-Encoding it does not hold) reaches the logger as
+    the RequestPayloadError around the parser's error, when aiohttp drains what the
+    handler left unread after its 400."""
 
     def _malformed(self, exc_info: object) -> bool:
+        if isinstance(exc_info, web.RequestPayloadError):
+            exc_info = exc_info.__cause__
         if not isinstance(exc_info, HttpProcessingError):
             return False
         log.info("http request malformed error=%s status=%d", type(exc_info).__name__,
