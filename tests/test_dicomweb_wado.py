@@ -305,6 +305,24 @@ def test_instances_stored_with_values_pydicom_cannot_read_answer_4xx_or_as_store
     assert "Traceback" not in web.log()
 
 
+def test_frames_of_an_instance_in_a_transfer_syntax_the_box_does_not_know_are_404(
+        web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance],
+        tmp_path: Path) -> None:
+    """A file whose File Meta names a valid UID that is no transfer syntax (stored as
+    sent by STOW-RS or import): its pixels cannot be read, which is a 404, not a 500."""
+    unknown = _damaged_copy(syntax_set["1.2.840.10008.1.2.1"], tmp_path,
+                            b"1.2.840.10008.1.2.1\x00", b"1.2.826.0.1.3680043\x00")
+    import_files(web.home, unknown)
+    http = webpeer.session(web, "rad")
+    for suffix in ("/frames/1", "/bulkdata/7FE00010"):
+        for accept in (OCTETS, None):
+            got = http.get(_url(web, unknown, suffix),
+                           headers={"Accept": accept} if accept else {})
+            assert got.status_code == 404, (suffix, accept, got.text)
+            assert "transfer syntax" in got.text
+    assert "Traceback" not in web.log()
+
+
 def test_bulkdata_uri_of_the_metadata_answers_the_pixel_data(
         web: EdgeServer, syntax_set: dict[str, dicomgen.GeneratedInstance]) -> None:
     instance = syntax_set["1.2.840.10008.1.2.1"]

@@ -67,7 +67,10 @@ PIXEL_TAGS = {0x7FE00010: "OW", 0x7FE00008: "OF", 0x7FE00009: "OD"}
 
 
 def is_encapsulated(transfer_syntax: str) -> bool:
-    return UID(transfer_syntax).is_compressed and transfer_syntax != _DEFLATED
+    """Whether frames in `transfer_syntax` are fragments; False for a UID that is no
+    transfer syntax pydicom knows (stored as sent: read_frames refuses its frames)."""
+    uid = UID(transfer_syntax)
+    return uid.is_transfer_syntax and uid.is_compressed and transfer_syntax != _DEFLATED
 
 
 def read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:
@@ -101,6 +104,8 @@ def _unreadable_as_frame_error() -> Iterator[None]:
 
 
 def _read_frames(path: Path, transfer_syntax: str, numbers: Sequence[int]) -> Frames:
+    if not UID(transfer_syntax).is_transfer_syntax:  # how its pixels are encoded is unknown
+        raise FrameError("the instance's transfer syntax is not one the box knows")
     with path.open("rb") as fh:
         ds = dcmread(fh, stop_before_pixels=True)
         count = _frame_count(ds)
