@@ -57,7 +57,12 @@ from provisioning.site_secrets import create_reader_key, load_reader_key
 from sync import pull_temp
 from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
-from sync.pack.data_keys import format_reader_public_key, reader_public_key, unwrap_with_reader
+from sync.pack.data_keys import (
+    format_reader_public_key,
+    parse_key_object,
+    reader_public_key,
+    unwrap_with_reader,
+)
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
 from sync.pack.pack_errors import PackError, PackFormatError, PackIntegrityError
 from sync.pack.reader import read_instances, verify_instance_chunks
@@ -331,7 +336,9 @@ class ReaderClient:
 
     def _open_version(self, key_name: str, study_key: str, version: int) -> GrantedVersion:
         blob = self.store.open_range(key_name)
-        pack_id = blob[8:24]  # magic (7) | kind (1) | pack_id (16); checked by the unwrap
+        # Parsed first: a blob cut short is damage (or a newer format), and its bytes
+        # 8..24 would not even make a pack_id. The unwrap checks the kind and the AAD.
+        pack_id = parse_key_object(blob).pack_id
         data_key = unwrap_with_reader(self._private, pack_id, blob)
         manifest = open_manifest(self.store.open_range(naming.manifest_name(study_key, version)),
                                  data_key, expected_pack_id=pack_id)

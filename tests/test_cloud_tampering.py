@@ -207,3 +207,24 @@ def test_reader_pull_tells_an_edited_blob_from_a_newer_format(lost_box: LostBox,
         assert "modified" not in said + listed, (what, said, listed)
         assert prefix == ".pack" or "upgrade pacs-edge here" in listed, (what, listed)
     assert pull().returncode == 0
+
+
+def test_a_reader_key_object_cut_short_is_tampering_not_a_traceback(lost_box: LostBox,
+                                                                   tmp_path: Path) -> None:
+    """The reader took a key object's pack_id as its bytes 8..24 before parsing it: one
+    cut inside them made `reader list` and `reader pull` end in a ValueError traceback
+    ("pack_id must be 16 bytes"), a newer format's as well."""
+    def reader(*args: str) -> str:
+        return _refused(run_pacs_edge("reader", *args, "--home", str(lost_box.reader),
+                                      check=False))
+
+    pull = ("pull", lost_box.study_uid, "--to", str(tmp_path / "pulled"))
+    for cut in (0, 7, 20):
+        with _edited(lost_box.cloud, "reader", lambda blob, cut=cut: blob[:cut]):
+            for args in (("list",), pull):
+                said = reader(*args)
+                assert "hint: the cloud copy was modified" in said, (cut, args, said)
+    with _edited(lost_box.cloud, "reader", lambda blob: _flip(6, 3)(blob)[:20]):
+        for args in (("list",), pull):
+            said = reader(*args)
+            assert "only a newer pacs-edge reads" in said and "modified" not in said, said
