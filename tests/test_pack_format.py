@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import struct
 import tracemalloc
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -413,6 +416,51 @@ def test_manifest_from_json_names_the_bad_field(files):
     with pytest.raises(PackFormatError, match="contiguous"):
         Manifest.from_json({**data, "instances": gap})
     assert Manifest.from_json({**data, "added_later": [1]}) == manifest
+
+
+def _seal_text(text: str, data_key: bytes, pack_id: bytes) -> bytes:
+    """A manifest blob around any JSON text, made from the spec (docs/cloud-format.md)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad, nonce = b"PEMANI01" + pack_id, os.urandom(12)
+    return aad + nonce + AESGCM(data_key).encrypt(nonce, zlib.compress(text.encode()), aad)
+
+
+def _one_segment(segment_size: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The manifest with another segment size, its pack_size as for one segment."""
+    return lambda data: {**data, "segment_size": segment_size,
+                         "pack_size": HEADER_SIZE + data["plaintext_size"] + TAG_SIZE}
+
+
+def _text(old: str, new: str) -> Callable[[str], str]:
+    return lambda text: text.replace(old, new)
+
+
+@pytest.mark.parametrize("edit_json, edit_text", [
+    (_one_segment(0), None),
+    (_one_segment(-5), None),
+    (_one_segment(1 << 40), None),
+    (None, _text('"created_at":1700000100.0', '"created_at":1' + "0" * 400)),
+    (None, _text('"received_at":1700000000.0', '"received_at":Infinity')),
+    (None, _text('"study_version":1', '"study_version":1' + "0" * 5000)),
+    (None, lambda text: text[:-1] + ',"later":' + "[" * 100_000 + "]" * 100_000 + "}"),
+], ids=["segment size 0", "negative segment size", "segment size over 64 MiB",
+        "created_at beyond a float", "infinite received_at", "5,000-digit integer",
+        "deep nesting"])
+def test_an_authentic_manifest_outside_the_format_is_a_format_error_not_a_crash(
+        files, edit_json, edit_text):
+    """A manifest sealed with the right key but not as the format allows (a second
+    writer's bug; against a reader, anyone who can write the container: reader key
+    objects carry no origin) raised ZeroDivisionError, OverflowError, ValueError or
+    RecursionError, which `reader list` does not catch, or was accepted with a segment
+    size outside 1..64 MiB. Each is a PackFormatError now."""
+    _, manifest, key = write_pack(files, 4096)
+    data = manifest.to_json()
+    text = json.dumps(edit_json(data) if edit_json else data, separators=(",", ":"))
+    edited = edit_text(text) if edit_text else text
+    assert edited != json.dumps(data, separators=(",", ":"))
+    with pytest.raises(PackFormatError):
+        open_manifest(_seal_text(edited, key, manifest.pack_id), key)
 
 
 def test_manifest_lists_withdrawn_instances_only_when_there_are_some(files):

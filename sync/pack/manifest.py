@@ -22,6 +22,7 @@ may add fields without a new version; removing or changing one needs version 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sync.pack.blob_format import MANIFEST
 from sync.pack.pack_errors import PackFormatError, PackIntegrityError
-from sync.pack.segments import PACK_ID_SIZE, check_data_key, check_pack_id, pack_size
+from sync.pack.segments import (
+    PACK_ID_SIZE,
+    check_data_key,
+    check_pack_id,
+    check_segment_size,
+    pack_size,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_MAGIC = MANIFEST.magic
@@ -169,6 +176,7 @@ class Manifest:
                                   f"(this reader knows {FORMAT_VERSION})")
         try:
             check_pack_id(self.pack_id)
+            check_segment_size(self.segment_size)
             expected_size = pack_size(self.plaintext_size, self.segment_size)
         except ValueError as exc:
             raise PackFormatError(f"manifest: {exc}") from exc
@@ -228,7 +236,7 @@ class Manifest:
             version=version,
             pack_id=pack_id,
             study_version=obj.get("study_version", int),
-            created_at=float(obj.get("created_at", (int, float))),
+            created_at=_seconds(obj.get("created_at", (int, float)), "created_at"),
             segment_size=obj.get("segment_size", int),
             plaintext_size=obj.get("plaintext_size", int),
             pack_size=obj.get("pack_size", int),
@@ -298,7 +306,8 @@ def open_manifest(blob: bytes, data_key: bytes, *,
         if inflater.unconsumed_tail or not inflater.eof:
             raise PackFormatError("manifest is too large or its compressed stream is cut")
         data = json.loads(raw.decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: an integer of more digits than Python converts; RecursionError: nesting.
+    except (zlib.error, ValueError, RecursionError) as exc:
         raise PackFormatError(f"manifest content cannot be decoded ({type(exc).__name__})") \
             from exc
     manifest = Manifest.from_json(data)
@@ -364,13 +373,24 @@ def _entry_from_json(obj: _Obj) -> ManifestEntry:
     instance = InstanceAttributes(
         SeriesAttributes(**_from_keywords(obj.child("series"), _SERIES_KEYWORDS)),
         **_from_keywords(obj, _INSTANCE_KEYWORDS),
-        received_at=None if received_at is None else float(received_at),
+        received_at=None if received_at is None else _seconds(received_at, "received_at"),
         source_ae=obj.get("source_ae", str, optional=True) or "",
     )
     return ManifestEntry(instance, offset=obj.get("offset", int),
                          length=obj.get("length", int),
                          dataset_offset=obj.get("dataset_offset", int),
                          sha256=obj.get("sha256", str))
+
+
+def _seconds(value: int | float, what: str) -> float:
+    """A time in Unix seconds: finite (JSON may hold 1e400, or an int no float holds)."""
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise PackFormatError(f"manifest {what} is not a finite number")
+    return seconds
 
 
 def _check_hex(value: str, what: str) -> None:
