@@ -24,7 +24,9 @@ the durable write (temp file, fsync, rename, fsync folder): what is there is
 always whole and verified. Temp files are named as this pull's and only those
 are swept (sync.pull_temp): other files in the folder are never touched. A
 second pull skips files already present whose bytes verify, so an
-interrupted pull resumes where it stopped.
+interrupted pull resumes where it stopped. A version of the study that the
+cloud holds but this reader was not granted (`RemoteStudy.not_granted`) makes
+what a pull wrote possibly incomplete: the command line says so and fails.
 
 Errors (ReaderClientError, each with a hint; see the tree in sync/__init__.py):
     NotGranted               no granted version of that study for this reader
@@ -170,6 +172,10 @@ class RemoteStudy:
 
     study_key: str
     versions: list[GrantedVersion] = field(default_factory=list)
+    # Versions of the study the cloud holds (a manifest) with no key object of this
+    # reader: a grant that failed, or one not made yet. Without them the study may be
+    # incomplete or out of date, which a pull must not pass off as the whole study.
+    not_granted: list[int] = field(default_factory=list)
 
     @property
     def attributes(self) -> StudyAttributes:
@@ -307,7 +313,8 @@ class ReaderClient:
     def catalogue(self) -> Catalogue:
         """Every granted study (key objects of this reader, unwrapped, manifests opened)."""
         cat = Catalogue({}, {})
-        for name in self._my_key_objects(cat):
+        in_cloud: dict[str, set[int]] = {}  # study key -> versions with a manifest
+        for name in self._my_key_objects(cat, in_cloud):
             parsed = naming.parse_blob_name(name)
             assert parsed is not None
             try:
@@ -324,14 +331,21 @@ class ReaderClient:
                 .versions.append(version)
         for study in cat.studies.values():
             study.versions.sort(key=lambda v: v.version)
+            granted = {v.version for v in study.versions}
+            study.not_granted = sorted(in_cloud.get(study.study_key, set()) - granted)
         return cat
 
-    def _my_key_objects(self, cat: Catalogue) -> Iterator[str]:
+    def _my_key_objects(self, cat: Catalogue, in_cloud: dict[str, set[int]]
+                        ) -> Iterator[str]:
+        """This reader's key objects; `in_cloud` gets every study version with a manifest."""
         for info in self.store.list(naming.STUDIES_PREFIX):
             cat.cloud_empty = False
             parsed = naming.parse_blob_name(info.name)
-            if parsed is not None and parsed.kind == "reader-key" \
-                    and parsed.reader_id == self.reader_id:
+            if parsed is None:
+                continue
+            if parsed.kind == "manifest":
+                in_cloud.setdefault(parsed.study_key, set()).add(parsed.version)
+            elif parsed.kind == "reader-key" and parsed.reader_id == self.reader_id:
                 yield info.name
 
     def _open_version(self, key_name: str, study_key: str, version: int) -> GrantedVersion:

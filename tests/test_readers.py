@@ -510,3 +510,38 @@ def test_a_reader_removed_while_the_agent_grants_it_keeps_no_key_object(
     listed = run_pacs_edge("reader", "list", "--json", "--home", str(tmp_path / "r")).stdout
     assert study[0].study_uid not in listed
 
+
+
+def test_pull_of_a_study_with_a_version_not_granted_says_it_may_be_incomplete(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A grant the agent could not write (logged, repaired by `readers add` again) left
+    the reader without the study's newer version: `reader pull` delivered the older
+    versions as the whole study, exit 0. It still writes what it may read, verified,
+    but names the versions it cannot and fails (exit 1) until they are granted."""
+    cloud = tmp_path / "cloud"
+    EdgeServer(edge_home).configure(cloud={"url": f"file://{cloud}"})
+    sent = dicomgen.make_studies(tmp_path / "sent", seed=17, patients=1, series_per_study=1,
+                                 instances_per_series=4)
+    run_pacs_edge("import", "--home", str(edge_home), *(str(i.path) for i in sent[:2]))
+    sync_once(edge_home)
+    public = reader_init(tmp_path / "reader", Cloud(f"file://{cloud}"))
+    add = ["readers", "add", "home", public, "--home", str(edge_home)]
+    run_pacs_edge(*add)
+    run_pacs_edge("import", "--home", str(edge_home), *(str(i.path) for i in sent[2:]))
+    sync_once(edge_home)
+    granted = sorted(cloud.rglob("reader-*"))
+    assert [p.parent.name for p in granted] == ["v000001.keys", "v000002.keys"]
+    granted[1].unlink()  # as a grant that failed after the upload leaves the study
+    uid = sent[0].study_uid
+
+    result = reader(tmp_path / "reader", "pull", uid, "--to", str(tmp_path / "p"),
+                    check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "version 2 of this study is in the cloud but not granted to this reader" \
+        in " ".join(result.stderr.split()), result.stderr
+    assert pulled_bytes(tmp_path / "p") == sent_bytes(sent[:2])
+
+    run_pacs_edge(*add)  # repairs the grant
+    reader(tmp_path / "reader", "pull", uid, "--to", str(tmp_path / "p"))
+    assert pulled_bytes(tmp_path / "p") == sent_bytes(sent)

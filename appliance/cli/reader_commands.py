@@ -317,6 +317,8 @@ def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
     out.print(f"pulled {report.written + report.skipped} instance(s) to {target}: "
               f"{report.written} downloaded and verified, {report.skipped} already there",
               highlight=False)
+    if study.not_granted:
+        _refuse_ungranted(study.not_granted, sending=send is not None)
     if send is None:
         return
     with count_bar("sending") as progress_cb:
@@ -326,6 +328,21 @@ def reader_pull(home: Path, study_uid: str, to: Path | None, send: str | None,
         err.print(f"  not stored: {failure}", highlight=False)
     if sent.failed:
         raise SystemExit(1)
+
+
+def _refuse_ungranted(versions: list[int], *, sending: bool) -> None:
+    """A study the reader cannot read whole: what was pulled is verified, but it is not
+    the study (exit 1, and nothing sent to the workstation)."""
+    which = (f"version {versions[0]} of this study is" if len(versions) == 1 else
+             f"versions {', '.join(map(str, versions))} of this study are")
+    err.print(f"[red]error:[/red] {which} in the cloud but not granted to this reader: the "
+              "instances pulled may be incomplete or out of date"
+              + ("; nothing was sent" if sending else ""), highlight=False)
+    err.print("hint: ask the site's administrator to run `pacs-edge readers add` for this "
+              "reader again (it adds missing grants), then pull again; a version still being "
+              "uploaded is granted once the site has verified it", highlight=False,
+              markup=False)
+    raise SystemExit(1)
 
 
 # --- keys escrow / recover -----------------------------------------------------------
