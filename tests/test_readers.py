@@ -545,3 +545,24 @@ def test_pull_of_a_study_with_a_version_not_granted_says_it_may_be_incomplete(
     run_pacs_edge(*add)  # repairs the grant
     reader(tmp_path / "reader", "pull", uid, "--to", str(tmp_path / "p"))
     assert pulled_bytes(tmp_path / "p") == sent_bytes(sent)
+
+
+def test_a_pack_cut_short_under_a_range_read_is_reported_as_tampering(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A pull that wants few of a pack's instances range-reads their segments. A pack cut
+    short made the store refuse the range ("outside the blob", hint "re-verify the pack")
+    instead of the reader's tamper message, the one a whole-pack read gives."""
+    sent = _granted_study(edge_home, tmp_path, seed=19, instances=4)
+    target = tmp_path / "p"
+    reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target))
+    last = max(target.rglob("*.dcm"), key=lambda p: p.stat().st_mtime_ns)
+    last.unlink()  # one instance of four wanted: a range read, of the pack's end
+    pack, = (tmp_path / "cloud").rglob("*.pack")
+    pack.chmod(0o644)
+    with pack.open("r+b") as fh:
+        fh.truncate(pack.stat().st_size - 100)
+    result = reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target),
+                    check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "hint: the cloud copy was modified" in result.stderr, result.stderr
+    assert not last.exists()
