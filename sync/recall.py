@@ -96,6 +96,12 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
 
         for pack_id in sorted(by_pack):
             await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
+        crash_point("recall:before-commit")
+        # Inside the try: an index that cannot take the commit (SQLITE_FULL once the
+        # recalled files took the disk's last blocks) left the study `recalling` with
+        # every file on disk, and `pacs-edge recall` refused it until an agent's pass
+        # rolled it back. The undo unlinks before its own commit, so it has room.
+        await writer.submit_sync(lambda c: mark_recalled(c, lease, study.id, missing))
     except BaseException as exc:
         undo = _undo_recall(ctx, study, lease, written)
         if isinstance(exc, asyncio.CancelledError):
@@ -109,8 +115,6 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
                            tampered=isinstance(exc, PackIntegrityError))
         RECALLS.labels("failed").inc()
         raise
-    crash_point("recall:before-commit")
-    await writer.submit_sync(lambda c: mark_recalled(c, lease, study.id, missing))
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
     RECALLS.labels("ok").inc()
     RECALLED_BYTES.inc(sum(instance.size for instance in missing))
