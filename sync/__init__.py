@@ -43,5 +43,6 @@ Tree::
         ├── NotGranted            no granted version of that study for this reader
         ├── NothingLeft           every instance of the study left it for another study
         ├── ReaderIntegrityError  a key object, manifest or pack failed verification
-        └── NewerFormat           a blob in a format only a newer pacs-edge reads
+        ├── NewerFormat           a blob in a format only a newer pacs-edge reads
+        └── PullWriteFailed       the target folder did not take a file (a full disk)
 """

@@ -34,12 +34,14 @@ Errors (ReaderClientError, each with a hint; see the tree in sync/__init__.py):
     ReaderIntegrityError     a key object, manifest or pack failed verification
     NewerFormat              a blob of the study is in a format only a newer pacs-edge
                              reads (sync.pack.blob_format tells it from damage)
+    PullWriteFailed          the target folder did not take a file (a full disk)
 A missing or unsafe reader key raises provisioning's KeyFileError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -83,6 +85,8 @@ _TAMPER_HINT = ("the cloud copy was modified or damaged, or was not written by y
                 "nothing unverified was written. Tell the site's administrator (the edge can "
                 "check and re-replicate the study)")
 
+_RESUME = "then pull again: the files already pulled are verified and kept"
+
 UPGRADE_HINT = ("the site's edge runs a newer pacs-edge than this machine: upgrade pacs-edge "
                 "here, then pull again")
 
@@ -108,6 +112,10 @@ class ReaderIntegrityError(ReaderClientError):
 
 
 class NewerFormat(ReaderClientError):
+    pass
+
+
+class PullWriteFailed(ReaderClientError):
     pass
 
 
@@ -447,11 +455,24 @@ class ReaderClient:
         except BlobNotFound as exc:  # its manifest and key object are there: not a typo
             raise ReaderIntegrityError(f"study version {version.version}: its pack is "
                                        "missing from the cloud", hint=_TAMPER_HINT) from exc
+        except OSError as exc:  # the target's (the cloud's own errors are BlobStoreErrors)
+            # A write or fsync error names no file: it escaped as a traceback.
+            raise _write_failed(exc, to) from exc
         finally:
             if fh is not None:
-                fh.close()
+                with contextlib.suppress(OSError):  # its flush fails as the write did
+                    fh.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+
+
+def _write_failed(exc: OSError, to: Path) -> PullWriteFailed:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PullWriteFailed(f"{reason} in {to}", hint="free disk space there (or pull"
+                               f" --to another folder), {_RESUME}")
+    return PullWriteFailed(f"cannot write the study to {to}: {reason}",
+                           hint=f"check the folder and its disk, {_RESUME}")
 
 
 def _target(to: Path, entry: ManifestEntry) -> Path:

@@ -26,6 +26,7 @@ import dicomgen
 import pytest
 from azurite import unanswered_credentials
 from conftest import EdgeServer, pacs_edge_command, run_pacs_edge
+from smalldisk import NEEDS_ROOT, tmpfs
 from syncagent import sync_once
 
 from sync import reader_client
@@ -288,6 +289,36 @@ def test_pull_removes_only_its_own_temp_files(edge_home: Path, tmp_path: Path) -
     assert all(path.read_bytes() == b"not the puller's" for path in foreign)
     assert not leftover.exists()
     assert not list(target.rglob("*.pull-part"))
+
+
+@NEEDS_ROOT
+def test_a_pull_into_a_full_disk_says_so_leaves_only_whole_files_and_resumes(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A write that found the disk full (ENOSPC names no file) escaped the command as a
+    traceback, exit 1."""
+    sent = _granted_study(edge_home, tmp_path, seed=10, instances=6)
+    with tmpfs(tmp_path / "disk", 1) as disk:
+        target = disk / "Downloads"
+        target.mkdir()
+        filler = disk / "filler.bin"  # the disk's last 25 KB left: two of the six fit
+        subprocess.run(["fallocate", "-l", str(_free(disk) - 25_000), str(filler)], check=True)
+        failed = reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target),
+                        check=False)
+        assert failed.returncode == 2, failed.stdout + failed.stderr
+        assert f"error: No space left on device in {target}" in failed.stderr
+        assert "pull again" in failed.stderr and "Traceback" not in failed.stderr
+        assert not list(target.rglob("*.pull-part"))
+        assert pulled_bytes(target) < sent_bytes(sent)
+
+        filler.unlink()
+        out = reader(tmp_path / "reader", "pull", sent[0].study_uid, "--to", str(target)).stdout
+        assert "0 already there" not in out, out
+        assert pulled_bytes(target) == sent_bytes(sent)
+
+
+def _free(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def test_pull_checks_the_ae_titles_and_destination_before_downloading(
