@@ -224,6 +224,27 @@ def test_serve_on_a_full_data_home_says_no_space_and_starts_once_there_is_room(
     assert server.echo().ok
 
 
+def test_a_command_whose_first_index_migration_finds_the_disk_full_says_no_space(
+    small_tmpfs: Path
+) -> None:
+    """A new home (or an upgrade's migrations) on a disk with a little room: the index's
+    WAL index opens, a migration's COMMIT finds no room and SQLite rolls it back itself;
+    the ROLLBACK that followed failed, and the command said "cannot rollback - no
+    transaction is active" with the hint to check the disk's permissions."""
+    home = init_home(small_tmpfs / "home")
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler = small_tmpfs / "filler.bin"
+    filler.write_bytes(b"\0" * (free - 150 * 1024))  # less than the schema takes
+
+    refused = run_pacs_edge("status", "--home", str(home), check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2, said
+    assert "no space left on its disk" in said and "rollback" not in said, said
+
+    filler.unlink()
+    assert run_pacs_edge("status", "--home", str(home)).returncode == 0
+
+
 def test_full_data_home_keeps_answering_finds_and_retrieves(
     edge_server_factory: Callable[..., EdgeServer], small_tmpfs: Path, tmp_path: Path
 ) -> None:

@@ -176,7 +176,11 @@ async def _migrate(conn: aiosqlite.Connection) -> int:
                 )
             await conn.execute("COMMIT")
         except BaseException:
-            await conn.execute("ROLLBACK")
+            # SQLite rolls a transaction back by itself when its COMMIT finds the disk
+            # full: a ROLLBACK then fails ("no transaction is active") and its error hid
+            # the SQLITE_FULL that says why (serve said "check permissions").
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
             raise
         if not already:
             log.info("index migrated version=%d name=%s seconds=%.1f", version, name,
