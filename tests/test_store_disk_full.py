@@ -245,6 +245,27 @@ def test_a_command_whose_first_index_migration_finds_the_disk_full_says_no_space
     assert run_pacs_edge("status", "--home", str(home)).returncode == 0
 
 
+def test_serve_on_a_data_home_with_too_little_room_for_its_metrics_says_no_space(
+    small_tmpfs: Path
+) -> None:
+    """Each process's metric files are new (named by pid) and take their blocks first:
+    on a disk with a little room, fewer blocks than those files, serve died at start
+    with a traceback (posix_fallocate's ENOSPC names no file)."""
+    home = init_home(small_tmpfs / "home")
+    run_pacs_edge("status", "--home", str(home))  # the index made while there is room
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler = small_tmpfs / "filler.bin"
+    filler.write_bytes(b"\0" * (free - 150 * 1024))
+
+    refused = run_pacs_edge("serve", "--home", str(home), "--dicom-port", "0",
+                            check=False, timeout=60)
+    said = refused.stdout + refused.stderr
+    filler.unlink()
+    assert refused.returncode == 2, said
+    assert "error: No space left on device:" in said and "hint: free disk space" in said, said
+    assert "Traceback" not in said, said
+
+
 def test_full_data_home_keeps_answering_finds_and_retrieves(
     edge_server_factory: Callable[..., EdgeServer], small_tmpfs: Path, tmp_path: Path
 ) -> None:

@@ -1045,6 +1045,10 @@ def back_metric_pages() -> None:
             try:
                 if os.fstat(fd).st_size == 0:  # else __init__ maps it as it is
                     os.posix_fallocate(fd, 0, mmap_dict._INITIAL_MMAP_SIZE)
+            except OSError as exc:
+                # Named, so that a command that starts on a disk with too little room
+                # says so in one line (cli.common.expected_errors), not in a traceback.
+                raise OSError(exc.errno, exc.strerror, filename) from exc
             finally:
                 os.close(fd)
         create(self, filename, read_mode)
