@@ -69,6 +69,7 @@ from sync.pack.pack_errors import PackError, PackIntegrityError, WrongKeyError
 from sync.pack.reader import read_instances, unpack_instances
 from sync.pack.segments import HEADER_SIZE, PackHeader, decrypt_range, plan_range
 from sync.pack.writer import PackWriter
+from sync.pack_reads import pack_ranges
 from sync.sitekeys import site_object_names, unwrap_site_object
 from sync.threads import check, in_thread
 
@@ -399,14 +400,11 @@ class PackService:
                     hint="the cloud copy was replaced or the index is out of date")
             wanted[entry.offset] = row
         entries = [e for e in manifest.instances if e.offset in wanted]
-
-        def fetch(offset: int, length: int) -> bytes:
-            return self.store.open_range(pack.pack_name, offset, length)
-
         spool = None
         folders: set[Path] = set()
         try:
-            for piece in read_instances(fetch, lambda: self.store.iter_chunks(pack.pack_name),
+            for piece in read_instances(pack_ranges(self.store, pack.pack_name),
+                                        lambda: self.store.iter_chunks(pack.pack_name),
                                         data_key, manifest, entries):
                 check(stop)
                 if spool is None:

@@ -59,7 +59,7 @@ from appliance.base.errors import PacsEdgeError
 from appliance.base.uids import is_valid_uid
 from provisioning.site_secrets import create_reader_key, load_reader_key
 from sync import pull_temp
-from sync.blobstore.base import BlobNotFound, BlobRangeError, BlobStore
+from sync.blobstore.base import BlobNotFound, BlobStore
 from sync.pack import naming
 from sync.pack.data_keys import (
     format_reader_public_key,
@@ -68,13 +68,9 @@ from sync.pack.data_keys import (
     unwrap_with_reader,
 )
 from sync.pack.manifest import Manifest, ManifestEntry, StudyAttributes, open_manifest
-from sync.pack.pack_errors import (
-    PackError,
-    PackFormatError,
-    PackIntegrityError,
-    TruncatedPackError,
-)
+from sync.pack.pack_errors import PackError, PackFormatError, PackIntegrityError
 from sync.pack.reader import read_instances, verify_instance_chunks
+from sync.pack_reads import pack_ranges
 
 CONFIG_FILE = "reader.toml"
 # Bytes read at a time when a file already pulled is checked again (a resumed pull).
@@ -414,14 +410,8 @@ class ReaderClient:
         sync.pack.reader.read_instances reads them as the edge's recall does: the
         whole pack streamed once when at least half of it is wanted, else range
         reads of only their segments."""
-        def fetch(offset: int, length: int) -> bytes:
-            try:
-                return self.store.open_range(version.pack_name, offset, length)
-            except BlobRangeError as exc:  # the manifest's segments run past the blob
-                raise TruncatedPackError("pack is shorter than its manifest says "
-                                         "(truncated)") from exc
-
-        pieces = read_instances(fetch, lambda: self.store.iter_chunks(version.pack_name),
+        pieces = read_instances(pack_ranges(self.store, version.pack_name),
+                                lambda: self.store.iter_chunks(version.pack_name),
                                 version.data_key, version.manifest, entries)
         fh: BinaryIO | None = None
         tmp = ""

@@ -7,6 +7,7 @@ sync` agent and dcmtk peers.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -199,6 +200,52 @@ def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
         assert tier_state(edge_server, study_uid) == "evicted"
         assert not list((edge_server.home / "store").rglob("*.dcm"))
         cloud.overwrite(pack_name, lambda _b, o=original: o)
+    run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
+    assert tier_state(edge_server, study_uid) == "replicated"
+
+
+def security_alerts(home: Path) -> int:
+    """Audit records of a cloud blob that failed authentication (110113 with PE001)."""
+    count = 0
+    for line in (home / "audit" / "audit.log").read_text().splitlines():
+        event = json.loads(line)["record"]["EventIdentification"]
+        codes = {c["csd-code"] for c in event.get("EventTypeCode", ())}
+        count += event["EventID"]["csd-code"] == "110113" and "PE001" in codes
+    return count
+
+
+def test_a_recall_that_range_reads_a_truncated_pack_fails_as_tampering(
+    edge_server: EdgeServer, cloud: Cloud, tmp_path: Path,
+) -> None:
+    """A recall wanting fewer than half of a pack's instances range-reads their segments.
+    Against a pack cut short the store refused the range past its end: the recall failed
+    with the store's "outside the blob" and its hint, and no security alert was audited,
+    where a whole pack read says tampering. Here v2 corrects 3 of v1's 4 instances, so
+    the recall wants 1 of v1's 4 (range reads) and all of v2 (one streamed read)."""
+    study = dicomgen.make_study(tmp_path / "study", seed=57, series_per_study=1,
+                                instances_per_series=4)
+    study_uid = study[0].study_uid
+    dcmtk.storescu(edge_server.port, [i.path for i in study]).check()
+    sync_once(edge_server.home)
+    corrected = [dicomgen.altered_copy(i, tmp_path / "corrected" / f"{n}.dcm",
+                                       StudyDescription="corrected")
+                 for n, i in enumerate(study[:3])]
+    dcmtk.storescu(edge_server.port, corrected).check()
+    sync_once(edge_server.home)
+    (_, v1_pack), _v2 = pack_rows(edge_server.home)
+    evict(edge_server.home, study_uid)
+    on_disk = set((edge_server.home / "store").rglob("*.dcm"))  # prior versions stay
+    alerts = security_alerts(edge_server.home)
+    original = cloud.overwrite(v1_pack, lambda b: b[:100])  # cut short after its header
+    result = run_pacs_edge("recall", study_uid, "--home", str(edge_server.home), check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 2, said
+    assert "truncated" in said and "the cloud copy was modified or damaged" in said, said
+    assert "outside the blob" not in said and "Traceback" not in said, said
+    assert security_alerts(edge_server.home) == alerts + 1
+    assert tier_state(edge_server, study_uid) == "evicted"
+    assert set((edge_server.home / "store").rglob("*.dcm")) == on_disk
+    cloud.overwrite(v1_pack, lambda _b: original)
     run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
     assert tier_state(edge_server, study_uid) == "replicated"
 

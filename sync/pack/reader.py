@@ -3,7 +3,8 @@
 Nothing here does I/O. A full recall feeds the blob's chunks (e.g.
 `BlobStore.iter_chunks`) to `unpack_instances`; a single instance is read with
 `iter_instance(fetch, ...)`, where `fetch(offset, length)` is the caller's
-range read (e.g. `lambda o, n: store.open_range(name, o, n)`).
+range read (of a blob store's pack: sync.pack_reads.pack_ranges, which
+reports a range past the blob's end as a truncated pack).
 `read_instances(fetch, stream, ...)` chooses between the two for a set of
 wanted instances of one pack (the edge's recall and the reader's pull both
 use it): at least half the pack's instances wanted, one streamed read of the
