@@ -625,6 +625,18 @@ def forged_copy(original: Path, path: Path) -> Path:
     return path
 
 
+def relabelled_copy(original: Path, path: Path, transfer_syntax: str) -> Path:
+    """`original`'s dataset bytes unchanged under a File Meta whose Transfer Syntax UID is
+    `transfer_syntax` (one the box does not take, say), written to `path`."""
+    meta = pydicom.filereader.read_file_meta_info(original)
+    meta.TransferSyntaxUID = transfer_syntax
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes(original))
+    return path
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part 10 file after its File Meta group (explicit VR LE, group 0002).
 

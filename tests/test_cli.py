@@ -183,6 +183,31 @@ def test_import_stores_folders_and_reports_each_rejected_file(
     assert status["tier_states"] == {"local": 1}
 
 
+def test_import_rejects_a_file_whose_transfer_syntax_the_box_does_not_take(
+    edge_home: Path, tmp_path: Path
+) -> None:
+    """A File Meta naming a valid UID that is no transfer syntax, or a real transfer
+    syntax the box's contexts do not list, was stored as sent: no DICOM peer could
+    be sent it back. Now it is rejected, and the operator reads why."""
+    good, first, second = dicomgen.make_study(tmp_path / "study", seed=32,
+                                              series_per_study=1, instances_per_series=3)
+    (tmp_path / "in").mkdir()
+    shutil.copy(good.path, tmp_path / "in" / "good.dcm")
+    dicomgen.relabelled_copy(first.path, tmp_path / "in" / "bogus.dcm", "1.2.3.4")
+    dicomgen.relabelled_copy(second.path, tmp_path / "in" / "unlisted.dcm",
+                             "1.2.840.10008.1.2.1.98")
+    result = run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "in"),
+                           check=False)
+    assert result.returncode == 1
+    assert "stored 1" in result.stdout and "rejected 2" in result.stdout
+    assert ("bogus.dcm: File Meta Transfer Syntax UID is a UID that is no transfer syntax:"
+            " not one the box takes") in result.stderr
+    assert ("unlisted.dcm: File Meta Transfer Syntax UID is transfer syntax 'Encapsulated"
+            " Uncompressed Explicit VR Little Endian': not one the box takes") in result.stderr
+    status = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
+    assert status["instances"] == 1
+
+
 def test_import_names_a_folder_it_cannot_list_and_fails(
     edge_home: Path, tmp_path: Path
 ) -> None:

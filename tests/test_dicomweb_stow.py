@@ -126,6 +126,32 @@ def test_partly_failed_upload_is_202_with_failure_reasons(web: EdgeServer,
     assert _failures(answer) == [0xC000]
 
 
+# A valid UID that is no transfer syntax, and a real one the box's contexts do not list
+# (Encapsulated Uncompressed Explicit VR Little Endian: pynetdicom 3.0.4 has it not).
+NOT_A_TRANSFER_SYNTAX, UNLISTED_TRANSFER_SYNTAX = "1.2.3.4", "1.2.840.10008.1.2.1.98"
+
+
+def test_instances_in_a_transfer_syntax_the_box_does_not_take_fail_with_0xC122(
+        web: EdgeServer, tmp_path: Path) -> None:
+    """Stored as sent, such an instance could be retrieved by no DICOM peer (no context
+    carries its syntax) nor its frames served: PS3.18 I.2-2's 0xC122 refuses it, and
+    the good instance beside it is stored (202)."""
+    good, first, second = dicomgen.make_study(tmp_path / "study", seed=79,
+                                              series_per_study=1, instances_per_series=3)
+    bad = [dicomgen.relabelled_copy(g.path, tmp_path / f"{ts}.dcm", ts)
+           for g, ts in ((first, NOT_A_TRANSFER_SYNTAX), (second, UNLISTED_TRANSFER_SYNTAX))]
+    status, answer = _post(web, [good.path, *bad])
+    assert status == 202, answer
+    assert _referenced(answer) == [good.sop_instance_uid]
+    assert _failures(answer) == [0xC122, 0xC122]
+    named = [item["00081155"]["Value"] for item in answer["00081198"]["Value"]]
+    assert named == [[first.sop_instance_uid], [second.sop_instance_uid]]
+    found = webpeer.dicomweb(web, "rad").search_for_instances(
+        study_instance_uid=good.study_uid)
+    assert [ds["00080018"]["Value"] for ds in found] == [[good.sop_instance_uid]]
+    assert "Traceback" not in web.log()
+
+
 def test_nothing_stored_is_409(web: EdgeServer, tmp_path: Path) -> None:
     status, answer = _post(web, [dicomgen.make_truncated_instance(tmp_path)])
     assert status == 409, answer

@@ -222,15 +222,23 @@ def test_unusable_files_are_moved_to_rejected_with_a_reason(
     (staging / "empty.dcm").write_bytes(b"")
     dicomgen.make_truncated_instance(staging)
     bad_uid = dicomgen.make_bad_uid_instance(staging, kind="letters")
+    (instance,) = dicomgen.make_study(tmp_path / "study", seed=9, series_per_study=1,
+                                      instances_per_series=1)
+    dicomgen.relabelled_copy(instance.path, staging / "unlisted.dcm", "1.2.840.10008.1.2.1.98")
     (incoming(server) / "sub").mkdir()
     for path in sorted(staging.iterdir()):
         shutil.copy(path, incoming(server) / "sub" / path.name)
 
-    wait_settled(server, ingested=0, rejected=4)
+    wait_settled(server, ingested=0, rejected=5)
     assert reason_of(server, "sub/notes.txt") == "not a DICOM Part 10 file"
     assert reason_of(server, "sub/empty.dcm") == "file is empty"
     assert reason_of(server, "sub/truncated.dcm") == "dataset is truncated"
     assert "not a valid UID" in reason_of(server, f"sub/{bad_uid.name}")
+    assert reason_of(server, "sub/unlisted.dcm") == (
+        "File Meta Transfer Syntax UID is transfer syntax 'Encapsulated Uncompressed Explicit"
+        " VR Little Endian': not one the box takes")
+    reason_file = server.home / "incoming.rejected" / "sub" / "unlisted.dcm.reason"
+    assert "hint: the File Meta must name the transfer syntax" in reason_file.read_text()
     assert instances(server) == {}
     assert files_under(incoming(server)) == []
 

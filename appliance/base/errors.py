@@ -13,6 +13,8 @@ Tree::
     ├── RejectedInstance          ingest refused an instance (kind: Rejection)
     │   ├── InvalidInstance       cannot be parsed, bad UIDs, not what the request announced
     │   ├── InflateLimitExceeded  a deflated dataset inflates beyond store.max_inflated_mb
+    │   ├── UnsupportedTransferSyntax  a Part 10 file (STOW-RS, import, drop folder) whose
+    │   │                         File Meta names a transfer syntax the box does not take
     │   └── OutOfSpace            disk full: the store or the index could not grow
     │       └── StoreReadOnly     the store's file system is read-only (remounted after
     │                             I/O errors): refused as a full disk is, another hint
@@ -181,6 +183,7 @@ class Rejection(enum.Enum):
     SERIES_OF_ANOTHER_STUDY = "its series is another study's on this box"
     INFLATE_LIMIT = "a deflated dataset inflates beyond the configured limit"
     OUT_OF_SPACE = "no space left for the file or the index"
+    TRANSFER_SYNTAX_NOT_SUPPORTED = "its transfer syntax is not one the box takes"
 
 
 class RejectedInstance(PacsEdgeError):
@@ -211,6 +214,23 @@ class InflateLimitExceeded(RejectedInstance):
                          hint="if a modality really sends deflated instances this large, "
                          "raise store.max_inflated_mb")
         self.limit = limit
+
+
+class UnsupportedTransferSyntax(RejectedInstance):
+    """A Part 10 file's File Meta names a transfer syntax the box does not take (a UID
+    that is no transfer syntax, or one its storage contexts do not list): stored, it
+    could be sent to no DICOM peer and its frames not read. `name` is the transfer
+    syntax's name, "" for a UID that names none (the message never quotes the UID)."""
+
+    def __init__(self, name: str) -> None:
+        what = f"transfer syntax {name!r}" if name else "a UID that is no transfer syntax"
+        super().__init__(f"File Meta Transfer Syntax UID is {what}: not one the box takes",
+                         kind=Rejection.TRANSFER_SYNTAX_NOT_SUPPORTED,
+                         hint="the File Meta must name the transfer syntax the data set is"
+                         " encoded in, one of those docs/conformance.md lists (\"Transfer"
+                         " syntaxes\"): correct it, or convert the file (dcmconv), and send"
+                         " it again")
+        self.name = name
 
 
 class OutOfSpace(RejectedInstance):

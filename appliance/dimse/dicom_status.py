@@ -28,6 +28,9 @@ class Status(enum.IntEnum):
     OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
+    # A STOW-RS Failure Reason (PS3.18 Table I.2-2; http/dicomweb_stow.py), no DIMSE status:
+    # a C-STORE's transfer syntax is that of a context the box accepted
+    REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
     # Query/Retrieve (PS3.4 C.4)
     OUT_OF_RESOURCES_MATCHES = 0xA701
     OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702

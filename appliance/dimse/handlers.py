@@ -56,6 +56,9 @@ REJECTION_STATUS = {
     Rejection.SERIES_OF_ANOTHER_STUDY: Status.CANNOT_UNDERSTAND,
     Rejection.INFLATE_LIMIT: Status.OUT_OF_RESOURCES,
     Rejection.OUT_OF_SPACE: Status.OUT_OF_RESOURCES,
+    # Only a Part 10 file's File Meta is refused so (IngestService.start_spool); a
+    # C-STORE's syntax is that of a context the box accepted. Here for the table's sake.
+    Rejection.TRANSFER_SYNTAX_NOT_SUPPORTED: Status.CANNOT_UNDERSTAND,
 }
 # Where the status alone would mislead the sender's operator: 0xC000 also says that the
 # data set cannot be parsed, and this one is well-formed; its UIDs are what to look at.

@@ -20,7 +20,9 @@ the box's condition, not the request's, and the same upload succeeds later
 unavailable). Failure reasons:
 0xC000 cannot be understood, 0xA700 out of resources (the disk, or a deflated
 data set inflating beyond store.max_inflated_mb), 0xA900 the data set
-does not belong to the study of the URL (POST /studies/{study}). Duplicates are
+does not belong to the study of the URL (POST /studies/{study}), 0xC122 its File
+Meta names a transfer syntax the box does not take (ingest's rule: stored, it could
+be sent back to no DICOM peer). Duplicates are
 success (idempotent). A request that is not multipart/related;
 type="application/dicom" is 415; a body that is not valid multipart is 400;
 one of more than MAX_PARTS parts is 413 at the part past the limit. An Accept
@@ -64,7 +66,9 @@ log = logging.getLogger(__name__)
 CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 NOT_THIS_STUDY = 0xA900
-_REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES, Rejection.INFLATE_LIMIT: OUT_OF_RESOURCES}
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 I.2-2: Referenced Transfer Syntax not supported
+_REASONS = {Rejection.OUT_OF_SPACE: OUT_OF_RESOURCES, Rejection.INFLATE_LIMIT: OUT_OF_RESOURCES,
+            Rejection.TRANSFER_SYNTAX_NOT_SUPPORTED: TRANSFER_SYNTAX_NOT_SUPPORTED}
 HEAD_BYTES = 64 << 10  # of a part, kept in memory to find the end of its File Meta
 # Each part costs ~1 KiB of answer whatever its size: without a cap, a body of tiny parts
 # within max_request_mb took ~100x its size in memory (and ~0.3 ms of CPU per part).
@@ -184,7 +188,7 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
     head = bytearray()
     first = b""  # the part's first HEAD_BYTES: its File Meta names it (_identity)
     spool: SpoolFile | None = None
-    refused = not is_dicom  # read to its end, store nothing
+    refusal: Rejection | None = None if is_dicom else Rejection.INVALID
     try:
         while True:
             chunk = await pace.wait(part.read_chunk(CHUNK))
@@ -196,30 +200,30 @@ async def _store_part(request: web.Request, part: BodyPartReader, target: str,
                 raise web.HTTPRequestEntityTooLarge(
                     max_size=common.services(request).config.http.max_request_mb << 20,
                     actual_size=-1, text="the upload exceeds [http] max_request_mb\n")
-            if refused:
+            if refusal is not None:  # read to its end, store nothing
                 continue
             head += chunk
             if spool is None and len(head) < HEAD_BYTES:
                 continue
             if spool is None:
                 first = bytes(head)
-                spool = await asyncio.to_thread(_start, ingest, first)
-                refused = spool is None
+                spool, refusal = await asyncio.to_thread(_start, ingest, first)
             else:
                 await asyncio.to_thread(spool.write, bytes(head))
             head.clear()
-        if not refused and spool is None:  # a part shorter than HEAD_BYTES
+        if refusal is None and spool is None:  # a part shorter than HEAD_BYTES
             first = bytes(head)
-            spool = await asyncio.to_thread(_start, ingest, first)
-            refused = spool is None
+            spool, refusal = await asyncio.to_thread(_start, ingest, first)
         elif spool is not None and head:
             await asyncio.to_thread(spool.write, bytes(head))
     except BaseException:
         if spool is not None:
             await asyncio.to_thread(spool.discard)
         raise
-    if spool is None:
-        outcome.failed.append(("", "", CANNOT_UNDERSTAND))
+    if spool is None:  # refused (`refusal` says why)
+        # A File Meta refused for what it names (its transfer syntax) names the instance.
+        named = _file_meta_uids(first) if refusal is not Rejection.INVALID else ("", "")
+        outcome.failed.append((*named, _REASONS.get(refusal, CANNOT_UNDERSTAND)))
         return
     await _ingest(request, spool, first, target, outcome)
 
@@ -232,19 +236,20 @@ def _is_dicom_part(content_type: str) -> bool:
     return bool(ranges) and ranges[0].media_type == DICOM
 
 
-def _start(ingest: IngestService, head: bytes) -> SpoolFile | None:
-    """A spool with the box's File Meta and the dataset bytes found in `head`; None when
-    `head` does not begin a Part 10 file (or its File Meta does not fit in it)."""
+def _start(ingest: IngestService, head: bytes) -> tuple[SpoolFile | None, Rejection | None]:
+    """A spool with the box's File Meta and the dataset bytes found in `head`, or why
+    there is none: INVALID when `head` does not begin a Part 10 file (or its File Meta
+    does not fit in it), else the kind of ingest's refusal of its File Meta."""
     fh = io.BytesIO(head)
     try:
         spool = ingest.start_spool(fh)
-    except RejectedInstance:
-        return None
+    except RejectedInstance as exc:
+        return None, exc.kind
     if fh.tell() >= len(head) and len(head) >= HEAD_BYTES:
         spool.discard()  # File Meta of 64 KiB or more: not something a modality writes
-        return None
+        return None, Rejection.INVALID
     spool.write(head[fh.tell():])
-    return spool
+    return spool, None
 
 
 async def _ingest(request: web.Request, spool: SpoolFile, first: bytes, target: str,

@@ -33,10 +33,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.dsutils import create_file_meta
 
 from appliance.base import compat, logsafe
@@ -44,9 +46,10 @@ from appliance.base.errors import (
     InvalidInstance,
     PacsEdgeError,
     Rejection,
+    UnsupportedTransferSyntax,
 )
 from appliance.base.metrics import INGEST_IN_PROGRESS, INSTANCES_OF_ANOTHER_PATIENT
-from appliance.base.uids import normalise_uid
+from appliance.base.uids import is_valid_uid, normalise_uid
 from appliance.services import pydicom_remarks
 from appliance.services.dicom_header import DEFAULT_MAX_INFLATED, read_header
 from appliance.store.files import FileStore, store_failure
@@ -218,7 +221,8 @@ class IngestService:
         """A new spool holding the preamble and a fresh File Meta for the Part 10 file at
         `fh`, which is left at its first dataset byte: the caller writes the dataset bytes
         as they are (a file's rest, or an upload as it streams in: STOW-RS), then calls
-        `ingest_spool`. Raises InvalidInstance for data that is not Part 10."""
+        `ingest_spool`. Raises InvalidInstance for data that is not Part 10,
+        UnsupportedTransferSyntax for a File Meta naming a syntax the box does not take."""
         meta = _file_meta(fh)
         spool = self.files.new_spool()
         try:
@@ -250,6 +254,12 @@ def _log_study_moved(sop_uid: str, study_uid: str) -> None:
 def _file_meta(fh: BinaryIO) -> object:
     """The File Meta to store with an imported file; leaves `fh` at its dataset.
 
+    Its Transfer Syntax UID must be one the DIMSE server's storage contexts list
+    (TAKEN_TRANSFER_SYNTAXES), else the file is refused (UnsupportedTransferSyntax):
+    stored as sent, no presentation context could carry it back out. Here, where the
+    edges that take Part 10 files meet (STOW-RS, import, drop folder), and not in
+    `ingest_spool`: a C-STORE's syntax is its accepted context's, one of those already.
+
     pydicom converts the File Meta's values when they are read, so a malformed one
     (an unknown VR, a wrong length) raises then, in one of several types. A File Meta
     without its Media Storage SOP Class or Instance UID (old archives write such files;
@@ -265,6 +275,10 @@ def _file_meta(fh: BinaryIO) -> object:
     except Exception as exc:
         raise InvalidInstance("File Meta cannot be parsed") from exc
     sop_class_uid, sop_instance_uid, transfer_syntax = uids
+    # A value that is no valid UID is read_header's to refuse, as every invalid UID (0xC000).
+    if is_valid_uid(transfer_syntax) and transfer_syntax not in TAKEN_TRANSFER_SYNTAXES:
+        known = UID(transfer_syntax)
+        raise UnsupportedTransferSyntax(known.name if known.is_transfer_syntax else "")
     if transfer_syntax and not (sop_class_uid and sop_instance_uid):
         found_class, found_instance = _dataset_sop_uids(fh, transfer_syntax)
         sop_class_uid = sop_class_uid or found_class
@@ -276,6 +290,9 @@ def _file_meta(fh: BinaryIO) -> object:
                             transfer_syntax=transfer_syntax)
 
 
+# The transfer syntaxes of every storage context the DIMSE server accepts (dimse/server.py,
+# docs/conformance.md "Transfer syntaxes"): the only ones an instance can be sent back in.
+TAKEN_TRANSFER_SYNTAXES = frozenset(str(syntax) for syntax in ALL_TRANSFER_SYNTAXES)
 _FILE_META_UIDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 _SOP_INSTANCE_UID_TAG = 0x00080018
 # Where to look for the data set's SOP UIDs: its first elements (group 0008 comes

@@ -68,7 +68,8 @@ PIXEL_TAGS = {0x7FE00010: "OW", 0x7FE00008: "OF", 0x7FE00009: "OD"}
 
 def is_encapsulated(transfer_syntax: str) -> bool:
     """Whether frames in `transfer_syntax` are fragments; False for a UID that is no
-    transfer syntax pydicom knows (stored as sent: read_frames refuses its frames)."""
+    transfer syntax pydicom knows (ingest refuses such files now; one stored before, as
+    sent, keeps its frames refused by read_frames)."""
     uid = UID(transfer_syntax)
     return uid.is_transfer_syntax and uid.is_compressed and transfer_syntax != _DEFLATED
 
