@@ -46,6 +46,7 @@ SUCCESS, REFUSED_NOT_AUTHORIZED, PROCESSING_FAILURE = 0x0000, 0x0124, 0x0110
 DUPLICATE, NO_SUCH_INSTANCE = 0x0111, 0x0112
 INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, MISSING_VALUE = 0x0106, 0x0120, 0x0121
 UNRECOGNIZED_OPERATION = 0x0211
+NO_LONGER_UPDATABLE = 0xA710  # Error ID of 0x0110 for a step in a final state
 
 
 class MppsScu:
@@ -180,6 +181,7 @@ def test_no_change_after_a_final_state(scu: tuple[EdgeServer, MppsScu], status: 
         refused = client.set(sop_uid, change)
         assert refused.Status == PROCESSING_FAILURE
         assert "may no longer be updated" in str(refused.ErrorComment)
+        assert refused.ErrorID == NO_LONGER_UPDATABLE  # PS3.4 Table F.7.2-2
     step = _step(edge, sop_uid)
     assert step is not None and step["state"] == status.lower()
 

@@ -38,6 +38,10 @@ _STATUS = {
     Kind.MISSING_VALUE: Status.MISSING_ATTRIBUTE_VALUE,
     Kind.INVALID_VALUE: Status.INVALID_ATTRIBUTE_VALUE,
 }
+# The Error ID (0000,0903) PS3.4 Table F.7.2-2 pairs with a status: 0x0110 for a step
+# that is COMPLETED or DISCONTINUED is A710 ("may no longer be updated"); modalities
+# tell it from a failure of the box's own by it.
+_ERROR_ID = {Kind.FINAL: 0xA710}
 
 
 class MppsScp:
@@ -116,7 +120,7 @@ class MppsScp:
                 return Status.REFUSED_NOT_AUTHORIZED, None
             self.audit.procedure_step(event.assoc, created=what == "create", state="refused",
                                       patient_id="", study_uids=(), reason=exc.reason)
-            return _failure(_STATUS[exc.kind], exc.reason), None
+            return _failure(_STATUS[exc.kind], exc.reason, _ERROR_ID.get(exc.kind)), None
         except OutOfSpace:
             log.error("mpps %s refused: no space for the index %s", what, label)
             return Status.RESOURCE_LIMITATION, None
@@ -136,9 +140,12 @@ def event_handlers(scp: MppsScp) -> list[tuple[Any, Any]]:
             (evt.EVT_N_GET, scp.on_n_get)]
 
 
-def _failure(status: Status, comment: str) -> Dataset:
-    """A failure status with an Error Comment (LO: at most 64 characters)."""
+def _failure(status: Status, comment: str, error_id: int | None = None) -> Dataset:
+    """A failure status with an Error Comment (LO: at most 64 characters) and, where
+    PS3.4 names one, an Error ID."""
     response = Dataset()
     response.Status = int(status)
     response.ErrorComment = comment[:64]
+    if error_id is not None:
+        response.ErrorID = error_id
     return response
