@@ -522,6 +522,37 @@ def test_repeated_transaction_uid_is_answered_again_and_refused_for_other_items(
         db.close()
 
 
+@_PEER_RELEASE_RACE[0]
+@_PEER_RELEASE_RACE[1]
+def test_a_transaction_requested_again_days_later_is_reported_not_given_up(
+        commit_edge: Callable[..., EdgeServer], modality: Modality,
+        study: list[dicomgen.GeneratedInstance]) -> None:
+    """A modality asks again, with the same Transaction UID, for a commitment first
+    requested longer ago than `commit_give_up_hours` (its report never arrived, or was
+    abandoned while the modality was off): the repeat is a new request, so its give-up
+    clock starts now. It was given up at its first undelivered attempt instead (the
+    original request's time) and the modality never got a report."""
+    edge = commit_edge()
+    _store(edge, study[:1])
+    _, transaction_uid, first = modality.request(edge, _items(study[:1]))
+    assert first is not None
+    edge.stop()
+    with contextlib.closing(sqlite3.connect(edge.home / "index.sqlite3")) as db, db:
+        db.execute("UPDATE commitments SET requested_at = requested_at - 4 * 86400")
+    edge.start()
+    status, _, _ = modality.request(edge, _items(study[:1]), transaction_uid=transaction_uid,
+                                    keep_open=False)
+    assert status == SUCCESS
+    deadline = time.monotonic() + REPORT_TIMEOUT
+    while (state := _commitment_state(edge, transaction_uid)) != "answered":
+        assert state != "abandoned", "the repeated request was given up at once"
+        assert time.monotonic() < deadline, "the repeated request was never answered"
+        time.sleep(0.05)
+    report = modality.wait_report()
+    assert not report.on_requesting_association
+    assert report.committed() == {study[0].sop_instance_uid}
+
+
 def test_commitment_refused_to_a_peer_without_commit_permission(
         commit_edge: Callable[..., EdgeServer], modality: Modality,
         study: list[dicomgen.GeneratedInstance]) -> None:

@@ -104,8 +104,10 @@ def record_request(conn: sqlite3.Connection, *, calling_ae: str, transaction_uid
                    items: Sequence[RequestedItem], now: float, first_attempt_at: float
                    ) -> tuple[int, bool] | None:
     """Commit a request; (commitment id, True if new). A repeated request (same Transaction
-    UID from the same peer, same items) becomes pending again; None, and nothing changed,
-    when the peer reuses the Transaction UID for other items."""
+    UID from the same peer, same items) becomes pending again, requested `now`: the
+    give-up and cloud-wait clocks start over, or a repeat of a request older than
+    `commit_give_up_hours` would be given up at its first undelivered attempt. None, and
+    nothing changed, when the peer reuses the Transaction UID for other items."""
     existing = database.query_one(
         conn, "SELECT id, state FROM commitments WHERE calling_ae = ? AND transaction_uid = ?",
         (calling_ae, transaction_uid))
@@ -115,8 +117,8 @@ def record_request(conn: sqlite3.Connection, *, calling_ae: str, transaction_uid
         if [tuple(row) for row in held] != [(i.sop_class_uid, i.sop_uid) for i in items]:
             return None
         _apply(conn, existing[0], existing[1], CommitmentTrigger.REQUESTED_AGAIN, now)
-        conn.execute("UPDATE commitments SET next_attempt_at = ?, last_error = '' WHERE id = ?",
-                     (first_attempt_at, existing[0]))
+        conn.execute("UPDATE commitments SET requested_at = ?, next_attempt_at = ?,"
+                     " last_error = '' WHERE id = ?", (now, first_attempt_at, existing[0]))
         return int(existing[0]), False
     cur = conn.execute(
         "INSERT INTO commitments (calling_ae, transaction_uid, requested_at, next_attempt_at)"
