@@ -367,8 +367,9 @@ def test_a_request_sent_before_the_report_is_answered_is_served_and_the_report_g
 
 
 @contextlib.contextmanager
-def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
-    """A port that accepts TCP connections and never says a word (a modality that hangs):
+def silent_listener(*, hang_up: bool = False) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts TCP connections and never says a word (a modality that hangs),
+    or with `hang_up` closes each at once (a modality whose DICOM listener is down):
     (port, the connections accepted so far)."""
     listener = socket.create_server((HOST, 0))
     listener.settimeout(0.1)
@@ -379,6 +380,8 @@ def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 accepted.append(listener.accept()[0])
+                if hang_up:
+                    accepted[-1].close()
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -437,6 +440,49 @@ def test_a_peer_that_never_answers_holds_up_other_reports_one_attempt_a_pass(
             assert tries == 1, f"{tries} tries at the silent peer before the other's report"
     finally:
         hung.close()
+
+
+@pytest.mark.slow
+@_PEER_RELEASE_RACE[0]
+@_PEER_RELEASE_RACE[1]
+def test_more_reports_due_to_an_unreachable_peer_than_a_pass_reads_hold_up_no_other_peer(
+        edge_server_factory: Callable[..., EdgeServer], modality: Modality,
+        study: list[dicomgen.GeneratedInstance]) -> None:
+    """Twenty reports due to a modality whose listener hangs up, older than one due to
+    a working modality: the reporter tries the unreachable one once in the pass and then
+    delivers the other's. It read the due list 16 at a time and skipped the rest of the
+    unreachable peer's in those 16 only, so the working modality's report waited behind
+    one more try at the unreachable peer per pass (with a day's work of series to an
+    unreachable modality: for hours)."""
+    dead = Modality("DEAD")
+    nobody = socket.create_server((HOST, 0))
+    nowhere = nobody.getsockname()[1]
+    nobody.close()  # nothing listens there: the working modality's report waits meanwhile
+    try:
+        with silent_listener(hang_up=True) as (port, accepted):
+            edge = edge_server_factory(start=False)
+            edge.add_peer("modality", MODALITY, nowhere, allow="store,commit")
+            edge.add_peer("dead", "DEAD", port, allow="store,commit")
+            edge.start()
+            _store(edge, study)
+            for _ in range(20):
+                assert dead.request(edge, _items(study), keep_open=False)[0] == SUCCESS
+            _, transaction_uid, _ = modality.request(edge, _items(study), keep_open=False)
+            assert edge.stop() == 0
+            # All due at once, in the order requested (as a restart after an outage finds
+            # them): the working modality's is the last of 21.
+            with contextlib.closing(sqlite3.connect(edge.home / "index.sqlite3")) as db, db:
+                db.execute("UPDATE commitments SET next_attempt_at = 0 WHERE state = 'pending'")
+            edge.cli("peers", "remove", "modality")
+            edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
+            before = len(accepted)
+            edge.start()
+            report = modality.wait_report()
+            assert str(report.info.TransactionUID) == transaction_uid
+            tries = len(accepted) - before
+            assert tries == 1, f"{tries} tries at the unreachable peer before the other's report"
+    finally:
+        dead.close()
 
 
 @_PEER_RELEASE_RACE[0]

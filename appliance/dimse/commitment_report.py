@@ -91,16 +91,20 @@ class CommitmentReporter:
         """Deliver the due reports. A peer that could not be reached is not tried again in
         this pass: each attempt at one that never answers costs an ACSE timeout, and its
         other reports would hold up every other modality's (three of them: 99 s). They
-        stay due for the next pass."""
+        stay due for the next pass. The due list is read again without that peer's, so
+        that however many it has, the others' come next in this pass. Each commitment
+        read leaves the due list (answered, rescheduled or claimed), so the pass ends."""
         unreachable: set[str] = set()
         horizon = report_hold_seconds(self.config, self.service)
-        for commitment in self.bridge.call(self.service.due(horizon=horizon)):
-            if self._stop.is_set():
-                return
-            if commitment.calling_ae in unreachable:
-                continue
-            if not self._deliver(commitment):
-                unreachable.add(commitment.calling_ae)
+        while batch := self.bridge.call(self.service.due(horizon=horizon,
+                                                         skip_aes=frozenset(unreachable))):
+            for commitment in batch:
+                if self._stop.is_set():
+                    return
+                if commitment.calling_ae in unreachable:
+                    continue
+                if not self._deliver(commitment):
+                    unreachable.add(commitment.calling_ae)
 
     def _deliver(self, commitment: Commitment) -> bool:
         """Decide and send one report; False when the peer could not be reached (no

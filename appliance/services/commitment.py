@@ -30,8 +30,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from appliance.base import logsafe
 from appliance.base.bridge import LoopBridge
@@ -252,10 +253,11 @@ class CommitmentService:
             lambda conn: commitments.claim(conn, commitment.id, now=now,
                                            until=now + hold_seconds))
 
-    async def due(self, *, horizon: float) -> list[Commitment]:
-        """Due commitments; `horizon`: the longest hold of an attempt (report_hold_seconds)."""
-        return await database.run_sync(self.index.reader, commitments.due, self.clock(),
-                                       horizon)
+    async def due(self, *, horizon: float, skip_aes: Collection[str] = ()) -> list[Commitment]:
+        """Due commitments, none of `skip_aes`'; `horizon`: the longest hold of an attempt
+        (report_hold_seconds)."""
+        return await database.run_sync(self.index.reader, partial(
+            commitments.due, skip_aes=skip_aes), self.clock(), horizon)
 
     async def _load(self, commitment_id: int) -> Commitment:
         found = await database.run_sync(self.index.reader, commitments.load, commitment_id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from appliance.base.errors import PacsEdgeError
@@ -197,18 +197,21 @@ def load(conn: sqlite3.Connection, commitment_id: int) -> Commitment | None:
     return None if row is None else _commitment(conn, row)
 
 
-def due(conn: sqlite3.Connection, now: float, horizon: float,
-        limit: int = 16) -> list[Commitment]:
-    """Pending commitments whose next attempt is due, oldest first. An attempt set for
-    more than `horizon` (the longest delay the box schedules) after `now` was scheduled
-    before the wall clock stepped back (a clock corrected after months ahead): it is due
-    too (store/clock_steps.py), else the modality would wait for its report until the
-    clock caught up."""
+def due(conn: sqlite3.Connection, now: float, horizon: float, limit: int = 16,
+        skip_aes: Collection[str] = ()) -> list[Commitment]:
+    """Pending commitments whose next attempt is due, oldest first, but none requested by
+    `skip_aes` (peers found unreachable: the next `limit` are the others'). An attempt set
+    for more than `horizon` (the longest delay the box schedules) after `now` was
+    scheduled before the wall clock stepped back (a clock corrected after months ahead):
+    it is due too (store/clock_steps.py), else the modality would wait for its report
+    until the clock caught up."""
     is_due, due_args = due_condition("next_attempt_at", now, horizon)
+    skipped = sorted(skip_aes)
+    not_skipped = f" AND calling_ae NOT IN ({','.join('?' * len(skipped))})" if skipped else ""
     rows = conn.execute(
         "SELECT id, calling_ae, transaction_uid, state, requested_at, attempts"
-        f" FROM commitments WHERE state = 'pending' AND {is_due}"
-        " ORDER BY next_attempt_at, id LIMIT ?", (*due_args, limit)).fetchall()
+        f" FROM commitments WHERE state = 'pending' AND {is_due}{not_skipped}"
+        " ORDER BY next_attempt_at, id LIMIT ?", (*due_args, *skipped, limit)).fetchall()
     return [_commitment(conn, row) for row in rows]
 
 
