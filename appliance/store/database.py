@@ -449,6 +449,8 @@ class Writer:
                     else:
                         result = await item(conn)
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # rolled back whole by SQLite: see _commit_sync
                     await conn.execute("ROLLBACK TO op")
                     await conn.execute("RELEASE op")
                     outcomes.append((None, exc))
@@ -470,7 +472,14 @@ def _commit_sync(
 
     A group of one (every instance on a single association) runs without a savepoint:
     if it fails, the transaction it was alone in is rolled back, which undoes as much
-    as its savepoint would (two statements fewer, ~9 us, per instance)."""
+    as its savepoint would (two statements fewer, ~9 us, per instance).
+
+    A statement that finds the disk full (SQLITE_FULL when its changes spill out of the
+    page cache into the WAL) can make SQLite roll the whole transaction back by itself:
+    the operations before it in the group are undone too, so the group fails with that
+    error. A ROLLBACK (or ROLLBACK TO) then would fail, "no transaction is active", and
+    its error replaced the disk-full one (a Storage Commitment of many instances was
+    answered 0x0110 instead of 0x0213, a C-STORE would have been 0x0110, not 0xA700)."""
     outcomes: list[tuple[Any, Exception | None]] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -478,7 +487,8 @@ def _commit_sync(
             try:
                 result = operations[0](conn)
             except Exception as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 return [(None, exc)]
             conn.execute("COMMIT")
             return [(result, None)]
@@ -487,6 +497,8 @@ def _commit_sync(
             try:
                 result = operation(conn)
             except Exception as exc:
+                if not conn.in_transaction:
+                    raise
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 outcomes.append((None, exc))
