@@ -157,9 +157,13 @@ def _synced_temp(path: Path, data: bytes, mode: int,
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write or fsync that finds the disk full names no file: without one the
+            # CLI took it for a bug and printed a traceback (`keys rotate`, `keys escrow`).
+            raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from exc
         raise
     return tmp
 
