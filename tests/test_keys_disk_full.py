@@ -14,6 +14,9 @@ from conftest import init_home, pacs_edge_command, run_pacs_edge
 from smalldisk import NEEDS_ROOT, fill, no_reserve, tmpfs
 from syncagent import evict, import_files, sync_once
 
+from appliance.base.durable import atomic_write
+from appliance.base.errors import OutOfSpace
+
 pytestmark = NEEDS_ROOT
 
 PASSPHRASE = "correct horse battery staple\n"
@@ -89,3 +92,17 @@ def test_key_escrow_on_a_full_disk_says_no_space_and_writes_no_escrow_file(
     run_pacs_edge("keys", "recover", "--home", str(recovered), "--from", str(escrow),
                   "--passphrase-file", str(passphrase))
     assert (recovered / "secrets" / "site.key").read_bytes() == before["site.key"]
+
+
+def test_a_file_replaced_whole_on_a_full_disk_is_named_in_the_error(tmp_path: Path) -> None:
+    """atomic_write (secrets, the readers registry, the audit anchor, ...) on a full disk
+    said "no space left on the store's file system", the store's words, whatever file
+    it was writing (a `keys rotate` at its `site.key.next`)."""
+    with tmpfs(tmp_path / "small", 1) as mount:
+        target = mount / "secrets" / "site.key.next"
+        target.parent.mkdir()
+        fill(mount)
+        with pytest.raises(OutOfSpace) as refused:
+            atomic_write(target, b"k" * 8192, mode=0o600)
+        assert refused.value.message == f"no space left to write {target}"
+        assert not target.exists() and list(target.parent.iterdir()) == []

@@ -94,8 +94,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644,
             raise
         fsync_dir(path.parent)
     except BaseException as exc:
-        if is_no_space(exc):
-            raise OutOfSpace() from exc
+        if is_no_space(exc):  # the file is named: a secret, a config, not the store's
+            raise OutOfSpace(f"no space left to write {path}") from exc
         raise
 
 
