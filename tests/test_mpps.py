@@ -5,9 +5,11 @@ What is proven here: a step goes IN PROGRESS -> COMPLETED or DISCONTINUED and is
 committed row with the keys that link it to its order; PS3.4 F.7 state rules:
 no change after a final state (0x0110 with an Error Comment), a duplicate
 N-CREATE is 0x0111, N-CREATE must be IN PROGRESS, a final state needs its end
-date/time, an N-SET of an unknown step is 0x0112; N-GET (MPPS Retrieve, F.8)
-answers the requested attributes of the step as it stands; a peer without
-`mpps` is refused (0x0124); every step is audited as a Procedure Record.
+date/time, an N-SET of an unknown step is 0x0112, an N-SET naming an attribute
+Table F.7.2-1 does not allow in N-SET is 0x0105 and changes nothing; N-GET
+(MPPS Retrieve, F.8) answers the requested attributes of the step as it stands;
+a peer without `mpps` is refused (0x0124); every step is audited as a
+Procedure Record.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -44,7 +47,8 @@ from appliance.store.mpps_rows import (
 MODALITY = "MODALITY"
 SUCCESS, REFUSED_NOT_AUTHORIZED, PROCESSING_FAILURE = 0x0000, 0x0124, 0x0110
 DUPLICATE, NO_SUCH_INSTANCE = 0x0111, 0x0112
-INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, MISSING_VALUE = 0x0106, 0x0120, 0x0121
+NO_SUCH_ATTRIBUTE, INVALID_ATTRIBUTE_VALUE = 0x0105, 0x0106
+MISSING_ATTRIBUTE, MISSING_VALUE = 0x0120, 0x0121
 UNRECOGNIZED_OPERATION = 0x0211
 NO_LONGER_UPDATABLE = 0xA710  # Error ID of 0x0110 for a step in a final state
 
@@ -309,6 +313,103 @@ def test_a_start_or_end_that_is_no_date_or_time_is_refused_naming_the_attribute(
 def test_set_of_an_unknown_step_is_refused(scu: tuple[EdgeServer, MppsScu]) -> None:
     _, client = scu
     assert client.set(str(generate_uid()), final()).Status == NO_SUCH_INSTANCE
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "99EDGE", meaning
+    return item
+
+
+def _listed(status: Dataset) -> list[Any]:
+    """Attribute Identifier List (0000,1005) of a response: one tag or several."""
+    listed = status.get("AttributeIdentifierList")
+    if listed is None:
+        return []
+    return list(listed) if isinstance(listed, (list, MultiValue)) else [listed]
+
+
+def test_a_set_naming_an_attribute_not_allowed_in_n_set_is_refused_whole(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """PS3.4 Table F.7.2-1 allows no N-SET of who the patient is, which order was performed
+    (Scheduled Step Attributes Sequence) or how the step started (ID, station, start,
+    modality, Study ID). Such an N-SET is 0x0105 No Such Attribute naming the tags in
+    Attribute Identifier List (as dcm4che answers), and changes nothing, its allowed
+    attributes neither. It was taken: the Patient ID changed while the order links
+    stayed those of the N-CREATE, and N-GET showed another sequence than the one linked."""
+    edge, client = scu
+    sop_uid, study_uid = str(generate_uid()), str(generate_uid())
+    assert client.create(sop_uid, in_progress(study_uid)).Status == SUCCESS
+    other_order = Dataset()
+    other_order.StudyInstanceUID, other_order.AccessionNumber = str(generate_uid()), "ACC999"
+    for keyword, value in (("PatientID", "PID999"), ("PatientName", "Roe^Richard"),
+                           ("ScheduledStepAttributesSequence", [other_order]),
+                           ("PerformedProcedureStepID", "PPS999"),
+                           ("PerformedStationAETitle", "OTHER"),
+                           ("PerformedProcedureStepStartDate", "20240106"),
+                           ("PerformedProcedureStepStartTime", "090000"),
+                           ("Modality", "MR"), ("StudyID", "S999")):
+        change = final("IN PROGRESS", with_end=False)
+        change.PerformedProcedureStepDescription = "CT head"
+        setattr(change, keyword, value)
+        refused = client.set(sop_uid, change)
+        assert refused.Status == NO_SUCH_ATTRIBUTE, keyword
+        assert _listed(refused) == [Tag(keyword)]
+        assert keyword in str(refused.ErrorComment)
+    both = final()
+    both.PatientID, both.Modality = "PID999", "MR"
+    refused = client.set(sop_uid, both)
+    assert refused.Status == NO_SUCH_ATTRIBUTE
+    assert _listed(refused) == [Tag("Modality"), Tag("PatientID")]
+    status, found = client.get(sop_uid, [])
+    assert status.Status == SUCCESS and found is not None
+    assert (found.PatientID, str(found.PatientName), found.Modality) == (
+        "PID100", "Doe^Jane", "CT")
+    assert [i.StudyInstanceUID for i in found.ScheduledStepAttributesSequence] == [study_uid]
+    assert (found.PerformedProcedureStepID, found.PerformedStationAETitle) == (
+        "PPS100", MODALITY)
+    assert (found.PerformedProcedureStepStartDate, found.PerformedProcedureStepStartTime) == (
+        "20240105", "101500")
+    assert "StudyID" not in found and "PerformedProcedureStepDescription" not in found
+    step = _step(edge, sop_uid)
+    assert step is not None and (step["state"], step["patient_id"]) == ("in_progress", "PID100")
+    assert [r["study_uid"] for r in step["refs"]] == [study_uid]
+
+
+def test_a_set_of_the_attributes_n_set_allows_is_taken(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """What Table F.7.2-1 allows in N-SET (status, end, description, codes, comments,
+    performed series, and attributes of other modules: dose, billing) is still taken."""
+    edge, client = scu
+    sop_uid = str(generate_uid())
+    assert client.create(sop_uid, in_progress()).Status == SUCCESS
+    series = Dataset()
+    series.SeriesInstanceUID, series.ProtocolName = str(generate_uid()), "Head"
+    series.PerformingPhysicianName = series.OperatorsName = "Smith^Ann"
+    series.SeriesDescription = series.RetrieveAETitle = ""
+    series.ReferencedImageSequence = series.ReferencedNonImageCompositeSOPInstanceSequence = []
+    change = final("DISCONTINUED")
+    change.SpecificCharacterSet = "ISO_IR 100"
+    change.PerformedProcedureStepDescription = "CT head"
+    change.PerformedProcedureTypeDescription = "CT"
+    change.CommentsOnThePerformedProcedureStep = "patient moved"
+    change.ProcedureCodeSequence = [_code("CTHEAD", "CT head")]
+    change.PerformedProtocolCodeSequence = [_code("P1", "Head protocol")]
+    change.PerformedProcedureStepDiscontinuationReasonCodeSequence = [
+        _code("110514", "Incorrect worklist entry selected")]
+    change.PerformedSeriesSequence = [series]
+    change.TotalNumberOfExposures = 3
+    change.CommentsOnRadiationDose = "low dose"
+    change.BillingProcedureStepSequence = []
+    assert client.set(sop_uid, change).Status == SUCCESS
+    status, found = client.get(sop_uid, [])
+    assert status.Status == SUCCESS and found is not None
+    assert found.PerformedProcedureStepStatus == "DISCONTINUED"
+    assert found.ProcedureCodeSequence[0].CodeValue == "CTHEAD"
+    assert found.PerformedSeriesSequence[0].ProtocolName == "Head"
+    assert (found.TotalNumberOfExposures, found.CommentsOnRadiationDose) == (3, "low dose")
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "discontinued"
 
 
 def test_get_answers_the_requested_attributes_of_the_step_as_it_stands(

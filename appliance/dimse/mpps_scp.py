@@ -11,9 +11,11 @@ operator what to fix), audit every step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStepRetrieve  # type: ignore[attr-defined]
 
@@ -37,6 +39,7 @@ _STATUS = {
     Kind.MISSING_ATTRIBUTE: Status.MISSING_ATTRIBUTE,
     Kind.MISSING_VALUE: Status.MISSING_ATTRIBUTE_VALUE,
     Kind.INVALID_VALUE: Status.INVALID_ATTRIBUTE_VALUE,
+    Kind.NO_SUCH_ATTRIBUTE: Status.NO_SUCH_ATTRIBUTE,
 }
 # The Error ID (0000,0903) PS3.4 Table F.7.2-2 pairs with a status: 0x0110 for a step
 # that is COMPLETED or DISCONTINUED is A710 ("may no longer be updated"); modalities
@@ -120,7 +123,8 @@ class MppsScp:
                 return Status.REFUSED_NOT_AUTHORIZED, None
             self.audit.procedure_step(event.assoc, created=what == "create", state="refused",
                                       patient_id="", study_uids=(), reason=exc.reason)
-            return _failure(_STATUS[exc.kind], exc.reason, _ERROR_ID.get(exc.kind)), None
+            return _failure(_STATUS[exc.kind], exc.reason, _ERROR_ID.get(exc.kind),
+                            exc.tags), None
         except OutOfSpace:
             log.error("mpps %s refused: no space for the index %s", what, label)
             return Status.RESOURCE_LIMITATION, None
@@ -140,12 +144,16 @@ def event_handlers(scp: MppsScp) -> list[tuple[Any, Any]]:
             (evt.EVT_N_GET, scp.on_n_get)]
 
 
-def _failure(status: Status, comment: str, error_id: int | None = None) -> Dataset:
+def _failure(status: Status, comment: str, error_id: int | None = None,
+             tags: Sequence[BaseTag] = ()) -> Dataset:
     """A failure status with an Error Comment (LO: at most 64 characters) and, where
-    PS3.4 names one, an Error ID."""
+    PS3.4 names one, an Error ID; the attributes at fault, where the refusal names
+    them, in Attribute Identifier List (PS3.7 C.4.2: with 0x0105 No Such Attribute)."""
     response = Dataset()
     response.Status = int(status)
     response.ErrorComment = comment[:64]
     if error_id is not None:
         response.ErrorID = error_id
+    if tags:
+        response.AttributeIdentifierList = list(tags)
     return response

@@ -4,6 +4,13 @@
   Type 1 for N-CREATE must be present with a value (Scheduled Step Attributes
   Sequence: present), and the status must be IN PROGRESS; a second N-CREATE
   of the same SOP Instance UID is refused (Duplicate SOP Instance).
+- N-SET may not name an attribute PS3.4 Table F.7.2-1 marks "Not allowed" for
+  N-SET: who the patient is, which order was performed (Scheduled Step
+  Attributes Sequence), and the facts of the step's start (ID, station,
+  start date and time, modality, Study ID) are the N-CREATE's, and the order
+  links were made from them. Such an N-SET is refused as a whole, nothing
+  changed, as NO_SUCH_ATTRIBUTE with the offending tags (the edge lists them
+  in Attribute Identifier List, 0x0105, as dcm4che's MPPS SCP does).
 - N-SET merges the modification list into the step (a sequence replaces the
   whole sequence, as PS3.4 F.7.2.2 says); the new Performed Procedure Step
   Status picks the transition of the state table (appliance/store/mpps_rows.py).
@@ -46,10 +53,10 @@ from io import BytesIO
 from typing import TYPE_CHECKING
 
 from pydicom import config
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pynetdicom.dsutils import decode, encode
 
 from appliance.base.errors import PacsEdgeError
@@ -92,6 +99,18 @@ _REQUIRED_ON_CREATE = ("PerformedProcedureStepID", "PerformedStationAETitle",
 _REQUIRED_WHEN_FINAL = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime")
 _DATES = ("PerformedProcedureStepStartDate", "PerformedProcedureStepEndDate")
 _TIMES = ("PerformedProcedureStepStartTime", "PerformedProcedureStepEndTime")
+# "Not allowed" in the N-SET column of PS3.4 Table F.7.2-1 (top level: the attributes
+# nested in these sequences are not allowed either, and those of the allowed sequences
+# are, the sequence being replaced whole). Anything else, known to the table or not
+# (Billing, exposure and dose attributes...), an N-SET may set.
+_NOT_ALLOWED_IN_SET = frozenset(Tag(keyword) for keyword in (
+    "ScheduledStepAttributesSequence", "PatientName", "PatientID", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "OtherPatientIDsSequence", "PatientBirthDate",
+    "PatientSex", "ReferencedPatientSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence", "ServiceEpisodeDescription",
+    "PerformedProcedureStepID", "PerformedStationAETitle", "PerformedStationName",
+    "PerformedLocation", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "Modality", "StudyID"))
 _MERGE_ATTEMPTS = 3  # an N-SET racing another on the same step merges again
 _ORDER_TRIGGER = {MppsTrigger.COMPLETE: OrderTrigger.COMPLETE,
                   MppsTrigger.DISCONTINUE: OrderTrigger.DISCONTINUE}
@@ -105,15 +124,18 @@ class Kind(enum.Enum):
     MISSING_ATTRIBUTE = "a required attribute is missing"
     MISSING_VALUE = "a required attribute has no value"
     INVALID_VALUE = "an attribute has an invalid value"
+    NO_SUCH_ATTRIBUTE = "an attribute may not be set"
 
 
 class MppsRefused(PacsEdgeError):
-    """The request is refused; `reason` is PHI-free (attribute keywords, states)."""
+    """The request is refused; `reason` is PHI-free (attribute keywords, states);
+    `tags` are the attributes at fault where the refusal names them (NO_SUCH_ATTRIBUTE)."""
 
-    def __init__(self, kind: Kind, reason: str = "") -> None:
+    def __init__(self, kind: Kind, reason: str = "", tags: Sequence[BaseTag] = ()) -> None:
         super().__init__(reason or kind.value)
         self.kind = kind
         self.reason = reason or kind.value
+        self.tags = tuple(tags)
 
 
 @dataclass(frozen=True)
@@ -175,6 +197,7 @@ class MppsService:
 
     async def update(self, calling_ae: str, sop_uid: str, modification: Dataset) -> StepResult:
         self.permitted(calling_ae)
+        _refuse_not_allowed_in_set(modification)
         sop_uid = normalise_uid(sop_uid)
         for _ in range(_MERGE_ATTEMPTS):
             step = await self._load(sop_uid)
@@ -301,6 +324,15 @@ def _merged(held: Dataset, modification: Dataset) -> Dataset:
     if held.get("SpecificCharacterSet") != held_charset:
         held.SpecificCharacterSet = UTF8
     return held
+
+
+def _refuse_not_allowed_in_set(modification: Dataset) -> None:
+    """Refuse, before anything is read or changed, an N-SET naming an attribute PS3.4
+    Table F.7.2-1 does not allow in N-SET (present at all, with a value or without)."""
+    offending = sorted(_NOT_ALLOWED_IN_SET.intersection(modification.keys()))
+    if offending:
+        names = ", ".join(keyword_for_tag(tag) for tag in offending)
+        raise MppsRefused(Kind.NO_SUCH_ATTRIBUTE, f"not allowed in N-SET: {names}", offending)
 
 
 def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
