@@ -5,8 +5,8 @@ What is proven here: a step goes IN PROGRESS -> COMPLETED or DISCONTINUED and is
 committed row with the keys that link it to its order; PS3.4 F.7 state rules:
 no change after a final state (0x0110 with an Error Comment), a duplicate
 N-CREATE is 0x0111, N-CREATE must be IN PROGRESS, a final state needs its end
-date/time, an N-SET of an unknown step is 0x0112, an N-SET naming an attribute
-Table F.7.2-1 does not allow in N-SET is 0x0105 and changes nothing; N-GET
+date/time, an N-SET of an unknown step is 0x0112, an N-SET changing an attribute
+Table F.7.2-1 does not allow in N-SET leaves it (Warning 0x0107) and applies the rest; N-GET
 (MPPS Retrieve, F.8) answers the requested attributes of the step as it stands;
 a peer without `mpps` is refused (0x0124); every step is audited as a
 Procedure Record.
@@ -47,7 +47,7 @@ from appliance.store.mpps_rows import (
 MODALITY = "MODALITY"
 SUCCESS, REFUSED_NOT_AUTHORIZED, PROCESSING_FAILURE = 0x0000, 0x0124, 0x0110
 DUPLICATE, NO_SUCH_INSTANCE = 0x0111, 0x0112
-NO_SUCH_ATTRIBUTE, INVALID_ATTRIBUTE_VALUE = 0x0105, 0x0106
+ATTRIBUTE_LIST_ERROR, INVALID_ATTRIBUTE_VALUE = 0x0107, 0x0106
 MISSING_ATTRIBUTE, MISSING_VALUE = 0x0120, 0x0121
 UNRECOGNIZED_OPERATION = 0x0211
 NO_LONGER_UPDATABLE = 0xA710  # Error ID of 0x0110 for a step in a final state
@@ -329,40 +329,48 @@ def _listed(status: Dataset) -> list[Any]:
     return list(listed) if isinstance(listed, (list, MultiValue)) else [listed]
 
 
-def test_a_set_naming_an_attribute_not_allowed_in_n_set_is_refused_whole(
+def test_a_set_changing_what_n_set_may_not_change_applies_the_rest_with_a_warning(
         scu: tuple[EdgeServer, MppsScu]) -> None:
     """PS3.4 Table F.7.2-1 allows no N-SET of who the patient is, which order was performed
     (Scheduled Step Attributes Sequence) or how the step started (ID, station, start,
-    modality, Study ID). Such an N-SET is 0x0105 No Such Attribute naming the tags in
-    Attribute Identifier List (as dcm4che answers), and changes nothing, its allowed
-    attributes neither. It was taken: the Patient ID changed while the order links
-    stayed those of the N-CREATE, and N-GET showed another sequence than the one linked."""
+    modality, Study ID). They were taken: the Patient ID changed while the order links
+    stayed those of the N-CREATE, and N-GET showed another sequence than the one linked.
+    Now they keep the N-CREATE's values and the rest of the N-SET is applied, answered
+    Warning 0x0107 naming them in Attribute Identifier List; the same values sent again
+    (a modality repeating its whole attribute set) are no change and plain success."""
     edge, client = scu
     sop_uid, study_uid = str(generate_uid()), str(generate_uid())
-    assert client.create(sop_uid, in_progress(study_uid)).Status == SUCCESS
+    created = in_progress(study_uid)
+    assert client.create(sop_uid, created).Status == SUCCESS
     other_order = Dataset()
     other_order.StudyInstanceUID, other_order.AccessionNumber = str(generate_uid()), "ACC999"
-    for keyword, value in (("PatientID", "PID999"), ("PatientName", "Roe^Richard"),
-                           ("ScheduledStepAttributesSequence", [other_order]),
-                           ("PerformedProcedureStepID", "PPS999"),
-                           ("PerformedStationAETitle", "OTHER"),
-                           ("PerformedProcedureStepStartDate", "20240106"),
-                           ("PerformedProcedureStepStartTime", "090000"),
-                           ("Modality", "MR"), ("StudyID", "S999")):
+    for n, (keyword, value) in enumerate((
+            ("PatientID", "PID999"), ("PatientName", "Roe^Richard"),
+            ("ScheduledStepAttributesSequence", [other_order]),
+            ("PerformedProcedureStepID", "PPS999"), ("PerformedStationAETitle", "OTHER"),
+            ("PerformedProcedureStepStartDate", "20240106"),
+            ("PerformedProcedureStepStartTime", "090000"), ("Modality", "MR"),
+            ("StudyID", "S999"))):
         change = final("IN PROGRESS", with_end=False)
-        change.PerformedProcedureStepDescription = "CT head"
+        change.PerformedProcedureStepDescription = f"CT head {n}"
         setattr(change, keyword, value)
-        refused = client.set(sop_uid, change)
-        assert refused.Status == NO_SUCH_ATTRIBUTE, keyword
-        assert _listed(refused) == [Tag(keyword)]
-        assert keyword in str(refused.ErrorComment)
-    both = final()
-    both.PatientID, both.Modality = "PID999", "MR"
-    refused = client.set(sop_uid, both)
-    assert refused.Status == NO_SUCH_ATTRIBUTE
-    assert _listed(refused) == [Tag("Modality"), Tag("PatientID")]
+        answered = client.set(sop_uid, change)
+        assert answered.Status == ATTRIBUTE_LIST_ERROR, keyword
+        assert _listed(answered) == [Tag(keyword)]
+        assert keyword in str(answered.ErrorComment)
+        _, found = client.get(sop_uid, ["PerformedProcedureStepDescription"])
+        assert found is not None and found.PerformedProcedureStepDescription == f"CT head {n}"
+    resent = final()
+    for element in created:
+        if element.keyword not in resent:
+            resent.add(element)
+    resent.PatientID, resent.Modality = "PID999", "MR"
+    answered = client.set(sop_uid, resent)
+    assert answered.Status == ATTRIBUTE_LIST_ERROR
+    assert _listed(answered) == [Tag("Modality"), Tag("PatientID")]
     status, found = client.get(sop_uid, [])
     assert status.Status == SUCCESS and found is not None
+    assert found.PerformedProcedureStepStatus == "COMPLETED"
     assert (found.PatientID, str(found.PatientName), found.Modality) == (
         "PID100", "Doe^Jane", "CT")
     assert [i.StudyInstanceUID for i in found.ScheduledStepAttributesSequence] == [study_uid]
@@ -370,10 +378,27 @@ def test_a_set_naming_an_attribute_not_allowed_in_n_set_is_refused_whole(
         "PPS100", MODALITY)
     assert (found.PerformedProcedureStepStartDate, found.PerformedProcedureStepStartTime) == (
         "20240105", "101500")
-    assert "StudyID" not in found and "PerformedProcedureStepDescription" not in found
+    assert "StudyID" not in found
     step = _step(edge, sop_uid)
-    assert step is not None and (step["state"], step["patient_id"]) == ("in_progress", "PID100")
+    assert step is not None and (step["state"], step["patient_id"]) == ("completed", "PID100")
     assert [r["study_uid"] for r in step["refs"]] == [study_uid]
+
+
+def test_a_set_repeating_the_creates_values_is_plain_success(
+        scu: tuple[EdgeServer, MppsScu]) -> None:
+    """A modality that sends its whole attribute set again with COMPLETED, unchanged."""
+    edge, client = scu
+    sop_uid = str(generate_uid())
+    created = in_progress()
+    assert client.create(sop_uid, created).Status == SUCCESS
+    resent = final()
+    for element in created:
+        if element.keyword not in resent:
+            resent.add(element)
+    answered = client.set(sop_uid, resent)
+    assert answered.Status == SUCCESS and "AttributeIdentifierList" not in answered
+    step = _step(edge, sop_uid)
+    assert step is not None and step["state"] == "completed"
 
 
 def test_a_set_of_the_attributes_n_set_allows_is_taken(

@@ -13,7 +13,7 @@ class Status(enum.IntEnum):
     REFUSED_NOT_AUTHORIZED = 0x0124
     PROCESSING_FAILURE = 0x0110
     # DIMSE-N (PS3.7 C.5, 10.1): N-ACTION, N-CREATE, N-SET, N-EVENT-REPORT
-    NO_SUCH_ATTRIBUTE = 0x0105
+    ATTRIBUTE_LIST_ERROR = 0x0107  # a Warning: applied, but for the attributes it lists
     INVALID_ATTRIBUTE_VALUE = 0x0106
     DUPLICATE_SOP_INSTANCE = 0x0111
     NO_SUCH_SOP_INSTANCE = 0x0112  # also Failure Reason "no such object instance" (J.3.2.1)

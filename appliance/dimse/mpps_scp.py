@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from pynetdicom import evt
@@ -39,7 +40,6 @@ _STATUS = {
     Kind.MISSING_ATTRIBUTE: Status.MISSING_ATTRIBUTE,
     Kind.MISSING_VALUE: Status.MISSING_ATTRIBUTE_VALUE,
     Kind.INVALID_VALUE: Status.INVALID_ATTRIBUTE_VALUE,
-    Kind.NO_SUCH_ATTRIBUTE: Status.NO_SUCH_ATTRIBUTE,
 }
 # The Error ID (0000,0903) PS3.4 Table F.7.2-2 pairs with a status: 0x0110 for a step
 # that is COMPLETED or DISCONTINUED is A710 ("may no longer be updated"); modalities
@@ -123,8 +123,7 @@ class MppsScp:
                 return Status.REFUSED_NOT_AUTHORIZED, None
             self.audit.procedure_step(event.assoc, created=what == "create", state="refused",
                                       patient_id="", study_uids=(), reason=exc.reason)
-            return _failure(_STATUS[exc.kind], exc.reason, _ERROR_ID.get(exc.kind),
-                            exc.tags), None
+            return _failure(_STATUS[exc.kind], exc.reason, _ERROR_ID.get(exc.kind)), None
         except OutOfSpace:
             log.error("mpps %s refused: no space for the index %s", what, label)
             return Status.RESOURCE_LIMITATION, None
@@ -136,6 +135,11 @@ class MppsScp:
             event.assoc, created=result.created, state=step.state.value,
             patient_id=step.fields.patient_id, study_uids=[r.study_uid for r in step.refs],
             accession_numbers=[r.accession_number for r in step.refs])
+        if result.ignored:
+            names = ", ".join(keyword_for_tag(tag) or str(tag) for tag in result.ignored)
+            log.warning("mpps set left attributes the N-CREATE set unchanged attributes=%s %s",
+                        names, label)
+            return _ignored(result.ignored, names), None
         return Status.SUCCESS, None
 
 
@@ -144,16 +148,23 @@ def event_handlers(scp: MppsScp) -> list[tuple[Any, Any]]:
             (evt.EVT_N_GET, scp.on_n_get)]
 
 
-def _failure(status: Status, comment: str, error_id: int | None = None,
-             tags: Sequence[BaseTag] = ()) -> Dataset:
+def _failure(status: Status, comment: str, error_id: int | None = None) -> Dataset:
     """A failure status with an Error Comment (LO: at most 64 characters) and, where
-    PS3.4 names one, an Error ID; the attributes at fault, where the refusal names
-    them, in Attribute Identifier List (PS3.7 C.4.2: with 0x0105 No Such Attribute)."""
+    PS3.4 names one, an Error ID."""
     response = Dataset()
     response.Status = int(status)
     response.ErrorComment = comment[:64]
     if error_id is not None:
         response.ErrorID = error_id
-    if tags:
-        response.AttributeIdentifierList = list(tags)
+    return response
+
+
+def _ignored(tags: Sequence[BaseTag], names: str) -> Dataset:
+    """Warning 0x0107 Attribute List Error (PS3.7 C.4.3.1.2): the N-SET was applied but
+    for the attributes in Attribute Identifier List, which PS3.4 Table F.7.2-1 does not
+    allow in N-SET and which it sent with another value than the step holds."""
+    response = Dataset()
+    response.Status = int(Status.ATTRIBUTE_LIST_ERROR)
+    response.AttributeIdentifierList = list(tags)
+    response.ErrorComment = f"not changed by N-SET: {names}"[:64]
     return response

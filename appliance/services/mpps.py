@@ -4,13 +4,16 @@
   Type 1 for N-CREATE must be present with a value (Scheduled Step Attributes
   Sequence: present), and the status must be IN PROGRESS; a second N-CREATE
   of the same SOP Instance UID is refused (Duplicate SOP Instance).
-- N-SET may not name an attribute PS3.4 Table F.7.2-1 marks "Not allowed" for
-  N-SET: who the patient is, which order was performed (Scheduled Step
+- N-SET does not change an attribute PS3.4 Table F.7.2-1 marks "Not allowed"
+  for N-SET: who the patient is, which order was performed (Scheduled Step
   Attributes Sequence), and the facts of the step's start (ID, station,
   start date and time, modality, Study ID) are the N-CREATE's, and the order
-  links were made from them. Such an N-SET is refused as a whole, nothing
-  changed, as NO_SUCH_ATTRIBUTE with the offending tags (the edge lists them
-  in Attribute Identifier List, 0x0105, as dcm4che's MPPS SCP does).
+  links were made from them. Such an attribute is left out of the merge and the
+  rest of the N-SET is applied: a modality that sends its whole attribute set
+  again with COMPLETED still completes its step. One sent with another value
+  than the step holds is named in `StepResult.ignored` (the edge answers Warning
+  0x0107 Attribute List Error with the tags in Attribute Identifier List); one
+  sent with the value held changes nothing and is not named.
 - N-SET merges the modification list into the step (a sequence replaces the
   whole sequence, as PS3.4 F.7.2.2 says); the new Performed Procedure Step
   Status picks the transition of the state table (appliance/store/mpps_rows.py).
@@ -53,7 +56,7 @@ from io import BytesIO
 from typing import TYPE_CHECKING
 
 from pydicom import config
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
@@ -124,18 +127,15 @@ class Kind(enum.Enum):
     MISSING_ATTRIBUTE = "a required attribute is missing"
     MISSING_VALUE = "a required attribute has no value"
     INVALID_VALUE = "an attribute has an invalid value"
-    NO_SUCH_ATTRIBUTE = "an attribute may not be set"
 
 
 class MppsRefused(PacsEdgeError):
-    """The request is refused; `reason` is PHI-free (attribute keywords, states);
-    `tags` are the attributes at fault where the refusal names them (NO_SUCH_ATTRIBUTE)."""
+    """The request is refused; `reason` is PHI-free (attribute keywords, states)."""
 
-    def __init__(self, kind: Kind, reason: str = "", tags: Sequence[BaseTag] = ()) -> None:
+    def __init__(self, kind: Kind, reason: str = "") -> None:
         super().__init__(reason or kind.value)
         self.kind = kind
         self.reason = reason or kind.value
-        self.tags = tuple(tags)
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ class StepResult:
 
     step: Step
     created: bool
+    ignored: tuple[BaseTag, ...] = ()  # N-SET: attributes not taken (Table F.7.2-1)
 
 
 class MppsService:
@@ -197,7 +198,6 @@ class MppsService:
 
     async def update(self, calling_ae: str, sop_uid: str, modification: Dataset) -> StepResult:
         self.permitted(calling_ae)
-        _refuse_not_allowed_in_set(modification)
         sop_uid = normalise_uid(sop_uid)
         for _ in range(_MERGE_ATTEMPTS):
             step = await self._load(sop_uid)
@@ -205,7 +205,9 @@ class MppsService:
                 raise MppsRefused(Kind.NO_SUCH_STEP)
             if step.state is not MppsState.IN_PROGRESS:
                 raise MppsRefused(Kind.FINAL)
-            merged = _merged(_decode(step.dataset), modification)
+            held = _decode(step.dataset)
+            allowed, ignored = _allowed_in_set(modification, held)
+            merged = _merged(held, allowed)
             status = str(merged.get("PerformedProcedureStepStatus", "") or "").strip()
             if not status:  # an N-SET that empties it
                 raise MppsRefused(Kind.MISSING_VALUE,
@@ -234,7 +236,7 @@ class MppsService:
             assert updated is not None
             log.info("procedure step updated step=%d state=%s calling=%s", updated.id,
                      updated.state.value, calling_ae)
-            return StepResult(updated, created=False)
+            return StepResult(updated, created=False, ignored=ignored)
         raise PacsEdgeError("procedure step kept changing under concurrent N-SETs")
 
     async def get(self, calling_ae: str, sop_uid: str, tags: Sequence[BaseTag]
@@ -326,13 +328,18 @@ def _merged(held: Dataset, modification: Dataset) -> Dataset:
     return held
 
 
-def _refuse_not_allowed_in_set(modification: Dataset) -> None:
-    """Refuse, before anything is read or changed, an N-SET naming an attribute PS3.4
-    Table F.7.2-1 does not allow in N-SET (present at all, with a value or without)."""
-    offending = sorted(_NOT_ALLOWED_IN_SET.intersection(modification.keys()))
-    if offending:
-        names = ", ".join(keyword_for_tag(tag) for tag in offending)
-        raise MppsRefused(Kind.NO_SUCH_ATTRIBUTE, f"not allowed in N-SET: {names}", offending)
+def _allowed_in_set(modification: Dataset, held: Dataset
+                    ) -> tuple[Dataset, tuple[BaseTag, ...]]:
+    """The modification without the attributes PS3.4 Table F.7.2-1 does not allow in
+    N-SET, and those of them sent with another value than `held` has (sorted)."""
+    allowed = Dataset()
+    ignored = []
+    for element in modification:
+        if element.tag not in _NOT_ALLOWED_IN_SET:
+            allowed.add(element)
+        elif element.tag not in held or held[element.tag].value != element.value:
+            ignored.append(element.tag)
+    return allowed, tuple(sorted(ignored))
 
 
 def _require(ds: Dataset, keywords: tuple[str, ...]) -> None:
