@@ -32,10 +32,10 @@ def _header(control_id: str) -> MessageHeader:
 
 
 def _order(accession: str, control: OrderControl = OrderControl.NEW,
-           start: str = "20240102") -> OrderRequest:
+           start: str = "20240102", time: str = "0930") -> OrderRequest:
     return OrderRequest(control, accession, f"PL{accession}", "", "",
                         OrderDetails(modality="CT", station_ae_title="CT1",
-                                     sps_start_date=start, sps_start_time="0930",
+                                     sps_start_date=start, sps_start_time=time,
                                      requested_procedure_desc="CT head"),
                         PatientKey("PAT1", "HOSP"), Demographics("DOE^JANE", "19700101", "F"))
 
@@ -63,6 +63,22 @@ def test_worklist_list_shows_orders_by_scheduled_start(
         ("ACC1", "SCHEDULED"), ("ACC2", "DISCONTINUED")]
     table = run_pacs_edge("worklist", "list", "--home", str(home)).stdout
     assert "ACC1" in table and "DOE^JANE" in table and "2024-01-02 09:30" in table
+
+
+def test_worklist_list_shows_the_hour_of_a_start_sent_to_the_hour(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HL7 `2024010308` schedules SPS Start Time `08` (a TM may be HH): the list showed
+    the day alone, as for an order without a time."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+    async def order() -> None:
+        async with Index(load_config(home).index.path) as index:
+            await OrderService(index).apply(_header("M4"), (
+                _order("ACC3", start="20240103", time="08"),))
+
+    asyncio.run(order())
+    table = run_pacs_edge("worklist", "list", "--home", str(home)).stdout
+    assert "2024-01-03 08:00" in table
 
 
 def test_worklist_list_filters_by_status(home: Path) -> None:

@@ -46,9 +46,11 @@ def _order_json(order: Order) -> dict[str, Any]:
 
 
 def _start(order: Order) -> str:
+    """The scheduled start as `YYYY-MM-DD HH:MM`; a start time of hours only (a TM may
+    be HH: HL7 `2024010308`) is that hour's :00, not the day alone."""
     d, t = order.details.sps_start_date, order.details.sps_start_time
     day = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else d
-    return f"{day} {t[:2]}:{t[2:4]}".strip() if len(t) >= 4 else day
+    return f"{day} {t[:2]}:{t[2:4] or '00'}".strip() if len(t) >= 2 else day
 
 
 async def _read(config: Config, fn: Any, *args: Any) -> Any:
