@@ -115,6 +115,24 @@ def test_age_limit_and_undated_priors_last() -> None:
     assert chosen(candidates, max_age_years=0.0) == ["1.3", "1.1", "1.2"]
 
 
+@pytest.mark.parametrize(("today", "years", "kept", "left_out"), [
+    # Three years back from 4 Dec 2026 is 4 Dec 2023, 1096 days (29 Feb 2024 between).
+    (TODAY, 3.0, "20231204", "20231203"),
+    (date(2028, 3, 1), 1.0, "20270301", "20270228"),  # 366 days back, 29 Feb 2028 between
+    (date(2028, 2, 29), 1.0, "20270228", "20270227"),  # no 29 Feb 2027: the 28th
+    (TODAY, 0.5, "20260604", "20260603"),  # a fraction: days of an average year (182.6)
+])
+def test_a_prior_exactly_max_age_years_old_is_kept_whatever_leap_days_lie_between(
+        today: date, years: float, kept: str, left_out: str) -> None:
+    """A prior dated N years before today is N years old, not older: counting 365.25 days
+    a year left out the one of that very day whenever more leap days than a quarter per
+    year lay between (a three-year span holding a 29 February, most of them)."""
+    config = dataclasses.replace(RULES, max_age_years=years)
+    picked = choose_priors([study("1.1", kept), study("1.2", left_out)], CT_HEAD, config,
+                           today=today)
+    assert [c.study_uid for c in picked] == ["1.1"]
+
+
 def test_the_index_copy_wins_over_the_remote_archives() -> None:
     candidates = [study("1.1", "20250101", source=Source.REMOTE),
                   study("1.1", "20250101", source=Source.CLOUD),

@@ -27,9 +27,10 @@ and the words RIS procedure names use for them.
 from __future__ import annotations
 
 import re
+from calendar import monthrange
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import MINYEAR, date, timedelta
 
 from appliance.base.config import PrefetchConfig
 from appliance.store.prefetch_rows import Source
@@ -125,6 +126,22 @@ def _parse_date(text: str) -> date | None:
         return None
 
 
+def _oldest(today: date, years: float) -> date | None:
+    """The oldest study date `years` before `today` keeps: whole years by the calendar (a
+    prior of the same day three years back is three years old, whatever 29 Februaries lie
+    between; from a 29 February, the 28th), a fraction as days of an average year. None
+    (any age) for 0, or for an age reaching back before the calendar's first year."""
+    whole = int(years)
+    if years <= 0 or today.year - whole < MINYEAR:
+        return None
+    year = today.year - whole
+    back = date(year, today.month, min(today.day, monthrange(year, today.month)[1]))
+    try:
+        return back - timedelta(days=round((years - whole) * 365.25))
+    except OverflowError:
+        return None
+
+
 def _unique(candidates: Iterable[Candidate]) -> list[Candidate]:
     """One candidate per study; the index's (local or cloud) before the remote archive's."""
     chosen: dict[str, Candidate] = {}
@@ -141,8 +158,7 @@ def choose_priors(candidates: Sequence[Candidate], order: OrderContext, rules: P
     """The priors to fetch, newest first (see the module docstring for the rules)."""
     wanted = wanted_modalities(rules, order)
     region = regions(order.procedure) if rules.body_part == "same" else set()
-    oldest = (today - timedelta(days=365.25 * rules.max_age_years)
-              if rules.max_age_years > 0 else None)
+    oldest = _oldest(today, rules.max_age_years)
     kept: list[tuple[date | None, Candidate]] = []
     for candidate in _unique(candidates):
         if candidate.study_uid == order.exclude_study_uid:
