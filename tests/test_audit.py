@@ -626,6 +626,7 @@ class TlsSyslogCollector:
                 finally:
                     with collector._lock:
                         collector._connections.discard(conn)
+                    conn.close()
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)

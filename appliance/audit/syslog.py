@@ -215,11 +215,15 @@ class SyslogForwarder:
             except ValueError:
                 entry = None
             if entry is None or entry.seq != last[0] + 1:
-                if last != (seq, offset) or offset == 0:
-                    # A damaged line inside the log: `pacs-edge audit verify` says which.
-                    raise ValueError("audit log record cannot be forwarded")
-                self._save_cursor(seq, self._resync(seq))  # the cursor lost its place
-                return
+                if last == (seq, offset) and offset and not self._ends_at(seq, offset):
+                    self._save_cursor(seq, self._resync(seq))  # the cursor lost its place
+                    return
+                # A damaged line inside the log: `pacs-edge audit verify` says which. The
+                # records before it go out; the cursor stops in front of it.
+                if pending:
+                    self._send(pending)
+                    self._save_cursor(*last)
+                raise ValueError("audit log record cannot be forwarded")
             pending.append(frame(format_message(entry, self._hostname, os.getpid())))
             last = (entry.seq, end)
             if len(pending) >= BATCH:
@@ -229,6 +233,27 @@ class SyslogForwarder:
         if pending:
             self._send(pending)
             self._save_cursor(*last)
+
+    def _ends_at(self, seq: int, offset: int) -> bool:
+        """Whether the line that ends at byte `offset` is the record `seq` (the cursor is
+        in place, so a line after it that does not follow is damaged: before, that was
+        taken for a lost cursor, and the whole log was read again at every poll)."""
+        window = 64 * 1024
+        with self.log.path.open("rb") as fh:
+            while True:
+                start = max(0, offset - window)
+                fh.seek(start)
+                data = fh.read(offset - start)
+                if not data.endswith(b"\n"):
+                    return False
+                begin = data.rfind(b"\n", 0, len(data) - 1)
+                if begin < 0 and start > 0:
+                    window *= 4
+                    continue
+                try:
+                    return Entry.parse(data[begin + 1:-1]).seq == seq
+                except ValueError:
+                    return False
 
     def _resync(self, seq: int) -> int:
         """Byte offset after the record with `seq` (the file changed under the cursor)."""
