@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from test_audit import TlsSyslogCollector, _certificates, _suppress
 
+from appliance.audit.auditor import Auditor
 from appliance.audit.log import AuditLog
 from appliance.audit.records import (
     Action,
@@ -26,7 +28,7 @@ from appliance.audit.records import (
     Outcome,
     Participant,
 )
-from appliance.audit.syslog import SyslogForwarder, SyslogTarget, read_cursor
+from appliance.audit.syslog import BOM, SyslogForwarder, SyslogTarget, read_cursor
 
 DEADLINE = 30.0
 
@@ -101,3 +103,23 @@ def test_a_cursor_that_lost_its_place_finds_its_record_again(
     cursor.write_text(json.dumps({"seq": 3, "offset": 7}), encoding="utf-8")  # mid-line
     _forward(audit_log, syslog, ca, forwarders)
     _wait(lambda: syslog.seqs() == [4, 5], syslog.seqs())
+
+
+def test_a_login_name_with_control_characters_arrives_as_well_formed_xml(
+    tmp_path: Path, collector: tuple[TlsSyslogCollector, Path],
+    forwarders: list[SyslogForwarder],
+) -> None:
+    syslog, ca = collector
+    audit_log = AuditLog(tmp_path / "audit" / "audit.log")
+    auditor = Auditor(audit_log, ae_title="EDGE", process="serve")
+    typed = "mallory\x01\x1b[2J\x00"  # as a login form or an HTTP Basic header sends it
+    auditor.user_authentication(typed, "192.0.2.7", failure="unknown user or wrong password",
+                                via="form")
+    auditor.close()
+    assert json.loads(audit_log.path.read_text())["record"]["ActiveParticipant"][0][
+        "UserID"] == typed  # the log keeps what was typed
+    _forward(audit_log, syslog, ca, forwarders)
+    _wait(lambda: syslog.seqs() == [1], syslog.seqs())
+    message = ET.fromstring(syslog.messages[0].split(BOM, 1)[1])  # raises if not XML
+    user = message.find("ActiveParticipant")
+    assert user is not None and user.get("UserID") == "mallory\ufffd\ufffd[2J\ufffd"

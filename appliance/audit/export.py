@@ -11,6 +11,11 @@
 
 The window is on EventDateTime (when the event happened): since inclusive,
 until exclusive. `audit_message_xml` is also what syslog forwarding sends.
+Characters XML 1.0 cannot carry (a control character in the user name a
+failed login typed, say) are written as U+FFFD. ElementTree writes them as
+they are: the message was not well-formed XML, and a collector that parses
+it rejected it, so a client could keep its failed logins out of the SIEM.
+The log and the JSON export keep the exact value.
 Exports hold PHI: they are written 0600 when `--out` names a file.
 """
 
@@ -18,12 +23,16 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from appliance.audit.log import AuditLog, Entry
+
+# Not a Char of XML 1.0 (2.2): C0 controls but tab, LF, CR; surrogates; U+FFFE, U+FFFF.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def parse_when(text: str) -> datetime:
@@ -96,6 +105,11 @@ def audit_message_xml(record: dict[str, Any]) -> ET.Element:
         ET.SubElement(element, "AuditSourceTypeCode", {"csd-code": code["csd-code"]})
     for obj in record.get("ParticipantObjectIdentification", ()):
         _participant_object(root, obj)
+    for node in root.iter():
+        if node.text:
+            node.text = _NOT_XML.sub("\ufffd", node.text)
+        for key, value in node.attrib.items():
+            node.set(key, _NOT_XML.sub("\ufffd", value))
     return root
 
 
