@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -123,3 +126,47 @@ def test_a_login_name_with_control_characters_arrives_as_well_formed_xml(
     message = ET.fromstring(syslog.messages[0].split(BOM, 1)[1])  # raises if not XML
     user = message.find("ActiveParticipant")
     assert user is not None and user.get("UserID") == "mallory\ufffd\ufffd[2J\ufffd"
+
+
+def test_stop_ends_the_tls_connection_with_close_notify(
+    tmp_path: Path, forwarders: list[SyslogForwarder],
+) -> None:
+    """RFC 5425 4.4: a sender closing a connection MUST send close_notify first. The
+    collector here tells a close_notify (recv answers b"") from a bare TCP close
+    (SSLEOFError, since ragged EOFs are not suppressed)."""
+    ca, cert, key = _certificates(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(DEADLINE)
+    ended: list[str] = []
+
+    def serve_one() -> None:
+        raw, _ = listener.accept()
+        raw.settimeout(DEADLINE)
+        with context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as conn:
+            try:
+                while conn.recv(65536):
+                    pass
+                ended.append("close_notify")
+            except ssl.SSLEOFError:
+                ended.append("no close_notify")
+            except OSError as exc:
+                ended.append(type(exc).__name__)
+
+    reader = threading.Thread(target=serve_one, daemon=True)
+    reader.start()
+    try:
+        audit_log = AuditLog(tmp_path / "audit" / "audit.log")
+        audit_log.append([_record()])
+        forwarder = SyslogForwarder(audit_log, SyslogTarget("127.0.0.1",
+                                                            listener.getsockname()[1], ca),
+                                    retry_seconds=0.1, poll_seconds=0.1)
+        forwarders.append(forwarder)
+        forwarder.start()
+        _wait(lambda: read_cursor(audit_log)[0] == 1, "record 1 not sent")
+        forwarder.stop()
+        reader.join(DEADLINE)
+    finally:
+        listener.close()
+    assert ended == ["close_notify"]

@@ -65,7 +65,8 @@ BOM = b"\xef\xbb\xbf"
 BATCH = 100
 RETRY_SECONDS = 2.0
 POLL_SECONDS = 1.0
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # and the handshake's, and each send's (a collector that stops reading)
+CLOSE_TIMEOUT = 2.0  # for the collector's answer to our close_notify at stop
 _SEVERITY = {0: 5, 4: 4, 8: 3, 12: 2}  # notice, warning, error, critical
 
 
@@ -154,7 +155,9 @@ class SyslogForwarder:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._close()
+        # RFC 5425 4.4: a sender closing a connection it will not use again MUST send
+        # close_notify first (only when the thread is done with the socket).
+        self._close(notify=self._thread is None or not self._thread.is_alive())
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -313,8 +316,14 @@ class SyslogForwarder:
             with contextlib.suppress(OSError):
                 sock.settimeout(timeout)
 
-    def _close(self) -> None:
+    def _close(self, *, notify: bool = False) -> None:
+        """Close the connection; with `notify`, TLS close_notify first (waiting at most
+        CLOSE_TIMEOUT for the collector's own)."""
         if self._sock is not None:
+            if notify:
+                with contextlib.suppress(OSError, ValueError):
+                    self._sock.settimeout(CLOSE_TIMEOUT)
+                    self._sock.unwrap()
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
