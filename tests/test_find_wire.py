@@ -27,7 +27,7 @@ from appliance.services.dicom_header import read_header
 from appliance.store.cfind.search import FETCH_BATCH
 from appliance.store.index import Index, StoredFile
 
-PENDING, SUCCESS = 0xFF00, 0x0000
+PENDING, PENDING_WARNING, SUCCESS = 0xFF00, 0xFF01, 0x0000
 KEYS = ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
         "StudyDescription", "ModalitiesInStudy", "SeriesInstanceUID", "Modality",
         "SeriesNumber", "SOPInstanceUID", "InstanceNumber", "RetrieveAETitle",
@@ -87,6 +87,25 @@ def test_matches_arrive_whole_in_any_syntax_and_pdu_size(
         assert ds.RetrieveAETitle == served.ae_title
         assert ds.PatientComments == ""
         assert set(KEYS) <= set(ds.dir())
+
+
+def test_a_key_sent_with_a_value_the_box_does_not_match_on_is_answered_pending_ff01(
+        served: EdgeServer) -> None:
+    """PS3.4 C.4.1.1.4: 0xFF00 says every optional key was supported as a required key
+    is. A key the index does not match on (unknown, of a level below the query's, a
+    sequence) sent with a value leaves the matches unfiltered by it: each is 0xFF01, so
+    dcmtk's findscu says "Warning: Unsupported optional keys". Return keys, universal
+    values and Timezone Offset From UTC (no key) leave it 0xFF00."""
+    studies = 2  # the small study and the non-ASCII one
+    ignored = (["PatientAge=045Y"], ["Modality=CT"], ["PatientComments=*x*"],
+               ["ReferencedStudySequence[0].ReferencedSOPInstanceUID=1.2.3"])
+    kept = (["PatientAge"], ["PatientAge=*"], ["TimezoneOffsetFromUTC=+0100"],
+            ["ReferencedStudySequence[0].ReferencedSOPInstanceUID"], ["StudyDate=19000101-"])
+    for keys, pending in [*((k, PENDING_WARNING) for k in ignored),
+                          *((k, PENDING) for k in kept)]:
+        found = dcmtk.findscu(served.port, ["StudyInstanceUID", *keys], args=("-d",)).check()
+        assert found.dimse_statuses() == [pending] * studies + [SUCCESS], keys
+        assert len(found.responses) == studies, keys
 
 
 def test_a_match_is_answered_in_the_requests_character_set_when_it_holds_the_values(

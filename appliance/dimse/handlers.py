@@ -277,15 +277,20 @@ class DimseHandlers:
             self._audit_query(event, None, f"C-FIND failed: {type(exc).__name__}")
             yield Status.UNABLE_TO_PROCESS, None
             return
-        log.info("find answered matches=%d %s", len(matches), peer_label(event.assoc))
+        log.info("find answered matches=%d unmatched_keys=%d %s", len(matches),
+                 matches.unmatched_keys, peer_label(event.assoc))
         self._audit_query(event, len(matches))
+        # PS3.4 C.4.1.1.4: 0xFF00 says every optional key was supported as a required
+        # key is; with a key sent with a value the box does not match on, each match
+        # goes out with 0xFF01 (the workstation learns its filter was not applied).
+        pending = Status.PENDING_WARNING if matches.unmatched_keys else Status.PENDING
         batches = chain([matches.rows], (self.s.bridge.call(matches.read(self.s.index, ids))
                                          for ids in matches.batches()))
         for match in _identifiers(matches, batches, UID(event.context.transfer_syntax)):
             if event.is_cancelled:
                 yield Status.CANCEL, None
                 return
-            yield Status.PENDING, match
+            yield pending, match
 
     def _rejected(self, assoc: Any, exc: RejectedInstance) -> StoreAnswer:
         """The C-STORE failure status for ingest's refusal, chosen by its kind."""

@@ -27,8 +27,10 @@ above match relationally in both models: unique keys of upper levels are not
 required, and when given they restrict (a Patient Root STUDY query with
 PatientID answers that patient's studies). Keys the appliance does not know,
 keys of levels below the query level, sequences and private attributes are
-returned empty and do not restrict. Matching rules are in matching.py; the
-key table, the SQL and its execution are the store's (appliance.store.cfind).
+returned empty and do not restrict; `Answer.unmatched_keys` counts those sent with a
+value, so that the edge can say the matches were not narrowed by them. Matching rules
+are in matching.py; the key table, the SQL and its execution are the store's
+(appliance.store.cfind).
 
 Logging: counts only, at debug level; never a value of the identifier.
 """
@@ -85,6 +87,10 @@ _LEVELS = {
 }
 _QUERY_LEVEL = Tag(0x0008, 0x0052)
 _RETRIEVE_AE = Tag(0x0008, 0x0054)
+# Not a key: it says in which time zone the query's dates and times are, which only
+# matters with timezone query adjustment (an extended negotiation the box does not
+# accept); its value restricts nothing in any query.
+_TIMEZONE = Tag(0x0008, 0x0201)
 
 # Date and time keys that combined date-time matching reads as one moment.
 DATETIME_PAIRS = {"StudyDate": "StudyTime", "SeriesDate": "SeriesTime"}
@@ -145,8 +151,8 @@ async def answer(
         window = Window(paging.offset, paging.count, _keep(level, paging.scope))
         found = Answer(level, plan,
                        await search(index, level, plan.columns, plan.criteria, window=window))
-    log.debug("find answered level=%s keys=%d matches=%d", level.name, len(plan.columns),
-              len(found))
+    log.debug("find answered level=%s keys=%d unmatched_keys=%d matches=%d", level.name,
+              len(plan.columns), plan.unmatched, len(found))
     return found
 
 
@@ -167,6 +173,7 @@ class _Plan:
     columns: list[Key] = field(default_factory=list)  # one per returned value
     fixed: list[tuple[BaseTag, str, str]] = field(default_factory=list)  # (tag, VR, value)
     asked: str = ""  # the request's single-byte character set, if any (identifiers.py)
+    unmatched: int = 0  # keys sent with a value that no match applies (`_restricts`)
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,13 @@ class Answer:
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.later)
+
+    @property
+    def unmatched_keys(self) -> int:
+        """How many keys of the request carried a value that no match applied (a key the
+        index does not know, of a level below the query's, a sequence): the matches are
+        not narrowed by them, which C-FIND says with Pending status 0xFF01."""
+        return self.plan.unmatched
 
     def batches(self) -> Iterator[array[int]]:
         """The row ids of `later`, FETCH_BATCH at a time."""
@@ -247,6 +261,8 @@ def _plan(level: Level, identifier: Dataset, retrieve_ae_title: str, combined: b
         key = attributes.lookup(tag, level)
         if key is None:
             plan.fixed.append((tag, element.VR, ""))
+            if tag != _TIMEZONE and _restricts(element):
+                plan.unmatched += 1
             continue
         plan.columns.append(key)
         wanted[key.keyword] = (key, _values(element))
@@ -278,6 +294,17 @@ def _single_values(
     if len(dates) != 1 or len(times) != 1:
         return None
     return (date_key, dates[0]), (time_key, times[0])
+
+
+def _restricts(element: DataElement) -> bool:
+    """Whether `element` asks for a match: a value that is neither empty nor universal, or
+    a sequence with such a value in an item (sequence matching)."""
+    value = element.value
+    if element.VR == "SQ":
+        return any(_restricts(inner) for item in value or () for inner in item)
+    if isinstance(value, bytes | bytearray):  # an unknown tag in Implicit VR: UN
+        return matching.restricts(bytes(value).decode("latin-1").strip("\0 ").split("\\"))
+    return matching.restricts(_values(element), person_name=element.VR == "PN")
 
 
 def _values(element: DataElement) -> list[str]:

@@ -68,7 +68,7 @@ from appliance.store.cfind.conditions import (
 from appliance.store.person_names import fold, strip_padding
 from appliance.store.times import date_problem, time_key, time_problem
 
-__all__ = ["Match", "combined_datetime", "term"]
+__all__ = ["Match", "combined_datetime", "restricts", "term"]
 
 # `^*`, `^^*`, `^*^*` ... at the end of a PN group: may stand for left-out components.
 _TRAILING_ANY_COMPONENTS = re.compile(r"(?:\^+\*+)+$")
@@ -96,6 +96,14 @@ def term(kind: Match, values: Sequence[str]) -> Term | None:
     build = _BUILDERS[kind]
     terms = [build(value) for value in wanted]
     return terms[0] if len(terms) == 1 else AnyOf(tuple(terms))
+
+
+def restricts(values: Sequence[str], *, person_name: bool = False) -> bool:
+    """Whether a key sent with `values` would select less than everything: a value that
+    is neither empty nor universal. For keys the index does not match on, whose values
+    `term` never reads (nor bounds)."""
+    clean = _name_value if person_name else str.strip
+    return any(v and not _universal(v) for v in map(clean, values))
 
 
 def combined_datetime(date_value: str, time_value: str) -> Period | None:
