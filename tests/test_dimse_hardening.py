@@ -591,3 +591,40 @@ def test_a_request_its_context_does_not_serve_is_aborted_with_one_warning(
     assert ("aborting association: Invalid DIMSE primitive 'C_ECHO' used with Storage"
             " Commitment") in log
     echo_ok(server)
+
+
+def _ended_left_open(server: EdgeServer, ended: str) -> socket.socket:
+    """A connection whose association `ended` ("rejected", "released", "aborted") by
+    the box's answer, which the peer keeps open (the box waits for its close, Sta13)."""
+    if ended == "rejected":
+        sock = rawpdu.connect(server.port, source=HOSTILE)
+        sock.sendall(rawpdu.associate_rq("STRANGER", server.ae_title))
+        expected = rawpdu.A_ASSOCIATE_RJ
+    else:
+        sock = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+        # An unknown PDU type: the box answers it with an A-ABORT (AA-8).
+        sock.sendall(rawpdu.release_rq() if ended == "released"
+                     else rawpdu.pdu_header(0x09, 0))
+        expected = rawpdu.A_RELEASE_RP if ended == "released" else rawpdu.A_ABORT
+    assert rawpdu.read_pdu(sock)[0] == expected
+    return sock
+
+
+@pytest.mark.parametrize("ended", ["rejected", "released", "aborted"])
+def test_associations_that_ended_do_not_count_against_max_associations(
+    edge_server_factory: Callable[..., EdgeServer], sockets: list[socket.socket], ended: str,
+) -> None:
+    # After its A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT the box waits for the peer to
+    # close until ARTIM expires, and pynetdicom counted that thread as an association:
+    # an unknown AE title calling and never closing had every modality rejected as busy.
+    server = edge_server_factory(start=False)
+    server.configure(dicom={"max_associations": 2})  # ARTIM: the default 30 s
+    server.start()
+    sockets.extend(_ended_left_open(server, ended) for _ in range(3))
+    assert all(rawpdu.still_open(sock) for sock in sockets)
+    echo_ok(server)
+    # Associations still count: two established ones fill the slots.
+    sockets.extend(rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title,
+                                      source=HOSTILE) for _ in range(2))
+    assert not server.echo().ok
+    server.wait_for_log("reason=association limit reached")

@@ -92,17 +92,23 @@ class AllowlistAE(StoringAE):
 
     @property  # type: ignore[override]
     def maximum_associations(self) -> int:
-        """The configured limit plus the connections still waiting for their
-        A-ASSOCIATE-RQ.
+        """The configured limit plus the acceptor threads that are no association:
+        connections still waiting for their A-ASSOCIATE-RQ, and associations
+        rejected, aborted or released that wait for their peer to close.
 
         pynetdicom checks the limit against every acceptor thread, and a thread
-        starts with the TCP connection: idle sockets (the connection guard's to
-        bound, not this limit's) had real peers rejected as busy, and with
-        `max_associations` at or below `idle_connection_limit` a port scanner
-        locked every modality out. Only connections that asked count."""
-        waiting = sum(1 for assoc in self.active_associations
-                      if assoc.is_acceptor and assoc.requestor.primitive is None)
-        return int(self._maximum_associations) + waiting
+        starts with the TCP connection and ends with it: idle sockets (the
+        connection guard's to bound, not this limit's) had real peers rejected as
+        busy, and with `max_associations` at or below `idle_connection_limit` a
+        port scanner locked every modality out. Likewise after the end (Sta13,
+        until the peer closes or ARTIM expires): a stranger whose requests were
+        rejected, left open, had every modality rejected as busy for as long as it
+        kept calling. Only associations that asked and have not ended count."""
+        uncounted = sum(1 for assoc in self.active_associations
+                        if assoc.is_acceptor and (assoc.requestor.primitive is None
+                                                  or assoc.is_rejected or assoc.is_aborted
+                                                  or assoc.is_released))
+        return int(self._maximum_associations) + uncounted
 
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
