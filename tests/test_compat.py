@@ -457,6 +457,9 @@ def test_a_p_data_in_sta6_is_what_read_pdu_hands_to_dimse_directly() -> None:
     receive = inspect.getsource(DIMSEServiceProvider.receive_primitive)
     assert "self.message._data_set_file = None" in receive  # hence read before the call
     assert "self.message = None" in receive
+    # A message's context, checked at its start (compat._check_message_start).
+    assert "self._accepted_cx: dict[int, PresentationContext] = {}" in inspect.getsource(
+        Association.__init__)
 
 
 def test_a_wakeup_set_after_close_touches_no_descriptor() -> None:

@@ -628,3 +628,46 @@ def test_associations_that_ended_do_not_count_against_max_associations(
                                       source=HOSTILE) for _ in range(2))
     assert not server.echo().ok
     server.wait_for_log("reason=association limit reached")
+
+
+def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF of one PDV."""
+    return (rawpdu.pdu_header(rawpdu.P_DATA, len(fragment) + 6)
+            + struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment)
+
+
+def _echo_command(context_id: int) -> bytes:
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = rawpdu.VERIFICATION
+    (pdu,) = rawpdu.dimse_pdus(echo, context_id)
+    return pdu
+
+
+@pytest.mark.parametrize(("pdu", "why"), [
+    (_p_data(1, 0x02, b"\0" * 10), "a data set fragment before its command set"),
+    (_p_data(1, 0x00, b"\0" * 10), "a data set fragment before its command set"),
+    (_echo_command(5), "a message on presentation context 5, which was not accepted"),
+    (_p_data(1, 0x03, b"\xff" * 37), "a command set that cannot be decoded"),
+    (_p_data(1, 0x03, b""), "a command set that cannot be decoded"),
+], ids=["data-set-first", "data-set-first-not-last", "context-not-accepted",
+        "command-set-garbage", "command-set-empty"])
+def test_a_message_that_does_not_start_with_a_valid_command_set_is_aborted_with_a_warning(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], pdu: bytes, why: str,
+) -> None:
+    # pynetdicom logged a data set fragment that starts a message as an ERROR with a
+    # traceback (or held it, not last, until the network timeout), aborted a message on
+    # a context it did not accept with nothing logged, and closed the connection on an
+    # undecodable command set without an A-ABORT, logged as the box's ERROR.
+    server = short_timeouts_server
+    before = len(server.log())
+    sock = rawpdu.established(server.port, dcmtk.TEST_AE, server.ae_title, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(pdu)
+    item = Watched(sock)
+    rawpdu.watch_until_closed([item], deadline_seconds=CLOSE_DEADLINE)
+    assert item.first_pdu_type == rawpdu.A_ABORT
+    log = server.log()[before:]
+    assert f"invalid P-DATA-TF PDU: {why}" in log, log
+    assert "Traceback" not in log and " ERROR " not in log, log
+    echo_ok(server)

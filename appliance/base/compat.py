@@ -56,6 +56,7 @@ What is touched, and who uses it:
         action takes the primitive built to check the PDU (hand_pdu_to_dul)
       DULServiceProvider._read_pdu_data (overridden: read_pdu), P_DATA's
         _presentation_data_value_list, DIMSEServiceProvider.receive_primitive,
+        Association._accepted_cx (a message's context checked at its start),
         DIMSEServiceProvider.message, DULServiceProvider._kill_thread, _idle_timer,
         to_provider_queue.queue             P-DATA straight to DIMSE, or to the
                                             C-STORE receiver (dimse/reactors.py,
@@ -940,8 +941,10 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
     dimse = dul.assoc.dimse
     try:
         pdvs = split_pdvs(memoryview(body))
-        if dimse.message is None and receive(pdvs):
-            return True
+        if dimse.message is None:
+            if receive(pdvs):
+                return True
+            _check_message_start(dul.assoc, *pdvs[0])
     except ValueError as exc:
         log.warning("invalid P-DATA-TF PDU: %s", exc)
         dul.event_queue.put("Evt19")
@@ -950,13 +953,31 @@ def _read_one(dul: Any, receive: Callable[[list[tuple[int, Any]]], bool]) -> boo
     primitive._presentation_data_value_list = pdvs  # views: the setter wants bytes
     try:
         dimse.receive_primitive(primitive)
-    except Exception as exc:  # as the state machine treats a failing DT-2
-        log.error("could not process a received P-DATA-TF: %s", exc)
-        dul.kill_dul()
+    except Exception as exc:
+        # The command set, the peer's bytes, cannot be decoded (pydicom's error, or
+        # pynetdicom's on a command set without a Command Field): A-ABORT, as for any
+        # invalid PDU. Upstream's DT-2 fails and kills the DUL: the connection closed
+        # without one, logged as the box's ERROR.
+        log.warning("invalid P-DATA-TF PDU: a command set that cannot be decoded: %s", exc)
+        dul.event_queue.put("Evt19")
         return False
     if dimse.message is not None and _over_memory_bound(dimse.message):
         dul.event_queue.put("Evt19")  # A-ABORT; the message goes with the association
     return False
+
+
+def _check_message_start(assoc: Any, context_id: int, data: Any) -> None:
+    """ValueError unless the PDV that starts a DIMSE message is a command fragment on an
+    accepted presentation context (PS3.8 9.3.5.1, Annex E: a message starts with its
+    command set). pynetdicom took a data set fragment for the start of a message, and
+    logged its failure to decode it as an ERROR with a traceback; a message on a context
+    not accepted was aborted with nothing logged above INFO. Looked at only for
+    messages left to pynetdicom (not the C-STOREs compat.read_pdu's `receive` takes)."""
+    if not data[0] & 0x01:
+        raise ValueError("a data set fragment before its command set")
+    if context_id not in assoc._accepted_cx:
+        raise ValueError(f"a message on presentation context {context_id}, which was not"
+                         " accepted")
 
 
 def _over_memory_bound(message: Any) -> bool:
