@@ -207,3 +207,29 @@ def test_a_command_run_meanwhile_leaves_a_data_set_being_received(
     response = _response(sock)
     assert response.Status == 0
     assert _stored_dataset(edge_server, uid) == data
+
+
+@pytest.mark.parametrize("end", ["abort", "release", "close"])
+def test_a_c_store_left_to_pynetdicom_and_cut_off_leaves_no_spool(
+        edge_server: EdgeServer, sock: socket.socket, ct_instance: tuple[str, bytes],
+        end: str) -> None:
+    # A command set in two fragments goes pynetdicom's way, whose spool outlived the
+    # association: serve's sweep removed it only after twice the network timeout.
+    uid, data = ct_instance
+    command = rawpdu.c_store_command_set(uid)
+    sock.sendall(_pdu((1, COMMAND, command[:20])) + _pdu((1, COMMAND | LAST, command[20:]))
+                 + _pdu((1, DATA, data[:len(data) // 2])))
+    deadline = time.monotonic() + CLOSE_DEADLINE
+    while not _spool_files(edge_server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _spool_files(edge_server), "the data set was never spooled"
+    if end == "abort":
+        sock.sendall(rawpdu.abort_pdu())
+    elif end == "release":
+        sock.sendall(rawpdu.release_rq())
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_RELEASE_RP
+        sock.sendall(_pdu((1, DATA | LAST, data[len(data) // 2:])))  # after the release
+    else:
+        sock.shutdown(socket.SHUT_WR)
+    assert _spool_files_once_settled(edge_server) == []
+    assert _instances(edge_server) == 0

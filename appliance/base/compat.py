@@ -57,6 +57,8 @@ What is touched, and who uses it:
       DULServiceProvider._read_pdu_data (overridden: read_pdu), P_DATA's
         _presentation_data_value_list, DIMSEServiceProvider.receive_primitive,
         Association._accepted_cx (a message's context checked at its start),
+        DIMSEMessage._data_set_path (the spool of a C-STORE cut off by the
+        association's end: unfinished_receive_spool),
         DIMSEServiceProvider.message, DULServiceProvider._kill_thread, _idle_timer,
         to_provider_queue.queue             P-DATA straight to DIMSE, or to the
                                             C-STORE receiver (dimse/reactors.py,
@@ -978,6 +980,14 @@ def _check_message_start(assoc: Any, context_id: int, data: Any) -> None:
     if context_id not in assoc._accepted_cx:
         raise ValueError(f"a message on presentation context {context_id}, which was not"
                          " accepted")
+
+
+def unfinished_receive_spool(dimse: Any) -> Any:
+    """The path of the spool that pynetdicom is writing the data set of a C-STORE-RQ
+    into (`DIMSEMessage._data_set_path`, see set_receive_spool) while the message is
+    still arriving (`DIMSEServiceProvider.message`); None when there is none."""
+    message = dimse.message
+    return None if message is None else message._data_set_path
 
 
 def _over_memory_bound(message: Any) -> bool:

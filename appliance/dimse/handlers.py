@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -213,6 +214,10 @@ class DimseHandlers:
     def open_spool(self) -> SpoolFile:
         """A spool for a C-STORE data set that store_receiver.py receives."""
         return self.s.ingest.files.new_spool()
+
+    def discard_spool(self, path: Path) -> None:
+        """Discard pynetdicom's spool at `path` (a C-STORE data set cut off)."""
+        self.s.spools.discard(path)
 
     def store_spooled(self, assoc: Any, expected: ExpectedIdentity,
                       spool: SpoolFile) -> StoreAnswer:

@@ -77,6 +77,15 @@ class SpoolRouter:
                 return None
             return self._open.pop(str(path))
 
+    def discard(self, path: Path) -> None:
+        """Discard the spool at `path` (a C-STORE data set its association's end cut
+        off); nothing for one already claimed or swept."""
+        with self._lock:
+            self._refused.pop(str(path), None)
+            spool = self._open.pop(str(path), None)
+        if spool is not None:
+            spool.discard()  # never raises
+
     def sweep(self, idle_seconds: float) -> int:
         """Discard spools of transfers abandoned mid-dataset (peer aborted or vanished)."""
         cutoff = time.monotonic() - idle_seconds

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import _config, evt
 
+from appliance.base import compat
 from appliance.base.dicom_wire import (
     COMMAND,
     LAST,
@@ -64,6 +66,8 @@ class StoreTarget(Protocol):
     """Where received instances go (appliance.dimse.handlers.DimseHandlers)."""
 
     def open_spool(self) -> SpoolFile: ...
+
+    def discard_spool(self, path: Path) -> None: ...
 
     def store_spooled(self, assoc: Any, expected: ExpectedIdentity,
                       spool: SpoolFile) -> StoreAnswer: ...
@@ -135,10 +139,16 @@ class StoreReceiver:
         return self._incoming is not None
 
     def close(self) -> None:
-        """The association has ended: a data set still being received is discarded."""
+        """The association has ended: a data set still being received is discarded,
+        here or in pynetdicom's DIMSE (whose spool serve's sweep would otherwise remove
+        only after twice the network timeout: minutes of disk held by a cut-off
+        transfer, as many of them as a peer cared to abort)."""
         incoming, self._incoming = self._incoming, None
         if incoming is not None:
             incoming.spool.discard()
+        path = compat.unfinished_receive_spool(self.assoc.dimse)
+        if path is not None:
+            self.target.discard_spool(path)
 
     def _start(self, context_id: int, data: Any) -> _Incoming | None:
         """The C-STORE-RQ whose command set is the PDV `data`, its spool opened and its
