@@ -671,3 +671,25 @@ def test_a_message_that_does_not_start_with_a_valid_command_set_is_aborted_with_
     assert f"invalid P-DATA-TF PDU: {why}" in log, log
     assert "Traceback" not in log and " ERROR " not in log, log
     echo_ok(server)
+
+
+@pytest.mark.parametrize("max_pdu", [1, 6])
+def test_a_maximum_pdu_too_small_for_any_p_data_is_aborted_at_the_request(
+    short_timeouts_server: EdgeServer, sockets: list[socket.socket], max_pdu: int,
+) -> None:
+    # Accepted, such a peer's first request failed with a traceback: pynetdicom cannot
+    # split the response into PDUs this small.
+    server = short_timeouts_server
+    before = len(server.log())
+    sock = rawpdu.connect(server.port, source=HOSTILE)
+    sockets.append(sock)
+    sock.sendall(rawpdu.associate_rq_pdu(dcmtk.TEST_AE, server.ae_title, [
+        rawpdu.item(0x10, rawpdu.APPLICATION_CONTEXT.encode()),
+        rawpdu.presentation_context_item(1, rawpdu.VERIFICATION),
+        rawpdu.user_information_item(max_pdu=max_pdu)]))
+    assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ABORT
+    log = server.log()[before:]
+    assert (f"invalid PDU from the peer: a maximum PDU length of {max_pdu} bytes, too"
+            " small for any P-DATA-TF") in log, log
+    assert "Traceback" not in log, log
+    echo_ok(server)

@@ -233,3 +233,29 @@ def test_a_c_store_left_to_pynetdicom_and_cut_off_leaves_no_spool(
         sock.shutdown(socket.SHUT_WR)
     assert _spool_files_once_settled(edge_server) == []
     assert _instances(edge_server) == 0
+
+
+def test_a_c_store_response_fits_a_small_maximum_pdu_of_the_peer(
+        edge_server: EdgeServer, ct_instance: tuple[str, bytes]) -> None:
+    # The response went out as one PDU of ~160 bytes whatever the peer announced.
+    uid, data = ct_instance
+    max_pdu = 64
+    sock = rawpdu.connect(edge_server.port)
+    with sock:
+        sock.sendall(rawpdu.associate_rq_pdu("TESTSCU", edge_server.ae_title, [
+            rawpdu.item(0x10, rawpdu.APPLICATION_CONTEXT.encode()),
+            rawpdu.presentation_context_item(1, rawpdu.CT_IMAGE_STORAGE),
+            rawpdu.user_information_item(max_pdu=max_pdu)]))
+        assert rawpdu.read_pdu(sock)[0] == rawpdu.A_ASSOCIATE_AC
+        sock.sendall(_pdu((1, COMMAND | LAST, rawpdu.c_store_command_set(uid)),
+                          (1, DATA | LAST, data)))
+        command, control = b"", 0
+        while not control & LAST:
+            pdu_type, body = rawpdu.read_pdu(sock)
+            assert pdu_type == rawpdu.P_DATA and len(body) <= max_pdu
+            length, _, control = struct.unpack(">LBB", body[:6])
+            assert control & COMMAND and len(body) == 4 + length
+            command += body[6:]
+        response = read_dataset(BytesIO(command), is_implicit_VR=True, is_little_endian=True)
+        assert response.Status == 0x0000 and response.AffectedSOPInstanceUID == uid
+    assert _instances(edge_server) == 1

@@ -116,7 +116,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from appliance.base.dicom_wire import split_pdvs
+from appliance.base.dicom_wire import PDV_OVERHEAD, split_pdvs
 from appliance.base.errors import TransportAborted
 
 if TYPE_CHECKING:  # each command imports compat (metrics_dir): pydicom only where it reads
@@ -825,13 +825,15 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     DUL thread ended with a traceback (and the peer of a request got no answer). So
     does a request whose proposed context lacks its abstract syntax or every transfer
     syntax (PS3.8 9.3.2.2: one, and one or more): the acceptor's negotiation raised on
-    it. The primitive built here is the one the action takes (_keep_primitive)."""
+    it; and one announcing a maximum PDU length too small for any P-DATA-TF (1 to 6
+    bytes): the first response failed with a traceback. The primitive built here is the
+    one the action takes (_keep_primitive)."""
     try:
         pdu, event = dul._decode_pdu(bytearray(raw))
         if event in _ASSOCIATION_PDU_EVENTS:
             primitive = pdu.to_primitive()
             if event == "Evt6":
-                _check_proposed_contexts(primitive)
+                _check_request(primitive)
             _keep_primitive(pdu, primitive)
     except Exception as exc:
         log.warning("invalid PDU from the peer: %s", exc)
@@ -841,9 +843,18 @@ def hand_pdu_to_dul(dul: Any, raw: bytes) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def _check_proposed_contexts(request: Any) -> None:
+def _check_request(request: Any) -> None:
     """ValueError unless every proposed presentation context has an abstract syntax and
-    at least one transfer syntax."""
+    at least one transfer syntax, and the maximum PDU length announced is 0 (none) or
+    leaves room for a PDV."""
+    from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+    for item in request.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            length = item.maximum_length_received
+            if length and length <= PDV_OVERHEAD:
+                raise ValueError(f"a maximum PDU length of {length} bytes, too small for"
+                                 " any P-DATA-TF")
     for context in request.presentation_context_definition_list:
         if context.abstract_syntax is None:
             raise ValueError(f"presentation context {context.context_id} proposes no"

@@ -84,6 +84,19 @@ def command_pdu(cx_id: int, command: bytes) -> bytes:
     return pdv_frame(cx_id, COMMAND | LAST, len(command)) + command
 
 
+def command_pdus(cx_id: int, command: bytes, max_pdu: int) -> bytes:
+    """P-DATA-TFs holding a command set and nothing else, as many as a peer whose
+    maximum PDU length is `max_pdu` (0: none) needs: one for any peer but one that
+    announces less than the command set's length (a hundred-odd bytes). `max_pdu` is 0
+    or more than PDV_OVERHEAD (the box refuses a request announcing less)."""
+    size = max_pdu - PDV_OVERHEAD if max_pdu else len(command)
+    if len(command) <= size:
+        return command_pdu(cx_id, command)
+    chunks = [command[n:n + size] for n in range(0, len(command), size)]
+    return b"".join(pdv_frame(cx_id, COMMAND | (LAST if n == len(chunks) else 0), len(chunk))
+                    + chunk for n, chunk in enumerate(chunks, 1))
+
+
 def split_pdvs(body: Any) -> list[tuple[int, Any]]:
     """The PDVs of a P-DATA-TF's body (the bytes after its 6-byte header) as
     (context ID, data), data starting with the message control header byte as in

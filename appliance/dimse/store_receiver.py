@@ -48,7 +48,7 @@ from appliance.base.dicom_wire import (
     LAST,
     NO_DATA_SET,
     command_elements,
-    command_pdu,
+    command_pdus,
 )
 from appliance.dimse.dicom_status import Status
 from appliance.dimse.file_meta import encode_file_meta
@@ -108,6 +108,7 @@ class StoreReceiver:
         self.target = target
         self._syntaxes: dict[int, str] | None = None  # storage context ID -> transfer syntax
         self._incoming: _Incoming | None = None
+        self._max_pdu: int | None = None  # the peer's maximum PDU length (0: none)
 
     def receive(self, pdvs: list[tuple[int, Any]]) -> bool:
         """Take the PDVs (context ID, control header + fragment) of one P-DATA-TF when
@@ -194,7 +195,15 @@ class StoreReceiver:
                                        int(answer.status), answer.comment)
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT,
                     {"message": C_STORE_RSP(sent, incoming.context_id)})
-        self.assoc.dul.socket.send(command_pdu(incoming.context_id, encoded))
+        self.assoc.dul.socket.send(command_pdus(incoming.context_id, encoded,
+                                                self._peer_max_pdu()))
+
+    def _peer_max_pdu(self) -> int:
+        """The maximum PDU length the peer announced, 0 for none (fixed once the
+        association is established)."""
+        if self._max_pdu is None:
+            self._max_pdu = int(self.assoc.requestor.maximum_length or 0)
+        return self._max_pdu
 
     def _storage_syntaxes(self) -> dict[int, str]:
         """Transfer syntax by context ID of the contexts accepted for storage with this
