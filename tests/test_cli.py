@@ -7,10 +7,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,6 +228,36 @@ def test_import_names_a_folder_it_cannot_list_and_fails(
     assert f"stored {len(readable)}" in result.stdout and "rejected 1" in result.stdout
     assert (f"rejected {private}: folder cannot be listed (permission denied): its files"
             " were not imported") in result.stderr, result.stderr
+
+
+def test_ctrl_c_during_import_says_what_was_kept_and_exits_130(
+        edge_home: Path, tmp_path: Path) -> None:
+    """A Ctrl-C printed click's `Aborted!` and exited 1: not a word on what the import
+    had stored, and the exit code import gives when it rejected a file. The signal goes
+    to the command's process group as a terminal sends it, once the first file is in."""
+    study = dicomgen.make_study(tmp_path / "cd", seed=47, series_per_study=4,
+                                instances_per_series=100)
+    command = subprocess.Popen([*pacs_edge_command(), "import", "--home", str(edge_home),
+                                str(tmp_path / "cd")], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + CLI_TIMEOUT
+    while not any((edge_home / "store").rglob("*.dcm")):
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.01)
+    os.killpg(command.pid, signal.SIGINT)
+    stdout, stderr = command.communicate(timeout=CLI_TIMEOUT)
+    assert command.returncode == 130, (stdout, stderr)
+    assert "error: interrupted (Ctrl-C): pacs-edge import stopped before it finished" in stderr
+    assert ("hint: the files stored before it are kept, each whole and indexed; run the same"
+            " import again: those are skipped as already present") in stderr, stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr, stderr
+    assert "consistent" in run_pacs_edge("fsck", "--home", str(edge_home)).stdout
+    kept = json.loads(run_pacs_edge("status", "--json", "--home", str(edge_home)).stdout)
+    assert 0 < kept["instances"] < len(study)
+    again = run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "cd")).stdout
+    assert (f"stored {len(study) - kept['instances']} " in again
+            and f"already present {kept['instances']}," in again), again
 
 
 def test_status_counts_on_disk_only_the_files_that_are_on_disk(

@@ -221,6 +221,22 @@ def audit_shown(config: Config, command: str, *, matches: int,
                                  study_uids=study_uids)
 
 
+# Exit code of a command Ctrl-C (SIGINT) ended: 128 + SIGINT, as a shell reports it.
+INTERRUPTED_EXIT = 130
+
+# What a command cut short left, and what to do: each resumes, or rolls back, by itself.
+_AFTER_INTERRUPT = {
+    "import": "the files stored before it are kept, each whole and indexed; run the same"
+              " import again: those are skipped as already present",
+    "recall": "a recall cut short is rolled back and the study stays evicted; run the same"
+              " recall again",
+    "restore": "run the same restore again: it resumes at the first version not restored",
+    "migrate": "`pacs-edge migrate resume` goes on where the run stopped",
+}
+_AFTER_INTERRUPT_DEFAULT = ("run the same command again: a command cut short resumes, or rolls"
+                            " back what it left half done")
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported only when named (click's documented
     lazy-loading pattern): `pacs-edge peers add` need not import the pydicom, cloud
@@ -243,3 +259,21 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):
             raise TypeError(f"{target} is not a click command")
         return command
+
+
+class RootGroup(LazyGroup):
+    """The `pacs-edge` group. A Ctrl-C (SIGINT) that ends a command is one `error:` line,
+    a hint saying what was kept, and INTERRUPTED_EXIT. click's own answer was `Aborted!`
+    and exit code 1, which said nothing of what the command left, and which a script
+    takes for import's rejected file, fsck's inconsistency or scrub's damaged pack."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            command = ctx.invoked_subcommand or "command"
+            err.print(f"[red]error:[/red] interrupted (Ctrl-C): pacs-edge {escape(command)}"
+                      " stopped before it finished", highlight=False)
+            err.print(f"hint: {_AFTER_INTERRUPT.get(command, _AFTER_INTERRUPT_DEFAULT)}",
+                      highlight=False, markup=False)
+            sys.exit(INTERRUPTED_EXIT)

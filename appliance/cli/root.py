@@ -34,7 +34,7 @@ from appliance.base.logsetup import setup_logging
 from appliance.base.metrics_dir import use_metrics_dir
 from appliance.cli import admin_commands
 from appliance.cli.common import (
-    LazyGroup,
+    RootGroup,
     count_bar,
     err,
     expected_errors,
@@ -75,7 +75,7 @@ _LAZY = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=_LAZY)
+@click.group(cls=RootGroup, lazy=_LAZY)
 # The installed distribution's version (what pip installed, what a rollback put back),
 # read from its metadata only when asked: not a constant a rebuilt wheel would not change.
 @click.version_option(package_name="pacs-edge", prog_name="pacs-edge")
