@@ -56,6 +56,15 @@ DAY = 86400.0
 # longest an ingest's commit waits for an eviction, against one WAL fsync per batch.
 DELETES_PER_COMMIT = 64
 
+_REPLICATE_FIRST = ("replicate it first (pacs-edge sync --once); only studies whose packs are"
+                    " verified in the cloud can be evicted")
+# An evicted study was told to replicate first, which an operator cannot do.
+_NOT_EVICTABLE_HINTS = {
+    TierState.EVICTED: "nothing to do: its local files are already gone (pacs-edge recall"
+                       " brings them back)",
+    TierState.RECALLING: "a recall is bringing it back: evict it once that has finished",
+}
+
 
 async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     """Evict one study; returns the bytes freed."""
@@ -64,11 +73,8 @@ async def evict_study(ctx: SyncContext, study: StudyRow) -> int:
     study = await read_back_unread_packs(ctx, study)  # packs restore recorded unread
     await refuse_if_at_risk(ctx, study)  # a damaged only copy: keep whatever is local
     if study.tier_state != TierState.REPLICATED:
-        raise NotEvictable(
-            f"study is {study.tier_state}, not replicated",
-            hint="replicate it first (pacs-edge sync --once); only studies whose packs are"
-                 " verified in the cloud can be evicted",
-        )
+        raise NotEvictable(f"study is {study.tier_state}, not replicated",
+                           hint=_NOT_EVICTABLE_HINTS.get(study.tier_state, _REPLICATE_FIRST))
     await confirm_cloud_copy(ctx, study)  # HEAD every pack: refuse a missing or changed one
     writer = ctx.index.writer
     lease = StudyLease(writer, study.id, "evict")

@@ -274,6 +274,22 @@ def test_status_counts_on_disk_only_the_files_that_are_on_disk(
     assert (status["instances"], status["bytes_on_disk"]) == (len(study), 0)
 
 
+def test_evicting_an_evicted_study_says_there_is_nothing_to_do(
+        edge_home: Path, tmp_path: Path) -> None:
+    """The hint was "replicate it first (pacs-edge sync --once)", for a study whose
+    packs were replicated and verified long ago: an operator cannot act on it."""
+    study = dicomgen.make_study(tmp_path / "study", seed=44)
+    run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
+    sync_once(edge_home)
+    evict(edge_home, study[0].study_uid)
+    again = run_pacs_edge("evict", study[0].study_uid, "--home", str(edge_home), check=False)
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        "error: study is evicted, not replicated",
+        "hint: nothing to do: its local files are already gone (pacs-edge recall brings"
+        " them back)"], again.stderr
+
+
 def test_fsck_flags_missing_files_and_adopts_orphans(edge_home: Path, tmp_path: Path) -> None:
     study = dicomgen.make_study(tmp_path / "study", seed=41)
     run_pacs_edge("import", "--home", str(edge_home), str(tmp_path / "study"))
