@@ -35,7 +35,7 @@ def _damage(home: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["not-a-database", "cut-off"])
 @pytest.mark.parametrize("command", [("status",), ("fsck",), ("sync", "--once"),
-                                     ("serve",)])
+                                     ("serve",), ("logref", "3f9c0a1b2c4d")])
 def test_a_damaged_index_is_one_error_line_and_an_exit(tmp_path: Path, how: str,
                                                        command: tuple[str, ...]) -> None:
     home = init_home(tmp_path / "home")

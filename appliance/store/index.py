@@ -117,6 +117,24 @@ _IDENTICAL_SQL = (
     " WHERE p.id = i.pack_fk AND p.scrub_state = 'damaged'))")
 
 
+def unusable_index(path: Path, exc: sqlite3.DatabaseError) -> IndexUnavailable:
+    """The operator's error for an index SQLite cannot open or read: its disk full,
+    locked or unopenable (permissions), or damaged (not a database, malformed)."""
+    if isinstance(exc, sqlite3.OperationalError) and database.is_no_space(exc):
+        return IndexUnavailable(
+            f"the index {path} cannot be opened: no space left on its disk",
+            hint="free space on the data home's disk; serve and the sync agent"
+            " open the index once there is room")
+    if isinstance(exc, sqlite3.OperationalError):
+        return IndexUnavailable(f"the index {path} cannot be opened: {exc}",
+                                hint="check the data home's disk and permissions")
+    return IndexUnavailable(
+        f"the index {path} is damaged: {exc}",
+        hint="stop serve and sync and move the file away; `pacs-edge restore`,"
+        " then `pacs-edge fsck --repair`, rebuild it from the cloud copies and the"
+        " store (docs/operator-guide.md, \"A lost or damaged index\")")
+
+
 class Index:
     """Async facade over the index database of one data home."""
 
@@ -139,21 +157,8 @@ class Index:
             self._reader = await database.connect(self.path)
         except BaseException as exc:
             await self.close()
-            if isinstance(exc, sqlite3.OperationalError) and database.is_no_space(exc):
-                raise IndexUnavailable(
-                    f"the index {self.path} cannot be opened: no space left on its disk",
-                    hint="free space on the data home's disk; serve and the sync agent"
-                    " open the index once there is room") from exc
-            if isinstance(exc, sqlite3.OperationalError):  # locked, unopenable
-                raise IndexUnavailable(f"the index {self.path} cannot be opened: {exc}",
-                                       hint="check the data home's disk and permissions"
-                                       ) from exc
-            if isinstance(exc, sqlite3.DatabaseError):  # not a database, malformed
-                raise IndexUnavailable(
-                    f"the index {self.path} is damaged: {exc}",
-                    hint="stop serve and sync and move the file away; `pacs-edge restore`,"
-                    " then `pacs-edge fsck --repair`, rebuild it from the cloud copies and the"
-                    " store (docs/operator-guide.md, \"A lost or damaged index\")") from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise unusable_index(self.path, exc) from exc
             raise
         self.writer = database.Writer(self._writer_conn, window_ms=self._window)
         self.writer.start()

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.base.errors import IndexUnavailable
+from appliance.store.index import unusable_index
 
 LOOKUP_TIMEOUT = 5.0  # seconds to wait for a lock held by the writer
 _NAMED = (  # (what a reference names, the column that holds it)
@@ -26,7 +26,7 @@ _NAMED = (  # (what a reference names, the column that holds it)
 
 def named_values(index_path: Path) -> Iterator[tuple[str, str]]:
     """(what, value) for every value a log line may name by reference; nothing without
-    an index. IndexUnavailable when SQLite cannot answer (the cause chained)."""
+    an index. IndexUnavailable when SQLite cannot read it (the cause chained)."""
     if not index_path.exists():
         return
     try:
@@ -37,6 +37,5 @@ def named_values(index_path: Path) -> Iterator[tuple[str, str]]:
                     yield what, str(value)
         finally:
             db.close()
-    except sqlite3.Error as exc:
-        raise IndexUnavailable(f"index not readable: {type(exc).__name__}",
-                               hint="check the data home's disk and permissions") from exc
+    except sqlite3.DatabaseError as exc:  # named as every other command names it
+        raise unusable_index(index_path, exc) from exc
