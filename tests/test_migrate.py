@@ -729,7 +729,10 @@ def test_run_options_out_of_range_are_refused_before_a_run_is_made(
     ancient = box.cli("migrate", "start", "--from", "legacy", "--since", "0001-01-01",
                       check=False)  # one row per day: 740,000 of them
     assert ancient.returncode == 2 and "is before 1900-01-01" in ancient.stderr, ancient.stderr
-    assert "no migration run yet" in box.cli("migrate", "status", check=False).stderr
+    for command in ("status", "failures", "pause", "cancel"):
+        none = box.cli("migrate", command, check=False)
+        assert none.returncode == 2 and none.stderr.splitlines() == [
+            "error: no migration run yet", "hint: pacs-edge migrate start --from NAME"], none
 
 
 def test_unreachable_archive_is_retried_then_listed_as_failed(

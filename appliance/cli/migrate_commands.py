@@ -157,7 +157,8 @@ def _change(home: Path | None, trigger: rows.RunTrigger) -> None:
             assert index.writer is not None
             run = await database.run_sync(index.reader, rows.latest_run)
             if run is None:
-                raise MigrationError("no migration run")
+                raise MigrationError("no migration run yet",
+                                     hint="pacs-edge migrate start --from NAME")
             state = await index.writer.submit_sync(
                 lambda conn: rows.change_run(conn, run.id, trigger))
             return run.id, state
@@ -319,7 +320,8 @@ def failures(home: Path | None, as_json: bool) -> None:
         async with Index(config.index.path) as index:
             run = await database.run_sync(index.reader, rows.latest_run)
             if run is None:
-                raise MigrationError("no migration run")
+                raise MigrationError("no migration run yet",
+                                     hint="pacs-edge migrate start --from NAME")
             return await database.run_sync(index.reader, rows.failures, run.id)
 
     found = asyncio.run(read())
