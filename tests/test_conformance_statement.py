@@ -182,10 +182,15 @@ def test_negotiation_answers_as_the_statement_says(edge_server: EdgeServer) -> N
         assert f"`{acceptor.implementation_class_uid}`" in STATEMENT
         assert f"`{acceptor.implementation_version_name}`" in STATEMENT
         assert acceptor.maximum_length == 1_048_576  # dicom.max_pdu's default, 1 MiB
-        # Asynchronous operations, user identity and extended negotiation: not answered.
+        # Asynchronous operations and user identity: not answered. SOP class extended
+        # negotiation for FIND: relational-queries and combined date-time matching
+        # performed, fuzzy semantic matching and timezone query adjustment not.
         answered = {type(item).__name__ for item in acceptor.primitive.user_information}
         assert answered == {"MaximumLengthNotification", "ImplementationClassUIDNotification",
-                            "ImplementationVersionNameNotification"}
+                            "ImplementationVersionNameNotification",
+                            "SOPClassExtendedNegotiation"}
+        assert acceptor.sop_class_extended == {
+            StudyRootQueryRetrieveInformationModelFind: b"\x01\x01\x00\x00"}
         assert acceptor.asynchronous_operations == (1, 1)
         rejected = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
         assert rejected == {

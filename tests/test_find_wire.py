@@ -3,7 +3,9 @@
 A real `pacs-edge serve` answers a pynetdicom SCU; the identifiers must decode to
 the same datasets whatever the transfer syntax and however small the SCU's
 maximum PDU (which splits a response into several PDUs), and the operation
-ends with Success.
+ends with Success. The SOP Class Extended Negotiation of the FIND classes
+(dimse/query_options.py) is tested here too: what the A-ASSOCIATE-AC answers, and
+what the C-FINDs of that association then match.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from pathlib import Path
 
 import dcmtk
 import dicomgen
+import pydicom
 import pytest
 from conftest import HOST, EdgeServer
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from appliance.services.dicom_header import read_header
@@ -151,6 +157,95 @@ def test_an_answer_longer_than_one_read_batch_arrives_whole(
         assert statuses == [PENDING] * count + [SUCCESS]
         assert sorted(ds.SOPInstanceUID for ds in found) == sorted(
             i.sop_instance_uid for i in made)
+
+
+# (StudyDate, StudyTime) of each study. StudyDate 20240105-20240106 with StudyTime
+# 1000-1300 matches only the first when date and time match apart, and the first,
+# second and fourth when they bound one period (5 Jan 10:00 to 6 Jan 13:00).
+DATE_TIMES = (("20240105", "110000"), ("20240105", "150000"), ("20240106", "140000"),
+              ("20240106", "090000"), ("20240105", "090000"))
+APART, ONE_PERIOD = {DATE_TIMES[0]}, {DATE_TIMES[0], DATE_TIMES[1], DATE_TIMES[3]}
+PATIENT_FIND = str(PatientRootQueryRetrieveInformationModelFind)
+STUDY_FIND = str(StudyRootQueryRetrieveInformationModelFind)
+
+
+@pytest.fixture
+def dated(edge_server: EdgeServer, tmp_path: Path) -> EdgeServer:
+    """The box holding one study at each of DATE_TIMES."""
+    paths = []
+    for n, (date, time) in enumerate(DATE_TIMES):
+        [made] = dicomgen.make_study(tmp_path / str(n), seed=300 + n, series_per_study=1,
+                                     instances_per_series=1, size=16)
+        ds = pydicom.dcmread(made.path)
+        ds.StudyDate, ds.StudyTime = date, time
+        ds.save_as(made.path, enforce_file_format=True)
+        paths.append(made.path)
+    dcmtk.storescu(edge_server.port, paths).check()
+    return edge_server
+
+
+def _proposal(sop_class: str, info: bytes) -> SOPClassExtendedNegotiation:
+    item = SOPClassExtendedNegotiation()
+    item.sop_class_uid = sop_class
+    item.service_class_application_information = info
+    return item
+
+
+def period_queries(edge: EdgeServer, proposals: dict[str, bytes]
+                   ) -> tuple[dict[str, bytes], dict[str, set[tuple[str, str]]]]:
+    """Propose `proposals` ({SOP class: application information}) and ask the period
+    query in Patient Root and in Study Root on that association: the A-ASSOCIATE-AC's
+    answers, and the (StudyDate, StudyTime) of the matches of each model."""
+    ae = AE("TESTSCU")
+    for sop_class in (PATIENT_FIND, STUDY_FIND):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate(HOST, edge.port, ae_title=edge.ae_title,
+                         ext_neg=[_proposal(*item) for item in proposals.items()] or None)
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyDate, query.StudyTime = "20240105-20240106", "1000-1300"
+    found = {}
+    try:
+        answered = {str(uid): info for uid, info in assoc.acceptor.sop_class_extended.items()}
+        for sop_class in (PATIENT_FIND, STUDY_FIND):
+            results = list(assoc.send_c_find(query, sop_class))
+            assert int(results[-1][0].Status) == SUCCESS
+            found[sop_class] = {(ds.StudyDate, ds.StudyTime) for _, ds in results[:-1]}
+    finally:
+        assoc.release()
+    return answered, found
+
+
+def test_combined_datetime_matching_is_answered_and_applied_where_negotiated(
+        dated: EdgeServer) -> None:
+    """PS3.4 C.5.1.1: asked for Study Root, combined date-time matching is answered 1 and
+    that context's C-FIND matches one period; the Patient Root context of the same
+    association, not asked, matches date and time apart."""
+    answered, found = period_queries(dated, {STUDY_FIND: b"\x01\x01"})
+    assert answered == {STUDY_FIND: b"\x01\x01"}
+    assert found == {PATIENT_FIND: APART, STUDY_FIND: ONE_PERIOD}
+
+
+def test_unsupported_find_options_are_answered_0_and_others_not_at_all(
+        dated: EdgeServer) -> None:
+    """Every FIND option asked gets its byte: relational-queries and combined date-time
+    matching 1, fuzzy semantic matching, timezone adjustment and multi-frame conversion
+    0; one asked 0 is answered 0 (Study Root matches apart), and a class the box does not
+    negotiate (C-MOVE) gets no answer."""
+    answered, found = period_queries(dated, {
+        PATIENT_FIND: b"\x01\x01\x01\x01\x01",
+        STUDY_FIND: b"\x01\x00",
+        str(StudyRootQueryRetrieveInformationModelMove): b"\x01",
+    })
+    assert answered == {PATIENT_FIND: b"\x01\x01\x00\x00\x00", STUDY_FIND: b"\x01\x00"}
+    assert found == {PATIENT_FIND: ONE_PERIOD, STUDY_FIND: APART}
+
+
+def test_without_extended_negotiation_dates_and_times_match_apart(dated: EdgeServer) -> None:
+    answered, found = period_queries(dated, {})
+    assert answered == {}
+    assert found == {PATIENT_FIND: APART, STUDY_FIND: APART}
 
 
 def test_one_pdu_is_what_pynetdicom_encodes_for_the_same_message() -> None:

@@ -36,6 +36,7 @@ from appliance.base.metrics import ASSOCIATIONS, ASSOCIATIONS_ACTIVE, RECEIVED_B
 from appliance.dimse.dicom_status import QUERY_STATUS, Status, status_label
 from appliance.dimse.identifier_decoding import read_identifier
 from appliance.dimse.negotiation import restrict_storage
+from appliance.dimse.query_options import combined_datetime
 from appliance.dimse.spooling import SpoolRouter
 from appliance.dimse.store_response import StoreAnswer
 from appliance.dimse.tls import is_tls, peer_identity
@@ -269,8 +270,10 @@ class DimseHandlers:
             return
         try:
             identifier = read_identifier(event, peer_label(event.assoc))
+            combined = combined_datetime(event.assoc, str(event.context.abstract_syntax))
             matches = self.s.bridge.call(
-                answer(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title)
+                answer(self.s.index, model, identifier, retrieve_ae_title=self.s.config.ae_title,
+                       combined_datetime=combined)
             )
         except QueryError as exc:
             log.warning("find refused reason=%s %s", exc.message, peer_label(event.assoc))

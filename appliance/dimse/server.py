@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance.base import compat
 from appliance.base.config import DicomConfig
 from appliance.base.errors import PacsEdgeError, TransportAborted
-from appliance.dimse import find_scp
+from appliance.dimse import find_scp, query_options
 from appliance.dimse.negotiation import (
     QUERY_RETRIEVE_CONTEXTS,
     WORKFLOW_CONTEXTS,
@@ -351,5 +351,6 @@ def event_handlers(h: Any) -> list[tuple[Any, Any]]:
         (evt.EVT_C_ECHO, h.on_echo),
         (evt.EVT_N_EVENT_REPORT, h.on_event_report),
         (evt.EVT_C_STORE, h.on_store),
+        (evt.EVT_SOP_EXTENDED, query_options.on_sop_extended),  # what on_find may use
         (evt.EVT_C_FIND, h.on_find),
     ]
