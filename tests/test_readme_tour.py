@@ -1,7 +1,8 @@
 """README.md's "short tour with dcmtk" runs as written on a box set up by `make run`
 alone: every tool it calls is in the line that installs them, and every folder a
-command writes into (`-od DIR`) is made earlier in the tour. A new user types these
-lines literally; getscu refuses an output folder that does not exist.
+command writes into (`-od DIR`) is made earlier in the tour, and every `pacs-edge` it
+names is `.venv/bin/pacs-edge`. A new user types these lines literally; getscu refuses
+an output folder that does not exist, and `make run` puts nothing on PATH.
 """
 
 from __future__ import annotations
@@ -43,3 +44,13 @@ def test_readme_tour_makes_every_folder_it_writes_into() -> None:
             made.add(folder)
         for folder in re.findall(r"-od (\S+)", line):
             assert folder in made, f"`-od {folder}` before `mkdir -p {folder}`: {line.strip()}"
+
+
+def test_readme_tour_calls_pacs_edge_where_make_run_installs_it() -> None:
+    # `make run` installs into .venv and puts nothing on PATH: a bare `pacs-edge` is
+    # "command not found" for a reader who follows the tour.
+    tour = _tour()
+    bare = [tour[max(0, m.start() - 30):m.end() + 20].replace("\n", " ")
+            for m in re.finditer(r"(?<![\w/.-])pacs-edge (?=[a-z])", tour)]
+    assert not bare, bare
+
