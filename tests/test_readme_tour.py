@@ -8,6 +8,7 @@ an output folder that does not exist, and `make run` puts nothing on PATH.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -54,3 +55,19 @@ def test_readme_tour_calls_pacs_edge_where_make_run_installs_it() -> None:
             for m in re.finditer(r"(?<![\w/.-])pacs-edge (?=[a-z])", tour)]
     assert not bare, bare
 
+
+def test_readme_tour_leaves_what_it_writes_out_of_git() -> None:
+    # The tour runs in the checkout: its key file (ws-certs/), the site key escrow and
+    # the retrieved patient data must not be one `git add .` away from a commit.
+    tour = _tour()
+    written = {path.rstrip("/") for line in _commands(tour)
+               for path in re.findall(r"(?:mkdir -p|--out) (\S+)", line)}
+    written |= set(re.findall(r"--out (\S+)", tour.replace("`", " ")))
+    assert {"received", "site.escrow", "ws-certs"} <= written, written
+    tracked = subprocess.run(["git", "check-ignore", "--verbose", "--non-matching",
+                              *sorted(written)], cwd=README.parent, capture_output=True,
+                             text=True, timeout=30)
+    assert tracked.returncode in (0, 1), tracked.stderr
+    kept = [line.split("\t")[1] for line in tracked.stdout.splitlines()
+            if line.startswith("::")]
+    assert not kept, f"not in .gitignore: {kept}"
