@@ -29,7 +29,14 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from appliance.base import compat
 from appliance.base.metrics_dir import ENV
+
+# Before any series is made: every process that counts backs its files' pages, not only
+# those that call use_metrics_dir. A serve worker is spawned (a new interpreter) and
+# inherits $PROMETHEUS_MULTIPROC_DIR but not that patch: its files were sparse again, and
+# the first new series on a full disk killed it with SIGBUS (compat.back_metric_pages).
+compat.back_metric_pages()
 
 # The classic text format: every name here is a legacy-valid one, and every Prometheus
 # release reads it (the library's own default answer without content negotiation).
