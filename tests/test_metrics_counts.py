@@ -258,3 +258,50 @@ def test_serve_starts_when_a_power_cut_left_a_metric_file_empty(tmp_path: Path) 
     kept = multiprocess.MultiProcessCollector.merge([str(folder / "counter_gone.db")])
     assert [(s.name, s.value) for m in kept for s in m.samples] == [("c_total", 3.0)]
     assert not list(folder.glob(f"*_{dead}.db"))
+
+
+def _dimse_listeners(server: EdgeServer) -> set[int]:
+    return set(_socket_owners(server.port, "0A"))
+
+
+def test_restarted_workers_leave_their_counts_and_no_files_behind(tmp_path: Path) -> None:
+    """A worker that dies while serve runs keeps its counts in the sum, and its files go
+    into counter_gone.db and histogram_gone.db: they stayed until serve restarted, so a
+    worker dying over and over filled the data home's disk with files and every scrape
+    read them all."""
+    studies = make_studies(tmp_path / "studies", patients=1, studies_per_patient=1,
+                           series_per_study=1, instances_per_series=2)
+    home = web_home(tmp_path / "home", dcmtk.free_port())
+    folder = home / "run" / "metrics"
+    server = EdgeServer(home)
+    server.configure(dicom={"workers": 2})
+    server.start()
+    try:
+        for _ in range(4):  # the kernel spreads them over the workers
+            dcmtk.storescu(server.port, [i.path for i in studies]).check()
+        before = scrape(server)
+        [web_worker] = _socket_owners(server.http_port, "0A")
+        for _ in range(3):
+            [victim] = _dimse_listeners(server) - {web_worker}
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + DEADLINE
+            while (list(folder.glob(f"*_{victim}.db"))
+                   or len(_dimse_listeners(server) - {web_worker, victim}) != 1):
+                assert time.monotonic() < deadline, sorted(p.name for p in folder.iterdir())
+                time.sleep(0.2)
+        after = scrape(server)
+        alive = {server.pid, *_dimse_listeners(server)}
+        left = {p.name for p in folder.glob("*.db") if not p.name.endswith("_gone.db")}
+    finally:
+        server.stop()
+    assert {int(name.rsplit("_", 1)[1].removesuffix(".db")) for name in left} <= alive, left
+    for name, labels in [("pacs_edge_dimse_operations_total",
+                          {"service": "C-STORE", "status": "success"}),
+                         ("pacs_edge_associations_total", {"outcome": "accepted", "reason": ""}),
+                         ("pacs_edge_received_bytes_total", {"edge": "dicom"}),
+                         ("pacs_edge_dimse_duration_seconds_count", {"service": "C-STORE"}),
+                         ("pacs_edge_dimse_duration_seconds_bucket",
+                          {"service": "C-STORE", "le": "+Inf"})]:
+        assert delta(after, before, name, **labels) == 0, (name, labels)
+    assert before[("pacs_edge_dimse_operations_total",
+                   (("service", "C-STORE"), ("status", "success")))] == 4 * len(studies)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     REGISTRY,
@@ -30,7 +31,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from appliance.base import compat
-from appliance.base.metrics_dir import ENV
+from appliance.base.metrics_dir import ENV, counts_read
 
 # Before any series is made: every process that counts backs its files' pages, not only
 # those that call use_metrics_dir. A serve worker is spawned (a new interpreter) and
@@ -118,9 +119,11 @@ def status_class(status: int) -> str:
 def exposition(state: Iterable[Metric] = ()) -> bytes:
     """The text format of every process's events plus `state` (already derived)."""
     registry = CollectorRegistry(auto_describe=False)
-    if os.environ.get(ENV):
+    folder = os.environ.get(ENV)
+    if folder:
         multiprocess.MultiProcessCollector(registry)
-        text = generate_latest(registry)
+        with counts_read(Path(folder)):
+            text = generate_latest(registry)
     else:
         text = generate_latest(REGISTRY)
     families = list(state)

@@ -22,7 +22,12 @@ file and removing the folded ones counts those twice, once.) The files are
 never fsynced: after a power cut one may be empty or half written, and is
 removed with its counts (the counters fall once) rather than stop serve. A worker that dies
 while serve runs keeps its counters in the sum too, but its live gauges go
-(`forget_live_values`): the associations it held are not open any more.
+(`process_ended`): the associations it held are not open any more. Its counters and
+histograms are folded then, not at the next start of serve: a worker dying over and over
+left two files each time, which took the data home's disk and every scrape read. A fold
+holds an exclusive flock on the folder and a scrape a shared one (`counts_read`): one
+that read a process's file and then the `_gone` file it had just been added to counted it
+twice, a counter up then down, which Prometheus takes for a reset.
 
 The files live on the data home's disk, which ingest may fill to the last block.
 prometheus-client makes them sparse (truncate) and writes each new series into
@@ -35,10 +40,13 @@ SIGBUS.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.base import compat
@@ -79,6 +87,29 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
 def fold_gone(folder: Path) -> None:
     """Add the counters and histograms of processes no longer running into
     `<type>_gone.db` and remove their files (the module docstring says why)."""
+    with _folder_lock(folder, fcntl.LOCK_EX):
+        _fold_gone(folder)
+
+
+@contextlib.contextmanager
+def counts_read(folder: Path) -> Iterator[None]:
+    """Hold off folds while a scrape reads the files of `folder`."""
+    with _folder_lock(folder, fcntl.LOCK_SH):
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, operation: int) -> Iterator[None]:
+    # On the folder itself: a lock file would need an inode, which a full disk may lack.
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fold_gone(folder: Path) -> None:
     gone = [path for path in folder.glob("*.db")
             if (match := _PID.search(path.name)) and not _alive(int(match.group(1)))]
     for kind in _FOLDED:
@@ -116,15 +147,17 @@ def _readable(files: list[Path]) -> list[Path]:
     return [path for path in files if path not in damaged]
 
 
-def forget_live_values(pid: int) -> None:
+def process_ended(pid: int) -> None:
     """Drop the live gauges (multiprocess_mode "livesum": open associations, ingests in
-    progress) of a process that died without lowering them."""
+    progress) of a process that died without lowering them, and fold its counters and
+    histograms (with those of any other ended process) into the `_gone` files."""
     folder = os.environ.get(ENV)
     if folder:
         # Imported here: prometheus-client reads $PROMETHEUS_MULTIPROC_DIR at import.
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, folder)
+        fold_gone(Path(folder))
 
 
 def _alive(pid: int) -> bool:

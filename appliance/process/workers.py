@@ -39,7 +39,7 @@ from typing import Any
 from appliance.audit import Auditor
 from appliance.base.config import Config
 from appliance.base.errors import PacsEdgeError
-from appliance.base.metrics_dir import forget_live_values
+from appliance.base.metrics_dir import process_ended
 from appliance.base.notify import Notifier
 from appliance.process.ports import reserve_port
 from appliance.process.serve import presents_node_certificate
@@ -180,7 +180,7 @@ def _supervise(config: Config, lock: InheritedLock) -> None:
                     log.error("worker exited unexpectedly worker=%d exitcode=%s; restarting",
                               number, process.exitcode)
                     if process.pid is not None:
-                        forget_live_values(process.pid)
+                        process_ended(process.pid)
                     time.sleep(RESTART_BACKOFF)
                     workers[number] = start(number)
     finally:
