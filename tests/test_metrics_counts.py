@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dcmtk
 import hl7peer
-from conftest import EdgeServer, init_home, serving
+from conftest import EdgeServer, init_home, run_pacs_edge, serving
 from dicomgen import dataset_bytes, make_studies
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
@@ -305,3 +305,22 @@ def test_restarted_workers_leave_their_counts_and_no_files_behind(tmp_path: Path
         assert delta(after, before, name, **labels) == 0, (name, labels)
     assert before[("pacs_edge_dimse_operations_total",
                    (("service", "C-STORE"), ("status", "success")))] == 4 * len(studies)
+
+
+def test_each_command_that_counts_folds_the_files_of_ended_processes(tmp_path: Path) -> None:
+    """Only serve's start folded the files of ended processes: a sync agent that systemd
+    restarted every 5 s (one that failed at start, its site key missing) or `sync --once`
+    run again and again left three files each time, which took the data home's disk and
+    every scrape read. Each start folds them now, and the counts add up."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    home = init_home(tmp_path / "home")
+    folder = home / "run" / "metrics"
+    runs = 3
+    for _ in range(runs):
+        run_pacs_edge("sync", "--once", "--home", str(home))
+    left = {p.name.rsplit("_", 1)[1] for p in folder.glob("*.db")} - {"gone.db"}
+    assert len(left) == 1, sorted(p.name for p in folder.iterdir())
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    assert registry.get_sample_value("pacs_edge_sync_passes_total", {"outcome": "ok"}) == runs

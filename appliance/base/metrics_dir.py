@@ -9,25 +9,29 @@ when prometheus-client is first imported, from $PROMETHEUS_MULTIPROC_DIR, so
 (the `serve` and `sync` commands call it first). A process that never calls
 it (a test importing a handler) counts in its own memory.
 
-Counters never go backwards while the data home lives. When `serve` starts
-(`fresh=True`), its supervisor adds the counters and histograms of processes
-that are gone (old workers, past agents, `sync --once`) into one file per type,
-`counter_gone.db` and `histogram_gone.db`, and removes their files; their gauges
-go. Removing their counts instead made each counter fall by them, but not to
-zero while a running sync agent's own counts stayed: Prometheus takes a counter
-that falls for a reset followed by as many new events as it still shows, so a
-restart of serve re-counted every recall the agent ever failed, and
-PacsEdgeRecallsFailing fired on a healthy box. (A crash between writing the new
-file and removing the folded ones counts those twice, once.) The files are
-never fsynced: after a power cut one may be empty or half written, and is
-removed with its counts (the counters fall once) rather than stop serve. A worker that dies
-while serve runs keeps its counters in the sum too, but its live gauges go
-(`process_ended`): the associations it held are not open any more. Its counters and
-histograms are folded then, not at the next start of serve: a worker dying over and over
-left two files each time, which took the data home's disk and every scrape read. A fold
-holds an exclusive flock on the folder and a scrape a shared one (`counts_read`): one
-that read a process's file and then the `_gone` file it had just been added to counted it
-twice, a counter up then down, which Prometheus takes for a reset.
+Counters never go backwards while the data home lives. When a process starts to
+count (`use_metrics_dir`: serve, the agent, `sync --once`...), it adds the counters
+and histograms of processes that are gone (old workers, past agents, `sync --once`)
+into one file per type, `counter_gone.db` and `histogram_gone.db`, and removes their
+files; their gauges go. (Only serve's start did: an agent that systemd restarted every
+5 s, failing at its start, left three files each time until serve restarted.)
+Removing their counts instead made each counter fall by them, but not to zero while
+a running sync agent's own counts stayed: Prometheus takes a counter that falls for a
+reset followed by as many new events as it still shows, so a restart of serve
+re-counted every recall the agent ever failed, and PacsEdgeRecallsFailing fired on a
+healthy box. (A crash between writing the new file and removing the folded ones
+counts those twice, once.) The files are never fsynced: after a power cut one may be
+empty or half written, and is removed with its counts (the counters fall once) rather
+than stop serve.
+
+A worker that dies while serve runs keeps its counters in the sum too, but its live
+gauges go (`process_ended`): the associations it held are not open any more. Its
+counters and histograms are folded then, not at the next start of serve: a worker
+dying over and over left two files each time, which took the data home's disk and
+every scrape read. A fold holds an exclusive flock on the folder and a scrape a shared
+one (`counts_read`): a scrape that read a process's file and then the `_gone` file it
+had just been added to counted it twice, a counter up then down, which Prometheus
+takes for a reset.
 
 The files live on the data home's disk, which ingest may fill to the last block.
 prometheus-client makes them sparse (truncate) and writes each new series into
@@ -62,10 +66,10 @@ def metrics_dir(home: Path) -> Path:
     return home / "run" / "metrics"
 
 
-def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
-    """Point prometheus-client's multiprocess mode at the home's folder (created 0700).
+def use_metrics_dir(home: Path) -> Path:
+    """Point prometheus-client's multiprocess mode at the home's folder (created 0700),
+    folding the files of processes no longer running first (`fold_gone`).
 
-    With `fresh`, the files of processes no longer running are removed first.
     Raises RuntimeError when prometheus-client was imported before without this
     folder: its values would stay in this process and never reach a scrape."""
     folder = metrics_dir(home)
@@ -79,8 +83,7 @@ def use_metrics_dir(home: Path, *, fresh: bool = False) -> Path:
     folder.mkdir(exist_ok=True, mode=0o700)
     os.environ[ENV] = str(folder)  # before prometheus-client loads (fold_gone loads it)
     compat.back_metric_pages()
-    if fresh:
-        fold_gone(folder)
+    fold_gone(folder)
     return folder
 
 

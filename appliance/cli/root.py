@@ -169,7 +169,7 @@ def serve(home: Path | None, dicom_port: int | None, ae_title: str | None,
                                        http={"port": http_port})
     if config.metrics.enabled:
         # Before the server's modules load prometheus-client (appliance/base/metrics_dir.py).
-        use_metrics_dir(config.home, fresh=True)
+        use_metrics_dir(config.home)
 
     from appliance.process.serve import serve as run
     from appliance.process.workers import run_workers
