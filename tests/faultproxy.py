@@ -9,7 +9,9 @@ Server-to-client bytes pass unchanged. `damaged` counts the replacements made.
 
 FailingRequests reads the HTTP requests on their way to an Azure endpoint
 (Azurite) and asks `fault(request)` what to do with each: None forwards it,
-BUSY answers 503 ServerBusy in the server's place (Azure's throttling), RESET
+BUSY answers 503 ServerBusy in the server's place (Azure's throttling),
+THROTTLED the same with `Retry-After: RETRY_AFTER` (a busy service, or a gateway
+in front of it, naming the wait), RESET
 resets the client's connection without an answer, LOST forwards the request
 on a connection of its own, waits for the server's answer and then resets
 the client's connection (the request took effect, its answer was lost).
@@ -17,7 +19,12 @@ the client's connection (the request took effect, its answer was lost).
 Content-Length (the Azure SDK's do); HTTP/1.1 keep-alive is fine, since the
 SDK waits for each answer before it sends the next request on a connection.
 
-Both listen on 127.0.0.1 and a free port. Stop with close() (or `with`).
+CutDownloads passes requests through and cuts the server's answer short: on
+each of its first `cuts` connections whose answer runs past `after` bytes (a
+blob's body; the other answers are short), it sends the first `after` bytes and
+closes the connection in the middle of the body, as a dropped link does.
+
+All listen on 127.0.0.1 and a free port. Stop with close() (or `with`).
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from tcpproxy import HOST, TcpProxy
 
-BUSY, RESET, LOST = "busy", "reset", "lost"
+BUSY, THROTTLED, RESET, LOST = "busy", "throttled", "reset", "lost"
+RETRY_AFTER = 7  # seconds, in THROTTLED's answer
 _BUSY_BODY = (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
               b"<Message>The server is busy (injected by the test).</Message></Error>")
-_BUSY_ANSWER = (b"HTTP/1.1 503 The server is busy.\r\nContent-Type: application/xml\r\n"
-                b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(_BUSY_BODY), _BUSY_BODY))
+_BUSY = (b"HTTP/1.1 503 The server is busy.\r\nContent-Type: application/xml\r\n"
+         b"x-ms-error-code: ServerBusy\r\n%sContent-Length: %d\r\n\r\n%s")
+_BUSY_ANSWER = _BUSY % (b"", len(_BUSY_BODY), _BUSY_BODY)
+_THROTTLED_ANSWER = _BUSY % (b"Retry-After: %d\r\n" % RETRY_AFTER, len(_BUSY_BODY), _BUSY_BODY)
 
 
 class CorruptingProxy(TcpProxy):
@@ -103,6 +112,8 @@ class FailingRequests(TcpProxy):
                     sink.sendall(request.raw)
                 elif fault == BUSY:
                     source.sendall(_BUSY_ANSWER)
+                elif fault == THROTTLED:
+                    source.sendall(_THROTTLED_ANSWER)
                 elif fault in (RESET, LOST):
                     if fault == LOST:
                         self._answered_elsewhere(request)
@@ -129,6 +140,34 @@ class FailingRequests(TcpProxy):
             if head is None:
                 raise ConnectionError("the server closed without answering")
             answer.read(_content_length(head))
+
+
+class CutDownloads(TcpProxy):
+    def __init__(self, upstream_port: int, *, cuts: int, after: int = 200_000) -> None:
+        self.cuts = cuts
+        self.after = after
+        super().__init__(upstream_port)
+
+    def to_client(self, source: socket.socket, sink: socket.socket) -> None:
+        sent = 0
+        try:
+            while chunk := source.recv(1 << 16):
+                if sent + len(chunk) > self.after:
+                    with self._lock:
+                        cut, self.cuts = self.cuts > 0, max(0, self.cuts - 1)
+                    if cut:
+                        sink.sendall(chunk[:self.after - sent])
+                        # shutdown, not close: it also wakes the thread reading the client.
+                        for sock in (sink, source):
+                            sock.shutdown(socket.SHUT_RDWR)
+                        return
+                sink.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
 
 
 def _read_request(reader: BinaryIO) -> Request | None:

@@ -33,6 +33,10 @@ Choices worth knowing:
 - The SDK's own retries are off (retry_total=0): retries are one policy,
   sync.blobstore.retry, so that backoff and logging happen in one place and a
   dead endpoint does not hide behind the SDK's minute of silent retries.
+  One exception the SDK keeps: a download whose body is cut short is asked
+  again up to three times by the SDK itself, which then wraps the last failure
+  in an HttpResponseError without an answer; that is mapped as the dropped
+  connection it is (TransientBlobError), so the wrapper resumes the read.
   A put is many requests from a stream that often cannot be read twice (a
   pack is encrypted while it streams), so the retry wrapper cannot send it
   again; instead each request of a put is tried under the RetryPolicy the
@@ -78,6 +82,7 @@ from typing import Any, NoReturn, TypeVar
 
 from azure.core.exceptions import (
     AzureError,
+    DecodeError,
     HttpResponseError,
     IncompleteReadError,
     ResourceExistsError,
@@ -113,6 +118,7 @@ from sync.blobstore.retry import RetryPolicy, holds
 
 T = TypeVar("T")
 CONTAINER_NAME = re.compile(r"(?=.{3,63}\Z)[a-z0-9]+(?:-[a-z0-9]+)*")
+_DROPPED = (IncompleteReadError, ServiceRequestError, ServiceResponseError)
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
 _OFFLINE_CODES = {"BlobArchived", "BlobBeingRehydrated"}
@@ -420,9 +426,9 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
     status = getattr(exc, "status_code", None)
     code = _error_code(exc)
     what = f"HTTP {status} {code}".strip() if status else type(exc).__name__
-    if isinstance(exc, IncompleteReadError | ServiceRequestError | ServiceResponseError):
+    if (dropped := _dropped(exc)) is not None:
         raise TransientBlobError(
-            operation, name, f"Azure did not answer ({type(exc).__name__})",
+            operation, name, f"Azure did not answer ({type(dropped).__name__})",
             hint="check the network path to the storage account; the sync agent retries by"
                  " itself, a command can be run again") from exc
     if code in _OFFLINE_CODES:
@@ -452,8 +458,8 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
     if status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES:
         raise TransientBlobError(operation, name, f"Azure is busy or failing ({what})",
                                  hint="the sync agent retries by itself, a command can be"
-                                 " run again; see the Azure status page if it persists"
-                                 ) from exc
+                                 " run again; see the Azure status page if it persists",
+                                 retry_after=_retry_after(exc)) from exc
     if status == 416:
         raise BlobRangeError(operation, name, f"range outside the blob ({what})") from exc
     if status in (401, 403):
@@ -479,6 +485,40 @@ def _raise_mapped(operation: str, name: str, exc: AzureError) -> NoReturn:
                              "log line") from exc
     raise BlobStoreUnavailable(operation, name, f"Azure client failed ({type(exc).__name__})",
                                hint="check the storage account and the network") from exc
+
+
+def _dropped(exc: AzureError) -> BaseException | None:
+    """The failure, when `exc` says the connection failed or the answer was cut short.
+
+    A download retries a body cut short by itself (three tries, whatever retry_total
+    says), then wraps the last failure in an HttpResponseError with no answer: still a
+    dropped connection, not a refusal, so the retry wrapper must resume the read."""
+    if isinstance(exc, _DROPPED):
+        return exc
+    inner = getattr(exc, "inner_exception", None)
+    if getattr(exc, "status_code", None) is None and isinstance(inner, (*_DROPPED, DecodeError)):
+        return inner
+    return None
+
+
+def _retry_after(exc: AzureError) -> float | None:
+    """Seconds a throttled or busy answer asked us to wait: x-ms-retry-after-ms or
+    retry-after-ms (milliseconds), else Retry-After (seconds, or an HTTP date)."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    try:
+        for header in ("x-ms-retry-after-ms", "retry-after-ms"):
+            if value := headers.get(header):
+                return max(0.0, float(value) / 1000)
+        if not (value := headers.get("Retry-After")):
+            return None
+        if value.strip().isdigit():
+            return float(value)
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _clock_skew(exc: AzureError) -> float | None:

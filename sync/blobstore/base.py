@@ -117,7 +117,11 @@ class BlobStoreUnavailable(BlobStoreError):
 
 
 class TransientBlobError(BlobStoreUnavailable):
-    pass
+    def __init__(self, operation: str, name: str, message: str, *,
+                 hint: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(operation, name, message, hint=hint)
+        # Seconds the store asked us to wait before trying again (Retry-After), if it did.
+        self.retry_after = retry_after
 
 
 class BlobIntegrityError(TransientBlobError):

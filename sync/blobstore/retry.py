@@ -12,7 +12,9 @@ requests under it (see "put" below).
 
 Delays: attempt n (from 1) waits a random time in [d/2, d] with
 d = min(max_delay, base_delay * 2**(n-1)): exponential, capped, and jittered
-so that many agents recovering from one outage do not retry in step.
+so that many agents recovering from one outage do not retry in step. When the
+store said how long to wait (a 429 or 503 with Retry-After, in
+TransientBlobError.retry_after), the pause is at least that, capped at max_delay.
 
 Operations whose effect may have happened although the call failed:
 
@@ -124,6 +126,10 @@ class RetryPolicy:
                         operation, name, attempt, exc.message)
             raise exc
         pause = self.delay(attempt)
+        if exc.retry_after is not None:
+            # The store said when to come back (429/503 Retry-After): not sooner, but
+            # never longer than max_delay, so a wrong header cannot stall a job for hours.
+            pause = max(pause, min(exc.retry_after, self.max_delay))
         log.info("blob store retry operation=%s name=%s attempt=%d/%d delay=%.2fs error=%s",
                  operation, name, attempt, self.attempts, pause, exc.message)
         self.sleep(pause)
