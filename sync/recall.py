@@ -22,9 +22,10 @@ holds up no other request meanwhile; `pacs-edge recall` waits for it instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from appliance.base import logsafe
 from appliance.base.errors import PacsEdgeError
@@ -40,6 +41,7 @@ from appliance.store.study_rows import (
 )
 from appliance.store.tier_steps import begin_recall, fail_recall, mark_recalled
 from appliance.store.tiering import TierState
+from sync.blobstore.base import BlobNotFound
 from sync.context import SyncContext
 from sync.crashpoints import crash_point
 from sync.evict import drop_local_files
@@ -52,6 +54,36 @@ log = logging.getLogger(__name__)
 
 class RecallFailed(PacsEdgeError):
     pass
+
+
+class CloudCopyMissing(RecallFailed):
+    """A blob of a pack the index verified at upload is not in the cloud: the evicted
+    instances' only copy is gone (deleted, or the container with it)."""
+
+    def __init__(self, exc: BlobNotFound) -> None:
+        super().__init__(
+            f"the study's cloud copy is missing ({exc.message})",
+            hint="its local copies were evicted: restore the blob from the storage account's"
+            " soft delete or blob versioning (or the NAS's snapshots), then recall again;"
+            " `pacs-edge scrub` lists every pack that is missing or damaged")
+
+
+@contextlib.contextmanager
+def _missing_named() -> Iterator[None]:
+    """BlobNotFound inside the block as CloudCopyMissing: the store's "no such blob"
+    said neither what it means for the study nor what to do."""
+    try:
+        yield
+    except BlobNotFound as exc:
+        raise CloudCopyMissing(exc) from exc
+
+
+def _count_failure(ctx: SyncContext, study: StudyRow, exc: BaseException) -> None:
+    """The audit record and the count (PacsEdgeRecallsFailing) of a failed recall; a
+    pack that failed authentication or is gone is a security alert too."""
+    ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
+                       tampered=isinstance(exc, PackIntegrityError | CloudCopyMissing))
+    RECALLS.labels("failed").inc()
 
 
 async def recall_study(ctx: SyncContext, study: StudyRow, *,
@@ -83,8 +115,9 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
     try:
         # Room for the whole study above the reserve, or no download at all.
         await asyncio.to_thread(ctx.files.check_space, sum(i.size for i in missing))
-        for pack_id in sorted(by_pack):
-            await _bring_online(ctx, packs[pack_id])
+        with _missing_named():
+            for pack_id in sorted(by_pack):
+                await _bring_online(ctx, packs[pack_id])
         if any(instance.pack_fk not in packs for instance in missing):
             raise RecallFailed("an evicted instance has no verified pack",
                                hint="run pacs-edge fsck; the index is inconsistent")
@@ -94,8 +127,10 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
             crash_point("recall:mid-instances")
             on_progress(len(written), len(missing))
 
-        for pack_id in sorted(by_pack):
-            await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id], on_written=landed)
+        with _missing_named():
+            for pack_id in sorted(by_pack):
+                await ctx.packs.recall_pack(packs[pack_id], by_pack[pack_id],
+                                            on_written=landed)
         crash_point("recall:before-commit")
         # Inside the try: an index that cannot take the commit (SQLITE_FULL once the
         # recalled files took the disk's last blocks) left the study `recalling` with
@@ -111,9 +146,7 @@ async def _recall_under_lease(ctx: SyncContext, study: StudyRow, lease: StudyLea
             await undo
             log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
                       getattr(exc, "message", type(exc).__name__))
-        ctx.audit.recalled(study, 0, error=getattr(exc, "message", type(exc).__name__),
-                           tampered=isinstance(exc, PackIntegrityError))
-        RECALLS.labels("failed").inc()
+        _count_failure(ctx, study, exc)
         raise
     log.info("recalled study=%s instances=%d", logsafe.ref(study.study_uid), len(missing))
     RECALLS.labels("ok").inc()
@@ -208,9 +241,20 @@ class RecallRequests:
             return False
         needed = {row.pack_fk for row in await evicted_instances_of(self.ctx.index, study.id)}
         offline = 0
-        for pack in await packs_of(self.ctx.index, study.id):
-            if pack.id in needed and not (await self.ctx.packs.request_online(pack)).online:
-                offline += 1
+        try:
+            with _missing_named():
+                for pack in await packs_of(self.ctx.index, study.id):
+                    if pack.id in needed and not (
+                            await self.ctx.packs.request_online(pack)).online:
+                        offline += 1
+        except PacsEdgeError as exc:
+            # The recall failed before it began (a pack gone, the cloud refusing the key):
+            # said and counted as one that failed half-way is, or PacsEdgeRecallsFailing
+            # never fired for a C-MOVE, C-GET or viewer whose recall the agent failed.
+            log.error("recall failed study=%s error=%s", logsafe.ref(study.study_uid),
+                      exc.message)
+            _count_failure(self.ctx, study, exc)
+            raise
         if not offline:
             self._rehydrating.pop(study.id, None)
             return True
