@@ -34,6 +34,7 @@ Tree::
     ├── EvictionNeedsEscrow       eviction refused: the site key has no escrow (escrow_gate.py)
     ├── NotEvictable              the study cannot be evicted yet (evict.py)
     ├── RecallFailed              a study could not be brought back from the cloud (recall.py)
+    │   └── CloudCopyMissing      a blob of a verified pack is not in the cloud any more
     ├── RestoreConflict           a cloud version belongs to a study held locally (restore.py)
     ├── StudyAtRisk               the only copy of some instances is a damaged pack (scrub.py)
     ├── NotThisBoxsCloud          the cloud holds none of the newest packs (container_check.py)
