@@ -4,12 +4,14 @@ SyncAgent runs the agent on a data home (its own process group), waits for
 its ready line, and stops it with SIGTERM (SIGKILL after a deadline).
 `sync_once` runs one `pacs-edge sync --once` pass. `cloud_blobs` lists what
 the configured blob store holds, through the product's own blob-store code.
+`security_alerts` counts the audit's alerts of cloud blobs that failed authentication.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -173,3 +175,13 @@ def paused(home: Path, point: str, *args: str, returncode: int = 0, says: str = 
         output, _ = proc.communicate(timeout=PAUSE_TIMEOUT)
     assert proc.returncode == returncode, output
     assert says in output, output
+
+
+def security_alerts(home: Path) -> int:
+    """Audit records of a cloud blob that failed authentication (110113 with PE001)."""
+    count = 0
+    for line in (home / "audit" / "audit.log").read_text().splitlines():
+        event = json.loads(line)["record"]["EventIdentification"]
+        codes = {c["csd-code"] for c in event.get("EventTypeCode", ())}
+        count += event["EventID"]["csd-code"] == "110113" and "PE001" in codes
+    return count

@@ -16,7 +16,6 @@ newer pacs-edge's, anything else that does not parse is damage.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 import dicomgen
 import pytest
 from conftest import init_home, run_pacs_edge
-from syncagent import evict, sync_once
+from syncagent import evict, security_alerts, sync_once
 
 pytestmark = pytest.mark.slow  # replicates, evicts and recalls a real study
 
@@ -87,16 +86,6 @@ def _refused(result: subprocess.CompletedProcess[str]) -> str:
     return said
 
 
-def _security_alerts(home: Path) -> int:
-    """Audit records of a cloud blob that failed authentication (110113 with PE001)."""
-    count = 0
-    for line in (home / "audit" / "audit.log").read_text().splitlines():
-        event = json.loads(line)["record"]["EventIdentification"]
-        codes = {c["csd-code"] for c in event.get("EventTypeCode", ())}
-        count += event["EventID"]["csd-code"] == "110113" and "PE001" in codes
-    return count
-
-
 def test_an_edited_header_of_a_pack_manifest_or_key_object_is_reported_as_tampering(
         tmp_path: Path) -> None:
     home = init_home(tmp_path / "home")
@@ -109,19 +98,19 @@ def test_an_edited_header_of_a_pack_manifest_or_key_object_is_reported_as_tamper
         return _refused(run_pacs_edge("recall", uid, "--home", str(home), check=False))
 
     for what, (suffix, edit) in DAMAGE.items():
-        alerts = _security_alerts(home)
+        alerts = security_alerts(home)
         with _edited(home / "cloud", suffix, edit):
             said = recall()
         assert "modified" in said and "do not trust it" in said, (what, said)
         assert "upgrade" not in said, (what, said)
-        assert _security_alerts(home) == alerts + 1, what
+        assert security_alerts(home) == alerts + 1, what
     for what, (suffix, edit) in NEWER.items():
-        alerts = _security_alerts(home)
+        alerts = security_alerts(home)
         with _edited(home / "cloud", suffix, edit):
             said = recall()
         assert "format 02" in said and "upgrade" in said, (what, said)
         assert "modified" not in said, (what, said)
-        assert _security_alerts(home) == alerts, what
+        assert security_alerts(home) == alerts, what
     assert "recalled 6 instance(s)" in run_pacs_edge("recall", uid, "--home", str(home)).stdout
 
 

@@ -13,12 +13,11 @@ half-way is, a missing copy is named with what to do, and it is a security alert
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from azure.storage.blob import ContainerClient
 from conftest import EdgeServer
-from syncagent import SyncAgent, evict, index_rows, sync_once, tier_state
+from syncagent import SyncAgent, evict, index_rows, security_alerts, sync_once, tier_state
 from test_recall_requests_archive import request_recalls
 from test_sync_outage import azure_home, import_study, wait_for
 
@@ -29,16 +28,6 @@ def recalls_failed(home: Path) -> float:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(home / "run" / "metrics"))
     return registry.get_sample_value("pacs_edge_recalls_total", {"outcome": "failed"}) or 0.0
-
-
-def security_alerts(home: Path) -> int:
-    """Audit records of a cloud blob that failed authentication (110113 with PE001)."""
-    count = 0
-    for line in (home / "audit" / "audit.log").read_text().splitlines():
-        event = json.loads(line)["record"]["EventIdentification"]
-        codes = {c["csd-code"] for c in event.get("EventTypeCode", ())}
-        count += event["EventID"]["csd-code"] == "110113" and "PE001" in codes
-    return count
 
 
 def evicted_study(azurite: str, tmp_path: Path, seed: int) -> tuple[Path, str, str]:

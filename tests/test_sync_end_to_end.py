@@ -7,7 +7,6 @@ sync` agent and dcmtk peers.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -20,7 +19,7 @@ import dcmtk
 import dicomgen
 import pytest
 from conftest import EdgeServer, run_pacs_edge
-from syncagent import SyncAgent, evict, sync_once, tier_state
+from syncagent import SyncAgent, evict, security_alerts, sync_once, tier_state
 
 
 def pack_rows(home: Path) -> list[tuple[int, str]]:
@@ -202,16 +201,6 @@ def test_tampered_and_truncated_packs_fail_the_recall_and_change_nothing(
         cloud.overwrite(pack_name, lambda _b, o=original: o)
     run_pacs_edge("recall", study_uid, "--home", str(edge_server.home))
     assert tier_state(edge_server, study_uid) == "replicated"
-
-
-def security_alerts(home: Path) -> int:
-    """Audit records of a cloud blob that failed authentication (110113 with PE001)."""
-    count = 0
-    for line in (home / "audit" / "audit.log").read_text().splitlines():
-        event = json.loads(line)["record"]["EventIdentification"]
-        codes = {c["csd-code"] for c in event.get("EventTypeCode", ())}
-        count += event["EventID"]["csd-code"] == "110113" and "PE001" in codes
-    return count
 
 
 def test_a_recall_that_range_reads_a_truncated_pack_fails_as_tampering(
