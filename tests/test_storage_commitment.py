@@ -195,6 +195,18 @@ def _store(edge: EdgeServer, instances: list[dicomgen.GeneratedInstance]) -> Non
     dcmtk.storescu(edge.port, [i.path for i in instances], aet=MODALITY).check()
 
 
+def _restarted_with_all_due(edge: EdgeServer, modality: Modality) -> Received:
+    """Stop `edge`, make every pending report due at once (in the order requested), point
+    the peer "modality" at `modality`'s listener, start again; the report it gets."""
+    assert edge.stop() == 0
+    with contextlib.closing(sqlite3.connect(edge.home / "index.sqlite3")) as db, db:
+        db.execute("UPDATE commitments SET next_attempt_at = 0 WHERE state = 'pending'")
+    edge.cli("peers", "remove", "modality")
+    edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
+    edge.start()
+    return modality.wait_report()
+
+
 def _items(instances: list[dicomgen.GeneratedInstance]) -> list[tuple[str, str]]:
     return [(i.sop_class_uid, i.sop_instance_uid) for i in instances]
 
@@ -423,18 +435,12 @@ def test_a_peer_that_never_answers_holds_up_other_reports_one_attempt_a_pass(
             while "report not delivered commitment=4 " not in edge.log():
                 assert time.monotonic() < deadline, "the first attempt at report 4 never ended"
                 time.sleep(0.1)
-            assert edge.stop() == 0
             # All due at once, in the order requested. Left as the first run left them,
             # the order would depend on its timing: the reporter goes on trying the
             # silent peer while the stop drains, which can put all three of its reports
             # after the working modality's.
-            with contextlib.closing(sqlite3.connect(edge.home / "index.sqlite3")) as db, db:
-                db.execute("UPDATE commitments SET next_attempt_at = 0 WHERE state = 'pending'")
-            edge.cli("peers", "remove", "modality")
-            edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
             before = len(accepted)
-            edge.start()
-            report = modality.wait_report()
+            report = _restarted_with_all_due(edge, modality)
             assert report.committed() == {i.sop_instance_uid for i in study}
             tries = len(accepted) - before
             assert tries == 1, f"{tries} tries at the silent peer before the other's report"
@@ -468,16 +474,10 @@ def test_more_reports_due_to_an_unreachable_peer_than_a_pass_reads_hold_up_no_ot
             for _ in range(20):
                 assert dead.request(edge, _items(study), keep_open=False)[0] == SUCCESS
             _, transaction_uid, _ = modality.request(edge, _items(study), keep_open=False)
-            assert edge.stop() == 0
             # All due at once, in the order requested (as a restart after an outage finds
             # them): the working modality's is the last of 21.
-            with contextlib.closing(sqlite3.connect(edge.home / "index.sqlite3")) as db, db:
-                db.execute("UPDATE commitments SET next_attempt_at = 0 WHERE state = 'pending'")
-            edge.cli("peers", "remove", "modality")
-            edge.add_peer("modality", MODALITY, modality.port, allow="store,commit")
             before = len(accepted)
-            edge.start()
-            report = modality.wait_report()
+            report = _restarted_with_all_due(edge, modality)
             assert str(report.info.TransactionUID) == transaction_uid
             tries = len(accepted) - before
             assert tries == 1, f"{tries} tries at the unreachable peer before the other's report"
