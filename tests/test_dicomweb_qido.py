@@ -261,3 +261,20 @@ def test_a_referring_name_typed_in_the_other_unicode_form_still_sees_its_study(
                          referring=unicodedata.normalize(typed, "müller^hans"))
         found = webpeer.dicomweb(server, "doc").search_for_studies()
     assert _study_uids(found) == {instance.study_uid}
+
+
+def test_a_comma_separated_modality_list_matches_studies_with_any_of_them(
+        web: EdgeServer, studies: list[dicomgen.GeneratedInstance]) -> None:
+    # OHIF's study list sends the modalities ticked in its filter as one comma-separated
+    # value; a code string holds no comma, so "CT,US" was a value no study had: ticking
+    # a second modality emptied the list.
+    http = webpeer.session(web, "rad")
+    url = f"{webpeer.base_url(web)}/dicom-web/studies?limit=101&offset=0&ModalitiesInStudy="
+    every = set(_by_study(studies))  # each study is CT\MR
+    assert _study_uids(http.get(url + "CT%2CUS").json()) == every
+    assert _study_uids(http.get(url + "US%2CMR").json()) == every
+    assert _study_uids(http.get(url + "US%5CMR").json()) == every  # backslash, as C-FIND
+    assert http.get(url + "US%2CNM").json() == []
+    names = f"{webpeer.base_url(web)}/dicom-web/studies?PatientName="
+    family, given = str(studies[0].header.PatientName).split("^")
+    assert http.get(names + f"{family},{given}").json() == []  # in a name, a comma is text

@@ -4,8 +4,12 @@ The query string becomes a C-FIND identifier and WebQueryService answers it
 with the C-FIND matcher (same wildcards, ranges and UID lists as DIMSE), scoped
 to the user, then paged. Supported parameters:
 
-- `{attributeID}={value}`: a keyword (PatientID) or tag (00100020); UID lists
-  separated by commas or backslashes; repeated keys are refused (400);
+- `{attributeID}={value}`: a keyword (PatientID) or tag (00100020); several
+  values (any of which matches, as in C-FIND) separated by backslashes, and for UIDs
+  and code strings by commas too: OHIF's study list sends the
+  modalities ticked in its filter as `ModalitiesInStudy=CT,MR`. A comma is never
+  part of a UI or CS value; in other values (a name typed "SMITH, JOHN") it is
+  text. Repeated keys are refused (400);
 - `includefield={attributeID}[,...]` (repeatable) or `includefield=all`;
 - `limit`, `offset` (non-negative integers of any length, each given once: a
   `limit` above `[http] qido_max_results` is that many, with the Warning of a cut
@@ -58,6 +62,7 @@ _INSTANCE_KEYS = (
     "NumberOfFrames",
 )
 _RESERVED = {"includefield", "limit", "offset", "fuzzymatching"}
+_COMMA_LISTS = frozenset({"UI", "CS"})  # VRs whose character set has no comma
 _LEVEL_TAG = Tag(0x0008, 0x0052)
 _RETRIEVE_URL = "00081190"
 # The WADO-RS path of a match at each level: (resource, tag of its UID in the match's JSON).
@@ -200,7 +205,7 @@ def _set(identifier: Dataset, tag: BaseTag, value: str) -> None:
     if vr == "SQ":
         raise QueryError(QueryRefusal.NOT_IN_MODEL, "sequence attributes cannot be query keys")
     text: object = value
-    if vr == "UI" and value:
+    if vr in _COMMA_LISTS and value:
         text = [v for v in value.replace("\\", ",").split(",") if v]
     elif "\\" in value:
         text = value.split("\\")
