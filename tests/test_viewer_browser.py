@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import chromium
 import dcmtk
@@ -35,6 +35,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from test_session_end_browser import end_session
 
 USER = "reader"  # a radiologist: sees every study
 REFERRING = "welby"  # a referring physician: sees the CT (referred by WELBY^MARCUS) only
@@ -338,3 +339,47 @@ def read_the_ct(box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome,
     assert not failed, failed
     assert any("/frames/" in where for where, _ in responses)
     assert any(where.endswith("/metadata") for where, _ in responses)
+
+
+def test_a_session_that_ends_while_the_viewer_is_open_leads_to_the_login_page(
+        box: tuple[EdgeServer, list[Any]], browser: webdriver.Chrome, tmp_path: Path) -> None:
+    # The viewer is one page: a session ending while it was open (idle limit, a logout
+    # elsewhere) never showed the login page. Opening the study's PDF then loaded the PDF
+    # viewport's stylesheet, which the box redirected to /login, and OHIF showed a black
+    # page; a series not yet loaded got 401s and stayed empty.
+    server, instances = box
+    header = instances[0].header
+    pdf = dicomgen.make_encapsulated_pdf(tmp_path / "pdf", header)
+    dcmtk.storescu(server.port, [pdf.path], aec=server.ae_title).check()
+    base = webpeer.base_url(server)
+    viewer = f"/viewer?StudyInstanceUIDs={header.StudyInstanceUID}"
+
+    def pdf_thumbnail() -> WebElement | None:
+        return next((t for t in browser.find_elements(
+            By.CSS_SELECTOR, "[data-cy^=study-browser-thumbnail]")
+            if "Scanned report" in t.text), None)
+
+    def steps() -> None:
+        login(browser, base)
+        poll("the study list", lambda: in_the_list(browser, header))
+        click_button(browser, "Confirm and hide")
+        browser.execute_script(  # no tour pop-ups over the thumbnails (see read_the_ct)
+            "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
+        browser.get(base + viewer)
+        poll("the CT", lambda: rendered(browser))
+        thumbnail = poll("the PDF's thumbnail", pdf_thumbnail)
+        session = browser.get_cookie("__Host-pacs_edge_session")
+        assert session is not None
+        end_session(server, session["value"])
+        ActionChains(browser).double_click(thumbnail).perform()
+        poll("the login page", lambda: urlsplit(browser.current_url).path == "/login"
+             and browser.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+        assert parse_qs(urlsplit(browser.current_url).query)["next"] == [viewer]
+        browser.find_element(By.CSS_SELECTOR, "input[name=name]").send_keys(USER)
+        browser.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(
+            webpeer.PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+        poll("the viewer on the study again", lambda: rendered(browser))
+        assert browser.current_url == base + viewer
+
+    diagnosed(browser, tmp_path, steps)

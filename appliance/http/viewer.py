@@ -38,6 +38,7 @@ from aiohttp import web
 
 from appliance.http.auth import DICOMWEB_PREFIX, allow_anonymous
 from appliance.http.viewer_recall import RECALL_SCRIPT
+from appliance.http.viewer_session import SESSION_SCRIPT
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def app_config_js(box_name: str) -> str:
     Images come by WADO-RS frames and studies load series by series (lazy), which keeps a
     500-slice series from fetching all its metadata before the first image. A study
     being recalled from the cloud gets a status line and reopens by itself
-    (viewer_recall.py).
+    (viewer_recall.py); a session that ends while the viewer is open sends it to the
+    login page (viewer_session.py).
     """
     name = json.dumps(box_name)
     source = json.dumps(DATA_SOURCE)
@@ -169,7 +171,7 @@ def app_config_js(box_name: str) -> str:
     ],
   }};
 }})();
-""" + RECALL_SCRIPT
+""" + SESSION_SCRIPT + RECALL_SCRIPT
 
 
 def _page(status: int, title: str, body: str) -> web.Response:
